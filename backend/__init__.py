@@ -1,0 +1,3 @@
+"""FarSLIP backend: dense open-vocabulary segmentation of GeoTIFFs."""
+
+__version__ = "0.1.0"
