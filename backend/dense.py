@@ -1,0 +1,101 @@
+"""Dense patch features from a CLIP vision tower (FARSLIP_METHOD.md section 3).
+
+The last transformer block is replaced by a training-free attention variant
+(SegEarth-OV's q-q + k-k + v-v by default), without residual and MLP, so
+that every patch token carries its own, spatially faithful embedding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# CLIP's normalisation in 0-255 units.
+CLIP_MEAN_255 = (122.771, 116.746, 104.094)
+CLIP_STD_255 = (68.501, 66.632, 70.323)
+
+ATTENTION_VARIANTS = ("segearth", "clearclip", "sclip", "maskclip", "vanilla")
+
+
+def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) RGB in 0..255 -> CLIP-normalised input."""
+    mean = torch.tensor(CLIP_MEAN_255, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD_255, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
+    return (pixels - mean) / std
+
+
+def _positional_embedding(visual: torch.nn.Module, grid_h: int, grid_w: int) -> torch.Tensor:
+    """The tower's positional embedding, patch part bicubically resized to grid_h x grid_w."""
+    pos = visual.positional_embedding
+    cls_pos, patch_pos = pos[:1], pos[1:]
+    side = int(math.isqrt(patch_pos.shape[0]))
+    if (side, side) == (grid_h, grid_w):
+        return pos
+    patch_pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    patch_pos = F.interpolate(patch_pos, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)
+    return torch.cat([cls_pos, patch_pos], dim=0)
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    batch, tokens, width = x.shape
+    return x.reshape(batch, tokens, heads, width // heads).transpose(1, 2)
+
+
+def _self_similarity(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return torch.softmax((x @ x.transpose(-2, -1)) * scale, dim=-1)
+
+
+def _last_block(block: torch.nn.Module, x: torch.Tensor, attention: str) -> torch.Tensor:
+    """Replacement for the final block: y = Attn'(ln_1(x)), no residual, no MLP."""
+    if attention == "vanilla":
+        return block(x)
+    attn = block.attn
+    heads = attn.num_heads
+    h = block.ln_1(x)
+    q, k, v = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = (_split_heads(t, heads) for t in (q, k, v))
+    scale = q.shape[-1] ** -0.5
+    if attention == "maskclip":
+        out = v
+    else:
+        weights = _self_similarity(q, scale)
+        if attention in ("sclip", "segearth"):
+            weights = weights + _self_similarity(k, scale)
+        if attention == "segearth":
+            weights = weights + _self_similarity(v, scale)
+        out = weights @ v
+    batch, _, tokens, head_dim = out.shape
+    out = out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+    return attn.out_proj(out)
+
+
+def dense_patch_features(visual: torch.nn.Module, pixels: torch.Tensor,
+                         attention: str = "segearth") -> torch.Tensor:
+    """(B, 3, H, W) normalised pixels -> (B, H/p, W/p, D) L2-normalised patch embeddings.
+
+    H and W must be multiples of the patch size.
+    """
+    if attention not in ATTENTION_VARIANTS:
+        raise ValueError(f"unknown attention variant {attention!r}; choose one of {ATTENTION_VARIANTS}")
+    patch = visual.conv1.kernel_size[0]
+    grid_h, grid_w = pixels.shape[-2] // patch, pixels.shape[-1] // patch
+    assert grid_h * patch == pixels.shape[-2] and grid_w * patch == pixels.shape[-1]
+
+    x = visual.conv1(pixels.to(visual.conv1.weight.dtype))
+    x = x.flatten(2).transpose(1, 2)
+    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+    x = torch.cat([cls, x], dim=1) + _positional_embedding(visual, grid_h, grid_w).to(x.dtype)
+    x = visual.ln_pre(x)
+
+    blocks = visual.transformer.resblocks
+    for block in blocks[:-1]:
+        x = block(x)
+    x = _last_block(blocks[-1], x, attention)
+
+    x = visual.ln_post(x)[:, 1:]
+    x = x @ visual.proj
+    x = F.normalize(x, dim=-1)
+    return x.reshape(x.shape[0], grid_h, grid_w, -1)

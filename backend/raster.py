@@ -1,0 +1,273 @@
+"""Open a GeoTIFF (or any GDAL raster) and read RGB windows on a processing grid.
+
+Geodata rules (DESIGN.md): band roles from the colour interpretation or the
+user's band list, percentile stretch for non-8-bit data computed once per
+raster (so tiles and requests agree), nodata/alpha/mask honoured, optional
+resampling to a scale factor or ground sample distance.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.crs import CRS
+from rasterio.enums import ColorInterp, Resampling
+from rasterio.errors import CRSError, RasterioError, RasterioIOError
+from rasterio.transform import Affine
+from rasterio.warp import transform_bounds
+from rasterio.windows import Window, from_bounds
+
+from .errors import EmptyResultError, InputError
+
+SAMPLE_SIDE = 1024  # long side of the decimated read used for statistics and checks
+
+
+@dataclass(frozen=True)
+class PixelWindow:
+    """Rows [row_off, row_off + height) and columns [col_off, col_off + width) of the processing grid."""
+
+    row_off: int
+    col_off: int
+    height: int
+    width: int
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.row_off, self.row_off + self.height)
+
+    @property
+    def cols(self) -> slice:
+        return slice(self.col_off, self.col_off + self.width)
+
+
+@dataclass
+class RasterSource:
+    """An open raster plus how to turn its bands into 0-255 RGB on the processing grid."""
+
+    path: Path
+    dataset: rasterio.io.DatasetReader
+    bands: list[int]
+    scale: float
+    value_range: list[tuple[float, float]] | None
+    width: int = field(init=False)
+    height: int = field(init=False)
+    transform: Affine = field(init=False)
+
+    def __post_init__(self) -> None:
+        ds = self.dataset
+        self.width = max(1, int(round(ds.width * self.scale)))
+        self.height = max(1, int(round(ds.height * self.scale)))
+        self.transform = ds.transform * Affine.scale(ds.width / self.width, ds.height / self.height)
+
+    @property
+    def crs(self) -> CRS:
+        return self.dataset.crs
+
+    def _source_window(self, window: PixelWindow) -> Window:
+        fx, fy = self.dataset.width / self.width, self.dataset.height / self.height
+        return Window(window.col_off * fx, window.row_off * fy, window.width * fx, window.height * fy)
+
+    def _resampling(self) -> Resampling:
+        return Resampling.nearest if self.scale == 1.0 else Resampling.bilinear
+
+    def read(self, window: PixelWindow) -> tuple[np.ndarray, np.ndarray]:
+        """(3, h, w) float32 RGB in 0..255 and (h, w) bool validity for a processing-grid window."""
+        shape = (window.height, window.width)
+        src_window = self._source_window(window)
+        unique = sorted(set(self.bands))
+        try:
+            data = self.dataset.read(unique, window=src_window, out_shape=(len(unique), *shape),
+                                     resampling=self._resampling())
+            mask = self.dataset.dataset_mask(window=src_window, out_shape=shape,
+                                             resampling=Resampling.nearest)
+        except RasterioError as exc:
+            raise InputError(f"Could not read the pixels of {self.path}: {exc}. The file may be damaged "
+                             "or truncated; re-export it (e.g. gdal_translate) and try again.") from exc
+        rgb = np.stack([data[unique.index(b)] for b in self.bands]).astype(np.float32)
+        valid = mask > 0
+        if self.value_range is not None:
+            for i, (lo, hi) in enumerate(self.value_range):
+                rgb[i] = (rgb[i] - lo) * (255.0 / max(hi - lo, 1e-12))
+            np.clip(rgb, 0.0, 255.0, out=rgb)
+        valid &= np.isfinite(rgb).all(axis=0)
+        rgb[:, ~valid] = 0.0
+        return rgb, valid
+
+    def window_transform(self, window: PixelWindow) -> Affine:
+        return self.transform * Affine.translation(window.col_off, window.row_off)
+
+    def window_bounds(self, window: PixelWindow) -> tuple[float, float, float, float]:
+        return rasterio.windows.bounds(Window(window.col_off, window.row_off, window.width, window.height),
+                                       self.transform)
+
+    def close(self) -> None:
+        self.dataset.close()
+
+    def __enter__(self) -> RasterSource:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_dataset(path: str | Path) -> rasterio.io.DatasetReader:
+    """Open a raster and check it is georeferenced, with sentences for every failure."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"The raster {path} does not exist.")
+    if path.is_dir():
+        raise InputError(f"{path} is a folder, not a raster file.")
+    try:
+        ds = rasterio.open(path)
+    except RasterioIOError as exc:
+        raise InputError(f"{path} is not a raster GDAL can read ({exc}).") from exc
+    if ds.crs is None or ds.transform == Affine.identity() and not ds.gcps[0]:
+        ds.close()
+        raise InputError(f"The raster {path} has no coordinate reference system or georeferencing; "
+                         "georeference it first (QGIS Georeferencer, or gdal_translate -a_srs/-a_ullr).")
+    if ds.gcps[0] and ds.transform == Affine.identity():
+        ds.close()
+        raise InputError(f"The raster {path} is georeferenced by ground control points only; "
+                         "warp it to a map grid first (gdalwarp).")
+    return ds
+
+
+def select_bands(ds: rasterio.io.DatasetReader, bands: list[int] | None) -> list[int]:
+    """Which 1-based bands are red, green, blue."""
+    if bands:
+        if len(bands) not in (1, 3):
+            raise InputError(f"--bands takes 3 band numbers (red, green, blue) or 1 (grey); got {bands}.")
+        bad = [b for b in bands if not 1 <= b <= ds.count]
+        if bad:
+            raise InputError(f"Band(s) {bad} do not exist: {ds.path if hasattr(ds, 'path') else ds.name} "
+                             f"has {ds.count} band(s).")
+        return list(bands) * 3 if len(bands) == 1 else list(bands)
+    interp = list(ds.colorinterp)
+    roles = [ColorInterp.red, ColorInterp.green, ColorInterp.blue]
+    if all(role in interp for role in roles):
+        return [interp.index(role) + 1 for role in roles]
+    colour_bands = [i + 1 for i, ci in enumerate(interp) if ci != ColorInterp.alpha]
+    if len(colour_bands) >= 3:
+        return colour_bands[:3]
+    return [colour_bands[0] if colour_bands else 1] * 3
+
+
+def _sample(ds: rasterio.io.DatasetReader, bands: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """A decimated read of the whole raster (uses overviews where present)."""
+    factor = max(1.0, max(ds.width, ds.height) / SAMPLE_SIDE)
+    shape = (max(1, int(ds.height / factor)), max(1, int(ds.width / factor)))
+    try:
+        data = ds.read(sorted(set(bands)), out_shape=(len(set(bands)), *shape),
+                       resampling=Resampling.nearest)
+        mask = ds.dataset_mask(out_shape=shape, resampling=Resampling.nearest) > 0
+    except RasterioError as exc:
+        raise InputError(f"Could not read the pixels of {ds.name}: {exc}. The file may be damaged or "
+                         "truncated; re-export it (e.g. gdal_translate) and try again.") from exc
+    return data, mask
+
+
+def stretch_range(ds: rasterio.io.DatasetReader, bands: list[int],
+                  data: np.ndarray, mask: np.ndarray) -> list[tuple[float, float]] | None:
+    """Per-band 2-98 percentile range for non-8-bit rasters (None: use values as they are)."""
+    if np.dtype(ds.dtypes[bands[0] - 1]) == np.uint8:
+        return None
+    unique = sorted(set(bands))
+    ranges = []
+    for band in bands:
+        values = data[unique.index(band)][mask]
+        values = values[np.isfinite(values)]
+        if values.size == 0:
+            ranges.append((0.0, 1.0))
+            continue
+        lo, hi = np.percentile(values, [2, 98])
+        ranges.append((float(lo), float(hi) if hi > lo else float(lo) + 1.0))
+    return ranges
+
+
+def processing_scale(ds: rasterio.io.DatasetReader, scale: float | None, gsd_m: float | None) -> float:
+    """Factor from native pixels to processing pixels (2.0 = twice as many pixels)."""
+    if scale is not None and gsd_m is not None:
+        raise InputError("Give either --scale or --gsd, not both.")
+    if scale is not None:
+        if not 0.05 <= scale <= 8:
+            raise InputError(f"--scale must be between 0.05 and 8; got {scale}.")
+        return float(scale)
+    if gsd_m is not None:
+        if gsd_m <= 0:
+            raise InputError(f"--gsd must be a positive number of metres; got {gsd_m}.")
+        native = abs(ds.transform.a)
+        if ds.crs.is_geographic:
+            lat = (ds.bounds.top + ds.bounds.bottom) / 2
+            native *= 111_320.0 * math.cos(math.radians(lat))
+        else:
+            native *= ds.crs.linear_units_factor[1]
+        return float(np.clip(native / gsd_m, 0.05, 8))
+    return 1.0
+
+
+def open_source(path: str | Path, bands: list[int] | None = None, scale: float | None = None,
+                gsd_m: float | None = None,
+                value_range: tuple[float, float] | None = None) -> RasterSource:
+    """Open and prepare a raster for reading; raises InputError/EmptyResultError with sentences."""
+    ds = open_dataset(path)
+    try:
+        band_list = select_bands(ds, bands)
+        factor = processing_scale(ds, scale, gsd_m)
+        data, mask = _sample(ds, band_list)
+        if not mask.any():
+            raise EmptyResultError(f"Every pixel of {path} is nodata or masked: there is nothing to "
+                                   "segment. Check the raster's nodata value and alpha band.")
+        if value_range is not None:
+            ranges = [tuple(value_range)] * 3
+        else:
+            ranges = stretch_range(ds, band_list, data, mask)
+    except Exception:
+        ds.close()
+        raise
+    return RasterSource(Path(path), ds, band_list, factor, ranges)
+
+
+def parse_crs(text: str | None, default: CRS) -> CRS:
+    if not text:
+        return default
+    try:
+        return CRS.from_user_input(text)
+    except CRSError as exc:
+        raise InputError(f"The bbox CRS {text!r} is not a CRS I know; use e.g. EPSG:4326 or a WKT "
+                         "string.") from exc
+
+
+def request_window(source: RasterSource, bbox: tuple[float, float, float, float] | None,
+                   bbox_crs: str | None = None) -> PixelWindow:
+    """The processing-grid window covering bbox (in bbox_crs, default the raster's), clipped to the raster."""
+    full = PixelWindow(0, 0, source.height, source.width)
+    if bbox is None:
+        return full
+    xmin, ymin, xmax, ymax = (float(v) for v in bbox)
+    if not (xmin < xmax and ymin < ymax) or not all(map(math.isfinite, (xmin, ymin, xmax, ymax))):
+        raise InputError(f"The bbox {list(bbox)} is not a valid box: give XMIN YMIN XMAX YMAX with "
+                         "XMIN < XMAX and YMIN < YMAX.")
+    crs = parse_crs(bbox_crs, source.crs)
+    if crs != source.crs:
+        try:
+            xmin, ymin, xmax, ymax = transform_bounds(crs, source.crs, xmin, ymin, xmax, ymax, densify_pts=21)
+        except Exception as exc:  # pyproj/GDAL raise several types for impossible transforms
+            raise InputError(f"The bbox could not be transformed from {crs} to the raster's CRS "
+                             f"{source.crs}: {exc}") from exc
+        if not all(map(math.isfinite, (xmin, ymin, xmax, ymax))):
+            raise InputError(f"The bbox lies outside the area where {crs} can be transformed to the "
+                             f"raster's CRS {source.crs}.")
+    win = from_bounds(xmin, ymin, xmax, ymax, transform=source.transform)
+    row0 = max(0, math.floor(win.row_off + 1e-6))
+    col0 = max(0, math.floor(win.col_off + 1e-6))
+    row1 = min(source.height, math.ceil(win.row_off + win.height - 1e-6))
+    col1 = min(source.width, math.ceil(win.col_off + win.width - 1e-6))
+    if row1 <= row0 or col1 <= col0:
+        left, bottom, right, top = source.dataset.bounds
+        raise InputError(f"The bbox does not overlap the raster {source.path.name}: the raster covers "
+                         f"x {left:.6g}..{right:.6g}, y {bottom:.6g}..{top:.6g} in {source.crs}.")
+    return PixelWindow(row0, col0, row1 - row0, col1 - col0)

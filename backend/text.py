@@ -1,0 +1,137 @@
+"""Class lines -> text embeddings (FARSLIP_METHOD.md section 2).
+
+Each class line is one class; commas separate synonyms, each a query. A
+query's embedding is the normalised mean of the 80 OpenAI prompt templates.
+The text tower is causal, so running it only up to the longest real token
+sequence of a batch gives the same end-of-text features as the full 77/248
+context, several times faster on CPU. Embeddings are cached on disk per
+(weights, templates, query).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+from .errors import InputError
+from .paths import cache_dir
+
+LOGIT_SCALE = 50.0
+PROMPT_TEMPLATES: tuple[str, ...] = tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
+
+
+@dataclass(frozen=True)
+class ClassSpec:
+    name: str
+    queries: tuple[str, ...]
+
+
+def parse_class_lines(lines: list[str]) -> list[ClassSpec]:
+    """Turn user class lines ("road, parking lot") into classes with synonym queries."""
+    classes: list[ClassSpec] = []
+    seen: set[str] = set()
+    for line in lines:
+        queries = tuple(q.strip() for q in re.split(r"[,;]", line) if q.strip())
+        if not queries:
+            continue
+        key = queries[0].lower()
+        if key in seen:
+            raise InputError(f"The class {queries[0]!r} is given twice; give each class once "
+                             "(put synonyms on one line, separated by commas).")
+        seen.add(key)
+        classes.append(ClassSpec(name=queries[0], queries=queries))
+    if not classes:
+        raise InputError("The class list is empty: give at least one class name "
+                         "(e.g. --classes \"building\" --classes \"road, parking lot\").")
+    if len(classes) > 250:
+        raise InputError(f"{len(classes)} classes were given; at most 250 fit in the class raster.")
+    return classes
+
+
+def query_index(classes: list[ClassSpec]) -> tuple[list[str], list[int]]:
+    """All queries in order, and for each query the index of its class."""
+    queries, owner = [], []
+    for class_id, spec in enumerate(classes):
+        for query in spec.queries:
+            queries.append(query)
+            owner.append(class_id)
+    return queries, owner
+
+
+def encode_tokens(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip CLIP.encode_text, run only up to the longest real sequence of the batch.
+
+    Exact because the causal mask keeps every position from seeing later ones,
+    and pooling takes the end-of-text token (the highest id of each row).
+    """
+    length = int((tokens != 0).sum(dim=1).max().item())
+    length = max(length, 1)
+    tokens = tokens[:, :length]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype)
+    x = x + model.positional_embedding[:length].to(cast_dtype)
+    mask = model.attn_mask[:length, :length] if model.attn_mask is not None else None
+    x = model.transformer(x, attn_mask=mask)
+    x = model.ln_final(x)
+    x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+    return x @ model.text_projection
+
+
+class TextEmbedder:
+    """Embeds queries with a loaded model; remembers them in memory and on disk."""
+
+    def __init__(self, loaded, cache: Path | None = None, templates: tuple[str, ...] = PROMPT_TEMPLATES,
+                 use_disk_cache: bool = True):
+        self.loaded = loaded
+        self.templates = templates
+        digest = hashlib.sha256("\n".join(templates).encode()).hexdigest()[:12]
+        root = cache if cache is not None else cache_dir() / "text"
+        self.cache_root = root / f"{loaded.weights_id[:24]}-{digest}" if use_disk_cache else None
+        self._memory: dict[str, torch.Tensor] = {}
+
+    def _cache_file(self, query: str) -> Path | None:
+        if self.cache_root is None:
+            return None
+        return self.cache_root / (hashlib.sha256(query.encode()).hexdigest()[:32] + ".npy")
+
+    @torch.inference_mode()
+    def _encode(self, query: str) -> torch.Tensor:
+        prompts = [template.format(query) for template in self.templates]
+        tokens = self.loaded.tokenizer(prompts).to(self.loaded.device)
+        features = F.normalize(encode_tokens(self.loaded.model, tokens).float(), dim=-1)
+        return F.normalize(features.mean(dim=0), dim=0).cpu()
+
+    def embed_one(self, query: str) -> torch.Tensor:
+        if query in self._memory:
+            return self._memory[query]
+        path = self._cache_file(query)
+        if path is not None and path.exists():
+            try:
+                embedding = torch.from_numpy(np.load(path, allow_pickle=False))
+            except (OSError, ValueError):
+                embedding = None
+            if embedding is not None:
+                self._memory[query] = embedding
+                return embedding
+        embedding = self._encode(query)
+        if path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp.npy")
+                np.save(tmp, embedding.numpy())
+                tmp.replace(path)
+            except OSError:
+                pass  # a read-only cache only costs speed
+        self._memory[query] = embedding
+        return embedding
+
+    def embed(self, queries: list[str]) -> torch.Tensor:
+        """(Q, D) L2-normalised embeddings, one row per query."""
+        return torch.stack([self.embed_one(q) for q in queries])

@@ -1,0 +1,104 @@
+"""The tiled, streaming engine computes exactly FARSLIP_METHOD.md section 4."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from tinymodels import make_tiny_clip
+
+from backend.dense import dense_patch_features, normalize_pixels
+from backend.engine import ArraySource, Segmenter, crop_starts, predict_window
+from backend.raster import PixelWindow
+from backend.text import parse_class_lines
+
+CLASS_LINES = ["water, lake", "cropland, bare field", "grassland"]
+
+
+def _loaded(patch_size):
+    return SimpleNamespace(model=make_tiny_clip(patch_size), tokenizer=open_clip.get_tokenizer("ViT-B-16"),
+                           device=torch.device("cpu"), weights_id=f"tiny-b{patch_size}" + "0" * 40,
+                           context_length=77)
+
+
+def reference_probabilities(model, text, owner, image):
+    """Plain section 4: slide 224 crops with stride 112 over the whole image, one crop at a time."""
+    _, height, width = image.shape
+    crop, stride = 224, 112
+    patch = model.visual.conv1.kernel_size[0]
+    acc = torch.zeros(text.shape[0], height, width)
+    count = torch.zeros(height, width)
+    rows = max(height - crop + stride - 1, 0) // stride + 1
+    cols = max(width - crop + stride - 1, 0) // stride + 1
+    for i in range(rows):
+        for j in range(cols):
+            y2, x2 = min(i * stride + crop, height), min(j * stride + crop, width)
+            y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
+            img = normalize_pixels(torch.from_numpy(image[None, :, y1:y2, x1:x2].copy()))
+            h, w = img.shape[-2:]
+            pad_h, pad_w = (-h) % patch, (-w) % patch
+            img = F.pad(img, (0, pad_w, 0, pad_h))
+            with torch.no_grad():
+                feats = dense_patch_features(model.visual, img)
+            logits = (feats[0] @ text.T).permute(2, 0, 1)[None]
+            logits = F.interpolate(logits, size=img.shape[-2:], mode="bilinear", align_corners=False)
+            acc[:, y1:y2, x1:x2] += logits[0, :, :h, :w]
+            count[y1:y2, x1:x2] += 1
+    probs = torch.softmax(acc / count * 50, dim=0)
+    owner = torch.tensor(owner)
+    return torch.stack([probs[owner == c].max(dim=0).values for c in range(int(owner.max()) + 1)]).numpy()
+
+
+@pytest.mark.parametrize("patch_size", [16, 32])
+@pytest.mark.parametrize("shape", [(300, 470), (224, 224), (150, 260)])
+def test_tiled_engine_matches_plain_sliding_window(patch_size, shape, tmp_path):
+    loaded = _loaded(patch_size)
+    segmenter = Segmenter(loaded, parse_class_lines(CLASS_LINES), batch_size=3)
+    image = np.random.default_rng(1).uniform(0, 255, (3, *shape)).astype(np.float32)
+    got = predict_window(segmenter, ArraySource(image), chunk_columns=224)
+    expected = reference_probabilities(loaded.model, segmenter.text, segmenter.owner, image)
+    assert got.probs.shape == expected.shape
+    assert np.abs(got.probs - expected).max() < 1e-4
+    assert (got.class_ids == expected.argmax(axis=0)).mean() > 0.999
+
+
+def test_two_overlapping_bboxes_give_identical_probabilities():
+    segmenter = Segmenter(_loaded(16), parse_class_lines(CLASS_LINES), batch_size=5)
+    image = np.random.default_rng(2).uniform(0, 255, (3, 640, 700)).astype(np.float32)
+    source = ArraySource(image)
+    a = PixelWindow(37, 51, 400, 390)
+    b = PixelWindow(201, 190, 439, 510)
+    got_a = predict_window(segmenter, source, a).probs
+    got_b = predict_window(segmenter, source, b, chunk_columns=160).probs
+    rows = slice(max(a.row_off, b.row_off), min(a.row_off + a.height, b.row_off + b.height))
+    cols = slice(max(a.col_off, b.col_off), min(a.col_off + a.width, b.col_off + b.width))
+    pa = got_a[:, rows.start - a.row_off:rows.stop - a.row_off, cols.start - a.col_off:cols.stop - a.col_off]
+    pb = got_b[:, rows.start - b.row_off:rows.stop - b.row_off, cols.start - b.col_off:cols.stop - b.col_off]
+    assert pa.size > 0
+    np.testing.assert_allclose(pa, pb, atol=1e-6)
+
+
+def test_masked_pixels_get_no_class_and_fully_masked_crops_are_skipped():
+    segmenter = Segmenter(_loaded(16), parse_class_lines(CLASS_LINES), batch_size=4)
+    image = np.random.default_rng(3).uniform(0, 255, (3, 500, 500)).astype(np.float32)
+    valid = np.ones((500, 500), bool)
+    valid[:, :260] = False
+    calls = []
+    got = predict_window(segmenter, ArraySource(image, valid), progress=calls.append)
+    assert (got.class_ids[:, :260] == 255).all()
+    assert np.isnan(got.probs[:, :, :260]).all()
+    assert (got.class_ids[:, 260:] < 3).all()
+    assert sum(calls) == len(crop_starts(500, 224, 112)) ** 2
+    blacked = image.copy()
+    blacked[:, ~valid] = 0
+    full = predict_window(segmenter, ArraySource(blacked))
+    # Skipping crops that cover only masked pixels changes no valid pixel.
+    np.testing.assert_allclose(got.probs[:, :, 260:], full.probs[:, :, 260:], atol=1e-6)
+
+
+def test_crop_grid_follows_the_reference_formula():
+    assert crop_starts(448, 224, 112) == [0, 112, 224]
+    assert crop_starts(500, 224, 112) == [0, 112, 224, 276]
+    assert crop_starts(100, 224, 112) == [0]
