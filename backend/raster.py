@@ -85,7 +85,7 @@ class RasterSource:
             mask = self.dataset.dataset_mask(window=src_window, out_shape=shape,
                                              resampling=Resampling.nearest)
         except RasterioError as exc:
-            raise InputError(f"Could not read the pixels of {self.path}: {exc}. The file may be damaged "
+            raise InputError(f"Could not read the pixels of {self.path} ({str(exc).rstrip('.')}). The file may be damaged "
                              "or truncated; re-export it (e.g. gdal_translate) and try again.") from exc
         rgb = np.stack([data[unique.index(b)] for b in self.bands]).astype(np.float32)
         valid = mask > 0
@@ -165,7 +165,7 @@ def _sample(ds: rasterio.io.DatasetReader, bands: list[int]) -> tuple[np.ndarray
                        resampling=Resampling.nearest)
         mask = ds.dataset_mask(out_shape=shape, resampling=Resampling.nearest) > 0
     except RasterioError as exc:
-        raise InputError(f"Could not read the pixels of {ds.name}: {exc}. The file may be damaged or "
+        raise InputError(f"Could not read the pixels of {ds.name} ({str(exc).rstrip('.')}). The file may be damaged or "
                          "truncated; re-export it (e.g. gdal_translate) and try again.") from exc
     return data, mask
 

@@ -1,0 +1,179 @@
+"""`farslip` command line: segment, models, bench, serve, evaluate, train."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import __version__
+from .errors import FarslipError, InputError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Open-vocabulary segmentation of GeoTIFFs with FarSLIP (and other CLIP models).")
+
+
+def fail(error: FarslipError) -> None:
+    typer.echo(f"Error: {error}", err=True)
+    raise typer.Exit(error.exit_code)
+
+
+def collect_class_lines(classes: list[str] | None, classes_file: Path | None,
+                        preset: str | None) -> list[str]:
+    """--classes lines, then a --classes-file, then a --preset, in that order."""
+    from .presets import load_preset, read_class_file
+
+    lines = [line for line in (classes or []) if line.strip()]
+    if classes_file is not None:
+        lines += read_class_file(classes_file)
+    if preset:
+        lines += load_preset(preset)
+    return lines
+
+
+class ProgressReporter:
+    """A progress bar with ETA on a terminal; occasional plain lines otherwise; nothing when quiet."""
+
+    def __init__(self, quiet: bool, label: str):
+        self.quiet = quiet
+        self.label = label
+        self.bar = None
+        self.task = None
+        self.started = time.perf_counter()
+        self.last_line = 0.0
+
+    def __enter__(self):
+        if not self.quiet and sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("tiles"), TimeRemainingColumn(), console=Console(stderr=True))
+            self.bar.__enter__()
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        if self.bar is not None:
+            if self.task is None:
+                self.task = self.bar.add_task(self.label, total=total)
+            self.bar.update(self.task, completed=done, total=total)
+            return
+        now = time.perf_counter()
+        if done == total or now - self.last_line > 5:
+            self.last_line = now
+            elapsed = now - self.started
+            eta = elapsed / done * (total - done) if done else float("nan")
+            typer.echo(f"{self.label}: {done}/{total} tiles, ETA {eta:.0f} s", err=True)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
+@app.command()
+def segment(
+    raster: Path = typer.Argument(..., help="GeoTIFF (or any GDAL raster) to segment."),
+    classes: Optional[list[str]] = typer.Option(None, "--classes", "-c",
+                                                help="One class per option; commas separate synonyms."),
+    classes_file: Optional[Path] = typer.Option(None, help="Text file, one class per line."),
+    preset: Optional[str] = typer.Option(None, help="A named class list (see `farslip presets`)."),
+    out: Path = typer.Option(Path("result.gpkg"), "--out", "-o",
+                             help="Polygons: .gpkg (default), .shp, .geojson or .fgb."),
+    model: Optional[str] = typer.Option(None, help="Registry name, checkpoint file or fine-tuned model folder."),
+    weights: Optional[Path] = typer.Option(None, help="Checkpoint to use for the registry model."),
+    bbox: Optional[tuple[float, float, float, float]] = typer.Option(
+        None, help="XMIN YMIN XMAX YMAX of the area to segment (default: whole raster)."),
+    bbox_crs: Optional[str] = typer.Option(None, help="CRS of --bbox, e.g. EPSG:4326 (default: raster's)."),
+    bands: Optional[str] = typer.Option(None, help="Band numbers for red,green,blue, e.g. 3,2,1 (or one)."),
+    class_raster: Optional[Path] = typer.Option(None, help="Also write a uint8 class GeoTIFF."),
+    prob_raster: Optional[Path] = typer.Option(None, help="Also write a float32 GeoTIFF, a band per class."),
+    threshold: float = typer.Option(0.0, help="Pixels whose best probability is below this stay unclassified."),
+    attention: str = typer.Option("segearth", help="Last-block attention: segearth, clearclip, sclip, "
+                                                   "maskclip or vanilla."),
+    scale: Optional[float] = typer.Option(None, help="Resample by this factor before segmenting."),
+    gsd: Optional[float] = typer.Option(None, help="Resample to this ground sample distance in metres."),
+    value_range: Optional[tuple[float, float]] = typer.Option(
+        None, help="MIN MAX pixel values mapped to 0..255 (default: 2-98 % stretch for non-8-bit data)."),
+    min_area: float = typer.Option(0.0, help="Drop polygons smaller than this many m²."),
+    simplify: float = typer.Option(0.0, help="Simplify polygons with this tolerance in CRS units."),
+    overwrite: bool = typer.Option(False, help="Replace existing output files."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
+    batch_size: Optional[int] = typer.Option(None, help="Crops per batch (default 8 on CPU, 32 on GPU)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Segment RASTER into the given classes and write georeferenced polygons."""
+    try:
+        from .models import load_model, resolve_device
+        from .raster import open_source, request_window
+        from .segment import SegmentOptions, SegmentOutputs, check_outputs, default_batch_size, segment_raster
+
+        lines = collect_class_lines(classes, classes_file, preset)
+        band_list = parse_bands(bands)
+        outputs = SegmentOutputs(out, class_raster, prob_raster, overwrite)
+        check_outputs(outputs)
+        with open_source(raster, band_list, scale, gsd, value_range) as source:
+            request_window(source, bbox, bbox_crs)
+        dev = resolve_device(device)
+        loaded = load_model(model, str(weights) if weights else None, dev)
+        if not lines and loaded.class_lines:
+            lines = list(loaded.class_lines)
+        options = SegmentOptions(lines, bbox, bbox_crs, band_list, threshold, attention,
+                                 batch_size or default_batch_size(dev), scale, gsd, min_area, simplify,
+                                 value_range)
+        with ProgressReporter(quiet, f"segmenting {raster.name}") as reporter:
+            result = segment_raster(raster, options, outputs, loaded, progress=reporter)
+    except FarslipError as error:
+        fail(error)
+    except KeyboardInterrupt:
+        typer.echo("Interrupted; nothing was written.", err=True)
+        raise typer.Exit(130) from None
+    if not quiet:
+        for entry in result.classes:
+            typer.echo(f"  {entry['class']:<24} {entry['polygons']:>6} polygons {entry['area_m2']:>14.1f} m²")
+        typer.echo(f"Wrote {result.outputs['vector']} ({result.tiles} tiles, "
+                   f"{result.timings['total_s']:.1f} s); report: {result.outputs['report']}")
+
+
+def parse_bands(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise InputError(f"--bands takes band numbers separated by commas, e.g. 3,2,1; got {text!r}.") from None
+
+
+@app.command()
+def models() -> None:
+    """List known models, which are on disk, and where to put missing weights."""
+    from .models import format_models_table
+
+    typer.echo(format_models_table())
+
+
+@app.command()
+def presets() -> None:
+    """List the class presets."""
+    from .presets import list_presets
+
+    for name, lines in list_presets().items():
+        typer.echo(f"{name}: {' | '.join(lines)}")
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

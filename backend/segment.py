@@ -1,0 +1,248 @@
+"""`segment`: a GeoTIFF + class lines -> class polygons (and optional class / probability rasters).
+
+The data's way: raster (windows, bands, stretch) -> engine (crops, logits,
+blending) -> class and score rasters written block by block -> polygons ->
+files, every file written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import rasterio
+import torch
+
+from . import __version__
+from .engine import NODATA_CLASS, UNCLASSIFIED, Segmenter, count_crops, predict_blocks
+from .errors import EmptyResultError, InputError
+from .export import atomic_output, class_colormap, driver_for, report_path_for, write_polygons, write_report
+from .raster import RasterSource, open_source, request_window
+from .text import parse_class_lines
+from .vectorize import finalize, vectorize_class_raster
+
+
+@dataclass
+class SegmentOptions:
+    class_lines: list[str]
+    bbox: tuple[float, float, float, float] | None = None
+    bbox_crs: str | None = None
+    bands: list[int] | None = None
+    threshold: float = 0.0
+    attention: str = "segearth"
+    batch_size: int = 8
+    scale: float | None = None
+    gsd_m: float | None = None
+    min_area: float = 0.0
+    simplify: float = 0.0
+    value_range: tuple[float, float] | None = None
+
+
+@dataclass
+class SegmentOutputs:
+    out: Path
+    class_raster: Path | None = None
+    prob_raster: Path | None = None
+    overwrite: bool = False
+
+    def paths(self) -> dict[str, Path]:
+        found = {"vector": Path(self.out), "report": report_path_for(self.out)}
+        if self.class_raster:
+            found["class_raster"] = Path(self.class_raster)
+        if self.prob_raster:
+            found["prob_raster"] = Path(self.prob_raster)
+        return found
+
+
+@dataclass
+class SegmentResult:
+    run_id: str
+    outputs: dict[str, str]
+    classes: list[dict]
+    tiles: int
+    timings: dict
+    report: dict = field(repr=False)
+
+
+def _check_tif(path: Path, what: str) -> None:
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        raise InputError(f"The {what} {path} must be a GeoTIFF (.tif).")
+
+
+def check_outputs(outputs: SegmentOutputs) -> None:
+    """Refuse outputs that cannot be written, before any work is done."""
+    driver_for(outputs.out)
+    if outputs.class_raster:
+        _check_tif(Path(outputs.class_raster), "class raster")
+    if outputs.prob_raster:
+        _check_tif(Path(outputs.prob_raster), "probability raster")
+    paths = outputs.paths()
+    if len({p.resolve() for p in paths.values()}) != len(paths):
+        raise InputError("Two outputs have the same file name; give each output its own path.")
+    for what, path in paths.items():
+        directory = path.parent
+        if not directory.is_dir():
+            raise InputError(f"The output folder {directory} does not exist; create it or choose another.")
+        if not os.access(directory, os.W_OK):
+            raise InputError(f"The output folder {directory} is not writable; choose another.")
+        if path.exists() and not outputs.overwrite:
+            raise InputError(f"{path} already exists; choose another name or allow overwriting "
+                             "(--overwrite).")
+
+
+def validate_options(options: SegmentOptions) -> None:
+    parse_class_lines(options.class_lines)
+    if not 0.0 <= options.threshold < 1.0:
+        raise InputError(f"The probability threshold must be in [0, 1); got {options.threshold}.")
+    if options.batch_size < 1:
+        raise InputError(f"The batch size must be at least 1; got {options.batch_size}.")
+    if options.min_area < 0 or options.simplify < 0:
+        raise InputError("--min-area and --simplify must not be negative.")
+
+
+def _raster_profile(source: RasterSource, window, count: int, dtype: str, nodata) -> dict:
+    return {
+        "driver": "GTiff", "width": window.width, "height": window.height, "count": count,
+        "dtype": dtype, "nodata": nodata, "crs": source.crs, "transform": source.window_transform(window),
+        "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate", "BIGTIFF": "IF_SAFER",
+    }
+
+
+def segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutputs, loaded,
+                   progress: Callable[[int, int], None] | None = None,
+                   should_cancel: Callable[[], bool] | None = None) -> SegmentResult:
+    """Segment `raster` into the classes of `options`; write `outputs`; return what was written."""
+    started = time.perf_counter()
+    validate_options(options)
+    check_outputs(outputs)
+    classes = parse_class_lines(options.class_lines)
+    run_id = uuid.uuid4().hex[:12]
+    timings: dict[str, float] = {}
+
+    with open_source(raster, options.bands, options.scale, options.gsd_m, options.value_range) as source:
+        window = request_window(source, options.bbox, options.bbox_crs)
+        t0 = time.perf_counter()
+        segmenter = Segmenter(loaded, classes, options.attention, options.batch_size, options.threshold)
+        timings["text_s"] = time.perf_counter() - t0
+
+        total = count_crops(source.height, source.width, window, segmenter.crop, segmenter.stride)
+        done = 0
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress(done, total)
+
+        if progress is not None:
+            progress(0, total)
+        workdir = Path(tempfile.mkdtemp(prefix=".farslip-", dir=Path(outputs.out).parent))
+        try:
+            class_path, score_path = workdir / "classes.tif", workdir / "score.tif"
+            prob_path = workdir / "probs.tif" if outputs.prob_raster else None
+            t0 = time.perf_counter()
+            valid_pixels = _write_rasters(segmenter, source, window, class_path, score_path, prob_path,
+                                          classes, advance, should_cancel)
+            timings["inference_s"] = time.perf_counter() - t0
+            if valid_pixels == 0:
+                raise EmptyResultError(f"The requested area of {raster} holds only nodata or masked pixels: "
+                                       "there is nothing to segment. Choose another extent.")
+            t0 = time.perf_counter()
+            regions = vectorize_class_raster(class_path, score_path, skip_values=(NODATA_CLASS, UNCLASSIFIED),
+                                             should_cancel=should_cancel)
+            regions = finalize(regions, source.crs, source.window_transform(window),
+                               min_area_m2=options.min_area, simplify=options.simplify)
+            timings["vectorize_s"] = time.perf_counter() - t0
+            class_names = [c.name for c in classes]
+            stats = _class_stats(regions, class_names)
+            t0 = time.perf_counter()
+            write_polygons(outputs.out, regions, source.crs, class_names, loaded.name, run_id)
+            if outputs.class_raster:
+                _move_into_place(class_path, Path(outputs.class_raster))
+            if outputs.prob_raster:
+                _move_into_place(prob_path, Path(outputs.prob_raster))
+            timings["write_s"] = time.perf_counter() - t0
+            timings["total_s"] = time.perf_counter() - started
+            paths = {k: str(v) for k, v in outputs.paths().items()}
+            report = {
+                "farslip_version": __version__, "run_id": run_id, "raster": str(Path(raster).resolve()),
+                "model": loaded.name, "weights_sha256": loaded.weights_id,
+                "classes": [{"class_id": i, "class": c.name, "queries": list(c.queries)}
+                            for i, c in enumerate(classes)],
+                "crs": source.crs.to_string(), "bbox": list(source.window_bounds(window)),
+                "requested_bbox": list(options.bbox) if options.bbox else None,
+                "requested_bbox_crs": options.bbox_crs,
+                "pixel_window": {"row_off": window.row_off, "col_off": window.col_off,
+                                 "height": window.height, "width": window.width},
+                "pixel_size": [source.transform.a, -source.transform.e], "processing_scale": source.scale,
+                "bands": source.bands, "value_range": source.value_range,
+                "device": str(loaded.device), "tiles": total, "crop": segmenter.crop,
+                "stride": segmenter.stride, "valid_pixels": int(valid_pixels),
+                "options": {k: v for k, v in asdict(options).items() if k != "class_lines"},
+                "timings": {k: round(v, 3) for k, v in timings.items()},
+                "class_stats": stats, "outputs": paths,
+            }
+            write_report(paths["report"], report)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return SegmentResult(run_id, paths, stats, total, timings, report)
+
+
+def _move_into_place(temp: Path, target: Path) -> None:
+    with atomic_output(target) as staged:
+        shutil.move(temp, staged)
+
+
+def _class_stats(regions, class_names: list[str]) -> list[dict]:
+    stats = [{"class": name, "class_id": i, "polygons": 0, "area_m2": 0.0} for i, name in enumerate(class_names)]
+    for region in regions:
+        entry = stats[region.class_id]
+        entry["polygons"] += 1
+        entry["area_m2"] += float(region.area_m2)
+    for entry in stats:
+        entry["area_m2"] = round(entry["area_m2"], 2)
+    return stats
+
+
+def _write_rasters(segmenter: Segmenter, source: RasterSource, window, class_path: Path, score_path: Path,
+                   prob_path: Path | None, classes, advance, should_cancel) -> int:
+    """Run the engine over `window`, writing each finished block; returns the number of valid pixels."""
+    n = len(classes)
+    class_ds = rasterio.open(class_path, "w", **_raster_profile(source, window, 1, "uint8", NODATA_CLASS))
+    score_ds = rasterio.open(score_path, "w", **_raster_profile(source, window, 1, "float32", float("nan")))
+    prob_ds = (rasterio.open(prob_path, "w", **_raster_profile(source, window, n, "float32", float("nan")))
+               if prob_path else None)
+    valid_pixels = 0
+    try:
+        class_ds.write_colormap(1, class_colormap(n, UNCLASSIFIED))
+        for i, spec in enumerate(classes):
+            if prob_ds is not None:
+                prob_ds.set_band_description(i + 1, spec.name)
+        class_ds.set_band_description(1, "class_id")
+        class_ds.update_tags(1, **{f"CLASS_{i}": c.name for i, c in enumerate(classes)},
+                            UNCLASSIFIED=str(UNCLASSIFIED))
+        score_ds.set_band_description(1, "score")
+        for block in predict_blocks(segmenter, source, window, advance, should_cancel):
+            h, w = block.class_ids.shape
+            win = rasterio.windows.Window(block.col0, block.row0, w, h)
+            class_ds.write(block.class_ids, 1, window=win)
+            score_ds.write(block.score, 1, window=win)
+            if prob_ds is not None:
+                prob_ds.write(block.probs, window=win)
+            valid_pixels += int(block.valid.sum())
+    finally:
+        class_ds.close()
+        score_ds.close()
+        if prob_ds is not None:
+            prob_ds.close()
+    return valid_pixels
+
+
+def default_batch_size(device: torch.device) -> int:
+    return 32 if device.type == "cuda" else 8
