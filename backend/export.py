@@ -1,0 +1,176 @@
+"""Writing results: polygon layers, run reports and class colours. Every file is written atomically.
+
+A file is written under a hidden temporary name in its final directory and renamed into place
+only when complete, so a crash or a cancelled run never leaves a half-written result (and a
+result being replaced stays readable until the new one is complete).
+"""
+
+from __future__ import annotations
+
+import colorsys
+import contextlib
+import json
+import os
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyogrio.raw
+import shapely
+
+from backend.errors import InputError
+from backend.vectorize import RegionPolygon
+
+DRIVERS = {".gpkg": "GPKG", ".shp": "ESRI Shapefile", ".geojson": "GeoJSON", ".fgb": "FlatGeobuf"}
+FIELDS = ("class", "class_id", "score_mean", "score_max", "area_m2", "model", "run_id")
+SHAPEFILE_PARTS = (".shp", ".shx", ".dbf", ".prj", ".cpg", ".qix", ".sbn", ".sbx", ".qmd")
+
+
+def driver_for(path: str | Path) -> str:
+    """The OGR driver for an output path, chosen by its extension."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in DRIVERS:
+        raise InputError(
+            f"Cannot write polygons to {path}: the extension {suffix or '(none)'!r} is not supported. "
+            f"Use one of {', '.join(DRIVERS)} (.gpkg is the default)."
+        )
+    return DRIVERS[suffix]
+
+
+def _temporary_stem(path: Path) -> str:
+    return f".{path.stem}.{uuid.uuid4().hex[:12]}.tmp"
+
+
+def _files_of(directory: Path, stem: str) -> list[Path]:
+    """The file `stem` + any extension(s) in `directory`: a dataset with its sidecars (.shx, .aux.xml, ...)."""
+    return [p for p in directory.iterdir() if p.name.startswith(stem + ".")]
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it (and its sidecars) replace `path`.
+
+    On any exception (including cancellation) the temporary files are deleted and nothing at
+    `path` changes. The temporary path keeps the extension, so GDAL picks the same driver.
+    """
+    path = Path(path)
+    directory = path.parent
+    temp_stem = _temporary_stem(path)
+    temp_path = directory / f"{temp_stem}{path.suffix}"
+    try:
+        yield temp_path
+        if not temp_path.exists():
+            raise FileNotFoundError(f"{temp_path} was not written")
+        written = _files_of(directory, temp_stem)
+        if path.suffix.lower() == ".shp":
+            # Stale sidecars of a replaced shapefile (an old index, an old .cpg) would describe the wrong data.
+            replaced = {p.name[len(temp_stem) :] for p in written}
+            for part in SHAPEFILE_PARTS:
+                if part not in replaced:
+                    path.with_suffix(part).unlink(missing_ok=True)
+        # The main file goes last, so it only appears once its sidecars are in place.
+        for part in sorted(written, key=lambda p: p == temp_path):
+            os.replace(part, directory / (path.stem + part.name[len(temp_stem) :]))
+    except BaseException:
+        for part in _files_of(directory, temp_stem):
+            part.unlink(missing_ok=True)
+        raise
+
+
+def _field_arrays(
+    regions: Sequence[RegionPolygon], class_names: Sequence[str] | Mapping[int, str], model: str, run_id: str
+) -> list[np.ndarray]:
+    return [
+        np.array([class_names[r.class_id] for r in regions], dtype=object),
+        np.array([r.class_id for r in regions], dtype=np.int32),
+        np.array([r.score_mean for r in regions], dtype=np.float64),
+        np.array([r.score_max for r in regions], dtype=np.float64),
+        np.array([r.area_m2 for r in regions], dtype=np.float64),
+        np.array([model] * len(regions), dtype=object),
+        np.array([run_id] * len(regions), dtype=object),
+    ]
+
+
+def write_polygons(
+    path: str | Path,
+    regions: Sequence[RegionPolygon],
+    crs,
+    class_names: Sequence[str] | Mapping[int, str],
+    model: str,
+    run_id: str,
+) -> Path:
+    """Write `regions` as a polygon layer named after the file, in the format of its extension.
+
+    Fields: class (from `class_names[class_id]`), class_id, score_mean, score_max, area_m2, model,
+    run_id. `crs` is the raster's CRS (rasterio/pyproj CRS, WKT or "EPSG:n"). All geometries are
+    written as Polygon, or all as MultiPolygon when any region is one. An empty `regions` gives a
+    valid empty layer with the same schema.
+    """
+    path = Path(path)
+    driver = driver_for(path)
+    if crs is not None and hasattr(crs, "to_wkt"):
+        crs = crs.to_wkt()
+    geometries = np.array([r.geometry for r in regions], dtype=object)
+    multi = bool(len(geometries)) and bool((shapely.get_type_id(geometries) == 6).any())
+    if multi:
+        geometries = np.array(
+            [shapely.MultiPolygon([g]) if g.geom_type == "Polygon" else g for g in geometries]
+        )
+    options = {"encoding": "UTF-8"} if driver == "ESRI Shapefile" else {}
+    with atomic_output(path) as temp_path:
+        pyogrio.raw.write(
+            temp_path,
+            geometry=shapely.to_wkb(geometries) if len(geometries) else np.array([], dtype=object),
+            field_data=_field_arrays(regions, class_names, model, run_id),
+            fields=list(FIELDS),
+            layer=path.stem,
+            driver=driver,
+            geometry_type="MultiPolygon" if multi else "Polygon",
+            crs=crs,
+            **options,
+        )
+    return path
+
+
+def report_path_for(vector_path: str | Path) -> Path:
+    """The run report beside a result: result.gpkg -> result.report.json."""
+    return Path(vector_path).with_suffix(".report.json")
+
+
+def write_report(path: str | Path, report: Mapping) -> Path:
+    """Write a run report as indented UTF-8 JSON, atomically (paths and other objects as strings)."""
+    path = Path(path)
+    with atomic_output(path) as temp_path:
+        temp_path.write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n", "utf-8")
+    return path
+
+
+GOLDEN_RATIO_CONJUGATE = 0.618033988749895
+
+
+def class_colors(n: int) -> list[tuple[int, int, int]]:
+    """A stable, distinct colour per class id 0..n-1 (the colour of an id never depends on n).
+
+    Hue of id i = (i * 0.618033988749895) mod 1, saturation 0.65, value 0.95 for even ids and 0.75
+    for odd ones (HSV, to 8-bit RGB by rounding). The QGIS plugin uses the same rule.
+    """
+    colors = []
+    for class_id in range(n):
+        hue = (class_id * GOLDEN_RATIO_CONJUGATE) % 1.0
+        value = 0.95 if class_id % 2 == 0 else 0.75
+        colors.append(tuple(round(c * 255) for c in colorsys.hsv_to_rgb(hue, 0.65, value)))
+    return colors
+
+
+def class_colormap(n: int, unclassified_value: int | None = None) -> dict[int, tuple[int, int, int, int]]:
+    """A GeoTIFF colour table (for `dataset.write_colormap(1, ...)`) for class ids 0..n-1.
+
+    `unclassified_value` (if given) is grey; every other entry up to 255 is transparent.
+    """
+    colormap = {value: (0, 0, 0, 0) for value in range(256)}
+    for class_id, (r, g, b) in enumerate(class_colors(n)):
+        colormap[class_id] = (r, g, b, 255)
+    if unclassified_value is not None:
+        colormap[unclassified_value] = (128, 128, 128, 255)
+    return colormap

@@ -1,0 +1,65 @@
+"""Class presets: named class lists stored as text files in resources/presets/.
+
+A class file holds one class per line; commas separate synonyms of the same class
+("road, parking lot"), '#' starts a comment, blank lines are ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from backend.errors import InputError
+from backend.paths import resources_dir
+
+
+def presets_dir() -> Path:
+    return resources_dir() / "presets"
+
+
+def parse_class_text(text: str) -> list[str]:
+    """Class lines of a class file's text, synonyms normalised to "a, b"."""
+    class_lines = []
+    for raw_line in text.splitlines():
+        line = raw_line.split("#", 1)[0]
+        synonyms = [word.strip() for word in line.split(",") if word.strip()]
+        if synonyms:
+            class_lines.append(", ".join(synonyms))
+    return class_lines
+
+
+def read_class_file(path: str | Path) -> list[str]:
+    """The class lines of a user's class file (the --classes-file format)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise InputError(f"The class file {path} does not exist.") from None
+    except IsADirectoryError:
+        raise InputError(
+            f"The class file {path} is a folder; give a text file with one class per line."
+        ) from None
+    except UnicodeDecodeError:
+        raise InputError(f"The class file {path} is not UTF-8 text; save it as plain UTF-8 text.") from None
+    except OSError as error:
+        raise InputError(f"The class file {path} cannot be read: {error.strerror or error}.") from None
+    class_lines = parse_class_text(text)
+    if not class_lines:
+        raise InputError(
+            f"The class file {path} holds no classes; write one class per line "
+            "(commas separate synonyms, '#' starts a comment)."
+        )
+    return class_lines
+
+
+def list_presets() -> dict[str, list[str]]:
+    """All presets by name (the file stem), sorted by name."""
+    return {path.stem: read_class_file(path) for path in sorted(presets_dir().glob("*.txt"))}
+
+
+def load_preset(name: str) -> list[str]:
+    """The class lines of the preset called `name` (case-insensitive)."""
+    path = presets_dir() / f"{name.strip().lower()}.txt"
+    if not name.strip() or "/" in name or "\\" in name or not path.is_file():
+        known = ", ".join(sorted(p.stem for p in presets_dir().glob("*.txt")))
+        raise InputError(f"There is no class preset called {name!r}. Known presets: {known}.")
+    return read_class_file(path)

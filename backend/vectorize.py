@@ -1,0 +1,311 @@
+"""Class raster -> one polygon per connected region of each class, with score statistics.
+
+The raster is read in horizontal strips so memory does not grow with its height. Each strip's
+regions are labelled (4-connectivity, as rasterio.features.shapes with connectivity=4) and
+polygonised; regions of the same class that touch across a strip seam are then merged, so a region
+spanning many strips is still exactly one feature.
+
+Polygons are built and merged in pixel coordinates (integer corners, exact in floating point) and
+mapped to the raster's CRS with its affine transform at the end: the union along a seam is then
+exact, and neighbouring polygons share bit-identical vertices.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pyproj
+import rasterio
+import rasterio.features
+import shapely
+from affine import Affine
+from rasterio.windows import Window
+from scipy import ndimage
+from shapely.geometry.base import BaseGeometry
+
+from backend.errors import CancelledError, InputError
+
+FOUR_CONNECTED = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=bool)
+
+
+@dataclass(frozen=True)
+class RegionPolygon:
+    """One connected region of one class. `geometry` is in the class raster's CRS."""
+
+    geometry: BaseGeometry
+    class_id: int
+    pixel_count: int
+    score_sum: float
+    score_max: float
+    area_m2: float = math.nan
+
+    @property
+    def score_mean(self) -> float:
+        return self.score_sum / self.pixel_count if self.pixel_count else math.nan
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[int, int] = {}
+
+    def find(self, item: int) -> int:
+        root = item
+        while self.parent.get(root, root) != root:
+            root = self.parent[root]
+        while item != root:
+            self.parent[item], item = root, self.parent.get(item, item)
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        root_a, root_b = self.find(a), self.find(b)
+        if root_a != root_b:
+            self.parent[max(root_a, root_b)] = min(root_a, root_b)
+
+
+def _label_strip(classes: np.ndarray, skip: set[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Region ids (1..n, 0 = no region) for a strip, and the class of each region (index id-1)."""
+    region_ids = np.zeros(classes.shape, dtype=np.int32)
+    region_classes = []
+    count = 0
+    for class_id in np.unique(classes):
+        if int(class_id) in skip:
+            continue
+        labels, n = ndimage.label(classes == class_id, structure=FOUR_CONNECTED)
+        inside = labels > 0
+        region_ids[inside] = labels[inside] + count
+        region_classes.extend([int(class_id)] * n)
+        count += n
+    return region_ids, np.asarray(region_classes, dtype=np.int64)
+
+
+def _region_stats(region_ids: np.ndarray, scores: np.ndarray | None, n: int):
+    flat_ids = region_ids.ravel()
+    counts = np.bincount(flat_ids, minlength=n + 1)[1:]
+    if scores is None:
+        return counts, np.full(n, math.nan), np.full(n, math.nan)
+    flat_scores = scores.ravel().astype(np.float64)
+    sums = np.bincount(flat_ids, weights=flat_scores, minlength=n + 1)[1:]
+    maxima = np.full(n + 1, -np.inf)
+    np.maximum.at(maxima, flat_ids, flat_scores)
+    return counts, sums, maxima[1:]
+
+
+def _valid_polygon(geometry: BaseGeometry) -> BaseGeometry:
+    # Pixel-edge rings can touch themselves at a corner; rebuilding on the pixel grid fixes that.
+    return shapely.union_all([shapely.make_valid(geometry)], grid_size=1)
+
+
+def _to_crs_coordinates(geometries: Sequence[BaseGeometry], transform: Affine) -> list[BaseGeometry]:
+    a, b, c, d, e, f = transform.a, transform.b, transform.c, transform.d, transform.e, transform.f
+
+    def apply(xy: np.ndarray) -> np.ndarray:
+        return np.column_stack([a * xy[:, 0] + b * xy[:, 1] + c, d * xy[:, 0] + e * xy[:, 1] + f])
+
+    return list(shapely.transform(np.asarray(geometries, dtype=object), apply))
+
+
+def vectorize_class_raster(
+    class_path: Path,
+    score_path: Path | None = None,
+    skip_values: Iterable[int] = (255,),
+    strip_rows: int = 1024,
+    should_cancel: Callable[[], bool] | None = None,
+) -> list[RegionPolygon]:
+    """Polygons of the connected regions of band 1 of `class_path`, one per region and class.
+
+    `score_path` (band 1, same grid) gives each region's score_sum and score_max (NaN without it).
+    Pixels whose value is in `skip_values` or is the raster's nodata value give no polygons.
+    """
+    assert strip_rows > 0
+    skip = {int(value) for value in skip_values}
+    with rasterio.open(class_path) as classes_ds:
+        if classes_ds.nodata is not None and float(classes_ds.nodata).is_integer():
+            skip.add(int(classes_ds.nodata))
+        scores_ds = rasterio.open(score_path) if score_path is not None else None
+        try:
+            if scores_ds is not None and scores_ds.shape != classes_ds.shape:
+                raise InputError(
+                    f"The score raster {score_path} is {scores_ds.width}x{scores_ds.height} pixels but the "
+                    f"class raster {class_path} is {classes_ds.width}x{classes_ds.height}; they must match."
+                )
+            pixel_regions, region_classes, counts, sums, maxima, merges = _strip_regions(
+                classes_ds, scores_ds, skip, strip_rows, should_cancel
+            )
+            transform = classes_ds.transform
+        finally:
+            if scores_ds is not None:
+                scores_ds.close()
+
+    groups: dict[int, list[int]] = {}
+    for region in range(len(pixel_regions)):
+        groups.setdefault(merges.find(region), []).append(region)
+
+    geometries, records = [], []
+    for members in groups.values():
+        if len(members) == 1:
+            geometries.append(pixel_regions[members[0]])
+        else:
+            merged = shapely.union_all([pixel_regions[m] for m in members], grid_size=1)
+            # Drop the collinear vertices the seams leave behind; exact at tolerance 0.
+            merged = shapely.simplify(merged, 0.0, preserve_topology=True)
+            assert merged.geom_type == "Polygon", "4-connected pixel regions merge into one polygon"
+            geometries.append(merged)
+        records.append(
+            (
+                int(region_classes[members[0]]),
+                int(counts[members].sum()),
+                float(sums[members].sum()),
+                float(maxima[members].max()),
+            )
+        )
+    return [
+        RegionPolygon(geometry, class_id, pixel_count, score_sum, score_max)
+        for geometry, (class_id, pixel_count, score_sum, score_max) in zip(
+            _to_crs_coordinates(geometries, transform), records
+        )
+    ]
+
+
+def _strip_regions(classes_ds, scores_ds, skip: set[int], strip_rows: int, should_cancel):
+    """Per-strip regions (pixel-space polygons and stats) plus the seam merges between them."""
+    pixel_regions: list[BaseGeometry] = []
+    region_classes, counts, sums, maxima = [], [], [], []
+    merges = _UnionFind()
+    previous_row_ids = previous_row_classes = None
+    width = classes_ds.width
+    for row_start in range(0, classes_ds.height, strip_rows):
+        if should_cancel is not None and should_cancel():
+            raise CancelledError("The run was cancelled while writing polygons; nothing was written.")
+        window = Window(0, row_start, width, min(strip_rows, classes_ds.height - row_start))
+        classes = classes_ds.read(1, window=window)
+        scores = scores_ds.read(1, window=window) if scores_ds is not None else None
+        strip_ids, strip_classes = _label_strip(classes, skip)
+        n = len(strip_classes)
+        offset = len(pixel_regions)
+
+        shapes = list(
+            rasterio.features.shapes(
+                strip_ids, mask=strip_ids > 0, connectivity=4, transform=Affine.translation(0, row_start)
+            )
+        )
+        assert len(shapes) == n, "every labelled region is exactly one shape"
+        strip_polygons = np.empty(n, dtype=object)
+        strip_polygons[[int(value) - 1 for _, value in shapes]] = shapely.from_geojson(
+            [json.dumps(geometry) for geometry, _ in shapes]
+        )
+        invalid = ~shapely.is_valid(strip_polygons)
+        strip_polygons[invalid] = [_valid_polygon(p) for p in strip_polygons[invalid]]
+        pixel_regions.extend(strip_polygons)
+        strip_counts, strip_sums, strip_maxima = _region_stats(strip_ids, scores, n)
+        region_classes.append(strip_classes)
+        counts.append(strip_counts)
+        sums.append(strip_sums)
+        maxima.append(strip_maxima)
+
+        # Global region index = offset + strip id - 1; -1 marks pixels without a region.
+        first_row = np.where(strip_ids[0] > 0, strip_ids[0] + offset - 1, -1)
+        first_classes = classes[0]
+        if previous_row_ids is not None:
+            touching = (previous_row_ids >= 0) & (first_row >= 0) & (previous_row_classes == first_classes)
+            for above, below in np.unique(
+                np.column_stack([previous_row_ids[touching], first_row[touching]]), axis=0
+            ):
+                merges.union(int(above), int(below))
+        previous_row_ids = np.where(strip_ids[-1] > 0, strip_ids[-1] + offset - 1, -1)
+        previous_row_classes = classes[-1]
+
+    def stacked(parts, dtype):
+        return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
+    return (
+        pixel_regions,
+        stacked(region_classes, np.int64),
+        stacked(counts, np.int64),
+        stacked(sums, np.float64),
+        stacked(maxima, np.float64),
+        merges,
+    )
+
+
+def _pyproj_crs(crs) -> pyproj.CRS | None:
+    if crs is None:
+        return None
+    if hasattr(crs, "to_wkt"):
+        crs = crs.to_wkt()
+    crs = pyproj.CRS.from_user_input(crs)
+    if crs.is_compound:
+        crs = crs.sub_crs_list[0]
+    return crs
+
+
+def polygon_areas_m2(geometries: Sequence[BaseGeometry], crs) -> np.ndarray:
+    """Areas in square metres: planar in a projected CRS (scaled by its unit), geodesic in a geographic one.
+
+    Without a CRS the planar area is returned as is (map units taken as metres).
+    """
+    geometries = np.asarray(geometries, dtype=object)
+    crs = _pyproj_crs(crs)
+    if crs is None or not crs.is_geographic:
+        metres_per_unit = crs.axis_info[0].unit_conversion_factor if crs is not None else 1.0
+        return shapely.area(geometries) * metres_per_unit**2
+    geod = crs.get_geod()
+    assert geod is not None, "a geographic CRS has an ellipsoid"
+    degrees_per_unit = math.degrees(crs.axis_info[0].unit_conversion_factor)
+    if degrees_per_unit != 1.0:
+        geometries = shapely.transform(geometries, lambda xy: xy * degrees_per_unit)
+    return np.array([abs(geod.geometry_area_perimeter(g)[0]) for g in geometries], dtype=np.float64)
+
+
+def simplify_coverage(geometries: Sequence[BaseGeometry], tolerance: float, transform: Affine) -> list:
+    """Simplify polygons together so neighbours keep sharing their edges (no gaps or overlaps).
+
+    `tolerance` is in CRS units. The work happens on the pixel grid, where the polygons of one raster
+    form an exact coverage once every edge carries a vertex at each pixel corner. A polygon that would
+    come out invalid or empty is kept unsimplified.
+    """
+    if tolerance <= 0 or len(geometries) == 0:
+        return list(geometries)
+    to_pixels = ~transform
+    pa, pb, pc, pd, pe, pf = to_pixels.a, to_pixels.b, to_pixels.c, to_pixels.d, to_pixels.e, to_pixels.f
+
+    def apply_inverse(xy: np.ndarray) -> np.ndarray:
+        return np.rint(
+            np.column_stack([pa * xy[:, 0] + pb * xy[:, 1] + pc, pd * xy[:, 0] + pe * xy[:, 1] + pf])
+        )
+
+    pixel_size = math.sqrt(abs(transform.determinant))
+    originals = np.asarray(geometries, dtype=object)
+    on_grid = shapely.segmentize(shapely.transform(originals, apply_inverse), 1.0)
+    simplified = shapely.coverage_simplify(on_grid, tolerance / pixel_size)
+    simplified = np.asarray(_to_crs_coordinates(list(simplified), transform), dtype=object)
+    unusable = ~shapely.is_valid(simplified) | shapely.is_empty(simplified)
+    simplified[unusable] = originals[unusable]
+    return list(simplified)
+
+
+def finalize(
+    regions: Sequence[RegionPolygon],
+    crs,
+    transform: Affine,
+    min_area_m2: float = 0.0,
+    simplify: float = 0.0,
+) -> list[RegionPolygon]:
+    """Simplified regions (tolerance `simplify` in CRS units) with area_m2, smaller than `min_area_m2` dropped.
+
+    `crs` is the class raster's CRS (rasterio CRS, pyproj CRS, WKT or "EPSG:n"), `transform` its
+    affine transform.
+    """
+    if not regions:
+        return []
+    geometries = simplify_coverage([r.geometry for r in regions], simplify, transform)
+    areas = polygon_areas_m2(geometries, crs)
+    return [
+        replace(region, geometry=geometry, area_m2=float(area))
+        for region, geometry, area in zip(regions, geometries, areas)
+        if area >= min_area_m2
+    ]

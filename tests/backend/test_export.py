@@ -1,0 +1,229 @@
+"""Polygon layers, reports and colours: formats, schema, CRS, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pyogrio
+import pyogrio.raw
+import pytest
+import rasterio
+import shapely
+from affine import Affine
+from rasterio.crs import CRS
+
+from backend import export
+from backend.errors import CancelledError, InputError
+from backend.export import (
+    FIELDS,
+    atomic_output,
+    class_colormap,
+    class_colors,
+    report_path_for,
+    write_polygons,
+    write_report,
+)
+from backend.vectorize import RegionPolygon, finalize, vectorize_class_raster
+
+UTM = CRS.from_epsg(32633)
+TRANSFORM = Affine(2.0, 0.0, 500000.0, 0.0, -2.0, 4000000.0)
+CLASS_NAMES = ["water", "tree, forest", "building"]
+
+
+@pytest.fixture
+def regions(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("rasters")
+    classes = np.zeros((30, 20), np.uint8)
+    classes[5:25, 2:8] = 1
+    classes[10:15, 10:18] = 2
+    classes[12, 12] = 1
+    classes[:, 19] = 255
+    scores = np.random.default_rng(0).random(classes.shape).astype(np.float32)
+    paths = []
+    for name, array in (("classes.tif", classes), ("scores.tif", scores)):
+        paths.append(directory / name)
+        with rasterio.open(
+            paths[-1],
+            "w",
+            driver="GTiff",
+            width=20,
+            height=30,
+            count=1,
+            dtype=array.dtype,
+            crs=UTM,
+            transform=TRANSFORM,
+        ) as dataset:
+            dataset.write(array, 1)
+    return finalize(vectorize_class_raster(paths[0], paths[1], strip_rows=7), UTM, TRANSFORM)
+
+
+def read_layer(path):
+    meta, _, geometry, field_data = pyogrio.raw.read(path)
+    records = sorted(
+        (tuple(column[i] for column in field_data), shapely.from_wkb(geometry[i]).normalize().wkt)
+        for i in range(len(geometry))
+    )
+    return meta, records
+
+
+def assert_same_features(records, expected):
+    """Same features; floats to 1e-12 (a DBF stores 15 decimals, GeoJSON 15 significant digits)."""
+    assert len(records) == len(expected)
+    for (fields, wkt), (expected_fields, expected_wkt) in zip(records, expected):
+        assert wkt == expected_wkt
+        for value, expected_value in zip(fields, expected_fields):
+            if isinstance(expected_value, float):
+                assert value == pytest.approx(expected_value, rel=1e-12, nan_ok=True)
+            else:
+                assert value == expected_value
+
+
+def test_geopackage_has_the_schema_crs_layer_name_and_values(tmp_path, regions):
+    path = write_polygons(tmp_path / "result.gpkg", regions, UTM, CLASS_NAMES, "farslip2-vit-b-16", "run42")
+    assert pyogrio.list_layers(path)[:, 0].tolist() == ["result"]
+    info = pyogrio.read_info(path)
+    assert tuple(info["fields"]) == FIELDS
+    assert info["geometry_type"] == "Polygon"
+    assert CRS.from_user_input(info["crs"]) == UTM
+    assert info["features"] == len(regions)
+    _meta, records = read_layer(path)
+    assert {r[0][0] for r in records} == {"water", "tree, forest", "building"}
+    by_geometry = {shapely.normalize(r.geometry).wkt: r for r in regions}
+    for (name, class_id, score_mean, score_max, area_m2, model, run_id), wkt in records:
+        region = by_geometry[wkt]
+        assert (name, class_id, model, run_id) == (
+            CLASS_NAMES[region.class_id],
+            region.class_id,
+            "farslip2-vit-b-16",
+            "run42",
+        )
+        assert score_mean == pytest.approx(region.score_mean) and score_max == pytest.approx(region.score_max)
+        assert area_m2 == pytest.approx(region.area_m2)
+
+
+def test_shapefile_has_valid_field_names_and_the_same_features_as_the_geopackage(tmp_path, regions):
+    gpkg = write_polygons(tmp_path / "result.gpkg", regions, UTM, CLASS_NAMES, "m", "r")
+    shp = write_polygons(tmp_path / "result.shp", regions, UTM, CLASS_NAMES, "m", "r")
+    assert all(len(name) <= 10 for name in FIELDS)
+    assert tuple(pyogrio.read_info(shp)["fields"]) == FIELDS
+    assert sorted(p.name for p in tmp_path.iterdir() if p.stem == "result" and p.suffix != ".gpkg") == [
+        "result.cpg",
+        "result.dbf",
+        "result.prj",
+        "result.shp",
+        "result.shx",
+    ]
+    assert_same_features(read_layer(shp)[1], read_layer(gpkg)[1])
+
+
+@pytest.mark.parametrize("suffix", [".geojson", ".fgb"])
+def test_other_formats_read_back_with_the_same_features(tmp_path, regions, suffix):
+    gpkg = write_polygons(tmp_path / "a.gpkg", regions, UTM, CLASS_NAMES, "m", "r")
+    other = write_polygons(tmp_path / f"a{suffix}", regions, UTM, CLASS_NAMES, "m", "r")
+    assert_same_features(read_layer(other)[1], read_layer(gpkg)[1])
+    assert CRS.from_user_input(pyogrio.read_info(other)["crs"]) == UTM
+
+
+def test_unknown_extension_is_rejected_with_the_supported_list(tmp_path, regions):
+    with pytest.raises(InputError, match=r"\.gpkg"):
+        write_polygons(tmp_path / "result.kml", regions, UTM, CLASS_NAMES, "m", "r")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("suffix", [".gpkg", ".shp", ".fgb", ".geojson"])
+def test_empty_result_is_a_valid_empty_layer(tmp_path, suffix):
+    path = write_polygons(tmp_path / f"empty{suffix}", [], UTM, CLASS_NAMES, "m", "r")
+    info = pyogrio.read_info(path)
+    assert len(pyogrio.raw.read(path)[2]) == 0  # (FlatGeobuf reports an unknown count, -1)
+    if suffix != ".geojson":  # GeoJSON has no schema without features
+        assert tuple(info["fields"]) == FIELDS
+
+
+def test_multipolygons_promote_the_whole_layer(tmp_path, regions):
+    multi = RegionPolygon(
+        shapely.MultiPolygon([shapely.box(0, 0, 1, 1), shapely.box(2, 2, 3, 3)]), 0, 2, 1.0, 0.5, 2.0
+    )
+    path = write_polygons(tmp_path / "multi.gpkg", [*regions, multi], UTM, CLASS_NAMES, "m", "r")
+    info = pyogrio.read_info(path)
+    assert info["geometry_type"] == "MultiPolygon"
+    _, _, geometry, _ = pyogrio.raw.read(path)
+    assert set(shapely.get_type_id(shapely.from_wkb(geometry))) == {6}
+
+
+def test_nan_scores_are_written_as_null(tmp_path):
+    region = RegionPolygon(shapely.box(0, 0, 2, 2), 0, 1, math.nan, math.nan, 4.0)
+    path = write_polygons(tmp_path / "nan.gpkg", [region], UTM, CLASS_NAMES, "m", "r")
+    _, _, _, field_data = pyogrio.raw.read(path)
+    assert math.isnan(field_data[2][0]) and math.isnan(field_data[3][0])
+
+
+@pytest.mark.parametrize("suffix", [".gpkg", ".shp"])
+def test_failed_write_leaves_nothing_and_keeps_the_old_result(tmp_path, regions, monkeypatch, suffix):
+    path = write_polygons(tmp_path / f"result{suffix}", regions, UTM, CLASS_NAMES, "m", "old")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    real_write = pyogrio.raw.write
+
+    def write_then_fail(temp_path, *args, **kwargs):
+        real_write(temp_path, *args, **kwargs)  # the temporary files really exist ...
+        raise RuntimeError("disk full")  # ... when the writer fails
+
+    monkeypatch.setattr(export.pyogrio.raw, "write", write_then_fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_polygons(path, regions[:1], UTM, CLASS_NAMES, "m", "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert set(pyogrio.raw.read(path)[3][6]) == {"old"}
+
+
+def test_replacing_a_shapefile_removes_its_stale_sidecars(tmp_path, regions):
+    path = write_polygons(tmp_path / "result.shp", regions, UTM, CLASS_NAMES, "m", "r")
+    (tmp_path / "result.qix").write_bytes(b"old spatial index")
+    write_polygons(path, regions[:1], UTM, CLASS_NAMES, "m", "r")
+    assert not (tmp_path / "result.qix").exists()
+    assert pyogrio.read_info(path)["features"] == 1
+
+
+def test_atomic_output_replaces_on_success_with_sidecars(tmp_path):
+    target = tmp_path / "classes.tif"
+    target.write_text("old")
+    with atomic_output(target) as temp_path:
+        assert temp_path.parent == tmp_path and temp_path.suffix == ".tif" and temp_path != target
+        temp_path.write_text("new")
+        temp_path.with_name(temp_path.name + ".aux.xml").write_text("<PAMDataset/>")
+        assert target.read_text() == "old"
+    assert target.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["classes.tif", "classes.tif.aux.xml"]
+
+
+def test_atomic_output_deletes_everything_on_cancel(tmp_path):
+    target = tmp_path / "probs.tif"
+    with pytest.raises(CancelledError), atomic_output(target) as temp_path:
+        temp_path.write_text("half")
+        temp_path.with_name(temp_path.name + ".aux.xml").write_text("x")
+        raise CancelledError("cancelled")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_output_that_wrote_nothing_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError), atomic_output(tmp_path / "x.tif"):
+        pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_report_sits_beside_the_result_and_is_json(tmp_path):
+    assert report_path_for(tmp_path / "result.gpkg") == tmp_path / "result.report.json"
+    assert report_path_for("a/my.result.shp") == report_path_for("a/my.result.gpkg")
+    path = write_report(report_path_for(tmp_path / "result.gpkg"), {"model": "m", "out": tmp_path, "ü": 1})
+    assert json.loads(path.read_text("utf-8")) == {"model": "m", "out": str(tmp_path), "ü": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["result.report.json"]
+
+
+def test_class_colours_are_stable_distinct_and_independent_of_the_count():
+    colors = class_colors(40)
+    assert colors[:5] == class_colors(5)
+    assert len(set(colors)) == 40
+    assert all(len(c) == 3 and all(0 <= v <= 255 for v in c) for c in colors)
+    colormap = class_colormap(3, unclassified_value=254)
+    assert colormap[1] == (*colors[1], 255) and colormap[254] == (128, 128, 128, 255)
+    assert colormap[255][3] == 0 and len(colormap) == 256

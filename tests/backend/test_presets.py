@@ -1,0 +1,81 @@
+"""Class presets and class files."""
+
+from __future__ import annotations
+
+import pytest
+
+from backend.errors import InputError
+from backend.presets import list_presets, load_preset, read_class_file
+
+BENCHMARKS = ["openearthmap", "loveda", "potsdam", "vaihingen", "udd5", "vdd", "uavid", "isaid"]
+
+
+def test_all_eight_benchmark_presets_exist_and_parse():
+    presets = list_presets()
+    for name in BENCHMARKS:
+        assert presets[name], name
+        assert all(line and "#" not in line for line in presets[name])
+    assert presets["potsdam"] == [
+        "road, parking lot",
+        "building",
+        "low vegetation",
+        "tree",
+        "car",
+        "clutter, background",
+    ]
+    assert presets["vaihingen"] == [
+        "impervious surface",
+        "building",
+        "low vegetation",
+        "tree",
+        "car",
+        "clutter",
+    ]
+    assert len(presets["isaid"]) == 16 and presets["isaid"][0] == "background"
+    assert len(presets["openearthmap"]) == 9 and presets["openearthmap"][-1] == "building, roof, house"
+    assert presets["loveda"][1] == "building, roof, house"
+    assert presets["udd5"] == ["vegetation", "building", "road", "vehicle", "background"]
+    assert len(presets["vdd"]) == 7 and len(presets["uavid"]) == 7
+
+
+def test_practical_land_cover_presets_exist():
+    presets = list_presets()
+    assert presets["landcover"][:2] == ["water", "tree, forest"]
+    for name in ("urban", "agriculture", "water-bodies"):
+        assert len(presets[name]) >= 3
+
+
+def test_load_preset_is_case_insensitive():
+    assert load_preset("Potsdam") == list_presets()["potsdam"]
+
+
+def test_unknown_preset_lists_the_known_names():
+    with pytest.raises(InputError, match="potsdam") as caught:
+        load_preset("potsdamm")
+    assert "landcover" in str(caught.value)
+    with pytest.raises(InputError):
+        load_preset("../presets/potsdam")
+
+
+def test_class_file_comments_blank_lines_and_synonyms(tmp_path):
+    path = tmp_path / "classes.txt"
+    path.write_text("\ufeff# my classes\n\nwater,lake \n  tree ,  forest # woods\n,,\nbuilding\n", "utf-8")
+    assert read_class_file(path) == ["water, lake", "tree, forest", "building"]
+
+
+def test_empty_class_file_is_an_error(tmp_path):
+    path = tmp_path / "empty.txt"
+    path.write_text("# nothing but a comment\n\n", "utf-8")
+    with pytest.raises(InputError, match="no classes"):
+        read_class_file(path)
+
+
+def test_missing_unreadable_and_binary_class_files_are_errors(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        read_class_file(tmp_path / "missing.txt")
+    with pytest.raises(InputError, match="folder"):
+        read_class_file(tmp_path)
+    binary = tmp_path / "classes.bin"
+    binary.write_bytes(b"\xff\xfe\x00\x9c\x80")
+    with pytest.raises(InputError, match="UTF-8"):
+        read_class_file(binary)

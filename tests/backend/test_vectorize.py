@@ -1,0 +1,226 @@
+"""Class raster -> polygons: one feature per connected region, exact pixel edges, exact stats."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import rasterio.features
+import shapely
+from affine import Affine
+from rasterio.crs import CRS
+from scipy import ndimage
+
+from backend.vectorize import finalize, polygon_areas_m2, vectorize_class_raster
+
+UTM = CRS.from_epsg(32633)
+TRANSFORM = Affine(2.0, 0.0, 500000.0, 0.0, -2.0, 4000000.0)
+FOUR = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]])
+
+
+def write_raster(path: Path, array: np.ndarray, crs=UTM, transform=TRANSFORM, nodata=None) -> Path:
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=array.shape[1],
+        height=array.shape[0],
+        count=1,
+        dtype=array.dtype,
+        crs=crs,
+        transform=transform,
+        nodata=nodata,
+    ) as dataset:
+        dataset.write(array, 1)
+    return path
+
+
+def seam_crossing_classes() -> np.ndarray:
+    """A 40x30 raster: a snake of class 1 crossing every 7-row seam, with holes, diagonal touches,
+    class 2 blobs, a nodata collar (255) and scattered class 0."""
+    classes = np.zeros((40, 30), dtype=np.uint8)
+    classes[2:38, 3:6] = 1  # a long vertical bar through every seam
+    classes[35:38, 3:25] = 1  # joined at the bottom to another bar
+    classes[5:38, 22:25] = 1
+    classes[10:20, 10:20] = 2  # a square with a hole of class 0 and an island of class 1 inside
+    classes[13:17, 13:17] = 0
+    classes[14:16, 14:16] = 1
+    classes[6, 12] = 2  # touches the square only diagonally (must stay separate)
+    classes[7, 11] = 2
+    classes[20, 20] = 2  # diagonal to the square's corner: separate region
+    classes[:, 28:] = 255
+    classes[0, :] = 255
+    classes[25:27, 8:20] = 3  # a thin strip that sits across a seam (rows 25|26 ... 28 is a seam)
+    return classes
+
+
+def rasterize(regions, shape, fill=255) -> np.ndarray:
+    return rasterio.features.rasterize(
+        [(r.geometry, r.class_id) for r in regions],
+        out_shape=shape,
+        transform=TRANSFORM,
+        fill=fill,
+        dtype=np.uint8,
+    )
+
+
+@pytest.fixture
+def rasters(tmp_path):
+    classes = seam_crossing_classes()
+    scores = np.random.default_rng(0).random(classes.shape).astype(np.float32)
+    return (
+        classes,
+        scores,
+        write_raster(tmp_path / "classes.tif", classes, nodata=255),
+        write_raster(tmp_path / "scores.tif", scores),
+    )
+
+
+def expected_region_count(classes: np.ndarray, skip=(255,)) -> int:
+    return sum(ndimage.label(classes == v, structure=FOUR)[1] for v in np.unique(classes) if v not in skip)
+
+
+@pytest.mark.parametrize("strip_rows", [1, 3, 7, 1024])
+def test_each_connected_region_is_exactly_one_polygon_across_strip_seams(rasters, strip_rows):
+    classes, _, class_path, score_path = rasters
+    regions = vectorize_class_raster(class_path, score_path, strip_rows=strip_rows)
+    assert len(regions) == expected_region_count(classes)
+    assert all(r.geometry.geom_type == "Polygon" and r.geometry.is_valid for r in regions)
+    # Every class-1 pixel of the snake is one region, whatever the strip height.
+    snake = [r for r in regions if r.class_id == 1 and r.pixel_count > 10]
+    assert len(snake) == 1
+    labels, _ = ndimage.label(classes == 1, structure=FOUR)
+    assert snake[0].pixel_count == int((labels == labels[2, 3]).sum())
+
+
+@pytest.mark.parametrize("strip_rows", [7, 1024])
+def test_rasterising_the_polygons_reproduces_the_class_raster(rasters, strip_rows):
+    classes, _, class_path, score_path = rasters
+    regions = vectorize_class_raster(class_path, score_path, strip_rows=strip_rows)
+    np.testing.assert_array_equal(rasterize(regions, classes.shape), classes)
+    for region in regions:
+        assert math.isclose(region.geometry.area, region.pixel_count * 4.0)
+
+
+def test_region_scores_match_numpy_on_the_same_pixels(rasters):
+    classes, scores, class_path, score_path = rasters
+    regions = vectorize_class_raster(class_path, score_path, strip_rows=7)
+    for region in regions:
+        pixels = rasterio.features.geometry_mask(
+            [region.geometry], out_shape=classes.shape, transform=TRANSFORM, invert=True
+        )
+        assert region.pixel_count == int(pixels.sum())
+        assert np.all(classes[pixels] == region.class_id)
+        assert region.score_mean == pytest.approx(float(scores[pixels].astype(np.float64).mean()), rel=1e-9)
+        assert region.score_max == float(scores[pixels].max())
+
+
+def test_without_a_score_raster_scores_are_nan(rasters):
+    _, _, class_path, _ = rasters
+    regions = vectorize_class_raster(class_path, None, strip_rows=7)
+    assert regions and all(math.isnan(r.score_mean) and math.isnan(r.score_max) for r in regions)
+
+
+def test_skip_values_and_nodata_give_no_polygons(tmp_path):
+    classes = seam_crossing_classes()
+    path = write_raster(tmp_path / "no_nodata_tag.tif", classes)
+    regions = vectorize_class_raster(path, None, skip_values=(255, 0), strip_rows=7)
+    assert {r.class_id for r in regions} == {1, 2, 3}
+    burned = rasterize(regions, classes.shape)
+    np.testing.assert_array_equal(burned == 255, np.isin(classes, (0, 255)))
+    # The raster's own nodata value is skipped even when not listed.
+    tagged = write_raster(tmp_path / "tagged.tif", classes, nodata=0)
+    assert 0 not in {r.class_id for r in vectorize_class_raster(tagged, None, skip_values=(255,))}
+
+
+def test_all_skipped_raster_gives_no_polygons(tmp_path):
+    path = write_raster(tmp_path / "empty.tif", np.full((20, 20), 255, np.uint8), nodata=255)
+    assert vectorize_class_raster(path, None, strip_rows=7) == []
+
+
+def test_mismatched_score_raster_is_rejected(rasters, tmp_path):
+    from backend.errors import InputError
+
+    _, _, class_path, _ = rasters
+    small = write_raster(tmp_path / "small.tif", np.zeros((5, 5), np.float32))
+    with pytest.raises(InputError, match="must match"):
+        vectorize_class_raster(class_path, small)
+
+
+def test_cancel_raises_and_stops(rasters):
+    from backend.errors import CancelledError
+
+    _, _, class_path, score_path = rasters
+    with pytest.raises(CancelledError):
+        vectorize_class_raster(class_path, score_path, should_cancel=lambda: True)
+
+
+def test_projected_area_uses_the_crs_unit(rasters):
+    _, _, class_path, score_path = rasters
+    regions = finalize(vectorize_class_raster(class_path, score_path), UTM, TRANSFORM)
+    assert all(r.area_m2 == pytest.approx(r.pixel_count * 4.0) for r in regions)
+    square = shapely.box(0, 0, 100, 100)
+    us_feet = CRS.from_epsg(2263)  # NAD83 / New York Long Island (ftUS)
+    assert polygon_areas_m2([square], us_feet)[0] == pytest.approx(10000 * (1200 / 3937) ** 2)
+
+
+def test_geographic_area_is_geodesic_square_metres():
+    # 0.01 x 0.01 degree at the equator: about 1113.2 m x 1105.7 m on WGS84.
+    cell = shapely.box(10.0, 0.0, 10.01, 0.01)
+    area = polygon_areas_m2([cell], CRS.from_epsg(4326))[0]
+    assert area == pytest.approx(1113.19 * 1105.74, rel=1e-3)
+    # Further north the same cell is smaller, as it should be.
+    assert polygon_areas_m2([shapely.box(10.0, 60.0, 10.01, 60.01)], "EPSG:4326")[0] < area / 1.9
+
+
+def test_geographic_raster_regions_get_square_metre_areas(tmp_path):
+    classes = np.zeros((10, 10), np.uint8)
+    classes[:5] = 1
+    transform = Affine(0.001, 0, 10.0, 0, -0.001, 45.0)
+    path = write_raster(tmp_path / "geo.tif", classes, crs=CRS.from_epsg(4326), transform=transform)
+    regions = finalize(vectorize_class_raster(path, None), CRS.from_epsg(4326), transform)
+    total = sum(r.area_m2 for r in regions)
+    # 0.01 deg x 0.01 deg at 45 N is about 788 m x 1111 m.
+    assert total == pytest.approx(787.6 * 1111.4, rel=5e-3)
+
+
+def test_min_area_drops_small_regions(rasters):
+    _classes, _, class_path, score_path = rasters
+    regions = vectorize_class_raster(class_path, score_path, strip_rows=7)
+    kept = finalize(regions, UTM, TRANSFORM, min_area_m2=4.0 * 5)
+    assert kept and all(r.pixel_count >= 5 for r in kept)
+    assert len(kept) == sum(r.pixel_count >= 5 for r in regions)
+
+
+def test_simplify_keeps_polygons_valid_non_empty_and_neighbours_edge_matched(tmp_path):
+    rng = np.random.default_rng(1)
+    classes = ndimage.zoom(rng.integers(0, 4, (8, 8)), 6, order=0).astype(np.uint8)
+    classes[rng.random(classes.shape) < 0.03] = 1  # single pixels: must not vanish or break
+    path = write_raster(tmp_path / "noisy.tif", classes)
+    regions = vectorize_class_raster(path, None, skip_values=(), strip_rows=7)
+    simplified = finalize(regions, UTM, TRANSFORM, simplify=5.0)
+    assert len(simplified) == len(regions)
+    geometries = np.array([r.geometry for r in simplified])
+    assert shapely.is_valid(geometries).all() and not shapely.is_empty(geometries).any()
+    assert (
+        shapely.get_num_coordinates(geometries).sum()
+        < shapely.get_num_coordinates(np.array([r.geometry for r in regions])).sum()
+    )
+    # Still a coverage of the raster: no overlaps, no gaps, same total area.
+    assert shapely.coverage_is_valid(geometries)
+    total = shapely.union_all(geometries)
+    assert total.area == pytest.approx(classes.size * 4.0)
+    assert sum(r.area_m2 for r in simplified) == pytest.approx(classes.size * 4.0)
+
+
+@pytest.mark.parametrize("strip_rows", [2, 5, 64])
+def test_noisy_raster_round_trips_through_polygons(tmp_path, strip_rows):
+    classes = np.random.default_rng(2).integers(0, 3, (37, 41)).astype(np.uint8)
+    path = write_raster(tmp_path / "noise.tif", classes)
+    regions = vectorize_class_raster(path, None, skip_values=(), strip_rows=strip_rows)
+    assert len(regions) == expected_region_count(classes, skip=())
+    assert all(r.geometry.is_valid for r in regions)
+    np.testing.assert_array_equal(rasterize(regions, classes.shape), classes)
