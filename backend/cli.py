@@ -171,6 +171,32 @@ def version() -> None:
     typer.echo(__version__)
 
 
+# --- serve (owned by the server engineer; the implementation lives in backend/server.py) ---
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; anything but 127.0.0.1 warns."),
+    port: int = typer.Option(0, help="TCP port; 0 picks a free one."),
+    token: Optional[str] = typer.Option(None, help="Access token (default: a new random one per start, "
+                                                   "or $FARSLIP_TOKEN)."),
+    connection_file: Optional[Path] = typer.Option(None, help="Where to write {url, port, token, pid, "
+                                                              "version} (default: STATE_DIR/backend.json)."),
+    state_dir: Optional[Path] = typer.Option(None, help="Job history and logs (default: $FARSLIP_HOME)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
+) -> None:
+    """Run the local HTTP backend the QGIS plugin talks to (until Ctrl+C or SIGTERM)."""
+    from .server import serve_command
+
+    code = serve_command(host, port, token, str(connection_file) if connection_file else None,
+                         str(state_dir) if state_dir else None, device)
+    if code:
+        raise typer.Exit(code)
+
+
+# --- end of serve ---
+
+
 def main() -> None:
     app()
 

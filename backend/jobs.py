@@ -1,0 +1,606 @@
+"""The backend's job queue: one worker thread owns the model and runs jobs one at a time, in FIFO order.
+
+Jobs and their results are kept in a SQLite file in the state directory, so the
+history survives a restart. A job that was queued or running when a previous
+process died is marked `interrupted` at the next start, and whatever it may
+have left half-written is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from backend.errors import CancelledError, FarslipError, InputError, ModelError
+
+log = logging.getLogger("farslip.jobs")
+
+ACTIVE_STATES = ("queued", "running")
+FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
+JOB_FIELDS = ("id", "kind", "state", "progress", "tiles_done", "tiles_total", "eta_s", "message",
+              "created", "started", "finished", "request", "result", "error")
+# Progress is written to SQLite at most this often; readers see the live value in memory.
+PROGRESS_WRITE_INTERVAL_S = 0.5
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def is_job_id(text: str) -> bool:
+    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
+
+
+# --------------------------------------------------------------------------- history (SQLite)
+
+class JobStore:
+    """Job records in SQLite. Thread-safe: one connection behind a lock."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS jobs ("
+                " seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, kind TEXT NOT NULL,"
+                " state TEXT NOT NULL, progress REAL NOT NULL DEFAULT 0, tiles_done INTEGER NOT NULL DEFAULT 0,"
+                " tiles_total INTEGER NOT NULL DEFAULT 0, eta_s REAL, message TEXT NOT NULL DEFAULT '',"
+                " created TEXT NOT NULL, started TEXT, finished TEXT, request TEXT NOT NULL, result TEXT,"
+                " error TEXT, outputs TEXT NOT NULL DEFAULT '[]')"
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def insert(self, job: dict, outputs: list[str]) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO jobs (id, kind, state, progress, tiles_done, tiles_total, eta_s, message, created,"
+                " started, finished, request, result, error, outputs) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (job["id"], job["kind"], job["state"], job["progress"], job["tiles_done"], job["tiles_total"],
+                 job["eta_s"], job["message"], job["created"], job["started"], job["finished"],
+                 json.dumps(job["request"]), _dump(job["result"]), job["error"], json.dumps(outputs)),
+            )
+
+    def update(self, job: dict) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE jobs SET state=?, progress=?, tiles_done=?, tiles_total=?, eta_s=?, message=?,"
+                " started=?, finished=?, result=?, error=? WHERE id=?",
+                (job["state"], job["progress"], job["tiles_done"], job["tiles_total"], job["eta_s"],
+                 job["message"], job["started"], job["finished"], _dump(job["result"]), job["error"], job["id"]),
+            )
+
+    def get(self, job_id: str) -> dict | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return _job_from_row(row) if row else None
+
+    def list(self, limit: int = 200) -> list[dict]:
+        """The newest `limit` jobs, newest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+        return [_job_from_row(row) for row in rows]
+
+    def mark_interrupted(self) -> list[dict]:
+        """Jobs a previous process left queued or running become `interrupted`; their partial files go."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE state IN ('queued', 'running') ORDER BY seq").fetchall()
+        interrupted = []
+        for row in rows:
+            job = _job_from_row(row)
+            was_running = job["state"] == "running"
+            removed = remove_partial_outputs(json.loads(row["outputs"]), job["started"] if was_running else None)
+            job.update(
+                state="interrupted", eta_s=None, finished=now_iso(),
+                message=("The backend stopped while this job was running; nothing was written. Run it again."
+                         if was_running else "The backend stopped before this job started. Run it again."),
+            )
+            self.update(job)
+            log.warning("job %s was %s when the previous backend stopped: now interrupted%s", job["id"],
+                        "running" if was_running else "queued",
+                        f"; removed {', '.join(removed)}" if removed else "")
+            interrupted.append(job)
+        return interrupted
+
+
+def _dump(value: Any) -> str | None:
+    return None if value is None else json.dumps(value)
+
+
+def _job_from_row(row: sqlite3.Row) -> dict:
+    job = {name: row[name] for name in JOB_FIELDS}
+    job["request"] = json.loads(job["request"])
+    job["result"] = json.loads(job["result"]) if job["result"] else None
+    return job
+
+
+# --------------------------------------------------------------------------- partial outputs
+
+def _leftovers(path: Path) -> list[Path]:
+    """Temporary files and folders the engine writes beside `path` before renaming results into place.
+
+    backend.export.atomic_output names files `.<stem>.<random>.tmp<suffix>` (+ sidecars), and
+    segment_raster keeps its intermediate rasters in a `.farslip-<random>` folder in the output folder.
+    """
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return []
+    prefix = f".{path.stem}."
+    return [path.parent / name for name in names
+            if name.startswith(prefix) and ".tmp" in name or name.startswith(".farslip-")]
+
+
+def _sidecars(path: Path) -> list[Path]:
+    """A finished dataset's own files: the path, a shapefile's parts, GDAL's .aux.xml/.ovr."""
+    files = [path, path.with_name(path.name + ".aux.xml"), path.with_name(path.name + ".ovr")]
+    if path.suffix.lower() == ".shp":
+        from backend.export import SHAPEFILE_PARTS
+
+        files += [path.with_suffix(part) for part in SHAPEFILE_PARTS]
+    return files
+
+
+def remove_partial_outputs(outputs: list[str], written_since: str | None) -> list[str]:
+    """After a job that did not succeed: remove its temporary files and the outputs it wrote.
+
+    `written_since` is when the job started (ISO time); only files modified since then are removed,
+    so a job that never started, or a file the job did not touch, is left alone.
+    """
+    if not written_since:
+        return []
+    since = datetime.fromisoformat(written_since).timestamp() - 1.0
+    removed = []
+    for text in outputs:
+        path = Path(text)
+        for candidate in _leftovers(path) + _sidecars(path):
+            try:
+                if candidate.stat().st_mtime < since:
+                    continue
+                if candidate.is_dir():
+                    shutil.rmtree(candidate)
+                else:
+                    candidate.unlink()
+                removed.append(str(candidate))
+            except FileNotFoundError:
+                pass
+            except OSError as error:
+                log.warning("could not remove the partial output %s: %s", candidate, error)
+    return removed
+
+
+# --------------------------------------------------------------------------- the model the worker owns
+
+class ModelCache:
+    """Holds one loaded model; loads on first use, keeps it, swaps when a job asks for another."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self._key: tuple | None = None
+        self._loaded: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def loaded_name(self) -> str | None:
+        loaded = self._loaded
+        return getattr(loaded, "name", None) if loaded is not None else None
+
+    def get(self, model: str | None, weights: str | None) -> Any:
+        from backend.models import load_model
+
+        key = (model, weights)
+        with self._lock:
+            if self._key == key and self._loaded is not None:
+                return self._loaded
+            if self._loaded is not None:
+                log.info("unloading model %s", self.loaded_name)
+                self._key, self._loaded = None, None
+                _free_device_memory()
+            self._loaded = load_model(model, weights=weights, device=self.device)
+            self._key = key
+            log.info("loaded model %s on %s", self.loaded_name, self.device)
+            return self._loaded
+
+
+def _free_device_memory() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except (ImportError, RuntimeError) as error:  # freeing a cache must never fail a job
+        log.debug("could not empty the CUDA cache: %s", error)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    try:
+        import torch
+
+        if isinstance(error, torch.cuda.OutOfMemoryError):
+            return True
+    except (ImportError, AttributeError):
+        pass
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+# --------------------------------------------------------------------------- running jobs
+
+@dataclass
+class JobControl:
+    """What a running job sees: progress and message reporting, and the cancel flag."""
+
+    job_id: str
+    manager: JobManager
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+    _attempt_start: float = field(default_factory=time.monotonic)
+    _first_report: tuple[float, int] | None = None
+
+    def should_cancel(self) -> bool:
+        return self.cancel_event.is_set()
+
+    def message(self, text: str) -> None:
+        self.manager._update(self.job_id, message=text)
+
+    def restart_timing(self) -> None:
+        """A new attempt (e.g. after an out-of-memory retry): measure the ETA afresh."""
+        self._attempt_start = time.monotonic()
+        self._first_report = None
+
+    def progress(self, tiles_done: int, tiles_total: int) -> None:
+        now = time.monotonic()
+        if self._first_report is None:
+            self._first_report = (self._attempt_start, 0) if tiles_done else (now, 0)
+        t0, done0 = self._first_report
+        eta = None
+        if tiles_total and tiles_done > done0:
+            eta = (now - t0) / (tiles_done - done0) * (tiles_total - tiles_done)
+        self.manager._report_progress(self.job_id, tiles_done, tiles_total, eta)
+
+
+Runner = Callable[[dict, JobControl, ModelCache], dict]
+
+
+class JobManager:
+    """FIFO job queue with one worker thread; persists every job in a JobStore."""
+
+    def __init__(self, store: JobStore, runners: dict[str, Runner], device: str = "cpu"):
+        self.store = store
+        self.runners = runners
+        self.models = ModelCache(device)
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._live: dict[str, dict] = {}
+        self._outputs: dict[str, list[str]] = {}
+        self._controls: dict[str, JobControl] = {}
+        self._last_write: dict[str, float] = {}
+        self._lock = threading.RLock()
+        self._stopping = False
+        self._worker = threading.Thread(target=self._work, name="farslip-worker", daemon=True)
+
+    # -- lifecycle
+
+    def start(self) -> None:
+        self._worker.start()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop taking jobs, cancel the running one cleanly, mark the queued ones interrupted."""
+        with self._lock:
+            self._stopping = True
+            for job_id, job in list(self._live.items()):
+                if job["state"] == "queued":
+                    self._finish(job_id, "interrupted",
+                                 "The backend was shut down before this job started. Run it again.")
+                elif job_id in self._controls:
+                    self._controls[job_id].cancel_event.set()
+                    self._update(job_id, message="Cancelling: the backend is shutting down.")
+        self._queue.put(None)
+        if self._worker.is_alive():
+            self._worker.join(timeout)
+            if self._worker.is_alive():
+                log.error("the running job did not stop within %.0f s; exiting anyway", timeout)
+
+    # -- API used by the server
+
+    def submit(self, kind: str, request: dict, outputs: list[str]) -> dict:
+        """Queue a job; `outputs` are the files it will write (checked against other queued jobs)."""
+        with self._lock:
+            if self._stopping:
+                raise InputError("The backend is shutting down; submit the job again once it has restarted.")
+            wanted = {os.path.realpath(path) for path in outputs}
+            for other_id, other_outputs in self._outputs.items():
+                clash = wanted & {os.path.realpath(path) for path in other_outputs}
+                if clash:
+                    raise InputError(
+                        f"Job {other_id} is already going to write {min(clash)}; wait for it to finish, "
+                        "cancel it, or choose another output file.")
+            job = {
+                "id": new_job_id(), "kind": kind, "state": "queued", "progress": 0.0, "tiles_done": 0,
+                "tiles_total": 0, "eta_s": None, "message": "Waiting for the jobs before it to finish.",
+                "created": now_iso(), "started": None, "finished": None, "request": request,
+                "result": None, "error": None,
+            }
+            self.store.insert(job, outputs)
+            self._live[job["id"]] = job
+            self._outputs[job["id"]] = list(outputs)
+            self._queue.put(job["id"])
+        log.info("job %s (%s) queued", job["id"], kind)
+        return dict(job)
+
+    def get(self, job_id: str) -> dict | None:
+        with self._lock:
+            if job_id in self._live:
+                return dict(self._live[job_id])
+        return self.store.get(job_id)
+
+    def list(self, limit: int = 200) -> list[dict]:
+        jobs = self.store.list(limit)
+        with self._lock:
+            return [dict(self._live.get(job["id"], job)) for job in jobs]
+
+    def cancel(self, job_id: str) -> dict | None:
+        """Cancel a queued job at once, or ask a running one to stop after its current batch."""
+        with self._lock:
+            job = self._live.get(job_id)
+            if job is None:
+                return self.store.get(job_id)
+            if job["state"] == "queued":
+                self._finish(job_id, "cancelled", "Cancelled before it started; nothing was written.")
+            elif job_id in self._controls:
+                self._controls[job_id].cancel_event.set()
+                self._update(job_id, message="Cancelling after the current batch.")
+            return self.get(job_id)
+
+    @property
+    def loaded_model(self) -> str | None:
+        return self.models.loaded_name
+
+    # -- worker
+
+    def _work(self) -> None:
+        while True:
+            job_id = self._queue.get()
+            if job_id is None:
+                return
+            with self._lock:
+                job = self._live.get(job_id)
+                if job is None or job["state"] != "queued" or self._stopping:
+                    continue
+                control = JobControl(job_id, self)
+                self._controls[job_id] = control
+                self._update(job_id, state="running", started=now_iso(), message="Starting.")
+            self._run(job_id, dict(job), control)
+
+    def _run(self, job_id: str, job: dict, control: JobControl) -> None:
+        started = time.monotonic()
+        try:
+            result = self.runners[job["kind"]](job["request"], control, self.models)
+        except CancelledError:
+            self._finish(job_id, "cancelled", "Cancelled; nothing was written.")
+        except FarslipError as error:
+            self._finish(job_id, "failed", str(error), error=str(error))
+        except Exception as error:  # a bug or an unexpected library error: keep serving, keep the log
+            log.exception("job %s failed", job_id)
+            text = (f"The job failed with an unexpected error ({type(error).__name__}: {error}). "
+                    "The backend's log file has the details.")
+            self._finish(job_id, "failed", text, error=text)
+        else:
+            if control.should_cancel():
+                # Finished in the same batch the cancel arrived in: a cancel must leave nothing behind.
+                self._finish(job_id, "cancelled", "Cancelled; nothing was written.")
+            else:
+                self._finish(job_id, "done", f"Done in {time.monotonic() - started:.1f} s.", result=result)
+
+    # -- state changes (always under the lock, always persisted)
+
+    def _update(self, job_id: str, **changes: Any) -> None:
+        with self._lock:
+            job = self._live.get(job_id)
+            if job is None:
+                return
+            job.update(changes)
+            self.store.update(job)
+
+    def _report_progress(self, job_id: str, tiles_done: int, tiles_total: int, eta_s: float | None) -> None:
+        with self._lock:
+            job = self._live.get(job_id)
+            if job is None:
+                return
+            fraction = min(1.0, tiles_done / tiles_total) if tiles_total else 0.0
+            job.update(tiles_done=tiles_done, tiles_total=tiles_total, eta_s=eta_s,
+                       progress=max(job["progress"], round(fraction * 0.99, 4)),
+                       message=f"Segmenting: {tiles_done} of {tiles_total} tiles.")
+            now = time.monotonic()
+            if now - self._last_write.get(job_id, 0.0) >= PROGRESS_WRITE_INTERVAL_S:
+                self._last_write[job_id] = now
+                self.store.update(job)
+
+    def _finish(self, job_id: str, state: str, message: str, result: dict | None = None,
+                error: str | None = None) -> None:
+        with self._lock:
+            job = self._live.get(job_id)
+            if job is None:
+                return
+            if state != "done":
+                removed = remove_partial_outputs(self._outputs.get(job_id, []), job["started"])
+                if removed:
+                    log.info("job %s: removed %s", job_id, ", ".join(removed))
+            job.update(state=state, message=message, finished=now_iso(), eta_s=None, result=result, error=error)
+            if state == "done":
+                job["progress"] = 1.0
+                job["tiles_done"] = job["tiles_total"]
+            self.store.update(job)
+            del self._live[job_id]
+            self._outputs.pop(job_id, None)
+            self._controls.pop(job_id, None)
+            self._last_write.pop(job_id, None)
+        log.info("job %s %s: %s", job_id, state, message)
+
+
+# --------------------------------------------------------------------------- segment jobs
+
+@dataclass
+class SegmentCall:
+    """A segment request translated to the engine's arguments."""
+
+    raster: Path
+    options: Any
+    outputs: Any
+    model: str | None
+    weights: str | None
+
+
+def segment_call(request: dict) -> SegmentCall:
+    """A /v1/segment request body -> segment_raster's arguments (class lines + preset, paths)."""
+    from backend.presets import load_preset
+    from backend.segment import SegmentOptions, SegmentOutputs
+
+    class_lines = list(request.get("class_lines") or [])
+    if request.get("preset"):
+        class_lines += load_preset(request["preset"])
+    option_names = ("bbox", "bbox_crs", "bands", "threshold", "attention", "scale", "gsd_m", "min_area",
+                    "simplify", "value_range")
+    options = {name: request[name] for name in option_names if request.get(name) is not None}
+    for name in ("bbox", "value_range"):
+        if name in options:
+            options[name] = tuple(options[name])
+    if request.get("batch_size"):
+        options["batch_size"] = int(request["batch_size"])
+    outputs = SegmentOutputs(
+        out=Path(request["out"]).expanduser(),
+        class_raster=Path(request["class_raster"]).expanduser() if request.get("class_raster") else None,
+        prob_raster=Path(request["prob_raster"]).expanduser() if request.get("prob_raster") else None,
+        overwrite=bool(request.get("overwrite")),
+    )
+    return SegmentCall(Path(request["raster"]).expanduser(), SegmentOptions(class_lines=class_lines, **options),
+                       outputs, request.get("model"), request.get("weights"))
+
+
+def planned_outputs(call: SegmentCall) -> list[str]:
+    return [str(path) for path in call.outputs.paths().values()]
+
+
+def check_segment_call(call: SegmentCall) -> list[str]:
+    """The engine's own checks, before queueing: raises InputError/ModelError with the CLI's sentence.
+
+    Cheap: opens the raster (and reads the decimated sample the engine reads anyway), never the model.
+    """
+    from backend.raster import open_source, request_window
+    from backend.segment import check_outputs, validate_options
+
+    # The order of `farslip segment`'s checks, so that a request with several faults gets the same sentence.
+    options = call.options
+    check_outputs(call.outputs)
+    with open_source(call.raster, options.bands, options.scale, options.gsd_m, options.value_range) as source:
+        request_window(source, options.bbox, options.bbox_crs)
+    check_model(call.model, call.weights)
+    if not options.class_lines:
+        options = replace(options, class_lines=_finetuned_class_lines(call.model, call.weights))
+    validate_options(options)
+    return planned_outputs(call)
+
+
+def check_model(model: str | None, weights: str | None) -> None:
+    """Refuse a model that load_model would refuse, without loading it (same dispatch, same sentences)."""
+    from backend import models
+    from backend.paths import models_dir
+
+    if model is None or model in models.known_models():
+        if weights and not Path(weights).expanduser().exists():
+            raise ModelError(f"The weights file {weights} does not exist.")
+        return
+    if weights:
+        raise ModelError(f"--weights can only be combined with a registry model name, not with '{model}'.")
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not models.is_finetuned_dir(path):
+            raise ModelError(f"{path} is a folder but not a fine-tuned model: it needs "
+                             f"{models.FINETUNED_WEIGHTS} and {models.FINETUNED_META}.")
+        models.read_finetuned_meta(path)
+    elif not path.is_file():
+        if "/" not in model and os.sep not in model:
+            if not models.is_finetuned_dir(models_dir() / model):
+                raise models._unknown(model)
+        else:
+            raise ModelError(f"Model file or folder {path} does not exist.")
+
+
+def _finetuned_class_lines(model: str | None, weights: str | None) -> list[str]:
+    """A fine-tuned model folder's own classes (used when a request gives none)."""
+    from backend import models
+    from backend.paths import models_dir
+
+    for candidate in (model, weights):
+        if not candidate:
+            continue
+        for folder in (Path(candidate).expanduser(), models_dir() / candidate):
+            if models.is_finetuned_dir(folder):
+                return list(models.read_finetuned_meta(folder).get("class_lines") or [])
+    return []
+
+
+def run_segment(request: dict, control: JobControl, models: ModelCache) -> dict:
+    """Worker side of a segment job: load (or reuse) the model, run the engine, retry smaller on GPU OOM."""
+    from backend.segment import default_batch_size, segment_raster
+
+    call = segment_call(request)
+    control.message(f"Loading the model {call.model or 'default'}.")
+    loaded = models.get(call.model, call.weights)
+    if not call.options.class_lines and loaded.class_lines:
+        call.options.class_lines = list(loaded.class_lines)
+    if not request.get("batch_size"):
+        call.options.batch_size = default_batch_size(loaded.device)
+    while True:
+        if control.should_cancel():
+            raise CancelledError("The run was cancelled; nothing was written.")
+        control.message("Segmenting.")
+        try:
+            result = segment_raster(call.raster, call.options, call.outputs, loaded,
+                                    progress=control.progress, should_cancel=control.should_cancel)
+            break
+        except Exception as error:
+            if not is_out_of_memory(error) or call.options.batch_size <= 1:
+                raise
+            _free_device_memory()
+            call.options.batch_size = max(1, call.options.batch_size // 2)
+            log.warning("GPU out of memory: retrying with batch size %d", call.options.batch_size)
+            control.message(f"The GPU ran out of memory; retrying with batch size {call.options.batch_size}.")
+            control.restart_timing()
+    return {"outputs": dict(result.outputs), "classes": list(result.classes), "run_id": result.run_id,
+            "tiles": result.tiles, "timings": dict(result.timings)}
+
+
+# --------------------------------------------------------------------------- train jobs
+
+def run_train(request: dict, control: JobControl, models: ModelCache) -> dict:
+    """Worker side of a train job: hands the request to training.api (which owns the method)."""
+    try:
+        from training import api
+    except ImportError:
+        raise InputError("This backend cannot train: the training module is not available.") from None
+    result = api.train_model(request, progress=control.progress, should_cancel=control.should_cancel,
+                             message=control.message)
+    return dict(result)

@@ -1,0 +1,150 @@
+"""Request and response bodies of the HTTP API (/v1), as pydantic models.
+
+These models are the API's documentation too: FastAPI turns them into the
+OpenAPI page at /docs. Unknown fields are refused (a typo in an option name
+is an error, not a silently ignored setting).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+JobState = Literal["queued", "running", "done", "failed", "cancelled", "interrupted"]
+JobKind = Literal["segment", "train"]
+Attention = Literal["segearth", "clearclip", "sclip", "maskclip", "vanilla"]
+
+# Paths, names and class lines are short; these bounds keep a hostile body from
+# making the server hold megabytes of strings in a job record.
+PathText = Field(min_length=1, max_length=4096)
+ClassLine = Field(max_length=1000)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DeviceInfo(BaseModel):
+    type: Literal["cpu", "cuda", "mps"]
+    name: str
+    free_memory_mb: int | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    version: str
+    device: DeviceInfo
+    loaded_model: str | None = None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    arch: str
+    description: str = ""
+    licence: str = ""
+    context_length: int | None = None
+    present: bool
+    path: str | None = None
+    loaded: bool = False
+    kind: Literal["registry", "finetuned"] = "registry"
+
+
+class ModelList(BaseModel):
+    default: str
+    models: list[ModelInfo]
+
+
+class PresetList(BaseModel):
+    presets: dict[str, list[str]]
+
+
+class SegmentRequest(Strict):
+    """The options of `farslip segment`, as JSON. Paths are absolute paths on the backend's machine."""
+
+    raster: str = PathText
+    class_lines: list[str] = Field(default_factory=list, max_length=256)
+    preset: str | None = Field(default=None, max_length=100)
+    bbox: tuple[float, float, float, float] | None = Field(
+        default=None, description="xmin, ymin, xmax, ymax in bbox_crs (default: the raster's CRS)")
+    bbox_crs: str | None = Field(default=None, max_length=10000, description="EPSG:xxxx or WKT")
+    model: str | None = Field(default=None, max_length=4096,
+                                 description="registry name, checkpoint path or fine-tuned model folder")
+    weights: str | None = Field(default=None, max_length=4096)
+    bands: list[int] | None = Field(default=None, min_length=1, max_length=3)
+    threshold: float = 0.0
+    attention: Attention = "segearth"
+    batch_size: int | None = Field(default=None, ge=1, le=1024)
+    scale: float | None = Field(default=None, gt=0)
+    gsd_m: float | None = Field(default=None, gt=0)
+    min_area: float = Field(default=0.0, ge=0)
+    simplify: float = Field(default=0.0, ge=0)
+    value_range: tuple[float, float] | None = None
+    out: str = PathText
+    class_raster: str | None = Field(default=None, min_length=1, max_length=4096)
+    prob_raster: str | None = Field(default=None, min_length=1, max_length=4096)
+    overwrite: bool = False
+
+
+class TrainRequest(BaseModel):
+    """The options of `farslip train`, as JSON; options beyond these are passed to the trainer."""
+
+    model_config = ConfigDict(extra="allow")
+
+    raster: str = PathText
+    labels: str = PathText
+    class_field: str = Field(min_length=1, max_length=200)
+    out: str = PathText
+    base_model: str | None = Field(default=None, max_length=4096)
+    method: str | None = Field(default=None, max_length=100)
+    epochs: int | None = Field(default=None, ge=1, le=100000)
+    background: str | None = Field(default=None, max_length=1000)
+    overwrite: bool = False
+
+
+class JobCreated(BaseModel):
+    job_id: str
+    state: JobState
+
+
+class ClassStat(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    class_: str = Field(alias="class", serialization_alias="class")
+    class_id: int
+    polygons: int
+    area_m2: float
+
+
+class JobResult(BaseModel):
+    outputs: dict[str, str | None] = Field(default_factory=dict)
+    classes: list[ClassStat] = Field(default_factory=list)
+    metrics: dict[str, Any] | None = None
+    run_id: str | None = None
+    tiles: int | None = None
+    timings: dict[str, Any] | None = None
+
+
+class Job(BaseModel):
+    id: str
+    kind: JobKind
+    state: JobState
+    progress: float = Field(ge=0, le=1)
+    tiles_done: int = 0
+    tiles_total: int = 0
+    eta_s: float | None = None
+    message: str = ""
+    created: str
+    started: str | None = None
+    finished: str | None = None
+    request: dict[str, Any]
+    result: JobResult | None = None
+    error: str | None = None
+
+
+class JobList(BaseModel):
+    jobs: list[Job]
+
+
+class ErrorBody(BaseModel):
+    detail: str

@@ -1,0 +1,486 @@
+"""`farslip serve`: the local HTTP API (/v1) the QGIS plugin talks to.
+
+Handlers are a few lines: they check the request with the engine's own
+checks (so a bad input gets the same sentence as on the command line), then
+hand the job to the JobManager, whose single worker thread owns the model.
+Every /v1 request needs `Authorization: Bearer <token>`; the token is made
+fresh at each start unless given, and written with the URL to a connection
+file only the user can read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+import logging.handlers
+import os
+import secrets
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from backend import __version__
+from backend.errors import FarslipError, InputError
+from backend.jobs import JobManager, JobStore, check_segment_call, is_job_id, segment_call
+from backend.schemas import (
+    DeviceInfo,
+    ErrorBody,
+    Health,
+    Job,
+    JobCreated,
+    JobList,
+    ModelList,
+    PresetList,
+    SegmentRequest,
+    TrainRequest,
+)
+
+log = logging.getLogger("farslip.server")
+
+MAX_BODY_BYTES = 1024 * 1024
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody} for status in (400, 401, 404, 409, 413, 422)}
+
+
+# --------------------------------------------------------------------------- device
+
+def device_info(device: str) -> DeviceInfo:
+    import torch
+
+    kind = device.split(":")[0]
+    if kind == "cuda" and torch.cuda.is_available():
+        index = torch.device(device).index or 0
+        free, _total = torch.cuda.mem_get_info(index)
+        return DeviceInfo(type="cuda", name=torch.cuda.get_device_name(index), free_memory_mb=free // 2**20)
+    if kind == "mps":
+        return DeviceInfo(type="mps", name="Apple GPU (MPS)")
+    import platform
+
+    return DeviceInfo(type="cpu", name=platform.processor() or platform.machine() or "CPU")
+
+
+# --------------------------------------------------------------------------- request checks
+
+def _absolute(text: str, what: str) -> Path:
+    if "\x00" in text:
+        raise InputError(f"The {what} path contains a NUL character; give a real file path.")
+    path = Path(text).expanduser()
+    if not path.is_absolute():
+        raise InputError(f"The {what} path {text!r} is relative; the backend cannot know which folder it is "
+                         "relative to. Give an absolute path.")
+    return path
+
+
+def _looks_like_path(text: str) -> bool:
+    return any(sep in text for sep in ("/", "\\")) or text.startswith("~") or text.endswith(
+        (".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
+
+
+def check_segment_request(request: SegmentRequest) -> list[str]:
+    """Run the engine's checks on a request; returns the files the job will write.
+
+    Raises the engine's InputError/ModelError, so the sentence is the one `farslip segment` prints.
+    """
+    _absolute(request.raster, "raster")
+    for name in ("out", "class_raster", "prob_raster"):
+        value = getattr(request, name)
+        if value is not None:
+            _absolute(value, name.replace("_", " "))
+    if request.weights is not None:
+        _absolute(request.weights, "weights")
+    if request.model is not None and _looks_like_path(request.model):
+        _absolute(request.model, "model")
+    return check_segment_call(segment_call(request.model_dump()))
+
+
+# --------------------------------------------------------------------------- security + limits
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class GuardMiddleware:
+    """Bearer-token check on /v1 (before anything reads the body) and a request body size limit."""
+
+    def __init__(self, app, token: str, max_body_bytes: int = MAX_BODY_BYTES):
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        if path == "/v1" or path.startswith("/v1/"):
+            header = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(header, self.expected):
+                return await _send_error(send, 401, "Missing or wrong access token: send the header "
+                                         "'Authorization: Bearer <token>' with the token from the backend's "
+                                         "connection file.", {"www-authenticate": "Bearer"})
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None:
+            try:
+                too_large = int(length) > self.max_body_bytes
+            except ValueError:
+                return await _send_error(send, 400, "The Content-Length header is not a number.")
+            if too_large:
+                return await _send_error(send, 413, self._too_large())
+
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise BodyTooLarge()
+            return message
+
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge:
+            if not started:
+                await _send_error(send, 413, self._too_large())
+
+    def _too_large(self) -> str:
+        return (f"The request body is larger than {self.max_body_bytes // 1024} KiB; requests carry paths "
+                "and options, never pixels.")
+
+
+async def _send_error(send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw_headers += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _validation_sentence(error: RequestValidationError) -> str:
+    parts = []
+    for item in error.errors()[:5]:
+        location = ".".join(str(part) for part in item.get("loc", ()) if part != "body") or "body"
+        parts.append(f"{location}: {item.get('msg', 'invalid')}")
+    more = len(error.errors()) - 5
+    return "The request is not valid: " + "; ".join(parts) + (f" (and {more} more)" if more > 0 else "") + "."
+
+
+# --------------------------------------------------------------------------- the app
+
+def create_app(token: str, state_dir: Path, device: str | None = None,
+               on_shutdown: Callable[[], None] | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+               runners: dict | None = None) -> FastAPI:
+    """The FastAPI app; the job store opens and the worker starts when the app starts."""
+    from backend.models import resolve_device
+
+    state_dir = Path(state_dir)
+    device = str(resolve_device(device or os.environ.get("FARSLIP_DEVICE") or "auto"))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # Import the engine now rather than in the first request, which would otherwise take seconds.
+        import backend.segment  # noqa: F401
+
+        store = JobStore(state_dir / "jobs.sqlite")
+        store.mark_interrupted()
+        manager = JobManager(store, runners if runners is not None else default_runners(), device=device)
+        manager.start()
+        app.state.manager = manager
+        log.info("backend ready: device %s, state in %s", device, state_dir)
+        try:
+            yield
+        finally:
+            log.info("shutting down: cancelling the running job")
+            manager.shutdown()
+            store.close()
+            if on_shutdown is not None:
+                on_shutdown()
+
+    app = FastAPI(title="FarSLIP backend", version=__version__, lifespan=lifespan,
+                  description="Open-vocabulary segmentation of GeoTIFFs. Every /v1 endpoint needs "
+                              "`Authorization: Bearer <token>` (the token is in the connection file).")
+    app.add_middleware(GuardMiddleware, token=token, max_body_bytes=max_body_bytes)
+
+    @app.exception_handler(FarslipError)
+    async def farslip_error(_request: Request, error: FarslipError):
+        return JSONResponse({"detail": str(error)}, status_code=error.http_status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, error: RequestValidationError):
+        return JSONResponse({"detail": _validation_sentence(error)}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, error: StarletteHTTPException):
+        return JSONResponse({"detail": str(error.detail)}, status_code=error.status_code,
+                            headers=getattr(error, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, error: Exception):
+        log.exception("unexpected error in a request")
+        return JSONResponse({"detail": f"The backend hit an unexpected error ({type(error).__name__}); "
+                                       "its log file has the details."}, status_code=500)
+
+    # Documents the scheme on /docs; the check itself is GuardMiddleware's, before the body is read.
+    bearer = HTTPBearer(auto_error=False, description="The token from the backend's connection file.")
+    from fastapi import Depends
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(bearer)], responses=ERROR_RESPONSES)
+
+    def manager_of(request: Request) -> JobManager:
+        return request.app.state.manager
+
+    def job_or_404(job: dict | None, job_id: str) -> dict:
+        if job is None:
+            raise StarletteHTTPException(404, f"There is no job {job_id!r}; GET /v1/jobs lists the jobs.")
+        return job
+
+    @v1.get("/health", response_model=Health)
+    def health(request: Request):
+        return Health(version=__version__, device=device_info(device),
+                      loaded_model=manager_of(request).loaded_model)
+
+    @v1.get("/models", response_model=ModelList)
+    def models(request: Request):
+        from backend.models import DEFAULT_MODEL, list_models
+
+        loaded = manager_of(request).loaded_model
+        entries = [dict(entry, loaded=bool(loaded) and entry.get("name") == loaded) for entry in list_models()]
+        return {"default": DEFAULT_MODEL, "models": entries}
+
+    @v1.get("/presets", response_model=PresetList)
+    def presets():
+        from backend.presets import list_presets
+
+        return {"presets": list_presets()}
+
+    @v1.post("/segment", response_model=JobCreated, status_code=202)
+    def submit_segment(body: SegmentRequest, request: Request):
+        outputs = check_segment_request(body)
+        job = manager_of(request).submit("segment", body.model_dump(), outputs)
+        return JobCreated(job_id=job["id"], state=job["state"])
+
+    @v1.post("/train", response_model=JobCreated, status_code=202)
+    def submit_train(body: TrainRequest, request: Request):
+        outputs = check_train_request(body)
+        job = manager_of(request).submit("train", body.model_dump(), outputs)
+        return JobCreated(job_id=job["id"], state=job["state"])
+
+    @v1.get("/jobs", response_model=JobList)
+    def jobs(request: Request, limit: int = Query(200, ge=1, le=10000)):
+        return {"jobs": manager_of(request).list(limit)}
+
+    @v1.get("/jobs/{job_id}", response_model=Job)
+    def job(job_id: str, request: Request):
+        return job_or_404(manager_of(request).get(job_id) if is_job_id(job_id) else None, job_id)
+
+    @v1.delete("/jobs/{job_id}", response_model=Job)
+    def cancel(job_id: str, request: Request):
+        return job_or_404(manager_of(request).cancel(job_id) if is_job_id(job_id) else None, job_id)
+
+    app.include_router(v1)
+    return app
+
+
+# --------------------------------------------------------------------------- job runners
+
+def default_runners() -> dict:
+    from backend.jobs import run_segment, run_train
+
+    return {"segment": run_segment, "train": run_train}
+
+
+def check_train_request(request: TrainRequest) -> list[str]:
+    for name in ("raster", "labels", "out"):
+        _absolute(getattr(request, name), name)
+    try:
+        from training import api
+    except ImportError:
+        raise FarslipError("This backend cannot train yet: the training module is not installed.") from None
+    check = getattr(api, "check_request", None)
+    outputs = check(request.model_dump()) if check is not None else None
+    return list(outputs) if outputs else [request.out]
+
+
+# --------------------------------------------------------------------------- serve
+
+def setup_logging(state_dir: Path, level: str = "INFO") -> Path:
+    """Log to a rotating file in the state directory and to stderr; returns the file's path."""
+    log_dir = state_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_file = log_dir / "backend.log"
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    file_handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=5 * 2**20, backupCount=3,
+                                                        encoding="utf-8")
+    stderr_handler = logging.StreamHandler(sys.stderr)
+    for logger_name in ("farslip", "uvicorn", "uvicorn.error"):
+        logger = logging.getLogger(logger_name)
+        logger.setLevel(level)
+        logger.propagate = False
+        for handler in (file_handler, stderr_handler):
+            handler.setFormatter(formatter)
+            logger.addHandler(handler)
+    return log_file
+
+
+def write_connection_file(path: Path, info: dict) -> None:
+    """Write the URL + token JSON readable by the user only (mode 0600), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as stream:
+        json.dump(info, stream, indent=2)
+    os.chmod(temporary, 0o600)
+    os.replace(temporary, path)
+
+
+def remove_connection_file(path: Path, pid: int) -> None:
+    """Remove the connection file if it is still ours (another backend may have replaced it)."""
+    try:
+        if json.loads(path.read_text(encoding="utf-8")).get("pid") == pid:
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind ourselves so that port 0 gives a real, known port before the server starts."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    if sys.platform != "win32":
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise InputError(f"Cannot listen on {host}:{port}: {error.strerror or error}. "
+                         "Choose another --port (0 picks a free one).") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _lock_state_dir(state_dir: Path):
+    """Only one backend per state directory: a second would mark the first one's jobs interrupted."""
+    lock_path = state_dir / "backend.lock"
+    stream = open(lock_path, "a+")  # noqa: SIM115 - held open for the server's lifetime
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here, rely on the user
+        return stream
+    try:
+        fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        stream.close()
+        raise InputError(f"Another farslip backend is already using the state directory {state_dir}; stop it "
+                         "first, or give this one its own --state-dir.") from None
+    return stream
+
+
+def serve(host: str = "127.0.0.1", port: int = 0, token: str | None = None,
+          connection_file: Path | None = None, state_dir: Path | None = None, device: str | None = None,
+          log_level: str = "INFO") -> None:
+    """Run the backend until SIGTERM/SIGINT: print the URL, write the connection file, serve /v1."""
+    import uvicorn
+
+    from backend.paths import state_dir as default_state_dir
+
+    state_dir = Path(state_dir or default_state_dir()).expanduser().resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    connection_file = Path(connection_file or state_dir / "backend.json").expanduser().resolve()
+    log_file = setup_logging(state_dir, log_level)
+    lock = _lock_state_dir(state_dir)
+    if host not in LOCAL_HOSTS:
+        log.warning("listening on %s: other machines on the network can reach this backend. Anyone with "
+                    "the token can read and write files as this user; prefer 127.0.0.1.", host)
+    token = token or secrets.token_urlsafe(32)
+    sock = bind_socket(host, port)
+    port = sock.getsockname()[1]
+    url_host = f"[{host}]" if ":" in host else host
+    url = f"http://{url_host}:{port}"
+    pid = os.getpid()
+
+    def cleanup() -> None:
+        remove_connection_file(connection_file, pid)
+
+    app = create_app(token, state_dir, device=device, on_shutdown=cleanup)
+    config = uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=5,
+                            lifespan="on", log_level=log_level.lower())
+    server = uvicorn.Server(config)
+
+    async def announce():
+        # After startup, so a client that reads the file finds a server that answers.
+        write_connection_file(connection_file, {"url": url, "port": port, "token": token, "pid": pid,
+                                                "version": __version__})
+        print(f"FarSLIP backend {__version__} listening on {url}", flush=True)
+        print(f"Connection file (URL + token): {connection_file}", flush=True)
+        print(f"Log file: {log_file}", flush=True)
+
+    original_startup = server.startup
+
+    async def startup(sockets=None):
+        await original_startup(sockets=sockets)
+        if not server.should_exit:
+            await announce()
+
+    server.startup = startup
+    # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into a normal exit so that
+    # the finally below runs and the exit status is 0.
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        cleanup()
+        sock.close()
+        lock.close()
+
+
+def serve_command(host: str = "127.0.0.1", port: int = 0, token: str | None = None,
+                  connection_file: str | None = None, state_dir: str | None = None,
+                  device: str = "auto") -> int:
+    """Entry point for the CLI's `serve` command; returns the exit code."""
+    try:
+        serve(host, port, token or os.environ.get("FARSLIP_TOKEN") or None,
+              Path(connection_file) if connection_file else None, Path(state_dir) if state_dir else None,
+              device=device)
+    except FarslipError as error:
+        print(f"Error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Run the FarSLIP backend (same as `farslip serve`).")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--token")
+    parser.add_argument("--connection-file")
+    parser.add_argument("--state-dir")
+    parser.add_argument("--device", default="auto")
+    arguments = parser.parse_args()
+    sys.exit(serve_command(arguments.host, arguments.port, arguments.token, arguments.connection_file,
+                           arguments.state_dir, arguments.device))
