@@ -1,0 +1,48 @@
+# Two environments, never one: the backend venv (.venv: torch, open_clip, rasterio, numpy 2) and
+# QGIS's own Python (Debian /usr/bin/python3) with a test venv (.venv-qgis: pytest, pytest-qgis).
+PYTHON ?= python3
+VENV := .venv
+QVENV := .venv-qgis
+BACKEND := $(VENV)/.installed
+QGIS := $(QVENV)/.installed
+DEMO_OUT := demo-output
+
+.PHONY: setup demo test test-backend test-plugin bench plugin lint clean
+
+setup: $(BACKEND) $(QGIS)
+
+$(BACKEND): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+$(QGIS): scripts/setup_qgis.sh
+	scripts/setup_qgis.sh
+	test -x $(QVENV)/bin/python || /usr/bin/python3 -m venv --system-site-packages $(QVENV)
+	$(QVENV)/bin/pip install -q pytest pytest-qgis
+	touch $@
+
+demo: $(BACKEND)
+	mkdir -p $(DEMO_OUT)
+	$(VENV)/bin/farslip segment resources/sample/naip_2020_5m_crop.tif --preset landcover \
+		--out $(DEMO_OUT)/landcover.gpkg --class-raster $(DEMO_OUT)/landcover.tif --overwrite
+
+test: test-backend test-plugin
+
+test-backend: $(BACKEND)
+	$(VENV)/bin/python -m pytest tests/backend tests/training tests/e2e
+
+test-plugin: $(BACKEND) $(QGIS)
+	QT_QPA_PLATFORM=offscreen $(QVENV)/bin/python -m pytest tests/plugin
+
+bench: $(BACKEND)
+	$(VENV)/bin/farslip bench
+
+plugin:
+	/usr/bin/env python3 scripts/build_plugin.py
+
+lint: $(BACKEND)
+	$(VENV)/bin/ruff check backend training tests qgis_farslip scripts
+
+clean:
+	rm -rf $(DEMO_OUT) dist

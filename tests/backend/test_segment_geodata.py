@@ -1,0 +1,216 @@
+"""`farslip segment` on the real sample rasters: right place, right CRS, clear errors, nothing half-written."""
+
+from pathlib import Path
+
+import numpy as np
+import pyogrio
+import pytest
+import rasterio
+import rasterio.features
+import shapely
+from rasterio.warp import transform_bounds
+from tinymodels import make_tiny_clip, save_plain
+from typer.testing import CliRunner
+
+from backend.cli import app
+
+CLASSES = ["-c", "water, lake", "-c", "cropland, bare field", "-c", "grassland"]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return save_plain(make_tiny_clip(16), tmp_path_factory.mktemp("models") / "tiny16.pt")
+
+
+def segment(*args) -> "CliRunner.invoke":
+    return runner.invoke(app, ["segment", *map(str, args)])
+
+
+def read_layer(path: Path):
+    meta, _, geometry, fields = pyogrio.raw.read(path)
+    names = list(meta["fields"])
+    return meta, shapely.from_wkb(geometry), {name: fields[i] for i, name in enumerate(names)}
+
+
+def test_polygons_are_in_the_raster_crs_and_rasterise_back_to_the_class_raster(tiny_model, shared_data, tmp_path):
+    out, classes = tmp_path / "naip.gpkg", tmp_path / "classes.tif"
+    result = segment(shared_data / "naip_2020_5m.tif", *CLASSES, "--model", tiny_model, "--out", out,
+                     "--class-raster", classes, "--quiet")
+    assert result.exit_code == 0, result.output
+    meta, geoms, fields = read_layer(out)
+    with rasterio.open(shared_data / "naip_2020_5m.tif") as src:
+        raster_crs, bounds = src.crs, src.bounds
+        footprint = src.dataset_mask() > 0
+    assert rasterio.crs.CRS.from_wkt(meta["crs"] if meta["crs"].startswith(("PROJCS", "PROJCRS"))
+                                     else rasterio.crs.CRS.from_user_input(meta["crs"]).to_wkt()) == raster_crs
+    assert len(geoms) > 0 and all(g.is_valid for g in geoms)
+    union = shapely.union_all(geoms)
+    assert shapely.box(*bounds).buffer(1e-6).contains(union)
+    assert set(fields) >= {"class", "class_id", "score_mean", "score_max", "area_m2", "model", "run_id"}
+    with rasterio.open(classes) as ds:
+        class_ids, transform = ds.read(1), ds.transform
+        assert ds.crs == raster_crs and ds.colormap(1)[0][3] == 255
+    burned = rasterio.features.rasterize(
+        ((g, int(c)) for g, c in zip(geoms, fields["class_id"])), out_shape=class_ids.shape,
+        transform=transform, fill=255, dtype="uint8")
+    assert np.array_equal(burned, class_ids)
+    # Every polygon lies on valid data: the nodata pixels of the raster carry no class.
+    assert (class_ids[~footprint] == 255).all()
+    # Areas are true metres: 5 m pixels.
+    np.testing.assert_allclose(fields["area_m2"].sum(), (class_ids != 255).sum() * 25.0, rtol=1e-6)
+    scores = fields["score_mean"]
+    assert ((scores > 0) & (scores <= fields["score_max"] + 1e-6) & (fields["score_max"] <= 1)).all()
+
+
+def test_nodata_collar_gives_no_polygons(tiny_model, shared_data, tmp_path):
+    out = tmp_path / "landsat.gpkg"
+    result = segment(shared_data / "RGB.byte.tif", *CLASSES, "--model", tiny_model, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    _, geoms, _ = read_layer(out)
+    with rasterio.open(shared_data / "RGB.byte.tif") as src:
+        valid = src.dataset_mask() > 0
+        burned = rasterio.features.rasterize(((g, 1) for g in geoms), out_shape=valid.shape,
+                                             transform=src.transform, fill=0, dtype="uint8")
+    assert burned.any()
+    assert not burned[~valid].any(), "polygons cover nodata collar pixels"
+    assert burned[valid].all()
+
+
+def test_bgra_uint16_raster_is_read_in_rgb_order_with_alpha_mask(tiny_model, shared_data, tmp_path):
+    out, probs = tmp_path / "bgra.gpkg", tmp_path / "probs.tif"
+    result = segment(shared_data / "RGBA.uint16.tif", *CLASSES, "--model", tiny_model, "--out", out,
+                     "--prob-raster", probs, "--quiet")
+    assert result.exit_code == 0, result.output
+    import json
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["bands"] == [3, 2, 1]
+    assert report["value_range"] is not None  # 16-bit data is stretched
+    with rasterio.open(shared_data / "RGBA.uint16.tif") as src:
+        alpha = src.read(4) > 0
+    with rasterio.open(probs) as ds:
+        assert ds.count == 3 and ds.dtypes[0] == "float32"
+        assert ds.descriptions == ("water", "cropland", "grassland")
+        p = ds.read()
+    assert np.isnan(p[:, ~alpha]).all() and np.isfinite(p[:, alpha]).all()
+    np.testing.assert_allclose(p[:, alpha].max(axis=0) >= 1 / 3 - 1e-6, True)
+
+
+def test_sixteen_bit_panchromatic_is_stretched(tiny_model, shared_data, tmp_path):
+    out = tmp_path / "solaris.gpkg"
+    result = segment(shared_data / "solaris_sample_geotiff.tif", "-c", "building", "-c", "tree", "-c", "road",
+                     "--model", tiny_model, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    import json
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["bands"] == [1, 1, 1]
+    lo, hi = report["value_range"][0]
+    assert 54 <= lo < hi <= 6615
+
+
+def test_uav_rgba_raster_segments(tiny_model, shared_data, tmp_path):
+    out = tmp_path / "uav.shp"
+    result = segment(shared_data / "deepness_dummy_fotomap_small.tif", "-c", "maize", "-c", "bare soil",
+                     "--model", tiny_model, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    meta, geoms, _ = read_layer(out)
+    assert len(geoms) > 0
+
+
+def test_all_nodata_raster_gives_a_clear_message_and_no_file(tiny_model, shared_data, tmp_path):
+    out = tmp_path / "none.gpkg"
+    result = segment(shared_data / "all-nodata.tif", *CLASSES, "--model", tiny_model, "--out", out)
+    assert result.exit_code == 4
+    assert "nodata" in result.output and "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name, words", [("corrupt.tif", "damaged"), ("float.tif", "coordinate reference"),
+                                         ("missing.tif", "does not exist"), ("README.md", "not a raster")])
+def test_bad_rasters_give_a_clear_error_and_no_output(tiny_model, shared_data, tmp_path, name, words):
+    out = tmp_path / "bad.gpkg"
+    result = segment(shared_data / name, *CLASSES, "--model", tiny_model, "--out", out)
+    assert result.exit_code == 2, result.output
+    assert words in result.output and "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bbox_in_another_crs_selects_the_same_area(tiny_model, shared_data, tmp_path):
+    raster = shared_data / "naip_2020_5m.tif"
+    with rasterio.open(raster) as src:
+        left, bottom, right, top = src.bounds
+        box = (left + 1000, bottom + 800, left + 2500, bottom + 2200)
+        box_ll = transform_bounds(src.crs, "EPSG:4326", *box)
+    a, b = tmp_path / "a.tif", tmp_path / "b.tif"
+    for path, bbox, crs in ((a, box, []), (b, box_ll, ["--bbox-crs", "EPSG:4326"])):
+        result = segment(raster, *CLASSES, "--model", tiny_model, "--out", path.with_suffix(".gpkg"),
+                         "--class-raster", path, "--bbox", *bbox, *crs, "--quiet")
+        assert result.exit_code == 0, result.output
+    with rasterio.open(a) as da, rasterio.open(b) as db:
+        # The lat/lon box covers at least the projected box; the shared pixels agree exactly.
+        assert db.bounds.left <= da.bounds.left and db.bounds.top >= da.bounds.top
+        offset = ~db.transform * (da.bounds.left, da.bounds.top)
+        col, row = int(round(offset[0])), int(round(offset[1]))
+        inner = db.read(1)[row:row + da.height, col:col + da.width]
+        assert np.array_equal(inner, da.read(1))
+
+
+@pytest.mark.parametrize("args, words, code", [
+    (["--bbox", "0", "0", "10", "10"], "does not overlap", 2),
+    (["--bbox", "5", "5", "1", "1"], "not a valid box", 2),
+    (["--bbox-crs", "EPSG:99999", "--bbox", "0", "0", "1", "1"], "not a CRS", 2),
+    (["--model", "no-such-model"], "Unknown model", 3),
+    (["--bands", "1,2,9"], "do not exist", 2),
+    (["--out", "result.txt"], "gpkg", 2),
+    (["--threshold", "1.5"], "threshold", 2),
+])
+def test_bad_options_give_clear_errors(tiny_model, shared_data, tmp_path, args, words, code):
+    if "--model" not in args:
+        args = [*args, "--model", str(tiny_model)]
+    if "--out" not in args:
+        args = [*args, "--out", str(tmp_path / "x.gpkg")]
+    else:
+        args[args.index("--out") + 1] = str(tmp_path / args[args.index("--out") + 1])
+    result = segment(shared_data / "naip_2020_5m.tif", *CLASSES, *args)
+    assert result.exit_code == code, result.output
+    assert words in result.output and "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_empty_class_list_is_refused(tiny_model, shared_data, tmp_path):
+    result = segment(shared_data / "naip_2020_5m.tif", "-c", " , ", "--model", tiny_model,
+                     "--out", tmp_path / "x.gpkg")
+    assert result.exit_code == 2 and "class list is empty" in result.output
+
+
+def test_existing_output_is_kept_unless_overwrite(tiny_model, shared_data, tmp_path):
+    out = tmp_path / "keep.gpkg"
+    out.write_bytes(b"precious")
+    result = segment(shared_data / "naip_2020_5m.tif", *CLASSES, "--model", tiny_model, "--out", out)
+    assert result.exit_code == 2 and "already exists" in result.output
+    assert out.read_bytes() == b"precious"
+    result = segment(shared_data / "naip_2020_5m.tif", *CLASSES, "--model", tiny_model, "--out", out,
+                     "--overwrite", "--quiet", "--bbox", 486000, 5206000, 487000, 5207000)
+    assert result.exit_code == 0, result.output
+    assert pyogrio.read_info(out)["features"] > 0
+
+
+def test_threshold_leaves_low_confidence_pixels_unclassified(tiny_model, shared_data, tmp_path):
+    classes = tmp_path / "c.tif"
+    result = segment(shared_data / "naip_2020_5m.tif", *CLASSES, "--model", tiny_model, "--out",
+                     tmp_path / "t.gpkg", "--class-raster", classes, "--threshold", "0.9", "--quiet")
+    assert result.exit_code == 0, result.output
+    with rasterio.open(classes) as ds:
+        values = set(np.unique(ds.read(1)).tolist())
+    assert 254 in values
+
+
+def test_scale_resamples_the_processing_grid(tiny_model, shared_data, tmp_path):
+    classes = tmp_path / "half.tif"
+    result = segment(shared_data / "naip_2020_5m.tif", *CLASSES, "--model", tiny_model, "--out",
+                     tmp_path / "h.gpkg", "--class-raster", classes, "--gsd", "10", "--quiet")
+    assert result.exit_code == 0, result.output
+    with rasterio.open(classes) as ds, rasterio.open(shared_data / "naip_2020_5m.tif") as src:
+        assert ds.width == round(src.width / 2) and ds.height == round(src.height / 2)
+        assert abs(ds.transform.a - 2 * src.transform.a) < 0.05
+        assert ds.bounds.left == pytest.approx(src.bounds.left)
