@@ -1,0 +1,11 @@
+"""FarSLIP for QGIS: type class names, get a styled polygon layer of them.
+
+The plugin is a thin client of the FarSLIP backend (a separate process with its
+own Python, torch and open_clip), which it reaches over HTTP only.
+"""
+
+
+def classFactory(iface):  # noqa: N802 - the name QGIS looks for
+    from .plugin import FarslipPlugin
+
+    return FarslipPlugin(iface)

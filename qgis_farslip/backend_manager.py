@@ -1,0 +1,370 @@
+"""Find, start, reuse and stop the FarSLIP backend (`farslip serve`).
+
+The backend is a separate process with its own Python (torch, open_clip,
+rasterio); the plugin starts it with QProcess on a free port, learns its URL
+and token from the connection file it writes (mode 0600), and stops it when
+the plugin unloads. A backend that is already running (the user's own
+`farslip serve`, or one the plugin started before) is reused.
+"""
+
+import html
+import os
+import re
+import shlex
+import shutil
+import sys
+import time
+from collections import deque
+from typing import Callable, Dict, List, Optional, Tuple
+
+from qgis.core import Qgis, QgsApplication, QgsMessageLog
+from qgis.PyQt.QtCore import QObject, QProcess, QProcessEnvironment, Qt, QThread, QTimer, pyqtSignal
+
+from .client import BackendClient, BackendError, Connection
+from .settings import PluginSettings
+from .tasks import run_in_background
+
+LOG_TAG = "FarSLIP"
+START_TIMEOUT_S = 120.0
+# Variables QGIS sets for its own Python, GDAL and PROJ; the backend's venv brings its own.
+FOREIGN_ENV = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PROJ_LIB", "PROJ_DATA", "GDAL_DATA",
+               "GDAL_DRIVER_PATH", "QGIS_PREFIX_PATH")
+CLI_ENTRY = "from backend.cli import main; main()"
+
+
+def log(message: str, level=Qgis.Info) -> None:
+    QgsMessageLog.logMessage(message, LOG_TAG, level)
+
+
+def plain_text(rich_text: str) -> str:
+    """The dock's rich-text messages as plain sentences (for Processing's log and exceptions)."""
+    text = re.sub(r"<br\s*/?>", "\n", rich_text)
+    return html.unescape(re.sub(r"<[^>]+>", "", text)).strip()
+
+
+def default_connection_file() -> str:
+    """Where `farslip serve` writes its connection file by default (the backend's state_dir())."""
+    home = os.environ.get("FARSLIP_HOME")
+    if not home:
+        data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+        home = os.path.join(data, "farslip")
+    return os.path.join(os.path.expanduser(home), "backend.json")
+
+
+def plugin_connection_file() -> str:
+    """The connection file of the backend this plugin starts, in the QGIS profile."""
+    return os.path.join(QgsApplication.qgisSettingsDirPath(), "farslip", "backend.json")
+
+
+def _executable_names(name: str) -> List[str]:
+    return [name + ".exe", name] if sys.platform == "win32" else [name]
+
+
+def _venv_bin(venv: str) -> str:
+    return os.path.join(venv, "Scripts" if sys.platform == "win32" else "bin")
+
+
+def candidate_commands() -> List[str]:
+    """Places a `farslip` executable is looked for when the settings name none, most specific first."""
+    here = os.path.dirname(os.path.realpath(__file__))
+    checkout = os.path.dirname(here)  # a development checkout: qgis_farslip/ beside .venv/
+    places = []
+    on_path = shutil.which("farslip")
+    if on_path:
+        places.append(on_path)
+    for folder in (_venv_bin(os.path.join(checkout, ".venv")),
+                   os.path.join(os.path.expanduser("~"), ".local", "bin"),
+                   _venv_bin(os.path.join(os.path.expanduser("~"), ".farslip", "venv"))):
+        places.extend(os.path.join(folder, name) for name in _executable_names("farslip"))
+    return places
+
+
+def _is_python(path: str) -> bool:
+    return os.path.basename(path).lower().startswith("python")
+
+
+def backend_command(setting: str) -> Optional[List[str]]:
+    """The command line that runs the `farslip` CLI: from the settings, else the first one found.
+
+    The setting is either a `farslip` executable or the Python interpreter of the
+    environment the backend is installed in (then `backend.cli` is run with it).
+    """
+    if setting.strip():
+        parts = shlex.split(setting, posix=sys.platform != "win32")
+        program = shutil.which(parts[0]) or parts[0]
+        if not (os.path.isfile(program) and os.access(program, os.X_OK)):
+            return None
+        if _is_python(program) and len(parts) == 1:
+            return [program, "-c", CLI_ENTRY]
+        return [program] + parts[1:]
+    for place in candidate_commands():
+        if os.path.isfile(place) and os.access(place, os.X_OK):
+            return [place]
+    return None
+
+
+def serve_arguments(connection_file: str) -> List[str]:
+    return ["serve", "--host", "127.0.0.1", "--port", "0", "--connection-file", connection_file]
+
+
+def install_help(setting: str) -> str:
+    """What to install, and how, when no backend can be found (rich text for the dock)."""
+    tried = html.escape(setting) if setting.strip() else ", ".join(
+        html.escape(place) for place in candidate_commands()[:4]) or "PATH"
+    return (
+        "<b>The FarSLIP backend was not found.</b><br>"
+        "FarSLIP runs in its own Python environment (with PyTorch) beside QGIS. "
+        "Install it once, in a terminal:<br>"
+        "<code>python3 -m venv ~/.farslip/venv</code><br>"
+        "<code>~/.farslip/venv/bin/pip install /path/to/farslip-qgis</code> "
+        "(the folder of the FarSLIP for QGIS source code)<br>"
+        "The plugin then finds <code>~/.farslip/venv/bin/farslip</code> by itself; "
+        "a backend elsewhere is chosen in <i>Settings &rarr; Backend command</i>. "
+        "Or start it yourself with <code>farslip serve</code>: the plugin connects to it.<br>"
+        f"<small>Looked for: {tried}</small>"
+    )
+
+
+def check_connection(connection: Connection, timeout: float = 3.0) -> Dict:
+    """The backend's /v1/health, or BackendError."""
+    return BackendClient(connection, timeout=timeout).health(timeout=timeout)
+
+
+def first_healthy(paths: List[str]) -> Optional[Tuple[Connection, Dict, str]]:
+    """The first connection file whose backend answers /v1/health (blocking)."""
+    for path in paths:
+        if not path or not os.path.isfile(path):
+            continue
+        try:
+            connection = Connection.from_file(path)
+            return connection, check_connection(connection), path
+        except (OSError, ValueError, BackendError):
+            continue
+    return None
+
+
+def wait_for_backend(connection_file: str, timeout: float, is_alive: Callable[[], bool],
+                     should_cancel: Callable[[], bool] = lambda: False) -> Tuple[Connection, Dict]:
+    """Block until the started backend wrote its connection file and answers /v1/health."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not should_cancel():
+        found = first_healthy([connection_file])
+        if found:
+            return found[0], found[1]
+        if not is_alive():
+            raise BackendError("The FarSLIP backend stopped while starting.")
+        time.sleep(0.2)
+    raise BackendError(f"The FarSLIP backend did not answer within {timeout:.0f} s.")
+
+
+class BackendManager(QObject):
+    """One backend connection for the plugin: reused, connected to, or started and owned."""
+
+    ready = pyqtSignal(object, dict)   # Connection, health
+    failed = pyqtSignal(str)           # rich text for the user
+    stateChanged = pyqtSignal(str)     # "idle", "starting", "ready", "failed"
+    _ensureRequested = pyqtSignal()    # ensure() asked for from another thread
+
+    def __init__(self, settings_loader: Callable[[], PluginSettings] = PluginSettings.load,
+                 connection_file: Optional[str] = None, parent: Optional[QObject] = None):
+        super().__init__(parent)
+        self.settings_loader = settings_loader
+        self.connection_file = connection_file or plugin_connection_file()
+        self.connection: Optional[Connection] = None
+        self.health: Dict = {}
+        self.state = "idle"
+        self.message = ""
+        self.process: Optional[QProcess] = None
+        self.output_tail: deque = deque(maxlen=40)
+        self._started_at = 0.0
+        self._poll = QTimer(self)
+        self._poll.setInterval(250)
+        self._poll.timeout.connect(self._check_started)
+        self._checking = False
+        self.attempts = 0
+        self._ensureRequested.connect(self.ensure, Qt.QueuedConnection)
+
+    # -- state -------------------------------------------------------------------------------
+    def _set_state(self, state: str) -> None:
+        self.state = state
+        self.stateChanged.emit(state)
+
+    def _succeed(self, connection: Connection, health: Dict, how: str) -> None:
+        self._poll.stop()
+        self.connection, self.health = connection, health
+        log(f"Using the FarSLIP backend at {connection.url} ({how}).")
+        self._set_state("ready")
+        self.ready.emit(connection, health)
+
+    def _fail(self, message: str) -> None:
+        self._poll.stop()
+        self.message = message
+        log(plain_text(message), Qgis.Warning)
+        self._set_state("failed")
+        self.failed.emit(message)
+
+    def client(self) -> Optional[BackendClient]:
+        return BackendClient(self.connection) if self.connection else None
+
+    def owns_process(self) -> bool:
+        return self.process is not None and self.process.state() != QProcess.NotRunning
+
+    # -- connecting ----------------------------------------------------------------------------
+    def ensure(self) -> None:
+        """Get a working connection (asynchronously): emits `ready` or `failed` later."""
+        if self.state in ("starting",):
+            return
+        if self.state == "ready" and self.connection:
+            self.ready.emit(self.connection, self.health)
+            return
+        settings = self.settings_loader()
+        self.attempts += 1
+        self._set_state("starting")
+        if settings.backend_url.strip() or settings.connection_file.strip():
+            self._connect_configured(settings)
+            return
+
+        def on_found(found, error):
+            if found:
+                self._succeed(found[0], found[1], "already running, from " + found[2])
+            elif not settings.auto_start:
+                self._fail("<b>No FarSLIP backend is running.</b><br>Start one with "
+                           "<code>farslip serve</code>, or turn on <i>Start the backend automatically</i> "
+                           "in the FarSLIP settings.")
+            else:
+                self._start(settings)
+
+        run_in_background("Looking for a running FarSLIP backend",
+                          lambda: first_healthy([self.connection_file, default_connection_file()]), on_found)
+
+    def _connect_configured(self, settings: PluginSettings) -> None:
+        def connect():
+            if settings.backend_url.strip():
+                connection = Connection(settings.backend_url.strip(), settings.backend_token.strip())
+            else:
+                connection = Connection.from_file(os.path.expanduser(settings.connection_file.strip()))
+            return connection, check_connection(connection, timeout=5.0)
+
+        def on_done(result, error):
+            if error is None:
+                self._succeed(result[0], result[1], "from the settings")
+            else:
+                where = html.escape(settings.backend_url or settings.connection_file)
+                self._fail(f"<b>The FarSLIP backend set in the settings ({where}) does not answer.</b><br>"
+                           f"{html.escape(str(error))}<br>Start it with <code>farslip serve</code>, "
+                           "or clear the URL and connection file in the settings to let the plugin start one.")
+
+        run_in_background("Connecting to the FarSLIP backend", connect, on_done)
+
+    def _start(self, settings: PluginSettings) -> None:
+        command = backend_command(settings.backend_command)
+        if command is None:
+            self._fail(install_help(settings.backend_command))
+            return
+        folder = os.path.dirname(self.connection_file)
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        if os.path.exists(self.connection_file):
+            os.remove(self.connection_file)  # a stale file from a backend that no longer answers
+        environment = QProcessEnvironment.systemEnvironment()
+        for name in FOREIGN_ENV:
+            environment.remove(name)
+        environment.insert("PYTHONUNBUFFERED", "1")
+        process = QProcess(self)
+        process.setProcessEnvironment(environment)
+        process.setProcessChannelMode(QProcess.MergedChannels)
+        process.readyReadStandardOutput.connect(self._forward_output)
+        process.errorOccurred.connect(self._process_error)
+        process.finished.connect(self._process_finished)
+        arguments = command[1:] + serve_arguments(self.connection_file)
+        log("Starting the FarSLIP backend: " + " ".join(shlex.quote(part) for part in [command[0]] + arguments))
+        self.output_tail.clear()
+        self.process = process
+        self._started_at = time.monotonic()
+        process.start(command[0], arguments)
+        self._poll.start()
+
+    def _forward_output(self) -> None:
+        if self.process is None:
+            return
+        text = bytes(self.process.readAllStandardOutput()).decode("utf-8", "replace")
+        for line in text.splitlines():
+            if line.strip():
+                self.output_tail.append(line)
+                log(line)
+
+    def _startup_failure(self, what: str) -> None:
+        tail = "<br>".join(html.escape(line) for line in list(self.output_tail)[-8:])
+        self._fail(f"<b>The FarSLIP backend could not be started</b> ({html.escape(what)}).<br>"
+                   f"<small>{tail}</small><br>See the FarSLIP tab of the log messages panel; "
+                   "check <i>Settings &rarr; Backend command</i>.")
+
+    def _process_error(self, error) -> None:
+        if self.state == "starting" and error == QProcess.FailedToStart:
+            self._startup_failure(f"{self.process.program()} could not be run")
+
+    def _process_finished(self, exit_code: int, exit_status) -> None:
+        self._forward_output()
+        if self.state == "starting":
+            self._startup_failure(f"it exited with code {exit_code}")
+        elif self.state == "ready":
+            log(f"The FarSLIP backend stopped (exit code {exit_code}).", Qgis.Warning)
+            self.process = None
+            self.connection = None
+            self._set_state("idle")
+
+    def _check_started(self) -> None:
+        if self._checking or self.state != "starting":
+            return
+        if time.monotonic() - self._started_at > START_TIMEOUT_S:
+            self.stop()
+            self._startup_failure(f"no answer within {START_TIMEOUT_S:.0f} s")
+            return
+        if not os.path.isfile(self.connection_file):
+            return
+        self._checking = True
+
+        def on_done(found, error):
+            self._checking = False
+            if found and self.state == "starting":
+                self._succeed(found[0], found[1], "started by the plugin")
+
+        run_in_background("Waiting for the FarSLIP backend", lambda: first_healthy([self.connection_file]), on_done)
+
+    # -- stopping ------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Stop the backend this plugin started (a backend it only connected to keeps running)."""
+        self._poll.stop()
+        process, self.process = self.process, None
+        if process is not None:
+            process.finished.disconnect(self._process_finished)
+            if process.state() != QProcess.NotRunning:
+                log("Stopping the FarSLIP backend.")
+                process.terminate()
+                if not process.waitForFinished(5000):
+                    process.kill()
+                    process.waitForFinished(2000)
+            if os.path.exists(self.connection_file):
+                os.remove(self.connection_file)
+        self.connection = None
+        self._set_state("idle")
+
+    # -- for callers outside the GUI thread (Processing) ------------------------------------------
+    def wait_ready(self, timeout: float = START_TIMEOUT_S + 10,
+                   should_cancel: Callable[[], bool] = lambda: False) -> Connection:
+        """Block until ready; from the GUI thread the event loop keeps running meanwhile."""
+        in_gui_thread = QThread.currentThread() == self.thread()
+        attempt = self.attempts + (0 if self.state == "starting" else 1)
+        if self.state != "ready":
+            if in_gui_thread:
+                self.ensure()
+            else:
+                self._ensureRequested.emit()  # queued to the manager's (GUI) thread
+        deadline = time.monotonic() + timeout
+        while (self.state != "ready" and (self.attempts < attempt or self.state in ("idle", "starting"))
+               and time.monotonic() < deadline and not should_cancel()):
+            if in_gui_thread:
+                QgsApplication.processEvents()
+            time.sleep(0.05)
+        if self.state == "ready" and self.connection:
+            return self.connection
+        raise BackendError(plain_text(self.message) or "The FarSLIP backend is not ready.")

@@ -1,0 +1,49 @@
+"""Class lines typed by the user and the presets bundled with the plugin."""
+
+import os
+from typing import Dict, List, Optional
+
+
+def parse_class_text(text: str) -> List[str]:
+    """Class lines of the text box: one class per line, commas separate synonyms, '#' starts a comment.
+
+    Synonyms are normalised to "a, b" exactly as the backend writes them, so that
+    the same text gives the same classes (and colours) in the plugin and the CLI.
+    """
+    class_lines = []
+    for raw_line in text.splitlines():
+        line = raw_line.split("#", 1)[0]
+        synonyms = [word.strip() for word in line.split(",") if word.strip()]
+        if synonyms:
+            class_lines.append(", ".join(synonyms))
+    return class_lines
+
+
+def class_name(class_line: str) -> str:
+    """The name a class line is shown under: its first synonym."""
+    return class_line.split(",", 1)[0].strip()
+
+
+def resources_dir() -> Optional[str]:
+    """The resources folder: inside the installed package, or the checkout's resources/."""
+    here = os.path.dirname(os.path.realpath(__file__))
+    for candidate in (os.path.join(here, "resources"), os.path.join(os.path.dirname(here), "resources")):
+        if os.path.isdir(candidate):
+            return candidate
+    return None
+
+
+def bundled_presets() -> Dict[str, List[str]]:
+    """Presets read from resources/presets/*.txt, used while no backend answers GET /v1/presets."""
+    root = resources_dir()
+    folder = os.path.join(root, "presets") if root else ""
+    if not os.path.isdir(folder):
+        return {}
+    presets = {}
+    for file_name in sorted(os.listdir(folder)):
+        if file_name.endswith(".txt"):
+            with open(os.path.join(folder, file_name), encoding="utf-8-sig") as handle:
+                class_lines = parse_class_text(handle.read())
+            if class_lines:
+                presets[file_name[: -len(".txt")]] = class_lines
+    return presets

@@ -1,0 +1,117 @@
+"""The backend's HTTP API (/v1), with the standard library only.
+
+Every call blocks until the backend answers, so the plugin makes them from a
+QgsTask or a Processing algorithm, never from the GUI thread.
+"""
+
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any, Dict, List, Optional
+
+FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
+
+
+class BackendError(Exception):
+    """The backend refused a request; the message is the backend's sentence for the user."""
+
+
+class BackendUnreachable(BackendError):
+    """Nothing answers at the backend's address."""
+
+
+class Connection:
+    """Where a running backend listens and the token it wants."""
+
+    def __init__(self, url: str, token: str = "", pid: Optional[int] = None, version: str = ""):
+        self.url = url.rstrip("/")
+        self.token = token
+        self.pid = pid
+        self.version = version
+
+    @classmethod
+    def from_file(cls, path: str) -> "Connection":
+        """Read the connection file `farslip serve --connection-file` writes."""
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+        if not isinstance(data, dict) or not data.get("url"):
+            raise ValueError(f"{path} is not a FarSLIP connection file (no 'url').")
+        return cls(str(data["url"]), str(data.get("token") or ""), data.get("pid"), str(data.get("version") or ""))
+
+    def __repr__(self) -> str:
+        return f"Connection({self.url!r})"
+
+
+def _detail(body: bytes, status: int) -> str:
+    try:
+        detail = json.loads(body.decode("utf-8")).get("detail")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        detail = None
+    if isinstance(detail, list):
+        # FastAPI's validation errors: [{"loc": [...], "msg": "..."}]
+        detail = "; ".join(
+            "{}: {}".format(".".join(str(part) for part in item.get("loc", [])[1:]), item.get("msg", ""))
+            for item in detail if isinstance(item, dict)
+        )
+    return str(detail) if detail else f"The backend answered HTTP {status}."
+
+
+class BackendClient:
+    def __init__(self, connection: Connection, timeout: float = 30.0):
+        self.connection = connection
+        self.timeout = timeout
+
+    def _request(self, method: str, path: str, body: Optional[dict] = None, timeout: Optional[float] = None) -> Any:
+        data = json.dumps(body).encode("utf-8") if body is not None else None
+        request = urllib.request.Request(self.connection.url + path, data=data, method=method)
+        request.add_header("Accept", "application/json")
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        if self.connection.token:
+            request.add_header("Authorization", "Bearer " + self.connection.token)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:
+                return json.loads(response.read().decode("utf-8") or "null")
+        except urllib.error.HTTPError as error:
+            raise BackendError(_detail(error.read(), error.code)) from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise BackendUnreachable(
+                f"The FarSLIP backend at {self.connection.url} does not answer ({reason})."
+            ) from None
+
+    def health(self, timeout: Optional[float] = None) -> Dict[str, Any]:
+        return self._request("GET", "/v1/health", timeout=timeout)
+
+    def models(self) -> Dict[str, Any]:
+        return self._request("GET", "/v1/models")
+
+    def presets(self) -> Dict[str, List[str]]:
+        return self._request("GET", "/v1/presets").get("presets", {})
+
+    def segment(self, request: Dict[str, Any]) -> str:
+        return self._request("POST", "/v1/segment", request)["job_id"]
+
+    def train(self, request: Dict[str, Any]) -> str:
+        return self._request("POST", "/v1/train", request)["job_id"]
+
+    def job(self, job_id: str) -> Dict[str, Any]:
+        return self._request("GET", "/v1/jobs/" + urllib.parse.quote(job_id, safe=""))
+
+    def jobs(self) -> List[Dict[str, Any]]:
+        return self._request("GET", "/v1/jobs").get("jobs", [])
+
+    def cancel(self, job_id: str) -> Dict[str, Any]:
+        return self._request("DELETE", "/v1/jobs/" + urllib.parse.quote(job_id, safe=""))
+
+
+def device_text(health: Dict[str, Any]) -> str:
+    """'NVIDIA RTX 4090 (cuda, 20480 MB free)' or 'CPU'."""
+    device = health.get("device") or {}
+    kind = device.get("type", "cpu")
+    name = device.get("name") or kind.upper()
+    if kind == "cpu":
+        return name if name.lower().startswith("cpu") else f"CPU ({name})"
+    free = device.get("free_memory_mb")
+    return f"{name} ({kind}, {free} MB free)" if free is not None else f"{name} ({kind})"

@@ -1,0 +1,78 @@
+"""Extents and rasters for a request: CRS handling and local copies of non-file layers."""
+
+import os
+from typing import Optional, Tuple
+
+from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
+    QgsProject,
+    QgsRasterDataProvider,
+    QgsRasterFileWriter,
+    QgsRasterLayer,
+    QgsRasterPipe,
+    QgsRectangle,
+)
+
+# A WMS/XYZ layer has no pixel size of its own; it is fetched at the canvas's resolution, within reason.
+MAX_EXPORT_SIDE_PX = 8192
+
+
+def crs_text(crs: QgsCoordinateReferenceSystem) -> str:
+    """What the backend's bbox_crs takes: 'EPSG:xxxx', or WKT for a CRS without an authority id."""
+    return crs.authid() or crs.toWkt(QgsCoordinateReferenceSystem.WKT_PREFERRED)
+
+
+def transform_extent(extent: QgsRectangle, source_crs: QgsCoordinateReferenceSystem,
+                     target_crs: QgsCoordinateReferenceSystem) -> QgsRectangle:
+    """The bounding box of `extent` (densified edges) in another CRS."""
+    if source_crs == target_crs:
+        return QgsRectangle(extent)
+    transform = QgsCoordinateTransform(source_crs, target_crs, QgsProject.instance())
+    return transform.transformBoundingBox(extent)
+
+
+def local_raster_path(layer: QgsRasterLayer) -> Optional[str]:
+    """The GeoTIFF (or other GDAL file) behind the layer, or None when it is not a plain local file."""
+    if layer.providerType() != "gdal":
+        return None
+    path = layer.source().split("|", 1)[0]
+    return path if os.path.isfile(path) else None
+
+
+def export_size(layer: QgsRasterLayer, extent: QgsRectangle, canvas_extent: QgsRectangle,
+                canvas_size: Tuple[int, int]) -> Tuple[int, int]:
+    """Pixels of the local copy: the layer's own resolution, or the canvas's for WMS/XYZ layers.
+
+    `extent` is in the layer's CRS; `canvas_extent` is the canvas's visible extent in the layer's CRS.
+    """
+    provider = layer.dataProvider()
+    if provider.capabilities() & QgsRasterDataProvider.Size and provider.xSize() > 0:
+        width = extent.width() / layer.rasterUnitsPerPixelX()
+        height = extent.height() / layer.rasterUnitsPerPixelY()
+    else:
+        width = canvas_size[0] * extent.width() / max(canvas_extent.width(), 1e-12)
+        height = canvas_size[1] * extent.height() / max(canvas_extent.height(), 1e-12)
+    scale = max(width, height) / MAX_EXPORT_SIDE_PX
+    if scale > 1:
+        width, height = width / scale, height / scale
+    return max(1, int(round(width))), max(1, int(round(height)))
+
+
+def write_geotiff(provider: QgsRasterDataProvider, extent: QgsRectangle, size: Tuple[int, int],
+                  crs: QgsCoordinateReferenceSystem, path: str, feedback=None) -> str:
+    """Write `extent` (in `crs`, the provider's CRS) of a cloned provider to a GeoTIFF.
+
+    Safe to call from a worker thread as long as `provider` is a clone made for it.
+    """
+    pipe = QgsRasterPipe()
+    if not pipe.set(provider):
+        raise RuntimeError("The layer's data cannot be read for export.")
+    writer = QgsRasterFileWriter(path)
+    writer.setOutputFormat("GTiff")
+    writer.setCreateOptions(["COMPRESS=DEFLATE", "TILED=YES"])
+    error = writer.writeRaster(pipe, size[0], size[1], extent, crs, QgsProject.instance().transformContext(),
+                               feedback)
+    if error != QgsRasterFileWriter.NoError or not os.path.isfile(path):
+        raise RuntimeError(f"The layer could not be written to {path} for the backend (error {int(error)}).")
+    return path

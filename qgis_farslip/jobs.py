@@ -1,0 +1,137 @@
+"""Backend jobs as cancellable QgsTasks: submit, poll GET /v1/jobs/{id}, cancel with DELETE.
+
+All network calls happen in the task's worker thread; the GUI gets the job
+dictionaries through queued signals and the final outcome in finished().
+"""
+
+import os
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from qgis.core import QgsTask
+from qgis.PyQt.QtCore import pyqtSignal
+
+from .client import FINAL_STATES, BackendClient, BackendError, Connection
+
+POLL_INTERVAL_S = 0.3
+CANCEL_WAIT_S = 60.0
+
+
+def remove_files(paths: List[str]) -> None:
+    for path in paths:
+        if path and os.path.exists(path):
+            os.remove(path)
+
+
+class JobCancelled(Exception):
+    """The user cancelled; the backend has stopped the job and written nothing."""
+
+
+def run_job(client: BackendClient, kind: str, request: Dict[str, Any],
+            on_update: Callable[[Dict[str, Any]], None], is_cancelled: Callable[[], bool],
+            output_paths: Sequence[str] = ()) -> Dict[str, Any]:
+    """Submit a job and poll it until it ends (blocking): the finished job, JobCancelled or BackendError."""
+    job_id = client.train(request) if kind == "train" else client.segment(request)
+    while True:
+        job = client.job(job_id)
+        on_update(job)
+        state = job.get("state")
+        if state == "done":
+            return job
+        if state in FINAL_STATES:
+            if state == "cancelled":
+                raise JobCancelled()
+            raise BackendError(job.get("error") or job.get("message") or f"The job ended {state}.")
+        if is_cancelled():
+            cancel_job(client, job, output_paths)
+            raise JobCancelled()
+        time.sleep(POLL_INTERVAL_S)
+
+
+def cancel_job(client: BackendClient, job: Dict[str, Any], output_paths: Sequence[str] = ()) -> None:
+    """Ask the backend to cancel and wait until it has; outputs of a job that finished anyway are removed."""
+    client.cancel(job["id"])
+    deadline = time.monotonic() + CANCEL_WAIT_S
+    while job.get("state") not in FINAL_STATES and time.monotonic() < deadline:
+        time.sleep(POLL_INTERVAL_S)
+        job = client.job(job["id"])
+    if job.get("state") == "done":
+        remove_outputs(job, output_paths)
+
+
+def remove_outputs(job: Dict[str, Any], output_paths: Sequence[str] = ()) -> None:
+    outputs = (job.get("result") or {}).get("outputs") or {}
+    remove_files([path for path in outputs.values() if path] + list(output_paths))
+
+
+class JobTask(QgsTask):
+    """Runs one backend job: `prepare()` (optional, in the worker thread), submit, poll until it ends."""
+
+    jobUpdated = pyqtSignal(dict)
+    succeeded = pyqtSignal(dict)
+    failedWith = pyqtSignal(str)
+    cancelledJob = pyqtSignal()
+
+    def __init__(self, description: str, connection: Connection, kind: str, request: Dict[str, Any],
+                 prepare: Optional[Callable[["JobTask", Dict[str, Any]], None]] = None,
+                 output_paths: Optional[List[str]] = None):
+        super().__init__(description, QgsTask.CanCancel)
+        self.client = BackendClient(connection)
+        self.kind = kind
+        self.request = request
+        self.prepare = prepare
+        self.output_paths = list(output_paths or [])  # removed if the user cancels after all
+        self.job: Dict[str, Any] = {}
+        self.error = ""
+
+    def _update(self, job: Dict[str, Any]) -> None:
+        self.job = job
+        self.setProgress(100.0 * float(job.get("progress") or 0.0))
+        self.jobUpdated.emit(job)
+
+    def run(self) -> bool:
+        try:
+            if self.prepare is not None:
+                self.prepare(self, self.request)
+            if self.isCanceled():
+                return False
+            self.job = run_job(self.client, self.kind, self.request, self._update, self.isCanceled,
+                               self.output_paths)
+            return True
+        except JobCancelled:
+            return False
+        except BackendError as error:
+            self.error = str(error)
+        except Exception as error:  # shown to the user as a sentence
+            self.error = f"{type(error).__name__}: {error}"
+        return False
+
+    def finished(self, ok: bool) -> None:
+        if ok and self.isCanceled():  # cancelled in the moment the job finished: honour the cancel
+            remove_outputs(self.job, self.output_paths)
+            ok = False
+        if ok:
+            self.succeeded.emit(self.job)
+        elif self.isCanceled():
+            self.cancelledJob.emit()
+        else:
+            self.failedWith.emit(self.error or "The job failed.")
+
+
+def eta_text(job: Dict[str, Any]) -> str:
+    """'Tile 12 of 40, about 1 min 5 s left' from a job dictionary."""
+    parts = []
+    message = job.get("message") or ""
+    done, total = job.get("tiles_done") or 0, job.get("tiles_total") or 0
+    if total:
+        parts.append(f"tile {done} of {total}")
+    elif message:
+        parts.append(message)
+    eta = job.get("eta_s")
+    if eta is not None and job.get("state") == "running":
+        eta = int(round(eta))
+        parts.append(f"about {eta // 60} min {eta % 60} s left" if eta >= 60 else f"about {eta} s left")
+    if not parts:
+        parts.append(job.get("state", ""))
+    text = ", ".join(parts)
+    return text[:1].upper() + text[1:]

@@ -1,0 +1,97 @@
+"""The plugin object QGIS loads: menu and toolbar action, dock, settings, Processing provider, backend."""
+
+import os
+from typing import Optional
+
+from qgis.core import QgsApplication
+from qgis.PyQt.QtCore import Qt
+from qgis.PyQt.QtGui import QIcon
+from qgis.PyQt.QtWidgets import QAction
+
+from .backend_manager import BackendManager
+from .classes import resources_dir
+from .processing_provider import FarslipProvider
+from .settings import PluginSettings
+
+MENU = "&FarSLIP"
+
+
+class FarslipPlugin:
+    def __init__(self, iface):
+        self.iface = iface
+        self.manager: Optional[BackendManager] = None
+        self.dock = None
+        self.provider: Optional[FarslipProvider] = None
+        self.actions = []
+
+    def icon(self) -> QIcon:
+        root = resources_dir()
+        return QIcon(os.path.join(root, "icons", "farslip.svg")) if root else QIcon()
+
+    def initGui(self):  # noqa: N802 - QGIS's name
+        self.manager = BackendManager()
+        self.provider = FarslipProvider(lambda: self.manager)
+        QgsApplication.processingRegistry().addProvider(self.provider)
+
+        self.dock_action = QAction(self.icon(), "FarSLIP segmentation", self.iface.mainWindow())
+        self.dock_action.setCheckable(True)
+        self.dock_action.setToolTip("Segment a raster by typing class names (FarSLIP)")
+        self.dock_action.toggled.connect(self.show_dock)
+        self.settings_action = QAction("FarSLIP settings...", self.iface.mainWindow())
+        self.settings_action.triggered.connect(self.show_settings)
+        self.iface.addToolBarIcon(self.dock_action)
+        for action in (self.dock_action, self.settings_action):
+            self.iface.addPluginToMenu(MENU, action)
+        self.actions = [self.dock_action, self.settings_action]
+
+    def create_dock(self):
+        if self.dock is None:
+            from .dock import FarslipDock
+
+            self.dock = FarslipDock(self.iface, self.manager, parent=self.iface.mainWindow())
+            self.dock.form.settingsButton.clicked.connect(self.show_settings)
+            self.dock.visibilityChanged.connect(self.dock_action.setChecked)
+            self.iface.addDockWidget(Qt.RightDockWidgetArea, self.dock)
+        return self.dock
+
+    def show_dock(self, visible: bool = True) -> None:
+        dock = self.create_dock()
+        dock.setVisible(visible)
+        if visible:
+            dock.raise_()
+            if PluginSettings.load().auto_start and self.manager.state in ("idle", "failed"):
+                self.manager.ensure()
+
+    def show_settings(self) -> None:
+        from .settings_dialog import SettingsDialog
+
+        dialog = SettingsDialog(PluginSettings.load(), self.iface.mainWindow())
+        if dialog.exec_():
+            before = PluginSettings.load()
+            after = dialog.settings()
+            after.save()
+            backend_changed = (before.backend_command, before.backend_url, before.backend_token,
+                               before.connection_file) != (after.backend_command, after.backend_url,
+                                                           after.backend_token, after.connection_file)
+            if backend_changed and self.manager is not None:
+                self.manager.stop()
+                if self.dock is not None and self.dock.isVisible():
+                    self.manager.ensure()
+
+    def unload(self):
+        if self.dock is not None:
+            self.dock.close_down()
+            self.iface.removeDockWidget(self.dock)
+            self.dock.deleteLater()
+            self.dock = None
+        for action in self.actions:
+            self.iface.removePluginMenu(MENU, action)
+            self.iface.removeToolBarIcon(action)
+        self.actions = []
+        if self.provider is not None:
+            QgsApplication.processingRegistry().removeProvider(self.provider)
+            self.provider = None
+        if self.manager is not None:
+            self.manager.stop()
+            self.manager.deleteLater()
+            self.manager = None

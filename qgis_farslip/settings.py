@@ -1,0 +1,43 @@
+"""The plugin's settings, kept in QgsSettings under "farslip/"."""
+
+import os
+from dataclasses import dataclass, fields
+
+from qgis.core import QgsSettings
+from qgis.PyQt.QtCore import QStandardPaths
+
+PREFIX = "farslip/"
+
+
+def default_output_folder() -> str:
+    documents = QStandardPaths.writableLocation(QStandardPaths.DocumentsLocation) or os.path.expanduser("~")
+    return os.path.join(documents, "FarSLIP")
+
+
+@dataclass
+class PluginSettings:
+    backend_command: str = ""   # a `farslip` executable or the Python of the backend's environment; "" = find it
+    backend_url: str = ""       # connect to a backend someone else started instead of starting one
+    backend_token: str = ""
+    connection_file: str = ""   # or read url + token from the file `farslip serve` wrote
+    auto_start: bool = True
+    default_model: str = ""
+    output_folder: str = ""
+
+    @classmethod
+    def load(cls) -> "PluginSettings":
+        store = QgsSettings()
+        values = {}
+        for field in fields(cls):
+            default = field.default
+            value = store.value(PREFIX + field.name, default, type=type(default))
+            values[field.name] = value if value is not None else default
+        return cls(**values)
+
+    def save(self) -> None:
+        store = QgsSettings()
+        for field in fields(self):
+            store.setValue(PREFIX + field.name, getattr(self, field.name))
+
+    def output_dir(self) -> str:
+        return self.output_folder or default_output_folder()

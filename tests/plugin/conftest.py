@@ -1,0 +1,121 @@
+"""Plugin tests in a real QGIS (Debian's 3.22, offscreen, pytest-qgis).
+
+The plugin under test is the one inside the built zip, unpacked into a plugin
+folder, exactly as "Install from ZIP" would install it. The end-to-end tests
+start the real backend (`.venv/bin/farslip serve`) with a tiny random model
+that the backend's own Python builds (QGIS's Python has no torch).
+"""
+
+import importlib
+import os
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from plugin_helpers import NAIP, REPO, wait_until
+from qgis.core import QgsProject, QgsRasterLayer
+
+BACKEND_PYTHON = REPO / ".venv" / "bin" / "python"
+BACKEND_FARSLIP = REPO / ".venv" / "bin" / "farslip"
+sys.path.insert(0, str(REPO / "scripts"))
+
+
+@pytest.fixture(scope="session")
+def plugin_zip(tmp_path_factory) -> Path:
+    import build_plugin
+
+    return build_plugin.build(tmp_path_factory.mktemp("dist") / "qgis_farslip.zip")
+
+
+@pytest.fixture(scope="session")
+def plugins_dir(plugin_zip, tmp_path_factory) -> Path:
+    """A QGIS plugin folder with the zip unpacked in it, first on sys.path."""
+    folder = tmp_path_factory.mktemp("python-plugins")
+    with zipfile.ZipFile(plugin_zip) as archive:
+        archive.extractall(folder)
+    sys.path.insert(0, str(folder))
+    for name in [name for name in sys.modules if name == "qgis_farslip" or name.startswith("qgis_farslip.")]:
+        del sys.modules[name]
+    return folder
+
+
+@pytest.fixture(scope="session")
+def farslip(plugins_dir):
+    """The plugin package, imported from the unpacked zip."""
+    module = importlib.import_module("qgis_farslip")
+    assert Path(module.__file__).resolve().parent == (plugins_dir / "qgis_farslip").resolve()
+    return module
+
+
+@pytest.fixture(scope="session")
+def backend_home(tmp_path_factory) -> Path:
+    """Backend state outside the user's home, for the backend the plugin starts."""
+    home = tmp_path_factory.getbasetemp() / "farslip-home"
+    os.environ["FARSLIP_HOME"] = str(home / "state")
+    os.environ["FARSLIP_CACHE"] = str(home / "cache")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["FARSLIP_DEVICE"] = "cpu"
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random open_clip checkpoint, written by the backend's Python."""
+    if not BACKEND_PYTHON.exists():
+        pytest.skip("the backend venv .venv is missing (run `make setup`)")
+    path = tmp_path_factory.mktemp("models") / "tiny-clip.pt"
+    code = ("import sys; from pathlib import Path; sys.path.insert(0, 'tests'); "
+            "from tinymodels import make_tiny_clip, save_plain; "
+            f"save_plain(make_tiny_clip(patch_size=16), Path({str(path)!r}))")
+    subprocess.run([str(BACKEND_PYTHON), "-c", code], cwd=REPO, check=True)
+    return path
+
+
+def save_settings(farslip, **values):
+    from qgis_farslip.settings import PluginSettings
+
+    settings = PluginSettings(**values)
+    settings.save()
+    return settings
+
+
+@pytest.fixture
+def plugin_settings(farslip, tmp_path):
+    """Settings for one test: output into tmp_path; restored to defaults afterwards."""
+    from qgis_farslip.settings import PluginSettings
+
+    def configure(**values):
+        values.setdefault("output_folder", str(tmp_path / "results"))
+        return save_settings(farslip, **values)
+
+    yield configure
+    PluginSettings().save()
+
+
+@pytest.fixture(scope="session")
+def running_plugin(farslip, qgis_iface, backend_home, tiny_model):
+    """The plugin, loaded once, with the backend it started (shared by the end-to-end tests)."""
+    if not BACKEND_FARSLIP.exists():
+        pytest.skip("the backend venv .venv is missing (run `make setup`)")
+    save_settings(farslip, backend_command=str(BACKEND_FARSLIP), auto_start=True)
+    plugin = farslip.classFactory(qgis_iface)
+    plugin.initGui()
+    plugin.manager.connection_file = str(backend_home / "plugin-backend.json")
+    plugin.show_dock(True)
+    wait_until(lambda: plugin.manager.state in ("ready", "failed"), 150, "the backend to start")
+    assert plugin.manager.state == "ready", plugin.manager.message
+    yield plugin
+    process = plugin.manager.process
+    plugin.unload()
+    assert process is None or process.state() == 0, "the backend the plugin started is still running"
+
+
+@pytest.fixture
+def naip_layer(qgis_new_project):
+    layer = QgsRasterLayer(str(NAIP.resolve()), "naip")
+    assert layer.isValid()
+    QgsProject.instance().addMapLayer(layer)
+    return layer

@@ -1,0 +1,35 @@
+"""Helpers of the plugin tests (importable from the test modules, unlike conftest)."""
+
+import time
+from pathlib import Path
+
+from qgis.core import QgsApplication
+
+REPO = Path(__file__).resolve().parents[2]
+NAIP = (REPO / ".." / "shared" / "data" / "naip_2020_5m.tif").resolve()
+
+
+def wait_until(predicate, timeout: float = 60.0, what: str = "the condition") -> None:
+    """Spin the Qt event loop until predicate() is true (tasks and QProcess need it)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        QgsApplication.processEvents()
+        time.sleep(0.02)
+
+
+def run_dock_job(dock, timeout: float = 180.0) -> str:
+    states = []
+    dock.jobFinished.connect(states.append)
+    try:
+        dock.run()
+        wait_until(lambda: states, timeout, "the job to finish")
+    finally:
+        dock.jobFinished.disconnect(states.append)
+    return states[0]
+
+
+def empty_dir(path: Path) -> bool:
+    return not path.exists() or not any(path.iterdir())
+

@@ -1,0 +1,123 @@
+"""The dock's inputs: class lines, presets, extents and CRSs; no backend needed."""
+
+import pytest
+from plugin_helpers import NAIP
+from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
+    QgsPointXY,
+    QgsProject,
+    QgsRasterLayer,
+    QgsRectangle,
+)
+
+
+@pytest.fixture
+def dock(farslip, qgis_iface, plugin_settings):
+    from qgis_farslip.backend_manager import BackendManager
+    from qgis_farslip.dock import FarslipDock
+
+    plugin_settings()
+    manager = BackendManager()
+    widget = FarslipDock(qgis_iface, manager)
+    yield widget
+    widget.close_down()
+    widget.deleteLater()
+
+
+def test_class_lines_are_one_per_line_with_commas_for_synonyms(dock):
+    dock.form.classesEdit.setPlainText("building,roof\n\n  road , parking lot  # paved\n# a comment\ntree\n")
+    assert dock.class_lines() == ["building, roof", "road, parking lot", "tree"]
+
+
+def test_choosing_a_preset_fills_the_class_lines(dock, farslip):
+    from qgis_farslip.classes import bundled_presets
+
+    presets = bundled_presets()
+    assert "urban" in presets
+    dock.choose_preset("urban")
+    assert dock.class_lines() == presets["urban"]
+
+
+def test_presets_from_the_backend_replace_the_bundled_ones(dock):
+    dock.set_presets({"mine": ["water", "field, crop"]})
+    dock.choose_preset("mine")
+    assert dock.class_lines() == ["water", "field, crop"]
+
+
+def test_drawn_extent_in_another_crs_is_transformed_to_the_raster_crs(dock, qgis_new_project):
+    layer = QgsRasterLayer(str(NAIP), "naip")
+    QgsProject.instance().addMapLayer(layer)
+    dock.form.layerCombo.setLayer(layer)
+    assert layer.crs().authid() == "EPSG:26914"
+    # On UTM zone 14's central meridian (99 W) the easting is 500000 m exactly.
+    wgs84 = QgsCoordinateReferenceSystem("EPSG:4326")
+    to_wgs84 = QgsCoordinateTransform(layer.crs(), wgs84, QgsProject.instance())
+    centre = to_wgs84.transform(layer.extent().center())
+    drawn = QgsRectangle(-99.001, centre.y() - 0.001, -98.999, centre.y() + 0.001)
+    if not layer.extent().contains(QgsCoordinateTransform(wgs84, layer.crs(), QgsProject.instance())
+                                   .transform(QgsPointXY(-99.0, centre.y()))):
+        drawn = QgsRectangle(centre.x() - 0.001, centre.y() - 0.001, centre.x() + 0.001, centre.y() + 0.001)
+    dock.set_drawn_extent(drawn, wgs84)
+    in_layer = dock.extent_in_layer_crs(layer)
+    assert in_layer.center().y() == pytest.approx(layer.extent().center().y(), abs=1.0)
+    if drawn.center().x() == pytest.approx(-99.0):
+        assert in_layer.center().x() == pytest.approx(500000.0, abs=0.5)
+    # 0.002 degrees of latitude are about 222 m; of longitude at this latitude about 150 m.
+    assert in_layer.height() == pytest.approx(222.0, rel=0.02)
+    assert 100 < in_layer.width() < 200
+
+    dock.form.classesEdit.setPlainText("water\nfield")
+    request, prepare, outputs = dock.build_request()
+    assert prepare is None  # a local GeoTIFF is read by the backend itself
+    assert request["raster"] == str(NAIP)
+    assert request["bbox_crs"] == "EPSG:4326"
+    assert request["bbox"] == pytest.approx([drawn.xMinimum(), drawn.yMinimum(), drawn.xMaximum(),
+                                             drawn.yMaximum()])
+    assert request["class_lines"] == ["water", "field"]
+    assert outputs == [request["out"]] and request["out"].endswith(".gpkg")
+
+
+def test_canvas_extent_is_sent_with_the_canvas_crs(dock, qgis_iface, qgis_new_project):
+    layer = QgsRasterLayer(str(NAIP), "naip")
+    QgsProject.instance().addMapLayer(layer)
+    dock.form.layerCombo.setLayer(layer)
+    canvas = qgis_iface.mapCanvas()
+    mercator = QgsCoordinateReferenceSystem("EPSG:3857")
+    canvas.setDestinationCrs(mercator)
+    in_mercator = QgsCoordinateTransform(layer.crs(), mercator, QgsProject.instance()).transformBoundingBox(
+        layer.extent())
+    in_mercator.scale(0.5)
+    canvas.setExtent(in_mercator)
+    dock.form.extentCombo.setCurrentIndex(dock.form.extentCombo.findData("canvas"))
+    dock.form.classesEdit.setPlainText("water")
+    request, _, _ = dock.build_request()
+    assert request["bbox_crs"] == "EPSG:3857"
+    sent = QgsRectangle(*request["bbox"])
+    assert sent.contains(in_mercator.center())
+    back = QgsCoordinateTransform(mercator, layer.crs(), QgsProject.instance()).transformBoundingBox(sent)
+    assert layer.extent().contains(back.center())
+    assert dock.extent_in_layer_crs(layer).height() < 0.6 * layer.extent().height()
+
+
+def test_extent_outside_the_raster_is_refused_with_a_sentence(dock, qgis_new_project):
+    from qgis_farslip.dock import UserError
+
+    layer = QgsRasterLayer(str(NAIP), "naip")
+    QgsProject.instance().addMapLayer(layer)
+    dock.form.layerCombo.setLayer(layer)
+    dock.set_drawn_extent(QgsRectangle(10, 10, 11, 11), QgsCoordinateReferenceSystem("EPSG:4326"))
+    dock.form.classesEdit.setPlainText("water")
+    with pytest.raises(UserError, match="does not overlap the raster naip"):
+        dock.build_request()
+
+
+def test_no_classes_is_refused_with_a_sentence(dock, qgis_new_project):
+    from qgis_farslip.dock import UserError
+
+    layer = QgsRasterLayer(str(NAIP), "naip")
+    QgsProject.instance().addMapLayer(layer)
+    dock.form.layerCombo.setLayer(layer)
+    dock.form.classesEdit.setPlainText("  \n# nothing\n")
+    with pytest.raises(UserError, match="at least one class"):
+        dock.build_request()
