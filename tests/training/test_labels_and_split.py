@@ -1,0 +1,121 @@
+"""Labels -> class raster on the processing grid, spatial split, samplers, and the input errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import rasterio
+import shapely
+from conftest import COLOURS, RASTER_CRS, write_labels
+from rasterio.transform import from_origin
+
+from backend.errors import InputError
+from backend.raster import open_source
+from training.labels import build_label_grid, read_label_polygons
+from training.sampling import random_crop_boxes, region_boxes, split_labels, to_pixels
+
+
+def grid_of(raster, labels, field="cls", **kwargs):
+    with open_source(raster) as source:
+        polygons = read_label_polygons(labels, field, source.crs, kwargs.pop("class_names", None))
+        return build_label_grid(source, polygons, **kwargs), source.window_transform
+
+
+def test_labels_in_another_crs_land_on_their_pixels(synthetic):
+    raster, labels, truth = synthetic
+    grid, _ = grid_of(raster, labels)
+    names = list(COLOURS)
+    assert sorted(names) == grid.class_lines
+    window = grid.window
+    expected = truth[window.rows, window.cols]
+    labelled = grid.labels >= 0
+    assert labelled.mean() > 0.7
+    # Every labelled pixel carries the class of the block it lies in (labels were written in EPSG:4326).
+    mapped = np.array([grid.class_lines.index(n) for n in names])[expected]
+    assert (grid.labels[labelled] == mapped[labelled]).mean() > 0.999
+
+
+def test_background_fills_unlabelled_pixels_inside_the_extent(synthetic):
+    raster, labels, _ = synthetic
+    grid, _ = grid_of(raster, labels, background="other")
+    assert grid.class_lines[-1] == "other"
+    assert (grid.labels >= 0).all()
+    assert grid.pixel_counts()["other"] > 0
+
+
+def test_spatial_split_has_no_leakage(synthetic):
+    raster, labels, _ = synthetic
+    grid, window_transform = grid_of(raster, labels)
+    transform = window_transform(grid.window)
+    split = split_labels(grid, transform, validation_fraction=0.2, buffer_px=32)
+    val, train = split.validation, split.train
+    val_box = shapely.box(val.col0, val.row0, val.col1, val.row1)
+    train_box = shapely.box(train.col0, train.row0, train.col1, train.row1)
+    assert val_box.distance(train_box) >= 32
+    assert 0.1 < sum(split.validation_pixels.values()) / (grid.labels >= 0).sum() < 0.35
+    assert all(n > 0 for n in split.validation_pixels.values())
+    rng = np.random.default_rng(0)
+    pixel = abs(transform.a)
+    for box in random_crop_boxes(split.train_bounds, 64 * pixel, 200, rng):
+        crop = to_pixels(box, transform)
+        assert shapely.box(crop.col0, crop.row0, crop.col1, crop.row1).within(train_box.buffer(1))
+    boxes, ids = region_boxes(grid, split.train_bounds, pixel)
+    assert boxes and len(boxes) == len(ids)
+    area = shapely.box(*split.train_bounds)
+    assert all(shapely.box(*b).within(area.buffer(1e-6)) for b in boxes)
+
+
+def test_missing_class_field_lists_the_fields(synthetic):
+    raster, labels, _ = synthetic
+    with pytest.raises(InputError, match="no field 'klasse'.*cls"):
+        grid_of(raster, labels, field="klasse")
+
+
+def test_labels_outside_the_raster_are_rejected(synthetic, tmp_path):
+    raster, _, _ = synthetic
+    far = [shapely.box(10, 10, 11, 11), shapely.box(11, 10, 12, 11)]
+    labels = write_labels(tmp_path / "far.gpkg", far, ["a", "b"], "EPSG:4326")
+    with pytest.raises(InputError, match="do not overlap the raster"):
+        grid_of(raster, labels)
+
+
+def test_a_single_class_needs_background(synthetic, tmp_path):
+    raster, _, _ = synthetic
+    houses = [shapely.box(500010, 4999500, 500100, 4999600), shapely.box(500400, 4999800, 500500, 4999900)]
+    labels = write_labels(tmp_path / "one.gpkg", houses, ["house", "house"], RASTER_CRS)
+    with pytest.raises(InputError, match="only one class.*--background"):
+        grid_of(raster, labels)
+    grid, _ = grid_of(raster, labels, background="ground")
+    assert grid.class_lines == ["house", "ground"]
+
+
+def test_too_few_labelled_pixels_are_rejected(synthetic, tmp_path):
+    raster, _, _ = synthetic
+    tiny = [shapely.box(500010, 4999980, 500020, 4999990), shapely.box(500030, 4999980, 500040, 4999990)]
+    labels = write_labels(tmp_path / "tiny.gpkg", tiny, ["a", "b"], RASTER_CRS)
+    with pytest.raises(InputError, match="Only .* pixels .* are labelled"):
+        grid_of(raster, labels)
+
+
+def test_labels_without_crs_in_a_geopackage_are_rejected(synthetic, tmp_path):
+    raster, _, _ = synthetic
+    boxes = [shapely.box(500010, 4999500, 500300, 4999900), shapely.box(500300, 4999500, 500600, 4999900)]
+    labels = write_labels(tmp_path / "nocrs.gpkg", boxes, ["a", "b"], None)
+    with pytest.raises(InputError, match="no coordinate reference system"):
+        grid_of(raster, labels)
+
+
+def test_raster_without_crs_is_rejected(tmp_path, synthetic):
+    _, labels, _ = synthetic
+    raster = tmp_path / "nocrs.tif"
+    with rasterio.open(raster, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint8",
+                       transform=from_origin(500000, 5000000, 2, 2)) as ds:
+        ds.write(np.zeros((3, 64, 64), np.uint8))
+    with pytest.raises(InputError, match="no coordinate reference system"):
+        grid_of(raster, labels)
+
+
+def test_class_names_rename_values(synthetic):
+    raster, labels, _ = synthetic
+    grid, _ = grid_of(raster, labels, class_names={"water": "lake"})
+    assert "lake" in grid.class_lines and "water" not in grid.class_lines

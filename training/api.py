@@ -1,0 +1,441 @@
+"""Entry points for the CLI and the server: plain values in, plain dicts out.
+
+    evaluate_model(raster, labels, class_field, ...) -> {"metrics", "text", "split", "outputs", ...}
+    train_model(raster, labels, class_field, out, ...) -> {"model_dir", "metrics", "history", ...}
+
+Both take `progress(step, total, info: dict)` and `should_cancel() -> bool` callbacks.
+A trained model is written into a hidden `.NAME.partial` folder beside `out`
+and renamed into place at the end: a failed or cancelled run leaves no model
+directory. A run that fails after at least one epoch keeps its partial folder
+(and says so) so that `resume=True` continues from its last epoch; a cancelled
+run removes it.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from backend import __version__
+from backend.engine import count_crops
+from backend.errors import CancelledError, InputError
+from backend.raster import PixelWindow, RasterSource, open_source
+
+from . import adapters
+from .evaluate import format_metrics, plot_confusion, predict_classes, score, segmenter_for, write_json
+from .finetune import (
+    REGION_PROMPT,
+    Trainer,
+    TrainingData,
+    TrainOptions,
+    TrainState,
+    crop_size,
+    default_steps,
+    run_epochs,
+)
+from .labels import LabelGrid, build_label_grid, file_sha256, read_aoi, read_label_polygons
+from .sampling import split_labels
+
+FORMAT = "farslip-finetuned/1"
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "farslip_model.json"
+CHECKPOINT_DIR = "checkpoint"
+
+Progress = Callable[[int, int, dict], None]
+
+
+def _load(model: str | None, weights: str | None, device: str, loaded=None):
+    if loaded is not None:
+        return loaded
+    from backend.models import load_model
+
+    return load_model(model, weights, device=device)
+
+
+def _label_grid(source: RasterSource, labels: str | Path, class_field: str, background: str | None,
+                aoi: str | Path | None, class_names: dict[str, str] | None,
+                class_lines: list[str] | None = None) -> LabelGrid:
+    polygons = read_label_polygons(labels, class_field, source.crs, class_names)
+    area = read_aoi(aoi, source.crs) if aoi else None
+    return build_label_grid(source, polygons, background=background, aoi=area, class_lines=class_lines)
+
+
+def _model_class_lines(loaded, polygons_values: set[str], background: str | None) -> list[str] | None:
+    """The model's own class order when it knows every label class (a fine-tuned model)."""
+    lines = getattr(loaded, "class_lines", None)
+    if not lines:
+        return None
+    from backend.text import parse_class_lines
+
+    names = {spec.name.lower() for spec in parse_class_lines(lines)} | {line.lower() for line in lines}
+    wanted = {v.lower() for v in polygons_values} | ({background.lower()} if background else set())
+    return list(lines) if wanted <= names else None
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024) if platform.system() == "Darwin" else peak / 1024, 1)
+
+
+def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, model: str | None = None,
+                   weights: str | None = None, background: str | None = None, aoi: str | Path | None = None,
+                   class_names: dict[str, str] | None = None, split: str = "auto",
+                   bands: list[int] | None = None, scale: float | None = None, gsd_m: float | None = None,
+                   attention: str = "segearth", batch_size: int = 8, device: str = "cpu",
+                   out_json: str | Path | None = None, out_png: str | Path | None = None,
+                   loaded=None, progress: Progress | None = None,
+                   should_cancel: Callable[[], bool] | None = None) -> dict:
+    """Per-class IoU, mIoU, accuracy and confusion of the engine's classes against labelled polygons.
+
+    split: "all" (every labelled pixel), "validation" (the held-out strip recorded in a
+    fine-tuned model trained on these same files) or "auto" (validation when it applies).
+    """
+    if split not in ("auto", "all", "validation"):
+        raise InputError(f"--split must be auto, all or validation; got {split!r}.")
+    loaded = _load(model, weights, device, loaded)
+    trained_on = (getattr(loaded, "metadata", None) or {}).get("finetuned") or {}
+    same_data = False
+    if trained_on.get("data") and split != "all":
+        recorded = trained_on["data"]
+        same_data = (recorded.get("raster", {}).get("sha256") == file_sha256(raster)
+                     and recorded.get("labels", {}).get("sha256") == file_sha256(labels))
+    if split == "validation" and not same_data:
+        raise InputError("--split validation needs a fine-tuned model trained on this raster and these "
+                         "labels (their sha256 must match the model's farslip_model.json).")
+    use_validation = same_data and split in ("auto", "validation")
+    if use_validation:
+        background = background if background is not None else trained_on.get("background")
+        processing = trained_on.get("processing", {})
+        bands = bands or processing.get("bands")
+        if scale is None and gsd_m is None:
+            scale = processing.get("scale")
+
+    started = time.perf_counter()
+    with open_source(raster, bands, scale, gsd_m) as source:
+        polygons = read_label_polygons(labels, class_field, source.crs, class_names)
+        class_lines = _model_class_lines(loaded, set(polygons.class_values), background)
+        area = read_aoi(aoi, source.crs) if aoi else None
+        grid = build_label_grid(source, polygons, background=background, aoi=area, class_lines=class_lines)
+        if use_validation:
+            recorded = trained_on["split"]["validation_window"]
+            window = PixelWindow(**recorded)
+            rows = slice(window.row_off - grid.window.row_off, window.row_off - grid.window.row_off + window.height)
+            cols = slice(window.col_off - grid.window.col_off, window.col_off - grid.window.col_off + window.width)
+            truth = grid.labels[rows, cols]
+            if truth.shape != (window.height, window.width):
+                raise InputError("The validation strip recorded in the model does not fit these labels; "
+                                 "evaluate with --split all.")
+        else:
+            window, truth = grid.window, grid.labels
+        segmenter = segmenter_for(loaded, grid.class_lines, attention=attention, batch_size=batch_size)
+        total = count_crops(source.height, source.width, window, segmenter.crop, segmenter.stride)
+        done = 0
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress(done, total, {"phase": "evaluate"})
+
+        predicted = predict_classes(segmenter, source, window, should_cancel, advance)
+        metrics = score(truth, predicted, grid.class_names)
+        bounds = source.window_bounds(window)
+        crs = source.crs.to_string()
+    result = {
+        "model": loaded.name, "weights_sha256": loaded.weights_id, "raster": str(raster),
+        "labels": str(labels), "class_field": class_field, "class_lines": grid.class_lines,
+        "background": background, "split": "validation" if use_validation else "all",
+        "window": asdict(window), "bbox": list(bounds), "crs": crs,
+        "metrics": metrics, "text": format_metrics(metrics),
+        "seconds": round(time.perf_counter() - started, 3), "outputs": {},
+    }
+    if out_json:
+        result["outputs"]["json"] = str(write_json({k: v for k, v in result.items() if k != "text"}, out_json))
+    if out_png:
+        result["outputs"]["png"] = str(plot_confusion(metrics, out_png, f"{loaded.name}: mIoU "
+                                                      f"{100 * (metrics['miou'] or 0):.2f} %"))
+    return result
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+def _check_options(options: TrainOptions) -> None:
+    if options.method not in adapters.METHODS:
+        raise InputError(f"--method must be one of {', '.join(adapters.METHODS)}; got {options.method!r}.")
+    if options.epochs < 1:
+        raise InputError(f"--epochs must be at least 1; got {options.epochs}.")
+    if not options.learning_rate > 0:
+        raise InputError(f"--lr must be a positive number; got {options.lr}.")
+    if options.patch_loss_weight < 0:
+        raise InputError(f"--patch-loss-weight must not be negative; got {options.patch_loss_weight}.")
+    if options.batch_size < 1:
+        raise InputError(f"The batch size must be at least 1; got {options.batch_size}.")
+    if not 0.05 <= options.validation_fraction <= 0.5:
+        raise InputError(f"The validation fraction must be between 0.05 and 0.5; got "
+                         f"{options.validation_fraction}.")
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _partial_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial"
+
+
+def _start_dir(out: Path, resume: bool, overwrite: bool) -> tuple[Path, bool]:
+    """The working folder, and whether it holds a checkpoint to resume."""
+    if not out.parent.is_dir():
+        raise InputError(f"The output folder {out.parent} does not exist; create it or choose another --out.")
+    work = _partial_dir(out)
+    if resume:
+        if (work / CHECKPOINT_DIR / "state.pt").is_file():
+            return work, True
+        if (out / CHECKPOINT_DIR / "state.pt").is_file():
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.copytree(out, work)
+            return work, True
+        raise InputError(f"There is no training to resume for {out}: neither {out} nor {work} holds a "
+                         f"{CHECKPOINT_DIR}/ folder. Run without --resume to start training.")
+    if out.exists() and not overwrite:
+        raise InputError(f"{out} already exists; choose another --out, continue it with --resume, or "
+                         "replace it with --overwrite.")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    return work, False
+
+
+def _move_into_place(work: Path, out: Path) -> None:
+    old = out.parent / f".{out.name}.old"
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    work.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def train_model(raster: str | Path, labels: str | Path, class_field: str, out: str | Path,
+                base_model: str | None = None, weights: str | None = None, method: str = "lora",
+                epochs: int = 5, lr: float | None = None, patch_loss_weight: float = 1.0,
+                background: str | None = None, aoi: str | Path | None = None,
+                class_names: dict[str, str] | None = None, bands: list[int] | None = None,
+                scale: float | None = None, gsd_m: float | None = None, resume: bool = False,
+                overwrite: bool = False, device: str = "cpu", options: TrainOptions | None = None,
+                loaded=None, progress: Progress | None = None,
+                should_cancel: Callable[[], bool] | None = None) -> dict:
+    """Fine-tune on labelled polygons; write a model folder that `load_model(out)` loads.
+
+    `options` sets the finer knobs (batch size, steps, loss weights, split); the
+    explicit arguments method/epochs/lr/patch_loss_weight override it.
+    """
+    options = TrainOptions(**asdict(options)) if options else TrainOptions()
+    options.method, options.epochs, options.patch_loss_weight = method, int(epochs), float(patch_loss_weight)
+    if lr is not None:
+        options.lr = float(lr)
+    _check_options(options)
+    raster, labels, out = Path(raster), Path(labels), Path(out)
+    started = time.perf_counter()
+    loaded = _load(base_model, weights, device, loaded)
+    raster_sha, labels_sha = file_sha256(raster) if raster.is_file() else None, None
+
+    with open_source(raster, bands, scale, gsd_m) as source:
+        grid = _label_grid(source, labels, class_field, background, aoi, class_names)
+        labels_sha = file_sha256(labels)
+        split = split_labels(grid, source.window_transform(grid.window), options.validation_fraction,
+                             options.buffer_px)
+        rgb, _ = source.read(grid.window)
+        data = TrainingData(rgb, grid, split, source.window_transform(grid.window), source)
+        earlier_partial = resume and (_partial_dir(out) / CHECKPOINT_DIR / "state.pt").is_file()
+        work, resuming = _start_dir(out, resume, overwrite)
+        try:
+            result = _train_in(work, out, loaded, data, options, resuming, raster, labels, raster_sha,
+                               labels_sha, class_field, aoi, class_names, started, progress, should_cancel)
+        except CancelledError:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        except InputError:
+            if not earlier_partial:
+                shutil.rmtree(work, ignore_errors=True)
+            raise
+        except BaseException as exc:
+            state_file = work / CHECKPOINT_DIR / "state.pt"
+            if state_file.is_file() and isinstance(exc, Exception):
+                note = (f" The last finished epoch is kept in {work}; run the same command with --resume "
+                        "to continue from it.")
+                if hasattr(exc, "args") and exc.args and isinstance(exc.args[0], str):
+                    exc.args = (exc.args[0] + note, *exc.args[1:])
+            else:
+                shutil.rmtree(work, ignore_errors=True)
+            raise
+    _move_into_place(work, out)
+    result["model_dir"] = str(out)
+    return result
+
+
+def _train_in(work: Path, out: Path, loaded, data: TrainingData, options: TrainOptions, resuming: bool,
+              raster: Path, labels: Path, raster_sha, labels_sha, class_field: str, aoi, class_names,
+              started: float, progress: Progress | None, should_cancel) -> dict:
+    checkpoint = work / CHECKPOINT_DIR
+    checkpoint.mkdir(exist_ok=True)
+    state = TrainState()
+    before = None
+    if resuming:
+        saved = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
+        if saved["data"] != {"raster": raster_sha, "labels": labels_sha}:
+            raise InputError(f"The training in {work} used other data files (their sha256 differ); "
+                             "resume it with the same raster and labels, or start again without --resume.")
+        if saved["options"]["method"] != options.method:
+            raise InputError(f"The training in {work} used --method {saved['options']['method']}; resume it "
+                             "with the same method.")
+        if options.epochs <= saved["epoch"]:
+            raise InputError(f"The training in {work} already ran {saved['epoch']} epochs; pass --epochs "
+                             f"larger than {saved['epoch']} to continue it.")
+        kept = {k: saved["options"][k] for k in ("batch_size", "steps_per_epoch", "seed", "lora_rank",
+                                                 "last_blocks", "crop_px")}
+        options = TrainOptions(**{**asdict(options), **kept})
+        state = TrainState(saved["epoch"], saved["best_miou"], saved["best_epoch"],
+                           json.loads(saved["history"]))
+        before = json.loads(saved["before"])
+
+    steps = default_steps(data, options, crop_size(loaded.model.visual, options, data.split))
+    options.steps_per_epoch = steps
+    trainer = Trainer(loaded, data, options, options.epochs * steps)
+
+    if resuming:
+        adapters.load_trainable_state(trainer.model, _load_tensors(checkpoint / "last.safetensors"))
+        trainer.optimizer.load_state_dict(saved["optimizer"])
+        trainer.scheduler.load_state_dict(saved["scheduler"])
+        # The schedule's lambda is rebuilt for the new total, so a longer run stretches the cosine.
+    else:
+        if progress is not None:
+            progress(0, options.epochs * steps, {"phase": "validate", "epoch": 0})
+        before = trainer.validate(should_cancel, model=loaded.model)
+        state.best_miou, state.best_epoch = (before["miou"] or 0.0), 0
+        _save_tensors(adapters.trainable_state(trainer.model), checkpoint / "best.safetensors")
+
+    def save_checkpoint(current: TrainState, improved: bool) -> None:
+        tensors = adapters.trainable_state(trainer.model)
+        _save_tensors(tensors, checkpoint / "last.safetensors")
+        if improved:
+            _save_tensors(tensors, checkpoint / "best.safetensors")
+        payload = {
+            "epoch": current.epoch, "best_miou": current.best_miou, "best_epoch": current.best_epoch,
+            "history": json.dumps(current.history), "before": json.dumps(before),
+            "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+            "options": asdict(options), "data": {"raster": raster_sha, "labels": labels_sha},
+        }
+        tmp = checkpoint / ".state.pt.tmp"
+        torch.save(payload, tmp)
+        tmp.replace(checkpoint / "state.pt")
+
+    train_started = time.perf_counter()
+    first_epoch = state.epoch
+    state = run_epochs(trainer, state, steps, save_checkpoint, progress, should_cancel)
+    train_seconds = time.perf_counter() - train_started
+    crops = (state.epoch - first_epoch) * steps * options.batch_size
+
+    # Best weights (epoch 0 = the base model itself when training never beat it).
+    adapters.load_trainable_state(trainer.model, _load_tensors(checkpoint / "best.safetensors"))
+    merged = adapters.merged_state_dict(trainer.model)
+    _save_tensors(merged, work / WEIGHTS_FILE, metadata={"format": FORMAT})
+    trainer.model = trainer.teacher_visual = None  # free memory before the reload below
+
+    grid, split = data.grid, data.split
+    validation_window = data.validation_window
+    meta = {
+        "format": FORMAT,
+        "name": out.name,
+        "version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "base_model": loaded.name,
+        "base_weights_sha256": loaded.weights_id,
+        "arch": (getattr(loaded, "metadata", {}) or {}).get("spec", {}).get("arch"),
+        "context_length": loaded.context_length,
+        "description": f"Fine-tuned from {loaded.name} on {raster.name} ({len(grid.class_lines)} classes, "
+                       f"{options.method})",
+        "class_lines": grid.class_lines,
+        "background": grid.background,
+        "prompts": {"inference": "OpenAI ImageNet templates (80)", "region_alignment": REGION_PROMPT},
+        "data": {
+            "raster": {"path": str(raster.resolve()), "sha256": raster_sha},
+            "labels": {"path": str(labels.resolve()), "sha256": labels_sha, "class_field": class_field,
+                       "class_names": class_names or {}},
+            "aoi": {"path": str(Path(aoi).resolve()), "sha256": file_sha256(aoi)} if aoi else None,
+        },
+        "processing": {"scale": data.source.scale, "bands": data.source.bands,
+                       "crs": data.source.crs.to_string()},
+        "label_window": asdict(grid.window),
+        "label_pixels": grid.pixel_counts(),
+        "split": {**split.to_json(), "validation_window": asdict(validation_window)},
+        "training": {**asdict(options), "learning_rate": options.learning_rate,
+                     "epochs_run": state.epoch, "best_epoch": state.best_epoch, "history": state.history,
+                     "device": str(loaded.device), "seconds": round(train_seconds, 3),
+                     "crops_per_second": round(crops / train_seconds, 3) if train_seconds > 0 else None,
+                     "peak_rss_mb": peak_rss_mb(),
+                     "peak_gpu_mb": (round(torch.cuda.max_memory_allocated() / 2**20, 1)
+                                     if loaded.device.type == "cuda" else None)},
+        "metrics": {"before": before, "after": None},
+    }
+    write_json(meta, work / META_FILE)
+
+    # The "after" figures come from the written folder, loaded as `--model DIR` loads it, so that
+    # `farslip evaluate --model DIR` reports exactly the same numbers.
+    from backend.models import load_model
+
+    if progress is not None:
+        progress(options.epochs * steps, options.epochs * steps, {"phase": "final-validate"})
+    reloaded = load_model(str(work), device=str(loaded.device))
+    segmenter = segmenter_for(reloaded, grid.class_lines, attention=options.attention,
+                              batch_size=options.eval_batch_size)
+    predicted = predict_classes(segmenter, data.source, validation_window, should_cancel)
+    after = score(data.validation_labels, predicted, grid.class_names)
+    meta["metrics"]["after"] = after
+    write_json(meta, work / META_FILE)
+    (work / "evaluation.txt").write_text(
+        f"Validation strip ({split.edge} edge, {after['pixels']} labelled pixels)\n\n"
+        f"Before fine-tuning ({loaded.name}):\n{format_metrics(before)}\n\n"
+        f"After fine-tuning (best epoch {state.best_epoch}):\n{format_metrics(after)}\n", encoding="utf-8")
+    plot_confusion(before, work / "confusion_before.png", f"before: mIoU {100 * (before['miou'] or 0):.2f} %")
+    plot_confusion(after, work / "confusion_after.png", f"after: mIoU {100 * (after['miou'] or 0):.2f} %")
+    return {
+        "model_dir": str(out), "base_model": loaded.name, "method": options.method,
+        "class_lines": grid.class_lines, "epochs": state.epoch, "best_epoch": state.best_epoch,
+        "metrics": {"before": before, "after": after}, "history": state.history,
+        "split": meta["split"], "training": {k: meta["training"][k] for k in
+                                             ("seconds", "crops_per_second", "peak_rss_mb", "peak_gpu_mb")},
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def class_names_from_pairs(pairs: list[str]) -> dict[str, str]:
+    """["yes=building", "1=water"] -> {"yes": "building", "1": "water"} (CLI --class-name)."""
+    mapping = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise InputError(f"--class-name takes VALUE=NAME (e.g. yes=building); got {pair!r}.")
+        value, name = (part.strip() for part in pair.split("=", 1))
+        if not value or not name:
+            raise InputError(f"--class-name takes VALUE=NAME with both parts; got {pair!r}.")
+        mapping[value] = name
+    return mapping

@@ -1,0 +1,191 @@
+"""`farslip evaluate` and `farslip train`: typer commands, wired into backend/cli.py's app.
+
+    from training.cli import evaluate_command, train_command
+    app.command("evaluate")(evaluate_command)
+    app.command("train")(train_command)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from backend.errors import FarslipError, InputError
+
+
+def _fail(error: FarslipError) -> None:
+    typer.echo(f"Error: {error}", err=True)
+    raise typer.Exit(error.exit_code)
+
+
+def _bands(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise InputError(f"--bands takes band numbers separated by commas, e.g. 3,2,1; got {text!r}.") from None
+
+
+class _Lines:
+    """Occasional progress lines on stderr (every epoch, at most every few seconds otherwise)."""
+
+    def __init__(self, quiet: bool, every_s: float = 10.0):
+        self.quiet, self.every_s, self.last = quiet, every_s, 0.0
+
+    def __call__(self, step: int, total: int, info: dict) -> None:
+        if self.quiet:
+            return
+        phase = info.get("phase")
+        now = time.perf_counter()
+        if phase == "validate" and info.get("epoch"):
+            best = info.get("best_miou")
+            miou = info.get("val_miou")
+            typer.echo(f"epoch {info['epoch']}/{info['epochs']}: loss {info['loss']:.4f}, validation mIoU "
+                       f"{100 * (miou or 0):.2f} % (best {100 * (best or 0):.2f} % at epoch "
+                       f"{info.get('best_epoch')})", err=True)
+        elif phase == "validate":
+            typer.echo("validating the base model on the held-out strip ...", err=True)
+        elif now - self.last > self.every_s:
+            self.last = now
+            extra = f", loss {info['loss']:.4f}" if "loss" in info else ""
+            typer.echo(f"{phase}: {step}/{total}{extra}", err=True)
+
+
+def evaluate_command(
+    raster: Optional[Path] = typer.Argument(None, help="GeoTIFF the labels lie on."),
+    labels: Optional[Path] = typer.Argument(None, help="Polygon layer (GeoPackage, Shapefile, GeoJSON)."),
+    class_field: Optional[str] = typer.Option(None, help="Field of LABELS holding each polygon's class."),
+    model: Optional[str] = typer.Option(None, help="Registry name, checkpoint file or fine-tuned model folder."),
+    weights: Optional[Path] = typer.Option(None, help="Checkpoint to use for the registry model."),
+    background: Optional[str] = typer.Option(None, help="Unlabelled pixels inside the labels' extent (or "
+                                                        "--aoi) become this class."),
+    aoi: Optional[Path] = typer.Option(None, help="Area-of-interest polygon layer (with --background)."),
+    class_name: Optional[list[str]] = typer.Option(None, help="VALUE=NAME: rename a label value, e.g. "
+                                                              "yes=building (repeatable)."),
+    split: str = typer.Option("auto", help="auto, all or validation (the held-out strip of a model "
+                                           "fine-tuned on these files)."),
+    bands: Optional[str] = typer.Option(None, help="Band numbers for red,green,blue, e.g. 3,2,1."),
+    scale: Optional[float] = typer.Option(None, help="Resample by this factor."),
+    gsd: Optional[float] = typer.Option(None, help="Resample to this ground sample distance in metres."),
+    attention: str = typer.Option("segearth", help="Last-block attention variant."),
+    batch_size: int = typer.Option(8, help="Crops per batch."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics as JSON."),
+    png: Optional[Path] = typer.Option(None, help="Write the confusion matrix as a PNG."),
+    benchmark: Optional[Path] = typer.Option(None, help="A folder of image/label pairs (img_dir/ann_dir or "
+                                                        "images/labels) instead of RASTER and LABELS."),
+    classes: Optional[list[str]] = typer.Option(None, "--classes", "-c", help="Benchmark classes, in label "
+                                                                              "value order."),
+    preset: Optional[str] = typer.Option(None, help="Benchmark classes from a preset (e.g. potsdam)."),
+    benchmark_split: str = typer.Option("val", help="Benchmark subfolder (img_dir/<split>)."),
+    long_side: int = typer.Option(448, help="Benchmark images are resized to this long side (0: native)."),
+    reduce_zero_label: bool = typer.Option(False, help="Benchmark labels: 0 is ignored, v means class v-1."),
+    ignore_index: int = typer.Option(255, help="Benchmark label value to ignore."),
+    limit: Optional[int] = typer.Option(None, help="Benchmark: only the first N images."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Report per-class IoU, mIoU, accuracy and the confusion matrix of a model against labelled polygons."""
+    from backend.models import load_model, resolve_device
+
+    from .api import class_names_from_pairs, evaluate_model
+    from .evaluate import benchmark_metrics, format_metrics, plot_confusion, write_json
+
+    try:
+        dev = resolve_device(device)
+        if benchmark is not None:
+            from backend.presets import load_preset
+
+            lines = list(classes or []) + (load_preset(preset) if preset else [])
+            if not lines:
+                raise InputError("--benchmark needs the class list, in label value order: --preset NAME or "
+                                 "--classes (one per class).")
+            loaded = load_model(model, str(weights) if weights else None, dev)
+            metrics = benchmark_metrics(benchmark, lines, loaded, benchmark_split, long_side or None,
+                                        reduce_zero_label, ignore_index, attention, batch_size, limit,
+                                        progress=None if quiet else _Lines(quiet))
+            typer.echo(f"{loaded.name} on {benchmark} ({metrics['images']} images)")
+            typer.echo(format_metrics(metrics))
+            if json_out:
+                write_json({"model": loaded.name, "benchmark": str(benchmark), "metrics": metrics}, json_out)
+            if png:
+                plot_confusion(metrics, png)
+            return
+        if raster is None or labels is None or not class_field:
+            raise InputError("Give RASTER, LABELS and --class-field (or --benchmark FOLDER).")
+        result = evaluate_model(raster, labels, class_field, model=model,
+                                weights=str(weights) if weights else None, background=background, aoi=aoi,
+                                class_names=class_names_from_pairs(class_name or []), split=split,
+                                bands=_bands(bands), scale=scale, gsd_m=gsd, attention=attention,
+                                batch_size=batch_size, device=str(dev), out_json=json_out, out_png=png,
+                                progress=_Lines(quiet))
+    except FarslipError as error:
+        _fail(error)
+    except KeyboardInterrupt:
+        typer.echo("Interrupted.", err=True)
+        raise typer.Exit(130) from None
+    where = "the held-out validation strip" if result["split"] == "validation" else "all labelled pixels"
+    typer.echo(f"{result['model']} on {where} of {Path(result['raster']).name}")
+    typer.echo(result["text"])
+
+
+def train_command(
+    raster: Path = typer.Argument(..., help="GeoTIFF to train on."),
+    labels: Path = typer.Argument(..., help="Polygon layer with a class field (any CRS)."),
+    class_field: str = typer.Option(..., help="Field of LABELS holding each polygon's class."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the fine-tuned model into."),
+    base_model: Optional[str] = typer.Option(None, help="Model to start from (default: the default model)."),
+    weights: Optional[Path] = typer.Option(None, help="Checkpoint to use for the base registry model."),
+    method: str = typer.Option("lora", help="lora (default), last-blocks or full."),
+    epochs: int = typer.Option(5, help="Epochs (each about two passes of crops over the training area)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: 2e-4 lora, 2e-5 last-blocks, "
+                                                  "1e-5 full)."),
+    patch_loss_weight: float = typer.Option(1.0, help="Weight of the dense patch cross-entropy (0: off)."),
+    background: Optional[str] = typer.Option(None, help="Unlabelled pixels inside the labels' extent (or "
+                                                        "--aoi) become this class."),
+    aoi: Optional[Path] = typer.Option(None, help="Area-of-interest polygon layer (with --background)."),
+    class_name: Optional[list[str]] = typer.Option(None, help="VALUE=NAME: rename a label value, e.g. "
+                                                              "yes=building (repeatable)."),
+    bands: Optional[str] = typer.Option(None, help="Band numbers for red,green,blue, e.g. 3,2,1."),
+    scale: Optional[float] = typer.Option(None, help="Resample by this factor."),
+    gsd: Optional[float] = typer.Option(None, help="Resample to this ground sample distance in metres."),
+    batch_size: int = typer.Option(4, help="Crops per step."),
+    steps_per_epoch: Optional[int] = typer.Option(None, help="Steps per epoch (default: from the area)."),
+    seed: int = typer.Option(0, help="Random seed."),
+    resume: bool = typer.Option(False, help="Continue an interrupted or finished training of --out."),
+    overwrite: bool = typer.Option(False, help="Replace an existing --out folder."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Fine-tune a model on labelled polygons; report validation mIoU before and after."""
+    from backend.models import resolve_device
+
+    from .api import class_names_from_pairs, train_model
+    from .finetune import TrainOptions
+
+    try:
+        dev = resolve_device(device)
+        options = TrainOptions(batch_size=batch_size, steps_per_epoch=steps_per_epoch, seed=seed)
+        result = train_model(raster, labels, class_field, out, base_model=base_model,
+                             weights=str(weights) if weights else None, method=method, epochs=epochs, lr=lr,
+                             patch_loss_weight=patch_loss_weight, background=background, aoi=aoi,
+                             class_names=class_names_from_pairs(class_name or []), bands=_bands(bands),
+                             scale=scale, gsd_m=gsd, resume=resume, overwrite=overwrite, device=str(dev),
+                             options=options, progress=_Lines(quiet))
+    except FarslipError as error:
+        _fail(error)
+    except KeyboardInterrupt:
+        typer.echo("Interrupted; no model was written (a finished epoch can be continued with --resume).",
+                   err=True)
+        raise typer.Exit(130) from None
+    before, after = result["metrics"]["before"]["miou"] or 0, result["metrics"]["after"]["miou"] or 0
+    typer.echo(f"Validation mIoU: {100 * before:.2f} % before, {100 * after:.2f} % after "
+               f"(best epoch {result['best_epoch']} of {result['epochs']}).")
+    typer.echo(f"Wrote {result['model_dir']}; use it with --model {result['model_dir']}.")
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,244 @@
+"""Segmentation metrics on labelled pixels, computed with the same engine as `segment`.
+
+`predict_classes` runs `backend.engine` (the sliding-window engine behind
+`farslip segment`), so the mIoU reported here is the mIoU users get. Metrics
+follow mmsegmentation: per-class IoU = TP / (TP + FP + FN), NaN for a class
+absent from both truth and prediction, mIoU = mean over the others.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from backend.engine import ArraySource, Segmenter, predict_window
+from backend.errors import InputError
+from backend.raster import PixelWindow
+from backend.text import TextEmbedder, parse_class_lines
+
+
+def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C, C) pixel counts, rows = truth, columns = prediction; pixels outside 0..C-1 are skipped."""
+    keep = (truth >= 0) & (truth < num_classes) & (predicted >= 0) & (predicted < num_classes)
+    index = truth[keep].astype(np.int64) * num_classes + predicted[keep].astype(np.int64)
+    return np.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def metrics_from_confusion(confusion: np.ndarray, class_names: list[str], unpredicted: int = 0) -> dict:
+    """Per-class IoU and accuracy, mIoU, pixel accuracy, as plain values (NaN -> None)."""
+    confusion = np.asarray(confusion, dtype=np.int64)
+    tp = np.diag(confusion).astype(float)
+    truth = confusion.sum(axis=1).astype(float)
+    predicted = confusion.sum(axis=0).astype(float)
+    union = truth + predicted - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, tp / union, np.nan)
+        accuracy = np.where(truth > 0, tp / truth, np.nan)
+    total = int(confusion.sum())
+
+    def plain(value: float) -> float | None:
+        return None if math.isnan(value) else round(float(value), 6)
+
+    return {
+        "miou": plain(np.nanmean(iou)) if np.isfinite(iou).any() else None,
+        "pixel_accuracy": plain(tp.sum() / total) if total else None,
+        "mean_accuracy": plain(np.nanmean(accuracy)) if np.isfinite(accuracy).any() else None,
+        "pixels": total,
+        "unpredicted_pixels": int(unpredicted),
+        "classes": [
+            {"class": name, "iou": plain(i), "accuracy": plain(a), "pixels": int(n)}
+            for name, i, a, n in zip(class_names, iou, accuracy, truth)
+        ],
+        "class_names": list(class_names),
+        "confusion": confusion.tolist(),
+    }
+
+
+def format_metrics(metrics: dict) -> str:
+    """A text report: per-class table, summary line and the confusion matrix."""
+
+    def pct(value):
+        return "   -  " if value is None else f"{100 * value:6.2f}"
+
+    names = metrics["class_names"]
+    width = max(12, *(len(n) for n in names)) + 2
+    lines = [f"{'class':<{width}} {'IoU %':>6} {'acc %':>6} {'pixels':>10}"]
+    for row in metrics["classes"]:
+        lines.append(f"{row['class']:<{width}} {pct(row['iou'])} {pct(row['accuracy'])} {row['pixels']:>10}")
+    lines.append(f"{'mIoU':<{width}} {pct(metrics['miou'])}")
+    lines.append(f"pixel accuracy {pct(metrics['pixel_accuracy']).strip()} %, mean class accuracy "
+                 f"{pct(metrics['mean_accuracy']).strip()} %, {metrics['pixels']} labelled pixels"
+                 + (f", {metrics['unpredicted_pixels']} without prediction" if metrics["unpredicted_pixels"]
+                    else ""))
+    lines.append("")
+    lines.append("confusion matrix (rows: truth, columns: prediction)")
+    cell = max(8, *(len(str(v)) + 1 for row in metrics["confusion"] for v in row))
+    short = [n[:cell - 1] for n in names]
+    lines.append(" " * width + "".join(f"{n:>{cell}}" for n in short))
+    for name, row in zip(names, metrics["confusion"]):
+        lines.append(f"{name:<{width}}" + "".join(f"{v:>{cell}}" for v in row))
+    return "\n".join(lines)
+
+
+def plot_confusion(metrics: dict, path: str | Path, title: str = "") -> Path:
+    """Row-normalised confusion matrix as a PNG (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    confusion = np.asarray(metrics["confusion"], dtype=float)
+    rows = confusion.sum(axis=1, keepdims=True)
+    normalised = np.divide(confusion, rows, out=np.zeros_like(confusion), where=rows > 0)
+    names = metrics["class_names"]
+    side = max(4.0, 0.6 * len(names) + 2.5)
+    figure, axes = plt.subplots(figsize=(side + 1, side))
+    image = axes.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+    axes.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    axes.set_yticks(range(len(names)), names)
+    axes.set_xlabel("prediction")
+    axes.set_ylabel("truth")
+    if len(names) <= 20:
+        for i in range(len(names)):
+            for j in range(len(names)):
+                axes.text(j, i, f"{normalised[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                          color="white" if normalised[i, j] > 0.5 else "black")
+    miou = metrics.get("miou")
+    axes.set_title(title or (f"mIoU {100 * miou:.2f} %" if miou is not None else "confusion matrix"))
+    figure.colorbar(image, ax=axes, fraction=0.046)
+    figure.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(tmp, dpi=100)
+    plt.close(figure)
+    tmp.replace(path)
+    return path
+
+
+def write_json(data: dict, path: str | Path) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def segmenter_for(loaded, class_lines: list[str], model=None, embedder: TextEmbedder | None = None,
+                  attention: str = "segearth", batch_size: int = 8) -> Segmenter:
+    """The engine's Segmenter for `loaded`, optionally with another vision model (one being trained)."""
+    if model is not None:
+        loaded = copy.copy(loaded)
+        loaded.model = model
+    return Segmenter(loaded, parse_class_lines(class_lines), attention=attention, batch_size=batch_size,
+                     embedder=embedder)
+
+
+def predict_classes(segmenter: Segmenter, source, window: PixelWindow,
+                    should_cancel: Callable[[], bool] | None = None,
+                    progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """(h, w) class ids (254/255 = unclassified/nodata) of `window`, exactly as `segment` computes them."""
+    model = segmenter.loaded.model
+    was_training = model.training
+    model.eval()
+    try:
+        return predict_window(segmenter, source, window, should_cancel=should_cancel,
+                              progress=progress).class_ids
+    finally:
+        model.train(was_training)
+
+
+def score(truth: np.ndarray, predicted: np.ndarray, class_names: list[str]) -> dict:
+    """Metrics of predicted class ids against truth (-1 = unlabelled)."""
+    num_classes = len(class_names)
+    labelled = truth >= 0
+    unpredicted = int((labelled & (predicted >= num_classes)).sum())
+    return metrics_from_confusion(confusion_matrix(truth, predicted, num_classes), class_names, unpredicted)
+
+
+# --- benchmark folders ------------------------------------------------------------------------
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def benchmark_pairs(folder: str | Path, split: str = "val") -> list[tuple[Path, Path]]:
+    """(image, label) pairs of a benchmark folder.
+
+    Layouts: mmsegmentation's `img_dir/<split>` + `ann_dir/<split>` (label = same stem, .png),
+    or `images/` + `labels/` (or `masks/`, `annotations/`).
+    """
+    folder = Path(folder)
+    candidates = [(folder / "img_dir" / split, folder / "ann_dir" / split), (folder / "img_dir", folder / "ann_dir")]
+    candidates += [(folder / "images", folder / name) for name in ("labels", "masks", "annotations")]
+    for images, labels in candidates:
+        if images.is_dir() and labels.is_dir():
+            by_stem = {p.stem: p for p in labels.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+            pairs = [(p, by_stem[p.stem]) for p in sorted(images.iterdir())
+                     if p.suffix.lower() in IMAGE_SUFFIXES and p.stem in by_stem]
+            if pairs:
+                return pairs
+    raise InputError(f"No image/label pairs found in {folder}: expected img_dir/{split} + ann_dir/{split} "
+                     "(mmsegmentation layout) or images/ + labels/ with labels named like their images.")
+
+
+def _read_image(path: Path) -> np.ndarray:
+    import warnings
+
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(path) as ds:
+            data = ds.read()
+    return data
+
+
+def benchmark_metrics(folder: str | Path, class_lines: list[str], loaded, split: str = "val",
+                      long_side: int | None = 448, reduce_zero_label: bool = False, ignore_index: int = 255,
+                      attention: str = "segearth", batch_size: int = 8, limit: int | None = None,
+                      progress: Callable[[int, int, dict], None] | None = None,
+                      should_cancel: Callable[[], bool] | None = None) -> dict:
+    """mIoU over a benchmark folder, following the reference protocol (FARSLIP_METHOD.md section 4).
+
+    Each image is resized so its long side is `long_side` (None: native), segmented by the
+    engine, its class probabilities bilinearly resized back to the label's size, argmax.
+    Label value `ignore_index` is skipped; `reduce_zero_label` maps 0 -> ignore and v -> v-1.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    pairs = benchmark_pairs(folder, split)[:limit]
+    names = [spec.name for spec in parse_class_lines(class_lines)]
+    segmenter = segmenter_for(loaded, class_lines, attention=attention, batch_size=batch_size)
+    confusion = np.zeros((len(names), len(names)), np.int64)
+    for done, (image_path, label_path) in enumerate(pairs):
+        rgb = _read_image(image_path).astype(np.float32)
+        rgb = np.repeat(rgb[:1], 3, axis=0) if rgb.shape[0] < 3 else rgb[:3]
+        truth = _read_image(label_path)[0].astype(np.int64)
+        height, width = truth.shape
+        tensor = torch.from_numpy(rgb)[None]
+        if long_side:
+            factor = long_side / max(height, width)
+            size = (max(1, round(height * factor)), max(1, round(width * factor)))
+            tensor = F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)
+        source = ArraySource(tensor[0].numpy())
+        block = predict_window(segmenter, source, should_cancel=should_cancel)
+        probs = torch.from_numpy(np.nan_to_num(block.probs, nan=0.0))[None]
+        probs = F.interpolate(probs, size=(height, width), mode="bilinear", align_corners=False)
+        predicted = probs[0].argmax(dim=0).numpy()
+        ignore = truth == ignore_index
+        if reduce_zero_label:
+            ignore |= truth == 0
+            truth = truth - 1
+        truth[ignore] = -1
+        confusion += confusion_matrix(truth, predicted, len(names))
+        if progress is not None:
+            progress(done + 1, len(pairs), {"image": image_path.name})
+    metrics = metrics_from_confusion(confusion, names)
+    metrics["images"] = len(pairs)
+    return metrics

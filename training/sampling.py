@@ -1,0 +1,196 @@
+"""Spatial train/validation split and samplers of boxes in map coordinates.
+
+The validation part is a strip along one edge of the labelled window. The
+training part is the rectangle left after removing the strip and a buffer
+beside it, so no training crop or region box can contain a validation pixel
+(no leakage across the split), and spatially autocorrelated pixels next to
+the border are not used at all. Samplers yield boxes in map coordinates of
+the raster's CRS (torchgeo style); `to_pixels` turns one into a window of
+the label grid.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import shapely
+from rasterio.transform import Affine
+
+from .labels import LabelGrid
+
+Box = tuple[float, float, float, float]  # xmin, ymin, xmax, ymax in the raster's CRS
+EDGES = ("right", "bottom", "left", "top")
+
+
+@dataclass(frozen=True)
+class PixelBox:
+    """Rows [row0, row1) and columns [col0, col1) of the label grid."""
+
+    row0: int
+    col0: int
+    row1: int
+    col1: int
+
+    @property
+    def height(self) -> int:
+        return self.row1 - self.row0
+
+    @property
+    def width(self) -> int:
+        return self.col1 - self.col0
+
+    @property
+    def slices(self) -> tuple[slice, slice]:
+        return slice(self.row0, self.row1), slice(self.col0, self.col1)
+
+
+@dataclass
+class SpatialSplit:
+    """Where the validation strip, the buffer and the training rectangle lie."""
+
+    edge: str
+    train: PixelBox
+    validation: PixelBox
+    buffer_px: int
+    train_bounds: Box
+    validation_bounds: Box
+    train_pixels: dict[str, int]
+    validation_pixels: dict[str, int]
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["train"] = asdict(self.train)
+        data["validation"] = asdict(self.validation)
+        return data
+
+
+def box_bounds(box: PixelBox, transform: Affine) -> Box:
+    x0, y0 = transform @ (box.col0, box.row0)
+    x1, y1 = transform @ (box.col1, box.row1)
+    return (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+
+
+def to_pixels(bounds: Box, transform: Affine) -> PixelBox:
+    """Map-coordinate box -> the label-grid pixels it covers (rounded to the nearest edges)."""
+    inverse = ~transform
+    cols, rows = zip(*(inverse @ (x, y) for x in (bounds[0], bounds[2]) for y in (bounds[1], bounds[3])))
+    return PixelBox(round(min(rows)), round(min(cols)), round(max(rows)), round(max(cols)))
+
+
+def _strips(height: int, width: int, edge: str, size: int, buffer_px: int) -> tuple[PixelBox, PixelBox]:
+    """(validation strip, training rectangle) for a strip of `size` pixels along `edge`."""
+    if edge == "right":
+        return (PixelBox(0, width - size, height, width), PixelBox(0, 0, height, width - size - buffer_px))
+    if edge == "left":
+        return (PixelBox(0, 0, height, size), PixelBox(0, size + buffer_px, height, width))
+    if edge == "bottom":
+        return (PixelBox(height - size, 0, height, width), PixelBox(0, 0, height - size - buffer_px, width))
+    return (PixelBox(0, 0, size, width), PixelBox(size + buffer_px, 0, height, width))
+
+
+def _counts(labels: np.ndarray, box: PixelBox, classes: int) -> np.ndarray:
+    part = labels[box.slices]
+    return np.bincount(part[part >= 0].ravel(), minlength=classes)
+
+
+def split_labels(grid: LabelGrid, transform: Affine, validation_fraction: float = 0.2,
+                 buffer_px: int = 32, min_train_side: int = 64) -> SpatialSplit:
+    """Choose the edge strip holding about `validation_fraction` of the labelled pixels.
+
+    Among the four edges, prefer the split where validation and training both see
+    the most classes, then the one whose fraction is closest to the target.
+    """
+    from backend.errors import InputError
+
+    labels = grid.labels
+    height, width = labels.shape
+    classes = len(grid.class_lines)
+    total = max(int((labels >= 0).sum()), 1)
+    best, best_key = None, None
+    for edge in EDGES:
+        along = width if edge in ("left", "right") else height
+        profile = (labels >= 0).sum(axis=0 if edge in ("left", "right") else 1)
+        if edge in ("right", "bottom"):
+            profile = profile[::-1]
+        cumulative = np.cumsum(profile) / total
+        size = int(np.searchsorted(cumulative, validation_fraction) + 1)
+        size = max(size, 1)
+        if along - size - buffer_px < min_train_side:
+            continue
+        validation, train = _strips(height, width, edge, size, buffer_px)
+        val_counts, train_counts = _counts(labels, validation, classes), _counts(labels, train, classes)
+        key = (int(min((val_counts > 0).sum(), (train_counts > 0).sum())), int((val_counts > 0).sum()),
+               -abs(val_counts.sum() / total - validation_fraction))
+        if best_key is None or key > best_key:
+            best, best_key = (edge, validation, train, val_counts, train_counts), key
+    if best is None:
+        raise InputError(f"The labelled area ({width} x {height} pixels) is too small to hold out a "
+                         f"validation strip and still train: label an area at least "
+                         f"{min_train_side + buffer_px + 16} pixels wide.")
+    edge, validation, train, val_counts, train_counts = best
+    if (train_counts > 0).sum() < 2 or val_counts.sum() == 0:
+        raise InputError("The labelled classes are not spread out enough to hold out a validation strip: "
+                         "after the split the training part has fewer than two classes or the validation "
+                         "part has no labelled pixels. Label more areas across the raster.")
+    return SpatialSplit(edge, train, validation, buffer_px, box_bounds(train, transform),
+                        box_bounds(validation, transform),
+                        {c: int(n) for c, n in zip(grid.class_lines, train_counts)},
+                        {c: int(n) for c, n in zip(grid.class_lines, val_counts)})
+
+
+def random_crop_boxes(area: Box, crop_size: float, count: int, rng: np.random.Generator) -> list[Box]:
+    """`count` square boxes of side `crop_size` (map units) lying wholly inside `area`."""
+    xmin, ymin, xmax, ymax = area
+    xs = rng.uniform(xmin, max(xmin, xmax - crop_size), count)
+    ys = rng.uniform(ymin, max(ymin, ymax - crop_size), count)
+    return [(x, y, x + crop_size, y + crop_size) for x, y in zip(xs, ys)]
+
+
+def region_boxes(grid: LabelGrid, area: Box, pixel_size: float, min_side_px: int = 32,
+                 max_side_px: int = 1024) -> tuple[list[Box], list[int]]:
+    """Boxes of the labelled polygons inside `area` (map units), with each one's class id.
+
+    A polygon is clipped to `area`; small ones are grown around their centre to
+    `min_side_px` (FarSLIP uses 64-1024 px boxes on 0.1-1 m imagery; user labels of
+    small objects need context), kept inside `area`; larger than `max_side_px` are dropped.
+    """
+    frame = shapely.box(*area)
+    boxes, class_ids = [], []
+    for geometry, class_id in zip(grid.polygons.geometries, grid.class_of_polygon):
+        part = shapely.intersection(geometry, frame)
+        if part.is_empty or part.area <= 0:
+            continue
+        x0, y0, x1, y1 = part.bounds
+        side_min = min_side_px * pixel_size
+        if max(x1 - x0, y1 - y0) > max_side_px * pixel_size:
+            continue
+        w, h = max(x1 - x0, side_min), max(y1 - y0, side_min)
+        cx = min(max((x0 + x1) / 2, area[0] + w / 2), area[2] - w / 2)
+        cy = min(max((y0 + y1) / 2, area[1] + h / 2), area[3] - h / 2)
+        if w > area[2] - area[0] or h > area[3] - area[1]:
+            continue
+        boxes.append((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2))
+        class_ids.append(int(class_id))
+    return boxes, class_ids
+
+
+def pure_boxes(grid: LabelGrid, area: Box, transform: Affine, class_id: int, side_px: int,
+               count: int, rng: np.random.Generator, min_fraction: float = 0.8, tries: int = 20) -> list[Box]:
+    """Random boxes inside `area` mostly covered by one class (for classes without small polygons,
+    such as the background)."""
+    pixel = abs(transform.a)
+    boxes = []
+    for box in random_crop_boxes(area, side_px * pixel, count * tries, rng):
+        part = grid.labels[to_pixels(box, transform).slices]
+        if part.size and (part == class_id).mean() >= min_fraction:
+            boxes.append(box)
+            if len(boxes) == count:
+                break
+    return boxes
+
+
+def steps_for(area_px: int, crop_px: int, batch_size: int, low: int = 4, high: int = 100) -> int:
+    """Steps per epoch: enough crops to cover the training area about twice."""
+    return int(np.clip(math.ceil(2 * area_px / (crop_px * crop_px) / batch_size), low, high))
