@@ -4,8 +4,10 @@ The plugin is a thin client of the FarSLIP backend (a separate process with its
 own Python, torch and open_clip), which it reaches over HTTP only.
 """
 
+from __future__ import annotations
 
-def classFactory(iface):  # noqa: N802 - the name QGIS looks for
+
+def classFactory(iface):
     from .plugin import FarslipPlugin
 
     return FarslipPlugin(iface)

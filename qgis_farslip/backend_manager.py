@@ -7,6 +7,8 @@ the plugin unloads. A backend that is already running (the user's own
 `farslip serve`, or one the plugin started before) is reused.
 """
 
+from __future__ import annotations
+
 import html
 import os
 import re
@@ -15,7 +17,7 @@ import shutil
 import sys
 import time
 from collections import deque
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable
 
 from qgis.core import Qgis, QgsApplication, QgsMessageLog
 from qgis.PyQt.QtCore import QObject, QProcess, QProcessEnvironment, Qt, QThread, QTimer, pyqtSignal
@@ -56,7 +58,7 @@ def plugin_connection_file() -> str:
     return os.path.join(QgsApplication.qgisSettingsDirPath(), "farslip", "backend.json")
 
 
-def _executable_names(name: str) -> List[str]:
+def _executable_names(name: str) -> list[str]:
     return [name + ".exe", name] if sys.platform == "win32" else [name]
 
 
@@ -64,7 +66,7 @@ def _venv_bin(venv: str) -> str:
     return os.path.join(venv, "Scripts" if sys.platform == "win32" else "bin")
 
 
-def candidate_commands() -> List[str]:
+def candidate_commands() -> list[str]:
     """Places a `farslip` executable is looked for when the settings name none, most specific first."""
     here = os.path.dirname(os.path.realpath(__file__))
     checkout = os.path.dirname(here)  # a development checkout: qgis_farslip/ beside .venv/
@@ -83,7 +85,7 @@ def _is_python(path: str) -> bool:
     return os.path.basename(path).lower().startswith("python")
 
 
-def backend_command(setting: str) -> Optional[List[str]]:
+def backend_command(setting: str) -> list[str] | None:
     """The command line that runs the `farslip` CLI: from the settings, else the first one found.
 
     The setting is either a `farslip` executable or the Python interpreter of the
@@ -103,7 +105,7 @@ def backend_command(setting: str) -> Optional[List[str]]:
     return None
 
 
-def serve_arguments(connection_file: str) -> List[str]:
+def serve_arguments(connection_file: str) -> list[str]:
     return ["serve", "--host", "127.0.0.1", "--port", "0", "--connection-file", connection_file]
 
 
@@ -125,12 +127,12 @@ def install_help(setting: str) -> str:
     )
 
 
-def check_connection(connection: Connection, timeout: float = 3.0) -> Dict:
+def check_connection(connection: Connection, timeout: float = 3.0) -> dict:
     """The backend's /v1/health, or BackendError."""
     return BackendClient(connection, timeout=timeout).health(timeout=timeout)
 
 
-def first_healthy(paths: List[str]) -> Optional[Tuple[Connection, Dict, str]]:
+def first_healthy(paths: list[str]) -> tuple[Connection, dict, str] | None:
     """The first connection file whose backend answers /v1/health (blocking)."""
     for path in paths:
         if not path or not os.path.isfile(path):
@@ -144,7 +146,7 @@ def first_healthy(paths: List[str]) -> Optional[Tuple[Connection, Dict, str]]:
 
 
 def wait_for_backend(connection_file: str, timeout: float, is_alive: Callable[[], bool],
-                     should_cancel: Callable[[], bool] = lambda: False) -> Tuple[Connection, Dict]:
+                     should_cancel: Callable[[], bool] = lambda: False) -> tuple[Connection, dict]:
     """Block until the started backend wrote its connection file and answers /v1/health."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not should_cancel():
@@ -166,15 +168,15 @@ class BackendManager(QObject):
     _ensureRequested = pyqtSignal()    # ensure() asked for from another thread
 
     def __init__(self, settings_loader: Callable[[], PluginSettings] = PluginSettings.load,
-                 connection_file: Optional[str] = None, parent: Optional[QObject] = None):
+                 connection_file: str | None = None, parent: QObject | None = None):
         super().__init__(parent)
         self.settings_loader = settings_loader
         self.connection_file = connection_file or plugin_connection_file()
-        self.connection: Optional[Connection] = None
-        self.health: Dict = {}
+        self.connection: Connection | None = None
+        self.health: dict = {}
         self.state = "idle"
         self.message = ""
-        self.process: Optional[QProcess] = None
+        self.process: QProcess | None = None
         self.output_tail: deque = deque(maxlen=40)
         self._started_at = 0.0
         self._poll = QTimer(self)
@@ -189,7 +191,7 @@ class BackendManager(QObject):
         self.state = state
         self.stateChanged.emit(state)
 
-    def _succeed(self, connection: Connection, health: Dict, how: str) -> None:
+    def _succeed(self, connection: Connection, health: dict, how: str) -> None:
         self._poll.stop()
         self.connection, self.health = connection, health
         log(f"Using the FarSLIP backend at {connection.url} ({how}).")
@@ -203,7 +205,7 @@ class BackendManager(QObject):
         self._set_state("failed")
         self.failed.emit(message)
 
-    def client(self) -> Optional[BackendClient]:
+    def client(self) -> BackendClient | None:
         return BackendClient(self.connection) if self.connection else None
 
     def owns_process(self) -> bool:

@@ -1,10 +1,11 @@
 """Class lines typed by the user and the presets bundled with the plugin."""
 
+from __future__ import annotations
+
 import os
-from typing import Dict, List, Optional
 
 
-def parse_class_text(text: str) -> List[str]:
+def parse_class_text(text: str) -> list[str]:
     """Class lines of the text box: one class per line, commas separate synonyms, '#' starts a comment.
 
     Synonyms are normalised to "a, b" exactly as the backend writes them, so that
@@ -24,7 +25,7 @@ def class_name(class_line: str) -> str:
     return class_line.split(",", 1)[0].strip()
 
 
-def resources_dir() -> Optional[str]:
+def resources_dir() -> str | None:
     """The resources folder: inside the installed package, or the checkout's resources/."""
     here = os.path.dirname(os.path.realpath(__file__))
     for candidate in (os.path.join(here, "resources"), os.path.join(os.path.dirname(here), "resources")):
@@ -33,7 +34,7 @@ def resources_dir() -> Optional[str]:
     return None
 
 
-def bundled_presets() -> Dict[str, List[str]]:
+def bundled_presets() -> dict[str, list[str]]:
     """Presets read from resources/presets/*.txt, used while no backend answers GET /v1/presets."""
     root = resources_dir()
     folder = os.path.join(root, "presets") if root else ""

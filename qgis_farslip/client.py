@@ -4,11 +4,13 @@ Every call blocks until the backend answers, so the plugin makes them from a
 QgsTask or a Processing algorithm, never from the GUI thread.
 """
 
+from __future__ import annotations
+
 import json
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
 
@@ -24,14 +26,14 @@ class BackendUnreachable(BackendError):
 class Connection:
     """Where a running backend listens and the token it wants."""
 
-    def __init__(self, url: str, token: str = "", pid: Optional[int] = None, version: str = ""):
+    def __init__(self, url: str, token: str = "", pid: int | None = None, version: str = ""):
         self.url = url.rstrip("/")
         self.token = token
         self.pid = pid
         self.version = version
 
     @classmethod
-    def from_file(cls, path: str) -> "Connection":
+    def from_file(cls, path: str) -> Connection:
         """Read the connection file `farslip serve --connection-file` writes."""
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
@@ -62,7 +64,7 @@ class BackendClient:
         self.connection = connection
         self.timeout = timeout
 
-    def _request(self, method: str, path: str, body: Optional[dict] = None, timeout: Optional[float] = None) -> Any:
+    def _request(self, method: str, path: str, body: dict | None = None, timeout: float | None = None) -> Any:
         data = json.dumps(body).encode("utf-8") if body is not None else None
         request = urllib.request.Request(self.connection.url + path, data=data, method=method)
         request.add_header("Accept", "application/json")
@@ -81,32 +83,32 @@ class BackendClient:
                 f"The FarSLIP backend at {self.connection.url} does not answer ({reason})."
             ) from None
 
-    def health(self, timeout: Optional[float] = None) -> Dict[str, Any]:
+    def health(self, timeout: float | None = None) -> dict[str, Any]:
         return self._request("GET", "/v1/health", timeout=timeout)
 
-    def models(self) -> Dict[str, Any]:
+    def models(self) -> dict[str, Any]:
         return self._request("GET", "/v1/models")
 
-    def presets(self) -> Dict[str, List[str]]:
+    def presets(self) -> dict[str, list[str]]:
         return self._request("GET", "/v1/presets").get("presets", {})
 
-    def segment(self, request: Dict[str, Any]) -> str:
+    def segment(self, request: dict[str, Any]) -> str:
         return self._request("POST", "/v1/segment", request)["job_id"]
 
-    def train(self, request: Dict[str, Any]) -> str:
+    def train(self, request: dict[str, Any]) -> str:
         return self._request("POST", "/v1/train", request)["job_id"]
 
-    def job(self, job_id: str) -> Dict[str, Any]:
+    def job(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", "/v1/jobs/" + urllib.parse.quote(job_id, safe=""))
 
-    def jobs(self) -> List[Dict[str, Any]]:
+    def jobs(self) -> list[dict[str, Any]]:
         return self._request("GET", "/v1/jobs").get("jobs", [])
 
-    def cancel(self, job_id: str) -> Dict[str, Any]:
+    def cancel(self, job_id: str) -> dict[str, Any]:
         return self._request("DELETE", "/v1/jobs/" + urllib.parse.quote(job_id, safe=""))
 
 
-def device_text(health: Dict[str, Any]) -> str:
+def device_text(health: dict[str, Any]) -> str:
     """'NVIDIA RTX 4090 (cuda, 20480 MB free)' or 'CPU'."""
     device = health.get("device") or {}
     kind = device.get("type", "cpu")

@@ -1,12 +1,14 @@
 """The FarSLIP dock: choose a raster, an extent and class names, run, get a styled polygon layer."""
 
+from __future__ import annotations
+
 import html
 import os
 import re
 import shutil
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable
 
 from qgis.core import (
     Qgis,
@@ -63,15 +65,15 @@ class FarslipDock(QgsDockWidget):
         self.form.setupUi(self.body)
         self.setWidget(self.body)
 
-        self.presets: Dict[str, List[str]] = {}
-        self.task: Optional[JobTask] = None
-        self.last_layers: List[Any] = []
+        self.presets: dict[str, list[str]] = {}
+        self.task: JobTask | None = None
+        self.last_layers: list[Any] = []
         self.last_error = ""
-        self.drawn_extent: Optional[Tuple[QgsRectangle, QgsCoordinateReferenceSystem]] = None
+        self.drawn_extent: tuple[QgsRectangle, QgsCoordinateReferenceSystem] | None = None
         self.map_tool = RectangleMapTool(self.canvas)
         self.map_tool.extentDrawn.connect(self._extent_drawn)
         self._pending_run = False
-        self._temporary_dirs: List[str] = []
+        self._temporary_dirs: list[str] = []
 
         form = self.form
         form.layerCombo.setFilters(QgsMapLayerProxyModel.RasterLayer)
@@ -105,7 +107,7 @@ class FarslipDock(QgsDockWidget):
         elif state == "idle":
             self.form.deviceLabel.setText("Backend: not connected")
 
-    def _backend_ready(self, connection: Connection, health: Dict) -> None:
+    def _backend_ready(self, connection: Connection, health: dict) -> None:
         self.show_backend_message("")
         self.form.deviceLabel.setText(f"Backend: {device_text(health)}")
         self.form.deviceLabel.setToolTip(f"{connection.url}, FarSLIP {health.get('version', '')}")
@@ -145,7 +147,7 @@ class FarslipDock(QgsDockWidget):
         if presets:
             self.set_presets(presets)
 
-    def set_models(self, models: Dict) -> None:
+    def set_models(self, models: dict) -> None:
         combo = self.form.modelCombo
         current = combo.currentText()
         combo.clear()
@@ -162,7 +164,7 @@ class FarslipDock(QgsDockWidget):
         for index in range(combo.count()):
             self.form.baseModelCombo.addItem(combo.itemText(index), combo.itemData(index))
 
-    def set_presets(self, presets: Dict[str, List[str]]) -> None:
+    def set_presets(self, presets: dict[str, list[str]]) -> None:
         self.presets = dict(presets)
         combo = self.form.presetCombo
         current = combo.currentText()
@@ -184,10 +186,10 @@ class FarslipDock(QgsDockWidget):
         self._preset_chosen(index)
 
     # -- inputs -------------------------------------------------------------------------------
-    def class_lines(self) -> List[str]:
+    def class_lines(self) -> list[str]:
         return parse_class_text(self.form.classesEdit.toPlainText())
 
-    def model_name(self) -> Optional[str]:
+    def model_name(self) -> str | None:
         combo = self.form.modelCombo
         text = combo.currentText().strip()
         index = combo.findText(text)
@@ -206,7 +208,7 @@ class FarslipDock(QgsDockWidget):
         self.drawn_extent = (QgsRectangle(rectangle), crs)
         self.form.extentCombo.setCurrentIndex(self.form.extentCombo.findData(EXTENT_DRAWN))
 
-    def chosen_extent(self) -> Optional[Tuple[QgsRectangle, QgsCoordinateReferenceSystem]]:
+    def chosen_extent(self) -> tuple[QgsRectangle, QgsCoordinateReferenceSystem] | None:
         """The extent to segment and its CRS; None means the whole layer."""
         choice = self.form.extentCombo.currentData()
         if choice == EXTENT_LAYER:
@@ -230,7 +232,7 @@ class FarslipDock(QgsDockWidget):
                             "pan the map to the raster or choose 'Whole layer'.")
         return clipped
 
-    def build_request(self) -> Tuple[Dict[str, Any], Optional[Callable], List[str]]:
+    def build_request(self) -> tuple[dict[str, Any], Callable | None, list[str]]:
         """The POST /v1/segment body, a preparation step for non-file layers, and the output paths."""
         layer = self.form.layerCombo.currentLayer()
         if not isinstance(layer, QgsRasterLayer) or not layer.isValid():
@@ -250,7 +252,7 @@ class FarslipDock(QgsDockWidget):
         outputs = {"out": stem + ".gpkg",
                    "class_raster": stem + "_classes.tif" if self.form.classRasterCheck.isChecked() else None,
                    "prob_raster": stem + "_probabilities.tif" if self.form.probRasterCheck.isChecked() else None}
-        request: Dict[str, Any] = {"class_lines": class_lines, "model": self.model_name(),
+        request: dict[str, Any] = {"class_lines": class_lines, "model": self.model_name(),
                                    "threshold": float(self.form.thresholdSpin.value()), **outputs}
         prepare = None
         path = local_raster_path(layer)
@@ -328,8 +330,8 @@ class FarslipDock(QgsDockWidget):
             self.form.statusLabel.setText("Cancelled.")
             self.jobFinished.emit("cancelled")
 
-    def _job_updated(self, job: Dict) -> None:
-        self.form.progressBar.setValue(int(round(100 * float(job.get("progress") or 0.0))))
+    def _job_updated(self, job: dict) -> None:
+        self.form.progressBar.setValue(round(100 * float(job.get("progress") or 0.0)))
         self.form.statusLabel.setText(eta_text(job))
 
     def _finish(self, state: str) -> None:
@@ -340,7 +342,7 @@ class FarslipDock(QgsDockWidget):
         self._temporary_dirs = []
         self.jobFinished.emit(state)
 
-    def _job_done(self, job: Dict, raster_layer: QgsRasterLayer) -> None:
+    def _job_done(self, job: dict, raster_layer: QgsRasterLayer) -> None:
         try:
             self.last_layers = load_segment_result(job, raster_layer, f"FarSLIP {raster_layer.name()}")
         except RuntimeError as error:
@@ -371,7 +373,7 @@ class FarslipDock(QgsDockWidget):
         log(message, Qgis.Warning)
 
     # -- export -------------------------------------------------------------------------------
-    def result_layer(self) -> Optional[QgsVectorLayer]:
+    def result_layer(self) -> QgsVectorLayer | None:
         """The FarSLIP result to export: the active layer if it is one, else the latest."""
         active = self.iface.activeLayer()
         if isinstance(active, QgsVectorLayer) and active.customProperty("farslip/run_id") is not None:
@@ -381,7 +383,7 @@ class FarslipDock(QgsDockWidget):
                 return layer
         return None
 
-    def export_result(self, path: Optional[str] = None) -> Optional[str]:
+    def export_result(self, path: str | None = None) -> str | None:
         layer = self.result_layer()
         if layer is None:
             self._show_error("There is no FarSLIP result to export yet; run a segmentation first.")

@@ -1,7 +1,8 @@
 """Extents and rasters for a request: CRS handling and local copies of non-file layers."""
 
+from __future__ import annotations
+
 import os
-from typing import Optional, Tuple
 
 from qgis.core import (
     QgsCoordinateReferenceSystem,
@@ -32,7 +33,7 @@ def transform_extent(extent: QgsRectangle, source_crs: QgsCoordinateReferenceSys
     return transform.transformBoundingBox(extent)
 
 
-def local_raster_path(layer: QgsRasterLayer) -> Optional[str]:
+def local_raster_path(layer: QgsRasterLayer) -> str | None:
     """The GeoTIFF (or other GDAL file) behind the layer, or None when it is not a plain local file."""
     if layer.providerType() != "gdal":
         return None
@@ -41,7 +42,7 @@ def local_raster_path(layer: QgsRasterLayer) -> Optional[str]:
 
 
 def export_size(layer: QgsRasterLayer, extent: QgsRectangle, canvas_extent: QgsRectangle,
-                canvas_size: Tuple[int, int]) -> Tuple[int, int]:
+                canvas_size: tuple[int, int]) -> tuple[int, int]:
     """Pixels of the local copy: the layer's own resolution, or the canvas's for WMS/XYZ layers.
 
     `extent` is in the layer's CRS; `canvas_extent` is the canvas's visible extent in the layer's CRS.
@@ -56,10 +57,10 @@ def export_size(layer: QgsRasterLayer, extent: QgsRectangle, canvas_extent: QgsR
     scale = max(width, height) / MAX_EXPORT_SIDE_PX
     if scale > 1:
         width, height = width / scale, height / scale
-    return max(1, int(round(width))), max(1, int(round(height)))
+    return max(1, round(width)), max(1, round(height))
 
 
-def write_geotiff(provider: QgsRasterDataProvider, extent: QgsRectangle, size: Tuple[int, int],
+def write_geotiff(provider: QgsRasterDataProvider, extent: QgsRectangle, size: tuple[int, int],
                   crs: QgsCoordinateReferenceSystem, path: str, feedback=None) -> str:
     """Write `extent` (in `crs`, the provider's CRS) of a cloned provider to a GeoTIFF.
 

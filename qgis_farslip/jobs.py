@@ -4,9 +4,12 @@ All network calls happen in the task's worker thread; the GUI gets the job
 dictionaries through queued signals and the final outcome in finished().
 """
 
+from __future__ import annotations
+
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Callable
 
 from qgis.core import QgsTask
 from qgis.PyQt.QtCore import pyqtSignal
@@ -17,7 +20,7 @@ POLL_INTERVAL_S = 0.3
 CANCEL_WAIT_S = 60.0
 
 
-def remove_files(paths: List[str]) -> None:
+def remove_files(paths: list[str]) -> None:
     for path in paths:
         if path and os.path.exists(path):
             os.remove(path)
@@ -27,9 +30,9 @@ class JobCancelled(Exception):
     """The user cancelled; the backend has stopped the job and written nothing."""
 
 
-def run_job(client: BackendClient, kind: str, request: Dict[str, Any],
-            on_update: Callable[[Dict[str, Any]], None], is_cancelled: Callable[[], bool],
-            output_paths: Sequence[str] = ()) -> Dict[str, Any]:
+def run_job(client: BackendClient, kind: str, request: dict[str, Any],
+            on_update: Callable[[dict[str, Any]], None], is_cancelled: Callable[[], bool],
+            output_paths: Sequence[str] = ()) -> dict[str, Any]:
     """Submit a job and poll it until it ends (blocking): the finished job, JobCancelled or BackendError."""
     job_id = client.train(request) if kind == "train" else client.segment(request)
     while True:
@@ -48,7 +51,7 @@ def run_job(client: BackendClient, kind: str, request: Dict[str, Any],
         time.sleep(POLL_INTERVAL_S)
 
 
-def cancel_job(client: BackendClient, job: Dict[str, Any], output_paths: Sequence[str] = ()) -> None:
+def cancel_job(client: BackendClient, job: dict[str, Any], output_paths: Sequence[str] = ()) -> None:
     """Ask the backend to cancel and wait until it has; outputs of a job that finished anyway are removed."""
     client.cancel(job["id"])
     deadline = time.monotonic() + CANCEL_WAIT_S
@@ -59,7 +62,7 @@ def cancel_job(client: BackendClient, job: Dict[str, Any], output_paths: Sequenc
         remove_outputs(job, output_paths)
 
 
-def remove_outputs(job: Dict[str, Any], output_paths: Sequence[str] = ()) -> None:
+def remove_outputs(job: dict[str, Any], output_paths: Sequence[str] = ()) -> None:
     outputs = (job.get("result") or {}).get("outputs") or {}
     remove_files([path for path in outputs.values() if path] + list(output_paths))
 
@@ -72,19 +75,19 @@ class JobTask(QgsTask):
     failedWith = pyqtSignal(str)
     cancelledJob = pyqtSignal()
 
-    def __init__(self, description: str, connection: Connection, kind: str, request: Dict[str, Any],
-                 prepare: Optional[Callable[["JobTask", Dict[str, Any]], None]] = None,
-                 output_paths: Optional[List[str]] = None):
+    def __init__(self, description: str, connection: Connection, kind: str, request: dict[str, Any],
+                 prepare: Callable[[JobTask, dict[str, Any]], None] | None = None,
+                 output_paths: list[str] | None = None):
         super().__init__(description, QgsTask.CanCancel)
         self.client = BackendClient(connection)
         self.kind = kind
         self.request = request
         self.prepare = prepare
         self.output_paths = list(output_paths or [])  # removed if the user cancels after all
-        self.job: Dict[str, Any] = {}
+        self.job: dict[str, Any] = {}
         self.error = ""
 
-    def _update(self, job: Dict[str, Any]) -> None:
+    def _update(self, job: dict[str, Any]) -> None:
         self.job = job
         self.setProgress(100.0 * float(job.get("progress") or 0.0))
         self.jobUpdated.emit(job)
@@ -102,7 +105,7 @@ class JobTask(QgsTask):
             return False
         except BackendError as error:
             self.error = str(error)
-        except Exception as error:  # shown to the user as a sentence
+        except Exception as error:  # noqa: BLE001 - a worker thread must not raise; shown as a sentence
             self.error = f"{type(error).__name__}: {error}"
         return False
 
@@ -118,7 +121,7 @@ class JobTask(QgsTask):
             self.failedWith.emit(self.error or "The job failed.")
 
 
-def eta_text(job: Dict[str, Any]) -> str:
+def eta_text(job: dict[str, Any]) -> str:
     """'Tile 12 of 40, about 1 min 5 s left' from a job dictionary."""
     parts = []
     message = job.get("message") or ""
@@ -129,7 +132,7 @@ def eta_text(job: Dict[str, Any]) -> str:
         parts.append(message)
     eta = job.get("eta_s")
     if eta is not None and job.get("state") == "running":
-        eta = int(round(eta))
+        eta = round(eta)
         parts.append(f"about {eta // 60} min {eta % 60} s left" if eta >= 60 else f"about {eta} s left")
     if not parts:
         parts.append(job.get("state", ""))

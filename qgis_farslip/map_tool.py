@@ -1,5 +1,7 @@
 """A map tool to draw the rectangle to segment."""
 
+from __future__ import annotations
+
 from qgis.core import QgsPointXY, QgsRectangle, QgsWkbTypes
 from qgis.gui import QgsMapTool, QgsRubberBand
 from qgis.PyQt.QtCore import Qt, pyqtSignal
@@ -20,15 +22,15 @@ class RectangleMapTool(QgsMapTool):
         self.rubber_band.setWidth(2)
         self.setCursor(Qt.CrossCursor)
 
-    def canvasPressEvent(self, event):  # noqa: N802 - Qt's name
+    def canvasPressEvent(self, event):
         self.start = self.toMapCoordinates(event.pos())
         self.show_rectangle(QgsRectangle(self.start, self.start))
 
-    def canvasMoveEvent(self, event):  # noqa: N802
+    def canvasMoveEvent(self, event):
         if self.start is not None:
             self.show_rectangle(QgsRectangle(self.start, self.toMapCoordinates(event.pos())))
 
-    def canvasReleaseEvent(self, event):  # noqa: N802
+    def canvasReleaseEvent(self, event):
         if self.start is None:
             return
         rectangle = QgsRectangle(self.start, self.toMapCoordinates(event.pos()))

@@ -1,7 +1,8 @@
 """The plugin object QGIS loads: menu and toolbar action, dock, settings, Processing provider, backend."""
 
+from __future__ import annotations
+
 import os
-from typing import Optional
 
 from qgis.core import QgsApplication
 from qgis.PyQt.QtCore import Qt
@@ -19,19 +20,20 @@ MENU = "&FarSLIP"
 class FarslipPlugin:
     def __init__(self, iface):
         self.iface = iface
-        self.manager: Optional[BackendManager] = None
+        self.manager: BackendManager | None = None
         self.dock = None
-        self.provider: Optional[FarslipProvider] = None
+        self.provider: FarslipProvider | None = None
         self.actions = []
 
     def icon(self) -> QIcon:
         root = resources_dir()
         return QIcon(os.path.join(root, "icons", "farslip.svg")) if root else QIcon()
 
-    def initGui(self):  # noqa: N802 - QGIS's name
+    def initGui(self):
         self.manager = BackendManager()
         self.provider = FarslipProvider(lambda: self.manager)
-        QgsApplication.processingRegistry().addProvider(self.provider)
+        if not QgsApplication.processingRegistry().addProvider(self.provider):
+            self.provider = None  # another copy of the plugin registered "farslip"; the registry deleted ours
 
         self.dock_action = QAction(self.icon(), "FarSLIP segmentation", self.iface.mainWindow())
         self.dock_action.setCheckable(True)

@@ -1,8 +1,10 @@
 """Processing provider: "Segment raster by class names", for batch mode and the graphical modeler."""
 
+from __future__ import annotations
+
 import os
 import tempfile
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable
 
 from qgis.core import (
     QgsProcessing,
@@ -26,7 +28,7 @@ from .jobs import JobCancelled, run_job
 from .results import categorized_renderer
 
 # Post-processors must outlive processAlgorithm; QGIS calls them after the run, in the GUI thread.
-_POST_PROCESSORS: List["StyleResult"] = []
+_POST_PROCESSORS: list[StyleResult] = []
 
 
 def icon() -> QIcon:
@@ -35,11 +37,11 @@ def icon() -> QIcon:
 
 
 class StyleResult(QgsProcessingLayerPostProcessorInterface):
-    def __init__(self, classes: List[Tuple[str, int]]):
+    def __init__(self, classes: list[tuple[str, int]]):
         super().__init__()
         self.classes = classes
 
-    def postProcessLayer(self, layer, context, feedback):  # noqa: N802 - QGIS's name
+    def postProcessLayer(self, layer, context, feedback):
         if layer is not None and layer.isValid() and self.classes:
             layer.setRenderer(categorized_renderer(self.classes))
             layer.triggerRepaint()
@@ -48,20 +50,20 @@ class StyleResult(QgsProcessingLayerPostProcessorInterface):
 class SegmentByClassNames(QgsProcessingAlgorithm):
     INPUT, EXTENT, CLASSES, MODEL, THRESHOLD, OUTPUT = "INPUT", "EXTENT", "CLASSES", "MODEL", "THRESHOLD", "OUTPUT"
 
-    def __init__(self, manager_getter: Callable[[], Optional[BackendManager]]):
+    def __init__(self, manager_getter: Callable[[], BackendManager | None]):
         super().__init__()
         self.manager_getter = manager_getter
 
-    def createInstance(self):  # noqa: N802
+    def createInstance(self):
         return SegmentByClassNames(self.manager_getter)
 
     def name(self):
         return "segment_by_class_names"
 
-    def displayName(self):  # noqa: N802
+    def displayName(self):
         return "Segment raster by class names"
 
-    def shortHelpString(self):  # noqa: N802
+    def shortHelpString(self):
         return ("Open-vocabulary segmentation with FarSLIP: type the classes, one per line (commas separate "
                 "synonyms, e.g. 'road, parking lot'), and get a polygon layer with the fields class, "
                 "class_id, score_mean, score_max and area_m2, in the raster's CRS. The FarSLIP backend runs "
@@ -70,7 +72,7 @@ class SegmentByClassNames(QgsProcessingAlgorithm):
     def icon(self):
         return icon()
 
-    def initAlgorithm(self, config=None):  # noqa: N802
+    def initAlgorithm(self, config=None):
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Raster layer"))
         self.addParameter(QgsProcessingParameterExtent(self.EXTENT, "Extent (default: the whole raster)",
                                                        optional=True))
@@ -84,7 +86,7 @@ class SegmentByClassNames(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterVectorDestination(
             self.OUTPUT, "Segmented polygons", QgsProcessing.TypeVectorPolygon))
 
-    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
+    def processAlgorithm(self, parameters, context, feedback):
         layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
         if layer is None or not layer.isValid():
             raise QgsProcessingException("The raster layer cannot be opened.")
@@ -92,7 +94,7 @@ class SegmentByClassNames(QgsProcessingAlgorithm):
         if not class_lines:
             raise QgsProcessingException("Give at least one class name (one per line).")
         out = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
-        request: Dict = {"class_lines": class_lines,
+        request: dict = {"class_lines": class_lines,
                          "model": self.parameterAsString(parameters, self.MODEL, context).strip() or None,
                          "threshold": self.parameterAsDouble(parameters, self.THRESHOLD, context),
                          "out": out, "overwrite": True}
@@ -144,7 +146,7 @@ class SegmentByClassNames(QgsProcessingAlgorithm):
 
 
 class FarslipProvider(QgsProcessingProvider):
-    def __init__(self, manager_getter: Callable[[], Optional[BackendManager]]):
+    def __init__(self, manager_getter: Callable[[], BackendManager | None]):
         super().__init__()
         self.manager_getter = manager_getter
 
@@ -157,11 +159,11 @@ class FarslipProvider(QgsProcessingProvider):
     def icon(self):
         return icon()
 
-    def loadAlgorithms(self):  # noqa: N802
+    def loadAlgorithms(self):
         self.addAlgorithm(SegmentByClassNames(self.manager_getter))
 
-    def supportedOutputVectorLayerExtensions(self):  # noqa: N802 - the backend writes these
+    def supportedOutputVectorLayerExtensions(self):
         return ["gpkg", "shp", "geojson", "fgb"]
 
-    def supportsNonFileBasedOutput(self):  # noqa: N802
+    def supportsNonFileBasedOutput(self):
         return False

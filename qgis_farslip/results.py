@@ -1,8 +1,10 @@
 """Result layers: load the backend's outputs above the raster, style them, export them."""
 
+from __future__ import annotations
+
 import os
 import zlib
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 from qgis.core import (
     QgsCategorizedSymbolRenderer,
@@ -46,7 +48,7 @@ def class_colour(name: str) -> QColor:
     return QColor(PALETTE[zlib.crc32(lowered.encode("utf-8")) % len(PALETTE)])
 
 
-def class_colours(names: Sequence[str]) -> Dict[str, QColor]:
+def class_colours(names: Sequence[str]) -> dict[str, QColor]:
     """Colours for one run's classes; two classes never share a colour (later ones move on)."""
     colours, used = {}, set()
     for name in names:
@@ -60,13 +62,13 @@ def class_colours(names: Sequence[str]) -> Dict[str, QColor]:
     return colours
 
 
-def result_classes(job: Dict) -> List[Tuple[str, int]]:
+def result_classes(job: dict) -> list[tuple[str, int]]:
     """(class name, class id) of a finished segment job, in the order they were asked for."""
     classes = (job.get("result") or {}).get("classes") or []
     return [(str(item["class"]), int(item["class_id"])) for item in classes]
 
 
-def categorized_renderer(classes: Sequence[Tuple[str, int]]) -> QgsCategorizedSymbolRenderer:
+def categorized_renderer(classes: Sequence[tuple[str, int]]) -> QgsCategorizedSymbolRenderer:
     colours = class_colours([name for name, _ in classes])
     categories = []
     for name, _class_id in classes:
@@ -76,13 +78,13 @@ def categorized_renderer(classes: Sequence[Tuple[str, int]]) -> QgsCategorizedSy
     return QgsCategorizedSymbolRenderer(CLASS_FIELD, categories)
 
 
-def paletted_renderer(layer: QgsRasterLayer, classes: Sequence[Tuple[str, int]]) -> QgsPalettedRasterRenderer:
+def paletted_renderer(layer: QgsRasterLayer, classes: Sequence[tuple[str, int]]) -> QgsPalettedRasterRenderer:
     colours = class_colours([name for name, _ in classes])
     entries = [QgsPalettedRasterRenderer.Class(class_id, colours[name], name) for name, class_id in classes]
     return QgsPalettedRasterRenderer(layer.dataProvider(), 1, entries)
 
 
-def _insert_above(layer: QgsMapLayer, anchor: Optional[QgsMapLayer], project: QgsProject) -> None:
+def _insert_above(layer: QgsMapLayer, anchor: QgsMapLayer | None, project: QgsProject) -> None:
     """Add `layer` to the project directly above `anchor` in the layer tree (on top if no anchor)."""
     project.addMapLayer(layer, False)
     root = project.layerTreeRoot()
@@ -94,13 +96,13 @@ def _insert_above(layer: QgsMapLayer, anchor: Optional[QgsMapLayer], project: Qg
     parent.insertLayer(index, layer)
 
 
-def load_segment_result(job: Dict, raster_layer: Optional[QgsMapLayer], name: str,
-                        project: Optional[QgsProject] = None) -> List[QgsMapLayer]:
+def load_segment_result(job: dict, raster_layer: QgsMapLayer | None, name: str,
+                        project: QgsProject | None = None) -> list[QgsMapLayer]:
     """Add the vector (and the optional rasters) of a finished job above the raster; return them, top first."""
     project = project or QgsProject.instance()
     outputs = (job.get("result") or {}).get("outputs") or {}
     classes = result_classes(job)
-    added: List[QgsMapLayer] = []
+    added: list[QgsMapLayer] = []
     for key, title in (("prob_raster", "probabilities"), ("class_raster", "classes")):
         path = outputs.get(key)
         if path and os.path.isfile(path):
@@ -139,6 +141,7 @@ def export_vector_layer(layer: QgsVectorLayer, path: str) -> str:
     options.driverName = driver_for(path)
     options.fileEncoding = "UTF-8"
     options.layerName = os.path.splitext(os.path.basename(path))[0]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(
         layer, path, QgsProject.instance().transformContext(), options)
     if error != QgsVectorFileWriter.NoError:

@@ -1,5 +1,7 @@
 """The plugin's settings, kept in QgsSettings under "farslip/"."""
 
+from __future__ import annotations
+
 import os
 from dataclasses import dataclass, fields
 
@@ -25,7 +27,7 @@ class PluginSettings:
     output_folder: str = ""
 
     @classmethod
-    def load(cls) -> "PluginSettings":
+    def load(cls) -> PluginSettings:
         store = QgsSettings()
         values = {}
         for field in fields(cls):

@@ -1,5 +1,7 @@
 """The settings dialog (UI from ui/settings_dialog.ui)."""
 
+from __future__ import annotations
+
 import os
 
 from qgis.PyQt import uic

@@ -6,11 +6,12 @@ start the real backend (`.venv/bin/farslip serve`) with a tiny random model
 that the backend's own Python builds (QGIS's Python has no torch).
 """
 
+from __future__ import annotations
+
 import importlib
 import os
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -95,9 +96,9 @@ def plugin_settings(farslip, tmp_path):
     PluginSettings().save()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def running_plugin(farslip, qgis_iface, backend_home, tiny_model):
-    """The plugin, loaded once, with the backend it started (shared by the end-to-end tests)."""
+    """The plugin, loaded once per module, with the backend it started (shared by the end-to-end tests)."""
     if not BACKEND_FARSLIP.exists():
         pytest.skip("the backend venv .venv is missing (run `make setup`)")
     save_settings(farslip, backend_command=str(BACKEND_FARSLIP), auto_start=True)

@@ -1,5 +1,7 @@
 """Helpers of the plugin tests (importable from the test modules, unlike conftest)."""
 
+from __future__ import annotations
+
 import time
 from pathlib import Path
 

@@ -1,5 +1,7 @@
 """The dock's inputs: class lines, presets, extents and CRSs; no backend needed."""
 
+from __future__ import annotations
+
 import pytest
 from plugin_helpers import NAIP
 from qgis.core import (

@@ -1,5 +1,7 @@
 """The built zip installs like "Install from ZIP" and the plugin loads and unloads cleanly."""
 
+from __future__ import annotations
+
 import configparser
 import zipfile
 

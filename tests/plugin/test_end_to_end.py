@@ -1,0 +1,179 @@
+"""The plugin starts the real backend, segments a shared raster from the dock, and loads the result."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from plugin_helpers import REPO, empty_dir, run_dock_job, wait_until
+from qgis.core import (
+    QgsCategorizedSymbolRenderer,
+    QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
+    QgsProject,
+    QgsRasterLayer,
+    QgsVectorLayer,
+)
+
+CLASS_TEXT = "water, lake\ngrass, meadow\nroad"
+CLASSES = ["water", "grass", "road"]
+
+
+def configure_dock(dock, layer, tiny_model, extent="layer"):
+    dock.form.layerCombo.setLayer(layer)
+    dock.form.extentCombo.setCurrentIndex(dock.form.extentCombo.findData(extent))
+    dock.form.classesEdit.setPlainText(CLASS_TEXT)
+    dock.form.modelCombo.setEditText(str(tiny_model))
+
+
+@pytest.fixture
+def dock(running_plugin, plugin_settings, naip_layer, tiny_model):
+    plugin_settings(backend_command=str(REPO / ".venv" / "bin" / "farslip"))
+    dock = running_plugin.create_dock()
+    configure_dock(dock, naip_layer, tiny_model)
+    return dock
+
+
+def test_backend_started_by_the_plugin_reports_its_device(running_plugin):
+    assert running_plugin.manager.owns_process()
+    assert running_plugin.manager.health["status"] == "ok"
+    assert running_plugin.dock.form.deviceLabel.text().startswith("Backend: ")
+    assert "CPU" in running_plugin.dock.form.deviceLabel.text().upper()
+    assert not running_plugin.dock.form.backendMessage.isVisible()
+
+
+def test_segmenting_from_the_dock_loads_a_styled_layer_above_the_raster(dock, naip_layer, tmp_path,
+                                                                        qgis_iface):
+    # The canvas shows the raster in another CRS: the extent goes to the backend with the canvas CRS.
+    canvas = qgis_iface.mapCanvas()
+    mercator = QgsCoordinateReferenceSystem("EPSG:3857")
+    canvas.setDestinationCrs(mercator)
+    view = QgsCoordinateTransform(naip_layer.crs(), mercator, QgsProject.instance()).transformBoundingBox(
+        naip_layer.extent())
+    view.scale(0.6)
+    canvas.setExtent(view)
+    dock.form.extentCombo.setCurrentIndex(dock.form.extentCombo.findData("canvas"))
+    dock.form.classRasterCheck.setChecked(True)
+
+    assert run_dock_job(dock) == "done", dock.last_error
+    vector = dock.last_layers[0]
+    assert isinstance(vector, QgsVectorLayer) and vector.isValid()
+    assert vector.crs() == naip_layer.crs()
+    assert vector.featureCount() > 0
+    assert {"class", "class_id", "score_mean", "score_max", "area_m2"} <= set(vector.fields().names())
+    renderer = vector.renderer()
+    assert isinstance(renderer, QgsCategorizedSymbolRenderer)
+    assert renderer.classAttribute() == "class"
+    assert [category.label() for category in renderer.categories()] == CLASSES
+    colours = {category.symbol().color().name() for category in renderer.categories()}
+    assert len(colours) == len(CLASSES)
+    assert dock.form.progressBar.value() == 100
+
+    class_raster = [layer for layer in dock.last_layers if isinstance(layer, QgsRasterLayer)]
+    assert len(class_raster) == 1 and class_raster[0].isValid()
+    order = [node.layer() for node in QgsProject.instance().layerTreeRoot().findLayers()]
+    assert order.index(vector) < order.index(class_raster[0]) < order.index(naip_layer)
+
+    shapefile = dock.export_result(str(tmp_path / "export" / "result.shp"))
+    assert shapefile is not None, dock.last_error
+    exported = QgsVectorLayer(shapefile, "exported", "ogr")
+    assert exported.isValid()
+    assert exported.featureCount() == vector.featureCount()
+    assert exported.crs() == naip_layer.crs()
+    geopackage = dock.export_result(str(tmp_path / "export" / "result.gpkg"))
+    assert QgsVectorLayer(geopackage, "gpkg", "ogr").featureCount() == vector.featureCount()
+
+
+def test_cancel_leaves_no_layer_and_no_file(dock, tmp_path):
+    dock.form.probRasterCheck.setChecked(True)
+    layers_before = set(QgsProject.instance().mapLayers())
+    states, updates = [], []
+    dock.jobFinished.connect(states.append)
+    dock.run()
+    dock.task.jobUpdated.connect(updates.append)
+    wait_until(lambda: updates or states, 60, "the job to be submitted")
+    dock.cancel()
+    wait_until(lambda: states, 90, "the job to be cancelled")
+    assert states == ["cancelled"]
+    assert set(QgsProject.instance().mapLayers()) == layers_before
+    assert empty_dir(tmp_path / "results"), list((tmp_path / "results").iterdir())
+    assert dock.form.runButton.isEnabled() and not dock.form.cancelButton.isEnabled()
+
+
+def test_processing_algorithm_runs_through_processing_run(running_plugin, qgis_processing, naip_layer,
+                                                          tiny_model, tmp_path):
+    import processing
+
+    out = tmp_path / "processing.gpkg"
+    extent = naip_layer.extent()
+    extent.scale(0.5)
+    result = processing.run("farslip:segment_by_class_names", {
+        "INPUT": naip_layer, "EXTENT": extent, "CLASSES": CLASS_TEXT, "MODEL": str(tiny_model),
+        "THRESHOLD": 0.0, "OUTPUT": str(out)})
+    assert Path(result["OUTPUT"]) == out
+    layer = QgsVectorLayer(str(out), "processing", "ogr")
+    assert layer.isValid() and layer.featureCount() > 0
+    assert layer.crs() == naip_layer.crs()
+    assert layer.extent().width() <= extent.width() + 10
+
+
+def test_missing_backend_gives_the_install_message_not_a_traceback(farslip, qgis_iface, plugin_settings,
+                                                                   naip_layer, tmp_path, monkeypatch):
+    from qgis_farslip.backend_manager import BackendManager
+    from qgis_farslip.dock import FarslipDock
+
+    monkeypatch.setenv("FARSLIP_HOME", str(tmp_path / "nobody-home"))
+    plugin_settings(backend_command=str(tmp_path / "no-such-dir" / "farslip"))
+    manager = BackendManager(connection_file=str(tmp_path / "backend.json"))
+    dock = FarslipDock(qgis_iface, manager)
+    dock.form.layerCombo.setLayer(naip_layer)
+    dock.form.classesEdit.setPlainText("water")
+    try:
+        assert run_dock_job(dock, timeout=30) == "failed"
+        assert manager.state == "failed"
+        message = dock.form.backendMessage.text()
+        assert dock.form.backendMessage.isVisibleTo(dock)
+        assert "backend was not found" in message
+        assert "pip install" in message and "farslip serve" in message
+        assert "Traceback" not in message and "Error" not in message
+        assert dock.form.runButton.isEnabled()
+        assert empty_dir(tmp_path / "results")
+    finally:
+        dock.close_down()
+        manager.stop()
+
+
+def test_screenshot_of_the_dock_with_a_result_on_the_canvas(dock, naip_layer, qgis_iface):
+    from qgis.gui import QgsMapCanvas
+    from qgis.PyQt.QtCore import QSize, Qt
+    from qgis.PyQt.QtWidgets import QMainWindow
+
+    dock.form.classesEdit.setPlainText("water, lake\ncropland, field\ngrassland\nroad")
+    assert run_dock_job(dock) == "done", dock.last_error
+    vector = dock.last_layers[0]
+    vector.setOpacity(0.6)
+
+    window = QMainWindow()
+    window.setWindowTitle("FarSLIP for QGIS")
+    canvas = QgsMapCanvas(window)
+    canvas.setDestinationCrs(naip_layer.crs())
+    canvas.setLayers([vector, naip_layer])
+    canvas.setExtent(naip_layer.extent())
+    window.setCentralWidget(canvas)
+    parent = dock.parent()
+    window.addDockWidget(Qt.RightDockWidgetArea, dock)
+    window.resize(QSize(1200, 720))
+    window.show()
+    rendered = []
+    canvas.mapCanvasRefreshed.connect(lambda: rendered.append(True))
+    canvas.refresh()
+    wait_until(lambda: rendered, 30, "the canvas to render")
+    out = REPO / "docs" / "screenshot.png"
+    out.parent.mkdir(exist_ok=True)
+    assert window.grab().save(str(out))
+    assert out.stat().st_size > 10000
+    window.removeDockWidget(dock)
+    dock.setParent(parent)
+    window.close()
+    os.sync()
