@@ -1,3 +1,4 @@
+# ruff: noqa: B008, UP045  (typer declares options as call defaults and reads Optional[...])
 """`farslip evaluate` and `farslip train`: typer commands, wired into backend/cli.py's app.
 
     from training.cli import evaluate_command, train_command

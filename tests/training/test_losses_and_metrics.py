@@ -12,8 +12,13 @@ from tinymodels import make_tiny_clip
 from backend.dense import dense_patch_features
 from training import adapters
 from training.evaluate import confusion_matrix, format_metrics, metrics_from_confusion, plot_confusion
-from training.losses import (patch_distillation_loss, patch_label_loss, patch_targets, pooled_roi_features,
-                             region_alignment_loss)
+from training.losses import (
+    patch_distillation_loss,
+    patch_label_loss,
+    patch_targets,
+    pooled_roi_features,
+    region_alignment_loss,
+)
 
 
 def test_patch_targets_take_the_majority_and_ignore_unlabelled_patches():

@@ -1,0 +1,230 @@
+"""Fine-tuning end to end on CPU with a tiny model: mIoU rises, evaluate agrees, reload, resume, cancel."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import typer
+from conftest import fast_options
+from typer.testing import CliRunner
+
+from backend.errors import CancelledError, InputError
+from backend.models import load_model
+from backend.raster import PixelWindow, open_source
+from training.api import evaluate_model, train_model
+from training.cli import evaluate_command, train_command
+from training.evaluate import predict_classes, segmenter_for
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic, tiny_model, tmp_path_factory):
+    raster, labels, _ = synthetic
+    out = tmp_path_factory.mktemp("trained") / "colours"
+    events = []
+    result = train_model(raster, labels, "cls", out, base_model=str(tiny_model), epochs=3, lr=1e-3,
+                         options=fast_options(), progress=lambda s, t, info: events.append((s, t, info)))
+    return result, out, events
+
+
+def test_training_raises_held_out_miou_by_a_clear_margin(trained):
+    result, _out, events = trained
+    before, after = result["metrics"]["before"]["miou"], result["metrics"]["after"]["miou"]
+    assert after > before + 0.3, (before, after)
+    assert after > 0.7
+    epochs = [info for _, _, info in events if info.get("phase") == "validate" and info.get("epoch")]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3]
+    assert all("loss" in e and "val_miou" in e for e in epochs)
+    steps = [s for s, _, info in events if info.get("phase") == "train"]
+    assert steps == sorted(steps) and steps[-1] == events[-1][1]
+
+
+def test_model_folder_holds_weights_metadata_and_checkpoint(trained, synthetic):
+    result, out, _ = trained
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "farslip_model.json", "checkpoint", "evaluation.txt",
+            "confusion_after.png"} <= names
+    meta = json.loads((out / "farslip_model.json").read_text())
+    assert meta["format"] == "farslip-finetuned/1"
+    assert meta["class_lines"] == ["forest", "sand", "water"]
+    assert len(meta["data"]["raster"]["sha256"]) == 64 and len(meta["data"]["labels"]["sha256"]) == 64
+    assert meta["metrics"]["after"]["miou"] == result["metrics"]["after"]["miou"]
+    assert meta["split"]["validation_window"]["height"] > 0
+    assert not list(out.parent.glob(".*partial"))
+
+
+def test_evaluate_reports_the_same_figure_as_train(trained, synthetic):
+    result, out, _ = trained
+    raster, labels, _ = synthetic
+    report = evaluate_model(raster, labels, "cls", model=str(out))
+    assert report["split"] == "validation"
+    assert report["metrics"]["miou"] == result["metrics"]["after"]["miou"]
+    assert report["metrics"]["confusion"] == result["metrics"]["after"]["confusion"]
+    everything = evaluate_model(raster, labels, "cls", model=str(out), split="all")
+    assert everything["split"] == "all" and everything["metrics"]["pixels"] > report["metrics"]["pixels"]
+
+
+def test_untrained_model_scores_the_before_figure(trained, synthetic, tiny_model):
+    result, out, _ = trained
+    raster, labels, _ = synthetic
+    meta = json.loads((out / "farslip_model.json").read_text())
+    window = PixelWindow(**meta["split"]["validation_window"])
+    loaded = load_model(str(tiny_model))
+    with open_source(raster) as source:
+        segmenter = segmenter_for(loaded, meta["class_lines"])
+        predicted = predict_classes(segmenter, source, window)
+    from training.labels import build_label_grid, read_label_polygons
+
+    with open_source(raster) as source:
+        grid = build_label_grid(source, read_label_polygons(labels, "cls", source.crs))
+    from training.evaluate import score
+
+    rows = slice(window.row_off - grid.window.row_off, window.row_off - grid.window.row_off + window.height)
+    cols = slice(window.col_off - grid.window.col_off, window.col_off - grid.window.col_off + window.width)
+    assert score(grid.labels[rows, cols], predicted, grid.class_names)["miou"] == \
+        result["metrics"]["before"]["miou"]
+
+
+def test_saved_model_reloads_with_identical_outputs(trained):
+    _, out, _ = trained
+    first, second = load_model(str(out)), load_model(str(out))
+    assert first.class_lines == ["forest", "sand", "water"]
+    pixels = torch.rand(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(first.model.encode_image(pixels), second.model.encode_image(pixels))
+    from backend.dense import dense_patch_features
+
+    with torch.no_grad():
+        assert torch.equal(dense_patch_features(first.model.visual, pixels),
+                           dense_patch_features(second.model.visual, pixels))
+
+
+def test_resume_continues_from_the_last_epoch(synthetic, tiny_model, tmp_path):
+    raster, labels, _ = synthetic
+    out = tmp_path / "resumed"
+    first = train_model(raster, labels, "cls", out, base_model=str(tiny_model), epochs=1, lr=1e-3,
+                        options=fast_options(steps_per_epoch=2))
+    assert first["epochs"] == 1
+    seen = []
+    second = train_model(raster, labels, "cls", out, base_model=str(tiny_model), epochs=2, lr=1e-3,
+                         options=fast_options(steps_per_epoch=2), resume=True,
+                         progress=lambda s, t, info: seen.append(info))
+    assert second["epochs"] == 2
+    assert [h["epoch"] for h in second["history"]] == [1, 2]
+    assert [i["epoch"] for i in seen if i.get("phase") == "train"] == [2, 2]
+    assert second["metrics"]["before"] == first["metrics"]["before"]
+    with pytest.raises(InputError, match="already ran 2 epochs"):
+        train_model(raster, labels, "cls", out, base_model=str(tiny_model), epochs=2, resume=True,
+                    options=fast_options(steps_per_epoch=2))
+    assert (out / "model.safetensors").is_file()
+
+
+def test_an_interrupted_training_resumes_from_its_partial_folder(synthetic, tiny_model, tmp_path):
+    raster, labels, _ = synthetic
+    out = tmp_path / "interrupted"
+    calls = {"n": 0}
+
+    def fail_in_epoch_two(step, total, info):
+        if info.get("phase") == "train" and info["epoch"] == 2:
+            raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError, match="--resume"):
+        train_model(raster, labels, "cls", out, base_model=str(tiny_model), epochs=2, lr=1e-3,
+                    options=fast_options(steps_per_epoch=2), progress=fail_in_epoch_two)
+    assert not out.exists()
+    partial = tmp_path / ".interrupted.partial"
+    assert (partial / "checkpoint" / "state.pt").is_file()
+    result = train_model(raster, labels, "cls", out, base_model=str(tiny_model), epochs=2, lr=1e-3,
+                         options=fast_options(steps_per_epoch=2), resume=True,
+                         progress=lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    assert result["epochs"] == 2 and out.is_dir() and not partial.exists()
+
+
+def test_cancel_leaves_no_model_directory(synthetic, tiny_model, tmp_path):
+    raster, labels, _ = synthetic
+    out = tmp_path / "cancelled"
+    steps = {"n": 0}
+
+    def cancel_after_a_few_steps() -> bool:
+        steps["n"] += 1
+        return steps["n"] > 5
+
+    with pytest.raises(CancelledError):
+        train_model(raster, labels, "cls", out, base_model=str(tiny_model), epochs=3,
+                    options=fast_options(steps_per_epoch=2), should_cancel=cancel_after_a_few_steps)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_is_not_overwritten(trained, synthetic, tiny_model):
+    raster, labels, _ = synthetic
+    _, out, _ = trained
+    with pytest.raises(InputError, match="already exists"):
+        train_model(raster, labels, "cls", out, base_model=str(tiny_model), epochs=1)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"class_field": "missing"}, "no field 'missing'"),
+    ({"method": "adapter"}, "--method must be one of"),
+    ({"epochs": 0}, "--epochs must be at least 1"),
+])
+def test_bad_training_input_gives_a_message(synthetic, tiny_model, tmp_path, changes, message):
+    raster, labels, _ = synthetic
+    args = {"class_field": "cls", "method": "lora", "epochs": 1, **changes}
+    with pytest.raises(InputError, match=message):
+        train_model(raster, labels, args.pop("class_field"), tmp_path / "m", base_model=str(tiny_model),
+                    **args)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("method", ["last-blocks", "full"])
+def test_other_methods_train_and_save_a_plain_model(synthetic, tiny_model, tmp_path, method):
+    raster, labels, _ = synthetic
+    result = train_model(raster, labels, "cls", tmp_path / method, base_model=str(tiny_model), method=method,
+                         epochs=1, lr=1e-4, options=fast_options(steps_per_epoch=2))
+    loaded = load_model(str(tmp_path / method))
+    assert loaded.class_lines == result["class_lines"]
+
+
+def test_cli_commands_train_and_evaluate(synthetic, tiny_model, tmp_path):
+    raster, labels, _ = synthetic
+    app = typer.Typer()
+    app.command("evaluate")(evaluate_command)
+    app.command("train")(train_command)
+    runner = CliRunner()
+    evaluated = runner.invoke(app, ["evaluate", str(raster), str(labels), "--class-field", "cls", "--model",
+                                    str(tiny_model), "--device", "cpu", "--json", str(tmp_path / "m.json"),
+                                    "--png", str(tmp_path / "m.png"), "-q"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "mIoU" in evaluated.output and (tmp_path / "m.png").is_file()
+    assert json.loads((tmp_path / "m.json").read_text())["metrics"]["miou"] is not None
+    bad = runner.invoke(app, ["evaluate", str(raster), str(labels), "--class-field", "nope", "--model",
+                              str(tiny_model), "--device", "cpu", "-q"])
+    assert bad.exit_code == 2 and "no field 'nope'" in bad.output
+    trained = runner.invoke(app, ["train", str(raster), str(labels), "--class-field", "cls", "--out",
+                                  str(tmp_path / "cli-model"), "--base-model", str(tiny_model), "--epochs", "1",
+                                  "--steps-per-epoch", "2", "--batch-size", "2", "--device", "cpu", "-q"])
+    assert trained.exit_code == 0, trained.output
+    assert "Validation mIoU" in trained.output and (tmp_path / "cli-model" / "model.safetensors").is_file()
+
+
+def test_solaris_buildings_against_background_end_to_end(shared_data, tiny_model, tmp_path):
+    raster = shared_data / "solaris_sample_geotiff.tif"
+    labels = shared_data / "solaris_geotiff_labels.geojson"
+    with pytest.raises(InputError, match="only one class"):
+        evaluate_model(raster, labels, "building", model=str(tiny_model))
+    report = evaluate_model(raster, labels, "building", model=str(tiny_model), background="ground",
+                            class_names={"yes": "building"})
+    assert report["class_lines"] == ["building", "ground"]
+    assert report["metrics"]["pixels"] > 100_000 and report["metrics"]["miou"] is not None
+    result = train_model(raster, labels, "building", tmp_path / "buildings", base_model=str(tiny_model),
+                         epochs=1, lr=1e-3, background="ground", class_names={"yes": "building"},
+                         options=fast_options(steps_per_epoch=2))
+    split_pixels = result["split"]["validation_pixels"]
+    assert split_pixels["building"] > 0 and split_pixels["ground"] > 0
+    again = evaluate_model(raster, labels, "building", model=str(tmp_path / "buildings"),
+                           class_names={"yes": "building"})
+    assert again["split"] == "validation" and again["background"] == "ground"
+    assert again["metrics"]["miou"] == result["metrics"]["after"]["miou"]
+    assert np.isfinite(result["metrics"]["before"]["miou"])
