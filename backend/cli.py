@@ -166,6 +166,31 @@ def presets() -> None:
 
 
 @app.command()
+def bench(
+    arch: str = typer.Option("ViT-B-16", help="open_clip architecture (random weights: speed only)."),
+    batch_size: int = typer.Option(8, help="Crops per batch."),
+    size: int = typer.Option(1024, help="Side of the generated raster for the pipeline run."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
+    rss_sizes: str = typer.Option("2000,10000", help="Raster sides for the peak-memory runs ('' = skip)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
+) -> None:
+    """Measure encoder, pipeline, reference loop, text encoding and peak memory; print a table."""
+    import json
+
+    from .bench import run_bench
+    from .models import resolve_device
+
+    try:
+        dev = resolve_device(device)
+    except FarslipError as error:
+        fail(error)
+    sides = tuple(int(s) for s in rss_sizes.split(",") if s.strip())
+    results = run_bench(arch, batch_size, size, str(dev), sides, echo=typer.echo)
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2))
+
+
+@app.command()
 def version() -> None:
     """Print the version."""
     typer.echo(__version__)

@@ -59,8 +59,8 @@ class RasterSource:
 
     def __post_init__(self) -> None:
         ds = self.dataset
-        self.width = max(1, int(round(ds.width * self.scale)))
-        self.height = max(1, int(round(ds.height * self.scale)))
+        self.width = max(1, round(ds.width * self.scale))
+        self.height = max(1, round(ds.height * self.scale))
         self.transform = ds.transform * Affine.scale(ds.width / self.width, ds.height / self.height)
 
     @property
@@ -85,8 +85,8 @@ class RasterSource:
             mask = self.dataset.dataset_mask(window=src_window, out_shape=shape,
                                              resampling=Resampling.nearest)
         except RasterioError as exc:
-            raise InputError(f"Could not read the pixels of {self.path} ({str(exc).rstrip('.')}). The file may be damaged "
-                             "or truncated; re-export it (e.g. gdal_translate) and try again.") from exc
+            raise InputError(f"Could not read the pixels of {self.path} ({str(exc).rstrip('.')}). The file may be "
+                             "damaged or truncated; re-export it (e.g. gdal_translate) and try again.") from exc
         rgb = np.stack([data[unique.index(b)] for b in self.bands]).astype(np.float32)
         valid = mask > 0
         if self.value_range is not None:
@@ -125,7 +125,7 @@ def open_dataset(path: str | Path) -> rasterio.io.DatasetReader:
         ds = rasterio.open(path)
     except RasterioIOError as exc:
         raise InputError(f"{path} is not a raster GDAL can read ({exc}).") from exc
-    if ds.crs is None or ds.transform == Affine.identity() and not ds.gcps[0]:
+    if ds.crs is None or (ds.transform == Affine.identity() and not ds.gcps[0]):
         ds.close()
         raise InputError(f"The raster {path} has no coordinate reference system or georeferencing; "
                          "georeference it first (QGIS Georeferencer, or gdal_translate -a_srs/-a_ullr).")

@@ -85,7 +85,7 @@ def check_outputs(outputs: SegmentOutputs) -> None:
     paths = outputs.paths()
     if len({p.resolve() for p in paths.values()}) != len(paths):
         raise InputError("Two outputs have the same file name; give each output its own path.")
-    for what, path in paths.items():
+    for path in paths.values():
         directory = path.parent
         if not directory.is_dir():
             raise InputError(f"The output folder {directory} does not exist; create it or choose another.")

@@ -113,7 +113,7 @@ def test_uav_rgba_raster_segments(tiny_model, shared_data, tmp_path):
     result = segment(shared_data / "deepness_dummy_fotomap_small.tif", "-c", "maize", "-c", "bare soil",
                      "--model", tiny_model, "--out", out, "--quiet")
     assert result.exit_code == 0, result.output
-    meta, geoms, _ = read_layer(out)
+    _meta, geoms, _ = read_layer(out)
     assert len(geoms) > 0
 
 
@@ -138,7 +138,7 @@ def test_bad_rasters_give_a_clear_error_and_no_output(tiny_model, shared_data, t
 def test_bbox_in_another_crs_selects_the_same_area(tiny_model, shared_data, tmp_path):
     raster = shared_data / "naip_2020_5m.tif"
     with rasterio.open(raster) as src:
-        left, bottom, right, top = src.bounds
+        left, bottom, _right, _top = src.bounds
         box = (left + 1000, bottom + 800, left + 2500, bottom + 2200)
         box_ll = transform_bounds(src.crs, "EPSG:4326", *box)
     a, b = tmp_path / "a.tif", tmp_path / "b.tif"
@@ -150,7 +150,7 @@ def test_bbox_in_another_crs_selects_the_same_area(tiny_model, shared_data, tmp_
         # The lat/lon box covers at least the projected box; the shared pixels agree exactly.
         assert db.bounds.left <= da.bounds.left and db.bounds.top >= da.bounds.top
         offset = ~db.transform * (da.bounds.left, da.bounds.top)
-        col, row = int(round(offset[0])), int(round(offset[1]))
+        col, row = round(offset[0]), round(offset[1])
         inner = db.read(1)[row:row + da.height, col:col + da.width]
         assert np.array_equal(inner, da.read(1))
 

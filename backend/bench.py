@@ -1,0 +1,264 @@
+"""`farslip bench`: speed and memory of the engine, each figure against a baseline in the same run.
+
+Speed does not depend on weight values, so the full-size rows use a randomly
+initialised open_clip model of the chosen architecture (QuickGELU, as the
+FarSLIP checkpoints); the memory rows use a tiny model so that a 10k x 10k
+raster finishes in minutes on a laptop CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import open_clip
+import rasterio
+import torch
+import torch.nn.functional as F
+from rasterio.transform import from_origin
+
+from .dense import dense_patch_features, normalize_pixels
+from .engine import ArraySource, Segmenter, predict_window
+from .segment import SegmentOptions, SegmentOutputs, segment_raster
+from .text import PROMPT_TEMPLATES, TextEmbedder, encode_tokens, parse_class_lines
+
+BENCH_CLASSES = ["water, lake", "cropland, bare field", "grassland", "road", "building, roof"]
+
+
+def random_model(arch: str, device: torch.device, context_length: int | None = None):
+    """A randomly initialised open_clip model of `arch`, wrapped like a LoadedModel."""
+    cfg = open_clip.get_model_config(arch)
+    if cfg is None:
+        raise SystemExit(f"Unknown open_clip architecture {arch!r}.")
+    text_cfg = dict(cfg["text_cfg"], context_length=context_length) if context_length else cfg["text_cfg"]
+    model = open_clip.model.CLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"], text_cfg=text_cfg,
+                                 quick_gelu=True)
+    ctx = model.context_length
+    return SimpleNamespace(model=model.eval().to(device), name=f"random-{arch}",
+                           tokenizer=open_clip.get_tokenizer("ViT-B-16", context_length=ctx),
+                           context_length=ctx, weights_id=f"random-{arch}-{ctx}-bench", device=device,
+                           class_lines=None)
+
+
+def write_test_raster(path: Path, size: int, block: int = 1024) -> Path:
+    """A smooth synthetic RGB GeoTIFF (fields of colour), written block by block."""
+    profile = {"driver": "GTiff", "width": size, "height": size, "count": 3, "dtype": "uint8",
+               "crs": "EPSG:32633", "transform": from_origin(500000, 5_000_000, 1.0, 1.0), "tiled": True,
+               "blockxsize": 256, "blockysize": 256, "compress": "deflate"}
+    with rasterio.open(path, "w", **profile) as ds:
+        for row in range(0, size, block):
+            h = min(block, size - row)
+            yy = np.arange(row, row + h, dtype=np.float32)[:, None]
+            xx = np.arange(size, dtype=np.float32)[None, :]
+            r = 128 + 100 * np.sin(xx / 397.0) * np.cos(yy / 263.0)
+            g = 128 + 90 * np.cos(xx / 211.0 + yy / 331.0)
+            b = 128 + 80 * np.sin((xx + yy) / 173.0)
+            ds.write(np.stack([r, g, b]).clip(0, 255).astype(np.uint8), window=((row, row + h), (0, size)))
+    return path
+
+
+def _time(fn, repeat: int = 1) -> float:
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - start) / repeat
+
+
+def bench_encoder(loaded, batch_size: int, batches: int) -> float:
+    """Bare dense image-encoder throughput (crops/s), no I/O or post-processing."""
+    crops = torch.rand(batch_size, 3, 224, 224, device=loaded.device) * 255
+    amp = loaded.device.type == "cuda"
+
+    @torch.inference_mode()
+    def step():
+        with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+            dense_patch_features(loaded.model.visual, normalize_pixels(crops))
+        if amp:
+            torch.cuda.synchronize()
+
+    step()  # warm-up
+    return batch_size * batches / _time(lambda: [step() for _ in range(batches)])
+
+
+def reference_loop(loaded, text: torch.Tensor, image: np.ndarray) -> int:
+    """FARSLIP_METHOD.md section 4 as written: one crop at a time, full-size accumulator."""
+    _, height, width = image.shape
+    crop, stride = 224, 112
+    acc = torch.zeros(text.shape[0], height, width)
+    count = torch.zeros(height, width)
+    rows = max(height - crop + stride - 1, 0) // stride + 1
+    cols = max(width - crop + stride - 1, 0) // stride + 1
+    with torch.inference_mode():
+        for i in range(rows):
+            for j in range(cols):
+                y2, x2 = min(i * stride + crop, height), min(j * stride + crop, width)
+                y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
+                pixels = normalize_pixels(torch.from_numpy(image[None, :, y1:y2, x1:x2].copy()).to(loaded.device))
+                feats = dense_patch_features(loaded.model.visual, pixels)
+                logits = (feats[0] @ text.T.to(feats.device)).permute(2, 0, 1)[None]
+                logits = F.interpolate(logits, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
+                acc[:, y1:y2, x1:x2] += logits[0].cpu()
+                count[y1:y2, x1:x2] += 1
+    torch.softmax(acc / count * 50, dim=0).argmax(dim=0)
+    return rows * cols
+
+
+def bench_text(loaded, workdir: Path) -> dict:
+    """Seconds per class query: full context vs truncated, cold vs disk-cached."""
+    query = "parking lot"
+    tokens = loaded.tokenizer([t.format(query) for t in PROMPT_TEMPLATES]).to(loaded.device)
+    with torch.inference_mode():
+        full = _time(lambda: loaded.model.encode_text(tokens))
+        short = _time(lambda: encode_tokens(loaded.model, tokens))
+        diff = (loaded.model.encode_text(tokens) - encode_tokens(loaded.model, tokens)).abs().max().item()
+    cold_embedder = TextEmbedder(loaded, cache=workdir / "textcache")
+    cold = _time(lambda: cold_embedder.embed(["sports field"]))
+    warm = _time(lambda: TextEmbedder(loaded, cache=workdir / "textcache").embed(["sports field"]))
+    return {"full_s": full, "truncated_s": short, "max_abs_diff": diff, "cold_s": cold, "cached_s": warm}
+
+
+def _rss_child(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, "-m", "backend.bench", *args], capture_output=True, text=True,
+                         check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"memory run failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: the latter survives exec on Linux,
+    so a child would inherit the parent's high-water mark."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_run(raster: str, model_path: str, out_dir: str, batch_size: int) -> None:
+    """Child process: segment `raster` with a checkpoint and print peak RSS as JSON."""
+    from .models import load_model
+
+    loaded = load_model(model_path)
+    start = time.perf_counter()
+    result = segment_raster(Path(raster), SegmentOptions(BENCH_CLASSES[:3], batch_size=batch_size),
+                            SegmentOutputs(Path(out_dir) / "rss.gpkg", Path(out_dir) / "rss_classes.tif"),
+                            loaded)
+    peak_mb = peak_rss_mb()
+    print(json.dumps({"peak_rss_mb": peak_mb, "tiles": result.tiles, "seconds": time.perf_counter() - start,
+                      "polygons": sum(c["polygons"] for c in result.classes)}))
+
+
+def run_bench(arch: str = "ViT-B-16", batch_size: int = 8, size: int = 1024, device: str = "cpu",
+              rss_sizes: tuple[int, ...] = (2000, 10000), echo=print) -> dict:
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    results: dict = {"arch": arch, "device": str(dev), "batch_size": batch_size, "torch": torch.__version__,
+                     "threads": torch.get_num_threads()}
+    loaded = random_model(arch, dev)
+    with tempfile.TemporaryDirectory(prefix="farslip-bench-") as tmp:
+        work = Path(tmp)
+        echo(f"# farslip bench: {arch} (random weights; speed only), {dev}, batch {batch_size}, "
+             f"{torch.get_num_threads()} threads")
+        encoder = bench_encoder(loaded, batch_size, batches=3)
+        results["encoder_crops_s"] = encoder
+
+        raster = write_test_raster(work / f"bench_{size}.tif", size)
+        segment_opts = SegmentOptions(BENCH_CLASSES, batch_size=batch_size)
+        TextEmbedder(loaded, cache=None).embed(["warm-up"])
+        progress_total = {}
+        start = time.perf_counter()
+        result = segment_raster(raster, segment_opts, SegmentOutputs(work / "pipe.gpkg"), loaded,
+                                progress=lambda d, t: progress_total.update(total=t))
+        pipeline_s = time.perf_counter() - start - result.timings.get("text_s", 0.0)
+        pipeline = result.tiles / pipeline_s
+        results["pipeline_crops_s"] = pipeline
+
+        with rasterio.open(raster) as ds:
+            image = ds.read().astype(np.float32)
+        segmenter = Segmenter(loaded, parse_class_lines(BENCH_CLASSES), batch_size=batch_size)
+        start = time.perf_counter()
+        crops = reference_loop(loaded, segmenter.text, image)
+        reference = crops / (time.perf_counter() - start)
+        results["reference_crops_s"] = reference
+        start = time.perf_counter()
+        predict_window(segmenter, ArraySource(image))
+        in_memory = crops / (time.perf_counter() - start)
+        results["engine_in_memory_crops_s"] = in_memory
+
+        echo("")
+        echo("| measurement | crops/s | ratio |")
+        echo("|---|---|---|")
+        echo(f"| bare dense image encoder, batch {batch_size} | {encoder:.2f} | 1.00 (baseline) |")
+        echo(f"| `segment` pipeline, {size}x{size} GeoTIFF -> GPKG ({result.tiles} crops) | {pipeline:.2f} | "
+             f"{pipeline / encoder:.2f} of encoder |")
+        echo(f"| engine on the same image in memory | {in_memory:.2f} | {in_memory / encoder:.2f} of encoder |")
+        echo(f"| reference loop (section 4, one crop at a time) | {reference:.2f} | "
+             f"pipeline is {pipeline / reference:.2f}x faster |")
+
+        text = bench_text(loaded, work)
+        results["text"] = text
+        echo("")
+        echo("| text, one class query (80 prompts) | seconds | ratio |")
+        echo("|---|---|---|")
+        echo(f"| full {loaded.context_length}-token context | {text['full_s']:.3f} | 1.00 (baseline) |")
+        echo(f"| truncated to longest prompt | {text['truncated_s']:.3f} | "
+             f"{text['full_s'] / text['truncated_s']:.1f}x faster (max diff {text['max_abs_diff']:.1e}) |")
+        echo(f"| cold, through TextEmbedder | {text['cold_s']:.3f} | |")
+        echo(f"| cached on disk, new process state | {text['cached_s']:.4f} | "
+             f"{text['cold_s'] / max(text['cached_s'], 1e-9):.0f}x faster than cold |")
+        long_ctx = random_model(arch, dev, context_length=248)
+        long_text = bench_text(long_ctx, work / "long")
+        results["text_248"] = long_text
+        echo(f"| full 248-token context (FarSLIP2) | {long_text['full_s']:.3f} | 1.00 (baseline) |")
+        echo(f"| 248 truncated | {long_text['truncated_s']:.3f} | "
+             f"{long_text['full_s'] / long_text['truncated_s']:.1f}x faster |")
+
+        if rss_sizes:
+            tiny = _tiny_checkpoint(work / "tiny.pt")
+            echo("")
+            echo("| peak RSS, tiny model, segment -> GPKG + class raster | MiB | crops | seconds |")
+            echo("|---|---|---|---|")
+            rss = {}
+            for side in rss_sizes:
+                path = write_test_raster(work / f"rss_{side}.tif", side)
+                run_dir = work / f"rss_out_{side}"
+                run_dir.mkdir()
+                rss[side] = _rss_child(["rss", str(path), str(tiny), str(run_dir), str(batch_size)])
+                echo(f"| {side}x{side} ({side * side / 1e6:.0f} Mpx) | {rss[side]['peak_rss_mb']:.0f} | "
+                     f"{rss[side]['tiles']} | {rss[side]['seconds']:.1f} |")
+                path.unlink()
+            results["rss"] = rss
+            sides = sorted(rss)
+            ratio = rss[sides[-1]]["peak_rss_mb"] / rss[sides[0]]["peak_rss_mb"]
+            pixels = (sides[-1] / sides[0]) ** 2
+            echo(f"\npeak RSS ratio {ratio:.2f} for {pixels:.0f}x the pixels")
+    return results
+
+
+def _tiny_checkpoint(path: Path) -> Path:
+    """A tiny random ViT-B/16-shaped checkpoint (2 layers, width 128) for memory runs."""
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(
+        embed_dim=64, quick_gelu=True,
+        vision_cfg={"image_size": 224, "patch_size": 16, "width": 128, "layers": 2, "head_width": 64},
+        text_cfg={"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 2})
+    torch.save(model.state_dict(), path)
+    return path
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["rss"]:
+        raster, model_path, out_dir, batch = sys.argv[2:6]
+        rss_run(raster, model_path, out_dir, int(batch))
+    else:
+        raise SystemExit("usage: python -m backend.bench rss RASTER MODEL OUT_DIR BATCH")
