@@ -30,7 +30,7 @@ def _positional_embedding(visual: torch.nn.Module, grid_h: int, grid_w: int) -> 
     """The tower's positional embedding, patch part bicubically resized to grid_h x grid_w."""
     pos = visual.positional_embedding
     cls_pos, patch_pos = pos[:1], pos[1:]
-    side = int(math.isqrt(patch_pos.shape[0]))
+    side = math.isqrt(patch_pos.shape[0])
     if (side, side) == (grid_h, grid_w):
         return pos
     patch_pos = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
