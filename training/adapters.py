@@ -64,7 +64,7 @@ def prepare(model: nn.Module, method: str, rank: int = 8, alpha: float = 16.0,
             parametrize.register_parametrization(module, name, LoraDelta(getattr(module, name), rank, alpha))
         return [p for n, p in model.named_parameters() if "lora_" in n]
     if method == "last-blocks":
-        modules = list(visual.transformer.resblocks[-last_blocks:]) + [visual.ln_post]
+        modules = [*list(visual.transformer.resblocks[-last_blocks:]), visual.ln_post]
         for module in modules:
             for parameter in module.parameters():
                 parameter.requires_grad_(True)

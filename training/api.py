@@ -439,3 +439,62 @@ def class_names_from_pairs(pairs: list[str]) -> dict[str, str]:
             raise InputError(f"--class-name takes VALUE=NAME with both parts; got {pair!r}.")
         mapping[value] = name
     return mapping
+
+
+# --- the server's job runner ----------------------------------------------------------------------
+
+_REQUEST_ARGS = ("raster", "labels", "class_field", "out", "base_model", "weights", "method", "epochs", "lr",
+                 "patch_loss_weight", "background", "aoi", "class_names", "bands", "scale", "gsd_m", "resume",
+                 "overwrite", "device")
+
+
+def check_request(request: dict) -> list[str]:
+    """Quick checks of a POST /v1/train body before it is queued; returns the output paths it will write."""
+    for key in ("raster", "labels"):
+        if not Path(request[key]).is_file():
+            raise InputError(f"The {key} file {request[key]} does not exist.")
+    out = Path(request["out"])
+    if not out.parent.is_dir():
+        raise InputError(f"The output folder {out.parent} does not exist; create it or choose another out.")
+    if out.exists() and not (request.get("overwrite") or request.get("resume")):
+        raise InputError(f"{out} already exists; choose another out, or set overwrite or resume.")
+    unknown = set(request) - set(_REQUEST_ARGS) - set(TrainOptions.__dataclass_fields__)
+    if unknown:
+        raise InputError(f"Unknown training option(s): {', '.join(sorted(unknown))}.")
+    return [str(out)]
+
+
+def train_request(request: dict, progress: Callable[[int, int], None] | None = None,
+                  should_cancel: Callable[[], bool] | None = None,
+                  message: Callable[[str], None] | None = None, loaded=None) -> dict:
+    """Run a POST /v1/train body (the `farslip train` options as JSON) as a job.
+
+    `progress(step, total)` and `message(text)` are the job's callbacks: steps for the
+    bar, one sentence per epoch (loss, validation mIoU) for the job's message.
+    """
+    check_request(request)
+    values = {k: v for k, v in request.items() if v is not None}
+    args = {k: values.pop(k) for k in _REQUEST_ARGS if k in values}
+    defaults = asdict(TrainOptions())
+    options = TrainOptions(**{**defaults, **values})
+
+    def report(step: int, total: int, info: dict) -> None:
+        if progress is not None:
+            progress(step, total)
+        if message is None:
+            return
+        if info.get("phase") == "validate" and info.get("epoch"):
+            message(f"epoch {info['epoch']}/{info['epochs']}: loss {info['loss']:.4f}, validation mIoU "
+                    f"{100 * (info['val_miou'] or 0):.2f} % (best {100 * info['best_miou']:.2f} %)")
+        elif info.get("phase") == "validate":
+            message("validating the base model on the held-out strip")
+        elif info.get("phase") == "final-validate":
+            message("writing the model and validating it")
+
+    result = train_model(args.pop("raster"), args.pop("labels"), args.pop("class_field"), args.pop("out"),
+                         options=options, loaded=loaded, progress=report, should_cancel=should_cancel,
+                         **args)
+    out = Path(result["model_dir"])
+    result["outputs"] = {"model_dir": str(out), "report": str(out / "evaluation.txt"),
+                         "metadata": str(out / META_FILE)}
+    return result

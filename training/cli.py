@@ -1,4 +1,3 @@
-# ruff: noqa: B008, UP045  (typer declares options as call defaults and reads Optional[...])
 """`farslip evaluate` and `farslip train`: typer commands, wired into backend/cli.py's app.
 
     from training.cli import evaluate_command, train_command
@@ -19,17 +18,15 @@ from backend.errors import FarslipError, InputError
 
 
 def _fail(error: FarslipError) -> None:
-    typer.echo(f"Error: {error}", err=True)
-    raise typer.Exit(error.exit_code)
+    from backend.cli import fail
+
+    fail(error)
 
 
 def _bands(text: str | None) -> list[int] | None:
-    if not text:
-        return None
-    try:
-        return [int(part) for part in text.replace(" ", "").split(",") if part]
-    except ValueError:
-        raise InputError(f"--bands takes band numbers separated by commas, e.g. 3,2,1; got {text!r}.") from None
+    from backend.cli import parse_bands
+
+    return parse_bands(text)
 
 
 class _Lines:
