@@ -98,7 +98,7 @@ def backend_command(setting: str) -> list[str] | None:
             return None
         if _is_python(program) and len(parts) == 1:
             return [program, "-c", CLI_ENTRY]
-        return [program] + parts[1:]
+        return [program, *parts[1:]]
     for place in candidate_commands():
         if os.path.isfile(place) and os.access(place, os.X_OK):
             return [place]
@@ -278,7 +278,7 @@ class BackendManager(QObject):
         process.errorOccurred.connect(self._process_error)
         process.finished.connect(self._process_finished)
         arguments = command[1:] + serve_arguments(self.connection_file)
-        log("Starting the FarSLIP backend: " + " ".join(shlex.quote(part) for part in [command[0]] + arguments))
+        log("Starting the FarSLIP backend: " + " ".join(shlex.quote(part) for part in [command[0], *arguments]))
         self.output_tail.clear()
         self.process = process
         self._started_at = time.monotonic()

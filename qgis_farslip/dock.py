@@ -34,6 +34,7 @@ from .map_tool import RectangleMapTool
 from .results import export_vector_layer, load_segment_result
 from .settings import PluginSettings
 from .tasks import run_in_background
+from .train_tab import TrainTab
 
 FORM, _ = uic.loadUiType(os.path.join(os.path.dirname(__file__), "ui", "dock.ui"))
 
@@ -96,6 +97,7 @@ class FarslipDock(QgsDockWidget):
         manager.failed.connect(self._backend_failed)
         manager.stateChanged.connect(self._backend_state)
         QgsProject.instance().layersWillBeRemoved.connect(self._layers_removed)
+        self.train_tab = TrainTab(self, settings_loader)
 
     # -- backend ------------------------------------------------------------------------------
     def connect_backend(self) -> None:
@@ -413,8 +415,9 @@ class FarslipDock(QgsDockWidget):
 
     def close_down(self) -> None:
         """Called by the plugin's unload: cancel a running job, release the map tool."""
-        if self.task is not None:
-            self.task.cancel()
+        for task in (self.task, self.train_tab.task):
+            if task is not None:
+                task.cancel()
         if self.canvas.mapTool() is self.map_tool:
             self.canvas.unsetMapTool(self.map_tool)
         self.map_tool.clear()

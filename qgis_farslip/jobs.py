@@ -105,7 +105,7 @@ class JobTask(QgsTask):
             return False
         except BackendError as error:
             self.error = str(error)
-        except Exception as error:  # noqa: BLE001 - a worker thread must not raise; shown as a sentence
+        except Exception as error:
             self.error = f"{type(error).__name__}: {error}"
         return False
 

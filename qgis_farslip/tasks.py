@@ -23,7 +23,7 @@ class CallTask(QgsTask):
     def run(self) -> bool:
         try:
             self.result = self.function()
-        except Exception as error:  # noqa: BLE001 - handed to on_done in the GUI thread
+        except Exception as error:
             self.error = error
         return True
 

@@ -17,10 +17,12 @@ from pathlib import Path
 
 import pytest
 from plugin_helpers import NAIP, REPO, wait_until
-from qgis.core import QgsProject, QgsRasterLayer
+from qgis.core import QgsApplication, QgsProject, QgsRasterLayer
 
 BACKEND_PYTHON = REPO / ".venv" / "bin" / "python"
 BACKEND_FARSLIP = REPO / ".venv" / "bin" / "farslip"
+# Another backend command line to test against (an installed backend, a wrapper), as the settings take it.
+BACKEND_COMMAND = os.environ.get("FARSLIP_TEST_BACKEND") or str(BACKEND_FARSLIP)
 sys.path.insert(0, str(REPO / "scripts"))
 
 
@@ -90,6 +92,7 @@ def plugin_settings(farslip, tmp_path):
 
     def configure(**values):
         values.setdefault("output_folder", str(tmp_path / "results"))
+        values.setdefault("backend_command", BACKEND_COMMAND)
         return save_settings(farslip, **values)
 
     yield configure
@@ -99,10 +102,14 @@ def plugin_settings(farslip, tmp_path):
 @pytest.fixture(scope="module")
 def running_plugin(farslip, qgis_iface, backend_home, tiny_model):
     """The plugin, loaded once per module, with the backend it started (shared by the end-to-end tests)."""
-    if not BACKEND_FARSLIP.exists():
+    if not BACKEND_FARSLIP.exists() and "FARSLIP_TEST_BACKEND" not in os.environ:
         pytest.skip("the backend venv .venv is missing (run `make setup`)")
-    save_settings(farslip, backend_command=str(BACKEND_FARSLIP), auto_start=True)
+    save_settings(farslip, backend_command=BACKEND_COMMAND, auto_start=True)
+    log = []
+    QgsApplication.messageLog().messageReceived.connect(
+        lambda message, tag, level: log.append(message) if tag == "FarSLIP" else None)
     plugin = farslip.classFactory(qgis_iface)
+    plugin.test_log = log
     plugin.initGui()
     plugin.manager.connection_file = str(backend_home / "plugin-backend.json")
     plugin.show_dock(True)

@@ -25,11 +25,13 @@ def configure_dock(dock, layer, tiny_model, extent="layer"):
     dock.form.extentCombo.setCurrentIndex(dock.form.extentCombo.findData(extent))
     dock.form.classesEdit.setPlainText(CLASS_TEXT)
     dock.form.modelCombo.setEditText(str(tiny_model))
+    dock.form.classRasterCheck.setChecked(False)
+    dock.form.probRasterCheck.setChecked(False)
 
 
 @pytest.fixture
 def dock(running_plugin, plugin_settings, naip_layer, tiny_model):
-    plugin_settings(backend_command=str(REPO / ".venv" / "bin" / "farslip"))
+    plugin_settings()
     dock = running_plugin.create_dock()
     configure_dock(dock, naip_layer, tiny_model)
     return dock
@@ -41,6 +43,9 @@ def test_backend_started_by_the_plugin_reports_its_device(running_plugin):
     assert running_plugin.dock.form.deviceLabel.text().startswith("Backend: ")
     assert "CPU" in running_plugin.dock.form.deviceLabel.text().upper()
     assert not running_plugin.dock.form.backendMessage.isVisible()
+    # The backend's own output goes to the FarSLIP tab of the log panel.
+    assert any(line.startswith("Starting the FarSLIP backend") for line in running_plugin.test_log)
+    assert any("Connection file" in line or "http://127.0.0.1:" in line for line in running_plugin.test_log)
 
 
 def test_segmenting_from_the_dock_loads_a_styled_layer_above_the_raster(dock, naip_layer, tmp_path,
@@ -177,3 +182,46 @@ def test_screenshot_of_the_dock_with_a_result_on_the_canvas(dock, naip_layer, qg
     dock.setParent(parent)
     window.close()
     os.sync()
+
+
+def test_train_tab_fine_tunes_on_labelled_polygons_and_lists_the_new_model(running_plugin, plugin_settings,
+                                                                          tiny_model, qgis_new_project,
+                                                                          backend_home):
+    dock = running_plugin.create_dock()
+    data = REPO / ".." / "shared" / "data"
+    raster = QgsRasterLayer(str((data / "solaris_sample_geotiff.tif").resolve()), "solaris")
+    labels = QgsVectorLayer(str((data / "solaris_geotiff_labels.geojson").resolve()), "buildings", "ogr")
+    assert raster.isValid() and labels.isValid()
+    QgsProject.instance().addMapLayers([raster, labels])
+    # A constant class field: every labelled polygon is a building, the rest is background.
+    labels.startEditing()
+    from qgis.core import QgsField
+    from qgis.PyQt.QtCore import QVariant
+
+    labels.addAttribute(QgsField("cls", QVariant.String))
+    labels.updateFields()
+    index = labels.fields().indexOf("cls")
+    for feature in labels.getFeatures():
+        labels.changeAttributeValue(feature.id(), index, "building")
+    # Left in edit mode on purpose: the plugin hands edited layers to the backend as a GeoPackage copy.
+    form = dock.form
+    form.trainRasterCombo.setLayer(raster)
+    form.labelsCombo.setLayer(labels)
+    form.classFieldCombo.setField("cls")
+    form.backgroundEdit.setText("background")
+    form.baseModelCombo.setEditText(str(tiny_model))
+    form.methodCombo.setCurrentText("last-blocks")
+    form.epochsSpin.setValue(1)
+    form.modelNameEdit.setText("solaris-buildings")
+
+    states = []
+    dock.train_tab.trainFinished.connect(states.append)
+    dock.train_tab.train()
+    wait_until(lambda: states, 300, "training to finish")
+    labels.rollBack()
+    assert states == ["done"], dock.train_tab.last_error
+    model_dir = Path(dock.train_tab.last_model_dir)
+    assert model_dir.name == "solaris-buildings"
+    assert (model_dir / "model.safetensors").is_file() and (model_dir / "farslip_model.json").is_file()
+    assert "mIoU" in form.trainLog.toPlainText()
+    wait_until(lambda: form.modelCombo.findData("solaris-buildings") >= 0, 30, "the model list to refresh")
