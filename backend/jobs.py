@@ -150,7 +150,7 @@ def _leftovers(path: Path) -> list[Path]:
         return []
     prefix = f".{path.stem}."
     return [path.parent / name for name in names
-            if name.startswith(prefix) and ".tmp" in name or name.startswith(".farslip-")]
+            if (name.startswith(prefix) and ".tmp" in name) or name.startswith(".farslip-")]
 
 
 def _sidecars(path: Path) -> list[Path]:

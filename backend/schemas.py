@@ -7,7 +7,7 @@ is an error, not a silently ignored setting).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -18,11 +18,11 @@ Attention = Literal["segearth", "clearclip", "sclip", "maskclip", "vanilla"]
 # Paths, names and class lines are short; these bounds keep a hostile body from
 # making the server hold megabytes of strings in a job record.
 PathText = Field(min_length=1, max_length=4096)
-ClassLine = Field(max_length=1000)
+ClassLine = Annotated[str, Field(max_length=1000)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class DeviceInfo(BaseModel):
@@ -63,10 +63,10 @@ class SegmentRequest(Strict):
     """The options of `farslip segment`, as JSON. Paths are absolute paths on the backend's machine."""
 
     raster: str = PathText
-    class_lines: list[str] = Field(default_factory=list, max_length=256)
+    class_lines: list[ClassLine] = Field(default_factory=list, max_length=256)
     preset: str | None = Field(default=None, max_length=100)
-    bbox: tuple[float, float, float, float] | None = Field(
-        default=None, description="xmin, ymin, xmax, ymax in bbox_crs (default: the raster's CRS)")
+    bbox: list[float] | None = Field(default=None, min_length=4, max_length=4,
+                                     description="xmin, ymin, xmax, ymax in bbox_crs (default: the raster's CRS)")
     bbox_crs: str | None = Field(default=None, max_length=10000, description="EPSG:xxxx or WKT")
     model: str | None = Field(default=None, max_length=4096,
                                  description="registry name, checkpoint path or fine-tuned model folder")
@@ -79,7 +79,8 @@ class SegmentRequest(Strict):
     gsd_m: float | None = Field(default=None, gt=0)
     min_area: float = Field(default=0.0, ge=0)
     simplify: float = Field(default=0.0, ge=0)
-    value_range: tuple[float, float] | None = None
+    value_range: list[float] | None = Field(default=None, min_length=2, max_length=2,
+                                            description="min, max pixel values mapped to 0..255")
     out: str = PathText
     class_raster: str | None = Field(default=None, min_length=1, max_length=4096)
     prob_raster: str | None = Field(default=None, min_length=1, max_length=4096)

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
@@ -107,8 +107,12 @@ def check_segment_request(request: SegmentRequest) -> list[str]:
 
 # --------------------------------------------------------------------------- security + limits
 
-class BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(HTTPException):
+    """Raised while the body is read; an HTTPException so that FastAPI passes it through as a 413."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"The request body is larger than {limit // 1024} KiB; requests carry paths "
+                              "and options, never pixels.")
 
 
 class GuardMiddleware:
@@ -136,7 +140,7 @@ class GuardMiddleware:
             except ValueError:
                 return await _send_error(send, 400, "The Content-Length header is not a number.")
             if too_large:
-                return await _send_error(send, 413, self._too_large())
+                return await _send_error(send, 413, BodyTooLarge(self.max_body_bytes).detail)
 
         received = 0
 
@@ -146,7 +150,7 @@ class GuardMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
-                    raise BodyTooLarge()
+                    raise BodyTooLarge(self.max_body_bytes)
             return message
 
         started = False
@@ -159,13 +163,9 @@ class GuardMiddleware:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge:
+        except BodyTooLarge as error:
             if not started:
-                await _send_error(send, 413, self._too_large())
-
-    def _too_large(self) -> str:
-        return (f"The request body is larger than {self.max_body_bytes // 1024} KiB; requests carry paths "
-                "and options, never pixels.")
+                await _send_error(send, 413, error.detail)
 
 
 async def _send_error(send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
@@ -242,8 +242,6 @@ def create_app(token: str, state_dir: Path, device: str | None = None,
 
     # Documents the scheme on /docs; the check itself is GuardMiddleware's, before the body is read.
     bearer = HTTPBearer(auto_error=False, description="The token from the backend's connection file.")
-    from fastapi import Depends
-
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(bearer)], responses=ERROR_RESPONSES)
 
     def manager_of(request: Request) -> JobManager:
@@ -382,7 +380,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def _lock_state_dir(state_dir: Path):
     """Only one backend per state directory: a second would mark the first one's jobs interrupted."""
     lock_path = state_dir / "backend.lock"
-    stream = open(lock_path, "a+")  # noqa: SIM115 - held open for the server's lifetime
+    stream = open(lock_path, "a+")
     try:
         import fcntl
     except ImportError:  # Windows: no advisory locks here, rely on the user
