@@ -6,6 +6,7 @@ QVENV := .venv-qgis
 BACKEND := $(VENV)/.installed
 QGIS := $(QVENV)/.installed
 DEMO_OUT := demo-output
+DEMO_MODEL ?= farslip2-vit-b-16
 
 .PHONY: setup demo test test-backend test-plugin bench plugin lint clean
 
@@ -24,7 +25,7 @@ $(QGIS): scripts/setup_qgis.sh
 
 demo: $(BACKEND)
 	mkdir -p $(DEMO_OUT)
-	$(VENV)/bin/farslip segment resources/sample/naip_2020_5m_crop.tif --preset landcover \
+	$(VENV)/bin/farslip segment resources/sample/naip_2020_5m_crop.tif --preset landcover --model $(DEMO_MODEL) \
 		--out $(DEMO_OUT)/landcover.gpkg --class-raster $(DEMO_OUT)/landcover.tif --overwrite
 
 test: test-backend test-plugin
