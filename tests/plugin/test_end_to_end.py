@@ -225,3 +225,18 @@ def test_train_tab_fine_tunes_on_labelled_polygons_and_lists_the_new_model(runni
     assert (model_dir / "model.safetensors").is_file() and (model_dir / "farslip_model.json").is_file()
     assert "mIoU" in form.trainLog.toPlainText()
     wait_until(lambda: form.modelCombo.findData("solaris-buildings") >= 0, 30, "the model list to refresh")
+
+
+def test_a_running_backend_is_reused_not_started_twice(running_plugin, qgis_iface):
+    from qgis_farslip.backend_manager import BackendManager
+
+    other = BackendManager(connection_file=running_plugin.manager.connection_file)
+    try:
+        other.ensure()
+        wait_until(lambda: other.state in ("ready", "failed"), 30, "the second manager")
+        assert other.state == "ready"
+        assert other.connection.url == running_plugin.manager.connection.url
+        assert not other.owns_process()
+    finally:
+        other.stop()  # stops nothing: the backend belongs to the first manager
+    assert running_plugin.manager.owns_process()

@@ -1,0 +1,54 @@
+"""Finding the backend and talking to it, without starting one."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+
+def test_backend_command_takes_a_farslip_executable_or_the_backends_python(farslip, tmp_path):
+    from qgis_farslip.backend_manager import CLI_ENTRY, backend_command
+
+    for name in ("farslip", "python3"):
+        path = tmp_path / name
+        path.write_text("#!/bin/sh\n")
+        path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    assert backend_command(str(tmp_path / "farslip")) == [str(tmp_path / "farslip")]
+    assert backend_command(str(tmp_path / "python3")) == [str(tmp_path / "python3"), "-c", CLI_ENTRY]
+    assert backend_command(str(tmp_path / "missing" / "farslip")) is None
+
+
+def test_install_help_says_what_to_install_and_where_it_looked(farslip, tmp_path):
+    from qgis_farslip.backend_manager import install_help, plain_text
+
+    text = plain_text(install_help(str(tmp_path / "farslip")))
+    assert "python3 -m venv" in text and "pip install" in text and "farslip serve" in text
+    assert str(tmp_path / "farslip") in text
+
+
+def test_connection_file_and_unreachable_backend_give_sentences(farslip, tmp_path):
+    from qgis_farslip.client import BackendClient, BackendUnreachable, Connection
+
+    path = tmp_path / "backend.json"
+    path.write_text(json.dumps({"url": "http://127.0.0.1:9/", "port": 9, "token": "t", "pid": 1,
+                                "version": "0.1.0"}))
+    connection = Connection.from_file(str(path))
+    assert connection.url == "http://127.0.0.1:9" and connection.token == "t"
+    with pytest.raises(BackendUnreachable, match="does not answer"):
+        BackendClient(connection, timeout=2).health()
+    path.write_text("{}")
+    with pytest.raises(ValueError, match="not a FarSLIP connection file"):
+        Connection.from_file(str(path))
+
+
+def test_default_connection_file_follows_the_backends_state_dir(farslip, monkeypatch, tmp_path):
+    from qgis_farslip.backend_manager import default_connection_file
+
+    monkeypatch.setenv("FARSLIP_HOME", str(tmp_path / "home"))
+    assert default_connection_file() == os.path.join(str(tmp_path / "home"), "backend.json")
+    monkeypatch.delenv("FARSLIP_HOME")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert default_connection_file() == os.path.join(str(tmp_path / "data"), "farslip", "backend.json")
