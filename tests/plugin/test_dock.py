@@ -123,3 +123,17 @@ def test_no_classes_is_refused_with_a_sentence(dock, qgis_new_project):
     dock.form.classesEdit.setPlainText("  \n# nothing\n")
     with pytest.raises(UserError, match="at least one class"):
         dock.build_request()
+
+
+def test_settings_dialog_round_trips_through_qgs_settings(farslip, plugin_settings, tmp_path):
+    from qgis_farslip.settings import PluginSettings
+    from qgis_farslip.settings_dialog import SettingsDialog
+
+    wanted = PluginSettings(backend_command="/opt/farslip/bin/python", backend_url="http://127.0.0.1:8765",
+                            backend_token="secret", connection_file="", auto_start=False,
+                            default_model="farslip1-vit-b-16", output_folder=str(tmp_path))
+    dialog = SettingsDialog(wanted)
+    assert dialog.settings() == wanted
+    dialog.settings().save()
+    assert PluginSettings.load() == wanted
+    dialog.deleteLater()
