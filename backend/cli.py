@@ -222,6 +222,16 @@ def serve(
 # --- end of serve ---
 
 
+# --- evaluate, train (owned by the training engineer; the implementation lives in training/) ---
+
+from training.cli import evaluate_command, train_command  # noqa: E402 - typer-only module, heavy imports are lazy
+
+app.command("evaluate")(evaluate_command)
+app.command("train")(train_command)
+
+# --- end of evaluate, train ---
+
+
 def main() -> None:
     app()
 

@@ -14,6 +14,7 @@ run removes it.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import shutil
@@ -49,6 +50,7 @@ FORMAT = "farslip-finetuned/1"
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "farslip_model.json"
 CHECKPOINT_DIR = "checkpoint"
+MAX_TRAINING_PIXELS = 64_000_000  # the labelled window is held in memory as float32 RGB (~770 MB)
 
 Progress = Callable[[int, int, dict], None]
 
@@ -191,6 +193,9 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict |
 
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o666 & ~umask)  # safetensors creates 0600 files; model folders are meant to be shared
     tmp.replace(path)
 
 
@@ -262,6 +267,12 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
     with open_source(raster, bands, scale, gsd_m) as source:
         grid = _label_grid(source, labels, class_field, background, aoi, class_names)
         labels_sha = file_sha256(labels)
+        window_pixels = grid.window.height * grid.window.width
+        if window_pixels > MAX_TRAINING_PIXELS:
+            raise InputError(f"The labelled extent is {grid.window.width} x {grid.window.height} pixels; training "
+                             f"holds it in memory and takes at most {MAX_TRAINING_PIXELS // 1_000_000} million. "
+                             "Label a smaller area, give an --aoi, or train at a coarser resolution "
+                             "(--scale 0.5 or --gsd).")
         split = split_labels(grid, source.window_transform(grid.window), options.validation_fraction,
                              options.buffer_px)
         rgb, _ = source.read(grid.window)
@@ -280,10 +291,11 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
             raise
         except BaseException as exc:
             state_file = work / CHECKPOINT_DIR / "state.pt"
-            if state_file.is_file() and isinstance(exc, Exception):
+            if state_file.is_file():
+                # Interrupted or failed after an epoch: keep it for --resume (Ctrl+C included).
                 note = (f" The last finished epoch is kept in {work}; run the same command with --resume "
                         "to continue from it.")
-                if hasattr(exc, "args") and exc.args and isinstance(exc.args[0], str):
+                if isinstance(exc, Exception) and exc.args and isinstance(exc.args[0], str):
                     exc.args = (exc.args[0] + note, *exc.args[1:])
             else:
                 shutil.rmtree(work, ignore_errors=True)

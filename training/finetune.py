@@ -37,7 +37,13 @@ from backend.text import LOGIT_SCALE, TextEmbedder, parse_class_lines, query_ind
 from . import adapters
 from .evaluate import predict_classes, score, segmenter_for
 from .labels import LabelGrid
-from .losses import patch_distillation_loss, patch_label_loss, patch_targets, region_alignment_loss
+from .losses import (
+    balanced_class_weights,
+    patch_distillation_loss,
+    patch_label_loss,
+    patch_targets,
+    region_alignment_loss,
+)
 from .sampling import (
     Box,
     PixelBox,
@@ -62,6 +68,7 @@ class TrainOptions:
     steps_per_epoch: int | None = None  # None: about two passes over the training area
     crop_px: int | None = None  # None: the model's input size
     patch_loss_weight: float = 1.0
+    class_balance: float = 0.5  # patch loss class weights ~ frequency^-class_balance (0: unweighted)
     distill_weight: float = 0.1
     region_weight: float = 1.0
     distill_boxes: int = 4
@@ -171,6 +178,8 @@ class Trainer:
         self.owner = torch.tensor(owner, device=self.device)
         region_embedder = TextEmbedder(loaded, templates=(REGION_PROMPT,))
         self.class_text = region_embedder.embed([c.name for c in classes]).to(self.device)
+        counts = [data.split.train_pixels.get(line, 0) for line in data.grid.class_lines]
+        self.class_weights = balanced_class_weights(counts, options.class_balance).to(self.device)
         self._prepare_regions()
 
         self.optimizer = torch.optim.AdamW(self.parameters, lr=options.learning_rate, betas=(0.9, 0.98),
@@ -302,7 +311,8 @@ class Trainer:
         dense = dense.float()
         if options.patch_loss_weight > 0:
             targets = patch_targets(labels, self.patch, self.num_classes)
-            out["patch"] = patch_label_loss(dense, self.query_text, self.owner, targets, LOGIT_SCALE)
+            out["patch"] = patch_label_loss(dense, self.query_text, self.owner, targets, LOGIT_SCALE,
+                                            self.class_weights)
         if options.distill_weight > 0 and options.distill_boxes > 0:
             boxes = self.distill_boxes(pixels.shape[0], rng)
             target = self.teacher_pooled(pixels, boxes)

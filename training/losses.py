@@ -20,18 +20,25 @@ IGNORE = -1
 
 def patch_targets(labels: torch.Tensor, patch: int, num_classes: int,
                   min_labelled: float = 0.5) -> torch.Tensor:
-    """(B, H, W) pixel labels (-1 unlabelled) -> (B, H/p, W/p) patch labels by area majority.
+    """(B, H, W) pixel labels (-1 unlabelled) -> (B, h, w, C) class area fractions per patch.
 
-    A patch whose labelled pixels cover less than `min_labelled` of it is ignored (-1).
+    Fractions are of the patch's labelled pixels, so a patch half building, half
+    ground teaches both (objects smaller than a patch still count); a patch whose
+    labelled pixels cover less than `min_labelled` of it gets all zeros (ignored).
     """
     labelled = labels >= 0
     one_hot = F.one_hot(labels.clamp(min=0).long(), num_classes).permute(0, 3, 1, 2).float()
     one_hot = one_hot * labelled[:, None].float()
-    area = F.avg_pool2d(one_hot, patch)                     # (B, C, h, w) class fractions
-    fraction, target = area.max(dim=1)
-    covered = area.sum(dim=1)
-    target[(covered < min_labelled) | (fraction <= 0)] = IGNORE
-    return target
+    area = F.avg_pool2d(one_hot, patch)                     # (B, C, h, w)
+    covered = area.sum(dim=1, keepdim=True)
+    fractions = torch.where(covered >= min_labelled, area / covered.clamp(min=1e-6), torch.zeros_like(area))
+    return fractions.permute(0, 2, 3, 1)
+
+
+def majority(fractions: torch.Tensor) -> torch.Tensor:
+    """(..., C) fractions -> (...) class of the largest fraction, -1 where the patch is ignored."""
+    share, target = fractions.max(dim=-1)
+    return torch.where(share > 0, target, torch.full_like(target, IGNORE))
 
 
 def class_log_probs(features: torch.Tensor, text: torch.Tensor, owner: torch.Tensor, num_classes: int,
@@ -52,14 +59,32 @@ def class_log_probs(features: torch.Tensor, text: torch.Tensor, owner: torch.Ten
 
 
 def patch_label_loss(features: torch.Tensor, text: torch.Tensor, owner: torch.Tensor,
-                     targets: torch.Tensor, logit_scale: float) -> torch.Tensor:
-    """Cross-entropy of (B, h, w, D) dense features against (B, h, w) patch targets."""
-    keep = targets >= 0
+                     targets: torch.Tensor, logit_scale: float,
+                     class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of (B, h, w, D) dense features against (B, h, w, C) patch class fractions.
+
+    Soft targets (area fractions); each patch weighted by its classes' weights; patches
+    with all-zero targets are ignored.
+    """
+    keep = targets.sum(dim=-1) > 0
     if not keep.any():
         return features.sum() * 0.0
-    num_classes = int(owner.max().item()) + 1
-    log_probs = class_log_probs(features[keep], text, owner, num_classes, logit_scale)
-    return F.nll_loss(log_probs, targets[keep].long())
+    soft = targets[keep]
+    log_probs = class_log_probs(features[keep], text, owner, soft.shape[-1], logit_scale)
+    per_patch = -(soft * log_probs.clamp(min=-1e4)).sum(dim=-1)
+    if class_weights is None:
+        return per_patch.mean()
+    weights = soft @ class_weights
+    return (weights * per_patch).sum() / weights.sum().clamp(min=1e-6)
+
+
+def balanced_class_weights(pixel_counts: list[int], power: float = 0.5) -> torch.Tensor:
+    """Weights ~ frequency^-power, mean 1 over present classes (rare classes such as buildings
+    against a large background would otherwise be predicted as the background everywhere)."""
+    counts = torch.tensor(pixel_counts, dtype=torch.float32)
+    weights = torch.where(counts > 0, counts.clamp(min=1) ** -power, torch.zeros_like(counts))
+    present = counts > 0
+    return weights / weights[present].mean()
 
 
 def pooled_roi_features(dense: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:

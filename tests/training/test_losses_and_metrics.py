@@ -13,6 +13,8 @@ from backend.dense import dense_patch_features
 from training import adapters
 from training.evaluate import confusion_matrix, format_metrics, metrics_from_confusion, plot_confusion
 from training.losses import (
+    balanced_class_weights,
+    majority,
     patch_distillation_loss,
     patch_label_loss,
     patch_targets,
@@ -21,30 +23,43 @@ from training.losses import (
 )
 
 
-def test_patch_targets_take_the_majority_and_ignore_unlabelled_patches():
+def test_patch_targets_are_area_fractions_and_ignore_unlabelled_patches():
     labels = torch.full((1, 32, 32), -1)
     labels[0, :16, :16] = 1
-    labels[0, :16, :5] = 0          # patch (0,0): 1 is the majority
+    labels[0, :16, :4] = 0          # patch (0,0): 1/4 class 0, 3/4 class 1
     labels[0, 16:, 16:20] = 2       # patch (1,1): 25 % labelled -> ignored
     labels[0, :16, 16:] = 0
-    targets = patch_targets(labels, 16, 3)
-    assert targets.tolist() == [[[1, 0], [-1, -1]]]
+    fractions = patch_targets(labels, 16, 3)
+    assert torch.allclose(fractions[0, 0, 0], torch.tensor([0.25, 0.75, 0.0]))
+    assert torch.allclose(fractions[0, 0, 1], torch.tensor([1.0, 0.0, 0.0]))
+    assert fractions[0, 1].sum() == 0
+    assert majority(fractions).tolist() == [[[1, 0], [-1, -1]]]
+
+
+def one_hot_targets(classes: list[list[int]]) -> torch.Tensor:
+    tensor = torch.tensor(classes)
+    return F.one_hot(tensor.clamp(min=0), 3).float() * (tensor >= 0)[..., None]
 
 
 def test_patch_label_loss_prefers_the_right_class():
     text = F.normalize(torch.eye(3, 8), dim=-1)
     features = text[[0, 1, 2, 0]].reshape(1, 2, 2, 8)
     owner = torch.tensor([0, 1, 2])
-    right = patch_label_loss(features, text, owner, torch.tensor([[[0, 1], [2, 0]]]), 50.0)
-    wrong = patch_label_loss(features, text, owner, torch.tensor([[[1, 2], [0, -1]]]), 50.0)
+    right = patch_label_loss(features, text, owner, one_hot_targets([[[0, 1], [2, 0]]]), 50.0)
+    wrong = patch_label_loss(features, text, owner, one_hot_targets([[[1, 2], [0, -1]]]), 50.0)
     assert right < 0.01 < wrong
+    weights = balanced_class_weights([100, 1, 0])
+    assert weights[1] > weights[0] and weights[2] == 0
+    weighted = patch_label_loss(features, text, owner, one_hot_targets([[[1, 2], [0, -1]]]), 50.0, weights)
+    assert torch.isfinite(weighted)
 
 
 def test_synonyms_share_their_class_probability():
     text = F.normalize(torch.eye(3, 8), dim=-1)
     owner = torch.tensor([0, 0, 1])      # class 0 = queries 0 and 1
     features = text[[1]].reshape(1, 1, 1, 8)
-    assert patch_label_loss(features, text, owner, torch.tensor([[[0]]]), 50.0) < 0.01
+    targets = torch.tensor([[[[1.0, 0.0]]]])
+    assert patch_label_loss(features, text, owner, targets, 50.0) < 0.01
 
 
 def test_roi_pooling_of_a_constant_map_gives_the_constant():
