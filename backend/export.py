@@ -118,6 +118,8 @@ def write_polygons(
             [shapely.MultiPolygon([g]) if g.geom_type == "Polygon" else g for g in geometries]
         )
     options = {"encoding": "UTF-8"} if driver == "ESRI Shapefile" else {}
+    if driver == "GPKG":
+        options["dataset_options"] = {"VERSION": "1.2"}  # QGIS 3.22's GDAL reads 1.4 with a warning
     with atomic_output(path) as temp_path:
         pyogrio.raw.write(
             temp_path,
