@@ -139,7 +139,8 @@ def train_command(
     base_model: Optional[str] = typer.Option(None, help="Model to start from (default: the default model)."),
     weights: Optional[Path] = typer.Option(None, help="Checkpoint to use for the base registry model."),
     method: str = typer.Option("lora", help="lora (default), last-blocks or full."),
-    epochs: int = typer.Option(5, help="Epochs (each about two passes of crops over the training area)."),
+    epochs: int = typer.Option(5, help="Epochs (each about two passes of crops over the training area, "
+                                          "at least 20 steps)."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default: 2e-4 lora, 2e-5 last-blocks, "
                                                   "1e-5 full)."),
     patch_loss_weight: float = typer.Option(1.0, help="Weight of the dense patch cross-entropy (0: off)."),

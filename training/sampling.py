@@ -191,6 +191,6 @@ def pure_boxes(grid: LabelGrid, area: Box, transform: Affine, class_id: int, sid
     return boxes
 
 
-def steps_for(area_px: int, crop_px: int, batch_size: int, low: int = 4, high: int = 100) -> int:
-    """Steps per epoch: enough crops to cover the training area about twice."""
+def steps_for(area_px: int, crop_px: int, batch_size: int, low: int = 20, high: int = 200) -> int:
+    """Steps per epoch: enough crops to cover the training area about twice, at least `low`."""
     return int(np.clip(math.ceil(2 * area_px / (crop_px * crop_px) / batch_size), low, high))
