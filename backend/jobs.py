@@ -56,6 +56,7 @@ class JobStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        os.chmod(self.path, 0o600)
         self._db.row_factory = sqlite3.Row
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -200,12 +201,19 @@ class ModelCache:
         self.device = device
         self._key: tuple | None = None
         self._loaded: Any = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     @property
     def loaded_name(self) -> str | None:
         loaded = self._loaded
         return getattr(loaded, "name", None) if loaded is not None else None
+
+    def unload(self) -> None:
+        with self._lock:
+            if self._loaded is not None:
+                log.info("unloading model %s", self.loaded_name)
+                self._key, self._loaded = None, None
+                _free_device_memory()
 
     def get(self, model: str | None, weights: str | None) -> Any:
         from backend.models import load_model
@@ -214,10 +222,7 @@ class ModelCache:
         with self._lock:
             if self._key == key and self._loaded is not None:
                 return self._loaded
-            if self._loaded is not None:
-                log.info("unloading model %s", self.loaded_name)
-                self._key, self._loaded = None, None
-                _free_device_memory()
+            self.unload()
             self._loaded = load_model(model, weights=weights, device=self.device)
             self._key = key
             log.info("loaded model %s on %s", self.loaded_name, self.device)
@@ -431,8 +436,9 @@ class JobManager:
                 return
             fraction = min(1.0, tiles_done / tiles_total) if tiles_total else 0.0
             job.update(tiles_done=tiles_done, tiles_total=tiles_total, eta_s=eta_s,
-                       progress=max(job["progress"], round(fraction * 0.99, 4)),
-                       message=f"Segmenting: {tiles_done} of {tiles_total} tiles.")
+                       progress=max(job["progress"], round(fraction * 0.99, 4)))
+            if job["kind"] == "segment":
+                job["message"] = f"Segmenting: {tiles_done} of {tiles_total} tiles."
             now = time.monotonic()
             if now - self._last_write.get(job_id, 0.0) >= PROGRESS_WRITE_INTERVAL_S:
                 self._last_write[job_id] = now
@@ -596,11 +602,16 @@ def run_segment(request: dict, control: JobControl, models: ModelCache) -> dict:
 # --------------------------------------------------------------------------- train jobs
 
 def run_train(request: dict, control: JobControl, models: ModelCache) -> dict:
-    """Worker side of a train job: hands the request to training.api (which owns the method)."""
-    try:
-        from training import api
-    except ImportError:
-        raise InputError("This backend cannot train: the training module is not available.") from None
-    result = api.train_model(request, progress=control.progress, should_cancel=control.should_cancel,
-                             message=control.message)
-    return dict(result)
+    """Worker side of a train job: training.api owns the method; the worker lends its device."""
+    from training import api
+
+    # Training changes the weights it is given and needs the memory: give it a fresh model and
+    # drop the one segment jobs share (the next segment job loads it again).
+    models.unload()
+    request = {key: value for key, value in request.items() if value is not None}
+    request.setdefault("device", models.device)
+    control.message("Preparing the training data.")
+    result = api.train_request(request, progress=control.progress, should_cancel=control.should_cancel,
+                               message=control.message)
+    return {"outputs": dict(result.get("outputs") or {"model_dir": result.get("model_dir")}), "classes": [],
+            "metrics": result.get("metrics")}

@@ -308,15 +308,14 @@ def default_runners() -> dict:
 
 
 def check_train_request(request: TrainRequest) -> list[str]:
+    """The trainer's own quick checks; returns the model folder the job will write."""
     for name in ("raster", "labels", "out"):
         _absolute(getattr(request, name), name)
     try:
         from training import api
     except ImportError:
-        raise FarslipError("This backend cannot train yet: the training module is not installed.") from None
-    check = getattr(api, "check_request", None)
-    outputs = check(request.model_dump()) if check is not None else None
-    return list(outputs) if outputs else [request.out]
+        raise FarslipError("This backend cannot train: the training package is not installed.") from None
+    return list(api.check_request(request.model_dump(exclude_none=True)))
 
 
 # --------------------------------------------------------------------------- serve
@@ -363,7 +362,9 @@ def remove_connection_file(path: Path, pid: int) -> None:
 def bind_socket(host: str, port: int) -> socket.socket:
     """Bind ourselves so that port 0 gives a real, known port before the server starts."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto must say TCP: asyncio only sets TCP_NODELAY on sockets that do, and without it every
+    # keep-alive response waits ~40 ms for a delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     if sys.platform != "win32":
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -403,7 +404,8 @@ def serve(host: str = "127.0.0.1", port: int = 0, token: str | None = None,
     from backend.paths import state_dir as default_state_dir
 
     state_dir = Path(state_dir or default_state_dir()).expanduser().resolve()
-    state_dir.mkdir(parents=True, exist_ok=True)
+    if not state_dir.exists():
+        state_dir.mkdir(parents=True, mode=0o700)  # job history names the user's files
     connection_file = Path(connection_file or state_dir / "backend.json").expanduser().resolve()
     log_file = setup_logging(state_dir, log_level)
     lock = _lock_state_dir(state_dir)

@@ -42,18 +42,26 @@ class Backend:
              "--connection-file", str(self.connection_file)],
             stdout=subprocess.PIPE, stderr=self.log, env=env, cwd=REPO)
         deadline = time.monotonic() + 90
-        while not self.connection_file.exists():
+        while (info := self._read_connection_file()) is None:
             if self.process.poll() is not None:
                 raise RuntimeError(f"farslip serve exited with {self.process.returncode}; see {self.log.name}")
             if time.monotonic() > deadline:
                 self.process.kill()
                 raise RuntimeError("farslip serve did not write its connection file within 90 s")
             time.sleep(0.05)
-        self.info = json.loads(self.connection_file.read_text())
+        self.info = info
         self.url = self.info["url"]
         self.token = self.info["token"]
         self.client = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.token}"},
                                    timeout=30)
+
+    def _read_connection_file(self) -> dict | None:
+        """The connection file once this process wrote it (a stale one of a dead backend may be there)."""
+        try:
+            info = json.loads(self.connection_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return info if info.get("pid") == self.process.pid else None
 
     def submit(self, body: dict) -> str:
         response = self.client.post("/v1/segment", json=body)
@@ -123,9 +131,12 @@ def start_backend(env, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def backend(start_backend) -> Backend:
-    """One backend shared by a test module."""
-    return start_backend()
+def backend(start_backend):
+    """One backend shared by a test module, stopped (SIGTERM) after it."""
+    backend = start_backend()
+    yield backend
+    if backend.process.poll() is None:
+        assert backend.stop() == 0
 
 
 @pytest.fixture
