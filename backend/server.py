@@ -415,7 +415,9 @@ def serve(host: str = "127.0.0.1", port: int = 0, token: str | None = None,
     token = token or secrets.token_urlsafe(32)
     sock = bind_socket(host, port)
     port = sock.getsockname()[1]
-    url_host = f"[{host}]" if ":" in host else host
+    # A wildcard address is not one a client can connect to; local clients use loopback.
+    url_host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(
+        host, f"[{host}]" if ":" in host else host)
     url = f"http://{url_host}:{port}"
     pid = os.getpid()
 
