@@ -1,63 +1,13 @@
-"""Fixtures for training tests: a tiny model on disk, a synthetic labelled GeoTIFF, fast options."""
+"""Fixtures for training tests: a tiny model on disk, a synthetic labelled GeoTIFF."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import pyogrio.raw
 import pytest
-import rasterio
-import shapely
-from pyproj import Transformer
-from rasterio.transform import from_origin
 from tinymodels import make_tiny_clip, save_safetensors
-
-from training.finetune import TrainOptions
-
-COLOURS = {"water": (40, 70, 160), "forest": (40, 120, 50), "sand": (210, 190, 130)}
-RASTER_CRS = "EPSG:32633"
-
-
-def write_labels(path: Path, geometries: list, values: list, crs: str, field: str = "cls") -> Path:
-    pyogrio.raw.write(path, shapely.to_wkb(np.array(geometries, dtype=object)),
-                      [np.array(values, dtype=object)], [field], driver="GPKG" if path.suffix == ".gpkg"
-                      else "GeoJSON", geometry_type="Polygon", crs=crs)
-    return path
-
-
-def make_synthetic(folder: Path, size: int = 384, block: int = 48, labels_crs: str = "EPSG:4326",
-                   seed: int = 0) -> tuple[Path, Path, np.ndarray]:
-    """Blocks of three colours with noise; labels = each block inset by 3 px, in another CRS."""
-    rng = np.random.default_rng(seed)
-    names = list(COLOURS)
-    blocks = size // block
-    classes = np.zeros((size, size), int)
-    for by in range(blocks):
-        for bx in range(blocks):
-            classes[by * block:(by + 1) * block, bx * block:(bx + 1) * block] = (bx + 2 * by + (bx * by) % 2) % 3
-    rgb = np.zeros((3, size, size), np.float32)
-    for i, name in enumerate(names):
-        for band in range(3):
-            rgb[band][classes == i] = COLOURS[name][band]
-    rgb = np.clip(rgb + rng.normal(0, 12, rgb.shape), 0, 255).astype(np.uint8)
-    transform = from_origin(500000, 5000000, 2.0, 2.0)
-    raster = folder / "synthetic.tif"
-    with rasterio.open(raster, "w", driver="GTiff", width=size, height=size, count=3, dtype="uint8",
-                       crs=RASTER_CRS, transform=transform) as ds:
-        ds.write(rgb)
-    to_labels = Transformer.from_crs(RASTER_CRS, labels_crs, always_xy=True)
-    geometries, values = [], []
-    for by in range(blocks):
-        for bx in range(blocks):
-            x0, y0 = transform @ (bx * block + 3, by * block + 3)
-            x1, y1 = transform @ ((bx + 1) * block - 3, (by + 1) * block - 3)
-            box = shapely.box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
-            geometries.append(shapely.transform(
-                box, lambda xy: np.column_stack(to_labels.transform(xy[:, 0], xy[:, 1]))))
-            values.append(names[classes[by * block + 5, bx * block + 5]])
-    labels = write_labels(folder / "labels.gpkg", geometries, values, labels_crs)
-    return raster, labels, classes
+from training_data import make_synthetic
 
 
 @pytest.fixture(scope="session")
@@ -68,10 +18,3 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synthetic(tmp_path_factory) -> tuple[Path, Path, np.ndarray]:
     return make_synthetic(tmp_path_factory.mktemp("synthetic"))
-
-
-def fast_options(**changes) -> TrainOptions:
-    """Few, small steps: the tiny model learns the colours in seconds on a CPU."""
-    values = {"batch_size": 2, "steps_per_epoch": 4, "distill_boxes": 2, "regions_per_step": 4}
-    values.update(changes)
-    return TrainOptions(**values)

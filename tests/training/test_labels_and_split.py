@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import rasterio
 import shapely
-from conftest import COLOURS, RASTER_CRS, write_labels
+from training_data import COLOURS, RASTER_CRS, write_labels
 from rasterio.transform import from_origin
 
 from backend.errors import InputError

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import rasterio
 import shapely
-from conftest import RASTER_CRS, write_labels
+from training_data import RASTER_CRS, write_labels
 
 from backend.errors import InputError
 from backend.models import load_model

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import typer
-from conftest import fast_options
+from training_data import fast_options
 from typer.testing import CliRunner
 
 from backend.errors import CancelledError, InputError
