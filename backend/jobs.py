@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from backend.errors import CancelledError, FarslipError, InputError, ModelError
+from backend.errors import CancelledError, FarslipError, InputError
 
 log = logging.getLogger("farslip.jobs")
 
@@ -514,6 +514,7 @@ def check_segment_call(call: SegmentCall) -> list[str]:
 
     Cheap: opens the raster (and reads the decimated sample the engine reads anyway), never the model.
     """
+    from backend.models import check_model
     from backend.raster import open_source, request_window
     from backend.segment import check_outputs, validate_options
 
@@ -529,43 +530,14 @@ def check_segment_call(call: SegmentCall) -> list[str]:
     return planned_outputs(call)
 
 
-def check_model(model: str | None, weights: str | None) -> None:
-    """Refuse a model that load_model would refuse, without loading it (same dispatch, same sentences)."""
-    from backend import models
-    from backend.paths import models_dir
-
-    if model is None or model in models.known_models():
-        if weights and not Path(weights).expanduser().exists():
-            raise ModelError(f"The weights file {weights} does not exist.")
-        return
-    if weights:
-        raise ModelError(f"--weights can only be combined with a registry model name, not with '{model}'.")
-    path = Path(model).expanduser()
-    if path.is_dir():
-        if not models.is_finetuned_dir(path):
-            raise ModelError(f"{path} is a folder but not a fine-tuned model: it needs "
-                             f"{models.FINETUNED_WEIGHTS} and {models.FINETUNED_META}.")
-        models.read_finetuned_meta(path)
-    elif not path.is_file():
-        if "/" not in model and os.sep not in model:
-            if not models.is_finetuned_dir(models_dir() / model):
-                raise models._unknown(model)
-        else:
-            raise ModelError(f"Model file or folder {path} does not exist.")
-
-
 def _finetuned_class_lines(model: str | None, weights: str | None) -> list[str]:
     """A fine-tuned model folder's own classes (used when a request gives none)."""
     from backend import models
-    from backend.paths import models_dir
 
-    for candidate in (model, weights):
-        if not candidate:
-            continue
-        for folder in (Path(candidate).expanduser(), models_dir() / candidate):
-            if models.is_finetuned_dir(folder):
-                return list(models.read_finetuned_meta(folder).get("class_lines") or [])
-    return []
+    kind, where, _ = models.locate_model(model, weights)
+    if kind != "finetuned":
+        return []
+    return list(models.read_finetuned_meta(where).get("class_lines") or [])
 
 
 def run_segment(request: dict, control: JobControl, models: ModelCache) -> dict:

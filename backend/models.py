@@ -186,7 +186,7 @@ def _hub_cached(spec: ModelSpec) -> Path | None:
         from huggingface_hub import try_to_load_from_cache
 
         found = try_to_load_from_cache(spec.hf_repo, spec.hf_file, cache_dir=str(hf_cache_dir()))
-    except Exception:  # noqa: BLE001 - an unreadable cache is just "not cached"
+    except Exception:
         return None
     return Path(found) if isinstance(found, str) and Path(found).is_file() else None
 
@@ -515,7 +515,51 @@ def unknown_model_error(name: str) -> ModelError:
                       "You can also give the path of a checkpoint file or of a fine-tuned model folder.")
 
 
-_unknown = unknown_model_error  # backward-compatible alias
+
+
+def locate_model(model: str | None = None, weights: str | None = None) -> tuple[str, Any, str | None]:
+    """Where `load_model` would take a model from, without reading any weights.
+
+    Returns ("registry", spec, weights), ("finetuned", folder, None) or ("checkpoint", file, None);
+    raises ModelError with the same sentences as `load_model`.
+    """
+    registry = known_models()
+    if model is None and weights:
+        model, weights = str(weights), None
+    name = model or DEFAULT_MODEL
+    spec = registry.get(name)
+    if spec is not None:
+        if weights and Path(weights).expanduser().is_dir():
+            return "finetuned", Path(weights).expanduser(), None
+        return "registry", spec, weights
+    if weights:
+        raise ModelError(f"--weights can only be combined with a registry model name, not with '{name}'.")
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not is_finetuned_dir(path):
+            raise ModelError(f"{path} is a folder but not a fine-tuned model: it needs "
+                             f"{FINETUNED_WEIGHTS} and {FINETUNED_META}.")
+        return "finetuned", path, None
+    if path.is_file():
+        return "checkpoint", path, None
+    if "/" not in name and os.sep not in name:
+        candidate = paths.models_dir() / name
+        if is_finetuned_dir(candidate):
+            return "finetuned", candidate, None
+        raise unknown_model_error(name)
+    raise ModelError(f"Model file or folder {path} does not exist.")
+
+
+def check_model(model: str | None = None, weights: str | None = None) -> None:
+    """Refuse what `load_model` would refuse for the model's name or files, without loading it.
+
+    (Missing registry weights are left to `load_model`: finding them may mean a download.)
+    """
+    kind, where, explicit = locate_model(model, weights)
+    if kind == "finetuned":
+        read_finetuned_meta(where)
+    elif kind == "registry" and explicit and not Path(explicit).expanduser().exists():
+        raise ModelError(f"The weights file {explicit} does not exist.")
 
 
 def load_model(model: str | None = None, weights: str | None = None, device: str = "cpu") -> LoadedModel:
@@ -524,36 +568,15 @@ def load_model(model: str | None = None, weights: str | None = None, device: str
     `weights` (``--weights``) overrides where a registry model's weights come
     from; with no `model` it names the checkpoint to load directly.
     """
-    registry = known_models()
-    if model is None and weights:
-        model = str(weights)
-        weights = None
-    name = model or DEFAULT_MODEL
-    spec = registry.get(name)
-    if spec is not None:
-        if weights and Path(weights).expanduser().is_dir():
-            return _load_finetuned(Path(weights).expanduser(), device)
-        path = resolve_weights(spec, weights)
-        return _finish(read_state_dict(path), name=spec.name, weights_path=path, device=device,
-                       class_lines=None, spec=spec,
-                       metadata={"kind": "registry", "spec": asdict(spec)})
-    if weights:
-        raise ModelError(f"--weights can only be combined with a registry model name, not with '{name}'.")
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not is_finetuned_dir(path):
-            raise ModelError(f"{path} is a folder but not a fine-tuned model: it needs "
-                             f"{FINETUNED_WEIGHTS} and {FINETUNED_META}.")
-        return _load_finetuned(path, device)
-    if path.is_file():
-        return _finish(read_state_dict(path), name=path.stem, weights_path=path, device=device,
+    kind, where, explicit = locate_model(model, weights)
+    if kind == "finetuned":
+        return _load_finetuned(where, device)
+    if kind == "checkpoint":
+        return _finish(read_state_dict(where), name=where.stem, weights_path=where, device=device,
                        class_lines=None, metadata={"kind": "checkpoint"})
-    if "/" not in name and os.sep not in name:
-        cand = paths.models_dir() / name
-        if is_finetuned_dir(cand):
-            return _load_finetuned(cand, device)
-        raise unknown_model_error(name)
-    raise ModelError(f"Model file or folder {path} does not exist.")
+    path = resolve_weights(where, explicit)
+    return _finish(read_state_dict(path), name=where.name, weights_path=path, device=device,
+                   class_lines=None, spec=where, metadata={"kind": "registry", "spec": asdict(where)})
 
 
 # --------------------------------------------------------------------------- listing
