@@ -15,7 +15,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import open_clip
@@ -26,25 +25,26 @@ from rasterio.transform import from_origin
 
 from .dense import dense_patch_features, normalize_pixels
 from .engine import ArraySource, Segmenter, predict_window
+from .models import LoadedModel, get_tokenizer
 from .segment import SegmentOptions, SegmentOutputs, segment_raster
 from .text import PROMPT_TEMPLATES, TextEmbedder, encode_tokens, parse_class_lines
 
 BENCH_CLASSES = ["water, lake", "cropland, bare field", "grassland", "road", "building, roof"]
 
 
-def random_model(arch: str, device: torch.device, context_length: int | None = None):
-    """A randomly initialised open_clip model of `arch`, wrapped like a LoadedModel."""
+def random_model(arch: str = "ViT-B-16", device: torch.device | str = "cpu",
+                 context_length: int | None = None) -> LoadedModel:
+    """A randomly initialised open_clip model of `arch` (QuickGELU) as a LoadedModel: speed and memory only."""
     cfg = open_clip.get_model_config(arch)
     if cfg is None:
         raise SystemExit(f"Unknown open_clip architecture {arch!r}.")
     text_cfg = dict(cfg["text_cfg"], context_length=context_length) if context_length else cfg["text_cfg"]
     model = open_clip.model.CLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"], text_cfg=text_cfg,
                                  quick_gelu=True)
+    dev = torch.device(device)
     ctx = model.context_length
-    return SimpleNamespace(model=model.eval().to(device), name=f"random-{arch}",
-                           tokenizer=open_clip.get_tokenizer("ViT-B-16", context_length=ctx),
-                           context_length=ctx, weights_id=f"random-{arch}-{ctx}-bench", device=device,
-                           class_lines=None)
+    return LoadedModel(model=model.eval().to(dev), name=f"random-{arch}", tokenizer=get_tokenizer(ctx),
+                       context_length=ctx, weights_id=f"random-{arch}-{ctx}-untrained", device=dev)
 
 
 def write_test_raster(path: Path, size: int, block: int = 1024) -> Path:
@@ -224,7 +224,7 @@ def run_bench(arch: str = "ViT-B-16", batch_size: int = 8, size: int = 1024, dev
              f"{long_text['full_s'] / long_text['truncated_s']:.1f}x faster |")
 
         if rss_sizes:
-            tiny = _tiny_checkpoint(work / "tiny.pt")
+            tiny = tiny_checkpoint(work / "tiny.pt")
             echo("")
             echo("| peak RSS, tiny model, segment -> GPKG + class raster | MiB | crops | seconds |")
             echo("|---|---|---|---|")
@@ -245,7 +245,7 @@ def run_bench(arch: str = "ViT-B-16", batch_size: int = 8, size: int = 1024, dev
     return results
 
 
-def _tiny_checkpoint(path: Path) -> Path:
+def tiny_checkpoint(path: Path) -> Path:
     """A tiny random ViT-B/16-shaped checkpoint (2 layers, width 128) for memory runs."""
     torch.manual_seed(0)
     model = open_clip.model.CLIP(

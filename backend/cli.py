@@ -173,21 +173,50 @@ def bench(
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     rss_sizes: str = typer.Option("2000,10000", help="Raster sides for the peak-memory runs ('' = skip)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
+    server: bool = typer.Option(False, "--server", help="Instead: HTTP latencies and server vs CLI overhead."),
+    train: bool = typer.Option(False, "--train", help="Instead: training throughput vs forward+backward."),
 ) -> None:
     """Measure encoder, pipeline, reference loop, text encoding and peak memory; print a table."""
     import json
 
-    from .bench import run_bench
     from .models import resolve_device
 
     try:
         dev = resolve_device(device)
     except FarslipError as error:
         fail(error)
-    sides = tuple(int(s) for s in rss_sizes.split(",") if s.strip())
-    results = run_bench(arch, batch_size, size, str(dev), sides, echo=typer.echo)
+    if server:
+        results = _bench_server(str(dev))
+    elif train:
+        from training.bench import measure_training
+
+        from .bench import random_model
+
+        results = measure_training(random_model(arch, dev), batch_size=min(batch_size, 4), steps=3)
+        for key, value in results.items():
+            typer.echo(f"{key}: {value}")
+    else:
+        from .bench import run_bench
+
+        sides = tuple(int(s) for s in rss_sizes.split(",") if s.strip())
+        results = run_bench(arch, batch_size, size, str(dev), sides, echo=typer.echo)
     if json_out:
         json_out.write_text(json.dumps(results, indent=2))
+
+
+def _bench_server(device: str) -> dict:
+    """The server benchmark on the bundled sample raster with a tiny random checkpoint."""
+    import tempfile
+
+    from .bench import tiny_checkpoint
+    from .paths import resources_dir
+    from .server_bench import bench_server, format_results
+
+    with tempfile.TemporaryDirectory(prefix="farslip-bench-") as folder:
+        model = tiny_checkpoint(Path(folder) / "tiny.pt")
+        results = bench_server(resources_dir() / "sample" / "naip_2020_5m_crop.tif", str(model), device=device)
+    typer.echo(format_results(results))
+    return results
 
 
 @app.command()

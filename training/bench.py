@@ -124,12 +124,6 @@ def measure_training(loaded, method: str = "lora", batch_size: int = 4, steps: i
 
 def random_loaded(arch: str = "ViT-B-16", device: str = "cpu"):
     """A randomly initialised open_clip model wrapped as a LoadedModel (speed and memory only)."""
-    import open_clip
+    from backend.bench import random_model
 
-    from backend.models import LoadedModel, get_tokenizer
-
-    model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=True).float().eval()
-    dev = torch.device(device)
-    context = int(model.positional_embedding.shape[0])
-    return LoadedModel(model=model.to(dev), name=f"random-{arch}", tokenizer=get_tokenizer(context),
-                       context_length=context, weights_id=f"random-{arch}-untrained", device=dev)
+    return random_model(arch, device)
