@@ -125,16 +125,27 @@ def count_crops(height: int, width: int, window: PixelWindow, crop: int, stride:
 
 
 def predict_blocks(segmenter: Segmenter, source, window: PixelWindow,
-                   progress: Callable[[int], None] | None = None,
+                   progress: Callable[[int, int], None] | None = None,
                    should_cancel: Callable[[], bool] | None = None,
                    chunk_columns: int = CHUNK_COLUMNS) -> Iterator[Block]:
     """Stream finished blocks of `window` (processing-grid pixels of `source`).
 
     `source` has .height, .width and .read(PixelWindow) -> (rgb (3,h,w) 0..255, valid (h,w)).
     The result for a pixel does not depend on `window`: the crop grid is the source's.
+    progress(crops_done, crops_total) is called before the first crop and after every batch.
     """
     crop_h, crop_w = min(segmenter.crop, source.height), min(segmenter.crop, source.width)
     stride = segmenter.stride
+    total = count_crops(source.height, source.width, window, segmenter.crop, stride, chunk_columns)
+    done = 0
+
+    def advance(crops: int) -> None:
+        nonlocal done
+        done += crops
+        if progress is not None:
+            progress(done, total)
+
+    advance(0)
     row_starts = _overlapping(crop_starts(source.height, segmenter.crop, stride), crop_h,
                               window.row_off, window.row_off + window.height)
     col_starts_all = crop_starts(source.width, segmenter.crop, stride)
@@ -142,7 +153,7 @@ def predict_blocks(segmenter: Segmenter, source, window: PixelWindow,
         c1 = min(c0 + chunk_columns, window.col_off + window.width)
         col_starts = _overlapping(col_starts_all, crop_w, c0, c1)
         yield from _predict_chunk(segmenter, source, window, row_starts, col_starts, (crop_h, crop_w),
-                                  c0, c1, progress, should_cancel)
+                                  c0, c1, advance, should_cancel)
 
 
 def _predict_chunk(segmenter, source, window, row_starts, col_starts, crop_shape, c0, c1,
@@ -174,8 +185,7 @@ def _predict_chunk(segmenter, source, window, row_starts, col_starts, crop_shape
             acc_sum[:, rows, a0 - c0:a1 - c0] += crop_logits[:, :, a0 - xs:a1 - xs]
             acc_cnt[rows, a0 - c0:a1 - c0] += 1
         ran += len(batch)
-        if progress is not None:
-            progress(len(batch))
+        progress(len(batch))
 
     def flush(upto: int):
         """Emit accumulator rows above absolute row `upto` (clipped to the window)."""
@@ -208,7 +218,7 @@ def _predict_chunk(segmenter, source, window, row_starts, col_starts, crop_shape
                 pending.append((ys, xs, rgb[:, :, part]))
             else:
                 skipped += 1
-        if skipped and progress is not None:
+        if skipped:
             progress(skipped)
         queued_by_row.append(ran + len(pending))
         while len(pending) >= segmenter.batch_size:

@@ -132,23 +132,13 @@ def segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutput
         timings["text_s"] = time.perf_counter() - t0
 
         total = count_crops(source.height, source.width, window, segmenter.crop, segmenter.stride)
-        done = 0
-
-        def advance(n: int) -> None:
-            nonlocal done
-            done += n
-            if progress is not None:
-                progress(done, total)
-
-        if progress is not None:
-            progress(0, total)
         workdir = Path(tempfile.mkdtemp(prefix=".farslip-", dir=Path(outputs.out).parent))
         try:
             class_path, score_path = workdir / "classes.tif", workdir / "score.tif"
             prob_path = workdir / "probs.tif" if outputs.prob_raster else None
             t0 = time.perf_counter()
             valid_pixels = _write_rasters(segmenter, source, window, class_path, score_path, prob_path,
-                                          classes, advance, should_cancel)
+                                          classes, progress, should_cancel)
             timings["inference_s"] = time.perf_counter() - t0
             if valid_pixels == 0:
                 raise EmptyResultError(f"The requested area of {raster} holds only nodata or masked pixels: "
@@ -211,7 +201,7 @@ def _class_stats(regions, class_names: list[str]) -> list[dict]:
 
 
 def _write_rasters(segmenter: Segmenter, source: RasterSource, window, class_path: Path, score_path: Path,
-                   prob_path: Path | None, classes, advance, should_cancel) -> int:
+                   prob_path: Path | None, classes, progress, should_cancel) -> int:
     """Run the engine over `window`, writing each finished block; returns the number of valid pixels."""
     n = len(classes)
     class_ds = rasterio.open(class_path, "w", **_raster_profile(source, window, 1, "uint8", NODATA_CLASS))
@@ -228,7 +218,7 @@ def _write_rasters(segmenter: Segmenter, source: RasterSource, window, class_pat
         class_ds.update_tags(1, **{f"CLASS_{i}": c.name for i, c in enumerate(classes)},
                             UNCLASSIFIED=str(UNCLASSIFIED))
         score_ds.set_band_description(1, "score")
-        for block in predict_blocks(segmenter, source, window, advance, should_cancel):
+        for block in predict_blocks(segmenter, source, window, progress, should_cancel):
             h, w = block.class_ids.shape
             win = rasterio.windows.Window(block.col0, block.row0, w, h)
             class_ds.write(block.class_ids, 1, window=win)

@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 
 from backend import __version__
-from backend.engine import count_crops
 from backend.errors import CancelledError, InputError
 from backend.raster import PixelWindow, RasterSource, open_source
 
@@ -140,16 +139,8 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
         else:
             window, truth = grid.window, grid.labels
         segmenter = segmenter_for(loaded, grid.class_lines, attention=attention, batch_size=batch_size)
-        total = count_crops(source.height, source.width, window, segmenter.crop, segmenter.stride)
-        done = 0
-
-        def advance(n: int) -> None:
-            nonlocal done
-            done += n
-            if progress is not None:
-                progress(done, total, {"phase": "evaluate"})
-
-        predicted = predict_classes(segmenter, source, window, should_cancel, advance)
+        report = None if progress is None else (lambda done, total: progress(done, total, {"phase": "evaluate"}))
+        predicted = predict_classes(segmenter, source, window, should_cancel, report)
         metrics = score(truth, predicted, grid.class_names)
         bounds = source.window_bounds(window)
         crs = source.crs.to_string()

@@ -140,7 +140,7 @@ def segmenter_for(loaded, class_lines: list[str], model=None, embedder: TextEmbe
 
 def predict_classes(segmenter: Segmenter, source, window: PixelWindow,
                     should_cancel: Callable[[], bool] | None = None,
-                    progress: Callable[[int], None] | None = None) -> np.ndarray:
+                    progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """(h, w) class ids (254/255 = unclassified/nodata) of `window`, exactly as `segment` computes them."""
     model = segmenter.loaded.model
     was_training = model.training
