@@ -192,7 +192,10 @@ class FarslipDock(QgsDockWidget):
         return parse_class_text(self.form.classesEdit.toPlainText())
 
     def model_name(self) -> str | None:
-        combo = self.form.modelCombo
+        return self.chosen_model(self.form.modelCombo)
+
+    def chosen_model(self, combo) -> str | None:
+        """The model an editable model combo names (item data, or typed text), else the default model."""
         text = combo.currentText().strip()
         index = combo.findText(text)
         value = combo.itemData(index) if index >= 0 else text

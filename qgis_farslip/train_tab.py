@@ -134,11 +134,7 @@ class TrainTab(QObject):
         return request, prepare, out
 
     def _base_model(self) -> str | None:
-        combo = self.form.baseModelCombo
-        text = combo.currentText().strip()
-        index = combo.findText(text)
-        value = combo.itemData(index) if index >= 0 else text
-        return value or self.settings_loader().default_model or None
+        return self.dock.chosen_model(self.form.baseModelCombo)
 
     def train(self) -> None:
         if self.task is not None:
