@@ -114,10 +114,23 @@ def _raster_profile(source: RasterSource, window, count: int, dtype: str, nodata
     }
 
 
+GDAL_CACHE_MB = 64
+
+
 def segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutputs, loaded,
                    progress: Callable[[int, int], None] | None = None,
                    should_cancel: Callable[[], bool] | None = None) -> SegmentResult:
     """Segment `raster` into the classes of `options`; write `outputs`; return what was written."""
+    # GDAL's block cache defaults to 5 % of RAM and would grow with the raster; a fixed cache keeps
+    # memory flat (a GDAL_CACHEMAX set by the user wins).
+    cache = {} if "GDAL_CACHEMAX" in os.environ else {"GDAL_CACHEMAX": GDAL_CACHE_MB * 2**20}  # bytes here
+    with rasterio.Env(**cache):
+        return _segment_raster(raster, options, outputs, loaded, progress, should_cancel)
+
+
+def _segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutputs, loaded,
+                    progress: Callable[[int, int], None] | None,
+                    should_cancel: Callable[[], bool] | None) -> SegmentResult:
     started = time.perf_counter()
     validate_options(options)
     check_outputs(outputs)
@@ -144,8 +157,10 @@ def segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutput
                 raise EmptyResultError(f"The requested area of {raster} holds only nodata or masked pixels: "
                                        "there is nothing to segment. Choose another extent.")
             t0 = time.perf_counter()
+            # Strips of at most ~2 Mpx keep vectorising memory independent of the raster's width too.
+            strip_rows = int(min(1024, max(64, 2_000_000 // window.width)))
             regions = vectorize_class_raster(class_path, score_path, skip_values=(NODATA_CLASS, UNCLASSIFIED),
-                                             should_cancel=should_cancel)
+                                             strip_rows=strip_rows, should_cancel=should_cancel)
             regions = finalize(regions, source.crs, source.window_transform(window),
                                min_area_m2=options.min_area, simplify=options.simplify)
             timings["vectorize_s"] = time.perf_counter() - t0
