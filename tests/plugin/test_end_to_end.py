@@ -90,6 +90,27 @@ def test_segmenting_from_the_dock_loads_a_styled_layer_above_the_raster(dock, na
     assert QgsVectorLayer(geopackage, "gpkg", "ogr").featureCount() == vector.featureCount()
 
 
+def test_a_layer_that_is_not_a_local_file_is_copied_to_a_geotiff_first(dock, naip_layer):
+    # A virtual raster (QGIS raster calculator provider) has no file the backend could open.
+    extent = naip_layer.extent()
+    uri = (f"?crs={naip_layer.crs().authid()}&extent={extent.xMinimum()},{extent.yMinimum()},"
+           f"{extent.xMaximum()},{extent.yMaximum()}&width=467&height=362&formula=%22naip@1%22"
+           f"&naip:uri={naip_layer.source()}&naip:provider=gdal")
+    virtual = QgsRasterLayer(uri, "virtual naip", "virtualraster")
+    assert virtual.isValid() and virtual.providerType() == "virtualraster"
+    QgsProject.instance().addMapLayer(virtual)
+    dock.form.layerCombo.setLayer(virtual)
+    request, prepare, _outputs = dock.build_request()
+    assert prepare is not None, "a non-file layer must be written to a temporary GeoTIFF first"
+
+    assert run_dock_job(dock) == "done", dock.last_error
+    vector = dock.last_layers[0]
+    assert vector.isValid() and vector.featureCount() > 0
+    assert vector.crs() == naip_layer.crs()
+    # The polygons lie on the virtual layer's area.
+    assert extent.buffered(1.0).contains(vector.extent())
+
+
 def test_cancel_leaves_no_layer_and_no_file(dock, tmp_path):
     dock.form.probRasterCheck.setChecked(True)
     layers_before = set(QgsProject.instance().mapLayers())
