@@ -50,8 +50,6 @@ def _self_similarity(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 def _last_block(block: torch.nn.Module, x: torch.Tensor, attention: str) -> torch.Tensor:
     """Replacement for the final block: y = Attn'(ln_1(x)), no residual, no MLP."""
-    if attention == "vanilla":
-        return block(x)
     attn = block.attn
     heads = attn.num_heads
     h = block.ln_1(x)
@@ -60,6 +58,8 @@ def _last_block(block: torch.nn.Module, x: torch.Tensor, attention: str) -> torc
     scale = q.shape[-1] ** -0.5
     if attention == "maskclip":
         out = v
+    elif attention == "vanilla":
+        out = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1) @ v
     else:
         weights = _self_similarity(q, scale)
         if attention in ("sclip", "segearth"):

@@ -49,6 +49,7 @@ class Block:
     class_ids: np.ndarray  # (h, w) uint8: class id, UNCLASSIFIED or NODATA_CLASS
     score: np.ndarray      # (h, w) float32 probability of the chosen class (NaN where invalid)
     valid: np.ndarray      # (h, w) bool
+    logits: np.ndarray | None = None  # (Q, h, w) blended cosine logits, when the Segmenter keeps them
 
 
 class Segmenter:
@@ -61,6 +62,7 @@ class Segmenter:
         self.attention = attention
         self.batch_size = max(1, int(batch_size))
         self.threshold = float(threshold)
+        self.keep_logits = False  # benchmarks resample the blended logits before the softmax
         queries, owner = query_index(classes)
         embedder = embedder or TextEmbedder(loaded)
         self.text = embedder.embed(queries).to(loaded.device)
@@ -109,7 +111,8 @@ class Segmenter:
         class_ids[~valid] = NODATA_CLASS
         score[~valid] = np.nan
         probs[:, ~valid] = np.nan
-        return Block(row0, col0, probs.astype(np.float32), class_ids, score, valid)
+        return Block(row0, col0, probs.astype(np.float32), class_ids, score, valid,
+                     logits if self.keep_logits else None)
 
 
 def count_crops(height: int, width: int, window: PixelWindow, crop: int, stride: int,
@@ -246,6 +249,8 @@ def predict_window(segmenter: Segmenter, source, window: PixelWindow | None = No
     class_ids = np.full((window.height, window.width), NODATA_CLASS, np.uint8)
     score = np.full((window.height, window.width), np.nan, np.float32)
     valid = np.zeros((window.height, window.width), bool)
+    logits = (np.zeros((segmenter.num_queries, window.height, window.width), np.float32)
+              if segmenter.keep_logits else None)
     for block in predict_blocks(segmenter, source, window, **kwargs):
         h, w = block.class_ids.shape
         rows, cols = slice(block.row0, block.row0 + h), slice(block.col0, block.col0 + w)
@@ -253,7 +258,9 @@ def predict_window(segmenter: Segmenter, source, window: PixelWindow | None = No
         class_ids[rows, cols] = block.class_ids
         score[rows, cols] = block.score
         valid[rows, cols] = block.valid
-    return Block(0, 0, probs, class_ids, score, valid)
+        if logits is not None:
+            logits[:, rows, cols] = block.logits
+    return Block(0, 0, probs, class_ids, score, valid, logits)
 
 
 class ArraySource:

@@ -20,6 +20,7 @@ import rasterio
 import torch
 
 from . import __version__
+from .dense import ATTENTION_VARIANTS
 from .engine import NODATA_CLASS, UNCLASSIFIED, Segmenter, count_crops, predict_blocks
 from .errors import EmptyResultError, InputError
 from .export import atomic_output, class_colormap, driver_for, report_path_for, write_polygons, write_report
@@ -100,6 +101,9 @@ def validate_options(options: SegmentOptions) -> None:
     parse_class_lines(options.class_lines)
     if not 0.0 <= options.threshold < 1.0:
         raise InputError(f"The probability threshold must be in [0, 1); got {options.threshold}.")
+    if options.attention not in ATTENTION_VARIANTS:
+        raise InputError(f"Unknown attention variant {options.attention!r}; use one of "
+                         f"{', '.join(ATTENTION_VARIANTS)}.")
     if options.batch_size < 1:
         raise InputError(f"The batch size must be at least 1; got {options.batch_size}.")
     if options.min_area < 0 or options.simplify < 0:

@@ -163,6 +163,7 @@ def test_bbox_in_another_crs_selects_the_same_area(tiny_model, shared_data, tmp_
     (["--bands", "1,2,9"], "do not exist", 2),
     (["--out", "result.txt"], "gpkg", 2),
     (["--threshold", "1.5"], "threshold", 2),
+    (["--attention", "magic"], "Unknown attention variant", 2),
 ])
 def test_bad_options_give_clear_errors(tiny_model, shared_data, tmp_path, args, words, code):
     if "--model" not in args:
