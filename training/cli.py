@@ -82,7 +82,12 @@ def evaluate_command(
     preset: Optional[str] = typer.Option(None, help="Benchmark classes from a preset (e.g. potsdam)."),
     benchmark_split: str = typer.Option("val", help="Benchmark subfolder (img_dir/<split>)."),
     long_side: int = typer.Option(448, help="Benchmark images are resized to this long side (0: native)."),
-    reduce_zero_label: bool = typer.Option(False, help="Benchmark labels: 0 is ignored, v means class v-1."),
+    reduce_zero_label: Optional[bool] = typer.Option(None, help="Benchmark labels: 0 is ignored, v means class "
+                                                                "v-1 (default: the preset's protocol)."),
+    prob_threshold: Optional[float] = typer.Option(None, help="Benchmark: pixels less sure than this get the "
+                                                              "background class (default: the preset's)."),
+    background_index: Optional[int] = typer.Option(None, help="Benchmark: class index for unsure pixels "
+                                                              "(default: the preset's, else 0)."),
     ignore_index: int = typer.Option(255, help="Benchmark label value to ignore."),
     limit: Optional[int] = typer.Option(None, help="Benchmark: only the first N images."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
@@ -91,7 +96,7 @@ def evaluate_command(
     from backend.models import load_model, resolve_device
 
     from .api import class_names_from_pairs, evaluate_model
-    from .evaluate import benchmark_metrics, format_metrics, plot_confusion, write_json
+    from .evaluate import benchmark_metrics, benchmark_protocol, format_metrics, plot_confusion, write_json
 
     try:
         dev = resolve_device(device)
@@ -103,9 +108,14 @@ def evaluate_command(
                 raise InputError("--benchmark needs the class list, in label value order: --preset NAME or "
                                  "--classes (one per class).")
             loaded = load_model(model, str(weights) if weights else None, dev)
-            metrics = benchmark_metrics(benchmark, lines, loaded, benchmark_split, long_side or None,
-                                        reduce_zero_label, ignore_index, attention, batch_size, limit,
-                                        progress=None if quiet else _Lines(quiet))
+            protocol = benchmark_protocol(preset)
+            metrics = benchmark_metrics(
+                benchmark, lines, loaded, benchmark_split, long_side or None,
+                protocol.get("reduce_zero_label", False) if reduce_zero_label is None else reduce_zero_label,
+                ignore_index, attention, batch_size, limit, progress=None if quiet else _Lines(quiet),
+                prob_threshold=protocol.get("prob_threshold", 0.0) if prob_threshold is None else prob_threshold,
+                background_index=protocol.get("background_index", 0) if background_index is None
+                else background_index)
             typer.echo(f"{loaded.name} on {benchmark} ({metrics['images']} images)")
             typer.echo(format_metrics(metrics))
             if json_out:

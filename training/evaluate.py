@@ -198,23 +198,37 @@ def _read_image(path: Path) -> np.ndarray:
     return data
 
 
+def benchmark_protocol(preset: str | None) -> dict:
+    """The RS-OVSS evaluation settings of a benchmark preset (threshold, background, label coding)."""
+    from backend.presets import presets_dir
+
+    table = json.loads((presets_dir() / "benchmarks.json").read_text(encoding="utf-8"))
+    return dict(table.get((preset or "").strip().lower(), {}))
+
+
 def benchmark_metrics(folder: str | Path, class_lines: list[str], loaded, split: str = "val",
                       long_side: int | None = 448, reduce_zero_label: bool = False, ignore_index: int = 255,
                       attention: str = "segearth", batch_size: int = 8, limit: int | None = None,
                       progress: Callable[[int, int, dict], None] | None = None,
-                      should_cancel: Callable[[], bool] | None = None) -> dict:
+                      should_cancel: Callable[[], bool] | None = None, prob_threshold: float = 0.0,
+                      background_index: int = 0) -> dict:
     """mIoU over a benchmark folder, following the reference protocol (FARSLIP_METHOD.md section 4).
 
-    Each image is resized so its long side is `long_side` (None: native), segmented by the
-    engine, its class probabilities bilinearly resized back to the label's size, argmax.
-    Label value `ignore_index` is skipped; `reduce_zero_label` maps 0 -> ignore and v -> v-1.
+    Each image is resized so its long side is `long_side` (None: native) and segmented by the
+    engine; its blended logits are bilinearly resized back to the label's size, then scaled,
+    softmaxed and maxed over synonyms; pixels whose best probability is below `prob_threshold`
+    get class `background_index`. Label value `ignore_index` is skipped; `reduce_zero_label` maps
+    0 -> ignore and v -> v-1.
     """
     import torch
     import torch.nn.functional as F
 
     pairs = benchmark_pairs(folder, split)[:limit]
     names = [spec.name for spec in parse_class_lines(class_lines)]
+    if not 0 <= background_index < len(names):
+        raise InputError(f"The background index {background_index} is not a class index (0..{len(names) - 1}).")
     segmenter = segmenter_for(loaded, class_lines, attention=attention, batch_size=batch_size)
+    segmenter.keep_logits = True
     confusion = np.zeros((len(names), len(names)), np.int64)
     for done, (image_path, label_path) in enumerate(pairs):
         rgb = _read_image(image_path).astype(np.float32)
@@ -228,9 +242,11 @@ def benchmark_metrics(folder: str | Path, class_lines: list[str], loaded, split:
             tensor = F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)
         source = ArraySource(tensor[0].numpy())
         block = predict_window(segmenter, source, should_cancel=should_cancel)
-        probs = torch.from_numpy(np.nan_to_num(block.probs, nan=0.0))[None]
-        probs = F.interpolate(probs, size=(height, width), mode="bilinear", align_corners=False)
-        predicted = probs[0].argmax(dim=0).numpy()
+        logits = F.interpolate(torch.from_numpy(block.logits)[None], size=(height, width), mode="bilinear",
+                               align_corners=False)[0]
+        probs = segmenter.class_probabilities(logits.numpy())
+        predicted = probs.argmax(axis=0)
+        predicted[probs.max(axis=0) < prob_threshold] = background_index
         ignore = truth == ignore_index
         if reduce_zero_label:
             ignore |= truth == 0

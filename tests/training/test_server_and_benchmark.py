@@ -11,7 +11,7 @@ from training_data import RASTER_CRS, write_labels
 from backend.errors import InputError
 from backend.models import load_model
 from training.api import check_request, evaluate_model, train_request
-from training.evaluate import benchmark_metrics
+from training.evaluate import benchmark_metrics, benchmark_protocol
 
 
 def test_train_request_runs_a_job_with_two_argument_progress(synthetic, tiny_model, tmp_path):
@@ -48,11 +48,24 @@ def test_benchmark_folder_mode_scores_image_label_pairs(tiny_model, tmp_path):
             with rasterio.open(path, "w", driver="PNG", width=128, height=96, count=data.shape[0],
                                dtype="uint8") as ds:
                 ds.write(data)
-    metrics = benchmark_metrics(tmp_path, ["dark", "bright"], load_model(str(tiny_model)))
+    loaded = load_model(str(tiny_model))
+    metrics = benchmark_metrics(tmp_path, ["dark", "bright"], loaded)
     assert metrics["images"] == 2
     assert metrics["pixels"] == 2 * 88 * 128
+    # Below the probability threshold every pixel gets the background class: here class 1 ("bright").
+    unsure = benchmark_metrics(tmp_path, ["dark", "bright"], loaded, prob_threshold=1.01, background_index=1)
+    assert unsure["confusion"][0][0] == 0 and unsure["confusion"][1][0] == 0
+    with pytest.raises(InputError, match="background index"):
+        benchmark_metrics(tmp_path, ["dark", "bright"], loaded, background_index=2)
     with pytest.raises(InputError, match="No image/label pairs"):
-        benchmark_metrics(tmp_path / "img_dir", ["a", "b"], load_model(str(tiny_model)))
+        benchmark_metrics(tmp_path / "img_dir", ["a", "b"], loaded)
+
+
+def test_benchmark_presets_carry_the_reference_protocol():
+    assert benchmark_protocol("potsdam") == {"prob_threshold": 0.1, "background_index": 5,
+                                             "reduce_zero_label": True}
+    assert benchmark_protocol("LoveDA")["reduce_zero_label"] is True
+    assert benchmark_protocol("landcover") == {}
 
 
 def test_aoi_limits_the_background_class(synthetic, tiny_model, tmp_path):
