@@ -199,14 +199,17 @@ def processing_scale(ds: rasterio.io.DatasetReader, scale: float | None, gsd_m: 
     if gsd_m is not None:
         if gsd_m <= 0:
             raise InputError(f"--gsd must be a positive number of metres; got {gsd_m}.")
-        native = abs(ds.transform.a)
-        if ds.crs.is_geographic:
-            lat = (ds.bounds.top + ds.bounds.bottom) / 2
-            native *= 111_320.0 * math.cos(math.radians(lat))
-        else:
-            native *= ds.crs.linear_units_factor[1]
-        return float(np.clip(native / gsd_m, 0.05, 8))
+        return float(np.clip(native_gsd_m(ds) / gsd_m, 0.05, 8))
     return 1.0
+
+
+def native_gsd_m(ds: rasterio.io.DatasetReader) -> float:
+    """The raster's pixel width in metres (at the raster's centre latitude for geographic CRSs)."""
+    native = math.hypot(ds.transform.a, ds.transform.d)
+    if ds.crs.is_geographic:
+        lat = (ds.bounds.top + ds.bounds.bottom) / 2
+        return native * 111_320.0 * math.cos(math.radians(lat))
+    return native * ds.crs.linear_units_factor[1]
 
 
 def open_source(path: str | Path, bands: list[int] | None = None, scale: float | None = None,

@@ -13,7 +13,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import rasterio
@@ -110,6 +110,14 @@ def validate_options(options: SegmentOptions) -> None:
         raise InputError("--min-area and --simplify must not be negative.")
 
 
+def with_model_defaults(options: SegmentOptions, loaded) -> SegmentOptions:
+    """A fine-tuned model runs at the ground resolution it was trained at, unless the user chose one."""
+    trained_gsd = (loaded.metadata.get("finetuned") or {}).get("processing", {}).get("gsd_m")
+    if options.scale is None and options.gsd_m is None and trained_gsd:
+        return replace(options, gsd_m=float(trained_gsd))
+    return options
+
+
 def _raster_profile(source: RasterSource, window, count: int, dtype: str, nodata) -> dict:
     return {
         "driver": "GTiff", "width": window.width, "height": window.height, "count": count,
@@ -136,6 +144,7 @@ def _segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutpu
                     progress: Callable[[int, int], None] | None,
                     should_cancel: Callable[[], bool] | None) -> SegmentResult:
     started = time.perf_counter()
+    options = with_model_defaults(options, loaded)
     validate_options(options)
     check_outputs(outputs)
     classes = parse_class_lines(options.class_lines)

@@ -28,7 +28,7 @@ import torch
 
 from backend import __version__
 from backend.errors import CancelledError, InputError
-from backend.raster import PixelWindow, RasterSource, open_source
+from backend.raster import PixelWindow, RasterSource, native_gsd_m, open_source
 
 from . import adapters
 from .evaluate import format_metrics, plot_confusion, predict_classes, score, segmenter_for, write_json
@@ -387,7 +387,8 @@ def _train_in(work: Path, out: Path, loaded, data: TrainingData, options: TrainO
             "aoi": {"path": str(Path(aoi).resolve()), "sha256": file_sha256(aoi)} if aoi else None,
         },
         "processing": {"scale": data.source.scale, "bands": data.source.bands,
-                       "crs": data.source.crs.to_string()},
+                       "crs": data.source.crs.to_string(),
+                       "gsd_m": native_gsd_m(data.source.dataset) / data.source.scale},
         "label_window": asdict(grid.window),
         "label_pixels": grid.pixel_counts(),
         "split": {**split.to_json(), "validation_window": asdict(validation_window)},

@@ -228,3 +228,27 @@ def test_solaris_buildings_against_background_end_to_end(shared_data, tiny_model
     assert again["split"] == "validation" and again["background"] == "ground"
     assert again["metrics"]["miou"] == result["metrics"]["after"]["miou"]
     assert np.isfinite(result["metrics"]["before"]["miou"])
+
+
+def test_segment_with_a_fine_tuned_model_runs_at_its_training_resolution(trained, synthetic, tmp_path):
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from backend.models import load_model
+    from backend.segment import SegmentOptions, SegmentOutputs, segment_raster
+
+    _result, out, _ = trained
+    raster, _, _ = synthetic
+    assert json.loads((out / "farslip_model.json").read_text())["processing"]["gsd_m"] == pytest.approx(2.0)
+    # The same pixels at 1 m: the model was trained at 2 m, so segment resamples by 0.5 unless told otherwise.
+    fine = tmp_path / "fine.tif"
+    with rasterio.open(raster) as src:
+        profile = dict(src.profile, transform=from_origin(500000, 5000000, 1.0, 1.0))
+        with rasterio.open(fine, "w", **profile) as dst:
+            dst.write(src.read())
+    loaded = load_model(str(out))
+    default = segment_raster(fine, SegmentOptions(loaded.class_lines), SegmentOutputs(tmp_path / "a.gpkg"), loaded)
+    assert default.report["processing_scale"] == pytest.approx(0.5)
+    chosen = segment_raster(fine, SegmentOptions(loaded.class_lines, scale=1.0), SegmentOutputs(tmp_path / "b.gpkg"),
+                            loaded)
+    assert chosen.report["processing_scale"] == 1.0
