@@ -53,6 +53,7 @@ class RasterSource:
     bands: list[int]
     scale: float
     value_range: list[tuple[float, float]] | None
+    palette: np.ndarray | None = None  # (256, 3) colour table of a paletted band, looked up after reading
     width: int = field(init=False)
     height: int = field(init=False)
     transform: Affine = field(init=False)
@@ -72,7 +73,8 @@ class RasterSource:
         return Window(window.col_off * fx, window.row_off * fy, window.width * fx, window.height * fy)
 
     def _resampling(self) -> Resampling:
-        return Resampling.nearest if self.scale == 1.0 else Resampling.bilinear
+        # Palette indices are labels, not intensities: never interpolate them.
+        return Resampling.nearest if self.scale == 1.0 or self.palette is not None else Resampling.bilinear
 
     def read(self, window: PixelWindow) -> tuple[np.ndarray, np.ndarray]:
         """(3, h, w) float32 RGB in 0..255 and (h, w) bool validity for a processing-grid window."""
@@ -87,7 +89,10 @@ class RasterSource:
         except RasterioError as exc:
             raise InputError(f"Could not read the pixels of {self.path} ({str(exc).rstrip('.')}). The file may be "
                              "damaged or truncated; re-export it (e.g. gdal_translate) and try again.") from exc
-        rgb = np.stack([data[unique.index(b)] for b in self.bands]).astype(np.float32)
+        if self.palette is not None:
+            rgb = self.palette[data[0].astype(np.intp)].transpose(2, 0, 1).astype(np.float32)
+        else:
+            rgb = np.stack([data[unique.index(b)] for b in self.bands]).astype(np.float32)
         valid = mask > 0
         if self.value_range is not None:
             for i, (lo, hi) in enumerate(self.value_range):
@@ -156,6 +161,23 @@ def select_bands(ds: rasterio.io.DatasetReader, bands: list[int] | None) -> list
     return [colour_bands[0] if colour_bands else 1] * 3
 
 
+def palette_lut(ds: rasterio.io.DatasetReader, bands: list[int]) -> np.ndarray | None:
+    """RGB lookup table when the chosen band is a paletted (colour table) band."""
+    band = bands[0]
+    if len(set(bands)) != 1 or ds.colorinterp[band - 1] != ColorInterp.palette:
+        return None
+    try:
+        colormap = ds.colormap(band)
+    except ValueError:
+        return None
+    size = max(256, max(colormap) + 1) if np.dtype(ds.dtypes[band - 1]).itemsize == 1 else 65536
+    lut = np.zeros((size, 3), np.uint8)
+    for index, rgba in colormap.items():
+        if index < size:
+            lut[index] = rgba[:3]
+    return lut
+
+
 def _sample(ds: rasterio.io.DatasetReader, bands: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """A decimated read of the whole raster (uses overviews where present)."""
     factor = max(1.0, max(ds.width, ds.height) / SAMPLE_SIDE)
@@ -219,6 +241,7 @@ def open_source(path: str | Path, bands: list[int] | None = None, scale: float |
     ds = open_dataset(path)
     try:
         band_list = select_bands(ds, bands)
+        palette = palette_lut(ds, band_list) if not bands else None
         factor = processing_scale(ds, scale, gsd_m)
         data, mask = _sample(ds, band_list)
         if not mask.any():
@@ -231,7 +254,7 @@ def open_source(path: str | Path, bands: list[int] | None = None, scale: float |
     except Exception:
         ds.close()
         raise
-    return RasterSource(Path(path), ds, band_list, factor, ranges)
+    return RasterSource(Path(path), ds, band_list, factor, None if palette is not None else ranges, palette)
 
 
 def parse_crs(text: str | None, default: CRS) -> CRS:

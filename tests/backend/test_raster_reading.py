@@ -1,0 +1,86 @@
+"""Synthetic GeoTIFFs with awkward properties: palettes, NaN floats, rotation, geographic CRS."""
+
+import json
+
+import numpy as np
+import pyogrio
+import pytest
+import rasterio
+from rasterio.enums import ColorInterp
+from rasterio.transform import Affine, from_origin
+from tinymodels import make_tiny_clip, save_plain
+from typer.testing import CliRunner
+
+from backend.cli import app
+from backend.raster import PixelWindow, open_source
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return save_plain(make_tiny_clip(16), tmp_path_factory.mktemp("models") / "tiny16.pt")
+
+
+def write(path, data, crs="EPSG:32633", transform=None, **profile):
+    count, height, width = data.shape
+    transform = transform or from_origin(500000, 5000000, 2.0, 2.0)
+    with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=count, dtype=data.dtype,
+                       crs=crs, transform=transform, **profile) as ds:
+        ds.write(data)
+    return path
+
+
+def test_paletted_raster_is_read_through_its_colour_table(tmp_path):
+    index = np.zeros((1, 60, 80), np.uint8)
+    index[0, :, 40:] = 2
+    path = write(tmp_path / "palette.tif", index)
+    with rasterio.open(path, "r+") as ds:
+        ds.write_colormap(1, {0: (10, 20, 200, 255), 2: (30, 180, 40, 255)})
+    with rasterio.open(path) as ds:
+        assert ds.colorinterp[0] == ColorInterp.palette
+    with open_source(path) as source:
+        rgb, valid = source.read(PixelWindow(0, 0, 60, 80))
+    assert valid.all()
+    assert rgb[:, 0, 0].tolist() == [10, 20, 200] and rgb[:, 0, 79].tolist() == [30, 180, 40]
+
+
+def test_float_raster_with_nan_holes_masks_them(tmp_path):
+    data = np.random.default_rng(0).uniform(0, 1000, (3, 50, 70)).astype(np.float32)
+    data[:, 10:20, 10:30] = np.nan
+    path = write(tmp_path / "float.tif", data)
+    with open_source(path) as source:
+        rgb, valid = source.read(PixelWindow(0, 0, 50, 70))
+        assert source.value_range is not None
+    assert not valid[10:20, 10:30].any() and valid.sum() == 50 * 70 - 200
+    assert np.isfinite(rgb).all() and rgb.min() >= 0 and rgb.max() <= 255
+
+
+def test_two_band_raster_uses_its_first_band_as_grey(tmp_path):
+    data = np.stack([np.full((40, 40), 100, np.uint8), np.full((40, 40), 7, np.uint8)])
+    with open_source(write(tmp_path / "two.tif", data)) as source:
+        assert source.bands == [1, 1, 1]
+        rgb, _ = source.read(PixelWindow(0, 0, 40, 40))
+    assert (rgb == 100).all()
+
+
+def test_rotated_and_geographic_rasters_segment_with_true_areas(tiny_model, tmp_path):
+    data = np.random.default_rng(1).integers(0, 255, (3, 120, 160), dtype=np.uint8)
+    rotated = write(tmp_path / "rotated.tif", data,
+                    transform=Affine.translation(500000, 5000000) * Affine.rotation(20) * Affine.scale(2, -2))
+    geographic = write(tmp_path / "geographic.tif", data, crs="EPSG:4326",
+                       transform=Affine(0.0001, 0, 10, 0, -0.0001, 50))
+    for raster, pixel_m2 in ((rotated, 4.0), (geographic, None)):
+        out = tmp_path / f"{raster.stem}.gpkg"
+        result = runner.invoke(app, ["segment", str(raster), "-c", "a", "-c", "b", "--model", str(tiny_model),
+                                     "--out", str(out), "--quiet"])
+        assert result.exit_code == 0, result.output
+        _, _, _, fields = pyogrio.raw.read(out)
+        total = fields[4].sum()  # area_m2
+        if pixel_m2:
+            assert total == pytest.approx(120 * 160 * pixel_m2, rel=1e-6)
+        else:
+            # 0.016 x 0.012 degrees at 50 N: about 1146 m x 1335 m.
+            assert total == pytest.approx(1146.3 * 1334.7, rel=0.01)
+        report = json.loads(out.with_suffix(".report.json").read_text())
+        assert report["valid_pixels"] == 120 * 160
