@@ -8,7 +8,7 @@ QGIS := $(QVENV)/.installed
 DEMO_OUT := demo-output
 DEMO_MODEL ?= farslip2-vit-b-16
 
-.PHONY: setup demo test test-backend test-plugin bench plugin lint clean
+.PHONY: setup demo test test-backend test-plugin bench plugin install-backend lint clean
 
 setup: $(BACKEND) $(QGIS)
 
@@ -41,6 +41,13 @@ bench: $(BACKEND)
 
 plugin:
 	/usr/bin/env python3 scripts/build_plugin.py
+
+# The backend where the QGIS plugin looks for it by default (~/.farslip/venv/bin/farslip).
+BACKEND_HOME ?= $(HOME)/.farslip/venv
+install-backend:
+	test -x $(BACKEND_HOME)/bin/python || $(PYTHON) -m venv $(BACKEND_HOME)
+	$(BACKEND_HOME)/bin/pip install -q .
+	$(BACKEND_HOME)/bin/farslip version
 
 lint: $(BACKEND)
 	$(VENV)/bin/ruff check backend training tests qgis_farslip scripts
