@@ -13,6 +13,7 @@ DEMO_MODEL ?= farslip2-vit-b-16
 setup: $(BACKEND) $(QGIS)
 
 $(BACKEND): pyproject.toml
+	scripts/ensure_venv.sh $(PYTHON)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -e '.[dev]'
 	touch $@
@@ -45,6 +46,7 @@ plugin:
 # The backend where the QGIS plugin looks for it by default (~/.farslip/venv/bin/farslip).
 BACKEND_HOME ?= $(HOME)/.farslip/venv
 install-backend:
+	scripts/ensure_venv.sh $(PYTHON)
 	test -x $(BACKEND_HOME)/bin/python || $(PYTHON) -m venv $(BACKEND_HOME)
 	$(BACKEND_HOME)/bin/pip install -q .
 	$(BACKEND_HOME)/bin/farslip version
