@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import resource
 import shutil
 import time
 from collections.abc import Callable
@@ -27,6 +25,7 @@ from pathlib import Path
 import torch
 
 from backend import __version__
+from backend.bench import peak_rss_mb
 from backend.errors import CancelledError, InputError
 from backend.raster import PixelWindow, RasterSource, native_gsd_m, open_source
 
@@ -80,12 +79,6 @@ def _model_class_lines(loaded, polygons_values: set[str], background: str | None
     names = {spec.name.lower() for spec in parse_class_lines(lines)} | {line.lower() for line in lines}
     wanted = {v.lower() for v in polygons_values} | ({background.lower()} if background else set())
     return list(lines) if wanted <= names else None
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (1024 * 1024) if platform.system() == "Darwin" else peak / 1024, 1)
 
 
 def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, model: str | None = None,
@@ -396,7 +389,7 @@ def _train_in(work: Path, out: Path, loaded, data: TrainingData, options: TrainO
                      "epochs_run": state.epoch, "best_epoch": state.best_epoch, "history": state.history,
                      "device": str(loaded.device), "seconds": round(train_seconds, 3),
                      "crops_per_second": round(crops / train_seconds, 3) if train_seconds > 0 else None,
-                     "peak_rss_mb": peak_rss_mb(),
+                     "peak_rss_mb": round(peak_rss_mb(), 1),
                      "peak_gpu_mb": (round(torch.cuda.max_memory_allocated() / 2**20, 1)
                                      if loaded.device.type == "cuda" else None)},
         "metrics": {"before": before, "after": None},

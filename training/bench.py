@@ -26,7 +26,9 @@ from backend.dense import dense_patch_features, normalize_pixels
 from backend.raster import open_source
 
 from . import adapters
-from .api import _label_grid, peak_rss_mb
+from backend.bench import peak_rss_mb
+
+from .api import _label_grid
 from .finetune import Trainer, TrainingData, TrainOptions
 from .sampling import split_labels
 
@@ -116,7 +118,7 @@ def measure_training(loaded, method: str = "lora", batch_size: int = 4, steps: i
         "train_crops_per_s": round(train_rate, 3), "bare_crops_per_s": round(bare_rate, 3),
         "train_vs_bare": round(train_rate / bare_rate, 3),
         "distill_boxes_per_crop": options.distill_boxes, "regions_per_step": options.regions_per_step,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
         "peak_gpu_mb": (round(torch.cuda.max_memory_allocated(loaded.device) / 2**20, 1)
                         if loaded.device.type == "cuda" else None),
     }
