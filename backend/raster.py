@@ -62,7 +62,7 @@ class RasterSource:
         ds = self.dataset
         self.width = max(1, round(ds.width * self.scale))
         self.height = max(1, round(ds.height * self.scale))
-        self.transform = ds.transform * Affine.scale(ds.width / self.width, ds.height / self.height)
+        self.transform = ds.transform @ Affine.scale(ds.width / self.width, ds.height / self.height)
 
     @property
     def crs(self) -> CRS:
@@ -103,7 +103,7 @@ class RasterSource:
         return rgb, valid
 
     def window_transform(self, window: PixelWindow) -> Affine:
-        return self.transform * Affine.translation(window.col_off, window.row_off)
+        return self.transform @ Affine.translation(window.col_off, window.row_off)
 
     def window_bounds(self, window: PixelWindow) -> tuple[float, float, float, float]:
         return rasterio.windows.bounds(Window(window.col_off, window.row_off, window.width, window.height),
