@@ -225,7 +225,7 @@ def version() -> None:
     typer.echo(__version__)
 
 
-# --- serve (owned by the server engineer; the implementation lives in backend/server.py) ---
+# serve: the implementation lives in backend/server.py
 
 
 @app.command()
@@ -248,17 +248,12 @@ def serve(
         raise typer.Exit(code)
 
 
-# --- end of serve ---
-
-
-# --- evaluate, train (owned by the training engineer; the implementation lives in training/) ---
+# evaluate, train: the implementations live in training/
 
 from training.cli import evaluate_command, train_command  # noqa: E402 - typer-only module, heavy imports are lazy
 
 app.command("evaluate")(evaluate_command)
 app.command("train")(train_command)
-
-# --- end of evaluate, train ---
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
     python -m backend.server_bench RASTER --model MODEL [--classes water --classes road] [--bbox ...]
 
-(the lead's `farslip bench --server` calls `bench_server`). It starts a real `farslip serve` on a free
+(`farslip bench --server` calls `bench_server`). It starts a real `farslip serve` on a free
 port with a throw-away state directory, so the measured path is the one the QGIS plugin uses.
 """
 
