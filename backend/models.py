@@ -242,8 +242,8 @@ def resolve_weights(spec: ModelSpec, weights: str | os.PathLike | None = None) -
             spec, f"Downloading it failed ({type(exc).__name__}: {reason[:200]}).")) from exc
 
 
-def weights_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a weights file, cached by (path, size, mtime) in the cache directory."""
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file (weights, rasters, labels), cached by (path, size, mtime) in the cache directory."""
     path = Path(path).resolve()
     st = path.stat()
     key = str(path)
@@ -494,7 +494,7 @@ def _finish(sd: dict, *, name: str, weights_path: Path, device: str | torch.devi
     ctx = cfg["text_cfg"]["context_length"]
     meta = {"weights_path": str(weights_path), "architecture": describe_architecture(cfg), **metadata}
     return LoadedModel(model=model, name=name, tokenizer=get_tokenizer(ctx), context_length=ctx,
-                       weights_id=weights_sha256(weights_path), class_lines=class_lines,
+                       weights_id=file_sha256(weights_path), class_lines=class_lines,
                        metadata=meta, device=dev)
 
 

@@ -26,6 +26,7 @@ import torch
 
 from backend import __version__
 from backend.bench import peak_rss_mb
+from backend.models import file_sha256
 from backend.errors import CancelledError, InputError
 from backend.raster import PixelWindow, RasterSource, native_gsd_m, open_source
 
@@ -41,7 +42,7 @@ from .finetune import (
     default_steps,
     run_epochs,
 )
-from .labels import LabelGrid, build_label_grid, file_sha256, read_aoi, read_label_polygons
+from .labels import LabelGrid, build_label_grid, read_aoi, read_label_polygons
 from .sampling import split_labels
 
 FORMAT = "farslip-finetuned/1"

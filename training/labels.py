@@ -8,7 +8,6 @@ Pixel values: class id 0..C-1, or -1 for unlabelled / nodata.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,14 +57,6 @@ class LabelGrid:
     def pixel_counts(self) -> dict[str, int]:
         counts = np.bincount(self.labels[self.labels >= 0].ravel(), minlength=len(self.class_lines))
         return {name: int(n) for name, n in zip(self.class_lines, counts)}
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _value_text(value) -> str:

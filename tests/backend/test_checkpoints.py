@@ -206,15 +206,15 @@ def test_registry_model_from_hub_cache(tmp_path, monkeypatch):
 
 def test_weights_hash_is_cached(tmp_path):
     path = save_plain(make_tiny_clip(32), tmp_path / "h.pt")
-    first = models.weights_sha256(path)
+    first = models.file_sha256(path)
     cache = json.loads((models.paths.cache_dir() / models.HASH_CACHE_FILE).read_text())
     assert cache[str(path.resolve())]["sha256"] == first
     # a stale size/mtime forces a rehash; a matching one is trusted
     cache[str(path.resolve())]["sha256"] = "cached"
     (models.paths.cache_dir() / models.HASH_CACHE_FILE).write_text(json.dumps(cache))
-    assert models.weights_sha256(path) == "cached"
+    assert models.file_sha256(path) == "cached"
     os.utime(path, ns=(0, 0))
-    assert models.weights_sha256(path) == first
+    assert models.file_sha256(path) == first
 
 
 def _finetuned_dir(root, name="roads"):
