@@ -21,19 +21,6 @@ def fail(error: FarslipError) -> None:
     raise typer.Exit(error.exit_code)
 
 
-def collect_class_lines(classes: list[str] | None, classes_file: Path | None,
-                        preset: str | None) -> list[str]:
-    """--classes lines, then a --classes-file, then a --preset, in that order."""
-    from .presets import load_preset, read_class_file
-
-    lines = [line for line in (classes or []) if line.strip()]
-    if classes_file is not None:
-        lines += read_class_file(classes_file)
-    if preset:
-        lines += load_preset(preset)
-    return lines
-
-
 class ProgressReporter:
     """A progress bar with ETA on a terminal; occasional plain lines otherwise; nothing when quiet."""
 
@@ -109,6 +96,7 @@ def segment(
     """Segment RASTER into the given classes and write georeferenced polygons."""
     try:
         from .models import load_model, resolve_device
+        from .presets import collect_class_lines
         from .raster import open_source, request_window
         from .segment import SegmentOptions, SegmentOutputs, check_outputs, default_batch_size, segment_raster
 

@@ -481,12 +481,10 @@ class SegmentCall:
 
 def segment_call(request: dict) -> SegmentCall:
     """A /v1/segment request body -> segment_raster's arguments (class lines + preset, paths)."""
-    from backend.presets import load_preset
+    from backend.presets import collect_class_lines
     from backend.segment import SegmentOptions, SegmentOutputs
 
-    class_lines = list(request.get("class_lines") or [])
-    if request.get("preset"):
-        class_lines += load_preset(request["preset"])
+    class_lines = collect_class_lines(request.get("class_lines"), preset=request.get("preset"))
     option_names = ("bbox", "bbox_crs", "bands", "threshold", "attention", "scale", "gsd_m", "min_area",
                     "simplify", "value_range")
     options = {name: request[name] for name in option_names if request.get(name) is not None}

@@ -63,3 +63,14 @@ def load_preset(name: str) -> list[str]:
         known = ", ".join(sorted(p.stem for p in presets_dir().glob("*.txt")))
         raise InputError(f"There is no class preset called {name!r}. Known presets: {known}.")
     return read_class_file(path)
+
+
+def collect_class_lines(class_lines: list[str] | None = None, classes_file: str | Path | None = None,
+                        preset: str | None = None) -> list[str]:
+    """Class lines given one by one, then those of a class file, then a preset's, in that order."""
+    lines = [line for line in (class_lines or []) if line.strip()]
+    if classes_file is not None:
+        lines += read_class_file(classes_file)
+    if preset:
+        lines += load_preset(preset)
+    return lines

@@ -101,9 +101,9 @@ def evaluate_command(
     try:
         dev = resolve_device(device)
         if benchmark is not None:
-            from backend.presets import load_preset
+            from backend.presets import collect_class_lines
 
-            lines = list(classes or []) + (load_preset(preset) if preset else [])
+            lines = collect_class_lines(classes, preset=preset)
             if not lines:
                 raise InputError("--benchmark needs the class list, in label value order: --preset NAME or "
                                  "--classes (one per class).")
