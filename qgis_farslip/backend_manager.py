@@ -31,7 +31,7 @@ START_TIMEOUT_S = 120.0
 # Variables QGIS sets for its own Python, GDAL and PROJ; the backend's venv brings its own.
 FOREIGN_ENV = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PROJ_LIB", "PROJ_DATA", "GDAL_DATA",
                "GDAL_DRIVER_PATH", "QGIS_PREFIX_PATH")
-CLI_ENTRY = "from backend.cli import main; main()"
+CLI_ENTRY = "from backend.service.cli import main; main()"
 
 
 def log(message: str, level=Qgis.Info) -> None:
@@ -89,7 +89,7 @@ def backend_command(setting: str) -> list[str] | None:
     """The command line that runs the `farslip` CLI: from the settings, else the first one found.
 
     The setting is either a `farslip` executable or the Python interpreter of the
-    environment the backend is installed in (then `backend.cli` is run with it).
+    environment the backend is installed in (then `backend.service.cli` is run with it).
     """
     if setting.strip():
         parts = shlex.split(setting, posix=sys.platform != "win32")

@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from backend import __version__
-from backend.bench import peak_rss_mb
-from backend.models import file_sha256
-from backend.errors import CancelledError, InputError
-from backend.raster import PixelWindow, RasterSource, native_gsd_m, open_source
+from backend.engine.memory import peak_rss_mb
+from backend.engine.models import file_sha256
+from backend.engine.errors import CancelledError, InputError
+from backend.engine.raster import PixelWindow, RasterSource, native_gsd_m, open_source
 
 from . import adapters
 from .evaluate import format_metrics, plot_confusion, predict_classes, score, segmenter_for, write_json
@@ -57,12 +57,12 @@ Progress = Callable[[int, int, dict], None]
 def _load(model: str | None, weights: str | None, device: str, loaded=None):
     if loaded is not None:
         return loaded
-    from backend.models import load_model
+    from backend.engine.models import load_model
 
     return load_model(model, weights, device=device)
 
 
-def _label_grid(source: RasterSource, labels: str | Path, class_field: str, background: str | None,
+def label_grid_for(source: RasterSource, labels: str | Path, class_field: str, background: str | None,
                 aoi: str | Path | None, class_names: dict[str, str] | None,
                 class_lines: list[str] | None = None) -> LabelGrid:
     polygons = read_label_polygons(labels, class_field, source.crs, class_names)
@@ -75,7 +75,7 @@ def _model_class_lines(loaded, polygons_values: set[str], background: str | None
     lines = getattr(loaded, "class_lines", None)
     if not lines:
         return None
-    from backend.text import parse_class_lines
+    from backend.engine.text import parse_class_lines
 
     names = {spec.name.lower() for spec in parse_class_lines(lines)} | {line.lower() for line in lines}
     wanted = {v.lower() for v in polygons_values} | ({background.lower()} if background else set())
@@ -250,7 +250,7 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
     raster_sha, labels_sha = file_sha256(raster) if raster.is_file() else None, None
 
     with open_source(raster, bands, scale, gsd_m) as source:
-        grid = _label_grid(source, labels, class_field, background, aoi, class_names)
+        grid = label_grid_for(source, labels, class_field, background, aoi, class_names)
         labels_sha = file_sha256(labels)
         window_pixels = grid.window.height * grid.window.width
         if window_pixels > MAX_TRAINING_PIXELS:
@@ -399,7 +399,7 @@ def _train_in(work: Path, out: Path, loaded, data: TrainingData, options: TrainO
 
     # The "after" figures come from the written folder, loaded as `--model DIR` loads it, so that
     # `farslip evaluate --model DIR` reports exactly the same numbers.
-    from backend.models import load_model
+    from backend.engine.models import load_model
 
     if progress is not None:
         progress(options.epochs * steps, options.epochs * steps, {"phase": "final-validate"})

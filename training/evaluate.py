@@ -1,6 +1,6 @@
 """Segmentation metrics on labelled pixels, computed with the same engine as `segment`.
 
-`predict_classes` runs `backend.engine` (the sliding-window engine behind
+`predict_classes` runs `backend.engine.sliding` (the sliding-window engine behind
 `farslip segment`), so the mIoU reported here is the mIoU users get. Metrics
 follow mmsegmentation: per-class IoU = TP / (TP + FP + FN), NaN for a class
 absent from both truth and prediction, mIoU = mean over the others.
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.engine import ArraySource, Segmenter, predict_window
-from backend.errors import InputError
-from backend.raster import PixelWindow
-from backend.text import TextEmbedder, parse_class_lines
+from backend.engine.sliding import ArraySource, Segmenter, predict_window
+from backend.engine.errors import InputError
+from backend.engine.raster import PixelWindow
+from backend.engine.text import TextEmbedder, parse_class_lines
 
 
 def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
@@ -200,7 +200,7 @@ def _read_image(path: Path) -> np.ndarray:
 
 def benchmark_protocol(preset: str | None) -> dict:
     """The RS-OVSS evaluation settings of a benchmark preset (threshold, background, label coding)."""
-    from backend.presets import presets_dir
+    from backend.engine.presets import presets_dir
 
     table = json.loads((presets_dir() / "benchmarks.json").read_text(encoding="utf-8"))
     return dict(table.get((preset or "").strip().lower(), {}))

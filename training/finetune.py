@@ -29,10 +29,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backend.dense import dense_patch_features, normalize_pixels
-from backend.errors import CancelledError
-from backend.raster import PixelWindow
-from backend.text import LOGIT_SCALE, TextEmbedder, parse_class_lines, query_index
+from backend.engine.dense import dense_patch_features, normalize_pixels
+from backend.engine.errors import CancelledError
+from backend.engine.raster import PixelWindow
+from backend.engine.text import LOGIT_SCALE, TextEmbedder, parse_class_lines, query_index
 
 from . import adapters
 from .evaluate import predict_classes, score, segmenter_for
@@ -98,7 +98,7 @@ class TrainingData:
     grid: LabelGrid
     split: SpatialSplit
     transform: object  # affine of the label window
-    source: object  # backend.raster.RasterSource, for validation through the engine
+    source: object  # backend.engine.raster.RasterSource, for validation through the engine
 
     @property
     def pixel_size(self) -> float:

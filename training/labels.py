@@ -2,7 +2,7 @@
 
 The analyst's polygon layer may be in any CRS; polygons are reprojected to
 the raster's CRS and burnt into the same pixel grid the engine segments
-(`backend.raster.RasterSource`), so that every metric compares like with like.
+(`backend.engine.raster.RasterSource`), so that every metric compares like with like.
 Pixel values: class id 0..C-1, or -1 for unlabelled / nodata.
 """
 
@@ -21,9 +21,9 @@ from pyproj import Transformer
 from pyproj.exceptions import CRSError
 from rasterio.features import rasterize
 
-from backend.errors import InputError
-from backend.raster import PixelWindow, RasterSource
-from backend.text import parse_class_lines
+from backend.engine.errors import InputError
+from backend.engine.raster import PixelWindow, RasterSource
+from backend.engine.text import parse_class_lines
 
 UNLABELLED = -1
 MIN_LABELLED_PIXELS = 256

@@ -102,7 +102,7 @@ def split_labels(grid: LabelGrid, transform: Affine, validation_fraction: float 
     Among the four edges, prefer the split where validation and training both see
     the most classes, then the one whose fraction is closest to the target.
     """
-    from backend.errors import InputError
+    from backend.engine.errors import InputError
 
     labels = grid.labels
     height, width = labels.shape

@@ -11,8 +11,8 @@ import pytest
 import torch
 from tinymodels import make_tiny_clip, save_farslip1, save_farslip2, save_plain, save_safetensors
 
-from backend import models
-from backend.errors import ModelError
+from backend.engine import models
+from backend.engine.errors import ModelError
 
 TEXTS = ["a satellite image of a road", "water, lake", "building"]
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from tinymodels import make_tiny_clip
 
-from backend.dense import dense_patch_features, normalize_pixels
+from backend.engine.dense import dense_patch_features, normalize_pixels
 
 
 def plain_dense(visual, pixels, variant):

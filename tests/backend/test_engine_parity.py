@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from tinymodels import make_tiny_clip
 
-from backend.dense import dense_patch_features, normalize_pixels
-from backend.engine import ArraySource, Segmenter, crop_starts, predict_window
-from backend.raster import PixelWindow
-from backend.text import parse_class_lines
+from backend.engine.dense import dense_patch_features, normalize_pixels
+from backend.engine.sliding import ArraySource, Segmenter, crop_starts, predict_window
+from backend.engine.raster import PixelWindow
+from backend.engine.text import parse_class_lines
 
 CLASS_LINES = ["water, lake", "cropland, bare field", "grassland"]
 

@@ -14,9 +14,9 @@ import shapely
 from affine import Affine
 from rasterio.crs import CRS
 
-from backend import export
-from backend.errors import CancelledError, InputError
-from backend.export import (
+from backend.engine import export
+from backend.engine.errors import CancelledError, InputError
+from backend.engine.export import (
     FIELDS,
     atomic_output,
     class_colormap,
@@ -25,7 +25,7 @@ from backend.export import (
     write_polygons,
     write_report,
 )
-from backend.vectorize import RegionPolygon, finalize, vectorize_class_raster
+from backend.engine.vectorize import RegionPolygon, finalize, vectorize_class_raster
 
 UTM = CRS.from_epsg(32633)
 TRANSFORM = Affine(2.0, 0.0, 500000.0, 0.0, -2.0, 4000000.0)

@@ -6,9 +6,9 @@ import open_clip
 import torch
 from tinymodels import save_farslip2
 
-from backend.dense import dense_patch_features, normalize_pixels
-from backend.models import load_model
-from backend.text import encode_tokens
+from backend.engine.dense import dense_patch_features, normalize_pixels
+from backend.engine.models import load_model
+from backend.engine.text import encode_tokens
 
 
 def test_farslip2_vit_b16_release_format_round_trip(tmp_path):

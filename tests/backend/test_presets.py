@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from backend.errors import InputError
-from backend.presets import list_presets, load_preset, read_class_file
+from backend.engine.errors import InputError
+from backend.engine.presets import list_presets, load_preset, read_class_file
 
 BENCHMARKS = ["openearthmap", "loveda", "potsdam", "vaihingen", "udd5", "vdd", "uavid", "isaid"]
 

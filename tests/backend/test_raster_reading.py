@@ -11,8 +11,8 @@ from rasterio.transform import Affine, from_origin
 from tinymodels import make_tiny_clip, save_plain
 from typer.testing import CliRunner
 
-from backend.cli import app
-from backend.raster import PixelWindow, open_source
+from backend.service.cli import app
+from backend.engine.raster import PixelWindow, open_source
 
 runner = CliRunner()
 

@@ -12,7 +12,7 @@ from rasterio.warp import transform_bounds
 from tinymodels import make_tiny_clip, save_plain
 from typer.testing import CliRunner
 
-from backend.cli import app
+from backend.service.cli import app
 
 CLASSES = ["-c", "water, lake", "-c", "cropland, bare field", "-c", "grassland"]
 runner = CliRunner()

@@ -14,7 +14,7 @@ from affine import Affine
 from rasterio.crs import CRS
 from scipy import ndimage
 
-from backend.vectorize import finalize, polygon_areas_m2, vectorize_class_raster
+from backend.engine.vectorize import finalize, polygon_areas_m2, vectorize_class_raster
 
 UTM = CRS.from_epsg(32633)
 TRANSFORM = Affine(2.0, 0.0, 500000.0, 0.0, -2.0, 4000000.0)
@@ -142,7 +142,7 @@ def test_all_skipped_raster_gives_no_polygons(tmp_path):
 
 
 def test_mismatched_score_raster_is_rejected(rasters, tmp_path):
-    from backend.errors import InputError
+    from backend.engine.errors import InputError
 
     _, _, class_path, _ = rasters
     small = write_raster(tmp_path / "small.tif", np.zeros((5, 5), np.float32))
@@ -151,7 +151,7 @@ def test_mismatched_score_raster_is_rejected(rasters, tmp_path):
 
 
 def test_cancel_raises_and_stops(rasters):
-    from backend.errors import CancelledError
+    from backend.engine.errors import CancelledError
 
     _, _, class_path, score_path = rasters
     with pytest.raises(CancelledError):

@@ -132,7 +132,7 @@ def _cli_args(body: dict) -> list[str]:
 def test_bad_inputs_get_the_same_sentence_as_the_cli(backend, segment_body, out_dir, naip):
     from typer.testing import CliRunner
 
-    from backend.cli import app
+    from backend.service.cli import app
 
     bodies = {}
     for name, changes in BAD_INPUTS.items():

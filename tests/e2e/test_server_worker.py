@@ -8,9 +8,9 @@ from types import SimpleNamespace
 
 import torch
 
-from backend import jobs
-from backend.errors import InputError
-from backend.jobs import JobManager, JobStore, remove_partial_outputs
+from backend.service import jobs
+from backend.engine.errors import InputError
+from backend.service.jobs import JobManager, JobStore, remove_partial_outputs
 
 
 def _wait(manager: JobManager, job_id: str, timeout: float = 30) -> dict:
@@ -32,7 +32,7 @@ def test_cuda_out_of_memory_retries_with_half_the_batch(monkeypatch, tmp_path, t
         return SimpleNamespace(outputs={"vector": str(outputs.out)}, classes=[], run_id="r", tiles=1,
                                     timings={})
 
-    monkeypatch.setattr("backend.segment.segment_raster", segment_raster)
+    monkeypatch.setattr("backend.engine.segment.segment_raster", segment_raster)
     store = JobStore(tmp_path / "jobs.sqlite")
     manager = JobManager(store, {"segment": jobs.run_segment})
     manager.start()

@@ -9,8 +9,8 @@ import shapely
 from training_data import COLOURS, RASTER_CRS, write_labels
 from rasterio.transform import from_origin
 
-from backend.errors import InputError
-from backend.raster import open_source
+from backend.engine.errors import InputError
+from backend.engine.raster import open_source
 from training.labels import build_label_grid, read_label_polygons
 from training.sampling import random_crop_boxes, region_boxes, split_labels, to_pixels
 

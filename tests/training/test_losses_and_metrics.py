@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from tinymodels import make_tiny_clip
 
-from backend.dense import dense_patch_features
+from backend.engine.dense import dense_patch_features
 from training import adapters
 from training.evaluate import confusion_matrix, format_metrics, metrics_from_confusion, plot_confusion
 from training.losses import (

@@ -8,8 +8,8 @@ import rasterio
 import shapely
 from training_data import RASTER_CRS, write_labels
 
-from backend.errors import InputError
-from backend.models import load_model
+from backend.engine.errors import InputError
+from backend.engine.models import load_model
 from training.api import check_request, evaluate_model, train_request
 from training.evaluate import benchmark_metrics, benchmark_protocol
 

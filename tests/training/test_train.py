@@ -11,11 +11,11 @@ import typer
 from training_data import fast_options
 from typer.testing import CliRunner
 
-from backend.errors import CancelledError, InputError
-from backend.models import load_model
-from backend.raster import PixelWindow, open_source
+from backend.engine.errors import CancelledError, InputError
+from backend.engine.models import load_model
+from backend.engine.raster import PixelWindow, open_source
 from training.api import evaluate_model, train_model
-from training.cli import evaluate_command, train_command
+from backend.service.training_cli import evaluate_command, train_command
 from training.evaluate import predict_classes, segmenter_for
 
 
@@ -94,7 +94,7 @@ def test_saved_model_reloads_with_identical_outputs(trained):
     pixels = torch.rand(1, 3, 224, 224)
     with torch.no_grad():
         assert torch.equal(first.model.encode_image(pixels), second.model.encode_image(pixels))
-    from backend.dense import dense_patch_features
+    from backend.engine.dense import dense_patch_features
 
     with torch.no_grad():
         assert torch.equal(dense_patch_features(first.model.visual, pixels),
@@ -234,8 +234,8 @@ def test_segment_with_a_fine_tuned_model_runs_at_its_training_resolution(trained
     import rasterio
     from rasterio.transform import from_origin
 
-    from backend.models import load_model
-    from backend.segment import SegmentOptions, SegmentOutputs, segment_raster
+    from backend.engine.models import load_model
+    from backend.engine.segment import SegmentOptions, SegmentOutputs, segment_raster
 
     _result, out, _ = trained
     raster, _, _ = synthetic

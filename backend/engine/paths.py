@@ -35,4 +35,4 @@ def models_dir() -> Path:
 
 def resources_dir() -> Path:
     """The repository's resources/ folder (presets, templates, styles, icons)."""
-    return Path(__file__).resolve().parent.parent / "resources"
+    return Path(__file__).resolve().parents[2] / "resources"

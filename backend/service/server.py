@@ -31,9 +31,9 @@ from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backend import __version__
-from backend.errors import FarslipError, InputError
-from backend.jobs import JobManager, JobStore, check_segment_call, is_job_id, segment_call
-from backend.schemas import (
+from backend.engine.errors import FarslipError, InputError
+from backend.service.jobs import JobManager, JobStore, check_segment_call, is_job_id, segment_call
+from backend.service.schemas import (
     DeviceInfo,
     ErrorBody,
     Health,
@@ -191,7 +191,7 @@ def create_app(token: str, state_dir: Path, device: str | None = None,
                on_shutdown: Callable[[], None] | None = None, max_body_bytes: int = MAX_BODY_BYTES,
                runners: dict | None = None) -> FastAPI:
     """The FastAPI app; the job store opens and the worker starts when the app starts."""
-    from backend.models import resolve_device
+    from backend.engine.models import resolve_device
 
     state_dir = Path(state_dir)
     device = str(resolve_device(device or os.environ.get("FARSLIP_DEVICE") or "auto"))
@@ -199,7 +199,7 @@ def create_app(token: str, state_dir: Path, device: str | None = None,
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         # Import the engine now rather than in the first request, which would otherwise take seconds.
-        import backend.segment  # noqa: F401
+        import backend.engine.segment  # noqa: F401
 
         store = JobStore(state_dir / "jobs.sqlite")
         store.mark_interrupted()
@@ -259,7 +259,7 @@ def create_app(token: str, state_dir: Path, device: str | None = None,
 
     @v1.get("/models", response_model=ModelList)
     def models(request: Request):
-        from backend.models import DEFAULT_MODEL, list_models
+        from backend.engine.models import DEFAULT_MODEL, list_models
 
         loaded = manager_of(request).loaded_model
         entries = [dict(entry, loaded=bool(loaded) and entry.get("name") == loaded) for entry in list_models()]
@@ -267,7 +267,7 @@ def create_app(token: str, state_dir: Path, device: str | None = None,
 
     @v1.get("/presets", response_model=PresetList)
     def presets():
-        from backend.presets import list_presets
+        from backend.engine.presets import list_presets
 
         return {"presets": list_presets()}
 
@@ -302,7 +302,7 @@ def create_app(token: str, state_dir: Path, device: str | None = None,
 # --------------------------------------------------------------------------- job runners
 
 def default_runners() -> dict:
-    from backend.jobs import run_segment, run_train
+    from backend.service.jobs import run_segment, run_train
 
     return {"segment": run_segment, "train": run_train}
 
@@ -401,7 +401,7 @@ def serve(host: str = "127.0.0.1", port: int = 0, token: str | None = None,
     """Run the backend until SIGTERM/SIGINT: print the URL, write the connection file, serve /v1."""
     import uvicorn
 
-    from backend.paths import state_dir as default_state_dir
+    from backend.engine.paths import state_dir as default_state_dir
 
     state_dir = Path(state_dir or default_state_dir()).expanduser().resolve()
     if not state_dir.exists():

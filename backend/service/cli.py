@@ -2,64 +2,17 @@
 
 from __future__ import annotations
 
-import sys
-import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from . import __version__
-from .errors import FarslipError, InputError
+from backend import __version__
+from backend.engine.errors import FarslipError
+from backend.service.cli_common import ProgressReporter, fail, parse_bands
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Open-vocabulary segmentation of GeoTIFFs with FarSLIP (and other CLIP models).")
-
-
-def fail(error: FarslipError) -> None:
-    typer.echo(f"Error: {error}", err=True)
-    raise typer.Exit(error.exit_code)
-
-
-class ProgressReporter:
-    """A progress bar with ETA on a terminal; occasional plain lines otherwise; nothing when quiet."""
-
-    def __init__(self, quiet: bool, label: str):
-        self.quiet = quiet
-        self.label = label
-        self.bar = None
-        self.task = None
-        self.started = time.perf_counter()
-        self.last_line = 0.0
-
-    def __enter__(self):
-        if not self.quiet and sys.stderr.isatty():
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("tiles"), TimeRemainingColumn(), console=Console(stderr=True))
-            self.bar.__enter__()
-        return self
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.quiet:
-            return
-        if self.bar is not None:
-            if self.task is None:
-                self.task = self.bar.add_task(self.label, total=total)
-            self.bar.update(self.task, completed=done, total=total)
-            return
-        now = time.perf_counter()
-        if done == total or now - self.last_line > 5:
-            self.last_line = now
-            elapsed = now - self.started
-            eta = elapsed / done * (total - done) if done else float("nan")
-            typer.echo(f"{self.label}: {done}/{total} tiles, ETA {eta:.0f} s", err=True)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
 
 
 @app.command()
@@ -95,10 +48,11 @@ def segment(
 ) -> None:
     """Segment RASTER into the given classes and write georeferenced polygons."""
     try:
-        from .models import load_model, resolve_device
-        from .presets import collect_class_lines
-        from .raster import open_source, request_window
-        from .segment import SegmentOptions, SegmentOutputs, check_outputs, default_batch_size, segment_raster
+        from backend.engine.models import load_model, resolve_device
+        from backend.engine.presets import collect_class_lines
+        from backend.engine.raster import open_source, request_window
+        from backend.engine.segment import (SegmentOptions, SegmentOutputs, check_outputs, default_batch_size,
+                                            segment_raster)
 
         lines = collect_class_lines(classes, classes_file, preset)
         band_list = parse_bands(bands)
@@ -127,19 +81,10 @@ def segment(
                    f"{result.timings['total_s']:.1f} s); report: {result.outputs['report']}")
 
 
-def parse_bands(text: str | None) -> list[int] | None:
-    if not text:
-        return None
-    try:
-        return [int(part) for part in text.replace(" ", "").split(",") if part]
-    except ValueError:
-        raise InputError(f"--bands takes band numbers separated by commas, e.g. 3,2,1; got {text!r}.") from None
-
-
 @app.command()
 def models() -> None:
     """List known models, which are on disk, and where to put missing weights."""
-    from .models import format_models_table
+    from backend.engine.models import format_models_table
 
     typer.echo(format_models_table())
 
@@ -147,7 +92,7 @@ def models() -> None:
 @app.command()
 def presets() -> None:
     """List the class presets."""
-    from .presets import list_presets
+    from backend.engine.presets import list_presets
 
     for name, lines in list_presets().items():
         typer.echo(f"{name}: {' | '.join(lines)}")
@@ -167,7 +112,7 @@ def bench(
     """Measure encoder, pipeline, reference loop, text encoding and peak memory; print a table."""
     import json
 
-    from .models import resolve_device
+    from backend.engine.models import resolve_device
 
     try:
         dev = resolve_device(device)
@@ -176,7 +121,7 @@ def bench(
     if server:
         results = _bench_server(str(dev))
     elif train:
-        from training.bench import measure_training
+        from backend.service.training_bench import measure_training
 
         from .bench import random_model
 
@@ -197,7 +142,7 @@ def _bench_server(device: str) -> dict:
     import tempfile
 
     from .bench import tiny_checkpoint
-    from .paths import resources_dir
+    from backend.engine.paths import resources_dir
     from .server_bench import bench_server, format_results
 
     with tempfile.TemporaryDirectory(prefix="farslip-bench-") as folder:
@@ -213,7 +158,7 @@ def version() -> None:
     typer.echo(__version__)
 
 
-# serve: the implementation lives in backend/server.py
+# serve: the implementation lives in backend/service/server.py
 
 
 @app.command()
@@ -238,7 +183,7 @@ def serve(
 
 # evaluate, train: the implementations live in training/
 
-from training.cli import evaluate_command, train_command  # noqa: E402 - typer-only module, heavy imports are lazy
+from backend.service.training_cli import evaluate_command, train_command  # noqa: E402 - typer-only module, heavy imports are lazy
 
 app.command("evaluate")(evaluate_command)
 app.command("train")(train_command)

@@ -19,9 +19,9 @@ from pathlib import Path
 import rasterio
 import torch
 
-from . import __version__
+from backend import __version__
 from .dense import ATTENTION_VARIANTS
-from .engine import NODATA_CLASS, UNCLASSIFIED, Segmenter, count_crops, predict_blocks
+from .sliding import NODATA_CLASS, UNCLASSIFIED, Segmenter, count_crops, predict_blocks
 from .errors import EmptyResultError, InputError
 from .export import atomic_output, class_colormap, driver_for, report_path_for, write_polygons, write_report
 from .raster import RasterSource, open_source, request_window

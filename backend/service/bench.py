@@ -9,7 +9,6 @@ raster finishes in minutes on a laptop CPU.
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -23,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from rasterio.transform import from_origin
 
-from .dense import dense_patch_features, normalize_pixels
-from .engine import ArraySource, Segmenter, predict_window
-from .models import LoadedModel, get_tokenizer
-from .segment import SegmentOptions, SegmentOutputs, segment_raster
-from .text import PROMPT_TEMPLATES, TextEmbedder, encode_tokens, parse_class_lines
+from backend.engine.dense import dense_patch_features, normalize_pixels
+from backend.engine.sliding import ArraySource, Segmenter, predict_window
+from backend.engine.memory import peak_rss_mb
+from backend.engine.models import LoadedModel, get_tokenizer
+from backend.engine.segment import SegmentOptions, SegmentOutputs, segment_raster
+from backend.engine.text import PROMPT_TEMPLATES, TextEmbedder, encode_tokens, parse_class_lines
 
 BENCH_CLASSES = ["water, lake", "cropland, bare field", "grassland", "road", "building, roof"]
 
@@ -125,29 +125,16 @@ def bench_text(loaded, workdir: Path) -> dict:
 
 
 def _rss_child(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, "-m", "backend.bench", *args], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "backend.service.bench", *args], capture_output=True, text=True,
                          check=False)
     if out.returncode != 0:
         raise SystemExit(f"memory run failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory. VmHWM, not ru_maxrss: the latter survives exec on Linux,
-    so a child would inherit the parent's high-water mark."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # macOS reports bytes, Linux KiB
-
-
 def rss_run(raster: str, model_path: str, out_dir: str, batch_size: int) -> None:
     """Child process: segment `raster` with a checkpoint and print peak RSS as JSON."""
-    from .models import load_model
+    from backend.engine.models import load_model
 
     loaded = load_model(model_path)
     start = time.perf_counter()
@@ -262,4 +249,4 @@ if __name__ == "__main__":
         raster, model_path, out_dir, batch = sys.argv[2:6]
         rss_run(raster, model_path, out_dir, int(batch))
     else:
-        raise SystemExit("usage: python -m backend.bench rss RASTER MODEL OUT_DIR BATCH")
+        raise SystemExit("usage: python -m backend.service.bench rss RASTER MODEL OUT_DIR BATCH")

@@ -2,7 +2,7 @@
 
 The registry is data (``resources/models.json``).  Weights are found, in this
 order: an explicit ``--weights PATH``; the weights directory
-(``$FARSLIP_WEIGHTS``, see :func:`backend.paths.weights_dir`); the Hugging Face
+(``$FARSLIP_WEIGHTS``, see :func:`backend.engine.paths.weights_dir`); the Hugging Face
 hub cache (downloading into it when online).  A missing file is one clear
 :class:`ModelError`; there is never a silent fallback to other weights.
 
@@ -29,8 +29,8 @@ from urllib.parse import urlparse
 
 import torch
 
-from backend import paths
-from backend.errors import ModelError
+from backend.engine import paths
+from backend.engine.errors import ModelError
 
 DEFAULT_MODEL = "farslip2-vit-b-16"
 REGISTRY_FILE = "models.json"

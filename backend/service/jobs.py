@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from backend.errors import CancelledError, FarslipError, InputError
+from backend.engine.errors import CancelledError, FarslipError, InputError
 
 log = logging.getLogger("farslip.jobs")
 
@@ -142,7 +142,7 @@ def _job_from_row(row: sqlite3.Row) -> dict:
 def _leftovers(path: Path) -> list[Path]:
     """Temporary files and folders the engine writes beside `path` before renaming results into place.
 
-    backend.export.atomic_output names files `.<stem>.<random>.tmp<suffix>` (+ sidecars), and
+    backend.engine.export.atomic_output names files `.<stem>.<random>.tmp<suffix>` (+ sidecars), and
     segment_raster keeps its intermediate rasters in a `.farslip-<random>` folder in the output folder.
     """
     try:
@@ -158,7 +158,7 @@ def _sidecars(path: Path) -> list[Path]:
     """A finished dataset's own files: the path, a shapefile's parts, GDAL's .aux.xml/.ovr."""
     files = [path, path.with_name(path.name + ".aux.xml"), path.with_name(path.name + ".ovr")]
     if path.suffix.lower() == ".shp":
-        from backend.export import SHAPEFILE_PARTS
+        from backend.engine.export import SHAPEFILE_PARTS
 
         files += [path.with_suffix(part) for part in SHAPEFILE_PARTS]
     return files
@@ -216,7 +216,7 @@ class ModelCache:
                 _free_device_memory()
 
     def get(self, model: str | None, weights: str | None) -> Any:
-        from backend.models import load_model
+        from backend.engine.models import load_model
 
         key = (model, weights)
         with self._lock:
@@ -481,8 +481,8 @@ class SegmentCall:
 
 def segment_call(request: dict) -> SegmentCall:
     """A /v1/segment request body -> segment_raster's arguments (class lines + preset, paths)."""
-    from backend.presets import collect_class_lines
-    from backend.segment import SegmentOptions, SegmentOutputs
+    from backend.engine.presets import collect_class_lines
+    from backend.engine.segment import SegmentOptions, SegmentOutputs
 
     class_lines = collect_class_lines(request.get("class_lines"), preset=request.get("preset"))
     option_names = ("bbox", "bbox_crs", "bands", "threshold", "attention", "scale", "gsd_m", "min_area",
@@ -512,9 +512,9 @@ def check_segment_call(call: SegmentCall) -> list[str]:
 
     Cheap: opens the raster (and reads the decimated sample the engine reads anyway), never the model.
     """
-    from backend.models import check_model
-    from backend.raster import open_source, request_window
-    from backend.segment import check_outputs, validate_options
+    from backend.engine.models import check_model
+    from backend.engine.raster import open_source, request_window
+    from backend.engine.segment import check_outputs, validate_options
 
     # The order of `farslip segment`'s checks, so that a request with several faults gets the same sentence.
     options = call.options
@@ -530,7 +530,7 @@ def check_segment_call(call: SegmentCall) -> list[str]:
 
 def _finetuned_class_lines(model: str | None, weights: str | None) -> list[str]:
     """A fine-tuned model folder's own classes (used when a request gives none)."""
-    from backend import models
+    from backend.engine import models
 
     kind, where, _ = models.locate_model(model, weights)
     if kind != "finetuned":
@@ -540,7 +540,7 @@ def _finetuned_class_lines(model: str | None, weights: str | None) -> list[str]:
 
 def run_segment(request: dict, control: JobControl, models: ModelCache) -> dict:
     """Worker side of a segment job: load (or reuse) the model, run the engine, retry smaller on GPU OOM."""
-    from backend.segment import default_batch_size, segment_raster
+    from backend.engine.segment import default_batch_size, segment_raster
 
     call = segment_call(request)
     control.message(f"Loading the model {call.model or 'default'}.")

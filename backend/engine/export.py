@@ -19,8 +19,8 @@ import numpy as np
 import pyogrio.raw
 import shapely
 
-from backend.errors import InputError
-from backend.vectorize import RegionPolygon
+from backend.engine.errors import InputError
+from backend.engine.vectorize import RegionPolygon
 
 DRIVERS = {".gpkg": "GPKG", ".shp": "ESRI Shapefile", ".geojson": "GeoJSON", ".fgb": "FlatGeobuf"}
 FIELDS = ("class", "class_id", "score_mean", "score_max", "area_m2", "model", "run_id")

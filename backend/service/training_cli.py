@@ -1,6 +1,6 @@
-"""`farslip evaluate` and `farslip train`: typer commands, wired into backend/cli.py's app.
+"""`farslip evaluate` and `farslip train`: typer commands, wired into backend/service/cli.py's app.
 
-    from training.cli import evaluate_command, train_command
+    from backend.service.training_cli import evaluate_command, train_command
     app.command("evaluate")(evaluate_command)
     app.command("train")(train_command)
 """
@@ -14,19 +14,9 @@ from typing import Optional
 
 import typer
 
-from backend.errors import FarslipError, InputError
-
-
-def _fail(error: FarslipError) -> None:
-    from backend.cli import fail
-
-    fail(error)
-
-
-def _bands(text: str | None) -> list[int] | None:
-    from backend.cli import parse_bands
-
-    return parse_bands(text)
+from backend.engine.errors import FarslipError, InputError
+from backend.service.cli_common import fail as _fail
+from backend.service.cli_common import parse_bands as _bands
 
 
 class _Lines:
@@ -93,15 +83,15 @@ def evaluate_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Report per-class IoU, mIoU, accuracy and the confusion matrix of a model against labelled polygons."""
-    from backend.models import load_model, resolve_device
+    from backend.engine.models import load_model, resolve_device
 
-    from .api import class_names_from_pairs, evaluate_model
-    from .evaluate import benchmark_metrics, benchmark_protocol, format_metrics, plot_confusion, write_json
+    from training.api import class_names_from_pairs, evaluate_model
+    from training.evaluate import benchmark_metrics, benchmark_protocol, format_metrics, plot_confusion, write_json
 
     try:
         dev = resolve_device(device)
         if benchmark is not None:
-            from backend.presets import collect_class_lines
+            from backend.engine.presets import collect_class_lines
 
             lines = collect_class_lines(classes, preset=preset)
             if not lines:
@@ -172,10 +162,10 @@ def train_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Fine-tune a model on labelled polygons; report validation mIoU before and after."""
-    from backend.models import resolve_device
+    from backend.engine.models import resolve_device
 
-    from .api import class_names_from_pairs, train_model
-    from .finetune import TrainOptions
+    from training.api import class_names_from_pairs, train_model
+    from training.finetune import TrainOptions
 
     try:
         dev = resolve_device(device)

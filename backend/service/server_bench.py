@@ -1,6 +1,6 @@
 """Latency of the HTTP backend: health calls, job submission, and a job through the server versus the CLI.
 
-    python -m backend.server_bench RASTER --model MODEL [--classes water --classes road] [--bbox ...]
+    python -m backend.service.server_bench RASTER --model MODEL [--classes water --classes road] [--bbox ...]
 
 (`farslip bench --server` calls `bench_server`). It starts a real `farslip serve` on a free
 port with a throw-away state directory, so the measured path is the one the QGIS plugin uses.
@@ -27,7 +27,7 @@ def _start_server(state_dir: Path, device: str) -> tuple[subprocess.Popen, dict,
     connection_file = state_dir / "conn.json"
     started = time.perf_counter()
     process = subprocess.Popen(
-        [sys.executable, "-m", "backend.cli", "serve", "--port", "0", "--state-dir", str(state_dir),
+        [sys.executable, "-m", "backend.service.cli", "serve", "--port", "0", "--state-dir", str(state_dir),
          "--connection-file", str(connection_file), "--device", device],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while True:
@@ -119,7 +119,7 @@ def bench_server(raster: str | Path, model: str | None = None, class_lines: list
             process.wait(60)
 
         cli_out = out_dir / "cli.gpkg"
-        command = [sys.executable, "-m", "backend.cli", "segment", raster, "--out", str(cli_out),
+        command = [sys.executable, "-m", "backend.service.cli", "segment", raster, "--out", str(cli_out),
                    "--device", device, "--quiet"]
         command += [arg for line in class_lines for arg in ("-c", line)]
         if model:

@@ -22,15 +22,15 @@ import shapely
 import torch
 from rasterio.transform import from_origin
 
-from backend.dense import dense_patch_features, normalize_pixels
-from backend.raster import open_source
+from backend.engine.dense import dense_patch_features, normalize_pixels
+from backend.engine.raster import open_source
 
-from . import adapters
-from backend.bench import peak_rss_mb
+from training import adapters
+from backend.engine.memory import peak_rss_mb
 
-from .api import _label_grid
-from .finetune import Trainer, TrainingData, TrainOptions
-from .sampling import split_labels
+from training.api import label_grid_for
+from training.finetune import Trainer, TrainingData, TrainOptions
+from training.sampling import split_labels
 
 
 def write_synthetic(folder: Path, size: int = 640, block: int = 64) -> tuple[Path, Path]:
@@ -96,7 +96,7 @@ def measure_training(loaded, method: str = "lora", batch_size: int = 4, steps: i
     with tempfile.TemporaryDirectory(prefix="farslip-bench-") as folder:
         raster, labels = write_synthetic(Path(folder))
         with open_source(raster) as source:
-            grid = _label_grid(source, labels, "cls", None, None, None)
+            grid = label_grid_for(source, labels, "cls", None, None, None)
             transform = source.window_transform(grid.window)
             split = split_labels(grid, transform, options.validation_fraction, options.buffer_px)
             rgb, _ = source.read(grid.window)
@@ -126,6 +126,6 @@ def measure_training(loaded, method: str = "lora", batch_size: int = 4, steps: i
 
 def random_loaded(arch: str = "ViT-B-16", device: str = "cpu"):
     """A randomly initialised open_clip model wrapped as a LoadedModel (speed and memory only)."""
-    from backend.bench import random_model
+    from backend.service.bench import random_model
 
     return random_model(arch, device)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from backend.errors import InputError
-from backend.paths import resources_dir
+from backend.engine.errors import InputError
+from backend.engine.paths import resources_dir
 
 
 def presets_dir() -> Path:

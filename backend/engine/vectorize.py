@@ -28,7 +28,7 @@ from rasterio.windows import Window
 from scipy import ndimage
 from shapely.geometry.base import BaseGeometry
 
-from backend.errors import CancelledError, InputError
+from backend.engine.errors import CancelledError, InputError
 
 FOUR_CONNECTED = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=bool)
 
