@@ -65,3 +65,58 @@ def save_safetensors(model: CLIP, path: Path) -> Path:
 
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return path
+
+
+# --------------------------------------------------------------------------- multilingual (RS-M-CLIP-like)
+
+# A few remote-sensing sentences in the ten languages RS-M-CLIP was trained on, to train a tiny tokenizer.
+TEN_LANGUAGE_SENTENCES = (
+    "a satellite photo of buildings and a road next to a river",
+    "uma fotografia aérea de edifícios e uma estrada junto a um rio",
+    "una fotografía aérea de edificios y una carretera junto a un río",
+    "une photographie aérienne de bâtiments et d'une route près d'une rivière",
+    "ein Luftbild von Gebäuden und einer Straße an einem Fluss",
+    "een luchtfoto van gebouwen en een weg naast een rivier",
+    "una fotografia aerea di edifici e una strada vicino a un fiume",
+    "河流旁边的建筑物和道路的卫星照片",
+    "강 옆의 건물과 도로를 찍은 위성 사진",
+    "аэрофотоснимок зданий и дороги рядом с рекой",
+)
+
+
+def make_tiny_text_tower(folder: Path, max_positions: int = 80) -> Path:
+    """An XLM-RoBERTa-style text tower in the Hugging Face folder layout: a config for a 2-layer,
+    32-wide encoder and a unigram tokenizer trained here on the ten-language sentences."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast, XLMRobertaConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.normalizer = normalizers.NFKC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.train_from_iterator(list(TEN_LANGUAGE_SENTENCES) * 4,
+                                  trainers.UnigramTrainer(vocab_size=400, special_tokens=specials, unk_token="<unk>"))
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A </s>",
+                                                             special_tokens=[("<s>", 0), ("</s>", 2)])
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                            unk_token="<unk>", mask_token="<mask>", cls_token="<s>",
+                            sep_token="</s>").save_pretrained(str(folder))
+    XLMRobertaConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=max_positions,
+                     pad_token_id=1, bos_token_id=0, eos_token_id=2).save_pretrained(str(folder))
+    return folder
+
+
+def make_tiny_multilingual_clip(tower: Path, seed: int = 0, patch_size: int = 16):
+    """An open_clip CustomTextCLIP: the tiny ViT image tower of `make_tiny_clip` and the tower above."""
+    from open_clip.model import CustomTextCLIP
+
+    torch.manual_seed(seed)
+    model = CustomTextCLIP(
+        64, {"image_size": 224, "patch_size": patch_size, "width": 128, "layers": 2, "head_width": 64},
+        {"hf_model_name": str(tower), "hf_tokenizer_name": str(tower), "hf_pooler_type": "mean_pooler",
+         "hf_proj_type": "mlp", "hf_model_pretrained": False},
+        quick_gelu=True)
+    return model.eval()

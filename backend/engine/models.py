@@ -61,6 +61,10 @@ class ModelSpec:
     # File name expected in the weights directory when the hub file's base name
     # is ambiguous (OpenAI CLIP B/16 and B/32 are both `open_clip_model.safetensors`).
     local_file: str | None = None
+    # Hugging Face text tower (e.g. xlm-roberta-base) for models whose text side is not CLIP's own.
+    text_tower: str | None = None
+    # Languages the text tower was trained on (ISO 639-1); None means English only.
+    languages: tuple[str, ...] | None = None
 
     @property
     def weights_filename(self) -> str:
@@ -77,7 +81,13 @@ def _load_registry(path: str) -> tuple[ModelSpec, ...]:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         fields = set(ModelSpec.__dataclass_fields__)
-        return tuple(ModelSpec(**{k: v for k, v in m.items() if k in fields}) for m in data["models"])
+        specs = []
+        for m in data["models"]:
+            values = {k: v for k, v in m.items() if k in fields}
+            if values.get("languages") is not None:
+                values["languages"] = tuple(values["languages"])
+            specs.append(ModelSpec(**values))
+        return tuple(specs)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"The model registry {path} is unreadable ({exc}). Reinstall the project.") from exc
 
@@ -367,16 +377,14 @@ def _count_layers(sd: dict, prefix: str) -> int:
     return max(idx) + 1 if idx else 0
 
 
-def infer_architecture(sd: dict[str, torch.Tensor]) -> dict:
-    """open_clip CLIP config (embed_dim, vision_cfg, text_cfg) from a state dict's shapes."""
+def infer_vision_cfg(sd: dict[str, torch.Tensor]) -> dict:
+    """open_clip ViT image-tower config from a state dict's shapes."""
     if any(k.startswith("visual.trunk.") for k in sd):
         raise ModelError("This checkpoint uses a timm image tower; only open_clip ViT CLIP models are supported.")
     if "visual.conv1.weight" not in sd:
         kind = "a ResNet CLIP" if any(k.startswith("visual.layer1.") for k in sd) else "not an open_clip CLIP"
         raise ModelError(f"This checkpoint is {kind} model; only open_clip ViT CLIP checkpoints are supported.")
-    need = ["visual.positional_embedding", "visual.proj", "token_embedding.weight",
-            "positional_embedding", "text_projection"]
-    missing = [k for k in need if k not in sd]
+    missing = [k for k in ("visual.positional_embedding", "visual.proj") if k not in sd]
     if missing:
         raise ModelError(f"This checkpoint lacks tensors a CLIP model needs: {', '.join(missing)}.")
     conv = sd["visual.conv1.weight"]
@@ -388,19 +396,28 @@ def infer_architecture(sd: dict[str, torch.Tensor]) -> dict:
     if grid * grid != n_tok:
         raise ModelError(f"The image positional embedding ({n_tok} patches) is not a square grid.")
     vlayers = _count_layers(sd, "visual.transformer.resblocks.")
-    tlayers = _count_layers(sd, "transformer.resblocks.")
-    embed_dim = int(sd["visual.proj"].shape[1])
-    vocab, twidth = sd["token_embedding.weight"].shape
-    if sd["text_projection"].shape[-1] != embed_dim:
-        raise ModelError("The text and image projections of this checkpoint have different sizes.")
     vfc = sd.get("visual.transformer.resblocks.0.mlp.c_fc.weight")
-    tfc = sd.get("transformer.resblocks.0.mlp.c_fc.weight")
-    vision_cfg = {
+    return {
         "image_size": int(grid * ph), "patch_size": int(ph), "width": int(vwidth), "layers": vlayers,
         "head_width": 64 if vwidth % 64 == 0 else int(vwidth),
         "mlp_ratio": float(vfc.shape[0]) / vwidth if vfc is not None else 4.0,
         "no_ln_pre": "visual.ln_pre.weight" not in sd,
     }
+
+
+def infer_architecture(sd: dict[str, torch.Tensor]) -> dict:
+    """open_clip CLIP config (embed_dim, vision_cfg, text_cfg) from a state dict's shapes."""
+    vision_cfg = infer_vision_cfg(sd)
+    need = ["token_embedding.weight", "positional_embedding", "text_projection"]
+    missing = [k for k in need if k not in sd]
+    if missing:
+        raise ModelError(f"This checkpoint lacks tensors a CLIP model needs: {', '.join(missing)}.")
+    tlayers = _count_layers(sd, "transformer.resblocks.")
+    embed_dim = int(sd["visual.proj"].shape[1])
+    vocab, twidth = sd["token_embedding.weight"].shape
+    if sd["text_projection"].shape[-1] != embed_dim:
+        raise ModelError("The text and image projections of this checkpoint have different sizes.")
+    tfc = sd.get("transformer.resblocks.0.mlp.c_fc.weight")
     text_cfg = {
         "context_length": int(sd["positional_embedding"].shape[0]), "vocab_size": int(vocab),
         "width": int(twidth), "heads": max(1, int(twidth) // 64), "layers": tlayers,
@@ -484,15 +501,56 @@ def _check_spec(spec: ModelSpec, cfg: dict, path: Path) -> None:
             "file itself as the model.")
 
 
+def _finish_hf_text(sd: dict, *, name: str, weights_path: Path, dev: torch.device,
+                    class_lines: list[str] | None, metadata: dict, spec: ModelSpec | None) -> LoadedModel:
+    """A CLIP with a Hugging Face text tower (hf_text.py): tower files found like weights."""
+    from . import hf_text
+    from .languages import LANGUAGES
+
+    folder = weights_path.parent
+    config = hf_text.read_open_clip_config(folder)
+    text_cfg = config["text_cfg"] if config else {}
+    tower_name = (spec.text_tower if spec is not None else None) or str(text_cfg.get("hf_model_name") or "")
+    tower_name = tower_name or str(metadata.get("finetuned", {}).get("text_tower") or "xlm-roberta-base")
+    repos = [spec.hf_repo] if spec is not None else []
+    found = hf_text.find_text_tower(tower_name, [folder], repos)
+    tower = hf_text.tower_from_config(text_cfg, tower_name, found)
+    vision_cfg = config["vision_cfg"] if config else infer_vision_cfg(sd)
+    model = hf_text.build_hf_clip(sd, vision_cfg, tower).to(dev)
+    if spec is not None and spec.languages:
+        languages = list(spec.languages)
+    else:  # a checkpoint: multilingual when its tower is (XLM-R, multilingual BERT)
+        kind = str(getattr(model.text.config, "model_type", ""))
+        multi = kind.startswith("xlm") or "multilingual" in tower_name.lower()
+        languages = list(LANGUAGES) if multi else ["en"]
+    meta = {"weights_path": str(weights_path),
+            "text_tower": {"name": tower.name, "config": str(tower.config_folder),
+                           "tokenizer": str(tower.tokenizer_folder)},
+            "languages": languages,
+            "architecture": {"patch_size": vision_cfg["patch_size"], "image_size": vision_cfg["image_size"],
+                             "vision_width": vision_cfg["width"], "vision_layers": vision_cfg["layers"],
+                             "text_tower": tower.name, "context_length": tower.context_length},
+            **metadata}
+    return LoadedModel(model=model, name=name, tokenizer=hf_text.hf_tokenizer(tower),
+                       context_length=tower.context_length, weights_id=file_sha256(weights_path),
+                       class_lines=class_lines, metadata=meta, device=dev)
+
+
 def _finish(sd: dict, *, name: str, weights_path: Path, device: str | torch.device,
             class_lines: list[str] | None, metadata: dict, spec: ModelSpec | None = None) -> LoadedModel:
+    from .hf_text import is_hf_text_state_dict
+
     dev = resolve_device(device)
+    if is_hf_text_state_dict(sd):
+        return _finish_hf_text(sd, name=name, weights_path=weights_path, dev=dev, class_lines=class_lines,
+                               metadata=metadata, spec=spec)
     cfg = infer_architecture(sd)
     if spec is not None:
         _check_spec(spec, cfg, weights_path)
     model = model_from_state_dict(sd).to(dev)
     ctx = cfg["text_cfg"]["context_length"]
-    meta = {"weights_path": str(weights_path), "architecture": describe_architecture(cfg), **metadata}
+    meta = {"weights_path": str(weights_path), "architecture": describe_architecture(cfg),
+            "languages": list(spec.languages) if spec is not None and spec.languages else ["en"], **metadata}
     return LoadedModel(model=model, name=name, tokenizer=get_tokenizer(ctx), context_length=ctx,
                        weights_id=file_sha256(weights_path), class_lines=class_lines,
                        metadata=meta, device=dev)

@@ -25,7 +25,7 @@ from .sliding import NODATA_CLASS, UNCLASSIFIED, Segmenter, count_crops, predict
 from .errors import EmptyResultError, InputError
 from .export import atomic_output, class_colormap, driver_for, report_path_for, write_polygons, write_report
 from .raster import RasterSource, open_source, request_window
-from .text import parse_class_lines
+from .text import language_warnings, parse_class_lines
 from .vectorize import finalize, vectorize_class_raster
 
 
@@ -205,6 +205,7 @@ def _segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutpu
                 "options": {k: v for k, v in asdict(options).items() if k != "class_lines"},
                 "timings": {k: round(v, 3) for k, v in timings.items()},
                 "class_stats": stats, "outputs": paths,
+                "warnings": language_warnings(loaded, classes),
             }
             write_report(paths["report"], report)
         finally:

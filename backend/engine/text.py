@@ -18,13 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
 from .errors import InputError
+from .hf_text import encode_hf_tokens, is_hf_text_model
+from .languages import ENGLISH_TEMPLATES, query_language, templates_for
 from .paths import cache_dir
 
 LOGIT_SCALE = 50.0
-PROMPT_TEMPLATES: tuple[str, ...] = tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
+PROMPT_TEMPLATES: tuple[str, ...] = ENGLISH_TEMPLATES
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,10 @@ def encode_tokens(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
     Exact because the causal mask keeps every position from seeing later ones,
     and pooling takes the end-of-text token (the highest id of each row).
+    Hugging Face towers (bidirectional) go through `hf_text.encode_hf_tokens`.
     """
+    if is_hf_text_model(model):
+        return encode_hf_tokens(model, tokens)
     length = int((tokens != 0).sum(dim=1).max().item())
     length = max(length, 1)
     tokens = tokens[:, :length]
@@ -84,26 +88,45 @@ def encode_tokens(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return x @ model.text_projection
 
 
-class TextEmbedder:
-    """Embeds queries with a loaded model; remembers them in memory and on disk."""
+def is_multilingual(loaded) -> bool:
+    """Whether the model reads other languages than English (registry `languages`, or its text tower)."""
+    return len(loaded.metadata.get("languages") or ["en"]) > 1
 
-    def __init__(self, loaded, cache: Path | None = None, templates: tuple[str, ...] = PROMPT_TEMPLATES,
-                 use_disk_cache: bool = True):
+
+class TextEmbedder:
+    """Embeds queries with a loaded model; remembers them in memory and on disk.
+
+    Prompt templates: `templates` when given; otherwise, for a multilingual model, those of each
+    query's language (`language` forces one, see languages.py), and English for the others.
+    """
+
+    def __init__(self, loaded, cache: Path | None = None, templates: tuple[str, ...] | None = None,
+                 use_disk_cache: bool = True, language: str | None = None):
         self.loaded = loaded
-        self.templates = templates
-        digest = hashlib.sha256("\n".join(templates).encode()).hexdigest()[:12]
+        self.fixed_templates = templates
+        self.language = language
+        self.multilingual = is_multilingual(loaded)
         root = cache if cache is not None else cache_dir() / "text"
-        self.cache_root = root / f"{loaded.weights_id[:24]}-{digest}" if use_disk_cache else None
+        self.cache_base = root if use_disk_cache else None
         self._memory: dict[str, torch.Tensor] = {}
 
+    def templates_for(self, query: str) -> tuple[str, ...]:
+        if self.fixed_templates is not None:
+            return self.fixed_templates
+        if not self.multilingual:
+            return PROMPT_TEMPLATES
+        return templates_for(query_language(query, self.language))
+
     def _cache_file(self, query: str) -> Path | None:
-        if self.cache_root is None:
+        if self.cache_base is None:
             return None
-        return self.cache_root / (hashlib.sha256(query.encode()).hexdigest()[:32] + ".npy")
+        digest = hashlib.sha256("\n".join(self.templates_for(query)).encode()).hexdigest()[:12]
+        folder = self.cache_base / f"{self.loaded.weights_id[:24]}-{digest}"
+        return folder / (hashlib.sha256(query.encode()).hexdigest()[:32] + ".npy")
 
     @torch.inference_mode()
     def _encode(self, query: str) -> torch.Tensor:
-        prompts = [template.format(query) for template in self.templates]
+        prompts = [template.format(query) for template in self.templates_for(query)]
         tokens = self.loaded.tokenizer(prompts).to(self.loaded.device)
         features = F.normalize(encode_tokens(self.loaded.model, tokens).float(), dim=-1)
         return F.normalize(features.mean(dim=0), dim=0).cpu()
@@ -135,3 +158,18 @@ class TextEmbedder:
     def embed(self, queries: list[str]) -> torch.Tensor:
         """(Q, D) L2-normalised embeddings, one row per query."""
         return torch.stack([self.embed_one(q) for q in queries])
+
+
+def language_warnings(loaded, classes: list[ClassSpec]) -> list[str]:
+    """One sentence when an English-only model is given class names that are clearly not English."""
+    if is_multilingual(loaded):
+        return []
+    from .languages import non_english
+
+    foreign = non_english([q for spec in classes for q in spec.queries])
+    if not foreign:
+        return []
+    shown = ", ".join(repr(q) for q in foreign[:3]) + (" ..." if len(foreign) > 3 else "")
+    return [f"Model '{loaded.name}' reads English only, but {shown} "
+            f"{'is' if len(foreign) == 1 else 'are'} not English: the result may be poor. "
+            "Use a multilingual model (e.g. --model rs-m-clip) or English class names."]

@@ -50,6 +50,7 @@ def segment(
     try:
         from backend.engine.models import load_model, resolve_device
         from backend.engine.presets import collect_class_lines
+        from backend.engine.text import language_warnings, parse_class_lines
         from backend.engine.raster import open_source, request_window
         from backend.engine.segment import (SegmentOptions, SegmentOutputs, check_outputs, default_batch_size,
                                             segment_raster)
@@ -64,6 +65,8 @@ def segment(
         loaded = load_model(model, str(weights) if weights else None, dev)
         if not lines and loaded.class_lines:
             lines = list(loaded.class_lines)
+        for warning in language_warnings(loaded, parse_class_lines(lines)):
+            typer.echo(f"Warning: {warning}", err=True)
         options = SegmentOptions(lines, bbox, bbox_crs, band_list, threshold, attention,
                                  batch_size or default_batch_size(dev), scale, gsd, min_area, simplify,
                                  value_range)

@@ -1,0 +1,196 @@
+"""Class names in the analyst's own language: models with a Hugging Face (XLM-R) text tower load like the
+others, prompts follow the class name's language, English-only models warn, and names in any script
+survive into every output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyogrio
+import pytest
+import rasterio
+import torch
+from safetensors.torch import save_file
+from tinymodels import (
+    TEN_LANGUAGE_SENTENCES,
+    make_tiny_clip,
+    make_tiny_multilingual_clip,
+    make_tiny_text_tower,
+    save_plain,
+)
+from typer.testing import CliRunner
+
+from backend.engine import languages
+from backend.engine.errors import ModelError
+from backend.engine.models import load_model
+from backend.engine.text import TextEmbedder, encode_tokens
+from backend.service.cli import app
+
+runner = CliRunner()
+# One class name per language RS-M-CLIP knows, plus Arabic and Hebrew (right-to-left scripts).
+NAMES = {"pt": "edifício", "de": "Gebäude", "es": "carretera", "fr": "forêt", "nl": "gebouw",
+         "it": "fiume", "zh": "建筑物", "ko": "건물", "ru": "здание"}
+
+
+def save_checkpoint(model, path: Path) -> Path:
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def multilingual(tmp_path_factory) -> Path:
+    """A checkpoint folder as a user would keep it: weights + the tower's files in text_tower/."""
+    root = tmp_path_factory.mktemp("rsmclip")
+    tower = make_tiny_text_tower(root / "text_tower")
+    return save_checkpoint(make_tiny_multilingual_clip(tower), root / "tiny-rs-m-clip.safetensors")
+
+
+@pytest.fixture(scope="module")
+def small_raster(tmp_path_factory, shared_data) -> Path:
+    """A 192x192 corner of the NAIP sample (same CRS, bands and nodata): keeps each run short."""
+    path = tmp_path_factory.mktemp("raster") / "naip_small.tif"
+    with rasterio.open(shared_data / "naip_2020_5m.tif") as src:
+        window = rasterio.windows.Window(100, 100, 192, 192)
+        profile = {**src.profile, "width": 192, "height": 192, "transform": src.window_transform(window)}
+        profile.pop("blockxsize", None), profile.pop("blockysize", None), profile.update(tiled=False)
+        with rasterio.open(path, "w", **profile) as dst:
+            dst.write(src.read(window=window))
+    return path
+
+
+@pytest.fixture(scope="module")
+def english_only(tmp_path_factory) -> Path:
+    return save_plain(make_tiny_clip(16), tmp_path_factory.mktemp("en") / "tiny16.pt")
+
+
+def test_a_checkpoint_with_an_xlm_r_tower_loads_offline_with_its_own_tokenizer(multilingual):
+    loaded = load_model(str(multilingual))
+    assert loaded.metadata["languages"] == list(languages.LANGUAGES)
+    assert loaded.metadata["text_tower"]["tokenizer"] == str(multilingual.parent / "text_tower")
+    tokens = loaded.tokenizer(["건물", "uma fotografia aérea de edifícios"])
+    assert tokens.shape == (2, loaded.context_length)
+    # The tower's own tokenizer: the Korean word is not the unknown token.
+    assert 3 not in tokens[0, 1:3].tolist()
+    # The image side is the same dense path as for CLIP models.
+    assert loaded.model.visual.conv1.kernel_size == (16, 16)
+
+
+def test_truncated_text_encoding_equals_the_towers_full_forward(multilingual):
+    loaded = load_model(str(multilingual))
+    prompts = [s[: 5 + 7 * i] for i, s in enumerate(TEN_LANGUAGE_SENTENCES)]
+    tokens = loaded.tokenizer(prompts)
+    with torch.inference_mode():
+        full = loaded.model.encode_text(tokens)
+        short = encode_tokens(loaded.model, tokens)
+    assert (tokens == 1).sum() > 0 and short.shape == full.shape
+    # Padding is masked out of attention and of the mean pooling: truncation changes nothing.
+    assert torch.allclose(short, full, atol=1e-5), (short - full).abs().max()
+
+
+def test_the_registry_model_finds_its_tower_in_the_weights_directory(multilingual, tmp_path, monkeypatch):
+    weights = tmp_path / "weights"
+    (weights / "xlm-roberta-base").mkdir(parents=True)
+    shutil.copy(multilingual, weights / "RS-M-CLIP.safetensors")
+    monkeypatch.setenv("FARSLIP_WEIGHTS", str(weights))
+    with pytest.raises(ModelError) as missing:
+        load_model("rs-m-clip")
+    message = str(missing.value)
+    assert "config.json" in message and "tokenizer.json" in message and "xlm-roberta-base" in message
+    assert "\n" not in message
+    for item in (multilingual.parent / "text_tower").iterdir():
+        shutil.copy(item, weights / "xlm-roberta-base" / item.name)
+    loaded = load_model("rs-m-clip")
+    assert loaded.name == "rs-m-clip" and len(loaded.metadata["languages"]) == 10
+
+
+def test_missing_tower_files_are_named_in_one_sentence_by_the_cli(multilingual, tmp_path, small_raster):
+    lonely = tmp_path / "alone.safetensors"
+    shutil.copy(multilingual, lonely)
+    result = runner.invoke(app, ["segment", str(small_raster), "-c", "edifício",
+                                 "--model", str(lonely), "--out", str(tmp_path / "x.gpkg"), "--quiet"])
+    assert result.exit_code == 3, result.output
+    assert "config.json and tokenizer.json are missing" in result.output
+    assert not (tmp_path / "x.gpkg").exists()
+
+
+@pytest.mark.parametrize(("name", "code"), [*[(n, c) for c, n in NAMES.items()],
+                                             ("building", "en"), ("bare soil", "en"), ("مبنى", None),
+                                             ("בניין", None), ("zzkq", None)])
+def test_a_class_names_language_is_detected_from_script_letters_and_words(name, code):
+    assert languages.detect_language(name) == code
+
+
+def test_each_language_has_short_templates_with_a_slot_and_english_keeps_the_methods_80():
+    assert len(languages.templates_for("en")) == 80
+    for code in languages.LANGUAGES:
+        templates = languages.templates_for(code)
+        assert templates and all(t.count("{}") == 1 for t in templates)
+        assert len(set(templates)) == len(templates)
+    assert languages.templates_for("pt") != languages.templates_for("es")
+
+
+def test_templates_follow_each_query_and_can_be_forced(multilingual, english_only):
+    loaded = load_model(str(multilingual))
+    embedder = TextEmbedder(loaded, use_disk_cache=False)
+    assert embedder.templates_for("edifício") == languages.templates_for("pt")
+    assert embedder.templates_for("건물") == languages.templates_for("ko")
+    assert embedder.templates_for("building") == languages.templates_for("en")
+    assert embedder.templates_for("مبنى") == languages.templates_for("en")  # no templates: English fallback
+    forced = TextEmbedder(loaded, use_disk_cache=False, language="de")
+    assert forced.templates_for("building") == languages.templates_for("de")
+    # English-only models read only English prompts, whatever the name's language.
+    plain = TextEmbedder(load_model(str(english_only)), use_disk_cache=False)
+    assert plain.templates_for("edifício") == languages.templates_for("en")
+    # A different template set is a different embedding (and a different cache entry).
+    assert not torch.allclose(embedder.embed_one("gebouw"), forced.embed_one("gebouw"))
+
+
+def test_an_unknown_language_is_refused_with_the_choices():
+    with pytest.raises(Exception) as error:
+        languages.check_language("klingon")
+    assert "pt (Portuguese)" in str(error.value)
+
+
+def test_english_only_model_warns_about_foreign_class_names_and_still_runs(english_only, small_raster, tmp_path):
+    out = tmp_path / "w.gpkg"
+    result = runner.invoke(app, ["segment", str(small_raster), "-c", "edifício",
+                                 "-c", "건물", "--model", str(english_only), "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("Warning:")]
+    assert len(warnings) == 1 and "multilingual" in warnings[0] and "rs-m-clip" in warnings[0]
+    report = json.loads(out.with_suffix(".report.json").read_text(encoding="utf-8"))
+    assert report["warnings"] == [warnings[0].removeprefix("Warning: ")]
+    english = runner.invoke(app, ["segment", str(small_raster), "-c", "building",
+                                  "--model", str(english_only), "--out", str(tmp_path / "e.gpkg"), "--quiet"])
+    assert english.exit_code == 0 and "Warning" not in english.output
+
+
+UNICODE_CLASSES = ["edifício, prédio", "建筑物", "건물", "здание", "مبنى", "Gebäude"]
+
+
+@pytest.mark.parametrize("suffix", [".gpkg", ".shp", ".geojson", ".fgb"])
+def test_class_names_in_any_script_survive_into_every_output(multilingual, small_raster, tmp_path, suffix):
+    out = tmp_path / f"classes{suffix}"
+    args = ["segment", str(small_raster), "--model", str(multilingual), "--out", str(out),
+            "--class-raster", str(tmp_path / "c.tif"), "--prob-raster", str(tmp_path / "p.tif"), "--quiet"]
+    for line in UNICODE_CLASSES:
+        args += ["-c", line]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    names = [line.split(",")[0] for line in UNICODE_CLASSES]
+    meta, _, _, fields = pyogrio.raw.read(out)
+    written = set(fields[list(meta["fields"]).index("class")])
+    assert written and written <= set(names)
+    if suffix == ".shp":
+        assert out.with_suffix(".cpg").read_text().strip().upper() in ("UTF-8", "UTF8")
+    report = json.loads(out.with_suffix(".report.json").read_text(encoding="utf-8"))
+    assert [c["class"] for c in report["classes"]] == names
+    with rasterio.open(tmp_path / "c.tif") as ds:
+        tags = ds.tags(1)
+        assert [tags[f"CLASS_{i}"] for i in range(len(names))] == names
+    with rasterio.open(tmp_path / "p.tif") as ds:
+        assert list(ds.descriptions) == names
+        assert np.isfinite(ds.read(1)).all()
