@@ -190,6 +190,16 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def _copy_text_tower(loaded, work: Path) -> None:
+    """A model with a Hugging Face text tower keeps that tower's files in its own text_tower/ folder,
+    so the fine-tuned model loads offline anywhere."""
+    from backend.engine.hf_text import copy_tower
+
+    tower = loaded.metadata.get("text_tower")
+    if tower:
+        copy_tower(Path(tower["config"]), Path(tower["tokenizer"]), work / "text_tower")
+
+
 def _partial_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
@@ -356,6 +366,7 @@ def _train_in(work: Path, out: Path, loaded, data: TrainingData, options: TrainO
     adapters.load_trainable_state(trainer.model, _load_tensors(checkpoint / "best.safetensors"))
     merged = adapters.merged_state_dict(trainer.model)
     _save_tensors(merged, work / WEIGHTS_FILE, metadata={"format": FORMAT})
+    _copy_text_tower(loaded, work)
     trainer.model = trainer.teacher_visual = None  # free memory before the reload below
 
     grid, split = data.grid, data.split
@@ -369,6 +380,8 @@ def _train_in(work: Path, out: Path, loaded, data: TrainingData, options: TrainO
         "base_weights_sha256": loaded.weights_id,
         "arch": (getattr(loaded, "metadata", {}) or {}).get("spec", {}).get("arch"),
         "context_length": loaded.context_length,
+        "text_tower": (loaded.metadata.get("text_tower") or {}).get("name"),
+        "languages": loaded.metadata.get("languages") or ["en"],
         "description": f"Fine-tuned from {loaded.name} on {raster.name} ({len(grid.class_lines)} classes, "
                        f"{options.method})",
         "class_lines": grid.class_lines,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,9 +206,10 @@ def encode_hf_tokens(model: Any, tokens: torch.Tensor) -> torch.Tensor:
     return model.text(tokens[:, :length])
 
 
-def tower_files(tower: TextTower) -> list[Path]:
-    """The files that make up a tower (copied into a fine-tuned model's text_tower/ folder)."""
-    files = [tower.config_folder / CONFIG_FILE]
-    files += [tower.tokenizer_folder / n for n in (TOKENIZER_FILE, *TOWER_OPTIONAL)
-              if (tower.tokenizer_folder / n).is_file()]
-    return files
+def copy_tower(config_folder: Path, tokenizer_folder: Path, target: Path) -> None:
+    """Copy a tower's config and tokenizer files into `target` (a fine-tuned model's text_tower/)."""
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(config_folder / CONFIG_FILE, target / CONFIG_FILE)
+    for name in (TOKENIZER_FILE, *TOWER_OPTIONAL):
+        if (tokenizer_folder / name).is_file():
+            shutil.copy2(tokenizer_folder / name, target / name)

@@ -194,3 +194,29 @@ def test_class_names_in_any_script_survive_into_every_output(multilingual, small
     with rasterio.open(tmp_path / "p.tif") as ds:
         assert list(ds.descriptions) == names
         assert np.isfinite(ds.read(1)).all()
+
+
+def test_a_multilingual_model_fine_tunes_and_its_folder_carries_the_tower(multilingual, tmp_path):
+    from training_data import fast_options, make_synthetic
+
+    from training.api import train_model
+
+    (tmp_path / "scene").mkdir()
+    raster, labels, _ = make_synthetic(tmp_path / "scene", size=192)
+    out = tmp_path / "tuned"
+    train_model(raster, labels, "cls", out, base_model=str(multilingual), epochs=1, lr=1e-3,
+                options=fast_options())
+    meta = json.loads((out / "farslip_model.json").read_text(encoding="utf-8"))
+    assert meta["languages"] == list(languages.LANGUAGES) and meta["text_tower"]
+    assert {"config.json", "tokenizer.json"} <= {p.name for p in (out / "text_tower").iterdir()}
+    # The original tower folder is gone: the fine-tuned model loads from its own copy.
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(multilingual.parent, moved)
+    shutil.rmtree(multilingual.parent / "text_tower")
+    try:
+        reloaded = load_model(str(out))
+    finally:
+        shutil.copytree(moved / "text_tower", multilingual.parent / "text_tower")
+    assert reloaded.metadata["text_tower"]["tokenizer"] == str(out / "text_tower")
+    assert reloaded.class_lines == ["forest", "sand", "water"]
+    assert TextEmbedder(reloaded, use_disk_cache=False).templates_for("floresta") == languages.templates_for("pt")
