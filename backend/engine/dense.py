@@ -72,14 +72,8 @@ def _last_block(block: torch.nn.Module, x: torch.Tensor, attention: str) -> torc
     return attn.out_proj(out)
 
 
-def dense_patch_features(visual: torch.nn.Module, pixels: torch.Tensor,
-                         attention: str = "segearth") -> torch.Tensor:
-    """(B, 3, H, W) normalised pixels -> (B, H/p, W/p, D) L2-normalised patch embeddings.
-
-    H and W must be multiples of the patch size.
-    """
-    if attention not in ATTENTION_VARIANTS:
-        raise ValueError(f"unknown attention variant {attention!r}; choose one of {ATTENTION_VARIANTS}")
+def _trunk(visual: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """Tokens after blocks 1..L-1 (the part the CLS path and the dense path share), and the patch grid."""
     patch = visual.conv1.kernel_size[0]
     grid_h, grid_w = pixels.shape[-2] // patch, pixels.shape[-1] // patch
     assert grid_h * patch == pixels.shape[-2] and grid_w * patch == pixels.shape[-1]
@@ -89,13 +83,39 @@ def dense_patch_features(visual: torch.nn.Module, pixels: torch.Tensor,
     cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
     x = torch.cat([cls, x], dim=1) + _positional_embedding(visual, grid_h, grid_w).to(x.dtype)
     x = visual.ln_pre(x)
-
-    blocks = visual.transformer.resblocks
-    for block in blocks[:-1]:
+    for block in visual.transformer.resblocks[:-1]:
         x = block(x)
-    x = _last_block(blocks[-1], x, attention)
+    return x, grid_h, grid_w
 
+
+def _dense_head(visual: torch.nn.Module, x: torch.Tensor, grid_h: int, grid_w: int,
+                attention: str) -> torch.Tensor:
+    if attention not in ATTENTION_VARIANTS:
+        raise ValueError(f"unknown attention variant {attention!r}; choose one of {ATTENTION_VARIANTS}")
+    x = _last_block(visual.transformer.resblocks[-1], x, attention)
     x = visual.ln_post(x)[:, 1:]
-    x = x @ visual.proj
-    x = F.normalize(x, dim=-1)
+    x = F.normalize(x @ visual.proj, dim=-1)
     return x.reshape(x.shape[0], grid_h, grid_w, -1)
+
+
+def dense_patch_features(visual: torch.nn.Module, pixels: torch.Tensor,
+                         attention: str = "segearth") -> torch.Tensor:
+    """(B, 3, H, W) normalised pixels -> (B, H/p, W/p, D) L2-normalised patch embeddings.
+
+    H and W must be multiples of the patch size.
+    """
+    if attention not in ATTENTION_VARIANTS:
+        raise ValueError(f"unknown attention variant {attention!r}; choose one of {ATTENTION_VARIANTS}")
+    x, grid_h, grid_w = _trunk(visual, pixels)
+    return _dense_head(visual, x, grid_h, grid_w, attention)
+
+
+def image_and_patch_features(visual: torch.nn.Module, pixels: torch.Tensor,
+                             attention: str = "segearth") -> tuple[torch.Tensor, torch.Tensor]:
+    """The image embedding (as CLIP's encode_image, L2-normalised, (B, D)) and the dense patch
+    embeddings ((B, H/p, W/p, D)) of the same crops, sharing blocks 1..L-1: one extra block, not a
+    second pass."""
+    x, grid_h, grid_w = _trunk(visual, pixels)
+    image = visual.transformer.resblocks[-1](x)
+    image = F.normalize(visual.ln_post(image)[:, 0] @ visual.proj, dim=-1)
+    return image, _dense_head(visual, x, grid_h, grid_w, attention)

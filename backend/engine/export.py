@@ -176,3 +176,23 @@ def class_colormap(n: int, unclassified_value: int | None = None) -> dict[int, t
     if unclassified_value is not None:
         colormap[unclassified_value] = (128, 128, 128, 255)
     return colormap
+
+
+def write_rectangles(path: str | Path, bounds: np.ndarray, fields: Mapping[str, np.ndarray], crs) -> Path:
+    """Axis-aligned rectangles (N, 4: xmin, ymin, xmax, ymax) with attribute columns, written atomically
+    in the format of the path's extension (search hits, classified tiles)."""
+    path = Path(path)
+    driver = driver_for(path)
+    bounds = np.asarray(bounds, dtype=np.float64).reshape(-1, 4)
+    geometries = shapely.box(bounds[:, 0], bounds[:, 1], bounds[:, 2], bounds[:, 3])
+    options = {"encoding": "UTF-8"} if driver == "ESRI Shapefile" else {}
+    if driver == "GPKG":
+        options["dataset_options"] = {"VERSION": "1.2"}  # QGIS 3.22's GDAL reads 1.4 with a warning
+    with atomic_output(path) as temp_path:
+        pyogrio.raw.write(
+            temp_path,
+            geometry=shapely.to_wkb(geometries) if len(geometries) else np.array([], dtype=object),
+            field_data=list(fields.values()), fields=list(fields), layer=path.stem, driver=driver,
+            geometry_type="Polygon", crs=crs.to_wkt() if hasattr(crs, "to_wkt") else crs, **options,
+        )
+    return path

@@ -111,6 +111,9 @@ def bench(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
     server: bool = typer.Option(False, "--server", help="Instead: HTTP latencies and server vs CLI overhead."),
     train: bool = typer.Option(False, "--train", help="Instead: training throughput vs forward+backward."),
+    search: bool = typer.Option(False, "--search", help="Instead: search index build, size, memory and "
+                                                        "query latency."),
+    search_sides: str = typer.Option("3000,10000", help="Raster sides for the --search index runs."),
 ) -> None:
     """Measure encoder, pipeline, reference loop, text encoding and peak memory; print a table."""
     import json
@@ -123,6 +126,11 @@ def bench(
         fail(error)
     if server:
         results = _bench_server(str(dev))
+    elif search:
+        from .search_bench import run_search_bench
+
+        sides = tuple(int(s) for s in search_sides.split(",") if s.strip())
+        results = run_search_bench(arch, sides, str(dev), echo=typer.echo)
     elif train:
         from backend.service.training_bench import measure_training
 
@@ -190,6 +198,20 @@ from backend.service.training_cli import evaluate_command, train_command  # noqa
 
 app.command("evaluate")(evaluate_command)
 app.command("train")(train_command)
+
+# index, search, classify, evaluate-retrieval: find places by sentence (backend/service/search_cli.py)
+
+from backend.service.search_cli import (  # noqa: E402 - typer-only module, heavy imports are lazy
+    classify_command,
+    evaluate_retrieval_command,
+    index_command,
+    search_command,
+)
+
+app.command("index")(index_command)
+app.command("search")(search_command)
+app.command("classify")(classify_command)
+app.command("evaluate-retrieval")(evaluate_retrieval_command)
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 JobState = Literal["queued", "running", "done", "failed", "cancelled", "interrupted"]
-JobKind = Literal["segment", "train"]
+JobKind = Literal["segment", "train", "index", "search"]
 Attention = Literal["segearth", "clearclip", "sclip", "maskclip", "vanilla"]
 
 # Paths, names and class lines are short; these bounds keep a hostile body from
@@ -103,6 +103,34 @@ class TrainRequest(BaseModel):
     overwrite: bool = False
 
 
+class IndexRequest(Strict):
+    """The options of `farslip index`, as JSON."""
+
+    raster: str = PathText
+    bbox: list[float] | None = Field(default=None, min_length=4, max_length=4,
+                                     description="xmin, ymin, xmax, ymax in bbox_crs (default: the whole raster)")
+    bbox_crs: str | None = Field(default=None, max_length=10000)
+    model: str | None = Field(default=None, max_length=4096)
+    weights: str | None = Field(default=None, max_length=4096)
+    bands: list[int] | None = Field(default=None, min_length=1, max_length=3)
+    batch_size: int | None = Field(default=None, ge=1, le=1024)
+
+
+class SearchRequest(IndexRequest):
+    """The options of `farslip search`, as JSON: sentences, or a `like` point, or both."""
+
+    sentences: list[Annotated[str, Field(max_length=2000)]] = Field(default_factory=list, max_length=32)
+    keywords: list[Annotated[str, Field(max_length=2000)]] | None = Field(
+        default=None, max_length=32, description="one 'a; b' string per sentence (default: split automatically)")
+    use_keywords: bool = True
+    top: int = Field(default=20, ge=1, le=10000)
+    like: list[float] | None = Field(default=None, min_length=2, max_length=2, description="x, y in like_crs")
+    like_crs: str | None = Field(default=None, max_length=10000)
+    max_overlap: float = Field(default=0.5, gt=0, le=1)
+    out: str = PathText
+    overwrite: bool = False
+
+
 class JobCreated(BaseModel):
     job_id: str
     state: JobState
@@ -124,6 +152,9 @@ class JobResult(BaseModel):
     run_id: str | None = None
     tiles: int | None = None
     timings: dict[str, Any] | None = None
+    hits: list[dict[str, Any]] | None = None  # search jobs: rank, score, scale_m, query, bbox (raster CRS)
+    index: dict[str, Any] | None = None
+    notices: list[str] | None = None
 
 
 class Job(BaseModel):

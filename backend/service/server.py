@@ -41,7 +41,9 @@ from backend.service.schemas import (
     JobCreated,
     JobList,
     ModelList,
+    IndexRequest,
     PresetList,
+    SearchRequest,
     SegmentRequest,
     TrainRequest,
 )
@@ -103,6 +105,17 @@ def check_segment_request(request: SegmentRequest) -> list[str]:
     if request.model is not None and _looks_like_path(request.model):
         _absolute(request.model, "model")
     return check_segment_call(segment_call(request.model_dump()))
+
+
+def checked_paths(body, outputs: tuple[str, ...]) -> dict:
+    """The request as a dict, after the path rules every job shares (absolute raster, outputs, weights)."""
+    request = body.model_dump()
+    for name in ("raster", *outputs, "weights"):
+        if request.get(name) is not None:
+            _absolute(request[name], name)
+    if request.get("model") is not None and _looks_like_path(request["model"]):
+        _absolute(request["model"], "model")
+    return request
 
 
 # --------------------------------------------------------------------------- security + limits
@@ -283,6 +296,22 @@ def create_app(token: str, state_dir: Path, device: str | None = None,
         job = manager_of(request).submit("train", body.model_dump(), outputs)
         return JobCreated(job_id=job["id"], state=job["state"])
 
+    @v1.post("/index", response_model=JobCreated, status_code=202)
+    def submit_index(body: IndexRequest, request: Request):
+        from backend.service.search_jobs import check_index_request
+
+        outputs = check_index_request(checked_paths(body, ()))
+        job = manager_of(request).submit("index", body.model_dump(), outputs)
+        return JobCreated(job_id=job["id"], state=job["state"])
+
+    @v1.post("/search", response_model=JobCreated, status_code=202)
+    def submit_search(body: SearchRequest, request: Request):
+        from backend.service.search_jobs import check_search_request
+
+        outputs = check_search_request(checked_paths(body, ("out",)))
+        job = manager_of(request).submit("search", body.model_dump(), outputs)
+        return JobCreated(job_id=job["id"], state=job["state"])
+
     @v1.get("/jobs", response_model=JobList)
     def jobs(request: Request, limit: int = Query(200, ge=1, le=10000)):
         return {"jobs": manager_of(request).list(limit)}
@@ -303,8 +332,9 @@ def create_app(token: str, state_dir: Path, device: str | None = None,
 
 def default_runners() -> dict:
     from backend.service.jobs import run_segment, run_train
+    from backend.service.search_jobs import run_index, run_search
 
-    return {"segment": run_segment, "train": run_train}
+    return {"segment": run_segment, "train": run_train, "index": run_index, "search": run_search}
 
 
 def check_train_request(request: TrainRequest) -> list[str]:

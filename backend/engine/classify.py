@@ -1,0 +1,141 @@
+"""`classify`: zero-shot scene classification of a raster's tiles (the image-level counterpart of segment).
+
+Tiles of `tile` native pixels on a grid anchored at the raster's top-left corner (edge tiles are
+cut by the raster), each resized to the model's input and embedded by CLIP's image path. A tile's
+class probabilities are the softmax over all class queries (80 prompt templates each) of the cosine
+times the model's own learned logit scale, then the maximum over each class's synonyms
+(FARSLIP_METHOD.md section 2). Tiles with no valid pixel are left out.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import torch
+
+from backend import __version__
+from .errors import CancelledError, EmptyResultError, InputError
+from .export import report_path_for, write_rectangles, write_report
+from .raster import PixelWindow, open_source, request_window
+from .search import check_hits_output
+from .search_index import GDAL_CACHE_BYTES, embed_windows
+from .text import TextEmbedder, parse_class_lines, query_index
+
+TILE_FIELDS = ("class", "class_id", "prob", "model", "run_id")
+MAX_LOGIT_SCALE = 100.0
+
+
+@dataclass
+class ClassifyOptions:
+    class_lines: list[str]
+    tile: int = 224
+    bbox: tuple[float, float, float, float] | None = None
+    bbox_crs: str | None = None
+    bands: list[int] | None = None
+    value_range: tuple[float, float] | None = None
+    batch_size: int = 8
+
+
+@dataclass
+class ClassifyResult:
+    run_id: str
+    outputs: dict[str, str]
+    classes: list[dict]
+    tiles: int
+    report: dict = field(repr=False)
+
+
+def validate_classify_options(options: ClassifyOptions) -> None:
+    parse_class_lines(options.class_lines)
+    if not 16 <= options.tile <= 8192:
+        raise InputError(f"--tile must be between 16 and 8192 pixels; got {options.tile}.")
+
+
+def tile_starts(start: int, stop: int, tile: int) -> list[int]:
+    """Starts of the raster-anchored tiles (multiples of `tile`) that overlap [start, stop)."""
+    return list(range((start // tile) * tile, stop, tile))
+
+
+def logit_scale(loaded) -> float:
+    scale = getattr(loaded.model, "logit_scale", None)
+    return float(min(scale.exp().item(), MAX_LOGIT_SCALE)) if scale is not None else MAX_LOGIT_SCALE
+
+
+def classify_raster(raster: Path, options: ClassifyOptions, out: Path, loaded, overwrite: bool = False,
+                    progress: Callable[[int, int], None] | None = None,
+                    should_cancel: Callable[[], bool] | None = None) -> ClassifyResult:
+    started = time.perf_counter()
+    validate_classify_options(options)
+    check_hits_output(out, overwrite)
+    classes = parse_class_lines(options.class_lines)
+    queries, owner = query_index(classes)
+    owner = np.asarray(owner)
+    text = TextEmbedder(loaded).embed(queries).numpy()
+    scale = logit_scale(loaded)
+    boxes, class_ids, probs = [], [], []
+    with open_source(raster, options.bands, None, None, options.value_range) as source, \
+            rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
+        window = request_window(source, options.bbox, options.bbox_crs)
+        rows = tile_starts(window.row_off, window.row_off + window.height, options.tile)
+        cols = tile_starts(window.col_off, window.col_off + window.width, options.tile)
+        total, done = len(rows) * len(cols), 0
+        if progress is not None:
+            progress(0, total)
+        for row in rows:
+            pending: list[tuple[PixelWindow, np.ndarray]] = []
+            for col in cols:
+                tile = PixelWindow(row, col, min(options.tile, source.height - row),
+                                   min(options.tile, source.width - col))
+                rgb, valid = source.read(tile)
+                if valid.any():
+                    pending.append((tile, rgb))
+            for start in range(0, len(pending), options.batch_size):
+                if should_cancel is not None and should_cancel():
+                    raise CancelledError("The classification was cancelled; nothing was written.")
+                batch = pending[start:start + options.batch_size]
+                # Edge tiles have their own shapes: embed them one by one, full tiles together.
+                groups: dict[tuple[int, int], list[int]] = {}
+                for i, (_, rgb) in enumerate(batch):
+                    groups.setdefault(rgb.shape[1:], []).append(i)
+                for members in groups.values():
+                    image = embed_windows(loaded, np.stack([batch[i][1] for i in members]))[:, 0]
+                    p = torch.softmax(torch.from_numpy(image @ text.T * scale), dim=1).numpy()
+                    per_class = np.stack([p[:, owner == c].max(axis=1) for c in range(len(classes))], axis=1)
+                    for i, row_probs in zip(members, per_class):
+                        boxes.append(source.window_bounds(batch[i][0]))
+                        class_ids.append(int(row_probs.argmax()))
+                        probs.append(float(row_probs.max()))
+            done += len(cols)
+            if progress is not None:
+                progress(done, total)
+        crs = source.crs
+    if not boxes:
+        raise EmptyResultError(f"The requested area of {raster} holds only nodata or masked pixels: there is "
+                               "nothing to classify. Choose another extent.")
+    run_id = uuid.uuid4().hex[:12]
+    names = [c.name for c in classes]
+    _write_tiles(out, np.asarray(boxes), class_ids, probs, names, crs, loaded.name, run_id)
+    counts = np.bincount(class_ids, minlength=len(classes))
+    stats = [{"class": name, "class_id": i, "tiles": int(counts[i])} for i, name in enumerate(names)]
+    outputs = {"vector": str(out), "report": str(report_path_for(out))}
+    report = {"farslip_version": __version__, "run_id": run_id, "raster": str(Path(raster).resolve()),
+              "model": loaded.name, "weights_sha256": loaded.weights_id, "crs": crs.to_string(),
+              "tile": options.tile, "logit_scale": scale, "tiles": len(boxes), "class_stats": stats,
+              "outputs": outputs, "total_s": round(time.perf_counter() - started, 3)}
+    write_report(outputs["report"], report)
+    return ClassifyResult(run_id, outputs, stats, len(boxes), report)
+
+
+def _write_tiles(path: Path, boxes: np.ndarray, class_ids: list[int], probs: list[float], names: list[str], crs,
+                 model: str, run_id: str) -> None:
+    count = len(class_ids)
+    columns = (np.array([names[i] for i in class_ids], dtype=object), np.asarray(class_ids, np.int32),
+               np.asarray(probs, np.float64), np.array([model] * count, dtype=object),
+               np.array([run_id] * count, dtype=object))
+    write_rectangles(path, boxes, dict(zip(TILE_FIELDS, columns)), crs)

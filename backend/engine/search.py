@@ -1,0 +1,364 @@
+"""`search`: rank the windows of a raster's search index by a sentence, or by an example place.
+
+Scoring (MPS-CLIP's keyword guidance, training-free): a window's score for a sentence is
+    0.5 * cos(image embedding, sentence) + 0.5 * mean over keywords of
+          max over the window's perspectives of cos(perspective, keyword)
+where the perspectives are the image embedding and its five sub-perspectives (search_index). With
+no keywords the score is the global cosine alone. The sentence is encoded as written (as retrieval
+benchmarks do); keywords, which are short noun phrases, with a few remote-sensing prompts.
+
+Keyword rule (`split_keywords`): the sentence is cut at commas, semicolons, full stops and the
+joining words "and", "with", "next to", "near", "beside", "besides", "by", "along", "around",
+"surrounded by", "between", "in", "on", "at", "of"; leading and trailing filler words (articles,
+quantities, "there is/are", "located", ...) are dropped from each part ("a lot of", "lots of", "a
+number of", "a group of", "a row of" first); empty and repeated parts are dropped.
+"a baseball field next to a parking lot" -> "baseball field", "parking lot".
+
+Hits: the best windows over all levels, with overlapping ones suppressed across scales (a window
+is dropped when its intersection with a better hit covers more than `max_overlap` of the smaller
+of the two), ranked 1..top per query.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pyproj import Transformer
+
+from backend import __version__
+from .errors import InputError
+from .export import driver_for, report_path_for, write_rectangles, write_report
+from .raster import parse_crs
+from .search_index import SearchIndex, check_bbox, check_point, describe, point_window
+from .text import TextEmbedder
+
+KEYWORD_TEMPLATES = ("{}", "a satellite image of {}.", "an aerial photo of {}.", "a remote sensing image of {}.")
+SENTENCE_TEMPLATES = ("{}",)
+GLOBAL_WEIGHT = 0.5
+DEFAULT_TOP = 20
+DEFAULT_MAX_OVERLAP = 0.5
+MAX_QUERIES = 32
+HIT_FIELDS = ("rank", "score", "scale_m", "query", "model", "run_id")
+
+_JOINERS = ("surrounded by", "next to", "and", "with", "near", "besides", "beside", "by", "along", "around",
+            "between", "in", "on", "at", "of")
+_SPLIT = re.compile(r"[,;.]|\b(?:" + "|".join(j.replace(" ", r"\s+") for j in _JOINERS) + r")\b")
+_QUANTITY = re.compile(r"\b(?:a\s+lot|lots|a\s+number|a\s+couple|a\s+group|a\s+row|rows)\s+of\b")
+_FILLER = {"a", "an", "the", "some", "many", "several", "few", "there", "is", "are", "was",
+           "were", "be", "been", "being", "located", "lies", "lie", "lying", "stands", "stand", "standing",
+           "sits", "sit", "which", "that", "it", "its", "this", "these", "those", "very", "one", "two",
+           "three", "four", "five", "six", "seven", "eight", "nine", "ten", "other", "each", "both",
+           "also", "here", "can", "seen", "see", "we", "parked", "built", "covered", "planted", "scattered"}
+
+
+def split_keywords(sentence: str) -> list[str]:
+    """Keyword phrases of a sentence by the documented rule (module docstring)."""
+    keywords: list[str] = []
+    for part in _SPLIT.split(_QUANTITY.sub(" ", sentence.lower())):
+        words = [w for w in re.findall(r"[\w'-]+", part or "")]
+        while words and (words[0] in _FILLER or words[0].isdigit()):
+            words.pop(0)
+        while words and (words[-1] in _FILLER or words[-1].isdigit()):
+            words.pop()
+        phrase = " ".join(words)
+        if phrase and phrase not in keywords:
+            keywords.append(phrase)
+    return keywords
+
+
+def parse_keyword_text(text: str) -> list[str]:
+    """--keywords "baseball field; parking lot": phrases separated by semicolons."""
+    return [k.strip() for k in text.split(";") if k.strip()]
+
+
+@dataclass
+class Query:
+    text: str
+    keywords: list[str] = field(default_factory=list)
+
+
+def fit_to_context(text: str, loaded, what: str = "sentence") -> tuple[str, str | None]:
+    """The text as the model will read it, and a notice when it had to be shortened."""
+    limit = loaded.context_length - 2  # start and end tokens
+    tokens = loaded.tokenizer.encode(text) if hasattr(loaded.tokenizer, "encode") else None
+    if tokens is None or len(tokens) <= limit:
+        return text, None
+    kept = loaded.tokenizer.decode(tokens[:limit]).strip()
+    notice = (f"The {what} {text[:40]!r}... is {len(tokens)} tokens long, but model {loaded.name} reads at most "
+              f"{limit}; only its beginning was used: {kept!r}.")
+    return kept, notice
+
+
+def make_queries(sentences: list[str], keyword_texts: list[str] | None, use_keywords: bool = True
+                 ) -> list[Query]:
+    """Check sentences and pair each with its keywords (given, or split by the rule)."""
+    sentences = [s.strip() for s in sentences]
+    if not sentences or any(not s for s in sentences):
+        raise InputError("The search sentence is empty: type what to look for, e.g. "
+                         "\"a baseball field next to a parking lot\".")
+    if len(sentences) > MAX_QUERIES:
+        raise InputError(f"{len(sentences)} sentences were given; search at most {MAX_QUERIES} at once.")
+    keyword_texts = [k for k in (keyword_texts or [])]
+    if keyword_texts and len(keyword_texts) != len(sentences):
+        raise InputError(f"--keywords was given {len(keyword_texts)} time(s) for {len(sentences)} sentence(s): give "
+                         "it once per sentence, in the same order, or leave it out to split the sentences "
+                         "into keywords automatically.")
+    queries = []
+    for i, sentence in enumerate(sentences):
+        if not use_keywords:
+            keywords = []
+        elif keyword_texts:
+            keywords = parse_keyword_text(keyword_texts[i])
+            if not keywords:
+                raise InputError(f"--keywords {keyword_texts[i]!r} holds no keyword; separate phrases with ';', "
+                                 "e.g. \"baseball field; parking lot\".")
+        else:
+            keywords = split_keywords(sentence)
+        queries.append(Query(sentence, keywords))
+    return queries
+
+
+@dataclass
+class Hits:
+    """Ranked hits of one search, all queries together."""
+
+    bounds: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+    score: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    scale_m: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    rank: np.ndarray = field(default_factory=lambda: np.zeros(0, int))
+    query: list[str] = field(default_factory=list)
+
+    def extend(self, bounds, score, scale_m, query: str) -> None:
+        self.bounds = np.concatenate([self.bounds, bounds])
+        self.score = np.concatenate([self.score, score])
+        self.scale_m = np.concatenate([self.scale_m, scale_m])
+        self.rank = np.concatenate([self.rank, np.arange(1, len(score) + 1)])
+        self.query += [query] * len(score)
+
+    def records(self) -> list[dict]:
+        return [{"rank": int(r), "score": round(float(s), 6), "scale_m": round(float(m), 3), "query": q,
+                 "bbox": [round(float(v), 6) for v in b]}
+                for r, s, m, q, b in zip(self.rank, self.score, self.scale_m, self.query, self.bounds)]
+
+
+def suppress_overlaps(bounds: np.ndarray, scores: np.ndarray, top: int,
+                      max_overlap: float = DEFAULT_MAX_OVERLAP) -> np.ndarray:
+    """Indices of the best windows, best first, none covering more than max_overlap of a better one
+    (intersection over the smaller of the two areas, so a big window and a small one inside it clash)."""
+    order = np.argsort(-scores, kind="stable")
+    areas = (bounds[:, 2] - bounds[:, 0]) * (bounds[:, 3] - bounds[:, 1])
+    kept: list[int] = []
+    for i in order:
+        if kept:
+            k = np.asarray(kept)
+            width = np.minimum(bounds[k, 2], bounds[i, 2]) - np.maximum(bounds[k, 0], bounds[i, 0])
+            height = np.minimum(bounds[k, 3], bounds[i, 3]) - np.maximum(bounds[k, 1], bounds[i, 1])
+            inter = np.clip(width, 0, None) * np.clip(height, 0, None)
+            if (inter / np.minimum(areas[k], areas[i]) > max_overlap).any():
+                continue
+        kept.append(int(i))
+        if len(kept) >= top:
+            break
+    return np.asarray(kept, dtype=np.intp)
+
+
+def sentence_scores(embeddings: np.ndarray, sentence: np.ndarray, keywords: np.ndarray | None) -> np.ndarray:
+    """Scores of windows (N, P, D) for a sentence (D,) and its keywords (K, D) by the documented rule."""
+    global_score = embeddings[:, 0] @ sentence
+    if keywords is None or len(keywords) == 0:
+        return global_score
+    per_keyword = np.einsum("npd,kd->nkp", embeddings, keywords).max(axis=2)  # best perspective per keyword
+    return GLOBAL_WEIGHT * global_score + (1 - GLOBAL_WEIGHT) * per_keyword.mean(axis=1)
+
+
+@dataclass
+class SearchOptions:
+    sentences: list[str] = field(default_factory=list)
+    keywords: list[str] | None = None
+    use_keywords: bool = True
+    top: int = DEFAULT_TOP
+    bbox: tuple[float, float, float, float] | None = None
+    bbox_crs: str | None = None
+    like: tuple[float, float] | None = None
+    like_crs: str | None = None
+    max_overlap: float = DEFAULT_MAX_OVERLAP
+
+
+def validate_search_options(options: SearchOptions) -> list[Query]:
+    if not 1 <= options.top <= 10000:
+        raise InputError(f"--top must be between 1 and 10000; got {options.top}.")
+    if not 0 < options.max_overlap <= 1:
+        raise InputError(f"--max-overlap must be in (0, 1]; got {options.max_overlap}.")
+    if options.like is None:
+        return make_queries(options.sentences, options.keywords, options.use_keywords)
+    if options.sentences:
+        return make_queries(options.sentences, options.keywords, options.use_keywords)
+    return []
+
+
+@dataclass
+class SearchResult:
+    run_id: str
+    hits: Hits
+    outputs: dict[str, str]
+    notices: list[str]
+    report: dict
+
+
+def _in_bbox(entries, window_bbox) -> np.ndarray:
+    """Windows whose centre lies in the bbox (raster CRS)."""
+    if window_bbox is None:
+        return np.ones(len(entries.level), bool)
+    cx = (entries.bounds[:, 0] + entries.bounds[:, 2]) / 2
+    cy = (entries.bounds[:, 1] + entries.bounds[:, 3]) / 2
+    xmin, ymin, xmax, ymax = window_bbox
+    return (cx >= xmin) & (cx <= xmax) & (cy >= ymin) & (cy <= ymax)
+
+
+def _bbox_in_raster_crs(index: SearchIndex, bbox, bbox_crs):
+    if bbox is None:
+        return None
+    crs = parse_crs(bbox_crs, index.crs)
+    if crs == index.crs:
+        return tuple(bbox)
+    from rasterio.warp import transform_bounds
+
+    return transform_bounds(crs, index.crs, *bbox, densify_pts=21)
+
+
+def like_point(index: SearchIndex, like: tuple[float, float], like_crs: str | None) -> tuple[float, float]:
+    """The example point in the raster's CRS, checked to lie on the raster."""
+    x, y = (float(v) for v in like)
+    crs = parse_crs(like_crs, index.crs)
+    if crs != index.crs:
+        x, y = Transformer.from_crs(crs, index.crs, always_xy=True).transform(x, y)
+        if not (np.isfinite(x) and np.isfinite(y)):
+            raise InputError(f"The point {like} could not be transformed from {crs} to the raster's CRS {index.crs}.")
+    check_point(index, x, y)
+    return x, y
+
+
+def search_index(index: SearchIndex, options: SearchOptions, progress=None, should_cancel=None
+                 ) -> tuple[Hits, list[str], dict]:
+    """Complete the index over the searched extent, then rank its windows; (hits, notices, facts)."""
+    queries = validate_search_options(options)
+    check_bbox(index, options.bbox, options.bbox_crs)
+    notices = [index.rebuilt_reason] if index.rebuilt_reason else []
+    point = like_point(index, options.like, options.like_crs) if options.like is not None else None
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    stats = index.ensure(options.bbox, options.bbox_crs, progress, should_cancel)
+    if point is not None:  # the example window may lie outside the searched extent
+        example_bbox = (point[0], point[1], point[0], point[1])
+        for level in index.levels:
+            found = point_window(index, level, *point)
+            if found is not None:
+                example_bbox = tuple(np.minimum(example_bbox[:2], level.bounds(*found)[:2]).tolist()
+                                     + np.maximum(example_bbox[2:], level.bounds(*found)[2:]).tolist())
+        more = index.ensure(example_bbox, None, None, should_cancel)
+        stats.computed += more.computed
+    timings["index_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    entries = index.entries(options.bbox, options.bbox_crs)
+    timings["load_s"] = time.perf_counter() - t0
+    inside = _in_bbox(entries, _bbox_in_raster_crs(index, options.bbox, options.bbox_crs))
+    t0 = time.perf_counter()
+    hits = Hits()
+    sentence_embedder = TextEmbedder(index.loaded, templates=SENTENCE_TEMPLATES)
+    keyword_embedder = TextEmbedder(index.loaded, templates=KEYWORD_TEMPLATES)
+    for query in queries:
+        text, notice = fit_to_context(query.text, index.loaded)
+        if notice:
+            notices.append(notice)
+        sentence = sentence_embedder.embed_one(text).numpy()
+        keywords = (keyword_embedder.embed([fit_to_context(k, index.loaded, "keyword")[0] for k in query.keywords])
+                    .numpy() if query.keywords else None)
+        scores = np.where(inside, sentence_scores(entries.embeddings, sentence, keywords), -np.inf)
+        _add_hits(hits, entries, scores, options, query.text)
+    if point is not None:
+        _add_like_hits(hits, index, entries, inside, point, options)
+    timings["rank_s"] = time.perf_counter() - t0
+    facts = {"index": describe(index, stats), "queries": [{"query": q.text, "keywords": q.keywords} for q in queries],
+             "timings": {k: round(v, 4) for k, v in timings.items()}, "windows_searched": int(inside.sum())}
+    return hits, notices, facts
+
+
+def _add_hits(hits: Hits, entries, scores: np.ndarray, options: SearchOptions, label: str) -> None:
+    finite = np.isfinite(scores)
+    candidates = np.flatnonzero(finite)
+    kept = candidates[suppress_overlaps(entries.bounds[candidates], scores[candidates], options.top,
+                                        options.max_overlap)]
+    hits.extend(entries.bounds[kept], scores[kept], entries.scale_m[kept], label)
+
+
+def _add_like_hits(hits: Hits, index: SearchIndex, entries, inside: np.ndarray, point, options) -> None:
+    """Query by example: per level, the window under the point is the query for that level's windows."""
+    x, y = point
+    scores = np.full(len(entries.level), -np.inf)
+    for level in index.levels:
+        found = point_window(index, level, x, y)
+        if found is None:
+            continue
+        example = index.entries(level.bounds(*found), None, factors=(level.factor,))
+        match = np.flatnonzero(np.all(np.isclose(example.bounds, level.bounds(*found)), axis=1))
+        if match.size == 0:
+            continue  # the example window is all nodata
+        query = example.embeddings[match[0], 0]
+        same = entries.level == level.factor
+        scores[same] = entries.embeddings[same, 0] @ query
+    # The example place itself is not a hit: drop every window that contains the point.
+    contains = ((entries.bounds[:, 0] <= x) & (entries.bounds[:, 2] >= x)
+                & (entries.bounds[:, 1] <= y) & (entries.bounds[:, 3] >= y))
+    scores[contains | ~inside] = -np.inf
+    label = f"like {x:.2f} {y:.2f}"
+    if options.like_crs:
+        label = f"like {options.like[0]:.6g} {options.like[1]:.6g} ({options.like_crs})"
+    _add_hits(hits, entries, scores, options, label)
+
+
+def write_hits(path: str | Path, hits: Hits, crs, model: str, run_id: str) -> Path:
+    """The hits as a polygon layer (rectangles) with rank, score, scale_m, query, model, run_id."""
+    count = len(hits.query)
+    fields = dict(zip(HIT_FIELDS, (hits.rank.astype(np.int32), hits.score.astype(np.float64),
+                                   hits.scale_m.astype(np.float64), np.array(hits.query, dtype=object),
+                                   np.array([model] * count, dtype=object), np.array([run_id] * count, dtype=object))))
+    return write_rectangles(path, hits.bounds, fields, crs)
+
+
+def check_hits_output(out: Path, overwrite: bool) -> None:
+    import os
+
+    driver_for(out)
+    folder = Path(out).parent
+    if not folder.is_dir():
+        raise InputError(f"The output folder {folder} does not exist; create it or choose another.")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"The output folder {folder} is not writable; choose another.")
+    if Path(out).exists() and not overwrite:
+        raise InputError(f"{out} already exists; choose another name or allow overwriting (--overwrite).")
+
+
+def search_raster(index: SearchIndex, options: SearchOptions, out: Path, overwrite: bool = False,
+                  progress=None, should_cancel=None) -> SearchResult:
+    """Search and write the hits layer and its report; nothing is written when it fails or is cancelled."""
+    started = time.perf_counter()
+    check_hits_output(out, overwrite)
+    hits, notices, facts = search_index(index, options, progress, should_cancel)
+    run_id = uuid.uuid4().hex[:12]
+    write_hits(out, hits, index.crs, index.loaded.name, run_id)
+    report_path = report_path_for(out)
+    outputs = {"vector": str(out), "report": str(report_path)}
+    report = {"farslip_version": __version__, "run_id": run_id, "raster": str(index.raster.resolve()),
+              "model": index.loaded.name, "weights_sha256": index.loaded.weights_id, "crs": index.crs.to_string(),
+              "bbox": list(options.bbox) if options.bbox else None, "bbox_crs": options.bbox_crs,
+              "like": list(options.like) if options.like else None, "like_crs": options.like_crs,
+              "top": options.top, "max_overlap": options.max_overlap, "notices": notices,
+              "hits": hits.records(), "outputs": outputs, **facts,
+              "total_s": round(time.perf_counter() - started, 3)}
+    write_report(report_path, report)
+    return SearchResult(run_id, hits, outputs, notices, report)

@@ -1,0 +1,389 @@
+"""The search index of a raster: CLIP embeddings of windows on a raster-anchored, multi-scale grid.
+
+Each level of the grid is the raster resampled by 1/factor (factor 1, 2, 4: windows of 224, 448
+and 896 native pixels), cut into 224-px windows with stride 112 on that level's own pixel grid,
+with the last row/column shifted back to end at the raster's edge (sliding.crop_starts). The grid
+depends only on the raster, so a window's embedding never depends on the extent asked for, and
+an index built for one extent is completed, not rebuilt, for another.
+
+Per window the index keeps PERSPECTIVES embeddings: the image embedding (CLIP's CLS path, exactly
+encode_image) and five sub-perspectives, the four quadrants and the centre, each the mean of the
+window's dense patch tokens over that sub-region (the training-free dense path of segment,
+normalised). The dense tokens come from the same forward pass (blocks 1..L-1 are shared, one extra
+block runs), so the sub-perspectives cost ~1/L of a window instead of the 5 extra forwards that
+CLS embeddings of sub-crops would; the finer levels of the grid already hold real CLS embeddings
+of windows a quarter the size of the coarser ones.
+
+Storage: one folder per (raster path, weights sha256, reading options) in the cache folder, with a
+manifest naming the raster's sha256; one .npz per grid row (float16 embeddings + a state byte per
+window), written atomically. Memory while building is one strip of windows, whatever the raster
+size. A raster whose content changed since the index was built gets a fresh index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import torch
+import torch.nn.functional as F
+
+from .dense import image_and_patch_features, normalize_pixels
+from .errors import CancelledError, EmptyResultError, InputError
+from .models import file_sha256
+from .paths import cache_dir
+from .raster import PixelWindow, RasterSource, native_gsd_m, open_source, request_window
+from .sliding import crop_starts
+
+INDEX_FORMAT = "farslip-search-index/1"
+LEVEL_FACTORS = (1, 2, 4)
+PERSPECTIVES = ("image", "top-left", "top-right", "bottom-left", "bottom-right", "centre")
+STATE_MISSING, STATE_EMBEDDED, STATE_EMPTY = 0, 1, 2
+CHUNK_WINDOWS = 16  # windows read side by side in one strip: bounds memory for very wide rasters
+GDAL_CACHE_BYTES = 64 * 2**20
+
+
+def index_root() -> Path:
+    return cache_dir() / "search-index"
+
+
+def sub_regions(grid: int) -> list[tuple[int, int, int, int]]:
+    """(row0, row1, col0, col1) patch ranges of the sub-perspectives on a grid x grid patch map."""
+    half, quarter = grid // 2, round(grid / 4)
+    return [(0, half, 0, half), (0, half, half, grid), (half, grid, 0, half), (half, grid, half, grid),
+            (quarter, grid - quarter, quarter, grid - quarter)]
+
+
+@torch.inference_mode()
+def embed_windows(loaded, crops: np.ndarray, attention: str = "segearth") -> np.ndarray:
+    """(B, 3, h, w) RGB 0..255 -> (B, PERSPECTIVES, D) L2-normalised float32 embeddings."""
+    visual = loaded.model.visual
+    size = visual.image_size
+    side = int(size[0] if isinstance(size, (tuple, list)) else size)
+    pixels = torch.from_numpy(np.ascontiguousarray(crops, dtype=np.float32)).to(loaded.device)
+    if pixels.shape[-2:] != (side, side):  # windows of a raster smaller than one window
+        pixels = F.interpolate(pixels, size=(side, side), mode="bilinear", align_corners=False)
+    image, dense = image_and_patch_features(visual, normalize_pixels(pixels), attention)
+    subs = [F.normalize(dense[:, r0:r1, c0:c1].mean(dim=(1, 2)), dim=-1)
+            for r0, r1, c0, c1 in sub_regions(dense.shape[1])]
+    return torch.stack([image, *subs], dim=1).float().cpu().numpy()
+
+
+@dataclass
+class Level:
+    """One scale of the grid: the raster resampled by 1/factor, and its window starts."""
+
+    factor: int
+    source: RasterSource
+    crop: int
+    row_starts: list[int] = field(init=False)
+    col_starts: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.row_starts = crop_starts(self.source.height, self.crop, self.crop // 2)
+        self.col_starts = crop_starts(self.source.width, self.crop, self.crop // 2)
+
+    @property
+    def window_shape(self) -> tuple[int, int]:
+        return min(self.crop, self.source.height), min(self.crop, self.source.width)
+
+    def window(self, row: int, col: int) -> PixelWindow:
+        height, width = self.window_shape
+        return PixelWindow(self.row_starts[row], self.col_starts[col], height, width)
+
+    def bounds(self, row: int, col: int) -> tuple[float, float, float, float]:
+        return self.source.window_bounds(self.window(row, col))
+
+    def overlapping(self, window: PixelWindow | None) -> tuple[list[int], list[int]]:
+        """Grid rows and columns whose windows overlap `window` (a window on this level's grid)."""
+        height, width = self.window_shape
+        if window is None:
+            return list(range(len(self.row_starts))), list(range(len(self.col_starts)))
+        rows = [i for i, s in enumerate(self.row_starts) if s < window.row_off + window.height
+                and s + height > window.row_off]
+        cols = [j for j, s in enumerate(self.col_starts) if s < window.col_off + window.width
+                and s + width > window.col_off]
+        return rows, cols
+
+    def scale_m(self, dataset) -> float:
+        """Ground side of this level's windows in metres."""
+        return native_gsd_m(dataset) * dataset.width / self.source.width * self.window_shape[1]
+
+
+@dataclass
+class IndexEntries:
+    """The embedded windows of an index (or of a part of it), as flat arrays."""
+
+    embeddings: np.ndarray  # (N, PERSPECTIVES, D) float32
+    level: np.ndarray       # (N,) level factor
+    bounds: np.ndarray      # (N, 4) xmin, ymin, xmax, ymax in the raster's CRS
+    scale_m: np.ndarray     # (N,) ground side of the window in metres
+
+
+@dataclass
+class BuildStats:
+    computed: int = 0
+    reused: int = 0
+    empty: int = 0
+    seconds: float = 0.0
+
+
+class SearchIndex:
+    """The index of one raster for one model; open with `open_index` (a context manager)."""
+
+    def __init__(self, raster: Path, loaded, source: RasterSource, attention: str = "segearth",
+                 batch_size: int = 8, factors: tuple[int, ...] = LEVEL_FACTORS):
+        self.raster = Path(raster)
+        self.loaded = loaded
+        self.attention = attention
+        self.batch_size = max(1, int(batch_size))
+        self.dataset = source.dataset
+        self.crs = source.crs
+        size = loaded.model.visual.image_size
+        crop = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self.levels: list[Level] = []
+        for factor in factors:
+            level_source = RasterSource(source.path, source.dataset, source.bands, 1.0 / factor,
+                                        source.value_range, source.palette)
+            # A level whose windows would not fit in the raster adds nothing the finer ones lack.
+            if factor == factors[0] or min(level_source.height, level_source.width) >= crop:
+                self.levels.append(Level(factor, level_source, crop))
+        identity = json.dumps({"format": INDEX_FORMAT, "raster": str(self.raster.resolve()),
+                               "weights": loaded.weights_id, "bands": source.bands,
+                               "value_range": source.value_range, "attention": attention,
+                               "factors": [lv.factor for lv in self.levels]}, sort_keys=True, default=str)
+        key = hashlib.sha256(identity.encode()).hexdigest()[:24]
+        self.folder = index_root() / f"{safe_stem(self.raster)}-{key}"
+        self.rebuilt_reason: str | None = None
+        self._open_manifest()
+
+    # -- manifest / staleness
+
+    def _open_manifest(self) -> None:
+        raster_sha = file_sha256(self.raster)
+        manifest_file = self.folder / "manifest.json"
+        try:
+            manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            manifest = None
+        if manifest is not None and manifest.get("raster_sha256") != raster_sha:
+            self.rebuilt_reason = (f"The raster {self.raster.name} changed since its search index was built; "
+                                   "the index was rebuilt.")
+            shutil.rmtree(self.folder, ignore_errors=True)
+            manifest = None
+        if manifest is None:
+            manifest = {
+                "format": INDEX_FORMAT, "raster": str(self.raster.resolve()), "raster_sha256": raster_sha,
+                "model": self.loaded.name, "weights_sha256": self.loaded.weights_id,
+                "attention": self.attention, "perspectives": list(PERSPECTIVES),
+                "crs": self.crs.to_string(),
+                "levels": [{"factor": lv.factor, "width": lv.source.width, "height": lv.source.height,
+                            "rows": len(lv.row_starts), "cols": len(lv.col_starts), "crop": lv.crop}
+                           for lv in self.levels],
+            }
+            self.folder.mkdir(parents=True, exist_ok=True)
+            _write_atomic(manifest_file, json.dumps(manifest, indent=1).encode())
+        self.manifest = manifest
+
+    # -- rows on disk
+
+    def _row_file(self, level: Level, row: int) -> Path:
+        return self.folder / f"L{level.factor}" / f"row{row:05d}.npz"
+
+    def _read_row(self, level: Level, row: int) -> tuple[np.ndarray | None, np.ndarray]:
+        path = self._row_file(level, row)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return data["embeddings"], data["state"]
+        except (OSError, ValueError, KeyError):
+            return None, np.zeros(len(level.col_starts), np.uint8)
+
+    def _write_row(self, level: Level, row: int, embeddings: np.ndarray, state: np.ndarray) -> None:
+        path = self._row_file(level, row)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(temporary, embeddings=embeddings, state=state)
+        os.replace(temporary, path)
+
+    # -- building
+
+    def level_window(self, level: Level, bbox, bbox_crs: str | None) -> PixelWindow | None:
+        return None if bbox is None else request_window(level.source, bbox, bbox_crs)
+
+    def missing(self, bbox=None, bbox_crs: str | None = None) -> int:
+        """How many windows overlapping bbox are not in the index yet."""
+        count = 0
+        for level in self.levels:
+            rows, cols = level.overlapping(self.level_window(level, bbox, bbox_crs))
+            for row in rows:
+                _, state = self._read_row(level, row)
+                count += int((state[cols] == STATE_MISSING).sum())
+        return count
+
+    def ensure(self, bbox=None, bbox_crs: str | None = None,
+               progress: Callable[[int, int], None] | None = None,
+               should_cancel: Callable[[], bool] | None = None) -> BuildStats:
+        """Embed every window overlapping bbox (default: the whole raster) that is not in the index yet."""
+        started = time.perf_counter()
+        stats = BuildStats()
+        total = self.missing(bbox, bbox_crs)
+        done = 0
+        if progress is not None:
+            progress(0, total)
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
+            for level in self.levels:
+                rows, cols = level.overlapping(self.level_window(level, bbox, bbox_crs))
+                for row in rows:
+                    embeddings, state = self._read_row(level, row)
+                    todo = [j for j in cols if state[j] == STATE_MISSING]
+                    stats.reused += len(cols) - len(todo)
+                    if not todo:
+                        continue
+                    if embeddings is None:
+                        embeddings = np.zeros((len(level.col_starts), len(PERSPECTIVES),
+                                               self.loaded.model.visual.output_dim), np.float16)
+                    for start in range(0, len(todo), CHUNK_WINDOWS):
+                        chunk = todo[start:start + CHUNK_WINDOWS]
+                        self._embed_chunk(level, row, chunk, embeddings, state, stats, should_cancel)
+                        done += len(chunk)
+                        if progress is not None:
+                            progress(done, total)
+                    self._write_row(level, row, embeddings, state)
+        stats.seconds = time.perf_counter() - started
+        return stats
+
+    def _embed_chunk(self, level: Level, row: int, cols: list[int], embeddings: np.ndarray,
+                     state: np.ndarray, stats: BuildStats, should_cancel) -> None:
+        height, width = level.window_shape
+        first = level.col_starts[cols[0]]
+        strip_width = level.col_starts[cols[-1]] + width - first
+        rgb, valid = level.source.read(PixelWindow(level.row_starts[row], first, height, strip_width))
+        queued: list[tuple[int, np.ndarray]] = []
+        for j in cols:
+            part = slice(level.col_starts[j] - first, level.col_starts[j] - first + width)
+            if valid[:, part].any():
+                queued.append((j, rgb[:, :, part]))
+            else:
+                state[j] = STATE_EMPTY
+                stats.empty += 1
+        for start in range(0, len(queued), self.batch_size):
+            if should_cancel is not None and should_cancel():
+                raise CancelledError("The indexing was cancelled; the windows indexed so far are kept.")
+            batch = queued[start:start + self.batch_size]
+            vectors = embed_windows(self.loaded, np.stack([crop for _, crop in batch]), self.attention)
+            for (j, _), vector in zip(batch, vectors):
+                embeddings[j] = vector.astype(np.float16)
+                state[j] = STATE_EMBEDDED
+            stats.computed += len(batch)
+
+    # -- reading
+
+    def entries(self, bbox=None, bbox_crs: str | None = None, factors: tuple[int, ...] | None = None
+                ) -> IndexEntries:
+        """The embedded windows overlapping bbox (default: all), at the given levels (default: all)."""
+        chunks, levels, bounds, scales = [], [], [], []
+        for level in self.levels:
+            if factors is not None and level.factor not in factors:
+                continue
+            rows, cols = level.overlapping(self.level_window(level, bbox, bbox_crs))
+            cols_array = np.asarray(cols, dtype=np.intp)
+            scale = level.scale_m(self.dataset)
+            for row in rows:
+                embeddings, state = self._read_row(level, row)
+                if embeddings is None:
+                    continue
+                keep = cols_array[state[cols_array] == STATE_EMBEDDED]
+                if keep.size == 0:
+                    continue
+                chunks.append(embeddings[keep].astype(np.float32))
+                levels.append(np.full(keep.size, level.factor))
+                bounds.append(np.array([level.bounds(row, j) for j in keep], dtype=np.float64))
+                scales.append(np.full(keep.size, scale))
+        dim = self.loaded.model.visual.output_dim
+        if not chunks:
+            return IndexEntries(np.zeros((0, len(PERSPECTIVES), dim), np.float32), np.zeros(0, int),
+                                np.zeros((0, 4)), np.zeros(0))
+        return IndexEntries(np.concatenate(chunks), np.concatenate(levels), np.concatenate(bounds),
+                            np.concatenate(scales))
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.folder.rglob("*") if p.is_file())
+
+    def window_count(self) -> int:
+        return sum(len(lv.row_starts) * len(lv.col_starts) for lv in self.levels)
+
+
+def safe_stem(path: Path) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in path.stem)[:40] or "raster"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
+@contextlib.contextmanager
+def open_index(raster: str | Path, loaded, bands: list[int] | None = None,
+               value_range: tuple[float, float] | None = None, attention: str = "segearth",
+               batch_size: int = 8) -> Iterator[SearchIndex]:
+    """Open (creating, or rebuilding when the raster changed) the search index of `raster` for a model."""
+    try:
+        source = open_source(raster, bands, None, None, value_range)
+    except EmptyResultError:
+        raise EmptyResultError(f"Every pixel of {raster} is nodata or masked: there is nothing to index or "
+                               "search. Check the raster's nodata value and alpha band.") from None
+    with source:
+        yield SearchIndex(Path(raster), loaded, source, attention, batch_size)
+
+
+def check_bbox(index: SearchIndex, bbox, bbox_crs: str | None) -> None:
+    """Refuse a bbox outside the raster with the raster module's sentence."""
+    if bbox is not None:
+        request_window(index.levels[0].source, bbox, bbox_crs)
+
+
+def describe(index: SearchIndex, stats: BuildStats | None = None) -> dict:
+    """Facts about an index for reports and the CLI."""
+    info = {"folder": str(index.folder), "windows": index.window_count(), "size_bytes": index.size_bytes(),
+            "levels": [{"factor": lv.factor, "windows": len(lv.row_starts) * len(lv.col_starts),
+                        "scale_m": round(lv.scale_m(index.dataset), 3)} for lv in index.levels],
+            "perspectives": list(PERSPECTIVES), "rebuilt": index.rebuilt_reason}
+    if stats is not None:
+        info.update(computed=stats.computed, reused=stats.reused, empty=stats.empty,
+                    seconds=round(stats.seconds, 3),
+                    windows_per_s=round(stats.computed / stats.seconds, 2) if stats.seconds > 0 else None)
+    return info
+
+
+def point_window(index: SearchIndex, level: Level, x: float, y: float) -> tuple[int, int] | None:
+    """The grid (row, col) of `level` whose window contains (x, y) (raster CRS) with the nearest centre."""
+    col_f, row_f = ~level.source.transform * (x, y)
+    height, width = level.window_shape
+    best, best_distance = None, math.inf
+    for i, rs in enumerate(level.row_starts):
+        if not rs <= row_f < rs + height:
+            continue
+        for j, cs in enumerate(level.col_starts):
+            if cs <= col_f < cs + width:
+                distance = math.hypot(rs + height / 2 - row_f, cs + width / 2 - col_f)
+                if distance < best_distance:
+                    best, best_distance = (i, j), distance
+    return best
+
+
+def check_point(index: SearchIndex, x: float, y: float) -> None:
+    if point_window(index, index.levels[0], x, y) is None:
+        left, bottom, right, top = index.dataset.bounds
+        raise InputError(f"The point {x:.6g}, {y:.6g} is outside the raster {index.raster.name}, which covers "
+                         f"x {left:.6g}..{right:.6g}, y {bottom:.6g}..{top:.6g} in {index.crs}.")

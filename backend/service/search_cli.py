@@ -1,0 +1,183 @@
+"""`farslip index`, `search`, `classify`, `evaluate-retrieval`: find places by sentence, classify tiles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from backend.engine.errors import FarslipError
+from backend.service.cli_common import ProgressReporter, fail, parse_bands
+
+MODEL_HELP = "Registry name, checkpoint file or fine-tuned model folder."
+
+
+def _load(model: Optional[str], weights: Optional[Path], device: str):
+    from backend.engine.models import load_model, resolve_device
+
+    return load_model(model, str(weights) if weights else None, resolve_device(device))
+
+
+def _interrupted() -> None:
+    typer.echo("Interrupted; nothing was written.", err=True)
+    raise typer.Exit(130) from None
+
+
+def index_command(
+    raster: Path = typer.Argument(..., help="GeoTIFF (or any GDAL raster) to index."),
+    bbox: Optional[tuple[float, float, float, float]] = typer.Option(
+        None, help="XMIN YMIN XMAX YMAX: index only the windows over this area (default: whole raster)."),
+    bbox_crs: Optional[str] = typer.Option(None, help="CRS of --bbox (default: the raster's)."),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    weights: Optional[Path] = typer.Option(None, help="Checkpoint to use for the registry model."),
+    bands: Optional[str] = typer.Option(None, help="Band numbers for red,green,blue, e.g. 3,2,1 (or one)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
+    batch_size: int = typer.Option(8, help="Windows per batch."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Build (or complete) RASTER's search index: CLIP embeddings of windows at three ground scales."""
+    from backend.engine.search_index import check_bbox, describe, open_index
+
+    try:
+        loaded = _load(model, weights, device)
+        with open_index(raster, loaded, parse_bands(bands), batch_size=batch_size) as index:
+            check_bbox(index, bbox, bbox_crs)
+            if index.rebuilt_reason and not quiet:
+                typer.echo(index.rebuilt_reason, err=True)
+            with ProgressReporter(quiet, f"indexing {raster.name}") as reporter:
+                stats = index.ensure(bbox, bbox_crs, progress=reporter)
+            info = describe(index, stats)
+    except FarslipError as error:
+        fail(error)
+    except KeyboardInterrupt:
+        _interrupted()
+    if not quiet:
+        levels = ", ".join(f"{lv['windows']} x {lv['scale_m']:g} m" for lv in info["levels"])
+        typer.echo(f"Index of {raster.name}: {levels} windows; {info['computed']} embedded now "
+                   f"({info['windows_per_s'] or 0:g} windows/s), {info['reused']} reused, {info['empty']} empty; "
+                   f"{info['size_bytes'] / 2**20:.2f} MiB in {info['folder']}")
+
+
+def search_command(
+    raster: Path = typer.Argument(..., help="GeoTIFF (or any GDAL raster) to search."),
+    sentences: Optional[list[str]] = typer.Argument(None, help="What to look for; several sentences are allowed."),
+    out: Path = typer.Option(Path("hits.gpkg"), "--out", "-o", help="Hits: .gpkg (default), .shp, .geojson, .fgb."),
+    top: int = typer.Option(20, help="Hits per sentence."),
+    keywords: Optional[list[str]] = typer.Option(
+        None, help="Keyword phrases separated by ';', once per sentence (default: split from the sentence)."),
+    no_keywords: bool = typer.Option(False, "--no-keywords", help="Score by the whole sentence only."),
+    like: Optional[tuple[float, float]] = typer.Option(None, help="X Y: find places like the window under "
+                                                                  "this point."),
+    like_crs: Optional[str] = typer.Option(None, help="CRS of --like (default: the raster's)."),
+    bbox: Optional[tuple[float, float, float, float]] = typer.Option(None, help="XMIN YMIN XMAX YMAX to search in."),
+    bbox_crs: Optional[str] = typer.Option(None, help="CRS of --bbox (default: the raster's)."),
+    max_overlap: float = typer.Option(0.5, help="Drop a hit covering more than this share of a better one."),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    weights: Optional[Path] = typer.Option(None, help="Checkpoint to use for the registry model."),
+    bands: Optional[str] = typer.Option(None, help="Band numbers for red,green,blue, e.g. 3,2,1 (or one)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output file."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Rank RASTER's windows by a sentence (or by an example place) and write the best as rectangles."""
+    from backend.engine.search import SearchOptions, check_hits_output, search_raster, validate_search_options
+    from backend.engine.search_index import open_index
+
+    options = SearchOptions(list(sentences or []), list(keywords) if keywords else None, not no_keywords, top,
+                            bbox, bbox_crs, like, like_crs, max_overlap)
+    try:
+        validate_search_options(options)
+        check_hits_output(out, overwrite)
+        loaded = _load(model, weights, device)
+        with open_index(raster, loaded, parse_bands(bands)) as index:
+            with ProgressReporter(quiet, f"indexing {raster.name}") as reporter:
+                result = search_raster(index, options, out, overwrite, progress=reporter)
+    except FarslipError as error:
+        fail(error)
+    except KeyboardInterrupt:
+        _interrupted()
+    for notice in result.notices:
+        typer.echo(notice, err=True)
+    if not quiet:
+        for record in result.hits.records()[:10]:
+            typer.echo(f"  {record['rank']:>3}  {record['score']:.4f}  {record['scale_m']:>8g} m  {record['query']}")
+        index_info = result.report["index"]
+        typer.echo(f"Wrote {len(result.hits.query)} hits to {out} ({index_info['computed']} windows embedded, "
+                   f"{index_info['reused']} reused; ranking {result.report['timings']['rank_s']:.3f} s).")
+
+
+def classify_command(
+    raster: Path = typer.Argument(..., help="GeoTIFF (or any GDAL raster) to classify."),
+    classes: Optional[list[str]] = typer.Option(None, "--classes", "-c",
+                                                help="One class per option; commas separate synonyms."),
+    classes_file: Optional[Path] = typer.Option(None, help="Text file, one class per line."),
+    preset: Optional[str] = typer.Option(None, help="A named class list (see `farslip presets`)."),
+    tile: int = typer.Option(224, help="Tile side in raster pixels (tiles are resized to the model's input)."),
+    out: Path = typer.Option(Path("tiles.gpkg"), "--out", "-o", help="Tiles: .gpkg (default), .shp, .geojson, .fgb."),
+    bbox: Optional[tuple[float, float, float, float]] = typer.Option(None, help="XMIN YMIN XMAX YMAX to classify."),
+    bbox_crs: Optional[str] = typer.Option(None, help="CRS of --bbox (default: the raster's)."),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    weights: Optional[Path] = typer.Option(None, help="Checkpoint to use for the registry model."),
+    bands: Optional[str] = typer.Option(None, help="Band numbers for red,green,blue, e.g. 3,2,1 (or one)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output file."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Zero-shot scene classification: the most likely class of every tile, with its probability."""
+    from backend.engine.classify import ClassifyOptions, classify_raster, validate_classify_options
+    from backend.engine.presets import collect_class_lines
+    from backend.engine.search import check_hits_output
+
+    try:
+        lines = collect_class_lines(classes, classes_file, preset)
+        options = ClassifyOptions(lines, tile, bbox, bbox_crs, parse_bands(bands))
+        loaded = _load(model, weights, device)
+        if not options.class_lines and loaded.class_lines:
+            options.class_lines = list(loaded.class_lines)
+        validate_classify_options(options)
+        check_hits_output(out, overwrite)
+        with ProgressReporter(quiet, f"classifying {raster.name}") as reporter:
+            result = classify_raster(raster, options, out, loaded, overwrite, progress=reporter)
+    except FarslipError as error:
+        fail(error)
+    except KeyboardInterrupt:
+        _interrupted()
+    if not quiet:
+        for entry in result.classes:
+            typer.echo(f"  {entry['class']:<24} {entry['tiles']:>6} tiles")
+        typer.echo(f"Wrote {result.tiles} tiles to {out}.")
+
+
+def evaluate_retrieval_command(
+    folder: Path = typer.Argument(..., help="RSICD/RSITMD folder: caption JSON + images."),
+    split: str = typer.Option("test", help="Split to evaluate (train, val, test, or all)."),
+    model: Optional[str] = typer.Option(None, help=MODEL_HELP),
+    weights: Optional[Path] = typer.Option(None, help="Checkpoint to use for the registry model."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
+    batch_size: int = typer.Option(32, help="Images per batch."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Image-text retrieval recalls (R@1/5/10 both ways, mR) on an RSICD/RSITMD-layout folder."""
+    import json
+
+    from backend.engine.retrieval import load_caption_set
+    from backend.engine.retrieval import evaluate_retrieval as evaluate
+
+    try:
+        load_caption_set(folder, split)
+        loaded = _load(model, weights, device)
+        with ProgressReporter(quiet, f"embedding {folder.name}") as reporter:
+            result = evaluate(folder, loaded, split, batch_size, progress=reporter)
+    except FarslipError as error:
+        fail(error)
+    except KeyboardInterrupt:
+        _interrupted()
+    recalls = result["recalls"]
+    typer.echo(f"{result['images']} images, {result['captions']} captions ({split}), model {result['model']}")
+    typer.echo("  image->text  R@1 {i2t_R@1:6.2f}  R@5 {i2t_R@5:6.2f}  R@10 {i2t_R@10:6.2f}".format(**recalls))
+    typer.echo("  text->image  R@1 {t2i_R@1:6.2f}  R@5 {t2i_R@5:6.2f}  R@10 {t2i_R@10:6.2f}".format(**recalls))
+    typer.echo(f"  mR {recalls['mR']:.2f}")
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))

@@ -1,0 +1,77 @@
+"""Index and search jobs of the HTTP backend: request checks before queueing, and the worker's runners."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _search_options(request: dict):
+    from backend.engine.search import SearchOptions
+
+    return SearchOptions(
+        sentences=list(request.get("sentences") or []), keywords=request.get("keywords") or None,
+        use_keywords=bool(request.get("use_keywords", True)), top=int(request.get("top") or 20),
+        bbox=tuple(request["bbox"]) if request.get("bbox") else None, bbox_crs=request.get("bbox_crs"),
+        like=tuple(request["like"]) if request.get("like") else None, like_crs=request.get("like_crs"),
+        max_overlap=float(request.get("max_overlap") or 0.5))
+
+
+def _check_raster(request: dict) -> None:
+    """Open the raster as the engine will (cheap: header and a decimated sample), check bbox and point."""
+    from backend.engine.raster import open_source, request_window
+
+    with open_source(Path(request["raster"]).expanduser(), request.get("bands")) as source:
+        request_window(source, tuple(request["bbox"]) if request.get("bbox") else None, request.get("bbox_crs"))
+
+
+def check_index_request(request: dict) -> list[str]:
+    from backend.engine.models import check_model
+
+    _check_raster(request)
+    check_model(request.get("model"), request.get("weights"))
+    return []
+
+
+def check_search_request(request: dict) -> list[str]:
+    """The checks of `farslip search`, same sentences; returns the files the job will write."""
+    from backend.engine.export import report_path_for
+    from backend.engine.models import check_model
+    from backend.engine.search import check_hits_output, validate_search_options
+
+    validate_search_options(_search_options(request))
+    out = Path(request["out"]).expanduser()
+    check_hits_output(out, bool(request.get("overwrite")))
+    _check_raster(request)
+    check_model(request.get("model"), request.get("weights"))
+    return [str(out), str(report_path_for(out))]
+
+
+def run_index(request: dict, control, models) -> dict:
+    from backend.engine.search_index import describe, open_index
+
+    control.message(f"Loading the model {request.get('model') or 'default'}.")
+    loaded = models.get(request.get("model"), request.get("weights"))
+    bbox = tuple(request["bbox"]) if request.get("bbox") else None
+    with open_index(Path(request["raster"]).expanduser(), loaded, request.get("bands"),
+                    batch_size=int(request.get("batch_size") or 8)) as index:
+        control.message("Indexing.")
+        stats = index.ensure(bbox, request.get("bbox_crs"), control.progress, control.should_cancel)
+        info = describe(index, stats)
+    return {"outputs": {}, "index": info, "notices": [info["rebuilt"]] if info["rebuilt"] else []}
+
+
+def run_search(request: dict, control, models) -> dict:
+    from backend.engine.search import search_raster
+    from backend.engine.search_index import open_index
+
+    control.message(f"Loading the model {request.get('model') or 'default'}.")
+    loaded = models.get(request.get("model"), request.get("weights"))
+    options = _search_options(request)
+    out = Path(request["out"]).expanduser()
+    with open_index(Path(request["raster"]).expanduser(), loaded, request.get("bands")) as index:
+        control.message("Indexing the windows not in the index yet, then ranking.")
+        result = search_raster(index, options, out, bool(request.get("overwrite")), control.progress,
+                               control.should_cancel)
+    return {"outputs": dict(result.outputs), "run_id": result.run_id, "hits": result.hits.records(),
+            "notices": list(result.notices), "index": result.report["index"],
+            "timings": result.report["timings"]}

@@ -1,0 +1,267 @@
+"""Search a raster by sentence or by example: the index, the ranking, the hits layer, bad input."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyogrio
+import pytest
+import rasterio
+import shapely
+import torch
+import torch.nn.functional as F
+from rasterio.crs import CRS
+from rasterio.transform import from_origin
+from rasterio.warp import transform as warp_transform
+from tinymodels import make_tiny_clip, save_plain
+
+from backend.engine.dense import normalize_pixels
+from backend.engine.errors import EmptyResultError, InputError
+from backend.engine.models import load_model
+from backend.engine.search import SearchOptions, make_queries, search_raster, split_keywords
+from backend.engine.search_index import PERSPECTIVES, open_index
+from backend.engine.text import encode_tokens
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    path = save_plain(make_tiny_clip(seed=3), tmp_path_factory.mktemp("model") / "tiny.pt")
+    return load_model(str(path), device="cpu")
+
+
+def naip_crop(shared_data: Path, out: Path, size: int) -> Path:
+    """A size x size px crop of the NAIP raster (EPSG:26914, 5 m), written by the test."""
+    with rasterio.open(shared_data / "naip_2020_5m.tif") as src:
+        window = rasterio.windows.Window(100, 100, size, size)
+        profile = src.profile | {"width": size, "height": size, "transform": src.window_transform(window),
+                                 "tiled": False}
+        profile.pop("blockxsize", None), profile.pop("blockysize", None)
+        with rasterio.open(out, "w", **profile) as dst:
+            dst.write(src.read(window=window))
+    return out
+
+
+@pytest.fixture
+def naip_copy(shared_data, tmp_path) -> Path:
+    """500 x 500 px: two levels (224 px = 1120 m and 448 px = 2240 m windows)."""
+    return naip_crop(shared_data, tmp_path / "naip.tif", 500)
+
+
+def window_pixels(path: Path, bounds) -> np.ndarray:
+    """The RGB pixels of a window, read by the test itself with rasterio."""
+    with rasterio.open(path) as src:
+        window = rasterio.windows.from_bounds(*bounds, transform=src.transform).round_offsets().round_lengths()
+        return src.read([1, 2, 3], window=window).astype(np.float32)
+
+
+@torch.inference_mode()
+def clip_image(loaded, pixels: np.ndarray) -> np.ndarray:
+    tensor = normalize_pixels(torch.from_numpy(pixels)[None])
+    return F.normalize(loaded.model.encode_image(tensor), dim=-1)[0].numpy()
+
+
+@torch.inference_mode()
+def clip_text(loaded, text: str) -> np.ndarray:
+    return F.normalize(encode_tokens(loaded.model, loaded.tokenizer([text])), dim=-1)[0].numpy()
+
+
+def hits_table(path: Path) -> tuple[dict, list]:
+    meta, _fids, geometry, fields = pyogrio.raw.read(path)
+    return dict(zip(meta["fields"], fields)), [shapely.from_wkb(g) for g in geometry], meta["crs"]
+
+
+def test_keyword_rule_splits_joined_phrases_and_drops_filler():
+    assert split_keywords("a baseball field next to a parking lot") == ["baseball field", "parking lot"]
+    assert split_keywords("Many buildings and green trees are around a playground.") == [
+        "buildings", "green trees", "playground"]
+    assert split_keywords("lots of cars in a parking lot") == ["cars", "parking lot"]
+    assert make_queries(["x y"], ["baseball field; parking lot"])[0].keywords == ["baseball field", "parking lot"]
+
+
+def test_empty_sentence_and_mismatched_keywords_are_refused():
+    with pytest.raises(InputError, match="empty"):
+        make_queries(["  "], None)
+    with pytest.raises(InputError, match="once per sentence"):
+        make_queries(["a", "b"], ["x"])
+
+
+def test_text_query_ranks_first_the_window_the_test_computes_best(loaded, shared_data, tmp_path):
+    # 440 px: only the native level fits, so every window can be embedded by the test itself.
+    raster = naip_crop(shared_data, tmp_path / "naip440.tif", 440)
+    sentence = "a lake next to a road"
+    with open_index(raster, loaded) as index:
+        result = search_raster(index, SearchOptions([sentence], use_keywords=False, top=5), tmp_path / "hits.gpkg")
+        assert [level.factor for level in index.levels] == [1]
+        windows = [index.levels[0].bounds(i, j) for i in range(3) for j in range(3)]
+    text = clip_text(loaded, sentence)
+    scores = [float(clip_image(loaded, window_pixels(raster, bounds)) @ text) for bounds in windows]
+    best = int(np.argmax(scores))
+    fields, geometries, _crs = hits_table(tmp_path / "hits.gpkg")
+    assert fields["rank"][0] == 1
+    assert geometries[0].bounds == pytest.approx(windows[best])
+    assert fields["score"][0] == pytest.approx(scores[best], abs=2e-3)
+    assert list(fields["rank"]) == list(range(1, len(fields["rank"]) + 1))
+    assert np.all(np.diff(fields["score"]) <= 1e-9)
+    assert set(fields["query"]) == {sentence} and set(fields["model"]) == {loaded.name}
+    assert np.allclose(fields["scale_m"], 224 * 5.0)
+    assert len(set(fields["run_id"])) == 1 and fields["run_id"][0] == result.run_id
+
+
+def test_keyword_score_is_global_plus_best_perspective_per_keyword(loaded, naip_copy, tmp_path):
+    sentence = "a baseball field next to a parking lot"
+    with open_index(naip_copy, loaded) as index:
+        result = search_raster(index, SearchOptions([sentence], top=3), tmp_path / "hits.gpkg")
+        entries = index.entries()
+    assert result.report["queries"][0]["keywords"] == ["baseball field", "parking lot"]
+    from backend.engine.search import KEYWORD_TEMPLATES
+    from backend.engine.text import TextEmbedder
+
+    keywords = TextEmbedder(loaded, templates=KEYWORD_TEMPLATES, use_disk_cache=False).embed(
+        ["baseball field", "parking lot"]).numpy()
+    sentence_vector = clip_text(loaded, sentence)
+    expected = np.array([0.5 * e[0] @ sentence_vector + 0.5 * np.mean([(e @ k).max() for k in keywords])
+                         for e in entries.embeddings])
+    best = int(np.argmax(expected))
+    assert result.hits.score[0] == pytest.approx(expected[best], abs=1e-4)
+    assert tuple(result.hits.bounds[0]) == pytest.approx(tuple(entries.bounds[best]))
+    assert entries.embeddings.shape[1] == len(PERSPECTIVES)
+
+
+def test_index_is_extent_invariant_and_completed_incrementally(loaded, naip_copy, tmp_path):
+    with rasterio.open(naip_copy) as src:
+        left, bottom, _right, top = src.bounds
+    west = (left, bottom, left + 1200, top)
+    with open_index(naip_copy, loaded) as index:
+        first = index.ensure(west)
+        partial = index.entries(west)
+        second = index.ensure()  # the whole raster: only the windows still missing are computed
+        assert second.reused == first.computed + first.empty
+        assert second.computed == index.window_count() - first.computed - first.empty - second.empty
+        assert index.ensure().computed == 0
+        whole = index.entries()
+    shutil.rmtree(index.folder)
+    with open_index(naip_copy, loaded) as fresh:
+        fresh.ensure()
+        rebuilt = fresh.entries()
+    lookup = {tuple(b): e for b, e in zip(whole.bounds.round(3), whole.embeddings)}
+    for bounds, embedding in zip(partial.bounds.round(3), partial.embeddings):
+        assert np.allclose(lookup[tuple(bounds)], embedding, atol=2e-3)
+    assert np.allclose(rebuilt.embeddings, whole.embeddings, atol=2e-3)
+
+
+def test_hits_are_in_the_raster_crs_and_inside_a_bbox_given_in_another_crs(loaded, naip_copy, tmp_path):
+    with rasterio.open(naip_copy) as src:
+        left, bottom, right, top = src.bounds
+        crs = src.crs
+    bbox_utm = (left + 200, bottom + 200, right - 200, top - 200)
+    xs, ys = warp_transform(crs, CRS.from_epsg(4326), [bbox_utm[0], bbox_utm[2]], [bbox_utm[1], bbox_utm[3]])
+    bbox_wgs84 = (min(xs), min(ys), max(xs), max(ys))
+    with open_index(naip_copy, loaded) as index:
+        search_raster(index, SearchOptions(["farmland", "a road"], top=4, bbox=bbox_wgs84, bbox_crs="EPSG:4326"),
+                      tmp_path / "hits.gpkg")
+    fields, geometries, hits_crs = hits_table(tmp_path / "hits.gpkg")
+    assert CRS.from_user_input(hits_crs) == crs
+    assert sorted(set(fields["query"])) == ["a road", "farmland"]
+    for geometry in geometries:
+        cx, cy = geometry.centroid.x, geometry.centroid.y
+        assert left <= geometry.bounds[0] and geometry.bounds[2] <= right
+        assert bottom <= geometry.bounds[1] and geometry.bounds[3] <= top
+        # a little slack: the bbox went to WGS84 and back
+        assert bbox_utm[0] - 30 <= cx <= bbox_utm[2] + 30 and bbox_utm[1] - 30 <= cy <= bbox_utm[3] + 30
+
+
+def planted_raster(path: Path) -> tuple[list[tuple[float, float]], float]:
+    """A 1120 x 1120 px raster of smooth noise with one 224-px pattern planted at four grid places."""
+    rng = np.random.default_rng(7)
+    size, pixel = 1120, 2.0
+    noise = rng.normal(110, 12, (3, size // 16, size // 16))
+    background = np.kron(noise, np.ones((16, 16))).clip(0, 255)
+    yy, xx = np.mgrid[0:224, 0:224]
+    pattern = np.stack([((xx // 28 + yy // 28) % 2) * 230, ((xx // 56) % 2) * 200, (yy // 112) * 180 + 20])
+    places = [(112, 112), (112, 784), (672, 336), (784, 784)]
+    data = background.copy()
+    for row, col in places:
+        data[:, row:row + 224, col:col + 224] = pattern
+    transform = from_origin(500000, 4000000, pixel, pixel)
+    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=transform) as dst:
+        dst.write(data.astype(np.uint8))
+    centres = [transform * (col + 112, row + 112) for row, col in places]
+    return centres, pixel
+
+
+def test_query_by_example_ranks_the_planted_places_first(loaded, tmp_path):
+    raster = tmp_path / "planted.tif"
+    centres, _pixel = planted_raster(raster)
+    (x, y), others = centres[0], centres[1:]
+    with open_index(raster, loaded) as index:
+        search_raster(index, SearchOptions(like=(x, y), top=6), tmp_path / "like.gpkg")
+    fields, geometries, _crs = hits_table(tmp_path / "like.gpkg")
+    top3 = geometries[:3]
+    found = {min(range(3), key=lambda k: top3[i].centroid.distance(shapely.Point(others[k])))
+             for i in range(3)}
+    assert found == {0, 1, 2}
+    for geometry, (cx, cy) in zip(sorted(top3, key=lambda g: (g.centroid.x, g.centroid.y)), sorted(others)):
+        assert geometry.centroid.x == pytest.approx(cx) and geometry.centroid.y == pytest.approx(cy)
+    assert all(not g.contains(shapely.Point(x, y)) for g in geometries)
+    assert list(fields["rank"][:3]) == [1, 2, 3]
+
+
+def test_query_by_example_point_in_another_crs_and_outside_the_raster(loaded, tmp_path):
+    raster = tmp_path / "planted.tif"
+    centres, _ = planted_raster(raster)
+    lon, lat = warp_transform(CRS.from_epsg(32633), CRS.from_epsg(4326), [centres[0][0]], [centres[0][1]])
+    with open_index(raster, loaded) as index:
+        result = search_raster(index, SearchOptions(like=(lon[0], lat[0]), like_crs="EPSG:4326", top=3),
+                               tmp_path / "like.gpkg")
+        assert len(result.hits.query) == 3
+        with pytest.raises(InputError, match="outside the raster"):
+            search_raster(index, SearchOptions(like=(0.0, 0.0), top=3), tmp_path / "none.gpkg")
+    assert not (tmp_path / "none.gpkg").exists()
+
+
+def test_index_is_rebuilt_when_the_raster_changes(loaded, naip_copy, tmp_path):
+    with open_index(naip_copy, loaded) as index:
+        index.ensure()
+        before = index.entries()
+        folder = index.folder
+    with rasterio.open(naip_copy, "r+") as dst:
+        dst.write(255 - dst.read(1), 1)
+    with open_index(naip_copy, loaded) as index:
+        assert index.folder == folder
+        assert index.rebuilt_reason and "changed" in index.rebuilt_reason
+        assert index.missing() == index.window_count()
+        result = search_raster(index, SearchOptions(["water"], top=2), tmp_path / "hits.gpkg")
+        after = index.entries()
+    assert result.notices and "rebuilt" in result.notices[0]
+    assert not np.allclose(before.embeddings, after.embeddings, atol=1e-2)
+    with open_index(naip_copy, loaded) as again:
+        assert again.rebuilt_reason is None and again.missing() == 0
+
+
+def test_too_long_sentence_is_truncated_with_a_notice(loaded, naip_copy, tmp_path):
+    sentence = " ".join(["a large blue lake beside green farmland"] * 12)
+    with open_index(naip_copy, loaded) as index:
+        result = search_raster(index, SearchOptions([sentence], top=2), tmp_path / "hits.gpkg")
+    assert any("reads at most 75" in notice for notice in result.notices)
+    assert result.report["notices"] == result.notices
+
+
+def test_raster_without_valid_pixels_is_refused(loaded, shared_data, tmp_path):
+    with pytest.raises(EmptyResultError, match="nothing to index or search"):
+        with open_index(shared_data / "all-nodata.tif", loaded):
+            pass
+
+
+def test_existing_output_is_kept_and_nothing_half_written(loaded, naip_copy, tmp_path):
+    out = tmp_path / "hits.gpkg"
+    out.write_text("keep me")
+    with open_index(naip_copy, loaded) as index:
+        with pytest.raises(InputError, match="already exists"):
+            search_raster(index, SearchOptions(["water"]), out)
+        with pytest.raises(InputError, match="empty"):
+            search_raster(index, SearchOptions([""]), tmp_path / "other.gpkg")
+    assert out.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hits.gpkg", "naip.tif"]
