@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import html
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -22,12 +21,13 @@ from qgis.core import (
 )
 from qgis.gui import QgsDockWidget
 from qgis.PyQt import sip, uic
-from qgis.PyQt.QtCore import pyqtSignal
+from qgis.PyQt.QtCore import Qt, pyqtSignal
 from qgis.PyQt.QtWidgets import QFileDialog, QWidget
 
 from .backend_manager import BackendManager, log
 from .classes import bundled_presets, parse_class_text
 from .client import BackendClient, Connection, device_text
+from .filenames import safe_file_stem
 from .extent import crs_text, export_size, local_raster_path, transform_extent, write_geotiff
 from .jobs import JobTask, eta_text
 from .map_tool import RectangleMapTool
@@ -47,7 +47,7 @@ class UserError(ValueError):
 
 
 def safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "raster"
+    return safe_file_stem(text, fallback="raster")
 
 
 class FarslipDock(QgsDockWidget):
@@ -154,8 +154,13 @@ class FarslipDock(QgsDockWidget):
         current = combo.currentText()
         combo.clear()
         for model in models.get("models", []):
-            label = model["name"] if model.get("present", True) else f"{model['name']} (not downloaded)"
+            label = model["name"]
+            if model.get("multilingual"):
+                label += " (multilingual)"
+            if not model.get("present", True):
+                label += " (not downloaded)"
             combo.addItem(label, model["name"])
+            combo.setItemData(combo.count() - 1, ", ".join(model.get("languages") or ["en"]), Qt.ToolTipRole)
         wanted = current or self.settings_loader().default_model or models.get("default", "")
         index = combo.findData(wanted)
         if index >= 0:

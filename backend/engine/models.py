@@ -651,6 +651,7 @@ def list_models() -> list[dict]:
             "path": str(found) if found else None, "loaded": False, "kind": "registry",
             "hf_repo": spec.hf_repo, "hf_file": spec.hf_file,
             "expected_path": str(paths.weights_dir() / spec.weights_filename),
+            "languages": list(spec.languages or ["en"]), "multilingual": bool(spec.languages),
         })
     registry = known_models()
     for d in _finetuned_dirs():
@@ -668,6 +669,8 @@ def list_models() -> list[dict]:
             "licence": str(meta.get("licence") or (base.licence if base else "")),
             "context_length": int(meta.get("context_length") or (base.context_length if base else 77)),
             "present": True, "path": str(d), "loaded": False, "kind": "finetuned",
+            "languages": list(meta.get("languages") or ["en"]),
+            "multilingual": len(meta.get("languages") or ["en"]) > 1,
         })
     return out
 
@@ -677,7 +680,8 @@ def format_models_table(models: list[dict] | None = None) -> str:
     models = list_models() if models is None else models
     rows = [("name", "arch", "ctx", "present", "licence", "weights")]
     for m in models:
-        name = m["name"] + (" *" if m["name"] == DEFAULT_MODEL else "")
+        name = m["name"] + (" *" if m["name"] == DEFAULT_MODEL else "") + (" (multilingual)" if m.get("multilingual")
+                                                                           else "")
         if m["present"]:
             where = m["path"]
         else:

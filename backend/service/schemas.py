@@ -48,6 +48,9 @@ class ModelInfo(BaseModel):
     path: str | None = None
     loaded: bool = False
     kind: Literal["registry", "finetuned"] = "registry"
+    languages: list[str] = Field(default_factory=lambda: ["en"],
+                                 description="ISO 639-1 codes of the languages its text tower reads")
+    multilingual: bool = False
 
 
 class ModelList(BaseModel):

@@ -1,0 +1,27 @@
+"""File names made from layer and class names: any script kept, safe on Windows, macOS and Linux."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+# Characters Windows refuses in file names, control characters, and path separators.
+_FORBIDDEN = re.compile(r'[<>:"/\\|?*\x00-\x1f\x7f]+')
+_SPACES = re.compile(r"[\s_]+")
+# Device names Windows reserves whatever the extension ("CON.gpkg" cannot be created).
+_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+MAX_STEM = 80  # characters; leaves room for folder, suffixes and extension under Windows' 260-char paths
+
+
+def safe_file_stem(text: str, fallback: str = "result") -> str:
+    """`text` as a file name stem: letters of every script kept (NFC), forbidden characters and
+    separators replaced by `_`, no leading/trailing dots or spaces, not a reserved device name."""
+    stem = unicodedata.normalize("NFC", text)
+    stem = _FORBIDDEN.sub("_", stem)
+    stem = _SPACES.sub("_", stem).strip("._ ")
+    stem = stem[:MAX_STEM].rstrip("._ ")
+    if not stem:
+        return fallback
+    if stem.split(".")[0].upper() in _RESERVED:
+        stem = f"_{stem}"
+    return stem

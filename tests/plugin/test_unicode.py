@@ -1,0 +1,96 @@
+"""Class and layer names in any script, in real QGIS: legend, export round trip, file names."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsFeature,
+    QgsField,
+    QgsGeometry,
+    QgsProject,
+    QgsRectangle,
+    QgsVectorFileWriter,
+    QgsVectorLayer,
+)
+from qgis.PyQt.QtCore import QVariant
+
+NAMES = ["edifício", "建筑物", "건물", "здание", "مبنى", "Gebäude"]
+
+
+def write_result(path: str) -> str:
+    """A result GeoPackage as the backend writes it: one square per class, `class` and `class_id`."""
+    memory = QgsVectorLayer("Polygon?crs=EPSG:32633", "result", "memory")
+    provider = memory.dataProvider()
+    provider.addAttributes([QgsField("class", QVariant.String), QgsField("class_id", QVariant.Int)])
+    memory.updateFields()
+    for class_id, name in enumerate(NAMES):
+        feature = QgsFeature(memory.fields())
+        feature.setGeometry(QgsGeometry.fromRect(QgsRectangle(class_id * 10, 0, class_id * 10 + 8, 8)))
+        feature.setAttributes([name, class_id])
+        provider.addFeature(feature)
+    options = QgsVectorFileWriter.SaveVectorOptions()
+    options.driverName, options.fileEncoding = "GPKG", "UTF-8"
+    error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(
+        memory, path, QgsProject.instance().transformContext(), options)
+    assert error == QgsVectorFileWriter.NoError, message
+    return path
+
+
+@pytest.mark.parametrize(("text", "stem"), [
+    ("건물 서울", "건물_서울"), ("edifício/Lisboa", "edifício_Lisboa"), ('a<b>:c"d|e?f*', "a_b_c_d_e_f"),
+    ("CON", "_CON"), ("nul.tif", "_nul.tif"), ("  .. ", "result"), ("Gebäude\n", "Gebäude"),
+    ("x" * 300, "x" * 80)])
+def test_file_names_keep_every_script_and_are_safe_on_windows(farslip, text, stem):
+    from qgis_farslip.filenames import safe_file_stem
+
+    assert safe_file_stem(text) == stem
+
+
+def test_legend_and_export_keep_class_names_in_any_script(farslip, qgis_new_project, tmp_path):
+    from qgis_farslip.filenames import safe_file_stem
+    from qgis_farslip.results import export_vector_layer, load_segment_result
+
+    gpkg = write_result(str(tmp_path / "result.gpkg"))
+    job = {"id": "j1", "result": {"outputs": {"vector": gpkg}, "run_id": "r1",
+                                  "classes": [{"class": n, "class_id": i} for i, n in enumerate(NAMES)]}}
+    vector = load_segment_result(job, None, "FarSLIP 건물")[0]
+    labels = [category.label() for category in vector.renderer().categories()]
+    assert labels == NAMES
+    assert QgsProject.instance().mapLayersByName("FarSLIP 건물") == [vector]
+    for suffix in (".shp", ".gpkg"):
+        path = str(tmp_path / (safe_file_stem(vector.name()) + suffix))
+        export_vector_layer(vector, path)
+        back = QgsVectorLayer(path, "back", "ogr")
+        assert back.isValid()
+        assert sorted(f["class"] for f in back.getFeatures()) == sorted(NAMES)
+        assert back.crs() == QgsCoordinateReferenceSystem("EPSG:32633")
+    assert os.path.isfile(str(tmp_path / "FarSLIP_건물.cpg"))
+
+
+def test_the_model_list_says_which_models_are_multilingual(farslip, qgis_iface, plugin_settings):
+    from qgis.PyQt.QtCore import Qt
+
+    from qgis_farslip.backend_manager import BackendManager
+    from qgis_farslip.dock import FarslipDock
+
+    plugin_settings()
+    dock = FarslipDock(qgis_iface, BackendManager())
+    try:
+        dock.set_models({"default": "farslip2-vit-b-16", "models": [
+            {"name": "farslip2-vit-b-16", "present": True, "languages": ["en"], "multilingual": False},
+            {"name": "rs-m-clip", "present": True, "multilingual": True,
+             "languages": ["en", "pt", "es", "fr", "de", "nl", "it", "zh", "ko", "ru"]}]})
+        combo = dock.form.modelCombo
+        texts = {combo.itemData(i): combo.itemText(i) for i in range(combo.count())}
+        assert "multilingual" in texts["rs-m-clip"] and "multilingual" not in texts["farslip2-vit-b-16"]
+        row = combo.findData("rs-m-clip")
+        assert "ko" in combo.itemData(row, Qt.ToolTipRole)
+        # The class box takes any script.
+        dock.form.classesEdit.setPlainText("건물, 빌딩\nedifício\nздание")
+        assert dock.class_lines() == ["건물, 빌딩", "edifício", "здание"]
+    finally:
+        dock.close_down()
+        dock.deleteLater()
