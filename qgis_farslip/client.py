@@ -98,6 +98,10 @@ class BackendClient:
     def train(self, request: dict[str, Any]) -> str:
         return self._request("POST", "/v1/train", request)["job_id"]
 
+    def submit(self, kind: str, request: dict[str, Any]) -> str:
+        """Start a job of any kind (segment, train, index, search): POST /v1/<kind>; returns its id."""
+        return self._request("POST", "/v1/" + urllib.parse.quote(kind, safe=""), request)["job_id"]
+
     def job(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", "/v1/jobs/" + urllib.parse.quote(job_id, safe=""))
 

@@ -32,6 +32,7 @@ from .extent import crs_text, export_size, local_raster_path, transform_extent, 
 from .jobs import JobTask, eta_text
 from .map_tool import RectangleMapTool
 from .results import export_vector_layer, load_segment_result
+from .search_tab import SearchTab
 from .settings import PluginSettings
 from .tasks import run_in_background
 from .train_tab import TrainTab
@@ -98,6 +99,7 @@ class FarslipDock(QgsDockWidget):
         manager.stateChanged.connect(self._backend_state)
         QgsProject.instance().layersWillBeRemoved.connect(self._layers_removed)
         self.train_tab = TrainTab(self, settings_loader)
+        self.search_tab = SearchTab(self, settings_loader)
 
     # -- backend ------------------------------------------------------------------------------
     def connect_backend(self) -> None:
@@ -426,6 +428,7 @@ class FarslipDock(QgsDockWidget):
         for task in (self.task, self.train_tab.task):
             if task is not None:
                 task.cancel()
+        self.search_tab.close_down()
         if self.canvas.mapTool() is self.map_tool:
             self.canvas.unsetMapTool(self.map_tool)
         self.map_tool.clear()

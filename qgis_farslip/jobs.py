@@ -34,7 +34,7 @@ def run_job(client: BackendClient, kind: str, request: dict[str, Any],
             on_update: Callable[[dict[str, Any]], None], is_cancelled: Callable[[], bool],
             output_paths: Sequence[str] = ()) -> dict[str, Any]:
     """Submit a job and poll it until it ends (blocking): the finished job, JobCancelled or BackendError."""
-    job_id = client.train(request) if kind == "train" else client.segment(request)
+    job_id = client.submit(kind, request)
     while True:
         job = client.job(job_id)
         on_update(job)

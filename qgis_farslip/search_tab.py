@@ -1,0 +1,242 @@
+"""The dock's Search tab: find places in a raster by sentence or by example, list and zoom to the hits."""
+
+from __future__ import annotations
+
+import html
+import os
+import time
+from typing import Any, Callable
+
+from qgis.core import (
+    Qgis,
+    QgsApplication,
+    QgsCoordinateReferenceSystem,
+    QgsMapLayerProxyModel,
+    QgsPointXY,
+    QgsRasterLayer,
+    QgsRectangle,
+)
+from qgis.gui import QgsMapToolEmitPoint
+from qgis.PyQt import uic
+from qgis.PyQt.QtCore import QObject, Qt, pyqtSignal
+from qgis.PyQt.QtWidgets import QListWidgetItem, QWidget
+
+from .backend_manager import log
+from .extent import crs_text, local_raster_path, transform_extent
+from .jobs import JobTask, eta_text
+from .search_hits import load_hits
+from .settings import PluginSettings
+
+FORM, _ = uic.loadUiType(os.path.join(os.path.dirname(__file__), "ui", "search_tab.ui"))
+EXTENT_LAYER, EXTENT_CANVAS = "layer", "canvas"
+HIT_BOUNDS = Qt.UserRole
+
+
+class UserError(ValueError):
+    """Something the user can fix in the Search tab; the message says what."""
+
+
+def hit_text(hit: dict) -> str:
+    """'1.  0.312  1120 m  a lake next to a road' for the hits list."""
+    return f"{hit['rank']}.  {hit['score']:.3f}  {hit['scale_m']:g} m  {hit['query']}"
+
+
+class SearchTab(QObject):
+    searchFinished = pyqtSignal(str)  # "done", "failed" or "cancelled"
+
+    def __init__(self, dock, settings_loader: Callable[[], PluginSettings] = PluginSettings.load):
+        super().__init__(dock)
+        self.dock = dock
+        self.canvas = dock.canvas
+        self.settings_loader = settings_loader
+        self.page = QWidget()
+        self.form = FORM()
+        self.form.setupUi(self.page)
+        dock.form.tabs.addTab(self.page, "Search")
+        self.task: JobTask | None = None
+        self.hits_layer = None
+        self.raster_layer: QgsRasterLayer | None = None
+        self.last_error = ""
+        form = self.form
+        form.searchRasterCombo.setFilters(QgsMapLayerProxyModel.RasterLayer)
+        form.searchExtentCombo.addItem("Whole layer", EXTENT_LAYER)
+        form.searchExtentCombo.addItem("Map canvas", EXTENT_CANVAS)
+        self.point_tool = QgsMapToolEmitPoint(self.canvas)
+        self.point_tool.canvasClicked.connect(self._example_clicked)
+        form.searchButton.clicked.connect(lambda: self.search())
+        form.likeButton.toggled.connect(self._like_toggled)
+        form.searchCancelButton.clicked.connect(self.cancel)
+        form.hitsList.itemClicked.connect(self.zoom_to_hit)
+        form.hitsList.currentItemChanged.connect(lambda item, _old: form.useHitButton.setEnabled(item is not None))
+        form.useHitButton.clicked.connect(self.use_hit_as_extent)
+
+    # -- requests ------------------------------------------------------------------------------
+    def sentences(self) -> list[str]:
+        return [line.strip() for line in self.form.sentencesEdit.toPlainText().splitlines() if line.strip()]
+
+    def build_request(self, like: tuple[float, float, QgsCoordinateReferenceSystem] | None = None
+                      ) -> tuple[dict[str, Any], str]:
+        """The POST /v1/search body and the hits file it writes."""
+        layer = self.form.searchRasterCombo.currentLayer()
+        if not isinstance(layer, QgsRasterLayer) or not layer.isValid():
+            raise UserError("Choose a raster layer to search.")
+        path = local_raster_path(layer)
+        if path is None:
+            raise UserError(f"{layer.name()} is not a local raster file; searching needs a file the backend can "
+                            "index (save the layer as a GeoTIFF first).")
+        sentences = self.sentences()
+        if not sentences and like is None:
+            raise UserError("Type a sentence to search for (one per line), or use 'Like this place...' and "
+                            "click the map.")
+        keywords = self.form.keywordsEdit.text().strip()
+        if keywords and len(sentences) != 1:
+            raise UserError("Keywords go with a single sentence; with several sentences leave them empty "
+                            "(each sentence is split into keywords automatically).")
+        folder = self.settings_loader().output_dir()
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"The output folder {folder} cannot be created ({error.strerror}); choose another "
+                            "one in the FarSLIP settings.") from None
+        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in layer.name()) or "raster"
+        out = os.path.join(folder, f"{name}_hits_{time.strftime('%Y%m%d-%H%M%S')}.gpkg")
+        request: dict[str, Any] = {"raster": path, "sentences": sentences if like is None else [],
+                                   "top": int(self.form.topSpin.value()), "model": self.dock.model_name(),
+                                   "out": out}
+        if keywords and like is None:
+            request["keywords"] = [keywords]
+        if self.form.searchExtentCombo.currentData() == EXTENT_CANVAS:
+            extent = self.canvas.extent()
+            request["bbox"] = [extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum()]
+            request["bbox_crs"] = crs_text(self.canvas.mapSettings().destinationCrs())
+        if like is not None:
+            x, y, crs = like
+            request["like"] = [x, y]
+            request["like_crs"] = crs_text(crs)
+        return request, out
+
+    # -- running -------------------------------------------------------------------------------
+    def search(self, like: tuple[float, float, QgsCoordinateReferenceSystem] | None = None) -> None:
+        if self.task is not None:
+            return
+        self.last_error = ""
+        try:
+            request, out = self.build_request(like)
+        except UserError as error:
+            self._show(str(error), error=True)
+            self.searchFinished.emit("failed")
+            return
+        if self.dock.manager.state != "ready" or self.dock.manager.connection is None:
+            self._show("The FarSLIP backend is not connected; press Connect below.", error=True)
+            self.dock.manager.ensure()
+            self.searchFinished.emit("failed")
+            return
+        self.raster_layer = self.form.searchRasterCombo.currentLayer()
+        task = JobTask(f"FarSLIP: searching {self.raster_layer.name()}", self.dock.manager.connection, "search",
+                       request, None, [out])
+        task.jobUpdated.connect(self._job_updated)
+        task.succeeded.connect(self._job_done)
+        task.failedWith.connect(self._job_failed)
+        task.cancelledJob.connect(self._job_cancelled)
+        self.task = task
+        self._set_running(True)
+        self.form.searchProgressBar.setValue(0)
+        self._show("Like the clicked place..." if like else "Searching...")
+        QgsApplication.taskManager().addTask(task)
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self._show("Cancelling...")
+            self.task.cancel()
+
+    def _set_running(self, running: bool) -> None:
+        self.form.searchButton.setEnabled(not running)
+        self.form.likeButton.setEnabled(not running)
+        self.form.searchCancelButton.setEnabled(running)
+
+    def _show(self, text: str, error: bool = False) -> None:
+        label = self.form.searchStatusLabel
+        label.setStyleSheet("color: #b00020;" if error else "")
+        label.setText(html.escape(text))
+        if error:
+            self.last_error = text
+            log(text, Qgis.Warning)
+
+    def _job_updated(self, job: dict) -> None:
+        self.form.searchProgressBar.setValue(round(100 * float(job.get("progress") or 0.0)))
+        self._show(eta_text(job))
+
+    def _finish(self, state: str) -> None:
+        self.task = None
+        self._set_running(False)
+        self.searchFinished.emit(state)
+
+    def _job_done(self, job: dict) -> None:
+        result = job.get("result") or {}
+        try:
+            self.hits_layer = load_hits(job, self.raster_layer, f"FarSLIP hits {self.raster_layer.name()}")
+        except RuntimeError as error:
+            self._show(str(error), error=True)
+            self._finish("failed")
+            return
+        self.show_hits(result.get("hits") or [])
+        notices = result.get("notices") or []
+        self.form.searchProgressBar.setValue(100)
+        self._show(" ".join([f"{len(result.get('hits') or [])} hits; click one to zoom to it.", *notices]))
+        self._finish("done")
+
+    def _job_failed(self, message: str) -> None:
+        self._show(message, error=True)
+        self._finish("failed")
+
+    def _job_cancelled(self) -> None:
+        self.form.searchProgressBar.setValue(0)
+        self._show("Cancelled; nothing was written.")
+        self._finish("cancelled")
+
+    # -- hits ----------------------------------------------------------------------------------
+    def show_hits(self, hits: list[dict]) -> None:
+        self.form.hitsList.clear()
+        for hit in hits:
+            item = QListWidgetItem(hit_text(hit))
+            item.setData(HIT_BOUNDS, list(hit["bbox"]))
+            self.form.hitsList.addItem(item)
+
+    def hit_rectangle(self, item: QListWidgetItem) -> QgsRectangle:
+        """The hit's rectangle in the raster's CRS (the CRS of the hits layer)."""
+        xmin, ymin, xmax, ymax = item.data(HIT_BOUNDS)
+        return QgsRectangle(xmin, ymin, xmax, ymax)
+
+    def zoom_to_hit(self, item: QListWidgetItem) -> None:
+        crs = self.hits_layer.crs() if self.hits_layer is not None else self.raster_layer.crs()
+        extent = transform_extent(self.hit_rectangle(item), crs, self.canvas.mapSettings().destinationCrs())
+        extent.scale(1.2)
+        self.canvas.setExtent(extent)
+        self.canvas.refresh()
+
+    def use_hit_as_extent(self) -> None:
+        """The selected hit becomes the Segment tab's drawn extent, on the searched raster."""
+        item = self.form.hitsList.currentItem()
+        if item is None or self.raster_layer is None:
+            return
+        self.dock.form.layerCombo.setLayer(self.raster_layer)
+        self.dock.set_drawn_extent(self.hit_rectangle(item), self.raster_layer.crs())
+        self.dock.form.tabs.setCurrentIndex(0)
+
+    # -- query by example ----------------------------------------------------------------------
+    def _like_toggled(self, checked: bool) -> None:
+        if checked:
+            self.canvas.setMapTool(self.point_tool)
+            self._show("Click the place to find more places like it.")
+        elif self.canvas.mapTool() is self.point_tool:
+            self.canvas.unsetMapTool(self.point_tool)
+
+    def _example_clicked(self, point: QgsPointXY, _button=None) -> None:
+        self.form.likeButton.setChecked(False)
+        self.search(like=(point.x(), point.y(), self.canvas.mapSettings().destinationCrs()))
+
+    def close_down(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        if self.canvas.mapTool() is self.point_tool:
+            self.canvas.unsetMapTool(self.point_tool)
