@@ -40,8 +40,11 @@ test-plugin: $(BACKEND) $(QGIS)
 bench: $(BACKEND)
 	$(VENV)/bin/farslip bench
 
-plugin:
-	/usr/bin/env python3 scripts/build_plugin.py
+# The plugin zip with the backend wheel inside, for the plugin's "Install backend..." dialog.
+plugin: $(BACKEND)
+	rm -rf build/wheel
+	$(VENV)/bin/python -m pip wheel -q --no-deps --no-build-isolation -w build/wheel .
+	/usr/bin/env python3 scripts/build_plugin.py --wheel "$$(ls build/wheel/farslip_qgis-*.whl)"
 
 # The backend where the QGIS plugin looks for it by default (~/.farslip/venv/bin/farslip).
 BACKEND_HOME ?= $(HOME)/.farslip/venv

@@ -22,8 +22,10 @@ from typing import Callable
 from qgis.core import Qgis, QgsApplication, QgsMessageLog
 from qgis.PyQt.QtCore import QObject, QProcess, QProcessEnvironment, Qt, QThread, QTimer, pyqtSignal
 
-from .client import BackendClient, BackendError, Connection
-from .settings import PluginSettings
+from .client import BackendClient, BackendError, BackendTokenRefused, Connection
+from .i18n import tr
+from .messages import INSTALL, OPEN_LOG, RESTART, SETTINGS, with_actions
+from .settings import PluginSettings, backend_home
 from .tasks import run_in_background
 
 LOG_TAG = "FarSLIP"
@@ -46,11 +48,7 @@ def plain_text(rich_text: str) -> str:
 
 def default_connection_file() -> str:
     """Where `farslip serve` writes its connection file by default (the backend's state_dir())."""
-    home = os.environ.get("FARSLIP_HOME")
-    if not home:
-        data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-        home = os.path.join(data, "farslip")
-    return os.path.join(os.path.expanduser(home), "backend.json")
+    return os.path.join(backend_home(), "backend.json")
 
 
 def plugin_connection_file() -> str:
@@ -113,18 +111,14 @@ def install_help(setting: str) -> str:
     """What to install, and how, when no backend can be found (rich text for the dock)."""
     tried = html.escape(setting) if setting.strip() else ", ".join(
         html.escape(place) for place in candidate_commands()[:4]) or "PATH"
-    return (
+    return with_actions(tr(
         "<b>The FarSLIP backend was not found.</b><br>"
-        "FarSLIP runs in its own Python environment (with PyTorch) beside QGIS. "
-        "Install it once, in a terminal:<br>"
-        "<code>python3 -m venv ~/.farslip/venv</code><br>"
-        "<code>~/.farslip/venv/bin/pip install /path/to/farslip-qgis</code> "
-        "(the folder of the FarSLIP for QGIS source code)<br>"
-        "The plugin then finds <code>~/.farslip/venv/bin/farslip</code> by itself; "
-        "a backend elsewhere is chosen in <i>Settings &rarr; Backend command</i>. "
-        "Or start it yourself with <code>farslip serve</code>: the plugin connects to it.<br>"
-        f"<small>Looked for: {tried}</small>"
-    )
+        "FarSLIP runs in its own Python environment (with PyTorch) beside QGIS, never in QGIS's own. "
+        "<i>Install backend...</i> creates it in <code>~/.farslip/venv</code> from the copy shipped with "
+        "this plugin (PyTorch and the other packages come from the Python package index) and starts it. "
+        "A backend installed elsewhere is chosen in <i>Settings &rarr; Backend command</i>, "
+        "or start one yourself with <code>farslip serve</code> (pip install farslip-qgis): the plugin "
+        "connects to it.<br><small>Looked for: {}</small>").format(tried), INSTALL, SETTINGS)
 
 
 def check_connection(connection: Connection, timeout: float = 3.0) -> dict:
@@ -230,9 +224,9 @@ class BackendManager(QObject):
             if found:
                 self._succeed(found[0], found[1], "already running, from " + found[2])
             elif not settings.auto_start:
-                self._fail("<b>No FarSLIP backend is running.</b><br>Start one with "
-                           "<code>farslip serve</code>, or turn on <i>Start the backend automatically</i> "
-                           "in the FarSLIP settings.")
+                self._fail(with_actions(tr("<b>No FarSLIP backend is running.</b><br>Start one with "
+                                           "<code>farslip serve</code>, or turn on <i>Start the backend "
+                                           "automatically</i> in the FarSLIP settings."), SETTINGS))
             else:
                 self._start(settings)
 
@@ -250,11 +244,17 @@ class BackendManager(QObject):
         def on_done(result, error):
             if error is None:
                 self._succeed(result[0], result[1], "from the settings")
+            elif isinstance(error, BackendTokenRefused):
+                self._fail(with_actions(tr("<b>{}</b><br>Copy the token from the running backend's connection "
+                                           "file into the settings, or clear the URL and token there to let "
+                                           "the plugin start its own backend.").format(html.escape(str(error))),
+                                        SETTINGS))
             else:
                 where = html.escape(settings.backend_url or settings.connection_file)
-                self._fail(f"<b>The FarSLIP backend set in the settings ({where}) does not answer.</b><br>"
-                           f"{html.escape(str(error))}<br>Start it with <code>farslip serve</code>, "
-                           "or clear the URL and connection file in the settings to let the plugin start one.")
+                self._fail(with_actions(tr(
+                    "<b>The FarSLIP backend set in the settings ({}) does not answer.</b><br>{}<br>Start it with "
+                    "<code>farslip serve</code>, or clear the URL and connection file in the settings to let the "
+                    "plugin start one.").format(where, html.escape(str(error))), SETTINGS))
 
         run_in_background("Connecting to the FarSLIP backend", connect, on_done)
 
@@ -296,18 +296,19 @@ class BackendManager(QObject):
 
     def _startup_failure(self, what: str) -> None:
         tail = "<br>".join(html.escape(line) for line in list(self.output_tail)[-8:])
-        self._fail(f"<b>The FarSLIP backend could not be started</b> ({html.escape(what)}).<br>"
-                   f"<small>{tail}</small><br>See the FarSLIP tab of the log messages panel; "
-                   "check <i>Settings &rarr; Backend command</i>.")
+        self._fail(with_actions(tr("<b>The FarSLIP backend could not be started</b> ({}).<br><small>{}</small><br>"
+                                   "See the FarSLIP tab of the log messages panel; check <i>Settings &rarr; "
+                                   "Backend command</i>.").format(html.escape(what), tail),
+                                RESTART, OPEN_LOG, SETTINGS))
 
     def _process_error(self, error) -> None:
         if self.state == "starting" and error == QProcess.FailedToStart:
-            self._startup_failure(f"{self.process.program()} could not be run")
+            self._startup_failure(tr("{} could not be run").format(self.process.program()))
 
     def _process_finished(self, exit_code: int, exit_status) -> None:
         self._forward_output()
         if self.state == "starting":
-            self._startup_failure(f"it exited with code {exit_code}")
+            self._startup_failure(tr("it exited with code {}").format(exit_code))
         elif self.state == "ready":
             log(f"The FarSLIP backend stopped (exit code {exit_code}).", Qgis.Warning)
             self.process = None
@@ -319,7 +320,7 @@ class BackendManager(QObject):
             return
         if time.monotonic() - self._started_at > START_TIMEOUT_S:
             self.stop()
-            self._startup_failure(f"no answer within {START_TIMEOUT_S:.0f} s")
+            self._startup_failure(tr("no answer within {:.0f} s").format(START_TIMEOUT_S))
             return
         if not os.path.isfile(self.connection_file):
             return

@@ -23,6 +23,10 @@ class BackendUnreachable(BackendError):
     """Nothing answers at the backend's address."""
 
 
+class BackendTokenRefused(BackendError):
+    """A backend answers, but not to this token (another backend on that port, or a stale token)."""
+
+
 class Connection:
     """Where a running backend listens and the token it wants."""
 
@@ -59,6 +63,12 @@ def _detail(body: bytes, status: int) -> str:
     return str(detail) if detail else f"The backend answered HTTP {status}."
 
 
+def plain_reason(reason: object) -> str:
+    """'connection refused' rather than '[Errno 111] Connection refused'."""
+    text = str(getattr(reason, "strerror", None) or reason)
+    return text[:1].lower() + text[1:] if text else "no answer"
+
+
 class BackendClient:
     def __init__(self, connection: Connection, timeout: float = 30.0):
         self.connection = connection
@@ -76,11 +86,16 @@ class BackendClient:
             with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:
                 return json.loads(response.read().decode("utf-8") or "null")
         except urllib.error.HTTPError as error:
+            if error.code == 401:
+                raise BackendTokenRefused(
+                    f"The FarSLIP backend at {self.connection.url} answers but refuses the plugin's token: "
+                    "the token in the FarSLIP settings (or the connection file) belongs to another backend."
+                ) from None
             raise BackendError(_detail(error.read(), error.code)) from None
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as error:
             reason = getattr(error, "reason", error)
             raise BackendUnreachable(
-                f"The FarSLIP backend at {self.connection.url} does not answer ({reason})."
+                f"The FarSLIP backend at {self.connection.url} does not answer ({plain_reason(reason)})."
             ) from None
 
     def health(self, timeout: float | None = None) -> dict[str, Any]:
@@ -101,6 +116,9 @@ class BackendClient:
     def submit(self, kind: str, request: dict[str, Any]) -> str:
         """Start a job of any kind (segment, train, index, search): POST /v1/<kind>; returns its id."""
         return self._request("POST", "/v1/" + urllib.parse.quote(kind, safe=""), request)["job_id"]
+
+    def download_model(self, model: str) -> str:
+        return self._request("POST", "/v1/models/download", {"model": model})["job_id"]
 
     def job(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", "/v1/jobs/" + urllib.parse.quote(job_id, safe=""))

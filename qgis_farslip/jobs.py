@@ -14,7 +14,8 @@ from typing import Any, Callable
 from qgis.core import QgsTask
 from qgis.PyQt.QtCore import pyqtSignal
 
-from .client import FINAL_STATES, BackendClient, BackendError, Connection
+from .i18n import tr
+from .client import FINAL_STATES, BackendClient, BackendError, BackendUnreachable, Connection
 
 POLL_INTERVAL_S = 0.3
 CANCEL_WAIT_S = 60.0
@@ -30,13 +31,26 @@ class JobCancelled(Exception):
     """The user cancelled; the backend has stopped the job and written nothing."""
 
 
+class BackendStopped(BackendError):
+    """The backend answered the submit, then stopped answering: it crashed, was killed or closed."""
+
+    def __init__(self) -> None:
+        super().__init__(tr("The FarSLIP backend stopped while the job was running (it crashed, ran out of "
+                            "memory or was closed); nothing was loaded. Restart the backend and run again; "
+                            "its log says why it stopped."))
+
+
 def run_job(client: BackendClient, kind: str, request: dict[str, Any],
             on_update: Callable[[dict[str, Any]], None], is_cancelled: Callable[[], bool],
             output_paths: Sequence[str] = ()) -> dict[str, Any]:
     """Submit a job and poll it until it ends (blocking): the finished job, JobCancelled or BackendError."""
-    job_id = client.submit(kind, request)
+    # Downloads are POST /v1/models/download; every other kind is POST /v1/<kind>.
+    job_id = client.download_model(request["model"]) if kind == "download" else client.submit(kind, request)
     while True:
-        job = client.job(job_id)
+        try:
+            job = client.job(job_id)
+        except BackendUnreachable:
+            raise BackendStopped() from None
         on_update(job)
         state = job.get("state")
         if state == "done":
@@ -86,6 +100,7 @@ class JobTask(QgsTask):
         self.output_paths = list(output_paths or [])  # removed if the user cancels after all
         self.job: dict[str, Any] = {}
         self.error = ""
+        self.cancelled_by_user = False
 
     def _update(self, job: dict[str, Any]) -> None:
         self.job = job
@@ -97,12 +112,14 @@ class JobTask(QgsTask):
             if self.prepare is not None:
                 self.prepare(self, self.request)
             if self.isCanceled():
-                return False
+                raise JobCancelled()
             self.job = run_job(self.client, self.kind, self.request, self._update, self.isCanceled,
                                self.output_paths)
             return True
         except JobCancelled:
-            return False
+            # Ends as a completed task: QGIS would otherwise report a cancel as "Task failed".
+            self.cancelled_by_user = True
+            return True
         except BackendError as error:
             self.error = str(error)
         except Exception as error:
@@ -110,15 +127,14 @@ class JobTask(QgsTask):
         return False
 
     def finished(self, ok: bool) -> None:
-        if ok and self.isCanceled():  # cancelled in the moment the job finished: honour the cancel
-            remove_outputs(self.job, self.output_paths)
-            ok = False
-        if ok:
-            self.succeeded.emit(self.job)
-        elif self.isCanceled():
+        if ok and self.isCanceled() and not self.cancelled_by_user:
+            remove_outputs(self.job, self.output_paths)  # cancelled in the moment the job finished
+        if self.cancelled_by_user or self.isCanceled():
             self.cancelledJob.emit()
+        elif ok:
+            self.succeeded.emit(self.job)
         else:
-            self.failedWith.emit(self.error or "The job failed.")
+            self.failedWith.emit(self.error or tr("The job failed."))
 
 
 def eta_text(job: dict[str, Any]) -> str:
@@ -127,13 +143,14 @@ def eta_text(job: dict[str, Any]) -> str:
     message = job.get("message") or ""
     done, total = job.get("tiles_done") or 0, job.get("tiles_total") or 0
     if total:
-        parts.append(f"tile {done} of {total}")
+        parts.append(tr("tile {} of {}").format(done, total))
     elif message:
         parts.append(message)
     eta = job.get("eta_s")
     if eta is not None and job.get("state") == "running":
         eta = round(eta)
-        parts.append(f"about {eta // 60} min {eta % 60} s left" if eta >= 60 else f"about {eta} s left")
+        parts.append(tr("about {} min {} s left").format(eta // 60, eta % 60) if eta >= 60
+                     else tr("about {} s left").format(eta))
     if not parts:
         parts.append(job.get("state", ""))
     text = ", ".join(parts)

@@ -13,6 +13,7 @@ from .backend_manager import BackendManager
 from .classes import resources_dir
 from .processing_provider import FarslipProvider
 from .settings import PluginSettings
+from .i18n import tr
 
 MENU = "&FarSLIP"
 
@@ -35,11 +36,11 @@ class FarslipPlugin:
         if not QgsApplication.processingRegistry().addProvider(self.provider):
             self.provider = None  # another copy of the plugin registered "farslip"; the registry deleted ours
 
-        self.dock_action = QAction(self.icon(), "FarSLIP segmentation", self.iface.mainWindow())
+        self.dock_action = QAction(self.icon(), tr("FarSLIP segmentation"), self.iface.mainWindow())
         self.dock_action.setCheckable(True)
-        self.dock_action.setToolTip("Segment a raster by typing class names (FarSLIP)")
+        self.dock_action.setToolTip(tr("Segment a raster by typing class names (FarSLIP)"))
         self.dock_action.toggled.connect(self.show_dock)
-        self.settings_action = QAction("FarSLIP settings...", self.iface.mainWindow())
+        self.settings_action = QAction(tr("FarSLIP settings..."), self.iface.mainWindow())
         self.settings_action.triggered.connect(self.show_settings)
         self.iface.addToolBarIcon(self.dock_action)
         for action in (self.dock_action, self.settings_action):
@@ -52,6 +53,8 @@ class FarslipPlugin:
 
             self.dock = FarslipDock(self.iface, self.manager, parent=self.iface.mainWindow())
             self.dock.form.settingsButton.clicked.connect(self.show_settings)
+            self.dock.settingsRequested.connect(self.show_settings)
+            self.dock.installRequested.connect(self.show_installer)
             self.dock.visibilityChanged.connect(self.dock_action.setChecked)
             self.iface.addDockWidget(Qt.RightDockWidgetArea, self.dock)
         return self.dock
@@ -79,6 +82,17 @@ class FarslipPlugin:
                 self.manager.stop()
                 if self.dock is not None and self.dock.isVisible():
                     self.manager.ensure()
+
+    def show_installer(self) -> None:
+        from .installer_dialog import InstallerDialog
+
+        dialog = InstallerDialog(self.iface.mainWindow())
+        if dialog.exec_() and dialog.installed_command:
+            settings = PluginSettings.load()
+            settings.backend_command = dialog.installed_command
+            settings.save()
+            self.manager.stop()
+            self.manager.ensure()
 
     def unload(self):
         if self.dock is not None:

@@ -1,4 +1,4 @@
-"""Processing provider: "Segment raster by class names", for batch mode and the graphical modeler."""
+"""Processing provider: tr("Segment raster by class names"), for batch mode and the graphical modeler."""
 
 from __future__ import annotations
 
@@ -11,22 +11,31 @@ from qgis.core import (
     QgsProcessingAlgorithm,
     QgsProcessingException,
     QgsProcessingLayerPostProcessorInterface,
+    QgsProcessingOutputFolder,
+    QgsProcessingParameterEnum,
     QgsProcessingParameterExtent,
+    QgsProcessingParameterField,
     QgsProcessingParameterNumber,
     QgsProcessingParameterRasterLayer,
     QgsProcessingParameterString,
     QgsProcessingParameterVectorDestination,
+    QgsProcessingParameterVectorLayer,
     QgsProcessingProvider,
 )
 from qgis.PyQt.QtGui import QIcon
 
 from .backend_manager import BackendManager
-from .classes import parse_class_text, resources_dir
+from .classes import bundled_presets, parse_class_text, resources_dir
 from .client import BackendClient, BackendError
 from .extent import crs_text, export_size, local_raster_path, write_geotiff
 from .jobs import JobCancelled, run_job
+from .parameters import SegmentParameters, safe_name
 from .results import categorized_renderer
+from .settings import PluginSettings
+from .train_tab import METHODS, default_models_dir, labels_file, metrics_text
+from .i18n import tr
 
+NO_PRESET = "(none: the classes typed below)"
 # Post-processors must outlive processAlgorithm; QGIS calls them after the run, in the GUI thread.
 _POST_PROCESSORS: list[StyleResult] = []
 
@@ -47,8 +56,35 @@ class StyleResult(QgsProcessingLayerPostProcessorInterface):
             layer.triggerRepaint()
 
 
+def run_backend_job(manager: BackendManager | None, kind: str, request: dict, feedback,
+                    output_paths: list[str]) -> dict:
+    """Run one backend job for an algorithm: progress and messages to the feedback, cancel honoured."""
+    if manager is None:
+        raise QgsProcessingException(tr("The FarSLIP plugin is not loaded."))
+    try:
+        connection = manager.wait_ready(should_cancel=feedback.isCanceled)
+        feedback.pushInfo(f"FarSLIP backend at {connection.url}")
+        last_message = []
+
+        def on_update(job):
+            feedback.setProgress(100.0 * float(job.get("progress") or 0.0))
+            message = job.get("message")
+            if message and message not in last_message[-1:]:
+                last_message.append(message)
+                feedback.setProgressText(message)
+                if kind == "train":
+                    feedback.pushInfo(message)
+
+        return run_job(BackendClient(connection), kind, request, on_update, feedback.isCanceled, output_paths)
+    except JobCancelled:
+        raise QgsProcessingException(tr("Cancelled; nothing was written.")) from None
+    except BackendError as error:
+        raise QgsProcessingException(str(error)) from None
+
+
 class SegmentByClassNames(QgsProcessingAlgorithm):
     INPUT, EXTENT, CLASSES, MODEL, THRESHOLD, OUTPUT = "INPUT", "EXTENT", "CLASSES", "MODEL", "THRESHOLD", "OUTPUT"
+    PRESET = "PRESET"
 
     def __init__(self, manager_getter: Callable[[], BackendManager | None]):
         super().__init__()
@@ -61,49 +97,60 @@ class SegmentByClassNames(QgsProcessingAlgorithm):
         return "segment_by_class_names"
 
     def displayName(self):
-        return "Segment raster by class names"
+        return tr("Segment raster by class names")
 
     def shortHelpString(self):
-        return ("Open-vocabulary segmentation with FarSLIP: type the classes, one per line (commas separate "
-                "synonyms, e.g. 'road, parking lot'), and get a polygon layer with the fields class, "
-                "class_id, score_mean, score_max and area_m2, in the raster's CRS. The FarSLIP backend runs "
-                "in its own process; the plugin starts it when needed.")
+        return tr("Open-vocabulary segmentation with FarSLIP: type the classes, one per line (commas separate "
+                  "synonyms, e.g. 'road, parking lot'), or choose a preset, and get a polygon layer with the "
+                  "fields class, class_id, score_mean, score_max and area_m2, in the raster's CRS. The FarSLIP "
+                  "backend runs in its own process; the plugin starts it when needed.")
 
     def icon(self):
         return icon()
 
     def initAlgorithm(self, config=None):
-        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Raster layer"))
-        self.addParameter(QgsProcessingParameterExtent(self.EXTENT, "Extent (default: the whole raster)",
+        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, tr("Raster layer")))
+        self.addParameter(QgsProcessingParameterExtent(self.EXTENT, tr("Extent (default: the whole raster)"),
                                                        optional=True))
-        self.addParameter(QgsProcessingParameterString(self.CLASSES, "Classes, one per line", multiLine=True))
+        self.presets = bundled_presets()
+        self.addParameter(QgsProcessingParameterEnum(
+            self.PRESET, tr("Preset (used when no classes are typed)"), [NO_PRESET, *sorted(self.presets)],
+            defaultValue=0, optional=True))
+        self.addParameter(QgsProcessingParameterString(self.CLASSES, tr("Classes, one per line"), multiLine=True,
+                                                       optional=True))
         self.addParameter(QgsProcessingParameterString(
-            self.MODEL, "Model (name, checkpoint file or fine-tuned model folder; empty: the default)",
+            self.MODEL,
+            tr("Model (name, checkpoint file or fine-tuned model folder; empty: Settings -> Default model)"),
             optional=True))
         self.addParameter(QgsProcessingParameterNumber(
-            self.THRESHOLD, "Score threshold (pixels below it stay unclassified)",
+            self.THRESHOLD, tr("Score threshold (pixels below it stay unclassified)"),
             QgsProcessingParameterNumber.Double, 0.0, minValue=0.0, maxValue=1.0))
         self.addParameter(QgsProcessingParameterVectorDestination(
-            self.OUTPUT, "Segmented polygons", QgsProcessing.TypeVectorPolygon))
+            self.OUTPUT, tr("Segmented polygons"), QgsProcessing.TypeVectorPolygon))
 
     def processAlgorithm(self, parameters, context, feedback):
         layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
         if layer is None or not layer.isValid():
-            raise QgsProcessingException("The raster layer cannot be opened.")
+            raise QgsProcessingException(tr("The raster layer cannot be opened."))
         class_lines = parse_class_text(self.parameterAsString(parameters, self.CLASSES, context))
+        preset_index = self.parameterAsEnum(parameters, self.PRESET, context)
+        preset = sorted(self.presets)[preset_index - 1] if preset_index > 0 else None
+        if not class_lines and preset:
+            class_lines = list(self.presets[preset])
         if not class_lines:
-            raise QgsProcessingException("Give at least one class name (one per line).")
+            raise QgsProcessingException(tr("Give at least one class name (one per line), or choose a preset."))
         out = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
-        request: dict = {"class_lines": class_lines,
-                         "model": self.parameterAsString(parameters, self.MODEL, context).strip() or None,
-                         "threshold": self.parameterAsDouble(parameters, self.THRESHOLD, context),
-                         "out": out, "overwrite": True}
+        # An empty model means the one chosen in the FarSLIP settings, as in the dock.
+        model = self.parameterAsString(parameters, self.MODEL, context).strip() or PluginSettings.load().default_model
+        segment = SegmentParameters(class_lines=class_lines, out=out, model=model or None,
+                                    threshold=self.parameterAsDouble(parameters, self.THRESHOLD, context),
+                                    overwrite=True)
 
         extent = None
         if parameters.get(self.EXTENT):
             extent = self.parameterAsExtent(parameters, self.EXTENT, context, layer.crs()).intersect(layer.extent())
             if extent.isEmpty():
-                raise QgsProcessingException(f"The extent does not overlap the raster {layer.name()}.")
+                raise QgsProcessingException(tr("The extent does not overlap the raster {}.").format(layer.name()))
         path = local_raster_path(layer)
         if path is None:
             # A WMS/XYZ/virtual layer: the backend reads files, so write the extent to a GeoTIFF first.
@@ -113,27 +160,14 @@ class SegmentByClassNames(QgsProcessingAlgorithm):
             feedback.pushInfo(f"Writing {layer.name()} ({size[0]} x {size[1]} px) to {path}")
             write_geotiff(layer.dataProvider().clone(), extent, size, layer.crs(), path)
         elif extent is not None:
-            request["bbox"] = [extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum()]
-            request["bbox_crs"] = crs_text(layer.crs())
-        request["raster"] = path
+            segment.bbox = [extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum()]
+            segment.bbox_crs = crs_text(layer.crs())
+        segment.raster = path
+        if segment.model:
+            feedback.pushInfo(f"Model: {segment.model}")
 
-        manager = self.manager_getter()
-        if manager is None:
-            raise QgsProcessingException("The FarSLIP plugin is not loaded.")
-        try:
-            connection = manager.wait_ready(should_cancel=feedback.isCanceled)
-            feedback.pushInfo(f"FarSLIP backend at {connection.url}")
-
-            def on_update(job):
-                feedback.setProgress(100.0 * float(job.get("progress") or 0.0))
-                if job.get("message"):
-                    feedback.setProgressText(job["message"])
-
-            job = run_job(BackendClient(connection), "segment", request, on_update, feedback.isCanceled, [out])
-        except JobCancelled:
-            raise QgsProcessingException("Cancelled; nothing was written.") from None
-        except BackendError as error:
-            raise QgsProcessingException(str(error)) from None
+        job = run_backend_job(self.manager_getter(), "segment", segment.request(), feedback,
+                              segment.output_paths())
 
         classes = [(str(item["class"]), int(item["class_id"])) for item in (job.get("result") or {}).get("classes", [])]
         for item in (job.get("result") or {}).get("classes", []):
@@ -143,6 +177,80 @@ class SegmentByClassNames(QgsProcessingAlgorithm):
             _POST_PROCESSORS.append(post_processor)
             context.layerToLoadOnCompletionDetails(out).setPostProcessor(post_processor)
         return {self.OUTPUT: out}
+
+
+class TrainOnLabels(QgsProcessingAlgorithm):
+    """Fine-tune a model on polygons labelled with their class; the Train tab's job, for models and batches."""
+
+    INPUT, LABELS, CLASS_FIELD, BACKGROUND = "INPUT", "LABELS", "CLASS_FIELD", "BACKGROUND"
+    BASE_MODEL, METHOD, EPOCHS, NAME, OUTPUT = "BASE_MODEL", "METHOD", "EPOCHS", "NAME", "OUTPUT"
+
+    def __init__(self, manager_getter: Callable[[], BackendManager | None]):
+        super().__init__()
+        self.manager_getter = manager_getter
+
+    def createInstance(self):
+        return TrainOnLabels(self.manager_getter)
+
+    def name(self):
+        return "train_on_labelled_polygons"
+
+    def displayName(self):
+        return tr("Fine-tune a model on labelled polygons")
+
+    def shortHelpString(self):
+        methods = "; ".join(f"{name}: {tr(text)}" for name, text in METHODS)
+        return tr("Fine-tunes a FarSLIP model on a raster and a polygon layer whose class field names each area's "
+                  "class. Methods: {} The new model is a folder in the backend's models folder; give it to "
+                  "'Segment raster by class names' as the model.").format(methods)
+
+    def icon(self):
+        return icon()
+
+    def initAlgorithm(self, config=None):
+        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, tr("Raster layer")))
+        self.addParameter(QgsProcessingParameterVectorLayer(self.LABELS, tr("Labelled polygons"),
+                                                            [QgsProcessing.TypeVectorPolygon]))
+        self.addParameter(QgsProcessingParameterField(self.CLASS_FIELD, tr("Class field"), parentLayerParameterName=
+                                                      self.LABELS))
+        self.addParameter(QgsProcessingParameterString(self.BACKGROUND, tr("Class for unlabelled pixels (optional)"),
+                                                       optional=True))
+        self.addParameter(QgsProcessingParameterString(
+            self.BASE_MODEL, tr("Base model (empty: Settings -> Default model)"), optional=True))
+        self.addParameter(QgsProcessingParameterEnum(self.METHOD, tr("Method"), [name for name, _ in METHODS],
+                                                     defaultValue=0))
+        self.addParameter(QgsProcessingParameterNumber(self.EPOCHS, tr("Epochs"), QgsProcessingParameterNumber.Integer,
+                                                       10, minValue=1, maxValue=1000))
+        self.addParameter(QgsProcessingParameterString(self.NAME, tr("Name of the new model")))
+        self.addOutput(QgsProcessingOutputFolder(self.OUTPUT, tr("Fine-tuned model folder")))
+
+    def processAlgorithm(self, parameters, context, feedback):
+        raster = self.parameterAsRasterLayer(parameters, self.INPUT, context)
+        path = local_raster_path(raster) if raster is not None else None
+        if path is None:
+            raise QgsProcessingException(tr("Training reads the raster from a file: choose a GeoTIFF layer."))
+        labels = self.parameterAsVectorLayer(parameters, self.LABELS, context)
+        class_field = self.parameterAsString(parameters, self.CLASS_FIELD, context)
+        name = safe_name(self.parameterAsString(parameters, self.NAME, context).strip())
+        out = os.path.join(default_models_dir(), name)
+        if os.path.exists(out):
+            raise QgsProcessingException(
+                tr("A model called {} exists already ({}); choose another name.").format(name, out))
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        request = {"raster": path, "labels": labels_file(labels, class_field, lambda: tempfile.mkdtemp(
+                       prefix="farslip-train-")),
+                   "class_field": class_field, "out": out,
+                   "base_model": (self.parameterAsString(parameters, self.BASE_MODEL, context).strip()
+                                  or PluginSettings.load().default_model or None),
+                   "method": METHODS[self.parameterAsEnum(parameters, self.METHOD, context)][0],
+                   "epochs": self.parameterAsInt(parameters, self.EPOCHS, context),
+                   "background": self.parameterAsString(parameters, self.BACKGROUND, context).strip() or None}
+        job = run_backend_job(self.manager_getter(), "train", request, feedback, [])
+        model_dir = ((job.get("result") or {}).get("outputs") or {}).get("model_dir") or out
+        summary = metrics_text(job.get("result") or {})
+        if summary:
+            feedback.pushInfo(summary)
+        return {self.OUTPUT: model_dir}
 
 
 class FarslipProvider(QgsProcessingProvider):
@@ -161,6 +269,7 @@ class FarslipProvider(QgsProcessingProvider):
 
     def loadAlgorithms(self):
         self.addAlgorithm(SegmentByClassNames(self.manager_getter))
+        self.addAlgorithm(TrainOnLabels(self.manager_getter))
 
     def supportedOutputVectorLayerExtensions(self):
         return ["gpkg", "shp", "geojson", "fgb"]

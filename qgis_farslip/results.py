@@ -1,4 +1,4 @@
-"""Result layers: load the backend's outputs above the raster, style them, export them."""
+"""Result layers: load the backend's outputs on top of the layer tree, style them, export them."""
 
 from __future__ import annotations
 
@@ -8,19 +8,29 @@ from collections.abc import Sequence
 
 from qgis.core import (
     QgsCategorizedSymbolRenderer,
+    QgsColorRampShader,
     QgsFillSymbol,
+    QgsGradientColorRamp,
     QgsLayerTreeGroup,
     QgsMapLayer,
     QgsPalettedRasterRenderer,
     QgsProject,
     QgsRasterLayer,
+    QgsRasterShader,
     QgsRendererCategory,
-    QgsVectorFileWriter,
+    QgsSingleBandPseudoColorRenderer,
     QgsVectorLayer,
 )
+from qgis.PyQt import sip
+from qgis.PyQt.QtCore import QObject
 from qgis.PyQt.QtGui import QColor
+from .i18n import tr
 
 CLASS_FIELD = "class"
+# The fill lets the imagery show through; the outline keeps each polygon's edge readable.
+FILL_ALPHA = 110
+OUTLINE_WIDTH_MM = "0.4"
+NAME_CLASSES_SHOWN = 3
 
 # Colours people expect for common land-cover words; anything else gets a palette colour from its name.
 KEYWORD_COLOURS = (
@@ -68,14 +78,59 @@ def result_classes(job: dict) -> list[tuple[str, int]]:
     return [(str(item["class"]), int(item["class_id"])) for item in classes]
 
 
+
+
+def class_symbol(colour: QColor) -> QgsFillSymbol:
+    """A semi-transparent fill in the class colour with an opaque, darker outline of the same hue."""
+    fill = QColor(colour)
+    fill.setAlpha(FILL_ALPHA)
+    outline = colour.darker(130)
+    return QgsFillSymbol.createSimple({
+        "color": ",".join(str(part) for part in (fill.red(), fill.green(), fill.blue(), fill.alpha())),
+        "outline_color": outline.name(), "outline_width": OUTLINE_WIDTH_MM, "outline_width_unit": "MM"})
+
+
 def categorized_renderer(classes: Sequence[tuple[str, int]]) -> QgsCategorizedSymbolRenderer:
     colours = class_colours([name for name, _ in classes])
-    categories = []
-    for name, _class_id in classes:
-        symbol = QgsFillSymbol.createSimple({"color": colours[name].name(), "outline_color": "35,35,35,180",
-                                             "outline_width": "0.1"})
-        categories.append(QgsRendererCategory(name, symbol, name))
+    categories = [QgsRendererCategory(name, class_symbol(colours[name]), name) for name, _class_id in classes]
     return QgsCategorizedSymbolRenderer(CLASS_FIELD, categories)
+
+
+def result_name(preset: str | None, class_names: Sequence[str], when: str) -> str:
+    """'landcover 14:05:31' or 'water, grass, road +2 14:05:31': what was asked for, and when."""
+    if preset:
+        label = preset
+    else:
+        label = ", ".join(class_names[:NAME_CLASSES_SHOWN])
+        if len(class_names) > NAME_CLASSES_SHOWN:
+            label += f" +{len(class_names) - NAME_CLASSES_SHOWN}"
+    return f"{label or 'FarSLIP'} {when}"
+
+
+def probability_renderer(layer: QgsRasterLayer, band: int, colour: QColor) -> QgsSingleBandPseudoColorRenderer:
+    """One class's probability (0-1) as a pseudocolour ramp, transparent at 0, the class colour at 1."""
+    clear = QColor(colour)
+    clear.setAlpha(0)
+    ramp = QgsGradientColorRamp(clear, QColor(colour))
+    shader_function = QgsColorRampShader(0.0, 1.0, ramp)
+    shader_function.classifyColorRamp(5, band)
+    shader = QgsRasterShader(0.0, 1.0)
+    shader.setRasterShaderFunction(shader_function)
+    renderer = QgsSingleBandPseudoColorRenderer(layer.dataProvider(), band, shader)
+    renderer.setClassificationMin(0.0)
+    renderer.setClassificationMax(1.0)
+    return renderer
+
+
+def style_probability_layer(layer: QgsRasterLayer, class_name: str, classes: Sequence[tuple[str, int]]) -> None:
+    """Show the band of `class_name` (bands are in the order the classes were asked for)."""
+    names = [name for name, _ in classes]
+    if class_name not in names:
+        raise ValueError(f"{class_name!r} is not one of the classes of {layer.name()}.")
+    colours = class_colours(names)
+    layer.setRenderer(probability_renderer(layer, names.index(class_name) + 1, colours[class_name]))
+    layer.setCustomProperty("farslip/probability_class", class_name)
+    layer.triggerRepaint()
 
 
 def paletted_renderer(layer: QgsRasterLayer, classes: Sequence[tuple[str, int]]) -> QgsPalettedRasterRenderer:
@@ -84,66 +139,82 @@ def paletted_renderer(layer: QgsRasterLayer, classes: Sequence[tuple[str, int]])
     return QgsPalettedRasterRenderer(layer.dataProvider(), 1, entries)
 
 
-def _insert_above(layer: QgsMapLayer, anchor: QgsMapLayer | None, project: QgsProject) -> None:
-    """Add `layer` to the project directly above `anchor` in the layer tree (on top if no anchor)."""
-    project.addMapLayer(layer, False)
+RESULTS_GROUP = "FarSLIP results"
+
+
+def results_group(project: QgsProject) -> QgsLayerTreeGroup:
+    """The "FarSLIP results" group at the top of the layer tree (created there the first time)."""
     root = project.layerTreeRoot()
-    node = root.findLayer(anchor.id()) if anchor is not None else None
-    parent = node.parent() if node is not None else root
-    if not isinstance(parent, QgsLayerTreeGroup):
-        parent = root
-    index = parent.children().index(node) if node is not None else 0
-    parent.insertLayer(index, layer)
+    group = root.findGroup(RESULTS_GROUP)
+    if group is None:
+        group = root.insertGroup(0, RESULTS_GROUP)
+    return group
 
 
-def load_segment_result(job: dict, raster_layer: QgsMapLayer | None, name: str,
-                        project: QgsProject | None = None) -> list[QgsMapLayer]:
-    """Add the vector (and the optional rasters) of a finished job above the raster; return them, top first."""
+def add_on_top(layer: QgsMapLayer, project: QgsProject) -> None:
+    """Add `layer` as the first (top) layer of the results group, so the newest result is drawn above all."""
+    project.addMapLayer(layer, False)
+    group = results_group(project)
+    group.insertLayer(0, layer)
+    group.setItemVisibilityChecked(True)
+    group.setExpanded(True)
+
+
+def load_segment_result(job: dict, name: str, project: QgsProject | None = None) -> list[QgsMapLayer]:
+    """Add the vector (and the optional rasters) of a finished job on top; return them, top first."""
     project = project or QgsProject.instance()
     outputs = (job.get("result") or {}).get("outputs") or {}
     classes = result_classes(job)
+    vector_path = outputs.get("vector")
+    if not vector_path or not os.path.isfile(vector_path):
+        raise RuntimeError(tr("The backend reported success but its output {} is missing.").format(vector_path))
+    vector = QgsVectorLayer(vector_path, name, "ogr")
+    if not vector.isValid():
+        raise RuntimeError(tr("QGIS cannot open the result {}.").format(vector_path))
     added: list[QgsMapLayer] = []
-    for key, title in (("prob_raster", "probabilities"), ("class_raster", "classes")):
+    for key, title in (("prob_raster", tr("probabilities")), ("class_raster", tr("classes"))):
         path = outputs.get(key)
         if path and os.path.isfile(path):
             raster = QgsRasterLayer(path, f"{name} {title}")
             if raster.isValid():
                 if key == "class_raster" and classes:
                     raster.setRenderer(paletted_renderer(raster, classes))
-                _insert_above(raster, raster_layer, project)
+                elif classes:
+                    style_probability_layer(raster, classes[0][0], classes)
+                raster.setCustomProperty("farslip/kind", key)
+                add_on_top(raster, project)
                 added.insert(0, raster)
-    vector_path = outputs.get("vector")
-    if not vector_path or not os.path.isfile(vector_path):
-        raise RuntimeError(f"The backend reported success but its output {vector_path} is missing.")
-    vector = QgsVectorLayer(vector_path, name, "ogr")
-    if not vector.isValid():
-        raise RuntimeError(f"QGIS cannot open the result {vector_path}.")
     if classes:
         vector.setRenderer(categorized_renderer(classes))
     vector.setCustomProperty("farslip/run_id", (job.get("result") or {}).get("run_id") or "")
     vector.setCustomProperty("farslip/job_id", job.get("id") or "")
-    _insert_above(vector, added[-1] if added else raster_layer, project)
+    vector.setCustomProperty("farslip/kind", "vector")
+    add_on_top(vector, project)
     added.insert(0, vector)
     return added
 
 
-def driver_for(path: str) -> str:
-    extension = os.path.splitext(path)[1].lower()
-    drivers = {".shp": "ESRI Shapefile", ".gpkg": "GPKG", ".geojson": "GeoJSON", ".fgb": "FlatGeobuf"}
-    if extension not in drivers:
-        raise ValueError(f"Cannot export to {path}: choose a .shp or .gpkg file.")
-    return drivers[extension]
+class ProbabilityChoice(QObject):
+    """The "Show probability of" combo: which class band the latest probability raster shows."""
 
+    def __init__(self, combo, parent=None):
+        super().__init__(parent)
+        self.combo = combo
+        self.layer: QgsRasterLayer | None = None
+        self.classes: list[tuple[str, int]] = []
+        combo.currentTextChanged.connect(self._chosen)
 
-def export_vector_layer(layer: QgsVectorLayer, path: str) -> str:
-    """Write the layer as a shapefile or GeoPackage (by the file's extension), in its own CRS."""
-    options = QgsVectorFileWriter.SaveVectorOptions()
-    options.driverName = driver_for(path)
-    options.fileEncoding = "UTF-8"
-    options.layerName = os.path.splitext(os.path.basename(path))[0]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(
-        layer, path, QgsProject.instance().transformContext(), options)
-    if error != QgsVectorFileWriter.NoError:
-        raise RuntimeError(f"Export to {path} failed: {message}")
-    return path
+    def offer(self, layers: Sequence[QgsMapLayer], classes: Sequence[tuple[str, int]]) -> None:
+        self.layer = next((layer for layer in layers if isinstance(layer, QgsRasterLayer)
+                           and layer.customProperty("farslip/kind") == "prob_raster"), None)
+        self.classes = list(classes)
+        self.combo.blockSignals(True)
+        self.combo.clear()
+        if self.layer is not None:
+            self.combo.addItems([name for name, _ in self.classes])
+        self.combo.blockSignals(False)
+        self.combo.setEnabled(self.combo.count() > 0)
+
+    def _chosen(self, name: str) -> None:
+        if self.layer is not None and not sip.isdeleted(self.layer) and name:
+            style_probability_layer(self.layer, name, self.classes)

@@ -16,6 +16,19 @@ def default_output_folder() -> str:
     return os.path.join(documents, "FarSLIP")
 
 
+def backend_home() -> str:
+    """The backend's state folder (its default FARSLIP_HOME): connection file, logs, fine-tuned models."""
+    home = os.environ.get("FARSLIP_HOME")
+    if not home:
+        data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+        home = os.path.join(data, "farslip")
+    return os.path.expanduser(home)
+
+
+def backend_log_file() -> str:
+    return os.path.join(backend_home(), "logs", "backend.log")
+
+
 @dataclass
 class PluginSettings:
     backend_command: str = ""   # a `farslip` executable or the Python of the backend's environment; "" = find it

@@ -8,6 +8,7 @@ from qgis.PyQt import uic
 from qgis.PyQt.QtWidgets import QDialog, QFileDialog
 
 from .settings import PluginSettings, default_output_folder
+from .i18n import tr
 
 FORM, _ = uic.loadUiType(os.path.join(os.path.dirname(__file__), "ui", "settings_dialog.ui"))
 
@@ -40,19 +41,19 @@ class SettingsDialog(QDialog, FORM):
         )
 
     def _browse_command(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "The farslip executable or the backend's Python",
+        path, _ = QFileDialog.getOpenFileName(self, tr("The farslip executable or the backend's Python"),
                                               self.commandEdit.text())
         if path:
             self.commandEdit.setText(path)
 
     def _browse_connection_file(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Connection file written by farslip serve",
+        path, _ = QFileDialog.getOpenFileName(self, tr("Connection file written by farslip serve"),
                                               self.connectionFileEdit.text(), "JSON (*.json)")
         if path:
             self.connectionFileEdit.setText(path)
 
     def _browse_output_folder(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Folder for FarSLIP results",
+        path = QFileDialog.getExistingDirectory(self, tr("Folder for FarSLIP results"),
                                                 self.outputFolderEdit.text() or default_output_folder())
         if path:
             self.outputFolderEdit.setText(path)

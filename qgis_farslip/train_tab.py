@@ -5,25 +5,25 @@ from __future__ import annotations
 import html
 import os
 import re
-import shutil
-import tempfile
 import time
 from typing import Any, Callable
 
 from qgis.core import (
     Qgis,
-    QgsApplication,
+    QgsMapLayerProxyModel,
     QgsProviderRegistry,
     QgsRasterLayer,
     QgsVectorFileWriter,
     QgsVectorLayer,
 )
-from qgis.PyQt.QtCore import QObject, pyqtSignal
+from qgis.PyQt.QtCore import QObject, Qt, pyqtSignal
 
 from .backend_manager import log
 from .extent import local_raster_path, transform_extent
-from .jobs import JobTask
-from .settings import PluginSettings
+from .job_runner import JobRunner
+from .jobs import eta_text
+from .settings import PluginSettings, backend_home
+from .i18n import tr
 
 SINGLE_LAYER_FORMATS = (".shp", ".geojson", ".json", ".fgb", ".kml", ".gml")
 
@@ -37,11 +37,7 @@ def default_models_dir() -> str:
     explicit = os.environ.get("FARSLIP_MODELS")
     if explicit:
         return os.path.expanduser(explicit)
-    home = os.environ.get("FARSLIP_HOME")
-    if not home:
-        data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-        home = os.path.join(data, "farslip")
-    return os.path.join(os.path.expanduser(home), "models")
+    return os.path.join(backend_home(), "models")
 
 
 def labels_file(layer: QgsVectorLayer, class_field: str, folder_maker: Callable[[], str]) -> str:
@@ -77,6 +73,15 @@ def metrics_text(result: dict) -> str:
     return f"Validation mIoU: {percent(before)} before, {percent(after)} after fine-tuning."
 
 
+METHODS = (
+    ("lora", "Small trainable adapters beside the frozen model: fast, little memory, the usual choice."),
+    ("last-blocks", "Retrains the last transformer blocks of the image encoder: more change, more memory."),
+    ("full", "Retrains every weight: slowest, needs the most labels and memory."),
+)
+
+
+
+
 class TrainTab(QObject):
     trainFinished = pyqtSignal(str)  # "done", "failed" or "cancelled"
 
@@ -85,41 +90,62 @@ class TrainTab(QObject):
         self.dock = dock
         self.form = dock.form
         self.settings_loader = settings_loader
-        self.task: JobTask | None = None
+        self.runner = JobRunner(self.form.trainProgressBar, [self.form.trainButton], self.form.trainCancelButton,
+                                self)
+        self.runner.updated.connect(self._job_updated)
+        self.runner.finished.connect(self._job_finished)
         self.last_model_dir = ""
         self.last_error = ""
         self._last_message = ""
-        self._temporary_dirs: list[str] = []
+        for method, help_text in METHODS:
+            self.form.methodCombo.addItem(method, method)
+            self.form.methodCombo.setItemData(self.form.methodCombo.count() - 1, tr(help_text), Qt.ToolTipRole)
+        self.form.labelsCombo.setFilters(QgsMapLayerProxyModel.PolygonLayer)
+        self.form.trainRasterCombo.setFilters(QgsMapLayerProxyModel.RasterLayer)
         self.form.labelsCombo.layerChanged.connect(self.form.classFieldCombo.setLayer)
         self.form.classFieldCombo.setLayer(self.form.labelsCombo.currentLayer())
         self.form.trainButton.clicked.connect(self.train)
         self.form.trainCancelButton.clicked.connect(self.cancel)
 
-    def _temporary_dir(self) -> str:
-        folder = tempfile.mkdtemp(prefix="farslip-train-")
-        self._temporary_dirs.append(folder)
-        return folder
+    @property
+    def task(self):
+        return self.runner.task
+
+    def set_base_models(self, models_combo) -> None:
+        """The Segment tab's model list, keeping the base model the user chose or typed."""
+        combo = self.form.baseModelCombo
+        current = combo.currentText()
+        combo.clear()
+        for index in range(models_combo.count()):
+            combo.addItem(models_combo.itemText(index), models_combo.itemData(index))
+            source = models_combo.model().item(index)
+            combo.model().item(index).setFlags(source.flags())
+        found = combo.findText(current)
+        if found >= 0:
+            combo.setCurrentIndex(found)
+        else:
+            combo.setEditText(current)
 
     def build_request(self) -> tuple[dict[str, Any], Callable | None, str]:
         form = self.form
         raster = form.trainRasterCombo.currentLayer()
         if not isinstance(raster, QgsRasterLayer) or not raster.isValid():
-            raise UserError("Choose the raster to train on.")
+            raise UserError(tr("Choose the raster to train on."))
         labels = form.labelsCombo.currentLayer()
         if not isinstance(labels, QgsVectorLayer) or not labels.isValid():
-            raise UserError("Choose a polygon layer with labelled areas.")
+            raise UserError(tr("Choose a polygon layer with labelled areas."))
         class_field = form.classFieldCombo.currentField()
         if not class_field:
-            raise UserError(f"Choose the field of {labels.name()} that holds the class names.")
+            raise UserError(tr("Choose the field of {} that holds the class names.").format(labels.name()))
         name = form.modelNameEdit.text().strip() or f"{raster.name()}-{time.strftime('%Y%m%d-%H%M')}"
         name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.")
         out = os.path.join(default_models_dir(), name)
         if os.path.exists(out):
-            raise UserError(f"A model called {name} exists already ({out}); choose another name.")
+            raise UserError(tr("A model called {} exists already ({}); choose another name.").format(name, out))
         os.makedirs(os.path.dirname(out), exist_ok=True)
         request: dict[str, Any] = {
-            "labels": labels_file(labels, class_field, self._temporary_dir), "class_field": class_field,
-            "out": out, "base_model": self._base_model(), "method": form.methodCombo.currentText(),
+            "labels": labels_file(labels, class_field, self.runner.temporary_dir), "class_field": class_field,
+            "out": out, "base_model": self._base_model(), "method": form.methodCombo.currentData(),
             "epochs": int(form.epochsSpin.value()),
             "background": form.backgroundEdit.text().strip() or None}
         prepare = None
@@ -129,7 +155,8 @@ class TrainTab(QObject):
         else:
             extent = transform_extent(labels.extent(), labels.crs(), raster.crs()).intersect(raster.extent())
             if extent.isEmpty():
-                raise UserError(f"The labels of {labels.name()} do not overlap the raster {raster.name()}.")
+                raise UserError(tr("The labels of {} do not overlap the raster {}.").format(labels.name(),
+                                                                                          raster.name()))
             prepare = self.dock._local_copy_step(raster, extent)
         return request, prepare, out
 
@@ -137,9 +164,10 @@ class TrainTab(QObject):
         return self.dock.chosen_model(self.form.baseModelCombo)
 
     def train(self) -> None:
-        if self.task is not None:
+        if self.runner.running:
             return
         self.last_error = ""
+        self.form.trainProgressBar.setFormat("%p%")
         try:
             request, prepare, out = self.build_request()
         except UserError as error:
@@ -147,33 +175,21 @@ class TrainTab(QObject):
             self.trainFinished.emit("failed")
             return
         if self.dock.manager.state != "ready" or self.dock.manager.connection is None:
-            self._show("The FarSLIP backend is not connected; press Connect below.", error=True)
+            self._show(tr("The FarSLIP backend is not connected; press Connect below."), error=True)
             self.dock.manager.ensure()
             self.trainFinished.emit("failed")
             return
         self.form.trainLog.clear()
         self._last_message = ""
-        task = JobTask(f"FarSLIP: training {os.path.basename(out)}", self.dock.manager.connection, "train",
-                       request, prepare)
-        task.jobUpdated.connect(self._job_updated)
-        task.succeeded.connect(self._job_done)
-        task.failedWith.connect(self._job_failed)
-        task.cancelledJob.connect(self._job_cancelled)
-        self.task = task
-        self._set_running(True)
-        self.form.trainProgressBar.setValue(0)
-        self._show(f"Training {os.path.basename(out)} from {request['base_model'] or 'the default model'} "
-                   f"({request['method']}, {request['epochs']} epochs)...")
-        QgsApplication.taskManager().addTask(task)
+        self._show(tr("Training {} from {} ({}, {} epochs)...").format(
+            os.path.basename(out), request["base_model"] or tr("the default model"), request["method"],
+            request["epochs"]))
+        self.runner.start(tr("FarSLIP: training {}").format(os.path.basename(out)), self.dock.manager.connection,
+                          "train", request, prepare)
 
     def cancel(self) -> None:
-        if self.task is not None:
-            self._show("Cancelling...")
-            self.task.cancel()
-
-    def _set_running(self, running: bool) -> None:
-        self.form.trainButton.setEnabled(not running)
-        self.form.trainCancelButton.setEnabled(running)
+        if self.runner.cancel():
+            self._show(tr("Cancelling..."))
 
     def _show(self, text: str, error: bool = False) -> None:
         if error:
@@ -183,42 +199,34 @@ class TrainTab(QObject):
                                       else html.escape(text))
 
     def _job_updated(self, job: dict) -> None:
-        self.form.trainProgressBar.setValue(round(100 * float(job.get("progress") or 0.0)))
+        eta = eta_text({"eta_s": job.get("eta_s"), "state": job.get("state")})
+        self.form.trainProgressBar.setFormat("%p%" + (f" - {eta}" if job.get("eta_s") is not None else ""))
         message = job.get("message") or ""
-        if message and message != self._last_message:  # the backend's "epoch 2/5: loss ..., val mIoU ..."
-            self._last_message = message
+        if message and message != self._last_message and job.get("state") == "running":
+            self._last_message = message  # the backend's "epoch 2/5: loss ..., val mIoU ..."
             self._show(message)
 
-    def _finish(self, state: str) -> None:
-        self.task = None
-        self._set_running(False)
-        for folder in self._temporary_dirs:
-            shutil.rmtree(folder, ignore_errors=True)
-        self._temporary_dirs = []
+    def _job_finished(self, state: str, job: dict, error: str) -> None:
+        self.form.trainProgressBar.setFormat("%p%")
+        if state == "done":
+            self._job_done(job)
+        elif state == "cancelled":
+            self._show(tr("Cancelled; no model was written."))
+        else:
+            self._show(error, error=True)  # once: the failed job's message is not logged as progress
         self.trainFinished.emit(state)
 
     def _job_done(self, job: dict) -> None:
         result = job.get("result") or {}
         self.last_model_dir = (result.get("outputs") or {}).get("model_dir") or job["request"].get("out", "")
-        self.form.trainProgressBar.setValue(100)
         summary = metrics_text(result)
         if summary:
             self._show(summary)
         name = os.path.basename(self.last_model_dir.rstrip("/\\"))
-        self._show(f"Saved the model {name} in {self.last_model_dir}; it is in the model list of the "
-                   "Segment tab.")
+        self._show(tr("Saved the model {} in {}; it is in the model list of the Segment tab.").format(
+            name, self.last_model_dir))
         combo = self.form.modelCombo
         if combo.findData(name) < 0:
             combo.addItem(name, name)
         combo.setCurrentIndex(combo.findData(name))
         self.dock.refresh_backend_lists()
-        self._finish("done")
-
-    def _job_failed(self, message: str) -> None:
-        self._show(message, error=True)
-        self._finish("failed")
-
-    def _job_cancelled(self) -> None:
-        self.form.trainProgressBar.setValue(0)
-        self._show("Cancelled; no model was written.")
-        self._finish("cancelled")

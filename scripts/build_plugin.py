@@ -1,8 +1,9 @@
 """Build dist/qgis_farslip.zip, installable with QGIS's "Install from ZIP".
 
 The zip holds one folder, qgis_farslip/, with the plugin's Python and .ui files,
-metadata.txt, LICENSE, and resources/ (icons, class presets, QML styles).
-Standard library only, so `python3 scripts/build_plugin.py` works anywhere.
+metadata.txt, LICENSE, resources/ (icons, class presets, QML styles) and, with
+--wheel (as `make plugin` does), the backend's wheel in wheels/ for the plugin's
+"Install backend..." dialog. Standard library only, so it works with any python3.
 """
 
 from __future__ import annotations
@@ -45,8 +46,12 @@ def check_metadata(files: dict[str, Path]) -> None:
         raise SystemExit(f"metadata.txt names the icon {icon}, which is not in the zip")
 
 
-def build(out: Path, root: Path = ROOT) -> Path:
+def build(out: Path, root: Path = ROOT, wheel: Path | None = None) -> Path:
     files = plugin_files(root)
+    if wheel is not None:
+        if not wheel.is_file() or wheel.suffix != ".whl":
+            raise SystemExit(f"{wheel} is not a wheel file")
+        files[f"{PACKAGE}/wheels/{wheel.name}"] = wheel
     check_metadata(files)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_suffix(".zip.part")
@@ -60,8 +65,9 @@ def build(out: Path, root: Path = ROOT) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "dist" / f"{PACKAGE}.zip")
+    parser.add_argument("--wheel", type=Path, help="the backend wheel to ship inside the plugin")
     args = parser.parse_args()
-    out = build(args.out)
+    out = build(args.out, wheel=args.wheel)
     print(f"{out} ({out.stat().st_size // 1024} KiB)")
 
 

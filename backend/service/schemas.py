@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 JobState = Literal["queued", "running", "done", "failed", "cancelled", "interrupted"]
-JobKind = Literal["segment", "train", "index", "search"]
+JobKind = Literal["segment", "train", "index", "search", "download"]
 Attention = Literal["segearth", "clearclip", "sclip", "maskclip", "vanilla"]
 
 # Paths, names and class lines are short; these bounds keep a hostile body from
@@ -132,6 +132,12 @@ class SearchRequest(IndexRequest):
     max_overlap: float = Field(default=0.5, gt=0, le=1)
     out: str = PathText
     overwrite: bool = False
+
+
+class DownloadRequest(Strict):
+    """POST /v1/models/download: fetch a registry model's weights from the hub (a job with progress)."""
+
+    model: str = Field(min_length=1, max_length=200)
 
 
 class JobCreated(BaseModel):

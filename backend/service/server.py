@@ -35,6 +35,7 @@ from backend.engine.errors import FarslipError, InputError
 from backend.service.jobs import JobManager, JobStore, check_segment_call, is_job_id, segment_call
 from backend.service.schemas import (
     DeviceInfo,
+    DownloadRequest,
     ErrorBody,
     Health,
     Job,
@@ -278,6 +279,14 @@ def create_app(token: str, state_dir: Path, device: str | None = None,
         entries = [dict(entry, loaded=bool(loaded) and entry.get("name") == loaded) for entry in list_models()]
         return {"default": DEFAULT_MODEL, "models": entries}
 
+    @v1.post("/models/download", response_model=JobCreated, status_code=202)
+    def submit_download(body: DownloadRequest, request: Request):
+        from backend.service.downloads import check_download_request
+
+        check_download_request(body.model_dump())
+        job = manager_of(request).submit("download", body.model_dump(), [])
+        return JobCreated(job_id=job["id"], state=job["state"])
+
     @v1.get("/presets", response_model=PresetList)
     def presets():
         from backend.engine.presets import list_presets
@@ -331,10 +340,12 @@ def create_app(token: str, state_dir: Path, device: str | None = None,
 # --------------------------------------------------------------------------- job runners
 
 def default_runners() -> dict:
+    from backend.service.downloads import run_download
     from backend.service.jobs import run_segment, run_train
     from backend.service.search_jobs import run_index, run_search
 
-    return {"segment": run_segment, "train": run_train, "index": run_index, "search": run_search}
+    return {"segment": run_segment, "train": run_train, "index": run_index, "search": run_search,
+            "download": run_download}
 
 
 def check_train_request(request: TrainRequest) -> list[str]:

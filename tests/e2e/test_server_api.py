@@ -18,6 +18,7 @@ ENDPOINTS = [
     ("DELETE", "/v1/jobs/0123456789abcdef0123456789abcdef", None),
     ("POST", "/v1/segment", {"raster": "/x.tif", "class_lines": ["water"], "out": "/tmp/x.gpkg"}),
     ("POST", "/v1/train", {"raster": "/x.tif", "labels": "/l.gpkg", "class_field": "c", "out": "/tmp/m"}),
+    ("POST", "/v1/models/download", {"model": "clip-vit-b-16"}),
 ]
 
 

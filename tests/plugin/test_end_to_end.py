@@ -117,7 +117,7 @@ def test_cancel_leaves_no_layer_and_no_file(dock, tmp_path):
     states, updates = [], []
     dock.jobFinished.connect(states.append)
     dock.run()
-    dock.task.jobUpdated.connect(updates.append)
+    dock.runner.task.jobUpdated.connect(updates.append)
     wait_until(lambda: updates or states, 60, "the job to be submitted")
     dock.cancel()
     wait_until(lambda: states, 90, "the job to be cancelled")

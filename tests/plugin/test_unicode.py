@@ -51,18 +51,19 @@ def test_file_names_keep_every_script_and_are_safe_on_windows(farslip, text, ste
 
 def test_legend_and_export_keep_class_names_in_any_script(farslip, qgis_new_project, tmp_path):
     from qgis_farslip.filenames import safe_file_stem
-    from qgis_farslip.results import export_vector_layer, load_segment_result
+    from qgis_farslip.exporting import write_styled
+    from qgis_farslip.results import load_segment_result
 
     gpkg = write_result(str(tmp_path / "result.gpkg"))
     job = {"id": "j1", "result": {"outputs": {"vector": gpkg}, "run_id": "r1",
                                   "classes": [{"class": n, "class_id": i} for i, n in enumerate(NAMES)]}}
-    vector = load_segment_result(job, None, "FarSLIP 건물")[0]
+    vector = load_segment_result(job, "FarSLIP 건물")[0]
     labels = [category.label() for category in vector.renderer().categories()]
     assert labels == NAMES
     assert QgsProject.instance().mapLayersByName("FarSLIP 건물") == [vector]
     for suffix in (".shp", ".gpkg"):
         path = str(tmp_path / (safe_file_stem(vector.name()) + suffix))
-        export_vector_layer(vector, path)
+        write_styled(vector, path)
         back = QgsVectorLayer(path, "back", "ogr")
         assert back.isValid()
         assert sorted(f["class"] for f in back.getFeatures()) == sorted(NAMES)

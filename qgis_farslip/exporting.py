@@ -1,0 +1,140 @@
+"""Export a FarSLIP result with its style: a GeoPackage (style stored in it) or a shapefile (+ .qml).
+
+The dialog names the layer it exports (the latest result unless the user picks
+another) and can load the exported file, styled, into the project.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from qgis.core import QgsMapLayer, QgsProject, QgsVectorFileWriter, QgsVectorLayer
+from qgis.PyQt.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDialog,
+    QDialogButtonBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLineEdit,
+    QToolButton,
+)
+
+from .parameters import safe_name
+from .i18n import tr
+
+DRIVERS = {".shp": "ESRI Shapefile", ".gpkg": "GPKG"}
+FILTERS = "GeoPackage (*.gpkg);;ESRI Shapefile (*.shp)"
+
+
+
+
+def driver_for(path: str) -> str:
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in DRIVERS:
+        raise ValueError(tr("Cannot export to {}: choose a .shp or .gpkg file.").format(path))
+    return DRIVERS[extension]
+
+
+def result_layers(preferred: Sequence[QgsMapLayer] = ()) -> list[QgsVectorLayer]:
+    """FarSLIP polygon results in the project, the given (latest) ones first, then newest first."""
+    found = [layer for layer in QgsProject.instance().mapLayers().values()
+             if isinstance(layer, QgsVectorLayer) and layer.customProperty("farslip/run_id") is not None]
+    latest = [layer for layer in preferred if layer in found]
+    rest = sorted((layer for layer in found if layer not in latest), key=lambda layer: layer.name(), reverse=True)
+    return latest + rest
+
+
+def write_styled(layer: QgsVectorLayer, path: str) -> QgsVectorLayer:
+    """Write `layer` (in its own CRS) and its style; the written layer is returned, styled."""
+    options = QgsVectorFileWriter.SaveVectorOptions()
+    options.driverName = driver_for(path)
+    options.fileEncoding = "UTF-8"
+    options.layerName = os.path.splitext(os.path.basename(path))[0]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(
+        layer, path, QgsProject.instance().transformContext(), options)
+    if error != QgsVectorFileWriter.NoError:
+        raise RuntimeError(tr("Export to {} failed: {}").format(path, message))
+    written = QgsVectorLayer(path, options.layerName, "ogr")
+    if not written.isValid():
+        raise RuntimeError(tr("The exported file {} cannot be opened.").format(path))
+    written.setRenderer(layer.renderer().clone())
+    if options.driverName == "GPKG":
+        # Stored in the GeoPackage's layer_styles table as the default: QGIS applies it on every open.
+        failure = written.saveStyleToDatabase(options.layerName, tr("FarSLIP classes"), True, "")
+        if failure:
+            raise RuntimeError(tr("The style could not be saved in {}: {}").format(path, failure))
+    else:
+        qml = os.path.splitext(path)[0] + ".qml"  # QGIS loads a .qml of the same name with the shapefile
+        message, ok = written.saveNamedStyle(qml)
+        if not ok:
+            raise RuntimeError(tr("The style could not be saved as {}: {}").format(qml, message))
+    return written
+
+
+class ExportDialog(QDialog):
+    def __init__(self, latest: Sequence[QgsMapLayer], folder: str, parent=None):
+        super().__init__(parent)
+        self.setWindowTitle(tr("Export a FarSLIP result"))
+        self.folder = folder
+        self.layers = result_layers(latest)
+        self.layerCombo = QComboBox(self)
+        for layer in self.layers:
+            self.layerCombo.addItem(layer.name(), layer.id())
+        self.pathEdit = QLineEdit(self)
+        browse = QToolButton(self)
+        browse.setText(tr("Browse..."))
+        browse.clicked.connect(self._browse)
+        row = QHBoxLayout()
+        row.addWidget(self.pathEdit)
+        row.addWidget(browse)
+        self.loadCheck = QCheckBox(tr("Add the exported layer to the project"), self)
+        self.loadCheck.setChecked(True)
+        buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel, self)
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        form = QFormLayout(self)
+        form.addRow(tr("Layer"), self.layerCombo)
+        form.addRow(tr("File"), row)
+        form.addRow(self.loadCheck)
+        form.addRow(buttons)
+        self.layerCombo.currentIndexChanged.connect(self._suggest_path)
+        self._suggest_path()
+
+    def has_results(self) -> bool:
+        return bool(self.layers)
+
+    def chosen_layer(self) -> QgsVectorLayer | None:
+        return QgsProject.instance().mapLayer(self.layerCombo.currentData() or "")
+
+    def _suggest_path(self) -> None:
+        layer = self.chosen_layer()
+        if layer is not None:
+            self.pathEdit.setText(os.path.join(self.folder, safe_name(layer.name()) + ".gpkg"))
+
+    def _browse(self) -> None:
+        path, chosen_filter = QFileDialog.getSaveFileName(self, tr("Export the FarSLIP result"),
+                                                          self.pathEdit.text(), FILTERS)
+        if path:
+            if not os.path.splitext(path)[1]:
+                path += ".shp" if "shp" in chosen_filter else ".gpkg"
+            self.pathEdit.setText(path)
+
+    def export(self, path: str | None = None, layer: QgsVectorLayer | None = None) -> tuple[str | None, str]:
+        """(the written file or None, a sentence for the status line)."""
+        layer = layer or self.chosen_layer()
+        path = path or self.pathEdit.text().strip()
+        if layer is None:
+            return None, tr("There is no FarSLIP result to export yet; run a segmentation first.")
+        try:
+            written = write_styled(layer, path)
+        except (RuntimeError, ValueError) as error:
+            return None, str(error)
+        if self.loadCheck.isChecked():
+            written.setName(os.path.splitext(os.path.basename(path))[0])
+            QgsProject.instance().addMapLayer(written, False)
+            QgsProject.instance().layerTreeRoot().insertLayer(0, written)
+        return path, tr("Exported {} with its style to {}.").format(layer.name(), path)

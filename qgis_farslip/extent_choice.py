@@ -1,0 +1,82 @@
+"""The dock's extent row: map canvas, whole layer, or a rectangle drawn on the map, in any CRS."""
+
+from __future__ import annotations
+
+from qgis.core import QgsCoordinateReferenceSystem, QgsRasterLayer, QgsRectangle
+from qgis.PyQt import sip
+from qgis.PyQt.QtCore import QObject
+
+from .extent import transform_extent
+from .map_tool import RectangleMapTool
+from .i18n import tr
+
+EXTENT_CANVAS, EXTENT_LAYER, EXTENT_DRAWN = "canvas", "layer", "drawn"
+
+
+
+
+class ExtentError(ValueError):
+    """The extent cannot be used; the message says what to do."""
+
+
+class ExtentChoice(QObject):
+    def __init__(self, iface, combo, draw_button, parent=None):
+        super().__init__(parent)
+        self.iface = iface
+        self.canvas = iface.mapCanvas()
+        self.combo = combo
+        self.drawn: tuple[QgsRectangle, QgsCoordinateReferenceSystem] | None = None
+        self.map_tool = RectangleMapTool(self.canvas)
+        self.map_tool.extentDrawn.connect(self._drawn)
+        self._previous_tool = None
+        combo.addItem(tr("Map canvas"), EXTENT_CANVAS)
+        combo.addItem(tr("Whole layer"), EXTENT_LAYER)
+        combo.addItem(tr("Drawn rectangle"), EXTENT_DRAWN)
+        draw_button.clicked.connect(self.start_drawing)
+
+    def start_drawing(self) -> None:
+        self.combo.setCurrentIndex(self.combo.findData(EXTENT_DRAWN))
+        self._previous_tool = self.canvas.mapTool()
+        self.canvas.setMapTool(self.map_tool)
+
+    def _drawn(self, rectangle: QgsRectangle) -> None:
+        self.set_drawn(rectangle, self.canvas.mapSettings().destinationCrs())
+        # Hand the map back to the tool the user had (pan, identify...), never leave it without one.
+        previous = self._previous_tool
+        if previous is not None and not sip.isdeleted(previous) and previous is not self.map_tool:
+            self.canvas.setMapTool(previous)
+        else:
+            self.canvas.unsetMapTool(self.map_tool)
+            self.iface.actionPan().trigger()
+
+    def set_drawn(self, rectangle: QgsRectangle, crs: QgsCoordinateReferenceSystem) -> None:
+        self.drawn = (QgsRectangle(rectangle), crs)
+        self.combo.setCurrentIndex(self.combo.findData(EXTENT_DRAWN))
+
+    def chosen(self) -> tuple[QgsRectangle, QgsCoordinateReferenceSystem] | None:
+        """The extent to segment and its CRS; None means the whole layer."""
+        choice = self.combo.currentData()
+        if choice == EXTENT_LAYER:
+            return None
+        if choice == EXTENT_DRAWN:
+            if self.drawn is None:
+                raise ExtentError(tr("Draw the rectangle to segment on the map first (the Draw button)."))
+            return self.drawn
+        return self.canvas.extent(), self.canvas.mapSettings().destinationCrs()
+
+    def in_layer_crs(self, layer: QgsRasterLayer) -> QgsRectangle:
+        """The chosen extent as the raster's CRS sees it, clipped to the raster."""
+        chosen = self.chosen()
+        if chosen is None:
+            return layer.extent()
+        rectangle, crs = chosen
+        clipped = transform_extent(rectangle, crs, layer.crs()).intersect(layer.extent())
+        if clipped.isEmpty() or clipped.width() <= 0 or clipped.height() <= 0:
+            raise ExtentError(tr("The chosen extent does not overlap the raster {}; pan the map to the raster "
+                                 "or choose 'Whole layer'.").format(layer.name()))
+        return clipped
+
+    def close_down(self) -> None:
+        if self.canvas.mapTool() is self.map_tool:
+            self.canvas.unsetMapTool(self.map_tool)
+        self.map_tool.clear()

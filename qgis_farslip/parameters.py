@@ -1,0 +1,61 @@
+"""The parameters of one segmentation, shared by the dock and the Processing algorithm.
+
+Both fill a SegmentParameters from their own widgets or parameters; the request
+body, the files the job will write and the result layer's name come from here only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .classes import class_name
+from .filenames import safe_file_stem
+
+
+def safe_name(text: str) -> str:
+    """A layer name as a file name stem (any script kept, safe on every system)."""
+    return safe_file_stem(text, fallback="raster")
+
+
+@dataclass
+class SegmentParameters:
+    class_lines: list[str]
+    out: str
+    raster: str | None = None         # None until a non-file layer has been copied to a GeoTIFF
+    model: str | None = None          # a registry name, a checkpoint file or a fine-tuned model folder
+    threshold: float = 0.0
+    bbox: list[float] | None = None
+    bbox_crs: str | None = None
+    class_raster: str | None = None
+    prob_raster: str | None = None
+    overwrite: bool = False
+    preset: str | None = None         # only names the result; the class lines are what is sent
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def request(self) -> dict[str, Any]:
+        """The POST /v1/segment body."""
+        body: dict[str, Any] = {"class_lines": list(self.class_lines), "model": self.model,
+                                "threshold": float(self.threshold), "out": self.out,
+                                "class_raster": self.class_raster, "prob_raster": self.prob_raster}
+        if self.raster is not None:
+            body["raster"] = self.raster
+        if self.bbox is not None:
+            body["bbox"], body["bbox_crs"] = list(self.bbox), self.bbox_crs
+        if self.overwrite:
+            body["overwrite"] = True
+        body.update(self.extra)
+        return body
+
+    def output_paths(self) -> list[str]:
+        """The files the job writes (removed if the user cancels in the moment it finishes)."""
+        return [path for path in (self.out, self.class_raster, self.prob_raster) if path]
+
+    def class_names(self) -> list[str]:
+        return [class_name(line) for line in self.class_lines]
+
+
+def output_stem(folder: str, layer_name: str, stamp: str) -> str:
+    """The path (without extension) of one run's outputs: the raster's name and the time."""
+    return os.path.join(folder, f"{safe_name(layer_name)}_{stamp}")

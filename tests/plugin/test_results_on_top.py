@@ -1,0 +1,104 @@
+"""Every result is visible: on top of the layer tree in "FarSLIP results", named, see-through, outlined."""
+
+from __future__ import annotations
+
+import pytest
+from plugin_helpers import run_dock_job
+from qgis.core import QgsProject, QgsRasterLayer, QgsSingleBandPseudoColorRenderer, QgsVectorLayer
+
+
+@pytest.fixture
+def dock(running_plugin, plugin_settings, naip_layer, tiny_model):
+    plugin_settings()
+    dock = running_plugin.create_dock()
+    dock.form.layerCombo.setLayer(naip_layer)
+    dock.form.extentCombo.setCurrentIndex(dock.form.extentCombo.findData("layer"))
+    dock.form.modelCombo.setEditText(str(tiny_model))
+    dock.form.classRasterCheck.setChecked(False)
+    dock.form.probRasterCheck.setChecked(False)
+    return dock
+
+
+def layer_order():
+    return [node.layer() for node in QgsProject.instance().layerTreeRoot().findLayers()]
+
+
+def test_result_names_say_what_was_asked_for_and_when(farslip):
+    from qgis_farslip.results import result_name
+
+    assert result_name("landcover", ["water", "tree"], "14:05:31") == "landcover 14:05:31"
+    assert result_name(None, ["water", "grass", "road"], "14:05:31") == "water, grass, road 14:05:31"
+    assert result_name(None, ["a", "b", "c", "d", "e"], "09:00:00") == "a, b, c +2 09:00:00"
+
+
+def test_a_rerun_lands_on_top_of_the_older_result_with_its_own_name(dock, naip_layer):
+    dock.choose_preset("water-bodies")
+    assert run_dock_job(dock) == "done", dock.last_error
+    first = dock.last_layers[0]
+    dock.form.classesEdit.setPlainText("tree\nfield, crop\nbare soil")
+    assert dock.form.presetCombo.currentIndex() == 0, "an edited class list no longer names the preset"
+    assert run_dock_job(dock) == "done", dock.last_error
+    second = dock.last_layers[0]
+
+    group = QgsProject.instance().layerTreeRoot().findGroup("FarSLIP results")
+    assert group is not None
+    assert QgsProject.instance().layerTreeRoot().children()[0] is group, "the results group is the top node"
+    assert [node.layer() for node in group.findLayers()][:2] == [second, first]
+    order = layer_order()
+    assert order.index(second) < order.index(first) < order.index(naip_layer)
+    assert first.name().startswith("water-bodies ") and second.name().startswith("tree, field, bare soil ")
+    assert first.name() != second.name()
+
+    categories = second.renderer().categories()  # keep the copies alive while their symbols are read
+    symbol = categories[0].symbol()
+    assert 0 < symbol.color().alpha() < 255, "the fill lets the imagery show through"
+    outline = symbol.symbolLayer(0)
+    assert outline.strokeColor().alpha() == 255 and outline.strokeWidth() >= 0.3
+
+
+def test_probability_raster_shows_one_class_band_as_a_pseudocolour_ramp(dock):
+    from qgis_farslip.results import style_probability_layer
+
+    dock.form.classesEdit.setPlainText("water\ngrass\nroad")
+    dock.form.probRasterCheck.setChecked(True)
+    assert run_dock_job(dock) == "done", dock.last_error
+    vector, probabilities = dock.last_layers[0], dock.last_layers[1]
+    assert isinstance(vector, QgsVectorLayer) and isinstance(probabilities, QgsRasterLayer)
+    assert layer_order()[:2] == [vector, probabilities]
+    assert probabilities.bandCount() == 3
+    assert [probabilities.bandName(band) for band in (1, 2, 3)] == [
+        "Band 1: water", "Band 2: grass", "Band 3: road"]
+    renderer = probabilities.renderer()
+    assert isinstance(renderer, QgsSingleBandPseudoColorRenderer) and renderer.band() == 1
+    assert (renderer.classificationMin(), renderer.classificationMax()) == (0.0, 1.0)
+
+    assert [dock.form.probClassCombo.itemText(i) for i in range(dock.form.probClassCombo.count())] == [
+        "water", "grass", "road"]
+    dock.form.probClassCombo.setCurrentText("road")
+    assert probabilities.renderer().band() == 3
+    with pytest.raises(ValueError, match="not one of the classes"):
+        style_probability_layer(probabilities, "forest", [("water", 1)])
+
+
+def test_processing_takes_a_preset_and_the_default_model_from_the_settings(running_plugin, plugin_settings,
+                                                                          qgis_processing, naip_layer,
+                                                                          tiny_model, tmp_path):
+    import processing
+    from qgis.core import QgsApplication
+    from qgis_farslip.classes import bundled_presets
+
+    plugin_settings(default_model=str(tiny_model))
+    algorithm = QgsApplication.processingRegistry().algorithmById("farslip:segment_by_class_names")
+    options = algorithm.parameterDefinition("PRESET").options()
+    preset = options.index("water-bodies")
+    extent = naip_layer.extent()
+    extent.scale(0.4)
+    out = tmp_path / "preset.gpkg"
+    processing.run("farslip:segment_by_class_names", {
+        "INPUT": naip_layer, "EXTENT": extent, "PRESET": preset, "CLASSES": "", "MODEL": "",
+        "THRESHOLD": 0.0, "OUTPUT": str(out)})
+    layer = QgsVectorLayer(str(out), "preset", "ogr")
+    assert layer.isValid()
+    wanted = {line.split(",")[0].strip() for line in bundled_presets()["water-bodies"]}
+    assert {feature["class"] for feature in layer.getFeatures()} <= wanted
+    assert QgsApplication.processingRegistry().algorithmById("farslip:train_on_labelled_polygons") is not None
