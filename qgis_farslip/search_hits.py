@@ -18,7 +18,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtGui import QColor
 
-from .results import _insert_above
+from .results import add_on_top
 
 SCORE_CLASSES = 5
 
@@ -67,5 +67,5 @@ def load_hits(job: dict, raster_layer: QgsMapLayer | None, name: str,
     layer.setLabelsEnabled(True)
     layer.setCustomProperty("farslip/run_id", result.get("run_id") or "")
     layer.setCustomProperty("farslip/job_id", job.get("id") or "")
-    _insert_above(layer, raster_layer, project)
+    add_on_top(layer, project)  # on top of the layer tree, like every FarSLIP result
     return layer

@@ -87,8 +87,11 @@ def save_settings(farslip, **values):
 
 @pytest.fixture
 def plugin_settings(farslip, tmp_path):
-    """Settings for one test: output into tmp_path; restored to defaults afterwards."""
+    """Settings for one test: output into tmp_path, no remembered dock choices; defaults afterwards."""
+    from qgis_farslip.remembered import LastChoices
     from qgis_farslip.settings import PluginSettings
+
+    LastChoices().save()
 
     def configure(**values):
         values.setdefault("output_folder", str(tmp_path / "results"))
@@ -97,6 +100,7 @@ def plugin_settings(farslip, tmp_path):
 
     yield configure
     PluginSettings().save()
+    LastChoices().save()
 
 
 @pytest.fixture(scope="module")

@@ -19,15 +19,12 @@ MODELS = {"default": "farslip2-vit-b-16", "models": [
 def dock(farslip, qgis_iface, plugin_settings, qgis_new_project):
     from qgis_farslip.backend_manager import BackendManager
     from qgis_farslip.dock import FarslipDock
-    from qgis_farslip.remembered import LastChoices
 
     plugin_settings()
-    LastChoices().save()  # no choices remembered from an earlier session
     widget = FarslipDock(qgis_iface, BackendManager())
     yield widget
     widget.close_down()
     widget.deleteLater()
-    LastChoices().save()
 
 
 def test_missing_models_are_listed_disabled_and_offered_for_download(dock):
