@@ -85,10 +85,14 @@ class Query:
 def fit_to_context(text: str, loaded, what: str = "sentence") -> tuple[str, str | None]:
     """The text as the model will read it, and a notice when it had to be shortened."""
     limit = loaded.context_length - 2  # start and end tokens
-    tokens = loaded.tokenizer.encode(text) if hasattr(loaded.tokenizer, "encode") else None
-    if tokens is None or len(tokens) <= limit:
+    # CLIP's BPE tokenizer encodes itself; open_clip's Hugging Face wrapper holds the tokenizer inside.
+    inner = loaded.tokenizer if hasattr(loaded.tokenizer, "encode") else getattr(loaded.tokenizer, "tokenizer", None)
+    if inner is None:
         return text, None
-    kept = loaded.tokenizer.decode(tokens[:limit]).strip()
+    tokens = inner.encode(text) if inner is loaded.tokenizer else inner.encode(text, add_special_tokens=False)
+    if len(tokens) <= limit:
+        return text, None
+    kept = inner.decode(tokens[:limit]).strip()
     notice = (f"The {what} {text[:40]!r}... is {len(tokens)} tokens long, but model {loaded.name} reads at most "
               f"{limit}; only its beginning was used: {kept!r}.")
     return kept, notice
