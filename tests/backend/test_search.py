@@ -27,7 +27,7 @@ from backend.engine.text import encode_tokens
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
-    path = save_plain(make_tiny_clip(seed=3), tmp_path_factory.mktemp("model") / "tiny.pt")
+    path = save_plain(make_tiny_clip(seed=3, vision_width=64), tmp_path_factory.mktemp("model") / "tiny.pt")
     return load_model(str(path), device="cpu")
 
 
@@ -45,8 +45,14 @@ def naip_crop(shared_data: Path, out: Path, size: int) -> Path:
 
 @pytest.fixture
 def naip_copy(shared_data, tmp_path) -> Path:
-    """500 x 500 px: two levels (224 px = 1120 m and 448 px = 2240 m windows)."""
+    """500 x 500 px: two levels (224 px = 1120 m and 448 px = 2240 m windows); a copy per test."""
     return naip_crop(shared_data, tmp_path / "naip.tif", 500)
+
+
+@pytest.fixture(scope="module")
+def naip500(shared_data, tmp_path_factory) -> Path:
+    """The same crop shared by the tests that only read it: its index is built once and reused."""
+    return naip_crop(shared_data, tmp_path_factory.mktemp("shared") / "naip.tif", 500)
 
 
 def window_pixels(path: Path, bounds) -> np.ndarray:
@@ -109,9 +115,9 @@ def test_text_query_ranks_first_the_window_the_test_computes_best(loaded, shared
     assert len(set(fields["run_id"])) == 1 and fields["run_id"][0] == result.run_id
 
 
-def test_keyword_score_is_global_plus_best_perspective_per_keyword(loaded, naip_copy, tmp_path):
+def test_keyword_score_is_global_plus_best_perspective_per_keyword(loaded, naip500, tmp_path):
     sentence = "a baseball field next to a parking lot"
-    with open_index(naip_copy, loaded) as index:
+    with open_index(naip500, loaded) as index:
         result = search_raster(index, SearchOptions([sentence], top=3), tmp_path / "hits.gpkg")
         entries = index.entries()
     assert result.report["queries"][0]["keywords"] == ["baseball field", "parking lot"]
@@ -151,14 +157,14 @@ def test_index_is_extent_invariant_and_completed_incrementally(loaded, naip_copy
     assert np.allclose(rebuilt.embeddings, whole.embeddings, atol=2e-3)
 
 
-def test_hits_are_in_the_raster_crs_and_inside_a_bbox_given_in_another_crs(loaded, naip_copy, tmp_path):
-    with rasterio.open(naip_copy) as src:
+def test_hits_are_in_the_raster_crs_and_inside_a_bbox_given_in_another_crs(loaded, naip500, tmp_path):
+    with rasterio.open(naip500) as src:
         left, bottom, right, top = src.bounds
         crs = src.crs
     bbox_utm = (left + 200, bottom + 200, right - 200, top - 200)
     xs, ys = warp_transform(crs, CRS.from_epsg(4326), [bbox_utm[0], bbox_utm[2]], [bbox_utm[1], bbox_utm[3]])
     bbox_wgs84 = (min(xs), min(ys), max(xs), max(ys))
-    with open_index(naip_copy, loaded) as index:
+    with open_index(naip500, loaded) as index:
         search_raster(index, SearchOptions(["farmland", "a road"], top=4, bbox=bbox_wgs84, bbox_crs="EPSG:4326"),
                       tmp_path / "hits.gpkg")
     fields, geometries, hits_crs = hits_table(tmp_path / "hits.gpkg")
@@ -172,51 +178,53 @@ def test_hits_are_in_the_raster_crs_and_inside_a_bbox_given_in_another_crs(loade
         assert bbox_utm[0] - 30 <= cx <= bbox_utm[2] + 30 and bbox_utm[1] - 30 <= cy <= bbox_utm[3] + 30
 
 
-def planted_raster(path: Path) -> tuple[list[tuple[float, float]], float]:
-    """A 1120 x 1120 px raster of smooth noise with one 224-px pattern planted at four grid places."""
+def planted_raster(path: Path) -> list[tuple[float, float]]:
+    """A 672 x 672 px raster of smooth noise with one 224-px pattern planted at four grid places."""
     rng = np.random.default_rng(7)
-    size, pixel = 1120, 2.0
+    size, pixel = 672, 2.0
     noise = rng.normal(110, 12, (3, size // 16, size // 16))
-    background = np.kron(noise, np.ones((16, 16))).clip(0, 255)
+    data = np.kron(noise, np.ones((16, 16))).clip(0, 255)
     yy, xx = np.mgrid[0:224, 0:224]
     pattern = np.stack([((xx // 28 + yy // 28) % 2) * 230, ((xx // 56) % 2) * 200, (yy // 112) * 180 + 20])
-    places = [(112, 112), (112, 784), (672, 336), (784, 784)]
-    data = background.copy()
+    places = [(0, 0), (0, 448), (448, 0), (448, 448)]
     for row, col in places:
         data[:, row:row + 224, col:col + 224] = pattern
     transform = from_origin(500000, 4000000, pixel, pixel)
     with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=3, dtype="uint8",
                        crs="EPSG:32633", transform=transform) as dst:
         dst.write(data.astype(np.uint8))
-    centres = [transform * (col + 112, row + 112) for row, col in places]
-    return centres, pixel
+    return [transform * (col + 112, row + 112) for row, col in places]
 
 
-def test_query_by_example_ranks_the_planted_places_first(loaded, tmp_path):
-    raster = tmp_path / "planted.tif"
-    centres, _pixel = planted_raster(raster)
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> tuple[Path, list[tuple[float, float]]]:
+    raster = tmp_path_factory.mktemp("planted") / "planted.tif"
+    return raster, planted_raster(raster)
+
+
+def test_query_by_example_ranks_the_planted_places_first(loaded, planted, tmp_path):
+    raster, centres = planted
     (x, y), others = centres[0], centres[1:]
     with open_index(raster, loaded) as index:
         search_raster(index, SearchOptions(like=(x, y), top=6), tmp_path / "like.gpkg")
     fields, geometries, _crs = hits_table(tmp_path / "like.gpkg")
-    top3 = geometries[:3]
-    found = {min(range(3), key=lambda k: top3[i].centroid.distance(shapely.Point(others[k])))
-             for i in range(3)}
-    assert found == {0, 1, 2}
-    for geometry, (cx, cy) in zip(sorted(top3, key=lambda g: (g.centroid.x, g.centroid.y)), sorted(others)):
+    top3 = sorted(geometries[:3], key=lambda g: (g.centroid.x, g.centroid.y))
+    for geometry, (cx, cy) in zip(top3, sorted(others)):
         assert geometry.centroid.x == pytest.approx(cx) and geometry.centroid.y == pytest.approx(cy)
+        assert geometry.area == pytest.approx((224 * 2.0) ** 2)
+    assert fields["score"][2] > fields["score"][3]
     assert all(not g.contains(shapely.Point(x, y)) for g in geometries)
     assert list(fields["rank"][:3]) == [1, 2, 3]
 
 
-def test_query_by_example_point_in_another_crs_and_outside_the_raster(loaded, tmp_path):
-    raster = tmp_path / "planted.tif"
-    centres, _ = planted_raster(raster)
+def test_query_by_example_point_in_another_crs_and_outside_the_raster(loaded, planted, tmp_path):
+    raster, centres = planted
     lon, lat = warp_transform(CRS.from_epsg(32633), CRS.from_epsg(4326), [centres[0][0]], [centres[0][1]])
     with open_index(raster, loaded) as index:
         result = search_raster(index, SearchOptions(like=(lon[0], lat[0]), like_crs="EPSG:4326", top=3),
                                tmp_path / "like.gpkg")
-        assert len(result.hits.query) == 3
+        assert sorted((round(b[0]), round(b[1])) for b in result.hits.bounds) == sorted(
+            (round(cx - 224), round(cy - 224)) for cx, cy in centres[1:])
         with pytest.raises(InputError, match="outside the raster"):
             search_raster(index, SearchOptions(like=(0.0, 0.0), top=3), tmp_path / "none.gpkg")
     assert not (tmp_path / "none.gpkg").exists()
@@ -241,9 +249,9 @@ def test_index_is_rebuilt_when_the_raster_changes(loaded, naip_copy, tmp_path):
         assert again.rebuilt_reason is None and again.missing() == 0
 
 
-def test_too_long_sentence_is_truncated_with_a_notice(loaded, naip_copy, tmp_path):
+def test_too_long_sentence_is_truncated_with_a_notice(loaded, naip500, tmp_path):
     sentence = " ".join(["a large blue lake beside green farmland"] * 12)
-    with open_index(naip_copy, loaded) as index:
+    with open_index(naip500, loaded) as index:
         result = search_raster(index, SearchOptions([sentence], top=2), tmp_path / "hits.gpkg")
     assert any("reads at most 75" in notice for notice in result.notices)
     assert result.report["notices"] == result.notices
@@ -255,13 +263,13 @@ def test_raster_without_valid_pixels_is_refused(loaded, shared_data, tmp_path):
             pass
 
 
-def test_existing_output_is_kept_and_nothing_half_written(loaded, naip_copy, tmp_path):
+def test_existing_output_is_kept_and_nothing_half_written(loaded, naip500, tmp_path):
     out = tmp_path / "hits.gpkg"
     out.write_text("keep me")
-    with open_index(naip_copy, loaded) as index:
+    with open_index(naip500, loaded) as index:
         with pytest.raises(InputError, match="already exists"):
             search_raster(index, SearchOptions(["water"]), out)
         with pytest.raises(InputError, match="empty"):
             search_raster(index, SearchOptions([""]), tmp_path / "other.gpkg")
     assert out.read_text() == "keep me"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hits.gpkg", "naip.tif"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hits.gpkg"]
