@@ -108,15 +108,21 @@ def write_polygons(
     valid empty layer with the same schema.
     """
     path = Path(path)
-    driver = driver_for(path)
-    if crs is not None and hasattr(crs, "to_wkt"):
-        crs = crs.to_wkt()
+    driver_for(path)
     geometries = np.array([r.geometry for r in regions], dtype=object)
     multi = bool(len(geometries)) and bool((shapely.get_type_id(geometries) == 6).any())
     if multi:
         geometries = np.array(
             [shapely.MultiPolygon([g]) if g.geom_type == "Polygon" else g for g in geometries]
         )
+    fields = dict(zip(FIELDS, _field_arrays(regions, class_names, model, run_id)))
+    return _write_layer(path, geometries, fields, "MultiPolygon" if multi else "Polygon", crs)
+
+
+def _write_layer(path: Path, geometries: np.ndarray, fields: Mapping[str, np.ndarray], geometry_type: str,
+                 crs) -> Path:
+    """One layer named after the file, in the format of its extension, written atomically."""
+    driver = driver_for(path)
     options = {"encoding": "UTF-8"} if driver == "ESRI Shapefile" else {}
     if driver == "GPKG":
         options["dataset_options"] = {"VERSION": "1.2"}  # QGIS 3.22's GDAL reads 1.4 with a warning
@@ -124,13 +130,8 @@ def write_polygons(
         pyogrio.raw.write(
             temp_path,
             geometry=shapely.to_wkb(geometries) if len(geometries) else np.array([], dtype=object),
-            field_data=_field_arrays(regions, class_names, model, run_id),
-            fields=list(FIELDS),
-            layer=path.stem,
-            driver=driver,
-            geometry_type="MultiPolygon" if multi else "Polygon",
-            crs=crs,
-            **options,
+            field_data=list(fields.values()), fields=list(fields), layer=path.stem, driver=driver,
+            geometry_type=geometry_type, crs=crs.to_wkt() if hasattr(crs, "to_wkt") else crs, **options,
         )
     return path
 
@@ -181,18 +182,6 @@ def class_colormap(n: int, unclassified_value: int | None = None) -> dict[int, t
 def write_rectangles(path: str | Path, bounds: np.ndarray, fields: Mapping[str, np.ndarray], crs) -> Path:
     """Axis-aligned rectangles (N, 4: xmin, ymin, xmax, ymax) with attribute columns, written atomically
     in the format of the path's extension (search hits, classified tiles)."""
-    path = Path(path)
-    driver = driver_for(path)
     bounds = np.asarray(bounds, dtype=np.float64).reshape(-1, 4)
     geometries = shapely.box(bounds[:, 0], bounds[:, 1], bounds[:, 2], bounds[:, 3])
-    options = {"encoding": "UTF-8"} if driver == "ESRI Shapefile" else {}
-    if driver == "GPKG":
-        options["dataset_options"] = {"VERSION": "1.2"}  # QGIS 3.22's GDAL reads 1.4 with a warning
-    with atomic_output(path) as temp_path:
-        pyogrio.raw.write(
-            temp_path,
-            geometry=shapely.to_wkb(geometries) if len(geometries) else np.array([], dtype=object),
-            field_data=list(fields.values()), fields=list(fields), layer=path.stem, driver=driver,
-            geometry_type="Polygon", crs=crs.to_wkt() if hasattr(crs, "to_wkt") else crs, **options,
-        )
-    return path
+    return _write_layer(Path(path), np.asarray(geometries, dtype=object), fields, "Polygon", crs)

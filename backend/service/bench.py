@@ -233,13 +233,14 @@ def run_bench(arch: str = "ViT-B-16", batch_size: int = 8, size: int = 1024, dev
     return results
 
 
-def tiny_checkpoint(path: Path) -> Path:
-    """A tiny random ViT-B/16-shaped checkpoint (2 layers, width 128) for memory runs."""
+def tiny_checkpoint(path: Path, patch_size: int = 16, width: int = 128, layers: int = 2) -> Path:
+    """A tiny random ViT checkpoint (default: ViT-B/16-shaped, 2 layers, width 128) for memory runs."""
     torch.manual_seed(0)
     model = open_clip.model.CLIP(
         embed_dim=64, quick_gelu=True,
-        vision_cfg={"image_size": 224, "patch_size": 16, "width": 128, "layers": 2, "head_width": 64},
-        text_cfg={"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 2})
+        vision_cfg={"image_size": 224, "patch_size": patch_size, "width": width, "layers": layers,
+                    "head_width": 64},
+        text_cfg={"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": layers})
     torch.save(model.state_dict(), path)
     return path
 

@@ -25,21 +25,7 @@ from backend.engine.memory import peak_rss_mb
 from backend.engine.search import sentence_scores, suppress_overlaps
 from backend.engine.search_index import PERSPECTIVES, embed_windows
 
-from .bench import random_model, write_test_raster
-
-
-def index_checkpoint(path: Path) -> Path:
-    """The smallest ViT CLIP the index code runs unchanged (patch 32, width 64, 1 block per tower):
-    the memory and size runs measure the index machinery (reading, resampling, storing), not the model."""
-    import open_clip
-
-    torch.manual_seed(0)
-    model = open_clip.model.CLIP(
-        embed_dim=64, quick_gelu=True,
-        vision_cfg={"image_size": 224, "patch_size": 32, "width": 64, "layers": 1, "head_width": 64},
-        text_cfg={"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1})
-    torch.save(model.state_dict(), path)
-    return path
+from .bench import random_model, tiny_checkpoint, write_test_raster
 
 
 def index_run(raster: str, model_path: str, cache: str) -> None:
@@ -140,7 +126,8 @@ def run_search_bench(arch: str = "ViT-B-16", sides: tuple[int, ...] = (3000, 100
 
     with tempfile.TemporaryDirectory(prefix="farslip-search-bench-") as tmp:
         work = Path(tmp)
-        tiny = index_checkpoint(work / "tiny.pt")
+        # The smallest ViT the index code runs unchanged: the runs measure reading, resampling and storing.
+        tiny = tiny_checkpoint(work / "tiny.pt", patch_size=32, width=64, layers=1)
         runs = {}
         echo("")
         echo("| index build, tiny model, whole raster | windows | seconds | windows/s | index MiB | peak RSS MiB |")
