@@ -14,8 +14,9 @@ from open_clip.model import CLIP
 
 
 def make_tiny_clip(patch_size: int = 16, context_length: int = 77, seed: int = 0,
-                   vision_width: int = 128, layers: int = 2) -> CLIP:
-    """A CLIP with 224 input, `patch_size` patches, 2-head vision and 1-head text towers."""
+                   vision_width: int = 128, layers: int = 2, quick_gelu: bool = True) -> CLIP:
+    """A CLIP with 224 input, `patch_size` patches, 2-head vision and 1-head text towers
+    (QuickGELU like OpenAI CLIP and FarSLIP, or plain GELU like GeoRSCLIP and RemoteCLIP)."""
     torch.manual_seed(seed)
     model = CLIP(
         embed_dim=64,
@@ -23,7 +24,7 @@ def make_tiny_clip(patch_size: int = 16, context_length: int = 77, seed: int = 0
                     "layers": layers, "head_width": 64},
         text_cfg={"context_length": context_length, "vocab_size": 49408, "width": 64,
                   "heads": 1, "layers": layers},
-        quick_gelu=True,
+        quick_gelu=quick_gelu,
     )
     # Random init leaves the logit scale at log(1/0.07); keep it, the engine uses 50 anyway.
     return model.eval()

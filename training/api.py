@@ -42,10 +42,12 @@ from .finetune import (
     default_steps,
     run_epochs,
 )
+from .distill import BOX_AREA, BOX_ASPECT
 from .labels import LabelGrid, build_label_grid, read_aoi, read_label_polygons
 from .sampling import split_labels
 
 FORMAT = "farslip-finetuned/1"
+TEACHERS = ("frozen", "active")
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "farslip_model.json"
 CHECKPOINT_DIR = "checkpoint"
@@ -166,6 +168,9 @@ def _check_options(options: TrainOptions) -> None:
         raise InputError(f"--lr must be a positive number; got {options.lr}.")
     if options.patch_loss_weight < 0:
         raise InputError(f"--patch-loss-weight must not be negative; got {options.patch_loss_weight}.")
+    if options.teacher not in TEACHERS:
+        raise InputError(f"--teacher must be frozen (the base model, the default for small data) or active "
+                         f"(the network being trained, as FarSLIP's release); got {options.teacher!r}.")
     if options.batch_size < 1:
         raise InputError(f"The batch size must be at least 1; got {options.batch_size}.")
     if not 0.05 <= options.validation_fraction <= 0.5:
@@ -319,7 +324,7 @@ def _train_in(work: Path, out: Path, loaded, data: TrainingData, options: TrainO
             raise InputError(f"The training in {work} already ran {saved['epoch']} epochs; pass --epochs "
                              f"larger than {saved['epoch']} to continue it.")
         kept = {k: saved["options"][k] for k in ("batch_size", "steps_per_epoch", "seed", "lora_rank",
-                                                 "last_blocks", "crop_px")}
+                                                 "last_blocks", "crop_px", "teacher") if k in saved["options"]}
         options = TrainOptions(**{**asdict(options), **kept})
         state = TrainState(saved["epoch"], saved["best_miou"], saved["best_epoch"],
                            json.loads(saved["history"]))
@@ -364,6 +369,7 @@ def _train_in(work: Path, out: Path, loaded, data: TrainingData, options: TrainO
 
     # Best weights (epoch 0 = the base model itself when training never beat it).
     adapters.load_trainable_state(trainer.model, _load_tensors(checkpoint / "best.safetensors"))
+    distill_side, input_px = trainer.distill_side, trainer.input_px
     merged = adapters.merged_state_dict(trainer.model)
     _save_tensors(merged, work / WEIGHTS_FILE, metadata={"format": FORMAT})
     _copy_text_tower(loaded, work)
@@ -382,6 +388,7 @@ def _train_in(work: Path, out: Path, loaded, data: TrainingData, options: TrainO
         "context_length": loaded.context_length,
         "text_tower": (loaded.metadata.get("text_tower") or {}).get("name"),
         "languages": loaded.metadata.get("languages") or ["en"],
+        "activation": (getattr(loaded, "metadata", {}) or {}).get("activation", "quickgelu"),
         "description": f"Fine-tuned from {loaded.name} on {raster.name} ({len(grid.class_lines)} classes, "
                        f"{options.method})",
         "class_lines": grid.class_lines,
@@ -406,6 +413,11 @@ def _train_in(work: Path, out: Path, loaded, data: TrainingData, options: TrainO
                      "peak_rss_mb": round(peak_rss_mb(), 1),
                      "peak_gpu_mb": (round(torch.cuda.max_memory_allocated() / 2**20, 1)
                                      if loaded.device.type == "cuda" else None)},
+        "distillation": {"teacher": options.teacher, "global_view_native_px": distill_side,
+                         "native_px_per_view_px": round(distill_side / input_px, 3),
+                         "box_area": list(BOX_AREA), "box_aspect": [round(a, 4) for a in BOX_ASPECT],
+                         "boxes_per_view": options.distill_boxes},
+        "region_boxes": {"sqrt_area_native_px": [options.region_min_px, options.region_max_px]},
         "metrics": {"before": before, "after": None},
     }
     write_json(meta, work / META_FILE)

@@ -12,6 +12,7 @@ import copy
 import json
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -163,15 +164,111 @@ def score(truth: np.ndarray, predicted: np.ndarray, class_names: list[str]) -> d
 # --- benchmark folders ------------------------------------------------------------------------
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+PROTOCOLS = ("farslip", "segearth")
 
 
-def benchmark_pairs(folder: str | Path, split: str = "val") -> list[tuple[Path, Path]]:
+@dataclass(frozen=True)
+class BenchmarkLayout:
+    """Where a benchmark's images and labels lie under its root folder (mmsegmentation's rules)."""
+
+    images: str = "img_dir/{split}"
+    labels: str = "ann_dir/{split}"
+    split: str = "val"
+    image_suffix: str = ".png"
+    label_suffix: str = ".png"  # a label is its image's name with image_suffix replaced by this
+
+    def folders(self, root: Path, split: str | None = None) -> tuple[Path, Path]:
+        split = split or self.split
+        return root / self.images.format(split=split), root / self.labels.format(split=split)
+
+
+def benchmark_table() -> dict:
+    """resources/presets/benchmarks.json: protocols and per-benchmark layout and label coding."""
+    from backend.engine.presets import presets_dir
+
+    return json.loads((presets_dir() / "benchmarks.json").read_text(encoding="utf-8"))
+
+
+def benchmark_entry(preset: str | None) -> dict:
+    """The benchmarks.json entry of a preset ({} for presets that are not benchmarks)."""
+    return dict(benchmark_table()["benchmarks"].get((preset or "").strip().lower(), {}))
+
+
+def benchmark_layout(preset: str | None) -> BenchmarkLayout | None:
+    entry = benchmark_entry(preset)
+    if not entry:
+        return None
+    fields = set(BenchmarkLayout.__dataclass_fields__)
+    return BenchmarkLayout(**{k: v for k, v in entry.items() if k in fields})
+
+
+def benchmark_protocol(preset: str | None, protocol: str = "farslip") -> dict:
+    """Threshold, background index and label coding of a benchmark preset under `protocol`.
+
+    'farslip' (default): probability threshold 0 and background index 0, as every FarSLIP row of
+    the paper was computed; 'segearth': the per-dataset values of the RS-OVSS configs.
+    """
+    if protocol not in PROTOCOLS:
+        raise InputError(f"--protocol must be {' or '.join(PROTOCOLS)}; got {protocol!r}.")
+    table = benchmark_table()
+    entry = benchmark_entry(preset)
+    if protocol == "segearth":
+        if "segearth" not in entry:
+            known = ", ".join(table["benchmarks"])
+            raise InputError(f"--protocol segearth needs one of the benchmark presets ({known}): its "
+                             "thresholds are set per dataset. Give --preset, or use --protocol farslip.")
+        settings = dict(entry["segearth"])
+    else:
+        settings = dict(table["protocols"]["farslip"])
+    settings["reduce_zero_label"] = bool(entry.get("reduce_zero_label", False))
+    return settings
+
+
+def _files_with_suffix(folder: Path, suffix: str) -> list[Path]:
+    """Files under `folder` (recursively) whose name ends with `suffix` (case-insensitive), sorted."""
+    suffix = suffix.lower()
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(suffix))
+
+
+def _layout_pairs(folder: Path, layout: BenchmarkLayout, split: str | None) -> list[tuple[Path, Path]]:
+    images_dir, labels_dir = layout.folders(folder, split)
+    for what, path in (("image", images_dir), ("label", labels_dir)):
+        if not path.is_dir():
+            raise InputError(f"The {what} folder {path} does not exist: this benchmark keeps its {what}s in "
+                             f"{path.relative_to(folder)} under the dataset folder given with --benchmark "
+                             "(check the folder and --benchmark-split).")
+    labels = {p.relative_to(labels_dir).as_posix().lower(): p
+              for p in _files_with_suffix(labels_dir, layout.label_suffix)}
+    pairs, missing = [], []
+    for image in _files_with_suffix(images_dir, layout.image_suffix):
+        relative = image.relative_to(images_dir).as_posix()
+        wanted = relative[:len(relative) - len(layout.image_suffix)] + layout.label_suffix
+        label = labels.get(wanted.lower())
+        if label is None:
+            missing.append(wanted)
+        else:
+            pairs.append((image, label))
+    if missing:
+        raise InputError(f"{len(missing)} image(s) in {images_dir} have no label in {labels_dir}, e.g. "
+                         f"{missing[0]} is missing. Labels are named like their image with "
+                         f"{layout.image_suffix!r} replaced by {layout.label_suffix!r}.")
+    if not pairs:
+        raise InputError(f"No images ending in {layout.image_suffix!r} were found in {images_dir}.")
+    return pairs
+
+
+def benchmark_pairs(folder: str | Path, layout: BenchmarkLayout | None = None,
+                    split: str | None = None) -> list[tuple[Path, Path]]:
     """(image, label) pairs of a benchmark folder.
 
-    Layouts: mmsegmentation's `img_dir/<split>` + `ann_dir/<split>` (label = same stem, .png),
-    or `images/` + `labels/` (or `masks/`, `annotations/`).
+    With a `layout` (a benchmark preset's), exactly that layout; otherwise mmsegmentation's
+    `img_dir/<split>` + `ann_dir/<split>` or `images/` + `labels/` (or `masks/`, `annotations/`),
+    labels named like their images.
     """
     folder = Path(folder)
+    if layout is not None:
+        return _layout_pairs(folder, layout, split)
+    split = split or "val"
     candidates = [(folder / "img_dir" / split, folder / "ann_dir" / split), (folder / "img_dir", folder / "ann_dir")]
     candidates += [(folder / "images", folder / name) for name in ("labels", "masks", "annotations")]
     for images, labels in candidates:
@@ -198,48 +295,54 @@ def _read_image(path: Path) -> np.ndarray:
     return data
 
 
-def benchmark_protocol(preset: str | None) -> dict:
-    """The RS-OVSS evaluation settings of a benchmark preset (threshold, background, label coding)."""
-    from backend.engine.presets import presets_dir
+def resized_to_long_side(rgb: np.ndarray, long_side: int):
+    """(3, H, W) 0..255 -> torch (1, 3, h, w) with max(h, w) = long_side, as mmcv's keep-ratio Resize:
+    sides int(x * factor + 0.5), bilinear with half-pixel centres, rounded to 8-bit values."""
+    import torch
+    import torch.nn.functional as F
 
-    table = json.loads((presets_dir() / "benchmarks.json").read_text(encoding="utf-8"))
-    return dict(table.get((preset or "").strip().lower(), {}))
+    height, width = rgb.shape[1:]
+    factor = long_side / max(height, width)
+    size = (max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5)))
+    tensor = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32))[None]
+    if size == (height, width):
+        return tensor
+    resized = F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)
+    return resized.round_().clamp_(0, 255)
 
 
-def benchmark_metrics(folder: str | Path, class_lines: list[str], loaded, split: str = "val",
-                      long_side: int | None = 448, reduce_zero_label: bool = False, ignore_index: int = 255,
-                      attention: str = "segearth", batch_size: int = 8, limit: int | None = None,
-                      progress: Callable[[int, int, dict], None] | None = None,
+def benchmark_metrics(folder: str | Path, class_lines: list[str], loaded, layout: BenchmarkLayout | None = None,
+                      split: str | None = None, long_side: int | None = 448, reduce_zero_label: bool = False,
+                      ignore_index: int = 255, attention: str = "segearth", batch_size: int = 8,
+                      limit: int | None = None, progress: Callable[[int, int, dict], None] | None = None,
                       should_cancel: Callable[[], bool] | None = None, prob_threshold: float = 0.0,
                       background_index: int = 0) -> dict:
     """mIoU over a benchmark folder, following the reference protocol (FARSLIP_METHOD.md section 4).
 
     Each image is resized so its long side is `long_side` (None: native) and segmented by the
-    engine; its blended logits are bilinearly resized back to the label's size, then scaled,
-    softmaxed and maxed over synonyms; pixels whose best probability is below `prob_threshold`
-    get class `background_index`. Label value `ignore_index` is skipped; `reduce_zero_label` maps
+    engine, crops smaller than the model input resized to it as RS-OVSS does; the blended
+    logits are bilinearly resized back to the label's size, then scaled, softmaxed and maxed
+    over synonyms; pixels whose best probability is below `prob_threshold` get class
+    `background_index`. Label value `ignore_index` is skipped; `reduce_zero_label` maps
     0 -> ignore and v -> v-1.
     """
     import torch
     import torch.nn.functional as F
 
-    pairs = benchmark_pairs(folder, split)[:limit]
+    pairs = benchmark_pairs(folder, layout, split)[:limit]
     names = [spec.name for spec in parse_class_lines(class_lines)]
     if not 0 <= background_index < len(names):
         raise InputError(f"The background index {background_index} is not a class index (0..{len(names) - 1}).")
     segmenter = segmenter_for(loaded, class_lines, attention=attention, batch_size=batch_size)
     segmenter.keep_logits = True
+    segmenter.resize_small_crops = True
     confusion = np.zeros((len(names), len(names)), np.int64)
     for done, (image_path, label_path) in enumerate(pairs):
         rgb = _read_image(image_path).astype(np.float32)
         rgb = np.repeat(rgb[:1], 3, axis=0) if rgb.shape[0] < 3 else rgb[:3]
         truth = _read_image(label_path)[0].astype(np.int64)
         height, width = truth.shape
-        tensor = torch.from_numpy(rgb)[None]
-        if long_side:
-            factor = long_side / max(height, width)
-            size = (max(1, round(height * factor)), max(1, round(width * factor)))
-            tensor = F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)
+        tensor = resized_to_long_side(rgb, long_side) if long_side else torch.from_numpy(rgb)[None]
         source = ArraySource(tensor[0].numpy())
         block = predict_window(segmenter, source, should_cancel=should_cancel)
         logits = F.interpolate(torch.from_numpy(block.logits)[None], size=(height, width), mode="bilinear",

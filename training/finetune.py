@@ -5,12 +5,17 @@ One step (FARSLIP_METHOD.md section 6, plus the dense patch loss):
   their dense patch features through the engine's own path (`dense_patch_features`);
 - patch loss: cross-entropy of the patch-text logits (scale 50) against the
   rasterised labels, majority per patch, unlabelled patches ignored;
-- patch-to-patch distillation (weight 0.1): up to 4 boxes per crop, the student's
-  map RoI-aligned in each, against the frozen teacher's mean dense token of the
-  box cropped and resized to the crop size (teacher = the base model: LoRA
-  switched off, or a frozen copy of the base vision tower);
-- region-category alignment (weight 1.0): boxes of labelled polygons (and pure
-  boxes of classes without small polygons, e.g. the background) resized to the
+- patch-to-patch distillation (weight 0.1): global views read at native resolution
+  and resized to the input (at least 2x coarser than native when the training area
+  allows), 4 boxes each drawn as `RandomResizedCrop.get_params` draws them; the
+  student's unnormalised tokens RoI-aligned in each box, against the teacher's mean
+  token of that box cut from the native pixels and resized to the input (see
+  `distill.py`). Teacher: `frozen` (default for small user data: the base model,
+  LoRA switched off or a frozen copy of the base vision tower) or `active` (the
+  release's choice: the network being trained, gradients on both sides);
+- region-category alignment (weight 1.0): boxes of labelled polygons whose
+  sqrt(area) is 64-1024 native pixels (and pure boxes of classes without such
+  polygons, e.g. the background), read at native resolution and resized to the
   model's input, CLS embeddings vs "a satellite image of {class}", multi-positive
   contrastive.
 FarSLIP's global image-caption loss is left out: a user's labels have no captions.
@@ -27,7 +32,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from backend.engine.dense import dense_patch_features, normalize_pixels
 from backend.engine.errors import CancelledError
@@ -35,6 +39,7 @@ from backend.engine.raster import PixelWindow
 from backend.engine.text import LOGIT_SCALE, TextEmbedder, parse_class_lines, query_index
 
 from . import adapters
+from .distill import native_area, native_source, resize_square, sample_views, view_side
 from .evaluate import predict_classes, score, segmenter_for
 from .labels import LabelGrid
 from .losses import (
@@ -71,7 +76,10 @@ class TrainOptions:
     class_balance: float = 0.5  # patch loss class weights ~ frequency^-class_balance (0: unweighted)
     distill_weight: float = 0.1
     region_weight: float = 1.0
-    distill_boxes: int = 4
+    distill_boxes: int = 4  # boxes per global view
+    teacher: str = "frozen"  # frozen (base model) or active (the network being trained, as the release)
+    region_min_px: float = 64.0  # region boxes: sqrt(area) in native pixels, as FarSLIP filters them
+    region_max_px: float = 1024.0
     regions_per_step: int = 8
     weight_decay: float = 0.01
     warmup_steps: int = 0
@@ -103,6 +111,12 @@ class TrainingData:
     @property
     def pixel_size(self) -> float:
         return abs(self.transform.a)
+
+    @property
+    def train_window(self) -> PixelWindow:
+        """The training rectangle on the processing grid (absolute pixels)."""
+        box, window = self.split.train, self.grid.window
+        return PixelWindow(window.row_off + box.row0, window.col_off + box.col0, box.height, box.width)
 
     @property
     def validation_window(self) -> PixelWindow:
@@ -145,10 +159,6 @@ def crop_size(visual, options: TrainOptions, split: SpatialSplit) -> int:
     return max(patch, side // patch * patch)
 
 
-def _resize(pixels: torch.Tensor, size: int) -> torch.Tensor:
-    return F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False)
-
-
 class Trainer:
     """Holds the student (a copy of the loaded model), the teacher, texts and the optimiser."""
 
@@ -162,13 +172,16 @@ class Trainer:
         self.parameters = adapters.prepare(self.model, options.method, rank=options.lora_rank,
                                            alpha=options.lora_alpha, last_blocks=options.last_blocks)
         self.teacher_visual = None
-        if options.method != "lora":
+        if options.method != "lora" and options.teacher == "frozen":
             self.teacher_visual = copy.deepcopy(loaded.model.visual).float().to(self.device).eval()
             self.teacher_visual.requires_grad_(False)
         visual = self.model.visual
         self.patch = visual.conv1.kernel_size[0]
         self.input_px = input_size(visual)
         self.crop_px = crop_size(visual, options, data.split)
+        self.native = native_source(data.source)
+        self.distill_area = native_area(data.source, data.train_window)
+        self.distill_side = view_side(self.distill_area, self.input_px)
 
         classes = parse_class_lines(data.grid.class_lines)
         self.num_classes = len(classes)
@@ -204,8 +217,9 @@ class Trainer:
         """Region boxes per class inside the training rectangle (map coordinates)."""
         data, rng = self.data, np.random.default_rng(self.options.seed)
         area = data.split.train_bounds
-        boxes, ids = region_boxes(data.grid, area, data.pixel_size, min_side_px=2 * self.patch,
-                                  max_side_px=4 * self.input_px)
+        native_pixel = data.pixel_size * data.source.width / data.source.dataset.width
+        boxes, ids = region_boxes(data.grid, area, native_pixel, self.options.region_min_px,
+                                  self.options.region_max_px)
         self.regions: dict[int, list[Box]] = {}
         for box, class_id in zip(boxes, ids):
             self.regions.setdefault(class_id, []).append(box)
@@ -253,30 +267,18 @@ class Trainer:
         crops, ids = [], []
         for class_id in picked:
             candidates = self.regions[int(class_id)]
-            rows, cols = self._window(candidates[int(rng.integers(len(candidates)))]).slices
-            rgb = self.data.rgb[:, rows, cols]
+            box = to_pixels(candidates[int(rng.integers(len(candidates)))], self.native.transform)
+            rgb, _ = self.native.read(PixelWindow(box.row0, box.col0, box.height, box.width))
             if rgb.shape[1] < 2 or rgb.shape[2] < 2:
                 continue
             if self.options.augment and rng.integers(2):
                 rgb = rgb[:, :, ::-1]
-            crops.append(_resize(torch.from_numpy(np.ascontiguousarray(rgb))[None].to(self.device),
+            crops.append(resize_square(torch.from_numpy(np.ascontiguousarray(rgb))[None].to(self.device),
                                  self.input_px))
             ids.append(int(class_id))
         if len(set(ids)) < 2:
             return None
         return torch.cat(crops), torch.tensor(ids, device=self.device)
-
-    def distill_boxes(self, batch: int, rng: np.random.Generator) -> np.ndarray:
-        """(B*K, 5) rows (image, x0, y0, x1, y1) in pixels, sides 0.3-0.7 of the crop."""
-        size, count = self.crop_px, self.options.distill_boxes
-        rows = []
-        for image in range(batch):
-            for _ in range(count):
-                w, h = (round(s * size) for s in rng.uniform(0.3, 0.7, 2))
-                w, h = max(w, self.patch), max(h, self.patch)
-                x0, y0 = int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))
-                rows.append((image, x0, y0, x0 + w, y0 + h))
-        return np.array(rows, dtype=np.int64)
 
     # --- model passes -----------------------------------------------------------------------
 
@@ -285,22 +287,35 @@ class Trainer:
             return torch.autocast("cpu", enabled=False)
         return torch.autocast("cuda", dtype=self.amp_dtype)
 
-    @torch.no_grad()
-    def teacher_pooled(self, pixels: torch.Tensor, boxes: np.ndarray) -> torch.Tensor:
-        """The base model's mean dense token of each box, cropped and resized to the crop size."""
-        crops = torch.cat([_resize(pixels[i:i + 1, :, y0:y1, x0:x1], self.crop_px)
-                           for i, x0, y0, x1, y1 in boxes.tolist()])
-        visual = self.teacher_visual
-        if visual is None:
+    def tokens(self, visual, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, h, w, D) unnormalised projected patch tokens of 0..255 pixels (the release's forward_v2)."""
+        with self._autocast():
+            tokens = dense_patch_features(visual, normalize_pixels(pixels.to(self.device)), self.options.attention,
+                                          normalize=False)
+        return tokens.float()
+
+    def teacher_pooled(self, local_pixels: torch.Tensor) -> torch.Tensor:
+        """The teacher's mean token of each local view: the base model (frozen), or the network being
+        trained itself with gradients (active)."""
+        if self.options.teacher == "active":
+            return self.tokens(self.model.visual, local_pixels).mean(dim=(1, 2))
+        with torch.no_grad():
+            if self.teacher_visual is not None:
+                return self.tokens(self.teacher_visual, local_pixels).mean(dim=(1, 2))
             adapters.set_adapters_enabled(self.model, False)
-            visual = self.model.visual
-        try:
-            with self._autocast():
-                dense = dense_patch_features(visual, normalize_pixels(crops), self.options.attention)
-        finally:
-            if self.teacher_visual is None:
+            try:
+                return self.tokens(self.model.visual, local_pixels).mean(dim=(1, 2))
+            finally:
                 adapters.set_adapters_enabled(self.model, True)
-        return dense.float().mean(dim=(1, 2))
+
+    def distill_loss(self, rng: np.random.Generator) -> torch.Tensor:
+        views = sample_views(self.native, self.distill_area, self.input_px, self.options.batch_size,
+                             self.options.distill_boxes, rng)
+        student = self.tokens(self.model.visual, views.global_pixels)
+        target = self.teacher_pooled(views.local_pixels)
+        grid_boxes = views.boxes.to(self.device)
+        grid_boxes[:, 1:] /= self.patch
+        return patch_distillation_loss(student, grid_boxes, target)
 
     def losses(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         options = self.options
@@ -314,11 +329,7 @@ class Trainer:
             out["patch"] = patch_label_loss(dense, self.query_text, self.owner, targets, LOGIT_SCALE,
                                             self.class_weights)
         if options.distill_weight > 0 and options.distill_boxes > 0:
-            boxes = self.distill_boxes(pixels.shape[0], rng)
-            target = self.teacher_pooled(pixels, boxes)
-            grid_boxes = torch.from_numpy(boxes).float().to(self.device)
-            grid_boxes[:, 1:] /= self.patch
-            out["distill"] = patch_distillation_loss(dense, grid_boxes, target)
+            out["distill"] = self.distill_loss(rng)
         regions = self.region_batch(rng)
         if regions is not None:
             crops, ids = regions

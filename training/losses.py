@@ -1,8 +1,9 @@
 """FarSLIP's fine-tuning losses (FARSLIP_METHOD.md section 6) plus a dense patch loss.
 
 - `patch_distillation_loss`: stage 1 patch-to-patch self-distillation: the
-  student's dense map RoI-aligned inside a box and mean-pooled, against the
-  teacher's mean dense token of that box cropped and resized (1 - cosine).
+  student's unnormalised projected tokens of a global view RoI-aligned inside a
+  box and mean-pooled, against the teacher's mean token of that box read at
+  native resolution and resized (1 - cosine).
 - `region_alignment_loss`: stage 2 region-category alignment: region CLS
   embeddings against category texts, multi-positive contrastive.
 - `patch_label_loss`: the project's addition for dense GIS labels:
@@ -96,7 +97,7 @@ def pooled_roi_features(dense: torch.Tensor, boxes: torch.Tensor) -> torch.Tenso
     grid = dense.shape[1:3]
     feature_map = dense.permute(0, 3, 1, 2)
     pooled = roi_align(feature_map, boxes.to(feature_map.dtype), output_size=grid, spatial_scale=1.0,
-                       sampling_ratio=2, aligned=True)
+                       sampling_ratio=-1, aligned=True)
     return pooled.mean(dim=(2, 3))
 
 

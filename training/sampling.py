@@ -148,13 +148,13 @@ def random_crop_boxes(area: Box, crop_size: float, count: int, rng: np.random.Ge
     return [(x, y, x + crop_size, y + crop_size) for x, y in zip(xs, ys)]
 
 
-def region_boxes(grid: LabelGrid, area: Box, pixel_size: float, min_side_px: int = 32,
-                 max_side_px: int = 1024) -> tuple[list[Box], list[int]]:
+def region_boxes(grid: LabelGrid, area: Box, native_pixel: float, min_size_px: float = 64,
+                 max_size_px: float = 1024) -> tuple[list[Box], list[int]]:
     """Boxes of the labelled polygons inside `area` (map units), with each one's class id.
 
-    A polygon is clipped to `area`; small ones are grown around their centre to
-    `min_side_px` (FarSLIP uses 64-1024 px boxes on 0.1-1 m imagery; user labels of
-    small objects need context), kept inside `area`; larger than `max_side_px` are dropped.
+    A polygon is clipped to `area`; its box is kept when sqrt(box area) lies in
+    [min_size_px, max_size_px] native raster pixels (`native_pixel` map units each), FarSLIP's
+    rule for region-category alignment. Classes left without boxes get `pure_boxes` instead.
     """
     frame = shapely.box(*area)
     boxes, class_ids = [], []
@@ -163,16 +163,10 @@ def region_boxes(grid: LabelGrid, area: Box, pixel_size: float, min_side_px: int
         if part.is_empty or part.area <= 0:
             continue
         x0, y0, x1, y1 = part.bounds
-        side_min = min_side_px * pixel_size
-        if max(x1 - x0, y1 - y0) > max_side_px * pixel_size:
-            continue
-        w, h = max(x1 - x0, side_min), max(y1 - y0, side_min)
-        cx = min(max((x0 + x1) / 2, area[0] + w / 2), area[2] - w / 2)
-        cy = min(max((y0 + y1) / 2, area[1] + h / 2), area[3] - h / 2)
-        if w > area[2] - area[0] or h > area[3] - area[1]:
-            continue
-        boxes.append((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2))
-        class_ids.append(int(class_id))
+        size_px = math.sqrt((x1 - x0) * (y1 - y0)) / native_pixel
+        if min_size_px <= size_px <= max_size_px:
+            boxes.append((x0, y0, x1, y1))
+            class_ids.append(int(class_id))
     return boxes, class_ids
 
 

@@ -89,25 +89,27 @@ def _trunk(visual: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def _dense_head(visual: torch.nn.Module, x: torch.Tensor, grid_h: int, grid_w: int,
-                attention: str) -> torch.Tensor:
+                attention: str, normalize: bool = True) -> torch.Tensor:
     if attention not in ATTENTION_VARIANTS:
         raise ValueError(f"unknown attention variant {attention!r}; choose one of {ATTENTION_VARIANTS}")
     x = _last_block(visual.transformer.resblocks[-1], x, attention)
-    x = visual.ln_post(x)[:, 1:]
-    x = F.normalize(x @ visual.proj, dim=-1)
+    x = visual.ln_post(x)[:, 1:] @ visual.proj
+    if normalize:
+        x = F.normalize(x, dim=-1)
     return x.reshape(x.shape[0], grid_h, grid_w, -1)
 
 
 def dense_patch_features(visual: torch.nn.Module, pixels: torch.Tensor,
-                         attention: str = "segearth") -> torch.Tensor:
+                         attention: str = "segearth", normalize: bool = True) -> torch.Tensor:
     """(B, 3, H, W) normalised pixels -> (B, H/p, W/p, D) L2-normalised patch embeddings.
 
-    H and W must be multiples of the patch size.
+    H and W must be multiples of the patch size. `normalize=False` keeps the projected tokens
+    unnormalised (what FarSLIP's distillation pools).
     """
     if attention not in ATTENTION_VARIANTS:
         raise ValueError(f"unknown attention variant {attention!r}; choose one of {ATTENTION_VARIANTS}")
     x, grid_h, grid_w = _trunk(visual, pixels)
-    return _dense_head(visual, x, grid_h, grid_w, attention)
+    return _dense_head(visual, x, grid_h, grid_w, attention, normalize)
 
 
 def image_and_patch_features(visual: torch.nn.Module, pixels: torch.Tensor,

@@ -7,8 +7,13 @@ hub cache (downloading into it when online).  A missing file is one clear
 :class:`ModelError`; there is never a silent fallback to other weights.
 
 Every checkpoint is rebuilt from its tensor shapes alone (open_clip ViT CLIP,
-QuickGELU, head width 64), so FarSLIP1/2, OpenAI CLIP, GeoRSCLIP, RemoteCLIP
-and the project's own fine-tuned models all go through the same code path.
+head width 64), so FarSLIP1/2, OpenAI CLIP, GeoRSCLIP, RemoteCLIP and the
+project's own fine-tuned models all go through the same code path. The MLP
+activation cannot be read from the tensors: it is a registry field
+(`activation`: QuickGELU for OpenAI CLIP and FarSLIP, plain GELU for GeoRSCLIP
+and RemoteCLIP, as RS-OVSS runs them), recorded in a fine-tuned model's
+farslip_model.json, taken from the registry entry whose file name a checkpoint
+file has, and QuickGELU (the OpenAI CLIP lineage) for any other checkpoint.
 Loading never unpickles code: ``torch.load(..., weights_only=True)``.
 """
 
@@ -30,7 +35,7 @@ from urllib.parse import urlparse
 import torch
 
 from backend.engine import paths
-from backend.engine.errors import ModelError
+from backend.engine.errors import InputError, ModelError
 
 DEFAULT_MODEL = "farslip2-vit-b-16"
 REGISTRY_FILE = "models.json"
@@ -44,6 +49,8 @@ HASH_CACHE_FILE = "weights_sha256.json"
 _HASH_CHUNK = 1 << 20
 # Keys some exporters (OpenAI's JIT state dict) carry that are not parameters.
 _NON_PARAM_KEYS = {"input_resolution", "context_length", "vocab_size", "mask1", "mask2"}
+ACTIVATIONS = ("quickgelu", "gelu")
+DEFAULT_ACTIVATION = "quickgelu"  # OpenAI CLIP and everything fine-tuned from it, FarSLIP included
 
 
 # --------------------------------------------------------------------------- registry
@@ -65,6 +72,8 @@ class ModelSpec:
     text_tower: str | None = None
     # Languages the text tower was trained on (ISO 639-1); None means English only.
     languages: tuple[str, ...] | None = None
+    # MLP activation the weights were trained with: "quickgelu" (OpenAI CLIP, FarSLIP) or "gelu".
+    activation: str = DEFAULT_ACTIVATION
 
     @property
     def weights_filename(self) -> str:
@@ -87,6 +96,9 @@ def _load_registry(path: str) -> tuple[ModelSpec, ...]:
             if values.get("languages") is not None:
                 values["languages"] = tuple(values["languages"])
             specs.append(ModelSpec(**values))
+        bad = [s.name for s in specs if s.activation not in ACTIVATIONS]
+        if bad:
+            raise ValueError(f"activation of {', '.join(bad)} must be one of {', '.join(ACTIVATIONS)}")
         return tuple(specs)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"The model registry {path} is unreadable ({exc}). Reinstall the project.") from exc
@@ -333,6 +345,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     (`state_dict` / `model` entry, `module.` prefixes, fp16), and folds
     FarSLIP2/LongCLIP split text positional embeddings.
     """
+    return fold_longclip_positional(read_tensors(path))
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors as stored (fp32, prefixes stripped, LongCLIP embeddings not folded)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise ModelError(f"Checkpoint file {path} does not exist.")
@@ -368,7 +385,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         sd[key] = value.float() if value.is_floating_point() else value
     if not sd:
         raise ModelError(f"{path} holds no tensors: it is not a model checkpoint.")
-    return fold_longclip_positional(sd)
+    return sd
 
 
 def _count_layers(sd: dict, prefix: str) -> int:
@@ -435,12 +452,13 @@ def describe_architecture(cfg: dict) -> dict:
     }
 
 
-def model_from_state_dict(sd: dict[str, torch.Tensor]):
-    """Build an open_clip CLIP (QuickGELU, eval, fp32, CPU) whose shapes match `sd` and load it."""
+def model_from_state_dict(sd: dict[str, torch.Tensor], activation: str = DEFAULT_ACTIVATION):
+    """Build an open_clip CLIP (eval, fp32, CPU) whose shapes match `sd`, with `activation`, and load it."""
     from open_clip.model import CLIP
 
+    assert activation in ACTIVATIONS, activation
     cfg = infer_architecture(sd)
-    model = CLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"], quick_gelu=True)
+    model = CLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"], quick_gelu=activation == "quickgelu")
     result = model.load_state_dict(sd, strict=False)
     missing = [k for k in result.missing_keys if k not in ("logit_bias",)]
     if missing or result.unexpected_keys:
@@ -502,7 +520,8 @@ def _check_spec(spec: ModelSpec, cfg: dict, path: Path) -> None:
 
 
 def _finish_hf_text(sd: dict, *, name: str, weights_path: Path, dev: torch.device,
-                    class_lines: list[str] | None, metadata: dict, spec: ModelSpec | None) -> LoadedModel:
+                    class_lines: list[str] | None, metadata: dict, spec: ModelSpec | None,
+                    activation: str) -> LoadedModel:
     """A CLIP with a Hugging Face text tower (hf_text.py): tower files found like weights."""
     from . import hf_text
     from .languages import LANGUAGES
@@ -516,7 +535,7 @@ def _finish_hf_text(sd: dict, *, name: str, weights_path: Path, dev: torch.devic
     found = hf_text.find_text_tower(tower_name, [folder], repos)
     tower = hf_text.tower_from_config(text_cfg, tower_name, found)
     vision_cfg = config["vision_cfg"] if config else infer_vision_cfg(sd)
-    model = hf_text.build_hf_clip(sd, vision_cfg, tower).to(dev)
+    model = hf_text.build_hf_clip(sd, vision_cfg, tower, quick_gelu=activation == "quickgelu").to(dev)
     if spec is not None and spec.languages:
         languages = list(spec.languages)
     else:  # a checkpoint: multilingual when its tower is (XLM-R, multilingual BERT)
@@ -526,7 +545,7 @@ def _finish_hf_text(sd: dict, *, name: str, weights_path: Path, dev: torch.devic
     meta = {"weights_path": str(weights_path),
             "text_tower": {"name": tower.name, "config": str(tower.config_folder),
                            "tokenizer": str(tower.tokenizer_folder)},
-            "languages": languages,
+            "languages": languages, "activation": activation,
             "architecture": {"patch_size": vision_cfg["patch_size"], "image_size": vision_cfg["image_size"],
                              "vision_width": vision_cfg["width"], "vision_layers": vision_cfg["layers"],
                              "text_tower": tower.name, "context_length": tower.context_length},
@@ -537,20 +556,22 @@ def _finish_hf_text(sd: dict, *, name: str, weights_path: Path, dev: torch.devic
 
 
 def _finish(sd: dict, *, name: str, weights_path: Path, device: str | torch.device,
-            class_lines: list[str] | None, metadata: dict, spec: ModelSpec | None = None) -> LoadedModel:
+            class_lines: list[str] | None, metadata: dict, activation: str = DEFAULT_ACTIVATION,
+            spec: ModelSpec | None = None) -> LoadedModel:
     from .hf_text import is_hf_text_state_dict
 
     dev = resolve_device(device)
     if is_hf_text_state_dict(sd):
         return _finish_hf_text(sd, name=name, weights_path=weights_path, dev=dev, class_lines=class_lines,
-                               metadata=metadata, spec=spec)
+                               metadata=metadata, spec=spec, activation=activation)
     cfg = infer_architecture(sd)
     if spec is not None:
         _check_spec(spec, cfg, weights_path)
-    model = model_from_state_dict(sd).to(dev)
+    model = model_from_state_dict(sd, activation).to(dev)
     ctx = cfg["text_cfg"]["context_length"]
     meta = {"weights_path": str(weights_path), "architecture": describe_architecture(cfg),
-            "languages": list(spec.languages) if spec is not None and spec.languages else ["en"], **metadata}
+            "languages": list(spec.languages) if spec is not None and spec.languages else ["en"],
+            "activation": activation, **metadata}
     return LoadedModel(model=model, name=name, tokenizer=get_tokenizer(ctx), context_length=ctx,
                        weights_id=file_sha256(weights_path), class_lines=class_lines,
                        metadata=meta, device=dev)
@@ -561,7 +582,11 @@ def _load_finetuned(path: Path, device) -> LoadedModel:
     weights = path / FINETUNED_WEIGHTS
     sd = read_state_dict(weights)
     name = str(meta.get("name") or path.name)
-    return _finish(sd, name=name, weights_path=weights, device=device,
+    activation = str(meta.get("activation") or DEFAULT_ACTIVATION)
+    if activation not in ACTIVATIONS:
+        raise ModelError(f"{path / FINETUNED_META}: 'activation' must be one of {', '.join(ACTIVATIONS)}; "
+                         f"got {activation!r}.")
+    return _finish(sd, name=name, weights_path=weights, device=device, activation=activation,
                    class_lines=list(meta["class_lines"]) if meta.get("class_lines") else None,
                    metadata={"kind": "finetuned", "model_dir": str(path), "finetuned": meta})
 
@@ -631,10 +656,44 @@ def load_model(model: str | None = None, weights: str | None = None, device: str
         return _load_finetuned(where, device)
     if kind == "checkpoint":
         return _finish(read_state_dict(where), name=where.stem, weights_path=where, device=device,
-                       class_lines=None, metadata={"kind": "checkpoint"})
+                       class_lines=None, activation=checkpoint_activation(where),
+                       metadata={"kind": "checkpoint"})
     path = resolve_weights(where, explicit)
     return _finish(read_state_dict(path), name=where.name, weights_path=path, device=device,
-                   class_lines=None, spec=where, metadata={"kind": "registry", "spec": asdict(where)})
+                   class_lines=None, spec=where, activation=where.activation,
+                   metadata={"kind": "registry", "spec": asdict(where)})
+
+
+def checkpoint_activation(path: Path) -> str:
+    """The activation of a checkpoint given by path: its registry entry's when the file name is a
+    registry model's (e.g. RS5M_ViT-B-32.pt is GeoRSCLIP: GELU), else QuickGELU."""
+    names = {path.name.lower()}
+    for spec in known_models().values():
+        if spec.weights_filename.lower() in names or PurePosixPath(spec.hf_file).name.lower() in names:
+            return spec.activation
+    return DEFAULT_ACTIVATION
+
+
+def check_half(half: bool, device: torch.device) -> None:
+    """--half is for parity runs on a CUDA GPU; on a CPU the engine stays fp32."""
+    if half and device.type != "cuda":
+        raise InputError(f"--half (fp16 weights and inputs, as the RS-OVSS evaluation runs) needs a CUDA GPU; "
+                         f"this run is on {device.type}, where models run in fp32. Drop --half, or use "
+                         "--device cuda on a machine with an NVIDIA GPU.")
+
+
+def to_half(loaded: LoadedModel) -> LoadedModel:
+    """The model in fp16 as open_clip's precision='fp16' makes it (RS-OVSS's evaluation): linear,
+    convolution, attention and projection weights fp16, layer norms computed in fp32."""
+    from open_clip.model import convert_weights_to_lp
+    from open_clip.transformer import LayerNorm, LayerNormFp32
+
+    convert_weights_to_lp(loaded.model, dtype=torch.float16)
+    for module in loaded.model.modules():
+        if type(module) is LayerNorm:
+            module.__class__ = LayerNormFp32  # same parameters; computes in fp32 and casts back
+    loaded.metadata["precision"] = "fp16"
+    return loaded
 
 
 # --------------------------------------------------------------------------- listing

@@ -69,6 +69,34 @@ class SegmentResult:
     tiles: int
     timings: dict
     report: dict = field(repr=False)
+    warnings: list[str] = field(default_factory=list)
+
+
+def segment_warnings(loaded, classes) -> list[str]:
+    """Sentences for the user before a run: languages the model does not read, untrained classes."""
+    untrained = untrained_class_warning(loaded, classes)
+    return language_warnings(loaded, classes) + ([untrained] if untrained else [])
+
+
+def untrained_class_warning(loaded, classes) -> str | None:
+    """A sentence when a fine-tuned model is asked for classes it was not trained on, else None.
+
+    Fine-tuning's dense patch loss trades open-vocabulary behaviour for the trained classes, so
+    other classes still run but may do worse than with the base model.
+    """
+    trained_lines = ((getattr(loaded, "metadata", None) or {}).get("finetuned") or {}).get("class_lines")
+    if not trained_lines:
+        return None
+    trained = {query.lower() for spec in parse_class_lines(trained_lines) for query in spec.queries}
+    untrained = [c.name for c in classes if not any(q.lower() in trained for q in c.queries)]
+    if not untrained:
+        return None
+    base = (loaded.metadata.get("finetuned") or {}).get("base_model") or "the base model"
+    listed = ", ".join(repr(name) for name in untrained)
+    return (f"Model '{loaded.name}' was fine-tuned on {', '.join(trained_lines)}; {listed} "
+            f"{'is' if len(untrained) == 1 else 'are'} not among them. Fine-tuning trades open-vocabulary "
+            f"behaviour for the trained classes, so results for {'it' if len(untrained) == 1 else 'them'} "
+            f"may be worse than with {base}.")
 
 
 def _check_tif(path: Path, what: str) -> None:
@@ -148,6 +176,7 @@ def _segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutpu
     validate_options(options)
     check_outputs(outputs)
     classes = parse_class_lines(options.class_lines)
+    warnings = segment_warnings(loaded, classes)
     run_id = uuid.uuid4().hex[:12]
     timings: dict[str, float] = {}
 
@@ -204,13 +233,12 @@ def _segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutpu
                 "stride": segmenter.stride, "valid_pixels": int(valid_pixels),
                 "options": {k: v for k, v in asdict(options).items() if k != "class_lines"},
                 "timings": {k: round(v, 3) for k, v in timings.items()},
-                "class_stats": stats, "outputs": paths,
-                "warnings": language_warnings(loaded, classes),
+                "class_stats": stats, "outputs": paths, "warnings": warnings,
             }
             write_report(paths["report"], report)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-    return SegmentResult(run_id, paths, stats, total, timings, report)
+    return SegmentResult(run_id, paths, stats, total, timings, report, warnings)
 
 
 def _move_into_place(temp: Path, target: Path) -> None:

@@ -63,6 +63,10 @@ class Segmenter:
         self.batch_size = max(1, int(batch_size))
         self.threshold = float(threshold)
         self.keep_logits = False  # benchmarks resample the blended logits before the softmax
+        # Crops smaller than the model input (only when the image is): geodata pads them to the patch
+        # grid and interpolates the positional embedding; benchmark mode resizes them to the input
+        # size as RS-OVSS does (see `_small_crop_logits`).
+        self.resize_small_crops = False
         queries, owner = query_index(classes)
         embedder = embedder or TextEmbedder(loaded)
         self.text = embedder.embed(queries).to(loaded.device)
@@ -73,6 +77,9 @@ class Segmenter:
         self.crop = int(size[0] if isinstance(size, (tuple, list)) else size)
         self.stride = self.crop // 2
         self.device = loaded.device
+        # A model converted with `models.to_half` runs fp16 end to end (as RS-OVSS runs its
+        # evaluation); otherwise CUDA uses fp16 autocast and the CPU fp32.
+        self.half = visual.conv1.weight.dtype == torch.float16
 
     @property
     def num_queries(self) -> int:
@@ -83,16 +90,35 @@ class Segmenter:
         """(B, 3, h, w) RGB 0..255 -> (B, Q, h, w) patch-text cosine logits upsampled to pixels."""
         height, width = crops.shape[-2:]
         pixels = normalize_pixels(torch.from_numpy(crops).to(self.device))
+        if self.resize_small_crops and (height < self.crop or width < self.crop):
+            return self._small_crop_logits(pixels).cpu().numpy()
         pad_h = math.ceil(height / self.patch) * self.patch - height
         pad_w = math.ceil(width / self.patch) * self.patch - width
         if pad_h or pad_w:
             pixels = F.pad(pixels, (0, pad_w, 0, pad_h))
-        use_amp = self.device.type == "cuda"
-        with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
-            features = dense_patch_features(self.loaded.model.visual, pixels, self.attention)
-        logits = torch.einsum("bhwd,qd->bqhw", features.float(), self.text.float())
+        logits = self._patch_logits(pixels)
         logits = F.interpolate(logits, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
         return logits[:, :, :height, :width].cpu().numpy()
+
+    def _patch_logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised pixels -> (B, Q, H/p, W/p) fp32 patch-text cosine logits."""
+        use_amp = self.device.type == "cuda" and not self.half
+        with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
+            features = dense_patch_features(self.loaded.model.visual, pixels, self.attention)
+        return torch.einsum("bhwd,qd->bqhw", features.float(), self.text.float())
+
+    def _small_crop_logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        """RS-OVSS's handling of a crop smaller than the input: pad it centred (with the normalised
+        mean) to a multiple of the patch size, resize it to the input size, and resize the logits
+        back to the padded crop before dropping the padding. No positional-embedding interpolation."""
+        height, width = pixels.shape[-2:]
+        pad_h, pad_w = (-height) % self.patch, (-width) % self.patch
+        top, left = pad_h // 2, pad_w // 2
+        padded = F.pad(pixels, (left, pad_w - left, top, pad_h - top))
+        resized = F.interpolate(padded, size=(self.crop, self.crop), mode="bilinear", align_corners=False)
+        logits = F.interpolate(self._patch_logits(resized), size=padded.shape[-2:], mode="bilinear",
+                               align_corners=False)
+        return logits[:, :, top:top + height, left:left + width]
 
     def class_probabilities(self, logits: np.ndarray) -> np.ndarray:
         """(Q, h, w) averaged logits -> (C, h, w): softmax over queries, then max over synonyms."""

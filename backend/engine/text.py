@@ -93,6 +93,14 @@ def is_multilingual(loaded) -> bool:
     return len(loaded.metadata.get("languages") or ["en"]) > 1
 
 
+def model_variant(loaded) -> str:
+    """What besides the weights changes the embeddings: the activation and fp16 (cache keys)."""
+    activation = (getattr(loaded, "metadata", None) or {}).get("activation", "quickgelu")
+    projection = getattr(loaded.model, "text_projection", None)
+    half = isinstance(projection, torch.Tensor) and projection.dtype == torch.float16
+    return activation + ("-fp16" if half else "")
+
+
 class TextEmbedder:
     """Embeds queries with a loaded model; remembers them in memory and on disk.
 
@@ -121,7 +129,7 @@ class TextEmbedder:
         if self.cache_base is None:
             return None
         digest = hashlib.sha256("\n".join(self.templates_for(query)).encode()).hexdigest()[:12]
-        folder = self.cache_base / f"{self.loaded.weights_id[:24]}-{digest}"
+        folder = self.cache_base / f"{self.loaded.weights_id[:24]}-{model_variant(self.loaded)}-{digest}"
         return folder / (hashlib.sha256(query.encode()).hexdigest()[:32] + ".npy")
 
     @torch.inference_mode()

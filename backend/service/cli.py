@@ -50,10 +50,10 @@ def segment(
     try:
         from backend.engine.models import load_model, resolve_device
         from backend.engine.presets import collect_class_lines
-        from backend.engine.text import language_warnings, parse_class_lines
+        from backend.engine.text import parse_class_lines
         from backend.engine.raster import open_source, request_window
         from backend.engine.segment import (SegmentOptions, SegmentOutputs, check_outputs, default_batch_size,
-                                            segment_raster)
+                                            segment_raster, segment_warnings)
 
         lines = collect_class_lines(classes, classes_file, preset)
         band_list = parse_bands(bands)
@@ -65,7 +65,7 @@ def segment(
         loaded = load_model(model, str(weights) if weights else None, dev)
         if not lines and loaded.class_lines:
             lines = list(loaded.class_lines)
-        for warning in language_warnings(loaded, parse_class_lines(lines)):
+        for warning in segment_warnings(loaded, parse_class_lines(lines)):
             typer.echo(f"Warning: {warning}", err=True)
         options = SegmentOptions(lines, bbox, bbox_crs, band_list, threshold, attention,
                                  batch_size or default_batch_size(dev), scale, gsd, min_area, simplify,
@@ -85,8 +85,21 @@ def segment(
 
 
 @app.command()
-def models() -> None:
+def models(
+    inspect: Optional[str] = typer.Option(None, "--inspect", metavar="NAME",
+                                          help="Print the tensor shapes that decide a model's text context "
+                                               "(77 or 248 tokens) and patch grid, checked against the "
+                                               "registry (a registry name, checkpoint file or model folder)."),
+) -> None:
     """List known models, which are on disk, and where to put missing weights."""
+    if inspect:
+        from backend.engine.inspect_weights import format_inspection, inspect_model
+
+        try:
+            typer.echo(format_inspection(inspect_model(inspect)))
+        except FarslipError as error:
+            fail(error)
+        return
     from backend.engine.models import format_models_table
 
     typer.echo(format_models_table())

@@ -164,6 +164,9 @@ class JobResult(BaseModel):
     hits: list[dict[str, Any]] | None = None  # search jobs: rank, score, scale_m, query, bbox (raster CRS)
     index: dict[str, Any] | None = None
     notices: list[str] | None = None
+    warnings: list[str] = Field(default_factory=list,
+                                description="Sentences worth reading, e.g. classes a fine-tuned model was "
+                                            "not trained on.")
 
 
 class Job(BaseModel):

@@ -65,31 +65,40 @@ def evaluate_command(
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics as JSON."),
     png: Optional[Path] = typer.Option(None, help="Write the confusion matrix as a PNG."),
-    benchmark: Optional[Path] = typer.Option(None, help="A folder of image/label pairs (img_dir/ann_dir or "
+    benchmark: Optional[Path] = typer.Option(None, help="A benchmark dataset folder (a preset's layout, e.g. "
+                                                        "UDD5's val/src + val/gt; else img_dir/ann_dir or "
                                                         "images/labels) instead of RASTER and LABELS."),
     classes: Optional[list[str]] = typer.Option(None, "--classes", "-c", help="Benchmark classes, in label "
                                                                               "value order."),
-    preset: Optional[str] = typer.Option(None, help="Benchmark classes from a preset (e.g. potsdam)."),
-    benchmark_split: str = typer.Option("val", help="Benchmark subfolder (img_dir/<split>)."),
+    preset: Optional[str] = typer.Option(None, help="Benchmark classes, folder layout and label coding from a "
+                                                    "preset (e.g. potsdam)."),
+    protocol: str = typer.Option("farslip", help="Benchmark protocol: farslip (threshold 0, background 0: the "
+                                                 "paper's FarSLIP rows) or segearth (per-dataset thresholds)."),
+    benchmark_split: Optional[str] = typer.Option(None, help="Benchmark split (default: the preset's, e.g. "
+                                                             "val; UAVid and VDD: test)."),
     long_side: int = typer.Option(448, help="Benchmark images are resized to this long side (0: native)."),
     reduce_zero_label: Optional[bool] = typer.Option(None, help="Benchmark labels: 0 is ignored, v means class "
-                                                                "v-1 (default: the preset's protocol)."),
+                                                                "v-1 (default: the preset's coding)."),
     prob_threshold: Optional[float] = typer.Option(None, help="Benchmark: pixels less sure than this get the "
-                                                              "background class (default: the preset's)."),
+                                                              "background class (default: the protocol's)."),
     background_index: Optional[int] = typer.Option(None, help="Benchmark: class index for unsure pixels "
-                                                              "(default: the preset's, else 0)."),
+                                                              "(default: the protocol's)."),
+    half: bool = typer.Option(False, "--half", help="fp16 weights and inputs on a CUDA GPU, as the RS-OVSS "
+                                                    "evaluation runs (parity runs); fp32 otherwise."),
     ignore_index: int = typer.Option(255, help="Benchmark label value to ignore."),
     limit: Optional[int] = typer.Option(None, help="Benchmark: only the first N images."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Report per-class IoU, mIoU, accuracy and the confusion matrix of a model against labelled polygons."""
-    from backend.engine.models import load_model, resolve_device
+    from backend.engine.models import check_half, load_model, resolve_device, to_half
 
     from training.api import class_names_from_pairs, evaluate_model
-    from training.evaluate import benchmark_metrics, benchmark_protocol, format_metrics, plot_confusion, write_json
+    from training.evaluate import (benchmark_layout, benchmark_metrics, benchmark_protocol, format_metrics,
+                                   plot_confusion, write_json)
 
     try:
         dev = resolve_device(device)
+        check_half(half, dev)
         if benchmark is not None:
             from backend.engine.presets import collect_class_lines
 
@@ -97,19 +106,29 @@ def evaluate_command(
             if not lines:
                 raise InputError("--benchmark needs the class list, in label value order: --preset NAME or "
                                  "--classes (one per class).")
+            settings = benchmark_protocol(preset, protocol)
+            if reduce_zero_label is not None:
+                settings["reduce_zero_label"] = reduce_zero_label
+            if prob_threshold is not None:
+                settings["prob_threshold"] = prob_threshold
+            if background_index is not None:
+                settings["background_index"] = background_index
+            layout = benchmark_layout(preset)
             loaded = load_model(model, str(weights) if weights else None, dev)
-            protocol = benchmark_protocol(preset)
+            if half:
+                loaded = to_half(loaded)
             metrics = benchmark_metrics(
-                benchmark, lines, loaded, benchmark_split, long_side or None,
-                protocol.get("reduce_zero_label", False) if reduce_zero_label is None else reduce_zero_label,
-                ignore_index, attention, batch_size, limit, progress=None if quiet else _Lines(quiet),
-                prob_threshold=protocol.get("prob_threshold", 0.0) if prob_threshold is None else prob_threshold,
-                background_index=protocol.get("background_index", 0) if background_index is None
-                else background_index)
-            typer.echo(f"{loaded.name} on {benchmark} ({metrics['images']} images)")
+                benchmark, lines, loaded, layout=layout, split=benchmark_split, long_side=long_side or None,
+                ignore_index=ignore_index, attention=attention, batch_size=batch_size, limit=limit,
+                progress=None if quiet else _Lines(quiet), **settings)
+            typer.echo(f"{loaded.name} on {benchmark} ({metrics['images']} images; protocol {protocol}: "
+                       f"threshold {settings['prob_threshold']}, background index {settings['background_index']}"
+                       f"{', fp16' if half else ''})")
             typer.echo(format_metrics(metrics))
             if json_out:
-                write_json({"model": loaded.name, "benchmark": str(benchmark), "metrics": metrics}, json_out)
+                write_json({"model": loaded.name, "benchmark": str(benchmark), "preset": preset,
+                            "protocol": protocol, "settings": settings, "fp16": half, "metrics": metrics},
+                           json_out)
             if png:
                 plot_confusion(metrics, png)
             return
@@ -120,7 +139,9 @@ def evaluate_command(
                                 class_names=class_names_from_pairs(class_name or []), split=split,
                                 bands=_bands(bands), scale=scale, gsd_m=gsd, attention=attention,
                                 batch_size=batch_size, device=str(dev), out_json=json_out, out_png=png,
-                                progress=_Lines(quiet))
+                                progress=_Lines(quiet),
+                                loaded=to_half(load_model(model, str(weights) if weights else None, dev))
+                                if half else None)
     except FarslipError as error:
         _fail(error)
     except KeyboardInterrupt:
@@ -152,6 +173,9 @@ def train_command(
     bands: Optional[str] = typer.Option(None, help="Band numbers for red,green,blue, e.g. 3,2,1."),
     scale: Optional[float] = typer.Option(None, help="Resample by this factor."),
     gsd: Optional[float] = typer.Option(None, help="Resample to this ground sample distance in metres."),
+    teacher: str = typer.Option("frozen", help="Distillation teacher: frozen (the base model; default for "
+                                               "small data) or active (the network being trained, as "
+                                               "FarSLIP's release)."),
     batch_size: int = typer.Option(4, help="Crops per step."),
     steps_per_epoch: Optional[int] = typer.Option(None, help="Steps per epoch (default: from the area)."),
     seed: int = typer.Option(0, help="Random seed."),
@@ -169,7 +193,7 @@ def train_command(
 
     try:
         dev = resolve_device(device)
-        options = TrainOptions(batch_size=batch_size, steps_per_epoch=steps_per_epoch, seed=seed)
+        options = TrainOptions(batch_size=batch_size, steps_per_epoch=steps_per_epoch, seed=seed, teacher=teacher)
         result = train_model(raster, labels, class_field, out, base_model=base_model,
                              weights=str(weights) if weights else None, method=method, epochs=epochs, lr=lr,
                              patch_loss_weight=patch_loss_weight, background=background, aoi=aoi,

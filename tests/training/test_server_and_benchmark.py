@@ -11,7 +11,7 @@ from training_data import RASTER_CRS, write_labels
 from backend.engine.errors import InputError
 from backend.engine.models import load_model
 from training.api import check_request, evaluate_model, train_request
-from training.evaluate import benchmark_metrics, benchmark_protocol
+from training.evaluate import benchmark_metrics
 
 
 def test_train_request_runs_a_job_with_two_argument_progress(synthetic, tiny_model, tmp_path):
@@ -59,13 +59,6 @@ def test_benchmark_folder_mode_scores_image_label_pairs(tiny_model, tmp_path):
         benchmark_metrics(tmp_path, ["dark", "bright"], loaded, background_index=2)
     with pytest.raises(InputError, match="No image/label pairs"):
         benchmark_metrics(tmp_path / "img_dir", ["a", "b"], loaded)
-
-
-def test_benchmark_presets_carry_the_reference_protocol():
-    assert benchmark_protocol("potsdam") == {"prob_threshold": 0.1, "background_index": 5,
-                                             "reduce_zero_label": True}
-    assert benchmark_protocol("LoveDA")["reduce_zero_label"] is True
-    assert benchmark_protocol("landcover") == {}
 
 
 def test_aoi_limits_the_background_class(synthetic, tiny_model, tmp_path):

@@ -52,6 +52,8 @@ def test_model_folder_holds_weights_metadata_and_checkpoint(trained, synthetic):
     assert len(meta["data"]["raster"]["sha256"]) == 64 and len(meta["data"]["labels"]["sha256"]) == 64
     assert meta["metrics"]["after"]["miou"] == result["metrics"]["after"]["miou"]
     assert meta["split"]["validation_window"]["height"] > 0
+    assert meta["activation"] == "quickgelu"
+    assert meta["distillation"]["teacher"] == "frozen"  # the default for small user data
     assert not list(out.parent.glob(".*partial"))
 
 
@@ -252,3 +254,21 @@ def test_segment_with_a_fine_tuned_model_runs_at_its_training_resolution(trained
     chosen = segment_raster(fine, SegmentOptions(loaded.class_lines, scale=1.0), SegmentOutputs(tmp_path / "b.gpkg"),
                             loaded)
     assert chosen.report["processing_scale"] == 1.0
+
+
+def test_segment_warns_about_classes_a_fine_tuned_model_was_not_trained_on(trained, synthetic, tmp_path):
+    from backend.service.cli import app
+
+    _result, out, _ = trained
+    raster, _, _ = synthetic
+    runner = CliRunner()
+    result = runner.invoke(app, ["segment", str(raster), "--model", str(out), "-c", "water, lake", "-c", "building",
+                                 "--out", str(tmp_path / "mixed.gpkg"), "--device", "cpu", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "Warning: Model 'colours' was fine-tuned on forest, sand, water; 'building' is not among them" \
+        in result.output
+    report = json.loads((tmp_path / "mixed.report.json").read_text())
+    assert len(report["warnings"]) == 1 and "'building'" in report["warnings"][0]
+    trained_only = runner.invoke(app, ["segment", str(raster), "--model", str(out), "--out",
+                                       str(tmp_path / "own.gpkg"), "--device", "cpu", "-q"])
+    assert trained_only.exit_code == 0 and "Warning" not in trained_only.output
