@@ -340,7 +340,12 @@ def benchmark_metrics(folder: str | Path, class_lines: list[str], loaded, layout
     for done, (image_path, label_path) in enumerate(pairs):
         rgb = _read_image(image_path).astype(np.float32)
         rgb = np.repeat(rgb[:1], 3, axis=0) if rgb.shape[0] < 3 else rgb[:3]
-        truth = _read_image(label_path)[0].astype(np.int64)
+        label = _read_image(label_path)
+        if label.shape[0] > 1 and not (label == label[:1]).all():
+            raise InputError(f"The label {label_path} has {label.shape[0]} different bands (a colour image?): "
+                             "benchmark labels must hold class indices in one band, as mmsegmentation's dataset "
+                             "converters write them (e.g. tools/dataset_converters/isaid.py).")
+        truth = label[0].astype(np.int64)
         height, width = truth.shape
         tensor = resized_to_long_side(rgb, long_side) if long_side else torch.from_numpy(rgb)[None]
         source = ArraySource(tensor[0].numpy())

@@ -60,7 +60,8 @@ def inspect_model(model: str) -> dict:
     if spec is not None:
         info["registry"] = {"name": spec.name, "arch": spec.arch, "context_length": spec.context_length,
                             "activation": spec.activation}
-        info["agrees"] = context == spec.context_length and (patch is None or spec.arch.endswith(f"-{patch}"))
+        info["agrees"] = (context is None or context == spec.context_length) and \
+            (patch is None or spec.arch.endswith(f"-{patch}"))
     return info
 
 
@@ -68,7 +69,9 @@ def format_inspection(info: dict) -> str:
     lines = [f"{info['model']}: {info['path']}"]
     for key, shape in info["shapes"].items():
         lines.append(f"  {key:<28} {' x '.join(str(n) for n in shape)}")
-    if info["longclip"]:
+    if info["context_length"] is None:
+        text = "not CLIP's own text tower (e.g. XLM-RoBERTa): its tokenizer sets the context"
+    elif info["longclip"]:
         text = (f"LongCLIP text tower: positional_embedding + positional_embedding_res, folded at load "
                 f"time (positions < {LONGCLIP_KEEP} from the first), {info['context_length']} tokens")
     else:

@@ -44,11 +44,14 @@ def segment(
     overwrite: bool = typer.Option(False, help="Replace existing output files."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     batch_size: Optional[int] = typer.Option(None, help="Crops per batch (default 8 on CPU, 32 on GPU)."),
+    half: bool = typer.Option(False, "--half", help="fp16 weights and inputs on a CUDA GPU (as the RS-OVSS "
+                                                    "evaluation runs); the default is fp16 autocast on CUDA "
+                                                    "and fp32 on CPU."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Segment RASTER into the given classes and write georeferenced polygons."""
     try:
-        from backend.engine.models import load_model, resolve_device
+        from backend.engine.models import check_half, load_model, resolve_device, to_half
         from backend.engine.presets import collect_class_lines
         from backend.engine.text import parse_class_lines
         from backend.engine.raster import open_source, request_window
@@ -62,7 +65,10 @@ def segment(
         with open_source(raster, band_list, scale, gsd, value_range) as source:
             request_window(source, bbox, bbox_crs)
         dev = resolve_device(device)
+        check_half(half, dev)
         loaded = load_model(model, str(weights) if weights else None, dev)
+        if half:
+            loaded = to_half(loaded)
         if not lines and loaded.class_lines:
             lines = list(loaded.class_lines)
         for warning in segment_warnings(loaded, parse_class_lines(lines)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from backend.engine.text import parse_class_lines
 from backend.service.cli import app
 
 runner = CliRunner()
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _outputs(model) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,10 +81,16 @@ def test_inspect_prints_the_positional_embeddings_and_checks_the_registry(tmp_pa
     assert missing.exit_code == 3 and "not on this computer" in missing.output
 
 
-def test_half_is_refused_on_cpu_with_a_sentence():
+def test_half_is_refused_on_cpu_with_a_sentence(tmp_path):
     with pytest.raises(InputError, match="needs a CUDA GPU"):
         check_half(True, torch.device("cpu"))
     check_half(False, torch.device("cpu"))
+    model = save_plain(make_tiny_clip(), tmp_path / "tiny.pt")
+    raster = REPO / "resources" / "sample" / "naip_2020_5m_crop.tif"
+    result = runner.invoke(app, ["segment", str(raster), "-c", "water", "-c", "field", "--model", str(model),
+                                 "--device", "cpu", "--half", "--out", str(tmp_path / "out.gpkg")])
+    assert result.exit_code == 2 and "--half" in result.output and "needs a CUDA GPU" in result.output
+    assert not (tmp_path / "out.gpkg").exists()
 
 
 def test_half_runs_fp16_weights_like_open_clip_fp16_precision(tmp_path):

@@ -92,6 +92,15 @@ def test_a_missing_label_or_folder_is_one_clear_sentence(tmp_path):
         benchmark_pairs(root, benchmark_layout("udd5"))
 
 
+def test_a_colour_label_image_is_refused(tiny_model, tmp_path):
+    root = make_release(tmp_path / "isaid", "isaid", images=1)
+    colour = np.zeros((96, 128, 3), np.uint8)
+    colour[:, 64:] = (0, 0, 63)  # iSAID's raw colour coding instead of class indices
+    _write(root / "ann_dir/val/P0003_0_800_0_800_instance_color_RGB.png", colour)
+    with pytest.raises(InputError, match="class indices in one band"):
+        benchmark_metrics(root, ["dark", "bright"], load_model(str(tiny_model)), benchmark_layout("isaid"))
+
+
 def test_farslip_protocol_is_the_default_and_segearth_keeps_the_per_dataset_thresholds():
     assert benchmark_protocol("potsdam") == {"prob_threshold": 0.0, "background_index": 0,
                                              "reduce_zero_label": True}
