@@ -273,3 +273,46 @@ def test_existing_output_is_kept_and_nothing_half_written(loaded, naip500, tmp_p
             search_raster(index, SearchOptions([""]), tmp_path / "other.gpkg")
     assert out.read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hits.gpkg"]
+
+
+def test_overlapping_windows_are_suppressed_across_scales():
+    from backend.engine.search import suppress_overlaps
+
+    bounds = np.array([[0, 0, 224, 224],      # best, native window
+                       [0, 0, 448, 448],      # coarse window holding it: covers all of the smaller one
+                       [112, 0, 336, 224],    # native neighbour, half overlap: kept at max_overlap 0.5
+                       [1000, 0, 1224, 224]], dtype=float)
+    scores = np.array([0.9, 0.8, 0.7, 0.1])
+    assert suppress_overlaps(bounds, scores, top=10).tolist() == [0, 2, 3]
+    assert suppress_overlaps(bounds, scores, top=10, max_overlap=0.4).tolist() == [0, 3]
+    assert suppress_overlaps(bounds, scores, top=1).tolist() == [0]
+
+
+def test_search_command_exit_codes_and_notices(naip500, loaded, tmp_path):
+    from typer.testing import CliRunner
+
+    from backend.service.cli import app
+
+    model = loaded.metadata["weights_path"]
+    runner = CliRunner()
+    empty = runner.invoke(app, ["search", str(naip500), "", "--model", model, "--out", str(tmp_path / "a.gpkg")])
+    assert empty.exit_code == 2 and "empty" in empty.output
+    missing = runner.invoke(app, ["search", str(naip500.parent / "missing.tif"), "x", "--model", model,
+                                 "--out", str(tmp_path / "b.gpkg")])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
+    long_sentence = " ".join(["a wide river between green fields"] * 14)
+    done = runner.invoke(app, ["search", str(naip500), long_sentence, "farmland", "--top", "2", "--model", model,
+                               "--out", str(tmp_path / "c.gpkg"), "--device", "cpu"])
+    assert done.exit_code == 0, done.output
+    assert "reads at most 75" in done.output and "Wrote 4 hits" in done.output
+    assert list(pyogrio.raw.read(tmp_path / "c.gpkg")[3][0]) == [1, 2, 1, 2]
+
+
+def test_all_nodata_raster_exits_4_from_the_command(shared_data, loaded, tmp_path):
+    from typer.testing import CliRunner
+
+    from backend.service.cli import app
+
+    result = CliRunner().invoke(app, ["index", str(shared_data / "all-nodata.tif"), "--model",
+                                      loaded.metadata["weights_path"], "--device", "cpu"])
+    assert result.exit_code == 4 and "nothing to index or search" in result.output
