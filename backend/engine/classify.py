@@ -67,6 +67,14 @@ def logit_scale(loaded) -> float:
     return float(min(scale.exp().item(), MAX_LOGIT_SCALE)) if scale is not None else MAX_LOGIT_SCALE
 
 
+def class_probabilities(image: np.ndarray, text: np.ndarray, owner: np.ndarray, n_classes: int,
+                        scale: float) -> np.ndarray:
+    """(B, n_classes): softmax over all queries of the scaled cosines, then the max over each class's
+    synonyms. `image` (B, D) and `text` (Q, D) are L2-normalised; owner[q] is query q's class."""
+    p = torch.softmax(torch.from_numpy(image @ text.T * scale), dim=1).numpy()
+    return np.stack([p[:, owner == c].max(axis=1) for c in range(n_classes)], axis=1)
+
+
 def classify_raster(raster: Path, options: ClassifyOptions, out: Path, loaded, overwrite: bool = False,
                     progress: Callable[[int, int], None] | None = None,
                     should_cancel: Callable[[], bool] | None = None) -> ClassifyResult:
@@ -105,8 +113,7 @@ def classify_raster(raster: Path, options: ClassifyOptions, out: Path, loaded, o
                     groups.setdefault(rgb.shape[1:], []).append(i)
                 for members in groups.values():
                     image = embed_windows(loaded, np.stack([batch[i][1] for i in members]))[:, 0]
-                    p = torch.softmax(torch.from_numpy(image @ text.T * scale), dim=1).numpy()
-                    per_class = np.stack([p[:, owner == c].max(axis=1) for c in range(len(classes))], axis=1)
+                    per_class = class_probabilities(image, text, owner, len(classes), scale)
                     for i, row_probs in zip(members, per_class):
                         boxes.append(source.window_bounds(batch[i][0]))
                         class_ids.append(int(row_probs.argmax()))

@@ -99,8 +99,11 @@ def write_polygons(
     class_names: Sequence[str] | Mapping[int, str],
     model: str,
     run_id: str,
+    extra: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
     """Write `regions` as a polygon layer named after the file, in the format of its extension.
+
+    `extra` adds float columns after the standard fields (e.g. the quality signals), one value per region.
 
     Fields: class (from `class_names[class_id]`), class_id, score_mean, score_max, area_m2, model,
     run_id. `crs` is the raster's CRS (rasterio/pyproj CRS, WKT or "EPSG:n"). All geometries are
@@ -116,6 +119,7 @@ def write_polygons(
             [shapely.MultiPolygon([g]) if g.geom_type == "Polygon" else g for g in geometries]
         )
     fields = dict(zip(FIELDS, _field_arrays(regions, class_names, model, run_id)))
+    fields.update({name: np.asarray(values, dtype=np.float64) for name, values in (extra or {}).items()})
     return _write_layer(path, geometries, fields, "MultiPolygon" if multi else "Polygon", crs)
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import rasterio
 import torch
 
@@ -25,6 +26,18 @@ from .sliding import NODATA_CLASS, UNCLASSIFIED, Segmenter, count_crops, predict
 from .errors import EmptyResultError, InputError
 from .export import atomic_output, class_colormap, driver_for, report_path_for, write_polygons, write_report
 from .raster import RasterSource, open_source, request_window
+from .quality import (
+    FIELDS,
+    SIGNALS,
+    PolygonSignals,
+    QualityModel,
+    calibration_path_for,
+    pixel_signals,
+    raster_signals,
+    region_agreement,
+    regions_to_check,
+    run_quality_estimate,
+)
 from .text import language_warnings, parse_class_lines
 from .vectorize import finalize, vectorize_class_raster
 
@@ -190,10 +203,11 @@ def _segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutpu
         workdir = Path(tempfile.mkdtemp(prefix=".farslip-", dir=Path(outputs.out).parent))
         try:
             class_path, score_path = workdir / "classes.tif", workdir / "score.tif"
+            signals_path = workdir / "signals.tif"
             prob_path = workdir / "probs.tif" if outputs.prob_raster else None
             t0 = time.perf_counter()
             valid_pixels = _write_rasters(segmenter, source, window, class_path, score_path, prob_path,
-                                          classes, progress, should_cancel)
+                                          classes, progress, should_cancel, signals_path)
             timings["inference_s"] = time.perf_counter() - t0
             if valid_pixels == 0:
                 raise EmptyResultError(f"The requested area of {raster} holds only nodata or masked pixels: "
@@ -206,10 +220,15 @@ def _segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutpu
             regions = finalize(regions, source.crs, source.window_transform(window),
                                min_area_m2=options.min_area, simplify=options.simplify)
             timings["vectorize_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            estimate = estimate_quality(regions, source, window, segmenter, score_path, signals_path,
+                                        [c.name for c in classes], total, should_cancel)
+            timings["quality_s"] = time.perf_counter() - t0
             class_names = [c.name for c in classes]
             stats = _class_stats(regions, class_names)
             t0 = time.perf_counter()
-            write_polygons(outputs.out, regions, source.crs, class_names, loaded.name, run_id)
+            write_polygons(outputs.out, regions, source.crs, class_names, loaded.name, run_id,
+                           extra=estimate.fields)
             if outputs.class_raster:
                 _move_into_place(class_path, Path(outputs.class_raster))
             if outputs.prob_raster:
@@ -234,6 +253,7 @@ def _segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutpu
                 "options": {k: v for k, v in asdict(options).items() if k != "class_lines"},
                 "timings": {k: round(v, 3) for k, v in timings.items()},
                 "class_stats": stats, "outputs": paths, "warnings": warnings,
+                "quality": estimate.report,
             }
             write_report(paths["report"], report)
         finally:
@@ -258,13 +278,17 @@ def _class_stats(regions, class_names: list[str]) -> list[dict]:
 
 
 def _write_rasters(segmenter: Segmenter, source: RasterSource, window, class_path: Path, score_path: Path,
-                   prob_path: Path | None, classes, progress, should_cancel) -> int:
-    """Run the engine over `window`, writing each finished block; returns the number of valid pixels."""
+                   prob_path: Path | None, classes, progress, should_cancel, signals_path: Path | None = None) -> int:
+    """Run the engine over `window`, writing each finished block; returns the number of valid pixels.
+
+    `signals_path` gets the per-pixel margin and entropy of the class probabilities (quality.py)."""
     n = len(classes)
     class_ds = rasterio.open(class_path, "w", **_raster_profile(source, window, 1, "uint8", NODATA_CLASS))
     score_ds = rasterio.open(score_path, "w", **_raster_profile(source, window, 1, "float32", float("nan")))
     prob_ds = (rasterio.open(prob_path, "w", **_raster_profile(source, window, n, "float32", float("nan")))
                if prob_path else None)
+    signals_ds = (rasterio.open(signals_path, "w", **_raster_profile(source, window, 2, "float32", float("nan")))
+                  if signals_path else None)
     valid_pixels = 0
     try:
         class_ds.write_colormap(1, class_colormap(n, UNCLASSIFIED))
@@ -282,13 +306,49 @@ def _write_rasters(segmenter: Segmenter, source: RasterSource, window, class_pat
             score_ds.write(block.score, 1, window=win)
             if prob_ds is not None:
                 prob_ds.write(block.probs, window=win)
+            if signals_ds is not None:
+                signals_ds.write(np.stack(pixel_signals(block.probs)), window=win)
             valid_pixels += int(block.valid.sum())
     finally:
         class_ds.close()
         score_ds.close()
+        if signals_ds is not None:
+            signals_ds.close()
         if prob_ds is not None:
             prob_ds.close()
     return valid_pixels
+
+
+@dataclass
+class QualityEstimate:
+    fields: dict  # polygon field -> values
+    report: dict
+
+
+def estimate_quality(regions, source, window, segmenter: Segmenter, score_path: Path, signals_path: Path,
+                     class_names: list[str], dense_crops: int, should_cancel) -> QualityEstimate:
+    """Per-polygon quality signals and `quality`, and the run's estimated mIoU (quality.py)."""
+    loaded = segmenter.loaded
+    transform = source.window_transform(window)
+    values = raster_signals(regions, score_path, signals_path, transform, should_cancel)
+    started = time.perf_counter()
+    checked = regions_to_check(regions, dense_crops)
+    values["region_agr"] = region_agreement(regions, source, window, transform, loaded, segmenter.text,
+                                            segmenter.owner, should_cancel, only=checked)
+    region_s = time.perf_counter() - started
+    model_dir = loaded.metadata.get("model_dir")
+    calibration = calibration_path_for(Path(model_dir)) if model_dir else None
+    if calibration is not None and calibration.is_file():
+        model = QualityModel.load(calibration, loaded.weights_id, None)
+        source_name = str(calibration)
+    else:
+        model, source_name = QualityModel(), "default"
+    quality = model.predict(PolygonSignals(values).matrix()) if regions else np.zeros(0)
+    fields = {"quality": quality, **{name: values[name] for name in FIELDS[1:]}}
+    report = {"estimated_miou": run_quality_estimate(regions, quality, len(class_names)),
+              "calibration": source_name, "signals": list(SIGNALS),
+              "region_checks": len(checked), "polygons": len(regions), "region_s": round(region_s, 3)}
+    return QualityEstimate(fields, report)
 
 
 def default_batch_size(device: torch.device) -> int:

@@ -1,0 +1,288 @@
+"""How good is this result? A label-free quality estimate per polygon and per run (RS-SQA row).
+
+Signals of a polygon, all in [0, 1] or close to it, computed during `segment`:
+- `score_mean`: mean top-1 class probability of its pixels (already a polygon field);
+- `margin`: mean difference between the top two class probabilities;
+- `entropy`: mean entropy of the class probabilities, divided by log(number of classes);
+- `sharpness`: mean gradient magnitude of the top-1 probability on the polygon's outline pixels
+  (a confident object has a steep edge; a blob cut out of a flat, uncertain field has none);
+- `region_agr` (region agreement): the polygon's bounding box with context, read from the raster and
+  run through the image tower's global (CLS) path, scored against all class lines like `classify`;
+  the probability of the polygon's own class. FarSLIP is trained for exactly this region-category
+  alignment, so it is an independent second opinion on the patch-level decision.
+Large polygons are read decimated (at most SAMPLE_SIDE pixels a side); region crops run in batches.
+
+`quality` = a logistic model over those signals (QualityModel). The default coefficients were set by
+the team from the construction of the signals (each pushes in the direction that means "more
+likely right") and checked on test scenes with known truth; `farslip evaluate --calibrate-quality`
+fits them on the user's labelled tiles and stores the calibration with the model. The run-level
+estimate of mIoU is the mean over classes of the area-weighted mean quality of their polygons.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import rasterio.features
+import torch
+import torch.nn.functional as F
+from rasterio.transform import Affine
+from rasterio.windows import Window
+from scipy import ndimage
+
+from .dense import normalize_pixels
+from .errors import CancelledError, InputError
+from .raster import PixelWindow
+
+SIGNALS = ("score_mean", "margin", "entropy", "sharpness", "region_agr")
+FIELDS = ("quality", "margin", "entropy", "sharpness", "region_agr")
+CALIBRATION_FORMAT = "farslip-quality/1"
+SAMPLE_SIDE = 512  # polygons larger than this (in pixels, either side) are read decimated
+CONTEXT = 0.5  # region crops: the bounding box grown by this fraction of its size on each side
+MIN_CROP = 32  # pixels
+REGION_BATCH = 16
+MIN_REGION_PIXELS = 256  # one 16-px patch: smaller polygons get no region check (their fill value)
+REGION_SHARE = 0.125  # at most one region crop per 8 crops of the dense pass (largest polygons first)
+MIN_CALIBRATION_TILES = 12
+
+
+def pixel_signals(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(margin, normalised entropy) per pixel from class probabilities (C, h, w); NaN stays NaN."""
+    n = probs.shape[0]
+    if n == 1:
+        return probs[0].astype(np.float32), np.zeros(probs.shape[1:], np.float32)
+    top = np.partition(probs, n - 2, axis=0)[n - 2:]
+    margin = top[1] - top[0]
+    total = probs.sum(axis=0)
+    p = probs / np.where(total > 0, total, 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -(np.where(p > 0, p * np.log(p), 0.0)).sum(axis=0) / math.log(n)
+    entropy[np.isnan(total)] = np.nan
+    return margin.astype(np.float32), entropy.astype(np.float32)
+
+
+@dataclass
+class PolygonSignals:
+    """One value per polygon and signal (NaN where a signal could not be computed)."""
+
+    values: dict[str, np.ndarray]
+
+    def matrix(self) -> np.ndarray:
+        return np.stack([self.values[name] for name in SIGNALS], axis=1)
+
+
+@dataclass
+class QualityModel:
+    """quality = sigmoid(intercept + sum(coef * signal)); a missing signal takes its `fill` value."""
+
+    coef: list[float] = field(default_factory=lambda: [2.0, 3.0, -2.0, 2.0, 2.5])
+    intercept: float = -2.5
+    fill: list[float] = field(default_factory=lambda: [0.5, 0.2, 0.5, 0.1, 0.5])
+    source: str = "default"
+    weights_sha256: str | None = None
+    class_lines: list[str] | None = None
+    metrics: dict = field(default_factory=dict)
+
+    def predict(self, signals: np.ndarray) -> np.ndarray:
+        x = np.where(np.isnan(signals), np.asarray(self.fill), signals)
+        z = self.intercept + x @ np.asarray(self.coef)
+        return 1.0 / (1.0 + np.exp(-z))
+
+    def save(self, path: Path) -> Path:
+        from .export import atomic_output
+
+        data = {"format": CALIBRATION_FORMAT, "signals": list(SIGNALS), **asdict(self)}
+        with atomic_output(Path(path)) as staged:
+            Path(staged).write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: Path, weights_sha256: str | None = None,
+             class_lines: Sequence[str] | None = None) -> QualityModel:
+        """A stored calibration; refused when it was made for another model or class list."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"The quality calibration {path} is unreadable ({exc}).") from exc
+        if (not isinstance(data, dict) or data.get("format") != CALIBRATION_FORMAT
+                or data.get("signals") != list(SIGNALS)):
+            raise InputError(f"{path} is not a FarSLIP quality calibration (format {CALIBRATION_FORMAT}).")
+        model = cls(**{k: data[k] for k in ("coef", "intercept", "fill", "source", "weights_sha256",
+                                            "class_lines", "metrics") if k in data})
+        if weights_sha256 and model.weights_sha256 and model.weights_sha256 != weights_sha256:
+            raise InputError(f"The quality calibration {path} was made for another model (weights "
+                             f"{model.weights_sha256[:12]}, this model {weights_sha256[:12]}); calibrate "
+                             "again with this model.")
+        if class_lines is not None and model.class_lines is not None and list(class_lines) != model.class_lines:
+            raise InputError(f"The quality calibration {path} was made for the classes "
+                             f"{'; '.join(model.class_lines)}, not {'; '.join(class_lines)}; calibrate again "
+                             "with this class list.")
+        return model
+
+
+def calibration_path_for(model_dir: Path) -> Path:
+    return Path(model_dir) / "quality_calibration.json"
+
+
+def _pixel_box(geometry, transform: Affine, height: int, width: int) -> tuple[int, int, int, int]:
+    """Rows/cols [r0, r1) x [c0, c1) of the window raster covering `geometry`, one pixel of margin."""
+    xmin, ymin, xmax, ymax = geometry.bounds
+    inverse = ~transform
+    cols, rows = zip(*(inverse @ (x, y) for x in (xmin, xmax) for y in (ymin, ymax)))
+    r0, r1 = max(math.floor(min(rows)) - 1, 0), min(math.ceil(max(rows)) + 1, height)
+    c0, c1 = max(math.floor(min(cols)) - 1, 0), min(math.ceil(max(cols)) + 1, width)
+    return r0, r1, c0, c1
+
+
+def _read(ds, bands, r0, r1, c0, c1, shape):
+    return ds.read(bands, window=Window(c0, r0, c1 - c0, r1 - r0), out_shape=(len(bands), *shape),
+                   resampling=rasterio.enums.Resampling.nearest, masked=False).astype(np.float32)
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+
+
+def raster_signals(regions, score_path: Path, signals_path: Path, transform: Affine,
+                   should_cancel: Callable[[], bool] | None = None) -> dict[str, np.ndarray]:
+    """score_mean, margin, entropy and sharpness of every region, from the run's rasters."""
+    n = len(regions)
+    out = {name: np.full(n, np.nan) for name in ("score_mean", "margin", "entropy", "sharpness")}
+    with rasterio.open(score_path) as score_ds, rasterio.open(signals_path) as signals_ds:
+        height, width = score_ds.height, score_ds.width
+        for i, region in enumerate(regions):
+            if should_cancel is not None and i % 256 == 0 and should_cancel():
+                raise CancelledError("The segmentation was cancelled; nothing was written.")
+            out["score_mean"][i] = region.score_mean
+            r0, r1, c0, c1 = _pixel_box(region.geometry, transform, height, width)
+            if r1 <= r0 or c1 <= c0:
+                continue
+            step = max(1.0, max(r1 - r0, c1 - c0) / SAMPLE_SIDE)  # large polygons: decimated read
+            shape = (max(1, round((r1 - r0) / step)), max(1, round((c1 - c0) / step)))
+            sub = transform @ Affine.translation(c0, r0) @ Affine.scale((c1 - c0) / shape[1], (r1 - r0) / shape[0])
+            inside = rasterio.features.geometry_mask([region.geometry], shape, sub, invert=True, all_touched=False)
+            if not inside.any():
+                continue
+            score = _read(score_ds, [1], r0, r1, c0, c1, shape)[0]
+            margin, entropy = _read(signals_ds, [1, 2], r0, r1, c0, c1, shape)
+            out["margin"][i] = np.nanmean(margin[inside]) if np.isfinite(margin[inside]).any() else np.nan
+            out["entropy"][i] = np.nanmean(entropy[inside]) if np.isfinite(entropy[inside]).any() else np.nan
+            filled = np.where(np.isfinite(score), score, 0.0)
+            gy, gx = np.gradient(filled)
+            edge = _outline(inside)
+            out["sharpness"][i] = float(np.hypot(gx, gy)[edge].mean() / step) if edge.any() else np.nan
+    return out
+
+
+def region_crop_window(geometry, transform: Affine, window: PixelWindow, source_shape: tuple[int, int]
+                       ) -> PixelWindow:
+    """A square window of the processing grid around the polygon's bounding box, with context."""
+    height, width = source_shape
+    r0, r1, c0, c1 = _pixel_box(geometry, transform, window.height, window.width)
+    side = max(r1 - r0, c1 - c0)
+    side = int(min(max(MIN_CROP, side * (1 + 2 * CONTEXT)), height, width))
+    row = window.row_off + (r0 + r1) // 2 - side // 2
+    col = window.col_off + (c0 + c1) // 2 - side // 2
+    row, col = min(max(row, 0), height - side), min(max(col, 0), width - side)
+    return PixelWindow(row, col, side, side)
+
+
+def regions_to_check(regions, dense_crops: int) -> list[int]:
+    """Which polygons get a region check: those of at least one patch, the largest first, at most
+    REGION_SHARE region crops per crop of the dense pass, so the check stays a small share of the run."""
+    budget = max(8, int(dense_crops * REGION_SHARE))
+    large = [i for i, r in enumerate(regions) if r.pixel_count >= MIN_REGION_PIXELS]
+    large.sort(key=lambda i: -regions[i].pixel_count)
+    return sorted(large[:budget])
+
+
+@torch.inference_mode()
+def region_agreement(regions, source, window: PixelWindow, transform: Affine, loaded, text: torch.Tensor,
+                     owner: np.ndarray, should_cancel: Callable[[], bool] | None = None,
+                     only: Sequence[int] | None = None) -> np.ndarray:
+    """For each region (or those in `only`), the probability (CLIP's global image path vs all class
+    lines) of its own class; NaN for the others."""
+    from .classify import class_probabilities, logit_scale
+
+    visual = loaded.model.visual
+    size = visual.image_size
+    side = int(size[0] if isinstance(size, (tuple, list)) else size)
+    agree = np.full(len(regions), np.nan)
+    text_np = F.normalize(text.float(), dim=-1).cpu().numpy()
+    scale = logit_scale(loaded)
+    n_classes = int(owner.max()) + 1
+    picked = list(range(len(regions))) if only is None else list(only)
+    for start in range(0, len(picked), REGION_BATCH):
+        if should_cancel is not None and should_cancel():
+            raise CancelledError("The segmentation was cancelled; nothing was written.")
+        members = picked[start:start + REGION_BATCH]
+        crops = []
+        for i in members:
+            crop = region_crop_window(regions[i].geometry, transform, window, (source.height, source.width))
+            rgb, _valid = source.read(crop)
+            pixels = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32))[None]
+            crops.append(F.interpolate(pixels, size=(side, side), mode="bilinear", align_corners=False))
+        batch = normalize_pixels(torch.cat(crops).to(loaded.device))
+        image = F.normalize(loaded.model.encode_image(batch).float(), dim=-1).cpu().numpy()
+        probs = class_probabilities(image, text_np, owner, n_classes, scale)
+        for row, i in enumerate(members):
+            agree[i] = probs[row, regions[i].class_id]
+    return agree
+
+
+def run_quality_estimate(regions, quality: np.ndarray, n_classes: int) -> float | None:
+    """Estimated mIoU of a run: mean over classes with polygons of their area-weighted mean quality."""
+    per_class = []
+    for class_id in range(n_classes):
+        picked = [(r.area_m2, q) for r, q in zip(regions, quality) if r.class_id == class_id and np.isfinite(q)]
+        if picked:
+            areas = np.array([a if np.isfinite(a) and a > 0 else 1.0 for a, _ in picked])
+            per_class.append(float(np.average([q for _, q in picked], weights=areas)))
+    return round(float(np.mean(per_class)), 4) if per_class else None
+
+
+def fit_quality_model(signals: np.ndarray, target: np.ndarray, weights_sha256: str | None,
+                      class_lines: list[str], l2: float = 0.05) -> QualityModel:
+    """Logistic regression of per-tile true IoU (a fraction in [0, 1]) on the tiles' signals."""
+    from scipy.optimize import minimize
+
+    if len(target) < MIN_CALIBRATION_TILES:
+        raise InputError(f"Calibrating the quality estimate needs at least {MIN_CALIBRATION_TILES} labelled tiles; "
+                         f"the labels cover {len(target)}. Label a larger area or use smaller --tile.")
+    default = QualityModel()
+    fill = [float(np.nanmean(col)) if np.isfinite(col).any() else f
+            for col, f in zip(signals.T, default.fill)]
+    x = np.where(np.isnan(signals), np.asarray(fill), signals)
+    y = np.clip(target, 0.0, 1.0)
+
+    def loss(params: np.ndarray) -> tuple[float, np.ndarray]:
+        z = params[0] + x @ params[1:]
+        p = 1.0 / (1.0 + np.exp(-z))
+        eps = 1e-9
+        value = -np.mean(y * np.log(p + eps) + (1 - y) * np.log(1 - p + eps)) + l2 * np.sum(params[1:] ** 2)
+        grad_z = (p - y) / len(y)
+        grad = np.concatenate([[grad_z.sum()], x.T @ grad_z + 2 * l2 * params[1:]])
+        return float(value), grad
+
+    start = np.concatenate([[default.intercept], default.coef])
+    result = minimize(loss, start, jac=True, method="L-BFGS-B")
+    params = result.x
+    return QualityModel(coef=[float(v) for v in params[1:]], intercept=float(params[0]), fill=fill,
+                        source="calibrated", weights_sha256=weights_sha256, class_lines=list(class_lines))
+
+
+def rank_agreement(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """SROCC and PLCC between predicted and true quality (RS-SQA's figures)."""
+    from scipy.stats import pearsonr, spearmanr
+
+    ok = np.isfinite(predicted) & np.isfinite(truth)
+    if ok.sum() < 3 or np.ptp(predicted[ok]) == 0 or np.ptp(truth[ok]) == 0:
+        return {"srocc": float("nan"), "plcc": float("nan"), "tiles": int(ok.sum())}
+    return {"srocc": round(float(spearmanr(predicted[ok], truth[ok]).statistic), 4),
+            "plcc": round(float(pearsonr(predicted[ok], truth[ok]).statistic), 4), "tiles": int(ok.sum())}

@@ -1,0 +1,82 @@
+"""A label-free quality estimate per polygon and per run (RS-SQA row)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pyogrio.raw
+import pytest
+from typer.testing import CliRunner
+
+from backend.engine.errors import InputError
+from backend.engine.quality import (
+    MIN_CALIBRATION_TILES,
+    QualityModel,
+    fit_quality_model,
+    pixel_signals,
+    rank_agreement,
+)
+from backend.service.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from tinymodels import make_tiny_clip, save_plain
+
+    return save_plain(make_tiny_clip(16), tmp_path_factory.mktemp("q") / "tiny16.pt")
+
+
+def test_margin_and_entropy_follow_their_definitions():
+    probs = np.array([[[0.9, 0.4]], [[0.05, 0.35]], [[0.05, 0.25]]], np.float32)  # 3 classes, 1x2 pixels
+    margin, entropy = pixel_signals(probs)
+    assert margin[0, 0] == pytest.approx(0.85) and margin[0, 1] == pytest.approx(0.05)
+    p = probs[:, 0, 1] / probs[:, 0, 1].sum()
+    assert entropy[0, 1] == pytest.approx(-(p * np.log(p)).sum() / math.log(3), rel=1e-5)
+    assert entropy[0, 0] < entropy[0, 1] <= 1.0
+    nodata = np.full((3, 1, 1), np.nan, np.float32)
+    assert all(np.isnan(v).all() for v in pixel_signals(nodata))
+
+
+def test_every_polygon_gets_a_quality_and_the_run_an_estimated_miou(tiny_model, shared_data, tmp_path):
+    out = tmp_path / "q.gpkg"
+    result = runner.invoke(app, ["segment", str(shared_data / "naip_2020_5m.tif"), "-c", "water, lake",
+                                 "-c", "cropland, bare field", "-c", "grassland", "--model", str(tiny_model),
+                                 "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    meta, _, _, columns = pyogrio.raw.read(out)
+    fields = dict(zip(meta["fields"], columns))
+    for name in ("quality", "margin", "entropy", "sharpness", "region_agr"):
+        assert name in fields
+    quality = np.asarray(fields["quality"], float)
+    assert len(quality) > 0 and np.isfinite(quality).all() and ((quality > 0) & (quality < 1)).all()
+    assert ((np.asarray(fields["margin"]) >= 0) & (np.asarray(fields["margin"]) <= 1)).all()
+    # Region checks: only polygons of at least one patch, the largest first.
+    checked = np.isfinite(np.asarray(fields["region_agr"], float))
+    assert 0 < checked.sum() < len(quality)
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    estimate = report["quality"]["estimated_miou"]
+    assert 0 < estimate < 1 and report["quality"]["calibration"] == "default"
+    assert report["quality"]["region_checks"] == int(checked.sum())
+
+
+def test_a_fitted_model_ranks_like_the_truth_and_is_refused_for_other_models(tmp_path):
+    rng = np.random.default_rng(0)
+    truth = rng.uniform(0, 1, 40)
+    # Signals that carry the truth with noise, as a good segmentation's would.
+    signals = np.column_stack([0.4 + 0.5 * truth, truth * 0.6, 1 - truth, 0.1 + 0.2 * truth, truth]) \
+        + rng.normal(0, 0.08, (40, 5))
+    model = fit_quality_model(signals, truth, "a" * 64, ["water", "forest"])
+    agreement = rank_agreement(model.predict(signals), truth)
+    assert agreement["srocc"] > 0.8 and agreement["plcc"] > 0.8
+    path = model.save(tmp_path / "cal.json")
+    assert QualityModel.load(path, "a" * 64, ["water", "forest"]).coef == model.coef
+    with pytest.raises(InputError, match="another model"):
+        QualityModel.load(path, "b" * 64, None)
+    with pytest.raises(InputError, match="class list"):
+        QualityModel.load(path, "a" * 64, ["water"])
+    with pytest.raises(InputError, match=f"at least {MIN_CALIBRATION_TILES} labelled tiles"):
+        fit_quality_model(signals[:5], truth[:5], None, ["water"])
