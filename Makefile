@@ -8,7 +8,7 @@ QGIS := $(QVENV)/.installed
 DEMO_OUT := demo-output
 DEMO_MODEL ?= farslip2-vit-b-16
 
-.PHONY: setup demo test test-backend test-plugin bench plugin install-backend lint clean
+.PHONY: setup demo test test-backend test-plugin screenshot bench plugin install-backend lint clean
 
 setup: $(BACKEND) $(QGIS)
 
@@ -18,10 +18,10 @@ $(BACKEND): pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[dev]'
 	touch $@
 
-$(QGIS): scripts/setup_qgis.sh
+$(QGIS): scripts/setup_qgis.sh Makefile
 	scripts/setup_qgis.sh
 	test -x $(QVENV)/bin/python || /usr/bin/python3 -m venv --system-site-packages $(QVENV)
-	$(QVENV)/bin/pip install -q pytest pytest-qgis
+	$(QVENV)/bin/pip install -q pytest pytest-qgis pytest-timeout
 	touch $@
 
 demo: $(BACKEND)
@@ -36,6 +36,11 @@ test-backend: $(BACKEND)
 
 test-plugin: $(BACKEND) $(QGIS)
 	QT_QPA_PLATFORM=offscreen $(QVENV)/bin/python -m pytest tests/plugin
+
+# The README picture: the plugin test renders it into build/ (test runs never touch docs/); this copies it.
+screenshot: $(BACKEND) $(QGIS)
+	QT_QPA_PLATFORM=offscreen $(QVENV)/bin/python -m pytest tests/plugin/test_end_to_end.py -k screenshot
+	cp build/screenshot.png docs/screenshot.png
 
 bench: $(BACKEND)
 	$(VENV)/bin/farslip bench

@@ -1,5 +1,7 @@
-"""Shared test setup: tests/ on sys.path (tinymodels), paths to the sample data."""
+"""Shared test setup: tests/ on sys.path (tinymodels), paths to the sample data, the tiny model."""
 
+import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -8,6 +10,7 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
+BACKEND_PYTHON = REPO / ".venv" / "bin" / "python"
 sys.path.insert(0, str(TESTS))
 
 
@@ -15,6 +18,23 @@ sys.path.insert(0, str(TESTS))
 def shared_data() -> Path:
     assert SHARED_DATA.is_dir(), f"the sample data folder {SHARED_DATA} is missing (../shared/data)"
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The tiny random open_clip model (16-pixel patches, seed 0) as safetensors, written once per session.
+
+    QGIS's Python has no torch, so there the backend's Python (.venv) writes it.
+    """
+    path = tmp_path_factory.mktemp("models") / "tiny-clip.safetensors"
+    if importlib.util.find_spec("torch") is not None:
+        from tinymodels import make_tiny_clip, save_safetensors
+
+        return save_safetensors(make_tiny_clip(), path)
+    assert BACKEND_PYTHON.exists(), f"the backend venv {BACKEND_PYTHON.parent.parent} is missing (run `make setup`)"
+    subprocess.run([str(BACKEND_PYTHON), str(TESTS / "tinymodels.py"), str(path)], cwd=REPO, check=True,
+                   timeout=120)
+    return path
 
 
 @pytest.fixture(autouse=True)

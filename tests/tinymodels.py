@@ -121,3 +121,10 @@ def make_tiny_multilingual_clip(tower: Path, seed: int = 0, patch_size: int = 16
          "hf_proj_type": "mlp", "hf_model_pretrained": False},
         quick_gelu=True)
     return model.eval()
+
+
+if __name__ == "__main__":
+    # `python tests/tinymodels.py PATH`: the tiny model of tests/conftest.py, for a Python without torch.
+    import sys
+
+    save_safetensors(make_tiny_clip(), Path(sys.argv[1]))

@@ -8,18 +8,12 @@ import pytest
 import rasterio
 from rasterio.enums import ColorInterp
 from rasterio.transform import Affine, from_origin
-from tinymodels import make_tiny_clip, save_plain
 from typer.testing import CliRunner
 
 from backend.service.cli import app
 from backend.engine.raster import PixelWindow, open_source
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return save_plain(make_tiny_clip(16), tmp_path_factory.mktemp("models") / "tiny16.pt")
 
 
 def write(path, data, crs="EPSG:32633", transform=None, **profile):

@@ -9,18 +9,12 @@ import rasterio
 import rasterio.features
 import shapely
 from rasterio.warp import transform_bounds
-from tinymodels import make_tiny_clip, save_plain
 from typer.testing import CliRunner
 
 from backend.service.cli import app
 
 CLASSES = ["-c", "water, lake", "-c", "cropland, bare field", "-c", "grassland"]
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return save_plain(make_tiny_clip(16), tmp_path_factory.mktemp("models") / "tiny16.pt")
 
 
 def segment(*args) -> "CliRunner.invoke":

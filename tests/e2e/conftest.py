@@ -12,7 +12,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from tinymodels import make_tiny_clip, save_plain
 
 REPO = Path(__file__).resolve().parents[2]
 FARSLIP = Path(sys.executable).parent / "farslip"
@@ -102,11 +101,6 @@ class Backend:
 @pytest.fixture(scope="session")
 def e2e_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("e2e")
-
-
-@pytest.fixture(scope="session")
-def tiny_model(e2e_root) -> Path:
-    return save_plain(make_tiny_clip(), e2e_root / "tiny.pt")
 
 
 @pytest.fixture(scope="session")

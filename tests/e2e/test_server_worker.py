@@ -13,12 +13,17 @@ from backend.engine.errors import InputError
 from backend.service.jobs import JobManager, JobStore, remove_partial_outputs
 
 
-def _wait(manager: JobManager, job_id: str, timeout: float = 30) -> dict:
+def _wait_until(condition, timeout: float, what: str) -> None:
+    """Poll `condition` until it is true; fail (never hang) after `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while (job := manager.get(job_id))["state"] in ("queued", "running"):
-        assert time.monotonic() < deadline
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
         time.sleep(0.01)
-    return job
+
+
+def _wait(manager: JobManager, job_id: str, timeout: float = 30) -> dict:
+    _wait_until(lambda: manager.get(job_id)["state"] not in ("queued", "running"), timeout, f"job {job_id} to end")
+    return manager.get(job_id)
 
 
 def test_cuda_out_of_memory_retries_with_half_the_batch(monkeypatch, tmp_path, tiny_model, naip):
@@ -102,8 +107,7 @@ def test_history_survives_a_restart_and_running_jobs_become_interrupted(tmp_path
     manager = JobManager(store, {"segment": runner})
     manager.start()
     job_id = manager.submit("segment", {}, [str(out)])["id"]
-    while manager.get(job_id)["state"] != "running" or not out.exists():
-        time.sleep(0.01)
+    _wait_until(lambda: manager.get(job_id)["state"] == "running" and out.exists(), 30, "the job to write its output")
     # A new process opens the history while the old one is stuck mid-job (as if it had died).
     reopened = JobStore(tmp_path / "jobs.sqlite")
     interrupted = reopened.mark_interrupted()

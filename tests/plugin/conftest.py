@@ -2,15 +2,14 @@
 
 The plugin under test is the one inside the built zip, unpacked into a plugin
 folder, exactly as "Install from ZIP" would install it. The end-to-end tests
-start the real backend (`.venv/bin/farslip serve`) with a tiny random model
-that the backend's own Python builds (QGIS's Python has no torch).
+start the real backend (`.venv/bin/farslip serve`) with the tiny random model
+of tests/conftest.py (which the backend's own Python writes: QGIS's Python has no torch).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -19,7 +18,6 @@ import pytest
 from plugin_helpers import NAIP, REPO, wait_until
 from qgis.core import QgsApplication, QgsProject, QgsRasterLayer
 
-BACKEND_PYTHON = REPO / ".venv" / "bin" / "python"
 BACKEND_FARSLIP = REPO / ".venv" / "bin" / "farslip"
 # Another backend command line to test against (an installed backend, a wrapper), as the settings take it.
 BACKEND_COMMAND = os.environ.get("FARSLIP_TEST_BACKEND") or str(BACKEND_FARSLIP)
@@ -64,19 +62,6 @@ def backend_home(tmp_path_factory) -> Path:
     return home
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    """A tiny random open_clip checkpoint, written by the backend's Python."""
-    if not BACKEND_PYTHON.exists():
-        pytest.skip("the backend venv .venv is missing (run `make setup`)")
-    path = tmp_path_factory.mktemp("models") / "tiny-clip.pt"
-    code = ("import sys; from pathlib import Path; sys.path.insert(0, 'tests'); "
-            "from tinymodels import make_tiny_clip, save_plain; "
-            f"save_plain(make_tiny_clip(patch_size=16), Path({str(path)!r}))")
-    subprocess.run([str(BACKEND_PYTHON), "-c", code], cwd=REPO, check=True)
-    return path
-
-
 def save_settings(farslip, **values):
     from qgis_farslip.settings import PluginSettings
 
@@ -106,8 +91,8 @@ def plugin_settings(farslip, tmp_path):
 @pytest.fixture(scope="module")
 def running_plugin(farslip, qgis_iface, backend_home, tiny_model):
     """The plugin, loaded once per module, with the backend it started (shared by the end-to-end tests)."""
-    if not BACKEND_FARSLIP.exists() and "FARSLIP_TEST_BACKEND" not in os.environ:
-        pytest.skip("the backend venv .venv is missing (run `make setup`)")
+    assert BACKEND_FARSLIP.exists() or "FARSLIP_TEST_BACKEND" in os.environ, \
+        "the backend venv .venv is missing (run `make setup`)"
     save_settings(farslip, backend_command=BACKEND_COMMAND, auto_start=True)
     log = []
     QgsApplication.messageLog().messageReceived.connect(

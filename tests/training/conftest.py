@@ -1,4 +1,4 @@
-"""Fixtures for training tests: a tiny model on disk, a synthetic labelled GeoTIFF."""
+"""Fixtures for training tests: a synthetic labelled GeoTIFF."""
 
 from __future__ import annotations
 
@@ -6,13 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tinymodels import make_tiny_clip, save_safetensors
 from training_data import make_synthetic
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    return save_safetensors(make_tiny_clip(), tmp_path_factory.mktemp("model") / "tiny.safetensors")
 
 
 @pytest.fixture(scope="session")

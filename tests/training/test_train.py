@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import typer
 from training_data import fast_options
 from typer.testing import CliRunner
 
 from backend.engine.errors import CancelledError, InputError
 from backend.engine.models import load_model
 from backend.engine.raster import PixelWindow, open_source
+from backend.service.cli import app
 from training.api import evaluate_model, train_model
-from backend.service.training_cli import evaluate_command, train_command
 from training.evaluate import predict_classes, segmenter_for
 
 
@@ -189,11 +191,9 @@ def test_other_methods_train_and_save_a_plain_model(synthetic, tiny_model, tmp_p
     assert loaded.class_lines == result["class_lines"]
 
 
-def test_cli_commands_train_and_evaluate(synthetic, tiny_model, tmp_path):
+def test_farslip_evaluate_and_train_commands(synthetic, tiny_model, tmp_path):
+    """The `farslip` application itself (the registration users get), not a Typer app built here."""
     raster, labels, _ = synthetic
-    app = typer.Typer()
-    app.command("evaluate")(evaluate_command)
-    app.command("train")(train_command)
     runner = CliRunner()
     evaluated = runner.invoke(app, ["evaluate", str(raster), str(labels), "--class-field", "cls", "--model",
                                     str(tiny_model), "--device", "cpu", "--json", str(tmp_path / "m.json"),
@@ -201,14 +201,20 @@ def test_cli_commands_train_and_evaluate(synthetic, tiny_model, tmp_path):
     assert evaluated.exit_code == 0, evaluated.output
     assert "mIoU" in evaluated.output and (tmp_path / "m.png").is_file()
     assert json.loads((tmp_path / "m.json").read_text())["metrics"]["miou"] is not None
-    bad = runner.invoke(app, ["evaluate", str(raster), str(labels), "--class-field", "nope", "--model",
-                              str(tiny_model), "--device", "cpu", "-q"])
-    assert bad.exit_code == 2 and "no field 'nope'" in bad.output
     trained = runner.invoke(app, ["train", str(raster), str(labels), "--class-field", "cls", "--out",
                                   str(tmp_path / "cli-model"), "--base-model", str(tiny_model), "--epochs", "1",
                                   "--steps-per-epoch", "2", "--batch-size", "2", "--device", "cpu", "-q"])
     assert trained.exit_code == 0, trained.output
     assert "Validation mIoU" in trained.output and (tmp_path / "cli-model" / "model.safetensors").is_file()
+
+
+def test_installed_farslip_script_reports_a_bad_class_field_in_one_sentence(synthetic, tiny_model):
+    raster, labels, _ = synthetic
+    farslip = Path(sys.executable).parent / "farslip"
+    bad = subprocess.run([str(farslip), "evaluate", str(raster), str(labels), "--class-field", "nope", "--model",
+                          str(tiny_model), "--device", "cpu", "-q"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2, bad.stderr
+    assert "no field 'nope'" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_solaris_buildings_against_background_end_to_end(shared_data, tiny_model, tmp_path):
