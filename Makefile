@@ -12,7 +12,8 @@ DEMO_MODEL ?= farslip2-vit-b-16
 
 setup: $(BACKEND) $(QGIS)
 
-$(BACKEND): pyproject.toml
+# backend/__init__.py holds the version the installed package reports.
+$(BACKEND): pyproject.toml backend/__init__.py
 	scripts/ensure_venv.sh $(PYTHON)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -e '.[dev]'

@@ -34,5 +34,5 @@ def models_dir() -> Path:
 
 
 def resources_dir() -> Path:
-    """The repository's resources/ folder (presets, templates, styles, icons)."""
+    """The repository's resources/ folder (model registry, class palette, presets, templates, icons)."""
     return Path(__file__).resolve().parents[2] / "resources"
