@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import zlib
 from collections.abc import Sequence
@@ -24,6 +26,7 @@ from qgis.core import (
 from qgis.PyQt import sip
 from qgis.PyQt.QtCore import QObject
 from qgis.PyQt.QtGui import QColor
+from .classes import resources_dir
 from .i18n import tr
 
 CLASS_FIELD = "class"
@@ -32,43 +35,36 @@ FILL_ALPHA = 110
 OUTLINE_WIDTH_MM = "0.4"
 NAME_CLASSES_SHOWN = 3
 
-# Colours people expect for common land-cover words; anything else gets a palette colour from its name.
-KEYWORD_COLOURS = (
-    (("water", "lake", "river", "sea", "pond", "reservoir"), "#1f78b4"),
-    (("tree", "forest", "wood"), "#1b7837"),
-    (("grass", "meadow", "lawn", "pasture", "vegetation", "low_vegetation"), "#7fbc41"),
-    (("crop", "farm", "agricultur", "field", "cultivated"), "#e6c229"),
-    (("building", "roof", "house"), "#d7301f"),
-    (("road", "street", "parking", "pavement", "impervious", "highway"), "#737373"),
-    (("bare", "soil", "sand", "barren"), "#c49a6c"),
-    (("car", "vehicle"), "#ff00ff"),
-    (("background", "clutter", "other"), "#bdbdbd"),
-)
-PALETTE = ("#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00", "#a65628", "#f781bf", "#66c2a5",
-           "#fc8d62", "#8da0cb", "#e78ac3", "#a6d854", "#ffd92f", "#e5c494", "#1b9e77", "#d95f02",
-           "#7570b3", "#e7298a", "#66a61e", "#e6ab02")
+PALETTE_FILE = "palette.json"
 
 
-def class_colour(name: str) -> QColor:
-    """The same colour for the same class name in every run and every project."""
-    lowered = name.lower()
-    for words, colour in KEYWORD_COLOURS:
-        if any(word in lowered for word in words):
-            return QColor(colour)
-    return QColor(PALETTE[zlib.crc32(lowered.encode("utf-8")) % len(PALETTE)])
+@functools.lru_cache(maxsize=1)
+def _palette_file() -> dict:
+    """The colour rule shared with the backend's class rasters (resources/palette.json, shipped in the zip)."""
+    with open(os.path.join(resources_dir() or "", PALETTE_FILE), encoding="utf-8") as handle:
+        return json.load(handle)
 
 
 def class_colours(names: Sequence[str]) -> dict[str, QColor]:
-    """Colours for one run's classes; two classes never share a colour (later ones move on)."""
-    colours, used = {}, set()
+    """Colours for one run's classes by the palette file's rule: the backend colours its class raster alike.
+
+    A name's keyword group or its hash picks the colour; a colour an earlier class took moves on to the next
+    free palette colour, so two classes of a run never share one while the palette lasts.
+    """
+    rule = _palette_file()
+    palette = rule["palette"]
+    colours: dict[str, QColor] = {}
+    used: list[str] = []
     for name in names:
-        colour = class_colour(name)
-        if colour.name() in used:
-            start = PALETTE.index(colour.name()) if colour.name() in PALETTE else 0
-            free = [PALETTE[(start + step) % len(PALETTE)] for step in range(1, len(PALETTE) + 1)]
-            colour = QColor(next((c for c in free if c not in used), colour.name()))
-        used.add(colour.name())
-        colours[name] = colour
+        lowered = name.lower()
+        keyword = (group["colour"] for group in rule["keywords"] if any(word in lowered for word in group["words"]))
+        code = next(keyword, None) or palette[zlib.crc32(lowered.encode("utf-8")) % len(palette)]
+        if code in used:
+            start = palette.index(code) if code in palette else 0
+            later = (palette[(start + step) % len(palette)] for step in range(1, len(palette) + 1))
+            code = next((free for free in later if free not in used), code)
+        used.append(code)
+        colours[name] = QColor(code)
     return colours
 
 
@@ -76,8 +72,6 @@ def result_classes(job: dict) -> list[tuple[str, int]]:
     """(class name, class id) of a finished segment job, in the order they were asked for."""
     classes = (job.get("result") or {}).get("classes") or []
     return [(str(item["class"]), int(item["class_id"])) for item in classes]
-
-
 
 
 def class_symbol(colour: QColor) -> QgsFillSymbol:

@@ -1,4 +1,4 @@
-"""Writing results: polygon layers, run reports and class colours. Every file is written atomically.
+"""Writing results: polygon layers and run reports. Every file is written atomically.
 
 A file is written under a hidden temporary name in its final directory and renamed into place
 only when complete, so a crash or a cancelled run never leaves a half-written result (and a
@@ -7,7 +7,6 @@ result being replaced stays readable until the new one is complete).
 
 from __future__ import annotations
 
-import colorsys
 import contextlib
 import json
 import os
@@ -151,36 +150,6 @@ def write_report(path: str | Path, report: Mapping) -> Path:
     with atomic_output(path) as temp_path:
         temp_path.write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n", "utf-8")
     return path
-
-
-GOLDEN_RATIO_CONJUGATE = 0.618033988749895
-
-
-def class_colors(n: int) -> list[tuple[int, int, int]]:
-    """A stable, distinct colour per class id 0..n-1 (the colour of an id never depends on n).
-
-    Hue of id i = (i * 0.618033988749895) mod 1, saturation 0.65, value 0.95 for even ids and 0.75
-    for odd ones (HSV, to 8-bit RGB by rounding). The QGIS plugin uses the same rule.
-    """
-    colors = []
-    for class_id in range(n):
-        hue = (class_id * GOLDEN_RATIO_CONJUGATE) % 1.0
-        value = 0.95 if class_id % 2 == 0 else 0.75
-        colors.append(tuple(round(c * 255) for c in colorsys.hsv_to_rgb(hue, 0.65, value)))
-    return colors
-
-
-def class_colormap(n: int, unclassified_value: int | None = None) -> dict[int, tuple[int, int, int, int]]:
-    """A GeoTIFF colour table (for `dataset.write_colormap(1, ...)`) for class ids 0..n-1.
-
-    `unclassified_value` (if given) is grey; every other entry up to 255 is transparent.
-    """
-    colormap = {value: (0, 0, 0, 0) for value in range(256)}
-    for class_id, (r, g, b) in enumerate(class_colors(n)):
-        colormap[class_id] = (r, g, b, 255)
-    if unclassified_value is not None:
-        colormap[unclassified_value] = (128, 128, 128, 255)
-    return colormap
 
 
 def write_rectangles(path: str | Path, bounds: np.ndarray, fields: Mapping[str, np.ndarray], crs) -> Path:

@@ -24,7 +24,8 @@ from backend import __version__
 from .dense import ATTENTION_VARIANTS
 from .sliding import NODATA_CLASS, UNCLASSIFIED, Segmenter, count_crops, predict_blocks
 from .errors import EmptyResultError, InputError
-from .export import atomic_output, class_colormap, driver_for, report_path_for, write_polygons, write_report
+from .colours import class_colormap
+from .export import atomic_output, driver_for, report_path_for, write_polygons, write_report
 from .raster import RasterSource, open_source, request_window
 from .quality import (
     FIELDS,
@@ -291,7 +292,7 @@ def _write_rasters(segmenter: Segmenter, source: RasterSource, window, class_pat
                   if signals_path else None)
     valid_pixels = 0
     try:
-        class_ds.write_colormap(1, class_colormap(n, UNCLASSIFIED))
+        class_ds.write_colormap(1, class_colormap([c.name for c in classes], UNCLASSIFIED))
         for i, spec in enumerate(classes):
             if prob_ds is not None:
                 prob_ds.set_band_description(i + 1, spec.name)

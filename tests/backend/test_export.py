@@ -19,8 +19,6 @@ from backend.engine.errors import CancelledError, InputError
 from backend.engine.export import (
     FIELDS,
     atomic_output,
-    class_colormap,
-    class_colors,
     report_path_for,
     write_polygons,
     write_report,
@@ -217,13 +215,3 @@ def test_report_sits_beside_the_result_and_is_json(tmp_path):
     path = write_report(report_path_for(tmp_path / "result.gpkg"), {"model": "m", "out": tmp_path, "ü": 1})
     assert json.loads(path.read_text("utf-8")) == {"model": "m", "out": str(tmp_path), "ü": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["result.report.json"]
-
-
-def test_class_colours_are_stable_distinct_and_independent_of_the_count():
-    colors = class_colors(40)
-    assert colors[:5] == class_colors(5)
-    assert len(set(colors)) == 40
-    assert all(len(c) == 3 and all(0 <= v <= 255 for v in c) for c in colors)
-    colormap = class_colormap(3, unclassified_value=254)
-    assert colormap[1] == (*colors[1], 255) and colormap[254] == (128, 128, 128, 255)
-    assert colormap[255][3] == 0 and len(colormap) == 256
