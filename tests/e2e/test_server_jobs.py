@@ -36,7 +36,7 @@ def test_a_segment_job_runs_to_done_and_writes_what_the_cli_writes(backend, segm
     assert result["outputs"]["vector"] == body["out"]
     assert Path(result["outputs"]["class_raster"]).is_file() and Path(result["outputs"]["report"]).is_file()
     assert {c["class"] for c in result["classes"]} == {"water", "cropland", "road"}
-    assert backend.client.get("/v1/health").json()["loaded_model"] == "tiny"
+    assert backend.client.get("/v1/health").json()["loaded_model"] == tiny_model.stem
 
     cli_out = out_dir / "cli.gpkg"
     bbox = [str(v) for v in body["bbox"]]
