@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-from osgeo import gdal
 from plugin_helpers import REPO, empty_dir, run_dock_job, wait_until
 from qgis.core import (
     QgsCategorizedSymbolRenderer,
@@ -81,9 +80,9 @@ def test_segmenting_from_the_dock_loads_a_styled_layer_above_the_raster(dock, na
     order = [node.layer() for node in QgsProject.instance().layerTreeRoot().findLayers()]
     assert order.index(vector) < order.index(class_raster[0]) < order.index(naip_layer)
     # One colour rule (resources/palette.json): the backend's colour table is the plugin's style.
-    table = gdal.Open(class_raster[0].source()).GetRasterBand(1).GetColorTable()
-    table_colours = ["#{:02x}{:02x}{:02x}".format(*table.GetColorEntry(i)[:3]) for i in range(len(CLASSES))]
-    assert table_colours == [category.symbol().color().name() for category in renderer.categories()]
+    table = {int(item.value): item.color.name() for item in class_raster[0].dataProvider().colorTable(1)}
+    assert [table[i] for i in range(len(CLASSES))] == [category.symbol().color().name()
+                                                       for category in renderer.categories()]
 
     shapefile = dock.export_result(str(tmp_path / "export" / "result.shp"))
     assert shapefile is not None, dock.last_error
