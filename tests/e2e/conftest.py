@@ -176,6 +176,12 @@ def start_cli(env):
 
 
 @pytest.fixture(scope="session")
+def small_bbox() -> list[float]:
+    """SMALL_BBOX for test modules (`from conftest import` finds another folder's conftest in a full run)."""
+    return list(SMALL_BBOX)
+
+
+@pytest.fixture(scope="session")
 def naip() -> Path:
     assert NAIP.is_file(), f"{NAIP} is missing (../shared/data)"
     return NAIP.resolve()

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pyogrio
 import pytest
-from conftest import SMALL_BBOX
 from rasterio.crs import CRS
 
 
 @pytest.fixture
-def search_body(tiny_model, out_dir, naip):
+def search_body(tiny_model, out_dir, naip, small_bbox):
     def body(**changes) -> dict:
-        request = {"raster": str(naip), "sentences": ["a lake next to a road", "cropland"], "bbox": SMALL_BBOX,
+        request = {"raster": str(naip), "sentences": ["a lake next to a road", "cropland"], "bbox": small_bbox,
                    "model": str(tiny_model), "top": 3, "out": str(out_dir / "hits.gpkg")}
         request.update(changes)
         return request
@@ -25,9 +24,10 @@ def submit(backend, path: str, body: dict) -> str:
     return response.json()["job_id"]
 
 
-def test_index_then_search_reuses_the_index_and_writes_ranked_hits(backend, search_body, naip, tiny_model, out_dir):
+def test_index_then_search_reuses_the_index_and_writes_ranked_hits(backend, search_body, naip, tiny_model, out_dir,
+                                                                   small_bbox):
     history: list[dict] = []
-    index_job = backend.wait(submit(backend, "/v1/index", {"raster": str(naip), "bbox": SMALL_BBOX,
+    index_job = backend.wait(submit(backend, "/v1/index", {"raster": str(naip), "bbox": small_bbox,
                                                            "model": str(tiny_model)}), history=history)
     assert index_job["state"] == "done", index_job
     assert index_job["kind"] == "index"

@@ -9,6 +9,7 @@ from qgis.core import QgsApplication
 
 REPO = Path(__file__).resolve().parents[2]
 NAIP = (REPO / ".." / "shared" / "data" / "naip_2020_5m.tif").resolve()
+BACKEND_PYTHON = REPO / ".venv" / "bin" / "python"  # the backend's Python (QGIS's has no torch)
 
 
 def wait_until(predicate, timeout: float = 60.0, what: str = "the condition") -> None:

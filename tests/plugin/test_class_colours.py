@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-from plugin_helpers import REPO
-
-BACKEND_PYTHON = REPO / ".venv" / "bin" / "python"
+from plugin_helpers import BACKEND_PYTHON, REPO
 
 
 def backend_colours(class_lists: list[list[str]]) -> list[list[str]]:

@@ -13,8 +13,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import BACKEND_PYTHON
-from plugin_helpers import REPO, wait_until
+from plugin_helpers import BACKEND_PYTHON, REPO, wait_until
 
 sys.path.insert(0, str(REPO / "scripts"))
 
