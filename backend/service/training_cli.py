@@ -87,6 +87,12 @@ def evaluate_command(
                                                     "evaluation runs (parity runs); fp32 otherwise."),
     ignore_index: int = typer.Option(255, help="Benchmark label value to ignore."),
     limit: Optional[int] = typer.Option(None, help="Benchmark: only the first N images."),
+    calibrate_quality: bool = typer.Option(False, "--calibrate-quality", help="Also fit the label-free quality "
+                                           "estimate on labelled tiles and store it (with a fine-tuned model, "
+                                           "or in --quality-out); reports SROCC/PLCC with the true tile IoU."),
+    quality_out: Optional[Path] = typer.Option(None, help="Calibration file to write (default: inside the "
+                                                          "fine-tuned model folder)."),
+    quality_tile: int = typer.Option(64, help="Tile side in pixels for --calibrate-quality."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Report per-class IoU, mIoU, accuracy and the confusion matrix of a model against labelled polygons."""
@@ -150,6 +156,20 @@ def evaluate_command(
     where = "the held-out validation strip" if result["split"] == "validation" else "all labelled pixels"
     typer.echo(f"{result['model']} on {where} of {Path(result['raster']).name}")
     typer.echo(result["text"])
+    if calibrate_quality:
+        from training.quality_calibration import calibrate_quality as calibrate
+
+        try:
+            loaded = load_model(model, str(weights) if weights else None, dev)
+            fit = calibrate(raster, labels, class_field, loaded, quality_out, background=background, aoi=aoi,
+                            class_names=class_names_from_pairs(class_name or []), bands=_bands(bands),
+                            scale=scale, gsd_m=gsd, tile=quality_tile, attention=attention, batch_size=batch_size)
+        except FarslipError as error:
+            _fail(error)
+        default, calibrated = fit["default"], fit["calibrated"]
+        typer.echo(f"Quality estimate on {fit['tiles']} tiles: default SROCC {default.get('srocc')}, PLCC "
+                   f"{default.get('plcc')}; calibrated (spatially held out) SROCC {calibrated.get('srocc')}, "
+                   f"PLCC {calibrated.get('plcc')}. Calibration written to {fit['calibration']}.")
 
 
 def train_command(

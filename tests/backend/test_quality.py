@@ -80,3 +80,53 @@ def test_a_fitted_model_ranks_like_the_truth_and_is_refused_for_other_models(tmp
         QualityModel.load(path, "a" * 64, ["water"])
     with pytest.raises(InputError, match=f"at least {MIN_CALIBRATION_TILES} labelled tiles"):
         fit_quality_model(signals[:5], truth[:5], None, ["water"])
+
+
+def test_on_class_maps_corrupted_at_known_rates_predicted_quality_ranks_like_true_iou():
+    """Tiles whose probabilities are the truth blended with noise at a known rate: the more noise, the
+    more wrong pixels. The estimate, with no labels, must rank the tiles as their true IoU does."""
+    from training.quality_calibration import _sharpness, tile_iou
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for rate in np.linspace(0.0, 0.9, 10):
+        for _ in range(3):
+            truth = np.zeros((64, 64), int)
+            truth[:, 32:] = 1
+            truth[40:, :20] = 2
+            onehot = np.stack([truth == k for k in range(3)]).astype(np.float32)
+            probs = (1 - rate) * onehot + rate * rng.dirichlet(np.ones(3), size=(64, 64)).transpose(2, 0, 1)
+            probs = probs.astype(np.float32)
+            predicted = probs.argmax(axis=0)
+            margin, entropy = pixel_signals(probs)
+            score = probs.max(axis=0)
+            signals = [score.mean(), margin.mean(), entropy.mean(), _sharpness(score, predicted), np.nan]
+            rows.append((signals, tile_iou(truth, predicted)))
+    signals = np.array([r[0] for r in rows], float)
+    truth_iou = np.array([r[1] for r in rows])
+    agreement = rank_agreement(QualityModel().predict(signals), truth_iou)
+    assert agreement["srocc"] > 0.8 and agreement["plcc"] > 0.7, agreement
+
+
+def test_evaluate_calibrates_the_estimate_and_segment_uses_it(tiny_model, tmp_path):
+    from training_data import make_synthetic
+
+    (tmp_path / "scene").mkdir()
+    raster, labels, _ = make_synthetic(tmp_path / "scene", size=256, block=32)
+    calibration = tmp_path / "quality.json"
+    result = runner.invoke(app, ["evaluate", str(raster), str(labels), "--class-field", "cls", "--model",
+                                 str(tiny_model), "--calibrate-quality", "--quality-out", str(calibration),
+                                 "--quality-tile", "32", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "SROCC" in result.output and "PLCC" in result.output
+    stored = json.loads(calibration.read_text())
+    assert stored["source"] == "calibrated" and stored["metrics"]["tiles"] >= MIN_CALIBRATION_TILES
+    assert stored["class_lines"] == ["forest", "sand", "water"]
+    few = runner.invoke(app, ["evaluate", str(raster), str(labels), "--class-field", "cls", "--model",
+                              str(tiny_model), "--calibrate-quality", "--quality-out", str(tmp_path / "few.json"),
+                              "--quality-tile", "128", "--quiet"])
+    assert few.exit_code == 2 and f"at least {MIN_CALIBRATION_TILES} labelled tiles" in few.output
+    assert not (tmp_path / "few.json").exists()
+    nowhere = runner.invoke(app, ["evaluate", str(raster), str(labels), "--class-field", "cls", "--model",
+                                  str(tiny_model), "--calibrate-quality", "--quiet"])
+    assert nowhere.exit_code == 2 and "--quality-out" in nowhere.output
