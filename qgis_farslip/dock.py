@@ -34,6 +34,7 @@ from .model_picker import ModelPicker, finetuned_class_lines
 from .parameters import SegmentParameters, output_stem, safe_name
 from .remembered import LastChoices
 from .results import ProbabilityChoice, load_segment_result, result_classes, result_name
+from .review_tab import ReviewTab, has_quality
 from .search_tab import SearchTab
 from .settings import PluginSettings
 from .train_tab import TrainTab
@@ -96,6 +97,7 @@ class FarslipDock(QgsDockWidget):
         QgsProject.instance().readProject.connect(self.restore_choices)
         self.train_tab = TrainTab(self, settings_loader)
         self.search_tab = SearchTab(self, settings_loader)
+        self.review_tab = ReviewTab(self, self.train_tab)
         self.restore_choices()
 
     # -- backend ------------------------------------------------------------------------------
@@ -366,6 +368,9 @@ class FarslipDock(QgsDockWidget):
         self.show_status(self.tr("Done: {}.").format(", ".join(found) if found else self.tr("no polygons found")))
         self.form.exportButton.setEnabled(True)
         self.probability.offer(self.last_layers, result_classes(job))
+        vectors = [layer for layer in self.last_layers if has_quality(layer)]
+        if vectors:
+            self.review_tab.review(vectors[0], ((job.get("result") or {}).get("quality") or {}).get("estimated_miou"))
         return DONE
 
     # -- export -------------------------------------------------------------------------------

@@ -566,7 +566,8 @@ def run_segment(request: dict, control: JobControl, models: ModelCache) -> dict:
             control.message(f"The GPU ran out of memory; retrying with batch size {call.options.batch_size}.")
             control.restart_timing()
     return {"outputs": dict(result.outputs), "classes": list(result.classes), "run_id": result.run_id,
-            "tiles": result.tiles, "timings": dict(result.timings), "warnings": list(result.warnings)}
+            "tiles": result.tiles, "timings": dict(result.timings), "warnings": list(result.warnings),
+            "quality": dict(result.report.get("quality") or {})}
 
 
 # --------------------------------------------------------------------------- train jobs

@@ -1,0 +1,248 @@
+"""The dock's Review tab: check a result's least sure polygons first, mark them, train on the marks.
+
+Polygons are listed by their `quality` (the backend's label-free estimate), lowest first; a click
+zooms the map to one. The analyst marks it correct, relabels it, or deletes it; the marks are kept in
+a GeoPackage beside the result (`<result>_review.gpkg`, field `cls`, the training format), and "Train
+on my corrections" hands that layer to the Train tab. The result layer can be shown by class or by
+quality, and polygons under a quality value can be hidden.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from qgis.core import (
+    QgsFeature,
+    QgsFeatureRequest,
+    QgsField,
+    QgsFillSymbol,
+    QgsGradientColorRamp,
+    QgsGraduatedSymbolRenderer,
+    QgsMapLayerProxyModel,
+    QgsProject,
+    QgsRendererRange,
+    QgsVectorFileWriter,
+    QgsVectorLayer,
+)
+from qgis.PyQt import uic
+from qgis.PyQt.QtCore import QObject, Qt, QVariant
+from qgis.PyQt.QtGui import QColor
+from qgis.PyQt.QtWidgets import QTableWidgetItem, QWidget
+
+from .i18n import tr
+from .results import CLASS_FIELD, categorized_renderer
+
+FORM, _ = uic.loadUiType(os.path.join(os.path.dirname(__file__), "ui", "review_tab.ui"))
+QUALITY_FIELD = "quality"
+LABEL_FIELD = "cls"  # the class field of the corrections layer (what `farslip train --class-field` reads)
+CORRECT, RELABELLED, DELETED = "correct", "relabelled", "deleted"
+STYLE_CLASS, STYLE_QUALITY = "class", "quality"
+FID_ROLE = Qt.UserRole
+# Five quality classes from red (doubtful) to green (likely right).
+QUALITY_BREAKS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+def quality_renderer() -> QgsGraduatedSymbolRenderer:
+    """A graduated style of `quality`: red for doubtful polygons, green for likely right ones."""
+    ramp = QgsGradientColorRamp(QColor(215, 48, 39, 160), QColor(26, 152, 80, 160))
+    ranges = []
+    for index, (low, high) in enumerate(zip(QUALITY_BREAKS, QUALITY_BREAKS[1:])):
+        colour = ramp.color(index / (len(QUALITY_BREAKS) - 2))
+        symbol = QgsFillSymbol.createSimple({"color": colour.name(QColor.HexArgb), "outline_color": "35,35,35,200",
+                                             "outline_width": "0.2"})
+        ranges.append(QgsRendererRange(low, high, symbol, f"{low:.1f} - {high:.1f}"))
+    renderer = QgsGraduatedSymbolRenderer(QUALITY_FIELD, ranges)
+    renderer.setSourceColorRamp(ramp)
+    return renderer
+
+
+def has_quality(layer) -> bool:
+    return isinstance(layer, QgsVectorLayer) and layer.isValid() and layer.fields().indexOf(QUALITY_FIELD) >= 0
+
+
+class ReviewTab(QObject):
+    def __init__(self, dock, train_tab, project_getter: Callable[[], QgsProject] = QgsProject.instance):
+        super().__init__(dock)
+        self.dock = dock
+        self.canvas = dock.canvas
+        self.train_tab = train_tab
+        self.project = project_getter
+        self.page = QWidget()
+        self.form = FORM()
+        self.form.setupUi(self.page)
+        dock.form.tabs.addTab(self.page, tr("Review"))
+        self.marks: dict[int, tuple[str, str]] = {}  # feature id -> (status, class)
+        self.corrections_layer: QgsVectorLayer | None = None
+        form = self.form
+        form.reviewLayerCombo.setFilters(QgsMapLayerProxyModel.PolygonLayer)
+        form.reviewLayerCombo.setAllowEmptyLayer(True)
+        form.styleCombo.addItem(tr("Colour by class"), STYLE_CLASS)
+        form.styleCombo.addItem(tr("Colour by quality"), STYLE_QUALITY)
+        form.polygonsTable.setColumnCount(5)
+        form.polygonsTable.setHorizontalHeaderLabels([tr("Quality"), tr("Class"), tr("Area (m²)"), tr("Mark"),
+                                                       tr("Id")])
+        form.reviewLayerCombo.layerChanged.connect(self.show_layer)
+        form.styleCombo.currentIndexChanged.connect(lambda _index: self.apply_style())
+        form.hideLowCheck.toggled.connect(lambda _on: self.apply_filter())
+        form.qualitySpin.valueChanged.connect(lambda _value: self.apply_filter())
+        form.polygonsTable.itemSelectionChanged.connect(self.zoom_to_selected)
+        form.correctButton.clicked.connect(lambda: self.mark(CORRECT))
+        form.relabelButton.clicked.connect(lambda: self.mark(RELABELLED, form.relabelCombo.currentText()))
+        form.deleteButton.clicked.connect(lambda: self.mark(DELETED))
+        form.trainCorrectionsButton.clicked.connect(self.train_on_corrections)
+        self.show_layer(None)
+
+    # -- the result layer ----------------------------------------------------------------------
+    def layer(self) -> QgsVectorLayer | None:
+        layer = self.form.reviewLayerCombo.currentLayer()
+        return layer if has_quality(layer) else None
+
+    def review(self, layer: QgsVectorLayer, estimated_miou: float | None = None) -> None:
+        """Show `layer` (a finished result) in the tab; the dock calls this after each run."""
+        self.form.reviewLayerCombo.setLayer(layer)
+        if estimated_miou is not None:
+            self.form.estimateLabel.setText(tr("Estimated mIoU of this run (no labels used): {:.0%}").format(
+                estimated_miou))
+
+    def show_layer(self, _layer=None) -> None:
+        self.marks = {}
+        self.corrections_layer = None
+        layer = self.layer()
+        table = self.form.polygonsTable
+        table.setRowCount(0)
+        for widget in (self.form.correctButton, self.form.relabelButton, self.form.deleteButton,
+                       self.form.trainCorrectionsButton, self.form.styleCombo, self.form.hideLowCheck):
+            widget.setEnabled(layer is not None)
+        if layer is None:
+            self.form.reviewStatusLabel.setText(tr("Choose a FarSLIP result (a layer with a quality field)."))
+            return
+        classes = sorted({str(f[CLASS_FIELD]) for f in layer.getFeatures()})
+        self.form.relabelCombo.clear()
+        self.form.relabelCombo.addItems(classes)
+        self.form.relabelCombo.setEditable(True)
+        request = QgsFeatureRequest().addOrderBy(QUALITY_FIELD, True, True)
+        for row, feature in enumerate(layer.dataProvider().getFeatures(request)):
+            table.insertRow(row)
+            values = [f"{float(feature[QUALITY_FIELD]):.2f}", str(feature[CLASS_FIELD]),
+                      f"{float(feature['area_m2']):.0f}" if layer.fields().indexOf("area_m2") >= 0 else "",
+                      "", str(feature.id())]
+            for column, text in enumerate(values):
+                item = QTableWidgetItem(text)
+                item.setData(FID_ROLE, feature.id())
+                table.setItem(row, column, item)
+        self.form.reviewStatusLabel.setText(tr("{} polygons, least sure first. Click one to zoom to it.").format(
+            table.rowCount()))
+
+    def apply_style(self) -> None:
+        layer = self.layer()
+        if layer is None:
+            return
+        if self.form.styleCombo.currentData() == STYLE_QUALITY:
+            layer.setRenderer(quality_renderer())
+        else:
+            names = sorted({str(f[CLASS_FIELD]) for f in layer.dataProvider().getFeatures()})
+            layer.setRenderer(categorized_renderer([(name, i) for i, name in enumerate(names)]))
+        layer.triggerRepaint()
+
+    def apply_filter(self) -> None:
+        layer = self.layer()
+        if layer is None:
+            return
+        threshold = float(self.form.qualitySpin.value())
+        layer.setSubsetString(f'"{QUALITY_FIELD}" >= {threshold:.4f}' if self.form.hideLowCheck.isChecked() else "")
+        layer.triggerRepaint()
+
+    # -- marking -------------------------------------------------------------------------------
+    def selected_fid(self) -> int | None:
+        items = self.form.polygonsTable.selectedItems()
+        return int(items[0].data(FID_ROLE)) if items else None
+
+    def zoom_to_selected(self) -> None:
+        layer, fid = self.layer(), self.selected_fid()
+        if layer is None or fid is None:
+            return
+        feature = layer.dataProvider().getFeatures(QgsFeatureRequest(fid)).__next__()
+        box = self.canvas.mapSettings().layerExtentToOutputExtent(layer, feature.geometry().boundingBox())
+        box.scale(1.5)
+        self.canvas.setExtent(box)
+        self.canvas.refresh()
+
+    def mark(self, status: str, cls: str = "") -> None:
+        layer, fid = self.layer(), self.selected_fid()
+        if layer is None or fid is None:
+            self.form.reviewStatusLabel.setText(tr("Select a polygon in the list first."))
+            return
+        if status == RELABELLED and not cls.strip():
+            self.form.reviewStatusLabel.setText(tr("Choose or type the right class first."))
+            return
+        feature = layer.dataProvider().getFeatures(QgsFeatureRequest(fid)).__next__()
+        self.marks[fid] = (status, cls.strip() if status == RELABELLED else str(feature[CLASS_FIELD]))
+        for row in range(self.form.polygonsTable.rowCount()):
+            if int(self.form.polygonsTable.item(row, 0).data(FID_ROLE)) == fid:
+                text = status if status != RELABELLED else f"{status}: {cls.strip()}"
+                self.form.polygonsTable.item(row, 3).setText(tr(text))
+        path = self.save_corrections()
+        labelled = sum(1 for s, _ in self.marks.values() if s != DELETED)
+        self.form.reviewStatusLabel.setText(tr("{} marked ({} usable for training), saved to {}.").format(
+            len(self.marks), labelled, path))
+
+    def corrections_path(self) -> str:
+        source = self.layer().dataProvider().dataSourceUri().split("|")[0]
+        return os.path.splitext(source)[0] + "_review.gpkg"
+
+    def save_corrections(self) -> str:
+        """Write the marks as a polygon layer: `cls` (the right class), `status`, `quality`, `source_fid`.
+        Deleted polygons are kept with status 'deleted' and no class, so training leaves them out."""
+        layer = self.layer()
+        memory = QgsVectorLayer(f"Polygon?crs={layer.crs().authid() or layer.crs().toWkt()}", "review", "memory")
+        provider = memory.dataProvider()
+        provider.addAttributes([QgsField(LABEL_FIELD, QVariant.String), QgsField("status", QVariant.String),
+                                QgsField(QUALITY_FIELD, QVariant.Double), QgsField("source_fid", QVariant.Int)])
+        memory.updateFields()
+        if memory.crs() != layer.crs():
+            memory.setCrs(layer.crs())
+        for feature in layer.dataProvider().getFeatures(QgsFeatureRequest().setFilterFids(list(self.marks))):
+            status, cls = self.marks[feature.id()]
+            out = QgsFeature(memory.fields())
+            out.setGeometry(feature.geometry())
+            out.setAttributes([cls if status != DELETED else None, status, float(feature[QUALITY_FIELD]),
+                               int(feature.id())])
+            provider.addFeature(out)
+        path = self.corrections_path()
+        options = QgsVectorFileWriter.SaveVectorOptions()
+        options.driverName, options.fileEncoding = "GPKG", "UTF-8"
+        options.layerName = "review"
+        if self.corrections_layer is not None:
+            self.project().removeMapLayer(self.corrections_layer.id())
+            self.corrections_layer = None
+        error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(
+            memory, path, self.project().transformContext(), options)
+        if error != QgsVectorFileWriter.NoError:
+            raise RuntimeError(tr("Saving the review to {} failed: {}").format(path, message))
+        return path
+
+    def train_on_corrections(self) -> None:
+        """Open the marks (without deleted polygons) as the Train tab's labels and start training."""
+        if not any(status != DELETED for status, _ in self.marks.values()):
+            self.form.reviewStatusLabel.setText(tr("Mark some polygons correct or relabel them first: those are "
+                                                   "the examples training learns from."))
+            return
+        path = self.save_corrections()
+        corrections = QgsVectorLayer(f"{path}|layername=review", tr("FarSLIP review"), "ogr")
+        corrections.setSubsetString("\"status\" != 'deleted'")
+        self.project().addMapLayer(corrections)
+        self.corrections_layer = corrections
+        form = self.dock.form
+        form.labelsCombo.setLayer(corrections)
+        form.classFieldCombo.setLayer(corrections)
+        form.classFieldCombo.setField(LABEL_FIELD)
+        form.tabs.setCurrentWidget(form.tabs.widget(self._train_page_index()))
+        self.train_tab.train()
+
+    def _train_page_index(self) -> int:
+        tabs = self.dock.form.tabs
+        for index in range(tabs.count()):
+            if tabs.widget(index).isAncestorOf(self.dock.form.labelsCombo):
+                return index
+        return tabs.currentIndex()

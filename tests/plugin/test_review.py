@@ -1,0 +1,118 @@
+"""The Review tab in real QGIS: least sure polygons first, zoom, mark, corrections in the training format,
+style by quality, hide low quality, and "Train on my corrections" handing the marks to the Train tab."""
+
+from __future__ import annotations
+
+import pytest
+from qgis.core import (
+    QgsFeature,
+    QgsField,
+    QgsGeometry,
+    QgsGraduatedSymbolRenderer,
+    QgsProject,
+    QgsRectangle,
+    QgsVectorFileWriter,
+    QgsVectorLayer,
+)
+from qgis.PyQt.QtCore import QVariant
+
+QUALITY = [0.9, 0.2, 0.55, 0.05, 0.7]
+CLASSES = ["building", "road", "building", "tree", "road"]
+
+
+def write_result(path: str) -> QgsVectorLayer:
+    memory = QgsVectorLayer("Polygon?crs=EPSG:32633", "result", "memory")
+    provider = memory.dataProvider()
+    provider.addAttributes([QgsField("class", QVariant.String), QgsField("area_m2", QVariant.Double),
+                            QgsField("quality", QVariant.Double)])
+    memory.updateFields()
+    for i, (quality, cls) in enumerate(zip(QUALITY, CLASSES)):
+        feature = QgsFeature(memory.fields())
+        feature.setGeometry(QgsGeometry.fromRect(QgsRectangle(500000 + i * 100, 5000000, 500000 + i * 100 + 50,
+                                                              5000050)))
+        feature.setAttributes([cls, 2500.0, quality])
+        provider.addFeature(feature)
+    options = QgsVectorFileWriter.SaveVectorOptions()
+    options.driverName = "GPKG"
+    error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(
+        memory, path, QgsProject.instance().transformContext(), options)
+    assert error == QgsVectorFileWriter.NoError, message
+    layer = QgsVectorLayer(path, "FarSLIP result", "ogr")
+    QgsProject.instance().addMapLayer(layer)
+    return layer
+
+
+@pytest.fixture
+def dock(farslip, qgis_iface, plugin_settings, qgis_new_project):
+    from qgis_farslip.backend_manager import BackendManager
+    from qgis_farslip.dock import FarslipDock
+
+    plugin_settings()
+    widget = FarslipDock(qgis_iface, BackendManager())
+    yield widget
+    widget.close_down()
+    widget.deleteLater()
+
+
+def table_column(tab, column: int) -> list[str]:
+    table = tab.form.polygonsTable
+    return [table.item(row, column).text() for row in range(table.rowCount())]
+
+
+def test_review_lists_least_sure_first_and_saves_marks_for_training(dock, tmp_path, qgis_iface, monkeypatch):
+    from qgis_farslip.review_tab import LABEL_FIELD
+
+    layer = write_result(str(tmp_path / "result.gpkg"))
+    tab = dock.review_tab
+    tab.review(layer, 0.42)
+    assert "42%" in tab.form.estimateLabel.text()
+    assert [float(q) for q in table_column(tab, 0)] == sorted(QUALITY)
+    # Click the least sure polygon: the map zooms to it.
+    tab.form.polygonsTable.selectRow(0)
+    feature = next(f for f in layer.getFeatures() if abs(f["quality"] - 0.05) < 1e-9)
+    assert qgis_iface.mapCanvas().extent().contains(feature.geometry().boundingBox())
+    tab.mark("correct")
+    tab.form.polygonsTable.selectRow(1)
+    tab.form.relabelCombo.setCurrentText("parking lot")
+    tab.mark("relabelled", "parking lot")
+    tab.form.polygonsTable.selectRow(2)
+    tab.mark("deleted")
+    saved = QgsVectorLayer(f"{tmp_path / 'result_review.gpkg'}|layername=review", "r", "ogr")
+    marks = sorted((f["status"], f[LABEL_FIELD], round(f["quality"], 2)) for f in saved.getFeatures())
+    assert [m[0] for m in marks] == ["correct", "deleted", "relabelled"]
+    assert dict((m[0], m[1]) for m in marks)["relabelled"] == "parking lot"
+    assert dict((m[0], m[1]) for m in marks)["correct"] == "tree"
+    assert table_column(tab, 3)[:3] == ["correct", "relabelled: parking lot", "deleted"]
+
+    started = []
+    monkeypatch.setattr(dock.train_tab, "train", lambda: started.append(True))
+    tab.train_on_corrections()
+    labels = dock.form.labelsCombo.currentLayer()
+    assert started and labels is not None and labels.featureCount() == 2  # the deleted one is left out
+    assert dock.form.classFieldCombo.currentField() == LABEL_FIELD
+
+
+def test_style_by_quality_and_hide_low_quality(dock, tmp_path):
+    layer = write_result(str(tmp_path / "result.gpkg"))
+    tab = dock.review_tab
+    tab.review(layer)
+    tab.form.styleCombo.setCurrentIndex(tab.form.styleCombo.findData("quality"))
+    assert isinstance(layer.renderer(), QgsGraduatedSymbolRenderer)
+    assert layer.renderer().classAttribute() == "quality"
+    tab.form.qualitySpin.setValue(0.5)
+    tab.form.hideLowCheck.setChecked(True)
+    assert layer.featureCount() == 3
+    tab.form.hideLowCheck.setChecked(False)
+    assert layer.featureCount() == 5
+    tab.form.styleCombo.setCurrentIndex(tab.form.styleCombo.findData("class"))
+    assert layer.renderer().classAttribute() == "class"
+
+
+def test_training_needs_at_least_one_kept_mark(dock, tmp_path, monkeypatch):
+    layer = write_result(str(tmp_path / "result.gpkg"))
+    tab = dock.review_tab
+    tab.review(layer)
+    started = []
+    monkeypatch.setattr(dock.train_tab, "train", lambda: started.append(True))
+    tab.train_on_corrections()
+    assert not started and "Mark some polygons" in tab.form.reviewStatusLabel.text()
