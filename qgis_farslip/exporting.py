@@ -10,17 +10,8 @@ import os
 from collections.abc import Sequence
 
 from qgis.core import QgsMapLayer, QgsProject, QgsVectorFileWriter, QgsVectorLayer
-from qgis.PyQt.QtWidgets import (
-    QCheckBox,
-    QComboBox,
-    QDialog,
-    QDialogButtonBox,
-    QFileDialog,
-    QFormLayout,
-    QHBoxLayout,
-    QLineEdit,
-    QToolButton,
-)
+from qgis.gui import QgsFileWidget
+from qgis.PyQt.QtWidgets import QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFormLayout
 
 from .parameters import safe_name
 from .i18n import tr
@@ -84,13 +75,10 @@ class ExportDialog(QDialog):
         self.layerCombo = QComboBox(self)
         for layer in self.layers:
             self.layerCombo.addItem(layer.name(), layer.id())
-        self.pathEdit = QLineEdit(self)
-        browse = QToolButton(self)
-        browse.setText(tr("Browse..."))
-        browse.clicked.connect(self._browse)
-        row = QHBoxLayout()
-        row.addWidget(self.pathEdit)
-        row.addWidget(browse)
+        self.fileWidget = QgsFileWidget(self)
+        self.fileWidget.setStorageMode(QgsFileWidget.SaveFile)
+        self.fileWidget.setFilter(FILTERS)
+        self.fileWidget.setDialogTitle(tr("Export the FarSLIP result"))
         self.loadCheck = QCheckBox(tr("Add the exported layer to the project"), self)
         self.loadCheck.setChecked(True)
         buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel, self)
@@ -98,7 +86,7 @@ class ExportDialog(QDialog):
         buttons.rejected.connect(self.reject)
         form = QFormLayout(self)
         form.addRow(tr("Layer"), self.layerCombo)
-        form.addRow(tr("File"), row)
+        form.addRow(tr("File"), self.fileWidget)
         form.addRow(self.loadCheck)
         form.addRow(buttons)
         self.layerCombo.currentIndexChanged.connect(self._suggest_path)
@@ -113,20 +101,14 @@ class ExportDialog(QDialog):
     def _suggest_path(self) -> None:
         layer = self.chosen_layer()
         if layer is not None:
-            self.pathEdit.setText(os.path.join(self.folder, safe_name(layer.name()) + ".gpkg"))
-
-    def _browse(self) -> None:
-        path, chosen_filter = QFileDialog.getSaveFileName(self, tr("Export the FarSLIP result"),
-                                                          self.pathEdit.text(), FILTERS)
-        if path:
-            if not os.path.splitext(path)[1]:
-                path += ".shp" if "shp" in chosen_filter else ".gpkg"
-            self.pathEdit.setText(path)
+            self.fileWidget.setFilePath(os.path.join(self.folder, safe_name(layer.name()) + ".gpkg"))
 
     def export(self, path: str | None = None, layer: QgsVectorLayer | None = None) -> tuple[str | None, str]:
         """(the written file or None, a sentence for the status line)."""
         layer = layer or self.chosen_layer()
-        path = path or self.pathEdit.text().strip()
+        path = path or self.fileWidget.filePath().strip()
+        if path and not os.path.splitext(path)[1]:
+            path += ".gpkg"
         if layer is None:
             return None, tr("There is no FarSLIP result to export yet; run a segmentation first.")
         try:

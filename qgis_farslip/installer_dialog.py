@@ -6,18 +6,16 @@ import os
 import shutil
 
 from qgis.PyQt.QtCore import QProcess, QProcessEnvironment, pyqtSignal
+from qgis.gui import QgsFileWidget
 from qgis.PyQt.QtWidgets import (
     QComboBox,
     QDialog,
-    QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QLabel,
-    QLineEdit,
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
-    QToolButton,
     QVBoxLayout,
 )
 
@@ -43,13 +41,10 @@ class InstallerDialog(QDialog):
         self._steps: list = []
         self._created_venv = False
 
-        self.folderEdit = QLineEdit(default_venv(), self)
-        browse = QToolButton(self)
-        browse.setText(tr("Browse..."))
-        browse.clicked.connect(self._browse)
-        folder_row = QHBoxLayout()
-        folder_row.addWidget(self.folderEdit)
-        folder_row.addWidget(browse)
+        self.folderWidget = QgsFileWidget(self)
+        self.folderWidget.setStorageMode(QgsFileWidget.GetDirectory)
+        self.folderWidget.setDialogTitle(tr("Folder for the backend's environment (a new or empty one)"))
+        self.folderWidget.setFilePath(default_venv())
         self.pythonCombo = QComboBox(self)
         self.pythonCombo.setEditable(True)
         for path, version in find_pythons():
@@ -72,7 +67,7 @@ class InstallerDialog(QDialog):
         self.cancelButton.setEnabled(False)
 
         form = QFormLayout()
-        form.addRow(tr("Install into"), folder_row)
+        form.addRow(tr("Install into"), self.folderWidget)
         form.addRow(tr("Python"), self.pythonCombo)
         form.addRow(tr("PyTorch build"), self.torchCombo)
         buttons = QHBoxLayout()
@@ -90,15 +85,9 @@ class InstallerDialog(QDialog):
                                 "`make plugin`); install the backend with `pip install farslip-qgis` instead."))
             self.installButton.setEnabled(False)
 
-    def _browse(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, tr("Folder for the backend's environment"),
-                                                os.path.dirname(self.folderEdit.text()))
-        if path:
-            self.folderEdit.setText(os.path.join(path, "farslip-venv") if os.listdir(path) else path)
-
     def plan(self) -> InstallPlan:
         python = self.pythonCombo.currentData() or self.pythonCombo.currentText().strip()
-        return InstallPlan(python=python, venv=os.path.expanduser(self.folderEdit.text().strip()),
+        return InstallPlan(python=python, venv=os.path.expanduser(self.folderWidget.filePath().strip()),
                            wheel=self.wheel or "", torch_build=self.torchCombo.currentData(),
                            pip_args=list(self.pip_args))
 
@@ -122,7 +111,7 @@ class InstallerDialog(QDialog):
         self.state = "running"
         self.progressBar.setRange(0, len(self._steps))
         self.progressBar.setValue(0)
-        for widget in (self.installButton, self.closeButton, self.folderEdit, self.pythonCombo, self.torchCombo):
+        for widget in (self.installButton, self.closeButton, self.folderWidget, self.pythonCombo, self.torchCombo):
             widget.setEnabled(False)
         self.cancelButton.setEnabled(True)
         self._next_step()
@@ -184,7 +173,7 @@ class InstallerDialog(QDialog):
             shutil.rmtree(self._plan.venv, ignore_errors=True)
         self._set_status(message)
         self.cancelButton.setEnabled(False)
-        for widget in (self.installButton, self.closeButton, self.folderEdit, self.pythonCombo, self.torchCombo):
+        for widget in (self.installButton, self.closeButton, self.folderWidget, self.pythonCombo, self.torchCombo):
             widget.setEnabled(True)
         if state == "done":
             self.installButton.setEnabled(False)

@@ -88,6 +88,19 @@ def plugin_settings(farslip, tmp_path):
     LastChoices().save()
 
 
+@pytest.fixture
+def bare_dock(farslip, qgis_iface, plugin_settings, qgis_new_project):
+    """A dock with a backend manager that has not connected (for the inputs and the widgets)."""
+    from qgis_farslip.backend_manager import BackendManager
+    from qgis_farslip.dock import FarslipDock
+
+    plugin_settings()
+    widget = FarslipDock(qgis_iface, BackendManager())
+    yield widget
+    widget.close_down()
+    widget.deleteLater()
+
+
 @pytest.fixture(scope="module")
 def running_plugin(farslip, qgis_iface, backend_home, tiny_model):
     """The plugin, loaded once per module, with the backend it started (shared by the end-to-end tests)."""

@@ -72,7 +72,7 @@ def test_install_backend_creates_the_venv_in_home_installs_the_wheel_and_starts_
     from qgis_farslip.installer_dialog import InstallerDialog
 
     dialog = InstallerDialog(wheel=str(wheel))
-    assert dialog.folderEdit.text() == str(home / ".farslip" / "venv")
+    assert dialog.folderWidget.filePath() == str(home / ".farslip" / "venv")
     dialog.pythonCombo.setEditText(dev_venv_base_python())
     dialog.pythonCombo.setCurrentIndex(-1)
     dialog.pythonCombo.setEditText(dev_venv_base_python())
@@ -125,6 +125,6 @@ def test_a_non_empty_folder_is_refused_with_a_sentence(farslip, wheel, home):
     (home / "busy").mkdir()
     (home / "busy" / "file.txt").write_text("x")
     dialog = InstallerDialog(wheel=str(wheel))
-    dialog.folderEdit.setText(str(home / "busy"))
+    dialog.folderWidget.setFilePath(str(home / "busy"))
     dialog.start()
     assert dialog.state == "" and "is not empty" in dialog.statusLabel.text()

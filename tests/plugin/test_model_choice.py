@@ -16,15 +16,8 @@ MODELS = {"default": "farslip2-vit-b-16", "models": [
 
 
 @pytest.fixture
-def dock(farslip, qgis_iface, plugin_settings, qgis_new_project):
-    from qgis_farslip.backend_manager import BackendManager
-    from qgis_farslip.dock import FarslipDock
-
-    plugin_settings()
-    widget = FarslipDock(qgis_iface, BackendManager())
-    yield widget
-    widget.close_down()
-    widget.deleteLater()
+def dock(bare_dock):
+    return bare_dock
 
 
 def test_missing_models_are_listed_disabled_and_offered_for_download(dock):

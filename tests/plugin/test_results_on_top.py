@@ -31,7 +31,8 @@ def test_result_names_say_what_was_asked_for_and_when(farslip):
     assert result_name(None, ["a", "b", "c", "d", "e"], "09:00:00") == "a, b, c +2 09:00:00"
 
 
-def test_a_rerun_lands_on_top_of_the_older_result_with_its_own_name(dock, naip_layer):
+def test_a_rerun_lands_on_top_of_the_older_result_with_its_own_name_and_exports_styled(dock, naip_layer,
+                                                                                        tmp_path):
     dock.choose_preset("water-bodies")
     assert run_dock_job(dock) == "done", dock.last_error
     first = dock.last_layers[0]
@@ -54,6 +55,21 @@ def test_a_rerun_lands_on_top_of_the_older_result_with_its_own_name(dock, naip_l
     assert 0 < symbol.color().alpha() < 255, "the fill lets the imagery show through"
     outline = symbol.symbolLayer(0)
     assert outline.strokeColor().alpha() == 255 and outline.strokeWidth() >= 0.3
+
+    # Export: the latest result by default, with its style, offered back to the project.
+    shapefile = tmp_path / "export" / "latest.shp"
+    assert dock.export_result(str(shapefile)) == str(shapefile), dock.last_error
+    assert second.name() in dock.form.statusLabel.text()
+    assert (tmp_path / "export" / "latest.qml").is_file(), "a shapefile gets its style as a .qml beside it"
+    reopened = QgsVectorLayer(str(shapefile), "again", "ogr")
+    assert reopened.featureCount() == second.featureCount()
+    assert reopened.renderer().type() == "categorizedSymbol", "QGIS applies the .qml when it opens the file"
+    geopackage = tmp_path / "export" / "first.gpkg"
+    assert dock.export_result(str(geopackage), first) == str(geopackage)
+    from_gpkg = QgsVectorLayer(str(geopackage), "gpkg", "ogr")
+    assert from_gpkg.featureCount() == first.featureCount()
+    assert from_gpkg.renderer().type() == "categorizedSymbol", "the style is stored in the GeoPackage"
+    assert [layer.name() for layer in QgsProject.instance().mapLayersByName("latest")] == ["latest"]
 
 
 def test_probability_raster_shows_one_class_band_as_a_pseudocolour_ramp(dock):
