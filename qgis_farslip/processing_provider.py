@@ -12,9 +12,11 @@ from qgis.core import (
     QgsProcessingException,
     QgsProcessingLayerPostProcessorInterface,
     QgsProcessingOutputFolder,
+    QgsProcessingOutputNumber,
     QgsProcessingParameterEnum,
     QgsProcessingParameterExtent,
     QgsProcessingParameterField,
+    QgsProcessingParameterFileDestination,
     QgsProcessingParameterNumber,
     QgsProcessingParameterRasterLayer,
     QgsProcessingParameterString,
@@ -253,6 +255,72 @@ class TrainOnLabels(QgsProcessingAlgorithm):
         return {self.OUTPUT: model_dir}
 
 
+class EvaluateOnLabels(QgsProcessingAlgorithm):
+    """Score a model against labelled polygons (per-class IoU, mIoU): `farslip evaluate` as an algorithm."""
+
+    INPUT, LABELS, CLASS_FIELD, MODEL, BACKGROUND = "INPUT", "LABELS", "CLASS_FIELD", "MODEL", "BACKGROUND"
+    OUTPUT, MIOU = "OUTPUT", "MIOU"
+
+    def __init__(self, manager_getter: Callable[[], BackendManager | None]):
+        super().__init__()
+        self.manager_getter = manager_getter
+
+    def createInstance(self):
+        return EvaluateOnLabels(self.manager_getter)
+
+    def name(self):
+        return "evaluate_on_labelled_polygons"
+
+    def displayName(self):
+        return tr("Evaluate a model on labelled polygons")
+
+    def shortHelpString(self):
+        return tr("Segments the labelled area with the model and compares it with the labels: per-class IoU and "
+                  "accuracy, mIoU. A model fine-tuned on these same files is scored on its held-out validation "
+                  "strip. The report is written as JSON; the mIoU is an output for the graphical modeler.")
+
+    def icon(self):
+        return icon()
+
+    def initAlgorithm(self, config=None):
+        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, tr("Raster layer")))
+        self.addParameter(QgsProcessingParameterVectorLayer(self.LABELS, tr("Labelled polygons"),
+                                                            [QgsProcessing.TypeVectorPolygon]))
+        self.addParameter(QgsProcessingParameterField(self.CLASS_FIELD, tr("Class field"),
+                                                      parentLayerParameterName=self.LABELS))
+        self.addParameter(QgsProcessingParameterString(
+            self.MODEL, tr("Model (empty: Settings -> Default model)"), optional=True))
+        self.addParameter(QgsProcessingParameterString(self.BACKGROUND, tr("Class for unlabelled pixels (optional)"),
+                                                       optional=True))
+        self.addParameter(QgsProcessingParameterFileDestination(self.OUTPUT, tr("Evaluation report"),
+                                                                "JSON (*.json)"))
+        self.addOutput(QgsProcessingOutputNumber(self.MIOU, tr("mIoU")))
+
+    def processAlgorithm(self, parameters, context, feedback):
+        raster = self.parameterAsRasterLayer(parameters, self.INPUT, context)
+        path = local_raster_path(raster) if raster is not None else None
+        if path is None:
+            raise QgsProcessingException(tr("Evaluation reads the raster from a file: choose a GeoTIFF layer."))
+        labels = self.parameterAsVectorLayer(parameters, self.LABELS, context)
+        class_field = self.parameterAsString(parameters, self.CLASS_FIELD, context)
+        out_json = self.parameterAsFileOutput(parameters, self.OUTPUT, context)
+        request = {"raster": path, "labels": labels_file(labels, class_field, lambda: tempfile.mkdtemp(
+                       prefix="farslip-evaluate-")),
+                   "class_field": class_field, "out_json": out_json,
+                   "model": (self.parameterAsString(parameters, self.MODEL, context).strip()
+                             or PluginSettings.load().default_model or None),
+                   "background": self.parameterAsString(parameters, self.BACKGROUND, context).strip() or None}
+        job = run_backend_job(self.manager_getter(), "evaluate", request, feedback, [out_json])
+        metrics = (job.get("result") or {}).get("metrics") or {}
+        for item in metrics.get("classes", []):
+            iou = item.get("iou")
+            feedback.pushInfo(f"{item['class']}: IoU {'n/a' if iou is None else f'{100 * iou:.1f} %'}")
+        miou = metrics.get("miou")
+        feedback.pushInfo(tr("mIoU: {} ({} split)").format("n/a" if miou is None else f"{100 * miou:.1f} %",
+                                                          metrics.get("split", "")))
+        return {self.OUTPUT: out_json, self.MIOU: miou}
+
+
 class FarslipProvider(QgsProcessingProvider):
     def __init__(self, manager_getter: Callable[[], BackendManager | None]):
         super().__init__()
@@ -270,6 +338,7 @@ class FarslipProvider(QgsProcessingProvider):
     def loadAlgorithms(self):
         self.addAlgorithm(SegmentByClassNames(self.manager_getter))
         self.addAlgorithm(TrainOnLabels(self.manager_getter))
+        self.addAlgorithm(EvaluateOnLabels(self.manager_getter))
 
     def supportedOutputVectorLayerExtensions(self):
         return ["gpkg", "shp", "geojson", "fgb"]

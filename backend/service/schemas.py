@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 JobState = Literal["queued", "running", "done", "failed", "cancelled", "interrupted"]
-JobKind = Literal["segment", "train", "index", "search", "download"]
+JobKind = Literal["segment", "train", "index", "search", "download", "evaluate"]
 Attention = Literal["segearth", "clearclip", "sclip", "maskclip", "vanilla"]
 
 # Paths, names and class lines are short; these bounds keep a hostile body from
@@ -132,6 +132,18 @@ class SearchRequest(IndexRequest):
     max_overlap: float = Field(default=0.5, gt=0, le=1)
     out: str = PathText
     overwrite: bool = False
+
+
+class EvaluateRequest(Strict):
+    """The options of `farslip evaluate`, as JSON: a model scored against labelled polygons."""
+
+    raster: str = PathText
+    labels: str = PathText
+    class_field: str = Field(min_length=1, max_length=200)
+    model: str | None = Field(default=None, max_length=4096)
+    background: str | None = Field(default=None, max_length=1000)
+    split: Literal["auto", "all", "validation"] = "auto"
+    out_json: str | None = Field(default=None, min_length=1, max_length=4096)
 
 
 class DownloadRequest(Strict):

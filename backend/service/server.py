@@ -37,6 +37,7 @@ from backend.service.schemas import (
     DeviceInfo,
     DownloadRequest,
     ErrorBody,
+    EvaluateRequest,
     Health,
     Job,
     JobCreated,
@@ -279,6 +280,17 @@ def create_app(token: str, state_dir: Path, device: str | None = None,
         entries = [dict(entry, loaded=bool(loaded) and entry.get("name") == loaded) for entry in list_models()]
         return {"default": DEFAULT_MODEL, "models": entries}
 
+    @v1.post("/evaluate", response_model=JobCreated, status_code=202)
+    def submit_evaluate(body: EvaluateRequest, request: Request):
+        from backend.service.evaluate_jobs import check_evaluate_request
+
+        for name in ("raster", "labels", "out_json"):
+            if getattr(body, name):
+                _absolute(getattr(body, name), name)
+        outputs = check_evaluate_request(body.model_dump())
+        job = manager_of(request).submit("evaluate", body.model_dump(), outputs)
+        return JobCreated(job_id=job["id"], state=job["state"])
+
     @v1.post("/models/download", response_model=JobCreated, status_code=202)
     def submit_download(body: DownloadRequest, request: Request):
         from backend.service.downloads import check_download_request
@@ -341,11 +353,12 @@ def create_app(token: str, state_dir: Path, device: str | None = None,
 
 def default_runners() -> dict:
     from backend.service.downloads import run_download
+    from backend.service.evaluate_jobs import run_evaluate
     from backend.service.jobs import run_segment, run_train
     from backend.service.search_jobs import run_index, run_search
 
     return {"segment": run_segment, "train": run_train, "index": run_index, "search": run_search,
-            "download": run_download}
+            "download": run_download, "evaluate": run_evaluate}
 
 
 def check_train_request(request: TrainRequest) -> list[str]:

@@ -118,3 +118,72 @@ def test_processing_takes_a_preset_and_the_default_model_from_the_settings(runni
     wanted = {line.split(",")[0].strip() for line in bundled_presets()["water-bodies"]}
     assert {feature["class"] for feature in layer.getFeatures()} <= wanted
     assert QgsApplication.processingRegistry().algorithmById("farslip:train_on_labelled_polygons") is not None
+
+
+def test_processing_evaluates_a_model_on_labelled_polygons(running_plugin, qgis_processing, naip_layer,
+                                                           tiny_model, tmp_path):
+    import json
+
+    import processing
+    from qgis.core import QgsFeature, QgsField, QgsGeometry, QgsRectangle
+    from qgis.PyQt.QtCore import QVariant
+
+    labels = QgsVectorLayer(f"Polygon?crs={naip_layer.crs().authid()}", "labels", "memory")
+    labels.dataProvider().addAttributes([QgsField("cls", QVariant.String)])
+    labels.updateFields()
+    extent = naip_layer.extent()
+    half = extent.width() / 4
+    for index, name in enumerate(("water", "field")):
+        feature = QgsFeature(labels.fields())
+        left = extent.xMinimum() + index * half
+        feature.setGeometry(QgsGeometry.fromRect(QgsRectangle(left, extent.yMinimum(), left + half,
+                                                              extent.yMinimum() + half)))
+        feature["cls"] = name
+        labels.dataProvider().addFeature(feature)
+    out = tmp_path / "evaluation.json"
+    result = processing.run("farslip:evaluate_on_labelled_polygons", {
+        "INPUT": naip_layer, "LABELS": labels, "CLASS_FIELD": "cls", "MODEL": str(tiny_model),
+        "BACKGROUND": "", "OUTPUT": str(out)})
+    report = json.loads(out.read_text())
+    assert {item["class"] for item in report["metrics"]["classes"]} == {"water", "field"}
+    assert result["MIOU"] == pytest.approx(report["metrics"]["miou"])
+    assert 0.0 <= result["MIOU"] <= 1.0
+
+
+def test_removing_the_raster_mid_run_still_loads_the_result(dock, naip_layer):
+    from qgis.core import QgsRasterLayer as Raster
+
+    copy = Raster(naip_layer.source(), "naip copy")
+    QgsProject.instance().addMapLayer(copy)
+    dock.form.layerCombo.setLayer(copy)
+    states = []
+    dock.jobFinished.connect(states.append)
+    dock.run()
+    QgsProject.instance().removeMapLayer(copy.id())  # the user deletes the raster while it runs
+    from plugin_helpers import wait_until
+
+    wait_until(lambda: states, 180, "the job to finish")
+    assert states == ["done"], dock.last_error
+    assert dock.last_layers[0].isValid() and "deleted" not in dock.form.statusLabel.text()
+
+
+def test_a_backend_crash_mid_job_says_so_and_restart_brings_it_back(dock, running_plugin):
+    """Last in this module: it kills the module's backend (the restart starts a new one)."""
+    from plugin_helpers import wait_until
+
+    states, updates = [], []
+    dock.jobFinished.connect(states.append)
+    dock.form.classesEdit.setPlainText("water\ngrass")
+    dock.run()
+    dock.runner.task.jobUpdated.connect(updates.append)
+    wait_until(lambda: updates or states, 60, "the job to be submitted")
+    running_plugin.manager.process.kill()
+    wait_until(lambda: states, 60, "the job to fail")
+    assert states == ["failed"]
+    text = dock.form.statusLabel.text()
+    assert "stopped while the job was running" in text and "Errno" not in text
+    assert "farslip:restart" in dock.form.statusMessage.text() and dock.form.statusMessage.isVisibleTo(dock)
+    assert dock.form.progressBar.value() == 0
+    dock.do_action("farslip:restart")
+    wait_until(lambda: running_plugin.manager.state == "ready", 150, "the restarted backend")
+    assert running_plugin.manager.owns_process()
