@@ -88,6 +88,7 @@ class ModelPicker(QObject):
                 return
         self.combo.setCurrentIndex(-1)
         self.combo.setEditText("")
+        self.combo.lineEdit().setPlaceholderText(tr("No model on this computer yet: Download or Browse..."))
 
     def present(self, name: str) -> bool:
         index = self.combo.findData(name)

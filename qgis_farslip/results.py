@@ -151,6 +151,8 @@ def add_on_top(layer: QgsMapLayer, project: QgsProject) -> None:
     group = results_group(project)
     group.insertLayer(0, layer)
     group.setItemVisibilityChecked(True)
+    # A new group is shown collapsed by the layer tree view until its expanded state changes: open it.
+    group.setExpanded(False)
     group.setExpanded(True)
 
 
