@@ -14,7 +14,7 @@ import qgis.utils
 from qgis.core import QgsApplication, QgsProject, QgsRasterLayer
 from qgis.PyQt.QtCore import QTimer
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.environ["FARSLIP_DESKTOP_TESTS"])  # qgis --code runs this file without __file__
 from plugin_helpers import wait_until  # the tests' helpers, here in QGIS's own Python
 
 REPORT = os.environ["FARSLIP_DESKTOP_REPORT"]

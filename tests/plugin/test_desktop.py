@@ -43,6 +43,7 @@ def test_one_segmentation_in_the_real_qgis_desktop(plugin_zip, tiny_model, tmp_p
     report = tmp_path / "report.json"
     env = dict(os.environ, FARSLIP_DESKTOP_REPORT=str(report), FARSLIP_DESKTOP_SCREENSHOT=str(SCREENSHOT),
                FARSLIP_DESKTOP_RASTER=str(NAIP), FARSLIP_DESKTOP_MODEL=str(tiny_model),
+               FARSLIP_DESKTOP_TESTS=str(REPO / "tests" / "plugin"),
                FARSLIP_HOME=str(tmp_path / "farslip-home"), HF_HUB_OFFLINE="1", FARSLIP_DEVICE="cpu",
                HOME=str(tmp_path / "home"))
     env.pop("QT_QPA_PLATFORM", None)  # the real desktop draws on the X server of xvfb-run
