@@ -83,6 +83,9 @@ class FarslipDock(QgsDockWidget):
         self.classes.set_presets(bundled_presets())
         form.layerCombo.setFilters(QgsMapLayerProxyModel.RasterLayer)
         self.probability = ProbabilityChoice(form.probClassCombo, self)
+        for label, value in ((self.tr("None"), "none"), (self.tr("Image edges"), "edges"),
+                             (self.tr("SAM (Segment Anything)"), "sam")):
+            form.refineCombo.addItem(label, value)
         form.runButton.clicked.connect(self.run)
         form.cancelButton.clicked.connect(self.cancel)
         form.exportButton.clicked.connect(lambda: self.export_result())
@@ -124,6 +127,7 @@ class FarslipDock(QgsDockWidget):
 
     def _lists_arrived(self, models: dict, presets: dict) -> None:
         self.set_models(models)
+        self.set_sam_models(models.get("sam_models") or [])
         if presets:
             self.set_presets(presets)
 
@@ -141,6 +145,18 @@ class FarslipDock(QgsDockWidget):
     def choose_preset(self, name: str) -> None:
         if not self.classes.choose_preset(name):
             raise UserError(self.tr("There is no preset called {!r}.").format(name))
+
+    def set_sam_models(self, sam_models: list) -> None:
+        """Offer SAM refinement only when the backend has SAM weights; say which file is missing otherwise."""
+        present = [entry["name"] for entry in sam_models if entry.get("present")]
+        item = self.form.refineCombo.model().item(self.form.refineCombo.findData("sam"))
+        item.setEnabled(bool(present))
+        if present:
+            item.setToolTip(self.tr("Outlines drawn by {}").format(", ".join(present)))
+        elif sam_models:
+            missing = sam_models[0]
+            item.setToolTip(self.tr("No SAM weights: put {} from {} at {}").format(
+                missing.get("hf_file", ""), missing.get("hf_repo", ""), missing.get("expected_path", "")))
 
     # -- models -------------------------------------------------------------------------------
     def download_model(self, name: str) -> None:
@@ -173,7 +189,8 @@ class FarslipDock(QgsDockWidget):
         return LastChoices(model=self.models.chosen() or "", classes=form.classesEdit.toPlainText(),
                            preset=self.preset_name() or "", threshold=float(form.thresholdSpin.value()),
                            class_raster=form.classRasterCheck.isChecked(),
-                           prob_raster=form.probRasterCheck.isChecked())
+                           prob_raster=form.probRasterCheck.isChecked(),
+                           refine=form.refineCombo.currentData() or "none")
 
     def restore_choices(self) -> None:
         """The project's last choices (or the user's last ones, for a new project)."""
@@ -188,6 +205,7 @@ class FarslipDock(QgsDockWidget):
         form.thresholdSpin.setValue(last.threshold)
         form.classRasterCheck.setChecked(last.class_raster)
         form.probRasterCheck.setChecked(last.prob_raster)
+        form.refineCombo.setCurrentIndex(max(0, form.refineCombo.findData(last.refine)))
 
     # -- inputs -------------------------------------------------------------------------------
     def class_lines(self) -> list[str]:
@@ -242,6 +260,7 @@ class FarslipDock(QgsDockWidget):
         parameters = SegmentParameters(
             class_lines=class_lines, out=stem + ".gpkg", model=self.model_name(),
             threshold=float(form.thresholdSpin.value()), preset=self.preset_name(),
+            refine=form.refineCombo.currentData() or "none",
             class_raster=stem + "_classes.tif" if form.classRasterCheck.isChecked() else None,
             prob_raster=stem + "_probabilities.tif" if form.probRasterCheck.isChecked() else None)
         path = local_raster_path(layer)

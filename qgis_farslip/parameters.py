@@ -32,6 +32,7 @@ class SegmentParameters:
     prob_raster: str | None = None
     overwrite: bool = False
     preset: str | None = None         # only names the result; the class lines are what is sent
+    refine: str = "none"              # refine outlines: none, edges or sam
     extra: dict[str, Any] = field(default_factory=dict)
 
     def request(self) -> dict[str, Any]:
@@ -45,15 +46,27 @@ class SegmentParameters:
             body["bbox"], body["bbox_crs"] = list(self.bbox), self.bbox_crs
         if self.overwrite:
             body["overwrite"] = True
+        if self.refine != "none":
+            body["refine"] = self.refine
         body.update(self.extra)
         return body
 
     def output_paths(self) -> list[str]:
         """The files the job writes (removed if the user cancels in the moment it finishes)."""
-        return [path for path in (self.out, self.class_raster, self.prob_raster) if path]
+        coarse = coarse_vector_path(self.out) if self.refine != "none" else None
+        return [path for path in (self.out, coarse, self.class_raster, self.prob_raster) if path]
 
     def class_names(self) -> list[str]:
         return [class_name(line) for line in self.class_lines]
+
+
+REFINE_CHOICES = ("none", "edges", "sam")
+
+
+def coarse_vector_path(out: str) -> str:
+    """Where the backend writes the unrefined polygons of a refined run (as its segment.coarse_vector_path)."""
+    stem, extension = os.path.splitext(out)
+    return f"{stem}_coarse{extension}"
 
 
 def output_stem(folder: str, layer_name: str, stamp: str) -> str:

@@ -31,7 +31,7 @@ from .classes import bundled_presets, parse_class_text, resources_dir
 from .client import BackendClient, BackendError
 from .extent import crs_text, export_size, local_raster_path, write_geotiff
 from .jobs import JobCancelled, run_job
-from .parameters import SegmentParameters, safe_name
+from .parameters import REFINE_CHOICES, SegmentParameters, safe_name
 from .results import categorized_renderer
 from .settings import PluginSettings
 from .train_tab import METHODS, default_models_dir, labels_file, metrics_text
@@ -86,7 +86,7 @@ def run_backend_job(manager: BackendManager | None, kind: str, request: dict, fe
 
 class SegmentByClassNames(QgsProcessingAlgorithm):
     INPUT, EXTENT, CLASSES, MODEL, THRESHOLD, OUTPUT = "INPUT", "EXTENT", "CLASSES", "MODEL", "THRESHOLD", "OUTPUT"
-    PRESET = "PRESET"
+    PRESET, REFINE = "PRESET", "REFINE"
 
     def __init__(self, manager_getter: Callable[[], BackendManager | None]):
         super().__init__()
@@ -127,6 +127,9 @@ class SegmentByClassNames(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterNumber(
             self.THRESHOLD, tr("Score threshold (pixels below it stay unclassified)"),
             QgsProcessingParameterNumber.Double, 0.0, minValue=0.0, maxValue=1.0))
+        self.addParameter(QgsProcessingParameterEnum(
+            self.REFINE, tr("Refine outlines (none; image edges; SAM, needs SAM weights in the backend)"),
+            [tr("None"), tr("Image edges"), tr("SAM (Segment Anything)")], defaultValue=0, optional=True))
         self.addParameter(QgsProcessingParameterVectorDestination(
             self.OUTPUT, tr("Segmented polygons"), QgsProcessing.TypeVectorPolygon))
 
@@ -146,7 +149,8 @@ class SegmentByClassNames(QgsProcessingAlgorithm):
         model = self.parameterAsString(parameters, self.MODEL, context).strip() or PluginSettings.load().default_model
         segment = SegmentParameters(class_lines=class_lines, out=out, model=model or None,
                                     threshold=self.parameterAsDouble(parameters, self.THRESHOLD, context),
-                                    overwrite=True)
+                                    overwrite=True,
+                                    refine=REFINE_CHOICES[self.parameterAsEnum(parameters, self.REFINE, context)])
 
         extent = None
         if parameters.get(self.EXTENT):

@@ -22,6 +22,7 @@ class LastChoices:
     threshold: float = 0.0
     class_raster: bool = False
     prob_raster: bool = False
+    refine: str = "none"
 
     def save(self, project: QgsProject | None = None) -> None:
         project = project or QgsProject.instance()

@@ -168,6 +168,16 @@ def load_segment_result(job: dict, name: str, project: QgsProject | None = None)
     if not vector.isValid():
         raise RuntimeError(tr("QGIS cannot open the result {}.").format(vector_path))
     added: list[QgsMapLayer] = []
+    coarse_path = outputs.get("coarse_vector")
+    if coarse_path and os.path.isfile(coarse_path):
+        # Refined outlines were asked for: the unrefined ones go just below them, to compare.
+        coarse = QgsVectorLayer(coarse_path, f"{name} {tr('coarse')}", "ogr")
+        if coarse.isValid():
+            if classes:
+                coarse.setRenderer(categorized_renderer(classes))
+            coarse.setCustomProperty("farslip/kind", "coarse_vector")
+            add_on_top(coarse, project)
+            added.insert(0, coarse)
     for key, title in (("prob_raster", tr("probabilities")), ("class_raster", tr("classes"))):
         path = outputs.get(key)
         if path and os.path.isfile(path):

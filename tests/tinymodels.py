@@ -123,6 +123,28 @@ def make_tiny_multilingual_clip(tower: Path, seed: int = 0, patch_size: int = 16
     return model.eval()
 
 
+def make_tiny_sam(image_size: int = 256, seed: int = 0):
+    """A randomly initialised transformers SamModel of width 32 whose windows are `image_size` px."""
+    from transformers import SamConfig, SamMaskDecoderConfig, SamModel, SamPromptEncoderConfig, SamVisionConfig
+
+    torch.manual_seed(seed)
+    vision = SamVisionConfig(hidden_size=32, output_channels=32, num_hidden_layers=2, num_attention_heads=2,
+                             image_size=image_size, patch_size=16, window_size=4, global_attn_indexes=[1],
+                             num_pos_feats=16, mlp_dim=64)
+    prompt = SamPromptEncoderConfig(hidden_size=32, image_size=image_size, patch_size=16)
+    decoder = SamMaskDecoderConfig(hidden_size=32, mlp_dim=64, num_hidden_layers=2, num_attention_heads=2,
+                                   iou_head_hidden_dim=32)
+    config = SamConfig(vision_config=vision.to_dict(), prompt_encoder_config=prompt.to_dict(),
+                       mask_decoder_config=decoder.to_dict())
+    return SamModel(config).eval()
+
+
+def save_tiny_sam(folder: Path, image_size: int = 256) -> Path:
+    """A SAM model folder (config.json + model.safetensors), as `--sam-model` takes it."""
+    make_tiny_sam(image_size).save_pretrained(folder)
+    return folder
+
+
 if __name__ == "__main__":
     # `python tests/tinymodels.py PATH`: the tiny model of tests/conftest.py, for a Python without torch.
     import sys

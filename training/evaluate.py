@@ -366,3 +366,43 @@ def benchmark_metrics(folder: str | Path, class_lines: list[str], loaded, layout
     metrics = metrics_from_confusion(confusion, names)
     metrics["images"] = len(pairs)
     return metrics
+
+
+def class_boundaries(labels: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Pixels of `labels` with a 4-neighbour of another value, both inside `valid`."""
+    edge = np.zeros(labels.shape, bool)
+    for axis in (0, 1):
+        differs = np.diff(labels, axis=axis) != 0
+        both = np.minimum(np.take(valid, range(1, labels.shape[axis]), axis=axis),
+                          np.take(valid, range(labels.shape[axis] - 1), axis=axis))
+        differs &= both
+        lead = [slice(None)] * 2
+        lead[axis] = slice(1, None)
+        trail = [slice(None)] * 2
+        trail[axis] = slice(None, -1)
+        edge[tuple(lead)] |= differs
+        edge[tuple(trail)] |= differs
+    return edge
+
+
+def boundary_f_score(truth: np.ndarray, predicted: np.ndarray, valid: np.ndarray, num_classes: int,
+                     tolerance_px: float = 2.0) -> float | None:
+    """Mean over classes of the boundary F-score (Perazzi et al., DAVIS): a predicted boundary pixel is
+    right when a true boundary of that class lies within `tolerance_px`, and the reverse for recall.
+    Boundaries against nodata are not boundaries. None when no class has a boundary."""
+    from scipy import ndimage
+
+    scores = []
+    for class_id in range(num_classes):
+        true_edge = class_boundaries(truth == class_id, valid)
+        pred_edge = class_boundaries(predicted == class_id, valid)
+        if not true_edge.any() and not pred_edge.any():
+            continue
+        if not true_edge.any() or not pred_edge.any():
+            scores.append(0.0)
+            continue
+        near_true = ndimage.distance_transform_edt(~true_edge) <= tolerance_px
+        near_pred = ndimage.distance_transform_edt(~pred_edge) <= tolerance_px
+        precision, recall = near_true[pred_edge].mean(), near_pred[true_edge].mean()
+        scores.append(0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall))
+    return float(np.mean(scores)) if scores else None

@@ -22,7 +22,7 @@ from backend.engine.errors import InputError
 from backend.engine.vectorize import RegionPolygon
 
 DRIVERS = {".gpkg": "GPKG", ".shp": "ESRI Shapefile", ".geojson": "GeoJSON", ".fgb": "FlatGeobuf"}
-FIELDS = ("class", "class_id", "score_mean", "score_max", "area_m2", "model", "run_id")
+FIELDS = ("class", "class_id", "score_mean", "score_max", "area_m2", "model", "run_id", "object_id")
 SHAPEFILE_PARTS = (".shp", ".shx", ".dbf", ".prj", ".cpg", ".qix", ".sbn", ".sbx", ".qmd")
 
 
@@ -88,6 +88,7 @@ def _field_arrays(
         np.array([r.area_m2 for r in regions], dtype=np.float64),
         np.array([model] * len(regions), dtype=object),
         np.array([run_id] * len(regions), dtype=object),
+        np.arange(1, len(regions) + 1, dtype=np.int64),  # one id per object (connected region of a class)
     ]
 
 
@@ -105,9 +106,9 @@ def write_polygons(
     `extra` adds float columns after the standard fields (e.g. the quality signals), one value per region.
 
     Fields: class (from `class_names[class_id]`), class_id, score_mean, score_max, area_m2, model,
-    run_id. `crs` is the raster's CRS (rasterio/pyproj CRS, WKT or "EPSG:n"). All geometries are
-    written as Polygon, or all as MultiPolygon when any region is one. An empty `regions` gives a
-    valid empty layer with the same schema.
+    run_id, object_id (1..n). `crs` is the raster's CRS (rasterio/pyproj CRS, WKT or "EPSG:n"). All
+    geometries are written as Polygon, or all as MultiPolygon when any region is one. An empty
+    `regions` gives a valid empty layer with the same schema.
     """
     path = Path(path)
     driver_for(path)

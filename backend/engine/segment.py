@@ -27,6 +27,8 @@ from .errors import EmptyResultError, InputError
 from .colours import class_colormap
 from .export import atomic_output, driver_for, report_path_for, write_polygons, write_report
 from .raster import RasterSource, open_source, request_window
+from . import outlines as refine_outlines
+from .refine import REFINE_CHOICES
 from .quality import (
     FIELDS,
     SIGNALS,
@@ -57,6 +59,8 @@ class SegmentOptions:
     min_area: float = 0.0
     simplify: float = 0.0
     value_range: tuple[float, float] | None = None
+    refine: str = "none"
+    sam_model: str | None = None
 
 
 @dataclass
@@ -65,9 +69,12 @@ class SegmentOutputs:
     class_raster: Path | None = None
     prob_raster: Path | None = None
     overwrite: bool = False
+    coarse_out: Path | None = None  # with --refine: the unrefined polygons too, to compare
 
     def paths(self) -> dict[str, Path]:
         found = {"vector": Path(self.out), "report": report_path_for(self.out)}
+        if self.coarse_out:
+            found["coarse_vector"] = Path(self.coarse_out)
         if self.class_raster:
             found["class_raster"] = Path(self.class_raster)
         if self.prob_raster:
@@ -113,6 +120,12 @@ def untrained_class_warning(loaded, classes) -> str | None:
             f"may be worse than with {base}.")
 
 
+def coarse_vector_path(out: Path) -> Path:
+    """Where `--refine` puts the unrefined polygons: beside the refined ones, `_coarse` added to the name."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}_coarse{out.suffix}")
+
+
 def _check_tif(path: Path, what: str) -> None:
     if path.suffix.lower() not in (".tif", ".tiff"):
         raise InputError(f"The {what} {path} must be a GeoTIFF (.tif).")
@@ -150,6 +163,8 @@ def validate_options(options: SegmentOptions) -> None:
         raise InputError(f"The batch size must be at least 1; got {options.batch_size}.")
     if options.min_area < 0 or options.simplify < 0:
         raise InputError("--min-area and --simplify must not be negative.")
+    if options.refine not in REFINE_CHOICES:
+        raise InputError(f"Unknown --refine {options.refine!r}; use one of {', '.join(REFINE_CHOICES)}.")
 
 
 def with_model_defaults(options: SegmentOptions, loaded) -> SegmentOptions:
@@ -188,6 +203,8 @@ def _segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutpu
     started = time.perf_counter()
     options = with_model_defaults(options, loaded)
     validate_options(options)
+    if options.refine != "none" and outputs.coarse_out is None:
+        outputs = replace(outputs, coarse_out=coarse_vector_path(outputs.out))
     check_outputs(outputs)
     classes = parse_class_lines(options.class_lines)
     warnings = segment_warnings(loaded, classes)
@@ -200,26 +217,37 @@ def _segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutpu
         segmenter = Segmenter(loaded, classes, options.attention, options.batch_size, options.threshold)
         timings["text_s"] = time.perf_counter() - t0
 
-        total = count_crops(source.height, source.width, window, segmenter.crop, segmenter.stride)
+        computed = refine_outlines.engine_window(options.refine, source, window)
+        total = count_crops(source.height, source.width, computed, segmenter.crop, segmenter.stride)
         workdir = Path(tempfile.mkdtemp(prefix=".farslip-", dir=Path(outputs.out).parent))
         try:
             class_path, score_path = workdir / "classes.tif", workdir / "score.tif"
             signals_path = workdir / "signals.tif"
-            prob_path = workdir / "probs.tif" if outputs.prob_raster else None
+            prob_path = workdir / "probs.tif" if outputs.prob_raster or options.refine != "none" else None
             t0 = time.perf_counter()
-            valid_pixels = _write_rasters(segmenter, source, window, class_path, score_path, prob_path,
+            valid_pixels = _write_rasters(segmenter, source, computed, class_path, score_path, prob_path,
                                           classes, progress, should_cancel, signals_path)
             timings["inference_s"] = time.perf_counter() - t0
+            refined = refine_outlines.run(options.refine, options.sam_model, loaded.device, source, window,
+                                          computed, workdir, class_path, score_path, prob_path, signals_path,
+                                          options.threshold, should_cancel)
+            class_path, score_path, prob_path = refined.class_path, refined.score_path, refined.prob_path
+            signals_path = refined.signals_path
+            timings.update(refined.timings)
             if valid_pixels == 0:
                 raise EmptyResultError(f"The requested area of {raster} holds only nodata or masked pixels: "
                                        "there is nothing to segment. Choose another extent.")
             t0 = time.perf_counter()
             # Strips of at most ~2 Mpx keep vectorising memory independent of the raster's width too.
             strip_rows = int(min(1024, max(64, 2_000_000 // window.width)))
-            regions = vectorize_class_raster(class_path, score_path, skip_values=(NODATA_CLASS, UNCLASSIFIED),
-                                             strip_rows=strip_rows, should_cancel=should_cancel)
-            regions = finalize(regions, source.crs, source.window_transform(window),
-                               min_area_m2=options.min_area, simplify=options.simplify)
+            def polygons(classes_tif: Path, scores_tif: Path):
+                found = vectorize_class_raster(classes_tif, scores_tif, skip_values=(NODATA_CLASS, UNCLASSIFIED),
+                                               strip_rows=strip_rows, should_cancel=should_cancel)
+                return finalize(found, source.crs, source.window_transform(window),
+                                min_area_m2=options.min_area, simplify=options.simplify)
+
+            regions = polygons(class_path, score_path)
+            coarse = polygons(refined.coarse_class_path, refined.coarse_score_path) if outputs.coarse_out else None
             timings["vectorize_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             estimate = estimate_quality(regions, source, window, segmenter, score_path, signals_path,
@@ -230,6 +258,8 @@ def _segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutpu
             t0 = time.perf_counter()
             write_polygons(outputs.out, regions, source.crs, class_names, loaded.name, run_id,
                            extra=estimate.fields)
+            if coarse is not None:
+                write_polygons(outputs.coarse_out, coarse, source.crs, class_names, loaded.name, run_id)
             if outputs.class_raster:
                 _move_into_place(class_path, Path(outputs.class_raster))
             if outputs.prob_raster:
@@ -253,8 +283,8 @@ def _segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutpu
                 "stride": segmenter.stride, "valid_pixels": int(valid_pixels),
                 "options": {k: v for k, v in asdict(options).items() if k != "class_lines"},
                 "timings": {k: round(v, 3) for k, v in timings.items()},
-                "class_stats": stats, "outputs": paths, "warnings": warnings,
-                "quality": estimate.report,
+                "class_stats": stats, "outputs": paths, "warnings": warnings + refined.warnings,
+                "quality": estimate.report, **refined.report,
             }
             write_report(paths["report"], report)
         finally:

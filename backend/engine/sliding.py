@@ -129,16 +129,23 @@ class Segmenter:
                col0: int) -> Block:
         logits = logit_sum / np.maximum(count, 1)[None]
         probs = self.class_probabilities(logits)
-        class_ids = probs.argmax(axis=0).astype(np.uint8)
-        score = probs.max(axis=0).astype(np.float32)
-        if self.threshold > 0:
-            class_ids[score < self.threshold] = UNCLASSIFIED
         valid = valid & (count > 0)
-        class_ids[~valid] = NODATA_CLASS
-        score[~valid] = np.nan
+        class_ids, score = label_probabilities(probs, valid, self.threshold)
         probs[:, ~valid] = np.nan
         return Block(row0, col0, probs.astype(np.float32), class_ids, score, valid,
                      logits if self.keep_logits else None)
+
+
+def label_probabilities(probs: np.ndarray, valid: np.ndarray, threshold: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """(C, h, w) probabilities -> class ids (UNCLASSIFIED below `threshold`, NODATA_CLASS where invalid) and
+    the chosen class's probability (NaN where invalid)."""
+    class_ids = np.nan_to_num(probs, nan=0.0).argmax(axis=0).astype(np.uint8)
+    score = np.nanmax(np.where(valid[None], probs, 0.0), axis=0).astype(np.float32)
+    if threshold > 0:
+        class_ids[score < threshold] = UNCLASSIFIED
+    class_ids[~valid] = NODATA_CLASS
+    score[~valid] = np.nan
+    return class_ids, score
 
 
 def count_crops(height: int, width: int, window: PixelWindow, crop: int, stride: int,

@@ -41,6 +41,10 @@ def segment(
         None, help="MIN MAX pixel values mapped to 0..255 (default: 2-98 % stretch for non-8-bit data)."),
     min_area: float = typer.Option(0.0, help="Drop polygons smaller than this many m²."),
     simplify: float = typer.Option(0.0, help="Simplify polygons with this tolerance in CRS units."),
+    refine: str = typer.Option("none", help="Refine outlines: none, edges (with the image; no weights) or sam "
+                                            "(Segment Anything prompted by the classes)."),
+    sam_model: Optional[str] = typer.Option(None, help="SAM model for --refine sam: registry name (default "
+                                                       "sam-vit-b), .safetensors file or model folder."),
     overwrite: bool = typer.Option(False, help="Replace existing output files."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     batch_size: Optional[int] = typer.Option(None, help="Crops per batch (default 8 on CPU, 32 on GPU)."),
@@ -56,7 +60,7 @@ def segment(
         from backend.engine.text import parse_class_lines
         from backend.engine.raster import open_source, request_window
         from backend.engine.segment import (SegmentOptions, SegmentOutputs, check_outputs, default_batch_size,
-                                            segment_raster, segment_warnings)
+                                            segment_raster, segment_warnings, validate_options)
 
         lines = collect_class_lines(classes, classes_file, preset)
         band_list = parse_bands(bands)
@@ -75,7 +79,12 @@ def segment(
             typer.echo(f"Warning: {warning}", err=True)
         options = SegmentOptions(lines, bbox, bbox_crs, band_list, threshold, attention,
                                  batch_size or default_batch_size(dev), scale, gsd, min_area, simplify,
-                                 value_range)
+                                 value_range, refine, sam_model)
+        validate_options(options)
+        if refine == "sam":
+            from backend.engine.sam_models import ensure_sam_weights
+
+            ensure_sam_weights(sam_model)
         with ProgressReporter(quiet, f"segmenting {raster.name}") as reporter:
             result = segment_raster(raster, options, outputs, loaded, progress=reporter)
     except FarslipError as error:
@@ -83,6 +92,9 @@ def segment(
     except KeyboardInterrupt:
         typer.echo("Interrupted; nothing was written.", err=True)
         raise typer.Exit(130) from None
+    for warning in result.report.get("warnings", []):
+        if warning not in segment_warnings(loaded, parse_class_lines(lines)):
+            typer.echo(f"Warning: {warning}", err=True)
     if not quiet:
         for entry in result.classes:
             typer.echo(f"  {entry['class']:<24} {entry['polygons']:>6} polygons {entry['area_m2']:>14.1f} m²")
@@ -106,9 +118,10 @@ def models(
         except FarslipError as error:
             fail(error)
         return
-    from backend.engine.models import format_models_table
+    from backend.engine.models import format_models_table, list_models
+    from backend.engine.sam_models import list_sam_models
 
-    typer.echo(format_models_table())
+    typer.echo(format_models_table(list_models() + list_sam_models()))
 
 
 @app.command()
@@ -133,6 +146,12 @@ def bench(
     search: bool = typer.Option(False, "--search", help="Instead: search index build, size, memory and "
                                                         "query latency."),
     search_sides: str = typer.Option("3000,10000", help="Raster sides for the --search index runs."),
+    refine: bool = typer.Option(False, "--refine", help="Instead: outline refinement quality (no weights) and cost "
+                                                        "as a share of the segment run."),
+    sam_model: Optional[str] = typer.Option(None, help="With --refine: SAM model to time (default: a random "
+                                                       "SAM ViT-B, speed only)."),
+    data_dir: Optional[Path] = typer.Option(None, help="With --refine: folder with the solaris raster and labels "
+                                                       "(default: ../shared/data beside the checkout)."),
 ) -> None:
     """Measure encoder, pipeline, reference loop, text encoding and peak memory; print a table."""
     import json
@@ -143,7 +162,15 @@ def bench(
         dev = resolve_device(device)
     except FarslipError as error:
         fail(error)
-    if server:
+    if refine:
+        from backend.engine.paths import resources_dir
+
+        from .refine_bench import run_refine_bench
+
+        folder = data_dir or resources_dir().parent.parent / "shared" / "data"
+        results = run_refine_bench(arch, batch_size, size, str(dev), folder if folder.is_dir() else None,
+                                   sam_model, echo=typer.echo)
+    elif server:
         results = _bench_server(str(dev))
     elif search:
         from .search_bench import run_search_bench

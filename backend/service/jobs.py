@@ -486,7 +486,7 @@ def segment_call(request: dict) -> SegmentCall:
 
     class_lines = collect_class_lines(request.get("class_lines"), preset=request.get("preset"))
     option_names = ("bbox", "bbox_crs", "bands", "threshold", "attention", "scale", "gsd_m", "min_area",
-                    "simplify", "value_range")
+                    "simplify", "value_range", "refine", "sam_model")
     options = {name: request[name] for name in option_names if request.get(name) is not None}
     for name in ("bbox", "value_range"):
         if name in options:
@@ -525,6 +525,10 @@ def check_segment_call(call: SegmentCall) -> list[str]:
     if not options.class_lines:
         options = replace(options, class_lines=_finetuned_class_lines(call.model, call.weights))
     validate_options(options)
+    if options.refine == "sam":
+        from backend.engine.sam_models import sam_location
+
+        sam_location(options.sam_model)
     return planned_outputs(call)
 
 

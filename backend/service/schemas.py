@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 JobState = Literal["queued", "running", "done", "failed", "cancelled", "interrupted"]
 JobKind = Literal["segment", "train", "index", "search", "download", "evaluate"]
 Attention = Literal["segearth", "clearclip", "sclip", "maskclip", "vanilla"]
+Refine = Literal["none", "edges", "sam"]
 
 # Paths, names and class lines are short; these bounds keep a hostile body from
 # making the server hold megabytes of strings in a job record.
@@ -47,7 +48,7 @@ class ModelInfo(BaseModel):
     present: bool
     path: str | None = None
     loaded: bool = False
-    kind: Literal["registry", "finetuned"] = "registry"
+    kind: Literal["registry", "finetuned", "sam"] = "registry"
     languages: list[str] = Field(default_factory=lambda: ["en"],
                                  description="ISO 639-1 codes of the languages its text tower reads")
     multilingual: bool = False
@@ -56,6 +57,7 @@ class ModelInfo(BaseModel):
 class ModelList(BaseModel):
     default: str
     models: list[ModelInfo]
+    sam_models: list[ModelInfo] = Field(default_factory=list, description="SAM models for refine=sam")
 
 
 class PresetList(BaseModel):
@@ -84,6 +86,9 @@ class SegmentRequest(Strict):
     simplify: float = Field(default=0.0, ge=0)
     value_range: list[float] | None = Field(default=None, min_length=2, max_length=2,
                                             description="min, max pixel values mapped to 0..255")
+    refine: Refine = Field(default="none", description="refine outlines: none, edges (with the image) or sam")
+    sam_model: str | None = Field(default=None, max_length=4096,
+                                  description="SAM registry name or path, for refine=sam (default sam-vit-b)")
     out: str = PathText
     class_raster: str | None = Field(default=None, min_length=1, max_length=4096)
     prob_raster: str | None = Field(default=None, min_length=1, max_length=4096)

@@ -278,7 +278,9 @@ def create_app(token: str, state_dir: Path, device: str | None = None,
 
         loaded = manager_of(request).loaded_model
         entries = [dict(entry, loaded=bool(loaded) and entry.get("name") == loaded) for entry in list_models()]
-        return {"default": DEFAULT_MODEL, "models": entries}
+        from backend.engine.sam_models import list_sam_models
+
+        return {"default": DEFAULT_MODEL, "models": entries, "sam_models": list_sam_models()}
 
     @v1.post("/evaluate", response_model=JobCreated, status_code=202)
     def submit_evaluate(body: EvaluateRequest, request: Request):

@@ -89,7 +89,7 @@ def test_geopackage_has_the_schema_crs_layer_name_and_values(tmp_path, regions):
     _meta, records = read_layer(path)
     assert {r[0][0] for r in records} == {"water", "tree, forest", "building"}
     by_geometry = {shapely.normalize(r.geometry).wkt: r for r in regions}
-    for (name, class_id, score_mean, score_max, area_m2, model, run_id), wkt in records:
+    for (name, class_id, score_mean, score_max, area_m2, model, run_id, _object_id), wkt in records:
         region = by_geometry[wkt]
         assert (name, class_id, model, run_id) == (
             CLASS_NAMES[region.class_id],
