@@ -43,15 +43,8 @@ def write_result(path: str) -> QgsVectorLayer:
 
 
 @pytest.fixture
-def dock(farslip, qgis_iface, plugin_settings, qgis_new_project):
-    from qgis_farslip.backend_manager import BackendManager
-    from qgis_farslip.dock import FarslipDock
-
-    plugin_settings()
-    widget = FarslipDock(qgis_iface, BackendManager())
-    yield widget
-    widget.close_down()
-    widget.deleteLater()
+def dock(bare_dock):
+    return bare_dock
 
 
 def table_column(tab, column: int) -> list[str]:
