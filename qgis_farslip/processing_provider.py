@@ -58,6 +58,41 @@ class StyleResult(QgsProcessingLayerPostProcessorInterface):
             layer.triggerRepaint()
 
 
+class BackendAlgorithm(QgsProcessingAlgorithm):
+    """An algorithm whose work is a job of the backend the plugin manages."""
+
+    INPUT, LABELS, CLASS_FIELD = "INPUT", "LABELS", "CLASS_FIELD"
+
+    def __init__(self, manager_getter: Callable[[], BackendManager | None]):
+        super().__init__()
+        self.manager_getter = manager_getter
+
+    def createInstance(self):
+        return type(self)(self.manager_getter)
+
+    def icon(self):
+        return icon()
+
+    def add_labelled_inputs(self) -> None:
+        """The raster and the polygon layer whose class field labels it (Train, Evaluate)."""
+        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, tr("Raster layer")))
+        self.addParameter(QgsProcessingParameterVectorLayer(self.LABELS, tr("Labelled polygons"),
+                                                            [QgsProcessing.TypeVectorPolygon]))
+        self.addParameter(QgsProcessingParameterField(self.CLASS_FIELD, tr("Class field"),
+                                                      parentLayerParameterName=self.LABELS))
+
+    def labelled_inputs(self, parameters, context) -> dict:
+        """raster, labels (a file the backend can read) and class_field of a request."""
+        raster = self.parameterAsRasterLayer(parameters, self.INPUT, context)
+        path = local_raster_path(raster) if raster is not None else None
+        if path is None:
+            raise QgsProcessingException(tr("The backend reads the raster from a file: choose a GeoTIFF layer."))
+        labels = self.parameterAsVectorLayer(parameters, self.LABELS, context)
+        class_field = self.parameterAsString(parameters, self.CLASS_FIELD, context)
+        copy_folder = lambda: tempfile.mkdtemp(prefix="farslip-labels-")  # noqa: E731 - called once if at all
+        return {"raster": path, "labels": labels_file(labels, class_field, copy_folder), "class_field": class_field}
+
+
 def run_backend_job(manager: BackendManager | None, kind: str, request: dict, feedback,
                     output_paths: list[str]) -> dict:
     """Run one backend job for an algorithm: progress and messages to the feedback, cancel honoured."""
@@ -84,16 +119,9 @@ def run_backend_job(manager: BackendManager | None, kind: str, request: dict, fe
         raise QgsProcessingException(str(error)) from None
 
 
-class SegmentByClassNames(QgsProcessingAlgorithm):
+class SegmentByClassNames(BackendAlgorithm):
     INPUT, EXTENT, CLASSES, MODEL, THRESHOLD, OUTPUT = "INPUT", "EXTENT", "CLASSES", "MODEL", "THRESHOLD", "OUTPUT"
     PRESET, REFINE = "PRESET", "REFINE"
-
-    def __init__(self, manager_getter: Callable[[], BackendManager | None]):
-        super().__init__()
-        self.manager_getter = manager_getter
-
-    def createInstance(self):
-        return SegmentByClassNames(self.manager_getter)
 
     def name(self):
         return "segment_by_class_names"
@@ -106,9 +134,6 @@ class SegmentByClassNames(QgsProcessingAlgorithm):
                   "synonyms, e.g. 'road, parking lot'), or choose a preset, and get a polygon layer with the "
                   "fields class, class_id, score_mean, score_max and area_m2, in the raster's CRS. The FarSLIP "
                   "backend runs in its own process; the plugin starts it when needed.")
-
-    def icon(self):
-        return icon()
 
     def initAlgorithm(self, config=None):
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, tr("Raster layer")))
@@ -185,18 +210,11 @@ class SegmentByClassNames(QgsProcessingAlgorithm):
         return {self.OUTPUT: out}
 
 
-class TrainOnLabels(QgsProcessingAlgorithm):
+class TrainOnLabels(BackendAlgorithm):
     """Fine-tune a model on polygons labelled with their class; the Train tab's job, for models and batches."""
 
-    INPUT, LABELS, CLASS_FIELD, BACKGROUND = "INPUT", "LABELS", "CLASS_FIELD", "BACKGROUND"
+    BACKGROUND = "BACKGROUND"
     BASE_MODEL, METHOD, EPOCHS, NAME, OUTPUT = "BASE_MODEL", "METHOD", "EPOCHS", "NAME", "OUTPUT"
-
-    def __init__(self, manager_getter: Callable[[], BackendManager | None]):
-        super().__init__()
-        self.manager_getter = manager_getter
-
-    def createInstance(self):
-        return TrainOnLabels(self.manager_getter)
 
     def name(self):
         return "train_on_labelled_polygons"
@@ -210,15 +228,8 @@ class TrainOnLabels(QgsProcessingAlgorithm):
                   "class. Methods: {} The new model is a folder in the backend's models folder; give it to "
                   "'Segment raster by class names' as the model.").format(methods)
 
-    def icon(self):
-        return icon()
-
     def initAlgorithm(self, config=None):
-        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, tr("Raster layer")))
-        self.addParameter(QgsProcessingParameterVectorLayer(self.LABELS, tr("Labelled polygons"),
-                                                            [QgsProcessing.TypeVectorPolygon]))
-        self.addParameter(QgsProcessingParameterField(self.CLASS_FIELD, tr("Class field"), parentLayerParameterName=
-                                                      self.LABELS))
+        self.add_labelled_inputs()
         self.addParameter(QgsProcessingParameterString(self.BACKGROUND, tr("Class for unlabelled pixels (optional)"),
                                                        optional=True))
         self.addParameter(QgsProcessingParameterString(
@@ -231,21 +242,13 @@ class TrainOnLabels(QgsProcessingAlgorithm):
         self.addOutput(QgsProcessingOutputFolder(self.OUTPUT, tr("Fine-tuned model folder")))
 
     def processAlgorithm(self, parameters, context, feedback):
-        raster = self.parameterAsRasterLayer(parameters, self.INPUT, context)
-        path = local_raster_path(raster) if raster is not None else None
-        if path is None:
-            raise QgsProcessingException(tr("Training reads the raster from a file: choose a GeoTIFF layer."))
-        labels = self.parameterAsVectorLayer(parameters, self.LABELS, context)
-        class_field = self.parameterAsString(parameters, self.CLASS_FIELD, context)
         name = safe_name(self.parameterAsString(parameters, self.NAME, context).strip())
         out = os.path.join(default_models_dir(), name)
         if os.path.exists(out):
             raise QgsProcessingException(
                 tr("A model called {} exists already ({}); choose another name.").format(name, out))
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        request = {"raster": path, "labels": labels_file(labels, class_field, lambda: tempfile.mkdtemp(
-                       prefix="farslip-train-")),
-                   "class_field": class_field, "out": out,
+        request = {**self.labelled_inputs(parameters, context), "out": out,
                    "base_model": (self.parameterAsString(parameters, self.BASE_MODEL, context).strip()
                                   or PluginSettings.load().default_model or None),
                    "method": METHODS[self.parameterAsEnum(parameters, self.METHOD, context)][0],
@@ -259,18 +262,11 @@ class TrainOnLabels(QgsProcessingAlgorithm):
         return {self.OUTPUT: model_dir}
 
 
-class EvaluateOnLabels(QgsProcessingAlgorithm):
+class EvaluateOnLabels(BackendAlgorithm):
     """Score a model against labelled polygons (per-class IoU, mIoU): `farslip evaluate` as an algorithm."""
 
-    INPUT, LABELS, CLASS_FIELD, MODEL, BACKGROUND = "INPUT", "LABELS", "CLASS_FIELD", "MODEL", "BACKGROUND"
+    MODEL, BACKGROUND = "MODEL", "BACKGROUND"
     OUTPUT, MIOU = "OUTPUT", "MIOU"
-
-    def __init__(self, manager_getter: Callable[[], BackendManager | None]):
-        super().__init__()
-        self.manager_getter = manager_getter
-
-    def createInstance(self):
-        return EvaluateOnLabels(self.manager_getter)
 
     def name(self):
         return "evaluate_on_labelled_polygons"
@@ -283,15 +279,8 @@ class EvaluateOnLabels(QgsProcessingAlgorithm):
                   "accuracy, mIoU. A model fine-tuned on these same files is scored on its held-out validation "
                   "strip. The report is written as JSON; the mIoU is an output for the graphical modeler.")
 
-    def icon(self):
-        return icon()
-
     def initAlgorithm(self, config=None):
-        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, tr("Raster layer")))
-        self.addParameter(QgsProcessingParameterVectorLayer(self.LABELS, tr("Labelled polygons"),
-                                                            [QgsProcessing.TypeVectorPolygon]))
-        self.addParameter(QgsProcessingParameterField(self.CLASS_FIELD, tr("Class field"),
-                                                      parentLayerParameterName=self.LABELS))
+        self.add_labelled_inputs()
         self.addParameter(QgsProcessingParameterString(
             self.MODEL, tr("Model (empty: Settings -> Default model)"), optional=True))
         self.addParameter(QgsProcessingParameterString(self.BACKGROUND, tr("Class for unlabelled pixels (optional)"),
@@ -301,16 +290,8 @@ class EvaluateOnLabels(QgsProcessingAlgorithm):
         self.addOutput(QgsProcessingOutputNumber(self.MIOU, tr("mIoU")))
 
     def processAlgorithm(self, parameters, context, feedback):
-        raster = self.parameterAsRasterLayer(parameters, self.INPUT, context)
-        path = local_raster_path(raster) if raster is not None else None
-        if path is None:
-            raise QgsProcessingException(tr("Evaluation reads the raster from a file: choose a GeoTIFF layer."))
-        labels = self.parameterAsVectorLayer(parameters, self.LABELS, context)
-        class_field = self.parameterAsString(parameters, self.CLASS_FIELD, context)
         out_json = self.parameterAsFileOutput(parameters, self.OUTPUT, context)
-        request = {"raster": path, "labels": labels_file(labels, class_field, lambda: tempfile.mkdtemp(
-                       prefix="farslip-evaluate-")),
-                   "class_field": class_field, "out_json": out_json,
+        request = {**self.labelled_inputs(parameters, context), "out_json": out_json,
                    "model": (self.parameterAsString(parameters, self.MODEL, context).strip()
                              or PluginSettings.load().default_model or None),
                    "background": self.parameterAsString(parameters, self.BACKGROUND, context).strip() or None}
