@@ -7,6 +7,7 @@ import tempfile
 from typing import Callable
 
 from qgis.core import (
+    QgsRasterLayer,
     QgsProcessing,
     QgsProcessingAlgorithm,
     QgsProcessingException,
@@ -33,13 +34,14 @@ from .extent import crs_text, export_size, local_raster_path, write_geotiff
 from .jobs import JobCancelled, run_job
 from .parameters import REFINE_CHOICES, SegmentParameters, safe_name
 from .results import categorized_renderer
+from .search_hits import rank_labels, score_renderer
 from .settings import PluginSettings
 from .train_tab import METHODS, default_models_dir, labels_file, metrics_text
 from .i18n import tr
 
 NO_PRESET = "(none: the classes typed below)"
 # Post-processors must outlive processAlgorithm; QGIS calls them after the run, in the GUI thread.
-_POST_PROCESSORS: list[StyleResult] = []
+_POST_PROCESSORS: list[QgsProcessingLayerPostProcessorInterface] = []
 
 
 def icon() -> QIcon:
@@ -81,12 +83,17 @@ class BackendAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterField(self.CLASS_FIELD, tr("Class field"),
                                                       parentLayerParameterName=self.LABELS))
 
-    def labelled_inputs(self, parameters, context) -> dict:
-        """raster, labels (a file the backend can read) and class_field of a request."""
+    def raster_file(self, parameters, context) -> tuple[str, QgsRasterLayer]:
+        """The file behind the INPUT raster layer (Train, Evaluate and Search read it themselves)."""
         raster = self.parameterAsRasterLayer(parameters, self.INPUT, context)
         path = local_raster_path(raster) if raster is not None else None
         if path is None:
             raise QgsProcessingException(tr("The backend reads the raster from a file: choose a GeoTIFF layer."))
+        return path, raster
+
+    def labelled_inputs(self, parameters, context) -> dict:
+        """raster, labels (a file the backend can read) and class_field of a request."""
+        path, _ = self.raster_file(parameters, context)
         labels = self.parameterAsVectorLayer(parameters, self.LABELS, context)
         class_field = self.parameterAsString(parameters, self.CLASS_FIELD, context)
         copy_folder = lambda: tempfile.mkdtemp(prefix="farslip-labels-")  # noqa: E731 - called once if at all
@@ -306,6 +313,68 @@ class EvaluateOnLabels(BackendAlgorithm):
         return {self.OUTPUT: out_json, self.MIOU: miou}
 
 
+class StyleHits(QgsProcessingLayerPostProcessorInterface):
+    def postProcessLayer(self, layer, context, feedback):
+        if layer is not None and layer.isValid():
+            if layer.featureCount() > 0:
+                layer.setRenderer(score_renderer(layer))
+            layer.setLabeling(rank_labels())
+            layer.setLabelsEnabled(True)
+            layer.triggerRepaint()
+
+
+class SearchBySentences(BackendAlgorithm):
+    """The Search tab's job for models and batches: places of a raster that match sentences, ranked."""
+
+    SENTENCES, TOP, MODEL, EXTENT, OUTPUT = "SENTENCES", "TOP", "MODEL", "EXTENT", "OUTPUT"
+
+    def name(self):
+        return "search_by_sentences"
+
+    def displayName(self):
+        return tr("Search raster by sentences")
+
+    def shortHelpString(self):
+        return tr("Finds the places of a raster that best match sentences such as 'a harbour with many boats' "
+                  "(one per line) and returns them as ranked polygons with their score.")
+
+    def initAlgorithm(self, config=None):
+        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, tr("Raster layer")))
+        self.addParameter(QgsProcessingParameterString(self.SENTENCES, tr("Sentences, one per line"),
+                                                       multiLine=True))
+        self.addParameter(QgsProcessingParameterNumber(self.TOP, tr("Number of places"),
+                                                       QgsProcessingParameterNumber.Integer, 20, minValue=1,
+                                                       maxValue=10000))
+        self.addParameter(QgsProcessingParameterString(
+            self.MODEL, tr("Model (empty: Settings -> Default model)"), optional=True))
+        self.addParameter(QgsProcessingParameterExtent(self.EXTENT, tr("Extent (default: the whole raster)"),
+                                                       optional=True))
+        self.addParameter(QgsProcessingParameterVectorDestination(
+            self.OUTPUT, tr("Places found"), QgsProcessing.TypeVectorPolygon))
+
+    def processAlgorithm(self, parameters, context, feedback):
+        path, raster = self.raster_file(parameters, context)
+        sentences = [line.strip() for line in self.parameterAsString(parameters, self.SENTENCES, context)
+                     .splitlines() if line.strip()]
+        if not sentences:
+            raise QgsProcessingException(tr("Give at least one sentence to search for."))
+        out = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
+        request = {"raster": path, "sentences": sentences, "out": out, "overwrite": True,
+                   "top": self.parameterAsInt(parameters, self.TOP, context),
+                   "model": (self.parameterAsString(parameters, self.MODEL, context).strip()
+                             or PluginSettings.load().default_model or None)}
+        if parameters.get(self.EXTENT):
+            extent = self.parameterAsExtent(parameters, self.EXTENT, context, raster.crs())
+            request["bbox"] = [extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum()]
+            request["bbox_crs"] = crs_text(raster.crs())
+        run_backend_job(self.manager_getter(), "search", request, feedback, [out])
+        if context.willLoadLayerOnCompletion(out):
+            post_processor = StyleHits()
+            _POST_PROCESSORS.append(post_processor)
+            context.layerToLoadOnCompletionDetails(out).setPostProcessor(post_processor)
+        return {self.OUTPUT: out}
+
+
 class FarslipProvider(QgsProcessingProvider):
     def __init__(self, manager_getter: Callable[[], BackendManager | None]):
         super().__init__()
@@ -324,6 +393,7 @@ class FarslipProvider(QgsProcessingProvider):
         self.addAlgorithm(SegmentByClassNames(self.manager_getter))
         self.addAlgorithm(TrainOnLabels(self.manager_getter))
         self.addAlgorithm(EvaluateOnLabels(self.manager_getter))
+        self.addAlgorithm(SearchBySentences(self.manager_getter))
 
     def supportedOutputVectorLayerExtensions(self):
         return ["gpkg", "shp", "geojson", "fgb"]

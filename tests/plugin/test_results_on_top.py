@@ -150,6 +150,20 @@ def test_processing_evaluates_a_model_on_labelled_polygons(running_plugin, qgis_
     assert 0.0 <= result["MIOU"] <= 1.0
 
 
+def test_processing_searches_a_raster_by_sentences(running_plugin, qgis_processing, naip_layer, tiny_model,
+                                                   tmp_path):
+    import processing
+
+    out = tmp_path / "places.gpkg"
+    extent = naip_layer.extent()
+    extent.scale(0.5)
+    processing.run("farslip:search_by_sentences", {
+        "INPUT": naip_layer, "SENTENCES": "a lake\nfarmland", "TOP": 5, "MODEL": str(tiny_model),
+        "EXTENT": extent, "OUTPUT": str(out)})
+    places = QgsVectorLayer(str(out), "places", "ogr")
+    assert places.isValid() and 0 < places.featureCount() <= 5
+    assert "score" in places.fields().names()
+
 def test_removing_the_raster_mid_run_still_loads_the_result(dock, naip_layer):
     from qgis.core import QgsRasterLayer as Raster
 
@@ -187,3 +201,4 @@ def test_a_backend_crash_mid_job_says_so_and_restart_brings_it_back(dock, runnin
     dock.do_action("farslip:restart")
     wait_until(lambda: running_plugin.manager.state == "ready", 150, "the restarted backend")
     assert running_plugin.manager.owns_process()
+
