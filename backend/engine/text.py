@@ -90,7 +90,8 @@ def encode_tokens(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 def is_multilingual(loaded) -> bool:
     """Whether the model reads other languages than English (registry `languages`, or its text tower)."""
-    return len(loaded.metadata.get("languages") or ["en"]) > 1
+    metadata = getattr(loaded, "metadata", None) or {}
+    return len(metadata.get("languages") or ["en"]) > 1
 
 
 def model_variant(loaded) -> str:

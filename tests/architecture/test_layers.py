@@ -65,3 +65,11 @@ def test_the_check_catches_a_violation(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from training import api\n    import typer\n")
     assert [name for _, name in imported_names(bad)] == ["training", "training.api", "typer"]
+
+
+def test_the_repository_tracks_no_virtual_environment_or_weights() -> None:
+    import subprocess
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    assert [p for p in tracked if p.split("/")[0] in (".venv", ".venv-qgis")] == []
+    assert [p for p in tracked if p.endswith((".pt", ".pth", ".safetensors", ".ckpt"))] == []
