@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import rasterio
 import torch
 
 from backend import __version__
@@ -24,7 +23,7 @@ from .errors import CancelledError, EmptyResultError, InputError
 from .export import report_path_for, write_rectangles, write_report
 from .raster import PixelWindow, open_source, request_window
 from .search import check_hits_output
-from .search_index import GDAL_CACHE_BYTES, embed_windows
+from .search_index import bounded_gdal_cache, embed_windows
 from .text import TextEmbedder, parse_class_lines, query_index
 
 TILE_FIELDS = ("class", "class_id", "prob", "model", "run_id")
@@ -87,8 +86,7 @@ def classify_raster(raster: Path, options: ClassifyOptions, out: Path, loaded, o
     text = TextEmbedder(loaded).embed(queries).numpy()
     scale = logit_scale(loaded)
     boxes, class_ids, probs = [], [], []
-    with open_source(raster, options.bands, None, None, options.value_range) as source, \
-            rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
+    with bounded_gdal_cache(), open_source(raster, options.bands, None, None, options.value_range) as source:
         window = request_window(source, options.bbox, options.bbox_crs)
         rows = tile_starts(window.row_off, window.row_off + window.height, options.tile)
         cols = tile_starts(window.col_off, window.col_off + window.width, options.tile)

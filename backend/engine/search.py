@@ -176,7 +176,9 @@ def sentence_scores(embeddings: np.ndarray, sentence: np.ndarray, keywords: np.n
     global_score = embeddings[:, 0] @ sentence
     if keywords is None or len(keywords) == 0:
         return global_score
-    per_keyword = np.einsum("npd,kd->nkp", embeddings, keywords).max(axis=2)  # best perspective per keyword
+    count, perspectives, dim = embeddings.shape
+    # One BLAS matrix product over all perspectives, then the best perspective per keyword.
+    per_keyword = (embeddings.reshape(-1, dim) @ keywords.T).reshape(count, perspectives, -1).max(axis=1)
     return GLOBAL_WEIGHT * global_score + (1 - GLOBAL_WEIGHT) * per_keyword.mean(axis=1)
 
 

@@ -104,6 +104,19 @@ class Level:
     def bounds(self, row: int, col: int) -> tuple[float, float, float, float]:
         return self.source.window_bounds(self.window(row, col))
 
+    def bounds_of(self, row: int, cols: np.ndarray) -> np.ndarray:
+        """(N, 4) xmin, ymin, xmax, ymax of the windows of one grid row, from the affine (any rotation)."""
+        height, width = self.window_shape
+        t = self.source.transform
+        col0 = np.asarray([self.col_starts[j] for j in cols], dtype=np.float64)
+        row0 = float(self.row_starts[row])
+        corners_x, corners_y = [], []
+        for dc, dr in ((0, 0), (width, 0), (0, height), (width, height)):
+            corners_x.append(t.c + t.a * (col0 + dc) + t.b * (row0 + dr))
+            corners_y.append(t.f + t.d * (col0 + dc) + t.e * (row0 + dr))
+        xs, ys = np.stack(corners_x), np.stack(corners_y)
+        return np.stack([xs.min(0), ys.min(0), xs.max(0), ys.max(0)], axis=1)
+
     def overlapping(self, window: PixelWindow | None) -> tuple[list[int], list[int]]:
         """Grid rows and columns whose windows overlap `window` (a window on this level's grid)."""
         height, width = self.window_shape
@@ -240,7 +253,7 @@ class SearchIndex:
         done = 0
         if progress is not None:
             progress(0, total)
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
+        with bounded_gdal_cache():
             for level in self.levels:
                 rows, cols = level.overlapping(self.level_window(level, bbox, bbox_crs))
                 for row in rows:
@@ -307,7 +320,7 @@ class SearchIndex:
                     continue
                 chunks.append(embeddings[keep].astype(np.float32))
                 levels.append(np.full(keep.size, level.factor))
-                bounds.append(np.array([level.bounds(row, j) for j in keep], dtype=np.float64))
+                bounds.append(level.bounds_of(row, keep))
                 scales.append(np.full(keep.size, scale))
         dim = self.loaded.model.visual.output_dim
         if not chunks:
@@ -338,13 +351,25 @@ def open_index(raster: str | Path, loaded, bands: list[int] | None = None,
                value_range: tuple[float, float] | None = None, attention: str = "segearth",
                batch_size: int = 8) -> Iterator[SearchIndex]:
     """Open (creating, or rebuilding when the raster changed) the search index of `raster` for a model."""
-    try:
-        source = open_source(raster, bands, None, None, value_range)
-    except EmptyResultError:
-        raise EmptyResultError(f"Every pixel of {raster} is nodata or masked: there is nothing to index or "
-                               "search. Check the raster's nodata value and alpha band.") from None
-    with source:
-        yield SearchIndex(Path(raster), loaded, source, attention, batch_size)
+    with bounded_gdal_cache():
+        try:
+            source = open_source(raster, bands, None, None, value_range)
+        except EmptyResultError:
+            raise EmptyResultError(f"Every pixel of {raster} is nodata or masked: there is nothing to index or "
+                                   "search. Check the raster's nodata value and alpha band.") from None
+        with source:
+            yield SearchIndex(Path(raster), loaded, source, attention, batch_size)
+
+
+@contextlib.contextmanager
+def bounded_gdal_cache() -> Iterator[None]:
+    """GDAL's block cache defaults to 5 % of RAM and would grow with the raster (the decimated sample
+    read when opening touches every block): a fixed cache keeps memory flat. A user's GDAL_CACHEMAX wins."""
+    if "GDAL_CACHEMAX" in os.environ:
+        yield
+        return
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
+        yield
 
 
 def check_bbox(index: SearchIndex, bbox, bbox_crs: str | None) -> None:
