@@ -111,9 +111,16 @@ def perspective_cost(arch: str, batch: int = 4, device: str = "cpu") -> dict:
 
 
 def run_search_bench(arch: str = "ViT-B-16", sides: tuple[int, ...] = (3000, 10000), device: str = "cpu",
-                     echo=print) -> dict:
+                     echo=print, perspectives: bool = True) -> dict:
     results: dict = {"arch": arch, "device": device, "threads": torch.get_num_threads()}
     echo(f"# farslip bench --search: {device}, {torch.get_num_threads()} threads")
+    if perspectives:
+        _perspective_table(arch, device, results, echo)
+    _index_and_query_tables(sides, results, echo)
+    return results
+
+
+def _perspective_table(arch: str, device: str, results: dict, echo) -> None:
     cost = perspective_cost(arch, device=device)
     results["perspectives"] = cost
     echo("")
@@ -124,6 +131,8 @@ def run_search_bench(arch: str = "ViT-B-16", sides: tuple[int, ...] = (3000, 100
          f"{cost['pooled_s'] / cost['cls_s']:.2f} |")
     echo(f"| CLS + CLS of 5 sub-crops at 224 | {cost['subcrops_s']:.3f} | {cost['subcrops_s'] / cost['cls_s']:.2f} |")
 
+
+def _index_and_query_tables(sides: tuple[int, ...], results: dict, echo) -> None:
     with tempfile.TemporaryDirectory(prefix="farslip-search-bench-") as tmp:
         work = Path(tmp)
         # The smallest ViT the index code runs unchanged: the runs measure reading, resampling and storing.
@@ -160,7 +169,6 @@ def run_search_bench(arch: str = "ViT-B-16", sides: tuple[int, ...] = (3000, 100
     echo(f"| + suppression of overlaps, top 20 | {1000 * latency['nms_s']:.1f} | |")
     echo(f"| loading the tiny index from disk ({runs[large]['entries']} windows) | "
          f"{1000 * runs[large]['load_s']:.0f} | |")
-    return results
 
 
 if __name__ == "__main__":
