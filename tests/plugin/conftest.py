@@ -129,3 +129,16 @@ def naip_layer(qgis_new_project):
     assert layer.isValid()
     QgsProject.instance().addMapLayer(layer)
     return layer
+
+
+@pytest.fixture
+def naip_dock(running_plugin, plugin_settings, naip_layer, tiny_model):
+    """A dock of the running plugin set to segment the whole NAIP layer with the tiny model, no rasters."""
+    plugin_settings()
+    dock = running_plugin.create_dock()
+    dock.form.layerCombo.setLayer(naip_layer)
+    dock.form.extentCombo.setCurrentIndex(dock.form.extentCombo.findData("layer"))
+    dock.form.modelCombo.setEditText(str(tiny_model))
+    dock.form.classRasterCheck.setChecked(False)
+    dock.form.probRasterCheck.setChecked(False)
+    return dock

@@ -8,15 +8,8 @@ from qgis.core import QgsProject
 
 
 @pytest.fixture
-def dock(running_plugin, plugin_settings, naip_layer, tiny_model):
-    plugin_settings()
-    dock = running_plugin.create_dock()
-    dock.form.layerCombo.setLayer(naip_layer)
-    dock.form.extentCombo.setCurrentIndex(dock.form.extentCombo.findData("layer"))
-    dock.form.modelCombo.setEditText(str(tiny_model))
-    dock.form.classRasterCheck.setChecked(False)
-    dock.form.probRasterCheck.setChecked(False)
-    return dock
+def dock(naip_dock):
+    return naip_dock
 
 
 def test_refined_outlines_load_above_the_coarse_ones(dock, naip_layer):
