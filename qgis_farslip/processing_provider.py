@@ -342,7 +342,7 @@ class SearchBySentences(BackendAlgorithm):
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, tr("Raster layer")))
         self.addParameter(QgsProcessingParameterString(self.SENTENCES, tr("Sentences, one per line"),
                                                        multiLine=True))
-        self.addParameter(QgsProcessingParameterNumber(self.TOP, tr("Number of places"),
+        self.addParameter(QgsProcessingParameterNumber(self.TOP, tr("Number of places per sentence"),
                                                        QgsProcessingParameterNumber.Integer, 20, minValue=1,
                                                        maxValue=10000))
         self.addParameter(QgsProcessingParameterString(

@@ -154,7 +154,7 @@ def test_processing_searches_a_raster_by_sentences(running_plugin, qgis_processi
         "INPUT": naip_layer, "SENTENCES": "a lake\nfarmland", "TOP": 5, "MODEL": str(tiny_model),
         "EXTENT": extent, "OUTPUT": str(out)})
     places = QgsVectorLayer(str(out), "places", "ogr")
-    assert places.isValid() and 0 < places.featureCount() <= 5
+    assert places.isValid() and 0 < places.featureCount() <= 2 * 5  # at most TOP places per sentence
     assert "score" in places.fields().names()
 
 def test_removing_the_raster_mid_run_still_loads_the_result(dock, naip_layer):
