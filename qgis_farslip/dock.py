@@ -29,7 +29,7 @@ from .exporting import ExportDialog
 from .extent_choice import ExtentChoice, ExtentError
 from .extent import crs_text, export_size, local_raster_path, transform_extent, write_geotiff
 from .job_runner import CANCELLED, DONE, JobRunner
-from .jobs import eta_text
+from .jobs import eta_text, features_cached
 from .model_picker import ModelPicker, finetuned_class_lines
 from .parameters import SegmentParameters, output_stem, safe_name
 from .remembered import LastChoices
@@ -384,7 +384,14 @@ class FarslipDock(QgsDockWidget):
             return "failed"
         classes = (job.get("result") or {}).get("classes") or []
         found = [f"{item['class']} ({item['polygons']})" for item in classes if item.get("polygons")]
-        self.show_status(self.tr("Done: {}.").format(", ".join(found) if found else self.tr("no polygons found")))
+        done = ", ".join(found) if found else self.tr("no polygons found")
+        cached, tiles = features_cached(job)
+        if cached and cached == tiles:
+            self.show_status(self.tr("Done: {}; features cached.").format(done))
+        elif cached:
+            self.show_status(self.tr("Done: {}; features cached for {} of {} tiles.").format(done, cached, tiles))
+        else:
+            self.show_status(self.tr("Done: {}.").format(done))
         self.form.exportButton.setEnabled(True)
         self.probability.offer(self.last_layers, result_classes(job))
         vectors = [layer for layer in self.last_layers if has_quality(layer)]

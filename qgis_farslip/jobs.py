@@ -155,3 +155,10 @@ def eta_text(job: dict[str, Any]) -> str:
         parts.append(job.get("state", ""))
     text = ", ".join(parts)
     return text[:1].upper() + text[1:]
+
+
+def features_cached(job: dict[str, Any]) -> tuple[int, int]:
+    """(tiles whose image features the backend had cached, all tiles) of a finished segment job."""
+    features = (job.get("result") or {}).get("features") or {}
+    cached, encoded = int(features.get("cached") or 0), int(features.get("encoded") or 0)
+    return cached, cached + encoded

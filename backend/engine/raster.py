@@ -98,7 +98,8 @@ class RasterSource:
             for i, (lo, hi) in enumerate(self.value_range):
                 rgb[i] = (rgb[i] - lo) * (255.0 / max(hi - lo, 1e-12))
             np.clip(rgb, 0.0, 255.0, out=rgb)
-        valid &= np.isfinite(rgb).all(axis=0)
+        if not np.issubdtype(data.dtype, np.integer):  # integers are always finite
+            valid &= np.isfinite(rgb).all(axis=0)
         rgb[:, ~valid] = 0.0
         return rgb, valid
 

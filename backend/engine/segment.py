@@ -8,11 +8,13 @@ files, every file written under a temporary name and renamed when complete.
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -22,7 +24,10 @@ import torch
 
 from backend import __version__
 from .dense import ATTENTION_VARIANTS
-from .sliding import NODATA_CLASS, UNCLASSIFIED, Segmenter, count_crops, predict_blocks
+from .sliding import CHUNK_COLUMNS, NODATA_CLASS, UNCLASSIFIED, Segmenter, count_crops, predict_blocks
+from .encoders import Encoder, crop_size
+from .feature_cache import FeatureCache, raster_scope
+from .runtimes import RUNTIMES, make_encoder
 from .errors import EmptyResultError, InputError
 from .colours import class_colormap
 from .export import atomic_output, driver_for, report_path_for, write_polygons, write_report
@@ -42,7 +47,7 @@ from .quality import (
     run_quality_estimate,
 )
 from .text import language_warnings, parse_class_lines
-from .vectorize import finalize, vectorize_class_raster
+from .vectorize import finalize, vectorize_class_raster, vectorize_strips
 
 
 @dataclass
@@ -61,6 +66,7 @@ class SegmentOptions:
     value_range: tuple[float, float] | None = None
     refine: str = "none"
     sam_model: str | None = None
+    runtime: str = "auto"
 
 
 @dataclass
@@ -91,6 +97,7 @@ class SegmentResult:
     timings: dict
     report: dict = field(repr=False)
     warnings: list[str] = field(default_factory=list)
+    features: dict = field(default_factory=dict)  # crops whose features came from the cache / the encoder
 
 
 def segment_warnings(loaded, classes) -> list[str]:
@@ -163,6 +170,8 @@ def validate_options(options: SegmentOptions) -> None:
         raise InputError(f"The batch size must be at least 1; got {options.batch_size}.")
     if options.min_area < 0 or options.simplify < 0:
         raise InputError("--min-area and --simplify must not be negative.")
+    if options.runtime not in RUNTIMES:
+        raise InputError(f"Unknown runtime {options.runtime!r}; use one of {', '.join(RUNTIMES)}.")
     if options.refine not in REFINE_CHOICES:
         raise InputError(f"Unknown --refine {options.refine!r}; use one of {', '.join(REFINE_CHOICES)}.")
 
@@ -184,22 +193,93 @@ def _raster_profile(source: RasterSource, window, count: int, dtype: str, nodata
 
 
 GDAL_CACHE_MB = 64
+SKIPPED_CLASSES = (NODATA_CLASS, UNCLASSIFIED)
+
+
+class StripPolygons:
+    """Polygonises finished full-width rows in a worker thread while the engine computes the next ones.
+
+    Rows are gathered into strips of `strip_rows` and handed over through a queue of two strips,
+    so memory stays bounded; the result is the one vectorize_class_raster gives for the same rows.
+    """
+
+    def __init__(self, transform, strip_rows: int, should_cancel: Callable[[], bool] | None):
+        self.strip_rows = strip_rows
+        self._queue: queue.Queue = queue.Queue(maxsize=2)
+        self._rows: list[tuple[np.ndarray, np.ndarray]] = []
+        self._row0 = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="farslip-polygons")
+        self._result = self._pool.submit(vectorize_strips, self._strips(), transform, SKIPPED_CLASSES,
+                                         should_cancel)
+
+    def _strips(self):
+        while (strip := self._queue.get()) is not None:
+            yield strip
+
+    def _put(self, item) -> None:
+        while True:
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                if self._result.done():
+                    self._result.result()  # the worker failed: raise its error here
+                    return
+
+    def add(self, block) -> None:
+        assert block.col0 == 0, "strips need full-width blocks"
+        self._rows.append((block.class_ids, block.score))
+        if sum(len(c) for c, _ in self._rows) >= self.strip_rows:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        if self._rows:
+            classes = np.concatenate([c for c, _ in self._rows])
+            scores = np.concatenate([s for _, s in self._rows])
+            self._put((self._row0, classes, scores))
+            self._row0 += len(classes)
+            self._rows = []
+
+    def finish(self) -> list:
+        self._hand_over()
+        self._put(None)
+        try:
+            return self._result.result()
+        finally:
+            self._pool.shutdown()
+
+    def abandon(self) -> None:
+        self._rows = []
+        if not self._result.done():
+            self._put(None)
+        self._pool.shutdown()
 
 
 def segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutputs, loaded,
                    progress: Callable[[int, int], None] | None = None,
-                   should_cancel: Callable[[], bool] | None = None) -> SegmentResult:
-    """Segment `raster` into the classes of `options`; write `outputs`; return what was written."""
+                   should_cancel: Callable[[], bool] | None = None,
+                   feature_cache: FeatureCache | None = None, encoder: Encoder | None = None,
+                   notice: Callable[[str], None] | None = None) -> SegmentResult:
+    """Segment `raster` into the classes of `options`; write `outputs`; return what was written.
+
+    With a `feature_cache`, crops whose features are known (same file, grid, weights, attention and
+    encoder) skip the image encoder; `encoder` replaces the one options.runtime picks (benchmarks).
+    notice(sentence) hears about runtime fallbacks.
+    """
     # GDAL's block cache defaults to 5 % of RAM and would grow with the raster; a fixed cache keeps
     # memory flat (a GDAL_CACHEMAX set by the user wins).
-    cache = {} if "GDAL_CACHEMAX" in os.environ else {"GDAL_CACHEMAX": GDAL_CACHE_MB * 2**20}  # bytes here
-    with rasterio.Env(**cache):
-        return _segment_raster(raster, options, outputs, loaded, progress, should_cancel)
+    settings = {} if "GDAL_CACHEMAX" in os.environ else {"GDAL_CACHEMAX": GDAL_CACHE_MB * 2**20}  # bytes here
+    # Decompress (and compress) GeoTIFF blocks on every core: reading runs beside the model.
+    settings.setdefault("GDAL_NUM_THREADS", os.environ.get("GDAL_NUM_THREADS", "ALL_CPUS"))
+    with rasterio.Env(**settings):
+        return _segment_raster(raster, options, outputs, loaded, progress, should_cancel, feature_cache, encoder,
+                               notice)
 
 
 def _segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutputs, loaded,
                     progress: Callable[[int, int], None] | None,
-                    should_cancel: Callable[[], bool] | None) -> SegmentResult:
+                    should_cancel: Callable[[], bool] | None, feature_cache: FeatureCache | None,
+                    encoder: Encoder | None, notice: Callable[[str], None] | None) -> SegmentResult:
     started = time.perf_counter()
     options = with_model_defaults(options, loaded)
     validate_options(options)
@@ -213,21 +293,43 @@ def _segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutpu
 
     with open_source(raster, options.bands, options.scale, options.gsd_m, options.value_range) as source:
         window = request_window(source, options.bbox, options.bbox_crs)
-        t0 = time.perf_counter()
-        segmenter = Segmenter(loaded, classes, options.attention, options.batch_size, options.threshold)
-        timings["text_s"] = time.perf_counter() - t0
-
         computed = refine_outlines.engine_window(options.refine, source, window)
-        total = count_crops(source.height, source.width, computed, segmenter.crop, segmenter.stride)
+        crop = crop_size(loaded.model.visual)
+        total = count_crops(source.height, source.width, computed, crop, crop // 2)
+        t0 = time.perf_counter()
+        encoder = encoder or make_encoder(loaded, options.attention, options.runtime, notice=notice, crops=total)
+        timings["encoder_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        segmenter = Segmenter(loaded, classes, options.attention, options.batch_size, options.threshold,
+                              encoder=encoder)
+        timings["text_s"] = time.perf_counter() - t0
+        if feature_cache is not None:
+            segmenter.use_cache(feature_cache, raster_scope(source, loaded.weights_id, options.attention,
+                                                            segmenter.encoder.name))
         workdir = Path(tempfile.mkdtemp(prefix=".farslip-", dir=Path(outputs.out).parent))
         try:
             class_path, score_path = workdir / "classes.tif", workdir / "score.tif"
             signals_path = workdir / "signals.tif"
             prob_path = workdir / "probs.tif" if outputs.prob_raster or options.refine != "none" else None
+            # Strips of at most ~2 Mpx keep vectorising memory independent of the raster's width too.
+            strip_rows = int(min(1024, max(64, 2_000_000 // window.width)))
+            # Without refinement, a window the engine emits in full-width rows is polygonised beside it.
+            streamed = (StripPolygons(source.window_transform(window), strip_rows, should_cancel)
+                        if options.refine == "none" and computed == window and window.width <= CHUNK_COLUMNS
+                        else None)
             t0 = time.perf_counter()
-            valid_pixels = _write_rasters(segmenter, source, computed, class_path, score_path, prob_path,
-                                          classes, progress, should_cancel, signals_path)
+            try:
+                valid_pixels = _write_rasters(segmenter, source, computed, class_path, score_path, prob_path,
+                                              classes, progress, should_cancel, signals_path, streamed)
+            except BaseException:
+                if streamed is not None:
+                    streamed.abandon()
+                raise
             timings["inference_s"] = time.perf_counter() - t0
+            timings.update({f"{stage}_s": seconds for stage, seconds in segmenter.stage_s.items()})
+            t0 = time.perf_counter()
+            streamed_regions = streamed.finish() if streamed is not None else None
+            timings["polygon_wait_s"] = time.perf_counter() - t0
             refined = refine_outlines.run(options.refine, options.sam_model, loaded.device, source, window,
                                           computed, workdir, class_path, score_path, prob_path, signals_path,
                                           options.threshold, should_cancel)
@@ -238,15 +340,15 @@ def _segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutpu
                 raise EmptyResultError(f"The requested area of {raster} holds only nodata or masked pixels: "
                                        "there is nothing to segment. Choose another extent.")
             t0 = time.perf_counter()
-            # Strips of at most ~2 Mpx keep vectorising memory independent of the raster's width too.
-            strip_rows = int(min(1024, max(64, 2_000_000 // window.width)))
-            def polygons(classes_tif: Path, scores_tif: Path):
-                found = vectorize_class_raster(classes_tif, scores_tif, skip_values=(NODATA_CLASS, UNCLASSIFIED),
-                                               strip_rows=strip_rows, should_cancel=should_cancel)
+
+            def polygons(classes_tif: Path, scores_tif: Path, found=None):
+                if found is None:
+                    found = vectorize_class_raster(classes_tif, scores_tif, skip_values=SKIPPED_CLASSES,
+                                                   strip_rows=strip_rows, should_cancel=should_cancel)
                 return finalize(found, source.crs, source.window_transform(window),
                                 min_area_m2=options.min_area, simplify=options.simplify)
 
-            regions = polygons(class_path, score_path)
+            regions = polygons(class_path, score_path, streamed_regions)
             coarse = polygons(refined.coarse_class_path, refined.coarse_score_path) if outputs.coarse_out else None
             timings["vectorize_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -255,6 +357,8 @@ def _segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutpu
             timings["quality_s"] = time.perf_counter() - t0
             class_names = [c.name for c in classes]
             stats = _class_stats(regions, class_names)
+            features = {"cached": segmenter.crops_cached, "encoded": segmenter.crops_encoded,
+                        "cache": feature_cache.stats() if feature_cache is not None else None}
             t0 = time.perf_counter()
             write_polygons(outputs.out, regions, source.crs, class_names, loaded.name, run_id,
                            extra=estimate.fields)
@@ -279,7 +383,8 @@ def _segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutpu
                                  "height": window.height, "width": window.width},
                 "pixel_size": [source.transform.a, -source.transform.e], "processing_scale": source.scale,
                 "bands": source.bands, "value_range": source.value_range,
-                "device": str(loaded.device), "tiles": total, "crop": segmenter.crop,
+                "device": str(loaded.device), "encoder": segmenter.encoder.name,
+                "features": features, "tiles": total, "crop": segmenter.crop,
                 "stride": segmenter.stride, "valid_pixels": int(valid_pixels),
                 "options": {k: v for k, v in asdict(options).items() if k != "class_lines"},
                 "timings": {k: round(v, 3) for k, v in timings.items()},
@@ -289,7 +394,7 @@ def _segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutpu
             write_report(paths["report"], report)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-    return SegmentResult(run_id, paths, stats, total, timings, report, warnings)
+    return SegmentResult(run_id, paths, stats, total, timings, report, warnings, features)
 
 
 def _move_into_place(temp: Path, target: Path) -> None:
@@ -309,7 +414,8 @@ def _class_stats(regions, class_names: list[str]) -> list[dict]:
 
 
 def _write_rasters(segmenter: Segmenter, source: RasterSource, window, class_path: Path, score_path: Path,
-                   prob_path: Path | None, classes, progress, should_cancel, signals_path: Path | None = None) -> int:
+                   prob_path: Path | None, classes, progress, should_cancel, signals_path: Path | None = None,
+                   streamed: StripPolygons | None = None) -> int:
     """Run the engine over `window`, writing each finished block; returns the number of valid pixels.
 
     `signals_path` gets the per-pixel margin and entropy of the class probabilities (quality.py)."""
@@ -331,6 +437,7 @@ def _write_rasters(segmenter: Segmenter, source: RasterSource, window, class_pat
                             UNCLASSIFIED=str(UNCLASSIFIED))
         score_ds.set_band_description(1, "score")
         for block in predict_blocks(segmenter, source, window, progress, should_cancel):
+            started = time.perf_counter()
             h, w = block.class_ids.shape
             win = rasterio.windows.Window(block.col0, block.row0, w, h)
             class_ds.write(block.class_ids, 1, window=win)
@@ -340,6 +447,10 @@ def _write_rasters(segmenter: Segmenter, source: RasterSource, window, class_pat
             if signals_ds is not None:
                 signals_ds.write(np.stack(pixel_signals(block.probs)), window=win)
             valid_pixels += int(block.valid.sum())
+            if streamed is not None:
+                streamed.add(block)
+            segmenter.stage_s["write_blocks"] = segmenter.stage_s.get("write_blocks", 0.0) + \
+                time.perf_counter() - started
     finally:
         class_ds.close()
         score_ds.close()
@@ -382,5 +493,14 @@ def estimate_quality(regions, source, window, segmenter: Segmenter, score_path: 
     return QualityEstimate(fields, report)
 
 
+# Device memory one ViT-B/16 crop needs in a batch at fp16 (activations, attention, upsampled logits),
+# with room to spare; the server's out-of-memory retry halves the batch if a model needs more.
+GPU_BYTES_PER_CROP = 24 * 2**20
+
+
 def default_batch_size(device: torch.device) -> int:
-    return 32 if device.type == "cuda" else 8
+    """8 on the CPU (larger batches do not run faster there); on a GPU as many crops as half its free memory holds."""
+    if device.type != "cuda":
+        return 8
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(min(256, max(8, free // 2 // GPU_BYTES_PER_CROP)))

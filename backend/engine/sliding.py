@@ -12,21 +12,27 @@ cover only masked pixels are skipped: they cannot touch a valid pixel.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .dense import dense_patch_features, normalize_pixels
+from .dense import normalize_pixels
+from .encoders import Encoder, TorchEncoder, crop_size
 from .errors import CancelledError
+from .feature_cache import FeatureCache
 from .raster import PixelWindow
 from .text import LOGIT_SCALE, ClassSpec, TextEmbedder, query_index
 
 NODATA_CLASS = 255
 UNCLASSIFIED = 254
 CHUNK_COLUMNS = 2048
+# Where the engine's time goes (seconds, summed over a run); "read" runs in a background thread.
+STAGES = ("read", "read_wait", "encode", "blend", "finish")
 
 
 def crop_starts(length: int, crop: int, stride: int) -> list[int]:
@@ -53,10 +59,16 @@ class Block:
 
 
 class Segmenter:
-    """A loaded model + embedded classes, ready to score crops."""
+    """A loaded model + embedded classes, ready to score crops.
+
+    The encoder (encoders.py) turns crops into patch features; everything after it (text
+    similarity, upsampling, blending, softmax) runs on the model's device. With a feature cache
+    (feature_cache.py) and a scope, crops seen before skip the encoder.
+    """
 
     def __init__(self, loaded, classes: list[ClassSpec], attention: str = "segearth",
-                 batch_size: int = 8, threshold: float = 0.0, embedder: TextEmbedder | None = None):
+                 batch_size: int = 8, threshold: float = 0.0, embedder: TextEmbedder | None = None,
+                 encoder: Encoder | None = None, half: bool | None = None):
         self.loaded = loaded
         self.classes = classes
         self.attention = attention
@@ -65,75 +77,166 @@ class Segmenter:
         self.keep_logits = False  # benchmarks resample the blended logits before the softmax
         # Crops smaller than the model input (only when the image is): geodata pads them to the patch
         # grid and interpolates the positional embedding; benchmark mode resizes them to the input
-        # size as RS-OVSS does (see `_small_crop_logits`).
+        # size as RS-OVSS does (see `_model_input` and `upsampling`).
         self.resize_small_crops = False
+        self.device = loaded.device
         queries, owner = query_index(classes)
         embedder = embedder or TextEmbedder(loaded)
-        self.text = embedder.embed(queries).to(loaded.device)
+        self.text = embedder.embed(queries).to(self.device).float()
         self.owner = np.asarray(owner)
+        # query_index lists each class's queries together: a class is a slice of the query axis.
+        assert (np.diff(self.owner) >= 0).all(), "queries grouped by class"
+        bounds = np.searchsorted(self.owner, np.arange(len(classes) + 1))
+        self._synonyms = [slice(int(a), int(b)) for a, b in zip(bounds, bounds[1:])]
         visual = loaded.model.visual
         self.patch = visual.conv1.kernel_size[0]
-        size = visual.image_size
-        self.crop = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self.crop = crop_size(visual)
         self.stride = self.crop // 2
-        self.device = loaded.device
-        # A model converted with `models.to_half` runs fp16 end to end (as RS-OVSS runs its
-        # evaluation); otherwise CUDA uses fp16 autocast and the CPU fp32.
+        self.encoder = encoder or TorchEncoder(visual, attention, self.device, half)
+        # A model converted with `models.to_half` runs fp16 end to end (as RS-OVSS runs its evaluation).
         self.half = visual.conv1.weight.dtype == torch.float16
+        self.feature_cache: FeatureCache | None = None
+        self.cache_scope: str | None = None
+        self.crops_cached = 0
+        self.crops_encoded = 0
+        self.stage_s: dict[str, float] = dict.fromkeys(STAGES, 0.0)
+        self._pin = self.device.type == "cuda"
+        self._to_cache: list[tuple[list, torch.Tensor, object]] = []
+        self._upsampling: dict[tuple[int, int], torch.Tensor] = {}
 
     @property
     def num_queries(self) -> int:
         return self.text.shape[0]
 
+    def use_cache(self, cache: FeatureCache | None, scope: str | None) -> None:
+        self.feature_cache, self.cache_scope = (cache, scope) if cache is not None and scope else (None, None)
+
+    def _upload(self, crops: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(crops)
+        if self._pin:
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
+
     @torch.inference_mode()
-    def crop_logits(self, crops: np.ndarray) -> np.ndarray:
-        """(B, 3, h, w) RGB 0..255 -> (B, Q, h, w) patch-text cosine logits upsampled to pixels."""
-        height, width = crops.shape[-2:]
-        pixels = normalize_pixels(torch.from_numpy(crops).to(self.device))
-        if self.resize_small_crops and (height < self.crop or width < self.crop):
-            return self._small_crop_logits(pixels).cpu().numpy()
-        pad_h = math.ceil(height / self.patch) * self.patch - height
-        pad_w = math.ceil(width / self.patch) * self.patch - width
-        if pad_h or pad_w:
-            pixels = F.pad(pixels, (0, pad_w, 0, pad_h))
-        logits = self._patch_logits(pixels)
-        logits = F.interpolate(logits, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
-        return logits[:, :, :height, :width].cpu().numpy()
+    def crop_features(self, crops: np.ndarray, keys: list | None = None) -> torch.Tensor:
+        """(B, 3, h, w) RGB 0..255 -> (B, gh, gw, D) patch features on the device (from the cache where known)."""
+        self._store_finished()
+        cached: list[np.ndarray | None] = [None] * len(crops)
+        if self.feature_cache is not None and keys is not None:
+            cached = [self.feature_cache.get(self.cache_scope, key) for key in keys]
+        missing = [i for i, found in enumerate(cached) if found is None]
+        self.crops_cached += len(crops) - len(missing)
+        self.crops_encoded += len(missing)
+        started = time.perf_counter()
+        computed = None
+        if missing:
+            subset = crops if len(missing) == len(crops) else crops[missing]
+            computed = self.encoder(self._model_input(normalize_pixels(self._upload(subset))))
+            if self.feature_cache is not None and keys is not None:
+                self._queue_for_cache([keys[i] for i in missing], computed)
+        self.stage_s["encode"] += time.perf_counter() - started
+        if computed is not None and len(missing) == len(crops):
+            return computed
+        computed_at = {i: j for j, i in enumerate(missing)}
+        parts = [computed[computed_at[i]].cpu() if found is None else torch.from_numpy(found)
+                 for i, found in enumerate(cached)]
+        return torch.stack(parts).to(self.device)
 
-    def _patch_logits(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised pixels -> (B, Q, H/p, W/p) fp32 patch-text cosine logits."""
-        use_amp = self.device.type == "cuda" and not self.half
-        with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
-            features = dense_patch_features(self.loaded.model.visual, pixels, self.attention)
-        return torch.einsum("bhwd,qd->bqhw", features.float(), self.text.float())
+    def resizes_crop(self, height: int, width: int) -> bool:
+        return self.resize_small_crops and (height < self.crop or width < self.crop)
 
-    def _small_crop_logits(self, pixels: torch.Tensor) -> torch.Tensor:
-        """RS-OVSS's handling of a crop smaller than the input: pad it centred (with the normalised
-        mean) to a multiple of the patch size, resize it to the input size, and resize the logits
-        back to the padded crop before dropping the padding. No positional-embedding interpolation."""
+    def _model_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised crops -> what the encoder sees: padded to the patch grid (bottom/right), or, for a
+        small crop in benchmark mode, padded centred and resized to the input size as RS-OVSS does
+        (no positional-embedding interpolation)."""
         height, width = pixels.shape[-2:]
         pad_h, pad_w = (-height) % self.patch, (-width) % self.patch
-        top, left = pad_h // 2, pad_w // 2
-        padded = F.pad(pixels, (left, pad_w - left, top, pad_h - top))
-        resized = F.interpolate(padded, size=(self.crop, self.crop), mode="bilinear", align_corners=False)
-        logits = F.interpolate(self._patch_logits(resized), size=padded.shape[-2:], mode="bilinear",
-                               align_corners=False)
-        return logits[:, :, top:top + height, left:left + width]
+        if self.resizes_crop(height, width):
+            top, left = pad_h // 2, pad_w // 2
+            padded = F.pad(pixels, (left, pad_w - left, top, pad_h - top))
+            return F.interpolate(padded, size=(self.crop, self.crop), mode="bilinear", align_corners=False)
+        return F.pad(pixels, (0, pad_w, 0, pad_h)) if pad_h or pad_w else pixels
+
+    def _queue_for_cache(self, keys: list, features: torch.Tensor) -> None:
+        """Copy features to the host without waiting: they are stored at the next batch (or at the end)."""
+        if self.device.type == "cuda":
+            host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
+            host.copy_(features, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._to_cache.append((keys, host, event))
+        else:
+            self._to_cache.append((keys, features, None))
+        if self.device.type != "cuda":
+            self._store_finished()
+
+    def _store_finished(self) -> None:
+        for keys, host, event in self._to_cache:
+            if event is not None:
+                event.synchronize()
+            for key, features in zip(keys, host.numpy()):
+                self.feature_cache.put(self.cache_scope, key, features.copy())
+        self._to_cache.clear()
+
+    def flush_cache(self) -> None:
+        if self._to_cache:
+            self._store_finished()
+
+    @torch.inference_mode()
+    def patch_logits(self, crops: np.ndarray, keys: list | None = None) -> torch.Tensor:
+        """(B, 3, h, w) RGB 0..255 -> (B, Q, gh, gw) patch-text cosine logits on the device."""
+        features = self.crop_features(crops, keys)
+        return torch.einsum("bhwd,qd->bqhw", features, self.text)
+
+    def upsampling(self, pixels: int, resized: bool = False) -> torch.Tensor:
+        """(grid, pixels) matrix of the bilinear upsampling from a crop's patches to its `pixels` pixels.
+
+        Bilinear interpolation (align_corners=False) is separable and linear, so the engine applies it
+        as two small matrix products: across each crop, then once down each crop row's sum. The
+        patch grid covers the crop padded to whole patches (dropped at the end), or, for a small crop
+        resized to the input (benchmark mode), the input, resized back to the centred padding.
+        """
+        padded = math.ceil(pixels / self.patch) * self.patch
+        grid, offset = (self.crop // self.patch, (padded - pixels) // 2) if resized else (padded // self.patch, 0)
+        key = (pixels, resized)
+        if key not in self._upsampling:
+            impulses = torch.eye(grid, dtype=torch.float32)[None]
+            weights = F.interpolate(impulses, size=padded, mode="linear", align_corners=False)[0]
+            self._upsampling[key] = weights[:, offset:offset + pixels].contiguous().to(self.device)
+        return self._upsampling[key]
 
     def class_probabilities(self, logits: np.ndarray) -> np.ndarray:
         """(Q, h, w) averaged logits -> (C, h, w): softmax over queries, then max over synonyms."""
-        probs = torch.softmax(torch.from_numpy(logits) * LOGIT_SCALE, dim=0).numpy()
-        return np.stack([probs[self.owner == c].max(axis=0) for c in range(len(self.classes))])
+        with torch.inference_mode():
+            return self._class_probabilities(torch.from_numpy(logits).to(self.device)).cpu().numpy()
 
-    def finish(self, logit_sum: np.ndarray, count: np.ndarray, valid: np.ndarray, row0: int,
+    def _class_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits * LOGIT_SCALE, dim=0)
+        if len(self._synonyms) == probs.shape[0]:
+            return probs
+        return torch.stack([probs[rows].amax(dim=0) for rows in self._synonyms])
+
+    @torch.inference_mode()
+    def finish(self, logit_sum: torch.Tensor, count: torch.Tensor, valid: np.ndarray, row0: int,
                col0: int) -> Block:
-        logits = logit_sum / np.maximum(count, 1)[None]
-        probs = self.class_probabilities(logits)
-        valid = valid & (count > 0)
-        class_ids, score = label_probabilities(probs, valid, self.threshold)
-        probs[:, ~valid] = np.nan
-        return Block(row0, col0, probs.astype(np.float32), class_ids, score, valid,
-                     logits if self.keep_logits else None)
+        started = time.perf_counter()
+        # The rows handed in are dropped from the accumulator afterwards: divide in place.
+        logits = logit_sum.div_(count.clamp(min=1))
+        probs = self._class_probabilities(logits)
+        score, class_ids = probs.max(dim=0)
+        probs = probs.cpu().numpy()
+        class_ids = class_ids.to(torch.uint8).cpu().numpy()
+        score = score.cpu().numpy()
+        if self.threshold > 0:
+            class_ids[score < self.threshold] = UNCLASSIFIED
+        valid = valid & (count.cpu().numpy() > 0)
+        if not valid.all():
+            class_ids[~valid] = NODATA_CLASS
+            score[~valid] = np.nan
+            probs[:, ~valid] = np.nan
+        kept = logits.cpu().numpy() if self.keep_logits else None
+        self.stage_s["finish"] += time.perf_counter() - started
+        return Block(row0, col0, probs, class_ids, score, valid, kept)
 
 
 def label_probabilities(probs: np.ndarray, valid: np.ndarray, threshold: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
@@ -192,6 +295,28 @@ def predict_blocks(segmenter: Segmenter, source, window: PixelWindow,
                                   c0, c1, advance, should_cancel)
 
 
+def _read_ahead(source, windows: list[PixelWindow], timings: dict[str, float]) -> Iterator[tuple]:
+    """Yield source.read(w) for each window, reading the next one in a thread while the caller works.
+
+    GDAL releases the GIL while it decompresses, so the read overlaps the model and the blending.
+    """
+    def timed_read(window):
+        started = time.perf_counter()
+        result = source.read(window)
+        return result, time.perf_counter() - started
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="farslip-read") as pool:
+        upcoming = pool.submit(timed_read, windows[0]) if windows else None
+        for i in range(len(windows)):
+            waited = time.perf_counter()
+            result, seconds = upcoming.result()
+            timings["read_wait"] += time.perf_counter() - waited
+            timings["read"] += seconds
+            if i + 1 < len(windows):
+                upcoming = pool.submit(timed_read, windows[i + 1])
+            yield result
+
+
 def _predict_chunk(segmenter, source, window, row_starts, col_starts, crop_shape, c0, c1,
                    progress, should_cancel) -> Iterator[Block]:
     crop_h, crop_w = crop_shape
@@ -199,27 +324,45 @@ def _predict_chunk(segmenter, source, window, row_starts, col_starts, crop_shape
     read_c0, read_c1 = col_starts[0], col_starts[-1] + crop_w
     width = c1 - c0
     queries = segmenter.num_queries
+    device = segmenter.device
+    timings = segmenter.stage_s
 
-    # Accumulator rows [acc_top, acc_top + acc_sum.shape[1]) of the chunk's columns.
+    # Accumulator rows [acc_top, acc_top + acc_sum.shape[1]) of the chunk's columns, on the model's device.
     acc_top = row_starts[0]
-    acc_sum = np.zeros((queries, 0, width), np.float32)
-    acc_cnt = np.zeros((0, width), np.float32)
+    acc_sum = torch.zeros((queries, 0, width), dtype=torch.float32, device=device)
+    acc_cnt = torch.zeros((0, width), dtype=torch.float32, device=device)
     acc_valid = np.zeros((0, width), bool)
     pending: list[tuple[int, int, np.ndarray]] = []   # (crop row start, crop col start, pixels)
     queued_by_row: list[int] = []                     # crops queued once crop row k was read
     ran = 0
     flushed_rows = 0                                  # crop rows whose rows were emitted
+    # Per crop row still running: its crops' logits upsampled across (patch rows x chunk columns),
+    # how many crops cover each column, and how many crops are still to come.
+    rows_open: dict[int, list] = {}
+    resized = segmenter.resizes_crop(crop_h, crop_w)
+    across = segmenter.upsampling(crop_w, resized)
+    down = segmenter.upsampling(crop_h, resized)
 
     def run(batch):
         nonlocal ran
         if should_cancel is not None and should_cancel():
             raise CancelledError("The run was cancelled; nothing was written.")
-        logits = segmenter.crop_logits(np.stack([p for _, _, p in batch]))
+        keys = [(ys, xs, crop_h, crop_w) for ys, xs, _ in batch]
+        logits = segmenter.patch_logits(np.stack([p for _, _, p in batch]), keys)
+        started = time.perf_counter()
+        logits = logits @ across                                # (B, Q, gh, crop_w)
         for (ys, xs, _), crop_logits in zip(batch, logits):
+            band, columns, left = rows_open[ys]
             a0, a1 = max(xs, c0), min(xs + crop_w, c1)
-            rows = slice(ys - acc_top, ys - acc_top + crop_h)
-            acc_sum[:, rows, a0 - c0:a1 - c0] += crop_logits[:, :, a0 - xs:a1 - xs]
-            acc_cnt[rows, a0 - c0:a1 - c0] += 1
+            band[:, :, a0 - c0:a1 - c0] += crop_logits[:, :, a0 - xs:a1 - xs]
+            columns[a0 - c0:a1 - c0] += 1
+            rows_open[ys][2] = left - 1
+            if left == 1:
+                rows = slice(ys - acc_top, ys - acc_top + crop_h)
+                acc_sum[:, rows] += down.T @ band               # (Q, crop_h, width)
+                acc_cnt[rows] += columns
+                del rows_open[ys]
+        timings["blend"] += time.perf_counter() - started
         ran += len(batch)
         progress(len(batch))
 
@@ -239,12 +382,12 @@ def _predict_chunk(segmenter, source, window, row_starts, col_starts, crop_shape
         acc_top = upto
         return block
 
-    for k, ys in enumerate(row_starts):
-        rgb, valid = source.read(PixelWindow(ys, read_c0, crop_h, read_c1 - read_c0))
+    reads = [PixelWindow(ys, read_c0, crop_h, read_c1 - read_c0) for ys in row_starts]
+    for k, (ys, (rgb, valid)) in enumerate(zip(row_starts, _read_ahead(source, reads, timings))):
         grow = ys + crop_h - (acc_top + acc_cnt.shape[0])
         if grow > 0:
-            acc_sum = np.concatenate([acc_sum, np.zeros((queries, grow, width), np.float32)], axis=1)
-            acc_cnt = np.concatenate([acc_cnt, np.zeros((grow, width), np.float32)])
+            acc_sum = torch.cat([acc_sum, acc_sum.new_zeros((queries, grow, width))], dim=1)
+            acc_cnt = torch.cat([acc_cnt, acc_cnt.new_zeros((grow, width))])
             acc_valid = np.concatenate([acc_valid, np.zeros((grow, width), bool)])
         acc_valid[ys - acc_top:ys - acc_top + crop_h] = valid[:, c0 - read_c0:c1 - read_c0]
         skipped = 0
@@ -256,6 +399,9 @@ def _predict_chunk(segmenter, source, window, row_starts, col_starts, crop_shape
                 skipped += 1
         if skipped:
             progress(skipped)
+        if skipped < len(col_starts):
+            rows_open[ys] = [acc_sum.new_zeros((queries, down.shape[0], width)), acc_cnt.new_zeros(width),
+                             len(col_starts) - skipped]
         queued_by_row.append(ran + len(pending))
         while len(pending) >= segmenter.batch_size:
             run(pending[:segmenter.batch_size])
@@ -268,6 +414,7 @@ def _predict_chunk(segmenter, source, window, row_starts, col_starts, crop_shape
                 yield block
     if pending:
         run(pending)
+    segmenter.flush_cache()
     block = flush(acc_top + acc_cnt.shape[0])
     if block is not None:
         yield block

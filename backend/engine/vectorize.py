@@ -134,14 +134,37 @@ def vectorize_class_raster(
                     f"The score raster {score_path} is {scores_ds.width}x{scores_ds.height} pixels but the "
                     f"class raster {class_path} is {classes_ds.width}x{classes_ds.height}; they must match."
                 )
-            pixel_regions, region_classes, counts, sums, maxima, merges = _strip_regions(
-                classes_ds, scores_ds, skip, strip_rows, should_cancel
-            )
+            strips = _dataset_strips(classes_ds, scores_ds, strip_rows)
+            found = _strip_regions(strips, skip, should_cancel)
             transform = classes_ds.transform
         finally:
             if scores_ds is not None:
                 scores_ds.close()
+    return _merged_regions(found, transform)
 
+
+def vectorize_strips(strips: Iterable[tuple[int, np.ndarray, np.ndarray | None]], transform: Affine,
+                     skip_values: Iterable[int] = (255,),
+                     should_cancel: Callable[[], bool] | None = None) -> list[RegionPolygon]:
+    """As vectorize_class_raster, for full-width strips (first row, classes, scores) given top to bottom.
+
+    Lets `segment` polygonise finished rows in a worker thread while the engine computes the next ones.
+    """
+    return _merged_regions(_strip_regions(strips, {int(v) for v in skip_values}, should_cancel), transform)
+
+
+def _dataset_strips(classes_ds, scores_ds, strip_rows: int):
+    width = classes_ds.width
+    for row_start in range(0, classes_ds.height, strip_rows):
+        window = Window(0, row_start, width, min(strip_rows, classes_ds.height - row_start))
+        classes = classes_ds.read(1, window=window)
+        scores = scores_ds.read(1, window=window) if scores_ds is not None else None
+        yield row_start, classes, scores
+
+
+def _merged_regions(found, transform: Affine) -> list[RegionPolygon]:
+    """One polygon per region: strip regions joined along their seams, mapped to the CRS."""
+    pixel_regions, region_classes, counts, sums, maxima, merges = found
     groups: dict[int, list[int]] = {}
     for region in range(len(pixel_regions)):
         groups.setdefault(merges.find(region), []).append(region)
@@ -172,19 +195,15 @@ def vectorize_class_raster(
     ]
 
 
-def _strip_regions(classes_ds, scores_ds, skip: set[int], strip_rows: int, should_cancel):
+def _strip_regions(strips, skip: set[int], should_cancel):
     """Per-strip regions (pixel-space polygons and stats) plus the seam merges between them."""
     pixel_regions: list[BaseGeometry] = []
     region_classes, counts, sums, maxima = [], [], [], []
     merges = _UnionFind()
     previous_row_ids = previous_row_classes = None
-    width = classes_ds.width
-    for row_start in range(0, classes_ds.height, strip_rows):
+    for row_start, classes, scores in strips:
         if should_cancel is not None and should_cancel():
             raise CancelledError("The run was cancelled while writing polygons; nothing was written.")
-        window = Window(0, row_start, width, min(strip_rows, classes_ds.height - row_start))
-        classes = classes_ds.read(1, window=window)
-        scores = scores_ds.read(1, window=window) if scores_ds is not None else None
         strip_ids, strip_classes = _label_strip(classes, skip)
         n = len(strip_classes)
         offset = len(pixel_regions)

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from rasterio.transform import from_origin
 
 from backend.engine.dense import dense_patch_features, normalize_pixels
+from backend.engine.encoders import TorchEncoder
+from backend.engine.feature_cache import FeatureCache
 from backend.engine.sliding import ArraySource, Segmenter, predict_window
 from backend.engine.memory import peak_rss_mb
 from backend.engine.models import LoadedModel, get_tokenizer
@@ -30,6 +32,7 @@ from backend.engine.segment import SegmentOptions, SegmentOutputs, segment_raste
 from backend.engine.text import PROMPT_TEMPLATES, TextEmbedder, encode_tokens, parse_class_lines
 
 BENCH_CLASSES = ["water, lake", "cropland, bare field", "grassland", "road", "building, roof"]
+RERUN_CLASSES = ["forest, trees", "shed", "parking lot"]
 
 
 def random_model(arch: str = "ViT-B-16", device: torch.device | str = "cpu",
@@ -71,20 +74,41 @@ def _time(fn, repeat: int = 1) -> float:
     return (time.perf_counter() - start) / repeat
 
 
-def bench_encoder(loaded, batch_size: int, batches: int) -> float:
+def bench_encoder(loaded, batch_size: int, batches: int, encoder=None) -> float:
     """Bare dense image-encoder throughput (crops/s), no I/O or post-processing."""
+    encoder = encoder or TorchEncoder(loaded.model.visual, "segearth", loaded.device)
     crops = torch.rand(batch_size, 3, 224, 224, device=loaded.device) * 255
-    amp = loaded.device.type == "cuda"
 
     @torch.inference_mode()
     def step():
-        with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-            dense_patch_features(loaded.model.visual, normalize_pixels(crops))
-        if amp:
+        encoder(normalize_pixels(crops))
+        if loaded.device.type == "cuda":
             torch.cuda.synchronize()
 
     step()  # warm-up
     return batch_size * batches / _time(lambda: [step() for _ in range(batches)])
+
+
+def bench_runtimes(loaded, batch_size: int, batches: int, torch_rate: float) -> dict:
+    """Each installed compiled runtime: bare encoder crops/s and its largest difference from torch."""
+    from backend.engine.runtimes import COMPILED, compiled_encoder, runtime_installed
+
+    found = {}
+    crops = normalize_pixels(torch.rand(batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(1)) * 255)
+    with torch.inference_mode():
+        expected = dense_patch_features(loaded.model.visual, crops)
+    for name in COMPILED:
+        if loaded.device.type != "cpu" or not runtime_installed(name):
+            continue
+        try:
+            encoder = compiled_encoder(name, loaded, "segearth")
+        except Exception as error:  # report, never fail the benchmark
+            found[name] = {"error": str(error).splitlines()[0][:200]}
+            continue
+        rate = bench_encoder(loaded, batch_size, batches, encoder)
+        diff = float((encoder(crops) - expected).abs().max())
+        found[name] = {"crops_s": rate, "vs_torch": rate / torch_rate, "max_abs_diff": diff}
+    return found
 
 
 def reference_loop(loaded, text: torch.Tensor, image: np.ndarray) -> int:
@@ -108,6 +132,11 @@ def reference_loop(loaded, text: torch.Tensor, image: np.ndarray) -> int:
                 count[y1:y2, x1:x2] += 1
     torch.softmax(acc / count * 50, dim=0).argmax(dim=0)
     return rows * cols
+
+
+def _same_raster(a: Path, b: Path) -> bool:
+    with rasterio.open(a) as first, rasterio.open(b) as second:
+        return bool(np.array_equal(first.read(), second.read()))
 
 
 def bench_text(loaded, workdir: Path) -> dict:
@@ -160,16 +189,32 @@ def run_bench(arch: str = "ViT-B-16", batch_size: int = 8, size: int = 1024, dev
         encoder = bench_encoder(loaded, batch_size, batches=3)
         results["encoder_crops_s"] = encoder
 
+        runtimes = bench_runtimes(loaded, batch_size, 3, encoder)
+        results["runtimes"] = runtimes
+
         raster = write_test_raster(work / f"bench_{size}.tif", size)
-        segment_opts = SegmentOptions(BENCH_CLASSES, batch_size=batch_size)
         TextEmbedder(loaded, cache=None).embed(["warm-up"])
-        progress_total = {}
-        start = time.perf_counter()
-        result = segment_raster(raster, segment_opts, SegmentOutputs(work / "pipe.gpkg"), loaded,
-                                progress=lambda d, t: progress_total.update(total=t))
-        pipeline_s = time.perf_counter() - start - result.timings.get("text_s", 0.0)
-        pipeline = result.tiles / pipeline_s
+
+        def timed_segment(name: str, classes: list[str], runtime: str, cache=None):
+            options = SegmentOptions(classes, batch_size=batch_size, runtime=runtime)
+            outputs = SegmentOutputs(work / f"{name}.gpkg", work / f"{name}.tif")
+            start = time.perf_counter()
+            result = segment_raster(raster, options, outputs, loaded, feature_cache=cache)
+            return result, time.perf_counter() - start
+
+        torch_run, torch_s = timed_segment("torch", BENCH_CLASSES, "torch")
+        pipeline = torch_run.tiles / (torch_s - torch_run.timings.get("text_s", 0.0))
         results["pipeline_crops_s"] = pipeline
+        cache = FeatureCache(max_bytes=2 << 30)
+        first, first_s = timed_segment("first", BENCH_CLASSES, "auto", cache)
+        auto_name = first.report["encoder"]
+        auto_rate = first.tiles / (first_s - first.timings.get("text_s", 0.0))
+        rerun, rerun_s = timed_segment("rerun", RERUN_CLASSES, "auto", cache)
+        timed_segment("same", BENCH_CLASSES, "auto", cache)
+        identical = _same_raster(work / "first.tif", work / "same.tif")
+        results.update(auto_runtime=auto_name, auto_pipeline_crops_s=auto_rate, first_run_s=first_s,
+                       rerun_new_classes_s=rerun_s, rerun_fraction=rerun_s / first_s,
+                       rerun_features=rerun.features, cached_output_identical=identical)
 
         with rasterio.open(raster) as ds:
             image = ds.read().astype(np.float32)
@@ -186,12 +231,30 @@ def run_bench(arch: str = "ViT-B-16", batch_size: int = 8, size: int = 1024, dev
         echo("")
         echo("| measurement | crops/s | ratio |")
         echo("|---|---|---|")
-        echo(f"| bare dense image encoder, batch {batch_size} | {encoder:.2f} | 1.00 (baseline) |")
-        echo(f"| `segment` pipeline, {size}x{size} GeoTIFF -> GPKG ({result.tiles} crops) | {pipeline:.2f} | "
-             f"{pipeline / encoder:.2f} of encoder |")
-        echo(f"| engine on the same image in memory | {in_memory:.2f} | {in_memory / encoder:.2f} of encoder |")
+        echo(f"| bare dense image encoder (torch), batch {batch_size} | {encoder:.2f} | 1.00 (baseline) |")
+        for name, figures in runtimes.items():
+            if "error" in figures:
+                echo(f"| bare encoder, {name} | - | could not compile: {figures['error']} |")
+            else:
+                echo(f"| bare encoder, {name} | {figures['crops_s']:.2f} | {figures['vs_torch']:.2f}x torch "
+                     f"(max diff {figures['max_abs_diff']:.1e}) |")
+        echo(f"| `segment --runtime torch`, {size}x{size} GeoTIFF -> GPKG ({torch_run.tiles} crops) | "
+             f"{pipeline:.2f} | {pipeline / encoder:.2f} of encoder |")
+        echo(f"| `segment --runtime auto` ({auto_name}), same raster | {auto_rate:.2f} | "
+             f"{auto_rate / reference:.2f}x the reference loop |")
+        echo(f"| engine on the same image in memory (torch) | {in_memory:.2f} | "
+             f"{in_memory / encoder:.2f} of encoder |")
         echo(f"| reference loop (section 4, one crop at a time) | {reference:.2f} | "
-             f"pipeline is {pipeline / reference:.2f}x faster |")
+             f"torch pipeline is {pipeline / reference:.2f}x faster |")
+        echo("")
+        echo("| re-run with new classes, feature cache in memory | seconds | ratio |")
+        echo("|---|---|---|")
+        echo(f"| first run, {len(BENCH_CLASSES)} classes ({auto_name}) | {first_s:.2f} | 1.00 (baseline) |")
+        echo(f"| re-run, {len(RERUN_CLASSES)} new classes ({rerun.features['cached']} of {rerun.tiles} crops "
+             f"cached) | {rerun_s:.2f} | {rerun_s / first_s:.3f} of the first run |")
+        cache_mb = rerun.features["cache"]["memory_bytes"] / 2**20
+        echo(f"| cache held {cache_mb:.0f} MiB; re-run with the first classes gives "
+             f"{'an identical' if identical else 'a DIFFERENT'} class raster | | |")
 
         text = bench_text(loaded, work)
         results["text"] = text

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from backend import __version__
-from backend.engine.errors import FarslipError
+from backend.engine.errors import FarslipError, InputError
 from backend.service.cli_common import ProgressReporter, fail, parse_bands
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -47,10 +47,16 @@ def segment(
                                                        "sam-vit-b), .safetensors file or model folder."),
     overwrite: bool = typer.Option(False, help="Replace existing output files."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
-    batch_size: Optional[int] = typer.Option(None, help="Crops per batch (default 8 on CPU, 32 on GPU)."),
+    batch_size: Optional[int] = typer.Option(None, help="Crops per batch (default 8 on CPU; on a GPU from its "
+                                                         "free memory)."),
+    runtime: str = typer.Option("auto", help="Image encoder runtime: auto, torch, openvino or onnxruntime "
+                                             "(auto: the fastest installed here)."),
     half: bool = typer.Option(False, "--half", help="fp16 weights and inputs on a CUDA GPU (as the RS-OVSS "
                                                     "evaluation runs); the default is fp16 autocast on CUDA "
                                                     "and fp32 on CPU."),
+    cache_features: bool = typer.Option(False, help="Keep image features on disk (STATE_DIR/features, at most "
+                                                    "--cache-mb) so a re-run with other classes skips the encoder."),
+    cache_mb: int = typer.Option(4096, help="Disk budget of --cache-features in MiB; oldest features go first."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Segment RASTER into the given classes and write georeferenced polygons."""
@@ -59,10 +65,13 @@ def segment(
         from backend.engine.presets import collect_class_lines
         from backend.engine.text import parse_class_lines
         from backend.engine.raster import open_source, request_window
+        from backend.engine.feature_cache import disk_feature_cache
         from backend.engine.segment import (SegmentOptions, SegmentOutputs, check_outputs, default_batch_size,
                                             segment_raster, segment_warnings, validate_options)
 
         lines = collect_class_lines(classes, classes_file, preset)
+        if cache_mb < 1:
+            raise InputError(f"--cache-mb must be at least 1; got {cache_mb}.")
         band_list = parse_bands(bands)
         outputs = SegmentOutputs(out, class_raster, prob_raster, overwrite)
         check_outputs(outputs)
@@ -79,14 +88,16 @@ def segment(
             typer.echo(f"Warning: {warning}", err=True)
         options = SegmentOptions(lines, bbox, bbox_crs, band_list, threshold, attention,
                                  batch_size or default_batch_size(dev), scale, gsd, min_area, simplify,
-                                 value_range, refine, sam_model)
+                                 value_range, refine, sam_model, runtime=runtime)
         validate_options(options)
         if refine == "sam":
             from backend.engine.sam_models import ensure_sam_weights
 
             ensure_sam_weights(sam_model)
+        cache = disk_feature_cache(cache_mb) if cache_features else None
         with ProgressReporter(quiet, f"segmenting {raster.name}") as reporter:
-            result = segment_raster(raster, options, outputs, loaded, progress=reporter)
+            result = segment_raster(raster, options, outputs, loaded, progress=reporter, feature_cache=cache,
+                                    notice=lambda sentence: typer.echo(f"Note: {sentence}", err=True))
     except FarslipError as error:
         fail(error)
     except KeyboardInterrupt:
@@ -98,7 +109,8 @@ def segment(
     if not quiet:
         for entry in result.classes:
             typer.echo(f"  {entry['class']:<24} {entry['polygons']:>6} polygons {entry['area_m2']:>14.1f} m²")
-        typer.echo(f"Wrote {result.outputs['vector']} ({result.tiles} tiles, "
+        cached = f", features of {result.features['cached']} cached" if result.features.get("cached") else ""
+        typer.echo(f"Wrote {result.outputs['vector']} ({result.tiles} tiles{cached}, "
                    f"{result.timings['total_s']:.1f} s); report: {result.outputs['report']}")
 
 
@@ -137,12 +149,17 @@ def presets() -> None:
 def bench(
     arch: str = typer.Option("ViT-B-16", help="open_clip architecture (random weights: speed only)."),
     batch_size: int = typer.Option(8, help="Crops per batch."),
-    size: int = typer.Option(1024, help="Side of the generated raster for the pipeline run."),
+    size: Optional[int] = typer.Option(None, help="Side of the generated raster for the pipeline run "
+                                                  "(default 1024; 4096 with --null-encoder)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
-    rss_sizes: str = typer.Option("2000,10000", help="Raster sides for the peak-memory runs ('' = skip)."),
+    rss_sizes: Optional[str] = typer.Option(None, help="Raster sides for the peak-memory runs ('' = skip; "
+                                                       "default 2000,10000; 2048,8192 with --null-encoder)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
     server: bool = typer.Option(False, "--server", help="Instead: HTTP latencies and server vs CLI overhead."),
-    train: bool = typer.Option(False, "--train", help="Instead: training throughput vs forward+backward."),
+    train: bool = typer.Option(False, "--train", help="Instead: training step time vs its bare passes."),
+    null_encoder: bool = typer.Option(False, "--null-encoder",
+                                      help="Instead: the host side alone (encoder replaced by a zero-cost "
+                                           "stand-in); Mpx/s and each stage's share of the time."),
     search: bool = typer.Option(False, "--search", help="Instead: search index build, size, memory and "
                                                         "query latency."),
     search_sides: str = typer.Option("3000,10000", help="Raster sides for the --search index runs."),
@@ -177,21 +194,29 @@ def bench(
 
         sides = tuple(int(s) for s in search_sides.split(",") if s.strip())
         results = run_search_bench(arch, sides, str(dev), echo=typer.echo)
+    elif null_encoder:
+        from .host_bench import run_host_bench
+
+        results = run_host_bench(arch, batch_size, size or 4096, str(dev), _sides(rss_sizes, "2048,8192"),
+                                 echo=typer.echo)
     elif train:
-        from backend.service.training_bench import measure_training
+        from backend.service.training_bench import format_training, measure_training
 
         from .bench import random_model
 
         results = measure_training(random_model(arch, dev), batch_size=min(batch_size, 4), steps=3)
-        for key, value in results.items():
-            typer.echo(f"{key}: {value}")
+        typer.echo(format_training(results))
     else:
         from .bench import run_bench
 
-        sides = tuple(int(s) for s in rss_sizes.split(",") if s.strip())
-        results = run_bench(arch, batch_size, size, str(dev), sides, echo=typer.echo)
+        results = run_bench(arch, batch_size, size or 1024, str(dev), _sides(rss_sizes, "2000,10000"),
+                            echo=typer.echo)
     if json_out:
         json_out.write_text(json.dumps(results, indent=2))
+
+
+def _sides(text: str | None, default: str) -> tuple[int, ...]:
+    return tuple(int(side) for side in (default if text is None else text).split(",") if side.strip())
 
 
 def _bench_server(device: str) -> dict:
@@ -228,12 +253,16 @@ def serve(
                                                               "version} (default: STATE_DIR/backend.json)."),
     state_dir: Optional[Path] = typer.Option(None, help="Job history and logs (default: $FARSLIP_HOME)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
+    feature_cache_mb: int = typer.Option(1024, help="Memory for image features kept between jobs, so that new "
+                                                    "classes on a seen extent skip the encoder (0 = off)."),
+    feature_cache_disk_mb: int = typer.Option(0, help="Also keep up to this many MiB of features on disk in "
+                                                      "STATE_DIR/features, across restarts (0 = off)."),
 ) -> None:
     """Run the local HTTP backend the QGIS plugin talks to (until Ctrl+C or SIGTERM)."""
     from .server import serve_command
 
     code = serve_command(host, port, token, str(connection_file) if connection_file else None,
-                         str(state_dir) if state_dir else None, device)
+                         str(state_dir) if state_dir else None, device, feature_cache_mb, feature_cache_disk_mb)
     if code:
         raise typer.Exit(code)
 

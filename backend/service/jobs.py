@@ -197,8 +197,9 @@ def remove_partial_outputs(outputs: list[str], written_since: str | None) -> lis
 class ModelCache:
     """Holds one loaded model; loads on first use, keeps it, swaps when a job asks for another."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, features: Any = None):
         self.device = device
+        self.features = features  # a FeatureCache shared by segment jobs (features are keyed by weights)
         self._key: tuple | None = None
         self._loaded: Any = None
         self._lock = threading.RLock()
@@ -293,10 +294,10 @@ Runner = Callable[[dict, JobControl, ModelCache], dict]
 class JobManager:
     """FIFO job queue with one worker thread; persists every job in a JobStore."""
 
-    def __init__(self, store: JobStore, runners: dict[str, Runner], device: str = "cpu"):
+    def __init__(self, store: JobStore, runners: dict[str, Runner], device: str = "cpu", features: Any = None):
         self.store = store
         self.runners = runners
-        self.models = ModelCache(device)
+        self.models = ModelCache(device, features)
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._live: dict[str, dict] = {}
         self._outputs: dict[str, list[str]] = {}
@@ -486,7 +487,8 @@ def segment_call(request: dict) -> SegmentCall:
 
     class_lines = collect_class_lines(request.get("class_lines"), preset=request.get("preset"))
     option_names = ("bbox", "bbox_crs", "bands", "threshold", "attention", "scale", "gsd_m", "min_area",
-                    "simplify", "value_range", "refine", "sam_model")
+                    "simplify", "value_range", "refine", "sam_model",
+                    "runtime")
     options = {name: request[name] for name in option_names if request.get(name) is not None}
     for name in ("bbox", "value_range"):
         if name in options:
@@ -547,6 +549,7 @@ def run_segment(request: dict, control: JobControl, models: ModelCache) -> dict:
     from backend.engine.segment import default_batch_size, segment_raster
 
     call = segment_call(request)
+    notices: list[str] = []
     control.message(f"Loading the model {call.model or 'default'}.")
     loaded = models.get(call.model, call.weights)
     if not call.options.class_lines and loaded.class_lines:
@@ -559,7 +562,8 @@ def run_segment(request: dict, control: JobControl, models: ModelCache) -> dict:
         control.message("Segmenting.")
         try:
             result = segment_raster(call.raster, call.options, call.outputs, loaded,
-                                    progress=control.progress, should_cancel=control.should_cancel)
+                                    progress=control.progress, should_cancel=control.should_cancel,
+                                    feature_cache=models.features, notice=_notice(control, notices))
             break
         except Exception as error:
             if not is_out_of_memory(error) or call.options.batch_size <= 1:
@@ -569,9 +573,21 @@ def run_segment(request: dict, control: JobControl, models: ModelCache) -> dict:
             log.warning("GPU out of memory: retrying with batch size %d", call.options.batch_size)
             control.message(f"The GPU ran out of memory; retrying with batch size {call.options.batch_size}.")
             control.restart_timing()
+    features = {key: value for key, value in result.features.items() if key != "cache"}
     return {"outputs": dict(result.outputs), "classes": list(result.classes), "run_id": result.run_id,
-            "tiles": result.tiles, "timings": dict(result.timings), "warnings": list(result.warnings),
-            "quality": dict(result.report.get("quality") or {})}
+            "tiles": result.tiles, "timings": dict(result.timings), "warnings": list(result.warnings) + notices,
+            "quality": dict(result.report.get("quality") or {}),
+            "features": features, "encoder": result.report.get("encoder")}
+
+
+def _notice(control: JobControl, notices: list[str]) -> Callable[[str], None]:
+    """Runtime fallbacks: in the log, the job's message and its result's warnings."""
+    def notice(sentence: str) -> None:
+        log.warning("%s", sentence)
+        notices.append(sentence)
+        control.message(sentence)
+
+    return notice
 
 
 # --------------------------------------------------------------------------- train jobs

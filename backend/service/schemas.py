@@ -15,6 +15,7 @@ JobState = Literal["queued", "running", "done", "failed", "cancelled", "interrup
 JobKind = Literal["segment", "train", "index", "search", "download", "evaluate"]
 Attention = Literal["segearth", "clearclip", "sclip", "maskclip", "vanilla"]
 Refine = Literal["none", "edges", "sam"]
+Runtime = Literal["auto", "torch", "openvino", "onnxruntime"]
 
 # Paths, names and class lines are short; these bounds keep a hostile body from
 # making the server hold megabytes of strings in a job record.
@@ -32,11 +33,24 @@ class DeviceInfo(BaseModel):
     free_memory_mb: int | None = None
 
 
+class FeatureCacheInfo(BaseModel):
+    """The image features the server keeps so that new classes on a seen extent skip the encoder."""
+
+    entries: int
+    memory_bytes: int
+    memory_max_bytes: int
+    disk_bytes: int
+    disk_max_bytes: int
+    hits: int
+    misses: int
+
+
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
     version: str
     device: DeviceInfo
     loaded_model: str | None = None
+    feature_cache: FeatureCacheInfo | None = None
 
 
 class ModelInfo(BaseModel):
@@ -80,6 +94,7 @@ class SegmentRequest(Strict):
     threshold: float = 0.0
     attention: Attention = "segearth"
     batch_size: int | None = Field(default=None, ge=1, le=1024)
+    runtime: Runtime = Field(default="auto", description="image encoder runtime; auto picks the fastest here")
     scale: float | None = Field(default=None, gt=0)
     gsd_m: float | None = Field(default=None, gt=0)
     min_area: float = Field(default=0.0, ge=0)
@@ -184,6 +199,9 @@ class JobResult(BaseModel):
     warnings: list[str] = Field(default_factory=list,
                                 description="Sentences worth reading, e.g. classes a fine-tuned model was "
                                             "not trained on.")
+    features: dict[str, int] | None = Field(default=None, description="segment jobs: tiles whose image features "
+                                                                       "came from the cache / the encoder")
+    encoder: str | None = Field(default=None, description="segment jobs: the runtime that ran the image encoder")
 
 
 class Job(BaseModel):

@@ -53,6 +53,7 @@ from backend.service.schemas import (
 log = logging.getLogger("farslip.server")
 
 MAX_BODY_BYTES = 1024 * 1024
+FEATURE_CACHE_MB = 1024  # ~2,600 ViT-B/16 crops: a 300 Mpx extent re-runs without the encoder
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody} for status in (400, 401, 404, 409, 413, 422)}
@@ -204,8 +205,14 @@ def _validation_sentence(error: RequestValidationError) -> str:
 
 def create_app(token: str, state_dir: Path, device: str | None = None,
                on_shutdown: Callable[[], None] | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-               runners: dict | None = None) -> FastAPI:
-    """The FastAPI app; the job store opens and the worker starts when the app starts."""
+               runners: dict | None = None, feature_cache_mb: int = FEATURE_CACHE_MB,
+               feature_cache_disk_mb: int = 0) -> FastAPI:
+    """The FastAPI app; the job store opens and the worker starts when the app starts.
+
+    Segment jobs share a feature cache of at most feature_cache_mb MiB in memory and, when
+    feature_cache_disk_mb > 0, that much on disk in STATE_DIR/features.
+    """
+    from backend.engine.feature_cache import FeatureCache
     from backend.engine.models import resolve_device
 
     state_dir = Path(state_dir)
@@ -218,7 +225,9 @@ def create_app(token: str, state_dir: Path, device: str | None = None,
 
         store = JobStore(state_dir / "jobs.sqlite")
         store.mark_interrupted()
-        manager = JobManager(store, runners if runners is not None else default_runners(), device=device)
+        features = FeatureCache(feature_cache_mb * 2**20, state_dir / "features", feature_cache_disk_mb * 2**20)
+        manager = JobManager(store, runners if runners is not None else default_runners(), device=device,
+                             features=features)
         manager.start()
         app.state.manager = manager
         log.info("backend ready: device %s, state in %s", device, state_dir)
@@ -269,8 +278,10 @@ def create_app(token: str, state_dir: Path, device: str | None = None,
 
     @v1.get("/health", response_model=Health)
     def health(request: Request):
-        return Health(version=__version__, device=device_info(device),
-                      loaded_model=manager_of(request).loaded_model)
+        manager = manager_of(request)
+        features = manager.models.features
+        return Health(version=__version__, device=device_info(device), loaded_model=manager.loaded_model,
+                      feature_cache=features.stats() if features is not None else None)
 
     @v1.get("/models", response_model=ModelList)
     def models(request: Request):
@@ -453,7 +464,7 @@ def _lock_state_dir(state_dir: Path):
 
 def serve(host: str = "127.0.0.1", port: int = 0, token: str | None = None,
           connection_file: Path | None = None, state_dir: Path | None = None, device: str | None = None,
-          log_level: str = "INFO") -> None:
+          log_level: str = "INFO", feature_cache_mb: int = FEATURE_CACHE_MB, feature_cache_disk_mb: int = 0) -> None:
     """Run the backend until SIGTERM/SIGINT: print the URL, write the connection file, serve /v1."""
     import uvicorn
 
@@ -480,7 +491,8 @@ def serve(host: str = "127.0.0.1", port: int = 0, token: str | None = None,
     def cleanup() -> None:
         remove_connection_file(connection_file, pid)
 
-    app = create_app(token, state_dir, device=device, on_shutdown=cleanup)
+    app = create_app(token, state_dir, device=device, on_shutdown=cleanup, feature_cache_mb=feature_cache_mb,
+                     feature_cache_disk_mb=feature_cache_disk_mb)
     config = uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=5,
                             lifespan="on", log_level=log_level.lower())
     server = uvicorn.Server(config)
@@ -515,12 +527,17 @@ def serve(host: str = "127.0.0.1", port: int = 0, token: str | None = None,
 
 def serve_command(host: str = "127.0.0.1", port: int = 0, token: str | None = None,
                   connection_file: str | None = None, state_dir: str | None = None,
-                  device: str = "auto") -> int:
+                  device: str = "auto", feature_cache_mb: int = FEATURE_CACHE_MB,
+                  feature_cache_disk_mb: int = 0) -> int:
     """Entry point for the CLI's `serve` command; returns the exit code."""
+    if feature_cache_mb < 0 or feature_cache_disk_mb < 0:
+        print("Error: --feature-cache-mb and --feature-cache-disk-mb must not be negative (0 turns a cache off).",
+              file=sys.stderr)
+        return 2
     try:
         serve(host, port, token or os.environ.get("FARSLIP_TOKEN") or None,
               Path(connection_file) if connection_file else None, Path(state_dir) if state_dir else None,
-              device=device)
+              device=device, feature_cache_mb=feature_cache_mb, feature_cache_disk_mb=feature_cache_disk_mb)
     except FarslipError as error:
         print(f"Error: {error}", file=sys.stderr)
         return error.exit_code

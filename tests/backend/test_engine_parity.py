@@ -20,7 +20,7 @@ CLASS_LINES = ["water, lake", "cropland, bare field", "grassland"]
 def _loaded(patch_size):
     return SimpleNamespace(model=make_tiny_clip(patch_size), tokenizer=open_clip.get_tokenizer("ViT-B-16"),
                            device=torch.device("cpu"), weights_id=f"tiny-b{patch_size}" + "0" * 40,
-                           context_length=77)
+                           context_length=77, metadata={})
 
 
 def reference_probabilities(model, text, owner, image):

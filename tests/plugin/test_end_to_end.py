@@ -94,6 +94,13 @@ def test_segmenting_from_the_dock_loads_a_styled_layer_above_the_raster(dock, na
     assert QgsVectorLayer(geopackage, "gpkg", "ogr").featureCount() == vector.featureCount()
 
 
+def test_a_second_run_with_other_classes_says_features_cached(dock):
+    assert run_dock_job(dock) == "done", dock.last_error
+    dock.form.classesEdit.setPlainText("forest, trees\nbuilding")
+    assert run_dock_job(dock) == "done", dock.last_error
+    assert dock.form.statusLabel.text().endswith("; features cached.")
+
+
 def test_a_layer_that_is_not_a_local_file_is_copied_to_a_geotiff_first(dock, naip_layer):
     # A virtual raster (QGIS raster calculator provider) has no file the backend could open.
     extent = naip_layer.extent()

@@ -1,0 +1,176 @@
+"""Dense patch features kept between runs, so that new classes on the same extent skip the image encoder.
+
+A crop's patch features depend on the pixels it sees and on the encoder, never on the classes.
+They are keyed by a *scope* (the raster file's identity, the processing grid that turns its bands
+into RGB, the weights' sha256, the attention variant and the runtime) and the crop's place on the
+grid. A run on the same or an overlapping extent with other classes then only pays for the text,
+the blending and the polygons. Features are stored exactly (float32), so a cached run writes the
+same output as an uncached one.
+
+Memory is a bounded LRU (the server keeps one for its lifetime); an optional disk tier (bounded,
+oldest files removed first) survives restarts and serves the command line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+CropKey = tuple[int, int, int, int]  # (row, col, height, width) of the crop on the processing grid
+
+
+def raster_scope(source, weights_id: str, attention: str, encoder_name: str) -> str:
+    """What, besides the crop's place, the features of a crop of `source` depend on."""
+    stat = os.stat(source.path)
+    identity = {
+        "file": str(Path(source.path).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+        "grid": [source.height, source.width], "scale": source.scale, "bands": list(source.bands),
+        "value_range": [list(r) for r in source.value_range] if source.value_range else None,
+        "palette": getattr(source, "palette", None) is not None,
+        "weights": weights_id, "attention": attention, "encoder": encoder_name,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+
+
+class FeatureCache:
+    """Crop features in memory (LRU, at most `max_bytes`) and optionally on disk (at most `disk_max_bytes`)."""
+
+    def __init__(self, max_bytes: int = 1 << 30, folder: str | os.PathLike | None = None,
+                 disk_max_bytes: int = 0):
+        self.max_bytes = int(max_bytes)
+        self.folder = Path(folder) if folder and disk_max_bytes > 0 else None
+        self.disk_max_bytes = int(disk_max_bytes) if self.folder else 0
+        self._memory: OrderedDict[tuple[str, CropKey], np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._disk: OrderedDict[Path, int] = OrderedDict()  # oldest first
+        self._disk_bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+        if self.folder is not None:
+            self._scan_disk()
+
+    # -- public
+
+    def get(self, scope: str, crop: CropKey) -> np.ndarray | None:
+        key = (scope, crop)
+        with self._lock:
+            found = self._memory.get(key)
+            if found is not None:
+                self._memory.move_to_end(key)
+                self.hits += 1
+                return found
+        found = self._load(scope, crop)
+        with self._lock:
+            if found is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self._remember(key, found)
+        return found
+
+    def put(self, scope: str, crop: CropKey, features: np.ndarray) -> None:
+        features = np.ascontiguousarray(features, dtype=np.float32)
+        with self._lock:
+            self._remember((scope, crop), features)
+        if self.folder is not None:
+            self._store(scope, crop, features)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"entries": len(self._memory), "memory_bytes": self._bytes, "memory_max_bytes": self.max_bytes,
+                    "disk_bytes": self._disk_bytes, "disk_max_bytes": self.disk_max_bytes,
+                    "disk_folder": str(self.folder) if self.folder else None,
+                    "hits": self.hits, "misses": self.misses}
+
+    def clear(self) -> None:
+        with self._lock:
+            self._memory.clear()
+            self._bytes = 0
+
+    # -- memory tier
+
+    def _remember(self, key, features: np.ndarray) -> None:
+        if features.nbytes > self.max_bytes:
+            return
+        old = self._memory.pop(key, None)
+        if old is not None:
+            self._bytes -= old.nbytes
+        self._memory[key] = features
+        self._bytes += features.nbytes
+        while self._bytes > self.max_bytes:
+            _, evicted = self._memory.popitem(last=False)
+            self._bytes -= evicted.nbytes
+
+    # -- disk tier: one .npy per crop under folder/scope/
+
+    def _path(self, scope: str, crop: CropKey) -> Path:
+        return self.folder / scope / ("_".join(str(v) for v in crop) + ".npy")
+
+    def _scan_disk(self) -> None:
+        files = []
+        for path in self.folder.glob("*/*.npy"):
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            files.append((stat.st_mtime_ns, path, stat.st_size))
+        for _, path, size in sorted(files):
+            self._disk[path] = size
+            self._disk_bytes += size
+        self._trim_disk()
+
+    def _load(self, scope: str, crop: CropKey) -> np.ndarray | None:
+        if self.folder is None:
+            return None
+        path = self._path(scope, crop)
+        try:
+            features = np.load(path, allow_pickle=False)
+            os.utime(path)
+        except (OSError, ValueError):
+            return None
+        with self._lock:
+            if path in self._disk:
+                self._disk.move_to_end(path)
+        return features
+
+    def _store(self, scope: str, crop: CropKey, features: np.ndarray) -> None:
+        path = self._path(scope, crop)
+        temp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(temp, "wb") as handle:
+                np.save(handle, features, allow_pickle=False)
+            os.replace(temp, path)
+            size = path.stat().st_size
+        except OSError:
+            temp.unlink(missing_ok=True)  # a full or read-only disk only costs the cache, never the run
+            return
+        with self._lock:
+            self._disk_bytes += size - self._disk.pop(path, 0)
+            self._disk[path] = size
+            self._trim_disk()
+
+    def _trim_disk(self) -> None:
+        while self._disk_bytes > self.disk_max_bytes and self._disk:
+            path, size = self._disk.popitem(last=False)
+            self._disk_bytes -= size
+            try:
+                path.unlink()
+                if not any(path.parent.iterdir()):
+                    path.parent.rmdir()
+            except OSError:
+                pass
+
+
+def disk_feature_cache(disk_mb: int) -> FeatureCache:
+    """The command line's cache: nothing kept in memory past a batch, up to `disk_mb` MiB in STATE_DIR/features."""
+    from .paths import state_dir
+
+    return FeatureCache(max_bytes=0, folder=state_dir() / "features", disk_max_bytes=int(disk_mb) * 2**20)

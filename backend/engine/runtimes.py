@@ -1,0 +1,190 @@
+"""Faster CPU runtimes for the image encoder: OpenVINO and ONNX Runtime, torch eager as the reference.
+
+The dense vision tower (with its training-free last block) is exported once per (weights sha256,
+attention variant, crop size) into the cache folder and reused by later runs. An export is kept
+only if it reproduces torch within EXPORT_TOLERANCE on a check batch. Anything that goes wrong
+(runtime not installed, export or compile failure, a result too far from torch) falls back to
+torch with a one-line notice: a run never fails because of its runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .encoders import DenseTower, Encoder, TorchEncoder, crop_size
+from .paths import cache_dir
+
+log = logging.getLogger("farslip.runtimes")
+
+RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")
+COMPILED = ("openvino", "onnxruntime")
+EXPORT_TOLERANCE = 1e-4
+EXTRA_HINT = "pip install 'farslip-qgis[cpu-runtimes]'"
+AUTO_MIN_CROPS = 32  # below this, a first export would cost more than it saves
+
+
+def runtime_installed(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def exports_dir() -> Path:
+    return cache_dir() / "encoders"
+
+
+class CompiledEncoder:
+    """A compiled encoder for full-size crops; other crop sizes (rasters smaller than a crop) use torch."""
+
+    def __init__(self, name: str, infer: Callable[[np.ndarray], np.ndarray], crop: int, fallback: TorchEncoder):
+        self.name = name
+        self.infer = infer
+        self.crop = crop
+        self.fallback = fallback
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        if tuple(pixels.shape[-2:]) != (self.crop, self.crop):
+            return self.fallback(pixels)
+        return torch.from_numpy(self.infer(np.ascontiguousarray(pixels.cpu().numpy(), dtype=np.float32)))
+
+
+def _onnx_file(tower: DenseTower, example: torch.Tensor, folder: Path) -> Path:
+    """The dense tower as ONNX (batch dimension free), exported once; both runtimes read it."""
+    path = folder / "encoder.onnx"
+    if path.exists():
+        return path
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on Python-level shape checks
+            torch.onnx.export(tower, (example,), str(temp), input_names=["pixels"], output_names=["features"],
+                              dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}},
+                              opset_version=17, dynamo=False)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+    return path
+
+
+def _openvino(onnx_path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    import openvino as ov
+
+    core = ov.Core()
+    core.set_property({"CACHE_DIR": str(onnx_path.parent / "openvino")})  # compiled blobs: later starts are quick
+    compiled = core.compile_model(core.read_model(str(onnx_path)), "CPU",
+                                  {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+
+    def infer(pixels: np.ndarray) -> np.ndarray:
+        return np.array(request.infer({0: pixels})[0], dtype=np.float32, copy=True)
+
+    return infer
+
+
+def _onnxruntime(onnx_path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+    def infer(pixels: np.ndarray) -> np.ndarray:
+        return session.run(None, {"pixels": pixels})[0]
+
+    return infer
+
+
+BUILDERS = {"openvino": _openvino, "onnxruntime": _onnxruntime}
+
+
+def _checked(name: str, infer, tower: DenseTower, example: torch.Tensor, folder: Path) -> None:
+    """Compare with torch once per export; remember the verdict beside the exported files."""
+    verdict_path = folder / f"check-{name}.json"
+    if verdict_path.exists():
+        verdict = json.loads(verdict_path.read_text())
+    else:
+        with torch.inference_mode():
+            expected = tower(example).numpy()
+        difference = float(np.abs(infer(example.numpy()) - expected).max())
+        verdict = {"runtime": name, "max_abs_diff": difference, "ok": difference <= EXPORT_TOLERANCE}
+        verdict_path.write_text(json.dumps(verdict))
+    if not verdict["ok"]:
+        raise RuntimeError(f"its features differ from torch by {verdict['max_abs_diff']:.1e} "
+                           f"(more than {EXPORT_TOLERANCE:g})")
+
+
+def compiled_encoder(name: str, loaded, attention: str) -> CompiledEncoder:
+    """Export (or reuse) and compile the dense tower for `name`; raises on any failure."""
+    visual = loaded.model.visual
+    crop = crop_size(visual)
+    folder = exports_dir() / f"{loaded.weights_id[:24]}-{attention}-{crop}"
+    folder.mkdir(parents=True, exist_ok=True)
+    tower = DenseTower(visual, attention).eval()
+    example = torch.rand(2, 3, crop, crop, generator=torch.Generator().manual_seed(0)) * 4 - 2
+    infer = BUILDERS[name](_onnx_file(tower, example, folder))
+    _checked(name, infer, tower, example, folder)
+    return CompiledEncoder(name, infer, crop, TorchEncoder(visual, attention, torch.device("cpu")))
+
+
+def pick_runtime(runtime: str, device: torch.device, crops: int | None = None) -> list[str]:
+    """Runtimes to try in order for `runtime` on `device` (torch always last).
+
+    auto: on the CPU the installed compiled runtimes, fastest first, when the run is large enough
+    (AUTO_MIN_CROPS) to repay a first export; on a GPU torch with fp16 autocast.
+    """
+    if device.type != "cpu":
+        return ["torch"]  # the compiled runtimes here are CPU builds
+    if runtime == "auto":
+        if crops is not None and crops < AUTO_MIN_CROPS:
+            return ["torch"]
+        return [name for name in COMPILED if runtime_installed(name)] + ["torch"]
+    return [runtime, "torch"] if runtime in COMPILED else ["torch"]
+
+
+_ENCODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(runtimes, attention, half): encoder}
+
+
+def make_encoder(loaded, attention: str, runtime: str = "auto", half: bool | None = None,
+                 notice: Callable[[str], None] | None = None, crops: int | None = None) -> Encoder:
+    """The image encoder for `runtime` (auto, torch, openvino, onnxruntime), falling back to torch.
+
+    Kept per loaded model, so a server compiles once and later jobs start at once.
+    """
+    assert runtime in RUNTIMES, runtime
+    device = loaded.device
+    if runtime in COMPILED and device.type != "cpu" and notice is not None:
+        notice(f"--runtime {runtime} runs on the CPU only; using torch on {device}.")
+    candidates = pick_runtime(runtime, device, crops)
+    known = _ENCODERS.setdefault(loaded.model, {})
+    key = (tuple(candidates), attention, half)
+    if key not in known:
+        known[key] = _build_encoder(loaded, attention, candidates, half, notice)
+    return known[key]
+
+
+def _build_encoder(loaded, attention: str, candidates: list[str], half: bool | None,
+                   notice: Callable[[str], None] | None) -> Encoder:
+    for name in candidates:
+        if name == "torch":
+            break
+        if not runtime_installed(name):
+            if notice is not None:
+                notice(f"{name} is not installed; using torch ({EXTRA_HINT}).")
+            continue
+        try:
+            return compiled_encoder(name, loaded, attention)
+        except Exception as error:  # an exporter or compiler failure must never fail the run
+            log.warning("runtime %s unavailable", name, exc_info=True)
+            if notice is not None:
+                notice(f"{name} could not compile the model ({str(error).splitlines()[0][:160]}); using torch.")
+    return TorchEncoder(loaded.model.visual, attention, loaded.device, half)

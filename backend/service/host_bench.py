@@ -1,0 +1,108 @@
+"""`farslip bench --null-encoder`: how fast everything around the model runs (the host side).
+
+The image encoder is replaced by a zero-cost stand-in with the right output shape (encoders.
+NullEncoder), so the figure is what a fast GPU would leave: reading, normalising, the text
+similarity, upsampling, blending, softmax, class and score rasters, polygons, files. Memory
+is measured in child processes at two raster sizes, to show it stays flat.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from backend.engine.encoders import NullEncoder
+from backend.engine.memory import peak_rss_mb
+from backend.engine.segment import SegmentOptions, SegmentOutputs, segment_raster
+from backend.engine.text import TextEmbedder
+
+from .bench import BENCH_CLASSES, random_model, write_test_raster
+
+# Stages of a segment run, as segment_raster times them (seconds). "read" runs in its own thread,
+# beside the others; "read_wait" is the part of it the main thread waited for.
+STAGE_NAMES = {
+    "read_s": "read + stretch (background thread)", "read_wait_s": "waiting for the read",
+    "encode_s": "encoder (null) + normalise", "blend_s": "text similarity, upsample, blend",
+    "finish_s": "softmax, classes, scores", "write_blocks_s": "class/score raster blocks",
+    "vectorize_s": "polygonise", "write_s": "write polygons",
+}
+
+
+def host_run(raster: Path, out_dir: Path, arch: str, device: str, batch_size: int) -> dict:
+    """One segment run of `raster` with the null encoder; figures as a dict."""
+    loaded = random_model(arch, torch.device(device))
+    encoder = NullEncoder(loaded.model.visual, loaded.device)
+    TextEmbedder(loaded, cache=None).embed(BENCH_CLASSES)  # text is not the host side's cost
+    options = SegmentOptions(BENCH_CLASSES, batch_size=batch_size, runtime="torch")
+    outputs = SegmentOutputs(out_dir / "host.gpkg", out_dir / "host_classes.tif", overwrite=True)
+    started = time.perf_counter()
+    result = segment_raster(raster, options, outputs, loaded, encoder=encoder)
+    seconds = time.perf_counter() - started
+    pixels = result.report["pixel_window"]["height"] * result.report["pixel_window"]["width"]
+    return {"pixels": pixels, "seconds": seconds, "host_mpx_per_s": pixels / seconds / 1e6,
+            "tiles": result.tiles, "timings": result.timings, "peak_rss_mb": peak_rss_mb(),
+            "polygons": sum(c["polygons"] for c in result.classes)}
+
+
+def _child(raster: Path, out_dir: Path, arch: str, device: str, batch_size: int) -> dict:
+    args = [sys.executable, "-m", "backend.service.host_bench", str(raster), str(out_dir), arch, device,
+            str(batch_size)]
+    out = subprocess.run(args, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"host benchmark run failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_host_bench(arch: str = "ViT-B-16", batch_size: int = 8, size: int = 4096, device: str = "cpu",
+                   memory_sizes: tuple[int, ...] = (2048, 8192), echo=print) -> dict:
+    results: dict = {"arch": arch, "device": device, "batch_size": batch_size, "threads": torch.get_num_threads()}
+    with tempfile.TemporaryDirectory(prefix="farslip-bench-") as tmp:
+        work = Path(tmp)
+        echo(f"# farslip bench --null-encoder: {arch} output shape, {device}, batch {batch_size}, "
+             f"{torch.get_num_threads()} threads")
+        raster = write_test_raster(work / f"host_{size}.tif", size)
+        run = _child(raster, work, arch, device, batch_size)
+        results.update(host_mpx_per_s=run["host_mpx_per_s"], seconds=run["seconds"], pixels=run["pixels"],
+                       tiles=run["tiles"], polygons=run["polygons"], timings=run["timings"])
+        echo("")
+        echo(f"| host side, {size}x{size} GeoTIFF -> GPKG + class raster ({run['tiles']} crops, "
+             f"{run['polygons']} polygons) | seconds | share of wall time |")
+        echo("|---|---|---|")
+        wall = run["seconds"]
+        shares = {}
+        for key, label in STAGE_NAMES.items():
+            seconds = run["timings"].get(key, 0.0)
+            shares[key] = seconds / wall
+            echo(f"| {label} | {seconds:.2f} | {seconds / wall:.1%} |")
+        other = wall - sum(run["timings"].get(k, 0.0) for k in STAGE_NAMES if k != "read_s")
+        echo(f"| everything else (text, setup, Python) | {other:.2f} | {other / wall:.1%} |")
+        echo(f"| **total** | {wall:.2f} | **{run['host_mpx_per_s']:.1f} Mpx/s** |")
+        results["stage_share"] = shares
+        if memory_sizes:
+            echo("")
+            echo("| peak RSS, null encoder | MiB | Mpx/s |")
+            echo("|---|---|---|")
+            memory = {}
+            for side in memory_sizes:
+                path = write_test_raster(work / f"mem_{side}.tif", side)
+                memory[side] = _child(path, work, arch, device, batch_size)
+                echo(f"| {side}x{side} ({side * side / 1e6:.0f} Mpx) | {memory[side]['peak_rss_mb']:.0f} | "
+                     f"{memory[side]['host_mpx_per_s']:.1f} |")
+                path.unlink()
+            sides = sorted(memory)
+            ratio = memory[sides[-1]]["peak_rss_mb"] / memory[sides[0]]["peak_rss_mb"]
+            echo(f"\npeak RSS ratio {ratio:.2f} for {(sides[-1] / sides[0]) ** 2:.0f}x the pixels")
+            results["memory"] = {str(k): {"peak_rss_mb": v["peak_rss_mb"], "host_mpx_per_s": v["host_mpx_per_s"]}
+                                 for k, v in memory.items()}
+    return results
+
+
+if __name__ == "__main__":
+    raster_arg, out_arg, arch_arg, device_arg, batch_arg = sys.argv[1:6]
+    print(json.dumps(host_run(Path(raster_arg), Path(out_arg), arch_arg, device_arg, int(batch_arg))))

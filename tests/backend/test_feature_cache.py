@@ -1,0 +1,118 @@
+"""Re-runs with new classes reuse the image features: same output as an uncached run, bounded memory and disk."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+from tinymodels import make_tiny_clip, save_plain
+from typer.testing import CliRunner
+
+from backend.engine.feature_cache import FeatureCache
+from backend.engine.models import load_model
+from backend.engine.segment import SegmentOptions, SegmentOutputs, segment_raster
+from backend.service.cli import app
+
+FIRST = ["water, lake", "cropland", "road"]
+SECOND = ["building, roof", "forest", "shed"]
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    return load_model(str(save_plain(make_tiny_clip(16), tmp_path_factory.mktemp("m") / "tiny.pt")))
+
+
+def write_raster(path: Path, seed: int = 0, size: int = 400) -> Path:
+    rgb = np.random.default_rng(seed).integers(0, 255, (3, size, size), dtype=np.uint8)
+    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500000, 5000000, 2.0, 2.0)) as ds:
+        ds.write(rgb)
+    return path
+
+
+def run(raster, loaded, classes, out: Path, cache=None, bbox=None):
+    options = SegmentOptions(classes, bbox=bbox, runtime="torch")
+    outputs = SegmentOutputs(out / "result.gpkg", out / "classes.tif", out / "probs.tif")
+    out.mkdir()
+    return segment_raster(raster, options, outputs, loaded, feature_cache=cache)
+
+
+def read(path: Path) -> np.ndarray:
+    with rasterio.open(path) as ds:
+        return ds.read()
+
+
+def test_rerun_with_new_classes_skips_the_encoder_and_writes_what_an_uncached_run_writes(loaded, tmp_path):
+    raster = write_raster(tmp_path / "image.tif")
+    cache = FeatureCache(max_bytes=64 * 2**20)
+    first = run(raster, loaded, FIRST, tmp_path / "first", cache)
+    assert first.features["cached"] == 0 and first.features["encoded"] == first.tiles
+    cached = run(raster, loaded, SECOND, tmp_path / "cached", cache)
+    assert cached.features["cached"] == cached.tiles and cached.features["encoded"] == 0
+    uncached = run(raster, loaded, SECOND, tmp_path / "uncached")
+    assert np.array_equal(read(tmp_path / "cached" / "classes.tif"), read(tmp_path / "uncached" / "classes.tif"))
+    np.testing.assert_array_equal(read(tmp_path / "cached" / "probs.tif"), read(tmp_path / "uncached" / "probs.tif"))
+    assert cached.classes == uncached.classes
+    assert cached.report["features"]["cache"]["memory_bytes"] <= 64 * 2**20
+
+
+def test_an_overlapping_extent_reuses_the_crops_it_shares(loaded, tmp_path):
+    raster = write_raster(tmp_path / "image.tif", size=800)
+    cache = FeatureCache()
+    run(raster, loaded, FIRST, tmp_path / "left", cache, bbox=(500000, 4999700, 500300, 5000000))
+    shifted = run(raster, loaded, SECOND, tmp_path / "shifted", cache, bbox=(500200, 4999700, 500800, 5000000))
+    assert 0 < shifted.features["cached"] < shifted.tiles
+    assert shifted.features["encoded"] > 0
+
+
+def test_a_rewritten_raster_is_not_served_stale_features(loaded, tmp_path):
+    raster = write_raster(tmp_path / "image.tif", seed=0)
+    cache = FeatureCache()
+    run(raster, loaded, FIRST, tmp_path / "before", cache)
+    write_raster(raster, seed=1)
+    after = run(raster, loaded, FIRST, tmp_path / "after", cache)
+    assert after.features["cached"] == 0
+
+
+def test_memory_is_bounded_and_the_least_recently_used_crop_goes_first():
+    cache = FeatureCache(max_bytes=3 * 14 * 14 * 64 * 4)
+    crops = [(0, i * 112, 224, 224) for i in range(4)]
+    for crop in crops[:3]:
+        cache.put("scope", crop, np.full((14, 14, 64), crop[1], np.float32))
+    assert cache.get("scope", crops[0]) is not None  # now the most recently used
+    cache.put("scope", crops[3], np.zeros((14, 14, 64), np.float32))
+    stats = cache.stats()
+    assert stats["entries"] == 3 and stats["memory_bytes"] <= stats["memory_max_bytes"]
+    assert cache.get("scope", crops[1]) is None
+    assert cache.get("scope", crops[0])[0, 0, 0] == 0.0 and cache.get("scope", crops[2])[0, 0, 0] == 224
+
+
+def test_disk_tier_survives_a_new_cache_and_stays_within_its_budget(tmp_path):
+    entry = np.ones((14, 14, 64), np.float32)
+    budget = 3 * (entry.nbytes + 200)
+    cache = FeatureCache(max_bytes=0, folder=tmp_path, disk_max_bytes=budget)
+    for i in range(5):
+        cache.put("scope", (0, i, 224, 224), entry * i)
+    files = list(tmp_path.glob("*/*.npy"))
+    assert len(files) == 3 and sum(f.stat().st_size for f in files) <= budget
+    reopened = FeatureCache(max_bytes=0, folder=tmp_path, disk_max_bytes=budget)
+    assert reopened.get("scope", (0, 0, 224, 224)) is None
+    np.testing.assert_array_equal(reopened.get("scope", (0, 4, 224, 224)), entry * 4)
+    assert reopened.stats()["disk_bytes"] <= budget
+
+
+def test_cli_cache_features_makes_the_second_run_skip_the_encoder(loaded, tmp_path):
+    model = tmp_path / "tiny.pt"
+    save_plain(make_tiny_clip(16), model)
+    raster = write_raster(tmp_path / "image.tif")
+    runner = CliRunner()
+    args = ["segment", str(raster), "--model", str(model), "--cache-features", "--overwrite"]
+    first = runner.invoke(app, [*args, "-c", "water", "-c", "road", "-o", str(tmp_path / "a.gpkg")])
+    assert first.exit_code == 0, first.output
+    assert "cached" not in first.output
+    second = runner.invoke(app, [*args, "-c", "forest", "-c", "shed", "-o", str(tmp_path / "b.gpkg")])
+    assert second.exit_code == 0, second.output
+    assert "features of 9 cached" in second.output
+    bad = runner.invoke(app, [*args, "-c", "forest", "--cache-mb", "0", "-o", str(tmp_path / "c.gpkg")])
+    assert bad.exit_code == 2 and "--cache-mb must be at least 1" in bad.output

@@ -1,0 +1,133 @@
+"""Encoder runtimes: OpenVINO / ONNX Runtime match torch, fall back with one line, and the GPU path's choices."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.transform import from_origin
+from tinymodels import make_tiny_clip, save_plain
+from typer.testing import CliRunner
+
+from backend.engine import runtimes
+from backend.engine.dense import dense_patch_features, normalize_pixels
+from backend.engine.encoders import NullEncoder, TorchEncoder, autocast_enabled
+from backend.engine.models import load_model
+from backend.engine.segment import SegmentOptions, SegmentOutputs, default_batch_size, segment_raster
+from backend.service.cli import app
+
+CLASSES = ["water, lake", "cropland", "road"]
+
+
+def tiny_loaded(seed: int):
+    return SimpleNamespace(model=make_tiny_clip(16, seed=seed), device=torch.device("cpu"),
+                           weights_id=f"tiny-runtime-{seed}".ljust(40, "0"))
+
+
+def crops(count: int = 3) -> torch.Tensor:
+    return normalize_pixels(torch.rand(count, 3, 224, 224, generator=torch.Generator().manual_seed(5)) * 255)
+
+
+@pytest.mark.parametrize("name", ["openvino", "onnxruntime"])
+def test_compiled_runtime_matches_torch_within_1e_4(name):
+    loaded = tiny_loaded(1)
+    notes = []
+    encoder = runtimes.make_encoder(loaded, "segearth", name, notice=notes.append)
+    assert encoder.name == name and notes == []
+    pixels = crops()
+    with torch.inference_mode():
+        expected = dense_patch_features(loaded.model.visual, pixels)
+    got = encoder(pixels)
+    assert got.shape == expected.shape
+    assert float((got - expected).abs().max()) < 1e-4
+    # The export is on disk, keyed by weights, attention and crop size; a second variant gets its own.
+    assert any(runtimes.exports_dir().glob("tiny-runtime-1*-segearth-224/encoder.onnx"))
+    runtimes.make_encoder(loaded, "clearclip", name)
+    assert any(runtimes.exports_dir().glob("tiny-runtime-1*-clearclip-224/encoder.onnx"))
+
+
+def test_a_missing_runtime_falls_back_to_torch_with_one_line(monkeypatch):
+    monkeypatch.setattr(runtimes, "runtime_installed", lambda name: False)
+    notes = []
+    encoder = runtimes.make_encoder(tiny_loaded(2), "segearth", "openvino", notice=notes.append)
+    assert encoder.name == "torch"
+    assert notes == ["openvino is not installed; using torch (pip install 'farslip-qgis[cpu-runtimes]')."]
+
+
+def test_a_runtime_that_cannot_compile_falls_back_to_torch(monkeypatch):
+    def broken(path):
+        raise RuntimeError("unsupported operator Foo\nlong details")
+
+    monkeypatch.setitem(runtimes.BUILDERS, "onnxruntime", broken)
+    notes = []
+    encoder = runtimes.make_encoder(tiny_loaded(3), "segearth", "onnxruntime", notice=notes.append)
+    assert encoder.name == "torch"
+    assert notes == ["onnxruntime could not compile the model (unsupported operator Foo); using torch."]
+
+
+def test_auto_uses_torch_for_small_runs_and_on_a_gpu():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert runtimes.pick_runtime("auto", cpu, crops=4) == ["torch"]
+    assert runtimes.pick_runtime("auto", cpu, crops=500)[-1] == "torch"
+    assert runtimes.pick_runtime("auto", cpu, crops=500)[0] == "openvino"
+    assert runtimes.pick_runtime("auto", cuda, crops=500) == ["torch"]
+    assert runtimes.pick_runtime("openvino", cuda) == ["torch"]
+
+
+def test_fp16_autocast_is_for_cuda_only_and_the_cpu_stays_exact():
+    assert autocast_enabled(torch.device("cuda"), None) is True
+    assert autocast_enabled(torch.device("cuda"), False) is False
+    assert autocast_enabled(torch.device("cpu"), True) is False
+    loaded = tiny_loaded(4)
+    encoder = TorchEncoder(loaded.model.visual, "segearth", torch.device("cpu"), half=True)
+    assert encoder.name == "torch"
+    pixels = crops(2)
+    with torch.inference_mode():
+        assert torch.equal(encoder(pixels), dense_patch_features(loaded.model.visual, pixels))
+
+
+def test_gpu_batch_size_follows_free_memory(monkeypatch):
+    assert default_batch_size(torch.device("cpu")) == 8
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * 2**30, 16 * 2**30))
+    assert default_batch_size(torch.device("cuda")) == 170
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (64 * 2**20, 16 * 2**30))
+    assert default_batch_size(torch.device("cuda")) == 8
+
+
+def test_null_encoder_has_the_encoder_output_shape():
+    loaded = tiny_loaded(5)
+    pixels = crops(2)
+    null = NullEncoder(loaded.model.visual, torch.device("cpu"))(pixels)
+    with torch.inference_mode():
+        real = dense_patch_features(loaded.model.visual, pixels)
+    assert null.shape == real.shape
+    assert torch.allclose(null.norm(dim=-1), torch.ones(null.shape[:-1]), atol=1e-5)
+
+
+def test_segment_with_a_compiled_runtime_matches_torch(tmp_path):
+    loaded = load_model(str(save_plain(make_tiny_clip(16, seed=6), tmp_path / "tiny.pt")))
+    raster = tmp_path / "image.tif"
+    rgb = np.random.default_rng(0).integers(0, 255, (3, 300, 300), dtype=np.uint8)
+    with rasterio.open(raster, "w", driver="GTiff", width=300, height=300, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500000, 5000000, 2.0, 2.0)) as ds:
+        ds.write(rgb)
+    probs = {}
+    for name in ("torch", "onnxruntime"):
+        out = tmp_path / name
+        out.mkdir()
+        result = segment_raster(raster, SegmentOptions(CLASSES, runtime=name),
+                                SegmentOutputs(out / "r.gpkg", prob_raster=out / "p.tif"), loaded)
+        assert result.report["encoder"] == name
+        with rasterio.open(out / "p.tif") as ds:
+            probs[name] = ds.read()
+    assert np.nanmax(np.abs(probs["torch"] - probs["onnxruntime"])) < 1e-4
+
+
+def test_unknown_runtime_is_a_clear_error(tmp_path, shared_data):
+    model = save_plain(make_tiny_clip(16), tmp_path / "tiny.pt")
+    result = CliRunner().invoke(app, ["segment", str(shared_data / "naip_2020_5m.tif"), "--model", str(model),
+                                      "-c", "water", "--runtime", "tensorrt", "-o", str(tmp_path / "x.gpkg")])
+    assert result.exit_code == 2
+    assert "Unknown runtime 'tensorrt'; use one of auto, torch, openvino, onnxruntime." in result.output
+    assert not (tmp_path / "x.gpkg").exists()
