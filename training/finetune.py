@@ -274,7 +274,7 @@ class Trainer:
             if self.options.augment and rng.integers(2):
                 rgb = rgb[:, :, ::-1]
             crops.append(resize_square(torch.from_numpy(np.ascontiguousarray(rgb))[None].to(self.device),
-                                 self.input_px))
+                                       self.input_px))
             ids.append(int(class_id))
         if len(set(ids)) < 2:
             return None
