@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -149,23 +150,30 @@ def _box_masks(sam, embedding, prompts, shape):
     return masks, [0.9] * len(prompts)
 
 
-def test_object_crossing_a_sam_window_border_is_one_polygon(tmp_path, tiny_sam):
-    sam = load_sam(str(tiny_sam))
-    size = 400
-    truth = np.zeros((size, size), np.uint8)
-    truth[100:180, 150:350] = 1                   # crosses the core border at column 200 (windows 0 and 144)
-    valid = np.ones((size, size), bool)
+def _coarse_scene_files(folder: Path, truth: np.ndarray):
+    """A scene's image and its coarse class and probability rasters, as the engine leaves them for SAM."""
+    size = truth.shape[0]
+    valid = np.ones(truth.shape, bool)
     probs = coarse_probabilities(truth, valid, 2)
     rgb = np.where(truth == 1, 200.0, 60.0)[None].repeat(3, axis=0).astype(np.float32)
     profile = {"driver": "GTiff", "width": size, "height": size, "crs": "EPSG:32633",
                "transform": from_origin(0, size, 1, 1)}
-    class_path, prob_path, refined_path = tmp_path / "c.tif", tmp_path / "p.tif", tmp_path / "r.tif"
+    class_path, prob_path, refined_path = folder / "c.tif", folder / "p.tif", folder / "r.tif"
     for path in (class_path, refined_path):
         with rasterio.open(path, "w", count=1, dtype="uint8", nodata=255, **profile) as ds:
             ds.write(probs.argmax(axis=0).astype(np.uint8), 1)
     with rasterio.open(prob_path, "w", count=2, dtype="float32", **profile) as ds:
         ds.write(probs)
-    stats = refine_with_sam(sam, ArraySource(rgb), PixelWindow(0, 0, size, size), class_path, prob_path,
+    return ArraySource(rgb), probs, class_path, prob_path, refined_path
+
+
+def test_object_crossing_a_sam_window_border_is_one_polygon(tmp_path, tiny_sam):
+    sam = load_sam(str(tiny_sam))
+    size = 400
+    truth = np.zeros((size, size), np.uint8)
+    truth[100:180, 150:350] = 1                   # crosses the core border at column 200 (windows 0 and 144)
+    source, probs, class_path, prob_path, refined_path = _coarse_scene_files(tmp_path, truth)
+    stats = refine_with_sam(sam, source, PixelWindow(0, 0, size, size), class_path, prob_path,
                             refined_path, SamSettings(), mask_predictor=_box_masks)
     assert stats.windows == 4 and stats.kept >= 2
     objects = [r for r in vectorize_class_raster(refined_path) if r.class_id == 1]
@@ -175,6 +183,25 @@ def test_object_crossing_a_sam_window_border_is_one_polygon(tmp_path, tiny_sam):
     coarse_iou = ((probs.argmax(0) == 1) & (truth == 1)).sum() / ((probs.argmax(0) == 1) | (truth == 1)).sum()
     refined_iou = ((refined == 1) & (truth == 1)).sum() / ((refined == 1) | (truth == 1)).sum()
     assert refined_iou > coarse_iou
+
+
+def test_sam_refinement_memory_does_not_grow_with_the_raster(tmp_path, tiny_sam):
+    sam = load_sam(str(tiny_sam))
+    peaks = {}
+    for size in (320, 832):                       # 4 and 16 SAM windows
+        truth = np.zeros((size, size), np.uint8)
+        for top in range(30, size - 60, 110):
+            for left in range(30, size - 60, 110):
+                truth[top:top + 48, left:left + 48] = 1   # houses in every window
+        folder = tmp_path / str(size)
+        folder.mkdir()
+        source, _, class_path, prob_path, refined_path = _coarse_scene_files(folder, truth)
+        tracemalloc.start()
+        stats = refine_with_sam(sam, source, PixelWindow(0, 0, size, size), class_path, prob_path, refined_path)
+        peaks[size] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert stats.prompts > 0
+    assert peaks[832] < 1.5 * peaks[320], peaks  # 6.8x the pixels, same peak: one window at a time
 
 
 def test_refine_sam_writes_objects_with_ids_and_warns_on_coarse_pixels(tmp_path, shared_data, tiny_clip, tiny_sam):
