@@ -79,8 +79,9 @@ def _seconds_per_call(fn, device: torch.device, repeat: int) -> float:
 def bare_passes(loaded, method: str, options: TrainOptions, crop_px: int, input_px: int, repeat: int) -> dict:
     """Seconds of each model pass a FarSLIP step contains, run bare on random pixels (same trainable parameters).
 
-    student: dense forward + backward of the batch; teacher: dense forward (no grad) of the distillation
-    boxes resized to the crop; region: image-embedding forward + backward of the region crops.
+    student: dense forward + backward of the batch; global views: the distillation's student pass on as
+    many views; teacher: dense forward (no grad) of the distillation boxes resized to the input;
+    region: image-embedding forward + backward of the region crops.
     """
     model = copy.deepcopy(loaded.model).float().to(loaded.device)
     adapters.prepare(model, method)
@@ -94,6 +95,8 @@ def bare_passes(loaded, method: str, options: TrainOptions, crop_px: int, input_
     batch = pixels(options.batch_size, crop_px)
     boxes = pixels(options.batch_size * options.distill_boxes, crop_px) if options.distill_boxes else None
     regions = pixels(options.regions_per_step, input_px) if options.regions_per_step else None
+    # Distillation's global views: one more student pass per step, at the model input size.
+    views = pixels(options.batch_size, input_px) if options.distill_boxes else None
 
     def student() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
@@ -105,6 +108,11 @@ def bare_passes(loaded, method: str, options: TrainOptions, crop_px: int, input_
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
             dense_patch_features(model.visual, boxes, options.attention)
 
+    def global_views() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            tokens = dense_patch_features(model.visual, views, options.attention, normalize=False)
+        tokens.float().sum().backward()
+
     def region() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
             embeddings = model.encode_image(regions)
@@ -112,6 +120,7 @@ def bare_passes(loaded, method: str, options: TrainOptions, crop_px: int, input_
 
     passes = {"student_s": _seconds_per_call(student, device, repeat)}
     if boxes is not None and options.distill_weight > 0:
+        passes["global_views_s"] = _seconds_per_call(global_views, device, repeat)
         passes["teacher_s"] = _seconds_per_call(teacher, device, repeat)
     if regions is not None and options.region_weight > 0:
         passes["region_s"] = _seconds_per_call(region, device, repeat)
@@ -158,7 +167,8 @@ def format_training(results: dict) -> str:
     rows = ["| training step, " + f"{results['method']}, batch {results['batch_size']}, {results['crop_px']} px "
             f"crops, {results['device']} | seconds | share of the step |", "|---|---|---|"]
     names = {"student_s": "student dense forward + backward",
-             "teacher_s": f"teacher dense forward ({results['distill_boxes_per_crop']} boxes per crop)",
+             "global_views_s": "student global views forward + backward (distillation)",
+             "teacher_s": f"teacher dense forward ({results['distill_boxes_per_crop']} boxes per view)",
              "region_s": f"region embeddings forward + backward ({results['regions_per_step']} crops)"}
     for key, label in names.items():
         if key in results:
