@@ -26,7 +26,8 @@ import torch
 
 from backend import __version__
 from backend.engine.memory import peak_rss_mb
-from backend.engine.models import file_sha256
+from backend.engine.finetuned import FINETUNED_FORMAT, FINETUNED_META, FINETUNED_WEIGHTS
+from backend.engine.weights import file_sha256
 from backend.engine.errors import CancelledError, InputError
 from backend.engine.raster import PixelWindow, RasterSource, native_gsd_m, open_source
 
@@ -46,10 +47,7 @@ from .distill import BOX_AREA, BOX_ASPECT
 from .labels import LabelGrid, build_label_grid, read_aoi, read_label_polygons
 from .sampling import split_labels
 
-FORMAT = "farslip-finetuned/1"
 TEACHERS = ("frozen", "active")
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "farslip_model.json"
 CHECKPOINT_DIR = "checkpoint"
 MAX_TRAINING_PIXELS = 64_000_000  # the labelled window is held in memory as float32 RGB (~770 MB)
 
@@ -371,14 +369,14 @@ def _train_in(work: Path, out: Path, loaded, data: TrainingData, options: TrainO
     adapters.load_trainable_state(trainer.model, _load_tensors(checkpoint / "best.safetensors"))
     distill_side, input_px = trainer.distill_side, trainer.input_px
     merged = adapters.merged_state_dict(trainer.model)
-    _save_tensors(merged, work / WEIGHTS_FILE, metadata={"format": FORMAT})
+    _save_tensors(merged, work / FINETUNED_WEIGHTS, metadata={"format": FINETUNED_FORMAT})
     _copy_text_tower(loaded, work)
     trainer.model = trainer.teacher_visual = None  # free memory before the reload below
 
     grid, split = data.grid, data.split
     validation_window = data.validation_window
     meta = {
-        "format": FORMAT,
+        "format": FINETUNED_FORMAT,
         "name": out.name,
         "version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -420,7 +418,7 @@ def _train_in(work: Path, out: Path, loaded, data: TrainingData, options: TrainO
         "region_boxes": {"sqrt_area_native_px": [options.region_min_px, options.region_max_px]},
         "metrics": {"before": before, "after": None},
     }
-    write_json(meta, work / META_FILE)
+    write_json(meta, work / FINETUNED_META)
 
     # The "after" figures come from the written folder, loaded as `--model DIR` loads it, so that
     # `farslip evaluate --model DIR` reports exactly the same numbers.
@@ -434,7 +432,7 @@ def _train_in(work: Path, out: Path, loaded, data: TrainingData, options: TrainO
     predicted = predict_classes(segmenter, data.source, validation_window, should_cancel)
     after = score(data.validation_labels, predicted, grid.class_names)
     meta["metrics"]["after"] = after
-    write_json(meta, work / META_FILE)
+    write_json(meta, work / FINETUNED_META)
     (work / "evaluation.txt").write_text(
         f"Validation strip ({split.edge} edge, {after['pixels']} labelled pixels)\n\n"
         f"Before fine-tuning ({loaded.name}):\n{format_metrics(before)}\n\n"
@@ -519,5 +517,5 @@ def train_request(request: dict, progress: Callable[[int, int], None] | None = N
                          **args)
     out = Path(result["model_dir"])
     result["outputs"] = {"model_dir": str(out), "report": str(out / "evaluation.txt"),
-                         "metadata": str(out / META_FILE)}
+                         "metadata": str(out / FINETUNED_META)}
     return result

@@ -71,7 +71,7 @@ def _hub_cached_file(repo: str, filename: str) -> Path | None:
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        from .models import hf_cache_dir
+        from .weights import hf_cache_dir
 
         found = try_to_load_from_cache(repo, filename, cache_dir=str(hf_cache_dir()))
     except Exception:

@@ -11,16 +11,10 @@ from __future__ import annotations
 import math
 
 from .errors import ModelError
-from .models import (
-    FINETUNED_WEIGHTS,
-    LONGCLIP_KEEP,
-    checkpoint_activation,
-    find_local_weights,
-    locate_model,
-    missing_weights_message,
-    read_finetuned_meta,
-    read_tensors,
-)
+from .checkpoints import LONGCLIP_KEEP, read_tensors
+from .finetuned import FINETUNED_WEIGHTS, read_finetuned_meta
+from .models import checkpoint_activation, locate_model
+from .weights import find_local_weights, missing_weights_message
 
 SHAPE_KEYS = ("positional_embedding", "positional_embedding_res", "visual.positional_embedding",
               "visual.conv1.weight", "token_embedding.weight", "text_projection", "visual.proj")

@@ -22,7 +22,9 @@ import torch
 
 from . import paths
 from .errors import InputError, ModelError
-from .models import ModelSpec, _load_registry, find_local_weights, resolve_device, resolve_weights
+from .devices import resolve_device
+from .registry import ModelSpec, _load_registry
+from .weights import find_local_weights, resolve_weights
 
 SAM_REGISTRY_FILE = "sam_models.json"
 DEFAULT_SAM_MODEL = "sam-vit-b"

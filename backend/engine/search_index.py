@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from .dense import image_and_patch_features, normalize_pixels
 from .errors import CancelledError, EmptyResultError, InputError
-from .models import file_sha256
+from .weights import file_sha256
 from .paths import cache_dir
 from .raster import PixelWindow, RasterSource, native_gsd_m, open_source, request_window
 from .sliding import crop_starts

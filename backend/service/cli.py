@@ -61,7 +61,8 @@ def segment(
 ) -> None:
     """Segment RASTER into the given classes and write georeferenced polygons."""
     try:
-        from backend.engine.models import check_half, load_model, resolve_device, to_half
+        from backend.engine.devices import resolve_device
+        from backend.engine.models import check_half, load_model, to_half
         from backend.engine.presets import collect_class_lines
         from backend.engine.text import parse_class_lines
         from backend.engine.raster import open_source, request_window
@@ -130,7 +131,8 @@ def models(
         except FarslipError as error:
             fail(error)
         return
-    from backend.engine.models import format_models_table, list_models
+    from backend.engine.models import list_models
+    from backend.service.models_table import format_models_table
     from backend.engine.sam_models import list_sam_models
 
     typer.echo(format_models_table(list_models() + list_sam_models()))
@@ -173,7 +175,7 @@ def bench(
     """Measure encoder, pipeline, reference loop, text encoding and peak memory; print a table."""
     import json
 
-    from backend.engine.models import resolve_device
+    from backend.engine.devices import resolve_device
 
     try:
         dev = resolve_device(device)

@@ -19,7 +19,8 @@ MB = 1024 * 1024
 
 def check_download_request(request: dict) -> None:
     """Refuse a name that is not a registry model before the job is queued (HTTP 4xx)."""
-    from backend.engine.models import known_models, unknown_model_error
+    from backend.engine.models import unknown_model_error
+    from backend.engine.registry import known_models
 
     if request.get("model") not in known_models():
         raise unknown_model_error(str(request.get("model")))
@@ -45,12 +46,14 @@ def _remote_size(spec) -> int:
 
 def run_download(request: dict, control, models) -> dict:
     """Worker side of a download job; reports megabytes as progress and stops waiting on cancel."""
-    from backend.engine import models as registry
+    from backend.engine.models import unknown_model_error
+    from backend.engine.registry import known_models
+    from backend.engine.weights import find_local_weights, hf_cache_dir, resolve_weights
 
-    spec = registry.known_models().get(request.get("model"))
+    spec = known_models().get(request.get("model"))
     if spec is None:
-        raise registry.unknown_model_error(str(request.get("model")))
-    local = registry.find_local_weights(spec)
+        raise unknown_model_error(str(request.get("model")))
+    local = find_local_weights(spec)
     if local is not None:
         return {"outputs": {"weights": str(local)}, "classes": []}
     control.message(f"Downloading {spec.name} from {spec.hub_url}.")
@@ -58,7 +61,7 @@ def run_download(request: dict, control, models) -> dict:
 
     def fetch() -> None:
         try:
-            outcome["path"] = registry.resolve_weights(spec)
+            outcome["path"] = resolve_weights(spec)
         except ModelError as error:
             outcome["error"] = error
         except Exception as error:  # reported as the job's error, never lost with the thread
@@ -69,7 +72,7 @@ def run_download(request: dict, control, models) -> dict:
     thread = threading.Thread(target=fetch, name=f"download-{spec.name}", daemon=True)
     thread.start()
     total = 0
-    cache = registry.hf_cache_dir()
+    cache = hf_cache_dir()
     while thread.is_alive():
         thread.join(POLL_S)
         if control.should_cancel():

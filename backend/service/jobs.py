@@ -536,12 +536,13 @@ def check_segment_call(call: SegmentCall) -> list[str]:
 
 def _finetuned_class_lines(model: str | None, weights: str | None) -> list[str]:
     """A fine-tuned model folder's own classes (used when a request gives none)."""
-    from backend.engine import models
+    from backend.engine.finetuned import read_finetuned_meta
+    from backend.engine.models import locate_model
 
-    kind, where, _ = models.locate_model(model, weights)
+    kind, where, _ = locate_model(model, weights)
     if kind != "finetuned":
         return []
-    return list(models.read_finetuned_meta(where).get("class_lines") or [])
+    return list(read_finetuned_meta(where).get("class_lines") or [])
 
 
 def run_segment(request: dict, control: JobControl, models: ModelCache) -> dict:

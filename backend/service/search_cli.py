@@ -14,7 +14,8 @@ MODEL_HELP = "Registry name, checkpoint file or fine-tuned model folder."
 
 
 def _load(model: Optional[str], weights: Optional[Path], device: str):
-    from backend.engine.models import load_model, resolve_device
+    from backend.engine.devices import resolve_device
+    from backend.engine.models import load_model
 
     return load_model(model, str(weights) if weights else None, resolve_device(device))
 

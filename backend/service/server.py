@@ -213,7 +213,7 @@ def create_app(token: str, state_dir: Path, device: str | None = None,
     feature_cache_disk_mb > 0, that much on disk in STATE_DIR/features.
     """
     from backend.engine.feature_cache import FeatureCache
-    from backend.engine.models import resolve_device
+    from backend.engine.devices import resolve_device
 
     state_dir = Path(state_dir)
     device = str(resolve_device(device or os.environ.get("FARSLIP_DEVICE") or "auto"))
@@ -285,7 +285,8 @@ def create_app(token: str, state_dir: Path, device: str | None = None,
 
     @v1.get("/models", response_model=ModelList)
     def models(request: Request):
-        from backend.engine.models import DEFAULT_MODEL, list_models
+        from backend.engine.models import list_models
+        from backend.engine.registry import DEFAULT_MODEL
 
         loaded = manager_of(request).loaded_model
         entries = [dict(entry, loaded=bool(loaded) and entry.get("name") == loaded) for entry in list_models()]

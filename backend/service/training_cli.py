@@ -96,7 +96,8 @@ def evaluate_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Report per-class IoU, mIoU, accuracy and the confusion matrix of a model against labelled polygons."""
-    from backend.engine.models import check_half, load_model, resolve_device, to_half
+    from backend.engine.devices import resolve_device
+    from backend.engine.models import check_half, load_model, to_half
 
     from training.api import class_names_from_pairs, evaluate_model
     from training.evaluate import (benchmark_layout, benchmark_metrics, benchmark_protocol, format_metrics,
@@ -206,7 +207,7 @@ def train_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Fine-tune a model on labelled polygons; report validation mIoU before and after."""
-    from backend.engine.models import resolve_device
+    from backend.engine.devices import resolve_device
 
     from training.api import class_names_from_pairs, train_model
     from training.finetune import TrainOptions

@@ -11,7 +11,8 @@ import pytest
 import torch
 from tinymodels import make_tiny_clip, save_farslip1, save_farslip2, save_plain, save_safetensors
 
-from backend.engine import models
+from backend.engine import checkpoints, finetuned, models, paths, registry, weights
+from backend.service import models_table
 from backend.engine.errors import ModelError
 
 TEXTS = ["a satellite image of a road", "water, lake", "building"]
@@ -68,21 +69,21 @@ def test_formats_load_and_match(tmp_path, fmt, patch):
 
 def test_read_state_dict_strips_prefix_and_casts(tmp_path):
     path = save_farslip1(make_tiny_clip(32), tmp_path / "f1.pt")
-    sd = models.read_state_dict(path)
+    sd = checkpoints.read_state_dict(path)
     assert not any(k.startswith("module.") for k in sd)
     assert all(v.dtype == torch.float32 for v in sd.values() if v.is_floating_point())
-    assert "positional_embedding_res" not in models.read_state_dict(
+    assert "positional_embedding_res" not in checkpoints.read_state_dict(
         save_farslip2(make_tiny_clip(32, 248), tmp_path / "f2.pt"))
 
 
 @pytest.mark.parametrize("patch,grid", [(16, 14), (32, 7)])
 def test_architecture_inferred_from_shapes(patch, grid):
     sd = make_tiny_clip(patch_size=patch, context_length=248).state_dict()
-    arch = models.describe_architecture(models.infer_architecture(sd))
+    arch = checkpoints.describe_architecture(checkpoints.infer_architecture(sd))
     assert arch == {"patch_size": patch, "image_size": 224, "vision_width": 128, "vision_layers": 2,
                     "text_width": 64, "text_layers": 2, "context_length": 248, "vocab_size": 49408,
                     "embed_dim": 64}
-    model = models.model_from_state_dict(sd)
+    model = checkpoints.model_from_state_dict(sd)
     assert model.visual.grid_size == (grid, grid)
     assert model.visual.transformer.resblocks[0].attn.num_heads == 2
     assert model.transformer.resblocks[0].attn.num_heads == 1
@@ -91,12 +92,12 @@ def test_architecture_inferred_from_shapes(patch, grid):
 def test_fold_longclip_general_shapes():
     pos = torch.arange(77 * 4, dtype=torch.float32).reshape(77, 4)
     res = -torch.arange(248 * 4, dtype=torch.float32).reshape(248, 4)
-    sd = models.fold_longclip_positional({"positional_embedding": pos, "positional_embedding_res": res})
+    sd = checkpoints.fold_longclip_positional({"positional_embedding": pos, "positional_embedding_res": res})
     folded = sd["positional_embedding"]
     assert folded.shape == (248, 4) and "positional_embedding_res" not in sd
     assert torch.equal(folded[:20], pos[:20]) and torch.equal(folded[20:], res[20:])
     with pytest.raises(ModelError):
-        models.fold_longclip_positional({"positional_embedding": torch.zeros(77, 4),
+        checkpoints.fold_longclip_positional({"positional_embedding": torch.zeros(77, 4),
                                          "positional_embedding_res": torch.zeros(248, 8)})
 
 
@@ -128,11 +129,11 @@ def test_corrupt_file_is_a_clear_error(tmp_path):
     path = save_plain(make_tiny_clip(32), tmp_path / "cut.pt")
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(ModelError, match="not a readable"):
-        models.read_state_dict(path)
+        checkpoints.read_state_dict(path)
     bad = tmp_path / "x.safetensors"
     bad.write_bytes(b"nonsense")
     with pytest.raises(ModelError):
-        models.read_state_dict(bad)
+        checkpoints.read_state_dict(bad)
 
 
 def test_unknown_model_lists_known_names():
@@ -140,7 +141,7 @@ def test_unknown_model_lists_known_names():
         models.load_model("farslip3-vit-z")
     msg = str(err.value)
     assert "farslip3-vit-z" in msg
-    for name in models.known_models():
+    for name in registry.known_models():
         assert name in msg
 
 
@@ -164,13 +165,13 @@ def test_registry_model_from_weights_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("FARSLIP_WEIGHTS", str(wdir))
     path = save_farslip2(make_tiny_clip(16, 248, seed=5), wdir / "FarSLIP2_ViT-B-16.pt")
     loaded = models.load_model()  # the default model
-    assert loaded.name == models.DEFAULT_MODEL == "farslip2-vit-b-16"
+    assert loaded.name == registry.DEFAULT_MODEL == "farslip2-vit-b-16"
     assert loaded.context_length == 248
     assert loaded.metadata["weights_path"] == str(path)
     assert loaded.weights_id == hashlib.sha256(path.read_bytes()).hexdigest()
     entry = {m["name"]: m for m in models.list_models()}["farslip2-vit-b-16"]
     assert entry["present"] is True and entry["path"] == str(path) and entry["kind"] == "registry"
-    assert "farslip2-vit-b-16" in models.format_models_table()
+    assert "farslip2-vit-b-16" in models_table.format_models_table()
 
 
 def test_weights_of_the_wrong_architecture_are_refused(tmp_path, monkeypatch):
@@ -206,25 +207,25 @@ def test_registry_model_from_hub_cache(tmp_path, monkeypatch):
 
 def test_weights_hash_is_cached(tmp_path):
     path = save_plain(make_tiny_clip(32), tmp_path / "h.pt")
-    first = models.file_sha256(path)
-    cache = json.loads((models.paths.cache_dir() / models.HASH_CACHE_FILE).read_text())
+    first = weights.file_sha256(path)
+    cache = json.loads((paths.cache_dir() / weights.HASH_CACHE_FILE).read_text())
     assert cache[str(path.resolve())]["sha256"] == first
     # a stale size/mtime forces a rehash; a matching one is trusted
     cache[str(path.resolve())]["sha256"] = "cached"
-    (models.paths.cache_dir() / models.HASH_CACHE_FILE).write_text(json.dumps(cache))
-    assert models.file_sha256(path) == "cached"
+    (paths.cache_dir() / weights.HASH_CACHE_FILE).write_text(json.dumps(cache))
+    assert weights.file_sha256(path) == "cached"
     os.utime(path, ns=(0, 0))
-    assert models.file_sha256(path) == first
+    assert weights.file_sha256(path) == first
 
 
 def _finetuned_dir(root, name="roads"):
     d = root / name
     d.mkdir(parents=True)
     model = make_tiny_clip(16, seed=7)
-    save_safetensors(model, d / models.FINETUNED_WEIGHTS)
-    meta = {"format": models.FINETUNED_FORMAT, "base_model": "farslip1-vit-b-16",
+    save_safetensors(model, d / finetuned.FINETUNED_WEIGHTS)
+    meta = {"format": finetuned.FINETUNED_FORMAT, "base_model": "farslip1-vit-b-16",
             "class_lines": ["road, parking lot", "building", "tree"], "metrics": {}, "version": "0.1.0"}
-    (d / models.FINETUNED_META).write_text(json.dumps(meta))
+    (d / finetuned.FINETUNED_META).write_text(json.dumps(meta))
     return d, model
 
 
@@ -250,8 +251,8 @@ def test_folder_that_is_not_a_model(tmp_path):
 
 
 def test_registry_is_complete():
-    known = models.known_models()
-    assert models.DEFAULT_MODEL in known
+    known = registry.known_models()
+    assert registry.DEFAULT_MODEL in known
     files = {s.hf_file for s in known.values() if s.hf_repo == "ZhenShiL/FarSLIP"}
     assert files == {"FarSLIP1_ViT-B-32.pt", "FarSLIP1_ViT-B-16.pt", "FarSLIP2_ViT-B-32.pt",
                      "FarSLIP2_ViT-B-16.pt"}

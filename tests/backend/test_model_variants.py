@@ -13,7 +13,8 @@ from tinymodels import make_tiny_clip, save_farslip1, save_farslip2, save_plain
 from typer.testing import CliRunner
 
 from backend.engine.errors import InputError
-from backend.engine.models import check_half, get_tokenizer, known_models, load_model, to_half
+from backend.engine.models import check_half, get_tokenizer, load_model, to_half
+from backend.engine.registry import known_models
 from backend.engine.sliding import ArraySource, Segmenter, predict_window
 from backend.engine.text import parse_class_lines
 from backend.service.cli import app

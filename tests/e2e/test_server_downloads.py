@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from backend.engine.models import known_models
+from backend.engine.registry import known_models
 
 MODEL = "clip-vit-b-16"
 

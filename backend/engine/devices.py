@@ -1,0 +1,32 @@
+"""Which torch device a run uses: 'auto' or a device the user named, checked to be usable here."""
+
+from __future__ import annotations
+
+import torch
+
+from backend.engine.errors import ModelError
+
+
+def resolve_device(device: str | torch.device | None = "cpu") -> torch.device:
+    """'auto' picks cuda, then mps, then cpu; anything else must be usable here."""
+    if isinstance(device, torch.device):
+        return device
+    name = (device or "cpu").strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise ModelError(f"Unknown device '{device}'. Use auto, cpu, cuda or mps.") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError("Device 'cuda' was requested but no CUDA GPU is usable here. Use --device cpu.")
+    if dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ModelError("Device 'mps' was requested but Apple MPS is not available. Use --device cpu.")
+    return dev
