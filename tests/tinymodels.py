@@ -119,7 +119,7 @@ def make_tiny_multilingual_clip(tower: Path, seed: int = 0, patch_size: int = 16
         64, {"image_size": 224, "patch_size": patch_size, "width": 128, "layers": 2, "head_width": 64},
         {"hf_model_name": str(tower), "hf_tokenizer_name": str(tower), "hf_pooler_type": "mean_pooler",
          "hf_proj_type": "mlp", "hf_model_pretrained": False},
-        quick_gelu=True)
+        quick_gelu=False)  # open_clip's xlm-roberta-*-ViT-* models (and RS-M-CLIP) use plain GELU
     return model.eval()
 
 

@@ -112,6 +112,10 @@ def _finish_hf_text(sd: dict, *, name: str, weights_path: Path, dev: torch.devic
     found = hf_text.find_text_tower(tower_name, [folder], repos)
     tower = hf_text.tower_from_config(text_cfg, tower_name, found)
     vision_cfg = config["vision_cfg"] if config else infer_vision_cfg(sd)
+    if spec is None and not metadata.get("finetuned"):
+        # A bare checkpoint: open_clip's Hugging Face-tower models (xlm-roberta-*-ViT-*) use plain GELU
+        # unless their open_clip_config.json says quick_gelu.
+        activation = "quickgelu" if (config or {}).get("quick_gelu") else "gelu"
     model = hf_text.build_hf_clip(sd, vision_cfg, tower, quick_gelu=activation == "quickgelu").to(dev)
     if spec is not None and spec.languages:
         languages = list(spec.languages)

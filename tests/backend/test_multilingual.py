@@ -74,6 +74,13 @@ def test_a_checkpoint_with_an_xlm_r_tower_loads_offline_with_its_own_tokenizer(m
     assert tokens.shape == (2, loaded.context_length)
     # The tower's own tokenizer: the Korean word is not the unknown token.
     assert 3 not in tokens[0, 1:3].tolist()
+    # Plain GELU, as open_clip's XLM-R models; the loaded model reproduces the saved one.
+    assert loaded.metadata["activation"] == "gelu"
+    original = make_tiny_multilingual_clip(multilingual.parent / "text_tower")
+    pixels = torch.rand(1, 3, 224, 224)
+    with torch.inference_mode():
+        assert torch.allclose(loaded.model.encode_image(pixels), original.encode_image(pixels), atol=1e-5)
+        assert torch.allclose(loaded.model.encode_text(tokens), original.encode_text(tokens), atol=1e-5)
     # The image side is the same dense path as for CLIP models.
     assert loaded.model.visual.conv1.kernel_size == (16, 16)
 
