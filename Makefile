@@ -30,7 +30,8 @@ demo: $(BACKEND)
 	$(VENV)/bin/farslip segment resources/sample/naip_2020_5m_crop.tif --preset landcover --model $(DEMO_MODEL) \
 		--out $(DEMO_OUT)/landcover.gpkg --class-raster $(DEMO_OUT)/landcover.tif --overwrite
 
-test: test-backend test-plugin
+# lint first, so CI (.ci/run -> make test) fails on a type or style error too.
+test: lint test-backend test-plugin
 
 test-backend: $(BACKEND)
 	$(VENV)/bin/python -m pytest tests/architecture tests/backend tests/training tests/e2e
@@ -62,6 +63,7 @@ install-backend:
 
 lint: $(BACKEND)
 	$(VENV)/bin/ruff check backend training tests qgis_farslip scripts
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(DEMO_OUT) dist

@@ -15,10 +15,15 @@ embeddings, so the fine-tuned model's text cache equals the base model's.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+
+if TYPE_CHECKING:
+    from open_clip.model import CLIP
+    from open_clip.transformer import VisionTransformer
 
 METHODS = ("lora", "last-blocks", "full")
 
@@ -41,7 +46,7 @@ class LoraDelta(nn.Module):
         return weight + (self.lora_b @ self.lora_a).to(weight.dtype) * self.scale
 
 
-def _lora_targets(visual: nn.Module) -> list[tuple[nn.Module, str]]:
+def _lora_targets(visual: VisionTransformer) -> list[tuple[nn.Module, str]]:
     targets = []
     for block in visual.transformer.resblocks:
         targets.append((block.attn, "in_proj_weight"))
@@ -51,7 +56,7 @@ def _lora_targets(visual: nn.Module) -> list[tuple[nn.Module, str]]:
     return targets
 
 
-def prepare(model: nn.Module, method: str, rank: int = 8, alpha: float = 16.0,
+def prepare(model: CLIP, method: str, rank: int = 8, alpha: float = 16.0,
             last_blocks: int = 2) -> list[nn.Parameter]:
     """Freeze the model, then make the method's parameters trainable; returns them."""
     if method not in METHODS:

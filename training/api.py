@@ -27,6 +27,7 @@ import torch
 from backend import __version__
 from backend.engine.memory import peak_rss_mb
 from backend.engine.finetuned import FINETUNED_FORMAT, FINETUNED_META, FINETUNED_WEIGHTS
+from backend.engine.models import LoadedModel
 from backend.engine.weights import file_sha256
 from backend.engine.errors import CancelledError, InputError
 from backend.engine.raster import PixelWindow, RasterSource, native_gsd_m, open_source
@@ -54,7 +55,7 @@ MAX_TRAINING_PIXELS = 64_000_000  # the labelled window is held in memory as flo
 Progress = Callable[[int, int, dict], None]
 
 
-def _load(model: str | None, weights: str | None, device: str, loaded=None):
+def _load(model: str | None, weights: str | None, device: str, loaded: LoadedModel | None = None):
     if loaded is not None:
         return loaded
     from backend.engine.models import load_model
@@ -70,7 +71,7 @@ def label_grid_for(source: RasterSource, labels: str | Path, class_field: str, b
     return build_label_grid(source, polygons, background=background, aoi=area, class_lines=class_lines)
 
 
-def _model_class_lines(loaded, polygons_values: set[str], background: str | None) -> list[str] | None:
+def _model_class_lines(loaded: LoadedModel, polygons_values: set[str], background: str | None) -> list[str] | None:
     """The model's own class order when it knows every label class (a fine-tuned model)."""
     lines = getattr(loaded, "class_lines", None)
     if not lines:
@@ -88,7 +89,7 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
                    bands: list[int] | None = None, scale: float | None = None, gsd_m: float | None = None,
                    attention: str = "segearth", batch_size: int = 8, device: str = "cpu",
                    out_json: str | Path | None = None, out_png: str | Path | None = None,
-                   loaded=None, progress: Progress | None = None,
+                   loaded: LoadedModel | None = None, progress: Progress | None = None,
                    should_cancel: Callable[[], bool] | None = None) -> dict:
     """Per-class IoU, mIoU, accuracy and confusion of the engine's classes against labelled polygons.
 
@@ -193,7 +194,7 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def _copy_text_tower(loaded, work: Path) -> None:
+def _copy_text_tower(loaded: LoadedModel, work: Path) -> None:
     """A model with a Hugging Face text tower keeps that tower's files in its own text_tower/ folder,
     so the fine-tuned model loads offline anywhere."""
     from backend.engine.hf_text import copy_tower
@@ -245,7 +246,7 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
                 class_names: dict[str, str] | None = None, bands: list[int] | None = None,
                 scale: float | None = None, gsd_m: float | None = None, resume: bool = False,
                 overwrite: bool = False, device: str = "cpu", options: TrainOptions | None = None,
-                loaded=None, progress: Progress | None = None,
+                loaded: LoadedModel | None = None, progress: Progress | None = None,
                 should_cancel: Callable[[], bool] | None = None) -> dict:
     """Fine-tune on labelled polygons; write a model folder that `load_model(out)` loads.
 
@@ -303,7 +304,7 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
     return result
 
 
-def _train_in(work: Path, out: Path, loaded, data: TrainingData, options: TrainOptions, resuming: bool,
+def _train_in(work: Path, out: Path, loaded: LoadedModel, data: TrainingData, options: TrainOptions, resuming: bool,
               raster: Path, labels: Path, raster_sha, labels_sha, class_field: str, aoi, class_names,
               started: float, progress: Progress | None, should_cancel) -> dict:
     checkpoint = work / CHECKPOINT_DIR
@@ -343,6 +344,7 @@ def _train_in(work: Path, out: Path, loaded, data: TrainingData, options: TrainO
         before = trainer.validate(should_cancel, model=loaded.model)
         state.best_miou, state.best_epoch = (before["miou"] or 0.0), 0
         _save_tensors(adapters.trainable_state(trainer.model), checkpoint / "best.safetensors")
+    assert before is not None, "the untrained model's figures come from the checkpoint or the first validation"
 
     def save_checkpoint(current: TrainState, improved: bool) -> None:
         tensors = adapters.trainable_state(trainer.model)
@@ -487,7 +489,7 @@ def check_request(request: dict) -> list[str]:
 
 def train_request(request: dict, progress: Callable[[int, int], None] | None = None,
                   should_cancel: Callable[[], bool] | None = None,
-                  message: Callable[[str], None] | None = None, loaded=None) -> dict:
+                  message: Callable[[str], None] | None = None, loaded: LoadedModel | None = None) -> dict:
     """Run a POST /v1/train body (the `farslip train` options as JSON) as a job.
 
     `progress(step, total)` and `message(text)` are the job's callbacks: steps for the

@@ -14,13 +14,18 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from backend.engine.sliding import ArraySource, Segmenter, predict_window
 from backend.engine.errors import InputError
-from backend.engine.raster import PixelWindow
+from backend.engine.models import LoadedModel
+from backend.engine.raster import PixelSource, PixelWindow
 from backend.engine.text import TextEmbedder, parse_class_lines
+
+if TYPE_CHECKING:
+    from open_clip.model import CLIP
 
 
 def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
@@ -42,7 +47,7 @@ def metrics_from_confusion(confusion: np.ndarray, class_names: list[str], unpred
         accuracy = np.where(truth > 0, tp / truth, np.nan)
     total = int(confusion.sum())
 
-    def plain(value: float) -> float | None:
+    def plain(value: float | np.floating) -> float | None:
         return None if math.isnan(value) else round(float(value), 6)
 
     return {
@@ -129,8 +134,8 @@ def write_json(data: dict, path: str | Path) -> Path:
     return path
 
 
-def segmenter_for(loaded, class_lines: list[str], model=None, embedder: TextEmbedder | None = None,
-                  attention: str = "segearth", batch_size: int = 8) -> Segmenter:
+def segmenter_for(loaded: LoadedModel, class_lines: list[str], model: CLIP | None = None,
+                  embedder: TextEmbedder | None = None, attention: str = "segearth", batch_size: int = 8) -> Segmenter:
     """The engine's Segmenter for `loaded`, optionally with another vision model (one being trained)."""
     if model is not None:
         loaded = copy.copy(loaded)
@@ -139,7 +144,7 @@ def segmenter_for(loaded, class_lines: list[str], model=None, embedder: TextEmbe
                      embedder=embedder)
 
 
-def predict_classes(segmenter: Segmenter, source, window: PixelWindow,
+def predict_classes(segmenter: Segmenter, source: PixelSource, window: PixelWindow,
                     should_cancel: Callable[[], bool] | None = None,
                     progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """(h, w) class ids (254/255 = unclassified/nodata) of `window`, exactly as `segment` computes them."""
@@ -311,8 +316,9 @@ def resized_to_long_side(rgb: np.ndarray, long_side: int):
     return resized.round_().clamp_(0, 255)
 
 
-def benchmark_metrics(folder: str | Path, class_lines: list[str], loaded, layout: BenchmarkLayout | None = None,
-                      split: str | None = None, long_side: int | None = 448, reduce_zero_label: bool = False,
+def benchmark_metrics(folder: str | Path, class_lines: list[str], loaded: LoadedModel,
+                      layout: BenchmarkLayout | None = None, split: str | None = None,
+                      long_side: int | None = 448, reduce_zero_label: bool = False,
                       ignore_index: int = 255, attention: str = "segearth", batch_size: int = 8,
                       limit: int | None = None, progress: Callable[[int, int, dict], None] | None = None,
                       should_cancel: Callable[[], bool] | None = None, prob_threshold: float = 0.0,

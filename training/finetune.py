@@ -25,17 +25,22 @@ Text embeddings are computed once with the frozen text tower.
 from __future__ import annotations
 
 import copy
+import functools
 import math
+import operator
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from affine import Affine
 
 from backend.engine.dense import dense_patch_features, normalize_pixels
 from backend.engine.errors import CancelledError
-from backend.engine.raster import PixelWindow
+from backend.engine.models import LoadedModel
+from backend.engine.raster import PixelWindow, RasterSource
 from backend.engine.text import LOGIT_SCALE, TextEmbedder, parse_class_lines, query_index
 
 from . import adapters
@@ -59,6 +64,9 @@ from .sampling import (
     steps_for,
     to_pixels,
 )
+
+if TYPE_CHECKING:
+    from open_clip.model import CLIP
 
 REGION_PROMPT = "a satellite image of {}"
 DEFAULT_LR = {"lora": 2e-4, "last-blocks": 2e-5, "full": 1e-5}
@@ -105,8 +113,8 @@ class TrainingData:
     rgb: np.ndarray  # (3, H, W) float32 0..255
     grid: LabelGrid
     split: SpatialSplit
-    transform: object  # affine of the label window
-    source: object  # backend.engine.raster.RasterSource, for validation through the engine
+    transform: Affine  # of the label window
+    source: RasterSource  # for validation through the engine
 
     @property
     def pixel_size(self) -> float:
@@ -162,7 +170,7 @@ def crop_size(visual, options: TrainOptions, split: SpatialSplit) -> int:
 class Trainer:
     """Holds the student (a copy of the loaded model), the teacher, texts and the optimiser."""
 
-    def __init__(self, loaded, data: TrainingData, options: TrainOptions, total_steps: int):
+    def __init__(self, loaded: LoadedModel, data: TrainingData, options: TrainOptions, total_steps: int):
         self.loaded = loaded
         self.data = data
         self.options = options
@@ -341,7 +349,7 @@ class Trainer:
     def total(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         weights = {"patch": self.options.patch_loss_weight, "distill": self.options.distill_weight,
                    "region": self.options.region_weight}
-        return sum(weights[name] * value for name, value in parts.items())
+        return functools.reduce(operator.add, [weights[name] * value for name, value in parts.items()])
 
     def step(self, rng: np.random.Generator) -> dict[str, float]:
         self.model.train()
@@ -358,7 +366,7 @@ class Trainer:
 
     # --- validation -------------------------------------------------------------------------
 
-    def validate(self, should_cancel: Callable[[], bool] | None = None, model=None) -> dict:
+    def validate(self, should_cancel: Callable[[], bool] | None = None, model: CLIP | None = None) -> dict:
         """Metrics on the validation strip through the engine (`segment`'s own code path)."""
         segmenter = segmenter_for(self.loaded, self.data.grid.class_lines,
                                   model=self.model if model is None else model, embedder=self.embedder,

@@ -21,6 +21,7 @@ import torch
 from backend import __version__
 from .errors import CancelledError, EmptyResultError, InputError
 from .export import report_path_for, write_rectangles, write_report
+from .models import LoadedModel
 from .raster import PixelWindow, open_source, request_window
 from .search import check_hits_output
 from .search_index import bounded_gdal_cache, embed_windows
@@ -61,7 +62,7 @@ def tile_starts(start: int, stop: int, tile: int) -> list[int]:
     return list(range((start // tile) * tile, stop, tile))
 
 
-def logit_scale(loaded) -> float:
+def logit_scale(loaded: LoadedModel) -> float:
     scale = getattr(loaded.model, "logit_scale", None)
     return float(min(scale.exp().item(), MAX_LOGIT_SCALE)) if scale is not None else MAX_LOGIT_SCALE
 
@@ -74,15 +75,15 @@ def class_probabilities(image: np.ndarray, text: np.ndarray, owner: np.ndarray, 
     return np.stack([p[:, owner == c].max(axis=1) for c in range(n_classes)], axis=1)
 
 
-def classify_raster(raster: Path, options: ClassifyOptions, out: Path, loaded, overwrite: bool = False,
+def classify_raster(raster: Path, options: ClassifyOptions, out: Path, loaded: LoadedModel, overwrite: bool = False,
                     progress: Callable[[int, int], None] | None = None,
                     should_cancel: Callable[[], bool] | None = None) -> ClassifyResult:
     started = time.perf_counter()
     validate_classify_options(options)
     check_hits_output(out, overwrite)
     classes = parse_class_lines(options.class_lines)
-    queries, owner = query_index(classes)
-    owner = np.asarray(owner)
+    queries, query_owner = query_index(classes)
+    owner = np.asarray(query_owner)
     text = TextEmbedder(loaded).embed(queries).numpy()
     scale = logit_scale(loaded)
     boxes, class_ids, probs = [], [], []

@@ -8,9 +8,13 @@ that every patch token carries its own, spatially faithful embedding.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
 # CLIP's normalisation in 0-255 units.
 CLIP_MEAN_255 = (122.771, 116.746, 104.094)
@@ -26,7 +30,7 @@ def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels - mean) / std
 
 
-def _positional_embedding(visual: torch.nn.Module, grid_h: int, grid_w: int) -> torch.Tensor:
+def _positional_embedding(visual: VisionTransformer, grid_h: int, grid_w: int) -> torch.Tensor:
     """The tower's positional embedding, patch part bicubically resized to grid_h x grid_w."""
     pos = visual.positional_embedding
     cls_pos, patch_pos = pos[:1], pos[1:]
@@ -48,7 +52,7 @@ def _self_similarity(x: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.softmax((x @ x.transpose(-2, -1)) * scale, dim=-1)
 
 
-def _last_block(block: torch.nn.Module, x: torch.Tensor, attention: str) -> torch.Tensor:
+def _last_block(block: ResidualAttentionBlock, x: torch.Tensor, attention: str) -> torch.Tensor:
     """Replacement for the final block: y = Attn'(ln_1(x)), no residual, no MLP."""
     attn = block.attn
     heads = attn.num_heads
@@ -72,7 +76,7 @@ def _last_block(block: torch.nn.Module, x: torch.Tensor, attention: str) -> torc
     return attn.out_proj(out)
 
 
-def _trunk(visual: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+def _trunk(visual: VisionTransformer, pixels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     """Tokens after blocks 1..L-1 (the part the CLS path and the dense path share), and the patch grid."""
     patch = visual.conv1.kernel_size[0]
     grid_h, grid_w = pixels.shape[-2] // patch, pixels.shape[-1] // patch
@@ -88,7 +92,7 @@ def _trunk(visual: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor,
     return x, grid_h, grid_w
 
 
-def _dense_head(visual: torch.nn.Module, x: torch.Tensor, grid_h: int, grid_w: int,
+def _dense_head(visual: VisionTransformer, x: torch.Tensor, grid_h: int, grid_w: int,
                 attention: str, normalize: bool = True) -> torch.Tensor:
     if attention not in ATTENTION_VARIANTS:
         raise ValueError(f"unknown attention variant {attention!r}; choose one of {ATTENTION_VARIANTS}")
@@ -99,7 +103,7 @@ def _dense_head(visual: torch.nn.Module, x: torch.Tensor, grid_h: int, grid_w: i
     return x.reshape(x.shape[0], grid_h, grid_w, -1)
 
 
-def dense_patch_features(visual: torch.nn.Module, pixels: torch.Tensor,
+def dense_patch_features(visual: VisionTransformer, pixels: torch.Tensor,
                          attention: str = "segearth", normalize: bool = True) -> torch.Tensor:
     """(B, 3, H, W) normalised pixels -> (B, H/p, W/p, D) L2-normalised patch embeddings.
 
@@ -112,7 +116,7 @@ def dense_patch_features(visual: torch.nn.Module, pixels: torch.Tensor,
     return _dense_head(visual, x, grid_h, grid_w, attention, normalize)
 
 
-def image_and_patch_features(visual: torch.nn.Module, pixels: torch.Tensor,
+def image_and_patch_features(visual: VisionTransformer, pixels: torch.Tensor,
                              attention: str = "segearth") -> tuple[torch.Tensor, torch.Tensor]:
     """The image embedding (as CLIP's encode_image, L2-normalised, (B, D)) and the dense patch
     embeddings ((B, H/p, W/p, D)) of the same crops, sharing blocks 1..L-1: one extra block, not a

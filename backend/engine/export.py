@@ -65,9 +65,9 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         if path.suffix.lower() == ".shp":
             # Stale sidecars of a replaced shapefile (an old index, an old .cpg) would describe the wrong data.
             replaced = {p.name[len(temp_stem) :] for p in written}
-            for part in SHAPEFILE_PARTS:
-                if part not in replaced:
-                    path.with_suffix(part).unlink(missing_ok=True)
+            for suffix in SHAPEFILE_PARTS:
+                if suffix not in replaced:
+                    path.with_suffix(suffix).unlink(missing_ok=True)
         # The main file goes last, so it only appears once its sidecars are in place.
         for part in sorted(written, key=lambda p: p == temp_path):
             os.replace(part, directory / (path.stem + part.name[len(temp_stem) :]))
@@ -127,7 +127,7 @@ def _write_layer(path: Path, geometries: np.ndarray, fields: Mapping[str, np.nda
                  crs) -> Path:
     """One layer named after the file, in the format of its extension, written atomically."""
     driver = driver_for(path)
-    options = {"encoding": "UTF-8"} if driver == "ESRI Shapefile" else {}
+    options: dict[str, object] = {"encoding": "UTF-8"} if driver == "ESRI Shapefile" else {}
     if driver == "GPKG":
         options["dataset_options"] = {"VERSION": "1.2"}  # QGIS 3.22's GDAL reads 1.4 with a warning
     with atomic_output(path) as temp_path:

@@ -28,6 +28,7 @@ def inspect_model(model: str) -> dict:
     kind, where, _ = locate_model(model)
     spec = where if kind == "registry" else None
     if kind == "registry":
+        assert spec is not None
         path = find_local_weights(spec)
         if path is None:
             raise ModelError(missing_weights_message(spec, "--inspect only reads files already on this computer."))

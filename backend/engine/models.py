@@ -29,7 +29,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -68,7 +68,7 @@ from backend.engine.weights import (
 class LoadedModel:
     model: Any  # open_clip.model.CLIP, eval mode, fp32, on `device`
     name: str
-    tokenizer: Callable[[list[str]], torch.Tensor]
+    tokenizer: Any  # open_clip's (BPE or Hugging Face): tokenizer(texts) -> (N, context) ids; .encode/.decode
     context_length: int
     weights_id: str
     class_lines: list[str] | None = None

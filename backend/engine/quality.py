@@ -38,7 +38,8 @@ from scipy import ndimage
 
 from .dense import normalize_pixels
 from .errors import CancelledError, InputError
-from .raster import PixelWindow
+from .models import LoadedModel
+from .raster import PixelSource, PixelWindow
 
 SIGNALS = ("score_mean", "margin", "entropy", "sharpness", "region_agr")
 FIELDS = ("quality", "margin", "entropy", "sharpness", "region_agr")
@@ -203,8 +204,8 @@ def regions_to_check(regions, dense_crops: int) -> list[int]:
 
 
 @torch.inference_mode()
-def region_agreement(regions, source, window: PixelWindow, transform: Affine, loaded, text: torch.Tensor,
-                     owner: np.ndarray, should_cancel: Callable[[], bool] | None = None,
+def region_agreement(regions, source: PixelSource, window: PixelWindow, transform: Affine, loaded: LoadedModel,
+                     text: torch.Tensor, owner: np.ndarray, should_cancel: Callable[[], bool] | None = None,
                      only: Sequence[int] | None = None) -> np.ndarray:
     """For each region (or those in `only`), the probability (CLIP's global image path vs all class
     lines) of its own class; NaN for the others."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import rasterio
@@ -42,6 +43,20 @@ class PixelWindow:
     @property
     def cols(self) -> slice:
         return slice(self.col_off, self.col_off + self.width)
+
+
+class PixelSource(Protocol):
+    """What the sliding-window engine reads: RGB windows of a processing grid, height x width pixels.
+
+    RasterSource (a raster on disk) and sliding.ArraySource (an image in memory) are the two kinds.
+    """
+
+    height: int
+    width: int
+
+    def read(self, window: PixelWindow) -> tuple[np.ndarray, np.ndarray]:
+        """(3, h, w) float32 RGB in 0..255 (0 where invalid) and (h, w) bool validity of `window`."""
+        ...
 
 
 @dataclass
@@ -248,8 +263,10 @@ def open_source(path: str | Path, bands: list[int] | None = None, scale: float |
         if not mask.any():
             raise EmptyResultError(f"Every pixel of {path} is nodata or masked: there is nothing to "
                                    "segment. Check the raster's nodata value and alpha band.")
+        ranges: list[tuple[float, float]] | None
         if value_range is not None:
-            ranges = [tuple(value_range)] * 3
+            low, high = value_range
+            ranges = [(float(low), float(high))] * 3
         else:
             ranges = stretch_range(ds, band_list, data, mask)
     except Exception:

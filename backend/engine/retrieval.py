@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .dense import normalize_pixels
 from .errors import CancelledError, InputError
+from .models import LoadedModel
 from .text import encode_tokens
 
 RECALL_KS = (1, 5, 10)
@@ -67,7 +68,10 @@ def load_caption_set(folder: str | Path, split: str = "test") -> CaptionSet:
         raise InputError(f"The dataset folder {folder} does not exist.")
     caption_file = find_caption_file(folder)
     entries = json.loads(caption_file.read_text(encoding="utf-8"))["images"]
-    images, captions, owner, missing = [], [], [], []
+    images: list[Path] = []
+    captions: list[str] = []
+    owner: list[int] = []
+    missing: list[str] = []
     for entry in entries:
         if not isinstance(entry, dict) or (split != "all" and entry.get("split") != split):
             continue
@@ -122,14 +126,15 @@ def _load_image(path: Path, side: int) -> torch.Tensor:
         raise InputError(f"The image {path} cannot be read ({exc}).") from exc
     width, height = rgb.size
     factor = side / min(width, height)
-    rgb = rgb.resize((max(side, round(width * factor)), max(side, round(height * factor))), Image.BICUBIC)
+    rgb = rgb.resize((max(side, round(width * factor)), max(side, round(height * factor))), Image.Resampling.BICUBIC)
     left, top = (rgb.size[0] - side) // 2, (rgb.size[1] - side) // 2
     rgb = rgb.crop((left, top, left + side, top + side))
     return torch.from_numpy(np.asarray(rgb, dtype=np.float32).copy()).permute(2, 0, 1)
 
 
 @torch.inference_mode()
-def embed_images(loaded, paths: list[Path], batch_size: int = 32, progress=None, should_cancel=None) -> np.ndarray:
+def embed_images(loaded: LoadedModel, paths: list[Path], batch_size: int = 32, progress=None,
+                 should_cancel=None) -> np.ndarray:
     size = loaded.model.visual.image_size
     side = int(size[0] if isinstance(size, (tuple, list)) else size)
     out = []
@@ -144,7 +149,7 @@ def embed_images(loaded, paths: list[Path], batch_size: int = 32, progress=None,
 
 
 @torch.inference_mode()
-def embed_captions(loaded, captions: list[str], batch_size: int = 64) -> np.ndarray:
+def embed_captions(loaded: LoadedModel, captions: list[str], batch_size: int = 64) -> np.ndarray:
     out = []
     for start in range(0, len(captions), batch_size):
         tokens = loaded.tokenizer(captions[start:start + batch_size]).to(loaded.device)
@@ -152,7 +157,7 @@ def embed_captions(loaded, captions: list[str], batch_size: int = 64) -> np.ndar
     return torch.cat(out).numpy()
 
 
-def evaluate_retrieval(folder: str | Path, loaded, split: str = "test", batch_size: int = 32,
+def evaluate_retrieval(folder: str | Path, loaded: LoadedModel, split: str = "test", batch_size: int = 32,
                        progress: Callable[[int, int], None] | None = None, should_cancel=None) -> dict:
     captions = load_caption_set(folder, split)
     image_vectors = embed_images(loaded, captions.images, batch_size, progress, should_cancel)

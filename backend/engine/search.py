@@ -33,6 +33,7 @@ from pyproj import Transformer
 from backend import __version__
 from .errors import InputError
 from .export import driver_for, report_path_for, write_rectangles, write_report
+from .models import LoadedModel
 from .raster import parse_crs
 from .search_index import SearchIndex, check_bbox, check_point, describe, point_window
 from .text import TextEmbedder
@@ -82,7 +83,7 @@ class Query:
     keywords: list[str] = field(default_factory=list)
 
 
-def fit_to_context(text: str, loaded, what: str = "sentence") -> tuple[str, str | None]:
+def fit_to_context(text: str, loaded: LoadedModel, what: str = "sentence") -> tuple[str, str | None]:
     """The text as the model will read it, and a notice when it had to be shortened."""
     limit = loaded.context_length - 2  # start and end tokens
     # CLIP's BPE tokenizer encodes itself; open_clip's Hugging Face wrapper holds the tokenizer inside.
@@ -330,7 +331,7 @@ def _add_like_hits(hits: Hits, index: SearchIndex, entries, inside: np.ndarray, 
 def write_hits(path: str | Path, hits: Hits, crs, model: str, run_id: str) -> Path:
     """The hits as a polygon layer (rectangles) with rank, score, scale_m, query, model, run_id."""
     count = len(hits.query)
-    fields = dict(zip(HIT_FIELDS, (hits.rank.astype(np.int32), hits.score.astype(np.float64),
+    fields: dict[str, np.ndarray] = dict(zip(HIT_FIELDS, (hits.rank.astype(np.int32), hits.score.astype(np.float64),
                                    hits.scale_m.astype(np.float64), np.array(hits.query, dtype=object),
                                    np.array([model] * count, dtype=object), np.array([run_id] * count, dtype=object))))
     return write_rectangles(path, hits.bounds, fields, crs)

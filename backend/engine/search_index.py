@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from .dense import image_and_patch_features, normalize_pixels
 from .errors import CancelledError, EmptyResultError, InputError
+from .models import LoadedModel
 from .weights import file_sha256
 from .paths import cache_dir
 from .raster import PixelWindow, RasterSource, native_gsd_m, open_source, request_window
@@ -65,7 +66,7 @@ def sub_regions(grid: int) -> list[tuple[int, int, int, int]]:
 
 
 @torch.inference_mode()
-def embed_windows(loaded, crops: np.ndarray, attention: str = "segearth") -> np.ndarray:
+def embed_windows(loaded: LoadedModel, crops: np.ndarray, attention: str = "segearth") -> np.ndarray:
     """(B, 3, h, w) RGB 0..255 -> (B, PERSPECTIVES, D) L2-normalised float32 embeddings."""
     visual = loaded.model.visual
     size = visual.image_size
@@ -154,7 +155,7 @@ class BuildStats:
 class SearchIndex:
     """The index of one raster for one model; open with `open_index` (a context manager)."""
 
-    def __init__(self, raster: Path, loaded, source: RasterSource, attention: str = "segearth",
+    def __init__(self, raster: Path, loaded: LoadedModel, source: RasterSource, attention: str = "segearth",
                  batch_size: int = 8, factors: tuple[int, ...] = LEVEL_FACTORS):
         self.raster = Path(raster)
         self.loaded = loaded
@@ -347,7 +348,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def open_index(raster: str | Path, loaded, bands: list[int] | None = None,
+def open_index(raster: str | Path, loaded: LoadedModel, bands: list[int] | None = None,
                value_range: tuple[float, float] | None = None, attention: str = "segearth",
                batch_size: int = 8) -> Iterator[SearchIndex]:
     """Open (creating, or rebuilding when the raster changed) the search index of `raster` for a model."""

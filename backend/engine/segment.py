@@ -17,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import rasterio
@@ -31,7 +32,8 @@ from .runtimes import RUNTIMES, make_encoder
 from .errors import EmptyResultError, InputError
 from .colours import class_colormap
 from .export import atomic_output, driver_for, report_path_for, write_polygons, write_report
-from .raster import RasterSource, open_source, request_window
+from .models import LoadedModel
+from .raster import PixelWindow, RasterSource, open_source, request_window
 from . import outlines as refine_outlines
 from .refine import REFINE_CHOICES
 from .quality import (
@@ -100,13 +102,13 @@ class SegmentResult:
     features: dict = field(default_factory=dict)  # crops whose features came from the cache / the encoder
 
 
-def segment_warnings(loaded, classes) -> list[str]:
+def segment_warnings(loaded: LoadedModel, classes) -> list[str]:
     """Sentences for the user before a run: languages the model does not read, untrained classes."""
     untrained = untrained_class_warning(loaded, classes)
     return language_warnings(loaded, classes) + ([untrained] if untrained else [])
 
 
-def untrained_class_warning(loaded, classes) -> str | None:
+def untrained_class_warning(loaded: LoadedModel, classes) -> str | None:
     """A sentence when a fine-tuned model is asked for classes it was not trained on, else None.
 
     Fine-tuning's dense patch loss trades open-vocabulary behaviour for the trained classes, so
@@ -176,7 +178,7 @@ def validate_options(options: SegmentOptions) -> None:
         raise InputError(f"Unknown --refine {options.refine!r}; use one of {', '.join(REFINE_CHOICES)}.")
 
 
-def with_model_defaults(options: SegmentOptions, loaded) -> SegmentOptions:
+def with_model_defaults(options: SegmentOptions, loaded: LoadedModel) -> SegmentOptions:
     """A fine-tuned model runs at the ground resolution it was trained at, unless the user chose one."""
     trained_gsd = (loaded.metadata.get("finetuned") or {}).get("processing", {}).get("gsd_m")
     if options.scale is None and options.gsd_m is None and trained_gsd:
@@ -255,7 +257,7 @@ class StripPolygons:
         self._pool.shutdown()
 
 
-def segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutputs, loaded,
+def segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutputs, loaded: LoadedModel,
                    progress: Callable[[int, int], None] | None = None,
                    should_cancel: Callable[[], bool] | None = None,
                    feature_cache: FeatureCache | None = None, encoder: Encoder | None = None,
@@ -276,7 +278,7 @@ def segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutput
                                notice)
 
 
-def _segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutputs, loaded,
+def _segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutputs, loaded: LoadedModel,
                     progress: Callable[[int, int], None] | None,
                     should_cancel: Callable[[], bool] | None, feature_cache: FeatureCache | None,
                     encoder: Encoder | None, notice: Callable[[str], None] | None) -> SegmentResult:
@@ -366,7 +368,7 @@ def _segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutpu
                 write_polygons(outputs.coarse_out, coarse, source.crs, class_names, loaded.name, run_id)
             if outputs.class_raster:
                 _move_into_place(class_path, Path(outputs.class_raster))
-            if outputs.prob_raster:
+            if outputs.prob_raster and prob_path is not None:
                 _move_into_place(prob_path, Path(outputs.prob_raster))
             timings["write_s"] = time.perf_counter() - t0
             timings["total_s"] = time.perf_counter() - started
@@ -403,7 +405,8 @@ def _move_into_place(temp: Path, target: Path) -> None:
 
 
 def _class_stats(regions, class_names: list[str]) -> list[dict]:
-    stats = [{"class": name, "class_id": i, "polygons": 0, "area_m2": 0.0} for i, name in enumerate(class_names)]
+    stats: list[dict[str, Any]] = [{"class": name, "class_id": i, "polygons": 0, "area_m2": 0.0}
+                                   for i, name in enumerate(class_names)]
     for region in regions:
         entry = stats[region.class_id]
         entry["polygons"] += 1
@@ -467,8 +470,8 @@ class QualityEstimate:
     report: dict
 
 
-def estimate_quality(regions, source, window, segmenter: Segmenter, score_path: Path, signals_path: Path,
-                     class_names: list[str], dense_crops: int, should_cancel) -> QualityEstimate:
+def estimate_quality(regions, source: RasterSource, window: PixelWindow, segmenter: Segmenter, score_path: Path,
+                     signals_path: Path, class_names: list[str], dense_crops: int, should_cancel) -> QualityEstimate:
     """Per-polygon quality signals and `quality`, and the run's estimated mIoU (quality.py)."""
     loaded = segmenter.loaded
     transform = source.window_transform(window)

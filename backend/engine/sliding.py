@@ -25,7 +25,8 @@ from .dense import normalize_pixels
 from .encoders import Encoder, TorchEncoder, crop_size
 from .errors import CancelledError
 from .feature_cache import FeatureCache
-from .raster import PixelWindow
+from .models import LoadedModel
+from .raster import PixelSource, PixelWindow
 from .text import LOGIT_SCALE, ClassSpec, TextEmbedder, query_index
 
 NODATA_CLASS = 255
@@ -66,7 +67,7 @@ class Segmenter:
     (feature_cache.py) and a scope, crops seen before skip the encoder.
     """
 
-    def __init__(self, loaded, classes: list[ClassSpec], attention: str = "segearth",
+    def __init__(self, loaded: LoadedModel, classes: list[ClassSpec], attention: str = "segearth",
                  batch_size: int = 8, threshold: float = 0.0, embedder: TextEmbedder | None = None,
                  encoder: Encoder | None = None, half: bool | None = None):
         self.loaded = loaded
@@ -263,7 +264,7 @@ def count_crops(height: int, width: int, window: PixelWindow, crop: int, stride:
     return total * len(rows)
 
 
-def predict_blocks(segmenter: Segmenter, source, window: PixelWindow,
+def predict_blocks(segmenter: Segmenter, source: PixelSource, window: PixelWindow,
                    progress: Callable[[int, int], None] | None = None,
                    should_cancel: Callable[[], bool] | None = None,
                    chunk_columns: int = CHUNK_COLUMNS) -> Iterator[Block]:
@@ -295,7 +296,7 @@ def predict_blocks(segmenter: Segmenter, source, window: PixelWindow,
                                   c0, c1, advance, should_cancel)
 
 
-def _read_ahead(source, windows: list[PixelWindow], timings: dict[str, float]) -> Iterator[tuple]:
+def _read_ahead(source: PixelSource, windows: list[PixelWindow], timings: dict[str, float]) -> Iterator[tuple]:
     """Yield source.read(w) for each window, reading the next one in a thread while the caller works.
 
     GDAL releases the GIL while it decompresses, so the read overlaps the model and the blending.
@@ -317,8 +318,8 @@ def _read_ahead(source, windows: list[PixelWindow], timings: dict[str, float]) -
             yield result
 
 
-def _predict_chunk(segmenter, source, window, row_starts, col_starts, crop_shape, c0, c1,
-                   progress, should_cancel) -> Iterator[Block]:
+def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindow, row_starts, col_starts, crop_shape,
+                   c0, c1, progress, should_cancel) -> Iterator[Block]:
     crop_h, crop_w = crop_shape
     r_lo, r_hi = window.row_off, window.row_off + window.height
     read_c0, read_c1 = col_starts[0], col_starts[-1] + crop_w
@@ -420,7 +421,7 @@ def _predict_chunk(segmenter, source, window, row_starts, col_starts, crop_shape
         yield block
 
 
-def predict_window(segmenter: Segmenter, source, window: PixelWindow | None = None,
+def predict_window(segmenter: Segmenter, source: PixelSource, window: PixelWindow | None = None,
                    **kwargs) -> Block:
     """The whole window as one Block (for in-memory images, tests and evaluation)."""
     window = window or PixelWindow(0, 0, source.height, source.width)

@@ -14,6 +14,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,7 +23,11 @@ import torch.nn.functional as F
 from .errors import InputError
 from .hf_text import encode_hf_tokens, is_hf_text_model
 from .languages import ENGLISH_TEMPLATES, query_language, templates_for
+from .models import LoadedModel
 from .paths import cache_dir
+
+if TYPE_CHECKING:
+    from open_clip.model import CLIP
 
 LOGIT_SCALE = 50.0
 PROMPT_TEMPLATES: tuple[str, ...] = ENGLISH_TEMPLATES
@@ -66,7 +71,7 @@ def query_index(classes: list[ClassSpec]) -> tuple[list[str], list[int]]:
     return queries, owner
 
 
-def encode_tokens(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+def encode_tokens(model: CLIP, tokens: torch.Tensor) -> torch.Tensor:
     """open_clip CLIP.encode_text, run only up to the longest real sequence of the batch.
 
     Exact because the causal mask keeps every position from seeing later ones,
@@ -88,13 +93,13 @@ def encode_tokens(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return x @ model.text_projection
 
 
-def is_multilingual(loaded) -> bool:
+def is_multilingual(loaded: LoadedModel) -> bool:
     """Whether the model reads other languages than English (registry `languages`, or its text tower)."""
     metadata = getattr(loaded, "metadata", None) or {}
     return len(metadata.get("languages") or ["en"]) > 1
 
 
-def model_variant(loaded) -> str:
+def model_variant(loaded: LoadedModel) -> str:
     """What besides the weights changes the embeddings: the activation and fp16 (cache keys)."""
     activation = (getattr(loaded, "metadata", None) or {}).get("activation", "quickgelu")
     projection = getattr(loaded.model, "text_projection", None)
@@ -109,7 +114,7 @@ class TextEmbedder:
     query's language (`language` forces one, see languages.py), and English for the others.
     """
 
-    def __init__(self, loaded, cache: Path | None = None, templates: tuple[str, ...] | None = None,
+    def __init__(self, loaded: LoadedModel, cache: Path | None = None, templates: tuple[str, ...] | None = None,
                  use_disk_cache: bool = True, language: str | None = None):
         self.loaded = loaded
         self.fixed_templates = templates
@@ -169,7 +174,7 @@ class TextEmbedder:
         return torch.stack([self.embed_one(q) for q in queries])
 
 
-def language_warnings(loaded, classes: list[ClassSpec]) -> list[str]:
+def language_warnings(loaded: LoadedModel, classes: list[ClassSpec]) -> list[str]:
     """One sentence when an English-only model is given class names that are clearly not English."""
     if is_multilingual(loaded):
         return []

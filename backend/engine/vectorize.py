@@ -268,17 +268,17 @@ def polygon_areas_m2(geometries: Sequence[BaseGeometry], crs) -> np.ndarray:
 
     Without a CRS the planar area is returned as is (map units taken as metres).
     """
-    geometries = np.asarray(geometries, dtype=object)
+    shapes = np.asarray(geometries, dtype=object)
     crs = _pyproj_crs(crs)
     if crs is None or not crs.is_geographic:
         metres_per_unit = crs.axis_info[0].unit_conversion_factor if crs is not None else 1.0
-        return shapely.area(geometries) * metres_per_unit**2
+        return shapely.area(shapes) * metres_per_unit**2
     geod = crs.get_geod()
     assert geod is not None, "a geographic CRS has an ellipsoid"
     degrees_per_unit = math.degrees(crs.axis_info[0].unit_conversion_factor)
     if degrees_per_unit != 1.0:
-        geometries = shapely.transform(geometries, lambda xy: xy * degrees_per_unit)
-    return np.array([abs(geod.geometry_area_perimeter(g)[0]) for g in geometries], dtype=np.float64)
+        shapes = shapely.transform(shapes, lambda xy: xy * degrees_per_unit)
+    return np.array([abs(geod.geometry_area_perimeter(g)[0]) for g in shapes], dtype=np.float64)
 
 
 def simplify_coverage(geometries: Sequence[BaseGeometry], tolerance: float, transform: Affine) -> list:

@@ -74,7 +74,7 @@ def _time(fn, repeat: int = 1) -> float:
     return (time.perf_counter() - start) / repeat
 
 
-def bench_encoder(loaded, batch_size: int, batches: int, encoder=None) -> float:
+def bench_encoder(loaded: LoadedModel, batch_size: int, batches: int, encoder=None) -> float:
     """Bare dense image-encoder throughput (crops/s), no I/O or post-processing."""
     encoder = encoder or TorchEncoder(loaded.model.visual, "segearth", loaded.device)
     crops = torch.rand(batch_size, 3, 224, 224, device=loaded.device) * 255
@@ -89,7 +89,7 @@ def bench_encoder(loaded, batch_size: int, batches: int, encoder=None) -> float:
     return batch_size * batches / _time(lambda: [step() for _ in range(batches)])
 
 
-def bench_runtimes(loaded, batch_size: int, batches: int, torch_rate: float) -> dict:
+def bench_runtimes(loaded: LoadedModel, batch_size: int, batches: int, torch_rate: float) -> dict:
     """Each installed compiled runtime: bare encoder crops/s and its largest difference from torch."""
     from backend.engine.runtimes import COMPILED, compiled_encoder, runtime_installed
 
@@ -111,7 +111,7 @@ def bench_runtimes(loaded, batch_size: int, batches: int, torch_rate: float) -> 
     return found
 
 
-def reference_loop(loaded, text: torch.Tensor, image: np.ndarray) -> int:
+def reference_loop(loaded: LoadedModel, text: torch.Tensor, image: np.ndarray) -> int:
     """FARSLIP_METHOD.md section 4 as written: one crop at a time, full-size accumulator."""
     _, height, width = image.shape
     crop, stride = 224, 112
@@ -139,7 +139,7 @@ def _same_raster(a: Path, b: Path) -> bool:
         return bool(np.array_equal(first.read(), second.read()))
 
 
-def bench_text(loaded, workdir: Path) -> dict:
+def bench_text(loaded: LoadedModel, workdir: Path) -> dict:
     """Seconds per class query: full context vs truncated, cold vs disk-cached."""
     query = "parking lot"
     tokens = loaded.tokenizer([t.format(query) for t in PROMPT_TEMPLATES]).to(loaded.device)

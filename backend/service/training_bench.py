@@ -28,6 +28,7 @@ from backend.engine.raster import open_source
 
 from training import adapters
 from backend.engine.memory import peak_rss_mb
+from backend.engine.models import LoadedModel
 
 from training.api import label_grid_for
 from training.finetune import Trainer, TrainingData, TrainOptions
@@ -76,7 +77,8 @@ def _seconds_per_call(fn, device: torch.device, repeat: int) -> float:
     return (time.perf_counter() - started) / repeat
 
 
-def bare_passes(loaded, method: str, options: TrainOptions, crop_px: int, input_px: int, repeat: int) -> dict:
+def bare_passes(loaded: LoadedModel, method: str, options: TrainOptions, crop_px: int, input_px: int,
+                repeat: int) -> dict:
     """Seconds of each model pass a FarSLIP step contains, run bare on random pixels (same trainable parameters).
 
     student: dense forward + backward of the batch; global views: the distillation's student pass on as
@@ -127,7 +129,7 @@ def bare_passes(loaded, method: str, options: TrainOptions, crop_px: int, input_
     return passes
 
 
-def measure_training(loaded, method: str = "lora", batch_size: int = 4, steps: int = 5,
+def measure_training(loaded: LoadedModel, method: str = "lora", batch_size: int = 4, steps: int = 5,
                      options: TrainOptions | None = None) -> dict:
     """Seconds per full training step vs the sum of the bare passes it contains; peak RSS (and GPU) memory."""
     options = options or TrainOptions(method=method, batch_size=batch_size)
