@@ -115,7 +115,7 @@ def region_prompts(classes: np.ndarray, probs: np.ndarray, core: np.ndarray) -> 
             peak = np.unravel_index(np.argmax(own), own.shape)
             inside = ndimage.distance_transform_edt(region)
             centre = np.unravel_index(np.argmax(inside), inside.shape)
-            points = [(peak[1] + 0.5, peak[0] + 0.5), (centre[1] + 0.5, centre[0] + 0.5)]
+            points: list[tuple[float, float]] = [(peak[1] + 0.5, peak[0] + 0.5), (centre[1] + 0.5, centre[0] + 0.5)]
             point_labels = [1, 1]
             # Negatives: where each other class is most sure, in a margin around the box.
             margin = max(8, (ys.stop - ys.start + xs.stop - xs.start) // 4)
@@ -174,7 +174,8 @@ def _pixels(rgb: np.ndarray, side: int, device: torch.device) -> torch.Tensor:
 @torch.inference_mode()
 def predict_masks(sam, embedding: torch.Tensor, prompts: list[Prompt], shape: tuple[int, int]):
     """SAM masks (window grid, bool) and predicted IoU scores for `prompts`, batched, one embedding."""
-    masks, scores = [], []
+    masks: list[np.ndarray] = []
+    scores: list[float] = []
     for first in range(0, len(prompts), PROMPTS_PER_BATCH):
         batch = prompts[first:first + PROMPTS_PER_BATCH]
         width = max(len(p.points) for p in batch)

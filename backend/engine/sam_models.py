@@ -109,6 +109,7 @@ def ensure_sam_weights(name: str | None = None) -> Path:
     spec, path = sam_location(name)
     _sam_classes()
     if spec is None:
+        assert path is not None, "sam_location gives a path when the name is not a registry model"
         return path
     try:
         return resolve_weights(spec)

@@ -270,7 +270,7 @@ def segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutput
     """
     # GDAL's block cache defaults to 5 % of RAM and would grow with the raster; a fixed cache keeps
     # memory flat (a GDAL_CACHEMAX set by the user wins).
-    settings = {} if "GDAL_CACHEMAX" in os.environ else {"GDAL_CACHEMAX": GDAL_CACHE_MB * 2**20}  # bytes here
+    settings: dict[str, object] = {} if "GDAL_CACHEMAX" in os.environ else {"GDAL_CACHEMAX": GDAL_CACHE_MB * 2**20}
     # Decompress (and compress) GeoTIFF blocks on every core: reading runs beside the model.
     settings.setdefault("GDAL_NUM_THREADS", os.environ.get("GDAL_NUM_THREADS", "ALL_CPUS"))
     with rasterio.Env(**settings):
@@ -336,6 +336,7 @@ def _segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutpu
                                           computed, workdir, class_path, score_path, prob_path, signals_path,
                                           options.threshold, should_cancel)
             class_path, score_path, prob_path = refined.class_path, refined.score_path, refined.prob_path
+            assert refined.signals_path is not None, "every refinement passes the signals raster on"
             signals_path = refined.signals_path
             timings.update(refined.timings)
             if valid_pixels == 0:
@@ -351,7 +352,10 @@ def _segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutpu
                                 min_area_m2=options.min_area, simplify=options.simplify)
 
             regions = polygons(class_path, score_path, streamed_regions)
-            coarse = polygons(refined.coarse_class_path, refined.coarse_score_path) if outputs.coarse_out else None
+            coarse = None
+            if outputs.coarse_out:
+                assert refined.coarse_class_path is not None and refined.coarse_score_path is not None
+                coarse = polygons(refined.coarse_class_path, refined.coarse_score_path)
             timings["vectorize_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             estimate = estimate_quality(regions, source, window, segmenter, score_path, signals_path,
@@ -364,7 +368,7 @@ def _segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutpu
             t0 = time.perf_counter()
             write_polygons(outputs.out, regions, source.crs, class_names, loaded.name, run_id,
                            extra=estimate.fields)
-            if coarse is not None:
+            if coarse is not None and outputs.coarse_out:
                 write_polygons(outputs.coarse_out, coarse, source.crs, class_names, loaded.name, run_id)
             if outputs.class_raster:
                 _move_into_place(class_path, Path(outputs.class_raster))
