@@ -30,6 +30,8 @@ from backend.engine.finetuned import FINETUNED_FORMAT, FINETUNED_META, FINETUNED
 from backend.engine.models import LoadedModel
 from backend.engine.weights import file_sha256
 from backend.engine.errors import CancelledError, InputError
+from backend.engine.files import check_regular_file, input_paths, is_inside
+from backend.engine.temporary import new_run_tag, process_is_alive, staged_stem
 from backend.engine.raster import PixelWindow, RasterSource, native_gsd_m, open_source
 
 from . import adapters
@@ -50,6 +52,7 @@ from .sampling import split_labels
 
 TEACHERS = ("frozen", "active")
 CHECKPOINT_DIR = "checkpoint"
+OWNER_FILE = "owner.json"  # in the working folder: the pid of the training writing it
 MAX_TRAINING_PIXELS = 64_000_000  # the labelled window is held in memory as float32 RGB (~770 MB)
 
 Progress = Callable[[int, int, dict], None]
@@ -208,32 +211,85 @@ def _partial_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
 
-def _start_dir(out: Path, resume: bool, overwrite: bool) -> tuple[Path, bool]:
-    """The working folder, and whether it holds a checkpoint to resume."""
+def is_model_folder(path: Path) -> bool:
+    """A folder `farslip train` wrote: its farslip_model.json names our format."""
+    try:
+        return json.loads((path / FINETUNED_META).read_text(encoding="utf-8")).get("format") == FINETUNED_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_out_folder(out: Path, overwrite: bool, resume: bool, inputs: dict[str, Path]) -> None:
+    """--out may be replaced only when it is a model folder this project wrote, holding none of the inputs."""
     if not out.parent.is_dir():
         raise InputError(f"The output folder {out.parent} does not exist; create it or choose another --out.")
+    for what, path in inputs.items():
+        if is_inside(path, out):
+            raise InputError(f"The {what} {path} lies inside {out}, which training writes; choose another --out.")
+    if not os.path.lexists(out):
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise InputError(f"{out} exists and is not a model folder; choose another --out (a fine-tuned model is "
+                         "written as a new folder).")
+    if resume:
+        return
+    if not overwrite:
+        raise InputError(f"{out} already exists; choose another --out, continue it with --resume, or "
+                         "replace it with --overwrite.")
+    if not is_model_folder(out):
+        raise InputError(f"{out} is a folder that farslip train did not write (it has no {FINETUNED_META}); "
+                         "--overwrite only replaces a fine-tuned model folder. Choose another --out.")
+
+
+def _claim(work: Path) -> None:
+    (work / OWNER_FILE).write_text(json.dumps({"pid": os.getpid()}), encoding="utf-8")
+
+
+def _refuse_if_live(work: Path) -> None:
+    """Another training writing the same --out right now keeps its working folder."""
+    try:
+        pid = int(json.loads((work / OWNER_FILE).read_text(encoding="utf-8"))["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if pid != os.getpid() and process_is_alive(pid):
+        raise InputError(f"Another training (process {pid}) is writing {work} for the same --out right now; "
+                         "wait for it to finish or choose another --out.")
+
+
+def training_inputs(raster, labels, aoi=None, base_model=None, weights=None) -> dict[str, Path]:
+    """The files a training reads (which --out must not hold)."""
+    return input_paths([("raster", raster), ("labels", labels), ("area of interest", aoi),
+                        ("base model", base_model), ("weights", weights)])
+
+
+def _start_dir(out: Path, resume: bool, overwrite: bool) -> tuple[Path, bool]:
+    """The working folder, and whether it holds a checkpoint to resume."""
+    check_out_folder(out, overwrite, resume, {})
     work = _partial_dir(out)
+    _refuse_if_live(work)
     if resume:
         if (work / CHECKPOINT_DIR / "state.pt").is_file():
+            _claim(work)
             return work, True
         if (out / CHECKPOINT_DIR / "state.pt").is_file():
             shutil.rmtree(work, ignore_errors=True)
             shutil.copytree(out, work)
+            _claim(work)
             return work, True
         raise InputError(f"There is no training to resume for {out}: neither {out} nor {work} holds a "
                          f"{CHECKPOINT_DIR}/ folder. Run without --resume to start training.")
-    if out.exists() and not overwrite:
-        raise InputError(f"{out} already exists; choose another --out, continue it with --resume, or "
-                         "replace it with --overwrite.")
+    # A working folder left by a training that is no longer running (ours by name, its owner gone).
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
+    _claim(work)
     return work, False
 
 
 def _move_into_place(work: Path, out: Path) -> None:
-    old = out.parent / f".{out.name}.old"
+    """Replace `out` (a model folder, checked before training) by the finished `work` folder."""
+    (work / OWNER_FILE).unlink(missing_ok=True)
+    old = staged_stem(out, new_run_tag())
     if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
         out.rename(old)
     work.rename(out)
     shutil.rmtree(old, ignore_errors=True)
@@ -259,6 +315,7 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
         options.lr = float(lr)
     _check_options(options)
     raster, labels, out = Path(raster), Path(labels), Path(out)
+    check_out_folder(out, overwrite, resume, training_inputs(raster, labels, aoi, base_model, weights))
     started = time.perf_counter()
     loaded = _load(base_model, weights, device, loaded)
     raster_sha, labels_sha = file_sha256(raster) if raster.is_file() else None, None
@@ -474,13 +531,11 @@ _REQUEST_ARGS = ("raster", "labels", "class_field", "out", "base_model", "weight
 def check_request(request: dict) -> list[str]:
     """Quick checks of a POST /v1/train body before it is queued; returns the output paths it will write."""
     for key in ("raster", "labels"):
-        if not Path(request[key]).is_file():
-            raise InputError(f"The {key} file {request[key]} does not exist.")
+        check_regular_file(request[key], key)
     out = Path(request["out"])
-    if not out.parent.is_dir():
-        raise InputError(f"The output folder {out.parent} does not exist; create it or choose another out.")
-    if out.exists() and not (request.get("overwrite") or request.get("resume")):
-        raise InputError(f"{out} already exists; choose another out, or set overwrite or resume.")
+    check_out_folder(out, bool(request.get("overwrite")), bool(request.get("resume")),
+                     training_inputs(request["raster"], request["labels"], request.get("aoi"),
+                                     request.get("base_model"), request.get("weights")))
     unknown = set(request) - set(_REQUEST_ARGS) - set(TrainOptions.__dataclass_fields__)
     if unknown:
         raise InputError(f"Unknown training option(s): {', '.join(sorted(unknown))}.")

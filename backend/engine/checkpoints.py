@@ -11,12 +11,15 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import warnings
+import zipfile
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from backend.engine.files import expand_user
 from backend.engine.errors import ModelError
 from backend.engine.registry import (
     ACTIVATIONS,
@@ -72,6 +75,13 @@ def fold_longclip_positional(sd: dict[str, torch.Tensor], keep: int = LONGCLIP_K
     return sd
 
 
+def _starts_like_pickle(path: Path) -> bool:
+    """A legacy torch.save file begins with a pickle protocol marker (0x80, protocol 2..5)."""
+    with open(path, "rb") as stream:
+        head = stream.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint file as an fp32 open_clip state dict (no pickled code ever runs).
 
@@ -84,9 +94,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors as stored (fp32, prefixes stripped, LongCLIP embeddings not folded)."""
-    path = Path(path).expanduser()
+    path = expand_user(path, "checkpoint", ModelError)
     if not path.is_file():
         raise ModelError(f"Checkpoint file {path} does not exist.")
+    if not zipfile.is_zipfile(path) and path.suffix.lower() != ".safetensors" and not _starts_like_pickle(path):
+        raise ModelError(f"{path} is not a readable PyTorch checkpoint (neither a complete zip archive, a pickle nor "
+                         "safetensors); is it the right file, and is the download complete?")
     if path.suffix.lower() == ".safetensors":
         try:
             from safetensors.torch import load_file
@@ -96,7 +109,9 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise ModelError(f"{path} is not a readable safetensors file ({exc}).") from exc
     else:
         try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch words its refusal as a warning too; ours is the sentence
+                warnings.simplefilter("ignore")
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             raise ModelError(
                 f"Refusing to load {path}: it contains Python objects or code besides tensors, and "
@@ -119,6 +134,10 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         sd[key] = value.float() if value.is_floating_point() else value
     if not sd:
         raise ModelError(f"{path} holds no tensors: it is not a model checkpoint.")
+    damaged = [key for key, value in sd.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if damaged:
+        raise ModelError(f"{path} holds NaN or infinite weights ({len(damaged)} tensor(s), e.g. {damaged[0]}): the "
+                         "checkpoint is damaged or its training diverged. Use another checkpoint.")
     return sd
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from backend.engine.errors import ModelError
+from backend.engine.errors import InputError
 
 
 def resolve_device(device: str | torch.device | None = "cpu") -> torch.device:
@@ -21,12 +21,17 @@ def resolve_device(device: str | torch.device | None = "cpu") -> torch.device:
         return torch.device("cpu")
     try:
         dev = torch.device(name)
-    except RuntimeError as exc:
-        raise ModelError(f"Unknown device '{device}'. Use auto, cpu, cuda or mps.") from exc
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"Unknown device {device!r}. Use auto, cpu, cuda or mps.")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError("Device 'cuda' was requested but no CUDA GPU is usable here. Use --device cpu.")
+        raise InputError("Device 'cuda' was requested but no CUDA GPU is usable here. Use --device cpu.")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise InputError(f"Device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA "
+                         "GPU(s), numbered from 0.")
     if dev.type == "mps":
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_available():
-            raise ModelError("Device 'mps' was requested but Apple MPS is not available. Use --device cpu.")
+            raise InputError("Device 'mps' was requested but Apple MPS is not available. Use --device cpu.")
     return dev

@@ -8,9 +8,9 @@ result being replaced stays readable until the new one is complete).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import pyogrio.raw
 import shapely
 
 from backend.engine.errors import InputError
+from backend.engine.temporary import new_run_tag, owned_entries, remove_owned, staged_path, staged_stem
 from backend.engine.vectorize import RegionPolygon
 
 DRIVERS = {".gpkg": "GPKG", ".shp": "ESRI Shapefile", ".geojson": "GeoJSON", ".fgb": "FlatGeobuf"}
@@ -37,44 +38,53 @@ def driver_for(path: str | Path) -> str:
     return DRIVERS[suffix]
 
 
-def _temporary_stem(path: Path) -> str:
-    return f".{path.stem}.{uuid.uuid4().hex[:12]}.tmp"
-
-
-def _files_of(directory: Path, stem: str) -> list[Path]:
-    """The file `stem` + any extension(s) in `directory`: a dataset with its sidecars (.shx, .aux.xml, ...)."""
-    return [p for p in directory.iterdir() if p.name.startswith(stem + ".")]
+def commit_staged(staged: Path, path: str | Path) -> None:
+    """Rename a complete staged file and its sidecars over `path`: the only way an output is replaced."""
+    path = Path(path)
+    if not staged.exists():
+        raise FileNotFoundError(f"{staged} was not written")
+    stem = staged.name[: -len(staged.suffix)] if staged.suffix else staged.name
+    written = [entry for entry in owned_entries(staged.with_name(stem)) if entry.is_file()]
+    if path.suffix.lower() == ".shp":
+        # Stale sidecars of a replaced shapefile (an old index, an old .cpg) would describe the wrong data.
+        replaced = {p.name[len(stem):] for p in written}
+        for part in SHAPEFILE_PARTS:
+            if part not in replaced:
+                path.with_suffix(part).unlink(missing_ok=True)
+    # The main file goes last, so it only appears once its sidecars are in place.
+    for part in sorted(written, key=lambda p: p == staged):
+        os.replace(part, path.parent / (path.stem + part.name[len(stem):]))
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
+def atomic_output(path: str | Path, tag: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it (and its sidecars) replace `path`.
 
     On any exception (including cancellation) the temporary files are deleted and nothing at
-    `path` changes. The temporary path keeps the extension, so GDAL picks the same driver.
+    `path` changes. The temporary path keeps the extension, so GDAL picks the same driver; its
+    name carries the run's `tag` (see backend.engine.temporary).
     """
-    path = Path(path)
-    directory = path.parent
-    temp_stem = _temporary_stem(path)
-    temp_path = directory / f"{temp_stem}{path.suffix}"
+    tag = tag or new_run_tag()
+    staged = staged_path(path, tag)
     try:
-        yield temp_path
-        if not temp_path.exists():
-            raise FileNotFoundError(f"{temp_path} was not written")
-        written = _files_of(directory, temp_stem)
-        if path.suffix.lower() == ".shp":
-            # Stale sidecars of a replaced shapefile (an old index, an old .cpg) would describe the wrong data.
-            replaced = {p.name[len(temp_stem) :] for p in written}
-            for suffix in SHAPEFILE_PARTS:
-                if suffix not in replaced:
-                    path.with_suffix(suffix).unlink(missing_ok=True)
-        # The main file goes last, so it only appears once its sidecars are in place.
-        for part in sorted(written, key=lambda p: p == temp_path):
-            os.replace(part, directory / (path.stem + part.name[len(temp_stem) :]))
+        yield staged
+        commit_staged(staged, path)
     except BaseException:
-        for part in _files_of(directory, temp_stem):
-            part.unlink(missing_ok=True)
+        remove_owned([staged_stem(path, tag)])
         raise
+
+
+SHAPEFILE_TEXT_BYTES = 254  # a dBase text field holds at most this many bytes
+
+
+def check_field_widths(path: str | Path, class_names: Sequence[str]) -> None:
+    """A shapefile cannot hold long class names; say so before the run rather than write them cut."""
+    if driver_for(path) != "ESRI Shapefile":
+        return
+    for name in class_names:
+        if len(name.encode("utf-8")) > SHAPEFILE_TEXT_BYTES:
+            raise InputError(f"The class name {name[:40]!r}... is {len(name.encode('utf-8'))} bytes long; a shapefile "
+                             f"holds at most {SHAPEFILE_TEXT_BYTES}. Shorten it, or write a GeoPackage (.gpkg).")
 
 
 def _field_arrays(
@@ -100,8 +110,10 @@ def write_polygons(
     model: str,
     run_id: str,
     extra: Mapping[str, np.ndarray] | None = None,
+    tag: str | None = None,
+    layer: str | None = None,
 ) -> Path:
-    """Write `regions` as a polygon layer named after the file, in the format of its extension.
+    """Write `regions` as a polygon layer named after the file, in the format of its extension, atomically.
 
     `extra` adds float columns after the standard fields (e.g. the quality signals), one value per region.
 
@@ -120,23 +132,27 @@ def write_polygons(
         )
     fields = dict(zip(FIELDS, _field_arrays(regions, class_names, model, run_id)))
     fields.update({name: np.asarray(values, dtype=np.float64) for name, values in (extra or {}).items()})
-    return _write_layer(path, geometries, fields, "MultiPolygon" if multi else "Polygon", crs)
+    return _write_layer(path, geometries, fields, "MultiPolygon" if multi else "Polygon", crs, tag, layer)
 
 
 def _write_layer(path: Path, geometries: np.ndarray, fields: Mapping[str, np.ndarray], geometry_type: str,
-                 crs) -> Path:
-    """One layer named after the file, in the format of its extension, written atomically."""
+                 crs, tag: str | None = None, layer: str | None = None) -> Path:
+    """One layer named after the file, in the format of its extension, written atomically (`layer`
+    given: straight into `path`, which the caller staged and renames itself)."""
     driver = driver_for(path)
     options: dict[str, object] = {"encoding": "UTF-8"} if driver == "ESRI Shapefile" else {}
     if driver == "GPKG":
         options["dataset_options"] = {"VERSION": "1.2"}  # QGIS 3.22's GDAL reads 1.4 with a warning
-    with atomic_output(path) as temp_path:
-        pyogrio.raw.write(
-            temp_path,
-            geometry=shapely.to_wkb(geometries) if len(geometries) else np.array([], dtype=object),
-            field_data=list(fields.values()), fields=list(fields), layer=path.stem, driver=driver,
-            geometry_type=geometry_type, crs=crs.to_wkt() if hasattr(crs, "to_wkt") else crs, **options,
-        )
+    write = functools.partial(pyogrio.raw.write,
+                              geometry=shapely.to_wkb(geometries) if len(geometries) else np.array([], dtype=object),
+                              field_data=list(fields.values()), fields=list(fields), driver=driver,
+                              geometry_type=geometry_type, crs=crs.to_wkt() if hasattr(crs, "to_wkt") else crs,
+                              **options)
+    if layer is not None:  # the caller writes into a name it staged itself
+        write(path, layer=layer)
+        return path
+    with atomic_output(path, tag) as temp_path:
+        write(temp_path, layer=path.stem)
     return path
 
 
@@ -145,12 +161,17 @@ def report_path_for(vector_path: str | Path) -> Path:
     return Path(vector_path).with_suffix(".report.json")
 
 
-def write_report(path: str | Path, report: Mapping) -> Path:
+def write_report(path: str | Path, report: Mapping, tag: str | None = None) -> Path:
     """Write a run report as indented UTF-8 JSON, atomically (paths and other objects as strings)."""
     path = Path(path)
-    with atomic_output(path) as temp_path:
-        temp_path.write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n", "utf-8")
+    with atomic_output(path, tag) as temp_path:
+        temp_path.write_text(report_json(report), "utf-8")
     return path
+
+
+def report_json(report: Mapping) -> str:
+    """A run report as indented JSON text (paths and other objects as strings)."""
+    return json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n"
 
 
 def write_rectangles(path: str | Path, bounds: np.ndarray, fields: Mapping[str, np.ndarray], crs) -> Path:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -62,6 +63,7 @@ from backend.engine.weights import (
     find_local_weights,
     resolve_weights,
 )
+from backend.engine.files import expand_user, kind_of
 
 
 @dataclass
@@ -82,6 +84,16 @@ def get_tokenizer(context_length: int = 77):
     from open_clip.tokenizer import SimpleTokenizer
 
     return SimpleTokenizer(context_length=context_length)
+
+
+def _refuse_special(path: Path, what: str) -> None:
+    """A FIFO or device given as a model would block the load: refuse it by name."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise ModelError(f"The {what} {path} is {kind_of(mode)}, not a checkpoint file or model folder.")
 
 
 def _check_spec(spec: ModelSpec, cfg: dict, path: Path) -> None:
@@ -191,12 +203,15 @@ def locate_model(model: str | None = None, weights: str | None = None) -> tuple[
     name = model or DEFAULT_MODEL
     spec = registry.get(name)
     if spec is not None:
-        if weights and Path(weights).expanduser().is_dir():
-            return "finetuned", Path(weights).expanduser(), None
+        if weights and expand_user(weights, "weights", ModelError).is_dir():
+            return "finetuned", expand_user(weights, "weights", ModelError), None
+        if weights:
+            _refuse_special(expand_user(weights, "weights", ModelError), "weights")
         return "registry", spec, weights
     if weights:
         raise ModelError(f"--weights can only be combined with a registry model name, not with '{name}'.")
-    path = Path(name).expanduser()
+    path = expand_user(name, "model", ModelError)
+    _refuse_special(path, "model")
     if path.is_dir():
         if not is_finetuned_dir(path):
             raise ModelError(f"{path} is a folder but not a fine-tuned model: it needs "
@@ -220,7 +235,7 @@ def check_model(model: str | None = None, weights: str | None = None) -> None:
     kind, where, explicit = locate_model(model, weights)
     if kind == "finetuned":
         read_finetuned_meta(where)
-    elif kind == "registry" and explicit and not Path(explicit).expanduser().exists():
+    elif kind == "registry" and explicit and not expand_user(explicit, "weights", ModelError).exists():
         raise ModelError(f"The weights file {explicit} does not exist.")
 
 

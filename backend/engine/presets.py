@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from backend.engine.errors import InputError
+from backend.engine.files import check_regular_file
 from backend.engine.paths import resources_dir
 
 
@@ -29,15 +30,9 @@ def parse_class_text(text: str) -> list[str]:
 
 def read_class_file(path: str | Path) -> list[str]:
     """The class lines of a user's class file (the --classes-file format)."""
-    path = Path(path)
+    path = check_regular_file(path, "class file")
     try:
         text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise InputError(f"The class file {path} does not exist.") from None
-    except IsADirectoryError:
-        raise InputError(
-            f"The class file {path} is a folder; give a text file with one class per line."
-        ) from None
     except UnicodeDecodeError:
         raise InputError(f"The class file {path} is not UTF-8 text; save it as plain UTF-8 text.") from None
     except OSError as error:

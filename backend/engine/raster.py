@@ -9,6 +9,7 @@ resampling to a scale factor or ground sample distance.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -17,12 +18,13 @@ import numpy as np
 import rasterio
 from rasterio.crs import CRS
 from rasterio.enums import ColorInterp, Resampling
-from rasterio.errors import CRSError, RasterioError, RasterioIOError
+from rasterio.errors import CRSError, NotGeoreferencedWarning, RasterioError, RasterioIOError
 from rasterio.transform import Affine
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window, from_bounds
 
 from .errors import EmptyResultError, InputError
+from .files import check_regular_file
 
 SAMPLE_SIDE = 1024  # long side of the decimated read used for statistics and checks
 
@@ -102,19 +104,18 @@ class RasterSource:
             mask = self.dataset.dataset_mask(window=src_window, out_shape=shape,
                                              resampling=Resampling.nearest)
         except RasterioError as exc:
-            raise InputError(f"Could not read the pixels of {self.path} ({str(exc).rstrip('.')}). The file may be "
-                             "damaged or truncated; re-export it (e.g. gdal_translate) and try again.") from exc
+            raise unreadable_pixels(self.path) from exc
         if self.palette is not None:
             rgb = self.palette[data[0].astype(np.intp)].transpose(2, 0, 1).astype(np.float32)
         else:
             rgb = np.stack([data[unique.index(b)] for b in self.bands]).astype(np.float32)
         valid = mask > 0
+        if not np.issubdtype(data.dtype, np.integer):  # +-inf and NaN masked alike, before any scaling
+            valid &= np.isfinite(rgb).all(axis=0)
         if self.value_range is not None:
             for i, (lo, hi) in enumerate(self.value_range):
                 rgb[i] = (rgb[i] - lo) * (255.0 / max(hi - lo, 1e-12))
             np.clip(rgb, 0.0, 255.0, out=rgb)
-        if not np.issubdtype(data.dtype, np.integer):  # integers are always finite
-            valid &= np.isfinite(rgb).all(axis=0)
         rgb[:, ~valid] = 0.0
         return rgb, valid
 
@@ -135,25 +136,33 @@ class RasterSource:
         self.close()
 
 
+def unreadable_pixels(path) -> InputError:
+    return InputError(f"Could not read the pixels of {path}: the file is damaged or truncated. Re-export it "
+                      "(e.g. gdal_translate) and try again.")
+
+
 def open_dataset(path: str | Path) -> rasterio.io.DatasetReader:
     """Open a raster and check it is georeferenced, with sentences for every failure."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"The raster {path} does not exist.")
-    if path.is_dir():
-        raise InputError(f"{path} is a folder, not a raster file.")
+    path = check_regular_file(path, "raster")
     try:
-        ds = rasterio.open(path)
+        with warnings.catch_warnings():  # a missing geotransform is our sentence below, not a warning line
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            ds = rasterio.open(path)
     except RasterioIOError as exc:
         raise InputError(f"{path} is not a raster GDAL can read ({exc}).") from exc
-    if ds.crs is None or (ds.transform == Affine.identity() and not ds.gcps[0]):
-        ds.close()
-        raise InputError(f"The raster {path} has no coordinate reference system or georeferencing; "
-                         "georeference it first (QGIS Georeferencer, or gdal_translate -a_srs/-a_ullr).")
     if ds.gcps[0] and ds.transform == Affine.identity():
         ds.close()
         raise InputError(f"The raster {path} is georeferenced by ground control points only; "
                          "warp it to a map grid first (gdalwarp).")
+    if ds.crs is None or ds.transform == Affine.identity():
+        ds.close()
+        raise InputError(f"The raster {path} has no coordinate reference system or georeferencing; "
+                         "georeference it first (QGIS Georeferencer, or gdal_translate -a_srs/-a_ullr).")
+    complex_bands = [i + 1 for i, dtype in enumerate(ds.dtypes) if np.dtype(dtype).kind == "c"]
+    if complex_bands:
+        ds.close()
+        raise InputError(f"The raster {path} holds complex numbers ({ds.dtypes[complex_bands[0] - 1]}), e.g. radar "
+                         "phase data; segmenting needs real-valued bands. Convert it first (e.g. to amplitude).")
     return ds
 
 
@@ -203,8 +212,7 @@ def _sample(ds: rasterio.io.DatasetReader, bands: list[int]) -> tuple[np.ndarray
                        resampling=Resampling.nearest)
         mask = ds.dataset_mask(out_shape=shape, resampling=Resampling.nearest) > 0
     except RasterioError as exc:
-        raise InputError(f"Could not read the pixels of {ds.name} ({str(exc).rstrip('.')}). The file may be damaged or "
-                         "truncated; re-export it (e.g. gdal_translate) and try again.") from exc
+        raise unreadable_pixels(ds.name) from exc
     return data, mask
 
 
@@ -231,11 +239,11 @@ def processing_scale(ds: rasterio.io.DatasetReader, scale: float | None, gsd_m: 
     if scale is not None and gsd_m is not None:
         raise InputError("Give either --scale or --gsd, not both.")
     if scale is not None:
-        if not 0.05 <= scale <= 8:
+        if not (math.isfinite(scale) and 0.05 <= scale <= 8):
             raise InputError(f"--scale must be between 0.05 and 8; got {scale}.")
         return float(scale)
     if gsd_m is not None:
-        if gsd_m <= 0:
+        if not (math.isfinite(gsd_m) and gsd_m > 0):
             raise InputError(f"--gsd must be a positive number of metres; got {gsd_m}.")
         return float(np.clip(native_gsd_m(ds) / gsd_m, 0.05, 8))
     return 1.0
@@ -265,6 +273,7 @@ def open_source(path: str | Path, bands: list[int] | None = None, scale: float |
                                    "segment. Check the raster's nodata value and alpha band.")
         ranges: list[tuple[float, float]] | None
         if value_range is not None:
+            check_value_range(value_range)
             low, high = value_range
             ranges = [(float(low), float(high))] * 3
         else:
@@ -273,6 +282,12 @@ def open_source(path: str | Path, bands: list[int] | None = None, scale: float |
         ds.close()
         raise
     return RasterSource(Path(path), ds, band_list, factor, None if palette is not None else ranges, palette)
+
+
+def check_value_range(value_range: tuple[float, float]) -> None:
+    low, high = (float(v) for v in value_range)
+    if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
+        raise InputError(f"--value-range takes MIN MAX with finite MIN < MAX; got {low:g} {high:g}.")
 
 
 def parse_crs(text: str | None, default: CRS) -> CRS:
@@ -296,6 +311,10 @@ def request_window(source: RasterSource, bbox: tuple[float, float, float, float]
         raise InputError(f"The bbox {list(bbox)} is not a valid box: give XMIN YMIN XMAX YMAX with "
                          "XMIN < XMAX and YMIN < YMAX.")
     crs = parse_crs(bbox_crs, source.crs)
+    if crs.is_geographic and not (-90 <= ymin and ymax <= 90 and -360 <= xmin and xmax <= 360):
+        raise InputError(f"The bbox {list(bbox)} is not in the range of {crs.to_string()}: latitudes lie between "
+                         "-90 and 90, longitudes between -180 and 180. Check the order (XMIN YMIN XMAX YMAX) "
+                         "and --bbox-crs.")
     if crs != source.crs:
         try:
             xmin, ymin, xmax, ymax = transform_bounds(crs, source.crs, xmin, ymin, xmax, ymax, densify_pts=21)

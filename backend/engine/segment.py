@@ -7,10 +7,11 @@ files, every file written under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import queue
 import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -29,9 +30,13 @@ from .sliding import CHUNK_COLUMNS, NODATA_CLASS, UNCLASSIFIED, Segmenter, count
 from .encoders import Encoder, crop_size
 from .feature_cache import FeatureCache, raster_scope
 from .runtimes import RUNTIMES, make_encoder
-from .errors import EmptyResultError, InputError
+from .errors import CancelledError, EmptyResultError, InputError
 from .colours import class_colormap
-from .export import atomic_output, driver_for, report_path_for, write_polygons, write_report
+from .export import (SHAPEFILE_PARTS, atomic_output, check_field_widths, driver_for, report_json, report_path_for,
+                     write_polygons)
+from .diskspace import check_free_space, check_written, writing_to
+from .files import check_not_special, check_output_folder, input_paths, refuse_outputs_over_inputs
+from .temporary import make_work_dir, new_run_tag, remove_owned, remove_stale, run_prefixes
 from .models import LoadedModel
 from .raster import PixelWindow, RasterSource, open_source, request_window
 from . import outlines as refine_outlines
@@ -140,22 +145,39 @@ def _check_tif(path: Path, what: str) -> None:
         raise InputError(f"The {what} {path} must be a GeoTIFF (.tif).")
 
 
-def check_outputs(outputs: SegmentOutputs) -> None:
-    """Refuse outputs that cannot be written, before any work is done."""
+def output_files(outputs: SegmentOutputs) -> dict[str, Path]:
+    """Every file a run writes, by what it is: the outputs, the report and a shapefile's parts."""
+    named = {"polygon output": Path(outputs.out), "run report": report_path_for(outputs.out)}
+    if Path(outputs.out).suffix.lower() == ".shp":
+        named.update({f"shapefile part {part}": Path(outputs.out).with_suffix(part)
+                      for part in SHAPEFILE_PARTS if part != ".shp"})
+    if outputs.class_raster:
+        named["class raster"] = Path(outputs.class_raster)
+    if outputs.prob_raster:
+        named["probability raster"] = Path(outputs.prob_raster)
+    return named
+
+
+def input_files(raster: str | Path, model: str | None = None, weights: str | Path | None = None,
+                classes_file: str | Path | None = None) -> dict[str, Path]:
+    """The files a run reads, which no output may replace (a registry model name is not a file)."""
+    return input_paths([("input raster", raster), ("model", model), ("weights", weights),
+                        ("class list", classes_file)])
+
+
+def check_outputs(outputs: SegmentOutputs, inputs: dict[str, Path] | None = None) -> None:
+    """Refuse outputs that cannot be written, or that would replace an input, before any work is done."""
     driver_for(outputs.out)
     if outputs.class_raster:
         _check_tif(Path(outputs.class_raster), "class raster")
     if outputs.prob_raster:
         _check_tif(Path(outputs.prob_raster), "probability raster")
-    paths = outputs.paths()
-    if len({p.resolve() for p in paths.values()}) != len(paths):
-        raise InputError("Two outputs have the same file name; give each output its own path.")
-    for path in paths.values():
-        directory = path.parent
-        if not directory.is_dir():
-            raise InputError(f"The output folder {directory} does not exist; create it or choose another.")
-        if not os.access(directory, os.W_OK):
-            raise InputError(f"The output folder {directory} is not writable; choose another.")
+    named = output_files(outputs)
+    refuse_outputs_over_inputs(named, inputs or {})
+    for what, path in named.items():
+        check_output_folder(path)
+        check_not_special(path, what)
+    for path in outputs.paths().values():
         if path.exists() and not outputs.overwrite:
             raise InputError(f"{path} already exists; choose another name or allow overwriting "
                              "(--overwrite).")
@@ -170,8 +192,9 @@ def validate_options(options: SegmentOptions) -> None:
                          f"{', '.join(ATTENTION_VARIANTS)}.")
     if options.batch_size < 1:
         raise InputError(f"The batch size must be at least 1; got {options.batch_size}.")
-    if options.min_area < 0 or options.simplify < 0:
-        raise InputError("--min-area and --simplify must not be negative.")
+    for name, value in (("--min-area", options.min_area), ("--simplify", options.simplify)):
+        if not (math.isfinite(value) and value >= 0):
+            raise InputError(f"{name} must be a finite number, 0 or more; got {value}.")
     if options.runtime not in RUNTIMES:
         raise InputError(f"Unknown runtime {options.runtime!r}; use one of {', '.join(RUNTIMES)}.")
     if options.refine not in REFINE_CHOICES:
@@ -261,40 +284,61 @@ def segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutput
                    progress: Callable[[int, int], None] | None = None,
                    should_cancel: Callable[[], bool] | None = None,
                    feature_cache: FeatureCache | None = None, encoder: Encoder | None = None,
-                   notice: Callable[[str], None] | None = None) -> SegmentResult:
+                   notice: Callable[[str], None] | None = None, run_tag: str | None = None,
+                   inputs: dict[str, Path] | None = None) -> SegmentResult:
     """Segment `raster` into the classes of `options`; write `outputs`; return what was written.
 
     With a `feature_cache`, crops whose features are known (same file, grid, weights, attention and
     encoder) skip the image encoder; `encoder` replaces the one options.runtime picks (benchmarks).
-    notice(sentence) hears about runtime fallbacks.
+    notice(sentence) hears about runtime fallbacks. Temporary files carry `run_tag` (default: a new
+    one for this process, see backend.engine.temporary); `inputs` are further files of the run (class
+    list, model) that no output may replace. Outputs appear only at the end, each by one rename.
     """
     # GDAL's block cache defaults to 5 % of RAM and would grow with the raster; a fixed cache keeps
     # memory flat (a GDAL_CACHEMAX set by the user wins).
     settings: dict[str, object] = {} if "GDAL_CACHEMAX" in os.environ else {"GDAL_CACHEMAX": GDAL_CACHE_MB * 2**20}
     # Decompress (and compress) GeoTIFF blocks on every core: reading runs beside the model.
     settings.setdefault("GDAL_NUM_THREADS", os.environ.get("GDAL_NUM_THREADS", "ALL_CPUS"))
-    with rasterio.Env(**settings):
-        return _segment_raster(raster, options, outputs, loaded, progress, should_cancel, feature_cache, encoder,
-                               notice)
+    run_tag = run_tag or new_run_tag()
+    targets = outputs.paths()
+    for folder in {path.parent for path in targets.values()}:
+        remove_stale(folder)
+    try:
+        with rasterio.Env(**settings):
+            return _segment_raster(raster, options, outputs, loaded, progress, should_cancel, feature_cache,
+                                   encoder, notice, run_tag, {"input raster": Path(raster), **(inputs or {})})
+    finally:
+        remove_owned(run_prefixes(list(targets.values()), run_tag))
+
+
+def estimated_output_mb(window, n_classes: int, probabilities: bool) -> float:
+    """Uncompressed size of what a run writes: class (uint8) and score (float32) rasters, probabilities."""
+    bytes_per_pixel = 1 + 4 + (4 * n_classes if probabilities else 0)
+    return window.width * window.height * bytes_per_pixel / 2**20
 
 
 def _segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutputs, loaded: LoadedModel,
                     progress: Callable[[int, int], None] | None,
                     should_cancel: Callable[[], bool] | None, feature_cache: FeatureCache | None,
-                    encoder: Encoder | None, notice: Callable[[str], None] | None) -> SegmentResult:
+                    encoder: Encoder | None, notice: Callable[[str], None] | None, run_tag: str,
+                    inputs: dict[str, Path]) -> SegmentResult:
     started = time.perf_counter()
     options = with_model_defaults(options, loaded)
     validate_options(options)
     if options.refine != "none" and outputs.coarse_out is None:
         outputs = replace(outputs, coarse_out=coarse_vector_path(outputs.out))
-    check_outputs(outputs)
+    check_outputs(outputs, inputs)
     classes = parse_class_lines(options.class_lines)
+    check_field_widths(outputs.out, [c.name for c in classes])
     warnings = segment_warnings(loaded, classes)
     run_id = uuid.uuid4().hex[:12]
     timings: dict[str, float] = {}
+    targets = outputs.paths()
 
     with open_source(raster, options.bands, options.scale, options.gsd_m, options.value_range) as source:
         window = request_window(source, options.bbox, options.bbox_crs)
+        needed_mb = estimated_output_mb(window, len(classes), bool(outputs.prob_raster))
+        check_free_space(targets.values(), needed_mb)
         computed = refine_outlines.engine_window(options.refine, source, window)
         crop = crop_size(loaded.model.visual)
         total = count_crops(source.height, source.width, computed, crop, crop // 2)
@@ -308,8 +352,12 @@ def _segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutpu
         if feature_cache is not None:
             segmenter.use_cache(feature_cache, raster_scope(source, loaded.weights_id, options.attention,
                                                             segmenter.encoder.name))
-        workdir = Path(tempfile.mkdtemp(prefix=".farslip-", dir=Path(outputs.out).parent))
-        try:
+        with writing_to(targets.values(), needed_mb), contextlib.ExitStack() as commit:
+            workdir = make_work_dir(Path(outputs.out).parent, run_tag)
+            # Entered last, committed first: the polygon layer appears after the rasters and the report.
+            staged = {key: commit.enter_context(atomic_output(targets[key], run_tag))
+                      for key in ("vector", "coarse_vector", "report", "class_raster", "prob_raster")
+                      if key in targets}
             class_path, score_path = workdir / "classes.tif", workdir / "score.tif"
             signals_path = workdir / "signals.tif"
             prob_path = workdir / "probs.tif" if outputs.prob_raster or options.refine != "none" else None
@@ -366,17 +414,18 @@ def _segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutpu
             features = {"cached": segmenter.crops_cached, "encoded": segmenter.crops_encoded,
                         "cache": feature_cache.stats() if feature_cache is not None else None}
             t0 = time.perf_counter()
-            write_polygons(outputs.out, regions, source.crs, class_names, loaded.name, run_id,
-                           extra=estimate.fields)
+            write_polygons(staged["vector"], regions, source.crs, class_names, loaded.name, run_id,
+                           extra=estimate.fields, layer=Path(outputs.out).stem)
             if coarse is not None and outputs.coarse_out:
-                write_polygons(outputs.coarse_out, coarse, source.crs, class_names, loaded.name, run_id)
-            if outputs.class_raster:
-                _move_into_place(class_path, Path(outputs.class_raster))
+                write_polygons(staged["coarse_vector"], coarse, source.crs, class_names, loaded.name, run_id,
+                               layer=Path(outputs.coarse_out).stem)
             if outputs.prob_raster and prob_path is not None:
-                _move_into_place(prob_path, Path(outputs.prob_raster))
+                shutil.move(prob_path, staged["prob_raster"])
+            if outputs.class_raster:
+                shutil.move(class_path, staged["class_raster"])
             timings["write_s"] = time.perf_counter() - t0
             timings["total_s"] = time.perf_counter() - started
-            paths = {k: str(v) for k, v in outputs.paths().items()}
+            paths = {k: str(v) for k, v in targets.items()}
             report = {
                 "farslip_version": __version__, "run_id": run_id, "raster": str(Path(raster).resolve()),
                 "model": loaded.name, "weights_sha256": loaded.weights_id,
@@ -397,15 +446,11 @@ def _segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutpu
                 "class_stats": stats, "outputs": paths, "warnings": warnings + refined.warnings,
                 "quality": estimate.report, **refined.report,
             }
-            write_report(paths["report"], report)
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+            staged["report"].write_text(report_json(report), "utf-8")
+            check_written(targets.values(), needed_mb)
+            if should_cancel is not None and should_cancel():
+                raise CancelledError("The run was cancelled; nothing was written.")
     return SegmentResult(run_id, paths, stats, total, timings, report, warnings, features)
-
-
-def _move_into_place(temp: Path, target: Path) -> None:
-    with atomic_output(target) as staged:
-        shutil.move(temp, staged)
 
 
 def _class_stats(regions, class_names: list[str]) -> list[dict]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,6 +45,10 @@ def parse_class_lines(lines: list[str]) -> list[ClassSpec]:
     classes: list[ClassSpec] = []
     seen: set[str] = set()
     for line in lines:
+        control = [c for c in line if unicodedata.category(c) == "Cc"]
+        if control:
+            raise InputError(f"The class line {line[:60]!r} contains the control character {control[0]!r} (a line "
+                             "break, tab or NUL); give one class per line, in plain text.")
         queries = tuple(q.strip() for q in re.split(r"[,;]", line) if q.strip())
         if not queries:
             continue

@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from backend.engine import paths
+from backend.engine.files import expand_user
 from backend.engine.errors import ModelError
 from backend.engine.registry import (
     ModelSpec,
@@ -106,7 +107,7 @@ def missing_weights_message(spec: ModelSpec, reason: str = "") -> str:
 def resolve_weights(spec: ModelSpec, weights: str | os.PathLike | None = None) -> Path:
     """The weight file of a registry model: --weights > weights dir > hub cache > hub download."""
     if weights:
-        path = Path(weights).expanduser()
+        path = expand_user(weights, "weights", ModelError)
         if not path.is_file():
             raise ModelError(f"Weights file {path} does not exist (given with --weights for '{spec.name}').")
         return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -9,10 +10,19 @@ import typer
 
 from backend import __version__
 from backend.engine.errors import FarslipError, InputError
-from backend.service.cli_common import ProgressReporter, fail, parse_bands
+from backend.service.cli_common import ProgressReporter, fail, interrupted, parse_bands, signals_as_interrupt
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Open-vocabulary segmentation of GeoTIFFs with FarSLIP (and other CLIP models).")
+
+
+@app.callback()
+def _every_command() -> None:
+    # GDAL/PROJ errors reach Python logging through rasterio; without a handler Python prints them
+    # ("ERROR 1: PROJ: ...") beside our one-line sentence. The sentence says it all.
+    for name in ("rasterio", "pyogrio", "fiona"):
+        logging.getLogger(name).addHandler(logging.NullHandler())
+        logging.getLogger(name).propagate = False
 
 
 @app.command()
@@ -60,6 +70,9 @@ def segment(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Segment RASTER into the given classes and write georeferenced polygons."""
+    # SIGTERM/SIGHUP interrupt as Ctrl+C does, until the outputs are in place.
+    stop_on_signals = signals_as_interrupt()
+    stop_on_signals.__enter__()
     try:
         from backend.engine.devices import resolve_device
         from backend.engine.models import check_half, load_model, to_half
@@ -68,14 +81,15 @@ def segment(
         from backend.engine.raster import open_source, request_window
         from backend.engine.feature_cache import disk_feature_cache
         from backend.engine.segment import (SegmentOptions, SegmentOutputs, check_outputs, default_batch_size,
-                                            segment_raster, segment_warnings, validate_options)
+                                            input_files, segment_raster, segment_warnings, validate_options)
 
         lines = collect_class_lines(classes, classes_file, preset)
         if cache_mb < 1:
             raise InputError(f"--cache-mb must be at least 1; got {cache_mb}.")
         band_list = parse_bands(bands)
         outputs = SegmentOutputs(out, class_raster, prob_raster, overwrite)
-        check_outputs(outputs)
+        inputs = input_files(raster, model, weights, classes_file)
+        check_outputs(outputs, inputs)
         with open_source(raster, band_list, scale, gsd, value_range) as source:
             request_window(source, bbox, bbox_crs)
         dev = resolve_device(device)
@@ -88,8 +102,8 @@ def segment(
         for warning in segment_warnings(loaded, parse_class_lines(lines)):
             typer.echo(f"Warning: {warning}", err=True)
         options = SegmentOptions(lines, bbox, bbox_crs, band_list, threshold, attention,
-                                 batch_size or default_batch_size(dev), scale, gsd, min_area, simplify,
-                                 value_range, refine, sam_model, runtime=runtime)
+                                 default_batch_size(dev) if batch_size is None else batch_size, scale, gsd,
+                                 min_area, simplify, value_range, refine, sam_model, runtime=runtime)
         validate_options(options)
         if refine == "sam":
             from backend.engine.sam_models import ensure_sam_weights
@@ -98,12 +112,14 @@ def segment(
         cache = disk_feature_cache(cache_mb) if cache_features else None
         with ProgressReporter(quiet, f"segmenting {raster.name}") as reporter:
             result = segment_raster(raster, options, outputs, loaded, progress=reporter, feature_cache=cache,
-                                    notice=lambda sentence: typer.echo(f"Note: {sentence}", err=True))
+                                    notice=lambda sentence: typer.echo(f"Note: {sentence}", err=True),
+                                    inputs=inputs)
     except FarslipError as error:
         fail(error)
-    except KeyboardInterrupt:
-        typer.echo("Interrupted; nothing was written.", err=True)
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as error:
+        interrupted(error)
+    finally:
+        stop_on_signals.__exit__(None, None, None)
     for warning in result.report.get("warnings", []):
         if warning not in segment_warnings(loaded, parse_class_lines(lines)):
             typer.echo(f"Warning: {warning}", err=True)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 import time
+from collections.abc import Iterator
 
 import typer
 
@@ -13,6 +16,39 @@ from backend.engine.errors import FarslipError, InputError
 def fail(error: FarslipError) -> None:
     typer.echo(f"Error: {error}", err=True)
     raise typer.Exit(error.exit_code)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, as Ctrl+C is: every `finally` and cleanup runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, _frame) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_as_interrupt() -> Iterator[None]:
+    """Within: SIGTERM (`kill`, `timeout`) and SIGHUP (a closed terminal) interrupt like Ctrl+C."""
+    wanted = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    previous = {}
+    for sig in wanted:
+        with contextlib.suppress(ValueError):  # not the main thread (e.g. a test runner): leave them
+            previous[sig] = signal.signal(sig, _raise_interrupted)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def interrupted(error: KeyboardInterrupt, message: str = "Interrupted; nothing was written.") -> None:
+    """Say so in one line and exit 130 for Ctrl+C, 128 + the signal's number for SIGTERM/SIGHUP."""
+    typer.echo(message, err=True)
+    raise typer.Exit(128 + getattr(error, "signum", signal.SIGINT)) from None
 
 
 class ProgressReporter:
@@ -48,8 +84,8 @@ class ProgressReporter:
         if done == total or now - self.last_line > 5:
             self.last_line = now
             elapsed = now - self.started
-            eta = elapsed / done * (total - done) if done else float("nan")
-            typer.echo(f"{self.label}: {done}/{total} tiles, ETA {eta:.0f} s", err=True)
+            eta = f", ETA {elapsed / done * (total - done):.0f} s" if done else ""
+            typer.echo(f"{self.label}: {done}/{total} tiles{eta}", err=True)
 
     def __exit__(self, *exc):
         if self.bar is not None:

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import queue
-import shutil
 import sqlite3
 import threading
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from backend.engine.errors import CancelledError, FarslipError, InputError
+from backend.engine.temporary import new_run_tag, remove_owned, run_prefixes
 
 log = logging.getLogger("farslip.jobs")
 
@@ -68,6 +68,9 @@ class JobStore:
                 " created TEXT NOT NULL, started TEXT, finished TEXT, request TEXT NOT NULL, result TEXT,"
                 " error TEXT, outputs TEXT NOT NULL DEFAULT '[]')"
             )
+            columns = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            if "temporary" not in columns:  # a history written by an earlier version
+                self._db.execute("ALTER TABLE jobs ADD COLUMN temporary TEXT NOT NULL DEFAULT '[]'")
 
     def close(self) -> None:
         with self._lock:
@@ -92,6 +95,16 @@ class JobStore:
                  job["message"], job["started"], job["finished"], _dump(job["result"]), job["error"], job["id"]),
             )
 
+    def record_temporary(self, job_id: str, names: list[str]) -> None:
+        """Remember the temporary names a job is about to create (before it creates them)."""
+        with self._lock:
+            self._db.execute("UPDATE jobs SET temporary=? WHERE id=?", (json.dumps(names), job_id))
+
+    def temporary(self, job_id: str) -> list[str]:
+        with self._lock:
+            row = self._db.execute("SELECT temporary FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return json.loads(row["temporary"]) if row else []
+
     def get(self, job_id: str) -> dict | None:
         with self._lock:
             row = self._db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
@@ -104,7 +117,7 @@ class JobStore:
         return [_job_from_row(row) for row in rows]
 
     def mark_interrupted(self) -> list[dict]:
-        """Jobs a previous process left queued or running become `interrupted`; their partial files go."""
+        """Jobs a previous process left queued or running become `interrupted`; their temporary files go."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT * FROM jobs WHERE state IN ('queued', 'running') ORDER BY seq").fetchall()
@@ -112,7 +125,7 @@ class JobStore:
         for row in rows:
             job = _job_from_row(row)
             was_running = job["state"] == "running"
-            removed = remove_partial_outputs(json.loads(row["outputs"]), job["started"] if was_running else None)
+            removed = remove_owned(json.loads(row["temporary"]))
             job.update(
                 state="interrupted", eta_s=None, finished=now_iso(),
                 message=("The backend stopped while this job was running; nothing was written. Run it again."
@@ -135,61 +148,6 @@ def _job_from_row(row: sqlite3.Row) -> dict:
     job["request"] = json.loads(job["request"])
     job["result"] = json.loads(job["result"]) if job["result"] else None
     return job
-
-
-# --------------------------------------------------------------------------- partial outputs
-
-def _leftovers(path: Path) -> list[Path]:
-    """Temporary files and folders the engine writes beside `path` before renaming results into place.
-
-    backend.engine.export.atomic_output names files `.<stem>.<random>.tmp<suffix>` (+ sidecars), and
-    segment_raster keeps its intermediate rasters in a `.farslip-<random>` folder in the output folder.
-    """
-    try:
-        names = os.listdir(path.parent)
-    except OSError:
-        return []
-    prefix = f".{path.stem}."
-    return [path.parent / name for name in names
-            if (name.startswith(prefix) and ".tmp" in name) or name.startswith(".farslip-")]
-
-
-def _sidecars(path: Path) -> list[Path]:
-    """A finished dataset's own files: the path, a shapefile's parts, GDAL's .aux.xml/.ovr."""
-    files = [path, path.with_name(path.name + ".aux.xml"), path.with_name(path.name + ".ovr")]
-    if path.suffix.lower() == ".shp":
-        from backend.engine.export import SHAPEFILE_PARTS
-
-        files += [path.with_suffix(part) for part in SHAPEFILE_PARTS]
-    return files
-
-
-def remove_partial_outputs(outputs: list[str], written_since: str | None) -> list[str]:
-    """After a job that did not succeed: remove its temporary files and the outputs it wrote.
-
-    `written_since` is when the job started (ISO time); only files modified since then are removed,
-    so a job that never started, or a file the job did not touch, is left alone.
-    """
-    if not written_since:
-        return []
-    since = datetime.fromisoformat(written_since).timestamp() - 1.0
-    removed = []
-    for text in outputs:
-        path = Path(text)
-        for candidate in _leftovers(path) + _sidecars(path):
-            try:
-                if candidate.stat().st_mtime < since:
-                    continue
-                if candidate.is_dir():
-                    shutil.rmtree(candidate)
-                else:
-                    candidate.unlink()
-                removed.append(str(candidate))
-            except FileNotFoundError:
-                pass
-            except OSError as error:
-                log.warning("could not remove the partial output %s: %s", candidate, error)
-    return removed
 
 
 # --------------------------------------------------------------------------- the model the worker owns
@@ -263,11 +221,17 @@ class JobControl:
     job_id: str
     manager: JobManager
     cancel_event: threading.Event = field(default_factory=threading.Event)
+    # Temporary names of this job carry its id (and this process's pid): see backend.engine.temporary.
+    run_tag: str = ""
     _attempt_start: float = field(default_factory=time.monotonic)
     _first_report: tuple[float, int] | None = None
 
     def should_cancel(self) -> bool:
         return self.cancel_event.is_set()
+
+    def will_create(self, names: list[str | Path]) -> None:
+        """Record temporary names in the job store before creating them: cleanup removes these only."""
+        self.manager._record_temporary(self.job_id, [str(name) for name in names])
 
     def message(self, text: str) -> None:
         self.manager._update(self.job_id, message=text)
@@ -301,6 +265,7 @@ class JobManager:
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._live: dict[str, dict] = {}
         self._outputs: dict[str, list[str]] = {}
+        self._temporary: dict[str, list[str]] = {}
         self._controls: dict[str, JobControl] = {}
         self._last_write: dict[str, float] = {}
         self._lock = threading.RLock()
@@ -356,6 +321,16 @@ class JobManager:
         log.info("job %s (%s) queued", job["id"], kind)
         return dict(job)
 
+    def record_temporary(self, job_id: str, names: list[str]) -> None:
+        """Remember the temporary names a job is about to create (before it creates them)."""
+        with self._lock:
+            self._db.execute("UPDATE jobs SET temporary=? WHERE id=?", (json.dumps(names), job_id))
+
+    def temporary(self, job_id: str) -> list[str]:
+        with self._lock:
+            row = self._db.execute("SELECT temporary FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return json.loads(row["temporary"]) if row else []
+
     def get(self, job_id: str) -> dict | None:
         with self._lock:
             if job_id in self._live:
@@ -395,7 +370,7 @@ class JobManager:
                 job = self._live.get(job_id)
                 if job is None or job["state"] != "queued" or self._stopping:
                     continue
-                control = JobControl(job_id, self)
+                control = JobControl(job_id, self, run_tag=new_run_tag(job_id))
                 self._controls[job_id] = control
                 self._update(job_id, state="running", started=now_iso(), message="Starting.")
             self._run(job_id, dict(job), control)
@@ -414,11 +389,10 @@ class JobManager:
                     "The backend's log file has the details.")
             self._finish(job_id, "failed", text, error=text)
         else:
-            if control.should_cancel():
-                # Finished in the same batch the cancel arrived in: a cancel must leave nothing behind.
-                self._finish(job_id, "cancelled", "Cancelled; nothing was written.")
-            else:
-                self._finish(job_id, "done", f"Done in {time.monotonic() - started:.1f} s.", result=result)
+            # A runner that returns has put its outputs in place: a cancel that came after that is too
+            # late, and undoing it would mean deleting finished files (perhaps replacing the user's).
+            late = " The cancel came after the results were written." if control.should_cancel() else ""
+            self._finish(job_id, "done", f"Done in {time.monotonic() - started:.1f} s.{late}", result=result)
 
     # -- state changes (always under the lock, always persisted)
 
@@ -429,6 +403,12 @@ class JobManager:
                 return
             job.update(changes)
             self.store.update(job)
+
+    def _record_temporary(self, job_id: str, names: list[str]) -> None:
+        with self._lock:
+            recorded = self._temporary.setdefault(job_id, [])
+            recorded.extend(name for name in names if name not in recorded)
+            self.store.record_temporary(job_id, recorded)
 
     def _report_progress(self, job_id: str, tiles_done: int, tiles_total: int, eta_s: float | None) -> None:
         with self._lock:
@@ -451,10 +431,10 @@ class JobManager:
             job = self._live.get(job_id)
             if job is None:
                 return
-            if state != "done":
-                removed = remove_partial_outputs(self._outputs.get(job_id, []), job["started"])
-                if removed:
-                    log.info("job %s: removed %s", job_id, ", ".join(removed))
+            # Only what the job recorded before creating it; on success the temporary names are gone anyway.
+            removed = remove_owned(self._temporary.pop(job_id, []))
+            if removed:
+                log.info("job %s: removed its temporary files %s", job_id, ", ".join(removed))
             job.update(state=state, message=message, finished=now_iso(), eta_s=None, result=result, error=error)
             if state == "done":
                 job["progress"] = 1.0
@@ -479,11 +459,21 @@ class SegmentCall:
     model: str | None
     weights: str | None
 
+    @property
+    def inputs(self) -> dict[str, Path]:
+        from backend.engine.segment import input_files
+
+        return input_files(self.raster, self.model, self.weights)
+
 
 def segment_call(request: dict) -> SegmentCall:
     """A /v1/segment request body -> segment_raster's arguments (class lines + preset, paths)."""
+    from backend.engine.files import expand_user
     from backend.engine.presets import collect_class_lines
     from backend.engine.segment import SegmentOptions, SegmentOutputs
+
+    def path(name: str) -> Path | None:
+        return expand_user(request[name], name.replace("_", " ")) if request.get(name) else None
 
     class_lines = collect_class_lines(request.get("class_lines"), preset=request.get("preset"))
     option_names = ("bbox", "bbox_crs", "bands", "threshold", "attention", "scale", "gsd_m", "min_area",
@@ -495,14 +485,10 @@ def segment_call(request: dict) -> SegmentCall:
             options[name] = tuple(options[name])
     if request.get("batch_size"):
         options["batch_size"] = int(request["batch_size"])
-    outputs = SegmentOutputs(
-        out=Path(request["out"]).expanduser(),
-        class_raster=Path(request["class_raster"]).expanduser() if request.get("class_raster") else None,
-        prob_raster=Path(request["prob_raster"]).expanduser() if request.get("prob_raster") else None,
-        overwrite=bool(request.get("overwrite")),
-    )
-    return SegmentCall(Path(request["raster"]).expanduser(), SegmentOptions(class_lines=class_lines, **options),
-                       outputs, request.get("model"), request.get("weights"))
+    outputs = SegmentOutputs(out=path("out"), class_raster=path("class_raster"), prob_raster=path("prob_raster"),
+                             overwrite=bool(request.get("overwrite")))
+    return SegmentCall(path("raster"), SegmentOptions(class_lines=class_lines, **options), outputs,
+                       request.get("model"), request.get("weights"))
 
 
 def planned_outputs(call: SegmentCall) -> list[str]:
@@ -520,7 +506,7 @@ def check_segment_call(call: SegmentCall) -> list[str]:
 
     # The order of `farslip segment`'s checks, so that a request with several faults gets the same sentence.
     options = call.options
-    check_outputs(call.outputs)
+    check_outputs(call.outputs, call.inputs)
     with open_source(call.raster, options.bands, options.scale, options.gsd_m, options.value_range) as source:
         request_window(source, options.bbox, options.bbox_crs)
     check_model(call.model, call.weights)
@@ -557,6 +543,7 @@ def run_segment(request: dict, control: JobControl, models: ModelCache) -> dict:
         call.options.class_lines = list(loaded.class_lines)
     if not request.get("batch_size"):
         call.options.batch_size = default_batch_size(loaded.device)
+    control.will_create(run_prefixes(planned_outputs(call), control.run_tag))
     while True:
         if control.should_cancel():
             raise CancelledError("The run was cancelled; nothing was written.")
@@ -564,7 +551,8 @@ def run_segment(request: dict, control: JobControl, models: ModelCache) -> dict:
         try:
             result = segment_raster(call.raster, call.options, call.outputs, loaded,
                                     progress=control.progress, should_cancel=control.should_cancel,
-                                    feature_cache=models.features, notice=_notice(control, notices))
+                                    feature_cache=models.features, notice=_notice(control, notices),
+                                    run_tag=control.run_tag, inputs=call.inputs)
             break
         except Exception as error:
             if not is_out_of_memory(error) or call.options.batch_size <= 1:

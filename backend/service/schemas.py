@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 JobState = Literal["queued", "running", "done", "failed", "cancelled", "interrupted"]
 JobKind = Literal["segment", "train", "index", "search", "download", "evaluate"]
@@ -19,8 +19,23 @@ Runtime = Literal["auto", "torch", "openvino", "onnxruntime"]
 
 # Paths, names and class lines are short; these bounds keep a hostile body from
 # making the server hold megabytes of strings in a job record.
-PathText = Field(min_length=1, max_length=4096)
+ABSOLUTE = ("An absolute path on the backend's machine (e.g. /data/scene.tif; ~/ is expanded); a relative "
+            "path is refused.")
+PathText = Field(min_length=1, max_length=4096, description=ABSOLUTE)
 ClassLine = Annotated[str, Field(max_length=1000)]
+
+
+def _whole(value: Any) -> Any:
+    """JSON has one number type: 2.0 is the integer 2 (2.5 stays a float and is refused)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def whole_number(**bounds: Any) -> Any:
+    """An integer in the schema that also takes 2.0, as JSON Schema's "integer" does (bounds: ge, le)."""
+    # The bounds come before the validator, so that the schema shows them as minimum/maximum.
+    return Annotated[int, Field(**bounds), BeforeValidator(_whole)]
 
 
 class Strict(BaseModel):
@@ -88,12 +103,13 @@ class SegmentRequest(Strict):
                                      description="xmin, ymin, xmax, ymax in bbox_crs (default: the raster's CRS)")
     bbox_crs: str | None = Field(default=None, max_length=10000, description="EPSG:xxxx or WKT")
     model: str | None = Field(default=None, max_length=4096,
-                                 description="registry name, checkpoint path or fine-tuned model folder")
-    weights: str | None = Field(default=None, max_length=4096)
-    bands: list[int] | None = Field(default=None, min_length=1, max_length=3)
+                              description="registry name, or the absolute path of a checkpoint file or "
+                                          "fine-tuned model folder")
+    weights: str | None = Field(default=None, min_length=1, max_length=4096, description=ABSOLUTE)
+    bands: list[whole_number(ge=1)] | None = Field(default=None, min_length=1, max_length=3)
     threshold: float = 0.0
     attention: Attention = "segearth"
-    batch_size: int | None = Field(default=None, ge=1, le=1024)
+    batch_size: whole_number(ge=1, le=1024) | None = None
     runtime: Runtime = Field(default="auto", description="image encoder runtime; auto picks the fastest here")
     scale: float | None = Field(default=None, gt=0)
     gsd_m: float | None = Field(default=None, gt=0)
@@ -105,8 +121,8 @@ class SegmentRequest(Strict):
     sam_model: str | None = Field(default=None, max_length=4096,
                                   description="SAM registry name or path, for refine=sam (default sam-vit-b)")
     out: str = PathText
-    class_raster: str | None = Field(default=None, min_length=1, max_length=4096)
-    prob_raster: str | None = Field(default=None, min_length=1, max_length=4096)
+    class_raster: str | None = Field(default=None, min_length=1, max_length=4096, description=ABSOLUTE)
+    prob_raster: str | None = Field(default=None, min_length=1, max_length=4096, description=ABSOLUTE)
     overwrite: bool = False
 
 
@@ -121,7 +137,7 @@ class TrainRequest(BaseModel):
     out: str = PathText
     base_model: str | None = Field(default=None, max_length=4096)
     method: str | None = Field(default=None, max_length=100)
-    epochs: int | None = Field(default=None, ge=1, le=100000)
+    epochs: whole_number(ge=1, le=100000) | None = None
     background: str | None = Field(default=None, max_length=1000)
     overwrite: bool = False
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
 import logging.handlers
@@ -20,18 +21,22 @@ import secrets
 import signal
 import socket
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 from backend import __version__
 from backend.engine.errors import FarslipError, InputError
+from backend.engine.files import expand_user
 from backend.service.jobs import JobManager, JobStore, check_segment_call, is_job_id, segment_call
 from backend.service.schemas import (
     DeviceInfo,
@@ -81,7 +86,7 @@ def device_info(device: str) -> DeviceInfo:
 def _absolute(text: str, what: str) -> Path:
     if "\x00" in text:
         raise InputError(f"The {what} path contains a NUL character; give a real file path.")
-    path = Path(text).expanduser()
+    path = expand_user(text, what)
     if not path.is_absolute():
         raise InputError(f"The {what} path {text!r} is relative; the backend cannot know which folder it is "
                          "relative to. Give an absolute path.")
@@ -131,25 +136,55 @@ class BodyTooLarge(HTTPException):
                               "and options, never pixels.")
 
 
+def bearer_matches(header: bytes, token: bytes) -> bool:
+    """`Authorization: Bearer <token>`, the scheme in any letter case (RFC 7235)."""
+    scheme, _, credentials = header.strip().partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(), token)
+
+
+def host_is_allowed(host_header: str, bound_host: str) -> bool:
+    """Loopback names, IP literals and the address the backend was told to listen on; no other DNS names."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        host = host[1:host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    if host in LOCAL_HOSTS or host == bound_host.lower():
+        return True
+    if bound_host in LOCAL_HOSTS:
+        return host in ("127.0.0.1", "::1") or host.startswith("127.")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 class GuardMiddleware:
     """Bearer-token check on /v1 (before anything reads the body) and a request body size limit."""
 
-    def __init__(self, app, token: str, max_body_bytes: int = MAX_BODY_BYTES):
+    def __init__(self, app, token: str, max_body_bytes: int = MAX_BODY_BYTES, host: str = "127.0.0.1"):
         self.app = app
-        self.expected = f"Bearer {token}".encode()
+        self.token = token.encode()
         self.max_body_bytes = max_body_bytes
+        self.host = host
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        host = headers.get(b"host", b"").decode("latin-1")
+        if not host_is_allowed(host, self.host):
+            # A web page whose DNS name was rebound to 127.0.0.1 sends its own name here.
+            return await _send_error(send, 421, f"The Host header {host[:100]!r} does not name this machine's "
+                                     "loopback address; connect to the backend by 127.0.0.1 or localhost.")
         path = scope.get("path", "")
         if path == "/v1" or path.startswith("/v1/"):
-            header = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not hmac.compare_digest(header, self.expected):
+            if not bearer_matches(headers.get(b"authorization", b""), self.token):
                 return await _send_error(send, 401, "Missing or wrong access token: send the header "
                                          "'Authorization: Bearer <token>' with the token from the backend's "
                                          "connection file.", {"www-authenticate": "Bearer"})
-        length = dict(scope.get("headers") or []).get(b"content-length")
+        length = headers.get(b"content-length")
         if length is not None:
             try:
                 too_large = int(length) > self.max_body_bytes
@@ -192,6 +227,23 @@ async def _send_error(send, status: int, detail: str, headers: dict[str, str] | 
     await send({"type": "http.response.body", "body": body})
 
 
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """Every method some route answers on `path` (for OPTIONS and the Allow header of a 405).
+
+    Read from the OpenAPI description (the API's routes, however routers are nested) plus the
+    documentation pages, which the description leaves out.
+    """
+    methods = {"OPTIONS"}
+    templates = [(template, {m.upper() for m in operations}) for template, operations in app.openapi()["paths"].items()]
+    templates += [(route.path, set(route.methods)) for route in app.routes
+                  if isinstance(getattr(route, "path", None), str) and getattr(route, "methods", None)
+                  and "{path:path}" not in route.path]
+    for template, route_methods in templates:
+        if compile_path(template)[0].match(path):
+            methods |= route_methods
+    return sorted(methods)
+
+
 def _validation_sentence(error: RequestValidationError) -> str:
     parts = []
     for item in error.errors()[:5]:
@@ -206,7 +258,7 @@ def _validation_sentence(error: RequestValidationError) -> str:
 def create_app(token: str, state_dir: Path, device: str | None = None,
                on_shutdown: Callable[[], None] | None = None, max_body_bytes: int = MAX_BODY_BYTES,
                runners: dict | None = None, feature_cache_mb: int = FEATURE_CACHE_MB,
-               feature_cache_disk_mb: int = 0) -> FastAPI:
+               feature_cache_disk_mb: int = 0, host: str = "127.0.0.1") -> FastAPI:
     """The FastAPI app; the job store opens and the worker starts when the app starts.
 
     Segment jobs share a feature cache of at most feature_cache_mb MiB in memory and, when
@@ -243,7 +295,7 @@ def create_app(token: str, state_dir: Path, device: str | None = None,
     app = FastAPI(title="FarSLIP backend", version=__version__, lifespan=lifespan,
                   description="Open-vocabulary segmentation of GeoTIFFs. Every /v1 endpoint needs "
                               "`Authorization: Bearer <token>` (the token is in the connection file).")
-    app.add_middleware(GuardMiddleware, token=token, max_body_bytes=max_body_bytes)
+    app.add_middleware(GuardMiddleware, token=token, max_body_bytes=max_body_bytes, host=host)
 
     @app.exception_handler(FarslipError)
     async def farslip_error(_request: Request, error: FarslipError):
@@ -254,9 +306,18 @@ def create_app(token: str, state_dir: Path, device: str | None = None,
         return JSONResponse({"detail": _validation_sentence(error)}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, error: StarletteHTTPException):
-        return JSONResponse({"detail": str(error.detail)}, status_code=error.status_code,
-                            headers=getattr(error, "headers", None))
+    async def http_error(request: Request, error: StarletteHTTPException):
+        headers = dict(getattr(error, "headers", None) or {})
+        if error.status_code == 405:
+            headers["allow"] = ", ".join(allowed_methods(app, request.url.path))
+        return JSONResponse({"detail": str(error.detail)}, status_code=error.status_code, headers=headers)
+
+    @app.options("/{path:path}", include_in_schema=False)
+    def options(path: str, request: Request):
+        methods = allowed_methods(app, request.url.path)
+        if methods == ["OPTIONS"]:
+            raise StarletteHTTPException(404, "Not Found")
+        return Response(status_code=204, headers={"allow": ", ".join(methods)})
 
     @app.exception_handler(Exception)
     async def unexpected(_request: Request, error: Exception):
@@ -418,6 +479,19 @@ def write_connection_file(path: Path, info: dict) -> None:
     os.replace(temporary, path)
 
 
+def refuse_taken_connection_file(path: Path) -> None:
+    """Another running backend's connection file is not ours to replace (its clients would lose it)."""
+    from backend.engine.temporary import process_is_alive
+
+    try:
+        pid = int(json.loads(path.read_text(encoding="utf-8")).get("pid"))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return
+    if pid != os.getpid() and process_is_alive(pid):
+        raise InputError(f"The connection file {path} belongs to a backend that is running (process {pid}); stop "
+                         "that one first, or give this one its own --connection-file.")
+
+
 def remove_connection_file(path: Path, pid: int) -> None:
     """Remove the connection file if it is still ours (another backend may have replaced it)."""
     try:
@@ -463,6 +537,16 @@ def _lock_state_dir(state_dir: Path):
     return stream
 
 
+SHUTDOWN_LIMIT_S = 60.0
+
+
+def _exit_after(seconds: float, cleanup: Callable[[], None]) -> None:
+    time.sleep(seconds)
+    log.error("shutdown took longer than %.0f s (a request or job did not stop); exiting now", seconds)
+    cleanup()
+    os._exit(1)
+
+
 def serve(host: str = "127.0.0.1", port: int = 0, token: str | None = None,
           connection_file: Path | None = None, state_dir: Path | None = None, device: str | None = None,
           log_level: str = "INFO", feature_cache_mb: int = FEATURE_CACHE_MB, feature_cache_disk_mb: int = 0) -> None:
@@ -477,6 +561,11 @@ def serve(host: str = "127.0.0.1", port: int = 0, token: str | None = None,
     connection_file = Path(connection_file or state_dir / "backend.json").expanduser().resolve()
     log_file = setup_logging(state_dir, log_level)
     lock = _lock_state_dir(state_dir)
+    try:
+        refuse_taken_connection_file(connection_file)
+    except InputError:
+        lock.close()
+        raise
     if host not in LOCAL_HOSTS:
         log.warning("listening on %s: other machines on the network can reach this backend. Anyone with "
                     "the token can read and write files as this user; prefer 127.0.0.1.", host)
@@ -493,7 +582,7 @@ def serve(host: str = "127.0.0.1", port: int = 0, token: str | None = None,
         remove_connection_file(connection_file, pid)
 
     app = create_app(token, state_dir, device=device, on_shutdown=cleanup, feature_cache_mb=feature_cache_mb,
-                     feature_cache_disk_mb=feature_cache_disk_mb)
+                     feature_cache_disk_mb=feature_cache_disk_mb, host=host)
     config = uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=5,
                             lifespan="on", log_level=log_level.lower())
     server = uvicorn.Server(config)
@@ -514,6 +603,17 @@ def serve(host: str = "127.0.0.1", port: int = 0, token: str | None = None,
             await announce()
 
     server.startup = startup
+    original_handle_exit = server.handle_exit
+
+    def handle_exit(sig, frame):
+        # A request handler stuck in a system call (a file that never answers) must not keep the
+        # process alive: after the graceful part, exit regardless.
+        if not server.should_exit:
+            threading.Thread(target=_exit_after, args=(SHUTDOWN_LIMIT_S, cleanup), daemon=True,
+                             name="farslip-shutdown-limit").start()
+        original_handle_exit(sig, frame)
+
+    server.handle_exit = handle_exit
     # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into a normal exit so that
     # the finally below runs and the exit status is 0.
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -1,4 +1,4 @@
-"""The job worker in-process (no HTTP): out-of-memory retry, FIFO, history across restarts, partial-file cleanup."""
+"""The job worker in-process (no HTTP): out-of-memory retry, FIFO, history across restarts, temporary-file cleanup."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 
 from backend.service import jobs
 from backend.engine.errors import InputError
-from backend.service.jobs import JobManager, JobStore, remove_partial_outputs
+from backend.engine.temporary import make_work_dir, run_prefixes, staged_path, staged_stem
+from backend.service.jobs import JobManager, JobStore
 
 
 def _wait_until(condition, timeout: float, what: str) -> None:
@@ -95,37 +96,83 @@ def test_a_runner_error_fails_only_its_job(tmp_path):
 
 def test_history_survives_a_restart_and_running_jobs_become_interrupted(tmp_path):
     out = tmp_path / "result.gpkg"
+    out.write_text("the user's earlier result")
     store = JobStore(tmp_path / "jobs.sqlite")
     release = threading.Event()
+    created = []
 
     def runner(request, control, models):
-        (tmp_path / ".result.0123456789ab.tmp.gpkg").write_text("half")
-        out.write_text("written by the job")
+        staged = staged_path(out, control.run_tag)
+        control.will_create([staged_stem(out, control.run_tag)])
+        staged.write_text("half")
+        created.append(staged)
         release.wait(10)
         return {"outputs": {}, "classes": []}
 
     manager = JobManager(store, {"segment": runner})
     manager.start()
     job_id = manager.submit("segment", {}, [str(out)])["id"]
-    _wait_until(lambda: manager.get(job_id)["state"] == "running" and out.exists(), 30, "the job to write its output")
+    _wait_until(lambda: manager.get(job_id)["state"] == "running" and bool(created), 30,
+                "the job to write its temporary file")
+    assert job_id in created[0].name
     # A new process opens the history while the old one is stuck mid-job (as if it had died).
     reopened = JobStore(tmp_path / "jobs.sqlite")
     interrupted = reopened.mark_interrupted()
     assert [job["id"] for job in interrupted] == [job_id]
     assert reopened.get(job_id)["state"] == "interrupted"
-    assert not out.exists() and not (tmp_path / ".result.0123456789ab.tmp.gpkg").exists()
+    assert not created[0].exists()
+    assert out.read_text() == "the user's earlier result"
     assert reopened.mark_interrupted() == []
     release.set()
     manager.shutdown()
 
 
-def test_partial_output_cleanup_leaves_files_the_job_did_not_touch(tmp_path):
-    old = tmp_path / "result.gpkg"
-    old.write_text("an earlier result")
-    neighbour = tmp_path / "result.tif"
-    neighbour.write_text("someone else's")
-    assert remove_partial_outputs([str(old)], None) == []
-    time.sleep(1.5)
-    started = jobs.now_iso()
-    assert remove_partial_outputs([str(old)], started) == []
-    assert old.exists() and neighbour.exists()
+def test_a_failed_job_removes_only_the_names_it_recorded(tmp_path):
+    """The user's files, a folder saved during the run and another process's temporary folder all stay."""
+    out = tmp_path / "result.gpkg"
+    out.write_text("the user's earlier result")
+    other_process = tmp_path / ".farslip-1-0123456789ab"
+    other_process.mkdir()
+    (other_process / "classes.tif").write_text("another run's")
+    saved_during_run = tmp_path / "notes"
+
+    def runner(request, control, models):
+        control.will_create(run_prefixes([out], control.run_tag))
+        make_work_dir(tmp_path, control.run_tag)
+        staged_path(out, control.run_tag).write_text("half")
+        saved_during_run.mkdir()
+        (saved_during_run / "a.txt").write_text("mine")
+        raise InputError("The raster /x.tif does not exist.")
+
+    manager = JobManager(JobStore(tmp_path / "jobs.sqlite"), {"segment": runner})
+    manager.start()
+    job = _wait(manager, manager.submit("segment", {}, [str(out)])["id"])
+    manager.shutdown()
+    assert job["state"] == "failed"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [".farslip-1-0123456789ab", "jobs.sqlite", "jobs.sqlite-shm", "jobs.sqlite-wal", "notes", "result.gpkg"])
+    assert out.read_text() == "the user's earlier result"
+    assert (saved_during_run / "a.txt").read_text() == "mine"
+
+
+def test_a_cancel_after_the_results_were_written_keeps_them(tmp_path):
+    out = tmp_path / "result.gpkg"
+    started = threading.Event()
+    cancelled = threading.Event()
+
+    def runner(request, control, models):
+        started.set()
+        cancelled.wait(10)
+        out.write_text("finished result")  # the runner had already put its results in place
+        return {"outputs": {"vector": str(out)}, "classes": []}
+
+    manager = JobManager(JobStore(tmp_path / "jobs.sqlite"), {"segment": runner})
+    manager.start()
+    job_id = manager.submit("segment", {}, [str(out)])["id"]
+    started.wait(10)
+    manager.cancel(job_id)
+    cancelled.set()
+    job = _wait(manager, job_id)
+    manager.shutdown()
+    assert job["state"] == "done" and "after the results were written" in job["message"]
+    assert out.read_text() == "finished result"

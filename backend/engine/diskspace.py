@@ -1,0 +1,71 @@
+"""Running out of disk space: refused before a run where the estimate says so, a sentence when a write fails.
+
+GDAL, pyogrio and the OS each word a full disk differently ("No space left on device", "Free disk
+space available is ...", a short write); any write error while an output folder has next to no
+free space left is reported as a full disk, naming the output and the space it needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from .errors import FarslipError, InputError
+
+# Compressed GeoTIFFs of class ids are far smaller than their uncompressed size; refuse up front only
+# when not even this fraction of the estimate fits.
+UP_FRONT_FRACTION = 0.05
+NEARLY_FULL_BYTES = 4 * 2**20
+_SPACE_WORDS = ("no space left", "disk space", "disk full", "not enough space", "file too large")
+
+
+def free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def no_space_error(path: Path, needed_mb: float) -> InputError:
+    return InputError(f"Not enough space on the disk for {path} (needs about {max(1, round(needed_mb))} MB); "
+                      "free some space or choose another output folder.")
+
+
+def check_free_space(paths: Iterable[Path], needed_mb: float) -> None:
+    """Refuse a run whose outputs clearly cannot fit in their folders."""
+    for path in paths:
+        free = free_bytes(Path(path).parent)
+        if free is not None and free < needed_mb * UP_FRONT_FRACTION * 2**20:
+            raise no_space_error(Path(path), needed_mb)
+
+
+def _looks_like_no_space(error: BaseException) -> bool:
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return True
+        if any(words in str(error).lower() for words in _SPACE_WORDS):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+@contextlib.contextmanager
+def writing_to(paths: Iterable[Path], needed_mb: float) -> Iterator[None]:
+    """Turn a failed write of these outputs into a sentence (a full disk, or a folder that refuses files)."""
+    paths = [Path(p) for p in paths]
+    try:
+        yield
+    except FarslipError:
+        raise
+    except Exception as error:
+        # Checked before the caller removes its temporary files, while the disk is still full.
+        nearly_full = [p for p in paths if (free_bytes(p.parent) or NEARLY_FULL_BYTES) < NEARLY_FULL_BYTES]
+        if _looks_like_no_space(error) or nearly_full:
+            raise no_space_error((nearly_full or paths)[0], needed_mb) from error
+        if isinstance(error, OSError) and error.filename is not None:
+            raise InputError(f"Cannot write {error.filename} ({error.strerror or error}); choose another output "
+                             "folder.") from error
+        raise

@@ -1,0 +1,130 @@
+"""Checks on the user's files before a run: inputs are regular files, outputs never replace an input.
+
+An output "is" an input when both names lead to the same file: through symlinks, `..`,
+hard links, or letter case on a case-insensitive filesystem.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable
+from pathlib import Path
+
+from .errors import FarslipError, InputError
+
+
+def expand_user(text: str | os.PathLike, what: str, error: type[FarslipError] = InputError) -> Path:
+    """`~/x` and `~user/x` expanded; an unknown user is a sentence, not a RuntimeError."""
+    path = Path(text)
+    try:
+        return path.expanduser()
+    except RuntimeError:
+        user = str(text).split("/", 1)[0]
+        raise error(f"The {what} path {str(text)!r} starts with {user}, but there is no such user's home "
+                    "folder here; give the full path.") from None
+
+
+def kind_of(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    return "not a regular file"
+
+
+def check_regular_file(path: str | os.PathLike, what: str) -> Path:
+    """`path` exists and is a regular file (a FIFO or device would block or never end)."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise InputError(f"The {what} {path} does not exist.") from None
+    except OSError as error:
+        raise InputError(f"The {what} {path} cannot be read ({error.strerror or error}).") from None
+    if not stat.S_ISREG(mode):
+        raise InputError(f"The {what} {path} is {kind_of(mode)}, not a file; give a {what} file.")
+    return path
+
+
+def check_not_special(path: str | os.PathLike, what: str) -> None:
+    """An existing output may only be a regular file; nothing at all is fine too."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if stat.S_ISDIR(mode):
+        raise InputError(f"The {what} {path} is a folder; give a file name (an existing folder is never "
+                         "replaced).")
+    if not stat.S_ISREG(mode):
+        raise InputError(f"The {what} {path} is {kind_of(mode)}; give the name of a regular file.")
+
+
+def _case_insensitive(folder: Path) -> bool:
+    """Whether `folder`'s filesystem ignores letter case (probed on the folder's own name, no writes)."""
+    for candidate in (folder, *folder.parents):
+        swapped = candidate.name.swapcase()
+        if swapped != candidate.name:
+            other = candidate.with_name(swapped)
+            try:
+                return os.path.samefile(candidate, other)
+            except OSError:
+                return False
+    return False
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether the names `a` and `b` lead to one file (existing or to be created)."""
+    real_a, real_b = Path(os.path.realpath(a)), Path(os.path.realpath(b))
+    if real_a == real_b:
+        return True
+    try:
+        return os.path.samefile(real_a, real_b)
+    except OSError:
+        pass
+    return (real_a.name.casefold() == real_b.name.casefold() and real_a.parent == real_b.parent
+            and _case_insensitive(real_a.parent))
+
+
+def is_inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """Whether `path` resolves to `folder` or something inside it."""
+    real, root = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    return real == root or root in real.parents
+
+
+def refuse_outputs_over_inputs(outputs: dict[str, Path], inputs: dict[str, Path]) -> None:
+    """No output may be an input, and no two outputs may be one file."""
+    for out_name, out_path in outputs.items():
+        for in_name, in_path in inputs.items():
+            if in_path is not None and same_file(out_path, in_path):
+                raise InputError(f"The {out_name} {out_path} is the {in_name} {in_path}: writing it would destroy "
+                                 "the input. Choose another output name.")
+    names = list(outputs.items())
+    for i, (first_name, first) in enumerate(names):
+        for second_name, second in names[i + 1:]:
+            if same_file(first, second):
+                raise InputError(f"The {first_name} and the {second_name} are the same file ({first}); give "
+                                 "each output its own path.")
+
+
+def check_output_folder(path: Path) -> None:
+    """The folder of an output exists and takes new files."""
+    directory = path.parent
+    if not directory.is_dir():
+        raise InputError(f"The output folder {directory} does not exist; create it or choose another.")
+    read_only = False
+    try:
+        read_only = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        pass
+    if read_only or not os.access(directory, os.W_OK):
+        raise InputError(f"The output folder {directory} is not writable; choose another.")
+
+
+def input_paths(entries: Iterable[tuple[str, str | os.PathLike | None]]) -> dict[str, Path]:
+    """{what: path} of the inputs that are files (registry model names and None are left out)."""
+    return {what: Path(value) for what, value in entries if value is not None and os.path.exists(value)}

@@ -1,0 +1,150 @@
+"""Temporary files and folders a run writes beside its outputs, and who may remove them.
+
+Every temporary name carries the run's tag, `<pid>-<run id>`: the work folder is
+`.farslip-<tag>` and a file staged for `result.gpkg` is `.result.gpkg.farslip-<tag>.tmp.gpkg`
+(plus sidecars). So a run (or the server job that owns the run id) removes exactly
+what it created, and a later run may remove what a dead process left behind, while
+the temporary files of a live process (another `farslip segment`, the server) are
+never touched. Nothing here ever removes a name without a tag.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import uuid
+from pathlib import Path
+
+WORK_PREFIX = ".farslip-"
+OWNER_FILE = "owner.json"
+# `.farslip-<pid>-<id>` (a work folder) or `.<name>.farslip-<pid>-<id>.tmp[.<ext>...]` (a staged file).
+_TAGGED = re.compile(r"^\.(?:.+\.)?farslip-(?P<pid>\d+)-(?P<run>[0-9a-f]{8,32})(?P<tmp>\.tmp(?:\..*)?)?$")
+
+
+def new_run_tag(run_id: str | None = None) -> str:
+    """The tag of a run in this process: `<pid>-<run id>` (a fresh random id unless given)."""
+    run_id = run_id or uuid.uuid4().hex[:12]
+    assert re.fullmatch(r"[0-9a-f]{8,32}", run_id), run_id
+    return f"{os.getpid()}-{run_id}"
+
+
+def work_dir_path(folder: str | Path, tag: str) -> Path:
+    """The work folder of run `tag` in `folder` (not created)."""
+    return Path(folder) / f"{WORK_PREFIX}{tag}"
+
+
+def staged_stem(path: str | Path, tag: str) -> Path:
+    """`folder/.name.farslip-<tag>.tmp`: the staged copy of `path` is this + `path`'s suffix, sidecars likewise.
+
+    The whole file name is kept, so `a.gpkg` and `a.tif` of one run are staged apart.
+    """
+    path = Path(path)
+    return path.parent / f".{path.name}.farslip-{tag}.tmp"
+
+
+def staged_path(path: str | Path, tag: str) -> Path:
+    """The temporary name `path` is written under before it is renamed into place."""
+    path = Path(path)
+    stem = staged_stem(path, tag)
+    return stem.with_name(stem.name + path.suffix)
+
+
+def make_work_dir(folder: str | Path, tag: str) -> Path:
+    """Create the work folder of run `tag`, with its owner (pid, host) recorded inside."""
+    work = work_dir_path(folder, tag)
+    work.mkdir()
+    owner = {"pid": os.getpid(), "host": socket.gethostname()}
+    (work / OWNER_FILE).write_text(json.dumps(owner), encoding="utf-8")
+    return work
+
+
+def owned_entries(prefix: str | Path) -> list[Path]:
+    """The entries of `prefix`'s folder named `prefix` or `prefix.<anything>` (a tagged temporary name)."""
+    prefix = Path(prefix)
+    assert _TAGGED.match(prefix.name), f"{prefix} is not a tagged temporary name"
+    try:
+        names = os.listdir(prefix.parent)
+    except OSError:
+        return []
+    return [prefix.parent / name for name in names if name == prefix.name or name.startswith(prefix.name + ".")]
+
+
+def remove_entry(path: Path) -> bool:
+    """Remove one temporary file or folder; False when it was already gone."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def remove_owned(prefixes: list[str | Path]) -> list[str]:
+    """Remove the temporary entries named by `prefixes` (tagged names); returns what was removed."""
+    removed = []
+    for prefix in prefixes:
+        for entry in owned_entries(prefix):
+            if remove_entry(entry):
+                removed.append(str(entry))
+    return removed
+
+
+def run_prefixes(output_paths: list[str | Path], tag: str) -> list[Path]:
+    """Every temporary name run `tag` may create for these outputs: its work folder and staged files."""
+    prefixes: list[Path] = []
+    if output_paths:
+        prefixes.append(work_dir_path(Path(output_paths[0]).parent, tag))
+    prefixes += [staged_stem(path, tag) for path in output_paths]
+    return prefixes
+
+
+def process_is_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _owner_host(entry: Path) -> str | None:
+    try:
+        return json.loads((entry / OWNER_FILE).read_text(encoding="utf-8")).get("host")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def remove_stale(folder: str | Path) -> list[str]:
+    """Remove temporary entries in `folder` left by processes of this machine that no longer run.
+
+    Only tagged names are considered; those of live processes, of this process, and work folders
+    recorded as belonging to another machine (a shared network folder) are left alone.
+    """
+    folder = Path(folder)
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    removed = []
+    host = socket.gethostname()
+    for name in names:
+        match = _TAGGED.match(name)
+        if not match or process_is_alive(int(match["pid"])):
+            continue
+        entry = folder / name
+        if entry.is_dir() and _owner_host(entry) not in (None, host):
+            continue
+        try:
+            if remove_entry(entry):
+                removed.append(str(entry))
+        except OSError:
+            continue  # not ours to fight over: leave it
+    return removed

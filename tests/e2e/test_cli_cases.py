@@ -1,0 +1,224 @@
+"""Every careless or hostile `farslip segment` call of issue 17, as a table.
+
+Each row: the arguments, the exit code, a phrase of the one-line message. For every row the test
+also checks that nothing else was printed (no traceback, no library warning, no GDAL/PROJ line
+written straight to the terminal), that the output folder holds exactly what it held before, and
+that every input file is byte-for-byte unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.control import GroundControlPoint
+from rasterio.transform import from_origin
+from tinymodels import make_tiny_clip, save_plain
+from typer.testing import CliRunner
+
+from backend.service.cli import app
+
+# 300 x 300 pixels of the NAIP image (EPSG:26914), as in the server tests.
+BBOX = ["486500", "5206500", "488000", "5208000"]
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def _write(path: Path, data: np.ndarray, **profile) -> Path:
+    profile = {"driver": "GTiff", "height": data.shape[1], "width": data.shape[2], "count": data.shape[0],
+               "dtype": data.dtype, **profile}
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+    return path
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, naip) -> Path:
+    """The input files of the table, in one folder that no case may change."""
+    folder = tmp_path_factory.mktemp("inputs")
+    shutil.copy(naip, folder / "in.tif")
+    (folder / "sub").mkdir()
+    (folder / "link.tif").symlink_to(folder / "in.tif")
+    save_plain(make_tiny_clip(), folder / "tiny.pt")
+    model = make_tiny_clip()
+    with torch.no_grad():
+        model.visual.conv1.weight[0, 0, 0, 0] = float("nan")
+    save_plain(model, folder / "nan-weights.pt")
+    torch.save({"state_dict": make_tiny_clip().state_dict(), "hook": _RunsCode()}, folder / "evil.pt")
+    (folder / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    (folder / "classes-nul.txt").write_text("water\nroad\x00way\n", encoding="utf-8")
+    os.mkfifo(folder / "fifo.tif")
+    os.mkfifo(folder / "fifo.txt")
+    os.mkfifo(folder / "fifo.pt")
+    transform = from_origin(500000, 5200000, 5, 5)
+    _write(folder / "complex.tif", np.ones((1, 64, 64), np.complex64), crs="EPSG:32614", transform=transform)
+    with rasterio.open(folder / "photo.jpg", "w", driver="JPEG", height=64, width=64, count=3,
+                       dtype="uint8") as dst:
+        dst.write(np.full((3, 64, 64), 100, np.uint8))
+    os.replace(folder / "photo.jpg", folder / "photo.tif")
+    for sidecar in folder.glob("photo.jpg.*"):
+        sidecar.unlink()
+    gcps = [GroundControlPoint(0, 0, 500000, 5200000), GroundControlPoint(0, 64, 500320, 5200000),
+            GroundControlPoint(64, 0, 500000, 5199680)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a raster without a geotransform is the point here
+        _write(folder / "gcps.tif", np.full((3, 64, 64), 100, np.uint8), gcps=gcps,
+               crs=rasterio.crs.CRS.from_epsg(32614))
+    return folder
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
+            if p.is_file() and not p.is_symlink() and not p.name.startswith("fifo")}
+
+
+def _tree(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+# (case, arguments after `segment`, exit code, phrase of the message). {in} is the inputs folder,
+# {out} the output folder (which holds an existing folder `d.gpkg` with a file in it).
+CASES = [
+    # an output that would destroy an input or a folder
+    ("class raster is the input", "{in}/in.tif -c water --class-raster {in}/in.tif --overwrite", 2,
+     "would destroy the input"),
+    ("class raster is the input through a symlink", "{in}/in.tif -c water --class-raster {in}/link.tif --overwrite",
+     2, "would destroy the input"),
+    ("class raster is the input through ..", "{in}/in.tif -c water --class-raster {in}/sub/../in.tif --overwrite",
+     2, "would destroy the input"),
+    ("input given through a symlink, output the real file", "{in}/link.tif -c water --class-raster {in}/in.tif "
+     "--overwrite", 2, "would destroy the input"),
+    ("probability raster is the class raster", "{in}/in.tif -c water --class-raster {out}/c.tif --prob-raster "
+     "{out}/./c.tif", 2, "same file"),
+    ("output is an existing folder, overwrite", "{in}/in.tif -c water --out {out}/d.gpkg --overwrite", 2,
+     "is a folder"),
+    ("output in /proc", "{in}/in.tif -c water --out /proc/r.gpkg", 2, "/proc"),
+    ("output in /sys", "{in}/in.tif -c water --out /sys/r.gpkg", 2, "/sys"),
+    # files that are not regular files, paths that cannot be expanded
+    ("raster is a FIFO", "{in}/fifo.tif -c water", 2, "named pipe"),
+    ("class file is a FIFO", "{in}/in.tif --classes-file {in}/fifo.txt", 2, "named pipe"),
+    ("model is a FIFO", "{in}/in.tif -c water --model {in}/fifo.pt", 3, "named pipe"),
+    ("model of an unknown user's home", "{in}/in.tif -c water --model ~nosuchuser/m.pt", 3, "no such user"),
+    ("weights of an unknown user's home", "{in}/in.tif -c water --model farslip2-vit-b-16 "
+     "--weights ~nosuchuser/w.pt", 3, "no such user"),
+    # rasters and checkpoints that used to end in a traceback or a library's words
+    ("complex64 raster", "{in}/complex.tif -c water", 2, "complex numbers"),
+    ("JPEG renamed .tif", "{in}/photo.tif -c water", 2, "no coordinate reference system"),
+    ("raster georeferenced by GCPs only", "{in}/gcps.tif -c water", 2, "ground control points"),
+    ("damaged pixel blocks", "{data}/corrupt.tif -c water", 2, "damaged or truncated"),
+    ("checkpoint with NaN weights", "{in}/in.tif -c water --model {in}/nan-weights.pt", 3, "NaN or infinite"),
+    ("pickle that runs code", "{in}/in.tif -c water --model {in}/evil.pt", 3, "Refusing to load"),
+    ("random bytes as checkpoint", "{in}/in.tif -c water --model {in}/random.pt", 3, "not a readable PyTorch"),
+    ("unknown bbox CRS", "{in}/in.tif -c water --bbox 0 0 1 1 --bbox-crs EPSG:99999", 2, "not a CRS I know"),
+    ("unknown device", "{in}/in.tif -c water --device bogus", 2, "Unknown device"),
+    # numbers that are not finite or out of range
+    ("--gsd nan", "{in}/in.tif -c water --gsd nan", 2, "--gsd"),
+    ("--gsd inf", "{in}/in.tif -c water --gsd inf", 2, "--gsd"),
+    ("--scale nan", "{in}/in.tif -c water --scale nan", 2, "--scale"),
+    ("--simplify nan", "{in}/in.tif -c water --simplify nan", 2, "--simplify"),
+    ("--min-area nan", "{in}/in.tif -c water --min-area nan", 2, "--min-area"),
+    ("--threshold nan", "{in}/in.tif -c water --threshold nan", 2, "threshold"),
+    ("--batch-size 0", "{in}/in.tif -c water --batch-size 0", 2, "batch size"),
+    ("--value-range nan nan", "{in}/in.tif -c water --value-range nan nan", 2, "--value-range"),
+    ("--value-range min > max", "{in}/in.tif -c water --value-range 10000 100", 2, "--value-range"),
+    ("bbox latitude beyond 90", "{in}/in.tif -c water --bbox -97 47 -96 100 --bbox-crs EPSG:4326", 2,
+     "latitudes"),
+    ("bbox latitude below -90", "{in}/in.tif -c water --bbox -97 -100 -96 47 --bbox-crs EPSG:4326", 2,
+     "latitudes"),
+    # class names that the outputs cannot hold faithfully
+    ("newline inside a class name", ["{in}/in.tif", "-c", "water\nlake"], 2, "control character"),
+    ("NUL inside a class file line", "{in}/in.tif --classes-file {in}/classes-nul.txt", 2, "control character"),
+    ("10,000-character class name into a shapefile", ["{in}/in.tif", "-c", "w" * 10000, "--out", "{out}/r.shp"],
+     2, "shapefile holds at most"),
+]
+
+
+@pytest.fixture
+def out_dir(tmp_path) -> Path:
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "d.gpkg").mkdir()
+    (folder / "d.gpkg" / "keep.txt").write_text("the user's file")
+    return folder
+
+
+@pytest.mark.parametrize("case, args, code, phrase", CASES, ids=[case[0] for case in CASES])
+def test_segment_refuses_with_one_line_and_touches_nothing(case, args, code, phrase, inputs, out_dir, tmp_path,
+                                                           capfd, shared_data, monkeypatch):
+    monkeypatch.chdir(out_dir)  # the default --out (result.gpkg) lands in the watched folder too
+    words = args.split() if isinstance(args, str) else list(args)
+    words = [w.format(**{"in": inputs, "out": out_dir, "data": shared_data}) for w in words]
+    if "--device" not in words:
+        words += ["--device", "cpu"]
+    if "--model" not in words:
+        words += ["--model", str(inputs / "tiny.pt")]
+    if "--bbox" not in words and "in.tif" in words[0]:
+        words += ["--bbox", *BBOX]
+    before_inputs, before_out = _hashes(inputs), _tree(out_dir)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = CliRunner().invoke(app, ["segment", *words, "--quiet"])
+    printed_by_libraries = capfd.readouterr()
+
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == code, (case, result.output, result.exception)
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and phrase in lines[0], result.output
+    assert [str(w.message) for w in caught] == []
+    assert printed_by_libraries.err == "" and printed_by_libraries.out == ""
+    assert _tree(out_dir) == before_out
+    assert (out_dir / "d.gpkg" / "keep.txt").read_text() == "the user's file"
+    assert _hashes(inputs) == before_inputs
+
+
+def test_infinite_pixels_are_masked_like_nan(tmp_path, inputs):
+    """+-inf in a float raster gets no class, as NaN does (before: classified as if bright)."""
+    data = np.linspace(0, 1, 3 * 224 * 224, dtype=np.float32).reshape(3, 224, 224)
+    data[:, :10, :] = np.inf
+    data[:, 10:20, :] = -np.inf
+    data[:, 20:30, :] = np.nan
+    raster = _write(tmp_path / "float.tif", data, crs="EPSG:32614", transform=from_origin(500000, 5200000, 5, 5))
+    result = CliRunner().invoke(app, ["segment", str(raster), "-c", "water", "-c", "field", "--model",
+                                      str(inputs / "tiny.pt"), "--device", "cpu", "--quiet",
+                                      "--out", str(tmp_path / "r.gpkg"), "--class-raster", str(tmp_path / "c.tif")])
+    assert result.exit_code == 0, result.output
+    with rasterio.open(tmp_path / "c.tif") as classes:
+        ids = classes.read(1)
+        nodata = classes.nodata
+    assert (ids[:30] == nodata).all()
+    assert (ids[30:] != nodata).all()
+
+
+def test_the_progress_line_never_says_nan(tmp_path, inputs):
+    result = CliRunner().invoke(app, ["segment", str(inputs / "in.tif"), "-c", "water", "--model",
+                                      str(inputs / "tiny.pt"), "--device", "cpu", "--bbox", *BBOX,
+                                      "--out", str(tmp_path / "r.gpkg")])
+    assert result.exit_code == 0, result.output
+    assert "tiles" in result.output and "nan" not in result.output.lower()
+
+
+def test_a_pickle_refusal_runs_no_code(tmp_path, inputs):
+    marker = tmp_path / "ran"
+
+    class Marks:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with open(tmp_path / "evil.pt", "wb") as stream:
+        pickle.dump({"hook": Marks()}, stream)
+    result = CliRunner().invoke(app, ["segment", str(inputs / "in.tif"), "-c", "water", "--model",
+                                      str(tmp_path / "evil.pt"), "--device", "cpu", "--bbox", *BBOX,
+                                      "--out", str(tmp_path / "r.gpkg")])
+    assert result.exit_code == 3 and "Refusing" in result.output
+    assert not marker.exists()

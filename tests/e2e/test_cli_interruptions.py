@@ -1,0 +1,115 @@
+"""`farslip segment` stopped from outside (SIGTERM, SIGHUP), leftovers of dead runs, a full disk.
+
+Real processes: the signal reaches the running command, the disk is a 2 MB tmpfs mounted in a
+private mount namespace of the test (unshare), so nothing outside the test sees it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from backend.service.cli import app
+
+FARSLIP = Path(sys.executable).parent / "farslip"
+BBOX = ["486500", "5206500", "488000", "5208000"]
+
+
+def _long_run(naip: Path, tiny_model: Path, out_dir: Path) -> list[str]:
+    """Hundreds of one-crop batches: long enough to be stopped mid-run."""
+    return ["segment", str(naip), "-c", "water", "-c", "field", "--model", str(tiny_model), "--device", "cpu",
+            "--scale", "4", "--batch-size", "1", "--out", str(out_dir / "r.gpkg"),
+            "--class-raster", str(out_dir / "c.tif"), "--quiet"]
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)], ids=["SIGTERM", "SIGHUP"])
+def test_a_signal_mid_run_is_an_interruption_that_leaves_nothing(sig, code, start_cli, naip, tiny_model, out_dir):
+    process = start_cli(*_long_run(naip, tiny_model, out_dir))
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith(".farslip-") for p in out_dir.iterdir()):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the crops
+    process.send_signal(sig)
+    _out, err = process.communicate(timeout=60)
+    assert process.returncode == code, err
+    assert err.strip().splitlines() == ["Interrupted; nothing was written."]
+    assert list(out_dir.iterdir()) == []
+
+
+def test_stale_temporary_files_of_dead_processes_go_those_of_live_ones_stay(naip, tiny_model, out_dir):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live = subprocess.Popen(["sleep", "120"])
+    try:
+        dead_dir = out_dir / f".farslip-{dead.pid}-0123456789ab"
+        dead_dir.mkdir()
+        (dead_dir / "owner.json").write_text(json.dumps({"pid": dead.pid, "host": os.uname().nodename}))
+        (dead_dir / "classes.tif").write_bytes(b"x" * 1000)
+        dead_file = out_dir / f".old.gpkg.farslip-{dead.pid}-0123456789ab.tmp.gpkg"
+        dead_file.write_text("half")
+        live_dir = out_dir / f".farslip-{live.pid}-abcdef012345"
+        live_dir.mkdir()
+        live_file = out_dir / f".other.gpkg.farslip-{live.pid}-abcdef012345.tmp.gpkg"
+        live_file.write_text("being written")
+        users = [out_dir / ".farslip-notes", out_dir / ".farslip-1-x"]
+        for path in users:
+            path.write_text("not a temporary name of ours")
+
+        result = CliRunner().invoke(app, ["segment", str(naip), "-c", "water", "--model", str(tiny_model),
+                                          "--device", "cpu", "--bbox", *BBOX, "--out", str(out_dir / "r.gpkg"),
+                                          "--quiet"])
+        assert result.exit_code == 0, result.output
+        assert not dead_dir.exists() and not dead_file.exists()
+        assert live_dir.is_dir() and live_file.read_text() == "being written"
+        assert all(path.exists() for path in users)
+        assert sorted(p.name for p in out_dir.iterdir()) == sorted(
+            [live_dir.name, live_file.name, *(p.name for p in users), "r.gpkg", "r.report.json"])
+    finally:
+        live.kill()
+        live.wait()
+
+
+def _in_small_disk(folder: Path, command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run `command` with a 2 MB tmpfs mounted on `folder` (private to the command); prints what is left."""
+    namespace = ["unshare", "--mount"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--mount"]
+    script = ('mount -t tmpfs -o size=2m tmpfs "$0" || exit 99; "$@"; code=$?; '
+              'echo "left: $(ls -A "$0" | tr "\\n" " ")"; exit $code')
+    return subprocess.run([*namespace, "sh", "-c", script, str(folder), *command], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+# Four ways a run meets the small disk: rasters that do not fit (found while writing, or
+# estimated before starting), polygons that do not fit, a shapefile.
+DISK_CASES = {
+    "probability raster while writing": ["--bbox", *BBOX, "--prob-raster", "{disk}/p.tif", "--out", "{other}/r.gpkg",
+                                         "--scale", "2"],
+    "rasters estimated before starting": ["--prob-raster", "{disk}/p.tif", "--out", "{disk}/r.gpkg", "--scale", "8"],
+    "polygons and work files": ["--out", "{disk}/r.gpkg", "--scale", "2"],
+    "shapefile and class raster": ["--out", "{disk}/r.shp", "--class-raster", "{disk}/c.tif", "--scale", "2"],
+}
+
+
+@pytest.mark.parametrize("case", DISK_CASES)
+def test_a_full_disk_is_one_sentence_and_leaves_nothing(case, naip, tiny_model, tmp_path, env):
+    disk, other = tmp_path / "small-disk", tmp_path / "other"
+    disk.mkdir()
+    other.mkdir()
+    options = [word.format(disk=disk, other=other) for word in DISK_CASES[case]]
+    run = _in_small_disk(disk, [str(FARSLIP), "segment", str(naip), "-c", "water", "-c", "field", "-c", "road",
+                                "--model", str(tiny_model), "--device", "cpu", "--quiet", *options], env)
+    assert run.returncode == 2, (run.stdout, run.stderr)
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: Not enough space on the disk for {disk}/"), run.stderr
+    assert "MB)" in lines[0]
+    assert run.stdout.strip() == "left:"
+    assert list(other.iterdir()) == []
