@@ -16,6 +16,7 @@ import typer
 
 from backend.engine.errors import FarslipError, InputError
 from backend.service.cli_common import fail as _fail
+from backend.service.cli_common import interrupted, signals_as_interrupt
 from backend.service.cli_common import parse_bands as _bands
 
 
@@ -151,9 +152,8 @@ def evaluate_command(
                                 if half else None)
     except FarslipError as error:
         _fail(error)
-    except KeyboardInterrupt:
-        typer.echo("Interrupted.", err=True)
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as error:
+        interrupted(error, "Interrupted.")
     where = "the held-out validation strip" if result["split"] == "validation" else "all labelled pixels"
     typer.echo(f"{result['model']} on {where} of {Path(result['raster']).name}")
     typer.echo(result["text"])
@@ -213,20 +213,20 @@ def train_command(
     from training.finetune import TrainOptions
 
     try:
-        dev = resolve_device(device)
-        options = TrainOptions(batch_size=batch_size, steps_per_epoch=steps_per_epoch, seed=seed, teacher=teacher)
-        result = train_model(raster, labels, class_field, out, base_model=base_model,
-                             weights=str(weights) if weights else None, method=method, epochs=epochs, lr=lr,
-                             patch_loss_weight=patch_loss_weight, background=background, aoi=aoi,
-                             class_names=class_names_from_pairs(class_name or []), bands=_bands(bands),
-                             scale=scale, gsd_m=gsd, resume=resume, overwrite=overwrite, device=str(dev),
-                             options=options, progress=_Lines(quiet))
+        with signals_as_interrupt():
+            dev = resolve_device(device)
+            options = TrainOptions(batch_size=batch_size, steps_per_epoch=steps_per_epoch, seed=seed,
+                                   teacher=teacher)
+            result = train_model(raster, labels, class_field, out, base_model=base_model,
+                                 weights=str(weights) if weights else None, method=method, epochs=epochs, lr=lr,
+                                 patch_loss_weight=patch_loss_weight, background=background, aoi=aoi,
+                                 class_names=class_names_from_pairs(class_name or []), bands=_bands(bands),
+                                 scale=scale, gsd_m=gsd, resume=resume, overwrite=overwrite, device=str(dev),
+                                 options=options, progress=_Lines(quiet))
     except FarslipError as error:
         _fail(error)
-    except KeyboardInterrupt:
-        typer.echo("Interrupted; no model was written (a finished epoch can be continued with --resume).",
-                   err=True)
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as error:
+        interrupted(error, "Interrupted; no model was written (a finished epoch can be continued with --resume).")
     before, after = result["metrics"]["before"]["miou"] or 0, result["metrics"]["after"]["miou"] or 0
     typer.echo(f"Validation mIoU: {100 * before:.2f} % before, {100 * after:.2f} % after "
                f"(best epoch {result['best_epoch']} of {result['epochs']}).")

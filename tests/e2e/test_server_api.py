@@ -23,8 +23,8 @@ ENDPOINTS = [
 
 
 @pytest.mark.parametrize(("method", "path", "body"), ENDPOINTS, ids=[f"{m} {p}" for m, p, _ in ENDPOINTS])
-@pytest.mark.parametrize("authorization", [None, "Bearer wrong-token", "bearer {token}", "Bearer  {token}",
-                                           "{token}", "Basic {token}", "Bearer {token}x", "Bearer"])
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong-token", "{token}", "Basic {token}",
+                                           "Bearer {token}x", "Bearer", "Bearer{token}", "Bearer x{token}"])
 def test_every_v1_endpoint_refuses_a_missing_or_wrong_token(backend, method, path, body, authorization):
     headers = {"Authorization": authorization.format(token=backend.token)} if authorization else {}
     response = httpx.request(method, backend.url + path, json=body, headers=headers)
@@ -36,6 +36,13 @@ def test_every_v1_endpoint_refuses_a_missing_or_wrong_token(backend, method, pat
 @pytest.mark.parametrize("path", ["/v1/health", "/v1/models", "/v1/presets", "/v1/jobs"])
 def test_every_v1_endpoint_answers_the_right_token(backend, path):
     assert backend.client.get(path).status_code == 200
+
+
+@pytest.mark.parametrize("authorization", ["bearer {token}", "BEARER {token}", "Bearer  {token}"])
+def test_the_bearer_scheme_is_case_insensitive(backend, authorization):
+    """RFC 7235: the scheme is case-insensitive and separated by one or more spaces."""
+    headers = {"Authorization": authorization.format(token=backend.token)}
+    assert httpx.get(backend.url + "/v1/health", headers=headers).status_code == 200
 
 
 def test_health_reports_version_device_and_loaded_model(backend):
