@@ -14,6 +14,7 @@ run removes it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -166,9 +167,9 @@ def _check_options(options: TrainOptions) -> None:
         raise InputError(f"--method must be one of {', '.join(adapters.METHODS)}; got {options.method!r}.")
     if options.epochs < 1:
         raise InputError(f"--epochs must be at least 1; got {options.epochs}.")
-    if not options.learning_rate > 0:
+    if not (math.isfinite(options.learning_rate) and options.learning_rate > 0):
         raise InputError(f"--lr must be a positive number; got {options.lr}.")
-    if options.patch_loss_weight < 0:
+    if not (math.isfinite(options.patch_loss_weight) and options.patch_loss_weight >= 0):
         raise InputError(f"--patch-loss-weight must not be negative; got {options.patch_loss_weight}.")
     if options.teacher not in TEACHERS:
         raise InputError(f"--teacher must be frozen (the base model, the default for small data) or active "
