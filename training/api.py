@@ -31,7 +31,7 @@ from backend.engine.finetuned import FINETUNED_FORMAT, FINETUNED_META, FINETUNED
 from backend.engine.models import LoadedModel
 from backend.engine.weights import file_sha256
 from backend.engine.errors import CancelledError, InputError
-from backend.engine.files import check_regular_file, input_paths, is_inside
+from backend.engine.files import check_regular_file, check_vector_source, input_paths, is_inside
 from backend.engine.temporary import new_run_tag, process_is_alive, staged_stem
 from backend.engine.raster import PixelWindow, RasterSource, native_gsd_m, open_source
 
@@ -531,8 +531,8 @@ _REQUEST_ARGS = ("raster", "labels", "class_field", "out", "base_model", "weight
 
 def check_request(request: dict) -> list[str]:
     """Quick checks of a POST /v1/train body before it is queued; returns the output paths it will write."""
-    for key in ("raster", "labels"):
-        check_regular_file(request[key], key)
+    check_regular_file(request["raster"], "raster")
+    check_vector_source(request["labels"], "labels")
     out = Path(request["out"])
     check_out_folder(out, bool(request.get("overwrite")), bool(request.get("resume")),
                      training_inputs(request["raster"], request["labels"], request.get("aoi"),

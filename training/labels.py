@@ -22,6 +22,7 @@ from pyproj.exceptions import CRSError
 from rasterio.features import rasterize
 
 from backend.engine.errors import InputError
+from backend.engine.files import check_vector_source
 from backend.engine.raster import PixelWindow, RasterSource
 from backend.engine.text import parse_class_lines
 
@@ -74,8 +75,7 @@ def _value_text(value) -> str:
 
 
 def _read_layer(path: Path, columns: list[str] | None, what: str):
-    if not path.exists():
-        raise InputError(f"The {what} file {path} does not exist.")
+    check_vector_source(path, what)
     try:
         return pyogrio.raw.read(path, columns=columns)
     except Exception as exc:  # pyogrio raises DataSourceError / DataLayerError / FieldError
@@ -110,9 +110,7 @@ def _to_raster_crs(geometries: np.ndarray, source: ProjCRS, target, path: Path) 
 def read_label_polygons(path: str | Path, class_field: str, raster_crs,
                         class_names: dict[str, str] | None = None) -> LabelPolygons:
     """Read polygons and their class field, reprojected to `raster_crs` (a rasterio CRS)."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"The labels file {path} does not exist.")
+    path = check_vector_source(path, "labels")
     try:
         available = [str(name) for name in pyogrio.read_info(path)["fields"]]
     except Exception as exc:  # pyogrio raises DataSourceError / DataLayerError

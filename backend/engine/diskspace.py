@@ -18,7 +18,7 @@ from .errors import FarslipError, InputError
 # Compressed GeoTIFFs of class ids are far smaller than their uncompressed size; refuse up front only
 # when not even this fraction of the estimate fits.
 UP_FRONT_FRACTION = 0.05
-NEARLY_FULL_BYTES = 4 * 2**20
+NEARLY_FULL_BYTES = 2**20
 _SPACE_WORDS = ("no space left", "disk space", "disk full", "not enough space", "file too large")
 
 
@@ -32,6 +32,25 @@ def free_bytes(folder: Path) -> int | None:
 def no_space_error(path: Path, needed_mb: float) -> InputError:
     return InputError(f"Not enough space on the disk for {path} (needs about {max(1, round(needed_mb))} MB); "
                       "free some space or choose another output folder.")
+
+
+def nearly_full(paths: Iterable[Path]) -> list[Path]:
+    """The paths whose folder has next to no free space left."""
+    full = []
+    for path in paths:
+        free = free_bytes(Path(path).parent)
+        if free is not None and free < NEARLY_FULL_BYTES:
+            full.append(Path(path))
+    return full
+
+
+def check_written(paths: Iterable[Path], needed_mb: float) -> None:
+    """Before outputs are put in place: GDAL reports some failed writes (a disk that fills up while a
+    GeoTIFF is flushed on closing) only as a printed line, so a folder left with next to no space
+    means such a write may have failed."""
+    full = nearly_full(paths)
+    if full:
+        raise no_space_error(full[0], needed_mb)
 
 
 def check_free_space(paths: Iterable[Path], needed_mb: float) -> None:
@@ -62,9 +81,9 @@ def writing_to(paths: Iterable[Path], needed_mb: float) -> Iterator[None]:
         raise
     except Exception as error:
         # Checked before the caller removes its temporary files, while the disk is still full.
-        nearly_full = [p for p in paths if (free_bytes(p.parent) or NEARLY_FULL_BYTES) < NEARLY_FULL_BYTES]
-        if _looks_like_no_space(error) or nearly_full:
-            raise no_space_error((nearly_full or paths)[0], needed_mb) from error
+        full = nearly_full(paths)
+        if _looks_like_no_space(error) or full:
+            raise no_space_error((full or paths)[0], needed_mb) from error
         if isinstance(error, OSError) and error.filename is not None:
             raise InputError(f"Cannot write {error.filename} ({error.strerror or error}); choose another output "
                              "folder.") from error

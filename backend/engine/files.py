@@ -51,6 +51,20 @@ def check_regular_file(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
+def check_vector_source(path: str | os.PathLike, what: str) -> Path:
+    """A vector dataset: a regular file, or a folder (a FileGDB, a folder of shapefiles); never a FIFO."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise InputError(f"The {what} file {path} does not exist.") from None
+    except OSError as error:
+        raise InputError(f"The {what} file {path} cannot be read ({error.strerror or error}).") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise InputError(f"The {what} file {path} is {kind_of(mode)}, not a file; give a {what} file.")
+    return path
+
+
 def check_not_special(path: str | os.PathLike, what: str) -> None:
     """An existing output may only be a regular file; nothing at all is fine too."""
     try:

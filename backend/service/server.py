@@ -307,7 +307,8 @@ def create_app(token: str, state_dir: Path, device: str | None = None,
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
-        headers = dict(getattr(error, "headers", None) or {})
+        headers = {key: value for key, value in (getattr(error, "headers", None) or {}).items()
+                   if key.lower() != "allow"}
         if error.status_code == 405:
             headers["allow"] = ", ".join(allowed_methods(app, request.url.path))
         return JSONResponse({"detail": str(error.detail)}, status_code=error.status_code, headers=headers)

@@ -222,3 +222,28 @@ def test_a_pickle_refusal_runs_no_code(tmp_path, inputs):
                                       "--out", str(tmp_path / "r.gpkg")])
     assert result.exit_code == 3 and "Refusing" in result.output
     assert not marker.exists()
+
+
+# `farslip train`: the output folder is never a folder the user made, nor one holding the inputs.
+TRAIN_CASES = [
+    ("overwrite a folder train did not write", "{in}/in.tif {in}/labels.geojson --out {out}/d.gpkg --overwrite", 2,
+     "did not write"),
+    ("out is the folder holding the raster", "{in}/in.tif {in}/labels.geojson --out {in} --overwrite", 2,
+     "lies inside"),
+    ("out is an existing file", "{in}/in.tif {in}/labels.geojson --out {in}/random.pt --overwrite", 2,
+     "not a model folder"),
+    ("labels are a FIFO", "{in}/in.tif {in}/fifo.txt --out {out}/model", 2, "named pipe"),
+]
+
+
+@pytest.mark.parametrize("case, args, code, phrase", TRAIN_CASES, ids=[case[0] for case in TRAIN_CASES])
+def test_train_refuses_with_one_line_and_touches_nothing(case, args, code, phrase, inputs, out_dir, shared_data):
+    shutil.copy(shared_data / "solaris_geotiff_labels.geojson", inputs / "labels.geojson")
+    words = [w.format(**{"in": inputs, "out": out_dir}) for w in args.split()]
+    before_inputs, before_out = _hashes(inputs), _tree(out_dir)
+    result = CliRunner().invoke(app, ["train", *words, "--class-field", "building", "--base-model",
+                                      str(inputs / "tiny.pt"), "--device", "cpu", "--quiet"])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == code, (case, result.output, result.exception)
+    assert len(lines) == 1 and phrase in lines[0], result.output
+    assert _tree(out_dir) == before_out and _hashes(inputs) == before_inputs
