@@ -72,3 +72,13 @@ def test_no_packaged_or_zipped_folder_is_missing():
 def test_the_plugin_zip_ships_the_colour_palette_the_backend_reads(tmp_path):
     archive = zipfile.ZipFile(build_plugin.build(tmp_path / "plugin.zip"))
     assert archive.read("qgis_farslip/resources/palette.json") == (ROOT / "resources" / "palette.json").read_bytes()
+
+
+def test_every_resource_the_backend_reads_ships_in_the_wheel():
+    import fnmatch
+
+    patterns = PYPROJECT["tool"]["setuptools"]["package-data"]["resources"]
+    files = [p.relative_to(ROOT / "resources").as_posix() for p in (ROOT / "resources").rglob("*")
+             if p.is_file() and p.suffix != ".md"]
+    missing = [f for f in files if not any(fnmatch.fnmatch(f, pattern) for pattern in patterns)]
+    assert missing == [], f"add these to [tool.setuptools.package-data] in pyproject.toml: {missing}"
