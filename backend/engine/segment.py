@@ -53,7 +53,8 @@ from .quality import (
     regions_to_check,
     run_quality_estimate,
 )
-from .text import language_warnings, parse_class_lines
+from .languages import check_language
+from .text import TextEmbedder, language_warnings, parse_class_lines
 from .vectorize import finalize, vectorize_class_raster, vectorize_strips
 
 
@@ -74,6 +75,8 @@ class SegmentOptions:
     refine: str = "none"
     sam_model: str | None = None
     runtime: str = "auto"
+    language: str = "auto"  # prompt templates: detected per class name, or one of languages.LANGUAGES
+    quality_calibration: str | None = None  # from `farslip evaluate --calibrate-quality`
 
 
 @dataclass
@@ -199,6 +202,9 @@ def validate_options(options: SegmentOptions) -> None:
         raise InputError(f"Unknown runtime {options.runtime!r}; use one of {', '.join(RUNTIMES)}.")
     if options.refine not in REFINE_CHOICES:
         raise InputError(f"Unknown --refine {options.refine!r}; use one of {', '.join(REFINE_CHOICES)}.")
+    check_language(options.language)
+    if options.quality_calibration is not None and not Path(options.quality_calibration).is_file():
+        raise InputError(f"The quality calibration file {options.quality_calibration} does not exist.")
 
 
 def with_model_defaults(options: SegmentOptions, loaded: LoadedModel) -> SegmentOptions:
@@ -347,7 +353,8 @@ def _segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutpu
         timings["encoder_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         segmenter = Segmenter(loaded, classes, options.attention, options.batch_size, options.threshold,
-                              encoder=encoder)
+                              encoder=encoder,
+                              embedder=TextEmbedder(loaded, language=check_language(options.language)))
         timings["text_s"] = time.perf_counter() - t0
         if feature_cache is not None:
             segmenter.use_cache(feature_cache, raster_scope(source, loaded.weights_id, options.attention,
@@ -407,6 +414,7 @@ def _segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutpu
             timings["vectorize_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             estimate = estimate_quality(regions, source, window, segmenter, score_path, signals_path,
+                                        options.quality_calibration, options.class_lines,
                                         [c.name for c in classes], total, should_cancel)
             timings["quality_s"] = time.perf_counter() - t0
             class_names = [c.name for c in classes]
@@ -520,7 +528,8 @@ class QualityEstimate:
 
 
 def estimate_quality(regions, source: RasterSource, window: PixelWindow, segmenter: Segmenter, score_path: Path,
-                     signals_path: Path, class_names: list[str], dense_crops: int, should_cancel) -> QualityEstimate:
+                     signals_path: Path, named_calibration: str | None, class_lines: list[str],
+                     class_names: list[str], dense_crops: int, should_cancel) -> QualityEstimate:
     """Per-polygon quality signals and `quality`, and the run's estimated mIoU (quality.py)."""
     loaded = segmenter.loaded
     transform = source.window_transform(window)
@@ -532,7 +541,11 @@ def estimate_quality(regions, source: RasterSource, window: PixelWindow, segment
     region_s = time.perf_counter() - started
     model_dir = loaded.metadata.get("model_dir")
     calibration = calibration_path_for(Path(model_dir)) if model_dir else None
-    if calibration is not None and calibration.is_file():
+    if named_calibration:  # a file the user named: it must fit this model and this class list
+        calibration = Path(named_calibration)
+        model = QualityModel.load(calibration, loaded.weights_id, class_lines)
+        source_name = str(calibration)
+    elif calibration is not None and calibration.is_file():
         model = QualityModel.load(calibration, loaded.weights_id, None)
         source_name = str(calibration)
     else:

@@ -55,6 +55,12 @@ def segment(
                                             "(Segment Anything prompted by the classes)."),
     sam_model: Optional[str] = typer.Option(None, help="SAM model for --refine sam: registry name (default "
                                                        "sam-vit-b), .safetensors file or model folder."),
+    language: str = typer.Option("auto", help="Language of the class names, for the prompt templates of a "
+                                              "multilingual model: auto (detected per name), en, pt, es, fr, de, "
+                                              "nl, it, zh, ko or ru."),
+    quality_calibration: Optional[Path] = typer.Option(None, help="Quality calibration from `farslip evaluate "
+                                                                  "--calibrate-quality` (default: the fine-tuned "
+                                                                  "model's own, else the built-in one)."),
     overwrite: bool = typer.Option(False, help="Replace existing output files."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     batch_size: Optional[int] = typer.Option(None, help="Crops per batch (default 8 on CPU; on a GPU from its "
@@ -103,7 +109,9 @@ def segment(
             typer.echo(f"Warning: {warning}", err=True)
         options = SegmentOptions(lines, bbox, bbox_crs, band_list, threshold, attention,
                                  default_batch_size(dev) if batch_size is None else batch_size, scale, gsd,
-                                 min_area, simplify, value_range, refine, sam_model, runtime=runtime)
+                                 min_area, simplify, value_range, refine, sam_model, runtime=runtime,
+                                 language=language,
+                                 quality_calibration=str(quality_calibration) if quality_calibration else None)
         validate_options(options)
         if refine == "sam":
             from backend.engine.sam_models import ensure_sam_weights

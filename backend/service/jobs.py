@@ -477,9 +477,11 @@ def segment_call(request: dict) -> SegmentCall:
 
     class_lines = collect_class_lines(request.get("class_lines"), preset=request.get("preset"))
     option_names = ("bbox", "bbox_crs", "bands", "threshold", "attention", "scale", "gsd_m", "min_area",
-                    "simplify", "value_range", "refine", "sam_model",
+                    "simplify", "value_range", "refine", "sam_model", "language",
                     "runtime")
     options = {name: request[name] for name in option_names if request.get(name) is not None}
+    if request.get("quality_calibration"):
+        options["quality_calibration"] = str(path("quality_calibration"))
     for name in ("bbox", "value_range"):
         if name in options:
             options[name] = tuple(options[name])

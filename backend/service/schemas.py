@@ -16,6 +16,7 @@ JobKind = Literal["segment", "train", "index", "search", "download", "evaluate"]
 Attention = Literal["segearth", "clearclip", "sclip", "maskclip", "vanilla"]
 Refine = Literal["none", "edges", "sam"]
 Runtime = Literal["auto", "torch", "openvino", "onnxruntime"]
+Language = Literal["auto", "en", "pt", "es", "fr", "de", "nl", "it", "zh", "ko", "ru"]
 
 # Paths, names and class lines are short; these bounds keep a hostile body from
 # making the server hold megabytes of strings in a job record.
@@ -118,6 +119,10 @@ class SegmentRequest(Strict):
     value_range: list[float] | None = Field(default=None, min_length=2, max_length=2,
                                             description="min, max pixel values mapped to 0..255")
     refine: Refine = Field(default="none", description="refine outlines: none, edges (with the image) or sam")
+    language: Language = Field(default="auto", description="language of the class names (prompt templates of a "
+                                                           "multilingual model); auto detects it per name")
+    quality_calibration: str | None = Field(default=None, min_length=1, max_length=4096,
+                                            description="quality calibration file; " + ABSOLUTE)
     sam_model: str | None = Field(default=None, max_length=4096,
                                   description="SAM registry name or path, for refine=sam (default sam-vit-b)")
     out: str = PathText

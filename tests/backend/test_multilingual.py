@@ -227,3 +227,14 @@ def test_a_multilingual_model_fine_tunes_and_its_folder_carries_the_tower(multil
     assert reloaded.metadata["text_tower"]["tokenizer"] == str(out / "text_tower")
     assert reloaded.class_lines == ["forest", "sand", "water"]
     assert TextEmbedder(reloaded, use_disk_cache=False).templates_for("floresta") == languages.templates_for("pt")
+
+
+def test_the_language_can_be_forced_on_the_command_line(multilingual, small_raster, tmp_path):
+    out = tmp_path / "de.gpkg"
+    forced = runner.invoke(app, ["segment", str(small_raster), "-c", "building", "-c", "water", "--model",
+                                 str(multilingual), "--language", "de", "--out", str(out), "--quiet"])
+    assert forced.exit_code == 0, forced.output
+    assert json.loads(out.with_suffix(".report.json").read_text(encoding="utf-8"))["options"]["language"] == "de"
+    wrong = runner.invoke(app, ["segment", str(small_raster), "-c", "building", "--model", str(multilingual),
+                                "--language", "klingon", "--out", str(tmp_path / "k.gpkg"), "--quiet"])
+    assert wrong.exit_code == 2 and "pt (Portuguese)" in wrong.output

@@ -130,3 +130,14 @@ def test_evaluate_calibrates_the_estimate_and_segment_uses_it(tiny_model, tmp_pa
     nowhere = runner.invoke(app, ["evaluate", str(raster), str(labels), "--class-field", "cls", "--model",
                                   str(tiny_model), "--calibrate-quality", "--quiet"])
     assert nowhere.exit_code == 2 and "--quality-out" in nowhere.output
+    # segment uses a named calibration when it fits the model and the class list, and refuses it otherwise.
+    out = tmp_path / "seg.gpkg"
+    used = runner.invoke(app, ["segment", str(raster), "-c", "forest", "-c", "sand", "-c", "water", "--model",
+                               str(tiny_model), "--quality-calibration", str(calibration), "--out", str(out),
+                               "--quiet"])
+    assert used.exit_code == 0, used.output
+    assert json.loads(out.with_suffix(".report.json").read_text())["quality"]["calibration"] == str(calibration)
+    other = runner.invoke(app, ["segment", str(raster), "-c", "forest", "--model", str(tiny_model),
+                                "--quality-calibration", str(calibration), "--out", str(tmp_path / "o.gpkg"),
+                                "--quiet"])
+    assert other.exit_code == 2 and "class list" in other.output and not (tmp_path / "o.gpkg").exists()
