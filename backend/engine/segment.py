@@ -359,7 +359,8 @@ def _segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutpu
         if feature_cache is not None:
             segmenter.use_cache(feature_cache, raster_scope(source, loaded.weights_id, options.attention,
                                                             segmenter.encoder.name))
-        with writing_to(targets.values(), needed_mb), contextlib.ExitStack() as commit:
+        # The write check sits inside the commit, so it sees the full disk before staged files go.
+        with contextlib.ExitStack() as commit, writing_to(targets.values(), needed_mb):
             workdir = make_work_dir(Path(outputs.out).parent, run_tag)
             # Entered last, committed first: the polygon layer appears after the rasters and the report.
             staged = {key: commit.enter_context(atomic_output(targets[key], run_tag))
