@@ -61,7 +61,8 @@ def check_free_space(paths: Iterable[Path], needed_mb: float) -> None:
             raise no_space_error(Path(path), needed_mb)
 
 
-def _looks_like_no_space(error: BaseException) -> bool:
+def _looks_like_no_space(first: BaseException) -> bool:
+    error: BaseException | None = first
     while error is not None:
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             return True

@@ -38,9 +38,9 @@ def driver_for(path: str | Path) -> str:
     return DRIVERS[suffix]
 
 
-def commit_staged(staged: Path, path: str | Path) -> None:
-    """Rename a complete staged file and its sidecars over `path`: the only way an output is replaced."""
-    path = Path(path)
+def commit_staged(staged: Path, target: str | Path) -> None:
+    """Rename a complete staged file and its sidecars over `target`: the only way an output is replaced."""
+    path = Path(target)
     if not staged.exists():
         raise FileNotFoundError(f"{staged} was not written")
     stem = staged.name[: -len(staged.suffix)] if staged.suffix else staged.name
@@ -52,8 +52,8 @@ def commit_staged(staged: Path, path: str | Path) -> None:
             if part not in replaced:
                 path.with_suffix(part).unlink(missing_ok=True)
     # The main file goes last, so it only appears once its sidecars are in place.
-    for part in sorted(written, key=lambda p: p == staged):
-        os.replace(part, path.parent / (path.stem + part.name[len(stem):]))
+    for entry in sorted(written, key=lambda p: p == staged):
+        os.replace(entry, path.parent / (path.stem + entry.name[len(stem):]))
 
 
 @contextlib.contextmanager

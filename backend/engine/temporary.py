@@ -16,6 +16,7 @@ import re
 import shutil
 import socket
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 WORK_PREFIX = ".farslip-"
@@ -84,7 +85,7 @@ def remove_entry(path: Path) -> bool:
     return True
 
 
-def remove_owned(prefixes: list[str | Path]) -> list[str]:
+def remove_owned(prefixes: Sequence[str | Path]) -> list[str]:
     """Remove the temporary entries named by `prefixes` (tagged names); returns what was removed."""
     removed = []
     for prefix in prefixes:
