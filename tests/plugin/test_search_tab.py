@@ -31,7 +31,8 @@ def run_search(tab, like=None, timeout: float = 240.0) -> str:
 
 def test_search_tab_loads_a_ranked_hits_layer_and_zooms_to_a_hit(search_tab, naip_layer, qgis_iface):
     dock = search_tab.dock
-    assert dock.form.tabs.tabText(dock.form.tabs.count() - 1) == "Search"
+    tabs = dock.form.tabs
+    assert "Search" in [tabs.tabText(i) for i in range(tabs.count())]
     search_tab.form.sentencesEdit.setPlainText("a lake next to a road")
     assert run_search(search_tab) == "done", search_tab.last_error
 
