@@ -15,14 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from backend.engine.classify import class_probabilities, logit_scale
-from backend.engine.dense import normalize_pixels
 from backend.engine.errors import InputError
 from backend.engine.quality import (
     QualityModel,
+    crop_class_probabilities,
     calibration_path_for,
     fit_quality_model,
     pixel_signals,
@@ -58,30 +55,16 @@ def _sharpness(score: np.ndarray, class_ids: np.ndarray) -> float:
     return float(np.hypot(gx, gy)[edge].mean()) if edge.any() else float("nan")
 
 
-@torch.inference_mode()
 def _region_agreement(loaded, segmenter, source, tiles: list[PixelWindow], majority: list[int]) -> np.ndarray:
-    visual = loaded.model.visual
-    size = visual.image_size
-    side = int(size[0] if isinstance(size, (tuple, list)) else size)
-    text = F.normalize(segmenter.text.float(), dim=-1).cpu().numpy()
-    owner = np.asarray(segmenter.owner)
-    out = np.full(len(tiles), np.nan)
-    for start in range(0, len(tiles), 16):
-        batch = []
-        for tile in tiles[start:start + 16]:
-            grow = tile.height // 2
-            row, col = max(tile.row_off - grow, 0), max(tile.col_off - grow, 0)
-            crop = PixelWindow(row, col, min(tile.height + 2 * grow, source.height - row),
-                               min(tile.width + 2 * grow, source.width - col))
-            rgb, _ = source.read(crop)
-            pixels = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32))[None]
-            batch.append(F.interpolate(pixels, size=(side, side), mode="bilinear", align_corners=False))
-        image = F.normalize(loaded.model.encode_image(normalize_pixels(torch.cat(batch).to(loaded.device))).float(),
-                            dim=-1).cpu().numpy()
-        probs = class_probabilities(image, text, owner, len(segmenter.classes), logit_scale(loaded))
-        for row_index, class_id in enumerate(majority[start:start + 16]):
-            out[start + row_index] = probs[row_index, class_id] if class_id >= 0 else np.nan
-    return out
+    """The CLS region check of each tile (grown by half its size on each side) for its majority class."""
+    crops = []
+    for tile in tiles:
+        grow = tile.height // 2
+        row, col = max(tile.row_off - grow, 0), max(tile.col_off - grow, 0)
+        crops.append(PixelWindow(row, col, min(tile.height + 2 * grow, source.height - row),
+                                 min(tile.width + 2 * grow, source.width - col)))
+    probs = crop_class_probabilities(loaded, source, crops, segmenter.text, np.asarray(segmenter.owner))
+    return np.array([probs[i, c] if c >= 0 else np.nan for i, c in enumerate(majority)], dtype=float)
 
 
 def tile_table(loaded, source, window: PixelWindow, truth: np.ndarray, class_lines: list[str], tile: int,

@@ -204,36 +204,47 @@ def regions_to_check(regions, dense_crops: int) -> list[int]:
 
 
 @torch.inference_mode()
-def region_agreement(regions, source: PixelSource, window: PixelWindow, transform: Affine, loaded: LoadedModel,
-                     text: torch.Tensor, owner: np.ndarray, should_cancel: Callable[[], bool] | None = None,
-                     only: Sequence[int] | None = None) -> np.ndarray:
-    """For each region (or those in `only`), the probability (CLIP's global image path vs all class
-    lines) of its own class; NaN for the others."""
+def crop_class_probabilities(loaded: LoadedModel, source: PixelSource, crops: Sequence[PixelWindow],
+                             text: torch.Tensor, owner: np.ndarray,
+                             should_cancel: Callable[[], bool] | None = None) -> np.ndarray:
+    """(len(crops), classes): each window of `source` resized to the model's input, run through CLIP's
+    global image path and scored against all class lines as `classify` does (softmax over queries at
+    the model's logit scale, max over synonyms). Windows run in batches of REGION_BATCH."""
     from .classify import class_probabilities, logit_scale
 
     visual = loaded.model.visual
     size = visual.image_size
     side = int(size[0] if isinstance(size, (tuple, list)) else size)
-    agree = np.full(len(regions), np.nan)
     text_np = F.normalize(text.float(), dim=-1).cpu().numpy()
     scale = logit_scale(loaded)
     n_classes = int(owner.max()) + 1
-    picked = list(range(len(regions))) if only is None else list(only)
-    for start in range(0, len(picked), REGION_BATCH):
+    out = np.zeros((len(crops), n_classes))
+    for start in range(0, len(crops), REGION_BATCH):
         if should_cancel is not None and should_cancel():
             raise CancelledError("The segmentation was cancelled; nothing was written.")
-        members = picked[start:start + REGION_BATCH]
-        crops = []
-        for i in members:
-            crop = region_crop_window(regions[i].geometry, transform, window, (source.height, source.width))
+        batch = []
+        for crop in crops[start:start + REGION_BATCH]:
             rgb, _valid = source.read(crop)
             pixels = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32))[None]
-            crops.append(F.interpolate(pixels, size=(side, side), mode="bilinear", align_corners=False))
-        batch = normalize_pixels(torch.cat(crops).to(loaded.device))
-        image = F.normalize(loaded.model.encode_image(batch).float(), dim=-1).cpu().numpy()
-        probs = class_probabilities(image, text_np, owner, n_classes, scale)
-        for row, i in enumerate(members):
-            agree[i] = probs[row, regions[i].class_id]
+            batch.append(F.interpolate(pixels, size=(side, side), mode="bilinear", align_corners=False))
+        pixels = normalize_pixels(torch.cat(batch).to(loaded.device))
+        image = F.normalize(loaded.model.encode_image(pixels).float(), dim=-1).cpu().numpy()
+        out[start:start + len(batch)] = class_probabilities(image, text_np, owner, n_classes, scale)
+    return out
+
+
+def region_agreement(regions, source: PixelSource, window: PixelWindow, transform: Affine, loaded: LoadedModel,
+                     text: torch.Tensor, owner: np.ndarray, should_cancel: Callable[[], bool] | None = None,
+                     only: Sequence[int] | None = None) -> np.ndarray:
+    """For each region (or those in `only`), the probability (CLIP's global image path vs all class
+    lines) of its own class; NaN for the others."""
+    picked = list(range(len(regions))) if only is None else list(only)
+    crops = [region_crop_window(regions[i].geometry, transform, window, (source.height, source.width))
+             for i in picked]
+    probs = crop_class_probabilities(loaded, source, crops, text, owner, should_cancel)
+    agree = np.full(len(regions), np.nan)
+    for row, i in enumerate(picked):
+        agree[i] = probs[row, regions[i].class_id]
     return agree
 
 
