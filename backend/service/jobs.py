@@ -321,16 +321,6 @@ class JobManager:
         log.info("job %s (%s) queued", job["id"], kind)
         return dict(job)
 
-    def record_temporary(self, job_id: str, names: list[str]) -> None:
-        """Remember the temporary names a job is about to create (before it creates them)."""
-        with self._lock:
-            self._db.execute("UPDATE jobs SET temporary=? WHERE id=?", (json.dumps(names), job_id))
-
-    def temporary(self, job_id: str) -> list[str]:
-        with self._lock:
-            row = self._db.execute("SELECT temporary FROM jobs WHERE id=?", (job_id,)).fetchone()
-        return json.loads(row["temporary"]) if row else []
-
     def get(self, job_id: str) -> dict | None:
         with self._lock:
             if job_id in self._live:
