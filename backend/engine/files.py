@@ -37,15 +37,20 @@ def kind_of(mode: int) -> str:
     return "not a regular file"
 
 
+def _mode(path: Path, label: str) -> int:
+    """The file mode of `path`; a missing or unreadable path is a sentence naming it as `label`."""
+    try:
+        return path.stat().st_mode
+    except FileNotFoundError:
+        raise InputError(f"The {label} {path} does not exist.") from None
+    except OSError as error:
+        raise InputError(f"The {label} {path} cannot be read ({error.strerror or error}).") from None
+
+
 def check_regular_file(path: str | os.PathLike, what: str) -> Path:
     """`path` exists and is a regular file (a FIFO or device would block or never end)."""
     path = Path(path)
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise InputError(f"The {what} {path} does not exist.") from None
-    except OSError as error:
-        raise InputError(f"The {what} {path} cannot be read ({error.strerror or error}).") from None
+    mode = _mode(path, what)
     if not stat.S_ISREG(mode):
         raise InputError(f"The {what} {path} is {kind_of(mode)}, not a file; give a {what} file.")
     return path
@@ -54,12 +59,7 @@ def check_regular_file(path: str | os.PathLike, what: str) -> Path:
 def check_vector_source(path: str | os.PathLike, what: str) -> Path:
     """A vector dataset: a regular file, or a folder (a FileGDB, a folder of shapefiles); never a FIFO."""
     path = Path(path)
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise InputError(f"The {what} file {path} does not exist.") from None
-    except OSError as error:
-        raise InputError(f"The {what} file {path} cannot be read ({error.strerror or error}).") from None
+    mode = _mode(path, f"{what} file")
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         raise InputError(f"The {what} file {path} is {kind_of(mode)}, not a file; give a {what} file.")
     return path
