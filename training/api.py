@@ -31,6 +31,7 @@ from backend.engine.finetuned import FINETUNED_FORMAT, FINETUNED_META, FINETUNED
 from backend.engine.models import LoadedModel
 from backend.engine.weights import file_sha256
 from backend.engine.errors import CancelledError, InputError
+from backend.engine.atomic import atomic_output, shared_file_mode
 from backend.engine.files import check_regular_file, check_vector_source, input_paths, is_inside
 from backend.engine.temporary import new_run_tag, process_is_alive, staged_stem
 from backend.engine.raster import PixelWindow, RasterSource, native_gsd_m, open_source
@@ -184,12 +185,9 @@ def _check_options(options: TrainOptions) -> None:
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o666 & ~umask)  # safetensors creates 0600 files; model folders are meant to be shared
-    tmp.replace(path)
+    # safetensors creates 0600 files; model folders are meant to be shared.
+    with atomic_output(path, mode=shared_file_mode()) as staged:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(staged), metadata=metadata)
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -415,9 +413,8 @@ def _train_in(work: Path, out: Path, loaded: LoadedModel, data: TrainingData, op
             "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
             "options": asdict(options), "data": {"raster": raster_sha, "labels": labels_sha},
         }
-        tmp = checkpoint / ".state.pt.tmp"
-        torch.save(payload, tmp)
-        tmp.replace(checkpoint / "state.pt")
+        with atomic_output(checkpoint / "state.pt") as staged:
+            torch.save(payload, staged)
 
     train_started = time.perf_counter()
     first_epoch = state.epoch

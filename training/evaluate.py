@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from backend.engine.atomic import atomic_output, write_text_atomically
 from backend.engine.sliding import ArraySource, Segmenter, predict_window
 from backend.engine.errors import InputError
 from backend.engine.models import LoadedModel
@@ -119,19 +120,16 @@ def plot_confusion(metrics: dict, path: str | Path, title: str = "") -> Path:
     figure.colorbar(image, ax=axes, fraction=0.046)
     figure.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=100)
-    plt.close(figure)
-    tmp.replace(path)
+    try:
+        with atomic_output(path) as staged:
+            figure.savefig(staged, dpi=100)
+    finally:
+        plt.close(figure)
     return path
 
 
 def write_json(data: dict, path: str | Path) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text_atomically(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 def segmenter_for(loaded: LoadedModel, class_lines: list[str], model: CLIP | None = None,

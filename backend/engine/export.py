@@ -1,17 +1,10 @@
-"""Writing results: polygon layers and run reports. Every file is written atomically.
-
-A file is written under a hidden temporary name in its final directory and renamed into place
-only when complete, so a crash or a cancelled run never leaves a half-written result (and a
-result being replaced stays readable until the new one is complete).
-"""
+"""Writing results: polygon layers and run reports, each atomically (backend.engine.atomic)."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
-import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +12,11 @@ import pyogrio.raw
 import shapely
 
 from backend.engine.errors import InputError
-from backend.engine.temporary import new_run_tag, owned_entries, remove_owned, staged_path, staged_stem
+from backend.engine.atomic import atomic_output
 from backend.engine.vectorize import RegionPolygon
 
 DRIVERS = {".gpkg": "GPKG", ".shp": "ESRI Shapefile", ".geojson": "GeoJSON", ".fgb": "FlatGeobuf"}
 FIELDS = ("class", "class_id", "score_mean", "score_max", "area_m2", "model", "run_id", "object_id")
-SHAPEFILE_PARTS = (".shp", ".shx", ".dbf", ".prj", ".cpg", ".qix", ".sbn", ".sbx", ".qmd")
 
 
 def driver_for(path: str | Path) -> str:
@@ -36,42 +28,6 @@ def driver_for(path: str | Path) -> str:
             f"Use one of {', '.join(DRIVERS)} (.gpkg is the default)."
         )
     return DRIVERS[suffix]
-
-
-def commit_staged(staged: Path, target: str | Path) -> None:
-    """Rename a complete staged file and its sidecars over `target`: the only way an output is replaced."""
-    path = Path(target)
-    if not staged.exists():
-        raise FileNotFoundError(f"{staged} was not written")
-    stem = staged.name[: -len(staged.suffix)] if staged.suffix else staged.name
-    written = [entry for entry in owned_entries(staged.with_name(stem)) if entry.is_file()]
-    if path.suffix.lower() == ".shp":
-        # Stale sidecars of a replaced shapefile (an old index, an old .cpg) would describe the wrong data.
-        replaced = {p.name[len(stem):] for p in written}
-        for part in SHAPEFILE_PARTS:
-            if part not in replaced:
-                path.with_suffix(part).unlink(missing_ok=True)
-    # The main file goes last, so it only appears once its sidecars are in place.
-    for entry in sorted(written, key=lambda p: p == staged):
-        os.replace(entry, path.parent / (path.stem + entry.name[len(stem):]))
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | Path, tag: str | None = None) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it (and its sidecars) replace `path`.
-
-    On any exception (including cancellation) the temporary files are deleted and nothing at
-    `path` changes. The temporary path keeps the extension, so GDAL picks the same driver; its
-    name carries the run's `tag` (see backend.engine.temporary).
-    """
-    tag = tag or new_run_tag()
-    staged = staged_path(path, tag)
-    try:
-        yield staged
-        commit_staged(staged, path)
-    except BaseException:
-        remove_owned([staged_stem(path, tag)])
-        raise
 
 
 SHAPEFILE_TEXT_BYTES = 254  # a dBase text field holds at most this many bytes

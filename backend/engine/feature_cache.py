@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_output
+
 CropKey = tuple[int, int, int, int]  # (row, col, height, width) of the crop on the processing grid
 
 
@@ -116,6 +118,8 @@ class FeatureCache:
     def _scan_disk(self) -> None:
         files = []
         for path in self.folder.glob("*/*.npy"):
+            if path.name.startswith("."):
+                continue  # a crop being written right now (backend.engine.atomic), not yet a cache entry
             try:
                 stat = path.stat()
             except OSError:
@@ -142,16 +146,13 @@ class FeatureCache:
 
     def _store(self, scope: str, crop: CropKey, features: np.ndarray) -> None:
         path = self._path(scope, crop)
-        temp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(temp, "wb") as handle:
-                np.save(handle, features, allow_pickle=False)
-            os.replace(temp, path)
+            with atomic_output(path, durable=False) as staged:
+                np.save(staged, features, allow_pickle=False)
             size = path.stat().st_size
         except OSError:
-            temp.unlink(missing_ok=True)  # a full or read-only disk only costs the cache, never the run
-            return
+            return  # a full or read-only disk only costs the cache, never the run
         with self._lock:
             self._disk_bytes += size - self._disk.pop(path, 0)
             self._disk[path] = size

@@ -36,6 +36,7 @@ from rasterio.transform import Affine
 from rasterio.windows import Window
 from scipy import ndimage
 
+from .atomic import write_text_atomically
 from .dense import normalize_pixels
 from .errors import CancelledError, InputError
 from .models import LoadedModel
@@ -96,12 +97,8 @@ class QualityModel:
         return 1.0 / (1.0 + np.exp(-z))
 
     def save(self, path: Path) -> Path:
-        from .export import atomic_output
-
         data = {"format": CALIBRATION_FORMAT, "signals": list(SIGNALS), **asdict(self)}
-        with atomic_output(Path(path)) as staged:
-            Path(staged).write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
-        return Path(path)
+        return write_text_atomically(path, json.dumps(data, indent=1, ensure_ascii=False))
 
     @classmethod
     def load(cls, path: Path, weights_sha256: str | None = None,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import warnings
 import weakref
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import atomic_output, write_text_atomically
 from .encoders import DenseTower, Encoder, TorchEncoder, crop_size
 from .paths import cache_dir
 
@@ -62,16 +62,11 @@ def _onnx_file(tower: DenseTower, example: torch.Tensor, folder: Path) -> Path:
     path = folder / "encoder.onnx"
     if path.exists():
         return path
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the tracer's notes on Python-level shape checks
-            torch.onnx.export(tower, (example,), str(temp), input_names=["pixels"], output_names=["features"],
-                              dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}},
-                              opset_version=17, dynamo=False)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
+    with atomic_output(path, durable=False) as staged, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on Python-level shape checks
+        torch.onnx.export(tower, (example,), str(staged), input_names=["pixels"], output_names=["features"],
+                          dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}},
+                          opset_version=17, dynamo=False)
     return path
 
 
@@ -117,7 +112,7 @@ def _checked(name: str, infer, tower: DenseTower, example: torch.Tensor, folder:
             expected = tower(example).numpy()
         difference = float(np.abs(infer(example.numpy()) - expected).max())
         verdict = {"runtime": name, "max_abs_diff": difference, "ok": difference <= EXPORT_TOLERANCE}
-        verdict_path.write_text(json.dumps(verdict))
+        write_text_atomically(verdict_path, json.dumps(verdict), durable=False)
     if not verdict["ok"]:
         raise RuntimeError(f"its features differ from torch by {verdict['max_abs_diff']:.1e} "
                            f"(more than {EXPORT_TOLERANCE:g})")

@@ -38,6 +38,7 @@ import rasterio
 import torch
 import torch.nn.functional as F
 
+from .atomic import atomic_output, write_text_atomically
 from .dense import image_and_patch_features, normalize_pixels
 from .errors import CancelledError, EmptyResultError, InputError
 from .models import LoadedModel
@@ -206,7 +207,7 @@ class SearchIndex:
                            for lv in self.levels],
             }
             self.folder.mkdir(parents=True, exist_ok=True)
-            _write_atomic(manifest_file, json.dumps(manifest, indent=1).encode())
+            write_text_atomically(manifest_file, json.dumps(manifest, indent=1), durable=False)
         self.manifest = manifest
 
     # -- rows on disk
@@ -225,9 +226,8 @@ class SearchIndex:
     def _write_row(self, level: Level, row: int, embeddings: np.ndarray, state: np.ndarray) -> None:
         path = self._row_file(level, row)
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-        np.savez(temporary, embeddings=embeddings, state=state)
-        os.replace(temporary, path)
+        with atomic_output(path, durable=False) as staged:
+            np.savez(staged, embeddings=embeddings, state=state)
 
     # -- building
 
@@ -339,12 +339,6 @@ class SearchIndex:
 
 def safe_stem(path: Path) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in path.stem)[:40] or "raster"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
 
 
 @contextlib.contextmanager

@@ -32,8 +32,8 @@ from .feature_cache import FeatureCache, raster_scope
 from .runtimes import RUNTIMES, make_encoder
 from .errors import CancelledError, EmptyResultError, InputError
 from .colours import class_colormap
-from .export import (SHAPEFILE_PARTS, atomic_output, check_field_widths, driver_for, report_json, report_path_for,
-                     write_polygons)
+from .atomic import SHAPEFILE_PARTS, atomic_output
+from .export import check_field_widths, driver_for, report_json, report_path_for, write_polygons
 from .diskspace import check_free_space, check_written, writing_to
 from .files import check_not_special, check_output_folder, input_paths, refuse_outputs_over_inputs
 from .temporary import make_work_dir, new_run_tag, remove_owned, remove_stale, run_prefixes

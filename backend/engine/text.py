@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .atomic import atomic_output
 from .errors import InputError
 from .hf_text import encode_hf_tokens, is_hf_text_model
 from .languages import ENGLISH_TEMPLATES, query_language, templates_for
@@ -166,9 +167,8 @@ class TextEmbedder:
         if path is not None:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp.npy")
-                np.save(tmp, embedding.numpy())
-                tmp.replace(path)
+                with atomic_output(path, durable=False) as staged:
+                    np.save(staged, embedding.numpy())
             except OSError:
                 pass  # a read-only cache only costs speed
         self._memory[query] = embedding

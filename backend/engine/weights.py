@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from backend.engine import paths
+from backend.engine.atomic import write_text_atomically
 from backend.engine.files import expand_user
 from backend.engine.errors import ModelError
 from backend.engine.registry import (
@@ -154,9 +155,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     cache[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=1), encoding="utf-8")
-        os.replace(tmp, cache_file)
+        write_text_atomically(cache_file, json.dumps(cache, indent=1), durable=False)
     except OSError:
         pass  # a read-only cache only costs a rehash next time
     return sha

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from backend import __version__
+from backend.engine.atomic import write_text_atomically
 from backend.engine.errors import FarslipError, InputError
 from backend.service.cli_common import ProgressReporter, fail, interrupted, parse_bands, signals_as_interrupt
 
@@ -238,7 +239,7 @@ def bench(
         results = run_bench(arch, batch_size, size or 1024, str(dev), _sides(rss_sizes, "2000,10000"),
                             echo=typer.echo)
     if json_out:
-        json_out.write_text(json.dumps(results, indent=2))
+        write_text_atomically(json_out, json.dumps(results, indent=2))
 
 
 def _sides(text: str | None, default: str) -> tuple[int, ...]:

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from backend.engine.atomic import write_text_atomically
 from backend.engine.errors import FarslipError
 from backend.service.cli_common import ProgressReporter, fail, parse_bands
 
@@ -181,4 +182,4 @@ def evaluate_retrieval_command(
     typer.echo("  text->image  R@1 {t2i_R@1:6.2f}  R@5 {t2i_R@5:6.2f}  R@10 {t2i_R@10:6.2f}".format(**recalls))
     typer.echo(f"  mR {recalls['mR']:.2f}")
     if json_out:
-        json_out.write_text(json.dumps(result, indent=2))
+        write_text_atomically(json_out, json.dumps(result, indent=2))

@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
 from backend import __version__
+from backend.engine.atomic import write_text_atomically
 from backend.engine.errors import FarslipError, InputError
 from backend.engine.files import expand_user
 from backend.service.jobs import JobManager, JobStore, check_segment_call, is_job_id, segment_call
@@ -472,12 +473,7 @@ def setup_logging(state_dir: Path, level: str = "INFO") -> Path:
 def write_connection_file(path: Path, info: dict) -> None:
     """Write the URL + token JSON readable by the user only (mode 0600), atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as stream:
-        json.dump(info, stream, indent=2)
-    os.chmod(temporary, 0o600)
-    os.replace(temporary, path)
+    write_text_atomically(path, json.dumps(info, indent=2), mode=0o600)
 
 
 def refuse_taken_connection_file(path: Path) -> None:

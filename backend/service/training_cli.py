@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 
+from backend.engine.atomic import write_text_atomically
 from backend.engine.errors import FarslipError, InputError
 from backend.service.cli_common import fail as _fail
 from backend.service.cli_common import interrupted, signals_as_interrupt
@@ -232,4 +233,4 @@ def train_command(
                f"(best epoch {result['best_epoch']} of {result['epochs']}).")
     typer.echo(f"Wrote {result['model_dir']}; use it with --model {result['model_dir']}.")
     if json_out:
-        json_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_text_atomically(json_out, json.dumps(result, indent=2) + "\n")

@@ -15,10 +15,9 @@ from affine import Affine
 from rasterio.crs import CRS
 
 from backend.engine import export
-from backend.engine.errors import CancelledError, InputError
+from backend.engine.errors import InputError
 from backend.engine.export import (
     FIELDS,
-    atomic_output,
     report_path_for,
     write_polygons,
     write_report,
@@ -180,33 +179,6 @@ def test_replacing_a_shapefile_removes_its_stale_sidecars(tmp_path, regions):
     write_polygons(path, regions[:1], UTM, CLASS_NAMES, "m", "r")
     assert not (tmp_path / "result.qix").exists()
     assert pyogrio.read_info(path)["features"] == 1
-
-
-def test_atomic_output_replaces_on_success_with_sidecars(tmp_path):
-    target = tmp_path / "classes.tif"
-    target.write_text("old")
-    with atomic_output(target) as temp_path:
-        assert temp_path.parent == tmp_path and temp_path.suffix == ".tif" and temp_path != target
-        temp_path.write_text("new")
-        temp_path.with_name(temp_path.name + ".aux.xml").write_text("<PAMDataset/>")
-        assert target.read_text() == "old"
-    assert target.read_text() == "new"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["classes.tif", "classes.tif.aux.xml"]
-
-
-def test_atomic_output_deletes_everything_on_cancel(tmp_path):
-    target = tmp_path / "probs.tif"
-    with pytest.raises(CancelledError), atomic_output(target) as temp_path:
-        temp_path.write_text("half")
-        temp_path.with_name(temp_path.name + ".aux.xml").write_text("x")
-        raise CancelledError("cancelled")
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_atomic_output_that_wrote_nothing_is_an_error(tmp_path):
-    with pytest.raises(FileNotFoundError), atomic_output(tmp_path / "x.tif"):
-        pass
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_report_sits_beside_the_result_and_is_json(tmp_path):

@@ -1,0 +1,109 @@
+"""Writing a file under a temporary name and renaming it into place: how every file is written.
+
+Outputs, reports, caches, checkpoints and state files alike: the writer fills a hidden name in the
+final folder, tagged with the process and run (see backend.engine.temporary, whose sweep of dead
+runs' leftovers recognises it), and only a complete file is renamed over the final name. So a crash,
+a full disk or a cancelled run (Ctrl-C, SIGTERM, a cancelled job) never leaves a half-written file
+under the final name, and a file being replaced stays readable until its successor is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from .temporary import new_run_tag, owned_entries, remove_owned, staged_path, staged_stem
+
+SHAPEFILE_PARTS = (".shp", ".shx", ".dbf", ".prj", ".cpg", ".qix", ".sbn", ".sbx", ".qmd")
+
+
+def _fsync_file(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """The renames themselves reach the disk (a folder cannot be opened for this everywhere: best effort)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def commit_staged(staged: Path, target: str | Path, durable: bool = True) -> None:
+    """Rename a complete staged file and its sidecars over `target`: the only way an output is replaced."""
+    path = Path(target)
+    if not staged.exists():
+        raise FileNotFoundError(f"{staged} was not written")
+    stem = staged.name[: -len(staged.suffix)] if staged.suffix else staged.name
+    written = [entry for entry in owned_entries(staged.with_name(stem)) if entry.is_file()]
+    if durable:
+        for entry in written:
+            _fsync_file(entry)
+    if path.suffix.lower() == ".shp":
+        # Stale sidecars of a replaced shapefile (an old index, an old .cpg) would describe the wrong data.
+        replaced = {p.name[len(stem):] for p in written}
+        for part in SHAPEFILE_PARTS:
+            if part not in replaced:
+                path.with_suffix(part).unlink(missing_ok=True)
+    # The main file goes last, so it only appears once its sidecars are in place.
+    for entry in sorted(written, key=lambda p: p == staged):
+        os.replace(entry, path.parent / (path.stem + entry.name[len(stem):]))
+    if durable:
+        _fsync_folder(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path, tag: str | None = None, durable: bool = True,
+                  mode: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; when the block ends normally it (and its sidecars) replace `path`.
+
+    On any exception (including cancellation) the temporary files are deleted and nothing at `path`
+    changes. The temporary path keeps the extension, so GDAL, numpy or matplotlib pick the same format.
+    `tag` is the run's (a fresh one by default, so concurrent writers of one name never share a
+    temporary name); `durable` flushes the file to disk before the rename (caches, which only cost
+    time when lost, skip it); `mode` sets the file's permissions before it appears.
+    """
+    tag = tag or new_run_tag()
+    staged = staged_path(path, tag)
+    try:
+        yield staged
+        if mode is not None:
+            staged.chmod(mode)
+        commit_staged(staged, path, durable)
+    except BaseException:
+        remove_owned([staged_stem(path, tag)])
+        raise
+
+
+def write_bytes_atomically(path: str | Path, data: bytes, durable: bool = True, mode: int | None = None) -> Path:
+    """`path` holds `data`, all or nothing; with `mode`, the file never exists with other permissions."""
+    with atomic_output(path, durable=durable, mode=mode) as staged:
+        # Created with `mode` from the start: a secret (a token) is never readable by others, even briefly.
+        descriptor = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode)
+        with os.fdopen(descriptor, "wb") as stream:
+            stream.write(data)
+    return Path(path)
+
+
+def write_text_atomically(path: str | Path, text: str, durable: bool = True, mode: int | None = None) -> Path:
+    """`path` holds `text` (UTF-8), all or nothing."""
+    return write_bytes_atomically(path, text.encode("utf-8"), durable, mode)
+
+
+def shared_file_mode() -> int:
+    """The permissions a new file gets from the umask (some writers, like safetensors, create 0600 files)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask

@@ -1,0 +1,100 @@
+"""Every file is written atomically: nothing under the final name until complete, no temporary left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from backend.engine.atomic import atomic_output, write_text_atomically
+from backend.engine.errors import CancelledError
+from backend.engine.feature_cache import FeatureCache
+from backend.engine.temporary import remove_stale
+from training.evaluate import write_json
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_atomic_output_replaces_on_success_with_sidecars(tmp_path):
+    target = tmp_path / "classes.tif"
+    target.write_text("old")
+    with atomic_output(target) as temp_path:
+        assert temp_path.parent == tmp_path and temp_path.suffix == ".tif" and temp_path != target
+        temp_path.write_text("new")
+        temp_path.with_name(temp_path.name + ".aux.xml").write_text("<PAMDataset/>")
+        assert target.read_text() == "old"
+    assert target.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["classes.tif", "classes.tif.aux.xml"]
+
+
+def test_atomic_output_deletes_everything_on_cancel(tmp_path):
+    target = tmp_path / "probs.tif"
+    with pytest.raises(CancelledError), atomic_output(target) as temp_path:
+        temp_path.write_text("half")
+        temp_path.with_name(temp_path.name + ".aux.xml").write_text("x")
+        raise CancelledError("cancelled")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_output_that_wrote_nothing_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError), atomic_output(tmp_path / "x.tif"):
+        pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_refused_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "metrics.json"
+    write_json({"miou": 0.5}, target)
+    with pytest.raises(ValueError):  # NaN is refused half-way through serialising
+        write_json({"miou": 0.7, "loss": float("nan")}, target)
+    assert json.loads(target.read_text()) == {"miou": 0.5}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_a_refused_first_write_leaves_no_file_at_all(tmp_path):
+    with pytest.raises(ValueError):
+        write_json({"loss": float("inf")}, tmp_path / "metrics.json")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_writer_failing_half_way_leaves_no_final_file_and_no_temporary(tmp_path):
+    target = tmp_path / "state.pt"
+    with pytest.raises(OSError), atomic_output(target) as staged:
+        staged.write_bytes(b"first half")
+        raise OSError(28, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_secret_is_never_readable_by_others(tmp_path):
+    path = write_text_atomically(tmp_path / "server.json", '{"token": "x"}', mode=0o600)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_text() == '{"token": "x"}'
+
+
+def test_a_killed_writer_leaves_a_temporary_that_the_next_run_sweeps(tmp_path):
+    """SIGKILL cannot be caught: the half-written temporary stays, tagged, and remove_stale recognises it."""
+    target = tmp_path / "result.gpkg"
+    script = ("import os, sys\nfrom backend.engine.atomic import atomic_output\n"
+              "with atomic_output(sys.argv[1]) as staged:\n"
+              "    open(staged, 'w').write('half')\n    os._exit(9)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    assert subprocess.run([sys.executable, "-c", script, str(target)], env=env).returncode == 9
+    (left,) = tmp_path.iterdir()
+    assert left.name.startswith(".result.gpkg.farslip-") and not target.exists()
+    assert remove_stale(tmp_path) == [str(left)]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_feature_cache_ignores_a_crop_still_being_written(tmp_path):
+    cache = FeatureCache(max_bytes=0, folder=tmp_path, disk_max_bytes=1 << 20)
+    cache.put("scope", (0, 0, 4, 4), np.ones((2, 2, 3), np.float32))
+    (entry,) = (tmp_path / "scope").iterdir()
+    (tmp_path / "scope" / f".{entry.name}.farslip-1-0123456789ab.tmp.npy").write_bytes(b"half")
+    reopened = FeatureCache(max_bytes=0, folder=tmp_path, disk_max_bytes=1 << 20)
+    assert reopened.stats()["disk_bytes"] == entry.stat().st_size
+    assert np.array_equal(reopened.get("scope", (0, 0, 4, 4)), np.ones((2, 2, 3), np.float32))
