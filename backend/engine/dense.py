@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from .options import ATTENTION_VARIANTS  # declared with the --attention option (its choices)
+
 if TYPE_CHECKING:
     from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
 # CLIP's normalisation in 0-255 units.
 CLIP_MEAN_255 = (122.771, 116.746, 104.094)
 CLIP_STD_255 = (68.501, 66.632, 70.323)
-
-ATTENTION_VARIANTS = ("segearth", "clearclip", "sclip", "maskclip", "vanilla")
 
 
 def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:

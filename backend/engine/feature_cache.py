@@ -46,7 +46,8 @@ class FeatureCache:
     def __init__(self, max_bytes: int = 1 << 30, folder: str | os.PathLike | None = None,
                  disk_max_bytes: int = 0):
         self.max_bytes = int(max_bytes)
-        self.folder = Path(folder) if folder and disk_max_bytes > 0 else None
+        self.home = Path(folder) if folder else None  # where disk features go, with or without a disk tier
+        self.folder = self.home if disk_max_bytes > 0 else None
         self.disk_max_bytes = int(disk_max_bytes) if self.folder else 0
         self._memory: OrderedDict[tuple[str, CropKey], np.ndarray] = OrderedDict()
         self._bytes = 0
@@ -170,8 +171,44 @@ class FeatureCache:
                 pass
 
 
-def disk_feature_cache(disk_mb: int) -> FeatureCache:
-    """The command line's cache: nothing kept in memory past a batch, up to `disk_mb` MiB in STATE_DIR/features."""
+class LayeredFeatureCache(FeatureCache):
+    """A shared memory cache (a server's) in front of a disk cache (a job that asks for --cache-features):
+    features found on disk are remembered in memory too, new ones go to both."""
+
+    def __init__(self, front: FeatureCache, back: FeatureCache):
+        super().__init__(0)
+        self.front, self.back = front, back
+
+    def get(self, scope: str, crop: CropKey) -> np.ndarray | None:
+        found = self.front.get(scope, crop)
+        if found is None:
+            found = self.back.get(scope, crop)
+            if found is not None:
+                self.front.put(scope, crop, found)
+        return found
+
+    def put(self, scope: str, crop: CropKey, features: np.ndarray) -> None:
+        self.front.put(scope, crop, features)
+        self.back.put(scope, crop, features)
+
+    def stats(self) -> dict:
+        disk = self.back.stats()
+        return {**self.front.stats(), **{key: disk[key] for key in ("disk_bytes", "disk_max_bytes", "disk_folder")}}
+
+    def clear(self) -> None:
+        self.front.clear()
+
+
+def feature_cache_for(cache_features: bool, cache_mb: int, shared: FeatureCache | None = None) -> FeatureCache | None:
+    """The cache a run uses: the process's `shared` one (a server's, or none), plus up to `cache_mb` MiB
+    on disk when the run asks for `cache_features` (in the shared cache's folder, else STATE_DIR/features).
+
+    On the command line nothing is kept in memory past a batch; features on disk serve the next run.
+    """
+    if not cache_features or (shared is not None and shared.folder is not None):
+        return shared  # no disk tier asked for, or the server keeps features on disk already
     from .paths import state_dir
 
-    return FeatureCache(max_bytes=0, folder=state_dir() / "features", disk_max_bytes=int(disk_mb) * 2**20)
+    folder = shared.home if shared is not None and shared.home is not None else state_dir() / "features"
+    disk = FeatureCache(max_bytes=0, folder=folder, disk_max_bytes=int(cache_mb) * 2**20)
+    return disk if shared is None else LayeredFeatureCache(shared, disk)

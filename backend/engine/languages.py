@@ -18,14 +18,11 @@ import unicodedata
 
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
-from .errors import InputError
+# Declared with the --language option; kept importable here, where the templates are.
+from .options import LANGUAGES, check_language  # noqa: F401
 from .paths import resources_dir
 
 ENGLISH_TEMPLATES: tuple[str, ...] = tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
-LANGUAGES: dict[str, str] = {
-    "en": "English", "pt": "Portuguese", "es": "Spanish", "fr": "French", "de": "German", "nl": "Dutch",
-    "it": "Italian", "zh": "Chinese", "ko": "Korean", "ru": "Russian",
-}
 FALLBACK = "en"
 
 _SCRIPTS = (
@@ -60,17 +57,6 @@ _WORDS = {
 }
 _WORD_SETS = {lang: frozenset(words.split()) for lang, words in _WORDS.items()}
 _TOKEN = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?", re.UNICODE)
-
-
-def check_language(language: str | None) -> str | None:
-    """None/'auto' (detect per class name) or one of the ten codes; anything else is refused."""
-    if language is None or language.strip().lower() in ("", "auto"):
-        return None
-    code = language.strip().lower()
-    if code not in LANGUAGES:
-        raise InputError(f"Unknown language '{language}'. Use auto or one of: "
-                         + ", ".join(f"{c} ({n})" for c, n in LANGUAGES.items()) + ".")
-    return code
 
 
 def detect_language(text: str) -> str | None:

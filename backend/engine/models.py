@@ -113,7 +113,7 @@ def _finish_hf_text(sd: dict, *, name: str, weights_path: Path, dev: torch.devic
                     activation: str) -> LoadedModel:
     """A CLIP with a Hugging Face text tower (hf_text.py): tower files found like weights."""
     from . import hf_text
-    from .languages import LANGUAGES
+    from .options import LANGUAGES
 
     folder = weights_path.parent
     config = hf_text.read_open_clip_config(folder)
@@ -239,12 +239,16 @@ def check_model(model: str | None = None, weights: str | None = None) -> None:
         raise ModelError(f"The weights file {explicit} does not exist.")
 
 
-def load_model(model: str | None = None, weights: str | None = None, device: str = "cpu") -> LoadedModel:
+def load_model(model: str | None = None, weights: str | None = None, device: str | torch.device = "cpu",
+               half: bool = False) -> LoadedModel:
     """Load a registry model, a checkpoint file or a fine-tuned model directory.
 
     `weights` (``--weights``) overrides where a registry model's weights come
-    from; with no `model` it names the checkpoint to load directly.
+    from; with no `model` it names the checkpoint to load directly. `half` (``--half``): in fp16.
     """
+    if half:
+        check_half(half, torch.device(device))
+        return to_half(load_model(model, weights, device))
     kind, where, explicit = locate_model(model, weights)
     if kind == "finetuned":
         return _load_finetuned(where, device)

@@ -24,6 +24,7 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window, from_bounds
 
 from .errors import EmptyResultError, InputError
+from .options import check_bbox, check_scale_or_gsd, check_value_range
 from .files import check_regular_file
 
 SAMPLE_SIDE = 1024  # long side of the decimated read used for statistics and checks
@@ -236,15 +237,10 @@ def stretch_range(ds: rasterio.io.DatasetReader, bands: list[int],
 
 def processing_scale(ds: rasterio.io.DatasetReader, scale: float | None, gsd_m: float | None) -> float:
     """Factor from native pixels to processing pixels (2.0 = twice as many pixels)."""
-    if scale is not None and gsd_m is not None:
-        raise InputError("Give either --scale or --gsd, not both.")
+    check_scale_or_gsd(scale, gsd_m)
     if scale is not None:
-        if not (math.isfinite(scale) and 0.05 <= scale <= 8):
-            raise InputError(f"--scale must be between 0.05 and 8; got {scale}.")
         return float(scale)
     if gsd_m is not None:
-        if not (math.isfinite(gsd_m) and gsd_m > 0):
-            raise InputError(f"--gsd must be a positive number of metres; got {gsd_m}.")
         return float(np.clip(native_gsd_m(ds) / gsd_m, 0.05, 8))
     return 1.0
 
@@ -284,12 +280,6 @@ def open_source(path: str | Path, bands: list[int] | None = None, scale: float |
     return RasterSource(Path(path), ds, band_list, factor, None if palette is not None else ranges, palette)
 
 
-def check_value_range(value_range: tuple[float, float]) -> None:
-    low, high = (float(v) for v in value_range)
-    if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
-        raise InputError(f"--value-range takes MIN MAX with finite MIN < MAX; got {low:g} {high:g}.")
-
-
 def parse_crs(text: str | None, default: CRS) -> CRS:
     if not text:
         return default
@@ -306,10 +296,8 @@ def request_window(source: RasterSource, bbox: tuple[float, float, float, float]
     full = PixelWindow(0, 0, source.height, source.width)
     if bbox is None:
         return full
+    check_bbox(bbox)
     xmin, ymin, xmax, ymax = (float(v) for v in bbox)
-    if not (xmin < xmax and ymin < ymax) or not all(map(math.isfinite, (xmin, ymin, xmax, ymax))):
-        raise InputError(f"The bbox {list(bbox)} is not a valid box: give XMIN YMIN XMAX YMAX with "
-                         "XMIN < XMAX and YMIN < YMAX.")
     crs = parse_crs(bbox_crs, source.crs)
     if crs.is_geographic and not (-90 <= ymin and ymax <= 90 and -360 <= xmin and xmax <= 360):
         raise InputError(f"The bbox {list(bbox)} is not in the range of {crs.to_string()}: latitudes lie between "

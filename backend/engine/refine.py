@@ -29,7 +29,6 @@ from rasterio.windows import Window
 from .errors import CancelledError
 from .raster import PixelWindow
 
-REFINE_CHOICES = ("none", "edges", "sam")
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,12 @@ import numpy as np
 import torch
 
 from .atomic import atomic_output, write_text_atomically
+from .options import RUNTIMES  # declared with the --runtime option (its choices)
 from .encoders import DenseTower, Encoder, TorchEncoder, crop_size
 from .paths import cache_dir
 
 log = logging.getLogger("farslip.runtimes")
 
-RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")
 COMPILED = ("openvino", "onnxruntime")
 EXPORT_TOLERANCE = 1e-4
 EXTRA_HINT = "pip install 'farslip-qgis[cpu-runtimes]'"

@@ -8,7 +8,6 @@ files, every file written under a temporary name and renamed when complete.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import queue
 import shutil
@@ -16,7 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,22 +24,21 @@ import rasterio
 import torch
 
 from backend import __version__
-from .dense import ATTENTION_VARIANTS
+from .checks import check_inputs, class_lines_of, output_paths
 from .sliding import CHUNK_COLUMNS, NODATA_CLASS, UNCLASSIFIED, Segmenter, count_crops, predict_blocks
 from .encoders import Encoder, crop_size
 from .feature_cache import FeatureCache, raster_scope
-from .runtimes import RUNTIMES, make_encoder
-from .errors import CancelledError, EmptyResultError, InputError
+from .runtimes import make_encoder
+from .errors import CancelledError, EmptyResultError
 from .colours import class_colormap
-from .atomic import SHAPEFILE_PARTS, atomic_output
-from .export import check_field_widths, driver_for, report_json, report_path_for, write_polygons
+from .atomic import atomic_output
+from .export import check_field_widths, report_json, write_polygons
 from .diskspace import check_free_space, check_written, writing_to
-from .files import check_not_special, check_output_folder, input_paths, refuse_outputs_over_inputs
 from .temporary import make_work_dir, new_run_tag, remove_owned, remove_stale, run_prefixes
 from .models import LoadedModel
+from .options import SegmentOptions, check_language
 from .raster import PixelWindow, RasterSource, open_source, request_window
 from . import outlines as refine_outlines
-from .refine import REFINE_CHOICES
 from .quality import (
     FIELDS,
     SIGNALS,
@@ -53,49 +51,8 @@ from .quality import (
     regions_to_check,
     run_quality_estimate,
 )
-from .languages import check_language
 from .text import TextEmbedder, language_warnings, parse_class_lines
 from .vectorize import finalize, vectorize_class_raster, vectorize_strips
-
-
-@dataclass
-class SegmentOptions:
-    class_lines: list[str]
-    bbox: tuple[float, float, float, float] | None = None
-    bbox_crs: str | None = None
-    bands: list[int] | None = None
-    threshold: float = 0.0
-    attention: str = "segearth"
-    batch_size: int = 8
-    scale: float | None = None
-    gsd_m: float | None = None
-    min_area: float = 0.0
-    simplify: float = 0.0
-    value_range: tuple[float, float] | None = None
-    refine: str = "none"
-    sam_model: str | None = None
-    runtime: str = "auto"
-    language: str = "auto"  # prompt templates: detected per class name, or one of languages.LANGUAGES
-    quality_calibration: str | None = None  # from `farslip evaluate --calibrate-quality`
-
-
-@dataclass
-class SegmentOutputs:
-    out: Path
-    class_raster: Path | None = None
-    prob_raster: Path | None = None
-    overwrite: bool = False
-    coarse_out: Path | None = None  # with --refine: the unrefined polygons too, to compare
-
-    def paths(self) -> dict[str, Path]:
-        found = {"vector": Path(self.out), "report": report_path_for(self.out)}
-        if self.coarse_out:
-            found["coarse_vector"] = Path(self.coarse_out)
-        if self.class_raster:
-            found["class_raster"] = Path(self.class_raster)
-        if self.prob_raster:
-            found["prob_raster"] = Path(self.prob_raster)
-        return found
 
 
 @dataclass
@@ -137,82 +94,18 @@ def untrained_class_warning(loaded: LoadedModel, classes) -> str | None:
             f"may be worse than with {base}.")
 
 
-def coarse_vector_path(out: Path) -> Path:
-    """Where `--refine` puts the unrefined polygons: beside the refined ones, `_coarse` added to the name."""
-    out = Path(out)
-    return out.with_name(f"{out.stem}_coarse{out.suffix}")
-
-
-def _check_tif(path: Path, what: str) -> None:
-    if path.suffix.lower() not in (".tif", ".tiff"):
-        raise InputError(f"The {what} {path} must be a GeoTIFF (.tif).")
-
-
-def output_files(outputs: SegmentOutputs) -> dict[str, Path]:
-    """Every file a run writes, by what it is: the outputs, the report and a shapefile's parts."""
-    named = {"polygon output": Path(outputs.out), "run report": report_path_for(outputs.out)}
-    if Path(outputs.out).suffix.lower() == ".shp":
-        named.update({f"shapefile part {part}": Path(outputs.out).with_suffix(part)
-                      for part in SHAPEFILE_PARTS if part != ".shp"})
-    if outputs.class_raster:
-        named["class raster"] = Path(outputs.class_raster)
-    if outputs.prob_raster:
-        named["probability raster"] = Path(outputs.prob_raster)
-    return named
-
-
-def input_files(raster: str | Path, model: str | None = None, weights: str | Path | None = None,
-                classes_file: str | Path | None = None) -> dict[str, Path]:
-    """The files a run reads, which no output may replace (a registry model name is not a file)."""
-    return input_paths([("input raster", raster), ("model", model), ("weights", weights),
-                        ("class list", classes_file)])
-
-
-def check_outputs(outputs: SegmentOutputs, inputs: dict[str, Path] | None = None) -> None:
-    """Refuse outputs that cannot be written, or that would replace an input, before any work is done."""
-    driver_for(outputs.out)
-    if outputs.class_raster:
-        _check_tif(Path(outputs.class_raster), "class raster")
-    if outputs.prob_raster:
-        _check_tif(Path(outputs.prob_raster), "probability raster")
-    named = output_files(outputs)
-    refuse_outputs_over_inputs(named, inputs or {})
-    for what, path in named.items():
-        check_output_folder(path)
-        check_not_special(path, what)
-    for path in outputs.paths().values():
-        if path.exists() and not outputs.overwrite:
-            raise InputError(f"{path} already exists; choose another name or allow overwriting "
-                             "(--overwrite).")
-
-
-def validate_options(options: SegmentOptions) -> None:
-    parse_class_lines(options.class_lines)
-    if not 0.0 <= options.threshold < 1.0:
-        raise InputError(f"The probability threshold must be in [0, 1); got {options.threshold}.")
-    if options.attention not in ATTENTION_VARIANTS:
-        raise InputError(f"Unknown attention variant {options.attention!r}; use one of "
-                         f"{', '.join(ATTENTION_VARIANTS)}.")
-    if options.batch_size < 1:
-        raise InputError(f"The batch size must be at least 1; got {options.batch_size}.")
-    for name, value in (("--min-area", options.min_area), ("--simplify", options.simplify)):
-        if not (math.isfinite(value) and value >= 0):
-            raise InputError(f"{name} must be a finite number, 0 or more; got {value}.")
-    if options.runtime not in RUNTIMES:
-        raise InputError(f"Unknown runtime {options.runtime!r}; use one of {', '.join(RUNTIMES)}.")
-    if options.refine not in REFINE_CHOICES:
-        raise InputError(f"Unknown --refine {options.refine!r}; use one of {', '.join(REFINE_CHOICES)}.")
-    check_language(options.language)
-    if options.quality_calibration is not None and not Path(options.quality_calibration).is_file():
-        raise InputError(f"The quality calibration file {options.quality_calibration} does not exist.")
-
-
 def with_model_defaults(options: SegmentOptions, loaded: LoadedModel) -> SegmentOptions:
-    """A fine-tuned model runs at the ground resolution it was trained at, unless the user chose one."""
+    """What the model decides unless the user did: a fine-tuned model's own classes and the ground
+    resolution it was trained at; the batch size that suits the model's device."""
+    changes: dict[str, Any] = {}
+    if not class_lines_of(options) and loaded.class_lines:
+        changes["class_lines"] = list(loaded.class_lines)
     trained_gsd = (loaded.metadata.get("finetuned") or {}).get("processing", {}).get("gsd_m")
     if options.scale is None and options.gsd_m is None and trained_gsd:
-        return replace(options, gsd_m=float(trained_gsd))
-    return options
+        changes["gsd_m"] = float(trained_gsd)
+    if options.batch_size is None:
+        changes["batch_size"] = default_batch_size(loaded.device)
+    return replace(options, **changes) if changes else options
 
 
 def _raster_profile(source: RasterSource, window, count: int, dtype: str, nodata) -> dict:
@@ -286,19 +179,18 @@ class StripPolygons:
         self._pool.shutdown()
 
 
-def segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutputs, loaded: LoadedModel,
+def segment_raster(options: SegmentOptions, loaded: LoadedModel,
                    progress: Callable[[int, int], None] | None = None,
                    should_cancel: Callable[[], bool] | None = None,
                    feature_cache: FeatureCache | None = None, encoder: Encoder | None = None,
-                   notice: Callable[[str], None] | None = None, run_tag: str | None = None,
-                   inputs: dict[str, Path] | None = None) -> SegmentResult:
-    """Segment `raster` into the classes of `options`; write `outputs`; return what was written.
+                   notice: Callable[[str], None] | None = None, run_tag: str | None = None) -> SegmentResult:
+    """Segment `options.raster` into the classes of `options`; write its outputs; return what was written.
 
     With a `feature_cache`, crops whose features are known (same file, grid, weights, attention and
     encoder) skip the image encoder; `encoder` replaces the one options.runtime picks (benchmarks).
     notice(sentence) hears about runtime fallbacks. Temporary files carry `run_tag` (default: a new
-    one for this process, see backend.engine.temporary); `inputs` are further files of the run (class
-    list, model) that no output may replace. Outputs appear only at the end, each by one rename.
+    one for this process, see backend.engine.temporary). Outputs appear only at the end, each by one
+    rename. (The model is the caller's: options.model, weights and half say which one it loaded.)
     """
     # GDAL's block cache defaults to 5 % of RAM and would grow with the raster; a fixed cache keeps
     # memory flat (a GDAL_CACHEMAX set by the user wins).
@@ -306,13 +198,13 @@ def segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutput
     # Decompress (and compress) GeoTIFF blocks on every core: reading runs beside the model.
     settings.setdefault("GDAL_NUM_THREADS", os.environ.get("GDAL_NUM_THREADS", "ALL_CPUS"))
     run_tag = run_tag or new_run_tag()
-    targets = outputs.paths()
+    targets = output_paths(options)
     for folder in {path.parent for path in targets.values()}:
         remove_stale(folder)
     try:
         with rasterio.Env(**settings):
-            return _segment_raster(raster, options, outputs, loaded, progress, should_cancel, feature_cache,
-                                   encoder, notice, run_tag, {"input raster": Path(raster), **(inputs or {})})
+            return _segment_raster(options, loaded, progress, should_cancel, feature_cache, encoder, notice,
+                                   run_tag)
     finally:
         remove_owned(run_prefixes(list(targets.values()), run_tag))
 
@@ -323,27 +215,24 @@ def estimated_output_mb(window, n_classes: int, probabilities: bool) -> float:
     return window.width * window.height * bytes_per_pixel / 2**20
 
 
-def _segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutputs, loaded: LoadedModel,
-                    progress: Callable[[int, int], None] | None,
+def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Callable[[int, int], None] | None,
                     should_cancel: Callable[[], bool] | None, feature_cache: FeatureCache | None,
-                    encoder: Encoder | None, notice: Callable[[str], None] | None, run_tag: str,
-                    inputs: dict[str, Path]) -> SegmentResult:
+                    encoder: Encoder | None, notice: Callable[[str], None] | None, run_tag: str) -> SegmentResult:
     started = time.perf_counter()
     options = with_model_defaults(options, loaded)
-    validate_options(options)
-    if options.refine != "none" and outputs.coarse_out is None:
-        outputs = replace(outputs, coarse_out=coarse_vector_path(outputs.out))
-    check_outputs(outputs, inputs)
-    classes = parse_class_lines(options.class_lines)
-    check_field_widths(outputs.out, [c.name for c in classes])
+    check_inputs(options, read_raster=False)  # the raster is read next, with its own checks
+    assert options.batch_size is not None, "with_model_defaults chose the batch size"
+    raster = options.raster
+    classes = parse_class_lines(class_lines_of(options))
+    check_field_widths(options.out, [c.name for c in classes])
     warnings = segment_warnings(loaded, classes)
     run_id = uuid.uuid4().hex[:12]
     timings: dict[str, float] = {}
-    targets = outputs.paths()
+    targets = output_paths(options)
 
     with open_source(raster, options.bands, options.scale, options.gsd_m, options.value_range) as source:
         window = request_window(source, options.bbox, options.bbox_crs)
-        needed_mb = estimated_output_mb(window, len(classes), bool(outputs.prob_raster))
+        needed_mb = estimated_output_mb(window, len(classes), bool(options.prob_raster))
         check_free_space(targets.values(), needed_mb)
         computed = refine_outlines.engine_window(options.refine, source, window)
         crop = crop_size(loaded.model.visual)
@@ -361,14 +250,14 @@ def _segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutpu
                                                             segmenter.encoder.name))
         # The write check sits inside the commit, so it sees the full disk before staged files go.
         with contextlib.ExitStack() as commit, writing_to(targets.values(), needed_mb):
-            workdir = make_work_dir(Path(outputs.out).parent, run_tag)
+            workdir = make_work_dir(Path(options.out).parent, run_tag)
             # Entered last, committed first: the polygon layer appears after the rasters and the report.
             staged = {key: commit.enter_context(atomic_output(targets[key], run_tag))
                       for key in ("vector", "coarse_vector", "report", "class_raster", "prob_raster")
                       if key in targets}
             class_path, score_path = workdir / "classes.tif", workdir / "score.tif"
             signals_path = workdir / "signals.tif"
-            prob_path = workdir / "probs.tif" if outputs.prob_raster or options.refine != "none" else None
+            prob_path = workdir / "probs.tif" if options.prob_raster or options.refine != "none" else None
             # Strips of at most ~2 Mpx keep vectorising memory independent of the raster's width too.
             strip_rows = int(min(1024, max(64, 2_000_000 // window.width)))
             # Without refinement, a window the engine emits in full-width rows is polygonised beside it.
@@ -409,13 +298,13 @@ def _segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutpu
 
             regions = polygons(class_path, score_path, streamed_regions)
             coarse = None
-            if outputs.coarse_out:
+            if "coarse_vector" in targets:
                 assert refined.coarse_class_path is not None and refined.coarse_score_path is not None
                 coarse = polygons(refined.coarse_class_path, refined.coarse_score_path)
             timings["vectorize_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             estimate = estimate_quality(regions, source, window, segmenter, score_path, signals_path,
-                                        options.quality_calibration, options.class_lines,
+                                        options.quality_calibration, class_lines_of(options),
                                         [c.name for c in classes], total, should_cancel)
             timings["quality_s"] = time.perf_counter() - t0
             class_names = [c.name for c in classes]
@@ -424,13 +313,13 @@ def _segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutpu
                         "cache": feature_cache.stats() if feature_cache is not None else None}
             t0 = time.perf_counter()
             write_polygons(staged["vector"], regions, source.crs, class_names, loaded.name, run_id,
-                           extra=estimate.fields, layer=Path(outputs.out).stem)
-            if coarse is not None and outputs.coarse_out:
+                           extra=estimate.fields, layer=Path(options.out).stem)
+            if coarse is not None:
                 write_polygons(staged["coarse_vector"], coarse, source.crs, class_names, loaded.name, run_id,
-                               layer=Path(outputs.coarse_out).stem)
-            if outputs.prob_raster and prob_path is not None:
+                               layer=targets["coarse_vector"].stem)
+            if options.prob_raster and prob_path is not None:
                 shutil.move(prob_path, staged["prob_raster"])
-            if outputs.class_raster:
+            if options.class_raster:
                 shutil.move(class_path, staged["class_raster"])
             timings["write_s"] = time.perf_counter() - t0
             timings["total_s"] = time.perf_counter() - started
@@ -450,7 +339,7 @@ def _segment_raster(raster: Path, options: SegmentOptions, outputs: SegmentOutpu
                 "device": str(loaded.device), "encoder": segmenter.encoder.name,
                 "features": features, "tiles": total, "crop": segmenter.crop,
                 "stride": segmenter.stride, "valid_pixels": int(valid_pixels),
-                "options": {k: v for k, v in asdict(options).items() if k != "class_lines"},
+                "options": options.processing(),
                 "timings": {k: round(v, 3) for k, v in timings.items()},
                 "class_stats": stats, "outputs": paths, "warnings": warnings + refined.warnings,
                 "quality": estimate.report, **refined.report,
@@ -529,7 +418,7 @@ class QualityEstimate:
 
 
 def estimate_quality(regions, source: RasterSource, window: PixelWindow, segmenter: Segmenter, score_path: Path,
-                     signals_path: Path, named_calibration: str | None, class_lines: list[str],
+                     signals_path: Path, named_calibration: str | Path | None, class_lines: list[str],
                      class_names: list[str], dense_crops: int, should_cancel) -> QualityEstimate:
     """Per-polygon quality signals and `quality`, and the run's estimated mIoU (quality.py)."""
     loaded = segmenter.loaded

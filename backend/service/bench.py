@@ -28,7 +28,8 @@ from backend.engine.feature_cache import FeatureCache
 from backend.engine.sliding import ArraySource, Segmenter, predict_window
 from backend.engine.memory import peak_rss_mb
 from backend.engine.models import LoadedModel, get_tokenizer
-from backend.engine.segment import SegmentOptions, SegmentOutputs, segment_raster
+from backend.engine.options import SegmentOptions
+from backend.engine.segment import segment_raster
 from backend.engine.text import PROMPT_TEMPLATES, TextEmbedder, encode_tokens, parse_class_lines
 
 BENCH_CLASSES = ["water, lake", "cropland, bare field", "grassland", "road", "building, roof"]
@@ -167,9 +168,9 @@ def rss_run(raster: str, model_path: str, out_dir: str, batch_size: int) -> None
 
     loaded = load_model(model_path)
     start = time.perf_counter()
-    result = segment_raster(Path(raster), SegmentOptions(BENCH_CLASSES[:3], batch_size=batch_size),
-                            SegmentOutputs(Path(out_dir) / "rss.gpkg", Path(out_dir) / "rss_classes.tif"),
-                            loaded)
+    options = SegmentOptions(raster=Path(raster), class_lines=BENCH_CLASSES[:3], batch_size=batch_size,
+                             out=Path(out_dir) / "rss.gpkg", class_raster=Path(out_dir) / "rss_classes.tif")
+    result = segment_raster(options, loaded)
     peak_mb = peak_rss_mb()
     print(json.dumps({"peak_rss_mb": peak_mb, "tiles": result.tiles, "seconds": time.perf_counter() - start,
                       "polygons": sum(c["polygons"] for c in result.classes)}))
@@ -196,10 +197,10 @@ def run_bench(arch: str = "ViT-B-16", batch_size: int = 8, size: int = 1024, dev
         TextEmbedder(loaded, cache=None).embed(["warm-up"])
 
         def timed_segment(name: str, classes: list[str], runtime: str, cache=None):
-            options = SegmentOptions(classes, batch_size=batch_size, runtime=runtime)
-            outputs = SegmentOutputs(work / f"{name}.gpkg", work / f"{name}.tif")
+            options = SegmentOptions(raster=Path(raster), class_lines=classes, batch_size=batch_size, runtime=runtime,
+                                     out=work / f"{name}.gpkg", class_raster=work / f"{name}.tif")
             start = time.perf_counter()
-            result = segment_raster(raster, options, outputs, loaded, feature_cache=cache)
+            result = segment_raster(options, loaded, feature_cache=cache)
             return result, time.perf_counter() - start
 
         torch_run, torch_s = timed_segment("torch", BENCH_CLASSES, "torch")

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
 from backend import __version__
 from backend.engine.atomic import write_text_atomically
-from backend.engine.errors import FarslipError, InputError
-from backend.service.cli_common import ProgressReporter, fail, interrupted, parse_bands, signals_as_interrupt
+from backend.engine.errors import FarslipError
+from backend.service.cli_common import ProgressReporter, fail, interrupted, signals_as_interrupt
+from backend.service.cli_options import options_from_cli, own_option, with_segment_options
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Open-vocabulary segmentation of GeoTIFFs with FarSLIP (and other CLIP models).")
@@ -27,102 +28,42 @@ def _every_command() -> None:
 
 
 @app.command()
-def segment(
-    raster: Path = typer.Argument(..., help="GeoTIFF (or any GDAL raster) to segment."),
-    classes: Optional[list[str]] = typer.Option(None, "--classes", "-c",
-                                                help="One class per option; commas separate synonyms."),
-    classes_file: Optional[Path] = typer.Option(None, help="Text file, one class per line."),
-    preset: Optional[str] = typer.Option(None, help="A named class list (see `farslip presets`)."),
-    out: Path = typer.Option(Path("result.gpkg"), "--out", "-o",
-                             help="Polygons: .gpkg (default), .shp, .geojson or .fgb."),
-    model: Optional[str] = typer.Option(None, help="Registry name, checkpoint file or fine-tuned model folder."),
-    weights: Optional[Path] = typer.Option(None, help="Checkpoint to use for the registry model."),
-    bbox: Optional[tuple[float, float, float, float]] = typer.Option(
-        None, help="XMIN YMIN XMAX YMAX of the area to segment (default: whole raster)."),
-    bbox_crs: Optional[str] = typer.Option(None, help="CRS of --bbox, e.g. EPSG:4326 (default: raster's)."),
-    bands: Optional[str] = typer.Option(None, help="Band numbers for red,green,blue, e.g. 3,2,1 (or one)."),
-    class_raster: Optional[Path] = typer.Option(None, help="Also write a uint8 class GeoTIFF."),
-    prob_raster: Optional[Path] = typer.Option(None, help="Also write a float32 GeoTIFF, a band per class."),
-    threshold: float = typer.Option(0.0, help="Pixels whose best probability is below this stay unclassified."),
-    attention: str = typer.Option("segearth", help="Last-block attention: segearth, clearclip, sclip, "
-                                                   "maskclip or vanilla."),
-    scale: Optional[float] = typer.Option(None, help="Resample by this factor before segmenting."),
-    gsd: Optional[float] = typer.Option(None, help="Resample to this ground sample distance in metres."),
-    value_range: Optional[tuple[float, float]] = typer.Option(
-        None, help="MIN MAX pixel values mapped to 0..255 (default: 2-98 % stretch for non-8-bit data)."),
-    min_area: float = typer.Option(0.0, help="Drop polygons smaller than this many m²."),
-    simplify: float = typer.Option(0.0, help="Simplify polygons with this tolerance in CRS units."),
-    refine: str = typer.Option("none", help="Refine outlines: none, edges (with the image; no weights) or sam "
-                                            "(Segment Anything prompted by the classes)."),
-    sam_model: Optional[str] = typer.Option(None, help="SAM model for --refine sam: registry name (default "
-                                                       "sam-vit-b), .safetensors file or model folder."),
-    language: str = typer.Option("auto", help="Language of the class names, for the prompt templates of a "
-                                              "multilingual model: auto (detected per name), en, pt, es, fr, de, "
-                                              "nl, it, zh, ko or ru."),
-    quality_calibration: Optional[Path] = typer.Option(None, help="Quality calibration from `farslip evaluate "
-                                                                  "--calibrate-quality` (default: the fine-tuned "
-                                                                  "model's own, else the built-in one)."),
-    overwrite: bool = typer.Option(False, help="Replace existing output files."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
-    batch_size: Optional[int] = typer.Option(None, help="Crops per batch (default 8 on CPU; on a GPU from its "
-                                                         "free memory)."),
-    runtime: str = typer.Option("auto", help="Image encoder runtime: auto, torch, openvino or onnxruntime "
-                                             "(auto: the fastest installed here)."),
-    half: bool = typer.Option(False, "--half", help="fp16 weights and inputs on a CUDA GPU (as the RS-OVSS "
-                                                    "evaluation runs); the default is fp16 autocast on CUDA "
-                                                    "and fp32 on CPU."),
-    cache_features: bool = typer.Option(False, help="Keep image features on disk (STATE_DIR/features, at most "
-                                                    "--cache-mb) so a re-run with other classes skips the encoder."),
-    cache_mb: int = typer.Option(4096, help="Disk budget of --cache-features in MiB; oldest features go first."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
-) -> None:
+@with_segment_options([
+    own_option("device", str, "auto", help="auto, cpu, cuda or mps."),
+    own_option("quiet", bool, False, "--quiet", "-q", help="No progress output."),
+])
+def segment(**values: Any) -> None:
     """Segment RASTER into the given classes and write georeferenced polygons."""
+    # The options are SegmentOptions' fields (backend/engine/options.py), plus --device and --quiet.
+    device, quiet = values.pop("device"), values.pop("quiet")
     # SIGTERM/SIGHUP interrupt as Ctrl+C does, until the outputs are in place.
     stop_on_signals = signals_as_interrupt()
     stop_on_signals.__enter__()
     try:
+        from backend.engine.checks import check_inputs, class_lines_of
         from backend.engine.devices import resolve_device
-        from backend.engine.models import check_half, load_model, to_half
-        from backend.engine.presets import collect_class_lines
+        from backend.engine.feature_cache import feature_cache_for
+        from backend.engine.models import load_model
+        from backend.engine.segment import segment_raster, segment_warnings, with_model_defaults
         from backend.engine.text import parse_class_lines
-        from backend.engine.raster import open_source, request_window
-        from backend.engine.feature_cache import disk_feature_cache
-        from backend.engine.segment import (SegmentOptions, SegmentOutputs, check_outputs, default_batch_size,
-                                            input_files, segment_raster, segment_warnings, validate_options)
 
-        lines = collect_class_lines(classes, classes_file, preset)
-        if cache_mb < 1:
-            raise InputError(f"--cache-mb must be at least 1; got {cache_mb}.")
-        band_list = parse_bands(bands)
-        outputs = SegmentOutputs(out, class_raster, prob_raster, overwrite)
-        inputs = input_files(raster, model, weights, classes_file)
-        check_outputs(outputs, inputs)
-        with open_source(raster, band_list, scale, gsd, value_range) as source:
-            request_window(source, bbox, bbox_crs)
+        options = options_from_cli(values)
         dev = resolve_device(device)
-        check_half(half, dev)
-        loaded = load_model(model, str(weights) if weights else None, dev)
-        if half:
-            loaded = to_half(loaded)
-        if not lines and loaded.class_lines:
-            lines = list(loaded.class_lines)
-        for warning in segment_warnings(loaded, parse_class_lines(lines)):
+        check_inputs(options, device=dev)
+        loaded = load_model(options.model, str(options.weights) if options.weights else None, dev,
+                            half=options.half)
+        options = with_model_defaults(options, loaded)
+        warned = segment_warnings(loaded, parse_class_lines(class_lines_of(options)))
+        for warning in warned:
             typer.echo(f"Warning: {warning}", err=True)
-        options = SegmentOptions(lines, bbox, bbox_crs, band_list, threshold, attention,
-                                 default_batch_size(dev) if batch_size is None else batch_size, scale, gsd,
-                                 min_area, simplify, value_range, refine, sam_model, runtime=runtime,
-                                 language=language,
-                                 quality_calibration=str(quality_calibration) if quality_calibration else None)
-        validate_options(options)
-        if refine == "sam":
+        if options.refine == "sam":
             from backend.engine.sam_models import ensure_sam_weights
 
-            ensure_sam_weights(sam_model)
-        cache = disk_feature_cache(cache_mb) if cache_features else None
-        with ProgressReporter(quiet, f"segmenting {raster.name}") as reporter:
-            result = segment_raster(raster, options, outputs, loaded, progress=reporter, feature_cache=cache,
-                                    notice=lambda sentence: typer.echo(f"Note: {sentence}", err=True),
-                                    inputs=inputs)
+            ensure_sam_weights(options.sam_model)
+        cache = feature_cache_for(options.cache_features, options.cache_mb)
+        with ProgressReporter(quiet, f"segmenting {options.raster.name}") as reporter:
+            result = segment_raster(options, loaded, progress=reporter, feature_cache=cache,
+                                    notice=lambda sentence: typer.echo(f"Note: {sentence}", err=True))
     except FarslipError as error:
         fail(error)
     except KeyboardInterrupt as error:
@@ -130,7 +71,7 @@ def segment(
     finally:
         stop_on_signals.__exit__(None, None, None)
     for warning in result.report.get("warnings", []):
-        if warning not in segment_warnings(loaded, parse_class_lines(lines)):
+        if warning not in warned:
             typer.echo(f"Warning: {warning}", err=True)
     if not quiet:
         for entry in result.classes:

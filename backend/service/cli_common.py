@@ -10,7 +10,8 @@ from collections.abc import Iterator
 
 import typer
 
-from backend.engine.errors import FarslipError, InputError
+from backend.engine.errors import FarslipError
+from backend.engine.options import parse_bands  # noqa: F401 - --bands of every command reads as segment's
 
 
 def fail(error: FarslipError) -> None:
@@ -90,12 +91,3 @@ class ProgressReporter:
     def __exit__(self, *exc):
         if self.bar is not None:
             self.bar.__exit__(*exc)
-
-
-def parse_bands(text: str | None) -> list[int] | None:
-    if not text:
-        return None
-    try:
-        return [int(part) for part in text.replace(" ", "").split(",") if part]
-    except ValueError:
-        raise InputError(f"--bands takes band numbers separated by commas, e.g. 3,2,1; got {text!r}.") from None

@@ -19,7 +19,8 @@ import torch
 
 from backend.engine.encoders import NullEncoder
 from backend.engine.memory import peak_rss_mb
-from backend.engine.segment import SegmentOptions, SegmentOutputs, segment_raster
+from backend.engine.options import SegmentOptions
+from backend.engine.segment import segment_raster
 from backend.engine.text import TextEmbedder
 
 from .bench import BENCH_CLASSES, random_model, write_test_raster
@@ -39,10 +40,10 @@ def host_run(raster: Path, out_dir: Path, arch: str, device: str, batch_size: in
     loaded = random_model(arch, torch.device(device))
     encoder = NullEncoder(loaded.model.visual, loaded.device)
     TextEmbedder(loaded, cache=None).embed(BENCH_CLASSES)  # text is not the host side's cost
-    options = SegmentOptions(BENCH_CLASSES, batch_size=batch_size, runtime="torch")
-    outputs = SegmentOutputs(out_dir / "host.gpkg", out_dir / "host_classes.tif", overwrite=True)
+    options = SegmentOptions(raster=Path(raster), class_lines=BENCH_CLASSES, batch_size=batch_size, runtime="torch",
+                             out=out_dir / "host.gpkg", class_raster=out_dir / "host_classes.tif", overwrite=True)
     started = time.perf_counter()
-    result = segment_raster(raster, options, outputs, loaded, encoder=encoder)
+    result = segment_raster(options, loaded, encoder=encoder)
     seconds = time.perf_counter() - started
     pixels = result.report["pixel_window"]["height"] * result.report["pixel_window"]["width"]
     return {"pixels": pixels, "seconds": seconds, "host_mpx_per_s": pixels / seconds / 1e6,

@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from backend.engine.errors import CancelledError, FarslipError, InputError
+from backend.engine.options import SegmentOptions
 from backend.engine.temporary import new_run_tag, remove_owned, run_prefixes
+from backend.service.schemas import options_from_request
 
 log = logging.getLogger("farslip.jobs")
 
@@ -174,15 +176,15 @@ class ModelCache:
                 self._key, self._loaded = None, None
                 _free_device_memory()
 
-    def get(self, model: str | None, weights: str | None) -> Any:
+    def get(self, model: str | None, weights: str | None, half: bool = False) -> Any:
         from backend.engine.models import load_model
 
-        key = (model, weights)
+        key = (model, weights, half)
         with self._lock:
             if self._key == key and self._loaded is not None:
                 return self._loaded
             self.unload()
-            self._loaded = load_model(model, weights=weights, device=self.device)
+            self._loaded = load_model(model, weights=weights, device=self.device, half=half)
             self._key = key
             log.info("loaded model %s on %s", self.loaded_name, self.device)
             return self._loaded
@@ -439,77 +441,27 @@ class JobManager:
 
 # --------------------------------------------------------------------------- segment jobs
 
-@dataclass
-class SegmentCall:
-    """A segment request translated to the engine's arguments."""
-
-    raster: Path
-    options: Any
-    outputs: Any
-    model: str | None
-    weights: str | None
-
-    @property
-    def inputs(self) -> dict[str, Path]:
-        from backend.engine.segment import input_files
-
-        return input_files(self.raster, self.model, self.weights)
-
-
-def segment_call(request: dict) -> SegmentCall:
-    """A /v1/segment request body -> segment_raster's arguments (class lines + preset, paths)."""
-    from backend.engine.files import expand_user
-    from backend.engine.presets import collect_class_lines
-    from backend.engine.segment import SegmentOptions, SegmentOutputs
-
-    def path(name: str) -> Path | None:
-        return expand_user(request[name], name.replace("_", " ")) if request.get(name) else None
-
-    class_lines = collect_class_lines(request.get("class_lines"), preset=request.get("preset"))
-    option_names = ("bbox", "bbox_crs", "bands", "threshold", "attention", "scale", "gsd_m", "min_area",
-                    "simplify", "value_range", "refine", "sam_model", "language",
-                    "runtime")
-    options = {name: request[name] for name in option_names if request.get(name) is not None}
-    if request.get("quality_calibration"):
-        options["quality_calibration"] = str(path("quality_calibration"))
-    for name in ("bbox", "value_range"):
-        if name in options:
-            options[name] = tuple(options[name])
-    if request.get("batch_size"):
-        options["batch_size"] = int(request["batch_size"])
-    outputs = SegmentOutputs(out=path("out"), class_raster=path("class_raster"), prob_raster=path("prob_raster"),
-                             overwrite=bool(request.get("overwrite")))
-    return SegmentCall(path("raster"), SegmentOptions(class_lines=class_lines, **options), outputs,
-                       request.get("model"), request.get("weights"))
-
-
-def planned_outputs(call: SegmentCall) -> list[str]:
-    return [str(path) for path in call.outputs.paths().values()]
-
-
-def check_segment_call(call: SegmentCall) -> list[str]:
-    """The engine's own checks, before queueing: raises InputError/ModelError with the CLI's sentence.
+def check_segment_job(options: SegmentOptions, device: str) -> list[str]:
+    """The engine's checks before queueing, in `farslip segment`'s order (so a request with several
+    faults gets the CLI's sentence); returns the files the job will write.
 
     Cheap: opens the raster (and reads the decimated sample the engine reads anyway), never the model.
     """
-    from backend.engine.models import check_model
-    from backend.engine.raster import open_source, request_window
-    from backend.engine.segment import check_outputs, validate_options
+    import torch
 
-    # The order of `farslip segment`'s checks, so that a request with several faults gets the same sentence.
-    options = call.options
-    check_outputs(call.outputs, call.inputs)
-    with open_source(call.raster, options.bands, options.scale, options.gsd_m, options.value_range) as source:
-        request_window(source, options.bbox, options.bbox_crs)
-    check_model(call.model, call.weights)
-    if not options.class_lines:
-        options = replace(options, class_lines=_finetuned_class_lines(call.model, call.weights))
-    validate_options(options)
+    from backend.engine.checks import check_inputs, class_lines_of, output_paths
+    from backend.engine.models import check_model
+    from backend.engine.text import parse_class_lines
+
+    check_inputs(options, device=torch.device(device))
+    weights = str(options.weights) if options.weights else None
+    check_model(options.model, weights)
+    parse_class_lines(class_lines_of(options) or _finetuned_class_lines(options.model, weights))
     if options.refine == "sam":
         from backend.engine.sam_models import sam_location
 
         sam_location(options.sam_model)
-    return planned_outputs(call)
+    return [str(path) for path in output_paths(options).values()]
 
 
 def _finetuned_class_lines(model: str | None, weights: str | None) -> list[str]:
@@ -525,34 +477,32 @@ def _finetuned_class_lines(model: str | None, weights: str | None) -> list[str]:
 
 def run_segment(request: dict, control: JobControl, models: ModelCache) -> dict:
     """Worker side of a segment job: load (or reuse) the model, run the engine, retry smaller on GPU OOM."""
-    from backend.engine.segment import default_batch_size, segment_raster
+    from backend.engine.checks import output_paths
+    from backend.engine.feature_cache import feature_cache_for
+    from backend.engine.segment import segment_raster, with_model_defaults
 
-    call = segment_call(request)
+    options = options_from_request(request)
     notices: list[str] = []
-    control.message(f"Loading the model {call.model or 'default'}.")
-    loaded = models.get(call.model, call.weights)
-    if not call.options.class_lines and loaded.class_lines:
-        call.options.class_lines = list(loaded.class_lines)
-    if not request.get("batch_size"):
-        call.options.batch_size = default_batch_size(loaded.device)
-    control.will_create(run_prefixes(planned_outputs(call), control.run_tag))
+    control.message(f"Loading the model {options.model or 'default'}.")
+    loaded = models.get(options.model, str(options.weights) if options.weights else None, options.half)
+    options = with_model_defaults(options, loaded)
+    cache = feature_cache_for(options.cache_features, options.cache_mb, models.features)
+    control.will_create(run_prefixes([str(path) for path in output_paths(options).values()], control.run_tag))
     while True:
         if control.should_cancel():
             raise CancelledError("The run was cancelled; nothing was written.")
         control.message("Segmenting.")
         try:
-            result = segment_raster(call.raster, call.options, call.outputs, loaded,
-                                    progress=control.progress, should_cancel=control.should_cancel,
-                                    feature_cache=models.features, notice=_notice(control, notices),
-                                    run_tag=control.run_tag, inputs=call.inputs)
+            result = segment_raster(options, loaded, progress=control.progress, should_cancel=control.should_cancel,
+                                    feature_cache=cache, notice=_notice(control, notices), run_tag=control.run_tag)
             break
         except Exception as error:
-            if not is_out_of_memory(error) or call.options.batch_size <= 1:
+            if not is_out_of_memory(error) or options.batch_size is None or options.batch_size <= 1:
                 raise
             _free_device_memory()
-            call.options.batch_size = max(1, call.options.batch_size // 2)
-            log.warning("GPU out of memory: retrying with batch size %d", call.options.batch_size)
-            control.message(f"The GPU ran out of memory; retrying with batch size {call.options.batch_size}.")
+            options = replace(options, batch_size=max(1, options.batch_size // 2))
+            log.warning("GPU out of memory: retrying with batch size %d", options.batch_size)
+            control.message(f"The GPU ran out of memory; retrying with batch size {options.batch_size}.")
             control.restart_timing()
     features = {key: value for key, value in result.features.items() if key != "cache"}
     return {"outputs": dict(result.outputs), "classes": list(result.classes), "run_id": result.run_id,

@@ -178,11 +178,13 @@ def quality_table(results: list[dict]) -> list[str]:
 
 def _segment_seconds(raster: Path, loaded, refine: str, work: Path, batch_size: int,
                      sam_model: str | None = None) -> dict:
-    from backend.engine.segment import SegmentOptions, SegmentOutputs, segment_raster
+    from backend.engine.options import SegmentOptions
+    from backend.engine.segment import segment_raster
 
     out = work / f"refine_{refine}.gpkg"
-    options = SegmentOptions(BENCH_CLASSES, batch_size=batch_size, refine=refine, sam_model=sam_model)
-    result = segment_raster(raster, options, SegmentOutputs(out, overwrite=True), loaded)
+    options = SegmentOptions(raster=Path(raster), class_lines=BENCH_CLASSES, batch_size=batch_size, refine=refine,
+                             sam_model=sam_model, out=out, overwrite=True)
+    result = segment_raster(options, loaded)
     timings = dict(result.timings)
     timings["run_s"] = timings["total_s"] - timings.get("text_s", 0.0) - timings.get("sam_load_s", 0.0)
     timings["polygons"] = sum(c["polygons"] for c in result.classes)

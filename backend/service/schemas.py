@@ -7,23 +7,24 @@ is an error, not a silently ignored setting).
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
+
+from backend.engine.options import SegmentOptions, Spec, option_fields, path_fields, spec_of
 
 JobState = Literal["queued", "running", "done", "failed", "cancelled", "interrupted"]
 JobKind = Literal["segment", "train", "index", "search", "download", "evaluate"]
-Attention = Literal["segearth", "clearclip", "sclip", "maskclip", "vanilla"]
-Refine = Literal["none", "edges", "sam"]
-Runtime = Literal["auto", "torch", "openvino", "onnxruntime"]
-Language = Literal["auto", "en", "pt", "es", "fr", "de", "nl", "it", "zh", "ko", "ru"]
 
 # Paths, names and class lines are short; these bounds keep a hostile body from
 # making the server hold megabytes of strings in a job record.
 ABSOLUTE = ("An absolute path on the backend's machine (e.g. /data/scene.tif; ~/ is expanded); a relative "
             "path is refused.")
 PathText = Field(min_length=1, max_length=4096, description=ABSOLUTE)
-ClassLine = Annotated[str, Field(max_length=1000)]
 
 
 def _whole(value: Any) -> Any:
@@ -94,41 +95,77 @@ class PresetList(BaseModel):
     presets: dict[str, list[str]]
 
 
-class SegmentRequest(Strict):
-    """The options of `farslip segment`, as JSON. Paths are absolute paths on the backend's machine."""
+def _bounds(declared: Spec) -> dict[str, float]:
+    """A declared range as pydantic bounds (shown as minimum/maximum on the OpenAPI page)."""
+    bounds: dict[str, float] = {}
+    if declared.range is not None and declared.range.low is not None:
+        bounds["gt" if declared.range.low_open else "ge"] = declared.range.low
+    if declared.range is not None and declared.range.high is not None:
+        bounds["lt" if declared.range.high_open else "le"] = declared.range.high
+    return bounds
 
-    raster: str = PathText
-    class_lines: list[ClassLine] = Field(default_factory=list, max_length=256)
-    preset: str | None = Field(default=None, max_length=100)
-    bbox: list[float] | None = Field(default=None, min_length=4, max_length=4,
-                                     description="xmin, ymin, xmax, ymax in bbox_crs (default: the raster's CRS)")
-    bbox_crs: str | None = Field(default=None, max_length=10000, description="EPSG:xxxx or WKT")
-    model: str | None = Field(default=None, max_length=4096,
-                              description="registry name, or the absolute path of a checkpoint file or "
-                                          "fine-tuned model folder")
-    weights: str | None = Field(default=None, min_length=1, max_length=4096, description=ABSOLUTE)
-    bands: list[whole_number(ge=1)] | None = Field(default=None, min_length=1, max_length=3)
-    threshold: float = 0.0
-    attention: Attention = "segearth"
-    batch_size: whole_number(ge=1, le=1024) | None = None
-    runtime: Runtime = Field(default="auto", description="image encoder runtime; auto picks the fastest here")
-    scale: float | None = Field(default=None, gt=0)
-    gsd_m: float | None = Field(default=None, gt=0)
-    min_area: float = Field(default=0.0, ge=0)
-    simplify: float = Field(default=0.0, ge=0)
-    value_range: list[float] | None = Field(default=None, min_length=2, max_length=2,
-                                            description="min, max pixel values mapped to 0..255")
-    refine: Refine = Field(default="none", description="refine outlines: none, edges (with the image) or sam")
-    language: Language = Field(default="auto", description="language of the class names (prompt templates of a "
-                                                           "multilingual model); auto detects it per name")
-    quality_calibration: str | None = Field(default=None, min_length=1, max_length=4096,
-                                            description="quality calibration file; " + ABSOLUTE)
-    sam_model: str | None = Field(default=None, max_length=4096,
-                                  description="SAM registry name or path, for refine=sam (default sam-vit-b)")
-    out: str = PathText
-    class_raster: str | None = Field(default=None, min_length=1, max_length=4096, description=ABSOLUTE)
-    prob_raster: str | None = Field(default=None, min_length=1, max_length=4096, description=ABSOLUTE)
-    overwrite: bool = False
+
+def _json_type(declared: Spec, kind: Any) -> tuple[Any, dict[str, Any]]:
+    """(JSON-side type, Field arguments) of an option's non-None type."""
+    if kind is Path:
+        return str, {"min_length": 1, "max_length": declared.max_chars}
+    if typing.get_origin(kind) is tuple:  # coordinates: a list of fixed length
+        size = len(typing.get_args(kind))
+        return list[float], {"min_length": size, "max_length": size}
+    if typing.get_origin(kind) is list:
+        (element,) = typing.get_args(kind)
+        if element is int:
+            element = whole_number(**_bounds(declared))
+        elif declared.item_max_chars:
+            element = Annotated[element, Field(max_length=declared.item_max_chars)]
+        return list[element], {"min_length": 1 if declared.parse else None, "max_length": declared.max_items}
+    if declared.choices is not None:
+        return Literal[declared.choices], {}
+    if kind is int:
+        return whole_number(**_bounds(declared)), {}
+    if kind is float:
+        return float, _bounds(declared)
+    return kind, {"max_length": declared.max_chars}
+
+
+def _request_field(item: dataclasses.Field, annotation: Any) -> tuple[Any, Any]:
+    """(type, pydantic Field) of one segment option in the request body: paths are absolute texts,
+    coordinate tuples lists, choices literals; ranges are enforced (a 422 naming the field)."""
+    declared = spec_of(item)
+    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    inner = next(arg for arg in typing.get_args(annotation) if arg is not type(None)) if optional else annotation
+    kind, constraints = _json_type(declared, inner)
+    if optional:
+        kind = kind | None
+    description = declared.help + (" " + ABSOLUTE if inner is Path else "")
+    if declared.argument or declared.required_in_api:
+        default: dict[str, Any] = {}
+    elif item.default_factory is not dataclasses.MISSING:
+        default = {"default_factory": item.default_factory}
+    else:
+        default = {"default": item.default}
+    constraints = {key: value for key, value in constraints.items() if value is not None}
+    return kind, Field(**default, **constraints, description=description)
+
+
+SegmentRequest = create_model(  # type: ignore[call-overload]
+    "SegmentRequest", __base__=Strict,
+    __doc__="The options of `farslip segment`, as JSON (generated from backend.engine.options.SegmentOptions). "
+            "Paths are absolute paths on the backend's machine.",
+    **{item.name: _request_field(item, typing.get_type_hints(SegmentOptions)[item.name])
+       for item in option_fields()},
+)
+
+
+def options_from_request(request: dict[str, Any]) -> SegmentOptions:
+    """A (validated) POST /v1/segment body -> SegmentOptions (the one API conversion): `~` expanded."""
+    from backend.engine.files import expand_user
+
+    values = dict(request)
+    for name in path_fields():
+        if values.get(name):
+            values[name] = expand_user(values[name], name.replace("_", " "))
+    return SegmentOptions.from_values(values)
 
 
 class TrainRequest(BaseModel):

@@ -38,7 +38,8 @@ from backend import __version__
 from backend.engine.atomic import write_text_atomically
 from backend.engine.errors import FarslipError, InputError
 from backend.engine.files import expand_user
-from backend.service.jobs import JobManager, JobStore, check_segment_call, is_job_id, segment_call
+from backend.engine.options import path_fields
+from backend.service.jobs import JobManager, JobStore, check_segment_job, is_job_id
 from backend.service.schemas import (
     DeviceInfo,
     DownloadRequest,
@@ -54,6 +55,7 @@ from backend.service.schemas import (
     SearchRequest,
     SegmentRequest,
     TrainRequest,
+    options_from_request,
 )
 
 log = logging.getLogger("farslip.server")
@@ -99,21 +101,18 @@ def _looks_like_path(text: str) -> bool:
         (".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
 
 
-def check_segment_request(request: SegmentRequest) -> list[str]:
+def check_segment_request(request: SegmentRequest, device: str) -> list[str]:
     """Run the engine's checks on a request; returns the files the job will write.
 
     Raises the engine's InputError/ModelError, so the sentence is the one `farslip segment` prints.
     """
-    _absolute(request.raster, "raster")
-    for name in ("out", "class_raster", "prob_raster"):
+    for name in path_fields():
         value = getattr(request, name)
         if value is not None:
             _absolute(value, name.replace("_", " "))
-    if request.weights is not None:
-        _absolute(request.weights, "weights")
     if request.model is not None and _looks_like_path(request.model):
         _absolute(request.model, "model")
-    return check_segment_call(segment_call(request.model_dump()))
+    return check_segment_job(options_from_request(request.model_dump()), device)
 
 
 def checked_paths(body, outputs: tuple[str, ...]) -> dict:
@@ -384,8 +383,9 @@ def create_app(token: str, state_dir: Path, device: str | None = None,
 
     @v1.post("/segment", response_model=JobCreated, status_code=202)
     def submit_segment(body: SegmentRequest, request: Request):
-        outputs = check_segment_request(body)
-        job = manager_of(request).submit("segment", body.model_dump(), outputs)
+        manager = manager_of(request)
+        outputs = check_segment_request(body, manager.models.device)
+        job = manager.submit("segment", body.model_dump(), outputs)
         return JobCreated(job_id=job["id"], state=job["state"])
 
     @v1.post("/train", response_model=JobCreated, status_code=202)

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from backend.engine.feature_cache import FeatureCache
 from backend.engine.models import load_model
-from backend.engine.segment import SegmentOptions, SegmentOutputs, segment_raster
+from backend.engine.options import SegmentOptions
+from backend.engine.segment import segment_raster
 from backend.service.cli import app
 
 FIRST = ["water, lake", "cropland", "road"]
@@ -32,10 +33,10 @@ def write_raster(path: Path, seed: int = 0, size: int = 400) -> Path:
 
 
 def run(raster, loaded, classes, out: Path, cache=None, bbox=None):
-    options = SegmentOptions(classes, bbox=bbox, runtime="torch")
-    outputs = SegmentOutputs(out / "result.gpkg", out / "classes.tif", out / "probs.tif")
+    options = SegmentOptions(raster=raster, class_lines=classes, bbox=bbox, runtime="torch", out=out / "result.gpkg",
+                             class_raster=out / "classes.tif", prob_raster=out / "probs.tif")
     out.mkdir()
-    return segment_raster(raster, options, outputs, loaded, feature_cache=cache)
+    return segment_raster(options, loaded, feature_cache=cache)
 
 
 def read(path: Path) -> np.ndarray:

@@ -14,7 +14,8 @@ from backend.engine import runtimes
 from backend.engine.dense import dense_patch_features, normalize_pixels
 from backend.engine.encoders import NullEncoder, TorchEncoder, autocast_enabled
 from backend.engine.models import load_model
-from backend.engine.segment import SegmentOptions, SegmentOutputs, default_batch_size, segment_raster
+from backend.engine.options import SegmentOptions
+from backend.engine.segment import default_batch_size, segment_raster
 from backend.service.cli import app
 
 CLASSES = ["water, lake", "cropland", "road"]
@@ -116,8 +117,9 @@ def test_segment_with_a_compiled_runtime_matches_torch(tmp_path):
     for name in ("torch", "onnxruntime"):
         out = tmp_path / name
         out.mkdir()
-        result = segment_raster(raster, SegmentOptions(CLASSES, runtime=name),
-                                SegmentOutputs(out / "r.gpkg", prob_raster=out / "p.tif"), loaded)
+        options = SegmentOptions(raster=raster, class_lines=CLASSES, runtime=name, out=out / "r.gpkg",
+                                 prob_raster=out / "p.tif")
+        result = segment_raster(options, loaded)
         assert result.report["encoder"] == name
         with rasterio.open(out / "p.tif") as ds:
             probs[name] = ds.read()

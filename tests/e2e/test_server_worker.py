@@ -30,12 +30,12 @@ def _wait(manager: JobManager, job_id: str, timeout: float = 30) -> dict:
 def test_cuda_out_of_memory_retries_with_half_the_batch(monkeypatch, tmp_path, tiny_model, naip):
     tried = []
 
-    def segment_raster(raster, options, outputs, loaded, progress=None, should_cancel=None, **_engine):
+    def segment_raster(options, loaded, progress=None, should_cancel=None, **_engine):
         tried.append(options.batch_size)
         if options.batch_size > 8:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         progress(1, 1)
-        return SimpleNamespace(outputs={"vector": str(outputs.out)}, classes=[], run_id="r", tiles=1,
+        return SimpleNamespace(outputs={"vector": str(options.out)}, classes=[], run_id="r", tiles=1,
                                timings={}, warnings=[], report={}, features={})
 
     monkeypatch.setattr("backend.engine.segment.segment_raster", segment_raster)

@@ -243,7 +243,8 @@ def test_segment_with_a_fine_tuned_model_runs_at_its_training_resolution(trained
     from rasterio.transform import from_origin
 
     from backend.engine.models import load_model
-    from backend.engine.segment import SegmentOptions, SegmentOutputs, segment_raster
+    from backend.engine.options import SegmentOptions
+    from backend.engine.segment import segment_raster
 
     _result, out, _ = trained
     raster, _, _ = synthetic
@@ -255,10 +256,9 @@ def test_segment_with_a_fine_tuned_model_runs_at_its_training_resolution(trained
         with rasterio.open(fine, "w", **profile) as dst:
             dst.write(src.read())
     loaded = load_model(str(out))
-    default = segment_raster(fine, SegmentOptions(loaded.class_lines), SegmentOutputs(tmp_path / "a.gpkg"), loaded)
+    default = segment_raster(SegmentOptions(raster=fine, out=tmp_path / "a.gpkg"), loaded)
     assert default.report["processing_scale"] == pytest.approx(0.5)
-    chosen = segment_raster(fine, SegmentOptions(loaded.class_lines, scale=1.0), SegmentOutputs(tmp_path / "b.gpkg"),
-                            loaded)
+    chosen = segment_raster(SegmentOptions(raster=fine, scale=1.0, out=tmp_path / "b.gpkg"), loaded)
     assert chosen.report["processing_scale"] == 1.0
 
 

@@ -1,0 +1,114 @@
+"""Is this segment run possible? Every input check, before any work, in one function.
+
+`check_inputs` is what `farslip segment`, POST /v1/segment and `segment_raster` itself call, so a
+bad input gets the same sentence (and the same order of checks) wherever it comes from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import InputError
+from .atomic import SHAPEFILE_PARTS
+from .export import driver_for, report_path_for
+from .files import check_not_special, check_output_folder, input_paths, refuse_outputs_over_inputs
+from .options import SegmentOptions, check_values
+from .presets import collect_class_lines
+
+if TYPE_CHECKING:
+    import torch
+
+
+def class_lines_of(options: SegmentOptions) -> list[str]:
+    """The class lines given one by one, then those of the class file, then the preset's."""
+    return collect_class_lines(options.class_lines, options.classes_file, options.preset)
+
+
+def coarse_vector_path(out: Path) -> Path:
+    """Where `--refine` puts the unrefined polygons: beside the refined ones, `_coarse` added to the name."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}_coarse{out.suffix}")
+
+
+def output_paths(options: SegmentOptions) -> dict[str, Path]:
+    """The files a run writes, by role: vector, report, the unrefined polygons of --refine, the rasters."""
+    found = {"vector": Path(options.out), "report": report_path_for(options.out)}
+    if options.refine != "none":
+        found["coarse_vector"] = coarse_vector_path(options.out)
+    if options.class_raster:
+        found["class_raster"] = Path(options.class_raster)
+    if options.prob_raster:
+        found["prob_raster"] = Path(options.prob_raster)
+    return found
+
+
+def output_files(options: SegmentOptions) -> dict[str, Path]:
+    """Every file a run writes, by what it is: the outputs, the report and a shapefile's parts."""
+    out = Path(options.out)
+    named = {"polygon output": out, "run report": report_path_for(out)}
+    if out.suffix.lower() == ".shp":
+        named.update({f"shapefile part {part}": out.with_suffix(part) for part in SHAPEFILE_PARTS if part != ".shp"})
+    if options.class_raster:
+        named["class raster"] = Path(options.class_raster)
+    if options.prob_raster:
+        named["probability raster"] = Path(options.prob_raster)
+    return named
+
+
+def input_files(options: SegmentOptions) -> dict[str, Path]:
+    """The files a run reads, which no output may replace (a registry model name is not a file)."""
+    return input_paths([("input raster", options.raster), ("model", options.model), ("weights", options.weights),
+                        ("class list", options.classes_file)])
+
+
+def _check_tif(path: Path, what: str) -> None:
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        raise InputError(f"The {what} {path} must be a GeoTIFF (.tif).")
+
+
+def check_outputs(options: SegmentOptions) -> None:
+    """Refuse outputs that cannot be written, or that would replace an input, before any work is done."""
+    driver_for(options.out)
+    if options.class_raster:
+        _check_tif(Path(options.class_raster), "class raster")
+    if options.prob_raster:
+        _check_tif(Path(options.prob_raster), "probability raster")
+    named = output_files(options)
+    refuse_outputs_over_inputs(named, {"input raster": Path(options.raster), **input_files(options)})
+    for what, path in named.items():
+        check_output_folder(path)
+        check_not_special(path, what)
+    for path in output_paths(options).values():
+        if path.exists() and not options.overwrite:
+            raise InputError(f"{path} already exists; choose another name or allow overwriting "
+                             "(--overwrite).")
+
+
+def check_inputs(options: SegmentOptions, read_raster: bool = True, device: torch.device | None = None) -> None:
+    """Class lists, option values, outputs, (unless `read_raster` is False) the raster and bbox, and
+    (given the `device` the run will use) whether --half can run there.
+
+    Raises InputError / EmptyResultError with one sentence. An empty class list passes: a fine-tuned
+    model brings its own classes (the engine refuses an empty list once the model is known).
+    Opening the raster reads only its decimated sample, never the model.
+    """
+    from .text import parse_class_lines
+
+    lines = class_lines_of(options)
+    check_values(options)
+    if lines:
+        parse_class_lines(lines)
+    if options.quality_calibration is not None and not Path(options.quality_calibration).is_file():
+        raise InputError(f"The quality calibration file {options.quality_calibration} does not exist.")
+    check_outputs(options)
+    if read_raster:
+        from .raster import open_source, request_window
+
+        with open_source(options.raster, options.bands, options.scale, options.gsd_m,
+                         options.value_range) as source:
+            request_window(source, options.bbox, options.bbox_crs)
+    if device is not None:
+        from .models import check_half
+
+        check_half(options.half, device)

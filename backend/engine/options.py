@@ -1,0 +1,331 @@
+"""The options of a segment run, defined once.
+
+`SegmentOptions` is the only place an option of `farslip segment` / POST /v1/segment is declared:
+its name, type, default, allowed range or choices, help text and the sentence a wrong value gets.
+The command line (backend/service/cli_options.py) and the HTTP request body
+(backend/service/schemas.py) are generated from it, and `check_values` checks every value against
+it, so an option added here is offered, documented and checked everywhere.
+This module stays light (no torch, GDAL, open_clip or pydantic): the CLI builds its help from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import InputError
+
+# The choices of the options that take one of a few words; the modules that implement them import these.
+ATTENTION_VARIANTS = ("segearth", "clearclip", "sclip", "maskclip", "vanilla")
+REFINE_CHOICES = ("none", "edges", "sam")
+RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")
+LANGUAGES: dict[str, str] = {
+    "en": "English", "pt": "Portuguese", "es": "Spanish", "fr": "French", "de": "German", "nl": "Dutch",
+    "it": "Italian", "zh": "Chinese", "ko": "Korean", "ru": "Russian",
+}
+# Bounds that keep a request body small; a user never comes near them.
+PATH_MAX_CHARS = 4096
+CLASS_LINE_MAX_CHARS = 1000
+CLASS_LINES_MAX = 256
+BATCH_MAX = 1024
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed numbers: low/high are inclusive unless the matching *_open flag says otherwise."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self, whole: bool) -> str:
+        kind = "a whole number" if whole else "a number"
+        if self.low is not None and self.high is not None and not (self.low_open or self.high_open):
+            return f"{kind} from {self.low:g} to {self.high:g}"
+        parts = []
+        if self.low is not None:
+            parts.append(f"above {self.low:g}" if self.low_open else f"at least {self.low:g}")
+        if self.high is not None:
+            parts.append(f"below {self.high:g}" if self.high_open else f"at most {self.high:g}")
+        return f"{kind} {' and '.join(parts)}"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How an option is offered and checked.
+
+    help: the text of `--help` and of the API schema; flags: command-line names (default
+    --the-field-name); argument: a positional CLI argument; required_in_api: the HTTP body must give
+    it (its CLI default is a relative path, meaningless to a server); parse: the CLI takes this list
+    as one text (e.g. "3,2,1") turned into the list by `parse`; range / choices: allowed values;
+    error: the sentence for a value out of range ({value} is replaced); label: what a wrong choice is
+    called in its sentence (default: the CLI name); check: a function that checks (and may normalise)
+    the value instead of range/choices; max_chars / max_items / item_max_chars: bounds of a text / list
+    in a request body; in_report: recorded in the run report's "options".
+    """
+
+    help: str
+    flags: tuple[str, ...] = ()
+    argument: bool = False
+    required_in_api: bool = False
+    parse: Callable[[str | None], Any] | None = None
+    range: Range | None = None
+    choices: tuple[str, ...] | None = None
+    error: str | None = None
+    label: str | None = None
+    check: Callable[[Any], Any] | None = None
+    max_chars: int | None = None
+    max_items: int | None = None
+    item_max_chars: int | None = None
+    in_report: bool = True
+
+
+def spec(**details: Any) -> dict[str, Spec]:
+    """A dataclass field's metadata: its Spec."""
+    return {"spec": Spec(**details)}
+
+
+def spec_of(item: dataclasses.Field) -> Spec:
+    return item.metadata["spec"]
+
+
+# --------------------------------------------------------------------------- checks of single values
+
+def parse_bands(text: str | None) -> list[int] | None:
+    """--bands text ("3,2,1") -> band numbers."""
+    if not text:
+        return None
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise InputError(f"--bands takes band numbers separated by commas, e.g. 3,2,1; got {text!r}.") from None
+
+
+def check_language(language: str | None) -> str | None:
+    """None/'auto' (detect per class name) or one of the ten codes; anything else is refused."""
+    if language is None or language.strip().lower() in ("", "auto"):
+        return None
+    code = language.strip().lower()
+    if code not in LANGUAGES:
+        raise InputError(f"Unknown language '{language}'. Use auto or one of: "
+                         + ", ".join(f"{c} ({n})" for c, n in LANGUAGES.items()) + ".")
+    return code
+
+
+def check_value_range(value_range: tuple[float, float] | list[float]) -> None:
+    low, high = (float(v) for v in value_range)
+    if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
+        raise InputError(f"--value-range takes MIN MAX with finite MIN < MAX; got {low:g} {high:g}.")
+
+
+def check_bbox(bbox: tuple[float, ...] | list[float]) -> None:
+    """Four finite, ordered corners (the CRS's own range is checked once the raster is open)."""
+    xmin, ymin, xmax, ymax = (float(v) for v in bbox)
+    if not (xmin < xmax and ymin < ymax) or not all(map(math.isfinite, (xmin, ymin, xmax, ymax))):
+        raise InputError(f"The bbox {list(bbox)} is not a valid box: give XMIN YMIN XMAX YMAX with "
+                         "XMIN < XMAX and YMIN < YMAX.")
+
+
+def check_scale_or_gsd(scale: float | None, gsd_m: float | None) -> None:
+    """--scale and --gsd both set the processing resolution: one of them, each in its range."""
+    if scale is not None and gsd_m is not None:
+        raise InputError("Give either --scale or --gsd, not both.")
+    check_option("scale", scale)
+    check_option("gsd_m", gsd_m)
+
+
+# --------------------------------------------------------------------------- the options
+
+@dataclass(kw_only=True)
+class SegmentOptions:
+    """Everything `farslip segment` and POST /v1/segment accept (the device and --quiet aside: they
+    belong to the process, `farslip segment --device` or `farslip serve --device`).
+
+    Field order is the order of `farslip segment --help`; the fields from `bbox` to
+    `quality_calibration` are the run report's "options", in this order.
+    """
+
+    raster: Path = field(metadata=spec(
+        argument=True, help="GeoTIFF (or any GDAL raster) to segment.", max_chars=PATH_MAX_CHARS))
+    class_lines: list[str] = field(default_factory=list, metadata=spec(
+        flags=("--classes", "-c"), help="One class per option; commas separate synonyms.",
+        max_items=CLASS_LINES_MAX, item_max_chars=CLASS_LINE_MAX_CHARS))
+    classes_file: Path | None = field(default=None, metadata=spec(
+        help="Text file, one class per line.", max_chars=PATH_MAX_CHARS))
+    preset: str | None = field(default=None, metadata=spec(
+        help="A named class list (see `farslip presets`).", max_chars=100))
+    out: Path = field(default=Path("result.gpkg"), metadata=spec(
+        flags=("--out", "-o"), required_in_api=True, help="Polygons: .gpkg (default), .shp, .geojson or .fgb.",
+        max_chars=PATH_MAX_CHARS))
+    class_raster: Path | None = field(default=None, metadata=spec(
+        help="Also write a uint8 class GeoTIFF.", max_chars=PATH_MAX_CHARS))
+    prob_raster: Path | None = field(default=None, metadata=spec(
+        help="Also write a float32 GeoTIFF, a band per class.", max_chars=PATH_MAX_CHARS))
+    overwrite: bool = field(default=False, metadata=spec(help="Replace existing output files."))
+    model: str | None = field(default=None, metadata=spec(
+        help="Registry name, checkpoint file or fine-tuned model folder.", max_chars=PATH_MAX_CHARS))
+    weights: Path | None = field(default=None, metadata=spec(
+        help="Checkpoint to use for the registry model.", max_chars=PATH_MAX_CHARS))
+    # From here to quality_calibration: the processing options, in the order the run report lists them.
+    bbox: tuple[float, float, float, float] | None = field(default=None, metadata=spec(
+        help="XMIN YMIN XMAX YMAX of the area to segment (default: whole raster).", check=check_bbox))
+    bbox_crs: str | None = field(default=None, metadata=spec(
+        help="CRS of --bbox, e.g. EPSG:4326 (default: raster's).", max_chars=10000))
+    bands: list[int] | None = field(default=None, metadata=spec(
+        help="Band numbers for red,green,blue, e.g. 3,2,1 (or one).", parse=parse_bands, range=Range(1, None),
+        max_items=3))
+    threshold: float = field(default=0.0, metadata=spec(
+        help="Pixels whose best probability is below this stay unclassified.",
+        range=Range(0.0, 1.0, high_open=True), error="The probability threshold must be in [0, 1); got {value}."))
+    attention: str = field(default="segearth", metadata=spec(
+        help="Last-block attention: segearth, clearclip, sclip, maskclip or vanilla.",
+        choices=ATTENTION_VARIANTS, label="attention variant"))
+    batch_size: int | None = field(default=None, metadata=spec(
+        help="Crops per batch (default 8 on CPU; on a GPU from its free memory).", range=Range(1, BATCH_MAX),
+        error=f"The batch size must be a whole number from 1 to {BATCH_MAX}; got {{value}}."))
+    scale: float | None = field(default=None, metadata=spec(
+        help="Resample by this factor before segmenting.", range=Range(0.05, 8.0),
+        error="--scale must be between 0.05 and 8; got {value}."))
+    gsd_m: float | None = field(default=None, metadata=spec(
+        flags=("--gsd",), help="Resample to this ground sample distance in metres.",
+        range=Range(0.0, None, low_open=True), error="--gsd must be a positive number of metres; got {value}."))
+    min_area: float = field(default=0.0, metadata=spec(
+        help="Drop polygons smaller than this many m².", range=Range(0.0, None),
+        error="--min-area must be a finite number, 0 or more; got {value}."))
+    simplify: float = field(default=0.0, metadata=spec(
+        help="Simplify polygons with this tolerance in CRS units.", range=Range(0.0, None),
+        error="--simplify must be a finite number, 0 or more; got {value}."))
+    value_range: tuple[float, float] | None = field(default=None, metadata=spec(
+        help="MIN MAX pixel values mapped to 0..255 (default: 2-98 % stretch for non-8-bit data).",
+        check=check_value_range))
+    refine: str = field(default="none", metadata=spec(
+        help="Refine outlines: none, edges (with the image; no weights) or sam (Segment Anything prompted "
+             "by the classes).", choices=REFINE_CHOICES, label="--refine"))
+    sam_model: str | None = field(default=None, metadata=spec(
+        help="SAM model for --refine sam: registry name (default sam-vit-b), .safetensors file or model folder.",
+        max_chars=PATH_MAX_CHARS))
+    runtime: str = field(default="auto", metadata=spec(
+        help="Image encoder runtime: auto, torch, openvino or onnxruntime (auto: the fastest installed here).",
+        choices=RUNTIMES, label="runtime"))
+    language: str = field(default="auto", metadata=spec(
+        help="Language of the class names, for the prompt templates of a multilingual model: auto (detected "
+             "per name), " + ", ".join(LANGUAGES) + ".", choices=("auto", *LANGUAGES), check=check_language))
+    quality_calibration: Path | None = field(default=None, metadata=spec(
+        help="Quality calibration from `farslip evaluate --calibrate-quality` (default: the fine-tuned model's "
+             "own, else the built-in one).", max_chars=PATH_MAX_CHARS))
+    # How the run is computed, not what it computes: not in the report.
+    half: bool = field(default=False, metadata=spec(
+        flags=("--half",), help="fp16 weights and inputs on a CUDA GPU (as the RS-OVSS evaluation runs); the "
+                                "default is fp16 autocast on CUDA and fp32 on CPU.", in_report=False))
+    cache_features: bool = field(default=False, metadata=spec(
+        help="Keep image features on disk (STATE_DIR/features, at most --cache-mb) so a re-run with other "
+             "classes skips the encoder.", in_report=False))
+    cache_mb: int = field(default=4096, metadata=spec(
+        help="Disk budget of --cache-features in MiB; oldest features go first.", range=Range(1, None),
+        error="--cache-mb must be at least 1; got {value}.", in_report=False))
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any]) -> SegmentOptions:
+        """Options from plain values (a parsed command line, a request body): texts become Paths,
+        coordinate lists tuples, an absent list an empty one, an absent value the default.
+        Unknown names are an error (a bug in the caller, not the user's)."""
+        hints = typing.get_type_hints(cls)
+        unknown = set(values) - set(hints)
+        if unknown:
+            raise TypeError(f"unknown segment options: {', '.join(sorted(unknown))}")
+        converted: dict[str, Any] = {}
+        for name, value in values.items():
+            kind = str(hints[name])
+            if value is None and "None" not in kind and not kind.startswith("list["):
+                continue  # not given: the default
+            converted[name] = _typed(kind, value)
+        return cls(**converted)
+
+    def processing(self) -> dict[str, Any]:
+        """The options that shape the result, as the run report records them (paths as text)."""
+        names = [item.name for item in option_fields() if spec_of(item).in_report]
+        return {name: getattr(self, name) for name in names[names.index("bbox"):]}
+
+
+def _typed(kind: str, value: Any) -> Any:
+    """A plain value (text, list) as the field of type `kind` holds it."""
+    if value is None:
+        return None if "None" in kind else []  # an absent list is an empty one
+    if "Path" in kind:
+        return Path(value)
+    if kind.startswith("tuple["):
+        return tuple(float(v) for v in value)
+    if kind.startswith("list["):
+        return list(value)
+    return value
+
+
+def option_fields() -> tuple[dataclasses.Field, ...]:
+    return dataclasses.fields(SegmentOptions)
+
+
+def option_field(name: str) -> dataclasses.Field:
+    return next(item for item in option_fields() if item.name == name)
+
+
+def cli_name(item: dataclasses.Field) -> str:
+    """The option's name on the command line, as the user types it."""
+    declared = spec_of(item)
+    if declared.argument:
+        return item.name.upper()
+    long_flags = [flag for flag in declared.flags if flag.startswith("--")]
+    return long_flags[0] if long_flags else "--" + item.name.replace("_", "-")
+
+
+def path_fields() -> list[str]:
+    """The options that name files (a request gives them as absolute paths)."""
+    hints = typing.get_type_hints(SegmentOptions)
+    return [item.name for item in option_fields() if "Path" in str(hints[item.name])]
+
+
+# --------------------------------------------------------------------------- value checks
+
+def check_option(name: str, value: Any) -> Any:
+    """One option's value against its declared check, choices or range (None, "not given", passes).
+
+    Returns the value (normalised by the option's check function where it has one)."""
+    item = option_field(name)
+    declared = spec_of(item)
+    if value is None:
+        return None
+    if declared.check is not None:
+        return declared.check(value)
+    if declared.choices is not None and value not in declared.choices:
+        raise InputError(f"Unknown {declared.label or cli_name(item)} {value!r}; use one of "
+                         f"{', '.join(declared.choices)}.")
+    if declared.range is not None:
+        whole = "int" in str(item.type)
+        for number in value if isinstance(value, list) else [value]:
+            if isinstance(number, bool) or number not in declared.range or (whole and number != int(number)):
+                sentence = declared.error or (f"{cli_name(item)} must be "
+                                              f"{declared.range.describe(whole)}; got {{value}}.")
+                raise InputError(sentence.format(value=number))
+    return value
+
+
+def check_values(options: SegmentOptions) -> None:
+    """Every option's value against its declaration, and the values that go together.
+
+    Reads no file. Raises InputError with one sentence naming the option as the CLI spells it.
+    """
+    check_scale_or_gsd(options.scale, options.gsd_m)
+    for item in option_fields():
+        if item.name not in ("scale", "gsd_m"):
+            check_option(item.name, getattr(options, item.name))

@@ -1,0 +1,185 @@
+"""The segment options model: every field of SegmentOptions is an option of `farslip segment` and a
+field of POST /v1/segment (in the real app's OpenAPI schema), both routes give the same SegmentOptions,
+and one check refuses bad values with the CLI's sentence before any model is looked for.
+(tests/e2e/test_server_options.py sends every option to a real server.)"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer.main
+from typer.testing import CliRunner
+
+from backend.engine.feature_cache import FeatureCache, LayeredFeatureCache, feature_cache_for
+from backend.engine.options import SegmentOptions, cli_name, option_fields, path_fields, spec_of
+from backend.service.cli import app
+from backend.service.cli_options import options_from_cli
+from backend.service.schemas import SegmentRequest, options_from_request
+from backend.service.server import create_app
+
+CLI_OWN = {"device", "quiet"}  # how this process runs, not what a run does (the server has its own)
+NAIP = Path(__file__).resolve().parents[3] / "shared" / "data" / "naip_2020_5m.tif"
+
+# A value other than the default for every option, as a request body gives it. An option added to the
+# model without a value here fails test_every_option_has_a_test_value_that_is_not_its_default: add one.
+REQUEST = {
+    "raster": "/data/in.tif", "class_lines": ["water, lake", "road"], "classes_file": "/data/classes.txt",
+    "preset": "urban", "out": "/data/out.fgb", "class_raster": "/data/classes.tif",
+    "prob_raster": "/data/probs.tif", "overwrite": True, "model": "farslip-vit-b-16", "weights": "/w/model.pt",
+    "bbox": [1.0, 2.0, 3.0, 4.0], "bbox_crs": "EPSG:4326", "bands": [3, 2, 1], "threshold": 0.25,
+    "attention": "clearclip", "batch_size": 5, "scale": 0.5, "gsd_m": 2.5, "min_area": 10.0, "simplify": 1.5,
+    "value_range": [0.0, 3000.0], "refine": "edges", "sam_model": "/w/sam", "runtime": "torch",
+    "language": "pt", "quality_calibration": "/w/quality.json", "half": True, "cache_features": True,
+    "cache_mb": 64,
+}
+
+
+def cli_args(request: dict) -> list[str]:
+    """The same values as `farslip segment` arguments, spelt by the model's CLI names."""
+    args: list[str] = []
+    for item in option_fields():
+        value, declared = request[item.name], spec_of(item)
+        if declared.argument:
+            args.insert(0, str(value))
+        elif isinstance(value, bool):
+            args += [cli_name(item)] if value else []
+        elif declared.parse is not None:
+            args += [cli_name(item), ",".join(map(str, value))]
+        elif isinstance(value, list) and "tuple" in str(item.type):
+            args += [cli_name(item), *map(str, value)]
+        elif isinstance(value, list):
+            for entry in value:
+                args += [cli_name(item), str(entry)]
+        else:
+            args += [cli_name(item), str(value)]
+    return args
+
+
+def segment_command():
+    return typer.main.get_command(app).commands["segment"]
+
+
+def test_every_option_has_a_test_value_that_is_not_its_default():
+    assert sorted(REQUEST) == sorted(item.name for item in option_fields())
+    defaults = SegmentOptions(raster=Path("/x.tif"))
+    given = options_from_request(REQUEST)
+    for item in option_fields():
+        if not spec_of(item).argument:
+            assert getattr(given, item.name) != getattr(defaults, item.name), item.name
+
+
+def test_every_option_is_a_parameter_of_farslip_segment_with_the_models_help():
+    params = {param.name: param for param in segment_command().params}
+    for item in option_fields():
+        assert item.name in params, f"{item.name} is not an option of `farslip segment`"
+        param = params[item.name]
+        if spec_of(item).argument:
+            assert param.param_type_name == "argument" and param.required
+        else:
+            assert cli_name(item) in param.opts
+            assert param.help == spec_of(item).help
+    assert set(params) == {item.name for item in option_fields()} | CLI_OWN
+    shown = CliRunner().invoke(app, ["segment", "--help"], env={"COLUMNS": "300"}).output
+    for item in option_fields():
+        assert (item.name.upper() if spec_of(item).argument else cli_name(item)) in shown.replace("{raster}", "RASTER")
+
+
+def test_every_option_is_a_field_of_the_served_apps_segment_request_schema(tmp_path):
+    schema = create_app("token", tmp_path / "state", device="cpu").openapi()["components"]["schemas"]
+    properties = schema["SegmentRequest"]["properties"]
+    assert list(properties) == [item.name for item in option_fields()]
+    for item in option_fields():
+        assert properties[item.name]["description"].startswith(spec_of(item).help), item.name
+    for name in path_fields():
+        assert "absolute path" in properties[name]["description"], name
+    assert set(schema["SegmentRequest"]["required"]) == {"raster", "out"}
+    assert properties["threshold"]["exclusiveMaximum"] == 1.0 and properties["threshold"]["minimum"] == 0.0
+    assert properties["runtime"]["enum"] == ["auto", "torch", "openvino", "onnxruntime"]
+
+
+def test_the_command_line_and_the_request_give_the_same_options():
+    context = segment_command().make_context("segment", cli_args(REQUEST))
+    values = {name: value for name, value in context.params.items() if name not in CLI_OWN}
+    from_cli = options_from_cli(values)
+    from_api = options_from_request(SegmentRequest.model_validate(REQUEST).model_dump())
+    assert from_cli == from_api
+    assert from_cli.bands == [3, 2, 1] and from_cli.bbox == (1.0, 2.0, 3.0, 4.0)
+    assert from_cli.gsd_m == 2.5 and from_cli.raster == Path("/data/in.tif") and from_cli.half is True
+    assert all(dataclasses.asdict(from_cli)[name] is not None for name in REQUEST)
+
+
+def test_defaults_agree_between_the_command_line_and_the_request():
+    context = segment_command().make_context("segment", ["/data/in.tif", "--out", "/data/out.gpkg"])
+    values = {name: value for name, value in context.params.items() if name not in CLI_OWN}
+    from_api = options_from_request(SegmentRequest.model_validate({"raster": "/data/in.tif",
+                                                                    "out": "/data/out.gpkg"}).model_dump())
+    assert options_from_cli(values) == from_api == SegmentOptions(raster=Path("/data/in.tif"),
+                                                                  out=Path("/data/out.gpkg"))
+
+
+def test_the_report_records_the_processing_options_in_their_order():
+    options = options_from_request(REQUEST)
+    assert list(options.processing()) == [
+        "bbox", "bbox_crs", "bands", "threshold", "attention", "batch_size", "scale", "gsd_m", "min_area",
+        "simplify", "value_range", "refine", "sam_model", "runtime", "language", "quality_calibration"]
+
+
+BAD_VALUES = [
+    (["--threshold", "nan"], "The probability threshold must be in [0, 1); got nan."),
+    (["--threshold", "1"], "The probability threshold must be in [0, 1); got 1.0."),
+    (["--scale", "inf"], "--scale must be between 0.05 and 8; got inf."),
+    (["--scale", "9"], "--scale must be between 0.05 and 8; got 9.0."),
+    (["--gsd", "0"], "--gsd must be a positive number of metres; got 0.0."),
+    (["--min-area", "nan"], "--min-area must be a finite number, 0 or more; got nan."),
+    (["--simplify", "-inf"], "--simplify must be a finite number, 0 or more; got -inf."),
+    (["--batch-size", "0"], "The batch size must be a whole number from 1 to 1024; got 0."),
+    (["--cache-mb", "0"], "--cache-mb must be at least 1; got 0."),
+    (["--bands", "0,1,2"], "--bands must be a whole number at least 1; got 0."),
+    (["--bands", "red"], "--bands takes band numbers separated by commas"),
+    (["--value-range", "nan", "5"], "--value-range takes MIN MAX with finite MIN < MAX"),
+    (["--bbox", "0", "0", "inf", "1"], "is not a valid box"),
+    (["-c", "water\nroad"], "control character"),
+    (["--attention", "magic"], "Unknown attention variant 'magic'; use one of segearth"),
+    (["--runtime", "tensorrt"], "Unknown runtime 'tensorrt'; use one of auto, torch, openvino, onnxruntime."),
+    (["--refine", "blur"], "Unknown --refine 'blur'; use one of none, edges, sam."),
+    (["--language", "klingon"], "Unknown language 'klingon'. Use auto or one of: en (English)"),
+    (["--scale", "1", "--gsd", "5"], "Give either --scale or --gsd, not both."),
+    (["--quality-calibration", "/nonexistent/q.json"], "The quality calibration file /nonexistent/q.json does"),
+]
+
+
+@pytest.mark.parametrize(("args", "words"), BAD_VALUES, ids=[" ".join(a) for a, _ in BAD_VALUES])
+def test_bad_values_are_refused_with_one_sentence_before_the_model_is_looked_for(tmp_path, args, words):
+    result = CliRunner().invoke(app, ["segment", str(NAIP), "-c", "water", "--out", str(tmp_path / "x.gpkg"),
+                                      "--model", "no-such-model", "--device", "cpu", *args])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("Error: ") and len(result.output.strip().splitlines()) == 1
+    assert words in result.output and "Unknown model" not in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_half_on_a_cpu_is_refused_by_the_command_line_before_loading(tmp_path):
+    result = CliRunner().invoke(app, ["segment", str(NAIP), "-c", "water", "--out", str(tmp_path / "x.gpkg"),
+                                      "--model", "no-such-model", "--device", "cpu", "--half"])
+    assert result.exit_code == 2 and "needs a CUDA GPU" in result.output, result.output
+
+
+def test_a_run_that_asks_for_cached_features_keeps_them_on_disk_behind_a_servers_memory(tmp_path):
+    shared = FeatureCache(1 << 20, tmp_path / "features", 0)  # a server without a disk tier
+    assert feature_cache_for(False, 64, shared) is shared
+    layered = feature_cache_for(True, 64, shared)
+    assert isinstance(layered, LayeredFeatureCache)
+    features = np.arange(12, dtype=np.float32).reshape(3, 4)
+    layered.put("scope", (0, 0, 224, 224), features)
+    assert len(list((tmp_path / "features").glob("*/*.npy"))) == 1
+    shared.clear()  # a restart: memory is gone, the disk keeps the features
+    again = feature_cache_for(True, 64, shared)
+    assert again is not None
+    assert np.array_equal(again.get("scope", (0, 0, 224, 224)), features)
+    assert shared.get("scope", (0, 0, 224, 224)) is not None  # remembered in memory on the way
+    assert again.stats()["disk_max_bytes"] == 64 * 2**20
+    with_disk = FeatureCache(1 << 20, tmp_path / "features", 1 << 20)
+    assert feature_cache_for(True, 64, with_disk) is with_disk  # the server's own disk tier serves it
