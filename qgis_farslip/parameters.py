@@ -64,7 +64,7 @@ REFINE_CHOICES = ("none", "edges", "sam")
 
 
 def coarse_vector_path(out: str) -> str:
-    """Where the backend writes the unrefined polygons of a refined run (as its segment.coarse_vector_path)."""
+    """Where the backend writes the unrefined polygons of a refined run (as checks.coarse_vector_path)."""
     stem, extension = os.path.splitext(out)
     return f"{stem}_coarse{extension}"
 

@@ -43,16 +43,19 @@ def output_paths(options: SegmentOptions) -> dict[str, Path]:
     return found
 
 
+# What each output is called in a sentence.
+OUTPUT_NAMES = {"vector": "polygon output", "report": "run report", "coarse_vector": "unrefined polygon output",
+                "class_raster": "class raster", "prob_raster": "probability raster"}
+
+
 def output_files(options: SegmentOptions) -> dict[str, Path]:
     """Every file a run writes, by what it is: the outputs, the report and a shapefile's parts."""
-    out = Path(options.out)
-    named = {"polygon output": out, "run report": report_path_for(out)}
-    if out.suffix.lower() == ".shp":
-        named.update({f"shapefile part {part}": out.with_suffix(part) for part in SHAPEFILE_PARTS if part != ".shp"})
-    if options.class_raster:
-        named["class raster"] = Path(options.class_raster)
-    if options.prob_raster:
-        named["probability raster"] = Path(options.prob_raster)
+    named: dict[str, Path] = {}
+    for role, path in output_paths(options).items():
+        named[OUTPUT_NAMES[role]] = path
+        if role == "report" and Path(options.out).suffix.lower() == ".shp":
+            named.update({f"shapefile part {part}": Path(options.out).with_suffix(part)
+                          for part in SHAPEFILE_PARTS if part != ".shp"})
     return named
 
 
