@@ -208,7 +208,7 @@ def version() -> None:
     typer.echo(__version__)
 
 
-# serve: the implementation lives in backend/service/server.py
+# serve: the implementation lives in backend/service/server/
 
 
 @app.command()

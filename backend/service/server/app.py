@@ -1,0 +1,141 @@
+"""The FastAPI app: error bodies as one sentence, OPTIONS and Allow, and the job store and worker it owns."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
+
+from backend import __version__
+from backend.engine.errors import FarslipError
+from backend.service.jobs import JobManager, JobStore
+
+from .routes import v1_router
+from .security import MAX_BODY_BYTES, GuardMiddleware
+
+log = logging.getLogger("farslip.server")
+
+FEATURE_CACHE_MB = 1024  # ~2,600 ViT-B/16 crops: a 300 Mpx extent re-runs without the encoder
+
+
+def default_runners() -> dict:
+    """What the worker runs for each kind of job."""
+    from backend.service.downloads import run_download
+    from backend.service.evaluate_jobs import run_evaluate
+    from backend.service.jobs import run_segment, run_train
+    from backend.service.search_jobs import run_index, run_search
+
+    return {"segment": run_segment, "train": run_train, "index": run_index, "search": run_search,
+            "download": run_download, "evaluate": run_evaluate}
+
+
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """Every method some route answers on `path` (for OPTIONS and the Allow header of a 405).
+
+    Read from the OpenAPI description (the API's routes, however routers are nested) plus the
+    documentation pages, which the description leaves out.
+    """
+    methods = {"OPTIONS"}
+    templates = [(template, {m.upper() for m in operations}) for template, operations in app.openapi()["paths"].items()]
+    templates += [(route.path, set(route.methods)) for route in app.routes
+                  if isinstance(getattr(route, "path", None), str) and getattr(route, "methods", None)
+                  and "{path:path}" not in route.path]
+    for template, route_methods in templates:
+        if compile_path(template)[0].match(path):
+            methods |= route_methods
+    return sorted(methods)
+
+
+def _validation_sentence(error: RequestValidationError) -> str:
+    parts = []
+    for item in error.errors()[:5]:
+        location = ".".join(str(part) for part in item.get("loc", ()) if part != "body") or "body"
+        parts.append(f"{location}: {item.get('msg', 'invalid')}")
+    more = len(error.errors()) - 5
+    return "The request is not valid: " + "; ".join(parts) + (f" (and {more} more)" if more > 0 else "") + "."
+
+
+def _answer_errors_in_one_sentence(app: FastAPI) -> None:
+    @app.exception_handler(FarslipError)
+    async def farslip_error(_request: Request, error: FarslipError):
+        return JSONResponse({"detail": str(error)}, status_code=error.http_status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, error: RequestValidationError):
+        return JSONResponse({"detail": _validation_sentence(error)}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        headers = {key: value for key, value in (getattr(error, "headers", None) or {}).items()
+                   if key.lower() != "allow"}
+        if error.status_code == 405:
+            headers["allow"] = ", ".join(allowed_methods(app, request.url.path))
+        return JSONResponse({"detail": str(error.detail)}, status_code=error.status_code, headers=headers)
+
+    @app.options("/{path:path}", include_in_schema=False)
+    def options(path: str, request: Request):
+        methods = allowed_methods(app, request.url.path)
+        if methods == ["OPTIONS"]:
+            raise StarletteHTTPException(404, "Not Found")
+        return Response(status_code=204, headers={"allow": ", ".join(methods)})
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, error: Exception):
+        log.exception("unexpected error in a request")
+        return JSONResponse({"detail": f"The backend hit an unexpected error ({type(error).__name__}); "
+                                       "its log file has the details."}, status_code=500)
+
+
+def create_app(token: str, state_dir: Path, device: str | None = None,
+               on_shutdown: Callable[[], None] | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+               runners: dict | None = None, feature_cache_mb: int = FEATURE_CACHE_MB,
+               feature_cache_disk_mb: int = 0, host: str = "127.0.0.1") -> FastAPI:
+    """The FastAPI app; the job store opens and the worker starts when the app starts.
+
+    Segment jobs share a feature cache of at most feature_cache_mb MiB in memory and, when
+    feature_cache_disk_mb > 0, that much on disk in STATE_DIR/features.
+    """
+    from backend.engine.feature_cache import FeatureCache
+    from backend.engine.devices import resolve_device
+
+    state_dir = Path(state_dir)
+    device = str(resolve_device(device or os.environ.get("FARSLIP_DEVICE") or "auto"))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # Import the engine now rather than in the first request, which would otherwise take seconds.
+        import backend.engine.segment  # noqa: F401
+
+        store = JobStore(state_dir / "jobs.sqlite")
+        store.mark_interrupted()
+        features = FeatureCache(feature_cache_mb * 2**20, state_dir / "features", feature_cache_disk_mb * 2**20)
+        manager = JobManager(store, runners if runners is not None else default_runners(), device=device,
+                             features=features)
+        manager.start()
+        app.state.manager = manager
+        log.info("backend ready: device %s, state in %s", device, state_dir)
+        try:
+            yield
+        finally:
+            log.info("shutting down: cancelling the running job")
+            manager.shutdown()
+            store.close()
+            if on_shutdown is not None:
+                on_shutdown()
+
+    app = FastAPI(title="FarSLIP backend", version=__version__, lifespan=lifespan,
+                  description="Open-vocabulary segmentation of GeoTIFFs. Every /v1 endpoint needs "
+                              "`Authorization: Bearer <token>` (the token is in the connection file).")
+    app.state.device = device
+    app.add_middleware(GuardMiddleware, token=token, max_body_bytes=max_body_bytes, host=host)
+    _answer_errors_in_one_sentence(app)
+    app.include_router(v1_router())
+    return app

@@ -1,0 +1,43 @@
+"""/v1/jobs: list, follow and cancel jobs; and how the other areas queue theirs."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from backend.service.jobs import JobManager, is_job_id
+from backend.service.schemas import Job, JobCreated, JobList
+
+router = APIRouter()
+
+
+def manager_of(request: Request) -> JobManager:
+    return request.app.state.manager
+
+
+def queue_job(request: Request, kind: str, body: BaseModel, outputs: list[str]) -> JobCreated:
+    """Queue a checked request as a job of `kind` that will write `outputs`."""
+    job = manager_of(request).submit(kind, body.model_dump(), outputs)
+    return JobCreated(job_id=job["id"], state=job["state"])
+
+
+def job_or_404(job: dict | None, job_id: str) -> dict:
+    if job is None:
+        raise StarletteHTTPException(404, f"There is no job {job_id!r}; GET /v1/jobs lists the jobs.")
+    return job
+
+
+@router.get("/jobs", response_model=JobList)
+def jobs(request: Request, limit: int = Query(200, ge=1, le=10000)):
+    return {"jobs": manager_of(request).list(limit)}
+
+
+@router.get("/jobs/{job_id}", response_model=Job)
+def job(job_id: str, request: Request):
+    return job_or_404(manager_of(request).get(job_id) if is_job_id(job_id) else None, job_id)
+
+
+@router.delete("/jobs/{job_id}", response_model=Job)
+def cancel(job_id: str, request: Request):
+    return job_or_404(manager_of(request).cancel(job_id) if is_job_id(job_id) else None, job_id)

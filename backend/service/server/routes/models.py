@@ -1,0 +1,62 @@
+"""/v1/health, /v1/models, /v1/models/download, /v1/presets: what this backend runs on and can load."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from backend import __version__
+from backend.service.schemas import DeviceInfo, DownloadRequest, Health, JobCreated, ModelList, PresetList
+
+from .jobs import manager_of, queue_job
+
+router = APIRouter()
+
+
+def device_info(device: str) -> DeviceInfo:
+    import torch
+
+    kind = device.split(":")[0]
+    if kind == "cuda" and torch.cuda.is_available():
+        index = torch.device(device).index or 0
+        free, _total = torch.cuda.mem_get_info(index)
+        return DeviceInfo(type="cuda", name=torch.cuda.get_device_name(index), free_memory_mb=free // 2**20)
+    if kind == "mps":
+        return DeviceInfo(type="mps", name="Apple GPU (MPS)")
+    import platform
+
+    return DeviceInfo(type="cpu", name=platform.processor() or platform.machine() or "CPU")
+
+
+@router.get("/health", response_model=Health)
+def health(request: Request):
+    manager = manager_of(request)
+    features = manager.models.features
+    return Health(version=__version__, device=device_info(request.app.state.device),
+                  loaded_model=manager.loaded_model,
+                  feature_cache=features.stats() if features is not None else None)
+
+
+@router.get("/models", response_model=ModelList)
+def models(request: Request):
+    from backend.engine.models import list_models
+    from backend.engine.registry import DEFAULT_MODEL
+    from backend.engine.sam_models import list_sam_models
+
+    loaded = manager_of(request).loaded_model
+    entries = [dict(entry, loaded=bool(loaded) and entry.get("name") == loaded) for entry in list_models()]
+    return {"default": DEFAULT_MODEL, "models": entries, "sam_models": list_sam_models()}
+
+
+@router.post("/models/download", response_model=JobCreated, status_code=202)
+def submit_download(body: DownloadRequest, request: Request):
+    from backend.service.downloads import check_download_request
+
+    check_download_request(body.model_dump())
+    return queue_job(request, "download", body, [])
+
+
+@router.get("/presets", response_model=PresetList)
+def presets():
+    from backend.engine.presets import list_presets
+
+    return {"presets": list_presets()}

@@ -1,0 +1,33 @@
+"""/v1/segment: a segment job, checked with the same engine checks as `farslip segment`."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from backend.engine.options import path_fields
+from backend.service.jobs import check_segment_job
+from backend.service.schemas import JobCreated, SegmentRequest, options_from_request
+
+from ..security import absolute_path, looks_like_path
+from .jobs import manager_of, queue_job
+
+router = APIRouter()
+
+
+def check_segment_request(request: SegmentRequest, device: str) -> list[str]:
+    """Run the engine's checks on a request; returns the files the job will write.
+
+    Raises the engine's InputError/ModelError, so the sentence is the one `farslip segment` prints.
+    """
+    for name in path_fields():
+        value = getattr(request, name)
+        if value is not None:
+            absolute_path(value, name.replace("_", " "))
+    if request.model is not None and looks_like_path(request.model):
+        absolute_path(request.model, "model")
+    return check_segment_job(options_from_request(request.model_dump()), device)
+
+
+@router.post("/segment", response_model=JobCreated, status_code=202)
+def submit_segment(body: SegmentRequest, request: Request):
+    return queue_job(request, "segment", body, check_segment_request(body, manager_of(request).models.device))

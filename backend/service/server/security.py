@@ -1,0 +1,151 @@
+"""Who may talk to the backend and what a request may name: bearer token, Host check, body limit, paths.
+
+The token and Host checks run in GuardMiddleware, before anything reads the request body; the path
+rules run in the handlers, before the engine's own checks.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+from pathlib import Path
+
+from fastapi import HTTPException
+
+from backend.engine.errors import InputError
+from backend.engine.files import expand_user
+
+MAX_BODY_BYTES = 1024 * 1024
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+# --------------------------------------------------------------------------- request paths
+
+def absolute_path(text: str, what: str) -> Path:
+    """A path in a request: the backend has no working folder a relative path could mean."""
+    if "\x00" in text:
+        raise InputError(f"The {what} path contains a NUL character; give a real file path.")
+    path = expand_user(text, what)
+    if not path.is_absolute():
+        raise InputError(f"The {what} path {text!r} is relative; the backend cannot know which folder it is "
+                         "relative to. Give an absolute path.")
+    return path
+
+
+def looks_like_path(text: str) -> bool:
+    """A --model value that names a file rather than a registry model."""
+    return any(sep in text for sep in ("/", "\\")) or text.startswith("~") or text.endswith(
+        (".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
+
+
+def checked_paths(body, outputs: tuple[str, ...]) -> dict:
+    """The request as a dict, after the path rules every job shares (absolute raster, outputs, weights)."""
+    request = body.model_dump()
+    for name in ("raster", *outputs, "weights"):
+        if request.get(name) is not None:
+            absolute_path(request[name], name)
+    if request.get("model") is not None and looks_like_path(request["model"]):
+        absolute_path(request["model"], "model")
+    return request
+
+
+# --------------------------------------------------------------------------- token, host, body size
+
+class BodyTooLarge(HTTPException):
+    """Raised while the body is read; an HTTPException so that FastAPI passes it through as a 413."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"The request body is larger than {limit // 1024} KiB; requests carry paths "
+                              "and options, never pixels.")
+
+
+def bearer_matches(header: bytes, token: bytes) -> bool:
+    """`Authorization: Bearer <token>`, the scheme in any letter case (RFC 7235)."""
+    scheme, _, credentials = header.strip().partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(), token)
+
+
+def host_is_allowed(host_header: str, bound_host: str) -> bool:
+    """Loopback names, IP literals and the address the backend was told to listen on; no other DNS names."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        host = host[1:host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    if host in LOCAL_HOSTS or host == bound_host.lower():
+        return True
+    if bound_host in LOCAL_HOSTS:
+        return host in ("127.0.0.1", "::1") or host.startswith("127.")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+class GuardMiddleware:
+    """Bearer-token check on /v1 (before anything reads the body) and a request body size limit."""
+
+    def __init__(self, app, token: str, max_body_bytes: int = MAX_BODY_BYTES, host: str = "127.0.0.1"):
+        self.app = app
+        self.token = token.encode()
+        self.max_body_bytes = max_body_bytes
+        self.host = host
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        host = headers.get(b"host", b"").decode("latin-1")
+        if not host_is_allowed(host, self.host):
+            # A web page whose DNS name was rebound to 127.0.0.1 sends its own name here.
+            return await _send_error(send, 421, f"The Host header {host[:100]!r} does not name this machine's "
+                                     "loopback address; connect to the backend by 127.0.0.1 or localhost.")
+        path = scope.get("path", "")
+        if path == "/v1" or path.startswith("/v1/"):
+            if not bearer_matches(headers.get(b"authorization", b""), self.token):
+                return await _send_error(send, 401, "Missing or wrong access token: send the header "
+                                         "'Authorization: Bearer <token>' with the token from the backend's "
+                                         "connection file.", {"www-authenticate": "Bearer"})
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                too_large = int(length) > self.max_body_bytes
+            except ValueError:
+                return await _send_error(send, 400, "The Content-Length header is not a number.")
+            if too_large:
+                return await _send_error(send, 413, BodyTooLarge(self.max_body_bytes).detail)
+
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise BodyTooLarge(self.max_body_bytes)
+            return message
+
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge as error:
+            if not started:
+                await _send_error(send, 413, error.detail)
+
+
+async def _send_error(send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw_headers += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body})
