@@ -391,9 +391,7 @@ def _train_in(work: Path, out: Path, loaded: LoadedModel, data: TrainingData, op
 
     if resuming:
         adapters.load_trainable_state(trainer.model, _load_tensors(checkpoint / "last.safetensors"))
-        trainer.optimizer.load_state_dict(saved["optimizer"])
-        trainer.scheduler.load_state_dict(saved["scheduler"])
-        # The schedule's lambda is rebuilt for the new total, so a longer run stretches the cosine.
+        trainer.optimisation.restore(saved)
     else:
         if progress is not None:
             progress(0, options.epochs * steps, {"phase": "validate", "epoch": 0})
@@ -410,7 +408,7 @@ def _train_in(work: Path, out: Path, loaded: LoadedModel, data: TrainingData, op
         payload = {
             "epoch": current.epoch, "best_miou": current.best_miou, "best_epoch": current.best_epoch,
             "history": json.dumps(current.history), "before": json.dumps(before),
-            "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+            **trainer.optimisation.state(),
             "options": asdict(options), "data": {"raster": raster_sha, "labels": labels_sha},
         }
         with atomic_output(checkpoint / "state.pt") as staged:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 import operator
 import time
 from collections.abc import Callable
@@ -44,8 +43,7 @@ from backend.engine.raster import PixelWindow, RasterSource
 from backend.engine.text import LOGIT_SCALE, TextEmbedder, parse_class_lines, query_index
 
 from . import adapters
-from .distill import native_area, native_source, resize_square, sample_views, view_side
-from .evaluate import predict_classes, score, segmenter_for
+from .batches import BatchSampler
 from .labels import LabelGrid
 from .losses import (
     balanced_class_weights,
@@ -54,16 +52,9 @@ from .losses import (
     patch_targets,
     region_alignment_loss,
 )
-from .sampling import (
-    Box,
-    PixelBox,
-    SpatialSplit,
-    pure_boxes,
-    random_crop_boxes,
-    region_boxes,
-    steps_for,
-    to_pixels,
-)
+from .optimisation import Optimisation
+from .sampling import SpatialSplit, steps_for
+from .validation import Validation
 
 if TYPE_CHECKING:
     from open_clip.model import CLIP
@@ -168,14 +159,16 @@ def crop_size(visual, options: TrainOptions, split: SpatialSplit) -> int:
 
 
 class Trainer:
-    """Holds the student (a copy of the loaded model), the teacher, texts and the optimiser."""
+    """One fine-tuning run: the student (a copy of the loaded model), its teacher and the class texts, and
+    the losses of a step. Batches come from a BatchSampler, parameter updates from an Optimisation,
+    the figures from a Validation."""
 
     def __init__(self, loaded: LoadedModel, data: TrainingData, options: TrainOptions, total_steps: int):
         self.loaded = loaded
         self.data = data
         self.options = options
         self.device = loaded.device
-        torch.manual_seed(options.seed)
+        torch.manual_seed(options.seed)  # before the copy: LoRA's initial weights are drawn in prepare()
         self.model = copy.deepcopy(loaded.model).float().to(self.device)
         self.parameters = adapters.prepare(self.model, options.method, rank=options.lora_rank,
                                            alpha=options.lora_alpha, last_blocks=options.last_blocks)
@@ -187,9 +180,6 @@ class Trainer:
         self.patch = visual.conv1.kernel_size[0]
         self.input_px = input_size(visual)
         self.crop_px = crop_size(visual, options, data.split)
-        self.native = native_source(data.source)
-        self.distill_area = native_area(data.source, data.train_window)
-        self.distill_side = view_side(self.distill_area, self.input_px)
 
         classes = parse_class_lines(data.grid.class_lines)
         self.num_classes = len(classes)
@@ -201,103 +191,18 @@ class Trainer:
         self.class_text = region_embedder.embed([c.name for c in classes]).to(self.device)
         counts = [data.split.train_pixels.get(line, 0) for line in data.grid.class_lines]
         self.class_weights = balanced_class_weights(counts, options.class_balance).to(self.device)
-        self._prepare_regions()
 
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=options.learning_rate, betas=(0.9, 0.98),
-                                           eps=1e-6, weight_decay=options.weight_decay)
-        warmup = options.warmup_steps
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = (step - warmup) / max(1, total_steps - warmup)
-            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
-        self.amp_dtype = None
-        if self.device.type == "cuda":
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-
-    # --- data -------------------------------------------------------------------------------
-
-    def _prepare_regions(self) -> None:
-        """Region boxes per class inside the training rectangle (map coordinates)."""
-        data, rng = self.data, np.random.default_rng(self.options.seed)
-        area = data.split.train_bounds
-        native_pixel = data.pixel_size * data.source.width / data.source.dataset.width
-        boxes, ids = region_boxes(data.grid, area, native_pixel, self.options.region_min_px,
-                                  self.options.region_max_px)
-        self.regions: dict[int, list[Box]] = {}
-        for box, class_id in zip(boxes, ids):
-            self.regions.setdefault(class_id, []).append(box)
-        for class_id in range(self.num_classes):
-            if len(self.regions.get(class_id, [])) < 4:
-                extra = pure_boxes(data.grid, area, data.transform, class_id, self.crop_px // 2, 16, rng)
-                self.regions.setdefault(class_id, []).extend(extra)
-        self.regions = {k: v for k, v in self.regions.items() if v}
-
-    def _window(self, box: Box, size: int | None = None) -> PixelBox:
-        """A label-grid box for `box`, exactly size x size when `size` is given, inside the train rect."""
-        pixels = to_pixels(box, self.data.transform)
-        if size is None:
-            return pixels
-        train = self.data.split.train
-        row0 = min(max(pixels.row0, train.row0), train.row1 - size)
-        col0 = min(max(pixels.col0, train.col0), train.col1 - size)
-        return PixelBox(row0, col0, row0 + size, col0 + size)
-
-    def crop_batch(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, S, S) pixels 0..255 and (B, S, S) labels of random training crops."""
-        size = self.crop_px
-        boxes = random_crop_boxes(self.data.split.train_bounds, size * self.data.pixel_size,
-                                  self.options.batch_size, rng)
-        pixels, labels = [], []
-        for box in boxes:
-            rows, cols = self._window(box, size).slices
-            rgb, lab = self.data.rgb[:, rows, cols], self.data.grid.labels[rows, cols]
-            if self.options.augment:
-                turns, flip = int(rng.integers(4)), bool(rng.integers(2))
-                rgb, lab = np.rot90(rgb, turns, axes=(1, 2)), np.rot90(lab, turns)
-                if flip:
-                    rgb, lab = rgb[:, :, ::-1], lab[:, ::-1]
-            pixels.append(np.ascontiguousarray(rgb))
-            labels.append(np.ascontiguousarray(lab))
-        return (torch.from_numpy(np.stack(pixels)).to(self.device),
-                torch.from_numpy(np.stack(labels).astype(np.int64)).to(self.device))
-
-    def region_batch(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(R, 3, I, I) region crops resized to the model input, and their class ids (balanced)."""
-        if len(self.regions) < 2 or self.options.region_weight <= 0:
-            return None
-        class_ids = list(self.regions)
-        picked = rng.choice(class_ids, size=self.options.regions_per_step, replace=True)
-        crops, ids = [], []
-        for class_id in picked:
-            candidates = self.regions[int(class_id)]
-            box = to_pixels(candidates[int(rng.integers(len(candidates)))], self.native.transform)
-            rgb, _ = self.native.read(PixelWindow(box.row0, box.col0, box.height, box.width))
-            if rgb.shape[1] < 2 or rgb.shape[2] < 2:
-                continue
-            if self.options.augment and rng.integers(2):
-                rgb = rgb[:, :, ::-1]
-            crops.append(resize_square(torch.from_numpy(np.ascontiguousarray(rgb))[None].to(self.device),
-                                       self.input_px))
-            ids.append(int(class_id))
-        if len(set(ids)) < 2:
-            return None
-        return torch.cat(crops), torch.tensor(ids, device=self.device)
+        self.batches = BatchSampler(data, options, self.crop_px, self.input_px, self.num_classes, self.device)
+        self.distill_side = self.batches.distill_side
+        self.optimisation = Optimisation(self.parameters, options.learning_rate, options.weight_decay,
+                                         options.warmup_steps, total_steps, self.device)
+        self.validation = Validation(loaded, data, self.embedder, options.attention, options.eval_batch_size)
 
     # --- model passes -----------------------------------------------------------------------
 
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return torch.autocast("cpu", enabled=False)
-        return torch.autocast("cuda", dtype=self.amp_dtype)
-
     def tokens(self, visual, pixels: torch.Tensor) -> torch.Tensor:
         """(B, h, w, D) unnormalised projected patch tokens of 0..255 pixels (the release's forward_v2)."""
-        with self._autocast():
+        with self.optimisation.autocast():
             tokens = dense_patch_features(visual, normalize_pixels(pixels.to(self.device)), self.options.attention,
                                           normalize=False)
         return tokens.float()
@@ -317,8 +222,7 @@ class Trainer:
                 adapters.set_adapters_enabled(self.model, True)
 
     def distill_loss(self, rng: np.random.Generator) -> torch.Tensor:
-        views = sample_views(self.native, self.distill_area, self.input_px, self.options.batch_size,
-                             self.options.distill_boxes, rng)
+        views = self.batches.distill_views(rng)
         student = self.tokens(self.model.visual, views.global_pixels)
         target = self.teacher_pooled(views.local_pixels)
         grid_boxes = views.boxes.to(self.device)
@@ -326,10 +230,11 @@ class Trainer:
         return patch_distillation_loss(student, grid_boxes, target)
 
     def losses(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """The step's losses; the batches are drawn from `rng` in this order: crops, views, regions."""
         options = self.options
-        pixels, labels = self.crop_batch(rng)
+        pixels, labels = self.batches.crop_batch(rng)
         out: dict[str, torch.Tensor] = {}
-        with self._autocast():
+        with self.optimisation.autocast():
             dense = dense_patch_features(self.model.visual, normalize_pixels(pixels), options.attention)
         dense = dense.float()
         if options.patch_loss_weight > 0:
@@ -338,10 +243,10 @@ class Trainer:
                                             self.class_weights)
         if options.distill_weight > 0 and options.distill_boxes > 0:
             out["distill"] = self.distill_loss(rng)
-        regions = self.region_batch(rng)
+        regions = self.batches.region_batch(rng)
         if regions is not None:
             crops, ids = regions
-            with self._autocast():
+            with self.optimisation.autocast():
                 embeddings = self.model.encode_image(normalize_pixels(crops))
             out["region"] = region_alignment_loss(embeddings.float(), ids, self.class_text, LOGIT_SCALE)
         return out
@@ -355,24 +260,12 @@ class Trainer:
         self.model.train()
         parts = self.losses(rng)
         loss = self.total(parts)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.parameters, 1.0)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
+        self.optimisation.apply(loss)
         return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in parts.items()}}
 
-    # --- validation -------------------------------------------------------------------------
-
     def validate(self, should_cancel: Callable[[], bool] | None = None, model: CLIP | None = None) -> dict:
-        """Metrics on the validation strip through the engine (`segment`'s own code path)."""
-        segmenter = segmenter_for(self.loaded, self.data.grid.class_lines,
-                                  model=self.model if model is None else model, embedder=self.embedder,
-                                  attention=self.options.attention, batch_size=self.options.eval_batch_size)
-        predicted = predict_classes(segmenter, self.data.source, self.data.validation_window, should_cancel)
-        return score(self.data.validation_labels, predicted, self.data.grid.class_names)
+        """Metrics on the validation strip of the model being trained (or of `model`)."""
+        return self.validation.run(self.model if model is None else model, should_cancel)
 
 
 def run_epochs(trainer: Trainer, state: TrainState, steps_per_epoch: int,
@@ -395,7 +288,7 @@ def run_epochs(trainer: Trainer, state: TrainState, steps_per_epoch: int,
             done = (epoch - 1) * steps_per_epoch + step + 1
             if progress is not None:
                 progress(done, total, {"phase": "train", "epoch": epoch, "epochs": options.epochs,
-                                       "loss": values["loss"], "lr": trainer.scheduler.get_last_lr()[0]})
+                                       "loss": values["loss"], "lr": trainer.optimisation.learning_rate})
         means = {k: v / steps_per_epoch for k, v in sums.items()}
         train_seconds = time.perf_counter() - started
         metrics = trainer.validate(should_cancel)

@@ -1,0 +1,103 @@
+"""What one training step sees: random crops with their labels, distillation views, region crops per class.
+
+Every draw comes from the step's `rng`, in the order the step asks for them, so a seed fixes the
+whole run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from backend.engine.raster import PixelWindow
+
+from .distill import DistillViews, native_area, native_source, resize_square, sample_views, view_side
+from .sampling import Box, PixelBox, pure_boxes, random_crop_boxes, region_boxes, to_pixels
+
+
+class BatchSampler:
+    """Batches from the training rectangle of `data` (a finetune.TrainingData) for `options` (TrainOptions)."""
+
+    def __init__(self, data, options, crop_px: int, input_px: int, num_classes: int, device: torch.device):
+        self.data = data
+        self.options = options
+        self.crop_px = crop_px
+        self.input_px = input_px
+        self.num_classes = num_classes
+        self.device = device
+        self.native = native_source(data.source)
+        self.distill_area = native_area(data.source, data.train_window)
+        self.distill_side = view_side(self.distill_area, input_px)
+        self.regions = self._class_regions()
+
+    def _class_regions(self) -> dict[int, list[Box]]:
+        """Region boxes per class inside the training rectangle (map coordinates)."""
+        data, rng = self.data, np.random.default_rng(self.options.seed)
+        area = data.split.train_bounds
+        native_pixel = data.pixel_size * data.source.width / data.source.dataset.width
+        boxes, ids = region_boxes(data.grid, area, native_pixel, self.options.region_min_px,
+                                  self.options.region_max_px)
+        regions: dict[int, list[Box]] = {}
+        for box, class_id in zip(boxes, ids):
+            regions.setdefault(class_id, []).append(box)
+        for class_id in range(self.num_classes):
+            if len(regions.get(class_id, [])) < 4:
+                extra = pure_boxes(data.grid, area, data.transform, class_id, self.crop_px // 2, 16, rng)
+                regions.setdefault(class_id, []).extend(extra)
+        return {k: v for k, v in regions.items() if v}
+
+    def _window(self, box: Box, size: int | None = None) -> PixelBox:
+        """A label-grid box for `box`, exactly size x size when `size` is given, inside the train rect."""
+        pixels = to_pixels(box, self.data.transform)
+        if size is None:
+            return pixels
+        train = self.data.split.train
+        row0 = min(max(pixels.row0, train.row0), train.row1 - size)
+        col0 = min(max(pixels.col0, train.col0), train.col1 - size)
+        return PixelBox(row0, col0, row0 + size, col0 + size)
+
+    def crop_batch(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, S, S) pixels 0..255 and (B, S, S) labels of random training crops."""
+        size = self.crop_px
+        boxes = random_crop_boxes(self.data.split.train_bounds, size * self.data.pixel_size,
+                                  self.options.batch_size, rng)
+        pixels, labels = [], []
+        for box in boxes:
+            rows, cols = self._window(box, size).slices
+            rgb, lab = self.data.rgb[:, rows, cols], self.data.grid.labels[rows, cols]
+            if self.options.augment:
+                turns, flip = int(rng.integers(4)), bool(rng.integers(2))
+                rgb, lab = np.rot90(rgb, turns, axes=(1, 2)), np.rot90(lab, turns)
+                if flip:
+                    rgb, lab = rgb[:, :, ::-1], lab[:, ::-1]
+            pixels.append(np.ascontiguousarray(rgb))
+            labels.append(np.ascontiguousarray(lab))
+        return (torch.from_numpy(np.stack(pixels)).to(self.device),
+                torch.from_numpy(np.stack(labels).astype(np.int64)).to(self.device))
+
+    def distill_views(self, rng: np.random.Generator) -> DistillViews:
+        """Global views read at native resolution with their boxes and local views (distill.py)."""
+        return sample_views(self.native, self.distill_area, self.input_px, self.options.batch_size,
+                            self.options.distill_boxes, rng)
+
+    def region_batch(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(R, 3, I, I) region crops resized to the model input, and their class ids (balanced)."""
+        if len(self.regions) < 2 or self.options.region_weight <= 0:
+            return None
+        class_ids = list(self.regions)
+        picked = rng.choice(class_ids, size=self.options.regions_per_step, replace=True)
+        crops, ids = [], []
+        for class_id in picked:
+            candidates = self.regions[int(class_id)]
+            box = to_pixels(candidates[int(rng.integers(len(candidates)))], self.native.transform)
+            rgb, _ = self.native.read(PixelWindow(box.row0, box.col0, box.height, box.width))
+            if rgb.shape[1] < 2 or rgb.shape[2] < 2:
+                continue
+            if self.options.augment and rng.integers(2):
+                rgb = rgb[:, :, ::-1]
+            crops.append(resize_square(torch.from_numpy(np.ascontiguousarray(rgb))[None].to(self.device),
+                                       self.input_px))
+            ids.append(int(class_id))
+        if len(set(ids)) < 2:
+            return None
+        return torch.cat(crops), torch.tensor(ids, device=self.device)

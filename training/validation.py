@@ -1,0 +1,31 @@
+"""The figures a training is judged by: metrics on the validation strip, through `segment`'s own code path."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from backend.engine.models import LoadedModel
+from backend.engine.text import TextEmbedder
+
+from .evaluate import predict_classes, score, segmenter_for
+
+if TYPE_CHECKING:
+    from open_clip.model import CLIP
+
+
+class Validation:
+    """Scores a vision model (the one being trained, or the base model) on `data`'s validation strip."""
+
+    def __init__(self, loaded: LoadedModel, data, embedder: TextEmbedder, attention: str, batch_size: int):
+        self.loaded = loaded
+        self.data = data
+        self.embedder = embedder
+        self.attention = attention
+        self.batch_size = batch_size
+
+    def run(self, model: CLIP, should_cancel: Callable[[], bool] | None = None) -> dict:
+        segmenter = segmenter_for(self.loaded, self.data.grid.class_lines, model=model, embedder=self.embedder,
+                                  attention=self.attention, batch_size=self.batch_size)
+        predicted = predict_classes(segmenter, self.data.source, self.data.validation_window, should_cancel)
+        return score(self.data.validation_labels, predicted, self.data.grid.class_names)
