@@ -8,12 +8,15 @@ CPU runtime (runtimes.py), or the null encoder that `farslip bench
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from .dense import dense_patch_features
+
+if TYPE_CHECKING:
+    from open_clip.transformer import VisionTransformer
 
 
 class Encoder(Protocol):
@@ -22,7 +25,7 @@ class Encoder(Protocol):
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor: ...
 
 
-def crop_size(visual: torch.nn.Module) -> int:
+def crop_size(visual: VisionTransformer) -> int:
     """The side of the square crops the vision tower was trained on (224 for the FarSLIP models)."""
     size = visual.image_size
     return int(size[0] if isinstance(size, (tuple, list)) else size)
@@ -38,7 +41,7 @@ def autocast_enabled(device: torch.device, half: bool | None) -> bool:
 class TorchEncoder:
     """The vision tower in eager torch, with the training-free last block (dense.py)."""
 
-    def __init__(self, visual: torch.nn.Module, attention: str, device: torch.device, half: bool | None = None):
+    def __init__(self, visual: VisionTransformer, attention: str, device: torch.device, half: bool | None = None):
         self.visual = visual
         self.attention = attention
         self.device = device
@@ -56,7 +59,7 @@ class TorchEncoder:
 class DenseTower(torch.nn.Module):
     """The dense path as a module, for exporters that trace a forward()."""
 
-    def __init__(self, visual: torch.nn.Module, attention: str):
+    def __init__(self, visual: VisionTransformer, attention: str):
         super().__init__()
         self.visual = visual
         self.attention = attention
@@ -74,8 +77,8 @@ class NullEncoder:
 
     name = "null"
 
-    def __init__(self, visual: torch.nn.Module, device: torch.device):
-        self.patch = visual.conv1.kernel_size[0]
+    def __init__(self, visual: VisionTransformer, device: torch.device):
+        self.patch: int = visual.conv1.kernel_size[0]
         generator = torch.Generator().manual_seed(0)
         self.projection = torch.randn(3, visual.output_dim, generator=generator).to(device)
 

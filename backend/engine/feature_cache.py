@@ -57,7 +57,7 @@ class FeatureCache:
         self.hits = 0
         self.misses = 0
         if self.folder is not None:
-            self._scan_disk()
+            self._scan_disk(self.folder)
 
     # -- public
 
@@ -114,11 +114,12 @@ class FeatureCache:
     # -- disk tier: one .npy per crop under folder/scope/
 
     def _path(self, scope: str, crop: CropKey) -> Path:
+        assert self.folder is not None, "only the disk tier has paths"
         return self.folder / scope / ("_".join(str(v) for v in crop) + ".npy")
 
-    def _scan_disk(self) -> None:
+    def _scan_disk(self, folder: Path) -> None:
         files = []
-        for path in self.folder.glob("*/*.npy"):
+        for path in folder.glob("*/*.npy"):
             if path.name.startswith("."):
                 continue  # a crop being written right now (backend.engine.atomic), not yet a cache entry
             try:

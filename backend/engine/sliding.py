@@ -102,7 +102,7 @@ class Segmenter:
         self.crops_encoded = 0
         self.stage_s: dict[str, float] = dict.fromkeys(STAGES, 0.0)
         self._pin = self.device.type == "cuda"
-        self._to_cache: list[tuple[list, torch.Tensor, object]] = []
+        self._to_cache: list[tuple[list, torch.Tensor, torch.cuda.Event | None]] = []
         self._upsampling: dict[tuple[int, int], torch.Tensor] = {}
 
     @property
@@ -123,8 +123,9 @@ class Segmenter:
         """(B, 3, h, w) RGB 0..255 -> (B, gh, gw, D) patch features on the device (from the cache where known)."""
         self._store_finished()
         cached: list[np.ndarray | None] = [None] * len(crops)
-        if self.feature_cache is not None and keys is not None:
-            cached = [self.feature_cache.get(self.cache_scope, key) for key in keys]
+        cache, scope = self.feature_cache, self.cache_scope
+        if cache is not None and scope is not None and keys is not None:
+            cached = [cache.get(scope, key) for key in keys]
         missing = [i for i, found in enumerate(cached) if found is None]
         self.crops_cached += len(crops) - len(missing)
         self.crops_encoded += len(missing)
@@ -139,8 +140,13 @@ class Segmenter:
         if computed is not None and len(missing) == len(crops):
             return computed
         computed_at = {i: j for j, i in enumerate(missing)}
-        parts = [computed[computed_at[i]].cpu() if found is None else torch.from_numpy(found)
-                 for i, found in enumerate(cached)]
+        parts = []
+        for i, found in enumerate(cached):
+            if found is None:
+                assert computed is not None, "every crop the cache lacks was encoded above"
+                parts.append(computed[computed_at[i]].cpu())
+            else:
+                parts.append(torch.from_numpy(found))
         return torch.stack(parts).to(self.device)
 
     def resizes_crop(self, height: int, width: int) -> bool:
@@ -172,11 +178,15 @@ class Segmenter:
             self._store_finished()
 
     def _store_finished(self) -> None:
+        if not self._to_cache:
+            return
+        cache, scope = self.feature_cache, self.cache_scope
+        assert cache is not None and scope is not None, "features are queued only while a cache is in use"
         for keys, host, event in self._to_cache:
             if event is not None:
                 event.synchronize()
             for key, features in zip(keys, host.numpy()):
-                self.feature_cache.put(self.cache_scope, key, features.copy())
+                cache.put(scope, key, features.copy())
         self._to_cache.clear()
 
     def flush_cache(self) -> None:
@@ -223,11 +233,11 @@ class Segmenter:
         started = time.perf_counter()
         # The rows handed in are dropped from the accumulator afterwards: divide in place.
         logits = logit_sum.div_(count.clamp(min=1))
-        probs = self._class_probabilities(logits)
-        score, class_ids = probs.max(dim=0)
-        probs = probs.cpu().numpy()
-        class_ids = class_ids.to(torch.uint8).cpu().numpy()
-        score = score.cpu().numpy()
+        class_probs = self._class_probabilities(logits)
+        best, best_ids = class_probs.max(dim=0)
+        probs = class_probs.cpu().numpy()
+        class_ids = best_ids.to(torch.uint8).cpu().numpy()
+        score = best.cpu().numpy()
         if self.threshold > 0:
             class_ids[score < self.threshold] = UNCLASSIFIED
         valid = valid & (count.cpu().numpy() > 0)
@@ -306,8 +316,10 @@ def _read_ahead(source: PixelSource, windows: list[PixelWindow], timings: dict[s
         result = source.read(window)
         return result, time.perf_counter() - started
 
+    if not windows:
+        return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="farslip-read") as pool:
-        upcoming = pool.submit(timed_read, windows[0]) if windows else None
+        upcoming = pool.submit(timed_read, windows[0])
         for i in range(len(windows)):
             waited = time.perf_counter()
             result, seconds = upcoming.result()
