@@ -85,3 +85,7 @@ class NullEncoder:
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         pooled = F.avg_pool2d(pixels, self.patch).permute(0, 2, 3, 1)
         return F.normalize(pooled @ self.projection, dim=-1)
+
+    def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The global (CLS) path's stand-in, for the quality estimate's region checks: (B, D)."""
+        return pixels.mean(dim=(2, 3)) @ self.projection

@@ -39,6 +39,7 @@ from scipy import ndimage
 from .atomic import write_text_atomically
 from .dense import normalize_pixels
 from .errors import CancelledError, InputError
+from .feature_cache import FeatureCache
 from .models import LoadedModel
 from .raster import PixelSource, PixelWindow
 
@@ -180,13 +181,21 @@ def raster_signals(regions, score_path: Path, signals_path: Path, transform: Aff
 
 def region_crop_window(geometry, transform: Affine, window: PixelWindow, source_shape: tuple[int, int]
                        ) -> PixelWindow:
-    """A square window of the processing grid around the polygon's bounding box, with context."""
+    """A square window of the processing grid around the polygon's bounding box, with context.
+
+    The side is the next step of a fixed ladder (MIN_CROP times powers of sqrt(2)) and the corner lies
+    on a grid of a quarter of the side (the box stays inside: it fills at most half the side), so a
+    polygon that comes back in a run with other classes asks for the same window, whose embedding
+    the feature cache then already holds.
+    """
     height, width = source_shape
     r0, r1, c0, c1 = _pixel_box(geometry, transform, window.height, window.width)
-    side = max(r1 - r0, c1 - c0)
-    side = int(min(max(MIN_CROP, side * (1 + 2 * CONTEXT)), height, width))
-    row = window.row_off + (r0 + r1) // 2 - side // 2
-    col = window.col_off + (c0 + c1) // 2 - side // 2
+    needed = max(r1 - r0, c1 - c0) * (1 + 2 * CONTEXT)
+    steps = math.ceil(2 * math.log2(max(needed, MIN_CROP) / MIN_CROP) - 1e-9)
+    side = int(min(math.ceil(MIN_CROP * 2 ** (steps / 2)), height, width))
+    grid = max(side // 4, 1)
+    row = round((window.row_off + (r0 + r1) / 2 - side / 2) / grid) * grid
+    col = round((window.col_off + (c0 + c1) / 2 - side / 2) / grid) * grid
     row, col = min(max(row, 0), height - side), min(max(col, 0), width - side)
     return PixelWindow(row, col, side, side)
 
@@ -200,45 +209,70 @@ def regions_to_check(regions, dense_crops: int) -> list[int]:
     return sorted(large[:budget])
 
 
-@torch.inference_mode()
-def crop_class_probabilities(loaded: LoadedModel, source: PixelSource, crops: Sequence[PixelWindow],
-                             text: torch.Tensor, owner: np.ndarray,
-                             should_cancel: Callable[[], bool] | None = None) -> np.ndarray:
-    """(len(crops), classes): each window of `source` resized to the model's input, run through CLIP's
-    global image path and scored against all class lines as `classify` does (softmax over queries at
-    the model's logit scale, max over synonyms). Windows run in batches of REGION_BATCH."""
-    from .classify import class_probabilities, logit_scale
+ImageEmbedder = Callable[[torch.Tensor], torch.Tensor]  # normalised (B, 3, S, S) -> (B, D) image embeddings
 
+
+@torch.inference_mode()
+def crop_embeddings(loaded: LoadedModel, source: PixelSource, crops: Sequence[PixelWindow],
+                    should_cancel: Callable[[], bool] | None = None, embed: ImageEmbedder | None = None,
+                    cache: FeatureCache | None = None, scope: str | None = None,
+                    counts: dict[str, int] | None = None) -> np.ndarray:
+    """(len(crops), D) unit image embeddings (CLIP's global path) of windows of `source` resized to the
+    model's input, in batches of REGION_BATCH. `embed` replaces the model's image tower (benchmarks);
+    with a `cache` and `scope`, windows embedded before are not run again (`counts["cached"]` adds them)."""
+    embed = embed or loaded.model.encode_image
     visual = loaded.model.visual
     size = visual.image_size
     side = int(size[0] if isinstance(size, (tuple, list)) else size)
-    text_np = F.normalize(text.float(), dim=-1).cpu().numpy()
-    scale = logit_scale(loaded)
-    n_classes = int(owner.max()) + 1
-    out = np.zeros((len(crops), n_classes))
-    for start in range(0, len(crops), REGION_BATCH):
+    keys = [(crop.row_off, crop.col_off, crop.height, side) for crop in crops]
+    found = [cache.get(scope, key) if cache is not None and scope else None for key in keys]
+    missing = [i for i, known in enumerate(found) if known is None]
+    if counts is not None:
+        counts["cached"] = counts.get("cached", 0) + len(crops) - len(missing)
+    for start in range(0, len(missing), REGION_BATCH):
         if should_cancel is not None and should_cancel():
             raise CancelledError("The segmentation was cancelled; nothing was written.")
+        picked = missing[start:start + REGION_BATCH]
         batch = []
-        for crop in crops[start:start + REGION_BATCH]:
-            rgb, _valid = source.read(crop)
+        for i in picked:
+            rgb, _valid = source.read(crops[i])
             pixels = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32))[None]
             batch.append(F.interpolate(pixels, size=(side, side), mode="bilinear", align_corners=False))
         pixels = normalize_pixels(torch.cat(batch).to(loaded.device))
-        image = F.normalize(loaded.model.encode_image(pixels).float(), dim=-1).cpu().numpy()
-        out[start:start + len(batch)] = class_probabilities(image, text_np, owner, n_classes, scale)
-    return out
+        image = F.normalize(embed(pixels).float(), dim=-1).cpu().numpy()
+        for i, row in zip(picked, image):
+            found[i] = row
+            if cache is not None and scope:
+                cache.put(scope, keys[i], row)
+    dim = int(loaded.model.visual.output_dim)
+    return np.stack(found).astype(np.float32) if found else np.zeros((0, dim), np.float32)
+
+
+def crop_class_probabilities(loaded: LoadedModel, source: PixelSource, crops: Sequence[PixelWindow],
+                             text: torch.Tensor, owner: np.ndarray,
+                             should_cancel: Callable[[], bool] | None = None, **embedding) -> np.ndarray:
+    """(len(crops), classes): each window of `source` resized to the model's input, run through CLIP's
+    global image path (crop_embeddings; `embedding` are its options) and scored against all class lines
+    as `classify` does (softmax over queries at the model's logit scale, max over synonyms)."""
+    from .classify import class_probabilities, logit_scale
+
+    text_np = F.normalize(text.float(), dim=-1).cpu().numpy()
+    n_classes = int(owner.max()) + 1
+    if not crops:
+        return np.zeros((0, n_classes))
+    image = crop_embeddings(loaded, source, crops, should_cancel, **embedding)
+    return np.asarray(class_probabilities(image, text_np, owner, n_classes, logit_scale(loaded)), dtype=float)
 
 
 def region_agreement(regions, source: PixelSource, window: PixelWindow, transform: Affine, loaded: LoadedModel,
                      text: torch.Tensor, owner: np.ndarray, should_cancel: Callable[[], bool] | None = None,
-                     only: Sequence[int] | None = None) -> np.ndarray:
+                     only: Sequence[int] | None = None, **embedding) -> np.ndarray:
     """For each region (or those in `only`), the probability (CLIP's global image path vs all class
-    lines) of its own class; NaN for the others."""
+    lines) of its own class; NaN for the others. `embedding`: options of crop_embeddings."""
     picked = list(range(len(regions))) if only is None else list(only)
     crops = [region_crop_window(regions[i].geometry, transform, window, (source.height, source.width))
              for i in picked]
-    probs = crop_class_probabilities(loaded, source, crops, text, owner, should_cancel)
+    probs = crop_class_probabilities(loaded, source, crops, text, owner, should_cancel, **embedding)
     agree = np.full(len(regions), np.nan)
     for row, i in enumerate(picked):
         agree[i] = probs[row, regions[i].class_id]

@@ -245,9 +245,14 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
                               encoder=encoder,
                               embedder=TextEmbedder(loaded, language=check_language(options.language)))
         timings["text_s"] = time.perf_counter() - t0
+        # The quality estimate's region checks run the global image path (or a benchmark's stand-in).
+        embed_regions = getattr(segmenter.encoder, "embed_images", None)
+        region_scope = None
         if feature_cache is not None:
             segmenter.use_cache(feature_cache, raster_scope(source, loaded.weights_id, options.attention,
                                                             segmenter.encoder.name))
+            region_scope = raster_scope(source, loaded.weights_id, "global",
+                                        segmenter.encoder.name if embed_regions else "torch")
         # The write check sits inside the commit, so it sees the full disk before staged files go.
         with contextlib.ExitStack() as commit, writing_to(targets.values(), needed_mb):
             workdir = make_work_dir(Path(options.out).parent, run_tag)
@@ -305,7 +310,8 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
             t0 = time.perf_counter()
             estimate = estimate_quality(regions, source, window, segmenter, score_path, signals_path,
                                         options.quality_calibration, class_lines_of(options),
-                                        [c.name for c in classes], total, should_cancel)
+                                        [c.name for c in classes], total, should_cancel,
+                                        embed=embed_regions, cache=feature_cache, scope=region_scope)
             timings["quality_s"] = time.perf_counter() - t0
             class_names = [c.name for c in classes]
             stats = _class_stats(regions, class_names)
@@ -419,15 +425,19 @@ class QualityEstimate:
 
 def estimate_quality(regions, source: RasterSource, window: PixelWindow, segmenter: Segmenter, score_path: Path,
                      signals_path: Path, named_calibration: str | Path | None, class_lines: list[str],
-                     class_names: list[str], dense_crops: int, should_cancel) -> QualityEstimate:
-    """Per-polygon quality signals and `quality`, and the run's estimated mIoU (quality.py)."""
+                     class_names: list[str], dense_crops: int, should_cancel, **embedding) -> QualityEstimate:
+    """Per-polygon quality signals and `quality`, and the run's estimated mIoU (quality.py).
+
+    `embedding`: how the region checks embed their crops (quality.crop_embeddings: embed, cache, scope)."""
     loaded = segmenter.loaded
     transform = source.window_transform(window)
     values = raster_signals(regions, score_path, signals_path, transform, should_cancel)
     started = time.perf_counter()
     checked = regions_to_check(regions, dense_crops)
+    counts = {"cached": 0}
     values["region_agr"] = region_agreement(regions, source, window, transform, loaded, segmenter.text,
-                                            segmenter.owner, should_cancel, only=checked)
+                                            segmenter.owner, should_cancel, only=checked, counts=counts,
+                                            **embedding)
     region_s = time.perf_counter() - started
     model_dir = loaded.metadata.get("model_dir")
     calibration = calibration_path_for(Path(model_dir)) if model_dir else None
@@ -444,7 +454,8 @@ def estimate_quality(regions, source: RasterSource, window: PixelWindow, segment
     fields = {"quality": quality, **{name: values[name] for name in FIELDS[1:]}}
     report = {"estimated_miou": run_quality_estimate(regions, quality, len(class_names)),
               "calibration": source_name, "signals": list(SIGNALS),
-              "region_checks": len(checked), "polygons": len(regions), "region_s": round(region_s, 3)}
+              "region_checks": len(checked), "region_cached": counts["cached"], "polygons": len(regions),
+              "region_s": round(region_s, 3)}
     return QualityEstimate(fields, report)
 
 
