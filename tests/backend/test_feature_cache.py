@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import numpy as np
+import pyogrio.raw
 import pytest
 import rasterio
 from rasterio.transform import from_origin
@@ -117,3 +118,23 @@ def test_cli_cache_features_makes_the_second_run_skip_the_encoder(loaded, tmp_pa
     assert "features of 9 cached" in second.output
     bad = runner.invoke(app, [*args, "-c", "forest", "--cache-mb", "0", "-o", str(tmp_path / "c.gpkg")])
     assert bad.exit_code == 2 and "--cache-mb must be at least 1" in bad.output
+
+
+def region_agreement_field(path: Path) -> np.ndarray:
+    _meta, _fids, _geometry, fields = pyogrio.raw.read(path, columns=["region_agr"])
+    return np.asarray(fields[0], dtype=float)
+
+
+def test_a_rerun_takes_its_region_checks_from_the_cache_and_writes_the_same_quality(loaded, tmp_path):
+    raster = write_raster(tmp_path / "image.tif")
+    cache = FeatureCache(max_bytes=64 * 2**20)
+    first = run(raster, loaded, FIRST, tmp_path / "first", cache)
+    again = run(raster, loaded, FIRST, tmp_path / "again", cache)
+    checks = again.report["quality"]["region_checks"]
+    assert checks > 0 and first.report["quality"]["region_cached"] == 0
+    assert again.report["quality"]["region_cached"] == checks
+    uncached = run(raster, loaded, FIRST, tmp_path / "uncached")
+    expected = region_agreement_field(tmp_path / "uncached" / "result.gpkg")
+    assert np.isfinite(expected).sum() == checks
+    np.testing.assert_allclose(region_agreement_field(tmp_path / "again" / "result.gpkg"), expected, atol=1e-6)
+    assert uncached.report["quality"]["region_cached"] == 0

@@ -13,11 +13,14 @@ from typer.testing import CliRunner
 from backend.engine.errors import InputError
 from backend.engine.quality import (
     MIN_CALIBRATION_TILES,
+    MIN_CROP,
     QualityModel,
     fit_quality_model,
     pixel_signals,
     rank_agreement,
+    region_crop_window,
 )
+from backend.engine.raster import PixelWindow
 from backend.service.cli import app
 
 runner = CliRunner()
@@ -28,6 +31,28 @@ def tiny_model(tmp_path_factory):
     from tinymodels import make_tiny_clip, save_plain
 
     return save_plain(make_tiny_clip(16), tmp_path_factory.mktemp("q") / "tiny16.pt")
+
+
+def test_region_windows_hold_the_polygon_and_come_from_a_fixed_ladder_and_grid():
+    # Fixed sides and corners let a polygon that comes back in a run with other classes reuse its check.
+    import shapely
+    from rasterio.transform import from_origin
+
+    transform = from_origin(1000, 2000, 1.0, 1.0)  # window (100, 50) of a 1000 x 800 grid
+    window = PixelWindow(100, 50, 600, 500)
+    ladder = {min(math.ceil(MIN_CROP * 2 ** (k / 2)), 800) for k in range(20)}
+    for x0, y0, size in [(1010, 1950, 5), (1100, 1700, 37), (1003, 1800, 120), (1300, 1900, 333), (1000, 2000, 10)]:
+        window_box = region_crop_window(shapely.box(x0, y0 - size, x0 + size, y0), transform, window, (1000, 800))
+        assert window_box.height == window_box.width and window_box.height in ladder
+        assert window_box.height >= min(size * 2, 800)
+        grid = max(window_box.height // 4, 1)
+        row = 100 + (2000 - y0)
+        col = 50 + (x0 - 1000)
+        assert window_box.row_off <= row and row + size <= window_box.row_off + window_box.height
+        assert window_box.col_off <= col and col + size <= window_box.col_off + window_box.width
+        side = window_box.height
+        assert window_box.row_off in (0, 1000 - side) or window_box.row_off % grid == 0
+        assert window_box.col_off in (0, 800 - side) or window_box.col_off % grid == 0
 
 
 def test_margin_and_entropy_follow_their_definitions():
