@@ -80,11 +80,13 @@ class NullEncoder:
     def __init__(self, visual: VisionTransformer, device: torch.device):
         self.patch: int = visual.conv1.kernel_size[0]
         generator = torch.Generator().manual_seed(0)
-        self.projection = torch.randn(3, visual.output_dim, generator=generator).to(device)
+        # Orthonormal rows: a unit 3-vector maps to a unit feature, so the output needs no normalising pass.
+        rows, _ = torch.linalg.qr(torch.randn(visual.output_dim, 3, generator=generator))
+        self.projection = rows.T.contiguous().to(device)
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        pooled = F.avg_pool2d(pixels, self.patch).permute(0, 2, 3, 1)
-        return F.normalize(pooled @ self.projection, dim=-1)
+        pooled = F.normalize(F.avg_pool2d(pixels, self.patch).permute(0, 2, 3, 1), dim=-1)
+        return pooled @ self.projection
 
     def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """The global (CLS) path's stand-in, for the quality estimate's region checks: (B, D)."""

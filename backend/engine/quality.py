@@ -41,7 +41,7 @@ from .dense import normalize_pixels
 from .errors import CancelledError, InputError
 from .feature_cache import FeatureCache
 from .models import LoadedModel
-from .raster import PixelSource, PixelWindow
+from .raster import PixelSource, PixelWindow, RasterSource
 
 SIGNALS = ("score_mean", "margin", "entropy", "sharpness", "region_agr")
 FIELDS = ("quality", "margin", "entropy", "sharpness", "region_agr")
@@ -60,14 +60,14 @@ def pixel_signals(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n = probs.shape[0]
     if n == 1:
         return probs[0].astype(np.float32), np.zeros(probs.shape[1:], np.float32)
-    top = np.partition(probs, n - 2, axis=0)[n - 2:]
-    margin = top[1] - top[0]
-    total = probs.sum(axis=0)
-    p = probs / np.where(total > 0, total, 1.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        entropy = -(np.where(p > 0, p * np.log(p), 0.0)).sum(axis=0) / math.log(n)
-    entropy[np.isnan(total)] = np.nan
-    return margin.astype(np.float32), entropy.astype(np.float32)
+    # torch: top-2 and x*log(x) over the class axis run on every core (a run computes this per block).
+    values = torch.from_numpy(np.ascontiguousarray(probs, dtype=np.float32))
+    top = values.topk(2, dim=0).values
+    margin = top[0] - top[1]
+    total = values.sum(dim=0)
+    p = values / torch.where(total > 0, total, torch.ones_like(total))
+    entropy = -torch.special.xlogy(p, p).sum(dim=0) / math.log(n)
+    return margin.numpy(), entropy.numpy()
 
 
 @dataclass
@@ -209,6 +209,14 @@ def regions_to_check(regions, dense_crops: int) -> list[int]:
     return sorted(large[:budget])
 
 
+def _read_crop(source: PixelSource, crop: PixelWindow, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """A window at full resolution, or, when more than twice the model input, read decimated to it by
+    GDAL: a region of a whole large raster must not read every one of its pixels for one 224 crop."""
+    if crop.height > 2 * side and isinstance(source, RasterSource):
+        return source.read(crop, (side, side))
+    return source.read(crop)
+
+
 ImageEmbedder = Callable[[torch.Tensor], torch.Tensor]  # normalised (B, 3, S, S) -> (B, D) image embeddings
 
 
@@ -235,7 +243,7 @@ def crop_embeddings(loaded: LoadedModel, source: PixelSource, crops: Sequence[Pi
         picked = missing[start:start + REGION_BATCH]
         batch = []
         for i in picked:
-            rgb, _valid = source.read(crops[i])
+            rgb, _valid = _read_crop(source, crops[i], side)
             pixels = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32))[None]
             batch.append(F.interpolate(pixels, size=(side, side), mode="bilinear", align_corners=False))
         pixels = normalize_pixels(torch.cat(batch).to(loaded.device))

@@ -94,9 +94,10 @@ class RasterSource:
         # Palette indices are labels, not intensities: never interpolate them.
         return Resampling.nearest if self.scale == 1.0 or self.palette is not None else Resampling.bilinear
 
-    def read(self, window: PixelWindow) -> tuple[np.ndarray, np.ndarray]:
-        """(3, h, w) float32 RGB in 0..255 and (h, w) bool validity for a processing-grid window."""
-        shape = (window.height, window.width)
+    def read(self, window: PixelWindow, shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(3, h, w) float32 RGB in 0..255 and (h, w) bool validity for a processing-grid window
+        (resampled to `shape` when given: a large window read decimated by GDAL)."""
+        shape = shape or (window.height, window.width)
         src_window = self._source_window(window)
         unique = sorted(set(self.bands))
         try:
