@@ -12,7 +12,9 @@ from typer.testing import CliRunner
 
 from backend.engine import runtimes
 from backend.engine.dense import dense_patch_features, normalize_pixels
+from backend.engine.devices import resolve_device
 from backend.engine.encoders import NullEncoder, TorchEncoder, autocast_enabled
+from backend.engine.errors import InputError
 from backend.engine.models import load_model
 from backend.engine.options import SegmentOptions
 from backend.engine.segment import default_batch_size, segment_raster
@@ -86,6 +88,31 @@ def test_fp16_autocast_is_for_cuda_only_and_the_cpu_stays_exact():
     pixels = crops(2)
     with torch.inference_mode():
         assert torch.equal(encoder(pixels), dense_patch_features(loaded.model.visual, pixels))
+
+
+def test_auto_device_prefers_a_cuda_gpu_and_a_missing_one_is_one_sentence(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto").type in ("cpu", "mps")
+    with pytest.raises(InputError, match=r"^Device 'cuda' was requested but no CUDA GPU is usable here"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(InputError, match="this machine has 1 CUDA GPU"):
+        resolve_device("cuda:1")
+
+
+def test_on_a_gpu_the_encoder_is_torch_under_fp16_autocast_and_a_cpu_runtime_says_so():
+    # Building the encoder for a CUDA device touches no GPU, so this runs on any machine.
+    loaded = SimpleNamespace(model=make_tiny_clip(16, seed=7), device=torch.device("cuda"),
+                             weights_id="tiny-runtime-7".ljust(40, "0"))
+    notes = []
+    encoder = runtimes.make_encoder(loaded, "segearth", "openvino", notice=notes.append)
+    assert isinstance(encoder, TorchEncoder) and encoder.autocast and encoder.name == "torch-fp16"
+    assert notes == ["--runtime openvino runs on the CPU only; using torch on cuda."]
+    exact = runtimes.make_encoder(loaded, "segearth", "auto", half=False)
+    assert not exact.autocast and exact.name == "torch"
 
 
 def test_gpu_batch_size_follows_free_memory(monkeypatch):
