@@ -252,8 +252,9 @@ def crop_embeddings(loaded: LoadedModel, source: PixelSource, crops: Sequence[Pi
             found[i] = row
             if cache is not None and scope:
                 cache.put(scope, keys[i], row)
-    dim = int(loaded.model.visual.output_dim)
-    return np.stack(found).astype(np.float32) if found else np.zeros((0, dim), np.float32)
+    rows = [row for row in found if row is not None]
+    assert len(rows) == len(crops), "every window embedded or cached"
+    return np.stack(rows).astype(np.float32) if rows else np.zeros((0, int(visual.output_dim)), np.float32)
 
 
 def crop_class_probabilities(loaded: LoadedModel, source: PixelSource, crops: Sequence[PixelWindow],
