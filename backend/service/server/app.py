@@ -16,7 +16,7 @@ from starlette.routing import compile_path
 
 from backend import __version__
 from backend.engine.errors import FarslipError
-from backend.service.jobs import JobManager, JobStore
+from backend.service.jobs import JobManager, JobStore, default_runners
 
 from .routes import v1_router
 from .security import MAX_BODY_BYTES, GuardMiddleware
@@ -24,17 +24,6 @@ from .security import MAX_BODY_BYTES, GuardMiddleware
 log = logging.getLogger("farslip.server")
 
 FEATURE_CACHE_MB = 1024  # ~2,600 ViT-B/16 crops: a 300 Mpx extent re-runs without the encoder
-
-
-def default_runners() -> dict:
-    """What the worker runs for each kind of job."""
-    from backend.service.downloads import run_download
-    from backend.service.evaluate_jobs import run_evaluate
-    from backend.service.jobs import run_segment, run_train
-    from backend.service.search_jobs import run_index, run_search
-
-    return {"segment": run_segment, "train": run_train, "index": run_index, "search": run_search,
-            "download": run_download, "evaluate": run_evaluate}
 
 
 def allowed_methods(app: FastAPI, path: str) -> list[str]:

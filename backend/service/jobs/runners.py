@@ -1,0 +1,141 @@
+"""What the worker runs for each kind of job, and the checks a segment request passes before it is queued.
+
+A runner takes (request, JobControl, ModelCache) and returns the job's result; the segment and train
+runners live here, the others beside their commands (downloads, evaluate_jobs, search_jobs).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Callable
+
+from backend.engine.errors import CancelledError
+from backend.engine.options import SegmentOptions
+from backend.engine.temporary import run_prefixes
+from backend.service.schemas import options_from_request
+
+from .cleanup import free_device_memory
+from .model_cache import ModelCache
+from .worker import JobControl, Runner
+
+log = logging.getLogger("farslip.jobs")
+
+
+def default_runners() -> dict[str, Runner]:
+    """The runner of each kind of job the server accepts."""
+    from backend.service.downloads import run_download
+    from backend.service.evaluate_jobs import run_evaluate
+    from backend.service.search_jobs import run_index, run_search
+
+    return {"segment": run_segment, "train": run_train, "index": run_index, "search": run_search,
+            "download": run_download, "evaluate": run_evaluate}
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    try:
+        import torch
+
+        if isinstance(error, torch.cuda.OutOfMemoryError):
+            return True
+    except (ImportError, AttributeError):
+        pass
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+def check_segment_job(options: SegmentOptions, device: str) -> list[str]:
+    """The engine's checks before queueing, in `farslip segment`'s order (so a request with several
+    faults gets the CLI's sentence); returns the files the job will write.
+
+    Cheap: opens the raster (and reads the decimated sample the engine reads anyway), never the model.
+    """
+    import torch
+
+    from backend.engine.checks import check_inputs, class_lines_of, output_paths
+    from backend.engine.models import check_model
+    from backend.engine.text import parse_class_lines
+
+    check_inputs(options, device=torch.device(device))
+    weights = str(options.weights) if options.weights else None
+    check_model(options.model, weights)
+    parse_class_lines(class_lines_of(options) or _finetuned_class_lines(options.model, weights))
+    if options.refine == "sam":
+        from backend.engine.sam_models import sam_location
+
+        sam_location(options.sam_model)
+    return [str(path) for path in output_paths(options).values()]
+
+
+def _finetuned_class_lines(model: str | None, weights: str | None) -> list[str]:
+    """A fine-tuned model folder's own classes (used when a request gives none)."""
+    from backend.engine.finetuned import read_finetuned_meta
+    from backend.engine.models import locate_model
+
+    kind, where, _ = locate_model(model, weights)
+    if kind != "finetuned":
+        return []
+    return list(read_finetuned_meta(where).get("class_lines") or [])
+
+
+def run_segment(request: dict, control: JobControl, models: ModelCache) -> dict:
+    """Worker side of a segment job: load (or reuse) the model, run the engine, retry smaller on GPU OOM."""
+    from backend.engine.checks import output_paths
+    from backend.engine.feature_cache import feature_cache_for
+    from backend.engine.segment import segment_raster, with_model_defaults
+
+    options = options_from_request(request)
+    notices: list[str] = []
+    control.message(f"Loading the model {options.model or 'default'}.")
+    loaded = models.get(options.model, str(options.weights) if options.weights else None, options.half)
+    options = with_model_defaults(options, loaded)
+    cache = feature_cache_for(options.cache_features, options.cache_mb, models.features)
+    control.will_create(run_prefixes([str(path) for path in output_paths(options).values()], control.run_tag))
+    while True:
+        if control.should_cancel():
+            raise CancelledError("The run was cancelled; nothing was written.")
+        control.message("Segmenting.")
+        try:
+            result = segment_raster(options, loaded, progress=control.progress, should_cancel=control.should_cancel,
+                                    feature_cache=cache, notice=_notice(control, notices), run_tag=control.run_tag)
+            break
+        except Exception as error:
+            if not is_out_of_memory(error) or options.batch_size is None or options.batch_size <= 1:
+                raise
+            free_device_memory()
+            options = replace(options, batch_size=max(1, options.batch_size // 2))
+            log.warning("GPU out of memory: retrying with batch size %d", options.batch_size)
+            control.message(f"The GPU ran out of memory; retrying with batch size {options.batch_size}.")
+            control.restart_timing()
+    features = {key: value for key, value in result.features.items() if key != "cache"}
+    return {"outputs": dict(result.outputs), "classes": list(result.classes), "run_id": result.run_id,
+            "tiles": result.tiles, "timings": dict(result.timings), "warnings": list(result.warnings) + notices,
+            "quality": dict(result.report.get("quality") or {}),
+            "features": features, "encoder": result.report.get("encoder")}
+
+
+def _notice(control: JobControl, notices: list[str]) -> Callable[[str], None]:
+    """Runtime fallbacks: in the log, the job's message and its result's warnings."""
+    def notice(sentence: str) -> None:
+        log.warning("%s", sentence)
+        notices.append(sentence)
+        control.message(sentence)
+
+    return notice
+
+
+# --------------------------------------------------------------------------- train jobs
+
+def run_train(request: dict, control: JobControl, models: ModelCache) -> dict:
+    """Worker side of a train job: training.api owns the method; the worker lends its device."""
+    from training import api
+
+    # Training changes the weights it is given and needs the memory: give it a fresh model and
+    # drop the one segment jobs share (the next segment job loads it again).
+    models.unload()
+    request = {key: value for key, value in request.items() if value is not None}
+    request.setdefault("device", models.device)
+    control.message("Preparing the training data.")
+    result = api.train_request(request, progress=control.progress, should_cancel=control.should_cancel,
+                               message=control.message)
+    return {"outputs": dict(result.get("outputs") or {"model_dir": result.get("model_dir")}), "classes": [],
+            "metrics": result.get("metrics")}

@@ -1,0 +1,140 @@
+"""The job history: every job's request, state, progress and result in a SQLite file in the state folder.
+
+The history survives a restart: a job a previous process left queued or running is marked
+`interrupted` at the next start, and the temporary names it recorded are removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from backend.engine.temporary import remove_owned
+
+log = logging.getLogger("farslip.jobs")
+
+ACTIVE_STATES = ("queued", "running")
+FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
+JOB_FIELDS = ("id", "kind", "state", "progress", "tiles_done", "tiles_total", "eta_s", "message",
+              "created", "started", "finished", "request", "result", "error")
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def is_job_id(text: str) -> bool:
+    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
+
+
+class JobStore:
+    """Job records in SQLite. Thread-safe: one connection behind a lock."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        os.chmod(self.path, 0o600)
+        self._db.row_factory = sqlite3.Row
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS jobs ("
+                " seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, kind TEXT NOT NULL,"
+                " state TEXT NOT NULL, progress REAL NOT NULL DEFAULT 0, tiles_done INTEGER NOT NULL DEFAULT 0,"
+                " tiles_total INTEGER NOT NULL DEFAULT 0, eta_s REAL, message TEXT NOT NULL DEFAULT '',"
+                " created TEXT NOT NULL, started TEXT, finished TEXT, request TEXT NOT NULL, result TEXT,"
+                " error TEXT, outputs TEXT NOT NULL DEFAULT '[]')"
+            )
+            columns = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            if "temporary" not in columns:  # a history written by an earlier version
+                self._db.execute("ALTER TABLE jobs ADD COLUMN temporary TEXT NOT NULL DEFAULT '[]'")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def insert(self, job: dict, outputs: list[str]) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO jobs (id, kind, state, progress, tiles_done, tiles_total, eta_s, message, created,"
+                " started, finished, request, result, error, outputs) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (job["id"], job["kind"], job["state"], job["progress"], job["tiles_done"], job["tiles_total"],
+                 job["eta_s"], job["message"], job["created"], job["started"], job["finished"],
+                 json.dumps(job["request"]), _dump(job["result"]), job["error"], json.dumps(outputs)),
+            )
+
+    def update(self, job: dict) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE jobs SET state=?, progress=?, tiles_done=?, tiles_total=?, eta_s=?, message=?,"
+                " started=?, finished=?, result=?, error=? WHERE id=?",
+                (job["state"], job["progress"], job["tiles_done"], job["tiles_total"], job["eta_s"],
+                 job["message"], job["started"], job["finished"], _dump(job["result"]), job["error"], job["id"]),
+            )
+
+    def record_temporary(self, job_id: str, names: list[str]) -> None:
+        """Remember the temporary names a job is about to create (before it creates them)."""
+        with self._lock:
+            self._db.execute("UPDATE jobs SET temporary=? WHERE id=?", (json.dumps(names), job_id))
+
+    def temporary(self, job_id: str) -> list[str]:
+        with self._lock:
+            row = self._db.execute("SELECT temporary FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return json.loads(row["temporary"]) if row else []
+
+    def get(self, job_id: str) -> dict | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return _job_from_row(row) if row else None
+
+    def list(self, limit: int = 200) -> list[dict]:
+        """The newest `limit` jobs, newest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+        return [_job_from_row(row) for row in rows]
+
+    def mark_interrupted(self) -> list[dict]:
+        """Jobs a previous process left queued or running become `interrupted`; their temporary files go."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE state IN ('queued', 'running') ORDER BY seq").fetchall()
+        interrupted = []
+        for row in rows:
+            job = _job_from_row(row)
+            was_running = job["state"] == "running"
+            removed = remove_owned(json.loads(row["temporary"]))
+            job.update(
+                state="interrupted", eta_s=None, finished=now_iso(),
+                message=("The backend stopped while this job was running; nothing was written. Run it again."
+                         if was_running else "The backend stopped before this job started. Run it again."),
+            )
+            self.update(job)
+            log.warning("job %s was %s when the previous backend stopped: now interrupted%s", job["id"],
+                        "running" if was_running else "queued",
+                        f"; removed {', '.join(removed)}" if removed else "")
+            interrupted.append(job)
+        return interrupted
+
+
+def _dump(value: Any) -> str | None:
+    return None if value is None else json.dumps(value)
+
+
+def _job_from_row(row: sqlite3.Row) -> dict:
+    job = {name: row[name] for name in JOB_FIELDS}
+    job["request"] = json.loads(job["request"])
+    job["result"] = json.loads(job["result"]) if job["result"] else None
+    return job
