@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -31,9 +30,8 @@ from backend.engine.finetuned import FINETUNED_FORMAT, FINETUNED_META, FINETUNED
 from backend.engine.models import LoadedModel
 from backend.engine.weights import file_sha256
 from backend.engine.errors import CancelledError, InputError
-from backend.engine.atomic import atomic_output, shared_file_mode
-from backend.engine.files import check_regular_file, check_vector_source, input_paths, is_inside
-from backend.engine.temporary import new_run_tag, process_is_alive, staged_stem
+from backend.engine.atomic import atomic_output
+from backend.engine.files import check_regular_file, check_vector_source, input_paths
 from backend.engine.raster import PixelWindow, RasterSource, native_gsd_m, open_source
 
 from . import adapters
@@ -50,11 +48,19 @@ from .finetune import (
 )
 from .distill import BOX_AREA, BOX_ASPECT
 from .labels import LabelGrid, build_label_grid, read_aoi, read_label_polygons
+from .model_folder import (
+    CHECKPOINT_DIR,
+    check_out_folder,
+    copy_text_tower,
+    load_tensors,
+    move_into_place,
+    partial_dir,
+    save_tensors,
+    start_work_folder,
+)
 from .sampling import split_labels
 
 TEACHERS = ("frozen", "active")
-CHECKPOINT_DIR = "checkpoint"
-OWNER_FILE = "owner.json"  # in the working folder: the pid of the training writing it
 MAX_TRAINING_PIXELS = 64_000_000  # the labelled window is held in memory as float32 RGB (~770 MB)
 
 Progress = Callable[[int, int, dict], None]
@@ -182,116 +188,10 @@ def _check_options(options: TrainOptions) -> None:
                          f"{options.validation_fraction}.")
 
 
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
-    # safetensors creates 0600 files; model folders are meant to be shared.
-    with atomic_output(path, mode=shared_file_mode()) as staged:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(staged), metadata=metadata)
-
-
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
-def _copy_text_tower(loaded: LoadedModel, work: Path) -> None:
-    """A model with a Hugging Face text tower keeps that tower's files in its own text_tower/ folder,
-    so the fine-tuned model loads offline anywhere."""
-    from backend.engine.hf_text import copy_tower
-
-    tower = loaded.metadata.get("text_tower")
-    if tower:
-        copy_tower(Path(tower["config"]), Path(tower["tokenizer"]), work / "text_tower")
-
-
-def _partial_dir(out: Path) -> Path:
-    return out.parent / f".{out.name}.partial"
-
-
-def is_model_folder(path: Path) -> bool:
-    """A folder `farslip train` wrote: its farslip_model.json names our format."""
-    try:
-        return json.loads((path / FINETUNED_META).read_text(encoding="utf-8")).get("format") == FINETUNED_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def check_out_folder(out: Path, overwrite: bool, resume: bool, inputs: dict[str, Path]) -> None:
-    """--out may be replaced only when it is a model folder this project wrote, holding none of the inputs."""
-    if not out.parent.is_dir():
-        raise InputError(f"The output folder {out.parent} does not exist; create it or choose another --out.")
-    for what, path in inputs.items():
-        if is_inside(path, out):
-            raise InputError(f"The {what} {path} lies inside {out}, which training writes; choose another --out.")
-    if not os.path.lexists(out):
-        return
-    if not out.is_dir() or out.is_symlink():
-        raise InputError(f"{out} exists and is not a model folder; choose another --out (a fine-tuned model is "
-                         "written as a new folder).")
-    if resume:
-        return
-    if not overwrite:
-        raise InputError(f"{out} already exists; choose another --out, continue it with --resume, or "
-                         "replace it with --overwrite.")
-    if not is_model_folder(out):
-        raise InputError(f"{out} is a folder that farslip train did not write (it has no {FINETUNED_META}); "
-                         "--overwrite only replaces a fine-tuned model folder. Choose another --out.")
-
-
-def _claim(work: Path) -> None:
-    (work / OWNER_FILE).write_text(json.dumps({"pid": os.getpid()}), encoding="utf-8")
-
-
-def _refuse_if_live(work: Path) -> None:
-    """Another training writing the same --out right now keeps its working folder."""
-    try:
-        pid = int(json.loads((work / OWNER_FILE).read_text(encoding="utf-8"))["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return
-    if pid != os.getpid() and process_is_alive(pid):
-        raise InputError(f"Another training (process {pid}) is writing {work} for the same --out right now; "
-                         "wait for it to finish or choose another --out.")
-
-
 def training_inputs(raster, labels, aoi=None, base_model=None, weights=None) -> dict[str, Path]:
     """The files a training reads (which --out must not hold)."""
     return input_paths([("raster", raster), ("labels", labels), ("area of interest", aoi),
                         ("base model", base_model), ("weights", weights)])
-
-
-def _start_dir(out: Path, resume: bool, overwrite: bool) -> tuple[Path, bool]:
-    """The working folder, and whether it holds a checkpoint to resume."""
-    check_out_folder(out, overwrite, resume, {})
-    work = _partial_dir(out)
-    _refuse_if_live(work)
-    if resume:
-        if (work / CHECKPOINT_DIR / "state.pt").is_file():
-            _claim(work)
-            return work, True
-        if (out / CHECKPOINT_DIR / "state.pt").is_file():
-            shutil.rmtree(work, ignore_errors=True)
-            shutil.copytree(out, work)
-            _claim(work)
-            return work, True
-        raise InputError(f"There is no training to resume for {out}: neither {out} nor {work} holds a "
-                         f"{CHECKPOINT_DIR}/ folder. Run without --resume to start training.")
-    # A working folder left by a training that is no longer running (ours by name, its owner gone).
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
-    _claim(work)
-    return work, False
-
-
-def _move_into_place(work: Path, out: Path) -> None:
-    """Replace `out` (a model folder, checked before training) by the finished `work` folder."""
-    (work / OWNER_FILE).unlink(missing_ok=True)
-    old = staged_stem(out, new_run_tag())
-    if out.exists():
-        out.rename(old)
-    work.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def train_model(raster: str | Path, labels: str | Path, class_field: str, out: str | Path,
@@ -332,8 +232,8 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
                              options.buffer_px)
         rgb, _ = source.read(grid.window)
         data = TrainingData(rgb, grid, split, source.window_transform(grid.window), source)
-        earlier_partial = resume and (_partial_dir(out) / CHECKPOINT_DIR / "state.pt").is_file()
-        work, resuming = _start_dir(out, resume, overwrite)
+        earlier_partial = resume and (partial_dir(out) / CHECKPOINT_DIR / "state.pt").is_file()
+        work, resuming = start_work_folder(out, resume, overwrite)
         try:
             result = _train_in(work, out, loaded, data, options, resuming, raster, labels, raster_sha,
                                labels_sha, class_field, aoi, class_names, started, progress, should_cancel)
@@ -355,7 +255,7 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
             else:
                 shutil.rmtree(work, ignore_errors=True)
             raise
-    _move_into_place(work, out)
+    move_into_place(work, out)
     result["model_dir"] = str(out)
     return result
 
@@ -390,21 +290,21 @@ def _train_in(work: Path, out: Path, loaded: LoadedModel, data: TrainingData, op
     trainer = Trainer(loaded, data, options, options.epochs * steps)
 
     if resuming:
-        adapters.load_trainable_state(trainer.model, _load_tensors(checkpoint / "last.safetensors"))
+        adapters.load_trainable_state(trainer.model, load_tensors(checkpoint / "last.safetensors"))
         trainer.optimisation.restore(saved)
     else:
         if progress is not None:
             progress(0, options.epochs * steps, {"phase": "validate", "epoch": 0})
         before = trainer.validate(should_cancel, model=loaded.model)
         state.best_miou, state.best_epoch = (before["miou"] or 0.0), 0
-        _save_tensors(adapters.trainable_state(trainer.model), checkpoint / "best.safetensors")
+        save_tensors(adapters.trainable_state(trainer.model), checkpoint / "best.safetensors")
     assert before is not None, "the untrained model's figures come from the checkpoint or the first validation"
 
     def save_checkpoint(current: TrainState, improved: bool) -> None:
         tensors = adapters.trainable_state(trainer.model)
-        _save_tensors(tensors, checkpoint / "last.safetensors")
+        save_tensors(tensors, checkpoint / "last.safetensors")
         if improved:
-            _save_tensors(tensors, checkpoint / "best.safetensors")
+            save_tensors(tensors, checkpoint / "best.safetensors")
         payload = {
             "epoch": current.epoch, "best_miou": current.best_miou, "best_epoch": current.best_epoch,
             "history": json.dumps(current.history), "before": json.dumps(before),
@@ -421,11 +321,11 @@ def _train_in(work: Path, out: Path, loaded: LoadedModel, data: TrainingData, op
     crops = (state.epoch - first_epoch) * steps * options.batch_size
 
     # Best weights (epoch 0 = the base model itself when training never beat it).
-    adapters.load_trainable_state(trainer.model, _load_tensors(checkpoint / "best.safetensors"))
+    adapters.load_trainable_state(trainer.model, load_tensors(checkpoint / "best.safetensors"))
     distill_side, input_px = trainer.distill_side, trainer.input_px
     merged = adapters.merged_state_dict(trainer.model)
-    _save_tensors(merged, work / FINETUNED_WEIGHTS, metadata={"format": FINETUNED_FORMAT})
-    _copy_text_tower(loaded, work)
+    save_tensors(merged, work / FINETUNED_WEIGHTS, metadata={"format": FINETUNED_FORMAT})
+    copy_text_tower(loaded, work)
     trainer.model = trainer.teacher_visual = None  # free memory before the reload below
 
     grid, split = data.grid, data.split

@@ -1,0 +1,132 @@
+"""The folder a training writes: a hidden `.NAME.partial` working folder beside --out, renamed into place.
+
+The working folder names its owner (the process writing it), so a second training for the same
+--out is refused while the first runs, and a dead one's folder is taken over. It holds the
+checkpoint that `--resume` continues from. Only a finished model replaces --out, and only when
+--out is a model folder `farslip train` wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from backend.engine.atomic import atomic_output, shared_file_mode
+from backend.engine.errors import InputError
+from backend.engine.files import is_inside
+from backend.engine.finetuned import FINETUNED_FORMAT, FINETUNED_META
+from backend.engine.models import LoadedModel
+from backend.engine.temporary import new_run_tag, process_is_alive, staged_stem
+
+CHECKPOINT_DIR = "checkpoint"
+OWNER_FILE = "owner.json"  # in the working folder: the pid of the training writing it
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    # safetensors creates 0600 files; model folders are meant to be shared.
+    with atomic_output(path, mode=shared_file_mode()) as staged:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(staged), metadata=metadata)
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def copy_text_tower(loaded: LoadedModel, work: Path) -> None:
+    """A model with a Hugging Face text tower keeps that tower's files in its own text_tower/ folder,
+    so the fine-tuned model loads offline anywhere."""
+    from backend.engine.hf_text import copy_tower
+
+    tower = loaded.metadata.get("text_tower")
+    if tower:
+        copy_tower(Path(tower["config"]), Path(tower["tokenizer"]), work / "text_tower")
+
+
+def partial_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial"
+
+
+def is_model_folder(path: Path) -> bool:
+    """A folder `farslip train` wrote: its farslip_model.json names our format."""
+    try:
+        return json.loads((path / FINETUNED_META).read_text(encoding="utf-8")).get("format") == FINETUNED_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_out_folder(out: Path, overwrite: bool, resume: bool, inputs: dict[str, Path]) -> None:
+    """--out may be replaced only when it is a model folder this project wrote, holding none of the inputs."""
+    if not out.parent.is_dir():
+        raise InputError(f"The output folder {out.parent} does not exist; create it or choose another --out.")
+    for what, path in inputs.items():
+        if is_inside(path, out):
+            raise InputError(f"The {what} {path} lies inside {out}, which training writes; choose another --out.")
+    if not os.path.lexists(out):
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise InputError(f"{out} exists and is not a model folder; choose another --out (a fine-tuned model is "
+                         "written as a new folder).")
+    if resume:
+        return
+    if not overwrite:
+        raise InputError(f"{out} already exists; choose another --out, continue it with --resume, or "
+                         "replace it with --overwrite.")
+    if not is_model_folder(out):
+        raise InputError(f"{out} is a folder that farslip train did not write (it has no {FINETUNED_META}); "
+                         "--overwrite only replaces a fine-tuned model folder. Choose another --out.")
+
+
+def claim(work: Path) -> None:
+    (work / OWNER_FILE).write_text(json.dumps({"pid": os.getpid()}), encoding="utf-8")
+
+
+def refuse_if_live(work: Path) -> None:
+    """Another training writing the same --out right now keeps its working folder."""
+    try:
+        pid = int(json.loads((work / OWNER_FILE).read_text(encoding="utf-8"))["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if pid != os.getpid() and process_is_alive(pid):
+        raise InputError(f"Another training (process {pid}) is writing {work} for the same --out right now; "
+                         "wait for it to finish or choose another --out.")
+
+
+def start_work_folder(out: Path, resume: bool, overwrite: bool) -> tuple[Path, bool]:
+    """The working folder, and whether it holds a checkpoint to resume."""
+    check_out_folder(out, overwrite, resume, {})
+    work = partial_dir(out)
+    refuse_if_live(work)
+    if resume:
+        if (work / CHECKPOINT_DIR / "state.pt").is_file():
+            claim(work)
+            return work, True
+        if (out / CHECKPOINT_DIR / "state.pt").is_file():
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.copytree(out, work)
+            claim(work)
+            return work, True
+        raise InputError(f"There is no training to resume for {out}: neither {out} nor {work} holds a "
+                         f"{CHECKPOINT_DIR}/ folder. Run without --resume to start training.")
+    # A working folder left by a training that is no longer running (ours by name, its owner gone).
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    claim(work)
+    return work, False
+
+
+def move_into_place(work: Path, out: Path) -> None:
+    """Replace `out` (a model folder, checked before training) by the finished `work` folder."""
+    (work / OWNER_FILE).unlink(missing_ok=True)
+    old = staged_stem(out, new_run_tag())
+    if out.exists():
+        out.rename(old)
+    work.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
