@@ -143,9 +143,16 @@ def unreadable_pixels(path) -> InputError:
                       "(e.g. gdal_translate) and try again.")
 
 
+def is_gdal_virtual(path: str | Path) -> bool:
+    """A path GDAL resolves itself (object storage, HTTP, archives), not a file on this machine."""
+    return str(path).startswith("/vsi")
+
+
 def open_dataset(path: str | Path) -> rasterio.io.DatasetReader:
-    """Open a raster and check it is georeferenced, with sentences for every failure."""
-    path = check_regular_file(path, "raster")
+    """Open a raster and check it is georeferenced, with sentences for every failure.
+
+    A GDAL virtual path (/vsis3/..., /vsicurl/...) is read wherever GDAL can reach it."""
+    path = str(path) if is_gdal_virtual(path) else check_regular_file(path, "raster")
     try:
         with warnings.catch_warnings():  # a missing geotransform is our sentence below, not a warning line
             warnings.simplefilter("ignore", NotGeoreferencedWarning)

@@ -119,6 +119,11 @@ def _raster_profile(source: RasterSource, window, count: int, dtype: str, nodata
     }
 
 
+def strip_rows_for(window) -> int:
+    """Rows per polygonising strip: at most ~2 Mpx, so memory does not grow with the width either."""
+    return int(min(1024, max(64, 2_000_000 // window.width)))
+
+
 GDAL_CACHE_MB = 64
 SKIPPED_CLASSES = (NODATA_CLASS, UNCLASSIFIED)
 
@@ -266,8 +271,7 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
             class_path, score_path = workdir / "classes.tif", workdir / "score.tif"
             signals_path = workdir / "signals.tif"
             prob_path = workdir / "probs.tif" if options.prob_raster or options.refine != "none" else None
-            # Strips of at most ~2 Mpx keep vectorising memory independent of the raster's width too.
-            strip_rows = int(min(1024, max(64, 2_000_000 // window.width)))
+            strip_rows = strip_rows_for(window)
             # Without refinement, a window the engine emits in full-width rows is polygonised beside it.
             streamed = (StripPolygons(source.window_transform(window), strip_rows, should_cancel)
                         if options.refine == "none" and computed == window and window.width <= CHUNK_COLUMNS
@@ -372,52 +376,67 @@ def _class_stats(regions, class_names: list[str]) -> list[dict]:
     return stats
 
 
+class RunRasters:
+    """The class, score, signals and (optional) probability rasters of a run, written block by block.
+
+    The signals raster holds the per-pixel margin and entropy of the class probabilities (quality.py).
+    """
+
+    def __init__(self, source: RasterSource, window, classes, class_path: Path, score_path: Path,
+                 signals_path: Path | None, prob_path: Path | None):
+        n = len(classes)
+        self.class_ds = rasterio.open(class_path, "w", **_raster_profile(source, window, 1, "uint8", NODATA_CLASS))
+        self.score_ds = rasterio.open(score_path, "w",
+                                      **_raster_profile(source, window, 1, "float32", float("nan"), True))
+        self.prob_ds = (rasterio.open(prob_path, "w", **_raster_profile(source, window, n, "float32", float("nan")))
+                        if prob_path else None)
+        self.signals_ds = (rasterio.open(signals_path, "w",
+                                         **_raster_profile(source, window, 2, "float32", float("nan"), True))
+                           if signals_path else None)
+        self.class_ds.write_colormap(1, class_colormap([c.name for c in classes], UNCLASSIFIED))
+        for i, spec in enumerate(classes):
+            if self.prob_ds is not None:
+                self.prob_ds.set_band_description(i + 1, spec.name)
+        self.class_ds.set_band_description(1, "class_id")
+        self.class_ds.update_tags(1, **{f"CLASS_{i}": c.name for i, c in enumerate(classes)},
+                                  UNCLASSIFIED=str(UNCLASSIFIED))
+        self.score_ds.set_band_description(1, "score")
+
+    def write(self, row0: int, col0: int, class_ids: np.ndarray, score: np.ndarray, probs: np.ndarray | None,
+              signals: np.ndarray | None = None) -> None:
+        """One block at (row0, col0) of the window; signals are computed from `probs` unless given."""
+        h, w = class_ids.shape
+        win = rasterio.windows.Window(col0, row0, w, h)
+        self.class_ds.write(class_ids, 1, window=win)
+        self.score_ds.write(score, 1, window=win)
+        if self.prob_ds is not None:
+            self.prob_ds.write(probs, window=win)
+        if self.signals_ds is not None:
+            self.signals_ds.write(np.stack(pixel_signals(probs)) if signals is None else signals, window=win)
+
+    def close(self) -> None:
+        for ds in (self.class_ds, self.score_ds, self.signals_ds, self.prob_ds):
+            if ds is not None:
+                ds.close()
+
+
 def _write_rasters(segmenter: Segmenter, source: RasterSource, window, class_path: Path, score_path: Path,
                    prob_path: Path | None, classes, progress, should_cancel, signals_path: Path | None = None,
                    streamed: StripPolygons | None = None) -> int:
-    """Run the engine over `window`, writing each finished block; returns the number of valid pixels.
-
-    `signals_path` gets the per-pixel margin and entropy of the class probabilities (quality.py)."""
-    n = len(classes)
-    class_ds = rasterio.open(class_path, "w", **_raster_profile(source, window, 1, "uint8", NODATA_CLASS))
-    score_ds = rasterio.open(score_path, "w", **_raster_profile(source, window, 1, "float32", float("nan"), True))
-    prob_ds = (rasterio.open(prob_path, "w", **_raster_profile(source, window, n, "float32", float("nan")))
-               if prob_path else None)
-    signals_ds = (rasterio.open(signals_path, "w", **_raster_profile(source, window, 2, "float32", float("nan"),
-                                                                     True))
-                  if signals_path else None)
+    """Run the engine over `window`, writing each finished block; returns the number of valid pixels."""
+    rasters = RunRasters(source, window, classes, class_path, score_path, signals_path, prob_path)
     valid_pixels = 0
     try:
-        class_ds.write_colormap(1, class_colormap([c.name for c in classes], UNCLASSIFIED))
-        for i, spec in enumerate(classes):
-            if prob_ds is not None:
-                prob_ds.set_band_description(i + 1, spec.name)
-        class_ds.set_band_description(1, "class_id")
-        class_ds.update_tags(1, **{f"CLASS_{i}": c.name for i, c in enumerate(classes)},
-                            UNCLASSIFIED=str(UNCLASSIFIED))
-        score_ds.set_band_description(1, "score")
         for block in predict_blocks(segmenter, source, window, progress, should_cancel):
             started = time.perf_counter()
-            h, w = block.class_ids.shape
-            win = rasterio.windows.Window(block.col0, block.row0, w, h)
-            class_ds.write(block.class_ids, 1, window=win)
-            score_ds.write(block.score, 1, window=win)
-            if prob_ds is not None:
-                prob_ds.write(block.probs, window=win)
-            if signals_ds is not None:
-                signals_ds.write(np.stack(pixel_signals(block.probs)), window=win)
+            rasters.write(block.row0, block.col0, block.class_ids, block.score, block.probs)
             valid_pixels += int(block.valid.sum())
             if streamed is not None:
                 streamed.add(block)
             segmenter.stage_s["write_blocks"] = segmenter.stage_s.get("write_blocks", 0.0) + \
                 time.perf_counter() - started
     finally:
-        class_ds.close()
-        score_ds.close()
-        if signals_ds is not None:
-            signals_ds.close()
-        if prob_ds is not None:
-            prob_ds.close()
+        rasters.close()
     return valid_pixels
 
 
@@ -429,19 +448,22 @@ class QualityEstimate:
 
 def estimate_quality(regions, source: RasterSource, window: PixelWindow, segmenter: Segmenter, score_path: Path,
                      signals_path: Path, named_calibration: str | Path | None, class_lines: list[str],
-                     class_names: list[str], dense_crops: int, should_cancel, **embedding) -> QualityEstimate:
+                     class_names: list[str], dense_crops: int, should_cancel,
+                     agreement: Callable[[list, list[int]], np.ndarray] | None = None, **embedding) -> QualityEstimate:
     """Per-polygon quality signals and `quality`, and the run's estimated mIoU (quality.py).
 
-    `embedding`: how the region checks embed their crops (quality.crop_embeddings: embed, cache, scope)."""
+    `embedding`: how the region checks embed their crops (quality.crop_embeddings: embed, cache, scope);
+    `agreement(regions, checked)` replaces the region check run here (backend/scale runs it on a worker)."""
     loaded = segmenter.loaded
     transform = source.window_transform(window)
     values = raster_signals(regions, score_path, signals_path, transform, should_cancel)
     started = time.perf_counter()
     checked = regions_to_check(regions, dense_crops)
     counts = {"cached": 0}
-    values["region_agr"] = region_agreement(regions, source, window, transform, loaded, segmenter.text,
-                                            segmenter.owner, should_cancel, only=checked, counts=counts,
-                                            **embedding)
+    values["region_agr"] = (agreement(regions, checked) if agreement is not None else
+                            region_agreement(regions, source, window, transform, loaded, segmenter.text,
+                                             segmenter.owner, should_cancel, only=checked, counts=counts,
+                                             **embedding))
     region_s = time.perf_counter() - started
     model_dir = loaded.metadata.get("model_dir")
     calibration = calibration_path_for(Path(model_dir)) if model_dir else None

@@ -31,7 +31,11 @@ from .text import LOGIT_SCALE, ClassSpec, TextEmbedder, query_index
 
 NODATA_CLASS = 255
 UNCLASSIFIED = 254
+# The engine's work units: windows are cut into column chunks x row bands anchored at the window's
+# corner, each computed on its own (its crops batched together, halo crops recomputed), so a unit's
+# pixels get the same values whichever process computes it (backend/scale distributes these units).
 CHUNK_COLUMNS = 2048
+CHUNK_ROWS = 4096
 # Where the engine's time goes (seconds, summed over a run); "read" runs in a background thread.
 STAGES = ("read", "read_wait", "encode", "blend", "finish")
 
@@ -269,23 +273,30 @@ def label_probabilities(probs: np.ndarray, valid: np.ndarray, threshold: float =
     return class_ids, score
 
 
+def units(window: PixelWindow, chunk_rows: int | None = None, chunk_columns: int | None = None
+          ) -> list[PixelWindow]:
+    """The work units of `window`: column chunks (outer) x row bands, anchored at the window's corner."""
+    chunk_rows, chunk_columns = chunk_rows or CHUNK_ROWS, chunk_columns or CHUNK_COLUMNS
+    return [PixelWindow(r0, c0, min(chunk_rows, window.row_off + window.height - r0),
+                        min(chunk_columns, window.col_off + window.width - c0))
+            for c0 in range(window.col_off, window.col_off + window.width, chunk_columns)
+            for r0 in range(window.row_off, window.row_off + window.height, chunk_rows)]
+
+
 def count_crops(height: int, width: int, window: PixelWindow, crop: int, stride: int,
-                chunk_columns: int = CHUNK_COLUMNS) -> int:
-    rows = _overlapping(crop_starts(height, crop, stride), min(crop, height), window.row_off,
-                        window.row_off + window.height)
-    col_starts = crop_starts(width, crop, stride)
-    total = 0
-    for c0 in range(window.col_off, window.col_off + window.width, chunk_columns):
-        c1 = min(c0 + chunk_columns, window.col_off + window.width)
-        total += len(_overlapping(col_starts, min(crop, width), c0, c1))
-    return total * len(rows)
+                chunk_columns: int | None = None, chunk_rows: int | None = None) -> int:
+    """Crops the engine runs for `window` (those overlapping two units are counted in each)."""
+    row_starts, col_starts = crop_starts(height, crop, stride), crop_starts(width, crop, stride)
+    return sum(len(_overlapping(row_starts, min(crop, height), unit.row_off, unit.row_off + unit.height))
+               * len(_overlapping(col_starts, min(crop, width), unit.col_off, unit.col_off + unit.width))
+               for unit in units(window, chunk_rows, chunk_columns))
 
 
 def predict_blocks(segmenter: Segmenter, source: PixelSource, window: PixelWindow,
                    progress: Callable[[int, int], None] | None = None,
                    should_cancel: Callable[[], bool] | None = None,
-                   chunk_columns: int = CHUNK_COLUMNS) -> Iterator[Block]:
-    """Stream finished blocks of `window` (processing-grid pixels of `source`).
+                   chunk_columns: int | None = None, chunk_rows: int | None = None) -> Iterator[Block]:
+    """Stream finished blocks of `window` (processing-grid pixels of `source`), unit by unit (see `units`).
 
     `source` has .height, .width and .read(PixelWindow) -> (rgb (3,h,w) 0..255, valid (h,w)).
     The result for a pixel does not depend on `window`: the crop grid is the source's.
@@ -293,7 +304,7 @@ def predict_blocks(segmenter: Segmenter, source: PixelSource, window: PixelWindo
     """
     crop_h, crop_w = min(segmenter.crop, source.height), min(segmenter.crop, source.width)
     stride = segmenter.stride
-    total = count_crops(source.height, source.width, window, segmenter.crop, stride, chunk_columns)
+    total = count_crops(source.height, source.width, window, segmenter.crop, stride, chunk_columns, chunk_rows)
     done = 0
 
     def advance(crops: int) -> None:
@@ -303,14 +314,16 @@ def predict_blocks(segmenter: Segmenter, source: PixelSource, window: PixelWindo
             progress(done, total)
 
     advance(0)
-    row_starts = _overlapping(crop_starts(source.height, segmenter.crop, stride), crop_h,
-                              window.row_off, window.row_off + window.height)
+    row_starts_all = crop_starts(source.height, segmenter.crop, stride)
     col_starts_all = crop_starts(source.width, segmenter.crop, stride)
-    for c0 in range(window.col_off, window.col_off + window.width, chunk_columns):
-        c1 = min(c0 + chunk_columns, window.col_off + window.width)
-        col_starts = _overlapping(col_starts_all, crop_w, c0, c1)
-        yield from _predict_chunk(segmenter, source, window, row_starts, col_starts, (crop_h, crop_w),
-                                  c0, c1, advance, should_cancel)
+    for unit in units(window, chunk_rows, chunk_columns):
+        row_starts = _overlapping(row_starts_all, crop_h, unit.row_off, unit.row_off + unit.height)
+        col_starts = _overlapping(col_starts_all, crop_w, unit.col_off, unit.col_off + unit.width)
+        band = PixelWindow(unit.row_off, window.col_off, unit.height, window.width)
+        for block in _predict_chunk(segmenter, source, band, row_starts, col_starts, (crop_h, crop_w),
+                                    unit.col_off, unit.col_off + unit.width, advance, should_cancel):
+            block.row0 += band.row_off - window.row_off
+            yield block
 
 
 def _read_ahead(source: PixelSource, windows: list[PixelWindow], timings: dict[str, float]) -> Iterator[tuple]:

@@ -13,6 +13,7 @@ from backend.engine.atomic import write_text_atomically
 from backend.engine.errors import FarslipError
 from backend.service.cli_common import ProgressReporter, fail, interrupted, signals_as_interrupt
 from backend.service.cli_options import options_from_cli, own_option, with_segment_options
+from backend.service.scale_cli import SCALE_OPTIONS, segment_scaled, single_raster, wants_ray, with_many_inputs
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Open-vocabulary segmentation of GeoTIFFs with FarSLIP (and other CLIP models).")
@@ -28,13 +29,19 @@ def _every_command() -> None:
 
 
 @app.command()
+@with_many_inputs
 @with_segment_options([
     own_option("device", str, "auto", help="auto, cpu, cuda or mps."),
     own_option("quiet", bool, False, "--quiet", "-q", help="No progress output."),
+    *SCALE_OPTIONS,
 ])
 def segment(**values: Any) -> None:
-    """Segment RASTER into the given classes and write georeferenced polygons."""
-    # The options are SegmentOptions' fields (backend/engine/options.py), plus --device and --quiet.
+    """Segment INPUTS into the given classes and write georeferenced polygons."""
+    # The options are SegmentOptions' fields (backend/engine/options.py), plus --device and --quiet,
+    # and those of a run on Ray (backend/service/scale_cli.py), which takes several inputs.
+    if wants_ray(values):
+        return segment_scaled(values)
+    values = single_raster(values)
     device, quiet = values.pop("device"), values.pop("quiet")
     # SIGTERM/SIGHUP interrupt as Ctrl+C does, until the outputs are in place.
     stop_on_signals = signals_as_interrupt()

@@ -15,6 +15,8 @@ FORBIDDEN = {
     "backend/engine": ["typer", "fastapi", "starlette", "uvicorn", "httpx", "requests", "ray", "training",
                        "backend.service", "http", "urllib.request"],
     "training": ["typer", "fastapi", "starlette", "uvicorn", "httpx", "requests", "backend.service", "http"],
+    "backend/scale": ["typer", "fastapi", "starlette", "uvicorn", "httpx", "requests", "training",
+                      "backend.service", "http", "urllib.request"],
     "backend/service": [],
     "qgis_farslip": ["backend", "training", "torch", "numpy", "rasterio", "open_clip"],
 }
@@ -55,10 +57,22 @@ def test_layer_imports_only_what_it_may(layer: str) -> None:
 
 
 def test_only_the_service_layer_imports_training() -> None:
-    importers = {str(path.relative_to(ROOT)) for layer in ("backend/engine", "qgis_farslip")
+    importers = {str(path.relative_to(ROOT)) for layer in ("backend/engine", "backend/scale", "qgis_farslip")
                  for path in (ROOT / layer).rglob("*.py")
                  if any(name == "training" or name.startswith("training.") for _, name in imported_names(path))}
     assert importers == set()
+
+
+def test_ray_is_imported_only_inside_functions_of_the_scale_layer() -> None:
+    """A single-process `segment` must not pay for (or need) Ray: no module-level `import ray` anywhere."""
+    top_level = []
+    for path in sorted((ROOT / "backend").rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in tree.body:
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            top_level += [f"{path.relative_to(ROOT)}:{node.lineno}" for n in names if n.split(".")[0] == "ray"]
+    assert top_level == []
 
 
 def test_the_check_catches_a_violation(tmp_path: Path) -> None:

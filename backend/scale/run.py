@@ -1,0 +1,337 @@
+"""The driver of a scaled run: plan the chunks, feed them to the Ray workers, keep the results, merge.
+
+Ray Core, not Ray Data: a chunk is an irregular 2-D window (with the crops around it) of one
+raster's own grid, and each worker must keep its model loaded and its class lines embedded, so
+the natural unit is an actor method call per chunk. Actors restart when their process dies
+(max_restarts) and Ray retries the chunk calls they had (max_task_retries); the driver keeps at
+most two chunks per worker in flight, so results never pile up in memory. Finished chunks go to
+the partial folder's manifest first (manifest.py), so a killed driver resumes; a raster is
+finished (finish.py) in a driver thread while the workers compute the next ones.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rasterio.crs import CRS
+
+from backend import __version__
+from backend.engine.errors import CancelledError, FarslipError, InputError
+from backend.engine.atomic import atomic_output
+from backend.engine.export import report_json, report_path_for
+from backend.engine.raster import open_source, request_window
+from backend.engine.sliding import CHUNK_COLUMNS, CHUNK_ROWS, count_crops, units
+from backend.engine.temporary import new_run_tag
+
+from .finish import FinishSettings, RasterPlan, finish_raster
+from .manifest import Manifest
+from .merge import check_merged_output, merge_layers, write_class_vrt
+from .worker import ChunkWorker, EngineSettings, load_segmenter
+
+RAY_HINT = "pip install 'farslip-qgis[ray]'"
+PARTIAL_EXIT = 5  # some rasters failed, the others were written
+
+
+@dataclass
+class ScaleRequest:
+    """Where and how a scaled run writes, and where it runs."""
+
+    out: Path
+    class_raster: Path | None = None
+    out_crs: str | None = None
+    overwrite: bool = False
+    restart: bool = False
+    workers: int | None = None
+    cluster: str | None = None
+    min_area: float = 0.0
+    simplify: float = 0.0
+    quality_calibration: str | None = None
+
+
+@dataclass
+class ScaleResult:
+    outputs: dict[str, str]
+    rasters: list[dict]
+    failed: list[dict]
+    chunks: dict
+    timings: dict
+    report: dict = field(repr=False, default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return PARTIAL_EXIT if self.failed else 0
+
+
+Progress = Callable[[int, int, int, int], None]  # chunks done, chunks total, pixels done, pixels total
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise InputError(f"Running on Ray needs the ray extra: {RAY_HINT}.") from None
+    return ray
+
+
+def plan_rasters(paths: list[str], engine: EngineSettings, crop: int) -> tuple[list[RasterPlan], list[dict]]:
+    """Open every raster (bands, scale, stretch as segment does); a bad one is reported, the rest planned."""
+    plans, failed = [], []
+    rows, columns = engine.chunk_rows or CHUNK_ROWS, engine.chunk_columns or CHUNK_COLUMNS
+    for index, path in enumerate(paths):
+        try:
+            with open_source(path, engine.bands, engine.scale, engine.gsd_m, engine.value_range) as source:
+                window = request_window(source, None, None)
+                chunks = units(window, rows, columns)
+                crops = count_crops(source.height, source.width, window, crop, crop // 2, columns, rows)
+                plan = RasterPlan(index, path, source.crs, window, chunks, crops)
+        except FarslipError as error:
+            failed.append({"raster": path, "error": str(error), "exit_code": error.exit_code})
+            continue
+        plan.keys = [f"r{index:06d}-{u.row_off}-{u.col_off}" for u in chunks]
+        plans.append(plan)
+    return plans, failed
+
+
+def _input_facts(paths: list[str]) -> list[dict]:
+    facts = []
+    for path in paths:
+        try:
+            stat = os.stat(path)
+            facts.append({"path": str(Path(path).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+        except OSError:
+            facts.append({"path": path})
+    return facts
+
+
+class Workers:
+    """The Ray actors of a run, created on a local Ray or a cluster."""
+
+    def __init__(self, engine: EngineSettings, workers: int | None, cluster: str | None):
+        ray = self.ray = import_ray()
+        self.started_ray = False
+        if not ray.is_initialized():
+            import logging
+
+            if cluster:
+                ray.init(address=cluster, logging_level=logging.ERROR, log_to_driver=False)
+            else:
+                ray.init(address="local", num_cpus=workers or 1, include_dashboard=False,
+                         logging_level=logging.ERROR, log_to_driver=False)
+            self.started_ray = True
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        count = workers or gpus or max(1, len([n for n in ray.nodes() if n.get("Alive")]))
+        options = {"max_restarts": 3, "max_task_retries": 3, "num_cpus": 1}
+        if gpus and (not workers or workers <= gpus):
+            options["num_gpus"] = 1
+        # Workers keep torch's thread count unless told: some CPU kernels round differently with fewer
+        # threads, and the output must equal a single process's bit for bit (docs/SCALE.md).
+        # (Ray itself would pin a one-CPU worker to one thread.)
+        threads = os.environ.get("FARSLIP_WORKER_THREADS")
+        if threads or not cluster:
+            import torch
+
+            engine.threads = int(threads) if threads else torch.get_num_threads()
+        remote = ray.remote(ChunkWorker).options(**options)
+        self.actors = [remote.remote(engine) for _ in range(count)]
+
+    def pids(self) -> list[int]:
+        return self.ray.get([actor.pid.remote() for actor in self.actors])
+
+    def stop(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor, no_restart=True)
+        if self.started_ray:
+            self.ray.shutdown()
+
+
+def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequest, progress: Progress | None = None,
+                    should_cancel: Callable[[], bool] | None = None,
+                    notice: Callable[[str], None] | None = None) -> ScaleResult:
+    """Segment every raster of `paths` on Ray workers; write one layer (and a class VRT); see the module."""
+    started = time.perf_counter()
+    check_merged_output(request.out)
+    loaded, segmenter = load_segmenter(engine)  # the driver's copy: checks the model, scores the polygons
+    plans, failed = plan_rasters(paths, engine, segmenter.crop)
+    if not plans:
+        first = failed[0]
+        error = FarslipError(" ".join(f"{f['raster']}: {f['error']}" for f in failed))
+        error.exit_code = first["exit_code"]
+        raise error
+    out_crs = CRS.from_user_input(request.out_crs) if request.out_crs else plans[0].crs
+    crss = {plan.crs.to_string() for plan in plans}
+    if request.class_raster and len(crss) > 1:
+        raise InputError(f"--class-raster builds one VRT mosaic, which needs rasters in one CRS; these are in "
+                         f"{', '.join(sorted(crss))}. Run each CRS's rasters apart, or leave --class-raster out.")
+    for target in filter(None, (request.out, report_path_for(request.out), request.class_raster)):
+        if Path(target).exists() and not request.overwrite:
+            raise InputError(f"{target} already exists; choose another name or allow overwriting (--overwrite).")
+    facts = {"version": __version__, "inputs": _input_facts(paths), "weights": loaded.weights_id,
+             "engine": {k: v for k, v in asdict(engine).items() if k not in ("threads", "device", "facts")},
+             "min_area": request.min_area, "simplify": request.simplify, "out_crs": out_crs.to_string(),
+             "quality_calibration": request.quality_calibration, "probs": False}
+    manifest = Manifest.open(request.out, facts, request.restart)
+    run_id = (manifest.folder / "run_id").read_text() if (manifest.folder / "run_id").exists() else None
+    if run_id is None:
+        run_id = uuid.uuid4().hex[:12]
+        (manifest.folder / "run_id").write_text(run_id)
+    finish = FinishSettings([c.name for c in segmenter.classes], list(engine.class_lines), loaded.name, run_id,
+                            request.min_area, request.simplify, request.quality_calibration, False,
+                            engine.chunk_columns or CHUNK_COLUMNS)
+    total_chunks = sum(len(p.units) for p in plans)
+    total_pixels = sum(p.pixels for p in plans)
+    resumed = sum(1 for p in plans for key in p.keys if key in manifest.chunks or p.index in manifest.finished)
+    counters = {"done": resumed, "pixels": sum(u.height * u.width for p in plans for key, u in zip(p.keys, p.units)
+                                               if key in manifest.chunks or p.index in manifest.finished)}
+
+    def report_progress():
+        if progress is not None:
+            progress(counters["done"], total_chunks, counters["pixels"], total_pixels)
+
+    timings = {"plan_s": time.perf_counter() - started}
+    workers = None
+    computed = 0
+    failures = {f["raster"]: f for f in failed}
+    try:
+        t0 = time.perf_counter()
+        workers = Workers(engine, request.workers, request.cluster)
+        (manifest.folder / "workers.json").write_text(str(workers.pids()))
+        timings["workers_s"] = time.perf_counter() - t0
+        report_progress()
+        ray = workers.ray
+        t0 = time.perf_counter()
+        finishing: dict[int, Future] = {}
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="farslip-finish")
+
+        def agreement(raster, window, regions):
+            actor = workers.actors[0]
+            return ray.get(actor.region_agreement.remote(raster, (window.row_off, window.col_off, window.height,
+                                                                  window.width), regions))
+
+        def start_finish(plan: RasterPlan) -> None:
+            if plan.index not in manifest.finished and plan.index not in finishing:
+                finishing[plan.index] = pool.submit(finish_raster, plan, manifest, engine, finish, segmenter,
+                                                    agreement)
+
+        todo = [(plan, key, unit) for plan in plans if plan.index not in manifest.finished
+                for key, unit in zip(plan.keys, plan.units) if key not in manifest.chunks]
+        for plan in plans:
+            if all(key in manifest.chunks for key in plan.keys):
+                start_finish(plan)
+        in_flight: dict = {}
+        limit = 2 * len(workers.actors)
+        next_actor = 0
+        while todo or in_flight:
+            if should_cancel is not None and should_cancel():
+                raise CancelledError("The run was cancelled; finished chunks are kept for a re-run.")
+            while todo and len(in_flight) < limit:
+                plan, key, unit = todo.pop(0)
+                if plan.path in failures:
+                    continue
+                actor = workers.actors[next_actor % len(workers.actors)]
+                next_actor += 1
+                ref = actor.run_chunk.remote(plan.path, (unit.row_off, unit.col_off, unit.height, unit.width),
+                                             plan.crops, False)
+                in_flight[ref] = (plan, key, unit)
+            if not in_flight:
+                break
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
+            for ref in ready:
+                plan, key, unit = in_flight.pop(ref)
+                try:
+                    arrays = ray.get(ref)
+                except ray.exceptions.RayTaskError as error:
+                    cause = getattr(error, "cause", None)
+                    if not isinstance(cause, FarslipError):
+                        raise
+                    failures[plan.path] = {"raster": plan.path, "error": str(cause), "exit_code": cause.exit_code}
+                    continue
+                manifest.add_chunk(key, arrays, {"raster": plan.index})
+                computed += 1
+                counters["done"] += 1
+                counters["pixels"] += unit.height * unit.width
+                report_progress()
+                if all(k in manifest.chunks for k in plan.keys):
+                    start_finish(plan)
+        timings["chunks_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for index, future in finishing.items():
+            plan = next(p for p in plans if p.index == index)
+            try:
+                manifest.add_raster(index, future.result(), plan.keys)
+            except FarslipError as error:
+                failures[plan.path] = {"raster": plan.path, "error": str(error), "exit_code": error.exit_code}
+        pool.shutdown()
+        timings["finish_wait_s"] = time.perf_counter() - t0
+    finally:
+        if workers is not None:
+            workers.stop()
+        manifest.close()
+    done = [p for p in plans if p.index in manifest.finished]
+    failed = list(failures.values())
+    if not done:
+        error = FarslipError(" ".join(f"{f['raster']}: {f['error']}" for f in failed))
+        error.exit_code = failed[0]["exit_code"] if failed else 2
+        raise error
+    t0 = time.perf_counter()
+    outputs = _write_outputs(done, manifest, request, out_crs, run_id, loaded.name, facts, failed,
+                             {"total": total_chunks, "resumed": resumed, "computed": computed}, timings, started)
+    timings["merge_s"] = time.perf_counter() - t0
+    manifest.remove()
+    rasters = [manifest.finished[p.index] for p in done]
+    return ScaleResult(outputs, rasters, failed, {"total": total_chunks, "resumed": resumed, "computed": computed},
+                       timings, {})
+
+
+def _class_raster_names(done: list[RasterPlan]) -> list[str]:
+    names, seen = [], set()
+    for plan in done:
+        stem = Path(plan.path).stem
+        name = f"{stem}.tif" if stem not in seen else f"{stem}_{plan.index}.tif"
+        seen.add(stem)
+        names.append(name)
+    return names
+
+
+def _write_outputs(done: list[RasterPlan], manifest: Manifest, request: ScaleRequest, out_crs: CRS, run_id: str,
+                   model: str, facts: dict, failed: list[dict], chunks: dict, timings: dict,
+                   started: float) -> dict[str, str]:
+    """Merge the finished rasters' layers and commit every output at once (the polygon layer last)."""
+    out = Path(request.out)
+    tag = new_run_tag(run_id)
+    outputs = {"vector": str(out), "report": str(report_path_for(out))}
+    with atomic_output(out, tag) as staged_vector, atomic_output(report_path_for(out), tag) as staged_report:
+        parts = [(manifest.raster_folder(p.index) / "polygons.gpkg", Path(p.path).name, p.crs,
+                  min(map(abs, manifest.finished[p.index]["pixel_size"]))) for p in done]
+        count = merge_layers(parts, staged_vector, out_crs, out.stem)
+        if request.class_raster:
+            vrt = Path(request.class_raster)
+            folder = vrt.with_name(vrt.stem + "_rasters")
+            outputs["class_raster"], outputs["class_rasters"] = str(vrt), str(folder)
+            with atomic_output(vrt, tag) as staged_vrt:
+                staged_folder = staged_vrt.with_name(staged_vrt.name + ".d")
+                staged_folder.mkdir()
+                names = _class_raster_names(done)
+                for plan, name in zip(done, names):
+                    shutil.copyfile(manifest.raster_folder(plan.index) / "classes.tif", staged_folder / name)
+                if folder.exists():
+                    if not request.overwrite:
+                        raise InputError(f"{folder} already exists; choose another name or allow overwriting "
+                                         "(--overwrite).")
+                    shutil.rmtree(folder)
+                staged_folder.rename(folder)
+                write_class_vrt(staged_vrt, [folder / name for name in names], out_crs)
+        timings["total_s"] = time.perf_counter() - started
+        report = {"farslip_version": __version__, "run_id": run_id, "model": model, "crs": out_crs.to_string(),
+                  "rasters": [manifest.finished[p.index] for p in done], "failed": failed, "chunks": chunks,
+                  "polygons": count, "engine": facts["engine"], "outputs": outputs,
+                  "timings": {k: round(v, 3) for k, v in timings.items()}}
+        staged_report.write_text(report_json(report), "utf-8")
+    return outputs

@@ -1,0 +1,130 @@
+"""A Ray worker: the model loaded once, the class lines embedded once, then chunks on request.
+
+`ChunkWorker` is a plain class; run.py turns it into a Ray actor (one per GPU, or per share of
+the CPU cores). A chunk is one of the engine's work units (backend.engine.sliding.units), so its
+pixels get bit for bit the values a single-process run gives them. What comes back is plain
+numpy arrays: the class ids, the top probability, the quality signals (margin, entropy) and, when
+the run writes a probability raster, the class probabilities.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from backend.engine.quality import pixel_signals, region_agreement
+from backend.engine.raster import PixelWindow, RasterSource, open_source
+from backend.engine.sliding import NODATA_CLASS, Segmenter, predict_blocks
+
+
+@dataclass
+class EngineSettings:
+    """What every worker needs to compute chunks exactly as `farslip segment` would."""
+
+    class_lines: list[str]
+    model: str | None = None
+    weights: str | None = None
+    device: str = "auto"
+    half: bool = False
+    attention: str = "segearth"
+    batch_size: int | None = None
+    threshold: float = 0.0
+    runtime: str = "auto"
+    language: str = "auto"
+    bands: list[int] | None = None
+    scale: float | None = None
+    gsd_m: float | None = None
+    value_range: tuple[float, float] | None = None
+    chunk_rows: int | None = None
+    chunk_columns: int | None = None
+    threads: int | None = None  # torch threads per worker (None: torch's default)
+    facts: dict = field(default_factory=dict)
+
+
+def load_segmenter(settings: EngineSettings):
+    """The loaded model and its Segmenter (class lines embedded), as `farslip segment` builds them."""
+    from backend.engine.devices import resolve_device
+    from backend.engine.models import load_model
+    from backend.engine.options import check_language
+    from backend.engine.segment import default_batch_size
+    from backend.engine.text import TextEmbedder, parse_class_lines
+
+    device = resolve_device(settings.device)
+    loaded = load_model(settings.model, settings.weights, device, half=settings.half)
+    # As `segment`: a model's own class lines when none are given, its training resolution by default.
+    if not settings.class_lines and loaded.class_lines:
+        settings.class_lines = list(loaded.class_lines)
+    trained_gsd = (loaded.metadata.get("finetuned") or {}).get("processing", {}).get("gsd_m")
+    if settings.scale is None and settings.gsd_m is None and trained_gsd:
+        settings.gsd_m = float(trained_gsd)
+    batch = settings.batch_size or default_batch_size(device)
+    segmenter = Segmenter(loaded, parse_class_lines(settings.class_lines), settings.attention, batch,
+                          settings.threshold, embedder=TextEmbedder(loaded, language=check_language(settings.language)))
+    return loaded, segmenter
+
+
+class ChunkWorker:
+    def __init__(self, settings: EngineSettings):
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        self.settings = settings
+        self.loaded, self.segmenter = load_segmenter(settings)
+        self._sources: dict[str, RasterSource] = {}
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def _source(self, raster: str) -> RasterSource:
+        if raster not in self._sources:
+            for old in list(self._sources)[:-1]:  # keep at most two rasters open
+                self._sources.pop(old).close()
+            s = self.settings
+            self._sources[raster] = open_source(raster, s.bands, s.scale, s.gsd_m, s.value_range)
+        return self._sources[raster]
+
+    def run_chunk(self, raster: str, unit: tuple[int, int, int, int], raster_crops: int,
+                  with_probs: bool) -> dict[str, np.ndarray]:
+        """The arrays of one work unit (row_off, col_off, height, width) of `raster`'s processing grid.
+
+        `raster_crops` is the whole raster's crop count, from which the runtime is chosen as
+        `segment` chooses it (compiled CPU runtimes only for runs large enough to repay them).
+        """
+        from backend.engine.runtimes import make_encoder
+
+        source = self._source(raster)
+        window = PixelWindow(*unit)
+        self.segmenter.encoder = make_encoder(self.loaded, self.settings.attention, self.settings.runtime,
+                                              crops=raster_crops)
+        n = len(self.segmenter.classes)
+        class_ids = np.full((window.height, window.width), NODATA_CLASS, np.uint8)
+        score = np.full((window.height, window.width), np.nan, np.float32)
+        signals = np.full((2, window.height, window.width), np.nan, np.float32)
+        probs = np.full((n, window.height, window.width), np.nan, np.float32) if with_probs else None
+        valid, block_rows = 0, []
+        for block in predict_blocks(self.segmenter, source, window, chunk_columns=self.settings.chunk_columns,
+                                    chunk_rows=self.settings.chunk_rows):
+            h, w = block.class_ids.shape
+            rows, cols = slice(block.row0, block.row0 + h), slice(block.col0, block.col0 + w)
+            class_ids[rows, cols] = block.class_ids
+            score[rows, cols] = block.score
+            signals[:, rows, cols] = np.stack(pixel_signals(block.probs))
+            if probs is not None:
+                probs[:, rows, cols] = block.probs
+            valid += int(block.valid.sum())
+            block_rows.append(h)
+        # The blocks' heights, in order: the driver polygonises them in the strips `segment` forms from them.
+        arrays = {"class_ids": class_ids, "score": score, "signals": signals, "valid": np.array(valid),
+                  "block_rows": np.array(block_rows, np.int64)}
+        if probs is not None:
+            arrays["probs"] = probs
+        return arrays
+
+    def region_agreement(self, raster: str, window: tuple[int, int, int, int], regions: list) -> np.ndarray:
+        """quality.region_agreement for `regions` (the polygons picked for a region check) of `raster`."""
+        source = self._source(raster)
+        pixel_window = PixelWindow(*window)
+        return region_agreement(regions, source, pixel_window, source.window_transform(pixel_window), self.loaded,
+                                self.segmenter.text, self.segmenter.owner)

@@ -1,0 +1,162 @@
+"""`farslip segment INPUTS... --workers N | --cluster ray://HOST:PORT`: the Ray path of segment.
+
+The command's options are the single-process ones (backend/service/cli.py hands them all over);
+the few that a scaled run does not offer yet are refused with a sentence. Exit codes are those of
+`segment`, plus 5: some rasters failed (each named with its reason), the others were written.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from backend.engine.errors import FarslipError, InputError
+from backend.service.cli_common import fail, interrupted, signals_as_interrupt
+from backend.service.cli_options import options_from_cli, own_option
+
+SCALE_ONLY = ("workers", "cluster", "out_crs", "restart", "chunk_size")
+SCALE_OPTIONS = [
+    own_option("workers", Optional[int], None, help="Run on a local Ray with this many worker processes, "
+                                                    "resumable (docs/SCALE.md)."),
+    own_option("cluster", Optional[str], None, help="Run on a Ray cluster at ray://HOST:PORT (default: $RAY_ADDRESS "
+                                                    "when set)."),
+    own_option("out_crs", Optional[str], None, help="With --workers/--cluster: CRS of the merged polygons "
+                                                    "(default: the first raster's)."),
+    own_option("restart", bool, False, help="With --workers/--cluster: start over instead of resuming an "
+                                            "unfinished run of the same output."),
+]
+# Not offered in --help: the side of a work unit (default: the engine's units, the only size whose
+# output equals a single-process run's bit for bit); tests use small units to get many chunks.
+SCALE_OPTIONS.append(inspect.Parameter("chunk_size", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[int],
+                                       default=typer.Option(None, hidden=True)))
+NOT_YET = {"bbox": "--bbox", "prob_raster": "--prob-raster", "cache_features": "--cache-features"}
+
+
+def with_many_inputs(command: Callable[..., None]) -> Callable[..., None]:
+    """Decorator: the RASTER argument of the generated signature becomes INPUTS... (one or more)."""
+    parameters = [inspect.Parameter("raster", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=list[str],
+                                    default=typer.Argument(..., metavar="INPUTS...", help=INPUTS_HELP))
+                  if p.name == "raster" else p for p in inspect.signature(command).parameters.values()]
+    command.__signature__ = inspect.Signature(parameters, return_annotation=None)  # type: ignore[attr-defined]
+    return command
+
+
+INPUTS_HELP = ("GeoTIFF (or any GDAL raster) to segment. With --workers or --cluster: any number of rasters, "
+               "VRT mosaics, folders, globs, .txt lists and STAC item JSON files.")
+
+
+def wants_ray(values: dict) -> bool:
+    return bool(values.get("workers") or values.get("cluster") or os.environ.get("RAY_ADDRESS")
+                or len(values["raster"]) > 1)
+
+
+def single_raster(values: dict) -> dict:
+    """The values of a single-process run: one raster, no Ray options."""
+    values = {k: v for k, v in values.items() if k not in SCALE_ONLY}
+    values["raster"] = Path(values["raster"][0])
+    return values
+
+
+class ChunkProgress:
+    """Plain progress lines: chunks and megapixels done, and the time left."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.started = time.perf_counter()
+        self.first: int | None = None
+        self.last_line = 0.0
+
+    def __call__(self, done: int, total: int, pixels: int, total_pixels: int) -> None:
+        if self.quiet:
+            return
+        if self.first is None:
+            self.first = done  # resumed chunks cost nothing: the ETA counts this run's chunks only
+        now = time.perf_counter()
+        if done != total and now - self.last_line < 5 and done != self.first:
+            return
+        self.last_line = now
+        ran = done - self.first
+        eta = f", ETA {(now - self.started) / ran * (total - done):.0f} s" if ran else ""
+        typer.echo(f"segmenting: {done}/{total} chunks, {pixels / 1e6:.1f}/{total_pixels / 1e6:.1f} Mpx{eta}",
+                   err=True)
+
+
+def segment_scaled(values: dict) -> None:
+    """Run `farslip segment` with these option values on Ray; exits with the run's code."""
+    stop_on_signals = signals_as_interrupt()
+    stop_on_signals.__enter__()
+    out = Path(values["out"])
+    try:
+        from backend.engine.checks import class_lines_of
+        from backend.engine.options import check_values
+        from backend.engine.text import parse_class_lines
+        from backend.scale.inputs import expand_inputs
+        from backend.scale.run import ScaleRequest, segment_rasters
+        from backend.scale.worker import EngineSettings
+
+        options = options_from_cli({k: v for k, v in values.items()
+                                    if k not in (*SCALE_ONLY, "device", "quiet", "class_raster")}
+                                   | {"raster": Path(values["raster"][0])})
+        check_values(options)
+        for name, flag in NOT_YET.items():
+            if getattr(options, name):
+                raise InputError(f"{flag} is not available with --workers/--cluster yet; run without it, or "
+                                 "segment one raster at a time without --workers.")
+        if options.refine != "none":
+            raise InputError("--refine is not available with --workers/--cluster yet; run without it, or "
+                             "segment one raster at a time without --workers.")
+        if values.get("workers") is not None and values["workers"] < 1:
+            raise InputError(f"--workers must be at least 1; got {values['workers']}.")
+        class_raster = values.get("class_raster")
+        if class_raster and Path(class_raster).suffix.lower() != ".vrt":
+            raise InputError(f"With --workers/--cluster the class raster is a VRT mosaic over one GeoTIFF per "
+                             f"raster; name it .vrt (got {class_raster}).")
+        lines = class_lines_of(options)
+        if lines:
+            parse_class_lines(lines)
+        calibration = options.quality_calibration
+        if calibration is not None and not Path(calibration).is_file():
+            raise InputError(f"The quality calibration file {calibration} does not exist.")
+        chunk = values.get("chunk_size")
+        if chunk is not None and chunk < 256:
+            raise InputError(f"--chunk-size must be at least 256 pixels; got {chunk}.")
+        engine = EngineSettings(
+            class_lines=lines, model=options.model, weights=str(options.weights) if options.weights else None,
+            device=values.get("device", "auto"), half=options.half, attention=options.attention,
+            batch_size=options.batch_size, threshold=options.threshold, runtime=options.runtime,
+            language=options.language, bands=options.bands, scale=options.scale, gsd_m=options.gsd_m,
+            value_range=options.value_range, chunk_rows=chunk, chunk_columns=chunk)
+        request = ScaleRequest(out, Path(class_raster) if class_raster else None, values.get("out_crs"),
+                               options.overwrite, bool(values.get("restart")), values.get("workers"),
+                               values.get("cluster") or os.environ.get("RAY_ADDRESS"), options.min_area,
+                               options.simplify, str(calibration) if calibration else None)
+        paths = expand_inputs(values["raster"])
+        quiet = bool(values.get("quiet"))
+        if not quiet:
+            where = request.cluster or f"a local Ray with {request.workers or 1} worker(s)"
+            typer.echo(f"segmenting {len(paths)} raster(s) on {where}", err=True)
+        result = segment_rasters(paths, engine, request, progress=ChunkProgress(quiet))
+    except FarslipError as error:
+        fail(error)
+    except KeyboardInterrupt as error:
+        interrupted(error, f"Interrupted; finished chunks are kept in {out.name}.partial: run the same command "
+                           "again to resume.")
+    finally:
+        stop_on_signals.__exit__(None, None, None)
+    for failure in result.failed:
+        typer.echo(f"Failed: {failure['raster']}: {failure['error']}", err=True)
+    if not quiet:
+        polygons = sum(sum(c["polygons"] for c in r["class_stats"]) for r in result.rasters)
+        chunks = result.chunks
+        resumed = f", {chunks['resumed']} resumed" if chunks["resumed"] else ""
+        typer.echo(f"Wrote {result.outputs['vector']} ({len(result.rasters)} raster(s), {polygons} polygons, "
+                   f"{chunks['total']} chunks{resumed}, {result.timings['total_s']:.1f} s); "
+                   f"report: {result.outputs['report']}")
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
