@@ -59,21 +59,25 @@ class Manifest:
         """Resume the run of `facts` in `out`'s partial folder, or start one (`restart`: always start over)."""
         folder = partial_folder(out)
         manifest = cls(folder)
-        if folder.exists():
+        try:
+            if folder.exists():
+                manifest._take_lock()
+                if restart:
+                    manifest._clear()
+                else:
+                    manifest._check(facts)
+            folder.mkdir(exist_ok=True)
             manifest._take_lock()
-            if restart:
-                manifest._clear()
-            else:
-                manifest._check(facts)
-        folder.mkdir(exist_ok=True)
-        manifest._take_lock()
-        manifest.blocks.mkdir(exist_ok=True)
-        manifest.rasters.mkdir(exist_ok=True)
-        run = folder / "run.json"
-        if not run.exists():
-            _fsync_write(run, json.dumps({"format": FORMAT, "fingerprint": fingerprint(facts), "facts": facts},
-                                         indent=2, default=str).encode())
-        manifest._read()
+            manifest.blocks.mkdir(exist_ok=True)
+            manifest.rasters.mkdir(exist_ok=True)
+            run = folder / "run.json"
+            if not run.exists():
+                _fsync_write(run, json.dumps({"format": FORMAT, "fingerprint": fingerprint(facts), "facts": facts},
+                                             indent=2, default=str).encode())
+            manifest._read()
+        except BaseException:
+            manifest.close()
+            raise
         return manifest
 
     def _take_lock(self) -> None:

@@ -173,10 +173,12 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
     for target in filter(None, (request.out, report_path_for(request.out), request.class_raster)):
         if Path(target).exists() and not request.overwrite:
             raise InputError(f"{target} already exists; choose another name or allow overwriting (--overwrite).")
-    facts = {"version": __version__, "inputs": _input_facts(paths), "weights": loaded.weights_id,
-             "engine": {k: v for k, v in asdict(engine).items() if k not in ("threads", "device", "facts")},
-             "min_area": request.min_area, "simplify": request.simplify, "out_crs": out_crs.to_string(),
-             "quality_calibration": request.quality_calibration, "probs": False}
+    # What decides the output, named as the command line names it (a resumed run must match them all).
+    engine_facts = {("classes" if k == "class_lines" else "--" + k.replace("_", "-")): v
+                    for k, v in asdict(engine).items() if k not in ("threads", "device", "facts", "model", "weights")}
+    facts = {"version": __version__, "inputs": _input_facts(paths), "model": loaded.weights_id, **engine_facts,
+             "--min-area": request.min_area, "--simplify": request.simplify, "--out-crs": out_crs.to_string(),
+             "--quality-calibration": request.quality_calibration}
     manifest = Manifest.open(request.out, facts, request.restart)
     run_id = (manifest.folder / "run_id").read_text() if (manifest.folder / "run_id").exists() else None
     if run_id is None:
@@ -331,7 +333,7 @@ def _write_outputs(done: list[RasterPlan], manifest: Manifest, request: ScaleReq
         timings["total_s"] = time.perf_counter() - started
         report = {"farslip_version": __version__, "run_id": run_id, "model": model, "crs": out_crs.to_string(),
                   "rasters": [manifest.finished[p.index] for p in done], "failed": failed, "chunks": chunks,
-                  "polygons": count, "engine": facts["engine"], "outputs": outputs,
+                  "polygons": count, "options": facts, "outputs": outputs,
                   "timings": {k: round(v, 3) for k, v in timings.items()}}
         staged_report.write_text(report_json(report), "utf-8")
     return outputs

@@ -80,6 +80,26 @@ def test_two_overlapping_bboxes_give_identical_probabilities():
     np.testing.assert_allclose(pa, pb, atol=1e-6)
 
 
+def test_each_work_unit_alone_gives_bit_identical_values():
+    """The engine's units (column chunks x row bands) are computed on their own, so a unit computed by
+    itself (as a Ray worker does, backend/scale) equals the same pixels of the whole window exactly."""
+    from backend.engine.sliding import units
+
+    segmenter = Segmenter(_loaded(16), parse_class_lines(CLASS_LINES), batch_size=5)
+    image = np.random.default_rng(4).uniform(0, 255, (3, 700, 610)).astype(np.float32)
+    valid = np.ones((700, 610), bool)
+    valid[:300, :200] = False  # skipped crops must not shift a unit's batches either
+    source = ArraySource(image, valid)
+    window = PixelWindow(0, 0, 700, 610)
+    whole = predict_window(segmenter, source, window, chunk_rows=336, chunk_columns=224)
+    found = units(window, 336, 224)
+    assert len(found) == 9
+    for unit in found:
+        alone = predict_window(segmenter, source, unit, chunk_rows=336, chunk_columns=224)
+        assert np.array_equal(alone.probs, whole.probs[:, unit.rows, unit.cols], equal_nan=True), unit
+        assert np.array_equal(alone.class_ids, whole.class_ids[unit.rows, unit.cols]), unit
+
+
 def test_masked_pixels_get_no_class_and_fully_masked_crops_are_skipped():
     segmenter = Segmenter(_loaded(16), parse_class_lines(CLASS_LINES), batch_size=4)
     image = np.random.default_rng(3).uniform(0, 255, (3, 500, 500)).astype(np.float32)

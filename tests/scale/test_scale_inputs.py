@@ -1,0 +1,57 @@
+"""The inputs of `segment --workers`: files, folders, globs, .txt lists and STAC JSON, expanded in order."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from backend.engine.errors import InputError
+from backend.scale.inputs import expand_inputs
+
+
+@pytest.fixture
+def rasters(tmp_path):
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    for name in ("b.tif", "a.tif", "c.vrt", "notes.md"):
+        (folder / name).write_bytes(b"")
+    return folder
+
+
+def test_a_folder_and_a_glob_give_their_rasters_sorted_and_each_once(rasters):
+    assert expand_inputs([rasters]) == [str(rasters / n) for n in ("a.tif", "b.tif", "c.vrt")]
+    assert expand_inputs([rasters / "*.tif", rasters / "a.tif"]) == [str(rasters / "a.tif"), str(rasters / "b.tif")]
+
+
+def test_a_text_list_names_rasters_beside_it_remote_hrefs_become_gdal_paths(rasters, tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text("# my tiles\ntiles/b.tif\n\ns3://bucket/key/x.tif\nhttps://host.example/y.tif\n")
+    assert expand_inputs([listing]) == [str(tmp_path / "tiles" / "b.tif"), "/vsis3/bucket/key/x.tif",
+                                        "/vsicurl/https://host.example/y.tif"]
+
+
+def test_stac_items_collections_and_links_give_their_image_assets(rasters, tmp_path):
+    item = {"type": "Feature", "id": "one", "assets": {"visual": {"href": "tiles/a.tif"},
+                                                      "thumbnail": {"href": "thumb.png"}}}
+    (tmp_path / "one.json").write_text(json.dumps(item))
+    other = {"type": "Feature", "id": "two",
+             "assets": {"B": {"href": "s3://bucket/two.tif", "type": "image/tiff; application=geotiff"}}}
+    collection = {"type": "FeatureCollection", "features": [item, other]}
+    (tmp_path / "items.json").write_text(json.dumps(collection))
+    (tmp_path / "collection.json").write_text(json.dumps(
+        {"type": "Collection", "links": [{"rel": "item", "href": "one.json"}, {"rel": "self", "href": "x"}]}))
+    a = str(tmp_path / "tiles" / "a.tif")
+    assert expand_inputs([tmp_path / "one.json"]) == [a]
+    assert expand_inputs([tmp_path / "items.json"]) == [a, "/vsis3/bucket/two.tif"]
+    assert expand_inputs([tmp_path / "collection.json"]) == [a]
+
+
+@pytest.mark.parametrize("given, words", [("missing.tif", "does not exist"), ("empty", "holds no raster"),
+                                          ("*.nothing", "matches no raster"), ("bad.json", "not a STAC")])
+def test_unusable_inputs_are_named_in_one_sentence(tmp_path, monkeypatch, given, words):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.json").write_text(json.dumps({"type": "Catalog"}))
+    with pytest.raises(InputError, match=words):
+        expand_inputs([given])

@@ -1,0 +1,302 @@
+"""`farslip segment INPUTS... --workers 2` on a local Ray: the same output as single-process runs.
+
+Ray starts once for the module (the driver reuses it); work units of 256 pixels force several
+chunks per raster, and the single-process references run with the engine's units set to the same
+size, so every comparison is exact (bit for bit), apart from the run id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyogrio.raw
+import pyproj
+import pytest
+import rasterio
+import shapely
+from rasterio.windows import Window
+from typer.testing import CliRunner
+
+from backend.engine import segment as segment_module
+from backend.engine import sliding
+from backend.service.cli import app
+
+ray = pytest.importorskip("ray")  # the ray extra: installed by `make setup`
+
+CHUNK = 448  # four crop strides: several chunks per sample raster, little halo work
+CLASSES = ["-c", "water, lake", "-c", "cropland, bare field", "-c", "grassland"]
+REPO = Path(__file__).resolve().parents[2]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def run_segment(*args):
+    return runner.invoke(app, ["segment", *map(str, args)])
+
+
+def single_run(raster: Path, out: Path, model: Path, *extra) -> None:
+    """`farslip segment RASTER` in this process, with the engine's work units as small as the scaled run's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sliding, "CHUNK_ROWS", CHUNK)
+        patch.setattr(sliding, "CHUNK_COLUMNS", CHUNK)
+        patch.setattr(segment_module, "CHUNK_COLUMNS", CHUNK)
+        result = run_segment(raster, *CLASSES, "--model", model, "--out", out, "--quiet", *extra)
+    assert result.exit_code == 0, result.output
+
+
+def scaled_run(inputs, out: Path, model: Path, *extra):
+    return run_segment(*inputs, *CLASSES, "--model", model, "--out", out, "--workers", 2,
+                       "--chunk-size", CHUNK, *extra)
+
+
+def read_layer(path: Path, where: str | None = None):
+    meta, _, wkb, values = pyogrio.raw.read(path, where=where)
+    return meta, shapely.from_wkb(wkb), dict(zip(meta["fields"], values))
+
+
+def assert_same_fields(single: dict, merged: dict) -> None:
+    for name, values in single.items():
+        if name == "run_id":
+            continue
+        if values.dtype == object:
+            assert list(values) == list(merged[name]), name
+        else:
+            assert np.array_equal(values, merged[name], equal_nan=True), name
+
+
+def assert_no_split_polygons(geometries, classes) -> None:
+    """Polygons are 4-connected regions: two of one class never share an edge (a chunk border would)."""
+    tree = shapely.STRtree(geometries)
+    for i, j in tree.query(geometries, predicate="touches").T:
+        if i < j and classes[i] == classes[j]:
+            shared = shapely.intersection(geometries[i].boundary, geometries[j].boundary)
+            assert shapely.length(shared) == 0, f"polygons {i} and {j} of one class share an edge"
+
+
+def write_tile(source: Path, target: Path, window: Window) -> None:
+    with rasterio.open(source) as src:
+        profile = src.profile | {"width": window.width, "height": window.height,
+                                 "transform": src.window_transform(window)}
+        profile.pop("blockxsize", None), profile.pop("blockysize", None)
+        profile["tiled"] = False
+        with rasterio.open(target, "w", **profile) as dst:
+            dst.write(src.read(window=window))
+
+
+def write_vrt(path: Path, tiles: list[Path]) -> None:
+    """A plain VRT mosaic of same-grid tiles (what gdalbuildvrt writes), made here without GDAL's tools."""
+    with rasterio.open(tiles[0]) as first:
+        crs, transform, count, dtype = first.crs, first.transform, first.count, first.dtypes[0]
+        nodata = first.nodata
+    boxes = []
+    for tile in tiles:
+        with rasterio.open(tile) as ds:
+            col = round((ds.transform.c - transform.c) / transform.a)
+            row = round((ds.transform.f - transform.f) / transform.e)
+            boxes.append((tile, col, row, ds.width, ds.height))
+    width = max(c + w for _, c, _, w, _ in boxes)
+    height = max(r + h for _, _, r, _, h in boxes)
+    kind = {"uint8": "Byte", "uint16": "UInt16"}[dtype]
+    bands = []
+    for band in range(1, count + 1):
+        sources = "".join(
+            f'<SimpleSource><SourceFilename relativeToVRT="1">{tile.name}</SourceFilename>'
+            f'<SourceBand>{band}</SourceBand><SrcRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/>'
+            f'<DstRect xOff="{c}" yOff="{r}" xSize="{w}" ySize="{h}"/></SimpleSource>'
+            for tile, c, r, w, h in boxes)
+        nodata_xml = f"<NoDataValue>{nodata:g}</NoDataValue>" if nodata is not None else ""
+        bands.append(f'<VRTRasterBand dataType="{kind}" band="{band}">{nodata_xml}{sources}</VRTRasterBand>')
+    path.write_text(f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}"><SRS>{crs.to_wkt()}</SRS>'
+                    f'<GeoTransform>{transform.c!r}, {transform.a!r}, 0.0, {transform.f!r}, 0.0, '
+                    f'{transform.e!r}</GeoTransform>{"".join(bands)}</VRTDataset>')
+
+
+@pytest.fixture(scope="module")
+def mosaic(shared_data, tmp_path_factory) -> Path:
+    """naip_2020_5m.tif cut into two adjacent tiles, joined again by a VRT."""
+    folder = tmp_path_factory.mktemp("mosaic")
+    source = shared_data / "naip_2020_5m.tif"
+    with rasterio.open(source) as src:
+        width, height = src.width, src.height
+    half = 480
+    write_tile(source, folder / "west.tif", Window(0, 0, half, height))
+    write_tile(source, folder / "east.tif", Window(half, 0, width - half, height))
+    write_vrt(folder / "mosaic.vrt", [folder / "west.tif", folder / "east.tif"])
+    return folder / "mosaic.vrt"
+
+
+@pytest.fixture(scope="module")
+def mosaic_runs(mosaic, tiny_model, tmp_path_factory):
+    """The VRT mosaic segmented once in one process and once on two Ray workers, each with a class raster."""
+    folder = tmp_path_factory.mktemp("mosaic-runs")
+    single_run(mosaic, folder / "single.gpkg", tiny_model, "--class-raster", folder / "single.tif")
+    result = scaled_run([mosaic], folder / "scaled.gpkg", tiny_model, "--class-raster", folder / "scaled.vrt")
+    assert result.exit_code == 0, result.output
+    return folder, result.output
+
+
+def test_a_vrt_mosaic_gives_exactly_the_single_process_polygons_and_class_raster(mosaic_runs):
+    folder, output = mosaic_runs
+    _, single_shapes, single = read_layer(folder / "single.gpkg")
+    _, scaled_shapes, scaled = read_layer(folder / "scaled.gpkg")
+    assert len(single_shapes) > 10
+    assert all(shapely.equals_exact(a, b, 0) for a, b in zip(single_shapes, scaled_shapes, strict=True))
+    assert_same_fields(single, scaled)
+    assert set(scaled["raster"]) == {"mosaic.vrt"}
+    assert_no_split_polygons(scaled_shapes, scaled["class_id"])
+    with rasterio.open(folder / "single.tif") as a, rasterio.open(folder / "scaled.vrt") as b:
+        assert a.crs == b.crs and a.transform == b.transform
+        assert np.array_equal(a.read(1), b.read(1))
+        assert b.colormap(1) == a.colormap(1)
+    report = json.loads((folder / "scaled.report.json").read_text())
+    assert report["chunks"]["total"] == report["chunks"]["computed"] > 4  # several chunks per raster
+    assert "chunks" in output and "Mpx" in output
+    assert not (folder / "scaled.gpkg.partial").exists()
+
+
+def _reprojected(geometries, source_wkt: str, target_wkt: str, step: float):
+    transformer = pyproj.Transformer.from_crs(source_wkt, target_wkt, always_xy=True)
+    dense = shapely.segmentize(np.asarray(geometries, dtype=object), step)
+    return shapely.transform(dense, lambda xy: np.column_stack(transformer.transform(xy[:, 0], xy[:, 1])))
+
+
+def test_a_folder_of_rasters_in_three_crss_gives_the_single_process_features_and_reports_bad_ones(
+        shared_data, tiny_model, tmp_path):
+    names = ["naip_2020_5m.tif", "RGB.byte.tif", "solaris_sample_geotiff.tif"]
+    folder = tmp_path / "rasters"
+    folder.mkdir()
+    for name in [*names, "corrupt.tif", "float.tif"]:
+        (folder / name).symlink_to(shared_data / name)
+    out = tmp_path / "all.gpkg"
+    result = scaled_run([folder], out, tiny_model, "--quiet")
+    # Exit 5: some rasters failed, each named with its reason; the others are written.
+    assert result.exit_code == 5, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("Failed:")]
+    assert len(lines) == 2
+    assert any("corrupt.tif" in line and "damaged" in line for line in lines)
+    assert any("float.tif" in line and "coordinate reference" in line for line in lines)
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert sorted(Path(f["raster"]).name for f in report["failed"]) == ["corrupt.tif", "float.tif"]
+
+    meta, merged_shapes, merged = read_layer(out)
+    first_crs = rasterio.open(folder / "RGB.byte.tif").crs  # the folder's first good raster by name
+    assert pyproj.CRS.from_user_input(meta["crs"]) == pyproj.CRS.from_wkt(first_crs.to_wkt())
+    assert list(dict.fromkeys(merged["raster"])) == sorted(names)
+    assert np.array_equal(merged["object_id"], np.arange(1, len(merged_shapes) + 1))
+    for name in names:
+        single_run(folder / name, tmp_path / f"{name}.gpkg", tiny_model)
+        _, single_shapes, single = read_layer(tmp_path / f"{name}.gpkg")
+        mine = merged["raster"] == name
+        assert mine.sum() == len(single_shapes) > 0
+        assert_same_fields({k: v for k, v in single.items() if k != "object_id"},
+                           {k: v[mine] for k, v in merged.items()})
+        with rasterio.open(folder / name) as ds:
+            crs, pixel = ds.crs, min(ds.res)
+        expected = (single_shapes if crs == first_crs else
+                    _reprojected(single_shapes, crs.to_wkt(), first_crs.to_wkt(), pixel))
+        assert all(shapely.equals_exact(a, b, 1e-6) for a, b in zip(expected, merged_shapes[mine], strict=True))
+        assert_no_split_polygons(merged_shapes[mine], merged["class_id"][mine])
+
+
+def test_a_killed_worker_is_restarted_and_the_output_is_unchanged(mosaic, mosaic_runs, tiny_model, tmp_path):
+    from backend.scale.run import ScaleRequest, segment_rasters
+    from backend.scale.worker import EngineSettings
+
+    folder, _ = mosaic_runs
+    out = tmp_path / "killed.gpkg"
+    killed = []
+
+    def kill_a_worker_once(done, total, pixels, total_pixels):
+        if done >= 2 and not killed:
+            pids = json.loads((tmp_path / "killed.gpkg.partial" / "workers.json").read_text())
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+
+    engine = EngineSettings(class_lines=["water, lake", "cropland, bare field", "grassland"],
+                            model=str(tiny_model), chunk_rows=CHUNK, chunk_columns=CHUNK)
+    result = segment_rasters([str(mosaic)], engine, ScaleRequest(out, workers=2), progress=kill_a_worker_once)
+    assert killed and result.exit_code == 0
+    _, expected_shapes, expected = read_layer(folder / "scaled.gpkg")
+    _, shapes, fields = read_layer(out)
+    assert all(shapely.equals_exact(a, b, 0) for a, b in zip(expected_shapes, shapes, strict=True))
+    assert_same_fields(expected, fields)
+
+
+def _chunk_lines(manifest: Path) -> set[str]:
+    keys = set()
+    for line in manifest.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if "chunk" in entry:
+            keys.add(entry["chunk"])
+    return keys
+
+
+def test_a_killed_driver_resumes_without_recomputing_finished_chunks(mosaic, mosaic_runs, tiny_model, tmp_path):
+    folder, _ = mosaic_runs
+    out = tmp_path / "resumed.gpkg"
+    manifest = tmp_path / "resumed.gpkg.partial" / "manifest.jsonl"
+    command = [sys.executable, "-m", "backend.service.cli", "segment", str(mosaic), *CLASSES, "--model",
+               str(tiny_model), "--out", str(out), "--workers", "2", "--chunk-size", str(CHUNK), "--quiet"]
+    driver = subprocess.Popen(command, cwd=REPO, env=os.environ | {"PYTHONPATH": str(REPO)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (manifest.exists() and len(_chunk_lines(manifest)) >= 2):
+            assert driver.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no chunk finished in time"
+            time.sleep(0.2)
+        driver.kill()  # SIGKILL: no cleanup at all
+        driver.wait()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        os.killpg(driver.pid, signal.SIGKILL)  # its local Ray, started in its session
+    finished = _chunk_lines(manifest)
+    assert not out.exists()
+
+    other = run_segment(mosaic, "-c", "road", "--model", tiny_model, "--out", out, "--workers", 2,
+                        "--chunk-size", CHUNK)
+    assert other.exit_code == 2 and "--restart" in other.output and "other classes" in other.output
+
+    result = scaled_run([mosaic], out, tiny_model, "--quiet")
+    assert result.exit_code == 0, result.output
+    chunks = json.loads(out.with_suffix(".report.json").read_text())["chunks"]
+    assert chunks["resumed"] == len(finished) >= 2
+    assert chunks["computed"] == chunks["total"] - len(finished)
+    _, expected_shapes, expected = read_layer(folder / "scaled.gpkg")
+    _, shapes, fields = read_layer(out)
+    assert all(shapely.equals_exact(a, b, 0) for a, b in zip(expected_shapes, shapes, strict=True))
+    assert_same_fields(expected, fields)
+
+
+def test_a_single_process_segment_never_imports_ray(shared_data, tiny_model, tmp_path):
+    code = ("import sys\n"
+            "from backend.service.cli import app\n"
+            "try:\n"
+            f"    app(['segment', {str(shared_data / 'RGB.byte.tif')!r}, '-c', 'water', '-c', 'land', '--model', "
+            f"{str(tiny_model)!r}, '--out', {str(tmp_path / 'one.gpkg')!r}, '--quiet'])\n"
+            "except SystemExit as end:\n"
+            "    assert not end.code, end.code\n"
+            "assert 'ray' not in sys.modules, 'ray was imported'\n"
+            "print('no ray')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=os.environ | {"PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "no ray" in done.stdout, done.stderr
+    assert (tmp_path / "one.gpkg").exists()
