@@ -41,7 +41,7 @@ NOT_YET = {"bbox": "--bbox", "prob_raster": "--prob-raster", "cache_features": "
 def with_many_inputs(command: Callable[..., None]) -> Callable[..., None]:
     """Decorator: the RASTER argument of the generated signature becomes INPUTS... (one or more)."""
     parameters = [inspect.Parameter("raster", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=list[str],
-                                    default=typer.Argument(..., metavar="INPUTS...", help=INPUTS_HELP))
+                                    default=typer.Argument(..., metavar="INPUTS", help=INPUTS_HELP))
                   if p.name == "raster" else p for p in inspect.signature(command).parameters.values()]
     command.__signature__ = inspect.Signature(parameters, return_annotation=None)  # type: ignore[attr-defined]
     return command

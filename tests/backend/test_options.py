@@ -17,10 +17,12 @@ from backend.engine.feature_cache import FeatureCache, LayeredFeatureCache, feat
 from backend.engine.options import SegmentOptions, cli_name, option_fields, path_fields, spec_of
 from backend.service.cli import app
 from backend.service.cli_options import options_from_cli
+from backend.service.scale_cli import SCALE_ONLY, single_raster
 from backend.service.schemas import SegmentRequest, options_from_request
 from backend.service.server import create_app
 
-CLI_OWN = {"device", "quiet"}  # how this process runs, not what a run does (the server has its own)
+# How this process runs, not what a run does (the server has its own); and where: a Ray run's options.
+CLI_OWN = {"device", "quiet", *SCALE_ONLY}
 NAIP = Path(__file__).resolve().parents[3] / "shared" / "data" / "naip_2020_5m.tif"
 
 # A value other than the default for every option, as a request body gives it. An option added to the
@@ -84,7 +86,8 @@ def test_every_option_is_a_parameter_of_farslip_segment_with_the_models_help():
     assert set(params) == {item.name for item in option_fields()} | CLI_OWN
     shown = CliRunner().invoke(app, ["segment", "--help"], env={"COLUMNS": "300"}).output
     for item in option_fields():
-        assert (item.name.upper() if spec_of(item).argument else cli_name(item)) in shown.replace("{raster}", "RASTER")
+        # The raster argument is INPUTS: one raster, or several with --workers/--cluster.
+        assert ("INPUTS" if spec_of(item).argument else cli_name(item)) in shown
 
 
 def test_every_option_is_a_field_of_the_served_apps_segment_request_schema(tmp_path):
@@ -103,7 +106,7 @@ def test_every_option_is_a_field_of_the_served_apps_segment_request_schema(tmp_p
 def test_the_command_line_and_the_request_give_the_same_options():
     context = segment_command().make_context("segment", cli_args(REQUEST))
     values = {name: value for name, value in context.params.items() if name not in CLI_OWN}
-    from_cli = options_from_cli(values)
+    from_cli = options_from_cli(single_raster(values))
     from_api = options_from_request(SegmentRequest.model_validate(REQUEST).model_dump())
     assert from_cli == from_api
     assert from_cli.bands == [3, 2, 1] and from_cli.bbox == (1.0, 2.0, 3.0, 4.0)
@@ -116,7 +119,7 @@ def test_defaults_agree_between_the_command_line_and_the_request():
     values = {name: value for name, value in context.params.items() if name not in CLI_OWN}
     from_api = options_from_request(SegmentRequest.model_validate({"raster": "/data/in.tif",
                                                                     "out": "/data/out.gpkg"}).model_dump())
-    assert options_from_cli(values) == from_api == SegmentOptions(raster=Path("/data/in.tif"),
+    assert options_from_cli(single_raster(values)) == from_api == SegmentOptions(raster=Path("/data/in.tif"),
                                                                   out=Path("/data/out.gpkg"))
 
 
