@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rasterio.crs import CRS
@@ -33,7 +33,7 @@ from backend.engine.temporary import new_run_tag
 from .finish import FinishSettings, RasterPlan, finish_raster
 from .manifest import Manifest
 from .merge import check_merged_output, merge_layers, write_class_vrt
-from .worker import ChunkWorker, EngineSettings, load_segmenter
+from .worker import ChunkWorker, EngineSettings, engine_settings, load_segmenter
 
 RAY_HINT = "pip install 'farslip-qgis[ray]'"
 PARTIAL_EXIT = 5  # some rasters failed, the others were written
@@ -53,6 +53,8 @@ class ScaleRequest:
     min_area: float = 0.0
     simplify: float = 0.0
     quality_calibration: str | None = None
+    bbox: tuple[float, float, float, float] | None = None  # applied to every raster (one it misses fails)
+    bbox_crs: str | None = None
 
 
 @dataclass
@@ -62,7 +64,7 @@ class ScaleResult:
     failed: list[dict]
     chunks: dict
     timings: dict
-    report: dict = field(repr=False, default_factory=dict)
+    run_id: str = ""
 
     @property
     def exit_code(self) -> int:
@@ -70,6 +72,28 @@ class ScaleResult:
 
 
 Progress = Callable[[int, int, int, int], None]  # chunks done, chunks total, pixels done, pixels total
+
+
+NOT_YET = {"prob_raster": "--prob-raster", "cache_features": "--cache-features"}
+
+
+def check_scale_options(options) -> None:
+    """Refuse, in one sentence each, what a run on Ray cannot do yet; check the class lines and files."""
+    from backend.engine.text import parse_class_lines
+
+    for name, flag in NOT_YET.items():
+        if getattr(options, name):
+            raise InputError(f"{flag} is not available on Ray (--workers, --cluster, FARSLIP_RAY_ADDRESS) yet; "
+                             "leave it out, or segment without Ray.")
+    if options.refine != "none":
+        raise InputError("--refine is not available on Ray (--workers, --cluster, FARSLIP_RAY_ADDRESS) yet; "
+                         "leave it out, or segment without Ray.")
+    lines = engine_settings(options).class_lines
+    if lines:
+        parse_class_lines(lines)
+    calibration = options.quality_calibration
+    if calibration is not None and not Path(calibration).is_file():
+        raise InputError(f"The quality calibration file {calibration} does not exist.")
 
 
 def import_ray():
@@ -80,14 +104,15 @@ def import_ray():
     return ray
 
 
-def plan_rasters(paths: list[str], engine: EngineSettings, crop: int) -> tuple[list[RasterPlan], list[dict]]:
+def plan_rasters(paths: list[str], engine: EngineSettings, crop: int, bbox=None,
+                 bbox_crs: str | None = None) -> tuple[list[RasterPlan], list[dict]]:
     """Open every raster (bands, scale, stretch as segment does); a bad one is reported, the rest planned."""
     plans, failed = [], []
     rows, columns = engine.chunk_rows or CHUNK_ROWS, engine.chunk_columns or CHUNK_COLUMNS
     for index, path in enumerate(paths):
         try:
             with open_source(path, engine.bands, engine.scale, engine.gsd_m, engine.value_range) as source:
-                window = request_window(source, None, None)
+                window = request_window(source, bbox, bbox_crs)
                 chunks = units(window, rows, columns)
                 crops = count_crops(source.height, source.width, window, crop, crop // 2, columns, rows)
                 plan = RasterPlan(index, path, source.crs, window, chunks, crops)
@@ -159,7 +184,7 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
     started = time.perf_counter()
     check_merged_output(request.out)
     loaded, segmenter = load_segmenter(engine)  # the driver's copy: checks the model, scores the polygons
-    plans, failed = plan_rasters(paths, engine, segmenter.crop)
+    plans, failed = plan_rasters(paths, engine, segmenter.crop, request.bbox, request.bbox_crs)
     if not plans:
         first = failed[0]
         error = FarslipError(" ".join(f"{f['raster']}: {f['error']}" for f in failed))
@@ -178,7 +203,8 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
                     for k, v in asdict(engine).items() if k not in ("threads", "device", "facts", "model", "weights")}
     facts = {"version": __version__, "inputs": _input_facts(paths), "model": loaded.weights_id, **engine_facts,
              "--min-area": request.min_area, "--simplify": request.simplify, "--out-crs": out_crs.to_string(),
-             "--quality-calibration": request.quality_calibration}
+             "--quality-calibration": request.quality_calibration, "--bbox": request.bbox,
+             "--bbox-crs": request.bbox_crs}
     manifest = Manifest.open(request.out, facts, request.restart)
     run_id = (manifest.folder / "run_id").read_text() if (manifest.folder / "run_id").exists() else None
     if run_id is None:
@@ -289,7 +315,7 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
     manifest.remove()
     rasters = [manifest.finished[p.index] for p in done]
     return ScaleResult(outputs, rasters, failed, {"total": total_chunks, "resumed": resumed, "computed": computed},
-                       timings, {})
+                       timings, run_id)
 
 
 def _class_raster_names(done: list[RasterPlan]) -> list[str]:

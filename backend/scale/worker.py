@@ -44,6 +44,18 @@ class EngineSettings:
     facts: dict = field(default_factory=dict)
 
 
+def engine_settings(options, device: str = "auto", chunk: int | None = None) -> EngineSettings:
+    """The worker settings of a run of `options` (backend.engine.options.SegmentOptions)."""
+    from backend.engine.checks import class_lines_of
+
+    return EngineSettings(
+        class_lines=class_lines_of(options), model=options.model,
+        weights=str(options.weights) if options.weights else None, device=device, half=options.half,
+        attention=options.attention, batch_size=options.batch_size, threshold=options.threshold,
+        runtime=options.runtime, language=options.language, bands=options.bands, scale=options.scale,
+        gsd_m=options.gsd_m, value_range=options.value_range, chunk_rows=chunk, chunk_columns=chunk)
+
+
 def load_segmenter(settings: EngineSettings):
     """The loaded model and its Segmenter (class lines embedded), as `farslip segment` builds them."""
     from backend.engine.devices import resolve_device

@@ -144,6 +144,8 @@ def bench(
                                                        "SAM ViT-B, speed only)."),
     data_dir: Optional[Path] = typer.Option(None, help="With --refine: folder with the solaris raster and labels "
                                                        "(default: ../shared/data beside the checkout)."),
+    ray: bool = typer.Option(False, "--ray", help="Instead: chunks/s of segment --workers with 1 and 2 workers "
+                                                  "against one process, and the driver's share as chunks shrink."),
 ) -> None:
     """Measure encoder, pipeline, reference loop, text encoding and peak memory; print a table."""
     import json
@@ -154,7 +156,11 @@ def bench(
         dev = resolve_device(device)
     except FarslipError as error:
         fail(error)
-    if refine:
+    if ray:
+        from .ray_bench import run_ray_bench
+
+        results = run_ray_bench(arch, size or 1024, str(dev), echo=typer.echo)
+    elif refine:
         from backend.engine.paths import resources_dir
 
         from .refine_bench import run_refine_bench

@@ -35,7 +35,6 @@ SCALE_OPTIONS = [
 # output equals a single-process run's bit for bit); tests use small units to get many chunks.
 SCALE_OPTIONS.append(inspect.Parameter("chunk_size", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[int],
                                        default=typer.Option(None, hidden=True)))
-NOT_YET = {"bbox": "--bbox", "prob_raster": "--prob-raster", "cache_features": "--cache-features"}
 
 
 def with_many_inputs(command: Callable[..., None]) -> Callable[..., None]:
@@ -93,49 +92,32 @@ def segment_scaled(values: dict) -> None:
     stop_on_signals.__enter__()
     out = Path(values["out"])
     try:
-        from backend.engine.checks import class_lines_of
         from backend.engine.options import check_values
-        from backend.engine.text import parse_class_lines
         from backend.scale.inputs import expand_inputs
-        from backend.scale.run import ScaleRequest, segment_rasters
-        from backend.scale.worker import EngineSettings
+        from backend.scale.run import ScaleRequest, check_scale_options, segment_rasters
+        from backend.scale.worker import engine_settings
 
         options = options_from_cli({k: v for k, v in values.items()
                                     if k not in (*SCALE_ONLY, "device", "quiet", "class_raster")}
                                    | {"raster": Path(values["raster"][0])})
         check_values(options)
-        for name, flag in NOT_YET.items():
-            if getattr(options, name):
-                raise InputError(f"{flag} is not available with --workers/--cluster yet; run without it, or "
-                                 "segment one raster at a time without --workers.")
-        if options.refine != "none":
-            raise InputError("--refine is not available with --workers/--cluster yet; run without it, or "
-                             "segment one raster at a time without --workers.")
+        check_scale_options(options)
         if values.get("workers") is not None and values["workers"] < 1:
             raise InputError(f"--workers must be at least 1; got {values['workers']}.")
         class_raster = values.get("class_raster")
         if class_raster and Path(class_raster).suffix.lower() != ".vrt":
             raise InputError(f"With --workers/--cluster the class raster is a VRT mosaic over one GeoTIFF per "
                              f"raster; name it .vrt (got {class_raster}).")
-        lines = class_lines_of(options)
-        if lines:
-            parse_class_lines(lines)
-        calibration = options.quality_calibration
-        if calibration is not None and not Path(calibration).is_file():
-            raise InputError(f"The quality calibration file {calibration} does not exist.")
         chunk = values.get("chunk_size")
         if chunk is not None and chunk < 256:
             raise InputError(f"--chunk-size must be at least 256 pixels; got {chunk}.")
-        engine = EngineSettings(
-            class_lines=lines, model=options.model, weights=str(options.weights) if options.weights else None,
-            device=values.get("device", "auto"), half=options.half, attention=options.attention,
-            batch_size=options.batch_size, threshold=options.threshold, runtime=options.runtime,
-            language=options.language, bands=options.bands, scale=options.scale, gsd_m=options.gsd_m,
-            value_range=options.value_range, chunk_rows=chunk, chunk_columns=chunk)
+        engine = engine_settings(options, values.get("device", "auto"), chunk)
         request = ScaleRequest(out, Path(class_raster) if class_raster else None, values.get("out_crs"),
                                options.overwrite, bool(values.get("restart")), values.get("workers"),
                                values.get("cluster") or os.environ.get("RAY_ADDRESS"), options.min_area,
-                               options.simplify, str(calibration) if calibration else None)
+                               options.simplify,
+                               str(options.quality_calibration) if options.quality_calibration else None, options.bbox,
+                               options.bbox_crs)
         paths = expand_inputs(values["raster"])
         quiet = bool(values.get("quiet"))
         if not quiet:
