@@ -227,6 +227,7 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
     workers = None
     computed = 0
     failures = {f["raster"]: f for f in failed}
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="farslip-finish")
     try:
         t0 = time.perf_counter()
         workers = Workers(engine, request.workers, request.cluster)
@@ -236,7 +237,6 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
         ray = workers.ray
         t0 = time.perf_counter()
         finishing: dict[int, Future] = {}
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="farslip-finish")
 
         def agreement(raster, window, regions):
             actor = workers.actors[0]
@@ -296,9 +296,9 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
                 manifest.add_raster(index, future.result(), plan.keys)
             except FarslipError as error:
                 failures[plan.path] = {"raster": plan.path, "error": str(error), "exit_code": error.exit_code}
-        pool.shutdown()
         timings["finish_wait_s"] = time.perf_counter() - t0
     finally:
+        pool.shutdown(wait=False, cancel_futures=True)
         if workers is not None:
             workers.stop()
         manifest.close()
