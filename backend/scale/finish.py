@@ -73,7 +73,7 @@ class _Rows:
 
 
 def finish_raster(plan: RasterPlan, manifest: Manifest, engine: EngineSettings, finish: FinishSettings,
-                  segmenter: Segmenter, agreement: Callable[[str, PixelWindow, list], np.ndarray]) -> dict:
+                  segmenter: Segmenter, agreement: Callable[[RasterPlan, list], np.ndarray]) -> dict:
     """Write plan's rasters and polygon layer into its folder of the manifest; return its facts."""
     started = time.perf_counter()
     folder = manifest.raster_folder(plan.index)
@@ -117,7 +117,7 @@ def finish_raster(plan: RasterPlan, manifest: Manifest, engine: EngineSettings, 
         def remote_check(regions, checked):
             values = np.full(len(regions), np.nan)
             if checked:
-                values[checked] = agreement(plan.path, window, [regions[i] for i in checked])
+                values[checked] = agreement(plan, [regions[i] for i in checked])
             return values
 
         estimate = estimate_quality(regions, source, window, segmenter, paths["score"], paths["signals"],

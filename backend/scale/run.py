@@ -238,10 +238,10 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
         t0 = time.perf_counter()
         finishing: dict[int, Future] = {}
 
-        def agreement(raster, window, regions):
-            actor = workers.actors[0]
-            return ray.get(actor.region_agreement.remote(raster, (window.row_off, window.col_off, window.height,
-                                                                  window.width), regions))
+        def agreement(plan: RasterPlan, regions: list):
+            window = plan.window
+            return ray.get(workers.actors[0].region_agreement.remote(
+                plan.path, (window.row_off, window.col_off, window.height, window.width), regions, plan.crops))
 
         def start_finish(plan: RasterPlan) -> None:
             if plan.index not in manifest.finished and plan.index not in finishing:

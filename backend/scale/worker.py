@@ -97,6 +97,13 @@ class ChunkWorker:
             self._sources[raster] = open_source(raster, s.bands, s.scale, s.gsd_m, s.value_range)
         return self._sources[raster]
 
+    def _encoder_for(self, raster_crops: int) -> None:
+        """The encoder `segment` would pick for a raster of `raster_crops` crops."""
+        from backend.engine.runtimes import make_encoder
+
+        self.segmenter.encoder = make_encoder(self.loaded, self.settings.attention, self.settings.runtime,
+                                              crops=raster_crops)
+
     def run_chunk(self, raster: str, unit: tuple[int, int, int, int], raster_crops: int,
                   with_probs: bool) -> dict[str, np.ndarray]:
         """The arrays of one work unit (row_off, col_off, height, width) of `raster`'s processing grid.
@@ -104,12 +111,9 @@ class ChunkWorker:
         `raster_crops` is the whole raster's crop count, from which the runtime is chosen as
         `segment` chooses it (compiled CPU runtimes only for runs large enough to repay them).
         """
-        from backend.engine.runtimes import make_encoder
-
         source = self._source(raster)
         window = PixelWindow(*unit)
-        self.segmenter.encoder = make_encoder(self.loaded, self.settings.attention, self.settings.runtime,
-                                              crops=raster_crops)
+        self._encoder_for(raster_crops)
         n = len(self.segmenter.classes)
         class_ids = np.full((window.height, window.width), NODATA_CLASS, np.uint8)
         score = np.full((window.height, window.width), np.nan, np.float32)
@@ -134,9 +138,13 @@ class ChunkWorker:
             arrays["probs"] = probs
         return arrays
 
-    def region_agreement(self, raster: str, window: tuple[int, int, int, int], regions: list) -> np.ndarray:
-        """quality.region_agreement for `regions` (the polygons picked for a region check) of `raster`."""
+    def region_agreement(self, raster: str, window: tuple[int, int, int, int], regions: list,
+                         raster_crops: int) -> np.ndarray:
+        """quality.region_agreement for `regions` (the polygons picked for a region check) of `raster`,
+        with the image embedder `segment` uses for it."""
         source = self._source(raster)
         pixel_window = PixelWindow(*window)
+        self._encoder_for(raster_crops)
         return region_agreement(regions, source, pixel_window, source.window_transform(pixel_window), self.loaded,
-                                self.segmenter.text, self.segmenter.owner)
+                                self.segmenter.text, self.segmenter.owner,
+                                embed=getattr(self.segmenter.encoder, "embed_images", None))
