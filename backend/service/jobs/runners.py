@@ -84,6 +84,10 @@ def run_segment(request: dict, control: JobControl, models: ModelCache) -> dict:
     from backend.engine.segment import segment_raster, with_model_defaults
 
     options = options_from_request(request)
+    from backend.service.scale_jobs import ray_address, run_segment_on_ray
+
+    if ray_address():  # the backend's settings name a Ray cluster (or a local Ray): the job runs there
+        return run_segment_on_ray(options, control, ray_address(), models.device)
     notices: list[str] = []
     control.message(f"Loading the model {options.model or 'default'}.")
     loaded = models.get(options.model, str(options.weights) if options.weights else None, options.half)

@@ -1,0 +1,52 @@
+"""Segment jobs of the HTTP backend on Ray, when the backend's settings name a Ray address.
+
+`FARSLIP_RAY_ADDRESS` (read when a job starts): `ray://HOST:PORT` (or `auto`) runs every segment job
+on that cluster; `local` or `local:N` on a Ray the job starts on this machine with N workers
+(default: the CPU count). The job keeps its progress (chunks done of all) and its cancel: a cancel
+stops the dispatch, kills the job's actors (their running chunks with them) and keeps what was
+finished in `<out>.partial/`, so the same request resumes.
+"""
+
+from __future__ import annotations
+
+import os
+
+from backend.engine.errors import InputError
+from backend.engine.options import SegmentOptions
+
+RAY_ADDRESS_ENV = "FARSLIP_RAY_ADDRESS"
+
+
+def ray_address() -> str | None:
+    return os.environ.get(RAY_ADDRESS_ENV) or None
+
+
+def _where(address: str) -> tuple[int | None, str | None]:
+    """(local workers, cluster address) of a FARSLIP_RAY_ADDRESS value."""
+    if address == "local" or address.startswith("local:"):
+        count = address.partition(":")[2]
+        return (int(count) if count.isdigit() else os.cpu_count() or 1), None
+    return None, address
+
+
+def run_segment_on_ray(options: SegmentOptions, control, address: str, device: str) -> dict:
+    """The worker side of a segment job on Ray: the job's result in `run_segment`'s shape."""
+    from backend.scale.run import ScaleRequest, check_scale_options, segment_rasters
+    from backend.scale.worker import engine_settings
+
+    check_scale_options(options)
+    if options.class_raster:
+        raise InputError("A backend that runs on Ray (FARSLIP_RAY_ADDRESS) writes no class raster yet; leave "
+                         "it out, or use a backend without FARSLIP_RAY_ADDRESS.")
+    workers, cluster = _where(address)
+    request = ScaleRequest(options.out, None, None, options.overwrite, False, workers, cluster, options.min_area,
+                           options.simplify, str(options.quality_calibration) if options.quality_calibration else None,
+                           options.bbox, options.bbox_crs)
+    control.message(f"Segmenting on Ray ({cluster or f'{workers} local workers'}).")
+    result = segment_rasters([str(options.raster)], engine_settings(options, device), request,
+                             progress=lambda done, total, _pixels, _all: control.progress(done, total),
+                             should_cancel=control.should_cancel)
+    raster = result.rasters[0]
+    return {"outputs": dict(result.outputs), "classes": list(raster["class_stats"]), "run_id": result.run_id,
+            "tiles": raster["tiles"], "timings": dict(result.timings), "warnings": [],
+            "quality": dict(raster.get("quality") or {}), "features": {}, "encoder": f"ray: {result.chunks}"}
