@@ -11,8 +11,12 @@ finished (finish.py) in a driver thread while the workers compute the next ones.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import shutil
+import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -135,6 +139,32 @@ def _input_facts(paths: list[str]) -> list[dict]:
     return facts
 
 
+@contextlib.contextmanager
+def _own_signal_handlers(signals=(signal.SIGTERM,)):
+    """Keep this process's SIGTERM handling across Ray's start and shutdown.
+
+    Ray's core installs a crash-report handler for SIGTERM at the C level when it starts, and resets
+    SIGTERM to the default when it shuts down: a `farslip serve` that ran a Ray job would then die
+    on SIGTERM instead of stopping cleanly, and `segment` could not say "Interrupted". The handlers
+    are saved and put back with sigaction itself (any thread may do that) and, in the main thread,
+    Python's own table too.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    main = threading.current_thread() is threading.main_thread()
+    saved = {}
+    for sig in signals:
+        action = ctypes.create_string_buffer(512)  # larger than any platform's struct sigaction
+        if libc.sigaction(int(sig), None, action) == 0:
+            saved[sig] = (action, signal.getsignal(sig))
+    try:
+        yield
+    finally:
+        for sig, (action, handler) in saved.items():
+            if main and handler is not None:
+                signal.signal(sig, handler)
+            libc.sigaction(int(sig), action, None)
+
+
 class Workers:
     """The Ray actors of a run, created on a local Ray or a cluster."""
 
@@ -144,11 +174,12 @@ class Workers:
         if not ray.is_initialized():
             import logging
 
-            if cluster:
-                ray.init(address=cluster, logging_level=logging.ERROR, log_to_driver=False)
-            else:
-                ray.init(address="local", num_cpus=workers or 1, include_dashboard=False,
-                         logging_level=logging.ERROR, log_to_driver=False)
+            with _own_signal_handlers():
+                if cluster:
+                    ray.init(address=cluster, logging_level=logging.ERROR, log_to_driver=False)
+                else:
+                    ray.init(address="local", num_cpus=workers or 1, include_dashboard=False,
+                             logging_level=logging.ERROR, log_to_driver=False)
             self.started_ray = True
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
@@ -174,7 +205,8 @@ class Workers:
         for actor in self.actors:
             self.ray.kill(actor, no_restart=True)
         if self.started_ray:
-            self.ray.shutdown()
+            with _own_signal_handlers():
+                self.ray.shutdown()
 
 
 def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequest, progress: Progress | None = None,
