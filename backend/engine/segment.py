@@ -412,7 +412,10 @@ class RunRasters:
         if self.prob_ds is not None:
             self.prob_ds.write(probs, window=win)
         if self.signals_ds is not None:
-            self.signals_ds.write(np.stack(pixel_signals(probs)) if signals is None else signals, window=win)
+            if signals is None:
+                assert probs is not None, "pixel signals need the class probabilities"
+                signals = np.stack(pixel_signals(probs))
+            self.signals_ds.write(signals, window=win)
 
     def close(self) -> None:
         for ds in (self.class_ds, self.score_ds, self.signals_ds, self.prob_ds):
