@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from backend.engine.atomic import atomic_output, write_text_atomically
 from backend.engine.errors import InputError
 
 FORMAT = "farslip-scale/1"
@@ -32,15 +33,6 @@ def partial_folder(out: str | Path) -> Path:
 
 def fingerprint(facts: dict) -> str:
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _fsync_write(path: Path, data: bytes) -> None:
-    temp = path.with_name(path.name + ".writing")
-    with open(temp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
 
 
 class Manifest:
@@ -72,8 +64,8 @@ class Manifest:
             manifest.rasters.mkdir(exist_ok=True)
             run = folder / "run.json"
             if not run.exists():
-                _fsync_write(run, json.dumps({"format": FORMAT, "fingerprint": fingerprint(facts), "facts": facts},
-                                             indent=2, default=str).encode())
+                write_text_atomically(run, json.dumps({"format": FORMAT, "fingerprint": fingerprint(facts),
+                                                       "facts": facts}, indent=2, default=str))
             manifest._read()
         except BaseException:
             manifest.close()
@@ -135,11 +127,8 @@ class Manifest:
     def add_chunk(self, key: str, arrays: dict[str, np.ndarray], facts: dict) -> None:
         """Store a finished chunk's arrays as a block file, then record it."""
         name = f"{key}.npz"
-        temp = self.blocks / f"{name}.writing.npz"
-        np.savez(temp, **arrays)
-        with open(temp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temp, self.blocks / name)
+        with atomic_output(self.blocks / name) as staged:
+            np.savez(staged, **arrays)
         entry = {"chunk": key, "file": name, **facts}
         self._append(entry)
         self.chunks[key] = entry
