@@ -30,6 +30,7 @@ from backend import __version__
 from backend.engine.errors import CancelledError, FarslipError, InputError
 from backend.engine.atomic import atomic_output
 from backend.engine.export import report_json, report_path_for
+from backend.engine.files import check_output_folder, same_file
 from backend.engine.raster import open_source, request_window
 from backend.engine.sliding import CHUNK_COLUMNS, CHUNK_ROWS, count_crops, units
 from backend.engine.temporary import new_run_tag
@@ -181,12 +182,17 @@ class Workers:
                     ray.init(address="local", num_cpus=workers or 1, include_dashboard=False,
                              logging_level=logging.ERROR, log_to_driver=False)
             self.started_ray = True
-        resources = ray.cluster_resources()
-        gpus = int(resources.get("GPU", 0))
-        count = workers or gpus or max(1, len([n for n in ray.nodes() if n.get("Alive")]))
-        options = {"max_restarts": 3, "max_task_retries": 3, "num_cpus": 1}
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        count = workers or gpus or max(1, len(nodes))
+        options: dict = {"max_restarts": 3, "max_task_retries": 3, "num_cpus": 1}
         if gpus and (not workers or workers <= gpus):
-            options["num_gpus"] = 1
+            options["num_gpus"] = 1  # one worker per GPU
+        elif cluster and not workers:
+            # A cluster without GPUs: one worker per node, with the cores of the smallest node.
+            cores = int(min(n.get("Resources", {}).get("CPU", 1) for n in nodes)) if nodes else 1
+            options["num_cpus"] = max(1, cores)
+            engine.threads = max(1, cores)
         # Workers keep torch's thread count unless told: some CPU kernels round differently with fewer
         # threads, and the output must equal a single process's bit for bit (docs/SCALE.md).
         # (Ray itself would pin a one-CPU worker to one thread.)
@@ -228,6 +234,9 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
         raise InputError(f"--class-raster builds one VRT mosaic, which needs rasters in one CRS; these are in "
                          f"{', '.join(sorted(crss))}. Run each CRS's rasters apart, or leave --class-raster out.")
     for target in filter(None, (request.out, report_path_for(request.out), request.class_raster)):
+        check_output_folder(Path(target))
+        if any(same_file(target, path) for path in paths):
+            raise InputError(f"The output {target} is one of the input rasters; choose another name.")
         if Path(target).exists() and not request.overwrite:
             raise InputError(f"{target} already exists; choose another name or allow overwriting (--overwrite).")
     # What decides the output, named as the command line names it (a resumed run must match them all).

@@ -212,17 +212,28 @@ def test_a_folder_of_rasters_in_three_crss_gives_the_single_process_features_and
         assert_no_split_polygons(merged_shapes[mine], merged["class_id"][mine])
 
 
-def test_a_killed_worker_is_restarted_and_the_output_is_unchanged(mosaic, mosaic_runs, tiny_model, tmp_path):
+def read_geoparquet(path: Path):
+    """Geometries and columns of a GeoParquet file, with its 'geo' metadata."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    geo = json.loads(table.schema.metadata[b"geo"])
+    columns = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+    return geo, shapely.from_wkb(columns.pop(geo["primary_column"])), columns
+
+
+def test_a_killed_worker_is_restarted_and_the_output_is_unchanged_in_geoparquet(mosaic, mosaic_runs, tiny_model,
+                                                                                tmp_path):
     from backend.scale.run import ScaleRequest, segment_rasters
     from backend.scale.worker import EngineSettings
 
     folder, _ = mosaic_runs
-    out = tmp_path / "killed.gpkg"
+    out = tmp_path / "killed.parquet"
     killed = []
 
     def kill_a_worker_once(done, total, pixels, total_pixels):
         if done >= 2 and not killed:
-            pids = json.loads((tmp_path / "killed.gpkg.partial" / "workers.json").read_text())
+            pids = json.loads((tmp_path / "killed.parquet.partial" / "workers.json").read_text())
             os.kill(pids[0], signal.SIGKILL)
             killed.append(pids[0])
 
@@ -230,8 +241,10 @@ def test_a_killed_worker_is_restarted_and_the_output_is_unchanged(mosaic, mosaic
                             model=str(tiny_model), chunk_rows=CHUNK, chunk_columns=CHUNK)
     result = segment_rasters([str(mosaic)], engine, ScaleRequest(out, workers=2), progress=kill_a_worker_once)
     assert killed and result.exit_code == 0
-    _, expected_shapes, expected = read_layer(folder / "scaled.gpkg")
-    _, shapes, fields = read_layer(out)
+    meta, expected_shapes, expected = read_layer(folder / "scaled.gpkg")
+    geo, shapes, fields = read_geoparquet(out)
+    assert geo["columns"]["geometry"]["encoding"] == "WKB"
+    assert pyproj.CRS.from_json_dict(geo["columns"]["geometry"]["crs"]) == pyproj.CRS.from_user_input(meta["crs"])
     assert all(shapely.equals_exact(a, b, 0) for a, b in zip(expected_shapes, shapes, strict=True))
     assert_same_fields(expected, fields)
 
