@@ -108,7 +108,12 @@ class Manifest:
         path = self.folder / "manifest.jsonl"
         if not path.exists():
             return
-        for line in path.read_text(encoding="utf-8").splitlines():
+        text = path.read_text(encoding="utf-8")
+        if text and not text.endswith("\n"):  # a line cut by a kill: drop it, so the next line starts clean
+            text = text[:text.rfind("\n") + 1]
+            with open(path, "r+", encoding="utf-8") as handle:
+                handle.truncate(len(text.encode("utf-8")))
+        for line in text.splitlines():
             try:
                 entry = json.loads(line)
             except ValueError:

@@ -1,0 +1,54 @@
+"""The partial folder of a Ray run: what a killed run left is found again, other settings are refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from backend.engine.errors import InputError
+from backend.scale.manifest import Manifest, partial_folder
+
+FACTS = {"inputs": [{"path": "/data/a.tif", "bytes": 10}], "classes": ["water"], "--threshold": 0.0}
+
+
+def block(value: int) -> dict[str, np.ndarray]:
+    return {"class_ids": np.full((3, 4), value, np.uint8), "score": np.full((3, 4), 0.5, np.float32)}
+
+
+def test_finished_chunks_survive_a_killed_driver_and_a_cut_last_line(tmp_path):
+    out = tmp_path / "result.gpkg"
+    first = Manifest.open(out, FACTS, restart=False)
+    first.add_chunk("r000000-0-0", block(1), {"raster": 0})
+    first.add_chunk("r000000-0-4", block(2), {"raster": 0})
+    first.close()  # as a kill -9 would leave it, with half a line appended
+    with open(partial_folder(out) / "manifest.jsonl", "a") as manifest:
+        manifest.write('{"chunk": "r000000-3-0", "fi')
+    again = Manifest.open(out, FACTS, restart=False)
+    assert sorted(again.chunks) == ["r000000-0-0", "r000000-0-4"]
+    assert np.array_equal(again.load_chunk("r000000-0-4")["class_ids"], block(2)["class_ids"])
+    again.add_raster(0, {"path": "/data/a.tif"}, ["r000000-0-0", "r000000-0-4"])
+    assert list((partial_folder(out) / "blocks").iterdir()) == []  # a finished raster's blocks go
+    again.close()
+    assert Manifest.open(out, FACTS, restart=False).finished[0]["path"] == "/data/a.tif"
+
+
+def test_other_settings_are_refused_by_name_and_restart_starts_over(tmp_path):
+    out = tmp_path / "result.gpkg"
+    manifest = Manifest.open(out, FACTS, restart=False)
+    manifest.add_chunk("r000000-0-0", block(1), {"raster": 0})
+    manifest.close()
+    other = dict(FACTS, classes=["road"], **{"--threshold": 0.2})
+    with pytest.raises(InputError, match=r"other --threshold, classes\. .*--restart"):
+        Manifest.open(out, other, restart=False)
+    fresh = Manifest.open(out, other, restart=True)
+    assert fresh.chunks == {} and fresh.finished == {}
+    fresh.close()
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tmp_path):
+    out = tmp_path / "result.gpkg"
+    running = Manifest.open(out, FACTS, restart=False)
+    with pytest.raises(InputError, match="Another farslip run is writing"):
+        Manifest.open(out, FACTS, restart=False)
+    running.remove()
+    assert not partial_folder(out).exists()
