@@ -60,6 +60,18 @@ def _executable_names(name: str) -> list[str]:
     return [name + ".exe", name] if sys.platform == "win32" else [name]
 
 
+def backend_environment(settings: PluginSettings) -> QProcessEnvironment:
+    """The environment of a backend the plugin starts: QGIS's own Python variables removed, and the
+    Ray cluster of the settings, on which its segment jobs then run."""
+    environment = QProcessEnvironment.systemEnvironment()
+    for name in FOREIGN_ENV:
+        environment.remove(name)
+    environment.insert("PYTHONUNBUFFERED", "1")
+    if settings.ray_address.strip():
+        environment.insert("FARSLIP_RAY_ADDRESS", settings.ray_address.strip())
+    return environment
+
+
 def _venv_bin(venv: str) -> str:
     return os.path.join(venv, "Scripts" if sys.platform == "win32" else "bin")
 
@@ -267,12 +279,8 @@ class BackendManager(QObject):
         os.makedirs(folder, mode=0o700, exist_ok=True)
         if os.path.exists(self.connection_file):
             os.remove(self.connection_file)  # a stale file from a backend that no longer answers
-        environment = QProcessEnvironment.systemEnvironment()
-        for name in FOREIGN_ENV:
-            environment.remove(name)
-        environment.insert("PYTHONUNBUFFERED", "1")
         process = QProcess(self)
-        process.setProcessEnvironment(environment)
+        process.setProcessEnvironment(backend_environment(settings))
         process.setProcessChannelMode(QProcess.MergedChannels)
         process.readyReadStandardOutput.connect(self._forward_output)
         process.errorOccurred.connect(self._process_error)

@@ -36,6 +36,7 @@ class PluginSettings:
     backend_token: str = ""
     connection_file: str = ""   # or read url + token from the file `farslip serve` wrote
     auto_start: bool = True
+    ray_address: str = ""       # a backend the plugin starts runs segment jobs on this Ray (FARSLIP_RAY_ADDRESS)
     default_model: str = ""
     output_folder: str = ""
 

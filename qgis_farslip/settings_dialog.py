@@ -19,6 +19,7 @@ class SettingsDialog(QDialog, FORM):
         self.setupUi(self)
         self.commandEdit.setText(settings.backend_command)
         self.autoStartCheck.setChecked(settings.auto_start)
+        self.rayAddressEdit.setText(settings.ray_address)
         self.urlEdit.setText(settings.backend_url)
         self.tokenEdit.setText(settings.backend_token)
         self.connectionFileEdit.setText(settings.connection_file)
@@ -36,6 +37,7 @@ class SettingsDialog(QDialog, FORM):
             backend_token=self.tokenEdit.text().strip(),
             connection_file=self.connectionFileEdit.text().strip(),
             auto_start=self.autoStartCheck.isChecked(),
+            ray_address=self.rayAddressEdit.text().strip(),
             default_model=self.defaultModelEdit.text().strip(),
             output_folder=self.outputFolderEdit.text().strip(),
         )

@@ -54,3 +54,14 @@ def test_default_connection_file_follows_the_backends_state_dir(farslip, monkeyp
     monkeypatch.delenv("FARSLIP_HOME")
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
     assert default_connection_file() == os.path.join(str(tmp_path / "data"), "farslip", "backend.json")
+
+
+def test_a_started_backend_gets_the_ray_cluster_of_the_settings(farslip):
+    from qgis_farslip.backend_manager import backend_environment
+    from qgis_farslip.settings import PluginSettings
+
+    on_ray = backend_environment(PluginSettings(ray_address=" ray://head:10001 "))
+    assert on_ray.value("FARSLIP_RAY_ADDRESS") == "ray://head:10001"
+    assert on_ray.value("PYTHONUNBUFFERED") == "1" and not on_ray.contains("PYTHONHOME")
+    here = backend_environment(PluginSettings())
+    assert here.value("FARSLIP_RAY_ADDRESS", "") == os.environ.get("FARSLIP_RAY_ADDRESS", "")

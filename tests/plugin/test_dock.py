@@ -131,7 +131,8 @@ def test_settings_dialog_round_trips_through_qgs_settings(farslip, plugin_settin
 
     wanted = PluginSettings(backend_command="/opt/farslip/bin/python", backend_url="http://127.0.0.1:8765",
                             backend_token="secret", connection_file="", auto_start=False,
-                            default_model="farslip1-vit-b-16", output_folder=str(tmp_path))
+                            default_model="farslip1-vit-b-16", output_folder=str(tmp_path),
+                            ray_address="ray://head:10001")
     dialog = SettingsDialog(wanted)
     assert dialog.settings() == wanted
     dialog.settings().save()
