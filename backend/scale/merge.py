@@ -1,4 +1,4 @@
-"""The outputs of a scaled run: the rasters' layers as one layer, and a VRT over their class rasters.
+"""The outputs of a scaled run: the rasters' layers as one layer, and VRTs over their class and probability rasters.
 
 Each finished raster already has its layer (finish.py); merging concatenates them in input order,
 adds the `raster` field (the file each polygon came from), numbers `object_id` through the whole
@@ -89,11 +89,14 @@ def write_geoparquet(path: Path, geometries: np.ndarray, fields: dict[str, np.nd
     pq.write_table(table, path)
 
 
-def write_class_vrt(path: Path, rasters: list[Path], crs: CRS) -> None:
-    """A VRT mosaic of class rasters in one CRS, at the finest pixel size among them, with their colours."""
+def write_raster_vrt(path: Path, rasters: list[Path], crs: CRS) -> None:
+    """A VRT mosaic of same-kind rasters in one CRS (class or probability rasters: every band, its name,
+    nodata and colours), at the finest pixel size among them."""
     with rasterio.open(rasters[0]) as first:
-        colormap = first.colormap(1)
-        tags = first.tags(1)
+        colormap = first.colormap(1) if first.count == 1 and first.dtypes[0] == "uint8" else None
+        tags = [first.tags(band) for band in range(1, first.count + 1)]
+        descriptions, nodata = first.descriptions, first.nodata
+        kind = {"uint8": "Byte", "float32": "Float32"}[first.dtypes[0]]
     boxes = []
     for raster in rasters:
         with rasterio.open(raster) as ds:
@@ -102,24 +105,32 @@ def write_class_vrt(path: Path, rasters: list[Path], crs: CRS) -> None:
     left, top = min(b[0].left for b in boxes), max(b[0].top for b in boxes)
     right, bottom = max(b[0].right for b in boxes), min(b[0].bottom for b in boxes)
     width, height = round((right - left) / xres), round((top - bottom) / yres)
-    entries = "".join(f'<Entry c1="{r}" c2="{g}" c3="{b}" c4="{a}"/>'
-                      for _, (r, g, b, a) in sorted(colormap.items()))
-    metadata = "".join(f'<MDI key="{html.escape(k)}">{html.escape(v)}</MDI>' for k, v in tags.items())
-    sources = []
-    for raster, (bounds, _, _, w, h) in zip(rasters, boxes):
-        relative = html.escape(str(raster.relative_to(path.parent)))
-        x0, y0 = (bounds.left - left) / xres, (top - bounds.top) / yres
-        dw, dh = (bounds.right - bounds.left) / xres, (bounds.top - bounds.bottom) / yres
-        sources.append(
-            f'<SimpleSource><SourceFilename relativeToVRT="1">{relative}</SourceFilename>'
-            f'<SourceBand>1</SourceBand><SrcRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/>'
-            f'<DstRect xOff="{x0:.10g}" yOff="{y0:.10g}" xSize="{dw:.10g}" ySize="{dh:.10g}"/>'
-            '<NODATA>255</NODATA></SimpleSource>')
+    nodata_text = "" if nodata is None else ("nan" if nodata != nodata else f"{nodata:g}")
+    bands = []
+    for band, description in enumerate(descriptions, start=1):
+        sources = []
+        for raster, (bounds, _, _, w, h) in zip(rasters, boxes):
+            relative = html.escape(str(raster.relative_to(path.parent)))
+            x0, y0 = (bounds.left - left) / xres, (top - bounds.top) / yres
+            dw, dh = (bounds.right - bounds.left) / xres, (bounds.top - bounds.bottom) / yres
+            sources.append(
+                f'<SimpleSource><SourceFilename relativeToVRT="1">{relative}</SourceFilename>'
+                f'<SourceBand>{band}</SourceBand><SrcRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/>'
+                f'<DstRect xOff="{x0:.10g}" yOff="{y0:.10g}" xSize="{dw:.10g}" ySize="{dh:.10g}"/>'
+                + (f"<NODATA>{nodata_text}</NODATA>" if nodata_text else "") + "</SimpleSource>")
+        colours = ""
+        if colormap:
+            entries = "".join(f'<Entry c1="{r}" c2="{g}" c3="{b}" c4="{a}"/>'
+                              for _, (r, g, b, a) in sorted(colormap.items()))
+            colours = f"<ColorInterp>Palette</ColorInterp><ColorTable>{entries}</ColorTable>"
+        metadata = "".join(f'<MDI key="{html.escape(k)}">{html.escape(v)}</MDI>' for k, v in tags[band - 1].items())
+        bands.append(f'<VRTRasterBand dataType="{kind}" band="{band}">'
+                     + (f"<NoDataValue>{nodata_text}</NoDataValue>" if nodata_text else "")
+                     + colours + (f"<Metadata>{metadata}</Metadata>" if metadata else "")
+                     + (f"<Description>{html.escape(description)}</Description>" if description else "")
+                     + "".join(sources) + "</VRTRasterBand>")
     text = (f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">'
             f'<SRS>{html.escape(crs.to_wkt())}</SRS>'
             f'<GeoTransform>{left!r}, {xres!r}, 0.0, {top!r}, 0.0, {-yres!r}</GeoTransform>'
-            '<VRTRasterBand dataType="Byte" band="1"><NoDataValue>255</NoDataValue>'
-            f'<ColorInterp>Palette</ColorInterp><ColorTable>{entries}</ColorTable>'
-            f'<Metadata>{metadata}</Metadata><Description>class_id</Description>{"".join(sources)}'
-            '</VRTRasterBand></VRTDataset>\n')
+            f'{"".join(bands)}</VRTDataset>\n')
     path.write_text(text, encoding="utf-8")

@@ -37,7 +37,7 @@ from backend.engine.temporary import new_run_tag
 
 from .finish import FinishSettings, RasterPlan, finish_raster
 from .manifest import Manifest
-from .merge import check_merged_output, merge_layers, write_class_vrt
+from .merge import check_merged_output, merge_layers, write_raster_vrt
 from .worker import ChunkWorker, EngineSettings, engine_settings, load_segmenter
 
 RAY_HINT = "pip install 'farslip-qgis[ray]'"
@@ -49,7 +49,7 @@ class ScaleRequest:
     """Where and how a scaled run writes, and where it runs."""
 
     out: Path
-    class_raster: Path | None = None
+    class_raster: Path | None = None  # .vrt: a mosaic over one GeoTIFF per raster; .tif: one input raster's
     out_crs: str | None = None
     overwrite: bool = False
     restart: bool = False
@@ -60,6 +60,16 @@ class ScaleRequest:
     quality_calibration: str | None = None
     bbox: tuple[float, float, float, float] | None = None  # applied to every raster (one it misses fails)
     bbox_crs: str | None = None
+    prob_raster: Path | None = None  # as class_raster, the class probabilities
+
+    def rasters(self) -> dict[str, Path]:
+        """The raster outputs asked for, by role, with the per-raster file finish.py writes for each."""
+        return {role: Path(path) for role, path in (("class_raster", self.class_raster),
+                                                     ("prob_raster", self.prob_raster)) if path}
+
+
+RASTER_FILES = {"class_raster": "classes.tif", "prob_raster": "probs.tif"}
+RASTER_NAMES = {"class_raster": "--class-raster", "prob_raster": "--prob-raster"}
 
 
 @dataclass
@@ -79,7 +89,7 @@ class ScaleResult:
 Progress = Callable[[int, int, int, int], None]  # chunks done, chunks total, pixels done, pixels total
 
 
-NOT_YET = {"prob_raster": "--prob-raster", "cache_features": "--cache-features"}
+NOT_YET = {"cache_features": "--cache-features"}
 
 
 def check_scale_options(options) -> None:
@@ -221,6 +231,7 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
     """Segment every raster of `paths` on Ray workers; write one layer (and a class VRT); see the module."""
     started = time.perf_counter()
     check_merged_output(request.out)
+    with_probs = request.prob_raster is not None  # the chunks' block files then hold the probabilities too
     loaded, segmenter = load_segmenter(engine)  # the driver's copy: checks the model, scores the polygons
     plans, failed = plan_rasters(paths, engine, segmenter.crop, request.bbox, request.bbox_crs)
     if not plans:
@@ -229,11 +240,8 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
         error.exit_code = first["exit_code"]
         raise error
     out_crs = CRS.from_user_input(request.out_crs) if request.out_crs else plans[0].crs
-    crss = {plan.crs.to_string() for plan in plans}
-    if request.class_raster and len(crss) > 1:
-        raise InputError(f"--class-raster builds one VRT mosaic, which needs rasters in one CRS; these are in "
-                         f"{', '.join(sorted(crss))}. Run each CRS's rasters apart, or leave --class-raster out.")
-    for target in filter(None, (request.out, report_path_for(request.out), request.class_raster)):
+    check_raster_outputs(request, paths, {plan.crs.to_string() for plan in plans})
+    for target in (request.out, report_path_for(request.out), *request.rasters().values()):
         check_output_folder(Path(target))
         if any(same_file(target, path) for path in paths):
             raise InputError(f"The output {target} is one of the input rasters; choose another name.")
@@ -245,14 +253,14 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
     facts = {"version": __version__, "inputs": _input_facts(paths), "model": loaded.weights_id, **engine_facts,
              "--min-area": request.min_area, "--simplify": request.simplify, "--out-crs": out_crs.to_string(),
              "--quality-calibration": request.quality_calibration, "--bbox": request.bbox,
-             "--bbox-crs": request.bbox_crs}
+             "--bbox-crs": request.bbox_crs, "--prob-raster": with_probs}
     manifest = Manifest.open(request.out, facts, request.restart)
     run_id = (manifest.folder / "run_id").read_text() if (manifest.folder / "run_id").exists() else None
     if run_id is None:
         run_id = uuid.uuid4().hex[:12]
         (manifest.folder / "run_id").write_text(run_id)
     finish = FinishSettings([c.name for c in segmenter.classes], list(engine.class_lines), loaded.name, run_id,
-                            request.min_area, request.simplify, request.quality_calibration, False,
+                            request.min_area, request.simplify, request.quality_calibration, with_probs,
                             engine.chunk_columns or CHUNK_COLUMNS)
     total_chunks = sum(len(p.units) for p in plans)
     total_pixels = sum(p.pixels for p in plans)
@@ -307,7 +315,7 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
                 actor = workers.actors[next_actor % len(workers.actors)]
                 next_actor += 1
                 ref = actor.run_chunk.remote(plan.path, (unit.row_off, unit.col_off, unit.height, unit.width),
-                                             plan.crops, False)
+                                             plan.crops, with_probs)
                 in_flight[ref] = (plan, key, unit)
             if not in_flight:
                 break
@@ -359,7 +367,23 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
                        timings, run_id)
 
 
-def _class_raster_names(done: list[RasterPlan]) -> list[str]:
+def check_raster_outputs(request: ScaleRequest, paths: list[str], crss: set[str]) -> None:
+    """A raster output is a .vrt mosaic (rasters in one CRS), or a .tif when there is one input raster."""
+    for role, target in request.rasters().items():
+        flag = RASTER_NAMES[role]
+        if target.suffix.lower() in (".tif", ".tiff"):
+            if len(paths) > 1:
+                raise InputError(f"{flag} {target} is one GeoTIFF, but {len(paths)} rasters are segmented; name it "
+                                 ".vrt to get a VRT mosaic over one GeoTIFF per raster.")
+        elif target.suffix.lower() != ".vrt":
+            raise InputError(f"With --workers/--cluster, {flag} is a VRT mosaic over one GeoTIFF per raster (or a "
+                             f".tif for a single raster); name it .vrt (got {target}).")
+        elif len(crss) > 1:
+            raise InputError(f"{flag} builds one VRT mosaic, which needs rasters in one CRS; these are in "
+                             f"{', '.join(sorted(crss))}. Run each CRS's rasters apart, or leave {flag} out.")
+
+
+def _raster_names(done: list[RasterPlan]) -> list[str]:
     names, seen = [], set()
     for plan in done:
         stem = Path(plan.path).stem
@@ -380,23 +404,8 @@ def _write_outputs(done: list[RasterPlan], manifest: Manifest, request: ScaleReq
         parts = [(manifest.raster_folder(p.index) / "polygons.gpkg", Path(p.path).name, p.crs,
                   min(map(abs, manifest.finished[p.index]["pixel_size"]))) for p in done]
         count = merge_layers(parts, staged_vector, out_crs, out.stem)
-        if request.class_raster:
-            vrt = Path(request.class_raster)
-            folder = vrt.with_name(vrt.stem + "_rasters")
-            outputs["class_raster"], outputs["class_rasters"] = str(vrt), str(folder)
-            with atomic_output(vrt, tag) as staged_vrt:
-                staged_folder = staged_vrt.with_name(staged_vrt.name + ".d")
-                staged_folder.mkdir()
-                names = _class_raster_names(done)
-                for plan, name in zip(done, names):
-                    shutil.copyfile(manifest.raster_folder(plan.index) / "classes.tif", staged_folder / name)
-                if folder.exists():
-                    if not request.overwrite:
-                        raise InputError(f"{folder} already exists; choose another name or allow overwriting "
-                                         "(--overwrite).")
-                    shutil.rmtree(folder)
-                staged_folder.rename(folder)
-                write_class_vrt(staged_vrt, [folder / name for name in names], out_crs)
+        for role, target in request.rasters().items():
+            outputs.update(_write_raster_output(role, target, done, manifest, request.overwrite, out_crs, tag))
         timings["total_s"] = time.perf_counter() - started
         report = {"farslip_version": __version__, "run_id": run_id, "model": model, "crs": out_crs.to_string(),
                   "rasters": [manifest.finished[p.index] for p in done], "failed": failed, "chunks": chunks,
@@ -404,3 +413,29 @@ def _write_outputs(done: list[RasterPlan], manifest: Manifest, request: ScaleReq
                   "timings": {k: round(v, 3) for k, v in timings.items()}}
         staged_report.write_text(report_json(report), "utf-8")
     return outputs
+
+
+def _write_raster_output(role: str, target: Path, done: list[RasterPlan], manifest: Manifest, overwrite: bool,
+                         out_crs: CRS, tag: str) -> dict[str, str]:
+    """One raster output of the finished rasters' own files (`role`: class_raster or prob_raster): the file
+    itself for a .tif, or a VRT over copies of them in the folder `<name>_rasters` beside it."""
+    own = RASTER_FILES[role]
+    if target.suffix.lower() != ".vrt":
+        assert len(done) == 1, "check_raster_outputs allows a .tif for one raster only"
+        with atomic_output(target, tag) as staged:
+            shutil.copyfile(manifest.raster_folder(done[0].index) / own, staged)
+        return {role: str(target)}
+    folder = target.with_name(target.stem + "_rasters")
+    with atomic_output(target, tag) as staged_vrt:
+        staged_folder = staged_vrt.with_name(staged_vrt.name + ".d")
+        staged_folder.mkdir()
+        names = _raster_names(done)
+        for plan, name in zip(done, names):
+            shutil.copyfile(manifest.raster_folder(plan.index) / own, staged_folder / name)
+        if folder.exists():
+            if not overwrite:
+                raise InputError(f"{folder} already exists; choose another name or allow overwriting (--overwrite).")
+            shutil.rmtree(folder)
+        staged_folder.rename(folder)
+        write_raster_vrt(staged_vrt, [folder / name for name in names], out_crs)
+    return {role: str(target), role.replace("_raster", "_rasters"): str(folder)}

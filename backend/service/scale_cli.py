@@ -20,6 +20,8 @@ from backend.engine.errors import FarslipError, InputError
 from backend.service.cli_common import fail, interrupted, signals_as_interrupt
 from backend.service.cli_options import options_from_cli, own_option
 
+# Checked by the scaled run itself: a .vrt mosaic over one GeoTIFF per raster (or a .tif for one raster).
+RASTER_OUTPUTS = ("class_raster", "prob_raster")
 SCALE_ONLY = ("workers", "cluster", "out_crs", "restart", "chunk_size")
 SCALE_OPTIONS = [
     own_option("workers", Optional[int], None, help="Run on a local Ray with this many worker processes, "
@@ -98,26 +100,23 @@ def segment_scaled(values: dict) -> None:
         from backend.scale.worker import engine_settings
 
         options = options_from_cli({k: v for k, v in values.items()
-                                    if k not in (*SCALE_ONLY, "device", "quiet", "class_raster")}
+                                    if k not in (*SCALE_ONLY, "device", "quiet", *RASTER_OUTPUTS)}
                                    | {"raster": Path(values["raster"][0])})
         check_values(options)
         check_scale_options(options)
         if values.get("workers") is not None and values["workers"] < 1:
             raise InputError(f"--workers must be at least 1; got {values['workers']}.")
-        class_raster = values.get("class_raster")
-        if class_raster and Path(class_raster).suffix.lower() != ".vrt":
-            raise InputError(f"With --workers/--cluster the class raster is a VRT mosaic over one GeoTIFF per "
-                             f"raster; name it .vrt (got {class_raster}).")
+        rasters = {role: Path(values[role]) if values.get(role) else None for role in RASTER_OUTPUTS}
         chunk = values.get("chunk_size")
         if chunk is not None and chunk < 256:
             raise InputError(f"--chunk-size must be at least 256 pixels; got {chunk}.")
         engine = engine_settings(options, values.get("device", "auto"), chunk)
-        request = ScaleRequest(out, Path(class_raster) if class_raster else None, values.get("out_crs"),
+        request = ScaleRequest(out, rasters["class_raster"], values.get("out_crs"),
                                options.overwrite, bool(values.get("restart")), values.get("workers"),
                                values.get("cluster") or os.environ.get("RAY_ADDRESS"), options.min_area,
                                options.simplify,
                                str(options.quality_calibration) if options.quality_calibration else None, options.bbox,
-                               options.bbox_crs)
+                               options.bbox_crs, rasters["prob_raster"])
         paths = expand_inputs(values["raster"])
         quiet = bool(values.get("quiet"))
         if not quiet:

@@ -140,15 +140,18 @@ def mosaic(shared_data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def mosaic_runs(mosaic, tiny_model, tmp_path_factory):
-    """The VRT mosaic segmented once in one process and once on two Ray workers, each with a class raster."""
+    """The VRT mosaic segmented once in one process and once on two Ray workers, each with a class and a
+    probability raster."""
     folder = tmp_path_factory.mktemp("mosaic-runs")
-    single_run(mosaic, folder / "single.gpkg", tiny_model, "--class-raster", folder / "single.tif")
-    result = scaled_run([mosaic], folder / "scaled.gpkg", tiny_model, "--class-raster", folder / "scaled.vrt")
+    single_run(mosaic, folder / "single.gpkg", tiny_model, "--class-raster", folder / "single.tif",
+               "--prob-raster", folder / "single_probs.tif")
+    result = scaled_run([mosaic], folder / "scaled.gpkg", tiny_model, "--class-raster", folder / "scaled.vrt",
+                        "--prob-raster", folder / "scaled_probs.vrt")
     assert result.exit_code == 0, result.output
     return folder, result.output
 
 
-def test_a_vrt_mosaic_gives_exactly_the_single_process_polygons_and_class_raster(mosaic_runs):
+def test_a_vrt_mosaic_gives_exactly_the_single_process_polygons_class_and_probability_rasters(mosaic_runs):
     folder, output = mosaic_runs
     _, single_shapes, single = read_layer(folder / "single.gpkg")
     _, scaled_shapes, scaled = read_layer(folder / "scaled.gpkg")
@@ -161,6 +164,13 @@ def test_a_vrt_mosaic_gives_exactly_the_single_process_polygons_and_class_raster
         assert a.crs == b.crs and a.transform == b.transform
         assert np.array_equal(a.read(1), b.read(1))
         assert b.colormap(1) == a.colormap(1)
+    with rasterio.open(folder / "single_probs.tif") as a, rasterio.open(folder / "scaled_probs.vrt") as b:
+        assert a.crs == b.crs and a.transform == b.transform and a.count == b.count == 3
+        assert b.descriptions == a.descriptions == ("water", "cropland", "grassland")
+        assert b.dtypes == a.dtypes and np.isnan(b.nodata)
+        probs = b.read()
+        assert np.array_equal(a.read(), probs, equal_nan=True) and np.isfinite(probs).any()
+    assert len(list((folder / "scaled_probs_rasters").glob("*.tif"))) == 1
     report = json.loads((folder / "scaled.report.json").read_text())
     assert report["chunks"]["total"] == report["chunks"]["computed"] > 4  # several chunks per raster
     assert "chunks" in output and "Mpx" in output
