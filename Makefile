@@ -34,7 +34,7 @@ demo: $(BACKEND)
 test: lint test-backend test-plugin
 
 test-backend: $(BACKEND)
-	$(VENV)/bin/python -m pytest tests/architecture tests/backend tests/training tests/e2e
+	$(VENV)/bin/python -m pytest tests/architecture tests/backend tests/training tests/scale tests/e2e
 
 test-plugin: $(BACKEND) $(QGIS)
 	QT_QPA_PLATFORM=offscreen $(QVENV)/bin/python -m pytest tests/plugin
