@@ -19,6 +19,7 @@ import numpy as np
 
 from backend.engine.errors import EmptyResultError
 from backend.engine.export import write_polygons
+from backend.engine import outlines as refine_outlines
 from backend.engine.raster import PixelWindow, open_source
 from backend.engine.segment import (SKIPPED_CLASSES, RunRasters, StripPolygons, _class_stats, estimate_quality,
                                     strip_rows_for)
@@ -40,6 +41,11 @@ class RasterPlan:
     units: list[PixelWindow]
     crops: int
     keys: list[str] = field(default_factory=list)
+    computed: PixelWindow | None = None  # what the engine computes (window plus --refine edges' halo)
+
+    def __post_init__(self):
+        if self.computed is None:
+            self.computed = self.window
 
     @property
     def name(self) -> str:
@@ -61,6 +67,10 @@ class FinishSettings:
     quality_calibration: str | None = None
     with_probs: bool = False
     streamed_columns: int = 0  # windows at most this wide were polygonised from the engine's blocks by segment
+    refine: str = "none"
+    sam_model: str | None = None
+    threshold: float = 0.0
+    device: object = "cpu"  # where --refine sam runs: the driver's device, as in `segment`
 
 
 class _Rows:
@@ -78,19 +88,21 @@ def finish_raster(plan: RasterPlan, manifest: Manifest, engine: EngineSettings, 
     started = time.perf_counter()
     folder = manifest.raster_folder(plan.index)
     paths = {name: folder / f"{name}.tif" for name in ("classes", "score", "signals")}
-    prob_path = folder / "probs.tif" if finish.with_probs else None
-    window = plan.window
+    prob_path = folder / "probs.tif" if finish.with_probs or finish.refine != "none" else None
+    window, computed = plan.window, plan.computed
+    assert computed is not None
     with open_source(plan.path, engine.bands, engine.scale, engine.gsd_m, engine.value_range) as source:
         transform = source.window_transform(window)
         strip_rows = strip_rows_for(window)
-        streamed = (StripPolygons(transform, strip_rows, None) if window.width <= finish.streamed_columns else None)
-        rasters = RunRasters(source, window, segmenter.classes, paths["classes"], paths["score"], paths["signals"],
+        streamed = (StripPolygons(transform, strip_rows, None)
+                    if finish.refine == "none" and window.width <= finish.streamed_columns else None)
+        rasters = RunRasters(source, computed, segmenter.classes, paths["classes"], paths["score"], paths["signals"],
                              prob_path)
         valid = 0
         try:
             for key, unit in zip(plan.keys, plan.units):
                 arrays = manifest.load_chunk(key)
-                row0, col0 = unit.row_off - window.row_off, unit.col_off - window.col_off
+                row0, col0 = unit.row_off - computed.row_off, unit.col_off - computed.col_off
                 rasters.write(row0, col0, arrays["class_ids"], arrays["score"], arrays.get("probs"),
                               arrays["signals"])
                 valid += int(arrays["valid"])
@@ -106,13 +118,24 @@ def finish_raster(plan: RasterPlan, manifest: Manifest, engine: EngineSettings, 
         finally:
             rasters.close()
         found = streamed.finish() if streamed is not None else None
+        refined = refine_outlines.run(finish.refine, finish.sam_model, finish.device, source, window, computed,
+                                      folder, paths["classes"], paths["score"], prob_path, paths["signals"],
+                                      finish.threshold)
         if valid == 0:
             raise EmptyResultError(f"The requested area of {plan.path} holds only nodata or masked pixels: "
                                    "there is nothing to segment. Choose another extent.")
-        if found is None:
-            found = vectorize_class_raster(paths["classes"], paths["score"], skip_values=SKIPPED_CLASSES,
-                                           strip_rows=strip_rows)
-        regions = finalize(found, source.crs, transform, min_area_m2=finish.min_area, simplify=finish.simplify)
+
+        def polygons(classes_tif: Path, scores_tif: Path, found=None):
+            if found is None:
+                found = vectorize_class_raster(classes_tif, scores_tif, skip_values=SKIPPED_CLASSES,
+                                               strip_rows=strip_rows)
+            return finalize(found, source.crs, transform, min_area_m2=finish.min_area, simplify=finish.simplify)
+
+        regions = polygons(refined.class_path, refined.score_path, found)
+        if refined.coarse_class_path is not None and refined.coarse_score_path is not None:
+            write_polygons(folder / "coarse.gpkg", polygons(refined.coarse_class_path, refined.coarse_score_path),
+                           source.crs, finish.class_names, finish.model_name, finish.run_id, layer="polygons")
+        assert refined.signals_path is not None, "every refinement passes the signals raster on"
 
         def remote_check(regions, checked):
             values = np.full(len(regions), np.nan)
@@ -120,7 +143,7 @@ def finish_raster(plan: RasterPlan, manifest: Manifest, engine: EngineSettings, 
                 values[checked] = agreement(plan, [regions[i] for i in checked])
             return values
 
-        estimate = estimate_quality(regions, source, window, segmenter, paths["score"], paths["signals"],
+        estimate = estimate_quality(regions, source, window, segmenter, refined.score_path, refined.signals_path,
                                     finish.quality_calibration, finish.class_lines, finish.class_names, plan.crops,
                                     None, agreement=remote_check)
         write_polygons(folder / "polygons.gpkg", regions, source.crs, finish.class_names, finish.model_name,
@@ -130,6 +153,11 @@ def finish_raster(plan: RasterPlan, manifest: Manifest, engine: EngineSettings, 
             "pixel_size": [source.transform.a, -source.transform.e], "processing_scale": source.scale,
             "bands": source.bands, "value_range": source.value_range, "tiles": plan.crops,
             "valid_pixels": valid, "class_stats": _class_stats(regions, finish.class_names),
-            "quality": estimate.report, "finish_s": round(time.perf_counter() - started, 3),
+            "quality": estimate.report, "finish_s": round(time.perf_counter() - started, 3), **refined.report,
         }
+        # The refined rasters of the request window are the raster's class and probability rasters.
+        if refined.class_path != paths["classes"]:
+            refined.class_path.replace(paths["classes"])
+        if prob_path is not None and refined.prob_path is not None and refined.prob_path != prob_path:
+            refined.prob_path.replace(prob_path)
     return facts

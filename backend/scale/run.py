@@ -30,7 +30,9 @@ from backend import __version__
 from backend.engine.errors import CancelledError, FarslipError, InputError
 from backend.engine.atomic import atomic_output
 from backend.engine.export import report_json, report_path_for
+from backend.engine.checks import coarse_vector_path
 from backend.engine.files import check_output_folder, same_file
+from backend.engine.outlines import engine_window
 from backend.engine.raster import open_source, request_window
 from backend.engine.sliding import CHUNK_COLUMNS, CHUNK_ROWS, count_crops, units
 from backend.engine.temporary import new_run_tag
@@ -61,6 +63,8 @@ class ScaleRequest:
     bbox: tuple[float, float, float, float] | None = None  # applied to every raster (one it misses fails)
     bbox_crs: str | None = None
     prob_raster: Path | None = None  # as class_raster, the class probabilities
+    refine: str = "none"  # run on the driver, where `segment` runs it, over each raster's finished rasters
+    sam_model: str | None = None
 
     def rasters(self) -> dict[str, Path]:
         """The raster outputs asked for, by role, with the per-raster file finish.py writes for each."""
@@ -100,9 +104,6 @@ def check_scale_options(options) -> None:
         if getattr(options, name):
             raise InputError(f"{flag} is not available on Ray (--workers, --cluster, FARSLIP_RAY_ADDRESS) yet; "
                              "leave it out, or segment without Ray.")
-    if options.refine != "none":
-        raise InputError("--refine is not available on Ray (--workers, --cluster, FARSLIP_RAY_ADDRESS) yet; "
-                         "leave it out, or segment without Ray.")
     lines = engine_settings(options).class_lines
     if lines:
         parse_class_lines(lines)
@@ -120,17 +121,20 @@ def import_ray():
 
 
 def plan_rasters(paths: list[str], engine: EngineSettings, crop: int, bbox=None,
-                 bbox_crs: str | None = None) -> tuple[list[RasterPlan], list[dict]]:
-    """Open every raster (bands, scale, stretch as segment does); a bad one is reported, the rest planned."""
+                 bbox_crs: str | None = None, refine: str = "none") -> tuple[list[RasterPlan], list[dict]]:
+    """Open every raster (bands, scale, stretch as segment does); a bad one is reported, the rest planned.
+
+    The chunks cover the window the engine computes for `refine` (edges: the request plus its halo)."""
     plans, failed = [], []
     rows, columns = engine.chunk_rows or CHUNK_ROWS, engine.chunk_columns or CHUNK_COLUMNS
     for index, path in enumerate(paths):
         try:
             with open_source(path, engine.bands, engine.scale, engine.gsd_m, engine.value_range) as source:
                 window = request_window(source, bbox, bbox_crs)
-                chunks = units(window, rows, columns)
-                crops = count_crops(source.height, source.width, window, crop, crop // 2, columns, rows)
-                plan = RasterPlan(index, path, source.crs, window, chunks, crops)
+                computed = engine_window(refine, source, window)
+                chunks = units(computed, rows, columns)
+                crops = count_crops(source.height, source.width, computed, crop, crop // 2, columns, rows)
+                plan = RasterPlan(index, path, source.crs, window, chunks, crops, computed=computed)
         except FarslipError as error:
             failed.append({"raster": path, "error": str(error), "exit_code": error.exit_code})
             continue
@@ -231,9 +235,10 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
     """Segment every raster of `paths` on Ray workers; write one layer (and a class VRT); see the module."""
     started = time.perf_counter()
     check_merged_output(request.out)
-    with_probs = request.prob_raster is not None  # the chunks' block files then hold the probabilities too
+    # The chunks' block files then hold the class probabilities too (--refine reads them).
+    with_probs = request.prob_raster is not None or request.refine != "none"
     loaded, segmenter = load_segmenter(engine)  # the driver's copy: checks the model, scores the polygons
-    plans, failed = plan_rasters(paths, engine, segmenter.crop, request.bbox, request.bbox_crs)
+    plans, failed = plan_rasters(paths, engine, segmenter.crop, request.bbox, request.bbox_crs, request.refine)
     if not plans:
         first = failed[0]
         error = FarslipError(" ".join(f"{f['raster']}: {f['error']}" for f in failed))
@@ -241,7 +246,8 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
         raise error
     out_crs = CRS.from_user_input(request.out_crs) if request.out_crs else plans[0].crs
     check_raster_outputs(request, paths, {plan.crs.to_string() for plan in plans})
-    for target in (request.out, report_path_for(request.out), *request.rasters().values()):
+    coarse = [coarse_vector_path(request.out)] if request.refine != "none" else []
+    for target in (request.out, report_path_for(request.out), *coarse, *request.rasters().values()):
         check_output_folder(Path(target))
         if any(same_file(target, path) for path in paths):
             raise InputError(f"The output {target} is one of the input rasters; choose another name.")
@@ -253,7 +259,8 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
     facts = {"version": __version__, "inputs": _input_facts(paths), "model": loaded.weights_id, **engine_facts,
              "--min-area": request.min_area, "--simplify": request.simplify, "--out-crs": out_crs.to_string(),
              "--quality-calibration": request.quality_calibration, "--bbox": request.bbox,
-             "--bbox-crs": request.bbox_crs, "--prob-raster": with_probs}
+             "--bbox-crs": request.bbox_crs, "--prob-raster": request.prob_raster is not None,
+             "--refine": request.refine, "--sam-model": request.sam_model if request.refine == "sam" else None}
     manifest = Manifest.open(request.out, facts, request.restart)
     run_id = (manifest.folder / "run_id").read_text() if (manifest.folder / "run_id").exists() else None
     if run_id is None:
@@ -261,7 +268,8 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
         (manifest.folder / "run_id").write_text(run_id)
     finish = FinishSettings([c.name for c in segmenter.classes], list(engine.class_lines), loaded.name, run_id,
                             request.min_area, request.simplify, request.quality_calibration, with_probs,
-                            engine.chunk_columns or CHUNK_COLUMNS)
+                            engine.chunk_columns or CHUNK_COLUMNS, request.refine, request.sam_model,
+                            engine.threshold, loaded.device)
     total_chunks = sum(len(p.units) for p in plans)
     total_pixels = sum(p.pixels for p in plans)
     resumed = sum(1 for p in plans for key in p.keys if key in manifest.chunks or p.index in manifest.finished)
@@ -404,6 +412,12 @@ def _write_outputs(done: list[RasterPlan], manifest: Manifest, request: ScaleReq
         parts = [(manifest.raster_folder(p.index) / "polygons.gpkg", Path(p.path).name, p.crs,
                   min(map(abs, manifest.finished[p.index]["pixel_size"]))) for p in done]
         count = merge_layers(parts, staged_vector, out_crs, out.stem)
+        if request.refine != "none":  # the unrefined polygons beside the refined ones, as `segment` writes them
+            coarse = coarse_vector_path(out)
+            with atomic_output(coarse, tag) as staged_coarse:
+                merge_layers([(manifest.raster_folder(p.index) / "coarse.gpkg", *part[1:])
+                              for p, part in zip(done, parts)], staged_coarse, out_crs, coarse.stem)
+            outputs["coarse_vector"] = str(coarse)
         for role, target in request.rasters().items():
             outputs.update(_write_raster_output(role, target, done, manifest, request.overwrite, out_crs, tag))
         timings["total_s"] = time.perf_counter() - started

@@ -116,7 +116,8 @@ def segment_scaled(values: dict) -> None:
                                values.get("cluster") or os.environ.get("RAY_ADDRESS"), options.min_area,
                                options.simplify,
                                str(options.quality_calibration) if options.quality_calibration else None, options.bbox,
-                               options.bbox_crs, rasters["prob_raster"])
+                               options.bbox_crs, rasters["prob_raster"], options.refine,
+                               str(options.sam_model) if options.sam_model else None)
         paths = expand_inputs(values["raster"])
         quiet = bool(values.get("quiet"))
         if not quiet:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 
-from backend.engine.errors import InputError
 from backend.engine.options import SegmentOptions
 
 RAY_ADDRESS_ENV = "FARSLIP_RAY_ADDRESS"
@@ -35,13 +34,13 @@ def run_segment_on_ray(options: SegmentOptions, control, address: str, device: s
     from backend.scale.worker import engine_settings
 
     check_scale_options(options)
-    if options.class_raster:
-        raise InputError("A backend that runs on Ray (FARSLIP_RAY_ADDRESS) writes no class raster yet; leave "
-                         "it out, or use a backend without FARSLIP_RAY_ADDRESS.")
     workers, cluster = _where(address)
-    request = ScaleRequest(options.out, None, None, options.overwrite, False, workers, cluster, options.min_area,
-                           options.simplify, str(options.quality_calibration) if options.quality_calibration else None,
-                           options.bbox, options.bbox_crs)
+    # One raster per job: its class and probability rasters are the GeoTIFFs the request names.
+    request = ScaleRequest(options.out, options.class_raster, None, options.overwrite, False, workers, cluster,
+                           options.min_area, options.simplify,
+                           str(options.quality_calibration) if options.quality_calibration else None,
+                           options.bbox, options.bbox_crs, options.prob_raster, options.refine,
+                           str(options.sam_model) if options.sam_model else None)
     control.message(f"Segmenting on Ray ({cluster or f'{workers} local workers'}).")
     result = segment_rasters([str(options.raster)], engine_settings(options, device), request,
                              progress=lambda done, total, _pixels, _all: control.progress(done, total),

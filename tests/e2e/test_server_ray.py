@@ -7,8 +7,10 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pyogrio.raw
 import pytest
+import rasterio
 
 from conftest import Backend
 
@@ -32,7 +34,7 @@ def read_layer(path: str | Path) -> tuple[list[bytes], dict[str, list]]:
 
 def test_a_segment_job_on_ray_reports_progress_and_writes_what_the_cli_writes(ray_backend, segment_body, out_dir,
                                                                               naip, tiny_model, farslip_cli):
-    body = segment_body()
+    body = segment_body(class_raster=str(out_dir / "ray-classes.tif"), prob_raster=str(out_dir / "ray-probs.tif"))
     history: list[dict] = []
     job = ray_backend.wait(ray_backend.submit(body), timeout=300, history=history)
     assert job["state"] == "done", job
@@ -43,7 +45,9 @@ def test_a_segment_job_on_ray_reports_progress_and_writes_what_the_cli_writes(ra
     cli_out = out_dir / "cli.gpkg"
     classes = [arg for line in body["class_lines"] for arg in ("-c", line)]
     run = farslip_cli("segment", str(naip), *classes, "--model", str(tiny_model), "--bbox",
-                      *map(str, body["bbox"]), "--out", str(cli_out), "--device", "cpu", "--quiet")
+                      *map(str, body["bbox"]), "--out", str(cli_out), "--device", "cpu", "--quiet",
+                      "--class-raster", str(out_dir / "cli-classes.tif"),
+                      "--prob-raster", str(out_dir / "cli-probs.tif"))
     assert run.returncode == 0, run.stderr
     ray_geometries, ray_fields = read_layer(body["out"])
     cli_geometries, cli_fields = read_layer(cli_out)
@@ -51,6 +55,13 @@ def test_a_segment_job_on_ray_reports_progress_and_writes_what_the_cli_writes(ra
     assert set(ray_fields.pop("raster")) == {naip.name}
     ray_fields.pop("run_id"), cli_fields.pop("run_id")
     assert ray_fields == cli_fields
+    outputs = job["result"]["outputs"]
+    assert (outputs["class_raster"], outputs["prob_raster"]) == (body["class_raster"], body["prob_raster"])
+    for name in ("classes", "probs"):
+        with rasterio.open(out_dir / f"ray-{name}.tif") as ray_ds, rasterio.open(out_dir / f"cli-{name}.tif") as cli_ds:
+            assert ray_ds.transform == cli_ds.transform and ray_ds.crs == cli_ds.crs
+            assert ray_ds.descriptions == cli_ds.descriptions
+            assert np.array_equal(ray_ds.read(), cli_ds.read(), equal_nan=True)
 
 
 def test_cancel_stops_the_ray_workers_and_writes_nothing(ray_backend, segment_body, out_dir):

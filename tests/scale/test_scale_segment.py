@@ -183,15 +183,17 @@ def _reprojected(geometries, source_wkt: str, target_wkt: str, step: float):
     return shapely.transform(dense, lambda xy: np.column_stack(transformer.transform(xy[:, 0], xy[:, 1])))
 
 
-def test_a_folder_of_rasters_in_three_crss_gives_the_single_process_features_and_reports_bad_ones(
+def test_a_folder_of_rasters_in_three_crss_gives_the_single_process_refined_features_and_reports_bad_ones(
         shared_data, tiny_model, tmp_path):
+    """With --refine edges on both sides: the engine computes each raster's halo in its chunks, the driver
+    refines as `segment` does, and the refined and the unrefined (_coarse) layers both match."""
     names = ["naip_2020_5m.tif", "RGB.byte.tif", "solaris_sample_geotiff.tif"]
     folder = tmp_path / "rasters"
     folder.mkdir()
     for name in [*names, "corrupt.tif", "float.tif"]:
         (folder / name).symlink_to(shared_data / name)
     out = tmp_path / "all.gpkg"
-    result = scaled_run([folder], out, tiny_model, "--quiet")
+    result = scaled_run([folder], out, tiny_model, "--quiet", "--refine", "edges")
     # Exit 5: some rasters failed, each named with its reason; the others are written.
     assert result.exit_code == 5, result.output
     assert "Traceback" not in result.output
@@ -203,23 +205,27 @@ def test_a_folder_of_rasters_in_three_crss_gives_the_single_process_features_and
     assert sorted(Path(f["raster"]).name for f in report["failed"]) == ["corrupt.tif", "float.tif"]
 
     meta, merged_shapes, merged = read_layer(out)
+    _, coarse_shapes, coarse = read_layer(tmp_path / "all_coarse.gpkg")
+    assert report["rasters"][0]["refine"]["method"] == "edges"
     first_crs = rasterio.open(folder / "RGB.byte.tif").crs  # the folder's first good raster by name
     assert pyproj.CRS.from_user_input(meta["crs"]) == pyproj.CRS.from_wkt(first_crs.to_wkt())
     assert list(dict.fromkeys(merged["raster"])) == sorted(names)
     assert np.array_equal(merged["object_id"], np.arange(1, len(merged_shapes) + 1))
     for name in names:
-        single_run(folder / name, tmp_path / f"{name}.gpkg", tiny_model)
-        _, single_shapes, single = read_layer(tmp_path / f"{name}.gpkg")
-        mine = merged["raster"] == name
-        assert mine.sum() == len(single_shapes) > 0
-        assert_same_fields({k: v for k, v in single.items() if k != "object_id"},
-                           {k: v[mine] for k, v in merged.items()})
+        single_run(folder / name, tmp_path / f"{name}.gpkg", tiny_model, "--refine", "edges")
         with rasterio.open(folder / name) as ds:
             crs, pixel = ds.crs, min(ds.res)
-        expected = (single_shapes if crs == first_crs else
-                    _reprojected(single_shapes, crs.to_wkt(), first_crs.to_wkt(), pixel))
-        assert all(shapely.equals_exact(a, b, 1e-6) for a, b in zip(expected, merged_shapes[mine], strict=True))
-        assert_no_split_polygons(merged_shapes[mine], merged["class_id"][mine])
+        for layer, shapes, fields in ((f"{name}.gpkg", merged_shapes, merged),
+                                      (f"{name}_coarse.gpkg", coarse_shapes, coarse)):
+            _, single_shapes, single = read_layer(tmp_path / layer)
+            mine = fields["raster"] == name
+            assert mine.sum() == len(single_shapes) > 0
+            assert_same_fields({k: v for k, v in single.items() if k != "object_id"},
+                               {k: v[mine] for k, v in fields.items()})
+            expected = (single_shapes if crs == first_crs else
+                        _reprojected(single_shapes, crs.to_wkt(), first_crs.to_wkt(), pixel))
+            assert all(shapely.equals_exact(a, b, 1e-6) for a, b in zip(expected, shapes[mine], strict=True))
+            assert_no_split_polygons(shapes[mine], fields["class_id"][mine])
 
 
 def read_geoparquet(path: Path):
@@ -232,12 +238,16 @@ def read_geoparquet(path: Path):
     return geo, shapely.from_wkb(columns.pop(geo["primary_column"])), columns
 
 
-def test_a_killed_worker_is_restarted_and_the_output_is_unchanged_in_geoparquet(mosaic, mosaic_runs, tiny_model,
-                                                                                tmp_path):
+def test_a_killed_worker_is_restarted_and_sam_refined_output_equals_single_process_in_geoparquet(
+        mosaic, tiny_model, tmp_path):
+    """--refine sam runs on the driver over each raster's finished rasters, as `segment` runs it."""
+    from tinymodels import save_tiny_sam
+
     from backend.scale.run import ScaleRequest, segment_rasters
     from backend.scale.worker import EngineSettings
 
-    folder, _ = mosaic_runs
+    sam = save_tiny_sam(tmp_path / "tiny-sam", image_size=256)
+    single_run(mosaic, tmp_path / "single.gpkg", tiny_model, "--refine", "sam", "--sam-model", sam)
     out = tmp_path / "killed.parquet"
     killed = []
 
@@ -249,9 +259,12 @@ def test_a_killed_worker_is_restarted_and_the_output_is_unchanged_in_geoparquet(
 
     engine = EngineSettings(class_lines=["water, lake", "cropland, bare field", "grassland"],
                             model=str(tiny_model), chunk_rows=CHUNK, chunk_columns=CHUNK)
-    result = segment_rasters([str(mosaic)], engine, ScaleRequest(out, workers=2), progress=kill_a_worker_once)
+    result = segment_rasters([str(mosaic)], engine, ScaleRequest(out, workers=2, refine="sam", sam_model=str(sam)),
+                             progress=kill_a_worker_once)
     assert killed and result.exit_code == 0
-    meta, expected_shapes, expected = read_layer(folder / "scaled.gpkg")
+    meta, expected_shapes, expected = read_layer(tmp_path / "single.gpkg")
+    assert result.rasters[0]["sam"]["model"] and result.rasters[0]["refine"]["method"] == "sam"
+    assert Path(result.outputs["coarse_vector"]).name == "killed_coarse.parquet"
     geo, shapes, fields = read_geoparquet(out)
     assert geo["columns"]["geometry"]["encoding"] == "WKB"
     assert pyproj.CRS.from_json_dict(geo["columns"]["geometry"]["crs"]) == pyproj.CRS.from_user_input(meta["crs"])
