@@ -225,7 +225,11 @@ class SegmentOptions:
     quality_calibration: Path | None = field(default=None, metadata=spec(
         help="Quality calibration from `farslip evaluate --calibrate-quality` (default: the fine-tuned model's "
              "own, else the built-in one).", max_chars=PATH_MAX_CHARS))
-    # How the run is computed, not what it computes: not in the report.
+    # How the run is computed, not what it computes: not in the report ("quality" there counts the
+    # region checks run, 0 with --no-region-checks).
+    region_checks: bool = field(default=True, metadata=spec(
+        help="Let the quality estimate look again at the largest polygons with the model (about one crop per "
+             "8 of the dense pass); --no-region-checks is faster and leaves region_agr empty.", in_report=False))
     half: bool = field(default=False, metadata=spec(
         flags=("--half",), help="fp16 weights and inputs on a CUDA GPU (as the RS-OVSS evaluation runs); the "
                                 "default is fp16 autocast on CUDA and fp32 on CPU.", in_report=False))

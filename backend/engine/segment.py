@@ -318,7 +318,8 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
             estimate = estimate_quality(regions, source, window, segmenter, score_path, signals_path,
                                         options.quality_calibration, class_lines_of(options),
                                         [c.name for c in classes], total, should_cancel,
-                                        embed=embed_regions, cache=feature_cache, scope=region_scope)
+                                        region_checks=options.region_checks, embed=embed_regions,
+                                        cache=feature_cache, scope=region_scope)
             timings["quality_s"] = time.perf_counter() - t0
             class_names = [c.name for c in classes]
             stats = _class_stats(regions, class_names)
@@ -452,16 +453,18 @@ class QualityEstimate:
 def estimate_quality(regions, source: RasterSource, window: PixelWindow, segmenter: Segmenter, score_path: Path,
                      signals_path: Path, named_calibration: str | Path | None, class_lines: list[str],
                      class_names: list[str], dense_crops: int, should_cancel,
-                     agreement: Callable[[list, list[int]], np.ndarray] | None = None, **embedding) -> QualityEstimate:
+                     agreement: Callable[[list, list[int]], np.ndarray] | None = None, region_checks: bool = True,
+                     **embedding) -> QualityEstimate:
     """Per-polygon quality signals and `quality`, and the run's estimated mIoU (quality.py).
 
     `embedding`: how the region checks embed their crops (quality.crop_embeddings: embed, cache, scope);
-    `agreement(regions, checked)` replaces the region check run here (backend/scale runs it on a worker)."""
+    `agreement(regions, checked)` replaces the region check run here (backend/scale runs it on a worker);
+    `region_checks` False checks no region (region_agr stays empty, as for the polygons never checked)."""
     loaded = segmenter.loaded
     transform = source.window_transform(window)
     values = raster_signals(regions, score_path, signals_path, transform, should_cancel)
     started = time.perf_counter()
-    checked = regions_to_check(regions, dense_crops)
+    checked = regions_to_check(regions, dense_crops) if region_checks else []
     counts = {"cached": 0}
     values["region_agr"] = (agreement(regions, checked) if agreement is not None else
                             region_agreement(regions, source, window, transform, loaded, segmenter.text,

@@ -104,6 +104,9 @@ def check_scale_options(options) -> None:
         if getattr(options, name):
             raise InputError(f"{flag} is not available on Ray (--workers, --cluster, FARSLIP_RAY_ADDRESS) yet; "
                              "leave it out, or segment without Ray.")
+    if not options.region_checks:
+        raise InputError("--no-region-checks is not available on Ray (--workers, --cluster, FARSLIP_RAY_ADDRESS) "
+                         "yet; leave it out, or segment without Ray.")
     lines = engine_settings(options).class_lines
     if lines:
         parse_class_lines(lines)

@@ -217,9 +217,10 @@ def run_bench(arch: str = "ViT-B-16", batch_size: int = 8, size: int = 1024, dev
         raster = write_test_raster(work / f"bench_{size}.tif", size)
         TextEmbedder(loaded, cache=None).embed(["warm-up"])
 
-        def timed_segment(name: str, classes: list[str], runtime: str, cache=None):
+        def timed_segment(name: str, classes: list[str], runtime: str, cache=None, region_checks: bool = True):
             options = SegmentOptions(raster=Path(raster), class_lines=classes, batch_size=batch_size, runtime=runtime,
-                                     out=work / f"{name}.gpkg", class_raster=work / f"{name}.tif")
+                                     out=work / f"{name}.gpkg", class_raster=work / f"{name}.tif",
+                                     region_checks=region_checks)
             start = time.perf_counter()
             result = segment_raster(options, loaded, feature_cache=cache)
             return result, time.perf_counter() - start
@@ -241,6 +242,14 @@ def run_bench(arch: str = "ViT-B-16", batch_size: int = 8, size: int = 1024, dev
         cold, cold_s = timed_segment("cold", NEW_CLASSES, "auto", cache)
         timed_segment("same", BENCH_CLASSES, "auto", cache)
         identical = _same_raster(work / "first.tif", work / "same.tif")
+        # The reference loop writes no quality estimate: the same output is a run without region checks.
+        cache_plain = FeatureCache(max_bytes=2 << 30)
+        plain, plain_s = timed_segment("plain", BENCH_CLASSES, "auto", cache_plain, region_checks=False)
+        plain_rate = plain.tiles / (plain_s - plain.timings.get("text_s", 0.0))
+        plain_rerun, plain_rerun_s = timed_segment("plain_rerun", RERUN_CLASSES, "auto", cache_plain,
+                                                   region_checks=False)
+        results.update(auto_no_region_checks_crops_s=plain_rate, first_run_no_region_checks_s=plain_s,
+                       rerun_no_region_checks_s=plain_rerun_s, rerun_no_region_checks_fraction=plain_rerun_s / plain_s)
         results.update(auto_runtime=auto_name, auto_pipeline_crops_s=auto_rate, first_run_s=first_s,
                        rerun_new_classes_s=rerun_s, rerun_fraction=rerun_s / first_s,
                        rerun_features=rerun.features, rerun_timings=rerun.timings,
@@ -273,6 +282,8 @@ def run_bench(arch: str = "ViT-B-16", batch_size: int = 8, size: int = 1024, dev
              f"{pipeline:.2f} | {pipeline / encoder:.2f} of encoder |")
         echo(f"| `segment --runtime auto` ({auto_name}), same raster | {auto_rate:.2f} | "
              f"{auto_rate / reference:.2f}x the reference loop |")
+        echo(f"| `segment --runtime auto --no-region-checks` (the reference loop's output) | {plain_rate:.2f} | "
+             f"{plain_rate / reference:.2f}x the reference loop |")
         echo(f"| engine on the same image in memory (torch) | {in_memory:.2f} | "
              f"{in_memory / encoder:.2f} of encoder |")
         echo(f"| reference loop (section 4, one crop at a time) | {reference:.2f} | "
@@ -287,6 +298,9 @@ def run_bench(arch: str = "ViT-B-16", batch_size: int = 8, size: int = 1024, dev
              f"{_split(rerun)} |")
         echo(f"| re-run, {len(NEW_CLASSES)} classes never typed (their text encoded in the run) | {cold_s:.2f} | "
              f"{cold_s / first_s:.3f} of the first run | {_split(cold)} |")
+        echo(f"| first run, --no-region-checks | {plain_s:.2f} | 1.00 (baseline) | {_split(plain)} |")
+        echo(f"| re-run, --no-region-checks, {len(RERUN_CLASSES)} classes typed before | {plain_rerun_s:.2f} | "
+             f"{plain_rerun_s / plain_s:.3f} of its first run | {_split(plain_rerun)} |")
         cache_mb = cold.features["cache"]["memory_bytes"] / 2**20
         echo(f"| cache held {cache_mb:.0f} MiB of {cold.features['cache']['memory_max_bytes'] / 2**20:.0f}; "
              f"re-run with the first classes gives {'an identical' if identical else 'a DIFFERENT'} class "

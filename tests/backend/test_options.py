@@ -34,8 +34,8 @@ REQUEST = {
     "bbox": [1.0, 2.0, 3.0, 4.0], "bbox_crs": "EPSG:4326", "bands": [3, 2, 1], "threshold": 0.25,
     "attention": "clearclip", "batch_size": 5, "scale": 0.5, "gsd_m": 2.5, "min_area": 10.0, "simplify": 1.5,
     "value_range": [0.0, 3000.0], "refine": "edges", "sam_model": "/w/sam", "runtime": "torch",
-    "language": "pt", "quality_calibration": "/w/quality.json", "half": True, "cache_features": True,
-    "cache_mb": 64,
+    "language": "pt", "quality_calibration": "/w/quality.json", "region_checks": False, "half": True,
+    "cache_features": True, "cache_mb": 64,
 }
 
 
@@ -46,8 +46,8 @@ def cli_args(request: dict) -> list[str]:
         value, declared = request[item.name], spec_of(item)
         if declared.argument:
             args.insert(0, str(value))
-        elif isinstance(value, bool):
-            args += [cli_name(item)] if value else []
+        elif isinstance(value, bool):  # a switch: --name turns on, --no-name off what is on by default
+            args += [] if value == item.default else [cli_name(item) if value else f"--no-{cli_name(item)[2:]}"]
         elif declared.parse is not None:
             args += [cli_name(item), ",".join(map(str, value))]
         elif isinstance(value, list) and "tuple" in str(item.type):

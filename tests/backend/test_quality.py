@@ -88,6 +88,28 @@ def test_every_polygon_gets_a_quality_and_the_run_an_estimated_miou(tiny_model, 
     assert report["quality"]["region_checks"] == int(checked.sum())
 
 
+def test_no_region_checks_gives_the_same_polygons_with_quality_from_the_pixel_signals(tiny_model, shared_data,
+                                                                                      tmp_path):
+    runs = {}
+    for name, flags in (("checked", []), ("plain", ["--no-region-checks"])):
+        out = tmp_path / f"{name}.gpkg"
+        result = runner.invoke(app, ["segment", str(shared_data / "naip_2020_5m.tif"), "-c", "water, lake",
+                                     "-c", "cropland, bare field", "--model", str(tiny_model), "--out", str(out),
+                                     "--quiet", *flags])
+        assert result.exit_code == 0, result.output
+        meta, _, geometry, columns = pyogrio.raw.read(out)
+        runs[name] = (list(geometry), dict(zip(meta["fields"], columns)),
+                      json.loads(out.with_suffix(".report.json").read_text()))
+    (checked_geometry, checked, checked_report), (plain_geometry, plain, plain_report) = runs["checked"], runs["plain"]
+    assert plain_geometry == checked_geometry
+    assert list(plain["class"]) == list(checked["class"])
+    assert np.isfinite(np.asarray(checked["region_agr"], float)).any()
+    assert np.isnan(np.asarray(plain["region_agr"], float)).all()
+    assert plain_report["quality"]["region_checks"] == 0 < checked_report["quality"]["region_checks"]
+    quality = np.asarray(plain["quality"], float)
+    assert np.isfinite(quality).all() and ((quality > 0) & (quality < 1)).all()
+
+
 def test_a_fitted_model_ranks_like_the_truth_and_is_refused_for_other_models(tmp_path):
     rng = np.random.default_rng(0)
     truth = rng.uniform(0, 1, 40)

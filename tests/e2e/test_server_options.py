@@ -34,7 +34,7 @@ def run_options(naip, tiny_model, bbox, folder) -> dict:
         "bbox": bbox, "bbox_crs": "EPSG:26914", "bands": [3, 2, 1], "threshold": 0.05,
         "attention": "clearclip", "batch_size": 3, "gsd_m": 5.0, "min_area": 25.0, "simplify": 1.0,
         "value_range": [0.0, 250.0], "refine": "edges", "runtime": "torch", "language": "en",
-        "cache_features": True, "cache_mb": 64,
+        "region_checks": False, "cache_features": True, "cache_mb": 64,
     }
 
 
@@ -56,6 +56,7 @@ def test_every_option_reaches_the_engine_through_the_api_and_the_command_line(
     assert set(report["outputs"]) == {"vector", "report", "coarse_vector", "class_raster", "prob_raster"}
     assert all((out_dir / name).is_file() for name in ("run.gpkg", "run_coarse.gpkg", "classes.tif", "probs.tif"))
     assert report["features"]["cache"]["disk_max_bytes"] == 64 * 2**20
+    assert report["quality"]["region_checks"] == 0  # region_checks false
     assert list((backend.state_dir / "features").glob("*/*.npy")), "cache_features kept nothing on disk"
 
     for name, (changes, phrase) in REFUSED.items():
@@ -69,10 +70,10 @@ def test_every_option_reaches_the_engine_through_the_api_and_the_command_line(
             "--weights", str(tiny_model), "--bbox", *map(str, small_bbox), "--bbox-crs", "EPSG:26914",
             "--bands", "3,2,1", "--threshold", "0.05", "--attention", "clearclip", "--batch-size", "3",
             "--gsd", "5", "--min-area", "25", "--simplify", "1", "--value-range", "0", "250", "--refine", "edges",
-            "--runtime", "torch", "--language", "en", "--cache-features", "--cache-mb", "64", "--device", "cpu",
-            "--quiet"]
+            "--runtime", "torch", "--language", "en", "--cache-features", "--cache-mb", "64", "--no-region-checks",
+            "--device", "cpu", "--quiet"]
     result = CliRunner().invoke(app, ["segment", *args])
     assert result.exit_code == 0, result.output
     cli_report = json.loads((tmp_path / "cli.report.json").read_text())
-    assert cli_report["options"] == report["options"]
+    assert cli_report["options"] == report["options"] and cli_report["quality"]["region_checks"] == 0
     assert cli_report["classes"] == report["classes"] and cli_report["class_stats"] == report["class_stats"]
