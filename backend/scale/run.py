@@ -21,8 +21,9 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from rasterio.crs import CRS
 
@@ -32,6 +33,7 @@ from backend.engine.atomic import atomic_output
 from backend.engine.export import report_json, report_path_for
 from backend.engine.checks import coarse_vector_path
 from backend.engine.files import check_output_folder, same_file
+from backend.engine.options import SegmentOptions
 from backend.engine.outlines import engine_window
 from backend.engine.raster import open_source, request_window
 from backend.engine.sliding import CHUNK_COLUMNS, CHUNK_ROWS, count_crops, units
@@ -66,12 +68,26 @@ class ScaleRequest:
     refine: str = "none"  # run on the driver, where `segment` runs it, over each raster's finished rasters
     sam_model: str | None = None
 
+    @classmethod
+    def from_options(cls, options: SegmentOptions, **where: Any) -> ScaleRequest:
+        """The request for `options` (the one conversion, used by the CLI and the server): every field
+        that is also a segment option takes the option's value (paths of models and calibrations as text);
+        `where` gives the rest (out_crs, restart, workers, cluster) or overrides (out, class_raster, ...)."""
+        values: dict[str, Any] = {}
+        for item in fields(cls):
+            if item.name in where or not hasattr(options, item.name):
+                continue
+            value = getattr(options, item.name)
+            values[item.name] = str(value) if item.name in TEXT_OPTIONS and value is not None else value
+        return cls(**values, **where)
+
     def rasters(self) -> dict[str, Path]:
         """The raster outputs asked for, by role, with the per-raster file finish.py writes for each."""
         return {role: Path(path) for role, path in (("class_raster", self.class_raster),
                                                      ("prob_raster", self.prob_raster)) if path}
 
 
+TEXT_OPTIONS = ("quality_calibration", "sam_model")  # paths or registry names, carried as text
 RASTER_FILES = {"class_raster": "classes.tif", "prob_raster": "probs.tif"}
 RASTER_NAMES = {"class_raster": "--class-raster", "prob_raster": "--prob-raster"}
 

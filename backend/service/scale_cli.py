@@ -111,13 +111,10 @@ def segment_scaled(values: dict) -> None:
         if chunk is not None and chunk < 256:
             raise InputError(f"--chunk-size must be at least 256 pixels; got {chunk}.")
         engine = engine_settings(options, values.get("device", "auto"), chunk)
-        request = ScaleRequest(out, rasters["class_raster"], values.get("out_crs"),
-                               options.overwrite, bool(values.get("restart")), values.get("workers"),
-                               values.get("cluster") or os.environ.get("RAY_ADDRESS"), options.min_area,
-                               options.simplify,
-                               str(options.quality_calibration) if options.quality_calibration else None, options.bbox,
-                               options.bbox_crs, rasters["prob_raster"], options.refine,
-                               str(options.sam_model) if options.sam_model else None)
+        request = ScaleRequest.from_options(options, out=out, class_raster=rasters["class_raster"],
+                                            prob_raster=rasters["prob_raster"], out_crs=values.get("out_crs"),
+                                            restart=bool(values.get("restart")), workers=values.get("workers"),
+                                            cluster=values.get("cluster") or os.environ.get("RAY_ADDRESS"))
         paths = expand_inputs(values["raster"])
         quiet = bool(values.get("quiet"))
         if not quiet:

@@ -36,11 +36,7 @@ def run_segment_on_ray(options: SegmentOptions, control, address: str, device: s
     check_scale_options(options)
     workers, cluster = _where(address)
     # One raster per job: its class and probability rasters are the GeoTIFFs the request names.
-    request = ScaleRequest(options.out, options.class_raster, None, options.overwrite, False, workers, cluster,
-                           options.min_area, options.simplify,
-                           str(options.quality_calibration) if options.quality_calibration else None,
-                           options.bbox, options.bbox_crs, options.prob_raster, options.refine,
-                           str(options.sam_model) if options.sam_model else None)
+    request = ScaleRequest.from_options(options, workers=workers, cluster=cluster)
     control.message(f"Segmenting on Ray ({cluster or f'{workers} local workers'}).")
     result = segment_rasters([str(options.raster)], engine_settings(options, device), request,
                              progress=lambda done, total, _pixels, _all: control.progress(done, total),

@@ -1,0 +1,44 @@
+"""A run on Ray takes the segment options through one conversion; what it cannot do yet is refused in one
+sentence (exit 2) before Ray starts or a file is written."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from backend.engine.options import SegmentOptions
+from backend.scale.run import TEXT_OPTIONS, ScaleRequest
+from backend.service.cli import app
+
+
+def test_every_segment_option_a_scaled_run_shares_comes_from_the_options():
+    options = SegmentOptions(raster=Path("/d/in.tif"), out=Path("/d/out.gpkg"), class_raster=Path("/d/c.vrt"),
+                             prob_raster=Path("/d/p.vrt"), overwrite=True, min_area=12.0, simplify=0.5,
+                             quality_calibration=Path("/d/q.json"), bbox=(1.0, 2.0, 3.0, 4.0), bbox_crs="EPSG:4326",
+                             refine="sam", sam_model="sam-vit-b")
+    request = ScaleRequest.from_options(options, workers=3, cluster="ray://head:10001", restart=True)
+    shared = [item.name for item in dataclasses.fields(ScaleRequest) if hasattr(options, item.name)]
+    assert len(shared) >= 11
+    for name in shared:
+        value = getattr(options, name)
+        assert getattr(request, name) == (str(value) if name in TEXT_OPTIONS else value), name
+    assert (request.workers, request.cluster, request.restart, request.out_crs) == (3, "ray://head:10001", True, None)
+
+
+@pytest.mark.parametrize("flag, named", [("--cache-features", "--cache-features"),
+                                         ("--no-region-checks", "--no-region-checks")])
+def test_an_option_ray_does_not_offer_yet_is_refused_before_ray_starts(shared_data, tiny_model, tmp_path, flag,
+                                                                       named):
+    out = tmp_path / "out.gpkg"
+    result = CliRunner().invoke(app, ["segment", str(shared_data / "naip_2020_5m.tif"),
+                                      str(shared_data / "naip_2020_5m.tif"), "-c", "water", "--weights",
+                                      str(tiny_model), "--out", str(out), "--workers", "2", flag])
+    assert result.exit_code == 2, result.output
+    assert named in result.output and "not available on Ray" in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists() and not list(tmp_path.iterdir())
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
