@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import unicodedata
 
@@ -25,3 +26,23 @@ def safe_file_stem(text: str, fallback: str = "result") -> str:
     if stem.split(".")[0].upper() in _RESERVED:
         stem = f"_{stem}"
     return stem
+
+
+def unused_stem(folder: str, stem: str) -> str:
+    """`folder/stem`, or `folder/stem-2`, `-3`, ... when a file of that run already exists there.
+
+    Names made from a clock can repeat (two runs in the same second); a run's files are `stem.*` and
+    `stem_*`, plus the hidden temporary names of a run still writing (`.stem.*`, `.stem_*`)."""
+    try:
+        taken = os.listdir(folder)
+    except OSError:
+        taken = []
+
+    def used(candidate: str) -> bool:
+        return any(name.lstrip(".").startswith((candidate + ".", candidate + "_")) for name in taken)
+
+    candidate, number = stem, 1
+    while used(candidate):
+        number += 1
+        candidate = f"{stem}-{number}"
+    return os.path.join(folder, candidate)

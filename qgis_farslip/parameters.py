@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .classes import class_name
-from .filenames import safe_file_stem
+from .filenames import safe_file_stem, unused_stem
 
 
 def safe_name(text: str) -> str:
@@ -70,5 +70,6 @@ def coarse_vector_path(out: str) -> str:
 
 
 def output_stem(folder: str, layer_name: str, stamp: str) -> str:
-    """The path (without extension) of one run's outputs: the raster's name and the time."""
-    return os.path.join(folder, f"{safe_name(layer_name)}_{stamp}")
+    """The path (without extension) of one run's outputs: the raster's name and the time, numbered
+    when an earlier run already wrote under that name (two runs in the same second)."""
+    return unused_stem(folder, f"{safe_name(layer_name)}_{stamp}")

@@ -95,3 +95,16 @@ def test_the_model_list_says_which_models_are_multilingual(farslip, qgis_iface, 
     finally:
         dock.close_down()
         dock.deleteLater()
+
+
+def test_a_run_in_the_same_second_as_the_last_gets_its_own_file_names(farslip, tmp_path):
+    from qgis_farslip.parameters import output_stem
+
+    first = output_stem(str(tmp_path), "naip", "20261123-203930")
+    assert first == str(tmp_path / "naip_20261123-203930")
+    (tmp_path / "naip_20261123-203930.gpkg").write_text("first run")
+    second = output_stem(str(tmp_path), "naip", "20261123-203930")
+    assert second == str(tmp_path / "naip_20261123-203930-2")
+    (tmp_path / ".naip_20261123-203930-2_classes.farslip-1-ab.tmp.tif").write_text("a run still writing")
+    assert output_stem(str(tmp_path), "naip", "20261123-203930") == str(tmp_path / "naip_20261123-203930-3")
+    assert output_stem(str(tmp_path), "naip", "20261123-203931") == str(tmp_path / "naip_20261123-203931")
