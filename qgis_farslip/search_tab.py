@@ -23,7 +23,7 @@ from qgis.PyQt.QtWidgets import QListWidgetItem, QWidget
 
 from .backend_manager import log
 from .extent import crs_text, local_raster_path, transform_extent
-from .filenames import unused_stem
+from .filenames import safe_file_stem, unused_stem
 from .jobs import JobTask, eta_text
 from .search_hits import load_hits
 from .settings import PluginSettings
@@ -99,7 +99,7 @@ class SearchTab(QObject):
         except OSError as error:
             raise UserError(f"The output folder {folder} cannot be created ({error.strerror}); choose another "
                             "one in the FarSLIP settings.") from None
-        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in layer.name()) or "raster"
+        name = safe_file_stem(layer.name(), fallback="raster")
         out = unused_stem(folder, f"{name}_hits_{time.strftime('%Y%m%d-%H%M%S')}") + ".gpkg"
         request: dict[str, Any] = {"raster": path, "sentences": sentences if like is None else [],
                                    "top": int(self.form.topSpin.value()), "model": self.dock.model_name(),

@@ -109,20 +109,18 @@ class ScaleResult:
 Progress = Callable[[int, int, int, int], None]  # chunks done, chunks total, pixels done, pixels total
 
 
-NOT_YET = {"cache_features": "--cache-features"}
+# What a run on Ray cannot do yet: option name -> (the value that asks for it, its command-line spelling).
+NOT_YET = {"cache_features": (True, "--cache-features"), "region_checks": (False, "--no-region-checks")}
 
 
 def check_scale_options(options) -> None:
     """Refuse, in one sentence each, what a run on Ray cannot do yet; check the class lines and files."""
     from backend.engine.text import parse_class_lines
 
-    for name, flag in NOT_YET.items():
-        if getattr(options, name):
+    for name, (asked, flag) in NOT_YET.items():
+        if getattr(options, name) == asked:
             raise InputError(f"{flag} is not available on Ray (--workers, --cluster, FARSLIP_RAY_ADDRESS) yet; "
                              "leave it out, or segment without Ray.")
-    if not options.region_checks:
-        raise InputError("--no-region-checks is not available on Ray (--workers, --cluster, FARSLIP_RAY_ADDRESS) "
-                         "yet; leave it out, or segment without Ray.")
     lines = engine_settings(options).class_lines
     if lines:
         parse_class_lines(lines)
