@@ -466,6 +466,9 @@ def _write_raster_output(role: str, target: Path, done: list[RasterPlan], manife
         if folder.exists():
             if not overwrite:
                 raise InputError(f"{folder} already exists; choose another name or allow overwriting (--overwrite).")
+            if not all(entry.is_file() and entry.suffix == ".tif" for entry in folder.iterdir()):
+                raise InputError(f"{folder} holds files a run did not write (only its per-raster GeoTIFFs go "
+                                 "there); move them, or choose another name.")
             shutil.rmtree(folder)
         staged_folder.rename(folder)
         write_raster_vrt(staged_vrt, [folder / name for name in names], out_crs)
