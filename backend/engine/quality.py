@@ -10,7 +10,8 @@ Signals of a polygon, all in [0, 1] or close to it, computed during `segment`:
   run through the image tower's global (CLS) path, scored against all class lines like `classify`;
   the probability of the polygon's own class. FarSLIP is trained for exactly this region-category
   alignment, so it is an independent second opinion on the patch-level decision.
-Large polygons are read decimated (at most SAMPLE_SIDE pixels a side); region crops run in batches.
+The first four are summed per region while the class raster is polygonised (vectorize.py), over
+every pixel of the region; region crops run in batches.
 
 `quality` = a logistic model over those signals (QualityModel). The default coefficients were set by
 the team from the construction of the signals (each pushes in the direction that means "more
@@ -28,13 +29,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import rasterio
-import rasterio.features
 import torch
 import torch.nn.functional as F
 from rasterio.transform import Affine
-from rasterio.windows import Window
-from scipy import ndimage
 
 from .atomic import write_text_atomically
 from .dense import normalize_pixels
@@ -46,7 +43,6 @@ from .raster import PixelSource, PixelWindow, RasterSource
 SIGNALS = ("score_mean", "margin", "entropy", "sharpness", "region_agr")
 FIELDS = ("quality", "margin", "entropy", "sharpness", "region_agr")
 CALIBRATION_FORMAT = "farslip-quality/1"
-SAMPLE_SIDE = 512  # polygons larger than this (in pixels, either side) are read decimated
 CONTEXT = 0.5  # region crops: the bounding box grown by this fraction of its size on each side
 MIN_CROP = 32  # pixels
 REGION_BATCH = 16
@@ -139,44 +135,10 @@ def _pixel_box(geometry, transform: Affine, height: int, width: int) -> tuple[in
     return r0, r1, c0, c1
 
 
-def _read(ds, bands, r0, r1, c0, c1, shape):
-    return ds.read(bands, window=Window(c0, r0, c1 - c0, r1 - r0), out_shape=(len(bands), *shape),
-                   resampling=rasterio.enums.Resampling.nearest, masked=False).astype(np.float32)
-
-
-def _outline(mask: np.ndarray) -> np.ndarray:
-    return mask & ~ndimage.binary_erosion(mask, border_value=0)
-
-
-def raster_signals(regions, score_path: Path, signals_path: Path, transform: Affine,
-                   should_cancel: Callable[[], bool] | None = None) -> dict[str, np.ndarray]:
-    """score_mean, margin, entropy and sharpness of every region, from the run's rasters."""
-    n = len(regions)
-    out = {name: np.full(n, np.nan) for name in ("score_mean", "margin", "entropy", "sharpness")}
-    with rasterio.open(score_path) as score_ds, rasterio.open(signals_path) as signals_ds:
-        height, width = score_ds.height, score_ds.width
-        for i, region in enumerate(regions):
-            if should_cancel is not None and i % 256 == 0 and should_cancel():
-                raise CancelledError("The segmentation was cancelled; nothing was written.")
-            out["score_mean"][i] = region.score_mean
-            r0, r1, c0, c1 = _pixel_box(region.geometry, transform, height, width)
-            if r1 <= r0 or c1 <= c0:
-                continue
-            step = max(1.0, max(r1 - r0, c1 - c0) / SAMPLE_SIDE)  # large polygons: decimated read
-            shape = (max(1, round((r1 - r0) / step)), max(1, round((c1 - c0) / step)))
-            sub = transform @ Affine.translation(c0, r0) @ Affine.scale((c1 - c0) / shape[1], (r1 - r0) / shape[0])
-            inside = rasterio.features.geometry_mask([region.geometry], shape, sub, invert=True, all_touched=False)
-            if not inside.any():
-                continue
-            score = _read(score_ds, [1], r0, r1, c0, c1, shape)[0]
-            margin, entropy = _read(signals_ds, [1, 2], r0, r1, c0, c1, shape)
-            out["margin"][i] = np.nanmean(margin[inside]) if np.isfinite(margin[inside]).any() else np.nan
-            out["entropy"][i] = np.nanmean(entropy[inside]) if np.isfinite(entropy[inside]).any() else np.nan
-            filled = np.where(np.isfinite(score), score, 0.0)
-            gy, gx = np.gradient(filled)
-            edge = _outline(inside)
-            out["sharpness"][i] = float(np.hypot(gx, gy)[edge].mean() / step) if edge.any() else np.nan
-    return out
+def region_signals(regions) -> dict[str, np.ndarray]:
+    """score_mean, margin, entropy and sharpness of every region (summed when it was polygonised)."""
+    return {name: np.array([getattr(region, name) for region in regions], dtype=float).reshape(len(regions))
+            for name in ("score_mean", "margin", "entropy", "sharpness")}
 
 
 def region_crop_window(geometry, transform: Affine, window: PixelWindow, source_shape: tuple[int, int]

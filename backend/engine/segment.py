@@ -46,8 +46,8 @@ from .quality import (
     QualityModel,
     calibration_path_for,
     pixel_signals,
-    raster_signals,
     region_agreement,
+    region_signals,
     regions_to_check,
     run_quality_estimate,
 )
@@ -138,7 +138,7 @@ class StripPolygons:
     def __init__(self, transform, strip_rows: int, should_cancel: Callable[[], bool] | None):
         self.strip_rows = strip_rows
         self._queue: queue.Queue = queue.Queue(maxsize=2)
-        self._rows: list[tuple[np.ndarray, np.ndarray]] = []
+        self._rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._row0 = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="farslip-polygons")
         self._result = self._pool.submit(vectorize_strips, self._strips(), transform, SKIPPED_CLASSES,
@@ -158,17 +158,19 @@ class StripPolygons:
                     self._result.result()  # the worker failed: raise its error here
                     return
 
-    def add(self, block) -> None:
+    def add(self, block, signals: np.ndarray) -> None:
+        """Full-width rows: a block's class ids and scores, and their (2, h, w) margin and entropy."""
         assert block.col0 == 0, "strips need full-width blocks"
-        self._rows.append((block.class_ids, block.score))
-        if sum(len(c) for c, _ in self._rows) >= self.strip_rows:
+        self._rows.append((block.class_ids, block.score, signals))
+        if sum(len(rows[0]) for rows in self._rows) >= self.strip_rows:
             self._hand_over()
 
     def _hand_over(self) -> None:
         if self._rows:
-            classes = np.concatenate([c for c, _ in self._rows])
-            scores = np.concatenate([s for _, s in self._rows])
-            self._put((self._row0, classes, scores))
+            classes = np.concatenate([rows[0] for rows in self._rows])
+            scores = np.concatenate([rows[1] for rows in self._rows])
+            signals = np.concatenate([rows[2] for rows in self._rows], axis=1)
+            self._put((self._row0, classes, scores, signals))
             self._row0 += len(classes)
             self._rows = []
 
@@ -268,14 +270,18 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
             staged = {key: commit.enter_context(atomic_output(targets[key], run_tag))
                       for key in ("vector", "coarse_vector", "report", "class_raster", "prob_raster")
                       if key in targets}
-            class_path, score_path = workdir / "classes.tif", workdir / "score.tif"
-            signals_path = workdir / "signals.tif"
-            prob_path = workdir / "probs.tif" if options.prob_raster or options.refine != "none" else None
             strip_rows = strip_rows_for(window)
-            # Without refinement, a window the engine emits in full-width rows is polygonised beside it.
+            # Without refinement, a window the engine emits in full-width rows is polygonised beside it,
+            # from the engine's blocks: then no score or signals raster is needed, and a class raster
+            # only when the user asked for one.
             streamed = (StripPolygons(source.window_transform(window), strip_rows, should_cancel)
                         if options.refine == "none" and computed == window and window.width <= CHUNK_COLUMNS
                         else None)
+            scratch = streamed is None
+            class_path = workdir / "classes.tif" if scratch or options.class_raster else None
+            score_path = workdir / "score.tif" if scratch else None
+            signals_path = workdir / "signals.tif" if scratch else None
+            prob_path = workdir / "probs.tif" if options.prob_raster or options.refine != "none" else None
             t0 = time.perf_counter()
             try:
                 valid_pixels = _write_rasters(segmenter, source, computed, class_path, score_path, prob_path,
@@ -289,35 +295,41 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
             t0 = time.perf_counter()
             streamed_regions = streamed.finish() if streamed is not None else None
             timings["polygon_wait_s"] = time.perf_counter() - t0
-            refined = refine_outlines.run(options.refine, options.sam_model, loaded.device, source, window,
-                                          computed, workdir, class_path, score_path, prob_path, signals_path,
-                                          options.threshold, should_cancel)
-            class_path, score_path, prob_path = refined.class_path, refined.score_path, refined.prob_path
-            assert refined.signals_path is not None, "every refinement passes the signals raster on"
-            signals_path = refined.signals_path
-            timings.update(refined.timings)
+            refined = None  # streamed: nothing to refine
+            if scratch:
+                assert class_path is not None and score_path is not None and signals_path is not None
+                refined = refine_outlines.run(options.refine, options.sam_model, loaded.device, source, window,
+                                              computed, workdir, class_path, score_path, prob_path, signals_path,
+                                              options.threshold, should_cancel)
+                class_path, score_path, prob_path = refined.class_path, refined.score_path, refined.prob_path
+                assert refined.signals_path is not None, "every refinement passes the signals raster on"
+                signals_path = refined.signals_path
+                timings.update(refined.timings)
             if valid_pixels == 0:
                 raise EmptyResultError(f"The requested area of {raster} holds only nodata or masked pixels: "
                                        "there is nothing to segment. Choose another extent.")
             t0 = time.perf_counter()
 
-            def polygons(classes_tif: Path, scores_tif: Path, found=None):
+            def polygons(classes_tif: Path | None, scores_tif: Path | None, found=None,
+                         signals_tif: Path | None = None):
                 if found is None:
+                    assert classes_tif is not None, "without streamed polygons the class raster was written"
                     found = vectorize_class_raster(classes_tif, scores_tif, skip_values=SKIPPED_CLASSES,
-                                                   strip_rows=strip_rows, should_cancel=should_cancel)
+                                                   strip_rows=strip_rows, should_cancel=should_cancel,
+                                                   signals_path=signals_tif)
                 return finalize(found, source.crs, source.window_transform(window),
                                 min_area_m2=options.min_area, simplify=options.simplify)
 
-            regions = polygons(class_path, score_path, streamed_regions)
+            regions = polygons(class_path, score_path, streamed_regions, signals_path)
             coarse = None
             if "coarse_vector" in targets:
-                assert refined.coarse_class_path is not None and refined.coarse_score_path is not None
+                assert refined is not None and refined.coarse_class_path is not None
+                assert refined.coarse_score_path is not None
                 coarse = polygons(refined.coarse_class_path, refined.coarse_score_path)
             timings["vectorize_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            estimate = estimate_quality(regions, source, window, segmenter, score_path, signals_path,
-                                        options.quality_calibration, class_lines_of(options),
-                                        [c.name for c in classes], total, should_cancel,
+            estimate = estimate_quality(regions, source, window, segmenter, options.quality_calibration,
+                                        class_lines_of(options), [c.name for c in classes], total, should_cancel,
                                         region_checks=options.region_checks, embed=embed_regions,
                                         cache=feature_cache, scope=region_scope)
             timings["quality_s"] = time.perf_counter() - t0
@@ -334,6 +346,7 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
             if options.prob_raster and prob_path is not None:
                 shutil.move(prob_path, staged["prob_raster"])
             if options.class_raster:
+                assert class_path is not None, "a class raster is written when asked for"
                 shutil.move(class_path, staged["class_raster"])
             timings["write_s"] = time.perf_counter() - t0
             timings["total_s"] = time.perf_counter() - started
@@ -355,8 +368,8 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
                 "stride": segmenter.stride, "valid_pixels": int(valid_pixels),
                 "options": options.processing(),
                 "timings": {k: round(v, 3) for k, v in timings.items()},
-                "class_stats": stats, "outputs": paths, "warnings": warnings + refined.warnings,
-                "quality": estimate.report, **refined.report,
+                "class_stats": stats, "outputs": paths, "warnings": warnings + (refined.warnings if refined else []),
+                "quality": estimate.report, **(refined.report if refined else {}),
             }
             staged["report"].write_text(report_json(report), "utf-8")
             check_written(targets.values(), needed_mb)
@@ -381,41 +394,45 @@ class RunRasters:
     """The class, score, signals and (optional) probability rasters of a run, written block by block.
 
     The signals raster holds the per-pixel margin and entropy of the class probabilities (quality.py).
+    A raster whose path is None is not written.
     """
 
-    def __init__(self, source: RasterSource, window, classes, class_path: Path, score_path: Path,
+    def __init__(self, source: RasterSource, window, classes, class_path: Path | None, score_path: Path | None,
                  signals_path: Path | None, prob_path: Path | None):
         n = len(classes)
-        self.class_ds = rasterio.open(class_path, "w", **_raster_profile(source, window, 1, "uint8", NODATA_CLASS))
-        self.score_ds = rasterio.open(score_path, "w",
-                                      **_raster_profile(source, window, 1, "float32", float("nan"), True))
+        self.class_ds = (rasterio.open(class_path, "w", **_raster_profile(source, window, 1, "uint8", NODATA_CLASS))
+                         if class_path else None)
+        self.score_ds = (rasterio.open(score_path, "w",
+                                       **_raster_profile(source, window, 1, "float32", float("nan"), True))
+                         if score_path else None)
         self.prob_ds = (rasterio.open(prob_path, "w", **_raster_profile(source, window, n, "float32", float("nan")))
                         if prob_path else None)
         self.signals_ds = (rasterio.open(signals_path, "w",
                                          **_raster_profile(source, window, 2, "float32", float("nan"), True))
                            if signals_path else None)
-        self.class_ds.write_colormap(1, class_colormap([c.name for c in classes], UNCLASSIFIED))
         for i, spec in enumerate(classes):
             if self.prob_ds is not None:
                 self.prob_ds.set_band_description(i + 1, spec.name)
-        self.class_ds.set_band_description(1, "class_id")
-        self.class_ds.update_tags(1, **{f"CLASS_{i}": c.name for i, c in enumerate(classes)},
-                                  UNCLASSIFIED=str(UNCLASSIFIED))
-        self.score_ds.set_band_description(1, "score")
+        if self.class_ds is not None:
+            self.class_ds.write_colormap(1, class_colormap([c.name for c in classes], UNCLASSIFIED))
+            self.class_ds.set_band_description(1, "class_id")
+            self.class_ds.update_tags(1, **{f"CLASS_{i}": c.name for i, c in enumerate(classes)},
+                                      UNCLASSIFIED=str(UNCLASSIFIED))
+        if self.score_ds is not None:
+            self.score_ds.set_band_description(1, "score")
 
     def write(self, row0: int, col0: int, class_ids: np.ndarray, score: np.ndarray, probs: np.ndarray | None,
-              signals: np.ndarray | None = None) -> None:
-        """One block at (row0, col0) of the window; signals are computed from `probs` unless given."""
+              signals: np.ndarray) -> None:
+        """One block at (row0, col0) of the window; `signals` (2, h, w): its margin and entropy."""
         h, w = class_ids.shape
         win = rasterio.windows.Window(col0, row0, w, h)
-        self.class_ds.write(class_ids, 1, window=win)
-        self.score_ds.write(score, 1, window=win)
+        if self.class_ds is not None:
+            self.class_ds.write(class_ids, 1, window=win)
+        if self.score_ds is not None:
+            self.score_ds.write(score, 1, window=win)
         if self.prob_ds is not None:
             self.prob_ds.write(probs, window=win)
         if self.signals_ds is not None:
-            if signals is None:
-                assert probs is not None, "pixel signals need the class probabilities"
-                signals = np.stack(pixel_signals(probs))
             self.signals_ds.write(signals, window=win)
 
     def close(self) -> None:
@@ -424,19 +441,20 @@ class RunRasters:
                 ds.close()
 
 
-def _write_rasters(segmenter: Segmenter, source: RasterSource, window, class_path: Path, score_path: Path,
-                   prob_path: Path | None, classes, progress, should_cancel, signals_path: Path | None = None,
-                   streamed: StripPolygons | None = None) -> int:
+def _write_rasters(segmenter: Segmenter, source: RasterSource, window, class_path: Path | None,
+                   score_path: Path | None, prob_path: Path | None, classes, progress, should_cancel,
+                   signals_path: Path | None = None, streamed: StripPolygons | None = None) -> int:
     """Run the engine over `window`, writing each finished block; returns the number of valid pixels."""
     rasters = RunRasters(source, window, classes, class_path, score_path, signals_path, prob_path)
     valid_pixels = 0
     try:
         for block in predict_blocks(segmenter, source, window, progress, should_cancel):
             started = time.perf_counter()
-            rasters.write(block.row0, block.col0, block.class_ids, block.score, block.probs)
+            signals = np.stack(pixel_signals(block.probs))
+            rasters.write(block.row0, block.col0, block.class_ids, block.score, block.probs, signals)
             valid_pixels += int(block.valid.sum())
             if streamed is not None:
-                streamed.add(block)
+                streamed.add(block, signals)
             segmenter.stage_s["write_blocks"] = segmenter.stage_s.get("write_blocks", 0.0) + \
                 time.perf_counter() - started
     finally:
@@ -450,8 +468,8 @@ class QualityEstimate:
     report: dict
 
 
-def estimate_quality(regions, source: RasterSource, window: PixelWindow, segmenter: Segmenter, score_path: Path,
-                     signals_path: Path, named_calibration: str | Path | None, class_lines: list[str],
+def estimate_quality(regions, source: RasterSource, window: PixelWindow, segmenter: Segmenter,
+                     named_calibration: str | Path | None, class_lines: list[str],
                      class_names: list[str], dense_crops: int, should_cancel,
                      agreement: Callable[[list, list[int]], np.ndarray] | None = None, region_checks: bool = True,
                      **embedding) -> QualityEstimate:
@@ -462,7 +480,7 @@ def estimate_quality(regions, source: RasterSource, window: PixelWindow, segment
     `region_checks` False checks no region (region_agr stays empty, as for the polygons never checked)."""
     loaded = segmenter.loaded
     transform = source.window_transform(window)
-    values = raster_signals(regions, score_path, signals_path, transform, should_cancel)
+    values = region_signals(regions)
     started = time.perf_counter()
     checked = regions_to_check(regions, dense_crops) if region_checks else []
     counts = {"cached": 0}

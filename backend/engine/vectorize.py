@@ -8,15 +8,22 @@ spanning many strips is still exactly one feature.
 Polygons are built and merged in pixel coordinates (integer corners, exact in floating point) and
 mapped to the raster's CRS with its affine transform at the end: the union along a seam is then
 exact, and neighbouring polygons share bit-identical vertices.
+
+The quality estimate's pixel signals of each region are summed in the same pass (quality.py): the
+mean margin and entropy of its pixels (from a two-band signals raster) and the mean gradient of the
+score on its outline pixels (those with a 4-neighbour of another class or outside the raster). Each
+strip sees the row above and below it, so a seam changes none of these values.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyproj
@@ -43,6 +50,9 @@ class RegionPolygon:
     score_sum: float
     score_max: float
     area_m2: float = math.nan
+    margin: float = math.nan     # mean (top-1 - top-2) class probability of its pixels
+    entropy: float = math.nan    # mean normalised entropy of the class probabilities of its pixels
+    sharpness: float = math.nan  # mean gradient magnitude of the score on its outline pixels
 
     @property
     def score_mean(self) -> float:
@@ -83,6 +93,17 @@ def _label_strip(classes: np.ndarray, skip: set[int]) -> tuple[np.ndarray, np.nd
     return region_ids, np.asarray(region_classes, dtype=np.int64)
 
 
+def _region_sums(flat_ids: np.ndarray, values: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per region 1..n: the sum of its finite `values` and how many there are (NaN values left out)."""
+    if values is None:
+        return np.zeros(n), np.zeros(n)
+    values = values.ravel()
+    use = (flat_ids > 0) & np.isfinite(values)  # id 0 is "no region": its (often NaN) values are never used
+    ids = flat_ids[use]
+    return (np.bincount(ids, weights=values[use].astype(np.float64), minlength=n + 1)[1:],
+            np.bincount(ids, minlength=n + 1)[1:].astype(np.float64))
+
+
 def _region_stats(region_ids: np.ndarray, scores: np.ndarray | None, n: int):
     flat_ids = region_ids.ravel()
     counts = np.bincount(flat_ids, minlength=n + 1)[1:]
@@ -94,6 +115,49 @@ def _region_stats(region_ids: np.ndarray, scores: np.ndarray | None, n: int):
     maxima = np.full(n + 1, -np.inf)
     np.maximum.at(maxima, flat_ids, flat_scores)
     return counts, sums, maxima[1:]
+
+
+def _axis_gradient(values: np.ndarray, index: tuple[np.ndarray, np.ndarray], axis: int) -> np.ndarray:
+    """np.gradient of `values` along `axis`, only at the points `index` (central inside, one-sided at the ends)."""
+    length = values.shape[axis]
+    if length < 2:
+        return np.zeros(len(index[0]), np.float32)
+    before, after = list(index), list(index)
+    before[axis] = np.maximum(index[axis] - 1, 0)
+    after[axis] = np.minimum(index[axis] + 1, length - 1)
+    return (values[tuple(after)] - values[tuple(before)]) / (after[axis] - before[axis]).astype(np.float32)
+
+
+def _outline_sums(region_ids: np.ndarray, classes: np.ndarray, scores: np.ndarray | None, above, below,
+                  n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per region: the sum of the score's gradient magnitude over its outline pixels, and their number.
+
+    `above` / `below`: (classes, scores) of the row just outside the strip, None at the raster's edge.
+    The gradient is np.gradient's of the score with NaN read as 0, on the whole raster.
+    """
+    if scores is None:
+        return np.zeros(n), np.zeros(n)
+    height, width = classes.shape
+    padded = np.full((height + 2, width + 2), -1, np.int16)  # -1: outside the raster
+    padded[1:-1, 1:-1] = classes
+    rows = [scores]
+    if above is not None:
+        padded[0, 1:-1] = above[0]
+        rows.insert(0, above[1][None])
+    if below is not None:
+        padded[-1, 1:-1] = below[0]
+        rows.append(below[1][None])
+    centre = padded[1:-1, 1:-1]
+    outline = (region_ids > 0) & ((padded[:-2, 1:-1] != centre) | (padded[2:, 1:-1] != centre)
+                                  | (padded[1:-1, :-2] != centre) | (padded[1:-1, 2:] != centre))
+    r, c = np.nonzero(outline)
+    stacked = np.concatenate(rows) if len(rows) > 1 else scores
+    filled = np.where(np.isfinite(stacked), stacked, 0.0).astype(np.float32)
+    at = (r + (1 if above is not None else 0), c)
+    magnitude = np.hypot(_axis_gradient(filled, at, 1), _axis_gradient(filled, at, 0))
+    ids = region_ids[r, c]
+    return (np.bincount(ids, weights=magnitude.astype(np.float64), minlength=n + 1)[1:],
+            np.bincount(ids, minlength=n + 1)[1:].astype(np.float64))
 
 
 def _valid_polygon(geometry: BaseGeometry) -> BaseGeometry:
@@ -116,10 +180,12 @@ def vectorize_class_raster(
     skip_values: Iterable[int] = (255,),
     strip_rows: int = 1024,
     should_cancel: Callable[[], bool] | None = None,
+    signals_path: Path | None = None,
 ) -> list[RegionPolygon]:
     """Polygons of the connected regions of band 1 of `class_path`, one per region and class.
 
-    `score_path` (band 1, same grid) gives each region's score_sum and score_max (NaN without it).
+    `score_path` (band 1, same grid) gives each region's score_sum, score_max and sharpness, and
+    `signals_path` (bands margin, entropy) its margin and entropy (NaN without them).
     Pixels whose value is in `skip_values` or is the raster's nodata value give no polygons.
     """
     assert strip_rows > 0
@@ -127,49 +193,68 @@ def vectorize_class_raster(
     with rasterio.open(class_path) as classes_ds:
         if classes_ds.nodata is not None and float(classes_ds.nodata).is_integer():
             skip.add(int(classes_ds.nodata))
-        scores_ds = rasterio.open(score_path) if score_path is not None else None
-        try:
-            if scores_ds is not None and scores_ds.shape != classes_ds.shape:
-                raise InputError(
-                    f"The score raster {score_path} is {scores_ds.width}x{scores_ds.height} pixels but the "
-                    f"class raster {class_path} is {classes_ds.width}x{classes_ds.height}; they must match."
-                )
-            strips = _dataset_strips(classes_ds, scores_ds, strip_rows)
+        with contextlib.ExitStack() as opened:
+            scores_ds, signals_ds = (opened.enter_context(rasterio.open(path)) if path is not None else None
+                                     for path in (score_path, signals_path))
+            for ds, path, what in ((scores_ds, score_path, "score"), (signals_ds, signals_path, "signals")):
+                if ds is not None and ds.shape != classes_ds.shape:
+                    raise InputError(
+                        f"The {what} raster {path} is {ds.width}x{ds.height} pixels but the class raster "
+                        f"{class_path} is {classes_ds.width}x{classes_ds.height}; they must match."
+                    )
+            strips = _dataset_strips(classes_ds, scores_ds, signals_ds, strip_rows)
             found = _strip_regions(strips, skip, should_cancel)
             transform = classes_ds.transform
-        finally:
-            if scores_ds is not None:
-                scores_ds.close()
     return _merged_regions(found, transform)
 
 
-def vectorize_strips(strips: Iterable[tuple[int, np.ndarray, np.ndarray | None]], transform: Affine,
-                     skip_values: Iterable[int] = (255,),
+Strip = tuple[int, np.ndarray, np.ndarray | None, np.ndarray | None]  # first row, classes, scores, signals
+
+
+def vectorize_strips(strips: Iterable[Strip], transform: Affine, skip_values: Iterable[int] = (255,),
                      should_cancel: Callable[[], bool] | None = None) -> list[RegionPolygon]:
-    """As vectorize_class_raster, for full-width strips (first row, classes, scores) given top to bottom.
+    """As vectorize_class_raster, for full-width strips given top to bottom: (first row, classes,
+    scores or None, signals (2, rows, width: margin, entropy) or None).
 
     Lets `segment` polygonise finished rows in a worker thread while the engine computes the next ones.
     """
     return _merged_regions(_strip_regions(strips, {int(v) for v in skip_values}, should_cancel), transform)
 
 
-def _dataset_strips(classes_ds, scores_ds, strip_rows: int):
+def _dataset_strips(classes_ds, scores_ds, signals_ds, strip_rows: int):
     width = classes_ds.width
     for row_start in range(0, classes_ds.height, strip_rows):
         window = Window(0, row_start, width, min(strip_rows, classes_ds.height - row_start))
         classes = classes_ds.read(1, window=window)
         scores = scores_ds.read(1, window=window) if scores_ds is not None else None
-        yield row_start, classes, scores
+        signals = signals_ds.read((1, 2), window=window) if signals_ds is not None else None
+        yield row_start, classes, scores, signals
+
+
+def _in_context(strips: Iterable[Strip]):
+    """Each strip with the (classes, scores) row just above and below it (None at the raster's edges)."""
+    def row(strip, index):
+        return strip[1][index], (strip[2][index] if strip[2] is not None else None)
+
+    above = pending = None
+    for strip in strips:
+        if pending is not None:
+            yield pending, above, row(strip, 0)
+            above = row(pending, -1)
+        pending = strip
+    if pending is not None:
+        yield pending, above, None
 
 
 def _merged_regions(found, transform: Affine) -> list[RegionPolygon]:
     """One polygon per region: strip regions joined along their seams, mapped to the CRS."""
-    pixel_regions, region_classes, counts, sums, maxima, merges = found
+    pixel_regions, region_classes, counts, sums, maxima, signal_sums, merges = found
     groups: dict[int, list[int]] = {}
     for region in range(len(pixel_regions)):
         groups.setdefault(merges.find(region), []).append(region)
 
-    geometries, records = [], []
+    geometries: list[BaseGeometry] = []
+    records: list[dict[str, Any]] = []
     for members in groups.values():
         if len(members) == 1:
             geometries.append(pixel_regions[members[0]])
@@ -179,29 +264,33 @@ def _merged_regions(found, transform: Affine) -> list[RegionPolygon]:
             merged = shapely.simplify(merged, 0.0, preserve_topology=True)
             assert merged.geom_type == "Polygon", "4-connected pixel regions merge into one polygon"
             geometries.append(merged)
+        totals = signal_sums[members].sum(axis=0)  # margin, entropy, outline: (sum, count) each
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means = [float(totals[k] / totals[k + 1]) if totals[k + 1] else math.nan for k in (0, 2, 4)]
         records.append(
-            (
-                int(region_classes[members[0]]),
-                int(counts[members].sum()),
-                float(sums[members].sum()),
-                float(maxima[members].max()),
-            )
+            {
+                "class_id": int(region_classes[members[0]]),
+                "pixel_count": int(counts[members].sum()),
+                "score_sum": float(sums[members].sum()),
+                "score_max": float(maxima[members].max()),
+                "margin": means[0],
+                "entropy": means[1],
+                "sharpness": means[2],
+            }
         )
     return [
-        RegionPolygon(geometry, class_id, pixel_count, score_sum, score_max)
-        for geometry, (class_id, pixel_count, score_sum, score_max) in zip(
-            _to_crs_coordinates(geometries, transform), records
-        )
+        RegionPolygon(geometry, **record)
+        for geometry, record in zip(_to_crs_coordinates(geometries, transform), records)
     ]
 
 
 def _strip_regions(strips, skip: set[int], should_cancel):
     """Per-strip regions (pixel-space polygons and stats) plus the seam merges between them."""
     pixel_regions: list[BaseGeometry] = []
-    region_classes, counts, sums, maxima = [], [], [], []
+    region_classes, counts, sums, maxima, signal_sums = [], [], [], [], []
     merges = _UnionFind()
     previous_row_ids = previous_row_classes = None
-    for row_start, classes, scores in strips:
+    for (row_start, classes, scores, signals), above, below in _in_context(strips):
         if should_cancel is not None and should_cancel():
             raise CancelledError("The run was cancelled while writing polygons; nothing was written.")
         strip_ids, strip_classes = _label_strip(classes, skip)
@@ -226,6 +315,12 @@ def _strip_regions(strips, skip: set[int], should_cancel):
         counts.append(strip_counts)
         sums.append(strip_sums)
         maxima.append(strip_maxima)
+        flat_ids = strip_ids.ravel()
+        signal_sums.append(np.column_stack([
+            *_region_sums(flat_ids, signals[0] if signals is not None else None, n),
+            *_region_sums(flat_ids, signals[1] if signals is not None else None, n),
+            *_outline_sums(strip_ids, classes, scores, above, below, n),
+        ]))
 
         # Global region index = offset + strip id - 1; -1 marks pixels without a region.
         first_row = np.where(strip_ids[0] > 0, strip_ids[0] + offset - 1, -1)
@@ -248,6 +343,7 @@ def _strip_regions(strips, skip: set[int], should_cancel):
         stacked(counts, np.int64),
         stacked(sums, np.float64),
         stacked(maxima, np.float64),
+        np.concatenate(signal_sums) if signal_sums else np.zeros((0, 6)),
         merges,
     )
 

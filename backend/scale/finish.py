@@ -109,7 +109,8 @@ def finish_raster(plan: RasterPlan, manifest: Manifest, engine: EngineSettings, 
                 if streamed is not None:  # the engine's own blocks, in its order: the same strips as segment
                     top = 0
                     for height in arrays["block_rows"]:
-                        streamed.add(_Rows(arrays["class_ids"][top:top + height], arrays["score"][top:top + height]))
+                        streamed.add(_Rows(arrays["class_ids"][top:top + height], arrays["score"][top:top + height]),
+                                     arrays["signals"][:, top:top + height])
                         top += height
         except BaseException:
             if streamed is not None:
@@ -125,17 +126,17 @@ def finish_raster(plan: RasterPlan, manifest: Manifest, engine: EngineSettings, 
             raise EmptyResultError(f"The requested area of {plan.path} holds only nodata or masked pixels: "
                                    "there is nothing to segment. Choose another extent.")
 
-        def polygons(classes_tif: Path, scores_tif: Path, found=None):
+        def polygons(classes_tif: Path, scores_tif: Path, found=None, signals_tif: Path | None = None):
             if found is None:
                 found = vectorize_class_raster(classes_tif, scores_tif, skip_values=SKIPPED_CLASSES,
-                                               strip_rows=strip_rows)
+                                               strip_rows=strip_rows, signals_path=signals_tif)
             return finalize(found, source.crs, transform, min_area_m2=finish.min_area, simplify=finish.simplify)
 
-        regions = polygons(refined.class_path, refined.score_path, found)
+        assert refined.signals_path is not None, "every refinement passes the signals raster on"
+        regions = polygons(refined.class_path, refined.score_path, found, refined.signals_path)
         if refined.coarse_class_path is not None and refined.coarse_score_path is not None:
             write_polygons(folder / "coarse.gpkg", polygons(refined.coarse_class_path, refined.coarse_score_path),
                            source.crs, finish.class_names, finish.model_name, finish.run_id, layer="polygons")
-        assert refined.signals_path is not None, "every refinement passes the signals raster on"
 
         def remote_check(regions, checked):
             values = np.full(len(regions), np.nan)
@@ -143,9 +144,8 @@ def finish_raster(plan: RasterPlan, manifest: Manifest, engine: EngineSettings, 
                 values[checked] = agreement(plan, [regions[i] for i in checked])
             return values
 
-        estimate = estimate_quality(regions, source, window, segmenter, refined.score_path, refined.signals_path,
-                                    finish.quality_calibration, finish.class_lines, finish.class_names, plan.crops,
-                                    None, agreement=remote_check)
+        estimate = estimate_quality(regions, source, window, segmenter, finish.quality_calibration,
+                                    finish.class_lines, finish.class_names, plan.crops, None, agreement=remote_check)
         write_polygons(folder / "polygons.gpkg", regions, source.crs, finish.class_names, finish.model_name,
                        finish.run_id, extra=estimate.fields, layer="polygons")
         facts = {

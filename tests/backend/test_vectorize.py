@@ -232,7 +232,7 @@ def test_strips_handed_over_by_the_engine_give_the_polygons_of_the_file(rasters)
 
     classes, scores, class_path, score_path = rasters
     edges = [0, 5, 6, 19, 33, 40]
-    strips = [(a, classes[a:b], scores[a:b]) for a, b in zip(edges, edges[1:])]
+    strips = [(a, classes[a:b], scores[a:b], None) for a, b in zip(edges, edges[1:])]
     streamed = vectorize_strips(iter(strips), TRANSFORM, skip_values=(255,))
     from_file = vectorize_class_raster(class_path, score_path, strip_rows=7)
 
@@ -241,3 +241,57 @@ def test_strips_handed_over_by_the_engine_give_the_polygons_of_the_file(rasters)
 
     assert sorted(map(key, streamed)) == sorted(map(key, from_file))
     assert sum(r.score_sum for r in streamed) == pytest.approx(sum(r.score_sum for r in from_file))
+
+
+def whole_raster_signals(classes: np.ndarray, scores: np.ndarray, signals: np.ndarray, skip=(255,)):
+    """The quality signals of every region by their definition, on the whole raster at once:
+    {(class, pixel count, first pixel): (mean margin, mean entropy, mean outline score gradient)}."""
+    gy, gx = np.gradient(np.where(np.isfinite(scores), scores, 0.0))
+    magnitude = np.hypot(gx, gy)
+    padded = np.pad(classes.astype(int), 1, constant_values=-1)
+    centre = padded[1:-1, 1:-1]
+    outline = ((padded[:-2, 1:-1] != centre) | (padded[2:, 1:-1] != centre)
+               | (padded[1:-1, :-2] != centre) | (padded[1:-1, 2:] != centre))
+    expected = {}
+    for value in np.unique(classes):
+        if value in skip:
+            continue
+        labels, n = ndimage.label(classes == value, structure=FOUR)
+        for label in range(1, n + 1):
+            pixels = labels == label
+            first = tuple(int(i) for i in np.argwhere(pixels)[0])
+            expected[(int(value), int(pixels.sum()), first)] = (
+                np.nanmean(signals[0][pixels]), np.nanmean(signals[1][pixels]),
+                magnitude[pixels & outline].mean())
+    return expected
+
+
+@pytest.mark.parametrize("strip_rows", [1, 4, 1024])
+def test_quality_signals_of_a_region_do_not_depend_on_the_strips(rasters, tmp_path, strip_rows):
+    """Margin, entropy and outline sharpness are summed per region while polygonising: a region cut by
+    strip seams gets the values of its whole pixels, from the file or from the engine's rows alike."""
+    classes, scores, class_path, score_path = rasters
+    rng = np.random.default_rng(5)
+    signals = rng.random((2, *classes.shape)).astype(np.float32)
+    signals[:, 3, 4] = np.nan  # a pixel without signals counts in neither mean
+    scores = scores.copy()
+    assert (classes == 255).any()
+    scores[classes == 255] = np.nan  # nodata: read as 0 by the gradient of its neighbours
+    signals_path = tmp_path / "signals.tif"
+    with rasterio.open(signals_path, "w", driver="GTiff", width=classes.shape[1], height=classes.shape[0], count=2,
+                       dtype="float32", crs=UTM, transform=TRANSFORM) as ds:
+        ds.write(signals)
+    score_path = write_raster(tmp_path / "scores_nan.tif", scores)
+    expected = whole_raster_signals(classes, scores, signals)
+    from backend.engine.vectorize import vectorize_strips
+
+    edges = list(range(0, classes.shape[0], strip_rows)) + [classes.shape[0]]
+    strips = [(a, classes[a:b], scores[a:b], signals[:, a:b]) for a, b in zip(edges, edges[1:])]
+    for regions in (vectorize_class_raster(class_path, score_path, strip_rows=strip_rows, signals_path=signals_path),
+                    vectorize_strips(iter(strips), TRANSFORM)):
+        assert len(regions) == len(expected)
+        for region in regions:
+            rows, cols = np.nonzero(rasterio.features.geometry_mask([region.geometry], classes.shape, TRANSFORM,
+                                                                    invert=True))
+            key = (region.class_id, region.pixel_count, (int(rows[0]), int(cols[0])))
+            assert (region.margin, region.entropy, region.sharpness) == pytest.approx(expected[key], rel=1e-5), key
