@@ -51,19 +51,35 @@ REGION_SHARE = 0.125  # at most one region crop per 8 crops of the dense pass (l
 MIN_CALIBRATION_TILES = 12
 
 
+def signal_planes(probs: torch.Tensor, best: torch.Tensor | None = None,
+                  best_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(2, h, w) margin and normalised entropy per pixel from class probabilities (C, h, w), on their
+    device; NaN stays NaN. `best`/`best_ids`: probs.max(dim=0), when the caller has it already.
+
+    The engine computes this for every block, so it avoids passes over the C planes: the runner-up
+    is the maximum once the winner is masked, and the entropy of p = q / T is log T - sum(q log q) / T.
+    """
+    n = probs.shape[0]
+    out = torch.empty((2, *probs.shape[1:]), dtype=torch.float32, device=probs.device)
+    if n == 1:
+        out[0] = probs[0]
+        out[1] = 0.0
+        return out
+    if best is None or best_ids is None:
+        best, best_ids = probs.max(dim=0)
+    runner_up = probs.scatter(0, best_ids[None], float("-inf")).amax(dim=0)
+    torch.sub(best, runner_up, out=out[0])
+    total = probs.sum(dim=0)
+    spread = torch.special.xlogy(probs, probs).sum(dim=0).div_(total)
+    entropy = torch.log(total, out=out[1]).sub_(spread).div_(math.log(n))
+    entropy.masked_fill_(total == 0, 0.0)
+    return out
+
+
 def pixel_signals(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(margin, normalised entropy) per pixel from class probabilities (C, h, w); NaN stays NaN."""
-    n = probs.shape[0]
-    if n == 1:
-        return probs[0].astype(np.float32), np.zeros(probs.shape[1:], np.float32)
-    # torch: top-2 and x*log(x) over the class axis run on every core (a run computes this per block).
-    values = torch.from_numpy(np.ascontiguousarray(probs, dtype=np.float32))
-    top = values.topk(2, dim=0).values
-    margin = top[0] - top[1]
-    total = values.sum(dim=0)
-    p = values / torch.where(total > 0, total, torch.ones_like(total))
-    entropy = -torch.special.xlogy(p, p).sum(dim=0) / math.log(n)
-    return margin.numpy(), entropy.numpy()
+    planes = signal_planes(torch.from_numpy(np.ascontiguousarray(probs, dtype=np.float32))).numpy()
+    return planes[0], planes[1]
 
 
 @dataclass

@@ -45,7 +45,6 @@ from .quality import (
     PolygonSignals,
     QualityModel,
     calibration_path_for,
-    pixel_signals,
     region_agreement,
     region_signals,
     regions_to_check,
@@ -450,7 +449,8 @@ def _write_rasters(segmenter: Segmenter, source: RasterSource, window, class_pat
     try:
         for block in predict_blocks(segmenter, source, window, progress, should_cancel):
             started = time.perf_counter()
-            signals = np.stack(pixel_signals(block.probs))
+            signals = block.signals
+            assert signals is not None, "the engine's blocks carry their quality signals"
             rasters.write(block.row0, block.col0, block.class_ids, block.score, block.probs, signals)
             valid_pixels += int(block.valid.sum())
             if streamed is not None:

@@ -26,6 +26,7 @@ from .encoders import Encoder, TorchEncoder, crop_size
 from .errors import CancelledError
 from .feature_cache import FeatureCache
 from .models import LoadedModel
+from .quality import signal_planes
 from .raster import PixelSource, PixelWindow
 from .text import LOGIT_SCALE, ClassSpec, TextEmbedder, query_index
 
@@ -61,6 +62,7 @@ class Block:
     score: np.ndarray      # (h, w) float32 probability of the chosen class (NaN where invalid)
     valid: np.ndarray      # (h, w) bool
     logits: np.ndarray | None = None  # (Q, h, w) blended cosine logits, when the Segmenter keeps them
+    signals: np.ndarray | None = None  # (2, h, w) margin and entropy of probs (quality.signal_planes)
 
 
 class Segmenter:
@@ -246,6 +248,7 @@ class Segmenter:
         logits = logit_sum.div_(count.clamp(min=1))
         class_probs = self._class_probabilities(logits)
         best, best_ids = class_probs.max(dim=0)
+        signals = signal_planes(class_probs, best, best_ids).cpu().numpy()
         probs = class_probs.cpu().numpy()
         class_ids = best_ids.to(torch.uint8).cpu().numpy()
         score = best.cpu().numpy()
@@ -256,9 +259,10 @@ class Segmenter:
             class_ids[~valid] = NODATA_CLASS
             score[~valid] = np.nan
             probs[:, ~valid] = np.nan
-        kept = logits.cpu().numpy() if self.keep_logits else None
+            signals[:, ~valid] = np.nan
+        kept = logits.to("cpu", copy=True).numpy() if self.keep_logits else None  # the rows are reused
         self.stage_s["finish"] += time.perf_counter() - started
-        return Block(row0, col0, probs, class_ids, score, valid, kept)
+        return Block(row0, col0, probs, class_ids, score, valid, kept, signals)
 
 
 def label_probabilities(probs: np.ndarray, valid: np.ndarray, threshold: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
@@ -326,6 +330,59 @@ def predict_blocks(segmenter: Segmenter, source: PixelSource, window: PixelWindo
             yield block
 
 
+class _Accumulator:
+    """The blended logits, crop counts and validity of the rows still open, in a preallocated buffer.
+
+    Rows are appended at the bottom and dropped at the top; the live rows move back to the buffer's
+    start only when its end is reached, so a crop row neither reallocates nor copies the others.
+    """
+
+    def __init__(self, queries: int, width: int, device: torch.device, capacity: int):
+        self.queries, self.width, self.device = queries, width, device
+        self.top = 0      # absolute row of the first live row
+        self.start = 0    # its buffer row
+        self.length = 0   # live rows
+        self._allocate(capacity)
+
+    def _allocate(self, capacity: int) -> None:
+        self.sum = torch.zeros((self.queries, capacity, self.width), dtype=torch.float32, device=self.device)
+        self.cnt = torch.zeros((capacity, self.width), dtype=torch.float32, device=self.device)
+        self.valid = np.zeros((capacity, self.width), bool)
+
+    @property
+    def end(self) -> int:
+        """Absolute row after the last live row."""
+        return self.top + self.length
+
+    def extend(self, end: int) -> None:
+        """Open zeroed rows up to absolute row `end`."""
+        grow = end - self.end
+        if grow <= 0:
+            return
+        capacity = self.cnt.shape[0]
+        if self.start + self.length + grow > capacity:
+            live = slice(self.start, self.start + self.length)
+            kept = (self.sum[:, live].clone(), self.cnt[live].clone(), self.valid[live].copy())
+            if self.length + grow > capacity:
+                self._allocate(2 * (self.length + grow))
+            self.start = 0
+            self.sum[:, :self.length], self.cnt[:self.length], self.valid[:self.length] = kept
+        new = slice(self.start + self.length, self.start + self.length + grow)
+        self.sum[:, new].zero_()
+        self.cnt[new].zero_()
+        self.valid[new] = False
+        self.length += grow
+
+    def rows(self, first: int, stop: int) -> slice:
+        """Buffer rows of absolute rows [first, stop)."""
+        return slice(self.start + first - self.top, self.start + stop - self.top)
+
+    def drop(self, upto: int) -> None:
+        """Forget the rows above absolute row `upto`."""
+        n = min(upto - self.top, self.length)
+        self.top, self.start, self.length = upto, self.start + n, self.length - n
+
+
 def _read_ahead(source: PixelSource, windows: list[PixelWindow], timings: dict[str, float]) -> Iterator[tuple]:
     """Yield source.read(w) for each window, reading the next one in a thread while the caller works.
 
@@ -360,11 +417,9 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
     device = segmenter.device
     timings = segmenter.stage_s
 
-    # Accumulator rows [acc_top, acc_top + acc_sum.shape[1]) of the chunk's columns, on the model's device.
-    acc_top = row_starts[0]
-    acc_sum = torch.zeros((queries, 0, width), dtype=torch.float32, device=device)
-    acc_cnt = torch.zeros((0, width), dtype=torch.float32, device=device)
-    acc_valid = np.zeros((0, width), bool)
+    # The open rows of the chunk's columns, on the model's device.
+    acc = _Accumulator(queries, width, device, 4 * crop_h)
+    acc.top = row_starts[0]
     pending: list[tuple[int, int, np.ndarray]] = []   # (crop row start, crop col start, pixels)
     queued_by_row: list[int] = []                     # crops queued once crop row k was read
     ran = 0
@@ -391,9 +446,9 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
             columns[a0 - c0:a1 - c0] += 1
             rows_open[ys][2] = left - 1
             if left == 1:
-                rows = slice(ys - acc_top, ys - acc_top + crop_h)
-                acc_sum[:, rows] += down.T @ band               # (Q, crop_h, width)
-                acc_cnt[rows] += columns
+                rows = acc.rows(ys, ys + crop_h)
+                acc.sum[:, rows] += down.T @ band               # (Q, crop_h, width)
+                acc.cnt[rows] += columns
                 del rows_open[ys]
         timings["blend"] += time.perf_counter() - started
         ran += len(batch)
@@ -401,28 +456,22 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
 
     def flush(upto: int):
         """Emit accumulator rows above absolute row `upto` (clipped to the window)."""
-        nonlocal acc_top, acc_sum, acc_cnt, acc_valid
-        n = upto - acc_top
-        if n <= 0:
+        if upto <= acc.top:
             return None
-        e0, e1 = max(acc_top, r_lo), min(upto, r_hi)
+        e0, e1 = max(acc.top, r_lo), min(upto, r_hi)
         block = None
         if e1 > e0:
-            rows = slice(e0 - acc_top, e1 - acc_top)
-            block = segmenter.finish(acc_sum[:, rows], acc_cnt[rows], acc_valid[rows],
+            rows = acc.rows(e0, e1)
+            # finish divides the rows in place: they are dropped next.
+            block = segmenter.finish(acc.sum[:, rows], acc.cnt[rows], acc.valid[rows].copy(),
                                      e0 - r_lo, c0 - window.col_off)
-        acc_sum, acc_cnt, acc_valid = acc_sum[:, n:], acc_cnt[n:], acc_valid[n:]
-        acc_top = upto
+        acc.drop(upto)
         return block
 
     reads = [PixelWindow(ys, read_c0, crop_h, read_c1 - read_c0) for ys in row_starts]
     for k, (ys, (rgb, valid)) in enumerate(zip(row_starts, _read_ahead(source, reads, timings))):
-        grow = ys + crop_h - (acc_top + acc_cnt.shape[0])
-        if grow > 0:
-            acc_sum = torch.cat([acc_sum, acc_sum.new_zeros((queries, grow, width))], dim=1)
-            acc_cnt = torch.cat([acc_cnt, acc_cnt.new_zeros((grow, width))])
-            acc_valid = np.concatenate([acc_valid, np.zeros((grow, width), bool)])
-        acc_valid[ys - acc_top:ys - acc_top + crop_h] = valid[:, c0 - read_c0:c1 - read_c0]
+        acc.extend(ys + crop_h)
+        acc.valid[acc.rows(ys, ys + crop_h)] = valid[:, c0 - read_c0:c1 - read_c0]
         skipped = 0
         for xs in col_starts:
             part = slice(xs - read_c0, xs - read_c0 + crop_w)
@@ -433,7 +482,7 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
         if skipped:
             progress(skipped)
         if skipped < len(col_starts):
-            rows_open[ys] = [acc_sum.new_zeros((queries, down.shape[0], width)), acc_cnt.new_zeros(width),
+            rows_open[ys] = [acc.sum.new_zeros((queries, down.shape[0], width)), acc.cnt.new_zeros(width),
                              len(col_starts) - skipped]
         queued_by_row.append(ran + len(pending))
         while len(pending) >= segmenter.batch_size:
@@ -448,7 +497,7 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
     if pending:
         run(pending)
     segmenter.flush_cache()
-    block = flush(acc_top + acc_cnt.shape[0])
+    block = flush(acc.end)
     if block is not None:
         yield block
 

@@ -98,10 +98,9 @@ def _region_sums(flat_ids: np.ndarray, values: np.ndarray | None, n: int) -> tup
     if values is None:
         return np.zeros(n), np.zeros(n)
     values = values.ravel()
-    use = (flat_ids > 0) & np.isfinite(values)  # id 0 is "no region": its (often NaN) values are never used
-    ids = flat_ids[use]
-    return (np.bincount(ids, weights=values[use].astype(np.float64), minlength=n + 1)[1:],
-            np.bincount(ids, minlength=n + 1)[1:].astype(np.float64))
+    finite = np.isfinite(values)  # id 0 ("no region") is counted too, and dropped
+    return (np.bincount(flat_ids, weights=np.where(finite, values, 0.0), minlength=n + 1)[1:],
+            np.bincount(flat_ids, weights=finite, minlength=n + 1)[1:])
 
 
 def _region_stats(region_ids: np.ndarray, scores: np.ndarray | None, n: int):

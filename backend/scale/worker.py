@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from backend.engine.quality import pixel_signals, region_agreement
+from backend.engine.quality import region_agreement
 from backend.engine.raster import PixelWindow, RasterSource, open_source
 from backend.engine.sliding import NODATA_CLASS, Segmenter, predict_blocks
 
@@ -126,7 +126,8 @@ class ChunkWorker:
             rows, cols = slice(block.row0, block.row0 + h), slice(block.col0, block.col0 + w)
             class_ids[rows, cols] = block.class_ids
             score[rows, cols] = block.score
-            signals[:, rows, cols] = np.stack(pixel_signals(block.probs))
+            assert block.signals is not None, "the engine's blocks carry their quality signals"
+            signals[:, rows, cols] = block.signals
             if probs is not None:
                 probs[:, rows, cols] = block.probs
             valid += int(block.valid.sum())
