@@ -418,7 +418,7 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
     timings = segmenter.stage_s
 
     # The open rows of the chunk's columns, on the model's device.
-    acc = _Accumulator(queries, width, device, 4 * crop_h)
+    acc = _Accumulator(queries, width, device, 3 * crop_h)  # live rows: about crop_h + stride
     acc.top = row_starts[0]
     pending: list[tuple[int, int, np.ndarray]] = []   # (crop row start, crop col start, pixels)
     queued_by_row: list[int] = []                     # crops queued once crop row k was read

@@ -93,14 +93,24 @@ def _label_strip(classes: np.ndarray, skip: set[int]) -> tuple[np.ndarray, np.nd
     return region_ids, np.asarray(region_classes, dtype=np.int64)
 
 
-def _region_sums(flat_ids: np.ndarray, values: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per region 1..n: the sum of its finite `values` and how many there are (NaN values left out)."""
+def _region_sums(flat_ids: np.ndarray, values: np.ndarray | None, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per region 1..n (`counts` pixels each): the sum of its `values` and how many there are, NaN left out.
+
+    NaN marks pixels without a value (nodata), which belong to no region: the sums are taken over
+    every pixel at once (id 0, "no region", collects them) and redone without NaN only if a region has one.
+    """
+    n = len(counts)
     if values is None:
         return np.zeros(n), np.zeros(n)
     values = values.ravel()
-    finite = np.isfinite(values)  # id 0 ("no region") is counted too, and dropped
-    return (np.bincount(flat_ids, weights=np.where(finite, values, 0.0), minlength=n + 1)[1:],
-            np.bincount(flat_ids, weights=finite, minlength=n + 1)[1:])
+    missing = np.isnan(values)
+    missing_ids = flat_ids[missing]
+    missing_ids = missing_ids[missing_ids > 0]
+    if len(missing_ids):
+        present = ~missing
+        flat_ids, values = flat_ids[present], values[present]
+    sums = np.bincount(flat_ids, weights=values, minlength=n + 1)[1:]
+    return sums, (counts - np.bincount(missing_ids, minlength=n + 1)[1:]).astype(np.float64)
 
 
 def _region_stats(region_ids: np.ndarray, scores: np.ndarray | None, n: int):
@@ -316,8 +326,8 @@ def _strip_regions(strips, skip: set[int], should_cancel):
         maxima.append(strip_maxima)
         flat_ids = strip_ids.ravel()
         signal_sums.append(np.column_stack([
-            *_region_sums(flat_ids, signals[0] if signals is not None else None, n),
-            *_region_sums(flat_ids, signals[1] if signals is not None else None, n),
+            *_region_sums(flat_ids, signals[0] if signals is not None else None, strip_counts),
+            *_region_sums(flat_ids, signals[1] if signals is not None else None, strip_counts),
             *_outline_sums(strip_ids, classes, scores, above, below, n),
         ]))
 
