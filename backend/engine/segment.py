@@ -119,8 +119,9 @@ def _raster_profile(source: RasterSource, window, count: int, dtype: str, nodata
 
 
 def strip_rows_for(window) -> int:
-    """Rows per polygonising strip: at most ~2 Mpx, so memory does not grow with the width either."""
-    return int(min(1024, max(64, 2_000_000 // window.width)))
+    """Rows per polygonising strip: at most ~2 Mpx, so memory does not grow with the width either
+    (a streamed run's strips are at most a column chunk wide)."""
+    return int(min(1024, max(64, 2_000_000 // min(window.width, CHUNK_COLUMNS))))
 
 
 GDAL_CACHE_MB = 64
@@ -128,19 +129,19 @@ SKIPPED_CLASSES = (NODATA_CLASS, UNCLASSIFIED)
 
 
 class StripPolygons:
-    """Polygonises finished full-width rows in a worker thread while the engine computes the next ones.
+    """Polygonises finished rows in a worker thread while the engine computes the next ones.
 
-    Rows are gathered into strips of `strip_rows` and handed over through a queue of two strips,
-    so memory stays bounded; the result is the one vectorize_class_raster gives for the same rows.
+    The engine's blocks come column chunk by column chunk, each top to bottom; a chunk's rows are
+    gathered into strips of `strip_rows` and handed over through a queue of two strips, so memory
+    stays bounded; the result is the one vectorize_class_raster gives for the whole window.
     """
 
-    def __init__(self, transform, strip_rows: int, should_cancel: Callable[[], bool] | None):
+    def __init__(self, transform, width: int, strip_rows: int, should_cancel: Callable[[], bool] | None):
         self.strip_rows = strip_rows
         self._queue: queue.Queue = queue.Queue(maxsize=2)
-        self._rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        self._row0 = 0
+        self._rows: list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]] = []
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="farslip-polygons")
-        self._result = self._pool.submit(vectorize_strips, self._strips(), transform, SKIPPED_CLASSES,
+        self._result = self._pool.submit(vectorize_strips, self._strips(), transform, width, SKIPPED_CLASSES,
                                          should_cancel)
 
     def _strips(self):
@@ -158,19 +159,20 @@ class StripPolygons:
                     return
 
     def add(self, block, signals: np.ndarray) -> None:
-        """Full-width rows: a block's class ids and scores, and their (2, h, w) margin and entropy."""
-        assert block.col0 == 0, "strips need full-width blocks"
-        self._rows.append((block.class_ids, block.score, signals))
-        if sum(len(rows[0]) for rows in self._rows) >= self.strip_rows:
+        """A block's class ids and scores, and their (2, h, w) margin and entropy."""
+        if self._rows and self._rows[-1][1] != block.col0:
+            self._hand_over()  # a new column chunk starts at the top again
+        self._rows.append((block.row0, block.col0, block.class_ids, block.score, signals))
+        if sum(len(rows[2]) for rows in self._rows) >= self.strip_rows:
             self._hand_over()
 
     def _hand_over(self) -> None:
         if self._rows:
-            classes = np.concatenate([rows[0] for rows in self._rows])
-            scores = np.concatenate([rows[1] for rows in self._rows])
-            signals = np.concatenate([rows[2] for rows in self._rows], axis=1)
-            self._put((self._row0, classes, scores, signals))
-            self._row0 += len(classes)
+            row0, col0 = self._rows[0][:2]
+            classes = np.concatenate([rows[2] for rows in self._rows])
+            scores = np.concatenate([rows[3] for rows in self._rows])
+            signals = np.concatenate([rows[4] for rows in self._rows], axis=1)
+            self._put((row0, col0, classes, scores, signals))
             self._rows = []
 
     def finish(self) -> list:
@@ -270,12 +272,10 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
                       for key in ("vector", "coarse_vector", "report", "class_raster", "prob_raster")
                       if key in targets}
             strip_rows = strip_rows_for(window)
-            # Without refinement, a window the engine emits in full-width rows is polygonised beside it,
-            # from the engine's blocks: then no score or signals raster is needed, and a class raster
-            # only when the user asked for one.
-            streamed = (StripPolygons(source.window_transform(window), strip_rows, should_cancel)
-                        if options.refine == "none" and computed == window and window.width <= CHUNK_COLUMNS
-                        else None)
+            # Without refinement, the window is polygonised beside the engine, from its blocks: then no
+            # score or signals raster is needed, and a class raster only when the user asked for one.
+            streamed = (StripPolygons(source.window_transform(window), window.width, strip_rows, should_cancel)
+                        if options.refine == "none" and computed == window else None)
             scratch = streamed is None
             class_path = workdir / "classes.tif" if scratch or options.class_raster else None
             score_path = workdir / "score.tif" if scratch else None

@@ -137,15 +137,18 @@ def _axis_gradient(values: np.ndarray, index: tuple[np.ndarray, np.ndarray], axi
     return (values[tuple(after)] - values[tuple(before)]) / (after[axis] - before[axis]).astype(np.float32)
 
 
-def _outline_sums(region_ids: np.ndarray, classes: np.ndarray, scores: np.ndarray | None, above, below,
-                  n: int) -> tuple[np.ndarray, np.ndarray]:
+def _outline_sums(region_ids: np.ndarray, classes: np.ndarray, scores: np.ndarray | None, above, below, left,
+                  defer_right: bool, n: int) -> tuple[np.ndarray, np.ndarray, dict | None]:
     """Per region: the sum of the score's gradient magnitude over its outline pixels, and their number.
 
-    `above` / `below`: (classes, scores) of the row just outside the strip, None at the raster's edge.
-    The gradient is np.gradient's of the score with NaN read as 0, on the whole raster.
+    `above` / `below`: (classes, scores) of the row just outside the strip, None at the raster's edge;
+    `left`: (classes, scores with NaN as 0) of the column just left of it, None at the raster's edge.
+    The gradient is np.gradient's of the score with NaN read as 0, on the whole raster. With
+    `defer_right` (a column chunk that is not the last) the last column's pixels are left out and
+    returned instead, with what they need of their right neighbours (_edge_outline).
     """
     if scores is None:
-        return np.zeros(n), np.zeros(n)
+        return np.zeros(n), np.zeros(n), None
     height, width = classes.shape
     padded = np.full((height + 2, width + 2), -1, np.int16)  # -1: outside the raster
     padded[1:-1, 1:-1] = classes
@@ -156,17 +159,46 @@ def _outline_sums(region_ids: np.ndarray, classes: np.ndarray, scores: np.ndarra
     if below is not None:
         padded[-1, 1:-1] = below[0]
         rows.append(below[1][None])
+    if left is not None:
+        padded[1:-1, 0] = left[0]
     centre = padded[1:-1, 1:-1]
-    outline = (region_ids > 0) & ((padded[:-2, 1:-1] != centre) | (padded[2:, 1:-1] != centre)
-                                  | (padded[1:-1, :-2] != centre) | (padded[1:-1, 2:] != centre))
-    r, c = np.nonzero(outline)
+    other = (padded[:-2, 1:-1] != centre) | (padded[2:, 1:-1] != centre) | (padded[1:-1, :-2] != centre)
+    outline = (region_ids > 0) & (other | (padded[1:-1, 2:] != centre))
+    if defer_right:
+        outline[:, -1] = False
+    top = 1 if above is not None else 0
     stacked = np.concatenate(rows) if len(rows) > 1 else scores
     filled = np.where(np.isfinite(stacked), stacked, 0.0).astype(np.float32)
-    at = (r + (1 if above is not None else 0), c)
+    shift = 0
+    if left is not None:
+        column = np.zeros((filled.shape[0], 1), np.float32)
+        column[top:top + height, 0] = left[1]
+        filled, shift = np.concatenate([column, filled], axis=1), 1
+    r, c = np.nonzero(outline)
+    at = (r + top, c + shift)
     magnitude = np.hypot(_axis_gradient(filled, at, 1), _axis_gradient(filled, at, 0))
     ids = region_ids[r, c]
+    pending = None
+    if defer_right:
+        last = width - 1 + shift
+        at_rows = np.arange(height) + top
+        pending = {"score": filled[at_rows, last],
+                   "left": filled[at_rows, last - 1] if last >= 1 else np.zeros(height, np.float32),
+                   "has_left": np.full(height, last >= 1),
+                   "gy": _axis_gradient(filled, (at_rows, np.full(height, last)), 0),
+                   "other": other[:, -1]}
     return (np.bincount(ids, weights=magnitude.astype(np.float64), minlength=n + 1)[1:],
-            np.bincount(ids, minlength=n + 1)[1:].astype(np.float64))
+            np.bincount(ids, minlength=n + 1)[1:].astype(np.float64), pending)
+
+
+def _edge_outline(edge: dict, rows: slice, right_classes: np.ndarray, right_scores: np.ndarray):
+    """The outline pixels of a chunk's last column (rows `rows`) once the next chunk's first column
+    (their right neighbours) is known: (region index, gradient magnitude) of each."""
+    ids = edge["ids"][rows]
+    outline = (ids >= 0) & (edge["other"][rows] | (edge["classes"][rows] != right_classes))
+    right = np.where(np.isfinite(right_scores), right_scores, 0.0).astype(np.float32)
+    gx = np.where(edge["has_left"][rows], (right - edge["left"][rows]) / np.float32(2), right - edge["score"][rows])
+    return ids[outline], np.hypot(gx, edge["gy"][rows])[outline]
 
 
 def _valid_polygon(geometry: BaseGeometry) -> BaseGeometry:
@@ -212,22 +244,23 @@ def vectorize_class_raster(
                         f"{class_path} is {classes_ds.width}x{classes_ds.height}; they must match."
                     )
             strips = _dataset_strips(classes_ds, scores_ds, signals_ds, strip_rows)
-            found = _strip_regions(strips, skip, should_cancel)
+            found = _strip_regions(strips, skip, should_cancel, classes_ds.width)
             transform = classes_ds.transform
     return _merged_regions(found, transform)
 
 
-Strip = tuple[int, np.ndarray, np.ndarray | None, np.ndarray | None]  # first row, classes, scores, signals
+# (first row, first column, classes, scores or None, signals (2, rows, columns: margin, entropy) or None)
+Strip = tuple[int, int, np.ndarray, np.ndarray | None, np.ndarray | None]
 
 
-def vectorize_strips(strips: Iterable[Strip], transform: Affine, skip_values: Iterable[int] = (255,),
+def vectorize_strips(strips: Iterable[Strip], transform: Affine, width: int, skip_values: Iterable[int] = (255,),
                      should_cancel: Callable[[], bool] | None = None) -> list[RegionPolygon]:
-    """As vectorize_class_raster, for full-width strips given top to bottom: (first row, classes,
-    scores or None, signals (2, rows, width: margin, entropy) or None).
+    """As vectorize_class_raster, for strips of a raster `width` pixels wide, given column chunk by
+    column chunk (left to right), each chunk's strips top to bottom (full-width strips: one chunk).
 
     Lets `segment` polygonise finished rows in a worker thread while the engine computes the next ones.
     """
-    return _merged_regions(_strip_regions(strips, {int(v) for v in skip_values}, should_cancel), transform)
+    return _merged_regions(_strip_regions(strips, {int(v) for v in skip_values}, should_cancel, width), transform)
 
 
 def _dataset_strips(classes_ds, scores_ds, signals_ds, strip_rows: int):
@@ -237,22 +270,31 @@ def _dataset_strips(classes_ds, scores_ds, signals_ds, strip_rows: int):
         classes = classes_ds.read(1, window=window)
         scores = scores_ds.read(1, window=window) if scores_ds is not None else None
         signals = signals_ds.read((1, 2), window=window) if signals_ds is not None else None
-        yield row_start, classes, scores, signals
+        yield row_start, 0, classes, scores, signals
 
 
 def _in_context(strips: Iterable[Strip]):
-    """Each strip with the (classes, scores) row just above and below it (None at the raster's edges)."""
+    """Each strip with the (classes, scores) row just above and below it in its column chunk (None at
+    the raster's edges: a chunk runs from the top row to the bottom one)."""
     def row(strip, index):
-        return strip[1][index], (strip[2][index] if strip[2] is not None else None)
+        return strip[2][index], (strip[3][index] if strip[3] is not None else None)
 
     above = pending = None
     for strip in strips:
         if pending is not None:
-            yield pending, above, row(strip, 0)
-            above = row(pending, -1)
+            same_chunk = strip[1] == pending[1]
+            yield pending, above, row(strip, 0) if same_chunk else None
+            above = row(pending, -1) if same_chunk else None
         pending = strip
     if pending is not None:
         yield pending, above, None
+
+
+def _joined(parts: list[dict]) -> dict | None:
+    """A chunk's last column over all its rows, from its strips' parts."""
+    if not parts:
+        return None
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
 
 def _merged_regions(found, transform: Affine) -> list[RegionPolygon]:
@@ -293,22 +335,44 @@ def _merged_regions(found, transform: Affine) -> list[RegionPolygon]:
     ]
 
 
-def _strip_regions(strips, skip: set[int], should_cancel):
-    """Per-strip regions (pixel-space polygons and stats) plus the seam merges between them."""
+def _strip_regions(strips, skip: set[int], should_cancel, width: int | None = None):
+    """Per-strip regions (pixel-space polygons and stats) plus the seam merges between them.
+
+    Strips come column chunk by column chunk; regions meeting across a chunk's vertical seam are
+    merged like those across a strip's horizontal one, and the outline of a chunk's last column is
+    completed when the next chunk's first column is known.
+    """
     pixel_regions: list[BaseGeometry] = []
     region_classes, counts, sums, maxima, signal_sums = [], [], [], [], []
+    late_ids, late_values = [], []  # outline pixels on a chunk's last column, known one chunk later
     merges = _UnionFind()
     previous_row_ids = previous_row_classes = None
-    for (row_start, classes, scores, signals), above, below in _in_context(strips):
+    chunk = None                    # first column of the chunk being read
+    edge_parts: list[dict] = []     # its last column, strip by strip
+    edge: dict | None = None        # the previous chunk's last column, all rows
+
+    def merge(ids_a: np.ndarray, classes_a: np.ndarray, ids_b: np.ndarray, classes_b: np.ndarray) -> None:
+        """Union the regions on either side of a seam that touch and share a class."""
+        touching = (ids_a >= 0) & (ids_b >= 0) & (classes_a == classes_b)
+        for a, b in np.unique(np.column_stack([ids_a[touching], ids_b[touching]]), axis=0):
+            merges.union(int(a), int(b))
+
+    for (row_start, col0, classes, scores, signals), above, below in _in_context(strips):
         if should_cancel is not None and should_cancel():
             raise CancelledError("The run was cancelled while writing polygons; nothing was written.")
+        if col0 != chunk:
+            edge, edge_parts, chunk = (_joined(edge_parts) if chunk is not None else None), [], col0
+            previous_row_ids = previous_row_classes = None
         strip_ids, strip_classes = _label_strip(classes, skip)
         n = len(strip_classes)
         offset = len(pixel_regions)
+        height, strip_width = classes.shape
+        rows = slice(row_start, row_start + height)
+        defer = width is not None and col0 + strip_width < width
 
         shapes = list(
             rasterio.features.shapes(
-                strip_ids, mask=strip_ids > 0, connectivity=4, transform=Affine.translation(0, row_start)
+                strip_ids, mask=strip_ids > 0, connectivity=4, transform=Affine.translation(col0, row_start)
             )
         )
         assert len(shapes) == n, "every labelled region is exactly one shape"
@@ -325,34 +389,49 @@ def _strip_regions(strips, skip: set[int], should_cancel):
         sums.append(strip_sums)
         maxima.append(strip_maxima)
         flat_ids = strip_ids.ravel()
+        left = (edge["classes"][rows], edge["score"][rows]) if edge is not None and "score" in edge else None
+        outline_sums, outline_counts, pending = _outline_sums(strip_ids, classes, scores, above, below, left,
+                                                              defer, n)
         signal_sums.append(np.column_stack([
             *_region_sums(flat_ids, signals[0] if signals is not None else None, strip_counts),
             *_region_sums(flat_ids, signals[1] if signals is not None else None, strip_counts),
-            *_outline_sums(strip_ids, classes, scores, above, below, n),
+            outline_sums, outline_counts,
         ]))
 
-        # Global region index = offset + strip id - 1; -1 marks pixels without a region.
-        first_row = np.where(strip_ids[0] > 0, strip_ids[0] + offset - 1, -1)
-        first_classes = classes[0]
-        if previous_row_ids is not None:
-            touching = (previous_row_ids >= 0) & (first_row >= 0) & (previous_row_classes == first_classes)
-            for above, below in np.unique(
-                np.column_stack([previous_row_ids[touching], first_row[touching]]), axis=0
-            ):
-                merges.union(int(above), int(below))
-        previous_row_ids = np.where(strip_ids[-1] > 0, strip_ids[-1] + offset - 1, -1)
+        def global_ids(local: np.ndarray, offset: int = offset) -> np.ndarray:
+            # Global region index = offset + strip id - 1; -1 marks pixels without a region.
+            return np.where(local > 0, local + offset - 1, -1)
+
+        if edge is not None:  # the seam with the previous chunk, on this strip's rows
+            merge(edge["ids"][rows], edge["classes"][rows], global_ids(strip_ids[:, 0]), classes[:, 0])
+            if "score" in edge and scores is not None:
+                ids, values = _edge_outline(edge, rows, classes[:, 0], scores[:, 0])
+                late_ids.append(ids)
+                late_values.append(values)
+        if defer:
+            part = {"ids": global_ids(strip_ids[:, -1]), "classes": classes[:, -1].astype(np.int16)}
+            edge_parts.append({**part, **(pending or {})})
+        first_row = global_ids(strip_ids[0])
+        if previous_row_ids is not None and previous_row_classes is not None:
+            merge(previous_row_ids, previous_row_classes, first_row, classes[0])
+        previous_row_ids = global_ids(strip_ids[-1])
         previous_row_classes = classes[-1]
 
     def stacked(parts, dtype):
         return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
 
+    signals_total = np.concatenate(signal_sums) if signal_sums else np.zeros((0, 6))
+    if late_ids:
+        ids = np.concatenate(late_ids)
+        np.add.at(signals_total[:, 4], ids, np.concatenate(late_values).astype(np.float64))
+        np.add.at(signals_total[:, 5], ids, 1.0)
     return (
         pixel_regions,
         stacked(region_classes, np.int64),
         stacked(counts, np.int64),
         stacked(sums, np.float64),
         stacked(maxima, np.float64),
-        np.concatenate(signal_sums) if signal_sums else np.zeros((0, 6)),
+        signals_total,
         merges,
     )
 

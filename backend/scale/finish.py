@@ -78,8 +78,8 @@ class _Rows:
 
     col0 = 0
 
-    def __init__(self, class_ids: np.ndarray, score: np.ndarray):
-        self.class_ids, self.score = class_ids, score
+    def __init__(self, row0: int, class_ids: np.ndarray, score: np.ndarray):
+        self.row0, self.class_ids, self.score = row0, class_ids, score
 
 
 def finish_raster(plan: RasterPlan, manifest: Manifest, engine: EngineSettings, finish: FinishSettings,
@@ -94,7 +94,7 @@ def finish_raster(plan: RasterPlan, manifest: Manifest, engine: EngineSettings, 
     with open_source(plan.path, engine.bands, engine.scale, engine.gsd_m, engine.value_range) as source:
         transform = source.window_transform(window)
         strip_rows = strip_rows_for(window)
-        streamed = (StripPolygons(transform, strip_rows, None)
+        streamed = (StripPolygons(transform, window.width, strip_rows, None)
                     if finish.refine == "none" and window.width <= finish.streamed_columns else None)
         rasters = RunRasters(source, computed, segmenter.classes, paths["classes"], paths["score"], paths["signals"],
                              prob_path)
@@ -109,8 +109,8 @@ def finish_raster(plan: RasterPlan, manifest: Manifest, engine: EngineSettings, 
                 if streamed is not None:  # the engine's own blocks, in its order: the same strips as segment
                     top = 0
                     for height in arrays["block_rows"]:
-                        streamed.add(_Rows(arrays["class_ids"][top:top + height], arrays["score"][top:top + height]),
-                                     arrays["signals"][:, top:top + height])
+                        streamed.add(_Rows(row0 + top, arrays["class_ids"][top:top + height],
+                                           arrays["score"][top:top + height]), arrays["signals"][:, top:top + height])
                         top += height
         except BaseException:
             if streamed is not None:

@@ -232,8 +232,8 @@ def test_strips_handed_over_by_the_engine_give_the_polygons_of_the_file(rasters)
 
     classes, scores, class_path, score_path = rasters
     edges = [0, 5, 6, 19, 33, 40]
-    strips = [(a, classes[a:b], scores[a:b], None) for a, b in zip(edges, edges[1:])]
-    streamed = vectorize_strips(iter(strips), TRANSFORM, skip_values=(255,))
+    strips = [(a, 0, classes[a:b], scores[a:b], None) for a, b in zip(edges, edges[1:])]
+    streamed = vectorize_strips(iter(strips), TRANSFORM, classes.shape[1], skip_values=(255,))
     from_file = vectorize_class_raster(class_path, score_path, strip_rows=7)
 
     def key(region):
@@ -266,10 +266,19 @@ def whole_raster_signals(classes: np.ndarray, scores: np.ndarray, signals: np.nd
     return expected
 
 
-@pytest.mark.parametrize("strip_rows", [1, 4, 1024])
-def test_quality_signals_of_a_region_do_not_depend_on_the_strips(rasters, tmp_path, strip_rows):
+def chunked_strips(classes, scores, signals, strip_rows: int, chunk_edges: list[int]):
+    """Strips as the engine hands them over: column chunk by column chunk, each top to bottom."""
+    rows = list(range(0, classes.shape[0], strip_rows)) + [classes.shape[0]]
+    return [(a, c0, classes[a:b, c0:c1], scores[a:b, c0:c1], signals[:, a:b, c0:c1])
+            for c0, c1 in zip(chunk_edges, chunk_edges[1:]) for a, b in zip(rows, rows[1:])]
+
+
+@pytest.mark.parametrize("strip_rows, chunks", [(1, [0, 30]), (4, [0, 4, 5, 30]), (1024, [0, 1, 12, 30]),
+                                                (7, [0, 22, 23, 24, 30])])
+def test_quality_signals_of_a_region_do_not_depend_on_the_strips(rasters, tmp_path, strip_rows, chunks):
     """Margin, entropy and outline sharpness are summed per region while polygonising: a region cut by
-    strip seams gets the values of its whole pixels, from the file or from the engine's rows alike."""
+    strip seams and column chunk seams (some chunks one pixel wide) gets the values of its whole
+    pixels, from the file or from the engine's blocks alike."""
     classes, scores, class_path, score_path = rasters
     rng = np.random.default_rng(5)
     signals = rng.random((2, *classes.shape)).astype(np.float32)
@@ -285,13 +294,14 @@ def test_quality_signals_of_a_region_do_not_depend_on_the_strips(rasters, tmp_pa
     expected = whole_raster_signals(classes, scores, signals)
     from backend.engine.vectorize import vectorize_strips
 
-    edges = list(range(0, classes.shape[0], strip_rows)) + [classes.shape[0]]
-    strips = [(a, classes[a:b], scores[a:b], signals[:, a:b]) for a, b in zip(edges, edges[1:])]
+    assert chunks[-1] == classes.shape[1]
+    strips = chunked_strips(classes, scores, signals, strip_rows, chunks)
     for regions in (vectorize_class_raster(class_path, score_path, strip_rows=strip_rows, signals_path=signals_path),
-                    vectorize_strips(iter(strips), TRANSFORM)):
+                    vectorize_strips(iter(strips), TRANSFORM, classes.shape[1])):
         assert len(regions) == len(expected)
         for region in regions:
             rows, cols = np.nonzero(rasterio.features.geometry_mask([region.geometry], classes.shape, TRANSFORM,
                                                                     invert=True))
+            assert region.geometry.geom_type == "Polygon" and region.geometry.is_valid
             key = (region.class_id, region.pixel_count, (int(rows[0]), int(cols[0])))
             assert (region.margin, region.entropy, region.sharpness) == pytest.approx(expected[key], rel=1e-5), key
