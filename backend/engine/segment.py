@@ -118,10 +118,10 @@ def _raster_profile(source: RasterSource, window, count: int, dtype: str, nodata
     }
 
 
-def strip_rows_for(window) -> int:
+def strip_rows_for(window, chunk_columns: int | None = None) -> int:
     """Rows per polygonising strip: at most ~2 Mpx, so memory does not grow with the width either
-    (a streamed run's strips are at most a column chunk wide)."""
-    return int(min(1024, max(64, 2_000_000 // min(window.width, CHUNK_COLUMNS))))
+    (strips are at most one of the engine's column chunks wide)."""
+    return int(min(1024, max(64, 2_000_000 // min(window.width, chunk_columns or CHUNK_COLUMNS))))
 
 
 GDAL_CACHE_MB = 64

@@ -66,7 +66,7 @@ class FinishSettings:
     simplify: float = 0.0
     quality_calibration: str | None = None
     with_probs: bool = False
-    streamed_columns: int = 0  # windows at most this wide were polygonised from the engine's blocks by segment
+    streamed_columns: int = 0  # the engine's column chunk width (the polygonising strips' width)
     refine: str = "none"
     sam_model: str | None = None
     threshold: float = 0.0
@@ -74,12 +74,10 @@ class FinishSettings:
 
 
 class _Rows:
-    """A stand-in for an engine block: full-width rows for StripPolygons."""
+    """A stand-in for an engine block: rows of a unit for StripPolygons."""
 
-    col0 = 0
-
-    def __init__(self, row0: int, class_ids: np.ndarray, score: np.ndarray):
-        self.row0, self.class_ids, self.score = row0, class_ids, score
+    def __init__(self, row0: int, col0: int, class_ids: np.ndarray, score: np.ndarray):
+        self.row0, self.col0, self.class_ids, self.score = row0, col0, class_ids, score
 
 
 def finish_raster(plan: RasterPlan, manifest: Manifest, engine: EngineSettings, finish: FinishSettings,
@@ -93,9 +91,9 @@ def finish_raster(plan: RasterPlan, manifest: Manifest, engine: EngineSettings, 
     assert computed is not None
     with open_source(plan.path, engine.bands, engine.scale, engine.gsd_m, engine.value_range) as source:
         transform = source.window_transform(window)
-        strip_rows = strip_rows_for(window)
-        streamed = (StripPolygons(transform, window.width, strip_rows, None)
-                    if finish.refine == "none" and window.width <= finish.streamed_columns else None)
+        strip_rows = strip_rows_for(window, finish.streamed_columns)
+        # As in `segment`: the engine's blocks, unit by unit in its order, polygonised as they are written.
+        streamed = StripPolygons(transform, window.width, strip_rows, None) if finish.refine == "none" else None
         rasters = RunRasters(source, computed, segmenter.classes, paths["classes"], paths["score"], paths["signals"],
                              prob_path)
         valid = 0
@@ -109,7 +107,7 @@ def finish_raster(plan: RasterPlan, manifest: Manifest, engine: EngineSettings, 
                 if streamed is not None:  # the engine's own blocks, in its order: the same strips as segment
                     top = 0
                     for height in arrays["block_rows"]:
-                        streamed.add(_Rows(row0 + top, arrays["class_ids"][top:top + height],
+                        streamed.add(_Rows(row0 + top, col0, arrays["class_ids"][top:top + height],
                                            arrays["score"][top:top + height]), arrays["signals"][:, top:top + height])
                         top += height
         except BaseException:
