@@ -268,7 +268,7 @@ def whole_raster_signals(classes: np.ndarray, scores: np.ndarray, signals: np.nd
 
 def chunked_strips(classes, scores, signals, strip_rows: int, chunk_edges: list[int]):
     """Strips as the engine hands them over: column chunk by column chunk, each top to bottom."""
-    rows = list(range(0, classes.shape[0], strip_rows)) + [classes.shape[0]]
+    rows = [*range(0, classes.shape[0], strip_rows), classes.shape[0]]
     return [(a, c0, classes[a:b, c0:c1], scores[a:b, c0:c1], signals[:, a:b, c0:c1])
             for c0, c1 in zip(chunk_edges, chunk_edges[1:]) for a, b in zip(rows, rows[1:])]
 
