@@ -220,9 +220,12 @@ def segment_raster(options: SegmentOptions, loaded: LoadedModel,
         remove_owned(run_prefixes(list(targets.values()), run_tag))
 
 
-def estimated_output_mb(window, n_classes: int, probabilities: bool) -> float:
-    """Uncompressed size of what a run writes: class (uint8) and score (float32) rasters, probabilities."""
-    bytes_per_pixel = 1 + 4 + (4 * n_classes if probabilities else 0)
+def estimated_output_mb(window, n_classes: int, probabilities: bool, class_raster: bool = True,
+                        scratch: bool = True) -> float:
+    """Uncompressed size of the rasters a run writes: the class raster (uint8) when asked for or when
+    the polygons are made from files (`scratch`, with the score raster, float32), probabilities."""
+    bytes_per_pixel = ((1 if class_raster or scratch else 0) + (4 if scratch else 0)
+                       + (4 * n_classes if probabilities else 0))
     return window.width * window.height * bytes_per_pixel / 2**20
 
 
@@ -243,9 +246,13 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
 
     with open_source(raster, options.bands, options.scale, options.gsd_m, options.value_range) as source:
         window = request_window(source, options.bbox, options.bbox_crs)
-        needed_mb = estimated_output_mb(window, len(classes), bool(options.prob_raster))
-        check_free_space(targets.values(), needed_mb)
         computed = refine_outlines.engine_window(options.refine, source, window)
+        # Without refinement, the window is polygonised beside the engine, from its blocks: then no
+        # score or signals raster is needed, and a class raster only when the user asked for one.
+        streams = options.refine == "none" and computed == window
+        needed_mb = estimated_output_mb(window, len(classes), bool(options.prob_raster), bool(options.class_raster),
+                                        scratch=not streams)
+        check_free_space(targets.values(), needed_mb)
         crop = crop_size(loaded.model.visual)
         total = count_crops(source.height, source.width, computed, crop, crop // 2)
         t0 = time.perf_counter()
@@ -272,10 +279,8 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
                       for key in ("vector", "coarse_vector", "report", "class_raster", "prob_raster")
                       if key in targets}
             strip_rows = strip_rows_for(window)
-            # Without refinement, the window is polygonised beside the engine, from its blocks: then no
-            # score or signals raster is needed, and a class raster only when the user asked for one.
             streamed = (StripPolygons(source.window_transform(window), window.width, strip_rows, should_cancel)
-                        if options.refine == "none" and computed == window else None)
+                        if streams else None)
             scratch = streamed is None
             class_path = workdir / "classes.tif" if scratch or options.class_raster else None
             score_path = workdir / "score.tif" if scratch else None

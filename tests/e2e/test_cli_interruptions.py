@@ -79,23 +79,27 @@ def test_stale_temporary_files_of_dead_processes_go_those_of_live_ones_stay(naip
         live.wait()
 
 
-def _in_small_disk(folder: Path, command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    """Run `command` with a 2 MB tmpfs mounted on `folder` (private to the command); prints what is left."""
+def _in_small_disk(folder: Path, command: list[str], env: dict[str, str], size: str = "2m"
+                   ) -> subprocess.CompletedProcess:
+    """Run `command` with a tmpfs of `size` mounted on `folder` (private to the command); prints what is left."""
     namespace = ["unshare", "--mount"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--mount"]
-    script = ('mount -t tmpfs -o size=2m tmpfs "$0" || exit 99; "$@"; code=$?; '
+    script = (f'mount -t tmpfs -o size={size} tmpfs "$0" || exit 99; "$@"; code=$?; '
               'echo "left: $(ls -A "$0" | tr "\\n" " ")"; exit $code')
     return subprocess.run([*namespace, "sh", "-c", script, str(folder), *command], capture_output=True, text=True,
                           env=env, timeout=300)
 
 
-# Four ways a run meets the small disk: rasters that do not fit (found while writing, or
-# estimated before starting), polygons that do not fit, a shapefile.
+# Five ways a run meets the small disk (2 MB unless said): rasters that do not fit (found while
+# writing, or estimated before starting), polygons that do not fit (streamed beside the engine: the
+# polygon layer is the only file; or made from work files, with --refine edges), a shapefile.
 DISK_CASES = {
     "probability raster while writing": ["--bbox", *BBOX, "--prob-raster", "{disk}/p.tif", "--out", "{other}/r.gpkg",
                                          "--scale", "2"],
     "rasters estimated before starting": ["--prob-raster", "{disk}/p.tif", "--out", "{disk}/r.gpkg", "--scale", "8"],
-    "polygons and work files": ["--out", "{disk}/r.gpkg", "--scale", "2"],
-    "shapefile and class raster": ["--out", "{disk}/r.shp", "--class-raster", "{disk}/c.tif", "--scale", "2"],
+    "polygons": ["--out", "{disk}/r.gpkg", "--scale", "2", "size=256k"],
+    "polygons and work files": ["--out", "{disk}/r.gpkg", "--scale", "2", "--refine", "edges"],
+    "shapefile and class raster": ["--out", "{disk}/r.shp", "--class-raster", "{disk}/c.tif", "--scale", "2",
+                                   "size=256k"],
 }
 
 
@@ -104,9 +108,11 @@ def test_a_full_disk_is_one_sentence_and_leaves_nothing(case, naip, tiny_model, 
     disk, other = tmp_path / "small-disk", tmp_path / "other"
     disk.mkdir()
     other.mkdir()
-    options = [word.format(disk=disk, other=other) for word in DISK_CASES[case]]
+    words = DISK_CASES[case]
+    size = next((word.removeprefix("size=") for word in words if word.startswith("size=")), "2m")
+    options = [word.format(disk=disk, other=other) for word in words if not word.startswith("size=")]
     run = _in_small_disk(disk, [str(FARSLIP), "segment", str(naip), "-c", "water", "-c", "field", "-c", "road",
-                                "--model", str(tiny_model), "--device", "cpu", "--quiet", *options], env)
+                                "--model", str(tiny_model), "--device", "cpu", "--quiet", *options], env, size)
     assert run.returncode == 2, (run.stdout, run.stderr)
     lines = run.stderr.strip().splitlines()
     # libtiff prints "_tiffWriteProc: No space left on device." itself, past GDAL; ours is the last line.
