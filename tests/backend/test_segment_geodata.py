@@ -209,3 +209,33 @@ def test_scale_resamples_the_processing_grid(tiny_model, shared_data, tmp_path):
         assert ds.width == round(src.width / 2) and ds.height == round(src.height / 2)
         assert abs(ds.transform.a - 2 * src.transform.a) < 0.05
         assert ds.bounds.left == pytest.approx(src.bounds.left)
+
+
+def test_a_window_wider_than_the_engines_column_chunks_is_polygonised_as_a_whole(tiny_model, shared_data, tmp_path,
+                                                                                  monkeypatch):
+    """Polygons are made beside the engine, chunk by chunk (256-pixel column chunks here, so the sample
+    raster is four): they are exactly the regions of the class raster the run writes, none cut at a
+    chunk seam, and each polygon's margin is the mean over all of its pixels."""
+    from backend.engine import segment as segment_module
+    from backend.engine import sliding
+    from backend.engine.vectorize import vectorize_class_raster
+
+    monkeypatch.setattr(sliding, "CHUNK_COLUMNS", 256)
+    monkeypatch.setattr(segment_module, "CHUNK_COLUMNS", 256)
+    out, classes = tmp_path / "chunks.gpkg", tmp_path / "chunks.tif"
+    result = segment(shared_data / "naip_2020_5m.tif", *CLASSES, "--model", tiny_model, "--out", out,
+                     "--class-raster", classes, "--quiet")
+    assert result.exit_code == 0, result.output
+    _, geoms, fields = read_layer(out)
+    with rasterio.open(classes) as ds:
+        assert ds.width > 3 * 256
+    from_file = vectorize_class_raster(classes, skip_values=(254, 255))
+
+    def key(geometry, class_id):
+        return int(class_id), shapely.normalize(geometry).wkb
+
+    assert sorted(map(key, geoms, fields["class_id"])) == sorted(key(r.geometry, r.class_id) for r in from_file)
+    assert len(geoms) > 10 and all(g.geom_type == "Polygon" for g in geoms)
+    margin = np.asarray(fields["margin"], float)
+    assert np.isfinite(margin).all() and ((margin >= 0) & (margin <= 1)).all()
+    assert not list(tmp_path.glob("*score*")) and not list(tmp_path.glob(".farslip*"))
