@@ -33,9 +33,9 @@ from .bench import BENCH_CLASSES, random_model, write_test_raster
 STAGE_NAMES = {
     "read_s": "read + stretch (background thread)", "read_wait_s": "waiting for the read",
     "encode_s": "encoder (null) + normalise", "blend_s": "text similarity, upsample, blend",
-    "finish_s": "softmax, classes, scores", "write_blocks_s": "class/score raster blocks",
+    "finish_s": "softmax, classes, scores, pixel signals", "write_blocks_s": "raster blocks written",
     "polygon_wait_s": "waiting for the polygon thread", "vectorize_s": "polygons: clean-up, areas",
-    "quality_s": "quality estimate (signals; region checks with the null CLS stand-in)",
+    "quality_s": "quality estimate (region checks with the null CLS stand-in)",
     "write_s": "write polygons",
 }
 
