@@ -1,8 +1,10 @@
 """Faster CPU runtimes for the image encoder: OpenVINO and ONNX Runtime, torch eager as the reference.
 
 The dense vision tower (with its training-free last block) is exported once per (weights sha256,
-attention variant, crop size) into the cache folder and reused by later runs. An export is kept
-only if it reproduces torch within EXPORT_TOLERANCE on a check batch. Anything that goes wrong
+attention variant, crop size, RECIPE) into the cache folder and reused by later runs: OpenVINO
+converts the torch module itself (its attention becomes one fused ScaledDotProductAttention op,
+which the ONNX route loses), ONNX Runtime reads a torch.onnx export. An export is kept only if it
+reproduces torch within EXPORT_TOLERANCE on a check batch. Anything that goes wrong
 (runtime not installed, export or compile failure, a result too far from torch) falls back to
 torch with a one-line notice: a run never fails because of its runtime.
 """
@@ -30,6 +32,9 @@ COMPILED = ("openvino", "onnxruntime")
 EXPORT_TOLERANCE = 1e-4
 EXTRA_HINT = "pip install 'farslip-qgis[cpu-runtimes]'"
 AUTO_MIN_CROPS = 32  # below this, a first export would cost more than it saves
+# How the exports are made; part of the cache folder's name, so a changed recipe never reuses the
+# files of an older one. 2: OpenVINO converted from torch directly instead of from the ONNX file.
+RECIPE = 2
 
 
 def runtime_installed(name: str) -> bool:
@@ -58,7 +63,7 @@ class CompiledEncoder:
 
 
 def _onnx_file(tower: DenseTower, example: torch.Tensor, folder: Path) -> Path:
-    """The dense tower as ONNX (batch dimension free), exported once; both runtimes read it."""
+    """The dense tower as ONNX (batch dimension free), exported once."""
     path = folder / "encoder.onnx"
     if path.exists():
         return path
@@ -70,12 +75,30 @@ def _onnx_file(tower: DenseTower, example: torch.Tensor, folder: Path) -> Path:
     return path
 
 
-def _openvino(onnx_path: Path) -> Callable[[np.ndarray], np.ndarray]:
+def _openvino_file(tower: DenseTower, example: torch.Tensor, folder: Path) -> Path:
+    """The dense tower as OpenVINO IR (encoder.xml + .bin, fp32 weights, batch dimension free), converted once."""
+    import openvino as ov
+
+    path = folder / "encoder.xml"
+    if path.exists():
+        return path
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # Traced here rather than by convert_model: its trace check fails when a model is traced twice
+        # in one process (two attention variants, a server), and the check adds nothing to ours below.
+        traced = torch.jit.trace(tower, example, check_trace=False, strict=False)
+        model = ov.convert_model(traced, input=[ov.PartialShape([-1, *example.shape[1:]])])
+    with atomic_output(path, durable=False) as staged:
+        ov.save_model(model, str(staged), compress_to_fp16=False)  # writes the .bin beside it, renamed with it
+    return path
+
+
+def _openvino(tower: DenseTower, example: torch.Tensor, folder: Path) -> Callable[[np.ndarray], np.ndarray]:
     import openvino as ov
 
     core = ov.Core()
-    core.set_property({"CACHE_DIR": str(onnx_path.parent / "openvino")})  # compiled blobs: later starts are quick
-    compiled = core.compile_model(core.read_model(str(onnx_path)), "CPU",
+    core.set_property({"CACHE_DIR": str(folder / "openvino")})  # compiled blobs: later starts are quick
+    compiled = core.compile_model(str(_openvino_file(tower, example, folder)), "CPU",
                                   {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"})
     request = compiled.create_infer_request()
 
@@ -85,9 +108,10 @@ def _openvino(onnx_path: Path) -> Callable[[np.ndarray], np.ndarray]:
     return infer
 
 
-def _onnxruntime(onnx_path: Path) -> Callable[[np.ndarray], np.ndarray]:
+def _onnxruntime(tower: DenseTower, example: torch.Tensor, folder: Path) -> Callable[[np.ndarray], np.ndarray]:
     import onnxruntime as ort
 
+    onnx_path = _onnx_file(tower, example, folder)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = torch.get_num_threads()
@@ -122,11 +146,11 @@ def compiled_encoder(name: str, loaded, attention: str) -> CompiledEncoder:
     """Export (or reuse) and compile the dense tower for `name`; raises on any failure."""
     visual = loaded.model.visual
     crop = crop_size(visual)
-    folder = exports_dir() / f"{loaded.weights_id[:24]}-{attention}-{crop}"
+    folder = exports_dir() / f"{loaded.weights_id[:24]}-{attention}-{crop}-r{RECIPE}"
     folder.mkdir(parents=True, exist_ok=True)
     tower = DenseTower(visual, attention).eval()
     example = torch.rand(2, 3, crop, crop, generator=torch.Generator().manual_seed(0)) * 4 - 2
-    infer = BUILDERS[name](_onnx_file(tower, example, folder))
+    infer = BUILDERS[name](tower, example, folder)
     _checked(name, infer, tower, example, folder)
     return CompiledEncoder(name, infer, crop, TorchEncoder(visual, attention, torch.device("cpu")))
 

@@ -21,6 +21,7 @@ from backend.engine.segment import default_batch_size, segment_raster
 from backend.service.cli import app
 
 CLASSES = ["water, lake", "cropland", "road"]
+EXPORTED = {"openvino": "encoder.xml", "onnxruntime": "encoder.onnx"}  # what each runtime reads from the cache
 
 
 def tiny_loaded(seed: int):
@@ -44,10 +45,34 @@ def test_compiled_runtime_matches_torch_within_1e_4(name):
     got = encoder(pixels)
     assert got.shape == expected.shape
     assert float((got - expected).abs().max()) < 1e-4
-    # The export is on disk, keyed by weights, attention and crop size; a second variant gets its own.
-    assert any(runtimes.exports_dir().glob("tiny-runtime-1*-segearth-224/encoder.onnx"))
-    runtimes.make_encoder(loaded, "clearclip", name)
-    assert any(runtimes.exports_dir().glob("tiny-runtime-1*-clearclip-224/encoder.onnx"))
+    # The export is on disk, keyed by weights, attention, crop size and recipe; a second variant gets its own
+    # (converted in the same process: OpenVINO's own trace check used to refuse a second trace).
+    exported = EXPORTED[name]
+    assert any(runtimes.exports_dir().glob(f"tiny-runtime-1*-segearth-224-r{runtimes.RECIPE}/{exported}"))
+    other = runtimes.make_encoder(loaded, "clearclip", name)
+    assert other.name == name
+    assert any(runtimes.exports_dir().glob(f"tiny-runtime-1*-clearclip-224-r{runtimes.RECIPE}/{exported}"))
+    with torch.inference_mode():
+        assert float((other(pixels) - dense_patch_features(loaded.model.visual, pixels, "clearclip")).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["openvino", "onnxruntime"])
+def test_an_export_cached_by_an_older_recipe_is_not_reused(name):
+    loaded = tiny_loaded(8)
+    # What an older version left in the cache: same weights, attention and crop size, no recipe in the name.
+    old = runtimes.exports_dir() / f"{loaded.weights_id[:24]}-segearth-224"
+    old.mkdir(parents=True, exist_ok=True)
+    for stale in ("encoder.onnx", "encoder.xml", "encoder.bin"):
+        (old / stale).write_bytes(b"an export from an older recipe")
+    (old / f"check-{name}.json").write_text('{"runtime": "%s", "max_abs_diff": 0.0, "ok": true}' % name)
+    notes = []
+    encoder = runtimes.make_encoder(loaded, "segearth", name, notice=notes.append)
+    assert encoder.name == name and notes == []
+    pixels = crops(2)
+    with torch.inference_mode():
+        expected = dense_patch_features(loaded.model.visual, pixels)
+    assert float((encoder(pixels) - expected).abs().max()) < 1e-4
+    assert (old / EXPORTED[name]).read_bytes() == b"an export from an older recipe"
 
 
 def test_a_missing_runtime_falls_back_to_torch_with_one_line(monkeypatch):
@@ -59,7 +84,7 @@ def test_a_missing_runtime_falls_back_to_torch_with_one_line(monkeypatch):
 
 
 def test_a_runtime_that_cannot_compile_falls_back_to_torch(monkeypatch):
-    def broken(path):
+    def broken(tower, example, folder):
         raise RuntimeError("unsupported operator Foo\nlong details")
 
     monkeypatch.setitem(runtimes.BUILDERS, "onnxruntime", broken)
