@@ -1,5 +1,6 @@
 """Encoder runtimes: OpenVINO / ONNX Runtime match torch, fall back with one line, and the GPU path's choices."""
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -53,7 +54,8 @@ def test_compiled_runtime_matches_torch_within_1e_4(name):
     assert other.name == name
     assert any(runtimes.exports_dir().glob(f"tiny-runtime-1*-clearclip-224-r{runtimes.RECIPE}/{exported}"))
     with torch.inference_mode():
-        assert float((other(pixels) - dense_patch_features(loaded.model.visual, pixels, "clearclip")).abs().max()) < 1e-4
+        expected = dense_patch_features(loaded.model.visual, pixels, "clearclip")
+    assert float((other(pixels) - expected).abs().max()) < 1e-4
 
 
 @pytest.mark.parametrize("name", ["openvino", "onnxruntime"])
@@ -64,7 +66,7 @@ def test_an_export_cached_by_an_older_recipe_is_not_reused(name):
     old.mkdir(parents=True, exist_ok=True)
     for stale in ("encoder.onnx", "encoder.xml", "encoder.bin"):
         (old / stale).write_bytes(b"an export from an older recipe")
-    (old / f"check-{name}.json").write_text('{"runtime": "%s", "max_abs_diff": 0.0, "ok": true}' % name)
+    (old / f"check-{name}.json").write_text(json.dumps({"runtime": name, "max_abs_diff": 0.0, "ok": True}))
     notes = []
     encoder = runtimes.make_encoder(loaded, "segearth", name, notice=notes.append)
     assert encoder.name == name and notes == []
