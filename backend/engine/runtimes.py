@@ -4,7 +4,9 @@ The dense vision tower (with its training-free last block) is exported once per 
 attention variant, crop size, RECIPE) into the cache folder and reused by later runs: OpenVINO
 converts the torch module itself (its attention becomes one fused ScaledDotProductAttention op,
 which the ONNX route loses), ONNX Runtime reads a torch.onnx export. An export is kept only if it
-reproduces torch within EXPORT_TOLERANCE on a check batch. Anything that goes wrong
+reproduces torch within EXPORT_TOLERANCE on a check batch. The tower's global (CLS) path, which the
+quality estimate's region checks run, is exported beside it on first use (global.xml / global.onnx).
+Anything that goes wrong
 (runtime not installed, export or compile failure, a result too far from torch) falls back to
 torch with a one-line notice: a run never fails because of its runtime.
 """
@@ -50,38 +52,65 @@ def exports_dir() -> Path:
 
 
 class CompiledEncoder:
-    """A compiled encoder for full-size crops; other crop sizes (rasters smaller than a crop) use torch."""
+    """A compiled encoder for full-size crops; other crop sizes (rasters smaller than a crop) use torch.
 
-    def __init__(self, name: str, infer: Callable[[np.ndarray], np.ndarray], crop: int, fallback: TorchEncoder):
+    `embed_images` runs the global (CLS) path under the same runtime, compiled when first asked for
+    (`build_global`); if that fails, torch runs it, with a line in the log.
+    """
+
+    def __init__(self, name: str, infer: Callable[[np.ndarray], np.ndarray], crop: int, fallback: TorchEncoder,
+                 build_global: Callable[[], Callable[[np.ndarray], np.ndarray]] | None = None):
         self.name = name
         self.infer = infer
         self.crop = crop
         self.fallback = fallback
+        self._build_global = build_global
+        self._global: Callable[[np.ndarray], np.ndarray] | None = None
+        self._global_lock = threading.Lock()
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         if tuple(pixels.shape[-2:]) != (self.crop, self.crop):
             return self.fallback(pixels)
         return torch.from_numpy(self.infer(np.ascontiguousarray(pixels.cpu().numpy(), dtype=np.float32)))
 
+    def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, crop, crop) normalised crops -> (B, D) image embeddings of CLIP's global path (unnormalised)."""
+        with self._global_lock:
+            if self._global is None and self._build_global is not None:
+                try:
+                    self._global = self._build_global()
+                except Exception:  # an exporter or compiler failure must never fail the run
+                    log.warning("runtime %s: global image path unavailable, using torch", self.name, exc_info=True)
+                self._build_global = None
+        if self._global is None or tuple(pixels.shape[-2:]) != (self.crop, self.crop):
+            return self.fallback.visual(pixels)
+        return torch.from_numpy(self._global(np.ascontiguousarray(pixels.cpu().numpy(), dtype=np.float32)))
 
-def _onnx_file(tower: DenseTower, example: torch.Tensor, folder: Path) -> Path:
-    """The dense tower as ONNX (batch dimension free), exported once."""
-    path = folder / "encoder.onnx"
+
+def _onnx_file(tower: torch.nn.Module, example: torch.Tensor, folder: Path, stem: str = "encoder") -> Path:
+    """The tower as ONNX (batch dimension free), exported once."""
+    path = folder / f"{stem}.onnx"
     if path.exists():
         return path
-    with atomic_output(path, durable=False) as staged, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer's notes on Python-level shape checks
-        torch.onnx.export(tower, (example,), str(staged), input_names=["pixels"], output_names=["features"],
-                          dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}},
-                          opset_version=17, dynamo=False)
+    # nn.MultiheadAttention's fused inference kernel (the global path's blocks) has no ONNX form.
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with atomic_output(path, durable=False) as staged, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on Python-level shape checks
+            torch.onnx.export(tower, (example,), str(staged), input_names=["pixels"], output_names=["features"],
+                              dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}},
+                              opset_version=17, dynamo=False)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
     return path
 
 
-def _openvino_file(tower: DenseTower, example: torch.Tensor, folder: Path) -> Path:
-    """The dense tower as OpenVINO IR (encoder.xml + .bin, fp32 weights, batch dimension free), converted once."""
+def _openvino_file(tower: torch.nn.Module, example: torch.Tensor, folder: Path, stem: str = "encoder") -> Path:
+    """The tower as OpenVINO IR (<stem>.xml + .bin, fp32 weights, batch dimension free), converted once."""
     import openvino as ov
 
-    path = folder / "encoder.xml"
+    path = folder / f"{stem}.xml"
     if path.exists():
         return path
     with torch.no_grad(), warnings.catch_warnings():
@@ -100,7 +129,8 @@ def _split_batch(pixels: np.ndarray, parts: int) -> list[np.ndarray]:
     return np.array_split(pixels, max(1, min(parts, len(pixels))))
 
 
-def _openvino(tower: DenseTower, example: torch.Tensor, folder: Path) -> Callable[[np.ndarray], np.ndarray]:
+def _openvino(tower: torch.nn.Module, example: torch.Tensor, folder: Path,
+              stem: str = "encoder") -> Callable[[np.ndarray], np.ndarray]:
     import openvino as ov
 
     core = ov.Core()
@@ -108,7 +138,7 @@ def _openvino(tower: DenseTower, example: torch.Tensor, folder: Path) -> Callabl
     # Throughput streams (on 2 cores: 2 single-threaded streams), each running a slice of the batch:
     # as fast as one 2-thread stream on an idle machine and much less slowed down when other programs
     # share the cores, because a single-threaded stream never waits for a descheduled sibling thread.
-    compiled = core.compile_model(str(_openvino_file(tower, example, folder)), "CPU",
+    compiled = core.compile_model(str(_openvino_file(tower, example, folder, stem)), "CPU",
                                   {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "THROUGHPUT",
                                    "INFERENCE_NUM_THREADS": torch.get_num_threads()})
     requests = [compiled.create_infer_request()
@@ -127,10 +157,11 @@ def _openvino(tower: DenseTower, example: torch.Tensor, folder: Path) -> Callabl
     return infer
 
 
-def _onnxruntime(tower: DenseTower, example: torch.Tensor, folder: Path) -> Callable[[np.ndarray], np.ndarray]:
+def _onnxruntime(tower: torch.nn.Module, example: torch.Tensor, folder: Path,
+                 stem: str = "encoder") -> Callable[[np.ndarray], np.ndarray]:
     import onnxruntime as ort
 
-    onnx_path = _onnx_file(tower, example, folder)
+    onnx_path = _onnx_file(tower, example, folder, stem)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # One single-threaded run per core on a slice of the batch, for the reason given for OpenVINO above.
@@ -153,9 +184,10 @@ def _onnxruntime(tower: DenseTower, example: torch.Tensor, folder: Path) -> Call
 BUILDERS = {"openvino": _openvino, "onnxruntime": _onnxruntime}
 
 
-def _checked(name: str, infer, tower: DenseTower, example: torch.Tensor, folder: Path) -> None:
+def _checked(name: str, infer, tower: torch.nn.Module, example: torch.Tensor, folder: Path,
+             stem: str = "encoder") -> None:
     """Compare with torch once per export; remember the verdict beside the exported files."""
-    verdict_path = folder / f"check-{name}.json"
+    verdict_path = folder / (f"check-{name}.json" if stem == "encoder" else f"check-{name}-{stem}.json")
     if verdict_path.exists():
         verdict = json.loads(verdict_path.read_text())
     else:
@@ -179,7 +211,14 @@ def compiled_encoder(name: str, loaded, attention: str) -> CompiledEncoder:
     example = torch.rand(2, 3, crop, crop, generator=torch.Generator().manual_seed(0)) * 4 - 2
     infer = BUILDERS[name](tower, example, folder)
     _checked(name, infer, tower, example, folder)
-    return CompiledEncoder(name, infer, crop, TorchEncoder(visual, attention, torch.device("cpu")))
+
+    def build_global() -> Callable[[np.ndarray], np.ndarray]:
+        # open_clip's vision tower returns the projected CLS embedding: encode_image without normalising.
+        embed = BUILDERS[name](visual.eval(), example, folder, "global")
+        _checked(name, embed, visual, example, folder, "global")
+        return embed
+
+    return CompiledEncoder(name, infer, crop, TorchEncoder(visual, attention, torch.device("cpu")), build_global)
 
 
 def pick_runtime(runtime: str, device: torch.device, crops: int | None = None) -> list[str]:

@@ -59,6 +59,25 @@ def test_compiled_runtime_matches_torch_within_1e_4(name):
 
 
 @pytest.mark.parametrize("name", ["openvino", "onnxruntime"])
+def test_the_region_checks_global_path_runs_under_the_same_runtime_and_matches_torch(name):
+    """The quality estimate's region checks embed their crops with CLIP's global path: under the compiled
+    runtime too, exported beside the dense tower when first asked for, within 1e-4 of torch."""
+    seed = {"openvino": 21, "onnxruntime": 22}[name]
+    loaded = tiny_loaded(seed)
+    encoder = runtimes.make_encoder(loaded, "segearth", name)
+    folder = next(runtimes.exports_dir().glob(f"tiny-runtime-{seed}*-segearth-224-r{runtimes.RECIPE}"))
+    assert not list(folder.glob("global.*"))  # a run without region checks never exports it
+    pixels = crops(3)
+    with torch.inference_mode():
+        expected = loaded.model.encode_image(pixels)
+        got = encoder.embed_images(pixels)
+    assert got.shape == expected.shape
+    assert float((got - expected).abs().max()) < 1e-4
+    assert (folder / {"openvino": "global.xml", "onnxruntime": "global.onnx"}[name]).is_file()
+    assert json.loads((folder / f"check-{name}-global.json").read_text())["ok"]
+
+
+@pytest.mark.parametrize("name", ["openvino", "onnxruntime"])
 def test_an_export_cached_by_an_older_recipe_is_not_reused(name):
     loaded = tiny_loaded(8)
     # What an older version left in the cache: same weights, attention and crop size, no recipe in the name.
