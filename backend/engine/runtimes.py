@@ -135,24 +135,19 @@ def _openvino(tower: torch.nn.Module, example: torch.Tensor, folder: Path,
 
     core = ov.Core()
     core.set_property({"CACHE_DIR": str(folder / "openvino")})  # compiled blobs: later starts are quick
-    # Throughput streams (on 2 cores: 2 single-threaded streams), each running a slice of the batch:
-    # as fast as one 2-thread stream on an idle machine and much less slowed down when other programs
-    # share the cores, because a single-threaded stream never waits for a descheduled sibling thread.
+    # One request, all cores. Throughput streams with a slice of the batch per request were as fast and
+    # less slowed down by other programs, but with more requests than streams (and another compiled model
+    # in the process) some requests intermittently returned wrong features (0.01-0.1 off) until the
+    # process ended, a failure that no one-off check would see.
     compiled = core.compile_model(str(_openvino_file(tower, example, folder, stem)), "CPU",
-                                  {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "THROUGHPUT",
+                                  {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
                                    "INFERENCE_NUM_THREADS": torch.get_num_threads()})
-    requests = [compiled.create_infer_request()
-                for _ in range(max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))))]
-    lock = threading.Lock()  # a server's jobs share the encoder: one batch at a time through the requests
+    request = compiled.create_infer_request()
+    lock = threading.Lock()  # a server's jobs share the encoder: one batch at a time through the request
 
     def infer(pixels: np.ndarray) -> np.ndarray:
         with lock:
-            parts = _split_batch(pixels, len(requests))
-            for request, part in zip(requests, parts):
-                request.start_async({0: part})
-            for request in requests[:len(parts)]:
-                request.wait()
-            return np.concatenate([request.get_output_tensor(0).data for request in requests[:len(parts)]])
+            return np.array(request.infer({0: pixels})[0], dtype=np.float32, copy=True)
 
     return infer
 
@@ -164,7 +159,9 @@ def _onnxruntime(tower: torch.nn.Module, example: torch.Tensor, folder: Path,
     onnx_path = _onnx_file(tower, example, folder, stem)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # One single-threaded run per core on a slice of the batch, for the reason given for OpenVINO above.
+    # One single-threaded run per core, each on a slice of the batch (a session runs concurrent calls
+    # safely): as fast as one run on all cores on an idle machine, and much less slowed down when other
+    # programs share the cores, as a single-threaded run never waits for a descheduled sibling thread.
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     threads = max(1, torch.get_num_threads())
