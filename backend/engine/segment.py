@@ -281,7 +281,7 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
             strip_rows = strip_rows_for(window)
             streamed = (StripPolygons(source.window_transform(window), window.width, strip_rows, should_cancel)
                         if streams else None)
-            scratch = streamed is None
+            scratch = not streams
             class_path = workdir / "classes.tif" if scratch or options.class_raster else None
             score_path = workdir / "score.tif" if scratch else None
             signals_path = workdir / "signals.tif" if scratch else None

@@ -316,8 +316,7 @@ def _merged_regions(found, transform: Affine) -> list[RegionPolygon]:
             assert merged.geom_type == "Polygon", "4-connected pixel regions merge into one polygon"
             geometries.append(merged)
         totals = signal_sums[members].sum(axis=0)  # margin, entropy, outline: (sum, count) each
-        with np.errstate(invalid="ignore", divide="ignore"):
-            means = [float(totals[k] / totals[k + 1]) if totals[k + 1] else math.nan for k in (0, 2, 4)]
+        means = [float(totals[k] / totals[k + 1]) if totals[k + 1] else math.nan for k in (0, 2, 4)]
         records.append(
             {
                 "class_id": int(region_classes[members[0]]),
@@ -333,6 +332,11 @@ def _merged_regions(found, transform: Affine) -> list[RegionPolygon]:
         RegionPolygon(geometry, **record)
         for geometry, record in zip(_to_crs_coordinates(geometries, transform), records)
     ]
+
+
+def _global_ids(local: np.ndarray, offset: int) -> np.ndarray:
+    """Strip region ids (1..n, 0 = none) as indices among all regions so far: offset + id - 1, -1 for none."""
+    return np.where(local > 0, local + offset - 1, -1)
 
 
 def _strip_regions(strips, skip: set[int], should_cancel, width: int | None = None):
@@ -398,23 +402,19 @@ def _strip_regions(strips, skip: set[int], should_cancel, width: int | None = No
             outline_sums, outline_counts,
         ]))
 
-        def global_ids(local: np.ndarray, offset: int = offset) -> np.ndarray:
-            # Global region index = offset + strip id - 1; -1 marks pixels without a region.
-            return np.where(local > 0, local + offset - 1, -1)
-
         if edge is not None:  # the seam with the previous chunk, on this strip's rows
-            merge(edge["ids"][rows], edge["classes"][rows], global_ids(strip_ids[:, 0]), classes[:, 0])
+            merge(edge["ids"][rows], edge["classes"][rows], _global_ids(strip_ids[:, 0], offset), classes[:, 0])
             if "score" in edge and scores is not None:
                 ids, values = _edge_outline(edge, rows, classes[:, 0], scores[:, 0])
                 late_ids.append(ids)
                 late_values.append(values)
         if defer:
-            part = {"ids": global_ids(strip_ids[:, -1]), "classes": classes[:, -1].astype(np.int16)}
+            part = {"ids": _global_ids(strip_ids[:, -1], offset), "classes": classes[:, -1].astype(np.int16)}
             edge_parts.append({**part, **(pending or {})})
-        first_row = global_ids(strip_ids[0])
+        first_row = _global_ids(strip_ids[0], offset)
         if previous_row_ids is not None and previous_row_classes is not None:
             merge(previous_row_ids, previous_row_classes, first_row, classes[0])
-        previous_row_ids = global_ids(strip_ids[-1])
+        previous_row_ids = _global_ids(strip_ids[-1], offset)
         previous_row_classes = classes[-1]
 
     def stacked(parts, dtype):
