@@ -48,6 +48,10 @@ MIN_CROP = 32  # pixels
 REGION_BATCH = 16
 MIN_REGION_PIXELS = 256  # one 16-px patch: smaller polygons get no region check (their fill value)
 REGION_SHARE = 0.125  # at most one region crop per 8 crops of the dense pass (largest polygons first)
+OVERVIEW_PIXELS = 4_000_000  # the lattice large region crops are sampled from (RegionPixels): 48 MB at most
+STRIP_PIXELS = 4_000_000  # source pixels per read while the lattice is read
+# What the region embeddings in the feature cache depend on besides the model: how crops are sampled.
+REGION_SCOPE = "global/lattice-1"
 MIN_CALIBRATION_TILES = 12
 
 
@@ -187,12 +191,69 @@ def regions_to_check(regions, dense_crops: int) -> list[int]:
     return sorted(large[:budget])
 
 
-def _read_crop(source: PixelSource, crop: PixelWindow, side: int) -> tuple[np.ndarray, np.ndarray]:
-    """A window at full resolution, or, when more than twice the model input, read decimated to it by
-    GDAL: a region of a whole large raster must not read every one of its pixels for one 224 crop."""
-    if crop.height > 2 * side and isinstance(source, RasterSource):
-        return source.read(crop, (side, side))
-    return source.read(crop)
+class RegionPixels:
+    """The pixels of region crops of `source` as the region checks see them (then resized to `side`).
+
+    A crop up to twice `side` is read at full resolution. A larger one is decimated to side x side
+    nearest-neighbour: by GDAL as it reads the window, or, for the largest crops (at least `step` x
+    `side`), from one in-memory lattice of every `step`-th row and column of the processing grid:
+    the lattice pixel nearest to each of side x side evenly spaced centres. A run over a large raster
+    would otherwise read a large share of it again for each of its largest polygons. `step` is fixed
+    by the source's size (the lattice stays under OVERVIEW_PIXELS), so a crop's pixels do not depend
+    on which other crops a run checks, and region embeddings in the feature cache stay valid.
+    """
+
+    def __init__(self, source: PixelSource, side: int):
+        self.source, self.side = source, side
+        self.step = max(1, math.ceil(math.sqrt(source.height * source.width / OVERVIEW_PIXELS)))
+        # Lattice lines inside the raster: pixel index * step + step // 2.
+        self._lines = tuple(-(-(n - self.step // 2) // self.step) for n in (source.height, source.width))
+        self.decimates = isinstance(source, RasterSource)  # in-memory images are resized whole
+        self._lattice: np.ndarray | None = None
+        self._origin = (0, 0)  # lattice indices of self._lattice[:, 0, 0]
+
+    def _from_lattice(self, crop: PixelWindow) -> bool:
+        return self.decimates and crop.height > 2 * self.side and crop.height >= self.side * self.step
+
+    def _indices(self, crop: PixelWindow) -> tuple[np.ndarray, np.ndarray]:
+        """Lattice rows and columns nearest to side x side evenly spaced centres of `crop`."""
+        picked = []
+        for start, length, lines in ((crop.row_off, crop.height, self._lines[0]),
+                                     (crop.col_off, crop.width, self._lines[1])):
+            centres = start + (np.arange(self.side) + 0.5) * (length / self.side) - 0.5
+            picked.append(np.clip(np.rint((centres - self.step // 2) / self.step), 0, lines - 1).astype(np.intp))
+        return picked[0], picked[1]
+
+    def prepare(self, crops: Sequence[PixelWindow]) -> None:
+        """Read the lattice under every crop that is sampled from it (nothing if none is)."""
+        spans = [self._indices(crop) for crop in crops if self._from_lattice(crop)]
+        self._lattice = None
+        if not spans:
+            return
+        step, half = self.step, self.step // 2
+        i0, i1 = min(int(r[0]) for r, _ in spans), max(int(r[-1]) for r, _ in spans) + 1
+        j0, j1 = min(int(c[0]) for _, c in spans), max(int(c[-1]) for _, c in spans) + 1
+        lattice = np.zeros((3, i1 - i0, j1 - j0), np.float32)
+        col0, col1 = j0 * step + half, (j1 - 1) * step + half + 1
+        # Strips of lattice rows, each one read of about STRIP_PIXELS pixels.
+        per_strip = max(1, STRIP_PIXELS // ((col1 - col0) * step))
+        for a in range(i0, i1, per_strip):
+            b = min(a + per_strip, i1)
+            row0, row1 = a * step + half, (b - 1) * step + half + 1
+            rgb, _valid = self.source.read(PixelWindow(row0, col0, row1 - row0, col1 - col0))
+            lattice[:, a - i0:b - i0] = rgb[:, ::step, ::step]
+        self._lattice, self._origin = lattice, (i0, j0)
+
+    def read(self, crop: PixelWindow) -> np.ndarray:
+        """(3, h, w) RGB 0..255 of `crop`, 0 where invalid."""
+        if self._from_lattice(crop):
+            assert self._lattice is not None, "prepare() read the lattice under every crop sampled from it"
+            rows, cols = self._indices(crop)
+            return self._lattice[:, rows[:, None] - self._origin[0], cols[None, :] - self._origin[1]]
+        if self.decimates and crop.height > 2 * self.side:
+            assert isinstance(self.source, RasterSource)
+            return self.source.read(crop, (self.side, self.side))[0]
+        return self.source.read(crop)[0]
 
 
 ImageEmbedder = Callable[[torch.Tensor], torch.Tensor]  # normalised (B, 3, S, S) -> (B, D) image embeddings
@@ -215,13 +276,15 @@ def crop_embeddings(loaded: LoadedModel, source: PixelSource, crops: Sequence[Pi
     missing = [i for i, known in enumerate(found) if known is None]
     if counts is not None:
         counts["cached"] = counts.get("cached", 0) + len(crops) - len(missing)
+    reader = RegionPixels(source, side)
+    reader.prepare([crops[i] for i in missing])
     for start in range(0, len(missing), REGION_BATCH):
         if should_cancel is not None and should_cancel():
             raise CancelledError("The segmentation was cancelled; nothing was written.")
         picked = missing[start:start + REGION_BATCH]
         batch = []
         for i in picked:
-            rgb, _valid = _read_crop(source, crops[i], side)
+            rgb = reader.read(crops[i])
             pixels = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32))[None]
             batch.append(F.interpolate(pixels, size=(side, side), mode="bilinear", align_corners=False))
         pixels = normalize_pixels(torch.cat(batch).to(loaded.device))

@@ -43,6 +43,7 @@ from .quality import (
     FIELDS,
     SIGNALS,
     PolygonSignals,
+    REGION_SCOPE,
     QualityModel,
     calibration_path_for,
     region_agreement,
@@ -269,7 +270,7 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
         if feature_cache is not None:
             segmenter.use_cache(feature_cache, raster_scope(source, loaded.weights_id, options.attention,
                                                             segmenter.encoder.name))
-            region_scope = raster_scope(source, loaded.weights_id, "global",
+            region_scope = raster_scope(source, loaded.weights_id, REGION_SCOPE,
                                         segmenter.encoder.name if embed_regions else "torch")
         # The write check sits inside the commit, so it sees the full disk before staged files go.
         with contextlib.ExitStack() as commit, writing_to(targets.values(), needed_mb):

@@ -15,12 +15,13 @@ from backend.engine.quality import (
     MIN_CALIBRATION_TILES,
     MIN_CROP,
     QualityModel,
+    RegionPixels,
     fit_quality_model,
     pixel_signals,
     rank_agreement,
     region_crop_window,
 )
-from backend.engine.raster import PixelWindow
+from backend.engine.raster import PixelWindow, open_source
 from backend.service.cli import app
 
 runner = CliRunner()
@@ -53,6 +54,50 @@ def test_region_windows_hold_the_polygon_and_come_from_a_fixed_ladder_and_grid()
         side = window_box.height
         assert window_box.row_off in (0, 1000 - side) or window_box.row_off % grid == 0
         assert window_box.col_off in (0, 800 - side) or window_box.col_off % grid == 0
+
+
+def test_large_region_crops_are_sampled_from_one_lattice_read_once_whatever_else_is_checked(tmp_path, monkeypatch):
+    import backend.engine.quality as quality
+    from backend.service.bench import write_test_raster
+
+    # A 1000 x 1000 raster with a lattice bound of 40,000 pixels: every 5th row and column.
+    monkeypatch.setattr(quality, "OVERVIEW_PIXELS", 40_000)
+    path = write_test_raster(tmp_path / "r.tif", 1000, block=256)
+    with open_source(path, None, None, None, None) as source:
+        full, _ = source.read(PixelWindow(0, 0, 1000, 1000))
+        pixels = RegionPixels(source, 64)
+        assert pixels.step == 5
+        large = [PixelWindow(0, 0, 1000, 1000), PixelWindow(300, 200, 512, 512), PixelWindow(640, 680, 360, 320)]
+        middle, small = PixelWindow(100, 100, 200, 200), PixelWindow(10, 20, 100, 100)
+        counting = {"pixels": 0}
+        plain_read = source.read
+
+        def counted_read(window, shape=None):
+            counting["pixels"] += window.height * window.width
+            return plain_read(window, shape)
+
+        monkeypatch.setattr(source, "read", counted_read)
+        reader = RegionPixels(source, 64)
+        reader.prepare([*large, middle, small])
+        assert counting["pixels"] <= 1000 * 1000  # the lattice: one pass over the rows under the crops
+        for crop in large:
+            got = reader.read(crop)
+            assert got.shape == (3, 64, 64)
+            # Each pixel is the lattice pixel (index * 5 + 2) nearest to one of 64 evenly spaced centres.
+            centres_r = crop.row_off + (np.arange(64) + 0.5) * crop.height / 64 - 0.5
+            centres_c = crop.col_off + (np.arange(64) + 0.5) * crop.width / 64 - 0.5
+            rows = np.clip(np.rint((centres_r - 2) / 5), 0, 199).astype(int) * 5 + 2
+            cols = np.clip(np.rint((centres_c - 2) / 5), 0, 199).astype(int) * 5 + 2
+            assert np.array_equal(got, full[:, rows[:, None], cols[None, :]])
+            assert np.abs(rows - centres_r).max() <= 2.5 and np.abs(cols - centres_c).max() <= 2.5
+            # The same pixels whichever other crops a run checks (the feature cache relies on it).
+            alone = RegionPixels(source, 64)
+            alone.prepare([crop])
+            assert np.array_equal(alone.read(crop), got)
+        before = counting["pixels"]
+        assert reader.read(middle).shape == (3, 64, 64)  # decimated by GDAL as it reads
+        assert np.array_equal(reader.read(small), full[:, 10:110, 20:120])  # full resolution
+        assert counting["pixels"] == before + 200 * 200 + 100 * 100
 
 
 def test_margin_and_entropy_follow_their_definitions():
