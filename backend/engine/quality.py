@@ -55,13 +55,35 @@ REGION_SCOPE = "global/lattice-1"
 MIN_CALIBRATION_TILES = 12
 
 
-def signal_planes(probs: torch.Tensor, best: torch.Tensor | None = None,
-                  best_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """(2, h, w) margin and normalised entropy per pixel from class probabilities (C, h, w), on their
-    device; NaN stays NaN. `best`/`best_ids`: probs.max(dim=0), when the caller has it already.
+def top_two(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(best, best_ids, runner_up) per pixel of class probabilities (C, h, w) in one pass per plane.
 
-    The engine computes this for every block, so it avoids passes over the C planes: the runner-up
-    is the maximum once the winner is masked, and the entropy of p = q / T is log T - sum(q log q) / T.
+    best_ids is uint8 and names the first class on a tie (as argmax does); a NaN plane keeps the
+    pixel's best and runner-up NaN. Cheaper than a max with indices followed by a masked second max:
+    the runner-up is the larger of itself and the smaller of (best, next plane).
+    """
+    best = probs[0].clone()
+    ids = torch.zeros(probs.shape[1:], dtype=torch.uint8, device=probs.device)
+    runner_up = torch.full_like(best, float("-inf"))
+    if probs.shape[0] == 1:
+        return best, ids, runner_up
+    smaller = torch.empty_like(best)
+    for c in range(1, probs.shape[0]):
+        plane = probs[c]
+        ids.masked_fill_(plane > best, c)
+        torch.minimum(best, plane, out=smaller)
+        torch.maximum(runner_up, smaller, out=runner_up)
+        torch.maximum(best, plane, out=best)
+    return best, ids, runner_up
+
+
+def signal_planes(probs: torch.Tensor, best: torch.Tensor | None = None,
+                  runner_up: torch.Tensor | None = None) -> torch.Tensor:
+    """(2, h, w) margin and normalised entropy per pixel from class probabilities (C, h, w), on their
+    device; NaN stays NaN. `best`/`runner_up`: from `top_two`, when the caller has them already.
+
+    The engine computes this for every block, so it avoids passes over the C planes: the entropy of
+    p = q / T is log T - sum(q log q) / T, with q log q taken as 0 at q = 0.
     """
     n = probs.shape[0]
     out = torch.empty((2, *probs.shape[1:]), dtype=torch.float32, device=probs.device)
@@ -69,12 +91,12 @@ def signal_planes(probs: torch.Tensor, best: torch.Tensor | None = None,
         out[0] = probs[0]
         out[1] = 0.0
         return out
-    if best is None or best_ids is None:
-        best, best_ids = probs.max(dim=0)
-    runner_up = probs.scatter(0, best_ids[None], float("-inf")).amax(dim=0)
+    if best is None or runner_up is None:
+        best, _, runner_up = top_two(probs)
     torch.sub(best, runner_up, out=out[0])
     total = probs.sum(dim=0)
-    spread = torch.special.xlogy(probs, probs).sum(dim=0).div_(total)
+    tiny = torch.finfo(probs.dtype).tiny
+    spread = probs.clamp(min=tiny).log_().mul_(probs).sum(dim=0).div_(total)
     entropy = torch.log(total, out=out[1]).sub_(spread).div_(math.log(n))
     entropy.masked_fill_(total == 0, 0.0)
     return out

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from functools import cache
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -21,12 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .dense import normalize_pixels
+from .dense import CLIP_MEAN_255, CLIP_STD_255, normalize_pixels
 from .encoders import Encoder, TorchEncoder, crop_size
 from .errors import CancelledError
 from .feature_cache import FeatureCache
 from .models import LoadedModel
-from .quality import signal_planes
+from .quality import signal_planes, top_two
 from .raster import PixelSource, PixelWindow
 from .text import LOGIT_SCALE, ClassSpec, TextEmbedder, query_index
 
@@ -39,6 +40,13 @@ CHUNK_COLUMNS = 2048
 CHUNK_ROWS = 4096
 # Where the engine's time goes (seconds, summed over a run); "read" runs in a background thread.
 STAGES = ("read", "read_wait", "encode", "blend", "finish")
+
+
+@cache
+def _clip_constants() -> tuple[np.ndarray, np.ndarray]:
+    """CLIP's per-channel mean and std (0-255 units) as float32 (3, 1, 1) arrays."""
+    return (np.asarray(CLIP_MEAN_255, np.float32).reshape(3, 1, 1),
+            np.asarray(CLIP_STD_255, np.float32).reshape(3, 1, 1))
 
 
 def crop_starts(length: int, crop: int, stride: int) -> list[int]:
@@ -118,15 +126,28 @@ class Segmenter:
     def use_cache(self, cache: FeatureCache | None, scope: str | None) -> None:
         self.feature_cache, self.cache_scope = (cache, scope) if cache is not None and scope else (None, None)
 
-    def _upload(self, crops: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(crops)
-        if self._pin:
-            tensor = tensor.pin_memory()
-        return tensor.to(self.device, non_blocking=True)
+    def _normalized(self, crops: Sequence[np.ndarray]) -> torch.Tensor:
+        """RGB 0..255 crops (3, h, w) -> one CLIP-normalised batch on the device.
+
+        On the CPU each crop is normalised straight into the batch (no stacked copy, no temporaries;
+        the same float32 operations as `normalize_pixels`); on a GPU the stacked crops are uploaded from
+        pinned memory and normalised there.
+        """
+        if self.device.type != "cpu":
+            tensor = torch.from_numpy(np.stack(crops))
+            if self._pin:
+                tensor = tensor.pin_memory()
+            return normalize_pixels(tensor.to(self.device, non_blocking=True))
+        mean, std = _clip_constants()
+        batch = np.empty((len(crops), *crops[0].shape), np.float32)
+        for out, crop in zip(batch, crops):
+            np.subtract(crop, mean, out=out)
+            np.divide(out, std, out=out)
+        return torch.from_numpy(batch)
 
     @torch.inference_mode()
-    def crop_features(self, crops: np.ndarray, keys: list | None = None) -> torch.Tensor:
-        """(B, 3, h, w) RGB 0..255 -> (B, gh, gw, D) patch features on the device (from the cache where known)."""
+    def crop_features(self, crops: Sequence[np.ndarray], keys: list | None = None) -> torch.Tensor:
+        """B crops (3, h, w) of RGB 0..255 -> (B, gh, gw, D) patch features on the device (cached ones reused)."""
         self._store_finished()
         cached: list[np.ndarray | None] = [None] * len(crops)
         cache, scope = self.feature_cache, self.cache_scope
@@ -138,8 +159,8 @@ class Segmenter:
         started = time.perf_counter()
         computed = None
         if missing:
-            subset = crops if len(missing) == len(crops) else crops[missing]
-            computed = self.encoder(self._model_input(normalize_pixels(self._upload(subset))))
+            subset = crops if len(missing) == len(crops) else [crops[i] for i in missing]
+            computed = self.encoder(self._model_input(self._normalized(subset)))
             if self.feature_cache is not None and keys is not None:
                 self._queue_for_cache([keys[i] for i in missing], computed)
         self.stage_s["encode"] += time.perf_counter() - started
@@ -200,8 +221,8 @@ class Segmenter:
             self._store_finished()
 
     @torch.inference_mode()
-    def patch_logits(self, crops: np.ndarray, keys: list | None = None) -> torch.Tensor:
-        """(B, 3, h, w) RGB 0..255 -> (B, Q, gh, gw) patch-text cosine logits on the device."""
+    def patch_logits(self, crops: Sequence[np.ndarray], keys: list | None = None) -> torch.Tensor:
+        """B crops (3, h, w) of RGB 0..255 -> (B, Q, gh, gw) patch-text cosine logits on the device."""
         features = self.crop_features(crops, keys)
         return torch.einsum("bhwd,qd->bqhw", features, self.text)
 
@@ -227,8 +248,9 @@ class Segmenter:
         with torch.inference_mode():
             return self._class_probabilities(torch.from_numpy(logits).to(self.device)).cpu().numpy()
 
-    def _class_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(logits * LOGIT_SCALE, dim=0)
+    def _class_probabilities(self, logits: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+        """`in_place`: the logits are scaled where they are (the caller drops them afterwards)."""
+        probs = torch.softmax(logits.mul_(LOGIT_SCALE) if in_place else logits * LOGIT_SCALE, dim=0)
         if len(self._synonyms) == probs.shape[0]:
             return probs
         # Pairwise maxima into one output: a reduction over a few query planes (amax, then stack)
@@ -246,11 +268,12 @@ class Segmenter:
         started = time.perf_counter()
         # The rows handed in are dropped from the accumulator afterwards: divide in place.
         logits = logit_sum.div_(count.clamp(min=1))
-        class_probs = self._class_probabilities(logits)
-        best, best_ids = class_probs.max(dim=0)
-        signals = signal_planes(class_probs, best, best_ids).cpu().numpy()
+        kept = logits.to("cpu", copy=True).numpy() if self.keep_logits else None  # scaled in place next
+        class_probs = self._class_probabilities(logits, in_place=True)
+        best, best_ids, runner_up = top_two(class_probs)
+        signals = signal_planes(class_probs, best, runner_up).cpu().numpy()
         probs = class_probs.cpu().numpy()
-        class_ids = best_ids.to(torch.uint8).cpu().numpy()
+        class_ids = best_ids.cpu().numpy()
         score = best.cpu().numpy()
         if self.threshold > 0:
             class_ids[score < self.threshold] = UNCLASSIFIED
@@ -260,7 +283,6 @@ class Segmenter:
             score[~valid] = np.nan
             probs[:, ~valid] = np.nan
             signals[:, ~valid] = np.nan
-        kept = logits.to("cpu", copy=True).numpy() if self.keep_logits else None  # the rows are reused
         self.stage_s["finish"] += time.perf_counter() - started
         return Block(row0, col0, probs, class_ids, score, valid, kept, signals)
 
@@ -436,7 +458,7 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
         if should_cancel is not None and should_cancel():
             raise CancelledError("The run was cancelled; nothing was written.")
         keys = [(ys, xs, crop_h, crop_w) for ys, xs, _ in batch]
-        logits = segmenter.patch_logits(np.stack([p for _, _, p in batch]), keys)
+        logits = segmenter.patch_logits([p for _, _, p in batch], keys)
         started = time.perf_counter()
         logits = logits @ across                                # (B, Q, gh, crop_w)
         for (ys, xs, _), crop_logits in zip(batch, logits):

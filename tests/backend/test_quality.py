@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pyogrio.raw
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from backend.engine.errors import InputError
@@ -20,6 +21,7 @@ from backend.engine.quality import (
     pixel_signals,
     rank_agreement,
     region_crop_window,
+    top_two,
 )
 from backend.engine.raster import PixelWindow, open_source
 from backend.service.cli import app
@@ -109,6 +111,26 @@ def test_margin_and_entropy_follow_their_definitions():
     assert entropy[0, 0] < entropy[0, 1] <= 1.0
     nodata = np.full((3, 1, 1), np.nan, np.float32)
     assert all(np.isnan(v).all() for v in pixel_signals(nodata))
+
+
+def test_top_two_gives_the_winner_listed_first_on_a_tie_and_the_runner_up_with_nan_kept():
+    rng = np.random.default_rng(3)
+    probs = rng.random((5, 40, 30)).astype(np.float32)
+    probs[2, 0, :] = probs[4, 0, :] = 2.0          # a tie for the lead: the first class wins, margin 0
+    probs[:, 1, 0] = np.nan                         # an invalid pixel stays NaN
+    probs[3, 1, 1] = np.nan                         # so does one with a single NaN class
+    best, ids, runner_up = (t.numpy() for t in top_two(torch.from_numpy(probs)))
+    assert ids.dtype == np.uint8
+    finite = np.isfinite(probs).all(axis=0)
+    ranked = np.sort(probs, axis=0)
+    assert np.array_equal(ids[finite], probs.argmax(axis=0)[finite])
+    assert np.array_equal(best[finite], ranked[-1][finite])
+    assert np.array_equal(runner_up[finite], ranked[-2][finite])
+    assert (ids[0] == 2).all() and (best[0] - runner_up[0] == 0).all()
+    assert np.isnan(best[1, 0]) and np.isnan(runner_up[1, 0])
+    assert np.isnan(runner_up[1, 1])
+    single = top_two(torch.from_numpy(probs[:1]))
+    assert np.array_equal(single[0].numpy(), probs[0], equal_nan=True) and not single[1].numpy().any()
 
 
 def test_every_polygon_gets_a_quality_and_the_run_an_estimated_miou(tiny_model, shared_data, tmp_path):
