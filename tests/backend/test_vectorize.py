@@ -105,6 +105,20 @@ def test_rasterising_the_polygons_reproduces_the_class_raster(rasters, strip_row
         assert math.isclose(region.geometry.area, region.pixel_count * 4.0)
 
 
+def test_a_class_raster_wider_than_uint8_gives_the_same_regions_with_its_own_values(rasters, tmp_path):
+    classes, _, class_path, _ = rasters
+    wide = classes.astype(np.uint16) * 200  # 0, 200, 400, 600 and the collar 51000, declared nodata
+    wide_path = write_raster(tmp_path / "wide.tif", wide, nodata=255 * 200)
+    narrow = vectorize_class_raster(class_path, strip_rows=7)
+    regions = vectorize_class_raster(wide_path, strip_rows=7)
+    assert sorted({r.class_id for r in regions}) == [0, 200, 400, 600]
+
+    def key(r):
+        return r.pixel_count, shapely.normalize(r.geometry).wkb
+
+    assert sorted((r.class_id, *key(r)) for r in regions) == sorted((r.class_id * 200, *key(r)) for r in narrow)
+
+
 def test_region_scores_match_numpy_on_the_same_pixels(rasters):
     classes, scores, class_path, score_path = rasters
     regions = vectorize_class_raster(class_path, score_path, strip_rows=7)
