@@ -47,6 +47,23 @@ def runtime_installed(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+def import_openvino():
+    """`import openvino`, without OpenVINO's usage telemetry.
+
+    Importing openvino (its model converter) otherwise sends an event to Google Analytics from a
+    forked process unless the user opted out: a network call a GIS analyst did not ask for, and a
+    fork of a process that runs threads, whose child can deadlock in the resolver and then holds the
+    process at exit. With the telemetry package marked absent, OpenVINO uses its built-in no-op stub.
+    """
+    import sys
+
+    if "openvino" not in sys.modules:
+        sys.modules.setdefault("openvino_telemetry", None)  # None: importing it raises ImportError
+    import openvino
+
+    return openvino
+
+
 def exports_dir() -> Path:
     return cache_dir() / "encoders"
 
@@ -108,7 +125,7 @@ def _onnx_file(tower: torch.nn.Module, example: torch.Tensor, folder: Path, stem
 
 def _openvino_file(tower: torch.nn.Module, example: torch.Tensor, folder: Path, stem: str = "encoder") -> Path:
     """The tower as OpenVINO IR (<stem>.xml + .bin, fp32 weights, batch dimension free), converted once."""
-    import openvino as ov
+    ov = import_openvino()
 
     path = folder / f"{stem}.xml"
     if path.exists():
@@ -131,7 +148,7 @@ def _split_batch(pixels: np.ndarray, parts: int) -> list[np.ndarray]:
 
 def _openvino(tower: torch.nn.Module, example: torch.Tensor, folder: Path,
               stem: str = "encoder") -> Callable[[np.ndarray], np.ndarray]:
-    import openvino as ov
+    ov = import_openvino()
 
     core = ov.Core()
     core.set_property({"CACHE_DIR": str(folder / "openvino")})  # compiled blobs: later starts are quick

@@ -130,6 +130,9 @@ def check_scale_options(options) -> None:
 
 
 def import_ray():
+    """`import ray`, with Ray's usage statistics (reported to Anyscale by default from a cluster that
+    ray.init starts) off unless the user turned them on (RAY_USAGE_STATS_ENABLED=1)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # inherited by the processes Ray starts
     try:
         import ray
     except ImportError:

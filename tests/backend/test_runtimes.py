@@ -206,3 +206,37 @@ def test_unknown_runtime_is_a_clear_error(tmp_path, shared_data):
     assert result.exit_code == 2
     assert "Unknown runtime 'tensorrt'; use one of auto, torch, openvino, onnxruntime." in result.output
     assert not (tmp_path / "x.gpkg").exists()
+
+
+def test_openvino_runs_without_sending_usage_telemetry_or_forking(tmp_path):
+    """OpenVINO's converter sends a usage event to Google Analytics from a forked process unless the user
+    opted out (a network call nobody asked for; the fork of a threaded process could deadlock and hold
+    the run at exit). A `farslip segment --runtime openvino` run sends nothing, forks nothing and leaves
+    no telemetry files in the user's home."""
+    import subprocess
+    import sys
+
+    model = save_plain(make_tiny_clip(16, seed=23), tmp_path / "tiny.pt")
+    raster = tmp_path / "image.tif"
+    rgb = np.random.default_rng(1).integers(0, 255, (3, 240, 240), dtype=np.uint8)
+    with rasterio.open(raster, "w", driver="GTiff", width=240, height=240, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500000, 5000000, 2.0, 2.0)) as ds:
+        ds.write(rgb)
+    home = tmp_path / "home"
+    home.mkdir()
+    script = (
+        "import atexit, multiprocessing, sys\n"
+        "atexit.register(lambda: print('AT EXIT', type(sys.modules.get('openvino_telemetry')).__name__,"
+        " len(multiprocessing.active_children()), 'openvino' in sys.modules, flush=True))\n"
+        "from backend.service.cli import app\n"
+        f"app(['segment', {str(raster)!r}, '--classes', 'water', '--classes', 'road', '--model', {str(model)!r},"
+        f" '--runtime', 'openvino', '--out', {str(tmp_path / 'out.gpkg')!r}], prog_name='farslip')\n"
+    )
+    env = {**__import__("os").environ, "HOME": str(home)}
+    env.pop("CI", None)  # OpenVINO skips its telemetry when it sees CI=true: test what a user gets
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[2]))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "out.gpkg").is_file()
+    assert "AT EXIT NoneType 0 True" in done.stdout, done.stdout[-2000:]
+    assert not (home / "intel").exists(), sorted(str(p) for p in home.rglob("*"))

@@ -42,3 +42,19 @@ def test_an_option_ray_does_not_offer_yet_is_refused_before_ray_starts(shared_da
     assert "Traceback" not in result.output
     assert not out.exists() and not list(tmp_path.iterdir())
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
+@pytest.mark.parametrize("asked, reported", [(None, False), ("1", True), ("0", False)])
+def test_ray_reports_no_usage_statistics_unless_the_user_turned_them_on(monkeypatch, asked, reported):
+    """Ray sends usage statistics from a cluster ray.init starts unless told not to; a farslip run on
+    Ray leaves them off, and keeps the user's own RAY_USAGE_STATS_ENABLED choice."""
+    from ray._common.usage import usage_lib
+
+    from backend.scale.run import import_ray
+
+    if asked is None:
+        monkeypatch.delenv("RAY_USAGE_STATS_ENABLED", raising=False)
+    else:
+        monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", asked)
+    import_ray()
+    assert usage_lib.usage_stats_enabled() is reported
