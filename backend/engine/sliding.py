@@ -357,13 +357,16 @@ class _Accumulator:
 
     Rows are appended at the bottom and dropped at the top; the live rows move back to the buffer's
     start only when its end is reached, so a crop row neither reallocates nor copies the others.
+    The sums of a new row are not zeroed when it opens: the first crop row to reach it writes them
+    (`add`), and rows no crop row reached are zeroed when they are needed (`settle`).
     """
 
-    def __init__(self, queries: int, width: int, device: torch.device, capacity: int):
+    def __init__(self, queries: int, width: int, device: torch.device, capacity: int, top: int = 0):
         self.queries, self.width, self.device = queries, width, device
-        self.top = 0      # absolute row of the first live row
-        self.start = 0    # its buffer row
-        self.length = 0   # live rows
+        self.top = top     # absolute row of the first live row
+        self.start = 0     # its buffer row
+        self.length = 0    # live rows
+        self.summed = top  # absolute row from which the sums are unwritten
         self._allocate(capacity)
 
     def _allocate(self, capacity: int) -> None:
@@ -377,7 +380,7 @@ class _Accumulator:
         return self.top + self.length
 
     def extend(self, end: int) -> None:
-        """Open zeroed rows up to absolute row `end`."""
+        """Open rows up to absolute row `end` (zero counts, invalid, sums unwritten)."""
         grow = end - self.end
         if grow <= 0:
             return
@@ -390,7 +393,6 @@ class _Accumulator:
             self.start = 0
             self.sum[:, :self.length], self.cnt[:self.length], self.valid[:self.length] = kept
         new = slice(self.start + self.length, self.start + self.length + grow)
-        self.sum[:, new].zero_()
         self.cnt[new].zero_()
         self.valid[new] = False
         self.length += grow
@@ -399,10 +401,29 @@ class _Accumulator:
         """Buffer rows of absolute rows [first, stop)."""
         return slice(self.start + first - self.top, self.start + stop - self.top)
 
+    def settle(self, stop: int) -> None:
+        """Zero the sums of the unwritten rows above absolute row `stop` (no crop row reached them)."""
+        if stop > self.summed:
+            self.sum[:, self.rows(self.summed, stop)].zero_()
+            self.summed = stop
+
+    def add(self, first: int, values: torch.Tensor) -> None:
+        """Add (Q, n, width) `values` to the sums of absolute rows [first, first + n): written where no
+        crop row has been before, added where one has."""
+        stop = first + values.shape[1]
+        self.settle(first)
+        split = min(self.summed, stop)
+        if split > first:
+            self.sum[:, self.rows(first, split)] += values[:, :split - first]
+        if stop > split:
+            self.sum[:, self.rows(split, stop)] = values[:, split - first:]
+        self.summed = max(self.summed, stop)
+
     def drop(self, upto: int) -> None:
         """Forget the rows above absolute row `upto`."""
         n = min(upto - self.top, self.length)
         self.top, self.start, self.length = upto, self.start + n, self.length - n
+        self.summed = max(self.summed, upto)
 
 
 def _read_ahead(source: PixelSource, windows: list[PixelWindow], timings: dict[str, float]) -> Iterator[tuple]:
@@ -440,8 +461,7 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
     timings = segmenter.stage_s
 
     # The open rows of the chunk's columns, on the model's device.
-    acc = _Accumulator(queries, width, device, 3 * crop_h)  # live rows: about crop_h + stride
-    acc.top = row_starts[0]
+    acc = _Accumulator(queries, width, device, 3 * crop_h, row_starts[0])  # live rows: about crop_h + stride
     pending: list[tuple[int, int, np.ndarray]] = []   # (crop row start, crop col start, pixels)
     queued_by_row: list[int] = []                     # crops queued once crop row k was read
     ran = 0
@@ -468,9 +488,8 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
             columns[a0 - c0:a1 - c0] += 1
             rows_open[ys][2] = left - 1
             if left == 1:
-                rows = acc.rows(ys, ys + crop_h)
-                acc.sum[:, rows] += down.T @ band               # (Q, crop_h, width)
-                acc.cnt[rows] += columns
+                acc.add(ys, down.T @ band)                      # (Q, crop_h, width)
+                acc.cnt[acc.rows(ys, ys + crop_h)] += columns
                 del rows_open[ys]
         timings["blend"] += time.perf_counter() - started
         ran += len(batch)
@@ -483,6 +502,7 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
         e0, e1 = max(acc.top, r_lo), min(upto, r_hi)
         block = None
         if e1 > e0:
+            acc.settle(e1)
             rows = acc.rows(e0, e1)
             # finish divides the rows in place: they are dropped next.
             block = segmenter.finish(acc.sum[:, rows], acc.cnt[rows], acc.valid[rows].copy(),

@@ -119,6 +119,26 @@ def test_masked_pixels_get_no_class_and_fully_masked_crops_are_skipped():
     np.testing.assert_allclose(got.probs[:, :, 260:], full.probs[:, :, 260:], atol=1e-6)
 
 
+def test_rows_no_crop_reaches_hold_nothing_and_the_rows_around_them_match_the_reference():
+    """A band of masked rows taller than a crop and a half: whole crop rows are skipped, some rows are
+    reached by no crop at all, and the accumulator's buffer is reused several times over the height.
+    The valid rows equal plain section 4 on the image with the band blacked out; the unreached rows
+    carry no logits (0) and no class."""
+    segmenter = Segmenter(_loaded(16), parse_class_lines(CLASS_LINES), batch_size=3)
+    segmenter.keep_logits = True
+    image = np.random.default_rng(5).uniform(0, 255, (3, 1200, 300)).astype(np.float32)
+    valid = np.ones((1200, 300), bool)
+    valid[400:900] = False
+    got = predict_window(segmenter, ArraySource(image, valid))
+    blacked = image.copy()
+    blacked[:, ~valid] = 0
+    expected = reference_probabilities(segmenter.loaded.model, segmenter.text, segmenter.owner, blacked)
+    assert np.abs(got.probs[:, valid] - expected[:, valid]).max() < 1e-4
+    assert (got.class_ids[~valid] == 255).all() and np.isnan(got.probs[:, ~valid]).all()
+    unreached = slice(560, 784)  # only the crop rows at 448, 560 and 672 reach these, all fully masked
+    assert got.logits is not None and (got.logits[:, unreached] == 0).all()
+
+
 def test_crop_grid_follows_the_reference_formula():
     assert crop_starts(448, 224, 112) == [0, 112, 224]
     assert crop_starts(500, 224, 112) == [0, 112, 224, 276]
