@@ -8,8 +8,10 @@ that every patch token carries its own, spatially faithful embedding.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -28,6 +30,21 @@ def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(CLIP_MEAN_255, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD_255, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
     return (pixels - mean) / std
+
+
+def normalized_batch(crops: Sequence[np.ndarray]) -> np.ndarray:
+    """RGB 0..255 crops (3, h, w) of one shape -> a CLIP-normalised float32 batch (B, 3, h, w).
+
+    The same float32 subtract and divide as `normalize_pixels`, so the same values, but each crop is
+    written straight into the batch: no stacked copy and no temporaries (the engine's CPU path).
+    """
+    mean = np.asarray(CLIP_MEAN_255, np.float32).reshape(3, 1, 1)
+    std = np.asarray(CLIP_STD_255, np.float32).reshape(3, 1, 1)
+    batch = np.empty((len(crops), *crops[0].shape), np.float32)
+    for out, crop in zip(batch, crops):
+        np.subtract(crop, mean, out=out)
+        np.divide(out, std, out=out)
+    return batch
 
 
 def _positional_embedding(visual: VisionTransformer, grid_h: int, grid_w: int) -> torch.Tensor:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from functools import cache
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .dense import CLIP_MEAN_255, CLIP_STD_255, normalize_pixels
+from .dense import normalize_pixels, normalized_batch
 from .encoders import Encoder, TorchEncoder, crop_size
 from .errors import CancelledError
 from .feature_cache import FeatureCache
@@ -40,13 +39,6 @@ CHUNK_COLUMNS = 2048
 CHUNK_ROWS = 4096
 # Where the engine's time goes (seconds, summed over a run); "read" runs in a background thread.
 STAGES = ("read", "read_wait", "encode", "blend", "finish")
-
-
-@cache
-def _clip_constants() -> tuple[np.ndarray, np.ndarray]:
-    """CLIP's per-channel mean and std (0-255 units) as float32 (3, 1, 1) arrays."""
-    return (np.asarray(CLIP_MEAN_255, np.float32).reshape(3, 1, 1),
-            np.asarray(CLIP_STD_255, np.float32).reshape(3, 1, 1))
 
 
 def crop_starts(length: int, crop: int, stride: int) -> list[int]:
@@ -129,21 +121,15 @@ class Segmenter:
     def _normalized(self, crops: Sequence[np.ndarray]) -> torch.Tensor:
         """RGB 0..255 crops (3, h, w) -> one CLIP-normalised batch on the device.
 
-        On the CPU each crop is normalised straight into the batch (no stacked copy, no temporaries;
-        the same float32 operations as `normalize_pixels`); on a GPU the stacked crops are uploaded from
-        pinned memory and normalised there.
+        On the CPU each crop is normalised straight into the batch (`normalized_batch`); on a GPU the
+        stacked crops are uploaded from pinned memory and normalised there.
         """
-        if self.device.type != "cpu":
-            tensor = torch.from_numpy(np.stack(crops))
-            if self._pin:
-                tensor = tensor.pin_memory()
-            return normalize_pixels(tensor.to(self.device, non_blocking=True))
-        mean, std = _clip_constants()
-        batch = np.empty((len(crops), *crops[0].shape), np.float32)
-        for out, crop in zip(batch, crops):
-            np.subtract(crop, mean, out=out)
-            np.divide(out, std, out=out)
-        return torch.from_numpy(batch)
+        if self.device.type == "cpu":
+            return torch.from_numpy(normalized_batch(crops))
+        tensor = torch.from_numpy(np.stack(crops))
+        if self._pin:
+            tensor = tensor.pin_memory()
+        return normalize_pixels(tensor.to(self.device, non_blocking=True))
 
     @torch.inference_mode()
     def crop_features(self, crops: Sequence[np.ndarray], keys: list | None = None) -> torch.Tensor:

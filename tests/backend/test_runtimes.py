@@ -1,6 +1,10 @@
 """Encoder runtimes: OpenVINO / ONNX Runtime match torch, fall back with one line, and the GPU path's choices."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -213,9 +217,6 @@ def test_openvino_runs_without_sending_usage_telemetry_or_forking(tmp_path):
     opted out (a network call nobody asked for; the fork of a threaded process could deadlock and hold
     the run at exit). A `farslip segment --runtime openvino` run sends nothing, forks nothing and leaves
     no telemetry files in the user's home."""
-    import subprocess
-    import sys
-
     model = save_plain(make_tiny_clip(16, seed=23), tmp_path / "tiny.pt")
     raster = tmp_path / "image.tif"
     rgb = np.random.default_rng(1).integers(0, 255, (3, 240, 240), dtype=np.uint8)
@@ -232,10 +233,10 @@ def test_openvino_runs_without_sending_usage_telemetry_or_forking(tmp_path):
         f"app(['segment', {str(raster)!r}, '--classes', 'water', '--classes', 'road', '--model', {str(model)!r},"
         f" '--runtime', 'openvino', '--out', {str(tmp_path / 'out.gpkg')!r}], prog_name='farslip')\n"
     )
-    env = {**__import__("os").environ, "HOME": str(home)}
+    env = {**os.environ, "HOME": str(home)}
     env.pop("CI", None)  # OpenVINO skips its telemetry when it sees CI=true: test what a user gets
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
-                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[2]))
+                          cwd=str(Path(__file__).resolve().parents[2]))
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "out.gpkg").is_file()
     assert "AT EXIT NoneType 0 True" in done.stdout, done.stdout[-2000:]

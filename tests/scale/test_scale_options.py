@@ -53,7 +53,9 @@ def test_ray_reports_no_usage_statistics_unless_the_user_turned_them_on(monkeypa
     from backend.scale.run import import_ray
 
     if asked is None:
-        monkeypatch.delenv("RAY_USAGE_STATS_ENABLED", raising=False)
+        # set, then removed: monkeypatch records the original and restores it, whatever import_ray sets
+        monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "")
+        monkeypatch.delenv("RAY_USAGE_STATS_ENABLED")
     else:
         monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", asked)
     import_ray()
