@@ -373,9 +373,11 @@ class _Accumulator:
         capacity = self.cnt.shape[0]
         if self.start + self.length + grow > capacity:
             live = slice(self.start, self.start + self.length)
-            kept = (self.sum[:, live].clone(), self.cnt[live].clone(), self.valid[live].copy())
+            kept = (self.sum[:, live], self.cnt[live], self.valid[live])
             if self.length + grow > capacity:
                 self._allocate(2 * (self.length + grow))
+            elif self.start < self.length:  # the live rows overlap their new place: copy them out first
+                kept = (kept[0].clone(), kept[1].clone(), kept[2].copy())
             self.start = 0
             self.sum[:, :self.length], self.cnt[:self.length], self.valid[:self.length] = kept
         new = slice(self.start + self.length, self.start + self.length + grow)
@@ -447,7 +449,9 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
     timings = segmenter.stage_s
 
     # The open rows of the chunk's columns, on the model's device.
-    acc = _Accumulator(queries, width, device, 3 * crop_h, row_starts[0])  # live rows: about crop_h + stride
+    # Live rows: about crop_h + stride; with room for four crop heights they move back to the buffer's
+    # start without overlapping themselves (one copy, no clone), every fourth crop row or so.
+    acc = _Accumulator(queries, width, device, 4 * crop_h, row_starts[0])
     pending: list[tuple[int, int, np.ndarray]] = []   # (crop row start, crop col start, pixels)
     queued_by_row: list[int] = []                     # crops queued once crop row k was read
     ran = 0

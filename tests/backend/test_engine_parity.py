@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tinymodels import make_tiny_clip
 
 from backend.engine.dense import dense_patch_features, normalize_pixels
-from backend.engine.sliding import ArraySource, Segmenter, crop_starts, predict_window
+from backend.engine.sliding import ArraySource, Segmenter, _Accumulator, crop_starts, predict_window
 from backend.engine.raster import PixelWindow
 from backend.engine.text import parse_class_lines
 
@@ -143,3 +143,28 @@ def test_crop_grid_follows_the_reference_formula():
     assert crop_starts(448, 224, 112) == [0, 112, 224]
     assert crop_starts(500, 224, 112) == [0, 112, 224, 276]
     assert crop_starts(100, 224, 112) == [0]
+
+
+@pytest.mark.parametrize("capacity", [6, 9, 16])
+def test_accumulator_rows_survive_its_compactions_and_growth(capacity):
+    """Rows opened, summed and dropped in a sliding pattern keep their sums whether the buffer moves the
+    live rows to its start over themselves (small capacity), into free space, or grows."""
+    rng = np.random.default_rng(capacity)
+    acc = _Accumulator(2, 3, torch.device("cpu"), capacity)
+    truth: dict[int, np.ndarray] = {}
+    for step in range(40):
+        first = acc.end - rng.integers(0, 3) if acc.length else acc.end
+        first = max(first, acc.top)
+        rows = int(rng.integers(1, 5))
+        acc.extend(first + rows)
+        values = torch.from_numpy(rng.normal(size=(2, rows, 3)).astype(np.float32))
+        acc.add(first, values)
+        for i in range(rows):
+            truth[first + i] = truth.get(first + i, np.zeros((2, 3), np.float32)) + values[:, i].numpy()
+        acc.cnt[acc.rows(first, first + rows)] += 1
+        if step % 3 == 2:
+            acc.drop(acc.top + int(rng.integers(1, 4)))
+        acc.settle(acc.end)
+        live = acc.sum[:, acc.rows(acc.top, acc.end)].numpy()
+        expected = np.stack([truth.get(row, np.zeros((2, 3), np.float32)) for row in range(acc.top, acc.end)], axis=1)
+        np.testing.assert_allclose(live, expected, rtol=1e-6, atol=1e-6)
