@@ -69,13 +69,10 @@ class DenseTower(torch.nn.Module):
 
 
 class NullEncoder:
-    """A near zero-cost stand-in with the encoder's output shape: each patch's centre pixel through a
-    fixed random projection.
+    """A zero-cost stand-in with the encoder's output shape: patch means through a fixed random projection.
 
     The output varies with the image, so classes, polygons and their counts stay realistic; only
-    the model's own time is gone. It reads one pixel per patch, not the whole crop (a mean over the
-    patch cost as much as the normalisation before it, a cost no real encoder's host side has).
-    Used to measure the host side (`farslip bench --null-encoder`).
+    the model's own time is gone. Used to measure the host side (`farslip bench --null-encoder`).
     """
 
     name = "null"
@@ -88,9 +85,8 @@ class NullEncoder:
         self.projection = rows.T.contiguous().to(device)
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        centre = self.patch // 2
-        sampled = pixels[:, :, centre::self.patch, centre::self.patch]
-        return F.normalize(sampled.permute(0, 2, 3, 1), dim=-1) @ self.projection
+        pooled = F.normalize(F.avg_pool2d(pixels, self.patch).permute(0, 2, 3, 1), dim=-1)
+        return pooled @ self.projection
 
     def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """The global (CLS) path's stand-in, for the quality estimate's region checks: (B, D)."""

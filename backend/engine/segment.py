@@ -135,6 +135,8 @@ class StripPolygons:
     The engine's blocks come column chunk by column chunk, each top to bottom; a chunk's rows are
     gathered into strips of `strip_rows` and handed over through a queue of two strips, so memory
     stays bounded; the result is the one vectorize_class_raster gives for the whole window.
+    A strip is handed over once the row below it is known, with that row (which stays for the next
+    strip): the worker can finish the strip's outline at once instead of waiting for the next strip.
     """
 
     def __init__(self, transform, width: int, strip_rows: int, should_cancel: Callable[[], bool] | None):
@@ -164,17 +166,25 @@ class StripPolygons:
         if self._rows and self._rows[-1][1] != block.col0:
             self._hand_over()  # a new column chunk starts at the top again
         self._rows.append((block.row0, block.col0, block.class_ids, block.score, signals))
-        if sum(len(rows[2]) for rows in self._rows) >= self.strip_rows:
-            self._hand_over()
+        if sum(len(rows[2]) for rows in self._rows) > self.strip_rows:
+            self._hand_over(keep_last_row=True)
 
-    def _hand_over(self) -> None:
+    def _hand_over(self, keep_last_row: bool = False) -> None:
+        """Hand the gathered rows over: all of them where the column chunk ends, else all but the last,
+        which goes along as the row below the strip and stays to begin the next one."""
         if self._rows:
             row0, col0 = self._rows[0][:2]
             classes = np.concatenate([rows[2] for rows in self._rows])
             scores = np.concatenate([rows[3] for rows in self._rows])
             signals = np.concatenate([rows[4] for rows in self._rows], axis=1)
-            self._put((row0, col0, classes, scores, signals))
             self._rows = []
+            if keep_last_row and len(classes) > 1:
+                last = len(classes) - 1
+                self._rows = [(row0 + last, col0, classes[last:], scores[last:], signals[:, last:])]
+                self._put((row0, col0, classes[:last], scores[:last], signals[:, :last],
+                           (classes[last], scores[last])))
+            else:
+                self._put((row0, col0, classes, scores, signals, None))
 
     def finish(self) -> list:
         self._hand_over()

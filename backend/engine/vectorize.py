@@ -253,8 +253,10 @@ def vectorize_class_raster(
     return _merged_regions(found, transform)
 
 
-# (first row, first column, classes, scores or None, signals (2, rows, columns: margin, entropy) or None)
-Strip = tuple[int, int, np.ndarray, np.ndarray | None, np.ndarray | None]
+# (first row, first column, classes, scores or None, signals (2, rows, columns: margin, entropy) or None),
+# optionally followed by the row just below the strip, (classes, scores or None), or None where the strip
+# ends its column chunk. A strip without that sixth item is held until the next one shows its first row.
+Strip = tuple
 
 
 def vectorize_strips(strips: Iterable[Strip], transform: Affine, width: int, skip_values: Iterable[int] = (255,),
@@ -279,7 +281,11 @@ def _dataset_strips(classes_ds, scores_ds, signals_ds, strip_rows: int):
 
 def _in_context(strips: Iterable[Strip]):
     """Each strip with the (classes, scores) row just above and below it in its column chunk (None at
-    the raster's edges: a chunk runs from the top row to the bottom one)."""
+    the raster's edges: a chunk runs from the top row to the bottom one).
+
+    A strip that brings its row below (a sixth item) is yielded as soon as it comes; one without it
+    waits for the next strip's first row.
+    """
     def row(strip, index):
         return strip[2][index], (strip[3][index] if strip[3] is not None else None)
 
@@ -289,7 +295,13 @@ def _in_context(strips: Iterable[Strip]):
             same_chunk = strip[1] == pending[1]
             yield pending, above, row(strip, 0) if same_chunk else None
             above = row(pending, -1) if same_chunk else None
-        pending = strip
+            pending = None
+        if len(strip) > 5:
+            below = strip[5]
+            yield strip[:5], above, below
+            above = row(strip, -1) if below is not None else None
+        else:
+            pending = strip
     if pending is not None:
         yield pending, above, None
 

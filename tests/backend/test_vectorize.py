@@ -287,6 +287,55 @@ def chunked_strips(classes, scores, signals, strip_rows: int, chunk_edges: list[
             for c0, c1 in zip(chunk_edges, chunk_edges[1:]) for a, b in zip(rows, rows[1:])]
 
 
+def engine_blocks_polygonised(classes, scores, signals, strip_rows: int, chunk_edges: list[int]):
+    """The regions `segment`'s polygon worker makes of the engine's blocks (uneven heights of 1 to 3
+    rows, column chunk by column chunk), each strip handed over with the row below it."""
+    from types import SimpleNamespace
+
+    from backend.engine.segment import SKIPPED_CLASSES, StripPolygons
+
+    polygons = StripPolygons(TRANSFORM, classes.shape[1], strip_rows, None)
+    for c0, c1 in zip(chunk_edges, chunk_edges[1:]):
+        top, step = 0, 0
+        while top < classes.shape[0]:
+            height = min(1 + step % 3, classes.shape[0] - top)
+            block = SimpleNamespace(row0=top, col0=c0, class_ids=classes[top:top + height, c0:c1],
+                                    score=scores[top:top + height, c0:c1])
+            polygons.add(block, signals[:, top:top + height, c0:c1])
+            top, step = top + height, step + 1
+    assert SKIPPED_CLASSES[0] == 255
+    return polygons.finish()
+
+
+def test_a_strip_that_brings_its_row_below_is_worked_on_before_the_next_strip_comes():
+    """The polygon worker does not wait for the next strip to learn the row below a strip's last row
+    when the strip brings it (as `segment` hands them over); above/below rows stay those of the chunk."""
+    from backend.engine.vectorize import _in_context
+
+    classes = np.arange(15, dtype=np.uint8).reshape(5, 3)
+    scores = classes.astype(np.float32) / 15
+    asked = []
+
+    def strips():
+        asked.append(0)
+        yield 0, 0, classes[:2], scores[:2], None, (classes[2], scores[2])
+        asked.append(1)
+        yield 2, 0, classes[2:], scores[2:], None, None
+        asked.append(2)
+        yield 0, 3, classes[:5], scores[:5], None  # a second chunk, without its row below: held back
+
+    contexts = _in_context(strips())
+    strip, above, below = next(contexts)
+    assert asked == [0] and strip[0] == 0 and len(strip) == 5
+    assert above is None and np.array_equal(below[0], classes[2]) and np.array_equal(below[1], scores[2])
+    strip, above, below = next(contexts)
+    assert asked == [0, 1] and strip[0] == 2
+    assert np.array_equal(above[0], classes[1]) and below is None
+    strip, above, below = next(contexts)
+    assert asked == [0, 1, 2] and strip[1] == 3 and above is None and below is None
+    assert next(contexts, None) is None
+
+
 @pytest.mark.parametrize("strip_rows, chunks", [(1, [0, 30]), (4, [0, 4, 5, 30]), (1024, [0, 1, 12, 30]),
                                                 (7, [0, 22, 23, 24, 30])])
 def test_quality_signals_of_a_region_do_not_depend_on_the_strips(rasters, tmp_path, strip_rows, chunks):
@@ -311,7 +360,8 @@ def test_quality_signals_of_a_region_do_not_depend_on_the_strips(rasters, tmp_pa
     assert chunks[-1] == classes.shape[1]
     strips = chunked_strips(classes, scores, signals, strip_rows, chunks)
     for regions in (vectorize_class_raster(class_path, score_path, strip_rows=strip_rows, signals_path=signals_path),
-                    vectorize_strips(iter(strips), TRANSFORM, classes.shape[1])):
+                    vectorize_strips(iter(strips), TRANSFORM, classes.shape[1]),
+                    engine_blocks_polygonised(classes, scores, signals, strip_rows, chunks)):
         assert len(regions) == len(expected)
         for region in regions:
             rows, cols = np.nonzero(rasterio.features.geometry_mask([region.geometry], classes.shape, TRANSFORM,
