@@ -122,8 +122,9 @@ def _region_stats(region_ids: np.ndarray, scores: np.ndarray | None, n: int):
     counts = np.bincount(flat_ids, minlength=n + 1)[1:]
     if scores is None:
         return counts, np.full(n, math.nan), np.full(n, math.nan)
-    labelled = flat_ids > 0  # id 0 is "no region": its (often NaN) scores are never used
-    flat_ids, flat_scores = flat_ids[labelled], scores.ravel()[labelled].astype(np.float64)
+    # Every pixel at once: id 0 ("no region") collects the (often NaN) scores of the others, never
+    # used, instead of a masked copy of the labelled ones (the same sums, in the same order).
+    flat_scores = scores.ravel().astype(np.float64)
     sums = np.bincount(flat_ids, weights=flat_scores, minlength=n + 1)[1:]
     maxima = np.full(n + 1, -np.inf)
     np.maximum.at(maxima, flat_ids, flat_scores)
