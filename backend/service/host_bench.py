@@ -5,13 +5,16 @@ NullEncoder), so the figure is what a fast GPU would leave: reading, normalising
 similarity, upsampling, blending, softmax, class and score rasters, polygons, files. The quality
 estimate's region checks run CLIP's global image path, model time like the dense pass: they use the
 stand-in's global path too (their reading and resizing stay in the figure), and the quality
-estimate is its own row. Memory is measured in child processes at two raster sizes, to show it
+estimate is its own row. The CPU time of the run over all its threads (`host_cpu_s`) says how busy
+the cores were: on a machine with few cores the host side's total work, not its overlap, sets the
+figure. Memory is measured in child processes at two raster sizes, to show it
 stays flat.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -47,14 +50,22 @@ def host_run(raster: Path, out_dir: Path, arch: str, device: str, batch_size: in
     TextEmbedder(loaded, cache=None).embed(BENCH_CLASSES)  # text is not the host side's cost
     options = SegmentOptions(raster=Path(raster), class_lines=BENCH_CLASSES, batch_size=batch_size, runtime="torch",
                              out=out_dir / "host.gpkg", class_raster=out_dir / "host_classes.tif", overwrite=True)
+    cpu_before = os.times()
     started = time.perf_counter()
     result = segment_raster(options, loaded, encoder=encoder)
     seconds = time.perf_counter() - started
+    cpu_after = os.times()
+    cpu_s = (cpu_after.user - cpu_before.user) + (cpu_after.system - cpu_before.system)
     pixels = result.report["pixel_window"]["height"] * result.report["pixel_window"]["width"]
-    return {"pixels": pixels, "seconds": seconds, "host_mpx_per_s": pixels / seconds / 1e6,
+    return {"pixels": pixels, "seconds": seconds, "host_mpx_per_s": pixels / seconds / 1e6, "cpu_s": cpu_s,
             "tiles": result.tiles, "timings": result.timings, "peak_rss_mb": peak_rss_mb(),
             "polygons": sum(c["polygons"] for c in result.classes),
             "region_checks": result.report["quality"]["region_checks"]}
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the system has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _child(raster: Path, out_dir: Path, arch: str, device: str, batch_size: int) -> dict:
@@ -75,8 +86,10 @@ def run_host_bench(arch: str = "ViT-B-16", batch_size: int = 8, size: int = 4096
              f"{torch.get_num_threads()} threads")
         raster = write_test_raster(work / f"host_{size}.tif", size)
         run = _child(raster, work, arch, device, batch_size)
+        cores = usable_cores()
         results.update(host_mpx_per_s=run["host_mpx_per_s"], seconds=run["seconds"], pixels=run["pixels"],
-                       tiles=run["tiles"], polygons=run["polygons"], timings=run["timings"])
+                       tiles=run["tiles"], polygons=run["polygons"], timings=run["timings"],
+                       host_cpu_s=run["cpu_s"], cores=cores, cores_busy=run["cpu_s"] / run["seconds"])
         echo("")
         echo(f"| host side, {size}x{size} GeoTIFF -> GPKG + class raster ({run['tiles']} crops, "
              f"{run['polygons']} polygons) | seconds | share of wall time |")
@@ -92,6 +105,9 @@ def run_host_bench(arch: str = "ViT-B-16", batch_size: int = 8, size: int = 4096
         other = wall - sum(run["timings"].get(k, 0.0) for k in STAGE_NAMES if k != "read_s")
         echo(f"| everything else (text, setup, Python) | {other:.2f} | {other / wall:.1%} |")
         echo(f"| **total** | {wall:.2f} | **{run['host_mpx_per_s']:.1f} Mpx/s** |")
+        echo(f"\nCPU time of the run: {run['cpu_s']:.2f} s over its threads, {run['cpu_s'] / wall:.1f} of the "
+             f"{cores} usable cores busy on average (with every core busy all the time it would take "
+             f"{run['cpu_s'] / cores:.2f} s; torch's idle worker threads spin for a while, which counts too).")
         results["stage_share"] = shares
         if memory_sizes:
             echo("")

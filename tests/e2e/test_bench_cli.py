@@ -1,0 +1,30 @@
+"""`farslip bench --null-encoder` as a user runs it: the table and the figures of the JSON it writes
+(the figures' sizes are not checked: timings belong in benchmarks, not in tests)."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from backend.service.cli import app
+
+
+def test_null_encoder_bench_writes_the_host_figure_each_stage_and_the_cpu_time(tmp_path):
+    out = tmp_path / "host.json"
+    result = CliRunner().invoke(app, ["bench", "--null-encoder", "--size", "448", "--rss-sizes", "",
+                                      "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(out.read_text(encoding="utf-8"))
+    assert figures["pixels"] == 448 * 448 and figures["tiles"] == 9
+    assert figures["host_mpx_per_s"] > 0 and figures["host_mpx_per_s"] == figures["pixels"] / figures["seconds"] / 1e6
+    assert figures["polygons"] >= 1
+    assert figures["host_cpu_s"] > 0 and figures["cores"] >= 1
+    assert figures["cores_busy"] == figures["host_cpu_s"] / figures["seconds"]
+    shares = figures["stage_share"]
+    assert {"encode_s", "blend_s", "finish_s", "polygon_wait_s", "quality_s"} <= set(shares)
+    assert all(0 <= share <= 1 for share in shares.values())
+    assert sum(share for key, share in shares.items() if key != "read_s") <= 1.0
+    assert "**total**" in result.output and "Mpx/s" in result.output
+    assert "CPU time of the run" in result.output
+    assert "memory" not in figures  # --rss-sizes '' skips the peak-memory runs
