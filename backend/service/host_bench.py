@@ -27,9 +27,8 @@ from backend.engine.encoders import NullEncoder
 from backend.engine.memory import peak_rss_mb
 from backend.engine.options import SegmentOptions
 from backend.engine.segment import segment_raster
-from backend.engine.text import TextEmbedder
 
-from .bench import BENCH_CLASSES, random_model, write_test_raster
+from .bench import BENCH_CLASSES, random_model, type_classes, write_test_raster
 
 # Stages of a segment run, as segment_raster times them (seconds). "read" runs in its own thread,
 # beside the others; "read_wait" is the part of it the main thread waited for.
@@ -47,7 +46,7 @@ def host_run(raster: Path, out_dir: Path, arch: str, device: str, batch_size: in
     """One segment run of `raster` with the null encoder; figures as a dict."""
     loaded = random_model(arch, torch.device(device))
     encoder = NullEncoder(loaded.model.visual, loaded.device)
-    TextEmbedder(loaded, cache=None).embed(BENCH_CLASSES)  # text is not the host side's cost
+    type_classes(loaded, BENCH_CLASSES)  # text is not the host side's cost
     options = SegmentOptions(raster=Path(raster), class_lines=BENCH_CLASSES, batch_size=batch_size, runtime="torch",
                              out=out_dir / "host.gpkg", class_raster=out_dir / "host_classes.tif", overwrite=True)
     cpu_before = os.times()

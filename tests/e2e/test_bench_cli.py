@@ -5,8 +5,14 @@ from __future__ import annotations
 
 import json
 
+from tinymodels import make_tiny_clip, save_plain
 from typer.testing import CliRunner
 
+from backend.engine.models import load_model
+from backend.engine.options import check_language
+from backend.engine.sliding import Segmenter
+from backend.engine.text import TextEmbedder, parse_class_lines
+from backend.service.bench import type_classes
 from backend.service.cli import app
 
 
@@ -28,3 +34,19 @@ def test_null_encoder_bench_writes_the_host_figure_each_stage_and_the_cpu_time(t
     assert "**total**" in result.output and "Mpx/s" in result.output
     assert "CPU time of the run" in result.output
     assert "memory" not in figures  # --rss-sizes '' skips the peak-memory runs
+
+
+def test_classes_typed_before_are_cached_as_the_run_asks_for_them(tmp_path, monkeypatch):
+    """The benches' "classes typed before" are embedded query by query, as a segment run asks for them
+    (one line, several synonyms): the run then encodes no text at all."""
+    loaded = load_model(str(save_plain(make_tiny_clip(), tmp_path / "tiny.pt")))
+    lines = ["quarry pit, spoil heap", "hedgerow"]
+    type_classes(loaded, lines)
+
+    def encoded_again(self, query):
+        raise AssertionError(f"{query!r} was encoded again")
+
+    monkeypatch.setattr(TextEmbedder, "_encode", encoded_again)
+    embedder = TextEmbedder(loaded, language=check_language(None))  # as segment_raster makes it
+    segmenter = Segmenter(loaded, parse_class_lines(lines), embedder=embedder)
+    assert segmenter.num_queries == 3
