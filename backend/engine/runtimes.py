@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 import warnings
 import weakref
@@ -55,8 +56,6 @@ def import_openvino():
     fork of a process that runs threads, whose child can deadlock in the resolver and then holds the
     process at exit. With the telemetry package marked absent, OpenVINO uses its built-in no-op stub.
     """
-    import sys
-
     if "openvino" not in sys.modules:
         sys.modules.setdefault("openvino_telemetry", None)  # None: importing it raises ImportError
     import openvino

@@ -104,7 +104,7 @@ def run_host_bench(arch: str = "ViT-B-16", batch_size: int = 8, size: int = 4096
         other = wall - sum(run["timings"].get(k, 0.0) for k in STAGE_NAMES if k != "read_s")
         echo(f"| everything else (text, setup, Python) | {other:.2f} | {other / wall:.1%} |")
         echo(f"| **total** | {wall:.2f} | **{run['host_mpx_per_s']:.1f} Mpx/s** |")
-        echo(f"\nCPU time of the run: {run['cpu_s']:.2f} s over its threads, {run['cpu_s'] / wall:.1f} of the "
+        echo(f"\nCPU time of the run: {run['cpu_s']:.2f} s over its threads, {results['cores_busy']:.1f} of the "
              f"{cores} usable cores busy on average (with every core busy all the time it would take "
              f"{run['cpu_s'] / cores:.2f} s; torch's idle worker threads spin for a while, which counts too).")
         results["stage_share"] = shares
