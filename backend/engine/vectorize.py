@@ -1,9 +1,9 @@
 """Class raster -> one polygon per connected region of each class, with score statistics.
 
 The raster is read in horizontal strips so memory does not grow with its height. Each strip's
-regions are labelled (4-connectivity, as rasterio.features.shapes with connectivity=4) and
-polygonised; regions of the same class that touch across a strip seam are then merged, so a region
-spanning many strips is still exactly one feature.
+regions (4-connected pixels of one class) are labelled and polygonised (_strip_polygons); regions
+of the same class that touch across a strip seam are then merged, so a region spanning many strips
+is still exactly one feature.
 
 Polygons are built and merged in pixel coordinates (integer corners, exact in floating point) and
 mapped to the raster's CRS with its affine transform at the end: the union along a seam is then
@@ -36,9 +36,6 @@ from scipy import ndimage
 from shapely.geometry.base import BaseGeometry
 
 from backend.engine.errors import CancelledError, InputError
-
-FOUR_CONNECTED = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=bool)
-
 
 @dataclass(frozen=True)
 class RegionPolygon:
@@ -77,16 +74,23 @@ class _UnionFind:
             self.parent[max(root_a, root_b)] = min(root_a, root_b)
 
 
+FOUR_CONNECTED = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=bool)
+# Value types rasterio.features.shapes polygonises as they are; other class rasters go through codes.
+_SHAPES_DTYPES = (np.uint8, np.uint16, np.int16, np.int32)
+# Burning outlines back costs per region (and outline vertex and row), labelling a pass per class
+# present: on speckled class maps the two took about the same time at one region per 5000 pixels and
+# classes. A strip is burnt while the strip before it had fewer; FarSLIP's maps, smooth at the patch
+# scale, have far fewer.
+BURN_BELOW = 1 / 5000
+
+
 def _label_strip(classes: np.ndarray, skip: set[int]) -> tuple[np.ndarray, np.ndarray]:
     """Region ids (1..n, 0 = no region) for a strip, and the class of each region (index id-1)."""
     region_ids = np.zeros(classes.shape, dtype=np.int32)
     labels = np.empty(classes.shape, dtype=np.int32)
     region_classes = []
     count = 0
-    # A class raster is uint8: its values present are a histogram's non-empty bins (cheaper than a sort).
-    present = (np.flatnonzero(np.bincount(classes.ravel(), minlength=256)) if classes.dtype == np.uint8
-               else np.unique(classes))
-    for class_id in present:
+    for class_id in _classes_present(classes):
         if int(class_id) in skip:
             continue
         inside = classes == class_id
@@ -97,23 +101,77 @@ def _label_strip(classes: np.ndarray, skip: set[int]) -> tuple[np.ndarray, np.nd
     return region_ids, np.asarray(region_classes, dtype=np.int64)
 
 
+def _classes_present(classes: np.ndarray) -> np.ndarray:
+    # A class raster is uint8: its values present are a histogram's non-empty bins (cheaper than a sort).
+    return (np.flatnonzero(np.bincount(classes.ravel(), minlength=256)) if classes.dtype == np.uint8
+            else np.unique(classes))
+
+
+def _strip_polygons(classes: np.ndarray, skip: set[int], col0: int, row0: int, burn: bool
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A strip's regions (4-connected pixels of one class, `skip` left out): per pixel its region id
+    (1..n, 0 = no region), the class of each region (index id-1) and its polygon in raster pixel
+    coordinates (the strip's first pixel at `col0`, `row0`).
+
+    Two ways to the same regions. With `burn`, GDAL's polygoniser finds them in one pass over the
+    class values and their outer rings are burnt back as ids: pixel centres never lie on a pixel-edge
+    outline, so the burn gives each region exactly its pixels. Without it, scipy labels each class
+    present and its labels are polygonised; that costs a pass per class, but nothing per region.
+    """
+    origin = Affine.translation(col0, row0)
+    if not burn:
+        region_ids, region_classes = _label_strip(classes, skip)
+        shapes = list(rasterio.features.shapes(region_ids, mask=region_ids > 0, connectivity=4, transform=origin))
+        assert len(shapes) == len(region_classes), "every labelled region is exactly one shape"
+        polygons = np.empty(len(shapes), dtype=object)
+        polygons[[int(value) - 1 for _, value in shapes]] = shapely.from_geojson(
+            [json.dumps(geometry) for geometry, _ in shapes])
+        return region_ids, region_classes, polygons
+    if classes.dtype == np.uint8:
+        keep = np.ones(256, dtype=bool)
+        keep[[value for value in skip if 0 <= value < 256]] = False
+        mask, values, codes = keep[classes], None, classes
+    else:
+        mask = ~np.isin(classes, list(skip))
+        values, codes = (None, classes) if classes.dtype in _SHAPES_DTYPES else np.unique(classes, return_inverse=True)
+        codes = codes.reshape(classes.shape).astype(np.int32, copy=False)
+    shapes = list(rasterio.features.shapes(codes, mask=mask, connectivity=4, transform=origin))
+    region_classes = np.array([value for _, value in shapes], dtype=np.int64)
+    if values is not None:
+        region_classes = values[region_classes].astype(np.int64)
+    region_ids = np.zeros(classes.shape, dtype=np.int32)
+    if not shapes:
+        return region_ids, region_classes, np.empty(0, dtype=object)
+    polygons = np.asarray(shapely.from_geojson([json.dumps(geometry) for geometry, _ in shapes]), dtype=object)
+    # Outer rings only, largest bounding box first: what lies in a region's holes is another region,
+    # enclosed by it (so with a smaller box, burnt later over it) or a skipped pixel (reset after).
+    # With its holes a region's burn would cost more the more holes it has, on each of its rows.
+    x0, y0, x1, y1 = shapely.bounds(polygons).T
+    order = np.argsort(-(x1 - x0) * (y1 - y0), kind="stable")
+    rasterio.features.rasterize(
+        (({"type": "Polygon", "coordinates": shapes[i][0]["coordinates"][:1]}, int(i) + 1) for i in order),
+        out=region_ids, transform=origin)
+    region_ids[~mask] = 0
+    return region_ids, region_classes, polygons
+
+
 def _region_sums(flat_ids: np.ndarray, values: np.ndarray | None, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per region 1..n (`counts` pixels each): the sum of its `values` and how many there are, NaN left out.
 
-    NaN marks pixels without a value (nodata), which belong to no region: the sums are taken over
-    every pixel at once (id 0, "no region", collects them) and redone without NaN only if a region has one.
+    NaN marks pixels without a value (nodata), which usually belong to no region: the sums are taken
+    over every pixel at once (id 0, "no region", collects them) and redone without NaN only if a
+    region's sum came out NaN.
     """
     n = len(counts)
     if values is None:
         return np.zeros(n), np.zeros(n)
     values = values.ravel()
-    missing = np.isnan(values)
-    missing_ids = flat_ids[missing]
-    missing_ids = missing_ids[missing_ids > 0]
-    if len(missing_ids):
-        present = ~missing
-        flat_ids, values = flat_ids[present], values[present]
     sums = np.bincount(flat_ids, weights=values, minlength=n + 1)[1:]
+    if not np.isnan(sums).any():
+        return sums, counts.astype(np.float64)
+    present = ~np.isnan(values)
+    missing_ids = flat_ids[~present]
+    sums = np.bincount(flat_ids[present], weights=values[present], minlength=n + 1)[1:]
     return sums, (counts - np.bincount(missing_ids, minlength=n + 1)[1:]).astype(np.float64)
 
 
@@ -327,7 +385,9 @@ def _merged_regions(found, transform: Affine) -> list[RegionPolygon]:
         if len(members) == 1:
             geometries.append(pixel_regions[members[0]])
         else:
-            merged = shapely.union_all([pixel_regions[m] for m in members], grid_size=1)
+            # Pixel-corner coordinates are integers and every edge is horizontal or vertical, so the
+            # floating-point overlay is exact here (and faster than one snapped to a grid).
+            merged = shapely.union_all([pixel_regions[m] for m in members])
             # Drop the collinear vertices the seams leave behind; exact at tolerance 0.
             merged = shapely.simplify(merged, 0.0, preserve_topology=True)
             assert merged.geom_type == "Polygon", "4-connected pixel regions merge into one polygon"
@@ -367,6 +427,7 @@ def _strip_regions(strips, skip: set[int], should_cancel, width: int | None = No
     region_classes, counts, sums, maxima, signal_sums = [], [], [], [], []
     late_ids, late_values = [], []  # outline pixels on a chunk's last column, known one chunk later
     merges = _UnionFind()
+    burn = True  # how the next strip finds its regions (_strip_polygons)
     previous_row_ids = previous_row_classes = None
     chunk = None                    # first column of the chunk being read
     edge_parts: list[dict] = []     # its last column, strip by strip
@@ -384,23 +445,14 @@ def _strip_regions(strips, skip: set[int], should_cancel, width: int | None = No
         if col0 != chunk:
             edge, edge_parts, chunk = (_joined(edge_parts) if chunk is not None else None), [], col0
             previous_row_ids = previous_row_classes = None
-        strip_ids, strip_classes = _label_strip(classes, skip)
+        strip_ids, strip_classes, strip_polygons = _strip_polygons(classes, skip, col0, row_start, burn)
         n = len(strip_classes)
+        burn = n < BURN_BELOW * classes.size * len(_classes_present(classes))
         offset = len(pixel_regions)
         height, strip_width = classes.shape
         rows = slice(row_start, row_start + height)
         defer = width is not None and col0 + strip_width < width
 
-        shapes = list(
-            rasterio.features.shapes(
-                strip_ids, mask=strip_ids > 0, connectivity=4, transform=Affine.translation(col0, row_start)
-            )
-        )
-        assert len(shapes) == n, "every labelled region is exactly one shape"
-        strip_polygons = np.empty(n, dtype=object)
-        strip_polygons[[int(value) - 1 for _, value in shapes]] = shapely.from_geojson(
-            [json.dumps(geometry) for geometry, _ in shapes]
-        )
         invalid = ~shapely.is_valid(strip_polygons)
         strip_polygons[invalid] = [_valid_polygon(p) for p in strip_polygons[invalid]]
         pixel_regions.extend(strip_polygons)

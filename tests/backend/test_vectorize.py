@@ -240,6 +240,65 @@ def test_noisy_raster_round_trips_through_polygons(tmp_path, strip_rows):
     np.testing.assert_array_equal(rasterize(regions, classes.shape), classes)
 
 
+@pytest.mark.parametrize("dtype, scale", [(np.uint8, 1), (np.int16, -3), (np.uint32, 70_000), (np.float32, 2)])
+@pytest.mark.parametrize("strip_rows", [3, 1024])
+def test_every_region_holds_exactly_the_pixels_of_its_connected_component(tmp_path, dtype, scale, strip_rows):
+    """Speckle with holes, islands and corner touches: each polygon's pixel count, score sum and maximum
+    are those of one 4-connected component found by scipy, for class rasters of any value type."""
+    rng = np.random.default_rng(5)
+    codes = ndimage.gaussian_filter(rng.random((4, 53, 47)), (0, 0.8, 0.8)).argmax(0)
+    codes[rng.random(codes.shape) < 0.03] = 4  # scattered nodata pixels, inside regions too
+    classes = (codes * scale).astype(dtype)
+    nodata = 4 * scale
+    scores = rng.random(codes.shape).astype(np.float32)
+    class_path = write_raster(tmp_path / "speckle.tif", classes, nodata=nodata)
+    regions = vectorize_class_raster(class_path, write_raster(tmp_path / "scores.tif", scores), strip_rows=strip_rows)
+
+    truth = []
+    for code in range(4):
+        labels, n = ndimage.label(codes == code, structure=FOUR)
+        for region in range(1, n + 1):
+            pixels = labels == region
+            truth.append((float(code * scale), int(pixels.sum()), float(scores[pixels].astype(np.float64).sum()),
+                          float(scores[pixels].max())))
+    found = [(float(r.class_id), r.pixel_count, r.score_sum, r.score_max) for r in regions]
+    assert len(found) == len(truth) > 300
+    for got, want in zip(sorted(found), sorted(truth)):
+        assert got[:2] == want[:2] and got[3] == want[3]
+        assert got[2] == pytest.approx(want[2], rel=1e-12)
+    burned = rasterio.features.rasterize([(r.geometry, round(r.class_id / scale)) for r in regions],
+                                         out_shape=codes.shape, transform=TRANSFORM, fill=4, dtype=np.uint8)
+    np.testing.assert_array_equal(burned, codes)
+
+
+def test_burnt_and_labelled_strips_give_the_same_regions():
+    """The two ways a strip's regions are found (burning GDAL's outlines back, or scipy's labels per
+    class) give the same pixels, classes and polygons, with islands in holes of holes and nodata."""
+    from backend.engine.vectorize import _strip_polygons
+
+    rng = np.random.default_rng(9)
+    speckle = ndimage.gaussian_filter(rng.random((3, 40, 70)), (0, 1.0, 1.0)).argmax(0).astype(np.uint8)
+    speckle[rng.random(speckle.shape) < 0.05] = 255
+    rings = np.zeros((40, 70), np.uint8)
+    rings[4:36, 4:36] = 1
+    rings[8:32, 8:32] = 2
+    rings[12:28, 12:28] = 255  # nodata in the hole of a hole
+    rings[16:24, 16:24] = 1    # and an island in it
+    rings[2::4, 40::3] = 3     # isolated pixels: many one-pixel holes in class 0
+    for classes in (speckle, rings, seam_crossing_classes()):
+        found = [_strip_polygons(classes, {255}, 5, 7, burn) for burn in (True, False)]
+        for ids, region_classes, polygons in found:
+            assert len(region_classes) == len(polygons) == ids.max() == expected_region_count(classes)
+            np.testing.assert_array_equal(ids == 0, classes == 255)
+            np.testing.assert_array_equal(region_classes[ids[ids > 0] - 1], classes[ids > 0])
+        (burnt, burnt_classes, burnt_polygons), (labelled, _, labelled_polygons) = found
+        pairs = np.unique(np.stack([burnt.ravel(), labelled.ravel()]), axis=1)
+        assert pairs.shape[1] == len(burnt_classes) + 1  # a one-to-one match of regions (and of 0)
+        matched = dict(zip(pairs[0], pairs[1]))
+        for region, polygon in enumerate(burnt_polygons, start=1):
+            assert shapely.equals(polygon, labelled_polygons[matched[region] - 1])
+
+
 def test_strips_handed_over_by_the_engine_give_the_polygons_of_the_file(rasters):
     """`segment` polygonises finished rows as they come (uneven strips); same regions as reading the file."""
     from backend.engine.vectorize import vectorize_strips
