@@ -155,38 +155,57 @@ def _strip_polygons(classes: np.ndarray, skip: set[int], col0: int, row0: int, b
     return region_ids, region_classes, polygons
 
 
-def _region_sums(flat_ids: np.ndarray, values: np.ndarray | None, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per region 1..n (`counts` pixels each): the sum of its `values` and how many there are, NaN left out.
+class _Runs:
+    """A strip's pixels as runs along its rows, each of one region (0 = no region), for per-region sums
+    and maxima: a smooth class map has few runs, so values are reduced along each run (one sequential
+    pass) and only the runs are spread over the regions. A fragmented strip is taken pixel by pixel."""
+
+    def __init__(self, region_ids: np.ndarray, n: int):
+        self.flat_ids, self.n = region_ids.ravel(), n
+        change = np.empty(self.flat_ids.size, dtype=bool)
+        if change.size:
+            change[0] = True
+            np.not_equal(self.flat_ids[1:], self.flat_ids[:-1], out=change[1:])
+            change[::region_ids.shape[1]] = True  # a run never crosses a row end: sums as in any strip layout
+        starts = np.flatnonzero(change)
+        self.starts = starts if len(starts) <= self.flat_ids.size // 4 else None
+        self.ids = self.flat_ids[starts] if self.starts is not None else self.flat_ids
+        lengths = np.diff(starts, append=self.flat_ids.size) if self.starts is not None else None
+        self.counts = np.bincount(self.ids, weights=lengths, minlength=n + 1)[1:].astype(np.int64)
+
+    def sums(self, values: np.ndarray) -> np.ndarray:
+        """Per region 1..n, the float64 sum of `values` over its pixels (NaN if one is NaN)."""
+        flat = values.ravel()
+        if self.starts is not None:
+            flat = np.add.reduceat(flat, self.starts, dtype=np.float64)
+        return np.bincount(self.ids, weights=flat, minlength=self.n + 1)[1:]
+
+    def maxima(self, values: np.ndarray) -> np.ndarray:
+        flat = values.ravel()
+        if self.starts is not None:
+            flat = np.maximum.reduceat(flat, self.starts)
+        maxima = np.full(self.n + 1, -np.inf)
+        np.maximum.at(maxima, self.ids, flat.astype(np.float64))
+        return maxima[1:]
+
+
+def _region_sums(runs: _Runs, values: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per region: the sum of its `values` and how many there are, NaN left out.
 
     NaN marks pixels without a value (nodata), which usually belong to no region: the sums are taken
     over every pixel at once (id 0, "no region", collects them) and redone without NaN only if a
     region's sum came out NaN.
     """
-    n = len(counts)
+    n = runs.n
     if values is None:
         return np.zeros(n), np.zeros(n)
-    values = values.ravel()
-    sums = np.bincount(flat_ids, weights=values, minlength=n + 1)[1:]
+    sums = runs.sums(values)
     if not np.isnan(sums).any():
-        return sums, counts.astype(np.float64)
+        return sums, runs.counts.astype(np.float64)
+    flat_ids, values = runs.flat_ids, values.ravel()
     present = ~np.isnan(values)
-    missing_ids = flat_ids[~present]
     sums = np.bincount(flat_ids[present], weights=values[present], minlength=n + 1)[1:]
-    return sums, (counts - np.bincount(missing_ids, minlength=n + 1)[1:]).astype(np.float64)
-
-
-def _region_stats(region_ids: np.ndarray, scores: np.ndarray | None, n: int):
-    flat_ids = region_ids.ravel()
-    counts = np.bincount(flat_ids, minlength=n + 1)[1:]
-    if scores is None:
-        return counts, np.full(n, math.nan), np.full(n, math.nan)
-    # Every pixel at once: id 0 ("no region") collects the (often NaN) scores of the others, never
-    # used, instead of a masked copy of the labelled ones (the same sums, in the same order).
-    flat_scores = scores.ravel().astype(np.float64)
-    sums = np.bincount(flat_ids, weights=flat_scores, minlength=n + 1)[1:]
-    maxima = np.full(n + 1, -np.inf)
-    np.maximum.at(maxima, flat_ids, flat_scores)
-    return counts, sums, maxima[1:]
+    return sums, (runs.counts - np.bincount(flat_ids[~present], minlength=n + 1)[1:]).astype(np.float64)
 
 
 def _axis_gradient(values: np.ndarray, index: tuple[np.ndarray, np.ndarray], axis: int) -> np.ndarray:
@@ -456,18 +475,19 @@ def _strip_regions(strips, skip: set[int], should_cancel, width: int | None = No
         invalid = ~shapely.is_valid(strip_polygons)
         strip_polygons[invalid] = [_valid_polygon(p) for p in strip_polygons[invalid]]
         pixel_regions.extend(strip_polygons)
-        strip_counts, strip_sums, strip_maxima = _region_stats(strip_ids, scores, n)
+        runs = _Runs(strip_ids, n)
+        strip_counts = runs.counts
         region_classes.append(strip_classes)
         counts.append(strip_counts)
-        sums.append(strip_sums)
-        maxima.append(strip_maxima)
-        flat_ids = strip_ids.ravel()
+        # id 0 ("no region") collects the (often NaN) scores of the other pixels, never used.
+        sums.append(runs.sums(scores) if scores is not None else np.full(n, math.nan))
+        maxima.append(runs.maxima(scores) if scores is not None else np.full(n, math.nan))
         left = (edge["classes"][rows], edge["score"][rows]) if edge is not None and "score" in edge else None
         outline_sums, outline_counts, pending = _outline_sums(strip_ids, classes, scores, above, below, left,
                                                               defer, n)
         signal_sums.append(np.column_stack([
-            *_region_sums(flat_ids, signals[0] if signals is not None else None, strip_counts),
-            *_region_sums(flat_ids, signals[1] if signals is not None else None, strip_counts),
+            *_region_sums(runs, signals[0] if signals is not None else None),
+            *_region_sums(runs, signals[1] if signals is not None else None),
             outline_sums, outline_counts,
         ]))
 

@@ -242,11 +242,12 @@ def test_noisy_raster_round_trips_through_polygons(tmp_path, strip_rows):
 
 @pytest.mark.parametrize("dtype, scale", [(np.uint8, 1), (np.int16, -3), (np.uint32, 70_000), (np.float32, 2)])
 @pytest.mark.parametrize("strip_rows", [3, 1024])
-def test_every_region_holds_exactly_the_pixels_of_its_connected_component(tmp_path, dtype, scale, strip_rows):
+@pytest.mark.parametrize("blur", [0.8, 3.0])  # fragmented (summed pixel by pixel) or smooth (run by run)
+def test_every_region_holds_exactly_the_pixels_of_its_connected_component(tmp_path, dtype, scale, strip_rows, blur):
     """Speckle with holes, islands and corner touches: each polygon's pixel count, score sum and maximum
     are those of one 4-connected component found by scipy, for class rasters of any value type."""
     rng = np.random.default_rng(5)
-    codes = ndimage.gaussian_filter(rng.random((4, 53, 47)), (0, 0.8, 0.8)).argmax(0)
+    codes = ndimage.gaussian_filter(rng.random((4, 53, 47)), (0, blur, blur)).argmax(0)
     codes[rng.random(codes.shape) < 0.03] = 4  # scattered nodata pixels, inside regions too
     classes = (codes * scale).astype(dtype)
     nodata = 4 * scale
@@ -262,7 +263,7 @@ def test_every_region_holds_exactly_the_pixels_of_its_connected_component(tmp_pa
             truth.append((float(code * scale), int(pixels.sum()), float(scores[pixels].astype(np.float64).sum()),
                           float(scores[pixels].max())))
     found = [(float(r.class_id), r.pixel_count, r.score_sum, r.score_max) for r in regions]
-    assert len(found) == len(truth) > 300
+    assert len(found) == len(truth) > 40
     for got, want in zip(sorted(found), sorted(truth)):
         assert got[:2] == want[:2] and got[3] == want[3]
         assert got[2] == pytest.approx(want[2], rel=1e-12)
