@@ -32,7 +32,8 @@ import rasterio.features
 import shapely
 from affine import Affine
 from rasterio.windows import Window
-from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from shapely.geometry.base import BaseGeometry
 
 from backend.engine.errors import CancelledError, InputError
@@ -74,119 +75,72 @@ class _UnionFind:
             self.parent[max(root_a, root_b)] = min(root_a, root_b)
 
 
-FOUR_CONNECTED = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=bool)
-# Value types rasterio.features.shapes polygonises as they are; other class rasters go through codes.
-_SHAPES_DTYPES = (np.uint8, np.uint16, np.int16, np.int32)
-# Burning outlines back costs per region (and outline vertex and row), labelling a pass per class
-# present: on speckled class maps the two took about the same time at one region per 5000 pixels and
-# classes. A strip is burnt while the strip before it had fewer; FarSLIP's maps, smooth at the patch
-# scale, have far fewer.
-BURN_BELOW = 1 / 5000
-
-
-def _label_strip(classes: np.ndarray, skip: set[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Region ids (1..n, 0 = no region) for a strip, and the class of each region (index id-1)."""
-    region_ids = np.zeros(classes.shape, dtype=np.int32)
-    labels = np.empty(classes.shape, dtype=np.int32)
-    region_classes = []
-    count = 0
-    for class_id in _classes_present(classes):
-        if int(class_id) in skip:
-            continue
-        inside = classes == class_id
-        n = ndimage.label(inside, structure=FOUR_CONNECTED, output=labels)
-        np.add(labels, count, out=region_ids, where=inside)  # the classes' pixels are disjoint
-        region_classes.extend([int(class_id)] * n)
-        count += n
-    return region_ids, np.asarray(region_classes, dtype=np.int64)
-
-
-def _classes_present(classes: np.ndarray) -> np.ndarray:
-    # A class raster is uint8: its values present are a histogram's non-empty bins (cheaper than a sort).
-    return (np.flatnonzero(np.bincount(classes.ravel(), minlength=256)) if classes.dtype == np.uint8
-            else np.unique(classes))
-
-
-def _strip_polygons(classes: np.ndarray, skip: set[int], col0: int, row0: int, burn: bool
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A strip's regions (4-connected pixels of one class, `skip` left out): per pixel its region id
-    (1..n, 0 = no region), the class of each region (index id-1) and its polygon in raster pixel
-    coordinates (the strip's first pixel at `col0`, `row0`).
-
-    Two ways to the same regions. With `burn`, GDAL's polygoniser finds them in one pass over the
-    class values and their outer rings are burnt back as ids: pixel centres never lie on a pixel-edge
-    outline, so the burn gives each region exactly its pixels. Without it, scipy labels each class
-    present and its labels are polygonised; that costs a pass per class, but nothing per region.
-    """
-    origin = Affine.translation(col0, row0)
-    if not burn:
-        region_ids, region_classes = _label_strip(classes, skip)
-        shapes = list(rasterio.features.shapes(region_ids, mask=region_ids > 0, connectivity=4, transform=origin))
-        assert len(shapes) == len(region_classes), "every labelled region is exactly one shape"
-        polygons = np.empty(len(shapes), dtype=object)
-        polygons[[int(value) - 1 for _, value in shapes]] = shapely.from_geojson(
-            [json.dumps(geometry) for geometry, _ in shapes])
-        return region_ids, region_classes, polygons
-    if classes.dtype == np.uint8:
-        keep = np.ones(256, dtype=bool)
-        keep[[value for value in skip if 0 <= value < 256]] = False
-        mask, values, codes = keep[classes], None, classes
-    else:
-        mask = ~np.isin(classes, list(skip))
-        values, codes = (None, classes) if classes.dtype in _SHAPES_DTYPES else np.unique(classes, return_inverse=True)
-        codes = codes.reshape(classes.shape).astype(np.int32, copy=False)
-    shapes = list(rasterio.features.shapes(codes, mask=mask, connectivity=4, transform=origin))
-    region_classes = np.array([value for _, value in shapes], dtype=np.int64)
-    if values is not None:
-        region_classes = values[region_classes].astype(np.int64)
-    region_ids = np.zeros(classes.shape, dtype=np.int32)
-    if not shapes:
-        return region_ids, region_classes, np.empty(0, dtype=object)
-    polygons = np.asarray(shapely.from_geojson([json.dumps(geometry) for geometry, _ in shapes]), dtype=object)
-    # Outer rings only, largest bounding box first: what lies in a region's holes is another region,
-    # enclosed by it (so with a smaller box, burnt later over it) or a skipped pixel (reset after).
-    # With its holes a region's burn would cost more the more holes it has, on each of its rows.
-    x0, y0, x1, y1 = shapely.bounds(polygons).T
-    order = np.argsort(-(x1 - x0) * (y1 - y0), kind="stable")
-    rasterio.features.rasterize(
-        (({"type": "Polygon", "coordinates": shapes[i][0]["coordinates"][:1]}, int(i) + 1) for i in order),
-        out=region_ids, transform=origin)
-    region_ids[~mask] = 0
-    return region_ids, region_classes, polygons
-
-
 class _Runs:
-    """A strip's pixels as runs along its rows, each of one region (0 = no region), for per-region sums
-    and maxima: a smooth class map has few runs, so values are reduced along each run (one sequential
-    pass) and only the runs are spread over the regions. A fragmented strip is taken pixel by pixel."""
+    """A strip's regions (4-connected pixels of one class, `skip` left out), found through its runs:
+    the maximal pieces of a row with one class value.
 
-    def __init__(self, region_ids: np.ndarray, n: int):
-        self.flat_ids, self.n = region_ids.ravel(), n
-        change = np.empty(self.flat_ids.size, dtype=bool)
-        if change.size:
+    Two runs of one class in neighbouring rows that share a column are connected, so the regions are
+    the connected components of a graph of runs (scipy.sparse.csgraph), numbered 1..n by their first
+    pixel in the strip's reading order; `region_ids` gives each pixel its region (0 = no region). A
+    class map that is smooth at the patch scale has few runs per row, so per-region sums and maxima
+    are reduced along each run (one sequential pass over the pixels) and only the runs are spread
+    over the regions.
+    """
+
+    def __init__(self, classes: np.ndarray, skip: set[int]):
+        width = classes.shape[1]
+        flat = classes.ravel()
+        change = np.empty(flat.size, dtype=bool)
+        if flat.size:
             change[0] = True
-            np.not_equal(self.flat_ids[1:], self.flat_ids[:-1], out=change[1:])
-            change[::region_ids.shape[1]] = True  # a run never crosses a row end: sums as in any strip layout
-        starts = np.flatnonzero(change)
-        self.starts = starts if len(starts) <= self.flat_ids.size // 4 else None
-        self.ids = self.flat_ids[starts] if self.starts is not None else self.flat_ids
-        lengths = np.diff(starts, append=self.flat_ids.size) if self.starts is not None else None
-        self.counts = np.bincount(self.ids, weights=lengths, minlength=n + 1)[1:].astype(np.int64)
+            np.not_equal(flat[1:], flat[:-1], out=change[1:])
+            change[::width] = True  # a run never crosses a row's end
+        self.starts = np.flatnonzero(change)
+        run_class = flat[self.starts]
+        run_index = np.cumsum(change, dtype=np.int64) - 1
+        # An overlap of two runs in rows r-1 and r begins where either of them begins.
+        below = np.flatnonzero(change[width:] | change[:-width]) + width
+        below = below[flat[below] == flat[below - width]]
+        runs = len(self.starts)
+        links = coo_matrix((np.ones(len(below), np.int8), (run_index[below - width], run_index[below])),
+                           shape=(runs, runs))
+        count, component = connected_components(links.tocsr(), directed=False)
+        kept = ~np.isin(run_class, list(skip))
+        used = np.zeros(count, dtype=bool)
+        used[component[kept]] = True  # components are numbered by their first run: so are the regions
+        number = np.cumsum(used, dtype=np.int64)
+        self.ids = np.where(kept, number[component] if count else 0, 0)  # of each run
+        self.n = int(number[-1]) if count else 0
+        self.region_classes = np.zeros(self.n, dtype=np.int64)
+        self.region_classes[self.ids[kept] - 1] = run_class[kept]
+        self.lengths = np.diff(self.starts, append=flat.size)
+        self.region_ids = np.repeat(self.ids.astype(np.int32), self.lengths).reshape(classes.shape)
+        self.counts = np.bincount(self.ids, weights=self.lengths, minlength=self.n + 1)[1:].astype(np.int64)
 
     def sums(self, values: np.ndarray) -> np.ndarray:
         """Per region 1..n, the float64 sum of `values` over its pixels (NaN if one is NaN)."""
-        flat = values.ravel()
-        if self.starts is not None:
-            flat = np.add.reduceat(flat, self.starts, dtype=np.float64)
-        return np.bincount(self.ids, weights=flat, minlength=self.n + 1)[1:]
+        along = np.add.reduceat(values.ravel(), self.starts, dtype=np.float64) if len(self.starts) else np.zeros(0)
+        return np.bincount(self.ids, weights=along, minlength=self.n + 1)[1:]
 
     def maxima(self, values: np.ndarray) -> np.ndarray:
-        flat = values.ravel()
-        if self.starts is not None:
-            flat = np.maximum.reduceat(flat, self.starts)
         maxima = np.full(self.n + 1, -np.inf)
-        np.maximum.at(maxima, self.ids, flat.astype(np.float64))
+        if len(self.starts):
+            np.maximum.at(maxima, self.ids, np.maximum.reduceat(values.ravel(), self.starts).astype(np.float64))
         return maxima[1:]
+
+
+def _strip_polygons(classes: np.ndarray, skip: set[int], col0: int, row0: int) -> tuple[_Runs, np.ndarray]:
+    """A strip's regions (_Runs) and the polygon of each, in raster pixel coordinates (the strip's
+    first pixel at `col0`, `row0`)."""
+    runs = _Runs(classes, skip)
+    ids = runs.region_ids
+    shapes = list(rasterio.features.shapes(ids, mask=ids > 0, connectivity=4,
+                                           transform=Affine.translation(col0, row0)))
+    assert len(shapes) == runs.n, "every region is exactly one shape"
+    polygons = np.empty(runs.n, dtype=object)
+    polygons[[int(value) - 1 for _, value in shapes]] = shapely.from_geojson(
+        [json.dumps(geometry) for geometry, _ in shapes])
+    return runs, polygons
 
 
 def _region_sums(runs: _Runs, values: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -202,7 +156,7 @@ def _region_sums(runs: _Runs, values: np.ndarray | None) -> tuple[np.ndarray, np
     sums = runs.sums(values)
     if not np.isnan(sums).any():
         return sums, runs.counts.astype(np.float64)
-    flat_ids, values = runs.flat_ids, values.ravel()
+    flat_ids, values = runs.region_ids.ravel(), values.ravel()
     present = ~np.isnan(values)
     sums = np.bincount(flat_ids[present], weights=values[present], minlength=n + 1)[1:]
     return sums, (runs.counts - np.bincount(flat_ids[~present], minlength=n + 1)[1:]).astype(np.float64)
@@ -446,7 +400,6 @@ def _strip_regions(strips, skip: set[int], should_cancel, width: int | None = No
     region_classes, counts, sums, maxima, signal_sums = [], [], [], [], []
     late_ids, late_values = [], []  # outline pixels on a chunk's last column, known one chunk later
     merges = _UnionFind()
-    burn = True  # how the next strip finds its regions (_strip_polygons)
     previous_row_ids = previous_row_classes = None
     chunk = None                    # first column of the chunk being read
     edge_parts: list[dict] = []     # its last column, strip by strip
@@ -464,9 +417,8 @@ def _strip_regions(strips, skip: set[int], should_cancel, width: int | None = No
         if col0 != chunk:
             edge, edge_parts, chunk = (_joined(edge_parts) if chunk is not None else None), [], col0
             previous_row_ids = previous_row_classes = None
-        strip_ids, strip_classes, strip_polygons = _strip_polygons(classes, skip, col0, row_start, burn)
-        n = len(strip_classes)
-        burn = n < BURN_BELOW * classes.size * len(_classes_present(classes))
+        runs, strip_polygons = _strip_polygons(classes, skip, col0, row_start)
+        strip_ids, strip_classes, n = runs.region_ids, runs.region_classes, runs.n
         offset = len(pixel_regions)
         height, strip_width = classes.shape
         rows = slice(row_start, row_start + height)
@@ -475,7 +427,6 @@ def _strip_regions(strips, skip: set[int], should_cancel, width: int | None = No
         invalid = ~shapely.is_valid(strip_polygons)
         strip_polygons[invalid] = [_valid_polygon(p) for p in strip_polygons[invalid]]
         pixel_regions.extend(strip_polygons)
-        runs = _Runs(strip_ids, n)
         strip_counts = runs.counts
         region_classes.append(strip_classes)
         counts.append(strip_counts)

@@ -242,7 +242,7 @@ def test_noisy_raster_round_trips_through_polygons(tmp_path, strip_rows):
 
 @pytest.mark.parametrize("dtype, scale", [(np.uint8, 1), (np.int16, -3), (np.uint32, 70_000), (np.float32, 2)])
 @pytest.mark.parametrize("strip_rows", [3, 1024])
-@pytest.mark.parametrize("blur", [0.8, 3.0])  # fragmented (summed pixel by pixel) or smooth (run by run)
+@pytest.mark.parametrize("blur", [0.8, 3.0])  # fragmented (short runs) or smooth (few long runs)
 def test_every_region_holds_exactly_the_pixels_of_its_connected_component(tmp_path, dtype, scale, strip_rows, blur):
     """Speckle with holes, islands and corner touches: each polygon's pixel count, score sum and maximum
     are those of one 4-connected component found by scipy, for class rasters of any value type."""
@@ -272,9 +272,10 @@ def test_every_region_holds_exactly_the_pixels_of_its_connected_component(tmp_pa
     np.testing.assert_array_equal(burned, codes)
 
 
-def test_burnt_and_labelled_strips_give_the_same_regions():
-    """The two ways a strip's regions are found (burning GDAL's outlines back, or scipy's labels per
-    class) give the same pixels, classes and polygons, with islands in holes of holes and nodata."""
+def test_a_strips_regions_are_scipys_connected_components_with_their_polygons():
+    """A strip's regions, found through its runs, are the 4-connected components scipy labels class
+    by class (islands in holes of holes, one-pixel holes, nodata, diagonal touches), each with the
+    polygon GDAL draws around that component."""
     from backend.engine.vectorize import _strip_polygons
 
     rng = np.random.default_rng(9)
@@ -286,18 +287,26 @@ def test_burnt_and_labelled_strips_give_the_same_regions():
     rings[12:28, 12:28] = 255  # nodata in the hole of a hole
     rings[16:24, 16:24] = 1    # and an island in it
     rings[2::4, 40::3] = 3     # isolated pixels: many one-pixel holes in class 0
-    for classes in (speckle, rings, seam_crossing_classes()):
-        found = [_strip_polygons(classes, {255}, 5, 7, burn) for burn in (True, False)]
-        for ids, region_classes, polygons in found:
-            assert len(region_classes) == len(polygons) == ids.max() == expected_region_count(classes)
-            np.testing.assert_array_equal(ids == 0, classes == 255)
-            np.testing.assert_array_equal(region_classes[ids[ids > 0] - 1], classes[ids > 0])
-        (burnt, burnt_classes, burnt_polygons), (labelled, _, labelled_polygons) = found
-        pairs = np.unique(np.stack([burnt.ravel(), labelled.ravel()]), axis=1)
-        assert pairs.shape[1] == len(burnt_classes) + 1  # a one-to-one match of regions (and of 0)
-        matched = dict(zip(pairs[0], pairs[1]))
-        for region, polygon in enumerate(burnt_polygons, start=1):
-            assert shapely.equals(polygon, labelled_polygons[matched[region] - 1])
+    stripes = np.tile(np.array([[1, 2], [2, 1]], np.uint8), (5, 9))  # a checkerboard: every pixel a region
+    for classes in (speckle, rings, seam_crossing_classes(), stripes, np.full((1, 9), 255, np.uint8)):
+        truth = np.zeros(classes.shape, np.int64)
+        for value in np.unique(classes[classes != 255]):
+            labels, _ = ndimage.label(classes == value, structure=FOUR)
+            truth[labels > 0] = labels[labels > 0] + truth.max()
+        runs, polygons = _strip_polygons(classes, {255}, 5, 7)
+        ids = runs.region_ids
+        assert runs.n == len(polygons) == ids.max() == expected_region_count(classes)
+        np.testing.assert_array_equal(ids == 0, classes == 255)
+        np.testing.assert_array_equal(runs.region_classes[ids[ids > 0] - 1], classes[ids > 0])
+        np.testing.assert_array_equal(runs.counts, np.bincount(ids.ravel(), minlength=runs.n + 1)[1:])
+        pairs = np.unique(np.stack([ids.ravel(), truth.ravel()]), axis=1)
+        assert pairs.shape[1] == runs.n + (classes == 255).any()  # one-to-one (and 0 to 0)
+        first_pixel = {int(region): int(np.flatnonzero(ids.ravel() == region)[0]) for region in range(1, runs.n + 1)}
+        assert sorted(first_pixel, key=first_pixel.get) == list(range(1, runs.n + 1))  # numbered in reading order
+        for geometry, value in rasterio.features.shapes(truth.astype(np.int32), mask=truth > 0, connectivity=4,
+                                                        transform=Affine.translation(5, 7)):
+            region = ids[truth == value][0]
+            assert shapely.equals(polygons[region - 1], shapely.geometry.shape(geometry))
 
 
 def test_strips_handed_over_by_the_engine_give_the_polygons_of_the_file(rasters):
