@@ -262,8 +262,9 @@ class RegionPixels:
         for a in range(i0, i1, per_strip):
             b = min(a + per_strip, i1)
             row0, row1 = a * step + half, (b - 1) * step + half + 1
-            rgb, _valid = self.source.read(PixelWindow(row0, col0, row1 - row0, col1 - col0))
-            lattice[:, a - i0:b - i0] = rgb[:, ::step, ::step]
+            assert isinstance(self.source, RasterSource), "only a raster on disk is sampled through a lattice"
+            rgb, _valid = self.source.read(PixelWindow(row0, col0, row1 - row0, col1 - col0), every=step)
+            lattice[:, a - i0:b - i0] = rgb
         self._lattice, self._origin = lattice, (i0, j0)
 
     def read(self, crop: PixelWindow) -> np.ndarray:

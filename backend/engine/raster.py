@@ -94,9 +94,11 @@ class RasterSource:
         # Palette indices are labels, not intensities: never interpolate them.
         return Resampling.nearest if self.scale == 1.0 or self.palette is not None else Resampling.bilinear
 
-    def read(self, window: PixelWindow, shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, window: PixelWindow, shape: tuple[int, int] | None = None,
+             every: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """(3, h, w) float32 RGB in 0..255 and (h, w) bool validity for a processing-grid window
-        (resampled to `shape` when given: a large window read decimated by GDAL)."""
+        (resampled to `shape` when given: a large window read decimated by GDAL; or, with `every`,
+        only its every-th row and column from the first, as a full read would give them)."""
         shape = shape or (window.height, window.width)
         src_window = self._source_window(window)
         unique = sorted(set(self.bands))
@@ -107,6 +109,8 @@ class RasterSource:
                                              resampling=Resampling.nearest)
         except RasterioError as exc:
             raise unreadable_pixels(self.path) from exc
+        if every > 1:  # before any conversion: what follows works pixel by pixel
+            data, mask = data[:, ::every, ::every], mask[::every, ::every]
         if self.palette is not None:
             rgb = self.palette[data[0].astype(np.intp)].transpose(2, 0, 1).astype(np.float32)
         else:

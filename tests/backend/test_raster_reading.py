@@ -58,6 +58,38 @@ def test_two_band_raster_uses_its_first_band_as_grey(tmp_path):
     assert (rgb == 100).all()
 
 
+@pytest.mark.parametrize("kind", ["palette", "float_nan", "uint16_nodata", "bgr_mask"])
+def test_a_read_of_every_kth_row_and_column_gives_those_pixels_of_a_full_read(tmp_path, kind):
+    """The quality estimate's lattice reads only every k-th row and column: the same pixels, stretch,
+    palette colours and validity as a full read of the window."""
+    rng = np.random.default_rng(3)
+    if kind == "palette":
+        path = write(tmp_path / "p.tif", rng.integers(0, 3, (1, 61, 83)).astype(np.uint8))
+        with rasterio.open(path, "r+") as ds:
+            ds.write_colormap(1, {0: (10, 20, 200, 255), 1: (5, 6, 7, 255), 2: (30, 180, 40, 255)})
+    elif kind == "float_nan":
+        data = rng.uniform(-50, 900, (3, 61, 83)).astype(np.float32)
+        data[:, 5:30, 7:40:2] = np.nan
+        path = write(tmp_path / "f.tif", data)
+    elif kind == "uint16_nodata":
+        data = rng.integers(0, 4000, (3, 61, 83)).astype(np.uint16)
+        data[:, 20:40, 10:50] = 0
+        path = write(tmp_path / "u.tif", data, nodata=0)
+    else:
+        data = rng.integers(0, 255, (4, 61, 83)).astype(np.uint8)
+        data[3, 10:50, 30:60] = 0
+        path = write(tmp_path / "bgr.tif", data, photometric="RGB", alpha="YES")
+    with open_source(path) as source:
+        for window, every in ((PixelWindow(0, 0, 61, 83), 3), (PixelWindow(4, 7, 50, 71), 5),
+                              (PixelWindow(2, 1, 1, 9), 2)):
+            full_rgb, full_valid = source.read(window)
+            rgb, valid = source.read(window, every=every)
+            np.testing.assert_array_equal(rgb, full_rgb[:, ::every, ::every])
+            np.testing.assert_array_equal(valid, full_valid[::every, ::every])
+            if window.height > 1 and kind != "palette":
+                assert not valid.all()  # the masked pixels are among those read
+
+
 def test_rotated_and_geographic_rasters_segment_with_true_areas(tiny_model, tmp_path):
     data = np.random.default_rng(1).integers(0, 255, (3, 120, 160), dtype=np.uint8)
     rotated = write(tmp_path / "rotated.tif", data,
