@@ -356,9 +356,11 @@ class _Accumulator:
         self._allocate(capacity)
 
     def _allocate(self, capacity: int) -> None:
-        self.sum = torch.zeros((self.queries, capacity, self.width), dtype=torch.float32, device=self.device)
-        self.cnt = torch.zeros((capacity, self.width), dtype=torch.float32, device=self.device)
-        self.valid = np.zeros((capacity, self.width), bool)
+        # Nothing is read before it is written: a row's counts and validity are set when it opens
+        # (`extend`), its sums by the first crop row or by `settle`.
+        self.sum = torch.empty((self.queries, capacity, self.width), dtype=torch.float32, device=self.device)
+        self.cnt = torch.empty((capacity, self.width), dtype=torch.float32, device=self.device)
+        self.valid = np.empty((capacity, self.width), bool)
 
     @property
     def end(self) -> int:

@@ -1,5 +1,6 @@
 """The tiled, streaming engine computes exactly FARSLIP_METHOD.md section 4."""
 
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -146,9 +147,19 @@ def test_crop_grid_follows_the_reference_formula():
 
 
 @pytest.mark.parametrize("capacity", [6, 9, 16])
-def test_accumulator_rows_survive_its_compactions_and_growth(capacity):
+def test_accumulator_rows_survive_its_compactions_and_growth(capacity, monkeypatch):
     """Rows opened, summed and dropped in a sliding pattern keep their sums whether the buffer moves the
-    live rows to its start over themselves (small capacity), into free space, or grows."""
+    live rows to its start over themselves (small capacity), into free space, or grows; counts and
+    validity start at zero. Its buffers are not zeroed: here they start as garbage (NaN, True)."""
+    allocate = _Accumulator._allocate
+
+    def poisoned(self, size):
+        allocate(self, size)
+        self.sum.fill_(math.nan)
+        self.cnt.fill_(math.nan)
+        self.valid[:] = True
+
+    monkeypatch.setattr(_Accumulator, "_allocate", poisoned)
     rng = np.random.default_rng(capacity)
     acc = _Accumulator(2, 3, torch.device("cpu"), capacity)
     truth: dict[int, np.ndarray] = {}
@@ -156,7 +167,10 @@ def test_accumulator_rows_survive_its_compactions_and_growth(capacity):
         first = acc.end - rng.integers(0, 3) if acc.length else acc.end
         first = max(first, acc.top)
         rows = int(rng.integers(1, 5))
-        acc.extend(first + rows)
+        opened_from = acc.end
+        acc.extend(first + rows + int(rng.integers(0, 3)))  # rows past the added ones: no crop row reached them
+        opened = acc.rows(opened_from, acc.end)
+        assert not acc.valid[opened].any() and not acc.cnt[opened].any()
         values = torch.from_numpy(rng.normal(size=(2, rows, 3)).astype(np.float32))
         acc.add(first, values)
         for i in range(rows):
