@@ -97,7 +97,7 @@ class _Runs:
             change[::width] = True  # a run never crosses a row's end
         self.starts = np.flatnonzero(change)
         run_class = flat[self.starts]
-        run_index = np.cumsum(change, dtype=np.int64) - 1
+        run_index = np.cumsum(change, dtype=np.int32) - 1  # of each pixel
         # An overlap of two runs in rows r-1 and r begins where either of them begins.
         below = np.flatnonzero(change[width:] | change[:-width]) + width
         below = below[flat[below] == flat[below - width]]
@@ -123,6 +123,7 @@ class _Runs:
         return np.bincount(self.ids, weights=along, minlength=self.n + 1)[1:]
 
     def maxima(self, values: np.ndarray) -> np.ndarray:
+        """Per region 1..n, the largest of `values` over its pixels, as float64 (NaN if one is NaN)."""
         maxima = np.full(self.n + 1, -np.inf)
         if len(self.starts):
             np.maximum.at(maxima, self.ids, np.maximum.reduceat(values.ravel(), self.starts).astype(np.float64))
@@ -147,8 +148,8 @@ def _region_sums(runs: _Runs, values: np.ndarray | None) -> tuple[np.ndarray, np
     """Per region: the sum of its `values` and how many there are, NaN left out.
 
     NaN marks pixels without a value (nodata), which usually belong to no region: the sums are taken
-    over every pixel at once (id 0, "no region", collects them) and redone without NaN only if a
-    region's sum came out NaN.
+    over all runs at once (id 0, "no region", collects them) and redone pixel by pixel without NaN
+    only if a region's sum came out NaN.
     """
     n = runs.n
     if values is None:
