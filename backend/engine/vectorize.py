@@ -109,13 +109,13 @@ class _Runs:
         used = np.zeros(count, dtype=bool)
         used[component[kept]] = True  # components are numbered by their first run: so are the regions
         number = np.cumsum(used, dtype=np.int64)
-        self.ids = np.where(kept, number[component] if count else 0, 0)  # of each run
+        self.ids = np.where(kept, number[component], 0)  # of each run
         self.n = int(number[-1]) if count else 0
         self.region_classes = np.zeros(self.n, dtype=np.int64)
         self.region_classes[self.ids[kept] - 1] = run_class[kept]
-        self.lengths = np.diff(self.starts, append=flat.size)
-        self.region_ids = np.repeat(self.ids.astype(np.int32), self.lengths).reshape(classes.shape)
-        self.counts = np.bincount(self.ids, weights=self.lengths, minlength=self.n + 1)[1:].astype(np.int64)
+        lengths = np.diff(self.starts, append=flat.size)
+        self.region_ids = np.repeat(self.ids.astype(np.int32), lengths).reshape(classes.shape)
+        self.counts = np.bincount(self.ids, weights=lengths, minlength=self.n + 1)[1:].astype(np.int64)
 
     def sums(self, values: np.ndarray) -> np.ndarray:
         """Per region 1..n, the float64 sum of `values` over its pixels (NaN if one is NaN)."""

@@ -137,20 +137,24 @@ def reference_loop(loaded: LoadedModel, text: torch.Tensor, image: np.ndarray) -
     return rows * cols
 
 
+def _queries(class_lines: list[str]) -> list[str]:
+    """The text queries a run with these class lines asks for: each synonym of a line ("water, lake")
+    is a query of its own."""
+    return query_index(parse_class_lines(class_lines))[0]
+
+
 def type_classes(loaded: LoadedModel, class_lines: list[str]) -> None:
-    """Embed (and cache on disk) the text queries a run with these class lines asks for, as if the
-    user had typed them before: each synonym of a line ("water, lake") is a query of its own."""
-    TextEmbedder(loaded).embed(query_index(parse_class_lines(class_lines))[0])
+    """Embed (and cache on disk) the text queries of these class lines, as if the user had typed them before."""
+    TextEmbedder(loaded).embed(_queries(class_lines))
 
 
 def _forget_text(loaded: LoadedModel, class_lines: list[str]) -> None:
     """Remove the disk-cached text embeddings of these classes, as if nobody had typed them yet."""
     embedder = TextEmbedder(loaded)
-    for spec in parse_class_lines(class_lines):
-        for query in spec.queries:
-            path = embedder._cache_file(query)
-            if path is not None:
-                path.unlink(missing_ok=True)
+    for query in _queries(class_lines):
+        path = embedder._cache_file(query)
+        if path is not None:
+            path.unlink(missing_ok=True)
 
 
 def _split(result: SegmentResult) -> str:
