@@ -397,16 +397,22 @@ class _Accumulator:
             self.sum[:, self.rows(self.summed, stop)].zero_()
             self.summed = stop
 
-    def add(self, first: int, values: torch.Tensor) -> None:
-        """Add (Q, n, width) `values` to the sums of absolute rows [first, first + n): written where no
-        crop row has been before, added where one has."""
-        stop = first + values.shape[1]
+    def add(self, first: int, weights: torch.Tensor, band: torch.Tensor) -> None:
+        """Add `weights` @ `band` (per query, (n, g) @ (g, width)) to the sums of absolute rows
+        [first, first + n): written where no crop row has been before, added where one has.
+
+        The products go straight into the buffer, one matrix product per query (a batched product
+        whose first operand is broadcast runs several times slower on the CPU, and a product into a
+        temporary costs one more pass over the rows).
+        """
+        stop = first + weights.shape[0]
         self.settle(first)
         split = min(self.summed, stop)
-        if split > first:
-            self.sum[:, self.rows(first, split)] += values[:, :split - first]
-        if stop > split:
-            self.sum[:, self.rows(split, stop)] = values[:, split - first:]
+        for q in range(self.queries):
+            if split > first:
+                self.sum[q, self.rows(first, split)].addmm_(weights[:split - first], band[q])
+            if stop > split:
+                torch.mm(weights[split - first:], band[q], out=self.sum[q, self.rows(split, stop)])
         self.summed = max(self.summed, stop)
 
     def drop(self, upto: int) -> None:
@@ -463,7 +469,7 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
     rows_open: dict[int, list] = {}
     resized = segmenter.resizes_crop(crop_h, crop_w)
     across = segmenter.upsampling(crop_w, resized)
-    down = segmenter.upsampling(crop_h, resized)
+    down = segmenter.upsampling(crop_h, resized).T.contiguous()  # (crop_h, patch rows)
 
     def run(batch):
         nonlocal ran
@@ -480,7 +486,7 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
             columns[a0 - c0:a1 - c0] += 1
             rows_open[ys][2] = left - 1
             if left == 1:
-                acc.add(ys, down.T @ band)                      # (Q, crop_h, width)
+                acc.add(ys, down, band)                         # (Q, crop_h, width)
                 acc.cnt[acc.rows(ys, ys + crop_h)] += columns
                 del rows_open[ys]
         timings["blend"] += time.perf_counter() - started
@@ -516,7 +522,7 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
         if skipped:
             progress(skipped)
         if skipped < len(col_starts):
-            rows_open[ys] = [acc.sum.new_zeros((queries, down.shape[0], width)), acc.cnt.new_zeros(width),
+            rows_open[ys] = [acc.sum.new_zeros((queries, down.shape[1], width)), acc.cnt.new_zeros(width),
                              len(col_starts) - skipped]
         queued_by_row.append(ran + len(pending))
         while len(pending) >= segmenter.batch_size:

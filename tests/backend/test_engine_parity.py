@@ -171,8 +171,10 @@ def test_accumulator_rows_survive_its_compactions_and_growth(capacity, monkeypat
         acc.extend(first + rows + int(rng.integers(0, 3)))  # rows past the added ones: no crop row reached them
         opened = acc.rows(opened_from, acc.end)
         assert not acc.valid[opened].any() and not acc.cnt[opened].any()
-        values = torch.from_numpy(rng.normal(size=(2, rows, 3)).astype(np.float32))
-        acc.add(first, values)
+        weights = torch.from_numpy(rng.normal(size=(rows, 4)).astype(np.float32))
+        band = torch.from_numpy(rng.normal(size=(2, 4, 3)).astype(np.float32))
+        acc.add(first, weights, band)
+        values = weights @ band
         for i in range(rows):
             truth[first + i] = truth.get(first + i, np.zeros((2, 3), np.float32)) + values[:, i].numpy()
         acc.cnt[acc.rows(first, first + rows)] += 1
