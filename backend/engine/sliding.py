@@ -252,8 +252,9 @@ class Segmenter:
     def finish(self, logit_sum: torch.Tensor, count: torch.Tensor, valid: np.ndarray, row0: int,
                col0: int) -> Block:
         started = time.perf_counter()
-        # The rows handed in are dropped from the accumulator afterwards: divide in place.
-        logits = logit_sum.div_(count.clamp(min=1))
+        # The rows handed in are a strided view of the accumulator, which the softmax would copy to
+        # one contiguous block first: the division writes that block instead.
+        logits = torch.div(logit_sum, count.clamp(min=1))
         kept = logits.to("cpu", copy=True).numpy() if self.keep_logits else None  # scaled in place next
         class_probs = self._class_probabilities(logits, in_place=True)
         best, best_ids, runner_up = top_two(class_probs)
