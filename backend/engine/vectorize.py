@@ -187,22 +187,29 @@ def _outline_sums(region_ids: np.ndarray, classes: np.ndarray, scores: np.ndarra
     if scores is None:
         return np.zeros(n), np.zeros(n), None
     height, width = classes.shape
-    padded = np.full((height + 2, width + 2), -1, np.int16)  # -1: outside the raster
-    padded[1:-1, 1:-1] = classes
+    # `other`: the class differs above, below or to the left (outside the raster counts as different);
+    # compared in the classes' own type, so no class value can pass for another or for the outside.
+    other = np.empty((height, width), bool)
+    vertical = classes[1:] != classes[:-1]
+    other[1:] = vertical
+    other[0] = False
+    other[:-1] |= vertical
+    other[0] |= True if above is None else above[0] != classes[0]
+    other[-1] |= True if below is None else below[0] != classes[-1]
+    horizontal = classes[:, 1:] != classes[:, :-1]
+    other[:, 0] |= True if left is None else left[0] != classes[:, 0]
+    other[:, 1:] |= horizontal
+    other_last = other[:, -1].copy()
+    outline = other
+    outline[:, :-1] |= horizontal  # the class differs to the right, too
+    # The last column: the raster's edge, or (deferred) its right neighbours are the next chunk's.
+    outline[:, -1] = not defer_right
+    outline &= region_ids > 0
     rows = [scores]
     if above is not None:
-        padded[0, 1:-1] = above[0]
         rows.insert(0, above[1][None])
     if below is not None:
-        padded[-1, 1:-1] = below[0]
         rows.append(below[1][None])
-    if left is not None:
-        padded[1:-1, 0] = left[0]
-    centre = padded[1:-1, 1:-1]
-    other = (padded[:-2, 1:-1] != centre) | (padded[2:, 1:-1] != centre) | (padded[1:-1, :-2] != centre)
-    outline = (region_ids > 0) & (other | (padded[1:-1, 2:] != centre))
-    if defer_right:
-        outline[:, -1] = False
     top = 1 if above is not None else 0
     stacked = np.concatenate(rows) if len(rows) > 1 else scores
     filled = np.where(np.isfinite(stacked), stacked, 0.0).astype(np.float32)
@@ -223,7 +230,7 @@ def _outline_sums(region_ids: np.ndarray, classes: np.ndarray, scores: np.ndarra
                    "left": filled[at_rows, last - 1] if last >= 1 else np.zeros(height, np.float32),
                    "has_left": np.full(height, last >= 1),
                    "gy": _axis_gradient(filled, (at_rows, np.full(height, last)), 0),
-                   "other": other[:, -1]}
+                   "other": other_last}
     return (np.bincount(ids, weights=magnitude.astype(np.float64), minlength=n + 1)[1:],
             np.bincount(ids, minlength=n + 1)[1:].astype(np.float64), pending)
 
@@ -450,7 +457,7 @@ def _strip_regions(strips, skip: set[int], should_cancel, width: int | None = No
                 late_ids.append(ids)
                 late_values.append(values)
         if defer:
-            part = {"ids": _global_ids(strip_ids[:, -1], offset), "classes": classes[:, -1].astype(np.int16)}
+            part = {"ids": _global_ids(strip_ids[:, -1], offset), "classes": classes[:, -1].copy()}
             edge_parts.append({**part, **(pending or {})})
         first_row = _global_ids(strip_ids[0], offset)
         if previous_row_ids is not None and previous_row_classes is not None:

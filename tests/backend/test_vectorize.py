@@ -438,3 +438,25 @@ def test_quality_signals_of_a_region_do_not_depend_on_the_strips(rasters, tmp_pa
             assert region.geometry.geom_type == "Polygon" and region.geometry.is_valid
             key = (region.class_id, region.pixel_count, (int(rows[0]), int(cols[0])))
             assert (region.margin, region.entropy, region.sharpness) == pytest.approx(expected[key], rel=1e-5), key
+
+
+@pytest.mark.parametrize("dtype, wide", [("uint16", lambda v: 65535 - v), ("int32", lambda v: v * 65536 + 7),
+                                         ("uint32", lambda v: v * 16_777_216 + 65535)])
+def test_class_values_beyond_int16_keep_their_outlines_and_chunk_seams(rasters, dtype, wide):
+    """Class values a 16-bit integer cannot hold (65535 reads as -1, 7 and 65543 as one value) keep
+    their regions across column chunk seams and their outline sharpness at the raster's edges."""
+    from backend.engine.vectorize import vectorize_strips
+
+    classes, scores, _, _ = rasters
+    values = wide(classes.astype(np.int64)).astype(dtype)
+    skip = int(wide(255))
+    signals = np.random.default_rng(9).random((2, *classes.shape)).astype(np.float32)
+    expected = whole_raster_signals(values, scores, signals, skip=(skip,))
+    strips = chunked_strips(values, scores, signals, 4, [0, 4, 5, 30])
+    regions = vectorize_strips(iter(strips), TRANSFORM, classes.shape[1], skip_values=(skip,))
+    assert len(regions) == len(expected)
+    for region in regions:
+        rows, cols = np.nonzero(rasterio.features.geometry_mask([region.geometry], classes.shape, TRANSFORM,
+                                                                invert=True))
+        key = (region.class_id, region.pixel_count, (int(rows[0]), int(cols[0])))
+        assert (region.margin, region.entropy, region.sharpness) == pytest.approx(expected[key], rel=1e-5), key
