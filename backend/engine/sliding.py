@@ -210,7 +210,10 @@ class Segmenter:
     def patch_logits(self, crops: Sequence[np.ndarray], keys: list | None = None) -> torch.Tensor:
         """B crops (3, h, w) of RGB 0..255 -> (B, Q, gh, gw) patch-text cosine logits on the device."""
         features = self.crop_features(crops, keys)
-        return torch.einsum("bhwd,qd->bqhw", features, self.text)
+        started = time.perf_counter()
+        logits = torch.einsum("bhwd,qd->bqhw", features, self.text)
+        self.stage_s["blend"] += time.perf_counter() - started
+        return logits
 
     def upsampling(self, pixels: int, resized: bool = False) -> torch.Tensor:
         """(grid, pixels) matrix of the bilinear upsampling from a crop's patches to its `pixels` pixels.
