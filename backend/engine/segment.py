@@ -35,6 +35,7 @@ from .atomic import atomic_output
 from .export import check_field_widths, report_json, write_polygons
 from .diskspace import check_free_space, check_written, writing_to
 from .temporary import make_work_dir, new_run_tag, remove_owned, remove_stale, run_prefixes
+from .memory import reused_heap
 from .models import LoadedModel
 from .options import SegmentOptions, check_language
 from .raster import PixelWindow, RasterSource, open_source, request_window
@@ -224,7 +225,7 @@ def segment_raster(options: SegmentOptions, loaded: LoadedModel,
     for folder in {path.parent for path in targets.values()}:
         remove_stale(folder)
     try:
-        with rasterio.Env(**settings):
+        with rasterio.Env(**settings), reused_heap():
             return _segment_raster(options, loaded, progress, should_cancel, feature_cache, encoder, notice,
                                    run_tag)
     finally:

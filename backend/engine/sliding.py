@@ -25,6 +25,7 @@ from .dense import normalize_pixels, normalized_batch
 from .encoders import Encoder, TorchEncoder, crop_size
 from .errors import CancelledError
 from .feature_cache import FeatureCache
+from .memory import reused_heap
 from .models import LoadedModel
 from .quality import signal_planes, top_two
 from .raster import PixelSource, PixelWindow
@@ -110,6 +111,7 @@ class Segmenter:
         self._pin = self.device.type == "cuda"
         self._to_cache: list[tuple[list, torch.Tensor, torch.cuda.Event | None]] = []
         self._upsampling: dict[tuple[int, int], torch.Tensor] = {}
+        self._buffers: dict[str, torch.Tensor] = {}
 
     @property
     def num_queries(self) -> int:
@@ -237,11 +239,24 @@ class Segmenter:
         with torch.inference_mode():
             return self._class_probabilities(torch.from_numpy(logits).to(self.device)).cpu().numpy()
 
+    def _scratch(self, name: str, shape: torch.Size) -> torch.Tensor:
+        """A float32 buffer of `shape` on the device, the same one each time the shape repeats.
+
+        The finishing step needs two (queries, rows, width) temporaries per crop row (44 MB each
+        with 48 queries and 2048 columns); new ones would be faulted into memory page by page each
+        time, which took longer than the softmax itself.
+        """
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.shape != shape:
+            buffer = self._buffers[name] = torch.empty(shape, dtype=torch.float32, device=self.device)
+        return buffer
+
     def _class_probabilities(self, logits: torch.Tensor, in_place: bool = False) -> torch.Tensor:
         """`in_place`: the logits are scaled where they are (the caller drops them afterwards)."""
-        probs = torch.softmax(logits.mul_(LOGIT_SCALE) if in_place else logits * LOGIT_SCALE, dim=0)
-        if len(self._synonyms) == probs.shape[0]:
-            return probs
+        scaled = logits.mul_(LOGIT_SCALE) if in_place else logits * LOGIT_SCALE
+        if len(self._synonyms) == logits.shape[0]:
+            return torch.softmax(scaled, dim=0)  # these are the class probabilities the caller keeps
+        probs = torch.softmax(scaled, dim=0, out=self._scratch("probs", scaled.shape))
         # Pairwise maxima into one output: a reduction over a few query planes (amax, then stack)
         # costs several times more than the elementwise maximum.
         out = torch.empty((len(self._synonyms), *probs.shape[1:]), dtype=probs.dtype, device=probs.device)
@@ -257,7 +272,7 @@ class Segmenter:
         started = time.perf_counter()
         # The rows handed in are a strided view of the accumulator, which the softmax would copy to
         # one contiguous block first: the division writes that block instead.
-        logits = torch.div(logit_sum, count.clamp(min=1))
+        logits = torch.div(logit_sum, count.clamp(min=1), out=self._scratch("logits", logit_sum.shape))
         kept = logits.to("cpu", copy=True).numpy() if self.keep_logits else None  # scaled in place next
         class_probs = self._class_probabilities(logits, in_place=True)
         best, best_ids, runner_up = top_two(class_probs)
@@ -332,14 +347,15 @@ def predict_blocks(segmenter: Segmenter, source: PixelSource, window: PixelWindo
     advance(0)
     row_starts_all = crop_starts(source.height, segmenter.crop, stride)
     col_starts_all = crop_starts(source.width, segmenter.crop, stride)
-    for unit in units(window, chunk_rows, chunk_columns):
-        row_starts = _overlapping(row_starts_all, crop_h, unit.row_off, unit.row_off + unit.height)
-        col_starts = _overlapping(col_starts_all, crop_w, unit.col_off, unit.col_off + unit.width)
-        band = PixelWindow(unit.row_off, window.col_off, unit.height, window.width)
-        for block in _predict_chunk(segmenter, source, band, row_starts, col_starts, (crop_h, crop_w),
-                                    unit.col_off, unit.col_off + unit.width, advance, should_cancel):
-            block.row0 += band.row_off - window.row_off
-            yield block
+    with reused_heap():  # the blocks of every crop row are freed and allocated again
+        for unit in units(window, chunk_rows, chunk_columns):
+            row_starts = _overlapping(row_starts_all, crop_h, unit.row_off, unit.row_off + unit.height)
+            col_starts = _overlapping(col_starts_all, crop_w, unit.col_off, unit.col_off + unit.width)
+            band = PixelWindow(unit.row_off, window.col_off, unit.height, window.width)
+            for block in _predict_chunk(segmenter, source, band, row_starts, col_starts, (crop_h, crop_w),
+                                        unit.col_off, unit.col_off + unit.width, advance, should_cancel):
+                block.row0 += band.row_off - window.row_off
+                yield block
 
 
 class _Accumulator:

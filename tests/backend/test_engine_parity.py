@@ -184,3 +184,27 @@ def test_accumulator_rows_survive_its_compactions_and_growth(capacity, monkeypat
         live = acc.sum[:, acc.rows(acc.top, acc.end)].numpy()
         expected = np.stack([truth.get(row, np.zeros((2, 3), np.float32)) for row in range(acc.top, acc.end)], axis=1)
         np.testing.assert_allclose(live, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("class_lines", [CLASS_LINES, ["water", "cropland", "grassland"]])
+def test_blocks_kept_by_the_caller_are_not_overwritten_by_later_blocks(class_lines):
+    """The finishing step reuses its (queries, rows, width) temporaries from crop row to crop row; the
+    blocks it hands out (probabilities, classes, scores, signals, logits) stay the caller's: kept
+    until the run ends, each still holds what it held when it came, with and without synonyms."""
+    from backend.engine.sliding import predict_blocks
+
+    segmenter = Segmenter(_loaded(16), parse_class_lines(class_lines), batch_size=3)
+    segmenter.keep_logits = True
+    image = np.random.default_rng(8).uniform(0, 255, (3, 600, 300)).astype(np.float32)
+    kept, copies = [], []
+    for block in predict_blocks(segmenter, ArraySource(image), PixelWindow(0, 0, 600, 300)):
+        kept.append(block)
+        copies.append([np.copy(a) for a in (block.probs, block.class_ids, block.score, block.signals, block.logits)])
+    assert len(kept) >= 4
+    for block, copy in zip(kept, copies):
+        for now, then in zip((block.probs, block.class_ids, block.score, block.signals, block.logits), copy):
+            assert np.array_equal(now, then, equal_nan=True)
+    whole = predict_window(segmenter, ArraySource(image))
+    for block in kept:
+        rows = slice(block.row0, block.row0 + block.class_ids.shape[0])
+        assert np.array_equal(block.probs, whole.probs[:, rows], equal_nan=True)
