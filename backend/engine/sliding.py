@@ -39,7 +39,7 @@ UNCLASSIFIED = 254
 CHUNK_COLUMNS = 2048
 CHUNK_ROWS = 4096
 # Where the engine's time goes (seconds, summed over a run); "read" runs in a background thread.
-STAGES = ("read", "read_wait", "encode", "blend", "finish")
+STAGES = ("read", "read_wait", "rows", "encode", "blend", "finish")
 
 
 def crop_starts(length: int, crop: int, stride: int) -> list[int]:
@@ -522,7 +522,6 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
         if e1 > e0:
             acc.settle(e1)
             rows = acc.rows(e0, e1)
-            # finish divides the rows in place: they are dropped next.
             block = segmenter.finish(acc.sum[:, rows], acc.cnt[rows], acc.valid[rows].copy(),
                                      e0 - r_lo, c0 - window.col_off)
         acc.drop(upto)
@@ -530,6 +529,7 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
 
     reads = [PixelWindow(ys, read_c0, crop_h, read_c1 - read_c0) for ys in row_starts]
     for k, (ys, (rgb, valid)) in enumerate(zip(row_starts, _read_ahead(source, reads, timings))):
+        started = time.perf_counter()
         acc.extend(ys + crop_h)
         acc.valid[acc.rows(ys, ys + crop_h)] = valid[:, c0 - read_c0:c1 - read_c0]
         skipped = 0
@@ -545,6 +545,7 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
             rows_open[ys] = [acc.sum.new_zeros((queries, down.shape[1], width)), acc.cnt.new_zeros(width),
                              len(col_starts) - skipped]
         queued_by_row.append(ran + len(pending))
+        timings["rows"] += time.perf_counter() - started
         while len(pending) >= segmenter.batch_size:
             run(pending[:segmenter.batch_size])
             del pending[:segmenter.batch_size]
