@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import resource
 import sys
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ HEAP_BLOCK_LIMIT = 256 * 2**20
 HEAP_KEEP_LIMIT = 1024 * 2**20
 
 
+@functools.cache
 def _glibc():
     if not sys.platform.startswith("linux"):
         return None

@@ -259,10 +259,10 @@ class RegionPixels:
         col0, col1 = j0 * step + half, (j1 - 1) * step + half + 1
         # Strips of lattice rows, each one read of about STRIP_PIXELS pixels.
         per_strip = max(1, STRIP_PIXELS // ((col1 - col0) * step))
+        assert isinstance(self.source, RasterSource), "only a raster on disk is sampled through a lattice"
         for a in range(i0, i1, per_strip):
             b = min(a + per_strip, i1)
             row0, row1 = a * step + half, (b - 1) * step + half + 1
-            assert isinstance(self.source, RasterSource), "only a raster on disk is sampled through a lattice"
             rgb, _valid = self.source.read(PixelWindow(row0, col0, row1 - row0, col1 - col0), every=step)
             lattice[:, a - i0:b - i0] = rgb
         self._lattice, self._origin = lattice, (i0, j0)

@@ -263,7 +263,7 @@ def test_every_region_holds_exactly_the_pixels_of_its_connected_component(tmp_pa
             truth.append((float(code * scale), int(pixels.sum()), float(scores[pixels].astype(np.float64).sum()),
                           float(scores[pixels].max())))
     found = [(float(r.class_id), r.pixel_count, r.score_sum, r.score_max) for r in regions]
-    assert len(found) == len(truth) > 40
+    assert len(found) == len(truth) > (300 if blur < 1 else 40)  # 372 and 42 regions
     for got, want in zip(sorted(found), sorted(truth)):
         assert got[:2] == want[:2] and got[3] == want[3]
         assert got[2] == pytest.approx(want[2], rel=1e-12)
