@@ -111,6 +111,11 @@ def test_margin_and_entropy_follow_their_definitions():
     assert entropy[0, 0] < entropy[0, 1] <= 1.0
     nodata = np.full((3, 1, 1), np.nan, np.float32)
     assert all(np.isnan(v).all() for v in pixel_signals(nodata))
+    # No probability at all (a refined map can hold such pixels): margin and entropy 0, not NaN.
+    nothing = np.zeros((3, 2, 2), np.float32)
+    nothing[:, 0, 0] = [0.2, 0.5, 0.3]
+    margin, entropy = pixel_signals(nothing)
+    assert margin[1, 1] == 0.0 and entropy[1, 1] == 0.0 and 0 < entropy[0, 0] < 1
 
 
 def test_top_two_gives_the_winner_listed_first_on_a_tie_and_the_runner_up_with_nan_kept():
@@ -131,6 +136,8 @@ def test_top_two_gives_the_winner_listed_first_on_a_tie_and_the_runner_up_with_n
     assert np.isnan(runner_up[1, 1])
     single = top_two(torch.from_numpy(probs[:1]))
     assert np.array_equal(single[0].numpy(), probs[0], equal_nan=True) and not single[1].numpy().any()
+    many = rng.random((250, 20, 20)).astype(np.float32)  # class ids up to 249 in uint8
+    assert np.array_equal(top_two(torch.from_numpy(many))[1].numpy(), many.argmax(axis=0))
 
 
 def test_every_polygon_gets_a_quality_and_the_run_an_estimated_miou(tiny_model, shared_data, tmp_path):

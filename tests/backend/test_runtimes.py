@@ -181,6 +181,12 @@ def test_null_encoder_has_the_encoder_output_shape():
         real = dense_patch_features(loaded.model.visual, pixels)
     assert null.shape == real.shape
     assert torch.allclose(null.norm(dim=-1), torch.ones(null.shape[:-1]), atol=1e-5)
+    # It follows the image patch by patch (so the bench's class maps and polygons are realistic).
+    patch = loaded.model.visual.conv1.kernel_size[0]
+    changed = pixels.clone()
+    changed[0, :, patch:2 * patch, :patch] = torch.tensor([1.0, -1.0, 0.5]).view(3, 1, 1)
+    moved = NullEncoder(loaded.model.visual, torch.device("cpu"))(changed) != null
+    assert moved[0, 1, 0].all() and moved.any(dim=-1).sum() == 1
 
 
 def test_segment_with_a_compiled_runtime_matches_torch(tmp_path):
