@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from backend.engine.atomic import atomic_output, shared_file_mode
+from backend.engine.atomic import atomic_output, shared_file_mode, write_text_atomically
 from backend.engine.errors import InputError
 from backend.engine.files import is_inside
 from backend.engine.finetuned import FINETUNED_FORMAT, FINETUNED_META
@@ -85,7 +85,8 @@ def check_out_folder(out: Path, overwrite: bool, resume: bool, inputs: dict[str,
 
 
 def claim(work: Path) -> None:
-    (work / OWNER_FILE).write_text(json.dumps({"pid": os.getpid()}), encoding="utf-8")
+    # Whole or not at all: another training reading an empty owner file would take the folder as free.
+    write_text_atomically(work / OWNER_FILE, json.dumps({"pid": os.getpid()}))
 
 
 def refuse_if_live(work: Path) -> None:

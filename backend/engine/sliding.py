@@ -213,7 +213,11 @@ class Segmenter:
         """B crops (3, h, w) of RGB 0..255 -> (B, Q, gh, gw) patch-text cosine logits on the device."""
         features = self.crop_features(crops, keys)
         started = time.perf_counter()
-        logits = torch.einsum("bhwd,qd->bqhw", features, self.text)
+        batch, grid_h, grid_w, dims = features.shape
+        # One (queries x D) @ (D x patches) product per crop, straight into (B, Q, gh, gw): twice as fast
+        # on the CPU as einsum's single (patches x D) @ (D x queries) product with its few columns.
+        logits = torch.matmul(self.text, features.reshape(batch, grid_h * grid_w, dims).transpose(1, 2))
+        logits = logits.view(batch, -1, grid_h, grid_w)
         self.stage_s["blend"] += time.perf_counter() - started
         return logits
 

@@ -29,7 +29,7 @@ from rasterio.crs import CRS
 
 from backend import __version__
 from backend.engine.errors import CancelledError, FarslipError, InputError
-from backend.engine.atomic import atomic_output
+from backend.engine.atomic import atomic_output, write_text_atomically
 from backend.engine.export import report_json, report_path_for
 from backend.engine.checks import coarse_vector_path
 from backend.engine.files import check_output_folder, same_file
@@ -285,7 +285,7 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
     run_id = (manifest.folder / "run_id").read_text() if (manifest.folder / "run_id").exists() else None
     if run_id is None:
         run_id = uuid.uuid4().hex[:12]
-        (manifest.folder / "run_id").write_text(run_id)
+        write_text_atomically(manifest.folder / "run_id", run_id)
     finish = FinishSettings([c.name for c in segmenter.classes], list(engine.class_lines), loaded.name, run_id,
                             request.min_area, request.simplify, request.quality_calibration, with_probs,
                             engine.chunk_columns or CHUNK_COLUMNS, request.refine, request.sam_model,
@@ -308,7 +308,8 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
     try:
         t0 = time.perf_counter()
         workers = Workers(engine, request.workers, request.cluster)
-        (manifest.folder / "workers.json").write_text(str(workers.pids()))
+        # Read by others while the run goes on (whole or not at all, never an empty file).
+        write_text_atomically(manifest.folder / "workers.json", str(workers.pids()), durable=False)
         timings["workers_s"] = time.perf_counter() - t0
         report_progress()
         ray = workers.ray

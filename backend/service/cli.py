@@ -135,6 +135,8 @@ def bench(
     null_encoder: bool = typer.Option(False, "--null-encoder",
                                       help="Instead: the host side alone (encoder replaced by a zero-cost "
                                            "stand-in); Mpx/s and each stage's share of the time."),
+    runs: int = typer.Option(3, "--runs", min=1, help="With --null-encoder: host-side runs, each in a fresh "
+                                                          "process; the median run's figures are reported."),
     search: bool = typer.Option(False, "--search", help="Instead: search index build, size, memory and "
                                                         "query latency."),
     search_sides: str = typer.Option("3000,10000", help="Raster sides for the --search index runs."),
@@ -179,7 +181,7 @@ def bench(
         from .host_bench import run_host_bench
 
         results = run_host_bench(arch, batch_size, size or 4096, str(dev), _sides(rss_sizes, "2048,8192"),
-                                 echo=typer.echo)
+                                 echo=typer.echo, repeat=runs)
     elif train:
         from backend.service.training_bench import format_training, measure_training
 
