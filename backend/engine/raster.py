@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 import rasterio
 from rasterio.crs import CRS
-from rasterio.enums import ColorInterp, Resampling
+from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.errors import CRSError, NotGeoreferencedWarning, RasterioError, RasterioIOError
 from rasterio.transform import Affine
 from rasterio.warp import transform_bounds
@@ -216,23 +216,40 @@ def palette_lut(ds: rasterio.io.DatasetReader, bands: list[int]) -> np.ndarray |
     return lut
 
 
-def _sample(ds: rasterio.io.DatasetReader, bands: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """A decimated read of the whole raster (uses overviews where present)."""
+def _sample(ds: rasterio.io.DatasetReader, bands: list[int],
+            values: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
+    """A decimated read of the whole raster (uses overviews where present): the values of `bands`
+    (None unless `values`) and the dataset mask.
+
+    Without overviews GDAL decompresses every block for it, which on a large raster costs more than
+    segmenting a small extent of it: when neither the values (an 8-bit raster, or a value range
+    given) nor the mask (no nodata, alpha or mask band) are needed, nothing is read. Damaged blocks
+    are then found by the run's own reads, with the same sentence and nothing written.
+    """
     factor = max(1.0, max(ds.width, ds.height) / SAMPLE_SIDE)
     shape = (max(1, int(ds.height / factor)), max(1, int(ds.width / factor)))
+    all_valid = all(flags == [MaskFlags.all_valid] for flags in ds.mask_flag_enums)
+    if all_valid and not values:
+        return None, np.ones(shape, bool)
     try:
-        data = ds.read(sorted(set(bands)), out_shape=(len(set(bands)), *shape),
-                       resampling=Resampling.nearest)
-        mask = ds.dataset_mask(out_shape=shape, resampling=Resampling.nearest) > 0
+        data = (ds.read(sorted(set(bands)), out_shape=(len(set(bands)), *shape), resampling=Resampling.nearest)
+                if values else None)
+        mask = (np.ones(shape, bool) if all_valid else
+                ds.dataset_mask(out_shape=shape, resampling=Resampling.nearest) > 0)
     except RasterioError as exc:
         raise unreadable_pixels(ds.name) from exc
     return data, mask
 
 
+def needs_stretch(ds: rasterio.io.DatasetReader, bands: list[int]) -> bool:
+    """Whether the values are stretched by a percentile range (every type but 8-bit)."""
+    return np.dtype(ds.dtypes[bands[0] - 1]) != np.uint8
+
+
 def stretch_range(ds: rasterio.io.DatasetReader, bands: list[int],
                   data: np.ndarray, mask: np.ndarray) -> list[tuple[float, float]] | None:
     """Per-band 2-98 percentile range for non-8-bit rasters (None: use values as they are)."""
-    if np.dtype(ds.dtypes[bands[0] - 1]) == np.uint8:
+    if not needs_stretch(ds, bands):
         return None
     unique = sorted(set(bands))
     ranges = []
@@ -275,7 +292,8 @@ def open_source(path: str | Path, bands: list[int] | None = None, scale: float |
         band_list = select_bands(ds, bands)
         palette = palette_lut(ds, band_list) if not bands else None
         factor = processing_scale(ds, scale, gsd_m)
-        data, mask = _sample(ds, band_list)
+        stretch = value_range is None and needs_stretch(ds, band_list)
+        data, mask = _sample(ds, band_list, values=stretch)
         if not mask.any():
             raise EmptyResultError(f"Every pixel of {path} is nodata or masked: there is nothing to "
                                    "segment. Check the raster's nodata value and alpha band.")
@@ -284,8 +302,10 @@ def open_source(path: str | Path, bands: list[int] | None = None, scale: float |
             check_value_range(value_range)
             low, high = value_range
             ranges = [(float(low), float(high))] * 3
-        else:
+        elif data is not None:
             ranges = stretch_range(ds, band_list, data, mask)
+        else:
+            ranges = None
     except Exception:
         ds.close()
         raise

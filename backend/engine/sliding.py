@@ -2,9 +2,9 @@
 
 Implements FARSLIP_METHOD.md section 4 in a streaming form: crops of one
 crop row are read together, batched through the vision tower, their logits
-bilinearly upsampled and summed into an accumulator that only holds the
-rows still waiting for a later crop row. Rows are emitted as soon as no
-further crop can touch them, and wide windows are split into column chunks,
+bilinearly upsampled across and summed per crop row; only the crop rows
+whose pixel rows are still waiting are held. Rows are blended and emitted
+as soon as no further crop can touch them, and wide windows are split into column chunks,
 so memory depends on the chunk size, not on the raster size. Crops that
 cover only masked pixels are skipped: they cannot touch a valid pixel.
 """
@@ -243,7 +243,7 @@ class Segmenter:
         with torch.inference_mode():
             return self._class_probabilities(torch.from_numpy(logits).to(self.device)).cpu().numpy()
 
-    def _scratch(self, name: str, shape: torch.Size) -> torch.Tensor:
+    def scratch(self, name: str, shape: torch.Size) -> torch.Tensor:
         """A float32 buffer of `shape` on the device, the same one each time the shape repeats.
 
         The finishing step needs two (queries, rows, width) temporaries per crop row (44 MB each
@@ -260,7 +260,7 @@ class Segmenter:
         scaled = logits.mul_(LOGIT_SCALE) if in_place else logits * LOGIT_SCALE
         if len(self._synonyms) == logits.shape[0]:
             return torch.softmax(scaled, dim=0)  # these are the class probabilities the caller keeps
-        probs = torch.softmax(scaled, dim=0, out=self._scratch("probs", scaled.shape))
+        probs = torch.softmax(scaled, dim=0, out=self.scratch("probs", scaled.shape))
         # Pairwise maxima into one output: a reduction over a few query planes (amax, then stack)
         # costs several times more than the elementwise maximum.
         out = torch.empty((len(self._synonyms), *probs.shape[1:]), dtype=probs.dtype, device=probs.device)
@@ -271,12 +271,10 @@ class Segmenter:
         return out
 
     @torch.inference_mode()
-    def finish(self, logit_sum: torch.Tensor, count: torch.Tensor, valid: np.ndarray, row0: int,
-               col0: int) -> Block:
+    def finish(self, logits: torch.Tensor, valid: np.ndarray, row0: int, col0: int) -> Block:
+        """Blended logits (queries, rows, width), which are scaled in place, and the rows' validity ->
+        the Block of class probabilities, classes, scores and pixel signals."""
         started = time.perf_counter()
-        # The rows handed in are a strided view of the accumulator, which the softmax would copy to
-        # one contiguous block first: the division writes that block instead.
-        logits = torch.div(logit_sum, count.clamp(min=1), out=self._scratch("logits", logit_sum.shape))
         kept = logits.to("cpu", copy=True).numpy() if self.keep_logits else None  # scaled in place next
         class_probs = self._class_probabilities(logits, in_place=True)
         best, best_ids, runner_up = top_two(class_probs)
@@ -286,7 +284,6 @@ class Segmenter:
         score = best.cpu().numpy()
         if self.threshold > 0:
             class_ids[score < self.threshold] = UNCLASSIFIED
-        valid = valid & (count.cpu().numpy() > 0)
         if not valid.all():
             class_ids[~valid] = NODATA_CLASS
             score[~valid] = np.nan
@@ -362,88 +359,52 @@ def predict_blocks(segmenter: Segmenter, source: PixelSource, window: PixelWindo
                 yield block
 
 
-class _Accumulator:
-    """The blended logits, crop counts and validity of the rows still open, in a preallocated buffer.
+@dataclass
+class _CropRow:
+    """One crop row of a chunk: its crops' logits upsampled across and summed, (queries, patch rows,
+    width) (None when every crop of it was skipped), how many of its crops cover each column, the
+    validity of its pixels (crop height, width), and how many crops are still to run."""
+    top: int
+    valid: np.ndarray
+    band: torch.Tensor | None = None
+    columns: torch.Tensor | None = None
+    left: int = 0
 
-    Rows are appended at the bottom and dropped at the top; the live rows move back to the buffer's
-    start only when its end is reached, so a crop row neither reallocates nor copies the others.
-    The sums of a new row are not zeroed when it opens: the first crop row to reach it writes them
-    (`add`), and rows no crop row reached are zeroed when they are needed (`settle`).
+
+def _blended_rows(crop_rows: Sequence[_CropRow], down: torch.Tensor, first: int, stop: int,
+                  out: torch.Tensor) -> np.ndarray:
+    """The blended logits of absolute rows [first, stop) into `out` (queries, rows, width); their
+    validity (valid pixels some crop reached) as the result.
+
+    A row's logits are the sum, over the crop rows covering it, of each one's down-weights for the
+    row @ its band, divided by the crops covering each column. The rows are cut where the covering
+    crop rows change; each piece is one matrix product per query whose inner dimension runs over the
+    patch rows of all its covering crop rows (the division applied to the bands first), written once,
+    where the finishing step reads it: no running sums, no second pass to divide.
     """
-
-    def __init__(self, queries: int, width: int, device: torch.device, capacity: int, top: int = 0):
-        self.queries, self.width, self.device = queries, width, device
-        self.top = top     # absolute row of the first live row
-        self.start = 0     # its buffer row
-        self.length = 0    # live rows
-        self.summed = top  # absolute row from which the sums are unwritten
-        self._allocate(capacity)
-
-    def _allocate(self, capacity: int) -> None:
-        # Nothing is read before it is written: a row's counts and validity are set when it opens
-        # (`extend`), its sums by the first crop row or by `settle`.
-        self.sum = torch.empty((self.queries, capacity, self.width), dtype=torch.float32, device=self.device)
-        self.cnt = torch.empty((capacity, self.width), dtype=torch.float32, device=self.device)
-        self.valid = np.empty((capacity, self.width), bool)
-
-    @property
-    def end(self) -> int:
-        """Absolute row after the last live row."""
-        return self.top + self.length
-
-    def extend(self, end: int) -> None:
-        """Open rows up to absolute row `end` (zero counts, invalid, sums unwritten)."""
-        grow = end - self.end
-        if grow <= 0:
-            return
-        capacity = self.cnt.shape[0]
-        if self.start + self.length + grow > capacity:
-            live = slice(self.start, self.start + self.length)
-            kept = (self.sum[:, live], self.cnt[live], self.valid[live])
-            if self.length + grow > capacity:
-                self._allocate(2 * (self.length + grow))
-            elif self.start < self.length:  # the live rows overlap their new place: copy them out first
-                kept = (kept[0].clone(), kept[1].clone(), kept[2].copy())
-            self.start = 0
-            self.sum[:, :self.length], self.cnt[:self.length], self.valid[:self.length] = kept
-        new = slice(self.start + self.length, self.start + self.length + grow)
-        self.cnt[new].zero_()
-        self.valid[new] = False
-        self.length += grow
-
-    def rows(self, first: int, stop: int) -> slice:
-        """Buffer rows of absolute rows [first, stop)."""
-        return slice(self.start + first - self.top, self.start + stop - self.top)
-
-    def settle(self, stop: int) -> None:
-        """Zero the sums of the unwritten rows above absolute row `stop` (no crop row reached them)."""
-        if stop > self.summed:
-            self.sum[:, self.rows(self.summed, stop)].zero_()
-            self.summed = stop
-
-    def add(self, first: int, weights: torch.Tensor, band: torch.Tensor) -> None:
-        """Add `weights` @ `band` (per query, (n, g) @ (g, width)) to the sums of absolute rows
-        [first, first + n): written where no crop row has been before, added where one has.
-
-        The products go straight into the buffer, one matrix product per query (a batched product
-        whose first operand is broadcast runs several times slower on the CPU, and a product into a
-        temporary costs one more pass over the rows).
-        """
-        stop = first + weights.shape[0]
-        self.settle(first)
-        split = min(self.summed, stop)
-        for q in range(self.queries):
-            if split > first:
-                self.sum[q, self.rows(first, split)].addmm_(weights[:split - first], band[q])
-            if stop > split:
-                torch.mm(weights[split - first:], band[q], out=self.sum[q, self.rows(split, stop)])
-        self.summed = max(self.summed, stop)
-
-    def drop(self, upto: int) -> None:
-        """Forget the rows above absolute row `upto`."""
-        n = min(upto - self.top, self.length)
-        self.top, self.start, self.length = upto, self.start + n, self.length - n
-        self.summed = max(self.summed, upto)
+    height = down.shape[0]
+    valid = np.zeros((stop - first, out.shape[-1]), bool)
+    cuts = sorted({first, stop} | {edge for row in crop_rows for edge in (row.top, row.top + height)
+                                   if first < edge < stop})
+    for r0, r1 in zip(cuts, cuts[1:]):
+        covering = [row for row in crop_rows if row.top <= r0 and r1 <= row.top + height]
+        part = slice(r0 - first, r1 - first)
+        if covering:  # every crop row reading these rows read the same pixels
+            valid[part] = covering[-1].valid[r0 - covering[-1].top:r1 - covering[-1].top]
+        summed = [(row.top, row.band, row.columns) for row in covering
+                  if row.band is not None and row.columns is not None]
+        if not summed:
+            out[:, part].zero_()
+            valid[part] = False
+            continue
+        count = summed[0][2] if len(summed) == 1 else torch.stack([columns for _, _, columns in summed]).sum(0)
+        valid[part] &= (count > 0).cpu().numpy()
+        weights = torch.cat([down[r0 - top:r1 - top] for top, _, _ in summed], dim=1)
+        bands = torch.cat([band for _, band, _ in summed], dim=1) if len(summed) > 1 else summed[0][1]
+        bands = bands / count.clamp(min=1)
+        for q in range(out.shape[0]):
+            torch.mm(weights, bands[q], out=out[q, part])
+    return valid
 
 
 def _read_ahead(source: PixelSource, windows: list[PixelWindow], timings: dict[str, float]) -> Iterator[tuple]:
@@ -480,17 +441,14 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
     device = segmenter.device
     timings = segmenter.stage_s
 
-    # The open rows of the chunk's columns, on the model's device.
-    # Live rows: about crop_h + stride; with room for four crop heights they move back to the buffer's
-    # start without overlapping themselves (one copy, no clone), every fourth crop row or so.
-    acc = _Accumulator(queries, width, device, 4 * crop_h, row_starts[0])
     pending: list[tuple[int, int, np.ndarray]] = []   # (crop row start, crop col start, pixels)
     queued_by_row: list[int] = []                     # crops queued once crop row k was read
     ran = 0
     flushed_rows = 0                                  # crop rows whose rows were emitted
-    # Per crop row still running: its crops' logits upsampled across (patch rows x chunk columns),
-    # how many crops cover each column, and how many crops are still to come.
-    rows_open: dict[int, list] = {}
+    emitted = row_starts[0]                           # absolute row from which nothing was emitted
+    # The crop rows read whose pixel rows are not all emitted, in order, and those by start row.
+    crop_rows: list[_CropRow] = []
+    by_top: dict[int, _CropRow] = {}
     resized = segmenter.resizes_crop(crop_h, crop_w)
     across = segmenter.upsampling(crop_w, resized)
     down = segmenter.upsampling(crop_h, resized).T.contiguous()  # (crop_h, patch rows)
@@ -504,38 +462,38 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
         started = time.perf_counter()
         logits = logits @ across                                # (B, Q, gh, crop_w)
         for (ys, xs, _), crop_logits in zip(batch, logits):
-            band, columns, left = rows_open[ys]
+            row = by_top[ys]
+            assert row.band is not None and row.columns is not None, "a crop row with crops to run has a band"
             a0, a1 = max(xs, c0), min(xs + crop_w, c1)
-            band[:, :, a0 - c0:a1 - c0] += crop_logits[:, :, a0 - xs:a1 - xs]
-            columns[a0 - c0:a1 - c0] += 1
-            rows_open[ys][2] = left - 1
-            if left == 1:
-                acc.add(ys, down, band)                         # (Q, crop_h, width)
-                acc.cnt[acc.rows(ys, ys + crop_h)] += columns
-                del rows_open[ys]
+            row.band[:, :, a0 - c0:a1 - c0] += crop_logits[:, :, a0 - xs:a1 - xs]
+            row.columns[a0 - c0:a1 - c0] += 1
+            row.left -= 1
         timings["blend"] += time.perf_counter() - started
         ran += len(batch)
         progress(len(batch))
 
     def flush(upto: int):
-        """Emit accumulator rows above absolute row `upto` (clipped to the window)."""
-        if upto <= acc.top:
+        """Emit the rows above absolute row `upto` (clipped to the window); forget the crop rows above it."""
+        nonlocal emitted
+        if upto <= emitted:
             return None
-        e0, e1 = max(acc.top, r_lo), min(upto, r_hi)
+        e0, e1 = max(emitted, r_lo), min(upto, r_hi)
         block = None
         if e1 > e0:
-            acc.settle(e1)
-            rows = acc.rows(e0, e1)
-            block = segmenter.finish(acc.sum[:, rows], acc.cnt[rows], acc.valid[rows].copy(),
-                                     e0 - r_lo, c0 - window.col_off)
-        acc.drop(upto)
+            started = time.perf_counter()
+            logits = segmenter.scratch("logits", torch.Size((queries, e1 - e0, width)))
+            valid = _blended_rows(crop_rows, down, e0, e1, logits)
+            timings["blend"] += time.perf_counter() - started
+            block = segmenter.finish(logits, valid, e0 - r_lo, c0 - window.col_off)
+        emitted = upto
+        while crop_rows and crop_rows[0].top + crop_h <= upto:
+            del by_top[crop_rows.pop(0).top]
         return block
 
     reads = [PixelWindow(ys, read_c0, crop_h, read_c1 - read_c0) for ys in row_starts]
     for k, (ys, (rgb, valid)) in enumerate(zip(row_starts, _read_ahead(source, reads, timings))):
         started = time.perf_counter()
-        acc.extend(ys + crop_h)
-        acc.valid[acc.rows(ys, ys + crop_h)] = valid[:, c0 - read_c0:c1 - read_c0]
+        row = _CropRow(ys, valid[:, c0 - read_c0:c1 - read_c0])
         skipped = 0
         for xs in col_starts:
             part = slice(xs - read_c0, xs - read_c0 + crop_w)
@@ -546,8 +504,11 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
         if skipped:
             progress(skipped)
         if skipped < len(col_starts):
-            rows_open[ys] = [acc.sum.new_zeros((queries, down.shape[1], width)), acc.cnt.new_zeros(width),
-                             len(col_starts) - skipped]
+            row.band = torch.zeros((queries, down.shape[1], width), dtype=torch.float32, device=device)
+            row.columns = torch.zeros(width, dtype=torch.float32, device=device)
+            row.left = len(col_starts) - skipped
+        crop_rows.append(row)
+        by_top[ys] = row
         queued_by_row.append(ran + len(pending))
         timings["rows"] += time.perf_counter() - started
         while len(pending) >= segmenter.batch_size:
@@ -562,7 +523,7 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
     if pending:
         run(pending)
     segmenter.flush_cache()
-    block = flush(acc.end)
+    block = flush(row_starts[-1] + crop_h)
     if block is not None:
         yield block
 

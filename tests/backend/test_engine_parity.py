@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tinymodels import make_tiny_clip
 
 from backend.engine.dense import dense_patch_features, normalize_pixels
-from backend.engine.sliding import ArraySource, Segmenter, _Accumulator, crop_starts, predict_window
+from backend.engine.sliding import ArraySource, Segmenter, _blended_rows, _CropRow, crop_starts, predict_window
 from backend.engine.raster import PixelWindow
 from backend.engine.text import parse_class_lines
 
@@ -146,44 +146,42 @@ def test_crop_grid_follows_the_reference_formula():
     assert crop_starts(100, 224, 112) == [0]
 
 
-@pytest.mark.parametrize("capacity", [6, 9, 16])
-def test_accumulator_rows_survive_its_compactions_and_growth(capacity, monkeypatch):
-    """Rows opened, summed and dropped in a sliding pattern keep their sums whether the buffer moves the
-    live rows to its start over themselves (small capacity), into free space, or grows; counts and
-    validity start at zero. Its buffers are not zeroed: here they start as garbage (NaN, True)."""
-    allocate = _Accumulator._allocate
-
-    def poisoned(self, size):
-        allocate(self, size)
-        self.sum.fill_(math.nan)
-        self.cnt.fill_(math.nan)
-        self.valid[:] = True
-
-    monkeypatch.setattr(_Accumulator, "_allocate", poisoned)
-    rng = np.random.default_rng(capacity)
-    acc = _Accumulator(2, 3, torch.device("cpu"), capacity)
-    truth: dict[int, np.ndarray] = {}
-    for step in range(40):
-        first = acc.end - rng.integers(0, 3) if acc.length else acc.end
-        first = max(first, acc.top)
-        rows = int(rng.integers(1, 5))
-        opened_from = acc.end
-        acc.extend(first + rows + int(rng.integers(0, 3)))  # rows past the added ones: no crop row reached them
-        opened = acc.rows(opened_from, acc.end)
-        assert not acc.valid[opened].any() and not acc.cnt[opened].any()
-        weights = torch.from_numpy(rng.normal(size=(rows, 4)).astype(np.float32))
-        band = torch.from_numpy(rng.normal(size=(2, 4, 3)).astype(np.float32))
-        acc.add(first, weights, band)
-        values = weights @ band
-        for i in range(rows):
-            truth[first + i] = truth.get(first + i, np.zeros((2, 3), np.float32)) + values[:, i].numpy()
-        acc.cnt[acc.rows(first, first + rows)] += 1
-        if step % 3 == 2:
-            acc.drop(acc.top + int(rng.integers(1, 4)))
-        acc.settle(acc.end)
-        live = acc.sum[:, acc.rows(acc.top, acc.end)].numpy()
-        expected = np.stack([truth.get(row, np.zeros((2, 3), np.float32)) for row in range(acc.top, acc.end)], axis=1)
-        np.testing.assert_allclose(live, expected, rtol=1e-6, atol=1e-6)
+@pytest.mark.parametrize("stride", [3, 5, 8])
+def test_blended_rows_equal_the_sum_over_covering_crop_rows_divided_by_their_crops(stride):
+    """Crop rows of height 8 at `stride` (three deep, two deep, touching), some skipped whole (no band),
+    with random bands and column counts (zero in places); rows asked for in uneven pieces. Each row is
+    the sum over the crop rows covering it of down-weights @ band, divided by their crops per column;
+    valid where a crop row read it valid and some crop reached it; zero logits where none did."""
+    rng = np.random.default_rng(stride)
+    height, grid, queries, width = 8, 4, 2, 5
+    down = torch.from_numpy(rng.normal(size=(height, grid)).astype(np.float32))
+    rows = []
+    for i, top in enumerate(range(0, 40, stride)):
+        valid = rng.random((height, width)) > 0.2
+        row = _CropRow(top, valid)
+        if i % 4 != 2:
+            row.band = torch.from_numpy(rng.normal(size=(queries, grid, width)).astype(np.float32))
+            row.columns = torch.from_numpy(rng.integers(0, 3, width).astype(np.float32))
+        rows.append(row)
+    end = rows[-1].top + height
+    expected = np.zeros((queries, end, width), np.float32)
+    count = np.zeros((end, width), np.float32)
+    read_valid = np.zeros((end, width), bool)
+    for row in rows:
+        read_valid[row.top:row.top + height] = row.valid
+        if row.band is not None:
+            expected[:, row.top:row.top + height] += (down @ row.band).numpy()
+            count[row.top:row.top + height] += row.columns.numpy()
+    expected /= np.maximum(count, 1)
+    first = 0
+    while first < end:
+        stop = min(end, first + int(rng.integers(1, 7)))
+        out = torch.full((queries, stop - first, width), math.nan)
+        valid = _blended_rows(rows, down, first, stop, out)
+        np.testing.assert_allclose(out.numpy(), expected[:, first:stop], rtol=1e-5, atol=1e-5)
+        assert np.array_equal(valid, read_valid[first:stop] & (count[first:stop] > 0))
+        first = stop
+    assert (count == 0).any() and (count > 0).any()
 
 
 @pytest.mark.parametrize("class_lines", [CLASS_LINES, ["water", "cropland", "grassland"]])
