@@ -312,13 +312,19 @@ def open_source(path: str | Path, bands: list[int] | None = None, scale: float |
     return RasterSource(Path(path), ds, band_list, factor, None if palette is not None else ranges, palette)
 
 
-def parse_crs(text: str | None, default: CRS) -> CRS:
+def parse_crs(text: str | None, default: CRS, what: str = "bbox CRS") -> CRS:
+    """A CRS the user typed (EPSG:n, WKT, PROJ string), or `default` when none; InputError naming `what`.
+
+    Parsed inside a rasterio environment, whose error handler turns GDAL's and PROJ's complaints into
+    the exception: outside one, PROJ prints its own line ("ERROR 1: PROJ: ... crs not found") beside ours.
+    """
     if not text:
         return default
     try:
-        return CRS.from_user_input(text)
+        with rasterio.Env():
+            return CRS.from_user_input(text)
     except CRSError as exc:
-        raise InputError(f"The bbox CRS {text!r} is not a CRS I know; use e.g. EPSG:4326 or a WKT "
+        raise InputError(f"The {what} {text!r} is not a CRS I know; use e.g. EPSG:4326 or a WKT "
                          "string.") from exc
 
 

@@ -35,7 +35,7 @@ from backend.engine.checks import coarse_vector_path
 from backend.engine.files import check_output_folder, same_file
 from backend.engine.options import SegmentOptions
 from backend.engine.outlines import engine_window
-from backend.engine.raster import open_source, request_window
+from backend.engine.raster import open_source, parse_crs, request_window
 from backend.engine.sliding import CHUNK_COLUMNS, CHUNK_ROWS, count_crops, units
 from backend.engine.temporary import new_run_tag
 
@@ -264,7 +264,7 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
         error = FarslipError(" ".join(f"{f['raster']}: {f['error']}" for f in failed))
         error.exit_code = first["exit_code"]
         raise error
-    out_crs = CRS.from_user_input(request.out_crs) if request.out_crs else plans[0].crs
+    out_crs = parse_crs(request.out_crs, plans[0].crs, "--out-crs")
     check_raster_outputs(request, paths, {plan.crs.to_string() for plan in plans})
     coarse = [coarse_vector_path(request.out)] if request.refine != "none" else []
     for target in (request.out, report_path_for(request.out), *coarse, *request.rasters().values()):

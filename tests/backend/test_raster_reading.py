@@ -110,3 +110,17 @@ def test_rotated_and_geographic_rasters_segment_with_true_areas(tiny_model, tmp_
             assert total == pytest.approx(1146.3 * 1334.7, rel=0.01)
         report = json.loads(out.with_suffix(".report.json").read_text())
         assert report["valid_pixels"] == 120 * 160
+
+
+@pytest.mark.parametrize("what", ["bbox CRS", "--out-crs"])
+def test_an_unknown_crs_is_one_sentence_naming_the_option_and_proj_prints_nothing(what, capfd):
+    """Before any raster is read (GDAL's error handler not yet installed), PROJ would print its own line."""
+    from backend.engine.errors import InputError
+    from backend.engine.raster import parse_crs
+
+    with pytest.raises(InputError, match=f"The {what} 'EPSG:99999' is not a CRS I know"):
+        parse_crs("EPSG:99999", rasterio.crs.CRS.from_epsg(4326), what)
+    assert parse_crs(None, rasterio.crs.CRS.from_epsg(4326), what) == rasterio.crs.CRS.from_epsg(4326)
+    assert parse_crs("EPSG:32633", rasterio.crs.CRS.from_epsg(4326), what).to_epsg() == 32633
+    printed = capfd.readouterr()
+    assert printed.err == "" and printed.out == ""

@@ -129,6 +129,50 @@ def test_bad_rasters_give_a_clear_error_and_no_output(tiny_model, shared_data, t
     assert list(tmp_path.iterdir()) == []
 
 
+def _raster_with_one_damaged_block(path: Path, side: int = 2048, block: int = 256) -> rasterio.Affine:
+    """An 8-bit RGB GeoTIFF of deflate blocks (no nodata, no mask) whose bottom-right block holds
+    garbage in every band; its transform."""
+    rng = np.random.default_rng(4)
+    profile = {"driver": "GTiff", "width": side, "height": side, "count": 3, "dtype": "uint8", "crs": "EPSG:32633",
+               "transform": rasterio.transform.from_origin(500000, 5_000_000, 1.0, 1.0), "tiled": True,
+               "blockxsize": block, "blockysize": block, "compress": "deflate"}
+    with rasterio.open(path, "w", **profile) as ds:
+        ds.write(rng.integers(0, 256, (3, side, side), dtype=np.uint8))
+    last = side // block - 1
+    with rasterio.open(path) as ds:
+        spans = [(int(ds.get_tag_item(f"BLOCK_OFFSET_{last}_{last}", "TIFF", bidx=b)),
+                  int(ds.get_tag_item(f"BLOCK_SIZE_{last}_{last}", "TIFF", bidx=b))) for b in (1, 2, 3)]
+        transform = ds.transform
+    with open(path, "r+b") as raw:
+        for offset, size in spans:
+            raw.seek(offset)
+            raw.write(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+    return transform
+
+
+def test_a_damaged_block_fails_only_the_runs_that_read_it(tiny_model, tmp_path):
+    """An 8-bit raster without nodata is not read whole before a run: an extent far from its damaged
+    block is segmented; an extent over it stops with the sentence and writes nothing."""
+    raster = tmp_path / "in" / "partly-damaged.tif"
+    raster.parent.mkdir()
+    transform = _raster_with_one_damaged_block(raster)
+    out = tmp_path / "out"
+    out.mkdir()
+    left, top = transform @ (0, 0)
+    right, bottom = transform @ (2048, 2048)
+    clear = (left, top - 512, left + 512, top)  # the top-left 512 x 512 pixels
+    damaged = (right - 512, bottom, right, bottom + 512)  # the bottom-right ones
+    result = segment(raster, *CLASSES, "--model", tiny_model, "--out", out / "clear.gpkg",
+                     "--bbox", *clear, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert len(read_layer(out / "clear.gpkg")[1]) > 0
+    result = segment(raster, *CLASSES, "--model", tiny_model, "--out", out / "damaged.gpkg", "--class-raster",
+                     out / "damaged.tif", "--bbox", *damaged, "--quiet")
+    assert result.exit_code == 2, result.output
+    assert "damaged" in result.output and "Traceback" not in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["clear.gpkg", "clear.report.json"]
+
+
 def test_bbox_in_another_crs_selects_the_same_area(tiny_model, shared_data, tmp_path):
     raster = shared_data / "naip_2020_5m.tif"
     with rasterio.open(raster) as src:
