@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .dense import normalize_pixels, normalized_batch
+from .dense import normalized_image
 from .encoders import Encoder, TorchEncoder, crop_size
 from .errors import CancelledError
 from .feature_cache import FeatureCache
@@ -120,22 +120,19 @@ class Segmenter:
     def use_cache(self, cache: FeatureCache | None, scope: str | None) -> None:
         self.feature_cache, self.cache_scope = (cache, scope) if cache is not None and scope else (None, None)
 
-    def _normalized(self, crops: Sequence[np.ndarray]) -> torch.Tensor:
-        """RGB 0..255 crops (3, h, w) -> one CLIP-normalised batch on the device.
-
-        On the CPU each crop is normalised straight into the batch (`normalized_batch`); on a GPU the
-        stacked crops are uploaded from pinned memory and normalised there.
-        """
-        if self.device.type == "cpu":
-            return torch.from_numpy(normalized_batch(crops))
+    def _batch(self, crops: Sequence[np.ndarray]) -> torch.Tensor:
+        """CLIP-normalised crops (3, h, w) -> one batch on the device (uploaded from pinned memory to a GPU)."""
         tensor = torch.from_numpy(np.stack(crops))
+        if self.device.type == "cpu":
+            return tensor
         if self._pin:
             tensor = tensor.pin_memory()
-        return normalize_pixels(tensor.to(self.device, non_blocking=True))
+        return tensor.to(self.device, non_blocking=True)
 
     @torch.inference_mode()
     def crop_features(self, crops: Sequence[np.ndarray], keys: list | None = None) -> torch.Tensor:
-        """B crops (3, h, w) of RGB 0..255 -> (B, gh, gw, D) patch features on the device (cached ones reused)."""
+        """B CLIP-normalised crops (3, h, w) (`normalized_image`) -> (B, gh, gw, D) patch features on the
+        device (cached ones reused)."""
         self._store_finished()
         cached: list[np.ndarray | None] = [None] * len(crops)
         cache, scope = self.feature_cache, self.cache_scope
@@ -148,7 +145,7 @@ class Segmenter:
         computed = None
         if missing:
             subset = crops if len(missing) == len(crops) else [crops[i] for i in missing]
-            computed = self.encoder(self._model_input(self._normalized(subset)))
+            computed = self.encoder(self._model_input(self._batch(subset)))
             if self.feature_cache is not None and keys is not None:
                 self._queue_for_cache([keys[i] for i in missing], computed)
         self.stage_s["encode"] += time.perf_counter() - started
@@ -210,7 +207,7 @@ class Segmenter:
 
     @torch.inference_mode()
     def patch_logits(self, crops: Sequence[np.ndarray], keys: list | None = None) -> torch.Tensor:
-        """B crops (3, h, w) of RGB 0..255 -> (B, Q, gh, gw) patch-text cosine logits on the device."""
+        """B CLIP-normalised crops (3, h, w) -> (B, Q, gh, gw) patch-text cosine logits on the device."""
         features = self.crop_features(crops, keys)
         started = time.perf_counter()
         batch, grid_h, grid_w, dims = features.shape
@@ -402,20 +399,25 @@ def _blended_rows(crop_rows: Sequence[_CropRow], down: torch.Tensor, first: int,
         weights = torch.cat([down[r0 - top:r1 - top] for top, _, _ in summed], dim=1)
         bands = torch.cat([band for _, band, _ in summed], dim=1) if len(summed) > 1 else summed[0][1]
         bands = bands / count.clamp(min=1)
-        for q in range(out.shape[0]):
-            torch.mm(weights, bands[q], out=out[q, part])
+        if r1 - r0 == len(valid):  # the usual case, one piece: a batched product straight into `out`
+            torch.matmul(weights, bands, out=out)
+        else:
+            for q in range(out.shape[0]):
+                torch.mm(weights, bands[q], out=out[q, part])
     return valid
 
 
 def _read_ahead(source: PixelSource, windows: list[PixelWindow], timings: dict[str, float]) -> Iterator[tuple]:
-    """Yield source.read(w) for each window, reading the next one in a thread while the caller works.
+    """Yield (CLIP-normalised RGB, validity) of each window, reading and normalising the next one in a
+    thread while the caller works.
 
-    GDAL releases the GIL while it decompresses, so the read overlaps the model and the blending.
+    GDAL and numpy release the GIL while they decompress and compute, so this overlaps the model and
+    the blending.
     """
     def timed_read(window):
         started = time.perf_counter()
-        result = source.read(window)
-        return result, time.perf_counter() - started
+        rgb, valid = source.read(window)
+        return (normalized_image(rgb), valid), time.perf_counter() - started
 
     if not windows:
         return
