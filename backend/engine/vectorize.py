@@ -18,7 +18,6 @@ strip sees the row above and below it, so a seam changes none of these values.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -139,9 +138,19 @@ def _strip_polygons(classes: np.ndarray, skip: set[int], col0: int, row0: int) -
                                            transform=Affine.translation(col0, row0)))
     assert len(shapes) == runs.n, "every region is exactly one shape"
     polygons = np.empty(runs.n, dtype=object)
-    polygons[[int(value) - 1 for _, value in shapes]] = shapely.from_geojson(
-        [json.dumps(geometry) for geometry, _ in shapes])
+    polygons[[int(value) - 1 for _, value in shapes]] = _polygons_of([geometry for geometry, _ in shapes])
     return runs, polygons
+
+
+def _polygons_of(geometries: list[dict]) -> np.ndarray:
+    """GeoJSON-like polygon dicts (shell ring, then holes) -> shapely Polygons, built from one array of
+    all their coordinates: a quarter of the time of writing and parsing GeoJSON text, most of which
+    holds the GIL while the engine works beside it."""
+    rings = [ring for geometry in geometries for ring in geometry["coordinates"]]
+    owner = np.repeat(np.arange(len(geometries)), [len(geometry["coordinates"]) for geometry in geometries])
+    coords = np.array([xy for ring in rings for xy in ring], dtype=np.float64).reshape(-1, 2)
+    ring_of = np.repeat(np.arange(len(rings)), [len(ring) for ring in rings])
+    return shapely.polygons(shapely.linearrings(coords, indices=ring_of), indices=owner)
 
 
 def _region_sums(runs: _Runs, values: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:

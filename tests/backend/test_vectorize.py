@@ -14,7 +14,7 @@ from affine import Affine
 from rasterio.crs import CRS
 from scipy import ndimage
 
-from backend.engine.vectorize import finalize, polygon_areas_m2, vectorize_class_raster
+from backend.engine.vectorize import _polygons_of, finalize, polygon_areas_m2, vectorize_class_raster
 
 UTM = CRS.from_epsg(32633)
 TRANSFORM = Affine(2.0, 0.0, 500000.0, 0.0, -2.0, 4000000.0)
@@ -460,3 +460,24 @@ def test_class_values_beyond_int16_keep_their_outlines_and_chunk_seams(rasters, 
                                                                 invert=True))
         key = (region.class_id, region.pixel_count, (int(rows[0]), int(cols[0])))
         assert (region.margin, region.entropy, region.sharpness) == pytest.approx(expected[key], rel=1e-5), key
+
+
+def test_polygons_built_from_coordinates_equal_gdals_shapes_read_as_geojson():
+    """Regions with holes, holes inside holes, islands and regions touching at a corner: each polygon is
+    the one GeoJSON gives, vertex for vertex, ring for ring."""
+    import json
+
+    rng = np.random.default_rng(2)
+    labels = ndimage.label(rng.random((120, 90)) > 0.55)[0].astype(np.int32)
+    labels[40:80, 30:70] = labels.max() + 1  # a square with a ring of another region and an island inside
+    labels[50:70, 40:60] = labels.max() + 1
+    labels[58:62, 48:52] = labels.max() + 1
+    labels[0, 0], labels[1, 1] = labels.max() + 1, labels.max() + 2  # corner contact
+    shapes = [g for g, _ in rasterio.features.shapes(labels, mask=labels > 0, connectivity=4,
+                                                     transform=Affine(0.5, 0, 10, 0, -0.5, 20))]
+    assert any(len(g["coordinates"]) > 1 for g in shapes)
+    built = _polygons_of(shapes)
+    expected = shapely.from_geojson([json.dumps(g) for g in shapes])
+    assert len(built) == len(expected) == len(shapes)
+    assert all(shapely.equals_exact(a, b, tolerance=0) for a, b in zip(built, expected))
+    assert len(_polygons_of([])) == 0
