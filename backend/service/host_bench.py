@@ -34,7 +34,7 @@ from .bench import BENCH_CLASSES, random_model, type_classes, write_test_raster
 # beside the others; "read_wait" is the part of it the main thread waited for.
 STAGE_NAMES = {
     "read_s": "read + stretch + normalise (background thread)", "read_wait_s": "waiting for the read",
-    "rows_s": "crop rows: accumulator rows opened, crops with valid pixels picked",
+    "rows_s": "crop rows: opened, crops with valid pixels picked",
     "encode_s": "encoder (null), crops batched", "blend_s": "text similarity, upsample, blend",
     "finish_s": "softmax, classes, scores, pixel signals", "write_blocks_s": "raster blocks written",
     "polygon_wait_s": "waiting for the polygon thread", "vectorize_s": "polygons: clean-up, areas",

@@ -122,7 +122,7 @@ def test_masked_pixels_get_no_class_and_fully_masked_crops_are_skipped():
 
 def test_rows_no_crop_reaches_hold_nothing_and_the_rows_around_them_match_the_reference():
     """A band of masked rows taller than a crop and a half: whole crop rows are skipped, some rows are
-    reached by no crop at all, and the accumulator's buffer is reused several times over the height.
+    reached by no crop at all, and crop rows are opened and forgotten many times over the height.
     The valid rows equal plain section 4 on the image with the band blacked out; the unreached rows
     carry no logits (0) and no class."""
     segmenter = Segmenter(_loaded(16), parse_class_lines(CLASS_LINES), batch_size=3)
