@@ -359,13 +359,12 @@ def predict_blocks(segmenter: Segmenter, source: PixelSource, window: PixelWindo
 @dataclass
 class _CropRow:
     """One crop row of a chunk: its crops' logits upsampled across and summed, (queries, patch rows,
-    width) (None when every crop of it was skipped), how many of its crops cover each column, the
-    validity of its pixels (crop height, width), and how many crops are still to run."""
+    width) (None when every crop of it was skipped), how many of its crops cover each column, and the
+    validity of its pixels (crop height, width)."""
     top: int
     valid: np.ndarray
     band: torch.Tensor | None = None
     columns: torch.Tensor | None = None
-    left: int = 0
 
 
 def _blended_rows(crop_rows: Sequence[_CropRow], down: torch.Tensor, first: int, stop: int,
@@ -443,14 +442,12 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
     device = segmenter.device
     timings = segmenter.stage_s
 
-    pending: list[tuple[int, int, np.ndarray]] = []   # (crop row start, crop col start, pixels)
+    pending: list[tuple[_CropRow, int, np.ndarray]] = []  # (its crop row, crop col start, pixels)
     queued_by_row: list[int] = []                     # crops queued once crop row k was read
     ran = 0
     flushed_rows = 0                                  # crop rows whose rows were emitted
     emitted = row_starts[0]                           # absolute row from which nothing was emitted
-    # The crop rows read whose pixel rows are not all emitted, in order, and those by start row.
-    crop_rows: list[_CropRow] = []
-    by_top: dict[int, _CropRow] = {}
+    crop_rows: list[_CropRow] = []  # the crop rows read whose pixel rows are not all emitted, in order
     resized = segmenter.resizes_crop(crop_h, crop_w)
     across = segmenter.upsampling(crop_w, resized)
     down = segmenter.upsampling(crop_h, resized).T.contiguous()  # (crop_h, patch rows)
@@ -459,17 +456,15 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
         nonlocal ran
         if should_cancel is not None and should_cancel():
             raise CancelledError("The run was cancelled; nothing was written.")
-        keys = [(ys, xs, crop_h, crop_w) for ys, xs, _ in batch]
+        keys = [(row.top, xs, crop_h, crop_w) for row, xs, _ in batch]
         logits = segmenter.patch_logits([p for _, _, p in batch], keys)
         started = time.perf_counter()
         logits = logits @ across                                # (B, Q, gh, crop_w)
-        for (ys, xs, _), crop_logits in zip(batch, logits):
-            row = by_top[ys]
+        for (row, xs, _), crop_logits in zip(batch, logits):
             assert row.band is not None and row.columns is not None, "a crop row with crops to run has a band"
             a0, a1 = max(xs, c0), min(xs + crop_w, c1)
             row.band[:, :, a0 - c0:a1 - c0] += crop_logits[:, :, a0 - xs:a1 - xs]
             row.columns[a0 - c0:a1 - c0] += 1
-            row.left -= 1
         timings["blend"] += time.perf_counter() - started
         ran += len(batch)
         progress(len(batch))
@@ -489,7 +484,7 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
             block = segmenter.finish(logits, valid, e0 - r_lo, c0 - window.col_off)
         emitted = upto
         while crop_rows and crop_rows[0].top + crop_h <= upto:
-            del by_top[crop_rows.pop(0).top]
+            crop_rows.pop(0)
         return block
 
     reads = [PixelWindow(ys, read_c0, crop_h, read_c1 - read_c0) for ys in row_starts]
@@ -500,7 +495,7 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
         for xs in col_starts:
             part = slice(xs - read_c0, xs - read_c0 + crop_w)
             if valid[:, part].any():
-                pending.append((ys, xs, rgb[:, :, part]))
+                pending.append((row, xs, rgb[:, :, part]))
             else:
                 skipped += 1
         if skipped:
@@ -508,9 +503,7 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
         if skipped < len(col_starts):
             row.band = torch.zeros((queries, down.shape[1], width), dtype=torch.float32, device=device)
             row.columns = torch.zeros(width, dtype=torch.float32, device=device)
-            row.left = len(col_starts) - skipped
         crop_rows.append(row)
-        by_top[ys] = row
         queued_by_row.append(ran + len(pending))
         timings["rows"] += time.perf_counter() - started
         while len(pending) >= segmenter.batch_size:
