@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import pyproj
 import rasterio
-import rasterio.features
 import shapely
 from affine import Affine
 from rasterio.windows import Window
@@ -36,6 +35,8 @@ from scipy.sparse.csgraph import connected_components
 from shapely.geometry.base import BaseGeometry
 
 from backend.engine.errors import CancelledError, InputError
+from backend.engine.polygonize import region_polygons
+
 
 @dataclass(frozen=True)
 class RegionPolygon:
@@ -133,24 +134,11 @@ def _strip_polygons(classes: np.ndarray, skip: set[int], col0: int, row0: int) -
     """A strip's regions (_Runs) and the polygon of each, in raster pixel coordinates (the strip's
     first pixel at `col0`, `row0`)."""
     runs = _Runs(classes, skip)
-    ids = runs.region_ids
-    shapes = list(rasterio.features.shapes(ids, mask=ids > 0, connectivity=4,
-                                           transform=Affine.translation(col0, row0)))
+    values, shapes = region_polygons(runs.region_ids, Affine.translation(col0, row0))
     assert len(shapes) == runs.n, "every region is exactly one shape"
     polygons = np.empty(runs.n, dtype=object)
-    polygons[[int(value) - 1 for _, value in shapes]] = _polygons_of([geometry for geometry, _ in shapes])
+    polygons[values - 1] = shapes
     return runs, polygons
-
-
-def _polygons_of(geometries: list[dict]) -> np.ndarray:
-    """GeoJSON-like polygon dicts (shell ring, then holes) -> shapely Polygons, built from one array of
-    all their coordinates: a quarter of the time of writing and parsing GeoJSON text, most of which
-    holds the GIL while the engine works beside it."""
-    rings = [ring for geometry in geometries for ring in geometry["coordinates"]]
-    owner = np.repeat(np.arange(len(geometries)), [len(geometry["coordinates"]) for geometry in geometries])
-    coords = np.array([xy for ring in rings for xy in ring], dtype=np.float64).reshape(-1, 2)
-    ring_of = np.repeat(np.arange(len(rings)), [len(ring) for ring in rings])
-    return shapely.polygons(shapely.linearrings(coords, indices=ring_of), indices=owner)
 
 
 def _region_sums(runs: _Runs, values: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:

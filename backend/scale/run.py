@@ -255,6 +255,7 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
     """Segment every raster of `paths` on Ray workers; write one layer (and a class VRT); see the module."""
     started = time.perf_counter()
     check_merged_output(request.out)
+    typed_crs = parse_crs(request.out_crs, CRS(), "--out-crs") if request.out_crs else None  # before the model loads
     # The chunks' block files then hold the class probabilities too (--refine reads them).
     with_probs = request.prob_raster is not None or request.refine != "none"
     loaded, segmenter = load_segmenter(engine)  # the driver's copy: checks the model, scores the polygons
@@ -264,7 +265,7 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
         error = FarslipError(" ".join(f"{f['raster']}: {f['error']}" for f in failed))
         error.exit_code = first["exit_code"]
         raise error
-    out_crs = parse_crs(request.out_crs, plans[0].crs, "--out-crs")
+    out_crs = typed_crs if typed_crs is not None else plans[0].crs
     check_raster_outputs(request, paths, {plan.crs.to_string() for plan in plans})
     coarse = [coarse_vector_path(request.out)] if request.refine != "none" else []
     for target in (request.out, report_path_for(request.out), *coarse, *request.rasters().values()):

@@ -14,7 +14,8 @@ from affine import Affine
 from rasterio.crs import CRS
 from scipy import ndimage
 
-from backend.engine.vectorize import _polygons_of, finalize, polygon_areas_m2, vectorize_class_raster
+from backend.engine.polygonize import polygons_of
+from backend.engine.vectorize import finalize, polygon_areas_m2, vectorize_class_raster
 
 UTM = CRS.from_epsg(32633)
 TRANSFORM = Affine(2.0, 0.0, 500000.0, 0.0, -2.0, 4000000.0)
@@ -476,8 +477,8 @@ def test_polygons_built_from_coordinates_equal_gdals_shapes_read_as_geojson():
     shapes = [g for g, _ in rasterio.features.shapes(labels, mask=labels > 0, connectivity=4,
                                                      transform=Affine(0.5, 0, 10, 0, -0.5, 20))]
     assert any(len(g["coordinates"]) > 1 for g in shapes)
-    built = _polygons_of(shapes)
+    built = polygons_of(shapes)
     expected = shapely.from_geojson([json.dumps(g) for g in shapes])
     assert len(built) == len(expected) == len(shapes)
     assert all(shapely.equals_exact(a, b, tolerance=0) for a, b in zip(built, expected))
-    assert len(_polygons_of([])) == 0
+    assert len(polygons_of([])) == 0

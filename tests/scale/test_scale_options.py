@@ -44,6 +44,23 @@ def test_an_option_ray_does_not_offer_yet_is_refused_before_ray_starts(shared_da
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
 
 
+def test_an_unknown_out_crs_is_refused_before_the_model_loads(shared_data, tiny_model, tmp_path, monkeypatch):
+    from backend.scale import run
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out-crs was checked")
+
+    monkeypatch.setattr(run, "load_segmenter", no_model)
+    out = tmp_path / "out.gpkg"
+    result = CliRunner().invoke(app, ["segment", str(shared_data / "naip_2020_5m.tif"), "-c", "water", "--weights",
+                                      str(tiny_model), "--out", str(out), "--workers", "1", "--out-crs", "EPSG:99999"])
+    assert result.exit_code == 2, result.output
+    assert "--out-crs 'EPSG:99999' is not a CRS I know" in result.output
+    assert "Traceback" not in result.output and "PROJ" not in result.output
+    assert not list(tmp_path.iterdir())
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
 @pytest.mark.parametrize("asked, reported", [(None, False), ("1", True), ("0", False)])
 def test_ray_reports_no_usage_statistics_unless_the_user_turned_them_on(monkeypatch, asked, reported):
     """Ray sends usage statistics from a cluster ray.init starts unless told not to; a farslip run on
