@@ -7,14 +7,20 @@ whose pixel rows are still waiting are held. Rows are blended and emitted
 as soon as no further crop can touch them, and wide windows are split into column chunks,
 so memory depends on the chunk size, not on the raster size. Crops that
 cover only masked pixels are skipped: they cannot touch a valid pixel.
+
+Three threads share the work: one reads and normalises the next strip, the engine's own runs the
+crops and blends, and a finisher turns blended rows into class probabilities, classes, scores and
+pixel signals (the softmax and what follows it) while the engine goes on and the caller writes the
+block before. Torch and numpy release the GIL inside their operations, so the threads overlap.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,8 +44,9 @@ UNCLASSIFIED = 254
 # pixels get the same values whichever process computes it (backend/scale distributes these units).
 CHUNK_COLUMNS = 2048
 CHUNK_ROWS = 4096
-# Where the engine's time goes (seconds, summed over a run); "read" runs in a background thread.
-STAGES = ("read", "read_wait", "rows", "encode", "blend", "finish")
+# Where the engine's time goes (seconds, summed over a run). "read" and "finish" run in threads of their
+# own, beside the others; "read_wait" and "finish_wait" are the parts of them the engine waited for.
+STAGES = ("read", "read_wait", "rows", "encode", "blend", "finish", "finish_wait")
 
 
 def crop_starts(length: int, crop: int, stride: int) -> list[int]:
@@ -243,9 +250,10 @@ class Segmenter:
     def scratch(self, name: str, shape: torch.Size) -> torch.Tensor:
         """A float32 buffer of `shape` on the device, the same one each time the shape repeats.
 
-        The finishing step needs two (queries, rows, width) temporaries per crop row (44 MB each
-        with 48 queries and 2048 columns); new ones would be faulted into memory page by page each
-        time, which took longer than the softmax itself.
+        The engine blends each run of finished rows into one of two (queries, rows, width) buffers in
+        turn (the finisher thread still reads the other), and the finishing step needs one more (44 MB
+        each with 48 queries and 2048 columns); new ones would be faulted into memory page by page
+        each time, which took longer than the softmax itself.
         """
         buffer = self._buffers.get(name)
         if buffer is None or buffer.shape != shape:
@@ -469,58 +477,72 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
         ran += len(batch)
         progress(len(batch))
 
+    finishing: deque[Future] = deque()  # blocks being finished in the finisher thread, in order
+    flushes = 0
+
     def flush(upto: int):
         """Emit the rows above absolute row `upto` (clipped to the window); forget the crop rows above it."""
-        nonlocal emitted
+        nonlocal emitted, flushes
         if upto <= emitted:
-            return None
+            return
         e0, e1 = max(emitted, r_lo), min(upto, r_hi)
-        block = None
         if e1 > e0:
             started = time.perf_counter()
-            logits = segmenter.scratch("logits", torch.Size((queries, e1 - e0, width)))
+            # Two buffers in turn: the finisher still reads the previous one while this one is blended.
+            logits = segmenter.scratch(f"logits{flushes % 2}", torch.Size((queries, e1 - e0, width)))
+            flushes += 1
             valid = _blended_rows(crop_rows, down, e0, e1, logits)
             timings["blend"] += time.perf_counter() - started
-            block = segmenter.finish(logits, valid, e0 - r_lo, c0 - window.col_off)
+            finishing.append(finisher.submit(segmenter.finish, logits, valid, e0 - r_lo, c0 - window.col_off))
         emitted = upto
         while crop_rows and crop_rows[0].top + crop_h <= upto:
             crop_rows.pop(0)
-        return block
+
+    def finished(keep: int) -> Iterator[Block]:
+        """The finished blocks, in order, until at most `keep` are still being finished."""
+        while len(finishing) > keep:
+            waited = time.perf_counter()
+            block = finishing.popleft().result()
+            timings["finish_wait"] += time.perf_counter() - waited
+            yield block
 
     reads = [PixelWindow(ys, read_c0, crop_h, read_c1 - read_c0) for ys in row_starts]
-    for k, (ys, (rgb, valid)) in enumerate(zip(row_starts, _read_ahead(source, reads, timings))):
-        started = time.perf_counter()
-        row = _CropRow(ys, valid[:, c0 - read_c0:c1 - read_c0])
-        skipped = 0
-        for xs in col_starts:
-            part = slice(xs - read_c0, xs - read_c0 + crop_w)
-            if valid[:, part].any():
-                pending.append((row, xs, rgb[:, :, part]))
-            else:
-                skipped += 1
-        if skipped:
-            progress(skipped)
-        if skipped < len(col_starts):
-            row.band = torch.zeros((queries, down.shape[1], width), dtype=torch.float32, device=device)
-            row.columns = torch.zeros(width, dtype=torch.float32, device=device)
-        crop_rows.append(row)
-        queued_by_row.append(ran + len(pending))
-        timings["rows"] += time.perf_counter() - started
-        while len(pending) >= segmenter.batch_size:
-            run(pending[:segmenter.batch_size])
-            del pending[:segmenter.batch_size]
-        # Crop row f is final once its crops ran: rows above the next crop row get no more logits.
-        while flushed_rows < k and queued_by_row[flushed_rows] <= ran:
-            block = flush(row_starts[flushed_rows + 1])
-            flushed_rows += 1
-            if block is not None:
-                yield block
-    if pending:
-        run(pending)
-    segmenter.flush_cache()
-    block = flush(row_starts[-1] + crop_h)
-    if block is not None:
-        yield block
+    finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="farslip-finish")
+    try:
+        for k, (ys, (rgb, valid)) in enumerate(zip(row_starts, _read_ahead(source, reads, timings))):
+            started = time.perf_counter()
+            row = _CropRow(ys, valid[:, c0 - read_c0:c1 - read_c0])
+            skipped = 0
+            for xs in col_starts:
+                part = slice(xs - read_c0, xs - read_c0 + crop_w)
+                if valid[:, part].any():
+                    pending.append((row, xs, rgb[:, :, part]))
+                else:
+                    skipped += 1
+            if skipped:
+                progress(skipped)
+            if skipped < len(col_starts):
+                row.band = torch.zeros((queries, down.shape[1], width), dtype=torch.float32, device=device)
+                row.columns = torch.zeros(width, dtype=torch.float32, device=device)
+            crop_rows.append(row)
+            queued_by_row.append(ran + len(pending))
+            timings["rows"] += time.perf_counter() - started
+            while len(pending) >= segmenter.batch_size:
+                run(pending[:segmenter.batch_size])
+                del pending[:segmenter.batch_size]
+            # Crop row f is final once its crops ran: rows above the next crop row get no more logits.
+            while flushed_rows < k and queued_by_row[flushed_rows] <= ran:
+                yield from finished(keep=1)  # its buffer is the one the next flush fills
+                flush(row_starts[flushed_rows + 1])
+                flushed_rows += 1
+        if pending:
+            run(pending)
+        segmenter.flush_cache()
+        yield from finished(keep=1)
+        flush(row_starts[-1] + crop_h)
+        yield from finished(keep=0)
+    finally:
+        finisher.shutdown(cancel_futures=True)
 
 
 def predict_window(segmenter: Segmenter, source: PixelSource, window: PixelWindow | None = None,

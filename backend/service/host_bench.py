@@ -30,13 +30,15 @@ from backend.engine.segment import segment_raster
 
 from .bench import BENCH_CLASSES, random_model, type_classes, write_test_raster
 
-# Stages of a segment run, as segment_raster times them (seconds). "read" runs in its own thread,
-# beside the others; "read_wait" is the part of it the main thread waited for.
+# Stages of a segment run, as segment_raster times them (seconds). "read" and "finish" run in threads
+# of their own, beside the others; "read_wait" and "finish_wait" are the parts the main thread waited for.
+BACKGROUND = ("read_s", "finish_s")
 STAGE_NAMES = {
     "read_s": "read + stretch + normalise (background thread)", "read_wait_s": "waiting for the read",
     "rows_s": "crop rows: opened, crops with valid pixels picked",
     "encode_s": "encoder (null), crops batched", "blend_s": "text similarity, upsample, blend",
-    "finish_s": "softmax, classes, scores, pixel signals", "write_blocks_s": "raster blocks written",
+    "finish_s": "softmax, classes, scores, pixel signals (finisher thread)",
+    "finish_wait_s": "waiting for the finisher", "write_blocks_s": "raster blocks written",
     "polygon_wait_s": "waiting for the polygon thread", "vectorize_s": "polygons: clean-up, areas",
     "quality_s": "quality estimate (region checks with the null CLS stand-in)",
     "write_s": "write polygons",
@@ -117,7 +119,7 @@ def run_host_bench(arch: str = "ViT-B-16", batch_size: int = 8, size: int = 4096
             if key == "quality_s":
                 label += f", {run['region_checks']} region crops"
             echo(f"| {label} | {seconds:.2f} | {seconds / wall:.1%} |")
-        other = wall - sum(run["timings"].get(k, 0.0) for k in STAGE_NAMES if k != "read_s")
+        other = wall - sum(run["timings"].get(k, 0.0) for k in STAGE_NAMES if k not in BACKGROUND)
         echo(f"| everything else (text, setup, Python) | {other:.2f} | {other / wall:.1%} |")
         echo(f"| **total** | {wall:.2f} | **{run['host_mpx_per_s']:.1f} Mpx/s** |")
         echo(f"\nCPU time of the run: {run['cpu_s']:.2f} s over its threads, {results['cores_busy']:.1f} of the "

@@ -206,3 +206,35 @@ def test_blocks_kept_by_the_caller_are_not_overwritten_by_later_blocks(class_lin
     for block in kept:
         rows = slice(block.row0, block.row0 + block.class_ids.shape[0])
         assert np.array_equal(block.probs, whole.probs[:, rows], equal_nan=True)
+
+
+def test_blocks_come_in_order_and_a_failure_in_the_finisher_thread_reaches_the_caller():
+    """The finishing step runs in a thread of its own: its blocks still come in row order without gaps,
+    an error raised there stops the run where the caller reads the blocks, and no thread is left behind."""
+    import threading
+
+    from backend.engine.sliding import predict_blocks
+
+    segmenter = Segmenter(_loaded(16), parse_class_lines(CLASS_LINES), batch_size=3)
+    image = np.random.default_rng(3).uniform(0, 255, (3, 600, 300)).astype(np.float32)
+    rows = [(block.row0, len(block.class_ids)) for block in predict_blocks(segmenter, ArraySource(image),
+                                                                            PixelWindow(0, 0, 600, 300))]
+    assert len(rows) >= 4 and rows[0][0] == 0 and sum(height for _, height in rows) == 600
+    assert all(row0 + height == next_row0 for (row0, height), (next_row0, _) in zip(rows, rows[1:]))
+
+    finish, calls = segmenter.finish, []
+
+    def failing(*args):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory in the finishing step")
+        return finish(*args)
+
+    segmenter.finish = failing
+    received = []
+    with pytest.raises(RuntimeError, match="finishing step"):
+        for block in predict_blocks(segmenter, ArraySource(image), PixelWindow(0, 0, 600, 300)):
+            received.append(block.row0)
+    assert received == [row0 for row0, _ in rows[:2]]
+    assert all(name.startswith("farslip-finish") for name in calls)
+    assert not any(thread.name.startswith("farslip-finish") for thread in threading.enumerate())
