@@ -30,7 +30,8 @@ _GDT_BYTE, _GDT_INT32 = 1, 5
 _WKB_POLYGON = 3
 _OFT_INTEGER = 0
 _WKB_NDR = 1  # little-endian WKB
-_LIBRARY_NAME = re.compile(r"(^|[/\\])(lib)?gdal[-.][^/\\]*\.(so|dylib)([.0-9]*)$")
+# libgdal.so.34 (a system GDAL), libgdal-<hash>.so.36.3.10.3 (a wheel's copy), libgdal.36.dylib (macOS)
+_LIBRARY_NAME = re.compile(r"(^|/)libgdal([-.][^/]*)?\.(so|dylib)(\.[0-9.]+)?$")
 
 
 def _loaded_libraries() -> list[str]:

@@ -78,3 +78,16 @@ def test_no_regions_gives_no_polygons_and_a_single_pixel_gives_one():
     values, polygons = polygonize.region_polygons(empty, Affine.translation(10, 20))
     assert list(values) == [7]
     assert shapely.equals(polygons[0], shapely.box(13, 22, 14, 23))
+
+
+@pytest.mark.parametrize("path, is_gdal", [
+    ("/v/site-packages/rasterio.libs/libgdal-c8c9c467.so.36.3.10.3", True),
+    ("/usr/lib/x86_64-linux-gnu/libgdal.so.32", True),
+    ("/usr/lib/libgdal.so", True),
+    ("/v/site-packages/rasterio/.dylibs/libgdal.36.dylib", True),
+    ("/usr/lib/x86_64-linux-gnu/libgdal-extra.txt", False),
+    ("/usr/lib/libogdi.so.4.1", False),
+    ("/v/site-packages/rasterio/_features.cpython-311-x86_64-linux-gnu.so", False),
+])
+def test_gdal_libraries_are_recognised_by_their_file_names(path, is_gdal):
+    assert bool(polygonize._LIBRARY_NAME.search(path)) is is_gdal
