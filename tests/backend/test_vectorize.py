@@ -97,6 +97,21 @@ def test_each_connected_region_is_exactly_one_polygon_across_strip_seams(rasters
     assert snake[0].pixel_count == int((labels == labels[2, 3]).sum())
 
 
+@pytest.mark.parametrize("strip_rows", [1, 3, 7])
+def test_regions_joined_across_seams_are_the_polygons_of_the_unsplit_raster_vertex_for_vertex(rasters, strip_rows):
+    """Seams leave no vertex behind: a region joined from strips has exactly the vertices GDAL gives it
+    when the raster is polygonised in one piece (no collinear points where the strips met)."""
+    _, _, class_path, score_path = rasters
+    whole = {(r.class_id, r.pixel_count, r.geometry.bounds): r.geometry
+             for r in vectorize_class_raster(class_path, score_path, strip_rows=1024)}
+    joined = vectorize_class_raster(class_path, score_path, strip_rows=strip_rows)
+    assert len(joined) == len(whole)
+    for region in joined:
+        expected = whole[(region.class_id, region.pixel_count, region.geometry.bounds)]
+        assert shapely.get_num_coordinates(region.geometry) == shapely.get_num_coordinates(expected)
+        assert shapely.equals_exact(shapely.normalize(region.geometry), shapely.normalize(expected), tolerance=0)
+
+
 @pytest.mark.parametrize("strip_rows", [7, 1024])
 def test_rasterising_the_polygons_reproduces_the_class_raster(rasters, strip_rows):
     classes, _, class_path, score_path = rasters
