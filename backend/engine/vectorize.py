@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,10 @@ from shapely.geometry.base import BaseGeometry
 
 from backend.engine.errors import CancelledError, InputError
 from backend.engine.polygonize import region_polygons
+
+
+# Regions joined across seams at the end of a run: this many at a time, each in a thread of its own.
+JOIN_THREADS = min(4, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -350,28 +356,36 @@ def _joined(parts: list[dict]) -> dict | None:
     return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
 
+def _joined_polygon(parts: list[BaseGeometry]) -> BaseGeometry:
+    """The polygon of one region from its pieces in neighbouring strips."""
+    # Pixel-corner coordinates are integers and every edge is horizontal or vertical, so the
+    # floating-point overlay is exact here (and faster than one snapped to a grid).
+    merged = shapely.union_all(parts)
+    # Drop the collinear vertices the seams leave behind; exact at tolerance 0, where Douglas-Peucker
+    # removes only points lying on their neighbours' segment (half the time of the topology-preserving
+    # simplifier, which has nothing to preserve here).
+    merged = shapely.simplify(merged, 0.0, preserve_topology=False)
+    assert merged.geom_type == "Polygon", "4-connected pixel regions merge into one polygon"
+    return merged
+
+
 def _merged_regions(found, transform: Affine) -> list[RegionPolygon]:
-    """One polygon per region: strip regions joined along their seams, mapped to the CRS."""
+    """One polygon per region: strip regions joined along their seams, mapped to the CRS.
+
+    The joins run in a few threads (GEOS works outside the GIL): in a run they are the last thing
+    the polygons wait for, when the engine has finished and the cores are free."""
     pixel_regions, region_classes, counts, sums, maxima, signal_sums, merges = found
     groups: dict[int, list[int]] = {}
     for region in range(len(pixel_regions)):
         groups.setdefault(merges.find(region), []).append(region)
 
+    pieces = [[pixel_regions[m] for m in members] for members in groups.values() if len(members) > 1]
+    with ThreadPoolExecutor(max_workers=JOIN_THREADS, thread_name_prefix="farslip-join") as pool:
+        joined = iter(list(pool.map(_joined_polygon, pieces)))
     geometries: list[BaseGeometry] = []
     records: list[dict[str, Any]] = []
     for members in groups.values():
-        if len(members) == 1:
-            geometries.append(pixel_regions[members[0]])
-        else:
-            # Pixel-corner coordinates are integers and every edge is horizontal or vertical, so the
-            # floating-point overlay is exact here (and faster than one snapped to a grid).
-            merged = shapely.union_all([pixel_regions[m] for m in members])
-            # Drop the collinear vertices the seams leave behind; exact at tolerance 0, where Douglas-Peucker
-            # removes only points lying on their neighbours' segment (half the time of the topology-
-            # preserving simplifier, which has nothing to preserve here).
-            merged = shapely.simplify(merged, 0.0, preserve_topology=False)
-            assert merged.geom_type == "Polygon", "4-connected pixel regions merge into one polygon"
-            geometries.append(merged)
+        geometries.append(pixel_regions[members[0]] if len(members) == 1 else next(joined))
         totals = signal_sums[members].sum(axis=0)  # margin, entropy, outline: (sum, count) each
         means = [float(totals[k] / totals[k + 1]) if totals[k + 1] else math.nan for k in (0, 2, 4)]
         records.append(
