@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from backend import __version__
 from .errors import CancelledError, EmptyResultError, InputError
@@ -25,10 +24,9 @@ from .models import LoadedModel
 from .raster import PixelWindow, open_source, request_window
 from .search import check_hits_output
 from .search_index import bounded_gdal_cache, embed_windows
-from .text import TextEmbedder, parse_class_lines, query_index
+from .text import TextEmbedder, class_probabilities, logit_scale, parse_class_lines, query_index
 
 TILE_FIELDS = ("class", "class_id", "prob", "model", "run_id")
-MAX_LOGIT_SCALE = 100.0
 
 
 @dataclass
@@ -60,19 +58,6 @@ def validate_classify_options(options: ClassifyOptions) -> None:
 def tile_starts(start: int, stop: int, tile: int) -> list[int]:
     """Starts of the raster-anchored tiles (multiples of `tile`) that overlap [start, stop)."""
     return list(range((start // tile) * tile, stop, tile))
-
-
-def logit_scale(loaded: LoadedModel) -> float:
-    scale = getattr(loaded.model, "logit_scale", None)
-    return float(min(scale.exp().item(), MAX_LOGIT_SCALE)) if scale is not None else MAX_LOGIT_SCALE
-
-
-def class_probabilities(image: np.ndarray, text: np.ndarray, owner: np.ndarray, n_classes: int,
-                        scale: float) -> np.ndarray:
-    """(B, n_classes): softmax over all queries of the scaled cosines, then the max over each class's
-    synonyms. `image` (B, D) and `text` (Q, D) are L2-normalised; owner[q] is query q's class."""
-    p = torch.softmax(torch.from_numpy(image @ text.T * scale), dim=1).numpy()
-    return np.stack([p[:, owner == c].max(axis=1) for c in range(n_classes)], axis=1)
 
 
 def classify_raster(raster: Path, options: ClassifyOptions, out: Path, loaded: LoadedModel, overwrite: bool = False,

@@ -39,6 +39,7 @@ from .errors import CancelledError, InputError
 from .feature_cache import FeatureCache
 from .models import LoadedModel
 from .raster import PixelSource, PixelWindow, RasterSource
+from .text import class_probabilities, logit_scale
 
 SIGNALS = ("score_mean", "margin", "entropy", "sharpness", "region_agr")
 FIELDS = ("quality", "margin", "entropy", "sharpness", "region_agr")
@@ -334,8 +335,6 @@ def crop_class_probabilities(loaded: LoadedModel, source: PixelSource, crops: Se
     """(len(crops), classes): each window of `source` resized to the model's input, run through CLIP's
     global image path (crop_embeddings; `embedding` are its options) and scored against all class lines
     as `classify` does (softmax over queries at the model's logit scale, max over synonyms)."""
-    from .classify import class_probabilities, logit_scale
-
     text_np = F.normalize(text.float(), dim=-1).cpu().numpy()
     n_classes = int(owner.max()) + 1
     if not crops:

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from open_clip.model import CLIP
 
 LOGIT_SCALE = 50.0
+MAX_LOGIT_SCALE = 100.0  # image-level scoring: the model's learned scale, at most this
 PROMPT_TEMPLATES: tuple[str, ...] = ENGLISH_TEMPLATES
 
 
@@ -65,6 +66,20 @@ def parse_class_lines(lines: list[str]) -> list[ClassSpec]:
     if len(classes) > 250:
         raise InputError(f"{len(classes)} classes were given; at most 250 fit in the class raster.")
     return classes
+
+
+def logit_scale(loaded: LoadedModel) -> float:
+    """The model's own learned logit scale (image-level scoring), capped as CLIP caps it in training."""
+    scale = getattr(loaded.model, "logit_scale", None)
+    return float(min(scale.exp().item(), MAX_LOGIT_SCALE)) if scale is not None else MAX_LOGIT_SCALE
+
+
+def class_probabilities(image: np.ndarray, text: np.ndarray, owner: np.ndarray, n_classes: int,
+                        scale: float) -> np.ndarray:
+    """(B, n_classes): softmax over all queries of the scaled cosines, then the max over each class's
+    synonyms. `image` (B, D) and `text` (Q, D) are L2-normalised; owner[q] is query q's class."""
+    p = torch.softmax(torch.from_numpy(image @ text.T * scale), dim=1).numpy()
+    return np.stack([p[:, owner == c].max(axis=1) for c in range(n_classes)], axis=1)
 
 
 def query_index(classes: list[ClassSpec]) -> tuple[list[str], list[int]]:
