@@ -31,9 +31,9 @@ def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels - mean) / std
 
 
-def normalized_image(rgb: np.ndarray) -> np.ndarray:
-    """RGB 0..255 (3, h, w) -> a new CLIP-normalised float32 array: the same float32 subtract and divide
-    as `normalize_pixels`, so the same values.
+def normalized_image(rgb: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """RGB 0..255 (3, h, w) -> a CLIP-normalised float32 array (new, or `out`): the same float32 subtract
+    and divide as `normalize_pixels`, so the same values.
 
     The engine normalises each strip of crop rows it reads once, in its read-ahead thread; crops are
     views of it. Normalising each crop instead did the work four times over (crops overlap by half
@@ -41,7 +41,7 @@ def normalized_image(rgb: np.ndarray) -> np.ndarray:
     """
     mean = np.asarray(CLIP_MEAN_255, np.float32).reshape(3, 1, 1)
     std = np.asarray(CLIP_STD_255, np.float32).reshape(3, 1, 1)
-    out = np.subtract(rgb, mean, dtype=np.float32)
+    out = np.subtract(rgb, mean, out=out, dtype=np.float32)
     return np.divide(out, std, out=out)
 
 

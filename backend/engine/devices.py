@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from backend.engine.errors import InputError
@@ -35,3 +38,21 @@ def resolve_device(device: str | torch.device | None = "cpu") -> torch.device:
         if mps is None or not mps.is_available():
             raise InputError("Device 'mps' was requested but Apple MPS is not available. Use --device cpu.")
     return dev
+
+
+@contextmanager
+def intra_op_threads(threads: int) -> Iterator[None]:
+    """Within, torch ops called from this thread use `threads` threads each; the count before is restored.
+
+    torch keeps the count per calling thread (OpenMP's); a thread new to torch first takes the value last
+    set anywhere, which `get_num_threads` makes happen before the count is set here, not after.
+    """
+    before = torch.get_num_threads()
+    if threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

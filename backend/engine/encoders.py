@@ -79,6 +79,7 @@ class NullEncoder:
     """
 
     name = "null"
+    threads = 1  # its ops are tiny, as a GPU's are to the host: a team of threads only waits at barriers
 
     def __init__(self, visual: VisionTransformer, device: torch.device):
         self.patch: int = visual.conv1.kernel_size[0]

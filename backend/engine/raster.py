@@ -52,6 +52,8 @@ class PixelSource(Protocol):
     """What the sliding-window engine reads: RGB windows of a processing grid, height x width pixels.
 
     RasterSource (a raster on disk) and sliding.ArraySource (an image in memory) are the two kinds.
+    A source whose pixels come out the same in whichever window they are read (no resampling) says
+    so with a true `same_in_any_window`; the engine then reads the rows two strips share only once.
     """
 
     height: int
@@ -85,6 +87,12 @@ class RasterSource:
     @property
     def crs(self) -> CRS:
         return self.dataset.crs
+
+    @property
+    def same_in_any_window(self) -> bool:
+        """On the raster's own grid each pixel is read as it is; resampled, a pixel's value depends on
+        where the window around it starts."""
+        return self.scale == 1.0
 
     def _source_window(self, window: PixelWindow) -> Window:
         fx, fy = self.dataset.width / self.width, self.dataset.height / self.height

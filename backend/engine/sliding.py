@@ -12,6 +12,8 @@ Three threads share the work: one reads and normalises the next strip, the engin
 crops and blends, and a finisher turns blended rows into class probabilities, classes, scores and
 pixel signals (the softmax and what follows it) while the engine goes on and the caller writes the
 block before. Torch and numpy release the GIL inside their operations, so the threads overlap.
+The engine's own torch ops run on one thread each (HOST_OP_THREADS) in the engine's thread and the
+finisher; only the encoder gets the intra-op threads it had.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .dense import normalized_image
+from .devices import intra_op_threads
 from .encoders import Encoder, TorchEncoder, crop_size
 from .errors import CancelledError
 from .feature_cache import FeatureCache
@@ -47,6 +50,11 @@ CHUNK_ROWS = 4096
 # Where the engine's time goes (seconds, summed over a run). "read" and "finish" run in threads of their
 # own, beside the others; "read_wait" and "finish_wait" are the parts of them the engine waited for.
 STAGES = ("read", "read_wait", "rows", "encode", "blend", "finish", "finish_wait")
+# Intra-op threads of the engine's own torch ops (similarity, upsampling, blending, softmax) in the
+# engine's and the finisher's thread. Its ops are small, and several threads each run them at once:
+# with a team of threads per op, every op waited at its barrier for a team member the other
+# threads had pushed off a core (on 2 cores, a null-encoder run took 15-20 % longer).
+HOST_OP_THREADS = 1
 
 
 def crop_starts(length: int, crop: int, stride: int) -> list[int]:
@@ -108,6 +116,8 @@ class Segmenter:
         self.crop = crop_size(visual)
         self.stride = self.crop // 2
         self.encoder = encoder or TorchEncoder(visual, attention, self.device, half)
+        # The encoder's intra-op threads: its own choice (NullEncoder), else what this thread has now.
+        self.encoder_threads: int = getattr(self.encoder, "threads", None) or torch.get_num_threads()
         # A model converted with `models.to_half` runs fp16 end to end (as RS-OVSS runs its evaluation).
         self.half = visual.conv1.weight.dtype == torch.float16
         self.feature_cache: FeatureCache | None = None
@@ -152,7 +162,8 @@ class Segmenter:
         computed = None
         if missing:
             subset = crops if len(missing) == len(crops) else [crops[i] for i in missing]
-            computed = self.encoder(self._model_input(self._batch(subset)))
+            with intra_op_threads(self.encoder_threads):
+                computed = self.encoder(self._model_input(self._batch(subset)))
             if self.feature_cache is not None and keys is not None:
                 self._queue_for_cache([keys[i] for i in missing], computed)
         self.stage_s["encode"] += time.perf_counter() - started
@@ -353,7 +364,8 @@ def predict_blocks(segmenter: Segmenter, source: PixelSource, window: PixelWindo
     advance(0)
     row_starts_all = crop_starts(source.height, segmenter.crop, stride)
     col_starts_all = crop_starts(source.width, segmenter.crop, stride)
-    with reused_heap():  # the blocks of every crop row are freed and allocated again
+
+    def blocks() -> Generator[Block, None, None]:
         for unit in units(window, chunk_rows, chunk_columns):
             row_starts = _overlapping(row_starts_all, crop_h, unit.row_off, unit.row_off + unit.height)
             col_starts = _overlapping(col_starts_all, crop_w, unit.col_off, unit.col_off + unit.width)
@@ -362,6 +374,24 @@ def predict_blocks(segmenter: Segmenter, source: PixelSource, window: PixelWindo
                                         unit.col_off, unit.col_off + unit.width, advance, should_cancel):
                 block.row0 += band.row_off - window.row_off
                 yield block
+
+    with reused_heap():  # the blocks of every crop row are freed and allocated again
+        yield from _steps_with_threads(blocks(), HOST_OP_THREADS)
+
+
+def _steps_with_threads(steps: Generator[Block, None, None], threads: int) -> Iterator[Block]:
+    """`steps`, each advanced with `threads` intra-op threads; the caller's code between two blocks
+    runs with its own."""
+    try:
+        while True:
+            with intra_op_threads(threads):
+                block = next(steps, None)
+            if block is None:
+                return
+            yield block
+    finally:
+        with intra_op_threads(threads):
+            steps.close()  # an abandoned run stops its threads now, not when it is collected
 
 
 @dataclass
@@ -373,6 +403,12 @@ class _CropRow:
     valid: np.ndarray
     band: torch.Tensor | None = None
     columns: torch.Tensor | None = None
+
+
+def _host_op_threads() -> None:
+    """A worker thread's torch ops use HOST_OP_THREADS threads from now on."""
+    torch.get_num_threads()  # torch's own first setting for this thread happens now, not after ours
+    torch.set_num_threads(HOST_OP_THREADS)
 
 
 def _blended_rows(crop_rows: Sequence[_CropRow], down: torch.Tensor, first: int, stop: int,
@@ -414,6 +450,42 @@ def _blended_rows(crop_rows: Sequence[_CropRow], down: torch.Tensor, first: int,
     return valid
 
 
+def _strip_reader(source: PixelSource) -> Callable[[PixelWindow], tuple[np.ndarray, np.ndarray]]:
+    """read(window) -> (CLIP-normalised RGB, validity), for windows read one after the other.
+
+    Crop rows overlap by half: when the source gives a pixel the same value in any window
+    (`same_in_any_window`), the rows a window shares with the one before are copied from it, and only
+    the others are read and normalised.
+    """
+    reuse = bool(getattr(source, "same_in_any_window", False))
+    previous: list[tuple[PixelWindow, np.ndarray, np.ndarray]] = []
+
+    def read(window: PixelWindow) -> tuple[np.ndarray, np.ndarray]:
+        kept = previous.pop() if previous else None
+        shared = 0
+        if reuse and kept is not None:
+            before = kept[0]
+            if (before.col_off, before.width) == (window.col_off, window.width) and before.row_off <= window.row_off:
+                shared = max(0, min(before.row_off + before.height - window.row_off, window.height))
+        if shared and kept is not None:
+            before, kept_rgb, kept_valid = kept
+            start = window.row_off - before.row_off
+            rgb = np.empty((3, window.height, window.width), np.float32)
+            valid = np.empty((window.height, window.width), bool)
+            rgb[:, :shared], valid[:shared] = kept_rgb[:, start:start + shared], kept_valid[start:start + shared]
+            if shared < window.height:
+                rest = PixelWindow(window.row_off + shared, window.col_off, window.height - shared, window.width)
+                fresh_rgb, valid[shared:] = source.read(rest)
+                normalized_image(fresh_rgb, out=rgb[:, shared:])
+        else:
+            fresh_rgb, valid = source.read(window)
+            rgb = normalized_image(fresh_rgb)
+        previous.append((window, rgb, valid))
+        return rgb, valid
+
+    return read
+
+
 def _read_ahead(source: PixelSource, windows: list[PixelWindow], timings: dict[str, float]) -> Iterator[tuple]:
     """Yield (CLIP-normalised RGB, validity) of each window, reading and normalising the next one in a
     thread while the caller works.
@@ -421,10 +493,12 @@ def _read_ahead(source: PixelSource, windows: list[PixelWindow], timings: dict[s
     GDAL and numpy release the GIL while they decompress and compute, so this overlaps the model and
     the blending.
     """
+    read = _strip_reader(source)
+
     def timed_read(window):
         started = time.perf_counter()
-        rgb, valid = source.read(window)
-        return (normalized_image(rgb), valid), time.perf_counter() - started
+        strip = read(window)
+        return strip, time.perf_counter() - started
 
     if not windows:
         return
@@ -507,7 +581,8 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
             yield block
 
     reads = [PixelWindow(ys, read_c0, crop_h, read_c1 - read_c0) for ys in row_starts]
-    finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="farslip-finish")
+    finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="farslip-finish",
+                                  initializer=_host_op_threads)
     try:
         for k, (ys, (rgb, valid)) in enumerate(zip(row_starts, _read_ahead(source, reads, timings))):
             started = time.perf_counter()
@@ -570,6 +645,8 @@ def predict_window(segmenter: Segmenter, source: PixelSource, window: PixelWindo
 
 class ArraySource:
     """An in-memory RGB image (3, H, W) in 0..255 with an optional validity mask."""
+
+    same_in_any_window = True
 
     def __init__(self, rgb: np.ndarray, valid: np.ndarray | None = None):
         self.rgb = np.ascontiguousarray(rgb, dtype=np.float32)

@@ -238,3 +238,41 @@ def test_blocks_come_in_order_and_a_failure_in_the_finisher_thread_reaches_the_c
     assert received == [row0 for row0, _ in rows[:2]]
     assert all(name.startswith("farslip-finish") for name in calls)
     assert not any(thread.name.startswith("farslip-finish") for thread in threading.enumerate())
+
+
+def test_the_engine_s_own_ops_run_on_one_thread_and_the_encoder_and_caller_keep_theirs():
+    """Crops go through the encoder with the intra-op threads the caller had; blending and finishing
+    run on one thread each (HOST_OP_THREADS); the caller's code between blocks, the caller after the
+    run and a thread started after it all still have the caller's count (a server's next job too)."""
+    import threading
+
+    from backend.engine.sliding import HOST_OP_THREADS, predict_blocks
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        segmenter = Segmenter(_loaded(16), parse_class_lines(CLASS_LINES), batch_size=3)
+        encoder, finish, seen = segmenter.encoder, segmenter.finish, {"encoder": set(), "finish": set()}
+
+        def counting_encoder(pixels):
+            seen["encoder"].add(torch.get_num_threads())
+            return encoder(pixels)
+
+        def counting_finish(*args):
+            seen["finish"].add(torch.get_num_threads())
+            return finish(*args)
+
+        segmenter.encoder, segmenter.finish = counting_encoder, counting_finish
+        image = np.random.default_rng(5).uniform(0, 255, (3, 500, 300)).astype(np.float32)
+        between = set()
+        for _ in predict_blocks(segmenter, ArraySource(image), PixelWindow(0, 0, 500, 300)):
+            between.add(torch.get_num_threads())
+        assert seen == {"encoder": {3}, "finish": {HOST_OP_THREADS}}
+        assert between == {3} and torch.get_num_threads() == 3
+        later = []
+        thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert later == [3]
+    finally:
+        torch.set_num_threads(before)

@@ -124,3 +124,58 @@ def test_an_unknown_crs_is_one_sentence_naming_the_option_and_proj_prints_nothin
     assert parse_crs("EPSG:32633", rasterio.crs.CRS.from_epsg(4326), what).to_epsg() == 32633
     printed = capfd.readouterr()
     assert printed.err == "" and printed.out == ""
+
+
+@pytest.mark.parametrize("kind", ["palette", "float_nan", "uint16_nodata", "bgr_mask", "resampled"])
+def test_strips_read_once_per_row_equal_full_reads_of_each_window(tmp_path, kind):
+    """The engine's crop rows overlap by half; on the raster's own grid it reads the rows two strips
+    share once and copies them: the same normalised pixels and validity as reading every window in
+    full, with each row read once. Resampled (--scale), every window is read whole."""
+    from backend.engine.dense import normalized_image
+    from backend.engine.sliding import _strip_reader, crop_starts
+
+    rng = np.random.default_rng(11)
+    scale = None
+    if kind == "palette":
+        path = write(tmp_path / "p.tif", rng.integers(0, 3, (1, 70, 45)).astype(np.uint8))
+        with rasterio.open(path, "r+") as ds:
+            ds.write_colormap(1, {0: (10, 20, 200, 255), 1: (5, 6, 7, 255), 2: (30, 180, 40, 255)})
+    elif kind in ("float_nan", "resampled"):
+        data = rng.uniform(-50, 900, (3, 70, 45)).astype(np.float32)
+        data[:, 5:30, 7:40:2] = np.nan
+        path = write(tmp_path / "f.tif", data)
+        scale = 0.7 if kind == "resampled" else None
+    elif kind == "uint16_nodata":
+        data = rng.integers(0, 4000, (3, 70, 45)).astype(np.uint16)
+        data[:, 20:40, 10:30] = 0
+        path = write(tmp_path / "u.tif", data, nodata=0)
+    else:
+        data = rng.integers(0, 255, (4, 70, 45)).astype(np.uint8)
+        data[3, 10:50, 30:40] = 0
+        path = write(tmp_path / "bgr.tif", data, photometric="RGB", alpha="YES")
+    with open_source(path, scale=scale) as source:
+        assert source.same_in_any_window == (kind != "resampled")
+        rows_read = []
+        read = source.read
+
+        def counting(window, *args, **kwargs):
+            rows_read.append(window.height)
+            return read(window, *args, **kwargs)
+
+        source.read = counting
+        crop = 16
+        starts = crop_starts(source.height, crop, crop // 2)
+        assert starts[-1] % (crop // 2)  # the last crop row is anchored at the bottom: an odd overlap
+        windows = [PixelWindow(top, 3, crop, source.width - 5) for top in starts]
+        strip, masked = _strip_reader(source), False
+        for window in windows:
+            rgb, valid = strip(window)
+            masked |= not valid.all()
+            full_rgb, full_valid = read(window)
+            np.testing.assert_array_equal(rgb, normalized_image(full_rgb))
+            np.testing.assert_array_equal(valid, full_valid)
+        if kind == "resampled":
+            assert rows_read == [crop] * len(windows)
+        else:
+            assert sum(rows_read) == source.height
+        assert masked == (kind != "palette")  # masked pixels were among the rows copied and read
