@@ -130,6 +130,10 @@ GDAL_CACHE_MB = 64
 SKIPPED_CLASSES = (NODATA_CLASS, UNCLASSIFIED)
 
 
+def _joined_rows(parts: list[np.ndarray], axis: int = 0) -> np.ndarray:
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
+
+
 class StripPolygons:
     """Polygonises finished rows in a worker thread while the engine computes the next ones.
 
@@ -144,13 +148,20 @@ class StripPolygons:
         self.strip_rows = strip_rows
         self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._rows: list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]] = []
+        self._gathered = 0  # rows in self._rows
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="farslip-polygons")
         self._result = self._pool.submit(vectorize_strips, self._strips(), transform, width, SKIPPED_CLASSES,
                                          should_cancel)
 
     def _strips(self):
-        while (strip := self._queue.get()) is not None:
-            yield strip
+        """The strips, joined from their rows here, in the worker thread: the engine's thread only
+        passes the blocks on (joining 2 Mpx strips of classes, scores and signals took it 0.2-0.3 s
+        in a 4096x4096 run)."""
+        while (item := self._queue.get()) is not None:
+            rows, below = item
+            row0, col0 = rows[0][:2]
+            yield (row0, col0, _joined_rows([part[2] for part in rows]), _joined_rows([part[3] for part in rows]),
+                   _joined_rows([part[4] for part in rows], axis=1), below)
 
     def _put(self, item) -> None:
         while True:
@@ -167,25 +178,25 @@ class StripPolygons:
         if self._rows and self._rows[-1][1] != block.col0:
             self._hand_over()  # a new column chunk starts at the top again
         self._rows.append((block.row0, block.col0, block.class_ids, block.score, signals))
-        if sum(len(rows[2]) for rows in self._rows) > self.strip_rows:
+        self._gathered += len(block.class_ids)
+        if self._gathered > self.strip_rows:
             self._hand_over(keep_last_row=True)
 
     def _hand_over(self, keep_last_row: bool = False) -> None:
         """Hand the gathered rows over: all of them where the column chunk ends, else all but the last,
         which goes along as the row below the strip and stays to begin the next one."""
-        if self._rows:
-            row0, col0 = self._rows[0][:2]
-            classes = np.concatenate([rows[2] for rows in self._rows])
-            scores = np.concatenate([rows[3] for rows in self._rows])
-            signals = np.concatenate([rows[4] for rows in self._rows], axis=1)
-            self._rows = []
-            if keep_last_row and len(classes) > 1:
-                last = len(classes) - 1
-                self._rows = [(row0 + last, col0, classes[last:], scores[last:], signals[:, last:])]
-                self._put((row0, col0, classes[:last], scores[:last], signals[:, :last],
-                           (classes[last], scores[last])))
-            else:
-                self._put((row0, col0, classes, scores, signals, None))
+        rows, self._rows, self._gathered = self._rows, [], 0
+        if not rows:
+            return
+        if keep_last_row and sum(len(part[2]) for part in rows) > 1:
+            row0, col0, classes, scores, signals = rows.pop()
+            last = len(classes) - 1
+            if last:
+                rows.append((row0, col0, classes[:last], scores[:last], signals[:, :last]))
+            self._rows, self._gathered = [(row0 + last, col0, classes[last:], scores[last:], signals[:, last:])], 1
+            self._put((rows, (classes[last], scores[last])))
+        else:
+            self._put((rows, None))
 
     def finish(self) -> list:
         self._hand_over()

@@ -342,6 +342,38 @@ def test_strips_handed_over_by_the_engine_give_the_polygons_of_the_file(rasters)
     assert sum(r.score_sum for r in streamed) == pytest.approx(sum(r.score_sum for r in from_file))
 
 
+@pytest.mark.parametrize("strip_rows", [2, 9, 1024])
+def test_blocks_handed_to_the_polygon_thread_give_the_regions_of_the_whole_window(rasters, strip_rows):
+    """`segment` hands the engine's blocks (uneven heights, one-row blocks, two column chunks each top
+    to bottom) to its polygon thread, which joins them into strips there: the same regions, scores,
+    margins and entropies as one strip of the whole window."""
+    from types import SimpleNamespace
+
+    from backend.engine.segment import StripPolygons
+    from backend.engine.vectorize import vectorize_strips
+
+    classes, scores, _, _ = rasters
+    signals = np.random.default_rng(4).random((2, *classes.shape)).astype(np.float32)
+    height, width = classes.shape
+    split = width // 2
+    polygons = StripPolygons(TRANSFORM, width, strip_rows, None)
+    for c0, c1 in ((0, split), (split, width)):
+        edges = [0, 1, 2, 7, 8, 15, 16, 17, 30, height]
+        for r0, r1 in zip(edges, edges[1:]):
+            block = SimpleNamespace(row0=r0, col0=c0, class_ids=classes[r0:r1, c0:c1].copy(),
+                                    score=scores[r0:r1, c0:c1].copy())
+            polygons.add(block, signals[:, r0:r1, c0:c1].copy())
+    handed = polygons.finish()
+    whole = vectorize_strips(iter([(0, 0, classes, scores, signals)]), TRANSFORM, width, skip_values=(255, 254))
+
+    def key(region):
+        return (region.class_id, shapely.normalize(region.geometry).wkb, region.pixel_count,
+                round(region.score_sum, 3), round(region.margin, 5), round(region.entropy, 5))
+
+    assert len(handed) == expected_region_count(classes)
+    assert sorted(map(key, handed)) == sorted(map(key, whole))
+
+
 def whole_raster_signals(classes: np.ndarray, scores: np.ndarray, signals: np.ndarray, skip=(255,)):
     """The quality signals of every region by their definition, on the whole raster at once:
     {(class, pixel count, first pixel): (mean margin, mean entropy, mean outline score gradient)}."""
