@@ -9,9 +9,9 @@ so memory depends on the chunk size, not on the raster size. Crops that
 cover only masked pixels are skipped: they cannot touch a valid pixel.
 
 Three threads share the work: one reads and normalises the next strip, the engine's own runs the
-crops and blends, and a finisher turns blended rows into class probabilities, classes, scores and
-pixel signals (the softmax and what follows it) while the engine goes on and the caller writes the
-block before. Torch and numpy release the GIL inside their operations, so the threads overlap.
+crops, blends and takes the softmax over the queries, and a finisher turns those probabilities into
+class probabilities, classes, scores and pixel signals while the engine goes on and the caller writes
+the block before. Torch and numpy release the GIL inside their operations, so the threads overlap.
 The engine's own torch ops run on one thread each (HOST_OP_THREADS) in the engine's thread and the
 finisher; only the encoder gets the intra-op threads it had.
 """
@@ -49,7 +49,7 @@ CHUNK_COLUMNS = 2048
 CHUNK_ROWS = 4096
 # Where the engine's time goes (seconds, summed over a run). "read" and "finish" run in threads of their
 # own, beside the others; "read_wait" and "finish_wait" are the parts of them the engine waited for.
-STAGES = ("read", "read_wait", "rows", "encode", "blend", "finish", "finish_wait")
+STAGES = ("read", "read_wait", "rows", "encode", "blend", "softmax", "finish", "finish_wait")
 # Intra-op threads of the engine's own torch ops (similarity, upsampling, blending, softmax) in the
 # engine's and the finisher's thread. Its ops are small, and several threads each run them at once:
 # with a team of threads per op, every op waited at its barrier for a team member the other
@@ -261,9 +261,9 @@ class Segmenter:
     def scratch(self, name: str, shape: torch.Size) -> torch.Tensor:
         """A float32 buffer of `shape` on the device, the same one each time the shape repeats.
 
-        The engine blends each run of finished rows into one of two (queries, rows, width) buffers in
-        turn (the finisher thread still reads the other), and the finishing step needs one more (44 MB
-        each with 48 queries and 2048 columns); new ones would be faulted into memory page by page
+        The engine blends each run of finished rows into one (queries, rows, width) buffer and takes
+        their softmax into one of two more in turn (the finisher thread still reads the other), 44 MB
+        each with 48 queries and 2048 columns; new ones would be faulted into memory page by page
         each time, which took longer than the softmax itself.
         """
         buffer = self._buffers.get(name)
@@ -271,12 +271,22 @@ class Segmenter:
             buffer = self._buffers[name] = torch.empty(shape, dtype=torch.float32, device=self.device)
         return buffer
 
-    def _class_probabilities(self, logits: torch.Tensor, in_place: bool = False) -> torch.Tensor:
-        """`in_place`: the logits are scaled where they are (the caller drops them afterwards)."""
-        scaled = logits.mul_(LOGIT_SCALE) if in_place else logits * LOGIT_SCALE
+    def _class_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return self._synonym_maxima(torch.softmax(logits * LOGIT_SCALE, dim=0))
+
+    def query_probabilities(self, logits: torch.Tensor, buffer: str) -> torch.Tensor:
+        """Blended logits (queries, rows, width), scaled in place -> their softmax over the queries: into
+        the scratch buffer `buffer` when classes have synonyms (their maxima go into a new array next),
+        else a new array (the class probabilities a Block keeps)."""
+        scaled = logits.mul_(LOGIT_SCALE)
         if len(self._synonyms) == logits.shape[0]:
-            return torch.softmax(scaled, dim=0)  # these are the class probabilities the caller keeps
-        probs = torch.softmax(scaled, dim=0, out=self.scratch("probs", scaled.shape))
+            return torch.softmax(scaled, dim=0)
+        return torch.softmax(scaled, dim=0, out=self.scratch(buffer, scaled.shape))
+
+    def _synonym_maxima(self, probs: torch.Tensor) -> torch.Tensor:
+        """(Q, h, w) query probabilities -> (C, h, w) class probabilities, the max over each class's synonyms."""
+        if len(self._synonyms) == probs.shape[0]:
+            return probs
         # Pairwise maxima into one output: a reduction over a few query planes (amax, then stack)
         # costs several times more than the elementwise maximum.
         out = torch.empty((len(self._synonyms), *probs.shape[1:]), dtype=probs.dtype, device=probs.device)
@@ -287,15 +297,16 @@ class Segmenter:
         return out
 
     @torch.inference_mode()
-    def finish(self, logits: torch.Tensor, valid: np.ndarray, row0: int, col0: int) -> Block:
-        """Blended logits (queries, rows, width), which are scaled in place, and the rows' validity ->
-        the Block of class probabilities, classes, scores and pixel signals."""
+    def finish(self, query_probs: torch.Tensor, valid: np.ndarray, row0: int, col0: int,
+               logits: np.ndarray | None = None) -> Block:
+        """Query probabilities of blended rows (`query_probabilities`) and the rows' validity (and their
+        blended logits, which the Block keeps) -> the Block of class probabilities, classes, scores and
+        pixel signals."""
         started = time.perf_counter()
-        kept = logits.to("cpu", copy=True).numpy() if self.keep_logits else None  # scaled in place next
-        class_probs = self._class_probabilities(logits, in_place=True)
+        class_probs = self._synonym_maxima(query_probs)
         best, best_ids, runner_up = top_two(class_probs)
         signals = signal_planes(class_probs, best, runner_up).cpu().numpy()
-        probs = class_probs.cpu().numpy()
+        probs = class_probs.cpu().numpy()  # a new array, never the scratch buffer: blocks are the caller's
         class_ids = best_ids.cpu().numpy()
         score = best.cpu().numpy()
         if self.threshold > 0:
@@ -306,7 +317,7 @@ class Segmenter:
             probs[:, ~valid] = np.nan
             signals[:, ~valid] = np.nan
         self.stage_s["finish"] += time.perf_counter() - started
-        return Block(row0, col0, probs, class_ids, score, valid, kept, signals)
+        return Block(row0, col0, probs, class_ids, score, valid, logits, signals)
 
 
 def label_probabilities(probs: np.ndarray, valid: np.ndarray, threshold: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
@@ -562,12 +573,17 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
         e0, e1 = max(emitted, r_lo), min(upto, r_hi)
         if e1 > e0:
             started = time.perf_counter()
-            # Two buffers in turn: the finisher still reads the previous one while this one is blended.
-            logits = segmenter.scratch(f"logits{flushes % 2}", torch.Size((queries, e1 - e0, width)))
-            flushes += 1
+            logits = segmenter.scratch("logits", torch.Size((queries, e1 - e0, width)))
             valid = _blended_rows(crop_rows, down, e0, e1, logits)
+            kept = logits.to("cpu", copy=True).numpy() if segmenter.keep_logits else None  # scaled in place next
             timings["blend"] += time.perf_counter() - started
-            finishing.append(finisher.submit(segmenter.finish, logits, valid, e0 - r_lo, c0 - window.col_off))
+            started = time.perf_counter()
+            # Softmax here, not in the finisher, which had the larger share of the work. Two buffers in
+            # turn: the finisher still reads the previous one while this one is filled.
+            probs = segmenter.query_probabilities(logits, f"probs{flushes % 2}")
+            flushes += 1
+            timings["softmax"] += time.perf_counter() - started
+            finishing.append(finisher.submit(segmenter.finish, probs, valid, e0 - r_lo, c0 - window.col_off, kept))
         emitted = upto
         while crop_rows and crop_rows[0].top + crop_h <= upto:
             crop_rows.pop(0)
