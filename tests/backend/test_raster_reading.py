@@ -58,27 +58,32 @@ def test_two_band_raster_uses_its_first_band_as_grey(tmp_path):
     assert (rgb == 100).all()
 
 
+def awkward_raster(tmp_path, kind: str, shape: tuple[int, int], rng):
+    """A GeoTIFF of `shape` with masked pixels of one kind: a paletted band, NaN holes in float bands,
+    a uint16 nodata value, or an alpha band."""
+    if kind == "palette":
+        path = write(tmp_path / "p.tif", rng.integers(0, 3, (1, *shape)).astype(np.uint8))
+        with rasterio.open(path, "r+") as ds:
+            ds.write_colormap(1, {0: (10, 20, 200, 255), 1: (5, 6, 7, 255), 2: (30, 180, 40, 255)})
+        return path
+    if kind == "float_nan":
+        data = rng.uniform(-50, 900, (3, *shape)).astype(np.float32)
+        data[:, 5:30, 7:40:2] = np.nan
+        return write(tmp_path / "f.tif", data)
+    if kind == "uint16_nodata":
+        data = rng.integers(0, 4000, (3, *shape)).astype(np.uint16)
+        data[:, 20:40, 10:50] = 0
+        return write(tmp_path / "u.tif", data, nodata=0)
+    data = rng.integers(0, 255, (4, *shape)).astype(np.uint8)
+    data[3, 10:50, 30:60] = 0
+    return write(tmp_path / "bgr.tif", data, photometric="RGB", alpha="YES")
+
+
 @pytest.mark.parametrize("kind", ["palette", "float_nan", "uint16_nodata", "bgr_mask"])
 def test_a_read_of_every_kth_row_and_column_gives_those_pixels_of_a_full_read(tmp_path, kind):
     """The quality estimate's lattice reads only every k-th row and column: the same pixels, stretch,
     palette colours and validity as a full read of the window."""
-    rng = np.random.default_rng(3)
-    if kind == "palette":
-        path = write(tmp_path / "p.tif", rng.integers(0, 3, (1, 61, 83)).astype(np.uint8))
-        with rasterio.open(path, "r+") as ds:
-            ds.write_colormap(1, {0: (10, 20, 200, 255), 1: (5, 6, 7, 255), 2: (30, 180, 40, 255)})
-    elif kind == "float_nan":
-        data = rng.uniform(-50, 900, (3, 61, 83)).astype(np.float32)
-        data[:, 5:30, 7:40:2] = np.nan
-        path = write(tmp_path / "f.tif", data)
-    elif kind == "uint16_nodata":
-        data = rng.integers(0, 4000, (3, 61, 83)).astype(np.uint16)
-        data[:, 20:40, 10:50] = 0
-        path = write(tmp_path / "u.tif", data, nodata=0)
-    else:
-        data = rng.integers(0, 255, (4, 61, 83)).astype(np.uint8)
-        data[3, 10:50, 30:60] = 0
-        path = write(tmp_path / "bgr.tif", data, photometric="RGB", alpha="YES")
+    path = awkward_raster(tmp_path, kind, (61, 83), np.random.default_rng(3))
     with open_source(path) as source:
         for window, every in ((PixelWindow(0, 0, 61, 83), 3), (PixelWindow(4, 7, 50, 71), 5),
                               (PixelWindow(2, 1, 1, 9), 2)):
@@ -134,26 +139,9 @@ def test_strips_read_once_per_row_equal_full_reads_of_each_window(tmp_path, kind
     from backend.engine.dense import normalized_image
     from backend.engine.sliding import _strip_reader, crop_starts
 
-    rng = np.random.default_rng(11)
-    scale = None
-    if kind == "palette":
-        path = write(tmp_path / "p.tif", rng.integers(0, 3, (1, 70, 45)).astype(np.uint8))
-        with rasterio.open(path, "r+") as ds:
-            ds.write_colormap(1, {0: (10, 20, 200, 255), 1: (5, 6, 7, 255), 2: (30, 180, 40, 255)})
-    elif kind in ("float_nan", "resampled"):
-        data = rng.uniform(-50, 900, (3, 70, 45)).astype(np.float32)
-        data[:, 5:30, 7:40:2] = np.nan
-        path = write(tmp_path / "f.tif", data)
-        scale = 0.7 if kind == "resampled" else None
-    elif kind == "uint16_nodata":
-        data = rng.integers(0, 4000, (3, 70, 45)).astype(np.uint16)
-        data[:, 20:40, 10:30] = 0
-        path = write(tmp_path / "u.tif", data, nodata=0)
-    else:
-        data = rng.integers(0, 255, (4, 70, 45)).astype(np.uint8)
-        data[3, 10:50, 30:40] = 0
-        path = write(tmp_path / "bgr.tif", data, photometric="RGB", alpha="YES")
-    with open_source(path, scale=scale) as source:
+    path = awkward_raster(tmp_path, "float_nan" if kind == "resampled" else kind, (70, 45),
+                          np.random.default_rng(11))
+    with open_source(path, scale=0.7 if kind == "resampled" else None) as source:
         assert source.same_in_any_window == (kind != "resampled")
         rows_read = []
         read = source.read
