@@ -190,7 +190,8 @@ class FarslipDock(QgsDockWidget):
                            preset=self.preset_name() or "", threshold=float(form.thresholdSpin.value()),
                            class_raster=form.classRasterCheck.isChecked(),
                            prob_raster=form.probRasterCheck.isChecked(),
-                           refine=form.refineCombo.currentData() or "none")
+                           refine=form.refineCombo.currentData() or "none",
+                           region_checks=form.regionChecksCheck.isChecked())
 
     def restore_choices(self) -> None:
         """The project's last choices (or the user's last ones, for a new project)."""
@@ -206,6 +207,7 @@ class FarslipDock(QgsDockWidget):
         form.classRasterCheck.setChecked(last.class_raster)
         form.probRasterCheck.setChecked(last.prob_raster)
         form.refineCombo.setCurrentIndex(max(0, form.refineCombo.findData(last.refine)))
+        form.regionChecksCheck.setChecked(last.region_checks)
 
     # -- inputs -------------------------------------------------------------------------------
     def class_lines(self) -> list[str]:
@@ -261,6 +263,7 @@ class FarslipDock(QgsDockWidget):
             class_lines=class_lines, out=stem + ".gpkg", model=self.model_name(),
             threshold=float(form.thresholdSpin.value()), preset=self.preset_name(),
             refine=form.refineCombo.currentData() or "none",
+            region_checks=form.regionChecksCheck.isChecked(),
             class_raster=stem + "_classes.tif" if form.classRasterCheck.isChecked() else None,
             prob_raster=stem + "_probabilities.tif" if form.probRasterCheck.isChecked() else None)
         path = local_raster_path(layer)

@@ -33,6 +33,7 @@ class SegmentParameters:
     overwrite: bool = False
     preset: str | None = None         # only names the result; the class lines are what is sent
     refine: str = "none"              # refine outlines: none, edges or sam
+    region_checks: bool = True        # the quality estimate's region checks (a model pass per new polygon)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def request(self) -> dict[str, Any]:
@@ -48,6 +49,8 @@ class SegmentParameters:
             body["overwrite"] = True
         if self.refine != "none":
             body["refine"] = self.refine
+        if not self.region_checks:
+            body["region_checks"] = False
         body.update(self.extra)
         return body
 

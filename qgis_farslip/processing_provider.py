@@ -14,6 +14,7 @@ from qgis.core import (
     QgsProcessingLayerPostProcessorInterface,
     QgsProcessingOutputFolder,
     QgsProcessingOutputNumber,
+    QgsProcessingParameterBoolean,
     QgsProcessingParameterEnum,
     QgsProcessingParameterExtent,
     QgsProcessingParameterField,
@@ -128,7 +129,7 @@ def run_backend_job(manager: BackendManager | None, kind: str, request: dict, fe
 
 class SegmentByClassNames(BackendAlgorithm):
     INPUT, EXTENT, CLASSES, MODEL, THRESHOLD, OUTPUT = "INPUT", "EXTENT", "CLASSES", "MODEL", "THRESHOLD", "OUTPUT"
-    PRESET, REFINE = "PRESET", "REFINE"
+    PRESET, REFINE, REGION_CHECKS = "PRESET", "REFINE", "REGION_CHECKS"
 
     def name(self):
         return "segment_by_class_names"
@@ -162,6 +163,9 @@ class SegmentByClassNames(BackendAlgorithm):
         self.addParameter(QgsProcessingParameterEnum(
             self.REFINE, tr("Refine outlines (none; image edges; SAM, needs SAM weights in the backend)"),
             [tr("None"), tr("Image edges"), tr("SAM (Segment Anything)")], defaultValue=0, optional=True))
+        self.addParameter(QgsProcessingParameterBoolean(
+            self.REGION_CHECKS, tr("Check the largest polygons with the whole-image model (a more reliable quality "
+                                   "estimate; off: faster re-runs with other classes)"), defaultValue=True))
         self.addParameter(QgsProcessingParameterVectorDestination(
             self.OUTPUT, tr("Segmented polygons"), QgsProcessing.TypeVectorPolygon))
 
@@ -182,7 +186,8 @@ class SegmentByClassNames(BackendAlgorithm):
         segment = SegmentParameters(class_lines=class_lines, out=out, model=model or None,
                                     threshold=self.parameterAsDouble(parameters, self.THRESHOLD, context),
                                     overwrite=True,
-                                    refine=REFINE_CHOICES[self.parameterAsEnum(parameters, self.REFINE, context)])
+                                    refine=REFINE_CHOICES[self.parameterAsEnum(parameters, self.REFINE, context)],
+                                    region_checks=self.parameterAsBool(parameters, self.REGION_CHECKS, context))
 
         extent = None
         if parameters.get(self.EXTENT):

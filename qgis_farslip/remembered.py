@@ -23,6 +23,7 @@ class LastChoices:
     class_raster: bool = False
     prob_raster: bool = False
     refine: str = "none"
+    region_checks: bool = True
 
     def save(self, project: QgsProject | None = None) -> None:
         project = project or QgsProject.instance()

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from plugin_helpers import REPO, empty_dir, run_dock_job, wait_until
 from qgis.core import (
+    NULL,
     QgsCategorizedSymbolRenderer,
     QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
@@ -101,6 +102,23 @@ def test_a_second_run_with_other_classes_says_features_cached(dock):
     assert dock.form.statusLabel.text().endswith("; features cached.")
 
 
+def test_without_region_checks_a_re_run_uses_cached_features_and_no_polygon_has_a_region_agreement(dock):
+    """The dock's option for quick re-runs with other classes: with region checks (the default) the
+    largest polygons get a region agreement; without them the request says so, no polygon gets one,
+    and the re-run on the same extent reuses the image features of the first run."""
+    assert "region_checks" not in dock.build_request()[0]
+    assert run_dock_job(dock) == "done", dock.last_error
+    assert any(feature["region_agr"] not in (None, NULL) for feature in dock.last_layers[0].getFeatures())
+    dock.form.regionChecksCheck.setChecked(False)
+    dock.form.classesEdit.setPlainText("forest, trees\nbuilding")
+    assert dock.build_request()[0]["region_checks"] is False
+    assert run_dock_job(dock) == "done", dock.last_error
+    polygons = dock.last_layers[0]
+    assert polygons.featureCount() > 0
+    assert all(feature["region_agr"] in (None, NULL) for feature in polygons.getFeatures())
+    assert dock.form.statusLabel.text().endswith("; features cached.")
+
+
 def test_a_layer_that_is_not_a_local_file_is_copied_to_a_geotiff_first(dock, naip_layer):
     # A virtual raster (QGIS raster calculator provider) has no file the backend could open.
     extent = naip_layer.extent()
@@ -153,6 +171,14 @@ def test_processing_algorithm_runs_through_processing_run(running_plugin, qgis_p
     assert layer.isValid() and layer.featureCount() > 0
     assert layer.crs() == naip_layer.crs()
     assert layer.extent().width() <= extent.width() + 10
+    assert any(feature["region_agr"] not in (None, NULL) for feature in layer.getFeatures())
+    quick = tmp_path / "quick.gpkg"
+    processing.run("farslip:segment_by_class_names", {
+        "INPUT": naip_layer, "EXTENT": extent, "CLASSES": CLASS_TEXT, "MODEL": str(tiny_model),
+        "REGION_CHECKS": False, "OUTPUT": str(quick)})
+    quick_layer = QgsVectorLayer(str(quick), "quick", "ogr")
+    assert quick_layer.featureCount() == layer.featureCount()
+    assert all(feature["region_agr"] in (None, NULL) for feature in quick_layer.getFeatures())
 
 
 def test_missing_backend_gives_the_install_message_not_a_traceback(farslip, qgis_iface, plugin_settings,

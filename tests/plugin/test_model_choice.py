@@ -73,6 +73,7 @@ def test_last_model_classes_and_options_are_remembered_in_the_project_and_the_se
     dock.form.classesEdit.setPlainText("water\nreed")
     dock.form.thresholdSpin.setValue(0.35)
     dock.form.probRasterCheck.setChecked(True)
+    dock.form.regionChecksCheck.setChecked(False)
     dock.choices().save()
     project = QgsProject.instance()
     assert project.readEntry("farslip", "classes")[0] == "water\nreed"
@@ -84,6 +85,7 @@ def test_last_model_classes_and_options_are_remembered_in_the_project_and_the_se
         assert other.class_lines() == ["water", "reed"]
         assert other.form.thresholdSpin.value() == pytest.approx(0.35)
         assert other.form.probRasterCheck.isChecked()
+        assert not other.form.regionChecksCheck.isChecked()
         # A project's own entries win over the user's last choices.
         project.writeEntry("farslip", "classes", "tree")
         other.restore_choices()
