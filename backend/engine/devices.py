@@ -40,19 +40,23 @@ def resolve_device(device: str | torch.device | None = "cpu") -> torch.device:
     return dev
 
 
-@contextmanager
-def intra_op_threads(threads: int) -> Iterator[None]:
-    """Within, torch ops called from this thread use `threads` threads each; the count before is restored.
+def set_intra_op_threads(threads: int) -> int:
+    """From now on, torch ops called from this thread use `threads` threads each; returns the count before.
 
     torch keeps the count per calling thread (OpenMP's); a thread new to torch first takes the value last
     set anywhere, which `get_num_threads` makes happen before the count is set here, not after.
     """
     before = torch.get_num_threads()
-    if threads == before:
-        yield
-        return
-    torch.set_num_threads(threads)
+    if threads != before:
+        torch.set_num_threads(threads)
+    return before
+
+
+@contextmanager
+def intra_op_threads(threads: int) -> Iterator[None]:
+    """Within, torch ops called from this thread use `threads` threads each; the count before is restored."""
+    before = set_intra_op_threads(threads)
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        set_intra_op_threads(before)

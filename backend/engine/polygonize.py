@@ -140,8 +140,10 @@ class _Gdal:
             while feature := lib.OGR_L_GetNextFeature(layer):
                 try:
                     geometry = lib.OGR_F_GetGeometryRef(feature)
+                    if not geometry:
+                        raise RuntimeError("GDAL gave a region without a polygon")
                     buffer = ctypes.create_string_buffer(lib.OGR_G_WkbSize(geometry))
-                    if not geometry or lib.OGR_G_ExportToWkb(geometry, _WKB_NDR, buffer) != 0:
+                    if lib.OGR_G_ExportToWkb(geometry, _WKB_NDR, buffer) != 0:
                         raise RuntimeError("GDAL could not export a polygon")
                     wkbs.append(buffer.raw)
                     values.append(lib.OGR_F_GetFieldAsInteger(feature, 0))

@@ -185,10 +185,11 @@ class StripPolygons:
     def _hand_over(self, keep_last_row: bool = False) -> None:
         """Hand the gathered rows over: all of them where the column chunk ends, else all but the last,
         which goes along as the row below the strip and stays to begin the next one."""
-        rows, self._rows, self._gathered = self._rows, [], 0
+        rows, gathered = self._rows, self._gathered
+        self._rows, self._gathered = [], 0
         if not rows:
             return
-        if keep_last_row and sum(len(part[2]) for part in rows) > 1:
+        if keep_last_row and gathered > 1:
             row0, col0, classes, scores, signals = rows.pop()
             last = len(classes) - 1
             if last:

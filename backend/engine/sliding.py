@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .dense import normalized_image
-from .devices import intra_op_threads
+from .devices import intra_op_threads, set_intra_op_threads
 from .encoders import Encoder, TorchEncoder, crop_size
 from .errors import CancelledError
 from .feature_cache import FeatureCache
@@ -416,12 +416,6 @@ class _CropRow:
     columns: torch.Tensor | None = None
 
 
-def _host_op_threads() -> None:
-    """A worker thread's torch ops use HOST_OP_THREADS threads from now on."""
-    torch.get_num_threads()  # torch's own first setting for this thread happens now, not after ours
-    torch.set_num_threads(HOST_OP_THREADS)
-
-
 def _blended_rows(crop_rows: Sequence[_CropRow], down: torch.Tensor, first: int, stop: int,
                   out: torch.Tensor) -> np.ndarray:
     """The blended logits of absolute rows [first, stop) into `out` (queries, rows, width); their
@@ -469,10 +463,10 @@ def _strip_reader(source: PixelSource) -> Callable[[PixelWindow], tuple[np.ndarr
     the others are read and normalised.
     """
     reuse = bool(getattr(source, "same_in_any_window", False))
-    previous: list[tuple[PixelWindow, np.ndarray, np.ndarray]] = []
+    kept: tuple[PixelWindow, np.ndarray, np.ndarray] | None = None  # the strip read last
 
     def read(window: PixelWindow) -> tuple[np.ndarray, np.ndarray]:
-        kept = previous.pop() if previous else None
+        nonlocal kept
         shared = 0
         if reuse and kept is not None:
             before = kept[0]
@@ -491,7 +485,7 @@ def _strip_reader(source: PixelSource) -> Callable[[PixelWindow], tuple[np.ndarr
         else:
             fresh_rgb, valid = source.read(window)
             rgb = normalized_image(fresh_rgb)
-        previous.append((window, rgb, valid))
+        kept = (window, rgb, valid)
         return rgb, valid
 
     return read
@@ -598,7 +592,7 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
 
     reads = [PixelWindow(ys, read_c0, crop_h, read_c1 - read_c0) for ys in row_starts]
     finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="farslip-finish",
-                                  initializer=_host_op_threads)
+                                  initializer=set_intra_op_threads, initargs=(HOST_OP_THREADS,))
     try:
         for k, (ys, (rgb, valid)) in enumerate(zip(row_starts, _read_ahead(source, reads, timings))):
             started = time.perf_counter()
