@@ -83,6 +83,9 @@ class RasterSource:
         self.width = max(1, round(ds.width * self.scale))
         self.height = max(1, round(ds.height * self.scale))
         self.transform = ds.transform @ Affine.scale(ds.width / self.width, ds.height / self.height)
+        # No nodata, alpha or mask band: every pixel is valid, and its mask need not be read (GDAL
+        # would build a block of 255s for every read).
+        self._all_valid = all(flags == [MaskFlags.all_valid] for flags in ds.mask_flag_enums)
 
     @property
     def crs(self) -> CRS:
@@ -113,8 +116,8 @@ class RasterSource:
         try:
             data = self.dataset.read(unique, window=src_window, out_shape=(len(unique), *shape),
                                      resampling=self._resampling())
-            mask = self.dataset.dataset_mask(window=src_window, out_shape=shape,
-                                             resampling=Resampling.nearest)
+            mask = (np.full(shape, 255, np.uint8) if self._all_valid else
+                    self.dataset.dataset_mask(window=src_window, out_shape=shape, resampling=Resampling.nearest))
         except RasterioError as exc:
             raise unreadable_pixels(self.path) from exc
         if every > 1:  # before any conversion: what follows works pixel by pixel
@@ -130,7 +133,8 @@ class RasterSource:
             for i, (lo, hi) in enumerate(self.value_range):
                 rgb[i] = (rgb[i] - lo) * (255.0 / max(hi - lo, 1e-12))
             np.clip(rgb, 0.0, 255.0, out=rgb)
-        rgb[:, ~valid] = 0.0
+        if not valid.all():
+            rgb[:, ~valid] = 0.0
         return rgb, valid
 
     def window_transform(self, window: PixelWindow) -> Affine:

@@ -138,13 +138,17 @@ class Segmenter:
         self.feature_cache, self.cache_scope = (cache, scope) if cache is not None and scope else (None, None)
 
     def _batch(self, crops: Sequence[np.ndarray]) -> torch.Tensor:
-        """CLIP-normalised crops (3, h, w) -> one batch on the device (uploaded from pinned memory to a GPU)."""
-        tensor = torch.from_numpy(np.stack(crops))
-        if self.device.type == "cpu":
-            return tensor
-        if self._pin:
-            tensor = tensor.pin_memory()
-        return tensor.to(self.device, non_blocking=True)
+        """CLIP-normalised crops (3, h, w) -> one batch on the device (uploaded from pinned memory to a GPU).
+
+        For a GPU the crops are stacked straight into page-locked memory (one copy, not a stack and a
+        pin): torch's caching host allocator hands the block out again only once its upload is done,
+        so the copy needs no wait here."""
+        if not self._pin:
+            tensor = torch.from_numpy(np.stack(crops))
+            return tensor if self.device.type == "cpu" else tensor.to(self.device)
+        staging = torch.empty((len(crops), *crops[0].shape), dtype=torch.float32, pin_memory=True)
+        np.stack(crops, out=staging.numpy())
+        return staging.to(self.device, non_blocking=True)
 
     @torch.inference_mode()
     def crop_features(self, crops: Sequence[np.ndarray], keys: list | None = None) -> torch.Tensor:
@@ -274,14 +278,15 @@ class Segmenter:
     def _class_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return self._synonym_maxima(torch.softmax(logits * LOGIT_SCALE, dim=0))
 
-    def query_probabilities(self, logits: torch.Tensor, buffer: str) -> torch.Tensor:
-        """Blended logits (queries, rows, width), scaled in place -> their softmax over the queries: into
-        the scratch buffer `buffer` when classes have synonyms (their maxima go into a new array next),
-        else a new array (the class probabilities a Block keeps)."""
-        scaled = logits.mul_(LOGIT_SCALE)
+    def query_probabilities(self, logits: torch.Tensor, buffer: str, scaled: bool = False) -> torch.Tensor:
+        """Blended logits (queries, rows, width), scaled in place (unless `scaled` says they are) -> their
+        softmax over the queries: into the scratch buffer `buffer` when classes have synonyms (their
+        maxima go into a new array next), else a new array (the class probabilities a Block keeps)."""
+        if not scaled:
+            logits.mul_(LOGIT_SCALE)
         if len(self._synonyms) == logits.shape[0]:
-            return torch.softmax(scaled, dim=0)
-        return torch.softmax(scaled, dim=0, out=self.scratch(buffer, scaled.shape))
+            return torch.softmax(logits, dim=0)
+        return torch.softmax(logits, dim=0, out=self.scratch(buffer, logits.shape))
 
     def _synonym_maxima(self, probs: torch.Tensor) -> torch.Tensor:
         """(Q, h, w) query probabilities -> (C, h, w) class probabilities, the max over each class's synonyms."""
@@ -417,7 +422,7 @@ class _CropRow:
 
 
 def _blended_rows(crop_rows: Sequence[_CropRow], down: torch.Tensor, first: int, stop: int,
-                  out: torch.Tensor) -> np.ndarray:
+                  out: torch.Tensor, scale: float = 1.0) -> np.ndarray:
     """The blended logits of absolute rows [first, stop) into `out` (queries, rows, width); their
     validity (valid pixels some crop reached) as the result.
 
@@ -446,7 +451,7 @@ def _blended_rows(crop_rows: Sequence[_CropRow], down: torch.Tensor, first: int,
         valid[part] &= (count > 0).cpu().numpy()
         weights = torch.cat([down[r0 - top:r1 - top] for top, _, _ in summed], dim=1)
         bands = torch.cat([band for _, band, _ in summed], dim=1) if len(summed) > 1 else summed[0][1]
-        bands = bands / count.clamp(min=1)
+        bands = bands * (scale / count.clamp(min=1))  # the bands are small: the scale costs nothing here
         if r1 - r0 == len(valid):  # the usual case, one piece: a batched product straight into `out`
             torch.matmul(weights, bands, out=out)
         else:
@@ -548,10 +553,9 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
         started = time.perf_counter()
         logits = logits @ across                                # (B, Q, gh, crop_w)
         for (row, xs, _), crop_logits in zip(batch, logits):
-            assert row.band is not None and row.columns is not None, "a crop row with crops to run has a band"
+            assert row.band is not None, "a crop row with crops to run has a band"
             a0, a1 = max(xs, c0), min(xs + crop_w, c1)
             row.band[:, :, a0 - c0:a1 - c0] += crop_logits[:, :, a0 - xs:a1 - xs]
-            row.columns[a0 - c0:a1 - c0] += 1
         timings["blend"] += time.perf_counter() - started
         ran += len(batch)
         progress(len(batch))
@@ -568,13 +572,15 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
         if e1 > e0:
             started = time.perf_counter()
             logits = segmenter.scratch("logits", torch.Size((queries, e1 - e0, width)))
-            valid = _blended_rows(crop_rows, down, e0, e1, logits)
+            # Kept logits are the blended ones; otherwise the logit scale comes with the blending.
+            scale = 1.0 if segmenter.keep_logits else LOGIT_SCALE
+            valid = _blended_rows(crop_rows, down, e0, e1, logits, scale)
             kept = logits.to("cpu", copy=True).numpy() if segmenter.keep_logits else None  # scaled in place next
             timings["blend"] += time.perf_counter() - started
             started = time.perf_counter()
             # Softmax here, not in the finisher, which had the larger share of the work. Two buffers in
             # turn: the finisher still reads the previous one while this one is filled.
-            probs = segmenter.query_probabilities(logits, f"probs{flushes % 2}")
+            probs = segmenter.query_probabilities(logits, f"probs{flushes % 2}", scaled=scale != 1.0)
             flushes += 1
             timings["softmax"] += time.perf_counter() - started
             finishing.append(finisher.submit(segmenter.finish, probs, valid, e0 - r_lo, c0 - window.col_off, kept))
@@ -597,18 +603,18 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
         for k, (ys, (rgb, valid)) in enumerate(zip(row_starts, _read_ahead(source, reads, timings))):
             started = time.perf_counter()
             row = _CropRow(ys, valid[:, c0 - read_c0:c1 - read_c0])
-            skipped = 0
-            for xs in col_starts:
-                part = slice(xs - read_c0, xs - read_c0 + crop_w)
-                if valid[:, part].any():
-                    pending.append((row, xs, rgb[:, :, part]))
-                else:
-                    skipped += 1
-            if skipped:
-                progress(skipped)
-            if skipped < len(col_starts):
+            # A crop runs when any of its pixels is valid: one pass over the strip, then its columns.
+            valid_columns = valid.any(axis=0)
+            running = [xs for xs in col_starts if valid_columns[xs - read_c0:xs - read_c0 + crop_w].any()]
+            pending.extend((row, xs, rgb[:, :, xs - read_c0:xs - read_c0 + crop_w]) for xs in running)
+            if len(running) < len(col_starts):
+                progress(len(col_starts) - len(running))
+            if running:
                 row.band = torch.zeros((queries, down.shape[1], width), dtype=torch.float32, device=device)
-                row.columns = torch.zeros(width, dtype=torch.float32, device=device)
+                columns = np.zeros(width, np.float32)  # how many of the row's crops cover each column
+                for xs in running:
+                    columns[max(xs, c0) - c0:min(xs + crop_w, c1) - c0] += 1
+                row.columns = torch.from_numpy(columns).to(device)
             crop_rows.append(row)
             queued_by_row.append(ran + len(pending))
             timings["rows"] += time.perf_counter() - started
