@@ -50,6 +50,38 @@ def test_float_raster_with_nan_holes_masks_them(tmp_path):
     assert np.isfinite(rgb).all() and rgb.min() >= 0 and rgb.max() <= 255
 
 
+@pytest.mark.parametrize("kind", ["none", "nodata", "alpha", "internal mask", "sidecar mask"])
+def test_validity_follows_every_kind_of_mask_and_a_raster_without_one_is_all_valid(tmp_path, kind):
+    """Only a raster with no nodata, alpha or mask band skips reading its mask: every other kind
+    masks exactly the pixels rasterio's dataset mask masks, in full and decimated reads alike."""
+    rng = np.random.default_rng(3)
+    data = rng.integers(1, 255, (3, 70, 90), dtype=np.uint8)
+    hole = np.zeros((70, 90), bool)
+    hole[20:45, 30:70] = True
+    path, profile = tmp_path / f"{kind.replace(' ', '_')}.tif", {}
+    if kind == "nodata":
+        data[:, hole] = 0
+        profile["nodata"] = 0
+    if kind == "alpha":
+        data = np.concatenate([data, np.where(hole, 0, 255).astype(np.uint8)[None]])
+        profile["photometric"] = "RGB"
+        profile["alpha"] = "YES"
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=kind == "internal mask"):
+        write(path, data, **profile)
+        if kind.endswith("mask"):
+            with rasterio.open(path, "r+") as ds:
+                ds.write_mask(np.where(hole, 0, 255).astype(np.uint8))
+    assert (tmp_path / f"{path.name}.msk").exists() == (kind == "sidecar mask")
+    with open_source(path) as source:
+        rgb, valid = source.read(PixelWindow(0, 0, 70, 90))
+        small_rgb, small_valid = source.read(PixelWindow(0, 0, 70, 90), (35, 45))
+    with rasterio.open(path) as ds:
+        expected, expected_small = ds.dataset_mask() > 0, ds.dataset_mask(out_shape=(35, 45)) > 0
+    assert (valid == expected).all() and (small_valid == expected_small).all()
+    assert valid.all() == (kind == "none") and not rgb[:, ~valid].any() and not small_rgb[:, ~small_valid].any()
+    assert (rgb[:, valid] == data[:3][:, valid]).all()
+
+
 def test_two_band_raster_uses_its_first_band_as_grey(tmp_path):
     data = np.stack([np.full((40, 40), 100, np.uint8), np.full((40, 40), 7, np.uint8)])
     with open_source(write(tmp_path / "two.tif", data)) as source:
