@@ -126,7 +126,7 @@ class Segmenter:
         self.crops_encoded = 0
         self.stage_s: dict[str, float] = dict.fromkeys(STAGES, 0.0)
         self._pin = self.device.type == "cuda"
-        self._to_cache: list[tuple[list, torch.Tensor, torch.cuda.Event | None]] = []
+        self._to_cache: deque[tuple[list, torch.Tensor, torch.cuda.Event | None]] = deque()
         self._upsampling: dict[tuple[int, int], torch.Tensor] = {}
         self._buffers: dict[str, torch.Tensor] = {}
 
@@ -175,13 +175,13 @@ class Segmenter:
             return computed
         computed_at = {i: j for j, i in enumerate(missing)}
         parts = []
-        for i, found in enumerate(cached):
+        for i, found in enumerate(cached):  # assembled on the device: no wait for the encoder here
             if found is None:
                 assert computed is not None, "every crop the cache lacks was encoded above"
-                parts.append(computed[computed_at[i]].cpu())
+                parts.append(computed[computed_at[i]])
             else:
-                parts.append(torch.from_numpy(found))
-        return torch.stack(parts).to(self.device)
+                parts.append(torch.from_numpy(found).to(self.device))
+        return torch.stack(parts)
 
     def resizes_crop(self, height: int, width: int) -> bool:
         return self.resize_small_crops and (height < self.crop or width < self.crop)
@@ -211,21 +211,26 @@ class Segmenter:
         if self.device.type != "cuda":
             self._store_finished()
 
-    def _store_finished(self) -> None:
+    def _store_finished(self, wait: bool = False) -> None:
+        """Put the queued features whose copy to the host is done into the cache, in order; with `wait`,
+        all of them (the end of a run). A GPU's copies are not waited for between batches: the host stays
+        free to queue the next batches while the device still works on earlier ones."""
         if not self._to_cache:
             return
         cache, scope = self.feature_cache, self.cache_scope
         assert cache is not None and scope is not None, "features are queued only while a cache is in use"
-        for keys, host, event in self._to_cache:
-            if event is not None:
+        while self._to_cache:
+            keys, host, event = self._to_cache[0]
+            if event is not None and not event.query():
+                if not wait:
+                    return
                 event.synchronize()
             for key, features in zip(keys, host.numpy()):
                 cache.put(scope, key, features.copy())
-        self._to_cache.clear()
+            self._to_cache.popleft()
 
     def flush_cache(self) -> None:
-        if self._to_cache:
-            self._store_finished()
+        self._store_finished(wait=True)
 
     @torch.inference_mode()
     def patch_logits(self, crops: Sequence[np.ndarray], keys: list | None = None) -> torch.Tensor:

@@ -138,3 +138,41 @@ def test_a_rerun_takes_its_region_checks_from_the_cache_and_writes_the_same_qual
     assert np.isfinite(expected).sum() == checks
     np.testing.assert_allclose(region_agreement_field(tmp_path / "again" / "result.gpkg"), expected, atol=1e-6)
     assert uncached.report["quality"]["region_cached"] == 0
+
+
+class _CopyEvent:
+    """Stands in for the CUDA event recorded after a batch's features were queued for the host."""
+
+    def __init__(self, done: bool):
+        self.done, self.waited = done, False
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.waited, self.done = True, True
+
+
+def test_gpu_features_go_into_the_cache_without_waiting_for_the_device_between_batches(loaded):
+    # On a GPU each batch's features are copied to pinned host memory behind an event; the next batch
+    # stores only the copies already done (in order) and the run's end waits for the rest.
+    import torch
+
+    from backend.engine.sliding import Segmenter
+    from backend.engine.text import parse_class_lines
+
+    cache = FeatureCache(max_bytes=1 << 20)
+    segmenter = Segmenter(loaded, parse_class_lines(FIRST))
+    segmenter.use_cache(cache, "scope")
+    features = [torch.full((2, 3, 3, 4), float(b)) for b in range(3)]
+    events = [_CopyEvent(True), _CopyEvent(False), _CopyEvent(True)]
+    for b, (batch, event) in enumerate(zip(features, events)):
+        segmenter._to_cache.append(([(b, 0), (b, 1)], batch, event))
+    segmenter._store_finished()
+    assert cache.get("scope", (0, 1)) is not None and cache.get("scope", (1, 0)) is None
+    assert cache.get("scope", (2, 0)) is None, "a later batch waits behind an earlier one: order is kept"
+    assert not any(event.waited for event in events)
+    segmenter.flush_cache()
+    assert events[1].waited and not segmenter._to_cache
+    for b in range(3):
+        assert (cache.get("scope", (b, 1)) == b).all()
