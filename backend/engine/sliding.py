@@ -419,11 +419,12 @@ def _steps_with_threads(steps: Generator[Block, None, None], threads: int) -> It
 class _CropRow:
     """One crop row of a chunk: its crops' logits upsampled across and summed, (queries, patch rows,
     width) (None when every crop of it was skipped), how many of its crops cover each column, and the
-    validity of its pixels (crop height, width)."""
+    validity of its pixels (crop height, width). The counts stay on the host, where the validity is
+    built: reading them back from a GPU would wait for its queue at every crop row."""
     top: int
     valid: np.ndarray
     band: torch.Tensor | None = None
-    columns: torch.Tensor | None = None
+    columns: np.ndarray | None = None
 
 
 def _blended_rows(crop_rows: Sequence[_CropRow], down: torch.Tensor, first: int, stop: int,
@@ -452,11 +453,12 @@ def _blended_rows(crop_rows: Sequence[_CropRow], down: torch.Tensor, first: int,
             out[:, part].zero_()
             valid[part] = False
             continue
-        count = summed[0][2] if len(summed) == 1 else torch.stack([columns for _, _, columns in summed]).sum(0)
-        valid[part] &= (count > 0).cpu().numpy()
+        count = summed[0][2] if len(summed) == 1 else np.sum([columns for _, _, columns in summed], axis=0)
+        valid[part] &= count > 0
         weights = torch.cat([down[r0 - top:r1 - top] for top, _, _ in summed], dim=1)
         bands = torch.cat([band for _, band, _ in summed], dim=1) if len(summed) > 1 else summed[0][1]
-        bands = bands * (scale / count.clamp(min=1))  # the bands are small: the scale costs nothing here
+        divisor = torch.from_numpy(np.maximum(count, 1).astype(np.float32) / np.float32(scale)).to(bands.device)
+        bands = bands / divisor  # the bands are small: the scale costs nothing here
         if r1 - r0 == len(valid):  # the usual case, one piece: a batched product straight into `out`
             torch.matmul(weights, bands, out=out)
         else:
@@ -619,7 +621,7 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
                 columns = np.zeros(width, np.float32)  # how many of the row's crops cover each column
                 for xs in running:
                     columns[max(xs, c0) - c0:min(xs + crop_w, c1) - c0] += 1
-                row.columns = torch.from_numpy(columns).to(device)
+                row.columns = columns
             crop_rows.append(row)
             queued_by_row.append(ran + len(pending))
             timings["rows"] += time.perf_counter() - started
