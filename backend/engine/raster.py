@@ -83,9 +83,8 @@ class RasterSource:
         self.width = max(1, round(ds.width * self.scale))
         self.height = max(1, round(ds.height * self.scale))
         self.transform = ds.transform @ Affine.scale(ds.width / self.width, ds.height / self.height)
-        # No nodata, alpha or mask band: every pixel is valid, and its mask need not be read (GDAL
-        # would build a block of 255s for every read).
-        self._all_valid = all(flags == [MaskFlags.all_valid] for flags in ds.mask_flag_enums)
+        # Without a mask its blocks of 255s need not be built for every read.
+        self._all_valid = all_pixels_valid(ds)
 
     @property
     def crs(self) -> CRS:
@@ -228,6 +227,11 @@ def palette_lut(ds: rasterio.io.DatasetReader, bands: list[int]) -> np.ndarray |
     return lut
 
 
+def all_pixels_valid(ds: rasterio.io.DatasetReader) -> bool:
+    """No nodata, alpha or mask band: every pixel is valid (NaN in a float band aside)."""
+    return all(flags == [MaskFlags.all_valid] for flags in ds.mask_flag_enums)
+
+
 def _sample(ds: rasterio.io.DatasetReader, bands: list[int],
             values: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
     """A decimated read of the whole raster (uses overviews where present): the values of `bands`
@@ -240,7 +244,7 @@ def _sample(ds: rasterio.io.DatasetReader, bands: list[int],
     """
     factor = max(1.0, max(ds.width, ds.height) / SAMPLE_SIDE)
     shape = (max(1, int(ds.height / factor)), max(1, int(ds.width / factor)))
-    all_valid = all(flags == [MaskFlags.all_valid] for flags in ds.mask_flag_enums)
+    all_valid = all_pixels_valid(ds)
     if all_valid and not values:
         return None, np.ones(shape, bool)
     try:
