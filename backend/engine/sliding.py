@@ -180,7 +180,7 @@ class Segmenter:
                 assert computed is not None, "every crop the cache lacks was encoded above"
                 parts.append(computed[computed_at[i]])
             else:
-                parts.append(torch.from_numpy(found).to(self.device))
+                parts.append(torch.from_numpy(found).to(self.device, non_blocking=True))
         return torch.stack(parts)
 
     def resizes_crop(self, height: int, width: int) -> bool:
@@ -457,8 +457,10 @@ def _blended_rows(crop_rows: Sequence[_CropRow], down: torch.Tensor, first: int,
         valid[part] &= count > 0
         weights = torch.cat([down[r0 - top:r1 - top] for top, _, _ in summed], dim=1)
         bands = torch.cat([band for _, band, _ in summed], dim=1) if len(summed) > 1 else summed[0][1]
-        divisor = torch.from_numpy(np.maximum(count, 1).astype(np.float32) / np.float32(scale)).to(bands.device)
-        bands = bands / divisor  # the bands are small: the scale costs nothing here
+        # non_blocking: a blocking upload would wait for the device's queue (CUDA stages pageable memory
+        # before returning, so the array may go at once).
+        divisor = torch.from_numpy(np.maximum(count, 1).astype(np.float32) / np.float32(scale))
+        bands = bands / divisor.to(bands.device, non_blocking=True)  # small bands: the scale costs nothing here
         if r1 - r0 == len(valid):  # the usual case, one piece: a batched product straight into `out`
             torch.matmul(weights, bands, out=out)
         else:
