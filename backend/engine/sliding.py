@@ -145,7 +145,7 @@ class Segmenter:
         so the copy needs no wait here."""
         if not self._pin:
             tensor = torch.from_numpy(np.stack(crops))
-            return tensor if self.device.type == "cpu" else tensor.to(self.device)
+            return tensor if self.device.type == "cpu" else tensor.to(self.device, non_blocking=True)
         staging = torch.empty((len(crops), *crops[0].shape), dtype=torch.float32, pin_memory=True)
         np.stack(crops, out=staging.numpy())
         return staging.to(self.device, non_blocking=True)
@@ -283,12 +283,10 @@ class Segmenter:
     def _class_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return self._synonym_maxima(torch.softmax(logits * LOGIT_SCALE, dim=0))
 
-    def query_probabilities(self, logits: torch.Tensor, buffer: str, scaled: bool = False) -> torch.Tensor:
-        """Blended logits (queries, rows, width), scaled in place (unless `scaled` says they are) -> their
-        softmax over the queries: into the scratch buffer `buffer` when classes have synonyms (their
-        maxima go into a new array next), else a new array (the class probabilities a Block keeps)."""
-        if not scaled:
-            logits.mul_(LOGIT_SCALE)
+    def query_probabilities(self, logits: torch.Tensor, buffer: str) -> torch.Tensor:
+        """Blended logits (queries, rows, width) at the logit scale -> their softmax over the queries: into
+        the scratch buffer `buffer` when classes have synonyms (their maxima go into a new array next),
+        else a new array (the class probabilities a Block keeps)."""
         if len(self._synonyms) == logits.shape[0]:
             return torch.softmax(logits, dim=0)
         return torch.softmax(logits, dim=0, out=self.scratch(buffer, logits.shape))
@@ -581,15 +579,17 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
         if e1 > e0:
             started = time.perf_counter()
             logits = segmenter.scratch("logits", torch.Size((queries, e1 - e0, width)))
-            # Kept logits are the blended ones; otherwise the logit scale comes with the blending.
-            scale = 1.0 if segmenter.keep_logits else LOGIT_SCALE
-            valid = _blended_rows(crop_rows, down, e0, e1, logits, scale)
-            kept = logits.to("cpu", copy=True).numpy() if segmenter.keep_logits else None  # scaled in place next
+            # The logit scale comes with the blending, unless the blended logits themselves are kept.
+            valid = _blended_rows(crop_rows, down, e0, e1, logits, 1.0 if segmenter.keep_logits else LOGIT_SCALE)
+            kept = None
+            if segmenter.keep_logits:
+                kept = logits.to("cpu", copy=True).numpy()
+                logits.mul_(LOGIT_SCALE)
             timings["blend"] += time.perf_counter() - started
             started = time.perf_counter()
             # Softmax here, not in the finisher, which had the larger share of the work. Two buffers in
             # turn: the finisher still reads the previous one while this one is filled.
-            probs = segmenter.query_probabilities(logits, f"probs{flushes % 2}", scaled=scale != 1.0)
+            probs = segmenter.query_probabilities(logits, f"probs{flushes % 2}")
             flushes += 1
             timings["softmax"] += time.perf_counter() - started
             finishing.append(finisher.submit(segmenter.finish, probs, valid, e0 - r_lo, c0 - window.col_off, kept))
