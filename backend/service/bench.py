@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from rasterio.transform import from_origin
 
 from backend.engine.dense import dense_patch_features, normalize_pixels
-from backend.engine.encoders import TorchEncoder
+from backend.engine.encoders import TorchEncoder, autocast_enabled
 from backend.engine.feature_cache import FeatureCache
 from backend.engine.runtimes import make_encoder
 from backend.engine.sliding import ArraySource, Segmenter, predict_window
@@ -93,15 +93,19 @@ def bench_encoder(loaded: LoadedModel, batch_size: int, batches: int, encoder=No
 
 
 def bench_runtimes(loaded: LoadedModel, batch_size: int, batches: int, torch_rate: float) -> dict:
-    """Each installed compiled runtime: bare encoder crops/s and its largest difference from torch."""
+    """Each installed compiled runtime: bare encoder crops/s and its largest difference from torch.
+
+    The compiled runtimes run on the CPU only: on another device there is nothing to compare."""
     from backend.engine.runtimes import COMPILED, compiled_encoder, runtime_installed
 
-    found = {}
+    found: dict = {}
+    if loaded.device.type != "cpu":
+        return found
     crops = normalize_pixels(torch.rand(batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(1)) * 255)
     with torch.inference_mode():
         expected = dense_patch_features(loaded.model.visual, crops)
     for name in COMPILED:
-        if loaded.device.type != "cpu" or not runtime_installed(name):
+        if not runtime_installed(name):
             continue
         try:
             encoder = compiled_encoder(name, loaded, "segearth")
@@ -112,6 +116,20 @@ def bench_runtimes(loaded: LoadedModel, batch_size: int, batches: int, torch_rat
         diff = float((encoder(crops) - expected).abs().max())
         found[name] = {"crops_s": rate, "vs_torch": rate / torch_rate, "max_abs_diff": diff}
     return found
+
+
+def bench_precision(loaded: LoadedModel, batch_size: int, batches: int, autocast_rate: float) -> dict:
+    """On a CUDA GPU, where the engine runs the encoder under fp16 autocast: the same encoder in fp32
+    (crops/s, its speed against autocast's, and autocast's largest difference from fp32)."""
+    fp32 = TorchEncoder(loaded.model.visual, "segearth", loaded.device, half=False)
+    autocast = TorchEncoder(loaded.model.visual, "segearth", loaded.device)
+    generator = torch.Generator().manual_seed(1)
+    crops = normalize_pixels(torch.rand(batch_size, 3, 224, 224, generator=generator).to(loaded.device) * 255)
+    with torch.inference_mode():
+        diff = float((autocast(crops) - fp32(crops)).abs().max())
+    rate = bench_encoder(loaded, batch_size, batches, fp32)
+    return {"encoder": autocast.name, "fp32_crops_s": rate, "autocast_vs_fp32": autocast_rate / rate,
+            "max_abs_diff": diff}
 
 
 def reference_loop(loaded: LoadedModel, text: torch.Tensor, image: np.ndarray) -> int:
@@ -223,6 +241,9 @@ def run_bench(arch: str = "ViT-B-16", batch_size: int = 8, size: int = 1024, dev
 
         runtimes = bench_runtimes(loaded, batch_size, 3, encoder)
         results["runtimes"] = runtimes
+        precision = bench_precision(loaded, batch_size, 3, encoder) if autocast_enabled(dev, None) else None
+        if precision is not None:
+            results["precision"] = precision
 
         raster = write_test_raster(work / f"bench_{size}.tif", size)
         TextEmbedder(loaded, cache=None).embed(["warm-up"])
@@ -284,7 +305,11 @@ def run_bench(arch: str = "ViT-B-16", batch_size: int = 8, size: int = 1024, dev
         echo("")
         echo("| measurement | crops/s | ratio |")
         echo("|---|---|---|")
-        echo(f"| bare dense image encoder (torch), batch {batch_size} | {encoder:.2f} | 1.00 (baseline) |")
+        name = "torch, fp16 autocast" if precision is not None else "torch"
+        echo(f"| bare dense image encoder ({name}), batch {batch_size} | {encoder:.2f} | 1.00 (baseline) |")
+        if precision is not None:
+            echo(f"| bare encoder, torch fp32 (autocast off) | {precision['fp32_crops_s']:.2f} | autocast is "
+                 f"{precision['autocast_vs_fp32']:.2f}x fp32 (max diff {precision['max_abs_diff']:.1e}) |")
         for name, figures in runtimes.items():
             if "error" in figures:
                 echo(f"| bare encoder, {name} | - | could not compile: {figures['error']} |")

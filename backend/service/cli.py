@@ -123,7 +123,8 @@ def presets() -> None:
 @app.command()
 def bench(
     arch: str = typer.Option("ViT-B-16", help="open_clip architecture (random weights: speed only)."),
-    batch_size: int = typer.Option(8, help="Crops per batch."),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Crops per batch (default: as segment picks it, 8 on a "
+                                                            "CPU, from the free memory on a GPU)."),
     size: Optional[int] = typer.Option(None, help="Side of the generated raster for the pipeline run "
                                                   "(default 1024; 4096 with --null-encoder)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
@@ -158,6 +159,10 @@ def bench(
         dev = resolve_device(device)
     except FarslipError as error:
         fail(error)
+    if batch_size is None:
+        from backend.engine.segment import default_batch_size
+
+        batch_size = default_batch_size(dev)
     if ray:
         from .ray_bench import run_ray_bench
 

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
+import torch
 from tinymodels import make_tiny_clip, save_plain
 from typer.testing import CliRunner
 
@@ -12,7 +14,7 @@ from backend.engine.models import load_model
 from backend.engine.options import check_language
 from backend.engine.sliding import Segmenter
 from backend.engine.text import TextEmbedder, parse_class_lines
-from backend.service.bench import type_classes
+from backend.service.bench import bench_runtimes, type_classes
 from backend.service.cli import app
 from backend.service.host_bench import median_run
 
@@ -27,6 +29,7 @@ def test_null_encoder_bench_writes_the_host_figure_each_stage_and_the_cpu_time(t
     assert len(figures["runs"]) == 2 and "2 runs, each in a fresh process" in result.output
     assert figures["seconds"] == min(run["seconds"] for run in figures["runs"])
     assert figures["pixels"] == 448 * 448 and figures["tiles"] == 9
+    assert figures["batch_size"] == 8  # no --batch-size: what segment picks on a CPU
     assert figures["host_mpx_per_s"] > 0 and figures["host_mpx_per_s"] == figures["pixels"] / figures["seconds"] / 1e6
     assert figures["polygons"] >= 1
     assert figures["host_cpu_s"] > 0 and figures["cores"] >= 1
@@ -38,6 +41,14 @@ def test_null_encoder_bench_writes_the_host_figure_each_stage_and_the_cpu_time(t
     assert "**total**" in result.output and "Mpx/s" in result.output
     assert "CPU time of the run" in result.output
     assert "memory" not in figures  # --rss-sizes '' skips the peak-memory runs
+
+
+def test_the_compiled_runtimes_are_compared_on_the_cpu_only():
+    """`farslip bench --device cuda` stopped with a traceback: the compiled runtimes' reference features
+    were computed from crops on the CPU with the GPU's model. They run on the CPU only, so on any other
+    device there is nothing to compare and nothing runs (a model on the meta device stands for a GPU's)."""
+    loaded = SimpleNamespace(model=make_tiny_clip().to("meta"), device=torch.device("meta"))
+    assert bench_runtimes(loaded, batch_size=2, batches=1, torch_rate=1.0) == {}
 
 
 def test_the_host_figures_are_those_of_the_median_run():
