@@ -20,7 +20,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -42,6 +43,9 @@ from backend.engine.polygonize import region_polygons
 
 # Regions joined across seams at the end of a run: this many at a time, each in a thread of its own.
 JOIN_THREADS = min(4, os.cpu_count() or 1)
+# Threads drawing the polygons of the strips ahead (_polygonised): none on a machine with two cores or
+# fewer, where the engine's threads keep them busy already.
+STRIP_THREADS = min(3, max(0, (os.cpu_count() or 1) // 2 - 1))
 
 
 @dataclass(frozen=True)
@@ -410,6 +414,43 @@ def _global_ids(local: np.ndarray, offset: int) -> np.ndarray:
     return np.where(local > 0, local + offset - 1, -1)
 
 
+def _valid_strip_polygons(strip, skip: set[int]) -> tuple[_Runs, np.ndarray]:
+    """A strip's regions and their polygons, each one valid."""
+    row_start, col0, classes = strip[:3]
+    runs, polygons = _strip_polygons(classes, skip, col0, row_start)
+    invalid = ~shapely.is_valid(polygons)
+    polygons[invalid] = [_valid_polygon(p) for p in polygons[invalid]]
+    return runs, polygons
+
+
+def _polygonised(in_context: Iterator, skip: set[int], workers: int | None = None) -> Iterator:
+    """Each (strip, row above, row below) of `in_context` with its regions and valid polygons, in order.
+
+    A strip's polygons depend on the strip alone and GDAL draws them outside the GIL, so `workers`
+    threads (STRIP_THREADS) draw those of the next strips while the caller merges this one's seams:
+    on a machine with cores to spare the polygon thread no longer holds the engine back. At most
+    `workers` strips beyond the caller's are held."""
+    workers = STRIP_THREADS if workers is None else workers
+    if workers < 1:
+        for item in in_context:
+            yield item, _valid_strip_polygons(item[0], skip)
+        return
+    ahead: deque = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="farslip-strips") as pool:
+        try:
+            for item in in_context:
+                ahead.append((item, pool.submit(_valid_strip_polygons, item[0], skip)))
+                if len(ahead) > workers:
+                    done, future = ahead.popleft()
+                    yield done, future.result()
+            while ahead:
+                done, future = ahead.popleft()
+                yield done, future.result()
+        finally:  # the caller stopped (an error, a cancelled run): drop what was not started
+            for _, future in ahead:
+                future.cancel()
+
+
 def _strip_regions(strips, skip: set[int], should_cancel, width: int | None = None):
     """Per-strip regions (pixel-space polygons and stats) plus the seam merges between them.
 
@@ -432,21 +473,18 @@ def _strip_regions(strips, skip: set[int], should_cancel, width: int | None = No
         for a, b in np.unique(np.column_stack([ids_a[touching], ids_b[touching]]), axis=0):
             merges.union(int(a), int(b))
 
-    for (row_start, col0, classes, scores, signals), above, below in _in_context(strips):
+    for ((row_start, col0, classes, scores, signals), above, below), (runs, strip_polygons) in \
+            _polygonised(_in_context(strips), skip):
         if should_cancel is not None and should_cancel():
             raise CancelledError("The run was cancelled while writing polygons; nothing was written.")
         if col0 != chunk:
             edge, edge_parts, chunk = (_joined(edge_parts) if chunk is not None else None), [], col0
             previous_row_ids = previous_row_classes = None
-        runs, strip_polygons = _strip_polygons(classes, skip, col0, row_start)
         strip_ids, strip_classes, n = runs.region_ids, runs.region_classes, runs.n
         offset = len(pixel_regions)
         height, strip_width = classes.shape
         rows = slice(row_start, row_start + height)
         defer = width is not None and col0 + strip_width < width
-
-        invalid = ~shapely.is_valid(strip_polygons)
-        strip_polygons[invalid] = [_valid_polygon(p) for p in strip_polygons[invalid]]
         pixel_regions.extend(strip_polygons)
         strip_counts = runs.counts
         region_classes.append(strip_classes)

@@ -180,12 +180,15 @@ def test_mismatched_score_raster_is_rejected(rasters, tmp_path):
         vectorize_class_raster(class_path, small)
 
 
-def test_cancel_raises_and_stops(rasters):
+@pytest.mark.parametrize("strip_threads", [0, 2])
+def test_cancel_raises_and_stops(rasters, monkeypatch, strip_threads):
+    from backend.engine import vectorize
     from backend.engine.errors import CancelledError
 
+    monkeypatch.setattr(vectorize, "STRIP_THREADS", strip_threads)
     _, _, class_path, score_path = rasters
     with pytest.raises(CancelledError):
-        vectorize_class_raster(class_path, score_path, should_cancel=lambda: True)
+        vectorize_class_raster(class_path, score_path, strip_rows=4, should_cancel=lambda: True)
 
 
 def test_projected_area_uses_the_crs_unit(rasters):
@@ -486,6 +489,53 @@ def test_quality_signals_of_a_region_do_not_depend_on_the_strips(rasters, tmp_pa
             assert region.geometry.geom_type == "Polygon" and region.geometry.is_valid
             key = (region.class_id, region.pixel_count, (int(rows[0]), int(cols[0])))
             assert (region.margin, region.entropy, region.sharpness) == pytest.approx(expected[key], rel=1e-5), key
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_strips_polygonised_ahead_in_threads_give_the_same_regions_and_hold_few_strips(rasters, monkeypatch,
+                                                                                       threads):
+    """On a machine with cores to spare, the polygons of the next strips are drawn in threads while the
+    current strip's seams are merged: the regions, their polygons and signals are those drawn strip by
+    strip in one thread, and no more than `threads` strips beyond the current one are held."""
+    import threading
+
+    from backend.engine import vectorize
+
+    classes, scores, _, _ = rasters
+    signals = np.random.default_rng(6).random((2, *classes.shape)).astype(np.float32)
+    strips = chunked_strips(classes, scores, signals, 3, [0, 11, 12, 30])
+
+    def key(region):
+        return (region.class_id, shapely.normalize(region.geometry).wkb, region.pixel_count, region.score_sum,
+                region.margin, region.entropy, region.sharpness)
+
+    monkeypatch.setattr(vectorize, "STRIP_THREADS", 0)
+    inline = vectorize.vectorize_strips(iter(strips), TRANSFORM, classes.shape[1])
+    drawn_in = set()
+    draw = vectorize._strip_polygons
+
+    def recorded(*args):
+        drawn_in.add(threading.current_thread().name)
+        return draw(*args)
+
+    monkeypatch.setattr(vectorize, "_strip_polygons", recorded)
+    monkeypatch.setattr(vectorize, "STRIP_THREADS", threads)
+    ahead = vectorize.vectorize_strips(iter(strips), TRANSFORM, classes.shape[1])
+    assert [key(r) for r in ahead] == [key(r) for r in inline]
+    assert drawn_in and all(name.startswith("farslip-strips") for name in drawn_in)
+
+    pulled = []
+
+    def in_context():
+        for index, strip in enumerate(strips):
+            pulled.append(index)
+            yield strip, None, None
+
+    polygonised = vectorize._polygonised(in_context(), {255}, threads)
+    (first, _, _), (runs, polygons) = next(polygonised)
+    assert first is strips[0] and len(polygons) == runs.n
+    assert len(pulled) == threads + 1  # the current strip and `threads` ahead
+    polygonised.close()  # the caller stops early: the strips not started are dropped
 
 
 @pytest.mark.parametrize("dtype, wide", [("uint16", lambda v: 65535 - v), ("int32", lambda v: v * 65536 + 7),
