@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -126,6 +127,9 @@ class Segmenter:
         self.crops_encoded = 0
         self.stage_s: dict[str, float] = dict.fromkeys(STAGES, 0.0)
         self._pin = self.device.type == "cuda"
+        # On a GPU each crop row's normalised strip goes to the device once and its crops are cut there
+        # (they overlap by half: stacking them on the host copied every pixel twice over, per batch).
+        self.strips_on_device = self.device.type == "cuda"
         self._to_cache: deque[tuple[list, torch.Tensor, torch.cuda.Event | None]] = deque()
         self._upsampling: dict[tuple[int, int], torch.Tensor] = {}
         self._buffers: dict[str, torch.Tensor] = {}
@@ -137,12 +141,27 @@ class Segmenter:
     def use_cache(self, cache: FeatureCache | None, scope: str | None) -> None:
         self.feature_cache, self.cache_scope = (cache, scope) if cache is not None and scope else (None, None)
 
-    def _batch(self, crops: Sequence[np.ndarray]) -> torch.Tensor:
+    def upload_strip(self, rgb: np.ndarray) -> torch.Tensor:
+        """A CLIP-normalised strip (3, h, w) on the device, its crops to be cut there (`strips_on_device`).
+
+        To a GPU through page-locked memory, without waiting: torch's caching host allocator hands the
+        block out again only once its upload is done. Called from the read-ahead thread; the upload is
+        queued on the device before the engine's thread queues any work on the strip's crops."""
+        if not self._pin:
+            return torch.from_numpy(rgb.copy()).to(self.device)
+        staging = torch.empty(rgb.shape, dtype=torch.float32, pin_memory=True)
+        np.copyto(staging.numpy(), rgb)
+        return staging.to(self.device, non_blocking=True)
+
+    def _batch(self, crops: Sequence[np.ndarray] | Sequence[torch.Tensor]) -> torch.Tensor:
         """CLIP-normalised crops (3, h, w) -> one batch on the device (uploaded from pinned memory to a GPU).
 
-        For a GPU the crops are stacked straight into page-locked memory (one copy, not a stack and a
-        pin): torch's caching host allocator hands the block out again only once its upload is done,
-        so the copy needs no wait here."""
+        Crops cut from strips already on the device (upload_strip) are stacked there. Otherwise, for a
+        GPU, they are stacked straight into page-locked memory (one copy, not a stack and a pin): torch's
+        caching host allocator hands the block out again only once its upload is done, so the copy
+        needs no wait here."""
+        if isinstance(crops[0], torch.Tensor):
+            return torch.stack(list(crops))  # type: ignore[arg-type]
         if not self._pin:
             tensor = torch.from_numpy(np.stack(crops))
             return tensor if self.device.type == "cpu" else tensor.to(self.device, non_blocking=True)
@@ -503,9 +522,10 @@ def _strip_reader(source: PixelSource) -> Callable[[PixelWindow], tuple[np.ndarr
     return read
 
 
-def _read_ahead(source: PixelSource, windows: list[PixelWindow], timings: dict[str, float]) -> Iterator[tuple]:
+def _read_ahead(source: PixelSource, windows: list[PixelWindow], timings: dict[str, float],
+                upload: Callable[[np.ndarray], torch.Tensor] | None = None) -> Iterator[tuple]:
     """Yield (CLIP-normalised RGB, validity) of each window, reading and normalising the next one in a
-    thread while the caller works.
+    thread while the caller works; with `upload`, the RGB is what it makes of it (a strip on the GPU).
 
     GDAL and numpy release the GIL while they decompress and compute, so this overlaps the model and
     the blending.
@@ -514,7 +534,8 @@ def _read_ahead(source: PixelSource, windows: list[PixelWindow], timings: dict[s
 
     def timed_read(window):
         started = time.perf_counter()
-        strip = read(window)
+        rgb, valid = read(window)
+        strip = (upload(rgb) if upload is not None else rgb), valid
         return strip, time.perf_counter() - started
 
     if not windows:
@@ -541,7 +562,7 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
     device = segmenter.device
     timings = segmenter.stage_s
 
-    pending: list[tuple[_CropRow, int, np.ndarray]] = []  # (its crop row, crop col start, pixels)
+    pending: list[tuple[_CropRow, int, Any]] = []  # (its crop row, crop col start, pixels: numpy or on the device)
     queued_by_row: list[int] = []                     # crops queued once crop row k was read
     ran = 0
     flushed_rows = 0                                  # crop rows whose rows were emitted
@@ -609,7 +630,8 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
     finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="farslip-finish",
                                   initializer=set_intra_op_threads, initargs=(HOST_OP_THREADS,))
     try:
-        for k, (ys, (rgb, valid)) in enumerate(zip(row_starts, _read_ahead(source, reads, timings))):
+        upload = segmenter.upload_strip if segmenter.strips_on_device else None
+        for k, (ys, (rgb, valid)) in enumerate(zip(row_starts, _read_ahead(source, reads, timings, upload))):
             started = time.perf_counter()
             row = _CropRow(ys, valid[:, c0 - read_c0:c1 - read_c0])
             # A crop runs when any of its pixels is valid: one pass over the strip, then its columns.

@@ -176,3 +176,38 @@ def test_gpu_features_go_into_the_cache_without_waiting_for_the_device_between_b
     assert events[1].waited and not segmenter._to_cache
     for b in range(3):
         assert (cache.get("scope", (b, 1)) == b).all()
+
+
+def test_crops_cut_from_strips_on_the_device_give_what_crops_stacked_on_the_host_give(loaded, tmp_path, monkeypatch):
+    """On a GPU each crop row's normalised strip is uploaded once and its crops are cut and stacked on
+    the device. Forced on here (the CPU stands in for the device), with batches that mix encoded crops
+    and crops from the feature cache, a run writes exactly what the host-stacked path writes."""
+    from backend.engine.sliding import Segmenter
+
+    raster = write_raster(tmp_path / "image.tif", size=800)
+    box, shifted_box = (500000, 4999700, 500300, 5000000), (500200, 4999700, 500800, 5000000)
+    host_cache = FeatureCache()
+    run(raster, loaded, FIRST, tmp_path / "host_left", host_cache, bbox=box)
+    on_host = run(raster, loaded, SECOND, tmp_path / "host", host_cache, bbox=shifted_box)
+
+    uploads = []
+    init, upload = Segmenter.__init__, Segmenter.upload_strip
+
+    def strips_on_device(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.strips_on_device = True
+
+    def counted(self, rgb):
+        uploads.append(rgb.shape)
+        return upload(self, rgb)
+
+    monkeypatch.setattr(Segmenter, "__init__", strips_on_device)
+    monkeypatch.setattr(Segmenter, "upload_strip", counted)
+    device_cache = FeatureCache()
+    run(raster, loaded, FIRST, tmp_path / "device_left", device_cache, bbox=box)
+    on_device = run(raster, loaded, SECOND, tmp_path / "device", device_cache, bbox=shifted_box)
+    assert uploads and 0 < on_device.features["cached"] < on_device.tiles
+    assert on_device.features == on_host.features
+    for name in ("classes.tif", "probs.tif"):
+        np.testing.assert_array_equal(read(tmp_path / "device" / name), read(tmp_path / "host" / name))
+    assert on_device.classes == on_host.classes
