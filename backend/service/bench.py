@@ -70,10 +70,17 @@ def write_test_raster(path: Path, size: int, block: int = 1024) -> Path:
     return path
 
 
-def _time(fn, repeat: int = 1) -> float:
+def _time(fn, repeat: int = 1, device: torch.device | None = None) -> float:
+    """Seconds per call of fn; on a CUDA `device`, until the work it queued there is done."""
+    def synchronize():
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    synchronize()
     start = time.perf_counter()
     for _ in range(repeat):
         fn()
+    synchronize()
     return (time.perf_counter() - start) / repeat
 
 
@@ -194,8 +201,8 @@ def bench_text(loaded: LoadedModel, workdir: Path) -> dict:
     query = "parking lot"
     tokens = loaded.tokenizer([t.format(query) for t in PROMPT_TEMPLATES]).to(loaded.device)
     with torch.inference_mode():
-        full = _time(lambda: loaded.model.encode_text(tokens))
-        short = _time(lambda: encode_tokens(loaded.model, tokens))
+        full = _time(lambda: loaded.model.encode_text(tokens), device=loaded.device)
+        short = _time(lambda: encode_tokens(loaded.model, tokens), device=loaded.device)
         diff = (loaded.model.encode_text(tokens) - encode_tokens(loaded.model, tokens)).abs().max().item()
     cold_embedder = TextEmbedder(loaded, cache=workdir / "textcache")
     cold = _time(lambda: cold_embedder.embed(["sports field"]))
