@@ -60,7 +60,8 @@ class PixelSource(Protocol):
     width: int
 
     def read(self, window: PixelWindow) -> tuple[np.ndarray, np.ndarray]:
-        """(3, h, w) float32 RGB in 0..255 (0 where invalid) and (h, w) bool validity of `window`."""
+        """(3, h, w) float32 RGB in 0..255 (0 where invalid) and (h, w) bool validity of `window`. The
+        RGB is a new array, the caller's to change (the engine normalises it in place)."""
         ...
 
 
@@ -115,24 +116,29 @@ class RasterSource:
         try:
             data = self.dataset.read(unique, window=src_window, out_shape=(len(unique), *shape),
                                      resampling=self._resampling())
-            mask = (np.full(shape, 255, np.uint8) if self._all_valid else
+            mask = (None if self._all_valid else
                     self.dataset.dataset_mask(window=src_window, out_shape=shape, resampling=Resampling.nearest))
         except RasterioError as exc:
             raise unreadable_pixels(self.path) from exc
         if every > 1:  # before any conversion: what follows works pixel by pixel
-            data, mask = data[:, ::every, ::every], mask[::every, ::every]
+            data = data[:, ::every, ::every]
+            mask = mask[::every, ::every] if mask is not None else None
         if self.palette is not None:
             rgb = self.palette[data[0].astype(np.intp)].transpose(2, 0, 1).astype(np.float32)
-        else:
-            rgb = np.stack([data[unique.index(b)] for b in self.bands]).astype(np.float32)
-        valid = mask > 0
+        else:  # each band converted straight into its place (no stacked copy converted again)
+            rgb = np.empty((len(self.bands), *data.shape[1:]), np.float32)
+            for i, band in enumerate(self.bands):
+                rgb[i] = data[unique.index(band)]
+        valid = np.ones(data.shape[1:], bool) if mask is None else mask > 0
+        all_valid = mask is None
         if not np.issubdtype(data.dtype, np.integer):  # +-inf and NaN masked alike, before any scaling
             valid &= np.isfinite(rgb).all(axis=0)
+            all_valid = False
         if self.value_range is not None:
             for i, (lo, hi) in enumerate(self.value_range):
                 rgb[i] = (rgb[i] - lo) * (255.0 / max(hi - lo, 1e-12))
             np.clip(rgb, 0.0, 255.0, out=rgb)
-        if not valid.all():
+        if not all_valid and not valid.all():
             rgb[:, ~valid] = 0.0
         return rgb, valid
 

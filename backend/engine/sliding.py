@@ -515,7 +515,7 @@ def _strip_reader(source: PixelSource) -> Callable[[PixelWindow], tuple[np.ndarr
                 normalized_image(fresh_rgb, out=rgb[:, shared:])
         else:
             fresh_rgb, valid = source.read(window)
-            rgb = normalized_image(fresh_rgb)
+            rgb = normalized_image(fresh_rgb, out=fresh_rgb)  # the source's new array, normalised in place
         kept = (window, rgb, valid)
         return rgb, valid
 
