@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 
 from backend.engine.errors import InputError
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on: its CPU affinity where the system has one (a container or
+    `taskset` can allow fewer than the machine has), else the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def resolve_device(device: str | torch.device | None = "cpu") -> torch.device:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,15 +36,16 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from shapely.geometry.base import BaseGeometry
 
+from backend.engine.devices import usable_cores
 from backend.engine.errors import CancelledError, InputError
 from backend.engine.polygonize import region_polygons
 
 
 # Regions joined across seams at the end of a run: this many at a time, each in a thread of its own.
-JOIN_THREADS = min(4, os.cpu_count() or 1)
+JOIN_THREADS = min(4, usable_cores())
 # Threads drawing the polygons of the strips ahead (_polygonised): none on a machine with two cores or
 # fewer, where the engine's threads keep them busy already.
-STRIP_THREADS = min(3, max(0, (os.cpu_count() or 1) // 2 - 1))
+STRIP_THREADS = min(3, max(0, usable_cores() // 2 - 1))
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from backend.engine.devices import usable_cores
 from backend.engine.encoders import NullEncoder
 from backend.engine.memory import peak_rss_mb
 from backend.engine.options import SegmentOptions
@@ -64,11 +65,6 @@ def host_run(raster: Path, out_dir: Path, arch: str, device: str, batch_size: in
             "tiles": result.tiles, "timings": result.timings, "peak_rss_mb": peak_rss_mb(),
             "polygons": sum(c["polygons"] for c in result.classes),
             "region_checks": result.report["quality"]["region_checks"]}
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity where the system has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _child(raster: Path, out_dir: Path, arch: str, device: str, batch_size: int) -> dict:

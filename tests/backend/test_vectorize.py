@@ -579,3 +579,17 @@ def test_polygons_built_from_coordinates_equal_gdals_shapes_read_as_geojson():
     assert len(built) == len(expected) == len(shapes)
     assert all(shapely.equals_exact(a, b, tolerance=0) for a, b in zip(built, expected))
     assert len(polygons_of([])) == 0
+
+
+def test_polygon_threads_follow_the_cores_the_process_may_use():
+    """A process confined to one core (taskset, a container's CPU set) starts no strip threads and one
+    join thread, whatever the machine's own core count."""
+    import subprocess
+    import sys
+
+    code = ("import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); "
+            "from backend.engine import devices, vectorize; "
+            "print(devices.usable_cores(), vectorize.STRIP_THREADS, vectorize.JOIN_THREADS)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.split() == ["1", "0", "1"]
