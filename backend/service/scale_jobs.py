@@ -2,15 +2,16 @@
 
 `FARSLIP_RAY_ADDRESS` (read when a job starts): `ray://HOST:PORT` (or `auto`) runs every segment job
 on that cluster; `local` or `local:N` on a Ray the job starts on this machine with N workers
-(default: the CPU count). The job keeps its progress (chunks done of all) and its cancel: a cancel
-stops the dispatch, kills the job's actors (their running chunks with them) and keeps what was
-finished in `<out>.partial/`, so the same request resumes.
+(default: the cores this process may use). The job keeps its progress (chunks done of all) and its
+cancel: a cancel stops the dispatch, kills the job's actors (their running chunks with them) and
+keeps what was finished in `<out>.partial/`, so the same request resumes.
 """
 
 from __future__ import annotations
 
 import os
 
+from backend.engine.devices import usable_cores
 from backend.engine.options import SegmentOptions
 
 RAY_ADDRESS_ENV = "FARSLIP_RAY_ADDRESS"
@@ -24,7 +25,7 @@ def _where(address: str) -> tuple[int | None, str | None]:
     """(local workers, cluster address) of a FARSLIP_RAY_ADDRESS value."""
     if address == "local" or address.startswith("local:"):
         count = address.partition(":")[2]
-        return (int(count) if count.isdigit() else os.cpu_count() or 1), None
+        return (int(count) if count.isdigit() else usable_cores()), None
     return None, address
 
 
