@@ -147,27 +147,19 @@ class Segmenter:
         To a GPU through page-locked memory, without waiting: torch's caching host allocator hands the
         block out again only once its upload is done. Called from the read-ahead thread; the upload is
         queued on the device before the engine's thread queues any work on the strip's crops."""
-        if not self._pin:
-            return torch.from_numpy(rgb.copy()).to(self.device)
+        if not self._pin:  # the strip is the reader's new array, never written again
+            return torch.from_numpy(rgb).to(self.device)
         staging = torch.empty(rgb.shape, dtype=torch.float32, pin_memory=True)
         np.copyto(staging.numpy(), rgb)
         return staging.to(self.device, non_blocking=True)
 
     def _batch(self, crops: Sequence[np.ndarray] | Sequence[torch.Tensor]) -> torch.Tensor:
-        """CLIP-normalised crops (3, h, w) -> one batch on the device (uploaded from pinned memory to a GPU).
-
-        Crops cut from strips already on the device (upload_strip) are stacked there. Otherwise, for a
-        GPU, they are stacked straight into page-locked memory (one copy, not a stack and a pin): torch's
-        caching host allocator hands the block out again only once its upload is done, so the copy
-        needs no wait here."""
+        """CLIP-normalised crops (3, h, w) -> one batch on the device. Crops cut from strips already on
+        the device (upload_strip, a GPU's) are stacked there; host crops are stacked on the host."""
         if isinstance(crops[0], torch.Tensor):
             return torch.stack(list(crops))  # type: ignore[arg-type]
-        if not self._pin:
-            tensor = torch.from_numpy(np.stack(crops))
-            return tensor if self.device.type == "cpu" else tensor.to(self.device, non_blocking=True)
-        staging = torch.empty((len(crops), *crops[0].shape), dtype=torch.float32, pin_memory=True)
-        np.stack(crops, out=staging.numpy())
-        return staging.to(self.device, non_blocking=True)
+        tensor = torch.from_numpy(np.stack(crops))
+        return tensor if self.device.type == "cpu" else tensor.to(self.device, non_blocking=True)
 
     @torch.inference_mode()
     def crop_features(self, crops: Sequence[np.ndarray], keys: list | None = None) -> torch.Tensor:
