@@ -99,6 +99,12 @@ def bench_encoder(loaded: LoadedModel, batch_size: int, batches: int, encoder=No
     return batch_size * batches / _time(lambda: [step() for _ in range(batches)])
 
 
+def _seeded_crops(batch_size: int, device: torch.device) -> torch.Tensor:
+    """The same normalised random crops every time, on `device`: the outputs compared between encoders."""
+    pixels = torch.rand(batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(1)) * 255
+    return normalize_pixels(pixels.to(device))
+
+
 def bench_runtimes(loaded: LoadedModel, batch_size: int, batches: int, torch_rate: float) -> dict:
     """Each installed compiled runtime: bare encoder crops/s and its largest difference from torch.
 
@@ -108,7 +114,7 @@ def bench_runtimes(loaded: LoadedModel, batch_size: int, batches: int, torch_rat
     found: dict = {}
     if loaded.device.type != "cpu":
         return found
-    crops = normalize_pixels(torch.rand(batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(1)) * 255)
+    crops = _seeded_crops(batch_size, loaded.device)
     with torch.inference_mode():
         expected = dense_patch_features(loaded.model.visual, crops)
     for name in COMPILED:
@@ -130,8 +136,7 @@ def bench_precision(loaded: LoadedModel, batch_size: int, batches: int, autocast
     (crops/s, its speed against autocast's, and autocast's largest difference from fp32)."""
     fp32 = TorchEncoder(loaded.model.visual, "segearth", loaded.device, half=False)
     autocast = TorchEncoder(loaded.model.visual, "segearth", loaded.device)
-    generator = torch.Generator().manual_seed(1)
-    crops = normalize_pixels(torch.rand(batch_size, 3, 224, 224, generator=generator).to(loaded.device) * 255)
+    crops = _seeded_crops(batch_size, loaded.device)
     with torch.inference_mode():
         diff = float((autocast(crops) - fp32(crops)).abs().max())
     rate = bench_encoder(loaded, batch_size, batches, fp32)
