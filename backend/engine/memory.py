@@ -12,6 +12,7 @@ from pathlib import Path
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
+_M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
 # Blocks up to this size come from the heap and are reused once freed. glibc's default hands every
 # block over 32 MB (sooner at first) to its own mapping, returned to the system when freed: the next
@@ -20,6 +21,10 @@ _M_MMAP_THRESHOLD = -3
 HEAP_BLOCK_LIMIT = 256 * 2**20
 # Freed memory at the heap's top is kept up to this much while a run lasts (returned at its end).
 HEAP_KEEP_LIMIT = 1024 * 2**20
+# The engine's threads allocate from heaps of their own (64 MB each), which glibc unmaps as soon as one
+# is empty unless this much room is to be kept: the polygon thread's next strip then faulted its pages
+# in again. Also what the main heap grows by at a time (address space, not memory, until used).
+HEAP_TOP_PAD = 64 * 2**20
 
 
 @functools.cache
@@ -43,6 +48,7 @@ def reused_heap() -> Iterator[None]:
     if libc is not None:
         libc.mallopt(_M_MMAP_THRESHOLD, HEAP_BLOCK_LIMIT)
         libc.mallopt(_M_TRIM_THRESHOLD, HEAP_KEEP_LIMIT)
+        libc.mallopt(_M_TOP_PAD, HEAP_TOP_PAD)
     try:
         yield
     finally:

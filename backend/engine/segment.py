@@ -11,6 +11,7 @@ import contextlib
 import os
 import queue
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -130,8 +131,32 @@ GDAL_CACHE_MB = 64
 SKIPPED_CLASSES = (NODATA_CLASS, UNCLASSIFIED)
 
 
-def _joined_rows(parts: list[np.ndarray], axis: int = 0) -> np.ndarray:
-    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
+class _StripRows:
+    """A strip's rows, gathered block by block into arrays that are used again for later strips.
+
+    Fresh arrays for every strip, or the blocks' own arrays kept until their strip is polygonised,
+    each made the kernel hand out new pages (a quarter of a 4096x4096 run's memory was faulted in
+    again page by page); a buffer is reused once nothing refers to it any more.
+    """
+
+    def __init__(self, rows: int, width: int):
+        self.classes = np.empty((rows, width), np.uint8)
+        self.scores = np.empty((rows, width), np.float32)
+        self.signals = np.empty((2, rows, width), np.float32)
+
+    @property
+    def capacity(self) -> tuple[int, int]:
+        return self.classes.shape
+
+    def in_use(self) -> bool:
+        """Whether a strip handed over (or a row of it) still refers to these arrays: a numpy view or
+        slice holds a reference to the array it views, so beyond this object's own (and that of this
+        call) there is none once every strip cut from it is gone."""
+        return max(sys.getrefcount(self.classes), sys.getrefcount(self.scores), sys.getrefcount(self.signals)) > 2
+
+    def put(self, at: int, classes: np.ndarray, scores: np.ndarray, signals: np.ndarray) -> None:
+        rows = slice(at, at + len(classes))
+        self.classes[rows], self.scores[rows], self.signals[:, rows] = classes, scores, signals
 
 
 class StripPolygons:
@@ -142,26 +167,27 @@ class StripPolygons:
     stays bounded; the result is the one vectorize_class_raster gives for the whole window.
     A strip is handed over once the row below it is known, with that row (which stays for the next
     strip): the worker can finish the strip's outline at once instead of waiting for the next strip.
+    Each block's rows are copied into strip arrays used again and again (_StripRows) as it comes.
     """
+
+    # Strip arrays kept for reuse: those of the strips queued, worked on and looked ahead of (vectorize's
+    # STRIP_THREADS), and the one being filled.
+    KEPT = 8
 
     def __init__(self, transform, width: int, strip_rows: int, should_cancel: Callable[[], bool] | None):
         self.strip_rows = strip_rows
         self._queue: queue.Queue = queue.Queue(maxsize=2)
-        self._rows: list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]] = []
-        self._gathered = 0  # rows in self._rows
+        self._buffers: list[_StripRows] = []
+        self._filling: _StripRows | None = None
+        self._row0 = self._col0 = 0
+        self._gathered = 0  # rows in self._filling
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="farslip-polygons")
         self._result = self._pool.submit(vectorize_strips, self._strips(), transform, width, SKIPPED_CLASSES,
                                          should_cancel)
 
     def _strips(self):
-        """The strips, joined from their rows here, in the worker thread: the engine's thread only
-        passes the blocks on (joining 2 Mpx strips of classes, scores and signals took it 0.2-0.3 s
-        in a 4096x4096 run)."""
         while (item := self._queue.get()) is not None:
-            rows, below = item
-            row0, col0 = rows[0][:2]
-            yield (row0, col0, _joined_rows([part[2] for part in rows]), _joined_rows([part[3] for part in rows]),
-                   _joined_rows([part[4] for part in rows], axis=1), below)
+            yield item
 
     def _put(self, item) -> None:
         while True:
@@ -173,31 +199,60 @@ class StripPolygons:
                     self._result.result()  # the worker failed: raise its error here
                     return
 
+    def _free_buffer(self, rows: int, width: int) -> _StripRows:
+        """Strip arrays of at least `rows` rows and exactly `width` columns that no strip refers to."""
+        for buffer in self._buffers:
+            if buffer is not self._filling and buffer.capacity[1] == width and buffer.capacity[0] >= rows \
+                    and not buffer.in_use():
+                return buffer
+        # Room for a strip, its row below and a block beyond: blocks are rarely taller than a crop row.
+        buffer = _StripRows(max(rows, self.strip_rows + 256), width)
+        self._buffers.append(buffer)
+        if len(self._buffers) > self.KEPT:  # forget one no strip refers to (its memory goes with the last)
+            spare = [b for b in self._buffers if b is not buffer and b is not self._filling and not b.in_use()]
+            if spare:
+                self._buffers.remove(spare[0])
+        return buffer
+
     def add(self, block, signals: np.ndarray) -> None:
         """A block's class ids and scores, and their (2, h, w) margin and entropy."""
-        if self._rows and self._rows[-1][1] != block.col0:
+        if self._gathered and self._col0 != block.col0:
             self._hand_over()  # a new column chunk starts at the top again
-        self._rows.append((block.row0, block.col0, block.class_ids, block.score, signals))
-        self._gathered += len(block.class_ids)
+        height, width = block.class_ids.shape
+        if self._gathered == 0:
+            self._row0, self._col0 = block.row0, block.col0
+        filling = self._filling
+        if filling is None or filling.capacity[1] != width or filling.capacity[0] < self._gathered + height:
+            grown = self._free_buffer(self._gathered + height, width)
+            if filling is not None and self._gathered:
+                gathered = self._gathered
+                grown.put(0, filling.classes[:gathered], filling.scores[:gathered], filling.signals[:, :gathered])
+            self._filling = filling = grown
+        filling.put(self._gathered, block.class_ids, block.score, signals)
+        self._gathered += height
         if self._gathered > self.strip_rows:
             self._hand_over(keep_last_row=True)
 
     def _hand_over(self, keep_last_row: bool = False) -> None:
         """Hand the gathered rows over: all of them where the column chunk ends, else all but the last,
         which goes along as the row below the strip and stays to begin the next one."""
-        rows, gathered = self._rows, self._gathered
-        self._rows, self._gathered = [], 0
-        if not rows:
+        filling, gathered = self._filling, self._gathered
+        if filling is None or not gathered:
             return
+        self._gathered = 0
         if keep_last_row and gathered > 1:
-            row0, col0, classes, scores, signals = rows.pop()
-            last = len(classes) - 1
-            if last:
-                rows.append((row0, col0, classes[:last], scores[:last], signals[:, :last]))
-            self._rows, self._gathered = [(row0 + last, col0, classes[last:], scores[last:], signals[:, last:])], 1
-            self._put((rows, (classes[last], scores[last])))
+            last = gathered - 1
+            below = (filling.classes[last], filling.scores[last])
+            self._put((self._row0, self._col0, filling.classes[:last], filling.scores[:last],
+                       filling.signals[:, :last], below))
+            self._filling = following = self._free_buffer(self.strip_rows + 1, filling.capacity[1])
+            following.put(0, filling.classes[last:gathered], filling.scores[last:gathered],
+                          filling.signals[:, last:gathered])
+            self._row0, self._gathered = self._row0 + last, 1
         else:
-            self._put((rows, None))
+            self._put((self._row0, self._col0, filling.classes[:gathered], filling.scores[:gathered],
+                       filling.signals[:, :gathered], None))
+            self._filling = None
 
     def finish(self) -> list:
         self._hand_over()
@@ -208,7 +263,7 @@ class StripPolygons:
             self._pool.shutdown()
 
     def abandon(self) -> None:
-        self._rows = []
+        self._gathered = 0
         if not self._result.done():
             self._put(None)
         self._pool.shutdown()

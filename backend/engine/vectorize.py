@@ -107,13 +107,14 @@ class _Runs:
             change[::width] = True  # a run never crosses a row's end
         self.starts = np.flatnonzero(change)
         run_class = flat[self.starts]
-        run_index = np.cumsum(change, dtype=np.int32) - 1  # of each pixel
         # An overlap of two runs in rows r-1 and r begins where either of them begins.
         below = np.flatnonzero(change[width:] | change[:-width]) + width
         below = below[flat[below] == flat[below - width]]
         runs = len(self.starts)
-        links = coo_matrix((np.ones(len(below), np.int8), (run_index[below - width], run_index[below])),
-                           shape=(runs, runs))
+        # The run of a pixel, looked up for the overlaps only: numbering every pixel's run (a cumulative
+        # sum over the strip) took half of this step.
+        upper, lower = (np.searchsorted(self.starts, at, side="right") - 1 for at in (below - width, below))
+        links = coo_matrix((np.ones(len(below), np.int8), (upper, lower)), shape=(runs, runs))
         count, component = connected_components(links.tocsr(), directed=False)
         kept = ~np.isin(run_class, list(skip))
         used = np.zeros(count, dtype=bool)
@@ -333,8 +334,8 @@ def _in_context(strips: Iterable[Strip]):
     A strip that brings its row below (a sixth item) is yielded as soon as it comes; one without it
     waits for the next strip's first row.
     """
-    def row(strip, index):
-        return strip[2][index], (strip[3][index] if strip[3] is not None else None)
+    def row(strip, index):  # copies: a strip's arrays may be reused once the strip is done with
+        return strip[2][index].copy(), (strip[3][index].copy() if strip[3] is not None else None)
 
     above = pending = None
     for strip in strips:
@@ -514,7 +515,7 @@ def _strip_regions(strips, skip: set[int], should_cancel, width: int | None = No
         if previous_row_ids is not None and previous_row_classes is not None:
             merge(previous_row_ids, previous_row_classes, first_row, classes[0])
         previous_row_ids = _global_ids(strip_ids[-1], offset)
-        previous_row_classes = classes[-1]
+        previous_row_classes = classes[-1].copy()  # the strip's arrays may be reused once it is done with
 
     def stacked(parts, dtype):
         return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)

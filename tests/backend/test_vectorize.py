@@ -377,6 +377,43 @@ def test_blocks_handed_to_the_polygon_thread_give_the_regions_of_the_whole_windo
     assert sorted(map(key, handed)) == sorted(map(key, whole))
 
 
+def test_strip_arrays_are_used_again_once_no_strip_refers_to_them(rasters):
+    """The polygon thread's strips are gathered into a few arrays used over and over (new arrays for
+    each strip were faulted into memory page by page), and an array still referred to by a strip
+    waiting in the queue is never written over: many strips later the regions are still right."""
+    from types import SimpleNamespace
+
+    from backend.engine.segment import StripPolygons, _StripRows
+    from backend.engine.vectorize import vectorize_strips
+
+    rows = _StripRows(4, 3)
+    assert not rows.in_use()
+    view = rows.scores[1]
+    assert rows.in_use()
+    del view
+    assert not rows.in_use()
+
+    classes, scores, _, _ = rasters
+    tall = np.concatenate([classes] * 6)  # 6 copies stacked: 60 strips of 3 rows
+    tall_scores = np.concatenate([scores] * 6)
+    signals = np.random.default_rng(8).random((2, *tall.shape)).astype(np.float32)
+    polygons = StripPolygons(TRANSFORM, tall.shape[1], 3, None)
+    for top in range(0, len(tall), 2):
+        block = SimpleNamespace(row0=top, col0=0, class_ids=tall[top:top + 2].copy(),
+                                score=tall_scores[top:top + 2].copy())
+        polygons.add(block, signals[:, top:top + 2].copy())
+    handed = polygons.finish()
+    assert len(polygons._buffers) <= 5  # queued (2), worked on, held as the row above, being filled
+    whole = vectorize_strips(iter([(0, 0, tall, tall_scores, signals)]), TRANSFORM, tall.shape[1],
+                             skip_values=(255, 254))
+
+    def key(region):
+        return (region.class_id, shapely.normalize(region.geometry).wkb, region.pixel_count,
+                round(region.score_sum, 3), round(region.margin, 5), round(region.entropy, 5))
+
+    assert sorted(map(key, handed)) == sorted(map(key, whole))
+
+
 def whole_raster_signals(classes: np.ndarray, scores: np.ndarray, signals: np.ndarray, skip=(255,)):
     """The quality signals of every region by their definition, on the whole raster at once:
     {(class, pixel count, first pixel): (mean margin, mean entropy, mean outline score gradient)}."""
