@@ -171,15 +171,48 @@ def _region_sums(runs: _Runs, values: np.ndarray | None) -> tuple[np.ndarray, np
     return sums, (runs.counts - np.bincount(flat_ids[~present], minlength=n + 1)[1:]).astype(np.float64)
 
 
-def _axis_gradient(values: np.ndarray, index: tuple[np.ndarray, np.ndarray], axis: int) -> np.ndarray:
-    """np.gradient of `values` along `axis`, only at the points `index` (central inside, one-sided at the ends)."""
-    length = values.shape[axis]
-    if length < 2:
-        return np.zeros(len(index[0]), np.float32)
-    before, after = list(index), list(index)
-    before[axis] = np.maximum(index[axis] - 1, 0)
-    after[axis] = np.minimum(index[axis] + 1, length - 1)
-    return (values[tuple(after)] - values[tuple(before)]) / (after[axis] - before[axis]).astype(np.float32)
+class _ScoresAround:
+    """A strip's scores with NaN and infinities read as 0, at strip positions that may lie one row above
+    or below it (the neighbouring strips' rows, where known) or one column to its left (the previous
+    column chunk's last column, with NaN as 0 already; 0 at its corners).
+
+    Looked up at the outline pixels' neighbours only: stacking the rows and column around the whole
+    strip and replacing its NaN copied every pixel three times over, for gradients at a few of them.
+    """
+
+    def __init__(self, scores: np.ndarray, above, below, left):
+        self.scores = scores
+        self.above = above[1] if above is not None else None
+        self.below = below[1] if below is not None else None
+        self.left = left[1] if left is not None else None
+        height, width = scores.shape
+        # The first and last row and column there are values for.
+        self.rows = (-1 if above is not None else 0, height if below is not None else height - 1)
+        self.cols = (-1 if left is not None else 0, width - 1)
+
+    def __call__(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        height = self.scores.shape[0]
+        out = np.zeros(len(rows), np.float32)
+        inside = (rows >= 0) & (rows < height) & (cols >= 0)
+        out[inside] = self.scores[rows[inside], cols[inside]]
+        for line, picked, along in ((self.above, (rows < 0) & (cols >= 0), cols),
+                                    (self.below, (rows >= height) & (cols >= 0), cols),
+                                    (self.left, (cols < 0) & (rows >= 0) & (rows < height), rows)):
+            if line is not None:
+                out[picked] = line[along[picked]]
+        out[~np.isfinite(out)] = 0.0
+        return out
+
+    def gradient(self, rows: np.ndarray, cols: np.ndarray, axis: int) -> np.ndarray:
+        """np.gradient along `axis` (0: rows) over all the values there are, only at (rows, cols):
+        central inside, one-sided at the ends."""
+        lo, hi = self.rows if axis == 0 else self.cols
+        if hi - lo < 1:
+            return np.zeros(len(rows), np.float32)
+        before, after = [rows, cols], [rows, cols]
+        before[axis] = np.maximum((rows, cols)[axis] - 1, lo)
+        after[axis] = np.minimum((rows, cols)[axis] + 1, hi)
+        return (self(*after) - self(*before)) / (after[axis] - before[axis]).astype(np.float32)
 
 
 def _outline_sums(region_ids: np.ndarray, classes: np.ndarray, scores: np.ndarray | None, above, below, left,
@@ -213,31 +246,18 @@ def _outline_sums(region_ids: np.ndarray, classes: np.ndarray, scores: np.ndarra
     # The last column: the raster's edge, or (deferred) its right neighbours are the next chunk's.
     outline[:, -1] = not defer_right
     outline &= region_ids > 0
-    rows = [scores]
-    if above is not None:
-        rows.insert(0, above[1][None])
-    if below is not None:
-        rows.append(below[1][None])
-    top = 1 if above is not None else 0
-    stacked = np.concatenate(rows) if len(rows) > 1 else scores
-    filled = np.where(np.isfinite(stacked), stacked, 0.0).astype(np.float32)
-    shift = 0
-    if left is not None:
-        column = np.zeros((filled.shape[0], 1), np.float32)
-        column[top:top + height, 0] = left[1]
-        filled, shift = np.concatenate([column, filled], axis=1), 1
+    around = _ScoresAround(scores, above, below, left)
     r, c = np.nonzero(outline)
-    at = (r + top, c + shift)
-    magnitude = np.hypot(_axis_gradient(filled, at, 1), _axis_gradient(filled, at, 0))
+    magnitude = np.hypot(around.gradient(r, c, 1), around.gradient(r, c, 0))
     ids = region_ids[r, c]
     pending = None
     if defer_right:
-        last = width - 1 + shift
-        at_rows = np.arange(height) + top
-        pending = {"score": filled[at_rows, last],
-                   "left": filled[at_rows, last - 1] if last >= 1 else np.zeros(height, np.float32),
-                   "has_left": np.full(height, last >= 1),
-                   "gy": _axis_gradient(filled, (at_rows, np.full(height, last)), 0),
+        at_rows, last = np.arange(height), np.full(height, width - 1)
+        has_left = width - 2 >= around.cols[0]
+        pending = {"score": around(at_rows, last),
+                   "left": around(at_rows, last - 1) if has_left else np.zeros(height, np.float32),
+                   "has_left": np.full(height, has_left),
+                   "gy": around.gradient(at_rows, last, 0),
                    "other": other_last}
     return (np.bincount(ids, weights=magnitude.astype(np.float64), minlength=n + 1)[1:],
             np.bincount(ids, minlength=n + 1)[1:].astype(np.float64), pending)
