@@ -73,6 +73,7 @@ def tile_table(loaded, source, window: PixelWindow, truth: np.ndarray, class_lin
     """(signals (T, 5), true IoU (T,), tile (row, col) index (T, 2)) over the labelled `window`."""
     segmenter = segmenter_for(loaded, class_lines, attention=attention, batch_size=batch_size)
     block = predict_window(segmenter, source, window, should_cancel=should_cancel)
+    assert block.probs is not None, "a new Segmenter keeps its class probabilities"
     margin, entropy = pixel_signals(block.probs)
     rows, signals, ious, tiles, majority = [], [], [], [], []
     for r in range(0, window.height - tile + 1, tile):

@@ -529,6 +529,7 @@ def _write_rasters(segmenter: Segmenter, source: RasterSource, window, class_pat
                    signals_path: Path | None = None, streamed: StripPolygons | None = None) -> int:
     """Run the engine over `window`, writing each finished block; returns the number of valid pixels."""
     rasters = RunRasters(source, window, classes, class_path, score_path, signals_path, prob_path)
+    segmenter.keep_probs = prob_path is not None  # without a probability raster no block needs them
     valid_pixels = 0
     try:
         for block in predict_blocks(segmenter, source, window, progress, should_cancel):

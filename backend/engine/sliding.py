@@ -74,7 +74,7 @@ class Block:
 
     row0: int
     col0: int
-    probs: np.ndarray      # (C, h, w) float32 class probabilities (max over synonyms)
+    probs: np.ndarray | None  # (C, h, w) float32 class probabilities (max over synonyms); None unless kept
     class_ids: np.ndarray  # (h, w) uint8: class id, UNCLASSIFIED or NODATA_CLASS
     score: np.ndarray      # (h, w) float32 probability of the chosen class (NaN where invalid)
     valid: np.ndarray      # (h, w) bool
@@ -99,6 +99,9 @@ class Segmenter:
         self.batch_size = max(1, int(batch_size))
         self.threshold = float(threshold)
         self.keep_logits = False  # benchmarks resample the blended logits before the softmax
+        # Blocks carry their class probabilities; a caller that writes no probability raster turns this off,
+        # and the finisher then works in one reused buffer instead of a new (classes x rows x width) array.
+        self.keep_probs = True
         # Crops smaller than the model input (only when the image is): geodata pads them to the patch
         # grid and interpolates the positional embedding; benchmark mode resizes them to the input
         # size as RS-OVSS does (see `_model_input` and `upsampling`).
@@ -298,17 +301,20 @@ class Segmenter:
         """Blended logits (queries, rows, width) at the logit scale -> their softmax over the queries: into
         the scratch buffer `buffer` when classes have synonyms (their maxima go into a new array next),
         else a new array (the class probabilities a Block keeps)."""
-        if len(self._synonyms) == logits.shape[0]:
+        if len(self._synonyms) == logits.shape[0] and self.keep_probs:
             return torch.softmax(logits, dim=0)
         return torch.softmax(logits, dim=0, out=self.scratch(buffer, logits.shape))
 
-    def _synonym_maxima(self, probs: torch.Tensor) -> torch.Tensor:
-        """(Q, h, w) query probabilities -> (C, h, w) class probabilities, the max over each class's synonyms."""
+    def _synonym_maxima(self, probs: torch.Tensor, buffer: str | None = None) -> torch.Tensor:
+        """(Q, h, w) query probabilities -> (C, h, w) class probabilities, the max over each class's synonyms
+        (into the scratch buffer `buffer` when given, else a new array)."""
         if len(self._synonyms) == probs.shape[0]:
             return probs
         # Pairwise maxima into one output: a reduction over a few query planes (amax, then stack)
         # costs several times more than the elementwise maximum.
-        out = torch.empty((len(self._synonyms), *probs.shape[1:]), dtype=probs.dtype, device=probs.device)
+        shape = torch.Size((len(self._synonyms), *probs.shape[1:]))
+        out = (self.scratch(buffer, shape) if buffer is not None else
+               torch.empty(shape, dtype=probs.dtype, device=probs.device))
         for c, rows in enumerate(self._synonyms):
             out[c] = probs[rows.start]
             for q in range(rows.start + 1, rows.stop):
@@ -322,10 +328,12 @@ class Segmenter:
         blended logits, which the Block keeps) -> the Block of class probabilities, classes, scores and
         pixel signals."""
         started = time.perf_counter()
-        class_probs = self._synonym_maxima(query_probs)
+        # The finisher is one thread, done with its buffer when a block is returned (that keeps no probabilities).
+        class_probs = self._synonym_maxima(query_probs, None if self.keep_probs else "class_probs")
         best, best_ids, runner_up = top_two(class_probs)
         signals = signal_planes(class_probs, best, runner_up).cpu().numpy()
-        probs = class_probs.cpu().numpy()  # a new array, never the scratch buffer: blocks are the caller's
+        # A kept one is a new array, never a scratch buffer: blocks are the caller's.
+        probs = class_probs.cpu().numpy() if self.keep_probs else None
         class_ids = best_ids.cpu().numpy()
         score = best.cpu().numpy()
         if self.threshold > 0:
@@ -333,7 +341,8 @@ class Segmenter:
         if not valid.all():
             class_ids[~valid] = NODATA_CLASS
             score[~valid] = np.nan
-            probs[:, ~valid] = np.nan
+            if probs is not None:
+                probs[:, ~valid] = np.nan
             signals[:, ~valid] = np.nan
         self.stage_s["finish"] += time.perf_counter() - started
         return Block(row0, col0, probs, class_ids, score, valid, logits, signals)
@@ -664,7 +673,7 @@ def predict_window(segmenter: Segmenter, source: PixelSource, window: PixelWindo
     """The whole window as one Block (for in-memory images, tests and evaluation)."""
     window = window or PixelWindow(0, 0, source.height, source.width)
     classes = len(segmenter.classes)
-    probs = np.full((classes, window.height, window.width), np.nan, np.float32)
+    probs = np.full((classes, window.height, window.width), np.nan, np.float32) if segmenter.keep_probs else None
     class_ids = np.full((window.height, window.width), NODATA_CLASS, np.uint8)
     score = np.full((window.height, window.width), np.nan, np.float32)
     valid = np.zeros((window.height, window.width), bool)
@@ -673,7 +682,8 @@ def predict_window(segmenter: Segmenter, source: PixelSource, window: PixelWindo
     for block in predict_blocks(segmenter, source, window, **kwargs):
         h, w = block.class_ids.shape
         rows, cols = slice(block.row0, block.row0 + h), slice(block.col0, block.col0 + w)
-        probs[:, rows, cols] = block.probs
+        if probs is not None:
+            probs[:, rows, cols] = block.probs
         class_ids[rows, cols] = block.class_ids
         score[rows, cols] = block.score
         valid[rows, cols] = block.valid

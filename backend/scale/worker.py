@@ -120,6 +120,7 @@ class ChunkWorker:
         signals = np.full((2, window.height, window.width), np.nan, np.float32)
         probs = np.full((n, window.height, window.width), np.nan, np.float32) if with_probs else None
         valid, block_rows = 0, []
+        self.segmenter.keep_probs = with_probs  # as in `segment`: blocks carry probabilities only when asked
         for block in predict_blocks(self.segmenter, source, window, chunk_columns=self.settings.chunk_columns,
                                     chunk_rows=self.settings.chunk_rows):
             h, w = block.class_ids.shape

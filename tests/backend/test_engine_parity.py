@@ -208,6 +208,31 @@ def test_blocks_kept_by_the_caller_are_not_overwritten_by_later_blocks(class_lin
         assert np.array_equal(block.probs, whole.probs[:, rows], equal_nan=True)
 
 
+@pytest.mark.parametrize("class_lines", [CLASS_LINES, ["water", "cropland", "grassland"]])
+def test_blocks_without_probabilities_carry_the_same_classes_scores_and_signals(class_lines):
+    """A run that writes no probability raster keeps none (`keep_probs` off, as `segment` sets it): its
+    blocks' classes, scores and signals are bit for bit those of a run that keeps them, with and without
+    synonyms and with nodata, and blocks kept by the caller are not overwritten by the reused buffer."""
+    from backend.engine.sliding import predict_blocks
+
+    image = np.random.default_rng(9).uniform(0, 255, (3, 600, 300)).astype(np.float32)
+    valid = np.ones((600, 300), bool)
+    valid[100:180, :40] = False
+    source = ArraySource(image, valid)
+    window = PixelWindow(0, 0, 600, 300)
+    runs = {}
+    for keep in (True, False):
+        segmenter = Segmenter(_loaded(16), parse_class_lines(class_lines), batch_size=3)
+        segmenter.keep_probs = keep
+        runs[keep] = list(predict_blocks(segmenter, source, window))
+    assert len(runs[False]) == len(runs[True]) >= 4
+    for lean, full in zip(runs[False], runs[True]):
+        assert lean.probs is None and full.probs is not None
+        for a, b in ((lean.class_ids, full.class_ids), (lean.score, full.score), (lean.signals, full.signals)):
+            assert np.array_equal(a, b, equal_nan=True)
+    assert (runs[False][1].class_ids == 255).any()  # the nodata rows came through
+
+
 def test_blocks_come_in_order_and_a_failure_in_the_finisher_thread_reaches_the_caller():
     """The finishing step runs in a thread of its own: its blocks still come in row order without gaps,
     an error raised there stops the run where the caller reads the blocks, and no thread is left behind."""
