@@ -43,6 +43,36 @@ def test_null_encoder_bench_writes_the_host_figure_each_stage_and_the_cpu_time(t
     assert "memory" not in figures  # --rss-sizes '' skips the peak-memory runs
 
 
+def test_the_whole_bench_runs_and_pairs_the_runtime_with_the_reference_loop(tmp_path, monkeypatch):
+    """`farslip bench` as a user runs it, on a tiny architecture registered with open_clip: every table
+    comes out, and the runtime's ratio to the reference loop is the median of back-to-back pairs, each
+    given in the table and the JSON."""
+    import statistics
+
+    import open_clip
+
+    from backend.service.bench import REFERENCE_PAIRS
+
+    tiny = {"embed_dim": 64, "quick_gelu": True,
+            "vision_cfg": {"image_size": 224, "patch_size": 16, "width": 128, "layers": 2, "head_width": 64},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 2}}
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "farslip-tiny-bench", tiny)
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", "--arch", "farslip-tiny-bench", "--size", "448", "--rss-sizes", "",
+                                      "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(out.read_text(encoding="utf-8"))
+    pairs = figures["auto_no_region_checks_vs_reference"]
+    assert len(pairs["ratios"]) == REFERENCE_PAIRS >= 3
+    assert pairs["median"] == statistics.median(pairs["ratios"]) and all(r > 0 for r in pairs["ratios"])
+    assert f"{REFERENCE_PAIRS} pairs back to back" in result.output
+    assert f"median {pairs['median']:.2f}x the reference loop" in result.output
+    for row in ("bare dense image encoder", "reference loop (section 4", "re-run, 3 new classes",
+                "truncated to longest prompt"):
+        assert row in result.output
+    assert figures["cached_output_identical"] is True
+
+
 def test_the_compiled_runtimes_are_compared_on_the_cpu_only():
     """`farslip bench --device cuda` stopped with a traceback: the compiled runtimes' reference features
     were computed from crops on the CPU with the GPU's model. They run on the CPU only, so on any other
