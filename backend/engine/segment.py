@@ -143,16 +143,22 @@ class _StripRows:
         self.classes = np.empty((rows, width), np.uint8)
         self.scores = np.empty((rows, width), np.float32)
         self.signals = np.empty((2, rows, width), np.float32)
+        self._unreferenced = self._references()  # before any view of them exists
 
     @property
     def capacity(self) -> tuple[int, int]:
         return self.classes.shape
 
+    def _references(self) -> int:
+        return max(sys.getrefcount(self.classes), sys.getrefcount(self.scores), sys.getrefcount(self.signals))
+
     def in_use(self) -> bool:
         """Whether a strip handed over (or a row of it) still refers to these arrays: a numpy view or
-        slice holds a reference to the array it views, so beyond this object's own (and that of this
-        call) there is none once every strip cut from it is gone."""
-        return max(sys.getrefcount(self.classes), sys.getrefcount(self.scores), sys.getrefcount(self.signals)) > 2
+        slice holds a reference to the array it views (numpy points every view at the array owning the
+        memory), so there are no more references than right after creation once every strip cut from
+        them is gone. Counted the same way both times: how many a call itself holds differs between
+        Python versions."""
+        return self._references() > self._unreferenced
 
     def put(self, at: int, classes: np.ndarray, scores: np.ndarray, signals: np.ndarray) -> None:
         rows = slice(at, at + len(classes))
