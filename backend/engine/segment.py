@@ -187,6 +187,7 @@ class StripPolygons:
         self._filling: _StripRows | None = None
         self._row0 = self._col0 = 0
         self._gathered = 0  # rows in self._filling
+        self._tallest = 1  # the tallest block so far
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="farslip-polygons")
         self._result = self._pool.submit(vectorize_strips, self._strips(), transform, width, SKIPPED_CLASSES,
                                          should_cancel)
@@ -211,8 +212,8 @@ class StripPolygons:
             if buffer is not self._filling and buffer.capacity[1] == width and buffer.capacity[0] >= rows \
                     and not buffer.in_use():
                 return buffer
-        # Room for a strip, its row below and a block beyond: blocks are rarely taller than a crop row.
-        buffer = _StripRows(max(rows, self.strip_rows + 256), width)
+        # Room for a strip and the tallest block so far beyond it (gathering stops past strip_rows).
+        buffer = _StripRows(max(rows, self.strip_rows + self._tallest), width)
         self._buffers.append(buffer)
         if len(self._buffers) > self.KEPT:  # forget one no strip refers to (its memory goes with the last)
             spare = [b for b in self._buffers if b is not buffer and b is not self._filling and not b.in_use()]
@@ -225,6 +226,7 @@ class StripPolygons:
         if self._gathered and self._col0 != block.col0:
             self._hand_over()  # a new column chunk starts at the top again
         height, width = block.class_ids.shape
+        self._tallest = max(self._tallest, height)
         if self._gathered == 0:
             self._row0, self._col0 = block.row0, block.col0
         filling = self._filling
