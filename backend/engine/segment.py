@@ -189,12 +189,9 @@ class StripPolygons:
         self._gathered = 0  # rows in self._filling
         self._tallest = 1  # the tallest block so far
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="farslip-polygons")
-        self._result = self._pool.submit(vectorize_strips, self._strips(), transform, width, SKIPPED_CLASSES,
-                                         should_cancel)
-
-    def _strips(self):
-        while (item := self._queue.get()) is not None:
-            yield item
+        # The worker takes the strips from the queue until None comes.
+        self._result = self._pool.submit(vectorize_strips, iter(self._queue.get, None), transform, width,
+                                         SKIPPED_CLASSES, should_cancel)
 
     def _put(self, item) -> None:
         while True:

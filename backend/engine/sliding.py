@@ -299,8 +299,8 @@ class Segmenter:
 
     def query_probabilities(self, logits: torch.Tensor, buffer: str) -> torch.Tensor:
         """Blended logits (queries, rows, width) at the logit scale -> their softmax over the queries: into
-        the scratch buffer `buffer` when classes have synonyms (their maxima go into a new array next),
-        else a new array (the class probabilities a Block keeps)."""
+        the scratch buffer `buffer` when classes have synonyms (their maxima are taken next) or when blocks
+        keep no probabilities (`keep_probs` off), else a new array (the class probabilities a Block keeps)."""
         if len(self._synonyms) == logits.shape[0] and self.keep_probs:
             return torch.softmax(logits, dim=0)
         return torch.softmax(logits, dim=0, out=self.scratch(buffer, logits.shape))
