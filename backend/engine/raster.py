@@ -18,7 +18,7 @@ import numpy as np
 import rasterio
 from rasterio.crs import CRS
 from rasterio.enums import ColorInterp, MaskFlags, Resampling
-from rasterio.errors import CRSError, NotGeoreferencedWarning, RasterioError, RasterioIOError
+from rasterio.errors import CRSError, NodataShadowWarning, NotGeoreferencedWarning, RasterioError, RasterioIOError
 from rasterio.transform import Affine
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window, from_bounds
@@ -116,8 +116,7 @@ class RasterSource:
         try:
             data = self.dataset.read(unique, window=src_window, out_shape=(len(unique), *shape),
                                      resampling=self._resampling())
-            mask = (None if self._all_valid else
-                    self.dataset.dataset_mask(window=src_window, out_shape=shape, resampling=Resampling.nearest))
+            mask = None if self._all_valid else validity_mask(self.dataset, shape, src_window)
         except RasterioError as exc:
             raise unreadable_pixels(self.path) from exc
         if every > 1:  # before any conversion: what follows works pixel by pixel
@@ -233,6 +232,29 @@ def palette_lut(ds: rasterio.io.DatasetReader, bands: list[int]) -> np.ndarray |
     return lut
 
 
+def validity_mask(ds: rasterio.io.DatasetReader, shape: tuple[int, int], window: Window | None = None) -> np.ndarray:
+    """(h, w) uint8, non-zero where a pixel of `window` (read at `shape`) holds data: GDAL's dataset mask
+    (mask band, alpha band or nodata value), except for a raster with both an alpha band and a nodata value.
+
+    There GDAL lets the nodata value shadow the alpha band, and rasterio then takes the alpha band's own
+    nodata mask: with nodata 255 every opaque pixel (alpha 255) would be masked and only the transparent
+    ones segmented; with nodata 0, pixels of the nodata colour would be kept. Such a pixel holds data when
+    it is not transparent (alpha above 0) and not the nodata value in every colour band.
+    """
+    alpha = [i + 1 for i, interp in enumerate(ds.colorinterp) if interp == ColorInterp.alpha]
+    if not alpha or ds.nodata is None:
+        return ds.dataset_mask(window=window, out_shape=shape, resampling=Resampling.nearest)
+    read = {"window": window, "out_shape": shape, "resampling": Resampling.nearest}
+    colour = np.zeros(shape, bool)
+    with warnings.catch_warnings():  # rasterio's note on the shadowing, which this function resolves
+        warnings.simplefilter("ignore", NodataShadowWarning)
+        for band in range(1, ds.count + 1):
+            if band not in alpha:
+                colour |= ds.read_masks(band, **read) > 0
+    opaque = ds.read(alpha[0], **read) > 0
+    return (colour & opaque).astype(np.uint8) * 255
+
+
 def all_pixels_valid(ds: rasterio.io.DatasetReader) -> bool:
     """No nodata, alpha or mask band: every pixel is valid (NaN in a float band aside)."""
     return all(flags == [MaskFlags.all_valid] for flags in ds.mask_flag_enums)
@@ -256,8 +278,7 @@ def _sample(ds: rasterio.io.DatasetReader, bands: list[int],
     try:
         data = (ds.read(sorted(set(bands)), out_shape=(len(set(bands)), *shape), resampling=Resampling.nearest)
                 if values else None)
-        mask = (np.ones(shape, bool) if all_valid else
-                ds.dataset_mask(out_shape=shape, resampling=Resampling.nearest) > 0)
+        mask = np.ones(shape, bool) if all_valid else validity_mask(ds, shape) > 0
     except RasterioError as exc:
         raise unreadable_pixels(ds.name) from exc
     return data, mask

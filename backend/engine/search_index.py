@@ -388,7 +388,7 @@ def describe(index: SearchIndex, stats: BuildStats | None = None) -> dict:
 
 def point_window(index: SearchIndex, level: Level, x: float, y: float) -> tuple[int, int] | None:
     """The grid (row, col) of `level` whose window contains (x, y) (raster CRS) with the nearest centre."""
-    col_f, row_f = ~level.source.transform * (x, y)
+    col_f, row_f = ~level.source.transform @ (x, y)
     height, width = level.window_shape
     best, best_distance = None, math.inf
     for i, rs in enumerate(level.row_starts):

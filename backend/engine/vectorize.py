@@ -137,7 +137,11 @@ class _Runs:
         """Per region 1..n, the largest of `values` over its pixels, as float64 (NaN if one is NaN)."""
         maxima = np.full(self.n + 1, -np.inf)
         if len(self.starts):
-            np.maximum.at(maxima, self.ids, np.maximum.reduceat(values.ravel(), self.starts).astype(np.float64))
+            # NaN (nodata, mostly in runs of no region) propagates as documented; numpy's note on it is no
+            # line for the user's terminal.
+            with np.errstate(invalid="ignore"):
+                run_maxima = np.maximum.reduceat(values.ravel(), self.starts).astype(np.float64)
+                np.maximum.at(maxima, self.ids, run_maxima)
         return maxima[1:]
 
 

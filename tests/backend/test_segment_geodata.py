@@ -1,5 +1,7 @@
 """`farslip segment` on the real sample rasters: right place, right CRS, clear errors, nothing half-written."""
 
+import contextlib
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -283,3 +285,121 @@ def test_a_window_wider_than_the_engines_column_chunks_is_polygonised_as_a_whole
     margin = np.asarray(fields["margin"], float)
     assert np.isfinite(margin).all() and ((margin >= 0) & (margin <= 1)).all()
     assert not list(tmp_path.glob("*score*")) and not list(tmp_path.glob(".farslip*"))
+
+
+@contextlib.contextmanager
+def notes_for_the_user():
+    """Every warning a run issues, as "Category: message (file:line)" in the list it yields, except the
+    pending deprecations inside rasterio (its own use of affine's `*`), which Python never shows a user."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", category=PendingDeprecationWarning, module="rasterio")
+        notes: list[str] = []
+        yield notes
+    notes.extend(f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught)
+
+
+def _random_raster(path: Path, rng: np.random.Generator) -> dict:
+    """A GeoTIFF of random size, type, band count, CRS, tiling and nodata (value, NaN or none), with
+    blobs of darker pixels so the classes form regions of many shapes."""
+    height, width = int(rng.integers(30, 900)), int(rng.integers(30, 900))
+    dtype = str(rng.choice(["uint8", "uint16", "int16", "float32"]))
+    bands = int(rng.choice([1, 3, 4]))
+    geographic = bool(rng.random() < 0.3)
+    size = 2e-5 if geographic else float(rng.choice([0.3, 1.0, 10.0]))
+    transform = (rasterio.transform.from_origin(10.0, 50.0, size, size) if geographic
+                 else rasterio.transform.from_origin(500_000.0, 4_000_000.0, size, size))
+    pixels = rng.random((bands, height, width))
+    rows, cols = np.mgrid[0:height, 0:width]
+    for _ in range(5):
+        r, c, radius = rng.integers(0, height), rng.integers(0, width), rng.integers(8, 150)
+        pixels[:, (rows - r) ** 2 + (cols - c) ** 2 < radius ** 2] *= rng.random()
+    data = (pixels * {"uint8": 255, "uint16": 4000, "int16": 3000, "float32": 1.0}[dtype]).astype(dtype)
+    nodata = None
+    if rng.random() < 0.6:
+        nodata = {"uint8": 0, "uint16": 0, "int16": -1, "float32": -9999.0}[dtype]
+        r, c = rng.integers(0, height), rng.integers(0, width)
+        data[:, r:r + int(rng.integers(1, height)), c:c + int(rng.integers(1, width))] = nodata
+    if dtype == "float32" and rng.random() < 0.5:
+        data[:, :int(rng.integers(1, height)), :int(rng.integers(1, 40))] = np.nan
+    crs = "EPSG:4326" if geographic else "EPSG:32633"
+    with rasterio.open(path, "w", driver="GTiff", height=height, width=width, count=bands, dtype=dtype, crs=crs,
+                       transform=transform, nodata=nodata, tiled=bool(rng.random() < 0.5)) as ds:
+        ds.write(data)
+    return {"height": height, "width": width, "transform": transform, "geographic": geographic}
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_rasters_give_polygons_that_are_exactly_their_class_raster(tiny_model, tmp_path, monkeypatch, seed):
+    """Rasters of every type, band count, nodata kind, CRS and size, with a random bbox, threshold and
+    class list, processed in small engine chunks (seams across both axes): the layer's polygons are
+    valid, lie in the raster's CRS, burn back onto the class raster's grid pixel for pixel (no polygon
+    for unclassified or nodata pixels), and cover exactly the classified pixels' area, none twice."""
+    from backend.engine import segment as segment_module
+    from backend.engine import sliding
+
+    monkeypatch.setattr(sliding, "CHUNK_COLUMNS", 320)
+    monkeypatch.setattr(segment_module, "CHUNK_COLUMNS", 320)
+    monkeypatch.setattr(sliding, "CHUNK_ROWS", 288)
+    rng = np.random.default_rng(seed)
+    raster = _random_raster(tmp_path / "random.tif", rng)
+    lines = ["building", "road, street", "tree", "water"][:int(rng.integers(1, 5))]
+    args = [tmp_path / "random.tif", "--model", tiny_model, "--out", tmp_path / "random.gpkg",
+            "--class-raster", tmp_path / "classes.tif", "--quiet"]
+    for line in lines:
+        args += ["-c", line]
+    if rng.random() < 0.4:
+        height, width, transform = raster["height"], raster["width"], raster["transform"]
+        x0, y0 = transform @ (int(rng.integers(0, width // 2)), int(rng.integers(height // 2 + 1, height + 1)))
+        x1, y1 = transform @ (int(rng.integers(width // 2 + 1, width + 1)), int(rng.integers(0, height // 2)))
+        args += ["--bbox", x0, y0, x1, y1]
+    if rng.random() < 0.4:
+        args += ["--threshold", "0.4"]
+    with notes_for_the_user() as caught:
+        result = segment(*args)
+    assert result.exit_code == 0, result.output
+    assert caught == []
+    meta, geoms, fields = read_layer(tmp_path / "random.gpkg")
+    with rasterio.open(tmp_path / "classes.tif") as ds:
+        class_ids, transform, crs = ds.read(1), ds.transform, ds.crs
+    assert crs == rasterio.crs.CRS.from_user_input("EPSG:4326" if raster["geographic"] else "EPSG:32633")
+    assert rasterio.crs.CRS.from_user_input(meta["crs"]) == crs
+    assert all(shapely.is_valid(geoms)) and set(fields["class_id"]) <= set(range(len(lines)))
+    burned = rasterio.features.rasterize(((g, int(c)) for g, c in zip(geoms, fields["class_id"])),
+                                         out_shape=class_ids.shape, transform=transform, fill=255, dtype="uint8")
+    classified = class_ids < len(lines)
+    assert np.array_equal(burned[classified], class_ids[classified])
+    assert (burned[~classified] == 255).all()
+    pixel_area = abs(transform.a * transform.e)
+    assert shapely.area(geoms).sum() == pytest.approx(classified.sum() * pixel_area, rel=1e-9)
+
+
+@pytest.mark.parametrize("nodata", [255, 0])
+def test_transparent_pixels_of_an_rgba_raster_with_a_nodata_value_get_no_class(tiny_model, tmp_path, nodata):
+    """GDAL lets a nodata value shadow the alpha band: with nodata 255, pixels that QGIS shows as
+    transparent (alpha 0) would be classified. They are not, whatever the nodata value, and pixels
+    that equal the nodata value in every band are masked as well."""
+    rng = np.random.default_rng(3)
+    data = rng.integers(20, 230, (4, 300, 280)).astype(np.uint8)
+    data[3] = 255
+    data[3, :, :90] = 0                    # transparent columns, their colours left as they were
+    data[:3, 250:] = nodata                # rows of the nodata value in every colour band, opaque
+    path = tmp_path / "rgba.tif"
+    with rasterio.open(path, "w", driver="GTiff", height=300, width=280, count=4, dtype="uint8", nodata=nodata,
+                       crs="EPSG:32633", transform=rasterio.transform.from_origin(500_000, 4_000_000, 1, 1),
+                       alpha="YES") as ds:
+        ds.write(data)
+    with rasterio.open(path) as ds:
+        assert ds.colorinterp[3] == rasterio.enums.ColorInterp.alpha
+    out, classes = tmp_path / "rgba.gpkg", tmp_path / "classes.tif"
+    with notes_for_the_user() as caught:
+        result = segment(path, *CLASSES, "--model", tiny_model, "--out", out, "--class-raster", classes, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert caught == []
+    with rasterio.open(classes) as ds:
+        class_ids = ds.read(1)
+    assert (class_ids[:, :90] == 255).all()
+    assert (class_ids[250:] == 255).all()
+    assert (class_ids[:250, 90:] < 3).all()
+    _, geoms, _ = read_layer(out)
+    assert shapely.union_all(geoms).intersection(shapely.box(500_000, 4_000_000 - 300, 500_090, 4_000_000)).area == 0
