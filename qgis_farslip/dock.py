@@ -27,7 +27,7 @@ from .classes import bundled_presets, parse_class_text
 from .client import Connection
 from .exporting import ExportDialog
 from .extent_choice import ExtentChoice, ExtentError
-from .extent import crs_text, export_size, local_raster_path, transform_extent, write_geotiff
+from .extent import crs_text, displayed_bands, export_size, local_raster_path, transform_extent, write_geotiff
 from .job_runner import CANCELLED, DONE, JobRunner
 from .jobs import eta_text, features_cached
 from .model_picker import ModelPicker, finetuned_class_lines
@@ -265,7 +265,8 @@ class FarslipDock(QgsDockWidget):
             refine=form.refineCombo.currentData() or "none",
             region_checks=form.regionChecksCheck.isChecked(),
             class_raster=stem + "_classes.tif" if form.classRasterCheck.isChecked() else None,
-            prob_raster=stem + "_probabilities.tif" if form.probRasterCheck.isChecked() else None)
+            prob_raster=stem + "_probabilities.tif" if form.probRasterCheck.isChecked() else None,
+            bands=displayed_bands(layer))
         path = local_raster_path(layer)
         if path is None:
             return parameters, self._local_copy_step(layer, in_layer)

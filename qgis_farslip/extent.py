@@ -7,12 +7,15 @@ import os
 from qgis.core import (
     QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
+    QgsMultiBandColorRenderer,
+    QgsPalettedRasterRenderer,
     QgsProject,
     QgsRasterDataProvider,
     QgsRasterFileWriter,
     QgsRasterLayer,
     QgsRasterPipe,
     QgsRectangle,
+    QgsSingleBandGrayRenderer,
 )
 
 # A WMS/XYZ layer has no pixel size of its own; it is fetched at the canvas's resolution, within reason.
@@ -39,6 +42,28 @@ def local_raster_path(layer: QgsRasterLayer) -> str | None:
         return None
     path = layer.source().split("|", 1)[0]
     return path if os.path.isfile(path) else None
+
+
+def displayed_bands(layer: QgsRasterLayer) -> list[int] | None:
+    """The bands the layer shows, as the backend's `bands`, when the user chose them in the layer's
+    symbology: red, green, blue of a multiband colour renderer (a Sentinel-2 stack shown as 4, 3, 2),
+    or the one band of a grey or paletted renderer. The model then sees the colours the analyst sees.
+
+    None for QGIS's own first choice (bands 1, 2, 3, or band 1), for a colour channel left unset and for
+    other renderers: the backend then picks the bands by their colour interpretation, which QGIS does
+    not (it shows a file stored blue, green, red in bands 1, 2, 3 with red and blue swapped).
+    """
+    renderer = layer.renderer()
+    if isinstance(renderer, QgsMultiBandColorRenderer):
+        bands = [renderer.redBand(), renderer.greenBand(), renderer.blueBand()]
+        return None if min(bands) < 1 or bands == [1, 2, 3] else bands
+    if isinstance(renderer, QgsSingleBandGrayRenderer):
+        band = renderer.grayBand()
+    elif isinstance(renderer, QgsPalettedRasterRenderer):
+        band = renderer.band()
+    else:
+        return None
+    return [band] if band > 1 else None
 
 
 def export_size(layer: QgsRasterLayer, extent: QgsRectangle, canvas_extent: QgsRectangle,

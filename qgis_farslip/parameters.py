@@ -34,6 +34,7 @@ class SegmentParameters:
     preset: str | None = None         # only names the result; the class lines are what is sent
     refine: str = "none"              # refine outlines: none, edges or sam
     region_checks: bool = True        # the quality estimate's region checks (a model pass per new polygon)
+    bands: list[int] | None = None    # red, green, blue (or one grey band) as the layer shows them
     extra: dict[str, Any] = field(default_factory=dict)
 
     def request(self) -> dict[str, Any]:
@@ -51,6 +52,8 @@ class SegmentParameters:
             body["refine"] = self.refine
         if not self.region_checks:
             body["region_checks"] = False
+        if self.bands:
+            body["bands"] = list(self.bands)
         body.update(self.extra)
         return body
 

@@ -31,7 +31,7 @@ from qgis.PyQt.QtGui import QIcon
 from .backend_manager import BackendManager
 from .classes import bundled_presets, parse_class_text, resources_dir
 from .client import BackendClient, BackendError
-from .extent import crs_text, export_size, local_raster_path, write_geotiff
+from .extent import crs_text, displayed_bands, export_size, local_raster_path, write_geotiff
 from .jobs import JobCancelled, run_job
 from .parameters import REFINE_CHOICES, SegmentParameters, safe_name
 from .results import categorized_renderer
@@ -187,7 +187,8 @@ class SegmentByClassNames(BackendAlgorithm):
                                     threshold=self.parameterAsDouble(parameters, self.THRESHOLD, context),
                                     overwrite=True,
                                     refine=REFINE_CHOICES[self.parameterAsEnum(parameters, self.REFINE, context)],
-                                    region_checks=self.parameterAsBool(parameters, self.REGION_CHECKS, context))
+                                    region_checks=self.parameterAsBool(parameters, self.REGION_CHECKS, context),
+                                    bands=displayed_bands(layer))
 
         extent = None
         if parameters.get(self.EXTENT):

@@ -7,10 +7,13 @@ from plugin_helpers import NAIP
 from qgis.core import (
     QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
+    QgsMultiBandColorRenderer,
+    QgsPalettedRasterRenderer,
     QgsPointXY,
     QgsProject,
     QgsRasterLayer,
     QgsRectangle,
+    QgsSingleBandGrayRenderer,
 )
 
 
@@ -79,6 +82,30 @@ def test_drawn_extent_in_another_crs_is_transformed_to_the_raster_crs(dock, qgis
     assert request["class_lines"] == ["water", "field"]
     assert outputs == [request["out"]] and request["out"].endswith(".gpkg")
 
+
+
+def test_the_bands_the_layer_shows_are_the_bands_sent_to_the_model(dock, qgis_new_project):
+    """An analyst who shows NAIP's near infrared as red (bands 4, 1, 2) or one band in grey has the model
+    see those bands; QGIS's own first choice (1, 2, 3) sends none, so the backend reads the bands by
+    their colour interpretation; a channel left unset sends none either."""
+    layer = QgsRasterLayer(str(NAIP), "naip")
+    QgsProject.instance().addMapLayer(layer)
+    dock.form.layerCombo.setLayer(layer)
+    dock.form.extentCombo.setCurrentIndex(dock.form.extentCombo.findData("layer"))
+    dock.form.classesEdit.setPlainText("water")
+    assert [layer.renderer().redBand(), layer.renderer().greenBand(), layer.renderer().blueBand()] == [1, 2, 3]
+    assert "bands" not in dock.build_request()[0]
+    provider = layer.dataProvider()
+    layer.setRenderer(QgsMultiBandColorRenderer(provider, 4, 1, 2))
+    assert dock.build_request()[0]["bands"] == [4, 1, 2]
+    layer.setRenderer(QgsMultiBandColorRenderer(provider, 3, -1, 1))
+    assert "bands" not in dock.build_request()[0]
+    layer.setRenderer(QgsSingleBandGrayRenderer(provider, 4))
+    assert dock.build_request()[0]["bands"] == [4]
+    layer.setRenderer(QgsSingleBandGrayRenderer(provider, 1))
+    assert "bands" not in dock.build_request()[0]
+    layer.setRenderer(QgsPalettedRasterRenderer(provider, 2, []))
+    assert dock.build_request()[0]["bands"] == [2]
 
 def test_canvas_extent_is_sent_with_the_canvas_crs(dock, qgis_iface, qgis_new_project):
     layer = QgsRasterLayer(str(NAIP), "naip")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from qgis.core import (
     QgsCategorizedSymbolRenderer,
     QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
+    QgsMultiBandColorRenderer,
     QgsProject,
     QgsRasterLayer,
     QgsVectorLayer,
@@ -119,6 +121,23 @@ def test_without_region_checks_a_re_run_uses_cached_features_and_no_polygon_has_
     assert dock.form.statusLabel.text().endswith("; features cached.")
 
 
+
+def test_the_model_reads_the_bands_the_layer_shows(dock, naip_layer):
+    """Shown as colour infrared (near infrared as red: bands 4, 1, 2), the run reads those bands, as
+    its report says, and its classes differ from those of the true-colour run."""
+    assert run_dock_job(dock) == "done", dock.last_error
+    true_colour = dock.last_layers[0]
+    naip_layer.setRenderer(QgsMultiBandColorRenderer(naip_layer.dataProvider(), 4, 1, 2))
+    assert run_dock_job(dock) == "done", dock.last_error
+    infrared = dock.last_layers[0]
+    reports = [json.loads(Path(layer.source().split("|")[0]).with_suffix(".report.json").read_text("utf-8"))
+               for layer in (true_colour, infrared)]
+    assert reports[0]["bands"] == [1, 2, 3] and reports[1]["bands"] == [4, 1, 2]
+    assert reports[1]["options"]["bands"] == [4, 1, 2]
+    summary = [sorted((f["class"], round(f["area_m2"], 3)) for f in layer.getFeatures())
+               for layer in (true_colour, infrared)]
+    assert summary[0] != summary[1]
+
 def test_a_layer_that_is_not_a_local_file_is_copied_to_a_geotiff_first(dock, naip_layer):
     # A virtual raster (QGIS raster calculator provider) has no file the backend could open.
     extent = naip_layer.extent()
@@ -179,6 +198,14 @@ def test_processing_algorithm_runs_through_processing_run(running_plugin, qgis_p
     quick_layer = QgsVectorLayer(str(quick), "quick", "ogr")
     assert quick_layer.featureCount() == layer.featureCount()
     assert all(feature["region_agr"] in (None, NULL) for feature in quick_layer.getFeatures())
+    # The algorithm, like the dock, has the model read the bands the layer shows.
+    naip_layer.setRenderer(QgsMultiBandColorRenderer(naip_layer.dataProvider(), 4, 1, 2))
+    infrared = tmp_path / "infrared.gpkg"
+    processing.run("farslip:segment_by_class_names", {
+        "INPUT": naip_layer, "EXTENT": extent, "CLASSES": CLASS_TEXT, "MODEL": str(tiny_model),
+        "REGION_CHECKS": False, "OUTPUT": str(infrared)})
+    assert json.loads(infrared.with_suffix(".report.json").read_text("utf-8"))["bands"] == [4, 1, 2]
+    assert json.loads(quick.with_suffix(".report.json").read_text("utf-8"))["bands"] == [1, 2, 3]
 
 
 def test_missing_backend_gives_the_install_message_not_a_traceback(farslip, qgis_iface, plugin_settings,
