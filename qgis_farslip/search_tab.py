@@ -22,7 +22,7 @@ from qgis.PyQt.QtCore import QObject, Qt, pyqtSignal
 from qgis.PyQt.QtWidgets import QListWidgetItem, QWidget
 
 from .backend_manager import log
-from .extent import crs_text, local_raster_path, transform_extent
+from .extent import crs_text, displayed_bands, local_raster_path, transform_extent
 from .filenames import safe_file_stem, unused_stem
 from .jobs import JobTask, eta_text
 from .search_hits import load_hits
@@ -106,6 +106,9 @@ class SearchTab(QObject):
                                    "out": out}
         if keywords and like is None:
             request["keywords"] = [keywords]
+        bands = displayed_bands(layer)  # the index is of the colours the analyst sees (bands are part of its key)
+        if bands:
+            request["bands"] = bands
         if self.form.searchExtentCombo.currentData() == EXTENT_CANVAS:
             extent = self.canvas.extent()
             request["bbox"] = [extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum()]

@@ -19,7 +19,7 @@ from qgis.core import (
 from qgis.PyQt.QtCore import QObject, Qt, pyqtSignal
 
 from .backend_manager import log
-from .extent import local_raster_path, transform_extent
+from .extent import displayed_bands, local_raster_path, transform_extent
 from .job_runner import JobRunner
 from .jobs import eta_text
 from .settings import PluginSettings, backend_home
@@ -148,6 +148,9 @@ class TrainTab(QObject):
             "out": out, "base_model": self._base_model(), "method": form.methodCombo.currentData(),
             "epochs": int(form.epochsSpin.value()),
             "background": form.backgroundEdit.text().strip() or None}
+        bands = displayed_bands(raster)  # trained on what the analyst sees, as segment runs read it
+        if bands:
+            request["bands"] = bands
         prepare = None
         path = local_raster_path(raster)
         if path is not None:

@@ -107,6 +107,30 @@ def test_the_bands_the_layer_shows_are_the_bands_sent_to_the_model(dock, qgis_ne
     layer.setRenderer(QgsPalettedRasterRenderer(provider, 2, []))
     assert dock.build_request()[0]["bands"] == [2]
 
+
+def test_training_and_search_read_the_bands_the_layer_shows_as_segmenting_does(dock, qgis_new_project,
+                                                                               backend_home):
+    """A model fine-tuned on the colour-infrared view is trained on those bands, and a search indexes
+    them (bands are part of an index's key); QGIS's first choice sends none, as for segmenting."""
+    from qgis.core import QgsVectorLayer
+
+    layer = QgsRasterLayer(str(NAIP), "naip")
+    labels = QgsVectorLayer(str(NAIP.parent / "solaris_geotiff_labels.geojson"), "labels", "ogr")
+    assert labels.isValid()
+    QgsProject.instance().addMapLayers([layer, labels])
+    form = dock.form
+    form.trainRasterCombo.setLayer(layer)
+    form.labelsCombo.setLayer(labels)
+    form.classFieldCombo.setField("building")
+    form.modelNameEdit.setText("bands-check")
+    dock.search_tab.form.searchRasterCombo.setLayer(layer)
+    dock.search_tab.form.sentencesEdit.setPlainText("a lake next to a road")
+    assert "bands" not in dock.train_tab.build_request()[0]
+    assert "bands" not in dock.search_tab.build_request()[0]
+    layer.setRenderer(QgsMultiBandColorRenderer(layer.dataProvider(), 4, 1, 2))
+    assert dock.train_tab.build_request()[0]["bands"] == [4, 1, 2]
+    assert dock.search_tab.build_request()[0]["bands"] == [4, 1, 2]
+
 def test_canvas_extent_is_sent_with_the_canvas_crs(dock, qgis_iface, qgis_new_project):
     layer = QgsRasterLayer(str(NAIP), "naip")
     QgsProject.instance().addMapLayer(layer)
