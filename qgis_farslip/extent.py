@@ -49,9 +49,10 @@ def displayed_bands(layer: QgsRasterLayer) -> list[int] | None:
     symbology: red, green, blue of a multiband colour renderer (a Sentinel-2 stack shown as 4, 3, 2),
     or the one band of a grey or paletted renderer. The model then sees the colours the analyst sees.
 
-    None for QGIS's own first choice (bands 1, 2, 3, or band 1), for a colour channel left unset and for
-    other renderers: the backend then picks the bands by their colour interpretation, which QGIS does
-    not (it shows a file stored blue, green, red in bands 1, 2, 3 with red and blue swapped).
+    None for QGIS's own first choice (bands 1, 2, 3 of a colour image, band 1 of a grey one), for a
+    colour channel left unset and for other renderers: the backend then picks the bands by their colour
+    interpretation, which QGIS does not (it shows a file stored blue, green, red in bands 1, 2, 3 with
+    red and blue swapped). One band of a colour image (three bands or more) shown in grey is a choice.
     """
     renderer = layer.renderer()
     if isinstance(renderer, QgsMultiBandColorRenderer):
@@ -63,7 +64,7 @@ def displayed_bands(layer: QgsRasterLayer) -> list[int] | None:
         band = renderer.band()
     else:
         return None
-    return [band] if band > 1 else None
+    return [band] if band > 1 or layer.bandCount() >= 3 else None
 
 
 def export_size(layer: QgsRasterLayer, extent: QgsRectangle, canvas_extent: QgsRectangle,

@@ -86,8 +86,9 @@ def test_drawn_extent_in_another_crs_is_transformed_to_the_raster_crs(dock, qgis
 
 def test_the_bands_the_layer_shows_are_the_bands_sent_to_the_model(dock, qgis_new_project):
     """An analyst who shows NAIP's near infrared as red (bands 4, 1, 2) or one band in grey has the model
-    see those bands; QGIS's own first choice (1, 2, 3) sends none, so the backend reads the bands by
-    their colour interpretation; a channel left unset sends none either."""
+    see those bands; QGIS's own first choice (1, 2, 3 of a colour image, band 1 of a grey one) sends
+    none, so the backend reads the bands by their colour interpretation; a channel left unset sends
+    none either."""
     layer = QgsRasterLayer(str(NAIP), "naip")
     QgsProject.instance().addMapLayer(layer)
     dock.form.layerCombo.setLayer(layer)
@@ -102,10 +103,15 @@ def test_the_bands_the_layer_shows_are_the_bands_sent_to_the_model(dock, qgis_ne
     assert "bands" not in dock.build_request()[0]
     layer.setRenderer(QgsSingleBandGrayRenderer(provider, 4))
     assert dock.build_request()[0]["bands"] == [4]
-    layer.setRenderer(QgsSingleBandGrayRenderer(provider, 1))
-    assert "bands" not in dock.build_request()[0]
+    layer.setRenderer(QgsSingleBandGrayRenderer(provider, 1))  # one band of a colour image: a choice
+    assert dock.build_request()[0]["bands"] == [1]
     layer.setRenderer(QgsPalettedRasterRenderer(provider, 2, []))
     assert dock.build_request()[0]["bands"] == [2]
+    grey = QgsRasterLayer(str(NAIP.parent / "solaris_sample_geotiff.tif"), "solaris")
+    QgsProject.instance().addMapLayer(grey)
+    dock.form.layerCombo.setLayer(grey)
+    assert isinstance(grey.renderer(), QgsSingleBandGrayRenderer) and grey.renderer().grayBand() == 1
+    assert "bands" not in dock.build_request()[0]
 
 
 def test_training_and_search_read_the_bands_the_layer_shows_as_segmenting_does(dock, qgis_new_project,
