@@ -23,10 +23,13 @@ _SPACE_WORDS = ("no space left", "disk space", "disk full", "not enough space", 
 
 
 def free_bytes(folder: Path) -> int | None:
+    """Free bytes in `folder`'s file system; None when unknown, or on a pseudo file system (/proc, /sys)
+    that reports no size at all, where a write fails for another reason than space."""
     try:
-        return shutil.disk_usage(folder).free
+        usage = shutil.disk_usage(folder)
     except OSError:
         return None
+    return usage.free if usage.total > 0 else None
 
 
 def no_space_error(path: Path, needed_mb: float) -> InputError:
@@ -72,6 +75,17 @@ def _looks_like_no_space(first: BaseException) -> bool:
     return False
 
 
+def _what_failed(filename, outputs: list[Path]) -> str:
+    """The output a failed write was for (temporary files and work folders lie beside the outputs)."""
+    failed = Path(str(filename))
+    for output in outputs:
+        if failed == output or (failed.parent == output.parent and failed.name.startswith(f".{output.name}")):
+            return str(output)
+    if any(output.parent == failed.parent for output in outputs):
+        return f"files in {failed.parent}"
+    return str(failed)
+
+
 @contextlib.contextmanager
 def writing_to(paths: Iterable[Path], needed_mb: float) -> Iterator[None]:
     """Turn a failed write of these outputs into a sentence (a full disk, or a folder that refuses files)."""
@@ -86,6 +100,6 @@ def writing_to(paths: Iterable[Path], needed_mb: float) -> Iterator[None]:
         if _looks_like_no_space(error) or full:
             raise no_space_error((full or paths)[0], needed_mb) from error
         if isinstance(error, OSError) and error.filename is not None:
-            raise InputError(f"Cannot write {error.filename} ({error.strerror or error}); choose another output "
-                             "folder.") from error
+            raise InputError(f"Cannot write {_what_failed(error.filename, paths)} ({error.strerror or error}); "
+                             "choose another output folder.") from error
         raise

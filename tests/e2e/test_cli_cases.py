@@ -103,8 +103,11 @@ CASES = [
      "{out}/./c.tif", 2, "same file"),
     ("output is an existing folder, overwrite", "{in}/in.tif -c water --out {out}/d.gpkg --overwrite", 2,
      "is a folder"),
-    ("output in /proc", "{in}/in.tif -c water --out /proc/r.gpkg", 2, "/proc"),
-    ("output in /sys", "{in}/in.tif -c water --out /sys/r.gpkg", 2, "/sys"),
+    # a folder that refuses files: named as such, never as "not enough space" or a temporary file's name
+    ("output in /proc", "{in}/in.tif -c water --out /proc/r.gpkg", 2, "Cannot write files in /proc ("),
+    ("output in /sys", "{in}/in.tif -c water --out /sys/r.gpkg", 2, "Cannot write files in /sys ("),
+    ("class raster in /proc", "{in}/in.tif -c water --class-raster /proc/c.tif --out {out}/r.gpkg", 2,
+     "Cannot write /proc/c.tif ("),
     # files that are not regular files, paths that cannot be expanded
     ("raster is a FIFO", "{in}/fifo.tif -c water", 2, "named pipe"),
     ("class file is a FIFO", "{in}/in.tif --classes-file {in}/fifo.txt", 2, "named pipe"),
