@@ -47,7 +47,8 @@ def commit_staged(staged: Path, target: str | Path, durable: bool = True) -> Non
     path = Path(target)
     if not staged.exists():
         raise FileNotFoundError(f"{staged} was not written")
-    stem = staged.name[: -len(staged.suffix)] if staged.suffix else staged.name
+    # The staged name is the target's staged stem + the target's own suffix (none for a bare name).
+    stem = staged.name[: len(staged.name) - len(path.suffix)]
     written = [entry for entry in owned_entries(staged.with_name(stem)) if entry.is_file()]
     if durable:
         for entry in written:

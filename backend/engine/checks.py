@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 from .errors import InputError
 from .atomic import SHAPEFILE_PARTS
 from .export import driver_for, report_path_for
-from .files import check_not_special, check_output_folder, input_paths, refuse_outputs_over_inputs
+from .files import (check_not_special, check_output_folder, check_output_name, input_paths,
+                    refuse_outputs_over_inputs)
 from .options import SegmentOptions, check_values
 from .presets import collect_class_lines
 
@@ -72,6 +73,8 @@ def _check_tif(path: Path, what: str) -> None:
 
 def check_outputs(options: SegmentOptions) -> None:
     """Refuse outputs that cannot be written, or that would replace an input, before any work is done."""
+    for role, path in output_paths(options).items():
+        check_output_name(path, OUTPUT_NAMES[role])
     driver_for(options.out)
     if options.class_raster:
         _check_tif(Path(options.class_raster), "class raster")

@@ -139,6 +139,51 @@ def check_output_folder(path: Path) -> None:
         raise InputError(f"The output folder {directory} is not writable; choose another.")
 
 
+# The longest run tag (`<pid>-<32 hex>`) and the text a staged name adds around an output's name:
+# `.` + name + `.farslip-<tag>.tmp` + the output's suffix (and a sidecar's, e.g. `.aux.xml`).
+STAGED_NAME_EXTRA = len(".") + len(".farslip-") + 20 + 1 + 32 + len(".tmp") + len(".aux.xml")
+
+
+def check_output_name(path: str | os.PathLike, what: str) -> Path:
+    """An output's name is one the file system and our temporary names can hold: no control
+    characters (a newline in a file name breaks every tool that lists the folder), and short enough
+    that its staged copy (a longer hidden name beside it) still fits."""
+    path = Path(path)
+    text = str(path)
+    bad = next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise InputError(f"The {what} path {text!r} holds the control character {bad!r}; give a file name "
+                         "without tabs, newlines or other control characters.")
+    try:
+        name_max = os.pathconf(path.parent if path.parent.is_dir() else ".", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    longest = max(name_max - STAGED_NAME_EXTRA - len(path.suffix.encode("utf-8")), 16)
+    if len(path.name.encode("utf-8")) > longest:
+        size = len(path.name.encode("utf-8"))
+        raise InputError(f"The name of the {what} ({path.name[:40]}...) is too long: {size} bytes, at most "
+                         f"{longest} here; choose a shorter name.")
+    return path
+
+
+def check_output_file(path: str | os.PathLike, what: str, inputs: dict[str, Path] | None = None,
+                      overwrite: bool = False, option: str = "--overwrite") -> Path:
+    """Everything an output file must pass before a run starts: a name the disk can hold, a folder that
+    exists and takes files, not a folder or device, not one of the run's `inputs`, and (unless
+    `overwrite`) no file there yet. `option` is how the user allows overwriting."""
+    path = check_output_name(path, what)
+    refuse_outputs_over_inputs({what: path}, inputs or {})
+    check_output_folder(path)
+    check_not_special(path, what)
+    try:
+        exists = path.exists()
+    except OSError as error:
+        raise InputError(f"The {what} {path} cannot be used ({error.strerror or error}).") from None
+    if exists and not overwrite:
+        raise InputError(f"The {what} {path} already exists; choose another name or allow overwriting ({option}).")
+    return path
+
+
 def input_paths(entries: Iterable[tuple[str, str | os.PathLike | None]]) -> dict[str, Path]:
     """{what: path} of the inputs that are files (registry model names and None are left out)."""
     return {what: Path(value) for what, value in entries if value is not None and os.path.exists(value)}

@@ -22,7 +22,7 @@ from pathlib import Path
 WORK_PREFIX = ".farslip-"
 OWNER_FILE = "owner.json"
 # `.farslip-<pid>-<id>` (a work folder) or `.<name>.farslip-<pid>-<id>.tmp[.<ext>...]` (a staged file).
-_TAGGED = re.compile(r"^\.(?:.+\.)?farslip-(?P<pid>\d+)-(?P<run>[0-9a-f]{8,32})(?P<tmp>\.tmp(?:\..*)?)?$")
+_TAGGED = re.compile(r"^\.(?:.+\.)?farslip-(?P<pid>\d+)-(?P<run>[0-9a-f]{8,32})(?P<tmp>\.tmp(?:\..*)?)?$", re.DOTALL)
 
 
 def new_run_tag(run_id: str | None = None) -> str:

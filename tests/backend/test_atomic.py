@@ -33,6 +33,14 @@ def test_atomic_output_replaces_on_success_with_sidecars(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["classes.tif", "classes.tif.aux.xml"]
 
 
+@pytest.mark.parametrize("name", ["metrics", "connection", "archive.tar.gz", ".hidden", "a.b.c.json"])
+def test_a_file_lands_under_exactly_its_name_with_or_without_an_extension(tmp_path, name):
+    # A name without an extension once landed as `name.tmp` (the staged name's suffix taken for the target's).
+    write_text_atomically(tmp_path / name, "complete")
+    assert sorted(os.listdir(tmp_path)) == [name]
+    assert (tmp_path / name).read_text() == "complete"
+
+
 def test_atomic_output_deletes_everything_on_cancel(tmp_path):
     target = tmp_path / "probs.tif"
     with pytest.raises(CancelledError), atomic_output(target) as temp_path:

@@ -106,6 +106,13 @@ CASES = [
     # a folder that refuses files: named as such, never as "not enough space" or a temporary file's name
     ("output in /proc", "{in}/in.tif -c water --out /proc/r.gpkg", 2, "Cannot write files in /proc ("),
     ("output in /sys", "{in}/in.tif -c water --out /sys/r.gpkg", 2, "Cannot write files in /sys ("),
+    ("tab in the output name", ["{in}/in.tif", "-c", "water", "--out", "{out}/a\tb.gpkg"], 2, "control character"),
+    ("newline in the class raster name", ["{in}/in.tif", "-c", "water", "--class-raster", "{out}/a\nb.tif"], 2,
+     "control character"),
+    ("output name longer than the disk holds", ["{in}/in.tif", "-c", "water", "--out", "{out}/" + "n" * 300 + ".gpkg"],
+     2, "is too long"),
+    ("output name whose temporary copy would not fit", ["{in}/in.tif", "-c", "water", "--out",
+                                                         "{out}/" + "n" * 200 + ".gpkg"], 2, "is too long"),
     ("class raster in /proc", "{in}/in.tif -c water --class-raster /proc/c.tif --out {out}/r.gpkg", 2,
      "Cannot write /proc/c.tif ("),
     # files that are not regular files, paths that cannot be expanded
