@@ -138,6 +138,9 @@ def check_bbox(bbox: tuple[float, ...] | list[float]) -> None:
                          "XMIN < XMAX and YMIN < YMAX.")
 
 
+MIN_SCALE, MAX_SCALE = 0.05, 8.0  # how far the engine resamples a raster (--scale, or --gsd's factor)
+
+
 def check_scale_or_gsd(scale: float | None, gsd_m: float | None) -> None:
     """--scale and --gsd both set the processing resolution: one of them, each in its range."""
     if scale is not None and gsd_m is not None:
@@ -196,8 +199,8 @@ class SegmentOptions:
         help="Crops per batch (default 8 on CPU; on a GPU from its free memory).", range=Range(1, BATCH_MAX),
         error=f"The batch size must be a whole number from 1 to {BATCH_MAX}; got {{value}}."))
     scale: float | None = field(default=None, metadata=spec(
-        help="Resample by this factor before segmenting.", range=Range(0.05, 8.0),
-        error="--scale must be between 0.05 and 8; got {value}."))
+        help="Resample by this factor before segmenting.", range=Range(MIN_SCALE, MAX_SCALE),
+        error=f"--scale must be between {MIN_SCALE:g} and {MAX_SCALE:g}; got {{value}}."))
     gsd_m: float | None = field(default=None, metadata=spec(
         flags=("--gsd",), help="Resample to this ground sample distance in metres.",
         range=Range(0.0, None, low_open=True), error="--gsd must be a positive number of metres; got {value}."))

@@ -24,7 +24,8 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window, from_bounds
 
 from .errors import EmptyResultError, InputError
-from .options import check_bbox, check_scale_or_gsd, check_value_range
+from .ground import ground_pixel_size, keeps_areas
+from .options import MAX_SCALE, MIN_SCALE, check_bbox, check_scale_or_gsd, check_value_range
 from .files import check_regular_file
 
 SAMPLE_SIDE = 1024  # long side of the decimated read used for statistics and checks
@@ -313,16 +314,31 @@ def processing_scale(ds: rasterio.io.DatasetReader, scale: float | None, gsd_m: 
     if scale is not None:
         return float(scale)
     if gsd_m is not None:
-        return float(np.clip(native_gsd_m(ds) / gsd_m, 0.05, 8))
+        native = native_gsd_m(ds)
+        factor = native / gsd_m
+        if not MIN_SCALE <= factor <= MAX_SCALE:
+            raise InputError(f"--gsd {gsd_m:g} would resample this raster's {native:.3g} m pixels by {factor:.3g}; "
+                             f"the engine resamples by {MIN_SCALE:g} to {MAX_SCALE:g}, so give a --gsd between "
+                             f"{native / MAX_SCALE:.3g} and {native / MIN_SCALE:.3g} m.")
+        return float(factor)
     return 1.0
 
 
 def native_gsd_m(ds: rasterio.io.DatasetReader) -> float:
-    """The raster's pixel width in metres (at the raster's centre latitude for geographic CRSs)."""
+    """The raster's pixel width on the ground in metres, at the raster's centre: through the latitude in
+    a geographic CRS; in a projected one the CRS unit, or, where the projection's areas are more than 1 %
+    off the ground (Web Mercator away from the equator: see ground.py), the side of a square of the
+    centre pixel's ellipsoidal area."""
     native = math.hypot(ds.transform.a, ds.transform.d)
     if ds.crs.is_geographic:
         lat = (ds.bounds.top + ds.bounds.bottom) / 2
         return native * 111_320.0 * math.cos(math.radians(lat))
+    col, row = ds.width // 2, ds.height // 2
+    centre_x, centre_y = ds.transform @ (col + 0.5, row + 0.5)
+    if not keeps_areas(ds.crs, centre_x, centre_y)[0]:
+        ground = ground_pixel_size(ds.crs, ds.transform, col, row)
+        if ground is not None:
+            return ground
     return native * ds.crs.linear_units_factor[1]
 
 

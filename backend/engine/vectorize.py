@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyproj
 import rasterio
 import shapely
 from affine import Affine
@@ -38,6 +37,7 @@ from shapely.geometry.base import BaseGeometry
 
 from backend.engine.devices import usable_cores
 from backend.engine.errors import CancelledError, InputError
+from backend.engine.ground import as_pyproj, geodesic_areas, keeps_areas
 from backend.engine.polygonize import region_polygons
 
 
@@ -560,27 +560,27 @@ def _strip_regions(strips, skip: set[int], should_cancel, width: int | None = No
     )
 
 
-def _pyproj_crs(crs) -> pyproj.CRS | None:
-    if crs is None:
-        return None
-    if hasattr(crs, "to_wkt"):
-        crs = crs.to_wkt()
-    crs = pyproj.CRS.from_user_input(crs)
-    if crs.is_compound:
-        crs = crs.sub_crs_list[0]
-    return crs
-
-
 def polygon_areas_m2(geometries: Sequence[BaseGeometry], crs) -> np.ndarray:
-    """Areas in square metres: planar in a projected CRS (scaled by its unit), geodesic in a geographic one.
+    """Ground areas in square metres: geodesic in a geographic CRS; in a projected one planar (scaled by
+    its unit), or ellipsoidal where the projection is more than 1 % off the ground areas at the polygon's
+    centroid (Web Mercator away from the equator: see ground.py).
 
     Without a CRS the planar area is returned as is (map units taken as metres).
     """
     shapes = np.asarray(geometries, dtype=object)
-    crs = _pyproj_crs(crs)
+    crs = as_pyproj(crs)
     if crs is None or not crs.is_geographic:
         metres_per_unit = crs.axis_info[0].unit_conversion_factor if crs is not None else 1.0
-        return shapely.area(shapes) * metres_per_unit**2
+        planar = shapely.area(shapes) * metres_per_unit**2
+        if crs is None or len(shapes) == 0:
+            return planar
+        centres = shapely.centroid(shapes)  # an empty shape's is empty: NaN, kept planar
+        distorted = ~keeps_areas(crs, shapely.get_x(centres), shapely.get_y(centres))
+        if distorted.any():
+            ground = geodesic_areas(shapes[distorted], crs)
+            if ground is not None:
+                planar[distorted] = ground
+        return planar
     geod = crs.get_geod()
     assert geod is not None, "a geographic CRS has an ellipsoid"
     degrees_per_unit = math.degrees(crs.axis_info[0].unit_conversion_factor)

@@ -403,3 +403,65 @@ def test_transparent_pixels_of_an_rgba_raster_with_a_nodata_value_get_no_class(t
     assert (class_ids[:250, 90:] < 3).all()
     _, geoms, _ = read_layer(out)
     assert shapely.union_all(geoms).intersection(shapely.box(500_000, 4_000_000 - 300, 500_090, 4_000_000)).area == 0
+
+
+def _blocks_raster(path: Path, crs: str, transform: rasterio.Affine, side: int = 240) -> Path:
+    """Four colour blocks, so that the model draws a few large polygons."""
+    data = np.zeros((3, side, side), np.uint8)
+    half = side // 2
+    data[:, :half, :half] = np.array([30, 90, 200])[:, None, None]
+    data[:, :half, half:] = np.array([40, 160, 40])[:, None, None]
+    data[:, half:, :half] = np.array([200, 200, 180])[:, None, None]
+    data[:, half:, half:] = np.array([120, 110, 100])[:, None, None]
+    with rasterio.open(path, "w", driver="GTiff", width=side, height=side, count=3, dtype="uint8", crs=crs,
+                       transform=transform) as dst:
+        dst.write(data)
+    return path
+
+
+def test_areas_and_gsd_of_a_web_mercator_raster_are_ground_metres(tiny_model, tmp_path):
+    """A Web Mercator raster at 52 degrees north: a CRS unit is 0.62 m on the ground there, so planar
+    areas would be 2.6 times too large and --gsd would pick the wrong resolution."""
+    from pyproj import Geod, Transformer
+
+    x0, y0 = Transformer.from_crs("EPSG:4326", "EPSG:3857", always_xy=True).transform(13.0, 52.0)
+    raster = _blocks_raster(tmp_path / "webmercator.tif", "EPSG:3857", rasterio.Affine(3.2, 0, x0, 0, -3.2, y0))
+    result = segment(raster, *CLASSES, "--model", tiny_model, "--out", tmp_path / "m.gpkg", "--quiet")
+    assert result.exit_code == 0, result.output
+    meta, geoms, fields = read_layer(tmp_path / "m.gpkg")
+    assert "3857" in meta["crs"] and len(geoms) > 0
+    to_lonlat = Transformer.from_crs("EPSG:3857", "EPSG:4326", always_xy=True)
+    geod = Geod(ellps="WGS84")
+    for geom, area in zip(geoms, fields["area_m2"]):
+        lonlat = shapely.transform(geom, lambda xy: np.column_stack(to_lonlat.transform(xy[:, 0], xy[:, 1])))
+        ground = abs(geod.geometry_area_perimeter(lonlat)[0])
+        assert area == pytest.approx(ground, rel=1e-3)
+        assert shapely.area(geom) / area == pytest.approx(1 / np.cos(np.radians(52)) ** 2, rel=5e-3)
+
+    # --gsd is ground metres too: the pixels are 3.2 * cos(52) = 1.97 m, so --gsd 3.94 halves the grid.
+    classes = tmp_path / "c.tif"
+    result = segment(raster, *CLASSES, "--model", tiny_model, "--out", tmp_path / "g.gpkg", "--class-raster", classes,
+                     "--gsd", str(2 * 3.2 * np.cos(np.radians(52))), "--quiet")
+    assert result.exit_code == 0, result.output
+    with rasterio.open(classes) as ds:
+        assert ds.width == pytest.approx(120, abs=1) and ds.height == pytest.approx(120, abs=1)
+
+
+def test_areas_of_a_utm_raster_stay_planar_pixel_areas(tiny_model, tmp_path):
+    """UTM keeps areas within 0.1 % of the ground: a pixel stays exactly its planar size there."""
+    raster = _blocks_raster(tmp_path / "utm.tif", "EPSG:32633", rasterio.Affine(2.0, 0, 300_000, 0, -2.0, 5_800_000))
+    classes = tmp_path / "c.tif"
+    result = segment(raster, *CLASSES, "--model", tiny_model, "--out", tmp_path / "u.gpkg", "--class-raster", classes,
+                     "--quiet")
+    assert result.exit_code == 0, result.output
+    _, geoms, fields = read_layer(tmp_path / "u.gpkg")
+    np.testing.assert_array_equal(fields["area_m2"], shapely.area(geoms))
+
+
+@pytest.mark.parametrize("gsd, words", [("0.1", "between 0.4 and 64 m"), ("1000", "between 0.4 and 64 m")])
+def test_a_gsd_beyond_the_engines_resampling_range_is_refused(tiny_model, tmp_path, gsd, words):
+    raster = _blocks_raster(tmp_path / "utm.tif", "EPSG:32633", rasterio.Affine(3.2, 0, 300_000, 0, -3.2, 5_800_000))
+    result = segment(raster, *CLASSES, "--model", tiny_model, "--out", tmp_path / "u.gpkg", "--gsd", gsd, "--quiet")
+    assert result.exit_code == 2, result.output
+    assert words in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "u.gpkg").exists()

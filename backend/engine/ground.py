@@ -1,0 +1,107 @@
+"""How much ground a unit of a projected CRS covers: map units are not metres on the ground everywhere.
+
+A conformal projection far from its true-scale line (Web Mercator, EPSG:3857, at 50 degrees latitude
+stretches lengths by 1.56 and areas by 2.4) gives planar lengths and areas that are not ground
+metres. Where a projection keeps areas within TRUE_SCALE_TOLERANCE of the ground (UTM, State Plane,
+national grids, every equal-area projection), planar figures scaled by the CRS unit are kept as they
+are, so a pixel's area stays exactly its planar size; elsewhere areas and pixel sizes are measured on
+the CRS's ellipsoid (through latitude and longitude, pyproj's Geod).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pyproj
+import shapely
+
+TRUE_SCALE_TOLERANCE = 0.01  # planar areas within 1 % of the ground are kept as they are
+
+
+def as_pyproj(crs) -> pyproj.CRS | None:
+    """A pyproj CRS of a rasterio/pyproj CRS or any user input; the horizontal part of a compound CRS."""
+    if crs is None:
+        return None
+    if hasattr(crs, "to_wkt"):
+        crs = crs.to_wkt()
+    crs = pyproj.CRS.from_user_input(crs)
+    if crs.is_compound:
+        crs = crs.sub_crs_list[0]
+    return crs
+
+
+@functools.lru_cache(maxsize=32)
+def _factors(wkt: str) -> tuple[pyproj.Proj, pyproj.Transformer] | None:
+    crs = pyproj.CRS.from_wkt(wkt)
+    geographic = crs.geodetic_crs
+    if geographic is None:
+        return None
+    try:
+        return pyproj.Proj(crs), pyproj.Transformer.from_crs(crs, geographic, always_xy=True)
+    except pyproj.exceptions.ProjError:
+        return None
+
+
+def areal_scale(crs, x, y) -> np.ndarray:
+    """Planar area / ground area at the points (x, y) of a projected `crs` (CRS units squared taken as
+    m² once scaled by the unit); 1 where unknown (no CRS, a geographic one, outside the projection)."""
+    x, y = np.atleast_1d(np.asarray(x, dtype=np.float64)), np.atleast_1d(np.asarray(y, dtype=np.float64))
+    crs = as_pyproj(crs)
+    scale = np.ones(x.shape, np.float64)
+    if crs is None or not crs.is_projected or x.size == 0:
+        return scale
+    found = _factors(crs.to_wkt())
+    if found is None:
+        return scale
+    proj, to_geographic = found
+    with np.errstate(all="ignore"):
+        lon, lat = to_geographic.transform(x, y, errcheck=False)
+        try:
+            factors = proj.get_factors(lon, lat, errcheck=False)
+        except pyproj.exceptions.ProjError:
+            return scale
+        areal = np.asarray(factors.areal_scale, dtype=np.float64).reshape(x.shape)
+    usable = np.isfinite(areal) & (areal > 0)
+    scale[usable] = areal[usable]
+    return scale
+
+
+def keeps_areas(crs, x, y) -> np.ndarray:
+    """Whether the projection keeps areas within TRUE_SCALE_TOLERANCE of the ground at each point."""
+    return np.abs(areal_scale(crs, x, y) - 1.0) <= TRUE_SCALE_TOLERANCE
+
+
+def _to_geographic(crs: pyproj.CRS) -> tuple[pyproj.Transformer, pyproj.Geod] | None:
+    found = _factors(crs.to_wkt())
+    geod = crs.get_geod()
+    if found is None or geod is None:
+        return None
+    return found[1], geod
+
+
+def geodesic_areas(shapes: np.ndarray, crs) -> np.ndarray | None:
+    """Ellipsoidal areas in m² of polygons in a projected `crs` (None when the CRS has no way back to
+    latitude and longitude)."""
+    crs = as_pyproj(crs)
+    found = _to_geographic(crs) if crs is not None else None
+    if found is None:
+        return None
+    to_geographic, geod = found
+
+    def lonlat(xy: np.ndarray) -> np.ndarray:
+        return np.column_stack(to_geographic.transform(xy[:, 0], xy[:, 1], errcheck=False))
+
+    with np.errstate(all="ignore"):
+        moved = shapely.transform(shapes, lonlat)
+        return np.array([abs(geod.geometry_area_perimeter(g)[0]) for g in moved], dtype=np.float64)
+
+
+def ground_pixel_size(crs, transform, col: float, row: float) -> float | None:
+    """Side in metres of a square with the ground area of pixel (col, row) of a raster in a projected
+    `crs` with affine `transform` (None when unknown)."""
+    corners = [transform @ (col + dc, row + dr) for dc, dr in ((0, 0), (1, 0), (1, 1), (0, 1))]
+    area = geodesic_areas(np.array([shapely.Polygon(corners)], dtype=object), crs)
+    if area is None or not np.isfinite(area[0]) or area[0] <= 0:
+        return None
+    return float(np.sqrt(area[0]))
