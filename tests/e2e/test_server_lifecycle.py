@@ -64,7 +64,7 @@ def test_sigterm_cancels_the_running_job_cleanly_and_removes_the_connection_file
     assert list(out_dir.iterdir()) == []
 
     restarted = start_backend(state_dir)
-    assert restarted.job(long_id)["state"] == "cancelled"
+    assert restarted.job(long_id)["state"] == "interrupted"
     assert restarted.job(queued_id)["state"] == "interrupted"
     assert restarted.job(queued_id)["started"] is None
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import torch
 
 from backend.service import jobs
-from backend.engine.errors import InputError
+from backend.engine.errors import CancelledError, InputError
 from backend.engine.temporary import make_work_dir, run_prefixes, staged_path, staged_stem
 from backend.service.jobs import JobManager, JobStore
 
@@ -176,3 +176,76 @@ def test_a_cancel_after_the_results_were_written_keeps_them(tmp_path):
     manager.shutdown()
     assert job["state"] == "done" and "after the results were written" in job["message"]
     assert out.read_text() == "finished result"
+
+
+def test_a_cleanup_error_fails_only_its_job_and_the_worker_goes_on(tmp_path):
+    """An error while removing a job's temporary names (here: a name that is not a tagged temporary
+    name) ends that job with a sentence; the worker thread lives on and runs the next job."""
+
+    def runner(request, control, models):
+        if request["n"] == 0:
+            control.will_create([str(tmp_path / "plain.gpkg")])
+            raise InputError("The raster /x.tif does not exist.")
+        return {"outputs": {}, "classes": []}
+
+    manager = JobManager(JobStore(tmp_path / "jobs.sqlite"), {"segment": runner})
+    manager.start()
+    first, second = (manager.submit("segment", {"n": n}, [])["id"] for n in range(2))
+    second_job = _wait(manager, second, timeout=15)
+    first_job = manager.get(first)
+    manager.shutdown()
+    assert second_job["state"] == "done"
+    assert first_job["state"] == "failed"
+    assert first_job["error"].startswith("The raster /x.tif does not exist.")
+    assert "temporary files could not all be removed" in first_job["message"]
+
+
+def test_a_bookkeeping_error_around_a_job_fails_it_and_the_worker_goes_on(tmp_path, monkeypatch):
+    manager = JobManager(JobStore(tmp_path / "jobs.sqlite"), {"segment": lambda r, c, m: {"outputs": {}}})
+    real_finish = manager._finish
+
+    def finish(job_id, state, message, **kwargs):
+        if manager.get(job_id)["request"]["n"] == 0:
+            raise RuntimeError("disk I/O error")
+        return real_finish(job_id, state, message, **kwargs)
+
+    monkeypatch.setattr(manager, "_finish", finish)
+    manager.start()
+    first, second = (manager.submit("segment", {"n": n}, [])["id"] for n in range(2))
+    assert _wait(manager, second, timeout=15)["state"] == "done"
+    first_job = manager.get(first)
+    manager.shutdown()
+    assert first_job["state"] == "failed" and "RuntimeError: disk I/O error" in first_job["error"]
+
+
+def test_a_restart_survives_a_recorded_name_it_cannot_remove(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite")
+    manager = JobManager(store, {})
+    job_id = manager.submit("segment", {}, [])["id"]
+    store.record_temporary(job_id, [str(tmp_path / "plain.gpkg")])
+    reopened = JobStore(tmp_path / "jobs.sqlite")
+    assert [job["id"] for job in reopened.mark_interrupted()] == [job_id]
+    assert reopened.get(job_id)["state"] == "interrupted"
+
+
+def test_a_job_running_at_shutdown_is_interrupted_and_a_users_cancel_is_cancelled(tmp_path):
+    started = threading.Event()
+
+    def runner(request, control, models):
+        started.set()
+        _wait_until(control.should_cancel, 10, "the cancel")
+        raise CancelledError("The run was cancelled; nothing was written.")
+
+    manager = JobManager(JobStore(tmp_path / "jobs.sqlite"), {"segment": runner})
+    manager.start()
+    cancelled = manager.submit("segment", {}, [])["id"]
+    started.wait(10)
+    manager.cancel(cancelled)
+    assert _wait(manager, cancelled)["state"] == "cancelled"
+    started.clear()
+    running = manager.submit("segment", {}, [])["id"]
+    started.wait(10)
+    manager.shutdown()
+    job = manager.get(running)
+    assert job["state"] == "interrupted", job
+    assert "shut down while this job was running" in job["message"]

@@ -115,7 +115,11 @@ class JobStore:
         for row in rows:
             job = _job_from_row(row)
             was_running = job["state"] == "running"
-            removed = remove_owned(json.loads(row["temporary"]))
+            try:
+                removed = remove_owned(json.loads(row["temporary"]))
+            except Exception:  # a name it cannot remove must not keep the backend from starting
+                log.exception("job %s: could not remove the temporary files it recorded", job["id"])
+                removed = []
             job.update(
                 state="interrupted", eta_s=None, finished=now_iso(),
                 message=("The backend stopped while this job was running; nothing was written. Run it again."

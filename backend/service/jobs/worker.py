@@ -37,6 +37,8 @@ class JobControl:
     cancel_event: threading.Event = field(default_factory=threading.Event)
     # Temporary names of this job carry its id (and this process's pid): see backend.engine.temporary.
     run_tag: str = ""
+    # Set when the user (DELETE /v1/jobs/ID) asked for the cancel; a shutdown's cancel leaves it unset.
+    cancelled_by_user: bool = False
     _attempt_start: float = field(default_factory=time.monotonic)
     _first_report: tuple[float, int] | None = None
 
@@ -100,8 +102,9 @@ class JobManager:
                     self._finish(job_id, "interrupted",
                                  "The backend was shut down before this job started. Run it again.")
                 elif job_id in self._controls:
+                    # Not the user's cancel: the job ends `interrupted` (see _run), like the queued ones.
                     self._controls[job_id].cancel_event.set()
-                    self._update(job_id, message="Cancelling: the backend is shutting down.")
+                    self._update(job_id, message="Stopping: the backend is shutting down.")
         self._queue.put(None)
         if self._worker.is_alive():
             self._worker.join(timeout)
@@ -155,6 +158,7 @@ class JobManager:
             if job["state"] == "queued":
                 self._finish(job_id, "cancelled", "Cancelled before it started; nothing was written.")
             elif job_id in self._controls:
+                self._controls[job_id].cancelled_by_user = True
                 self._controls[job_id].cancel_event.set()
                 self._update(job_id, message="Cancelling after the current batch.")
             return self.get(job_id)
@@ -170,21 +174,49 @@ class JobManager:
             job_id = self._queue.get()
             if job_id is None:
                 return
-            with self._lock:
-                job = self._live.get(job_id)
-                if job is None or job["state"] != "queued" or self._stopping:
-                    continue
-                control = JobControl(job_id, self, run_tag=new_run_tag(job_id))
-                self._controls[job_id] = control
-                self._update(job_id, state="running", started=now_iso(), message="Starting.")
-            self._run(job_id, dict(job), control)
+            try:
+                self._start_and_run(job_id)
+            except Exception as error:  # a bug in the bookkeeping: fail this job, keep the worker serving
+                log.exception("job %s: the worker failed around the job", job_id)
+                self._fail_anyway(job_id, error)
+
+    def _start_and_run(self, job_id: str) -> None:
+        with self._lock:
+            job = self._live.get(job_id)
+            if job is None or job["state"] != "queued" or self._stopping:
+                return
+            control = JobControl(job_id, self, run_tag=new_run_tag(job_id))
+            self._controls[job_id] = control
+            self._update(job_id, state="running", started=now_iso(), message="Starting.")
+        self._run(job_id, dict(job), control)
+
+    def _fail_anyway(self, job_id: str, error: Exception) -> None:
+        """End a job whose bookkeeping failed: `failed` with a sentence, in memory and (if it can) on disk."""
+        text = (f"The job failed with an unexpected error ({type(error).__name__}: {error}). "
+                "The backend's log file has the details.")
+        with self._lock:
+            job = self._live.pop(job_id, None)
+            self._outputs.pop(job_id, None)
+            self._controls.pop(job_id, None)
+            self._last_write.pop(job_id, None)
+            if job is None:
+                return
+            job.update(state="failed", message=text, error=text, finished=now_iso(), eta_s=None, result=None)
+            try:
+                self.store.update(job)
+            except Exception:
+                log.exception("job %s: could not record its failure in the job history", job_id)
 
     def _run(self, job_id: str, job: dict, control: JobControl) -> None:
         started = time.monotonic()
         try:
             result = self.runners[job["kind"]](job["request"], control, self.models)
         except CancelledError:
-            self._finish(job_id, "cancelled", "Cancelled; nothing was written.")
+            if self._stopping and not control.cancelled_by_user:
+                self._finish(job_id, "interrupted", "The backend was shut down while this job was running; "
+                                                    "nothing was written. Run it again.")
+            else:
+                self._finish(job_id, "cancelled", "Cancelled; nothing was written.")
         except FarslipError as error:
             self._finish(job_id, "failed", str(error), error=str(error))
         except Exception as error:  # a bug or an unexpected library error: keep serving, keep the log
@@ -234,7 +266,14 @@ class JobManager:
             if job is None:
                 return
             # Only what the job recorded before creating it; on success the temporary names are gone anyway.
-            self.temporaries.remove(job_id)
+            try:
+                self.temporaries.remove(job_id)
+            except Exception as problem:  # cleanup must never take the worker down with it
+                log.exception("job %s: removing its temporary files failed", job_id)
+                note = (f" Its temporary files could not all be removed ({type(problem).__name__}: {problem}); "
+                        "look for names containing '.farslip-' beside its outputs.")
+                message += note
+                error = error + note if error else error
             job.update(state=state, message=message, finished=now_iso(), eta_s=None, result=result, error=error)
             if state == "done":
                 job["progress"] = 1.0

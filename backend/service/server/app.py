@@ -104,7 +104,10 @@ def create_app(token: str, state_dir: Path, device: str | None = None,
         import backend.engine.segment  # noqa: F401
 
         store = JobStore(state_dir / "jobs.sqlite")
-        store.mark_interrupted()
+        try:
+            store.mark_interrupted()
+        except Exception:  # the history's cleanup must never keep the backend from starting
+            log.exception("could not mark the previous backend's unfinished jobs interrupted")
         features = FeatureCache(feature_cache_mb * 2**20, state_dir / "features", feature_cache_disk_mb * 2**20)
         manager = JobManager(store, runners if runners is not None else default_runners(), device=device,
                              features=features)
