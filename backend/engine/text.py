@@ -45,7 +45,7 @@ class ClassSpec:
 def parse_class_lines(lines: list[str]) -> list[ClassSpec]:
     """Turn user class lines ("road, parking lot") into classes with synonym queries."""
     classes: list[ClassSpec] = []
-    seen: set[str] = set()
+    seen: dict[str, str] = {}  # every name (lower case) -> the class it belongs to
     for line in lines:
         control = [c for c in line if unicodedata.category(c) == "Cc"]
         if control:
@@ -53,12 +53,19 @@ def parse_class_lines(lines: list[str]) -> list[ClassSpec]:
                              "break, tab or NUL); give one class per line, in plain text.")
         queries = tuple(q.strip() for q in re.split(r"[,;]", line) if q.strip())
         if not queries:
+            if line.strip():
+                raise InputError(f"The class line {line.strip()[:60]!r} holds only separators and no class name; "
+                                 "give a name (commas separate synonyms of one class).")
             continue
-        key = queries[0].lower()
-        if key in seen:
-            raise InputError(f"The class {queries[0]!r} is given twice; give each class once "
-                             "(put synonyms on one line, separated by commas).")
-        seen.add(key)
+        for query in queries:
+            owner = seen.get(query.lower())
+            if owner is not None and owner.lower() == query.lower() == queries[0].lower():
+                raise InputError(f"The class {queries[0]!r} is given twice; give each class once "
+                                 "(put synonyms on one line, separated by commas).")
+            if owner is not None:
+                raise InputError(f"{query!r} is a name of two classes ({owner!r} and {queries[0]!r}), so a pixel "
+                                 "of it could be either; give each name in one class line only.")
+        seen.update((query.lower(), queries[0]) for query in queries)
         classes.append(ClassSpec(name=queries[0], queries=queries))
     if not classes:
         raise InputError("The class list is empty: give at least one class name "
