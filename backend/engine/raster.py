@@ -21,7 +21,7 @@ from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.errors import CRSError, NodataShadowWarning, NotGeoreferencedWarning, RasterioError, RasterioIOError
 from rasterio.transform import Affine
 from rasterio.warp import transform_bounds
-from rasterio.windows import Window, from_bounds
+from rasterio.windows import Window
 
 from .errors import EmptyResultError, InputError
 from .ground import ground_pixel_size, keeps_areas
@@ -146,8 +146,10 @@ class RasterSource:
         return self.transform @ Affine.translation(window.col_off, window.row_off)
 
     def window_bounds(self, window: PixelWindow) -> tuple[float, float, float, float]:
-        return rasterio.windows.bounds(Window(window.col_off, window.row_off, window.width, window.height),
-                                       self.transform)
+        """(xmin, ymin, xmax, ymax) of the window in the raster's CRS: the envelope of its four corners, so
+        that south-up and rotated grids give a true box too."""
+        return pixel_envelope(self.transform, window.col_off, window.row_off, window.col_off + window.width,
+                              window.row_off + window.height)
 
     def close(self) -> None:
         self.dataset.close()
@@ -387,6 +389,29 @@ def parse_crs(text: str | None, default: CRS, what: str = "bbox CRS") -> CRS:
                          "string.") from exc
 
 
+def pixel_envelope(transform: Affine, col0: float, row0: float, col1: float, row1: float
+                   ) -> tuple[float, float, float, float]:
+    """(xmin, ymin, xmax, ymax) in CRS units of the pixel rectangle [col0, col1) x [row0, row1)."""
+    xs, ys = zip(*(transform @ corner for corner in ((col0, row0), (col1, row0), (col0, row1), (col1, row1))))
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def bounds_window(source: RasterSource, bounds: tuple[float, float, float, float]) -> PixelWindow | None:
+    """The processing-grid pixels under the box (xmin, ymin, xmax, ymax) in the raster's CRS, clipped to
+    the raster; None when they do not overlap. Any affine: north-up, south-up or rotated (the box's four
+    corners are mapped onto the grid)."""
+    xmin, ymin, xmax, ymax = bounds
+    inverse = ~source.transform
+    cols, rows = zip(*(inverse @ corner for corner in ((xmin, ymin), (xmin, ymax), (xmax, ymin), (xmax, ymax))))
+    row0 = max(0, math.floor(min(rows) + 1e-6))
+    col0 = max(0, math.floor(min(cols) + 1e-6))
+    row1 = min(source.height, math.ceil(max(rows) - 1e-6))
+    col1 = min(source.width, math.ceil(max(cols) - 1e-6))
+    if row1 <= row0 or col1 <= col0:
+        return None
+    return PixelWindow(row0, col0, row1 - row0, col1 - col0)
+
+
 def request_window(source: RasterSource, bbox: tuple[float, float, float, float] | None,
                    bbox_crs: str | None = None) -> PixelWindow:
     """The processing-grid window covering bbox (in bbox_crs, default the raster's), clipped to the raster."""
@@ -409,13 +434,9 @@ def request_window(source: RasterSource, bbox: tuple[float, float, float, float]
         if not all(map(math.isfinite, (xmin, ymin, xmax, ymax))):
             raise InputError(f"The bbox lies outside the area where {crs} can be transformed to the "
                              f"raster's CRS {source.crs}.")
-    win = from_bounds(xmin, ymin, xmax, ymax, transform=source.transform)
-    row0 = max(0, math.floor(win.row_off + 1e-6))
-    col0 = max(0, math.floor(win.col_off + 1e-6))
-    row1 = min(source.height, math.ceil(win.row_off + win.height - 1e-6))
-    col1 = min(source.width, math.ceil(win.col_off + win.width - 1e-6))
-    if row1 <= row0 or col1 <= col0:
-        left, bottom, right, top = source.dataset.bounds
+    window = bounds_window(source, (xmin, ymin, xmax, ymax))
+    if window is None:
+        left, bottom, right, top = pixel_envelope(source.transform, 0, 0, source.width, source.height)
         raise InputError(f"The bbox does not overlap the raster {source.path.name}: the raster covers "
                          f"x {left:.6g}..{right:.6g}, y {bottom:.6g}..{top:.6g} in {source.crs}.")
-    return PixelWindow(row0, col0, row1 - row0, col1 - col0)
+    return window

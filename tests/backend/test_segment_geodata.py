@@ -465,3 +465,35 @@ def test_a_gsd_beyond_the_engines_resampling_range_is_refused(tiny_model, tmp_pa
     assert result.exit_code == 2, result.output
     assert words in result.output and "Traceback" not in result.output
     assert not (tmp_path / "u.gpkg").exists()
+
+
+@pytest.mark.parametrize("transform", [rasterio.Affine(10, 0, 500_000, 0, 10, 4_593_000),  # south-up
+                                       rasterio.Affine(10, 0, 500_000, 0, -10, 4_600_000),  # north-up
+                                       rasterio.Affine.translation(500_000, 4_600_000) * rasterio.Affine.rotation(30)
+                                       * rasterio.Affine.scale(10, -10)],  # rotated by 30 degrees
+                         ids=["south-up", "north-up", "rotated"])
+def test_a_bbox_selects_the_pixels_under_it_on_any_grid(tiny_model, tmp_path, transform):
+    """A bbox on a south-up or rotated raster once ended in rasterio's 'Bounds and transform are
+    inconsistent'; now every grid gives the pixels whose box the bbox covers."""
+    raster = _blocks_raster(tmp_path / "r.tif", "EPSG:32633", transform, side=300)
+    centre = transform @ (150, 150)
+    bbox = (centre[0] - 600, centre[1] - 400, centre[0] + 600, centre[1] + 400)
+    classes = tmp_path / "c.tif"
+    result = segment(raster, *CLASSES, "--model", tiny_model, "--out", tmp_path / "r.gpkg", "--class-raster", classes,
+                     "--bbox", *bbox, "--quiet")
+    assert result.exit_code == 0, result.output
+    inverse = ~transform
+    corners = [inverse @ (x, y) for x in bbox[0::2] for y in bbox[1::2]]
+    expected_cols = (np.floor(min(c for c, _ in corners)), np.ceil(max(c for c, _ in corners)))
+    expected_rows = (np.floor(min(r for _, r in corners)), np.ceil(max(r for _, r in corners)))
+    with rasterio.open(classes) as ds:
+        col0, row0 = ~transform @ (ds.transform.c, ds.transform.f)
+        assert (round(col0), round(col0) + ds.width) == expected_cols
+        assert (round(row0), round(row0) + ds.height) == expected_rows
+        assert ds.transform.a == transform.a and ds.transform.e == transform.e and ds.transform.b == transform.b
+    _, geoms, _ = read_layer(tmp_path / "r.gpkg")
+    footprint = shapely.Polygon([transform @ (c, r) for c, r in ((expected_cols[0], expected_rows[0]),
+                                                                  (expected_cols[1], expected_rows[0]),
+                                                                  (expected_cols[1], expected_rows[1]),
+                                                                  (expected_cols[0], expected_rows[1]))])
+    assert len(geoms) > 0 and shapely.union_all(geoms).difference(footprint.buffer(1e-6)).area == 0
