@@ -46,6 +46,7 @@ def parse_class_lines(lines: list[str]) -> list[ClassSpec]:
     """Turn user class lines ("road, parking lot") into classes with synonym queries."""
     classes: list[ClassSpec] = []
     seen: dict[str, str] = {}  # every name (lower case) -> the class it belongs to
+    nameless: str | None = None  # the first line of separators only
     for line in lines:
         control = [c for c in line if unicodedata.category(c) == "Cc"]
         if control:
@@ -53,9 +54,8 @@ def parse_class_lines(lines: list[str]) -> list[ClassSpec]:
                              "break, tab or NUL); give one class per line, in plain text.")
         queries = tuple(q.strip() for q in re.split(r"[,;]", line) if q.strip())
         if not queries:
-            if line.strip():
-                raise InputError(f"The class line {line.strip()[:60]!r} holds only separators and no class name; "
-                                 "give a name (commas separate synonyms of one class).")
+            if line.strip() and nameless is None:
+                nameless = line.strip()
             continue
         for query in queries:
             owner = seen.get(query.lower())
@@ -70,6 +70,9 @@ def parse_class_lines(lines: list[str]) -> list[ClassSpec]:
     if not classes:
         raise InputError("The class list is empty: give at least one class name "
                          "(e.g. --classes \"building\" --classes \"road, parking lot\").")
+    if nameless is not None:
+        raise InputError(f"The class line {nameless[:60]!r} holds only separators and no class name; give a name "
+                         "(commas separate synonyms of one class) or leave the line out.")
     if len(classes) > 250:
         raise InputError(f"{len(classes)} classes were given; at most 250 fit in the class raster.")
     return classes
