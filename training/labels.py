@@ -9,6 +9,7 @@ Pixel values: class id 0..C-1, or -1 for unlabelled / nodata.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,13 +75,93 @@ def _value_text(value) -> str:
     return str(value).strip()
 
 
-def _read_layer(path: Path, columns: list[str] | None, what: str):
+def _unreadable(path: Path, what: str, exc: Exception) -> InputError:
+    return InputError(f"The {what} file {path} cannot be read as a vector layer ({exc}). Give a "
+                      "GeoPackage, Shapefile or GeoJSON with polygons.")
+
+
+def split_layer(source: str | Path) -> tuple[Path, str | None]:
+    """`path|layername=NAME` (QGIS's way of naming a layer of a file) -> (path, NAME); a plain path -> (path, None)."""
+    text = str(source)
+    if "|" not in text or Path(text).exists():
+        return Path(text), None
+    path, _, options = text.partition("|")
+    layer = None
+    for option in options.split("|"):
+        key, equals, value = option.partition("=")
+        if key.strip().lower() != "layername" or not equals or not value:
+            raise InputError(f"{text!r} names a file and then {option!r}; after the file name only "
+                             f"|layername=NAME is understood (e.g. {path}|layername=labels).")
+        layer = value
+    return Path(path), layer
+
+
+def vector_file(source: str | Path) -> Path:
+    """The file of a vector source given as `path` or `path|layername=NAME`."""
+    return split_layer(source)[0]
+
+
+def _is_polygonal(kind: str | None) -> bool:
+    """A layer that may hold polygons (a table without geometry holds none)."""
+    return kind is not None and ("polygon" in kind.lower() or kind.lower() in ("unknown", "geometry"))
+
+
+def _choose_layer(path: Path, layer: str | None, what: str, class_field: str | None = None) -> str | None:
+    """The layer to read: the one named, the only one, or the only polygon layer (with `class_field`)."""
+    try:
+        layers = [(str(name), str(kind) if kind is not None else None) for name, kind in pyogrio.list_layers(path)]
+    except Exception as exc:  # pyogrio raises DataSourceError
+        raise _unreadable(path, what, exc) from exc
+    names = [name for name, _ in layers]
+    listing = ", ".join(f"{name} ({kind or 'no geometry'})" for name, kind in layers)
+    if layer is not None:
+        if layer not in names:
+            raise InputError(f"The {what} file {path.name} has no layer {layer!r}; its layers are: {listing}. "
+                             f"Choose one with |layername=NAME after the file name.")
+        return layer
+    if len(layers) <= 1:
+        return names[0] if names else None
+    polygonal = [name for name, kind in layers if _is_polygonal(kind)]
+    candidates = polygonal
+    if class_field is not None:
+        candidates = [name for name in polygonal if class_field in _fields(path, name, what)]
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates and len(polygonal) == 1:
+        return polygonal[0]  # its fields are listed when the class field is missing
+    wanted = f"polygon layer with the field {class_field!r}" if class_field is not None else "polygon layer"
+    example = (candidates or polygonal or names)[0]
+    raise InputError(f"The {what} file {path.name} holds {len(layers)} layers ({listing}) and "
+                     f"{'several are a ' if candidates else 'none is a '}{wanted}; choose one by adding "
+                     f"|layername=NAME to the path, e.g. \"{path}|layername={example}\".")
+
+
+def _fields(path: Path, layer: str | None, what: str) -> list[str]:
+    try:
+        return [str(name) for name in pyogrio.read_info(path, layer=layer)["fields"]]
+    except Exception as exc:  # pyogrio raises DataSourceError / DataLayerError
+        raise _unreadable(path, what, exc) from exc
+
+
+def _read_layer(path: Path, layer: str | None, columns: list[str] | None, what: str):
     check_vector_source(path, what)
     try:
-        return pyogrio.raw.read(path, columns=columns)
+        return pyogrio.raw.read(path, layer=layer, columns=columns)
     except Exception as exc:  # pyogrio raises DataSourceError / DataLayerError / FieldError
-        raise InputError(f"The {what} file {path} cannot be read as a vector layer ({exc}). Give a "
-                         "GeoPackage, Shapefile or GeoJSON with polygons.") from exc
+        raise _unreadable(path, what, exc) from exc
+
+
+def _polygonal_parts(geometries: np.ndarray) -> np.ndarray:
+    """Valid polygons: a ring that folds back on itself (a zero-width spike, a sliver) keeps only its
+    area, never the collapsed line, which would otherwise be burnt as labelled pixels."""
+    valid = shapely.make_valid(geometries, method="structure", keep_collapsed=False)
+    kept = []
+    for geometry in valid:
+        if shapely.get_type_id(geometry) not in (3, 6):
+            geometry = shapely.MultiPolygon([part for part in shapely.get_parts(geometry)
+                                             if shapely.get_type_id(part) == 3])
+        kept.append(geometry)
+    return np.array(kept, dtype=object)
 
 
 def _layer_crs(meta: dict, path: Path, what: str) -> ProjCRS:
@@ -110,17 +191,15 @@ def _to_raster_crs(geometries: np.ndarray, source: ProjCRS, target, path: Path) 
 def read_label_polygons(path: str | Path, class_field: str, raster_crs,
                         class_names: dict[str, str] | None = None) -> LabelPolygons:
     """Read polygons and their class field, reprojected to `raster_crs` (a rasterio CRS)."""
+    path, layer = split_layer(path)
     path = check_vector_source(path, "labels")
-    try:
-        available = [str(name) for name in pyogrio.read_info(path)["fields"]]
-    except Exception as exc:  # pyogrio raises DataSourceError / DataLayerError
-        raise InputError(f"The labels file {path} cannot be read as a vector layer ({exc}). Give a "
-                         "GeoPackage, Shapefile or GeoJSON with polygons.") from exc
+    layer = _choose_layer(path, layer, "labels", class_field)
+    available = _fields(path, layer, "labels")
     if class_field not in available:
         hint = ", ".join(available) if available else "(none)"
         raise InputError(f"The labels file {path.name} has no field {class_field!r}; its fields are: "
                          f"{hint}. Pass the field that holds the class names with --class-field.")
-    meta, _, wkb, fields = _read_layer(path, [class_field], "labels")
+    meta, _, wkb, fields = _read_layer(path, layer, [class_field], "labels")
     crs = _layer_crs(meta, path, "labels")
     if wkb is None or len(wkb) == 0:
         raise InputError(f"The labels file {path.name} holds no features.")
@@ -134,8 +213,10 @@ def read_label_polygons(path: str | Path, class_field: str, raster_crs,
     if len(geometries) and not polygonal.any():
         raise InputError(f"The labels file {path.name} holds {geometries[0].geom_type} features, not "
                          "polygons; draw the labelled regions as polygons.")
-    geometries = shapely.make_valid(geometries[polygonal])
+    geometries = _polygonal_parts(geometries[polygonal])
     values = [v for v, k in zip(values, polygonal) if k]
+    kept = ~shapely.is_empty(geometries)
+    geometries, values = geometries[kept], [v for v, k in zip(values, kept) if k]
     if class_names:
         values = [class_names.get(v, v) for v in values]
     geometries = _to_raster_crs(geometries, crs, raster_crs, path)
@@ -144,14 +225,18 @@ def read_label_polygons(path: str | Path, class_field: str, raster_crs,
 
 def read_aoi(path: str | Path, raster_crs) -> shapely.Geometry:
     """The union of an area-of-interest layer's polygons, in the raster's CRS."""
-    path = Path(path)
-    meta, _, wkb, _ = _read_layer(path, [], "area-of-interest")
+    path, layer = split_layer(path)
+    check_vector_source(path, "area-of-interest")
+    layer = _choose_layer(path, layer, "area-of-interest")
+    meta, _, wkb, _ = _read_layer(path, layer, [], "area-of-interest")
     crs = _layer_crs(meta, path, "area-of-interest")
     geometries = shapely.from_wkb(wkb) if wkb is not None else np.array([])
     geometries = geometries[np.isin(shapely.get_type_id(geometries), [3, 6])] if len(geometries) else geometries
+    geometries = _polygonal_parts(geometries) if len(geometries) else geometries
+    geometries = geometries[~shapely.is_empty(geometries)] if len(geometries) else geometries
     if len(geometries) == 0:
         raise InputError(f"The area-of-interest file {path.name} holds no polygons.")
-    return shapely.union_all(_to_raster_crs(shapely.make_valid(geometries), crs, raster_crs, path))
+    return shapely.union_all(_to_raster_crs(geometries, crs, raster_crs, path))
 
 
 def _window_of(source: RasterSource, bounds: tuple[float, float, float, float]) -> PixelWindow | None:
@@ -178,6 +263,28 @@ def rasterise(geometries: np.ndarray, class_ids: np.ndarray, window: PixelWindow
                      transform=source.window_transform(window), fill=UNLABELLED, dtype="int16")
 
 
+def _class_name(value: str) -> str | None:
+    """The class a label value names (its first comma-separated part), None when it holds only separators."""
+    if not any(part.strip() for part in re.split(r"[,;]", value)):
+        return None
+    return parse_class_lines([value])[0].name
+
+
+def _class_lines_of(values: list[str], background: str | None, label_file: str) -> list[str]:
+    """The sorted label values, then the background class unless a label value names it already."""
+    seen: dict[str, str] = {}
+    for value in values:
+        key = str(_class_name(value)).lower()
+        if key in seen:
+            raise InputError(f"The label values {seen[key]!r} and {value!r} in {label_file} name the same class "
+                             "(letter case and synonyms after a comma do not tell classes apart); spell them "
+                             f"the same way in the labels, or merge them with --class-name '{value}={seen[key]}'.")
+        seen[key] = value
+    if background and str(_class_name(background)).lower() not in seen:
+        return [*values, background]
+    return list(values)
+
+
 def build_label_grid(source: RasterSource, polygons: LabelPolygons, background: str | None = None,
                      aoi: shapely.Geometry | None = None, class_lines: list[str] | None = None,
                      min_labelled_pixels: int = MIN_LABELLED_PIXELS) -> LabelGrid:
@@ -191,35 +298,67 @@ def build_label_grid(source: RasterSource, polygons: LabelPolygons, background: 
         raise InputError(f"The labels file {label_file} holds no labelled polygons (every feature has "
                          "an empty class value or no geometry).")
     values = sorted(set(polygons.class_values))
+    empty = next((v for v in values if _class_name(v) is None), None)
+    if empty is not None:
+        raise InputError(f"The label value {empty!r} in {label_file} is made only of separators (commas, "
+                         f"semicolons), so it names no class; fix it in the labels or rename it with "
+                         f"--class-name '{empty}=NAME'.")
+    if background is not None and _class_name(background) is None:
+        raise InputError(f"--background {background!r} names no class (it is made only of separators); give "
+                         "the class name that unlabelled pixels should get, e.g. --background ground.")
     if class_lines is None:
-        class_lines = values + ([background] if background and background not in values else [])
+        class_lines = _class_lines_of(values, background, label_file)
     names = [spec.name.lower() for spec in parse_class_lines(class_lines)]
     lookup = {line.lower(): i for i, line in enumerate(class_lines)}
     lookup.update({name: i for i, name in enumerate(names)})
-    missing = [v for v in values if v.lower() not in lookup]
+
+    def index_of(value: str) -> int | None:
+        found = lookup.get(value.lower())
+        name = _class_name(value)
+        return found if found is not None or name is None else lookup.get(name.lower())
+
+    missing = [v for v in values if index_of(v) is None]
     if missing:
         raise InputError(f"The label classes {missing} are not among the model's classes {class_lines}.")
+    background_id = index_of(background) if background else None
+    if background and background_id is None:
+        raise InputError(f"The --background class {background!r} is not among the model's classes "
+                         f"{class_lines}; give one of them, or leave --background out.")
     if len(class_lines) < 2:
+        if background:
+            raise InputError(f"The labels in {label_file} hold only one class ({values[0]!r}) and --background "
+                             f"{background!r} is that same class; a segmentation needs at least two. Give "
+                             "--background another class name, or label another class.")
         raise InputError(f"The labels in {label_file} hold only one class ({values[0]!r}); a segmentation "
                          "needs at least two. Label another class, or pass --background NAME to treat "
                          "unlabelled pixels inside the labels' extent as a class.")
-    class_ids = np.array([lookup[v.lower()] for v in polygons.class_values], dtype=np.int64)
+    class_ids = np.array([index_of(v) for v in polygons.class_values], dtype=np.int64)
 
     extent = aoi if aoi is not None else shapely.box(*shapely.total_bounds(polygons.geometries))
-    window = _window_of(source, extent.bounds)
     footprint = shapely.box(*source.window_bounds(PixelWindow(0, 0, source.height, source.width)))
-    if window is None or not shapely.intersects(shapely.union_all(polygons.geometries), footprint):
+    rx0, ry0, rx1, ry1 = footprint.bounds
+    in_raster_crs = f"in the raster's CRS {source.crs.to_string()}"
+    if aoi is not None and not shapely.intersects(aoi, footprint):
+        ax0, ay0, ax1, ay1 = aoi.bounds
+        raise InputError(f"The area of interest does not overlap the raster {source.path.name}: it covers x "
+                         f"{ax0:.6g}..{ax1:.6g}, y {ay0:.6g}..{ay1:.6g} and the raster x {rx0:.6g}..{rx1:.6g}, "
+                         f"y {ry0:.6g}..{ry1:.6g} ({in_raster_crs}); give an --aoi that lies on the raster.")
+    window = _window_of(source, extent.bounds)
+    union = shapely.union_all(polygons.geometries)
+    if window is None or not shapely.intersects(union, footprint):
         lx0, ly0, lx1, ly1 = shapely.total_bounds(polygons.geometries)
-        rx0, ry0, rx1, ry1 = footprint.bounds
         raise InputError(f"The labels in {label_file} do not overlap the raster {source.path.name}: the "
                          f"labels cover x {lx0:.6g}..{lx1:.6g}, y {ly0:.6g}..{ly1:.6g} and the raster x "
-                         f"{rx0:.6g}..{rx1:.6g}, y {ry0:.6g}..{ry1:.6g} (in the raster's CRS "
-                         f"{source.crs.to_string()}; the labels were in {polygons.source_crs}).")
+                         f"{rx0:.6g}..{rx1:.6g}, y {ry0:.6g}..{ry1:.6g} ({in_raster_crs}; the labels were "
+                         f"in {polygons.source_crs}).")
+    if aoi is not None and not shapely.intersects(union, shapely.intersection(aoi, footprint)):
+        raise InputError(f"The labels in {label_file} lie outside the area of interest (where it covers the "
+                         f"raster {source.path.name}); give an --aoi that holds labelled polygons.")
 
     labels = rasterise(polygons.geometries, class_ids, window, source)
     if background:
         region = rasterise(np.array([extent]), np.array([1]), window, source) == 1
-        labels[(labels == UNLABELLED) & region] = lookup[background.lower()]
+        labels[(labels == UNLABELLED) & region] = background_id
     _, valid = source.read(window)
     labels[~valid] = UNLABELLED
 
@@ -230,7 +369,9 @@ def build_label_grid(source: RasterSource, polygons: LabelPolygons, background: 
                          "fall on valid, non-nodata pixels).")
     present = np.unique(labels[labels >= 0])
     if len(present) < 2:
+        fix = ("; --background fills only the pixels inside the labels' extent (or --aoi) that no polygon "
+               "covers" if background else ", or pass --background NAME")
         raise InputError(f"The labels in {label_file} cover only one class ({class_lines[present[0]]!r}) "
-                         "on the raster's valid pixels; a segmentation needs at least two. Label another "
-                         "class, or pass --background NAME.")
+                         f"on the raster's valid pixels; a segmentation needs at least two. Label another "
+                         f"class{fix}.")
     return LabelGrid(labels, window, list(class_lines), background, polygons, class_ids)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+import pyogrio.raw
 import pytest
 import rasterio
 import shapely
@@ -11,7 +14,7 @@ from rasterio.transform import from_origin
 
 from backend.engine.errors import InputError
 from backend.engine.raster import open_source
-from training.labels import build_label_grid, read_label_polygons
+from training.labels import build_label_grid, read_aoi, read_label_polygons
 from training.sampling import random_crop_boxes, region_boxes, split_labels, to_pixels
 
 
@@ -133,3 +136,112 @@ def test_class_names_rename_values(synthetic):
     raster, labels, _ = synthetic
     grid, _ = grid_of(raster, labels, class_names={"water": "lake"})
     assert "lake" in grid.class_lines and "water" not in grid.class_lines
+
+
+def _square(col0, row0, side, spike_px=0):
+    """A square of the synthetic raster's pixels (2 m, origin 500000, 5000000); with `spike_px`, its right
+    edge runs out and back along one line (a zero-width spike, as careless digitising leaves)."""
+    def at(col, row):
+        return (500000 + 2.0 * col, 5000000 - 2.0 * row)
+
+    mid = row0 + side / 2 + 0.25
+    ring = [at(col0, row0), at(col0 + side, row0), at(col0 + side, mid)]
+    if spike_px:
+        ring += [at(col0 + side + spike_px, mid), at(col0 + side, mid)]
+    ring += [at(col0 + side, row0 + side), at(col0, row0 + side)]
+    return shapely.Polygon(ring)
+
+
+def test_a_zero_width_spike_labels_no_pixels(synthetic, tmp_path):
+    """A spike of a label polygon (or of the area of interest) has no area: before, its line was burnt as labels."""
+    raster, _, _ = synthetic
+    others = [shapely.box(500010, 4999500, 500100, 4999600), shapely.box(500400, 4999800, 500500, 4999900)]
+    counts = {}
+    for spike in (0, 40):
+        labels = write_labels(tmp_path / f"spike{spike}.gpkg", [*others, _square(100, 100, 20, spike)],
+                              ["water", "forest", "sand"], RASTER_CRS)
+        grid, _ = grid_of(raster, labels)
+        counts[spike] = grid.pixel_counts()
+    assert counts[0]["sand"] == 400
+    assert counts[40] == counts[0]
+
+    labels = write_labels(tmp_path / "two.gpkg", others, ["water", "forest"], RASTER_CRS)
+    filled = {}
+    for spike in (0, 40):
+        aoi = write_labels(tmp_path / f"aoi{spike}.gpkg", [_square(0, 0, 250, spike)], ["area"], RASTER_CRS)
+        with open_source(raster) as source:
+            polygons = read_label_polygons(labels, "cls", source.crs)
+            grid = build_label_grid(source, polygons, background="ground", aoi=read_aoi(aoi, source.crs))
+        filled[spike] = grid.pixel_counts()["ground"]
+    assert filled[40] == filled[0]
+
+
+def test_a_label_value_made_of_separators_is_refused_by_name(synthetic, tmp_path):
+    raster, _, _ = synthetic
+    boxes = [shapely.box(500010, 4999500, 500100, 4999600), shapely.box(500400, 4999800, 500500, 4999900),
+             shapely.box(500200, 4999700, 500300, 4999750)]
+    labels = write_labels(tmp_path / "commas.gpkg", boxes, ["forest", "sand", ","], RASTER_CRS)
+    with pytest.raises(InputError, match=r"The label value ',' in commas.gpkg is made only of separators"):
+        grid_of(raster, labels)
+
+
+def test_label_values_differing_in_letter_case_are_named(synthetic, tmp_path):
+    raster, _, _ = synthetic
+    boxes = [shapely.box(500010, 4999500, 500100, 4999600), shapely.box(500400, 4999800, 500500, 4999900)]
+    labels = write_labels(tmp_path / "case.gpkg", boxes, ["Water", "water"], RASTER_CRS)
+    with pytest.raises(InputError, match=r"label values 'Water' and 'water' in case.gpkg name the same class"):
+        grid_of(raster, labels)
+    grid, _ = grid_of(raster, labels, class_names={"Water": "water"}, background="ground")
+    assert grid.class_lines == ["water", "ground"]
+
+
+def test_background_naming_the_only_label_class_says_so(synthetic, tmp_path):
+    raster, _, _ = synthetic
+    houses = [shapely.box(500010, 4999500, 500100, 4999600), shapely.box(500400, 4999800, 500500, 4999900)]
+    labels = write_labels(tmp_path / "one.gpkg", houses, ["house", "house"], RASTER_CRS)
+    with pytest.raises(InputError, match=r"--background 'House' is that same class") as refused:
+        grid_of(raster, labels, background="House")
+    assert "pass --background" not in str(refused.value)
+
+
+def _layered(path, layers):
+    """A GeoPackage with several layers: (name, geometry type, geometries, {field: values})."""
+    for i, (name, kind, geometries, fields) in enumerate(layers):
+        pyogrio.raw.write(path, shapely.to_wkb(np.array(geometries, dtype=object)),
+                          [np.array(v, dtype=object) for v in fields.values()], list(fields), layer=name,
+                          driver="GPKG", geometry_type=kind, crs=RASTER_CRS, append=i > 0)
+    return path
+
+
+def test_a_geopackage_with_several_layers_reads_its_polygon_layer_or_the_one_named(synthetic, tmp_path):
+    raster, _, _ = synthetic
+    boxes = [shapely.box(500010, 4999500, 500100, 4999600), shapely.box(500400, 4999800, 500500, 4999900)]
+    points = [shapely.Point(500050, 4999550), shapely.Point(500450, 4999850)]
+    labels = _layered(tmp_path / "layers.gpkg", [
+        ("aaa_points", "Point", points, {"cls": ["x", "y"]}),
+        ("labels", "Polygon", boxes, {"cls": ["water", "forest"]}),
+        ("notes", "Polygon", boxes, {"text": ["a", "b"]}),
+    ])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # pyogrio's "More than one layer found" warning used to leak
+        grid, _ = grid_of(raster, labels)
+    assert grid.class_lines == ["forest", "water"]
+
+    both = _layered(tmp_path / "both.gpkg", [("a", "Polygon", boxes, {"cls": ["water", "forest"]}),
+                                              ("b", "Polygon", boxes[:1], {"cls": ["sand"]})])
+    with pytest.raises(InputError, match=r"holds 2 layers \(a \(Polygon\), b \(Polygon\)\).*\|layername=NAME"):
+        grid_of(raster, both)
+    grid, _ = grid_of(raster, f"{both}|layername=a")
+    assert grid.class_lines == ["forest", "water"]
+    with pytest.raises(InputError, match=r"no layer 'c'; its layers are: a \(Polygon\), b \(Polygon\)"):
+        grid_of(raster, f"{both}|layername=c")
+
+
+def test_an_area_of_interest_off_the_raster_is_named_as_such(synthetic, tmp_path):
+    raster, labels, _ = synthetic
+    aoi = write_labels(tmp_path / "aoi.gpkg", [shapely.box(505000, 4999800, 505200, 5000000)], ["area"], RASTER_CRS)
+    with open_source(raster) as source:
+        polygons = read_label_polygons(labels, "cls", source.crs)
+        with pytest.raises(InputError, match=r"area of interest does not overlap the raster synthetic\.tif") as refused:
+            build_label_grid(source, polygons, background="other", aoi=read_aoi(aoi, source.crs))
+    assert "labels" not in str(refused.value).split(":")[0]
