@@ -14,6 +14,10 @@ quantities, "there is/are", "located", ...) are dropped from each part ("a lot o
 number of", "a group of", "a row of" first); empty and repeated parts are dropped.
 "a baseball field next to a parking lot" -> "baseball field", "parking lot".
 
+Extent (--bbox): a window is searched when it lies at least half inside the box along each axis, or,
+along an axis where the box is narrower than the window, covers at least half of the box; so a box
+smaller than one window is searched by the windows that hold most of it.
+
 Hits: the best windows over all levels, with overlapping ones suppressed across scales (a window
 is dropped when its intersection with a better hit covers more than `max_overlap` of the smaller
 of the two), ranked 1..top per query.
@@ -31,11 +35,13 @@ import numpy as np
 from pyproj import Transformer
 
 from backend import __version__
+from .atomic import SHAPEFILE_PARTS
 from .errors import InputError
-from .export import driver_for, report_path_for, write_rectangles, write_report
+from .export import SHAPEFILE_TEXT_BYTES, driver_for, report_path_for, write_rectangles, write_report
+from .files import check_not_special, check_output_folder, check_output_name, refuse_outputs_over_inputs
 from .models import LoadedModel
 from .raster import parse_crs
-from .search_index import SearchIndex, check_bbox, check_point, describe, point_window
+from .search_index import BuildStats, SearchIndex, check_bbox, check_point, describe, point_window
 from .text import TextEmbedder
 
 KEYWORD_TEMPLATES = ("{}", "a satellite image of {}.", "an aerial photo of {}.", "a remote sensing image of {}.")
@@ -108,6 +114,12 @@ def make_queries(sentences: list[str], keyword_texts: list[str] | None, use_keyw
                          "\"a baseball field next to a parking lot\".")
     if len(sentences) > MAX_QUERIES:
         raise InputError(f"{len(sentences)} sentences were given; search at most {MAX_QUERIES} at once.")
+    seen: set[str] = set()
+    for sentence in sentences:
+        if sentence.casefold() in seen:
+            raise InputError(f"The sentence {sentence!r} was given twice; give each sentence once (its hits "
+                             "would be listed twice).")
+        seen.add(sentence.casefold())
     keyword_texts = [k for k in (keyword_texts or [])]
     if keyword_texts and len(keyword_texts) != len(sentences):
         raise InputError(f"--keywords was given {len(keyword_texts)} time(s) for {len(sentences)} sentence(s): give "
@@ -218,13 +230,24 @@ class SearchResult:
 
 
 def _in_bbox(entries, window_bbox) -> np.ndarray:
-    """Windows whose centre lies in the bbox (raster CRS)."""
+    """Windows searched for a bbox (raster CRS, clipped to the raster), by the rule of the module docstring:
+    along each axis, the overlap is at least half of the shorter of the window's and the box's sides."""
     if window_bbox is None:
         return np.ones(len(entries.level), bool)
-    cx = (entries.bounds[:, 0] + entries.bounds[:, 2]) / 2
-    cy = (entries.bounds[:, 1] + entries.bounds[:, 3]) / 2
-    xmin, ymin, xmax, ymax = window_bbox
-    return (cx >= xmin) & (cx <= xmax) & (cy >= ymin) & (cy <= ymax)
+    inside = np.ones(len(entries.level), bool)
+    for low, high in ((0, 2), (1, 3)):
+        box_low, box_high = window_bbox[low], window_bbox[high]
+        overlap = np.minimum(entries.bounds[:, high], box_high) - np.maximum(entries.bounds[:, low], box_low)
+        shorter = np.minimum(entries.bounds[:, high] - entries.bounds[:, low], box_high - box_low)
+        inside &= (overlap > 0) & (overlap >= 0.5 * shorter)
+    return inside
+
+
+def _raster_envelope(index: SearchIndex) -> tuple[float, float, float, float]:
+    """xmin, ymin, xmax, ymax of the raster's four corners (any affine: north-up, south-up, rotated)."""
+    t, width, height = index.dataset.transform, index.dataset.width, index.dataset.height
+    xs, ys = zip(*(t @ corner for corner in ((0, 0), (width, 0), (0, height), (width, height))))
+    return min(xs), min(ys), max(xs), max(ys)
 
 
 def _bbox_in_raster_crs(index: SearchIndex, bbox, bbox_crs):
@@ -232,22 +255,63 @@ def _bbox_in_raster_crs(index: SearchIndex, bbox, bbox_crs):
         return None
     crs = parse_crs(bbox_crs, index.crs)
     if crs == index.crs:
-        return tuple(bbox)
-    from rasterio.warp import transform_bounds
+        box = tuple(float(v) for v in bbox)
+    else:
+        from rasterio.warp import transform_bounds
 
-    return transform_bounds(crs, index.crs, *bbox, densify_pts=21)
+        box = tuple(transform_bounds(crs, index.crs, *bbox, densify_pts=21))
+    raster = _raster_envelope(index)
+    return (max(box[0], raster[0]), max(box[1], raster[1]), min(box[2], raster[2]), min(box[3], raster[3]))
 
 
 def like_point(index: SearchIndex, like: tuple[float, float], like_crs: str | None) -> tuple[float, float]:
     """The example point in the raster's CRS, checked to lie on the raster."""
     x, y = (float(v) for v in like)
-    crs = parse_crs(like_crs, index.crs)
+    crs = parse_crs(like_crs, index.crs, what="like CRS")
     if crs != index.crs:
         x, y = Transformer.from_crs(crs, index.crs, always_xy=True).transform(x, y)
         if not (np.isfinite(x) and np.isfinite(y)):
             raise InputError(f"The point {like} could not be transformed from {crs} to the raster's CRS {index.crs}.")
     check_point(index, x, y)
     return x, y
+
+
+def like_label(index: SearchIndex, like: tuple[float, float], like_crs: str | None) -> str:
+    """The query field of hits by example: the point as given, to about 10 cm (6 decimals of a degree
+    in a geographic CRS, 2 decimals of a metre or foot in a projected one)."""
+    crs = parse_crs(like_crs, index.crs, what="like CRS")
+    decimals = 6 if crs.is_geographic else 2
+    text = f"like {like[0]:.{decimals}f} {like[1]:.{decimals}f}"
+    return f"{text} ({like_crs})" if like_crs else text
+
+
+def example_queries(index: SearchIndex, point: tuple[float, float], like: tuple[float, float], should_cancel=None
+                    ) -> tuple[dict[int, np.ndarray], list[str], int]:
+    """Per level, the image embedding of the window under the example point ({factor: (D,)}), the notices
+    for levels where that window holds no valid pixel, and how many windows were embedded for it. An
+    example whose window is nodata at every scale is refused: there would be nothing to compare with."""
+    queries: dict[int, np.ndarray] = {}
+    empty: list[str] = []
+    computed = 0
+    for level in index.levels:
+        found = point_window(index, level, *point)
+        if found is None:
+            continue
+        vector, count = index.window_embedding(level, *found, should_cancel=should_cancel)
+        computed += count
+        if vector is None:
+            empty.append(f"{level.scale_m(index.dataset):g} m")
+        else:
+            queries[level.factor] = vector
+    if not queries:
+        raise InputError(f"The example point {like[0]:.10g}, {like[1]:.10g} lies on nodata pixels of "
+                         f"{index.raster.name}: the window under it holds no valid pixel at any scale. Choose a "
+                         "point on the image.")
+    notices = []
+    if empty:
+        notices.append(f"The window under the example point holds no valid pixel at {' and '.join(empty)}; the "
+                       "search by example compares windows of the other scales only.")
+    return queries, notices, computed
 
 
 def search_index(index: SearchIndex, options: SearchOptions, progress=None, should_cancel=None
@@ -259,21 +323,22 @@ def search_index(index: SearchIndex, options: SearchOptions, progress=None, shou
     point = like_point(index, options.like, options.like_crs) if options.like is not None else None
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    examples: dict[int, np.ndarray] = {}
+    example_stats = BuildStats()
+    if point is not None and options.like is not None:  # the example window may lie outside the searched extent
+        examples, example_notices, example_stats.computed = example_queries(index, point, options.like,
+                                                                           should_cancel)
+        notices += example_notices
     stats = index.ensure(options.bbox, options.bbox_crs, progress, should_cancel)
-    if point is not None:  # the example window may lie outside the searched extent
-        example_bbox = (point[0], point[1], point[0], point[1])
-        for level in index.levels:
-            found = point_window(index, level, *point)
-            if found is not None:
-                example_bbox = tuple(np.minimum(example_bbox[:2], level.bounds(*found)[:2]).tolist()
-                                     + np.maximum(example_bbox[2:], level.bounds(*found)[2:]).tolist())
-        more = index.ensure(example_bbox, None, None, should_cancel)
-        stats.computed += more.computed
+    stats.computed += example_stats.computed
     timings["index_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     entries = index.entries(options.bbox, options.bbox_crs)
     timings["load_s"] = time.perf_counter() - t0
     inside = _in_bbox(entries, _bbox_in_raster_crs(index, options.bbox, options.bbox_crs))
+    if options.bbox is not None and not inside.any():
+        notices.append("No window with valid pixels lies in the --bbox area (it holds only nodata), so there are "
+                       "no hits; choose another area.")
     t0 = time.perf_counter()
     hits = Hits()
     sentence_embedder = TextEmbedder(index.loaded, templates=SENTENCE_TEMPLATES)
@@ -287,8 +352,9 @@ def search_index(index: SearchIndex, options: SearchOptions, progress=None, shou
                     .numpy() if query.keywords else None)
         scores = np.where(inside, sentence_scores(entries.embeddings, sentence, keywords), -np.inf)
         _add_hits(hits, entries, scores, options, query.text)
-    if point is not None:
-        _add_like_hits(hits, index, entries, inside, point, options)
+    if point is not None and options.like is not None:
+        label = like_label(index, options.like, options.like_crs)
+        _add_like_hits(hits, entries, inside, point, examples, options, label)
     timings["rank_s"] = time.perf_counter() - t0
     facts = {"index": describe(index, stats), "queries": [{"query": q.text, "keywords": q.keywords} for q in queries],
              "timings": {k: round(v, 4) for k, v in timings.items()}, "windows_searched": int(inside.sum())}
@@ -303,28 +369,18 @@ def _add_hits(hits: Hits, entries, scores: np.ndarray, options: SearchOptions, l
     hits.extend(entries.bounds[kept], scores[kept], entries.scale_m[kept], label)
 
 
-def _add_like_hits(hits: Hits, index: SearchIndex, entries, inside: np.ndarray, point, options) -> None:
+def _add_like_hits(hits: Hits, entries, inside: np.ndarray, point, examples: dict[int, np.ndarray],
+                   options: SearchOptions, label: str) -> None:
     """Query by example: per level, the window under the point is the query for that level's windows."""
     x, y = point
     scores = np.full(len(entries.level), -np.inf)
-    for level in index.levels:
-        found = point_window(index, level, x, y)
-        if found is None:
-            continue
-        example = index.entries(level.bounds(*found), None, factors=(level.factor,))
-        match = np.flatnonzero(np.all(np.isclose(example.bounds, level.bounds(*found)), axis=1))
-        if match.size == 0:
-            continue  # the example window is all nodata
-        query = example.embeddings[match[0], 0]
-        same = entries.level == level.factor
+    for factor, query in examples.items():
+        same = entries.level == factor
         scores[same] = entries.embeddings[same, 0] @ query
     # The example place itself is not a hit: drop every window that contains the point.
     contains = ((entries.bounds[:, 0] <= x) & (entries.bounds[:, 2] >= x)
                 & (entries.bounds[:, 1] <= y) & (entries.bounds[:, 3] >= y))
     scores[contains | ~inside] = -np.inf
-    label = f"like {x:.2f} {y:.2f}"
-    if options.like_crs:
-        label = f"like {options.like[0]:.6g} {options.like[1]:.6g} ({options.like_crs})"
     _add_hits(hits, entries, scores, options, label)
 
 
@@ -337,24 +393,44 @@ def write_hits(path: str | Path, hits: Hits, crs, model: str, run_id: str) -> Pa
     return write_rectangles(path, hits.bounds, fields, crs)
 
 
-def check_hits_output(out: Path, overwrite: bool) -> None:
-    import os
+def hits_output_files(out: Path) -> dict[str, Path]:
+    """The files a search (or classify) run writes, by what they are called in a sentence."""
+    out = Path(out)
+    named = {"output": out, "run report": report_path_for(out)}
+    if out.suffix.lower() == ".shp":
+        named.update({f"shapefile part {part}": out.with_suffix(part) for part in SHAPEFILE_PARTS if part != ".shp"})
+    return named
 
+
+def check_hits_output(out: Path, overwrite: bool, inputs: dict[str, Path] | None = None,
+                      sentences: list[str] | None = None) -> None:
+    """Before any work: the output layer and its report can be written (names, folder, not a folder or
+    device, not one of `inputs`, not there yet unless `overwrite`), and a shapefile can hold every sentence."""
     driver_for(out)
-    folder = Path(out).parent
-    if not folder.is_dir():
-        raise InputError(f"The output folder {folder} does not exist; create it or choose another.")
-    if not os.access(folder, os.W_OK):
-        raise InputError(f"The output folder {folder} is not writable; choose another.")
-    if Path(out).exists() and not overwrite:
+    out = Path(out)
+    check_output_name(out, "output")
+    check_output_name(report_path_for(out), "run report")
+    named = hits_output_files(out)
+    refuse_outputs_over_inputs(named, {what: Path(path) for what, path in (inputs or {}).items() if path})
+    for what, path in named.items():
+        check_output_folder(path)
+        check_not_special(path, what)
+    if out.exists() and not overwrite:
         raise InputError(f"{out} already exists; choose another name or allow overwriting (--overwrite).")
+    if driver_for(out) == "ESRI Shapefile":
+        for sentence in sentences or []:
+            size = len(sentence.encode("utf-8"))
+            if size > SHAPEFILE_TEXT_BYTES:
+                raise InputError(f"The sentence {sentence[:40]!r}... is {size} bytes long; a shapefile's query field "
+                                 f"holds at most {SHAPEFILE_TEXT_BYTES}. Shorten it, or write a GeoPackage (.gpkg).")
 
 
 def search_raster(index: SearchIndex, options: SearchOptions, out: Path, overwrite: bool = False,
                   progress=None, should_cancel=None) -> SearchResult:
     """Search and write the hits layer and its report; nothing is written when it fails or is cancelled."""
     started = time.perf_counter()
-    check_hits_output(out, overwrite)
+    queries = validate_search_options(options)
+    check_hits_output(out, overwrite, {"raster": index.raster}, [q.text for q in queries])
     hits, notices, facts = search_index(index, options, progress, should_cancel)
     run_id = uuid.uuid4().hex[:12]
     write_hits(out, hits, index.crs, index.loaded.name, run_id)
