@@ -43,13 +43,34 @@ def allowed_methods(app: FastAPI, path: str) -> list[str]:
     return sorted(methods)
 
 
-def _validation_sentence(error: RequestValidationError) -> str:
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def _validation_sentence(error: RequestValidationError, request: Request | None = None) -> str:
+    errors = error.errors()
+    for item in errors:
+        if item.get("type") == "json_invalid":
+            where = [part for part in item.get("loc", ()) if isinstance(part, int)]
+            at = f" (at character {where[0]})" if where else ""
+            return f"The request body is not valid JSON{at}; send one JSON object with the request's fields."
+    content_type = request.headers.get("content-type", "") if request is not None else "application/json"
+    if not _is_json(content_type) and any(tuple(item.get("loc", ())) == ("body",) for item in errors):
+        sent = f" (it was sent as {content_type[:100]!r})" if content_type else ""
+        return ("The request body is not read as JSON" + sent + "; send the body as JSON with "
+                "Content-Type: application/json.")
     parts = []
-    for item in error.errors()[:5]:
+    for item in errors[:5]:
         location = ".".join(str(part) for part in item.get("loc", ()) if part != "body") or "body"
         parts.append(f"{location}: {item.get('msg', 'invalid')}")
-    more = len(error.errors()) - 5
+    more = len(errors) - 5
     return "The request is not valid: " + "; ".join(parts) + (f" (and {more} more)" if more > 0 else "") + "."
+
+
+def no_such_endpoint(path: str) -> str:
+    return (f"There is no endpoint {path[:200]!r}; the API's endpoints are under /v1/ (e.g. GET /v1/health), "
+            "and /docs lists them all.")
 
 
 def _answer_errors_in_one_sentence(app: FastAPI) -> None:
@@ -58,16 +79,23 @@ def _answer_errors_in_one_sentence(app: FastAPI) -> None:
         return JSONResponse({"detail": str(error)}, status_code=error.http_status)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_request(_request: Request, error: RequestValidationError):
-        return JSONResponse({"detail": _validation_sentence(error)}, status_code=422)
+    async def invalid_request(request: Request, error: RequestValidationError):
+        return JSONResponse({"detail": _validation_sentence(error, request)}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
         headers = {key: value for key, value in (getattr(error, "headers", None) or {}).items()
                    if key.lower() != "allow"}
-        if error.status_code == 405:
-            headers["allow"] = ", ".join(allowed_methods(app, request.url.path))
-        return JSONResponse({"detail": str(error.detail)}, status_code=error.status_code, headers=headers)
+        status, detail = error.status_code, str(error.detail)
+        if status == 405:
+            methods = allowed_methods(app, request.url.path)
+            if methods == ["OPTIONS"]:  # only the catch-all OPTIONS route matched: no such endpoint
+                status, detail = 404, no_such_endpoint(request.url.path)
+            else:
+                headers["allow"] = ", ".join(methods)
+        elif status == 404 and detail == "Not Found":
+            detail = no_such_endpoint(request.url.path)
+        return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
     @app.options("/{path:path}", include_in_schema=False)
     def options(path: str, request: Request):
