@@ -7,20 +7,54 @@ progress and cancel flag.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from backend.engine.errors import InputError
 
 
+def check_labels(labels: str, class_field: str) -> None:
+    """The labels are a vector source the job can read (a file, a folder of shapefiles, or
+    `path|layername=NAME`), and its layer has `class_field`: training.labels' own checks (cheap: the
+    layer list and the field names, no features)."""
+    from training.labels import _choose_layer, _fields, split_layer
+
+    from backend.engine.files import check_vector_source
+
+    path, layer = split_layer(labels)
+    path = check_vector_source(path, "labels")
+    try:
+        layer = _choose_layer(path, layer, "labels", class_field)
+    except InputError:
+        if path.is_dir():
+            raise InputError(f"The labels {path} is a folder, and not one of vector data (such as a folder of "
+                             "shapefiles); give the labels file (GeoPackage, Shapefile or GeoJSON).") from None
+        raise
+    available = _fields(path, layer, "labels")
+    if class_field not in available:
+        hint = ", ".join(available[:30]) + (", ..." if len(available) > 30 else "") if available else "(none)"
+        raise InputError(f"The labels file {path.name} has no field {class_field!r}; its fields are: {hint}. "
+                         "Give the field that holds the class names as class_field.")
+
+
 def check_evaluate_request(request: dict) -> list[str]:
-    """Quick checks before queueing; returns the files the job will write."""
-    for key in ("raster", "labels"):
-        if not Path(request[key]).is_file():
-            raise InputError(f"The {key} file {request[key]} does not exist.")
+    """Quick checks before queueing (the raster, the labels and their class field, the model, the output);
+    returns the files the job will write."""
+    from backend.engine.files import check_output_file, check_regular_file, input_paths
+    from backend.engine.models import check_model
+    from backend.service.server.security import looks_like_path
+
+    check_regular_file(request["raster"], "raster")
+    check_labels(request["labels"], request["class_field"])
+    model = request.get("model")
+    check_model(model, None)
     out_json = request.get("out_json")
-    if out_json and not Path(out_json).parent.is_dir():
-        raise InputError(f"The folder of {out_json} does not exist; create it or choose another out_json.")
-    return [out_json] if out_json else []
+    if not out_json:
+        return []
+    from training.labels import vector_file
+
+    model_file = model if model and looks_like_path(model) else None
+    inputs = input_paths([("raster", request["raster"]), ("labels", str(vector_file(request["labels"]))),
+                          ("model", model_file)])
+    check_output_file(out_json, "out_json", inputs, bool(request.get("overwrite")), option='"overwrite": true')
+    return [out_json]
 
 
 def run_evaluate(request: dict, control, models) -> dict:

@@ -182,6 +182,18 @@ class TrainRequest(BaseModel):
     epochs: whole_number(ge=1, le=100000) | None = None
     background: str | None = Field(default=None, max_length=1000)
     overwrite: bool = False
+    lr: float | None = Field(default=None, gt=0, description="learning rate (default: the method's)")
+    patch_loss_weight: float | None = Field(default=None, ge=0)
+    weights: str | None = Field(default=None, min_length=1, max_length=4096, description=ABSOLUTE)
+    aoi: str | None = Field(default=None, min_length=1, max_length=4096,
+                            description="polygons limiting the labelled area. " + ABSOLUTE)
+    class_names: dict[Annotated[str, Field(max_length=1000)], Annotated[str, Field(max_length=1000)]] | None = Field(
+        default=None, max_length=1000, description="label value -> class name")
+    bands: list[whole_number(ge=1)] | None = Field(default=None, min_length=1, max_length=3)
+    scale: float | None = Field(default=None, gt=0)
+    gsd_m: float | None = Field(default=None, gt=0)
+    resume: bool = False
+    device: str | None = Field(default=None, max_length=100)
 
 
 class IndexRequest(Strict):
@@ -221,7 +233,9 @@ class EvaluateRequest(Strict):
     model: str | None = Field(default=None, max_length=4096)
     background: str | None = Field(default=None, max_length=1000)
     split: Literal["auto", "all", "validation"] = "auto"
-    out_json: str | None = Field(default=None, min_length=1, max_length=4096)
+    out_json: str | None = Field(default=None, min_length=1, max_length=4096,
+                                 description="Where to write the metrics as JSON. " + ABSOLUTE)
+    overwrite: bool = Field(default=False, description="Replace an existing out_json.")
 
 
 class DownloadRequest(Strict):

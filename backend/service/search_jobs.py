@@ -22,6 +22,33 @@ def _check_raster(request: dict) -> None:
 
     with open_source(Path(request["raster"]).expanduser(), request.get("bands")) as source:
         request_window(source, tuple(request["bbox"]) if request.get("bbox") else None, request.get("bbox_crs"))
+        if request.get("like") is not None:
+            _check_like_point(source, request["like"], request.get("like_crs"), Path(request["raster"]).name)
+
+
+def _check_like_point(source, like: list[float], like_crs: str | None, raster_name: str) -> None:
+    """The `like` point is in a CRS we know and lies on the raster (the search checks it again on its grid)."""
+    import math
+
+    from pyproj import Transformer
+
+    from backend.engine.errors import InputError
+    from backend.engine.raster import parse_crs
+
+    x, y = (float(value) for value in like)
+    crs = parse_crs(like_crs, source.crs, what="like CRS")
+    if crs != source.crs:
+        x, y = Transformer.from_crs(crs, source.crs, always_xy=True).transform(x, y)
+        if not (math.isfinite(x) and math.isfinite(y)):
+            raise InputError(f"The point {like} could not be transformed from {crs} to the raster's CRS "
+                             f"{source.crs}.")
+    col, row = ~source.transform @ (x, y)
+    if not (0 <= col < source.width and 0 <= row < source.height):
+        corners = [source.transform @ corner for corner in
+                   ((0, 0), (source.width, 0), (0, source.height), (source.width, source.height))]
+        xs, ys = [cx for cx, _ in corners], [cy for _, cy in corners]
+        raise InputError(f"The point {x:.6g}, {y:.6g} is outside the raster {raster_name}, which covers "
+                         f"x {min(xs):.6g}..{max(xs):.6g}, y {min(ys):.6g}..{max(ys):.6g} in {source.crs}.")
 
 
 def check_index_request(request: dict) -> list[str]:
@@ -35,11 +62,15 @@ def check_index_request(request: dict) -> list[str]:
 def check_search_request(request: dict) -> list[str]:
     """The checks of `farslip search`, same sentences; returns the files the job will write."""
     from backend.engine.export import report_path_for
+    from backend.engine.files import check_output_file, check_output_name
     from backend.engine.models import check_model
     from backend.engine.search import check_hits_output, validate_search_options
 
     validate_search_options(_search_options(request))
     out = Path(request["out"]).expanduser()
+    check_output_file(out, "output", {"raster": Path(request["raster"]).expanduser()}, bool(request.get("overwrite")),
+                      option='"overwrite": true')
+    check_output_name(report_path_for(out), "report")
     check_hits_output(out, bool(request.get("overwrite")))
     _check_raster(request)
     check_model(request.get("model"), request.get("weights"))

@@ -52,13 +52,15 @@ def check_segment_job(options: SegmentOptions, device: str) -> list[str]:
     import torch
 
     from backend.engine.checks import check_inputs, class_lines_of, output_paths
+    from backend.engine.export import check_field_widths
     from backend.engine.models import check_model
     from backend.engine.text import parse_class_lines
 
     check_inputs(options, device=torch.device(device))
     weights = str(options.weights) if options.weights else None
     check_model(options.model, weights)
-    parse_class_lines(class_lines_of(options) or _finetuned_class_lines(options.model, weights))
+    classes = parse_class_lines(class_lines_of(options) or _finetuned_class_lines(options.model, weights))
+    check_field_widths(options.out, [spec.name for spec in classes])  # the run's own check (a shapefile's 254 bytes)
     if options.refine == "sam":
         from backend.engine.sam_models import sam_location
 

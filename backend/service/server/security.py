@@ -6,9 +6,12 @@ rules run in the handlers, before the engine's own checks.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import ipaddress
 import json
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from fastapi import HTTPException
@@ -24,12 +27,34 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 def absolute_path(text: str, what: str) -> Path:
     """A path in a request: the backend has no working folder a relative path could mean."""
-    if "\x00" in text:
-        raise InputError(f"The {what} path contains a NUL character; give a real file path.")
+    bad = next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise InputError(f"The {what} path {text!r} holds the control character {bad!r}; give a path without "
+                         "tabs, newlines or other control characters.")
     path = expand_user(text, what)
     if not path.is_absolute():
         raise InputError(f"The {what} path {text!r} is relative; the backend cannot know which folder it is "
                          "relative to. Give an absolute path.")
+    return path
+
+
+@contextlib.contextmanager
+def request_checks() -> Iterator[None]:
+    """Around a request's checks: an OSError from the file system (a name too long, a folder it may not
+    read) is the request's fault, a 400 sentence naming the path, never a 500."""
+    try:
+        yield
+    except OSError as error:
+        name = f" {error.filename}" if error.filename else ""
+        raise InputError(f"The path{name} in the request cannot be used ({error.strerror or error}); check the "
+                         "request's paths and send it again.") from None
+
+
+def output_path(text: str, what: str, example: str = "/data/result.gpkg") -> Path:
+    """An output in a request: an absolute path with a name to write to (not `/`)."""
+    path = absolute_path(text, what)
+    if not path.name:
+        raise InputError(f"The {what} path {text!r} has no name to write to; give a path such as {example}.")
     return path
 
 
@@ -42,9 +67,12 @@ def looks_like_path(text: str) -> bool:
 def checked_paths(body, outputs: tuple[str, ...]) -> dict:
     """The request as a dict, after the path rules every job shares (absolute raster, outputs, weights)."""
     request = body.model_dump()
-    for name in ("raster", *outputs, "weights"):
+    for name in ("raster", "weights"):
         if request.get(name) is not None:
             absolute_path(request[name], name)
+    for name in outputs:
+        if request.get(name) is not None:
+            output_path(request[name], name)
     if request.get("model") is not None and looks_like_path(request["model"]):
         absolute_path(request["model"], "model")
     return request
@@ -66,22 +94,44 @@ def bearer_matches(header: bytes, token: bytes) -> bool:
     return scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(), token)
 
 
-def host_is_allowed(host_header: str, bound_host: str) -> bool:
-    """Loopback names, IP literals and the address the backend was told to listen on; no other DNS names."""
-    host = host_header.strip().lower()
-    if host.startswith("["):
-        host = host[1:host.find("]")] if "]" in host else host
-    elif host.count(":") == 1:
-        host = host.split(":", 1)[0]
-    if host in LOCAL_HOSTS or host == bound_host.lower():
-        return True
-    if bound_host in LOCAL_HOSTS:
-        return host in ("127.0.0.1", "::1") or host.startswith("127.")
+def _host_and_port(header: str) -> str | None:
+    """The host of a Host header `host[:port]` (`[v6]` or `[v6]:port` for IPv6), lower case; None if malformed."""
+    text = header.strip().lower()
+    if ":" in text and _ip(text) is not None:  # a bare IPv6 literal (no port can follow it)
+        return text
+    match = _HOST_HEADER.fullmatch(text)
+    if match is None:
+        return None
+    return match.group("v6") or match.group("name")
+
+
+# host[:port] or [IPv6][:port]: one colon at most outside the brackets, and a port of digits only.
+_HOST_HEADER = re.compile(r"(?:\[(?P<v6>[0-9a-f:.]+)\]|(?P<name>[^:\[\]/@\s]+))(?::\d{1,5})?")
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        ipaddress.ip_address(host)
+        return ipaddress.ip_address(text)
     except ValueError:
+        return None
+
+
+def host_is_allowed(host_header: str, bound_host: str) -> bool:
+    """`localhost`, loopback IP literals and the address the backend was told to listen on; no other DNS names.
+
+    A web page whose DNS name was rebound to 127.0.0.1 sends its own name here, never an IP literal:
+    so when the backend listens beyond loopback (--host 0.0.0.0 or a LAN address), IP literals are served too.
+    """
+    host = _host_and_port(host_header)
+    if host is None:
         return False
-    return True
+    bound = bound_host.strip().strip("[]").lower()
+    address = _ip(host)
+    if host == "localhost" or (address is not None and address.is_loopback) or host == bound:
+        return True
+    bound_address = _ip(bound)
+    listens_beyond_loopback = bound != "localhost" and not (bound_address is not None and bound_address.is_loopback)
+    return listens_beyond_loopback and address is not None
 
 
 class GuardMiddleware:

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Request
 from backend import __version__
 from backend.service.schemas import DeviceInfo, DownloadRequest, Health, JobCreated, ModelList, PresetList
 
+from ..security import request_checks
 from .jobs import manager_of, queue_job
 
 router = APIRouter()
@@ -51,7 +52,8 @@ def models(request: Request):
 def submit_download(body: DownloadRequest, request: Request):
     from backend.service.downloads import check_download_request
 
-    check_download_request(body.model_dump())
+    with request_checks():
+        check_download_request(body.model_dump())
     return queue_job(request, "download", body, [])
 
 

@@ -8,10 +8,12 @@ from backend.engine.options import path_fields
 from backend.service.jobs import check_segment_job
 from backend.service.schemas import JobCreated, SegmentRequest, options_from_request
 
-from ..security import absolute_path, looks_like_path
+from ..security import absolute_path, looks_like_path, output_path, request_checks
 from .jobs import manager_of, queue_job
 
 router = APIRouter()
+
+OUTPUT_FIELDS = ("out", "class_raster", "prob_raster")
 
 
 def check_segment_request(request: SegmentRequest, device: str) -> list[str]:
@@ -22,7 +24,8 @@ def check_segment_request(request: SegmentRequest, device: str) -> list[str]:
     for name in path_fields():
         value = getattr(request, name)
         if value is not None:
-            absolute_path(value, name.replace("_", " "))
+            check = output_path if name in OUTPUT_FIELDS else absolute_path
+            check(value, name.replace("_", " "))
     if request.model is not None and looks_like_path(request.model):
         absolute_path(request.model, "model")
     return check_segment_job(options_from_request(request.model_dump()), device)
@@ -30,4 +33,6 @@ def check_segment_request(request: SegmentRequest, device: str) -> list[str]:
 
 @router.post("/segment", response_model=JobCreated, status_code=202)
 def submit_segment(body: SegmentRequest, request: Request):
-    return queue_job(request, "segment", body, check_segment_request(body, manager_of(request).models.device))
+    with request_checks():
+        outputs = check_segment_request(body, manager_of(request).models.device)
+    return queue_job(request, "segment", body, outputs)

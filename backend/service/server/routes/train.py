@@ -2,38 +2,124 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import types
+import typing
+from typing import Any
+
 from fastapi import APIRouter, Request
 
-from backend.engine.errors import FarslipError
+from backend.engine.errors import FarslipError, InputError
 from backend.service.schemas import EvaluateRequest, JobCreated, TrainRequest
 
-from ..security import absolute_path
+from ..security import absolute_path, looks_like_path, output_path, request_checks
 from .jobs import queue_job
 
 router = APIRouter()
 
+# Options of TrainRequest that name files (base_model only when it is a path, not a registry name).
+TRAIN_PATHS = ("raster", "labels", "out", "weights", "aoi")
+
+
+def _plain_type(annotation: Any) -> tuple[Any, bool]:
+    """(the type, whether None is allowed) of a TrainOptions annotation such as `int | None`."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        inner = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return (inner[0] if len(inner) == 1 else Any), True
+    return annotation, False
+
+
+def _option_value(name: str, annotation: Any, value: Any) -> Any:
+    """A training option from JSON, as TrainOptions holds it; a wrong type is a sentence naming the option."""
+    kind, optional = _plain_type(annotation)
+    if value is None and optional:
+        return None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        wanted = "true or false"
+    elif kind is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        wanted = "a whole number"
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        wanted = "a number"
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+        wanted = "a text"
+    else:
+        return value
+    raise InputError(f"The training option {name} must be {wanted}" + (" or null" if optional else "")
+                     + f"; got {str(value)[:100]!r}.")
+
+
+def check_train_options(request: dict) -> None:
+    """The trainer's options as `train_model` will build them (TrainOptions, then method, epochs, lr and
+    patch_loss_weight over it), checked by the trainer's own rules before the job is queued."""
+    from training import api
+    from training.finetune import TrainOptions
+
+    hints = typing.get_type_hints(TrainOptions)
+    values = {item.name: _option_value(item.name, hints[item.name], request[item.name])
+              for item in dataclasses.fields(TrainOptions) if item.name in request}
+    options = TrainOptions(**values)
+    options.method = request.get("method") or "lora"
+    options.epochs = int(request.get("epochs") or 5)
+    if request.get("patch_loss_weight") is not None:
+        options.patch_loss_weight = float(request["patch_loss_weight"])
+    if request.get("lr") is not None:
+        options.lr = float(request["lr"])
+    api._check_options(options)
+
 
 def check_train_request(request: TrainRequest) -> list[str]:
     """The trainer's own quick checks; returns the model folder the job will write."""
-    for name in ("raster", "labels", "out"):
-        absolute_path(getattr(request, name), name)
+    from backend.service.evaluate_jobs import check_labels
+
+    body = request.model_dump(exclude_none=True)
+    for name in TRAIN_PATHS:
+        if isinstance(body.get(name), str):
+            if name == "out":
+                output_path(body[name], "out", example="/data/my-model")
+            else:
+                absolute_path(body[name], name)
+    if isinstance(body.get("base_model"), str) and looks_like_path(body["base_model"]):
+        absolute_path(body["base_model"], "base model")
     try:
         from training import api
     except ImportError:
         raise FarslipError("This backend cannot train: the training package is not installed.") from None
-    return list(api.check_request(request.model_dump(exclude_none=True)))
+    outputs = list(api.check_request(body))
+    check_labels(body["labels"], body["class_field"])
+    check_train_options(body)
+    return outputs
 
 
 @router.post("/train", response_model=JobCreated, status_code=202)
 def submit_train(body: TrainRequest, request: Request):
-    return queue_job(request, "train", body, check_train_request(body))
+    with request_checks():
+        outputs = check_train_request(body)
+    return queue_job(request, "train", body, outputs)
 
 
 @router.post("/evaluate", response_model=JobCreated, status_code=202)
 def submit_evaluate(body: EvaluateRequest, request: Request):
     from backend.service.evaluate_jobs import check_evaluate_request
 
-    for name in ("raster", "labels", "out_json"):
-        if getattr(body, name):
-            absolute_path(getattr(body, name), name)
-    return queue_job(request, "evaluate", body, check_evaluate_request(body.model_dump()))
+    with request_checks():
+        for name in ("raster", "labels", "out_json"):
+            if getattr(body, name):
+                if name == "out_json":
+                    output_path(body.out_json, name, example="/data/metrics.json")
+                else:
+                    absolute_path(getattr(body, name), name)
+        if body.model is not None and looks_like_path(body.model):
+            absolute_path(body.model, "model")
+        outputs = check_evaluate_request(body.model_dump())
+    return queue_job(request, "evaluate", body, outputs)

@@ -1,0 +1,271 @@
+"""`farslip serve` refuses, before queueing, what a job would only fail on (or get wrong) later; and it names
+unknown endpoints, unreadable bodies and foreign Host headers in one sentence (a real server on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def data(naip):
+    return naip.parent
+
+
+@pytest.fixture
+def evaluate_body(data, tiny_model):
+    def body(**changes) -> dict:
+        request = {"raster": str(data / "solaris_sample_geotiff.tif"),
+                   "labels": str(data / "solaris_geotiff_labels.geojson"), "class_field": "building",
+                   "model": str(tiny_model)}
+        request.update(changes)
+        return request
+
+    return body
+
+
+@pytest.fixture
+def train_body(data, tiny_model, out_dir):
+    def body(**changes) -> dict:
+        request = {"raster": str(data / "solaris_sample_geotiff.tif"),
+                   "labels": str(data / "solaris_geotiff_labels.geojson"), "class_field": "building",
+                   "out": str(out_dir / "model"), "base_model": str(tiny_model), "epochs": 1}
+        request.update(changes)
+        return request
+
+    return body
+
+
+@pytest.fixture
+def search_body(tiny_model, out_dir, naip, small_bbox):
+    def body(**changes) -> dict:
+        request = {"raster": str(naip), "sentences": ["a lake"], "bbox": small_bbox, "model": str(tiny_model),
+                   "out": str(out_dir / "hits.gpkg")}
+        request.update(changes)
+        return request
+
+    return body
+
+
+def _refused(backend, path: str, body: dict, status: int = 400) -> str:
+    response = backend.client.post(path, json=body)
+    assert response.status_code == status, response.text
+    detail = response.json()["detail"]
+    assert detail.endswith(".") and "\n" not in detail, detail
+    return detail
+
+
+def _job_count(backend) -> int:
+    return len(backend.client.get("/v1/jobs").json()["jobs"])
+
+
+# --------------------------------------------------------------------------- paths: control characters, length
+
+@pytest.mark.parametrize("character", ["\n", "\t", "\r", "\x1b"])
+def test_control_characters_in_any_path_are_refused_and_the_worker_keeps_serving(
+        backend, segment_body, evaluate_body, train_body, search_body, out_dir, character):
+    bad = str(out_dir / f"new{character}name.gpkg")
+    before = _job_count(backend)
+    for path, body in [("/v1/segment", segment_body(out=bad)), ("/v1/segment", segment_body(raster=bad)),
+                       ("/v1/segment", segment_body(class_raster=bad.replace(".gpkg", ".tif"))),
+                       ("/v1/evaluate", evaluate_body(out_json=bad.replace(".gpkg", ".json"))),
+                       ("/v1/evaluate", evaluate_body(labels=bad)), ("/v1/train", train_body(out=bad)),
+                       ("/v1/search", search_body(out=bad)), ("/v1/index", {"raster": bad})]:
+        detail = _refused(backend, path, body)
+        assert f"control character {character!r}" in detail, (path, detail)
+    assert _job_count(backend) == before
+    assert list(out_dir.iterdir()) == []
+    job_id = backend.submit(segment_body())
+    assert backend.wait(job_id)["state"] == "done"
+
+
+@pytest.mark.parametrize("length", [200, 300])
+def test_an_output_name_too_long_for_its_staged_copy_is_a_400(backend, segment_body, evaluate_body, search_body,
+                                                               out_dir, length):
+    long_name = str(out_dir / ("d" * length))
+    for path, body in [("/v1/segment", segment_body(out=long_name + ".gpkg")),
+                       ("/v1/evaluate", evaluate_body(out_json=long_name + ".json")),
+                       ("/v1/search", search_body(out=long_name + ".gpkg"))]:
+        assert "too long" in _refused(backend, path, body), path
+    # The connection stays usable (a 500 used to drop the keep-alive connection).
+    assert backend.client.get("/v1/health").status_code == 200
+
+
+def test_an_over_long_folder_name_in_any_path_is_a_4xx_not_a_500(backend, segment_body, evaluate_body, train_body,
+                                                                  search_body, out_dir):
+    folder = str(out_dir / ("f" * 300))
+    cases = [("/v1/segment", segment_body(raster=folder + "/x.tif")),
+             ("/v1/segment", segment_body(out=folder + "/x.gpkg")),
+             ("/v1/segment", segment_body(model=folder + "/m.safetensors")),
+             ("/v1/evaluate", evaluate_body(raster=folder + "/x.tif")),
+             ("/v1/evaluate", evaluate_body(labels=folder + "/x.gpkg")),
+             ("/v1/evaluate", evaluate_body(out_json=folder + "/x.json")),
+             ("/v1/train", train_body(out=folder + "/m")), ("/v1/train", train_body(labels=folder + "/l.gpkg")),
+             ("/v1/search", search_body(out=folder + "/h.gpkg")), ("/v1/index", {"raster": folder + "/x.tif"})]
+    for path, body in cases:
+        response = backend.client.post(path, json=body)
+        assert 400 <= response.status_code < 500, (path, body, response.text)
+
+
+def test_an_output_path_with_no_name_is_a_sentence(backend, segment_body, evaluate_body, train_body, search_body):
+    for path, body in [("/v1/segment", segment_body(out="/")), ("/v1/segment", segment_body(class_raster="/")),
+                       ("/v1/evaluate", evaluate_body(out_json="/")), ("/v1/train", train_body(out="/")),
+                       ("/v1/search", search_body(out="/"))]:
+        assert "has no name to write to" in _refused(backend, path, body), path
+
+
+# --------------------------------------------------------------------------- evaluate
+
+def test_evaluate_never_writes_its_json_over_an_input_or_an_existing_file(backend, evaluate_body, data, out_dir):
+    raster = out_dir / "in.tif"
+    raster.write_bytes((data / "solaris_sample_geotiff.tif").read_bytes())
+    before = _digest(raster)
+    assert "would destroy the input" in _refused(backend, "/v1/evaluate", evaluate_body(
+        raster=str(raster), out_json=str(raster), overwrite=True))
+    assert _digest(raster) == before
+    earlier = out_dir / "metrics.json"
+    earlier.write_text("{}")
+    assert "already exists" in _refused(backend, "/v1/evaluate", evaluate_body(out_json=str(earlier)))
+    assert "is a folder" in _refused(backend, "/v1/evaluate", evaluate_body(out_json=str(out_dir), overwrite=True))
+    assert "device" in _refused(backend, "/v1/evaluate", evaluate_body(out_json="/dev/null", overwrite=True))
+    assert earlier.read_text() == "{}"
+
+
+def test_evaluate_checks_the_model_the_labels_folder_and_the_class_field_at_submit(backend, evaluate_body, out_dir):
+    before = _job_count(backend)
+    assert "Unknown model" in _refused(backend, "/v1/evaluate", evaluate_body(model="nope"), 422)
+    assert "is a folder" in _refused(backend, "/v1/evaluate", evaluate_body(labels=str(out_dir)))
+    detail = _refused(backend, "/v1/evaluate", evaluate_body(class_field="no_such_field"))
+    assert "has no field 'no_such_field'" in detail
+    assert _job_count(backend) == before
+
+
+# --------------------------------------------------------------------------- train
+
+@pytest.mark.parametrize("changes, status, words", [
+    ({"lr": "abc"}, 422, "lr"), ({"lr": [1]}, 422, "lr"), ({"lr": 0}, 422, "lr"),
+    ({"batch_size": "x"}, 400, "batch_size must be a whole number"),
+    ({"augment": "yes"}, 400, "augment must be true or false"),
+    ({"method": "nope"}, 400, "method must be one of"),
+    ({"validation_fraction": 0.9}, 400, "validation fraction"),
+    ({"class_field": "no_such_field"}, 400, "has no field 'no_such_field'"),
+])
+def test_train_values_are_checked_at_submit(backend, train_body, changes, status, words):
+    before = _job_count(backend)
+    assert words in _refused(backend, "/v1/train", train_body(**changes), status)
+    assert _job_count(backend) == before
+
+
+def test_train_labels_must_be_vector_data(backend, train_body, data, out_dir):
+    assert "is a folder" in _refused(backend, "/v1/train", train_body(labels=str(out_dir)))
+    detail = _refused(backend, "/v1/train", train_body(labels=str(data / "solaris_sample_geotiff.tif")))
+    assert "cannot be read as a vector layer" in detail
+
+
+# --------------------------------------------------------------------------- search
+
+def test_search_checks_the_like_crs_and_point_at_submit(backend, search_body):
+    before = _job_count(backend)
+    detail = _refused(backend, "/v1/search", search_body(like=[487000, 5207000], like_crs="nope"))
+    assert "like CRS 'nope'" in detail and "bbox" not in detail
+    detail = _refused(backend, "/v1/search", search_body(like=[0, 0], like_crs="EPSG:26914"))
+    assert "outside the raster" in detail
+    assert _job_count(backend) == before
+
+
+# --------------------------------------------------------------------------- segment class lines
+
+def test_a_synonym_in_two_class_lines_and_a_long_shapefile_class_name_are_refused_at_submit(
+        backend, segment_body, out_dir):
+    before = _job_count(backend)
+    assert "'lake' is a name of two classes" in _refused(
+        backend, "/v1/segment", segment_body(class_lines=["water, lake", "lake"]))
+    detail = _refused(backend, "/v1/segment", segment_body(class_lines=["x" * 300, "road"],
+                                                           out=str(out_dir / "r.shp")))
+    assert "shapefile" in detail and "254" in detail
+    assert _job_count(backend) == before
+
+
+# --------------------------------------------------------------------------- HTTP
+
+@pytest.mark.parametrize("host", ["127.0.0.1.evil.example", "127.attacker.com:8080", "127.0.0.1:80:81",
+                                  "localhost.evil.example", "[::1].evil.example", "127.0.0.1@evil.example"])
+def test_host_headers_that_only_start_like_loopback_are_refused(backend, host):
+    for path in ("/v1/health", "/openapi.json"):
+        response = backend.client.get(path, headers={"Host": host})
+        assert response.status_code == 421 and "Host header" in response.json()["detail"], (host, path)
+
+
+@pytest.mark.parametrize("host", ["[::1]", "[::1]:{port}", "127.0.0.2:{port}", "LOCALHOST:{port}"])
+def test_loopback_literals_in_any_form_are_served(backend, host):
+    response = backend.client.get("/v1/health", headers={"Host": host.format(port=backend.info["port"])})
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize("method, path", [("GET", "/v1/nonexistent"), ("GET", "/health"), ("GET", "/v1/jobs/"),
+                                          ("POST", "/v1/nonexistent"), ("OPTIONS", "/v1/nonexistent"),
+                                          ("DELETE", "/nothing/here")])
+def test_an_unknown_path_is_a_404_naming_it(backend, method, path):
+    response = backend.client.request(method, path)
+    assert response.status_code == 404, response.text
+    detail = response.json()["detail"]
+    assert repr(path) in detail and "/v1/" in detail
+    assert "allow" not in response.headers
+
+
+def test_a_wrong_method_on_a_real_endpoint_is_still_a_405(backend):
+    response = backend.client.get("/v1/segment")
+    assert response.status_code == 405 and response.headers["allow"] == "OPTIONS, POST"
+
+
+def test_a_body_not_sent_as_json_and_malformed_json_are_named(backend, segment_body):
+    import json
+
+    response = backend.client.post("/v1/segment", content=json.dumps(segment_body()),
+                                   headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 422
+    assert "send the body as JSON with Content-Type: application/json" in response.json()["detail"]
+    response = backend.client.post("/v1/segment", content=b'{"raster": ', headers={"Content-Type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["detail"].startswith("The request body is not valid JSON (at character 11)")
+
+
+# --------------------------------------------------------------------------- connection file
+
+def test_a_connection_file_without_an_extension_lands_under_exactly_that_name(env, tmp_path):
+    from conftest import FARSLIP, REPO
+
+    folder = tmp_path / "conn"
+    folder.mkdir()
+    connection = folder / "connnoext"
+    process = subprocess.Popen([str(FARSLIP), "serve", "--port", "0", "--state-dir", str(tmp_path / "state"),
+                                "--connection-file", str(connection)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=env, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 90
+        while not connection.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sorted(p.name for p in folder.iterdir()) == ["connnoext"]
+        import json
+
+        port = json.loads(connection.read_text())["port"]
+        with socket.create_connection(("127.0.0.1", port), timeout=10):
+            pass
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert list(folder.iterdir()) == []
