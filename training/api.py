@@ -13,6 +13,7 @@ run removes it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -31,11 +32,27 @@ from backend.engine.models import LoadedModel
 from backend.engine.weights import file_sha256
 from backend.engine.errors import CancelledError, InputError
 from backend.engine.atomic import atomic_output
-from backend.engine.files import check_regular_file, check_vector_source, input_paths
+from backend.engine.diskspace import writing_to
+from backend.engine.files import (
+    check_output_file,
+    check_regular_file,
+    check_vector_source,
+    input_paths,
+    refuse_outputs_over_inputs,
+)
+from backend.engine.options import ATTENTION_VARIANTS
 from backend.engine.raster import PixelWindow, RasterSource, native_gsd_m, open_source
 
 from . import adapters
-from .evaluate import format_metrics, plot_confusion, predict_classes, score, segmenter_for, write_json
+from .evaluate import (
+    draw_confusion,
+    format_metrics,
+    plot_confusion,
+    predict_classes,
+    score,
+    segmenter_for,
+    write_json,
+)
 from .finetune import (
     REGION_PROMPT,
     Trainer,
@@ -47,7 +64,7 @@ from .finetune import (
     run_epochs,
 )
 from .distill import BOX_AREA, BOX_ASPECT
-from .labels import LabelGrid, build_label_grid, read_aoi, read_label_polygons
+from .labels import LabelGrid, build_label_grid, read_aoi, read_label_polygons, split_layer, vector_file
 from .model_folder import (
     CHECKPOINT_DIR,
     check_out_folder,
@@ -61,6 +78,7 @@ from .model_folder import (
 from .sampling import split_labels
 
 TEACHERS = ("frozen", "active")
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes at most 64 bits
 MAX_TRAINING_PIXELS = 64_000_000  # the labelled window is held in memory as float32 RGB (~770 MB)
 
 Progress = Callable[[int, int, dict], None]
@@ -82,7 +100,7 @@ def label_grid_for(source: RasterSource, labels: str | Path, class_field: str, b
     return build_label_grid(source, polygons, background=background, aoi=area, class_lines=class_lines)
 
 
-def _model_class_lines(loaded: LoadedModel, polygons_values: set[str], background: str | None) -> list[str] | None:
+def model_class_lines(loaded: LoadedModel, polygons_values: set[str], background: str | None) -> list[str] | None:
     """The model's own class order when it knows every label class (a fine-tuned model)."""
     lines = getattr(loaded, "class_lines", None)
     if not lines:
@@ -94,6 +112,47 @@ def _model_class_lines(loaded: LoadedModel, polygons_values: set[str], backgroun
     return list(lines) if wanted <= names else None
 
 
+def check_attention(attention: str) -> None:
+    if attention not in ATTENTION_VARIANTS:
+        raise InputError(f"--attention must be one of {', '.join(ATTENTION_VARIANTS)}; got {attention!r}.")
+
+
+def evaluation_inputs(raster=None, labels=None, aoi=None, model=None, weights=None) -> dict[str, Path]:
+    """The files an evaluation reads (which no output may replace)."""
+    return input_paths([("raster", raster), ("labels", vector_file(labels) if labels else None),
+                        ("area of interest", vector_file(aoi) if aoi else None), ("model", model),
+                        ("weights", weights)])
+
+
+def check_report_outputs(outputs: dict[str, str | Path | None], inputs: dict[str, Path],
+                         overwrite: bool) -> dict[str, Path]:
+    """Report files ({"--json file": path, ...}) checked before a model loads: a name the disk takes, in a
+    folder that exists and takes files, none of them an input or another output, none there yet unless
+    `overwrite`; a confusion matrix is a PNG."""
+    chosen = {what: Path(path) for what, path in outputs.items() if path}
+    for what, path in chosen.items():
+        check_output_file(path, what, inputs, overwrite=overwrite)
+        if what.startswith("--png") and path.suffix.lower() not in ("", ".png"):
+            raise InputError(f"The {what} {path} must end in .png: the confusion matrix is written as a PNG "
+                             "image.")
+    refuse_outputs_over_inputs(chosen, {})
+    return chosen
+
+
+def write_report(result: dict, out_json: str | Path | None, out_png: str | Path | None,
+                 title: str) -> dict[str, str]:
+    """The metrics JSON and the confusion matrix PNG, both or neither (the PNG is staged until the JSON is
+    written); a failed write is a sentence naming the file."""
+    outputs = {name: str(path) for name, path in (("json", out_json), ("png", out_png)) if path}
+    with writing_to([Path(p) for p in outputs.values()], 1.0), contextlib.ExitStack() as stack:
+        if out_png:
+            staged = stack.enter_context(atomic_output(out_png))
+            draw_confusion(result["metrics"], staged, title)
+        if out_json:
+            write_json({k: v for k, v in {**result, "outputs": outputs}.items() if k != "text"}, out_json)
+    return outputs
+
+
 def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, model: str | None = None,
                    weights: str | None = None, background: str | None = None, aoi: str | Path | None = None,
                    class_names: dict[str, str] | None = None, split: str = "auto",
@@ -101,21 +160,26 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
                    attention: str = "segearth", batch_size: int = 8, device: str = "cpu",
                    out_json: str | Path | None = None, out_png: str | Path | None = None,
                    loaded: LoadedModel | None = None, progress: Progress | None = None,
-                   should_cancel: Callable[[], bool] | None = None) -> dict:
+                   should_cancel: Callable[[], bool] | None = None, overwrite: bool = True) -> dict:
     """Per-class IoU, mIoU, accuracy and confusion of the engine's classes against labelled polygons.
 
     split: "all" (every labelled pixel), "validation" (the held-out strip recorded in a
     fine-tuned model trained on these same files) or "auto" (validation when it applies).
+    `overwrite=False` refuses report files that exist (the CLI without --overwrite); a job's caller
+    (QGIS) has asked before replacing its file.
     """
     if split not in ("auto", "all", "validation"):
         raise InputError(f"--split must be auto, all or validation; got {split!r}.")
+    check_attention(attention)
+    check_report_outputs({"--json file": out_json, "--png file": out_png},
+                         evaluation_inputs(raster, labels, aoi, model, weights), overwrite)
     loaded = _load(model, weights, device, loaded)
     trained_on = (getattr(loaded, "metadata", None) or {}).get("finetuned") or {}
     same_data = False
     if trained_on.get("data") and split != "all":
         recorded = trained_on["data"]
         same_data = (recorded.get("raster", {}).get("sha256") == file_sha256(raster)
-                     and recorded.get("labels", {}).get("sha256") == file_sha256(labels))
+                     and recorded.get("labels", {}).get("sha256") == file_sha256(vector_file(labels)))
     if split == "validation" and not same_data:
         raise InputError("--split validation needs a fine-tuned model trained on this raster and these "
                          "labels (their sha256 must match the model's farslip_model.json).")
@@ -130,7 +194,7 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
     started = time.perf_counter()
     with open_source(raster, bands, scale, gsd_m) as source:
         polygons = read_label_polygons(labels, class_field, source.crs, class_names)
-        class_lines = _model_class_lines(loaded, set(polygons.class_values), background)
+        class_lines = model_class_lines(loaded, set(polygons.class_values), background)
         area = read_aoi(aoi, source.crs) if aoi else None
         grid = build_label_grid(source, polygons, background=background, aoi=area, class_lines=class_lines)
         if use_validation:
@@ -158,11 +222,8 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
         "metrics": metrics, "text": format_metrics(metrics),
         "seconds": round(time.perf_counter() - started, 3), "outputs": {},
     }
-    if out_json:
-        result["outputs"]["json"] = str(write_json({k: v for k, v in result.items() if k != "text"}, out_json))
-    if out_png:
-        result["outputs"]["png"] = str(plot_confusion(metrics, out_png, f"{loaded.name}: mIoU "
-                                                      f"{100 * (metrics['miou'] or 0):.2f} %"))
+    result["outputs"] = write_report(result, out_json, out_png,
+                                     f"{loaded.name}: mIoU {100 * (metrics['miou'] or 0):.2f} %")
     return result
 
 
@@ -177,7 +238,14 @@ def _check_options(options: TrainOptions) -> None:
     if not (math.isfinite(options.learning_rate) and options.learning_rate > 0):
         raise InputError(f"--lr must be a positive number; got {options.lr}.")
     if not (math.isfinite(options.patch_loss_weight) and options.patch_loss_weight >= 0):
-        raise InputError(f"--patch-loss-weight must not be negative; got {options.patch_loss_weight}.")
+        raise InputError(f"--patch-loss-weight must be a finite number ≥ 0 (0 turns it off); got "
+                         f"{options.patch_loss_weight}.")
+    if options.steps_per_epoch is not None and options.steps_per_epoch < 1:
+        raise InputError(f"--steps-per-epoch must be at least 1 (leave it out for a number from the "
+                         f"training area); got {options.steps_per_epoch}.")
+    if not 0 <= options.seed <= MAX_SEED:
+        raise InputError(f"--seed must be a whole number from 0 to {MAX_SEED}; got {options.seed}.")
+    check_attention(options.attention)
     if options.teacher not in TEACHERS:
         raise InputError(f"--teacher must be frozen (the base model, the default for small data) or active "
                          f"(the network being trained, as FarSLIP's release); got {options.teacher!r}.")
@@ -190,7 +258,8 @@ def _check_options(options: TrainOptions) -> None:
 
 def training_inputs(raster, labels, aoi=None, base_model=None, weights=None) -> dict[str, Path]:
     """The files a training reads (which --out must not hold)."""
-    return input_paths([("raster", raster), ("labels", labels), ("area of interest", aoi),
+    return input_paths([("raster", raster), ("labels", vector_file(labels) if labels else None),
+                        ("area of interest", vector_file(aoi) if aoi else None),
                         ("base model", base_model), ("weights", weights)])
 
 
@@ -214,6 +283,7 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
         options.lr = float(lr)
     _check_options(options)
     raster, labels, out = Path(raster), Path(labels), Path(out)
+    labels_file = vector_file(labels)
     check_out_folder(out, overwrite, resume, training_inputs(raster, labels, aoi, base_model, weights))
     started = time.perf_counter()
     loaded = _load(base_model, weights, device, loaded)
@@ -221,7 +291,7 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
 
     with open_source(raster, bands, scale, gsd_m) as source:
         grid = label_grid_for(source, labels, class_field, background, aoi, class_names)
-        labels_sha = file_sha256(labels)
+        labels_sha = file_sha256(labels_file)
         window_pixels = grid.window.height * grid.window.width
         if window_pixels > MAX_TRAINING_PIXELS:
             raise InputError(f"The labelled extent is {grid.window.width} x {grid.window.height} pixels; training "
@@ -230,13 +300,18 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
                              "(--scale 0.5 or --gsd).")
         split = split_labels(grid, source.window_transform(grid.window), options.validation_fraction,
                              options.buffer_px)
+        warnings = split_warnings(split)
+        for warning in warnings:
+            if progress is not None:
+                progress(0, 0, {"phase": "warning", "message": warning})
         rgb, _ = source.read(grid.window)
         data = TrainingData(rgb, grid, split, source.window_transform(grid.window), source)
         earlier_partial = resume and (partial_dir(out) / CHECKPOINT_DIR / "state.pt").is_file()
         work, resuming = start_work_folder(out, resume, overwrite)
         try:
             result = _train_in(work, out, loaded, data, options, resuming, raster, labels, raster_sha,
-                               labels_sha, class_field, aoi, class_names, started, progress, should_cancel)
+                               labels_sha, class_field, aoi, class_names, started, progress, should_cancel,
+                               finished=resuming and not earlier_partial)
         except CancelledError:
             shutil.rmtree(work, ignore_errors=True)
             raise
@@ -257,12 +332,34 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
             raise
     move_into_place(work, out)
     result["model_dir"] = str(out)
+    result["warnings"] = warnings
     return result
+
+
+def split_warnings(split) -> list[str]:
+    """Classes the training part never shows (the model cannot learn them), and a validation strip that
+    holds only such classes (its mIoU then says little): worth a line, not a refusal."""
+    unseen = [name for name, count in split.train_pixels.items() if count == 0]
+    warnings = []
+    if unseen:
+        listed = ", ".join(repr(name) for name in unseen)
+        warnings.append(f"The class{'es' if len(unseen) > 1 else ''} {listed} {'have' if len(unseen) > 1 else 'has'} "
+                        "no labelled pixels in the training part, so the model cannot learn "
+                        f"{'them' if len(unseen) > 1 else 'it'}; label more of "
+                        f"{'them' if len(unseen) > 1 else 'it'} away from the {split.edge} edge (the "
+                        "validation strip).")
+    validated = [name for name, count in split.validation_pixels.items() if count > 0]
+    if validated and all(name in unseen for name in validated):
+        warnings.append(f"The validation strip along the {split.edge} edge holds only classes the training part "
+                        f"lacks ({', '.join(repr(name) for name in validated)}), so its mIoU says little about "
+                        "the training; label those classes in the training part too.")
+    return warnings
 
 
 def _train_in(work: Path, out: Path, loaded: LoadedModel, data: TrainingData, options: TrainOptions, resuming: bool,
               raster: Path, labels: Path, raster_sha, labels_sha, class_field: str, aoi, class_names,
-              started: float, progress: Progress | None, should_cancel) -> dict:
+              started: float, progress: Progress | None, should_cancel, finished: bool = False) -> dict:
+    """Train in `work`. `finished`: resuming a model folder already in place (not an interrupted run)."""
     checkpoint = work / CHECKPOINT_DIR
     checkpoint.mkdir(exist_ok=True)
     state = TrainState()
@@ -275,9 +372,14 @@ def _train_in(work: Path, out: Path, loaded: LoadedModel, data: TrainingData, op
         if saved["options"]["method"] != options.method:
             raise InputError(f"The training in {work} used --method {saved['options']['method']}; resume it "
                              "with the same method.")
-        if options.epochs <= saved["epoch"]:
-            raise InputError(f"The training in {work} already ran {saved['epoch']} epochs; pass --epochs "
+        # An interrupted run that finished its last epoch is finished here (best weights, metadata, final
+        # validation); a model already in place continues only with more epochs.
+        if finished and options.epochs <= saved["epoch"]:
+            raise InputError(f"The training in {out} already ran {saved['epoch']} epochs; pass --epochs "
                              f"larger than {saved['epoch']} to continue it.")
+        if options.epochs < saved["epoch"]:
+            raise InputError(f"The training in {work} already ran {saved['epoch']} epochs; pass --epochs "
+                             f"{saved['epoch']} to finish it, or a larger number to continue it.")
         kept = {k: saved["options"][k] for k in ("batch_size", "steps_per_epoch", "seed", "lora_rank",
                                                  "last_blocks", "crop_px", "teacher") if k in saved["options"]}
         options = TrainOptions(**{**asdict(options), **kept})
@@ -349,9 +451,10 @@ def _train_in(work: Path, out: Path, loaded: LoadedModel, data: TrainingData, op
         "prompts": {"inference": "OpenAI ImageNet templates (80)", "region_alignment": REGION_PROMPT},
         "data": {
             "raster": {"path": str(raster.resolve()), "sha256": raster_sha},
-            "labels": {"path": str(labels.resolve()), "sha256": labels_sha, "class_field": class_field,
-                       "class_names": class_names or {}},
-            "aoi": {"path": str(Path(aoi).resolve()), "sha256": file_sha256(aoi)} if aoi else None,
+            "labels": {"path": str(vector_file(labels).resolve()), "sha256": labels_sha,
+                       "layer": split_layer(labels)[1], "class_field": class_field, "class_names": class_names or {}},
+            "aoi": {"path": str(vector_file(aoi).resolve()), "sha256": file_sha256(vector_file(aoi)),
+                    "layer": split_layer(aoi)[1]} if aoi else None,
         },
         "processing": {"scale": data.source.scale, "bands": data.source.bands,
                        "crs": data.source.crs.to_string(),
@@ -362,7 +465,7 @@ def _train_in(work: Path, out: Path, loaded: LoadedModel, data: TrainingData, op
         "training": {**asdict(options), "learning_rate": options.learning_rate,
                      "epochs_run": state.epoch, "best_epoch": state.best_epoch, "history": state.history,
                      "device": str(loaded.device), "seconds": round(train_seconds, 3),
-                     "crops_per_second": round(crops / train_seconds, 3) if train_seconds > 0 else None,
+                     "crops_per_second": round(crops / train_seconds, 3) if crops and train_seconds > 0 else None,
                      "peak_rss_mb": round(peak_rss_mb(), 1),
                      "peak_gpu_mb": (round(torch.cuda.max_memory_allocated() / 2**20, 1)
                                      if loaded.device.type == "cuda" else None)},
@@ -453,6 +556,10 @@ def train_request(request: dict, progress: Callable[[int, int], None] | None = N
     options = TrainOptions(**{**defaults, **values})
 
     def report(step: int, total: int, info: dict) -> None:
+        if info.get("phase") == "warning":
+            if message is not None:
+                message(f"Warning: {info['message']}")
+            return
         if progress is not None:
             progress(step, total)
         if message is None:

@@ -93,7 +93,15 @@ def format_metrics(metrics: dict) -> str:
 
 
 def plot_confusion(metrics: dict, path: str | Path, title: str = "") -> Path:
-    """Row-normalised confusion matrix as a PNG (matplotlib, Agg)."""
+    """Row-normalised confusion matrix as a PNG (matplotlib, Agg), all or nothing."""
+    path = Path(path)
+    with atomic_output(path) as staged:
+        draw_confusion(metrics, staged, title)
+    return path
+
+
+def draw_confusion(metrics: dict, path: str | Path, title: str = "") -> None:
+    """Row-normalised confusion matrix as a PNG at `path` (whatever its extension, or none)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,27 +113,26 @@ def plot_confusion(metrics: dict, path: str | Path, title: str = "") -> Path:
     names = metrics["class_names"]
     side = max(4.0, 0.6 * len(names) + 2.5)
     figure, axes = plt.subplots(figsize=(side + 1, side))
-    image = axes.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
-    axes.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    axes.set_yticks(range(len(names)), names)
-    axes.set_xlabel("prediction")
-    axes.set_ylabel("truth")
-    if len(names) <= 20:
-        for i in range(len(names)):
-            for j in range(len(names)):
-                axes.text(j, i, f"{normalised[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                          color="white" if normalised[i, j] > 0.5 else "black")
-    miou = metrics.get("miou")
-    axes.set_title(title or (f"mIoU {100 * miou:.2f} %" if miou is not None else "confusion matrix"))
-    figure.colorbar(image, ax=axes, fraction=0.046)
-    figure.tight_layout()
-    path = Path(path)
     try:
-        with atomic_output(path) as staged:
-            figure.savefig(staged, dpi=100)
+        image = axes.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+        axes.set_xticks(range(len(names)), names, rotation=45, ha="right")
+        axes.set_yticks(range(len(names)), names)
+        axes.set_xlabel("prediction")
+        axes.set_ylabel("truth")
+        if len(names) <= 20:
+            for i in range(len(names)):
+                for j in range(len(names)):
+                    axes.text(j, i, f"{normalised[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                              color="white" if normalised[i, j] > 0.5 else "black")
+        miou = metrics.get("miou")
+        axes.set_title(title or (f"mIoU {100 * miou:.2f} %" if miou is not None else "confusion matrix"))
+        figure.colorbar(image, ax=axes, fraction=0.046)
+        figure.tight_layout()
+        # The format is named: without it matplotlib takes it from the extension, and appends ".png"
+        # to a name that has none.
+        figure.savefig(path, dpi=100, format="png")
     finally:
         plt.close(figure)
-    return path
 
 
 def write_json(data: dict, path: str | Path) -> Path:

@@ -17,7 +17,7 @@ import torch
 
 from backend.engine.atomic import atomic_output, shared_file_mode, write_text_atomically
 from backend.engine.errors import InputError
-from backend.engine.files import is_inside
+from backend.engine.files import check_output_folder, check_output_name, is_inside
 from backend.engine.finetuned import FINETUNED_FORMAT, FINETUNED_META
 from backend.engine.models import LoadedModel
 from backend.engine.temporary import new_run_tag, process_is_alive, staged_stem
@@ -66,6 +66,8 @@ def check_out_folder(out: Path, overwrite: bool, resume: bool, inputs: dict[str,
     """--out may be replaced only when it is a model folder this project wrote, holding none of the inputs."""
     if not out.parent.is_dir():
         raise InputError(f"The output folder {out.parent} does not exist; create it or choose another --out.")
+    check_output_name(out, "--out folder")
+    check_output_folder(out)  # the folder that takes --out (and its working folder beside it)
     for what, path in inputs.items():
         if is_inside(path, out):
             raise InputError(f"The {what} {path} lies inside {out}, which training writes; choose another --out.")
@@ -118,8 +120,13 @@ def start_work_folder(out: Path, resume: bool, overwrite: bool) -> tuple[Path, b
                          f"{CHECKPOINT_DIR}/ folder. Run without --resume to start training.")
     # A working folder left by a training that is no longer running (ours by name, its owner gone).
     shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
-    claim(work)
+    try:
+        work.mkdir()
+        claim(work)
+    except OSError as error:
+        shutil.rmtree(work, ignore_errors=True)
+        raise InputError(f"Cannot create the working folder {work} for --out {out} ({error.strerror or error}); "
+                         "choose another --out.") from error
     return work, False
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from backend.engine.diskspace import writing_to
 from backend.engine.errors import InputError
 from backend.engine.quality import (
     QualityModel,
@@ -28,6 +29,7 @@ from backend.engine.quality import (
 from backend.engine.raster import PixelWindow, open_source
 from backend.engine.sliding import predict_window
 
+from .api import model_class_lines
 from .evaluate import segmenter_for
 from .labels import UNLABELLED, build_label_grid, read_aoi, read_label_polygons
 
@@ -130,7 +132,9 @@ def calibrate_quality(raster: str | Path, labels: str | Path, class_field: str, 
         raise InputError(f"--quality-tile must be between 16 and 1024 pixels; got {tile}.")
     with open_source(raster, bands, scale, gsd_m) as source:
         polygons = read_label_polygons(labels, class_field, source.crs, class_names)
-        lines = list(loaded.class_lines) if loaded.class_lines else sorted(set(polygons.class_values))
+        # The evaluation's own classes: the model's when it knows every label class, else the label values
+        # (and the background class).
+        lines = model_class_lines(loaded, set(polygons.class_values), background)
         area = read_aoi(aoi, source.crs) if aoi else None
         grid = build_label_grid(source, polygons, background=background, aoi=area, class_lines=lines)
         signals, truth, index = tile_table(loaded, source, grid.window, grid.labels, grid.class_lines, tile,
@@ -140,6 +144,7 @@ def calibrate_quality(raster: str | Path, labels: str | Path, class_field: str, 
     held_out = rank_agreement(out_of_fold(signals, truth, index, loaded.weights_id, grid.class_lines), truth)
     model.metrics = {"tiles": len(truth), "tile_px": tile, "default": default, "out_of_fold": held_out,
                      "raster": str(raster), "labels": str(labels)}
-    model.save(target)
+    with writing_to([target], 1.0):
+        model.save(target)
     return {"calibration": str(target), "tiles": len(truth), "default": default, "calibrated": held_out,
             "class_lines": grid.class_lines}

@@ -15,7 +15,9 @@ from typing import Optional
 import typer
 
 from backend.engine.atomic import write_text_atomically
+from backend.engine.diskspace import writing_to
 from backend.engine.errors import FarslipError, InputError
+from backend.engine.files import check_output_file, is_inside
 from backend.service.cli_common import fail as _fail
 from backend.service.cli_common import interrupted, signals_as_interrupt
 from backend.service.cli_common import parse_bands as _bands
@@ -28,9 +30,12 @@ class _Lines:
         self.quiet, self.every_s, self.last = quiet, every_s, 0.0
 
     def __call__(self, step: int, total: int, info: dict) -> None:
+        phase = info.get("phase")
+        if phase == "warning":  # printed even with --quiet, as segment's warnings are
+            typer.echo(f"Warning: {info['message']}", err=True)
+            return
         if self.quiet:
             return
-        phase = info.get("phase")
         now = time.perf_counter()
         if phase == "validate" and info.get("epoch"):
             best = info.get("best_miou")
@@ -95,17 +100,23 @@ def evaluate_command(
     quality_out: Optional[Path] = typer.Option(None, help="Calibration file to write (default: inside the "
                                                           "fine-tuned model folder)."),
     quality_tile: int = typer.Option(64, help="Tile side in pixels for --calibrate-quality."),
+    overwrite: bool = typer.Option(False, help="Replace existing --json, --png and --quality-out files."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Report per-class IoU, mIoU, accuracy and the confusion matrix of a model against labelled polygons."""
     from backend.engine.devices import resolve_device
     from backend.engine.models import check_half, load_model, to_half
 
-    from training.api import class_names_from_pairs, evaluate_model
-    from training.evaluate import (benchmark_layout, benchmark_metrics, benchmark_protocol, format_metrics,
-                                   plot_confusion, write_json)
+    from training.api import (check_attention, check_report_outputs, class_names_from_pairs, evaluate_model,
+                              evaluation_inputs, write_report)
+    from training.evaluate import benchmark_layout, benchmark_metrics, benchmark_protocol, format_metrics
 
     try:
+        # Every output is checked before a model loads: a run never ends in a traceback over a missing folder.
+        check_attention(attention)
+        check_report_outputs({"--json file": json_out, "--png file": png,
+                              "--quality-out file": quality_out if calibrate_quality else None},
+                             evaluation_inputs(raster, labels, aoi, model, weights), overwrite)
         dev = resolve_device(device)
         check_half(half, dev)
         if benchmark is not None:
@@ -134,12 +145,9 @@ def evaluate_command(
                        f"threshold {settings['prob_threshold']}, background index {settings['background_index']}"
                        f"{', fp16' if half else ''})")
             typer.echo(format_metrics(metrics))
-            if json_out:
-                write_json({"model": loaded.name, "benchmark": str(benchmark), "preset": preset,
-                            "protocol": protocol, "settings": settings, "fp16": half, "metrics": metrics},
-                           json_out)
-            if png:
-                plot_confusion(metrics, png)
+            write_report({"model": loaded.name, "benchmark": str(benchmark), "preset": preset,
+                          "protocol": protocol, "settings": settings, "fp16": half, "metrics": metrics},
+                         json_out, png, "")
             return
         if raster is None or labels is None or not class_field:
             raise InputError("Give RASTER, LABELS and --class-field (or --benchmark FOLDER).")
@@ -148,7 +156,7 @@ def evaluate_command(
                                 class_names=class_names_from_pairs(class_name or []), split=split,
                                 bands=_bands(bands), scale=scale, gsd_m=gsd, attention=attention,
                                 batch_size=batch_size, device=str(dev), out_json=json_out, out_png=png,
-                                progress=_Lines(quiet),
+                                progress=_Lines(quiet), overwrite=overwrite,
                                 loaded=to_half(load_model(model, str(weights) if weights else None, dev))
                                 if half else None)
     except FarslipError as error:
@@ -202,7 +210,7 @@ def train_command(
     steps_per_epoch: Optional[int] = typer.Option(None, help="Steps per epoch (default: from the area)."),
     seed: int = typer.Option(0, help="Random seed."),
     resume: bool = typer.Option(False, help="Continue an interrupted or finished training of --out."),
-    overwrite: bool = typer.Option(False, help="Replace an existing --out folder."),
+    overwrite: bool = typer.Option(False, help="Replace an existing --out folder (and --json file)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
@@ -210,11 +218,18 @@ def train_command(
     """Fine-tune a model on labelled polygons; report validation mIoU before and after."""
     from backend.engine.devices import resolve_device
 
-    from training.api import class_names_from_pairs, train_model
+    from training.api import class_names_from_pairs, train_model, training_inputs
     from training.finetune import TrainOptions
 
     try:
         with signals_as_interrupt():
+            if json_out is not None:
+                # Checked before the model loads: the training's report never fails after the model is written.
+                if is_inside(json_out, out):
+                    raise InputError(f"The --json file {json_out} lies inside --out {out}, which training writes; "
+                                     "choose another place for it.")
+                check_output_file(json_out, "--json file", training_inputs(raster, labels, aoi, base_model, weights),
+                                  overwrite=overwrite)
             dev = resolve_device(device)
             options = TrainOptions(batch_size=batch_size, steps_per_epoch=steps_per_epoch, seed=seed,
                                    teacher=teacher)
@@ -233,4 +248,8 @@ def train_command(
                f"(best epoch {result['best_epoch']} of {result['epochs']}).")
     typer.echo(f"Wrote {result['model_dir']}; use it with --model {result['model_dir']}.")
     if json_out:
-        write_text_atomically(json_out, json.dumps(result, indent=2) + "\n")
+        try:
+            with writing_to([json_out], 1.0):
+                write_text_atomically(json_out, json.dumps(result, indent=2) + "\n")
+        except FarslipError as error:
+            _fail(error)

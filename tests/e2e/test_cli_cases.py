@@ -243,6 +243,19 @@ TRAIN_CASES = [
     ("out is an existing file", "{in}/in.tif {in}/labels.geojson --out {in}/random.pt --overwrite", 2,
      "not a model folder"),
     ("labels are a FIFO", "{in}/in.tif {in}/fifo.txt --out {out}/model", 2, "named pipe"),
+    # options and report files checked before the model loads
+    ("negative steps per epoch", "{in}/in.tif {in}/labels.geojson --out {out}/model --steps-per-epoch -3", 2,
+     "--steps-per-epoch must be at least 1"),
+    ("negative seed", "{in}/in.tif {in}/labels.geojson --out {out}/model --seed -1", 2,
+     "--seed must be a whole number from 0"),
+    ("infinite patch loss weight", "{in}/in.tif {in}/labels.geojson --out {out}/model --patch-loss-weight inf", 2,
+     "--patch-loss-weight must be a finite number ≥ 0"),
+    ("json report in a missing folder", "{in}/in.tif {in}/labels.geojson --out {out}/model --json {out}/no/r.json",
+     2, "does not exist"),
+    ("json report is the raster", "{in}/in.tif {in}/labels.geojson --out {out}/model --json {in}/in.tif "
+     "--overwrite", 2, "would destroy the input"),
+    ("json report exists", "{in}/in.tif {in}/labels.geojson --out {out}/model --json {out}/d.gpkg/keep.txt", 2,
+     "already exists"),
 ]
 
 
@@ -256,4 +269,33 @@ def test_train_refuses_with_one_line_and_touches_nothing(case, args, code, phras
     lines = result.output.strip().splitlines()
     assert result.exit_code == code, (case, result.output, result.exception)
     assert len(lines) == 1 and phrase in lines[0], result.output
+    assert _tree(out_dir) == before_out and _hashes(inputs) == before_inputs
+
+
+# `farslip evaluate`: unknown options and report files it cannot write are refused before the model loads.
+EVALUATE_CASES = [
+    ("unknown attention variant", "--attention foo", 2, "--attention must be one of segearth"),
+    ("json report in a missing folder", "--json {out}/no/m.json", 2, "does not exist"),
+    ("png report in a missing folder", "--json {out}/m.json --png {out}/no/m.png", 2, "does not exist"),
+    ("png report of another format", "--png {out}/m.jpg", 2, "must end in .png"),
+    ("json and png reports are one file", "--json {out}/m --png {out}/m", 2, "are the same file"),
+    ("json report is the labels", "--json {in}/labels.geojson --overwrite", 2, "would destroy the input"),
+    ("json report exists", "--json {out}/d.gpkg/keep.txt", 2, "allow overwriting (--overwrite)"),
+    ("json report is a folder", "--json {out}/d.gpkg --overwrite", 2, "is a folder"),
+    ("quality calibration in a missing folder", "--calibrate-quality --quality-out {out}/no/q.json", 2,
+     "does not exist"),
+]
+
+
+@pytest.mark.parametrize("case, args, code, phrase", EVALUATE_CASES, ids=[case[0] for case in EVALUATE_CASES])
+def test_evaluate_refuses_with_one_line_and_touches_nothing(case, args, code, phrase, inputs, out_dir, shared_data):
+    shutil.copy(shared_data / "solaris_geotiff_labels.geojson", inputs / "labels.geojson")
+    words = [w.format(**{"in": inputs, "out": out_dir}) for w in args.split()]
+    before_inputs, before_out = _hashes(inputs), _tree(out_dir)
+    result = CliRunner().invoke(app, ["evaluate", str(inputs / "in.tif"), str(inputs / "labels.geojson"),
+                                      "--class-field", "building", "--background", "ground", "--model",
+                                      str(inputs / "tiny.pt"), "--device", "cpu", "--quiet", *words])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == code, (case, result.output, result.exception)
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and phrase in lines[0], result.output
     assert _tree(out_dir) == before_out and _hashes(inputs) == before_inputs

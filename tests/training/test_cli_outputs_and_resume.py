@@ -1,0 +1,168 @@
+"""`farslip evaluate` and `farslip train` with report files they cannot write, and the runs users stop.
+
+Every output is checked before the model loads, so a mistyped folder costs a second, not a run, and
+never leaves half a report (the JSON without its PNG) or a model whose report then failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyogrio.raw
+import pytest
+import shapely
+from training_data import RASTER_CRS, fast_options, make_synthetic
+from typer.testing import CliRunner
+
+from backend.service.cli import app
+from training.api import split_warnings, train_model
+from training.sampling import PixelBox, SpatialSplit
+
+runner = CliRunner()
+
+
+def evaluate(raster, labels, model, *extra) -> tuple[int, list[str]]:
+    result = runner.invoke(app, ["evaluate", str(raster), str(labels), "--class-field", "cls", "--model", str(model),
+                                 "--device", "cpu", "-q", *map(str, extra)])
+    return result.exit_code, result.output.strip().splitlines()
+
+
+def refused(code: int, lines: list[str], phrase: str) -> bool:
+    return code == 2 and len(lines) == 1 and lines[0].startswith("Error: ") and phrase in lines[0]
+
+
+def test_evaluate_checks_its_report_files_before_scoring(synthetic, tiny_model, tmp_path):
+    raster, labels, _ = synthetic
+    metrics = tmp_path / "metrics.json"
+    code, lines = evaluate(raster, labels, tiny_model, "--json", metrics, "--png", tmp_path / "nodir" / "m.png")
+    assert refused(code, lines, "nodir does not exist"), lines
+    assert not metrics.exists()  # never the JSON without its PNG
+    code, lines = evaluate(raster, labels, tiny_model, "--json", tmp_path / "nodir" / "m.json")
+    assert refused(code, lines, "nodir does not exist"), lines
+    code, lines = evaluate(raster, labels, tiny_model, "--png", tmp_path / "matrix.jpg")
+    assert refused(code, lines, "must end in .png"), lines
+    code, lines = evaluate(raster, labels, tiny_model, "--json", raster)
+    assert refused(code, lines, "is the raster"), lines
+    code, lines = evaluate(raster, labels, tiny_model, "--attention", "foo")
+    assert refused(code, lines, "--attention must be one of segearth"), lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+    # A name without an extension is written under that name, as a PNG.
+    code, lines = evaluate(raster, labels, tiny_model, "--json", metrics, "--png", tmp_path / "matrix")
+    assert code == 0, lines
+    assert (tmp_path / "matrix").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(metrics.read_text())["outputs"] == {"json": str(metrics), "png": str(tmp_path / "matrix")}
+
+    # Existing report files are replaced only with --overwrite, as segment's outputs are.
+    metrics.write_text("my notes")
+    code, lines = evaluate(raster, labels, tiny_model, "--json", metrics)
+    assert refused(code, lines, "already exists; choose another name or allow overwriting (--overwrite)"), lines
+    assert metrics.read_text() == "my notes"
+    code, lines = evaluate(raster, labels, tiny_model, "--json", metrics, "--overwrite")
+    assert code == 0, lines
+    assert json.loads(metrics.read_text())["metrics"]["miou"] is not None
+
+
+def test_calibrating_the_quality_estimate_with_a_background_class(synthetic, tiny_model, tmp_path):
+    """A base model with --background: the calibration uses the evaluation's classes (it ended in KeyError)."""
+    raster, labels, _ = synthetic
+    calibration = tmp_path / "quality.json"
+    code, lines = evaluate(raster, labels, tiny_model, "--background", "other", "--calibrate-quality",
+                           "--quality-out", calibration, "--quality-tile", "32")
+    assert code == 0, lines
+    assert json.loads(calibration.read_text())["class_lines"] == ["forest", "sand", "water", "other"]
+    code, lines = evaluate(raster, labels, tiny_model, "--background", "other", "--calibrate-quality",
+                           "--quality-out", calibration, "--quality-tile", "32")
+    assert refused(code, lines, "already exists"), lines
+
+
+def train(raster, labels, model, out, *extra):
+    result = runner.invoke(app, ["train", str(raster), str(labels), "--class-field", "cls", "--out", str(out),
+                                 "--base-model", str(model), "--epochs", "1", "--steps-per-epoch", "2",
+                                 "--batch-size", "2", "--device", "cpu", "-q", *map(str, extra)])
+    return result.exit_code, result.output.strip().splitlines()
+
+
+def test_train_checks_its_json_report_before_training(synthetic, tiny_model, tmp_path):
+    raster, labels, _ = synthetic
+    code, lines = train(raster, labels, tiny_model, tmp_path / "model", "--json", tmp_path / "nodir" / "r.json")
+    assert refused(code, lines, "nodir does not exist"), lines
+    assert list(tmp_path.iterdir()) == []  # no model folder (before: written, then a traceback)
+    code, lines = train(raster, labels, tiny_model, tmp_path / "model", "--json", tmp_path / "model" / "r.json")
+    assert refused(code, lines, "lies inside --out"), lines
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys"), reason="needs a folder that refuses new folders (Linux /sys)")
+def test_train_into_a_folder_that_refuses_folders_says_so(synthetic, tiny_model):
+    raster, labels, _ = synthetic
+    code, lines = train(raster, labels, tiny_model, "/sys/farslip-model")
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("Error: ") and "/sys" in lines[0], lines
+
+
+def test_resume_after_the_last_epoch_finishes_the_model(synthetic, tiny_model, tmp_path):
+    """Stopped after its last epoch (while writing the model), the run is finished by --resume, as the
+    interruption message says (it was refused: "already ran 1 epochs")."""
+    raster, labels, _ = synthetic
+    out = tmp_path / "model"
+
+    def stop_while_writing(step, total, info):
+        if info.get("phase") == "final-validate":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_model(raster, labels, "cls", out, base_model=str(tiny_model), epochs=1, lr=1e-3,
+                    options=fast_options(steps_per_epoch=2), progress=stop_while_writing)
+    assert not out.exists() and (tmp_path / ".model.partial" / "checkpoint" / "state.pt").is_file()
+    result = train_model(raster, labels, "cls", out, base_model=str(tiny_model), epochs=1, lr=1e-3,
+                         options=fast_options(steps_per_epoch=2), resume=True)
+    assert result["epochs"] == 1 and [h["epoch"] for h in result["history"]] == [1]
+    assert (out / "model.safetensors").is_file() and (out / "evaluation.txt").is_file()
+    assert json.loads((out / "farslip_model.json").read_text())["metrics"]["after"] == result["metrics"]["after"]
+    assert not (tmp_path / ".model.partial").exists()
+
+
+def test_a_class_without_training_pixels_is_a_warning(tiny_model, tmp_path):
+    (tmp_path / "scene").mkdir()
+    raster, labels, _ = make_synthetic(tmp_path / "scene", labels_crs=RASTER_CRS)
+    # A sliver between pixel centres: the class "reed" exists, but not one pixel of it.
+    sliver = shapely.box(500000.1, 4999999.5, 500000.5, 4999999.9)
+    pyogrio.raw.write(labels, np.array([shapely.to_wkb(sliver)], dtype=object), [np.array(["reed"], dtype=object)],
+                      ["cls"], driver="GPKG", geometry_type="Polygon", crs=RASTER_CRS, append=True)
+    report = tmp_path / "report.json"
+    code, lines = train(raster, labels, tiny_model, tmp_path / "model", "--json", report)
+    assert code == 0, lines
+    warning = [line for line in lines if line.startswith("Warning: ")]
+    assert warning == ["Warning: The class 'reed' has no labelled pixels in the training part, so the model cannot "
+                       "learn it; label more of it away from the "
+                       f"{json.loads(report.read_text())['split']['edge']} edge (the validation strip)."]
+    assert json.loads(report.read_text())["warnings"] == [warning[0][len("Warning: "):]]
+
+
+def test_a_validation_strip_of_classes_training_never_sees_is_a_warning():
+    box = PixelBox(0, 0, 10, 10)
+    split = SpatialSplit("right", box, box, 32, (0, 0, 1, 1), (0, 0, 1, 1),
+                         {"water": 500, "forest": 300, "sand": 0}, {"water": 0, "forest": 0, "sand": 80})
+    assert split_warnings(split)[1] == ("The validation strip along the right edge holds only classes the training "
+                                        "part lacks ('sand'), so its mIoU says little about the training; label "
+                                        "those classes in the training part too.")
+    split.validation_pixels["water"] = 10
+    assert len(split_warnings(split)) == 1
+
+
+def test_labels_named_by_layer_on_the_command_line(synthetic, tiny_model, tmp_path):
+    raster, labels, _ = synthetic
+    layered = Path(tmp_path / "layers.gpkg")
+    meta, _, wkb, fields = pyogrio.raw.read(labels)
+    pyogrio.raw.write(layered, np.array([shapely.to_wkb(shapely.Point(0, 0))], dtype=object),
+                      [np.array(["x"], dtype=object)], ["cls"], layer="points", driver="GPKG",
+                      geometry_type="Point", crs=meta["crs"])
+    for name in ("mine", "theirs"):
+        pyogrio.raw.write(layered, wkb, fields, ["cls"], layer=name, driver="GPKG", geometry_type="Polygon",
+                          crs=meta["crs"], append=True)
+    code, lines = evaluate(raster, layered, tiny_model)
+    assert refused(code, lines, "holds 3 layers (points (Point), mine (Polygon), theirs (Polygon))"), lines
+    code, lines = evaluate(raster, f"{layered}|layername=theirs", tiny_model)
+    assert code == 0 and "mIoU" in "\n".join(lines), lines
