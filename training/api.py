@@ -530,7 +530,7 @@ _REQUEST_ARGS = ("raster", "labels", "class_field", "out", "base_model", "weight
 def check_request(request: dict) -> list[str]:
     """Quick checks of a POST /v1/train body before it is queued; returns the output paths it will write."""
     check_regular_file(request["raster"], "raster")
-    check_vector_source(request["labels"], "labels")
+    check_vector_source(vector_file(request["labels"]), "labels")
     out = Path(request["out"])
     check_out_folder(out, bool(request.get("overwrite")), bool(request.get("resume")),
                      training_inputs(request["raster"], request["labels"], request.get("aoi"),

@@ -166,3 +166,12 @@ def test_labels_named_by_layer_on_the_command_line(synthetic, tiny_model, tmp_pa
     assert refused(code, lines, "holds 3 layers (points (Point), mine (Polygon), theirs (Polygon))"), lines
     code, lines = evaluate(raster, f"{layered}|layername=theirs", tiny_model)
     assert code == 0 and "mIoU" in "\n".join(lines), lines
+
+
+def test_a_train_request_takes_labels_named_by_layer(synthetic, tmp_path):
+    from training.api import check_request
+
+    raster, labels, _ = synthetic
+    request = {"raster": str(raster), "labels": f"{labels}|layername=labels", "class_field": "cls",
+               "out": str(tmp_path / "model")}
+    assert check_request(request) == [str(tmp_path / "model")]
