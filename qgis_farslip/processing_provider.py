@@ -304,7 +304,8 @@ class EvaluateOnLabels(BackendAlgorithm):
 
     def processAlgorithm(self, parameters, context, feedback):
         out_json = self.parameterAsFileOutput(parameters, self.OUTPUT, context)
-        request = {**self.labelled_inputs(parameters, context), "out_json": out_json,
+        # QGIS's file dialog has asked before replacing an existing report.
+        request = {**self.labelled_inputs(parameters, context), "out_json": out_json, "overwrite": True,
                    "model": (self.parameterAsString(parameters, self.MODEL, context).strip()
                              or PluginSettings.load().default_model or None),
                    "background": self.parameterAsString(parameters, self.BACKGROUND, context).strip() or None}

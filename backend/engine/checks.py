@@ -73,9 +73,9 @@ def _check_tif(path: Path, what: str) -> None:
 
 def check_outputs(options: SegmentOptions) -> None:
     """Refuse outputs that cannot be written, or that would replace an input, before any work is done."""
+    driver_for(options.out)
     for role, path in output_paths(options).items():
         check_output_name(path, OUTPUT_NAMES[role])
-    driver_for(options.out)
     if options.class_raster:
         _check_tif(Path(options.class_raster), "class raster")
     if options.prob_raster:

@@ -30,7 +30,7 @@ LANGUAGES: dict[str, str] = {
 # Bounds that keep a request body small; a user never comes near them.
 PATH_MAX_CHARS = 4096
 CLASS_LINE_MAX_CHARS = 1000
-CLASS_LINES_MAX = 256
+CLASS_LINES_MAX = 250  # class ids are one byte in the class raster the polygons come from (255: none)
 BATCH_MAX = 1024
 
 

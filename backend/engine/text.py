@@ -26,6 +26,7 @@ from .errors import InputError
 from .hf_text import encode_hf_tokens, is_hf_text_model
 from .languages import ENGLISH_TEMPLATES, query_language, templates_for
 from .models import LoadedModel
+from .options import CLASS_LINES_MAX
 from .paths import cache_dir
 
 if TYPE_CHECKING:
@@ -73,8 +74,9 @@ def parse_class_lines(lines: list[str]) -> list[ClassSpec]:
     if nameless is not None:
         raise InputError(f"The class line {nameless[:60]!r} holds only separators and no class name; give a name "
                          "(commas separate synonyms of one class) or leave the line out.")
-    if len(classes) > 250:
-        raise InputError(f"{len(classes)} classes were given; at most 250 fit in the class raster.")
+    if len(classes) > CLASS_LINES_MAX:
+        raise InputError(f"{len(classes)} classes were given; one run tells at most {CLASS_LINES_MAX} apart (class "
+                         "ids are one byte); split the list over several runs.")
     return classes
 
 

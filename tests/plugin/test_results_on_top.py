@@ -142,6 +142,13 @@ def test_processing_evaluates_a_model_on_labelled_polygons(running_plugin, qgis_
     assert result["MIOU"] == pytest.approx(report["metrics"]["miou"])
     assert 0.0 <= result["MIOU"] <= 1.0
 
+    # Run again to the same report (QGIS's file dialog asked before replacing it): the report is replaced.
+    out.write_text("the previous report")
+    again = processing.run("farslip:evaluate_on_labelled_polygons", {
+        "INPUT": naip_layer, "LABELS": labels, "CLASS_FIELD": "cls", "MODEL": str(tiny_model),
+        "BACKGROUND": "", "OUTPUT": str(out)})
+    assert json.loads(out.read_text())["metrics"]["miou"] == pytest.approx(again["MIOU"])
+
 
 def test_processing_searches_a_raster_by_sentences(running_plugin, qgis_processing, naip_layer, tiny_model,
                                                    tmp_path):
