@@ -42,6 +42,7 @@ from .atomic import atomic_output, write_text_atomically
 from .dense import image_and_patch_features, normalize_pixels
 from .errors import CancelledError, EmptyResultError, InputError
 from .models import LoadedModel
+from .options import BATCH_MAX
 from .weights import file_sha256
 from .paths import cache_dir
 from .raster import PixelWindow, RasterSource, native_gsd_m, open_source, request_window
@@ -161,7 +162,7 @@ class SearchIndex:
         self.raster = Path(raster)
         self.loaded = loaded
         self.attention = attention
-        self.batch_size = max(1, int(batch_size))
+        self.batch_size = check_batch_size(batch_size)
         self.dataset = source.dataset
         self.crs = source.crs
         size = loaded.model.visual.image_size
@@ -216,12 +217,21 @@ class SearchIndex:
         return self.folder / f"L{level.factor}" / f"row{row:05d}.npz"
 
     def _read_row(self, level: Level, row: int) -> tuple[np.ndarray | None, np.ndarray]:
+        """The embeddings and window states of a grid row; a row file that is missing, damaged (cut
+        short, empty, not a zip) or of another shape reads as a row not embedded yet, and is redone."""
         path = self._row_file(level, row)
+        missing = None, np.zeros(len(level.col_starts), np.uint8)
         try:
             with np.load(path, allow_pickle=False) as data:
-                return data["embeddings"], data["state"]
-        except (OSError, ValueError, KeyError):
-            return None, np.zeros(len(level.col_starts), np.uint8)
+                embeddings, state = data["embeddings"], data["state"]
+        except Exception:  # zipfile.BadZipFile, EOFError (an empty file), OSError, ValueError, KeyError, ...
+            return missing
+        shape = (len(level.col_starts), len(PERSPECTIVES), self.loaded.model.visual.output_dim)
+        if (embeddings.shape != shape or state.shape != (len(level.col_starts),)
+                or embeddings.dtype.kind != "f" or state.dtype != np.uint8
+                or not np.isin(state, (STATE_MISSING, STATE_EMBEDDED, STATE_EMPTY)).all()):
+            return missing
+        return embeddings, state
 
     def _write_row(self, level: Level, row: int, embeddings: np.ndarray, state: np.ndarray) -> None:
         path = self._row_file(level, row)
@@ -300,6 +310,24 @@ class SearchIndex:
                 state[j] = STATE_EMBEDDED
             stats.computed += len(batch)
 
+    def window_embedding(self, level: Level, row: int, col: int, should_cancel=None) -> tuple[np.ndarray | None, int]:
+        """The image embedding of one window (embedded now if it is not in the index yet), or None when
+        the window holds no valid pixel; and how many windows were embedded for it (0 or 1)."""
+        embeddings, state = self._read_row(level, row)
+        computed = 0
+        if state[col] == STATE_MISSING:
+            if embeddings is None:
+                embeddings = np.zeros((len(level.col_starts), len(PERSPECTIVES),
+                                       self.loaded.model.visual.output_dim), np.float16)
+            stats = BuildStats()
+            with bounded_gdal_cache():
+                self._embed_chunk(level, row, [col], embeddings, state, stats, should_cancel)
+            self._write_row(level, row, embeddings, state)
+            computed = stats.computed
+        if state[col] != STATE_EMBEDDED or embeddings is None:
+            return None, computed
+        return embeddings[col, 0].astype(np.float32), computed
+
     # -- reading
 
     def entries(self, bbox=None, bbox_crs: str | None = None, factors: tuple[int, ...] | None = None
@@ -335,6 +363,13 @@ class SearchIndex:
 
     def window_count(self) -> int:
         return sum(len(lv.row_starts) * len(lv.col_starts) for lv in self.levels)
+
+
+def check_batch_size(value) -> int:
+    """--batch-size: a whole number from 1 to BATCH_MAX, as segment's."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= BATCH_MAX:
+        raise InputError(f"The batch size must be a whole number from 1 to {BATCH_MAX}; got {value}.")
+    return int(value)
 
 
 def safe_stem(path: Path) -> str:

@@ -316,3 +316,78 @@ def test_all_nodata_raster_exits_4_from_the_command(shared_data, loaded, tmp_pat
     result = CliRunner().invoke(app, ["index", str(shared_data / "all-nodata.tif"), "--model",
                                       loaded.metadata["weights_path"], "--device", "cpu"])
     assert result.exit_code == 4 and "nothing to index or search" in result.output
+
+
+def test_damaged_row_files_of_the_index_are_embedded_again(loaded, naip_copy, tmp_path):
+    # A row file cut short (a full disk, a crash) and an empty one (a rename that outlived its data).
+    with open_index(naip_copy, loaded) as index:
+        index.ensure()
+        before = index.entries()
+        rows = sorted(index.folder.glob("L1/row*.npz"))
+        per_row = len(index.levels[0].col_starts)
+    rows[0].write_bytes(rows[0].read_bytes()[:100])
+    rows[1].write_bytes(b"")
+    with open_index(naip_copy, loaded) as index:
+        assert index.missing() == 2 * per_row
+        result = search_raster(index, SearchOptions(["water"], top=2), tmp_path / "hits.gpkg")
+        after = index.entries()
+    assert result.report["index"]["computed"] == 2 * per_row
+    assert len(hits_table(tmp_path / "hits.gpkg")[1]) == 2
+    assert np.allclose(after.bounds, before.bounds) and np.allclose(after.embeddings, before.embeddings, atol=2e-3)
+    with open_index(naip_copy, loaded) as index:
+        assert index.missing() == 0
+
+
+def half_nodata_raster(path: Path, nodata_cols: int) -> Path:
+    """672 x 672 px of noise at 2 m (EPSG:32633) whose columns 0..nodata_cols-1 are nodata (0)."""
+    rng = np.random.default_rng(11)
+    data = rng.integers(30, 220, (3, 672, 672)).astype(np.uint8)
+    data[:, :, :nodata_cols] = 0
+    with rasterio.open(path, "w", driver="GTiff", width=672, height=672, count=3, dtype="uint8", nodata=0,
+                       crs="EPSG:32633", transform=from_origin(500000, 4000000, 2.0, 2.0)) as dst:
+        dst.write(data)
+    return path
+
+
+def test_an_example_point_on_nodata_is_refused_or_its_empty_scales_named(loaded, tmp_path):
+    point = (500000 + 10 * 2.0, 4000000 - 10 * 2.0)  # pixel (10, 10)
+    # Nodata up to column 460: the windows under the point (224 and 448 px) hold no valid pixel.
+    raster = half_nodata_raster(tmp_path / "nodata460.tif", 460)
+    with open_index(raster, loaded) as index:
+        with pytest.raises(InputError, match=r"lies on nodata pixels of nodata460\.tif"):
+            search_raster(index, SearchOptions(like=point, top=5), tmp_path / "none.gpkg")
+    assert not (tmp_path / "none.gpkg").exists()
+    # Nodata up to column 300: the 224-px window under the point is empty, the 448-px one is not.
+    raster = half_nodata_raster(tmp_path / "nodata300.tif", 300)
+    with open_index(raster, loaded) as index:
+        result = search_raster(index, SearchOptions(like=point, top=5), tmp_path / "like.gpkg")
+    assert any("no valid pixel at 448 m" in notice for notice in result.notices)
+    fields, geometries, _crs = hits_table(tmp_path / "like.gpkg")
+    assert len(geometries) > 0 and set(fields["scale_m"]) == {896.0}
+
+
+def test_a_bbox_smaller_than_a_window_is_searched_by_the_windows_over_it(loaded, naip500, tmp_path):
+    with rasterio.open(naip500) as src:
+        left, top = src.bounds.left, src.bounds.top
+    box = (left + 700, top - 760, left + 750, top - 710)  # 50 m, well inside the 2500 m raster
+    with open_index(naip500, loaded) as index:
+        result = search_raster(index, SearchOptions(["a road"], top=5, bbox=box), tmp_path / "hits.gpkg")
+    _fields, geometries, _crs = hits_table(tmp_path / "hits.gpkg")
+    assert len(geometries) >= 1 and result.report["windows_searched"] >= 1
+    for geometry in geometries:  # each hit holds the whole box
+        assert geometry.contains(shapely.box(*box))
+
+
+def test_example_point_label_keeps_about_ten_centimetres(loaded, planted, tmp_path):
+    raster, centres = planted
+    lon, lat = warp_transform(CRS.from_epsg(32633), CRS.from_epsg(4326), [centres[0][0]], [centres[0][1]])
+    with open_index(raster, loaded) as index:
+        search_raster(index, SearchOptions(like=(lon[0], lat[0]), like_crs="EPSG:4326", top=1), tmp_path / "a.gpkg")
+        search_raster(index, SearchOptions(like=centres[0], top=1), tmp_path / "b.gpkg")
+    assert hits_table(tmp_path / "a.gpkg")[0]["query"][0] == f"like {lon[0]:.6f} {lat[0]:.6f} (EPSG:4326)"
+    assert hits_table(tmp_path / "b.gpkg")[0]["query"][0] == f"like {centres[0][0]:.2f} {centres[0][1]:.2f}"
+
+
+def test_a_sentence_given_twice_is_refused():
+    with pytest.raises(InputError, match="'A road' was given twice"):
+        make_queries(["a road", "farmland", "A road "], None)
