@@ -4,7 +4,9 @@ Tiles of `tile` native pixels on a grid anchored at the raster's top-left corner
 cut by the raster), each resized to the model's input and embedded by CLIP's image path. A tile's
 class probabilities are the softmax over all class queries (80 prompt templates each) of the cosine
 times the model's own learned logit scale, then the maximum over each class's synonyms
-(FARSLIP_METHOD.md section 2). Tiles with no valid pixel are left out.
+(FARSLIP_METHOD.md section 2). Tiles with no valid pixel are left out. Each tile is written as its
+footprint on the ground, the affine applied to its four pixel corners: a rectangle on a north-up
+raster, the true (turned) quadrilateral on a rotated one.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import shapely
 
 from backend import __version__
 from .errors import CancelledError, EmptyResultError, InputError
-from .export import report_path_for, write_rectangles, write_report
+from .export import _write_layer, check_field_widths, report_path_for, write_report
 from .models import LoadedModel
 from .raster import PixelWindow, open_source, request_window
 from .search import check_hits_output
@@ -60,12 +63,27 @@ def tile_starts(start: int, stop: int, tile: int) -> list[int]:
     return list(range((start // tile) * tile, stop, tile))
 
 
+def check_classify_output(out: Path, overwrite: bool, options: ClassifyOptions,
+                          inputs: dict[str, Path] | None = None) -> None:
+    """The tiles layer and its report can be written (never over an input), and hold every class name."""
+    check_hits_output(out, overwrite, inputs)
+    check_field_widths(out, [c.name for c in parse_class_lines(options.class_lines)])
+
+
+def tile_footprint(transform, tile: PixelWindow) -> list[tuple[float, float]]:
+    """The four corners of a tile on the ground (the affine applied to its pixel corners), a closed ring."""
+    corners = [(tile.col_off, tile.row_off), (tile.col_off + tile.width, tile.row_off),
+               (tile.col_off + tile.width, tile.row_off + tile.height), (tile.col_off, tile.row_off + tile.height)]
+    ring = [tuple(transform @ corner) for corner in corners]
+    return ring + ring[:1]
+
+
 def classify_raster(raster: Path, options: ClassifyOptions, out: Path, loaded: LoadedModel, overwrite: bool = False,
                     progress: Callable[[int, int], None] | None = None,
                     should_cancel: Callable[[], bool] | None = None) -> ClassifyResult:
     started = time.perf_counter()
     validate_classify_options(options)
-    check_hits_output(out, overwrite)
+    check_classify_output(out, overwrite, options, {"raster": Path(raster)})
     classes = parse_class_lines(options.class_lines)
     queries, query_owner = query_index(classes)
     owner = np.asarray(query_owner)
@@ -99,7 +117,7 @@ def classify_raster(raster: Path, options: ClassifyOptions, out: Path, loaded: L
                     image = embed_windows(loaded, np.stack([batch[i][1] for i in members]))[:, 0]
                     per_class = class_probabilities(image, text, owner, len(classes), scale)
                     for i, row_probs in zip(members, per_class):
-                        boxes.append(source.window_bounds(batch[i][0]))
+                        boxes.append(tile_footprint(source.transform, batch[i][0]))
                         class_ids.append(int(row_probs.argmax()))
                         probs.append(float(row_probs.max()))
             done += len(cols)
@@ -111,7 +129,7 @@ def classify_raster(raster: Path, options: ClassifyOptions, out: Path, loaded: L
                                "nothing to classify. Choose another extent.")
     run_id = uuid.uuid4().hex[:12]
     names = [c.name for c in classes]
-    _write_tiles(out, np.asarray(boxes), class_ids, probs, names, crs, loaded.name, run_id)
+    _write_tiles(out, boxes, class_ids, probs, names, crs, loaded.name, run_id)
     counts = np.bincount(class_ids, minlength=len(classes))
     stats = [{"class": name, "class_id": i, "tiles": int(counts[i])} for i, name in enumerate(names)]
     outputs = {"vector": str(out), "report": str(report_path_for(out))}
@@ -123,10 +141,12 @@ def classify_raster(raster: Path, options: ClassifyOptions, out: Path, loaded: L
     return ClassifyResult(run_id, outputs, stats, len(boxes), report)
 
 
-def _write_tiles(path: Path, boxes: np.ndarray, class_ids: list[int], probs: list[float], names: list[str], crs,
-                 model: str, run_id: str) -> None:
+def _write_tiles(path: Path, footprints: list[list[tuple[float, float]]], class_ids: list[int], probs: list[float],
+                 names: list[str], crs, model: str, run_id: str) -> None:
     count = len(class_ids)
     columns = (np.array([names[i] for i in class_ids], dtype=object), np.asarray(class_ids, np.int32),
                np.asarray(probs, np.float64), np.array([model] * count, dtype=object),
                np.array([run_id] * count, dtype=object))
-    write_rectangles(path, boxes, dict(zip(TILE_FIELDS, columns)), crs)
+    # Counter-clockwise exterior rings, as the rectangles of search hits (shapely.box) are.
+    geometries = shapely.orient_polygons(shapely.polygons(np.asarray(footprints, dtype=np.float64)))
+    _write_layer(Path(path), np.asarray(geometries, dtype=object), dict(zip(TILE_FIELDS, columns)), "Polygon", crs)

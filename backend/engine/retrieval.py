@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from .dense import normalize_pixels
 from .errors import CancelledError, InputError
 from .models import LoadedModel
+from .search_index import check_batch_size
 from .text import encode_tokens
 
 RECALL_KS = (1, 5, 10)
@@ -38,15 +39,32 @@ class CaptionSet:
     caption_image: np.ndarray  # (T,) index of each caption's image
 
 
+def _json_problem(path: Path, error: Exception) -> str:
+    """Why a .json file could not be read, with the place of a syntax or encoding error."""
+    if isinstance(error, json.JSONDecodeError):
+        return f"{path.name} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})"
+    if isinstance(error, UnicodeDecodeError):
+        return (f"{path.name} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at position {error.start}); "
+                "save it as UTF-8")
+    if isinstance(error, OSError):
+        return f"{path.name} cannot be read ({error.strerror or error})"
+    return f"{path.name} cannot be read ({error})"
+
+
 def find_caption_file(folder: Path) -> Path:
     candidates = sorted(p for p in folder.glob("*.json") if p.is_file())
+    problems: list[str] = []
     for path in candidates:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            problems.append(_json_problem(path, error))
             continue
         if isinstance(data, dict) and isinstance(data.get("images"), list):
             return path
+    if problems:
+        raise InputError(f"{folder} holds no readable caption JSON of the RSICD/RSITMD release: "
+                         f"{'; '.join(problems)}. Fix the file, or put the release's dataset_*.json there.")
     raise InputError(f"{folder} holds no caption JSON of the RSICD/RSITMD release (a .json file with an "
                      "'images' list, e.g. dataset_rsicd.json).")
 
@@ -75,12 +93,30 @@ def load_caption_set(folder: str | Path, split: str = "test") -> CaptionSet:
     for entry in entries:
         if not isinstance(entry, dict) or (split != "all" and entry.get("split") != split):
             continue
-        path = _image_path(folder, str(entry.get("filename", "")))
+        filename = entry.get("filename")
+        if not isinstance(filename, str) or not filename.strip():
+            raise InputError(f"In {caption_file.name}, an image entry (imgid {entry.get('imgid')}) has "
+                             f"\"filename\": {json.dumps(filename)[:40]}; give every image its file name.")
+        path = _image_path(folder, filename)
         if path is None:
             missing.append(str(entry.get("filename")))
             continue
-        texts = [s.get("raw", "").strip() for s in entry.get("sentences", []) if isinstance(s, dict)]
-        texts = [t for t in texts if t]
+        sentences = entry.get("sentences", [])
+        if not isinstance(sentences, list):
+            raise InputError(f"In {caption_file.name}, the 'sentences' of image {entry.get('filename')} are not a "
+                             "list; each image needs a list of {\"raw\": \"caption text\"} entries.")
+        texts = []
+        for sentence in sentences:
+            if not isinstance(sentence, dict) or "raw" not in sentence:
+                raise InputError(f"In {caption_file.name}, a caption of image {entry.get('filename')} has no \"raw\" "
+                                 "text; give every caption its text (or remove the caption).")
+            raw = sentence["raw"]
+            if not isinstance(raw, str):
+                raise InputError(f"In {caption_file.name}, a caption of image {entry.get('filename')} has "
+                                 f"\"raw\": {json.dumps(raw)[:40]}, not text; give every caption its text (or "
+                                 "remove the caption).")
+            if raw.strip():
+                texts.append(raw.strip())
         if not texts:
             continue
         for text in texts:
@@ -159,6 +195,7 @@ def embed_captions(loaded: LoadedModel, captions: list[str], batch_size: int = 6
 
 def evaluate_retrieval(folder: str | Path, loaded: LoadedModel, split: str = "test", batch_size: int = 32,
                        progress: Callable[[int, int], None] | None = None, should_cancel=None) -> dict:
+    batch_size = check_batch_size(batch_size)
     captions = load_caption_set(folder, split)
     image_vectors = embed_images(loaded, captions.images, batch_size, progress, should_cancel)
     caption_vectors = embed_captions(loaded, captions.captions)

@@ -140,3 +140,76 @@ def test_classify_refuses_bad_input_without_writing(loaded, shared_data, tmp_pat
     with pytest.raises(EmptyResultError):
         classify_raster(shared_data / "all-nodata.tif", ClassifyOptions(["water"]), out, loaded)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_classify_writes_the_true_footprint_of_tiles_on_a_rotated_raster(loaded, tmp_path):
+    import shapely
+    from affine import Affine
+
+    raster = tmp_path / "rotated.tif"
+    transform = Affine.translation(500000, 4600000) @ Affine.rotation(30) @ Affine.scale(10, -10)
+    data = np.random.default_rng(1).integers(0, 255, (3, 300, 300), dtype=np.uint8)
+    with rasterio.open(raster, "w", driver="GTiff", width=300, height=300, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=transform) as dst:
+        dst.write(data)
+    result = classify_raster(raster, ClassifyOptions(["water", "road"], tile=150), tmp_path / "tiles.gpkg", loaded)
+    _meta, _fids, geometry, _fields = pyogrio.raw.read(tmp_path / "tiles.gpkg")
+    tiles = [shapely.from_wkb(g) for g in geometry]
+    assert result.tiles == len(tiles) == 4
+    for tile, (row, col) in zip(tiles, [(0, 0), (0, 150), (150, 0), (150, 150)]):
+        corners = [transform @ (col + dc, row + dr) for dc, dr in ((0, 0), (150, 0), (150, 150), (0, 150))]
+        assert tile.area == pytest.approx(1500.0 ** 2)
+        assert tile.normalize().equals_exact(shapely.Polygon(corners).normalize(), 1e-6)
+    assert sum(t.area for t in tiles) == pytest.approx(shapely.union_all(tiles).area)  # no overlaps
+
+
+def test_classify_shapefile_refuses_a_class_name_it_would_cut(loaded, shared_data, tmp_path):
+    name = "very long class name " * 15
+    with pytest.raises(InputError, match="shapefile holds at most 254"):
+        classify_raster(shared_data / "naip_2020_5m.tif", ClassifyOptions([name, "road"], tile=300),
+                        tmp_path / "tiles.shp", loaded)
+    assert list(tmp_path.iterdir()) == []
+
+
+def write_captions(folder: Path, text: bytes | str) -> Path:
+    make_dataset(folder)
+    path = folder / "dataset_rsicd.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    return folder
+
+
+def test_captions_that_are_not_text_are_named_with_their_file_and_image(tmp_path):
+    entries = [{"filename": "scene_0.png", "split": "test", "sentences": [{"raw": None}]}]
+    folder = write_captions(tmp_path / "null", json.dumps({"images": entries}))
+    with pytest.raises(InputError, match=r"dataset_rsicd\.json, a caption of image scene_0\.png has \"raw\": null"):
+        load_caption_set(folder)
+    entries[0]["sentences"] = [{"raw": 5}]
+    folder = write_captions(tmp_path / "number", json.dumps({"images": entries}))
+    with pytest.raises(InputError, match=r"image scene_0\.png has \"raw\": 5, not text"):
+        load_caption_set(folder)
+    entries[0]["sentences"] = "a lake"
+    folder = write_captions(tmp_path / "string", json.dumps({"images": entries}))
+    with pytest.raises(InputError, match=r"'sentences' of image scene_0\.png are not a list"):
+        load_caption_set(folder)
+    entries[0] = {"filename": None, "imgid": 7, "split": "test", "sentences": [{"raw": "a lake"}]}
+    folder = write_captions(tmp_path / "nameless", json.dumps({"images": entries}))
+    with pytest.raises(InputError, match=r"imgid 7\) has \"filename\": null"):
+        load_caption_set(folder)
+
+
+def test_a_caption_file_that_is_not_json_or_not_utf8_is_named_with_the_place(tmp_path):
+    folder = write_captions(tmp_path / "broken", '{"images": [\n  {"filename": "scene_0.png", split: "test"}]}')
+    with pytest.raises(InputError, match=r"dataset_rsicd\.json is not valid JSON \(.* at line 2, column 31\)"):
+        load_caption_set(folder)
+    latin1 = json.dumps({"images": [{"filename": "scene_0.png", "split": "test",
+                                     "sentences": [{"raw": "un lac bleu à côté"}]}]}, ensure_ascii=False)
+    folder = write_captions(tmp_path / "latin1", latin1.encode("latin-1"))
+    with pytest.raises(InputError, match=r"dataset_rsicd\.json is not UTF-8 text \(byte 0xe0"):
+        load_caption_set(folder)
+
+
+def test_retrieval_batch_size_below_one_is_refused(loaded, tmp_path):
+    make_dataset(tmp_path / "d")
+    for size in (0, -3):
+        with pytest.raises(InputError, match=f"batch size must be a whole number from 1 to 1024; got {size}"):
+            evaluate_retrieval(tmp_path / "d", loaded, batch_size=size)
