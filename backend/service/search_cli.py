@@ -9,9 +9,13 @@ import typer
 
 from backend.engine.atomic import write_text_atomically
 from backend.engine.errors import FarslipError
-from backend.service.cli_common import ProgressReporter, fail, parse_bands
+from backend.service.cli_common import ProgressReporter, fail, interrupted, parse_bands, signals_as_interrupt
 
 MODEL_HELP = "Registry name, checkpoint file or fine-tuned model folder."
+INDEX_KEPT = ("Interrupted; the windows indexed so far are kept, and the next index or search of this raster "
+              "continues from them.")
+SEARCH_KEPT = ("Interrupted; no hits were written (the windows indexed so far are kept, and the next run "
+               "continues from them).")
 
 
 def _load(model: Optional[str], weights: Optional[Path], device: str):
@@ -21,9 +25,11 @@ def _load(model: Optional[str], weights: Optional[Path], device: str):
     return load_model(model, str(weights) if weights else None, resolve_device(device))
 
 
-def _interrupted() -> None:
-    typer.echo("Interrupted; nothing was written.", err=True)
-    raise typer.Exit(130) from None
+def _inputs(raster: Optional[Path], model: Optional[str], weights: Optional[Path], **more: Optional[Path]):
+    """The files a run reads, which no output may replace (a registry model name is not a file)."""
+    from backend.engine.files import input_paths
+
+    return input_paths([("input raster", raster), ("model", model), ("weights", weights), *more.items()])
 
 
 def index_command(
@@ -39,21 +45,23 @@ def index_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Build (or complete) RASTER's search index: CLIP embeddings of windows at three ground scales."""
-    from backend.engine.search_index import check_bbox, describe, open_index
+    from backend.engine.search_index import check_batch_size, check_bbox, describe, open_index
 
     try:
-        loaded = _load(model, weights, device)
-        with open_index(raster, loaded, parse_bands(bands), batch_size=batch_size) as index:
-            check_bbox(index, bbox, bbox_crs)
-            if index.rebuilt_reason and not quiet:
-                typer.echo(index.rebuilt_reason, err=True)
-            with ProgressReporter(quiet, f"indexing {raster.name}") as reporter:
-                stats = index.ensure(bbox, bbox_crs, progress=reporter)
-            info = describe(index, stats)
+        with signals_as_interrupt():
+            check_batch_size(batch_size)
+            loaded = _load(model, weights, device)
+            with open_index(raster, loaded, parse_bands(bands), batch_size=batch_size) as index:
+                check_bbox(index, bbox, bbox_crs)
+                if index.rebuilt_reason and not quiet:
+                    typer.echo(index.rebuilt_reason, err=True)
+                with ProgressReporter(quiet, f"indexing {raster.name}") as reporter:
+                    stats = index.ensure(bbox, bbox_crs, progress=reporter)
+                info = describe(index, stats)
     except FarslipError as error:
         fail(error)
-    except KeyboardInterrupt:
-        _interrupted()
+    except KeyboardInterrupt as error:
+        interrupted(error, INDEX_KEPT)
     if not quiet:
         levels = ", ".join(f"{lv['windows']} x {lv['scale_m']:g} m" for lv in info["levels"])
         typer.echo(f"Index of {raster.name}: {levels} windows; {info['computed']} embedded now "
@@ -89,16 +97,17 @@ def search_command(
     options = SearchOptions(list(sentences or []), list(keywords) if keywords else None, not no_keywords, top,
                             bbox, bbox_crs, like, like_crs, max_overlap)
     try:
-        validate_search_options(options)
-        check_hits_output(out, overwrite)
-        loaded = _load(model, weights, device)
-        with open_index(raster, loaded, parse_bands(bands)) as index:
-            with ProgressReporter(quiet, f"indexing {raster.name}") as reporter:
-                result = search_raster(index, options, out, overwrite, progress=reporter)
+        with signals_as_interrupt():
+            queries = validate_search_options(options)
+            check_hits_output(out, overwrite, _inputs(raster, model, weights), [q.text for q in queries])
+            loaded = _load(model, weights, device)
+            with open_index(raster, loaded, parse_bands(bands)) as index:
+                with ProgressReporter(quiet, f"indexing {raster.name}") as reporter:
+                    result = search_raster(index, options, out, overwrite, progress=reporter)
     except FarslipError as error:
         fail(error)
-    except KeyboardInterrupt:
-        _interrupted()
+    except KeyboardInterrupt as error:
+        interrupted(error, SEARCH_KEPT)
     for notice in result.notices:
         typer.echo(notice, err=True)
     if not quiet:
@@ -127,24 +136,28 @@ def classify_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Zero-shot scene classification: the most likely class of every tile, with its probability."""
-    from backend.engine.classify import ClassifyOptions, classify_raster, validate_classify_options
+    from backend.engine.classify import (ClassifyOptions, check_classify_output, classify_raster,
+                                         validate_classify_options)
     from backend.engine.presets import collect_class_lines
     from backend.engine.search import check_hits_output
 
     try:
-        lines = collect_class_lines(classes, classes_file, preset)
-        options = ClassifyOptions(lines, tile, bbox, bbox_crs, parse_bands(bands))
-        loaded = _load(model, weights, device)
-        if not options.class_lines and loaded.class_lines:
-            options.class_lines = list(loaded.class_lines)
-        validate_classify_options(options)
-        check_hits_output(out, overwrite)
-        with ProgressReporter(quiet, f"classifying {raster.name}") as reporter:
-            result = classify_raster(raster, options, out, loaded, overwrite, progress=reporter)
+        with signals_as_interrupt():
+            lines = collect_class_lines(classes, classes_file, preset)
+            options = ClassifyOptions(lines, tile, bbox, bbox_crs, parse_bands(bands))
+            inputs = _inputs(raster, model, weights, **{"class list": classes_file})
+            check_hits_output(out, overwrite, inputs)
+            loaded = _load(model, weights, device)
+            if not options.class_lines and loaded.class_lines:
+                options.class_lines = list(loaded.class_lines)
+            validate_classify_options(options)
+            check_classify_output(out, overwrite, options, inputs)
+            with ProgressReporter(quiet, f"classifying {raster.name}") as reporter:
+                result = classify_raster(raster, options, out, loaded, overwrite, progress=reporter)
     except FarslipError as error:
         fail(error)
-    except KeyboardInterrupt:
-        _interrupted()
+    except KeyboardInterrupt as error:
+        interrupted(error)
     if not quiet:
         for entry in result.classes:
             typer.echo(f"  {entry['class']:<24} {entry['tiles']:>6} tiles")
@@ -164,18 +177,25 @@ def evaluate_retrieval_command(
     """Image-text retrieval recalls (R@1/5/10 both ways, mR) on an RSICD/RSITMD-layout folder."""
     import json
 
-    from backend.engine.retrieval import load_caption_set
+    from backend.engine.files import check_output_file
+    from backend.engine.retrieval import check_batch_size, find_caption_file, load_caption_set
     from backend.engine.retrieval import evaluate_retrieval as evaluate
 
     try:
-        load_caption_set(folder, split)
-        loaded = _load(model, weights, device)
-        with ProgressReporter(quiet, f"embedding {folder.name}") as reporter:
-            result = evaluate(folder, loaded, split, batch_size, progress=reporter)
+        with signals_as_interrupt():
+            check_batch_size(batch_size)
+            load_caption_set(folder, split)
+            if json_out is not None:  # checked before the model loads: the figures are never lost at the end
+                check_output_file(json_out, "--json file",
+                                  _inputs(None, model, weights, **{"caption JSON": find_caption_file(folder)}),
+                                  overwrite=True)
+            loaded = _load(model, weights, device)
+            with ProgressReporter(quiet, f"embedding {folder.name}") as reporter:
+                result = evaluate(folder, loaded, split, batch_size, progress=reporter)
     except FarslipError as error:
         fail(error)
-    except KeyboardInterrupt:
-        _interrupted()
+    except KeyboardInterrupt as error:
+        interrupted(error)
     recalls = result["recalls"]
     typer.echo(f"{result['images']} images, {result['captions']} captions ({split}), model {result['model']}")
     typer.echo("  image->text  R@1 {i2t_R@1:6.2f}  R@5 {i2t_R@5:6.2f}  R@10 {i2t_R@10:6.2f}".format(**recalls))

@@ -1,0 +1,183 @@
+"""`farslip index/search/classify/evaluate-retrieval` as a user runs them: outputs that would destroy
+an input or cannot be files, options checked before the model loads, Ctrl+C and SIGTERM."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from PIL import Image
+from typer.testing import CliRunner
+
+from backend.service.cli import app
+
+MODEL_ARGS = ["--device", "cpu", "-q"]
+
+
+def run(*args: str):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert "Traceback" not in result.output
+    return result
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def crop(shared_data, tmp_path) -> Path:
+    """300 x 300 px of the NAIP raster (EPSG:26914, 5 m) as a GeoTIFF."""
+    with rasterio.open(shared_data / "naip_2020_5m.tif") as src:
+        window = rasterio.windows.Window(100, 100, 300, 300)
+        profile = {"driver": "GTiff", "width": 300, "height": 300, "count": 3, "dtype": "uint8", "crs": src.crs,
+                   "transform": src.window_transform(window)}
+        data = src.read([1, 2, 3], window=window)
+    path = tmp_path / "crop.tif"
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+    return path
+
+
+@pytest.fixture
+def gpkg_raster(crop, tmp_path) -> Path:
+    """The same pixels as a GeoPackage raster: a .gpkg, as the vector outputs are."""
+    path = tmp_path / "raster.gpkg"
+    with rasterio.open(crop) as src:
+        with rasterio.open(path, "w", driver="GPKG", width=src.width, height=src.height, count=3, dtype="uint8",
+                           crs=src.crs, transform=src.transform) as dst:
+            dst.write(src.read())
+    return path
+
+
+def rsicd(folder: Path) -> Path:
+    (folder / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    entries = []
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / "images" / f"s{i}.png")
+        entries.append({"filename": f"s{i}.png", "split": "test", "sentences": [{"raw": f"scene {i}"}]})
+    (folder / "dataset_rsicd.json").write_text(json.dumps({"images": entries}))
+    return folder
+
+
+def test_search_and_classify_never_write_over_the_input_raster(gpkg_raster, tiny_model):
+    before = sha(gpkg_raster)
+    for command in (["search", gpkg_raster, "a road"], ["classify", gpkg_raster, "-c", "water", "-c", "road"]):
+        result = run(*command, "--model", tiny_model, *MODEL_ARGS, "-o", gpkg_raster, "--overwrite")
+        assert result.exit_code == 2, result.output
+        assert "is the input raster" in result.output and "would destroy the input" in result.output
+    assert sha(gpkg_raster) == before
+    with rasterio.open(gpkg_raster) as src:
+        assert src.shape == (300, 300)
+
+
+def test_outputs_that_are_folders_are_refused_before_any_work(crop, tiny_model, tmp_path):
+    folder = tmp_path / "hits.gpkg"
+    folder.mkdir()
+    for command in (["search", crop, "a road", "-o", folder], ["classify", crop, "-c", "a", "-c", "b", "-o", folder]):
+        result = run(*command, "--model", tiny_model, *MODEL_ARGS, "--overwrite")
+        assert result.exit_code == 2, result.output
+        assert f"The output {folder} is a folder" in result.output
+    data = rsicd(tmp_path / "rsicd")
+    result = run("evaluate-retrieval", data, "--model", tiny_model, *MODEL_ARGS, "--json", folder)
+    assert result.exit_code == 2 and f"The --json file {folder} is a folder" in result.output
+    assert list(folder.iterdir()) == []
+
+
+def test_evaluate_retrieval_checks_json_and_batch_size_before_the_model(tmp_path):
+    data = rsicd(tmp_path / "rsicd")
+    missing_model = str(tmp_path / "no-such-model.safetensors")  # these checks come first, so it is not read
+    result = run("evaluate-retrieval", data, "--model", missing_model, *MODEL_ARGS, "--json",
+                 tmp_path / "nowhere" / "r.json")
+    assert result.exit_code == 2, result.output
+    assert f"The output folder {tmp_path / 'nowhere'} does not exist" in result.output
+    result = run("evaluate-retrieval", data, "--model", missing_model, *MODEL_ARGS, "--json",
+                 data / "dataset_rsicd.json")
+    assert result.exit_code == 2 and "would destroy the input" in result.output
+    for size in ("0", "-1"):
+        result = run("evaluate-retrieval", data, "--model", missing_model, *MODEL_ARGS, "--batch-size", size)
+        assert result.exit_code == 2, result.output
+        assert f"The batch size must be a whole number from 1 to 1024; got {size}." in result.output
+    assert json.loads((data / "dataset_rsicd.json").read_text())["images"][0]["filename"] == "s0.png"
+
+
+def test_index_refuses_a_batch_size_below_one(crop, tiny_model):
+    for size in ("0", "-5"):
+        result = run("index", crop, "--model", tiny_model, *MODEL_ARGS, "--batch-size", size)
+        assert result.exit_code == 2, result.output
+        assert f"The batch size must be a whole number from 1 to 1024; got {size}." in result.output
+
+
+def test_shapefile_outputs_refuse_text_they_would_cut(crop, tiny_model, tmp_path):
+    long_text = ("a very long description of a place " * 8).strip()  # 279 bytes
+    result = run("search", crop, long_text, "--model", tiny_model, *MODEL_ARGS, "-o", tmp_path / "hits.shp")
+    assert result.exit_code == 2, result.output
+    assert "is 279 bytes long; a shapefile's query field holds at most 254" in result.output
+    result = run("classify", crop, "-c", long_text, "-c", "road", "--model", tiny_model, *MODEL_ARGS,
+                 "-o", tmp_path / "tiles.shp")
+    assert result.exit_code == 2, result.output
+    assert "is 279 bytes long; a shapefile holds at most 254" in result.output
+    assert "RuntimeWarning" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crop.tif"]
+
+
+def test_search_refuses_a_sentence_given_twice(crop, tiny_model, tmp_path):
+    result = run("search", crop, "a road", "a road", "--model", tiny_model, *MODEL_ARGS, "-o", tmp_path / "h.gpkg")
+    assert result.exit_code == 2 and "'a road' was given twice" in result.output
+    assert not (tmp_path / "h.gpkg").exists()
+
+
+# Runs the CLI in its own process with one function replaced by a signal sent to itself, mid-run.
+SIGNAL_MID_RUN = """
+import os, signal, sys
+import backend.engine.classify as classify
+import backend.engine.search_index as search_index
+signum = int(sys.argv[1])
+original_write = search_index.SearchIndex._write_row
+def write_then_stop(self, *args):
+    original_write(self, *args)  # one grid row is on disk, then the signal
+    os.kill(os.getpid(), signum)
+def stop(*args, **kwargs):
+    os.kill(os.getpid(), signum)
+    raise SystemExit("the signal did not stop the run")
+search_index.SearchIndex._write_row = write_then_stop
+classify.embed_windows = stop
+from backend.service.cli import app
+app(sys.argv[2:], prog_name="farslip")
+"""
+
+
+def cli_with_signal(signum: int, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", SIGNAL_MID_RUN, str(signum), *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["Ctrl+C", "SIGTERM"])
+def test_an_interrupted_index_says_its_windows_are_kept_and_the_next_run_continues(crop, tiny_model, signum, code):
+    done = cli_with_signal(signum, "index", crop, "--model", tiny_model, *MODEL_ARGS)
+    assert done.returncode == code, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "Interrupted; the windows indexed so far are kept, and the next index or search of this raster continues "
+        "from them."]
+    again = run("index", crop, "--model", tiny_model, "--device", "cpu")
+    assert again.exit_code == 0, again.output
+    reused = int(again.output.split(" reused")[0].rsplit(" ", 1)[1])
+    assert reused >= 1  # the row written before the interruption
+
+
+@pytest.mark.parametrize("command", ["search", "classify"])
+def test_sigterm_stops_search_and_classify_with_a_sentence_and_nothing_written(crop, tiny_model, tmp_path, command):
+    what = ["a road"] if command == "search" else ["-c", "water", "-c", "road"]
+    out = tmp_path / "out.gpkg"
+    done = cli_with_signal(signal.SIGTERM, command, crop, *what, "--model", tiny_model, *MODEL_ARGS, "-o", out)
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("Interrupted; ")
+    assert "Traceback" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crop.tif"]
