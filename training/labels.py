@@ -24,7 +24,7 @@ from rasterio.features import rasterize
 
 from backend.engine.errors import InputError
 from backend.engine.files import check_vector_source
-from backend.engine.raster import PixelWindow, RasterSource
+from backend.engine.raster import PixelWindow, RasterSource, bounds_window
 from backend.engine.text import parse_class_lines
 
 UNLABELLED = -1
@@ -188,17 +188,31 @@ def _to_raster_crs(geometries: np.ndarray, source: ProjCRS, target, path: Path) 
     return out
 
 
+def label_layer(labels: str | Path, class_field: str, option: str = "--class-field") -> tuple[Path, str | None]:
+    """The file and layer of labelled polygons given as a file, a folder of vector data or
+    `path|layername=NAME`, checked to hold `class_field` (cheap: the layer list and field names, no
+    features). `option` is how the user names the class field."""
+    path, layer = split_layer(labels)
+    path = check_vector_source(path, "labels")
+    try:
+        layer = _choose_layer(path, layer, "labels", class_field)
+    except InputError:
+        if path.is_dir():
+            raise InputError(f"The labels {path} is a folder, and not one of vector data (such as a folder of "
+                             "shapefiles); give the labels file (GeoPackage, Shapefile or GeoJSON).") from None
+        raise
+    available = _fields(path, layer, "labels")
+    if class_field not in available:
+        hint = ", ".join(available[:30]) + (", ..." if len(available) > 30 else "") if available else "(none)"
+        raise InputError(f"The labels file {path.name} has no field {class_field!r}; its fields are: {hint}. "
+                         f"Give the field that holds the class names with {option}.")
+    return path, layer
+
+
 def read_label_polygons(path: str | Path, class_field: str, raster_crs,
                         class_names: dict[str, str] | None = None) -> LabelPolygons:
     """Read polygons and their class field, reprojected to `raster_crs` (a rasterio CRS)."""
-    path, layer = split_layer(path)
-    path = check_vector_source(path, "labels")
-    layer = _choose_layer(path, layer, "labels", class_field)
-    available = _fields(path, layer, "labels")
-    if class_field not in available:
-        hint = ", ".join(available) if available else "(none)"
-        raise InputError(f"The labels file {path.name} has no field {class_field!r}; its fields are: "
-                         f"{hint}. Pass the field that holds the class names with --class-field.")
+    path, layer = label_layer(path, class_field)
     meta, _, wkb, fields = _read_layer(path, layer, [class_field], "labels")
     crs = _layer_crs(meta, path, "labels")
     if wkb is None or len(wkb) == 0:
@@ -237,19 +251,6 @@ def read_aoi(path: str | Path, raster_crs) -> shapely.Geometry:
     if len(geometries) == 0:
         raise InputError(f"The area-of-interest file {path.name} holds no polygons.")
     return shapely.union_all(_to_raster_crs(geometries, crs, raster_crs, path))
-
-
-def _window_of(source: RasterSource, bounds: tuple[float, float, float, float]) -> PixelWindow | None:
-    inverse = ~source.transform
-    xs, ys = [bounds[0], bounds[2]], [bounds[1], bounds[3]]
-    cols, rows = zip(*(inverse @ (x, y) for x in xs for y in ys))
-    row0 = max(0, math.floor(min(rows) + 1e-6))
-    col0 = max(0, math.floor(min(cols) + 1e-6))
-    row1 = min(source.height, math.ceil(max(rows) - 1e-6))
-    col1 = min(source.width, math.ceil(max(cols) - 1e-6))
-    if row1 <= row0 or col1 <= col0:
-        return None
-    return PixelWindow(row0, col0, row1 - row0, col1 - col0)
 
 
 def rasterise(geometries: np.ndarray, class_ids: np.ndarray, window: PixelWindow,
@@ -343,7 +344,7 @@ def build_label_grid(source: RasterSource, polygons: LabelPolygons, background: 
         raise InputError(f"The area of interest does not overlap the raster {source.path.name}: it covers x "
                          f"{ax0:.6g}..{ax1:.6g}, y {ay0:.6g}..{ay1:.6g} and the raster x {rx0:.6g}..{rx1:.6g}, "
                          f"y {ry0:.6g}..{ry1:.6g} ({in_raster_crs}); give an --aoi that lies on the raster.")
-    window = _window_of(source, extent.bounds)
+    window = bounds_window(source, extent.bounds)
     union = shapely.union_all(polygons.geometries)
     if window is None or not shapely.intersects(union, footprint):
         lx0, ly0, lx1, ly1 = shapely.total_bounds(polygons.geometries)

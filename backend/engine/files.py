@@ -130,11 +130,18 @@ def check_output_folder(path: Path) -> None:
     directory = path.parent
     if not directory.is_dir():
         raise InputError(f"The output folder {directory} does not exist; create it or choose another.")
-    read_only = False
+    read_only = pseudo = False
     try:
-        read_only = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+        info = os.statvfs(directory)
+        read_only = bool(info.f_flag & os.ST_RDONLY)
+        # /proc, /sys: no disk behind them, and they refuse files even to root (a FUSE mount may also say
+        # 0 blocks yet take files, so only these two are refused here).
+        pseudo = info.f_blocks == 0 and Path(os.path.realpath(directory)).parts[1:2] in (("proc",), ("sys",))
     except (OSError, AttributeError):
         pass
+    if pseudo:
+        raise InputError(f"The output folder {directory} is a system folder with no disk behind it, which "
+                         "takes no files; choose another.")
     if read_only or not os.access(directory, os.W_OK):
         raise InputError(f"The output folder {directory} is not writable; choose another.")
 

@@ -7,31 +7,14 @@ progress and cancel flag.
 
 from __future__ import annotations
 
-from backend.engine.errors import InputError
 
 
 def check_labels(labels: str, class_field: str) -> None:
-    """The labels are a vector source the job can read (a file, a folder of shapefiles, or
-    `path|layername=NAME`), and its layer has `class_field`: training.labels' own checks (cheap: the
-    layer list and the field names, no features)."""
-    from training.labels import _choose_layer, _fields, split_layer
+    """The labels are a vector source the job can read and its layer has `class_field` (training.labels'
+    own check: the layer list and the field names, no features)."""
+    from training.labels import label_layer
 
-    from backend.engine.files import check_vector_source
-
-    path, layer = split_layer(labels)
-    path = check_vector_source(path, "labels")
-    try:
-        layer = _choose_layer(path, layer, "labels", class_field)
-    except InputError:
-        if path.is_dir():
-            raise InputError(f"The labels {path} is a folder, and not one of vector data (such as a folder of "
-                             "shapefiles); give the labels file (GeoPackage, Shapefile or GeoJSON).") from None
-        raise
-    available = _fields(path, layer, "labels")
-    if class_field not in available:
-        hint = ", ".join(available[:30]) + (", ..." if len(available) > 30 else "") if available else "(none)"
-        raise InputError(f"The labels file {path.name} has no field {class_field!r}; its fields are: {hint}. "
-                         "Give the field that holds the class names as class_field.")
+    label_layer(labels, class_field, option="class_field")
 
 
 def check_evaluate_request(request: dict) -> list[str]:

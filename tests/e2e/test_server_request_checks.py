@@ -254,7 +254,8 @@ def test_a_connection_file_without_an_extension_lands_under_exactly_that_name(en
         deadline = time.monotonic() + 90
         while not connection.exists() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert sorted(p.name for p in folder.iterdir()) == ["connnoext"]
+        # (a hidden staged copy may exist for a moment while the server rewrites the file)
+        assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == ["connnoext"]
         import json
 
         port = json.loads(connection.read_text())["port"]
