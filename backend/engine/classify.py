@@ -90,40 +90,46 @@ def classify_raster(raster: Path, options: ClassifyOptions, out: Path, loaded: L
     text = TextEmbedder(loaded).embed(queries).numpy()
     scale = logit_scale(loaded)
     boxes, class_ids, probs = [], [], []
-    with bounded_gdal_cache(), open_source(raster, options.bands, None, None, options.value_range) as source:
-        window = request_window(source, options.bbox, options.bbox_crs)
-        rows = tile_starts(window.row_off, window.row_off + window.height, options.tile)
-        cols = tile_starts(window.col_off, window.col_off + window.width, options.tile)
-        total, done = len(rows) * len(cols), 0
-        if progress is not None:
-            progress(0, total)
-        for row in rows:
-            pending: list[tuple[PixelWindow, np.ndarray]] = []
-            for col in cols:
-                tile = PixelWindow(row, col, min(options.tile, source.height - row),
-                                   min(options.tile, source.width - col))
-                rgb, valid = source.read(tile)
-                if valid.any():
-                    pending.append((tile, rgb))
-            for start in range(0, len(pending), options.batch_size):
-                if should_cancel is not None and should_cancel():
-                    raise CancelledError("The classification was cancelled; nothing was written.")
-                batch = pending[start:start + options.batch_size]
-                # Edge tiles have their own shapes: embed them one by one, full tiles together.
-                groups: dict[tuple[int, int], list[int]] = {}
-                for i, (_, rgb) in enumerate(batch):
-                    groups.setdefault(rgb.shape[1:], []).append(i)
-                for members in groups.values():
-                    image = embed_windows(loaded, np.stack([batch[i][1] for i in members]))[:, 0]
-                    per_class = class_probabilities(image, text, owner, len(classes), scale)
-                    for i, row_probs in zip(members, per_class):
-                        boxes.append(tile_footprint(source.transform, batch[i][0]))
-                        class_ids.append(int(row_probs.argmax()))
-                        probs.append(float(row_probs.max()))
-            done += len(cols)
+    with bounded_gdal_cache():
+        try:
+            source = open_source(raster, options.bands, None, None, options.value_range)
+        except EmptyResultError:
+            raise EmptyResultError(f"Every pixel of {raster} is nodata or masked: there is nothing to classify. "
+                                   "Check the raster's nodata value and alpha band.") from None
+        with source:
+            window = request_window(source, options.bbox, options.bbox_crs)
+            rows = tile_starts(window.row_off, window.row_off + window.height, options.tile)
+            cols = tile_starts(window.col_off, window.col_off + window.width, options.tile)
+            total, done = len(rows) * len(cols), 0
             if progress is not None:
-                progress(done, total)
-        crs = source.crs
+                progress(0, total)
+            for row in rows:
+                pending: list[tuple[PixelWindow, np.ndarray]] = []
+                for col in cols:
+                    tile = PixelWindow(row, col, min(options.tile, source.height - row),
+                                       min(options.tile, source.width - col))
+                    rgb, valid = source.read(tile)
+                    if valid.any():
+                        pending.append((tile, rgb))
+                for start in range(0, len(pending), options.batch_size):
+                    if should_cancel is not None and should_cancel():
+                        raise CancelledError("The classification was cancelled; nothing was written.")
+                    batch = pending[start:start + options.batch_size]
+                    # Edge tiles have their own shapes: embed them one by one, full tiles together.
+                    groups: dict[tuple[int, int], list[int]] = {}
+                    for i, (_, rgb) in enumerate(batch):
+                        groups.setdefault(rgb.shape[1:], []).append(i)
+                    for members in groups.values():
+                        image = embed_windows(loaded, np.stack([batch[i][1] for i in members]))[:, 0]
+                        per_class = class_probabilities(image, text, owner, len(classes), scale)
+                        for i, row_probs in zip(members, per_class):
+                            boxes.append(tile_footprint(source.transform, batch[i][0]))
+                            class_ids.append(int(row_probs.argmax()))
+                            probs.append(float(row_probs.max()))
+                done += len(cols)
+                if progress is not None:
+                    progress(done, total)
+            crs = source.crs
     if not boxes:
         raise EmptyResultError(f"The requested area of {raster} holds only nodata or masked pixels: there is "
                                "nothing to classify. Choose another extent.")

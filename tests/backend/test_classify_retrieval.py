@@ -137,7 +137,7 @@ def test_classify_refuses_bad_input_without_writing(loaded, shared_data, tmp_pat
     out = tmp_path / "tiles.gpkg"
     with pytest.raises(InputError, match="tile"):
         classify_raster(shared_data / "naip_2020_5m.tif", ClassifyOptions(["water"], tile=4), out, loaded)
-    with pytest.raises(EmptyResultError):
+    with pytest.raises(EmptyResultError, match=r"all-nodata\.tif is nodata or masked: there is nothing to classify"):
         classify_raster(shared_data / "all-nodata.tif", ClassifyOptions(["water"]), out, loaded)
     assert list(tmp_path.iterdir()) == []
 
