@@ -22,7 +22,7 @@ import shapely
 
 from backend import __version__
 from .errors import CancelledError, EmptyResultError, InputError
-from .export import _write_layer, check_field_widths, report_path_for, write_report
+from .export import write_layer, check_field_widths, report_path_for, write_report
 from .models import LoadedModel
 from .raster import PixelWindow, open_source, request_window
 from .search import check_hits_output
@@ -155,4 +155,4 @@ def _write_tiles(path: Path, footprints: list[list[tuple[float, float]]], class_
                np.array([run_id] * count, dtype=object))
     # Counter-clockwise exterior rings, as the rectangles of search hits (shapely.box) are.
     geometries = shapely.orient_polygons(shapely.polygons(np.asarray(footprints, dtype=np.float64)))
-    _write_layer(Path(path), np.asarray(geometries, dtype=object), dict(zip(TILE_FIELDS, columns)), "Polygon", crs)
+    write_layer(Path(path), np.asarray(geometries, dtype=object), dict(zip(TILE_FIELDS, columns)), "Polygon", crs)

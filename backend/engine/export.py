@@ -88,10 +88,10 @@ def write_polygons(
         )
     fields = dict(zip(FIELDS, _field_arrays(regions, class_names, model, run_id)))
     fields.update({name: np.asarray(values, dtype=np.float64) for name, values in (extra or {}).items()})
-    return _write_layer(path, geometries, fields, "MultiPolygon" if multi else "Polygon", crs, tag, layer)
+    return write_layer(path, geometries, fields, "MultiPolygon" if multi else "Polygon", crs, tag, layer)
 
 
-def _write_layer(path: Path, geometries: np.ndarray, fields: Mapping[str, np.ndarray], geometry_type: str,
+def write_layer(path: Path, geometries: np.ndarray, fields: Mapping[str, np.ndarray], geometry_type: str,
                  crs, tag: str | None = None, layer: str | None = None) -> Path:
     """One layer named after the file, in the format of its extension, written atomically (`layer`
     given: straight into `path`, which the caller staged and renames itself)."""
@@ -135,4 +135,4 @@ def write_rectangles(path: str | Path, bounds: np.ndarray, fields: Mapping[str, 
     in the format of the path's extension (search hits, classified tiles)."""
     bounds = np.asarray(bounds, dtype=np.float64).reshape(-1, 4)
     geometries = shapely.box(bounds[:, 0], bounds[:, 1], bounds[:, 2], bounds[:, 3])
-    return _write_layer(Path(path), np.asarray(geometries, dtype=object), fields, "Polygon", crs)
+    return write_layer(Path(path), np.asarray(geometries, dtype=object), fields, "Polygon", crs)

@@ -21,7 +21,7 @@ import shapely
 from rasterio.crs import CRS
 
 from backend.engine.errors import InputError
-from backend.engine.export import _write_layer, driver_for
+from backend.engine.export import write_layer, driver_for
 
 PARQUET = ".parquet"
 
@@ -66,7 +66,7 @@ def merge_layers(parts: list[tuple[Path, str, CRS, float]], out: Path, out_crs: 
     if out.suffix.lower() == PARQUET:
         write_geoparquet(out, joined, fields, out_crs)
     else:
-        _write_layer(out, joined, fields, "MultiPolygon" if multi else "Polygon", out_crs, layer=layer)
+        write_layer(out, joined, fields, "MultiPolygon" if multi else "Polygon", out_crs, layer=layer)
     return len(joined)
 
 
