@@ -230,7 +230,7 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
 # --- training -----------------------------------------------------------------------------------
 
 
-def _check_options(options: TrainOptions) -> None:
+def check_options(options: TrainOptions) -> None:
     if options.method not in adapters.METHODS:
         raise InputError(f"--method must be one of {', '.join(adapters.METHODS)}; got {options.method!r}.")
     if options.epochs < 1:
@@ -281,7 +281,7 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
     options.method, options.epochs, options.patch_loss_weight = method, int(epochs), float(patch_loss_weight)
     if lr is not None:
         options.lr = float(lr)
-    _check_options(options)
+    check_options(options)
     raster, labels, out = Path(raster), Path(labels), Path(out)
     labels_file = vector_file(labels)
     check_out_folder(out, overwrite, resume, training_inputs(raster, labels, aoi, base_model, weights))

@@ -75,7 +75,7 @@ def check_train_options(request: dict) -> None:
         options.patch_loss_weight = float(request["patch_loss_weight"])
     if request.get("lr") is not None:
         options.lr = float(request["lr"])
-    api._check_options(options)
+    api.check_options(options)
 
 
 def check_train_request(request: TrainRequest) -> list[str]:
