@@ -33,13 +33,16 @@ def driver_for(path: str | Path) -> str:
 SHAPEFILE_TEXT_BYTES = 254  # a dBase text field holds at most this many bytes
 
 
-def check_field_widths(path: str | Path, class_names: Sequence[str]) -> None:
-    """A shapefile cannot hold long class names; say so before the run rather than write them cut."""
+def check_field_widths(path: str | Path, class_names: Sequence[str], what: str = "class name",
+                       field: str = "") -> None:
+    """A shapefile cannot hold long texts (class names, search sentences); say so before the run rather
+    than write them cut. `what` names the text in the sentence, `field` the shapefile's field."""
     if driver_for(path) != "ESRI Shapefile":
         return
     for name in class_names:
         if len(name.encode("utf-8")) > SHAPEFILE_TEXT_BYTES:
-            raise InputError(f"The class name {name[:40]!r}... is {len(name.encode('utf-8'))} bytes long; a shapefile "
+            holder = f"a shapefile's {field} field" if field else "a shapefile"
+            raise InputError(f"The {what} {name[:40]!r}... is {len(name.encode('utf-8'))} bytes long; {holder} "
                              f"holds at most {SHAPEFILE_TEXT_BYTES}. Shorten it, or write a GeoPackage (.gpkg).")
 
 

@@ -37,10 +37,10 @@ from pyproj import Transformer
 from backend import __version__
 from .atomic import SHAPEFILE_PARTS
 from .errors import InputError
-from .export import SHAPEFILE_TEXT_BYTES, driver_for, report_path_for, write_rectangles, write_report
+from .export import check_field_widths, driver_for, report_path_for, write_rectangles, write_report
 from .files import check_not_special, check_output_folder, check_output_name, refuse_outputs_over_inputs
 from .models import LoadedModel
-from .raster import parse_crs
+from .raster import parse_crs, pixel_envelope
 from .search_index import BuildStats, SearchIndex, check_bbox, check_point, describe, point_window
 from .text import TextEmbedder
 
@@ -243,13 +243,6 @@ def _in_bbox(entries, window_bbox) -> np.ndarray:
     return inside
 
 
-def _raster_envelope(index: SearchIndex) -> tuple[float, float, float, float]:
-    """xmin, ymin, xmax, ymax of the raster's four corners (any affine: north-up, south-up, rotated)."""
-    t, width, height = index.dataset.transform, index.dataset.width, index.dataset.height
-    xs, ys = zip(*(t @ corner for corner in ((0, 0), (width, 0), (0, height), (width, height))))
-    return min(xs), min(ys), max(xs), max(ys)
-
-
 def _bbox_in_raster_crs(index: SearchIndex, bbox, bbox_crs):
     if bbox is None:
         return None
@@ -260,7 +253,7 @@ def _bbox_in_raster_crs(index: SearchIndex, bbox, bbox_crs):
         from rasterio.warp import transform_bounds
 
         box = tuple(transform_bounds(crs, index.crs, *bbox, densify_pts=21))
-    raster = _raster_envelope(index)
+    raster = pixel_envelope(index.dataset.transform, 0, 0, index.dataset.width, index.dataset.height)
     return (max(box[0], raster[0]), max(box[1], raster[1]), min(box[2], raster[2]), min(box[3], raster[3]))
 
 
@@ -417,12 +410,7 @@ def check_hits_output(out: Path, overwrite: bool, inputs: dict[str, Path] | None
         check_not_special(path, what)
     if out.exists() and not overwrite:
         raise InputError(f"{out} already exists; choose another name or allow overwriting (--overwrite).")
-    if driver_for(out) == "ESRI Shapefile":
-        for sentence in sentences or []:
-            size = len(sentence.encode("utf-8"))
-            if size > SHAPEFILE_TEXT_BYTES:
-                raise InputError(f"The sentence {sentence[:40]!r}... is {size} bytes long; a shapefile's query field "
-                                 f"holds at most {SHAPEFILE_TEXT_BYTES}. Shorten it, or write a GeoPackage (.gpkg).")
+    check_field_widths(out, sentences or [], what="sentence", field="query")
 
 
 def search_raster(index: SearchIndex, options: SearchOptions, out: Path, overwrite: bool = False,
