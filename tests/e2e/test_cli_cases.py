@@ -261,14 +261,24 @@ TRAIN_CASES = [
 
 @pytest.mark.parametrize("case, args, code, phrase", TRAIN_CASES, ids=[case[0] for case in TRAIN_CASES])
 def test_train_refuses_with_one_line_and_touches_nothing(case, args, code, phrase, inputs, out_dir, shared_data):
+    _refuses_and_touches_nothing(["train", *_words(args, inputs, out_dir), "--class-field", "building",
+                                  "--base-model", str(inputs / "tiny.pt")], code, phrase, inputs, out_dir, shared_data)
+
+
+def _words(args: str, inputs: Path, out_dir: Path) -> list[str]:
+    return [w.format(**{"in": inputs, "out": out_dir}) for w in args.split()]
+
+
+def _refuses_and_touches_nothing(command: list[str], code: int, phrase: str, inputs: Path, out_dir: Path,
+                                 shared_data: Path) -> None:
+    """Run a training command on the labelled sample: one `Error:` line with `phrase`, exit `code`, and
+    neither the inputs nor the output folder changed."""
     shutil.copy(shared_data / "solaris_geotiff_labels.geojson", inputs / "labels.geojson")
-    words = [w.format(**{"in": inputs, "out": out_dir}) for w in args.split()]
     before_inputs, before_out = _hashes(inputs), _tree(out_dir)
-    result = CliRunner().invoke(app, ["train", *words, "--class-field", "building", "--base-model",
-                                      str(inputs / "tiny.pt"), "--device", "cpu", "--quiet"])
+    result = CliRunner().invoke(app, [*command, "--device", "cpu", "--quiet"])
     lines = result.output.strip().splitlines()
-    assert result.exit_code == code, (case, result.output, result.exception)
-    assert len(lines) == 1 and phrase in lines[0], result.output
+    assert result.exit_code == code, (command, result.output, result.exception)
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and phrase in lines[0], result.output
     assert _tree(out_dir) == before_out and _hashes(inputs) == before_inputs
 
 
@@ -289,13 +299,7 @@ EVALUATE_CASES = [
 
 @pytest.mark.parametrize("case, args, code, phrase", EVALUATE_CASES, ids=[case[0] for case in EVALUATE_CASES])
 def test_evaluate_refuses_with_one_line_and_touches_nothing(case, args, code, phrase, inputs, out_dir, shared_data):
-    shutil.copy(shared_data / "solaris_geotiff_labels.geojson", inputs / "labels.geojson")
-    words = [w.format(**{"in": inputs, "out": out_dir}) for w in args.split()]
-    before_inputs, before_out = _hashes(inputs), _tree(out_dir)
-    result = CliRunner().invoke(app, ["evaluate", str(inputs / "in.tif"), str(inputs / "labels.geojson"),
-                                      "--class-field", "building", "--background", "ground", "--model",
-                                      str(inputs / "tiny.pt"), "--device", "cpu", "--quiet", *words])
-    lines = result.output.strip().splitlines()
-    assert result.exit_code == code, (case, result.output, result.exception)
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and phrase in lines[0], result.output
-    assert _tree(out_dir) == before_out and _hashes(inputs) == before_inputs
+    _refuses_and_touches_nothing(["evaluate", str(inputs / "in.tif"), str(inputs / "labels.geojson"),
+                                  "--class-field", "building", "--background", "ground", "--model",
+                                  str(inputs / "tiny.pt"), *_words(args, inputs, out_dir)], code, phrase, inputs,
+                                 out_dir, shared_data)
