@@ -61,7 +61,8 @@ def _expand(text: str) -> list[str]:
 def _listed(path: Path) -> list[str]:
     """A text file: one raster (or folder, glob, STAC file) per line; relative lines are beside the list."""
     rasters: list[str] = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    # utf-8-sig: Notepad and Excel save "UTF-8" lists with a byte order mark before the first path.
+    for line in path.read_text(encoding="utf-8-sig").splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue

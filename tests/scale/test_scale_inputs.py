@@ -55,3 +55,9 @@ def test_unusable_inputs_are_named_in_one_sentence(tmp_path, monkeypatch, given,
     (tmp_path / "bad.json").write_text(json.dumps({"type": "Catalog"}))
     with pytest.raises(InputError, match=words):
         expand_inputs([given])
+
+
+def test_a_text_list_saved_with_a_byte_order_mark_names_its_first_raster(rasters, tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_bytes("\ufefftiles/a.tif\r\ntiles/b.tif\r\n".encode())  # as Windows Notepad saves "UTF-8"
+    assert expand_inputs([listing]) == [str(tmp_path / "tiles" / "a.tif"), str(tmp_path / "tiles" / "b.tif")]
