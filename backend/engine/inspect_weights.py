@@ -9,9 +9,10 @@ decide the context length, the image positional embedding the patch grid.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from .errors import ModelError
-from .checkpoints import LONGCLIP_KEEP, read_tensors
+from .checkpoints import LONGCLIP_KEEP, infer_vision_cfg, read_tensors
 from .finetuned import FINETUNED_WEIGHTS, read_finetuned_meta
 from .models import checkpoint_activation, locate_model
 from .weights import find_local_weights, missing_weights_message
@@ -40,6 +41,10 @@ def inspect_model(model: str) -> dict:
         path = where
         activation = checkpoint_activation(where)
     tensors = read_tensors(path)
+    try:
+        infer_vision_cfg(tensors)  # the loader's own check: an open_clip ViT CLIP, or its sentence
+    except ModelError as error:
+        raise ModelError(f"{Path(path).name}: {error}") from None
     shapes = {key: list(tensors[key].shape) for key in SHAPE_KEYS if key in tensors}
     longclip = "positional_embedding_res" in tensors
     text_key = "positional_embedding_res" if longclip else "positional_embedding"

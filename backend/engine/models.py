@@ -204,7 +204,12 @@ def locate_model(model: str | None = None, weights: str | None = None) -> tuple[
     spec = registry.get(name)
     if spec is not None:
         if weights and expand_user(weights, "weights", ModelError).is_dir():
-            return "finetuned", expand_user(weights, "weights", ModelError), None
+            folder = expand_user(weights, "weights", ModelError)
+            if not is_finetuned_dir(folder):
+                raise ModelError(f"--weights {folder} is a folder but neither a weights file nor a fine-tuned model "
+                                 f"(which needs {FINETUNED_WEIGHTS} and {FINETUNED_META}); give the weights file of "
+                                 f"{name}.")
+            return "finetuned", folder, None
         if weights:
             _refuse_special(expand_user(weights, "weights", ModelError), "weights")
         return "registry", spec, weights

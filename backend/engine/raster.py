@@ -326,12 +326,17 @@ def processing_scale(ds: rasterio.io.DatasetReader, scale: float | None, gsd_m: 
     return 1.0
 
 
+def pixel_size(transform: Affine) -> list[float]:
+    """[width, height] of a pixel in CRS units, positive, for any grid (south-up, rotated)."""
+    return [math.hypot(transform.a, transform.d), math.hypot(transform.b, transform.e)]
+
+
 def native_gsd_m(ds: rasterio.io.DatasetReader) -> float:
     """The raster's pixel width on the ground in metres, at the raster's centre: through the latitude in
     a geographic CRS; in a projected one the CRS unit, or, where the projection's areas are more than 1 %
     off the ground (Web Mercator away from the equator: see ground.py), the side of a square of the
     centre pixel's ellipsoidal area."""
-    native = math.hypot(ds.transform.a, ds.transform.d)
+    native = pixel_size(ds.transform)[0]
     if ds.crs.is_geographic:
         lat = (ds.bounds.top + ds.bounds.bottom) / 2
         return native * 111_320.0 * math.cos(math.radians(lat))

@@ -39,7 +39,7 @@ from .temporary import make_work_dir, new_run_tag, remove_owned, remove_stale, r
 from .memory import reused_heap
 from .models import LoadedModel
 from .options import SegmentOptions, check_language
-from .raster import PixelWindow, RasterSource, open_source, request_window
+from .raster import PixelWindow, RasterSource, open_source, pixel_size, request_window
 from . import outlines as refine_outlines
 from .quality import (
     FIELDS,
@@ -449,7 +449,7 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
                 "requested_bbox_crs": options.bbox_crs,
                 "pixel_window": {"row_off": window.row_off, "col_off": window.col_off,
                                  "height": window.height, "width": window.width},
-                "pixel_size": [source.transform.a, -source.transform.e], "processing_scale": source.scale,
+                "pixel_size": pixel_size(source.transform), "processing_scale": source.scale,
                 "bands": source.bands, "value_range": source.value_range,
                 "device": str(loaded.device), "encoder": segmenter.encoder.name,
                 "features": features, "tiles": total, "crop": segmenter.crop,

@@ -81,6 +81,15 @@ def test_inspect_prints_the_positional_embeddings_and_checks_the_registry(tmp_pa
     missing = runner.invoke(app, ["models", "--inspect", "farslip1-vit-b-32"])
     assert missing.exit_code == 3 and "not on this computer" in missing.output
 
+    # A file that is not a CLIP at all is refused as the loader refuses it, not described as one.
+    from safetensors.torch import save_file
+
+    save_file({"foo.weight": torch.zeros(3, 3)}, str(tmp_path / "other.safetensors"))
+    other = runner.invoke(app, ["models", "--inspect", str(tmp_path / "other.safetensors")])
+    assert other.exit_code == 3, other.output
+    assert other.output.strip() == ("Error: other.safetensors: This checkpoint is not an open_clip CLIP model; only "
+                                    "open_clip ViT CLIP checkpoints are supported.")
+
 
 def test_half_is_refused_on_cpu_with_a_sentence(tmp_path):
     with pytest.raises(InputError, match="needs a CUDA GPU"):

@@ -1,6 +1,7 @@
 """`farslip segment` on the real sample rasters: right place, right CRS, clear errors, nothing half-written."""
 
 import contextlib
+import json
 import warnings
 from pathlib import Path
 
@@ -497,3 +498,5 @@ def test_a_bbox_selects_the_pixels_under_it_on_any_grid(tiny_model, tmp_path, tr
                                                                   (expected_cols[1], expected_rows[1]),
                                                                   (expected_cols[0], expected_rows[1]))])
     assert len(geoms) > 0 and shapely.union_all(geoms).difference(footprint.buffer(1e-6)).area == 0
+    report = json.loads((tmp_path / "r.report.json").read_text())
+    assert report["pixel_size"] == pytest.approx([10, 10])  # not [10, -10] south-up, nor 8.7 rotated

@@ -120,6 +120,8 @@ CASES = [
     ("class file is a FIFO", "{in}/in.tif --classes-file {in}/fifo.txt", 2, "named pipe"),
     ("model is a FIFO", "{in}/in.tif -c water --model {in}/fifo.pt", 3, "named pipe"),
     ("model of an unknown user's home", "{in}/in.tif -c water --model ~nosuchuser/m.pt", 3, "no such user"),
+    ("registry model with a folder that is no model as weights", "{in}/in.tif -c water --model clip-vit-b-16 "
+     "--weights {in}/sub", 3, "is a folder but neither a weights file nor a fine-tuned model"),
     ("weights of an unknown user's home", "{in}/in.tif -c water --model farslip2-vit-b-16 "
      "--weights ~nosuchuser/w.pt", 3, "no such user"),
     # rasters and checkpoints that used to end in a traceback or a library's words
