@@ -155,8 +155,12 @@ def bench(
 
     from backend.engine.devices import resolve_device
 
+    from backend.engine.files import check_output_file
+
     try:
         dev = resolve_device(device)
+        if json_out:  # before minutes of measuring, not after
+            check_output_file(json_out, "figures file (--json)", overwrite=True)
     except FarslipError as error:
         fail(error)
     if batch_size is None:

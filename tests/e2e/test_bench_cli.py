@@ -101,3 +101,11 @@ def test_classes_typed_before_are_cached_as_the_run_asks_for_them(tmp_path, monk
     embedder = TextEmbedder(loaded, language=check_language(None))  # as segment_raster makes it
     segmenter = Segmenter(loaded, parse_class_lines(lines), embedder=embedder)
     assert segmenter.num_queries == 3
+
+
+def test_a_figures_file_that_cannot_be_written_is_refused_before_measuring(tmp_path):
+    """It was a traceback after minutes of measuring."""
+    result = CliRunner().invoke(app, ["bench", "--json", str(tmp_path / "nowhere" / "bench.json")])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"Error: The output folder {tmp_path / 'nowhere'} does not exist; create it or " \
+                                    "choose another."
