@@ -45,7 +45,7 @@ from .models import LoadedModel
 from .options import BATCH_MAX
 from .weights import file_sha256
 from .paths import cache_dir
-from .raster import PixelWindow, RasterSource, native_gsd_m, open_source, request_window
+from .raster import PixelWindow, RasterSource, native_gsd_m, open_source, pixel_envelope, request_window
 from .sliding import crop_starts
 
 INDEX_FORMAT = "farslip-search-index/1"
@@ -439,6 +439,7 @@ def point_window(index: SearchIndex, level: Level, x: float, y: float) -> tuple[
 
 def check_point(index: SearchIndex, x: float, y: float) -> None:
     if point_window(index, index.levels[0], x, y) is None:
-        left, bottom, right, top = index.dataset.bounds
+        left, bottom, right, top = pixel_envelope(index.dataset.transform, 0, 0, index.dataset.width,
+                                                  index.dataset.height)
         raise InputError(f"The point {x:.6g}, {y:.6g} is outside the raster {index.raster.name}, which covers "
                          f"x {left:.6g}..{right:.6g}, y {bottom:.6g}..{top:.6g} in {index.crs}.")
