@@ -67,9 +67,9 @@ def areal_scale(crs, x, y) -> np.ndarray:
     return scale
 
 
-def keeps_areas(crs, x, y) -> np.ndarray:
-    """Whether the projection keeps areas within TRUE_SCALE_TOLERANCE of the ground at each point."""
-    return np.abs(areal_scale(crs, x, y) - 1.0) <= TRUE_SCALE_TOLERANCE
+def keeps_areas(crs, x, y, tolerance: float = TRUE_SCALE_TOLERANCE) -> np.ndarray:
+    """Whether the projection keeps areas within `tolerance` of the ground at each point."""
+    return np.abs(areal_scale(crs, x, y) - 1.0) <= tolerance
 
 
 def _to_geographic(crs: pyproj.CRS) -> tuple[pyproj.Transformer, pyproj.Geod] | None:

@@ -37,7 +37,7 @@ from shapely.geometry.base import BaseGeometry
 
 from backend.engine.devices import usable_cores
 from backend.engine.errors import CancelledError, InputError
-from backend.engine.ground import as_pyproj, geodesic_areas, keeps_areas
+from backend.engine.ground import TRUE_SCALE_TOLERANCE, as_pyproj, geodesic_areas, keeps_areas
 from backend.engine.polygonize import region_polygons
 
 
@@ -574,6 +574,10 @@ def polygon_areas_m2(geometries: Sequence[BaseGeometry], crs) -> np.ndarray:
         planar = shapely.area(shapes) * metres_per_unit**2
         if crs is None or len(shapes) == 0:
             return planar
+        xmin, ymin, xmax, ymax = shapely.total_bounds(shapes)
+        corners = ([xmin, xmin, xmax, xmax, (xmin + xmax) / 2], [ymin, ymax, ymin, ymax, (ymin + ymax) / 2])
+        if keeps_areas(crs, *corners, tolerance=TRUE_SCALE_TOLERANCE / 2).all():
+            return planar  # UTM, national grids: true to well within the tolerance over all these shapes
         centres = shapely.centroid(shapes)  # an empty shape's is empty: NaN, kept planar
         distorted = ~keeps_areas(crs, shapely.get_x(centres), shapely.get_y(centres))
         if distorted.any():
