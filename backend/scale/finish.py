@@ -10,12 +10,14 @@ cut by chunk borders whole at no extra cost: a strip seam is merged by the same 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from affine import Affine
 
 from backend.engine.errors import EmptyResultError
 from backend.engine.export import write_polygons
@@ -42,6 +44,7 @@ class RasterPlan:
     crops: int
     keys: list[str] = field(default_factory=list)
     computed: PixelWindow | None = None  # what the engine computes (window plus --refine edges' halo)
+    transform: Affine = field(default_factory=Affine.identity)  # the window's grid (rotated, flipped or north-up)
 
     def __post_init__(self):
         if self.computed is None:
@@ -71,6 +74,11 @@ class FinishSettings:
     sam_model: str | None = None
     threshold: float = 0.0
     device: object = "cpu"  # where --refine sam runs: the driver's device, as in `segment`
+
+
+def pixel_size(transform: Affine) -> list[float]:
+    """A pixel's width and height in CRS units, positive whatever way the grid is turned or flipped."""
+    return [math.hypot(transform.a, transform.d), math.hypot(transform.b, transform.e)]
 
 
 class _Rows:
@@ -148,7 +156,7 @@ def finish_raster(plan: RasterPlan, manifest: Manifest, engine: EngineSettings, 
                        finish.run_id, extra=estimate.fields, layer="polygons")
         facts = {
             "path": plan.path, "crs": source.crs.to_string(), "bbox": list(source.window_bounds(window)),
-            "pixel_size": [source.transform.a, -source.transform.e], "processing_scale": source.scale,
+            "pixel_size": pixel_size(source.transform), "processing_scale": source.scale,
             "bands": source.bands, "value_range": source.value_range, "tiles": plan.crops,
             "valid_pixels": valid, "class_stats": _class_stats(regions, finish.class_names),
             "quality": estimate.report, "finish_s": round(time.perf_counter() - started, 3), **refined.report,

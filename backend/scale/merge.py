@@ -90,29 +90,32 @@ def write_geoparquet(path: Path, geometries: np.ndarray, fields: dict[str, np.nd
 
 
 def write_raster_vrt(path: Path, rasters: list[Path], crs: CRS) -> None:
-    """A VRT mosaic of same-kind rasters in one CRS (class or probability rasters: every band, its name,
-    nodata and colours), at the finest pixel size among them."""
+    """A VRT mosaic of same-kind rasters in one CRS, on grids turned one way and not rotated (class or probability
+    rasters: every band, its name, nodata and colours), at the finest pixel size among them."""
     with rasterio.open(rasters[0]) as first:
         colormap = first.colormap(1) if first.count == 1 and first.dtypes[0] == "uint8" else None
         tags = [first.tags(band) for band in range(1, first.count + 1)]
         descriptions, nodata = first.descriptions, first.nodata
         kind = {"uint8": "Byte", "float32": "Float32"}[first.dtypes[0]]
-    boxes = []
+    grids = []
     for raster in rasters:
         with rasterio.open(raster) as ds:
-            boxes.append((ds.bounds, ds.transform.a, -ds.transform.e, ds.width, ds.height))
-    xres, yres = min(b[1] for b in boxes), min(b[2] for b in boxes)
-    left, top = min(b[0].left for b in boxes), max(b[0].top for b in boxes)
-    right, bottom = max(b[0].right for b in boxes), min(b[0].bottom for b in boxes)
-    width, height = round((right - left) / xres), round((top - bottom) / yres)
+            grids.append((ds.transform, ds.width, ds.height))
+    # Every grid runs one way (run.check_raster_outputs: no rotation; north-up, or all south-up): the mosaic
+    # runs that way too, at the finest pixel size, from the corner of the grids that comes first along it.
+    sx, sy = (1.0 if grids[0][0].a > 0 else -1.0), (1.0 if grids[0][0].e > 0 else -1.0)
+    xres, yres = min(abs(t.a) for t, _, _ in grids), min(abs(t.e) for t, _, _ in grids)
+    left, top = sx * min(sx * t.c for t, _, _ in grids), sy * min(sy * t.f for t, _, _ in grids)
+    width = round(max(sx * (t.c + t.a * w - left) for t, w, _ in grids) / xres)
+    height = round(max(sy * (t.f + t.e * h - top) for t, _, h in grids) / yres)
     nodata_text = "" if nodata is None else ("nan" if nodata != nodata else f"{nodata:g}")
     bands = []
     for band, description in enumerate(descriptions, start=1):
         sources = []
-        for raster, (bounds, _, _, w, h) in zip(rasters, boxes):
+        for raster, (t, w, h) in zip(rasters, grids):
             relative = html.escape(str(raster.relative_to(path.parent)))
-            x0, y0 = (bounds.left - left) / xres, (top - bounds.top) / yres
-            dw, dh = (bounds.right - bounds.left) / xres, (bounds.top - bounds.bottom) / yres
+            x0, y0 = sx * (t.c - left) / xres, sy * (t.f - top) / yres
+            dw, dh = abs(t.a) * w / xres, abs(t.e) * h / yres
             sources.append(
                 f'<SimpleSource><SourceFilename relativeToVRT="1">{relative}</SourceFilename>'
                 f'<SourceBand>{band}</SourceBand><SrcRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/>'
@@ -131,6 +134,6 @@ def write_raster_vrt(path: Path, rasters: list[Path], crs: CRS) -> None:
                      + "".join(sources) + "</VRTRasterBand>")
     text = (f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">'
             f'<SRS>{html.escape(crs.to_wkt())}</SRS>'
-            f'<GeoTransform>{left!r}, {xres!r}, 0.0, {top!r}, 0.0, {-yres!r}</GeoTransform>'
+            f'<GeoTransform>{left!r}, {sx * xres!r}, 0.0, {top!r}, 0.0, {sy * yres!r}</GeoTransform>'
             f'{"".join(bands)}</VRTDataset>\n')
     path.write_text(text, encoding="utf-8")

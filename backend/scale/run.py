@@ -39,7 +39,7 @@ from backend.engine.raster import open_source, parse_crs, request_window
 from backend.engine.sliding import CHUNK_COLUMNS, CHUNK_ROWS, count_crops, units
 from backend.engine.temporary import new_run_tag
 
-from .finish import FinishSettings, RasterPlan, finish_raster
+from .finish import FinishSettings, RasterPlan, finish_raster, pixel_size
 from .manifest import Manifest
 from .merge import check_merged_output, merge_layers, write_raster_vrt
 from .worker import ChunkWorker, EngineSettings, engine_settings, load_segmenter
@@ -154,7 +154,8 @@ def plan_rasters(paths: list[str], engine: EngineSettings, crop: int, bbox=None,
                 computed = engine_window(refine, source, window)
                 chunks = units(computed, rows, columns)
                 crops = count_crops(source.height, source.width, computed, crop, crop // 2, columns, rows)
-                plan = RasterPlan(index, path, source.crs, window, chunks, crops, computed=computed)
+                plan = RasterPlan(index, path, source.crs, window, chunks, crops, computed=computed,
+                                  transform=source.window_transform(window))
         except FarslipError as error:
             failed.append({"raster": path, "error": str(error), "exit_code": error.exit_code})
             continue
@@ -266,7 +267,7 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
         error.exit_code = first["exit_code"]
         raise error
     out_crs = typed_crs if typed_crs is not None else plans[0].crs
-    check_raster_outputs(request, paths, {plan.crs.to_string() for plan in plans})
+    check_raster_outputs(request, paths, plans)
     coarse = [coarse_vector_path(request.out)] if request.refine != "none" else []
     for target in (request.out, report_path_for(request.out), *coarse, *request.rasters().values()):
         check_output_folder(Path(target))
@@ -397,8 +398,12 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
                        timings, run_id)
 
 
-def check_raster_outputs(request: ScaleRequest, paths: list[str], crss: set[str]) -> None:
-    """A raster output is a .vrt mosaic (rasters in one CRS), or a .tif when there is one input raster."""
+def check_raster_outputs(request: ScaleRequest, paths: list[str], plans: list[RasterPlan]) -> None:
+    """A raster output is a .vrt mosaic (rasters in one CRS, north-up grids or all turned the same way), or a
+    .tif when there is one input raster."""
+    crss = {plan.crs.to_string() for plan in plans}
+    rotated = [plan.path for plan in plans if plan.transform.b or plan.transform.d]
+    flips = {(plan.transform.a > 0, plan.transform.e > 0) for plan in plans}
     for role, target in request.rasters().items():
         flag = RASTER_NAMES[role]
         if target.suffix.lower() in (".tif", ".tiff"):
@@ -411,6 +416,15 @@ def check_raster_outputs(request: ScaleRequest, paths: list[str], crss: set[str]
         elif len(crss) > 1:
             raise InputError(f"{flag} builds one VRT mosaic, which needs rasters in one CRS; these are in "
                              f"{', '.join(sorted(crss))}. Run each CRS's rasters apart, or leave {flag} out.")
+        elif rotated:
+            # A VRT places each raster by a pixel offset in one north-up grid: a rotated one would be squeezed.
+            how = "name it .tif" if len(paths) == 1 else f"segment rotated rasters one at a time with {flag} x.tif"
+            raise InputError(f"{flag} {target} would be a VRT mosaic, which cannot place rotated rasters, and "
+                             f"{rotated[0]} has a rotated grid; {how}, or warp the rasters north-up first (gdalwarp).")
+        elif len(flips) > 1:
+            raise InputError(f"{flag} {target} would be a VRT mosaic, which needs every raster's rows in one "
+                             "direction, but some of these rasters are north-up and others south-up (or flipped "
+                             "east-west); run each kind apart, or warp them north-up first (gdalwarp).")
 
 
 def _raster_names(done: list[RasterPlan]) -> list[str]:
@@ -432,7 +446,7 @@ def _write_outputs(done: list[RasterPlan], manifest: Manifest, request: ScaleReq
     outputs = {"vector": str(out), "report": str(report_path_for(out))}
     with atomic_output(out, tag) as staged_vector, atomic_output(report_path_for(out), tag) as staged_report:
         parts = [(manifest.raster_folder(p.index) / "polygons.gpkg", Path(p.path).name, p.crs,
-                  min(map(abs, manifest.finished[p.index]["pixel_size"]))) for p in done]
+                  min(pixel_size(p.transform))) for p in done]
         count = merge_layers(parts, staged_vector, out_crs, out.stem)
         if request.refine != "none":  # the unrefined polygons beside the refined ones, as `segment` writes them
             coarse = coarse_vector_path(out)

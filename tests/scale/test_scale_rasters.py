@@ -1,0 +1,101 @@
+"""Scaled runs over rasters on unusual grids (south-up, rotated) and rasters that share a file name: the class
+VRT puts every pixel where its raster has it, the report's pixel sizes are the pixels' sides, and every polygon
+names the raster it came from as its class raster is named. Tiny rasters, one worker."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyogrio.raw
+import pytest
+import rasterio
+import shapely
+from rasterio.transform import Affine
+from typer.testing import CliRunner
+
+from backend.scale.merge import write_raster_vrt
+from backend.service.cli import app
+
+ray = pytest.importorskip("ray")  # the ray extra: installed by `make setup`
+
+CRS = "EPSG:32632"
+CLASSES = ["-c", "water", "-c", "tree"]
+NORTH_UP_2M = Affine(2, 0, 500000, 0, -2, 5000000)
+SOUTH_UP_2M = Affine(2, 0, 500000, 0, 2, 5000000)
+SOUTH_UP_1M = Affine(1, 0, 500128, 0, 1, 5000000)  # east of SOUTH_UP_2M's 64 x 64 pixels
+ROTATED_2M = Affine.translation(500000, 5000000) @ Affine.rotation(30) @ Affine.scale(2, -2)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def write_image(path: Path, transform: Affine, seed: int, size: int = 64) -> Path:
+    """A small RGB image with a few flat patches (so it has polygons of more than one class)."""
+    rng = np.random.default_rng(seed)
+    patches = rng.integers(0, 255, (3, 4, 4), dtype=np.uint8)
+    pixels = np.kron(patches, np.ones((size // 4, size // 4), dtype=np.uint8))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=3, dtype="uint8", crs=CRS,
+                       transform=transform) as ds:
+        ds.write(pixels)
+    return path
+
+
+def write_classes(path: Path, transform: Affine, values: np.ndarray) -> Path:
+    """A class GeoTIFF as a run writes one: uint8, 255 nodata, a colour table."""
+    with rasterio.open(path, "w", driver="GTiff", width=values.shape[1], height=values.shape[0], count=1,
+                       dtype="uint8", crs=CRS, transform=transform, nodata=255) as ds:
+        ds.write(values, 1)
+        ds.write_colormap(1, {0: (0, 0, 255, 255), 1: (0, 128, 0, 255)})
+    return path
+
+
+def assert_vrt_holds_every_part(vrt: Path, parts: list[Path]) -> None:
+    """Every pixel centre of every part, sampled through the VRT, has the part's value."""
+    with rasterio.open(vrt) as mosaic:
+        for part in parts:
+            with rasterio.open(part) as ds:
+                values = ds.read(1)
+                rows, cols = np.mgrid[0:ds.height, 0:ds.width]
+                xs, ys = rasterio.transform.xy(ds.transform, rows.ravel(), cols.ravel())
+                sampled = np.array([v[0] for v in mosaic.sample(zip(xs, ys))])
+            assert np.array_equal(sampled, values.ravel()), part.name
+
+
+@pytest.mark.parametrize("first, second", [(NORTH_UP_2M, Affine(1, 0, 500128, 0, -1, 5000000)),
+                                           (SOUTH_UP_2M, SOUTH_UP_1M)])
+def test_a_class_vrt_over_north_up_or_south_up_rasters_of_two_pixel_sizes_puts_every_pixel_in_place(
+        tmp_path, first, second):
+    rng = np.random.default_rng(0)
+    parts = [write_classes(tmp_path / "a.tif", first, rng.integers(0, 2, (40, 64), dtype=np.uint8)),
+             write_classes(tmp_path / "b.tif", second, rng.integers(0, 2, (50, 30), dtype=np.uint8))]
+    write_raster_vrt(tmp_path / "classes.vrt", parts, rasterio.crs.CRS.from_string(CRS))
+    with rasterio.open(tmp_path / "classes.vrt") as mosaic:
+        assert mosaic.res == (1.0, 1.0)  # the finer of the two
+        assert (mosaic.transform.e > 0) == (first.e > 0)  # south-up parts, a south-up mosaic
+    assert_vrt_holds_every_part(tmp_path / "classes.vrt", parts)
+
+
+def run_segment(inputs, out: Path, model: Path, *extra):
+    return CliRunner().invoke(app, ["segment", *map(str, inputs), *CLASSES, "--model", str(model), "--out", str(out),
+                                    "--workers", "1", "--quiet", *map(str, extra)])
+
+
+def read_layer(path: Path):
+    meta, _, wkb, values = pyogrio.raw.read(path)
+    return shapely.from_wkb(wkb), dict(zip(meta["fields"], values))
+
+
+def test_a_rotated_raster_reports_the_side_of_its_pixels(local_ray, tiny_model, tmp_path):
+    raster = write_image(tmp_path / "rotated.tif", ROTATED_2M, seed=3)
+    out = tmp_path / "rotated.gpkg"
+    result = run_segment([raster], out, tiny_model)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["rasters"][0]["pixel_size"] == pytest.approx([2.0, 2.0])
