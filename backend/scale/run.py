@@ -427,14 +427,33 @@ def check_raster_outputs(request: ScaleRequest, paths: list[str], plans: list[Ra
                              "east-west); run each kind apart, or warp them north-up first (gdalwarp).")
 
 
-def _raster_names(done: list[RasterPlan]) -> list[str]:
+def raster_names(paths: list[str]) -> list[str]:
+    """The name of each raster in the merged layer's `raster` field: its path relative to the folder that holds
+    all of them (its file name when they share one folder; GDAL virtual paths such as /vsis3/b/k.tif count as
+    given). Its class and probability GeoTIFFs in a .vrt output's folder have the same path, ending in .tif."""
+    full = [path if path.startswith("/vsi") else os.path.abspath(path) for path in paths]
+    top = os.path.dirname(full[0]) if len(full) == 1 else os.path.commonpath(full)
     names, seen = [], set()
-    for plan in done:
-        stem = Path(plan.path).stem
-        name = f"{stem}.tif" if stem not in seen else f"{stem}_{plan.index}.tif"
-        seen.add(stem)
+    for index, path in enumerate(full):
+        name = Path(os.path.relpath(path, top)).as_posix()
+        if name in seen:  # the same file under two spellings
+            name = f"{name}_{index}"
+        seen.add(name)
         names.append(name)
     return names
+
+
+def _raster_files(names: list[str], done: list[RasterPlan]) -> list[str]:
+    """The per-raster GeoTIFFs of a .vrt output: each raster's name ending in .tif, kept apart from another
+    raster's (a.jp2 and a.tif) by the raster's input number."""
+    files, seen = [], set()
+    for plan, name in zip(done, names):
+        file = Path(name).with_suffix(".tif")
+        if file in seen:
+            file = file.with_name(f"{file.stem}_{plan.index}.tif")
+        seen.add(file)
+        files.append(file.as_posix())
+    return files
 
 
 def _write_outputs(done: list[RasterPlan], manifest: Manifest, request: ScaleRequest, out_crs: CRS, run_id: str,
@@ -445,8 +464,9 @@ def _write_outputs(done: list[RasterPlan], manifest: Manifest, request: ScaleReq
     tag = new_run_tag(run_id)
     outputs = {"vector": str(out), "report": str(report_path_for(out))}
     with atomic_output(out, tag) as staged_vector, atomic_output(report_path_for(out), tag) as staged_report:
-        parts = [(manifest.raster_folder(p.index) / "polygons.gpkg", Path(p.path).name, p.crs,
-                  min(pixel_size(p.transform))) for p in done]
+        names = raster_names([p.path for p in done])
+        parts = [(manifest.raster_folder(p.index) / "polygons.gpkg", name, p.crs, min(pixel_size(p.transform)))
+                 for p, name in zip(done, names)]
         count = merge_layers(parts, staged_vector, out_crs, out.stem)
         if request.refine != "none":  # the unrefined polygons beside the refined ones, as `segment` writes them
             coarse = coarse_vector_path(out)
@@ -455,7 +475,8 @@ def _write_outputs(done: list[RasterPlan], manifest: Manifest, request: ScaleReq
                               for p, part in zip(done, parts)], staged_coarse, out_crs, coarse.stem)
             outputs["coarse_vector"] = str(coarse)
         for role, target in request.rasters().items():
-            outputs.update(_write_raster_output(role, target, done, manifest, request.overwrite, out_crs, tag))
+            outputs.update(_write_raster_output(role, target, done, names, manifest, request.overwrite, out_crs,
+                                                tag))
         timings["total_s"] = time.perf_counter() - started
         report = {"farslip_version": __version__, "run_id": run_id, "model": model, "crs": out_crs.to_string(),
                   "rasters": [manifest.finished[p.index] for p in done], "failed": failed, "chunks": chunks,
@@ -465,10 +486,11 @@ def _write_outputs(done: list[RasterPlan], manifest: Manifest, request: ScaleReq
     return outputs
 
 
-def _write_raster_output(role: str, target: Path, done: list[RasterPlan], manifest: Manifest, overwrite: bool,
-                         out_crs: CRS, tag: str) -> dict[str, str]:
+def _write_raster_output(role: str, target: Path, done: list[RasterPlan], names: list[str], manifest: Manifest,
+                         overwrite: bool, out_crs: CRS, tag: str) -> dict[str, str]:
     """One raster output of the finished rasters' own files (`role`: class_raster or prob_raster): the file
-    itself for a .tif, or a VRT over copies of them in the folder `<name>_rasters` beside it."""
+    itself for a .tif, or a VRT over copies of them in the folder `<name>_rasters` beside it (each at its
+    raster's name, see raster_names)."""
     own = RASTER_FILES[role]
     if target.suffix.lower() != ".vrt":
         assert len(done) == 1, "check_raster_outputs allows a .tif for one raster only"
@@ -479,16 +501,17 @@ def _write_raster_output(role: str, target: Path, done: list[RasterPlan], manife
     with atomic_output(target, tag) as staged_vrt:
         staged_folder = staged_vrt.with_name(staged_vrt.name + ".d")
         staged_folder.mkdir()
-        names = _raster_names(done)
-        for plan, name in zip(done, names):
-            shutil.copyfile(manifest.raster_folder(plan.index) / own, staged_folder / name)
+        files = _raster_files(names, done)
+        for plan, file in zip(done, files):
+            (staged_folder / file).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(manifest.raster_folder(plan.index) / own, staged_folder / file)
         if folder.exists():
             if not overwrite:
                 raise InputError(f"{folder} already exists; choose another name or allow overwriting (--overwrite).")
-            if not all(entry.is_file() and entry.suffix == ".tif" for entry in folder.iterdir()):
+            if not all(entry.is_dir() or (entry.is_file() and entry.suffix == ".tif") for entry in folder.rglob("*")):
                 raise InputError(f"{folder} holds files a run did not write (only its per-raster GeoTIFFs go "
                                  "there); move them, or choose another name.")
             shutil.rmtree(folder)
         staged_folder.rename(folder)
-        write_raster_vrt(staged_vrt, [folder / name for name in names], out_crs)
+        write_raster_vrt(staged_vrt, [folder / file for file in files], out_crs)
     return {role: str(target), role.replace("_raster", "_rasters"): str(folder)}

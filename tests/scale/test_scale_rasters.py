@@ -92,6 +92,33 @@ def read_layer(path: Path):
     return shapely.from_wkb(wkb), dict(zip(meta["fields"], values))
 
 
+def test_two_rasters_of_one_file_name_are_told_apart_by_folder_and_the_south_up_class_vrt_is_right(
+        local_ray, tiny_model, tmp_path):
+    """The `raster` field of west/t.tif and east/t.tif is each one's path below their common folder, and its
+    class GeoTIFF has that path in the VRT's folder; the south-up rasters' pixel sizes are positive."""
+    first = write_image(tmp_path / "in" / "west" / "t.tif", SOUTH_UP_2M, seed=1)
+    second = write_image(tmp_path / "in" / "east" / "t.tif", SOUTH_UP_1M, seed=2)
+    out = tmp_path / "out" / "all.gpkg"
+    out.parent.mkdir()
+    result = run_segment([first, second], out, tiny_model, "--class-raster", out.with_name("classes.vrt"))
+    assert result.exit_code == 0, result.output
+
+    shapes, fields = read_layer(out)
+    assert set(fields["raster"]) == {"east/t.tif", "west/t.tif"}
+    folder = out.with_name("classes_rasters")
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.tif")) == ["east/t.tif", "west/t.tif"]
+    for shape, class_id, raster in zip(shapes, fields["class_id"], fields["raster"]):
+        with rasterio.open(folder / raster) as ds:
+            x, y = shapely.get_coordinates(shape.representative_point())[0]
+            row, col = ds.index(x, y)
+            assert 0 <= row < ds.height and 0 <= col < ds.width, f"a polygon of {raster} lies outside it"
+            assert next(ds.sample([(x, y)]))[0] == class_id
+    assert_vrt_holds_every_part(out.with_name("classes.vrt"), [folder / "west" / "t.tif", folder / "east" / "t.tif"])
+
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert [r["pixel_size"] for r in report["rasters"]] == [[2.0, 2.0], [1.0, 1.0]]
+
+
 def test_a_rotated_raster_reports_the_side_of_its_pixels(local_ray, tiny_model, tmp_path):
     raster = write_image(tmp_path / "rotated.tif", ROTATED_2M, seed=3)
     out = tmp_path / "rotated.gpkg"
