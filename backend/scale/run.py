@@ -201,22 +201,51 @@ def _own_signal_handlers(signals=(signal.SIGTERM,)):
             libc.sigaction(int(sig), action, None)
 
 
+@contextlib.contextmanager
+def _ignoring_ctrl_c():
+    """Within, in the main thread: Ctrl+C (SIGINT) is ignored, so a cleanup that must finish does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class Workers:
     """The Ray actors of a run, created on a local Ray or a cluster."""
 
     def __init__(self, engine: EngineSettings, workers: int | None, cluster: str | None):
-        ray = self.ray = import_ray()
+        self.ray = import_ray()
         self.started_ray = False
+        self.actors: list = []
+        try:
+            self._start(engine, workers, cluster)
+        except BaseException:
+            self.stop()  # a failed or interrupted start (Ctrl+C in ray.init) leaves no Ray behind
+            raise
+
+    def _start(self, engine: EngineSettings, workers: int | None, cluster: str | None) -> None:
+        ray = self.ray
         if not ray.is_initialized():
             import logging
 
-            with _own_signal_handlers():
-                if cluster:
-                    ray.init(address=cluster, logging_level=logging.ERROR, log_to_driver=False)
-                else:
-                    ray.init(address="local", num_cpus=workers or 1, include_dashboard=False,
-                             logging_level=logging.ERROR, log_to_driver=False)
-            self.started_ray = True
+            self.started_ray = True  # before ray.init: an interrupted one may have started processes already
+            try:
+                with _own_signal_handlers():
+                    if cluster:
+                        ray.init(address=cluster, logging_level=logging.ERROR, log_to_driver=False)
+                    else:
+                        ray.init(address="local", num_cpus=workers or 1, include_dashboard=False,
+                                 logging_level=logging.ERROR, log_to_driver=False)
+            except Exception as error:  # not KeyboardInterrupt: that is the user's
+                where = f"connect to the Ray cluster at {cluster}" if cluster else "start a local Ray"
+                said = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                raise FarslipError(f"Could not {where} ({said}); "
+                                   + ("check the address and that the cluster is up." if cluster else
+                                      "check that this machine can run Ray, or segment without Ray.")) from None
         gpus = int(ray.cluster_resources().get("GPU", 0))
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         count = workers or gpus or max(1, len(nodes))
@@ -243,11 +272,15 @@ class Workers:
         return self.ray.get([actor.pid.remote() for actor in self.actors])
 
     def stop(self) -> None:
-        for actor in self.actors:
-            self.ray.kill(actor, no_restart=True)
-        if self.started_ray:
-            with _own_signal_handlers():
-                self.ray.shutdown()
+        """Kill the actors and shut down the Ray this run started; a second Ctrl+C does not cut this short."""
+        with _ignoring_ctrl_c():
+            for actor in self.actors:
+                with contextlib.suppress(Exception):  # Ray may be gone already: shut it down all the same
+                    self.ray.kill(actor, no_restart=True)
+            if self.started_ray:
+                self.started_ray = False
+                with _own_signal_handlers():
+                    self.ray.shutdown()
 
 
 def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequest, progress: Progress | None = None,

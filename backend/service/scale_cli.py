@@ -7,7 +7,9 @@ the few that a scaled run does not offer yet are refused with a sentence. Exit c
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import time
 import inspect
 from collections.abc import Callable
@@ -124,6 +126,8 @@ def segment_scaled(values: dict) -> None:
     except FarslipError as error:
         fail(error)
     except KeyboardInterrupt as error:
+        with contextlib.suppress(ValueError):  # leaving: a second Ctrl+C must not cut Ray's exit short
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         interrupted(error, f"Interrupted; finished chunks are kept in {out.name}.partial: run the same command "
                            "again to resume.")
     finally:

@@ -75,3 +75,19 @@ def test_a_class_vrt_over_north_up_and_south_up_rasters_is_refused(tiny_model, t
     [line] = error_lines(result.output)
     assert "--prob-raster" in line and "north-up and others south-up" in line
     assert list(out.parent.iterdir()) == []
+
+
+def test_ray_that_cannot_start_is_one_sentence_and_leaves_nothing(tiny_model, tmp_path, monkeypatch):
+    def failing_init(*args, **kwargs):
+        raise ConnectionError("Failed to connect to GCS at 10.0.0.9:6379.\nDetails: timed out")
+
+    monkeypatch.setattr(ray, "init", failing_init)
+    raster = write_image(tmp_path / "in" / "a.tif", Affine(2, 0, 500000, 0, -2, 5000000))
+    out = tmp_path / "out" / "a.gpkg"
+    out.parent.mkdir()
+    result = run_segment([raster], out, tiny_model, "--cluster", "ray://10.0.0.9:10001")
+    assert result.exit_code == 2, result.output
+    assert error_lines(result.output) == [
+        "Error: Could not connect to the Ray cluster at ray://10.0.0.9:10001 (Failed to connect to GCS at "
+        "10.0.0.9:6379.); check the address and that the cluster is up."]
+    assert not out.exists()
