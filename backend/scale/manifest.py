@@ -101,8 +101,9 @@ class Manifest:
         before = recorded.get("facts", {})
         changed = sorted(key for key in set(before) | set(facts)
                          if json.dumps(before.get(key), default=str) != json.dumps(facts.get(key), default=str))
-        raise InputError(f"{self.folder} holds an unfinished run with other {', '.join(changed) or 'settings'}. "
-                         "Re-run that command to finish it, or add --restart to start this one over.")
+        raise InputError(f"{self.folder} holds an unfinished run with other {', '.join(changed) or 'settings'}; "
+                         "re-run that command to finish it, or delete that folder (or add --restart) to start "
+                         "this one over.")
 
     def _read(self) -> None:
         path = self.folder / "manifest.jsonl"

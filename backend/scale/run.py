@@ -415,9 +415,13 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
         if workers is not None:
             workers.stop()
         manifest.close()
+        if not manifest.chunks and not manifest.finished:
+            manifest.remove()  # stopped before a chunk was kept: nothing to resume, and no folder in the way
     done = [p for p in plans if p.index in manifest.finished]
     failed = list(failures.values())
     if not done:
+        # Every raster failed (what they computed cannot make them succeed): the partial folder goes too.
+        manifest.remove()
         error = FarslipError(" ".join(f"{f['raster']}: {f['error']}" for f in failed))
         error.exit_code = failed[0]["exit_code"] if failed else 2
         raise error

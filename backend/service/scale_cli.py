@@ -128,8 +128,11 @@ def segment_scaled(values: dict) -> None:
     except KeyboardInterrupt as error:
         with contextlib.suppress(ValueError):  # leaving: a second Ctrl+C must not cut Ray's exit short
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-        interrupted(error, f"Interrupted; finished chunks are kept in {out.name}.partial: run the same command "
-                           "again to resume.")
+        from backend.scale.manifest import partial_folder
+
+        kept = partial_folder(out)
+        interrupted(error, f"Interrupted; finished chunks are kept in {kept.name}: run the same command again to "
+                           "resume." if kept.is_dir() else "Interrupted; nothing was finished, so nothing was kept.")
     finally:
         stop_on_signals.__exit__(None, None, None)
     for failure in result.failed:

@@ -38,8 +38,11 @@ def test_other_settings_are_refused_by_name_and_restart_starts_over(tmp_path):
     manifest.add_chunk("r000000-0-0", block(1), {"raster": 0})
     manifest.close()
     other = dict(FACTS, classes=["road"], **{"--threshold": 0.2})
-    with pytest.raises(InputError, match=r"other --threshold, classes\. .*--restart"):
+    with pytest.raises(InputError) as refused:
         Manifest.open(out, other, restart=False)
+    message = str(refused.value)
+    assert message.startswith(f"{partial_folder(out)} holds an unfinished run with other --threshold, classes; ")
+    assert message.endswith("delete that folder (or add --restart) to start this one over.")
     fresh = Manifest.open(out, other, restart=True)
     assert fresh.chunks == {} and fresh.finished == {}
     fresh.close()

@@ -126,3 +126,17 @@ def test_a_rotated_raster_reports_the_side_of_its_pixels(local_ray, tiny_model, 
     assert result.exit_code == 0, result.output
     report = json.loads(out.with_suffix(".report.json").read_text())
     assert report["rasters"][0]["pixel_size"] == pytest.approx([2.0, 2.0])
+
+
+def test_a_run_where_every_raster_fails_leaves_no_partial_folder_in_the_next_runs_way(
+        local_ray, shared_data, tiny_model, tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    for name in ("all-nodata.tif", "corrupt.tif"):
+        (folder / name).symlink_to(shared_data / name)
+    out = tmp_path / "bad.gpkg"
+    result = run_segment([folder], out, tiny_model)
+    assert result.exit_code == 4, result.output
+    assert "all-nodata.tif" in result.output and "corrupt.tif" in result.output
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]  # no output, no bad.gpkg.partial

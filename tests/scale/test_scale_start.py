@@ -77,6 +77,24 @@ def test_a_class_vrt_over_north_up_and_south_up_rasters_is_refused(tiny_model, t
     assert list(out.parent.iterdir()) == []
 
 
+def test_ctrl_c_while_ray_starts_shuts_it_down_and_says_nothing_was_kept(tiny_model, tmp_path, monkeypatch):
+    started = ray.init
+
+    def interrupted_init(*args, **kwargs):
+        started(*args, **kwargs)  # Ray's processes run: Ctrl+C came at the end of ray.init
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ray, "init", interrupted_init)
+    raster = write_image(tmp_path / "in" / "a.tif", Affine(2, 0, 500000, 0, -2, 5000000))
+    out = tmp_path / "out" / "a.gpkg"
+    out.parent.mkdir()
+    result = run_segment([raster], out, tiny_model)
+    assert result.exit_code == 130, result.output
+    assert error_lines(result.output) == ["Interrupted; nothing was finished, so nothing was kept."]
+    assert not ray.is_initialized()
+    assert list(out.parent.iterdir()) == []  # no a.gpkg.partial either
+
+
 def test_ray_that_cannot_start_is_one_sentence_and_leaves_nothing(tiny_model, tmp_path, monkeypatch):
     def failing_init(*args, **kwargs):
         raise ConnectionError("Failed to connect to GCS at 10.0.0.9:6379.\nDetails: timed out")
@@ -90,4 +108,4 @@ def test_ray_that_cannot_start_is_one_sentence_and_leaves_nothing(tiny_model, tm
     assert error_lines(result.output) == [
         "Error: Could not connect to the Ray cluster at ray://10.0.0.9:10001 (Failed to connect to GCS at "
         "10.0.0.9:6379.); check the address and that the cluster is up."]
-    assert not out.exists()
+    assert list(out.parent.iterdir()) == []
