@@ -24,12 +24,13 @@ from qgis.PyQt.QtCore import QObject, QProcess, QProcessEnvironment, Qt, QThread
 
 from .client import BackendClient, BackendError, BackendTokenRefused, Connection
 from .i18n import tr
-from .messages import INSTALL, OPEN_LOG, RESTART, SETTINGS, with_actions
+from .messages import INSTALL, OPEN_LOG, RECONNECT, RESTART, SETTINGS, with_actions
 from .settings import PluginSettings, backend_home
 from .tasks import run_in_background
 
 LOG_TAG = "FarSLIP"
 START_TIMEOUT_S = 120.0
+HEALTH_TIMEOUT_S = 2.0  # the check that a connected backend still answers, before it is reported ready
 # Variables QGIS sets for its own Python, GDAL and PROJ; the backend's venv brings its own.
 FOREIGN_ENV = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PROJ_LIB", "PROJ_DATA", "GDAL_DATA",
                "GDAL_DRIVER_PATH", "QGIS_PREFIX_PATH")
@@ -172,6 +173,7 @@ class BackendManager(QObject):
     failed = pyqtSignal(str)           # rich text for the user
     stateChanged = pyqtSignal(str)     # "idle", "starting", "ready", "failed"
     _ensureRequested = pyqtSignal()    # ensure() asked for from another thread
+    _lostReported = pyqtSignal(str)    # lost() reported from another thread (Processing)
 
     def __init__(self, settings_loader: Callable[[], PluginSettings] = PluginSettings.load,
                  connection_file: str | None = None, parent: QObject | None = None):
@@ -189,17 +191,23 @@ class BackendManager(QObject):
         self._poll.setInterval(250)
         self._poll.timeout.connect(self._check_started)
         self._checking = False
+        self._verifying = False
         self.attempts = 0
+        self.lost_url = ""  # a backend the user started that stopped answering (until found again)
+        self.connected_from = ""  # the connection file the connection was read from, if any
         self._ensureRequested.connect(self.ensure, Qt.QueuedConnection)
+        self._lostReported.connect(self.lost, Qt.QueuedConnection)
 
     # -- state -------------------------------------------------------------------------------
     def _set_state(self, state: str) -> None:
         self.state = state
         self.stateChanged.emit(state)
 
-    def _succeed(self, connection: Connection, health: dict, how: str) -> None:
+    def _succeed(self, connection: Connection, health: dict, how: str, connection_file: str = "") -> None:
         self._poll.stop()
         self.connection, self.health = connection, health
+        self.connected_from = connection_file
+        self.lost_url = ""
         log(f"Using the FarSLIP backend at {connection.url} ({how}).")
         self._set_state("ready")
         self.ready.emit(connection, health)
@@ -219,11 +227,15 @@ class BackendManager(QObject):
 
     # -- connecting ----------------------------------------------------------------------------
     def ensure(self) -> None:
-        """Get a working connection (asynchronously): emits `ready` or `failed` later."""
-        if self.state in ("starting",):
+        """Get a working connection (asynchronously): emits `ready` or `failed` later.
+
+        A backend connected before is asked for /v1/health first: one that stopped is looked for
+        again (the user's `farslip serve` started anew) or, when the plugin started it, restarted.
+        """
+        if self.state in ("starting",) or self._verifying:
             return
         if self.state == "ready" and self.connection:
-            self.ready.emit(self.connection, self.health)
+            self._verify(self.connection)
             return
         settings = self.settings_loader()
         self.attempts += 1
@@ -234,7 +246,9 @@ class BackendManager(QObject):
 
         def on_found(found, error):
             if found:
-                self._succeed(found[0], found[1], "already running, from " + found[2])
+                self._succeed(found[0], found[1], "already running, from " + found[2], found[2])
+            elif self.lost_url:
+                self._fail(self.not_running_message())
             elif not settings.auto_start:
                 self._fail(with_actions(tr("<b>No FarSLIP backend is running.</b><br>Start one with "
                                            "<code>farslip serve</code>, or turn on <i>Start the backend "
@@ -244,6 +258,60 @@ class BackendManager(QObject):
 
         run_in_background("Looking for a running FarSLIP backend",
                           lambda: first_healthy([self.connection_file, default_connection_file()]), on_found)
+
+    def _verify(self, connection: Connection) -> None:
+        """Emit `ready` if the connected backend still answers; otherwise forget it and connect again."""
+        self._verifying = True
+
+        def on_done(health, error):
+            self._verifying = False
+            if self.connection is not connection or self.state != "ready":
+                return  # stopped or replaced meanwhile; that change emits its own signals
+            if error is None:
+                self.health = health
+                self.ready.emit(connection, health)
+                return
+            self.lost(connection.url)
+            self.ensure()
+
+        run_in_background("Checking the FarSLIP backend",
+                          lambda: check_connection(connection, timeout=HEALTH_TIMEOUT_S), on_done)
+
+    def not_running_text(self) -> tuple[str, tuple[str, ...]]:
+        """The backend the user started (`farslip serve`) no longer answers: a rich-text sentence, its actions."""
+        if self.settings_loader().auto_start:
+            return tr("<b>The FarSLIP backend at {} is not running</b>: start <code>farslip serve</code> again and "
+                      "press <i>Reconnect</i>, or press <i>Restart backend</i> to let the plugin start its own."
+                      ).format(html.escape(self.lost_url)), (RECONNECT, RESTART)
+        return tr("<b>The FarSLIP backend at {} is not running</b>: start <code>farslip serve</code> again and "
+                  "press <i>Reconnect</i>, or turn on <i>Start the backend automatically</i> in the settings to "
+                  "let the plugin start its own.").format(html.escape(self.lost_url)), (RECONNECT, SETTINGS)
+
+    def not_running_message(self) -> str:
+        text, actions = self.not_running_text()
+        return with_actions(text, *actions)
+
+    def lost(self, url: str = "") -> None:
+        """A job or a check found nothing answering at the backend's address: forget that connection.
+
+        The next ensure() looks for the backend again: the plugin's own one is restarted if it does
+        not answer; a backend the user started is reported as not running until it is found again.
+        """
+        connection = self.connection
+        if connection is None or (url and connection.url != url.rstrip("/")):
+            return
+        self.connection, self.health = None, {}
+        log(f"The FarSLIP backend at {connection.url} does not answer.", Qgis.Warning)
+        if self.process is not None or self.connected_from == self.connection_file:
+            # started by the plugin (now or in an earlier session): ensure() starts it again
+            self._set_state("idle")
+            return
+        self.lost_url = connection.url
+        self._fail(self.not_running_message())
+
+    def report_lost(self, url: str) -> None:
+        """lost(), from any thread (a Processing algorithm's)."""
+        self._lostReported.emit(url)
 
     def _connect_configured(self, settings: PluginSettings) -> None:
         def connect():
@@ -275,6 +343,7 @@ class BackendManager(QObject):
         if command is None:
             self._fail(install_help(settings.backend_command))
             return
+        self._stop_process()  # the plugin's earlier backend, if it runs but no longer answers
         folder = os.path.dirname(self.connection_file)
         os.makedirs(folder, mode=0o700, exist_ok=True)
         if os.path.exists(self.connection_file):
@@ -314,12 +383,15 @@ class BackendManager(QObject):
             self._startup_failure(tr("{} could not be run").format(self.process.program()))
 
     def _process_finished(self, exit_code: int, exit_status) -> None:
+        if self.sender() is not None and self.sender() is not self.process:
+            return  # a backend replaced since
         self._forward_output()
-        if self.state == "starting":
+        if self.state == "starting" and self._poll.isActive():
             self._startup_failure(tr("it exited with code {}").format(exit_code))
-        elif self.state == "ready":
-            log(f"The FarSLIP backend stopped (exit code {exit_code}).", Qgis.Warning)
-            self.process = None
+            return
+        log(f"The FarSLIP backend stopped (exit code {exit_code}).", Qgis.Warning)
+        self.process = None
+        if self.state == "ready":
             self.connection = None
             self._set_state("idle")
 
@@ -337,7 +409,7 @@ class BackendManager(QObject):
         def on_done(found, error):
             self._checking = False
             if found and self.state == "starting":
-                self._succeed(found[0], found[1], "started by the plugin")
+                self._succeed(found[0], found[1], "started by the plugin", self.connection_file)
 
         run_in_background("Waiting for the FarSLIP backend", lambda: first_healthy([self.connection_file]), on_done)
 
@@ -345,6 +417,12 @@ class BackendManager(QObject):
     def stop(self) -> None:
         """Stop the backend this plugin started (a backend it only connected to keeps running)."""
         self._poll.stop()
+        self._stop_process()
+        self.connection = None
+        self.lost_url = ""
+        self._set_state("idle")
+
+    def _stop_process(self) -> None:
         process, self.process = self.process, None
         if process is not None:
             process.finished.disconnect(self._process_finished)
@@ -356,14 +434,25 @@ class BackendManager(QObject):
                     process.waitForFinished(2000)
             if os.path.exists(self.connection_file):
                 os.remove(self.connection_file)
-        self.connection = None
-        self._set_state("idle")
 
     # -- for callers outside the GUI thread (Processing) ------------------------------------------
     def wait_ready(self, timeout: float = START_TIMEOUT_S + 10,
                    should_cancel: Callable[[], bool] = lambda: False) -> Connection:
         """Block until ready; from the GUI thread the event loop keeps running meanwhile."""
         in_gui_thread = QThread.currentThread() == self.thread()
+        connection = self.connection
+        if self.state == "ready" and connection is not None:
+            try:
+                check_connection(connection, timeout=HEALTH_TIMEOUT_S)
+                return connection
+            except BackendError:
+                if in_gui_thread:
+                    self.lost(connection.url)
+                else:
+                    self.report_lost(connection.url)
+                    deadline = time.monotonic() + 10
+                    while self.connection is connection and time.monotonic() < deadline and not should_cancel():
+                        time.sleep(0.05)
         attempt = self.attempts + (0 if self.state == "starting" else 1)
         if self.state != "ready":
             if in_gui_thread:

@@ -61,6 +61,8 @@ class BackendPanel(QObject):
         if action == messages.RESTART:
             self.manager.stop()
             self.manager.ensure()
+        elif action == messages.RECONNECT:
+            self.manager.ensure()
         elif action == messages.OPEN_LOG:
             path = backend_log_file()
             if os.path.isfile(path):

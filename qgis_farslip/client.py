@@ -23,6 +23,14 @@ class BackendUnreachable(BackendError):
     """Nothing answers at the backend's address."""
 
 
+class BackendRefused(BackendError):
+    """The backend refused the request as it was sent (HTTP 4xx): the message says what to change."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
 class BackendTokenRefused(BackendError):
     """A backend answers, but not to this token (another backend on that port, or a stale token)."""
 
@@ -91,6 +99,8 @@ class BackendClient:
                     f"The FarSLIP backend at {self.connection.url} answers but refuses the plugin's token: "
                     "the token in the FarSLIP settings (or the connection file) belongs to another backend."
                 ) from None
+            if 400 <= error.code < 500:
+                raise BackendRefused(_detail(error.read(), error.code), error.code) from None
             raise BackendError(_detail(error.read(), error.code)) from None
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as error:
             reason = getattr(error, "reason", error)

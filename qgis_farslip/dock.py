@@ -20,7 +20,7 @@ from qgis.PyQt.QtCore import pyqtSignal
 from qgis.PyQt.QtWidgets import QWidget
 
 from . import messages
-from .backend_manager import BackendManager, log
+from .backend_manager import BackendManager, log, plain_text
 from .backend_panel import BackendPanel
 from .class_box import ClassBox
 from .classes import bundled_presets, parse_class_text
@@ -29,7 +29,7 @@ from .exporting import ExportDialog
 from .extent_choice import ExtentChoice, ExtentError
 from .extent import crs_text, displayed_bands, export_size, local_raster_path, transform_extent, write_geotiff
 from .job_runner import CANCELLED, DONE, JobRunner
-from .jobs import eta_text, features_cached
+from .jobs import LOST, REFUSED, eta_text, features_cached
 from .model_picker import ModelPicker, finetuned_class_lines
 from .parameters import SegmentParameters, output_stem, safe_name
 from .remembered import LastChoices
@@ -73,6 +73,7 @@ class FarslipDock(QgsDockWidget):
         form = self.form
         self.runner = JobRunner(form.progressBar, [form.runButton], form.cancelButton, self)
         self.runner.updated.connect(self._job_updated)
+        self.runner.backendLost.connect(manager.lost)
         self.runner.finished.connect(self._job_finished)
         self.models = ModelPicker(form.modelCombo, form.browseModelButton, form.downloadModelButton,
                                   lambda: self.settings_loader().default_model, self)
@@ -99,6 +100,7 @@ class FarslipDock(QgsDockWidget):
         QgsProject.instance().layersWillBeRemoved.connect(self._layers_removed)
         QgsProject.instance().readProject.connect(self.restore_choices)
         self.train_tab = TrainTab(self, settings_loader)
+        self.train_tab.runner.backendLost.connect(manager.lost)
         self.search_tab = SearchTab(self, settings_loader)
         self.review_tab = ReviewTab(self, self.train_tab)
         self.restore_choices()
@@ -358,15 +360,25 @@ class FarslipDock(QgsDockWidget):
         elif state == CANCELLED:
             self.show_status(self.tr("Cancelled; nothing was written."))
         else:
-            self._show_job_error(error)
+            self._show_job_error(error, self.runner.failure_kind)
         self.jobFinished.emit(state)
 
-    def _show_job_error(self, error: str) -> None:
-        stopped = "stopped while the job was running" in error
-        refused = "refuses the plugin's token" in error
-        actions = ((messages.RESTART, messages.OPEN_LOG) if stopped else
-                   (messages.SETTINGS, messages.RESTART) if refused else (messages.OPEN_LOG,))
-        self.show_status(error, error=True, actions=actions)
+    def job_error_text(self, error: str, failure_kind: str) -> tuple[str, tuple[str, ...]]:
+        """What a failed job says to the user (plain text), and the actions offered with it."""
+        if failure_kind == LOST and self.manager.lost_url:  # the user's `farslip serve` is gone
+            text, actions = self.manager.not_running_text()
+            return plain_text(text), actions
+        if failure_kind == LOST:  # the plugin's own backend: Run starts it again
+            return error, (messages.RESTART, messages.OPEN_LOG)
+        if "refuses the plugin's token" in error:
+            return error, (messages.SETTINGS, messages.RESTART)
+        if failure_kind == REFUSED:  # the request as sent was refused: the sentence says what to change
+            return error, ()
+        return error, (messages.OPEN_LOG,)
+
+    def _show_job_error(self, error: str, failure_kind: str = "") -> None:
+        text, actions = self.job_error_text(error, failure_kind)
+        self.show_status(text, error=True, actions=actions)
 
     def _download_finished(self, state: str, error: str) -> None:
         name, self._downloading = self._downloading, ""
@@ -377,7 +389,7 @@ class FarslipDock(QgsDockWidget):
         elif state == CANCELLED:
             self.show_status(self.tr("The download of {} was cancelled.").format(name))
         else:
-            self.show_status(error, error=True, actions=(messages.OPEN_LOG,))
+            self._show_job_error(error, self.runner.failure_kind)
         self.jobFinished.emit(state)
 
     def _load_result(self, job: dict) -> str:

@@ -21,6 +21,7 @@ DONE, FAILED, CANCELLED = "done", "failed", "cancelled"
 
 class JobRunner(QObject):
     updated = pyqtSignal(dict)          # the job, while it runs
+    backendLost = pyqtSignal(str)       # nothing answered at the backend's URL (emitted before finished)
     finished = pyqtSignal(str, dict, str)  # "done"/"failed"/"cancelled", the job, the error sentence
 
     def __init__(self, progress_bar, run_buttons: list, cancel_button, parent: QObject | None = None):
@@ -29,6 +30,7 @@ class JobRunner(QObject):
         self.run_buttons = list(run_buttons)
         self.cancel_button = cancel_button
         self.task: JobTask | None = None
+        self.failure_kind = ""  # of the last job that failed: jobs.LOST, jobs.REFUSED or ""
         self._temporary_dirs: list[str] = []
 
     @property
@@ -50,6 +52,7 @@ class JobRunner(QObject):
               prepare: Callable | None = None, output_paths: list[str] | None = None) -> JobTask:
         task = JobTask(description, connection, kind, request, prepare, output_paths)
         task.jobUpdated.connect(self._updated)
+        task.backendLost.connect(self.backendLost)
         task.succeeded.connect(lambda job: self._end(DONE, job, ""))
         task.failedWith.connect(lambda message: self._end(FAILED, task.job, message))
         task.cancelledJob.connect(lambda: self._end(CANCELLED, task.job, ""))
@@ -70,6 +73,7 @@ class JobRunner(QObject):
         self.updated.emit(job)
 
     def _end(self, state: str, job: dict, error: str) -> None:
+        self.failure_kind = self.task.failure_kind if self.task is not None and state == FAILED else ""
         self.task = None
         self.set_busy(False)
         # A bar left at 100 % next to an error, or at 40 % after a cancel, would say the wrong thing.

@@ -15,9 +15,10 @@ from qgis.core import QgsTask
 from qgis.PyQt.QtCore import pyqtSignal
 
 from .i18n import tr
-from .client import FINAL_STATES, BackendClient, BackendError, BackendUnreachable, Connection
+from .client import FINAL_STATES, BackendClient, BackendError, BackendRefused, BackendUnreachable, Connection
 
 POLL_INTERVAL_S = 0.3
+LOST, REFUSED = "lost", "refused"  # JobTask.failure_kind: nothing answers at the backend; it refused the request
 CANCEL_WAIT_S = 60.0
 
 
@@ -31,7 +32,7 @@ class JobCancelled(Exception):
     """The user cancelled; the backend has stopped the job and written nothing."""
 
 
-class BackendStopped(BackendError):
+class BackendStopped(BackendUnreachable):
     """The backend answered the submit, then stopped answering: it crashed, was killed or closed."""
 
     def __init__(self) -> None:
@@ -85,6 +86,7 @@ class JobTask(QgsTask):
     """Runs one backend job: `prepare()` (optional, in the worker thread), submit, poll until it ends."""
 
     jobUpdated = pyqtSignal(dict)
+    backendLost = pyqtSignal(str)  # the backend's URL: nothing answered there (emitted before failedWith)
     succeeded = pyqtSignal(dict)
     failedWith = pyqtSignal(str)
     cancelledJob = pyqtSignal()
@@ -100,6 +102,7 @@ class JobTask(QgsTask):
         self.output_paths = list(output_paths or [])  # removed if the user cancels after all
         self.job: dict[str, Any] = {}
         self.error = ""
+        self.failure_kind = ""  # LOST, REFUSED, or "" for any other failure
         self.cancelled_by_user = False
 
     def _update(self, job: dict[str, Any]) -> None:
@@ -121,6 +124,8 @@ class JobTask(QgsTask):
             self.cancelled_by_user = True
             return True
         except BackendError as error:
+            self.failure_kind = (LOST if isinstance(error, BackendUnreachable) else
+                                 REFUSED if isinstance(error, BackendRefused) else "")
             self.error = str(error)
         except Exception as error:
             self.error = f"{type(error).__name__}: {error}"
@@ -134,6 +139,8 @@ class JobTask(QgsTask):
         elif ok:
             self.succeeded.emit(self.job)
         else:
+            if self.failure_kind == LOST:
+                self.backendLost.emit(self.client.connection.url)
             self.failedWith.emit(self.error or tr("The job failed."))
 
 

@@ -11,13 +11,14 @@ import html
 from .i18n import tr
 
 RESTART, OPEN_LOG, SETTINGS, INSTALL = "farslip:restart", "farslip:log", "farslip:settings", "farslip:install"
+RECONNECT = "farslip:reconnect"
 
 
 
 
 def action_labels() -> dict[str, str]:
     return {RESTART: tr("Restart backend"), OPEN_LOG: tr("Open log"), SETTINGS: tr("Settings"),
-            INSTALL: tr("Install backend...")}
+            INSTALL: tr("Install backend..."), RECONNECT: tr("Reconnect")}
 
 
 def action_links(*actions: str) -> str:

@@ -30,7 +30,7 @@ from qgis.PyQt.QtGui import QIcon
 
 from .backend_manager import BackendManager
 from .classes import bundled_presets, parse_class_text, resources_dir
-from .client import BackendClient, BackendError
+from .client import BackendClient, BackendError, BackendUnreachable
 from .extent import crs_text, displayed_bands, export_size, local_raster_path, write_geotiff
 from .jobs import JobCancelled, run_job
 from .parameters import REFINE_CHOICES, SegmentParameters, safe_name
@@ -120,7 +120,15 @@ def run_backend_job(manager: BackendManager | None, kind: str, request: dict, fe
                 if kind == "train":
                     feedback.pushInfo(message)
 
-        return run_job(BackendClient(connection), kind, request, on_update, feedback.isCanceled, output_paths)
+        try:
+            return run_job(BackendClient(connection), kind, request, on_update, feedback.isCanceled, output_paths)
+        except BackendUnreachable as error:
+            owned = manager.process is not None
+            manager.report_lost(connection.url)  # the next run looks for the backend again
+            if owned:
+                raise
+            raise BackendError(tr("{} Start `farslip serve` again, or let the plugin start its own backend (FarSLIP "
+                                  "settings), and run the algorithm again.").format(error)) from None
     except JobCancelled:
         raise QgsProcessingException(tr("Cancelled; nothing was written.")) from None
     except BackendError as error:

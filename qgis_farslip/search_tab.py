@@ -139,6 +139,7 @@ class SearchTab(QObject):
         task = JobTask(f"FarSLIP: searching {self.raster_layer.name()}", self.dock.manager.connection, "search",
                        request, None, [out])
         task.jobUpdated.connect(self._job_updated)
+        task.backendLost.connect(self.dock.manager.lost)
         task.succeeded.connect(self._job_done)
         task.failedWith.connect(self._job_failed)
         task.cancelledJob.connect(self._job_cancelled)
@@ -190,7 +191,8 @@ class SearchTab(QObject):
         self._finish("done")
 
     def _job_failed(self, message: str) -> None:
-        self._show(message, error=True)
+        kind = self.task.failure_kind if self.task is not None else ""
+        self._show(self.dock.job_error_text(message, kind)[0], error=True)
         self._finish("failed")
 
     def _job_cancelled(self) -> None:

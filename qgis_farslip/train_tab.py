@@ -215,8 +215,8 @@ class TrainTab(QObject):
             self._job_done(job)
         elif state == "cancelled":
             self._show(tr("Cancelled; no model was written."))
-        else:
-            self._show(error, error=True)  # once: the failed job's message is not logged as progress
+        else:  # once: the failed job's message is not logged as progress
+            self._show(self.dock.job_error_text(error, self.runner.failure_kind)[0], error=True)
         self.trainFinished.emit(state)
 
     def _job_done(self, job: dict) -> None:
