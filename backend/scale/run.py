@@ -274,8 +274,8 @@ class Workers:
     def stop(self) -> None:
         """Kill the actors and shut down the Ray this run started; a second Ctrl+C does not cut this short."""
         with _ignoring_ctrl_c():
-            for actor in self.actors:
-                with contextlib.suppress(Exception):  # Ray may be gone already: shut it down all the same
+            for actor in [] if self.started_ray else self.actors:  # a shutdown ends them, without a word
+                with contextlib.suppress(Exception):
                     self.ray.kill(actor, no_restart=True)
             if self.started_ray:
                 self.started_ray = False
