@@ -371,7 +371,8 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
         next_actor = 0
         while todo or in_flight:
             if should_cancel is not None and should_cancel():
-                raise CancelledError("The run was cancelled; finished chunks are kept for a re-run.")
+                raise CancelledError("The run was cancelled; finished chunks are kept for a re-run." if manifest.chunks
+                                     else "The run was cancelled before any chunk was finished; nothing was kept.")
             while todo and len(in_flight) < limit:
                 plan, key, unit = todo.pop(0)
                 if plan.path in failures:
