@@ -49,31 +49,29 @@ def error_lines(output: str) -> list[str]:
     return [line for line in output.splitlines() if line.strip()]
 
 
-def test_a_class_vrt_over_rotated_rasters_is_refused_before_ray_starts(tiny_model, tmp_path, monkeypatch):
-    rotated = Affine.translation(500000, 5000000) @ Affine.rotation(30) @ Affine.scale(2, -2)
-    inputs = [write_image(tmp_path / "in" / "a.tif", rotated),
-              write_image(tmp_path / "in" / "b.tif", Affine.translation(300, 0) @ rotated)]
+ROTATED = Affine.translation(500000, 5000000) @ Affine.rotation(30) @ Affine.scale(2, -2)
+# (grids of a.tif and b.tif, the mosaic option, phrases of the refusal)
+VRT_REFUSALS = {
+    "rotated": ((ROTATED, Affine.translation(300, 0) @ ROTATED), "--class-raster",
+                ("cannot place rotated rasters", "a.tif has a rotated grid", "one at a time with --class-raster x.tif",
+                 "north-up")),
+    "north-up and south-up": ((Affine(2, 0, 500000, 0, -2, 5000000), Affine(2, 0, 500200, 0, 2, 5000000)),
+                              "--prob-raster", ("--prob-raster", "north-up and others south-up")),
+}
+
+
+@pytest.mark.parametrize("case", VRT_REFUSALS)
+def test_a_vrt_mosaic_that_cannot_place_the_rasters_is_refused_before_ray_starts(case, tiny_model, tmp_path,
+                                                                                   monkeypatch):
+    grids, option, phrases = VRT_REFUSALS[case]
+    inputs = [write_image(tmp_path / "in" / name, grid) for name, grid in zip(("a.tif", "b.tif"), grids)]
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started"))
     out = tmp_path / "out" / "all.gpkg"
     out.parent.mkdir()
-    result = run_segment(inputs, out, tiny_model, "--class-raster", out.with_name("classes.vrt"))
+    result = run_segment(inputs, out, tiny_model, option, out.with_name("mosaic.vrt"))
     assert result.exit_code == 2, result.output
     [line] = error_lines(result.output)
-    assert "cannot place rotated rasters" in line and "a.tif has a rotated grid" in line
-    assert "one at a time with --class-raster x.tif" in line and "north-up" in line
-    assert list(out.parent.iterdir()) == []
-
-
-def test_a_class_vrt_over_north_up_and_south_up_rasters_is_refused(tiny_model, tmp_path, monkeypatch):
-    inputs = [write_image(tmp_path / "in" / "a.tif", Affine(2, 0, 500000, 0, -2, 5000000)),
-              write_image(tmp_path / "in" / "b.tif", Affine(2, 0, 500200, 0, 2, 5000000))]
-    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started"))
-    out = tmp_path / "out" / "all.gpkg"
-    out.parent.mkdir()
-    result = run_segment(inputs, out, tiny_model, "--prob-raster", out.with_name("probs.vrt"))
-    assert result.exit_code == 2, result.output
-    [line] = error_lines(result.output)
-    assert "--prob-raster" in line and "north-up and others south-up" in line
+    assert all(phrase in line for phrase in phrases), line
     assert list(out.parent.iterdir()) == []
 
 
