@@ -7,12 +7,14 @@ another) and can load the exported file, styled, into the project.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 
-from qgis.core import QgsMapLayer, QgsProject, QgsVectorFileWriter, QgsVectorLayer
+from qgis.core import QgsMapLayer, QgsProject, QgsProviderRegistry, QgsVectorFileWriter, QgsVectorLayer
 from qgis.gui import QgsFileWidget
 from qgis.PyQt.QtWidgets import QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFormLayout
 
+from .filenames import MAX_STEM
 from .parameters import safe_name
 from .i18n import tr
 
@@ -38,23 +40,45 @@ def result_layers(preferred: Sequence[QgsMapLayer] = ()) -> list[QgsVectorLayer]
     return latest + rest
 
 
+def gpkg_layer_name(layer: QgsVectorLayer) -> str:
+    """The table a result is written to in a GeoPackage: the result's name, letters of any script, digits
+    and `_` (exporting the same result again replaces it)."""
+    return re.sub(r"\W+", "_", layer.name()).strip("_")[:MAX_STEM] or "farslip_result"
+
+
 def write_styled(layer: QgsVectorLayer, path: str) -> QgsVectorLayer:
-    """Write `layer` (in its own CRS) and its style; the written layer is returned, styled."""
+    """Write `layer` (in its own CRS) and its style; the written layer is returned, styled.
+
+    Into an existing GeoPackage, the result is added as a layer of its own (one of the same name is
+    replaced); the file's other layers and their styles are kept.
+    """
     options = QgsVectorFileWriter.SaveVectorOptions()
     options.driverName = driver_for(path)
     options.fileEncoding = "UTF-8"
-    options.layerName = os.path.splitext(os.path.basename(path))[0]
+    source = path
+    if options.driverName == "GPKG":
+        options.layerName = gpkg_layer_name(layer)
+        source = f"{path}|layername={options.layerName}"
+        if os.path.isfile(path):
+            options.actionOnExistingFile = QgsVectorFileWriter.CreateOrOverwriteLayer
+    else:
+        options.layerName = os.path.splitext(os.path.basename(path))[0]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(
         layer, path, QgsProject.instance().transformContext(), options)
     if error != QgsVectorFileWriter.NoError:
         raise RuntimeError(tr("Export to {} failed: {}").format(path, message))
-    written = QgsVectorLayer(path, options.layerName, "ogr")
+    written = QgsVectorLayer(source, options.layerName, "ogr")
     if not written.isValid():
         raise RuntimeError(tr("The exported file {} cannot be opened.").format(path))
     written.setRenderer(layer.renderer().clone())
     if options.driverName == "GPKG":
         # Stored in the GeoPackage's layer_styles table as the default: QGIS applies it on every open.
+        # That layer's style of an earlier export is replaced (QGIS would otherwise ask in a message box).
+        related, ids, names, _descriptions, _error = written.listStylesInDatabase()
+        for style_id, name in list(zip(ids, names))[:related]:
+            if name == options.layerName:
+                written.deleteStyleFromDatabase(style_id)
         failure = written.saveStyleToDatabase(options.layerName, tr("FarSLIP classes"), True, "")
         if failure:
             raise RuntimeError(tr("The style could not be saved in {}: {}").format(path, failure))
@@ -115,8 +139,15 @@ class ExportDialog(QDialog):
             written = write_styled(layer, path)
         except (RuntimeError, ValueError) as error:
             return None, str(error)
+        table = written.name()
+        others = [sublayer.name() for sublayer in QgsProviderRegistry.instance().querySublayers(path)
+                  if sublayer.name() != table]
         if self.loadCheck.isChecked():
-            written.setName(os.path.splitext(os.path.basename(path))[0])
+            # A file of its own is shown under the file's name; a layer among others under its own.
+            written.setName(table if others else os.path.splitext(os.path.basename(path))[0])
             QgsProject.instance().addMapLayer(written, False)
             QgsProject.instance().layerTreeRoot().insertLayer(0, written)
+        if others:
+            return path, tr("Exported {} with its style to {} as the layer {}; its other layers are kept.").format(
+                layer.name(), path, table)
         return path, tr("Exported {} with its style to {}.").format(layer.name(), path)

@@ -1,0 +1,93 @@
+"""Exporting a result into a GeoPackage the analyst already has (a project's data): its layers are kept."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+
+from osgeo import ogr, osr
+from qgis.core import QgsProject, QgsVectorLayer
+
+
+def add_gpkg_layer(path: str, name: str, classes: tuple[str, ...]) -> None:
+    driver = ogr.GetDriverByName("GPKG")
+    source = driver.Open(path, 1) if os.path.exists(path) else driver.CreateDataSource(path)
+    crs = osr.SpatialReference()
+    crs.ImportFromEPSG(26914)
+    layer = source.CreateLayer(name, crs, ogr.wkbPolygon)
+    layer.CreateField(ogr.FieldDefn("class", ogr.OFTString))
+    layer.CreateField(ogr.FieldDefn("class_id", ogr.OFTInteger))
+    for index, name_ in enumerate(classes):
+        feature = ogr.Feature(layer.GetLayerDefn())
+        feature.SetField("class", name_)
+        feature.SetField("class_id", index)
+        low, high = index, index + 10
+        feature.SetGeometry(ogr.CreateGeometryFromWkt(f"POLYGON((0 {low},10 {low},10 {high},0 {high},0 {low}))"))
+        layer.CreateFeature(feature)
+    source = None
+
+
+def layers_of(path: str) -> list[str]:
+    return sorted(layer.GetName() for layer in ogr.Open(path) if layer.GetName() != "layer_styles")
+
+
+def styles_of(path: str) -> list[tuple[str, str]]:
+    with sqlite3.connect(path) as database:
+        return sorted(database.execute("SELECT f_table_name, styleName FROM layer_styles").fetchall())
+
+
+def test_export_into_an_existing_geopackage_keeps_its_layers_and_replaces_only_its_own(bare_dock, tmp_path):
+    from qgis_farslip.results import categorized_renderer
+
+    source = str(tmp_path / "result.gpkg")
+    add_gpkg_layer(source, "result", ("water", "grass", "road"))
+    result = QgsVectorLayer(source, "water, grass 12:00:00", "ogr")
+    result.setRenderer(categorized_renderer([("water", 0), ("grass", 1), ("road", 2)]))
+    result.setCustomProperty("farslip/run_id", "r1")
+    QgsProject.instance().addMapLayer(result)
+    bare_dock.last_layers = [result]
+
+    project = str(tmp_path / "my_project.gpkg")
+    add_gpkg_layer(project, "parcels", ("a", "b"))
+    add_gpkg_layer(project, "roads", ("c",))
+    parcels = QgsVectorLayer(f"{project}|layername=parcels", "parcels", "ogr")
+    assert not parcels.saveStyleToDatabase("parcels style", "", True, "")
+
+    assert bare_dock.export_result(project) == project, bare_dock.last_error
+    table = "water_grass_12_00_00"
+    assert layers_of(project) == sorted(["parcels", "roads", table]), "the export replaced the whole GeoPackage"
+    status = bare_dock.form.statusLabel.text()
+    assert f"as the layer {table}; its other layers are kept" in status, status
+    assert QgsVectorLayer(f"{project}|layername=parcels", "p", "ogr").featureCount() == 2
+    exported = QgsVectorLayer(f"{project}|layername={table}", "e", "ogr")
+    assert exported.featureCount() == 3
+    assert exported.renderer().type() == "categorizedSymbol", "the result's style is stored for its layer"
+    assert [layer.name() for layer in QgsProject.instance().mapLayersByName(table)] == [table]
+
+    # The same result again: only its own layer is replaced (no copy beside it), the other styles stay.
+    result.dataProvider().deleteFeatures([next(result.getFeatures()).id()])
+    assert bare_dock.export_result(project) == project, bare_dock.last_error
+    assert layers_of(project) == sorted(["parcels", "roads", table])
+    assert QgsVectorLayer(f"{project}|layername={table}", "e", "ogr").featureCount() == 2
+    assert QgsVectorLayer(f"{project}|layername=roads", "r", "ogr").featureCount() == 1
+    styles = styles_of(project)
+    assert ("parcels", "parcels style") in styles
+    assert [name for name, _style in styles].count(table) == 1, styles
+
+
+def test_export_to_a_new_geopackage_writes_the_result_alone(bare_dock, tmp_path):
+    from qgis_farslip.results import categorized_renderer
+
+    source = str(tmp_path / "result.gpkg")
+    add_gpkg_layer(source, "result", ("water",))
+    result = QgsVectorLayer(source, "water 12:00:00", "ogr")
+    result.setRenderer(categorized_renderer([("water", 0)]))
+    result.setCustomProperty("farslip/run_id", "r1")
+    QgsProject.instance().addMapLayer(result)
+    bare_dock.last_layers = [result]
+    path = str(tmp_path / "export" / "lakes.gpkg")
+    assert bare_dock.export_result(path) == path
+    assert layers_of(path) == ["water_12_00_00"]
+    assert bare_dock.form.statusLabel.text() == f"Exported water 12:00:00 with its style to {path}."
+    assert QgsProject.instance().mapLayersByName("lakes"), "a file of its own is shown under the file's name"
+    assert QgsVectorLayer(path, "back", "ogr").renderer().type() == "categorizedSymbol"
