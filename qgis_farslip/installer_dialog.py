@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from qgis.PyQt.QtCore import QProcess, QProcessEnvironment, pyqtSignal
+from qgis.PyQt.QtCore import QProcess, QProcessEnvironment, Qt, pyqtSignal
 from qgis.gui import QgsFileWidget
 from qgis.PyQt.QtWidgets import (
     QComboBox,
@@ -55,6 +55,7 @@ class InstallerDialog(QDialog):
         self.torchCombo.setCurrentIndex(1 if has_nvidia_gpu() else 0)
         self.progressBar = QProgressBar(self)
         self.statusLabel = QLabel(self)
+        self.statusLabel.setTextFormat(Qt.PlainText)  # paths and pip's sentences, shown as they are
         self.statusLabel.setWordWrap(True)
         self.logView = QPlainTextEdit(self)
         self.logView.setReadOnly(True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import os
 import time
 from typing import Any, Callable
@@ -162,7 +161,7 @@ class SearchTab(QObject):
     def _show(self, text: str, error: bool = False) -> None:
         label = self.form.searchStatusLabel
         label.setStyleSheet("color: #b00020;" if error else "")
-        label.setText(html.escape(text))
+        label.setText(text)  # a plain-text label: quotes and < > of the backend's sentences shown as they are
         if error:
             self.last_error = text
             log(text, Qgis.Warning)
