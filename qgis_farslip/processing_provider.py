@@ -33,11 +33,11 @@ from .classes import bundled_presets, parse_class_text, resources_dir
 from .client import BackendClient, BackendError, BackendUnreachable
 from .extent import crs_text, displayed_bands, export_size, local_raster_path, write_geotiff
 from .jobs import JobCancelled, run_job
-from .parameters import REFINE_CHOICES, SegmentParameters, safe_name
+from .parameters import REFINE_CHOICES, SegmentParameters
 from .results import categorized_renderer
 from .search_hits import rank_labels, score_renderer
 from .settings import PluginSettings
-from .train_tab import METHODS, default_models_dir, labels_file, metrics_text
+from .train_tab import METHODS, default_models_dir, labels_file, metrics_text, model_folder_name
 from .i18n import tr
 
 NO_PRESET = "(none: the classes typed below)"
@@ -263,7 +263,9 @@ class TrainOnLabels(BackendAlgorithm):
         self.addOutput(QgsProcessingOutputFolder(self.OUTPUT, tr("Fine-tuned model folder")))
 
     def processAlgorithm(self, parameters, context, feedback):
-        name = safe_name(self.parameterAsString(parameters, self.NAME, context).strip())
+        raster = self.parameterAsRasterLayer(parameters, self.INPUT, context)
+        name = model_folder_name(self.parameterAsString(parameters, self.NAME, context),
+                                 raster.name() if raster is not None else "model")
         out = os.path.join(default_models_dir(), name)
         if os.path.exists(out):
             raise QgsProcessingException(

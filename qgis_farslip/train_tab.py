@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import html
 import os
-import re
 import time
 from typing import Any, Callable
 
@@ -19,6 +18,7 @@ from qgis.core import (
 from qgis.PyQt.QtCore import QObject, Qt, pyqtSignal
 
 from .backend_manager import log
+from .filenames import safe_file_stem
 from .extent import displayed_bands, local_raster_path, transform_extent
 from .job_runner import JobRunner
 from .jobs import eta_text
@@ -38,6 +38,14 @@ def default_models_dir() -> str:
     if explicit:
         return os.path.expanduser(explicit)
     return os.path.join(backend_home(), "models")
+
+
+def model_folder_name(typed: str, raster_name: str) -> str:
+    """The new model's folder name: the typed name in any script (made safe as file names are), else the
+    raster's name and the time; never empty (that would name the models folder itself)."""
+    stamp = time.strftime("%Y%m%d-%H%M")
+    return (safe_file_stem(typed.strip(), fallback="") or safe_file_stem(f"{raster_name}-{stamp}", fallback="")
+            or f"model-{stamp}")
 
 
 def labels_file(layer: QgsVectorLayer, class_field: str, folder_maker: Callable[[], str]) -> str:
@@ -137,8 +145,7 @@ class TrainTab(QObject):
         class_field = form.classFieldCombo.currentField()
         if not class_field:
             raise UserError(tr("Choose the field of {} that holds the class names.").format(labels.name()))
-        name = form.modelNameEdit.text().strip() or f"{raster.name()}-{time.strftime('%Y%m%d-%H%M')}"
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.")
+        name = model_folder_name(form.modelNameEdit.text(), raster.name())
         out = os.path.join(default_models_dir(), name)
         if os.path.exists(out):
             raise UserError(tr("A model called {} exists already ({}); choose another name.").format(name, out))
