@@ -30,6 +30,8 @@ from .classes import resources_dir
 from .i18n import tr
 
 CLASS_FIELD = "class"
+CLASS_ID_FIELD = "class_id"
+CLASSES_PROPERTY = "farslip/classes"  # the run's classes, [[name, class id], ...] in the order asked for
 # The fill lets the imagery show through; the outline keeps each polygon's edge readable.
 FILL_ALPHA = 110
 OUTLINE_WIDTH_MM = "0.4"
@@ -72,6 +74,28 @@ def result_classes(job: dict) -> list[tuple[str, int]]:
     """(class name, class id) of a finished segment job, in the order they were asked for."""
     classes = (job.get("result") or {}).get("classes") or []
     return [(str(item["class"]), int(item["class_id"])) for item in classes]
+
+
+def layer_classes(layer: QgsVectorLayer) -> list[tuple[str, int]]:
+    """(class name, class id) of a result layer in its run's order: the colours of its style depend on it.
+
+    From the classes the run reported (kept on the layer), else from the layer's class ids; a layer
+    without class ids gets its class names in alphabetical order.
+    """
+    stored = layer.customProperty(CLASSES_PROPERTY)
+    if stored:
+        try:
+            return [(str(name), int(class_id)) for name, class_id in json.loads(stored)]
+        except (TypeError, ValueError):
+            pass
+    has_ids = layer.fields().indexOf(CLASS_ID_FIELD) >= 0
+    found: dict[str, int | None] = {}
+    for feature in layer.dataProvider().getFeatures():
+        class_id = feature[CLASS_ID_FIELD] if has_ids else None
+        found.setdefault(str(feature[CLASS_FIELD]), int(class_id) if isinstance(class_id, int) else None)
+    if found and all(class_id is not None for class_id in found.values()):
+        return sorted(found.items(), key=lambda item: item[1])
+    return [(name, index) for index, name in enumerate(sorted(found))]
 
 
 def class_symbol(colour: QColor) -> QgsFillSymbol:
@@ -175,6 +199,7 @@ def load_segment_result(job: dict, name: str, project: QgsProject | None = None)
         if coarse.isValid():
             if classes:
                 coarse.setRenderer(categorized_renderer(classes))
+                coarse.setCustomProperty(CLASSES_PROPERTY, json.dumps(classes))
             coarse.setCustomProperty("farslip/kind", "coarse_vector")
             add_on_top(coarse, project)
             added.insert(0, coarse)
@@ -192,6 +217,7 @@ def load_segment_result(job: dict, name: str, project: QgsProject | None = None)
                 added.insert(0, raster)
     if classes:
         vector.setRenderer(categorized_renderer(classes))
+        vector.setCustomProperty(CLASSES_PROPERTY, json.dumps(classes))
     vector.setCustomProperty("farslip/run_id", (job.get("result") or {}).get("run_id") or "")
     vector.setCustomProperty("farslip/job_id", job.get("id") or "")
     vector.setCustomProperty("farslip/kind", "vector")

@@ -31,7 +31,7 @@ from qgis.PyQt.QtGui import QColor
 from qgis.PyQt.QtWidgets import QTableWidgetItem, QWidget
 
 from .i18n import tr
-from .results import CLASS_FIELD, categorized_renderer
+from .results import CLASS_FIELD, categorized_renderer, layer_classes
 
 FORM, _ = uic.loadUiType(os.path.join(os.path.dirname(__file__), "ui", "review_tab.ui"))
 QUALITY_FIELD = "quality"
@@ -140,9 +140,8 @@ class ReviewTab(QObject):
             return
         if self.form.styleCombo.currentData() == STYLE_QUALITY:
             layer.setRenderer(quality_renderer())
-        else:
-            names = sorted({str(f[CLASS_FIELD]) for f in layer.dataProvider().getFeatures()})
-            layer.setRenderer(categorized_renderer([(name, i) for i, name in enumerate(names)]))
+        else:  # the run's own classes in its order: the colours of its first style and of its class raster
+            layer.setRenderer(categorized_renderer(layer_classes(layer)))
         layer.triggerRepaint()
 
     def apply_filter(self) -> None:
