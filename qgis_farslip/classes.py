@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import os
 
+from .i18n import tr
+
+# The backend's limit (backend/engine/options.py CLASS_LINES_MAX): class ids are one byte in the class raster.
+MAX_CLASSES = 250
+
 
 def parse_class_text(text: str) -> list[str]:
     """Class lines of the text box: one class per line, commas separate synonyms, '#' starts a comment.
@@ -18,6 +23,13 @@ def parse_class_text(text: str) -> list[str]:
         if synonyms:
             class_lines.append(", ".join(synonyms))
     return class_lines
+
+
+def too_many_classes(class_lines: list[str]) -> str | None:
+    """The sentence for a class list the backend would refuse for its length, or None."""
+    if len(class_lines) <= MAX_CLASSES:
+        return None
+    return tr("At most {} classes per run; you typed {}.").format(MAX_CLASSES, len(class_lines))
 
 
 def class_name(class_line: str) -> str:
