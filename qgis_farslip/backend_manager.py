@@ -259,7 +259,18 @@ class BackendManager(QObject):
         run_in_background("Looking for a running FarSLIP backend",
                           lambda: first_healthy([self.connection_file, default_connection_file()]), on_found)
 
-    def _verify(self, connection: Connection) -> None:
+    def reconnect(self) -> None:
+        """The user's Connect (or Reconnect): like ensure(), and when the user's `farslip serve` that stopped
+        is not found again, the plugin starts its own backend (if the settings let it)."""
+        if self.state in ("starting",) or self._verifying:
+            return
+        if self.state == "ready" and self.connection:
+            self._verify(self.connection, reconnecting=True)
+            return
+        self.lost_url = ""
+        self.ensure()
+
+    def _verify(self, connection: Connection, reconnecting: bool = False) -> None:
         """Emit `ready` if the connected backend still answers; otherwise forget it and connect again."""
         self._verifying = True
 
@@ -271,7 +282,10 @@ class BackendManager(QObject):
                 self.health = health
                 self.ready.emit(connection, health)
                 return
-            self.lost(connection.url)
+            self._forget(connection)
+            if reconnecting:
+                self.lost_url = ""
+            self.state = "idle"  # ensure() announces the new try
             self.ensure()
 
         run_in_background("Checking the FarSLIP backend",
@@ -300,14 +314,19 @@ class BackendManager(QObject):
         connection = self.connection
         if connection is None or (url and connection.url != url.rstrip("/")):
             return
+        if self._forget(connection):
+            self._fail(self.not_running_message())
+        else:
+            self._set_state("idle")
+
+    def _forget(self, connection: Connection) -> bool:
+        """Drop a connection that does not answer; True if it was a backend the user started."""
         self.connection, self.health = None, {}
         log(f"The FarSLIP backend at {connection.url} does not answer.", Qgis.Warning)
         if self.process is not None or self.connected_from == self.connection_file:
-            # started by the plugin (now or in an earlier session): ensure() starts it again
-            self._set_state("idle")
-            return
+            return False  # started by the plugin (now or in an earlier session): ensure() starts it again
         self.lost_url = connection.url
-        self._fail(self.not_running_message())
+        return True
 
     def report_lost(self, url: str) -> None:
         """lost(), from any thread (a Processing algorithm's)."""

@@ -28,7 +28,7 @@ class BackendPanel(QObject):
         self.iface = iface
         self.manager = manager
         self.form = form
-        form.connectButton.clicked.connect(manager.ensure)
+        form.connectButton.clicked.connect(lambda: manager.reconnect())
         form.refreshModelsButton.clicked.connect(self.refresh_lists)
         form.backendMessage.linkActivated.connect(self.do_action)
         manager.ready.connect(self._ready)
@@ -62,7 +62,7 @@ class BackendPanel(QObject):
             self.manager.stop()
             self.manager.ensure()
         elif action == messages.RECONNECT:
-            self.manager.ensure()
+            self.manager.reconnect()
         elif action == messages.OPEN_LOG:
             path = backend_log_file()
             if os.path.isfile(path):

@@ -124,7 +124,13 @@ class FarslipDock(QgsDockWidget):
         if self._pending_run:
             self._pending_run = False
             self.runner.set_busy(False)
-            self.show_status(self.tr("Not run: the FarSLIP backend is not available."), error=True)
+            if self.manager.lost_url:  # the user's `farslip serve` stopped: say so here too, with its actions
+                text, actions = self.manager.not_running_text()
+                text = plain_text(text)
+                self.show_status(self.tr("Not run: {}").format(text[:1].lower() + text[1:]), error=True,
+                                 actions=actions)
+            else:
+                self.show_status(self.tr("Not run: the FarSLIP backend is not available."), error=True)
             self.jobFinished.emit("failed")
 
     def _lists_arrived(self, models: dict, presets: dict) -> None:

@@ -98,6 +98,7 @@ def bare_dock(farslip, qgis_iface, plugin_settings, qgis_new_project):
     widget = FarslipDock(qgis_iface, BackendManager())
     yield widget
     widget.close_down()
+    widget.manager.stop()  # a backend a test's Run or Train started must not hold the state folder
     widget.deleteLater()
 
 

@@ -87,18 +87,21 @@ def test_a_closed_farslip_serve_is_reported_and_reconnected_once_started_again(
         assert manager.state == "failed" and manager.connection is None
         assert dock.form.deviceLabel.text() == "Backend: not available"
 
-        # Connect (and Processing) look again, and keep saying so while nothing runs.
-        dock.form.connectButton.click()
-        wait_until(lambda: manager.state == "failed", 30, "the manager to look again")
+        # The next Run (and Processing) look again, and keep saying so while nothing runs: no other backend is
+        # swapped in unasked.
+        assert run_dock_job(dock, 60) == "failed"
+        status = dock.form.statusLabel.text()
+        assert status.startswith(f"Not run: the FarSLIP backend at {first_url} is not running"), status
+        assert "farslip:reconnect" in dock.form.statusMessage.text()
         assert "is not running" in dock.form.backendMessage.text()
         assert dock.form.backendMessage.isVisibleTo(dock)
         with pytest.raises(BackendError, match="is not running"):
             manager.wait_ready(timeout=30)
         assert not manager.owns_process(), "the plugin started its own backend unasked"
 
-        # The user starts `farslip serve` again (another port): Reconnect finds it and the next Run works.
+        # The user starts `farslip serve` again (another port): Connect finds it and the next Run works.
         external()
-        dock.do_action("farslip:reconnect")
+        dock.form.connectButton.click()
         wait_until(lambda: manager.state in ("ready", "failed"), 60, "the reconnect")
         assert manager.state == "ready", manager.message
         assert manager.connection.url != first_url and not manager.owns_process()
@@ -113,7 +116,8 @@ def test_a_closed_farslip_serve_is_reported_and_reconnected_once_started_again(
 
 def test_connect_checks_that_a_connected_backend_still_answers(
         farslip, qgis_iface, plugin_settings, external, tmp_path, qgis_new_project):
-    """Connect on a manager that says `ready` asks the backend, and restart starts the plugin's own."""
+    """ensure() on a manager that says `ready` asks the backend; Reconnect without `farslip serve` running
+    again starts the plugin's own backend."""
     from qgis_farslip.backend_manager import BackendManager
 
     plugin_settings(auto_start=True)
@@ -131,8 +135,7 @@ def test_connect_checks_that_a_connected_backend_still_answers(
         assert len(readies) == 1, "ready was sent again for a backend that no longer answers"
         assert "is not running" in manager.message and "farslip:restart" in manager.message
 
-        manager.stop()  # what "Restart backend" does first
-        manager.ensure()
+        manager.reconnect()  # Connect, or the message's Reconnect
         wait_until(lambda: manager.state in ("ready", "failed"), 150, "the plugin's own backend")
         assert manager.state == "ready", manager.message
         assert manager.owns_process()
