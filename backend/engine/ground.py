@@ -23,6 +23,8 @@ def as_pyproj(crs) -> pyproj.CRS | None:
     """A pyproj CRS of a rasterio/pyproj CRS or any user input; the horizontal part of a compound CRS."""
     if crs is None:
         return None
+    if isinstance(crs, pyproj.CRS) and not crs.is_compound:
+        return crs  # already one: no second round trip through WKT
     if hasattr(crs, "to_wkt"):
         crs = crs.to_wkt()
     crs = pyproj.CRS.from_user_input(crs)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -325,6 +326,13 @@ def check_option(name: str, value: Any) -> Any:
                                               f"{declared.range.describe(whole)}; got {{value}}.")
                 raise InputError(sentence.format(value=number))
     return value
+
+
+def check_batch_size(value: Any) -> int:
+    """--batch-size of index, search and retrieval: segment's option and its sentence (a whole number only)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InputError(str(spec_of(option_field("batch_size")).error).format(value=value))
+    return int(check_option("batch_size", value))
 
 
 def check_values(options: SegmentOptions) -> None:

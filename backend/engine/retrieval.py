@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .dense import normalize_pixels
 from .errors import CancelledError, InputError
 from .models import LoadedModel
-from .search_index import check_batch_size
+from .options import check_batch_size
 from .text import encode_tokens
 
 RECALL_KS = (1, 5, 10)

@@ -42,7 +42,7 @@ from .atomic import atomic_output, write_text_atomically
 from .dense import image_and_patch_features, normalize_pixels
 from .errors import CancelledError, EmptyResultError, InputError
 from .models import LoadedModel
-from .options import BATCH_MAX
+from .options import check_batch_size
 from .weights import file_sha256
 from .paths import cache_dir
 from .raster import PixelWindow, RasterSource, native_gsd_m, open_source, pixel_envelope, request_window
@@ -363,13 +363,6 @@ class SearchIndex:
 
     def window_count(self) -> int:
         return sum(len(lv.row_starts) * len(lv.col_starts) for lv in self.levels)
-
-
-def check_batch_size(value) -> int:
-    """--batch-size: a whole number from 1 to BATCH_MAX, as segment's."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= BATCH_MAX:
-        raise InputError(f"The batch size must be a whole number from 1 to {BATCH_MAX}; got {value}.")
-    return int(value)
 
 
 def safe_stem(path: Path) -> str:

@@ -45,7 +45,8 @@ def index_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Build (or complete) RASTER's search index: CLIP embeddings of windows at three ground scales."""
-    from backend.engine.search_index import check_batch_size, check_bbox, describe, open_index
+    from backend.engine.options import check_batch_size
+    from backend.engine.search_index import check_bbox, describe, open_index
 
     try:
         with signals_as_interrupt():
@@ -178,7 +179,8 @@ def evaluate_retrieval_command(
     import json
 
     from backend.engine.files import check_output_file
-    from backend.engine.retrieval import check_batch_size, find_caption_file, load_caption_set
+    from backend.engine.options import check_batch_size
+    from backend.engine.retrieval import find_caption_file, load_caption_set
     from backend.engine.retrieval import evaluate_retrieval as evaluate
 
     try:
