@@ -7,9 +7,15 @@ import hashlib
 import signal
 import socket
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
+
+# The CLI of this venv, and the checkout (the server's working folder), as the other e2e tests name them.
+FARSLIP = Path(sys.executable).parent / "farslip"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _digest(path) -> str:
@@ -242,8 +248,6 @@ def test_a_body_not_sent_as_json_and_malformed_json_are_named(backend, segment_b
 # --------------------------------------------------------------------------- connection file
 
 def test_a_connection_file_without_an_extension_lands_under_exactly_that_name(env, tmp_path):
-    from conftest import FARSLIP, REPO
-
     folder = tmp_path / "conn"
     folder.mkdir()
     connection = folder / "connnoext"
