@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING
 from .errors import InputError
 from .atomic import SHAPEFILE_PARTS
 from .export import driver_for, report_path_for
-from .files import (check_not_special, check_output_folder, check_output_name, input_paths,
-                    refuse_outputs_over_inputs)
+from .files import check_output_files, input_paths
 from .options import SegmentOptions, check_values
 from .presets import collect_class_lines
 
@@ -74,21 +73,12 @@ def _check_tif(path: Path, what: str) -> None:
 def check_outputs(options: SegmentOptions) -> None:
     """Refuse outputs that cannot be written, or that would replace an input, before any work is done."""
     driver_for(options.out)
-    for role, path in output_paths(options).items():
-        check_output_name(path, OUTPUT_NAMES[role])
     if options.class_raster:
         _check_tif(Path(options.class_raster), "class raster")
     if options.prob_raster:
         _check_tif(Path(options.prob_raster), "probability raster")
-    named = output_files(options)
-    refuse_outputs_over_inputs(named, {"input raster": Path(options.raster), **input_files(options)})
-    for what, path in named.items():
-        check_output_folder(path)
-        check_not_special(path, what)
-    for path in output_paths(options).values():
-        if path.exists() and not options.overwrite:
-            raise InputError(f"{path} already exists; choose another name or allow overwriting "
-                             "(--overwrite).")
+    check_output_files(output_files(options), {"input raster": Path(options.raster), **input_files(options)},
+                       options.overwrite, replaced=output_paths(options).values())
 
 
 def check_inputs(options: SegmentOptions, read_raster: bool = True, device: torch.device | None = None) -> None:

@@ -173,22 +173,39 @@ def check_output_name(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
+def check_output_files(named: dict[str, Path], inputs: dict[str, Path] | None = None, overwrite: bool = False,
+                       option: str = "--overwrite", replaced: Iterable[Path] | None = None) -> None:
+    """Everything the files a run writes (`named`: {what it is called in a sentence: path}) must pass
+    before it starts: names the disk can hold, folders that exist and take files, no folder or device
+    there, none of them one of the run's `inputs` or another of them, and (unless `overwrite`) none of
+    `replaced` (default: all of them) there yet. `option` is how the user allows overwriting."""
+    named = {what: Path(path) for what, path in named.items()}
+    for what, path in named.items():
+        check_output_name(path, what)
+    refuse_outputs_over_inputs(named, {what: Path(path) for what, path in (inputs or {}).items() if path})
+    for what, path in named.items():
+        check_output_folder(path)
+        check_not_special(path, what)
+    if overwrite:
+        return
+    checked = {Path(path) for path in replaced} if replaced is not None else set(named.values())
+    for what, path in named.items():
+        if path not in checked:
+            continue
+        try:
+            exists = path.exists()
+        except OSError as error:
+            raise InputError(f"The {what} {path} cannot be used ({error.strerror or error}).") from None
+        if exists:
+            raise InputError(f"The {what} {path} already exists; choose another name or allow overwriting "
+                             f"({option}).")
+
+
 def check_output_file(path: str | os.PathLike, what: str, inputs: dict[str, Path] | None = None,
                       overwrite: bool = False, option: str = "--overwrite") -> Path:
-    """Everything an output file must pass before a run starts: a name the disk can hold, a folder that
-    exists and takes files, not a folder or device, not one of the run's `inputs`, and (unless
-    `overwrite`) no file there yet. `option` is how the user allows overwriting."""
-    path = check_output_name(path, what)
-    refuse_outputs_over_inputs({what: path}, inputs or {})
-    check_output_folder(path)
-    check_not_special(path, what)
-    try:
-        exists = path.exists()
-    except OSError as error:
-        raise InputError(f"The {what} {path} cannot be used ({error.strerror or error}).") from None
-    if exists and not overwrite:
-        raise InputError(f"The {what} {path} already exists; choose another name or allow overwriting ({option}).")
-    return path
+    """check_output_files for a run that writes one file."""
+    check_output_files({what: Path(path)}, inputs, overwrite, option)
+    return Path(path)
 
 
 def input_paths(entries: Iterable[tuple[str, str | os.PathLike | None]]) -> dict[str, Path]:

@@ -38,7 +38,7 @@ from backend import __version__
 from .atomic import SHAPEFILE_PARTS
 from .errors import InputError
 from .export import check_field_widths, driver_for, report_path_for, write_rectangles, write_report
-from .files import check_not_special, check_output_folder, check_output_name, refuse_outputs_over_inputs
+from .files import check_output_files
 from .models import LoadedModel
 from .raster import parse_crs, pixel_envelope
 from .search_index import BuildStats, SearchIndex, check_bbox, check_point, describe, point_window
@@ -396,20 +396,12 @@ def hits_output_files(out: Path) -> dict[str, Path]:
 
 
 def check_hits_output(out: Path, overwrite: bool, inputs: dict[str, Path] | None = None,
-                      sentences: list[str] | None = None) -> None:
+                      sentences: list[str] | None = None, option: str = "--overwrite") -> None:
     """Before any work: the output layer and its report can be written (names, folder, not a folder or
-    device, not one of `inputs`, not there yet unless `overwrite`), and a shapefile can hold every sentence."""
+    device, not one of `inputs`, the layer not there yet unless `overwrite`), and a shapefile can hold
+    every sentence. `option` is how the user allows overwriting."""
     driver_for(out)
-    out = Path(out)
-    check_output_name(out, "output")
-    check_output_name(report_path_for(out), "run report")
-    named = hits_output_files(out)
-    refuse_outputs_over_inputs(named, {what: Path(path) for what, path in (inputs or {}).items() if path})
-    for what, path in named.items():
-        check_output_folder(path)
-        check_not_special(path, what)
-    if out.exists() and not overwrite:
-        raise InputError(f"{out} already exists; choose another name or allow overwriting (--overwrite).")
+    check_output_files(hits_output_files(Path(out)), inputs, overwrite, option, replaced=[Path(out)])
     check_field_widths(out, sentences or [], what="sentence", field="query")
 
 

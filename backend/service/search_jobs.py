@@ -62,16 +62,13 @@ def check_index_request(request: dict) -> list[str]:
 def check_search_request(request: dict) -> list[str]:
     """The checks of `farslip search`, same sentences; returns the files the job will write."""
     from backend.engine.export import report_path_for
-    from backend.engine.files import check_output_file, check_output_name
     from backend.engine.models import check_model
     from backend.engine.search import check_hits_output, validate_search_options
 
     validate_search_options(_search_options(request))
     out = Path(request["out"]).expanduser()
-    check_output_file(out, "output", {"raster": Path(request["raster"]).expanduser()}, bool(request.get("overwrite")),
+    check_hits_output(out, bool(request.get("overwrite")), {"raster": Path(request["raster"]).expanduser()},
                       option='"overwrite": true')
-    check_output_name(report_path_for(out), "report")
-    check_hits_output(out, bool(request.get("overwrite")))
     _check_raster(request)
     check_model(request.get("model"), request.get("weights"))
     return [str(out), str(report_path_for(out))]
