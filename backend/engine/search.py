@@ -257,14 +257,20 @@ def _bbox_in_raster_crs(index: SearchIndex, bbox, bbox_crs):
     return (max(box[0], raster[0]), max(box[1], raster[1]), min(box[2], raster[2]), min(box[3], raster[3]))
 
 
+def point_in_raster_crs(like, like_crs: str | None, raster_crs) -> tuple[float, float]:
+    """The example point `like` (in `like_crs`, default the raster's) in the raster's CRS."""
+    x, y = (float(v) for v in like)
+    crs = parse_crs(like_crs, raster_crs, what="like CRS")
+    if crs != raster_crs:
+        x, y = Transformer.from_crs(crs, raster_crs, always_xy=True).transform(x, y)
+        if not (np.isfinite(x) and np.isfinite(y)):
+            raise InputError(f"The point {like} could not be transformed from {crs} to the raster's CRS {raster_crs}.")
+    return x, y
+
+
 def like_point(index: SearchIndex, like: tuple[float, float], like_crs: str | None) -> tuple[float, float]:
     """The example point in the raster's CRS, checked to lie on the raster."""
-    x, y = (float(v) for v in like)
-    crs = parse_crs(like_crs, index.crs, what="like CRS")
-    if crs != index.crs:
-        x, y = Transformer.from_crs(crs, index.crs, always_xy=True).transform(x, y)
-        if not (np.isfinite(x) and np.isfinite(y)):
-            raise InputError(f"The point {like} could not be transformed from {crs} to the raster's CRS {index.crs}.")
+    x, y = point_in_raster_crs(like, like_crs, index.crs)
     check_point(index, x, y)
     return x, y
 

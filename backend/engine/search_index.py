@@ -430,9 +430,14 @@ def point_window(index: SearchIndex, level: Level, x: float, y: float) -> tuple[
     return best
 
 
+def outside_raster(x: float, y: float, name: str, transform, width: int, height: int, crs) -> InputError:
+    """The sentence for a point (raster CRS) that lies off a raster of `width` x `height` pixels."""
+    left, bottom, right, top = pixel_envelope(transform, 0, 0, width, height)
+    return InputError(f"The point {x:.6g}, {y:.6g} is outside the raster {name}, which covers "
+                      f"x {left:.6g}..{right:.6g}, y {bottom:.6g}..{top:.6g} in {crs}.")
+
+
 def check_point(index: SearchIndex, x: float, y: float) -> None:
     if point_window(index, index.levels[0], x, y) is None:
-        left, bottom, right, top = pixel_envelope(index.dataset.transform, 0, 0, index.dataset.width,
-                                                  index.dataset.height)
-        raise InputError(f"The point {x:.6g}, {y:.6g} is outside the raster {index.raster.name}, which covers "
-                         f"x {left:.6g}..{right:.6g}, y {bottom:.6g}..{top:.6g} in {index.crs}.")
+        raise outside_raster(x, y, index.raster.name, index.dataset.transform, index.dataset.width,
+                             index.dataset.height, index.crs)

@@ -28,27 +28,13 @@ def _check_raster(request: dict) -> None:
 
 def _check_like_point(source, like: list[float], like_crs: str | None, raster_name: str) -> None:
     """The `like` point is in a CRS we know and lies on the raster (the search checks it again on its grid)."""
-    import math
+    from backend.engine.search import point_in_raster_crs
+    from backend.engine.search_index import outside_raster
 
-    from pyproj import Transformer
-
-    from backend.engine.errors import InputError
-    from backend.engine.raster import parse_crs
-
-    x, y = (float(value) for value in like)
-    crs = parse_crs(like_crs, source.crs, what="like CRS")
-    if crs != source.crs:
-        x, y = Transformer.from_crs(crs, source.crs, always_xy=True).transform(x, y)
-        if not (math.isfinite(x) and math.isfinite(y)):
-            raise InputError(f"The point {like} could not be transformed from {crs} to the raster's CRS "
-                             f"{source.crs}.")
+    x, y = point_in_raster_crs(like, like_crs, source.crs)
     col, row = ~source.transform @ (x, y)
     if not (0 <= col < source.width and 0 <= row < source.height):
-        corners = [source.transform @ corner for corner in
-                   ((0, 0), (source.width, 0), (0, source.height), (source.width, source.height))]
-        xs, ys = [cx for cx, _ in corners], [cy for _, cy in corners]
-        raise InputError(f"The point {x:.6g}, {y:.6g} is outside the raster {raster_name}, which covers "
-                         f"x {min(xs):.6g}..{max(xs):.6g}, y {min(ys):.6g}..{max(ys):.6g} in {source.crs}.")
+        raise outside_raster(x, y, raster_name, source.transform, source.width, source.height, source.crs)
 
 
 def check_index_request(request: dict) -> list[str]:
