@@ -263,6 +263,18 @@ def training_inputs(raster, labels, aoi=None, base_model=None, weights=None) -> 
                         ("base model", base_model), ("weights", weights)])
 
 
+def run_options(options: TrainOptions | None, method: str = "lora", epochs: int = 5, lr: float | None = None,
+                patch_loss_weight: float = 1.0) -> TrainOptions:
+    """The options a training runs with: `options` (the finer knobs) with the explicit method, epochs, lr
+    and patch-loss weight over them, checked."""
+    options = TrainOptions(**asdict(options)) if options else TrainOptions()
+    options.method, options.epochs, options.patch_loss_weight = method, int(epochs), float(patch_loss_weight)
+    if lr is not None:
+        options.lr = float(lr)
+    check_options(options)
+    return options
+
+
 def train_model(raster: str | Path, labels: str | Path, class_field: str, out: str | Path,
                 base_model: str | None = None, weights: str | None = None, method: str = "lora",
                 epochs: int = 5, lr: float | None = None, patch_loss_weight: float = 1.0,
@@ -277,11 +289,7 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
     `options` sets the finer knobs (batch size, steps, loss weights, split); the
     explicit arguments method/epochs/lr/patch_loss_weight override it.
     """
-    options = TrainOptions(**asdict(options)) if options else TrainOptions()
-    options.method, options.epochs, options.patch_loss_weight = method, int(epochs), float(patch_loss_weight)
-    if lr is not None:
-        options.lr = float(lr)
-    check_options(options)
+    options = run_options(options, method, epochs, lr, patch_loss_weight)
     raster, labels, out = Path(raster), Path(labels), Path(out)
     labels_file = vector_file(labels)
     check_out_folder(out, overwrite, resume, training_inputs(raster, labels, aoi, base_model, weights))
@@ -541,6 +549,19 @@ def check_request(request: dict) -> list[str]:
     return [str(out)]
 
 
+def request_arguments(request: dict) -> tuple[dict, TrainOptions]:
+    """A POST /v1/train body as train_model's arguments and the finer TrainOptions they run with."""
+    values = {k: v for k, v in request.items() if v is not None}
+    args = {k: values.pop(k) for k in _REQUEST_ARGS if k in values}
+    return args, TrainOptions(**{**asdict(TrainOptions()), **values})
+
+
+def check_request_options(request: dict) -> None:
+    """The options a POST /v1/train body will train with, checked as train_model checks them."""
+    args, options = request_arguments(request)
+    run_options(options, **{k: args[k] for k in ("method", "epochs", "lr", "patch_loss_weight") if k in args})
+
+
 def train_request(request: dict, progress: Callable[[int, int], None] | None = None,
                   should_cancel: Callable[[], bool] | None = None,
                   message: Callable[[str], None] | None = None, loaded: LoadedModel | None = None) -> dict:
@@ -550,10 +571,7 @@ def train_request(request: dict, progress: Callable[[int, int], None] | None = N
     bar, one sentence per epoch (loss, validation mIoU) for the job's message.
     """
     check_request(request)
-    values = {k: v for k, v in request.items() if v is not None}
-    args = {k: values.pop(k) for k in _REQUEST_ARGS if k in values}
-    defaults = asdict(TrainOptions())
-    options = TrainOptions(**{**defaults, **values})
+    args, options = request_arguments(request)
 
     def report(step: int, total: int, info: dict) -> None:
         if info.get("phase") == "warning":

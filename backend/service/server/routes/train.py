@@ -60,22 +60,15 @@ def _option_value(name: str, annotation: Any, value: Any) -> Any:
 
 
 def check_train_options(request: dict) -> None:
-    """The trainer's options as `train_model` will build them (TrainOptions, then method, epochs, lr and
-    patch_loss_weight over it), checked by the trainer's own rules before the job is queued."""
+    """The trainer's options from JSON, typed as TrainOptions holds them, then checked by the trainer's
+    own rules exactly as the job will build them (training.api.check_request_options)."""
     from training import api
     from training.finetune import TrainOptions
 
     hints = typing.get_type_hints(TrainOptions)
     values = {item.name: _option_value(item.name, hints[item.name], request[item.name])
               for item in dataclasses.fields(TrainOptions) if item.name in request}
-    options = TrainOptions(**values)
-    options.method = request.get("method") or "lora"
-    options.epochs = int(request.get("epochs") or 5)
-    if request.get("patch_loss_weight") is not None:
-        options.patch_loss_weight = float(request["patch_loss_weight"])
-    if request.get("lr") is not None:
-        options.lr = float(request["lr"])
-    api.check_options(options)
+    api.check_request_options({**request, **values})
 
 
 def check_train_request(request: TrainRequest) -> list[str]:
