@@ -10,7 +10,6 @@ cut by chunk borders whole at no extra cost: a strip seam is merged by the same 
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from affine import Affine
 from backend.engine.errors import EmptyResultError
 from backend.engine.export import write_polygons
 from backend.engine import outlines as refine_outlines
-from backend.engine.raster import PixelWindow, open_source
+from backend.engine.raster import PixelWindow, open_source, pixel_size
 from backend.engine.segment import (SKIPPED_CLASSES, RunRasters, StripPolygons, _class_stats, estimate_quality,
                                     strip_rows_for)
 from backend.engine.sliding import Segmenter
@@ -74,11 +73,6 @@ class FinishSettings:
     sam_model: str | None = None
     threshold: float = 0.0
     device: object = "cpu"  # where --refine sam runs: the driver's device, as in `segment`
-
-
-def pixel_size(transform: Affine) -> list[float]:
-    """A pixel's width and height in CRS units, positive whatever way the grid is turned or flipped."""
-    return [math.hypot(transform.a, transform.d), math.hypot(transform.b, transform.e)]
 
 
 class _Rows:

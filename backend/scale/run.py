@@ -35,11 +35,11 @@ from backend.engine.checks import coarse_vector_path
 from backend.engine.files import check_output_folder, same_file
 from backend.engine.options import SegmentOptions
 from backend.engine.outlines import engine_window
-from backend.engine.raster import open_source, parse_crs, request_window
+from backend.engine.raster import open_source, parse_crs, pixel_size, request_window
 from backend.engine.sliding import CHUNK_COLUMNS, CHUNK_ROWS, count_crops, units
 from backend.engine.temporary import new_run_tag
 
-from .finish import FinishSettings, RasterPlan, finish_raster, pixel_size
+from .finish import FinishSettings, RasterPlan, finish_raster
 from .manifest import Manifest
 from .merge import check_merged_output, merge_layers, write_raster_vrt
 from .worker import ChunkWorker, EngineSettings, engine_settings, load_segmenter
