@@ -27,7 +27,9 @@ import torch
 
 from backend import __version__
 from backend.engine.memory import peak_rss_mb
-from backend.engine.finetuned import FINETUNED_FORMAT, FINETUNED_META, FINETUNED_WEIGHTS
+from backend.engine.finetuned import (
+    FINETUNED_FORMAT, FINETUNED_META, FINETUNED_WEIGHTS, model_bands_for, trained_bands,
+)
 from backend.engine.models import LoadedModel
 from backend.engine.weights import file_sha256
 from backend.engine.errors import CancelledError, InputError
@@ -41,7 +43,7 @@ from backend.engine.files import (
     refuse_outputs_over_inputs,
 )
 from backend.engine.options import ATTENTION_VARIANTS
-from backend.engine.raster import PixelWindow, RasterSource, native_gsd_m, open_source
+from backend.engine.raster import PixelWindow, RasterSource, native_gsd_m, open_source, select_bands
 
 from . import adapters
 from .evaluate import (
@@ -188,6 +190,9 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
         background = background if background is not None else trained_on.get("background")
         processing = trained_on.get("processing", {})
         bands = bands or processing.get("bands")
+    chosen = trained_bands(loaded.metadata)
+    if not bands and chosen:
+        bands = model_bands_for(Path(raster), chosen, loaded.name)
         if scale is None and gsd_m is None:
             scale = processing.get("scale")
 
@@ -465,6 +470,9 @@ def _train_in(work: Path, out: Path, loaded: LoadedModel, data: TrainingData, op
                     "layer": split_layer(aoi)[1]} if aoi else None,
         },
         "processing": {"scale": data.source.scale, "bands": data.source.bands,
+                       # The bands the trainer chose (--bands), which segment and evaluate then use too.
+                       "bands_chosen": (data.source.bands
+                                        if data.source.bands != select_bands(data.source.dataset, None) else None),
                        "crs": data.source.crs.to_string(),
                        "gsd_m": native_gsd_m(data.source.dataset) / data.source.scale},
         "label_window": asdict(grid.window),

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from backend.engine import paths
-from backend.engine.errors import ModelError
+from backend.engine.errors import InputError, ModelError
 
 FINETUNED_FORMAT = "farslip-finetuned/1"
 
@@ -19,6 +19,30 @@ FINETUNED_WEIGHTS = "model.safetensors"
 
 
 FINETUNED_META = "farslip_model.json"
+
+
+def trained_bands(metadata: dict | None) -> list[int] | None:
+    """The bands a fine-tuned model was trained on when its trainer chose them (--bands), not the
+    raster's default red, green, blue; None for a base model or a model trained on the defaults."""
+    processing = ((metadata or {}).get("finetuned") or {}).get("processing") or {}
+    chosen = processing.get("bands_chosen")
+    if isinstance(chosen, list) and chosen and all(isinstance(b, int) and b >= 1 for b in chosen):
+        return list(chosen)
+    return None
+
+
+def model_bands_for(raster: Path, chosen: list[int], model: str) -> list[int]:
+    """The bands a fine-tuned model was trained on, for a run that names none; a sentence when the
+    raster lacks them (the default red, green, blue would show the model other colours than it learnt)."""
+    from backend.engine.raster import open_dataset  # rasterio only where a model's bands are checked
+
+    with open_dataset(raster) as ds:
+        count = ds.count
+    if max(chosen) > count:
+        raise InputError(f"Model '{model}' was trained on bands {','.join(map(str, chosen))} of its raster, and "
+                         f"{raster.name} has {count} band(s). Give --bands to say which bands are red, "
+                         "green and blue for this raster.")
+    return list(chosen)
 
 
 def is_finetuned_dir(path: str | os.PathLike) -> bool:

@@ -29,6 +29,7 @@ from .checks import check_inputs, class_lines_of, output_paths
 from .sliding import CHUNK_COLUMNS, NODATA_CLASS, UNCLASSIFIED, Segmenter, count_crops, predict_blocks
 from .encoders import Encoder, crop_size
 from .feature_cache import FeatureCache, raster_scope
+from .finetuned import model_bands_for, trained_bands
 from .runtimes import make_encoder
 from .errors import CancelledError, EmptyResultError
 from .colours import class_colormap
@@ -97,14 +98,18 @@ def untrained_class_warning(loaded: LoadedModel, classes) -> str | None:
 
 
 def with_model_defaults(options: SegmentOptions, loaded: LoadedModel) -> SegmentOptions:
-    """What the model decides unless the user did: a fine-tuned model's own classes and the ground
-    resolution it was trained at; the batch size that suits the model's device."""
+    """What the model decides unless the user did: a fine-tuned model's own classes, the ground
+    resolution and the bands (when its trainer chose them) it was trained at; the batch size that
+    suits the model's device."""
     changes: dict[str, Any] = {}
     if not class_lines_of(options) and loaded.class_lines:
         changes["class_lines"] = list(loaded.class_lines)
     trained_gsd = (loaded.metadata.get("finetuned") or {}).get("processing", {}).get("gsd_m")
     if options.scale is None and options.gsd_m is None and trained_gsd:
         changes["gsd_m"] = float(trained_gsd)
+    chosen = trained_bands(loaded.metadata)
+    if options.bands is None and chosen:
+        changes["bands"] = model_bands_for(options.raster, chosen, loaded.name)
     if options.batch_size is None:
         changes["batch_size"] = default_batch_size(loaded.device)
     return replace(options, **changes) if changes else options

@@ -278,3 +278,39 @@ def test_segment_warns_about_classes_a_fine_tuned_model_was_not_trained_on(train
     trained_only = runner.invoke(app, ["segment", str(raster), "--model", str(out), "--out",
                                        str(tmp_path / "own.gpkg"), "--device", "cpu", "-q"])
     assert trained_only.exit_code == 0 and "Warning" not in trained_only.output
+
+
+def test_a_model_trained_on_chosen_bands_is_run_on_those_bands(synthetic, trained, tiny_model, tmp_path):
+    """--bands 4,3,2 at training: segment and evaluate use them too unless told otherwise, and say so
+    when a raster lacks them (the default red, green, blue would show the model other colours)."""
+    import rasterio
+
+    from backend.engine.options import SegmentOptions
+    from backend.engine.segment import segment_raster
+
+    raster, labels, _ = synthetic
+    four = tmp_path / "nir_first.tif"
+    with rasterio.open(raster) as src:
+        rgb = src.read()
+        profile = dict(src.profile, count=4)
+    with rasterio.open(four, "w", **profile) as dst:  # band 1 noise, then blue, green, red
+        dst.write(np.random.default_rng(1).integers(0, 255, rgb.shape[1:], dtype=np.uint8), 1)
+        dst.write(rgb[::-1], [2, 3, 4])
+    out = tmp_path / "false_colour"
+    train_model(four, labels, "cls", out, base_model=str(tiny_model), epochs=1, bands=[4, 3, 2],
+                options=fast_options(steps_per_epoch=1))
+    assert json.loads((out / "farslip_model.json").read_text())["processing"]["bands_chosen"] == [4, 3, 2]
+    # A model trained on the raster's own red, green, blue records no choice.
+    assert json.loads((trained[1] / "farslip_model.json").read_text())["processing"]["bands_chosen"] is None
+
+    loaded = load_model(str(out))
+    run = segment_raster(SegmentOptions(raster=four, out=tmp_path / "a.gpkg"), loaded)
+    assert run.report["bands"] == [4, 3, 2]
+    told = segment_raster(SegmentOptions(raster=four, bands=[2, 3, 4], out=tmp_path / "b.gpkg"), loaded)
+    assert told.report["bands"] == [2, 3, 4]
+    for refused in (lambda: segment_raster(SegmentOptions(raster=raster, out=tmp_path / "c.gpkg"), loaded),
+                    lambda: evaluate_model(raster, labels, "cls", loaded=loaded, split="all")):
+        with pytest.raises(InputError, match=r"trained on bands 4,3,2 of its raster, and synthetic.tif has 3 "
+                                             r"band\(s\)\. Give --bands"):
+            refused()
+    assert not (tmp_path / "c.gpkg").exists()
