@@ -173,6 +173,7 @@ def evaluate_retrieval_command(
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     batch_size: int = typer.Option(32, help="Images per batch."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
+    overwrite: bool = typer.Option(False, help="Replace an existing --json file."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Image-text retrieval recalls (R@1/5/10 both ways, mR) on an RSICD/RSITMD-layout folder."""
@@ -190,7 +191,7 @@ def evaluate_retrieval_command(
             if json_out is not None:  # checked before the model loads: the figures are never lost at the end
                 check_output_file(json_out, "--json file",
                                   _inputs(None, model, weights, **{"caption JSON": find_caption_file(folder)}),
-                                  overwrite=True)
+                                  overwrite=overwrite)
             loaded = _load(model, weights, device)
             with ProgressReporter(quiet, f"embedding {folder.name}") as reporter:
                 result = evaluate(folder, loaded, split, batch_size, progress=reporter)

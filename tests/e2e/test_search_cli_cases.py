@@ -108,6 +108,19 @@ def test_evaluate_retrieval_checks_json_and_batch_size_before_the_model(tmp_path
     assert json.loads((data / "dataset_rsicd.json").read_text())["images"][0]["filename"] == "s0.png"
 
 
+def test_evaluate_retrieval_keeps_an_existing_json_file_unless_told_to_replace_it(tmp_path, tiny_model):
+    data = rsicd(tmp_path / "rsicd")
+    figures = tmp_path / "recalls.json"
+    figures.write_text("last month's figures")
+    result = run("evaluate-retrieval", data, "--model", tiny_model, *MODEL_ARGS, "--json", figures, "-q")
+    assert result.exit_code == 2 and "already exists" in result.output and "--overwrite" in result.output
+    assert figures.read_text() == "last month's figures"
+    result = run("evaluate-retrieval", data, "--model", tiny_model, *MODEL_ARGS, "--json", figures, "-q",
+                 "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert json.loads(figures.read_text())["images"] == 3
+
+
 def test_index_refuses_a_batch_size_below_one(crop, tiny_model):
     for size in ("0", "-5"):
         result = run("index", crop, "--model", tiny_model, *MODEL_ARGS, "--batch-size", size)
