@@ -186,15 +186,26 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
         raise InputError("--split validation needs a fine-tuned model trained on this raster and these "
                          "labels (their sha256 must match the model's farslip_model.json).")
     use_validation = same_data and split in ("auto", "validation")
-    if use_validation:
+    processing = trained_on.get("processing") or {}
+    if use_validation:  # the training's own pixels: its grid, bands, background, AOI and class names
         background = background if background is not None else trained_on.get("background")
-        processing = trained_on.get("processing", {})
         bands = bands or processing.get("bands")
+        if scale is None and gsd_m is None:
+            scale = processing.get("scale")
+        recorded_aoi = (trained_on["data"].get("aoi") or {}).get("path")
+        if aoi is None and recorded_aoi:
+            if not Path(recorded_aoi).is_file():
+                raise InputError(f"The model was trained inside the area of interest {recorded_aoi}, which is "
+                                 "no longer there; give it with --aoi, or evaluate with --split all.")
+            layer = trained_on["data"]["aoi"].get("layer")
+            aoi = f"{recorded_aoi}|layername={layer}" if layer else recorded_aoi
+        class_names = class_names or trained_on["data"].get("labels", {}).get("class_names") or None
+    # Elsewhere what segment does with the model: the bands its trainer chose, its ground resolution.
     chosen = trained_bands(loaded.metadata)
     if not bands and chosen:
         bands = model_bands_for(Path(raster), chosen, loaded.name)
-        if scale is None and gsd_m is None:
-            scale = processing.get("scale")
+    if scale is None and gsd_m is None and processing.get("gsd_m"):
+        gsd_m = float(processing["gsd_m"])
 
     started = time.perf_counter()
     with open_source(raster, bands, scale, gsd_m) as source:

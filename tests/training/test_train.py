@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from training_data import fast_options
+import shapely
+from training_data import RASTER_CRS, fast_options, write_labels
 from typer.testing import CliRunner
 
 from backend.engine.errors import CancelledError, InputError
@@ -308,9 +309,28 @@ def test_a_model_trained_on_chosen_bands_is_run_on_those_bands(synthetic, traine
     assert run.report["bands"] == [4, 3, 2]
     told = segment_raster(SegmentOptions(raster=four, bands=[2, 3, 4], out=tmp_path / "b.gpkg"), loaded)
     assert told.report["bands"] == [2, 3, 4]
+    # evaluate on other data (--split all) reads the same bands (it stopped with UnboundLocalError once).
+    assert evaluate_model(four, labels, "cls", loaded=loaded, split="all")["split"] == "all"
     for refused in (lambda: segment_raster(SegmentOptions(raster=raster, out=tmp_path / "c.gpkg"), loaded),
                     lambda: evaluate_model(raster, labels, "cls", loaded=loaded, split="all")):
         with pytest.raises(InputError, match=r"trained on bands 4,3,2 of its raster, and synthetic.tif has 3 "
                                              r"band\(s\)\. Give --bands"):
             refused()
     assert not (tmp_path / "c.gpkg").exists()
+
+
+def test_evaluate_scores_on_the_grid_and_area_the_model_was_trained_on(synthetic, tiny_model, tmp_path):
+    """Trained at --scale 0.5 inside an --aoi: the default split gives train's own figure (the recorded
+    strip on the recorded grid, AOI and background), and --split all runs at the trained resolution,
+    as segment does."""
+    raster, labels, _ = synthetic
+    aoi = write_labels(tmp_path / "aoi.gpkg", [shapely.box(500000, 4999500, 500600, 5000000)], ["area"], RASTER_CRS)
+    out = tmp_path / "coarse"
+    result = train_model(raster, labels, "cls", out, base_model=str(tiny_model), epochs=1, scale=0.5,
+                         background="other", aoi=aoi, options=fast_options(steps_per_epoch=1))
+    report = evaluate_model(raster, labels, "cls", model=str(out))
+    assert report["split"] == "validation"
+    assert report["metrics"]["confusion"] == result["metrics"]["after"]["confusion"]
+    assert report["metrics"]["miou"] == result["metrics"]["after"]["miou"]
+    everything = evaluate_model(raster, labels, "cls", model=str(out), split="all", background="other")
+    assert everything["window"]["width"] <= 384 // 2  # 4 m pixels, not the raster's own 2 m
