@@ -235,6 +235,9 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
         "labels": str(labels), "class_field": class_field, "class_lines": grid.class_lines,
         "background": background, "split": "validation" if use_validation else "all",
         "window": asdict(window), "bbox": list(bounds), "crs": crs,
+        # What the run used after the model's own defaults (a quality calibration then uses the same).
+        "processing": {"aoi": str(aoi) if aoi else None, "class_names": class_names or {},
+                       "bands": list(bands) if bands else None, "scale": scale, "gsd_m": gsd_m},
         "metrics": metrics, "text": format_metrics(metrics),
         "seconds": round(time.perf_counter() - started, 3), "outputs": {},
     }

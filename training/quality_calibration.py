@@ -116,6 +116,22 @@ def out_of_fold(signals: np.ndarray, truth: np.ndarray, index: np.ndarray, weigh
     return predicted
 
 
+def check_quality_tile(tile: int) -> None:
+    if not 16 <= tile <= 1024:
+        raise InputError(f"--quality-tile must be between 16 and 1024 pixels; got {tile}.")
+
+
+def calibration_target(loaded, out: str | Path | None) -> Path:
+    """Where the calibration goes: `out`, else the fine-tuned model's own folder."""
+    model_dir = loaded.metadata.get("model_dir")
+    if out:
+        return Path(out)
+    if model_dir:
+        return calibration_path_for(Path(model_dir))
+    raise InputError("Where should the quality calibration go? This model is not a fine-tuned model folder, "
+                     "so name a file with --quality-out (e.g. --quality-out my-calibration.json).")
+
+
 def calibrate_quality(raster: str | Path, labels: str | Path, class_field: str, loaded, out: str | Path | None,
                       background: str | None = None, aoi: str | Path | None = None,
                       class_names: dict[str, str] | None = None, bands: list[int] | None = None,
@@ -123,13 +139,8 @@ def calibrate_quality(raster: str | Path, labels: str | Path, class_field: str, 
                       attention: str = "segearth", batch_size: int = 8,
                       should_cancel: Callable[[], bool] | None = None) -> dict:
     """Measure the default estimate, fit a calibration on the tiles, store it; SROCC/PLCC of both."""
-    model_dir = loaded.metadata.get("model_dir")
-    target = Path(out) if out else (calibration_path_for(Path(model_dir)) if model_dir else None)
-    if target is None:
-        raise InputError("Where should the quality calibration go? This model is not a fine-tuned model folder, "
-                         "so name a file with --quality-out (e.g. --quality-out my-calibration.json).")
-    if not 16 <= tile <= 1024:
-        raise InputError(f"--quality-tile must be between 16 and 1024 pixels; got {tile}.")
+    target = calibration_target(loaded, out)
+    check_quality_tile(tile)
     with open_source(raster, bands, scale, gsd_m) as source:
         polygons = read_label_polygons(labels, class_field, source.crs, class_names)
         # The evaluation's own classes: the model's when it knows every label class, else the label values

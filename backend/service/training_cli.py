@@ -104,82 +104,103 @@ def evaluate_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Report per-class IoU, mIoU, accuracy and the confusion matrix of a model against labelled polygons."""
-    from backend.engine.devices import resolve_device
-    from backend.engine.models import check_half, load_model, to_half
-
-    from training.api import (check_attention, check_report_outputs, class_names_from_pairs, evaluate_model,
-                              evaluation_inputs, write_report)
-    from training.evaluate import benchmark_layout, benchmark_metrics, benchmark_protocol, format_metrics
-
+    loaded = None
     try:
-        # Every output is checked before a model loads: a run never ends in a traceback over a missing folder.
-        check_attention(attention)
-        check_report_outputs({"--json file": json_out, "--png file": png,
-                              "--quality-out file": quality_out if calibrate_quality else None},
-                             evaluation_inputs(raster, labels, aoi, model, weights), overwrite)
-        dev = resolve_device(device)
-        check_half(half, dev)
-        if benchmark is not None:
-            from backend.engine.presets import collect_class_lines
+        with signals_as_interrupt():  # SIGTERM/SIGHUP as Ctrl+C from the start, imports included
+            from backend.engine.devices import resolve_device
+            from backend.engine.models import check_half, load_model, to_half
 
-            lines = collect_class_lines(classes, preset=preset)
-            if not lines:
-                raise InputError("--benchmark needs the class list, in label value order: --preset NAME or "
-                                 "--classes (one per class).")
-            settings = benchmark_protocol(preset, protocol)
-            if reduce_zero_label is not None:
-                settings["reduce_zero_label"] = reduce_zero_label
-            if prob_threshold is not None:
-                settings["prob_threshold"] = prob_threshold
-            if background_index is not None:
-                settings["background_index"] = background_index
-            layout = benchmark_layout(preset)
-            loaded = load_model(model, str(weights) if weights else None, dev)
-            if half:
-                loaded = to_half(loaded)
-            metrics = benchmark_metrics(
-                benchmark, lines, loaded, layout=layout, split=benchmark_split, long_side=long_side or None,
-                ignore_index=ignore_index, attention=attention, batch_size=batch_size, limit=limit,
-                progress=None if quiet else _Lines(quiet), **settings)
-            typer.echo(f"{loaded.name} on {benchmark} ({metrics['images']} images; protocol {protocol}: "
-                       f"threshold {settings['prob_threshold']}, background index {settings['background_index']}"
-                       f"{', fp16' if half else ''})")
-            typer.echo(format_metrics(metrics))
-            write_report({"model": loaded.name, "benchmark": str(benchmark), "preset": preset,
-                          "protocol": protocol, "settings": settings, "fp16": half, "metrics": metrics},
-                         json_out, png, "")
-            return
-        if raster is None or labels is None or not class_field:
-            raise InputError("Give RASTER, LABELS and --class-field (or --benchmark FOLDER).")
-        result = evaluate_model(raster, labels, class_field, model=model,
-                                weights=str(weights) if weights else None, background=background, aoi=aoi,
-                                class_names=class_names_from_pairs(class_name or []), split=split,
-                                bands=_bands(bands), scale=scale, gsd_m=gsd, attention=attention,
-                                batch_size=batch_size, device=str(dev), out_json=json_out, out_png=png,
-                                progress=_Lines(quiet), overwrite=overwrite,
-                                loaded=to_half(load_model(model, str(weights) if weights else None, dev))
-                                if half else None)
+            from training.api import (check_attention, check_report_outputs, class_names_from_pairs,
+                                      evaluate_model, evaluation_inputs)
+            from training.quality_calibration import calibrate_quality as calibrate
+            from training.quality_calibration import calibration_target, check_quality_tile
+
+            # Every output is checked before a model loads: a run never ends in a traceback over a missing folder.
+            check_attention(attention)
+            if calibrate_quality:
+                check_quality_tile(quality_tile)
+            inputs = evaluation_inputs(raster, labels, aoi, model, weights)
+            check_report_outputs({"--json file": json_out, "--png file": png,
+                                  "--quality-out file": quality_out if calibrate_quality else None}, inputs, overwrite)
+            dev = resolve_device(device)
+            check_half(half, dev)
+            if benchmark is not None:
+                _benchmark(benchmark, classes, preset, protocol, reduce_zero_label, prob_threshold,
+                           background_index, model, weights, dev, half, benchmark_split, long_side, ignore_index,
+                           attention, batch_size, limit, quiet, json_out, png)
+                return
+            if raster is None or labels is None or not class_field:
+                raise InputError("Give RASTER, LABELS and --class-field (or --benchmark FOLDER).")
+            if half or calibrate_quality:
+                loaded = load_model(model, str(weights) if weights else None, dev)
+                loaded = to_half(loaded) if half else loaded
+            if calibrate_quality:  # where the calibration goes, checked before the evaluation runs
+                target = calibration_target(loaded, quality_out)
+                if quality_out is None:
+                    check_output_file(target, "quality calibration", inputs, overwrite=overwrite)
+            result = evaluate_model(raster, labels, class_field, model=model,
+                                    weights=str(weights) if weights else None, background=background, aoi=aoi,
+                                    class_names=class_names_from_pairs(class_name or []), split=split,
+                                    bands=_bands(bands), scale=scale, gsd_m=gsd, attention=attention,
+                                    batch_size=batch_size, device=str(dev), out_json=json_out, out_png=png,
+                                    progress=_Lines(quiet), overwrite=overwrite, loaded=loaded)
+            where = "the held-out validation strip" if result["split"] == "validation" else "all labelled pixels"
+            typer.echo(f"{result['model']} on {where} of {Path(result['raster']).name}")
+            typer.echo(result["text"])
+            if calibrate_quality:
+                # On the same classes, bands, grid and area as the evaluation above (the model's own defaults).
+                used = result["processing"]
+                fit = calibrate(raster, labels, class_field, loaded, target, background=result["background"],
+                                aoi=used["aoi"], class_names=used["class_names"], bands=used["bands"],
+                                scale=used["scale"], gsd_m=used["gsd_m"], tile=quality_tile, attention=attention,
+                                batch_size=batch_size)
     except FarslipError as error:
         _fail(error)
     except KeyboardInterrupt as error:
         interrupted(error, "Interrupted.")
-    where = "the held-out validation strip" if result["split"] == "validation" else "all labelled pixels"
-    typer.echo(f"{result['model']} on {where} of {Path(result['raster']).name}")
-    typer.echo(result["text"])
     if calibrate_quality:
-        from training.quality_calibration import calibrate_quality as calibrate
-
-        try:
-            loaded = load_model(model, str(weights) if weights else None, dev)
-            fit = calibrate(raster, labels, class_field, loaded, quality_out, background=background, aoi=aoi,
-                            class_names=class_names_from_pairs(class_name or []), bands=_bands(bands),
-                            scale=scale, gsd_m=gsd, tile=quality_tile, attention=attention, batch_size=batch_size)
-        except FarslipError as error:
-            _fail(error)
         default, calibrated = fit["default"], fit["calibrated"]
         typer.echo(f"Quality estimate on {fit['tiles']} tiles: default SROCC {default.get('srocc')}, PLCC "
                    f"{default.get('plcc')}; calibrated (spatially held out) SROCC {calibrated.get('srocc')}, "
                    f"PLCC {calibrated.get('plcc')}. Calibration written to {fit['calibration']}.")
+
+
+def _benchmark(benchmark, classes, preset, protocol, reduce_zero_label, prob_threshold, background_index, model,
+               weights, dev, half, benchmark_split, long_side, ignore_index, attention, batch_size, limit, quiet,
+               json_out, png) -> None:
+    """`evaluate --benchmark FOLDER`: the paper's protocol on a benchmark dataset's layout."""
+    from backend.engine.models import load_model, to_half
+    from backend.engine.presets import collect_class_lines
+
+    from training.api import write_report
+    from training.evaluate import benchmark_layout, benchmark_metrics, benchmark_protocol, format_metrics
+
+    lines = collect_class_lines(classes, preset=preset)
+    if not lines:
+        raise InputError("--benchmark needs the class list, in label value order: --preset NAME or "
+                         "--classes (one per class).")
+    settings = benchmark_protocol(preset, protocol)
+    if reduce_zero_label is not None:
+        settings["reduce_zero_label"] = reduce_zero_label
+    if prob_threshold is not None:
+        settings["prob_threshold"] = prob_threshold
+    if background_index is not None:
+        settings["background_index"] = background_index
+    layout = benchmark_layout(preset)
+    loaded = load_model(model, str(weights) if weights else None, dev)
+    if half:
+        loaded = to_half(loaded)
+    metrics = benchmark_metrics(
+        benchmark, lines, loaded, layout=layout, split=benchmark_split, long_side=long_side or None,
+        ignore_index=ignore_index, attention=attention, batch_size=batch_size, limit=limit,
+        progress=None if quiet else _Lines(quiet), **settings)
+    typer.echo(f"{loaded.name} on {benchmark} ({metrics['images']} images; protocol {protocol}: "
+               f"threshold {settings['prob_threshold']}, background index {settings['background_index']}"
+               f"{', fp16' if half else ''})")
+    typer.echo(format_metrics(metrics))
+    write_report({"model": loaded.name, "benchmark": str(benchmark), "preset": preset,
+                  "protocol": protocol, "settings": settings, "fp16": half, "metrics": metrics},
+                 json_out, png, "")
 
 
 def train_command(

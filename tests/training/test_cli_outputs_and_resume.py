@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +79,57 @@ def test_calibrating_the_quality_estimate_with_a_background_class(synthetic, tin
     code, lines = evaluate(raster, labels, tiny_model, "--background", "other", "--calibrate-quality",
                            "--quality-out", calibration, "--quality-tile", "32")
     assert refused(code, lines, "already exists"), lines
+
+
+def test_quality_calibration_is_checked_before_the_evaluation_and_follows_it(synthetic, tiny_model, tmp_path):
+    """Where the calibration goes and its tile size are checked before anything runs (the metrics were
+    printed and the JSON written, then a refusal); the calibration uses what the evaluation used (a
+    model trained with --background, evaluated on its own files, was refused for one class); its file
+    in the model folder is replaced only with --overwrite."""
+    raster, labels, _ = synthetic
+    metrics = tmp_path / "metrics.json"
+    code, lines = evaluate(raster, labels, tiny_model, "--calibrate-quality", "--json", metrics)
+    assert refused(code, lines, "Where should the quality calibration go?"), lines
+    code, lines = evaluate(raster, labels, tiny_model, "--calibrate-quality", "--quality-out", tmp_path / "q.json",
+                           "--quality-tile", "5000", "--json", metrics)
+    assert refused(code, lines, "--quality-tile must be between 16 and 1024 pixels; got 5000."), lines
+    assert list(tmp_path.iterdir()) == []
+
+    model = tmp_path / "with_background"
+    train_model(raster, labels, "cls", model, base_model=str(tiny_model), epochs=1, background="other",
+                aoi=None, options=fast_options(steps_per_epoch=1))
+    code, lines = evaluate(raster, labels, model, "--calibrate-quality", "--quality-tile", "32")
+    assert code == 0 and "Calibration written to" in lines[-1], lines
+    stored = json.loads((model / "quality_calibration.json").read_text())
+    assert stored["class_lines"] == ["forest", "sand", "water", "other"]
+    code, lines = evaluate(raster, labels, model, "--calibrate-quality", "--quality-tile", "32", "--json", metrics)
+    assert refused(code, lines, "already exists"), lines
+    assert not metrics.exists() and json.loads((model / "quality_calibration.json").read_text()) == stored
+    code, lines = evaluate(raster, labels, model, "--calibrate-quality", "--quality-tile", "32", "--overwrite")
+    assert code == 0, lines
+
+
+TERM_MID_EVALUATION = """
+import os, signal, sys
+import training.api
+def stop(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    raise SystemExit("the signal did not stop the run")
+training.api.predict_classes = stop
+from backend.service.cli import app
+app(sys.argv[1:], prog_name="farslip")
+"""
+
+
+def test_sigterm_stops_evaluate_with_a_sentence_and_no_report(synthetic, tiny_model, tmp_path):
+    raster, labels, _ = synthetic
+    done = subprocess.run([sys.executable, "-c", TERM_MID_EVALUATION, "evaluate", str(raster), str(labels),
+                           "--class-field", "cls", "--model", str(tiny_model), "--device", "cpu", "-q",
+                           "--json", str(tmp_path / "m.json"), "--png", str(tmp_path / "m.png")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.strip().splitlines() == ["Interrupted."]
+    assert list(tmp_path.iterdir()) == []
 
 
 def train(raster, labels, model, out, *extra):
