@@ -163,6 +163,11 @@ def evaluate_command(
         typer.echo(f"Quality estimate on {fit['tiles']} tiles: default SROCC {default.get('srocc')}, PLCC "
                    f"{default.get('plcc')}; calibrated (spatially held out) SROCC {calibrated.get('srocc')}, "
                    f"PLCC {calibrated.get('plcc')}. Calibration written to {fit['calibration']}.")
+        if (default.get("srocc") is not None and calibrated.get("srocc") is not None
+                and calibrated["srocc"] < default["srocc"]):
+            typer.echo(f"Warning: on held-out tiles the calibration ranks tiles worse than the default estimate "
+                       f"(SROCC {calibrated['srocc']} against {default['srocc']}); label more, or more varied, "
+                       f"tiles, or delete {fit['calibration']} to keep the default.", err=True)
 
 
 def _benchmark(benchmark, classes, preset, protocol, reduce_zero_label, prob_threshold, background_index, model,

@@ -99,7 +99,11 @@ def test_quality_calibration_is_checked_before_the_evaluation_and_follows_it(syn
     train_model(raster, labels, "cls", model, base_model=str(tiny_model), epochs=1, background="other",
                 aoi=None, options=fast_options(steps_per_epoch=1))
     code, lines = evaluate(raster, labels, model, "--calibrate-quality", "--quality-tile", "32")
-    assert code == 0 and "Calibration written to" in lines[-1], lines
+    summary = next(line for line in lines if "Calibration written to" in line)
+    assert code == 0, lines
+    default, calibrated = (float(part.split("SROCC ")[1].split(",")[0]) for part in summary.split("; "))
+    # A calibration that ranks held-out tiles worse than the default says so.
+    assert any(line.startswith("Warning: on held-out tiles") for line in lines) == (calibrated < default), lines
     stored = json.loads((model / "quality_calibration.json").read_text())
     assert stored["class_lines"] == ["forest", "sand", "water", "other"]
     code, lines = evaluate(raster, labels, model, "--calibrate-quality", "--quality-tile", "32", "--json", metrics)
