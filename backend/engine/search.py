@@ -407,7 +407,9 @@ def check_hits_output(out: Path, overwrite: bool, inputs: dict[str, Path] | None
     device, not one of `inputs`, the layer not there yet unless `overwrite`), and a shapefile can hold
     every sentence. `option` is how the user allows overwriting."""
     driver_for(out)
-    check_output_files(hits_output_files(Path(out)), inputs, overwrite, option, replaced=[Path(out)])
+    # The layer and its report: an existing report belongs to another run (e.g. -o h.gpkg before -o h.shp).
+    check_output_files(hits_output_files(Path(out)), inputs, overwrite, option,
+                       replaced=[Path(out), report_path_for(Path(out))])
     check_field_widths(out, sentences or [], what="sentence", field="query")
 
 

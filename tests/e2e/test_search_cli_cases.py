@@ -194,3 +194,19 @@ def test_sigterm_stops_search_and_classify_with_a_sentence_and_nothing_written(c
     assert done.stderr.strip().splitlines()[-1].startswith("Interrupted; ")
     assert "Traceback" not in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["crop.tif"]
+
+
+def test_search_and_classify_keep_another_outputs_report_unless_told_to_replace_it(crop, tiny_model, tmp_path):
+    """h.gpkg and h.shp share h.report.json: a second output beside the first is refused as segment's is."""
+    first = run("search", crop, "a road", "--model", tiny_model, *MODEL_ARGS, "-o", tmp_path / "h.gpkg", "-q")
+    assert first.exit_code == 0, first.output
+    report = (tmp_path / "h.report.json").read_text()
+    for command in (["search", crop, "a lake"], ["classify", crop, "-c", "water", "-c", "road"]):
+        result = run(*command, "--model", tiny_model, *MODEL_ARGS, "-o", tmp_path / "h.shp", "-q")
+        assert result.exit_code == 2, result.output
+        assert f"The run report {tmp_path / 'h.report.json'} already exists" in result.output
+        assert (tmp_path / "h.report.json").read_text() == report and not (tmp_path / "h.shp").exists()
+    again = run("classify", crop, "-c", "water", "-c", "road", "--model", tiny_model, *MODEL_ARGS,
+                "-o", tmp_path / "h.shp", "-q", "--overwrite")
+    assert again.exit_code == 0, again.output
+    assert json.loads((tmp_path / "h.report.json").read_text())["outputs"]["vector"] == str(tmp_path / "h.shp")
