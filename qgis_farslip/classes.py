@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 from .i18n import tr
 
@@ -10,16 +11,26 @@ from .i18n import tr
 MAX_CLASSES = 250
 
 
+# What separates synonyms: the backend's set (backend/engine/text.py SYNONYM_SEPARATORS): commas and
+# semicolons as Latin, CJK (full-width, ideographic) and Arabic keyboards type them.
+SYNONYM_SEPARATORS = re.compile("[,;\uff0c\uff1b\u3001\u060c]")
+
+
+def synonyms_of(line: str) -> list[str]:
+    """The names of a class line as the backend reads them: split at the separators, white space runs
+    made one space, empty parts left out."""
+    return [" ".join(word.split()) for word in SYNONYM_SEPARATORS.split(line) if word.split()]
+
+
 def parse_class_text(text: str) -> list[str]:
     """Class lines of the text box: one class per line, commas separate synonyms, '#' starts a comment.
 
-    Synonyms are normalised to "a, b" exactly as the backend writes them, so that
+    Synonyms are normalised to "a, b" exactly as the backend reads them, so that
     the same text gives the same classes (and colours) in the plugin and the CLI.
     """
     class_lines = []
     for raw_line in text.splitlines():
-        line = raw_line.split("#", 1)[0]
-        synonyms = [word.strip() for word in line.split(",") if word.strip()]
+        synonyms = synonyms_of(raw_line.split("#", 1)[0])
         if synonyms:
             class_lines.append(", ".join(synonyms))
     return class_lines
@@ -34,7 +45,8 @@ def too_many_classes(class_lines: list[str]) -> str | None:
 
 def class_name(class_line: str) -> str:
     """The name a class line is shown under: its first synonym."""
-    return class_line.split(",", 1)[0].strip()
+    names = synonyms_of(class_line)
+    return names[0] if names else class_line.strip()
 
 
 def resources_dir() -> str | None:

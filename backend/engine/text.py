@@ -43,6 +43,23 @@ class ClassSpec:
     queries: tuple[str, ...]
 
 
+# What separates synonyms in a class line: commas and semicolons, as typed on Latin, CJK (full-width,
+# ideographic) and Arabic keyboards. The plugin's qgis_farslip/classes.py keeps the same set.
+SYNONYM_SEPARATORS = ",;\uff0c\uff1b\u3001\u060c"
+_SEPARATOR = re.compile(f"[{SYNONYM_SEPARATORS}]")
+
+
+def split_class_line(line: str) -> tuple[str, ...]:
+    """The names of a class line, in order: split at the separators, every run of white space (a
+    no-break space, a tab, two spaces) made one space, empty parts left out."""
+    return tuple(" ".join(part.split()) for part in _SEPARATOR.split(line) if part.split())
+
+
+def _same_name_key(name: str) -> str:
+    """Names that a reader cannot tell apart compare equal: letter case, full-width letters."""
+    return unicodedata.normalize("NFKC", name).casefold()
+
+
 def parse_class_lines(lines: list[str]) -> list[ClassSpec]:
     """Turn user class lines ("road, parking lot") into classes with synonym queries."""
     classes: list[ClassSpec] = []
@@ -53,20 +70,20 @@ def parse_class_lines(lines: list[str]) -> list[ClassSpec]:
         if control:
             raise InputError(f"The class line {line[:60]!r} contains the control character {control[0]!r} (a line "
                              "break, tab or NUL); give one class per line, in plain text.")
-        queries = tuple(q.strip() for q in re.split(r"[,;]", line) if q.strip())
+        queries = split_class_line(line)
         if not queries:
             if line.strip() and nameless is None:
                 nameless = line.strip()
             continue
         for query in queries:
-            owner = seen.get(query.lower())
-            if owner is not None and owner.lower() == query.lower() == queries[0].lower():
+            owner = seen.get(_same_name_key(query))
+            if owner is not None and _same_name_key(owner) == _same_name_key(query) == _same_name_key(queries[0]):
                 raise InputError(f"The class {queries[0]!r} is given twice; give each class once "
                                  "(put synonyms on one line, separated by commas).")
             if owner is not None:
                 raise InputError(f"{query!r} is a name of two classes ({owner!r} and {queries[0]!r}), so a pixel "
                                  "of it could be either; give each name in one class line only.")
-        seen.update((query.lower(), queries[0]) for query in queries)
+        seen.update((_same_name_key(query), queries[0]) for query in queries)
         classes.append(ClassSpec(name=queries[0], queries=queries))
     if not classes:
         raise InputError("The class list is empty: give at least one class name "

@@ -149,6 +149,12 @@ BAD_VALUES = [
     (["-c", "lake, water"], "'water' is a name of two classes ('water' and 'lake')"),
     (["-c", "road, Water"], "'Water' is a name of two classes ('water' and 'road')"),
     (["-c", "WATER"], "The class 'WATER' is given twice"),
+    # Names a reader cannot tell apart: full-width letters, a no-break space or two spaces for one.
+    (["-c", "\uff57\uff41\uff54\uff45\uff52"], "The class '\uff57\uff41\uff54\uff45\uff52' is given twice"),
+    (["-c", "deep\u00a0lake", "-c", "deep  lake"], "The class 'deep lake' is given twice"),
+    # Full-width and ideographic commas separate synonyms as commas do.
+    (["-c", "\u6e56\u6cca\uff0cwater"], "'water' is a name of two classes ('water' and '\u6e56\u6cca')"),
+    (["-c", "\u6e56\u6cca\u3001Water"], "'Water' is a name of two classes ('water' and '\u6e56\u6cca')"),
     (["--attention", "magic"], "Unknown attention variant 'magic'; use one of segearth"),
     (["--runtime", "tensorrt"], "Unknown runtime 'tensorrt'; use one of auto, torch, openvino, onnxruntime."),
     (["--refine", "blur"], "Unknown --refine 'blur'; use one of none, edges, sam."),

@@ -34,3 +34,23 @@ def test_plugin_and_backend_colour_every_preset_and_clashing_names_alike(farslip
     assert plugin == backend_colours(class_lists)
     water, lake = plugin[-4][:2]
     assert water == "#1f78b4" and lake != water
+
+
+def test_plugin_and_backend_read_class_lines_alike(farslip):
+    """The dock's class names (legend, colours, Review) are the backend's: the same separators (full-width
+    and ideographic commas too) and the same white space, or the layer's classes would not match."""
+    from qgis_farslip.classes import class_name, parse_class_text
+
+    text = ("water;lake\n\u6e56\u6cca\uff0c\u6c34\u4f53\n\u5efa\u7269\u3001\u623f\u5c4b # buildings\n"
+            "deep\u00a0 forest ,  woods\n\u0645\u0627\u0621\u060c \u0628\u062d\u064a\u0631\u0629\n")
+    lines = parse_class_text(text)
+    code = ("import json, sys; from backend.engine.text import parse_class_lines; "
+            "print(json.dumps([[c.name, *c.queries] for c in parse_class_lines(json.load(sys.stdin))]))")
+    run = subprocess.run([str(BACKEND_PYTHON), "-c", code], input=json.dumps(lines), capture_output=True,
+                         text=True, cwd=REPO, timeout=120)
+    assert run.returncode == 0, run.stderr
+    backend = json.loads(run.stdout)
+    assert [class_name(line) for line in lines] == [entry[0] for entry in backend]
+    assert [line.split(", ") for line in lines] == [entry[1:] for entry in backend]
+    assert [entry[0] for entry in backend] == ["water", "\u6e56\u6cca", "\u5efa\u7269", "deep forest",
+                                               "\u0645\u0627\u0621"]
