@@ -11,7 +11,7 @@ import typer
 from backend import __version__
 from backend.engine.atomic import write_text_atomically
 from backend.engine.errors import FarslipError
-from backend.service.cli_common import ProgressReporter, fail, interrupted, signals_as_interrupt
+from backend.service.cli_common import ProgressReporter, fail, interruptible, interrupted, signals_as_interrupt
 from backend.service.cli_options import options_from_cli, own_option, with_segment_options
 from backend.service.scale_cli import SCALE_OPTIONS, segment_scaled, single_raster, wants_ray, with_many_inputs
 
@@ -29,6 +29,7 @@ def _every_command() -> None:
 
 
 @app.command()
+@interruptible
 @with_many_inputs
 @with_segment_options([
     own_option("device", str, "auto", help="auto, cpu, cuda or mps."),
@@ -89,6 +90,7 @@ def segment(**values: Any) -> None:
 
 
 @app.command()
+@interruptible
 def models(
     inspect: Optional[str] = typer.Option(None, "--inspect", metavar="NAME",
                                           help="Print the tensor shapes that decide a model's text context "
@@ -121,6 +123,7 @@ def presets() -> None:
 
 
 @app.command()
+@interruptible
 def bench(
     arch: str = typer.Option("ViT-B-16", help="open_clip architecture (random weights: speed only)."),
     batch_size: Optional[int] = typer.Option(None, min=1, help="Crops per batch (default: as segment picks it, 8 on a "
@@ -263,8 +266,8 @@ def serve(
 
 from backend.service.training_cli import evaluate_command, train_command  # noqa: E402 - typer-only module, heavy imports are lazy
 
-app.command("evaluate")(evaluate_command)
-app.command("train")(train_command)
+app.command("evaluate")(interruptible(evaluate_command))
+app.command("train")(interruptible(train_command))
 
 # index, search, classify, evaluate-retrieval: find places by sentence (backend/service/search_cli.py)
 
@@ -275,10 +278,10 @@ from backend.service.search_cli import (  # noqa: E402 - typer-only module, heav
     search_command,
 )
 
-app.command("index")(index_command)
-app.command("search")(search_command)
-app.command("classify")(classify_command)
-app.command("evaluate-retrieval")(evaluate_retrieval_command)
+app.command("index")(interruptible(index_command))
+app.command("search")(interruptible(search_command))
+app.command("classify")(interruptible(classify_command))
+app.command("evaluate-retrieval")(interruptible(evaluate_retrieval_command))
 
 
 def main() -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import typer
 
@@ -44,6 +45,22 @@ def signals_as_interrupt() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def interruptible(command: Callable) -> Callable:
+    """`command`, interrupted by SIGTERM/SIGHUP as by Ctrl+C from its first line on (its imports take
+    seconds), with one line for an interruption its own handling does not see: typer turns Ctrl+C into a
+    silent exit 130, and SIGTERM killed the process. Neutral words: outputs may be in place by then."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            with signals_as_interrupt():
+                return command(*args, **kwargs)
+        except KeyboardInterrupt as error:
+            interrupted(error, "Interrupted.")
+
+    return run
 
 
 def interrupted(error: KeyboardInterrupt, message: str = "Interrupted; nothing was written.") -> None:

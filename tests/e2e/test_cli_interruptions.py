@@ -121,3 +121,35 @@ def test_a_full_disk_is_one_sentence_and_leaves_nothing(case, naip, tiny_model, 
     assert all(line.startswith("_tiff") for line in lines[:-1]), run.stderr
     assert run.stdout.strip() == "left:"
     assert list(other.iterdir()) == []
+
+
+STOP_AT_IMPORT = """
+import importlib.abc, os, sys
+class StopHere(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == sys.argv[1]:
+            os.kill(os.getpid(), int(sys.argv[2]))
+        return None
+sys.meta_path.insert(0, StopHere())
+from backend.service.cli import app
+app(sys.argv[3:], prog_name="farslip")
+"""
+
+
+@pytest.mark.parametrize("module, sig, code, command", [
+    ("backend.engine.classify", signal.SIGINT, 130,
+     ["classify", "RASTER", "-c", "water", "-c", "road", "--model", "MODEL", "--out", "OUT/r.gpkg"]),
+    ("backend.engine.retrieval", signal.SIGTERM, 143, ["evaluate-retrieval", "OUT", "--model", "MODEL"]),
+    ("training.api", signal.SIGHUP, 129,
+     ["train", "RASTER", "RASTER", "--class-field", "cls", "--base-model", "MODEL", "--out", "OUT/m"]),
+], ids=["Ctrl+C in classify", "SIGTERM in evaluate-retrieval", "SIGHUP in train"])
+def test_a_signal_while_a_command_still_imports_is_one_line(module, sig, code, command, naip, tiny_model, out_dir):
+    """The first seconds of a run import torch and the engine: a signal there was a silent exit 130
+    (Ctrl+C) or a process killed with no line (SIGTERM, SIGHUP)."""
+    values = {"RASTER": str(naip), "MODEL": str(tiny_model), "OUT": str(out_dir)}
+    args = [values.get(a.split("/")[0], a.split("/")[0]) + a[len(a.split("/")[0]):] for a in command]
+    done = subprocess.run([sys.executable, "-c", STOP_AT_IMPORT, module, str(int(sig)), *args], capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == code, done.stderr
+    assert done.stderr.strip().splitlines() == ["Interrupted."]
+    assert list(out_dir.iterdir()) == []
