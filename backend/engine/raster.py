@@ -20,7 +20,6 @@ from rasterio.crs import CRS
 from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.errors import CRSError, NodataShadowWarning, NotGeoreferencedWarning, RasterioError, RasterioIOError
 from rasterio.transform import Affine
-from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from .errors import EmptyResultError, InputError
@@ -417,6 +416,78 @@ def bounds_window(source: RasterSource, bounds: tuple[float, float, float, float
     return PixelWindow(row0, col0, row1 - row0, col1 - col0)
 
 
+def coordinates(crs: CRS | None, *values: float) -> str:
+    """Coordinates for a sentence: fixed-point (never 5.2e+06), to the centimetre in a projected CRS and
+    to about a decimetre (6 decimals) in degrees; joined by '..' (a range) or ', ' (a point)."""
+    digits = 6 if crs is not None and crs.is_geographic else 2
+    text = [f"{value:.{digits}f}" for value in values]
+    return "..".join(text) if len(values) == 2 else ", ".join(text)
+
+
+SIDE_POINTS = 21  # points per side of a box transformed between CRSs (its sides curve in the other CRS)
+
+
+def _box_ring(box: tuple[float, float, float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """The outline of (xmin, ymin, xmax, ymax), SIDE_POINTS per side, as x and y arrays."""
+    xmin, ymin, xmax, ymax = box
+    t = np.linspace(0.0, 1.0, SIDE_POINTS)[:-1]
+    width, height = xmax - xmin, ymax - ymin
+    xs = np.concatenate([xmin + width * t, np.full_like(t, xmax), xmax - width * t, np.full_like(t, xmin)])
+    ys = np.concatenate([np.full_like(t, ymin), ymin + height * t, np.full_like(t, ymax), ymax - height * t])
+    return xs, ys
+
+
+def _envelope_in(box: tuple[float, float, float, float], source_crs: CRS, target_crs: CRS,
+                 near: tuple[float, float, float, float]) -> tuple[float, float, float, float] | None:
+    """The envelope of `box`'s outline in `target_crs`, None where no point of it transforms. In a
+    geographic target, longitudes are made continuous along the outline (a box across the antimeridian
+    is one interval, not the whole globe) and moved by whole turns to the ones nearest `near`."""
+    from pyproj import Transformer
+
+    from .ground import as_pyproj
+
+    xs, ys = _box_ring(box)
+    if source_crs != target_crs:
+        with np.errstate(all="ignore"):
+            to_target = Transformer.from_crs(as_pyproj(source_crs), as_pyproj(target_crs), always_xy=True)
+            xs, ys = to_target.transform(xs, ys)
+    xs, ys = np.asarray(xs, float), np.asarray(ys, float)
+    finite = np.isfinite(xs) & np.isfinite(ys)
+    if not finite.any():
+        return None
+    xs, ys = xs[finite], ys[finite]
+    if target_crs.is_geographic:
+        xs = np.rad2deg(np.unwrap(np.deg2rad(xs)))
+        centre = (near[0] + near[2]) / 2
+        xs = xs + 360.0 * round((centre - (xs.min() + xs.max()) / 2) / 360.0)
+    return float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())
+
+
+def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def bbox_in_raster_crs(bbox: tuple[float, float, float, float], bbox_crs: CRS, raster_crs: CRS,
+                       raster_box: tuple[float, float, float, float]) -> tuple[float, float, float, float] | None:
+    """The envelope in the raster's CRS of a box given in `bbox_crs`; None when the two do not overlap.
+
+    The box's outline is transformed, not its corners (its sides curve); a box or raster across the
+    antimeridian is handled in geographic CRSs (longitudes in -180..180 or 0..360 alike); and the overlap is
+    checked both ways, so a box where the raster's projection is singular (a polar stereographic one
+    of the other pole) does not become the whole raster. InputError when the box cannot be transformed."""
+    box = _envelope_in(bbox, bbox_crs, raster_crs, raster_box)
+    if box is None:
+        raise InputError(f"The bbox lies outside the area where {bbox_crs} can be transformed to the "
+                         f"raster's CRS {raster_crs}.")
+    if not _overlap(box, raster_box):
+        return None
+    if bbox_crs != raster_crs:  # (a raster whose outline does not transform back is trusted one way)
+        back = _envelope_in(raster_box, raster_crs, bbox_crs, bbox)
+        if back is not None and not _overlap(back, bbox):
+            return None
+    return box
+
+
 def request_window(source: RasterSource, bbox: tuple[float, float, float, float] | None,
                    bbox_crs: str | None = None) -> PixelWindow:
     """The processing-grid window covering bbox (in bbox_crs, default the raster's), clipped to the raster."""
@@ -430,18 +501,12 @@ def request_window(source: RasterSource, bbox: tuple[float, float, float, float]
         raise InputError(f"The bbox {list(bbox)} is not in the range of {crs.to_string()}: latitudes lie between "
                          "-90 and 90, longitudes between -180 and 180. Check the order (XMIN YMIN XMAX YMAX) "
                          "and --bbox-crs.")
-    if crs != source.crs:
-        try:
-            xmin, ymin, xmax, ymax = transform_bounds(crs, source.crs, xmin, ymin, xmax, ymax, densify_pts=21)
-        except Exception as exc:  # pyproj/GDAL raise several types for impossible transforms
-            raise InputError(f"The bbox could not be transformed from {crs} to the raster's CRS "
-                             f"{source.crs}: {exc}") from exc
-        if not all(map(math.isfinite, (xmin, ymin, xmax, ymax))):
-            raise InputError(f"The bbox lies outside the area where {crs} can be transformed to the "
-                             f"raster's CRS {source.crs}.")
-    window = bounds_window(source, (xmin, ymin, xmax, ymax))
+    box = bbox_in_raster_crs((xmin, ymin, xmax, ymax), crs, source.crs,
+                             pixel_envelope(source.transform, 0, 0, source.width, source.height))
+    window = bounds_window(source, box) if box is not None else None
     if window is None:
         left, bottom, right, top = pixel_envelope(source.transform, 0, 0, source.width, source.height)
         raise InputError(f"The bbox does not overlap the raster {source.path.name}: the raster covers "
-                         f"x {left:.6g}..{right:.6g}, y {bottom:.6g}..{top:.6g} in {source.crs}.")
+                         f"x {coordinates(source.crs, left, right)}, y {coordinates(source.crs, bottom, top)} "
+                         f"in {source.crs}.")
     return window

@@ -40,7 +40,7 @@ from .errors import InputError
 from .export import check_field_widths, driver_for, report_path_for, write_rectangles, write_report
 from .files import check_output_files
 from .models import LoadedModel
-from .raster import parse_crs, pixel_envelope
+from .raster import bbox_in_raster_crs, parse_crs, pixel_envelope
 from .search_index import BuildStats, SearchIndex, check_bbox, check_point, describe, point_window
 from .text import TextEmbedder
 
@@ -247,13 +247,10 @@ def _bbox_in_raster_crs(index: SearchIndex, bbox, bbox_crs):
     if bbox is None:
         return None
     crs = parse_crs(bbox_crs, index.crs)
-    if crs == index.crs:
-        box = tuple(float(v) for v in bbox)
-    else:
-        from rasterio.warp import transform_bounds
-
-        box = tuple(transform_bounds(crs, index.crs, *bbox, densify_pts=21))
     raster = pixel_envelope(index.dataset.transform, 0, 0, index.dataset.width, index.dataset.height)
+    xmin, ymin, xmax, ymax = (float(v) for v in bbox)
+    box = bbox_in_raster_crs((xmin, ymin, xmax, ymax), crs, index.crs, raster)
+    assert box is not None, "check_bbox (request_window) refused a bbox off the raster first"
     return (max(box[0], raster[0]), max(box[1], raster[1]), min(box[2], raster[2]), min(box[3], raster[3]))
 
 

@@ -500,3 +500,47 @@ def test_a_bbox_selects_the_pixels_under_it_on_any_grid(tiny_model, tmp_path, tr
     assert len(geoms) > 0 and shapely.union_all(geoms).difference(footprint.buffer(1e-6)).area == 0
     report = json.loads((tmp_path / "r.report.json").read_text())
     assert report["pixel_size"] == pytest.approx([10, 10])  # not [10, -10] south-up, nor 8.7 rotated
+
+
+def _plain_raster(path: Path, crs: str, transform, width: int = 200, height: int = 100) -> Path:
+    with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=3, dtype="uint8", crs=crs,
+                       transform=transform) as ds:
+        ds.write(np.full((3, height, width), 120, np.uint8))
+    return path
+
+
+@pytest.mark.parametrize("bbox, bbox_crs", [
+    ((179.99, -16.05, 180.01, -16.01), None),              # in the raster's own 0..360 longitudes
+    ((179.99, -16.05, -179.99, -16.01), "EPSG:4326"),      # across the antimeridian, -180..180 (as typed in QGIS)
+    ((-180.01, -16.05, -179.99, -16.01), "EPSG:4326"),     # the same place, one turn west
+    ((3338471, -1798706, 3340697, -1794102), "EPSG:3832"),  # Pacific Mercator metres
+], ids=["0..360", "across", "negative", "pacific-mercator"])
+def test_a_bbox_across_the_antimeridian_selects_the_columns_under_it(tmp_path, bbox, bbox_crs):
+    """A raster of lon 179.98..180.032 (0.0002 degree pixels): a box of 179.99..180.01 is columns 50..150.
+    The box was cut to 179.98..179.99 (cols 0..50) or refused as off the raster."""
+    from backend.engine.raster import open_source, request_window
+
+    raster = _plain_raster(tmp_path / "dateline.tif", "EPSG:4326",
+                           rasterio.Affine(0.0002, 0, 179.98, 0, -0.0002, -16.0), width=260, height=300)
+    if bbox[0] > bbox[2]:  # typed across the line: the east end one turn on
+        bbox = (bbox[0], bbox[1], bbox[2] + 360, bbox[3])
+    with open_source(raster) as source:
+        window = request_window(source, bbox, bbox_crs)
+    assert window.col_off == pytest.approx(50, abs=1) and window.width == pytest.approx(100, abs=2)
+    assert window.row_off == pytest.approx(50, abs=1) and window.height == pytest.approx(200, abs=2)
+
+
+def test_a_bbox_around_the_other_pole_does_not_overlap_an_arctic_raster(tmp_path):
+    """EPSG:3413 (north polar) cannot place the South Pole: the box's corners went to +-1e23 m and the whole
+    raster was segmented. The overlap is now checked both ways."""
+    from backend.engine.errors import InputError
+    from backend.engine.raster import open_source, request_window
+
+    raster = _plain_raster(tmp_path / "arctic.tif", "EPSG:3413", rasterio.Affine(30, 0, -200000, 0, -30, -2000000))
+    with open_source(raster) as source:
+        with pytest.raises(InputError, match=r"does not overlap the raster arctic\.tif: the raster covers "
+                                             r"x -200000\.00\.\.-194000\.00, y -2003000\.00\.\.-2000000\.00"):
+            request_window(source, (-100000, -100000, 100000, 100000), "EPSG:3031")
+        lonlat = transform_bounds("EPSG:3413", "EPSG:4326", -199000, -2002000, -196000, -2001000)
+        window = request_window(source, lonlat, "EPSG:4326")  # the raster's own place still selects it
+        assert 0 < window.width < 200 and 0 < window.height < 100
