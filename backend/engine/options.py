@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,11 +106,11 @@ def spec_of(item: dataclasses.Field) -> Spec:
 # --------------------------------------------------------------------------- checks of single values
 
 def parse_bands(text: str | None) -> list[int] | None:
-    """--bands text ("3,2,1") -> band numbers."""
+    """--bands text ("3,2,1", "3 2 1", "3, 2, 1") -> band numbers."""
     if not text:
         return None
     try:
-        return [int(part) for part in text.replace(" ", "").split(",") if part]
+        return [int(part) for part in re.split(r"[\s,]+", text.strip()) if part]
     except ValueError:
         raise InputError(f"--bands takes band numbers separated by commas, e.g. 3,2,1; got {text!r}.") from None
 

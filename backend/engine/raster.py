@@ -122,21 +122,30 @@ class RasterSource:
         if every > 1:  # before any conversion: what follows works pixel by pixel
             data = data[:, ::every, ::every]
             mask = mask[::every, ::every] if mask is not None else None
-        if self.palette is not None:
-            rgb = self.palette[data[0].astype(np.intp)].transpose(2, 0, 1).astype(np.float32)
-        else:  # each band converted straight into its place (no stacked copy converted again)
-            rgb = np.empty((len(self.bands), *data.shape[1:]), np.float32)
-            for i, band in enumerate(self.bands):
-                rgb[i] = data[unique.index(band)]
         valid = np.ones(data.shape[1:], bool) if mask is None else mask > 0
         all_valid = mask is None
         if not np.issubdtype(data.dtype, np.integer):  # +-inf and NaN masked alike, before any scaling
-            valid &= np.isfinite(rgb).all(axis=0)
+            valid &= np.isfinite(data).all(axis=0)
             all_valid = False
-        if self.value_range is not None:
-            for i, (lo, hi) in enumerate(self.value_range):
-                rgb[i] = (rgb[i] - lo) * (255.0 / max(hi - lo, 1e-12))
-            np.clip(rgb, 0.0, 255.0, out=rgb)
+        # Masked pixels may hold anything (ESRI's -3.4e38 nodata, 1e40 in float64): no overflow warnings.
+        with np.errstate(over="ignore", invalid="ignore"):
+            if self.palette is not None:
+                rgb = self.palette[data[0].astype(np.intp)].transpose(2, 0, 1).astype(np.float32)
+            else:  # each band converted straight into its place (no stacked copy converted again)
+                rgb = np.empty((len(self.bands), *data.shape[1:]), np.float32)
+                wide = data.dtype == np.float64 and self.value_range is not None
+                for i, band in enumerate(self.bands):
+                    if wide:  # scaled in float64 first: values beyond float32's range stay finite
+                        assert self.value_range is not None
+                        lo, hi = self.value_range[i]
+                        rgb[i] = (data[unique.index(band)] - lo) * (255.0 / max(hi - lo, 1e-12))
+                    else:
+                        rgb[i] = data[unique.index(band)]
+                if self.value_range is not None:
+                    if not wide:
+                        for i, (lo, hi) in enumerate(self.value_range):
+                            rgb[i] = (rgb[i] - lo) * (255.0 / max(hi - lo, 1e-12))
+                    np.clip(rgb, 0.0, 255.0, out=rgb)
         if not all_valid and not valid.all():
             rgb[:, ~valid] = 0.0
         return rgb, valid
@@ -330,6 +339,22 @@ def pixel_size(transform: Affine) -> list[float]:
     return [math.hypot(transform.a, transform.d), math.hypot(transform.b, transform.e)]
 
 
+def _axis_unit_factor(crs: CRS) -> float | None:
+    """Metres per unit of a CRS's first axis when it names a linear unit (e.g. a site grid in metres)."""
+    from .ground import as_pyproj
+
+    try:
+        converted = as_pyproj(crs)
+        axes = converted.axis_info if converted is not None else []
+    except Exception:  # pyproj raises several types for CRSs it cannot read
+        return None
+    if not axes or not axes[0].unit_conversion_factor:
+        return None
+    name = axes[0].unit_name.lower()
+    linear = any(word in name for word in ("metre", "meter", "foot", "feet", "yard", "mile", "chain", "link"))
+    return float(axes[0].unit_conversion_factor) if linear else None
+
+
 def native_gsd_m(ds: rasterio.io.DatasetReader) -> float:
     """The raster's pixel width on the ground in metres, at the raster's centre: through the latitude in
     a geographic CRS; in a projected one the CRS unit, or, where the projection's areas are more than 1 %
@@ -339,13 +364,21 @@ def native_gsd_m(ds: rasterio.io.DatasetReader) -> float:
     if ds.crs.is_geographic:
         lat = (ds.bounds.top + ds.bounds.bottom) / 2
         return native * 111_320.0 * math.cos(math.radians(lat))
+    try:
+        units = ds.crs.linear_units_factor[1]
+    except CRSError:  # a local (engineering) CRS: its axes may still name their unit
+        units = _axis_unit_factor(ds.crs)
+    if units is None:
+        raise InputError(f"The raster's CRS ({ds.crs.to_string()[:80]}) has no known ground unit (a local or "
+                         "engineering CRS), so a ground resolution cannot be set; resample with --scale "
+                         "instead of --gsd.") from None
     col, row = ds.width // 2, ds.height // 2
     centre_x, centre_y = ds.transform @ (col + 0.5, row + 0.5)
     if not keeps_areas(ds.crs, centre_x, centre_y)[0]:
         ground = ground_pixel_size(ds.crs, ds.transform, col, row)
         if ground is not None:
             return ground
-    return native * ds.crs.linear_units_factor[1]
+    return native * units
 
 
 def open_source(path: str | Path, bands: list[int] | None = None, scale: float | None = None,
@@ -355,7 +388,7 @@ def open_source(path: str | Path, bands: list[int] | None = None, scale: float |
     ds = open_dataset(path)
     try:
         band_list = select_bands(ds, bands)
-        palette = palette_lut(ds, band_list) if not bands else None
+        palette = palette_lut(ds, band_list)  # a paletted band shows its colours, chosen or not
         factor = processing_scale(ds, scale, gsd_m)
         stretch = value_range is None and needs_stretch(ds, band_list)
         data, mask = _sample(ds, band_list, values=stretch)
@@ -493,6 +526,9 @@ def request_window(source: RasterSource, bbox: tuple[float, float, float, float]
     """The processing-grid window covering bbox (in bbox_crs, default the raster's), clipped to the raster."""
     full = PixelWindow(0, 0, source.height, source.width)
     if bbox is None:
+        if bbox_crs:  # a forgotten --bbox would otherwise run the whole raster without a word
+            raise InputError(f"--bbox-crs {bbox_crs} says which CRS the --bbox is in, and no --bbox was given; "
+                             "add --bbox XMIN YMIN XMAX YMAX, or leave --bbox-crs out.")
         return full
     check_bbox(bbox)
     xmin, ymin, xmax, ymax = (float(v) for v in bbox)

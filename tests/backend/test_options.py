@@ -155,6 +155,8 @@ BAD_VALUES = [
     # Full-width and ideographic commas separate synonyms as commas do.
     (["-c", "\u6e56\u6cca\uff0cwater"], "'water' is a name of two classes ('water' and '\u6e56\u6cca')"),
     (["-c", "\u6e56\u6cca\u3001Water"], "'Water' is a name of two classes ('water' and '\u6e56\u6cca')"),
+    (["--bbox-crs", "EPSG:4326"], "--bbox-crs EPSG:4326 says which CRS the --bbox is in, and no --bbox was given"),
+    (["--bands", "3 2 9"], "Band(s) [9] do not exist"),  # spaces separate band numbers (it read 329)
     (["--attention", "magic"], "Unknown attention variant 'magic'; use one of segearth"),
     (["--runtime", "tensorrt"], "Unknown runtime 'tensorrt'; use one of auto, torch, openvino, onnxruntime."),
     (["--refine", "blur"], "Unknown --refine 'blur'; use one of none, edges, sam."),

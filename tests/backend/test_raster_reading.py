@@ -33,10 +33,11 @@ def test_paletted_raster_is_read_through_its_colour_table(tmp_path):
         ds.write_colormap(1, {0: (10, 20, 200, 255), 2: (30, 180, 40, 255)})
     with rasterio.open(path) as ds:
         assert ds.colorinterp[0] == ColorInterp.palette
-    with open_source(path) as source:
-        rgb, valid = source.read(PixelWindow(0, 0, 60, 80))
-    assert valid.all()
-    assert rgb[:, 0, 0].tolist() == [10, 20, 200] and rgb[:, 0, 79].tolist() == [30, 180, 40]
+    for bands in (None, [1], [1, 1, 1]):  # chosen or not (the plugin names the band a Paletted layer shows)
+        with open_source(path, bands) as source:
+            rgb, valid = source.read(PixelWindow(0, 0, 60, 80))
+        assert valid.all()
+        assert rgb[:, 0, 0].tolist() == [10, 20, 200] and rgb[:, 0, 79].tolist() == [30, 180, 40], bands
 
 
 def test_float_raster_with_nan_holes_masks_them(tmp_path):
@@ -199,3 +200,39 @@ def test_strips_read_once_per_row_equal_full_reads_of_each_window(tmp_path, kind
         else:
             assert sum(rows_read) == source.height
         assert masked == (kind != "palette")  # masked pixels were among the rows copied and read
+
+
+def test_values_beyond_float32_are_stretched_and_masked_extremes_print_nothing(tmp_path, capfd):
+    """float64 values up to 1e40 were cast to inf and the raster called all nodata; ESRI's -3.4e38 nodata
+    printed 'overflow encountered in multiply'."""
+    ramp = np.linspace(0, 1e40, 60 * 80).reshape(1, 60, 80)
+    with open_source(write(tmp_path / "huge.tif", np.repeat(ramp, 3, axis=0))) as source:
+        rgb, valid = source.read(PixelWindow(0, 0, 60, 80))
+    assert valid.all() and np.isfinite(rgb).all()
+    assert rgb[0, 0, 0] == 0 and rgb[0, -1, -1] == 255 and 100 < rgb[0, 30, 40] < 155
+    esri = np.random.default_rng(0).uniform(0, 1, (3, 60, 80)).astype(np.float32)
+    esri[:, :20] = -3.4028235e38
+    with open_source(write(tmp_path / "esri.tif", esri, nodata=-3.4028235e38)) as source:
+        rgb, valid = source.read(PixelWindow(0, 0, 60, 80))
+    assert not valid[:20].any() and valid[20:].all() and (rgb[:, :20] == 0).all()
+    assert capfd.readouterr().err == ""
+
+
+def test_gsd_of_a_site_grid_comes_from_its_axis_unit():
+    """A local engineering CRS (LOCAL_CS, a drone or site grid) names its unit on its axes: --gsd used to end
+    in 'Linear units factor is not defined'; without a unit it is one sentence."""
+    from rasterio.crs import CRS
+
+    from backend.engine.errors import InputError
+    from backend.engine.raster import native_gsd_m
+
+    class Grid:  # what native_gsd_m reads of a dataset
+        def __init__(self, wkt):
+            self.crs, self.transform = CRS.from_wkt(wkt), from_origin(1000, 2000, 0.5, 0.5)
+            self.width = self.height = 100
+
+    assert native_gsd_m(Grid('LOCAL_CS["site",UNIT["metre",1],AXIS["X",EAST],AXIS["Y",NORTH]]')) == 0.5
+    assert native_gsd_m(Grid('LOCAL_CS["site",UNIT["foot",0.3048],AXIS["X",EAST],AXIS["Y",NORTH]]')) \
+        == pytest.approx(0.1524)
+    with pytest.raises(InputError, match=r"has no known ground unit .* with --scale"):
+        native_gsd_m(Grid('LOCAL_CS["site",UNIT["unknown",1],AXIS["X",EAST],AXIS["Y",NORTH]]'))
