@@ -190,6 +190,12 @@ def open_dataset(path: str | Path) -> rasterio.io.DatasetReader:
             ds = rasterio.open(path)
     except RasterioIOError as exc:
         raise InputError(f"{path} is not a raster GDAL can read ({exc}).") from exc
+    if ds.subdatasets and (ds.crs is None or ds.transform == Affine.identity()):
+        names, count = ds.subdatasets[:3], len(ds.subdatasets)
+        ds.close()
+        raise InputError(f"{path} holds {count} rasters (GDAL subdatasets: {', '.join(names)}"
+                         f"{', ...' if count > 3 else ''}), not one; write the one to segment to a GeoTIFF first, "
+                         f"e.g. gdal_translate '{names[0]}' {Path(path).stem}.tif")
     if ds.gcps[0] and ds.transform == Affine.identity():
         ds.close()
         raise InputError(f"The raster {path} is georeferenced by ground control points only; "

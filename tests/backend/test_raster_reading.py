@@ -236,3 +236,20 @@ def test_gsd_of_a_site_grid_comes_from_its_axis_unit():
         == pytest.approx(0.1524)
     with pytest.raises(InputError, match=r"has no known ground unit .* with --scale"):
         native_gsd_m(Grid('LOCAL_CS["site",UNIT["unknown",1],AXIS["X",EAST],AXIS["Y",NORTH]]'))
+
+
+def test_a_file_of_several_rasters_names_them_instead_of_a_missing_crs(tmp_path):
+    """A GeoPackage (or netCDF/HDF) of several rasters opens as none of them: it was refused as having no
+    coordinate reference system, which sent the analyst to georeference a georeferenced file."""
+    path = tmp_path / "two.gpkg"
+    for i, table in enumerate(["north", "south"]):
+        with rasterio.open(path, "w", driver="GPKG", width=64, height=64, count=3, dtype="uint8", crs="EPSG:32633",
+                           transform=from_origin(500000, 5000000, 2, 2), RASTER_TABLE=table,
+                           **({"APPEND_SUBDATASET": "YES"} if i else {})) as ds:
+            ds.write(np.full((3, 64, 64), 90, np.uint8))
+    result = runner.invoke(app, ["segment", str(path), "-c", "water", "--model", "no-such-model",
+                                 "--out", str(tmp_path / "out.gpkg")])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"Error: {path} holds 2 rasters (GDAL subdatasets: GPKG:{path}:north, ")
+    assert f"gdal_translate 'GPKG:{path}:north' two.tif" in result.output
+    assert "coordinate reference system" not in result.output and "Traceback" not in result.output
