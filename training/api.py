@@ -66,7 +66,9 @@ from .finetune import (
     run_epochs,
 )
 from .distill import BOX_AREA, BOX_ASPECT
-from .labels import LabelGrid, build_label_grid, read_aoi, read_label_polygons, split_layer, vector_file
+from .labels import (
+    LabelGrid, aoi_layer, build_label_grid, label_layer, read_aoi, read_label_polygons, split_layer, vector_file,
+)
 from .model_folder import (
     CHECKPOINT_DIR,
     check_out_folder,
@@ -210,6 +212,9 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
     started = time.perf_counter()
     with open_source(raster, bands, scale, gsd_m) as source:
         polygons = read_label_polygons(labels, class_field, source.crs, class_names)
+        for warning in polygons.warnings:
+            if progress is not None:
+                progress(0, 0, {"phase": "warning", "message": warning})
         class_lines = model_class_lines(loaded, set(polygons.class_values), background)
         area = read_aoi(aoi, source.crs) if aoi else None
         grid = build_label_grid(source, polygons, background=background, aoi=area, class_lines=class_lines)
@@ -241,6 +246,7 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
         "metrics": metrics, "text": format_metrics(metrics),
         "seconds": round(time.perf_counter() - started, 3), "outputs": {},
     }
+    result["warnings"] = polygons.warnings
     result["outputs"] = write_report(result, out_json, out_png,
                                      f"{loaded.name}: mIoU {100 * (metrics['miou'] or 0):.2f} %")
     return result
@@ -327,7 +333,7 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
                              "(--scale 0.5 or --gsd).")
         split = split_labels(grid, source.window_transform(grid.window), options.validation_fraction,
                              options.buffer_px)
-        warnings = split_warnings(split)
+        warnings = [*grid.polygons.warnings, *split_warnings(split)]
         for warning in warnings:
             if progress is not None:
                 progress(0, 0, {"phase": "warning", "message": warning})
@@ -383,6 +389,63 @@ def split_warnings(split) -> list[str]:
     return warnings
 
 
+def training_data_record(data: TrainingData, raster_sha: str | None, labels: Path, labels_sha: str | None,
+                         class_field: str, aoi, class_names: dict[str, str] | None) -> dict:
+    """What defines a training's pixels and classes, as its checkpoint records it for --resume to compare:
+    the files (sha256) and layers, the class field and renames, the background, the bands and the grid."""
+    aoi_file, aoi_name = aoi_layer(aoi) if aoi else (None, None)
+    return {
+        "raster": raster_sha, "labels": labels_sha, "labels_layer": label_layer(labels, class_field)[1],
+        "class_field": class_field, "class_names": dict(sorted((class_names or {}).items())),
+        "background": data.grid.background,
+        "aoi": {"path": str(aoi_file), "sha256": file_sha256(aoi_file), "layer": aoi_name} if aoi_file else None,
+        "bands": [int(band) for band in data.source.bands], "scale": float(data.source.scale),
+        "gsd_m": native_gsd_m(data.source.dataset) / data.source.scale,
+    }
+
+
+def _renames(names: dict[str, str]) -> str:
+    return " ".join(f"--class-name {value}={name}" for value, name in names.items()) or "no --class-name"
+
+
+def _aoi_text(aoi: dict | None) -> str:
+    return f"--aoi {Path(aoi['path']).name}" if aoi else "no --aoi"
+
+
+def training_data_differences(saved: dict, saved_options: dict, now: dict, options: TrainOptions) -> str:
+    """What differs between a checkpoint's training data and a resumed run's ("" when nothing does), as
+    "--bands 1,2,3 (now 3,2,1) and ..."; a checkpoint from before a key was recorded is not compared on it."""
+    differences = []
+    if "labels_layer" in saved and saved["labels_layer"] != now["labels_layer"]:
+        differences.append(f"the labels layer {saved['labels_layer']!r} (now {now['labels_layer']!r})")
+    if "class_field" in saved and saved["class_field"] != now["class_field"]:
+        differences.append(f"--class-field {saved['class_field']} (now {now['class_field']})")
+    if "class_names" in saved and dict(saved["class_names"]) != now["class_names"]:
+        differences.append(f"{_renames(saved['class_names'])} (now {_renames(now['class_names'])})")
+    if "background" in saved and saved["background"] != now["background"]:
+        then, current = (f"--background {name}" if name else "no --background"
+                         for name in (saved["background"], now["background"]))
+        differences.append(f"{then} (now {current})")
+    if "aoi" in saved:
+        then, current = saved["aoi"], now["aoi"]
+        if bool(then) != bool(current):
+            differences.append(f"{_aoi_text(then)} (now {_aoi_text(current)})")
+        elif then and current and then.get("layer") != current.get("layer"):
+            differences.append(f"the --aoi layer {then.get('layer')!r} (now {current.get('layer')!r})")
+        elif then and current and then["sha256"] != current["sha256"]:
+            differences.append(f"{_aoi_text(then)} as it was then (its sha256 differs now)")
+    if "bands" in saved and list(saved["bands"]) != now["bands"]:
+        differences.append(f"--bands {','.join(map(str, saved['bands']))} (now {','.join(map(str, now['bands']))})")
+    if "scale" in saved and not math.isclose(saved["scale"], now["scale"], rel_tol=1e-6):
+        differences.append(f"{saved['gsd_m']:.4g} m pixels, --scale {saved['scale']:.4g} (now {now['gsd_m']:.4g} m, "
+                           f"--scale {now['scale']:.4g})")
+    for key, what, unit in (("validation_fraction", "a validation fraction of", ""),
+                            ("buffer_px", "a buffer around the validation strip of", " px")):
+        if key in saved_options and not math.isclose(saved_options[key], getattr(options, key), rel_tol=1e-9):
+            differences.append(f"{what} {saved_options[key]:g}{unit} (now {getattr(options, key):g}{unit})")
+    return ", ".join(differences[:-1]) + " and " + differences[-1] if len(differences) > 1 else "".join(differences)
+
+
 def _train_in(work: Path, out: Path, loaded: LoadedModel, data: TrainingData, options: TrainOptions, resuming: bool,
               raster: Path, labels: Path, raster_sha, labels_sha, class_field: str, aoi, class_names,
               started: float, progress: Progress | None, should_cancel, finished: bool = False) -> dict:
@@ -391,14 +454,20 @@ def _train_in(work: Path, out: Path, loaded: LoadedModel, data: TrainingData, op
     checkpoint.mkdir(exist_ok=True)
     state = TrainState()
     before = None
+    recorded = training_data_record(data, raster_sha, labels, labels_sha, class_field, aoi, class_names)
     if resuming:
         saved = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
-        if saved["data"] != {"raster": raster_sha, "labels": labels_sha}:
-            raise InputError(f"The training in {work} used other data files (their sha256 differ); "
+        where = out if finished else work
+        if (saved["data"].get("raster"), saved["data"].get("labels")) != (raster_sha, labels_sha):
+            raise InputError(f"The training in {where} used other data files (their sha256 differ); "
                              "resume it with the same raster and labels, or start again without --resume.")
         if saved["options"]["method"] != options.method:
             raise InputError(f"The training in {work} used --method {saved['options']['method']}; resume it "
                              "with the same method.")
+        differences = training_data_differences(saved["data"], saved["options"], recorded, options)
+        if differences:
+            raise InputError(f"The training in {where} was made with {differences}; resume it with the same "
+                             "options (only --epochs may grow), or start a new training without --resume.")
         # An interrupted run that finished its last epoch is finished here (best weights, metadata, final
         # validation); a model already in place continues only with more epochs.
         if finished and options.epochs <= saved["epoch"]:
@@ -438,7 +507,7 @@ def _train_in(work: Path, out: Path, loaded: LoadedModel, data: TrainingData, op
             "epoch": current.epoch, "best_miou": current.best_miou, "best_epoch": current.best_epoch,
             "history": json.dumps(current.history), "before": json.dumps(before),
             **trainer.optimisation.state(),
-            "options": asdict(options), "data": {"raster": raster_sha, "labels": labels_sha},
+            "options": asdict(options), "data": recorded,
         }
         with atomic_output(checkpoint / "state.pt") as staged:
             torch.save(payload, staged)

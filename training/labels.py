@@ -39,6 +39,17 @@ class LabelPolygons:
     class_values: list[str]
     path: Path
     source_crs: str
+    class_field: str = ""
+    features: int = 0  # features in the layer
+    without_class: int = 0  # of them, left out for a null, empty or blank class value
+
+    @property
+    def warnings(self) -> list[str]:
+        """What reading left out that the user should hear about (one sentence each)."""
+        if not self.without_class:
+            return []
+        return [f"{self.without_class} of the {self.features} features in {self.path.name} have no value in the "
+                f"class field {self.class_field!r}, so they were left out."]
 
 
 @dataclass
@@ -219,6 +230,7 @@ def read_label_polygons(path: str | Path, class_field: str, raster_crs,
         raise InputError(f"The labels file {path.name} holds no features.")
     geometries = shapely.from_wkb(wkb)
     values = [_value_text(v) for v in fields[0]]
+    features, without_class = len(values), sum(v == "" for v in values)
     keep = np.array([g is not None and not g.is_empty and v != "" for g, v in zip(geometries, values)])
     geometries = geometries[keep]
     values = [v for v, k in zip(values, keep) if k]
@@ -234,14 +246,19 @@ def read_label_polygons(path: str | Path, class_field: str, raster_crs,
     if class_names:
         values = [class_names.get(v, v) for v in values]
     geometries = _to_raster_crs(geometries, crs, raster_crs, path)
-    return LabelPolygons(geometries, values, path, crs.to_string())
+    return LabelPolygons(geometries, values, path, crs.to_string(), class_field, features, without_class)
+
+
+def aoi_layer(source: str | Path) -> tuple[Path, str | None]:
+    """The file and layer of an area of interest given as a file or `path|layername=NAME`."""
+    path, layer = split_layer(source)
+    check_vector_source(path, "area-of-interest")
+    return path, _choose_layer(path, layer, "area-of-interest")
 
 
 def read_aoi(path: str | Path, raster_crs) -> shapely.Geometry:
     """The union of an area-of-interest layer's polygons, in the raster's CRS."""
-    path, layer = split_layer(path)
-    check_vector_source(path, "area-of-interest")
-    layer = _choose_layer(path, layer, "area-of-interest")
+    path, layer = aoi_layer(path)
     meta, _, wkb, _ = _read_layer(path, layer, [], "area-of-interest")
     crs = _layer_crs(meta, path, "area-of-interest")
     geometries = shapely.from_wkb(wkb) if wkb is not None else np.array([])

@@ -245,3 +245,40 @@ def test_an_area_of_interest_off_the_raster_is_named_as_such(synthetic, tmp_path
         with pytest.raises(InputError, match=r"area of interest does not overlap the raster synthetic\.tif") as refused:
             build_label_grid(source, polygons, background="other", aoi=read_aoi(aoi, source.crs))
     assert "labels" not in str(refused.value).split(":")[0]
+
+
+def test_features_without_a_class_value_are_left_out_with_a_sentence(synthetic, tiny_model, tmp_path):
+    """A null, empty or blank class value drops its feature, as before, but `farslip evaluate` and `train`
+    say so once (on stderr, even with -q) and their JSON reports carry the sentence."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from backend.service.cli import app
+
+    raster, labels, _ = synthetic
+    meta, _, wkb, fields = pyogrio.raw.read(labels)
+    values = list(fields[0])
+    values[0], values[1], values[2] = None, "", "   "
+    gaps = write_labels(tmp_path / "gaps.gpkg", list(shapely.from_wkb(wkb)), values, meta["crs"])
+    said = ("Warning: 3 of the 64 features in gaps.gpkg have no value in the class field 'cls', so they were "
+            "left out.")
+    runner = CliRunner()
+    evaluated = runner.invoke(app, ["evaluate", str(raster), str(gaps), "--class-field", "cls", "--model",
+                                    str(tiny_model), "--device", "cpu", "-q", "--json", str(tmp_path / "e.json")])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert evaluated.stderr.strip().splitlines() == [said]
+    assert json.loads((tmp_path / "e.json").read_text())["warnings"] == [said.removeprefix("Warning: ")]
+
+    trained = runner.invoke(app, ["train", str(raster), str(gaps), "--class-field", "cls", "--out",
+                                  str(tmp_path / "model"), "--base-model", str(tiny_model), "--epochs", "1",
+                                  "--steps-per-epoch", "1", "--batch-size", "2", "--device", "cpu", "-q",
+                                  "--json", str(tmp_path / "t.json")])
+    assert trained.exit_code == 0, trained.output
+    assert trained.stderr.strip().splitlines() == [said]
+    assert json.loads((tmp_path / "t.json").read_text())["warnings"] == [said.removeprefix("Warning: ")]
+
+    # Labels with a class on every feature say nothing.
+    clean = runner.invoke(app, ["evaluate", str(raster), str(labels), "--class-field", "cls", "--model",
+                                str(tiny_model), "--device", "cpu", "-q"])
+    assert clean.exit_code == 0 and clean.stderr == "", clean.output

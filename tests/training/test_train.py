@@ -334,3 +334,130 @@ def test_evaluate_scores_on_the_grid_and_area_the_model_was_trained_on(synthetic
     assert report["metrics"]["miou"] == result["metrics"]["after"]["miou"]
     everything = evaluate_model(raster, labels, "cls", model=str(out), split="all", background="other")
     assert everything["window"]["width"] <= 384 // 2  # 4 m pixels, not the raster's own 2 m
+
+
+def _folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def two_layer_model(synthetic, tiny_model, tmp_path_factory):
+    """One epoch on layer `a` (class field `cls`) of a GeoPackage whose layer `b` and field `kind` hold the
+    same polygons: what a resumed run may not change without a sentence."""
+    import pyogrio.raw
+
+    raster, labels, _ = synthetic
+    meta, _, wkb, fields = pyogrio.raw.read(labels)
+    folder = tmp_path_factory.mktemp("resume_checks")
+    layered = folder / "layered.gpkg"
+    for i, layer in enumerate(("a", "b")):
+        pyogrio.raw.write(layered, wkb, [fields[0], fields[0]], ["cls", "kind"], layer=layer, driver="GPKG",
+                          geometry_type="Polygon", crs=meta["crs"], append=i > 0)
+    aoi = write_labels(folder / "aoi.gpkg", [shapely.box(500000, 4999500, 500600, 5000000)], ["area"], RASTER_CRS)
+    out = folder / "model"
+    train_model(raster, f"{layered}|layername=a", "cls", out, base_model=str(tiny_model), epochs=1,
+                options=fast_options(steps_per_epoch=1))
+    return out, layered, aoi
+
+
+@pytest.mark.parametrize(("changes", "named"), [
+    ({"bands": [3, 2, 1]}, "--bands 1,2,3 (now 3,2,1)"),
+    ({"scale": 0.5}, "2 m pixels, --scale 1 (now 4 m, --scale 0.5)"),
+    ({"gsd_m": 4.0}, "2 m pixels, --scale 1 (now 4 m, --scale 0.5)"),
+    ({"class_field": "kind"}, "--class-field cls (now kind)"),
+    ({"class_names": {"water": "lake"}}, "no --class-name (now --class-name water=lake)"),
+    ({"background": "other"}, "no --background (now --background other)"),
+    ({"aoi": "AOI", "background": "other"}, "no --background (now --background other) and no --aoi (now "
+                                            "--aoi aoi.gpkg)"),
+    ({"layer": "b"}, "the labels layer 'a' (now 'b')"),
+])
+def test_resume_refuses_other_training_data_by_name(two_layer_model, synthetic, tiny_model, changes, named):
+    """--resume with other bands, grid, classes, background, AOI or layer than the checkpoint's would mix two
+    trainings into one model and report (a "before" figure of other classes): refused, nothing touched."""
+    out, layered, aoi = two_layer_model
+    raster, _, _ = synthetic
+    args = {"class_field": "cls", "layer": "a", **changes}
+    labels = f"{layered}|layername={args.pop('layer')}"
+    if args.get("aoi") == "AOI":
+        args["aoi"] = aoi
+    before = _folder_bytes(out)
+    with pytest.raises(InputError) as refused:
+        train_model(raster, labels, args.pop("class_field"), out, base_model=str(tiny_model), epochs=2,
+                    resume=True, options=fast_options(steps_per_epoch=1), **args)
+    assert str(refused.value) == (f"The training in {out} was made with {named}; resume it with the same options "
+                                  "(only --epochs may grow), or start a new training without --resume.")
+    assert _folder_bytes(out) == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["aoi.gpkg", "layered.gpkg", "model"]
+
+
+def test_farslip_train_resume_refuses_other_bands_and_classes_and_takes_more_epochs(synthetic, tiny_model,
+                                                                                    tmp_path):
+    raster, labels, _ = synthetic
+    out = tmp_path / "model"
+    common = [str(raster), str(labels), "--class-field", "cls", "--out", str(out), "--base-model",
+              str(tiny_model), "--steps-per-epoch", "1", "--batch-size", "2", "--device", "cpu", "-q"]
+    runner = CliRunner()
+    assert runner.invoke(app, ["train", *common, "--epochs", "1"]).exit_code == 0
+    before = _folder_bytes(out)
+    mixed = runner.invoke(app, ["train", *common, "--epochs", "2", "--resume", "--bands", "3,2,1",
+                                "--class-name", "water=lake"])
+    assert mixed.exit_code == 2, mixed.output
+    assert mixed.output.strip().splitlines() == [
+        f"Error: The training in {out} was made with no --class-name (now --class-name water=lake) and --bands "
+        "1,2,3 (now 3,2,1); resume it with the same options (only --epochs may grow), or start a new training "
+        "without --resume."]
+    assert _folder_bytes(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+    # The same data spelt out (the raster's own bands) continues with more epochs.
+    more = runner.invoke(app, ["train", *common, "--epochs", "2", "--resume", "--bands", "1,2,3"])
+    assert more.exit_code == 0, more.output
+    meta = json.loads((out / "farslip_model.json").read_text())
+    assert meta["training"]["epochs_run"] == 2 and meta["class_lines"] == ["forest", "sand", "water"]
+
+    # A checkpoint written before these were recorded still resumes (only the data files are compared).
+    state = out / "checkpoint" / "state.pt"
+    saved = torch.load(state, map_location="cpu", weights_only=True)
+    saved["data"] = {"raster": saved["data"]["raster"], "labels": saved["data"]["labels"]}
+    torch.save(saved, state)
+    older = runner.invoke(app, ["train", *common, "--epochs", "3", "--resume"])
+    assert older.exit_code == 0, older.output
+    assert json.loads((out / "farslip_model.json").read_text())["training"]["epochs_run"] == 3
+
+
+def test_an_interrupted_training_is_not_resumed_on_other_bands(synthetic, tiny_model, tmp_path):
+    raster, labels, _ = synthetic
+    out = tmp_path / "interrupted"
+
+    def fail_in_epoch_two(step, total, info):
+        if info.get("phase") == "train" and info["epoch"] == 2:
+            raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError, match="--resume"):
+        train_model(raster, labels, "cls", out, base_model=str(tiny_model), epochs=2,
+                    options=fast_options(steps_per_epoch=1), progress=fail_in_epoch_two)
+    partial = tmp_path / ".interrupted.partial"
+    kept = _folder_bytes(partial)
+    with pytest.raises(InputError, match=r"^The training in .*\.interrupted\.partial was made with --bands 1,2,3 "
+                                         r"\(now 3,2,1\);"):
+        train_model(raster, labels, "cls", out, base_model=str(tiny_model), epochs=2, bands=[3, 2, 1],
+                    resume=True, options=fast_options(steps_per_epoch=1))
+    assert _folder_bytes(partial) == kept and not out.exists()
+
+
+def test_resume_names_a_changed_area_of_interest_and_validation_strip():
+    """Differences the cases above do not reach: the same AOI file edited since, another of its layers, and a
+    server request's validation strip; a checkpoint recorded before these keys compares none of them."""
+    from dataclasses import asdict
+
+    from training.api import training_data_differences
+    from training.finetune import TrainOptions
+
+    then = {"raster": "r", "labels": "l", "aoi": {"path": "/data/aoi.gpkg", "sha256": "1", "layer": "area"}}
+    saved_options = asdict(TrainOptions())
+    edited = {**then, "aoi": {"path": "/data/aoi.gpkg", "sha256": "2", "layer": "area"}}
+    assert training_data_differences(then, saved_options, edited, TrainOptions()) == (
+        "--aoi aoi.gpkg as it was then (its sha256 differs now)")
+    other_layer = {**then, "aoi": {"path": "/data/aoi.gpkg", "sha256": "1", "layer": "fields"}}
+    assert training_data_differences(then, saved_options, other_layer, TrainOptions(validation_fraction=0.3)) == (
+        "the --aoi layer 'area' (now 'fields') and a validation fraction of 0.2 (now 0.3)")
+    assert training_data_differences({"raster": "r", "labels": "l"}, {}, edited, TrainOptions(buffer_px=8)) == ""
