@@ -50,6 +50,7 @@ class ClassifyResult:
     classes: list[dict]
     tiles: int
     report: dict = field(repr=False)
+    warnings: list[str] = field(default_factory=list)
 
 
 def validate_classify_options(options: ClassifyOptions) -> None:
@@ -85,6 +86,9 @@ def classify_raster(raster: Path, options: ClassifyOptions, out: Path, loaded: L
     validate_classify_options(options)
     check_classify_output(out, overwrite, options, {"raster": Path(raster)})
     classes = parse_class_lines(options.class_lines)
+    from .segment import segment_warnings  # the same sentences as segment's (one class, languages, training)
+
+    warnings = segment_warnings(loaded, classes)
     queries, query_owner = query_index(classes)
     owner = np.asarray(query_owner)
     text = TextEmbedder(loaded).embed(queries).numpy()
@@ -142,9 +146,9 @@ def classify_raster(raster: Path, options: ClassifyOptions, out: Path, loaded: L
     report = {"farslip_version": __version__, "run_id": run_id, "raster": str(Path(raster).resolve()),
               "model": loaded.name, "weights_sha256": loaded.weights_id, "crs": crs.to_string(),
               "tile": options.tile, "logit_scale": scale, "tiles": len(boxes), "class_stats": stats,
-              "outputs": outputs, "total_s": round(time.perf_counter() - started, 3)}
+              "warnings": warnings, "outputs": outputs, "total_s": round(time.perf_counter() - started, 3)}
     write_report(outputs["report"], report)
-    return ClassifyResult(run_id, outputs, stats, len(boxes), report)
+    return ClassifyResult(run_id, outputs, stats, len(boxes), report, warnings)
 
 
 def _write_tiles(path: Path, footprints: list[list[tuple[float, float]]], class_ids: list[int], probs: list[float],

@@ -71,9 +71,19 @@ class SegmentResult:
 
 
 def segment_warnings(loaded: LoadedModel, classes) -> list[str]:
-    """Sentences for the user before a run: languages the model does not read, untrained classes."""
+    """Sentences for the user before a run (segment, classify): a single class, languages the model does
+    not read, untrained classes."""
     untrained = untrained_class_warning(loaded, classes)
-    return language_warnings(loaded, classes) + ([untrained] if untrained else [])
+    return one_class_warning(classes) + language_warnings(loaded, classes) + ([untrained] if untrained else [])
+
+
+def one_class_warning(classes) -> list[str]:
+    """The classes compete for every pixel (a softmax over them): one class alone wins everywhere."""
+    if len(classes) != 1:
+        return []
+    return [f"Only one class ({classes[0].name!r}): the classes compete for each pixel, so a class alone gets every "
+            "pixel with probability 1. Add the classes it should be told apart from (e.g. what surrounds it, "
+            "or 'background')."]
 
 
 def untrained_class_warning(loaded: LoadedModel, classes) -> str | None:

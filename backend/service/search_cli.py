@@ -159,6 +159,8 @@ def classify_command(
         fail(error)
     except KeyboardInterrupt as error:
         interrupted(error)
+    for warning in result.warnings:
+        typer.echo(f"Warning: {warning}", err=True)
     if not quiet:
         for entry in result.classes:
             typer.echo(f"  {entry['class']:<24} {entry['tiles']:>6} tiles")

@@ -170,7 +170,7 @@ def test_english_only_model_warns_about_foreign_class_names_and_still_runs(engli
     assert len(warnings) == 1 and "multilingual" in warnings[0] and "rs-m-clip" in warnings[0]
     report = json.loads(out.with_suffix(".report.json").read_text(encoding="utf-8"))
     assert report["warnings"] == [warnings[0].removeprefix("Warning: ")]
-    english = runner.invoke(app, ["segment", str(small_raster), "-c", "building",
+    english = runner.invoke(app, ["segment", str(small_raster), "-c", "building", "-c", "road",
                                   "--model", str(english_only), "--out", str(tmp_path / "e.gpkg"), "--quiet"])
     assert english.exit_code == 0 and "Warning" not in english.output
 
@@ -238,3 +238,22 @@ def test_the_language_can_be_forced_on_the_command_line(multilingual, small_rast
     wrong = runner.invoke(app, ["segment", str(small_raster), "-c", "building", "--model", str(multilingual),
                                 "--language", "klingon", "--out", str(tmp_path / "k.gpkg"), "--quiet"])
     assert wrong.exit_code == 2 and "pt (Portuguese)" in wrong.output
+
+
+def test_one_class_alone_and_foreign_names_are_warned_about_by_classify_as_by_segment(english_only, small_raster,
+                                                                                      tmp_path):
+    """One class gets every pixel (and every tile) with probability 1; classify said nothing of it, nor of
+    class names an English-only model cannot read."""
+    for command, out in (("segment", "s.gpkg"), ("classify", "c.gpkg")):
+        alone = runner.invoke(app, [command, str(small_raster), "-c", "building", "--model", str(english_only),
+                                    "--out", str(tmp_path / out), "--quiet"])
+        assert alone.exit_code == 0, alone.output
+        said = [line for line in alone.output.splitlines() if line.startswith("Warning:")]
+        assert said == ["Warning: Only one class ('building'): the classes compete for each pixel, so a class alone "
+                        "gets every pixel with probability 1. Add the classes it should be told apart from (e.g. "
+                        "what surrounds it, or 'background')."], (command, alone.output)
+        report = json.loads((tmp_path / out).with_suffix(".report.json").read_text(encoding="utf-8"))
+        assert report["warnings"] == [said[0].removeprefix("Warning: ")]
+    foreign = runner.invoke(app, ["classify", str(small_raster), "-c", "edifício", "-c", "건물", "--model",
+                                  str(english_only), "--out", str(tmp_path / "f.gpkg"), "--quiet"])
+    assert foreign.exit_code == 0 and "Warning: Model" in foreign.output and "rs-m-clip" in foreign.output
