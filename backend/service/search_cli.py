@@ -112,8 +112,11 @@ def search_command(
     for notice in result.notices:
         typer.echo(notice, err=True)
     if not quiet:
-        for record in result.hits.records()[:10]:
+        records = result.hits.records()
+        for record in records[:10]:
             typer.echo(f"  {record['rank']:>3}  {record['score']:.4f}  {record['scale_m']:>8g} m  {record['query']}")
+        if len(records) > 10:
+            typer.echo(f"  ... and {len(records) - 10} more in {out}")
         index_info = result.report["index"]
         typer.echo(f"Wrote {len(result.hits.query)} hits to {out} ({index_info['computed']} windows embedded, "
                    f"{index_info['reused']} reused; ranking {result.report['timings']['rank_s']:.3f} s).")

@@ -210,3 +210,13 @@ def test_search_and_classify_keep_another_outputs_report_unless_told_to_replace_
                 "-o", tmp_path / "h.shp", "-q", "--overwrite")
     assert again.exit_code == 0, again.output
     assert json.loads((tmp_path / "h.report.json").read_text())["outputs"]["vector"] == str(tmp_path / "h.shp")
+
+
+def test_search_says_how_many_hits_it_did_not_list(crop, tiny_model, tmp_path):
+    out = tmp_path / "many.gpkg"
+    result = run("search", crop, "a road", "a lake", "--top", "8", "--model", tiny_model, "--device", "cpu", "-o", out)
+    assert result.exit_code == 0, result.output
+    listed = [line for line in result.output.splitlines() if line.startswith("  ") and " m  " in line]
+    total = int(result.output.split("Wrote ")[1].split(" hits")[0])
+    assert total > 10 and len(listed) == 10
+    assert f"  ... and {total - 10} more in {out}" in result.output
