@@ -212,9 +212,10 @@ def test_search_and_classify_keep_another_outputs_report_unless_told_to_replace_
     assert json.loads((tmp_path / "h.report.json").read_text())["outputs"]["vector"] == str(tmp_path / "h.shp")
 
 
-def test_search_says_how_many_hits_it_did_not_list(crop, tiny_model, tmp_path):
+def test_search_says_how_many_hits_it_did_not_list(shared_data, tiny_model, tmp_path):
     out = tmp_path / "many.gpkg"
-    result = run("search", crop, "a road", "a lake", "--top", "8", "--model", tiny_model, "--device", "cpu", "-o", out)
+    result = run("search", shared_data / "naip_2020_5m.tif", "a road", "a lake", "--top", "8", "--model", tiny_model,
+                 "--device", "cpu", "-o", out)
     assert result.exit_code == 0, result.output
     listed = [line for line in result.output.splitlines() if line.startswith("  ") and " m  " in line]
     total = int(result.output.split("Wrote ")[1].split(" hits")[0])
