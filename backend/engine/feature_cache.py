@@ -1,8 +1,9 @@
 """Dense patch features kept between runs, so that new classes on the same extent skip the image encoder.
 
 A crop's patch features depend on the pixels it sees and on the encoder, never on the classes.
-They are keyed by a *scope* (the raster file's identity, the processing grid that turns its bands
-into RGB, the weights' sha256, the attention variant and the runtime) and the crop's place on the
+They are keyed by a *scope* (the raster's identity: every file GDAL reads for it, see
+:func:`raster_identity`; the processing grid that turns its bands into RGB; the model's weights sha256,
+activation, architecture and precision; the attention variant and the runtime) and the crop's place on the
 grid. A run on the same or an overlapping extent with other classes then only pays for the text,
 the blending and the polygons. Features are stored exactly (float32), so a cached run writes the
 same output as an uncached one.
@@ -23,21 +24,121 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_output
+from .weights import files_sha256, stat_identity
 
 CropKey = tuple[int, int, int, int]  # (row, col, height, width) of the crop on the processing grid
 
 
-def raster_scope(source, weights_id: str, attention: str, encoder_name: str) -> str:
-    """What, besides the crop's place, the features of a crop of `source` depend on."""
-    stat = os.stat(source.path)
+IDENTITY_VERSION = 2  # 2: every file GDAL reads for the raster, and the model's activation, architecture, precision
+COMPANION_HASH_MAX = 64 * 2**20  # companions up to this size are told apart by content, larger ones by stat
+SIDECAR_SUFFIXES = (".ovr", ".msk", ".aux.xml")  # what GDAL may read beside each source of a VRT
+
+
+def _local(name: str | os.PathLike) -> Path | None:
+    """`name` as a path on this machine, or None for a GDAL virtual path (/vsis3/..., /vsizip/...)."""
+    return None if str(name).startswith("/vsi") else Path(name).resolve()
+
+
+def raster_files(path: str | os.PathLike, dataset=None) -> list[Path] | None:
+    """Every file GDAL reads for the raster at `path` (open as `dataset`, else opened here): the file
+    itself first, then what rasterio's `dataset.files` lists (.msk, .aux.xml, .ovr, world files, a VRT's
+    sources), the files of nested VRTs, and the .ovr/.msk/.aux.xml beside each source of a VRT. None when
+    one of them is a GDAL virtual path (/vsis3/...), whose version this machine cannot tell."""
+    import rasterio
+
+    main = _local(path)
+    if main is None:
+        return None
+    found, pending = [main], [(main, dataset)]
+    while pending:
+        current, ds = pending.pop(0)
+        try:
+            if ds is None:
+                with rasterio.open(current) as opened:
+                    listed, vrt = list(opened.files), opened.driver == "VRT"
+            else:
+                listed, vrt = list(ds.files), ds.driver == "VRT"
+        except Exception:  # a nested VRT GDAL cannot open: its own bytes still count
+            listed, vrt = [], False
+        for name in listed:
+            local = _local(name)
+            if local is None:
+                return None
+            if local in found:
+                continue
+            found.append(local)  # listed but missing: raster_identity records it as missing
+            if vrt and local.suffix.lower() == ".vrt":
+                pending.append((local, None))
+            elif vrt:
+                found.extend(side for side in (Path(str(local) + suffix) for suffix in SIDECAR_SUFFIXES)
+                             if side not in found and side.is_file())
+    return found
+
+
+def raster_identity(path: str | os.PathLike, dataset=None) -> dict | None:
+    """What tells this version of a raster from any other: its path, its own file's sha256, and each
+    companion file GDAL reads (:func:`raster_files`) by sha256 when small, by size, mtime, ctime and inode
+    when larger than COMPANION_HASH_MAX (a large VRT mosaic is then not read through on every run; a
+    touched or copied-over source only costs a rebuild). sha256s are remembered by the files' stat identity
+    (weights.files_sha256). None for a raster read through GDAL virtual paths."""
+    files = raster_files(path, dataset)
+    if files is None:
+        return None
+    companions: list[dict] = []
+    hashed: list[tuple[dict, Path]] = []
+    for file in files[1:]:
+        entry: dict = {"file": str(file)}
+        try:
+            st = file.stat()
+        except OSError:
+            entry["missing"] = True
+        else:
+            if st.st_size <= COMPANION_HASH_MAX:
+                hashed.append((entry, file))
+            else:
+                entry.update(stat_identity(st))
+        companions.append(entry)
+    shas = files_sha256([files[0], *(file for _, file in hashed)])
+    for (entry, _), sha in zip(hashed, shas[1:]):
+        entry["sha256"] = sha
+    return {"version": IDENTITY_VERSION, "file": str(files[0]), "sha256": shas[0], "companions": companions}
+
+
+def identity_digest(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_identity(loaded) -> dict:
+    """What besides the pixels changes a model's image embeddings: the weights' sha256, the MLP activation
+    (the same bytes load as QuickGELU or GELU), the architecture and the precision (fp16 after --half)."""
+    metadata = getattr(loaded, "metadata", None) or {}
+    visual = loaded.model.visual
+    activation = metadata.get("activation")
+    if not activation:  # a LoadedModel built without metadata: the activation its vision tower runs
+        kinds = (type(m).__name__.lower() for m in visual.modules())
+        activation = next((k for k in kinds if k in ("quickgelu", "gelu")), "quickgelu")
+    conv = getattr(getattr(visual, "conv1", None), "weight", None)
+    half = str(getattr(conv, "dtype", "")) == "torch.float16"
+    return {"weights": loaded.weights_id, "activation": activation, "architecture": metadata.get("architecture"),
+            "precision": metadata.get("precision") or ("fp16" if half else "fp32")}
+
+
+def raster_scope(source, model, attention: str, encoder_name: str) -> str:
+    """What, besides the crop's place, the features of a crop of `source` depend on; "" (nothing is
+    cached) for a raster read through GDAL virtual paths. `model`: the LoadedModel (its weights, activation,
+    architecture and precision); a bare weights sha256 string is taken as all there is to tell."""
+    raster = raster_identity(source.path, source.dataset)
+    if raster is None:
+        return ""
     identity = {
-        "file": str(Path(source.path).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+        "raster": raster,
         "grid": [source.height, source.width], "scale": source.scale, "bands": list(source.bands),
         "value_range": [list(r) for r in source.value_range] if source.value_range else None,
         "palette": getattr(source, "palette", None) is not None,
-        "weights": weights_id, "attention": attention, "encoder": encoder_name,
+        "model": {"weights": model} if isinstance(model, str) else model_identity(model),
+        "attention": attention, "encoder": encoder_name,
     }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+    return identity_digest(identity)[:32]
 
 
 class FeatureCache:

@@ -14,10 +14,11 @@ block runs), so the sub-perspectives cost ~1/L of a window instead of the 5 extr
 CLS embeddings of sub-crops would; the finer levels of the grid already hold real CLS embeddings
 of windows a quarter the size of the coarser ones.
 
-Storage: one folder per (raster path, weights sha256, reading options) in the cache folder, with a
-manifest naming the raster's sha256; one .npz per grid row (float16 embeddings + a state byte per
-window), written atomically. Memory while building is one strip of windows, whatever the raster
-size. A raster whose content changed since the index was built gets a fresh index.
+Storage: one folder per (raster path, model identity: weights sha256, activation, architecture,
+precision; reading options) in the cache folder, with a manifest naming the raster's identity (every
+file GDAL reads for it, feature_cache.raster_identity); one .npz per grid row (float16 embeddings +
+a state byte per window), written atomically. Memory while building is one strip of windows,
+whatever the raster size. A raster whose files changed since the index was built gets a fresh index.
 """
 
 from __future__ import annotations
@@ -41,14 +42,14 @@ import torch.nn.functional as F
 from .atomic import atomic_output, write_text_atomically
 from .dense import image_and_patch_features, normalize_pixels
 from .errors import CancelledError, EmptyResultError, InputError
+from .feature_cache import identity_digest, model_identity, raster_identity
 from .models import LoadedModel
 from .options import check_batch_size
-from .weights import file_sha256
 from .paths import cache_dir
 from .raster import PixelWindow, RasterSource, native_gsd_m, open_source, pixel_envelope, request_window
 from .sliding import crop_starts
 
-INDEX_FORMAT = "farslip-search-index/1"
+INDEX_FORMAT = "farslip-search-index/2"  # 2: keyed by the model's variant; staleness by every file GDAL reads
 LEVEL_FACTORS = (1, 2, 4)
 PERSPECTIVES = ("image", "top-left", "top-right", "bottom-left", "bottom-right", "centre")
 STATE_MISSING, STATE_EMBEDDED, STATE_EMPTY = 0, 1, 2
@@ -175,7 +176,7 @@ class SearchIndex:
             if factor == factors[0] or min(level_source.height, level_source.width) >= crop:
                 self.levels.append(Level(factor, level_source, crop))
         identity = json.dumps({"format": INDEX_FORMAT, "raster": str(self.raster.resolve()),
-                               "weights": loaded.weights_id, "bands": source.bands,
+                               "model": model_identity(loaded), "bands": source.bands,
                                "value_range": source.value_range, "attention": attention,
                                "factors": [lv.factor for lv in self.levels]}, sort_keys=True, default=str)
         key = hashlib.sha256(identity.encode()).hexdigest()[:24]
@@ -186,21 +187,29 @@ class SearchIndex:
     # -- manifest / staleness
 
     def _open_manifest(self) -> None:
-        raster_sha = file_sha256(self.raster)
+        raster = raster_identity(self.raster, self.dataset)
+        # A raster read through GDAL virtual paths has no version to compare: its index is never reused.
+        version = identity_digest(raster) if raster is not None else None
         manifest_file = self.folder / "manifest.json"
         try:
             manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             manifest = None
-        if manifest is not None and manifest.get("raster_sha256") != raster_sha:
-            self.rebuilt_reason = (f"The raster {self.raster.name} changed since its search index was built; "
-                                   "the index was rebuilt.")
+        if manifest is not None and (version is None or manifest.get("raster_identity") != version):
+            self.rebuilt_reason = (
+                f"The raster {self.raster.name} (or a file GDAL reads with it: a mask, .aux.xml, overview or VRT "
+                "source) changed since its search index was built; the index was rebuilt." if version is not None
+                else f"The raster {self.raster.name} is read through GDAL virtual paths, which cannot be checked "
+                "for changes; its search index was rebuilt.")
             shutil.rmtree(self.folder, ignore_errors=True)
             manifest = None
         if manifest is None:
             manifest = {
-                "format": INDEX_FORMAT, "raster": str(self.raster.resolve()), "raster_sha256": raster_sha,
+                "format": INDEX_FORMAT, "raster": str(self.raster.resolve()),
+                "raster_sha256": raster["sha256"] if raster is not None else None,
+                "raster_identity": version, "raster_files": raster,
                 "model": self.loaded.name, "weights_sha256": self.loaded.weights_id,
+                "model_identity": model_identity(self.loaded),
                 "attention": self.attention, "perspectives": list(PERSPECTIVES),
                 "crs": self.crs.to_string(),
                 "levels": [{"factor": lv.factor, "width": lv.source.width, "height": lv.source.height,

@@ -132,11 +132,24 @@ def resolve_weights(spec: ModelSpec, weights: str | os.PathLike | None = None) -
             spec, f"Downloading it failed ({type(exc).__name__}: {reason[:200]}).")) from exc
 
 
+def stat_identity(st: os.stat_result) -> dict:
+    """What tells one version of a file from another without reading it: size and mtime, which a copy
+    (cp -p, rsync -a, tar) can set back, plus the inode and ctime, which nobody can: a file replaced in
+    place or renamed over always gets a new ctime or inode (a chmod or touch too, which only costs a rehash)."""
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
+
+
 def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file (weights, rasters, labels), cached by (path, size, mtime) in the cache directory."""
-    path = Path(path).resolve()
-    st = path.stat()
-    key = str(path)
+    """sha256 of a file (weights, rasters, labels), remembered by its stat identity in the cache directory."""
+    return files_sha256([path])[0]
+
+
+def files_sha256(files: list[str | os.PathLike]) -> list[str]:
+    """sha256 of each file, remembered in the cache directory by (path, :func:`stat_identity`): a file
+    whose size, mtime, ctime or inode changed is read again. One read and one write of the memo, however
+    many files (the sources of a VRT mosaic)."""
+    resolved = [Path(path).resolve() for path in files]
+    stats = [path.stat() for path in resolved]
     cache_file = paths.cache_dir() / HASH_CACHE_FILE
     try:
         cache = json.loads(cache_file.read_text(encoding="utf-8"))
@@ -144,18 +157,27 @@ def file_sha256(path: str | os.PathLike) -> str:
             cache = {}
     except (OSError, ValueError):
         cache = {}
-    hit = cache.get(key)
-    if isinstance(hit, dict) and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
-        return str(hit["sha256"])
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_HASH_CHUNK), b""):
-            digest.update(chunk)
-    sha = digest.hexdigest()
-    cache[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(cache_file, json.dumps(cache, indent=1), durable=False)
-    except OSError:
-        pass  # a read-only cache only costs a rehash next time
-    return sha
+    shas: list[str] = []
+    changed = False
+    for path, st in zip(resolved, stats):
+        identity = stat_identity(st)
+        hit = cache.get(str(path))
+        if isinstance(hit, dict) and isinstance(hit.get("sha256"), str) and all(
+                hit.get(key) == value for key, value in identity.items()):
+            shas.append(hit["sha256"])
+            continue
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(_HASH_CHUNK), b""):
+                digest.update(chunk)
+        shas.append(digest.hexdigest())
+        if stat_identity(os.stat(path)) == identity:  # not remembered when the file changed while it was read
+            cache[str(path)] = {**identity, "sha256": shas[-1]}
+            changed = True
+    if changed:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomically(cache_file, json.dumps(cache, indent=1), durable=False)
+        except OSError:
+            pass  # a read-only cache only costs a rehash next time
+    return shas
