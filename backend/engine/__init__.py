@@ -1,2 +1,23 @@
 """Engine layer: raster reading, models, dense patch features, text, the sliding-window engine,
 segmentation, vectorising, export and presets. No CLI, HTTP or training imports."""
+
+import os as _os
+
+
+def _quiet_gdal_and_proj() -> None:
+    """Library lines on stderr that our sentences replace: GDAL's default error handler prints warnings
+    ("Warning 1: RowsPerStrip not defined") from threads outside a rasterio environment, and the PROJ
+    context libgeotiff makes for a CRS in other units ("Cannot find proj.db") does not see the data
+    folder rasterio gives GDAL. Errors still raise through rasterio; a user's own settings are kept."""
+    _os.environ.setdefault("CPL_LOG", _os.devnull)
+    if "PROJ_DATA" not in _os.environ and "PROJ_LIB" not in _os.environ:
+        from importlib.util import find_spec
+
+        spec = find_spec("rasterio")  # where rasterio keeps its PROJ data, without importing it (startup time)
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            if _os.path.isfile(_os.path.join(folder, "proj_data", "proj.db")):
+                _os.environ["PROJ_DATA"] = _os.path.join(folder, "proj_data")
+                break
+
+
+_quiet_gdal_and_proj()

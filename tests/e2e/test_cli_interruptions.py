@@ -14,7 +14,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import rasterio
+import rasterio.crs
 from typer.testing import CliRunner
 
 from backend.service.cli import app
@@ -153,3 +156,18 @@ def test_a_signal_while_a_command_still_imports_is_one_line(module, sig, code, c
     assert done.returncode == code, done.stderr
     assert done.stderr.strip().splitlines() == ["Interrupted."]
     assert list(out_dir.iterdir()) == []
+
+
+def test_a_quiet_run_prints_nothing_from_gdal_or_proj(env, shared_data, tiny_model, tmp_path):
+    """A successful --quiet run says nothing: GDAL printed 'Warning 1: RowsPerStrip not defined' for a shared
+    sample (from a reader thread), and a CRS in kilometres printed PROJ's 'Cannot find proj.db' twice."""
+    km = tmp_path / "km.tif"
+    with rasterio.open(km, "w", driver="GTiff", width=120, height=90, count=3, dtype="uint8",
+                       crs=rasterio.crs.CRS.from_proj4("+proj=utm +zone=33 +ellps=WGS84 +units=km +no_defs"),
+                       transform=rasterio.Affine(0.002, 0, 500, 0, -0.002, 6000)) as ds:
+        ds.write(np.random.default_rng(0).integers(0, 255, (3, 90, 120), dtype=np.uint8))
+    for raster in (shared_data / "deepness_dummy_fotomap_small.tif", km):
+        done = subprocess.run([str(FARSLIP), "segment", str(raster), "-c", "soil", "-c", "maize", "--model",
+                               str(tiny_model), "--device", "cpu", "--out", str(tmp_path / f"{raster.stem}.gpkg"),
+                               "--no-region-checks", "--quiet"], capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0 and done.stderr == "" and done.stdout == "", (raster.name, done.stderr)
