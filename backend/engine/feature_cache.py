@@ -126,7 +126,7 @@ def model_identity(loaded) -> dict:
 def raster_scope(source, model, attention: str, encoder_name: str) -> str:
     """What, besides the crop's place, the features of a crop of `source` depend on; "" (nothing is
     cached) for a raster read through GDAL virtual paths. `model`: the LoadedModel (its weights, activation,
-    architecture and precision); a bare weights sha256 string is taken as all there is to tell."""
+    architecture and precision)."""
     raster = raster_identity(source.path, source.dataset)
     if raster is None:
         return ""
@@ -135,7 +135,7 @@ def raster_scope(source, model, attention: str, encoder_name: str) -> str:
         "grid": [source.height, source.width], "scale": source.scale, "bands": list(source.bands),
         "value_range": [list(r) for r in source.value_range] if source.value_range else None,
         "palette": getattr(source, "palette", None) is not None,
-        "model": {"weights": model} if isinstance(model, str) else model_identity(model),
+        "model": model_identity(model),
         "attention": attention, "encoder": encoder_name,
     }
     return identity_digest(identity)[:32]

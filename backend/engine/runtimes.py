@@ -29,6 +29,7 @@ import torch
 from .atomic import atomic_output, write_text_atomically
 from .options import RUNTIMES  # declared with the --runtime option (its choices)
 from .encoders import DenseTower, Encoder, TorchEncoder, crop_size
+from .feature_cache import identity_digest, model_identity
 from .paths import cache_dir
 
 log = logging.getLogger("farslip.runtimes")
@@ -214,11 +215,18 @@ def _checked(name: str, infer, tower: torch.nn.Module, example: torch.Tensor, fo
                            f"(more than {EXPORT_TOLERANCE:g})")
 
 
+def export_folder(loaded, attention: str, crop: int) -> Path:
+    """Where the exported tower of `loaded` lives: keyed by everything that changes its features (the same
+    weight bytes load as QuickGELU or GELU, in fp32 or fp16: feature_cache.model_identity; not the weights'
+    sha256 alone), the attention variant, the crop size and the export recipe."""
+    return exports_dir() / f"{identity_digest(model_identity(loaded))[:24]}-{attention}-{crop}-r{RECIPE}"
+
+
 def compiled_encoder(name: str, loaded, attention: str) -> CompiledEncoder:
     """Export (or reuse) and compile the dense tower for `name`; raises on any failure."""
     visual = loaded.model.visual
     crop = crop_size(visual)
-    folder = exports_dir() / f"{loaded.weights_id[:24]}-{attention}-{crop}-r{RECIPE}"
+    folder = export_folder(loaded, attention, crop)
     folder.mkdir(parents=True, exist_ok=True)
     tower = DenseTower(visual, attention).eval()
     example = torch.rand(2, 3, crop, crop, generator=torch.Generator().manual_seed(0)) * 4 - 2

@@ -366,9 +366,9 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
         embed_regions = getattr(segmenter.encoder, "embed_images", None)
         region_scope = None
         if feature_cache is not None:
-            segmenter.use_cache(feature_cache, raster_scope(source, loaded.weights_id, options.attention,
+            segmenter.use_cache(feature_cache, raster_scope(source, loaded, options.attention,
                                                             segmenter.encoder.name))
-            region_scope = raster_scope(source, loaded.weights_id, REGION_SCOPE,
+            region_scope = raster_scope(source, loaded, REGION_SCOPE,
                                         segmenter.encoder.name if embed_regions else "torch")
         # The write check sits inside the commit, so it sees the full disk before staged files go.
         with contextlib.ExitStack() as commit, writing_to(targets.values(), needed_mb):

@@ -182,11 +182,11 @@ def test_a_sidecar_added_beside_the_raster_gets_a_fresh_index_and_feature_scope(
     tif_bytes = raster.read_bytes()
     embeddings(raster, loaded)
     with open_source(raster) as source:
-        scope = raster_scope(source, loaded.weights_id, "segearth", "torch")
+        scope = raster_scope(source, loaded, "segearth", "torch")
     sidecar(raster)
     assert raster.read_bytes() == tif_bytes
     with open_source(raster) as source:
-        assert raster_scope(source, loaded.weights_id, "segearth", "torch") != scope
+        assert raster_scope(source, loaded, "segearth", "torch") != scope
     _, reason, _ = embeddings(raster, loaded)
     assert reason is not None and "rebuilt" in reason
     assert embeddings(raster, loaded)[1:] == (None, 0)
@@ -250,8 +250,6 @@ def test_feature_cache_is_not_reused_after_a_vrt_source_or_a_raster_was_copied_o
     np.testing.assert_array_equal(probs, segment(source, loaded, tmp_path / "copied-uncached", None)[1])
 
 
-@pytest.mark.xfail(strict=True, reason="backend/engine/segment.py passes loaded.weights_id, not loaded, to "
-                   "raster_scope: the activation cannot reach the feature-cache scope until it passes `loaded`")
 def test_segment_feature_cache_is_not_shared_across_activations(loaded, tiny_model, tmp_path):
     gelu_path = tmp_path / "models" / "RS-M-CLIP.safetensors"
     shutil.copyfile(tiny_model, gelu_path)

@@ -53,10 +53,10 @@ def test_compiled_runtime_matches_torch_within_1e_4(name):
     # The export is on disk, keyed by weights, attention, crop size and recipe; a second variant gets its own
     # (converted in the same process: OpenVINO's own trace check used to refuse a second trace).
     exported = EXPORTED[name]
-    assert any(runtimes.exports_dir().glob(f"tiny-runtime-1*-segearth-224-r{runtimes.RECIPE}/{exported}"))
+    assert (runtimes.export_folder(loaded, "segearth", 224) / exported).is_file()
     other = runtimes.make_encoder(loaded, "clearclip", name)
     assert other.name == name
-    assert any(runtimes.exports_dir().glob(f"tiny-runtime-1*-clearclip-224-r{runtimes.RECIPE}/{exported}"))
+    assert (runtimes.export_folder(loaded, "clearclip", 224) / exported).is_file()
     with torch.inference_mode():
         expected = dense_patch_features(loaded.model.visual, pixels, "clearclip")
     assert float((other(pixels) - expected).abs().max()) < 1e-4
@@ -69,7 +69,7 @@ def test_the_region_checks_global_path_runs_under_the_same_runtime_and_matches_t
     seed = {"openvino": 21, "onnxruntime": 22}[name]
     loaded = tiny_loaded(seed)
     encoder = runtimes.make_encoder(loaded, "segearth", name)
-    folder = next(runtimes.exports_dir().glob(f"tiny-runtime-{seed}*-segearth-224-r{runtimes.RECIPE}"))
+    folder = runtimes.export_folder(loaded, "segearth", 224)
     assert not list(folder.glob("global.*"))  # a run without region checks never exports it
     pixels = crops(3)
     with torch.inference_mode():
@@ -79,6 +79,16 @@ def test_the_region_checks_global_path_runs_under_the_same_runtime_and_matches_t
     assert float((got - expected).abs().max()) < 1e-4
     assert (folder / {"openvino": "global.xml", "onnxruntime": "global.onnx"}[name]).is_file()
     assert json.loads((folder / f"check-{name}-global.json").read_text())["ok"]
+
+
+def test_an_export_is_not_shared_by_the_same_weights_loaded_another_way():
+    """The same weight bytes load as QuickGELU or GELU (a model's name decides), or in fp16 after --half:
+    each runs another tower, so each gets its own export (they shared the weights' sha256 before)."""
+    quick = tiny_loaded(30)
+    gelu = SimpleNamespace(**{**vars(quick), "metadata": {"activation": "gelu"}})
+    half = SimpleNamespace(**{**vars(quick), "metadata": {"precision": "fp16"}})
+    folders = {runtimes.export_folder(model, "segearth", 224) for model in (quick, gelu, half)}
+    assert len(folders) == 3
 
 
 @pytest.mark.parametrize("name", ["openvino", "onnxruntime"])
