@@ -31,6 +31,7 @@ from backend import __version__
 from backend.engine.errors import CancelledError, FarslipError, InputError
 from backend.engine.atomic import atomic_output, write_text_atomically
 from backend.engine.export import report_json, report_path_for
+from backend.engine.feature_cache import identity_digest, model_identity
 from backend.engine.checks import coarse_vector_path
 from backend.engine.files import check_output_folder, same_file
 from backend.engine.options import SegmentOptions
@@ -169,7 +170,9 @@ def _input_facts(paths: list[str]) -> list[dict]:
     for path in paths:
         try:
             stat = os.stat(path)
-            facts.append({"path": str(Path(path).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+            # ctime and inode too: a file copied over with its size and mtime kept is another raster.
+            facts.append({"path": str(Path(path).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                          "ctime_ns": stat.st_ctime_ns, "inode": stat.st_ino})
         except OSError:
             facts.append({"path": path})
     return facts
@@ -311,7 +314,8 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
     # What decides the output, named as the command line names it (a resumed run must match them all).
     engine_facts = {("classes" if k == "class_lines" else "--" + k.replace("_", "-")): v
                     for k, v in asdict(engine).items() if k not in ("threads", "device", "facts", "model", "weights")}
-    facts = {"version": __version__, "inputs": _input_facts(paths), "model": loaded.weights_id, **engine_facts,
+    facts = {"version": __version__, "inputs": _input_facts(paths),
+             "model": identity_digest(model_identity(loaded)), **engine_facts,
              "--min-area": request.min_area, "--simplify": request.simplify, "--out-crs": out_crs.to_string(),
              "--quality-calibration": request.quality_calibration, "--bbox": request.bbox,
              "--bbox-crs": request.bbox_crs, "--prob-raster": request.prob_raster is not None,

@@ -55,3 +55,25 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tmp_pat
         Manifest.open(out, FACTS, restart=False)
     running.remove()
     assert not partial_folder(out).exists()
+
+
+def test_an_input_copied_over_with_its_size_and_mtime_is_another_input(tmp_path):
+    """A resumed run checks its inputs are the ones it started on: a raster replaced by a copy that kept the
+    old size and mtime (cp -p, rsync -a) passed the check, and the new run mixed chunks of both."""
+    import os
+    import shutil
+
+    from backend.scale.run import _input_facts
+
+    raster, other = tmp_path / "a.tif", tmp_path / "b.tif"
+    raster.write_bytes(b"A" * 1000)
+    other.write_bytes(b"B" * 1000)
+    stat = raster.stat()
+    before = _input_facts([str(raster)])
+    shutil.copyfile(other, tmp_path / "b.copy")
+    os.replace(tmp_path / "b.copy", raster)
+    os.utime(raster, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    after = _input_facts([str(raster)])
+    assert raster.stat().st_size == stat.st_size and raster.stat().st_mtime_ns == stat.st_mtime_ns
+    assert after != before
+    assert _input_facts([str(raster)]) == after  # an untouched input keeps its facts
