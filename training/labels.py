@@ -9,7 +9,6 @@ Pixel values: class id 0..C-1, or -1 for unlabelled / nodata.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from rasterio.features import rasterize
 from backend.engine.errors import InputError
 from backend.engine.files import check_vector_source
 from backend.engine.raster import PixelWindow, RasterSource, bounds_window
-from backend.engine.text import parse_class_lines
+from backend.engine.text import parse_class_lines, split_class_line
 
 UNLABELLED = -1
 MIN_LABELLED_PIXELS = 256
@@ -42,14 +41,19 @@ class LabelPolygons:
     class_field: str = ""
     features: int = 0  # features in the layer
     without_class: int = 0  # of them, left out for a null, empty or blank class value
+    not_polygons: int = 0  # of them, left out for being points or lines (beside polygons)
 
     @property
     def warnings(self) -> list[str]:
         """What reading left out that the user should hear about (one sentence each)."""
-        if not self.without_class:
-            return []
-        return [f"{self.without_class} of the {self.features} features in {self.path.name} have no value in the "
-                f"class field {self.class_field!r}, so they were left out."]
+        said = []
+        if self.without_class:
+            said.append(f"{self.without_class} of the {self.features} features in {self.path.name} have no value "
+                        f"in the class field {self.class_field!r}, so they were left out.")
+        if self.not_polygons:
+            said.append(f"{self.not_polygons} of the {self.features} features in {self.path.name} are points or "
+                        "lines, not polygons, so they were left out (a label is an area).")
+        return said
 
 
 @dataclass
@@ -246,7 +250,8 @@ def read_label_polygons(path: str | Path, class_field: str, raster_crs,
     if class_names:
         values = [class_names.get(v, v) for v in values]
     geometries = _to_raster_crs(geometries, crs, raster_crs, path)
-    return LabelPolygons(geometries, values, path, crs.to_string(), class_field, features, without_class)
+    return LabelPolygons(geometries, values, path, crs.to_string(), class_field, features, without_class,
+                         int((~polygonal).sum()))
 
 
 def aoi_layer(source: str | Path) -> tuple[Path, str | None]:
@@ -283,7 +288,7 @@ def rasterise(geometries: np.ndarray, class_ids: np.ndarray, window: PixelWindow
 
 def _class_name(value: str) -> str | None:
     """The class a label value names (its first comma-separated part), None when it holds only separators."""
-    if not any(part.strip() for part in re.split(r"[,;]", value)):
+    if not split_class_line(value):
         return None
     return parse_class_lines([value])[0].name
 

@@ -282,3 +282,17 @@ def test_features_without_a_class_value_are_left_out_with_a_sentence(synthetic, 
     clean = runner.invoke(app, ["evaluate", str(raster), str(labels), "--class-field", "cls", "--model",
                                 str(tiny_model), "--device", "cpu", "-q"])
     assert clean.exit_code == 0 and clean.stderr == "", clean.output
+
+
+def test_points_and_lines_beside_polygons_are_left_out_with_a_sentence(tmp_path):
+    """A label layer of mixed geometry (GeoJSON often is): points and lines were dropped without a word."""
+    polygons = [shapely.box(500010, 4999900, 500050, 4999950), shapely.box(500100, 4999900, 500150, 4999950)]
+    others = [shapely.Point(500020, 4999920), shapely.LineString([(500000, 4999800), (500090, 4999890)])]
+    path = tmp_path / "mixed.geojson"
+    pyogrio.raw.write(path, shapely.to_wkb(np.array(polygons + others, dtype=object)),
+                      [np.array(["water", "sand", "well", "path"], dtype=object)], ["cls"], driver="GeoJSON",
+                      geometry_type="Unknown", crs=RASTER_CRS)
+    read = read_label_polygons(path, "cls", rasterio.crs.CRS.from_user_input(RASTER_CRS))
+    assert read.class_values == ["water", "sand"]
+    assert read.warnings == ["2 of the 4 features in mixed.geojson are points or lines, not polygons, so they "
+                             "were left out (a label is an area)."]
