@@ -379,9 +379,12 @@ def build_label_grid(source: RasterSource, polygons: LabelPolygons, background: 
                          f"raster {source.path.name}); give an --aoi that holds labelled polygons.")
 
     labels = rasterise(polygons.geometries, class_ids, window, source)
-    if background:
+    if background or aoi is not None:
         region = rasterise(np.array([extent]), np.array([1]), window, source) == 1
-        labels[(labels == UNLABELLED) & region] = background_id
+        if aoi is not None:  # the area of interest is its polygons, not their bounding box
+            labels[~region] = UNLABELLED
+        if background:
+            labels[(labels == UNLABELLED) & region] = background_id
     _, valid = source.read(window)
     labels[~valid] = UNLABELLED
 

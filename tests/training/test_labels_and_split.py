@@ -296,3 +296,17 @@ def test_points_and_lines_beside_polygons_are_left_out_with_a_sentence(tmp_path)
     assert read.class_values == ["water", "sand"]
     assert read.warnings == ["2 of the 4 features in mixed.geojson are points or lines, not polygons, so they "
                              "were left out (a label is an area)."]
+
+
+def test_an_area_of_interest_is_its_polygon_not_its_bounding_box(synthetic, tmp_path):
+    """Labels outside an L-shaped AOI but inside its bounding box were scored (and trained on) as if inside."""
+    raster, labels, _ = synthetic
+    # The raster's top-left 200 x 200 px (2 m pixels), less its top-right quarter: an L.
+    ell = shapely.box(500000, 4999600, 500400, 5000000).difference(shapely.box(500200, 4999800, 500400, 5000000))
+    aoi = write_labels(tmp_path / "ell.gpkg", [ell], ["area"], RASTER_CRS)
+    with open_source(raster) as source:
+        polygons = read_label_polygons(labels, "cls", source.crs)
+        grid = build_label_grid(source, polygons, background="other", aoi=read_aoi(aoi, source.crs))
+    assert (grid.window.height, grid.window.width) == (200, 200)
+    assert (grid.labels[:100, 100:] == -1).all()  # the cut-out quarter holds no label, not even background
+    assert (grid.labels[100:, :] >= 0).all() and (grid.labels[:100, :100] >= 0).all()
