@@ -350,7 +350,9 @@ def search_index(index: SearchIndex, options: SearchOptions, progress=None, shou
         _add_hits(hits, entries, scores, options, query.text)
     if point is not None and options.like is not None:
         label = like_label(index, options.like, options.like_crs)
-        _add_like_hits(hits, entries, inside, point, examples, options, label)
+        notice = _add_like_hits(hits, entries, inside, point, examples, options, label)
+        if notice:
+            notices.append(notice)
     timings["rank_s"] = time.perf_counter() - t0
     facts = {"index": describe(index, stats), "queries": [{"query": q.text, "keywords": q.keywords} for q in queries],
              "timings": {k: round(v, 4) for k, v in timings.items()}, "windows_searched": int(inside.sum())}
@@ -366,8 +368,9 @@ def _add_hits(hits: Hits, entries, scores: np.ndarray, options: SearchOptions, l
 
 
 def _add_like_hits(hits: Hits, entries, inside: np.ndarray, point, examples: dict[int, np.ndarray],
-                   options: SearchOptions, label: str) -> None:
-    """Query by example: per level, the window under the point is the query for that level's windows."""
+                   options: SearchOptions, label: str) -> str | None:
+    """Query by example: per level, the window under the point is the query for that level's windows.
+    A notice when no window is left to rank (every window searched holds the point)."""
     x, y = point
     scores = np.full(len(entries.level), -np.inf)
     for factor, query in examples.items():
@@ -378,6 +381,10 @@ def _add_like_hits(hits: Hits, entries, inside: np.ndarray, point, examples: dic
                 & (entries.bounds[:, 1] <= y) & (entries.bounds[:, 3] >= y))
     scores[contains | ~inside] = -np.inf
     _add_hits(hits, entries, scores, options, label)
+    if inside.any() and not (inside & ~contains).any():
+        return ("Every window searched holds the example point, so no other place is left to compare with it "
+                f"and {label!r} has no hits; search a larger area (or raster) than one window around the point.")
+    return None
 
 
 def write_hits(path: str | Path, hits: Hits, crs, model: str, run_id: str) -> Path:

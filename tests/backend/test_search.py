@@ -391,3 +391,15 @@ def test_example_point_label_keeps_about_ten_centimetres(loaded, planted, tmp_pa
 def test_a_sentence_given_twice_is_refused():
     with pytest.raises(InputError, match="'A road' was given twice"):
         make_queries(["a road", "farmland", "A road "], None)
+
+
+def test_query_by_example_on_a_raster_of_one_window_says_why_it_has_no_hits(loaded, shared_data, tmp_path):
+    """Every window of a 224 x 224 raster holds its centre: '0 hits' came without a word."""
+    raster = naip_crop(shared_data, tmp_path / "one.tif", 224)
+    with rasterio.open(raster) as ds:
+        centre = ds.xy(112, 112)
+    with open_index(raster, loaded) as index:
+        result = search_raster(index, SearchOptions(like=centre, top=3), tmp_path / "like.gpkg")
+    assert len(result.hits.query) == 0
+    assert any(notice.startswith("Every window searched holds the example point") for notice in result.notices)
+    assert result.report["notices"] == result.notices
