@@ -100,18 +100,38 @@ def plot_confusion(metrics: dict, path: str | Path, title: str = "") -> Path:
     return path
 
 
+# Fonts for class names in other scripts, used where the system has them (matplotlib's DejaVu has no CJK).
+FALLBACK_FONTS = ("Noto Sans CJK JP", "Noto Sans CJK SC", "Noto Sans CJK TC", "Noto Sans CJK KR", "Noto Sans Arabic",
+                  "Noto Sans Devanagari", "Noto Sans Thai", "WenQuanYi Zen Hei", "Droid Sans Fallback",
+                  "Microsoft YaHei", "SimHei", "Malgun Gothic", "Arial Unicode MS")
+
+
 def draw_confusion(metrics: dict, path: str | Path, title: str = "") -> None:
     """Row-normalised confusion matrix as a PNG at `path` (whatever its extension, or none)."""
+    import warnings
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import font_manager
+
+    # Where no font has a name's script, it shows as boxes in the picture (the JSON holds the names), without
+    # a warning line per missing glyph.
+    installed = {font.name for font in font_manager.fontManager.ttflist}
+    families = ["DejaVu Sans", *(name for name in FALLBACK_FONTS if name in installed)]
 
     confusion = np.asarray(metrics["confusion"], dtype=float)
     rows = confusion.sum(axis=1, keepdims=True)
     normalised = np.divide(confusion, rows, out=np.zeros_like(confusion), where=rows > 0)
     names = metrics["class_names"]
     side = max(4.0, 0.6 * len(names) + 2.5)
+    with matplotlib.rc_context({"font.family": families}), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing from")
+        _draw(plt, normalised, names, metrics, title, side, path)
+
+
+def _draw(plt, normalised, names, metrics, title, side, path) -> None:
     figure, axes = plt.subplots(figsize=(side + 1, side))
     try:
         image = axes.imshow(normalised, cmap="Blues", vmin=0, vmax=1)

@@ -126,3 +126,17 @@ def test_metrics_follow_the_iou_definition(tmp_path):
 def test_a_class_absent_from_truth_and_prediction_does_not_count():
     metrics = metrics_from_confusion(np.array([[3, 0, 0], [0, 1, 0], [0, 0, 0]]), ["a", "b", "c"])
     assert metrics["classes"][2]["iou"] is None and metrics["miou"] == 1.0
+
+
+def test_a_confusion_picture_of_class_names_in_any_script_prints_no_glyph_warnings(tmp_path):
+    """Training on CJK class names printed matplotlib's 'Glyph ... missing from font(s)' once per character."""
+    import warnings
+
+    from training.evaluate import draw_confusion
+
+    metrics = {"confusion": [[5, 1], [2, 7]], "class_names": ["水体", "건물"], "miou": 0.5}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        draw_confusion(metrics, tmp_path / "matrix.png")
+    assert [str(w.message) for w in caught if "Glyph" in str(w.message)] == []
+    assert (tmp_path / "matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
