@@ -86,9 +86,9 @@ def classify_raster(raster: Path, options: ClassifyOptions, out: Path, loaded: L
     validate_classify_options(options)
     check_classify_output(out, overwrite, options, {"raster": Path(raster)})
     classes = parse_class_lines(options.class_lines)
-    from .segment import segment_warnings  # the same sentences as segment's (one class, languages, training)
+    from .segment import one_class_warning, segment_warnings  # the same sentences as segment's
 
-    warnings = segment_warnings(loaded, classes)
+    warnings = segment_warnings(loaded, classes) + one_class_warning(classes)
     queries, query_owner = query_index(classes)
     owner = np.asarray(query_owner)
     text = TextEmbedder(loaded).embed(queries).numpy()

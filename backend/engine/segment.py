@@ -71,10 +71,11 @@ class SegmentResult:
 
 
 def segment_warnings(loaded: LoadedModel, classes) -> list[str]:
-    """Sentences for the user before a run (segment, classify): a single class, languages the model does
-    not read, untrained classes."""
+    """Sentences for the user before a run (segment, classify): languages the model does not read,
+    untrained classes. The run's report adds one_class_warning (said after a run that succeeded: a run
+    refused midway says only why)."""
     untrained = untrained_class_warning(loaded, classes)
-    return one_class_warning(classes) + language_warnings(loaded, classes) + ([untrained] if untrained else [])
+    return language_warnings(loaded, classes) + ([untrained] if untrained else [])
 
 
 def one_class_warning(classes) -> list[str]:
@@ -338,7 +339,7 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
     raster = options.raster
     classes = parse_class_lines(class_lines_of(options))
     check_field_widths(options.out, [c.name for c in classes])
-    warnings = segment_warnings(loaded, classes)
+    warnings = segment_warnings(loaded, classes) + one_class_warning(classes)
     run_id = uuid.uuid4().hex[:12]
     timings: dict[str, float] = {}
     targets = output_paths(options)
