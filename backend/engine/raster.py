@@ -20,6 +20,7 @@ from rasterio.crs import CRS
 from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.errors import CRSError, NodataShadowWarning, NotGeoreferencedWarning, RasterioError, RasterioIOError
 from rasterio.transform import Affine
+from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from .errors import EmptyResultError, InputError
@@ -463,67 +464,90 @@ def coordinates(crs: CRS | None, *values: float) -> str:
     return "..".join(text) if len(values) == 2 else ", ".join(text)
 
 
-SIDE_POINTS = 21  # points per side of a box transformed between CRSs (its sides curve in the other CRS)
+SAMPLES = 21  # points per side of the grids sampled to check that a box and a raster meet
+HUGE = 1000.0  # a box whose envelope in the raster's CRS is this many raster sides across is suspect
 
 
-def _box_ring(box: tuple[float, float, float, float]) -> tuple[np.ndarray, np.ndarray]:
-    """The outline of (xmin, ymin, xmax, ymax), SIDE_POINTS per side, as x and y arrays."""
-    xmin, ymin, xmax, ymax = box
-    t = np.linspace(0.0, 1.0, SIDE_POINTS)[:-1]
-    width, height = xmax - xmin, ymax - ymin
-    xs = np.concatenate([xmin + width * t, np.full_like(t, xmax), xmax - width * t, np.full_like(t, xmin)])
-    ys = np.concatenate([np.full_like(t, ymin), ymin + height * t, np.full_like(t, ymax), ymax - height * t])
-    return xs, ys
-
-
-def _envelope_in(box: tuple[float, float, float, float], source_crs: CRS, target_crs: CRS,
-                 near: tuple[float, float, float, float]) -> tuple[float, float, float, float] | None:
-    """The envelope of `box`'s outline in `target_crs`, None where no point of it transforms. In a
-    geographic target, longitudes are made continuous along the outline (a box across the antimeridian
-    is one interval, not the whole globe) and moved by whole turns to the ones nearest `near`."""
-    from pyproj import Transformer
-
-    from .ground import as_pyproj
-
-    xs, ys = _box_ring(box)
-    if source_crs != target_crs:
+def _transformed_envelope(box: tuple[float, float, float, float], source_crs: CRS,
+                          target_crs: CRS) -> tuple[float, float, float, float]:
+    """GDAL's envelope of `box` in `target_crs` (its sides densified; a pole inside the box is reached; across
+    the antimeridian of a geographic target xmin > xmax). InputError when it does not transform."""
+    try:
         with np.errstate(all="ignore"):
-            to_target = Transformer.from_crs(as_pyproj(source_crs), as_pyproj(target_crs), always_xy=True)
-            xs, ys = to_target.transform(xs, ys)
-    xs, ys = np.asarray(xs, float), np.asarray(ys, float)
-    finite = np.isfinite(xs) & np.isfinite(ys)
-    if not finite.any():
+            envelope = transform_bounds(source_crs, target_crs, *box, densify_pts=SAMPLES)
+    except Exception as exc:  # pyproj/GDAL raise several types for impossible transforms
+        raise InputError(f"The bbox could not be transformed from {source_crs} to the raster's CRS "
+                         f"{target_crs}: {exc}") from exc
+    if not all(map(math.isfinite, envelope)):
+        raise InputError(f"The bbox lies outside the area where {source_crs} can be transformed to the "
+                         f"raster's CRS {target_crs}.")
+    return envelope
+
+
+def _longitudes_over(span: tuple[float, float], raster: tuple[float, float]) -> tuple[float, float] | None:
+    """Longitudes [west, east] (east may exceed 180, or lie west of `west` across the antimeridian) as the
+    envelope of the parts that fall on the raster's longitudes [left, right], counted in whole turns either
+    way (a raster in 0..360 and a box in -180..180, or back); None when no part does."""
+    west, east = span
+    if east < west:
+        east += 360.0
+    if east - west >= 360.0:
+        return raster
+    parts = [(max(west + turn, raster[0]), min(east + turn, raster[1])) for turn in (-360.0, 0.0, 360.0)]
+    parts = [(a, b) for a, b in parts if a < b]
+    if not parts:
         return None
-    xs, ys = xs[finite], ys[finite]
-    if target_crs.is_geographic:
-        xs = np.rad2deg(np.unwrap(np.deg2rad(xs)))
-        centre = (near[0] + near[2]) / 2
-        xs = xs + 360.0 * round((centre - (xs.min() + xs.max()) / 2) / 360.0)
-    return float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())
+    return min(a for a, _ in parts), max(b for _, b in parts)
 
 
 def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
+def _samples_inside(box: tuple[float, float, float, float], source_crs: CRS, target: tuple[float, float, float, float],
+                    target_crs: CRS) -> bool:
+    """Whether any point of a SAMPLES x SAMPLES grid over `box` lands inside `target` once transformed."""
+    from pyproj import Transformer
+
+    from .ground import as_pyproj
+
+    t = np.linspace(0.0, 1.0, SAMPLES)
+    xs, ys = np.meshgrid(box[0] + (box[2] - box[0]) * t, box[1] + (box[3] - box[1]) * t)
+    with np.errstate(all="ignore"):
+        to_target = Transformer.from_crs(as_pyproj(source_crs), as_pyproj(target_crs), always_xy=True)
+        xs, ys = (np.asarray(v, float) for v in to_target.transform(xs.ravel(), ys.ravel()))
+    if target_crs.is_geographic:  # a longitude a whole turn away is the same place
+        xs = target[0] + np.mod(xs - target[0], 360.0)
+    inside = (xs >= target[0]) & (xs <= target[2]) & (ys >= target[1]) & (ys <= target[3])
+    return bool(inside.any())
+
+
 def bbox_in_raster_crs(bbox: tuple[float, float, float, float], bbox_crs: CRS, raster_crs: CRS,
                        raster_box: tuple[float, float, float, float]) -> tuple[float, float, float, float] | None:
-    """The envelope in the raster's CRS of a box given in `bbox_crs`; None when the two do not overlap.
+    """The envelope in the raster's CRS of the part of a box (given in `bbox_crs`) over the raster; None when
+    they do not meet.
 
-    The box's outline is transformed, not its corners (its sides curve); a box or raster across the
-    antimeridian is handled in geographic CRSs (longitudes in -180..180 or 0..360 alike); and the overlap is
-    checked both ways, so a box where the raster's projection is singular (a polar stereographic one
-    of the other pole) does not become the whole raster. InputError when the box cannot be transformed."""
-    box = _envelope_in(bbox, bbox_crs, raster_crs, raster_box)
-    if box is None:
-        raise InputError(f"The bbox lies outside the area where {bbox_crs} can be transformed to the "
-                         f"raster's CRS {raster_crs}.")
+    GDAL transforms the box's densified outline and reaches a pole inside it. In a geographic raster the box
+    may cross the antimeridian, and longitudes in -180..180 and 0..360 are the same places (a box that
+    falls on both of the raster's edges takes the width between them). A box whose envelope comes out
+    enormous (around the pole a projection cannot place, e.g. the South Pole against a north polar
+    stereographic raster) must meet the raster in sampled points, one way or the other."""
+    box = bbox if bbox_crs == raster_crs else _transformed_envelope(bbox, bbox_crs, raster_crs)
+    xmin, ymin, xmax, ymax = box
+    if raster_crs.is_geographic:
+        span = _longitudes_over((xmin, xmax), (raster_box[0], raster_box[2]))
+        if span is None:
+            return None
+        xmin, xmax = span
+    box = (xmin, ymin, xmax, ymax)
     if not _overlap(box, raster_box):
         return None
-    if bbox_crs != raster_crs:  # (a raster whose outline does not transform back is trusted one way)
-        back = _envelope_in(raster_box, raster_crs, bbox_crs, bbox)
-        if back is not None and not _overlap(back, bbox):
-            return None
+    width, height = raster_box[2] - raster_box[0], raster_box[3] - raster_box[1]
+    enormous = (xmax - xmin) > HUGE * width or (ymax - ymin) > HUGE * height
+    if bbox_crs != raster_crs and enormous and not (
+            _samples_inside(bbox, bbox_crs, raster_box, raster_crs)
+            or _samples_inside(raster_box, raster_crs, bbox, bbox_crs)):
+        return None
     return box
 
 

@@ -544,3 +544,40 @@ def test_a_bbox_around_the_other_pole_does_not_overlap_an_arctic_raster(tmp_path
         lonlat = transform_bounds("EPSG:3413", "EPSG:4326", -199000, -2002000, -196000, -2001000)
         window = request_window(source, lonlat, "EPSG:4326")  # the raster's own place still selects it
         assert 0 < window.width < 200 and 0 < window.height < 100
+
+
+@pytest.mark.parametrize("raster_crs, transform, size, bbox, bbox_crs, expected", [
+    # A lat/lon box near the pole on a north polar stereographic raster (+-500 km, 1 km pixels): the box's
+    # outline alone never reaches the pole it holds, so the box was refused or shrunk.
+    ("EPSG:3413", rasterio.Affine(1000, 0, -500000, 0, -1000, 500000), (1000, 1000), (0, 88, 10, 89), "EPSG:4326",
+     (562, 576, 92, 102)),
+    ("EPSG:3413", rasterio.Affine(1000, 0, -500000, 0, -1000, 500000), (1000, 1000), (-180, 89, 180, 90),
+     "EPSG:4326", (391, 391, 218, 218)),
+    # A polar box on a world raster (1 degree pixels) is the whole polar cap, not a ring.
+    ("EPSG:4326", rasterio.Affine(1, 0, -180, 0, -1, 90), (180, 360), (-1000000, -1000000, 1000000, 1000000),
+     "EPSG:3413", (0, 0, 14, 360)),
+    # A box on both sides of a world raster's antimeridian, and a world box on a raster in 0..360.
+    ("EPSG:4326", rasterio.Affine(1, 0, -180, 0, -1, 90), (180, 360), (170, -5, 190, 5), None, (85, 0, 10, 360)),
+    ("EPSG:4326", rasterio.Affine(0.1, 0, 170, 0, -0.1, -10), (100, 200), (-180, -20, 180, -10), None,
+     (0, 0, 100, 200)),
+], ids=["polar cap 0..10E", "pole itself", "world raster, 3413 box", "both edges", "0..360 raster, world box"])
+def test_a_bbox_over_a_pole_or_both_edges_selects_what_it_covers(tmp_path, raster_crs, transform, size, bbox,
+                                                                 bbox_crs, expected):
+    from backend.engine.raster import open_source, request_window
+
+    raster = _plain_raster(tmp_path / "r.tif", raster_crs, transform, width=size[1], height=size[0])
+    with open_source(raster) as source:
+        window = request_window(source, bbox, bbox_crs)
+    assert (window.row_off, window.col_off, window.height, window.width) == expected
+
+
+def test_a_box_around_the_south_pole_does_not_meet_an_arctic_raster_at_any_size(tmp_path):
+    from backend.engine.errors import InputError
+    from backend.engine.raster import open_source, request_window
+
+    raster = _plain_raster(tmp_path / "arctic.tif", "EPSG:3413", rasterio.Affine(1000, 0, -500000, 0, -1000, 500000),
+                           width=1000, height=1000)
+    with open_source(raster) as source:
+        for half in (100_000, 1_000_000, 3_000_000):
+            with pytest.raises(InputError, match="does not overlap the raster arctic.tif"):
+                request_window(source, (-half, -half, half, half), "EPSG:3031")
