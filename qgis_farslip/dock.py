@@ -411,11 +411,17 @@ class FarslipDock(QgsDockWidget):
         done = ", ".join(found) if found else self.tr("no polygons found")
         cached, tiles = features_cached(job)
         if cached and cached == tiles:
-            self.show_status(self.tr("Done: {}; features cached.").format(done))
+            status = self.tr("Done: {}; features cached.").format(done)
         elif cached:
-            self.show_status(self.tr("Done: {}; features cached for {} of {} tiles.").format(done, cached, tiles))
+            status = self.tr("Done: {}; features cached for {} of {} tiles.").format(done, cached, tiles)
         else:
-            self.show_status(self.tr("Done: {}.").format(done))
+            status = self.tr("Done: {}.").format(done)
+        # What the backend warns of (one class alone, names the model cannot read, untrained classes) is said
+        # under the result, and logged.
+        warnings = [str(w) for w in (job.get("result") or {}).get("warnings") or [] if w]
+        for warning in warnings:
+            log(warning, Qgis.Warning)
+        self.show_status("\n".join([status, *(self.tr("Warning: {}").format(w) for w in warnings)]))
         self.form.exportButton.setEnabled(True)
         self.probability.offer(self.last_layers, result_classes(job))
         vectors = [layer for layer in self.last_layers if has_quality(layer)]

@@ -121,7 +121,10 @@ def run_backend_job(manager: BackendManager | None, kind: str, request: dict, fe
                     feedback.pushInfo(message)
 
         try:
-            return run_job(BackendClient(connection), kind, request, on_update, feedback.isCanceled, output_paths)
+            job = run_job(BackendClient(connection), kind, request, on_update, feedback.isCanceled, output_paths)
+            for warning in (job.get("result") or {}).get("warnings") or []:
+                feedback.pushWarning(str(warning))
+            return job
         except BackendUnreachable as error:
             owned = manager.process is not None
             manager.report_lost(connection.url)  # the next run looks for the backend again

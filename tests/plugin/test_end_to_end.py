@@ -104,6 +104,21 @@ def test_a_second_run_with_other_classes_says_features_cached(dock):
     assert dock.form.statusLabel.text().endswith("; features cached.")
 
 
+def test_the_backends_warnings_are_said_under_the_result(dock):
+    """One class alone gets every pixel: the backend says so in the job's result, and the dock showed only
+    'Done: water (1).'"""
+    dock.form.classesEdit.setPlainText("water")
+    assert run_dock_job(dock) == "done", dock.last_error
+    lines = dock.form.statusLabel.text().splitlines()
+    assert lines[0].startswith("Done: water")
+    assert lines[1:] == ["Warning: Only one class ('water'): the classes compete for each pixel, so a class alone "
+                         "gets every pixel with probability 1. Add the classes it should be told apart from (e.g. "
+                         "what surrounds it, or 'background')."]
+    dock.form.classesEdit.setPlainText("water\nforest, trees")
+    assert run_dock_job(dock) == "done", dock.last_error
+    assert len(dock.form.statusLabel.text().splitlines()) == 1
+
+
 def test_without_region_checks_a_re_run_uses_cached_features_and_no_polygon_has_a_region_agreement(dock):
     """The dock's option for quick re-runs with other classes: with region checks (the default) the
     largest polygons get a region agreement; without them the request says so, no polygon gets one,
