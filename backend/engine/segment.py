@@ -82,9 +82,10 @@ def one_class_warning(classes) -> list[str]:
     """The classes compete for every pixel (a softmax over them): one class alone wins everywhere."""
     if len(classes) != 1:
         return []
-    return [f"Only one class ({classes[0].name!r}): the classes compete for each pixel, so a class alone gets every "
-            "pixel with probability 1. Add the classes it should be told apart from (e.g. what surrounds it, "
-            "or 'background')."]
+    how = ("gets every pixel with probability 1" if len(classes[0].queries) == 1
+           else "gets every pixel (its synonyms only compete among themselves)")
+    return [f"Only one class ({classes[0].name!r}): the classes compete for each pixel, so a class alone {how}. "
+            "Add the classes it should be told apart from (e.g. what surrounds it, or 'background')."]
 
 
 def untrained_class_warning(loaded: LoadedModel, classes) -> str | None:

@@ -254,6 +254,10 @@ def test_one_class_alone_and_foreign_names_are_warned_about_by_classify_as_by_se
                         "what surrounds it, or 'background')."], (command, alone.output)
         report = json.loads((tmp_path / out).with_suffix(".report.json").read_text(encoding="utf-8"))
         assert report["warnings"] == [said[0].removeprefix("Warning: ")]
+    synonyms = runner.invoke(app, ["segment", str(small_raster), "-c", "water, lake", "--model", str(english_only),
+                                   "--out", str(tmp_path / "w.gpkg"), "--quiet"])
+    assert synonyms.exit_code == 0 and "gets every pixel (its synonyms only compete among themselves)" in \
+        synonyms.output and "probability 1" not in synonyms.output
     foreign = runner.invoke(app, ["classify", str(small_raster), "-c", "edifício", "-c", "건물", "--model",
                                   str(english_only), "--out", str(tmp_path / "f.gpkg"), "--quiet"])
     assert foreign.exit_code == 0 and "Warning: Model" in foreign.output and "rs-m-clip" in foreign.output
