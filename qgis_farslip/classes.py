@@ -11,7 +11,7 @@ from .i18n import tr
 MAX_CLASSES = 250
 
 
-# What separates synonyms: the backend's set (backend/engine/text.py SYNONYM_SEPARATORS): commas and
+# What separates synonyms: the backend's set (backend/engine/presets.py SYNONYM_SEPARATORS): commas and
 # semicolons as Latin, CJK (full-width, ideographic) and Arabic keyboards type them.
 SYNONYM_SEPARATORS = re.compile("[,;\uff0c\uff1b\u3001\u060c]")
 

@@ -24,7 +24,8 @@ from rasterio.features import rasterize
 from backend.engine.errors import InputError
 from backend.engine.files import check_vector_source
 from backend.engine.raster import PixelWindow, RasterSource, bounds_window
-from backend.engine.text import parse_class_lines, split_class_line
+from backend.engine.presets import split_class_line
+from backend.engine.text import parse_class_lines
 
 UNLABELLED = -1
 MIN_LABELLED_PIXELS = 256

@@ -6,6 +6,7 @@ A class file holds one class per line; commas separate synonyms of the same clas
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from backend.engine.errors import InputError
@@ -17,12 +18,25 @@ def presets_dir() -> Path:
     return resources_dir() / "presets"
 
 
+# What separates synonyms in a class line: commas and semicolons, as typed on Latin, CJK (full-width,
+# ideographic) and Arabic keyboards. The plugin's qgis_farslip/classes.py keeps the same set.
+SYNONYM_SEPARATORS = ",;\uff0c\uff1b\u3001\u060c"
+_SEPARATOR = re.compile(f"[{SYNONYM_SEPARATORS}]")
+
+
+def split_class_line(line: str) -> tuple[str, ...]:
+    """The names of a class line, in order: split at the separators, every run of white space (a
+    no-break space, a tab, two spaces) made one space, empty parts left out."""
+    return tuple(" ".join(part.split()) for part in _SEPARATOR.split(line) if part.split())
+
+
 def parse_class_text(text: str) -> list[str]:
-    """Class lines of a class file's text, synonyms normalised to "a, b"."""
+    """Class lines of a class file's text, synonyms normalised to "a, b" as the plugin's class box does (a
+    line of separators only is left out, as there)."""
     class_lines = []
     for raw_line in text.splitlines():
         line = raw_line.split("#", 1)[0]
-        synonyms = [word.strip() for word in line.split(",") if word.strip()]
+        synonyms = split_class_line(line)
         if synonyms:
             class_lines.append(", ".join(synonyms))
     return class_lines

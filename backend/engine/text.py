@@ -11,7 +11,6 @@ context, several times faster on CPU. Embeddings are cached on disk per
 from __future__ import annotations
 
 import hashlib
-import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from .languages import ENGLISH_TEMPLATES, query_language, templates_for
 from .models import LoadedModel
 from .options import CLASS_LINES_MAX
 from .paths import cache_dir
+from .presets import split_class_line
 
 if TYPE_CHECKING:
     from open_clip.model import CLIP
@@ -41,18 +41,6 @@ PROMPT_TEMPLATES: tuple[str, ...] = ENGLISH_TEMPLATES
 class ClassSpec:
     name: str
     queries: tuple[str, ...]
-
-
-# What separates synonyms in a class line: commas and semicolons, as typed on Latin, CJK (full-width,
-# ideographic) and Arabic keyboards. The plugin's qgis_farslip/classes.py keeps the same set.
-SYNONYM_SEPARATORS = ",;\uff0c\uff1b\u3001\u060c"
-_SEPARATOR = re.compile(f"[{SYNONYM_SEPARATORS}]")
-
-
-def split_class_line(line: str) -> tuple[str, ...]:
-    """The names of a class line, in order: split at the separators, every run of white space (a
-    no-break space, a tab, two spaces) made one space, empty parts left out."""
-    return tuple(" ".join(part.split()) for part in _SEPARATOR.split(line) if part.split())
 
 
 def _same_name_key(name: str) -> str:

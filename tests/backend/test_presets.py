@@ -79,3 +79,12 @@ def test_missing_unreadable_and_binary_class_files_are_errors(tmp_path):
     binary.write_bytes(b"\xff\xfe\x00\x9c\x80")
     with pytest.raises(InputError, match="UTF-8"):
         read_class_file(binary)
+
+
+def test_class_file_lines_are_normalised_as_the_plugins_class_box_does(tmp_path):
+    """A class file's lines went into reports and a fine-tuned model's classes as typed ("water;lake",
+    "road ， street", a no-break space); they read as the plugin's class box reads the same text now."""
+    path = tmp_path / "classes.txt"
+    path.write_text("water;lake\nroad \uff0c street\nforest  ;; wood\nwater\u00a0body, pond  # ponds too\n, ;\n",
+                    encoding="utf-8")
+    assert read_class_file(path) == ["water, lake", "road, street", "forest, wood", "water body, pond"]
