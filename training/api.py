@@ -28,7 +28,7 @@ import torch
 from backend import __version__
 from backend.engine.memory import peak_rss_mb
 from backend.engine.finetuned import (
-    FINETUNED_FORMAT, FINETUNED_META, FINETUNED_WEIGHTS, model_bands_for, trained_bands,
+    FINETUNED_FORMAT, FINETUNED_META, FINETUNED_WEIGHTS, bands_for,
 )
 from backend.engine.models import LoadedModel
 from backend.engine.weights import file_sha256
@@ -203,9 +203,7 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
             aoi = f"{recorded_aoi}|layername={layer}" if layer else recorded_aoi
         class_names = class_names or trained_on["data"].get("labels", {}).get("class_names") or None
     # Elsewhere what segment does with the model: the bands its trainer chose, its ground resolution.
-    chosen = trained_bands(loaded.metadata)
-    if not bands and chosen:
-        bands = model_bands_for(Path(raster), chosen, loaded.name)
+    bands = bands_for(raster, bands, loaded)
     if scale is None and gsd_m is None and processing.get("gsd_m"):
         gsd_m = float(processing["gsd_m"])
 
@@ -321,6 +319,7 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
     started = time.perf_counter()
     loaded = _load(base_model, weights, device, loaded)
     raster_sha, labels_sha = file_sha256(raster) if raster.is_file() else None, None
+    bands = bands_for(raster, bands, loaded)  # training on from a model fine-tuned on chosen bands keeps them
 
     with open_source(raster, bands, scale, gsd_m) as source:
         grid = label_grid_for(source, labels, class_field, background, aoi, class_names)

@@ -24,6 +24,7 @@ from backend import __version__
 from .errors import CancelledError, EmptyResultError, InputError
 from .export import write_layer, check_field_widths, report_path_for, write_report
 from .models import LoadedModel
+from .finetuned import bands_for
 from .raster import PixelWindow, open_source, request_window
 from .search import check_hits_output
 from .search_index import bounded_gdal_cache, embed_windows
@@ -96,7 +97,7 @@ def classify_raster(raster: Path, options: ClassifyOptions, out: Path, loaded: L
     boxes, class_ids, probs = [], [], []
     with bounded_gdal_cache():
         try:
-            source = open_source(raster, options.bands, None, None, options.value_range)
+            source = open_source(raster, bands_for(raster, options.bands, loaded), None, None, options.value_range)
         except EmptyResultError:
             raise EmptyResultError(f"Every pixel of {raster} is nodata or masked: there is nothing to classify. "
                                    "Check the raster's nodata value and alpha band.") from None
@@ -133,7 +134,7 @@ def classify_raster(raster: Path, options: ClassifyOptions, out: Path, loaded: L
                 done += len(cols)
                 if progress is not None:
                     progress(done, total)
-            crs = source.crs
+            crs, bands = source.crs, list(source.bands)
     if not boxes:
         raise EmptyResultError(f"The requested area of {raster} holds only nodata or masked pixels: there is "
                                "nothing to classify. Choose another extent.")
@@ -145,7 +146,7 @@ def classify_raster(raster: Path, options: ClassifyOptions, out: Path, loaded: L
     outputs = {"vector": str(out), "report": str(report_path_for(out))}
     report = {"farslip_version": __version__, "run_id": run_id, "raster": str(Path(raster).resolve()),
               "model": loaded.name, "weights_sha256": loaded.weights_id, "crs": crs.to_string(),
-              "tile": options.tile, "logit_scale": scale, "tiles": len(boxes), "class_stats": stats,
+              "bands": bands, "tile": options.tile, "logit_scale": scale, "tiles": len(boxes), "class_stats": stats,
               "warnings": warnings, "outputs": outputs, "total_s": round(time.perf_counter() - started, 3)}
     write_report(outputs["report"], report)
     return ClassifyResult(run_id, outputs, stats, len(boxes), report, warnings)

@@ -45,6 +45,15 @@ def model_bands_for(raster: Path, chosen: list[int], model: str) -> list[int]:
     return list(chosen)
 
 
+def bands_for(raster: str | os.PathLike, bands: list[int] | None, loaded) -> list[int] | None:
+    """The bands a run reads: the user's, else those the model was trained on when its trainer chose them
+    (segment, evaluate, classify, index/search and training from a fine-tuned model alike)."""
+    if bands:
+        return list(bands)
+    chosen = trained_bands(getattr(loaded, "metadata", None))
+    return model_bands_for(Path(raster), chosen, loaded.name) if chosen else None
+
+
 def is_finetuned_dir(path: str | os.PathLike) -> bool:
     p = Path(path)
     return p.is_dir() and (p / FINETUNED_WEIGHTS).is_file() and (p / FINETUNED_META).is_file()

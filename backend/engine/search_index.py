@@ -46,6 +46,7 @@ from .feature_cache import identity_digest, model_identity, raster_identity
 from .models import LoadedModel
 from .options import check_batch_size
 from .paths import cache_dir
+from .finetuned import bands_for
 from .raster import PixelWindow, RasterSource, native_gsd_m, open_source, pixel_envelope, request_window
 from .sliding import crop_starts
 
@@ -385,7 +386,7 @@ def open_index(raster: str | Path, loaded: LoadedModel, bands: list[int] | None 
     """Open (creating, or rebuilding when the raster changed) the search index of `raster` for a model."""
     with bounded_gdal_cache():
         try:
-            source = open_source(raster, bands, None, None, value_range)
+            source = open_source(raster, bands_for(raster, bands, loaded), None, None, value_range)
         except EmptyResultError:
             raise EmptyResultError(f"Every pixel of {raster} is nodata or masked: there is nothing to index or "
                                    "search. Check the raster's nodata value and alpha band.") from None

@@ -29,7 +29,7 @@ from .checks import check_inputs, class_lines_of, output_paths
 from .sliding import CHUNK_COLUMNS, NODATA_CLASS, UNCLASSIFIED, Segmenter, count_crops, predict_blocks
 from .encoders import Encoder, crop_size
 from .feature_cache import FeatureCache, raster_scope
-from .finetuned import model_bands_for, trained_bands
+from .finetuned import bands_for, trained_bands
 from .runtimes import make_encoder
 from .errors import CancelledError, EmptyResultError
 from .colours import class_colormap
@@ -119,9 +119,8 @@ def with_model_defaults(options: SegmentOptions, loaded: LoadedModel) -> Segment
     trained_gsd = (loaded.metadata.get("finetuned") or {}).get("processing", {}).get("gsd_m")
     if options.scale is None and options.gsd_m is None and trained_gsd:
         changes["gsd_m"] = float(trained_gsd)
-    chosen = trained_bands(loaded.metadata)
-    if options.bands is None and chosen:
-        changes["bands"] = model_bands_for(options.raster, chosen, loaded.name)
+    if options.bands is None and trained_bands(loaded.metadata):
+        changes["bands"] = bands_for(options.raster, None, loaded)
     if options.batch_size is None:
         changes["batch_size"] = default_batch_size(loaded.device)
     return replace(options, **changes) if changes else options

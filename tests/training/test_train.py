@@ -309,8 +309,19 @@ def test_a_model_trained_on_chosen_bands_is_run_on_those_bands(synthetic, traine
     assert run.report["bands"] == [4, 3, 2]
     told = segment_raster(SegmentOptions(raster=four, bands=[2, 3, 4], out=tmp_path / "b.gpkg"), loaded)
     assert told.report["bands"] == [2, 3, 4]
-    # evaluate on other data (--split all) reads the same bands (it stopped with UnboundLocalError once).
+    # evaluate on other data (--split all) reads the same bands (it stopped with UnboundLocalError once),
+    # and so do classify, the search index and a training that starts from this model.
     assert evaluate_model(four, labels, "cls", loaded=loaded, split="all")["split"] == "all"
+    from backend.engine.classify import ClassifyOptions, classify_raster
+    from backend.engine.search_index import open_index
+
+    tiles = classify_raster(four, ClassifyOptions(["forest", "sand", "water"], tile=128), tmp_path / "t.gpkg", loaded)
+    assert tiles.report["bands"] == [4, 3, 2]
+    with open_index(four, loaded) as index:
+        assert index.levels[0].source.bands == [4, 3, 2]
+    train_model(four, labels, "cls", tmp_path / "again", base_model=str(out), epochs=1,
+                options=fast_options(steps_per_epoch=1))
+    assert json.loads((tmp_path / "again" / "farslip_model.json").read_text())["processing"]["bands"] == [4, 3, 2]
     for refused in (lambda: segment_raster(SegmentOptions(raster=raster, out=tmp_path / "c.gpkg"), loaded),
                     lambda: evaluate_model(raster, labels, "cls", loaded=loaded, split="all")):
         with pytest.raises(InputError, match=r"trained on bands 4,3,2 of its raster, and synthetic.tif has 3 "
