@@ -221,6 +221,23 @@ def test_processing_algorithm_runs_through_processing_run(running_plugin, qgis_p
         "REGION_CHECKS": False, "OUTPUT": str(infrared)})
     assert json.loads(infrared.with_suffix(".report.json").read_text("utf-8"))["bands"] == [4, 1, 2]
     assert json.loads(quick.with_suffix(".report.json").read_text("utf-8"))["bands"] == [1, 2, 3]
+    # The backend's warnings reach the Processing log as warnings.
+    from qgis.core import QgsProcessingFeedback
+
+    class Feedback(QgsProcessingFeedback):
+        def __init__(self):
+            super().__init__()
+            self.warnings = []
+
+        def pushWarning(self, text):
+            self.warnings.append(text)
+            super().pushWarning(text)
+
+    feedback = Feedback()
+    processing.run("farslip:segment_by_class_names", {
+        "INPUT": naip_layer, "EXTENT": extent, "CLASSES": "water", "MODEL": str(tiny_model),
+        "REGION_CHECKS": False, "OUTPUT": str(tmp_path / "alone.gpkg")}, feedback=feedback)
+    assert [w for w in feedback.warnings if w.startswith("Only one class ('water')")], feedback.warnings
 
 
 def test_missing_backend_gives_the_install_message_not_a_traceback(farslip, qgis_iface, plugin_settings,
