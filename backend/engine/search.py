@@ -42,7 +42,7 @@ from .files import check_output_files
 from .models import LoadedModel
 from .raster import bbox_in_raster_crs, parse_crs, pixel_envelope
 from .search_index import BuildStats, SearchIndex, check_bbox, check_point, describe, point_window
-from .text import TextEmbedder
+from .text import TextEmbedder, token_ids
 
 KEYWORD_TEMPLATES = ("{}", "a satellite image of {}.", "an aerial photo of {}.", "a remote sensing image of {}.")
 SENTENCE_TEMPLATES = ("{}",)
@@ -92,14 +92,11 @@ class Query:
 def fit_to_context(text: str, loaded: LoadedModel, what: str = "sentence") -> tuple[str, str | None]:
     """The text as the model will read it, and a notice when it had to be shortened."""
     limit = loaded.context_length - 2  # start and end tokens
-    # CLIP's BPE tokenizer encodes itself; open_clip's Hugging Face wrapper holds the tokenizer inside.
-    inner = loaded.tokenizer if hasattr(loaded.tokenizer, "encode") else getattr(loaded.tokenizer, "tokenizer", None)
-    if inner is None:
+    counted = token_ids(loaded, text)
+    if counted is None or len(counted[0]) <= limit:
         return text, None
-    tokens = inner.encode(text) if inner is loaded.tokenizer else inner.encode(text, add_special_tokens=False)
-    if len(tokens) <= limit:
-        return text, None
-    kept = inner.decode(tokens[:limit]).strip()
+    tokens, decode = counted
+    kept = decode(tokens[:limit]).strip()
     notice = (f"The {what} {text[:40]!r}... is {len(tokens)} tokens long, but model {loaded.name} reads at most "
               f"{limit}; only its beginning was used: {kept!r}.")
     return kept, notice

@@ -54,7 +54,7 @@ from .quality import (
     regions_to_check,
     run_quality_estimate,
 )
-from .text import TextEmbedder, language_warnings, parse_class_lines
+from .text import TextEmbedder, cut_names_warning, language_warnings, parse_class_lines
 from .vectorize import finalize, vectorize_class_raster, vectorize_strips
 
 
@@ -339,7 +339,8 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
     raster = options.raster
     classes = parse_class_lines(class_lines_of(options))
     check_field_widths(options.out, [c.name for c in classes])
-    warnings = segment_warnings(loaded, classes) + one_class_warning(classes)
+    warnings = (segment_warnings(loaded, classes) + one_class_warning(classes)
+                + cut_names_warning(loaded, classes, check_language(options.language)))
     run_id = uuid.uuid4().hex[:12]
     timings: dict[str, float] = {}
     targets = output_paths(options)

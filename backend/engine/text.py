@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -209,6 +210,36 @@ class TextEmbedder:
     def embed(self, queries: list[str]) -> torch.Tensor:
         """(Q, D) L2-normalised embeddings, one row per query."""
         return torch.stack([self.embed_one(q) for q in queries])
+
+
+def token_ids(loaded: LoadedModel, text: str) -> tuple[list[int], Callable[[list[int]], str]] | None:
+    """The tokens the model's tokenizer makes of `text` (no start or end token) and how to decode some back;
+    None for a tokenizer this cannot see into. CLIP's BPE encodes itself; open_clip's Hugging Face wrapper
+    holds the tokenizer inside."""
+    inner = loaded.tokenizer if hasattr(loaded.tokenizer, "encode") else getattr(loaded.tokenizer, "tokenizer", None)
+    if inner is None:
+        return None
+    tokens = inner.encode(text) if inner is loaded.tokenizer else inner.encode(text, add_special_tokens=False)
+    return list(tokens), inner.decode
+
+
+def cut_names_warning(loaded: LoadedModel, classes: list[ClassSpec], language: str | None = None) -> list[str]:
+    """One sentence naming the class names the text tower reads only in part: a prompt made of the name
+    ('a satellite photo of a {}.') is longer than its context, and the tokenizer cuts the rest."""
+    limit = loaded.context_length - 2  # start and end tokens
+    embedder = TextEmbedder(loaded, use_disk_cache=False, language=language)
+    cut = []
+    for query in (q for spec in classes for q in spec.queries):
+        longest = max((template.format(query) for template in embedder.templates_for(query)), key=len)
+        counted = token_ids(loaded, longest)
+        if counted is not None and len(counted[0]) > limit:
+            cut.append(query)
+    if not cut:
+        return []
+    shown = ", ".join(f"{q[:40]!r}" + ("..." if len(q) > 40 else "") for q in cut[:3])
+    shown += " ..." if len(cut) > 3 else ""
+    return [f"Model {loaded.name} reads at most {limit} tokens of each prompt made of a class name, so only the "
+            f"beginning of {shown} counts; use shorter class names."]
 
 
 def language_warnings(loaded: LoadedModel, classes: list[ClassSpec]) -> list[str]:

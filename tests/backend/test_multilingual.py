@@ -261,3 +261,18 @@ def test_one_class_alone_and_foreign_names_are_warned_about_by_classify_as_by_se
     foreign = runner.invoke(app, ["classify", str(small_raster), "-c", "edifício", "-c", "건물", "--model",
                                   str(english_only), "--out", str(tmp_path / "f.gpkg"), "--quiet"])
     assert foreign.exit_code == 0 and "Warning: Model" in foreign.output and "rs-m-clip" in foreign.output
+
+
+def test_a_class_name_too_long_for_the_text_tower_is_named_after_the_run(english_only, small_raster, tmp_path):
+    """The tokenizer cut a long class name to the model's context without a word (segment and classify)."""
+    long_name = "building " * 90
+    for command, out in (("segment", "s.gpkg"), ("classify", "c.gpkg")):
+        result = runner.invoke(app, [command, str(small_raster), "-c", long_name, "-c", "road", "--model",
+                                     str(english_only), "--out", str(tmp_path / out), "--quiet"])
+        assert result.exit_code == 0, result.output
+        said = [line for line in result.output.splitlines() if line.startswith("Warning:")]
+        assert len(said) == 1 and "reads at most 75 tokens of each prompt made of a class name" in said[0], said
+        assert "'building building" in said[0] and "'road'" not in said[0]
+    short = runner.invoke(app, ["classify", str(small_raster), "-c", "building", "-c", "road", "--model",
+                                str(english_only), "--out", str(tmp_path / "short.gpkg"), "--quiet"])
+    assert short.exit_code == 0 and "Warning" not in short.output
