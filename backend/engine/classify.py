@@ -28,7 +28,7 @@ from .finetuned import bands_for
 from .raster import PixelWindow, open_source, request_window
 from .search import check_hits_output
 from .search_index import bounded_gdal_cache, embed_windows
-from .text import TextEmbedder, class_probabilities, cut_names_warning, logit_scale, parse_class_lines, query_index
+from .text import TextEmbedder, class_probabilities, logit_scale, parse_class_lines, query_index
 
 TILE_FIELDS = ("class", "class_id", "prob", "model", "run_id")
 
@@ -87,9 +87,9 @@ def classify_raster(raster: Path, options: ClassifyOptions, out: Path, loaded: L
     validate_classify_options(options)
     check_classify_output(out, overwrite, options, {"raster": Path(raster)})
     classes = parse_class_lines(options.class_lines)
-    from .segment import one_class_warning, segment_warnings  # the same sentences as segment's
+    from .segment import run_warnings  # the same sentences as segment's
 
-    warnings = segment_warnings(loaded, classes) + one_class_warning(classes) + cut_names_warning(loaded, classes)
+    warnings = run_warnings(loaded, classes)
     queries, query_owner = query_index(classes)
     owner = np.asarray(query_owner)
     text = TextEmbedder(loaded).embed(queries).numpy()

@@ -134,22 +134,28 @@ class RasterSource:
                 rgb = self.palette[data[0].astype(np.intp)].transpose(2, 0, 1).astype(np.float32)
             else:  # each band converted straight into its place (no stacked copy converted again)
                 rgb = np.empty((len(self.bands), *data.shape[1:]), np.float32)
-                wide = data.dtype == np.float64 and self.value_range is not None
+                # float64 is scaled before it becomes float32 (values beyond float32's range stay finite);
+                # other types are scaled in float32, in place.
+                early = data.dtype == np.float64
                 for i, band in enumerate(self.bands):
-                    if wide:  # scaled in float64 first: values beyond float32's range stay finite
-                        assert self.value_range is not None
-                        lo, hi = self.value_range[i]
-                        rgb[i] = (data[unique.index(band)] - lo) * (255.0 / max(hi - lo, 1e-12))
-                    else:
-                        rgb[i] = data[unique.index(band)]
+                    values = data[unique.index(band)]
+                    rgb[i] = self._stretched(values, i) if early else values
                 if self.value_range is not None:
-                    if not wide:
-                        for i, (lo, hi) in enumerate(self.value_range):
-                            rgb[i] = (rgb[i] - lo) * (255.0 / max(hi - lo, 1e-12))
+                    if not early:
+                        for i in range(len(self.bands)):
+                            rgb[i] = self._stretched(rgb[i], i)
                     np.clip(rgb, 0.0, 255.0, out=rgb)
         if not all_valid and not valid.all():
             rgb[:, ~valid] = 0.0
         return rgb, valid
+
+    def _stretched(self, values: np.ndarray, band: int) -> np.ndarray:
+        """`values` of the band-th colour mapped by its value range onto 0..255 (unclipped); as they are
+        without a value range."""
+        if self.value_range is None:
+            return values
+        lo, hi = self.value_range[band]
+        return (values - lo) * (255.0 / max(hi - lo, 1e-12))
 
     def window_transform(self, window: PixelWindow) -> Affine:
         return self.transform @ Affine.translation(window.col_off, window.row_off)
@@ -567,11 +573,11 @@ def request_window(source: RasterSource, bbox: tuple[float, float, float, float]
         raise InputError(f"The bbox {list(bbox)} is not in the range of {crs.to_string()}: latitudes lie between "
                          "-90 and 90, longitudes between -180 and 180. Check the order (XMIN YMIN XMAX YMAX) "
                          "and --bbox-crs.")
-    box = bbox_in_raster_crs((xmin, ymin, xmax, ymax), crs, source.crs,
-                             pixel_envelope(source.transform, 0, 0, source.width, source.height))
+    raster_box = pixel_envelope(source.transform, 0, 0, source.width, source.height)
+    box = bbox_in_raster_crs((xmin, ymin, xmax, ymax), crs, source.crs, raster_box)
     window = bounds_window(source, box) if box is not None else None
     if window is None:
-        left, bottom, right, top = pixel_envelope(source.transform, 0, 0, source.width, source.height)
+        left, bottom, right, top = raster_box
         raise InputError(f"The bbox does not overlap the raster {source.path.name}: the raster covers "
                          f"x {coordinates(source.crs, left, right)}, y {coordinates(source.crs, bottom, top)} "
                          f"in {source.crs}.")

@@ -29,7 +29,7 @@ from .checks import check_inputs, class_lines_of, output_paths
 from .sliding import CHUNK_COLUMNS, NODATA_CLASS, UNCLASSIFIED, Segmenter, count_crops, predict_blocks
 from .encoders import Encoder, crop_size
 from .feature_cache import FeatureCache, raster_scope
-from .finetuned import bands_for, trained_bands
+from .finetuned import bands_for
 from .runtimes import make_encoder
 from .errors import CancelledError, EmptyResultError
 from .colours import class_colormap
@@ -78,6 +78,12 @@ def segment_warnings(loaded: LoadedModel, classes) -> list[str]:
     return language_warnings(loaded, classes) + ([untrained] if untrained else [])
 
 
+def run_warnings(loaded: LoadedModel, classes, language: str | None = None) -> list[str]:
+    """Every warning a finished run reports (segment, classify): segment_warnings, one class alone, class
+    names the text tower reads only in part."""
+    return segment_warnings(loaded, classes) + one_class_warning(classes) + cut_names_warning(loaded, classes, language)
+
+
 def one_class_warning(classes) -> list[str]:
     """The classes compete for every pixel (a softmax over them): one class alone wins everywhere."""
     if len(classes) != 1:
@@ -119,8 +125,9 @@ def with_model_defaults(options: SegmentOptions, loaded: LoadedModel) -> Segment
     trained_gsd = (loaded.metadata.get("finetuned") or {}).get("processing", {}).get("gsd_m")
     if options.scale is None and options.gsd_m is None and trained_gsd:
         changes["gsd_m"] = float(trained_gsd)
-    if options.bands is None and trained_bands(loaded.metadata):
-        changes["bands"] = bands_for(options.raster, None, loaded)
+    chosen = bands_for(options.raster, None, loaded) if options.bands is None else None
+    if chosen:
+        changes["bands"] = chosen
     if options.batch_size is None:
         changes["batch_size"] = default_batch_size(loaded.device)
     return replace(options, **changes) if changes else options
@@ -339,8 +346,7 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
     raster = options.raster
     classes = parse_class_lines(class_lines_of(options))
     check_field_widths(options.out, [c.name for c in classes])
-    warnings = (segment_warnings(loaded, classes) + one_class_warning(classes)
-                + cut_names_warning(loaded, classes, check_language(options.language)))
+    warnings = run_warnings(loaded, classes, check_language(options.language))
     run_id = uuid.uuid4().hex[:12]
     timings: dict[str, float] = {}
     targets = output_paths(options)
