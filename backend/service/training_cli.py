@@ -105,59 +105,56 @@ def evaluate_command(
 ) -> None:
     """Report per-class IoU, mIoU, accuracy and the confusion matrix of a model against labelled polygons."""
     loaded = None
-    try:
-        with signals_as_interrupt():  # SIGTERM/SIGHUP as Ctrl+C from the start, imports included
-            from backend.engine.devices import resolve_device
-            from backend.engine.models import check_half, load_model, to_half
+    try:  # a signal or Ctrl+C: "Interrupted." from cli_common.interruptible, which wraps every command
+        from backend.engine.devices import resolve_device
+        from backend.engine.models import check_half, load_model, to_half
 
-            from training.api import (check_attention, check_report_outputs, class_names_from_pairs,
-                                      evaluate_model, evaluation_inputs)
-            from training.quality_calibration import calibrate_quality as calibrate
-            from training.quality_calibration import calibration_target, check_quality_tile
+        from training.api import (check_attention, check_report_outputs, class_names_from_pairs,
+                                  evaluate_model, evaluation_inputs)
+        from training.quality_calibration import calibrate_quality as calibrate
+        from training.quality_calibration import calibration_target, check_quality_tile
 
-            # Every output is checked before a model loads: a run never ends in a traceback over a missing folder.
-            check_attention(attention)
-            if calibrate_quality:
-                check_quality_tile(quality_tile)
-            inputs = evaluation_inputs(raster, labels, aoi, model, weights)
-            check_report_outputs({"--json file": json_out, "--png file": png,
-                                  "--quality-out file": quality_out if calibrate_quality else None}, inputs, overwrite)
-            dev = resolve_device(device)
-            check_half(half, dev)
-            if benchmark is not None:
-                _benchmark(benchmark, classes, preset, protocol, reduce_zero_label, prob_threshold,
-                           background_index, model, weights, dev, half, benchmark_split, long_side, ignore_index,
-                           attention, batch_size, limit, quiet, json_out, png)
-                return
-            if raster is None or labels is None or not class_field:
-                raise InputError("Give RASTER, LABELS and --class-field (or --benchmark FOLDER).")
-            if half or calibrate_quality:
-                loaded = load_model(model, str(weights) if weights else None, dev)
-                loaded = to_half(loaded) if half else loaded
-            if calibrate_quality:  # where the calibration goes, checked before the evaluation runs
-                target = calibration_target(loaded, quality_out)
-                if quality_out is None:
-                    check_output_file(target, "quality calibration", inputs, overwrite=overwrite)
-            result = evaluate_model(raster, labels, class_field, model=model,
-                                    weights=str(weights) if weights else None, background=background, aoi=aoi,
-                                    class_names=class_names_from_pairs(class_name or []), split=split,
-                                    bands=_bands(bands), scale=scale, gsd_m=gsd, attention=attention,
-                                    batch_size=batch_size, device=str(dev), out_json=json_out, out_png=png,
-                                    progress=_Lines(quiet), overwrite=overwrite, loaded=loaded)
-            where = "the held-out validation strip" if result["split"] == "validation" else "all labelled pixels"
-            typer.echo(f"{result['model']} on {where} of {Path(result['raster']).name}")
-            typer.echo(result["text"])
-            if calibrate_quality:
-                # On the same classes, bands, grid and area as the evaluation above (the model's own defaults).
-                used = result["processing"]
-                fit = calibrate(raster, labels, class_field, loaded, target, background=result["background"],
-                                aoi=used["aoi"], class_names=used["class_names"], bands=used["bands"],
-                                scale=used["scale"], gsd_m=used["gsd_m"], tile=quality_tile, attention=attention,
-                                batch_size=batch_size)
+        # Every output is checked before a model loads: a run never ends in a traceback over a missing folder.
+        check_attention(attention)
+        if calibrate_quality:
+            check_quality_tile(quality_tile)
+        inputs = evaluation_inputs(raster, labels, aoi, model, weights)
+        check_report_outputs({"--json file": json_out, "--png file": png,
+                              "--quality-out file": quality_out if calibrate_quality else None}, inputs, overwrite)
+        dev = resolve_device(device)
+        check_half(half, dev)
+        if benchmark is not None:
+            _benchmark(benchmark, classes, preset, protocol, reduce_zero_label, prob_threshold,
+                       background_index, model, weights, dev, half, benchmark_split, long_side, ignore_index,
+                       attention, batch_size, limit, quiet, json_out, png)
+            return
+        if raster is None or labels is None or not class_field:
+            raise InputError("Give RASTER, LABELS and --class-field (or --benchmark FOLDER).")
+        if half or calibrate_quality:
+            loaded = load_model(model, str(weights) if weights else None, dev)
+            loaded = to_half(loaded) if half else loaded
+        if calibrate_quality:  # where the calibration goes, checked before the evaluation runs
+            target = calibration_target(loaded, quality_out)
+            if quality_out is None:
+                check_output_file(target, "quality calibration", inputs, overwrite=overwrite)
+        result = evaluate_model(raster, labels, class_field, model=model,
+                                weights=str(weights) if weights else None, background=background, aoi=aoi,
+                                class_names=class_names_from_pairs(class_name or []), split=split,
+                                bands=_bands(bands), scale=scale, gsd_m=gsd, attention=attention,
+                                batch_size=batch_size, device=str(dev), out_json=json_out, out_png=png,
+                                progress=_Lines(quiet), overwrite=overwrite, loaded=loaded)
+        where = "the held-out validation strip" if result["split"] == "validation" else "all labelled pixels"
+        typer.echo(f"{result['model']} on {where} of {Path(result['raster']).name}")
+        typer.echo(result["text"])
+        if calibrate_quality:
+            # On the same classes, bands, grid and area as the evaluation above (the model's own defaults).
+            used = result["processing"]
+            fit = calibrate(raster, labels, class_field, loaded, target, background=result["background"],
+                            aoi=used["aoi"], class_names=used["class_names"], bands=used["bands"],
+                            scale=used["scale"], gsd_m=used["gsd_m"], tile=quality_tile, attention=attention,
+                            batch_size=batch_size)
     except FarslipError as error:
         _fail(error)
-    except KeyboardInterrupt as error:
-        interrupted(error, "Interrupted.")
     if calibrate_quality:
         default, calibrated = fit["default"], fit["calibrated"]
         typer.echo(f"Quality estimate on {fit['tiles']} tiles: default SROCC {default.get('srocc')}, PLCC "
