@@ -32,6 +32,7 @@ from backend.engine.errors import CancelledError, FarslipError, InputError
 from backend.engine.atomic import atomic_output, write_text_atomically
 from backend.engine.export import report_json, report_path_for
 from backend.engine.feature_cache import identity_digest, model_identity
+from backend.engine.weights import stat_identity
 from backend.engine.checks import coarse_vector_path
 from backend.engine.files import check_output_folder, same_file
 from backend.engine.options import SegmentOptions
@@ -170,9 +171,8 @@ def _input_facts(paths: list[str]) -> list[dict]:
     for path in paths:
         try:
             stat = os.stat(path)
-            # ctime and inode too: a file copied over with its size and mtime kept is another raster.
-            facts.append({"path": str(Path(path).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                          "ctime_ns": stat.st_ctime_ns, "inode": stat.st_ino})
+            # With ctime and inode: a file copied over with its size and mtime kept is another raster.
+            facts.append({"path": str(Path(path).resolve()), **stat_identity(stat)})
         except OSError:
             facts.append({"path": path})
     return facts
