@@ -23,7 +23,7 @@ from rasterio.features import rasterize
 
 from backend.engine.errors import InputError
 from backend.engine.files import check_vector_source
-from backend.engine.raster import PixelWindow, RasterSource, bounds_window
+from backend.engine.raster import PixelWindow, RasterSource, bounds_window, coordinates
 from backend.engine.presets import split_class_line
 from backend.engine.text import parse_class_lines
 
@@ -361,20 +361,22 @@ def build_label_grid(source: RasterSource, polygons: LabelPolygons, background: 
     extent = aoi if aoi is not None else shapely.box(*shapely.total_bounds(polygons.geometries))
     footprint = shapely.box(*source.window_bounds(PixelWindow(0, 0, source.height, source.width)))
     rx0, ry0, rx1, ry1 = footprint.bounds
-    in_raster_crs = f"in the raster's CRS {source.crs.to_string()}"
+    crs = source.crs
+    in_raster_crs = f"in the raster's CRS {crs.to_string()}"
     if aoi is not None and not shapely.intersects(aoi, footprint):
         ax0, ay0, ax1, ay1 = aoi.bounds
         raise InputError(f"The area of interest does not overlap the raster {source.path.name}: it covers x "
-                         f"{ax0:.6g}..{ax1:.6g}, y {ay0:.6g}..{ay1:.6g} and the raster x {rx0:.6g}..{rx1:.6g}, "
-                         f"y {ry0:.6g}..{ry1:.6g} ({in_raster_crs}); give an --aoi that lies on the raster.")
+                         f"{coordinates(crs, ax0, ax1)}, y {coordinates(crs, ay0, ay1)} and the raster x "
+                         f"{coordinates(crs, rx0, rx1)}, y {coordinates(crs, ry0, ry1)} ({in_raster_crs}); give an "
+                         "--aoi that lies on the raster.")
     window = bounds_window(source, extent.bounds)
     union = shapely.union_all(polygons.geometries)
     if window is None or not shapely.intersects(union, footprint):
         lx0, ly0, lx1, ly1 = shapely.total_bounds(polygons.geometries)
         raise InputError(f"The labels in {label_file} do not overlap the raster {source.path.name}: the "
-                         f"labels cover x {lx0:.6g}..{lx1:.6g}, y {ly0:.6g}..{ly1:.6g} and the raster x "
-                         f"{rx0:.6g}..{rx1:.6g}, y {ry0:.6g}..{ry1:.6g} ({in_raster_crs}; the labels were "
-                         f"in {polygons.source_crs}).")
+                         f"labels cover x {coordinates(crs, lx0, lx1)}, y {coordinates(crs, ly0, ly1)} and the raster "
+                         f"x {coordinates(crs, rx0, rx1)}, y {coordinates(crs, ry0, ry1)} ({in_raster_crs}; the "
+                         f"labels were in {polygons.source_crs}).")
     if aoi is not None and not shapely.intersects(union, shapely.intersection(aoi, footprint)):
         raise InputError(f"The labels in {label_file} lie outside the area of interest (where it covers the "
                          f"raster {source.path.name}); give an --aoi that holds labelled polygons.")

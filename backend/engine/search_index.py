@@ -47,7 +47,8 @@ from .models import LoadedModel
 from .options import check_batch_size
 from .paths import cache_dir
 from .finetuned import bands_for
-from .raster import PixelWindow, RasterSource, native_gsd_m, open_source, pixel_envelope, request_window
+from .raster import (PixelWindow, RasterSource, coordinates, native_gsd_m, open_source, pixel_envelope,
+                     request_window)
 from .sliding import crop_starts
 
 INDEX_FORMAT = "farslip-search-index/2"  # 2: keyed by the model's variant; staleness by every file GDAL reads
@@ -443,8 +444,8 @@ def point_window(index: SearchIndex, level: Level, x: float, y: float) -> tuple[
 def outside_raster(x: float, y: float, name: str, transform, width: int, height: int, crs) -> InputError:
     """The sentence for a point (raster CRS) that lies off a raster of `width` x `height` pixels."""
     left, bottom, right, top = pixel_envelope(transform, 0, 0, width, height)
-    return InputError(f"The point {x:.6g}, {y:.6g} is outside the raster {name}, which covers "
-                      f"x {left:.6g}..{right:.6g}, y {bottom:.6g}..{top:.6g} in {crs}.")
+    return InputError(f"The point {coordinates(crs, x, y)} is outside the raster {name}, which covers "
+                      f"x {coordinates(crs, left, right)}, y {coordinates(crs, bottom, top)} in {crs}.")
 
 
 def check_point(index: SearchIndex, x: float, y: float) -> None:

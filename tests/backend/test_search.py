@@ -225,8 +225,10 @@ def test_query_by_example_point_in_another_crs_and_outside_the_raster(loaded, pl
                                tmp_path / "like.gpkg")
         assert sorted((round(b[0]), round(b[1])) for b in result.hits.bounds) == sorted(
             (round(cx - 224), round(cy - 224)) for cx, cy in centres[1:])
-        with pytest.raises(InputError, match="outside the raster"):
+        with pytest.raises(InputError, match="outside the raster") as refused:
             search_raster(index, SearchOptions(like=(0.0, 0.0), top=3), tmp_path / "none.gpkg")
+        assert str(refused.value).startswith("The point 0.00, 0.00 is outside")
+        assert "e+0" not in str(refused.value)  # fixed-point coordinates (5.2e+06 before)
     assert not (tmp_path / "none.gpkg").exists()
 
 

@@ -245,6 +245,9 @@ def test_an_area_of_interest_off_the_raster_is_named_as_such(synthetic, tmp_path
         with pytest.raises(InputError, match=r"area of interest does not overlap the raster synthetic\.tif") as refused:
             build_label_grid(source, polygons, background="other", aoi=read_aoi(aoi, source.crs))
     assert "labels" not in str(refused.value).split(":")[0]
+    # Fixed-point coordinates to the centimetre, as every other sentence gives them (5.0002e+06 before).
+    assert "x 505000.00..505200.00, y 4999800.00..5000000.00" in str(refused.value)
+    assert "e+0" not in str(refused.value)
 
 
 def test_features_without_a_class_value_are_left_out_with_a_sentence(synthetic, tiny_model, tmp_path):
