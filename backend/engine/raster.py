@@ -462,12 +462,13 @@ def bounds_window(source: RasterSource, bounds: tuple[float, float, float, float
     return PixelWindow(row0, col0, row1 - row0, col1 - col0)
 
 
-def coordinates(crs: CRS | None, *values: float) -> str:
+def coordinates(crs: CRS | None, *values: float, point: bool = False) -> str:
     """Coordinates for a sentence: fixed-point (never 5.2e+06), to the centimetre in a projected CRS and
-    to about a decimetre (6 decimals) in degrees; joined by '..' (a range) or ', ' (a point)."""
+    to about a decimetre (6 decimals) in degrees; a range (two values) joined by '..', a `point`'s
+    coordinates by ', '."""
     digits = 6 if crs is not None and crs.is_geographic else 2
     text = [f"{value:.{digits}f}" for value in values]
-    return "..".join(text) if len(values) == 2 else ", ".join(text)
+    return ", ".join(text) if point or len(values) != 2 else "..".join(text)
 
 
 SAMPLES = 21  # points per side of the grids sampled to check that a box and a raster meet

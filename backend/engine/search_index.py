@@ -444,7 +444,7 @@ def point_window(index: SearchIndex, level: Level, x: float, y: float) -> tuple[
 def outside_raster(x: float, y: float, name: str, transform, width: int, height: int, crs) -> InputError:
     """The sentence for a point (raster CRS) that lies off a raster of `width` x `height` pixels."""
     left, bottom, right, top = pixel_envelope(transform, 0, 0, width, height)
-    return InputError(f"The point {coordinates(crs, x, y)} is outside the raster {name}, which covers "
+    return InputError(f"The point {coordinates(crs, x, y, point=True)} is outside the raster {name}, which covers "
                       f"x {coordinates(crs, left, right)}, y {coordinates(crs, bottom, top)} in {crs}.")
 
 
