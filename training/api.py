@@ -193,7 +193,11 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
         background = background if background is not None else trained_on.get("background")
         bands = bands or processing.get("bands")
         if scale is None and gsd_m is None:
-            scale = processing.get("scale")
+            # A grid of two factors (a --gsd on pixels not square on the ground) comes back from its gsd.
+            if processing.get("scale_y") is not None and processing.get("gsd_m"):
+                gsd_m = float(processing["gsd_m"])
+            else:
+                scale = processing.get("scale")
         recorded_aoi = (trained_on["data"].get("aoi") or {}).get("path")
         if aoi is None and recorded_aoi:
             if not Path(recorded_aoi).is_file():
@@ -399,7 +403,7 @@ def training_data_record(data: TrainingData, raster_sha: str | None, labels: Pat
         "background": data.grid.background,
         "aoi": {"path": str(aoi_file), "sha256": file_sha256(aoi_file), "layer": aoi_name} if aoi_file else None,
         "bands": [int(band) for band in data.source.bands], "scale": float(data.source.scale),
-        "gsd_m": native_gsd_m(data.source.dataset) / data.source.scale,
+        "scale_y": data.source.scale_y, "gsd_m": native_gsd_m(data.source.dataset) / data.source.scale,
     }
 
 
@@ -435,7 +439,8 @@ def training_data_differences(saved: dict, saved_options: dict, now: dict, optio
             differences.append(f"{_aoi_text(then)} as it was then (its sha256 differs now)")
     if "bands" in saved and list(saved["bands"]) != now["bands"]:
         differences.append(f"--bands {','.join(map(str, saved['bands']))} (now {','.join(map(str, now['bands']))})")
-    if "scale" in saved and not math.isclose(saved["scale"], now["scale"], rel_tol=1e-6):
+    if "scale" in saved and not (math.isclose(saved["scale"], now["scale"], rel_tol=1e-6) and (
+            "scale_y" not in saved or _same_factor(saved["scale_y"], now["scale_y"]))):
         differences.append(f"{saved['gsd_m']:.4g} m pixels, --scale {saved['scale']:.4g} (now {now['gsd_m']:.4g} m, "
                            f"--scale {now['scale']:.4g})")
     for key, what, unit in (("validation_fraction", "a validation fraction of", ""),
@@ -443,6 +448,11 @@ def training_data_differences(saved: dict, saved_options: dict, now: dict, optio
         if key in saved_options and not math.isclose(saved_options[key], getattr(options, key), rel_tol=1e-9):
             differences.append(f"{what} {saved_options[key]:g}{unit} (now {getattr(options, key):g}{unit})")
     return ", ".join(differences[:-1]) + " and " + differences[-1] if len(differences) > 1 else "".join(differences)
+
+
+def _same_factor(a: float | None, b: float | None) -> bool:
+    """Two factors down the rows (None: the same as across the columns) are the same."""
+    return (a is None and b is None) or (a is not None and b is not None and math.isclose(a, b, rel_tol=1e-6))
 
 
 def _train_in(work: Path, out: Path, loaded: LoadedModel, data: TrainingData, options: TrainOptions, resuming: bool,
@@ -551,7 +561,7 @@ def _train_in(work: Path, out: Path, loaded: LoadedModel, data: TrainingData, op
             "aoi": {"path": str(vector_file(aoi).resolve()), "sha256": file_sha256(vector_file(aoi)),
                     "layer": split_layer(aoi)[1]} if aoi else None,
         },
-        "processing": {"scale": data.source.scale, "bands": data.source.bands,
+        "processing": {"scale": data.source.scale, "scale_y": data.source.scale_y, "bands": data.source.bands,
                        # The bands the trainer chose (--bands), which segment and evaluate then use too.
                        "bands_chosen": (data.source.bands
                                         if data.source.bands != select_bands(data.source.dataset, None) else None),

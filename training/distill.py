@@ -48,9 +48,9 @@ def draw_box(height: int, width: int, rng: np.random.Generator) -> tuple[int, in
 
 def native_source(source: RasterSource) -> RasterSource:
     """The same open raster, bands and value scaling, read at its native resolution."""
-    if source.scale == 1.0:
+    if source.scales == (1.0, 1.0):
         return source
-    return dataclasses.replace(source, scale=1.0)
+    return dataclasses.replace(source, scale=1.0, scale_y=None)
 
 
 def native_area(source: RasterSource, window: PixelWindow) -> PixelWindow:

@@ -132,7 +132,7 @@ def raster_scope(source, model, attention: str, encoder_name: str) -> str:
         return ""
     identity = {
         "raster": raster,
-        "grid": [source.height, source.width], "scale": source.scale, "bands": list(source.bands),
+        "grid": [source.height, source.width], "scale": source.scale_record, "bands": list(source.bands),
         "value_range": [list(r) for r in source.value_range] if source.value_range else None,
         "palette": getattr(source, "palette", None) is not None,
         "model": model_identity(model),

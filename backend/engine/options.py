@@ -204,7 +204,7 @@ class SegmentOptions:
         help="Resample by this factor before segmenting.", range=Range(MIN_SCALE, MAX_SCALE),
         error=f"--scale must be between {MIN_SCALE:g} and {MAX_SCALE:g}; got {{value}}."))
     gsd_m: float | None = field(default=None, metadata=spec(
-        flags=("--gsd",), help="Resample to this ground sample distance in metres.",
+        flags=("--gsd",), help="Resample to square pixels of this ground size in metres (across and down).",
         range=Range(0.0, None, low_open=True), error="--gsd must be a positive number of metres; got {value}."))
     min_area: float = field(default=0.0, metadata=spec(
         help="Drop polygons smaller than this many m².", range=Range(0.0, None),

@@ -76,14 +76,19 @@ class RasterSource:
     scale: float
     value_range: list[tuple[float, float]] | None
     palette: np.ndarray | None = None  # (256, 3) colour table of a paletted band, looked up after reading
+    # The factor down the rows where it differs from `scale` across the columns (a --gsd on pixels that
+    # are not square on the ground: degrees away from the equator, 2 x 5 m pixels); None: the same.
+    scale_y: float | None = None
     width: int = field(init=False)
     height: int = field(init=False)
     transform: Affine = field(init=False)
 
     def __post_init__(self) -> None:
         ds = self.dataset
+        if self.scale_y == self.scale:
+            self.scale_y = None
         self.width = max(1, round(ds.width * self.scale))
-        self.height = max(1, round(ds.height * self.scale))
+        self.height = max(1, round(ds.height * self.scales[1]))
         self.transform = ds.transform @ Affine.scale(ds.width / self.width, ds.height / self.height)
         # Without a mask its blocks of 255s need not be built for every read.
         self._all_valid = all_pixels_valid(ds)
@@ -93,10 +98,20 @@ class RasterSource:
         return self.dataset.crs
 
     @property
+    def scales(self) -> tuple[float, float]:
+        """(across the columns, down the rows): the factors from native to processing pixels."""
+        return self.scale, self.scale if self.scale_y is None else self.scale_y
+
+    @property
+    def scale_record(self) -> float | list[float]:
+        """The factor for reports and cache keys: one number, or [x, y] where they differ."""
+        return self.scale if self.scale_y is None else [self.scale, self.scale_y]
+
+    @property
     def same_in_any_window(self) -> bool:
         """On the raster's own grid each pixel is read as it is; resampled, a pixel's value depends on
         where the window around it starts."""
-        return self.scale == 1.0
+        return self.scales == (1.0, 1.0)
 
     def _source_window(self, window: PixelWindow) -> Window:
         fx, fy = self.dataset.width / self.width, self.dataset.height / self.height
@@ -104,7 +119,7 @@ class RasterSource:
 
     def _resampling(self) -> Resampling:
         # Palette indices are labels, not intensities: never interpolate them.
-        return Resampling.nearest if self.scale == 1.0 or self.palette is not None else Resampling.bilinear
+        return Resampling.nearest if self.scales == (1.0, 1.0) or self.palette is not None else Resampling.bilinear
 
     def read(self, window: PixelWindow, shape: tuple[int, int] | None = None,
              every: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -331,20 +346,30 @@ def stretch_range(ds: rasterio.io.DatasetReader, bands: list[int],
     return ranges
 
 
-def processing_scale(ds: rasterio.io.DatasetReader, scale: float | None, gsd_m: float | None) -> float:
-    """Factor from native pixels to processing pixels (2.0 = twice as many pixels)."""
+def processing_scale(ds: rasterio.io.DatasetReader, scale: float | None, gsd_m: float | None
+                     ) -> tuple[float, float]:
+    """Factors from native pixels to processing pixels (2.0 = twice as many pixels), across the columns
+    and down the rows: a --gsd gives square pixels of that size on the ground, whatever shape the
+    raster's own pixels have there (degrees away from the equator, 2 x 5 m pixels)."""
     check_scale_or_gsd(scale, gsd_m)
     if scale is not None:
-        return float(scale)
-    if gsd_m is not None:
-        native = native_gsd_m(ds)
-        factor = native / gsd_m
-        if not MIN_SCALE <= factor <= MAX_SCALE:
-            raise InputError(f"--gsd {gsd_m:g} would resample this raster's {native:.3g} m pixels by {factor:.3g}; "
-                             f"the engine resamples by {MIN_SCALE:g} to {MAX_SCALE:g}, so give a --gsd between "
-                             f"{native / MAX_SCALE:.3g} and {native / MIN_SCALE:.3g} m.")
-        return float(factor)
-    return 1.0
+        return float(scale), float(scale)
+    if gsd_m is None:
+        return 1.0, 1.0
+    natives = native_ground_size(ds)
+    factors = (natives[0] / gsd_m, natives[1] / gsd_m)
+    if not all(MIN_SCALE <= factor <= MAX_SCALE for factor in factors):
+        larger, smaller = max(natives), min(natives)
+        pixels = (f"{natives[0]:.3g} m" if math.isclose(*natives, rel_tol=1e-3) else
+                  f"{natives[0]:.3g} x {natives[1]:.3g} m")
+        by = max(factors, key=lambda f: max(f / MAX_SCALE, MIN_SCALE / f))
+        raise InputError(f"--gsd {gsd_m:g} would resample this raster's {pixels} pixels by {by:.3g}; "
+                         f"the engine resamples by {MIN_SCALE:g} to {MAX_SCALE:g}, so give a --gsd between "
+                         f"{larger / MAX_SCALE:.3g} and {smaller / MIN_SCALE:.3g} m.")
+    return float(factors[0]), float(factors[1])
+
+
+DEGREE_M = 111_320.0  # metres of a degree of latitude, and of longitude at the equator (mean, to 0.7 %)
 
 
 def pixel_size(transform: Affine) -> list[float]:
@@ -369,14 +394,19 @@ def _axis_unit_factor(crs: CRS) -> float | None:
 
 
 def native_gsd_m(ds: rasterio.io.DatasetReader) -> float:
-    """The raster's pixel width on the ground in metres, at the raster's centre: through the latitude in
-    a geographic CRS; in a projected one the CRS unit, or, where the projection's areas are more than 1 %
-    off the ground (Web Mercator away from the equator: see ground.py), the side of a square of the
-    centre pixel's ellipsoidal area."""
-    native = pixel_size(ds.transform)[0]
+    """The raster's pixel width on the ground in metres, at the raster's centre (native_ground_size)."""
+    return native_ground_size(ds)[0]
+
+
+def native_ground_size(ds: rasterio.io.DatasetReader) -> tuple[float, float]:
+    """(width, height) in metres of the raster's centre pixel on the ground: through the latitude in a
+    geographic CRS; in a projected one the CRS unit, or, where the projection's areas are more than 1 %
+    off the ground (Web Mercator away from the equator: see ground.py), with the pixel's ellipsoidal
+    area (its shape kept: such projections are conformal)."""
+    width, height = pixel_size(ds.transform)
     if ds.crs.is_geographic:
         lat = (ds.bounds.top + ds.bounds.bottom) / 2
-        return native * 111_320.0 * math.cos(math.radians(lat))
+        return width * DEGREE_M * math.cos(math.radians(lat)), height * DEGREE_M
     try:
         units = ds.crs.linear_units_factor[1]
     except CRSError:  # a local (engineering) CRS: its axes may still name their unit
@@ -390,8 +420,9 @@ def native_gsd_m(ds: rasterio.io.DatasetReader) -> float:
     if not keeps_areas(ds.crs, centre_x, centre_y)[0]:
         ground = ground_pixel_size(ds.crs, ds.transform, col, row)
         if ground is not None:
-            return ground
-    return native * units
+            factor = ground / math.sqrt(width * height)
+            return width * factor, height * factor
+    return width * units, height * units
 
 
 def open_source(path: str | Path, bands: list[int] | None = None, scale: float | None = None,
@@ -402,7 +433,7 @@ def open_source(path: str | Path, bands: list[int] | None = None, scale: float |
     try:
         band_list = select_bands(ds, bands)
         palette = palette_lut(ds, band_list)  # a paletted band shows its colours, chosen or not
-        factor = processing_scale(ds, scale, gsd_m)
+        factor_x, factor_y = processing_scale(ds, scale, gsd_m)
         stretch = value_range is None and needs_stretch(ds, band_list)
         data, mask = _sample(ds, band_list, values=stretch)
         if not mask.any():
@@ -420,7 +451,8 @@ def open_source(path: str | Path, bands: list[int] | None = None, scale: float |
     except Exception:
         ds.close()
         raise
-    return RasterSource(Path(path), ds, band_list, factor, None if palette is not None else ranges, palette)
+    return RasterSource(Path(path), ds, band_list, factor_x, None if palette is not None else ranges, palette,
+                        factor_y)
 
 
 def parse_crs(text: str | None, default: CRS, what: str = "bbox CRS") -> CRS:

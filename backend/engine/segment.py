@@ -472,7 +472,7 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
                 "requested_bbox_crs": options.bbox_crs,
                 "pixel_window": {"row_off": window.row_off, "col_off": window.col_off,
                                  "height": window.height, "width": window.width},
-                "pixel_size": pixel_size(source.transform), "processing_scale": source.scale,
+                "pixel_size": pixel_size(source.transform), "processing_scale": source.scale_record,
                 "bands": source.bands, "value_range": source.value_range,
                 "device": str(loaded.device), "encoder": segmenter.encoder.name,
                 "features": features, "tiles": total, "crop": segmenter.crop,

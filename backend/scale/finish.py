@@ -150,7 +150,7 @@ def finish_raster(plan: RasterPlan, manifest: Manifest, engine: EngineSettings, 
                        finish.run_id, extra=estimate.fields, layer="polygons")
         facts = {
             "path": plan.path, "crs": source.crs.to_string(), "bbox": list(source.window_bounds(window)),
-            "pixel_size": pixel_size(source.transform), "processing_scale": source.scale,
+            "pixel_size": pixel_size(source.transform), "processing_scale": source.scale_record,
             "bands": source.bands, "value_range": source.value_range, "tiles": plan.crops,
             "valid_pixels": valid, "class_stats": _class_stats(regions, finish.class_names),
             "quality": estimate.report, "finish_s": round(time.perf_counter() - started, 3), **refined.report,

@@ -581,3 +581,44 @@ def test_a_box_around_the_south_pole_does_not_meet_an_arctic_raster_at_any_size(
         for half in (100_000, 1_000_000, 3_000_000):
             with pytest.raises(InputError, match=r"does not overlap the raster arctic\.tif"):
                 request_window(source, (-half, -half, half, half), "EPSG:3031")
+
+
+@pytest.mark.parametrize("crs, transform, ground", [
+    # 2 x 5 m pixels (a scanner's along-track spacing): --gsd 4 is 2 columns -> 1 and 4 rows -> 5.
+    ("EPSG:32633", rasterio.Affine(2.0, 0, 300_000, 0, -5.0, 5_800_000), (2.0, 5.0)),
+    # Square degrees at 60 degrees north are half as wide as they are tall on the ground.
+    ("EPSG:4326", rasterio.Affine(4e-5, 0, 10.0, 0, -4e-5, 60.0 + 120 * 4e-5), (4e-5 * 111_320 * 0.5, 4e-5 * 111_320)),
+])
+def test_gsd_gives_square_ground_pixels_whatever_shape_the_rasters_pixels_have(tiny_model, tmp_path, crs, transform,
+                                                                               ground):
+    """--gsd sets the ground size of the processing pixels across and down: before, only their width was
+    set and the height followed in proportion (4 x 10 m for --gsd 4 on 2 x 5 m pixels), so a model
+    fine-tuned at 4 m saw its objects squashed to half their height."""
+    from pyproj import Geod
+
+    raster = _blocks_raster(tmp_path / "pixels.tif", crs, transform)
+    classes, out = tmp_path / "c.tif", tmp_path / "g.gpkg"
+    gsd = 4.0
+    result = segment(raster, *CLASSES, "--model", tiny_model, "--out", out, "--class-raster", classes,
+                     "--gsd", str(gsd), "--quiet")
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    factors = report["processing_scale"]
+    assert factors == pytest.approx([ground[0] / gsd, ground[1] / gsd], rel=2e-3)
+    with rasterio.open(classes) as ds, rasterio.open(raster) as src:
+        assert ds.width == round(src.width * factors[0]) and ds.height == round(src.height * factors[1])
+        assert ds.bounds == pytest.approx(src.bounds)  # the same footprint, another grid
+        geod = Geod(ellps="WGS84")
+        if ds.crs.is_geographic:  # each processing pixel is gsd x gsd metres on the ground
+            col, row = ds.width // 2, ds.height // 2
+            (x0, y0), (x1, y1) = ds.transform * (col, row), ds.transform * (col + 1, row + 1)
+            across = geod.inv(x0, y0, x1, y0)[2]
+            down = geod.inv(x0, y0, x0, y1)[2]
+        else:
+            across, down = ds.transform.a, -ds.transform.e
+        assert across == pytest.approx(gsd, rel=0.01) and down == pytest.approx(gsd, rel=0.01)
+        # The polygons still cover exactly the class raster's pixels of their class.
+        _, geoms, fields = read_layer(out)
+        burned = rasterio.features.rasterize(zip(geoms, fields["class_id"]), out_shape=(ds.height, ds.width),
+                                             transform=ds.transform, fill=255, dtype="uint8")
+        assert (burned == ds.read(1)).mean() > 0.99

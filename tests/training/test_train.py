@@ -347,6 +347,39 @@ def test_evaluate_scores_on_the_grid_and_area_the_model_was_trained_on(synthetic
     assert everything["window"]["width"] <= 384 // 2  # 4 m pixels, not the raster's own 2 m
 
 
+def test_a_grid_of_two_factors_is_recorded_and_evaluated_on(synthetic, tiny_model, tmp_path):
+    """--gsd 4 on 2 x 4 m pixels halves the columns and keeps the rows: the model records both factors,
+    and the default evaluation comes back to that grid (before, one factor was recorded and evaluate
+    applied it to the rows too, so the validation strip did not fit)."""
+    import pyogrio.raw
+    import rasterio
+    import shapely.affinity
+    import shapely.ops
+    from pyproj import Transformer
+
+    raster, labels, _ = synthetic
+    tall = tmp_path / "tall.tif"
+    with rasterio.open(raster) as src:
+        profile = src.profile
+        profile["transform"] = src.transform @ rasterio.Affine.scale(1.0, 2.0)
+        with rasterio.open(tall, "w", **profile) as dst:
+            dst.write(src.read())
+        origin_y = src.transform.f
+    meta, _, wkb, fields = pyogrio.raw.read(labels)
+    to_raster = Transformer.from_crs(meta["crs"], RASTER_CRS, always_xy=True)
+    geometries = [shapely.affinity.scale(shapely.ops.transform(to_raster.transform, g), 1.0, 2.0,
+                                         origin=(0, origin_y)) for g in shapely.from_wkb(wkb)]
+    tall_labels = write_labels(tmp_path / "tall.gpkg", geometries, list(fields[0]), RASTER_CRS)
+    out = tmp_path / "model"
+    result = train_model(tall, tall_labels, "cls", out, base_model=str(tiny_model), epochs=1, gsd_m=4.0,
+                         options=fast_options(steps_per_epoch=1))
+    processing = json.loads((out / "farslip_model.json").read_text())["processing"]
+    assert processing["scale"] == pytest.approx(0.5) and processing["scale_y"] == pytest.approx(1.0)
+    report = evaluate_model(tall, tall_labels, "cls", model=str(out))
+    assert report["split"] == "validation"
+    assert report["metrics"]["confusion"] == result["metrics"]["after"]["confusion"]
+
+
 def _folder_bytes(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
