@@ -108,11 +108,17 @@ def write_layer(path: Path, geometries: np.ndarray, fields: Mapping[str, np.ndar
                               geometry_type=geometry_type, crs=crs.to_wkt() if hasattr(crs, "to_wkt") else crs,
                               **options)
     if layer is not None:  # the caller writes into a name it staged itself
-        write(path, layer=layer)
+        write(path, layer=layer_name(layer, driver))
         return path
     with atomic_output(path, tag) as temp_path:
-        write(temp_path, layer=path.stem)
+        write(temp_path, layer=layer_name(path.stem, driver))
     return path
+
+
+def layer_name(name: str, driver: str) -> str:
+    """The layer's name in the file: GeoPackage reserves names that begin with 'gpkg' (its own tables), so
+    the layer of gpkg_ortho.gpkg is _gpkg_ortho (GDAL refused it and the run ended in a traceback)."""
+    return f"_{name}" if driver == "GPKG" and name.lower().startswith("gpkg") else name
 
 
 def report_path_for(vector_path: str | Path) -> Path:

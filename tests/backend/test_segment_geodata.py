@@ -622,3 +622,20 @@ def test_gsd_gives_square_ground_pixels_whatever_shape_the_rasters_pixels_have(t
         burned = rasterio.features.rasterize(zip(geoms, fields["class_id"]), out_shape=(ds.height, ds.width),
                                              transform=ds.transform, fill=255, dtype="uint8")
         assert (burned == ds.read(1)).mean() > 0.99
+
+
+@pytest.mark.parametrize("name", ["gpkg_ortho.gpkg", "GPKG-tiles.gpkg"])
+def test_a_geopackage_named_gpkg_something_is_written(tiny_model, tmp_path, name):
+    """GeoPackage reserves layer names that begin with 'gpkg': a result named gpkg_ortho.gpkg (the layer
+    named after the file) ended in GDAL's DataLayerError and a traceback, from the CLI and the plugin."""
+    raster = _blocks_raster(tmp_path / "utm.tif", "EPSG:32633", rasterio.Affine(2.0, 0, 300_000, 0, -2.0, 5_800_000))
+    out = tmp_path / name
+    result = segment(raster, *CLASSES, "--model", tiny_model, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert pyogrio.list_layers(out)[:, 0].tolist() == [f"_{out.stem}"]
+    assert pyogrio.read_info(out)["features"] > 0
+    tiles = tmp_path / f"gpkg{name}"
+    result = CliRunner().invoke(app, ["classify", str(raster), "-c", "water", "-c", "grass", "--model", str(tiny_model),
+                                      "--tile", "64", "--out", str(tiles), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert pyogrio.read_info(tiles)["features"] > 0
