@@ -570,7 +570,34 @@ def bbox_in_raster_crs(bbox: tuple[float, float, float, float], bbox_crs: CRS, r
     may cross the antimeridian, and longitudes in -180..180 and 0..360 are the same places (a box that
     falls on both of the raster's edges takes the width between them). A box whose envelope comes out
     enormous (around the pole a projection cannot place, e.g. the South Pole against a north polar
-    stereographic raster) must meet the raster in sampled points, one way or the other."""
+    stereographic raster) must meet the raster in sampled points, one way or the other. A box in degrees
+    that crosses 180 or is a whole turn wide (a QGIS canvas zoomed out to -315..315) is transformed in
+    parts within -180..180: GDAL's envelope of such a box missed most of the world."""
+    if bbox_crs == raster_crs or not bbox_crs.is_geographic:
+        return _box_over_raster(bbox, bbox_crs, raster_crs, raster_box)
+    found = [box for box in (_box_over_raster(part, bbox_crs, raster_crs, raster_box)
+                             for part in _within_one_turn(bbox)) if box is not None]
+    if not found:
+        return None
+    return (min(b[0] for b in found), min(b[1] for b in found), max(b[2] for b in found), max(b[3] for b in found))
+
+
+def _within_one_turn(box: tuple[float, float, float, float]) -> list[tuple[float, float, float, float]]:
+    """A longitude/latitude box as boxes within longitudes -180..180: the whole turn when it is 360 degrees
+    wide or more, two boxes when it crosses 180, else the box moved by whole turns."""
+    xmin, ymin, xmax, ymax = box
+    if xmax - xmin >= 360.0:
+        return [(-180.0, ymin, 180.0, ymax)]
+    west = (xmin + 180.0) % 360.0 - 180.0
+    east = west + (xmax - xmin)
+    if east <= 180.0:
+        return [(west, ymin, east, ymax)]
+    return [(west, ymin, 180.0, ymax), (-180.0, ymin, east - 360.0, ymax)]
+
+
+def _box_over_raster(bbox: tuple[float, float, float, float], bbox_crs: CRS, raster_crs: CRS,
+                     raster_box: tuple[float, float, float, float]) -> tuple[float, float, float, float] | None:
+    """bbox_in_raster_crs for one box (within one turn of longitudes when `bbox_crs` is geographic)."""
     box = bbox if bbox_crs == raster_crs else _transformed_envelope(bbox, bbox_crs, raster_crs)
     xmin, ymin, xmax, ymax = box
     if raster_crs.is_geographic:

@@ -560,7 +560,19 @@ def test_a_bbox_around_the_other_pole_does_not_overlap_an_arctic_raster(tmp_path
     ("EPSG:4326", rasterio.Affine(1, 0, -180, 0, -1, 90), (180, 360), (170, -5, 190, 5), None, (85, 0, 10, 360)),
     ("EPSG:4326", rasterio.Affine(0.1, 0, 170, 0, -0.1, -10), (100, 200), (-180, -20, 180, -10), None,
      (0, 0, 100, 200)),
-], ids=["polar cap 0..10E", "pole itself", "world raster, 3413 box", "both edges", "0..360 raster, world box"])
+    # Lon/lat boxes on a UTM 14N raster (lon -99.2, lat 47): a QGIS canvas zoomed out past the world in
+    # EPSG:4326 (-315..315), the world in 0..360, and the raster's place in 0..360 (260.5..261) all hold
+    # it; GDAL's envelope of those boxes lay east of the zone's central meridian ("does not overlap").
+    ("EPSG:26914", rasterio.Affine(5, 0, 485900, 0, -5, 5209245), (100, 200), (-315, -90, 315, 90), "EPSG:4326",
+     (0, 0, 100, 200)),
+    ("EPSG:26914", rasterio.Affine(5, 0, 485900, 0, -5, 5209245), (100, 200), (0, -90, 360, 90), "EPSG:4326",
+     (0, 0, 100, 200)),
+    ("EPSG:26914", rasterio.Affine(5, 0, 485900, 0, -5, 5209245), (100, 200), (260.5, 46, 261, 48), "EPSG:4326",
+     (0, 0, 100, 200)),
+    ("EPSG:26914", rasterio.Affine(5, 0, 485900, 0, -5, 5209245), (100, 200), (100, 0, 300, 60), "EPSG:4326",
+     (0, 0, 100, 200)),
+], ids=["polar cap 0..10E", "pole itself", "world raster, 3413 box", "both edges", "0..360 raster, world box",
+        "canvas past the world", "world in 0..360", "place in 0..360", "across 180"])
 def test_a_bbox_over_a_pole_or_both_edges_selects_what_it_covers(tmp_path, raster_crs, transform, size, bbox,
                                                                  bbox_crs, expected):
     from backend.engine.raster import open_source, request_window
