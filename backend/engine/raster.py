@@ -79,6 +79,10 @@ class RasterSource:
     # The factor down the rows where it differs from `scale` across the columns (a --gsd on pixels that
     # are not square on the ground: degrees away from the equator, 2 x 5 m pixels); None: the same.
     scale_y: float | None = None
+    # A requested box (xmin, ymin, xmax, ymax in the raster's CRS) on a rotated grid, whose pixel window
+    # (the box's envelope in pixels) reaches well beyond it: pixels whose centres lie outside are read as
+    # they are (the model's context) but are not valid, so they get no class and no polygon.
+    clip: tuple[float, float, float, float] | None = None
     width: int = field(init=False)
     height: int = field(init=False)
     transform: Affine = field(init=False)
@@ -162,7 +166,24 @@ class RasterSource:
                     np.clip(rgb, 0.0, 255.0, out=rgb)
         if not all_valid and not valid.all():
             rgb[:, ~valid] = 0.0
+        if self.clip is not None:
+            valid &= self._inside_clip(window, valid.shape, every)
         return rgb, valid
+
+    def _inside_clip(self, window: PixelWindow, shape: tuple[int, int], every: int) -> np.ndarray:
+        """(h, w) bool: whether the centre of each pixel a read of `window` returns lies inside `clip`."""
+        assert self.clip is not None
+        if every > 1:
+            rows = window.row_off + np.arange(shape[0]) * every + 0.5
+            cols = window.col_off + np.arange(shape[1]) * every + 0.5
+        else:
+            rows = window.row_off + (np.arange(shape[0]) + 0.5) * (window.height / shape[0])
+            cols = window.col_off + (np.arange(shape[1]) + 0.5) * (window.width / shape[1])
+        t = self.transform
+        xs = t.a * cols[None, :] + t.b * rows[:, None] + t.c
+        ys = t.d * cols[None, :] + t.e * rows[:, None] + t.f
+        xmin, ymin, xmax, ymax = self.clip
+        return (xs >= xmin) & (xs <= xmax) & (ys >= ymin) & (ys <= ymax)
 
     def _stretched(self, values: np.ndarray, band: int) -> np.ndarray:
         """`values` of the band-th colour mapped by its value range onto 0..255 (unclipped); as they are
@@ -618,8 +639,11 @@ def _box_over_raster(bbox: tuple[float, float, float, float], bbox_crs: CRS, ras
 
 
 def request_window(source: RasterSource, bbox: tuple[float, float, float, float] | None,
-                   bbox_crs: str | None = None) -> PixelWindow:
-    """The processing-grid window covering bbox (in bbox_crs, default the raster's), clipped to the raster."""
+                   bbox_crs: str | None = None, clip: bool = False) -> PixelWindow:
+    """The processing-grid window covering bbox (in bbox_crs, default the raster's), clipped to the raster.
+
+    With `clip`, a rotated grid's source also takes the box as its `clip` (the window is the box's envelope
+    in pixels, which reaches far beyond the box): what is outside the box gets no class."""
     full = PixelWindow(0, 0, source.height, source.width)
     if bbox is None:
         if bbox_crs:  # a forgotten --bbox would otherwise run the whole raster without a word
@@ -641,4 +665,6 @@ def request_window(source: RasterSource, bbox: tuple[float, float, float, float]
         raise InputError(f"The bbox does not overlap the raster {source.path.name}: the raster covers "
                          f"x {coordinates(source.crs, left, right)}, y {coordinates(source.crs, bottom, top)} "
                          f"in {source.crs}.")
+    if clip and (source.transform.b or source.transform.d):
+        source.clip = box
     return window

@@ -352,7 +352,7 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
     targets = output_paths(options)
 
     with open_source(raster, options.bands, options.scale, options.gsd_m, options.value_range) as source:
-        window = request_window(source, options.bbox, options.bbox_crs)
+        window = request_window(source, options.bbox, options.bbox_crs, clip=True)
         computed = refine_outlines.engine_window(options.refine, source, window)
         # Without refinement, the window is polygonised beside the engine, from its blocks: then no
         # score or signals raster is needed, and a class raster only when the user asked for one.

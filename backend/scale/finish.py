@@ -44,6 +44,7 @@ class RasterPlan:
     keys: list[str] = field(default_factory=list)
     computed: PixelWindow | None = None  # what the engine computes (window plus --refine edges' halo)
     transform: Affine = field(default_factory=Affine.identity)  # the window's grid (rotated, flipped or north-up)
+    clip: tuple[float, float, float, float] | None = None  # the requested box on a rotated grid (RasterSource.clip)
 
     def __post_init__(self):
         if self.computed is None:

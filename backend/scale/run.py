@@ -152,12 +152,12 @@ def plan_rasters(paths: list[str], engine: EngineSettings, crop: int, bbox=None,
     for index, path in enumerate(paths):
         try:
             with open_source(path, engine.bands, engine.scale, engine.gsd_m, engine.value_range) as source:
-                window = request_window(source, bbox, bbox_crs)
+                window = request_window(source, bbox, bbox_crs, clip=True)
                 computed = engine_window(refine, source, window)
                 chunks = units(computed, rows, columns)
                 crops = count_crops(source.height, source.width, computed, crop, crop // 2, columns, rows)
                 plan = RasterPlan(index, path, source.crs, window, chunks, crops, computed=computed,
-                                  transform=source.window_transform(window))
+                                  transform=source.window_transform(window), clip=source.clip)
         except FarslipError as error:
             failed.append({"raster": path, "error": str(error), "exit_code": error.exit_code})
             continue
@@ -384,7 +384,7 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
                 actor = workers.actors[next_actor % len(workers.actors)]
                 next_actor += 1
                 ref = actor.run_chunk.remote(plan.path, (unit.row_off, unit.col_off, unit.height, unit.width),
-                                             plan.crops, with_probs)
+                                             plan.crops, with_probs, plan.clip)
                 in_flight[ref] = (plan, key, unit)
             if not in_flight:
                 break

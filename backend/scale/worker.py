@@ -105,13 +105,15 @@ class ChunkWorker:
                                               crops=raster_crops)
 
     def run_chunk(self, raster: str, unit: tuple[int, int, int, int], raster_crops: int,
-                  with_probs: bool) -> dict[str, np.ndarray]:
+                  with_probs: bool, clip: tuple[float, float, float, float] | None = None) -> dict[str, np.ndarray]:
         """The arrays of one work unit (row_off, col_off, height, width) of `raster`'s processing grid.
 
         `raster_crops` is the whole raster's crop count, from which the runtime is chosen as
         `segment` chooses it (compiled CPU runtimes only for runs large enough to repay them).
+        `clip`: the requested box on a rotated grid (RasterSource.clip), outside which nothing is valid.
         """
         source = self._source(raster)
+        source.clip = clip
         window = PixelWindow(*unit)
         self._encoder_for(raster_crops)
         n = len(self.segmenter.classes)

@@ -500,6 +500,18 @@ def test_a_bbox_selects_the_pixels_under_it_on_any_grid(tiny_model, tmp_path, tr
     assert len(geoms) > 0 and shapely.union_all(geoms).difference(footprint.buffer(1e-6)).area == 0
     report = json.loads((tmp_path / "r.report.json").read_text())
     assert report["pixel_size"] == pytest.approx([10, 10])  # not [10, -10] south-up, nor 8.7 rotated
+    # Nothing outside the box: on the rotated grid the pixel window (the box's envelope in pixels) is
+    # 1.6 times the box; its pixels whose centres lie outside the box get no class and no polygon (the
+    # polygons covered the whole window before). A pixel's half diagonal is the most they may reach out.
+    box = shapely.box(*bbox)
+    assert shapely.union_all(geoms).difference(box.buffer(10 * 2 ** 0.5 / 2 + 1e-6)).area == 0
+    with rasterio.open(classes) as ds:
+        ids = ds.read(1)
+        cols, rows = np.meshgrid(np.arange(ds.width) + 0.5, np.arange(ds.height) + 0.5)
+        xs, ys = ds.transform * (cols, rows)
+        inside = (xs >= bbox[0]) & (xs <= bbox[2]) & (ys >= bbox[1]) & (ys <= bbox[3])
+        assert (ids[~inside] == ds.nodata).all() and (ids[inside] != ds.nodata).all()
+    assert sum(c["area_m2"] for c in report["class_stats"]) == pytest.approx(inside.sum() * 100, rel=1e-6)
 
 
 def _plain_raster(path: Path, crs: str, transform, width: int = 200, height: int = 100) -> Path:
