@@ -9,6 +9,7 @@ from typing import Any, Callable
 from qgis.core import (
     Qgis,
     QgsCoordinateReferenceSystem,
+    QgsCsException,
     QgsMapLayerProxyModel,
     QgsProject,
     QgsRasterLayer,
@@ -26,8 +27,9 @@ from .class_box import ClassBox
 from .classes import bundled_presets, parse_class_text, too_many_classes
 from .client import Connection
 from .exporting import ExportDialog
-from .extent_choice import ExtentChoice, ExtentError
-from .extent import crs_text, displayed_bands, export_size, local_raster_path, transform_extent, write_geotiff
+from .extent_choice import ExtentChoice, ExtentError, unusable_extent_text
+from .extent import (crs_text, displayed_bands, export_size, gdal_dataset_name, has_pixel_size, local_raster_path,
+                     transform_extent, vrt_step, write_geotiff)
 from .job_runner import CANCELLED, DONE, JobRunner
 from .jobs import LOST, REFUSED, eta_text, features_cached
 from .model_picker import ModelPicker, finetuned_class_lines
@@ -278,35 +280,51 @@ class FarslipDock(QgsDockWidget):
             prob_raster=stem + "_probabilities.tif" if form.probRasterCheck.isChecked() else None,
             bands=displayed_bands(layer))
         path = local_raster_path(layer)
-        if path is None:
+        if path is None and gdal_dataset_name(layer) is None:  # WMS/XYZ: a GeoTIFF of the extent
             return parameters, self._local_copy_step(layer, in_layer)
-        parameters.raster = path
-        chosen = self.chosen_extent()
-        if chosen is not None:
-            rectangle, crs = chosen
-            parameters.bbox = [rectangle.xMinimum(), rectangle.yMinimum(), rectangle.xMaximum(),
-                               rectangle.yMaximum()]
-            parameters.bbox_crs = crs_text(crs)
-        return parameters, None
+        prepare = None
+        if path is None:  # another GDAL source, or a CRS set in QGIS: a VRT of the layer as QGIS sees it
+            prepare = self._local_copy_step(layer, in_layer)
+        else:
+            parameters.raster = path
+        if self.chosen_extent() is not None:
+            # Already in the layer's CRS and clipped to it: a map zoomed out beyond the CRS's range (an EPSG:4326
+            # canvas from -315 to 315) still means this raster, and the bbox's CRS is the one the backend reads.
+            parameters.bbox = [in_layer.xMinimum(), in_layer.yMinimum(), in_layer.xMaximum(), in_layer.yMaximum()]
+            parameters.bbox_crs = crs_text(layer.crs())
+        return parameters, prepare
 
     def build_request(self) -> tuple[dict[str, Any], Callable | None, list[str]]:
         """The POST /v1/segment body, a preparation step for non-file layers, and the output paths."""
         parameters, prepare = self.segment_parameters()
         return parameters.request(), prepare, parameters.output_paths()
 
-    def _local_copy_step(self, layer: QgsRasterLayer, extent: QgsRectangle) -> Callable:
-        """A step for the job's worker thread: write a WMS/XYZ/virtual layer's extent to a GeoTIFF."""
-        canvas_in_layer = transform_extent(self.canvas.extent(), self.canvas.mapSettings().destinationCrs(),
-                                           layer.crs())
+    def _local_copy_step(self, layer: QgsRasterLayer, extent: QgsRectangle, runner: JobRunner | None = None
+                         ) -> Callable:
+        """A step for the job's worker thread that gives the backend a file of a layer it cannot read as is:
+        a VRT of a GDAL layer (its own grid and bands, the layer's CRS), a GeoTIFF of `extent` of a WMS/XYZ one.
+
+        The file lies in a temporary folder of `runner` (the Segment tab's by default), removed when the job ends.
+        """
+        folder = (runner or self.runner).temporary_dir()
+        if gdal_dataset_name(layer) is not None:
+            return vrt_step(layer, os.path.join(folder, safe_name(layer.name()) + ".vrt"))
+        canvas_in_layer = None
+        if not has_pixel_size(layer):  # a WMS/XYZ layer is fetched at the map's resolution
+            try:
+                canvas_in_layer = transform_extent(self.canvas.extent(), self.canvas.mapSettings().destinationCrs(),
+                                                   layer.crs())
+            except QgsCsException:
+                raise UserError(unusable_extent_text(layer.name())) from None
         size = export_size(layer, extent, canvas_in_layer, (self.canvas.width(), self.canvas.height()))
         provider = layer.dataProvider().clone()  # a provider of its own for the worker thread
         crs = QgsCoordinateReferenceSystem(layer.crs())
         name = layer.name()  # the layer may be removed while the job runs; its name is all the step needs
-        path = os.path.join(self.runner.temporary_dir(), safe_name(name) + ".tif")
+        path = os.path.join(folder, safe_name(name) + ".tif")
 
         def write_local_copy(task, request):
             log(f"Writing {name} ({size[0]} x {size[1]} px) to {path} for the backend.")
-            request["raster"] = write_geotiff(provider, extent, size, crs, path)
+            request["raster"] = write_geotiff(provider, extent, size, crs, path, layer_name=name)
 
         return write_local_copy
 

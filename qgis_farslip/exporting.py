@@ -10,7 +10,14 @@ import os
 import re
 from collections.abc import Sequence
 
-from qgis.core import QgsMapLayer, QgsProject, QgsProviderRegistry, QgsVectorFileWriter, QgsVectorLayer
+from qgis.core import (
+    QgsCategorizedSymbolRenderer,
+    QgsMapLayer,
+    QgsProject,
+    QgsProviderRegistry,
+    QgsVectorFileWriter,
+    QgsVectorLayer,
+)
 from qgis.gui import QgsFileWidget
 from qgis.PyQt.QtWidgets import QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFormLayout
 
@@ -20,8 +27,6 @@ from .i18n import tr
 
 DRIVERS = {".shp": "ESRI Shapefile", ".gpkg": "GPKG"}
 FILTERS = "GeoPackage (*.gpkg);;ESRI Shapefile (*.shp)"
-
-
 
 
 def driver_for(path: str) -> str:
@@ -71,7 +76,10 @@ def write_styled(layer: QgsVectorLayer, path: str) -> QgsVectorLayer:
     written = QgsVectorLayer(source, options.layerName, "ogr")
     if not written.isValid():
         raise RuntimeError(tr("The exported file {} cannot be opened.").format(path))
-    written.setRenderer(layer.renderer().clone())
+    renderer = layer.renderer().clone()
+    if options.driverName != "GPKG":
+        match_categories_to_values(renderer, written)
+    written.setRenderer(renderer)
     if options.driverName == "GPKG":
         # Stored in the GeoPackage's layer_styles table as the default: QGIS applies it on every open.
         # That layer's style of an earlier export is replaced (QGIS would otherwise ask in a message box).
@@ -88,6 +96,33 @@ def write_styled(layer: QgsVectorLayer, path: str) -> QgsVectorLayer:
         if not ok:
             raise RuntimeError(tr("The style could not be saved as {}: {}").format(qml, message))
     return written
+
+
+def match_categories_to_values(renderer, written: QgsVectorLayer) -> None:
+    """Categories of a class a shapefile holds shortened (a .dbf text field keeps 254 bytes) get the shortened
+    value, so that the .qml still styles that class."""
+    if not isinstance(renderer, QgsCategorizedSymbolRenderer):
+        return
+    index = written.fields().indexOf(renderer.classAttribute())
+    if index < 0:
+        return
+    values = {str(value) for value in written.uniqueValues(index)}
+    for position, category in enumerate(renderer.categories()):
+        value = str(category.value())
+        if value in values:
+            continue
+        prefixes = [written_value for written_value in values if written_value and value.startswith(written_value)]
+        if prefixes:
+            renderer.updateCategoryValue(position, max(prefixes, key=len))
+
+
+def shortened_classes(layer: QgsVectorLayer, written: QgsVectorLayer) -> list[str]:
+    """The class names of `layer` that the written file holds shortened (see match_categories_to_values)."""
+    before, after = layer.renderer(), written.renderer()
+    if not isinstance(before, QgsCategorizedSymbolRenderer) or not isinstance(after, QgsCategorizedSymbolRenderer):
+        return []
+    return [str(old.value()) for old, new in zip(before.categories(), after.categories())
+            if str(old.value()) != str(new.value())]
 
 
 class ExportDialog(QDialog):
@@ -139,6 +174,10 @@ class ExportDialog(QDialog):
             written = write_styled(layer, path)
         except (RuntimeError, ValueError) as error:
             return None, str(error)
+        shortened = shortened_classes(layer, written)
+        names = ", ".join(repr(name[:40] + "...") for name in shortened)
+        note = tr(" A shapefile keeps 254 bytes of text: the class {} is stored shortened (its style too); export to "
+                  "a GeoPackage to keep the full names.").format(names) if shortened else ""
         table = written.name()
         others = [sublayer.name() for sublayer in QgsProviderRegistry.instance().querySublayers(path)
                   if sublayer.name() != table]
@@ -149,5 +188,5 @@ class ExportDialog(QDialog):
             QgsProject.instance().layerTreeRoot().insertLayer(0, written)
         if others:
             return path, tr("Exported {} with its style to {} as the layer {}; its other layers are kept.").format(
-                layer.name(), path, table)
-        return path, tr("Exported {} with its style to {}.").format(layer.name(), path)
+                layer.name(), path, table) + note
+        return path, tr("Exported {} with its style to {}.").format(layer.name(), path) + note

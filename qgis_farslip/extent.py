@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from typing import Any, Callable
 
+from osgeo import gdal
 from qgis.core import (
     QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
@@ -18,8 +20,14 @@ from qgis.core import (
     QgsSingleBandGrayRenderer,
 )
 
+from .jobs import PreparationError
+
 # A WMS/XYZ layer has no pixel size of its own; it is fetched at the canvas's resolution, within reason.
 MAX_EXPORT_SIDE_PX = 8192
+
+
+class LocalCopyError(PreparationError):
+    """The layer cannot be handed to the backend as it is shown; the message says why and what to do."""
 
 
 def crs_text(crs: QgsCoordinateReferenceSystem) -> str:
@@ -29,19 +37,75 @@ def crs_text(crs: QgsCoordinateReferenceSystem) -> str:
 
 def transform_extent(extent: QgsRectangle, source_crs: QgsCoordinateReferenceSystem,
                      target_crs: QgsCoordinateReferenceSystem) -> QgsRectangle:
-    """The bounding box of `extent` (densified edges) in another CRS."""
+    """The bounding box of `extent` (densified edges) in another CRS.
+
+    Raises QgsCsException where the rectangle has no image in `target_crs` (an empty canvas, a view beyond
+    the CRS's area of use).
+    """
     if source_crs == target_crs:
         return QgsRectangle(extent)
     transform = QgsCoordinateTransform(source_crs, target_crs, QgsProject.instance())
     return transform.transformBoundingBox(extent)
 
 
-def local_raster_path(layer: QgsRasterLayer) -> str | None:
-    """The GeoTIFF (or other GDAL file) behind the layer, or None when it is not a plain local file."""
+def gdal_dataset_name(layer: QgsRasterLayer) -> str | None:
+    """What GDAL opens for a `gdal` layer: a file, a /vsi path or a driver's subdataset (NETCDF:..., GPKG:...)."""
     if layer.providerType() != "gdal":
         return None
-    path = layer.source().split("|", 1)[0]
-    return path if os.path.isfile(path) else None
+    return layer.source().split("|", 1)[0]
+
+
+def crs_overridden(layer: QgsRasterLayer) -> bool:
+    """The layer's CRS is not the file's own: set in QGIS (Layer > Set CRS), or the file has none."""
+    return layer.crs() != layer.dataProvider().crs()
+
+
+def local_raster_path(layer: QgsRasterLayer) -> str | None:
+    """The GDAL file behind the layer when the backend sees in it what QGIS shows: a plain local file whose own
+    CRS is the layer's. None otherwise (see `needs_vrt` and `write_vrt` for a copy the backend can read)."""
+    name = gdal_dataset_name(layer)
+    if name is None or not os.path.isfile(name) or crs_overridden(layer):
+        return None
+    return name
+
+
+def needs_vrt(layer: QgsRasterLayer) -> bool:
+    """A GDAL layer the backend cannot read as is (not a plain file, or another CRS than the file's)."""
+    return gdal_dataset_name(layer) is not None and local_raster_path(layer) is None
+
+
+def write_vrt(source: str, srs: str | None, path: str, layer_name: str) -> str:
+    """A VRT of the GDAL dataset `source` at `path`, with the CRS `srs` assigned when given.
+
+    A VRT refers to the pixels, so the layer's own grid, bands, colour interpretation, alpha and mask bands
+    reach the backend unchanged and nothing is resampled, however large the layer.
+    """
+    dataset = gdal.Translate(path, source, options=gdal.TranslateOptions(format="VRT", outputSRS=srs))
+    if dataset is None:
+        raise LocalCopyError(f"{layer_name} cannot be handed to the backend: GDAL cannot describe {source} "
+                             f"({gdal.GetLastErrorMsg() or 'no reason given'}). Save the layer as a GeoTIFF and "
+                             "use that.")
+    dataset = None  # closing the dataset writes the VRT
+    return path
+
+
+def vrt_step(layer: QgsRasterLayer, path: str) -> Callable[[Any, dict], None]:
+    """A step for a job's worker thread: write the layer's VRT (with the layer's CRS where QGIS overrides the
+    file's) to `path` and name it as the request's raster. Everything it needs is taken from the layer now."""
+    arguments = vrt_arguments(layer, path)
+
+    def write_layer_vrt(task, request):
+        request["raster"] = write_vrt(*arguments)
+
+    return write_layer_vrt
+
+
+def vrt_arguments(layer: QgsRasterLayer, path: str) -> tuple[str, str | None, str, str]:
+    """write_vrt's arguments for a layer of the gdal provider: its dataset, the layer's CRS where QGIS overrides
+    the file's, the VRT's path and the layer's name."""
+    source = gdal_dataset_name(layer)
+    assert source is not None, "a VRT describes a layer of the gdal provider"
+    return source, crs_text(layer.crs()) if crs_overridden(layer) else None, path, layer.name()
 
 
 def displayed_bands(layer: QgsRasterLayer) -> list[int] | None:
@@ -67,17 +131,24 @@ def displayed_bands(layer: QgsRasterLayer) -> list[int] | None:
     return [band] if band > 1 or layer.bandCount() >= 3 else None
 
 
-def export_size(layer: QgsRasterLayer, extent: QgsRectangle, canvas_extent: QgsRectangle,
+def has_pixel_size(layer: QgsRasterLayer) -> bool:
+    """Whether the layer has pixels of its own (a WMS/XYZ layer is drawn at any resolution asked for)."""
+    provider = layer.dataProvider()
+    return bool(provider.capabilities() & QgsRasterDataProvider.Size) and provider.xSize() > 0
+
+
+def export_size(layer: QgsRasterLayer, extent: QgsRectangle, canvas_extent: QgsRectangle | None,
                 canvas_size: tuple[int, int]) -> tuple[int, int]:
     """Pixels of the local copy: the layer's own resolution, or the canvas's for WMS/XYZ layers.
 
-    `extent` is in the layer's CRS; `canvas_extent` is the canvas's visible extent in the layer's CRS.
+    `extent` is in the layer's CRS; `canvas_extent` is the canvas's visible extent in the layer's CRS (only
+    read for a layer without a pixel size of its own).
     """
-    provider = layer.dataProvider()
-    if provider.capabilities() & QgsRasterDataProvider.Size and provider.xSize() > 0:
+    if has_pixel_size(layer):
         width = extent.width() / layer.rasterUnitsPerPixelX()
         height = extent.height() / layer.rasterUnitsPerPixelY()
     else:
+        assert canvas_extent is not None, "a WMS/XYZ layer is fetched at the canvas's resolution"
         width = canvas_size[0] * extent.width() / max(canvas_extent.width(), 1e-12)
         height = canvas_size[1] * extent.height() / max(canvas_extent.height(), 1e-12)
     scale = max(width, height) / MAX_EXPORT_SIDE_PX
@@ -87,19 +158,33 @@ def export_size(layer: QgsRasterLayer, extent: QgsRectangle, canvas_extent: QgsR
 
 
 def write_geotiff(provider: QgsRasterDataProvider, extent: QgsRectangle, size: tuple[int, int],
-                  crs: QgsCoordinateReferenceSystem, path: str, feedback=None) -> str:
-    """Write `extent` (in `crs`, the provider's CRS) of a cloned provider to a GeoTIFF.
+                  crs: QgsCoordinateReferenceSystem, path: str, feedback=None, layer_name: str = "") -> str:
+    """Write `extent` (in `crs`, the provider's CRS) of a cloned WMS/XYZ provider to a GeoTIFF.
 
-    Safe to call from a worker thread as long as `provider` is a clone made for it.
+    Safe to call from a worker thread as long as `provider` is a clone made for it. A copy without one
+    pixel of imagery (no tiles there, a server that answered nothing) is refused in the user's words: the
+    backend would otherwise name a temporary file the user never saw.
     """
     pipe = QgsRasterPipe()
     if not pipe.set(provider):
-        raise RuntimeError("The layer's data cannot be read for export.")
+        raise LocalCopyError("The layer's data cannot be read for export.")
     writer = QgsRasterFileWriter(path)
     writer.setOutputFormat("GTiff")
     writer.setCreateOptions(["COMPRESS=DEFLATE", "TILED=YES"])
     error = writer.writeRaster(pipe, size[0], size[1], extent, crs, QgsProject.instance().transformContext(),
                                feedback)
     if error != QgsRasterFileWriter.NoError or not os.path.isfile(path):
-        raise RuntimeError(f"The layer could not be written to {path} for the backend (error {int(error)}).")
+        raise LocalCopyError(f"The layer could not be written to {path} for the backend (error {int(error)}).")
+    if not has_imagery(path):
+        raise LocalCopyError(f"The layer {layer_name} returned no imagery for this extent (no tiles, or only "
+                             "empty ones); pan to where the layer shows imagery, or check its source.")
     return path
+
+
+def has_imagery(path: str) -> bool:
+    """Whether any pixel of the raster at `path` is valid (not nodata, not transparent, not masked)."""
+    dataset = gdal.Open(path)
+    if dataset is None:
+        return False
+    minimum_maximum = dataset.GetRasterBand(1).GetMaskBand().ComputeRasterMinMax(False)
+    return minimum_maximum is not None and minimum_maximum[1] > 0

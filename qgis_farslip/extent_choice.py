@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qgis.core import QgsCoordinateReferenceSystem, QgsRasterLayer, QgsRectangle
+from qgis.core import QgsCoordinateReferenceSystem, QgsCsException, QgsRasterLayer, QgsRectangle
 from qgis.PyQt import sip
 from qgis.PyQt.QtCore import QObject
 
@@ -13,10 +13,15 @@ from .i18n import tr
 EXTENT_CANVAS, EXTENT_LAYER, EXTENT_DRAWN = "canvas", "layer", "drawn"
 
 
-
-
 class ExtentError(ValueError):
     """The extent cannot be used; the message says what to do."""
+
+
+def unusable_extent_text(layer_name: str) -> str:
+    """The sentence for an extent that cannot be taken into the raster's CRS (an empty map, a view beyond the
+    CRS's area of use)."""
+    return tr("The map's extent cannot be taken into the CRS of the raster {} (the map shows nothing yet, or a "
+              "view beyond that CRS's area of use); zoom to the raster or choose 'Whole layer'.").format(layer_name)
 
 
 class ExtentChoice(QObject):
@@ -70,7 +75,10 @@ class ExtentChoice(QObject):
         if chosen is None:
             return layer.extent()
         rectangle, crs = chosen
-        clipped = transform_extent(rectangle, crs, layer.crs()).intersect(layer.extent())
+        try:
+            clipped = transform_extent(rectangle, crs, layer.crs()).intersect(layer.extent())
+        except QgsCsException:
+            raise ExtentError(unusable_extent_text(layer.name())) from None
         if clipped.isEmpty() or clipped.width() <= 0 or clipped.height() <= 0:
             raise ExtentError(tr("The chosen extent does not overlap the raster {}; pan the map to the raster "
                                  "or choose 'Whole layer'.").format(layer.name()))

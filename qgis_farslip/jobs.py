@@ -28,6 +28,10 @@ def remove_files(paths: list[str]) -> None:
             os.remove(path)
 
 
+class PreparationError(Exception):
+    """A job's preparation step (a local copy of the layer) failed; the message is a sentence for the user."""
+
+
 class JobCancelled(Exception):
     """The user cancelled; the backend has stopped the job and written nothing."""
 
@@ -123,6 +127,9 @@ class JobTask(QgsTask):
             # Ends as a completed task: QGIS would otherwise report a cancel as "Task failed".
             self.cancelled_by_user = True
             return True
+        except PreparationError as error:
+            self.failure_kind = REFUSED  # nothing was sent; the sentence says what to change
+            self.error = str(error)
         except BackendError as error:
             self.failure_kind = (LOST if isinstance(error, BackendUnreachable) else
                                  REFUSED if isinstance(error, BackendRefused) else "")

@@ -7,6 +7,7 @@ import tempfile
 from typing import Callable
 
 from qgis.core import (
+    QgsDataSourceUri,
     QgsRasterLayer,
     QgsProcessing,
     QgsProcessingAlgorithm,
@@ -31,8 +32,9 @@ from qgis.PyQt.QtGui import QIcon
 from .backend_manager import BackendManager
 from .classes import bundled_presets, parse_class_text, resources_dir, too_many_classes
 from .client import BackendClient, BackendError, BackendUnreachable
-from .extent import crs_text, displayed_bands, export_size, local_raster_path, write_geotiff
-from .jobs import JobCancelled, run_job
+from .extent import (crs_text, displayed_bands, export_size, gdal_dataset_name, local_raster_path, vrt_arguments,
+                     write_geotiff, write_vrt)
+from .jobs import JobCancelled, PreparationError, run_job
 from .parameters import REFINE_CHOICES, SegmentParameters
 from .results import categorized_renderer
 from .search_hits import rank_labels, score_renderer
@@ -84,21 +86,50 @@ class BackendAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterField(self.CLASS_FIELD, tr("Class field"),
                                                       parentLayerParameterName=self.LABELS))
 
-    def raster_file(self, parameters, context) -> tuple[str, QgsRasterLayer]:
-        """The file behind the INPUT raster layer (Train, Evaluate and Search read it themselves)."""
+    def raster_file(self, parameters, context, folder: str) -> tuple[str, QgsRasterLayer]:
+        """A file the backend reads the INPUT raster layer from (Train, Evaluate and Search): its own file, or
+        a VRT in `folder` of a GDAL layer that is not a plain file or whose CRS was set in QGIS."""
         raster = self.parameterAsRasterLayer(parameters, self.INPUT, context)
-        path = local_raster_path(raster) if raster is not None else None
-        if path is None:
+        if raster is None or gdal_dataset_name(raster) is None:
             raise QgsProcessingException(tr("The backend reads the raster from a file: choose a GeoTIFF layer."))
-        return path, raster
+        return local_raster_path(raster) or layer_vrt(raster, folder), raster
 
-    def labelled_inputs(self, parameters, context) -> dict:
-        """raster, labels (a file the backend can read) and class_field of a request."""
-        path, _ = self.raster_file(parameters, context)
+    def labelled_inputs(self, parameters, context, folder: str) -> dict:
+        """raster, labels (files the backend can read, copies in `folder` where needed) and class_field."""
+        path, _ = self.raster_file(parameters, context, folder)
         labels = self.parameterAsVectorLayer(parameters, self.LABELS, context)
         class_field = self.parameterAsString(parameters, self.CLASS_FIELD, context)
-        copy_folder = lambda: tempfile.mkdtemp(prefix="farslip-labels-")  # noqa: E731 - called once if at all
-        return {"raster": path, "labels": labels_file(labels, class_field, copy_folder), "class_field": class_field}
+        return {"raster": path, "labels": labels_file(labels, class_field, lambda: folder), "class_field": class_field}
+
+
+def layer_vrt(layer: QgsRasterLayer, folder: str) -> str:
+    """A VRT of a GDAL layer as QGIS shows it (its CRS, bands and masks), in `folder`."""
+    try:
+        return write_vrt(*vrt_arguments(layer, os.path.join(folder, "raster.vrt")))
+    except PreparationError as error:
+        raise QgsProcessingException(str(error)) from None
+
+
+def output_file(out: str, context) -> str:
+    """The file an algorithm's vector output names. QGIS's "Save to GeoPackage..." gives an OGR URI
+    (ogr:dbname='/x/y.gpkg' table="name" (geom)); the backend writes files, so a new GeoPackage is written
+    whole (and loaded from there), and a table of an existing one is refused: the backend would replace the
+    file with its other layers."""
+    if not out.startswith("ogr:"):
+        return out
+    path = QgsDataSourceUri(out[len("ogr:"):]).database()
+    if not path or not os.path.isabs(path):
+        raise QgsProcessingException(tr("The output {} names no file; choose 'Save to File...' and give a .gpkg "
+                                        "file.").format(out))
+    if os.path.exists(path):
+        raise QgsProcessingException(tr(
+            "Writing into a layer of the existing GeoPackage {} is not supported (the backend writes whole files "
+            "and would replace its other layers); choose 'Save to File...' and give a new .gpkg file.").format(path))
+    if context.willLoadLayerOnCompletion(out):
+        layers = context.layersToLoadOnCompletion()
+        layers[path] = layers.pop(out)
+        context.setLayersToLoadOnCompletion(layers)
+    return path
 
 
 def run_backend_job(manager: BackendManager | None, kind: str, request: dict, feedback,
@@ -193,7 +224,7 @@ class SegmentByClassNames(BackendAlgorithm):
             raise QgsProcessingException(tr("Give at least one class name (one per line), or choose a preset."))
         if too_many_classes(class_lines):
             raise QgsProcessingException(too_many_classes(class_lines))
-        out = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
+        out = output_file(self.parameterAsOutputLayer(parameters, self.OUTPUT, context), context)
         # An empty model means the one chosen in the FarSLIP settings, as in the dock.
         model = self.parameterAsString(parameters, self.MODEL, context).strip() or PluginSettings.load().default_model
         segment = SegmentParameters(class_lines=class_lines, out=out, model=model or None,
@@ -208,23 +239,32 @@ class SegmentByClassNames(BackendAlgorithm):
             extent = self.parameterAsExtent(parameters, self.EXTENT, context, layer.crs()).intersect(layer.extent())
             if extent.isEmpty():
                 raise QgsProcessingException(tr("The extent does not overlap the raster {}.").format(layer.name()))
-        path = local_raster_path(layer)
-        if path is None:
-            # A WMS/XYZ/virtual layer: the backend reads files, so write the extent to a GeoTIFF first.
-            extent = extent or layer.extent()
-            size = export_size(layer, extent, extent, (2048, 2048))
-            path = os.path.join(tempfile.mkdtemp(prefix="farslip-"), "raster.tif")
-            feedback.pushInfo(f"Writing {layer.name()} ({size[0]} x {size[1]} px) to {path}")
-            write_geotiff(layer.dataProvider().clone(), extent, size, layer.crs(), path)
-        elif extent is not None:
-            segment.bbox = [extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum()]
-            segment.bbox_crs = crs_text(layer.crs())
-        segment.raster = path
-        if segment.model:
-            feedback.pushInfo(f"Model: {segment.model}")
-
-        job = run_backend_job(self.manager_getter(), "segment", segment.request(), feedback,
-                              segment.output_paths())
+        # The local copy of a layer the backend cannot read as is lives as long as the job.
+        with tempfile.TemporaryDirectory(prefix="farslip-") as folder:
+            path = local_raster_path(layer)
+            if path is None and gdal_dataset_name(layer) is not None:
+                # Another GDAL source (/vsizip/, NETCDF:, GPKG:) or a CRS set in QGIS: a VRT of the layer.
+                path = layer_vrt(layer, folder)
+            elif path is None:
+                # A WMS/XYZ layer: the backend reads files, so write the extent to a GeoTIFF first.
+                extent = extent or layer.extent()
+                size = export_size(layer, extent, extent, (2048, 2048))
+                path = os.path.join(folder, "raster.tif")
+                feedback.pushInfo(f"Writing {layer.name()} ({size[0]} x {size[1]} px) to {path}")
+                try:
+                    write_geotiff(layer.dataProvider().clone(), extent, size, layer.crs(), path,
+                                  layer_name=layer.name())
+                except PreparationError as error:
+                    raise QgsProcessingException(str(error)) from None
+                extent = None  # the copy is the extent
+            if extent is not None:
+                segment.bbox = [extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum()]
+                segment.bbox_crs = crs_text(layer.crs())
+            segment.raster = path
+            if segment.model:
+                feedback.pushInfo(f"Model: {segment.model}")
+            job = run_backend_job(self.manager_getter(), "segment", segment.request(), feedback,
+                                  segment.output_paths())
 
         classes = [(str(item["class"]), int(item["class_id"])) for item in (job.get("result") or {}).get("classes", [])]
         for item in (job.get("result") or {}).get("classes", []):
@@ -276,13 +316,14 @@ class TrainOnLabels(BackendAlgorithm):
             raise QgsProcessingException(
                 tr("A model called {} exists already ({}); choose another name.").format(name, out))
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        request = {**self.labelled_inputs(parameters, context), "out": out,
-                   "base_model": (self.parameterAsString(parameters, self.BASE_MODEL, context).strip()
-                                  or PluginSettings.load().default_model or None),
-                   "method": METHODS[self.parameterAsEnum(parameters, self.METHOD, context)][0],
-                   "epochs": self.parameterAsInt(parameters, self.EPOCHS, context),
-                   "background": self.parameterAsString(parameters, self.BACKGROUND, context).strip() or None}
-        job = run_backend_job(self.manager_getter(), "train", request, feedback, [])
+        with tempfile.TemporaryDirectory(prefix="farslip-") as folder:  # copies of the inputs, for the job only
+            request = {**self.labelled_inputs(parameters, context, folder), "out": out,
+                       "base_model": (self.parameterAsString(parameters, self.BASE_MODEL, context).strip()
+                                      or PluginSettings.load().default_model or None),
+                       "method": METHODS[self.parameterAsEnum(parameters, self.METHOD, context)][0],
+                       "epochs": self.parameterAsInt(parameters, self.EPOCHS, context),
+                       "background": self.parameterAsString(parameters, self.BACKGROUND, context).strip() or None}
+            job = run_backend_job(self.manager_getter(), "train", request, feedback, [])
         model_dir = ((job.get("result") or {}).get("outputs") or {}).get("model_dir") or out
         summary = metrics_text(job.get("result") or {})
         if summary:
@@ -320,11 +361,12 @@ class EvaluateOnLabels(BackendAlgorithm):
     def processAlgorithm(self, parameters, context, feedback):
         out_json = self.parameterAsFileOutput(parameters, self.OUTPUT, context)
         # QGIS's file dialog has asked before replacing an existing report.
-        request = {**self.labelled_inputs(parameters, context), "out_json": out_json, "overwrite": True,
-                   "model": (self.parameterAsString(parameters, self.MODEL, context).strip()
-                             or PluginSettings.load().default_model or None),
-                   "background": self.parameterAsString(parameters, self.BACKGROUND, context).strip() or None}
-        job = run_backend_job(self.manager_getter(), "evaluate", request, feedback, [out_json])
+        with tempfile.TemporaryDirectory(prefix="farslip-") as folder:  # copies of the inputs, for the job only
+            request = {**self.labelled_inputs(parameters, context, folder), "out_json": out_json, "overwrite": True,
+                       "model": (self.parameterAsString(parameters, self.MODEL, context).strip()
+                                 or PluginSettings.load().default_model or None),
+                       "background": self.parameterAsString(parameters, self.BACKGROUND, context).strip() or None}
+            job = run_backend_job(self.manager_getter(), "evaluate", request, feedback, [out_json])
         metrics = (job.get("result") or {}).get("metrics") or {}
         for item in metrics.get("classes", []):
             iou = item.get("iou")
@@ -375,21 +417,22 @@ class SearchBySentences(BackendAlgorithm):
             self.OUTPUT, tr("Places found"), QgsProcessing.TypeVectorPolygon))
 
     def processAlgorithm(self, parameters, context, feedback):
-        path, raster = self.raster_file(parameters, context)
         sentences = [line.strip() for line in self.parameterAsString(parameters, self.SENTENCES, context)
                      .splitlines() if line.strip()]
         if not sentences:
             raise QgsProcessingException(tr("Give at least one sentence to search for."))
-        out = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
-        request = {"raster": path, "sentences": sentences, "out": out, "overwrite": True,
-                   "top": self.parameterAsInt(parameters, self.TOP, context),
-                   "model": (self.parameterAsString(parameters, self.MODEL, context).strip()
-                             or PluginSettings.load().default_model or None)}
-        if parameters.get(self.EXTENT):
-            extent = self.parameterAsExtent(parameters, self.EXTENT, context, raster.crs())
-            request["bbox"] = [extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum()]
-            request["bbox_crs"] = crs_text(raster.crs())
-        run_backend_job(self.manager_getter(), "search", request, feedback, [out])
+        out = output_file(self.parameterAsOutputLayer(parameters, self.OUTPUT, context), context)
+        with tempfile.TemporaryDirectory(prefix="farslip-") as folder:  # a VRT of the layer, for the job only
+            path, raster = self.raster_file(parameters, context, folder)
+            request = {"raster": path, "sentences": sentences, "out": out, "overwrite": True,
+                       "top": self.parameterAsInt(parameters, self.TOP, context),
+                       "model": (self.parameterAsString(parameters, self.MODEL, context).strip()
+                                 or PluginSettings.load().default_model or None)}
+            if parameters.get(self.EXTENT):
+                extent = self.parameterAsExtent(parameters, self.EXTENT, context, raster.crs())
+                request["bbox"] = [extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum()]
+                request["bbox_crs"] = crs_text(raster.crs())
+            run_backend_job(self.manager_getter(), "search", request, feedback, [out])
         if context.willLoadLayerOnCompletion(out):
             post_processor = StyleHits()
             _POST_PROCESSORS.append(post_processor)

@@ -82,8 +82,9 @@ class SearchTab(QObject):
             raise UserError("Choose a raster layer to search.")
         path = local_raster_path(layer)
         if path is None:
-            raise UserError(f"{layer.name()} is not a local raster file; searching needs a file the backend can "
-                            "index (save the layer as a GeoTIFF first).")
+            raise UserError(f"{layer.name()} is not a local raster file, or its CRS was set in QGIS (Layer > Set "
+                            "CRS) and differs from the file's; searching needs a file the backend can index as "
+                            "shown (save the layer as a GeoTIFF first).")
         sentences = self.sentences()
         if not sentences and like is None:
             raise UserError("Type a sentence to search for (one per line), or use 'Like this place...' and "

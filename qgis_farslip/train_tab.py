@@ -167,7 +167,7 @@ class TrainTab(QObject):
             if extent.isEmpty():
                 raise UserError(tr("The labels of {} do not overlap the raster {}.").format(labels.name(),
                                                                                           raster.name()))
-            prepare = self.dock._local_copy_step(raster, extent)
+            prepare = self.dock._local_copy_step(raster, extent, self.runner)
         return request, prepare, out
 
     def _base_model(self) -> str | None:

@@ -76,9 +76,10 @@ def test_drawn_extent_in_another_crs_is_transformed_to_the_raster_crs(dock, qgis
     request, prepare, outputs = dock.build_request()
     assert prepare is None  # a local GeoTIFF is read by the backend itself
     assert request["raster"] == str(NAIP)
-    assert request["bbox_crs"] == "EPSG:4326"
-    assert request["bbox"] == pytest.approx([drawn.xMinimum(), drawn.yMinimum(), drawn.xMaximum(),
-                                             drawn.yMaximum()])
+    # Sent in the raster's CRS, clipped to it: the backend reads the rectangle the dock shows.
+    assert request["bbox_crs"] == "EPSG:26914"
+    assert request["bbox"] == pytest.approx([in_layer.xMinimum(), in_layer.yMinimum(), in_layer.xMaximum(),
+                                             in_layer.yMaximum()])
     assert request["class_lines"] == ["water", "field"]
     assert outputs == [request["out"]] and request["out"].endswith(".gpkg")
 
@@ -137,7 +138,7 @@ def test_training_and_search_read_the_bands_the_layer_shows_as_segmenting_does(d
     assert dock.train_tab.build_request()[0]["bands"] == [4, 1, 2]
     assert dock.search_tab.build_request()[0]["bands"] == [4, 1, 2]
 
-def test_canvas_extent_is_sent_with_the_canvas_crs(dock, qgis_iface, qgis_new_project):
+def test_canvas_extent_is_sent_in_the_layer_crs(dock, qgis_iface, qgis_new_project):
     layer = QgsRasterLayer(str(NAIP), "naip")
     QgsProject.instance().addMapLayer(layer)
     dock.form.layerCombo.setLayer(layer)
@@ -151,11 +152,10 @@ def test_canvas_extent_is_sent_with_the_canvas_crs(dock, qgis_iface, qgis_new_pr
     dock.form.extentCombo.setCurrentIndex(dock.form.extentCombo.findData("canvas"))
     dock.form.classesEdit.setPlainText("water")
     request, _, _ = dock.build_request()
-    assert request["bbox_crs"] == "EPSG:3857"
+    assert request["bbox_crs"] == "EPSG:26914"
     sent = QgsRectangle(*request["bbox"])
-    assert sent.contains(in_mercator.center())
-    back = QgsCoordinateTransform(mercator, layer.crs(), QgsProject.instance()).transformBoundingBox(sent)
-    assert layer.extent().contains(back.center())
+    assert sent == dock.extent_in_layer_crs(layer)
+    assert layer.extent().contains(sent)
     assert dock.extent_in_layer_crs(layer).height() < 0.6 * layer.extent().height()
 
 

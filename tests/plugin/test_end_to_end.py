@@ -53,7 +53,7 @@ def test_backend_started_by_the_plugin_reports_its_device(running_plugin):
 
 def test_segmenting_from_the_dock_loads_a_styled_layer_above_the_raster(dock, naip_layer, tmp_path,
                                                                         qgis_iface):
-    # The canvas shows the raster in another CRS: the extent goes to the backend with the canvas CRS.
+    # The canvas shows the raster in another CRS: the extent goes to the backend in the raster's CRS.
     canvas = qgis_iface.mapCanvas()
     mercator = QgsCoordinateReferenceSystem("EPSG:3857")
     canvas.setDestinationCrs(mercator)

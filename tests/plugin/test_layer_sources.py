@@ -1,0 +1,264 @@
+"""Layers the backend cannot read as they are: a CRS set in QGIS, /vsizip/ and other GDAL sources, WMS/XYZ
+without tiles, views beyond the CRS's range, Processing outputs and temporary copies."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import pytest
+from osgeo import gdal
+from plugin_helpers import NAIP, run_dock_job
+from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsProject,
+    QgsRasterLayer,
+    QgsRectangle,
+    QgsVectorLayer,
+)
+
+CLASS_TEXT = "water\ngrass"
+
+
+def translated(tmp_path: Path, name: str, **options) -> str:
+    """A copy of NAIP made with gdal_translate's options."""
+    path = str(tmp_path / name)
+    assert gdal.Translate(path, str(NAIP), **options) is not None
+    return path
+
+
+def zipped(path: str) -> str:
+    """`path` inside a zip file, as QGIS opens it: /vsizip/."""
+    archive = path + ".zip"
+    with zipfile.ZipFile(archive, "w") as output:
+        output.write(path, os.path.basename(path))
+    return f"/vsizip/{archive}/{os.path.basename(path)}"
+
+
+def added(source: str, name: str, provider: str = "gdal") -> QgsRasterLayer:
+    layer = QgsRasterLayer(source, name, provider)
+    assert layer.isValid(), source
+    QgsProject.instance().addMapLayer(layer)
+    return layer
+
+
+def report_of(vector: QgsVectorLayer) -> dict:
+    return json.loads(Path(vector.source().split("|")[0]).with_suffix(".report.json").read_text("utf-8"))
+
+
+@pytest.fixture
+def dock(running_plugin, plugin_settings, tiny_model, qgis_new_project):
+    plugin_settings()
+    dock = running_plugin.create_dock()
+    dock.form.classesEdit.setPlainText(CLASS_TEXT)
+    dock.form.modelCombo.setEditText(str(tiny_model))
+    dock.form.classRasterCheck.setChecked(False)
+    dock.form.probRasterCheck.setChecked(False)
+    return dock
+
+
+def segment(dock, layer, extent="layer") -> QgsVectorLayer:
+    dock.form.layerCombo.setLayer(layer)
+    dock.form.extentCombo.setCurrentIndex(dock.form.extentCombo.findData(extent))
+    assert run_dock_job(dock) == "done", dock.last_error
+    return dock.last_layers[0]
+
+
+def test_a_crs_set_in_qgis_is_the_crs_the_polygons_are_in(dock, tmp_path, qgis_iface):
+    """The file says EPSG:26913 (the wrong zone, 456 km off) or nothing; the analyst set EPSG:26914 with
+    Layer > Set CRS. The polygons lie on the layer where QGIS shows it, for the whole layer and the canvas."""
+    utm14 = QgsCoordinateReferenceSystem("EPSG:26914")
+    canvas = qgis_iface.mapCanvas()
+    canvas.resize(800, 600)
+    canvas.setDestinationCrs(utm14)
+    no_crs = gdal.GetDriverByName("GTiff").CreateCopy(str(tmp_path / "no_crs.tif"), gdal.Open(str(NAIP)))
+    no_crs.SetProjection("")
+    no_crs = None
+    for name in ("wrong_zone.tif", "no_crs.tif"):
+        path = translated(tmp_path, name, outputSRS="EPSG:26913") if name == "wrong_zone.tif" else str(tmp_path / name)
+        layer = added(path, name)
+        layer.setCrs(utm14)
+        whole = segment(dock, layer)
+        assert whole.crs() == utm14, name
+        assert layer.extent().buffered(1.0).contains(whole.extent()), (name, whole.extent().toString())
+        view = QgsRectangle(layer.extent())
+        view.scale(0.5)
+        canvas.setExtent(view)
+        part = segment(dock, layer, "canvas")
+        assert part.crs() == utm14
+        assert canvas.extent().intersect(layer.extent()).buffered(10.0).contains(part.extent()), name
+        assert part.extent().height() < 0.7 * layer.extent().height()
+
+
+def test_gdal_sources_that_are_not_plain_files_keep_masks_band_roles_and_extra_bands(dock, tmp_path):
+    """Inside a zip: a per-dataset mask (left half masked), RGB+NIR with NIR 0 on the left half (NIR is no alpha
+    band), and a uint16 raster stored blue, green, red, alpha. Each is segmented exactly like the plain file."""
+    masked = translated(tmp_path, "masked.tif", bandList=[1, 2, 3])
+    dataset = gdal.Open(masked, gdal.GA_Update)
+    gdal.SetConfigOption("GDAL_TIFF_INTERNAL_MASK", "YES")  # inside the file, so that it is zipped with it
+    dataset.CreateMaskBand(gdal.GMF_PER_DATASET)
+    gdal.SetConfigOption("GDAL_TIFF_INTERNAL_MASK", None)
+    mask = dataset.GetRasterBand(1).GetMaskBand()
+    width, height = dataset.RasterXSize, dataset.RasterYSize
+    mask.WriteRaster(0, 0, width, height, bytes(([0] * (width // 2) + [255] * (width - width // 2)) * height))
+    dataset = None
+    nir_zero = translated(tmp_path, "nir_zero.tif")
+    dataset = gdal.Open(nir_zero, gdal.GA_Update)
+    dataset.GetRasterBand(4).WriteRaster(0, 0, width // 2, height, bytes(width // 2 * height))
+    dataset = None
+    bgra = str(NAIP.parent / "RGBA.uint16.tif")
+    for plain in (masked, nir_zero, bgra):
+        direct = report_of(segment(dock, added(plain, "direct")))
+        inside = segment(dock, added(zipped(plain) if plain != bgra else zipped(_copy(bgra, tmp_path)), "zipped"))
+        report = report_of(inside)
+        assert report["valid_pixels"] == direct["valid_pixels"], plain
+        assert report["bands"] == direct["bands"], plain
+        assert report["pixel_window"] == direct["pixel_window"], plain
+    assert direct["bands"] == [3, 2, 1]
+
+
+def _copy(path: str, tmp_path: Path) -> str:
+    target = str(tmp_path / os.path.basename(path))
+    with open(path, "rb") as source, open(target, "wb") as copy:
+        copy.write(source.read())
+    return target
+
+
+def test_a_large_gdal_layer_reaches_the_backend_at_its_own_resolution(bare_dock, tmp_path):
+    """A 9340 x 7230 px virtual raster in a zip is not shrunk to 8192 px (the cap is for WMS/XYZ layers)."""
+    huge = str(tmp_path / "huge.vrt")
+    assert gdal.Translate(huge, str(NAIP), format="VRT", widthPct=1000, heightPct=1000) is not None
+    layer = added(zipped(huge), "huge")
+    bare_dock.form.layerCombo.setLayer(layer)
+    bare_dock.form.classesEdit.setPlainText(CLASS_TEXT)
+    bare_dock.form.extentCombo.setCurrentIndex(bare_dock.form.extentCombo.findData("layer"))
+    request, prepare, _outputs = bare_dock.build_request()
+    prepare(None, request)
+    copy = gdal.Open(request["raster"])
+    assert (copy.RasterXSize, copy.RasterYSize) == (layer.width(), layer.height()) == (9340, 7230)
+    assert copy.GetGeoTransform() == pytest.approx(gdal.Open(huge).GetGeoTransform())
+
+
+def test_a_world_view_in_wgs84_segments_the_raster_it_shows(dock, qgis_iface, qgis_new_project):
+    """The canvas in EPSG:4326 zoomed out beyond +-180 degrees: the request's bbox is the raster's extent in
+    its own CRS, and the run covers the raster."""
+    layer = added(str(NAIP), "naip")
+    canvas = qgis_iface.mapCanvas()
+    canvas.resize(800, 600)
+    canvas.setDestinationCrs(QgsCoordinateReferenceSystem("EPSG:4326"))
+    canvas.setExtent(QgsRectangle(-180, -90, 180, 90))
+    assert canvas.extent().xMinimum() < -180
+    dock.form.layerCombo.setLayer(layer)
+    dock.form.extentCombo.setCurrentIndex(dock.form.extentCombo.findData("canvas"))
+    request = dock.build_request()[0]
+    assert request["bbox_crs"] == "EPSG:26914"
+    assert QgsRectangle(*request["bbox"]) == layer.extent()
+    vector = segment(dock, layer, "canvas")
+    assert report_of(vector)["pixel_window"]["width"] == layer.width()
+
+
+def test_an_empty_map_gives_a_sentence_and_whole_layer_needs_no_map(bare_dock, tmp_path, qgis_iface, monkeypatch):
+    """Before the map shows anything its extent cannot be transformed: 'Whole layer' of a zipped GeoTIFF
+    still works, 'Map canvas' says what to do."""
+    from qgis_farslip.dock import UserError
+
+    canvas = qgis_iface.mapCanvas()
+    canvas.setDestinationCrs(QgsCoordinateReferenceSystem("EPSG:3857"))
+    # What a map that has shown nothing yet says (QGIS then cannot transform it: QgsCsException).
+    monkeypatch.setattr(canvas, "extent", lambda: QgsRectangle())
+    layer = added(zipped(_copy(str(NAIP), tmp_path)), "zipped")
+    bare_dock.form.layerCombo.setLayer(layer)
+    bare_dock.form.classesEdit.setPlainText(CLASS_TEXT)
+    bare_dock.form.extentCombo.setCurrentIndex(bare_dock.form.extentCombo.findData("layer"))
+    request, prepare, _outputs = bare_dock.build_request()
+    prepare(None, request)
+    assert gdal.Open(request["raster"]).RasterXSize == layer.width()
+    bare_dock.form.extentCombo.setCurrentIndex(bare_dock.form.extentCombo.findData("canvas"))
+    with pytest.raises(UserError, match="cannot be taken into the CRS of the raster zipped"):
+        bare_dock.build_request()
+
+
+def xyz_source(tmp_path: Path) -> str:
+    """An XYZ layer whose tile folder is empty: it returns no imagery anywhere."""
+    (tmp_path / "tiles").mkdir(exist_ok=True)
+    return f"type=xyz&url=file://{tmp_path}/tiles/%7Bz%7D/%7Bx%7D/%7By%7D.png&zmax=19&zmin=0"
+
+
+def test_an_xyz_layer_without_tiles_says_so_without_naming_a_temporary_file(dock, tmp_path, qgis_iface):
+    layer = added(xyz_source(tmp_path), "empty tiles", "wms")
+    canvas = qgis_iface.mapCanvas()
+    canvas.resize(800, 600)
+    canvas.setDestinationCrs(QgsCoordinateReferenceSystem("EPSG:3857"))
+    canvas.setExtent(QgsRectangle(-11044000, 5942000, -11034000, 5946000))
+    dock.form.layerCombo.setLayer(layer)
+    dock.form.extentCombo.setCurrentIndex(dock.form.extentCombo.findData("canvas"))
+    assert run_dock_job(dock) == "failed"
+    assert dock.last_error.startswith("The layer empty tiles returned no imagery for this extent"), dock.last_error
+    assert tempfile.gettempdir() not in dock.last_error
+
+
+def farslip_temporaries() -> set[str]:
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "farslip-*")))
+
+
+def test_processing_reads_a_zipped_layer_with_its_crs_and_leaves_no_temporary_copy(
+        running_plugin, qgis_processing, tiny_model, tmp_path, qgis_new_project):
+    import processing
+
+    path = translated(tmp_path, "wrong_zone.tif", outputSRS="EPSG:26913")
+    layer = added(zipped(path), "zipped")
+    layer.setCrs(QgsCoordinateReferenceSystem("EPSG:26914"))
+    extent = QgsRectangle(layer.extent())
+    extent.scale(0.5)
+    before = farslip_temporaries()
+    out = tmp_path / "zipped.gpkg"
+    processing.run("farslip:segment_by_class_names", {
+        "INPUT": layer, "EXTENT": extent, "CLASSES": CLASS_TEXT, "MODEL": str(tiny_model),
+        "REGION_CHECKS": False, "OUTPUT": str(out)})
+    assert farslip_temporaries() == before
+    vector = QgsVectorLayer(str(out), "zipped", "ogr")
+    assert vector.crs().authid() == "EPSG:26914"
+    assert extent.buffered(10.0).contains(vector.extent()), vector.extent().toString()
+    # The polygons follow the layer's own pixel edges (no resampled copy of the extent).
+    x_min = vector.extent().xMinimum()
+    assert (x_min - layer.extent().xMinimum()) / layer.rasterUnitsPerPixelX() == pytest.approx(
+        round((x_min - layer.extent().xMinimum()) / layer.rasterUnitsPerPixelX()), abs=1e-6)
+
+
+def test_processing_save_to_geopackage_writes_a_new_file_and_refuses_an_existing_one(
+        running_plugin, qgis_processing, naip_layer, tiny_model, tmp_path):
+    import processing
+    from qgis.core import QgsProcessingException
+
+    new = tmp_path / "dossier ü" / "new.gpkg"
+    new.parent.mkdir()
+    result = processing.run("farslip:segment_by_class_names", {
+        "INPUT": naip_layer, "CLASSES": CLASS_TEXT, "MODEL": str(tiny_model), "REGION_CHECKS": False,
+        "OUTPUT": f"ogr:dbname='{new}' table=\"landcover\" (geom)"})
+    assert Path(result["OUTPUT"]) == new
+    assert QgsVectorLayer(str(new), "new", "ogr").featureCount() > 0
+    existing = tmp_path / "project.gpkg"
+    existing.write_bytes(new.read_bytes())
+    with pytest.raises(QgsProcessingException, match=r"existing GeoPackage .*project\.gpkg is not supported"):
+        processing.run("farslip:segment_by_class_names", {
+            "INPUT": naip_layer, "CLASSES": CLASS_TEXT, "MODEL": str(tiny_model), "REGION_CHECKS": False,
+            "OUTPUT": f"ogr:dbname='{existing}' table=\"landcover\" (geom)"})
+    assert existing.read_bytes() == new.read_bytes()
+
+
+def test_a_shapefile_export_of_a_long_class_name_keeps_that_class_styled(dock, tmp_path, qgis_new_project):
+    long_name = "a very long class name " * 15
+    dock.form.classesEdit.setPlainText(f"water\n{long_name}")
+    vector = segment(dock, added(str(NAIP), "naip"))
+    shapefile = dock.export_result(str(tmp_path / "export" / "long.shp"))
+    assert shapefile is not None, dock.last_error
+    assert "is stored shortened" in dock.form.statusLabel.text()
+    exported = QgsVectorLayer(shapefile, "exported", "ogr")  # with the .qml beside it
+    stored = {str(value) for value in exported.uniqueValues(exported.fields().indexOf("class"))}
+    styled = {str(category.value()) for category in exported.renderer().categories()}
+    assert stored <= styled, (stored, styled)
+    assert {str(f["class"]) for f in vector.getFeatures()} != stored  # the name was shortened in the file
