@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -71,8 +72,10 @@ def write_polygons(
     extra: Mapping[str, np.ndarray] | None = None,
     tag: str | None = None,
     layer: str | None = None,
+    keep_from: Path | None = None,
 ) -> Path:
-    """Write `regions` as a polygon layer named after the file, in the format of its extension, atomically.
+    """Write `regions` as a polygon layer named after the file, in the format of its extension, atomically
+    (`layer`, `keep_from`: see write_layer).
 
     `extra` adds float columns after the standard fields (e.g. the quality signals), one value per region.
 
@@ -91,13 +94,14 @@ def write_polygons(
         )
     fields = dict(zip(FIELDS, _field_arrays(regions, class_names, model, run_id)))
     fields.update({name: np.asarray(values, dtype=np.float64) for name, values in (extra or {}).items()})
-    return write_layer(path, geometries, fields, "MultiPolygon" if multi else "Polygon", crs, tag, layer)
+    return write_layer(path, geometries, fields, "MultiPolygon" if multi else "Polygon", crs, tag, layer, keep_from)
 
 
 def write_layer(path: Path, geometries: np.ndarray, fields: Mapping[str, np.ndarray], geometry_type: str,
-                 crs, tag: str | None = None, layer: str | None = None) -> Path:
+                 crs, tag: str | None = None, layer: str | None = None, keep_from: Path | None = None) -> Path:
     """One layer named after the file, in the format of its extension, written atomically (`layer`
-    given: straight into `path`, which the caller staged and renames itself)."""
+    given: straight into `path`, which the caller staged and renames itself; `keep_from` is then the
+    file it replaces). A GeoPackage written over one that holds other layers keeps them (keep_layers)."""
     driver = driver_for(path)
     options: dict[str, object] = {"encoding": "UTF-8"} if driver == "ESRI Shapefile" else {}
     if driver == "GPKG":
@@ -108,11 +112,30 @@ def write_layer(path: Path, geometries: np.ndarray, fields: Mapping[str, np.ndar
                               geometry_type=geometry_type, crs=crs.to_wkt() if hasattr(crs, "to_wkt") else crs,
                               **options)
     if layer is not None:  # the caller writes into a name it staged itself
+        if keep_from is not None:
+            keep_layers(Path(keep_from), path, layer_name(layer, driver))
         write(path, layer=layer_name(layer, driver))
         return path
     with atomic_output(path, tag) as temp_path:
+        keep_layers(path, temp_path, layer_name(path.stem, driver))
         write(temp_path, layer=layer_name(path.stem, driver))
     return path
+
+
+def keep_layers(target: Path, staged: Path, layer: str) -> list[str]:
+    """Start `staged` as a copy of `target` when `target` is a GeoPackage that holds layers other than `layer`,
+    so that the result replaces only its own layer (a GeoPackage is often a project's store: roads,
+    parcels, a raster table; --overwrite replaced the whole file). Returns the layers kept."""
+    if driver_for(target) != "GPKG" or not target.is_file():
+        return []
+    try:
+        names = [str(name) for name in pyogrio.list_layers(target)[:, 0]]
+    except Exception:  # not a GeoPackage GDAL can read (damaged, empty): replaced as a whole, as asked
+        return []
+    kept = [name for name in names if name != layer]
+    if kept:
+        shutil.copyfile(target, staged)
+    return kept
 
 
 def layer_name(name: str, driver: str) -> str:

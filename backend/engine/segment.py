@@ -34,7 +34,7 @@ from .runtimes import make_encoder
 from .errors import CancelledError, EmptyResultError
 from .colours import class_colormap
 from .atomic import atomic_output
-from .export import check_field_widths, report_json, write_polygons
+from .export import check_field_widths, driver_for, layer_name, report_json, write_polygons
 from .diskspace import check_free_space, check_written, writing_to
 from .temporary import make_work_dir, new_run_tag, remove_owned, remove_stale, run_prefixes
 from .memory import reused_heap
@@ -450,10 +450,10 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
                         "cache": feature_cache.stats() if feature_cache is not None else None}
             t0 = time.perf_counter()
             write_polygons(staged["vector"], regions, source.crs, class_names, loaded.name, run_id,
-                           extra=estimate.fields, layer=Path(options.out).stem)
+                           extra=estimate.fields, layer=Path(options.out).stem, keep_from=targets["vector"])
             if coarse is not None:
                 write_polygons(staged["coarse_vector"], coarse, source.crs, class_names, loaded.name, run_id,
-                               layer=targets["coarse_vector"].stem)
+                               layer=targets["coarse_vector"].stem, keep_from=targets["coarse_vector"])
             if options.prob_raster and prob_path is not None:
                 shutil.move(prob_path, staged["prob_raster"])
             if options.class_raster:
@@ -479,6 +479,8 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
                 "stride": segmenter.stride, "valid_pixels": int(valid_pixels),
                 "options": options.processing(),
                 "timings": {k: round(v, 3) for k, v in timings.items()},
+                # The polygon layer's name in its file (a GeoPackage may hold other layers, which are kept).
+                "layer": layer_name(Path(options.out).stem, driver_for(Path(options.out))),
                 "class_stats": stats, "outputs": paths, "warnings": warnings + (refined.warnings if refined else []),
                 "quality": estimate.report, **(refined.report if refined else {}),
             }

@@ -45,7 +45,8 @@ def reprojected(geometries: np.ndarray, source: CRS, target: CRS, pixel_size: fl
     return shapely.transform(shapely.segmentize(geometries, pixel_size), apply)
 
 
-def merge_layers(parts: list[tuple[Path, str, CRS, float]], out: Path, out_crs: CRS, layer: str) -> int:
+def merge_layers(parts: list[tuple[Path, str, CRS, float]], out: Path, out_crs: CRS, layer: str,
+                 keep_from: Path | None = None) -> int:
     """Write the layers `parts` (gpkg, raster name, its CRS, its pixel size) as one layer at `out`."""
     geometries, columns, names = [], {}, None
     for path, raster, crs, pixel_size in parts:
@@ -66,7 +67,8 @@ def merge_layers(parts: list[tuple[Path, str, CRS, float]], out: Path, out_crs: 
     if out.suffix.lower() == PARQUET:
         write_geoparquet(out, joined, fields, out_crs)
     else:
-        write_layer(out, joined, fields, "MultiPolygon" if multi else "Polygon", out_crs, layer=layer)
+        write_layer(out, joined, fields, "MultiPolygon" if multi else "Polygon", out_crs, layer=layer,
+                    keep_from=keep_from)
     return len(joined)
 
 

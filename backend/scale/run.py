@@ -30,7 +30,7 @@ from rasterio.crs import CRS
 from backend import __version__
 from backend.engine.errors import CancelledError, FarslipError, InputError
 from backend.engine.atomic import atomic_output, write_text_atomically
-from backend.engine.export import report_json, report_path_for
+from backend.engine.export import driver_for, layer_name, report_json, report_path_for
 from backend.engine.feature_cache import identity_digest, model_identity
 from backend.engine.weights import stat_identity
 from backend.engine.checks import coarse_vector_path
@@ -509,12 +509,12 @@ def _write_outputs(done: list[RasterPlan], manifest: Manifest, request: ScaleReq
         names = raster_names([p.path for p in done])
         parts = [(manifest.raster_folder(p.index) / "polygons.gpkg", name, p.crs, min(pixel_size(p.transform)))
                  for p, name in zip(done, names)]
-        count = merge_layers(parts, staged_vector, out_crs, out.stem)
+        count = merge_layers(parts, staged_vector, out_crs, out.stem, keep_from=out)
         if request.refine != "none":  # the unrefined polygons beside the refined ones, as `segment` writes them
             coarse = coarse_vector_path(out)
             with atomic_output(coarse, tag) as staged_coarse:
                 merge_layers([(manifest.raster_folder(p.index) / "coarse.gpkg", *part[1:])
-                              for p, part in zip(done, parts)], staged_coarse, out_crs, coarse.stem)
+                              for p, part in zip(done, parts)], staged_coarse, out_crs, coarse.stem, keep_from=coarse)
             outputs["coarse_vector"] = str(coarse)
         for role, target in request.rasters().items():
             outputs.update(_write_raster_output(role, target, done, names, manifest, request.overwrite, out_crs,
@@ -523,6 +523,7 @@ def _write_outputs(done: list[RasterPlan], manifest: Manifest, request: ScaleReq
         report = {"farslip_version": __version__, "run_id": run_id, "model": model, "crs": out_crs.to_string(),
                   "rasters": [manifest.finished[p.index] for p in done], "failed": failed, "chunks": chunks,
                   "polygons": count, "options": facts, "outputs": outputs,
+                  "layer": out.stem if out.suffix.lower() == ".parquet" else layer_name(out.stem, driver_for(out)),
                   "timings": {k: round(v, 3) for k, v in timings.items()}}
         staged_report.write_text(report_json(report), "utf-8")
     return outputs

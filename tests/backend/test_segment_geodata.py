@@ -663,3 +663,34 @@ def test_a_geopackage_named_gpkg_something_is_written(tiny_model, tmp_path, name
                                       "--tile", "64", "--out", str(tiles), "--quiet"])
     assert result.exit_code == 0, result.output
     assert pyogrio.read_info(tiles)["features"] > 0
+
+
+def test_overwriting_a_geopackage_keeps_its_other_layers(tiny_model, tmp_path):
+    """A GeoPackage is often a project's store (roads, parcels): `--overwrite` replaced the whole file with the
+    result, and the other layers were gone. Only the result's own layer is replaced now; the report names it."""
+    import pyogrio.raw
+
+    raster = _blocks_raster(tmp_path / "utm.tif", "EPSG:32633", rasterio.Affine(2.0, 0, 300_000, 0, -2.0, 5_800_000))
+    store = tmp_path / "project.gpkg"
+    square = shapely.to_wkb(np.array([shapely.box(300_010, 5_799_700, 300_050, 5_799_750)], dtype=object))
+    for name in ("roads", "parcels"):
+        pyogrio.raw.write(store, square, [np.array([name], dtype=object)], ["name"], layer=name, driver="GPKG",
+                          geometry_type="Polygon", crs="EPSG:32633")
+    result = segment(raster, *CLASSES, "--model", tiny_model, "--out", store, "--quiet")
+    assert result.exit_code == 2 and "already exists" in result.output  # still asked first
+    for _ in range(2):  # added, then replaced
+        result = segment(raster, *CLASSES, "--model", tiny_model, "--out", store, "--overwrite", "--quiet")
+        assert result.exit_code == 0, result.output
+        assert sorted(pyogrio.list_layers(store)[:, 0]) == ["parcels", "project", "roads"]
+        for name in ("roads", "parcels"):
+            _, _, wkb, values = pyogrio.raw.read(store, layer=name)
+            assert values[0].tolist() == [name] and shapely.from_wkb(wkb)[0].equals(shapely.from_wkb(square)[0])
+        report = json.loads(store.with_suffix(".report.json").read_text())
+        assert report["layer"] == "project"
+        polygons = sum(c["polygons"] for c in report["class_stats"])
+        assert pyogrio.read_info(store, layer="project")["features"] == polygons
+    # A GeoPackage that holds only an earlier result is simply replaced.
+    alone = tmp_path / "alone.gpkg"
+    for _ in range(2):
+        assert segment(raster, *CLASSES, "--model", tiny_model, "--out", alone, "--overwrite", "--quiet").exit_code == 0
+    assert pyogrio.list_layers(alone)[:, 0].tolist() == ["alone"]
