@@ -188,7 +188,11 @@ def load_segment_result(job: dict, name: str, project: QgsProject | None = None)
     vector_path = outputs.get("vector")
     if not vector_path or not os.path.isfile(vector_path):
         raise RuntimeError(tr("The backend reported success but its output {} is missing.").format(vector_path))
-    vector = QgsVectorLayer(vector_path, name, "ogr")
+    # A GeoPackage may hold other layers besides the result (the backend keeps them): open the result's own.
+    layer_name = (job.get("result") or {}).get("layer")
+    source = f"{vector_path}|layername={layer_name}" if layer_name and vector_path.lower().endswith(".gpkg") \
+        else vector_path
+    vector = QgsVectorLayer(source, name, "ogr")
     if not vector.isValid():
         raise RuntimeError(tr("QGIS cannot open the result {}.").format(vector_path))
     added: list[QgsMapLayer] = []

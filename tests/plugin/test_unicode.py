@@ -71,6 +71,36 @@ def test_legend_and_export_keep_class_names_in_any_script(farslip, qgis_new_proj
     assert os.path.isfile(str(tmp_path / "FarSLIP_건물.cpg"))
 
 
+def test_a_result_in_a_geopackage_with_other_layers_loads_its_own_layer(farslip, qgis_new_project, tmp_path):
+    """The backend keeps a GeoPackage's other layers when it writes its result into it, and names its layer in
+    the report: the dock opened the file's first layer (a project's roads) as the result."""
+    from qgis_farslip.results import load_segment_result
+
+    path = str(tmp_path / "project.gpkg")
+    roads = QgsVectorLayer("LineString?crs=EPSG:32633&field=road:string", "roads", "memory")
+    feature = QgsFeature(roads.fields())
+    feature.setGeometry(QgsGeometry.fromWkt("LINESTRING (0 0, 10 10)"))
+    feature.setAttributes(["A1"])
+    roads.dataProvider().addFeature(feature)
+    options = QgsVectorFileWriter.SaveVectorOptions()
+    options.driverName, options.layerName = "GPKG", "roads"
+    error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(
+        roads, path, QgsProject.instance().transformContext(), options)
+    assert error == QgsVectorFileWriter.NoError, message
+    write_result(str(tmp_path / "alone.gpkg"))
+    result = QgsVectorLayer(str(tmp_path / "alone.gpkg"), "project", "ogr")
+    options.layerName = "project"
+    options.actionOnExistingFile = QgsVectorFileWriter.CreateOrOverwriteLayer
+    error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(
+        result, path, QgsProject.instance().transformContext(), options)
+    assert error == QgsVectorFileWriter.NoError, message
+    job = {"id": "j2", "result": {"outputs": {"vector": path}, "run_id": "r2", "layer": "project",
+                                  "classes": [{"class": n, "class_id": i} for i, n in enumerate(NAMES)]}}
+    vector = load_segment_result(job, "FarSLIP project")[0]
+    assert vector.featureCount() == len(NAMES) and vector.fields().indexOf("class") >= 0
+    assert sorted(f["class"] for f in vector.getFeatures()) == sorted(NAMES)
+
+
 def test_the_model_list_says_which_models_are_multilingual(farslip, qgis_iface, plugin_settings):
     from qgis.PyQt.QtCore import Qt
 
