@@ -694,3 +694,22 @@ def test_overwriting_a_geopackage_keeps_its_other_layers(tiny_model, tmp_path):
     for _ in range(2):
         assert segment(raster, *CLASSES, "--model", tiny_model, "--out", alone, "--overwrite", "--quiet").exit_code == 0
     assert pyogrio.list_layers(alone)[:, 0].tolist() == ["alone"]
+
+
+@pytest.mark.parametrize("command", ["segment", "classify"])
+def test_a_shapefile_output_does_not_replace_another_shapefiles_parts_without_overwrite(tiny_model, tmp_path, command):
+    """t.shp is several files: with t.dbf (another shapefile's table) and t.qmd beside it but no t.shp, a run
+    to t.shp overwrote the .dbf and deleted the .qmd without --overwrite."""
+    raster = _blocks_raster(tmp_path / "utm.tif", "EPSG:32633", rasterio.Affine(2.0, 0, 300_000, 0, -2.0, 5_800_000))
+    (tmp_path / "t.dbf").write_bytes(b"precious table")
+    (tmp_path / "t.qmd").write_text("<qgis/>")
+    args = [command, str(raster), "-c", "water", "-c", "grass", "--model", str(tiny_model), "--out",
+            str(tmp_path / "t.shp"), "--quiet"] + (["--tile", "64"] if command == "classify" else [])
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "would replace t.dbf, t.qmd" in result.output and "--overwrite" in result.output
+    assert (tmp_path / "t.dbf").read_bytes() == b"precious table" and (tmp_path / "t.qmd").exists()
+    assert not (tmp_path / "t.shp").exists()
+    result = CliRunner().invoke(app, [*args, "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert pyogrio.read_info(tmp_path / "t.shp")["features"] > 0
