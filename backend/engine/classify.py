@@ -22,7 +22,7 @@ import shapely
 
 from backend import __version__
 from .errors import CancelledError, EmptyResultError, InputError
-from .export import write_layer, check_field_widths, report_path_for, write_report
+from .export import check_field_widths, check_format_crs, report_path_for, write_layer, write_report
 from .models import LoadedModel
 from .finetuned import bands_for
 from .raster import PixelWindow, open_source, request_window
@@ -102,6 +102,7 @@ def classify_raster(raster: Path, options: ClassifyOptions, out: Path, loaded: L
             raise EmptyResultError(f"Every pixel of {raster} is nodata or masked: there is nothing to classify. "
                                    "Check the raster's nodata value and alpha band.") from None
         with source:
+            check_format_crs(out, source.crs)
             window = request_window(source, options.bbox, options.bbox_crs)
             rows = tile_starts(window.row_off, window.row_off + window.height, options.tile)
             cols = tile_starts(window.col_off, window.col_off + window.width, options.tile)

@@ -34,6 +34,21 @@ def driver_for(path: str | Path) -> str:
 SHAPEFILE_TEXT_BYTES = 254  # a dBase text field holds at most this many bytes
 
 
+def check_format_crs(path: str | Path, crs) -> None:
+    """GeoJSON records a CRS only by its code (EPSG, ESRI): a raster in a CRS without one (a PROJ string, a
+    custom WKT) gave a file that every reader, farslip evaluate included, took for WGS 84 degrees while
+    its coordinates were metres. Refused before the run, naming the formats that keep any CRS."""
+    if driver_for(path) != "GeoJSON" or crs is None:
+        return
+    authority = crs.to_authority() if hasattr(crs, "to_authority") else None
+    if authority is not None and authority[0] in ("EPSG", "ESRI"):
+        return
+    name = crs.to_string() if hasattr(crs, "to_string") else str(crs)
+    raise InputError(f"GeoJSON cannot record the CRS of this result ({name[:100]}), which has no EPSG code: "
+                     f"readers would take {Path(path).name} for WGS 84 degrees. Write .gpkg, .fgb or .shp "
+                     "instead, which keep any CRS.")
+
+
 def check_field_widths(path: str | Path, class_names: Sequence[str], what: str = "class name",
                        field: str = "") -> None:
     """A shapefile cannot hold long texts (class names, search sentences); say so before the run rather

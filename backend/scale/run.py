@@ -30,7 +30,7 @@ from rasterio.crs import CRS
 from backend import __version__
 from backend.engine.errors import CancelledError, FarslipError, InputError
 from backend.engine.atomic import atomic_output, write_text_atomically
-from backend.engine.export import driver_for, layer_name, report_json, report_path_for
+from backend.engine.export import check_format_crs, driver_for, layer_name, report_json, report_path_for
 from backend.engine.feature_cache import identity_digest, model_identity
 from backend.engine.weights import stat_identity
 from backend.engine.checks import coarse_vector_path
@@ -303,6 +303,8 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
         error.exit_code = first["exit_code"]
         raise error
     out_crs = typed_crs if typed_crs is not None else plans[0].crs
+    if Path(request.out).suffix.lower() != ".parquet":
+        check_format_crs(request.out, out_crs)
     check_raster_outputs(request, paths, plans)
     coarse = [coarse_vector_path(request.out)] if request.refine != "none" else []
     for target in (request.out, report_path_for(request.out), *coarse, *request.rasters().values()):

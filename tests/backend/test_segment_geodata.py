@@ -713,3 +713,23 @@ def test_a_shapefile_output_does_not_replace_another_shapefiles_parts_without_ov
     result = CliRunner().invoke(app, [*args, "--overwrite"])
     assert result.exit_code == 0, result.output
     assert pyogrio.read_info(tmp_path / "t.shp")["features"] > 0
+
+
+@pytest.mark.parametrize("command", ["segment", "classify"])
+def test_geojson_is_refused_for_a_crs_without_a_code_and_written_for_one_with_it(tiny_model, tmp_path, command):
+    """GeoJSON records a CRS only by its code: for a raster in a PROJ-string CRS the file had no CRS and every
+    reader took its metres for WGS 84 degrees. Refused before the run; an EPSG raster still writes GeoJSON."""
+    custom = "+proj=tmerc +lat_0=0 +lon_0=15 +k=0.9996 +x_0=150000 +y_0=0 +ellps=GRS80 +units=m +no_defs"
+    for crs, written in ((custom, False), ("EPSG:32633", True)):
+        raster = _blocks_raster(tmp_path / "r.tif", crs, rasterio.Affine(2.0, 0, 150_000, 0, -2.0, 160))
+        out = tmp_path / f"{command}.geojson"
+        result = CliRunner().invoke(app, [command, str(raster), "-c", "water", "-c", "grass", "--model",
+                                          str(tiny_model), "--out", str(out), "--quiet", "--overwrite",
+                                          *(["--tile", "64"] if command == "classify" else [])])
+        if written:
+            assert result.exit_code == 0, result.output
+            assert rasterio.crs.CRS.from_user_input(pyogrio.read_info(out)["crs"]) == rasterio.crs.CRS.from_epsg(32633)
+        else:
+            assert result.exit_code == 2, result.output
+            assert "GeoJSON cannot record the CRS" in result.output and ".gpkg" in result.output
+            assert not out.exists()
