@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -136,7 +137,7 @@ class RasterSource:
         try:
             data = self.dataset.read(unique, window=src_window, out_shape=(len(unique), *shape),
                                      resampling=self._resampling())
-            mask = None if self._all_valid else validity_mask(self.dataset, shape, src_window)
+            mask = None if self._all_valid else validity_mask(self.dataset, shape, src_window, unique)
         except RasterioError as exc:
             raise unreadable_pixels(self.path) from exc
         if every > 1:  # before any conversion: what follows works pixel by pixel
@@ -292,9 +293,13 @@ def palette_lut(ds: rasterio.io.DatasetReader, bands: list[int]) -> np.ndarray |
     return lut
 
 
-def validity_mask(ds: rasterio.io.DatasetReader, shape: tuple[int, int], window: Window | None = None) -> np.ndarray:
+def validity_mask(ds: rasterio.io.DatasetReader, shape: tuple[int, int], window: Window | None = None,
+                  bands: Sequence[int] | None = None) -> np.ndarray:
     """(h, w) uint8, non-zero where a pixel of `window` (read at `shape`) holds data: GDAL's dataset mask
-    (mask band, alpha band or nodata value), except for a raster with both an alpha band and a nodata value.
+    (mask band, alpha band or nodata value), except for a raster with both an alpha band and a nodata value,
+    and for some of a raster's bands (`bands`) masked by a nodata value: a pixel holds data when one of
+    those bands does (GDAL's dataset mask asks every band, so --bands 1 classified pixels that are nodata
+    in band 1 from its fill value, because bands 2 and 3 held data there).
 
     There GDAL lets the nodata value shadow the alpha band, and rasterio then takes the alpha band's own
     nodata mask: with nodata 255 every opaque pixel (alpha 255) would be masked and only the transparent
@@ -302,6 +307,13 @@ def validity_mask(ds: rasterio.io.DatasetReader, shape: tuple[int, int], window:
     it is not transparent (alpha above 0) and not the nodata value in every colour band.
     """
     alpha = [i + 1 for i, interp in enumerate(ds.colorinterp) if interp == ColorInterp.alpha]
+    chosen = sorted(set(bands or ()))
+    if not alpha and chosen and chosen != list(range(1, ds.count + 1)) and all(
+            ds.mask_flag_enums[band - 1] == [MaskFlags.nodata] for band in chosen):
+        valid = np.zeros(shape, bool)
+        for band in chosen:
+            valid |= ds.read_masks(band, window=window, out_shape=shape, resampling=Resampling.nearest) > 0
+        return valid.astype(np.uint8) * 255
     if not alpha or ds.nodata is None:
         return ds.dataset_mask(window=window, out_shape=shape, resampling=Resampling.nearest)
     read = {"window": window, "out_shape": shape, "resampling": Resampling.nearest}
@@ -338,7 +350,7 @@ def _sample(ds: rasterio.io.DatasetReader, bands: list[int],
     try:
         data = (ds.read(sorted(set(bands)), out_shape=(len(set(bands)), *shape), resampling=Resampling.nearest)
                 if values else None)
-        mask = np.ones(shape, bool) if all_valid else validity_mask(ds, shape) > 0
+        mask = np.ones(shape, bool) if all_valid else validity_mask(ds, shape, bands=bands) > 0
     except RasterioError as exc:
         raise unreadable_pixels(ds.name) from exc
     return data, mask

@@ -733,3 +733,26 @@ def test_geojson_is_refused_for_a_crs_without_a_code_and_written_for_one_with_it
             assert result.exit_code == 2, result.output
             assert "GeoJSON cannot record the CRS" in result.output and ".gpkg" in result.output
             assert not out.exists()
+
+
+def test_pixels_nodata_in_the_chosen_band_get_no_class(tiny_model, tmp_path):
+    """nodata 0, band 1 empty on the left half, bands 2 and 3 full: with --bands 1 the left half is nodata
+    (GDAL's dataset mask asks every band, so it was classified from band 1's fill value); the default
+    bands 1, 2, 3 keep it (a pixel is masked when every band it is read from is nodata)."""
+    data = np.full((3, 60, 80), 120, np.uint8)
+    data[0, :, :40] = 0
+    data[1, :, 60:] = np.arange(20, dtype=np.uint8) + 100
+    raster = tmp_path / "nd0.tif"
+    with rasterio.open(raster, "w", driver="GTiff", width=80, height=60, count=3, dtype="uint8", nodata=0,
+                       crs="EPSG:32633", transform=rasterio.Affine(2.0, 0, 300_000, 0, -2.0, 5_800_000)) as ds:
+        ds.write(data)
+    for bands, masked in (("1", 60 * 40), ("1,2,3", 0)):
+        classes = tmp_path / f"c{bands}.tif"
+        result = segment(raster, *CLASSES, "--model", tiny_model, "--out", tmp_path / f"o{bands}.gpkg",
+                         "--class-raster", classes, "--bands", bands, "--quiet")
+        assert result.exit_code == 0, result.output
+        with rasterio.open(classes) as ds:
+            ids = ds.read(1)
+            assert int((ids == ds.nodata).sum()) == masked
+            if masked:
+                assert (ids[:, :40] == ds.nodata).all()
