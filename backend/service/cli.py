@@ -42,7 +42,10 @@ def segment(**values: Any) -> None:
     # and those of a run on Ray (backend/service/scale_cli.py), which takes several inputs.
     if wants_ray(values):
         return segment_scaled(values)
-    values = single_raster(values)
+    try:
+        values = single_raster(values)
+    except FarslipError as error:
+        fail(error)
     device, quiet = values.pop("device"), values.pop("quiet")
     # SIGTERM/SIGHUP interrupt as Ctrl+C does, until the outputs are in place.
     stop_on_signals = signals_as_interrupt()

@@ -55,12 +55,19 @@ INPUTS_HELP = ("GeoTIFF (or any GDAL raster) to segment. With --workers or --clu
 
 
 def wants_ray(values: dict) -> bool:
-    return bool(values.get("workers") or values.get("cluster") or os.environ.get("RAY_ADDRESS")
+    # --workers 0 too: the scaled run refuses it with a sentence (a single run ignored it).
+    return bool(values.get("workers") is not None or values.get("cluster") or os.environ.get("RAY_ADDRESS")
                 or len(values["raster"]) > 1)
 
 
 def single_raster(values: dict) -> dict:
-    """The values of a single-process run: one raster, no Ray options."""
+    """The values of a single-process run: one raster, no Ray options (--out-crs and --restart, which only a
+    run on Ray has, are refused with a sentence: a single run ignored them without a word)."""
+    given = [flag for key, flag in (("out_crs", "--out-crs"), ("restart", "--restart")) if values.get(key)]
+    if given:
+        raise InputError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to runs on Ray, and "
+                         "this one runs one raster in this process; add --workers 1 to run it on a local Ray"
+                         + (", or reproject the result (ogr2ogr -t_srs)." if values.get("out_crs") else "."))
     values = {k: v for k, v in values.items() if k not in SCALE_ONLY}
     values["raster"] = Path(values["raster"][0])
     return values

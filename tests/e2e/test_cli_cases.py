@@ -134,6 +134,10 @@ CASES = [
     ("random bytes as checkpoint", "{in}/in.tif -c water --model {in}/random.pt", 3, "not a readable PyTorch"),
     ("unknown bbox CRS", "{in}/in.tif -c water --bbox 0 0 1 1 --bbox-crs EPSG:99999", 2, "not a CRS I know"),
     ("unknown device", "{in}/in.tif -c water --device bogus", 2, "Unknown device"),
+    # options of a run on Ray, which a run of one raster in this process ignored without a word
+    ("--out-crs on one raster", "{in}/in.tif -c water --out-crs EPSG:4326", 2, "--out-crs applies to runs on Ray"),
+    ("--restart on one raster", "{in}/in.tif -c water --restart", 2, "--restart applies to runs on Ray"),
+    ("--workers 0", "{in}/in.tif -c water --workers 0", 2, "--workers must be at least 1"),
     # numbers that are not finite or out of range
     ("--gsd nan", "{in}/in.tif -c water --gsd nan", 2, "--gsd"),
     ("--gsd inf", "{in}/in.tif -c water --gsd inf", 2, "--gsd"),
