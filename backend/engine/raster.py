@@ -244,6 +244,10 @@ def open_dataset(path: str | Path) -> rasterio.io.DatasetReader:
         ds.close()
         raise InputError(f"The raster {path} is georeferenced by ground control points only; "
                          "warp it to a map grid first (gdalwarp).")
+    if ds.rpcs and ds.transform == Affine.identity():
+        ds.close()
+        raise InputError(f"The raster {path} is georeferenced by rational polynomial coefficients (RPCs) only, as a "
+                         "satellite scene comes; orthorectify it to a map grid first (gdalwarp -rpc -t_srs EPSG:...).")
     if ds.crs is None or ds.transform == Affine.identity():
         ds.close()
         raise InputError(f"The raster {path} has no coordinate reference system or georeferencing; "

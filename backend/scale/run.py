@@ -121,8 +121,9 @@ def check_scale_options(options) -> None:
 
     for name, (asked, flag) in NOT_YET.items():
         if getattr(options, name) == asked:
-            raise InputError(f"{flag} is not available on Ray (--workers, --cluster, FARSLIP_RAY_ADDRESS) yet; "
-                             "leave it out, or segment without Ray.")
+            raise InputError(f"{flag} is not available yet in runs on Ray (several inputs, --workers, --cluster, "
+                             "RAY_ADDRESS; in the server FARSLIP_RAY_ADDRESS); leave it out, or segment one raster "
+                             "without those.")
     lines = engine_settings(options).class_lines
     if lines:
         parse_class_lines(lines)

@@ -20,6 +20,7 @@ import pytest
 import rasterio
 import torch
 from rasterio.control import GroundControlPoint
+from rasterio.rpc import RPC
 from rasterio.transform import from_origin
 from tinymodels import make_tiny_clip, save_plain
 from typer.testing import CliRunner
@@ -75,6 +76,10 @@ def inputs(tmp_path_factory, naip) -> Path:
         warnings.simplefilter("ignore")  # a raster without a geotransform is the point here
         _write(folder / "gcps.tif", np.full((3, 64, 64), 100, np.uint8), gcps=gcps,
                crs=rasterio.crs.CRS.from_epsg(32614))
+        rpcs = RPC(height_off=0, height_scale=500, lat_off=45.0, lat_scale=0.01, line_den_coeff=[1] + [0] * 19,
+                   line_num_coeff=[0, 0, -1] + [0] * 17, line_off=32, line_scale=32, long_off=9.0, long_scale=0.01,
+                   samp_den_coeff=[1] + [0] * 19, samp_num_coeff=[0, 1] + [0] * 18, samp_off=32, samp_scale=32)
+        _write(folder / "rpcs.tif", np.full((3, 64, 64), 100, np.uint8), rpcs=rpcs)
     return folder
 
 
@@ -128,6 +133,7 @@ CASES = [
     ("complex64 raster", "{in}/complex.tif -c water", 2, "complex numbers"),
     ("JPEG renamed .tif", "{in}/photo.tif -c water", 2, "no coordinate reference system"),
     ("raster georeferenced by GCPs only", "{in}/gcps.tif -c water", 2, "ground control points"),
+    ("satellite scene with RPCs only", "{in}/rpcs.tif -c water", 2, "gdalwarp -rpc"),
     ("damaged pixel blocks", "{data}/corrupt.tif -c water", 2, "damaged or truncated"),
     ("checkpoint with NaN weights", "{in}/in.tif -c water --model {in}/nan-weights.pt", 3, "NaN or infinite"),
     ("pickle that runs code", "{in}/in.tif -c water --model {in}/evil.pt", 3, "Refusing to load"),

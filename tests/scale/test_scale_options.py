@@ -38,7 +38,7 @@ def test_an_option_ray_does_not_offer_yet_is_refused_before_ray_starts(shared_da
                                       str(shared_data / "naip_2020_5m.tif"), "-c", "water", "--weights",
                                       str(tiny_model), "--out", str(out), "--workers", "2", flag])
     assert result.exit_code == 2, result.output
-    assert named in result.output and "not available on Ray" in result.output
+    assert named in result.output and "not available yet in runs on Ray (several inputs" in result.output
     assert "Traceback" not in result.output
     assert not out.exists() and not list(tmp_path.iterdir())
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
