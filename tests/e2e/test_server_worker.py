@@ -249,3 +249,51 @@ def test_a_job_running_at_shutdown_is_interrupted_and_a_users_cancel_is_cancelle
     job = manager.get(running)
     assert job["state"] == "interrupted", job
     assert "shut down while this job was running" in job["message"]
+
+
+def test_a_full_queue_refuses_more_jobs_with_a_429_sentence_until_one_leaves(tmp_path):
+    manager = JobManager(JobStore(tmp_path / "jobs.sqlite"), {"segment": lambda r, c, m: {"outputs": {}}},
+                         max_queued=3)  # not started: every job stays queued
+    ids = [manager.submit("segment", {"n": n}, [])["id"] for n in range(3)]
+    try:
+        manager.submit("segment", {"n": 3}, [])
+    except jobs.QueueFullError as error:
+        assert error.http_status == 429
+        assert str(error).startswith("3 jobs are already waiting; wait for them to finish or cancel some")
+    else:
+        raise AssertionError("a fourth job was queued behind three waiting ones")
+    assert len(manager.list()) == 3
+    manager.cancel(ids[0])
+    assert manager.submit("segment", {"n": 4}, [])["state"] == "queued"
+    manager.shutdown()
+
+
+def test_the_history_keeps_the_newest_finished_jobs_and_every_waiting_one(tmp_path):
+    out = tmp_path / "result.gpkg"
+    release = threading.Event()
+
+    def runner(request, control, models):
+        if request["n"] == "slow":
+            release.wait(30)
+        out.write_text("result")
+        return {"outputs": {"vector": str(out)}}
+
+    manager = JobManager(JobStore(tmp_path / "jobs.sqlite", keep_finished=2), {"segment": runner})
+    manager.start()
+    finished = [manager.submit("segment", {"n": n}, [])["id"] for n in range(4)]
+    for job_id in finished:
+        _wait(manager, job_id)
+    running = manager.submit("segment", {"n": "slow"}, [])["id"]
+    waiting = manager.submit("segment", {"n": "last"}, [])["id"]
+    _wait_until(lambda: manager.get(running)["state"] == "running", 30, "the slow job to start")
+    ids = [job["id"] for job in manager.list(100)]
+    assert ids == [waiting, running, finished[3], finished[2]]  # the oldest finished ones are gone
+    assert manager.get(finished[0]) is None
+    release.set()
+    _wait(manager, waiting)
+    assert [job["id"] for job in manager.list(100)] == [waiting, running]
+    assert out.read_text() == "result"  # only history rows go, never a job's files
+    manager.shutdown()
+    reopened = JobStore(tmp_path / "jobs.sqlite", keep_finished=2)
+    assert [job["id"] for job in reopened.list(100)] == [waiting, running]
+    reopened.close()

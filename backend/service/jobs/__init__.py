@@ -11,7 +11,8 @@ from .cleanup import JobTemporaries, free_device_memory
 from .model_cache import ModelCache
 from .runners import check_segment_job, default_runners, is_out_of_memory, run_segment, run_train
 from .store import JobStore, is_job_id
-from .worker import JobControl, JobManager, Runner
+from .worker import JobControl, JobManager, QueueFullError, Runner
 
-__all__ = ["JobControl", "JobManager", "JobStore", "JobTemporaries", "ModelCache", "Runner", "check_segment_job",
-           "default_runners", "free_device_memory", "is_job_id", "is_out_of_memory", "run_segment", "run_train"]
+__all__ = ["JobControl", "JobManager", "JobStore", "JobTemporaries", "ModelCache", "QueueFullError", "Runner",
+           "check_segment_job", "default_runners", "free_device_memory", "is_job_id", "is_out_of_memory",
+           "run_segment", "run_train"]

@@ -22,6 +22,9 @@ log = logging.getLogger("farslip.jobs")
 
 ACTIVE_STATES = ("queued", "running")
 FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
+# The history keeps the newest this many finished jobs (done, failed, cancelled, interrupted); older rows
+# go, never their output files, and never a queued or running job.
+KEEP_FINISHED_JOBS = 1000
 JOB_FIELDS = ("id", "kind", "state", "progress", "tiles_done", "tiles_total", "eta_s", "message",
               "created", "started", "finished", "request", "result", "error")
 
@@ -41,8 +44,9 @@ def is_job_id(text: str) -> bool:
 class JobStore:
     """Job records in SQLite. Thread-safe: one connection behind a lock."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, keep_finished: int = KEEP_FINISHED_JOBS):
         self.path = Path(path)
+        self.keep_finished = keep_finished
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
@@ -84,6 +88,17 @@ class JobStore:
                 (job["state"], job["progress"], job["tiles_done"], job["tiles_total"], job["eta_s"],
                  job["message"], job["started"], job["finished"], _dump(job["result"]), job["error"], job["id"]),
             )
+
+    def prune_finished(self) -> int:
+        """Forget all but the newest `keep_finished` finished jobs (their rows only: the files they wrote
+        stay); returns how many went."""
+        finished = ", ".join(f"'{state}'" for state in FINAL_STATES)
+        with self._lock:
+            cursor = self._db.execute(
+                f"DELETE FROM jobs WHERE state IN ({finished}) AND seq NOT IN "
+                f"(SELECT seq FROM jobs WHERE state IN ({finished}) ORDER BY seq DESC LIMIT ?)",
+                (self.keep_finished,))
+        return cursor.rowcount
 
     def record_temporary(self, job_id: str, names: list[str]) -> None:
         """Remember the temporary names a job is about to create (before it creates them)."""

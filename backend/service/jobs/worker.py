@@ -26,6 +26,15 @@ log = logging.getLogger("farslip.jobs")
 
 # Progress is written to SQLite at most this often; readers see the live value in memory.
 PROGRESS_WRITE_INTERVAL_S = 0.5
+# Jobs that may wait for the worker at once (the running one aside): each holds its request in memory and
+# in the history, and a client in a loop would otherwise queue hours of work.
+MAX_QUEUED_JOBS = 100
+
+
+class QueueFullError(FarslipError):
+    """Too many jobs are waiting already: a later submit may succeed."""
+
+    http_status = 429
 
 
 @dataclass
@@ -74,8 +83,10 @@ Runner = Callable[[dict, JobControl, ModelCache], dict]
 class JobManager:
     """FIFO job queue with one worker thread; persists every job in a JobStore."""
 
-    def __init__(self, store: JobStore, runners: dict[str, Runner], device: str = "cpu", features: Any = None):
+    def __init__(self, store: JobStore, runners: dict[str, Runner], device: str = "cpu", features: Any = None,
+                 max_queued: int = MAX_QUEUED_JOBS):
         self.store = store
+        self.max_queued = max_queued
         self.runners = runners
         self.models = ModelCache(device, features)
         self._queue: queue.Queue[str | None] = queue.Queue()
@@ -118,6 +129,10 @@ class JobManager:
         with self._lock:
             if self._stopping:
                 raise InputError("The backend is shutting down; submit the job again once it has restarted.")
+            waiting = sum(job["state"] == "queued" for job in self._live.values())
+            if waiting >= self.max_queued:
+                raise QueueFullError(f"{waiting} jobs are already waiting; wait for them to finish or cancel some "
+                                     "(DELETE /v1/jobs/ID), then submit this one again.")
             wanted = {os.path.realpath(path) for path in outputs}
             for other_id, other_outputs in self._outputs.items():
                 clash = wanted & {os.path.realpath(path) for path in other_outputs}
@@ -284,3 +299,7 @@ class JobManager:
             self._controls.pop(job_id, None)
             self._last_write.pop(job_id, None)
         log.info("job %s %s: %s", job_id, state, message)
+        try:
+            self.store.prune_finished()
+        except Exception:  # an old history row that stays is no reason to fail the job
+            log.exception("could not remove the oldest finished jobs from the history")

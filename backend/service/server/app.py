@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -134,6 +135,7 @@ def create_app(token: str, state_dir: Path, device: str | None = None,
         store = JobStore(state_dir / "jobs.sqlite")
         try:
             store.mark_interrupted()
+            store.prune_finished()
         except Exception:  # the history's cleanup must never keep the backend from starting
             log.exception("could not mark the previous backend's unfinished jobs interrupted")
         features = FeatureCache(feature_cache_mb * 2**20, state_dir / "features", feature_cache_disk_mb * 2**20)
@@ -141,6 +143,7 @@ def create_app(token: str, state_dir: Path, device: str | None = None,
                              features=features)
         manager.start()
         app.state.manager = manager
+        app.state.health_threads = anyio.CapacityLimiter(2)  # GET /v1/health's own (see routes.models.health)
         log.info("backend ready: device %s, state in %s", device, state_dir)
         try:
             yield

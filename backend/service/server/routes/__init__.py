@@ -12,7 +12,7 @@ from backend.service.schemas import ErrorBody
 from . import jobs, models, search, segment, train
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorBody} for status in (400, 401, 404, 409, 413, 422)}
+    status: {"model": ErrorBody} for status in (400, 401, 404, 409, 413, 422, 429)}
 
 
 def v1_router() -> APIRouter:
