@@ -21,3 +21,10 @@ def _quiet_gdal_and_proj() -> None:
 
 
 _quiet_gdal_and_proj()
+
+# GDAL's HTTP reads (/vsicurl/, /vsis3/ ...) wait forever by default: a server that accepts a connection and
+# never answers would hold a run, or a request's check in the server, for good. A user's own settings win.
+GDAL_HTTP_TIMEOUTS = {"GDAL_HTTP_CONNECTTIMEOUT": "30", "GDAL_HTTP_TIMEOUT": "120"}
+GDAL_HTTP_TIMEOUTS_OF_USER = frozenset(name for name in GDAL_HTTP_TIMEOUTS if name in _os.environ)
+for _name, _seconds in GDAL_HTTP_TIMEOUTS.items():
+    _os.environ.setdefault(_name, _seconds)

@@ -6,18 +6,48 @@ bad input gets the same sentence (and the same order of checks) wherever it come
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import InputError
 from .atomic import SHAPEFILE_PARTS
 from .export import driver_for, report_path_for
-from .files import check_output_files, input_paths
+from .files import check_output_files, check_regular_file, input_paths
 from .options import SegmentOptions, check_values
 from .presets import collect_class_lines
 
 if TYPE_CHECKING:
     import torch
+
+# How long a check before a job is queued waits for each HTTP request of a network raster (/vsicurl/,
+# /vsis3/ ...), unless the user set GDAL's own timeouts: the check holds one of the server's request threads.
+CHECK_HTTP_TIMEOUT_S = 5
+
+
+@contextlib.contextmanager
+def quick_network_reads(seconds: int = CHECK_HTTP_TIMEOUT_S) -> Iterator[None]:
+    """Around a check that may open a network raster: GDAL's HTTP requests in this thread end within
+    `seconds` (GDAL_HTTP_CONNECTTIMEOUT / GDAL_HTTP_TIMEOUT from the environment win), and a timeout is
+    a sentence saying so. Call it in a worker thread: on a process's main thread rasterio sets GDAL's
+    options for every thread."""
+    import rasterio
+
+    from . import GDAL_HTTP_TIMEOUTS, GDAL_HTTP_TIMEOUTS_OF_USER
+
+    quick = {name: str(seconds) for name in GDAL_HTTP_TIMEOUTS if name not in GDAL_HTTP_TIMEOUTS_OF_USER}
+    try:
+        with rasterio.Env(**quick):
+            yield
+    except InputError as error:
+        if "timed out" not in str(error).lower():
+            raise
+        waited = quick.get("GDAL_HTTP_TIMEOUT") or os.environ.get("GDAL_HTTP_TIMEOUT")
+        raise InputError(f"{error} Its server did not answer within {waited} s; check the address and that the "
+                         "server is up, or set GDAL_HTTP_TIMEOUT (seconds) in the backend's environment to wait "
+                         "longer.") from None
 
 
 def class_lines_of(options: SegmentOptions) -> list[str]:
@@ -95,8 +125,10 @@ def check_inputs(options: SegmentOptions, read_raster: bool = True, device: torc
     check_values(options)
     if lines:
         parse_class_lines(lines)
-    if options.quality_calibration is not None and not Path(options.quality_calibration).is_file():
-        raise InputError(f"The quality calibration file {options.quality_calibration} does not exist.")
+    if options.quality_calibration is not None:
+        if not Path(options.quality_calibration).exists():
+            raise InputError(f"The quality calibration file {options.quality_calibration} does not exist.")
+        check_regular_file(options.quality_calibration, "quality calibration")  # a FIFO or device: say so
     check_outputs(options)
     if read_raster:
         from .raster import open_source, request_window

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from fastapi import HTTPException
 
+from backend.engine.checks import quick_network_reads
 from backend.engine.errors import InputError
 from backend.engine.files import expand_user
 
@@ -41,9 +42,12 @@ def absolute_path(text: str, what: str) -> Path:
 @contextlib.contextmanager
 def request_checks() -> Iterator[None]:
     """Around a request's checks: an OSError from the file system (a name too long, a folder it may not
-    read) is the request's fault, a 400 sentence naming the path, never a 500."""
+    read) is the request's fault, a 400 sentence naming the path, never a 500. A network raster gets a
+    few seconds per read (checks.quick_network_reads): a server that never answers must not hold the
+    request's thread."""
     try:
-        yield
+        with quick_network_reads():
+            yield
     except OSError as error:
         name = f" {error.filename}" if error.filename else ""
         raise InputError(f"The path{name} in the request cannot be used ({error.strerror or error}); check the "

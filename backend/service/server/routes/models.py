@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anyio.to_thread
 from fastapi import APIRouter, Request
 
 from backend import __version__
@@ -28,13 +29,19 @@ def device_info(device: str) -> DeviceInfo:
     return DeviceInfo(type="cpu", name=platform.processor() or platform.machine() or "CPU")
 
 
-@router.get("/health", response_model=Health)
-def health(request: Request):
+def health_now(request: Request) -> Health:
     manager = manager_of(request)
     features = manager.models.features
     return Health(version=__version__, device=device_info(request.app.state.device),
                   loaded_model=manager.loaded_model,
                   feature_cache=features.stats() if features is not None else None)
+
+
+@router.get("/health", response_model=Health)
+async def health(request: Request):
+    # On threads of its own (app.state.health_threads): requests whose checks wait on a slow disk or network
+    # server may fill the shared pool, and the plugin takes a health that does not answer for a dead backend.
+    return await anyio.to_thread.run_sync(health_now, request, limiter=request.app.state.health_threads)
 
 
 @router.get("/models", response_model=ModelList)
