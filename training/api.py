@@ -639,6 +639,8 @@ def check_request(request: dict) -> list[str]:
     """Quick checks of a POST /v1/train body before it is queued; returns the output paths it will write."""
     check_regular_file(request["raster"], "raster")
     check_vector_source(vector_file(request["labels"]), "labels")
+    if request.get("aoi"):
+        aoi_layer(request["aoi"])  # a FIFO or a file without the named layer is refused now, not in the job
     out = Path(request["out"])
     check_out_folder(out, bool(request.get("overwrite")), bool(request.get("resume")),
                      training_inputs(request["raster"], request["labels"], request.get("aoi"),
@@ -658,8 +660,16 @@ def request_arguments(request: dict) -> tuple[dict, TrainOptions]:
 
 def check_request_options(request: dict) -> None:
     """The options a POST /v1/train body will train with, checked as train_model checks them."""
+    from backend.engine.options import check_option, check_scale_or_gsd
+
     args, options = request_arguments(request)
     run_options(options, **{k: args[k] for k in ("method", "epochs", "lr", "patch_loss_weight") if k in args})
+    check_scale_or_gsd(args.get("scale"), args.get("gsd_m"))  # segment's ranges: the same raster reader
+    check_option("bands", args.get("bands"))
+    resampled = {k: args.get(k) for k in ("bands", "scale", "gsd_m")}
+    if "raster" in args and any(value is not None for value in resampled.values()):
+        with open_source(args["raster"], **resampled):  # bands the raster has, a --gsd it can be resampled to
+            pass
 
 
 def train_request(request: dict, progress: Callable[[int, int], None] | None = None,

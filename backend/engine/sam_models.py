@@ -22,6 +22,7 @@ import torch
 
 from . import paths
 from .errors import InputError, ModelError
+from .files import check_regular_file
 from .devices import resolve_device
 from .registry import ModelSpec, _load_registry
 from .weights import find_local_weights, resolve_weights
@@ -91,6 +92,23 @@ def _load_path(path: Path) -> Any:
     return _from_state_dict(path, SamConfig())  # transformers' default SamConfig is ViT-B
 
 
+def check_sam_path(path: Path) -> Path:
+    """A SAM model on disk is a .safetensors file or a folder with config.json and model.safetensors,
+    each a regular file: a FIFO or a device would block or never end when the job reads it."""
+    if path.is_dir():
+        for part in ("config.json", "model.safetensors"):
+            if not (path / part).exists():
+                raise ModelError(f"{path} is a folder but not a SAM model: it needs config.json and "
+                                 "model.safetensors.")
+            check_regular_file(path / part, "SAM model")
+        return path
+    check_regular_file(path, "SAM model")
+    if path.suffix.lower() != ".safetensors":
+        raise ModelError(f"{path} is not a SAM model: give a .safetensors file, a folder with config.json and "
+                         "model.safetensors, or a registry name (see `farslip models`).")
+    return path
+
+
 def sam_location(name: str | None) -> tuple[ModelSpec | None, Path | None]:
     """(registry spec, None) or (None, path) for a SAM model name, without loading anything."""
     name = name or DEFAULT_SAM_MODEL
@@ -99,7 +117,7 @@ def sam_location(name: str | None) -> tuple[ModelSpec | None, Path | None]:
         return registry[name], None
     path = Path(name).expanduser()
     if path.exists():
-        return None, path
+        return None, check_sam_path(path)
     raise ModelError(f"Unknown SAM model '{name}'. Known SAM models: {', '.join(registry)}; or give the path of "
                      "a SAM .safetensors file or of a folder with config.json and model.safetensors.")
 

@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, model_validator
 
 from backend.engine.options import SegmentOptions, Spec, option_fields, path_fields, spec_of
 
@@ -41,7 +41,19 @@ def whole_number(**bounds: Any) -> Any:
 
 
 class Strict(BaseModel):
+    """A request body: unknown fields, texts for numbers, booleans for numbers, NaN and infinities are
+    refused; a whole number written as 8.0 is the integer 8 in every field (JSON has one number type)."""
+
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _whole_numbers(cls, body: Any) -> Any:
+        # A float field takes the integer as well, so only integer fields see a difference.
+        if not isinstance(body, dict):
+            return body
+        return {name: [_whole(item) for item in value] if isinstance(value, list) else _whole(value)
+                for name, value in body.items()}
 
 
 class DeviceInfo(BaseModel):
@@ -168,8 +180,9 @@ def options_from_request(request: dict[str, Any]) -> SegmentOptions:
     return SegmentOptions.from_values(values)
 
 
-class TrainRequest(BaseModel):
-    """The options of `farslip train`, as JSON; options beyond these are passed to the trainer."""
+class TrainRequest(Strict):
+    """The options of `farslip train`, as JSON; options beyond these are passed to the trainer (which
+    checks their types itself)."""
 
     model_config = ConfigDict(extra="allow")
 

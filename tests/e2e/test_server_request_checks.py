@@ -4,6 +4,8 @@ unknown endpoints, unreadable bodies and foreign Host headers in one sentence (a
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import signal
 import socket
 import subprocess
@@ -274,3 +276,80 @@ def test_a_connection_file_without_an_extension_lands_under_exactly_that_name(en
                 process.kill()
                 process.wait()
     assert list(folder.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- what a job would only fail on later
+
+@pytest.fixture
+def fifo(tmp_path):
+    path = tmp_path / "pipe"
+    os.mkfifo(path)
+    return path
+
+
+def test_a_named_pipe_or_device_given_as_an_input_file_is_refused_at_submit(backend, segment_body, train_body,
+                                                                          fifo):
+    before = _job_count(backend)
+    detail = _refused(backend, "/v1/segment", segment_body(refine="sam", sam_model=str(fifo)))
+    assert detail.startswith(f"The SAM model {fifo} is a named pipe (FIFO), not a file")
+    detail = _refused(backend, "/v1/segment", segment_body(quality_calibration="/dev/zero"))
+    assert detail.startswith("The quality calibration /dev/zero is a device, not a file")
+    detail = _refused(backend, "/v1/segment", segment_body(quality_calibration=str(fifo)))
+    assert detail.startswith(f"The quality calibration {fifo} is a named pipe (FIFO), not a file")
+    detail = _refused(backend, "/v1/train", train_body(aoi=str(fifo)))
+    assert f"{fifo} is a named pipe (FIFO), not a file" in detail
+    assert _job_count(backend) == before
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"scale": 1e9}, "--scale must be between 0.05 and 8; got 1000000000.0."),
+    ({"scale": 2, "gsd_m": 1}, "Give either --scale or --gsd, not both."),
+    ({"gsd_m": 1e-6}, "--gsd 1e-06 would resample this raster's 0.5 m pixels"),
+    ({"bands": [1, 2, 9]}, "9"),
+])
+def test_train_resolution_and_bands_are_checked_at_submit(backend, train_body, changes, words):
+    before = _job_count(backend)
+    assert words in _refused(backend, "/v1/train", train_body(**changes))
+    assert _job_count(backend) == before
+
+
+def test_a_model_fine_tuned_at_another_resolution_is_refused_at_submit_naming_it(backend, segment_body, tmp_path,
+                                                                               tiny_model):
+    model = tmp_path / "fine-0.5m"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(tiny_model.read_bytes())
+    (model / "farslip_model.json").write_text(json.dumps({
+        "format": "farslip-finetuned/1", "name": "fine-0.5m", "class_lines": ["building", "ground"],
+        "processing": {"scale": 1.0, "bands": [1, 2, 3], "bands_chosen": None, "gsd_m": 0.5}}))
+    before = _job_count(backend)
+    detail = _refused(backend, "/v1/segment", segment_body(model=str(model)))  # 5 m pixels, resampled by 10
+    assert detail.startswith(f"The model {model} was fine-tuned on 0.5 m pixels, so it segments at that "
+                             "resolution unless the request gives scale or gsd_m")
+    assert "--gsd 0.5 would resample this raster's 5 m pixels by 10" in detail
+    assert _job_count(backend) == before
+
+
+@pytest.mark.parametrize("path, field", [("/v1/search", "batch_size"), ("/v1/search", "top"),
+                                         ("/v1/index", "batch_size"), ("/v1/segment", "batch_size"),
+                                         ("/v1/train", "epochs")])
+def test_a_whole_number_written_as_a_float_is_that_number_on_every_endpoint(backend, segment_body, train_body,
+                                                                          search_body, out_dir, path, field):
+    bodies = {"/v1/search": search_body, "/v1/index": lambda **c: {**search_body(**c), "out": None},
+              "/v1/segment": segment_body, "/v1/train": train_body}
+
+    def body(value):
+        request = {key: value for key, value in bodies[path](**{field: value}).items() if value is not None}
+        if path == "/v1/index":
+            request = {key: request[key] for key in ("raster", "bbox", "model", field)}
+        return request
+
+    for bad in (8.5, "8", True):
+        assert _refused(backend, path, body(bad), 422).startswith(f"The request is not valid: {field}:")
+    accepted = backend.client.post(path, json=body(8.0))
+    assert accepted.status_code == 202, accepted.text
+    job = backend.job(accepted.json()["job_id"])
+    assert job["request"][field] == 8 and isinstance(job["request"][field], int)
+    backend.client.delete(f"/v1/jobs/{job['id']}")
+    backend.wait(job["id"], timeout=300)
+    typo = backend.client.post(path, json={**body(8.0), "batch_sise": 8})  # unknown fields stay refused
+    assert typo.status_code in (400, 422) and "batch_sise" in typo.json()["detail"], typo.text

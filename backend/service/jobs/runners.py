@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from pathlib import Path
 from typing import Callable
 
 from backend.engine.errors import CancelledError
@@ -52,14 +53,28 @@ def check_segment_job(options: SegmentOptions, device: str) -> list[str]:
     import torch
 
     from backend.engine.checks import check_inputs, class_lines_of, output_paths
+    from backend.engine.errors import InputError
     from backend.engine.export import check_field_widths
+    from backend.engine.finetuned import model_bands_for, trained_bands
     from backend.engine.models import check_model
     from backend.engine.text import parse_class_lines
 
-    check_inputs(options, device=torch.device(device))
     weights = str(options.weights) if options.weights else None
+    meta = _finetuned_meta(options.model, weights)
+    checked = _with_trained_resolution(options, meta)
+    try:
+        check_inputs(checked, device=torch.device(device))
+    except InputError as error:
+        if checked.gsd_m == options.gsd_m or not str(error).startswith("--gsd "):
+            raise
+        raise InputError(f"The model {options.model} was fine-tuned on {checked.gsd_m:g} m pixels, so it segments "
+                         "at that resolution unless the request gives scale or gsd_m (--scale or --gsd): "
+                         f"{error}") from None
+    chosen_bands = trained_bands({"finetuned": meta}) if options.bands is None else None
+    if chosen_bands:  # the raster has the bands the model was trained on
+        model_bands_for(Path(options.raster), chosen_bands, str(options.model))
     check_model(options.model, weights)
-    classes = parse_class_lines(class_lines_of(options) or _finetuned_class_lines(options.model, weights))
+    classes = parse_class_lines(class_lines_of(options) or list(meta.get("class_lines") or []))
     check_field_widths(options.out, [spec.name for spec in classes])  # the run's own check (a shapefile's 254 bytes)
     if options.refine == "sam":
         from backend.engine.sam_models import sam_location
@@ -68,15 +83,26 @@ def check_segment_job(options: SegmentOptions, device: str) -> list[str]:
     return [str(path) for path in output_paths(options).values()]
 
 
-def _finetuned_class_lines(model: str | None, weights: str | None) -> list[str]:
-    """A fine-tuned model folder's own classes (used when a request gives none)."""
+def _finetuned_meta(model: str | None, weights: str | None) -> dict:
+    """A fine-tuned model folder's description ({} for another model, or one check_model will refuse)."""
+    from backend.engine.errors import ModelError
     from backend.engine.finetuned import read_finetuned_meta
     from backend.engine.models import locate_model
 
-    kind, where, _ = locate_model(model, weights)
-    if kind != "finetuned":
-        return []
-    return list(read_finetuned_meta(where).get("class_lines") or [])
+    try:
+        kind, where, _ = locate_model(model, weights)
+        return read_finetuned_meta(where) if kind == "finetuned" else {}
+    except ModelError:
+        return {}
+
+
+def _with_trained_resolution(options: SegmentOptions, meta: dict) -> SegmentOptions:
+    """The ground resolution a fine-tuned model was trained at, where the request leaves it to the model,
+    as the job applies it (segment.with_model_defaults), so the check sees the resolution the job runs at."""
+    trained_gsd = (meta.get("processing") or {}).get("gsd_m")
+    if options.scale is None and options.gsd_m is None and trained_gsd:
+        return replace(options, gsd_m=float(trained_gsd))
+    return options
 
 
 def run_segment(request: dict, control: JobControl, models: ModelCache) -> dict:
