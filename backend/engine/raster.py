@@ -9,6 +9,7 @@ resampling to a scale factor or ground sample distance.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -223,11 +224,18 @@ def is_gdal_virtual(path: str | Path) -> bool:
     return str(path).startswith("/vsi")
 
 
+def gdal_path(path: str | Path) -> str:
+    """The text GDAL opens for `path`: a URL inside a /vsicurl/ path gets back the '//' after its scheme,
+    which a pathlib.Path (every option's raster is one) folds into one ('/vsicurl/https:/host/x.tif', which
+    GDAL refused: 'Missing url parameter')."""
+    return re.sub(r"^(/vsicurl(?:_streaming)?/)([a-z][a-z0-9+.-]*):/(?!/)", r"\1\2://", str(path))
+
+
 def open_dataset(path: str | Path) -> rasterio.io.DatasetReader:
     """Open a raster and check it is georeferenced, with sentences for every failure.
 
     A GDAL virtual path (/vsis3/..., /vsicurl/...) is read wherever GDAL can reach it."""
-    path = str(path) if is_gdal_virtual(path) else check_regular_file(path, "raster")
+    path = gdal_path(path) if is_gdal_virtual(path) else check_regular_file(path, "raster")
     try:
         with warnings.catch_warnings():  # a missing geotransform is our sentence below, not a warning line
             warnings.simplefilter("ignore", NotGeoreferencedWarning)

@@ -1,6 +1,7 @@
 """Synthetic GeoTIFFs with awkward properties: palettes, NaN floats, rotation, geographic CRS."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyogrio
@@ -253,3 +254,35 @@ def test_a_file_of_several_rasters_names_them_instead_of_a_missing_crs(tmp_path)
     assert result.output.startswith(f"Error: {path} holds 2 rasters (GDAL subdatasets: GPKG:{path}:north, ")
     assert f"gdal_translate 'GPKG:{path}:north' two.tif" in result.output
     assert "coordinate reference system" not in result.output and "Traceback" not in result.output
+
+
+def test_a_vsicurl_path_with_its_url_as_typed_opens(tmp_path):
+    """`/vsicurl/http://host/x.tif` (the form README gives) became `/vsicurl/http:/host/x.tif` in the options'
+    pathlib.Path, which GDAL refused ("Missing url parameter"). A real HTTP server on 127.0.0.1 (a process of
+    its own: GDAL holds the GIL while it opens) serves it."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with rasterio.open(tmp_path / "x.tif", "w", driver="GTiff", width=32, height=16, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=rasterio.Affine(2.0, 0, 300_000, 0, -2.0, 5_800_000)) as ds:
+        ds.write(np.full((3, 16, 32), 90, np.uint8))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                               "--directory", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):  # until it listens
+            with socket.socket() as client:
+                if client.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        with open_source(Path(f"/vsicurl/http://127.0.0.1:{port}/x.tif")) as source:  # as every option holds it
+            assert (source.width, source.height) == (32, 16)
+            rgb, valid = source.read(PixelWindow(0, 0, 16, 32))
+            assert valid.all() and float(rgb.mean()) == 90.0
+    finally:
+        server.kill()
+        server.wait()
