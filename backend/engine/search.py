@@ -14,13 +14,18 @@ quantities, "there is/are", "located", ...) are dropped from each part ("a lot o
 number of", "a group of", "a row of" first); empty and repeated parts are dropped.
 "a baseball field next to a parking lot" -> "baseball field", "parking lot".
 
-Extent (--bbox): a window is searched when it lies at least half inside the box along each axis, or,
-along an axis where the box is narrower than the window, covers at least half of the box; so a box
-smaller than one window is searched by the windows that hold most of it.
+Extent (--bbox): the box (its envelope in the raster's CRS) is cut to the raster's footprint; a window is
+searched when the part of its footprint inside that region spans, along each axis of the CRS, at least
+half of the shorter of the window's and the region's extents; so a box smaller than one window is
+searched by the windows that hold most of it. On a north-up raster this is: at least half inside the box
+along each axis, or, along an axis where the box is narrower than the window, covering half of the box.
 
 Hits: the best windows over all levels, with overlapping ones suppressed across scales (a window
 is dropped when its intersection with a better hit covers more than `max_overlap` of the smaller
-of the two), ranked 1..top per query.
+of the two, measured in the raster's pixels, where windows are boxes whatever the grid's rotation),
+ranked 1..top per query. A hit is its window's footprint on the ground (the affine applied to its four
+pixel corners, as classify writes its tiles): a rectangle on a north-up raster, the turned quadrilateral
+on a rotated one, never its envelope, which would reach off the window and off the raster.
 """
 
 from __future__ import annotations
@@ -32,16 +37,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import shapely
 from pyproj import Transformer
 
 from backend import __version__
 from .atomic import SHAPEFILE_PARTS
 from .errors import InputError
-from .export import check_field_widths, driver_for, report_path_for, write_rectangles, write_report
+from .export import check_field_widths, driver_for, report_path_for, write_layer, write_report
 from .files import check_output_files
 from .models import LoadedModel
-from .raster import bbox_in_raster_crs, parse_crs, pixel_envelope
-from .search_index import BuildStats, SearchIndex, check_bbox, check_point, describe, point_window
+from .raster import parse_crs
+from .search_index import (BuildStats, SearchIndex, bbox_region, check_bbox, check_point, describe,
+                           footprint_envelopes, footprint_polygons, is_rotated, point_window)
 from .text import TextEmbedder, token_ids
 
 KEYWORD_TEMPLATES = ("{}", "a satellite image of {}.", "an aerial photo of {}.", "a remote sensing image of {}.")
@@ -141,29 +148,40 @@ def make_queries(sentences: list[str], keyword_texts: list[str] | None, use_keyw
 class Hits:
     """Ranked hits of one search, all queries together."""
 
-    bounds: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+    footprints: np.ndarray = field(default_factory=lambda: np.zeros((0, 4, 2)))  # (N, 4, 2) window corners
     score: np.ndarray = field(default_factory=lambda: np.zeros(0))
     scale_m: np.ndarray = field(default_factory=lambda: np.zeros(0))
     rank: np.ndarray = field(default_factory=lambda: np.zeros(0, int))
     query: list[str] = field(default_factory=list)
 
-    def extend(self, bounds, score, scale_m, query: str) -> None:
-        self.bounds = np.concatenate([self.bounds, bounds])
+    @property
+    def bounds(self) -> np.ndarray:
+        """(N, 4) xmin, ymin, xmax, ymax: the envelopes of the hits (to zoom to one; the hit is its footprint)."""
+        return footprint_envelopes(self.footprints)
+
+    def extend(self, footprints, score, scale_m, query: str) -> None:
+        self.footprints = np.concatenate([self.footprints, np.asarray(footprints, np.float64).reshape(-1, 4, 2)])
         self.score = np.concatenate([self.score, score])
         self.scale_m = np.concatenate([self.scale_m, scale_m])
         self.rank = np.concatenate([self.rank, np.arange(1, len(score) + 1)])
         self.query += [query] * len(score)
 
     def records(self) -> list[dict]:
+        """One dict per hit: rank, score, scale_m, query, `footprint` (the window's closed ring of corners on the
+        ground, as written to the layer) and `bbox` (that footprint's envelope, to zoom to)."""
         return [{"rank": int(r), "score": round(float(s), 6), "scale_m": round(float(m), 3), "query": q,
-                 "bbox": [round(float(v), 6) for v in b]}
-                for r, s, m, q, b in zip(self.rank, self.score, self.scale_m, self.query, self.bounds)]
+                 "bbox": [round(float(v), 6) for v in b],
+                 "footprint": [[round(float(x), 6), round(float(y), 6)] for x, y in [*f, f[0]]]}
+                for r, s, m, q, b, f in zip(self.rank, self.score, self.scale_m, self.query, self.bounds,
+                                            self.footprints)]
 
 
 def suppress_overlaps(bounds: np.ndarray, scores: np.ndarray, top: int,
                       max_overlap: float = DEFAULT_MAX_OVERLAP) -> np.ndarray:
     """Indices of the best windows, best first, none covering more than max_overlap of a better one
-    (intersection over the smaller of the two areas, so a big window and a small one inside it clash)."""
+    (intersection over the smaller of the two areas, so a big window and a small one inside it clash).
+    `bounds` are axis-aligned boxes (N, 4): the windows in the raster's pixels, where they are boxes on any
+    grid (ratios of areas are the same on the ground)."""
     order = np.argsort(-scores, kind="stable")
     areas = (bounds[:, 2] - bounds[:, 0]) * (bounds[:, 3] - bounds[:, 1])
     kept: list[int] = []
@@ -226,29 +244,35 @@ class SearchResult:
     report: dict
 
 
-def _in_bbox(entries, window_bbox) -> np.ndarray:
-    """Windows searched for a bbox (raster CRS, clipped to the raster), by the rule of the module docstring:
-    along each axis, the overlap is at least half of the shorter of the window's and the box's sides."""
-    if window_bbox is None:
-        return np.ones(len(entries.level), bool)
+def _in_bbox(entries, region, rotated: bool = True) -> np.ndarray:
+    """Windows searched for a bbox (`region`: the box cut to the raster's footprint, bbox_region), by the rule
+    of the module docstring: the part of a window's footprint inside the region spans, along each axis, at
+    least half of the shorter of the window's and the region's extents. On a grid that is not `rotated`
+    windows and region are boxes, and that part is the overlap of the two along each axis."""
     inside = np.ones(len(entries.level), bool)
+    if region is None or not len(inside):
+        return inside
+    window_box, region_box = entries.bounds, shapely.bounds(region)
+    if rotated:
+        candidates = np.flatnonzero((window_box[:, 0] < region_box[2]) & (window_box[:, 2] > region_box[0])
+                                    & (window_box[:, 1] < region_box[3]) & (window_box[:, 3] > region_box[1]))
+        overlap = np.full((len(inside), 4), np.nan)  # NaN where they do not meet
+        overlap[candidates] = shapely.bounds(shapely.intersection(footprint_polygons(entries.footprints[candidates]),
+                                                                  region))
+    else:
+        overlap = np.concatenate([np.maximum(window_box[:, :2], region_box[:2]),
+                                  np.minimum(window_box[:, 2:], region_box[2:])], axis=1)
     for low, high in ((0, 2), (1, 3)):
-        box_low, box_high = window_bbox[low], window_bbox[high]
-        overlap = np.minimum(entries.bounds[:, high], box_high) - np.maximum(entries.bounds[:, low], box_low)
-        shorter = np.minimum(entries.bounds[:, high] - entries.bounds[:, low], box_high - box_low)
-        inside &= (overlap > 0) & (overlap >= 0.5 * shorter)
+        spans = np.nan_to_num(overlap[:, high] - overlap[:, low], nan=0.0)
+        shorter = np.minimum(window_box[:, high] - window_box[:, low], region_box[high] - region_box[low])
+        inside &= (spans > 0) & (spans >= 0.5 * shorter)
     return inside
 
 
 def _bbox_in_raster_crs(index: SearchIndex, bbox, bbox_crs):
-    if bbox is None:
-        return None
-    crs = parse_crs(bbox_crs, index.crs)
-    raster = pixel_envelope(index.dataset.transform, 0, 0, index.dataset.width, index.dataset.height)
-    xmin, ymin, xmax, ymax = (float(v) for v in bbox)
-    box = bbox_in_raster_crs((xmin, ymin, xmax, ymax), crs, index.crs, raster)
-    assert box is not None, "check_bbox (request_window) refused a bbox off the raster first"
-    return (max(box[0], raster[0]), max(box[1], raster[1]), min(box[2], raster[2]), min(box[3], raster[3]))
+    """The part of the raster's footprint under the bbox (a shapely geometry in the raster's CRS), or None."""
+    return bbox_region(index.dataset.transform, index.dataset.width, index.dataset.height, index.crs,
+                       index.raster.name, bbox, bbox_crs)
 
 
 def point_in_raster_crs(like, like_crs: str | None, raster_crs) -> tuple[float, float]:
@@ -328,7 +352,8 @@ def search_index(index: SearchIndex, options: SearchOptions, progress=None, shou
     t0 = time.perf_counter()
     entries = index.entries(options.bbox, options.bbox_crs)
     timings["load_s"] = time.perf_counter() - t0
-    inside = _in_bbox(entries, _bbox_in_raster_crs(index, options.bbox, options.bbox_crs))
+    inside = _in_bbox(entries, _bbox_in_raster_crs(index, options.bbox, options.bbox_crs),
+                      is_rotated(index.dataset.transform))
     if options.bbox is not None and not inside.any():
         notices.append("No window with valid pixels lies in the --bbox area (it holds only nodata), so there are "
                        "no hits; choose another area.")
@@ -347,7 +372,7 @@ def search_index(index: SearchIndex, options: SearchOptions, progress=None, shou
         _add_hits(hits, entries, scores, options, query.text)
     if point is not None and options.like is not None:
         label = like_label(index, options.like, options.like_crs)
-        notice = _add_like_hits(hits, entries, inside, point, examples, options, label)
+        notice = _add_like_hits(hits, entries, inside, point, examples, options, label, index.dataset.transform)
         if notice:
             notices.append(notice)
     timings["rank_s"] = time.perf_counter() - t0
@@ -359,23 +384,23 @@ def search_index(index: SearchIndex, options: SearchOptions, progress=None, shou
 def _add_hits(hits: Hits, entries, scores: np.ndarray, options: SearchOptions, label: str) -> None:
     finite = np.isfinite(scores)
     candidates = np.flatnonzero(finite)
-    kept = candidates[suppress_overlaps(entries.bounds[candidates], scores[candidates], options.top,
+    kept = candidates[suppress_overlaps(entries.pixels[candidates], scores[candidates], options.top,
                                         options.max_overlap)]
-    hits.extend(entries.bounds[kept], scores[kept], entries.scale_m[kept], label)
+    hits.extend(entries.footprints[kept], scores[kept], entries.scale_m[kept], label)
 
 
 def _add_like_hits(hits: Hits, entries, inside: np.ndarray, point, examples: dict[int, np.ndarray],
-                   options: SearchOptions, label: str) -> str | None:
+                   options: SearchOptions, label: str, transform) -> str | None:
     """Query by example: per level, the window under the point is the query for that level's windows.
     A notice when no window is left to rank (every window searched holds the point)."""
-    x, y = point
+    col, row = ~transform @ point  # the point in the raster's pixels, where the windows are boxes
     scores = np.full(len(entries.level), -np.inf)
     for factor, query in examples.items():
         same = entries.level == factor
         scores[same] = entries.embeddings[same, 0] @ query
-    # The example place itself is not a hit: drop every window that contains the point.
-    contains = ((entries.bounds[:, 0] <= x) & (entries.bounds[:, 2] >= x)
-                & (entries.bounds[:, 1] <= y) & (entries.bounds[:, 3] >= y))
+    # The example place itself is not a hit: drop every window whose footprint contains the point.
+    contains = ((entries.pixels[:, 0] <= col) & (entries.pixels[:, 2] >= col)
+                & (entries.pixels[:, 1] <= row) & (entries.pixels[:, 3] >= row))
     scores[contains | ~inside] = -np.inf
     _add_hits(hits, entries, scores, options, label)
     if inside.any() and not (inside & ~contains).any():
@@ -384,13 +409,19 @@ def _add_like_hits(hits: Hits, entries, inside: np.ndarray, point, examples: dic
     return None
 
 
+def write_footprints(path: str | Path, footprints: np.ndarray, fields: dict[str, np.ndarray], crs) -> Path:
+    """Window footprints (N, 4, 2 corners on the ground) as counter-clockwise polygons with attribute columns,
+    written atomically in the format of the path's extension."""
+    return write_layer(Path(path), footprint_polygons(footprints), fields, "Polygon", crs)
+
+
 def write_hits(path: str | Path, hits: Hits, crs, model: str, run_id: str) -> Path:
-    """The hits as a polygon layer (rectangles) with rank, score, scale_m, query, model, run_id."""
+    """The hits as a polygon layer (each its window's footprint) with rank, score, scale_m, query, model, run_id."""
     count = len(hits.query)
     fields: dict[str, np.ndarray] = dict(zip(HIT_FIELDS, (hits.rank.astype(np.int32), hits.score.astype(np.float64),
                                    hits.scale_m.astype(np.float64), np.array(hits.query, dtype=object),
                                    np.array([model] * count, dtype=object), np.array([run_id] * count, dtype=object))))
-    return write_rectangles(path, hits.bounds, fields, crs)
+    return write_footprints(path, hits.footprints, fields, crs)
 
 
 def hits_output_files(out: Path) -> dict[str, Path]:

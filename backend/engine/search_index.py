@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+import shapely
 import torch
 import torch.nn.functional as F
 
@@ -47,8 +48,8 @@ from .models import LoadedModel
 from .options import check_batch_size
 from .paths import cache_dir
 from .finetuned import bands_for
-from .raster import (PixelWindow, RasterSource, coordinates, native_gsd_m, open_source, pixel_envelope,
-                     request_window)
+from .raster import (PixelWindow, RasterSource, bbox_in_raster_crs, coordinates, native_gsd_m, open_source,
+                     parse_crs, pixel_envelope, request_window)
 from .sliding import crop_starts
 
 INDEX_FORMAT = "farslip-search-index/2"  # 2: keyed by the model's variant; staleness by every file GDAL reads
@@ -110,18 +111,28 @@ class Level:
     def bounds(self, row: int, col: int) -> tuple[float, float, float, float]:
         return self.source.window_bounds(self.window(row, col))
 
-    def bounds_of(self, row: int, cols: np.ndarray) -> np.ndarray:
-        """(N, 4) xmin, ymin, xmax, ymax of the windows of one grid row, from the affine (any rotation)."""
+    def footprints_of(self, row: int, cols: np.ndarray) -> np.ndarray:
+        """(N, 4, 2) the windows of one grid row on the ground: the affine applied to their four pixel corners
+        (top-left, top-right, bottom-right, bottom-left), a rectangle on a north-up grid and the true turned
+        quadrilateral on a rotated one, as classify writes its tiles."""
         height, width = self.window_shape
         t = self.source.transform
         col0 = np.asarray([self.col_starts[j] for j in cols], dtype=np.float64)
         row0 = float(self.row_starts[row])
-        corners_x, corners_y = [], []
-        for dc, dr in ((0, 0), (width, 0), (0, height), (width, height)):
-            corners_x.append(t.c + t.a * (col0 + dc) + t.b * (row0 + dr))
-            corners_y.append(t.f + t.d * (col0 + dc) + t.e * (row0 + dr))
-        xs, ys = np.stack(corners_x), np.stack(corners_y)
-        return np.stack([xs.min(0), ys.min(0), xs.max(0), ys.max(0)], axis=1)
+        corners = []
+        for dc, dr in ((0, 0), (width, 0), (width, height), (0, height)):
+            corners.append(np.stack([t.c + t.a * (col0 + dc) + t.b * (row0 + dr),
+                                     t.f + t.d * (col0 + dc) + t.e * (row0 + dr)], axis=-1))
+        return np.stack(corners, axis=1).reshape(-1, 4, 2)
+
+    def pixels_of(self, row: int, cols: np.ndarray, dataset) -> np.ndarray:
+        """(N, 4) col0, row0, col1, row1 of the windows of one grid row in the raster's own (native) pixels,
+        where the windows of every level are axis-aligned boxes whatever the raster's rotation."""
+        height, width = self.window_shape
+        sx, sy = dataset.width / self.source.width, dataset.height / self.source.height
+        col0 = np.asarray([self.col_starts[j] for j in cols], dtype=np.float64)
+        row0 = np.full(col0.shape, float(self.row_starts[row]))
+        return np.stack([col0 * sx, row0 * sy, (col0 + width) * sx, (row0 + height) * sy], axis=1).reshape(-1, 4)
 
     def overlapping(self, window: PixelWindow | None) -> tuple[list[int], list[int]]:
         """Grid rows and columns whose windows overlap `window` (a window on this level's grid)."""
@@ -145,8 +156,14 @@ class IndexEntries:
 
     embeddings: np.ndarray  # (N, PERSPECTIVES, D) float32
     level: np.ndarray       # (N,) level factor
-    bounds: np.ndarray      # (N, 4) xmin, ymin, xmax, ymax in the raster's CRS
+    footprints: np.ndarray  # (N, 4, 2) the windows' corners on the ground, in the raster's CRS
+    pixels: np.ndarray      # (N, 4) col0, row0, col1, row1 in the raster's native pixels
     scale_m: np.ndarray     # (N,) ground side of the window in metres
+
+    @property
+    def bounds(self) -> np.ndarray:
+        """(N, 4) xmin, ymin, xmax, ymax: the envelopes of the footprints (the footprints on a north-up grid)."""
+        return footprint_envelopes(self.footprints)
 
 
 @dataclass
@@ -344,7 +361,7 @@ class SearchIndex:
     def entries(self, bbox=None, bbox_crs: str | None = None, factors: tuple[int, ...] | None = None
                 ) -> IndexEntries:
         """The embedded windows overlapping bbox (default: all), at the given levels (default: all)."""
-        chunks, levels, bounds, scales = [], [], [], []
+        chunks, levels, footprints, pixels, scales = [], [], [], [], []
         for level in self.levels:
             if factors is not None and level.factor not in factors:
                 continue
@@ -360,14 +377,15 @@ class SearchIndex:
                     continue
                 chunks.append(embeddings[keep].astype(np.float32))
                 levels.append(np.full(keep.size, level.factor))
-                bounds.append(level.bounds_of(row, keep))
+                footprints.append(level.footprints_of(row, keep))
+                pixels.append(level.pixels_of(row, keep, self.dataset))
                 scales.append(np.full(keep.size, scale))
         dim = self.loaded.model.visual.output_dim
         if not chunks:
             return IndexEntries(np.zeros((0, len(PERSPECTIVES), dim), np.float32), np.zeros(0, int),
-                                np.zeros((0, 4)), np.zeros(0))
-        return IndexEntries(np.concatenate(chunks), np.concatenate(levels), np.concatenate(bounds),
-                            np.concatenate(scales))
+                                np.zeros((0, 4, 2)), np.zeros((0, 4)), np.zeros(0))
+        return IndexEntries(np.concatenate(chunks), np.concatenate(levels), np.concatenate(footprints),
+                            np.concatenate(pixels), np.concatenate(scales))
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.folder.rglob("*") if p.is_file())
@@ -407,9 +425,80 @@ def bounded_gdal_cache() -> Iterator[None]:
 
 
 def check_bbox(index: SearchIndex, bbox, bbox_crs: str | None) -> None:
-    """Refuse a bbox outside the raster with the raster module's sentence."""
-    if bbox is not None:
-        request_window(index.levels[0].source, bbox, bbox_crs)
+    """Refuse a bbox outside the raster (check_bbox_on)."""
+    check_bbox_on(index.levels[0].source, index.raster.name, bbox, bbox_crs)
+
+
+def check_bbox_on(source: RasterSource, name: str, bbox, bbox_crs: str | None) -> None:
+    """Refuse a bad bbox, or one off the raster, with the raster module's sentence; on a rotated grid, one that
+    misses the raster's footprint (it may meet its envelope) with a sentence that names the footprint's corners,
+    not the envelope, which holds places off the raster. `source` reads the raster at its native resolution."""
+    if bbox is None:
+        request_window(source, bbox, bbox_crs)
+        return
+    try:
+        request_window(source, bbox, bbox_crs)
+    except InputError as error:
+        if not (is_rotated(source.transform) and str(error).startswith("The bbox does not overlap")):
+            raise
+        bbox_region(source.transform, source.width, source.height, source.crs, name, bbox, bbox_crs)
+        raise  # (bbox_region refuses it first: the box misses the footprint as it misses the envelope's pixels)
+    bbox_region(source.transform, source.width, source.height, source.crs, name, bbox, bbox_crs)
+
+
+def is_rotated(transform) -> bool:
+    """Whether the grid is turned (or sheared) against the CRS's axes: its pixels are not axis-aligned boxes."""
+    return bool(transform.b or transform.d)
+
+
+def raster_corners(transform, width: int, height: int) -> list[tuple[float, float]]:
+    """The raster's four corners on the ground (top-left, top-right, bottom-right, bottom-left pixel corners)."""
+    return [tuple(transform @ corner) for corner in ((0, 0), (width, 0), (width, height), (0, height))]
+
+
+def raster_footprint(transform, width: int, height: int) -> shapely.Polygon:
+    """The raster's footprint on the ground: a rectangle north-up, a turned quadrilateral on a rotated grid."""
+    return shapely.orient_polygons(shapely.Polygon(raster_corners(transform, width, height)))
+
+
+def footprint_polygons(footprints: np.ndarray) -> np.ndarray:
+    """(N,) counter-clockwise polygons (as shapely.box makes them) of (N, 4, 2) window corners."""
+    footprints = np.asarray(footprints, dtype=np.float64).reshape(-1, 4, 2)
+    if not len(footprints):
+        return np.array([], dtype=object)
+    return np.asarray(shapely.orient_polygons(shapely.polygons(footprints)), dtype=object)
+
+
+def footprint_envelopes(footprints: np.ndarray) -> np.ndarray:
+    """(N, 4) xmin, ymin, xmax, ymax of (N, 4, 2) window corners."""
+    footprints = np.asarray(footprints, dtype=np.float64).reshape(-1, 4, 2)
+    return np.concatenate([footprints.min(axis=1), footprints.max(axis=1)], axis=1)
+
+
+def _corner_text(crs, corners: list[tuple[float, float]]) -> str:
+    return ", ".join(f"({coordinates(crs, x, y, point=True)})" for x, y in corners)
+
+
+def bbox_region(transform, width: int, height: int, crs, name: str, bbox, bbox_crs: str | None):
+    """The part of the raster's footprint under the bbox (in bbox_crs, default the raster's; its envelope in the
+    raster's CRS), a shapely geometry; None without a bbox. InputError when they do not meet: on a rotated grid
+    a box may meet the raster's envelope (which request_window checks) and miss the raster itself."""
+    if bbox is None:
+        return None
+    envelope = pixel_envelope(transform, 0, 0, width, height)
+    xmin, ymin, xmax, ymax = (float(v) for v in bbox)
+    box = bbox_in_raster_crs((xmin, ymin, xmax, ymax), parse_crs(bbox_crs, crs), crs, envelope)
+    footprint = raster_footprint(transform, width, height)
+    region = footprint.intersection(shapely.box(*box)) if box is not None else shapely.Polygon()
+    if region.is_empty or region.area <= 0:
+        if is_rotated(transform):
+            raise InputError(f"The bbox does not overlap the raster {name}: its grid is rotated, and its footprint "
+                             f"has the corners {_corner_text(crs, raster_corners(transform, width, height))} "
+                             f"in {crs}.")
+        left, bottom, right, top = envelope
+        raise InputError(f"The bbox does not overlap the raster {name}: the raster covers "
+                         f"x {coordinates(crs, left, right)}, y {coordinates(crs, bottom, top)} in {crs}.")
+    return region
 
 
 def describe(index: SearchIndex, stats: BuildStats | None = None) -> dict:
@@ -442,9 +531,15 @@ def point_window(index: SearchIndex, level: Level, x: float, y: float) -> tuple[
 
 
 def outside_raster(x: float, y: float, name: str, transform, width: int, height: int, crs) -> InputError:
-    """The sentence for a point (raster CRS) that lies off a raster of `width` x `height` pixels."""
+    """The sentence for a point (raster CRS) that lies off a raster of `width` x `height` pixels. A rotated
+    grid's envelope holds places off the raster (the refused point among them): its sentence names the
+    footprint's corners instead."""
+    point = coordinates(crs, x, y, point=True)
+    if is_rotated(transform):
+        return InputError(f"The point {point} is outside the footprint of the raster {name}, whose grid is rotated: "
+                          f"its corners are {_corner_text(crs, raster_corners(transform, width, height))} in {crs}.")
     left, bottom, right, top = pixel_envelope(transform, 0, 0, width, height)
-    return InputError(f"The point {coordinates(crs, x, y, point=True)} is outside the raster {name}, which covers "
+    return InputError(f"The point {point} is outside the raster {name}, which covers "
                       f"x {coordinates(crs, left, right)}, y {coordinates(crs, bottom, top)} in {crs}.")
 
 

@@ -18,10 +18,13 @@ def _search_options(request: dict):
 
 def _check_raster(request: dict) -> None:
     """Open the raster as the engine will (cheap: header and a decimated sample), check bbox and point."""
-    from backend.engine.raster import open_source, request_window
+    from backend.engine.raster import open_source
+    from backend.engine.search_index import check_bbox_on
 
     with open_source(Path(request["raster"]).expanduser(), request.get("bands")) as source:
-        request_window(source, tuple(request["bbox"]) if request.get("bbox") else None, request.get("bbox_crs"))
+        # As the search checks it: on a rotated grid, against the raster's footprint (not its envelope).
+        check_bbox_on(source, Path(request["raster"]).name, tuple(request["bbox"]) if request.get("bbox") else None,
+                      request.get("bbox_crs"))
         if request.get("like") is not None:
             _check_like_point(source, request["like"], request.get("like_crs"), Path(request["raster"]).name)
 

@@ -13,7 +13,7 @@ import shapely
 import torch
 import torch.nn.functional as F
 from rasterio.crs import CRS
-from rasterio.transform import from_origin
+from rasterio.transform import Affine, from_origin
 from rasterio.warp import transform as warp_transform
 from tinymodels import make_tiny_clip, save_plain
 
@@ -73,7 +73,7 @@ def clip_text(loaded, text: str) -> np.ndarray:
     return F.normalize(encode_tokens(loaded.model, loaded.tokenizer([text])), dim=-1)[0].numpy()
 
 
-def hits_table(path: Path) -> tuple[dict, list]:
+def hits_table(path: Path) -> tuple[dict, list, str]:
     meta, _fids, geometry, fields = pyogrio.raw.read(path)
     return dict(zip(meta["fields"], fields)), [shapely.from_wkb(g) for g in geometry], meta["crs"]
 
@@ -405,3 +405,167 @@ def test_query_by_example_on_a_raster_of_one_window_says_why_it_has_no_hits(load
     assert len(result.hits.query) == 0
     assert any(notice.startswith("Every window searched holds the example point") for notice in result.notices)
     assert result.report["notices"] == result.notices
+
+
+def rotated_raster(path: Path, size: int = 500, angle: float = 30.0) -> Path:
+    """size x size px of a checker pattern at 2 m (EPSG:32618) on a grid turned by `angle` degrees."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    data = np.stack([((xx // 30) % 2) * 200 + 20, ((yy // 30) % 2) * 180 + 30, (xx + yy) % 200]).astype(np.uint8)
+    transform = Affine(2, 0, 500000, 0, -2, 4100000) @ Affine.rotation(angle)
+    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=3, dtype="uint8",
+                       crs="EPSG:32618", transform=transform) as dst:
+        dst.write(data)
+    return path
+
+
+def grid_footprints(path: Path) -> list[shapely.Polygon]:
+    """Every window of the index's grid on the ground, computed by the test: 224-px windows with stride 112 on
+    the raster resampled by 1, 2 and 4 (a level only when it holds a whole window), the last row and column
+    shifted back to end at the edge; the affine applied to each window's four pixel corners."""
+    with rasterio.open(path) as src:
+        transform, width, height = src.transform, src.width, src.height
+    footprints = []
+    for factor in (1, 2, 4):
+        level_w, level_h = round(width / factor), round(height / factor)
+        if factor > 1 and min(level_w, level_h) < 224:
+            continue
+        sx, sy = width / level_w, height / level_h
+        rows = sorted({*range(0, level_h - 224, 112), level_h - 224})
+        cols = sorted({*range(0, level_w - 224, 112), level_w - 224})
+        for r in rows:
+            for c in cols:
+                corners = [(c, r), (c + 224, r), (c + 224, r + 224), (c, r + 224)]
+                footprints.append(shapely.Polygon([transform @ (x * sx, y * sy) for x, y in corners]))
+    return footprints
+
+
+def raster_footprint_of(path: Path) -> shapely.Polygon:
+    with rasterio.open(path) as src:
+        return shapely.Polygon([src.transform @ c for c in ((0, 0), (src.width, 0), (src.width, src.height),
+                                                             (0, src.height))])
+
+
+def same_polygon(a, b) -> bool:
+    return bool(shapely.equals_exact(shapely.normalize(a), shapely.normalize(b), tolerance=1e-6))
+
+
+def matching_window(geometry, windows: list) -> int:
+    """The index of the grid window whose footprint the hit is (exactly one)."""
+    found = [i for i, window in enumerate(windows) if same_polygon(geometry, window)]
+    assert len(found) == 1, (geometry.wkt, found)
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def rotated(tmp_path_factory) -> Path:
+    """500 x 500 px turned by 30 degrees: 16 windows of 224 px and 4 of 448 px."""
+    return rotated_raster(tmp_path_factory.mktemp("rotated") / "rot.tif")
+
+
+def test_hits_on_a_rotated_raster_are_their_windows_footprints(loaded, rotated, tmp_path):
+    """A hit was the envelope of its window: 6 % of it lay off the raster, and its corners off the window."""
+    windows, footprint = grid_footprints(rotated), raster_footprint_of(rotated)
+    with open_index(rotated, loaded) as index:  # every window, none suppressed
+        result = search_raster(index, SearchOptions(["a lake", "a farm"], top=100, max_overlap=1.0),
+                               tmp_path / "hits.gpkg")
+    fields, geometries, _crs = hits_table(tmp_path / "hits.gpkg")
+    assert len(geometries) == 2 * len(windows) == 40
+    for query in ("a lake", "a farm"):
+        mine = [g for g, q in zip(geometries, fields["query"]) if q == query]
+        assert sorted(matching_window(g, windows) for g in mine) == list(range(len(windows)))
+    for geometry, scale, record in zip(geometries, fields["scale_m"], result.hits.records()):
+        assert geometry.difference(footprint).area <= 1e-9 * geometry.area  # on the raster
+        assert geometry.area == pytest.approx(scale ** 2)  # a window, not its envelope (1.37 times as big)
+        assert shapely.is_ccw(geometry.exterior)
+        assert same_polygon(shapely.Polygon(record["footprint"]), geometry)  # the server's and the report's hits
+        assert record["bbox"] == pytest.approx(list(geometry.bounds), abs=1e-5)
+
+
+def test_hits_on_a_north_up_raster_are_the_windows_rectangles(loaded, naip500, tmp_path):
+    with open_index(naip500, loaded) as index:
+        result = search_raster(index, SearchOptions(["a road"], top=100, max_overlap=1.0), tmp_path / "hits.gpkg")
+    _fields, geometries, _crs = hits_table(tmp_path / "hits.gpkg")
+    windows = grid_footprints(naip500)
+    assert len(geometries) == len(windows) == 20
+    for geometry, bounds in zip(geometries, result.hits.bounds):
+        assert same_polygon(geometry, shapely.box(*bounds))
+        assert geometry.area == pytest.approx(shapely.box(*geometry.bounds).area)
+    assert sorted(matching_window(g, windows) for g in geometries) == list(range(len(windows)))
+
+
+def test_query_by_example_on_a_rotated_raster_leaves_out_the_windows_over_the_point_only(loaded, rotated, tmp_path):
+    """The windows whose envelope (not footprint) holds the example point are other places: they are ranked."""
+    windows = grid_footprints(rotated)
+    with rasterio.open(rotated) as src:
+        point = src.transform @ (250, 30)  # near the top edge, inside the raster
+    holding = {i for i, w in enumerate(windows) if w.covers(shapely.Point(point))}
+    envelope_only = {i for i, w in enumerate(windows)
+                     if shapely.box(*w.bounds).covers(shapely.Point(point)) and i not in holding}
+    assert holding and envelope_only
+    with open_index(rotated, loaded) as index:
+        search_raster(index, SearchOptions(like=point, top=100, max_overlap=1.0), tmp_path / "like.gpkg")
+    _fields, geometries, _crs = hits_table(tmp_path / "like.gpkg")
+    found = {matching_window(g, windows) for g in geometries}
+    assert found == set(range(len(windows))) - holding
+    assert envelope_only <= found
+
+
+def test_a_point_off_a_rotated_raster_is_refused_by_its_footprint(loaded, rotated, tmp_path):
+    """The sentence quoted the raster's envelope, which holds the refused point."""
+    footprint = raster_footprint_of(rotated)
+    left, _bottom, right, top = footprint.bounds
+    point = (left + 10.0, top - 10.0)  # in the envelope's corner, off the turned raster
+    assert not footprint.contains(shapely.Point(point))
+    with open_index(rotated, loaded) as index:
+        with pytest.raises(InputError) as refused:
+            search_raster(index, SearchOptions(like=point, top=3), tmp_path / "like.gpkg")
+    message = str(refused.value)
+    assert message.startswith(f"The point {point[0]:.2f}, {point[1]:.2f} is outside the footprint of the raster "
+                              "rot.tif, whose grid is rotated: its corners are (500000.00, 4100000.00), ")
+    assert f"{left:.2f}..{right:.2f}" not in message and "covers" not in message
+    assert not (tmp_path / "like.gpkg").exists()
+
+
+def test_a_bbox_on_a_rotated_raster_is_met_by_window_footprints(loaded, rotated, tmp_path):
+    footprint = raster_footprint_of(rotated)
+    windows = grid_footprints(rotated)
+    cx, cy = footprint.centroid.x, footprint.centroid.y
+    box = (cx - 300, cy - 250, cx + 350, cy + 300)
+    region = footprint.intersection(shapely.box(*box))
+    expected = set()
+    for i, window in enumerate(windows):  # the documented rule, on the footprints
+        part = window.intersection(region)
+        if part.is_empty:
+            continue
+        spans = [part.bounds[2] - part.bounds[0], part.bounds[3] - part.bounds[1]]
+        sides = [min(window.bounds[2] - window.bounds[0], region.bounds[2] - region.bounds[0]),
+                 min(window.bounds[3] - window.bounds[1], region.bounds[3] - region.bounds[1])]
+        if all(s > 0 and s >= 0.5 * side for s, side in zip(spans, sides)):
+            expected.add(i)
+    with open_index(rotated, loaded) as index:
+        result = search_raster(index, SearchOptions(["a lake"], top=100, max_overlap=1.0, bbox=box),
+                               tmp_path / "hits.gpkg")
+        assert result.report["windows_searched"] == len(expected)
+        # A box in the envelope's corner meets no pixel of the turned raster.
+        left, _bottom, _right, top = footprint.bounds
+        with pytest.raises(InputError, match=r"does not overlap the raster rot\.tif: its grid is rotated"):
+            search_raster(index, SearchOptions(["a lake"], bbox=(left, top - 20, left + 20, top)),
+                          tmp_path / "none.gpkg")
+    _fields, geometries, _crs = hits_table(tmp_path / "hits.gpkg")
+    assert {matching_window(g, windows) for g in geometries} == expected
+    assert all(g.difference(footprint).area <= 1e-9 * g.area for g in geometries)
+    assert not (tmp_path / "none.gpkg").exists()
+
+
+def test_the_server_checks_a_rotated_raster_by_its_footprint(rotated):
+    """/v1/search and /v1/index refuse at submit what the search refuses: a point or box off the footprint."""
+    from backend.service.search_jobs import _check_raster
+
+    footprint = raster_footprint_of(rotated)
+    left, _bottom, _right, top = footprint.bounds
+    with pytest.raises(InputError, match=r"outside the footprint of the raster rot\.tif"):
+        _check_raster({"raster": str(rotated), "like": [left + 10.0, top - 10.0]})
+    with pytest.raises(InputError, match=r"does not overlap the raster rot\.tif: its grid is rotated"):
+        _check_raster({"raster": str(rotated), "bbox": [left, top - 20, left + 20, top]})
+    cx, cy = footprint.centroid.x, footprint.centroid.y
+    _check_raster({"raster": str(rotated), "bbox": [cx - 50, cy - 50, cx + 50, cy + 50], "like": [cx, cy]})

@@ -11,9 +11,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyogrio
 import pytest
 import rasterio
+import shapely
 from PIL import Image
+from rasterio.transform import Affine
 from typer.testing import CliRunner
 
 from backend.service.cli import app
@@ -221,3 +224,51 @@ def test_search_says_how_many_hits_it_did_not_list(shared_data, tiny_model, tmp_
     total = int(result.output.split("Wrote ")[1].split(" hits")[0])
     assert total > 10 and len(listed) == 10
     assert f"  ... and {total - 10} more in {out}" in result.output
+
+
+@pytest.fixture
+def rotated(tmp_path) -> Path:
+    """300 x 300 px of a checker pattern at 2 m (EPSG:32618) on a grid turned by 30 degrees: 4 windows."""
+    yy, xx = np.mgrid[0:300, 0:300]
+    data = np.stack([((xx // 30) % 2) * 200 + 20, ((yy // 30) % 2) * 180 + 30, (xx + yy) % 200]).astype(np.uint8)
+    path = tmp_path / "rot.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=300, height=300, count=3, dtype="uint8", crs="EPSG:32618",
+                       transform=Affine(2, 0, 500000, 0, -2, 4100000) @ Affine.rotation(30)) as dst:
+        dst.write(data)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".gpkg", ".shp", ".geojson", ".fgb"])
+def test_search_hits_on_a_rotated_raster_are_window_footprints_in_every_format(rotated, tiny_model, tmp_path, suffix):
+    """`farslip index` then `farslip search`: each hit was its window's envelope, reaching off the raster."""
+    with rasterio.open(rotated) as src:
+        t = src.transform
+    raster = shapely.Polygon([t @ c for c in ((0, 0), (300, 0), (300, 300), (0, 300))])
+    windows = [shapely.Polygon([t @ (c + dc, r + dr) for dc, dr in ((0, 0), (224, 0), (224, 224), (0, 224))])
+               for r in (0, 76) for c in (0, 76)]  # 224-px windows, the last shifted back to end at the edge
+    assert run("index", rotated, "--model", tiny_model, *MODEL_ARGS).exit_code == 0
+    out = tmp_path / f"hits{suffix}"
+    result = run("search", rotated, "a lake", "--top", "10", "--max-overlap", "1", "--model", tiny_model,
+                 *MODEL_ARGS, "-o", out)
+    assert result.exit_code == 0, result.output
+    _meta, _fids, geometry, fields = pyogrio.raw.read(out)
+    hits = shapely.from_wkb(geometry)[np.argsort(fields[0])]  # by rank (FlatGeobuf's spatial index reorders)
+    assert len(hits) == len(windows)
+    for hit in hits:
+        assert hit.difference(raster).area <= 1e-9 * hit.area
+        assert sum(bool(shapely.equals_exact(shapely.normalize(hit), shapely.normalize(w), tolerance=1e-3))
+                   for w in windows) == 1
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert all(shapely.Polygon(h["footprint"]).symmetric_difference(hits[i]).area < 1e-3
+               for i, h in enumerate(report["hits"]))
+
+
+def test_an_example_point_off_a_rotated_raster_is_refused_by_its_footprint(rotated, tiny_model, tmp_path):
+    with rasterio.open(rotated) as src:
+        corners = [src.transform @ c for c in ((0, 0), (300, 0), (300, 300), (0, 300))]
+    left, top = min(x for x, _ in corners), max(y for _, y in corners)  # the envelope's corner: off the raster
+    result = run("search", rotated, "--like", left + 5, top - 5, "--model", tiny_model, *MODEL_ARGS,
+                 "-o", tmp_path / "like.gpkg")
+    assert result.exit_code == 2, result.output
+    assert "is outside the footprint of the raster rot.tif, whose grid is rotated: its corners are" in result.output
+    assert "covers" not in result.output and not (tmp_path / "like.gpkg").exists()
