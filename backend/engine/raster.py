@@ -387,8 +387,21 @@ def stretch_range(ds: rasterio.io.DatasetReader, bands: list[int],
             ranges.append((0.0, 1.0))
             continue
         lo, hi = np.percentile(values, [2, 98])
+        # A fill value is one huge value, the lowest or highest, over at least 2 % of the pixels (a ramp of
+        # huge values is data).
+        sentinel = next((float(v) for v, end in ((lo, values.min()), (hi, values.max()))
+                         if abs(v) >= SENTINEL and v == end and np.count_nonzero(values == v) >= 0.02 * values.size),
+                        None)
+        if sentinel is not None:  # the stretch would map every real value onto one end: one class everywhere
+            raise InputError(f"Band {band} of {Path(ds.name).name} holds {sentinel:.8g} in more than 2 % of its "
+                             "pixels, a fill value (ESRI's float nodata is -3.4028235e+38) that no nodata tag marks "
+                             f"as empty; set it (gdal_edit.py -a_nodata {sentinel:.8g} FILE) or give --value-range "
+                             "MIN MAX.")
         ranges.append((float(lo), float(hi) if hi > lo else float(lo) + 1.0))
     return ranges
+
+
+SENTINEL = 1e30  # values this large are fill values, not measurements
 
 
 def processing_scale(ds: rasterio.io.DatasetReader, scale: float | None, gsd_m: float | None

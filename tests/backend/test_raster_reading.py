@@ -286,3 +286,24 @@ def test_a_vsicurl_path_with_its_url_as_typed_opens(tmp_path):
     finally:
         server.kill()
         server.wait()
+
+
+def test_an_untagged_fill_value_is_named_instead_of_one_class_everywhere(tmp_path):
+    """A float raster whose empty pixels hold ESRI's -3.4e38 without a nodata tag was stretched over
+    [-3.4e38, 244]: every real value came out 255 and the raster one polygon, without a word."""
+    from backend.engine.errors import InputError
+
+    data = np.linspace(0, 250, 3 * 40 * 50, dtype=np.float32).reshape(3, 40, 50)
+    data[:, :, :10] = -3.4028235e38
+    path = tmp_path / "untagged.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=50, height=40, count=3, dtype="float32", crs="EPSG:32633",
+                       transform=from_origin(300_000, 5_800_000, 2, 2)) as ds:
+        ds.write(data)
+    with pytest.raises(InputError, match=r"Band 1 of untagged\.tif holds -3\.4028235e\+38 .*\(gdal_edit\.py -a_nodata"):
+        open_source(path)
+    with open_source(path, value_range=(0, 250)) as source:  # the way out the sentence names
+        assert source.value_range == [(0.0, 250.0)] * 3
+    with rasterio.open(path, "r+") as ds:  # and the other one
+        ds.nodata = -3.4028235e38
+    with open_source(path) as source:
+        assert source.value_range is not None and all(hi <= 250 for _, hi in source.value_range)
