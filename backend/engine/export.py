@@ -176,10 +176,3 @@ def report_json(report: Mapping) -> str:
     """A run report as indented JSON text (paths and other objects as strings)."""
     return json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n"
 
-
-def write_rectangles(path: str | Path, bounds: np.ndarray, fields: Mapping[str, np.ndarray], crs) -> Path:
-    """Axis-aligned rectangles (N, 4: xmin, ymin, xmax, ymax) with attribute columns, written atomically
-    in the format of the path's extension (search hits, classified tiles)."""
-    bounds = np.asarray(bounds, dtype=np.float64).reshape(-1, 4)
-    geometries = shapely.box(bounds[:, 0], bounds[:, 1], bounds[:, 2], bounds[:, 3])
-    return write_layer(Path(path), np.asarray(geometries, dtype=object), fields, "Polygon", crs)

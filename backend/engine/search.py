@@ -43,7 +43,7 @@ from pyproj import Transformer
 from backend import __version__
 from .atomic import SHAPEFILE_PARTS
 from .errors import InputError
-from .export import check_field_widths, driver_for, report_path_for, write_layer, write_report
+from .export import check_field_widths, check_format_crs, driver_for, report_path_for, write_layer, write_report
 from .files import check_output_files
 from .models import LoadedModel
 from .raster import parse_crs
@@ -451,6 +451,7 @@ def search_raster(index: SearchIndex, options: SearchOptions, out: Path, overwri
     started = time.perf_counter()
     queries = validate_search_options(options)
     check_hits_output(out, overwrite, {"raster": index.raster}, [q.text for q in queries])
+    check_format_crs(out, index.crs)
     hits, notices, facts = search_index(index, options, progress, should_cancel)
     run_id = uuid.uuid4().hex[:12]
     write_hits(out, hits, index.crs, index.loaded.name, run_id)

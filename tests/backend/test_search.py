@@ -569,3 +569,19 @@ def test_the_server_checks_a_rotated_raster_by_its_footprint(rotated):
         _check_raster({"raster": str(rotated), "bbox": [left, top - 20, left + 20, top]})
     cx, cy = footprint.centroid.x, footprint.centroid.y
     _check_raster({"raster": str(rotated), "bbox": [cx - 50, cy - 50, cx + 50, cy + 50], "like": [cx, cy]})
+
+
+def test_geojson_hits_are_refused_for_a_crs_without_a_code(loaded, tmp_path):
+    """GeoJSON records a CRS only by its code: hits of a raster in a PROJ-string CRS had no CRS in the file and
+    read back as WGS 84 degrees. Refused before the search, as segment and classify refuse it."""
+    raster = tmp_path / "custom.tif"
+    with rasterio.open(raster, "w", driver="GTiff", width=240, height=240, count=3, dtype="uint8",
+                       crs="+proj=tmerc +lat_0=0 +lon_0=15 +k=0.9996 +x_0=150000 +y_0=0 +ellps=GRS80 +units=m",
+                       transform=from_origin(150000, 480, 2.0, 2.0)) as dst:
+        dst.write(np.random.default_rng(1).integers(0, 255, (3, 240, 240), dtype=np.uint8))
+    with open_index(raster, loaded) as index:
+        with pytest.raises(InputError, match="GeoJSON cannot record the CRS"):
+            search_raster(index, SearchOptions(["a lake"], top=2), tmp_path / "hits.geojson")
+        assert not (tmp_path / "hits.geojson").exists()
+        search_raster(index, SearchOptions(["a lake"], top=2), tmp_path / "hits.gpkg")
+    assert CRS.from_user_input(pyogrio.read_info(tmp_path / "hits.gpkg")["crs"]).to_epsg() is None
