@@ -47,8 +47,10 @@ def result_layers(preferred: Sequence[QgsMapLayer] = ()) -> list[QgsVectorLayer]
 
 def gpkg_layer_name(layer: QgsVectorLayer) -> str:
     """The table a result is written to in a GeoPackage: the result's name, letters of any script, digits
-    and `_` (exporting the same result again replaces it)."""
-    return re.sub(r"\W+", "_", layer.name()).strip("_")[:MAX_STEM] or "farslip_result"
+    and `_` (exporting the same result again replaces it); GeoPackage reserves names that begin with
+    'gpkg' (GDAL refused them), which get a leading `_`, as the backend's layers do."""
+    name = re.sub(r"\W+", "_", layer.name()).strip("_")[:MAX_STEM] or "farslip_result"
+    return f"_{name}" if name.lower().startswith("gpkg") else name
 
 
 def write_styled(layer: QgsVectorLayer, path: str) -> QgsVectorLayer:

@@ -101,6 +101,16 @@ def test_a_result_in_a_geopackage_with_other_layers_loads_its_own_layer(farslip,
     assert sorted(f["class"] for f in vector.getFeatures()) == sorted(NAMES)
 
 
+def test_a_result_named_gpkg_something_exports_to_a_geopackage(farslip, qgis_new_project, tmp_path):
+    """GeoPackage reserves table names that begin with 'gpkg': the export of a layer named "gpkg tiles" failed."""
+    from qgis_farslip.exporting import write_styled
+
+    source = QgsVectorLayer(write_result(str(tmp_path / "result.gpkg")), "gpkg tiles", "ogr")
+    written = write_styled(source, str(tmp_path / "export.gpkg"))
+    assert written.isValid() and written.featureCount() == len(NAMES)
+    assert "layername=_gpkg_tiles" in written.source()
+
+
 def test_the_model_list_says_which_models_are_multilingual(farslip, qgis_iface, plugin_settings):
     from qgis.PyQt.QtCore import Qt
 
