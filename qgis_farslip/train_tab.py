@@ -49,8 +49,11 @@ def model_folder_name(typed: str, raster_name: str) -> str:
 
 
 def labels_file(layer: QgsVectorLayer, class_field: str, folder_maker: Callable[[], str]) -> str:
-    """A file the backend can read the labels from: the layer's own file, or a GeoPackage copy of it."""
-    if layer.providerType() == "ogr":
+    """A file the backend can read the labels from: the layer's own file, or a GeoPackage copy of it.
+
+    The copy is written in the layer's CRS, so a CRS the analyst set in QGIS (Layer > Set CRS) on a file
+    without one, or with another, is the CRS the backend places the labels in."""
+    if layer.providerType() == "ogr" and layer.crs() == layer.dataProvider().crs():
         parts = QgsProviderRegistry.instance().decodeUri("ogr", layer.source())
         path = parts.get("path", "")
         plain = not parts.get("subset") and (not parts.get("layerName")
@@ -58,7 +61,8 @@ def labels_file(layer: QgsVectorLayer, class_field: str, folder_maker: Callable[
         unsaved = layer.isEditable() and layer.isModified()
         if plain and os.path.isfile(path) and not layer.subsetString() and not unsaved:
             return path
-    # Memory layers, database tables, filtered or unsaved layers, one layer of a multi-layer GeoPackage: a copy.
+    # Memory layers, database tables, filtered or unsaved layers, one layer of a multi-layer GeoPackage, a layer
+    # whose CRS QGIS overrides: a copy.
     path = os.path.join(folder_maker(), "labels.gpkg")
     options = QgsVectorFileWriter.SaveVectorOptions()
     options.driverName = "GPKG"
