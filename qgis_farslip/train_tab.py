@@ -26,6 +26,7 @@ from .settings import PluginSettings, backend_home
 from .i18n import tr
 
 SINGLE_LAYER_FORMATS = (".shp", ".geojson", ".json", ".fgb", ".kml", ".gml")
+WARNING_PREFIX = "Warning: "  # how the backend's train job sends a warning as its message
 
 
 class UserError(ValueError):
@@ -109,6 +110,7 @@ class TrainTab(QObject):
         self.last_model_dir = ""
         self.last_error = ""
         self._last_message = ""
+        self._shown_warnings: set[str] = set()
         for method, help_text in METHODS:
             self.form.methodCombo.addItem(method, method)
             self.form.methodCombo.setItemData(self.form.methodCombo.count() - 1, tr(help_text), Qt.ToolTipRole)
@@ -195,6 +197,7 @@ class TrainTab(QObject):
             return
         self.form.trainLog.clear()
         self._last_message = ""
+        self._shown_warnings = set()
         self._show(tr("Training {} from {} ({}, {} epochs)...").format(
             os.path.basename(out), request["base_model"] or tr("the default model"), request["method"],
             request["epochs"]))
@@ -217,8 +220,10 @@ class TrainTab(QObject):
         self.form.trainProgressBar.setFormat("%p%" + (f" - {eta}" if job.get("eta_s") is not None else ""))
         message = job.get("message") or ""
         if message and message != self._last_message and job.get("state") == "running":
-            self._last_message = message  # the backend's "epoch 2/5: loss ..., val mIoU ..."
+            self._last_message = message  # the backend's "epoch 2/5: loss ..., val mIoU ..." or "Warning: ..."
             self._show(message)
+            if message.startswith(WARNING_PREFIX):
+                self._shown_warnings.add(message[len(WARNING_PREFIX):])
 
     def _job_finished(self, state: str, job: dict, error: str) -> None:
         self.form.trainProgressBar.setFormat("%p%")
@@ -233,6 +238,13 @@ class TrainTab(QObject):
     def _job_done(self, job: dict) -> None:
         result = job.get("result") or {}
         self.last_model_dir = (result.get("outputs") or {}).get("model_dir") or job["request"].get("out", "")
+        # A warning is the job's message until the next one replaces it, maybe before a poll saw it: the
+        # result holds them all, and those the log does not show yet are shown now.
+        for warning in [str(w) for w in result.get("warnings") or [] if w]:
+            log(warning, Qgis.Warning)
+            if warning not in self._shown_warnings:
+                self._shown_warnings.add(warning)
+                self._show(tr("Warning: {}").format(warning))
         summary = metrics_text(result)
         if summary:
             self._show(summary)
