@@ -32,6 +32,7 @@ from .i18n import tr
 CLASS_FIELD = "class"
 CLASS_ID_FIELD = "class_id"
 CLASSES_PROPERTY = "farslip/classes"  # the run's classes, [[name, class id], ...] in the order asked for
+RASTER_PROPERTY = "farslip/raster"  # the raster file the run segmented: training on its corrections reads it
 # The fill lets the imagery show through; the outline keeps each polygon's edge readable.
 FILL_ALPHA = 110
 OUTLINE_WIDTH_MM = "0.4"
@@ -195,6 +196,7 @@ def load_segment_result(job: dict, name: str, project: QgsProject | None = None)
     vector = QgsVectorLayer(source, name, "ogr")
     if not vector.isValid():
         raise RuntimeError(tr("QGIS cannot open the result {}.").format(vector_path))
+    raster_path = str((job.get("request") or {}).get("raster") or "")
     added: list[QgsMapLayer] = []
     coarse_path = outputs.get("coarse_vector")
     if coarse_path and os.path.isfile(coarse_path):
@@ -205,6 +207,7 @@ def load_segment_result(job: dict, name: str, project: QgsProject | None = None)
                 coarse.setRenderer(categorized_renderer(classes))
                 coarse.setCustomProperty(CLASSES_PROPERTY, json.dumps(classes))
             coarse.setCustomProperty("farslip/kind", "coarse_vector")
+            coarse.setCustomProperty(RASTER_PROPERTY, raster_path)
             add_on_top(coarse, project)
             added.insert(0, coarse)
     for key, title in (("prob_raster", tr("probabilities")), ("class_raster", tr("classes"))):
@@ -225,6 +228,7 @@ def load_segment_result(job: dict, name: str, project: QgsProject | None = None)
     vector.setCustomProperty("farslip/run_id", (job.get("result") or {}).get("run_id") or "")
     vector.setCustomProperty("farslip/job_id", job.get("id") or "")
     vector.setCustomProperty("farslip/kind", "vector")
+    vector.setCustomProperty(RASTER_PROPERTY, raster_path)
     add_on_top(vector, project)
     added.insert(0, vector)
     return added

@@ -21,6 +21,7 @@ from qgis.core import (
     QgsGraduatedSymbolRenderer,
     QgsMapLayerProxyModel,
     QgsProject,
+    QgsRasterLayer,
     QgsRendererRange,
     QgsVectorFileWriter,
     QgsVectorLayer,
@@ -30,8 +31,9 @@ from qgis.PyQt.QtCore import QObject, Qt, QVariant
 from qgis.PyQt.QtGui import QColor
 from qgis.PyQt.QtWidgets import QTableWidgetItem, QWidget
 
+from .extent import local_raster_path
 from .i18n import tr
-from .results import CLASS_FIELD, categorized_renderer, layer_classes
+from .results import CLASS_FIELD, RASTER_PROPERTY, categorized_renderer, layer_classes
 
 FORM, _ = uic.loadUiType(os.path.join(os.path.dirname(__file__), "ui", "review_tab.ui"))
 QUALITY_FIELD = "quality"
@@ -59,6 +61,20 @@ def quality_renderer() -> QgsGraduatedSymbolRenderer:
 
 def has_quality(layer) -> bool:
     return isinstance(layer, QgsVectorLayer) and layer.isValid() and layer.fields().indexOf(QUALITY_FIELD) >= 0
+
+
+def same_file(first: str, second: str) -> bool:
+    return os.path.normcase(os.path.realpath(first)) == os.path.normcase(os.path.realpath(second))
+
+
+def project_raster_of(path: str, project: QgsProject) -> QgsRasterLayer | None:
+    """The project's layer that shows the raster file `path` as the backend reads it, if there is one."""
+    for layer in project.mapLayers().values():
+        if isinstance(layer, QgsRasterLayer) and layer.isValid():
+            shown = local_raster_path(layer)
+            if shown is not None and same_file(shown, path):
+                return layer
+    return None
 
 
 class ReviewTab(QObject):
@@ -227,6 +243,7 @@ class ReviewTab(QObject):
             self.form.reviewStatusLabel.setText(tr("Mark some polygons correct or relabel them first: those are "
                                                    "the examples training learns from."))
             return
+        raster, refusal = self.source_raster()
         path = self.save_corrections()
         corrections = QgsVectorLayer(f"{path}|layername=review", tr("FarSLIP review"), "ogr")
         corrections.setSubsetString("\"status\" != 'deleted'")
@@ -236,8 +253,37 @@ class ReviewTab(QObject):
         form.labelsCombo.setLayer(corrections)
         form.classFieldCombo.setLayer(corrections)
         form.classFieldCombo.setField(LABEL_FIELD)
+        if raster is not None:
+            form.trainRasterCombo.setLayer(raster)
         form.tabs.setCurrentWidget(form.tabs.widget(self._train_page_index()))
+        if refusal:
+            self.form.reviewStatusLabel.setText(refusal)
+            return
         self.train_tab.train()
+
+    def source_raster(self) -> tuple[QgsRasterLayer | None, str]:
+        """The raster the reviewed result was segmented from, as a project layer (added when it is not one yet),
+        and why training cannot start on it ("" when it can). A result without a recorded raster (one opened
+        from a file) leaves the Train tab's choice as it is."""
+        layer = self.layer()
+        recorded = str(layer.customProperty(RASTER_PROPERTY) or "")
+        if not recorded:
+            return None, ""
+        raster = project_raster_of(recorded, self.project())
+        if raster is not None:
+            return raster, ""
+        if not os.path.isfile(recorded):  # a temporary copy of a web or reprojected layer, removed after the run
+            return None, tr("{} was segmented from {}, which is gone (a temporary copy of the layer for the backend); "
+                            "the corrections are the Train tab's labels now: choose the segmented raster there and "
+                            "press Train.").format(layer.name(), recorded)
+        raster = QgsRasterLayer(recorded, os.path.splitext(os.path.basename(recorded))[0])
+        if not raster.isValid():
+            return None, tr("{} was segmented from {}, which QGIS cannot open; the corrections are the Train tab's "
+                            "labels now: choose the segmented raster there and press Train.").format(layer.name(),
+                                                                                                  recorded)
+        self.project().addMapLayer(raster, False)
+        self.project().layerTreeRoot().addLayer(raster)  # at the bottom: the result stays visible above it
+        return raster, ""
 
     def _train_page_index(self) -> int:
         tabs = self.dock.form.tabs

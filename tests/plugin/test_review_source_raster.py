@@ -1,0 +1,103 @@
+""""Train on my corrections" trains on the raster the reviewed result was segmented from, not on whatever
+raster the Train tab had chosen before."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from plugin_helpers import NAIP
+from qgis.core import (
+    QgsFeature,
+    QgsField,
+    QgsGeometry,
+    QgsProject,
+    QgsRasterLayer,
+    QgsRectangle,
+    QgsVectorFileWriter,
+    QgsVectorLayer,
+)
+from qgis.PyQt.QtCore import QVariant
+
+
+def write_result_file(path: str, crs: str) -> None:
+    memory = QgsVectorLayer(f"Polygon?crs={crs}", "result", "memory")
+    provider = memory.dataProvider()
+    provider.addAttributes([QgsField("class", QVariant.String), QgsField("class_id", QVariant.Int),
+                            QgsField("area_m2", QVariant.Double), QgsField("quality", QVariant.Double)])
+    memory.updateFields()
+    for index, (cls, quality) in enumerate([("water", 0.2), ("forest", 0.3)]):
+        feature = QgsFeature(memory.fields())
+        feature.setGeometry(QgsGeometry.fromRect(QgsRectangle(index * 100, 0, index * 100 + 50, 50)))
+        feature.setAttributes([cls, index, 2500.0, quality])
+        provider.addFeature(feature)
+    options = QgsVectorFileWriter.SaveVectorOptions()
+    options.driverName = "GPKG"
+    error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(
+        memory, path, QgsProject.instance().transformContext(), options)
+    assert error == QgsVectorFileWriter.NoError, message
+
+
+@pytest.fixture
+def segmented(tmp_path):
+    """A raster file other than NAIP: the one the reviewed run segmented."""
+    path = tmp_path / "segmented.tif"
+    shutil.copy(NAIP, path)
+    return str(path)
+
+
+@pytest.fixture
+def earlier_raster(bare_dock):
+    """The raster the analyst trained on earlier in the session, still chosen in the Train tab."""
+    layer = QgsRasterLayer(str(NAIP), "earlier")
+    QgsProject.instance().addMapLayer(layer)
+    bare_dock.form.trainRasterCombo.setLayer(layer)
+    return layer
+
+
+def review_loaded_result(dock, tmp_path, raster_path: str):
+    """Load a finished segment job's result as the dock does, mark its polygons, train on the corrections;
+    the request the Train tab would send, or None when training did not start."""
+    from qgis_farslip.results import load_segment_result
+
+    vector = str(tmp_path / "result.gpkg")
+    write_result_file(vector, QgsRasterLayer(str(NAIP), "crs").crs().authid())
+    job = {"id": "job-1", "state": "done", "request": {"raster": raster_path, "out": vector},
+           "result": {"outputs": {"vector": vector}, "run_id": "run-1",
+                      "classes": [{"class": "water", "class_id": 0}, {"class": "forest", "class_id": 1}]}}
+    result = load_segment_result(job, "water, forest 12:00:00")[0]
+    tab = dock.review_tab
+    tab.review(result)
+    for row in range(2):
+        tab.form.polygonsTable.selectRow(row)
+        tab.mark("correct")
+    started = []
+    dock.train_tab.train = lambda: started.append(dock.train_tab.build_request()[0])
+    tab.train_on_corrections()
+    return started[0] if started else None
+
+
+def test_corrections_train_on_the_segmented_raster_of_the_project(bare_dock, tmp_path, backend_home, segmented,
+                                                                  earlier_raster):
+    layer = QgsRasterLayer(segmented, "segmented")
+    QgsProject.instance().addMapLayer(layer)
+    request = review_loaded_result(bare_dock, tmp_path, segmented)
+    assert request is not None and request["raster"] == segmented
+    assert bare_dock.form.trainRasterCombo.currentLayer() is layer
+
+
+def test_a_segmented_raster_no_longer_in_the_project_is_added_back(bare_dock, tmp_path, backend_home, segmented,
+                                                                   earlier_raster):
+    request = review_loaded_result(bare_dock, tmp_path, segmented)
+    assert request is not None and request["raster"] == segmented
+    added = bare_dock.form.trainRasterCombo.currentLayer()
+    assert added.name() == "segmented" and QgsProject.instance().mapLayer(added.id()) is added
+
+
+def test_a_raster_that_is_gone_is_named_and_training_waits(bare_dock, tmp_path, backend_home, earlier_raster):
+    gone = str(tmp_path / "farslip-copy" / "web layer.tif")  # the run's temporary copy, removed after it
+    request = review_loaded_result(bare_dock, tmp_path, gone)
+    assert request is None, "training started on the raster the Train tab had chosen before"
+    text = bare_dock.review_tab.form.reviewStatusLabel.text()
+    assert gone in text and "choose the segmented raster there and press Train" in text, text
+    assert bare_dock.form.labelsCombo.currentLayer().name() == "FarSLIP review"  # the corrections are ready
