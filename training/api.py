@@ -183,10 +183,12 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
     if trained_on.get("data") and split != "all":
         recorded = trained_on["data"]
         same_data = (recorded.get("raster", {}).get("sha256") == file_sha256(raster)
-                     and recorded.get("labels", {}).get("sha256") == file_sha256(vector_file(labels)))
+                     and recorded.get("labels", {}).get("sha256") == file_sha256(vector_file(labels))
+                     and _same_labels_layer(recorded.get("labels", {}), labels, class_field))
     if split == "validation" and not same_data:
         raise InputError("--split validation needs a fine-tuned model trained on this raster and these "
-                         "labels (their sha256 must match the model's farslip_model.json).")
+                         "labels (the files' sha256, the labels layer and the class field must match the model's "
+                         "farslip_model.json).")
     use_validation = same_data and split in ("auto", "validation")
     processing = trained_on.get("processing") or {}
     if use_validation:  # the training's own pixels: its grid, bands, background, AOI and class names
@@ -415,6 +417,14 @@ def _aoi_text(aoi: dict | None) -> str:
     return f"--aoi {Path(aoi['path']).name}" if aoi else "no --aoi"
 
 
+# What a resumed run takes from its checkpoint (the restored optimiser keeps the first run's learning rate),
+# with the flag that sets each: a value given now that differs from the checkpoint's is refused.
+RESUMED_OPTIONS = {"lr": "--lr", "batch_size": "--batch-size", "steps_per_epoch": "--steps-per-epoch",
+                   "seed": "--seed", "lora_rank": "--lora-rank", "last_blocks": "--last-blocks",
+                   "crop_px": "--crop-px", "teacher": "--teacher"}
+DEFAULT_OPTIONS = asdict(TrainOptions())
+
+
 def training_data_differences(saved: dict, saved_options: dict, now: dict, options: TrainOptions) -> str:
     """What differs between a checkpoint's training data and a resumed run's ("" when nothing does), as
     "--bands 1,2,3 (now 3,2,1) and ..."; a checkpoint from before a key was recorded is not compared on it."""
@@ -448,6 +458,20 @@ def training_data_differences(saved: dict, saved_options: dict, now: dict, optio
         if key in saved_options and not math.isclose(saved_options[key], getattr(options, key), rel_tol=1e-9):
             differences.append(f"{what} {saved_options[key]:g}{unit} (now {getattr(options, key):g}{unit})")
     return ", ".join(differences[:-1]) + " and " + differences[-1] if len(differences) > 1 else "".join(differences)
+
+
+def _same_labels_layer(recorded: dict, labels: str | Path, class_field: str) -> bool:
+    """Whether the layer and class field of `labels` are those a model was trained on (its file being the
+    same): another layer of one GeoPackage, or another field, is other data."""
+    if recorded.get("class_field") not in (None, class_field):
+        return False
+    then = recorded.get("layer")
+    path = vector_file(labels)
+    try:
+        return (label_layer(f"{path}|layername={then}" if then else path, class_field)[1]
+                == label_layer(labels, class_field)[1])
+    except InputError:  # the recorded layer is gone, or lacks the field: not the training's labels
+        return False
 
 
 def _same_factor(a: float | None, b: float | None) -> bool:
@@ -485,8 +509,13 @@ def _train_in(work: Path, out: Path, loaded: LoadedModel, data: TrainingData, op
         if options.epochs < saved["epoch"]:
             raise InputError(f"The training in {work} already ran {saved['epoch']} epochs; pass --epochs "
                              f"{saved['epoch']} to finish it, or a larger number to continue it.")
-        kept = {k: saved["options"][k] for k in ("batch_size", "steps_per_epoch", "seed", "lora_rank",
-                                                 "last_blocks", "crop_px", "teacher") if k in saved["options"]}
+        kept = {k: saved["options"][k] for k in RESUMED_OPTIONS if k in saved["options"]}
+        changed = [f"{flag} {kept[key]} (now {getattr(options, key)})" for key, flag in RESUMED_OPTIONS.items()
+                   if key in kept and getattr(options, key) not in (kept[key], DEFAULT_OPTIONS[key])]
+        if changed:
+            raise InputError(f"The training in {where} was made with {', '.join(changed)}; a resumed run continues "
+                             "with its first run's values (its optimiser and schedule are restored), so leave them "
+                             "out or give the same, or start a new training without --resume.")
         options = TrainOptions(**{**asdict(options), **kept})
         state = TrainState(saved["epoch"], saved["best_miou"], saved["best_epoch"],
                            json.loads(saved["history"]))

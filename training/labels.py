@@ -9,6 +9,8 @@ Pixel values: class id 0..C-1, or -1 for unlabelled / nodata.
 from __future__ import annotations
 
 import math
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +31,9 @@ from backend.engine.text import parse_class_lines
 
 UNLABELLED = -1
 MIN_LABELLED_PIXELS = 256
+
+
+NUMBER = re.compile(r"[+-]?\d+(\.\d+)?")  # an integer- or decimal-coded class value (1, 2, 11.0)
 
 
 @dataclass
@@ -54,6 +59,12 @@ class LabelPolygons:
         if self.not_polygons:
             said.append(f"{self.not_polygons} of the {self.features} features in {self.path.name} are points or "
                         "lines, not polygons, so they were left out (a label is an area).")
+        codes = sorted(set(self.class_values), key=lambda v: (len(v), v))
+        if codes and all(NUMBER.fullmatch(value) for value in codes):
+            shown = ", ".join(codes[:5]) + (", ..." if len(codes) > 5 else "")
+            said.append(f"The classes in the field {self.class_field!r} of {self.path.name} are numbers ({shown}), "
+                        "which the model reads as class names that mean nothing to it; name them, e.g. "
+                        f"--class-name {codes[0]}=water (one per code).")
         return said
 
 
@@ -154,7 +165,9 @@ def _choose_layer(path: Path, layer: str | None, what: str, class_field: str | N
 
 def _fields(path: Path, layer: str | None, what: str) -> list[str]:
     try:
-        return [str(name) for name in pyogrio.read_info(path, layer=layer)["fields"]]
+        with warnings.catch_warnings():  # M values are dropped, as labels need none: no library lines on stderr
+            warnings.filterwarnings("ignore", message=r"Measured \(M\) geometry types are not supported")
+            return [str(name) for name in pyogrio.read_info(path, layer=layer)["fields"]]
     except Exception as exc:  # pyogrio raises DataSourceError / DataLayerError
         raise _unreadable(path, what, exc) from exc
 
@@ -162,7 +175,9 @@ def _fields(path: Path, layer: str | None, what: str) -> list[str]:
 def _read_layer(path: Path, layer: str | None, columns: list[str] | None, what: str):
     check_vector_source(path, what)
     try:
-        return pyogrio.raw.read(path, layer=layer, columns=columns)
+        with warnings.catch_warnings():  # M values are dropped, as labels need none: no library lines on stderr
+            warnings.filterwarnings("ignore", message=r"Measured \(M\) geometry types are not supported")
+            return pyogrio.raw.read(path, layer=layer, columns=columns)
     except Exception as exc:  # pyogrio raises DataSourceError / DataLayerError / FieldError
         raise _unreadable(path, what, exc) from exc
 
@@ -195,6 +210,14 @@ def _to_raster_crs(geometries: np.ndarray, source: ProjCRS, target, path: Path) 
     target_crs = ProjCRS.from_user_input(target.to_wkt())
     if source == target_crs:
         return geometries
+    if source.is_geographic:
+        coords = shapely.get_coordinates(geometries)
+        if coords.size and (np.abs(coords[:, 0]).max() > 360 or np.abs(coords[:, 1]).max() > 90):
+            x, y = coords[np.argmax(np.abs(coords).max(axis=1))]
+            raise InputError(f"{path.name} says its polygons are in {source.name} (longitude and latitude; a GeoJSON "
+                             f"without a 'crs' member always is), but they hold coordinates such as {x:.2f}, "
+                             f"{y:.2f}, which are not degrees. Set the layer's real CRS in QGIS (Layer > Set CRS) "
+                             "and save it as a GeoPackage, or reproject the file to EPSG:4326.")
     transformer = Transformer.from_crs(source, target_crs, always_xy=True)
     out = shapely.transform(geometries, lambda xy: np.column_stack(transformer.transform(xy[:, 0], xy[:, 1])))
     coords = shapely.get_coordinates(out)

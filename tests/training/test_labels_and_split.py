@@ -313,3 +313,35 @@ def test_an_area_of_interest_is_its_polygon_not_its_bounding_box(synthetic, tmp_
     assert (grid.window.height, grid.window.width) == (200, 200)
     assert (grid.labels[:100, 100:] == -1).all()  # the cut-out quarter holds no label, not even background
     assert (grid.labels[100:, :] >= 0).all() and (grid.labels[:100, :100] >= 0).all()
+
+
+def test_number_coded_classes_are_named_as_such(synthetic, tmp_path):
+    """A class field of codes (1, 2, 3) became the prompts "1", "2", "3" without a word; the user hears how
+    to name them. Names, and codes renamed with --class-name, give no such sentence."""
+    raster, labels, _ = synthetic
+    meta, _, wkb, fields = pyogrio.raw.read(labels)
+    codes = {name: str(i + 1) for i, name in enumerate(sorted(set(fields[0])))}
+    coded = write_labels(tmp_path / "coded.gpkg", list(shapely.from_wkb(wkb)), [codes[v] for v in fields[0]],
+                         meta["crs"])
+    with open_source(raster) as source:
+        said = read_label_polygons(coded, "cls", source.crs).warnings
+        assert said == ["The classes in the field 'cls' of coded.gpkg are numbers (1, 2, 3), which the model reads "
+                        "as class names that mean nothing to it; name them, e.g. --class-name 1=water (one per "
+                        "code)."]
+        renamed = read_label_polygons(coded, "cls", source.crs, {v: k for k, v in codes.items()})
+        assert renamed.warnings == [] and read_label_polygons(labels, "cls", source.crs).warnings == []
+
+
+def test_a_geojson_without_crs_holding_projected_coordinates_is_named_as_such(synthetic, tmp_path):
+    """GeoJSON without a 'crs' member is read as WGS 84: metres in it gave "outside the area where WGS 84 can
+    be transformed", which did not say what to do."""
+    raster, _, _ = synthetic
+    square = shapely.box(500100, 4999700, 500200, 4999800)
+    path = tmp_path / "metres.geojson"
+    path.write_text('{"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {"cls": '
+                    f'"water"}}, "geometry": {shapely.to_geojson(square)}}}]}}')
+    with open_source(raster) as source:
+        with pytest.raises(InputError, match=r"metres\.geojson says its polygons are in WGS 84 .* such as "
+                                             r"500[12]00\.00, 4999[78]00\.00, which are not degrees\. Set the layer's "
+                                             r"real CRS in QGIS"):
+            read_label_polygons(path, "cls", source.crs)

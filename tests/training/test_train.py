@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -432,6 +433,46 @@ def test_resume_refuses_other_training_data_by_name(two_layer_model, synthetic, 
                                   "(only --epochs may grow), or start a new training without --resume.")
     assert _folder_bytes(out) == before
     assert sorted(p.name for p in out.parent.iterdir()) == ["aoi.gpkg", "layered.gpkg", "model"]
+
+
+@pytest.mark.parametrize(("changes", "named"), [({"lr": 0.05}, "--lr 0.01 (now 0.05)"),
+                                                ({"steps_per_epoch": 3}, "--steps-per-epoch 1 (now 3)"),
+                                                ({"seed": 7}, "--seed 0 (now 7)")])
+def test_resume_refuses_another_learning_rate_or_schedule_and_records_the_rate_it_used(
+        two_layer_model, synthetic, tiny_model, tmp_path, changes, named):
+    """A resumed run continues with its first run's optimiser: another --lr, --steps-per-epoch or --seed was
+    replaced without a word, and the model recorded the default rate instead of the one used."""
+    import dataclasses
+
+    _, layered, _ = two_layer_model
+    raster, _, _ = synthetic
+    options = fast_options(steps_per_epoch=1)
+    base = dataclasses.replace(options, lr=0.01)
+    train_model(raster, f"{layered}|layername=a", "cls", tmp_path / "fast", base_model=str(tiny_model), epochs=1,
+                options=base)
+    before = _folder_bytes(tmp_path / "fast")
+    with pytest.raises(InputError, match=rf"was made with {re.escape(named)}; a resumed run continues"):
+        train_model(raster, f"{layered}|layername=a", "cls", tmp_path / "fast", base_model=str(tiny_model),
+                    epochs=2, resume=True, options=dataclasses.replace(base, **changes))
+    assert _folder_bytes(tmp_path / "fast") == before
+    # Left out (the defaults), they come from the checkpoint, and the record says the rate that was used.
+    train_model(raster, f"{layered}|layername=a", "cls", tmp_path / "fast", base_model=str(tiny_model), epochs=2,
+                resume=True, options=dataclasses.replace(options, steps_per_epoch=None))
+    record = json.loads((tmp_path / "fast" / "farslip_model.json").read_text())["training"]
+    assert record["lr"] == 0.01 and record["learning_rate"] == 0.01 and record["steps_per_epoch"] == 1
+
+
+def test_evaluate_scores_another_layer_or_field_of_the_same_file_as_other_data(two_layer_model, synthetic):
+    """A model trained on layer `a` (field `cls`) of a GeoPackage: evaluating layer `b` of the same file, or
+    field `kind`, compared only the file's sha256 and took them for the training's own labels (the recorded
+    validation strip then did not fit, or another layer was scored as held-out)."""
+    out, layered, _ = two_layer_model
+    raster, _, _ = synthetic
+    assert evaluate_model(raster, f"{layered}|layername=a", "cls", model=str(out))["split"] == "validation"
+    assert evaluate_model(raster, f"{layered}|layername=b", "cls", model=str(out))["split"] == "all"
+    assert evaluate_model(raster, f"{layered}|layername=a", "kind", model=str(out))["split"] == "all"
+    with pytest.raises(InputError, match="--split validation needs a fine-tuned model trained on this raster"):
+        evaluate_model(raster, f"{layered}|layername=b", "cls", model=str(out), split="validation")
 
 
 def test_farslip_train_resume_refuses_other_bands_and_classes_and_takes_more_epochs(synthetic, tiny_model,
