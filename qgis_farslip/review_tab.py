@@ -60,7 +60,9 @@ def quality_renderer() -> QgsGraduatedSymbolRenderer:
 
 
 def has_quality(layer) -> bool:
-    return isinstance(layer, QgsVectorLayer) and layer.isValid() and layer.fields().indexOf(QUALITY_FIELD) >= 0
+    """A FarSLIP result: its polygons have a class and a quality (a corrections layer has `cls`, not `class`)."""
+    return (isinstance(layer, QgsVectorLayer) and layer.isValid() and layer.fields().indexOf(QUALITY_FIELD) >= 0
+            and layer.fields().indexOf(CLASS_FIELD) >= 0)
 
 
 def same_file(first: str, second: str) -> bool:

@@ -101,3 +101,26 @@ def test_a_raster_that_is_gone_is_named_and_training_waits(bare_dock, tmp_path, 
     text = bare_dock.review_tab.form.reviewStatusLabel.text()
     assert gone in text and "choose the segmented raster there and press Train" in text, text
     assert bare_dock.form.labelsCombo.currentLayer().name() == "FarSLIP review"  # the corrections are ready
+
+
+def test_a_dock_run_keeps_its_raster_on_the_result(naip_dock, naip_layer):
+    """The real backend's finished job names the raster the run read: the result layer keeps it."""
+    from plugin_helpers import run_dock_job
+    from qgis_farslip.results import RASTER_PROPERTY
+
+    naip_dock.form.classesEdit.setPlainText("water\nforest, trees")
+    assert run_dock_job(naip_dock) == "done", naip_dock.last_error
+    result = naip_dock.review_tab.layer()
+    assert result is not None and result.customProperty(RASTER_PROPERTY) == str(NAIP.resolve())
+
+
+def test_the_corrections_layer_is_not_offered_for_review(bare_dock, tmp_path, backend_home, segmented):
+    """The corrections ("FarSLIP review", field cls) stay in the project after training on them: a dock opened
+    then, or choosing them in the Review tab, broke on their missing class field."""
+    review_loaded_result(bare_dock, tmp_path, segmented)
+    corrections = bare_dock.form.labelsCombo.currentLayer()
+    tab = bare_dock.review_tab
+    tab.form.reviewLayerCombo.setLayer(corrections)
+    tab.show_layer()
+    assert tab.layer() is None
+    assert tab.form.reviewStatusLabel.text() == "Choose a FarSLIP result (a layer with a quality field)."
