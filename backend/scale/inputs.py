@@ -1,7 +1,10 @@
 """The rasters of a scaled run: files, VRT mosaics, folders, globs, text lists and STAC items, expanded.
 
 Every input names one or more rasters; the result is one flat list in a stable order (inputs in
-the order given, a folder's or glob's files sorted by name), without repeats. Remote hrefs of a
+the order given, a folder's or glob's files sorted by name), without repeats (one file named twice, by two
+spellings or through a link, is one raster). A folder or glob leaves out hidden files and farslip's own
+outputs (see own_outputs), so a run writing into its input folder does not segment its results next time.
+A name that exists is that file or folder, even with [ ] * ? in it; only other names are globs. Remote hrefs of a
 STAC item (s3://, gs://, https://) are turned into GDAL's virtual paths (/vsis3/, /vsigs/,
 /vsicurl/), which workers open wherever GDAL can reach them.
 """
@@ -10,6 +13,8 @@ from __future__ import annotations
 
 import glob
 import json
+import os
+import posixpath
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -25,26 +30,67 @@ REMOTE_PREFIXES = {"s3://": "/vsis3/", "gs://": "/vsigs/", "https://": "/vsicurl
 def expand_inputs(inputs: Iterable[str | Path]) -> list[str]:
     """The raster paths named by `inputs`, in order, each once."""
     found: list[str] = []
+    seen: set[str] = set()
     for given in inputs:
         for path in _expand(str(given)):
-            if path not in found:
+            key = _file_key(path)
+            if key not in seen:
+                seen.add(key)
                 found.append(path)
     if not found:
         raise InputError("No rasters to segment: give raster files, a folder, a glob, a .txt list or STAC JSON.")
     return found
 
 
+def _file_key(path: str) -> str:
+    """What makes two names one raster: the real path of a file, the normalised text of a GDAL virtual path."""
+    return posixpath.normpath(path) if path.startswith("/vsi") else os.path.realpath(path)
+
+
+def own_outputs(folder: Path) -> set[str]:
+    """farslip's outputs in `folder` (real paths): each `x.vrt` beside its `x_rasters/` folder (a class or
+    probability mosaic of a run on Ray), and the files a farslip report there (`*.report.json`) names as outputs."""
+    found = {os.path.realpath(vrt) for vrt in folder.glob("*.vrt") if vrt.with_name(vrt.stem + "_rasters").is_dir()}
+    for report in folder.glob("*.report.json"):
+        try:
+            document = json.loads(report.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(document, dict) or "farslip_version" not in document:
+            continue
+        outputs = document.get("outputs")
+        for written in (outputs.values() if isinstance(outputs, dict) else []):
+            # Recorded as the run was given them (maybe relative to where it ran): matched by file name here.
+            found.add(os.path.realpath(folder / Path(str(written)).name))
+    return found
+
+
+def _rasters_of(paths: list[Path]) -> list[str]:
+    """The raster files among `paths` (a folder's entries or a glob's matches), sorted, without hidden files
+    (temporary files of a run writing there) and farslip's outputs."""
+    own: dict[Path, set[str]] = {}
+    rasters = []
+    for path in paths:
+        if path.name.startswith(".") or not path.is_file() or path.suffix.lower() not in RASTER_SUFFIXES:
+            continue
+        if path.parent not in own:
+            own[path.parent] = own_outputs(path.parent)
+        if os.path.realpath(path) not in own[path.parent]:
+            rasters.append(str(path))
+    return sorted(rasters)
+
+
 def _expand(text: str) -> list[str]:
     if text.startswith("/vsi"):
         return [text]
-    if any(ch in text for ch in "*?["):
-        matches = sorted(p for p in glob.glob(text, recursive=True) if Path(p).suffix.lower() in RASTER_SUFFIXES)
+    path = Path(text).expanduser()
+    if not path.exists() and any(ch in text for ch in "*?["):
+        matches = _rasters_of([Path(p) for p in glob.glob(text, recursive=True)])
         if not matches:
             raise InputError(f"The pattern {text!r} matches no raster ({', '.join(RASTER_SUFFIXES)}).")
         return matches
-    path = Path(text).expanduser()
     if path.is_dir():
-        rasters = sorted(str(p) for p in path.iterdir() if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES)
+        rasters = _rasters_of(list(path.iterdir()))
         if not rasters:
             raise InputError(f"The folder {path} holds no raster ({', '.join(RASTER_SUFFIXES)}).")
         return rasters

@@ -61,3 +61,34 @@ def test_a_text_list_saved_with_a_byte_order_mark_names_its_first_raster(rasters
     listing = tmp_path / "list.txt"
     listing.write_bytes("\ufefftiles/a.tif\r\ntiles/b.tif\r\n".encode())  # as Windows Notepad saves "UTF-8"
     assert expand_inputs([listing]) == [str(tmp_path / "tiles" / "a.tif"), str(tmp_path / "tiles" / "b.tif")]
+
+
+def test_one_raster_named_twice_by_a_folder_a_glob_and_another_spelling_is_segmented_once(rasters, monkeypatch):
+    monkeypatch.chdir(rasters.parent)
+    (rasters.parent / "link.tif").symlink_to(rasters / "a.tif")
+    found = expand_inputs(["tiles", "./tiles/*.tif", str(rasters / "a.tif"), "tiles/../tiles/b.tif", "link.tif",
+                           "/vsis3/b/k.tif", "/vsis3/b//k.tif"])
+    assert found == ["tiles/a.tif", "tiles/b.tif", "tiles/c.vrt", "/vsis3/b/k.tif"]
+
+
+def test_a_name_with_brackets_or_a_star_that_exists_is_that_file_or_folder(tmp_path):
+    folder = tmp_path / "survey [2020]"
+    folder.mkdir()
+    for name in ("tile [2020].tif", "tile *.tif", "tile 2.tif"):
+        (folder / name).write_bytes(b"")
+    assert expand_inputs([folder / "tile [2020].tif", folder / "tile *.tif"]) == [
+        str(folder / "tile [2020].tif"), str(folder / "tile *.tif")]
+    assert len(expand_inputs([folder])) == 3
+
+
+def test_a_folder_leaves_out_farslips_own_outputs_and_hidden_files(rasters):
+    """A class VRT beside its _rasters folder, and what a farslip report there names, are results, not imagery;
+    named on their own they are inputs like any file."""
+    (rasters / "c_rasters").mkdir()
+    (rasters / "classes.tif").write_bytes(b"")
+    (rasters / ".a.tif.farslip-1-x.tmp.tif").write_bytes(b"")
+    (rasters / "run.report.json").write_text(json.dumps(
+        {"farslip_version": "1", "outputs": {"vector": "elsewhere/run.gpkg", "class_raster": "elsewhere/classes.tif"}}))
+    assert expand_inputs([rasters]) == [str(rasters / "a.tif"), str(rasters / "b.tif")]
+    assert expand_inputs([rasters / "*"]) == [str(rasters / "a.tif"), str(rasters / "b.tif")]
+    assert expand_inputs([rasters / "c.vrt"]) == [str(rasters / "c.vrt")]
