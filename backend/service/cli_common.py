@@ -28,13 +28,22 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+# The last SIGTERM/SIGHUP received: some libraries (Ray's ray.wait) catch the Interrupted raised in their
+# loop and raise a plain KeyboardInterrupt, losing the signal; the exit code is then taken from here.
+received_signal: int | None = None
+
+
 def _raise_interrupted(signum, _frame) -> None:
+    global received_signal
+    received_signal = signum
     raise Interrupted(signum)
 
 
 @contextlib.contextmanager
 def signals_as_interrupt() -> Iterator[None]:
     """Within: SIGTERM (`kill`, `timeout`) and SIGHUP (a closed terminal) interrupt like Ctrl+C."""
+    global received_signal
+    received_signal = None
     wanted = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
     previous = {}
     for sig in wanted:
@@ -66,7 +75,7 @@ def interruptible(command: Callable) -> Callable:
 def interrupted(error: KeyboardInterrupt, message: str = "Interrupted; nothing was written.") -> None:
     """Say so in one line and exit 130 for Ctrl+C, 128 + the signal's number for SIGTERM/SIGHUP."""
     typer.echo(message, err=True)
-    raise typer.Exit(128 + getattr(error, "signum", signal.SIGINT)) from None
+    raise typer.Exit(128 + getattr(error, "signum", received_signal or signal.SIGINT)) from None
 
 
 class ProgressReporter:
