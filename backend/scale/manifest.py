@@ -101,9 +101,13 @@ class Manifest:
         before = recorded.get("facts", {})
         changed = sorted(key for key in set(before) | set(facts)
                          if json.dumps(before.get(key), default=str) != json.dumps(facts.get(key), default=str))
-        raise InputError(f"{self.folder} holds an unfinished run with other {', '.join(changed) or 'settings'}; "
-                         "re-run that command to finish it, or delete that folder (or add --restart) to start "
-                         "this one over.")
+        changes = ", ".join(changed) or "settings"
+        if "inputs" in changed:  # the same command finds other inputs when a raster (or a file it reads) changed
+            changes = changes.replace("inputs", "inputs (rasters, or files they read, added, removed or changed "
+                                                "since)")
+        raise InputError(f"{self.folder} holds an unfinished run with other {changes}; re-run that command on "
+                         "the same data to finish it, or delete that folder (or add --restart) to start this "
+                         "one over.")
 
     def _read(self) -> None:
         path = self.folder / "manifest.jsonl"

@@ -31,7 +31,7 @@ from backend import __version__
 from backend.engine.errors import CancelledError, FarslipError, InputError
 from backend.engine.atomic import atomic_output, write_text_atomically
 from backend.engine.export import check_format_crs, driver_for, layer_name, report_json, report_path_for
-from backend.engine.feature_cache import identity_digest, model_identity
+from backend.engine.feature_cache import identity_digest, model_identity, raster_files
 from backend.engine.weights import stat_identity
 from backend.engine.checks import coarse_vector_path
 from backend.engine.files import check_output_folder, same_file
@@ -168,14 +168,31 @@ def plan_rasters(paths: list[str], engine: EngineSettings, crop: int, bbox=None,
 
 
 def _input_facts(paths: list[str]) -> list[dict]:
+    """Each input as a resumed run must find it again: its path and every file GDAL reads for it (a VRT
+    mosaic's sources, masks, overviews, .aux.xml), each by its stat identity (a changed tile of an unchanged
+    VRT is another input). GDAL virtual paths (/vsis3/...) by their path only: this machine cannot tell
+    their version."""
     facts = []
     for path in paths:
-        try:
-            stat = os.stat(path)
-            # With ctime and inode: a file copied over with its size and mtime kept is another raster.
-            facts.append({"path": str(Path(path).resolve()), **stat_identity(stat)})
-        except OSError:
+        files = raster_files(path)
+        if files is None:
             facts.append({"path": path})
+            continue
+        entry: dict = {"path": str(files[0])}
+        try:
+            # With ctime and inode: a file copied over with its size and mtime kept is another raster.
+            entry.update(stat_identity(os.stat(files[0])))
+        except OSError:
+            pass
+        reads = []
+        for file in files[1:]:
+            try:
+                reads.append({"file": str(file), **stat_identity(file.stat())})
+            except OSError:
+                reads.append({"file": str(file), "missing": True})
+        if reads:
+            entry["reads"] = reads
+        facts.append(entry)
     return facts
 
 

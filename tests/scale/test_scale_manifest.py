@@ -77,3 +77,31 @@ def test_an_input_copied_over_with_its_size_and_mtime_is_another_input(tmp_path)
     assert raster.stat().st_size == stat.st_size and raster.stat().st_mtime_ns == stat.st_mtime_ns
     assert after != before
     assert _input_facts([str(raster)]) == after  # an untouched input keeps its facts
+
+
+def test_a_changed_tile_of_an_unchanged_vrt_mosaic_is_another_input(tmp_path):
+    """A resumed run over a VRT mosaic whose source tile was rewritten (the .vrt untouched) reused the old
+    chunks without a word: every file the mosaic reads counts, and the refusal says the inputs changed."""
+    import rasterio
+    from rasterio.transform import Affine
+
+    from backend.scale.run import _input_facts
+
+    tile = tmp_path / "tile.tif"
+    with rasterio.open(tile, "w", driver="GTiff", width=8, height=8, count=1, dtype="uint8", crs="EPSG:32632",
+                       transform=Affine(1, 0, 500000, 0, -1, 5000000)) as ds:
+        ds.write(np.zeros((1, 8, 8), np.uint8))
+    mosaic = tmp_path / "mosaic.vrt"
+    mosaic.write_text('<VRTDataset rasterXSize="8" rasterYSize="8"><GeoTransform>500000, 1, 0, 5000000, 0, -1'
+                      '</GeoTransform><VRTRasterBand dataType="Byte" band="1"><SimpleSource><SourceFilename '
+                      'relativeToVRT="1">tile.tif</SourceFilename><SourceBand>1</SourceBand></SimpleSource>'
+                      '</VRTRasterBand></VRTDataset>')
+    before = _input_facts([str(mosaic)])
+    out = tmp_path / "out.gpkg"
+    Manifest.open(out, {**FACTS, "inputs": before}, restart=False).close()
+    with rasterio.open(tile, "r+") as ds:
+        ds.write(np.full((1, 8, 8), 255, np.uint8))
+    after = _input_facts([str(mosaic)])
+    assert after != before and after[0]["path"] == before[0]["path"]
+    with pytest.raises(InputError, match=r"other inputs \(rasters, or files they read"):
+        Manifest.open(out, {**FACTS, "inputs": after}, restart=False)
