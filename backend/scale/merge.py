@@ -91,16 +91,18 @@ def write_geoparquet(path: Path, geometries: np.ndarray, fields: dict[str, np.nd
     pq.write_table(table, path)
 
 
-def write_raster_vrt(path: Path, rasters: list[Path], crs: CRS) -> None:
+def write_raster_vrt(path: Path, rasters: list[Path], crs: CRS, read_from: list[Path] | None = None) -> None:
     """A VRT mosaic of same-kind rasters in one CRS, on grids turned one way and not rotated (class or probability
-    rasters: every band, its name, nodata and colours), at the finest pixel size among them."""
-    with rasterio.open(rasters[0]) as first:
+    rasters: every band, its name, nodata and colours), at the finest pixel size among them. `read_from`: where
+    the rasters are now, when not yet at the names the VRT gives them (they are renamed into place after)."""
+    read_from = read_from or rasters
+    with rasterio.open(read_from[0]) as first:
         colormap = first.colormap(1) if first.count == 1 and first.dtypes[0] == "uint8" else None
         tags = [first.tags(band) for band in range(1, first.count + 1)]
         descriptions, nodata = first.descriptions, first.nodata
         kind = {"uint8": "Byte", "float32": "Float32"}[first.dtypes[0]]
     grids = []
-    for raster in rasters:
+    for raster in read_from:
         with rasterio.open(raster) as ds:
             grids.append((ds.transform, ds.width, ds.height))
     # Every grid runs one way (run.check_raster_outputs: no rotation; north-up, or all south-up): the mosaic

@@ -34,7 +34,7 @@ from backend.engine.export import check_format_crs, driver_for, layer_name, repo
 from backend.engine.feature_cache import identity_digest, model_identity, raster_files
 from backend.engine.weights import stat_identity
 from backend.engine.checks import coarse_vector_path
-from backend.engine.files import check_output_folder, same_file
+from backend.engine.files import check_output_folder, is_inside, same_file
 from backend.engine.options import SegmentOptions
 from backend.engine.outlines import engine_window
 from backend.engine.raster import open_source, parse_crs, pixel_size, request_window
@@ -331,6 +331,9 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
             raise InputError(f"The output {target} is one of the input rasters; choose another name.")
         if Path(target).exists() and not request.overwrite:
             raise InputError(f"{target} already exists; choose another name or allow overwriting (--overwrite).")
+    for target in request.rasters().values():
+        if target.suffix.lower() == ".vrt":
+            check_raster_folder(raster_folder(target), request.overwrite, paths)
     # What decides the output, named as the command line names it (a resumed run must match them all).
     engine_facts = {("classes" if k == "class_lines" else "--" + k.replace("_", "-")): v
                     for k, v in asdict(engine).items() if k not in ("threads", "device", "facts", "model", "weights")}
@@ -518,27 +521,58 @@ def _raster_files(names: list[str], done: list[RasterPlan]) -> list[str]:
     return files
 
 
+def raster_folder(target: Path) -> Path:
+    """The folder of a .vrt raster output's per-raster GeoTIFFs, beside it."""
+    return target.with_name(target.stem + "_rasters")
+
+
+# What may be replaced in an existing <name>_rasters folder: the GeoTIFFs a run wrote, and the sidecars GDAL
+# and QGIS write beside them (statistics from gdalinfo -stats or QGIS, pyramids).
+REPLACEABLE = (".tif", ".aux.xml", ".ovr")
+
+
+def check_raster_folder(folder: Path, overwrite: bool, paths: list[str]) -> None:
+    """A .vrt output's folder can be replaced: absent, or (with --overwrite) holding only a run's files."""
+    if any(not path.startswith("/vsi") and is_inside(path, folder) for path in paths):
+        raise InputError(f"{folder} holds rasters being segmented, and a run replaces that folder with its class or "
+                         "probability GeoTIFFs; choose another output name, or move the rasters.")
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if not overwrite:
+        raise InputError(f"{folder} already exists; choose another name or allow overwriting (--overwrite).")
+    if not folder.is_dir() or folder.is_symlink() or not all(
+            entry.is_dir() or (entry.is_file() and entry.name.lower().endswith(REPLACEABLE))
+            for entry in folder.rglob("*")):
+        raise InputError(f"{folder} holds files a run did not write (only its per-raster GeoTIFFs go there, with "
+                         "their .aux.xml and .ovr); move them, or choose another name.")
+
+
 def _write_outputs(done: list[RasterPlan], manifest: Manifest, request: ScaleRequest, out_crs: CRS, run_id: str,
                    model: str, facts: dict, failed: list[dict], chunks: dict, timings: dict,
                    started: float) -> dict[str, str]:
-    """Merge the finished rasters' layers and commit every output at once (the polygon layer last)."""
+    """Merge the finished rasters' layers and write every output under a temporary name, then rename them all
+    into place (the raster outputs first, the polygon layer last): a failure leaves every output as it was."""
     out = Path(request.out)
     tag = new_run_tag(run_id)
     outputs = {"vector": str(out), "report": str(report_path_for(out))}
-    with atomic_output(out, tag) as staged_vector, atomic_output(report_path_for(out), tag) as staged_report:
+    for target in request.rasters().values():  # checked before the run too; files may have appeared since
+        if target.suffix.lower() == ".vrt":
+            check_raster_folder(raster_folder(target), request.overwrite, [p.path for p in done])
+    with contextlib.ExitStack() as renames:  # each output is renamed into place as the block ends, last in first
+        staged_vector = renames.enter_context(atomic_output(out, tag))
+        staged_report = renames.enter_context(atomic_output(report_path_for(out), tag))
         names = raster_names([p.path for p in done])
         parts = [(manifest.raster_folder(p.index) / "polygons.gpkg", name, p.crs, min(pixel_size(p.transform)))
                  for p, name in zip(done, names)]
         count = merge_layers(parts, staged_vector, out_crs, out.stem, keep_from=out)
         if request.refine != "none":  # the unrefined polygons beside the refined ones, as `segment` writes them
             coarse = coarse_vector_path(out)
-            with atomic_output(coarse, tag) as staged_coarse:
-                merge_layers([(manifest.raster_folder(p.index) / "coarse.gpkg", *part[1:])
-                              for p, part in zip(done, parts)], staged_coarse, out_crs, coarse.stem, keep_from=coarse)
+            staged_coarse = renames.enter_context(atomic_output(coarse, tag))
+            merge_layers([(manifest.raster_folder(p.index) / "coarse.gpkg", *part[1:])
+                          for p, part in zip(done, parts)], staged_coarse, out_crs, coarse.stem, keep_from=coarse)
             outputs["coarse_vector"] = str(coarse)
         for role, target in request.rasters().items():
-            outputs.update(_write_raster_output(role, target, done, names, manifest, request.overwrite, out_crs,
-                                                tag))
+            outputs.update(_stage_raster_output(renames, role, target, done, names, manifest, out_crs, tag))
         timings["total_s"] = time.perf_counter() - started
         report = {"farslip_version": __version__, "run_id": run_id, "model": model, "crs": out_crs.to_string(),
                   "rasters": [manifest.finished[p.index] for p in done], "failed": failed, "chunks": chunks,
@@ -549,32 +583,34 @@ def _write_outputs(done: list[RasterPlan], manifest: Manifest, request: ScaleReq
     return outputs
 
 
-def _write_raster_output(role: str, target: Path, done: list[RasterPlan], names: list[str], manifest: Manifest,
-                         overwrite: bool, out_crs: CRS, tag: str) -> dict[str, str]:
-    """One raster output of the finished rasters' own files (`role`: class_raster or prob_raster): the file
-    itself for a .tif, or a VRT over copies of them in the folder `<name>_rasters` beside it (each at its
-    raster's name, see raster_names)."""
+def _stage_raster_output(renames: contextlib.ExitStack, role: str, target: Path, done: list[RasterPlan],
+                         names: list[str], manifest: Manifest, out_crs: CRS, tag: str) -> dict[str, str]:
+    """One raster output of the finished rasters' own files (`role`: class_raster or prob_raster), written under
+    temporary names and renamed into place when `renames` ends without an error: the file itself for a .tif, or
+    a VRT over copies of them in the folder `<name>_rasters` beside it (each at its raster's name, see
+    raster_names), whose old content is replaced then."""
     own = RASTER_FILES[role]
+    staged = renames.enter_context(atomic_output(target, tag))
     if target.suffix.lower() != ".vrt":
         assert len(done) == 1, "check_raster_outputs allows a .tif for one raster only"
-        with atomic_output(target, tag) as staged:
-            shutil.copyfile(manifest.raster_folder(done[0].index) / own, staged)
+        shutil.copyfile(manifest.raster_folder(done[0].index) / own, staged)
         return {role: str(target)}
-    folder = target.with_name(target.stem + "_rasters")
-    with atomic_output(target, tag) as staged_vrt:
-        staged_folder = staged_vrt.with_name(staged_vrt.name + ".d")
-        staged_folder.mkdir()
-        files = _raster_files(names, done)
-        for plan, file in zip(done, files):
-            (staged_folder / file).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(manifest.raster_folder(plan.index) / own, staged_folder / file)
-        if folder.exists():
-            if not overwrite:
-                raise InputError(f"{folder} already exists; choose another name or allow overwriting (--overwrite).")
-            if not all(entry.is_dir() or (entry.is_file() and entry.suffix == ".tif") for entry in folder.rglob("*")):
-                raise InputError(f"{folder} holds files a run did not write (only its per-raster GeoTIFFs go "
-                                 "there); move them, or choose another name.")
-            shutil.rmtree(folder)
-        staged_folder.rename(folder)
-        write_raster_vrt(staged_vrt, [folder / file for file in files], out_crs)
+    folder = raster_folder(target)
+    staged_folder = staged.with_name(staged.name + ".d")  # a temporary name of the VRT's: removed with it
+    staged_folder.mkdir()
+    files = _raster_files(names, done)
+    for plan, file in zip(done, files):
+        (staged_folder / file).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(manifest.raster_folder(plan.index) / own, staged_folder / file)
+    write_raster_vrt(staged, [folder / file for file in files], out_crs,
+                     read_from=[staged_folder / file for file in files])
+
+    def replace_folder(error_type, error, traceback) -> bool:
+        if error_type is None:  # pushed after the VRT's atomic_output: the folder is in place before the VRT
+            if folder.exists():
+                shutil.rmtree(folder)
+            staged_folder.rename(folder)
+        return False
+
+    renames.push(replace_folder)
     return {role: str(target), role.replace("_raster", "_rasters"): str(folder)}
