@@ -28,7 +28,7 @@ import torch
 from backend import __version__
 from backend.engine.memory import peak_rss_mb
 from backend.engine.finetuned import (
-    FINETUNED_FORMAT, FINETUNED_META, FINETUNED_WEIGHTS, bands_for,
+    FINETUNED_FORMAT, FINETUNED_META, FINETUNED_WEIGHTS, bands_for, trained_resolution,
 )
 from backend.engine.models import LoadedModel
 from backend.engine.weights import file_sha256
@@ -208,13 +208,15 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
             layer = trained_on["data"]["aoi"].get("layer")
             aoi = f"{recorded_aoi}|layername={layer}" if layer else recorded_aoi
         class_names = class_names or trained_on["data"].get("labels", {}).get("class_names") or None
-    # Elsewhere what segment does with the model: the bands its trainer chose, its ground resolution.
+    # Elsewhere what segment does with the model: the bands its trainer chose, its ground resolution (the
+    # raster's own pixel shape kept unless the model was trained on square ground pixels).
     bands = bands_for(raster, bands, loaded)
-    if scale is None and gsd_m is None and processing.get("gsd_m"):
-        gsd_m = float(processing["gsd_m"])
+    square = True
+    if scale is None and gsd_m is None:
+        gsd_m, square = trained_resolution(loaded.metadata)
 
     started = time.perf_counter()
-    with open_source(raster, bands, scale, gsd_m) as source:
+    with open_source(raster, bands, scale, gsd_m, square=square) as source:
         polygons = read_label_polygons(labels, class_field, source.crs, class_names)
         for warning in polygons.warnings:
             if progress is not None:
@@ -246,7 +248,8 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
         "window": asdict(window), "bbox": list(bounds), "crs": crs,
         # What the run used after the model's own defaults (a quality calibration then uses the same).
         "processing": {"aoi": str(aoi) if aoi else None, "class_names": class_names or {},
-                       "bands": list(bands) if bands else None, "scale": scale, "gsd_m": gsd_m},
+                       "bands": list(bands) if bands else None, "scale": scale, "gsd_m": gsd_m,
+                       "square": square},
         "metrics": metrics, "text": format_metrics(metrics),
         "seconds": round(time.perf_counter() - started, 3), "outputs": {},
     }
@@ -449,10 +452,11 @@ def training_data_differences(saved: dict, saved_options: dict, now: dict, optio
             differences.append(f"{_aoi_text(then)} as it was then (its sha256 differs now)")
     if "bands" in saved and list(saved["bands"]) != now["bands"]:
         differences.append(f"--bands {','.join(map(str, saved['bands']))} (now {','.join(map(str, now['bands']))})")
-    if "scale" in saved and not (math.isclose(saved["scale"], now["scale"], rel_tol=1e-6) and (
-            "scale_y" not in saved or _same_factor(saved["scale_y"], now["scale_y"]))):
-        differences.append(f"{saved['gsd_m']:.4g} m pixels, --scale {saved['scale']:.4g} (now {now['gsd_m']:.4g} m, "
-                           f"--scale {now['scale']:.4g})")
+    # A checkpoint from before scale_y was recorded resampled by one factor: the same as scale_y None.
+    if "scale" in saved and not (math.isclose(saved["scale"], now["scale"], rel_tol=1e-6)
+                                 and _same_factor(saved.get("scale_y"), now["scale_y"])):
+        differences.append(f"{saved['gsd_m']:.4g} m pixels, --scale {_factors(saved)} (now {now['gsd_m']:.4g} m, "
+                           f"--scale {_factors(now)})")
     for key, what, unit in (("validation_fraction", "a validation fraction of", ""),
                             ("buffer_px", "a buffer around the validation strip of", " px")):
         if key in saved_options and not math.isclose(saved_options[key], getattr(options, key), rel_tol=1e-9):
@@ -472,6 +476,13 @@ def _same_labels_layer(recorded: dict, labels: str | Path, class_field: str) -> 
                 == label_layer(labels, class_field)[1])
     except InputError:  # the recorded layer is gone, or lacks the field: not the training's labels
         return False
+
+
+def _factors(record: dict) -> str:
+    """A grid's factor as a sentence gives it: one number, or 'X across, Y down' where they differ."""
+    if record.get("scale_y") is None:
+        return f"{record['scale']:.4g}"
+    return f"{record['scale']:.4g} across, {record['scale_y']:.4g} down"
 
 
 def _same_factor(a: float | None, b: float | None) -> bool:
@@ -695,9 +706,9 @@ def check_request_options(request: dict) -> None:
     run_options(options, **{k: args[k] for k in ("method", "epochs", "lr", "patch_loss_weight") if k in args})
     check_scale_or_gsd(args.get("scale"), args.get("gsd_m"))  # segment's ranges: the same raster reader
     check_option("bands", args.get("bands"))
-    resampled = {k: args.get(k) for k in ("bands", "scale", "gsd_m")}
-    if "raster" in args and any(value is not None for value in resampled.values()):
-        with open_source(args["raster"], **resampled):  # bands the raster has, a --gsd it can be resampled to
+    bands, scale, gsd_m = args.get("bands"), args.get("scale"), args.get("gsd_m")
+    if "raster" in args and any(value is not None for value in (bands, scale, gsd_m)):
+        with open_source(args["raster"], bands, scale, gsd_m):  # bands the raster has, a --gsd it can take
             pass
 
 

@@ -137,11 +137,12 @@ def calibrate_quality(raster: str | Path, labels: str | Path, class_field: str, 
                       class_names: dict[str, str] | None = None, bands: list[int] | None = None,
                       scale: float | None = None, gsd_m: float | None = None, tile: int = 64,
                       attention: str = "segearth", batch_size: int = 8,
-                      should_cancel: Callable[[], bool] | None = None) -> dict:
-    """Measure the default estimate, fit a calibration on the tiles, store it; SROCC/PLCC of both."""
+                      should_cancel: Callable[[], bool] | None = None, square: bool = True) -> dict:
+    """Measure the default estimate, fit a calibration on the tiles, store it; SROCC/PLCC of both.
+    (`square`: how `gsd_m` resamples, raster.processing_scale.)"""
     target = calibration_target(loaded, out)
     check_quality_tile(tile)
-    with open_source(raster, bands, scale, gsd_m) as source:
+    with open_source(raster, bands, scale, gsd_m, square=square) as source:
         polygons = read_label_polygons(labels, class_field, source.crs, class_names)
         # The evaluation's own classes: the model's when it knows every label class, else the label values
         # (and the background class).

@@ -31,6 +31,19 @@ def trained_bands(metadata: dict | None) -> list[int] | None:
     return None
 
 
+def trained_resolution(metadata: dict | None) -> tuple[float | None, bool]:
+    """(ground resolution in metres, square) that a fine-tuned model was trained at, for a run that sets
+    none: `square` when its training resampled to square ground pixels (a --gsd on pixels that are not
+    square on the ground, recorded as two factors); otherwise the resolution is the width of its grid's
+    pixels, whose shape was its raster's own, and a run keeps its raster's shape the same way (on the
+    training raster itself: its own grid). (None, True) for a base model."""
+    processing = ((metadata or {}).get("finetuned") or {}).get("processing") or {}
+    gsd = processing.get("gsd_m")
+    if not gsd:
+        return None, True
+    return float(gsd), processing.get("scale_y") is not None
+
+
 def model_bands_for(raster: Path, chosen: list[int], model: str) -> list[int]:
     """The bands a fine-tuned model was trained on, for a run that names none; a sentence when the
     raster lacks them (the default red, green, blue would show the model other colours than it learnt)."""

@@ -404,18 +404,20 @@ def stretch_range(ds: rasterio.io.DatasetReader, bands: list[int],
 SENTINEL = 1e30  # values this large are fill values, not measurements
 
 
-def processing_scale(ds: rasterio.io.DatasetReader, scale: float | None, gsd_m: float | None
-                     ) -> tuple[float, float]:
+def processing_scale(ds: rasterio.io.DatasetReader, scale: float | None, gsd_m: float | None,
+                     square: bool = True) -> tuple[float, float]:
     """Factors from native pixels to processing pixels (2.0 = twice as many pixels), across the columns
     and down the rows: a --gsd gives square pixels of that size on the ground, whatever shape the
-    raster's own pixels have there (degrees away from the equator, 2 x 5 m pixels)."""
+    raster's own pixels have there (degrees away from the equator, 2 x 5 m pixels). Not `square`: the
+    pixels' width is `gsd_m` and their shape the raster's own (one factor: a fine-tuned model trained on
+    its raster's own grid, whose recorded resolution is its pixels' width; trained_resolution)."""
     check_scale_or_gsd(scale, gsd_m)
     if scale is not None:
         return float(scale), float(scale)
     if gsd_m is None:
         return 1.0, 1.0
     natives = native_ground_size(ds)
-    factors = (natives[0] / gsd_m, natives[1] / gsd_m)
+    factors = (natives[0] / gsd_m, natives[1] / gsd_m if square else natives[0] / gsd_m)
     if not all(MIN_SCALE <= factor <= MAX_SCALE for factor in factors):
         larger, smaller = max(natives), min(natives)
         pixels = (f"{natives[0]:.3g} m" if math.isclose(*natives, rel_tol=1e-3) else
@@ -485,13 +487,14 @@ def native_ground_size(ds: rasterio.io.DatasetReader) -> tuple[float, float]:
 
 def open_source(path: str | Path, bands: list[int] | None = None, scale: float | None = None,
                 gsd_m: float | None = None,
-                value_range: tuple[float, float] | None = None) -> RasterSource:
-    """Open and prepare a raster for reading; raises InputError/EmptyResultError with sentences."""
+                value_range: tuple[float, float] | None = None, square: bool = True) -> RasterSource:
+    """Open and prepare a raster for reading; raises InputError/EmptyResultError with sentences.
+    (`square`: how `gsd_m` resamples, processing_scale.)"""
     ds = open_dataset(path)
     try:
         band_list = select_bands(ds, bands)
         palette = palette_lut(ds, band_list)  # a paletted band shows its colours, chosen or not
-        factor_x, factor_y = processing_scale(ds, scale, gsd_m)
+        factor_x, factor_y = processing_scale(ds, scale, gsd_m, square)
         stretch = value_range is None and needs_stretch(ds, band_list)
         data, mask = _sample(ds, band_list, values=stretch)
         if not mask.any():

@@ -92,7 +92,8 @@ def finish_raster(plan: RasterPlan, manifest: Manifest, engine: EngineSettings, 
     prob_path = folder / "probs.tif" if finish.with_probs or finish.refine != "none" else None
     window, computed = plan.window, plan.computed
     assert computed is not None
-    with open_source(plan.path, engine.bands, engine.scale, engine.gsd_m, engine.value_range) as source:
+    with open_source(plan.path, engine.bands, engine.scale, engine.gsd_m, engine.value_range,
+                     engine.square_gsd) as source:
         transform = source.window_transform(window)
         strip_rows = strip_rows_for(window, finish.streamed_columns)
         # As in `segment`: the engine's blocks, unit by unit in its order, polygonised as they are written.

@@ -152,7 +152,8 @@ def plan_rasters(paths: list[str], engine: EngineSettings, crop: int, bbox=None,
     rows, columns = engine.chunk_rows or CHUNK_ROWS, engine.chunk_columns or CHUNK_COLUMNS
     for index, path in enumerate(paths):
         try:
-            with open_source(path, engine.bands, engine.scale, engine.gsd_m, engine.value_range) as source:
+            with open_source(path, engine.bands, engine.scale, engine.gsd_m, engine.value_range,
+                             engine.square_gsd) as source:
                 window = request_window(source, bbox, bbox_crs, clip=True)
                 computed = engine_window(refine, source, window)
                 chunks = units(computed, rows, columns)

@@ -37,6 +37,7 @@ class EngineSettings:
     bands: list[int] | None = None
     scale: float | None = None
     gsd_m: float | None = None
+    square_gsd: bool = True  # how gsd_m resamples (raster.processing_scale): a model's own may keep the shape
     value_range: tuple[float, float] | None = None
     chunk_rows: int | None = None
     chunk_columns: int | None = None
@@ -59,6 +60,7 @@ def engine_settings(options, device: str = "auto", chunk: int | None = None) -> 
 def load_segmenter(settings: EngineSettings):
     """The loaded model and its Segmenter (class lines embedded), as `farslip segment` builds them."""
     from backend.engine.devices import resolve_device
+    from backend.engine.finetuned import trained_resolution
     from backend.engine.models import load_model
     from backend.engine.options import check_language
     from backend.engine.segment import default_batch_size
@@ -69,9 +71,9 @@ def load_segmenter(settings: EngineSettings):
     # As `segment`: a model's own class lines when none are given, its training resolution by default.
     if not settings.class_lines and loaded.class_lines:
         settings.class_lines = list(loaded.class_lines)
-    trained_gsd = (loaded.metadata.get("finetuned") or {}).get("processing", {}).get("gsd_m")
+    trained_gsd, square = trained_resolution(loaded.metadata)
     if settings.scale is None and settings.gsd_m is None and trained_gsd:
-        settings.gsd_m = float(trained_gsd)
+        settings.gsd_m, settings.square_gsd = trained_gsd, square
     batch = settings.batch_size or default_batch_size(device)
     segmenter = Segmenter(loaded, parse_class_lines(settings.class_lines), settings.attention, batch,
                           settings.threshold, embedder=TextEmbedder(loaded, language=check_language(settings.language)))
@@ -94,7 +96,7 @@ class ChunkWorker:
             for old in list(self._sources)[:-1]:  # keep at most two rasters open
                 self._sources.pop(old).close()
             s = self.settings
-            self._sources[raster] = open_source(raster, s.bands, s.scale, s.gsd_m, s.value_range)
+            self._sources[raster] = open_source(raster, s.bands, s.scale, s.gsd_m, s.value_range, s.square_gsd)
         return self._sources[raster]
 
     def _encoder_for(self, raster_crops: int) -> None:

@@ -152,7 +152,7 @@ def evaluate_command(
             fit = calibrate(raster, labels, class_field, loaded, target, background=result["background"],
                             aoi=used["aoi"], class_names=used["class_names"], bands=used["bands"],
                             scale=used["scale"], gsd_m=used["gsd_m"], tile=quality_tile, attention=attention,
-                            batch_size=batch_size)
+                            batch_size=batch_size, square=used.get("square", True))
     except FarslipError as error:
         _fail(error)
     if calibrate_quality:

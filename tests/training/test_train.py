@@ -381,6 +381,48 @@ def test_a_grid_of_two_factors_is_recorded_and_evaluated_on(synthetic, tiny_mode
     assert report["metrics"]["confusion"] == result["metrics"]["after"]["confusion"]
 
 
+def test_a_model_trained_on_its_rasters_own_grid_segments_that_grid(synthetic, tiny_model, tmp_path):
+    """Trained without --scale/--gsd on a lon/lat raster at 60 degrees north (pixels twice as tall as wide
+    on the ground), the model records its pixels' width as its resolution; segment and evaluate applied it
+    as square ground pixels and doubled the rows of the very raster it was trained on."""
+    import pyogrio.raw
+    import rasterio
+    import shapely.ops
+    from pyproj import Transformer
+
+    from backend.engine.options import SegmentOptions
+    from backend.engine.segment import segment_raster
+
+    raster, labels, _ = synthetic
+    northern = tmp_path / "north.tif"
+    degrees = rasterio.Affine(4e-5, 0, 10.0, 0, -4e-5, 60.0)
+    with rasterio.open(raster) as src:
+        utm, profile = src.transform, src.profile | {"crs": "EPSG:4326", "transform": degrees}
+        with rasterio.open(northern, "w", **profile) as dst:
+            dst.write(src.read())
+    meta, _, wkb, fields = pyogrio.raw.read(labels)
+    to_utm = Transformer.from_crs(meta["crs"], RASTER_CRS, always_xy=True)
+
+    def to_degrees(x, y):
+        cols, rows = (~utm) * (np.asarray(x), np.asarray(y))
+        return degrees * (cols, rows)
+
+    geometries = [shapely.ops.transform(to_degrees, shapely.ops.transform(to_utm.transform, g))
+                  for g in shapely.from_wkb(wkb)]
+    north_labels = write_labels(tmp_path / "north.gpkg", geometries, list(fields[0]), "EPSG:4326")
+    out = tmp_path / "model"
+    result = train_model(northern, north_labels, "cls", out, base_model=str(tiny_model), epochs=1,
+                         options=fast_options(steps_per_epoch=1))
+    loaded = load_model(str(out))
+    run = segment_raster(SegmentOptions(raster=northern, out=tmp_path / "s.gpkg"), loaded)
+    assert run.report["processing_scale"] == pytest.approx(1.0)
+    assert (run.report["pixel_window"]["height"], run.report["pixel_window"]["width"]) == (384, 384)
+    everything = evaluate_model(northern, north_labels, "cls", loaded=loaded, split="all")
+    assert everything["window"]["width"] <= 384 and everything["window"]["height"] <= 384
+    assert evaluate_model(northern, north_labels, "cls", loaded=loaded)["metrics"]["confusion"] == \
+        result["metrics"]["after"]["confusion"]
+
+
 def _folder_bytes(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
