@@ -23,8 +23,13 @@ def _quiet_gdal_and_proj() -> None:
 _quiet_gdal_and_proj()
 
 # GDAL's HTTP reads (/vsicurl/, /vsis3/ ...) wait forever by default: a server that accepts a connection and
-# never answers would hold a run, or a request's check in the server, for good. A user's own settings win.
-GDAL_HTTP_TIMEOUTS = {"GDAL_HTTP_CONNECTTIMEOUT": "30", "GDAL_HTTP_TIMEOUT": "120"}
+# never answers would hold a run, or a request's check in the server, for good. A stalled transfer (under a
+# byte a second for a minute) ends; a slow one that moves does not (a cap on a request's whole time ended
+# large reads over slow links). A user's own settings win.
+GDAL_HTTP_DEFAULTS = {"GDAL_HTTP_CONNECTTIMEOUT": "30", "GDAL_HTTP_LOW_SPEED_TIME": "60",
+                      "GDAL_HTTP_LOW_SPEED_LIMIT": "1"}
+# The checks of a request cap each read's whole time instead (checks.quick_network_reads), unless set here.
+GDAL_HTTP_TIMEOUTS = ("GDAL_HTTP_CONNECTTIMEOUT", "GDAL_HTTP_TIMEOUT")
 GDAL_HTTP_TIMEOUTS_OF_USER = frozenset(name for name in GDAL_HTTP_TIMEOUTS if name in _os.environ)
-for _name, _seconds in GDAL_HTTP_TIMEOUTS.items():
-    _os.environ.setdefault(_name, _seconds)
+for _name, _value in GDAL_HTTP_DEFAULTS.items():
+    _os.environ.setdefault(_name, _value)

@@ -21,6 +21,8 @@ def test_a_train_job_writes_a_model_that_a_segment_job_then_uses(backend, tiny_m
     assert [h["progress"] for h in history] == sorted(h["progress"] for h in history)
     assert job["result"]["outputs"]["model_dir"] == str(model_dir)
     assert job["result"]["metrics"]
+    # The training's warnings reach the job result (the plugin's Train tab shows them): this data has none.
+    assert job["result"]["warnings"] == []
     assert (model_dir / "farslip_model.json").is_file()
 
     again = backend.client.post("/v1/train", json=body)

@@ -170,4 +170,4 @@ def run_train(request: dict, control: JobControl, models: ModelCache) -> dict:
     result = api.train_request(request, progress=control.progress, should_cancel=control.should_cancel,
                                message=control.message)
     return {"outputs": dict(result.get("outputs") or {"model_dir": result.get("model_dir")}), "classes": [],
-            "metrics": result.get("metrics")}
+            "metrics": result.get("metrics"), "warnings": list(result.get("warnings") or [])}
