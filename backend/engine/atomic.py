@@ -16,7 +16,10 @@ from pathlib import Path
 
 from .temporary import new_run_tag, owned_entries, remove_owned, staged_path, staged_stem
 
-SHAPEFILE_PARTS = (".shp", ".shx", ".dbf", ".prj", ".cpg", ".qix", ".sbn", ".sbx", ".qmd")
+# A shapefile's files, and QGIS's metadata (.qmd) and style (.qml) beside it, which describe its fields.
+SHAPEFILE_PARTS = (".shp", ".shx", ".dbf", ".prj", ".cpg", ".qix", ".sbn", ".sbx", ".qmd", ".qml")
+# SQLite's journal files beside a GeoPackage: left beside a replaced file, they would be replayed into it.
+SQLITE_SIDECARS = ("-wal", "-shm", "-journal")
 
 
 def _fsync_file(path: Path) -> None:
@@ -59,6 +62,11 @@ def commit_staged(staged: Path, target: str | Path, durable: bool = True) -> Non
         for part in SHAPEFILE_PARTS:
             if part not in replaced:
                 path.with_suffix(part).unlink(missing_ok=True)
+    if path.suffix.lower() == ".gpkg":
+        # The old file's journal (another program had it open) describes the old file's pages.
+        for sidecar in SQLITE_SIDECARS:
+            if not (staged.parent / (staged.name + sidecar)).exists():
+                (path.parent / (path.name + sidecar)).unlink(missing_ok=True)
     # The main file goes last, so it only appears once its sidecars are in place.
     for entry in sorted(written, key=lambda p: p == staged):
         os.replace(entry, path.parent / (path.stem + entry.name[len(stem):]))

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
-import shutil
+import sqlite3
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -40,8 +41,15 @@ def check_format_crs(path: str | Path, crs) -> None:
     its coordinates were metres. Refused before the run, naming the formats that keep any CRS."""
     if driver_for(path) != "GeoJSON" or crs is None:
         return
-    authority = crs.to_authority() if hasattr(crs, "to_authority") else None
-    if authority is not None and authority[0] in ("EPSG", "ESRI"):
+    from pyproj import CRS as ProjCRS
+
+    # The code GDAL writes is the one the CRS's definition carries at its root, not one found by matching
+    # (a VRT over a PROJ string matches EPSG:32633 and still gave a file without a CRS).
+    try:
+        root = ProjCRS.from_user_input(crs.to_wkt() if hasattr(crs, "to_wkt") else crs).to_json_dict().get("id")
+    except Exception:  # pyproj raises several types for definitions it cannot read
+        root = None
+    if isinstance(root, dict) and root.get("authority") in ("EPSG", "ESRI"):
         return
     name = crs.to_string() if hasattr(crs, "to_string") else str(crs)
     raise InputError(f"GeoJSON cannot record the CRS of this result ({name[:100]}), which has no EPSG code: "
@@ -121,6 +129,7 @@ def write_layer(path: Path, geometries: np.ndarray, fields: Mapping[str, np.ndar
     options: dict[str, object] = {"encoding": "UTF-8"} if driver == "ESRI Shapefile" else {}
     if driver == "GPKG":
         options["dataset_options"] = {"VERSION": "1.2"}  # QGIS 3.22's GDAL reads 1.4 with a warning
+        options["layer_options"] = {"OVERWRITE": "YES"}  # a kept file's layer of this name in any case (keep_layers)
     write = functools.partial(pyogrio.raw.write,
                               geometry=shapely.to_wkb(geometries) if len(geometries) else np.array([], dtype=object),
                               field_data=list(fields.values()), fields=list(fields), driver=driver,
@@ -138,18 +147,23 @@ def write_layer(path: Path, geometries: np.ndarray, fields: Mapping[str, np.ndar
 
 
 def keep_layers(target: Path, staged: Path, layer: str) -> list[str]:
-    """Start `staged` as a copy of `target` when `target` is a GeoPackage that holds layers other than `layer`,
-    so that the result replaces only its own layer (a GeoPackage is often a project's store: roads,
-    parcels, a raster table; --overwrite replaced the whole file). Returns the layers kept."""
+    """Start `staged` as a copy of `target` when `target` is a GeoPackage that holds tables other than `layer`
+    (vector layers, raster tiles, attribute tables), so that the result replaces only its own layer (a
+    GeoPackage is often a project's store: roads, parcels, an orthophoto; --overwrite replaced the whole
+    file). The copy is SQLite's own backup, so changes still in the journal of a program that has the file
+    open are in it. Returns the tables kept."""
     if driver_for(target) != "GPKG" or not target.is_file():
         return []
     try:
-        names = [str(name) for name in pyogrio.list_layers(target)[:, 0]]
-    except Exception:  # not a GeoPackage GDAL can read (damaged, empty): replaced as a whole, as asked
+        with contextlib.closing(sqlite3.connect(f"{Path(target).resolve().as_uri()}?mode=ro", uri=True)) as source:
+            tables = [str(row[0]) for row in source.execute("SELECT table_name FROM gpkg_contents")]
+            kept = [name for name in tables if name.lower() != layer.lower()]  # GeoPackage names ignore case
+            if kept:
+                with contextlib.closing(sqlite3.connect(staged)) as copy:
+                    source.backup(copy)
+    except sqlite3.Error:  # not a GeoPackage SQLite can read (damaged, empty): replaced as a whole, as asked
+        staged.unlink(missing_ok=True)
         return []
-    kept = [name for name in names if name != layer]
-    if kept:
-        shutil.copyfile(target, staged)
     return kept
 
 

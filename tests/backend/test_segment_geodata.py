@@ -666,25 +666,43 @@ def test_a_geopackage_named_gpkg_something_is_written(tiny_model, tmp_path, name
 
 
 def test_overwriting_a_geopackage_keeps_its_other_layers(tiny_model, tmp_path):
-    """A GeoPackage is often a project's store (roads, parcels): `--overwrite` replaced the whole file with the
-    result, and the other layers were gone. Only the result's own layer is replaced now; the report names it."""
+    """A GeoPackage is often a project's store (roads, parcels, an orthophoto): `--overwrite` replaced the whole
+    file with the result, and the other tables were gone. Only the result's own layer is replaced now (in any
+    letter case: GeoPackage names ignore it), raster tables are kept, the report names the layer, and a
+    journal left by a program that had the file open is not replayed into the new file."""
+    import sqlite3
+
     import pyogrio.raw
 
     raster = _blocks_raster(tmp_path / "utm.tif", "EPSG:32633", rasterio.Affine(2.0, 0, 300_000, 0, -2.0, 5_800_000))
-    store = tmp_path / "project.gpkg"
+    store = tmp_path / "project dir" / "project.gpkg"
+    store.parent.mkdir()
+    with rasterio.open(store, "w", driver="GPKG", width=16, height=16, count=3, dtype="uint8", crs="EPSG:32633",
+                       transform=rasterio.Affine(2.0, 0, 300_000, 0, -2.0, 5_800_000),
+                       RASTER_TABLE="ortho") as ds:
+        ds.write(np.full((3, 16, 16), 7, np.uint8))
     square = shapely.to_wkb(np.array([shapely.box(300_010, 5_799_700, 300_050, 5_799_750)], dtype=object))
-    for name in ("roads", "parcels"):
+    for name in ("roads", "Project"):  # an earlier result spelt otherwise
         pyogrio.raw.write(store, square, [np.array([name], dtype=object)], ["name"], layer=name, driver="GPKG",
-                          geometry_type="Polygon", crs="EPSG:32633")
+                          geometry_type="Polygon", crs="EPSG:32633", append=False)
+
+    def tables() -> list[str]:
+        with sqlite3.connect(store) as db:
+            return sorted(row[0] for row in db.execute("SELECT table_name FROM gpkg_contents"))
+
+    assert tables() == ["Project", "ortho", "roads"]
     result = segment(raster, *CLASSES, "--model", tiny_model, "--out", store, "--quiet")
     assert result.exit_code == 2 and "already exists" in result.output  # still asked first
-    for _ in range(2):  # added, then replaced
+    for _ in range(2):  # replaced twice
+        (store.parent / "project.gpkg-wal").write_bytes(b"a stale journal")
         result = segment(raster, *CLASSES, "--model", tiny_model, "--out", store, "--overwrite", "--quiet")
         assert result.exit_code == 0, result.output
-        assert sorted(pyogrio.list_layers(store)[:, 0]) == ["parcels", "project", "roads"]
-        for name in ("roads", "parcels"):
-            _, _, wkb, values = pyogrio.raw.read(store, layer=name)
-            assert values[0].tolist() == [name] and shapely.from_wkb(wkb)[0].equals(shapely.from_wkb(square)[0])
+        assert not (store.parent / "project.gpkg-wal").exists()
+        assert tables() == ["ortho", "project", "roads"]
+        _, _, wkb, values = pyogrio.raw.read(store, layer="roads")
+        assert values[0].tolist() == ["roads"] and shapely.from_wkb(wkb)[0].equals(shapely.from_wkb(square)[0])
+        with rasterio.open(store) as ortho:  # GDAL opens the raster table
+            assert (ortho.read()[:3] == 7).all()
         report = json.loads(store.with_suffix(".report.json").read_text())
         assert report["layer"] == "project"
         polygons = sum(c["polygons"] for c in report["class_stats"])
