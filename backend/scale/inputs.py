@@ -49,7 +49,8 @@ def _file_key(path: str) -> str:
 
 def own_outputs(folder: Path) -> set[str]:
     """farslip's outputs in `folder` (real paths): each `x.vrt` beside its `x_rasters/` folder (a class or
-    probability mosaic of a run on Ray), and the files a farslip report there (`*.report.json`) names as outputs."""
+    probability mosaic of a run on Ray; the GeoTIFFs in that folder, see _in_rasters_folder), and the files a
+    farslip report there (`*.report.json`) names as outputs."""
     found = {os.path.realpath(vrt) for vrt in folder.glob("*.vrt") if vrt.with_name(vrt.stem + "_rasters").is_dir()}
     for report in folder.glob("*.report.json"):
         try:
@@ -75,9 +76,15 @@ def _rasters_of(paths: list[Path]) -> list[str]:
             continue
         if path.parent not in own:
             own[path.parent] = own_outputs(path.parent)
-        if os.path.realpath(path) not in own[path.parent]:
+        if os.path.realpath(path) not in own[path.parent] and not _in_rasters_folder(path):
             rasters.append(str(path))
     return sorted(rasters)
+
+
+def _in_rasters_folder(path: Path) -> bool:
+    """Whether `path` lies in the `x_rasters/` folder of a VRT output `x.vrt` (what a recursive glob finds)."""
+    return any(folder.name.endswith("_rasters") and folder.with_name(folder.name[:-len("_rasters")] + ".vrt").is_file()
+               for folder in path.parents)
 
 
 def _expand(text: str) -> list[str]:

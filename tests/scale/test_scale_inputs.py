@@ -84,11 +84,13 @@ def test_a_name_with_brackets_or_a_star_that_exists_is_that_file_or_folder(tmp_p
 def test_a_folder_leaves_out_farslips_own_outputs_and_hidden_files(rasters):
     """A class VRT beside its _rasters folder, and what a farslip report there names, are results, not imagery;
     named on their own they are inputs like any file."""
-    (rasters / "c_rasters").mkdir()
+    (rasters / "c_rasters" / "west").mkdir(parents=True)
+    (rasters / "c_rasters" / "west" / "a.tif").write_bytes(b"")
     (rasters / "classes.tif").write_bytes(b"")
     (rasters / ".a.tif.farslip-1-x.tmp.tif").write_bytes(b"")
     (rasters / "run.report.json").write_text(json.dumps(
         {"farslip_version": "1", "outputs": {"vector": "elsewhere/run.gpkg", "class_raster": "elsewhere/classes.tif"}}))
     assert expand_inputs([rasters]) == [str(rasters / "a.tif"), str(rasters / "b.tif")]
     assert expand_inputs([rasters / "*"]) == [str(rasters / "a.tif"), str(rasters / "b.tif")]
+    assert expand_inputs([rasters / "**" / "*.tif"]) == [str(rasters / "a.tif"), str(rasters / "b.tif")]
     assert expand_inputs([rasters / "c.vrt"]) == [str(rasters / "c.vrt")]
