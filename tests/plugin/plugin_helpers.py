@@ -36,3 +36,13 @@ def run_dock_job(dock, timeout: float = 180.0) -> str:
 def empty_dir(path: Path) -> bool:
     return not path.exists() or not any(path.iterdir())
 
+
+def save_as_geopackage(layer, path: str) -> None:
+    """Write a layer (a test's memory layer) to a GeoPackage file."""
+    from qgis.core import QgsProject, QgsVectorFileWriter
+
+    options = QgsVectorFileWriter.SaveVectorOptions()
+    options.driverName = "GPKG"
+    error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(
+        layer, path, QgsProject.instance().transformContext(), options)
+    assert error == QgsVectorFileWriter.NoError, message

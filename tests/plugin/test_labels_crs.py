@@ -41,15 +41,21 @@ def file_crs_and_corners(path: str) -> tuple[str, list[tuple[float, float]]]:
     return code, sorted(corners)
 
 
+def assert_handed_in_the_crs_set(layer: QgsVectorLayer, tmp_path, source: str, why: str) -> None:
+    """Layer > Set CRS EPSG:32633 on `layer` (file `source`): the backend gets a copy in that CRS."""
+    layer.setCrs(QgsCoordinateReferenceSystem("EPSG:32633"))
+    handed = handed_file(layer, tmp_path)
+    assert handed != source, why
+    assert file_crs_and_corners(handed) == ("EPSG:32633", SQUARES)
+
+
 def test_a_crs_set_in_qgis_on_a_geojson_reaches_the_backend(farslip, tmp_path):
     source = str(tmp_path / "utm_without_crs.geojson")
     write_utm_geojson_without_crs(source)
     layer = QgsVectorLayer(source, "labels", "ogr")
     assert layer.isValid() and layer.crs().authid() == "EPSG:4326"  # GeoJSON's default, wrong for these metres
-    layer.setCrs(QgsCoordinateReferenceSystem("EPSG:32633"))  # Layer > Set CRS
-    handed = handed_file(layer, tmp_path)
-    assert handed != source, "the file's own CRS (WGS 84) would place the labels off the earth"
-    assert file_crs_and_corners(handed) == ("EPSG:32633", SQUARES)
+    assert_handed_in_the_crs_set(layer, tmp_path, source,
+                                 "the file's own CRS (WGS 84) would place the labels off the earth")
 
 
 def test_a_crs_set_in_qgis_on_a_shapefile_without_prj_reaches_the_backend(farslip, tmp_path):
@@ -62,10 +68,9 @@ def test_a_crs_set_in_qgis_on_a_shapefile_without_prj_reaches_the_backend(farsli
     layer = QgsVectorLayer(shapefile, "labels", "ogr")
     assert layer.isValid()
     assert not layer.dataProvider().crs().isValid()
-    layer.setCrs(QgsCoordinateReferenceSystem("EPSG:32633"))  # what the backend's refusal asks the user to do
-    handed = handed_file(layer, tmp_path)
-    assert handed != shapefile, "the backend would refuse the file for having no CRS, which the user just set"
-    assert file_crs_and_corners(handed) == ("EPSG:32633", SQUARES)
+    # What the backend's refusal asks the user to do.
+    assert_handed_in_the_crs_set(layer, tmp_path, shapefile,
+                                 "the backend would refuse the file for having no CRS, which the user just set")
 
 
 def test_a_file_in_its_own_crs_is_handed_as_it_is(farslip, tmp_path):

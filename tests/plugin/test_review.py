@@ -4,6 +4,7 @@ style by quality, hide low quality, and "Train on my corrections" handing the ma
 from __future__ import annotations
 
 import pytest
+from plugin_helpers import save_as_geopackage
 from qgis.core import (
     QgsFeature,
     QgsField,
@@ -11,7 +12,6 @@ from qgis.core import (
     QgsGraduatedSymbolRenderer,
     QgsProject,
     QgsRectangle,
-    QgsVectorFileWriter,
     QgsVectorLayer,
 )
 from qgis.PyQt.QtCore import QVariant
@@ -32,11 +32,7 @@ def write_result(path: str) -> QgsVectorLayer:
                                                               5000050)))
         feature.setAttributes([cls, 2500.0, quality])
         provider.addFeature(feature)
-    options = QgsVectorFileWriter.SaveVectorOptions()
-    options.driverName = "GPKG"
-    error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(
-        memory, path, QgsProject.instance().transformContext(), options)
-    assert error == QgsVectorFileWriter.NoError, message
+    save_as_geopackage(memory, path)
     layer = QgsVectorLayer(path, "FarSLIP result", "ogr")
     QgsProject.instance().addMapLayer(layer)
     return layer

@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from plugin_helpers import NAIP
+from plugin_helpers import NAIP, save_as_geopackage
 from qgis.core import (
     QgsFeature,
     QgsField,
@@ -14,7 +14,6 @@ from qgis.core import (
     QgsProject,
     QgsRasterLayer,
     QgsRectangle,
-    QgsVectorFileWriter,
     QgsVectorLayer,
 )
 from qgis.PyQt.QtCore import QVariant
@@ -31,11 +30,7 @@ def write_result_file(path: str, crs: str) -> None:
         feature.setGeometry(QgsGeometry.fromRect(QgsRectangle(index * 100, 0, index * 100 + 50, 50)))
         feature.setAttributes([cls, index, 2500.0, quality])
         provider.addFeature(feature)
-    options = QgsVectorFileWriter.SaveVectorOptions()
-    options.driverName = "GPKG"
-    error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(
-        memory, path, QgsProject.instance().transformContext(), options)
-    assert error == QgsVectorFileWriter.NoError, message
+    save_as_geopackage(memory, path)
 
 
 @pytest.fixture
