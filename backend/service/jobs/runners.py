@@ -98,10 +98,14 @@ def _finetuned_meta(model: str | None, weights: str | None) -> dict:
 
 def _with_trained_resolution(options: SegmentOptions, meta: dict) -> SegmentOptions:
     """The ground resolution a fine-tuned model was trained at, where the request leaves it to the model,
-    as the job applies it (segment.with_model_defaults), so the check sees the resolution the job runs at."""
-    trained_gsd = (meta.get("processing") or {}).get("gsd_m")
+    as the job applies it (segment.with_model_defaults), so the check sees the resolution the job runs at.
+    (The check takes it as square ground pixels; the job keeps the raster's pixel shape for a model trained
+    on its raster's own grid, so near the resampling limits the two can differ.)"""
+    from backend.engine.finetuned import trained_resolution
+
+    trained_gsd, _square = trained_resolution({"finetuned": meta})
     if options.scale is None and options.gsd_m is None and trained_gsd:
-        return replace(options, gsd_m=float(trained_gsd))
+        return replace(options, gsd_m=trained_gsd)
     return options
 
 
