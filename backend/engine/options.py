@@ -15,6 +15,7 @@ import math
 import numbers
 import re
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -75,7 +76,10 @@ class Spec:
     error: the sentence for a value out of range ({value} is replaced); label: what a wrong choice is
     called in its sentence (default: the CLI name); check: a function that checks (and may normalise)
     the value instead of range/choices; max_chars / max_items / item_max_chars: bounds of a text / list
-    in a request body; in_report: recorded in the run report's "options".
+    in a request body; in_report: recorded in the run report's "options"; needs: the option (field name) and
+    value without which this one does nothing, e.g. ("refine", "sam") (GIVEN: any value but None): a value
+    given without it is refused (check_needs) rather than ignored without a word; needs_error: the sentence
+    for that ({value} is replaced), instead of the generic one.
     """
 
     help: str
@@ -92,6 +96,12 @@ class Spec:
     max_items: int | None = None
     item_max_chars: int | None = None
     in_report: bool = True
+    needs: tuple[str, Any] | None = None
+    needs_error: str | None = None
+
+
+# `Spec.needs` value: the enabling option just has to be given (not None).
+GIVEN = object()
 
 
 def spec(**details: Any) -> dict[str, Spec]:
@@ -187,7 +197,9 @@ class SegmentOptions:
     bbox: tuple[float, float, float, float] | None = field(default=None, metadata=spec(
         help="XMIN YMIN XMAX YMAX of the area to segment (default: whole raster).", check=check_bbox))
     bbox_crs: str | None = field(default=None, metadata=spec(
-        help="CRS of --bbox, e.g. EPSG:4326 (default: raster's).", max_chars=10000))
+        help="CRS of --bbox, e.g. EPSG:4326 (default: raster's).", max_chars=10000, needs=("bbox", GIVEN),
+        needs_error="--bbox-crs {value} says which CRS the --bbox is in, and no --bbox was given; add --bbox XMIN "
+                    "YMIN XMAX YMAX, or leave --bbox-crs out."))
     bands: list[int] | None = field(default=None, metadata=spec(
         help="Band numbers for red,green,blue, e.g. 3,2,1 (or one).", parse=parse_bands, range=Range(1, None),
         max_items=3))
@@ -220,7 +232,7 @@ class SegmentOptions:
              "by the classes).", choices=REFINE_CHOICES, label="--refine"))
     sam_model: str | None = field(default=None, metadata=spec(
         help="SAM model for --refine sam: registry name (default sam-vit-b), .safetensors file or model folder.",
-        max_chars=PATH_MAX_CHARS))
+        max_chars=PATH_MAX_CHARS, needs=("refine", "sam")))
     runtime: str = field(default="auto", metadata=spec(
         help="Image encoder runtime: auto, torch, openvino or onnxruntime (auto: the fastest installed here).",
         choices=RUNTIMES, label="runtime"))
@@ -243,7 +255,7 @@ class SegmentOptions:
              "classes skips the encoder.", in_report=False))
     cache_mb: int = field(default=4096, metadata=spec(
         help="Disk budget of --cache-features in MiB; oldest features go first.", range=Range(1, None),
-        error="--cache-mb must be at least 1; got {value}.", in_report=False))
+        error="--cache-mb must be at least 1; got {value}.", in_report=False, needs=("cache_features", True)))
 
     @classmethod
     def from_values(cls, values: dict[str, Any]) -> SegmentOptions:
@@ -345,3 +357,45 @@ def check_values(options: SegmentOptions) -> None:
     for item in option_fields():
         if item.name not in ("scale", "gsd_m"):
             check_option(item.name, getattr(options, item.name))
+    check_needs(options)
+
+
+def _spelt(name: str, value: Any) -> str:
+    """Option `name` with `value` as the command line gives it: --refine sam, --cache-features, --bbox."""
+    flag = cli_name(option_field(name))
+    if value is GIVEN or value is True:
+        return flag
+    if value is False or value is None:
+        return f"no {flag}"
+    return f"{flag} {value}"
+
+
+def check_needs(options: SegmentOptions) -> None:
+    """An option that only works with another (Spec.needs) is refused when given without it: a user who
+    names a SAM model expects SAM refinement, not a run that ignores the model without a word.
+
+    "Given" is a value other than the default (a switch's default, e.g. --cache-mb 4096, is the same run).
+    """
+    for item in option_fields():
+        declared = spec_of(item)
+        value = getattr(options, item.name)
+        if declared.needs is None or value is None or value == item.default:
+            continue
+        name, wanted = declared.needs
+        present = getattr(options, name)
+        if (present is not None) if wanted is GIVEN else present == wanted:
+            continue
+        if declared.needs_error is not None:
+            raise InputError(declared.needs_error.format(value=value))
+        raise unused_options([cli_name(item)], _spelt(name, wanted),
+                             "" if present is None or present is False else _spelt(name, present))
+
+
+def unused_options(flags: Sequence[str], enabling: str, instead: str = "") -> InputError:
+    """The sentence for options given without the one that makes them do anything (`enabling`, e.g. --refine
+    sam; `instead`: what the run has in its place, e.g. --refine edges). Every command refuses such options
+    with it: ignored, they would leave the user believing they had their effect."""
+    names = " and ".join(flags)
+    has = f" (this run has {instead})" if instead else ""
+    return InputError(f"{names} {'applies' if len(flags) == 1 else 'apply'} only with {enabling}{has}; add "
+                      f"{enabling}, or leave {names} out.")

@@ -114,6 +114,13 @@ def evaluate_command(
         from training.quality_calibration import calibrate_quality as calibrate
         from training.quality_calibration import calibration_target, check_quality_tile
 
+        # Options that do nothing in this run are refused, not ignored.
+        _check_used(calibrate_quality, quality_out, quality_tile, benchmark,
+                    {"--classes": classes, "--preset": preset, "--protocol": protocol != "farslip",
+                     "--benchmark-split": benchmark_split, "--long-side": long_side != 448,
+                     "--reduce-zero-label": reduce_zero_label is not None, "--prob-threshold": prob_threshold,
+                     "--background-index": background_index, "--ignore-index": ignore_index != 255,
+                     "--limit": limit})
         # Every output is checked before a model loads: a run never ends in a traceback over a missing folder.
         check_attention(attention)
         if calibrate_quality:
@@ -165,6 +172,21 @@ def evaluate_command(
             typer.echo(f"Warning: on held-out tiles the calibration ranks tiles worse than the default estimate "
                        f"(SROCC {calibrated['srocc']} against {default['srocc']}); label more, or more varied, "
                        f"tiles, or delete {fit['calibration']} to keep the default.", err=True)
+
+
+def _check_used(calibrate_quality: bool, quality_out: Optional[Path], quality_tile: int, benchmark: Optional[Path],
+                benchmark_only: dict[str, object]) -> None:
+    """evaluate's options that only work with another: --quality-out and --quality-tile with --calibrate-quality,
+    the benchmark's with --benchmark. Given without it, each is refused with options.unused_options' sentence."""
+    from backend.engine.options import unused_options
+
+    calibration = [flag for flag, given in (("--quality-out", quality_out is not None),
+                                            ("--quality-tile", quality_tile != 64)) if given]
+    if calibration and not calibrate_quality:
+        raise unused_options(calibration, "--calibrate-quality")
+    given = [flag for flag, value in benchmark_only.items() if value not in (None, False, [])]
+    if given and benchmark is None:
+        raise unused_options(given, "--benchmark FOLDER")
 
 
 def _benchmark(benchmark, classes, preset, protocol, reduce_zero_label, prob_threshold, background_index, model,

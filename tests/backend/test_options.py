@@ -14,7 +14,9 @@ import typer.main
 from typer.testing import CliRunner
 
 from backend.engine.feature_cache import FeatureCache, LayeredFeatureCache, feature_cache_for
-from backend.engine.options import SegmentOptions, cli_name, option_fields, path_fields, spec_of
+from backend.engine.errors import InputError
+from backend.engine.options import (SegmentOptions, check_values, cli_name, option_field, option_fields, path_fields,
+                                    spec_of)
 from backend.service.cli import app
 from backend.service.cli_options import options_from_cli
 from backend.service.scale_cli import SCALE_ONLY, single_raster
@@ -33,7 +35,7 @@ REQUEST = {
     "prob_raster": "/data/probs.tif", "overwrite": True, "model": "farslip-vit-b-16", "weights": "/w/model.pt",
     "bbox": [1.0, 2.0, 3.0, 4.0], "bbox_crs": "EPSG:4326", "bands": [3, 2, 1], "threshold": 0.25,
     "attention": "clearclip", "batch_size": 5, "scale": 0.5, "gsd_m": 2.5, "min_area": 10.0, "simplify": 1.5,
-    "value_range": [0.0, 3000.0], "refine": "edges", "sam_model": "/w/sam", "runtime": "torch",
+    "value_range": [0.0, 3000.0], "refine": "sam", "sam_model": "/w/sam", "runtime": "torch",
     "language": "pt", "quality_calibration": "/w/quality.json", "region_checks": False, "half": True,
     "cache_features": True, "cache_mb": 64,
 }
@@ -162,6 +164,12 @@ BAD_VALUES = [
     (["--refine", "blur"], "Unknown --refine 'blur'; use one of none, edges, sam."),
     (["--language", "klingon"], "Unknown language 'klingon'. Use auto or one of: en (English)"),
     (["--scale", "1", "--gsd", "5"], "Give either --scale or --gsd, not both."),
+    # An option that only works with another is refused without it, not ignored.
+    (["--sam-model", "sam-vit-b"], "Error: --sam-model applies only with --refine sam (this run has --refine "
+                                   "none); add --refine sam, or leave --sam-model out."),
+    (["--refine", "edges", "--sam-model", "sam-vit-b"], "(this run has --refine edges)"),
+    (["--cache-mb", "64"], "Error: --cache-mb applies only with --cache-features; add --cache-features, or leave "
+                           "--cache-mb out."),
     (["--quality-calibration", "/nonexistent/q.json"], "The quality calibration file /nonexistent/q.json does"),
 ]
 
@@ -173,6 +181,39 @@ def test_bad_values_are_refused_with_one_sentence_before_the_model_is_looked_for
     assert result.exit_code == 2, result.output
     assert result.output.startswith("Error: ") and len(result.output.strip().splitlines()) == 1
     assert words in result.output and "Unknown model" not in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_option_that_works_only_with_another_is_refused_without_it_and_passes_with_it():
+    """Spec.needs, checked by check_values for the command line and the server alike."""
+    given = options_from_request(REQUEST)
+    needing = [item for item in option_fields() if spec_of(item).needs]
+    assert {item.name for item in needing} == {"bbox_crs", "sam_model", "cache_mb"}
+    for item in needing:
+        enabling, _ = spec_of(item).needs
+        alone = SegmentOptions(raster="/x.tif", **{item.name: getattr(given, item.name)})
+        with pytest.raises(InputError) as refused:
+            check_values(alone)
+        assert str(refused.value).startswith(cli_name(item)) and cli_name(option_field(enabling)) in str(refused.value)
+        check_values(dataclasses.replace(alone, **{enabling: getattr(given, enabling)}))
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--quality-tile", "32"], "--quality-tile applies only with --calibrate-quality; add --calibrate-quality, or "
+                               "leave --quality-tile out."),
+    (["--quality-out", "q.json", "--quality-tile", "32"], "--quality-out and --quality-tile apply only with "
+                                                          "--calibrate-quality"),
+    (["--limit", "3", "--protocol", "segearth"], "--protocol and --limit apply only with --benchmark FOLDER; add "
+                                                 "--benchmark FOLDER, or leave --protocol and --limit out."),
+    (["--ignore-index", "0"], "--ignore-index applies only with --benchmark FOLDER"),
+])
+def test_evaluate_refuses_options_that_do_nothing_in_its_run(tmp_path, args, words):
+    """farslip evaluate ignored --quality-out/--quality-tile without --calibrate-quality, and the benchmark's
+    options without --benchmark."""
+    result = CliRunner().invoke(app, ["evaluate", str(NAIP), str(tmp_path / "labels.gpkg"), "--class-field", "c",
+                                      "--model", "no-such-model", "--device", "cpu", *args])
+    assert result.exit_code == 2 and words in result.output, result.output
+    assert result.output.startswith("Error: ") and len(result.output.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
 
 

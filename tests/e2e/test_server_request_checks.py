@@ -203,6 +203,21 @@ def test_a_synonym_in_two_class_lines_and_a_long_shapefile_class_name_are_refuse
     assert _job_count(backend) == before
 
 
+def test_an_option_without_the_option_it_works_with_is_refused_at_submit(backend, segment_body, out_dir):
+    """sam_model without refine "sam", cache_mb without cache_features and bbox_crs without bbox did nothing:
+    the job ran as if they were not there. Refused with the command line's sentence, and no job is queued."""
+    before = _job_count(backend)
+    detail = _refused(backend, "/v1/segment", segment_body(sam_model="sam-vit-b"))
+    assert detail == ("--sam-model applies only with --refine sam (this run has --refine none); add --refine sam, "
+                      "or leave --sam-model out.")
+    assert "(this run has --refine edges)" in _refused(backend, "/v1/segment",
+                                                       segment_body(refine="edges", sam_model="sam-vit-b"))
+    assert _refused(backend, "/v1/segment", segment_body(cache_mb=64)) == (
+        "--cache-mb applies only with --cache-features; add --cache-features, or leave --cache-mb out.")
+    assert "no --bbox was given" in _refused(backend, "/v1/segment", segment_body(bbox=None, bbox_crs="EPSG:4326"))
+    assert _job_count(backend) == before and list(out_dir.iterdir()) == []
+
+
 # --------------------------------------------------------------------------- HTTP
 
 @pytest.mark.parametrize("host", ["127.0.0.1.evil.example", "127.attacker.com:8080", "127.0.0.1:80:81",
