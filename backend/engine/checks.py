@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import InputError
-from .atomic import SHAPEFILE_PARTS
+from .atomic import is_shapefile, shapefile_parts
 from .export import driver_for, report_path_for
 from .files import check_output_files, check_regular_file, input_paths
 from .options import SegmentOptions, check_values
@@ -83,9 +83,8 @@ def output_files(options: SegmentOptions) -> dict[str, Path]:
     named: dict[str, Path] = {}
     for role, path in output_paths(options).items():
         named[OUTPUT_NAMES[role]] = path
-        if role == "report" and Path(options.out).suffix.lower() == ".shp":
-            named.update({f"shapefile part {part}": Path(options.out).with_suffix(part)
-                          for part in SHAPEFILE_PARTS if part != ".shp"})
+        if role == "report" and is_shapefile(options.out):
+            named.update({f"shapefile part {part.suffix}": part for part in shapefile_parts(options.out)})
     return named
 
 

@@ -23,12 +23,16 @@ FIELDS = ("class", "class_id", "score_mean", "score_max", "area_m2", "model", "r
 
 def driver_for(path: str | Path) -> str:
     """The OGR driver for an output path, chosen by its extension."""
-    suffix = Path(path).suffix.lower()
+    given = Path(path).suffix
+    suffix = given.lower()
     if suffix not in DRIVERS:
         raise InputError(
             f"Cannot write polygons to {path}: the extension {suffix or '(none)'!r} is not supported. "
             f"Use one of {', '.join(DRIVERS)} (.gpkg is the default)."
         )
+    if suffix == ".shp" and given not in (".shp", ".SHP"):
+        raise InputError(f"Cannot write polygons to {path}: a shapefile's extension is .shp or .SHP; GDAL, and so "
+                         f"QGIS, finds no shapefile named {given}.")
     return DRIVERS[suffix]
 
 

@@ -11,7 +11,7 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
-from .atomic import SHAPEFILE_PARTS
+from .atomic import is_shapefile, shapefile_parts
 from .errors import FarslipError, InputError
 
 
@@ -200,13 +200,15 @@ def check_output_files(named: dict[str, Path], inputs: dict[str, Path] | None = 
         if exists:
             raise InputError(f"The {what} {path} already exists; choose another name or allow overwriting "
                              f"({option}).")
-        if path.suffix.lower() == ".shp":  # a shapefile is several files: its parts replace theirs
-            parts = [path.with_suffix(part) for part in SHAPEFILE_PARTS if part != ".shp"]
-            found = [part.name for part in parts if part.exists()]
+        if is_shapefile(path):  # a shapefile is several files: its parts replace theirs, in either case
+            found: list[Path] = []
+            for part in shapefile_parts(path, every_case=True):
+                if part.exists() and not any(same_file(part, other) for other in found):
+                    found.append(part)
             if found:
-                raise InputError(f"The {what} {path} would replace {', '.join(found)}, which already exist"
-                                 f"{'s' if len(found) == 1 else ''} beside it (the parts of another shapefile, or "
-                                 f"a QGIS style); choose another name or allow overwriting ({option}).")
+                raise InputError(f"The {what} {path} would replace {', '.join(p.name for p in found)}, which "
+                                 f"already exist{'s' if len(found) == 1 else ''} beside it (the parts of another "
+                                 f"shapefile, or a QGIS style); choose another name or allow overwriting ({option}).")
 
 
 def check_output_file(path: str | os.PathLike, what: str, inputs: dict[str, Path] | None = None,

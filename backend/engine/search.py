@@ -41,7 +41,7 @@ import shapely
 from pyproj import Transformer
 
 from backend import __version__
-from .atomic import SHAPEFILE_PARTS
+from .atomic import is_shapefile, shapefile_parts
 from .errors import InputError
 from .export import check_field_widths, check_format_crs, driver_for, report_path_for, write_layer, write_report
 from .files import check_output_files
@@ -428,8 +428,8 @@ def hits_output_files(out: Path) -> dict[str, Path]:
     """The files a search (or classify) run writes, by what they are called in a sentence."""
     out = Path(out)
     named = {"output": out, "run report": report_path_for(out)}
-    if out.suffix.lower() == ".shp":
-        named.update({f"shapefile part {part}": out.with_suffix(part) for part in SHAPEFILE_PARTS if part != ".shp"})
+    if is_shapefile(out):
+        named.update({f"shapefile part {part.suffix}": part for part in shapefile_parts(out)})
     return named
 
 

@@ -181,6 +181,46 @@ def test_replacing_a_shapefile_removes_its_stale_sidecars(tmp_path, regions):
     assert pyogrio.read_info(path)["features"] == 1
 
 
+def test_a_shapefile_named_in_capitals_is_written_with_every_part_in_capitals(tmp_path, regions):
+    """GDAL writes RESULT.shp, RESULT.dbf ... for RESULT.SHP: the atomic rename looked for the staged .SHP and the run
+    failed after all its work. The parts follow the user's case, so the name given opens (GDAL, QGIS)."""
+    path = write_polygons(tmp_path / "RESULT.SHP", regions, UTM, CLASS_NAMES, "m", "r")
+    assert path == tmp_path / "RESULT.SHP"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["RESULT.CPG", "RESULT.DBF", "RESULT.PRJ", "RESULT.SHP",
+                                                          "RESULT.SHX"]
+    info = pyogrio.read_info(path)
+    assert info["features"] == len(regions) and info["encoding"] == "UTF-8"  # the .CPG is read
+    assert CRS.from_user_input(info["crs"]) == UTM
+    gpkg = write_polygons(tmp_path / "result.gpkg", regions, UTM, CLASS_NAMES, "m", "r")
+    assert_same_features(read_layer(path)[1], read_layer(gpkg)[1])
+
+
+def test_a_shapefile_in_capitals_replaces_the_lower_case_one_of_its_name(tmp_path, regions):
+    """Where the file system tells case apart, GDAL opening R.SHP reads an old r.shp/R.shx/R.dbf first: the
+    replaced shapefile's parts of the other case go, and the new one reads back."""
+    write_polygons(tmp_path / "R.shp", regions, UTM, CLASS_NAMES, "m", "old")
+    (tmp_path / "R.qix").write_bytes(b"old spatial index")
+    path = write_polygons(tmp_path / "R.SHP", regions[:1], UTM, CLASS_NAMES, "m", "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["R.CPG", "R.DBF", "R.PRJ", "R.SHP", "R.SHX"]
+    assert pyogrio.read_info(path)["features"] == 1 and set(pyogrio.raw.read(path)[3][6]) == {"new"}
+
+
+@pytest.mark.parametrize("name", ["A.GPKG", "A.GeoJSON", "A.FGB", "A.Gpkg"])
+def test_other_formats_named_in_capitals_are_written_under_that_name(tmp_path, regions, name):
+    path = write_polygons(tmp_path / name, regions, UTM, CLASS_NAMES, "m", "r")
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+    assert pyogrio.read_info(path)["features"] in (len(regions), -1)
+    assert len(read_layer(path)[1]) == len(regions)
+
+
+def test_a_shapefile_extension_in_mixed_case_is_refused(tmp_path, regions):
+    """GDAL opens a shapefile by x.shp or X.SHP only: a written R.Shp could not be opened by its own name."""
+    with pytest.raises(InputError, match=r"extension is \.shp or \.SHP; GDAL, and so QGIS, finds no shapefile "
+                                         r"named \.Shp\."):
+        write_polygons(tmp_path / "R.Shp", regions, UTM, CLASS_NAMES, "m", "r")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_report_sits_beside_the_result_and_is_json(tmp_path):
     assert report_path_for(tmp_path / "result.gpkg") == tmp_path / "result.report.json"
     assert report_path_for("a/my.result.shp") == report_path_for("a/my.result.gpkg")

@@ -733,6 +733,42 @@ def test_a_shapefile_output_does_not_replace_another_shapefiles_parts_without_ov
     assert pyogrio.read_info(tmp_path / "t.shp")["features"] > 0
 
 
+@pytest.mark.parametrize("out, parts", [("R.SHP", ["R.CPG", "R.DBF", "R.PRJ", "R.SHP", "R.SHX"]),
+                                        ("R.GPKG", ["R.GPKG"]), ("R.GeoJSON", ["R.GeoJSON"]), ("R.FGB", ["R.FGB"])])
+def test_outputs_named_with_upper_case_extensions_are_written_under_those_names(tiny_model, tmp_path, out, parts):
+    """`--out RESULT.SHP` failed in the atomic rename after the whole run (GDAL wrote RESULT.shp, RESULT.dbf ...)
+    and left the report without its polygons. Every format and the class raster take an extension in any case;
+    a shapefile's parts follow it (R.SHP, R.DBF: what GDAL and QGIS open as R.SHP)."""
+    raster = _blocks_raster(tmp_path / "utm.tif", "EPSG:32633", rasterio.Affine(2.0, 0, 300_000, 0, -2.0, 5_800_000))
+    folder = tmp_path / "out"
+    folder.mkdir()
+    result = segment(raster, "-c", "water", "-c", "grass", "--model", tiny_model, "--out", folder / out,
+                     "--class-raster", folder / "C.TIF", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*parts, "C.TIF", "R.report.json"])
+    report = json.loads((folder / "R.report.json").read_text())
+    assert report["outputs"]["vector"] == str(folder / out)
+    _, geoms, fields = read_layer(folder / out)
+    with rasterio.open(folder / "C.TIF") as ds:
+        class_ids, transform = ds.read(1), ds.transform
+    burned = rasterio.features.rasterize(((g, int(c)) for g, c in zip(geoms, fields["class_id"])),
+                                         out_shape=class_ids.shape, transform=transform, fill=255, dtype="uint8")
+    assert len(geoms) > 0 and np.array_equal(burned, class_ids)
+    # Again to the lower-case name: the existing files (the report, a shapefile's parts in either case) are
+    # refused without --overwrite and replaced with it.
+    lower = Path(out).with_suffix(Path(out).suffix.lower())
+    again = segment(raster, "-c", "water", "--model", tiny_model, "--out", folder / lower, "--quiet")
+    assert again.exit_code == 2 and ("already exist" in again.output), again.output
+    if out == "R.SHP":
+        assert "would replace R.SHP, R.SHX, R.DBF, R.PRJ, R.CPG" in again.output
+        replaced = segment(raster, "-c", "water", "-c", "grass", "--model", tiny_model, "--out", folder / "R.shp",
+                           "--overwrite", "--quiet")
+        assert replaced.exit_code == 0, replaced.output
+        assert sorted(p.name for p in folder.iterdir() if p.stem == "R") == ["R.cpg", "R.dbf", "R.prj", "R.shp",
+                                                                            "R.shx"]
+        assert pyogrio.read_info(folder / "R.shp")["features"] == len(geoms)
+
+
 @pytest.mark.parametrize("command", ["segment", "classify"])
 def test_geojson_is_refused_for_a_crs_without_a_code_and_written_for_one_with_it(tiny_model, tmp_path, command):
     """GeoJSON records a CRS only by its code: for a raster in a PROJ-string CRS the file had no CRS and every
