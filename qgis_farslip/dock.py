@@ -28,8 +28,8 @@ from .classes import bundled_presets, parse_class_text, too_many_classes
 from .client import Connection
 from .exporting import ExportDialog
 from .extent_choice import ExtentChoice, ExtentError, unusable_extent_text
-from .extent import (crs_text, displayed_bands, export_size, gdal_dataset_name, has_pixel_size, local_raster_path,
-                     transform_extent, vrt_step, write_geotiff)
+from .extent import (PixelWindow, crs_text, displayed_bands, export_size, gdal_dataset_name, has_pixel_size,
+                     local_raster_path, transform_extent, vrt_step, write_geotiff)
 from .job_runner import CANCELLED, DONE, JobRunner
 from .jobs import LOST, REFUSED, eta_text, features_cached
 from .model_picker import ModelPicker, finetuned_class_lines
@@ -237,8 +237,11 @@ class FarslipDock(QgsDockWidget):
     def drawn_extent(self) -> tuple[QgsRectangle, QgsCoordinateReferenceSystem] | None:
         return self.extent.drawn
 
-    def set_drawn_extent(self, rectangle: QgsRectangle, crs: QgsCoordinateReferenceSystem) -> None:
-        self.extent.set_drawn(rectangle, crs)
+    def set_drawn_extent(self, rectangle: QgsRectangle, crs: QgsCoordinateReferenceSystem,
+                         window: tuple[QgsRasterLayer, PixelWindow] | None = None) -> None:
+        """The extent to segment, as if drawn on the map; with `window`, a window of a raster's own pixels that this
+        rectangle is the envelope of (a search hit on a rotated grid), segmented instead when that raster is."""
+        self.extent.set_drawn(rectangle, crs, window)
 
     def chosen_extent(self) -> tuple[QgsRectangle, QgsCoordinateReferenceSystem] | None:
         try:
@@ -279,6 +282,11 @@ class FarslipDock(QgsDockWidget):
             class_raster=stem + "_classes.tif" if form.classRasterCheck.isChecked() else None,
             prob_raster=stem + "_probabilities.tif" if form.probRasterCheck.isChecked() else None,
             bands=displayed_bands(layer))
+        window = self.extent.pixel_window(layer)
+        if window is not None and gdal_dataset_name(layer) is not None:
+            # A search hit on a rotated grid: a box in the raster's CRS that holds it (its envelope) holds much of
+            # the raster around it too. A VRT of the hit's own pixels is segmented whole instead.
+            return parameters, vrt_step(layer, window)
         path = local_raster_path(layer)
         if path is None and gdal_dataset_name(layer) is None:  # WMS/XYZ: a GeoTIFF of the extent
             return parameters, self._local_copy_step(layer, in_layer)
@@ -304,11 +312,13 @@ class FarslipDock(QgsDockWidget):
         """A step for the job's worker thread that gives the backend a file of a layer it cannot read as is:
         a VRT of a GDAL layer (its own grid and bands, the layer's CRS), a GeoTIFF of `extent` of a WMS/XYZ one.
 
-        The file lies in a temporary folder of `runner` (the Segment tab's by default), removed when the job ends.
+        The VRT is kept in the plugin's cache folder, the same file for every run on the layer (the backend's
+        feature cache and search index know it again); the GeoTIFF lies in a temporary folder of `runner` (the
+        Segment tab's by default), removed when the job ends.
         """
-        folder = (runner or self.runner).temporary_dir()
         if gdal_dataset_name(layer) is not None:
-            return vrt_step(layer, os.path.join(folder, safe_name(layer.name()) + ".vrt"))
+            return vrt_step(layer)
+        folder = (runner or self.runner).temporary_dir()
         canvas_in_layer = None
         if not has_pixel_size(layer):  # a WMS/XYZ layer is fetched at the map's resolution
             try:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import os
+import tempfile
+import time
 from typing import Any, Callable
 
 from osgeo import gdal
@@ -20,7 +25,9 @@ from qgis.core import (
     QgsSingleBandGrayRenderer,
 )
 
+from .filenames import safe_file_stem
 from .jobs import PreparationError
+from .settings import plugin_cache_dir
 
 # A WMS/XYZ layer has no pixel size of its own; it is fetched at the canvas's resolution, within reason.
 MAX_EXPORT_SIDE_PX = 8192
@@ -74,25 +81,129 @@ def needs_vrt(layer: QgsRasterLayer) -> bool:
     return gdal_dataset_name(layer) is not None and local_raster_path(layer) is None
 
 
-def write_vrt(source: str, srs: str | None, path: str, layer_name: str) -> str:
-    """A VRT of the GDAL dataset `source` at `path`, with the CRS `srs` assigned when given.
+# A window of a raster's own pixels: column and row of its top left pixel, width and height (gdal_translate -srcwin).
+PixelWindow = tuple[int, int, int, int]
+
+# The VRTs of layers are kept between runs (see `vrt_path`); those not used for this long, and the least recently
+# used beyond this many, are removed whenever a VRT is written.
+VRT_CACHE_MAX_FILES = 100
+VRT_CACHE_MAX_AGE_S = 30 * 24 * 3600
+DRAFT_MAX_AGE_S = 24 * 3600  # a draft left by a crash
+
+
+def vrt_cache_dir() -> str:
+    return os.path.join(plugin_cache_dir(), "layer-vrt")
+
+
+def vrt_path(source: str, srs: str | None, window: PixelWindow | None = None) -> str:
+    """Where the VRT of the GDAL dataset `source` (with the CRS `srs` assigned, cut to `window`) lives: one file
+    per (source, srs, window) in the plugin's cache folder, the same on every run and in every QGIS session.
+
+    The backend knows a raster by its path and bytes (its feature cache and search index are keyed on them): a
+    VRT written to a new folder for each run would be a new raster each time, and a re-run with other classes
+    would pay for the image encoder again."""
+    key = json.dumps({"source": source, "srs": srs, "window": list(window) if window else None}, sort_keys=True)
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:20]
+    name = os.path.basename(source.rstrip("/\\")) or "raster"
+    stem = safe_file_stem(name, fallback="raster")[:40]  # a.tif, g.gpkg_two: what the backend's messages name
+    return os.path.join(vrt_cache_dir(), f"{stem}-{digest}.vrt")
+
+
+def write_vrt(source: str, srs: str | None, path: str, layer_name: str, window: PixelWindow | None = None) -> str:
+    """A VRT of the GDAL dataset `source` at `path`, with the CRS `srs` assigned when given, of the pixels in
+    `window` when given (else of all of them).
 
     A VRT refers to the pixels, so the layer's own grid, bands, colour interpretation, alpha and mask bands
-    reach the backend unchanged and nothing is resampled, however large the layer.
+    reach the backend unchanged and nothing is resampled, however large the layer. A VRT already at `path`
+    with the same content is left as it is (its bytes, mtime and inode: the backend's caches still know it);
+    one that differs (the source changed) is replaced in one step, never seen half written.
     """
-    dataset = gdal.Translate(path, source, options=gdal.TranslateOptions(format="VRT", outputSRS=srs))
-    if dataset is None:
-        raise LocalCopyError(f"{layer_name} cannot be handed to the backend: GDAL cannot describe {source} "
-                             f"({gdal.GetLastErrorMsg() or 'no reason given'}). Save the layer as a GeoTIFF and "
-                             "use that.")
-    dataset = None  # closing the dataset writes the VRT
+    folder = os.path.dirname(path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        handle, draft = tempfile.mkstemp(prefix=".draft-", suffix=".vrt", dir=folder)
+        os.close(handle)
+    except OSError as error:
+        raise LocalCopyError(f"{layer_name} cannot be handed to the backend: the folder {folder} cannot be "
+                             f"written ({error.strerror}).") from None
+    try:
+        options = gdal.TranslateOptions(format="VRT", outputSRS=srs, srcWin=list(window) if window else None)
+        dataset = gdal.Translate(draft, source, options=options)
+        if dataset is None:
+            raise LocalCopyError(f"{layer_name} cannot be handed to the backend: GDAL cannot describe {source} "
+                                 f"({gdal.GetLastErrorMsg() or 'no reason given'}). Save the layer as a GeoTIFF "
+                                 "and use that.")
+        dataset = None  # closing the dataset writes the VRT
+        if same_bytes(draft, path):
+            mark_used(path)
+        else:
+            try:
+                os.replace(draft, path)
+            except OSError as error:  # Windows: another job still reads the old one
+                raise LocalCopyError(f"{layer_name} cannot be handed to the backend: {path} cannot be replaced "
+                                     f"({error.strerror}); try again when the other FarSLIP jobs are done.") from None
+    finally:
+        if os.path.exists(draft):
+            os.remove(draft)
+    prune_vrt_cache(folder, keep=path)
     return path
 
 
-def vrt_step(layer: QgsRasterLayer, path: str) -> Callable[[Any, dict], None]:
+def same_bytes(first: str, second: str) -> bool:
+    try:
+        with open(first, "rb") as one, open(second, "rb") as other:
+            return one.read() == other.read()
+    except OSError:
+        return False
+
+
+def mark_used(path: str) -> None:
+    """Record a use of a kept VRT in its access time (its mtime, which the backend reads, stays)."""
+    try:
+        os.utime(path, ns=(time.time_ns(), os.stat(path).st_mtime_ns))
+    except OSError:
+        pass
+
+
+def prune_vrt_cache(folder: str, keep: str = "", now: float | None = None) -> list[str]:
+    """Remove the kept VRTs of `folder` that were not used for VRT_CACHE_MAX_AGE_S, and the least recently used
+    beyond VRT_CACHE_MAX_FILES (never `keep`), and drafts older than a day; the paths removed."""
+    now = time.time() if now is None else now
+    try:
+        names = [name for name in os.listdir(folder) if name.endswith(".vrt")]
+    except OSError:
+        return []
+    kept: list[tuple[float, str]] = []
+    removed: list[str] = []
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        used = max(st.st_atime, st.st_mtime)
+        if name.startswith("."):
+            if now - st.st_mtime > DRAFT_MAX_AGE_S:
+                removed.append(path)
+        elif os.path.normcase(path) != os.path.normcase(keep):
+            kept.append((used, path))
+    kept.sort(reverse=True)
+    for index, (used, path) in enumerate(kept):
+        if index >= VRT_CACHE_MAX_FILES - 1 or now - used > VRT_CACHE_MAX_AGE_S:
+            removed.append(path)
+    for path in removed:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+    return removed
+
+
+def vrt_step(layer: QgsRasterLayer, window: PixelWindow | None = None) -> Callable[[Any, dict], None]:
     """A step for a job's worker thread: write the layer's VRT (with the layer's CRS where QGIS overrides the
-    file's) to `path` and name it as the request's raster. Everything it needs is taken from the layer now."""
-    arguments = vrt_arguments(layer, path)
+    file's, of `window`'s pixels when given) and name it as the request's raster. Everything it needs is taken
+    from the layer now."""
+    arguments = vrt_arguments(layer, window)
 
     def write_layer_vrt(task, request):
         request["raster"] = write_vrt(*arguments)
@@ -100,12 +211,41 @@ def vrt_step(layer: QgsRasterLayer, path: str) -> Callable[[Any, dict], None]:
     return write_layer_vrt
 
 
-def vrt_arguments(layer: QgsRasterLayer, path: str) -> tuple[str, str | None, str, str]:
+def vrt_arguments(layer: QgsRasterLayer, window: PixelWindow | None = None
+                  ) -> tuple[str, str | None, str, str, PixelWindow | None]:
     """write_vrt's arguments for a layer of the gdal provider: its dataset, the layer's CRS where QGIS overrides
-    the file's, the VRT's path and the layer's name."""
+    the file's, the VRT's kept path (`vrt_path`), the layer's name and the window."""
     source = gdal_dataset_name(layer)
     assert source is not None, "a VRT describes a layer of the gdal provider"
-    return source, crs_text(layer.crs()) if crs_overridden(layer) else None, path, layer.name()
+    srs = crs_text(layer.crs()) if crs_overridden(layer) else None
+    return source, srs, vrt_path(source, srs, window), layer.name(), window
+
+
+def hit_window(path: str, footprint: list) -> PixelWindow | None:
+    """The raster's own pixels under a search hit on a rotated grid: the window whose footprint (its corners in
+    the raster's CRS, as the backend reports it) is the hit, clipped to the raster. None on a grid without
+    rotation terms, where the hit's envelope is that window, and for a footprint that misses the raster.
+
+    On a rotated grid any box in the raster's CRS that holds the hit (its envelope) holds far more of the
+    raster around it, and the backend segments all of that box."""
+    dataset = gdal.Open(path)
+    if dataset is None or not footprint:
+        return None
+    x0, a, b, y0, d, e = dataset.GetGeoTransform()
+    determinant = a * e - b * d
+    if not (b or d) or not determinant:
+        return None
+    cols, rows = [], []
+    for x, y in footprint:
+        dx, dy = float(x) - x0, float(y) - y0
+        cols.append((e * dx - b * dy) / determinant)
+        rows.append((a * dy - d * dx) / determinant)
+    col0, row0 = max(0, math.floor(min(cols) + 1e-6)), max(0, math.floor(min(rows) + 1e-6))
+    col1 = min(dataset.RasterXSize, math.ceil(max(cols) - 1e-6))
+    row1 = min(dataset.RasterYSize, math.ceil(max(rows) - 1e-6))
+    if col1 <= col0 or row1 <= row0:
+        return None
+    return col0, row0, col1 - col0, row1 - row0
 
 
 def displayed_bands(layer: QgsRasterLayer) -> list[int] | None:

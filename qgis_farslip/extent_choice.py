@@ -6,7 +6,7 @@ from qgis.core import QgsCoordinateReferenceSystem, QgsCsException, QgsRasterLay
 from qgis.PyQt import sip
 from qgis.PyQt.QtCore import QObject
 
-from .extent import transform_extent
+from .extent import PixelWindow, transform_extent
 from .map_tool import RectangleMapTool
 from .i18n import tr
 
@@ -31,6 +31,8 @@ class ExtentChoice(QObject):
         self.canvas = iface.mapCanvas()
         self.combo = combo
         self.drawn: tuple[QgsRectangle, QgsCoordinateReferenceSystem] | None = None
+        # The raster (its layer id) and window of its pixels the drawn rectangle is the envelope of, if it is one.
+        self.drawn_window: tuple[str, PixelWindow] | None = None
         self.map_tool = RectangleMapTool(self.canvas)
         self.map_tool.extentDrawn.connect(self._drawn)
         self._previous_tool = None
@@ -54,8 +56,10 @@ class ExtentChoice(QObject):
             self.canvas.unsetMapTool(self.map_tool)
             self.iface.actionPan().trigger()
 
-    def set_drawn(self, rectangle: QgsRectangle, crs: QgsCoordinateReferenceSystem) -> None:
+    def set_drawn(self, rectangle: QgsRectangle, crs: QgsCoordinateReferenceSystem,
+                  window: tuple[QgsRasterLayer, PixelWindow] | None = None) -> None:
         self.drawn = (QgsRectangle(rectangle), crs)
+        self.drawn_window = (window[0].id(), window[1]) if window is not None else None
         self.combo.setCurrentIndex(self.combo.findData(EXTENT_DRAWN))
 
     def chosen(self) -> tuple[QgsRectangle, QgsCoordinateReferenceSystem] | None:
@@ -68,6 +72,14 @@ class ExtentChoice(QObject):
                 raise ExtentError(tr("Draw the rectangle to segment on the map first (the Draw button)."))
             return self.drawn
         return self.canvas.extent(), self.canvas.mapSettings().destinationCrs()
+
+    def pixel_window(self, layer: QgsRasterLayer) -> PixelWindow | None:
+        """The window of `layer`'s pixels to segment instead of the chosen rectangle: a search hit's on that
+        raster, while the drawn rectangle is the hit's and is chosen."""
+        if self.drawn_window is None or self.combo.currentData() != EXTENT_DRAWN:
+            return None
+        layer_id, window = self.drawn_window
+        return window if layer.id() == layer_id else None
 
     def in_layer_crs(self, layer: QgsRasterLayer) -> QgsRectangle:
         """The chosen extent as the raster's CRS sees it, clipped to the raster."""

@@ -86,26 +86,27 @@ class BackendAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterField(self.CLASS_FIELD, tr("Class field"),
                                                       parentLayerParameterName=self.LABELS))
 
-    def raster_file(self, parameters, context, folder: str) -> tuple[str, QgsRasterLayer]:
+    def raster_file(self, parameters, context) -> tuple[str, QgsRasterLayer]:
         """A file the backend reads the INPUT raster layer from (Train, Evaluate and Search): its own file, or
-        a VRT in `folder` of a GDAL layer that is not a plain file or whose CRS was set in QGIS."""
+        the kept VRT (`layer_vrt`) of a GDAL layer that is not a plain file or whose CRS was set in QGIS."""
         raster = self.parameterAsRasterLayer(parameters, self.INPUT, context)
         if raster is None or gdal_dataset_name(raster) is None:
             raise QgsProcessingException(tr("The backend reads the raster from a file: choose a GeoTIFF layer."))
-        return local_raster_path(raster) or layer_vrt(raster, folder), raster
+        return local_raster_path(raster) or layer_vrt(raster), raster
 
     def labelled_inputs(self, parameters, context, folder: str) -> dict:
         """raster, labels (files the backend can read, copies in `folder` where needed) and class_field."""
-        path, _ = self.raster_file(parameters, context, folder)
+        path, _ = self.raster_file(parameters, context)
         labels = self.parameterAsVectorLayer(parameters, self.LABELS, context)
         class_field = self.parameterAsString(parameters, self.CLASS_FIELD, context)
         return {"raster": path, "labels": labels_file(labels, class_field, lambda: folder), "class_field": class_field}
 
 
-def layer_vrt(layer: QgsRasterLayer, folder: str) -> str:
-    """A VRT of a GDAL layer as QGIS shows it (its CRS, bands and masks), in `folder`."""
+def layer_vrt(layer: QgsRasterLayer) -> str:
+    """A VRT of a GDAL layer as QGIS shows it (its CRS, bands and masks), kept in the plugin's cache folder: the
+    same file on every run, which the backend's feature cache and search index know again."""
     try:
-        return write_vrt(*vrt_arguments(layer, os.path.join(folder, "raster.vrt")))
+        return write_vrt(*vrt_arguments(layer))
     except PreparationError as error:
         raise QgsProcessingException(str(error)) from None
 
@@ -239,12 +240,12 @@ class SegmentByClassNames(BackendAlgorithm):
             extent = self.parameterAsExtent(parameters, self.EXTENT, context, layer.crs()).intersect(layer.extent())
             if extent.isEmpty():
                 raise QgsProcessingException(tr("The extent does not overlap the raster {}.").format(layer.name()))
-        # The local copy of a layer the backend cannot read as is lives as long as the job.
+        # A GeoTIFF copy of a WMS/XYZ layer lives as long as the job (a GDAL layer's VRT is kept: `layer_vrt`).
         with tempfile.TemporaryDirectory(prefix="farslip-") as folder:
             path = local_raster_path(layer)
             if path is None and gdal_dataset_name(layer) is not None:
                 # Another GDAL source (/vsizip/, NETCDF:, GPKG:) or a CRS set in QGIS: a VRT of the layer.
-                path = layer_vrt(layer, folder)
+                path = layer_vrt(layer)
             elif path is None:
                 # A WMS/XYZ layer: the backend reads files, so write the extent to a GeoTIFF first.
                 extent = extent or layer.extent()
@@ -422,17 +423,16 @@ class SearchBySentences(BackendAlgorithm):
         if not sentences:
             raise QgsProcessingException(tr("Give at least one sentence to search for."))
         out = output_file(self.parameterAsOutputLayer(parameters, self.OUTPUT, context), context)
-        with tempfile.TemporaryDirectory(prefix="farslip-") as folder:  # a VRT of the layer, for the job only
-            path, raster = self.raster_file(parameters, context, folder)
-            request = {"raster": path, "sentences": sentences, "out": out, "overwrite": True,
-                       "top": self.parameterAsInt(parameters, self.TOP, context),
-                       "model": (self.parameterAsString(parameters, self.MODEL, context).strip()
-                                 or PluginSettings.load().default_model or None)}
-            if parameters.get(self.EXTENT):
-                extent = self.parameterAsExtent(parameters, self.EXTENT, context, raster.crs())
-                request["bbox"] = [extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum()]
-                request["bbox_crs"] = crs_text(raster.crs())
-            run_backend_job(self.manager_getter(), "search", request, feedback, [out])
+        path, raster = self.raster_file(parameters, context)
+        request = {"raster": path, "sentences": sentences, "out": out, "overwrite": True,
+                   "top": self.parameterAsInt(parameters, self.TOP, context),
+                   "model": (self.parameterAsString(parameters, self.MODEL, context).strip()
+                             or PluginSettings.load().default_model or None)}
+        if parameters.get(self.EXTENT):
+            extent = self.parameterAsExtent(parameters, self.EXTENT, context, raster.crs())
+            request["bbox"] = [extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum()]
+            request["bbox_crs"] = crs_text(raster.crs())
+        run_backend_job(self.manager_getter(), "search", request, feedback, [out])
         if context.willLoadLayerOnCompletion(out):
             post_processor = StyleHits()
             _POST_PROCESSORS.append(post_processor)

@@ -31,7 +31,7 @@ from qgis.PyQt.QtCore import QObject, Qt, QVariant
 from qgis.PyQt.QtGui import QColor
 from qgis.PyQt.QtWidgets import QTableWidgetItem, QWidget
 
-from .extent import local_raster_path
+from .extent import local_raster_path, needs_vrt, vrt_arguments
 from .i18n import tr
 from .results import CLASS_FIELD, RASTER_PROPERTY, categorized_renderer, layer_classes
 
@@ -70,10 +70,13 @@ def same_file(first: str, second: str) -> bool:
 
 
 def project_raster_of(path: str, project: QgsProject) -> QgsRasterLayer | None:
-    """The project's layer that shows the raster file `path` as the backend reads it, if there is one."""
+    """The project's layer that shows the raster file `path` as the backend reads it, if there is one: its own
+    file, or the VRT the plugin keeps of it (a zipped layer, a CRS set in QGIS)."""
     for layer in project.mapLayers().values():
         if isinstance(layer, QgsRasterLayer) and layer.isValid():
             shown = local_raster_path(layer)
+            if shown is None and needs_vrt(layer):
+                shown = vrt_arguments(layer)[2]
             if shown is not None and same_file(shown, path):
                 return layer
     return None
@@ -274,7 +277,7 @@ class ReviewTab(QObject):
         raster = project_raster_of(recorded, self.project())
         if raster is not None:
             return raster, ""
-        if not os.path.isfile(recorded):  # a temporary copy of a web or reprojected layer, removed after the run
+        if not os.path.isfile(recorded):  # a temporary copy of a web layer removed after the run, an old VRT
             return None, tr("{} was segmented from {}, which is gone (a temporary copy of the layer for the backend); "
                             "the corrections are the Train tab's labels now: choose the segmented raster there and "
                             "press Train.").format(layer.name(), recorded)

@@ -21,7 +21,7 @@ from qgis.PyQt.QtCore import QObject, Qt, pyqtSignal
 from qgis.PyQt.QtWidgets import QListWidgetItem, QWidget
 
 from .backend_manager import log
-from .extent import crs_text, displayed_bands, local_raster_path, transform_extent
+from .extent import crs_text, displayed_bands, hit_window, local_raster_path, transform_extent
 from .filenames import safe_file_stem, unused_stem
 from .jobs import JobTask, eta_text
 from .search_hits import load_hits
@@ -30,6 +30,7 @@ from .settings import PluginSettings
 FORM, _ = uic.loadUiType(os.path.join(os.path.dirname(__file__), "ui", "search_tab.ui"))
 EXTENT_LAYER, EXTENT_CANVAS = "layer", "canvas"
 HIT_BOUNDS = Qt.UserRole
+HIT_FOOTPRINT = Qt.UserRole + 1  # the hit's window on the ground: its corners in the raster's CRS
 
 
 class UserError(ValueError):
@@ -206,6 +207,7 @@ class SearchTab(QObject):
         for hit in hits:
             item = QListWidgetItem(hit_text(hit))
             item.setData(HIT_BOUNDS, list(hit["bbox"]))
+            item.setData(HIT_FOOTPRINT, [list(corner) for corner in hit.get("footprint") or []])
             self.form.hitsList.addItem(item)
 
     def hit_rectangle(self, item: QListWidgetItem) -> QgsRectangle:
@@ -221,12 +223,19 @@ class SearchTab(QObject):
         self.canvas.refresh()
 
     def use_hit_as_extent(self) -> None:
-        """The selected hit becomes the Segment tab's drawn extent, on the searched raster."""
+        """The selected hit becomes the Segment tab's drawn extent, on the searched raster.
+
+        On a rotated grid the hit is not its envelope (the rectangle drawn), which reaches far beyond it: the
+        hit's window of the raster's own pixels goes with it, and a run on that raster segments that window."""
         item = self.form.hitsList.currentItem()
         if item is None or self.raster_layer is None:
             return
-        self.dock.form.layerCombo.setLayer(self.raster_layer)
-        self.dock.set_drawn_extent(self.hit_rectangle(item), self.raster_layer.crs())
+        layer = self.raster_layer
+        path = local_raster_path(layer)
+        window = hit_window(path, item.data(HIT_FOOTPRINT) or []) if path is not None else None
+        self.dock.form.layerCombo.setLayer(layer)
+        self.dock.set_drawn_extent(self.hit_rectangle(item), layer.crs(),
+                                   (layer, window) if window is not None else None)
         self.dock.form.tabs.setCurrentIndex(0)
 
     # -- query by example ----------------------------------------------------------------------

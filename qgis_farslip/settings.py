@@ -25,6 +25,16 @@ def backend_home() -> str:
     return os.path.expanduser(home)
 
 
+def plugin_cache_dir() -> str:
+    """Files the plugin keeps for the backend between runs, in the backend's cache folder ($FARSLIP_CACHE,
+    default ~/.cache/farslip): removable at any time, remade when needed."""
+    cache = os.environ.get("FARSLIP_CACHE")
+    if not cache:
+        cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                             "farslip")
+    return os.path.expanduser(cache)
+
+
 def backend_log_file() -> str:
     return os.path.join(backend_home(), "logs", "backend.log")
 

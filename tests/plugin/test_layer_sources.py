@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -262,3 +263,80 @@ def test_a_shapefile_export_of_a_long_class_name_keeps_that_class_styled(dock, t
     styled = {str(category.value()) for category in exported.renderer().categories()}
     assert stored <= styled, (stored, styled)
     assert {str(f["class"]) for f in vector.getFeatures()} != stored  # the name was shortened in the file
+
+
+def subdataset(tmp_path: Path) -> str:
+    """NAIP as the second raster table of a GeoPackage: a GDAL subdataset (GPKG:file:table), not a plain file."""
+    path = str(tmp_path / "tables.gpkg")
+    for table, append in (("first", "NO"), ("naip", "YES")):
+        assert gdal.Translate(path, str(NAIP), format="GPKG", bandList=[1, 2, 3],
+                              creationOptions=[f"RASTER_TABLE={table}", f"APPEND_SUBDATASET={append}"]) is not None
+    return f"GPKG:{path}:naip"
+
+
+def test_a_re_run_with_other_classes_on_a_layer_read_through_a_vrt_says_features_cached(dock, tmp_path):
+    """A GeoPackage raster table and a file whose CRS was set in QGIS reach the backend as a VRT: the second
+    run with other classes reuses the image features of the first (the VRT is the same file both times)."""
+    wrong_zone = added(translated(tmp_path, "wrong_zone.tif", outputSRS="EPSG:26913"), "wrong zone")
+    wrong_zone.setCrs(QgsCoordinateReferenceSystem("EPSG:26914"))
+    for layer in (added(subdataset(tmp_path), "table"), wrong_zone):
+        dock.form.classesEdit.setPlainText(CLASS_TEXT)
+        first = report_of(segment(dock, layer))
+        assert not dock.form.statusLabel.text().endswith("; features cached."), layer.name()
+        dock.form.classesEdit.setPlainText("forest, trees\nbuilding")
+        second = report_of(segment(dock, layer))
+        assert dock.form.statusLabel.text().endswith("; features cached."), (layer.name(),
+                                                                             dock.form.statusLabel.text())
+        assert second["pixel_window"] == first["pixel_window"]
+
+
+def test_a_layers_vrt_is_kept_and_rewritten_only_when_its_content_changes(bare_dock, tmp_path, backend_home,
+                                                                         monkeypatch):
+    """The VRT of a zipped layer lies in the cache folder, at the same path on every run and for every QGIS
+    session; written again unchanged it keeps its mtime and inode (what the backend's caches see); another CRS
+    is another VRT; a changed source rewrites it. Unused VRTs are removed by age and beyond a count."""
+    from qgis_farslip import extent
+
+    def prepared(layer) -> str:
+        bare_dock.form.layerCombo.setLayer(layer)
+        request, prepare, _outputs = bare_dock.build_request()
+        prepare(None, request)
+        return request["raster"]
+
+    bare_dock.form.classesEdit.setPlainText(CLASS_TEXT)
+    bare_dock.form.extentCombo.setCurrentIndex(bare_dock.form.extentCombo.findData("layer"))
+    plain = _copy(str(NAIP), tmp_path)
+    zipped_layer = added(zipped(plain), "zipped")
+    path = prepared(zipped_layer)
+    assert Path(path).parent == backend_home / "cache" / "layer-vrt"
+    before = os.stat(path)
+    assert prepared(added(zipped_layer.source(), "the same zip again")) == path
+    after = os.stat(path)
+    assert (after.st_mtime_ns, after.st_ino, after.st_size) == (before.st_mtime_ns, before.st_ino, before.st_size)
+    zipped_layer.setCrs(QgsCoordinateReferenceSystem("EPSG:26913"))
+    other_crs = prepared(zipped_layer)
+    assert other_crs != path and "26913" in gdal.Open(other_crs).GetProjection()
+    assert gdal.Open(path).GetProjection() != gdal.Open(other_crs).GetProjection()
+
+    smaller = translated(tmp_path, "smaller.tif", srcWin=[0, 0, 200, 100])
+    os.replace(smaller, plain)
+    zipped(plain)  # the same zip file, now holding a 200 x 100 raster
+    assert prepared(added(zipped_layer.source(), "the changed zip")) == path
+    assert os.stat(path).st_ino != before.st_ino
+    assert (gdal.Open(path).RasterXSize, gdal.Open(path).RasterYSize) == (200, 100)
+
+    folder = Path(path).parent
+    now = time.time()
+    stale = folder / "stale.vrt"  # not used for longer than the age limit
+    older = folder / "older.vrt"  # used a day ago: removed as the least recently used beyond the count
+    recent = folder / "recent.vrt"
+    for file, used in ((stale, now - extent.VRT_CACHE_MAX_AGE_S - 3600), (older, now - 86400), (recent, now)):
+        file.write_text("<VRTDataset/>")
+        os.utime(file, (used, used))
+    draft = folder / ".draft-crashed.vrt"  # a draft a crash left behind
+    draft.write_text("<VRTDataset")
+    os.utime(draft, (now - 2 * 86400, now - 2 * 86400))
+    monkeypatch.setattr(extent, "VRT_CACHE_MAX_FILES", 3)
+    assert prepared(zipped_layer) == other_crs
+    left = sorted(file.name for file in folder.iterdir())
+    assert left == sorted([Path(other_crs).name, Path(path).name, "recent.vrt"]), left

@@ -8,6 +8,7 @@ import shutil
 import pytest
 from plugin_helpers import NAIP, save_as_geopackage
 from qgis.core import (
+    QgsCoordinateReferenceSystem,
     QgsFeature,
     QgsField,
     QgsGeometry,
@@ -87,6 +88,25 @@ def test_a_segmented_raster_no_longer_in_the_project_is_added_back(bare_dock, tm
     assert request is not None and request["raster"] == segmented
     added = bare_dock.form.trainRasterCombo.currentLayer()
     assert added.name() == "segmented" and QgsProject.instance().mapLayer(added.id()) is added
+
+
+def test_corrections_of_a_layer_read_through_its_kept_vrt_train_on_that_layer(bare_dock, tmp_path, segmented):
+    """A run on a file whose CRS was set in QGIS read the VRT the plugin keeps of it: training on the corrections
+    takes the project's layer (read through the same VRT again), not a new layer of the VRT."""
+    from qgis_farslip.extent import vrt_arguments, write_vrt
+    from qgis_farslip.results import load_segment_result
+
+    layer = QgsRasterLayer(segmented, "set crs")
+    layer.setCrs(QgsCoordinateReferenceSystem("EPSG:26913"))
+    QgsProject.instance().addMapLayer(layer)
+    kept = write_vrt(*vrt_arguments(layer))
+    vector = str(tmp_path / "result.gpkg")
+    write_result_file(vector, "EPSG:26913")
+    job = {"id": "job-1", "state": "done", "request": {"raster": kept, "out": vector},
+           "result": {"outputs": {"vector": vector}, "run_id": "run-1",
+                      "classes": [{"class": "water", "class_id": 0}, {"class": "forest", "class_id": 1}]}}
+    bare_dock.review_tab.review(load_segment_result(job, "water, forest 12:00:00")[0])
+    assert bare_dock.review_tab.source_raster() == (layer, "")
 
 
 def test_a_raster_that_is_gone_is_named_and_training_waits(bare_dock, tmp_path, backend_home, earlier_raster):

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
-from plugin_helpers import wait_until
-from qgis.core import QgsGraduatedSymbolRenderer, QgsPointXY, QgsProject, QgsVectorLayer
+from osgeo import gdal
+from plugin_helpers import NAIP, run_dock_job, wait_until
+from qgis.core import (
+    QgsGeometry,
+    QgsGraduatedSymbolRenderer,
+    QgsPointXY,
+    QgsProject,
+    QgsRasterLayer,
+    QgsVectorLayer,
+)
 
 
 @pytest.fixture
@@ -67,6 +77,7 @@ def test_search_tab_loads_a_ranked_hits_layer_and_zooms_to_a_hit(search_tab, nai
     rectangle, crs = dock.drawn_extent
     assert crs == naip_layer.crs()
     assert rectangle.toString(0) == hit_box.toString(0)
+    assert dock.extent.pixel_window(naip_layer) is None  # north up: the hit is its box, sent as the bbox
     assert dock.form.extentCombo.currentData() == "drawn"
     assert dock.form.tabs.currentIndex() == 0 and dock.form.layerCombo.currentLayer() == naip_layer
 
@@ -94,3 +105,45 @@ def test_empty_sentence_is_a_message_not_a_job(search_tab):
     assert run_search(search_tab, timeout=10) == "failed"
     assert "Type a sentence" in search_tab.last_error
     assert search_tab.task is None
+
+
+def rotated_copy(path: str, degrees: float) -> str:
+    """NAIP on a grid turned by `degrees` (a geotransform with rotation terms), same pixels and pixel size."""
+    source = gdal.Open(str(NAIP))
+    x0, size, _b, y0, _d, _e = source.GetGeoTransform()
+    turn = math.radians(degrees)
+    copy = gdal.GetDriverByName("GTiff").CreateCopy(path, source)
+    copy.SetGeoTransform((x0, size * math.cos(turn), size * math.sin(turn),
+                          y0, size * math.sin(turn), -size * math.cos(turn)))
+    copy = None
+    return path
+
+
+def test_a_hit_on_a_rotated_raster_used_as_the_extent_segments_the_hit_and_not_its_envelope(search_tab, tmp_path):
+    """On a grid turned by 30 degrees a hit's envelope holds almost twice the hit, much of it raster around it:
+    the segment run on the hit covers the hit's footprint and stops at its edges."""
+    layer = QgsRasterLayer(rotated_copy(str(tmp_path / "rotated.tif"), 30.0), "rotated")
+    assert layer.isValid()
+    QgsProject.instance().addMapLayer(layer)
+    search_tab.form.searchRasterCombo.setLayer(layer)
+    search_tab.form.topSpin.setValue(3)
+    search_tab.form.sentencesEdit.setPlainText("a lake next to a road")
+    assert run_search(search_tab) == "done", search_tab.last_error
+    hits = search_tab.form.hitsList
+    hits.setCurrentItem(hits.item(0))
+    footprint = next(f for f in search_tab.hits_layer.getFeatures() if f["rank"] == 1).geometry()
+    envelope = QgsGeometry.fromRect(footprint.boundingBox())
+    assert envelope.area() > 1.5 * footprint.area()  # the corners of the envelope reach well beyond the hit
+
+    search_tab.use_hit_as_extent()
+    dock = search_tab.dock
+    assert dock.form.layerCombo.currentLayer() is layer and dock.form.extentCombo.currentData() == "drawn"
+    dock.form.classesEdit.setPlainText("water\ngrass")
+    dock.form.classRasterCheck.setChecked(False)
+    dock.form.probRasterCheck.setChecked(False)
+    assert run_dock_job(dock) == "done", dock.last_error
+    polygons = QgsGeometry.unaryUnion([f.geometry() for f in dock.last_layers[0].getFeatures()])
+    pixel = 5.0
+    assert footprint.difference(polygons).area() < pixel ** 2, "the hit is not covered"
+    outside = polygons.difference(footprint.buffer(pixel, 1)).area()
+    assert outside < pixel ** 2, f"{outside / pixel ** 2:.0f} pixels segmented beyond the hit"
