@@ -17,9 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -32,58 +34,177 @@ CropKey = tuple[int, int, int, int]  # (row, col, height, width) of the crop on 
 IDENTITY_VERSION = 2  # 2: every file GDAL reads for the raster, and the model's activation, architecture, precision
 COMPANION_HASH_MAX = 64 * 2**20  # companions up to this size are told apart by content, larger ones by stat
 SIDECAR_SUFFIXES = (".ovr", ".msk", ".aux.xml")  # what GDAL may read beside each source of a VRT
+# What SQLite reads beside a database (a GeoPackage, MBTiles): the write-ahead log holds the edits that QGIS
+# (which opens GeoPackages in WAL mode) made since the last checkpoint; a hot journal, an unfinished write.
+SQLITE_SIDECARS = ("-wal", "-journal")
+# GDAL's virtual file systems that read a file on this machine: a member of an archive (/vsizip/a.zip/x.tif,
+# /vsizip//abs/a.zip/x.tif, /vsizip/{a.zip}/x.tif, /vsitar/a.tar.gz/x.tif) or a whole compressed file
+# (/vsigzip/a.tif.gz). Any other (/vsicurl/, /vsis3/, /vsimem/ ...) reads bytes whose version this machine
+# cannot tell.
+ARCHIVE_FILE_SYSTEMS = ("/vsizip/", "/vsitar/", "/vsi7z/", "/vsirar/")
+COMPRESSED_FILE_SYSTEMS = ("/vsigzip/",)
+# DRIVER:... names a subdataset (GPKG:a.gpkg:table, NETCDF:"a.nc":var, HDF5:"a.h5"://var, GTIFF_DIR:2:a.tif);
+# two letters at least (C:\x.tif is a file), and not DRIVER://, which is a URL.
+_SUBDATASET = re.compile(r"[A-Za-z][A-Za-z0-9_]+:(?!//).+", re.DOTALL)
 
 
-def _local(name: str | os.PathLike) -> Path | None:
-    """`name` as a path on this machine, or None for a GDAL virtual path (/vsis3/..., /vsizip/...)."""
-    return None if str(name).startswith("/vsi") else Path(name).resolve()
+class RasterReads(NamedTuple):
+    """What GDAL reads for a raster: `files`, every file on this machine, the one holding the raster first;
+    `where`, the raster's place in that file: its name with the file's path written {} ('{}' for a raster
+    that is its file, '/vsizip/{}/x.tif' for an archive's member, 'GPKG:{}:table' for a subdataset)."""
+
+    where: str
+    files: list[Path]
 
 
-def raster_files(path: str | os.PathLike, dataset=None) -> list[Path] | None:
-    """Every file GDAL reads for the raster at `path` (open as `dataset`, else opened here): the file
-    itself first, then what rasterio's `dataset.files` lists (.msk, .aux.xml, .ovr, world files, a VRT's
-    sources), the files of nested VRTs, and the .ovr/.msk/.aux.xml beside each source of a VRT. None when
-    one of them is a GDAL virtual path (/vsis3/...), whose version this machine cannot tell."""
+def _gdal_name(path: str | os.PathLike, dataset=None) -> str:
+    """The name GDAL opened for the raster: the dataset's own when it is a virtual path or a subdataset (a
+    pathlib.Path folds their '//': /vsizip//abs/a.zip/x.tif, HDF5:"a.h5"://var), else `path`."""
+    opened = getattr(dataset, "name", None)
+    if isinstance(opened, str) and (opened.startswith("/vsi") or _is_subdataset(opened)):
+        return opened
+    return os.fspath(path)
+
+
+def _is_subdataset(name: str) -> bool:
+    return _SUBDATASET.fullmatch(name) is not None and not os.path.lexists(name)
+
+
+def _held(name: str) -> tuple[Path, str] | None:
+    """The file on this machine that GDAL reads for the raster name `name` (resolved) and the name with that
+    file's path written {}. None when no file on this machine holds it (/vsicurl/, /vsis3/, /vsimem/, an
+    archive on one of those) or when the name does not tell which file does."""
+    if name.startswith("/vsi"):
+        return _held_virtual(name)
+    if _is_subdataset(name):
+        return _held_subdataset(name)
+    return Path(name).resolve(), "{}"
+
+
+def _held_at(name: str, start: int, end: int) -> tuple[Path, str] | None:
+    """`name[start:end]` as the file holding the raster: a regular file here, or a virtual path over one."""
+    text = name[start:end]
+    if text.startswith("/vsi"):  # a chain: /vsitar//vsigzip//d/a.tar.gz/x.tif, /vsizip/{/vsizip/a.zip/b.zip}/x
+        inner = _held_virtual(text)
+        return None if inner is None else (inner[0], name[:start] + inner[1] + name[end:])
+    if not text or not os.path.isfile(text):
+        return None
+    return Path(text).resolve(), name[:start] + "{}" + name[end:]
+
+
+def _held_virtual(name: str) -> tuple[Path, str] | None:
+    system = next((s for s in ARCHIVE_FILE_SYSTEMS + COMPRESSED_FILE_SYSTEMS if name.startswith(s)), None)
+    if system is None:
+        return None
+    start = len(system)
+    if system in COMPRESSED_FILE_SYSTEMS:
+        return _held_at(name, start, len(name))
+    if name.startswith("{", start):  # /vsizip/{archive}/member: the archive's path in braces, which may nest
+        depth = 0
+        for end in range(start, len(name)):
+            depth += {"{": 1, "}": -1}.get(name[end], 0)
+            if depth == 0:
+                return _held_at(name, start + 1, end)
+        return None
+    # The archive is the first prefix of the rest that is a file: the prefixes before it are its folders.
+    ends = [i for i in range(start + 1, len(name)) if name[i] == "/"] + [len(name)]
+    return next((held for end in ends if (held := _held_at(name, start, end)) is not None), None)
+
+
+def _held_subdataset(name: str) -> tuple[Path, str] | None:
+    """The file of a subdataset: the one quoted or ':'-separated part of the name that is a file here (a part
+    that is a drive letter joins the next: GPKG:C:\\d\\a.gpkg:t); None unless exactly one is."""
+    rest = name.index(":") + 1
+    if '"' in name[rest:]:  # NETCDF:"a.nc":var, HDF5:"a.h5"://var, HDF4_SDS:UNKNOWN:"a.hdf":0
+        spans = [m.span(1) for m in re.finditer(r'"([^"]*)"', name[rest:])]
+    else:
+        bounds = [rest - 1, *(i for i in range(rest, len(name)) if name[i] == ":"), len(name)]
+        spans = [(a + 1, b) for a, b in zip(bounds, bounds[1:])]
+        spans += [(a + 1, c) for a, b, c in zip(bounds, bounds[1:], bounds[2:])
+                  if b - a == 2 and name[a + 1].isalpha() and name[b + 1:b + 2] in ("\\", "/")]
+        spans = [(a - rest, b - rest) for a, b in spans]
+    found = {held[0]: held for a, b in spans if (held := _held_at(name, rest + a, rest + b)) is not None}
+    return next(iter(found.values())) if len(found) == 1 else None
+
+
+def _beside(file: Path, source_of_vrt: bool) -> list[Path]:
+    """The files GDAL or SQLite may read beside `file` that are there: a database's write-ahead log or hot
+    journal unless empty (SQLite makes an empty log while any reader, this run's GDAL too, has the database
+    open), and for a source of a VRT its overviews, mask and .aux.xml."""
+    found = []
+    for suffix in SQLITE_SIDECARS + (SIDECAR_SUFFIXES if source_of_vrt else ()):
+        side = Path(str(file) + suffix)
+        try:
+            if side.is_file() and (suffix not in SQLITE_SIDECARS or side.stat().st_size > 0):
+                found.append(side)
+        except OSError:  # gone since: the checkpoint of a log, which the database's own bytes then hold
+            pass
+    return found
+
+
+def raster_reads(path: str | os.PathLike, dataset=None) -> RasterReads | None:
+    """Every file GDAL reads for the raster at `path` (open as `dataset`, else opened here): the file that holds
+    it first (the raster's own file; an archive for a member read through /vsizip/, /vsitar/, /vsigzip/; the
+    container of a subdataset such as GPKG:a.gpkg:table), then what rasterio's `dataset.files` lists (.msk,
+    .aux.xml, .ovr, world files, a VRT's sources, their archives and containers), the files of nested VRTs,
+    the .ovr/.msk/.aux.xml beside each source of a VRT and a GeoPackage's write-ahead log. None when one of
+    them is read through a GDAL virtual path over no file here (/vsis3/, /vsicurl/, /vsimem/ ...), whose
+    version this machine cannot tell, or is a subdataset whose file its name does not tell."""
     import rasterio
 
-    main = _local(path)
-    if main is None:
+    name = _gdal_name(path, dataset)
+    held = _held(name)
+    if held is None:
         return None
-    found, pending = [main], [(main, dataset)]
+    found = [held[0], *_beside(held[0], False)]
+    pending, opened = [(name, dataset)], {held}
     while pending:
         current, ds = pending.pop(0)
         try:
             if ds is None:
-                with rasterio.open(current) as opened:
-                    listed, vrt = list(opened.files), opened.driver == "VRT"
+                with rasterio.open(current) as reading:
+                    listed, vrt = list(reading.files), reading.driver == "VRT"
             else:
                 listed, vrt = list(ds.files), ds.driver == "VRT"
         except Exception:  # a nested VRT GDAL cannot open: its own bytes still count
             listed, vrt = [], False
-        for name in listed:
-            local = _local(name)
-            if local is None:
+        for listed_name in listed:
+            source = _held(listed_name)
+            if source is None:
                 return None
+            local = source[0]
+            nested = vrt and listed_name.lower().endswith(".vrt")
+            if nested and source not in opened:  # its sources may lie outside the archive that holds it
+                opened.add(source)
+                pending.append((listed_name, None))
             if local in found:
                 continue
             found.append(local)  # listed but missing: raster_identity records it as missing
-            if vrt and local.suffix.lower() == ".vrt":
-                pending.append((local, None))
-            elif vrt:
-                found.extend(side for side in (Path(str(local) + suffix) for suffix in SIDECAR_SUFFIXES)
-                             if side not in found and side.is_file())
-    return found
+            found.extend(side for side in _beside(local, vrt and not nested) if side not in found)
+    return RasterReads(held[1], found)
+
+
+def raster_files(path: str | os.PathLike, dataset=None) -> list[Path] | None:
+    """Every file GDAL reads for the raster at `path` (:func:`raster_reads`), its own file first. None when one
+    of them is read through a GDAL virtual path over no file here (/vsis3/...), whose version this machine
+    cannot tell, and when the raster is one of those its file holds (an archive's member, a subdataset), which a
+    list of files cannot tell apart (:func:`raster_identity` names it)."""
+    reads = raster_reads(path, dataset)
+    return reads.files if reads is not None and reads.where == "{}" else None
 
 
 def raster_identity(path: str | os.PathLike, dataset=None) -> dict | None:
-    """What tells this version of a raster from any other: its path, its own file's sha256, and each
-    companion file GDAL reads (:func:`raster_files`) by sha256 when small, by size, mtime, ctime and inode
-    when larger than COMPANION_HASH_MAX (a large VRT mosaic is then not read through on every run; a
-    touched or copied-over source only costs a rebuild). sha256s are remembered by the files' stat identity
-    (weights.files_sha256). None for a raster read through GDAL virtual paths."""
-    files = raster_files(path, dataset)
-    if files is None:
+    """What tells this version of a raster from any other: its file's path and sha256 (an archive's or a
+    container's for a raster inside one, with the raster's name in it: "name": "/vsizip/{}/x.tif" or
+    "GPKG:{}:table"), and each companion file GDAL reads (:func:`raster_reads`) by sha256 when small, by
+    size, mtime, ctime and inode when larger than COMPANION_HASH_MAX (a large VRT mosaic is then not read
+    through on every run; a touched or copied-over source only costs a rebuild). sha256s are remembered by
+    the files' stat identity (weights.files_sha256). None for a raster read through GDAL virtual paths over
+    no file on this machine (/vsis3/, /vsicurl/ ...)."""
+    reads = raster_reads(path, dataset)
+    if reads is None:
         return None
+    files = reads.files
     companions: list[dict] = []
     hashed: list[tuple[dict, Path]] = []
     for file in files[1:]:
@@ -101,7 +222,10 @@ def raster_identity(path: str | os.PathLike, dataset=None) -> dict | None:
     shas = files_sha256([files[0], *(file for _, file in hashed)])
     for (entry, _), sha in zip(hashed, shas[1:]):
         entry["sha256"] = sha
-    return {"version": IDENTITY_VERSION, "file": str(files[0]), "sha256": shas[0], "companions": companions}
+    identity = {"version": IDENTITY_VERSION, "file": str(files[0]), "sha256": shas[0], "companions": companions}
+    if reads.where != "{}":  # a raster's own file keeps the identity it always had
+        identity["name"] = reads.where
+    return identity
 
 
 def identity_digest(identity: dict) -> str:
@@ -125,8 +249,8 @@ def model_identity(loaded) -> dict:
 
 def raster_scope(source, model, attention: str, encoder_name: str) -> str:
     """What, besides the crop's place, the features of a crop of `source` depend on; "" (nothing is
-    cached) for a raster read through GDAL virtual paths. `model`: the LoadedModel (its weights, activation,
-    architecture and precision)."""
+    cached) for a raster read through GDAL virtual paths over no file on this machine. `model`: the
+    LoadedModel (its weights, activation, architecture and precision)."""
     raster = raster_identity(source.path, source.dataset)
     if raster is None:
         return ""
