@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from .errors import InputError
 from .atomic import is_shapefile, shapefile_parts
 from .export import driver_for, report_path_for
-from .files import check_output_files, check_regular_file, input_paths
+from .files import check_output_files, check_regular_file, input_paths, raster_file
 from .options import SegmentOptions, check_values
 from .presets import collect_class_lines
 
@@ -90,8 +90,8 @@ def output_files(options: SegmentOptions) -> dict[str, Path]:
 
 def input_files(options: SegmentOptions) -> dict[str, Path]:
     """The files a run reads, which no output may replace (a registry model name is not a file)."""
-    return input_paths([("input raster", options.raster), ("model", options.model), ("weights", options.weights),
-                        ("class list", options.classes_file)])
+    return input_paths([("input raster", raster_file(options.raster)), ("model", options.model),
+                        ("weights", options.weights), ("class list", options.classes_file)])
 
 
 def _check_tif(path: Path, what: str) -> None:
@@ -106,7 +106,8 @@ def check_outputs(options: SegmentOptions) -> None:
         _check_tif(Path(options.class_raster), "class raster")
     if options.prob_raster:
         _check_tif(Path(options.prob_raster), "probability raster")
-    check_output_files(output_files(options), {"input raster": Path(options.raster), **input_files(options)},
+    raster = raster_file(options.raster)  # a subdataset's file; none for a GDAL virtual path
+    check_output_files(output_files(options), {**({"input raster": raster} if raster else {}), **input_files(options)},
                        options.overwrite, replaced=output_paths(options).values())
 
 

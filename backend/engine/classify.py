@@ -23,6 +23,7 @@ import shapely
 from backend import __version__
 from .errors import CancelledError, EmptyResultError, InputError
 from .export import check_field_widths, check_format_crs, report_path_for, write_layer, write_report
+from .files import absolute_raster_name, raster_file
 from .models import LoadedModel
 from .finetuned import bands_for
 from .raster import PixelWindow, open_source, request_window
@@ -80,12 +81,14 @@ def tile_footprint(transform, tile: PixelWindow) -> list[tuple[float, float]]:
     return ring + ring[:1]
 
 
-def classify_raster(raster: Path, options: ClassifyOptions, out: Path, loaded: LoadedModel, overwrite: bool = False,
+def classify_raster(raster: str | Path, options: ClassifyOptions, out: Path, loaded: LoadedModel,
+                    overwrite: bool = False,
                     progress: Callable[[int, int], None] | None = None,
                     should_cancel: Callable[[], bool] | None = None) -> ClassifyResult:
     started = time.perf_counter()
     validate_classify_options(options)
-    check_classify_output(out, overwrite, options, {"raster": Path(raster)})
+    file = raster_file(raster)  # a subdataset's file; none for a GDAL virtual path
+    check_classify_output(out, overwrite, options, {"raster": file} if file else {})
     classes = parse_class_lines(options.class_lines)
     from .segment import run_warnings  # the same sentences as segment's
 
@@ -145,7 +148,7 @@ def classify_raster(raster: Path, options: ClassifyOptions, out: Path, loaded: L
     counts = np.bincount(class_ids, minlength=len(classes))
     stats = [{"class": name, "class_id": i, "tiles": int(counts[i])} for i, name in enumerate(names)]
     outputs = {"vector": str(out), "report": str(report_path_for(out))}
-    report = {"farslip_version": __version__, "run_id": run_id, "raster": str(Path(raster).resolve()),
+    report = {"farslip_version": __version__, "run_id": run_id, "raster": absolute_raster_name(raster),
               "model": loaded.name, "weights_sha256": loaded.weights_id, "crs": crs.to_string(),
               "bands": bands, "tile": options.tile, "logit_scale": scale, "tiles": len(boxes), "class_stats": stats,
               "warnings": warnings, "outputs": outputs, "total_s": round(time.perf_counter() - started, 3)}

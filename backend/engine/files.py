@@ -7,6 +7,7 @@ hard links, or letter case on a case-insensitive filesystem.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,6 +25,70 @@ def expand_user(text: str | os.PathLike, what: str, error: type[FarslipError] = 
         user = str(text).split("/", 1)[0]
         raise error(f"The {what} path {str(text)!r} starts with {user}, but there is no such user's home "
                     "folder here; give the full path.") from None
+
+
+# --------------------------------------------------------------------------- raster names GDAL resolves itself
+
+# DRIVER:... (two letters at least, so a Windows drive C:\x.tif is none; not DRIVER://, which is a URL).
+_SUBDATASET = re.compile(r"(?P<driver>[A-Za-z][A-Za-z0-9_]+):(?!//)(?P<rest>.+)", re.DOTALL)
+
+
+def is_gdal_virtual(name: str | os.PathLike) -> bool:
+    """A path through one of GDAL's virtual file systems (/vsizip/, /vsicurl/, /vsis3/ ...)."""
+    return os.fspath(name).startswith("/vsi")
+
+
+def subdataset_file(name: str | os.PathLike) -> str | None:
+    """The file a GDAL subdataset name reads, as the name gives it: NETCDF:"/d/a.nc":var, NETCDF:/d/a.nc:var,
+    HDF5:"/d/a.h5"://group/var, GPKG:/d/a.gpkg:table -> /d/a.*; None for any other name (a file that exists
+    under a name with a colon is that file)."""
+    text = os.fspath(name)
+    found = _SUBDATASET.fullmatch(text)
+    if found is None or os.path.lexists(text):
+        return None
+    rest = found["rest"]
+    if rest.startswith('"'):
+        end = rest.find('"', 1)
+        return rest[1:end] if end > 1 else None
+    file, _, tail = rest.partition(":")
+    if len(file) == 1 and tail[:1] in ("\\", "/"):  # a Windows drive: GPKG:C:\d\a.gpkg:table
+        more, _, tail = tail.partition(":")
+        file = f"{file}:{more}"
+    return file or None
+
+
+def is_gdal_name(name: str | os.PathLike) -> bool:
+    """A raster name GDAL resolves itself (a virtual path or a subdataset), not a plain file path. It must reach
+    GDAL as typed: a pathlib.Path folds its '//' (HDF5:"a.h5"://var, /vsizip//data/a.zip/x.tif: the archive's
+    absolute path), which GDAL then does not find."""
+    return is_gdal_virtual(name) or subdataset_file(name) is not None
+
+
+def raster_file(name: str | os.PathLike) -> Path | None:
+    """The file on this machine that a raster name reads: the file itself, a subdataset's file; None for a
+    GDAL virtual path."""
+    if is_gdal_virtual(name):
+        return None
+    file = subdataset_file(name)
+    return Path(file if file is not None else name)
+
+
+def absolute_raster_name(name: str | os.PathLike) -> str:
+    """A raster name with its file made absolute (for a report read elsewhere): a path resolved, a
+    subdataset's file inside its name; a virtual path as given."""
+    text = os.fspath(name)
+    if is_gdal_virtual(text):
+        return text
+    file = subdataset_file(text)
+    if file is None:
+        return str(Path(text).resolve())
+    start = text.index(file, text.index(":") + 1)
+    return text[:start] + str(Path(file).resolve()) + text[start + len(file):]
+
+
+def raster_label(name: str | os.PathLike) -> str:
+    """A raster as a sentence names it: a file by its name, a GDAL name whole."""
+    return os.fspath(name) if is_gdal_name(name) else Path(name).name
 
 
 def kind_of(mode: int) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from backend.engine import paths
 from backend.engine.errors import InputError, ModelError
+from backend.engine.files import raster_label
 
 FINETUNED_FORMAT = "farslip-finetuned/1"
 
@@ -44,16 +45,16 @@ def trained_resolution(metadata: dict | None) -> tuple[float | None, bool]:
     return float(gsd), processing.get("scale_y") is not None
 
 
-def model_bands_for(raster: Path, chosen: list[int], model: str) -> list[int]:
+def model_bands_for(raster: str | os.PathLike, chosen: list[int], model: str) -> list[int]:
     """The bands a fine-tuned model was trained on, for a run that names none; a sentence when the
     raster lacks them (the default red, green, blue would show the model other colours than it learnt)."""
     from backend.engine.raster import open_dataset  # rasterio only where a model's bands are checked
 
-    with open_dataset(raster) as ds:
+    with open_dataset(os.fspath(raster)) as ds:
         count = ds.count
     if max(chosen) > count:
         raise InputError(f"Model '{model}' was trained on bands {','.join(map(str, chosen))} of its raster, and "
-                         f"{raster.name} has {count} band(s). Give --bands to say which bands are red, "
+                         f"{raster_label(raster)} has {count} band(s). Give --bands to say which bands are red, "
                          "green and blue for this raster.")
     return list(chosen)
 
@@ -64,7 +65,7 @@ def bands_for(raster: str | os.PathLike, bands: list[int] | None, loaded) -> lis
     if bands:
         return list(bands)
     chosen = trained_bands(getattr(loaded, "metadata", None))
-    return model_bands_for(Path(raster), chosen, loaded.name) if chosen else None
+    return model_bands_for(raster, chosen, loaded.name) if chosen else None
 
 
 def is_finetuned_dir(path: str | os.PathLike) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
 import re
 import typing
 from collections.abc import Sequence
@@ -79,7 +80,8 @@ class Spec:
     in a request body; in_report: recorded in the run report's "options"; needs: the option (field name) and
     value without which this one does nothing, e.g. ("refine", "sam") (GIVEN: any value but None): a value
     given without it is refused (check_needs) rather than ignored without a word; needs_error: the sentence
-    for that ({value} is replaced), instead of the generic one.
+    for that ({value} is replaced), instead of the generic one; gdal_name: a raster, kept as the text given
+    (a file path, or a name GDAL resolves: /vsizip//d/a.zip/x.tif, NETCDF:"a.nc":var, HDF5:"a.h5"://var).
     """
 
     help: str
@@ -98,6 +100,7 @@ class Spec:
     in_report: bool = True
     needs: tuple[str, Any] | None = None
     needs_error: str | None = None
+    gdal_name: bool = False
 
 
 # `Spec.needs` value: the enabling option just has to be given (not None).
@@ -172,8 +175,9 @@ class SegmentOptions:
     `quality_calibration` are the run report's "options", in this order.
     """
 
-    raster: Path = field(metadata=spec(
-        argument=True, help="GeoTIFF (or any GDAL raster) to segment.", max_chars=PATH_MAX_CHARS))
+    # Text, not a Path: a GDAL name reaches GDAL as typed (files.is_gdal_name).
+    raster: str = field(metadata=spec(
+        argument=True, help="GeoTIFF (or any GDAL raster) to segment.", max_chars=PATH_MAX_CHARS, gdal_name=True))
     class_lines: list[str] = field(default_factory=list, metadata=spec(
         flags=("--classes", "-c"), help="One class per option; commas separate synonyms.",
         max_items=CLASS_LINES_MAX, item_max_chars=CLASS_LINE_MAX_CHARS))
@@ -257,6 +261,9 @@ class SegmentOptions:
         help="Disk budget of --cache-features in MiB; oldest features go first.", range=Range(1, None),
         error="--cache-mb must be at least 1; got {value}.", in_report=False, needs=("cache_features", True)))
 
+    def __post_init__(self) -> None:
+        self.raster = os.fspath(self.raster)  # a caller's Path (a plain file) as the text it is
+
     @classmethod
     def from_values(cls, values: dict[str, Any]) -> SegmentOptions:
         """Options from plain values (a parsed command line, a request body): texts become Paths,
@@ -313,7 +320,7 @@ def cli_name(item: dataclasses.Field) -> str:
 def path_fields() -> list[str]:
     """The options that name files (a request gives them as absolute paths)."""
     hints = typing.get_type_hints(SegmentOptions)
-    return [item.name for item in option_fields() if "Path" in str(hints[item.name])]
+    return [item.name for item in option_fields() if "Path" in str(hints[item.name]) or spec_of(item).gdal_name]
 
 
 # --------------------------------------------------------------------------- value checks

@@ -9,6 +9,7 @@ resampling to a scale factor or ground sample distance.
 from __future__ import annotations
 
 import math
+import os
 import re
 import warnings
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ from rasterio.windows import Window
 from .errors import EmptyResultError, InputError
 from .ground import ground_pixel_size, keeps_areas
 from .options import MAX_SCALE, MIN_SCALE, check_bbox, check_scale_or_gsd, check_value_range
-from .files import check_regular_file
+from .files import check_regular_file, is_gdal_virtual, subdataset_file
 
 SAMPLE_SIDE = 1024  # long side of the decimated read used for statistics and checks
 
@@ -219,23 +220,33 @@ def unreadable_pixels(path) -> InputError:
                       "(e.g. gdal_translate) and try again.")
 
 
-def is_gdal_virtual(path: str | Path) -> bool:
-    """A path GDAL resolves itself (object storage, HTTP, archives), not a file on this machine."""
-    return str(path).startswith("/vsi")
-
-
 def gdal_path(path: str | Path) -> str:
     """The text GDAL opens for `path`: a URL inside a /vsicurl/ path gets back the '//' after its scheme,
-    which a pathlib.Path (every option's raster is one) folds into one ('/vsicurl/https:/host/x.tif', which
-    GDAL refused: 'Missing url parameter')."""
+    which a pathlib.Path folds into one ('/vsicurl/https:/host/x.tif', which GDAL refused: 'Missing url
+    parameter'; a segment run's raster is kept as typed, other commands' still pass through a Path)."""
     return re.sub(r"^(/vsicurl(?:_streaming)?/)([a-z][a-z0-9+.-]*):/(?!/)", r"\1\2://", str(path))
+
+
+def _checked_name(path: str | Path) -> str | Path:
+    """What GDAL opens for a raster name: a virtual path (read wherever GDAL reaches it), a subdataset name as
+    typed once its file is there, else a regular file."""
+    if is_gdal_virtual(path):
+        return gdal_path(path)
+    file = subdataset_file(path)
+    if file is None:
+        return check_regular_file(path, "raster")
+    if not os.path.exists(file):
+        raise InputError(f"The raster {path} names the file {file}, which does not exist.")
+    check_regular_file(file, "raster")
+    return str(path)
 
 
 def open_dataset(path: str | Path) -> rasterio.io.DatasetReader:
     """Open a raster and check it is georeferenced, with sentences for every failure.
 
-    A GDAL virtual path (/vsis3/..., /vsicurl/...) is read wherever GDAL can reach it."""
-    path = gdal_path(path) if is_gdal_virtual(path) else check_regular_file(path, "raster")
+    A GDAL virtual path (/vsis3/..., /vsicurl/...) is read wherever GDAL can reach it; a subdataset
+    (NETCDF:"a.nc":var, HDF5:"a.h5"://var, GPKG:a.gpkg:table) is opened by its name."""
+    path = _checked_name(path)
     try:
         with warnings.catch_warnings():  # a missing geotransform is our sentence below, not a warning line
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
@@ -246,8 +257,9 @@ def open_dataset(path: str | Path) -> rasterio.io.DatasetReader:
         names, count = ds.subdatasets[:3], len(ds.subdatasets)
         ds.close()
         raise InputError(f"{path} holds {count} rasters (GDAL subdatasets: {', '.join(names)}"
-                         f"{', ...' if count > 3 else ''}), not one; write the one to segment to a GeoTIFF first, "
-                         f"e.g. gdal_translate '{names[0]}' {Path(path).stem}.tif")
+                         f"{', ...' if count > 3 else ''}), not one; give the one to segment by its name, e.g. "
+                         f"'{names[0]}', or write it to a GeoTIFF first, e.g. gdal_translate '{names[0]}' "
+                         f"{Path(path).stem}.tif")
     if ds.gcps[0] and ds.transform == Affine.identity():
         ds.close()
         raise InputError(f"The raster {path} is georeferenced by ground control points only; "

@@ -26,6 +26,7 @@ import torch
 
 from backend import __version__
 from .checks import check_inputs, class_lines_of, output_paths
+from .files import absolute_raster_name
 from .sliding import CHUNK_COLUMNS, NODATA_CLASS, UNCLASSIFIED, Segmenter, count_crops, predict_blocks
 from .encoders import Encoder, crop_size
 from .feature_cache import FeatureCache, raster_scope
@@ -466,7 +467,7 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
             timings["total_s"] = time.perf_counter() - started
             paths = {k: str(v) for k, v in targets.items()}
             report = {
-                "farslip_version": __version__, "run_id": run_id, "raster": str(Path(raster).resolve()),
+                "farslip_version": __version__, "run_id": run_id, "raster": absolute_raster_name(raster),
                 "model": loaded.name, "weights_sha256": loaded.weights_id,
                 "classes": [{"class_id": i, "class": c.name, "queries": list(c.queries)}
                             for i, c in enumerate(classes)],

@@ -54,6 +54,7 @@ def segment(**values: Any) -> None:
         from backend.engine.checks import check_inputs, class_lines_of
         from backend.engine.devices import resolve_device
         from backend.engine.feature_cache import feature_cache_for
+        from backend.engine.files import raster_label
         from backend.engine.models import load_model
         from backend.engine.segment import segment_raster, segment_warnings, with_model_defaults
         from backend.engine.text import parse_class_lines
@@ -72,7 +73,7 @@ def segment(**values: Any) -> None:
 
             ensure_sam_weights(options.sam_model)
         cache = feature_cache_for(options.cache_features, options.cache_mb)
-        with ProgressReporter(quiet, f"segmenting {options.raster.name}") as reporter:
+        with ProgressReporter(quiet, f"segmenting {raster_label(options.raster)}") as reporter:
             result = segment_raster(options, loaded, progress=reporter, feature_cache=cache,
                                     notice=lambda sentence: typer.echo(f"Note: {sentence}", err=True))
     except FarslipError as error:

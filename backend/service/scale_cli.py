@@ -69,7 +69,7 @@ def single_raster(values: dict) -> dict:
                          "this one runs one raster in this process; add --workers 1 to run it on a local Ray"
                          + (", or reproject the result (ogr2ogr -t_srs)." if values.get("out_crs") else "."))
     values = {k: v for k, v in values.items() if k not in SCALE_ONLY}
-    values["raster"] = Path(values["raster"][0])
+    values["raster"] = values["raster"][0]  # as typed: a GDAL name must reach GDAL unchanged
     return values
 
 
@@ -110,7 +110,7 @@ def segment_scaled(values: dict) -> None:
 
         options = options_from_cli({k: v for k, v in values.items()
                                     if k not in (*SCALE_ONLY, "device", "quiet", *RASTER_OUTPUTS)}
-                                   | {"raster": Path(values["raster"][0])})
+                                   | {"raster": values["raster"][0]})
         check_values(options)
         check_scale_options(options)
         if values.get("workers") is not None and values["workers"] < 1:

@@ -119,7 +119,7 @@ def _bounds(declared: Spec) -> dict[str, float]:
 
 def _json_type(declared: Spec, kind: Any) -> tuple[Any, dict[str, Any]]:
     """(JSON-side type, Field arguments) of an option's non-None type."""
-    if kind is Path:
+    if kind is Path or declared.gdal_name:
         return str, {"min_length": 1, "max_length": declared.max_chars}
     if typing.get_origin(kind) is tuple:  # coordinates: a list of fixed length
         size = len(typing.get_args(kind))
@@ -149,7 +149,7 @@ def _request_field(item: dataclasses.Field, annotation: Any) -> tuple[Any, Any]:
     kind, constraints = _json_type(declared, inner)
     if optional:
         kind = kind | None
-    description = declared.help + (" " + ABSOLUTE if inner is Path else "")
+    description = declared.help + (" " + ABSOLUTE if inner is Path or declared.gdal_name else "")
     if declared.argument or declared.required_in_api:
         default: dict[str, Any] = {}
     elif item.default_factory is not dataclasses.MISSING:
@@ -171,11 +171,11 @@ SegmentRequest = create_model(  # type: ignore[call-overload]
 
 def options_from_request(request: dict[str, Any]) -> SegmentOptions:
     """A (validated) POST /v1/segment body -> SegmentOptions (the one API conversion): `~` expanded."""
-    from backend.engine.files import expand_user
+    from backend.engine.files import expand_user, is_gdal_name
 
     values = dict(request)
     for name in path_fields():
-        if values.get(name):
+        if values.get(name) and not is_gdal_name(values[name]):  # a GDAL name goes to GDAL as it is
             values[name] = expand_user(values[name], name.replace("_", " "))
     return SegmentOptions.from_values(values)
 

@@ -9,6 +9,7 @@ import typer
 
 from backend.engine.atomic import write_text_atomically
 from backend.engine.errors import FarslipError
+from backend.engine.files import raster_label
 from backend.service.cli_common import ProgressReporter, fail, interrupted, parse_bands, signals_as_interrupt
 
 MODEL_HELP = "Registry name, checkpoint file or fine-tuned model folder."
@@ -25,11 +26,12 @@ def _load(model: Optional[str], weights: Optional[Path], device: str):
     return load_model(model, str(weights) if weights else None, resolve_device(device))
 
 
-def _inputs(raster: Optional[Path], model: Optional[str], weights: Optional[Path], **more: Optional[Path]):
+def _inputs(raster: Optional[str | Path], model: Optional[str], weights: Optional[Path], **more: Optional[Path]):
     """The files a run reads, which no output may replace (a registry model name is not a file)."""
-    from backend.engine.files import input_paths
+    from backend.engine.files import input_paths, raster_file
 
-    return input_paths([("input raster", raster), ("model", model), ("weights", weights), *more.items()])
+    return input_paths([("input raster", raster_file(raster) if raster is not None else None), ("model", model),
+                        ("weights", weights), *more.items()])
 
 
 def index_command(
@@ -123,7 +125,7 @@ def search_command(
 
 
 def classify_command(
-    raster: Path = typer.Argument(..., help="GeoTIFF (or any GDAL raster) to classify."),
+    raster: str = typer.Argument(..., help="GeoTIFF (or any GDAL raster) to classify."),
     classes: Optional[list[str]] = typer.Option(None, "--classes", "-c",
                                                 help="One class per option; commas separate synonyms."),
     classes_file: Optional[Path] = typer.Option(None, help="Text file, one class per line."),
@@ -156,7 +158,7 @@ def classify_command(
                 options.class_lines = list(loaded.class_lines)
             validate_classify_options(options)
             check_classify_output(out, overwrite, options, inputs)
-            with ProgressReporter(quiet, f"classifying {raster.name}") as reporter:
+            with ProgressReporter(quiet, f"classifying {raster_label(raster)}") as reporter:
                 result = classify_raster(raster, options, out, loaded, overwrite, progress=reporter)
     except FarslipError as error:
         fail(error)

@@ -252,8 +252,74 @@ def test_a_file_of_several_rasters_names_them_instead_of_a_missing_crs(tmp_path)
                                  "--out", str(tmp_path / "out.gpkg")])
     assert result.exit_code == 2, result.output
     assert result.output.startswith(f"Error: {path} holds 2 rasters (GDAL subdatasets: GPKG:{path}:north, ")
+    assert f"give the one to segment by its name, e.g. 'GPKG:{path}:north', or" in result.output
     assert f"gdal_translate 'GPKG:{path}:north' two.tif" in result.output
     assert "coordinate reference system" not in result.output and "Traceback" not in result.output
+
+
+def _netcdf_and_geopackage_and_zip(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """One 3-band scene as a netCDF-4 file (a variable per band: Band1..Band3), a GeoPackage of two raster tables
+    (south, north) and a zip holding the GeoTIFF."""
+    import zipfile
+
+    import rasterio.shutil
+
+    data = np.random.default_rng(3).integers(0, 255, (3, 48, 64), dtype=np.uint8)
+    tif = write(tmp_path / "scene.tif", data)
+    nc = tmp_path / "scene.nc"
+    rasterio.shutil.copy(tif, nc, driver="netCDF", FORMAT="NC4")
+    gpkg = tmp_path / "tables.gpkg"
+    for i, table in enumerate(["south", "north"]):
+        with rasterio.open(gpkg, "w", driver="GPKG", width=64, height=48, count=3, dtype="uint8", crs="EPSG:32633",
+                           transform=from_origin(500000, 5000000, 2, 2), RASTER_TABLE=table,
+                           **({"APPEND_SUBDATASET": "YES"} if i else {})) as ds:
+            ds.write(data)
+    archive = tmp_path / "scene.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        bundle.write(tif, "scene.tif")
+    return nc, gpkg, archive
+
+
+def test_rasters_named_in_gdals_subdataset_and_archive_syntax_are_segmented(tiny_model, tmp_path, monkeypatch):
+    """NETCDF:"a.nc":var, GPKG:a.gpkg:table and HDF5:"a.nc"://var were refused as missing files (the name was
+    checked as a path), and /vsizip//abs/a.zip/x.tif and HDF5's '://' lost a slash in the options' pathlib.Path,
+    so GDAL looked elsewhere. Each reaches GDAL as typed; a relative subdataset file is made absolute in the
+    report; the file behind a subdataset is an input no output may replace."""
+    nc, gpkg, archive = _netcdf_and_geopackage_and_zip(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    names = {f'NETCDF:"{nc}":Band1': f'NETCDF:"{nc}":Band1', 'NETCDF:"scene.nc":Band2': f'NETCDF:"{nc}":Band2',
+             f"GPKG:{gpkg}:north": f"GPKG:{gpkg}:north", "GPKG:tables.gpkg:south": f"GPKG:{gpkg}:south",
+             f"/vsizip/{archive}/scene.tif": f"/vsizip/{archive}/scene.tif"}
+    assert f"/vsizip/{archive}".startswith("/vsizip//")  # an absolute archive: the doubled slash GDAL needs
+    for i, (name, recorded) in enumerate(names.items()):
+        out = tmp_path / f"out{i}.gpkg"
+        result = runner.invoke(app, ["segment", name, "-c", "water", "-c", "field", "--model", str(tiny_model),
+                                     "--out", str(out), "--quiet"])
+        assert result.exit_code == 0, (name, result.output)
+        report = json.loads(out.with_suffix(".report.json").read_text())
+        window = report["pixel_window"]
+        assert report["raster"] == recorded and (window["height"], window["width"]) == (48, 64), name
+        assert pyogrio.read_info(out)["features"] > 0
+    # The HDF5 view of the netCDF-4 file opens too (its variables carry no georeferencing there: our sentence,
+    # not "does not exist").
+    hdf5 = runner.invoke(app, ["segment", f'HDF5:"{nc}"://Band1', "-c", "water", "--model", str(tiny_model),
+                               "--out", str(tmp_path / "h.gpkg")])
+    assert hdf5.exit_code == 2 and "has no coordinate reference system" in hdf5.output, hdf5.output
+    missing = runner.invoke(app, ["segment", 'NETCDF:"nowhere.nc":Band1', "-c", "water", "--model", str(tiny_model),
+                                  "--out", str(tmp_path / "m.gpkg")])
+    assert missing.output == ('Error: The raster NETCDF:"nowhere.nc":Band1 names the file nowhere.nc, which does '
+                              "not exist.\n")
+    over = runner.invoke(app, ["segment", f"GPKG:{gpkg}:north", "-c", "water", "--model", str(tiny_model),
+                               "--out", str(gpkg), "--overwrite"])
+    assert over.exit_code == 2 and "would destroy the input" in over.output, over.output
+    # classify takes the same names.
+    for name in (f"/vsizip/{archive}/scene.tif", 'NETCDF:"scene.nc":Band3'):
+        tiles = tmp_path / "tiles.gpkg"
+        result = runner.invoke(app, ["classify", name, "-c", "water", "-c", "field", "--tile", "32", "--model",
+                                     str(tiny_model), "--out", str(tiles), "--overwrite", "--quiet"])
+        assert result.exit_code == 0, (name, result.output)
+        assert json.loads(tiles.with_suffix(".report.json").read_text())["raster"] in (name, f'NETCDF:"{nc}":Band3')
+        assert pyogrio.read_info(tiles)["features"] == 4
 
 
 def test_a_vsicurl_path_with_its_url_as_typed_opens(tmp_path):

@@ -218,6 +218,29 @@ def test_an_option_without_the_option_it_works_with_is_refused_at_submit(backend
     assert _job_count(backend) == before and list(out_dir.iterdir()) == []
 
 
+def test_a_raster_in_gdals_subdataset_or_archive_syntax_is_run_and_a_relative_one_refused(
+        backend, segment_body, naip, out_dir, tmp_path):
+    """NETCDF:"/abs/a.nc":var was refused as a relative path, and /vsizip//abs/a.zip/x.tif lost the slash that
+    makes its archive absolute on the way to GDAL. Both run as typed; a subdataset of a relative file is refused
+    (the backend has no working folder it could be relative to)."""
+    import zipfile
+
+    import rasterio.shutil
+
+    nc = tmp_path / "naip.nc"
+    rasterio.shutil.copy(naip, nc, driver="netCDF", FORMAT="NC4")
+    archive = tmp_path / "naip.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        bundle.write(naip, "naip.tif")
+    for i, name in enumerate([f'NETCDF:"{nc}":Band2', f"/vsizip/{archive}/naip.tif"]):
+        out = out_dir / f"r{i}.gpkg"
+        job = backend.wait(backend.submit(segment_body(raster=name, out=str(out))))
+        assert job["state"] == "done", (name, job)
+        assert json.loads(out.with_suffix(".report.json").read_text())["raster"] == name
+    detail = _refused(backend, "/v1/segment", segment_body(raster='NETCDF:"naip.nc":Band2'))
+    assert detail.startswith("The raster 'NETCDF:\"naip.nc\":Band2' names the file 'naip.nc', which is relative")
+
+
 # --------------------------------------------------------------------------- HTTP
 
 @pytest.mark.parametrize("host", ["127.0.0.1.evil.example", "127.attacker.com:8080", "127.0.0.1:80:81",

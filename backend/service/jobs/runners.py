@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from pathlib import Path
 from typing import Callable
 
 from backend.engine.errors import CancelledError
@@ -72,7 +71,7 @@ def check_segment_job(options: SegmentOptions, device: str) -> list[str]:
                          f"{error}") from None
     chosen_bands = trained_bands({"finetuned": meta}) if options.bands is None else None
     if chosen_bands:  # the raster has the bands the model was trained on
-        model_bands_for(Path(options.raster), chosen_bands, str(options.model))
+        model_bands_for(options.raster, chosen_bands, str(options.model))
     check_model(options.model, weights)
     classes = parse_class_lines(class_lines_of(options) or list(meta.get("class_lines") or []))
     check_field_widths(options.out, [spec.name for spec in classes])  # the run's own check (a shapefile's 254 bytes)

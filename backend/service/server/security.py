@@ -18,7 +18,7 @@ from fastapi import HTTPException
 
 from backend.engine.checks import quick_network_reads
 from backend.engine.errors import InputError
-from backend.engine.files import expand_user
+from backend.engine.files import expand_user, is_gdal_virtual, subdataset_file
 
 MAX_BODY_BYTES = 1024 * 1024
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -26,12 +26,16 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 # --------------------------------------------------------------------------- request paths
 
-def absolute_path(text: str, what: str) -> Path:
-    """A path in a request: the backend has no working folder a relative path could mean."""
+def _without_control_characters(text: str, what: str) -> None:
     bad = next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
     if bad is not None:
         raise InputError(f"The {what} path {text!r} holds the control character {bad!r}; give a path without "
                          "tabs, newlines or other control characters.")
+
+
+def absolute_path(text: str, what: str) -> Path:
+    """A path in a request: the backend has no working folder a relative path could mean."""
+    _without_control_characters(text, what)
     path = expand_user(text, what)
     if not path.is_absolute():
         raise InputError(f"The {what} path {text!r} is relative; the backend cannot know which folder it is "
@@ -54,6 +58,23 @@ def request_checks() -> Iterator[None]:
                          "request's paths and send it again.") from None
 
 
+def raster_path(text: str, what: str = "raster") -> str:
+    """A raster in a request, kept as the text given: a path GDAL resolves (/vsizip//d/a.zip/x.tif, /vsicurl/...)
+    as it is, a subdataset (NETCDF:"/d/a.nc":var, GPKG:/d/a.gpkg:table) when its file is absolute, else an
+    absolute path."""
+    if is_gdal_virtual(text):
+        _without_control_characters(text, what)
+        return text
+    file = subdataset_file(text)
+    if file is None:
+        return str(absolute_path(text, what))
+    _without_control_characters(text, what)
+    if not Path(file).is_absolute():
+        raise InputError(f"The {what} {text!r} names the file {file!r}, which is relative; the backend cannot know "
+                         "which folder it is relative to. Give its absolute path.")
+    return text
+
+
 def output_path(text: str, what: str, example: str = "/data/result.gpkg") -> Path:
     """An output in a request: an absolute path with a name to write to (not `/`)."""
     path = absolute_path(text, what)
@@ -71,9 +92,10 @@ def looks_like_path(text: str) -> bool:
 def checked_paths(body, outputs: tuple[str, ...]) -> dict:
     """The request as a dict, after the path rules every job shares (absolute raster, outputs, weights)."""
     request = body.model_dump()
-    for name in ("raster", "weights"):
-        if request.get(name) is not None:
-            absolute_path(request[name], name)
+    if request.get("raster") is not None:
+        raster_path(request["raster"])
+    if request.get("weights") is not None:
+        absolute_path(request["weights"], "weights")
     for name in outputs:
         if request.get(name) is not None:
             output_path(request[name], name)

@@ -8,7 +8,7 @@ from backend.engine.options import path_fields
 from backend.service.jobs import check_segment_job
 from backend.service.schemas import JobCreated, SegmentRequest, options_from_request
 
-from ..security import absolute_path, looks_like_path, output_path, request_checks
+from ..security import absolute_path, looks_like_path, output_path, raster_path, request_checks
 from .jobs import manager_of, queue_job
 
 router = APIRouter()
@@ -24,7 +24,7 @@ def check_segment_request(request: SegmentRequest, device: str) -> list[str]:
     for name in path_fields():
         value = getattr(request, name)
         if value is not None:
-            check = output_path if name in OUTPUT_FIELDS else absolute_path
+            check = output_path if name in OUTPUT_FIELDS else raster_path if name == "raster" else absolute_path
             check(value, name.replace("_", " "))
     if request.model is not None and looks_like_path(request.model):
         absolute_path(request.model, "model")
