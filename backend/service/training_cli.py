@@ -8,9 +8,11 @@
 from __future__ import annotations
 
 import json
+import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -100,6 +102,9 @@ def evaluate_command(
     quality_out: Optional[Path] = typer.Option(None, help="Calibration file to write (default: inside the "
                                                           "fine-tuned model folder)."),
     quality_tile: int = typer.Option(64, help="Tile side in pixels for --calibrate-quality."),
+    force_calibration: bool = typer.Option(False, "--force-calibration", help="Write the new calibration even "
+                                           "when it ranks the tiles worse than the built-in estimate or the "
+                                           "calibration it replaces (the better one is kept otherwise)."),
     overwrite: bool = typer.Option(False, help="Replace existing --json, --png and --quality-out files."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
@@ -111,11 +116,10 @@ def evaluate_command(
 
         from training.api import (check_attention, check_report_outputs, class_names_from_pairs,
                                   evaluate_model, evaluation_inputs)
-        from training.quality_calibration import calibrate_quality as calibrate
         from training.quality_calibration import calibration_target, check_quality_tile
 
         # Options that do nothing in this run are refused, not ignored.
-        _check_used(calibrate_quality, quality_out, quality_tile, benchmark,
+        _check_used(calibrate_quality, quality_out, quality_tile, force_calibration, benchmark,
                     {"--classes": classes, "--preset": preset, "--protocol": protocol != "farslip",
                      "--benchmark-split": benchmark_split, "--long-side": long_side != 448,
                      "--reduce-zero-label": reduce_zero_label is not None, "--prob-threshold": prob_threshold,
@@ -156,37 +160,176 @@ def evaluate_command(
         if calibrate_quality:
             # On the same classes, bands, grid and area as the evaluation above (the model's own defaults).
             used = result["processing"]
-            fit = calibrate(raster, labels, class_field, loaded, target, background=result["background"],
-                            aoi=used["aoi"], class_names=used["class_names"], bands=used["bands"],
-                            scale=used["scale"], gsd_m=used["gsd_m"], tile=quality_tile, attention=attention,
-                            batch_size=batch_size, square=used.get("square", True))
+            fit = calibrate_and_keep_the_better(
+                raster, labels, class_field, loaded, target, force=force_calibration,
+                background=result["background"], aoi=used["aoi"], class_names=used["class_names"],
+                bands=used["bands"], scale=used["scale"], gsd_m=used["gsd_m"], tile=quality_tile,
+                attention=attention, batch_size=batch_size, square=used.get("square", True))
+            if json_out is not None:  # the metrics report says which estimate was kept
+                _add_to_report(json_out, {key: fit[key] for key in (
+                    "calibration", "written", "kept", "forced", "tiles", "default", "calibrated", "existing",
+                    "existing_not_comparable", "sentence")})
     except FarslipError as error:
         _fail(error)
     if calibrate_quality:
-        default, calibrated = fit["default"], fit["calibrated"]
+        default, calibrated, existing = fit["default"], fit["calibrated"], fit["existing"]
+        compared = (f"; existing SROCC {existing.get('srocc')}, PLCC {existing.get('plcc')}" if existing else "")
         typer.echo(f"Quality estimate on {fit['tiles']} tiles: default SROCC {default.get('srocc')}, PLCC "
                    f"{default.get('plcc')}; calibrated (spatially held out) SROCC {calibrated.get('srocc')}, "
-                   f"PLCC {calibrated.get('plcc')}. Calibration written to {fit['calibration']}.")
-        if (default.get("srocc") is not None and calibrated.get("srocc") is not None
-                and calibrated["srocc"] < default["srocc"]):
-            typer.echo(f"Warning: on held-out tiles the calibration ranks tiles worse than the default estimate "
-                       f"(SROCC {calibrated['srocc']} against {default['srocc']}); label more, or more varied, "
-                       f"tiles, or delete {fit['calibration']} to keep the default.", err=True)
+                   f"PLCC {calibrated.get('plcc')}{compared}. {fit['sentence']}")
 
 
-def _check_used(calibrate_quality: bool, quality_out: Optional[Path], quality_tile: int, benchmark: Optional[Path],
-                benchmark_only: dict[str, object]) -> None:
-    """evaluate's options that only work with another: --quality-out and --quality-tile with --calibrate-quality,
-    the benchmark's with --benchmark. Given without it, each is refused with options.unused_options' sentence."""
+def _add_to_report(json_out: Path, calibration: dict) -> None:
+    """The --json report, written by the evaluation, with the calibration's figures and the estimate kept."""
+    from training.evaluate import write_json
+
+    def plain(value):  # a figure that could not be measured (NaN) is null, as the report's own are
+        if isinstance(value, dict):
+            return {key: plain(item) for key, item in value.items()}
+        return None if isinstance(value, float) and math.isnan(value) else value
+
+    report = json.loads(Path(json_out).read_text(encoding="utf-8"))
+    report["quality_calibration"] = plain(calibration)
+    with writing_to([json_out], 1.0):
+        write_json(report, json_out)
+
+
+def _check_used(calibrate_quality: bool, quality_out: Optional[Path], quality_tile: int, force_calibration: bool,
+                benchmark: Optional[Path], benchmark_only: dict[str, object]) -> None:
+    """evaluate's options that only work with another: --quality-out, --quality-tile and --force-calibration with
+    --calibrate-quality, the benchmark's with --benchmark. Given without it, each is refused with
+    options.unused_options' sentence."""
     from backend.engine.options import unused_options
 
     calibration = [flag for flag, given in (("--quality-out", quality_out is not None),
-                                            ("--quality-tile", quality_tile != 64)) if given]
+                                            ("--quality-tile", quality_tile != 64),
+                                            ("--force-calibration", force_calibration)) if given]
     if calibration and not calibrate_quality:
         raise unused_options(calibration, "--calibrate-quality")
     given = [flag for flag, value in benchmark_only.items() if value not in (None, False, [])]
     if given and benchmark is None:
         raise unused_options(given, "--benchmark FOLDER")
+
+
+# --------------------------------------------------------------------------- evaluate --calibrate-quality
+# A new calibration is written only when it ranks the labelled tiles (SROCC with the tiles' true IoU, then PLCC)
+# at least as well as the built-in estimate and as the calibration it would replace, on the same tiles: the new
+# one on spatially held-out tiles (each fold predicted by a model fitted on the others), the built-in and the
+# existing one, not fitted on them, on all. Otherwise the better estimate is kept and the run says so;
+# --force-calibration writes the new one anyway. The tiles and the fit are training/quality_calibration.py's.
+
+FORCE_FLAG = "--force-calibration"
+NAMES = {"new": "the new calibration", "existing": "the existing calibration", "default": "the built-in estimate"}
+
+
+def ranks_worse(a: dict, b: dict) -> bool:
+    """Whether the estimate scored `a` ranks the tiles worse than the one scored `b`: lower SROCC, or the same
+    SROCC and lower PLCC. A figure that could not be measured (NaN: too few or constant tiles) decides nothing."""
+    for key in ("srocc", "plcc"):
+        x, y = a.get(key), b.get(key)
+        if x is None or y is None or math.isnan(x) or math.isnan(y):
+            return False
+        if x != y:
+            return x < y
+    return False
+
+
+def choose(scores: dict[str, dict]) -> str:
+    """Which estimate to keep of `scores` ({"new": ..., "default": ..., "existing": ... when there is one}):
+    the new calibration unless another ranks the tiles better; else the best of the others (the existing
+    calibration before the built-in estimate when they tie)."""
+    others = [name for name in ("existing", "default") if name in scores]
+    if not any(ranks_worse(scores["new"], scores[name]) for name in others):
+        return "new"
+    best = others[0]
+    for name in others[1:]:
+        if ranks_worse(scores[best], scores[name]):
+            best = name
+    return best
+
+
+def _figures(score: dict) -> str:
+    return f"SROCC {score.get('srocc')}, PLCC {score.get('plcc')}"
+
+
+def verdict(kept: str, scores: dict[str, dict], target: Path, forced: bool) -> str:
+    """The one sentence that says which estimate was kept, and why."""
+    new = scores["new"]
+    if forced:
+        worse = next(name for name in ("existing", "default") if name in scores and ranks_worse(new, scores[name]))
+        return (f"The new calibration ranks the tiles worse than {NAMES[worse]} ({_figures(new)} against "
+                f"{_figures(scores[worse])}); written to {target} anyway, as {FORCE_FLAG} asks.")
+    if kept == "new":
+        return f"Calibration written to {target}."
+    reason = (f"The new calibration ranks the tiles worse ({_figures(new)} on held-out tiles) than {NAMES[kept]} "
+              f"({_figures(scores[kept])})")
+    if kept == "existing":
+        return f"{reason}, so {target} was kept as it was; add {FORCE_FLAG} to replace it anyway."
+    if "existing" in scores:
+        return (f"{reason}, so nothing was written; {target}, which ranks them worse too "
+                f"({_figures(scores['existing'])}), was left as it was: delete it to use the built-in estimate, or "
+                f"add {FORCE_FLAG} to replace it with the new one.")
+    return (f"{reason}, so nothing was written and segment keeps using the built-in estimate; add {FORCE_FLAG} "
+            "to write it anyway.")
+
+
+def _existing(target: Path, weights_id: str | None, class_lines: list[str]) -> tuple[Any, str | None]:
+    """The calibration already at `target` when it fits this model and class list; else (None, why not)."""
+    from backend.engine.quality import QualityModel
+
+    if not target.is_file():
+        return None, None
+    try:
+        return QualityModel.load(target, weights_id, class_lines), None
+    except InputError as error:  # another model's or class list's, or not a calibration: replaced, not compared
+        return None, str(error)
+
+
+def calibrate_and_keep_the_better(raster: str | Path, labels: str | Path, class_field: str, loaded,
+                                  out: str | Path | None, force: bool = False, background: str | None = None,
+                                  aoi: str | Path | None = None, class_names: dict[str, str] | None = None,
+                                  bands: list[int] | None = None, scale: float | None = None,
+                                  gsd_m: float | None = None, tile: int = 64, attention: str = "segearth",
+                                  batch_size: int = 8, should_cancel: Callable[[], bool] | None = None,
+                                  square: bool = True) -> dict:
+    """Fit a calibration on the labelled tiles (as training.quality_calibration.calibrate_quality does) and
+    store it only when it ranks the tiles at least as well as the built-in estimate and the calibration already
+    at its place (or when `force`). Returns the figures, which estimate was kept and the sentence saying so."""
+    from backend.engine.quality import QualityModel, fit_quality_model, rank_agreement
+    from backend.engine.raster import open_source
+
+    from training import quality_calibration as fitting
+    from training.api import model_class_lines
+    from training.labels import build_label_grid, read_aoi, read_label_polygons
+
+    target = fitting.calibration_target(loaded, out)
+    fitting.check_quality_tile(tile)
+    with open_source(raster, bands, scale, gsd_m, square=square) as source:
+        polygons = read_label_polygons(labels, class_field, source.crs, class_names)
+        lines = model_class_lines(loaded, set(polygons.class_values), background)
+        area = read_aoi(aoi, source.crs) if aoi else None
+        grid = build_label_grid(source, polygons, background=background, aoi=area, class_lines=lines)
+        signals, truth, index = fitting.tile_table(loaded, source, grid.window, grid.labels, grid.class_lines,
+                                                   tile, attention, batch_size, should_cancel)
+    model = fit_quality_model(signals, truth, loaded.weights_id, grid.class_lines)
+    held_out = fitting.out_of_fold(signals, truth, index, loaded.weights_id, grid.class_lines)
+    scores = {"new": rank_agreement(held_out, truth), "default": rank_agreement(QualityModel().predict(signals), truth)}
+    existing, unusable = _existing(target, loaded.weights_id, grid.class_lines)
+    if existing is not None:
+        scores["existing"] = rank_agreement(existing.predict(signals), truth)
+    best = choose(scores)
+    kept = "new" if force else best
+    sentence = verdict(kept, scores, target, forced=force and best != "new")
+    if kept == "new":
+        model.metrics = {"tiles": len(truth), "tile_px": tile, "default": scores["default"],
+                         "out_of_fold": scores["new"], "raster": str(raster), "labels": str(labels),
+                         **({"replaced": scores["existing"]} if "existing" in scores else {})}
+        with writing_to([target], 1.0):
+            model.save(target)
+    return {"calibration": str(target), "written": kept == "new", "kept": kept, "forced": force and best != "new",
+            "tiles": len(truth), "default": scores["default"], "calibrated": scores["new"],
+            "existing": scores.get("existing"), "existing_not_comparable": unusable,
+            "class_lines": grid.class_lines, "sentence": sentence}
 
 
 def _benchmark(benchmark, classes, preset, protocol, reduce_zero_label, prob_threshold, background_index, model,

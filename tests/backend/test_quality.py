@@ -229,6 +229,74 @@ def test_on_class_maps_corrupted_at_known_rates_predicted_quality_ranks_like_tru
     assert agreement["srocc"] > 0.8 and agreement["plcc"] > 0.7, agreement
 
 
+def test_the_calibration_kept_is_the_one_that_ranks_the_tiles_best():
+    from backend.service.training_cli import choose, ranks_worse
+
+    good, fair, poor, nan = ({"srocc": 0.8, "plcc": 0.7}, {"srocc": 0.5, "plcc": 0.6}, {"srocc": 0.5, "plcc": 0.2},
+                             {"srocc": math.nan, "plcc": math.nan})
+    assert ranks_worse(fair, good) and ranks_worse(poor, fair) and not ranks_worse(fair, poor)  # PLCC breaks ties
+    assert not ranks_worse(nan, good) and not ranks_worse(good, nan)  # not measured: decides nothing
+    assert choose({"new": good, "default": fair}) == "new"
+    assert choose({"new": fair, "default": fair}) == "new"  # as good: the new one, fitted on these labels
+    assert choose({"new": poor, "default": fair}) == "default"
+    assert choose({"new": fair, "default": poor, "existing": good}) == "existing"
+    assert choose({"new": poor, "default": good, "existing": fair}) == "default"
+    assert choose({"new": poor, "default": fair, "existing": fair}) == "existing"  # a tie keeps the file
+    assert choose({"new": nan, "default": good, "existing": good}) == "new"
+
+
+def test_a_calibration_that_ranks_the_tiles_worse_is_not_written_unless_forced(tiny_model, tmp_path, monkeypatch):
+    """`evaluate --calibrate-quality` wrote its calibration even when, on the same tiles, it ranked them worse
+    than the built-in estimate or the calibration it replaced. The better one is kept, one sentence says which,
+    and the --json report records it; --force-calibration writes the new one anyway."""
+    from training_data import make_synthetic
+
+    import training.quality_calibration as fitting
+
+    (tmp_path / "scene").mkdir()
+    raster, labels, _ = make_synthetic(tmp_path / "scene", size=256, block=32)
+    calibration, metrics = tmp_path / "quality.json", tmp_path / "metrics.json"
+
+    def evaluate(*extra):
+        result = runner.invoke(app, ["evaluate", str(raster), str(labels), "--class-field", "cls", "--model",
+                                     str(tiny_model), "--calibrate-quality", "--quality-tile", "32", "--json",
+                                     str(metrics), "--overwrite", "--quiet", *map(str, extra)])
+        assert result.exit_code == 0, result.output
+        summary = next(line for line in result.output.splitlines() if line.startswith("Quality estimate on"))
+        return summary, json.loads(metrics.read_text())["quality_calibration"]
+
+    summary, report = evaluate("--quality-out", calibration)
+    assert summary.endswith(f"Calibration written to {calibration}.")
+    assert report["kept"] == "new" and report["written"] and report["existing"] is None
+    first = calibration.read_bytes()
+    assert json.loads(first)["source"] == "calibrated"
+
+    # The new calibration ranks the held-out tiles backwards (SROCC -1): the existing one is kept as it was ...
+    monkeypatch.setattr(fitting, "out_of_fold", lambda signals, truth, *args: -truth)
+    summary, report = evaluate("--quality-out", calibration)
+    assert report["kept"] == "existing" and not report["written"] and report["calibrated"]["srocc"] == -1.0
+    assert report["existing"]["srocc"] > -1.0 and "; existing SROCC " in summary
+    assert summary.endswith(f"so {calibration} was kept as it was; add --force-calibration to replace it anyway.")
+    assert calibration.read_bytes() == first
+    # ... unless forced, which says so.
+    summary, report = evaluate("--quality-out", calibration, "--force-calibration")
+    assert report["kept"] == "new" and report["written"] and report["forced"]
+    assert f"written to {calibration} anyway, as --force-calibration asks." in summary
+    stored = json.loads(calibration.read_text())
+    assert stored["metrics"]["out_of_fold"]["srocc"] == -1.0 and stored["metrics"]["replaced"] == report["existing"]
+    # Without a calibration at its place, one worse than the built-in estimate is not written at all.
+    fresh = tmp_path / "fresh.json"
+    summary, report = evaluate("--quality-out", fresh)
+    assert report["kept"] == "default" and not report["written"] and not fresh.exists()
+    assert summary.endswith("so nothing was written and segment keeps using the built-in estimate; add "
+                            "--force-calibration to write it anyway.")
+    assert report["default"]["srocc"] > -1.0
+    # --force-calibration alone does nothing: refused, as every option without the one it works with.
+    refused = runner.invoke(app, ["evaluate", str(raster), str(labels), "--class-field", "cls", "--model",
+                                  str(tiny_model), "--force-calibration"])
+    assert refused.exit_code == 2 and "--force-calibration applies only with --calibrate-quality" in refused.output
+
+
 def test_evaluate_calibrates_the_estimate_and_segment_uses_it(tiny_model, tmp_path):
     from training_data import make_synthetic
 
