@@ -10,9 +10,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
@@ -116,7 +115,7 @@ def evaluate_command(
 
         from training.api import (check_attention, check_report_outputs, class_names_from_pairs,
                                   evaluate_model, evaluation_inputs)
-        from training.quality_calibration import calibration_target, check_quality_tile
+        from training.quality_calibration import calibrate_and_keep_the_better, calibration_target, check_quality_tile
 
         # Options that do nothing in this run are refused, not ignored.
         _check_used(calibrate_quality, quality_out, quality_tile, force_calibration, benchmark,
@@ -212,126 +211,6 @@ def _check_used(calibrate_quality: bool, quality_out: Optional[Path], quality_ti
 
 
 # --------------------------------------------------------------------------- evaluate --calibrate-quality
-# A new calibration is written only when it ranks the labelled tiles (SROCC with the tiles' true IoU, then PLCC)
-# at least as well as the built-in estimate and as the calibration it would replace, on the same tiles: the new
-# one on spatially held-out tiles (each fold predicted by a model fitted on the others), the built-in and the
-# existing one, not fitted on them, on all. Otherwise the better estimate is kept and the run says so;
-# --force-calibration writes the new one anyway. The tiles and the fit are training/quality_calibration.py's.
-
-FORCE_FLAG = "--force-calibration"
-NAMES = {"new": "the new calibration", "existing": "the existing calibration", "default": "the built-in estimate"}
-
-
-def ranks_worse(a: dict, b: dict) -> bool:
-    """Whether the estimate scored `a` ranks the tiles worse than the one scored `b`: lower SROCC, or the same
-    SROCC and lower PLCC. A figure that could not be measured (NaN: too few or constant tiles) decides nothing."""
-    for key in ("srocc", "plcc"):
-        x, y = a.get(key), b.get(key)
-        if x is None or y is None or math.isnan(x) or math.isnan(y):
-            return False
-        if x != y:
-            return x < y
-    return False
-
-
-def choose(scores: dict[str, dict]) -> str:
-    """Which estimate to keep of `scores` ({"new": ..., "default": ..., "existing": ... when there is one}):
-    the new calibration unless another ranks the tiles better; else the best of the others (the existing
-    calibration before the built-in estimate when they tie)."""
-    others = [name for name in ("existing", "default") if name in scores]
-    if not any(ranks_worse(scores["new"], scores[name]) for name in others):
-        return "new"
-    best = others[0]
-    for name in others[1:]:
-        if ranks_worse(scores[best], scores[name]):
-            best = name
-    return best
-
-
-def _figures(score: dict) -> str:
-    return f"SROCC {score.get('srocc')}, PLCC {score.get('plcc')}"
-
-
-def verdict(kept: str, scores: dict[str, dict], target: Path, forced: bool) -> str:
-    """The one sentence that says which estimate was kept, and why."""
-    new = scores["new"]
-    if forced:
-        worse = next(name for name in ("existing", "default") if name in scores and ranks_worse(new, scores[name]))
-        return (f"The new calibration ranks the tiles worse than {NAMES[worse]} ({_figures(new)} against "
-                f"{_figures(scores[worse])}); written to {target} anyway, as {FORCE_FLAG} asks.")
-    if kept == "new":
-        return f"Calibration written to {target}."
-    reason = (f"The new calibration ranks the tiles worse ({_figures(new)} on held-out tiles) than {NAMES[kept]} "
-              f"({_figures(scores[kept])})")
-    if kept == "existing":
-        return f"{reason}, so {target} was kept as it was; add {FORCE_FLAG} to replace it anyway."
-    if "existing" in scores:
-        return (f"{reason}, so nothing was written; {target}, which ranks them worse too "
-                f"({_figures(scores['existing'])}), was left as it was: delete it to use the built-in estimate, or "
-                f"add {FORCE_FLAG} to replace it with the new one.")
-    return (f"{reason}, so nothing was written and segment keeps using the built-in estimate; add {FORCE_FLAG} "
-            "to write it anyway.")
-
-
-def _existing(target: Path, weights_id: str | None, class_lines: list[str]) -> tuple[Any, str | None]:
-    """The calibration already at `target` when it fits this model and class list; else (None, why not)."""
-    from backend.engine.quality import QualityModel
-
-    if not target.is_file():
-        return None, None
-    try:
-        return QualityModel.load(target, weights_id, class_lines), None
-    except InputError as error:  # another model's or class list's, or not a calibration: replaced, not compared
-        return None, str(error)
-
-
-def calibrate_and_keep_the_better(raster: str | Path, labels: str | Path, class_field: str, loaded,
-                                  out: str | Path | None, force: bool = False, background: str | None = None,
-                                  aoi: str | Path | None = None, class_names: dict[str, str] | None = None,
-                                  bands: list[int] | None = None, scale: float | None = None,
-                                  gsd_m: float | None = None, tile: int = 64, attention: str = "segearth",
-                                  batch_size: int = 8, should_cancel: Callable[[], bool] | None = None,
-                                  square: bool = True) -> dict:
-    """Fit a calibration on the labelled tiles (as training.quality_calibration.calibrate_quality does) and
-    store it only when it ranks the tiles at least as well as the built-in estimate and the calibration already
-    at its place (or when `force`). Returns the figures, which estimate was kept and the sentence saying so."""
-    from backend.engine.quality import QualityModel, fit_quality_model, rank_agreement
-    from backend.engine.raster import open_source
-
-    from training import quality_calibration as fitting
-    from training.api import model_class_lines
-    from training.labels import build_label_grid, read_aoi, read_label_polygons
-
-    target = fitting.calibration_target(loaded, out)
-    fitting.check_quality_tile(tile)
-    with open_source(raster, bands, scale, gsd_m, square=square) as source:
-        polygons = read_label_polygons(labels, class_field, source.crs, class_names)
-        lines = model_class_lines(loaded, set(polygons.class_values), background)
-        area = read_aoi(aoi, source.crs) if aoi else None
-        grid = build_label_grid(source, polygons, background=background, aoi=area, class_lines=lines)
-        signals, truth, index = fitting.tile_table(loaded, source, grid.window, grid.labels, grid.class_lines,
-                                                   tile, attention, batch_size, should_cancel)
-    model = fit_quality_model(signals, truth, loaded.weights_id, grid.class_lines)
-    held_out = fitting.out_of_fold(signals, truth, index, loaded.weights_id, grid.class_lines)
-    scores = {"new": rank_agreement(held_out, truth), "default": rank_agreement(QualityModel().predict(signals), truth)}
-    existing, unusable = _existing(target, loaded.weights_id, grid.class_lines)
-    if existing is not None:
-        scores["existing"] = rank_agreement(existing.predict(signals), truth)
-    best = choose(scores)
-    kept = "new" if force else best
-    sentence = verdict(kept, scores, target, forced=force and best != "new")
-    if kept == "new":
-        model.metrics = {"tiles": len(truth), "tile_px": tile, "default": scores["default"],
-                         "out_of_fold": scores["new"], "raster": str(raster), "labels": str(labels),
-                         **({"replaced": scores["existing"]} if "existing" in scores else {})}
-        with writing_to([target], 1.0):
-            model.save(target)
-    return {"calibration": str(target), "written": kept == "new", "kept": kept, "forced": force and best != "new",
-            "tiles": len(truth), "default": scores["default"], "calibrated": scores["new"],
-            "existing": scores.get("existing"), "existing_not_comparable": unusable,
-            "class_lines": grid.class_lines, "sentence": sentence}
-
-
 def _benchmark(benchmark, classes, preset, protocol, reduce_zero_label, prob_threshold, background_index, model,
                weights, dev, half, benchmark_split, long_side, ignore_index, attention, batch_size, limit, quiet,
                json_out, png) -> None:

@@ -230,7 +230,7 @@ def test_on_class_maps_corrupted_at_known_rates_predicted_quality_ranks_like_tru
 
 
 def test_the_calibration_kept_is_the_one_that_ranks_the_tiles_best():
-    from backend.service.training_cli import choose, ranks_worse
+    from training.quality_calibration import choose, ranks_worse
 
     good, fair, poor, nan = ({"srocc": 0.8, "plcc": 0.7}, {"srocc": 0.5, "plcc": 0.6}, {"srocc": 0.5, "plcc": 0.2},
                              {"srocc": math.nan, "plcc": math.nan})
