@@ -106,7 +106,7 @@ def check_outputs(options: SegmentOptions) -> None:
         _check_tif(Path(options.class_raster), "class raster")
     if options.prob_raster:
         _check_tif(Path(options.prob_raster), "probability raster")
-    raster = raster_file(options.raster)  # a subdataset's file; none for a GDAL virtual path
+    raster = raster_file(options.raster)  # a subdataset's file, an archive; none for a remote virtual path
     check_output_files(output_files(options), {**({"input raster": raster} if raster else {}), **input_files(options)},
                        options.overwrite, replaced=output_paths(options).values())
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .atomic import atomic_output
+from .files import held_file, is_gdal_name
 from .weights import files_sha256, stat_identity
 
 CropKey = tuple[int, int, int, int]  # (row, col, height, width) of the crop on the processing grid
@@ -37,15 +37,6 @@ SIDECAR_SUFFIXES = (".ovr", ".msk", ".aux.xml")  # what GDAL may read beside eac
 # What SQLite reads beside a database (a GeoPackage, MBTiles): the write-ahead log holds the edits that QGIS
 # (which opens GeoPackages in WAL mode) made since the last checkpoint; a hot journal, an unfinished write.
 SQLITE_SIDECARS = ("-wal", "-journal")
-# GDAL's virtual file systems that read a file on this machine: a member of an archive (/vsizip/a.zip/x.tif,
-# /vsizip//abs/a.zip/x.tif, /vsizip/{a.zip}/x.tif, /vsitar/a.tar.gz/x.tif) or a whole compressed file
-# (/vsigzip/a.tif.gz). Any other (/vsicurl/, /vsis3/, /vsimem/ ...) reads bytes whose version this machine
-# cannot tell.
-ARCHIVE_FILE_SYSTEMS = ("/vsizip/", "/vsitar/", "/vsi7z/", "/vsirar/")
-COMPRESSED_FILE_SYSTEMS = ("/vsigzip/",)
-# DRIVER:... names a subdataset (GPKG:a.gpkg:table, NETCDF:"a.nc":var, HDF5:"a.h5"://var, GTIFF_DIR:2:a.tif);
-# two letters at least (C:\x.tif is a file), and not DRIVER://, which is a URL.
-_SUBDATASET = re.compile(r"[A-Za-z][A-Za-z0-9_]+:(?!//).+", re.DOTALL)
 
 
 class RasterReads(NamedTuple):
@@ -61,70 +52,16 @@ def _gdal_name(path: str | os.PathLike, dataset=None) -> str:
     """The name GDAL opened for the raster: the dataset's own when it is a virtual path or a subdataset (a
     pathlib.Path folds their '//': /vsizip//abs/a.zip/x.tif, HDF5:"a.h5"://var), else `path`."""
     opened = getattr(dataset, "name", None)
-    if isinstance(opened, str) and (opened.startswith("/vsi") or _is_subdataset(opened)):
+    if isinstance(opened, str) and is_gdal_name(opened):
         return opened
     return os.fspath(path)
 
 
-def _is_subdataset(name: str) -> bool:
-    return _SUBDATASET.fullmatch(name) is not None and not os.path.lexists(name)
-
-
 def _held(name: str) -> tuple[Path, str] | None:
     """The file on this machine that GDAL reads for the raster name `name` (resolved) and the name with that
-    file's path written {}. None when no file on this machine holds it (/vsicurl/, /vsis3/, /vsimem/, an
-    archive on one of those) or when the name does not tell which file does."""
-    if name.startswith("/vsi"):
-        return _held_virtual(name)
-    if _is_subdataset(name):
-        return _held_subdataset(name)
-    return Path(name).resolve(), "{}"
-
-
-def _held_at(name: str, start: int, end: int) -> tuple[Path, str] | None:
-    """`name[start:end]` as the file holding the raster: a regular file here, or a virtual path over one."""
-    text = name[start:end]
-    if text.startswith("/vsi"):  # a chain: /vsitar//vsigzip//d/a.tar.gz/x.tif, /vsizip/{/vsizip/a.zip/b.zip}/x
-        inner = _held_virtual(text)
-        return None if inner is None else (inner[0], name[:start] + inner[1] + name[end:])
-    if not text or not os.path.isfile(text):
-        return None
-    return Path(text).resolve(), name[:start] + "{}" + name[end:]
-
-
-def _held_virtual(name: str) -> tuple[Path, str] | None:
-    system = next((s for s in ARCHIVE_FILE_SYSTEMS + COMPRESSED_FILE_SYSTEMS if name.startswith(s)), None)
-    if system is None:
-        return None
-    start = len(system)
-    if system in COMPRESSED_FILE_SYSTEMS:
-        return _held_at(name, start, len(name))
-    if name.startswith("{", start):  # /vsizip/{archive}/member: the archive's path in braces, which may nest
-        depth = 0
-        for end in range(start, len(name)):
-            depth += {"{": 1, "}": -1}.get(name[end], 0)
-            if depth == 0:
-                return _held_at(name, start + 1, end)
-        return None
-    # The archive is the first prefix of the rest that is a file: the prefixes before it are its folders.
-    ends = [i for i in range(start + 1, len(name)) if name[i] == "/"] + [len(name)]
-    return next((held for end in ends if (held := _held_at(name, start, end)) is not None), None)
-
-
-def _held_subdataset(name: str) -> tuple[Path, str] | None:
-    """The file of a subdataset: the one quoted or ':'-separated part of the name that is a file here (a part
-    that is a drive letter joins the next: GPKG:C:\\d\\a.gpkg:t); None unless exactly one is."""
-    rest = name.index(":") + 1
-    if '"' in name[rest:]:  # NETCDF:"a.nc":var, HDF5:"a.h5"://var, HDF4_SDS:UNKNOWN:"a.hdf":0
-        spans = [m.span(1) for m in re.finditer(r'"([^"]*)"', name[rest:])]
-    else:
-        bounds = [rest - 1, *(i for i in range(rest, len(name)) if name[i] == ":"), len(name)]
-        spans = [(a + 1, b) for a, b in zip(bounds, bounds[1:])]
-        spans += [(a + 1, c) for a, b, c in zip(bounds, bounds[1:], bounds[2:])
-                  if b - a == 2 and name[a + 1].isalpha() and name[b + 1:b + 2] in ("\\", "/")]
-        spans = [(a - rest, b - rest) for a, b in spans]
-    found = {held[0]: held for a, b in spans if (held := _held_at(name, rest + a, rest + b)) is not None}
-    return next(iter(found.values())) if len(found) == 1 else None
+    file's path written {} (files.held_file)."""
+    held = held_file(name)
+    return None if held is None else (held.file, name[:held.start] + "{}" + name[held.end:])
 
 
 def _beside(file: Path, source_of_vrt: bool) -> list[Path]:

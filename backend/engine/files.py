@@ -11,6 +11,7 @@ import re
 import stat
 from collections.abc import Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 from .atomic import is_shapefile, shapefile_parts
 from .errors import FarslipError, InputError
@@ -29,8 +30,25 @@ def expand_user(text: str | os.PathLike, what: str, error: type[FarslipError] = 
 
 # --------------------------------------------------------------------------- raster names GDAL resolves itself
 
-# DRIVER:... (two letters at least, so a Windows drive C:\x.tif is none; not DRIVER://, which is a URL).
+# GDAL's virtual file systems that read a file on this machine: a member of an archive (/vsizip/a.zip/x.tif,
+# /vsizip//abs/a.zip/x.tif, /vsizip/{a.zip}/x.tif, /vsitar/a.tar.gz/x.tif) or a whole compressed file
+# (/vsigzip/a.tif.gz). Any other (/vsicurl/, /vsis3/, /vsimem/ ...) reads bytes whose version this machine
+# cannot tell.
+ARCHIVE_FILE_SYSTEMS = ("/vsizip/", "/vsitar/", "/vsi7z/", "/vsirar/")
+COMPRESSED_FILE_SYSTEMS = ("/vsigzip/",)
+# DRIVER:... names a subdataset (GPKG:a.gpkg:table, NETCDF:"a.nc":var, HDF5:"a.h5"://var, GTIFF_DIR:2:a.tif);
+# two letters at least (a Windows drive C:\x.tif is a file), and not DRIVER://, which is a URL.
 _SUBDATASET = re.compile(r"(?P<driver>[A-Za-z][A-Za-z0-9_]+):(?!//)(?P<rest>.+)", re.DOTALL)
+
+
+class HeldFile(NamedTuple):
+    """The file on this machine that holds a raster (`file`, resolved) and where a raster name writes its path
+    (`name[start:end]`): all of a plain path, an archive's path in /vsizip/a.zip/x.tif, a container's in
+    GPKG:a.gpkg:table."""
+
+    file: Path
+    start: int
+    end: int
 
 
 def is_gdal_virtual(name: str | os.PathLike) -> bool:
@@ -38,23 +56,96 @@ def is_gdal_virtual(name: str | os.PathLike) -> bool:
     return os.fspath(name).startswith("/vsi")
 
 
+def is_subdataset(name: str | os.PathLike) -> bool:
+    """A name in GDAL's subdataset syntax (DRIVER:...), unless a file exists under that very name."""
+    text = os.fspath(name)
+    return _SUBDATASET.fullmatch(text) is not None and not os.path.lexists(text)
+
+
+def held_file(name: str | os.PathLike) -> HeldFile | None:
+    """The file on this machine that GDAL reads for the raster name `name`, and where the name writes it: a
+    plain path is its file (there or not); an archive's member or a compressed file (/vsizip/, /vsitar/,
+    /vsigzip/, also chained) its archive; a subdataset the one part of its name that is a file here. None when
+    no file here holds it (/vsicurl/, /vsis3/, /vsimem/, an archive on one of those) or the name does not tell
+    which file does."""
+    text = os.fspath(name)
+    if is_gdal_virtual(text):
+        return _held_virtual(text, 0)
+    if is_subdataset(text):
+        return _held_subdataset(text)
+    return HeldFile(Path(text).resolve(), 0, len(text))
+
+
+def _held_at(name: str, start: int, end: int) -> HeldFile | None:
+    """`name[start:end]` as the file holding the raster: a regular file here, or a virtual path over one."""
+    text = name[start:end]
+    if text.startswith("/vsi"):  # a chain: /vsitar//vsigzip//d/a.tar.gz/x.tif, /vsizip/{/vsizip/a.zip/b.zip}/x
+        return _held_virtual(text, start)
+    if not text or not os.path.isfile(text):
+        return None
+    return HeldFile(Path(text).resolve(), start, end)
+
+
+def _held_virtual(text: str, offset: int) -> HeldFile | None:
+    """held_file of the virtual path `text`, which starts at `offset` of the name being read."""
+    system = next((s for s in ARCHIVE_FILE_SYSTEMS + COMPRESSED_FILE_SYSTEMS if text.startswith(s)), None)
+    if system is None:
+        return None
+    start = len(system)
+
+    def at(begin: int, end: int) -> HeldFile | None:
+        held = _held_at(text, begin, end)
+        return None if held is None else HeldFile(held.file, held.start + offset, held.end + offset)
+
+    if system in COMPRESSED_FILE_SYSTEMS:
+        return at(start, len(text))
+    if text.startswith("{", start):  # /vsizip/{archive}/member: the archive's path in braces, which may nest
+        depth = 0
+        for end in range(start, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[end], 0)
+            if depth == 0:
+                return at(start + 1, end)
+        return None
+    # The archive is the first prefix of the rest that is a file: the prefixes before it are its folders.
+    ends = [i for i in range(start + 1, len(text)) if text[i] == "/"] + [len(text)]
+    return next((held for end in ends if (held := at(start, end)) is not None), None)
+
+
+def _subdataset_spans(name: str) -> list[tuple[int, int]]:
+    """Where a subdataset name may write its file, first the place drivers usually give it: each quoted part
+    (NETCDF:"a.nc":var, HDF4_SDS:UNKNOWN:"a.hdf":0), else each ':'-separated part (GPKG:a.gpkg:table,
+    GTIFF_DIR:2:a.tif), a drive letter joined to the next (GPKG:C:\\d\\a.gpkg:table)."""
+    rest = name.index(":") + 1
+    if '"' in name[rest:]:
+        return [(rest + a, rest + b) for a, b in (m.span(1) for m in re.finditer(r'"([^"]*)"', name[rest:]))]
+    bounds = [rest - 1, *(i for i in range(rest, len(name)) if name[i] == ":"), len(name)]
+    drives = [(a + 1, c) for a, b, c in zip(bounds, bounds[1:], bounds[2:])
+              if b - a == 2 and name[a + 1].isalpha() and name[b + 1:b + 2] in ("\\", "/")]
+    return drives + [(a + 1, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def _held_subdataset(name: str) -> HeldFile | None:
+    """The file of a subdataset: the one part of its name that is a file here; None unless exactly one is."""
+    found = {held.file: held for a, b in _subdataset_spans(name) if (held := _held_at(name, a, b)) is not None}
+    return next(iter(found.values())) if len(found) == 1 else None
+
+
 def subdataset_file(name: str | os.PathLike) -> str | None:
     """The file a GDAL subdataset name reads, as the name gives it: NETCDF:"/d/a.nc":var, NETCDF:/d/a.nc:var,
-    HDF5:"/d/a.h5"://group/var, GPKG:/d/a.gpkg:table -> /d/a.*; None for any other name (a file that exists
-    under a name with a colon is that file)."""
+    HDF5:"/d/a.h5"://group/var, GPKG:/d/a.gpkg:table -> /d/a.*, GTIFF_DIR:2:/d/a.tif -> /d/a.tif (the part that
+    is a file here; else where drivers put it, for a sentence naming a missing file); None for any other name
+    (a file that exists under a name with a colon is that file)."""
     text = os.fspath(name)
-    found = _SUBDATASET.fullmatch(text)
-    if found is None or os.path.lexists(text):
+    if not is_subdataset(text):
         return None
-    rest = found["rest"]
-    if rest.startswith('"'):
-        end = rest.find('"', 1)
-        return rest[1:end] if end > 1 else None
-    file, _, tail = rest.partition(":")
-    if len(file) == 1 and tail[:1] in ("\\", "/"):  # a Windows drive: GPKG:C:\d\a.gpkg:table
-        more, _, tail = tail.partition(":")
-        file = f"{file}:{more}"
-    return file or None
+    held = _held_subdataset(text)
+    if held is not None:
+        return text[held.start:held.end]
+    spans = _subdataset_spans(text)  # none in NETCDF:"a.nc:var (no closing quote)
+    if not spans:
+        return None
+    start, end = spans[0]
+    return text[start:end] or None
 
 
 def is_gdal_name(name: str | os.PathLike) -> bool:
@@ -65,24 +156,30 @@ def is_gdal_name(name: str | os.PathLike) -> bool:
 
 
 def raster_file(name: str | os.PathLike) -> Path | None:
-    """The file on this machine that a raster name reads: the file itself, a subdataset's file; None for a
-    GDAL virtual path."""
-    if is_gdal_virtual(name):
-        return None
-    file = subdataset_file(name)
-    return Path(file if file is not None else name)
+    """The file on this machine that a raster name reads, which no output may replace: the file itself, a
+    subdataset's file, the archive of a /vsizip/ (/vsitar/, /vsigzip/) path as the name gives them; None for a
+    virtual path over no file here (/vsicurl/, /vsis3/ ...)."""
+    text = os.fspath(name)
+    if is_gdal_virtual(text):
+        held = held_file(text)
+        return Path(text[held.start:held.end]) if held is not None else None
+    file = subdataset_file(text)
+    return Path(file if file is not None else text)
 
 
 def absolute_raster_name(name: str | os.PathLike) -> str:
-    """A raster name with its file made absolute (for a report read elsewhere): a path resolved, a
-    subdataset's file inside its name; a virtual path as given."""
+    """A raster name with its file made absolute and resolved, the rest as typed: what names this raster
+    wherever it is read (a report read elsewhere, the key of its search index). A path resolved; a
+    subdataset's file inside its name (GPKG:/abs/a.gpkg:table); an archive inside a virtual path
+    (/vsizip//abs/a.zip/x.tif). A virtual path over no file here, as given."""
     text = os.fspath(name)
-    if is_gdal_virtual(text):
-        return text
+    held = held_file(text)
+    if held is not None:
+        return text[:held.start] + str(held.file) + text[held.end:]
     file = subdataset_file(text)
-    if file is None:
-        return str(Path(text).resolve())
-    start = text.index(file, text.index(":") + 1)
+    if file is None:  # a virtual path over no file here
+        return text
+    start = text.index(file, text.index(":") + 1)  # a missing file: the name as a sentence would give it
     return text[:start] + str(Path(file).resolve()) + text[start + len(file):]
 
 
