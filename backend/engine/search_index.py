@@ -44,6 +44,7 @@ from .atomic import atomic_output, write_text_atomically
 from .dense import image_and_patch_features, normalize_pixels
 from .errors import CancelledError, EmptyResultError, InputError
 from .feature_cache import identity_digest, model_identity, raster_identity
+from .files import absolute_raster_name, is_gdal_name, raster_label
 from .models import LoadedModel
 from .options import check_batch_size
 from .paths import cache_dir
@@ -177,8 +178,12 @@ class BuildStats:
 class SearchIndex:
     """The index of one raster for one model; open with `open_index` (a context manager)."""
 
-    def __init__(self, raster: Path, loaded: LoadedModel, source: RasterSource, attention: str = "segearth",
+    def __init__(self, raster: str | Path, loaded: LoadedModel, source: RasterSource, attention: str = "segearth",
                  batch_size: int = 8, factors: tuple[int, ...] = LEVEL_FACTORS):
+        self.name = os.fspath(raster)  # as given: a GDAL name reaches GDAL as typed (files.is_gdal_name)
+        # What names this raster wherever it is read: its file absolute and resolved, the rest as typed (a
+        # subdataset's or an archive's file too: GPKG:a.gpkg:t1 from any folder, /vsizip//abs/a.zip/x.tif).
+        self.absolute_name = absolute_raster_name(self.name)
         self.raster = Path(raster)
         self.loaded = loaded
         self.attention = attention
@@ -194,19 +199,20 @@ class SearchIndex:
             # A level whose windows would not fit in the raster adds nothing the finer ones lack.
             if factor == factors[0] or min(level_source.height, level_source.width) >= crop:
                 self.levels.append(Level(factor, level_source, crop))
-        identity = json.dumps({"format": INDEX_FORMAT, "raster": str(self.raster.resolve()),
+        identity = json.dumps({"format": INDEX_FORMAT, "raster": self.absolute_name,
                                "model": model_identity(loaded), "bands": source.bands,
                                "value_range": source.value_range, "attention": attention,
                                "factors": [lv.factor for lv in self.levels]}, sort_keys=True, default=str)
         key = hashlib.sha256(identity.encode()).hexdigest()[:24]
-        self.folder = index_root() / f"{safe_stem(self.raster)}-{key}"
+        stem = safe_stem(self.absolute_name if is_gdal_name(self.name) else self.name)  # one per raster, too
+        self.folder = index_root() / f"{stem}-{key}"
         self.rebuilt_reason: str | None = None
         self._open_manifest()
 
     # -- manifest / staleness
 
     def _open_manifest(self) -> None:
-        raster = raster_identity(self.raster, self.dataset)
+        raster = raster_identity(self.name, self.dataset)
         # A raster read through GDAL virtual paths has no version to compare: its index is never reused.
         version = identity_digest(raster) if raster is not None else None
         manifest_file = self.folder / "manifest.json"
@@ -215,16 +221,17 @@ class SearchIndex:
         except (OSError, ValueError):
             manifest = None
         if manifest is not None and (version is None or manifest.get("raster_identity") != version):
+            label = raster_label(self.name)
             self.rebuilt_reason = (
-                f"The raster {self.raster.name} (or a file GDAL reads with it: a mask, .aux.xml, overview or VRT "
+                f"The raster {label} (or a file GDAL reads with it: a mask, .aux.xml, overview or VRT "
                 "source) changed since its search index was built; the index was rebuilt." if version is not None
-                else f"The raster {self.raster.name} is read through GDAL virtual paths, which cannot be checked "
+                else f"The raster {label} is read through GDAL virtual paths, which cannot be checked "
                 "for changes; its search index was rebuilt.")
             shutil.rmtree(self.folder, ignore_errors=True)
             manifest = None
         if manifest is None:
             manifest = {
-                "format": INDEX_FORMAT, "raster": str(self.raster.resolve()),
+                "format": INDEX_FORMAT, "raster": self.absolute_name,
                 "raster_sha256": raster["sha256"] if raster is not None else None,
                 "raster_identity": version, "raster_files": raster,
                 "model": self.loaded.name, "weights_sha256": self.loaded.weights_id,
@@ -394,8 +401,8 @@ class SearchIndex:
         return sum(len(lv.row_starts) * len(lv.col_starts) for lv in self.levels)
 
 
-def safe_stem(path: Path) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in path.stem)[:40] or "raster"
+def safe_stem(path: str | Path) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(path).stem)[:40] or "raster"
 
 
 @contextlib.contextmanager
@@ -410,7 +417,7 @@ def open_index(raster: str | Path, loaded: LoadedModel, bands: list[int] | None 
             raise EmptyResultError(f"Every pixel of {raster} is nodata or masked: there is nothing to index or "
                                    "search. Check the raster's nodata value and alpha band.") from None
         with source:
-            yield SearchIndex(Path(raster), loaded, source, attention, batch_size)
+            yield SearchIndex(raster, loaded, source, attention, batch_size)
 
 
 @contextlib.contextmanager

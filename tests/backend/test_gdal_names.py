@@ -112,3 +112,45 @@ def test_segment_opens_a_subdataset_whose_file_is_not_its_first_part(data, tiny_
     assert result.exit_code == 0, result.output
     report = json.loads((data / "out.report.json").read_text())
     assert report["raster"] == f"GTIFF_DIR:1:{(data / 'scene.tif').resolve()}"
+
+
+def test_the_search_index_is_keyed_by_the_rasters_absolute_gdal_name(data, tiny_model, monkeypatch):
+    """The key was Path(raster).resolve(): a subdataset's depended on the working folder (GPKG:a.gpkg:t1 became
+    <cwd>/GPKG:a.gpkg:t1, so the same table had one index per folder and per spelling), and /vsizip/a.zip/x.tif
+    was one key for every a.zip (each run in another folder rebuilt the other's index)."""
+    import json
+
+    from backend.engine.models import load_model
+    from backend.engine.search_index import open_index
+
+    loaded = load_model(str(tiny_model), device="cpu")
+
+    def build(name: str) -> tuple[Path, str | None, int]:
+        with open_index(name, loaded) as index:
+            return index.folder, index.rebuilt_reason, index.ensure().computed
+
+    table, reason, computed = build("GPKG:tables.gpkg:t1")
+    assert reason is None and computed > 0
+    manifest = json.loads((table / "manifest.json").read_text())
+    assert manifest["raster"] == f"GPKG:{(data / 'tables.gpkg').resolve()}:t1"
+    elsewhere = data / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for name in ("GPKG:../tables.gpkg:t1", f"GPKG:{data / 'tables.gpkg'}:t1"):
+        assert build(name) == (table, None, 0), name
+    assert build("GPKG:../tables.gpkg:t2")[0] != table
+    # One relative archive name in two folders: two rasters, two indexes, each kept.
+    for seed, folder in enumerate((data / "a", data / "b")):
+        folder.mkdir()
+        with zipfile.ZipFile(folder / "tiles.zip", "w") as archive:
+            archive.write(write_tif(folder / "tile.tif", seed), "tile.tif")
+    member = "/vsizip/tiles.zip/tile.tif"
+    monkeypatch.chdir(data / "a")
+    first, reason, computed = build(member)
+    assert reason is None and computed > 0
+    monkeypatch.chdir(data / "b")
+    second, reason, computed = build(member)
+    assert second != first and reason is None and computed > 0
+    monkeypatch.chdir(data / "a")
+    assert build(member) == (first, None, 0)
+    assert build(f"/vsizip/{data / 'a' / 'tiles.zip'}/tile.tif") == (first, None, 0)
