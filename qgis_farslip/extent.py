@@ -8,6 +8,7 @@ import math
 import os
 import tempfile
 import time
+import xml.etree.ElementTree as ElementTree
 from typing import Any, Callable
 
 from osgeo import gdal
@@ -107,6 +108,22 @@ def vrt_path(source: str, srs: str | None, window: PixelWindow | None = None) ->
     name = os.path.basename(source.rstrip("/\\")) or "raster"
     stem = safe_file_stem(name, fallback="raster")[:40]  # a.tif, g.gpkg_two: what the backend's messages name
     return os.path.join(vrt_cache_dir(), f"{stem}-{digest}.vrt")
+
+
+def kept_vrt_window(path: str) -> PixelWindow | None:
+    """The window of its source's pixels that a VRT kept in the cache folder was cut to (`write_vrt`'s `window`),
+    read from the VRT; None for another file. With the layer's source and CRS it names the VRT (`vrt_path`)."""
+    folder = os.path.normcase(os.path.realpath(vrt_cache_dir()))
+    if not path.endswith(".vrt") or os.path.normcase(os.path.realpath(os.path.dirname(path))) != folder:
+        return None
+    try:
+        rectangle = ElementTree.parse(path).getroot().find("VRTRasterBand/*/SrcRect")
+        if rectangle is None:
+            return None
+        x, y, width, height = (round(float(rectangle.get(name, ""))) for name in ("xOff", "yOff", "xSize", "ySize"))
+    except (OSError, ElementTree.ParseError, ValueError):
+        return None
+    return x, y, width, height
 
 
 def write_vrt(source: str, srs: str | None, path: str, layer_name: str, window: PixelWindow | None = None) -> str:
@@ -227,7 +244,8 @@ def hit_window(path: str, footprint: list) -> PixelWindow | None:
     rotation terms, where the hit's envelope is that window, and for a footprint that misses the raster.
 
     On a rotated grid any box in the raster's CRS that holds the hit (its envelope) holds far more of the
-    raster around it, and the backend segments all of that box."""
+    raster around it, and the backend segments all of that box. `path` is what GDAL opens (a file, a /vsizip/
+    member, GPKG:a.gpkg:table): a layer's VRT has that dataset's pixel grid, so a hit found through it too."""
     dataset = gdal.Open(path)
     if dataset is None or not footprint:
         return None

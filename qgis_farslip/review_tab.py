@@ -31,7 +31,7 @@ from qgis.PyQt.QtCore import QObject, Qt, QVariant
 from qgis.PyQt.QtGui import QColor
 from qgis.PyQt.QtWidgets import QTableWidgetItem, QWidget
 
-from .extent import local_raster_path, needs_vrt, vrt_arguments
+from .extent import gdal_dataset_name, kept_vrt_window, local_raster_path, needs_vrt, vrt_arguments
 from .i18n import tr
 from .results import CLASS_FIELD, RASTER_PROPERTY, categorized_renderer, layer_classes
 
@@ -71,13 +71,18 @@ def same_file(first: str, second: str) -> bool:
 
 def project_raster_of(path: str, project: QgsProject) -> QgsRasterLayer | None:
     """The project's layer that shows the raster file `path` as the backend reads it, if there is one: its own
-    file, or the VRT the plugin keeps of it (a zipped layer, a CRS set in QGIS)."""
+    file, the VRT the plugin keeps of it (a zipped layer, a CRS set in QGIS), or the VRT of a window of its pixels
+    (a search hit on a rotated grid, used as the extent)."""
+    window = kept_vrt_window(path)
     for layer in project.mapLayers().values():
         if isinstance(layer, QgsRasterLayer) and layer.isValid():
             shown = local_raster_path(layer)
             if shown is None and needs_vrt(layer):
                 shown = vrt_arguments(layer)[2]
             if shown is not None and same_file(shown, path):
+                return layer
+            if window is not None and gdal_dataset_name(layer) is not None \
+                    and same_file(vrt_arguments(layer, window)[2], path):
                 return layer
     return None
 

@@ -21,7 +21,8 @@ from qgis.PyQt.QtCore import QObject, Qt, pyqtSignal
 from qgis.PyQt.QtWidgets import QListWidgetItem, QWidget
 
 from .backend_manager import log
-from .extent import crs_text, displayed_bands, hit_window, local_raster_path, transform_extent
+from .extent import (crs_text, displayed_bands, gdal_dataset_name, hit_window, local_raster_path, transform_extent,
+                     vrt_step)
 from .filenames import safe_file_stem, unused_stem
 from .jobs import JobTask, eta_text
 from .search_hits import load_hits
@@ -76,16 +77,24 @@ class SearchTab(QObject):
         return [line.strip() for line in self.form.sentencesEdit.toPlainText().splitlines() if line.strip()]
 
     def build_request(self, like: tuple[float, float, QgsCoordinateReferenceSystem] | None = None
-                      ) -> tuple[dict[str, Any], str]:
-        """The POST /v1/search body and the hits file it writes."""
+                      ) -> tuple[dict[str, Any], Callable | None, str]:
+        """The POST /v1/search body, a preparation step for a layer the backend cannot read as is, and the hits
+        file it writes.
+
+        A GDAL layer that is not a plain file (a GeoPackage table, a zipped file) or whose CRS was set in QGIS is
+        searched through its kept VRT, as segmenting reads it: the same file on every search, so the backend's
+        search index knows it again, and in the layer's CRS, so the hits lie where QGIS shows the raster."""
         layer = self.form.searchRasterCombo.currentLayer()
         if not isinstance(layer, QgsRasterLayer) or not layer.isValid():
             raise UserError("Choose a raster layer to search.")
         path = local_raster_path(layer)
+        prepare = None
         if path is None:
-            raise UserError(f"{layer.name()} is not a local raster file, or its CRS was set in QGIS (Layer > Set "
-                            "CRS) and differs from the file's; searching needs a file the backend can index as "
-                            "shown (save the layer as a GeoTIFF first).")
+            if gdal_dataset_name(layer) is None:
+                raise UserError(f"{layer.name()} is not a raster GDAL reads (a WMS, XYZ or other web layer, a "
+                                "database or virtual raster), so the backend cannot index it; save the part to "
+                                "search as a GeoTIFF (Export > Save As...) and search that.")
+            prepare = vrt_step(layer)  # names the VRT as the request's raster
         sentences = self.sentences()
         if not sentences and like is None:
             raise UserError("Type a sentence to search for (one per line), or use 'Like this place...' and "
@@ -118,7 +127,7 @@ class SearchTab(QObject):
             x, y, crs = like
             request["like"] = [x, y]
             request["like_crs"] = crs_text(crs)
-        return request, out
+        return request, prepare, out
 
     # -- running -------------------------------------------------------------------------------
     def search(self, like: tuple[float, float, QgsCoordinateReferenceSystem] | None = None) -> None:
@@ -126,7 +135,7 @@ class SearchTab(QObject):
             return
         self.last_error = ""
         try:
-            request, out = self.build_request(like)
+            request, prepare, out = self.build_request(like)
         except UserError as error:
             self._show(str(error), error=True)
             self.searchFinished.emit("failed")
@@ -138,7 +147,7 @@ class SearchTab(QObject):
             return
         self.raster_layer = self.form.searchRasterCombo.currentLayer()
         task = JobTask(f"FarSLIP: searching {self.raster_layer.name()}", self.dock.manager.connection, "search",
-                       request, None, [out])
+                       request, prepare, [out])
         task.jobUpdated.connect(self._job_updated)
         task.backendLost.connect(self.dock.manager.lost)
         task.succeeded.connect(self._job_done)
@@ -215,9 +224,13 @@ class SearchTab(QObject):
         xmin, ymin, xmax, ymax = item.data(HIT_BOUNDS)
         return QgsRectangle(xmin, ymin, xmax, ymax)
 
+    def hits_crs(self) -> QgsCoordinateReferenceSystem:
+        """The CRS of the hits' coordinates: the raster's as the backend read it, which is the layer's CRS (a CRS
+        set in QGIS included: the layer's VRT carries it)."""
+        return self.hits_layer.crs() if self.hits_layer is not None else self.raster_layer.crs()
+
     def zoom_to_hit(self, item: QListWidgetItem) -> None:
-        crs = self.hits_layer.crs() if self.hits_layer is not None else self.raster_layer.crs()
-        extent = transform_extent(self.hit_rectangle(item), crs, self.canvas.mapSettings().destinationCrs())
+        extent = transform_extent(self.hit_rectangle(item), self.hits_crs(), self.canvas.mapSettings().destinationCrs())
         extent.scale(1.2)
         self.canvas.setExtent(extent)
         self.canvas.refresh()
@@ -226,15 +239,16 @@ class SearchTab(QObject):
         """The selected hit becomes the Segment tab's drawn extent, on the searched raster.
 
         On a rotated grid the hit is not its envelope (the rectangle drawn), which reaches far beyond it: the
-        hit's window of the raster's own pixels goes with it, and a run on that raster segments that window."""
+        hit's window of the raster's own pixels goes with it, and a run on that raster segments that window (a
+        VRT of it, also of a layer searched through its VRT: that VRT has the dataset's own pixel grid)."""
         item = self.form.hitsList.currentItem()
         if item is None or self.raster_layer is None:
             return
         layer = self.raster_layer
-        path = local_raster_path(layer)
-        window = hit_window(path, item.data(HIT_FOOTPRINT) or []) if path is not None else None
+        source = gdal_dataset_name(layer)
+        window = hit_window(source, item.data(HIT_FOOTPRINT) or []) if source is not None else None
         self.dock.form.layerCombo.setLayer(layer)
-        self.dock.set_drawn_extent(self.hit_rectangle(item), layer.crs(),
+        self.dock.set_drawn_extent(self.hit_rectangle(item), self.hits_crs(),
                                    (layer, window) if window is not None else None)
         self.dock.form.tabs.setCurrentIndex(0)
 

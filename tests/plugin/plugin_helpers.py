@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+import zipfile
 from pathlib import Path
 
 from qgis.core import QgsApplication
@@ -46,3 +48,43 @@ def save_as_geopackage(layer, path: str) -> None:
     error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(
         layer, path, QgsProject.instance().transformContext(), options)
     assert error == QgsVectorFileWriter.NoError, message
+
+
+def translated(tmp_path: Path, name: str, **options) -> str:
+    """A copy of NAIP made with gdal_translate's options."""
+    from osgeo import gdal
+
+    path = str(tmp_path / name)
+    assert gdal.Translate(path, str(NAIP), **options) is not None
+    return path
+
+
+def zipped(path: str) -> str:
+    """`path` inside a zip file, as QGIS opens it: /vsizip/."""
+    archive = path + ".zip"
+    with zipfile.ZipFile(archive, "w") as output:
+        output.write(path, os.path.basename(path))
+    return f"/vsizip/{archive}/{os.path.basename(path)}"
+
+
+def subdataset(tmp_path: Path) -> str:
+    """NAIP's red, green and blue as the second raster table of a GeoPackage, in lossless PNG tiles (the pixels
+    of the file): a GDAL subdataset (GPKG:file:table), not a plain file."""
+    from osgeo import gdal
+
+    path = str(tmp_path / "tables.gpkg")
+    for table, append in (("first", "NO"), ("naip", "YES")):
+        assert gdal.Translate(path, str(NAIP), format="GPKG", bandList=[1, 2, 3],
+                              creationOptions=[f"RASTER_TABLE={table}", f"APPEND_SUBDATASET={append}",
+                                               "TILE_FORMAT=PNG"]) is not None
+    return f"GPKG:{path}:naip"
+
+
+def added(source: str, name: str, provider: str = "gdal"):
+    """A valid raster layer of `source`, added to the project."""
+    from qgis.core import QgsProject, QgsRasterLayer
+
+    layer = QgsRasterLayer(source, name, provider)
+    assert layer.isValid(), source
+    QgsProject.instance().addMapLayer(layer)
+    return layer

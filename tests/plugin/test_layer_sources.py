@@ -8,43 +8,18 @@ import json
 import os
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import pytest
 from osgeo import gdal
-from plugin_helpers import NAIP, run_dock_job
+from plugin_helpers import NAIP, added, run_dock_job, subdataset, translated, zipped
 from qgis.core import (
     QgsCoordinateReferenceSystem,
-    QgsProject,
-    QgsRasterLayer,
     QgsRectangle,
     QgsVectorLayer,
 )
 
 CLASS_TEXT = "water\ngrass"
-
-
-def translated(tmp_path: Path, name: str, **options) -> str:
-    """A copy of NAIP made with gdal_translate's options."""
-    path = str(tmp_path / name)
-    assert gdal.Translate(path, str(NAIP), **options) is not None
-    return path
-
-
-def zipped(path: str) -> str:
-    """`path` inside a zip file, as QGIS opens it: /vsizip/."""
-    archive = path + ".zip"
-    with zipfile.ZipFile(archive, "w") as output:
-        output.write(path, os.path.basename(path))
-    return f"/vsizip/{archive}/{os.path.basename(path)}"
-
-
-def added(source: str, name: str, provider: str = "gdal") -> QgsRasterLayer:
-    layer = QgsRasterLayer(source, name, provider)
-    assert layer.isValid(), source
-    QgsProject.instance().addMapLayer(layer)
-    return layer
 
 
 def report_of(vector: QgsVectorLayer) -> dict:
@@ -263,15 +238,6 @@ def test_a_shapefile_export_of_a_long_class_name_keeps_that_class_styled(dock, t
     styled = {str(category.value()) for category in exported.renderer().categories()}
     assert stored <= styled, (stored, styled)
     assert {str(f["class"]) for f in vector.getFeatures()} != stored  # the name was shortened in the file
-
-
-def subdataset(tmp_path: Path) -> str:
-    """NAIP as the second raster table of a GeoPackage: a GDAL subdataset (GPKG:file:table), not a plain file."""
-    path = str(tmp_path / "tables.gpkg")
-    for table, append in (("first", "NO"), ("naip", "YES")):
-        assert gdal.Translate(path, str(NAIP), format="GPKG", bandList=[1, 2, 3],
-                              creationOptions=[f"RASTER_TABLE={table}", f"APPEND_SUBDATASET={append}"]) is not None
-    return f"GPKG:{path}:naip"
 
 
 def test_a_re_run_with_other_classes_on_a_layer_read_through_a_vrt_says_features_cached(dock, tmp_path):

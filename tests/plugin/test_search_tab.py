@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
-from osgeo import gdal
-from plugin_helpers import NAIP, run_dock_job, wait_until
+from osgeo import gdal, osr
+from plugin_helpers import NAIP, added, run_dock_job, subdataset, translated, wait_until, zipped
 from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
     QgsGeometry,
     QgsGraduatedSymbolRenderer,
     QgsPointXY,
     QgsProject,
     QgsRasterLayer,
+    QgsRectangle,
     QgsVectorLayer,
 )
+
+UTM14 = QgsCoordinateReferenceSystem("EPSG:26914")  # NAIP's CRS
 
 
 @pytest.fixture
@@ -119,16 +125,42 @@ def rotated_copy(path: str, degrees: float) -> str:
     return path
 
 
-def test_a_hit_on_a_rotated_raster_used_as_the_extent_segments_the_hit_and_not_its_envelope(search_tab, tmp_path):
+def with_crs(path: str, epsg: int) -> str:
+    """The file at `path` labelled with another CRS (its pixels and geotransform as they are)."""
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(epsg)
+    dataset = gdal.Open(path, gdal.GA_Update)
+    dataset.SetProjection(srs.ExportToWkt())
+    dataset = None
+    return path
+
+
+def rotated_layer(tmp_path, source: str) -> QgsRasterLayer:
+    """NAIP turned by 30 degrees as `source` says: a file; a file that says EPSG:26913 (456 km off) whose CRS was
+    set to EPSG:26914 in QGIS (Layer > Set CRS); a file inside a zip."""
+    path = rotated_copy(str(tmp_path / "rotated.tif"), 30.0)
+    if source == "a CRS set in QGIS":
+        with_crs(path, 26913)
+    layer = added(zipped(path) if source == "a zipped file" else path, "rotated")
+    if source == "a CRS set in QGIS":
+        layer.setCrs(UTM14)
+    return layer
+
+
+@pytest.mark.parametrize("source", ["a file", "a CRS set in QGIS", "a zipped file"])
+def test_a_hit_on_a_rotated_raster_used_as_the_extent_segments_the_hit_and_not_its_envelope(search_tab, tmp_path,
+                                                                                           source):
     """On a grid turned by 30 degrees a hit's envelope holds almost twice the hit, much of it raster around it:
-    the segment run on the hit covers the hit's footprint and stops at its edges."""
-    layer = QgsRasterLayer(rotated_copy(str(tmp_path / "rotated.tif"), 30.0), "rotated")
-    assert layer.isValid()
-    QgsProject.instance().addMapLayer(layer)
+    the segment run on the hit covers the hit's footprint and stops at its edges. Also for a layer the backend
+    reads through its VRT (a CRS set in QGIS, a zipped file), whose hits lie on the layer where QGIS shows it; the
+    Review tab knows that layer behind the VRT of the hit's pixels."""
+    layer = rotated_layer(tmp_path, source)
     search_tab.form.searchRasterCombo.setLayer(layer)
     search_tab.form.topSpin.setValue(3)
     search_tab.form.sentencesEdit.setPlainText("a lake next to a road")
     assert run_search(search_tab) == "done", search_tab.last_error
+    assert search_tab.hits_layer.crs() == layer.crs() == UTM14
+    assert layer.extent().buffered(1.0).contains(search_tab.hits_layer.extent())
     hits = search_tab.form.hitsList
     hits.setCurrentItem(hits.item(0))
     footprint = next(f for f in search_tab.hits_layer.getFeatures() if f["rank"] == 1).geometry()
@@ -138,12 +170,140 @@ def test_a_hit_on_a_rotated_raster_used_as_the_extent_segments_the_hit_and_not_i
     search_tab.use_hit_as_extent()
     dock = search_tab.dock
     assert dock.form.layerCombo.currentLayer() is layer and dock.form.extentCombo.currentData() == "drawn"
+    assert dock.extent.pixel_window(layer) is not None
     dock.form.classesEdit.setPlainText("water\ngrass")
     dock.form.classRasterCheck.setChecked(False)
     dock.form.probRasterCheck.setChecked(False)
     assert run_dock_job(dock) == "done", dock.last_error
+    assert dock.last_layers[0].crs() == UTM14
     polygons = QgsGeometry.unaryUnion([f.geometry() for f in dock.last_layers[0].getFeatures()])
     pixel = 5.0
     assert footprint.difference(polygons).area() < pixel ** 2, "the hit is not covered"
     outside = polygons.difference(footprint.buffer(pixel, 1)).area()
     assert outside < pixel ** 2, f"{outside / pixel ** 2:.0f} pixels segmented beyond the hit"
+    # The run read a VRT of the hit's pixels: training on the result's corrections takes this layer again (not a
+    # new layer of that VRT).
+    assert dock.review_tab.layer() is dock.last_layers[0]
+    assert dock.review_tab.source_raster() == (layer, "")
+
+
+def found(tab) -> dict[tuple[str, str], float]:
+    """The hits of the last search: (query, box to a centimetre) -> score."""
+    return {(f["query"], f.geometry().boundingBox().toString(2)): f["score"] for f in tab.hits_layer.getFeatures()}
+
+
+def among(hits: dict[tuple[str, str], float], reference: dict[tuple[str, str], float]) -> bool:
+    """Every hit is a place of `reference` (a search for more places) with its score. Scores of near ties may
+    differ in the fourth decimal between two indexes of the same pixels, and swap ranks."""
+    return all(place in reference and abs(score - reference[place]) < 2e-3 for place, score in hits.items())
+
+
+def segment_the_hit(tab, row: int = 0) -> QgsVectorLayer:
+    """'Use this hit as the extent' on the hit in `row`, then Run in the Segment tab; the polygon layer."""
+    hits = tab.form.hitsList
+    hits.setCurrentItem(hits.item(row))
+    tab.use_hit_as_extent()
+    dock = tab.dock
+    dock.form.classesEdit.setPlainText("water\ngrass")
+    dock.form.classRasterCheck.setChecked(False)
+    dock.form.probRasterCheck.setChecked(False)
+    assert run_dock_job(dock) == "done", dock.last_error
+    return dock.last_layers[0]
+
+
+def test_a_geopackage_raster_table_is_searched_through_its_kept_vrt(search_tab, naip_layer, tmp_path, backend_home):
+    """NAIP's pixels as a GeoPackage raster table (GPKG:file:table, no file of its own): the search reads the
+    table's kept VRT and finds the places it finds in the GeoTIFF, at the same coordinates; the table's VRT is
+    the same file on a second search, and a hit used as the extent segments that hit of the table."""
+    search_tab.form.sentencesEdit.setPlainText("a lake next to a road\na parking lot")
+    search_tab.form.topSpin.setValue(10)
+    assert run_search(search_tab) == "done", search_tab.last_error
+    in_the_geotiff = found(search_tab)
+
+    table = added(subdataset(tmp_path), "table")
+    search_tab.form.topSpin.setValue(5)
+    search_tab.form.searchRasterCombo.setLayer(table)
+    request, prepare, _out = search_tab.build_request()
+    assert prepare is not None  # the VRT is written in the job's worker thread
+    prepare(None, request)
+    vrt = Path(request["raster"])
+    assert vrt.parent == backend_home / "cache" / "layer-vrt"
+    before = vrt.stat()
+    assert run_search(search_tab) == "done", search_tab.last_error
+    assert search_tab.hits_layer.crs() == table.crs() == naip_layer.crs()
+    assert len(found(search_tab)) == 10 and among(found(search_tab), in_the_geotiff)
+    assert table.extent().buffered(1.0).contains(search_tab.hits_layer.extent())
+    after = vrt.stat()  # the search read that VRT, kept as it was (the backend's search index knows it again)
+    assert (after.st_mtime_ns, after.st_ino) == (before.st_mtime_ns, before.st_ino)
+
+    hit = search_tab.hit_rectangle(search_tab.form.hitsList.item(1))
+    polygons = segment_the_hit(search_tab, 1)
+    assert search_tab.dock.form.layerCombo.currentLayer() is table
+    assert polygons.crs() == naip_layer.crs() and polygons.featureCount() > 0
+    assert hit.buffered(5.0).contains(polygons.extent()), (hit.toString(), polygons.extent().toString())
+    assert polygons.extent().width() > 0.8 * hit.width() and polygons.extent().height() > 0.8 * hit.height()
+
+
+def test_a_crs_set_in_qgis_is_the_crs_of_the_hits_and_of_the_map_extent_and_the_clicked_place(
+        search_tab, naip_layer, tmp_path, qgis_iface):
+    """A GeoTIFF that says EPSG:26913 (the wrong zone, 456 km off) set to EPSG:26914 with Layer > Set CRS, a map
+    in EPSG:4326 on part of it: searching the map's extent by sentence, and by a click on the map, finds the places
+    found in NAIP itself (which is in EPSG:26914), in EPSG:26914 and in the map's view; a hit used as the
+    extent segments that hit of the layer."""
+    wrong_zone = added(translated(tmp_path, "wrong_zone.tif", outputSRS="EPSG:26913"), "wrong zone")
+    wrong_zone.setCrs(UTM14)
+    assert wrong_zone.extent() == naip_layer.extent()
+    wgs84 = QgsCoordinateReferenceSystem("EPSG:4326")
+    canvas = qgis_iface.mapCanvas()
+    canvas.resize(800, 600)
+    canvas.setDestinationCrs(wgs84)
+    to_map = QgsCoordinateTransform(UTM14, wgs84, QgsProject.instance())
+    part = QgsRectangle(naip_layer.extent())
+    part.scale(0.6)
+    canvas.setExtent(to_map.transformBoundingBox(part))
+    view = to_map.transformBoundingBox(canvas.extent(), QgsCoordinateTransform.ReverseTransform)
+    assert not view.contains(naip_layer.extent())
+    search_tab.form.searchExtentCombo.setCurrentIndex(search_tab.form.searchExtentCombo.findData("canvas"))
+    search_tab.form.sentencesEdit.setPlainText("a lake next to a road")
+    click = to_map.transform(naip_layer.extent().center())
+
+    expected = []
+    for layer, top in ((naip_layer, 10), (wrong_zone, 5)):
+        search_tab.form.searchRasterCombo.setLayer(layer)
+        search_tab.form.topSpin.setValue(top)
+        assert run_search(search_tab) == "done", search_tab.last_error
+        by_sentence = found(search_tab)
+        assert search_tab.hits_layer.crs() == UTM14
+        # The windows that overlap the view along each axis by at least half their side: their centres are in it.
+        centres = [f.geometry().boundingBox().center() for f in search_tab.hits_layer.getFeatures()]
+        assert all(view.buffered(1.0).contains(centre) for centre in centres), (view.toString(), centres)
+        assert run_search(search_tab, like=(click.x(), click.y(), wgs84)) == "done", search_tab.last_error
+        by_example = found(search_tab)
+        assert search_tab.hits_layer.crs() == UTM14
+        assert naip_layer.extent().buffered(1.0).contains(search_tab.hits_layer.extent())
+        assert all(not f.geometry().contains(QgsPointXY(naip_layer.extent().center()))
+                   for f in search_tab.hits_layer.getFeatures())
+        expected.append((by_sentence, by_example))
+    (sentence_hits, example_hits), (sentence_places, example_places) = expected[1], expected[0]
+    assert len(sentence_hits) == len(example_hits) == 5
+    assert among(sentence_hits, sentence_places) and among(example_hits, example_places)
+
+    hit = search_tab.hit_rectangle(search_tab.form.hitsList.item(0))
+    polygons = segment_the_hit(search_tab, 0)
+    rectangle, crs = search_tab.dock.drawn_extent
+    assert crs == UTM14 and rectangle == hit
+    assert polygons.crs() == UTM14 and polygons.featureCount() > 0
+    assert hit.buffered(5.0).contains(polygons.extent()), (hit.toString(), polygons.extent().toString())
+    assert polygons.extent().width() > 0.8 * hit.width() and polygons.extent().height() > 0.8 * hit.height()
+
+
+def test_a_layer_gdal_does_not_read_is_refused_in_a_sentence(bare_dock, tmp_path):
+    """An XYZ layer has no file or GDAL dataset to index: a sentence says what to do, no job starts."""
+    (tmp_path / "tiles").mkdir()
+    layer = added(f"type=xyz&url=file://{tmp_path}/tiles/%7Bz%7D/%7Bx%7D/%7By%7D.png&zmax=19&zmin=0", "tiles", "wms")
+    tab = bare_dock.search_tab
+    tab.form.searchRasterCombo.setLayer(layer)
+    tab.form.sentencesEdit.setPlainText("a lake next to a road")
+    assert run_search(tab, timeout=10) == "failed"
+    assert tab.last_error.startswith("tiles is not a raster GDAL reads"), tab.last_error
+    assert "GeoTIFF" in tab.last_error and tab.task is None
