@@ -63,13 +63,19 @@ def coarse_vector_path(out: Path) -> Path:
 
 def output_paths(options: SegmentOptions) -> dict[str, Path]:
     """The files a run writes, by role: vector, report, the unrefined polygons of --refine, the rasters."""
-    found = {"vector": Path(options.out), "report": report_path_for(options.out)}
-    if options.refine != "none":
-        found["coarse_vector"] = coarse_vector_path(options.out)
-    if options.class_raster:
-        found["class_raster"] = Path(options.class_raster)
-    if options.prob_raster:
-        found["prob_raster"] = Path(options.prob_raster)
+    return outputs_by_role(options.out, options.refine, options.class_raster, options.prob_raster)
+
+
+def outputs_by_role(out: str | Path, refine: str = "none", class_raster: str | Path | None = None,
+                    prob_raster: str | Path | None = None) -> dict[str, Path]:
+    """output_paths of a run (also a scaled one) writing `out` and these rasters."""
+    found = {"vector": Path(out), "report": report_path_for(out)}
+    if refine != "none":
+        found["coarse_vector"] = coarse_vector_path(out)
+    if class_raster:
+        found["class_raster"] = Path(class_raster)
+    if prob_raster:
+        found["prob_raster"] = Path(prob_raster)
     return found
 
 
@@ -80,11 +86,16 @@ OUTPUT_NAMES = {"vector": "polygon output", "report": "run report", "coarse_vect
 
 def output_files(options: SegmentOptions) -> dict[str, Path]:
     """Every file a run writes, by what it is: the outputs, the report and a shapefile's parts."""
+    return named_outputs(output_paths(options))
+
+
+def named_outputs(paths: dict[str, Path]) -> dict[str, Path]:
+    """output_files of a run (also a scaled one) writing `paths` (by role, as output_paths gives them)."""
     named: dict[str, Path] = {}
-    for role, path in output_paths(options).items():
+    for role, path in paths.items():
         named[OUTPUT_NAMES[role]] = path
-        if role == "report" and is_shapefile(options.out):
-            named.update({f"shapefile part {part.suffix}": part for part in shapefile_parts(options.out)})
+        if role == "report" and is_shapefile(paths["vector"]):
+            named.update({f"shapefile part {part.suffix}": part for part in shapefile_parts(paths["vector"])})
     return named
 
 

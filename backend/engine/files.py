@@ -62,31 +62,31 @@ def is_subdataset(name: str | os.PathLike) -> bool:
     return _SUBDATASET.fullmatch(text) is not None and not os.path.lexists(text)
 
 
-def held_file(name: str | os.PathLike) -> HeldFile | None:
+def held_file(name: str | os.PathLike, folder: str | os.PathLike = "") -> HeldFile | None:
     """The file on this machine that GDAL reads for the raster name `name`, and where the name writes it: a
     plain path is its file (there or not); an archive's member or a compressed file (/vsizip/, /vsitar/,
     /vsigzip/, also chained) its archive; a subdataset the one part of its name that is a file here. None when
     no file here holds it (/vsicurl/, /vsis3/, /vsimem/, an archive on one of those) or the name does not tell
-    which file does."""
-    text = os.fspath(name)
+    which file does. A relative file is in `folder` (default: the working folder)."""
+    text, folder = os.fspath(name), os.fspath(folder)
     if is_gdal_virtual(text):
-        return _held_virtual(text, 0)
+        return _held_virtual(text, 0, folder)
     if is_subdataset(text):
-        return _held_subdataset(text)
-    return HeldFile(Path(text).resolve(), 0, len(text))
+        return _held_subdataset(text, folder)
+    return HeldFile(Path(os.path.join(folder, text)).resolve(), 0, len(text))
 
 
-def _held_at(name: str, start: int, end: int) -> HeldFile | None:
+def _held_at(name: str, start: int, end: int, folder: str) -> HeldFile | None:
     """`name[start:end]` as the file holding the raster: a regular file here, or a virtual path over one."""
     text = name[start:end]
     if text.startswith("/vsi"):  # a chain: /vsitar//vsigzip//d/a.tar.gz/x.tif, /vsizip/{/vsizip/a.zip/b.zip}/x
-        return _held_virtual(text, start)
-    if not text or not os.path.isfile(text):
+        return _held_virtual(text, start, folder)
+    if not text or not os.path.isfile(os.path.join(folder, text)):
         return None
-    return HeldFile(Path(text).resolve(), start, end)
+    return HeldFile(Path(os.path.join(folder, text)).resolve(), start, end)
 
 
-def _held_virtual(text: str, offset: int) -> HeldFile | None:
+def _held_virtual(text: str, offset: int, folder: str) -> HeldFile | None:
     """held_file of the virtual path `text`, which starts at `offset` of the name being read."""
     system = next((s for s in ARCHIVE_FILE_SYSTEMS + COMPRESSED_FILE_SYSTEMS if text.startswith(s)), None)
     if system is None:
@@ -94,7 +94,7 @@ def _held_virtual(text: str, offset: int) -> HeldFile | None:
     start = len(system)
 
     def at(begin: int, end: int) -> HeldFile | None:
-        held = _held_at(text, begin, end)
+        held = _held_at(text, begin, end, folder)
         return None if held is None else HeldFile(held.file, held.start + offset, held.end + offset)
 
     if system in COMPRESSED_FILE_SYSTEMS:
@@ -124,9 +124,10 @@ def _subdataset_spans(name: str) -> list[tuple[int, int]]:
     return drives + [(a + 1, b) for a, b in zip(bounds, bounds[1:])]
 
 
-def _held_subdataset(name: str) -> HeldFile | None:
+def _held_subdataset(name: str, folder: str = "") -> HeldFile | None:
     """The file of a subdataset: the one part of its name that is a file here; None unless exactly one is."""
-    found = {held.file: held for a, b in _subdataset_spans(name) if (held := _held_at(name, a, b)) is not None}
+    found = {held.file: held for a, b in _subdataset_spans(name)
+             if (held := _held_at(name, a, b, folder)) is not None}
     return next(iter(found.values())) if len(found) == 1 else None
 
 
@@ -167,20 +168,21 @@ def raster_file(name: str | os.PathLike) -> Path | None:
     return Path(file if file is not None else text)
 
 
-def absolute_raster_name(name: str | os.PathLike) -> str:
+def absolute_raster_name(name: str | os.PathLike, folder: str | os.PathLike = "") -> str:
     """A raster name with its file made absolute and resolved, the rest as typed: what names this raster
     wherever it is read (a report read elsewhere, the key of its search index). A path resolved; a
     subdataset's file inside its name (GPKG:/abs/a.gpkg:table); an archive inside a virtual path
-    (/vsizip//abs/a.zip/x.tif). A virtual path over no file here, as given."""
+    (/vsizip//abs/a.zip/x.tif). A virtual path over no file here, as given. A relative file is in `folder`
+    (default: the working folder)."""
     text = os.fspath(name)
-    held = held_file(text)
+    held = held_file(text, folder)
     if held is not None:
         return text[:held.start] + str(held.file) + text[held.end:]
-    file = subdataset_file(text)
-    if file is None:  # a virtual path over no file here
+    spans = _subdataset_spans(text) if is_subdataset(text) else []
+    if not spans or spans[0][0] == spans[0][1]:  # a virtual path over no file here
         return text
-    start = text.index(file, text.index(":") + 1)  # a missing file: the name as a sentence would give it
-    return text[:start] + str(Path(file).resolve()) + text[start + len(file):]
+    start, end = spans[0]  # a missing file: where drivers put it, as a sentence would name it
+    return text[:start] + str(Path(os.path.join(folder, text[start:end])).resolve()) + text[end:]
 
 
 def raster_label(name: str | os.PathLike) -> str:

@@ -4,7 +4,8 @@ Every input names one or more rasters; the result is one flat list in a stable o
 the order given, a folder's or glob's files sorted by name), without repeats (one file named twice, by two
 spellings or through a link, is one raster). A folder or glob leaves out hidden files and farslip's own
 outputs (see own_outputs), so a run writing into its input folder does not segment its results next time.
-A name that exists is that file or folder, even with [ ] * ? in it; only other names are globs. Remote hrefs of a
+A name that exists is that file or folder, even with [ ] * ? in it; only other names are globs. A name GDAL resolves
+itself (GPKG:a.gpkg:table, NETCDF:"a.nc":var, /vsizip/a.zip/x.tif) is one raster, as typed. Remote hrefs of a
 STAC item (s3://, gs://, https://) are turned into GDAL's virtual paths (/vsis3/, /vsigs/,
 /vsicurl/), which workers open wherever GDAL can reach them.
 """
@@ -19,6 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from backend.engine.errors import InputError
+from backend.engine.files import absolute_raster_name, held_file, is_gdal_name, is_gdal_virtual
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
 # STAC asset roles / keys that hold the image itself, most specific first.
@@ -43,8 +45,11 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[str]:
 
 
 def _file_key(path: str) -> str:
-    """What makes two names one raster: the real path of a file, the normalised text of a GDAL virtual path."""
-    return posixpath.normpath(path) if path.startswith("/vsi") else os.path.realpath(path)
+    """What makes two names one raster: its name with its file resolved (a file's real path, GPKG:/abs/a.gpkg:t,
+    /vsizip//abs/a.zip/x.tif), the normalised text of a GDAL virtual path over no file here."""
+    if is_gdal_virtual(path) and held_file(path) is None:
+        return posixpath.normpath(path)
+    return absolute_raster_name(path)
 
 
 def own_outputs(folder: Path) -> set[str]:
@@ -88,7 +93,7 @@ def _in_rasters_folder(path: Path) -> bool:
 
 
 def _expand(text: str) -> list[str]:
-    if text.startswith("/vsi"):
+    if is_gdal_name(text):  # as typed: a pathlib.Path would fold its '//' (/vsizip//abs/a.zip/x.tif)
         return [text]
     path = Path(text).expanduser()
     if not path.exists() and any(ch in text for ch in "*?["):
@@ -119,10 +124,12 @@ def _listed(path: Path) -> list[str]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        if "://" in line:
+        if is_gdal_name(line):  # a relative archive or subdataset file is beside the list too
+            entry = absolute_raster_name(line, path.parent)
+        elif "://" in line:
             entry = _remote(line)
         else:
-            entry = line if line.startswith("/vsi") or Path(line).is_absolute() else str(path.parent / line)
+            entry = line if Path(line).is_absolute() else str(path.parent / line)
         rasters += _expand(entry)
     if not rasters:
         raise InputError(f"The list {path} names no raster (one path per line; # starts a comment).")

@@ -31,10 +31,10 @@ from backend import __version__
 from backend.engine.errors import CancelledError, FarslipError, InputError
 from backend.engine.atomic import atomic_output, write_text_atomically
 from backend.engine.export import check_format_crs, driver_for, layer_name, report_json, report_path_for
-from backend.engine.feature_cache import identity_digest, model_identity, raster_files
+from backend.engine.feature_cache import identity_digest, model_identity, raster_reads
 from backend.engine.weights import stat_identity
-from backend.engine.checks import coarse_vector_path
-from backend.engine.files import check_output_folder, is_inside, same_file
+from backend.engine.checks import coarse_vector_path, named_outputs, outputs_by_role
+from backend.engine.files import check_output_files, is_inside, raster_file
 from backend.engine.options import SegmentOptions
 from backend.engine.outlines import engine_window
 from backend.engine.raster import open_source, parse_crs, pixel_size, request_window
@@ -171,28 +171,32 @@ def plan_rasters(paths: list[str], engine: EngineSettings, crop: int, bbox=None,
 def _input_facts(paths: list[str]) -> list[dict]:
     """Each input as a resumed run must find it again: its path and every file GDAL reads for it (a VRT
     mosaic's sources, masks, overviews, .aux.xml), each by its stat identity (a changed tile of an unchanged
-    VRT is another input). GDAL virtual paths (/vsis3/...) by their path only: this machine cannot tell
-    their version."""
+    VRT is another input). A raster inside a file (an archive's member, a subdataset) by that file and its
+    name in it (feature_cache.raster_reads: a rewritten archive or container is another input). GDAL virtual
+    paths over no file here (/vsis3/...) by their path only: this machine cannot tell their version."""
     facts = []
     for path in paths:
-        files = raster_files(path)
-        if files is None:
+        reads = raster_reads(path)
+        if reads is None:
             facts.append({"path": path})
             continue
+        files = reads.files
         entry: dict = {"path": str(files[0])}
+        if reads.where != "{}":
+            entry["name"] = reads.where
         try:
             # With ctime and inode: a file copied over with its size and mtime kept is another raster.
             entry.update(stat_identity(os.stat(files[0])))
         except OSError:
             pass
-        reads = []
+        companions = []
         for file in files[1:]:
             try:
-                reads.append({"file": str(file), **stat_identity(file.stat())})
+                companions.append({"file": str(file), **stat_identity(file.stat())})
             except OSError:
-                reads.append({"file": str(file), "missing": True})
-        if reads:
-            entry["reads"] = reads
+                companions.append({"file": str(file), "missing": True})
+        if companions:
+            entry["reads"] = companions
         facts.append(entry)
     return facts
 
@@ -325,13 +329,7 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
     if Path(request.out).suffix.lower() != ".parquet":
         check_format_crs(request.out, out_crs)
     check_raster_outputs(request, paths, plans)
-    coarse = [coarse_vector_path(request.out)] if request.refine != "none" else []
-    for target in (request.out, report_path_for(request.out), *coarse, *request.rasters().values()):
-        check_output_folder(Path(target))
-        if any(same_file(target, path) for path in paths):
-            raise InputError(f"The output {target} is one of the input rasters; choose another name.")
-        if Path(target).exists() and not request.overwrite:
-            raise InputError(f"{target} already exists; choose another name or allow overwriting (--overwrite).")
+    check_outputs(request, paths)
     for target in request.rasters().values():
         if target.suffix.lower() == ".vrt":
             check_raster_folder(raster_folder(target), request.overwrite, paths)
@@ -464,6 +462,16 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
                        timings, run_id)
 
 
+def check_outputs(request: ScaleRequest, paths: list[str]) -> None:
+    """The outputs as a one-raster run checks them (checks.check_outputs): names the disk takes, in folders that
+    take files, none of them an input raster's file (a subdataset's or an archive's too) or another output, none
+    there yet unless --overwrite, nor the other parts of a shapefile output."""
+    roles = outputs_by_role(request.out, request.refine, request.class_raster, request.prob_raster)
+    files = [file for path in paths if (file := raster_file(path)) is not None]
+    inputs = {"input raster" if len(files) == 1 else f"input raster {i}": file for i, file in enumerate(files, 1)}
+    check_output_files(named_outputs(roles), inputs, request.overwrite, replaced=roles.values())
+
+
 def check_raster_outputs(request: ScaleRequest, paths: list[str], plans: list[RasterPlan]) -> None:
     """A raster output is a .vrt mosaic (rasters in one CRS, north-up grids or all turned the same way), or a
     .tif when there is one input raster."""
@@ -534,7 +542,7 @@ REPLACEABLE = (".tif", ".aux.xml", ".ovr")
 
 def check_raster_folder(folder: Path, overwrite: bool, paths: list[str]) -> None:
     """A .vrt output's folder can be replaced: absent, or (with --overwrite) holding only a run's files."""
-    if any(not path.startswith("/vsi") and is_inside(path, folder) for path in paths):
+    if any((file := raster_file(path)) is not None and is_inside(file, folder) for path in paths):
         raise InputError(f"{folder} holds rasters being segmented, and a run replaces that folder with its class or "
                          "probability GeoTIFFs; choose another output name, or move the rasters.")
     if not folder.exists() and not folder.is_symlink():
