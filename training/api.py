@@ -13,7 +13,6 @@ run removes it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import shutil
@@ -33,7 +32,7 @@ from backend.engine.finetuned import (
 from backend.engine.models import LoadedModel
 from backend.engine.weights import file_sha256
 from backend.engine.errors import CancelledError, InputError
-from backend.engine.atomic import atomic_output
+from backend.engine.atomic import StagedOutputs, atomic_output
 from backend.engine.diskspace import writing_to
 from backend.engine.files import (
     check_output_file,
@@ -145,15 +144,18 @@ def check_report_outputs(outputs: dict[str, str | Path | None], inputs: dict[str
 
 def write_report(result: dict, out_json: str | Path | None, out_png: str | Path | None,
                  title: str) -> dict[str, str]:
-    """The metrics JSON and the confusion matrix PNG, both or neither (the PNG is staged until the JSON is
-    written); a failed write is a sentence naming the file."""
+    """The metrics JSON and the confusion matrix PNG, both or neither: staged, then renamed in together, the
+    PNG first and the JSON (the report) last, a failed rename undoing the other (StagedOutputs); a failed
+    write is a sentence naming the file."""
     outputs = {name: str(path) for name, path in (("json", out_json), ("png", out_png)) if path}
-    with writing_to([Path(p) for p in outputs.values()], 1.0), contextlib.ExitStack() as stack:
+    with StagedOutputs({name: outputs[name] for name in ("png", "json") if name in outputs}) as staged, \
+            writing_to([Path(p) for p in outputs.values()], 1.0):
         if out_png:
-            staged = stack.enter_context(atomic_output(out_png))
-            draw_confusion(result["metrics"], staged, title)
+            draw_confusion(result["metrics"], staged["png"], title)
         if out_json:
-            write_json({k: v for k, v in {**result, "outputs": outputs}.items() if k != "text"}, out_json)
+            report = {k: v for k, v in {**result, "outputs": outputs}.items() if k != "text"}
+            staged["json"].write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        staged.commit()
     return outputs
 
 
@@ -315,11 +317,12 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
                 scale: float | None = None, gsd_m: float | None = None, resume: bool = False,
                 overwrite: bool = False, device: str = "cpu", options: TrainOptions | None = None,
                 loaded: LoadedModel | None = None, progress: Progress | None = None,
-                should_cancel: Callable[[], bool] | None = None) -> dict:
+                should_cancel: Callable[[], bool] | None = None, out_json: str | Path | None = None) -> dict:
     """Fine-tune on labelled polygons; write a model folder that `load_model(out)` loads.
 
     `options` sets the finer knobs (batch size, steps, loss weights, split); the
-    explicit arguments method/epochs/lr/patch_loss_weight override it.
+    explicit arguments method/epochs/lr/patch_loss_weight override it. `out_json` (checked by the caller)
+    gets the result as JSON, put in place with the model folder, all or nothing.
     """
     options = run_options(options, method, epochs, lr, patch_loss_weight)
     raster, labels, out = Path(raster), Path(labels), Path(out)
@@ -371,9 +374,10 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
             else:
                 shutil.rmtree(work, ignore_errors=True)
             raise
-    move_into_place(work, out)
     result["model_dir"] = str(out)
     result["warnings"] = warnings
+    # The model folder, then the --json report of the run: all or nothing.
+    move_into_place(work, out, (Path(out_json), json.dumps(result, indent=2) + "\n") if out_json else None)
     return result
 
 

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 
-from backend.engine.atomic import atomic_output, shared_file_mode, write_text_atomically
+from backend.engine.atomic import (StagedOutputs, atomic_output, backup_path, shared_file_mode,
+                                   write_text_atomically)
 from backend.engine.errors import InputError
 from backend.engine.files import check_output_folder, check_output_name, is_inside
 from backend.engine.finetuned import FINETUNED_FORMAT, FINETUNED_META
 from backend.engine.models import LoadedModel
-from backend.engine.temporary import new_run_tag, process_is_alive, staged_stem
+from backend.engine.temporary import new_run_tag, process_is_alive
 
 CHECKPOINT_DIR = "checkpoint"
 OWNER_FILE = "owner.json"  # in the working folder: the pid of the training writing it
@@ -130,11 +131,48 @@ def start_work_folder(out: Path, resume: bool, overwrite: bool) -> tuple[Path, b
     return work, False
 
 
-def move_into_place(work: Path, out: Path) -> None:
-    """Replace `out` (a model folder, checked before training) by the finished `work` folder."""
+def move_into_place(work: Path, out: Path, report: tuple[Path, str] | None = None) -> None:
+    """Replace `out` (a model folder, checked before training) by the finished `work` folder, then write
+    `report` ((path, text): the --json file, the marker of a finished run), all or nothing: when a step fails,
+    the previous `out` is back in place, the trained model is back in `work` (--resume puts it in place) and
+    no report is written."""
     (work / OWNER_FILE).unlink(missing_ok=True)
-    old = staged_stem(out, new_run_tag())
-    if out.exists():
-        out.rename(old)
-    work.rename(out)
+    tag = new_run_tag()
+    old = backup_path(out, tag)  # not a swept temporary name: a crash midway leaves the previous model findable
+    replaced = moved = False
+    with StagedOutputs({"report": report[0]} if report else {}, tag) as staged:
+        try:
+            if report is not None:
+                staged["report"].write_text(report[1], encoding="utf-8")
+            if os.path.lexists(out):
+                out.rename(old)
+                replaced = True
+            work.rename(out)
+            moved = True
+            staged.commit()
+        except BaseException as error:
+            _undo_move(work, out, old, moved, replaced, error)
+            if isinstance(error, OSError):
+                reason = error.strerror or str(error)
+                where = f" for {error.filename}" if error.filename else ""
+                raise InputError(f"Cannot put the trained model in place ({reason}{where}); {out} is as it was and "
+                                 f"the trained model is kept in {work}: free the place, then run the same command "
+                                 "with --resume to put it in place.") from error
+            raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _undo_move(work: Path, out: Path, old: Path, moved: bool, replaced: bool, error: BaseException) -> None:
+    """After a failed move_into_place: the trained model back in `work`, the previous one back at `out`."""
+    trained = out if moved else work
+    try:
+        if moved:
+            out.rename(work)
+            trained = work
+        if replaced:
+            old.rename(out)
+    except OSError as undo_error:
+        previous = f"; the previous model is in {old}" if replaced else ""
+        raise InputError(f"Putting the trained model in place at {out} failed ({error}), and undoing it failed too "
+                         f"({undo_error.strerror or undo_error}): the trained model is in {trained}{previous}. Move "
+                         "them where they belong by hand.") from error

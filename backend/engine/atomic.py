@@ -5,13 +5,17 @@ final folder, tagged with the process and run (see backend.engine.temporary, who
 runs' leftovers recognises it), and only a complete file is renamed over the final name. So a crash,
 a full disk or a cancelled run (Ctrl-C, SIGTERM, a cancelled job) never leaves a half-written file
 under the final name, and a file being replaced stays readable until its successor is complete.
+A run's several outputs (polygons, rasters, the run report) are renamed in together, the report last, all
+or nothing: a rename failing midway undoes the ones before it and restores the files they replaced
+(StagedOutputs, commit_outputs).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from .temporary import new_run_tag, owned_entries, remove_owned, staged_path, staged_stem
@@ -73,8 +77,17 @@ def _fsync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
-def commit_staged(staged: Path, target: str | Path, durable: bool = True) -> None:
-    """Rename a complete staged file and its sidecars over `target`: the only way an output is replaced."""
+def backup_path(path: str | Path, tag: str) -> Path:
+    """Where a commit keeps the file (or folder) it replaces until every output of the run is in place:
+    `.name.farslip-<tag>.bak` beside it. Not a temporary name (backend.engine.temporary's sweep never removes
+    it): a process killed in the middle of a commit leaves the user's previous result findable."""
+    path = Path(path)
+    return path.parent / f".{path.name}.farslip-{tag}.bak"
+
+
+def _staged_moves(staged: Path, target: str | Path) -> tuple[list[Path], list[tuple[Path, Path]]]:
+    """What renaming a staged file and its sidecars over `target` takes: the old files it removes (stale parts
+    of a replaced shapefile, a replaced GeoPackage's journal) and the renames, its main file last."""
     path = Path(target)
     # The staged name is the target's staged stem + the target's own suffix (none for a bare name).
     stem = staged.name[: len(staged.name) - len(path.suffix)]
@@ -97,26 +110,140 @@ def commit_staged(staged: Path, target: str | Path, durable: bool = True) -> Non
         return path.parent / (path.stem + rest)
 
     targets = {entry: final(entry) for entry in written}
-    if durable:
-        for entry in written:
-            _fsync_file(entry)
+    removed: list[Path] = []
     if shapefile:
         # Stale parts of a replaced shapefile (an old index, an old .cpg, an x.dbf beside the new X.DBF) would
         # describe the wrong data.
         for old in [path, *shapefile_parts(path, every_case=True)]:
             successor = next((new for new in targets.values() if new.name.lower() == old.name.lower()), None)
             if successor is None or (old.name != successor.name and not _same_existing(old, successor)):
-                old.unlink(missing_ok=True)
+                removed.append(old)
     if path.suffix.lower() == ".gpkg":
         # The old file's journal (another program had it open) describes the old file's pages.
-        for sidecar in SQLITE_SIDECARS:
-            if not (main.parent / (main.name + sidecar)).exists():
-                (path.parent / (path.name + sidecar)).unlink(missing_ok=True)
+        removed += [path.parent / (path.name + sidecar) for sidecar in SQLITE_SIDECARS
+                    if not (main.parent / (main.name + sidecar)).exists()]
     # The main file goes last, so it only appears once its sidecars are in place.
-    for entry in sorted(written, key=lambda p: p == main):
-        os.replace(entry, targets[entry])
+    return removed, [(entry, targets[entry]) for entry in sorted(written, key=lambda p: p == main)]
+
+
+@dataclasses.dataclass
+class _Undo:
+    """One rename of a commit, as undone: `target` got a staged file (`renamed`) or lost an old file that
+    the commit removes; `backup` holds what was there (a hard link to it when `linked`)."""
+
+    target: Path
+    backup: Path | None
+    linked: bool = False
+    renamed: bool = False
+
+
+class _Renames:
+    """The renames of one commit, in order; on a failure midway the ones done are undone, newest first.
+
+    A file about to be replaced is first kept under its backup name (a hard link, so the final name never
+    goes missing; renamed away where the file system has no hard links), an old file the commit removes is
+    renamed to its backup name, and the backups go once the last rename is done. The last rename needs no
+    backup: nothing after it can fail."""
+
+    def __init__(self, tag: str):
+        self.tag = tag
+        self.done: list[_Undo] = []
+
+    def remove(self, old: Path) -> None:
+        if os.path.lexists(old) and not os.path.isdir(old):
+            backup = backup_path(old, self.tag)
+            os.replace(old, backup)
+            self.done.append(_Undo(old, backup))
+
+    def replace(self, new: Path, target: Path, keep: bool) -> None:
+        step = self._keep(target) if keep else _Undo(target, None)
+        self.done.append(step)
+        os.replace(new, target)
+        step.renamed = True
+
+    def _keep(self, target: Path) -> _Undo:
+        if not os.path.lexists(target) or (os.path.isdir(target) and not os.path.islink(target)):
+            return _Undo(target, None)  # nothing to keep (a folder in the way fails the rename: all is undone)
+        backup = backup_path(target, self.tag)
+        try:
+            os.link(target, backup, follow_symlinks=False)
+            return _Undo(target, backup, linked=True)
+        except (OSError, NotImplementedError):
+            os.replace(target, backup)
+            return _Undo(target, backup)
+
+    def roll_back(self) -> list[str]:
+        """Undo the renames done; returns what could not be undone, in words."""
+        left = []
+        for step in reversed(self.done):
+            try:
+                if step.backup is None:
+                    if step.renamed:
+                        os.unlink(step.target)
+                elif step.linked and not step.renamed:
+                    os.unlink(step.backup)  # the old file never left its name (renaming a link over it does nothing)
+                else:
+                    os.replace(step.backup, step.target)
+            except OSError:
+                if step.backup is None:
+                    left.append(f"{step.target} is from the failed run")
+                elif not (step.linked and not step.renamed):
+                    left.append(f"the previous {step.target.name} is kept as {step.backup}")
+        self.done.clear()
+        return left
+
+    def drop_backups(self) -> None:
+        for step in self.done:
+            if step.backup is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(step.backup)
+        self.done.clear()
+
+
+def commit_outputs(staged: Mapping[Path, str | Path], tag: str, durable: bool = True) -> None:
+    """Rename complete staged files (and their sidecars) over their targets, in the order given, all or
+    nothing: the only way outputs are replaced. When a rename fails midway (a name taken by a folder, a
+    folder that stopped taking files, a full disk), the outputs already renamed are removed again and the
+    files they replaced restored, and the error is raised; so a run's report, committed last, only ever
+    lies beside the data it describes, and a user's previous result survives a failed commit."""
+    plans = [(target, *_staged_moves(Path(file), target)) for file, target in staged.items()]
     if durable:
-        _fsync_folder(path.parent)
+        for _target, _removed, moves in plans:
+            for entry, _final in moves:
+                _fsync_file(entry)
+    steps: list[tuple[Path, Path | None]] = []  # (final name, the staged file renamed to it; None: removed)
+    for _target, removed, moves in plans:
+        steps += [(old, None) for old in removed] + [(final, entry) for entry, final in moves]
+    renames = _Renames(tag)
+    try:
+        for number, (name, source) in enumerate(steps, 1):
+            if source is None:
+                renames.remove(name)
+            else:
+                renames.replace(source, name, keep=number < len(steps))
+    except BaseException as error:
+        left = renames.roll_back()
+        if left:
+            raise _not_restored(error, left) from error
+        raise
+    if durable:
+        for folder in dict.fromkeys(Path(target).parent for target, _removed, _moves in plans):
+            _fsync_folder(folder)
+    renames.drop_backups()
+
+
+def _not_restored(error: BaseException, left: list[str]) -> Exception:
+    """The sentence for a commit that failed and could not be undone entirely."""
+    from .errors import InputError
+
+    reason = (error.strerror if isinstance(error, OSError) else None) or str(error) or type(error).__name__
+    return InputError(f"Putting the outputs in place failed ({reason}), and undoing it failed too: "
+                      f"{'; '.join(left)}. Rename the previous files back, or delete them if they are not needed.")
+
+
+def commit_staged(staged: Path, target: str | Path, durable: bool = True, tag: str | None = None) -> None:
+    """Rename one complete staged file and its sidecars over `target` (commit_outputs for one output)."""
+    commit_outputs({staged: target}, tag or new_run_tag(), durable)
 
 
 def _same_existing(a: Path, b: Path) -> bool:
@@ -125,6 +252,53 @@ def _same_existing(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return False
+
+
+class StagedOutputs:
+    """The outputs of one run, each written under its staged name (`staged[key]`), then renamed into place
+    together by commit() in the order of `targets` (the data first, the run report, the marker of a finished
+    run, last), all or nothing (commit_outputs).
+
+    As a context manager: a block that ends normally commits (unless commit() was called in it); on any
+    exception (cancellation included) the staged files are deleted and nothing at the targets changes.
+    Calling commit() inside the block lets a surrounding handler (diskspace.writing_to) see a failed
+    rename while the staged files still exist."""
+
+    def __init__(self, targets: Mapping[str, str | Path], tag: str | None = None, durable: bool = True):
+        self.targets = {key: Path(path) for key, path in targets.items()}
+        self.tag = tag or new_run_tag()
+        self.durable = durable
+        self.staged = {key: staged_path(path, self.tag) for key, path in self.targets.items()}
+        self.committed = False
+
+    def __getitem__(self, key: str) -> Path:
+        return self.staged[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.staged
+
+    def commit(self) -> None:
+        assert not self.committed, "committed once"
+        commit_outputs({self.staged[key]: target for key, target in self.targets.items()}, self.tag,
+                       self.durable)
+        self.committed = True
+
+    def discard(self) -> None:
+        """Delete the staged files (none of the targets)."""
+        remove_owned([staged_stem(path, self.tag) for path in self.targets.values()])
+
+    def __enter__(self) -> StagedOutputs:
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        if error_type is None and not self.committed:
+            try:
+                self.commit()
+            except BaseException:
+                self.discard()
+                raise
+        elif error_type is not None:
+            self.discard()
 
 
 @contextlib.contextmanager
@@ -136,18 +310,13 @@ def atomic_output(path: str | Path, tag: str | None = None, durable: bool = True
     changes. The temporary path keeps the extension, so GDAL, numpy or matplotlib pick the same format.
     `tag` is the run's (a fresh one by default, so concurrent writers of one name never share a
     temporary name); `durable` flushes the file to disk before the rename (caches, which only cost
-    time when lost, skip it); `mode` sets the file's permissions before it appears.
+    time when lost, skip it); `mode` sets the file's permissions before it appears. Several outputs
+    that land together: StagedOutputs.
     """
-    tag = tag or new_run_tag()
-    staged = staged_path(path, tag)
-    try:
-        yield staged
+    with StagedOutputs({"": path}, tag, durable) as outputs:
+        yield outputs[""]
         if mode is not None:
-            staged.chmod(mode)
-        commit_staged(staged, path, durable)
-    except BaseException:
-        remove_owned([staged_stem(path, tag)])
-        raise
+            outputs[""].chmod(mode)
 
 
 def write_bytes_atomically(path: str | Path, data: bytes, durable: bool = True, mode: int | None = None) -> Path:

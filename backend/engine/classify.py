@@ -21,8 +21,10 @@ import numpy as np
 import shapely
 
 from backend import __version__
+from .atomic import StagedOutputs
+from .diskspace import writing_to
 from .errors import CancelledError, EmptyResultError, InputError
-from .export import check_field_widths, check_format_crs, report_path_for, write_layer, write_report
+from .export import check_field_widths, check_format_crs, report_json, report_path_for, write_layer
 from .files import absolute_raster_name, raster_file
 from .models import LoadedModel
 from .finetuned import bands_for
@@ -144,24 +146,33 @@ def classify_raster(raster: str | Path, options: ClassifyOptions, out: Path, loa
                                "nothing to classify. Choose another extent.")
     run_id = uuid.uuid4().hex[:12]
     names = [c.name for c in classes]
-    _write_tiles(out, boxes, class_ids, probs, names, crs, loaded.name, run_id)
+    out = Path(out)
     counts = np.bincount(class_ids, minlength=len(classes))
     stats = [{"class": name, "class_id": i, "tiles": int(counts[i])} for i, name in enumerate(names)]
     outputs = {"vector": str(out), "report": str(report_path_for(out))}
     report = {"farslip_version": __version__, "run_id": run_id, "raster": absolute_raster_name(raster),
               "model": loaded.name, "weights_sha256": loaded.weights_id, "crs": crs.to_string(),
               "bands": bands, "tile": options.tile, "logit_scale": scale, "tiles": len(boxes), "class_stats": stats,
-              "warnings": warnings, "outputs": outputs, "total_s": round(time.perf_counter() - started, 3)}
-    write_report(outputs["report"], report)
+              "warnings": warnings, "outputs": outputs, "total_s": 0.0}
+    # The tiles, then their report (the marker of a finished run), renamed in together: all or nothing.
+    with StagedOutputs({"vector": out, "report": report_path_for(out)}) as staged, \
+            writing_to([out, report_path_for(out)], 1.0):
+        _write_tiles(staged["vector"], boxes, class_ids, probs, names, crs, loaded.name, run_id, layer=out.stem,
+                     keep_from=out)
+        report["total_s"] = round(time.perf_counter() - started, 3)
+        staged["report"].write_text(report_json(report), "utf-8")
+        staged.commit()
     return ClassifyResult(run_id, outputs, stats, len(boxes), report, warnings)
 
 
 def _write_tiles(path: Path, footprints: list[list[tuple[float, float]]], class_ids: list[int], probs: list[float],
-                 names: list[str], crs, model: str, run_id: str) -> None:
+                 names: list[str], crs, model: str, run_id: str, layer: str | None = None,
+                 keep_from: Path | None = None) -> None:
     count = len(class_ids)
     columns = (np.array([names[i] for i in class_ids], dtype=object), np.asarray(class_ids, np.int32),
                np.asarray(probs, np.float64), np.array([model] * count, dtype=object),
                np.array([run_id] * count, dtype=object))
     # Counter-clockwise exterior rings, as the rectangles of search hits (shapely.box) are.
     geometries = shapely.orient_polygons(shapely.polygons(np.asarray(footprints, dtype=np.float64)))
-    write_layer(Path(path), np.asarray(geometries, dtype=object), dict(zip(TILE_FIELDS, columns)), "Polygon", crs)
+    write_layer(Path(path), np.asarray(geometries, dtype=object), dict(zip(TILE_FIELDS, columns)), "Polygon", crs,
+                layer=layer, keep_from=keep_from)

@@ -41,9 +41,10 @@ import shapely
 from pyproj import Transformer
 
 from backend import __version__
-from .atomic import is_shapefile, shapefile_parts
+from .atomic import StagedOutputs, is_shapefile, shapefile_parts
+from .diskspace import writing_to
 from .errors import InputError
-from .export import check_field_widths, check_format_crs, driver_for, report_path_for, write_layer, write_report
+from .export import check_field_widths, check_format_crs, driver_for, report_json, report_path_for, write_layer
 from .files import check_output_files
 from .models import LoadedModel
 from .raster import parse_crs
@@ -409,19 +410,23 @@ def _add_like_hits(hits: Hits, entries, inside: np.ndarray, point, examples: dic
     return None
 
 
-def write_footprints(path: str | Path, footprints: np.ndarray, fields: dict[str, np.ndarray], crs) -> Path:
+def write_footprints(path: str | Path, footprints: np.ndarray, fields: dict[str, np.ndarray], crs,
+                     layer: str | None = None, keep_from: Path | None = None) -> Path:
     """Window footprints (N, 4, 2 corners on the ground) as counter-clockwise polygons with attribute columns,
-    written atomically in the format of the path's extension."""
-    return write_layer(Path(path), footprint_polygons(footprints), fields, "Polygon", crs)
+    written atomically in the format of the path's extension (`layer`, `keep_from`: see write_layer)."""
+    return write_layer(Path(path), footprint_polygons(footprints), fields, "Polygon", crs, layer=layer,
+                       keep_from=keep_from)
 
 
-def write_hits(path: str | Path, hits: Hits, crs, model: str, run_id: str) -> Path:
-    """The hits as a polygon layer (each its window's footprint) with rank, score, scale_m, query, model, run_id."""
+def write_hits(path: str | Path, hits: Hits, crs, model: str, run_id: str, layer: str | None = None,
+               keep_from: Path | None = None) -> Path:
+    """The hits as a polygon layer (each its window's footprint) with rank, score, scale_m, query, model, run_id
+    (`layer`, `keep_from`: see write_layer)."""
     count = len(hits.query)
     fields: dict[str, np.ndarray] = dict(zip(HIT_FIELDS, (hits.rank.astype(np.int32), hits.score.astype(np.float64),
                                    hits.scale_m.astype(np.float64), np.array(hits.query, dtype=object),
                                    np.array([model] * count, dtype=object), np.array([run_id] * count, dtype=object))))
-    return write_footprints(path, hits.footprints, fields, crs)
+    return write_footprints(path, hits.footprints, fields, crs, layer, keep_from)
 
 
 def hits_output_files(out: Path) -> dict[str, Path]:
@@ -454,7 +459,7 @@ def search_raster(index: SearchIndex, options: SearchOptions, out: Path, overwri
     check_format_crs(out, index.crs)
     hits, notices, facts = search_index(index, options, progress, should_cancel)
     run_id = uuid.uuid4().hex[:12]
-    write_hits(out, hits, index.crs, index.loaded.name, run_id)
+    out = Path(out)
     report_path = report_path_for(out)
     outputs = {"vector": str(out), "report": str(report_path)}
     report = {"farslip_version": __version__, "run_id": run_id, "raster": str(index.raster.resolve()),
@@ -463,6 +468,11 @@ def search_raster(index: SearchIndex, options: SearchOptions, out: Path, overwri
               "like": list(options.like) if options.like else None, "like_crs": options.like_crs,
               "top": options.top, "max_overlap": options.max_overlap, "notices": notices,
               "hits": hits.records(), "outputs": outputs, **facts,
-              "total_s": round(time.perf_counter() - started, 3)}
-    write_report(report_path, report)
+              "total_s": 0.0}
+    # The hits, then their report (the marker of a finished run), renamed in together: all or nothing.
+    with StagedOutputs({"vector": out, "report": report_path}) as staged, writing_to([out, report_path], 1.0):
+        write_hits(staged["vector"], hits, index.crs, index.loaded.name, run_id, layer=out.stem, keep_from=out)
+        report["total_s"] = round(time.perf_counter() - started, 3)
+        staged["report"].write_text(report_json(report), "utf-8")
+        staged.commit()
     return SearchResult(run_id, hits, outputs, notices, report)

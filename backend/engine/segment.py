@@ -7,7 +7,6 @@ files, every file written under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
 import shutil
@@ -34,7 +33,7 @@ from .finetuned import bands_for, trained_resolution
 from .runtimes import make_encoder
 from .errors import CancelledError, EmptyResultError
 from .colours import class_colormap
-from .atomic import atomic_output
+from .atomic import StagedOutputs
 from .export import check_field_widths, check_format_crs, driver_for, layer_name, report_json, write_polygons
 from .diskspace import check_free_space, check_written, writing_to
 from .temporary import make_work_dir, new_run_tag, remove_owned, remove_stale, run_prefixes
@@ -382,13 +381,12 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
                                                             segmenter.encoder.name))
             region_scope = raster_scope(source, loaded, REGION_SCOPE,
                                         segmenter.encoder.name if embed_regions else "torch")
-        # The write check sits inside the commit, so it sees the full disk before staged files go.
-        with contextlib.ExitStack() as commit, writing_to(targets.values(), needed_mb):
+        # The data first, the report (the marker of a finished run) last, all or nothing. The write check sits
+        # inside the staged outputs, so it sees the full disk (or a failed rename) before staged files go.
+        with StagedOutputs({key: targets[key] for key in ("class_raster", "prob_raster", "coarse_vector", "vector",
+                                                          "report") if key in targets}, run_tag) as staged, \
+                writing_to(targets.values(), needed_mb):
             workdir = make_work_dir(Path(options.out).parent, run_tag)
-            # Entered last, committed first: the polygon layer appears after the rasters and the report.
-            staged = {key: commit.enter_context(atomic_output(targets[key], run_tag))
-                      for key in ("vector", "coarse_vector", "report", "class_raster", "prob_raster")
-                      if key in targets}
             strip_rows = strip_rows_for(window)
             streamed = (StripPolygons(source.window_transform(window), window.width, strip_rows, should_cancel)
                         if streams else None)
@@ -492,6 +490,7 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
             check_written(targets.values(), needed_mb)
             if should_cancel is not None and should_cancel():
                 raise CancelledError("The run was cancelled; nothing was written.")
+            staged.commit()
     return SegmentResult(run_id, paths, stats, total, timings, report, warnings, features)
 
 

@@ -15,7 +15,6 @@ from typing import Optional
 
 import typer
 
-from backend.engine.atomic import write_text_atomically
 from backend.engine.diskspace import writing_to
 from backend.engine.errors import FarslipError, InputError
 from backend.engine.files import check_output_file, is_inside
@@ -305,7 +304,7 @@ def train_command(
                                  patch_loss_weight=patch_loss_weight, background=background, aoi=aoi,
                                  class_names=class_names_from_pairs(class_name or []), bands=_bands(bands),
                                  scale=scale, gsd_m=gsd, resume=resume, overwrite=overwrite, device=str(dev),
-                                 options=options, progress=_Lines(quiet))
+                                 options=options, progress=_Lines(quiet), out_json=json_out)
     except FarslipError as error:
         _fail(error)
     except KeyboardInterrupt as error:
@@ -314,9 +313,3 @@ def train_command(
     typer.echo(f"Validation mIoU: {100 * before:.2f} % before, {100 * after:.2f} % after "
                f"(best epoch {result['best_epoch']} of {result['epochs']}).")
     typer.echo(f"Wrote {result['model_dir']}; use it with --model {result['model_dir']}.")
-    if json_out:
-        try:
-            with writing_to([json_out], 1.0):
-                write_text_atomically(json_out, json.dumps(result, indent=2) + "\n")
-        except FarslipError as error:
-            _fail(error)
