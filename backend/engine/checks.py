@@ -69,7 +69,8 @@ def output_paths(options: SegmentOptions) -> dict[str, Path]:
 def outputs_by_role(out: str | Path, refine: str = "none", class_raster: str | Path | None = None,
                     prob_raster: str | Path | None = None) -> dict[str, Path]:
     """output_paths of a run (also a scaled one) writing `out` and these rasters."""
-    found = {"vector": Path(out), "report": report_path_for(out)}
+    out = Path(out)
+    found = {"vector": out, "report": report_path_for(out)}
     if refine != "none":
         found["coarse_vector"] = coarse_vector_path(out)
     if class_raster:
