@@ -156,6 +156,12 @@ def is_gdal_name(name: str | os.PathLike) -> bool:
     return is_gdal_virtual(name) or subdataset_file(name) is not None
 
 
+def raster_name(text: str | os.PathLike, what: str = "raster") -> str:
+    """A raster as given on a command line or in a request, as the text GDAL must get: a GDAL name as typed,
+    a path with `~` expanded."""
+    return os.fspath(text) if is_gdal_name(text) else str(expand_user(text, what))
+
+
 def raster_file(name: str | os.PathLike) -> Path | None:
     """The file on this machine that a raster name reads, which no output may replace: the file itself, a
     subdataset's file, the archive of a /vsizip/ (/vsitar/, /vsigzip/) path as the name gives them; None for a
@@ -219,6 +225,22 @@ def check_regular_file(path: str | os.PathLike, what: str) -> Path:
     if not stat.S_ISREG(mode):
         raise InputError(f"The {what} {path} is {kind_of(mode)}, not a file; give a {what} file.")
     return path
+
+
+def check_raster_name(name: str | os.PathLike, what: str = "raster") -> str:
+    """A raster name a run can open, as the text GDAL gets: a virtual path as it is (GDAL reads it wherever it
+    reaches), a subdataset once its file is a regular file here, else a regular file."""
+    text = os.fspath(name)
+    if is_gdal_virtual(text):
+        return text
+    file = subdataset_file(text)
+    if file is None:
+        check_regular_file(text, what)
+        return text
+    if not os.path.exists(file):
+        raise InputError(f"The {what} {text} names the file {file}, which does not exist.")
+    check_regular_file(file, what)
+    return text
 
 
 def check_vector_source(path: str | os.PathLike, what: str) -> Path:

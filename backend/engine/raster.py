@@ -9,7 +9,6 @@ resampling to a scale factor or ground sample distance.
 from __future__ import annotations
 
 import math
-import os
 import re
 import warnings
 from collections.abc import Sequence
@@ -29,7 +28,7 @@ from rasterio.windows import Window
 from .errors import EmptyResultError, InputError
 from .ground import ground_pixel_size, keeps_areas
 from .options import MAX_SCALE, MIN_SCALE, check_bbox, check_scale_or_gsd, check_value_range
-from .files import check_regular_file, is_gdal_virtual, subdataset_file
+from .files import check_raster_name, is_gdal_virtual
 
 SAMPLE_SIDE = 1024  # long side of the decimated read used for statistics and checks
 
@@ -227,18 +226,10 @@ def gdal_path(path: str | Path) -> str:
     return re.sub(r"^(/vsicurl(?:_streaming)?/)([a-z][a-z0-9+.-]*):/(?!/)", r"\1\2://", str(path))
 
 
-def _checked_name(path: str | Path) -> str | Path:
+def _checked_name(path: str | Path) -> str:
     """What GDAL opens for a raster name: a virtual path (read wherever GDAL reaches it), a subdataset name as
-    typed once its file is there, else a regular file."""
-    if is_gdal_virtual(path):
-        return gdal_path(path)
-    file = subdataset_file(path)
-    if file is None:
-        return check_regular_file(path, "raster")
-    if not os.path.exists(file):
-        raise InputError(f"The raster {path} names the file {file}, which does not exist.")
-    check_regular_file(file, "raster")
-    return str(path)
+    typed once its file is there, else a regular file (files.check_raster_name)."""
+    return gdal_path(path) if is_gdal_virtual(path) else check_raster_name(path)
 
 
 def open_dataset(path: str | Path) -> rasterio.io.DatasetReader:

@@ -45,7 +45,7 @@ from .atomic import StagedOutputs, is_shapefile, shapefile_parts
 from .diskspace import writing_to
 from .errors import InputError
 from .export import check_field_widths, check_format_crs, driver_for, report_json, report_path_for, write_layer
-from .files import check_output_files
+from .files import check_output_files, input_paths, raster_file
 from .models import LoadedModel
 from .raster import parse_crs
 from .search_index import (BuildStats, SearchIndex, bbox_region, check_bbox, check_point, describe,
@@ -273,7 +273,7 @@ def _in_bbox(entries, region, rotated: bool = True) -> np.ndarray:
 def _bbox_in_raster_crs(index: SearchIndex, bbox, bbox_crs):
     """The part of the raster's footprint under the bbox (a shapely geometry in the raster's CRS), or None."""
     return bbox_region(index.dataset.transform, index.dataset.width, index.dataset.height, index.crs,
-                       index.raster.name, bbox, bbox_crs)
+                       index.label, bbox, bbox_crs)
 
 
 def point_in_raster_crs(like, like_crs: str | None, raster_crs) -> tuple[float, float]:
@@ -323,7 +323,7 @@ def example_queries(index: SearchIndex, point: tuple[float, float], like: tuple[
             queries[level.factor] = vector
     if not queries:
         raise InputError(f"The example point {like[0]:.10g}, {like[1]:.10g} lies on nodata pixels of "
-                         f"{index.raster.name}: the window under it holds no valid pixel at any scale. Choose a "
+                         f"{index.label}: the window under it holds no valid pixel at any scale. Choose a "
                          "point on the image.")
     notices = []
     if empty:
@@ -455,14 +455,14 @@ def search_raster(index: SearchIndex, options: SearchOptions, out: Path, overwri
     """Search and write the hits layer and its report; nothing is written when it fails or is cancelled."""
     started = time.perf_counter()
     queries = validate_search_options(options)
-    check_hits_output(out, overwrite, {"raster": index.raster}, [q.text for q in queries])
+    check_hits_output(out, overwrite, input_paths([("raster", raster_file(index.raster))]), [q.text for q in queries])
     check_format_crs(out, index.crs)
     hits, notices, facts = search_index(index, options, progress, should_cancel)
     run_id = uuid.uuid4().hex[:12]
     out = Path(out)
     report_path = report_path_for(out)
     outputs = {"vector": str(out), "report": str(report_path)}
-    report = {"farslip_version": __version__, "run_id": run_id, "raster": str(index.raster.resolve()),
+    report = {"farslip_version": __version__, "run_id": run_id, "raster": index.absolute_name,
               "model": index.loaded.name, "weights_sha256": index.loaded.weights_id, "crs": index.crs.to_string(),
               "bbox": list(options.bbox) if options.bbox else None, "bbox_crs": options.bbox_crs,
               "like": list(options.like) if options.like else None, "like_crs": options.like_crs,

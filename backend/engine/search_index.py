@@ -180,11 +180,11 @@ class SearchIndex:
 
     def __init__(self, raster: str | Path, loaded: LoadedModel, source: RasterSource, attention: str = "segearth",
                  batch_size: int = 8, factors: tuple[int, ...] = LEVEL_FACTORS):
-        self.name = os.fspath(raster)  # as given: a GDAL name reaches GDAL as typed (files.is_gdal_name)
+        self.raster = os.fspath(raster)  # as given: a GDAL name reaches GDAL as typed (files.is_gdal_name)
         # What names this raster wherever it is read: its file absolute and resolved, the rest as typed (a
         # subdataset's or an archive's file too: GPKG:a.gpkg:t1 from any folder, /vsizip//abs/a.zip/x.tif).
-        self.absolute_name = absolute_raster_name(self.name)
-        self.raster = Path(raster)
+        self.absolute_name = absolute_raster_name(self.raster)
+        self.label = raster_label(self.raster)  # as a sentence names it
         self.loaded = loaded
         self.attention = attention
         self.batch_size = check_batch_size(batch_size)
@@ -204,7 +204,7 @@ class SearchIndex:
                                "value_range": source.value_range, "attention": attention,
                                "factors": [lv.factor for lv in self.levels]}, sort_keys=True, default=str)
         key = hashlib.sha256(identity.encode()).hexdigest()[:24]
-        stem = safe_stem(self.absolute_name if is_gdal_name(self.name) else self.name)  # one per raster, too
+        stem = safe_stem(self.absolute_name if is_gdal_name(self.raster) else self.raster)  # one per raster, too
         self.folder = index_root() / f"{stem}-{key}"
         self.rebuilt_reason: str | None = None
         self._open_manifest()
@@ -212,7 +212,7 @@ class SearchIndex:
     # -- manifest / staleness
 
     def _open_manifest(self) -> None:
-        raster = raster_identity(self.name, self.dataset)
+        raster = raster_identity(self.raster, self.dataset)
         # A raster read through GDAL virtual paths has no version to compare: its index is never reused.
         version = identity_digest(raster) if raster is not None else None
         manifest_file = self.folder / "manifest.json"
@@ -221,11 +221,10 @@ class SearchIndex:
         except (OSError, ValueError):
             manifest = None
         if manifest is not None and (version is None or manifest.get("raster_identity") != version):
-            label = raster_label(self.name)
             self.rebuilt_reason = (
-                f"The raster {label} (or a file GDAL reads with it: a mask, .aux.xml, overview or VRT "
+                f"The raster {self.label} (or a file GDAL reads with it: a mask, .aux.xml, overview or VRT "
                 "source) changed since its search index was built; the index was rebuilt." if version is not None
-                else f"The raster {label} is read through GDAL virtual paths, which cannot be checked "
+                else f"The raster {self.label} is read through GDAL virtual paths, which cannot be checked "
                 "for changes; its search index was rebuilt.")
             shutil.rmtree(self.folder, ignore_errors=True)
             manifest = None
@@ -433,7 +432,7 @@ def bounded_gdal_cache() -> Iterator[None]:
 
 def check_bbox(index: SearchIndex, bbox, bbox_crs: str | None) -> None:
     """Refuse a bbox outside the raster (check_bbox_on)."""
-    check_bbox_on(index.levels[0].source, index.raster.name, bbox, bbox_crs)
+    check_bbox_on(index.levels[0].source, index.label, bbox, bbox_crs)
 
 
 def check_bbox_on(source: RasterSource, name: str, bbox, bbox_crs: str | None) -> None:
@@ -552,5 +551,5 @@ def outside_raster(x: float, y: float, name: str, transform, width: int, height:
 
 def check_point(index: SearchIndex, x: float, y: float) -> None:
     if point_window(index, index.levels[0], x, y) is None:
-        raise outside_raster(x, y, index.raster.name, index.dataset.transform, index.dataset.width,
+        raise outside_raster(x, y, index.label, index.dataset.transform, index.dataset.width,
                              index.dataset.height, index.crs)

@@ -20,11 +20,11 @@ def check_labels(labels: str, class_field: str) -> None:
 def check_evaluate_request(request: dict) -> list[str]:
     """Quick checks before queueing (the raster, the labels and their class field, the model, the output);
     returns the files the job will write."""
-    from backend.engine.files import check_output_file, check_regular_file, input_paths
+    from backend.engine.files import check_output_file, check_raster_name, input_paths, raster_file, raster_name
     from backend.engine.models import check_model
     from backend.service.server.security import looks_like_path
 
-    check_regular_file(request["raster"], "raster")
+    raster = check_raster_name(raster_name(request["raster"]))  # a subdataset's file is there
     check_labels(request["labels"], request["class_field"])
     model = request.get("model")
     check_model(model, None)
@@ -34,7 +34,7 @@ def check_evaluate_request(request: dict) -> list[str]:
     from training.labels import vector_file
 
     model_file = model if model and looks_like_path(model) else None
-    inputs = input_paths([("raster", request["raster"]), ("labels", str(vector_file(request["labels"]))),
+    inputs = input_paths([("raster", raster_file(raster)), ("labels", str(vector_file(request["labels"]))),
                           ("model", model_file)])
     check_output_file(out_json, "out_json", inputs, bool(request.get("overwrite")), option='"overwrite": true')
     return [out_json]
@@ -42,13 +42,14 @@ def check_evaluate_request(request: dict) -> list[str]:
 
 def run_evaluate(request: dict, control, models) -> dict:
     """Worker side: load (or reuse) the model, score it on the labels, return the metrics."""
+    from backend.engine.files import raster_name
     from training import api
 
     control.message(f"Loading the model {request.get('model') or 'default'}.")
     loaded = models.get(request.get("model"), None)
     control.message("Evaluating against the labelled polygons.")
     result = api.evaluate_model(
-        request["raster"], request["labels"], request["class_field"], model=request.get("model"),
+        raster_name(request["raster"]), request["labels"], request["class_field"], model=request.get("model"),
         background=request.get("background"), split=request.get("split") or "auto", device=models.device,
         out_json=request.get("out_json"), loaded=loaded,
         progress=lambda done, total, _info=None: control.progress(done, total),

@@ -35,7 +35,7 @@ def _inputs(raster: Optional[str | Path], model: Optional[str], weights: Optiona
 
 
 def index_command(
-    raster: Path = typer.Argument(..., help="GeoTIFF (or any GDAL raster) to index."),
+    raster: str = typer.Argument(..., help="GeoTIFF (or any GDAL raster) to index."),
     bbox: Optional[tuple[float, float, float, float]] = typer.Option(
         None, help="XMIN YMIN XMAX YMAX: index only the windows over this area (default: whole raster)."),
     bbox_crs: Optional[str] = typer.Option(None, help="CRS of --bbox (default: the raster's)."),
@@ -58,7 +58,7 @@ def index_command(
                 check_bbox(index, bbox, bbox_crs)
                 if index.rebuilt_reason and not quiet:
                     typer.echo(index.rebuilt_reason, err=True)
-                with ProgressReporter(quiet, f"indexing {raster.name}") as reporter:
+                with ProgressReporter(quiet, f"indexing {raster_label(raster)}") as reporter:
                     stats = index.ensure(bbox, bbox_crs, progress=reporter)
                 info = describe(index, stats)
     except FarslipError as error:
@@ -67,13 +67,13 @@ def index_command(
         interrupted(error, INDEX_KEPT)
     if not quiet:
         levels = ", ".join(f"{lv['windows']} x {lv['scale_m']:g} m" for lv in info["levels"])
-        typer.echo(f"Index of {raster.name}: {levels} windows; {info['computed']} embedded now "
+        typer.echo(f"Index of {raster_label(raster)}: {levels} windows; {info['computed']} embedded now "
                    f"({info['windows_per_s'] or 0:g} windows/s), {info['reused']} reused, {info['empty']} empty; "
                    f"{info['size_bytes'] / 2**20:.2f} MiB in {info['folder']}")
 
 
 def search_command(
-    raster: Path = typer.Argument(..., help="GeoTIFF (or any GDAL raster) to search."),
+    raster: str = typer.Argument(..., help="GeoTIFF (or any GDAL raster) to search."),
     sentences: Optional[list[str]] = typer.Argument(None, help="What to look for; several sentences are allowed."),
     out: Path = typer.Option(Path("hits.gpkg"), "--out", "-o", help="Hits: .gpkg (default), .shp, .geojson, .fgb."),
     top: int = typer.Option(20, help="Hits per sentence."),
@@ -105,7 +105,7 @@ def search_command(
             check_hits_output(out, overwrite, _inputs(raster, model, weights), [q.text for q in queries])
             loaded = _load(model, weights, device)
             with open_index(raster, loaded, parse_bands(bands)) as index:
-                with ProgressReporter(quiet, f"indexing {raster.name}") as reporter:
+                with ProgressReporter(quiet, f"indexing {raster_label(raster)}") as reporter:
                     result = search_raster(index, options, out, overwrite, progress=reporter)
     except FarslipError as error:
         fail(error)

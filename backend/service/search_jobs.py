@@ -16,17 +16,27 @@ def _search_options(request: dict):
         max_overlap=float(request.get("max_overlap") or 0.5))
 
 
+def _raster(request: dict) -> str:
+    """The request's raster as GDAL must get it: a GDAL name as typed (NETCDF:"/d/a.nc":var, /vsizip//d/a.zip/x.tif:
+    a pathlib.Path folds its '//'), a path with ~ expanded."""
+    from backend.engine.files import raster_name
+
+    return raster_name(request["raster"])
+
+
 def _check_raster(request: dict) -> None:
     """Open the raster as the engine will (cheap: header and a decimated sample), check bbox and point."""
+    from backend.engine.files import raster_label
     from backend.engine.raster import open_source
     from backend.engine.search_index import check_bbox_on
 
-    with open_source(Path(request["raster"]).expanduser(), request.get("bands")) as source:
+    raster = _raster(request)
+    with open_source(raster, request.get("bands")) as source:
         # As the search checks it: on a rotated grid, against the raster's footprint (not its envelope).
-        check_bbox_on(source, Path(request["raster"]).name, tuple(request["bbox"]) if request.get("bbox") else None,
+        check_bbox_on(source, raster_label(raster), tuple(request["bbox"]) if request.get("bbox") else None,
                       request.get("bbox_crs"))
         if request.get("like") is not None:
-            _check_like_point(source, request["like"], request.get("like_crs"), Path(request["raster"]).name)
+            _check_like_point(source, request["like"], request.get("like_crs"), raster_label(raster))
 
 
 def _check_like_point(source, like: list[float], like_crs: str | None, raster_name: str) -> None:
@@ -51,12 +61,13 @@ def check_index_request(request: dict) -> list[str]:
 def check_search_request(request: dict) -> list[str]:
     """The checks of `farslip search`, same sentences; returns the files the job will write."""
     from backend.engine.export import report_path_for
+    from backend.engine.files import input_paths, raster_file
     from backend.engine.models import check_model
     from backend.engine.search import check_hits_output, validate_search_options
 
     validate_search_options(_search_options(request))
     out = Path(request["out"]).expanduser()
-    check_hits_output(out, bool(request.get("overwrite")), {"raster": Path(request["raster"]).expanduser()},
+    check_hits_output(out, bool(request.get("overwrite")), input_paths([("raster", raster_file(_raster(request)))]),
                       option='"overwrite": true')
     _check_raster(request)
     check_model(request.get("model"), request.get("weights"))
@@ -69,7 +80,7 @@ def run_index(request: dict, control, models) -> dict:
     control.message(f"Loading the model {request.get('model') or 'default'}.")
     loaded = models.get(request.get("model"), request.get("weights"))
     bbox = tuple(request["bbox"]) if request.get("bbox") else None
-    with open_index(Path(request["raster"]).expanduser(), loaded, request.get("bands"),
+    with open_index(_raster(request), loaded, request.get("bands"),
                     batch_size=int(request.get("batch_size") or 8)) as index:
         control.message("Indexing.")
         stats = index.ensure(bbox, request.get("bbox_crs"), control.progress, control.should_cancel)
@@ -85,7 +96,7 @@ def run_search(request: dict, control, models) -> dict:
     loaded = models.get(request.get("model"), request.get("weights"))
     options = _search_options(request)
     out = Path(request["out"]).expanduser()
-    with open_index(Path(request["raster"]).expanduser(), loaded, request.get("bands")) as index:
+    with open_index(_raster(request), loaded, request.get("bands")) as index:
         control.message("Indexing the windows not in the index yet, then ranking.")
         result = search_raster(index, options, out, bool(request.get("overwrite")), control.progress,
                                control.should_cancel)

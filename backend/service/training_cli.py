@@ -17,7 +17,7 @@ import typer
 
 from backend.engine.diskspace import writing_to
 from backend.engine.errors import FarslipError, InputError
-from backend.engine.files import check_output_file, is_inside
+from backend.engine.files import check_output_file, is_inside, raster_file, raster_label
 from backend.service.cli_common import fail as _fail
 from backend.service.cli_common import interrupted, signals_as_interrupt
 from backend.service.cli_common import parse_bands as _bands
@@ -52,7 +52,7 @@ class _Lines:
 
 
 def evaluate_command(
-    raster: Optional[Path] = typer.Argument(None, help="GeoTIFF the labels lie on."),
+    raster: Optional[str] = typer.Argument(None, help="GeoTIFF (or any GDAL raster) the labels lie on."),
     labels: Optional[Path] = typer.Argument(None, help="Polygon layer (GeoPackage, Shapefile, GeoJSON)."),
     class_field: Optional[str] = typer.Option(None, help="Field of LABELS holding each polygon's class."),
     model: Optional[str] = typer.Option(None, help="Registry name, checkpoint file or fine-tuned model folder."),
@@ -127,7 +127,7 @@ def evaluate_command(
         check_attention(attention)
         if calibrate_quality:
             check_quality_tile(quality_tile)
-        inputs = evaluation_inputs(raster, labels, aoi, model, weights)
+        inputs = evaluation_inputs(raster_file(raster) if raster else None, labels, aoi, model, weights)
         check_report_outputs({"--json file": json_out, "--png file": png,
                               "--quality-out file": quality_out if calibrate_quality else None}, inputs, overwrite)
         dev = resolve_device(device)
@@ -153,7 +153,7 @@ def evaluate_command(
                                 batch_size=batch_size, device=str(dev), out_json=json_out, out_png=png,
                                 progress=_Lines(quiet), overwrite=overwrite, loaded=loaded)
         where = "the held-out validation strip" if result["split"] == "validation" else "all labelled pixels"
-        typer.echo(f"{result['model']} on {where} of {Path(result['raster']).name}")
+        typer.echo(f"{result['model']} on {where} of {raster_label(result['raster'])}")
         typer.echo(result["text"])
         if calibrate_quality:
             # On the same classes, bands, grid and area as the evaluation above (the model's own defaults).
@@ -249,7 +249,7 @@ def _benchmark(benchmark, classes, preset, protocol, reduce_zero_label, prob_thr
 
 
 def train_command(
-    raster: Path = typer.Argument(..., help="GeoTIFF to train on."),
+    raster: str = typer.Argument(..., help="GeoTIFF (or any GDAL raster) to train on."),
     labels: Path = typer.Argument(..., help="Polygon layer with a class field (any CRS)."),
     class_field: str = typer.Option(..., help="Field of LABELS holding each polygon's class."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write the fine-tuned model into."),
@@ -294,7 +294,8 @@ def train_command(
                 if is_inside(json_out, out):
                     raise InputError(f"The --json file {json_out} lies inside --out {out}, which training writes; "
                                      "choose another place for it.")
-                check_output_file(json_out, "--json file", training_inputs(raster, labels, aoi, base_model, weights),
+                check_output_file(json_out, "--json file", training_inputs(raster_file(raster), labels, aoi, base_model,
+                                                                           weights),
                                   overwrite=overwrite)
             dev = resolve_device(device)
             options = TrainOptions(batch_size=batch_size, steps_per_epoch=steps_per_epoch, seed=seed,

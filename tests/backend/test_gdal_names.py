@@ -154,3 +154,60 @@ def test_the_search_index_is_keyed_by_the_rasters_absolute_gdal_name(data, tiny_
     monkeypatch.chdir(data / "a")
     assert build(member) == (first, None, 0)
     assert build(f"/vsizip/{data / 'a' / 'tiles.zip'}/tile.tif") == (first, None, 0)
+
+
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from backend.service.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_index_and_search_take_gdal_names_as_segment_does(data, tiny_model):
+    """index and search took RASTER as a pathlib.Path: /vsizip//abs/a.zip/x.tif lost the slash that makes its
+    archive absolute (GDAL then found no archive), and a search report recorded GPKG:a.gpkg:t1 as
+    <cwd>/GPKG:a.gpkg:t1."""
+    import json
+
+    zipped = f"/vsizip/{(data / 'scene.zip').resolve()}/sub/scene.tif"
+    assert zipped.startswith("/vsizip//")
+    for name, recorded in ((zipped, zipped), ("GPKG:tables.gpkg:t2", f"GPKG:{(data / 'tables.gpkg').resolve()}:t2")):
+        indexed = _cli("index", name, "--model", str(tiny_model))
+        assert indexed.exit_code == 0, (name, indexed.output)
+        assert f"Index of {name}:" in indexed.output
+        found = _cli("search", name, "a lake", "--model", str(tiny_model), "--out", "hits.gpkg", "--overwrite",
+                     "--quiet")
+        assert found.exit_code == 0, (name, found.output)
+        assert json.loads((data / "hits.report.json").read_text())["raster"] == recorded
+    # The container is an input the hits may not replace.
+    over = _cli("search", "GPKG:tables.gpkg:t1", "a lake", "--model", str(tiny_model), "--out", "tables.gpkg",
+                "--overwrite")
+    assert over.exit_code == 2 and "destroy the input" in over.output, over.output
+
+
+def test_evaluate_takes_gdal_names_as_segment_does(tmp_path, monkeypatch, tiny_model):
+    import json
+
+    from training_data import make_synthetic
+
+    raster, labels, _ = make_synthetic(tmp_path, size=96)
+    with rasterio.open(raster) as source:
+        profile = {key: source.profile[key] for key in ("width", "height", "count", "dtype", "crs", "transform")}
+        with rasterio.open(tmp_path / "scene.gpkg", "w", driver="GPKG", RASTER_TABLE="scene", **profile) as table:
+            table.write(source.read())
+    with zipfile.ZipFile(tmp_path / "scene.zip", "w") as archive:
+        archive.write(raster, "scene.tif")
+    monkeypatch.chdir(tmp_path)
+    zipped = f"/vsizip/{tmp_path / 'scene.zip'}/scene.tif"
+    metrics = {}
+    for name in ("GPKG:scene.gpkg:scene", zipped, str(raster)):
+        result = _cli("evaluate", name, str(labels), "--class-field", "cls", "--model", str(tiny_model), "--json",
+                      "metrics.json", "--overwrite", "--quiet")
+        assert result.exit_code == 0, (name, result.output)
+        assert f"of {name if name != str(raster) else raster.name}" in result.output.splitlines()[0]
+        metrics[name] = json.loads((tmp_path / "metrics.json").read_text())["metrics"]["miou"]
+    assert len(set(metrics.values())) == 1, metrics  # one raster, three names
+    over = _cli("evaluate", "GPKG:scene.gpkg:scene", str(labels), "--class-field", "cls", "--model", str(tiny_model),
+                "--json", "scene.gpkg", "--overwrite")
+    assert over.exit_code == 2 and "destroy the input" in over.output, over.output

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from backend.engine.errors import FarslipError, InputError
 from backend.service.schemas import EvaluateRequest, JobCreated, TrainRequest
 
-from ..security import absolute_path, looks_like_path, output_path, request_checks
+from ..security import absolute_path, looks_like_path, output_path, raster_path, request_checks
 from .jobs import queue_job
 
 router = APIRouter()
@@ -80,6 +80,8 @@ def check_train_request(request: TrainRequest) -> list[str]:
         if isinstance(body.get(name), str):
             if name == "out":
                 output_path(body[name], "out", example="/data/my-model")
+            elif name == "raster":  # a GDAL name as segment takes it (NETCDF:"/d/a.nc":var, /vsizip//d/a.zip/x.tif)
+                raster_path(body[name])
             else:
                 absolute_path(body[name], name)
     if isinstance(body.get("base_model"), str) and looks_like_path(body["base_model"]):
@@ -106,12 +108,10 @@ def submit_evaluate(body: EvaluateRequest, request: Request):
     from backend.service.evaluate_jobs import check_evaluate_request
 
     with request_checks():
-        for name in ("raster", "labels", "out_json"):
-            if getattr(body, name):
-                if name == "out_json":
-                    output_path(body.out_json, name, example="/data/metrics.json")
-                else:
-                    absolute_path(getattr(body, name), name)
+        raster_path(body.raster)  # a GDAL name as segment takes it
+        absolute_path(body.labels, "labels")
+        if body.out_json:
+            output_path(body.out_json, "out_json", example="/data/metrics.json")
         if body.model is not None and looks_like_path(body.model):
             absolute_path(body.model, "model")
         outputs = check_evaluate_request(body.model_dump())
