@@ -12,11 +12,12 @@ from qgis.core import (
     QgsCoordinateReferenceSystem,
     QgsMapLayerProxyModel,
     QgsPointXY,
+    QgsProject,
     QgsRasterLayer,
     QgsRectangle,
 )
 from qgis.gui import QgsMapToolEmitPoint
-from qgis.PyQt import uic
+from qgis.PyQt import sip, uic
 from qgis.PyQt.QtCore import QObject, Qt, pyqtSignal
 from qgis.PyQt.QtWidgets import QListWidgetItem, QWidget
 
@@ -57,6 +58,7 @@ class SearchTab(QObject):
         dock.form.tabs.addTab(self.page, "Search")
         self.task: JobTask | None = None
         self.hits_layer = None
+        self.hits_crs_value: QgsCoordinateReferenceSystem | None = None  # kept: the user may remove the hits layer
         self.raster_layer: QgsRasterLayer | None = None
         self.last_error = ""
         form = self.form
@@ -190,6 +192,7 @@ class SearchTab(QObject):
         result = job.get("result") or {}
         try:
             self.hits_layer = load_hits(job, self.raster_layer, f"FarSLIP hits {self.raster_layer.name()}")
+            self.hits_crs_value = QgsCoordinateReferenceSystem(self.hits_layer.crs())
         except RuntimeError as error:
             self._show(str(error), error=True)
             self._finish("failed")
@@ -226,8 +229,11 @@ class SearchTab(QObject):
 
     def hits_crs(self) -> QgsCoordinateReferenceSystem:
         """The CRS of the hits' coordinates: the raster's as the backend read it, which is the layer's CRS (a CRS
-        set in QGIS included: the layer's VRT carries it)."""
-        return self.hits_layer.crs() if self.hits_layer is not None else self.raster_layer.crs()
+        set in QGIS included: the layer's VRT carries it), kept when the search finished: the hits layer may
+        have been removed from the project since."""
+        if self.hits_crs_value is not None:
+            return self.hits_crs_value
+        return self.raster_layer.crs() if searched_layer_alive(self.raster_layer) else QgsCoordinateReferenceSystem()
 
     def zoom_to_hit(self, item: QListWidgetItem) -> None:
         extent = transform_extent(self.hit_rectangle(item), self.hits_crs(), self.canvas.mapSettings().destinationCrs())
@@ -243,6 +249,10 @@ class SearchTab(QObject):
         VRT of it, also of a layer searched through its VRT: that VRT has the dataset's own pixel grid)."""
         item = self.form.hitsList.currentItem()
         if item is None or self.raster_layer is None:
+            return
+        if not searched_layer_alive(self.raster_layer):
+            self._show("The searched raster layer was removed from the project; add it again and search again.",
+                       error=True)
             return
         layer = self.raster_layer
         source = gdal_dataset_name(layer)
@@ -269,3 +279,8 @@ class SearchTab(QObject):
             self.task.cancel()
         if self.canvas.mapTool() is self.point_tool:
             self.canvas.unsetMapTool(self.point_tool)
+
+
+def searched_layer_alive(layer: QgsRasterLayer | None) -> bool:
+    """Whether the layer searched is still in the project (removed, its object is deleted or orphaned)."""
+    return layer is not None and not sip.isdeleted(layer) and QgsProject.instance().mapLayer(layer.id()) is not None

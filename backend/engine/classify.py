@@ -89,7 +89,7 @@ def classify_raster(raster: str | Path, options: ClassifyOptions, out: Path, loa
                     should_cancel: Callable[[], bool] | None = None) -> ClassifyResult:
     started = time.perf_counter()
     validate_classify_options(options)
-    file = raster_file(raster)  # a subdataset's file; none for a GDAL virtual path
+    file = raster_file(raster)  # a subdataset's file or an archive; none for a virtual path over no file here
     check_classify_output(out, overwrite, options, {"raster": file} if file else {})
     classes = parse_class_lines(options.class_lines)
     from .segment import run_warnings  # the same sentences as segment's

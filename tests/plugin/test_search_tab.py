@@ -307,3 +307,26 @@ def test_a_layer_gdal_does_not_read_is_refused_in_a_sentence(bare_dock, tmp_path
     assert run_search(tab, timeout=10) == "failed"
     assert tab.last_error.startswith("tiles is not a raster GDAL reads"), tab.last_error
     assert "GeoTIFF" in tab.last_error and tab.task is None
+
+
+def test_hits_still_zoom_after_the_hits_layer_is_removed_and_a_removed_raster_is_named(search_tab, naip_layer,
+                                                                                       qgis_iface):
+    """A user removes the hits layer, then clicks a hit: the map zooms to it (the hits' CRS was kept); with the
+    searched raster removed too, 'use this hit as the extent' says so instead of raising."""
+    search_tab.form.sentencesEdit.setPlainText("a lake next to a road")
+    assert run_search(search_tab) == "done", search_tab.last_error
+    canvas = qgis_iface.mapCanvas()
+    canvas.setDestinationCrs(QgsCoordinateReferenceSystem("EPSG:4326"))
+    QgsProject.instance().removeMapLayer(search_tab.hits_layer.id())
+    first = search_tab.form.hitsList.item(0)
+    search_tab.zoom_to_hit(first)
+    to_degrees = QgsCoordinateTransform(UTM14, canvas.mapSettings().destinationCrs(), QgsProject.instance())
+    hit_centre = to_degrees.transform(search_tab.hit_rectangle(first).center())
+    assert canvas.extent().contains(hit_centre)
+    assert canvas.extent().width() < 0.05  # degrees: zoomed to the hit, not to metres read as degrees
+
+    QgsProject.instance().removeMapLayer(naip_layer.id())
+    search_tab.form.hitsList.setCurrentItem(first)
+    search_tab.use_hit_as_extent()
+    assert "removed from the project" in search_tab.last_error
+    assert search_tab.dock.drawn_extent is None
