@@ -5,9 +5,9 @@ final folder, tagged with the process and run (see backend.engine.temporary, who
 runs' leftovers recognises it), and only a complete file is renamed over the final name. So a crash,
 a full disk or a cancelled run (Ctrl-C, SIGTERM, a cancelled job) never leaves a half-written file
 under the final name, and a file being replaced stays readable until its successor is complete.
-A run's several outputs (polygons, rasters, the run report) are renamed in together, the report last, all
-or nothing: a rename failing midway undoes the ones before it and restores the files they replaced
-(StagedOutputs, commit_outputs).
+A run's several outputs (polygons, rasters, a folder of rasters, the run report) are renamed in together, the
+report last, all or nothing: a rename failing midway undoes the ones before it and restores the files (or
+folder) they replaced (StagedOutputs, commit_outputs).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -63,6 +64,29 @@ def _fsync_file(path: Path) -> None:
         os.close(descriptor)
 
 
+def _is_folder(path: Path) -> bool:
+    return os.path.isdir(path) and not os.path.islink(path)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, or a folder with what it holds."""
+    if _is_folder(path):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def _fsync_entry(entry: Path) -> None:
+    """A staged file, or every file and folder of a staged folder, reaches the disk."""
+    if not _is_folder(entry):
+        _fsync_file(entry)
+        return
+    for folder, _folders, names in os.walk(entry):
+        for name in names:
+            _fsync_file(Path(folder) / name)
+        _fsync_folder(Path(folder))
+
+
 def _fsync_folder(folder: Path) -> None:
     """The renames themselves reach the disk (a folder cannot be opened for this everywhere: best effort)."""
     try:
@@ -89,6 +113,8 @@ def _staged_moves(staged: Path, target: str | Path) -> tuple[list[Path], list[tu
     """What renaming a staged file and its sidecars over `target` takes: the old files it removes (stale parts
     of a replaced shapefile, a replaced GeoPackage's journal) and the renames, its main file last."""
     path = Path(target)
+    if _is_folder(staged):  # a folder output (a folder of rasters) is renamed whole, over the folder it replaces
+        return [], [(staged, path)]
     # The staged name is the target's staged stem + the target's own suffix (none for a bare name).
     stem = staged.name[: len(staged.name) - len(path.suffix)]
     written = [entry for entry in owned_entries(staged.with_name(stem)) if entry.is_file()]
@@ -156,15 +182,21 @@ class _Renames:
             self.done.append(_Undo(old, backup))
 
     def replace(self, new: Path, target: Path, keep: bool) -> None:
-        step = self._keep(target) if keep else _Undo(target, None)
+        # A folder replacing a folder: the old one is renamed aside first (no rename goes over a folder that
+        # holds files), even in the last rename; its backup goes once all is in place.
+        folders = _is_folder(new) and _is_folder(target)
+        step = self._keep(target, aside=folders) if keep or folders else _Undo(target, None)
         self.done.append(step)
         os.replace(new, target)
         step.renamed = True
 
-    def _keep(self, target: Path) -> _Undo:
-        if not os.path.lexists(target) or (os.path.isdir(target) and not os.path.islink(target)):
-            return _Undo(target, None)  # nothing to keep (a folder in the way fails the rename: all is undone)
+    def _keep(self, target: Path, aside: bool = False) -> _Undo:
         backup = backup_path(target, self.tag)
+        if aside:
+            os.replace(target, backup)
+            return _Undo(target, backup)
+        if not os.path.lexists(target) or _is_folder(target):
+            return _Undo(target, None)  # nothing to keep (a folder in the way fails the rename: all is undone)
         try:
             os.link(target, backup, follow_symlinks=False)
             return _Undo(target, backup, linked=True)
@@ -179,10 +211,12 @@ class _Renames:
             try:
                 if step.backup is None:
                     if step.renamed:
-                        os.unlink(step.target)
+                        _remove(step.target)
                 elif step.linked and not step.renamed:
                     os.unlink(step.backup)  # the old file never left its name (renaming a link over it does nothing)
                 else:
+                    if step.renamed and _is_folder(step.target):
+                        shutil.rmtree(step.target)  # the new folder: no rename goes over it
                     os.replace(step.backup, step.target)
             except OSError:
                 if step.backup is None:
@@ -196,21 +230,22 @@ class _Renames:
         for step in self.done:
             if step.backup is not None:
                 with contextlib.suppress(OSError):
-                    os.unlink(step.backup)
+                    _remove(step.backup)
         self.done.clear()
 
 
 def commit_outputs(staged: Mapping[Path, str | Path], tag: str, durable: bool = True) -> None:
-    """Rename complete staged files (and their sidecars) over their targets, in the order given, all or
-    nothing: the only way outputs are replaced. When a rename fails midway (a name taken by a folder, a
-    folder that stopped taking files, a full disk), the outputs already renamed are removed again and the
-    files they replaced restored, and the error is raised; so a run's report, committed last, only ever
-    lies beside the data it describes, and a user's previous result survives a failed commit."""
+    """Rename complete staged files (and their sidecars) or folders over their targets, in the order given, all
+    or nothing: the only way outputs are replaced. A staged folder replaces the folder at its target whole.
+    When a rename fails midway (a name taken by a folder, a folder that stopped taking files, a full disk),
+    the outputs already renamed are removed again and the files (or folders) they replaced restored, and the
+    error is raised; so a run's report, committed last, only ever lies beside the data it describes, and a
+    user's previous result survives a failed commit."""
     plans = [(target, *_staged_moves(Path(file), target)) for file, target in staged.items()]
     if durable:
         for _target, _removed, moves in plans:
             for entry, _final in moves:
-                _fsync_file(entry)
+                _fsync_entry(entry)
     steps: list[tuple[Path, Path | None]] = []  # (final name, the staged file renamed to it; None: removed)
     for _target, removed, moves in plans:
         steps += [(old, None) for old in removed] + [(final, entry) for entry, final in moves]
@@ -257,7 +292,8 @@ def _same_existing(a: Path, b: Path) -> bool:
 class StagedOutputs:
     """The outputs of one run, each written under its staged name (`staged[key]`), then renamed into place
     together by commit() in the order of `targets` (the data first, the run report, the marker of a finished
-    run, last), all or nothing (commit_outputs).
+    run, last), all or nothing (commit_outputs). An output may be a folder (the writer creates it at its staged
+    name): it replaces the folder at its target whole.
 
     As a context manager: a block that ends normally commits (unless commit() was called in it); on any
     exception (cancellation included) the staged files are deleted and nothing at the targets changes.

@@ -29,10 +29,11 @@ from rasterio.crs import CRS
 
 from backend import __version__
 from backend.engine.errors import CancelledError, FarslipError, InputError
-from backend.engine.atomic import atomic_output, write_text_atomically
+from backend.engine.atomic import StagedOutputs, write_text_atomically
 from backend.engine.export import check_format_crs, driver_for, layer_name, report_json, report_path_for
 from backend.engine.feature_cache import identity_digest, model_identity, raster_reads
 from backend.engine.weights import stat_identity
+from backend.engine.diskspace import writing_to
 from backend.engine.checks import coarse_vector_path, named_outputs, outputs_by_role
 from backend.engine.files import check_output_files, is_inside, raster_file
 from backend.engine.options import SegmentOptions
@@ -560,66 +561,64 @@ def _write_outputs(done: list[RasterPlan], manifest: Manifest, request: ScaleReq
                    model: str, facts: dict, failed: list[dict], chunks: dict, timings: dict,
                    started: float) -> dict[str, str]:
     """Merge the finished rasters' layers and write every output under a temporary name, then rename them all
-    into place (the raster outputs first, the polygon layer last): a failure leaves every output as it was."""
+    into place together (atomic.StagedOutputs): the raster outputs (each VRT's folder before it), the polygon
+    layers, and the report last. A failure, the commit's included, leaves every output as it was."""
     out = Path(request.out)
-    tag = new_run_tag(run_id)
     outputs = {"vector": str(out), "report": str(report_path_for(out))}
     for target in request.rasters().values():  # checked before the run too; files may have appeared since
         if target.suffix.lower() == ".vrt":
             check_raster_folder(raster_folder(target), request.overwrite, [p.path for p in done])
-    with contextlib.ExitStack() as renames:  # each output is renamed into place as the block ends, last in first
-        staged_vector = renames.enter_context(atomic_output(out, tag))
-        staged_report = renames.enter_context(atomic_output(report_path_for(out), tag))
+    targets: dict[str, Path] = {}
+    for role, target in request.rasters().items():
+        if target.suffix.lower() == ".vrt":  # the folder first: the VRT only appears over the rasters it reads
+            targets[role.replace("_raster", "_rasters")] = raster_folder(target)
+        targets[role] = target
+    if request.refine != "none":  # the unrefined polygons beside the refined ones, as `segment` writes them
+        targets["coarse_vector"] = coarse_vector_path(out)
+    targets.update(vector=out, report=report_path_for(out))
+    with StagedOutputs(targets, new_run_tag(run_id)) as staged:
         names = raster_names([p.path for p in done])
         parts = [(manifest.raster_folder(p.index) / "polygons.gpkg", name, p.crs, min(pixel_size(p.transform)))
                  for p, name in zip(done, names)]
-        count = merge_layers(parts, staged_vector, out_crs, out.stem, keep_from=out)
-        if request.refine != "none":  # the unrefined polygons beside the refined ones, as `segment` writes them
-            coarse = coarse_vector_path(out)
-            staged_coarse = renames.enter_context(atomic_output(coarse, tag))
+        count = merge_layers(parts, staged["vector"], out_crs, out.stem, keep_from=out)
+        if "coarse_vector" in targets:
+            coarse = targets["coarse_vector"]
             merge_layers([(manifest.raster_folder(p.index) / "coarse.gpkg", *part[1:])
-                          for p, part in zip(done, parts)], staged_coarse, out_crs, coarse.stem, keep_from=coarse)
+                          for p, part in zip(done, parts)], staged["coarse_vector"], out_crs, coarse.stem,
+                         keep_from=coarse)
             outputs["coarse_vector"] = str(coarse)
         for role, target in request.rasters().items():
-            outputs.update(_stage_raster_output(renames, role, target, done, names, manifest, out_crs, tag))
+            outputs.update(_stage_raster_output(staged, role, target, done, names, manifest, out_crs))
         timings["total_s"] = time.perf_counter() - started
         report = {"farslip_version": __version__, "run_id": run_id, "model": model, "crs": out_crs.to_string(),
                   "rasters": [manifest.finished[p.index] for p in done], "failed": failed, "chunks": chunks,
                   "polygons": count, "options": facts, "outputs": outputs,
                   "layer": out.stem if out.suffix.lower() == ".parquet" else layer_name(out.stem, driver_for(out)),
                   "timings": {k: round(v, 3) for k, v in timings.items()}}
-        staged_report.write_text(report_json(report), "utf-8")
+        staged["report"].write_text(report_json(report), "utf-8")
+        with writing_to(targets.values(), 1.0):  # a failed rename is a sentence, seen before staged files go
+            staged.commit()
     return outputs
 
 
-def _stage_raster_output(renames: contextlib.ExitStack, role: str, target: Path, done: list[RasterPlan],
-                         names: list[str], manifest: Manifest, out_crs: CRS, tag: str) -> dict[str, str]:
-    """One raster output of the finished rasters' own files (`role`: class_raster or prob_raster), written under
-    temporary names and renamed into place when `renames` ends without an error: the file itself for a .tif, or
-    a VRT over copies of them in the folder `<name>_rasters` beside it (each at its raster's name, see
-    raster_names), whose old content is replaced then."""
+def _stage_raster_output(staged: StagedOutputs, role: str, target: Path, done: list[RasterPlan],
+                         names: list[str], manifest: Manifest, out_crs: CRS) -> dict[str, str]:
+    """One raster output of the finished rasters' own files (`role`: class_raster or prob_raster), written at
+    its staged name: the file itself for a .tif, or a VRT over copies of them in the folder `<name>_rasters`
+    beside it (each at its raster's name, see raster_names), staged as an output of its own (the folder is
+    replaced whole by the commit)."""
     own = RASTER_FILES[role]
-    staged = renames.enter_context(atomic_output(target, tag))
     if target.suffix.lower() != ".vrt":
         assert len(done) == 1, "check_raster_outputs allows a .tif for one raster only"
-        shutil.copyfile(manifest.raster_folder(done[0].index) / own, staged)
+        shutil.copyfile(manifest.raster_folder(done[0].index) / own, staged[role])
         return {role: str(target)}
-    folder = raster_folder(target)
-    staged_folder = staged.with_name(staged.name + ".d")  # a temporary name of the VRT's: removed with it
+    key = role.replace("_raster", "_rasters")
+    folder, staged_folder = raster_folder(target), staged[key]
     staged_folder.mkdir()
     files = _raster_files(names, done)
     for plan, file in zip(done, files):
         (staged_folder / file).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(manifest.raster_folder(plan.index) / own, staged_folder / file)
-    write_raster_vrt(staged, [folder / file for file in files], out_crs,
+    write_raster_vrt(staged[role], [folder / file for file in files], out_crs,
                      read_from=[staged_folder / file for file in files])
-
-    def replace_folder(error_type, error, traceback) -> bool:
-        if error_type is None:  # pushed after the VRT's atomic_output: the folder is in place before the VRT
-            if folder.exists():
-                shutil.rmtree(folder)
-            staged_folder.rename(folder)
-        return False
-
-    renames.push(replace_folder)
-    return {role: str(target), role.replace("_raster", "_rasters"): str(folder)}
+    return {role: str(target), key: str(folder)}
