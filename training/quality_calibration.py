@@ -12,11 +12,12 @@ out-of-fold: each spatial fold (blocks of 3x3 tiles) is predicted by a model fit
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 
+from backend.engine.atomic import StagedOutputs
 from backend.engine.diskspace import writing_to
 from backend.engine.errors import InputError
 from backend.engine.quality import (
@@ -210,11 +211,16 @@ def calibrate_and_keep_the_better(raster: str | Path, labels: str | Path, class_
                                   bands: list[int] | None = None, scale: float | None = None,
                                   gsd_m: float | None = None, tile: int = 64, attention: str = "segearth",
                                   batch_size: int = 8, should_cancel: Callable[[], bool] | None = None,
-                                  square: bool = True) -> dict:
+                                  square: bool = True,
+                                  along: Mapping[str | Path, Callable[[Path, dict], object]] | None = None) -> dict:
     """Fit a calibration on the labelled tiles and store it only when it ranks the tiles at least as well as
     the built-in estimate and the calibration already at its place (or when `force`). Returns the figures,
     which estimate was kept and the sentence saying so. (`square`: how `gsd_m` resamples,
-    raster.processing_scale.)"""
+    raster.processing_scale.)
+
+    `along`: other files that land with the calibration, in one commit, all or nothing (a run's PNG and its
+    report, which records the figures): each is written by its function, given the file's staged name and the
+    figures returned, and renamed in after the calibration, in the order given (the report last)."""
     target = calibration_target(loaded, out)
     check_quality_tile(tile)
     with open_source(raster, bands, scale, gsd_m, square=square) as source:
@@ -233,13 +239,23 @@ def calibrate_and_keep_the_better(raster: str | Path, labels: str | Path, class_
     best = choose(scores)
     kept = "new" if force else best
     sentence = verdict(kept, scores, target, forced=force and best != "new")
-    if kept == "new":
-        model.metrics = {"tiles": len(truth), "tile_px": tile, "default": scores["default"],
-                         "out_of_fold": scores["new"], "raster": str(raster), "labels": str(labels),
-                         **({"replaced": scores["existing"]} if "existing" in scores else {})}
-        with writing_to([target], 1.0):
-            model.save(target)
-    return {"calibration": str(target), "written": kept == "new", "kept": kept, "forced": force and best != "new",
-            "tiles": len(truth), "default": scores["default"], "calibrated": scores["new"],
-            "existing": scores.get("existing"), "existing_not_comparable": unusable,
-            "class_lines": grid.class_lines, "sentence": sentence}
+    fit = {"calibration": str(target), "written": kept == "new", "kept": kept, "forced": force and best != "new",
+           "tiles": len(truth), "default": scores["default"], "calibrated": scores["new"],
+           "existing": scores.get("existing"), "existing_not_comparable": unusable,
+           "class_lines": grid.class_lines, "sentence": sentence}
+    writers = list((along or {}).values())
+    outputs = {**({"calibration": target} if kept == "new" else {}),
+               **{f"along {i}": Path(path) for i, path in enumerate(along or {})}}
+    if not outputs:
+        return fit
+    # The calibration first, the files along with it after it (the report last), renamed in together.
+    with StagedOutputs(outputs) as staged, writing_to(outputs.values(), 1.0):
+        if kept == "new":
+            model.metrics = {"tiles": len(truth), "tile_px": tile, "default": scores["default"],
+                             "out_of_fold": scores["new"], "raster": str(raster), "labels": str(labels),
+                             **({"replaced": scores["existing"]} if "existing" in scores else {})}
+            model.save(staged["calibration"])
+        for i, write in enumerate(writers):
+            write(staged[f"along {i}"], fit)
+        staged.commit()
+    return fit

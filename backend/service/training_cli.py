@@ -15,7 +15,6 @@ from typing import Optional
 
 import typer
 
-from backend.engine.diskspace import writing_to
 from backend.engine.errors import FarslipError, InputError
 from backend.engine.files import check_output_file, is_inside, raster_file, raster_label
 from backend.service.cli_common import fail as _fail
@@ -150,7 +149,10 @@ def evaluate_command(
                                 weights=str(weights) if weights else None, background=background, aoi=aoi,
                                 class_names=class_names_from_pairs(class_name or []), split=split,
                                 bands=_bands(bands), scale=scale, gsd_m=gsd, attention=attention,
-                                batch_size=batch_size, device=str(dev), out_json=json_out, out_png=png,
+                                batch_size=batch_size, device=str(dev),
+                                # With --calibrate-quality, the report files land with the calibration, below.
+                                out_json=None if calibrate_quality else json_out,
+                                out_png=None if calibrate_quality else png,
                                 progress=_Lines(quiet), overwrite=overwrite, loaded=loaded)
         where = "the held-out validation strip" if result["split"] == "validation" else "all labelled pixels"
         typer.echo(f"{result['model']} on {where} of {raster_label(result['raster'])}")
@@ -162,11 +164,8 @@ def evaluate_command(
                 raster, labels, class_field, loaded, target, force=force_calibration,
                 background=result["background"], aoi=used["aoi"], class_names=used["class_names"],
                 bands=used["bands"], scale=used["scale"], gsd_m=used["gsd_m"], tile=quality_tile,
-                attention=attention, batch_size=batch_size, square=used.get("square", True))
-            if json_out is not None:  # the metrics report says which estimate was kept
-                _add_to_report(json_out, {key: fit[key] for key in (
-                    "calibration", "written", "kept", "forced", "tiles", "default", "calibrated", "existing",
-                    "existing_not_comparable", "sentence")})
+                attention=attention, batch_size=batch_size, square=used.get("square", True),
+                along=_report_files(result, json_out, png))
     except FarslipError as error:
         _fail(error)
     if calibrate_quality:
@@ -177,19 +176,34 @@ def evaluate_command(
                    f"PLCC {calibrated.get('plcc')}{compared}. {fit['sentence']}")
 
 
-def _add_to_report(json_out: Path, calibration: dict) -> None:
-    """The --json report, written by the evaluation, with the calibration's figures and the estimate kept."""
-    from training.evaluate import write_json
+def _report_files(result: dict, json_out: Optional[Path], png: Optional[Path]) -> dict:
+    """The evaluation's --png and --json as files that land with the quality calibration, all or nothing
+    (calibrate_and_keep_the_better's `along`): the PNG, then the JSON report last, which holds the calibration's
+    figures and the estimate kept, in the form training.api.write_report gives the evaluation's own report."""
+    from training.evaluate import draw_confusion
 
-    def plain(value):  # a figure that could not be measured (NaN) is null, as the report's own are
-        if isinstance(value, dict):
-            return {key: plain(item) for key, item in value.items()}
-        return None if isinstance(value, float) and math.isnan(value) else value
+    outputs = {name: str(path) for name, path in (("json", json_out), ("png", png)) if path}
+    files: dict = {}
+    if png is not None:
+        title = f"{result['model']}: mIoU {100 * (result['metrics']['miou'] or 0):.2f} %"
+        files[png] = lambda staged, fit: draw_confusion(result["metrics"], staged, title)
+    if json_out is not None:
+        def write_json(staged: Path, fit: dict) -> None:
+            report = {key: value for key, value in {**result, "outputs": outputs}.items() if key != "text"}
+            report["quality_calibration"] = _plain({key: fit[key] for key in (
+                "calibration", "written", "kept", "forced", "tiles", "default", "calibrated", "existing",
+                "existing_not_comparable", "sentence")})
+            staged.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
-    report = json.loads(Path(json_out).read_text(encoding="utf-8"))
-    report["quality_calibration"] = plain(calibration)
-    with writing_to([json_out], 1.0):
-        write_json(report, json_out)
+        files[json_out] = write_json
+    return files
+
+
+def _plain(value):
+    """A figure that could not be measured (NaN) is null, as the report's own are."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def _check_used(calibrate_quality: bool, quality_out: Optional[Path], quality_tile: int, force_calibration: bool,
