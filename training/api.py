@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -34,11 +35,16 @@ from backend.engine.weights import file_sha256
 from backend.engine.errors import CancelledError, InputError
 from backend.engine.atomic import StagedOutputs, atomic_output
 from backend.engine.diskspace import writing_to
+from backend.engine.feature_cache import raster_identity
 from backend.engine.files import (
+    absolute_raster_name,
     check_output_file,
-    check_regular_file,
+    check_raster_name,
     check_vector_source,
     input_paths,
+    raster_file,
+    raster_label,
+    raster_name,
     refuse_outputs_over_inputs,
 )
 from backend.engine.options import ATTENTION_VARIANTS
@@ -121,8 +127,10 @@ def check_attention(attention: str) -> None:
 
 
 def evaluation_inputs(raster=None, labels=None, aoi=None, model=None, weights=None) -> dict[str, Path]:
-    """The files an evaluation reads (which no output may replace)."""
-    return input_paths([("raster", raster), ("labels", vector_file(labels) if labels else None),
+    """The files an evaluation reads (which no output may replace): a raster named in GDAL's syntax by the file
+    that holds it (a subdataset's container, an archive)."""
+    return input_paths([("raster", raster_file(raster) if raster else None),
+                        ("labels", vector_file(labels) if labels else None),
                         ("area of interest", vector_file(aoi) if aoi else None), ("model", model),
                         ("weights", weights)])
 
@@ -177,6 +185,7 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
     if split not in ("auto", "all", "validation"):
         raise InputError(f"--split must be auto, all or validation; got {split!r}.")
     check_attention(attention)
+    raster = raster_name(raster)  # a GDAL name as typed (a pathlib.Path folds /vsizip//abs's '//')
     check_report_outputs({"--json file": out_json, "--png file": out_png},
                          evaluation_inputs(raster, labels, aoi, model, weights), overwrite)
     loaded = _load(model, weights, device, loaded)
@@ -184,13 +193,13 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
     same_data = False
     if trained_on.get("data") and split != "all":
         recorded = trained_on["data"]
-        same_data = (recorded.get("raster", {}).get("sha256") == file_sha256(raster)
+        same_data = (same_raster(recorded.get("raster") or {}, raster_record(raster))
                      and recorded.get("labels", {}).get("sha256") == file_sha256(vector_file(labels))
                      and _same_labels_layer(recorded.get("labels", {}), labels, class_field))
     if split == "validation" and not same_data:
         raise InputError("--split validation needs a fine-tuned model trained on this raster and these "
-                         "labels (the files' sha256, the labels layer and the class field must match the model's "
-                         "farslip_model.json).")
+                         "labels (the files' sha256, the raster's name in its archive or container, the labels layer "
+                         "and the class field must match the model's farslip_model.json).")
     use_validation = same_data and split in ("auto", "validation")
     processing = trained_on.get("processing") or {}
     if use_validation:  # the training's own pixels: its grid, bands, background, AOI and class names
@@ -291,8 +300,10 @@ def check_options(options: TrainOptions) -> None:
 
 
 def training_inputs(raster, labels, aoi=None, base_model=None, weights=None) -> dict[str, Path]:
-    """The files a training reads (which --out must not hold)."""
-    return input_paths([("raster", raster), ("labels", vector_file(labels) if labels else None),
+    """The files a training reads (which --out must not hold): a raster named in GDAL's syntax by the file that
+    holds it (a subdataset's container, an archive)."""
+    return input_paths([("raster", raster_file(raster) if raster else None),
+                        ("labels", vector_file(labels) if labels else None),
                         ("area of interest", vector_file(aoi) if aoi else None),
                         ("base model", base_model), ("weights", weights)])
 
@@ -325,15 +336,16 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
     gets the result as JSON, put in place with the model folder, all or nothing.
     """
     options = run_options(options, method, epochs, lr, patch_loss_weight)
-    raster, labels, out = Path(raster), Path(labels), Path(out)
+    # The raster as GDAL gets it: a pathlib.Path folds /vsizip//abs/a.zip/x.tif and HDF5:"a.h5"://var.
+    raster, labels, out = raster_name(raster), Path(labels), Path(out)
     labels_file = vector_file(labels)
     check_out_folder(out, overwrite, resume, training_inputs(raster, labels, aoi, base_model, weights))
     started = time.perf_counter()
     loaded = _load(base_model, weights, device, loaded)
-    raster_sha, labels_sha = file_sha256(raster) if raster.is_file() else None, None
     bands = bands_for(raster, bands, loaded)  # training on from a model fine-tuned on chosen bands keeps them
 
     with open_source(raster, bands, scale, gsd_m) as source:
+        raster_id = raster_record(source.path, source.dataset)
         grid = label_grid_for(source, labels, class_field, background, aoi, class_names)
         labels_sha = file_sha256(labels_file)
         window_pixels = grid.window.height * grid.window.width
@@ -353,7 +365,7 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
         earlier_partial = resume and (partial_dir(out) / CHECKPOINT_DIR / "state.pt").is_file()
         work, resuming = start_work_folder(out, resume, overwrite)
         try:
-            result = _train_in(work, out, loaded, data, options, resuming, raster, labels, raster_sha,
+            result = _train_in(work, out, loaded, data, options, resuming, raster, labels, raster_id,
                                labels_sha, class_field, aoi, class_names, started, progress, should_cancel,
                                finished=resuming and not earlier_partial)
         except CancelledError:
@@ -401,13 +413,39 @@ def split_warnings(split) -> list[str]:
     return warnings
 
 
-def training_data_record(data: TrainingData, raster_sha: str | None, labels: Path, labels_sha: str | None,
+def raster_record(raster: str | os.PathLike, dataset=None) -> dict:
+    """What a training records of its raster to know it again (--resume, evaluate's validation split), from
+    feature_cache.raster_identity: the sha256 of the file that holds it and, for a raster inside an archive or a
+    container, its name there with that file's path written {} ("name": "GPKG:{}:t1", "/vsizip/{}/x.tif"), so two
+    spellings of one table are one raster and a rewritten container another. A plain file's record is
+    {"sha256": its sha256}, as trainings have always recorded it (its companion files are not part of it);
+    {"sha256": None} for a raster on no file here (/vsicurl/ ...)."""
+    identity = raster_identity(raster, dataset)
+    if identity is None:
+        return {"sha256": None}
+    return {"sha256": identity["sha256"], **({"name": identity["name"]} if "name" in identity else {})}
+
+
+def same_raster(recorded: dict, current: dict) -> bool:
+    """Whether a model's recorded raster (farslip_model.json's data.raster) is the raster `current` records."""
+    return (current["sha256"] is not None and recorded.get("sha256") == current["sha256"]
+            and recorded.get("name") == current.get("name"))
+
+
+def checkpoint_raster(record: dict) -> str | dict | None:
+    """A raster record as a training's checkpoint keeps it: a plain file's sha256 alone (as checkpoints always
+    kept it, so an earlier run resumes), a raster inside an archive or a container with its name."""
+    return record if "name" in record else record["sha256"]
+
+
+def training_data_record(data: TrainingData, raster_id: dict, labels: Path, labels_sha: str | None,
                          class_field: str, aoi, class_names: dict[str, str] | None) -> dict:
     """What defines a training's pixels and classes, as its checkpoint records it for --resume to compare:
     the files (sha256) and layers, the class field and renames, the background, the bands and the grid."""
     aoi_file, aoi_name = aoi_layer(aoi) if aoi else (None, None)
     return {
-        "raster": raster_sha, "labels": labels_sha, "labels_layer": label_layer(labels, class_field)[1],
+        "raster": checkpoint_raster(raster_id), "labels": labels_sha,
+        "labels_layer": label_layer(labels, class_field)[1],
         "class_field": class_field, "class_names": dict(sorted((class_names or {}).items())),
         "background": data.grid.background,
         "aoi": {"path": str(aoi_file), "sha256": file_sha256(aoi_file), "layer": aoi_name} if aoi_file else None,
@@ -495,18 +533,18 @@ def _same_factor(a: float | None, b: float | None) -> bool:
 
 
 def _train_in(work: Path, out: Path, loaded: LoadedModel, data: TrainingData, options: TrainOptions, resuming: bool,
-              raster: Path, labels: Path, raster_sha, labels_sha, class_field: str, aoi, class_names,
+              raster: str, labels: Path, raster_id: dict, labels_sha, class_field: str, aoi, class_names,
               started: float, progress: Progress | None, should_cancel, finished: bool = False) -> dict:
     """Train in `work`. `finished`: resuming a model folder already in place (not an interrupted run)."""
     checkpoint = work / CHECKPOINT_DIR
     checkpoint.mkdir(exist_ok=True)
     state = TrainState()
     before = None
-    recorded = training_data_record(data, raster_sha, labels, labels_sha, class_field, aoi, class_names)
+    recorded = training_data_record(data, raster_id, labels, labels_sha, class_field, aoi, class_names)
     if resuming:
         saved = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
         where = out if finished else work
-        if (saved["data"].get("raster"), saved["data"].get("labels")) != (raster_sha, labels_sha):
+        if (saved["data"].get("raster"), saved["data"].get("labels")) != (recorded["raster"], labels_sha):
             raise InputError(f"The training in {where} used other data files (their sha256 differ); "
                              "resume it with the same raster and labels, or start again without --resume.")
         if saved["options"]["method"] != options.method:
@@ -593,13 +631,13 @@ def _train_in(work: Path, out: Path, loaded: LoadedModel, data: TrainingData, op
         "text_tower": (loaded.metadata.get("text_tower") or {}).get("name"),
         "languages": loaded.metadata.get("languages") or ["en"],
         "activation": (getattr(loaded, "metadata", {}) or {}).get("activation", "quickgelu"),
-        "description": f"Fine-tuned from {loaded.name} on {raster.name} ({len(grid.class_lines)} classes, "
-                       f"{options.method})",
+        "description": f"Fine-tuned from {loaded.name} on {raster_label(raster)} "
+                       f"({len(grid.class_lines)} classes, {options.method})",
         "class_lines": grid.class_lines,
         "background": grid.background,
         "prompts": {"inference": "OpenAI ImageNet templates (80)", "region_alignment": REGION_PROMPT},
         "data": {
-            "raster": {"path": str(raster.resolve()), "sha256": raster_sha},
+            "raster": {"path": absolute_raster_name(raster), **raster_id},
             "labels": {"path": str(vector_file(labels).resolve()), "sha256": labels_sha,
                        "layer": split_layer(labels)[1], "class_field": class_field, "class_names": class_names or {}},
             "aoi": {"path": str(vector_file(aoi).resolve()), "sha256": file_sha256(vector_file(aoi)),
@@ -681,7 +719,7 @@ _REQUEST_ARGS = ("raster", "labels", "class_field", "out", "base_model", "weight
 
 def check_request(request: dict) -> list[str]:
     """Quick checks of a POST /v1/train body before it is queued; returns the output paths it will write."""
-    check_regular_file(request["raster"], "raster")
+    check_raster_name(raster_name(request["raster"]), "raster")  # a subdataset once its file is here
     check_vector_source(vector_file(request["labels"]), "labels")
     if request.get("aoi"):
         aoi_layer(request["aoi"])  # a FIFO or a file without the named layer is refused now, not in the job
