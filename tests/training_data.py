@@ -67,3 +67,13 @@ def fast_options(**changes) -> TrainOptions:
     values = {"batch_size": 2, "steps_per_epoch": 4, "distill_boxes": 2, "regions_per_step": 4}
     values.update(changes)
     return TrainOptions(**values)
+
+
+def copy_as_gpkg_table(raster: Path, gpkg: Path, table: str = "t1") -> Path:
+    """`raster`'s pixels and georeferencing as raster table `table` of a new GeoPackage `gpkg` (one replaced)."""
+    gpkg.unlink(missing_ok=True)
+    with rasterio.open(raster) as source:
+        profile = {key: source.profile[key] for key in ("width", "height", "count", "dtype", "crs", "transform")}
+        with rasterio.open(gpkg, "w", driver="GPKG", RASTER_TABLE=table, **profile) as written:
+            written.write(source.read())
+    return gpkg

@@ -58,6 +58,19 @@ class FailingRename:
         return self.real(src, dst, **kwargs)
 
 
+def recorded_renames(monkeypatch) -> list[str]:
+    """The names os.replace renames to from now on, in order (the renames still happen)."""
+    order: list[str] = []
+    real = os.replace
+
+    def recording(src, dst, **kwargs):
+        order.append(Path(dst).name)
+        return real(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "replace", recording)
+    return order
+
+
 def files(folder: Path) -> dict[str, bytes]:
     """Every entry of `folder` by name, a file by its bytes (a folder as b'<folder>')."""
     return {p.name: (b"<folder>" if p.is_dir() else p.read_bytes()) for p in folder.iterdir()}
@@ -120,14 +133,7 @@ def test_a_rename_failing_at_any_step_leaves_the_folder_as_it_was(tmp_path, monk
 
 
 def test_the_report_is_renamed_in_last(tmp_path, monkeypatch):
-    order: list[str] = []
-    real = os.replace
-
-    def recording(src, dst, **kwargs):
-        order.append(Path(dst).name)
-        return real(src, dst, **kwargs)
-
-    monkeypatch.setattr(os, "replace", recording)
+    order = recorded_renames(monkeypatch)
     with stage_run(tmp_path, f"{os.getpid()}-00000001"):
         pass
     placed = [name for name in order if not name.endswith(".bak")]

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 import pytest
-from test_commit_all_or_nothing import FailingRename
+from test_commit_all_or_nothing import FailingRename, recorded_renames
 
 from backend.engine.atomic import StagedOutputs
 
@@ -88,14 +88,7 @@ def test_a_rename_failing_at_any_step_leaves_the_folder_output_as_it_was(tmp_pat
 
 def test_the_folder_goes_in_before_its_vrt_and_the_report_last(tmp_path, monkeypatch):
     lay_out(tmp_path, PREVIOUS)
-    order: list[str] = []
-    real = os.replace
-
-    def recording(src, dst, **kwargs):
-        order.append(Path(dst).name)
-        return real(src, dst, **kwargs)
-
-    monkeypatch.setattr(os, "replace", recording)
+    order = recorded_renames(monkeypatch)
     with stage_run(tmp_path, f"{os.getpid()}-00000001"):
         pass
     placed = [name for name in order if not name.endswith(".bak")]

@@ -189,13 +189,10 @@ def test_index_and_search_take_gdal_names_as_segment_does(data, tiny_model):
 def test_evaluate_takes_gdal_names_as_segment_does(tmp_path, monkeypatch, tiny_model):
     import json
 
-    from training_data import make_synthetic
+    from training_data import copy_as_gpkg_table, make_synthetic
 
     raster, labels, _ = make_synthetic(tmp_path, size=96)
-    with rasterio.open(raster) as source:
-        profile = {key: source.profile[key] for key in ("width", "height", "count", "dtype", "crs", "transform")}
-        with rasterio.open(tmp_path / "scene.gpkg", "w", driver="GPKG", RASTER_TABLE="scene", **profile) as table:
-            table.write(source.read())
+    copy_as_gpkg_table(raster, tmp_path / "scene.gpkg", "scene")
     with zipfile.ZipFile(tmp_path / "scene.zip", "w") as archive:
         archive.write(raster, "scene.tif")
     monkeypatch.chdir(tmp_path)

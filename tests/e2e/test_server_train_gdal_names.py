@@ -13,7 +13,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import rasterio
+from training_data import copy_as_gpkg_table
 
 from conftest import NAIP, REPO
 
@@ -26,10 +26,7 @@ def names(tmp_path_factory) -> dict[str, str]:
     """The labelled solaris GeoTIFF as a GeoPackage raster table and zipped."""
     folder = tmp_path_factory.mktemp("train-gdal-names")
     source = DATA / "solaris_sample_geotiff.tif"
-    with rasterio.open(source) as raster:
-        profile = {k: raster.profile[k] for k in ("width", "height", "count", "dtype", "crs", "transform")}
-        with rasterio.open(folder / "a.gpkg", "w", driver="GPKG", RASTER_TABLE="t1", **profile) as table:
-            table.write(raster.read())
+    copy_as_gpkg_table(source, folder / "a.gpkg")
     with zipfile.ZipFile(folder / "a.zip", "w") as archive:
         archive.write(source, "sub/solaris.tif")
     return {"gpkg": f"GPKG:{folder / 'a.gpkg'}:t1", "zip": f"/vsizip/{folder / 'a.zip'}/sub/solaris.tif",

@@ -16,8 +16,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import rasterio
-from training_data import make_synthetic
+from training_data import copy_as_gpkg_table, make_synthetic
 from typer.testing import CliRunner
 
 from backend.service.cli import app
@@ -41,20 +40,12 @@ def evaluate(raster: str, labels: Path, model: Path, *extra: str):
                                "--device", "cpu", "-q", *extra])
 
 
-def write_gpkg(raster: Path, gpkg: Path) -> None:
-    gpkg.unlink(missing_ok=True)
-    with rasterio.open(raster) as source:
-        profile = {k: source.profile[k] for k in ("width", "height", "count", "dtype", "crs", "transform")}
-        with rasterio.open(gpkg, "w", driver="GPKG", RASTER_TABLE="t1", **profile) as table:
-            table.write(source.read())
-
-
 @pytest.fixture(scope="module")
 def containers(synthetic, tmp_path_factory) -> dict:
     """The synthetic raster as a GeoPackage table and zipped."""
     raster, labels, _ = synthetic
     folder = tmp_path_factory.mktemp("gdal-names-train")
-    write_gpkg(raster, folder / "a.gpkg")
+    copy_as_gpkg_table(raster, folder / "a.gpkg")
     with zipfile.ZipFile(folder / "a.zip", "w") as archive:
         archive.write(raster, "sub/synthetic.tif")
     return {"folder": folder, "labels": labels, "gpkg": folder / "a.gpkg", "zip": folder / "a.zip",
@@ -129,6 +120,6 @@ def test_resume_refuses_a_rewritten_container(containers, trained, tiny_model, t
     assert code == 2 and "already ran 1 epochs" in output, output
     # The container rewritten with other pixels: another raster, which --resume refuses.
     other, _, _ = make_synthetic(tmp_path, seed=1)
-    write_gpkg(other, gpkg)
+    copy_as_gpkg_table(other, gpkg)
     code, output = train(name, containers["labels"], tiny_model, model, "--resume", "--epochs", "2")
     assert code == 2 and "used other data files" in output, output
