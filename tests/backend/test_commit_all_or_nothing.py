@@ -58,6 +58,36 @@ class FailingRename:
         return self.real(src, dst, **kwargs)
 
 
+def commit_failing_each_rename(tmp_path: Path, monkeypatch, links: bool, lay_out, stage, snapshot,
+                               limit: int = 40) -> tuple[Path, int]:
+    """Stage and commit a run in a fresh folder laid out by `lay_out(folder)`, with rename 1, 2, ... of the
+    commit failing, until a commit goes through; after each failed one the folder's `snapshot` must be what it
+    was before. Without `links`, as on a file system without hard links. The last folder and its count."""
+    if not links:  # a file system without hard links (FAT, some network shares): replaced files are renamed aside
+        def no_link(*args, **kwargs):
+            raise OSError(errno.EPERM, "Operation not permitted")
+        monkeypatch.setattr(os, "link", no_link)
+    for nth in itertools.count(1):
+        assert nth < limit, "the commit never ended"
+        folder = tmp_path / f"run{nth}"
+        folder.mkdir()
+        lay_out(folder)
+        before = snapshot(folder)
+        outputs = stage(folder, f"{os.getpid()}-{nth:08x}")
+        with monkeypatch.context() as patch:
+            failing = FailingRename(patch, folder, nth=nth)
+            try:
+                with outputs:
+                    outputs.commit()
+            except OSError as error:
+                assert failing.failed and error.errno == errno.EACCES
+                assert snapshot(folder) == before, f"rename {nth} failed: the folder changed"
+                continue
+        assert not failing.failed
+        return folder, nth
+    raise AssertionError("unreachable")
+
+
 def recorded_renames(monkeypatch) -> list[str]:
     """The names os.replace renames to from now on, in order (the renames still happen)."""
     order: list[str] = []
@@ -104,28 +134,11 @@ NEW = {"hits.shp": b"new .shp", "hits.shx": b"new .shx", "hits.dbf": b"new .dbf"
 @pytest.mark.parametrize("previous", [PREVIOUS, {}], ids=["over-a-previous-result", "fresh"])
 @pytest.mark.parametrize("links", [True, False], ids=["hard-links", "no-hard-links"])
 def test_a_rename_failing_at_any_step_leaves_the_folder_as_it_was(tmp_path, monkeypatch, previous, links):
-    if not links:  # a file system without hard links (FAT, some network shares): replaced files are renamed aside
-        def no_link(*args, **kwargs):
-            raise OSError(errno.EPERM, "Operation not permitted")
-        monkeypatch.setattr(os, "link", no_link)
-    for nth in itertools.count(1):
-        assert nth < 40, "the commit never ended"
-        folder = tmp_path / f"run{nth}"
-        folder.mkdir()
+    def lay_out(folder):
         for name, data in previous.items():
             (folder / name).write_bytes(data)
-        outputs = stage_run(folder, f"{os.getpid()}-{nth:08x}")
-        with monkeypatch.context() as patch:
-            failing = FailingRename(patch, folder, nth=nth)
-            try:
-                with outputs:
-                    outputs.commit()
-            except OSError as error:
-                assert failing.failed and error.errno == errno.EACCES
-                assert files(folder) == previous, f"rename {nth} failed: the folder changed"
-                continue
-        assert not failing.failed
-        break
+
+    folder, nth = commit_failing_each_rename(tmp_path, monkeypatch, links, lay_out, stage_run, files)
     # The new result, without the stale .qix of the old shapefile; the journal of another file stays.
     assert files(folder) == {k: v for k, v in NEW.items() if k != "hits.gpkg-wal" or previous}
     # Each rename failed once: a shapefile of 5 parts, a GeoTIFF and its .aux.xml, a report (and the .qix).

@@ -7,13 +7,11 @@ in it, byte for byte. The failures are real ones at the commit step, as in test_
 
 from __future__ import annotations
 
-import errno
-import itertools
 import os
 from pathlib import Path
 
 import pytest
-from test_commit_all_or_nothing import FailingRename, recorded_renames
+from test_commit_all_or_nothing import FailingRename, commit_failing_each_rename, recorded_renames
 
 from backend.engine.atomic import StagedOutputs
 
@@ -60,27 +58,8 @@ def expected(files: dict[str, bytes]) -> dict[str, bytes]:
 @pytest.mark.parametrize("previous", [PREVIOUS, {}], ids=["over-a-previous-result", "fresh"])
 @pytest.mark.parametrize("links", [True, False], ids=["hard-links", "no-hard-links"])
 def test_a_rename_failing_at_any_step_leaves_the_folder_output_as_it_was(tmp_path, monkeypatch, previous, links):
-    if not links:
-        def no_link(*args, **kwargs):
-            raise OSError(errno.EPERM, "Operation not permitted")
-        monkeypatch.setattr(os, "link", no_link)
-    for nth in itertools.count(1):
-        assert nth < 20, "the commit never ended"
-        folder = tmp_path / f"run{nth}"
-        folder.mkdir()
-        lay_out(folder, previous)
-        outputs = stage_run(folder, f"{os.getpid()}-{nth:08x}")
-        with monkeypatch.context() as patch:
-            failing = FailingRename(patch, folder, nth=nth)
-            try:
-                with outputs:
-                    outputs.commit()
-            except OSError as error:
-                assert failing.failed and error.errno == errno.EACCES
-                assert tree(folder) == expected(previous), f"rename {nth} failed: the outputs changed"
-                continue
-        assert not failing.failed
-        break
+    folder, nth = commit_failing_each_rename(tmp_path, monkeypatch, links, lambda f: lay_out(f, previous), stage_run,
+                                             tree, limit=20)
     # The new folder whole (the old one's stale .aux.xml gone with it), no backup left.
     assert tree(folder) == expected(NEW)
     assert nth - 1 >= 3  # the folder, the VRT, the report (and the old folder set aside) each failed once
