@@ -150,19 +150,39 @@ def check_report_outputs(outputs: dict[str, str | Path | None], inputs: dict[str
     return chosen
 
 
+def report_outputs(out_json: str | Path | None, out_png: str | Path | None) -> dict[str, str]:
+    """The report's `outputs`: the --json and --png files given."""
+    return {name: str(path) for name, path in (("json", out_json), ("png", out_png)) if path}
+
+
+def report_title(result: dict) -> str:
+    """The confusion picture's title of an evaluation's result."""
+    return f"{result['model']}: mIoU {100 * (result['metrics']['miou'] or 0):.2f} %"
+
+
+def write_report_png(result: dict, path: Path, title: str) -> None:
+    draw_confusion(result["metrics"], path, title)
+
+
+def write_report_json(result: dict, outputs: dict[str, str], path: Path, extra: dict | None = None) -> None:
+    """The metrics JSON: the result without its text, with its `outputs` (and `extra` keys)."""
+    report = {k: v for k, v in {**result, "outputs": outputs}.items() if k != "text"}
+    report.update(extra or {})
+    path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+
+
 def write_report(result: dict, out_json: str | Path | None, out_png: str | Path | None,
                  title: str) -> dict[str, str]:
     """The metrics JSON and the confusion matrix PNG, both or neither: staged, then renamed in together, the
     PNG first and the JSON (the report) last, a failed rename undoing the other (StagedOutputs); a failed
     write is a sentence naming the file."""
-    outputs = {name: str(path) for name, path in (("json", out_json), ("png", out_png)) if path}
+    outputs = report_outputs(out_json, out_png)
     with StagedOutputs({name: outputs[name] for name in ("png", "json") if name in outputs}) as staged, \
             writing_to([Path(p) for p in outputs.values()], 1.0):
         if out_png:
-            draw_confusion(result["metrics"], staged["png"], title)
+            write_report_png(result, staged["png"], title)
         if out_json:
-            report = {k: v for k, v in {**result, "outputs": outputs}.items() if k != "text"}
-            staged["json"].write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+            write_report_json(result, outputs, staged["json"])
         staged.commit()
     return outputs
 
@@ -265,8 +285,7 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
         "seconds": round(time.perf_counter() - started, 3), "outputs": {},
     }
     result["warnings"] = polygons.warnings
-    result["outputs"] = write_report(result, out_json, out_png,
-                                     f"{loaded.name}: mIoU {100 * (metrics['miou'] or 0):.2f} %")
+    result["outputs"] = write_report(result, out_json, out_png, report_title(result))
     return result
 
 

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -180,20 +179,17 @@ def _report_files(result: dict, json_out: Optional[Path], png: Optional[Path]) -
     """The evaluation's --png and --json as files that land with the quality calibration, all or nothing
     (calibrate_and_keep_the_better's `along`): the PNG, then the JSON report last, which holds the calibration's
     figures and the estimate kept, in the form training.api.write_report gives the evaluation's own report."""
-    from training.evaluate import draw_confusion
+    from training.api import report_outputs, report_title, write_report_json, write_report_png
 
-    outputs = {name: str(path) for name, path in (("json", json_out), ("png", png)) if path}
+    outputs = report_outputs(json_out, png)
     files: dict = {}
     if png is not None:
-        title = f"{result['model']}: mIoU {100 * (result['metrics']['miou'] or 0):.2f} %"
-        files[png] = lambda staged, fit: draw_confusion(result["metrics"], staged, title)
+        files[png] = lambda staged, fit: write_report_png(result, staged, report_title(result))
     if json_out is not None:
         def write_json(staged: Path, fit: dict) -> None:
-            report = {key: value for key, value in {**result, "outputs": outputs}.items() if key != "text"}
-            report["quality_calibration"] = _plain({key: fit[key] for key in (
+            write_report_json(result, outputs, staged, {"quality_calibration": _plain({key: fit[key] for key in (
                 "calibration", "written", "kept", "forced", "tiles", "default", "calibrated", "existing",
-                "existing_not_comparable", "sentence")})
-            staged.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+                "existing_not_comparable", "sentence")})})
 
         files[json_out] = write_json
     return files
