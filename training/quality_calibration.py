@@ -20,6 +20,7 @@ import numpy as np
 from backend.engine.atomic import StagedOutputs
 from backend.engine.diskspace import writing_to
 from backend.engine.errors import InputError
+from backend.engine.files import absolute_raster_name
 from backend.engine.quality import (
     QualityModel,
     crop_class_probabilities,
@@ -195,6 +196,20 @@ def verdict(kept: str, scores: dict[str, dict], target: Path, forced: bool) -> s
             "to write it anyway.")
 
 
+def _fitted_on(metrics: dict, fitted_on: dict) -> bool:
+    """Whether a calibration's recorded metrics say it was fitted on the tiles `fitted_on` describes, with
+    held-out figures recorded."""
+    if not isinstance(metrics.get("out_of_fold"), dict) or "srocc" not in metrics["out_of_fold"]:
+        return False
+    try:
+        recorded = {"raster": absolute_raster_name(str(metrics.get("raster"))),
+                    "labels": str(Path(str(metrics.get("labels"))).resolve()),
+                    "tile_px": metrics.get("tile_px"), "tiles": metrics.get("tiles")}
+    except (OSError, ValueError):
+        return False
+    return recorded == fitted_on
+
+
 def _existing(target: Path, weights_id: str | None, class_lines: list[str]) -> tuple[QualityModel | None, str | None]:
     """The calibration already at `target` when it fits this model and class list; else (None, why not)."""
     if not target.is_file():
@@ -212,7 +227,8 @@ def calibrate_and_keep_the_better(raster: str | Path, labels: str | Path, class_
                                   gsd_m: float | None = None, tile: int = 64, attention: str = "segearth",
                                   batch_size: int = 8, should_cancel: Callable[[], bool] | None = None,
                                   square: bool = True,
-                                  along: Mapping[str | Path, Callable[[Path, dict], object]] | None = None) -> dict:
+                                  along: Mapping[str | Path, Callable[[Path, dict], object]] | None = None,
+                                  may_replace: bool = True) -> dict:
     """Fit a calibration on the labelled tiles and store it only when it ranks the tiles at least as well as
     the built-in estimate and the calibration already at its place (or when `force`). Returns the figures,
     which estimate was kept and the sentence saying so. (`square`: how `gsd_m` resamples,
@@ -220,7 +236,12 @@ def calibrate_and_keep_the_better(raster: str | Path, labels: str | Path, class_
 
     `along`: other files that land with the calibration, in one commit, all or nothing (a run's PNG and its
     report, which records the figures): each is written by its function, given the file's staged name and the
-    figures returned, and renamed in after the calibration, in the order given (the report last)."""
+    figures returned, and renamed in after the calibration, in the order given (the report last).
+
+    A calibration already at the target that was fitted on these very tiles is compared by the held-out
+    figures it recorded then (scored on them again it would be judged on the tiles it was fitted on); without
+    `may_replace` (the CLI's --overwrite) a file at the target is never replaced, and the sentence says so.
+    The figures' `file_at_target` says what the target holds afterwards: "new", "existing" or "none"."""
     target = calibration_target(loaded, out)
     check_quality_tile(tile)
     with open_source(raster, bands, scale, gsd_m, square=square) as source:
@@ -233,26 +254,37 @@ def calibrate_and_keep_the_better(raster: str | Path, labels: str | Path, class_
     model = fit_quality_model(signals, truth, loaded.weights_id, grid.class_lines)
     held_out = out_of_fold(signals, truth, index, loaded.weights_id, grid.class_lines)
     scores = {"new": rank_agreement(held_out, truth), "default": rank_agreement(QualityModel().predict(signals), truth)}
+    fitted_on = {"raster": absolute_raster_name(raster), "labels": str(Path(labels).resolve()), "tile_px": tile,
+                 "tiles": len(truth)}
     existing, unusable = _existing(target, loaded.weights_id, grid.class_lines)
+    existing_held_out = existing is not None and _fitted_on(existing.metrics, fitted_on)
     if existing is not None:
-        scores["existing"] = rank_agreement(existing.predict(signals), truth)
+        scores["existing"] = (dict(existing.metrics["out_of_fold"]) if existing_held_out else
+                              rank_agreement(existing.predict(signals), truth))
     best = choose(scores)
     kept = "new" if force else best
     sentence = verdict(kept, scores, target, forced=force and best != "new")
-    fit = {"calibration": str(target), "written": kept == "new", "kept": kept, "forced": force and best != "new",
+    if kept == "new" and target.exists() and not may_replace:  # a file there stays without --overwrite
+        kept = "existing"
+        sentence = (f"The new calibration ({_figures(scores['new'])} on held-out tiles) would replace {target}, "
+                    "which exists and was left as it was: add --overwrite to replace it.")
+    written = kept == "new"
+    fit = {"calibration": str(target), "written": written, "kept": kept, "forced": force and best != "new",
+           "file_at_target": "new" if written else ("existing" if target.is_file() else "none"),
            "tiles": len(truth), "default": scores["default"], "calibrated": scores["new"],
-           "existing": scores.get("existing"), "existing_not_comparable": unusable,
-           "class_lines": grid.class_lines, "sentence": sentence}
+           "existing": scores.get("existing"), "existing_scored": (
+               None if existing is None else "held out, as recorded when it was fitted on these tiles"
+               if existing_held_out else "on these tiles"),
+           "existing_not_comparable": unusable, "class_lines": grid.class_lines, "sentence": sentence}
     writers = list((along or {}).values())
-    outputs = {**({"calibration": target} if kept == "new" else {}),
+    outputs = {**({"calibration": target} if written else {}),
                **{f"along {i}": Path(path) for i, path in enumerate(along or {})}}
     if not outputs:
         return fit
     # The calibration first, the files along with it after it (the report last), renamed in together.
     with StagedOutputs(outputs) as staged, writing_to(outputs.values(), 1.0):
-        if kept == "new":
-            model.metrics = {"tiles": len(truth), "tile_px": tile, "default": scores["default"],
-                             "out_of_fold": scores["new"], "raster": str(raster), "labels": str(labels),
+        if written:
+            model.metrics = {**fitted_on, "default": scores["default"], "out_of_fold": scores["new"],
                              **({"replaced": scores["existing"]} if "existing" in scores else {})}
             model.save(staged["calibration"])
         for i, write in enumerate(writers):

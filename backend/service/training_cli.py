@@ -142,8 +142,8 @@ def evaluate_command(
             loaded = to_half(loaded) if half else loaded
         if calibrate_quality:  # where the calibration goes, checked before the evaluation runs
             target = calibration_target(loaded, quality_out)
-            if quality_out is None:
-                check_output_file(target, "quality calibration", inputs, overwrite=overwrite)
+            if quality_out is None:  # an existing one is compared, then replaced only with --overwrite
+                check_output_file(target, "quality calibration", inputs, overwrite=True)
         result = evaluate_model(raster, labels, class_field, model=model,
                                 weights=str(weights) if weights else None, background=background, aoi=aoi,
                                 class_names=class_names_from_pairs(class_name or []), split=split,
@@ -164,7 +164,7 @@ def evaluate_command(
                 background=result["background"], aoi=used["aoi"], class_names=used["class_names"],
                 bands=used["bands"], scale=used["scale"], gsd_m=used["gsd_m"], tile=quality_tile,
                 attention=attention, batch_size=batch_size, square=used.get("square", True),
-                along=_report_files(result, json_out, png))
+                along=_report_files(result, json_out, png), may_replace=overwrite or quality_out is not None)
     except FarslipError as error:
         _fail(error)
     if calibrate_quality:
@@ -189,7 +189,7 @@ def _report_files(result: dict, json_out: Optional[Path], png: Optional[Path]) -
         def write_json(staged: Path, fit: dict) -> None:
             write_report_json(result, outputs, staged, {"quality_calibration": _plain({key: fit[key] for key in (
                 "calibration", "written", "kept", "forced", "tiles", "default", "calibrated", "existing",
-                "existing_not_comparable", "sentence")})})
+                "file_at_target", "existing_scored", "existing_not_comparable", "sentence")})})
 
         files[json_out] = write_json
     return files

@@ -284,10 +284,17 @@ def test_a_calibration_that_ranks_the_tiles_worse_is_not_written_unless_forced(t
     assert f"written to {calibration} anyway, as --force-calibration asks." in summary
     stored = json.loads(calibration.read_text())
     assert stored["metrics"]["out_of_fold"]["srocc"] == -1.0 and stored["metrics"]["replaced"] == report["existing"]
+    # The forced file, fitted on these tiles, is judged by its held-out figures (-1), not re-scored on the tiles
+    # it was fitted on; the built-in estimate ranks best, and the report says the forced file is still there.
+    summary, report = evaluate("--quality-out", calibration)
+    assert report["existing"]["srocc"] == -1.0 and report["existing_scored"].startswith("held out")
+    assert report["kept"] == "default" and not report["written"] and report["file_at_target"] == "existing"
+    assert f"{calibration}, which ranks them worse too" in summary
     # Without a calibration at its place, one worse than the built-in estimate is not written at all.
     fresh = tmp_path / "fresh.json"
     summary, report = evaluate("--quality-out", fresh)
     assert report["kept"] == "default" and not report["written"] and not fresh.exists()
+    assert report["file_at_target"] == "none"
     assert summary.endswith("so nothing was written and segment keeps using the built-in estimate; add "
                             "--force-calibration to write it anyway.")
     assert report["default"]["srocc"] > -1.0

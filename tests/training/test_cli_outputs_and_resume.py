@@ -106,11 +106,22 @@ def test_quality_calibration_is_checked_before_the_evaluation_and_follows_it(syn
     assert any(line.startswith("Warning: on held-out tiles") for line in lines) == (calibrated < default), lines
     stored = json.loads((model / "quality_calibration.json").read_text())
     assert stored["class_lines"] == ["forest", "sand", "water", "other"]
+    # Run again: the evaluation runs and reports; the calibration in the model folder, which ranks these tiles
+    # as well as the new one (judged by the held-out figures it recorded on them), stays without --overwrite.
     code, lines = evaluate(raster, labels, model, "--calibrate-quality", "--quality-tile", "32", "--json", metrics)
-    assert refused(code, lines, "already exists"), lines
-    assert not metrics.exists() and json.loads((model / "quality_calibration.json").read_text()) == stored
-    code, lines = evaluate(raster, labels, model, "--calibrate-quality", "--quality-tile", "32", "--overwrite")
     assert code == 0, lines
+    report = json.loads(metrics.read_text())
+    assert report["metrics"]["miou"] is not None
+    calibration = report["quality_calibration"]
+    assert not calibration["written"] and calibration["file_at_target"] == "existing", calibration
+    assert calibration["existing_scored"].startswith("held out") and calibration["existing"] == stored["metrics"][
+        "out_of_fold"]
+    assert "exists and was left as it was: add --overwrite to replace it." in calibration["sentence"]
+    assert json.loads((model / "quality_calibration.json").read_text()) == stored
+    code, lines = evaluate(raster, labels, model, "--calibrate-quality", "--quality-tile", "32", "--overwrite",
+                           "--json", metrics)
+    assert code == 0, lines
+    assert json.loads(metrics.read_text())["quality_calibration"]["file_at_target"] == "new"
 
 
 TERM_MID_EVALUATION = """
