@@ -20,6 +20,7 @@ from affine import Affine
 
 from backend.engine.errors import EmptyResultError
 from backend.engine.export import write_polygons
+from backend.engine.files import raster_label
 from backend.engine import outlines as refine_outlines
 from backend.engine.raster import PixelWindow, open_source, pixel_size
 from backend.engine.segment import (SKIPPED_CLASSES, RunRasters, StripPolygons, _class_stats, estimate_quality,
@@ -52,7 +53,7 @@ class RasterPlan:
 
     @property
     def name(self) -> str:
-        return Path(self.path).name
+        return raster_label(self.path)  # a file by its name, a GDAL name (GPKG:a.gpkg:t1) whole
 
     @property
     def pixels(self) -> int:

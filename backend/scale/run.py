@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import shutil
 import signal
 import threading
@@ -35,7 +36,8 @@ from backend.engine.feature_cache import identity_digest, model_identity, raster
 from backend.engine.weights import stat_identity
 from backend.engine.diskspace import writing_to
 from backend.engine.checks import coarse_vector_path, named_outputs, outputs_by_role
-from backend.engine.files import check_output_files, is_inside, raster_file
+from backend.engine.files import (absolute_raster_name, check_output_files, held_file, is_gdal_name, is_gdal_virtual,
+                                  is_inside, raster_file)
 from backend.engine.options import SegmentOptions
 from backend.engine.outlines import engine_window
 from backend.engine.raster import open_source, parse_crs, pixel_size, request_window
@@ -502,15 +504,49 @@ def check_raster_outputs(request: ScaleRequest, paths: list[str], plans: list[Ra
                              "east-west); run each kind apart, or warp them north-up first (gdalwarp).")
 
 
+# What a per-raster GeoTIFF's name keeps of a GDAL name: letters, digits and . + - (a run of anything else, ':'
+# '"' '*' '?' '<' '>' '|' '/' included, is one '_'), so that the file can be copied to any system.
+_UNPORTABLE = re.compile(r"[^\w.+-]+")
+
+
+def _portable(text: str) -> str:
+    return _UNPORTABLE.sub("_", text).strip("._")
+
+
+def _raster_place(path: str) -> tuple[str | None, str]:
+    """Where a raster is on this machine, for its names in a run's outputs: the file (absolute, as given) that
+    holds it, and what in its name picks it out of that file: '' for a plain path; the table, variable or
+    subdataset of GPKG:a.gpkg:t1, NETCDF:"a.nc":var, HDF5:"a.h5"://g/var (t1, var, g_var); the member of an
+    archive (/vsizip/a.zip/sub/x.tif: sub_x). A GDAL name over no file here (/vsis3/b/k.tif) has no file: the
+    whole name picks it out."""
+    if not is_gdal_name(path):
+        return os.path.abspath(path), ""
+    held = held_file(path)
+    if held is None:
+        return None, _portable(os.path.splitext(path)[0])
+    if is_gdal_virtual(path):  # the member after the archive (none in /vsigzip/a.tif.gz), without its suffix
+        inside = os.path.splitext(path[held.end:])[0]
+    else:  # the subdataset's name without its driver and file
+        inside = path[path.index(":") + 1:held.start] + path[held.end:]
+    return os.path.abspath(path[held.start:held.end]), _portable(inside)
+
+
+def _top_folder(places: list[tuple[str | None, str]]) -> str:
+    """The folder that holds every raster's file here (that of the one file when there is one)."""
+    folders = [os.path.dirname(file) for file, _ in places if file is not None]
+    return os.path.commonpath(folders) if folders else ""
+
+
 def raster_names(paths: list[str]) -> list[str]:
-    """The name of each raster in the merged layer's `raster` field: its path relative to the folder that holds
-    all of them (its file name when they share one folder; GDAL virtual paths such as /vsis3/b/k.tif count as
-    given). Its class and probability GeoTIFFs in a .vrt output's folder have the same path, ending in .tif."""
-    full = [path if path.startswith("/vsi") else os.path.abspath(path) for path in paths]
-    top = os.path.dirname(full[0]) if len(full) == 1 else os.path.commonpath(full)
+    """The name of each raster in the merged layer's `raster` field: a file's path relative to the folder that
+    holds all of them (its file name when they share one folder); a raster named in GDAL's syntax (a
+    subdataset, a virtual path) by its whole name with its file absolute, as `segment` records it
+    (files.absolute_raster_name)."""
+    places = [_raster_place(path) for path in paths]
+    top = _top_folder(places)
     names, seen = [], set()
-    for index, path in enumerate(full):
-        name = Path(os.path.relpath(path, top)).as_posix()
+    for index, (path, (file, _)) in enumerate(zip(paths, places)):
+        name = absolute_raster_name(path) if is_gdal_name(path) else Path(os.path.relpath(file, top)).as_posix()
         if name in seen:  # the same file under two spellings
             name = f"{name}_{index}"
         seen.add(name)
@@ -518,13 +554,25 @@ def raster_names(paths: list[str]) -> list[str]:
     return names
 
 
-def _raster_files(names: list[str], done: list[RasterPlan]) -> list[str]:
-    """The per-raster GeoTIFFs of a .vrt output: each raster's name ending in .tif, kept apart from another
-    raster's (a.jp2 and a.tif) by the raster's input number."""
+def raster_files(paths: list[str], done: list[RasterPlan]) -> list[str]:
+    """The per-raster GeoTIFFs of a .vrt output, relative to its folder: a file's path relative to the folder
+    that holds all the rasters' files, ending in .tif; a raster named in GDAL's syntax beside its file, named
+    for the file and what it reads of it (GPKG:d/a.gpkg:t1 -> d/a_t1.tif, /vsizip/d/b.zip/x.tif -> d/b_x.tif,
+    NETCDF:"d/c.nc":var -> d/c_var.tif); one over no file here (/vsis3/b/k.tif) at the top, named for its
+    whole name (vsis3_b_k.tif). A name two rasters would share (a.jp2 and a.tif) takes the raster's input
+    number."""
+    places = [_raster_place(path) for path in paths]
+    top = _top_folder(places)
     files, seen = [], set()
-    for plan, name in zip(done, names):
-        file = Path(name).with_suffix(".tif")
-        if file in seen:
+    for plan, path, (held, inside) in zip(done, paths, places):
+        if not is_gdal_name(path):
+            file = Path(Path(os.path.relpath(held, top)).as_posix()).with_suffix(".tif")
+        else:
+            folder = Path(os.path.relpath(os.path.dirname(held), top)) if held is not None else Path()
+            stem = "_".join(part for part in (_portable(Path(held).stem) if held else "", inside) if part)
+            name = stem or f"raster_{plan.index}"
+            file = folder / (name if name.lower().endswith(".tif") else f"{name}.tif")
+        while file in seen:
             file = file.with_name(f"{file.stem}_{plan.index}.tif")
         seen.add(file)
         files.append(file.as_posix())
@@ -587,8 +635,9 @@ def _write_outputs(done: list[RasterPlan], manifest: Manifest, request: ScaleReq
                           for p, part in zip(done, parts)], staged["coarse_vector"], out_crs, coarse.stem,
                          keep_from=coarse)
             outputs["coarse_vector"] = str(coarse)
+        files = raster_files([p.path for p in done], done)
         for role, target in request.rasters().items():
-            outputs.update(_stage_raster_output(staged, role, target, done, names, manifest, out_crs))
+            outputs.update(_stage_raster_output(staged, role, target, done, files, manifest, out_crs))
         timings["total_s"] = time.perf_counter() - started
         report = {"farslip_version": __version__, "run_id": run_id, "model": model, "crs": out_crs.to_string(),
                   "rasters": [manifest.finished[p.index] for p in done], "failed": failed, "chunks": chunks,
@@ -602,10 +651,10 @@ def _write_outputs(done: list[RasterPlan], manifest: Manifest, request: ScaleReq
 
 
 def _stage_raster_output(staged: StagedOutputs, role: str, target: Path, done: list[RasterPlan],
-                         names: list[str], manifest: Manifest, out_crs: CRS) -> dict[str, str]:
+                         files: list[str], manifest: Manifest, out_crs: CRS) -> dict[str, str]:
     """One raster output of the finished rasters' own files (`role`: class_raster or prob_raster), written at
     its staged name: the file itself for a .tif, or a VRT over copies of them in the folder `<name>_rasters`
-    beside it (each at its raster's name, see raster_names), staged as an output of its own (the folder is
+    beside it (each at its raster's file name, see raster_files), staged as an output of its own (the folder is
     replaced whole by the commit)."""
     own = RASTER_FILES[role]
     if target.suffix.lower() != ".vrt":
@@ -615,7 +664,6 @@ def _stage_raster_output(staged: StagedOutputs, role: str, target: Path, done: l
     key = role.replace("_raster", "_rasters")
     folder, staged_folder = raster_folder(target), staged[key]
     staged_folder.mkdir()
-    files = _raster_files(names, done)
     for plan, file in zip(done, files):
         (staged_folder / file).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(manifest.raster_folder(plan.index) / own, staged_folder / file)
