@@ -417,6 +417,13 @@ def test_a_model_trained_on_its_rasters_own_grid_segments_that_grid(synthetic, t
     run = segment_raster(SegmentOptions(raster=northern, out=tmp_path / "s.gpkg"), loaded)
     assert run.report["processing_scale"] == pytest.approx(1.0)
     assert (run.report["pixel_window"]["height"], run.report["pixel_window"]["width"]) == (384, 384)
+    # The same through the CLI, which applies the model's defaults before segment_raster does.
+    cli = CliRunner().invoke(app, ["segment", str(northern), "--model", str(out), "--out", str(tmp_path / "c.gpkg"),
+                                   "-q"])
+    assert cli.exit_code == 0, cli.output
+    report = json.loads((tmp_path / "c.report.json").read_text())
+    assert report["processing_scale"] == pytest.approx(1.0)
+    assert (report["pixel_window"]["height"], report["pixel_window"]["width"]) == (384, 384)
     everything = evaluate_model(northern, north_labels, "cls", loaded=loaded, split="all")
     assert everything["window"]["width"] <= 384 and everything["window"]["height"] <= 384
     assert evaluate_model(northern, north_labels, "cls", loaded=loaded)["metrics"]["confusion"] == \

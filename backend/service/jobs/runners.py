@@ -122,7 +122,7 @@ def run_segment(request: dict, control: JobControl, models: ModelCache) -> dict:
     notices: list[str] = []
     control.message(f"Loading the model {options.model or 'default'}.")
     loaded = models.get(options.model, str(options.weights) if options.weights else None, options.half)
-    options = with_model_defaults(options, loaded)
+    given, options = options, with_model_defaults(options, loaded)  # segment_raster applies them itself (cli.py)
     cache = feature_cache_for(options.cache_features, options.cache_mb, models.features)
     control.will_create(run_prefixes([str(path) for path in output_paths(options).values()], control.run_tag))
     while True:
@@ -130,8 +130,9 @@ def run_segment(request: dict, control: JobControl, models: ModelCache) -> dict:
             raise CancelledError("The run was cancelled; nothing was written.")
         control.message("Segmenting.")
         try:
-            result = segment_raster(options, loaded, progress=control.progress, should_cancel=control.should_cancel,
-                                    feature_cache=cache, notice=_notice(control, notices), run_tag=control.run_tag)
+            result = segment_raster(replace(given, batch_size=options.batch_size), loaded, progress=control.progress,
+                                    should_cancel=control.should_cancel, feature_cache=cache,
+                                    notice=_notice(control, notices), run_tag=control.run_tag)
             break
         except Exception as error:
             if not is_out_of_memory(error) or options.batch_size is None or options.batch_size <= 1:
