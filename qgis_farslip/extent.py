@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 import time
 import xml.etree.ElementTree as ElementTree
@@ -92,6 +93,10 @@ VRT_CACHE_MAX_AGE_S = 30 * 24 * 3600
 DRAFT_MAX_AGE_S = 24 * 3600  # a draft left by a crash
 
 
+# vrt_path's names: a stem, '-', 20 hex digits of the key's sha256.
+KEPT_VRT_NAME = re.compile(r"[^.].*-[0-9a-f]{20}\.vrt")
+
+
 def vrt_cache_dir() -> str:
     return os.path.join(plugin_cache_dir(), "layer-vrt")
 
@@ -162,7 +167,8 @@ def write_vrt(source: str, srs: str | None, path: str, layer_name: str, window: 
     finally:
         if os.path.exists(draft):
             os.remove(draft)
-    prune_vrt_cache(folder, keep=path)
+    if os.path.normcase(os.path.realpath(folder)) == os.path.normcase(os.path.realpath(vrt_cache_dir())):
+        prune_vrt_cache(folder, keep=path)  # only the plugin's own folder, never one a caller named
     return path
 
 
@@ -184,10 +190,12 @@ def mark_used(path: str) -> None:
 
 def prune_vrt_cache(folder: str, keep: str = "", now: float | None = None) -> list[str]:
     """Remove the kept VRTs of `folder` that were not used for VRT_CACHE_MAX_AGE_S, and the least recently used
-    beyond VRT_CACHE_MAX_FILES (never `keep`), and drafts older than a day; the paths removed."""
+    beyond VRT_CACHE_MAX_FILES (never `keep`), and drafts older than a day; the paths removed. Only names the
+    plugin gives (KEPT_VRT_NAME, write_vrt's drafts) are touched: any other file there stays."""
     now = time.time() if now is None else now
     try:
-        names = [name for name in os.listdir(folder) if name.endswith(".vrt")]
+        names = [name for name in os.listdir(folder) if KEPT_VRT_NAME.fullmatch(name)
+                 or (name.startswith(".draft-") and name.endswith(".vrt"))]
     except OSError:
         return []
     kept: list[tuple[float, str]] = []

@@ -293,10 +293,12 @@ def test_a_layers_vrt_is_kept_and_rewritten_only_when_its_content_changes(bare_d
 
     folder = Path(path).parent
     now = time.time()
-    stale = folder / "stale.vrt"  # not used for longer than the age limit
-    older = folder / "older.vrt"  # used a day ago: removed as the least recently used beyond the count
-    recent = folder / "recent.vrt"
-    for file, used in ((stale, now - extent.VRT_CACHE_MAX_AGE_S - 3600), (older, now - 86400), (recent, now)):
+    stale = folder / f"stale-{'a' * 20}.vrt"  # not used for longer than the age limit
+    older = folder / f"older-{'b' * 20}.vrt"  # used a day ago: removed as the least recently used beyond the count
+    recent = folder / f"recent-{'c' * 20}.vrt"
+    own = folder / "notes.vrt"  # not a name the plugin gives: never removed, however old
+    for file, used in ((stale, now - extent.VRT_CACHE_MAX_AGE_S - 3600), (older, now - 86400), (recent, now),
+                       (own, now - extent.VRT_CACHE_MAX_AGE_S - 3600)):
         file.write_text("<VRTDataset/>")
         os.utime(file, (used, used))
     draft = folder / ".draft-crashed.vrt"  # a draft a crash left behind
@@ -305,4 +307,4 @@ def test_a_layers_vrt_is_kept_and_rewritten_only_when_its_content_changes(bare_d
     monkeypatch.setattr(extent, "VRT_CACHE_MAX_FILES", 3)
     assert prepared(zipped_layer) == other_crs
     left = sorted(file.name for file in folder.iterdir())
-    assert left == sorted([Path(other_crs).name, Path(path).name, "recent.vrt"]), left
+    assert left == sorted([Path(other_crs).name, Path(path).name, recent.name, "notes.vrt"]), left
