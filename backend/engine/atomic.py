@@ -276,11 +276,6 @@ def _not_restored(error: BaseException, left: list[str]) -> Exception:
                       f"{'; '.join(left)}. Rename the previous files back, or delete them if they are not needed.")
 
 
-def commit_staged(staged: Path, target: str | Path, durable: bool = True, tag: str | None = None) -> None:
-    """Rename one complete staged file and its sidecars over `target` (commit_outputs for one output)."""
-    commit_outputs({staged: target}, tag or new_run_tag(), durable)
-
-
 def _same_existing(a: Path, b: Path) -> bool:
     """Whether two names lead to one existing file (x.dbf and X.DBF where the file system ignores case)."""
     try:

@@ -118,9 +118,8 @@ def check_outputs(options: SegmentOptions) -> None:
         _check_tif(Path(options.class_raster), "class raster")
     if options.prob_raster:
         _check_tif(Path(options.prob_raster), "probability raster")
-    raster = raster_file(options.raster)  # a subdataset's file, an archive; none for a remote virtual path
-    check_output_files(output_files(options), {**({"input raster": raster} if raster else {}), **input_files(options)},
-                       options.overwrite, replaced=output_paths(options).values())
+    check_output_files(output_files(options), input_files(options), options.overwrite,
+                       replaced=output_paths(options).values())
 
 
 def check_inputs(options: SegmentOptions, read_raster: bool = True, device: torch.device | None = None) -> None:
