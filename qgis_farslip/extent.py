@@ -16,6 +16,7 @@ from osgeo import gdal
 from qgis.core import (
     QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
+    QgsMapLayer,
     QgsMultiBandColorRenderer,
     QgsPalettedRasterRenderer,
     QgsProject,
@@ -64,8 +65,8 @@ def gdal_dataset_name(layer: QgsRasterLayer) -> str | None:
     return layer.source().split("|", 1)[0]
 
 
-def crs_overridden(layer: QgsRasterLayer) -> bool:
-    """The layer's CRS is not the file's own: set in QGIS (Layer > Set CRS), or the file has none."""
+def crs_overridden(layer: QgsMapLayer) -> bool:
+    """The layer's (raster or vector) CRS is not the file's own: set in QGIS (Layer > Set CRS), or the file has none."""
     return layer.crs() != layer.dataProvider().crs()
 
 

@@ -19,7 +19,7 @@ from qgis.PyQt.QtCore import QObject, Qt, pyqtSignal
 
 from .backend_manager import log
 from .filenames import safe_file_stem
-from .extent import displayed_bands, local_raster_path, transform_extent
+from .extent import crs_overridden, displayed_bands, local_raster_path, transform_extent
 from .job_runner import JobRunner
 from .jobs import eta_text
 from .settings import PluginSettings, backend_home
@@ -54,7 +54,7 @@ def labels_file(layer: QgsVectorLayer, class_field: str, folder_maker: Callable[
 
     The copy is written in the layer's CRS, so a CRS the analyst set in QGIS (Layer > Set CRS) on a file
     without one, or with another, is the CRS the backend places the labels in."""
-    if layer.providerType() == "ogr" and layer.crs() == layer.dataProvider().crs():
+    if layer.providerType() == "ogr" and not crs_overridden(layer):
         parts = QgsProviderRegistry.instance().decodeUri("ogr", layer.source())
         path = parts.get("path", "")
         plain = not parts.get("subset") and (not parts.get("layerName")
