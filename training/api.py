@@ -35,7 +35,7 @@ from backend.engine.weights import file_sha256
 from backend.engine.errors import CancelledError, InputError
 from backend.engine.atomic import StagedOutputs, atomic_output
 from backend.engine.diskspace import writing_to
-from backend.engine.feature_cache import raster_identity
+from backend.engine.feature_cache import raster_reads
 from backend.engine.files import (
     absolute_raster_name,
     check_output_file,
@@ -434,15 +434,15 @@ def split_warnings(split) -> list[str]:
 
 def raster_record(raster: str | os.PathLike, dataset=None) -> dict:
     """What a training records of its raster to know it again (--resume, evaluate's validation split), from
-    feature_cache.raster_identity: the sha256 of the file that holds it and, for a raster inside an archive or a
+    feature_cache.raster_reads: the sha256 of the file that holds it and, for a raster inside an archive or a
     container, its name there with that file's path written {} ("name": "GPKG:{}:t1", "/vsizip/{}/x.tif"), so two
     spellings of one table are one raster and a rewritten container another. A plain file's record is
     {"sha256": its sha256}, as trainings have always recorded it (its companion files are not part of it);
     {"sha256": None} for a raster on no file here (/vsicurl/ ...)."""
-    identity = raster_identity(raster, dataset)
-    if identity is None:
+    reads = raster_reads(raster, dataset)  # its companions are not hashed: the record leaves them out
+    if reads is None:
         return {"sha256": None}
-    return {"sha256": identity["sha256"], **({"name": identity["name"]} if "name" in identity else {})}
+    return {"sha256": file_sha256(reads.files[0]), **({"name": reads.where} if reads.where != "{}" else {})}
 
 
 def same_raster(recorded: dict, current: dict) -> bool:
