@@ -50,6 +50,7 @@ class _Lines:
 
 
 def evaluate_command(
+    ctx: typer.Context,
     raster: Optional[str] = typer.Argument(None, help="GeoTIFF (or any GDAL raster) the labels lie on."),
     labels: Optional[Path] = typer.Argument(None, help="Polygon layer (GeoPackage, Shapefile, GeoJSON)."),
     class_field: Optional[str] = typer.Option(None, help="Field of LABELS holding each polygon's class."),
@@ -115,12 +116,7 @@ def evaluate_command(
         from training.quality_calibration import calibrate_and_keep_the_better, calibration_target, check_quality_tile
 
         # Options that do nothing in this run are refused, not ignored.
-        _check_used(calibrate_quality, quality_out, quality_tile, force_calibration, benchmark,
-                    {"--classes": classes, "--preset": preset, "--protocol": protocol != "farslip",
-                     "--benchmark-split": benchmark_split, "--long-side": long_side != 448,
-                     "--reduce-zero-label": reduce_zero_label is not None, "--prob-threshold": prob_threshold,
-                     "--background-index": background_index, "--ignore-index": ignore_index != 255,
-                     "--limit": limit})
+        _check_used(ctx, calibrate_quality, benchmark)
         # Every output is checked before a model loads: a run never ends in a traceback over a missing folder.
         check_attention(attention)
         if calibrate_quality:
@@ -202,21 +198,31 @@ def _plain(value):
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def _check_used(calibrate_quality: bool, quality_out: Optional[Path], quality_tile: int, force_calibration: bool,
-                benchmark: Optional[Path], benchmark_only: dict[str, object]) -> None:
+_CALIBRATION_ONLY = ("quality_out", "quality_tile", "force_calibration")
+_BENCHMARK_ONLY = ("classes", "preset", "protocol", "benchmark_split", "long_side", "reduce_zero_label",
+                   "prob_threshold", "background_index", "ignore_index", "limit")
+
+
+def _check_used(ctx: typer.Context, calibrate_quality: bool, benchmark: Optional[Path]) -> None:
     """evaluate's options that only work with another: --quality-out, --quality-tile and --force-calibration with
     --calibrate-quality, the benchmark's with --benchmark. Given without it, each is refused with
-    options.unused_options' sentence."""
+    options.unused_options' sentence. "Given" is what the command line (or the environment) set, whatever its
+    value: `--quality-tile 64`, the default typed out, is refused too, not silently ignored."""
     from backend.engine.options import unused_options
 
-    calibration = [flag for flag, given in (("--quality-out", quality_out is not None),
-                                            ("--quality-tile", quality_tile != 64),
-                                            ("--force-calibration", force_calibration)) if given]
-    if calibration and not calibrate_quality:
-        raise unused_options(calibration, "--calibrate-quality")
-    given = [flag for flag, value in benchmark_only.items() if value not in (None, False, [])]
-    if given and benchmark is None:
+    if not calibrate_quality and (given := _given(ctx, _CALIBRATION_ONLY)):
+        raise unused_options(given, "--calibrate-quality")
+    if benchmark is None and (given := _given(ctx, _BENCHMARK_ONLY)):
         raise unused_options(given, "--benchmark FOLDER")
+
+
+def _given(ctx: typer.Context, names: tuple[str, ...]) -> list[str]:
+    """The flags (as --help spells them) of the options among `names` that this run set, in `names`' order."""
+    flags = {param.name: next(opt for opt in param.opts if opt.startswith("--")) for param in ctx.command.params
+             if param.param_type_name == "option"}
+    # By the source's name: typer brings its own copy of click, whose ParameterSource is not click's.
+    return [flags[name] for name in names
+            if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")]
 
 
 # --------------------------------------------------------------------------- evaluate --calibrate-quality
