@@ -18,7 +18,7 @@ from fastapi import HTTPException
 
 from backend.engine.checks import quick_network_reads
 from backend.engine.errors import InputError
-from backend.engine.files import expand_user, held_file, is_gdal_virtual, subdataset_file
+from backend.engine.files import expand_user, is_gdal_name, is_gdal_virtual, raster_file
 
 MAX_BODY_BYTES = 1024 * 1024
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -59,25 +59,19 @@ def request_checks() -> Iterator[None]:
 
 
 def raster_path(text: str, what: str = "raster") -> str:
-    """A raster in a request, kept as the text given: a path GDAL resolves (/vsizip//d/a.zip/x.tif, /vsicurl/...)
-    as it is unless the file it reads here is named relative (/vsizip/a.zip/x.tif: files.held_file), a subdataset
-    (NETCDF:"/d/a.nc":var, GPKG:/d/a.gpkg:table) when its file is absolute, else an absolute path."""
-    if is_gdal_virtual(text):
-        _without_control_characters(text, what)
-        # The archive of /vsizip/a.zip/x.tif as the name writes it: relative, it is read in whatever folder the
-        # backend was started from (when not found there, GDAL does not find it either).
-        held = held_file(text)
-        if held is not None and not Path(text[held.start:held.end]).is_absolute():
-            raise InputError(f"The {what} {text!r} reads the file {text[held.start:held.end]!r}, which is relative; "
-                             "the backend cannot know which folder it is relative to. Give its absolute path.")
-        return text
-    file = subdataset_file(text)
-    if file is None:
+    """A raster in a request, kept as the text given: a GDAL name (/vsizip//d/a.zip/x.tif, /vsicurl/...,
+    NETCDF:"/d/a.nc":var, GPKG:/d/a.gpkg:table) as it is unless the file it reads here is named relative
+    (files.raster_file), else an absolute path."""
+    if not is_gdal_name(text):
         return str(absolute_path(text, what))
     _without_control_characters(text, what)
-    if not Path(file).is_absolute():
-        raise InputError(f"The {what} {text!r} names the file {file!r}, which is relative; the backend cannot know "
-                         "which folder it is relative to. Give its absolute path.")
+    # The archive of /vsizip/a.zip/x.tif, the file of GPKG:a.gpkg:table, as the name writes it: relative, it is
+    # read in whatever folder the backend was started from (when not found there, GDAL does not find it either).
+    file = raster_file(text)
+    if file is not None and not file.is_absolute():
+        raise InputError(f"The {what} {text!r} {'reads' if is_gdal_virtual(text) else 'names'} the file "
+                         f"{str(file)!r}, which is relative; the backend cannot know which folder it is relative "
+                         "to. Give its absolute path.")
     return text
 
 
