@@ -145,7 +145,7 @@ def check_inputs(options: SegmentOptions, read_raster: bool = True, device: torc
         from .raster import open_source, request_window
 
         with open_source(options.raster, options.bands, options.scale, options.gsd_m,
-                         options.value_range) as source:
+                         options.value_range, options.square_gsd) as source:
             request_window(source, options.bbox, options.bbox_crs)
     if device is not None:
         from .models import check_half

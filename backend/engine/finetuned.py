@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from backend.engine import paths
 from backend.engine.errors import InputError, ModelError
 from backend.engine.files import raster_label
+
+if TYPE_CHECKING:
+    from backend.engine.options import SegmentOptions
 
 FINETUNED_FORMAT = "farslip-finetuned/1"
 
@@ -43,6 +48,16 @@ def trained_resolution(metadata: dict | None) -> tuple[float | None, bool]:
     if not gsd:
         return None, True
     return float(gsd), processing.get("scale_y") is not None
+
+
+def with_trained_resolution(options: SegmentOptions, metadata: dict | None) -> SegmentOptions:
+    """`options` with the resolution a fine-tuned model was trained at (trained_resolution) where they set
+    none (no scale, no gsd_m), and how it resamples (options.square_gsd): the job (segment.with_model_defaults)
+    and the server's check before queueing it run the same grid. Applied twice, the same options."""
+    trained_gsd, square = trained_resolution(metadata)
+    if options.scale is None and options.gsd_m is None and trained_gsd:
+        return replace(options, gsd_m=trained_gsd, square_gsd=square)
+    return options
 
 
 def model_bands_for(raster: str | os.PathLike, chosen: list[int], model: str) -> list[int]:

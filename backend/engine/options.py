@@ -81,7 +81,9 @@ class Spec:
     value without which this one does nothing, e.g. ("refine", "sam") (GIVEN: any value but None): a value
     given without it is refused (check_needs) rather than ignored without a word; needs_error: the sentence
     for that ({value} is replaced), instead of the generic one; gdal_name: a raster, kept as the text given
-    (a file path, or a name GDAL resolves: /vsizip//d/a.zip/x.tif, NETCDF:"a.nc":var, HDF5:"a.h5"://var).
+    (a file path, or a name GDAL resolves: /vsizip//d/a.zip/x.tif, NETCDF:"a.nc":var, HDF5:"a.h5"://var);
+    internal: what the engine decides, never the user: no CLI option, no request field, not in the report
+    (option_fields leaves it out).
     """
 
     help: str
@@ -101,6 +103,7 @@ class Spec:
     needs: tuple[str, Any] | None = None
     needs_error: str | None = None
     gdal_name: bool = False
+    internal: bool = False
 
 
 # `Spec.needs` value: the enabling option just has to be given (not None).
@@ -172,7 +175,8 @@ class SegmentOptions:
     belong to the process, `farslip segment --device` or `farslip serve --device`).
 
     Field order is the order of `farslip segment --help`; the fields from `bbox` to
-    `quality_calibration` are the run report's "options", in this order.
+    `quality_calibration` are the run report's "options", in this order. The internal fields at the end
+    (Spec.internal) are what the engine decided from the model (with_model_defaults), never options.
     """
 
     # Text, not a Path: a GDAL name reaches GDAL as typed (files.is_gdal_name).
@@ -260,6 +264,12 @@ class SegmentOptions:
     cache_mb: int = field(default=4096, metadata=spec(
         help="Disk budget of --cache-features in MiB; oldest features go first.", range=Range(1, None),
         error="--cache-mb must be at least 1; got {value}.", in_report=False, needs=("cache_features", True)))
+    # Internal: not an option (option_fields leaves it out).
+    square_gsd: bool = field(default=True, metadata=spec(
+        help="How gsd_m resamples (raster.processing_scale): to square ground pixels of that size (a --gsd the "
+             "user gave), or False: pixels gsd_m wide in the raster's own pixel shape (the resolution of a "
+             "fine-tuned model trained on its raster's own grid, set by finetuned.with_trained_resolution).",
+        in_report=False, internal=True))
 
     def __post_init__(self) -> None:
         self.raster = os.fspath(self.raster)  # a caller's Path (a plain file) as the text it is
@@ -270,7 +280,7 @@ class SegmentOptions:
         coordinate lists tuples, an absent list an empty one, an absent value the default.
         Unknown names are an error (a bug in the caller, not the user's)."""
         hints = typing.get_type_hints(cls)
-        unknown = set(values) - set(hints)
+        unknown = set(values) - {item.name for item in option_fields()}
         if unknown:
             raise TypeError(f"unknown segment options: {', '.join(sorted(unknown))}")
         converted: dict[str, Any] = {}
@@ -301,7 +311,8 @@ def _typed(kind: str, value: Any) -> Any:
 
 
 def option_fields() -> tuple[dataclasses.Field, ...]:
-    return dataclasses.fields(SegmentOptions)
+    """The options a user gives (the CLI's, the request body's), in their order: every field but the internal ones."""
+    return tuple(item for item in dataclasses.fields(SegmentOptions) if not spec_of(item).internal)
 
 
 def option_field(name: str) -> dataclasses.Field:

@@ -29,7 +29,7 @@ from .files import absolute_raster_name
 from .sliding import CHUNK_COLUMNS, NODATA_CLASS, UNCLASSIFIED, Segmenter, count_crops, predict_blocks
 from .encoders import Encoder, crop_size
 from .feature_cache import FeatureCache, raster_scope
-from .finetuned import bands_for, trained_resolution
+from .finetuned import bands_for, with_trained_resolution
 from .runtimes import make_encoder
 from .errors import CancelledError, EmptyResultError
 from .colours import class_colormap
@@ -118,13 +118,12 @@ def untrained_class_warning(loaded: LoadedModel, classes) -> str | None:
 def with_model_defaults(options: SegmentOptions, loaded: LoadedModel) -> SegmentOptions:
     """What the model decides unless the user did: a fine-tuned model's own classes, the ground
     resolution and the bands (when its trainer chose them) it was trained at; the batch size that
-    suits the model's device."""
+    suits the model's device. The options carry what the model decided (square_gsd: how its resolution
+    resamples), so they can be applied again (segment_raster does) without changing a thing."""
+    options = with_trained_resolution(options, loaded.metadata)  # with how it resamples: options.square_gsd
     changes: dict[str, Any] = {}
     if not class_lines_of(options) and loaded.class_lines:
         changes["class_lines"] = list(loaded.class_lines)
-    trained_gsd, _square = trained_resolution(loaded.metadata)
-    if options.scale is None and options.gsd_m is None and trained_gsd:
-        changes["gsd_m"] = trained_gsd
     chosen = bands_for(options.raster, None, loaded) if options.bands is None else None
     if chosen:
         changes["bands"] = chosen
@@ -340,8 +339,8 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
                     should_cancel: Callable[[], bool] | None, feature_cache: FeatureCache | None,
                     encoder: Encoder | None, notice: Callable[[str], None] | None, run_tag: str) -> SegmentResult:
     started = time.perf_counter()
-    # A resolution the model sets keeps the raster's pixel shape unless the model was trained on square ones.
-    square = options.scale is not None or options.gsd_m is not None or trained_resolution(loaded.metadata)[1]
+    # Idempotent: options the caller already gave the model's defaults are the same options. A resolution
+    # the model sets keeps the raster's pixel shape unless it was trained on square pixels (square_gsd).
     options = with_model_defaults(options, loaded)
     check_inputs(options, read_raster=False)  # the raster is read next, with its own checks
     assert options.batch_size is not None, "with_model_defaults chose the batch size"
@@ -353,7 +352,8 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
     timings: dict[str, float] = {}
     targets = output_paths(options)
 
-    with open_source(raster, options.bands, options.scale, options.gsd_m, options.value_range, square) as source:
+    with open_source(raster, options.bands, options.scale, options.gsd_m, options.value_range,
+                     options.square_gsd) as source:
         check_format_crs(options.out, source.crs)
         window = request_window(source, options.bbox, options.bbox_crs, clip=True)
         computed = refine_outlines.engine_window(options.refine, source, window)

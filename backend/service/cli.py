@@ -64,9 +64,7 @@ def segment(**values: Any) -> None:
         check_inputs(options, device=dev)
         loaded = load_model(options.model, str(options.weights) if options.weights else None, dev,
                             half=options.half)
-        # segment_raster gets the options as given: it applies the model's defaults itself, and tells a
-        # resolution the user set from the model's own (which keeps the raster's pixel shape) only before them.
-        given, options = options, with_model_defaults(options, loaded)
+        options = with_model_defaults(options, loaded)  # segment_raster applies them again: the same options
         warned = segment_warnings(loaded, parse_class_lines(class_lines_of(options)))
         for warning in warned:
             typer.echo(f"Warning: {warning}", err=True)
@@ -76,7 +74,7 @@ def segment(**values: Any) -> None:
             ensure_sam_weights(options.sam_model)
         cache = feature_cache_for(options.cache_features, options.cache_mb)
         with ProgressReporter(quiet, f"segmenting {raster_label(options.raster)}") as reporter:
-            result = segment_raster(given, loaded, progress=reporter, feature_cache=cache,
+            result = segment_raster(options, loaded, progress=reporter, feature_cache=cache,
                                     notice=lambda sentence: typer.echo(f"Note: {sentence}", err=True))
     except FarslipError as error:
         fail(error)

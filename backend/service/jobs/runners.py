@@ -54,13 +54,14 @@ def check_segment_job(options: SegmentOptions, device: str) -> list[str]:
     from backend.engine.checks import check_inputs, class_lines_of, output_paths
     from backend.engine.errors import InputError
     from backend.engine.export import check_field_widths
-    from backend.engine.finetuned import model_bands_for, trained_bands
+    from backend.engine.finetuned import model_bands_for, trained_bands, with_trained_resolution
     from backend.engine.models import check_model
     from backend.engine.text import parse_class_lines
 
     weights = str(options.weights) if options.weights else None
     meta = _finetuned_meta(options.model, weights)
-    checked = _with_trained_resolution(options, meta)
+    # The resolution the job runs at, as it applies it (segment.with_model_defaults), and how it resamples.
+    checked = with_trained_resolution(options, {"finetuned": meta})
     try:
         check_inputs(checked, device=torch.device(device))
     except InputError as error:
@@ -95,19 +96,6 @@ def _finetuned_meta(model: str | None, weights: str | None) -> dict:
         return {}
 
 
-def _with_trained_resolution(options: SegmentOptions, meta: dict) -> SegmentOptions:
-    """The ground resolution a fine-tuned model was trained at, where the request leaves it to the model,
-    as the job applies it (segment.with_model_defaults), so the check sees the resolution the job runs at.
-    (The check takes it as square ground pixels; the job keeps the raster's pixel shape for a model trained
-    on its raster's own grid, so near the resampling limits the two can differ.)"""
-    from backend.engine.finetuned import trained_resolution
-
-    trained_gsd, _square = trained_resolution({"finetuned": meta})
-    if options.scale is None and options.gsd_m is None and trained_gsd:
-        return replace(options, gsd_m=trained_gsd)
-    return options
-
-
 def run_segment(request: dict, control: JobControl, models: ModelCache) -> dict:
     """Worker side of a segment job: load (or reuse) the model, run the engine, retry smaller on GPU OOM."""
     from backend.engine.checks import output_paths
@@ -122,7 +110,7 @@ def run_segment(request: dict, control: JobControl, models: ModelCache) -> dict:
     notices: list[str] = []
     control.message(f"Loading the model {options.model or 'default'}.")
     loaded = models.get(options.model, str(options.weights) if options.weights else None, options.half)
-    given, options = options, with_model_defaults(options, loaded)  # segment_raster applies them itself (cli.py)
+    options = with_model_defaults(options, loaded)
     cache = feature_cache_for(options.cache_features, options.cache_mb, models.features)
     control.will_create(run_prefixes([str(path) for path in output_paths(options).values()], control.run_tag))
     while True:
@@ -130,9 +118,8 @@ def run_segment(request: dict, control: JobControl, models: ModelCache) -> dict:
             raise CancelledError("The run was cancelled; nothing was written.")
         control.message("Segmenting.")
         try:
-            result = segment_raster(replace(given, batch_size=options.batch_size), loaded, progress=control.progress,
-                                    should_cancel=control.should_cancel, feature_cache=cache,
-                                    notice=_notice(control, notices), run_tag=control.run_tag)
+            result = segment_raster(options, loaded, progress=control.progress, should_cancel=control.should_cancel,
+                                    feature_cache=cache, notice=_notice(control, notices), run_tag=control.run_tag)
             break
         except Exception as error:
             if not is_out_of_memory(error) or options.batch_size is None or options.batch_size <= 1:
