@@ -188,18 +188,24 @@ def raster_scope(source, model, attention: str, encoder_name: str) -> str:
     """What, besides the crop's place, the features of a crop of `source` depend on; "" (nothing is
     cached) for a raster read through GDAL virtual paths over no file on this machine. `model`: the
     LoadedModel (its weights, activation, architecture and precision)."""
+    return raster_scopes(source, model, [(attention, encoder_name)])[0]
+
+
+def raster_scopes(source, model, variants: list[tuple[str, str]]) -> list[str]:
+    """raster_scope of each (attention, encoder_name) in `variants`, the raster identified (its files
+    hashed) once for all of them: a run's dense features and its region checks."""
     raster = raster_identity(source.path, source.dataset)
     if raster is None:
-        return ""
-    identity = {
+        return [""] * len(variants)
+    shared = {
         "raster": raster,
         "grid": [source.height, source.width], "scale": source.scale_record, "bands": list(source.bands),
         "value_range": [list(r) for r in source.value_range] if source.value_range else None,
         "palette": getattr(source, "palette", None) is not None,
         "model": model_identity(model),
-        "attention": attention, "encoder": encoder_name,
     }
-    return identity_digest(identity)[:32]
+    return [identity_digest({**shared, "attention": attention, "encoder": encoder_name})[:32]
+            for attention, encoder_name in variants]
 
 
 class FeatureCache:

@@ -28,7 +28,7 @@ from .checks import check_inputs, class_lines_of, output_paths
 from .files import absolute_raster_name
 from .sliding import CHUNK_COLUMNS, NODATA_CLASS, UNCLASSIFIED, Segmenter, count_crops, predict_blocks
 from .encoders import Encoder, crop_size
-from .feature_cache import FeatureCache, raster_scope
+from .feature_cache import FeatureCache, raster_scopes
 from .finetuned import bands_for, with_trained_resolution
 from .runtimes import make_encoder
 from .errors import CancelledError, EmptyResultError
@@ -376,11 +376,11 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
         # The quality estimate's region checks run the global image path (or a benchmark's stand-in).
         embed_regions = getattr(segmenter.encoder, "embed_images", None)
         region_scope = None
-        if feature_cache is not None:
-            segmenter.use_cache(feature_cache, raster_scope(source, loaded, options.attention,
-                                                            segmenter.encoder.name))
-            region_scope = raster_scope(source, loaded, REGION_SCOPE,
-                                        segmenter.encoder.name if embed_regions else "torch")
+        if feature_cache is not None:  # the raster's files hashed once for both scopes
+            dense_scope, region_scope = raster_scopes(source, loaded, [
+                (options.attention, segmenter.encoder.name),
+                (REGION_SCOPE, segmenter.encoder.name if embed_regions else "torch")])
+            segmenter.use_cache(feature_cache, dense_scope)
         # The data first, the report (the marker of a finished run) last, all or nothing. The write check sits
         # inside the staged outputs, so it sees the full disk (or a failed rename) before staged files go.
         with StagedOutputs({key: targets[key] for key in ("class_raster", "prob_raster", "coarse_vector", "vector",
