@@ -10,7 +10,7 @@ import re
 import tempfile
 import time
 import xml.etree.ElementTree as ElementTree
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from osgeo import gdal
 from qgis.core import (
@@ -116,20 +116,43 @@ def vrt_path(source: str, srs: str | None, window: PixelWindow | None = None) ->
     return os.path.join(vrt_cache_dir(), f"{stem}-{digest}.vrt")
 
 
-def kept_vrt_window(path: str) -> PixelWindow | None:
-    """The window of its source's pixels that a VRT kept in the cache folder was cut to (`write_vrt`'s `window`),
-    read from the VRT; None for another file. With the layer's source and CRS it names the VRT (`vrt_path`)."""
+def is_kept_vrt(path: str) -> bool:
+    """A VRT the plugin keeps of a layer (a name `vrt_path` gives, in the cache folder), there or pruned since."""
     folder = os.path.normcase(os.path.realpath(vrt_cache_dir()))
-    if not path.endswith(".vrt") or os.path.normcase(os.path.realpath(os.path.dirname(path))) != folder:
+    return (KEPT_VRT_NAME.fullmatch(os.path.basename(path)) is not None
+            and os.path.normcase(os.path.realpath(os.path.dirname(path))) == folder)
+
+
+class KeptVrt(NamedTuple):
+    """What a kept VRT describes (`write_vrt`'s arguments, read back from it): the GDAL dataset, the CRS it gives
+    the pixels as WKT (the dataset's own or one set in QGIS; None for none) and the window of the dataset's
+    pixels it holds (all of them for a layer's VRT, a search hit's for the VRT of a hit)."""
+
+    source: str
+    srs: str | None
+    window: PixelWindow
+
+
+def read_kept_vrt(path: str) -> KeptVrt | None:
+    """The dataset, CRS and window of a VRT kept in the cache folder, read from the VRT; None for another file,
+    and for a kept VRT that is gone (pruned) or cannot be read. With a layer of that dataset, the VRT's CRS and
+    window name the VRT (`vrt_path`)."""
+    if not is_kept_vrt(path):
         return None
     try:
-        rectangle = ElementTree.parse(path).getroot().find("VRTRasterBand/*/SrcRect")
-        if rectangle is None:
+        root = ElementTree.parse(path).getroot()
+        source = root.find("VRTRasterBand/*/SourceFilename")
+        rectangle = root.find("VRTRasterBand/*/SrcRect")
+        if source is None or not source.text or rectangle is None:
             return None
         x, y, width, height = (round(float(rectangle.get(name, ""))) for name in ("xOff", "yOff", "xSize", "ySize"))
     except (OSError, ElementTree.ParseError, ValueError):
         return None
-    return x, y, width, height
+    name = source.text
+    if source.get("relativeToVRT") == "1":
+        name = os.path.join(os.path.dirname(path), name)
+    srs = root.find("SRS")
+    return KeptVrt(name, srs.text if srs is not None and srs.text else None, (x, y, width, height))
 
 
 def write_vrt(source: str, srs: str | None, path: str, layer_name: str, window: PixelWindow | None = None) -> str:

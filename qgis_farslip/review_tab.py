@@ -13,6 +13,7 @@ import os
 from typing import Callable
 
 from qgis.core import (
+    QgsCoordinateReferenceSystem,
     QgsFeature,
     QgsFeatureRequest,
     QgsField,
@@ -31,7 +32,7 @@ from qgis.PyQt.QtCore import QObject, Qt, QVariant
 from qgis.PyQt.QtGui import QColor
 from qgis.PyQt.QtWidgets import QTableWidgetItem, QWidget
 
-from .extent import gdal_dataset_name, kept_vrt_window, local_raster_path, needs_vrt, vrt_arguments
+from .extent import gdal_dataset_name, is_kept_vrt, local_raster_path, read_kept_vrt, vrt_arguments
 from .i18n import tr
 from .results import CLASS_FIELD, RASTER_PROPERTY, categorized_renderer, layer_classes
 
@@ -69,21 +70,44 @@ def same_file(first: str, second: str) -> bool:
     return os.path.normcase(os.path.realpath(first)) == os.path.normcase(os.path.realpath(second))
 
 
+def reads_raster(layer: QgsRasterLayer, path: str) -> bool:
+    """Whether a run on `layer` reads the raster file `path`: the layer's own file, or a VRT the plugin keeps
+    (`is_kept_vrt`) of the layer (a zipped layer, a CRS set in QGIS) or of a window of its pixels (a search hit
+    on a rotated grid, used as the extent). Never a layer of a kept VRT itself: the cache may remove it."""
+    if not layer.isValid() or gdal_dataset_name(layer) is None:
+        return False
+    if not is_kept_vrt(path):
+        own = local_raster_path(layer)
+        return own is not None and same_file(own, path)
+    # A kept VRT's name is made of the layer's dataset, the CRS set in QGIS and the window (vrt_path): the VRT of
+    # the whole layer, or of the window it holds (a hit's window may be all of a small raster: both are tried).
+    # A VRT pruned since is still known by the first.
+    kept = read_kept_vrt(path)
+    windows = [None] if kept is None else [None, kept.window]
+    return any(same_file(vrt_arguments(layer, window)[2], path) for window in windows)
+
+
 def project_raster_of(path: str, project: QgsProject) -> QgsRasterLayer | None:
-    """The project's layer that shows the raster file `path` as the backend reads it, if there is one: its own
-    file, the VRT the plugin keeps of it (a zipped layer, a CRS set in QGIS), or the VRT of a window of its pixels
-    (a search hit on a rotated grid, used as the extent)."""
-    window = kept_vrt_window(path)
-    for layer in project.mapLayers().values():
-        if isinstance(layer, QgsRasterLayer) and layer.isValid():
-            shown = local_raster_path(layer)
-            if shown is None and needs_vrt(layer):
-                shown = vrt_arguments(layer)[2]
-            if shown is not None and same_file(shown, path):
-                return layer
-            if window is not None and gdal_dataset_name(layer) is not None \
-                    and same_file(vrt_arguments(layer, window)[2], path):
-                return layer
+    """The project's raster layer that a run reads as the file `path` (`reads_raster`), if there is one."""
+    return next((layer for layer in project.mapLayers().values()
+                 if isinstance(layer, QgsRasterLayer) and reads_raster(layer, path)), None)
+
+
+def kept_vrt_layer(path: str) -> QgsRasterLayer | None:
+    """A new layer of the dataset that the kept VRT `path` describes, with the CRS the VRT gives its pixels where
+    the dataset's own is not that, when a run on it reads this very VRT; None when it does not, and for a VRT
+    that is gone."""
+    kept = read_kept_vrt(path)
+    if kept is None:
+        return None
+    name = os.path.splitext(os.path.basename(kept.source.rstrip("/\\")))[0] or kept.source
+    layer = QgsRasterLayer(kept.source, name, "gdal")
+    if reads_raster(layer, path):
+        return layer
+    if layer.isValid() and kept.srs:  # a CRS set in QGIS (Layer > Set CRS), which the VRT carries
+        layer.setCrs(QgsCoordinateReferenceSystem.fromWkt(kept.srs))
+        if reads_raster(layer, path):
+            return layer
     return None
 
 
@@ -282,15 +306,27 @@ class ReviewTab(QObject):
         raster = project_raster_of(recorded, self.project())
         if raster is not None:
             return raster, ""
-        if not os.path.isfile(recorded):  # a temporary copy of a web layer removed after the run, an old VRT
+        if is_kept_vrt(recorded):  # the layer itself, never a layer of its VRT, which the plugin may remove
+            if not os.path.isfile(recorded):
+                return None, tr("{} was segmented through {}, a VRT the plugin kept of a layer and has removed since "
+                                "(unused for long); the corrections are the Train tab's labels now: choose the "
+                                "segmented layer there and press Train.").format(layer.name(), recorded)
+            raster = kept_vrt_layer(recorded)
+            if raster is None:
+                return None, tr("{} was segmented from a layer that is no longer in the project (the backend read it "
+                                "through {}, a VRT the plugin keeps of it); the corrections are the Train tab's "
+                                "labels now: add that layer again, choose it there and press Train.").format(
+                                    layer.name(), recorded)
+        elif not os.path.isfile(recorded):  # a temporary copy of a web layer removed after the run
             return None, tr("{} was segmented from {}, which is gone (a temporary copy of the layer for the backend); "
                             "the corrections are the Train tab's labels now: choose the segmented raster there and "
                             "press Train.").format(layer.name(), recorded)
-        raster = QgsRasterLayer(recorded, os.path.splitext(os.path.basename(recorded))[0])
-        if not raster.isValid():
-            return None, tr("{} was segmented from {}, which QGIS cannot open; the corrections are the Train tab's "
-                            "labels now: choose the segmented raster there and press Train.").format(layer.name(),
-                                                                                                  recorded)
+        else:
+            raster = QgsRasterLayer(recorded, os.path.splitext(os.path.basename(recorded))[0])
+            if not raster.isValid():
+                return None, tr("{} was segmented from {}, which QGIS cannot open; the corrections are the Train "
+                                "tab's labels now: choose the segmented raster there and press Train.").format(
+                                    layer.name(), recorded)
         self.project().addMapLayer(raster, False)
         self.project().layerTreeRoot().addLayer(raster)  # at the bottom: the result stays visible above it
         return raster, ""
