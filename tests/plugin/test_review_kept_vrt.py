@@ -123,7 +123,7 @@ def test_a_pruned_vrt_finds_its_layer_in_the_project_and_is_named_without_it(bar
 
 def test_a_layer_that_cannot_be_added_back_as_it_was_is_named(bare_dock, tmp_path):
     """The VRT's dataset is gone (or QGIS cannot open it): nothing is added, the sentence says what to do."""
-    layer, kept = segmented_layer(tmp_path, "a CRS set in QGIS")
+    _layer, kept = segmented_layer(tmp_path, "a CRS set in QGIS")
     os.remove(tmp_path / "segmented.tif")
     raster, refusal = review_result_of(bare_dock, tmp_path, kept, SET_CRS).source_raster()
     assert raster is None and raster_layers() == []
