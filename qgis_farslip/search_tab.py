@@ -58,7 +58,10 @@ class SearchTab(QObject):
         dock.form.tabs.addTab(self.page, "Search")
         self.task: JobTask | None = None
         self.hits_layer = None
-        self.hits_crs_value: QgsCoordinateReferenceSystem | None = None  # kept: the user may remove the hits layer
+        # The CRS of the hits' coordinates: the raster's as the backend read it, which is the layer's CRS (a CRS set
+        # in QGIS included: the layer's VRT carries it), kept when the search finishes: the user may remove the hits
+        # layer. Set before the hits are listed, so it is the CRS of every hit in the list.
+        self.hits_crs = QgsCoordinateReferenceSystem()
         self.raster_layer: QgsRasterLayer | None = None
         self.last_error = ""
         form = self.form
@@ -192,7 +195,7 @@ class SearchTab(QObject):
         result = job.get("result") or {}
         try:
             self.hits_layer = load_hits(job, self.raster_layer, f"FarSLIP hits {self.raster_layer.name()}")
-            self.hits_crs_value = QgsCoordinateReferenceSystem(self.hits_layer.crs())
+            self.hits_crs = QgsCoordinateReferenceSystem(self.hits_layer.crs())
         except RuntimeError as error:
             self._show(str(error), error=True)
             self._finish("failed")
@@ -227,16 +230,8 @@ class SearchTab(QObject):
         xmin, ymin, xmax, ymax = item.data(HIT_BOUNDS)
         return QgsRectangle(xmin, ymin, xmax, ymax)
 
-    def hits_crs(self) -> QgsCoordinateReferenceSystem:
-        """The CRS of the hits' coordinates: the raster's as the backend read it, which is the layer's CRS (a CRS
-        set in QGIS included: the layer's VRT carries it), kept when the search finished: the hits layer may
-        have been removed from the project since."""
-        if self.hits_crs_value is not None:
-            return self.hits_crs_value
-        return self.raster_layer.crs() if searched_layer_alive(self.raster_layer) else QgsCoordinateReferenceSystem()
-
     def zoom_to_hit(self, item: QListWidgetItem) -> None:
-        extent = transform_extent(self.hit_rectangle(item), self.hits_crs(), self.canvas.mapSettings().destinationCrs())
+        extent = transform_extent(self.hit_rectangle(item), self.hits_crs, self.canvas.mapSettings().destinationCrs())
         extent.scale(1.2)
         self.canvas.setExtent(extent)
         self.canvas.refresh()
@@ -258,7 +253,7 @@ class SearchTab(QObject):
         source = gdal_dataset_name(layer)
         window = hit_window(source, item.data(HIT_FOOTPRINT) or []) if source is not None else None
         self.dock.form.layerCombo.setLayer(layer)
-        self.dock.set_drawn_extent(self.hit_rectangle(item), self.hits_crs(),
+        self.dock.set_drawn_extent(self.hit_rectangle(item), self.hits_crs,
                                    (layer, window) if window is not None else None)
         self.dock.form.tabs.setCurrentIndex(0)
 
