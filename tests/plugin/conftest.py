@@ -89,9 +89,9 @@ def plugin_settings(farslip, tmp_path):
 
 
 @pytest.fixture
-def bare_dock(farslip, qgis_iface, plugin_settings, qgis_new_project, backend_home):
+def bare_dock(farslip, qgis_iface, plugin_settings, qgis_new_project):
     """A dock with a backend manager that has not connected (for the inputs and the widgets). The VRTs it keeps
-    of layers go to the test session's cache folder (backend_home), never the user's."""
+    of layers go to the test session's cache folder (tests/conftest.py's _isolated_state), never the user's."""
     from qgis_farslip.backend_manager import BackendManager
     from qgis_farslip.dock import FarslipDock
 
