@@ -62,7 +62,8 @@ class SearchTab(QObject):
         # in QGIS included: the layer's VRT carries it), kept when the search finishes: the user may remove the hits
         # layer. Set before the hits are listed, so it is the CRS of every hit in the list.
         self.hits_crs = QgsCoordinateReferenceSystem()
-        self.raster_layer: QgsRasterLayer | None = None
+        self.raster_layer: QgsRasterLayer | None = None  # the raster of the hits listed
+        self.searching: QgsRasterLayer | None = None  # the raster of the search running (or last run)
         self.last_error = ""
         form = self.form
         form.searchRasterCombo.setFilters(QgsMapLayerProxyModel.RasterLayer)
@@ -150,8 +151,8 @@ class SearchTab(QObject):
             self.dock.manager.ensure()
             self.searchFinished.emit("failed")
             return
-        self.raster_layer = self.form.searchRasterCombo.currentLayer()
-        task = JobTask(f"FarSLIP: searching {self.raster_layer.name()}", self.dock.manager.connection, "search",
+        self.searching = self.form.searchRasterCombo.currentLayer()
+        task = JobTask(f"FarSLIP: searching {self.searching.name()}", self.dock.manager.connection, "search",
                        request, prepare, [out])
         task.jobUpdated.connect(self._job_updated)
         task.backendLost.connect(self.dock.manager.lost)
@@ -194,8 +195,10 @@ class SearchTab(QObject):
     def _job_done(self, job: dict) -> None:
         result = job.get("result") or {}
         try:
-            self.hits_layer = load_hits(job, self.raster_layer, f"FarSLIP hits {self.raster_layer.name()}")
+            self.hits_layer = load_hits(job, self.searching, f"FarSLIP hits {self.searching.name()}")
             self.hits_crs = QgsCoordinateReferenceSystem(self.hits_layer.crs())
+            # The hits listed next are this raster's; a later search that fails leaves them with theirs.
+            self.raster_layer = self.searching
         except RuntimeError as error:
             self._show(str(error), error=True)
             self._finish("failed")

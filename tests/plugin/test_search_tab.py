@@ -331,3 +331,27 @@ def test_hits_still_zoom_after_the_hits_layer_is_removed_and_a_removed_raster_is
     search_tab.use_hit_as_extent()
     assert "removed from the project" in search_tab.last_error
     assert search_tab.dock.drawn_extent == before
+
+
+def test_a_failed_search_on_another_raster_leaves_the_listed_hits_on_their_own_raster(search_tab, naip_layer,
+                                                                                      tmp_path):
+    """Hits of NAIP are listed; a search of another raster then fails in the backend (all nodata). The list
+    still shows NAIP's hits, so "use this hit as the extent" must put them on NAIP, not on the raster whose
+    search failed (their coordinates are NAIP's)."""
+    search_tab.form.sentencesEdit.setPlainText("a lake next to a road")
+    assert run_search(search_tab) == "done", search_tab.last_error
+    first = search_tab.form.hitsList.item(0)
+    hit_box = search_tab.hit_rectangle(first)
+
+    blank = added(translated(tmp_path, "blank.tif", scaleParams=[[0, 255, 0, 0]], noData=0), "blank")
+    search_tab.form.searchRasterCombo.setLayer(blank)
+    assert run_search(search_tab) == "failed"
+    assert "nodata" in search_tab.last_error.lower(), search_tab.last_error
+    assert search_tab.form.hitsList.count() == 5
+
+    search_tab.form.hitsList.setCurrentItem(first)
+    search_tab.use_hit_as_extent()
+    dock = search_tab.dock
+    rectangle, crs = dock.drawn_extent
+    assert dock.form.layerCombo.currentLayer() == naip_layer
+    assert crs == naip_layer.crs() and rectangle.toString(0) == hit_box.toString(0)
