@@ -20,6 +20,7 @@ from affine import Affine
 
 from backend.engine.errors import EmptyResultError
 from backend.engine.export import write_polygons
+from backend.engine.feature_cache import RasterReads
 from backend.engine.files import raster_label
 from backend.engine import outlines as refine_outlines
 from backend.engine.raster import PixelWindow, open_source, pixel_size
@@ -46,6 +47,8 @@ class RasterPlan:
     computed: PixelWindow | None = None  # what the engine computes (window plus --refine edges' halo)
     transform: Affine = field(default_factory=Affine.identity)  # the window's grid (rotated, flipped or north-up)
     clip: tuple[float, float, float, float] | None = None  # the requested box on a rotated grid (RasterSource.clip)
+    # What GDAL read for it when it was planned (feature_cache.raster_reads; None: a name over no file here).
+    reads: RasterReads | None = None
 
     def __post_init__(self):
         if self.computed is None:

@@ -52,11 +52,27 @@ def _file_key(path: str) -> str:
     return absolute_raster_name(path)
 
 
+RASTERS_TAIL = "_rasters"  # what a .vrt output's name becomes for its folder of per-raster GeoTIFFs
+
+
+def raster_folder(mosaic: Path) -> Path:
+    """The folder of a .vrt raster output's per-raster GeoTIFFs, beside it: x.vrt -> x_rasters/."""
+    return mosaic.with_name(mosaic.stem + RASTERS_TAIL)
+
+
+def mosaic_of(folder: Path) -> Path | None:
+    """The .vrt output whose raster_folder `folder` is named like (x_rasters/ -> x.vrt), or None."""
+    if not folder.name.endswith(RASTERS_TAIL):
+        return None
+    mosaic = folder.with_name(folder.name[:-len(RASTERS_TAIL)] + ".vrt")
+    return mosaic if raster_folder(mosaic) == folder else None
+
+
 def own_outputs(folder: Path) -> set[str]:
     """farslip's outputs in `folder` (real paths): each `x.vrt` beside its `x_rasters/` folder (a class or
     probability mosaic of a run on Ray; the GeoTIFFs in that folder, see _in_rasters_folder), and the files a
     farslip report there (`*.report.json`) names as outputs."""
-    found = {os.path.realpath(vrt) for vrt in folder.glob("*.vrt") if vrt.with_name(vrt.stem + "_rasters").is_dir()}
+    found = {os.path.realpath(vrt) for vrt in folder.glob("*.vrt") if raster_folder(vrt).is_dir()}
     for report in folder.glob("*.report.json"):
         try:
             document = json.loads(report.read_text(encoding="utf-8"))
@@ -88,8 +104,7 @@ def _rasters_of(paths: list[Path]) -> list[str]:
 
 def _in_rasters_folder(path: Path) -> bool:
     """Whether `path` lies in the `x_rasters/` folder of a VRT output `x.vrt` (what a recursive glob finds)."""
-    return any(folder.name.endswith("_rasters") and folder.with_name(folder.name[:-len("_rasters")] + ".vrt").is_file()
-               for folder in path.parents)
+    return any((mosaic := mosaic_of(folder)) is not None and mosaic.is_file() for folder in path.parents)
 
 
 def _expand(text: str) -> list[str]:

@@ -20,9 +20,9 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +32,12 @@ from backend import __version__
 from backend.engine.errors import CancelledError, FarslipError, InputError
 from backend.engine.atomic import StagedOutputs, write_text_atomically
 from backend.engine.export import check_format_crs, driver_for, layer_name, report_json, report_path_for
-from backend.engine.feature_cache import identity_digest, model_identity, raster_reads
+from backend.engine.feature_cache import RasterReads, identity_digest, model_identity, raster_reads
 from backend.engine.weights import stat_identity
 from backend.engine.diskspace import writing_to
-from backend.engine.checks import coarse_vector_path, named_outputs, outputs_by_role
+from backend.engine.checks import coarse_vector_path, input_files, named_outputs, outputs_by_role
 from backend.engine.files import (absolute_raster_name, check_output_files, held_file, is_gdal_name, is_gdal_virtual,
-                                  is_inside, raster_file)
+                                  is_inside, raster_file, same_file)
 from backend.engine.options import SegmentOptions
 from backend.engine.outlines import engine_window
 from backend.engine.raster import open_source, parse_crs, pixel_size, request_window
@@ -45,6 +45,7 @@ from backend.engine.sliding import CHUNK_COLUMNS, CHUNK_ROWS, count_crops, units
 from backend.engine.temporary import new_run_tag
 
 from .finish import FinishSettings, RasterPlan, finish_raster
+from .inputs import raster_folder
 from .manifest import Manifest
 from .merge import check_merged_output, merge_layers, write_raster_vrt
 from .worker import ChunkWorker, EngineSettings, engine_settings, load_segmenter
@@ -72,18 +73,24 @@ class ScaleRequest:
     prob_raster: Path | None = None  # as class_raster, the class probabilities
     refine: str = "none"  # run on the driver, where `segment` runs it, over each raster's finished rasters
     sam_model: str | None = None
+    # The files the run reads besides its rasters (model, weights, class list: checks.input_files), which no
+    # output may replace; by what a sentence calls them.
+    inputs: dict[str, Path] = field(default_factory=dict)
 
     @classmethod
     def from_options(cls, options: SegmentOptions, **where: Any) -> ScaleRequest:
         """The request for `options` (the one conversion, used by the CLI and the server): every field
-        that is also a segment option takes the option's value (paths of models and calibrations as text);
-        `where` gives the rest (out_crs, restart, workers, cluster) or overrides (out, class_raster, ...)."""
+        that is also a segment option takes the option's value (paths of models and calibrations as text), and
+        `inputs` the files a one-raster run of `options` protects besides its raster; `where` gives the rest
+        (out_crs, restart, workers, cluster) or overrides (out, class_raster, ...)."""
         values: dict[str, Any] = {}
         for item in fields(cls):
             if item.name in where or not hasattr(options, item.name):
                 continue
             value = getattr(options, item.name)
             values[item.name] = str(value) if item.name in TEXT_OPTIONS and value is not None else value
+        if "inputs" not in where:  # the rasters are the run's own (check_outputs): options.raster is only the first
+            values["inputs"] = {what: path for what, path in input_files(options).items() if what != "input raster"}
         return cls(**values, **where)
 
     def rasters(self) -> dict[str, Path]:
@@ -150,19 +157,21 @@ def plan_rasters(paths: list[str], engine: EngineSettings, crop: int, bbox=None,
                  bbox_crs: str | None = None, refine: str = "none") -> tuple[list[RasterPlan], list[dict]]:
     """Open every raster (bands, scale, stretch as segment does); a bad one is reported, the rest planned.
 
-    The chunks cover the window the engine computes for `refine` (edges: the request plus its halo)."""
+    The chunks cover the window the engine computes for `refine` (edges: the request plus its halo); each plan
+    keeps the files GDAL read for its raster (its `reads`, for the resume facts: _input_facts)."""
     plans, failed = [], []
     rows, columns = engine.chunk_rows or CHUNK_ROWS, engine.chunk_columns or CHUNK_COLUMNS
     for index, path in enumerate(paths):
         try:
             with open_source(path, engine.bands, engine.scale, engine.gsd_m, engine.value_range,
                              engine.square_gsd) as source:
+                reads = raster_reads(path, source.dataset)
                 window = request_window(source, bbox, bbox_crs, clip=True)
                 computed = engine_window(refine, source, window)
                 chunks = units(computed, rows, columns)
                 crops = count_crops(source.height, source.width, computed, crop, crop // 2, columns, rows)
                 plan = RasterPlan(index, path, source.crs, window, chunks, crops, computed=computed,
-                                  transform=source.window_transform(window), clip=source.clip)
+                                  transform=source.window_transform(window), clip=source.clip, reads=reads)
         except FarslipError as error:
             failed.append({"raster": path, "error": str(error), "exit_code": error.exit_code})
             continue
@@ -171,15 +180,17 @@ def plan_rasters(paths: list[str], engine: EngineSettings, crop: int, bbox=None,
     return plans, failed
 
 
-def _input_facts(paths: list[str]) -> list[dict]:
+def _input_facts(paths: list[str], plans: Sequence[RasterPlan] = ()) -> list[dict]:
     """Each input as a resumed run must find it again: its path and every file GDAL reads for it (a VRT
     mosaic's sources, masks, overviews, .aux.xml), each by its stat identity (a changed tile of an unchanged
     VRT is another input). A raster inside a file (an archive's member, a subdataset) by that file and its
     name in it (feature_cache.raster_reads: a rewritten archive or container is another input). GDAL virtual
-    paths over no file here (/vsis3/...) by their path only: this machine cannot tell their version."""
+    paths over no file here (/vsis3/...) by their path only: this machine cannot tell their version. The files
+    of a raster `plans` holds are those read when it was planned (plan_rasters); the others' are looked up."""
+    planned: dict[int, RasterReads | None] = {plan.index: plan.reads for plan in plans}
     facts = []
-    for path in paths:
-        reads = raster_reads(path)
+    for index, path in enumerate(paths):
+        reads = planned[index] if index in planned else raster_reads(path)
         if reads is None:
             facts.append({"path": path})
             continue
@@ -333,13 +344,10 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
         check_format_crs(request.out, out_crs)
     check_raster_outputs(request, paths, plans)
     check_outputs(request, paths)
-    for target in request.rasters().values():
-        if target.suffix.lower() == ".vrt":
-            check_raster_folder(raster_folder(target), request.overwrite, paths)
     # What decides the output, named as the command line names it (a resumed run must match them all).
     engine_facts = {("classes" if k == "class_lines" else "--" + k.replace("_", "-")): v
                     for k, v in asdict(engine).items() if k not in ("threads", "device", "facts", "model", "weights")}
-    facts = {"version": __version__, "inputs": _input_facts(paths),
+    facts = {"version": __version__, "inputs": _input_facts(paths, plans),
              "model": identity_digest(model_identity(loaded)), **engine_facts,
              "--min-area": request.min_area, "--simplify": request.simplify, "--out-crs": out_crs.to_string(),
              "--quality-calibration": request.quality_calibration, "--bbox": request.bbox,
@@ -465,14 +473,25 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
                        timings, run_id)
 
 
-def check_outputs(request: ScaleRequest, paths: list[str]) -> None:
-    """The outputs as a one-raster run checks them (checks.check_outputs): names the disk takes, in folders that
-    take files, none of them an input raster's file (a subdataset's or an archive's too) or another output, none
-    there yet unless --overwrite, nor the other parts of a shapefile output."""
-    roles = outputs_by_role(request.out, request.refine, request.class_raster, request.prob_raster)
+def run_inputs(request: ScaleRequest, paths: list[str]) -> dict[str, Path]:
+    """The files the run reads, which no output may replace, by what a sentence calls them: each input raster's
+    file (a subdataset's or an archive's too), then the model, weights and class list (request.inputs)."""
     files = [file for path in paths if (file := raster_file(path)) is not None]
     inputs = {"input raster" if len(files) == 1 else f"input raster {i}": file for i, file in enumerate(files, 1)}
+    return inputs | dict(request.inputs)
+
+
+def check_outputs(request: ScaleRequest, paths: list[str]) -> None:
+    """The outputs as a one-raster run checks them (checks.check_outputs): names the disk takes, in folders that
+    take files, none of them an input (run_inputs: the rasters, the model, weights and class list) or another
+    output, none there yet unless --overwrite, nor the other parts of a shapefile output; and the folder of each
+    .vrt output (check_raster_folder)."""
+    roles = outputs_by_role(request.out, request.refine, request.class_raster, request.prob_raster)
+    inputs = run_inputs(request, paths)
     check_output_files(named_outputs(roles), inputs, request.overwrite, replaced=roles.values())
+    for target in request.rasters().values():
+        if target.suffix.lower() == ".vrt":
+            check_raster_folder(target, request.overwrite, inputs)
 
 
 def check_raster_outputs(request: ScaleRequest, paths: list[str], plans: list[RasterPlan]) -> None:
@@ -537,13 +556,20 @@ def _top_folder(places: list[tuple[str | None, str]]) -> str:
     return os.path.commonpath(folders) if folders else ""
 
 
-def raster_names(paths: list[str]) -> list[str]:
+Places = tuple[list[tuple[str | None, str]], str]  # each raster's _raster_place, and their _top_folder
+
+
+def _places(paths: list[str]) -> Places:
+    places = [_raster_place(path) for path in paths]
+    return places, _top_folder(places)
+
+
+def raster_names(paths: list[str], placed: Places | None = None) -> list[str]:
     """The name of each raster in the merged layer's `raster` field: a file's path relative to the folder that
     holds all of them (its file name when they share one folder); a raster named in GDAL's syntax (a
     subdataset, a virtual path) by its whole name with its file absolute, as `segment` records it
-    (files.absolute_raster_name)."""
-    places = [_raster_place(path) for path in paths]
-    top = _top_folder(places)
+    (files.absolute_raster_name). `placed`: _places(paths), when known."""
+    places, top = placed or _places(paths)
     names, seen = [], set()
     for index, (path, (file, _)) in enumerate(zip(paths, places)):
         name = absolute_raster_name(path) if is_gdal_name(path) else Path(os.path.relpath(file, top)).as_posix()
@@ -554,15 +580,14 @@ def raster_names(paths: list[str]) -> list[str]:
     return names
 
 
-def raster_files(paths: list[str], done: list[RasterPlan]) -> list[str]:
+def raster_files(paths: list[str], done: list[RasterPlan], placed: Places | None = None) -> list[str]:
     """The per-raster GeoTIFFs of a .vrt output, relative to its folder: a file's path relative to the folder
     that holds all the rasters' files, ending in .tif; a raster named in GDAL's syntax beside its file, named
     for the file and what it reads of it (GPKG:d/a.gpkg:t1 -> d/a_t1.tif, /vsizip/d/b.zip/x.tif -> d/b_x.tif,
     NETCDF:"d/c.nc":var -> d/c_var.tif); one over no file here (/vsis3/b/k.tif) at the top, named for its
     whole name (vsis3_b_k.tif). A name two rasters would share (a.jp2 and a.tif) takes the raster's input
-    number."""
-    places = [_raster_place(path) for path in paths]
-    top = _top_folder(places)
+    number. `placed`: _places(paths), when known."""
+    places, top = placed or _places(paths)
     files, seen = [], set()
     for plan, path, (held, inside) in zip(done, paths, places):
         if not is_gdal_name(path):
@@ -579,30 +604,61 @@ def raster_files(paths: list[str], done: list[RasterPlan]) -> list[str]:
     return files
 
 
-def raster_folder(target: Path) -> Path:
-    """The folder of a .vrt raster output's per-raster GeoTIFFs, beside it."""
-    return target.with_name(target.stem + "_rasters")
+# What GDAL and QGIS write beside a GeoTIFF of a .vrt output's folder (statistics from gdalinfo -stats or QGIS,
+# pyramids): replaced with it.
+SIDECARS = (".aux.xml", ".ovr")
 
 
-# What may be replaced in an existing <name>_rasters folder: the GeoTIFFs a run wrote, and the sidecars GDAL
-# and QGIS write beside them (statistics from gdalinfo -stats or QGIS, pyramids).
-REPLACEABLE = (".tif", ".aux.xml", ".ovr")
+def _resolved(path: str | os.PathLike) -> str:
+    """`path` with its folder's links resolved, not its own (a link in a folder is that link, not its target)."""
+    path = os.path.abspath(path)
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
 
 
-def check_raster_folder(folder: Path, overwrite: bool, paths: list[str]) -> None:
-    """A .vrt output's folder can be replaced: absent, or (with --overwrite) holding only a run's files."""
-    if any((file := raster_file(path)) is not None and is_inside(file, folder) for path in paths):
-        raise InputError(f"{folder} holds rasters being segmented, and a run replaces that folder with its class or "
-                         "probability GeoTIFFs; choose another output name, or move the rasters.")
+def mosaic_sources(mosaic: Path) -> set[str]:
+    """The files a VRT reads (_resolved), with their SIDECARS; none when it is not a VRT this can read."""
+    import xml.etree.ElementTree as ElementTree
+
+    try:
+        root = ElementTree.parse(mosaic).getroot()
+    except (OSError, ElementTree.ParseError):
+        return set()
+    found = set()
+    for source in root.iter("SourceFilename"):
+        name = (source.text or "").strip()
+        if not name or is_gdal_name(name):
+            continue
+        file = _resolved(mosaic.parent / name if source.get("relativeToVRT") == "1" else name)
+        found.update([file, *(file + sidecar for sidecar in SIDECARS)])
+    return found
+
+
+def check_raster_folder(target: Path, overwrite: bool, inputs: dict[str, Path]) -> None:
+    """The folder of the .vrt output `target` (raster_folder) can be replaced whole: it holds none of the run's
+    `inputs` (run_inputs), and it is absent, or (with --overwrite) a folder of the previous output only: every
+    file in it a source of the `target` there now, or one's SIDECARS."""
+    folder = raster_folder(target)
+    for what, path in inputs.items():
+        if is_inside(path, folder):
+            if same_file(path, folder):
+                raise InputError(f"The {what} {path} is the folder of {target}'s per-raster GeoTIFFs: writing it "
+                                 "would destroy the input. Choose another output name.")
+            raise InputError(f"{folder} holds the {what} {path}, and a run replaces that folder with its class or "
+                             "probability GeoTIFFs; choose another output name, or move it.")
     if not folder.exists() and not folder.is_symlink():
         return
     if not overwrite:
         raise InputError(f"{folder} already exists; choose another name or allow overwriting (--overwrite).")
-    if not folder.is_dir() or folder.is_symlink() or not all(
-            entry.is_dir() or (entry.is_file() and entry.name.lower().endswith(REPLACEABLE))
-            for entry in folder.rglob("*")):
-        raise InputError(f"{folder} holds files a run did not write (only its per-raster GeoTIFFs go there, with "
-                         "their .aux.xml and .ovr); move them, or choose another name.")
+    if not folder.is_dir() or folder.is_symlink():
+        raise InputError(f"{folder} is {'a link' if folder.is_symlink() else 'a file'}, not the folder of a run's "
+                         f"per-raster GeoTIFFs beside {target.name}; move it, or choose another output name.")
+    listed = mosaic_sources(target)
+    for entry in sorted(folder.rglob("*")):
+        if (entry.is_dir() and not entry.is_symlink()) or _resolved(entry) in listed:
+            continue
+        why = f"{target.name} beside it does not read it" if target.exists() else f"there is no {target.name} beside it"
+        raise InputError(f"{folder} holds files a run did not write, such as {entry.relative_to(folder)} ({why}), "
+                         "and --overwrite replaces that folder whole; move them, or choose another output name.")
 
 
 def _write_outputs(done: list[RasterPlan], manifest: Manifest, request: ScaleRequest, out_crs: CRS, run_id: str,
@@ -613,9 +669,10 @@ def _write_outputs(done: list[RasterPlan], manifest: Manifest, request: ScaleReq
     layers, and the report last. A failure, the commit's included, leaves every output as it was."""
     out = Path(request.out)
     outputs = {"vector": str(out), "report": str(report_path_for(out))}
+    inputs = run_inputs(request, [p.path for p in done])
     for target in request.rasters().values():  # checked before the run too; files may have appeared since
         if target.suffix.lower() == ".vrt":
-            check_raster_folder(raster_folder(target), request.overwrite, [p.path for p in done])
+            check_raster_folder(target, request.overwrite, inputs)
     targets: dict[str, Path] = {}
     for role, target in request.rasters().items():
         if target.suffix.lower() == ".vrt":  # the folder first: the VRT only appears over the rasters it reads
@@ -625,7 +682,9 @@ def _write_outputs(done: list[RasterPlan], manifest: Manifest, request: ScaleReq
         targets["coarse_vector"] = coarse_vector_path(out)
     targets.update(vector=out, report=report_path_for(out))
     with StagedOutputs(targets, new_run_tag(run_id)) as staged:
-        names = raster_names([p.path for p in done])
+        paths = [p.path for p in done]
+        placed = _places(paths)
+        names = raster_names(paths, placed)
         parts = [(manifest.raster_folder(p.index) / "polygons.gpkg", name, p.crs, min(pixel_size(p.transform)))
                  for p, name in zip(done, names)]
         count = merge_layers(parts, staged["vector"], out_crs, out.stem, keep_from=out)
@@ -635,7 +694,7 @@ def _write_outputs(done: list[RasterPlan], manifest: Manifest, request: ScaleReq
                           for p, part in zip(done, parts)], staged["coarse_vector"], out_crs, coarse.stem,
                          keep_from=coarse)
             outputs["coarse_vector"] = str(coarse)
-        files = raster_files([p.path for p in done], done)
+        files = raster_files(paths, done, placed)
         for role, target in request.rasters().items():
             outputs.update(_stage_raster_output(staged, role, target, done, files, manifest, out_crs))
         timings["total_s"] = time.perf_counter() - started

@@ -43,7 +43,7 @@ def no_workers(*args, **kwargs):
 @pytest.mark.parametrize("case, words", [
     ("leftover folder", "p_rasters already exists"),
     ("foreign file", "c_rasters holds files a run did not write"),
-    ("input inside", "c_rasters holds rasters being segmented"),
+    ("input inside", "c_rasters holds the input raster 2"),
 ])
 def test_a_rasters_folder_in_the_way_is_refused_before_anything_is_computed(case, words, tiny_model, tmp_path,
                                                                             monkeypatch):
