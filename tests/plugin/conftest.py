@@ -15,8 +15,14 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from osgeo import gdal
 from plugin_helpers import NAIP, REPO, wait_until
 from qgis.core import QgsApplication, QgsProject, QgsRasterLayer
+
+# QGIS keeps the statistics it computes for a layer's style in NAME.aux.xml beside the raster (GDAL's PAM):
+# in a test run, beside ../shared/data and the repo's own sample. This process only (QGIS's GDAL); the backend
+# the tests start reads PAM files as a user's would.
+gdal.SetConfigOption("GDAL_PAM_ENABLED", "NO")
 
 BACKEND_FARSLIP = REPO / ".venv" / "bin" / "farslip"
 # Another backend command line to test against (an installed backend, a wrapper), as the settings take it.
