@@ -54,7 +54,8 @@ def engine_settings(options, device: str = "auto", chunk: int | None = None) -> 
         weights=str(options.weights) if options.weights else None, device=device, half=options.half,
         attention=options.attention, batch_size=options.batch_size, threshold=options.threshold,
         runtime=options.runtime, language=options.language, bands=options.bands, scale=options.scale,
-        gsd_m=options.gsd_m, value_range=options.value_range, chunk_rows=chunk, chunk_columns=chunk)
+        gsd_m=options.gsd_m, square_gsd=options.square_gsd, value_range=options.value_range, chunk_rows=chunk,
+        chunk_columns=chunk)
 
 
 def load_segmenter(settings: EngineSettings):

@@ -150,3 +150,15 @@ def test_the_square_decision_is_no_option_of_the_command_line_or_the_request():
     with pytest.raises(TypeError, match="unknown segment options: square_gsd"):
         options_from_request({"raster": "/x.tif", "out": "/x.gpkg", "square_gsd": False})
     assert "square_gsd" not in SegmentOptions(raster="/x.tif").processing()
+
+
+def test_a_scaled_run_given_defaulted_options_keeps_how_the_resolution_resamples(northern, tiny_model, tmp_path):
+    """segment --workers builds its workers' settings from the options: from defaulted ones too, an own-grid
+    model's resolution must keep the raster's pixel shape there (square_gsd was dropped, so square pixels)."""
+    from backend.scale.worker import engine_settings
+
+    loaded = load_model(str(fine_tuned(tmp_path / "model", tiny_model, pixel_width_m(northern) / 2, True)),
+                        device="cpu")
+    once = with_model_defaults(SegmentOptions(raster=northern, out=tmp_path / "a.gpkg"), loaded)
+    settings = engine_settings(once)
+    assert settings.gsd_m == once.gsd_m and settings.square_gsd is False
