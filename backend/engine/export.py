@@ -15,6 +15,7 @@ import shapely
 
 from backend.engine.errors import InputError
 from backend.engine.atomic import atomic_output
+from backend.engine.ground import crs_label
 from backend.engine.vectorize import RegionPolygon
 
 DRIVERS = {".gpkg": "GPKG", ".shp": "ESRI Shapefile", ".geojson": "GeoJSON", ".fgb": "FlatGeobuf"}
@@ -50,14 +51,19 @@ def check_format_crs(path: str | Path, crs) -> None:
     # The code GDAL writes is the one the CRS's definition carries at its root, not one found by matching
     # (a VRT over a PROJ string matches EPSG:32633 and still gave a file without a CRS).
     try:
-        root = ProjCRS.from_user_input(crs.to_wkt() if hasattr(crs, "to_wkt") else crs).to_json_dict().get("id")
+        parsed = ProjCRS.from_user_input(crs.to_wkt() if hasattr(crs, "to_wkt") else crs)
+        root = parsed.to_json_dict().get("id")
     except Exception:  # pyproj raises several types for definitions it cannot read
-        root = None
+        parsed, root = None, None
     if isinstance(root, dict) and root.get("authority") in ("EPSG", "ESRI"):
         return
-    name = crs.to_string() if hasattr(crs, "to_string") else str(crs)
-    raise InputError(f"GeoJSON cannot record the CRS of this result ({name[:100]}), which has no EPSG code: "
-                     f"readers would take {Path(path).name} for WGS 84 degrees. Write .gpkg, .fgb or .shp "
+    name = Path(path).name
+    if parsed is not None and parsed.is_compound:
+        raise InputError(f"GeoJSON can record only a CRS with one EPSG code, and this result's CRS is a compound "
+                         f"CRS ({crs_label(parsed)}): GDAL would write no CRS, and readers would take {name} for "
+                         "WGS 84 degrees. Write .gpkg instead (or .fgb or .shp), which keeps any CRS.")
+    raise InputError(f"GeoJSON cannot record the CRS of this result ({crs_label(crs)}), which has no EPSG code: "
+                     f"readers would take {name} for WGS 84 degrees. Write .gpkg, .fgb or .shp "
                      "instead, which keep any CRS.")
 
 

@@ -11,6 +11,8 @@ the CRS's ellipsoid (through latitude and longitude, pyproj's Geod).
 from __future__ import annotations
 
 import functools
+import math
+import warnings
 
 import numpy as np
 import pyproj
@@ -31,6 +33,48 @@ def as_pyproj(crs) -> pyproj.CRS | None:
     if crs.is_compound:
         crs = crs.sub_crs_list[0]
     return crs
+
+
+def degrees_per_unit(crs) -> float:
+    """Degrees per unit of a geographic CRS's longitude and latitude (0.9 for grads, EPSG:4807; 1 for degrees
+    and where the CRS does not say)."""
+    try:
+        converted = as_pyproj(crs)
+        axes = converted.axis_info if converted is not None else []
+    except Exception:  # pyproj raises several types for CRSs it cannot read
+        return 1.0
+    if converted is None or not converted.is_geographic or not axes:
+        return 1.0
+    radians = axes[0].unit_conversion_factor
+    return round(math.degrees(radians), 12) if radians and math.isfinite(radians) and radians > 0 else 1.0
+
+
+def crs_label(crs) -> str:
+    """A CRS's short name for a sentence: its code where its definition carries one (EPSG:32633), each part's
+    joined by ' + ' for a compound CRS (EPSG:32633 + EPSG:5773), else its name in quotes ('site grid');
+    a WKT or PROJ string is never inlined."""
+    if crs is None:
+        return "no CRS"
+    try:
+        parsed = pyproj.CRS.from_user_input(crs.to_wkt() if hasattr(crs, "to_wkt") else crs)
+    except Exception:  # pyproj raises several types for definitions it cannot read
+        text = crs.to_string() if hasattr(crs, "to_string") else str(crs)
+        return text if len(text) <= 40 else f"{text[:40]}..."
+    return _label(parsed)
+
+
+def _label(crs: pyproj.CRS) -> str:
+    root = crs.to_json_dict().get("id")
+    if isinstance(root, dict) and root.get("authority") and root.get("code") is not None:
+        return f"{root['authority']}:{root['code']}"
+    if crs.is_compound and crs.sub_crs_list:
+        return " + ".join(_label(part) for part in crs.sub_crs_list)
+    if crs.name and crs.name.lower() != "unknown":
+        return repr(crs.name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pyproj warns that a PROJ string loses information
+        text = crs.to_proj4()
+    return text if text and len(text) <= 80 else "a CRS without a name or code"
 
 
 @functools.lru_cache(maxsize=32)

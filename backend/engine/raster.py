@@ -26,7 +26,7 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from .errors import EmptyResultError, InputError
-from .ground import ground_pixel_size, keeps_areas
+from .ground import as_pyproj, crs_label, degrees_per_unit, ground_pixel_size, keeps_areas
 from .options import MAX_SCALE, MIN_SCALE, check_bbox, check_scale_or_gsd, check_value_range
 from .files import check_raster_name, is_gdal_virtual
 
@@ -442,8 +442,6 @@ def pixel_size(transform: Affine) -> list[float]:
 
 def _axis_unit_factor(crs: CRS) -> float | None:
     """Metres per unit of a CRS's first axis when it names a linear unit (e.g. a site grid in metres)."""
-    from .ground import as_pyproj
-
     try:
         converted = as_pyproj(crs)
         axes = converted.axis_info if converted is not None else []
@@ -463,13 +461,15 @@ def native_gsd_m(ds: rasterio.io.DatasetReader) -> float:
 
 def native_ground_size(ds: rasterio.io.DatasetReader) -> tuple[float, float]:
     """(width, height) in metres of the raster's centre pixel on the ground: through the latitude in a
-    geographic CRS; in a projected one the CRS unit, or, where the projection's areas are more than 1 %
-    off the ground (Web Mercator away from the equator: see ground.py), with the pixel's ellipsoidal
-    area (its shape kept: such projections are conformal)."""
+    geographic CRS (its unit taken to degrees first: EPSG:4807's are grads); in a projected one the CRS
+    unit, or, where the projection's areas are more than 1 % off the ground (Web Mercator away from the
+    equator: see ground.py), with the pixel's ellipsoidal area (its shape kept: such projections are
+    conformal)."""
     width, height = pixel_size(ds.transform)
     if ds.crs.is_geographic:
-        lat = (ds.bounds.top + ds.bounds.bottom) / 2
-        return width * DEGREE_M * math.cos(math.radians(lat)), height * DEGREE_M
+        degrees = degrees_per_unit(ds.crs)
+        lat = (ds.bounds.top + ds.bounds.bottom) / 2 * degrees
+        return width * degrees * DEGREE_M * math.cos(math.radians(lat)), height * degrees * DEGREE_M
     try:
         units = ds.crs.linear_units_factor[1]
     except CRSError:  # a local (engineering) CRS: its axes may still name their unit
@@ -579,24 +579,54 @@ def _transformed_envelope(box: tuple[float, float, float, float], source_crs: CR
         with np.errstate(all="ignore"):
             envelope = transform_bounds(source_crs, target_crs, *box, densify_pts=SAMPLES)
     except Exception as exc:  # pyproj/GDAL raise several types for impossible transforms
-        raise InputError(f"The bbox could not be transformed from {source_crs} to the raster's CRS "
-                         f"{target_crs}: {exc}") from exc
+        raise InputError(f"The bbox cannot be placed on the raster: PROJ knows no way from the bbox's CRS "
+                         f"{crs_label(source_crs)} to the raster's CRS {crs_label(target_crs)}"
+                         f"{unplaced(target_crs, '--bbox-crs')}") from exc
     if not all(map(math.isfinite, envelope)):
-        raise InputError(f"The bbox lies outside the area where {source_crs} can be transformed to the "
-                         f"raster's CRS {target_crs}.")
+        raise InputError(f"The bbox lies outside the area where {crs_label(source_crs)} can be transformed to the "
+                         f"raster's CRS {crs_label(target_crs)}.")
     return envelope
 
 
-def _longitudes_over(span: tuple[float, float], raster: tuple[float, float]) -> tuple[float, float] | None:
+def unplaced(crs: CRS, option: str) -> str:
+    """The end of a sentence saying why a place given with another CRS (named by `option`) cannot be put into
+    the raster's `crs`, and what to do instead."""
+    try:
+        converted = as_pyproj(crs)
+        local = converted is not None and converted.is_engineering
+    except Exception:  # pyproj raises several types for CRSs it cannot read
+        local = False
+    if local:
+        return (", a local (engineering) CRS that is not tied to the earth. Give the coordinates in the raster's "
+                f"own CRS (leave out {option}).")
+    return ". Give the coordinates in the raster's own CRS, or in one that PROJ can transform to it."
+
+
+def longitude_turn(crs: CRS) -> float:
+    """A whole turn of longitude in a geographic CRS's unit: 360 degrees, 400 grads (EPSG:4807)."""
+    return 360.0 / degrees_per_unit(crs)
+
+
+def longitude_on(x: float, left: float, right: float, turn: float = 360.0) -> float:
+    """Longitude `x` moved by whole turns onto a raster's longitudes [left, right] where it falls there (-159.85
+    on a raster over 200..200.4 is 200.15; -179.9 on one across the antimeridian, 179.8..180.2, is 180.1); else
+    `x` as it was. The bbox's longitudes are moved the same way (_longitudes_over)."""
+    moved = left + (x - left) % turn
+    return moved if moved <= right else x
+
+
+def _longitudes_over(span: tuple[float, float], raster: tuple[float, float],
+                     turn: float = 360.0) -> tuple[float, float] | None:
     """Longitudes [west, east] (east may exceed 180, or lie west of `west` across the antimeridian) as the
     envelope of the parts that fall on the raster's longitudes [left, right], counted in whole turns either
-    way (a raster in 0..360 and a box in -180..180, or back); None when no part does."""
+    way (a raster in 0..360 and a box in -180..180, or back); None when no part does. `turn`: a whole turn in
+    the CRS's unit (longitude_turn)."""
     west, east = span
     if east < west:
-        east += 360.0
-    if east - west >= 360.0:
+        east += turn
+    if east - west >= turn:
         return raster
-    parts = [(max(west + turn, raster[0]), min(east + turn, raster[1])) for turn in (-360.0, 0.0, 360.0)]
+    parts = [(max(west + moved, raster[0]), min(east + moved, raster[1])) for moved in (-turn, 0.0, turn)]
     parts = [(a, b) for a, b in parts if a < b]
     if not parts:
         return None
@@ -612,15 +642,13 @@ def _samples_inside(box: tuple[float, float, float, float], source_crs: CRS, tar
     """Whether any point of a SAMPLES x SAMPLES grid over `box` lands inside `target` once transformed."""
     from pyproj import Transformer
 
-    from .ground import as_pyproj
-
     t = np.linspace(0.0, 1.0, SAMPLES)
     xs, ys = np.meshgrid(box[0] + (box[2] - box[0]) * t, box[1] + (box[3] - box[1]) * t)
     with np.errstate(all="ignore"):
         to_target = Transformer.from_crs(as_pyproj(source_crs), as_pyproj(target_crs), always_xy=True)
         xs, ys = (np.asarray(v, float) for v in to_target.transform(xs.ravel(), ys.ravel()))
     if target_crs.is_geographic:  # a longitude a whole turn away is the same place
-        xs = target[0] + np.mod(xs - target[0], 360.0)
+        xs = target[0] + np.mod(xs - target[0], longitude_turn(target_crs))
     inside = (xs >= target[0]) & (xs <= target[2]) & (ys >= target[1]) & (ys <= target[3])
     return bool(inside.any())
 
@@ -640,23 +668,26 @@ def bbox_in_raster_crs(bbox: tuple[float, float, float, float], bbox_crs: CRS, r
     if bbox_crs == raster_crs or not bbox_crs.is_geographic:
         return _box_over_raster(bbox, bbox_crs, raster_crs, raster_box)
     found = [box for box in (_box_over_raster(part, bbox_crs, raster_crs, raster_box)
-                             for part in _within_one_turn(bbox)) if box is not None]
+                             for part in _within_one_turn(bbox, longitude_turn(bbox_crs))) if box is not None]
     if not found:
         return None
     return (min(b[0] for b in found), min(b[1] for b in found), max(b[2] for b in found), max(b[3] for b in found))
 
 
-def _within_one_turn(box: tuple[float, float, float, float]) -> list[tuple[float, float, float, float]]:
-    """A longitude/latitude box as boxes within longitudes -180..180: the whole turn when it is 360 degrees
-    wide or more, two boxes when it crosses 180, else the box moved by whole turns."""
+def _within_one_turn(box: tuple[float, float, float, float],
+                     turn: float = 360.0) -> list[tuple[float, float, float, float]]:
+    """A longitude/latitude box as boxes within longitudes -180..180 (half a `turn` either way, in the CRS's
+    unit): the whole turn when it is 360 degrees wide or more, two boxes when it crosses 180, else the box
+    moved by whole turns."""
     xmin, ymin, xmax, ymax = box
-    if xmax - xmin >= 360.0:
-        return [(-180.0, ymin, 180.0, ymax)]
-    west = (xmin + 180.0) % 360.0 - 180.0
+    half = turn / 2
+    if xmax - xmin >= turn:
+        return [(-half, ymin, half, ymax)]
+    west = (xmin + half) % turn - half
     east = west + (xmax - xmin)
-    if east <= 180.0:
+    if east <= half:
         return [(west, ymin, east, ymax)]
-    return [(west, ymin, 180.0, ymax), (-180.0, ymin, east - 360.0, ymax)]
+    return [(west, ymin, half, ymax), (-half, ymin, east - turn, ymax)]
 
 
 def _box_over_raster(bbox: tuple[float, float, float, float], bbox_crs: CRS, raster_crs: CRS,
@@ -665,7 +696,7 @@ def _box_over_raster(bbox: tuple[float, float, float, float], bbox_crs: CRS, ras
     box = bbox if bbox_crs == raster_crs else _transformed_envelope(bbox, bbox_crs, raster_crs)
     xmin, ymin, xmax, ymax = box
     if raster_crs.is_geographic:
-        span = _longitudes_over((xmin, xmax), (raster_box[0], raster_box[2]))
+        span = _longitudes_over((xmin, xmax), (raster_box[0], raster_box[2]), longitude_turn(raster_crs))
         if span is None:
             return None
         xmin, xmax = span
@@ -696,10 +727,12 @@ def request_window(source: RasterSource, bbox: tuple[float, float, float, float]
     check_bbox(bbox)
     xmin, ymin, xmax, ymax = (float(v) for v in bbox)
     crs = parse_crs(bbox_crs, source.crs)
-    if crs.is_geographic and not (-90 <= ymin and ymax <= 90 and -360 <= xmin and xmax <= 360):
-        raise InputError(f"The bbox {list(bbox)} is not in the range of {crs.to_string()}: latitudes lie between "
-                         "-90 and 90, longitudes between -180 and 180. Check the order (XMIN YMIN XMAX YMAX) "
-                         "and --bbox-crs.")
+    quarter = longitude_turn(crs) / 4 if crs.is_geographic else 0.0  # 90 degrees, 100 grads
+    if crs.is_geographic and not (-quarter <= ymin and ymax <= quarter and -4 * quarter <= xmin
+                                  and xmax <= 4 * quarter):
+        raise InputError(f"The bbox {list(bbox)} is not in the range of {crs_label(crs)}: latitudes lie between "
+                         f"{-quarter:g} and {quarter:g}, longitudes between {-2 * quarter:g} and {2 * quarter:g}. "
+                         "Check the order (XMIN YMIN XMAX YMAX) and --bbox-crs.")
     raster_box = pixel_envelope(source.transform, 0, 0, source.width, source.height)
     box = bbox_in_raster_crs((xmin, ymin, xmax, ymax), crs, source.crs, raster_box)
     window = bounds_window(source, box) if box is not None else None
@@ -707,7 +740,7 @@ def request_window(source: RasterSource, bbox: tuple[float, float, float, float]
         left, bottom, right, top = raster_box
         raise InputError(f"The bbox does not overlap the raster {source.path.name}: the raster covers "
                          f"x {coordinates(source.crs, left, right)}, y {coordinates(source.crs, bottom, top)} "
-                         f"in {source.crs}.")
+                         f"in {crs_label(source.crs)}.")
     if clip and (source.transform.b or source.transform.d):
         source.clip = box
     return window

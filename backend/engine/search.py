@@ -47,7 +47,8 @@ from .errors import InputError
 from .export import check_field_widths, check_format_crs, driver_for, report_json, report_path_for, write_layer
 from .files import check_output_files, input_paths, raster_file
 from .models import LoadedModel
-from .raster import parse_crs
+from .ground import crs_label
+from .raster import longitude_on, longitude_turn, parse_crs, pixel_envelope, unplaced
 from .search_index import (BuildStats, SearchIndex, bbox_region, check_bbox, check_point, describe,
                            footprint_envelopes, footprint_polygons, is_rotated, point_window)
 from .text import TextEmbedder, token_ids
@@ -276,20 +277,32 @@ def _bbox_in_raster_crs(index: SearchIndex, bbox, bbox_crs):
                        index.label, bbox, bbox_crs)
 
 
-def point_in_raster_crs(like, like_crs: str | None, raster_crs) -> tuple[float, float]:
-    """The example point `like` (in `like_crs`, default the raster's) in the raster's CRS."""
+def point_in_raster_crs(like, like_crs: str | None, raster_crs, envelope=None) -> tuple[float, float]:
+    """The example point `like` (in `like_crs`, default the raster's) in the raster's CRS. In a geographic one,
+    with the raster's `envelope` (left, bottom, right, top), a longitude a whole turn away is moved onto the
+    raster's longitudes, as a bbox's are: -159.85 is 200.15 on a raster over 200..200.4 (raster.longitude_on)."""
     x, y = (float(v) for v in like)
     crs = parse_crs(like_crs, raster_crs, what="like CRS")
     if crs != raster_crs:
-        x, y = Transformer.from_crs(crs, raster_crs, always_xy=True).transform(x, y)
+        try:
+            x, y = Transformer.from_crs(crs, raster_crs, always_xy=True).transform(x, y)
+        except Exception as exc:  # pyproj raises several types for CRSs it cannot join
+            raise InputError(f"The point {x:.10g}, {y:.10g} cannot be placed on the raster: PROJ knows no way from "
+                             f"the like CRS {crs_label(crs)} to the raster's CRS {crs_label(raster_crs)}"
+                             f"{unplaced(raster_crs, '--like-crs')}") from exc
         if not (np.isfinite(x) and np.isfinite(y)):
-            raise InputError(f"The point {like} could not be transformed from {crs} to the raster's CRS {raster_crs}.")
+            raise InputError(f"The point {like} could not be transformed from {crs_label(crs)} to the raster's CRS "
+                             f"{crs_label(raster_crs)}.")
+    if envelope is not None and raster_crs.is_geographic:
+        x = longitude_on(x, envelope[0], envelope[2], longitude_turn(raster_crs))
     return x, y
 
 
 def like_point(index: SearchIndex, like: tuple[float, float], like_crs: str | None) -> tuple[float, float]:
     """The example point in the raster's CRS, checked to lie on the raster."""
-    x, y = point_in_raster_crs(like, like_crs, index.crs)
+    dataset = index.dataset
+    x, y = point_in_raster_crs(like, like_crs, index.crs, pixel_envelope(dataset.transform, 0, 0, dataset.width,
+                                                                         dataset.height))
     check_point(index, x, y)
     return x, y
 

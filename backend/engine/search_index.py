@@ -49,6 +49,7 @@ from .models import LoadedModel
 from .options import check_batch_size
 from .paths import cache_dir
 from .finetuned import bands_for
+from .ground import crs_label
 from .raster import (PixelWindow, RasterSource, bbox_in_raster_crs, coordinates, native_gsd_m, open_source,
                      parse_crs, pixel_envelope, request_window)
 from .sliding import crop_starts
@@ -500,10 +501,11 @@ def bbox_region(transform, width: int, height: int, crs, name: str, bbox, bbox_c
         if is_rotated(transform):
             raise InputError(f"The bbox does not overlap the raster {name}: its grid is rotated, and its footprint "
                              f"has the corners {_corner_text(crs, raster_corners(transform, width, height))} "
-                             f"in {crs}.")
+                             f"in {crs_label(crs)}.")
         left, bottom, right, top = envelope
         raise InputError(f"The bbox does not overlap the raster {name}: the raster covers "
-                         f"x {coordinates(crs, left, right)}, y {coordinates(crs, bottom, top)} in {crs}.")
+                         f"x {coordinates(crs, left, right)}, y {coordinates(crs, bottom, top)} "
+                         f"in {crs_label(crs)}.")
     return region
 
 
@@ -543,10 +545,11 @@ def outside_raster(x: float, y: float, name: str, transform, width: int, height:
     point = coordinates(crs, x, y, point=True)
     if is_rotated(transform):
         return InputError(f"The point {point} is outside the footprint of the raster {name}, whose grid is rotated: "
-                          f"its corners are {_corner_text(crs, raster_corners(transform, width, height))} in {crs}.")
+                          f"its corners are {_corner_text(crs, raster_corners(transform, width, height))} "
+                          f"in {crs_label(crs)}.")
     left, bottom, right, top = pixel_envelope(transform, 0, 0, width, height)
     return InputError(f"The point {point} is outside the raster {name}, which covers "
-                      f"x {coordinates(crs, left, right)}, y {coordinates(crs, bottom, top)} in {crs}.")
+                      f"x {coordinates(crs, left, right)}, y {coordinates(crs, bottom, top)} in {crs_label(crs)}.")
 
 
 def check_point(index: SearchIndex, x: float, y: float) -> None:

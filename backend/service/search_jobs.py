@@ -41,10 +41,12 @@ def _check_raster(request: dict) -> None:
 
 def _check_like_point(source, like: list[float], like_crs: str | None, raster_name: str) -> None:
     """The `like` point is in a CRS we know and lies on the raster (the search checks it again on its grid)."""
+    from backend.engine.raster import pixel_envelope
     from backend.engine.search import point_in_raster_crs
     from backend.engine.search_index import outside_raster
 
-    x, y = point_in_raster_crs(like, like_crs, source.crs)
+    x, y = point_in_raster_crs(like, like_crs, source.crs, pixel_envelope(source.transform, 0, 0, source.width,
+                                                                          source.height))
     col, row = ~source.transform @ (x, y)
     if not (0 <= col < source.width and 0 <= row < source.height):
         raise outside_raster(x, y, raster_name, source.transform, source.width, source.height, source.crs)
