@@ -2,8 +2,8 @@
 
 Each finished raster already has its layer (finish.py); merging concatenates them in input order,
 adds the `raster` field (the file each polygon came from), numbers `object_id` through the whole
-layer and, for a raster in another CRS than the output's, reprojects its polygons: edges are first
-split at the raster's pixel size, so a long straight pixel edge bends as the projection bends it.
+layer and, for a raster in another CRS than the output's, reprojects its polygons (reproject.py: edges
+first split at the raster's pixel size; over the antimeridian and the poles into lon/lat).
 Cost: one read and one write of every feature; nothing is unioned here.
 """
 
@@ -23,6 +23,8 @@ from rasterio.crs import CRS
 from backend.engine.errors import InputError
 from backend.engine.export import write_layer, driver_for
 
+from .reproject import reprojected
+
 PARQUET = ".parquet"
 
 
@@ -32,19 +34,6 @@ def check_merged_output(path: Path) -> None:
     driver_for(path)
 
 
-def reprojected(geometries: np.ndarray, source: CRS, target: CRS, pixel_size: float) -> np.ndarray:
-    """Polygons from `source` to `target`, edges split at `pixel_size` first (always x, y order)."""
-    if source == target or not len(geometries):
-        return geometries
-    transformer = pyproj.Transformer.from_crs(source.to_wkt(), target.to_wkt(), always_xy=True)
-
-    def apply(xy: np.ndarray) -> np.ndarray:
-        x, y = transformer.transform(xy[:, 0], xy[:, 1])
-        return np.column_stack([x, y])
-
-    return shapely.transform(shapely.segmentize(geometries, pixel_size), apply)
-
-
 def merge_layers(parts: list[tuple[Path, str, CRS, float]], out: Path, out_crs: CRS, layer: str,
                  keep_from: Path | None = None) -> int:
     """Write the layers `parts` (gpkg, raster name, its CRS, its pixel size) as one layer at `out`."""
@@ -52,7 +41,7 @@ def merge_layers(parts: list[tuple[Path, str, CRS, float]], out: Path, out_crs: 
     for path, raster, crs, pixel_size in parts:
         meta, _, wkb, values = pyogrio.raw.read(path)
         names = list(meta["fields"])
-        shapes = reprojected(shapely.from_wkb(wkb), crs, out_crs, pixel_size)
+        shapes = reprojected(shapely.from_wkb(wkb), crs, out_crs, pixel_size, raster)
         geometries.append(np.asarray(shapes, dtype=object))
         for name, column in zip(names, values):
             columns.setdefault(name, []).append(column)

@@ -40,7 +40,7 @@ from backend.engine.files import (absolute_raster_name, check_output_files, held
                                   is_inside, raster_file, same_file)
 from backend.engine.options import SegmentOptions
 from backend.engine.outlines import engine_window
-from backend.engine.raster import open_source, parse_crs, pixel_size, request_window
+from backend.engine.raster import open_dataset, open_source, parse_crs, pixel_size, request_window
 from backend.engine.sliding import CHUNK_COLUMNS, CHUNK_ROWS, count_crops, units
 from backend.engine.temporary import new_run_tag
 
@@ -48,6 +48,7 @@ from .finish import FinishSettings, RasterPlan, finish_raster
 from .inputs import raster_folder
 from .manifest import Manifest
 from .merge import check_merged_output, merge_layers, write_raster_vrt
+from .reproject import check_reach
 from .worker import ChunkWorker, EngineSettings, engine_settings, load_segmenter
 
 RAY_HINT = "pip install 'farslip-qgis[ray]'"
@@ -178,6 +179,19 @@ def plan_rasters(paths: list[str], engine: EngineSettings, crop: int, bbox=None,
         plan.keys = [f"r{index:06d}-{u.row_off}-{u.col_off}" for u in chunks]
         plans.append(plan)
     return plans, failed
+
+
+def raster_grids(paths: list[str]) -> list[tuple[str, CRS, Any, int, int]]:
+    """Each raster's CRS and grid (path, CRS, transform, width, height) from its header, for check_reach; the
+    rasters that cannot be opened are left out (plan_rasters reports them)."""
+    grids = []
+    for path in paths:
+        try:
+            with open_dataset(path) as ds:
+                grids.append((path, ds.crs, ds.transform, ds.width, ds.height))
+        except FarslipError:
+            continue
+    return grids
 
 
 def _input_facts(paths: list[str], plans: Sequence[RasterPlan] = ()) -> list[dict]:
@@ -330,6 +344,11 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
     started = time.perf_counter()
     check_merged_output(request.out)
     typed_crs = parse_crs(request.out_crs, CRS(), "--out-crs") if request.out_crs else None  # before the model loads
+    # The output CRS must reach every raster: told from their headers before the model loads (a raster that
+    # cannot be opened is left to plan_rasters, which reports it), and again below for the windows planned.
+    grids = raster_grids(paths)
+    if grids:
+        check_reach(grids, typed_crs if typed_crs is not None else grids[0][1], typed_crs is not None)
     # The chunks' block files then hold the class probabilities too (--refine reads them).
     with_probs = request.prob_raster is not None or request.refine != "none"
     loaded, segmenter = load_segmenter(engine)  # the driver's copy: checks the model, scores the polygons
@@ -342,6 +361,8 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
     out_crs = typed_crs if typed_crs is not None else plans[0].crs
     if Path(request.out).suffix.lower() != ".parquet":
         check_format_crs(request.out, out_crs)
+    check_reach([(p.path, p.crs, p.transform, p.window.width, p.window.height) for p in plans], out_crs,
+                typed_crs is not None)
     check_raster_outputs(request, paths, plans)
     check_outputs(request, paths)
     # What decides the output, named as the command line names it (a resumed run must match them all).
@@ -696,7 +717,7 @@ def _write_outputs(done: list[RasterPlan], manifest: Manifest, request: ScaleReq
             outputs["coarse_vector"] = str(coarse)
         files = raster_files(paths, done, placed)
         for role, target in request.rasters().items():
-            outputs.update(_stage_raster_output(staged, role, target, done, files, manifest, out_crs))
+            outputs.update(_stage_raster_output(staged, role, target, done, files, manifest))
         timings["total_s"] = time.perf_counter() - started
         report = {"farslip_version": __version__, "run_id": run_id, "model": model, "crs": out_crs.to_string(),
                   "rasters": [manifest.finished[p.index] for p in done], "failed": failed, "chunks": chunks,
@@ -710,11 +731,12 @@ def _write_outputs(done: list[RasterPlan], manifest: Manifest, request: ScaleReq
 
 
 def _stage_raster_output(staged: StagedOutputs, role: str, target: Path, done: list[RasterPlan],
-                         files: list[str], manifest: Manifest, out_crs: CRS) -> dict[str, str]:
+                         files: list[str], manifest: Manifest) -> dict[str, str]:
     """One raster output of the finished rasters' own files (`role`: class_raster or prob_raster), written at
     its staged name: the file itself for a .tif, or a VRT over copies of them in the folder `<name>_rasters`
     beside it (each at its raster's file name, see raster_files), staged as an output of its own (the folder is
-    replaced whole by the commit)."""
+    replaced whole by the commit). Both in the rasters' own CRS (one for all: check_raster_outputs), whatever
+    --out-crs says: that reprojects the polygons only."""
     own = RASTER_FILES[role]
     if target.suffix.lower() != ".vrt":
         assert len(done) == 1, "check_raster_outputs allows a .tif for one raster only"
@@ -726,6 +748,6 @@ def _stage_raster_output(staged: StagedOutputs, role: str, target: Path, done: l
     for plan, file in zip(done, files):
         (staged_folder / file).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(manifest.raster_folder(plan.index) / own, staged_folder / file)
-    write_raster_vrt(staged[role], [folder / file for file in files], out_crs,
+    write_raster_vrt(staged[role], [folder / file for file in files], done[0].crs,
                      read_from=[staged_folder / file for file in files])
     return {role: str(target), key: str(folder)}
