@@ -12,7 +12,7 @@ import torch
 from backend.engine.raster import PixelWindow
 
 from .distill import DistillViews, native_area, native_source, resize_square, sample_views, view_side
-from .sampling import Box, PixelBox, pure_boxes, random_crop_boxes, region_boxes, to_pixels
+from .sampling import GridBox, PixelBox, grid_box_on, pure_boxes, random_crop_boxes, region_boxes, rounded
 
 
 class BatchSampler:
@@ -30,27 +30,26 @@ class BatchSampler:
         self.distill_side = view_side(self.distill_area, input_px)
         self.regions = self._class_regions()
 
-    def _class_regions(self) -> dict[int, list[Box]]:
-        """Region boxes per class inside the training rectangle (map coordinates)."""
+    def _class_regions(self) -> dict[int, list[GridBox]]:
+        """Region boxes per class inside the training rectangle (label-grid pixels)."""
         data, rng = self.data, np.random.default_rng(self.options.seed)
-        area = data.split.train_bounds
-        native_pixel = data.pixel_size * data.source.width / data.source.dataset.width
-        boxes, ids = region_boxes(data.grid, area, native_pixel, self.options.region_min_px,
+        area = data.split.train
+        native_per_pixel = (data.source.dataset.width / data.source.width,
+                            data.source.dataset.height / data.source.height)
+        boxes, ids = region_boxes(data.grid, area, data.transform, native_per_pixel, self.options.region_min_px,
                                   self.options.region_max_px)
-        regions: dict[int, list[Box]] = {}
+        regions: dict[int, list[GridBox]] = {}
         for box, class_id in zip(boxes, ids):
             regions.setdefault(class_id, []).append(box)
         for class_id in range(self.num_classes):
             if len(regions.get(class_id, [])) < 4:
-                extra = pure_boxes(data.grid, area, data.transform, class_id, self.crop_px // 2, 16, rng)
+                extra = pure_boxes(data.grid, area, class_id, self.crop_px // 2, 16, rng)
                 regions.setdefault(class_id, []).extend(extra)
         return {k: v for k, v in regions.items() if v}
 
-    def _window(self, box: Box, size: int | None = None) -> PixelBox:
-        """A label-grid box for `box`, exactly size x size when `size` is given, inside the train rect."""
-        pixels = to_pixels(box, self.data.transform)
-        if size is None:
-            return pixels
+    def _window(self, box: GridBox, size: int) -> PixelBox:
+        """The size x size label-grid box nearest `box`, inside the train rect."""
+        pixels = rounded(box)
         train = self.data.split.train
         row0 = min(max(pixels.row0, train.row0), train.row1 - size)
         col0 = min(max(pixels.col0, train.col0), train.col1 - size)
@@ -59,8 +58,7 @@ class BatchSampler:
     def crop_batch(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, S, S) pixels 0..255 and (B, S, S) labels of random training crops."""
         size = self.crop_px
-        boxes = random_crop_boxes(self.data.split.train_bounds, size * self.data.pixel_size,
-                                  self.options.batch_size, rng)
+        boxes = random_crop_boxes(self.data.split.train, size, self.options.batch_size, rng)
         pixels, labels = [], []
         for box in boxes:
             rows, cols = self._window(box, size).slices
@@ -89,7 +87,8 @@ class BatchSampler:
         crops, ids = [], []
         for class_id in picked:
             candidates = self.regions[int(class_id)]
-            box = to_pixels(candidates[int(rng.integers(len(candidates)))], self.native.transform)
+            box = grid_box_on(candidates[int(rng.integers(len(candidates)))], self.data.transform,
+                              self.native.transform)
             rgb, _ = self.native.read(PixelWindow(box.row0, box.col0, box.height, box.width))
             if rgb.shape[1] < 2 or rgb.shape[2] < 2:
                 continue

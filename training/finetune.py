@@ -53,7 +53,7 @@ from .losses import (
     region_alignment_loss,
 )
 from .optimisation import Optimisation
-from .sampling import SpatialSplit, steps_for
+from .sampling import SpatialSplit, pixel_sizes, steps_for
 from .validation import Validation
 
 if TYPE_CHECKING:
@@ -108,8 +108,9 @@ class TrainingData:
     source: RasterSource  # for validation through the engine
 
     @property
-    def pixel_size(self) -> float:
-        return abs(self.transform.a)
+    def pixel_size(self) -> tuple[float, float]:
+        """A label-grid pixel's width and height in map units (true lengths on a rotated grid too)."""
+        return pixel_sizes(self.transform)
 
     @property
     def train_window(self) -> PixelWindow:

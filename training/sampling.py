@@ -4,9 +4,11 @@ The validation part is a strip along one edge of the labelled window. The
 training part is the rectangle left after removing the strip and a buffer
 beside it, so no training crop or region box can contain a validation pixel
 (no leakage across the split), and spatially autocorrelated pixels next to
-the border are not used at all. Samplers yield boxes in map coordinates of
-the raster's CRS (torchgeo style); `to_pixels` turns one into a window of
-the label grid.
+the border are not used at all. Samplers work in the label grid's pixels
+(a rotated geotransform's map envelopes would cover other pixels, the
+validation strip's among them): they yield boxes of fractional pixel
+coordinates inside the training PixelBox; `grid_box_on` carries one onto
+another grid of the raster (the native one) through the map coordinates.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import shapely
+import shapely.affinity
 from rasterio.transform import Affine
 
 from .labels import LabelGrid
 
 Box = tuple[float, float, float, float]  # xmin, ymin, xmax, ymax in the raster's CRS
+GridBox = tuple[float, float, float, float]  # col0, row0, col1, row1 in label-grid pixels (fractional)
 EDGES = ("right", "bottom", "left", "top")
 
 
@@ -66,10 +70,28 @@ class SpatialSplit:
         return data
 
 
+def pixel_sizes(transform: Affine) -> tuple[float, float]:
+    """A pixel's true width and height in map units: the lengths of the affine's column and row vectors
+    (abs(a) is 0 on a grid rotated by 90 degrees)."""
+    return math.hypot(transform.a, transform.d), math.hypot(transform.b, transform.e)
+
+
 def box_bounds(box: PixelBox, transform: Affine) -> Box:
-    x0, y0 = transform @ (box.col0, box.row0)
-    x1, y1 = transform @ (box.col1, box.row1)
-    return (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+    """The map envelope of a pixel box: all four corners (two opposite ones miss a rotated box's extent)."""
+    xs, ys = zip(*(transform @ (col, row) for col in (box.col0, box.col1) for row in (box.row0, box.row1)))
+    return (min(xs), min(ys), max(xs), max(ys))
+
+
+def grid_box_on(box: GridBox, transform: Affine, target: Affine) -> PixelBox:
+    """A label-grid box (pixels of `transform`) -> the pixels of the grid `target` it covers, rounded to the
+    nearest edges; exact for grids that differ by scale and offset (the native and processing grids)."""
+    inverse = ~target
+    cols, rows = zip(*(inverse @ (transform @ (col, row)) for col in (box[0], box[2]) for row in (box[1], box[3])))
+    return PixelBox(round(min(rows)), round(min(cols)), round(max(rows)), round(max(cols)))
+
+
+def rounded(box: GridBox) -> PixelBox:
+    return PixelBox(round(box[1]), round(box[0]), round(box[3]), round(box[2]))
 
 
 def to_pixels(bounds: Box, transform: Affine) -> PixelBox:
@@ -140,44 +162,48 @@ def split_labels(grid: LabelGrid, transform: Affine, validation_fraction: float 
                         {c: int(n) for c, n in zip(grid.class_lines, val_counts)})
 
 
-def random_crop_boxes(area: Box, crop_size: float, count: int, rng: np.random.Generator) -> list[Box]:
-    """`count` square boxes of side `crop_size` (map units) lying wholly inside `area`."""
-    xmin, ymin, xmax, ymax = area
-    xs = rng.uniform(xmin, max(xmin, xmax - crop_size), count)
-    ys = rng.uniform(ymin, max(ymin, ymax - crop_size), count)
-    return [(x, y, x + crop_size, y + crop_size) for x, y in zip(xs, ys)]
+def random_crop_boxes(area: PixelBox, side_px: float, count: int, rng: np.random.Generator) -> list[GridBox]:
+    """`count` square boxes of `side_px` label-grid pixels lying wholly inside `area`."""
+    cols = rng.uniform(area.col0, max(area.col0, area.col1 - side_px), count)
+    rows = rng.uniform(area.row0, max(area.row0, area.row1 - side_px), count)
+    return [(c, r, c + side_px, r + side_px) for c, r in zip(cols, rows)]
 
 
-def region_boxes(grid: LabelGrid, area: Box, native_pixel: float, min_size_px: float = 64,
-                 max_size_px: float = 1024) -> tuple[list[Box], list[int]]:
-    """Boxes of the labelled polygons inside `area` (map units), with each one's class id.
+def region_boxes(grid: LabelGrid, area: PixelBox, transform: Affine, native_per_pixel: tuple[float, float] = (1, 1),
+                 min_size_px: float = 64, max_size_px: float = 1024) -> tuple[list[GridBox], list[int]]:
+    """Boxes (label-grid pixels) of the labelled polygons inside `area`, with each one's class id.
 
-    A polygon is clipped to `area`; its box is kept when sqrt(box area) lies in
-    [min_size_px, max_size_px] native raster pixels (`native_pixel` map units each), FarSLIP's
-    rule for region-category alignment. Classes left without boxes get `pure_boxes` instead.
+    A polygon is taken to the label grid's pixels (`transform`) and clipped to `area`; its box is kept when
+    sqrt(box area) lies in [min_size_px, max_size_px] native raster pixels (`native_per_pixel`: native
+    pixels per label-grid pixel across and down), FarSLIP's rule for region-category alignment. Classes
+    left without boxes get `pure_boxes` instead.
     """
-    frame = shapely.box(*area)
+    inverse = ~transform
+    frame = shapely.box(area.col0, area.row0, area.col1, area.row1)
     boxes, class_ids = [], []
     for geometry, class_id in zip(grid.polygons.geometries, grid.class_of_polygon):
-        part = shapely.intersection(geometry, frame)
+        if geometry is None or geometry.is_empty:
+            continue
+        in_pixels = shapely.affinity.affine_transform(geometry, [inverse.a, inverse.b, inverse.d, inverse.e,
+                                                                 inverse.c, inverse.f])
+        part = shapely.intersection(in_pixels, frame)
         if part.is_empty or part.area <= 0:
             continue
-        x0, y0, x1, y1 = part.bounds
-        size_px = math.sqrt((x1 - x0) * (y1 - y0)) / native_pixel
+        c0, r0, c1, r1 = part.bounds
+        size_px = math.sqrt((c1 - c0) * native_per_pixel[0] * (r1 - r0) * native_per_pixel[1])
         if min_size_px <= size_px <= max_size_px:
-            boxes.append((x0, y0, x1, y1))
+            boxes.append((c0, r0, c1, r1))
             class_ids.append(int(class_id))
     return boxes, class_ids
 
 
-def pure_boxes(grid: LabelGrid, area: Box, transform: Affine, class_id: int, side_px: int,
-               count: int, rng: np.random.Generator, min_fraction: float = 0.8, tries: int = 20) -> list[Box]:
-    """Random boxes inside `area` mostly covered by one class (for classes without small polygons,
-    such as the background)."""
-    pixel = abs(transform.a)
+def pure_boxes(grid: LabelGrid, area: PixelBox, class_id: int, side_px: int, count: int,
+               rng: np.random.Generator, min_fraction: float = 0.8, tries: int = 20) -> list[GridBox]:
+    """Random boxes (label-grid pixels) inside `area` mostly covered by one class (for classes without
+    small polygons, such as the background)."""
     boxes = []
-    for box in random_crop_boxes(area, side_px * pixel, count * tries, rng):
-        part = grid.labels[to_pixels(box, transform).slices]
+    for box in random_crop_boxes(area, side_px, count * tries, rng):
+        part = grid.labels[rounded(box).slices]
         if part.size and (part == class_id).mean() >= min_fraction:
             boxes.append(box)
             if len(boxes) == count:

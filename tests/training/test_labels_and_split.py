@@ -15,7 +15,7 @@ from rasterio.transform import from_origin
 from backend.engine.errors import InputError
 from backend.engine.raster import open_source
 from training.labels import build_label_grid, read_aoi, read_label_polygons
-from training.sampling import random_crop_boxes, region_boxes, split_labels, to_pixels
+from training.sampling import PixelBox, random_crop_boxes, region_boxes, split_labels
 
 
 def grid_of(raster, labels, field="cls", **kwargs):
@@ -58,28 +58,25 @@ def test_spatial_split_has_no_leakage(synthetic):
     assert 0.1 < sum(split.validation_pixels.values()) / (grid.labels >= 0).sum() < 0.35
     assert all(n > 0 for n in split.validation_pixels.values())
     rng = np.random.default_rng(0)
-    pixel = abs(transform.a)
-    for box in random_crop_boxes(split.train_bounds, 64 * pixel, 200, rng):
-        crop = to_pixels(box, transform)
-        assert shapely.box(crop.col0, crop.row0, crop.col1, crop.row1).within(train_box.buffer(1))
-    boxes, ids = region_boxes(grid, split.train_bounds, pixel, min_size_px=16)
+    for box in random_crop_boxes(train, 64, 200, rng):
+        assert shapely.box(*box).within(train_box)
+    boxes, ids = region_boxes(grid, train, transform, min_size_px=16)
     assert boxes and len(boxes) == len(ids)
-    area = shapely.box(*split.train_bounds)
-    assert all(shapely.box(*b).within(area.buffer(1e-6)) for b in boxes)
+    assert all(shapely.box(*b).within(train_box.buffer(1e-6)) for b in boxes)
 
 
 def test_region_boxes_keep_sqrt_area_between_64_and_1024_native_pixels(synthetic):
     raster, labels, _ = synthetic
     grid, window_transform = grid_of(raster, labels)
-    bounds = window_transform(grid.window)
-    area = (bounds.c, bounds.f - 384 * 2.0, bounds.c + 384 * 2.0, bounds.f)
+    transform = window_transform(grid.window)
+    area = PixelBox(0, 0, 384, 384)
     # The synthetic labels are 42 x 42 px boxes of 2 m pixels: too small for FarSLIP's 64 px minimum...
-    assert region_boxes(grid, area, 2.0) == ([], [])
-    # ...but 84 px on a 1 m native grid, and too large below a 0.04 m one.
-    boxes, _ = region_boxes(grid, area, 1.0)
+    assert region_boxes(grid, area, transform) == ([], [])
+    # ...but 84 px on a native grid twice as fine, and too large on one 50 times finer.
+    boxes, _ = region_boxes(grid, area, transform, (2, 2))
     assert len(boxes) == len(grid.polygons.geometries)
-    assert all(64 <= ((b[2] - b[0]) * (b[3] - b[1])) ** 0.5 <= 1024 for b in boxes)
-    assert region_boxes(grid, area, 0.04) == ([], [])
+    assert all(64 <= ((b[2] - b[0]) * 2 * (b[3] - b[1]) * 2) ** 0.5 <= 1024 for b in boxes)
+    assert region_boxes(grid, area, transform, (50, 50)) == ([], [])
 
 
 def test_missing_class_field_lists_the_fields(synthetic):
