@@ -25,7 +25,7 @@ from rasterio.features import rasterize
 
 from backend.engine.errors import InputError
 from backend.engine.files import check_vector_source
-from backend.engine.raster import PixelWindow, RasterSource, bounds_window, coordinates
+from backend.engine.raster import PixelWindow, RasterSource, coordinates
 from backend.engine.presets import split_class_line
 from backend.engine.text import parse_class_lines
 
@@ -332,6 +332,30 @@ def _class_lines_of(values: list[str], background: str | None, label_file: str) 
     return list(values)
 
 
+def _on_pixels(geometries, transform):
+    """Geometries (one or an array) in map coordinates -> in (column, row) pixel coordinates of `transform`."""
+    inverse = ~transform
+    return shapely.transform(geometries, lambda xy: np.column_stack(inverse @ (xy[:, 0], xy[:, 1])))
+
+
+def _on_map(geometry: shapely.Geometry, transform) -> shapely.Geometry:
+    return shapely.transform(geometry, lambda xy: np.column_stack(transform @ (xy[:, 0], xy[:, 1])))
+
+
+def _pixel_window(source: RasterSource, geometry: shapely.Geometry) -> PixelWindow | None:
+    """The processing-grid pixels under `geometry`'s box on the pixel grid, clipped to the raster (its map
+    envelope's window on a rotated raster would take in pixels far from it); None when none."""
+    return _clipped_window(source, *_on_pixels(geometry, source.transform).bounds)
+
+
+def _clipped_window(source: RasterSource, col0: float, row0: float, col1: float, row1: float) -> PixelWindow | None:
+    row0, col0 = max(0, math.floor(row0 + 1e-6)), max(0, math.floor(col0 + 1e-6))
+    row1, col1 = min(source.height, math.ceil(row1 - 1e-6)), min(source.width, math.ceil(col1 - 1e-6))
+    if row1 <= row0 or col1 <= col0:
+        return None
+    return PixelWindow(row0, col0, row1 - row0, col1 - col0)
+
+
 def build_label_grid(source: RasterSource, polygons: LabelPolygons, background: str | None = None,
                      aoi: shapely.Geometry | None = None, class_lines: list[str] | None = None,
                      min_labelled_pixels: int = MIN_LABELLED_PIXELS) -> LabelGrid:
@@ -381,8 +405,11 @@ def build_label_grid(source: RasterSource, polygons: LabelPolygons, background: 
                          "unlabelled pixels inside the labels' extent as a class.")
     class_ids = np.array([index_of(v) for v in polygons.class_values], dtype=np.int64)
 
-    extent = aoi if aoi is not None else shapely.box(*shapely.total_bounds(polygons.geometries))
-    footprint = shapely.box(*source.window_bounds(PixelWindow(0, 0, source.height, source.width)))
+    # The labels' extent is their bounding box on the pixel grid (a rotated rectangle in map coordinates
+    # on a rotated raster, whose map envelope would take in unlabelled pixels beyond the labels).
+    extent = aoi if aoi is not None else _on_map(shapely.box(*shapely.total_bounds(
+        _on_pixels(polygons.geometries, source.transform))), source.transform)
+    footprint = _on_map(shapely.box(0, 0, source.width, source.height), source.transform)
     rx0, ry0, rx1, ry1 = footprint.bounds
     crs = source.crs
     in_raster_crs = f"in the raster's CRS {crs.to_string()}"
@@ -392,7 +419,7 @@ def build_label_grid(source: RasterSource, polygons: LabelPolygons, background: 
                          f"{coordinates(crs, ax0, ax1)}, y {coordinates(crs, ay0, ay1)} and the raster x "
                          f"{coordinates(crs, rx0, rx1)}, y {coordinates(crs, ry0, ry1)} ({in_raster_crs}); give an "
                          "--aoi that lies on the raster.")
-    window = bounds_window(source, extent.bounds)
+    window = _pixel_window(source, extent)
     union = shapely.union_all(polygons.geometries)
     if window is None or not shapely.intersects(union, footprint):
         lx0, ly0, lx1, ly1 = shapely.total_bounds(polygons.geometries)
