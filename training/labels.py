@@ -189,10 +189,28 @@ def _polygonal_parts(geometries: np.ndarray) -> np.ndarray:
     kept = []
     for geometry in valid:
         if shapely.get_type_id(geometry) not in (3, 6):
-            geometry = shapely.MultiPolygon([part for part in shapely.get_parts(geometry)
-                                             if shapely.get_type_id(part) == 3])
+            parts = shapely.get_parts(geometry)
+            while len(parts) and (shapely.get_type_id(parts) == 7).any():  # collections inside collections
+                parts = shapely.get_parts(parts)
+            parts = shapely.get_parts(parts[np.isin(shapely.get_type_id(parts), [3, 6])])
+            geometry = shapely.MultiPolygon(list(parts)) if len(parts) else shapely.MultiPolygon()
+            if len(parts) > 1 and not geometry.is_valid:  # overlapping polygons of a collection
+                geometry = shapely.union_all(parts)
         kept.append(geometry)
     return np.array(kept, dtype=object)
+
+
+def _holds_polygons(geometries: np.ndarray) -> np.ndarray:
+    """Which geometries are or hold polygons: polygons, multipolygons, and geometry collections with a
+    polygon among their parts (their points and lines are dropped by `_polygonal_parts`)."""
+    kinds = shapely.get_type_id(geometries)
+    holds = np.isin(kinds, [3, 6])
+    for i in np.flatnonzero(kinds == 7):
+        parts = shapely.get_parts(geometries[i])
+        while len(parts) and (shapely.get_type_id(parts) == 7).any():  # collections inside collections
+            parts = shapely.get_parts(parts)
+        holds[i] = bool(np.isin(shapely.get_type_id(parts), [3, 6]).any())
+    return holds
 
 
 def _layer_crs(meta: dict, path: Path, what: str) -> ProjCRS:
@@ -262,8 +280,7 @@ def read_label_polygons(path: str | Path, class_field: str, raster_crs,
     keep = np.array([g is not None and not g.is_empty and v != "" for g, v in zip(geometries, values)])
     geometries = geometries[keep]
     values = [v for v, k in zip(values, keep) if k]
-    kinds = shapely.get_type_id(geometries)
-    polygonal = np.isin(kinds, [3, 6])
+    polygonal = _holds_polygons(geometries)
     if len(geometries) and not polygonal.any():
         raise InputError(f"The labels file {path.name} holds {geometries[0].geom_type} features, not "
                          "polygons; draw the labelled regions as polygons.")
@@ -291,7 +308,7 @@ def read_aoi(path: str | Path, raster_crs) -> shapely.Geometry:
     meta, _, wkb, _ = _read_layer(path, layer, [], "area-of-interest")
     crs = _layer_crs(meta, path, "area-of-interest")
     geometries = shapely.from_wkb(wkb) if wkb is not None else np.array([])
-    geometries = geometries[np.isin(shapely.get_type_id(geometries), [3, 6])] if len(geometries) else geometries
+    geometries = geometries[_holds_polygons(geometries)] if len(geometries) else geometries
     geometries = _polygonal_parts(geometries) if len(geometries) else geometries
     geometries = geometries[~shapely.is_empty(geometries)] if len(geometries) else geometries
     if len(geometries) == 0:

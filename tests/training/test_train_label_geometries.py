@@ -1,0 +1,60 @@
+"""`farslip train` on label layers whose features are not plain polygons: geometry collections holding
+polygons keep their polygons, and what is left out is counted in one warning line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyogrio.raw
+import shapely
+from training_data import RASTER_CRS, make_synthetic
+from typer.testing import CliRunner
+
+from backend.service.cli import app
+
+runner = CliRunner()
+
+
+def train(raster: Path, labels: Path, model: Path, out: Path) -> tuple[int, list[str], list[str]]:
+    """Exit code, stdout lines and stderr lines of a one-step `farslip train`."""
+    result = runner.invoke(app, ["train", str(raster), str(labels), "--class-field", "cls", "--out", str(out),
+                                 "--base-model", str(model), "--epochs", "1", "--steps-per-epoch", "1",
+                                 "--batch-size", "2", "--device", "cpu", "-q"])
+    return result.exit_code, result.stdout.strip().splitlines(), result.stderr.strip().splitlines()
+
+
+def polygons_of(labels: Path) -> tuple[list, list[str]]:
+    _, _, wkb, fields = pyogrio.raw.read(labels)
+    return list(shapely.from_wkb(wkb)), [str(v) for v in fields[0]]
+
+
+def write_any(path: Path, geometries: list, values: list) -> Path:
+    wkb = np.array([None if g is None else shapely.to_wkb(g) for g in geometries], dtype=object)
+    pyogrio.raw.write(path, wkb, [np.array(values, dtype=object)], ["cls"], driver="GPKG",
+                      geometry_type="Unknown", crs=RASTER_CRS)
+    return path
+
+
+def label_pixels(out: Path) -> dict[str, int]:
+    return json.loads((out / "farslip_model.json").read_text())["label_pixels"]
+
+
+def test_geometry_collections_holding_polygons_are_labels(tmp_path, tiny_model):
+    raster, labels, _ = make_synthetic(tmp_path, labels_crs=RASTER_CRS)
+    geometries, values = polygons_of(labels)
+    code, _, err = train(raster, labels, tiny_model, tmp_path / "plain")
+    assert code == 0, err
+    # Every sand square as a collection of the square and a line; one collection of a point only.
+    wrapped = [shapely.GeometryCollection([g, shapely.LineString(g.exterior.coords[:2])]) if v == "sand" else g
+               for g, v in zip(geometries, values)]
+    point = shapely.GeometryCollection([shapely.Point(*geometries[0].exterior.coords[0])])
+    collections = write_any(tmp_path / "collections.gpkg", [*wrapped, point], [*values, "water"])
+    code, _, err = train(raster, collections, tiny_model, tmp_path / "wrapped")
+    assert code == 0, err
+    assert label_pixels(tmp_path / "wrapped") == label_pixels(tmp_path / "plain")
+    assert label_pixels(tmp_path / "wrapped")["sand"] > 0
+    dropped = [line for line in err if "points or lines" in line]
+    assert dropped == [f"Warning: 1 of the {len(values) + 1} features in collections.gpkg are points or lines, "
+                       "not polygons, so they were left out (a label is an area)."], err
