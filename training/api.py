@@ -210,12 +210,13 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
                          evaluation_inputs(raster, labels, aoi, model, weights), overwrite)
     loaded = _load(model, weights, device, loaded)
     trained_on = (getattr(loaded, "metadata", None) or {}).get("finetuned") or {}
-    same_data = False
-    if trained_on.get("data") and split != "all":
+    same_data = same_labels = False
+    if trained_on.get("data"):
         recorded = trained_on["data"]
-        same_data = (same_raster(recorded.get("raster") or {}, raster_record(raster))
-                     and recorded.get("labels", {}).get("sha256") == file_sha256(vector_file(labels))
-                     and _same_labels_layer(recorded.get("labels", {}), labels, class_field))
+        same_labels = (recorded.get("labels", {}).get("sha256") == file_sha256(vector_file(labels))
+                       and _same_labels_layer(recorded.get("labels", {}), labels, class_field))
+        same_data = (split != "all" and same_labels
+                     and same_raster(recorded.get("raster") or {}, raster_record(raster)))
     if split == "validation" and not same_data:
         raise InputError("--split validation needs a fine-tuned model trained on this raster and these "
                          "labels (the files' sha256, the raster's name in its archive or container, the labels layer "
@@ -238,6 +239,7 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
                                  "no longer there; give it with --aoi, or evaluate with --split all.")
             layer = trained_on["data"]["aoi"].get("layer")
             aoi = f"{recorded_aoi}|layername={layer}" if layer else recorded_aoi
+    if same_labels:  # the labels it was trained on: its class names, whatever the split and raster
         class_names = class_names or trained_on["data"].get("labels", {}).get("class_names") or None
     # Elsewhere what segment does with the model: the bands its trainer chose, its ground resolution (the
     # raster's own pixel shape kept unless the model was trained on square ground pixels).
