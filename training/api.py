@@ -72,7 +72,8 @@ from .finetune import (
 )
 from .distill import BOX_AREA, BOX_ASPECT
 from .labels import (
-    LabelGrid, aoi_layer, build_label_grid, label_layer, read_aoi, read_label_polygons, split_layer, vector_file,
+    LabelGrid, aoi_layer, build_label_grid, label_layer, raster_envelope, read_aoi, read_label_polygons, split_layer,
+    vector_file,
 )
 from .model_folder import (
     CHECKPOINT_DIR,
@@ -104,8 +105,8 @@ def _load(model: str | None, weights: str | None, device: str, loaded: LoadedMod
 def label_grid_for(source: RasterSource, labels: str | Path, class_field: str, background: str | None,
                 aoi: str | Path | None, class_names: dict[str, str] | None,
                 class_lines: list[str] | None = None) -> LabelGrid:
-    polygons = read_label_polygons(labels, class_field, source.crs, class_names)
-    area = read_aoi(aoi, source.crs) if aoi else None
+    polygons = read_label_polygons(labels, class_field, source.crs, class_names, raster_envelope(source))
+    area = read_aoi(aoi, source.crs, raster_envelope(source)) if aoi else None
     return build_label_grid(source, polygons, background=background, aoi=area, class_lines=class_lines)
 
 
@@ -250,12 +251,12 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
 
     started = time.perf_counter()
     with open_source(raster, bands, scale, gsd_m, square=square) as source:
-        polygons = read_label_polygons(labels, class_field, source.crs, class_names)
+        polygons = read_label_polygons(labels, class_field, source.crs, class_names, raster_envelope(source))
         for warning in polygons.warnings:
             if progress is not None:
                 progress(0, 0, {"phase": "warning", "message": warning})
         class_lines = model_class_lines(loaded, set(polygons.class_values), background)
-        area = read_aoi(aoi, source.crs) if aoi else None
+        area = read_aoi(aoi, source.crs, raster_envelope(source)) if aoi else None
         grid = build_label_grid(source, polygons, background=background, aoi=area, class_lines=class_lines)
         if use_validation:
             recorded = trained_on["split"]["validation_window"]

@@ -25,7 +25,8 @@ from rasterio.features import rasterize
 
 from backend.engine.errors import InputError
 from backend.engine.files import check_vector_source
-from backend.engine.raster import PixelWindow, RasterSource, coordinates
+from backend.engine.ground import crs_label, degrees_per_unit
+from backend.engine.raster import PixelWindow, RasterSource, coordinates, longitude_on
 from backend.engine.presets import split_class_line
 from backend.engine.text import parse_class_lines
 
@@ -224,25 +225,98 @@ def _layer_crs(meta: dict, path: Path, what: str) -> ProjCRS:
         raise InputError(f"The CRS of the {what} file {path} ({text}) is unknown: {exc}.") from exc
 
 
-def _to_raster_crs(geometries: np.ndarray, source: ProjCRS, target, path: Path) -> np.ndarray:
+def _to_raster_crs(geometries: np.ndarray, source: ProjCRS, target, path: Path,
+                   raster_bounds: tuple[float, float, float, float] | None = None) -> np.ndarray:
+    """Geometries in `source` -> in the raster's CRS `target`; in a geographic raster's CRS each one moved by
+    whole turns of longitude onto the raster's longitudes (`raster_bounds`) where it falls there (labels at
+    -159.85 on a raster over 200..200.4, or at -179.9 on one across the antimeridian)."""
     target_crs = ProjCRS.from_user_input(target.to_wkt())
-    if source == target_crs:
-        return geometries
+    out = geometries
     if source.is_geographic:
-        coords = shapely.get_coordinates(geometries)
-        if coords.size and (np.abs(coords[:, 0]).max() > 360 or np.abs(coords[:, 1]).max() > 90):
-            x, y = coords[np.argmax(np.abs(coords).max(axis=1))]
-            raise InputError(f"{path.name} says its polygons are in {source.name} (longitude and latitude; a GeoJSON "
-                             f"without a 'crs' member always is), but they hold coordinates such as {x:.2f}, "
-                             f"{y:.2f}, which are not degrees. Set the layer's real CRS in QGIS (Layer > Set CRS) "
-                             "and save it as a GeoPackage, or reproject the file to EPSG:4326.")
-    transformer = Transformer.from_crs(source, target_crs, always_xy=True)
-    out = shapely.transform(geometries, lambda xy: np.column_stack(transformer.transform(xy[:, 0], xy[:, 1])))
-    coords = shapely.get_coordinates(out)
-    if coords.size and not np.isfinite(coords).all():
-        raise InputError(f"The polygons of {path} lie outside the area where {source.name} can be "
-                         f"transformed to the raster's CRS {target_crs.name}.")
+        _check_lonlat(geometries, source, target_crs, path, raster_bounds)
+    if source != target_crs:
+        transformer = Transformer.from_crs(source, target_crs, always_xy=True)
+        out = shapely.transform(geometries, lambda xy: np.column_stack(transformer.transform(xy[:, 0], xy[:, 1])))
+        coords = shapely.get_coordinates(out)
+        if coords.size and not np.isfinite(coords).all():
+            raise InputError(f"The polygons of {path} lie outside the area where {_named(source)} can be "
+                             f"transformed to the raster's CRS {_named(target_crs)}.")
+    if target_crs.is_geographic and raster_bounds is not None and len(out):
+        out = _longitudes_onto(out, raster_bounds, 360.0 / degrees_per_unit(target_crs))
     return out
+
+
+def _named(crs: ProjCRS) -> str:
+    """A CRS's name with its code (WGS 84 (EPSG:4326)); its name alone where it has no code."""
+    code = crs_label(crs)
+    return crs.name if code.strip("'") == crs.name else f"{crs.name} ({code})"
+
+
+def _check_lonlat(geometries: np.ndarray, source: ProjCRS, target_crs: ProjCRS, path: Path,
+                  raster_bounds: tuple[float, float, float, float] | None) -> None:
+    """Refuse coordinates that cannot be longitudes and latitudes in `source`'s unit (400 and 100 grads in
+    EPSG:4807), and ones latitude first: off the raster as they are, on it with x and y swapped."""
+    coords = shapely.get_coordinates(geometries)
+    if not coords.size:
+        return
+    unit = degrees_per_unit(source)
+    plausible = np.abs(coords[:, 0]).max() <= 360 / unit and np.abs(coords[:, 1]).max() <= 90 / unit
+    x, y = coords[np.argmax(np.abs(coords).max(axis=1))]
+    label = _named(source)
+    if raster_bounds is not None and (not plausible or not _on_raster(coords, source, target_crs, raster_bounds)) \
+            and _on_raster(coords[:, ::-1], source, target_crs, raster_bounds):
+        raise InputError(f"{path.name} says its polygons are in {label} (longitude, then latitude), but their "
+                         f"axes look swapped: they hold coordinates such as {x:.2f}, {y:.2f}, latitude first, and "
+                         "only with x and y swapped do they lie on the raster. Swap them (in QGIS: Processing "
+                         "Toolbox > Swap X and Y coordinates), save the layer and give it again.")
+    if plausible:
+        return
+    units = "degrees" if unit == 1 else "longitudes and latitudes"
+    raise InputError(f"{path.name} says its polygons are in {label} (longitude and latitude; a GeoJSON "
+                     f"without a 'crs' member always is), but they hold coordinates such as {x:.2f}, "
+                     f"{y:.2f}, which are not {units}. Set the layer's real CRS in QGIS (Layer > Set CRS) "
+                     "and save it as a GeoPackage, or reproject the file to EPSG:4326.")
+
+
+def _on_raster(coords: np.ndarray, source: ProjCRS, target_crs: ProjCRS,
+               raster_bounds: tuple[float, float, float, float]) -> bool:
+    """Whether any of the (longitude, latitude) points, in `source`'s unit, falls on the raster's envelope
+    (longitudes moved by whole turns onto a geographic raster's)."""
+    unit = degrees_per_unit(source)
+    lon, lat = coords[:, 0], coords[:, 1]
+    if np.abs(lat).max() > 90 / unit or np.abs(lon).max() > 360 / unit:
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            xs, ys = Transformer.from_crs(source, target_crs, always_xy=True).transform(lon, lat)
+    except Exception:  # pyproj raises several types for points it cannot transform
+        return False
+    xs, ys = np.asarray(xs, float), np.asarray(ys, float)
+    xmin, ymin, xmax, ymax = raster_bounds
+    if target_crs.is_geographic:
+        turn = 360.0 / degrees_per_unit(target_crs)
+        xs = np.array([longitude_on(x, xmin, xmax, turn) if np.isfinite(x) else x for x in xs])
+    inside = np.isfinite(xs) & np.isfinite(ys) & (xs >= xmin) & (xs <= xmax) & (ys >= ymin) & (ys <= ymax)
+    return bool(inside.any())
+
+
+def _longitudes_onto(geometries: np.ndarray, raster_bounds: tuple[float, float, float, float],
+                     turn: float) -> np.ndarray:
+    """Each geometry moved by the whole turns of longitude that put most of its longitudes on the raster's
+    [xmin, xmax] (none where it overlaps them already, or nowhere)."""
+    left, right = raster_bounds[0], raster_bounds[2]
+    moved = []
+    for geometry in geometries:
+        x0, _, x1, _ = geometry.bounds
+        best, best_overlap = 0.0, min(x1, right) - max(x0, left)
+        for k in (-2, -1, 1, 2):
+            shift = k * turn
+            overlap = min(x1 + shift, right) - max(x0 + shift, left)
+            if overlap > max(best_overlap, 0.0) + 1e-12:
+                best, best_overlap = shift, overlap
+        moved.append(shapely.transform(geometry, lambda xy, s=best: xy + np.array([s, 0.0])) if best else geometry)
+    return np.array(moved, dtype=object)
 
 
 def label_layer(labels: str | Path, class_field: str, option: str = "--class-field") -> tuple[Path, str | None]:
@@ -267,8 +341,10 @@ def label_layer(labels: str | Path, class_field: str, option: str = "--class-fie
 
 
 def read_label_polygons(path: str | Path, class_field: str, raster_crs,
-                        class_names: dict[str, str] | None = None) -> LabelPolygons:
-    """Read polygons and their class field, reprojected to `raster_crs` (a rasterio CRS)."""
+                        class_names: dict[str, str] | None = None,
+                        raster_bounds: tuple[float, float, float, float] | None = None) -> LabelPolygons:
+    """Read polygons and their class field, reprojected to `raster_crs` (a rasterio CRS); `raster_bounds`
+    (the raster's envelope, `raster_envelope`) moves lon/lat polygons by whole turns onto its longitudes."""
     path, layer = label_layer(path, class_field)
     meta, _, wkb, fields = _read_layer(path, layer, [class_field], "labels")
     crs = _layer_crs(meta, path, "labels")
@@ -290,7 +366,7 @@ def read_label_polygons(path: str | Path, class_field: str, raster_crs,
     geometries, values = geometries[kept], [v for v, k in zip(values, kept) if k]
     if class_names:
         values = [class_names.get(v, v) for v in values]
-    geometries = _to_raster_crs(geometries, crs, raster_crs, path)
+    geometries = _to_raster_crs(geometries, crs, raster_crs, path, raster_bounds)
     return LabelPolygons(geometries, values, path, crs.to_string(), class_field, features, without_class,
                          int((~polygonal).sum()))
 
@@ -302,7 +378,8 @@ def aoi_layer(source: str | Path) -> tuple[Path, str | None]:
     return path, _choose_layer(path, layer, "area-of-interest")
 
 
-def read_aoi(path: str | Path, raster_crs) -> shapely.Geometry:
+def read_aoi(path: str | Path, raster_crs,
+             raster_bounds: tuple[float, float, float, float] | None = None) -> shapely.Geometry:
     """The union of an area-of-interest layer's polygons, in the raster's CRS."""
     path, layer = aoi_layer(path)
     meta, _, wkb, _ = _read_layer(path, layer, [], "area-of-interest")
@@ -313,7 +390,12 @@ def read_aoi(path: str | Path, raster_crs) -> shapely.Geometry:
     geometries = geometries[~shapely.is_empty(geometries)] if len(geometries) else geometries
     if len(geometries) == 0:
         raise InputError(f"The area-of-interest file {path.name} holds no polygons.")
-    return shapely.union_all(_to_raster_crs(geometries, crs, raster_crs, path))
+    return shapely.union_all(_to_raster_crs(geometries, crs, raster_crs, path, raster_bounds))
+
+
+def raster_envelope(source: RasterSource) -> tuple[float, float, float, float]:
+    """The raster's (xmin, ymin, xmax, ymax) in its CRS, for `read_label_polygons` and `read_aoi`."""
+    return source.window_bounds(PixelWindow(0, 0, source.height, source.width))
 
 
 def rasterise(geometries: np.ndarray, class_ids: np.ndarray, window: PixelWindow,

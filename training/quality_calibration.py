@@ -34,7 +34,7 @@ from backend.engine.sliding import predict_window
 
 from .api import model_class_lines
 from .evaluate import segmenter_for
-from .labels import UNLABELLED, build_label_grid, read_aoi, read_label_polygons
+from .labels import UNLABELLED, build_label_grid, raster_envelope, read_aoi, read_label_polygons
 
 MIN_LABELLED_SHARE = 0.5
 FOLD_BLOCK = 3  # tiles per side of a spatial fold
@@ -245,9 +245,9 @@ def calibrate_and_keep_the_better(raster: str | Path, labels: str | Path, class_
     target = calibration_target(loaded, out)
     check_quality_tile(tile)
     with open_source(raster, bands, scale, gsd_m, square=square) as source:
-        polygons = read_label_polygons(labels, class_field, source.crs, class_names)
+        polygons = read_label_polygons(labels, class_field, source.crs, class_names, raster_envelope(source))
         lines = model_class_lines(loaded, set(polygons.class_values), background)
-        area = read_aoi(aoi, source.crs) if aoi else None
+        area = read_aoi(aoi, source.crs, raster_envelope(source)) if aoi else None
         grid = build_label_grid(source, polygons, background=background, aoi=area, class_lines=lines)
         signals, truth, index = tile_table(loaded, source, grid.window, grid.labels, grid.class_lines,
                                                    tile, attention, batch_size, should_cancel)
