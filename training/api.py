@@ -252,12 +252,12 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
     started = time.perf_counter()
     with open_source(raster, bands, scale, gsd_m, square=square) as source:
         polygons = read_label_polygons(labels, class_field, source.crs, class_names, raster_envelope(source))
-        for warning in polygons.warnings:
-            if progress is not None:
-                progress(0, 0, {"phase": "warning", "message": warning})
         class_lines = model_class_lines(loaded, set(polygons.class_values), background)
         area = read_aoi(aoi, source.crs, raster_envelope(source)) if aoi else None
         grid = build_label_grid(source, polygons, background=background, aoi=area, class_lines=class_lines)
+        for warning in polygons.warnings:  # after the grid: it counts the polygons outside the raster
+            if progress is not None:
+                progress(0, 0, {"phase": "warning", "message": warning})
         if use_validation:
             recorded = trained_on["split"]["validation_window"]
             window = PixelWindow(**recorded)

@@ -49,6 +49,9 @@ class LabelPolygons:
     features: int = 0  # features in the layer
     without_class: int = 0  # of them, left out for a null, empty or blank class value
     not_polygons: int = 0  # of them, left out for being points or lines (beside polygons)
+    no_geometry: int = 0  # of them, left out for a NULL or empty geometry
+    no_area: int = 0  # of them, polygons left out for having no area once made valid
+    outside: int = 0  # of them, polygons wholly outside the raster (set by build_label_grid)
 
     @property
     def warnings(self) -> list[str]:
@@ -60,6 +63,13 @@ class LabelPolygons:
         if self.not_polygons:
             said.append(f"{self.not_polygons} of the {self.features} features in {self.path.name} are points or "
                         "lines, not polygons, so they were left out (a label is an area).")
+        dropped = [(self.no_geometry, "without a geometry"),
+                   (self.no_area, "whose polygon has no area (a ring folded onto itself, repaired to nothing)"),
+                   (self.outside, "wholly outside the raster")]
+        if any(count for count, _ in dropped):
+            total = sum(count for count, _ in dropped)
+            parts = ", ".join(f"{count} {what}" for count, what in dropped if count)
+            said.append(f"{total} of the {self.features} features in {self.path.name} were left out: {parts}.")
         codes = sorted(set(self.class_values), key=lambda v: (len(v), v))
         if codes and all(NUMBER.fullmatch(value) for value in codes):
             shown = ", ".join(codes[:5]) + (", ..." if len(codes) > 5 else "")
@@ -353,7 +363,9 @@ def read_label_polygons(path: str | Path, class_field: str, raster_crs,
     geometries = shapely.from_wkb(wkb)
     values = [_value_text(v) for v in fields[0]]
     features, without_class = len(values), sum(v == "" for v in values)
-    keep = np.array([g is not None and not g.is_empty and v != "" for g, v in zip(geometries, values)])
+    has_geometry = np.array([g is not None and not g.is_empty for g in geometries], dtype=bool)
+    no_geometry = int(sum(not h and v != "" for h, v in zip(has_geometry, values)))
+    keep = np.array([h and v != "" for h, v in zip(has_geometry, values)], dtype=bool)
     geometries = geometries[keep]
     values = [v for v, k in zip(values, keep) if k]
     polygonal = _holds_polygons(geometries)
@@ -363,12 +375,13 @@ def read_label_polygons(path: str | Path, class_field: str, raster_crs,
     geometries = _polygonal_parts(geometries[polygonal])
     values = [v for v, k in zip(values, polygonal) if k]
     kept = ~shapely.is_empty(geometries)
+    no_area = int((~kept).sum())
     geometries, values = geometries[kept], [v for v, k in zip(values, kept) if k]
     if class_names:
         values = [class_names.get(v, v) for v in values]
     geometries = _to_raster_crs(geometries, crs, raster_crs, path, raster_bounds)
     return LabelPolygons(geometries, values, path, crs.to_string(), class_field, features, without_class,
-                         int((~polygonal).sum()))
+                         int((~polygonal).sum()), no_geometry, no_area)
 
 
 def aoi_layer(source: str | Path) -> tuple[Path, str | None]:
@@ -510,6 +523,8 @@ def build_label_grid(source: RasterSource, polygons: LabelPolygons, background: 
         _on_pixels(polygons.geometries, source.transform))), source.transform)
     footprint = _on_map(shapely.box(0, 0, source.width, source.height), source.transform)
     rx0, ry0, rx1, ry1 = footprint.bounds
+    polygons.outside = int((~shapely.intersects(polygons.geometries, footprint)
+                            | shapely.touches(polygons.geometries, footprint)).sum())
     crs = source.crs
     in_raster_crs = f"in the raster's CRS {crs.to_string()}"
     if aoi is not None and not shapely.intersects(aoi, footprint):

@@ -58,3 +58,29 @@ def test_geometry_collections_holding_polygons_are_labels(tmp_path, tiny_model):
     dropped = [line for line in err if "points or lines" in line]
     assert dropped == [f"Warning: 1 of the {len(values) + 1} features in collections.gpkg are points or lines, "
                        "not polygons, so they were left out (a label is an area)."], err
+
+
+def test_features_without_geometry_area_or_place_on_the_raster_are_counted_in_one_warning(tmp_path, tiny_model):
+    raster, labels, _ = make_synthetic(tmp_path, labels_crs=RASTER_CRS)
+    geometries, values = polygons_of(labels)
+    extra = [None, shapely.Polygon(), shapely.Polygon([(500010, 4999990), (500020, 4999980), (500010, 4999990)]),
+             shapely.box(600000, 4000000, 600100, 4000100), shapely.box(400000, 4999000, 500000, 5000000)]
+    dropped = write_any(tmp_path / "dropped.gpkg", [*geometries, *extra], [*values, *["water"] * len(extra)])
+    code, _, err = train(raster, dropped, tiny_model, tmp_path / "dropped")
+    assert code == 0, err
+    code, _, plain = train(raster, labels, tiny_model, tmp_path / "plain")
+    assert code == 0, plain
+    assert label_pixels(tmp_path / "dropped") == label_pixels(tmp_path / "plain")
+    features = len(values) + len(extra)
+    said = [line for line in err if "left out" in line]
+    assert said == [f"Warning: 5 of the {features} features in dropped.gpkg were left out: 2 without a geometry, "
+                    "1 whose polygon has no area (a ring folded onto itself, repaired to nothing), 2 wholly "
+                    "outside the raster."], err
+    assert not [line for line in plain if "left out" in line]
+    # evaluate says the same, and writes it in its report.
+    report = tmp_path / "report.json"
+    result = runner.invoke(app, ["evaluate", str(raster), str(dropped), "--class-field", "cls", "--model",
+                                 str(tmp_path / "plain"), "--device", "cpu", "-q", "--json", str(report)])
+    assert result.exit_code == 0, result.output
+    assert said[0].removeprefix("Warning: ") in json.loads(report.read_text())["warnings"]
+    assert said[0] in result.stderr.splitlines()
