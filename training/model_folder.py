@@ -72,6 +72,10 @@ def check_out_folder(out: Path, overwrite: bool, resume: bool, inputs: dict[str,
     for what, path in inputs.items():
         if is_inside(path, out):
             raise InputError(f"The {what} {path} lies inside {out}, which training writes; choose another --out.")
+    work = partial_dir(out)
+    if not resume and not overwrite and kept_checkpoint(out) and not _is_live(work):
+        raise InputError(f"An interrupted training of {out} kept its last finished epoch in {work}; continue it "
+                         "with --resume, or start over with --overwrite (which discards it).")
     if not os.path.lexists(out):
         return
     if not out.is_dir() or out.is_symlink():
@@ -92,11 +96,28 @@ def claim(work: Path) -> None:
     write_text_atomically(work / OWNER_FILE, json.dumps({"pid": os.getpid()}))
 
 
+def kept_checkpoint(out: Path) -> bool:
+    """Whether the working folder of --out holds the checkpoint of an interrupted training (--resume's)."""
+    return (partial_dir(out) / CHECKPOINT_DIR / "state.pt").is_file()
+
+
+def _owner(work: Path) -> int | None:
+    try:
+        return int(json.loads((work / OWNER_FILE).read_text(encoding="utf-8"))["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _is_live(work: Path) -> bool:
+    """Whether another process that is still running owns the working folder."""
+    pid = _owner(work)
+    return pid is not None and pid != os.getpid() and process_is_alive(pid)
+
+
 def refuse_if_live(work: Path) -> None:
     """Another training writing the same --out right now keeps its working folder."""
-    try:
-        pid = int(json.loads((work / OWNER_FILE).read_text(encoding="utf-8"))["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
+    pid = _owner(work)
+    if pid is None:
         return
     if pid != os.getpid() and process_is_alive(pid):
         raise InputError(f"Another training (process {pid}) is writing {work} for the same --out right now; "

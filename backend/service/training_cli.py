@@ -325,7 +325,13 @@ def train_command(
     except FarslipError as error:
         _fail(error)
     except KeyboardInterrupt as error:
-        interrupted(error, "Interrupted; no model was written (a finished epoch can be continued with --resume).")
+        from training.model_folder import kept_checkpoint, partial_dir
+
+        if kept_checkpoint(out):
+            interrupted(error, f"Interrupted; no model was written. The last finished epoch is kept in "
+                               f"{partial_dir(out)}: run the same command with --resume to continue from it.")
+        interrupted(error, "Interrupted before an epoch finished; no model was written and nothing was kept "
+                           "(run the command again to start over).")
     before, after = result["metrics"]["before"]["miou"] or 0, result["metrics"]["after"]["miou"] or 0
     typer.echo(f"Validation mIoU: {100 * before:.2f} % before, {100 * after:.2f} % after "
                f"(best epoch {result['best_epoch']} of {result['epochs']}).")
