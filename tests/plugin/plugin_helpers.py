@@ -50,6 +50,25 @@ def save_as_geopackage(layer, path: str) -> None:
     assert error == QgsVectorFileWriter.NoError, message
 
 
+def write_result_file(path: str, crs: str, classes: tuple[tuple[str, float], ...] = (("water", 0.2),)) -> None:
+    """A segment result's GeoPackage as the Review tab reads it: one 50 m square per (class, quality), 100 m
+    apart, with a result's fields."""
+    from qgis.core import QgsFeature, QgsField, QgsGeometry, QgsRectangle, QgsVectorLayer
+    from qgis.PyQt.QtCore import QVariant
+
+    memory = QgsVectorLayer(f"Polygon?crs={crs}", "result", "memory")
+    provider = memory.dataProvider()
+    provider.addAttributes([QgsField("class", QVariant.String), QgsField("class_id", QVariant.Int),
+                            QgsField("area_m2", QVariant.Double), QgsField("quality", QVariant.Double)])
+    memory.updateFields()
+    for index, (name, quality) in enumerate(classes):
+        feature = QgsFeature(memory.fields())
+        feature.setGeometry(QgsGeometry.fromRect(QgsRectangle(index * 100, 0, index * 100 + 50, 50)))
+        feature.setAttributes([name, index, 2500.0, quality])
+        provider.addFeature(feature)
+    save_as_geopackage(memory, path)
+
+
 def translated(tmp_path: Path, name: str, **options) -> str:
     """A copy of NAIP made with gdal_translate's options."""
     from osgeo import gdal

@@ -9,33 +9,14 @@ import os
 import shutil
 
 import pytest
-from plugin_helpers import NAIP, save_as_geopackage, subdataset, zipped
+from plugin_helpers import NAIP, subdataset, write_result_file, zipped
 from qgis.core import (
     QgsCoordinateReferenceSystem,
-    QgsFeature,
-    QgsField,
-    QgsGeometry,
     QgsProject,
     QgsRasterLayer,
-    QgsRectangle,
-    QgsVectorLayer,
 )
-from qgis.PyQt.QtCore import QVariant
 
 SET_CRS = "EPSG:26913"  # NAIP is in UTM zone 14; this layer's CRS was set in QGIS (Layer > Set CRS)
-
-
-def write_result(path: str, crs: str) -> None:
-    memory = QgsVectorLayer(f"Polygon?crs={crs}", "result", "memory")
-    provider = memory.dataProvider()
-    provider.addAttributes([QgsField("class", QVariant.String), QgsField("class_id", QVariant.Int),
-                            QgsField("area_m2", QVariant.Double), QgsField("quality", QVariant.Double)])
-    memory.updateFields()
-    feature = QgsFeature(memory.fields())
-    feature.setGeometry(QgsGeometry.fromRect(QgsRectangle(0, 0, 50, 50)))
-    feature.setAttributes(["water", 0, 2500.0, 0.2])
-    provider.addFeature(feature)
-    save_as_geopackage(memory, path)
 
 
 def review_result_of(dock, tmp_path, raster: str, crs: str):
@@ -43,7 +24,7 @@ def review_result_of(dock, tmp_path, raster: str, crs: str):
     from qgis_farslip.results import load_segment_result
 
     vector = str(tmp_path / "result.gpkg")
-    write_result(vector, crs)
+    write_result_file(vector, crs)
     job = {"id": "job-1", "state": "done", "request": {"raster": raster, "out": vector},
            "result": {"outputs": {"vector": vector}, "run_id": "run-1", "classes": [{"class": "water", "class_id": 0}]}}
     dock.review_tab.review(load_segment_result(job, "water 12:00:00")[0])

@@ -6,32 +6,14 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from plugin_helpers import NAIP, save_as_geopackage
+from plugin_helpers import NAIP, write_result_file
 from qgis.core import (
     QgsCoordinateReferenceSystem,
-    QgsFeature,
-    QgsField,
-    QgsGeometry,
     QgsProject,
     QgsRasterLayer,
-    QgsRectangle,
-    QgsVectorLayer,
 )
-from qgis.PyQt.QtCore import QVariant
 
-
-def write_result_file(path: str, crs: str) -> None:
-    memory = QgsVectorLayer(f"Polygon?crs={crs}", "result", "memory")
-    provider = memory.dataProvider()
-    provider.addAttributes([QgsField("class", QVariant.String), QgsField("class_id", QVariant.Int),
-                            QgsField("area_m2", QVariant.Double), QgsField("quality", QVariant.Double)])
-    memory.updateFields()
-    for index, (cls, quality) in enumerate([("water", 0.2), ("forest", 0.3)]):
-        feature = QgsFeature(memory.fields())
-        feature.setGeometry(QgsGeometry.fromRect(QgsRectangle(index * 100, 0, index * 100 + 50, 50)))
-        feature.setAttributes([cls, index, 2500.0, quality])
-        provider.addFeature(feature)
-    save_as_geopackage(memory, path)
+TWO_CLASSES = (("water", 0.2), ("forest", 0.3))
 
 
 @pytest.fixture
@@ -57,7 +39,7 @@ def review_loaded_result(dock, tmp_path, raster_path: str):
     from qgis_farslip.results import load_segment_result
 
     vector = str(tmp_path / "result.gpkg")
-    write_result_file(vector, QgsRasterLayer(str(NAIP), "crs").crs().authid())
+    write_result_file(vector, QgsRasterLayer(str(NAIP), "crs").crs().authid(), TWO_CLASSES)
     job = {"id": "job-1", "state": "done", "request": {"raster": raster_path, "out": vector},
            "result": {"outputs": {"vector": vector}, "run_id": "run-1",
                       "classes": [{"class": "water", "class_id": 0}, {"class": "forest", "class_id": 1}]}}
@@ -101,7 +83,7 @@ def test_corrections_of_a_layer_read_through_its_kept_vrt_train_on_that_layer(ba
     QgsProject.instance().addMapLayer(layer)
     kept = write_vrt(*vrt_arguments(layer))
     vector = str(tmp_path / "result.gpkg")
-    write_result_file(vector, "EPSG:26913")
+    write_result_file(vector, "EPSG:26913", TWO_CLASSES)
     job = {"id": "job-1", "state": "done", "request": {"raster": kept, "out": vector},
            "result": {"outputs": {"vector": vector}, "run_id": "run-1",
                       "classes": [{"class": "water", "class_id": 0}, {"class": "forest", "class_id": 1}]}}
