@@ -567,15 +567,15 @@ def _train_in(work: Path, out: Path, loaded: LoadedModel, data: TrainingData, op
         saved = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
         where = out if finished else work
         if (saved["data"].get("raster"), saved["data"].get("labels")) != (recorded["raster"], labels_sha):
-            raise InputError(f"The training in {where} used other data files (their sha256 differ); "
-                             "resume it with the same raster and labels, or start again without --resume.")
+            raise InputError(f"The training in {where} used other data files (their sha256 differ); resume it "
+                             "with the same raster and labels, or start over with --overwrite instead of --resume.")
         if saved["options"]["method"] != options.method:
             raise InputError(f"The training in {work} used --method {saved['options']['method']}; resume it "
                              "with the same method.")
         differences = training_data_differences(saved["data"], saved["options"], recorded, options)
         if differences:
             raise InputError(f"The training in {where} was made with {differences}; resume it with the same "
-                             "options (only --epochs may grow), or start a new training without --resume.")
+                             "options (only --epochs may grow), or start over with --overwrite instead of --resume.")
         # An interrupted run that finished its last epoch is finished here (best weights, metadata, final
         # validation); a model already in place continues only with more epochs.
         if finished and options.epochs <= saved["epoch"]:
@@ -590,7 +590,7 @@ def _train_in(work: Path, out: Path, loaded: LoadedModel, data: TrainingData, op
         if changed:
             raise InputError(f"The training in {where} was made with {', '.join(changed)}; a resumed run continues "
                              "with its first run's values (its optimiser and schedule are restored), so leave them "
-                             "out or give the same, or start a new training without --resume.")
+                             "out or give the same, or start over with --overwrite instead of --resume.")
         options = TrainOptions(**{**asdict(options), **kept})
         state = TrainState(saved["epoch"], saved["best_miou"], saved["best_epoch"],
                            json.loads(saved["history"]))

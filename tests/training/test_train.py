@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import shapely
+import torch
 from training_data import RASTER_CRS, fast_options, write_labels
 from typer.testing import CliRunner
 
@@ -479,7 +480,7 @@ def test_resume_refuses_other_training_data_by_name(two_layer_model, synthetic, 
         train_model(raster, labels, args.pop("class_field"), out, base_model=str(tiny_model), epochs=2,
                     resume=True, options=fast_options(steps_per_epoch=1), **args)
     assert str(refused.value) == (f"The training in {out} was made with {named}; resume it with the same options "
-                                  "(only --epochs may grow), or start a new training without --resume.")
+                                  "(only --epochs may grow), or start over with --overwrite instead of --resume.")
     assert _folder_bytes(out) == before
     assert sorted(p.name for p in out.parent.iterdir()) == ["aoi.gpkg", "layered.gpkg", "model"]
 
@@ -538,9 +539,17 @@ def test_farslip_train_resume_refuses_other_bands_and_classes_and_takes_more_epo
     assert mixed.exit_code == 2, mixed.output
     assert mixed.output.strip().splitlines() == [
         f"Error: The training in {out} was made with no --class-name (now --class-name water=lake) and --bands "
-        "1,2,3 (now 3,2,1); resume it with the same options (only --epochs may grow), or start a new training "
-        "without --resume."]
+        "1,2,3 (now 3,2,1); resume it with the same options (only --epochs may grow), or start over with "
+        "--overwrite instead of --resume."]
     assert _folder_bytes(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    # What the sentence advises to start over works (in a copy: the rest of this test resumes `out`).
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    over = runner.invoke(app, ["train", *[str(again) if a == str(out) else a for a in common], "--epochs", "1",
+                               "--overwrite", "--bands", "3,2,1", "--class-name", "water=lake"])
+    assert over.exit_code == 0, over.output
+    assert "lake" in json.loads((again / "farslip_model.json").read_text())["class_lines"]
+    shutil.rmtree(again)
 
     # The same data spelt out (the raster's own bands) continues with more epochs.
     more = runner.invoke(app, ["train", *common, "--epochs", "2", "--resume", "--bands", "1,2,3"])
