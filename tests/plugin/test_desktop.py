@@ -41,8 +41,10 @@ def test_one_segmentation_in_the_real_qgis_desktop(plugin_zip, tiny_model, tmp_p
     SCREENSHOT.parent.mkdir(exist_ok=True)
     SCREENSHOT.unlink(missing_ok=True)
     report = tmp_path / "report.json"
+    # A copy: the desktop keeps the statistics it computes for the layer's style in NAME.aux.xml beside it.
+    raster = shutil.copy(NAIP, tmp_path / NAIP.name)
     env = dict(os.environ, FARSLIP_DESKTOP_REPORT=str(report), FARSLIP_DESKTOP_SCREENSHOT=str(SCREENSHOT),
-               FARSLIP_DESKTOP_RASTER=str(NAIP), FARSLIP_DESKTOP_MODEL=str(tiny_model),
+               FARSLIP_DESKTOP_RASTER=str(raster), FARSLIP_DESKTOP_MODEL=str(tiny_model),
                FARSLIP_DESKTOP_TESTS=str(REPO / "tests" / "plugin"),
                FARSLIP_HOME=str(tmp_path / "farslip-home"), HF_HUB_OFFLINE="1", FARSLIP_DEVICE="cpu",
                HOME=str(tmp_path / "home"))
