@@ -26,7 +26,7 @@ from rasterio.features import rasterize
 from backend.engine.errors import InputError
 from backend.engine.files import check_vector_source
 from backend.engine.ground import crs_label, degrees_per_unit
-from backend.engine.raster import PixelWindow, RasterSource, coordinates, longitude_on
+from backend.engine.raster import PixelWindow, RasterSource, coordinates, longitude_on, longitude_turn
 from backend.engine.presets import split_class_line
 from backend.engine.text import parse_class_lines
 
@@ -252,7 +252,7 @@ def _to_raster_crs(geometries: np.ndarray, source: ProjCRS, target, path: Path,
             raise InputError(f"The polygons of {path} lie outside the area where {_named(source)} can be "
                              f"transformed to the raster's CRS {_named(target_crs)}.")
     if target_crs.is_geographic and raster_bounds is not None and len(out):
-        out = _longitudes_onto(out, raster_bounds, 360.0 / degrees_per_unit(target_crs))
+        out = _longitudes_onto(out, raster_bounds, longitude_turn(target_crs))
     return out
 
 
@@ -305,7 +305,7 @@ def _on_raster(coords: np.ndarray, source: ProjCRS, target_crs: ProjCRS,
     xs, ys = np.asarray(xs, float), np.asarray(ys, float)
     xmin, ymin, xmax, ymax = raster_bounds
     if target_crs.is_geographic:
-        turn = 360.0 / degrees_per_unit(target_crs)
+        turn = longitude_turn(target_crs)
         xs = np.array([longitude_on(x, xmin, xmax, turn) if np.isfinite(x) else x for x in xs])
     inside = np.isfinite(xs) & np.isfinite(ys) & (xs >= xmin) & (xs <= xmax) & (ys >= ymin) & (ys <= ymax)
     return bool(inside.any())

@@ -32,6 +32,7 @@ from shapely.geometry import MultiPolygon, Polygon, box
 
 from backend.engine.errors import InputError
 from backend.engine.ground import crs_label
+from backend.engine.raster import longitude_turn
 
 # A vertex this close to a pole (a fraction of 90 degrees: 1e-9 is ~1 cm) is on it; its longitude means nothing.
 POLE_TOLERANCE = 1e-9
@@ -52,8 +53,7 @@ class _Turn:
     """The angular unit of a lon/lat CRS: a full turn and a quarter (360 and 90 in degrees)."""
 
     def __init__(self, target: CRS):
-        factor = pyproj.CRS.from_wkt(target.to_wkt()).axis_info[0].unit_conversion_factor  # radians per unit
-        self.full = 2 * math.pi / factor
+        self.full = longitude_turn(target)
         self.half, self.quarter = self.full / 2, self.full / 4
 
 
