@@ -346,7 +346,9 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
     typed_crs = parse_crs(request.out_crs, CRS(), "--out-crs") if request.out_crs else None  # before the model loads
     # The output CRS must reach every raster: told from their headers before the model loads (a raster that
     # cannot be opened is left to plan_rasters, which reports it), and again below for the windows planned.
-    grids = raster_grids(paths)
+    # With a --bbox only its windows count (a Web Mercator output of a window of a raster up to latitude 90),
+    # and those are known once the rasters are planned.
+    grids = raster_grids(paths) if request.bbox is None else []
     if grids:
         check_reach(grids, typed_crs if typed_crs is not None else grids[0][1], typed_crs is not None)
     # The chunks' block files then hold the class probabilities too (--refine reads them).

@@ -191,3 +191,24 @@ def test_merging_a_layer_the_output_crs_cannot_reach_is_a_sentence_not_a_proj_er
     assert "The polygons of site.tif cannot be transformed from 'site grid' to the output CRS EPSG:32633" in str(
         refused.value)
     assert not (tmp_path / "o.gpkg").exists()
+
+
+@pytest.mark.parametrize("bbox, refused", [((10, 84, 15, 85), False), ((10, 86, 15, 90), True)])
+def test_with_a_bbox_only_its_window_must_reach_the_output_crs(bbox, refused, local_ray, tiny_model, tmp_path):
+    """A raster from latitude 84 to the pole: Web Mercator holds a --bbox window below 85 degrees (the rest of the
+    raster does not count), and still refuses one up to the pole, with nothing written."""
+    raster = write_image(tmp_path / "in" / "north.tif", "EPSG:4326", from_origin(10, 90, 0.02, 0.02), 300, 300, 3)
+    out = tmp_path / "o.gpkg"
+    result = run_segment([raster], out, tiny_model, "--out-crs", "EPSG:3857", "--bbox", *bbox)
+    if refused:
+        assert result.exit_code == 2, result.output
+        assert "north.tif (EPSG:4326) reaches where --out-crs EPSG:3857 cannot represent it" in " ".join(
+            result.output.split())
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+        return
+    assert result.exit_code == 0, result.output
+    meta, shapes, _ = read_layer(out)
+    assert meta["crs"] == "EPSG:3857" and len(shapes) > 0
+    lon, lat = pyproj.Transformer.from_crs("EPSG:3857", "EPSG:4326", always_xy=True).transform(
+        *shapely.get_coordinates(shapes).T)
+    assert lat.min() >= 84 - 1e-6 and lat.max() <= 85 + 1e-6 and lon.min() >= 10 - 1e-6 and lon.max() <= 15 + 1e-6
