@@ -496,6 +496,9 @@ def bbox_region(transform, width: int, height: int, crs, name: str, bbox, bbox_c
     xmin, ymin, xmax, ymax = (float(v) for v in bbox)
     box = bbox_in_raster_crs((xmin, ymin, xmax, ymax), parse_crs(bbox_crs, crs), crs, envelope)
     footprint = raster_footprint(transform, width, height)
+    if box is not None:  # cut to the raster's envelope first: GEOS loses a box of +-1e308 in the intersection
+        box = (max(box[0], envelope[0]), max(box[1], envelope[1]), min(box[2], envelope[2]), min(box[3], envelope[3]))
+        box = box if box[0] < box[2] and box[1] < box[3] else None
     region = footprint.intersection(shapely.box(*box)) if box is not None else shapely.Polygon()
     if region.is_empty or region.area <= 0:
         if is_rotated(transform):

@@ -585,3 +585,15 @@ def test_geojson_hits_are_refused_for_a_crs_without_a_code(loaded, tmp_path):
         assert not (tmp_path / "hits.geojson").exists()
         search_raster(index, SearchOptions(["a lake"], top=2), tmp_path / "hits.gpkg")
     assert CRS.from_user_input(pyogrio.read_info(tmp_path / "hits.gpkg")["crs"]).to_epsg() is None
+
+
+@pytest.mark.parametrize("raster", ["naip500", "rotated"])
+def test_a_bbox_of_the_largest_numbers_searches_every_window(raster, loaded, request, tmp_path):
+    """A box of +-1e308 holds the whole raster, as `segment` takes it: it was refused as not overlapping."""
+    path = request.getfixturevalue(raster)
+    with open_index(path, loaded) as index:
+        whole = search_raster(index, SearchOptions(["a lake"], top=3), tmp_path / "whole.gpkg")
+        huge = search_raster(index, SearchOptions(["a lake"], top=3, bbox=(-1e308, -1e308, 1e308, 1e308)),
+                             tmp_path / "huge.gpkg")
+    assert huge.report["windows_searched"] == whole.report["windows_searched"] > 0
+    assert hits_table(tmp_path / "huge.gpkg")[1] == hits_table(tmp_path / "whole.gpkg")[1]
