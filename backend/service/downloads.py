@@ -1,4 +1,4 @@
-"""Download jobs: fetch a registry model's weights from the Hugging Face hub into the hub cache.
+"""Download jobs: fetch a registry or SAM model's weights from the Hugging Face hub into the hub cache.
 
 The plugin's "Download" action submits one (POST /v1/models/download) so that a
 first-time user never has to find a checkpoint by hand. The download itself is
@@ -17,13 +17,22 @@ POLL_S = 0.5
 MB = 1024 * 1024
 
 
-def check_download_request(request: dict) -> None:
-    """Refuse a name that is not a registry model before the job is queued (HTTP 4xx)."""
-    from backend.engine.models import unknown_model_error
+def downloadable(name: object):
+    """The registry or SAM model (ModelSpec) named `name`, both as GET /v1/models lists them; else ModelError."""
     from backend.engine.registry import known_models
+    from backend.engine.sam_models import known_sam_models
 
-    if request.get("model") not in known_models():
-        raise unknown_model_error(str(request.get("model")))
+    specs = {**known_models(), **known_sam_models()}
+    spec = specs.get(str(name))
+    if spec is None:  # not the engine's sentence: a checkpoint path or a fine-tuned folder is not downloaded
+        raise ModelError(f"Unknown model '{str(name)[:200]}': the models that can be downloaded are "
+                         f"{', '.join(specs)}.")
+    return spec
+
+
+def check_download_request(request: dict) -> None:
+    """Refuse a name that is not a registry or SAM model before the job is queued (HTTP 4xx)."""
+    downloadable(request.get("model"))
 
 
 def _bytes_on_disk(cache: Path, repo: str) -> int:
@@ -46,13 +55,9 @@ def _remote_size(spec) -> int:
 
 def run_download(request: dict, control, models) -> dict:
     """Worker side of a download job; reports megabytes as progress and stops waiting on cancel."""
-    from backend.engine.models import unknown_model_error
-    from backend.engine.registry import known_models
     from backend.engine.weights import find_local_weights, hf_cache_dir, resolve_weights
 
-    spec = known_models().get(request.get("model"))
-    if spec is None:
-        raise unknown_model_error(str(request.get("model")))
+    spec = downloadable(request.get("model"))
     local = find_local_weights(spec)
     if local is not None:
         return {"outputs": {"weights": str(local)}, "classes": []}

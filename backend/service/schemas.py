@@ -95,6 +95,11 @@ class ModelInfo(BaseModel):
     languages: list[str] = Field(default_factory=lambda: ["en"],
                                  description="ISO 639-1 codes of the languages its text tower reads")
     multilingual: bool = False
+    # Where a registry or SAM model's weights come from and are looked for (what the plugin tells a user to do
+    # when they are missing); None for a fine-tuned model.
+    hf_repo: str | None = None
+    hf_file: str | None = None
+    expected_path: str | None = None
 
 
 class ModelList(BaseModel):
@@ -252,7 +257,7 @@ class EvaluateRequest(Strict):
 
 
 class DownloadRequest(Strict):
-    """POST /v1/models/download: fetch a registry model's weights from the hub (a job with progress)."""
+    """POST /v1/models/download: fetch a registry or SAM model's weights from the hub (a job with progress)."""
 
     model: str = Field(min_length=1, max_length=200)
 
