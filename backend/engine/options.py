@@ -16,6 +16,7 @@ import numbers
 import os
 import re
 import typing
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,11 @@ LANGUAGES: dict[str, str] = {
 PATH_MAX_CHARS = 4096
 CLASS_LINE_MAX_CHARS = 1000
 CLASS_LINES_MAX = 250  # class ids are one byte in the class raster the polygons come from (255: none)
+# A class file holds at most CLASS_LINES_MAX lines of CLASS_LINE_MAX_CHARS, with room for comments.
+CLASS_FILE_MAX_BYTES = 1024 * 1024
+SENTENCE_MAX_CHARS = 2000  # a search sentence, or its --keywords
+# What a reader sees nothing of: control and format characters (zero-width space, BOM, soft hyphen), spaces.
+INVISIBLE_CATEGORIES = ("Cc", "Cf", "Zs", "Zl", "Zp")
 BATCH_MAX = 1024
 
 
@@ -157,6 +163,25 @@ def check_bbox(bbox: tuple[float, ...] | list[float]) -> None:
 
 
 MIN_SCALE, MAX_SCALE = 0.05, 8.0  # how far the engine resamples a raster (--scale, or --gsd's factor)
+
+
+def check_typed_text(text: str, what: str, max_chars: int, where: str = "") -> None:
+    """The rules of a text typed for the model to read (a class line, a name in it, a search sentence, a
+    keyword), the same for all: at most `max_chars` characters; no control character (a line break, tab or NUL
+    splits or ends the text on its way into a file); and, unless it is blank, something a reader can see (a
+    zero-width space alone would be a class no one sees). `what` opens the sentence ("The class line"), `where`
+    follows the text (" (line 3 of the class file /d/c.txt)")."""
+    shown = repr(text[:60]) + ("..." if len(text) > 60 else "") + where
+    if len(text) > max_chars:
+        raise InputError(f"{what} {shown} is {len(text)} characters long; give at most {max_chars} characters.")
+    control = next((c for c in text if unicodedata.category(c) == "Cc"), None)
+    if control is not None:
+        raise InputError(f"{what} {shown} contains the control character {control!r} (a line break, tab or NUL); "
+                         "type it as plain text on one line.")
+    if text.strip() and all(unicodedata.category(c) in INVISIBLE_CATEGORIES for c in text):
+        hidden = next(c for c in text if not c.isspace())
+        raise InputError(f"{what} {shown} holds only invisible characters (U+{ord(hidden):04X} "
+                         f"{unicodedata.name(hidden, 'a format character')}); type visible text, or leave it out.")
 
 
 def check_scale_or_gsd(scale: float | None, gsd_m: float | None) -> None:

@@ -1,7 +1,8 @@
 """Class presets: named class lists stored as text files in resources/presets/.
 
 A class file holds one class per line; commas separate synonyms of the same class
-("road, parking lot"), '#' starts a comment, blank lines are ignored.
+("road, parking lot"), '#' starts a comment, blank lines are ignored. Its lines follow the rules of
+class lines given one by one (check_class_line), and the file is at most CLASS_FILE_MAX_BYTES.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from pathlib import Path
 
 from backend.engine.errors import InputError
 from backend.engine.files import check_regular_file
+from backend.engine.options import (CLASS_FILE_MAX_BYTES, CLASS_LINE_MAX_CHARS, CLASS_LINES_MAX,
+                                    check_typed_text)
 from backend.engine.paths import resources_dir
 
 
@@ -30,33 +33,58 @@ def split_class_line(line: str) -> tuple[str, ...]:
     return tuple(" ".join(part.split()) for part in _SEPARATOR.split(line) if part.split())
 
 
-def parse_class_text(text: str) -> list[str]:
+def check_class_line(line: str, where: str = "") -> None:
+    """A class line and each name in it by the rules of typed text (options.check_typed_text): at most
+    CLASS_LINE_MAX_CHARS characters, no control character, no name made only of invisible characters."""
+    check_typed_text(line, "The class line", CLASS_LINE_MAX_CHARS, where)
+    in_line = f" in the class line {line[:60]!r}{where}"
+    for name in _SEPARATOR.split(line):
+        check_typed_text(name.strip(), "The class name", CLASS_LINE_MAX_CHARS, in_line)
+
+
+def parse_class_text(text: str, source: str = "the class list") -> list[str]:
     """Class lines of a class file's text, synonyms normalised to "a, b" as the plugin's class box does (a
-    line of separators only is left out, as there)."""
+    line of separators only is left out, as there). Each line is checked (check_class_line); a sentence names
+    it by its number in `source`."""
     class_lines = []
-    for raw_line in text.splitlines():
-        line = raw_line.split("#", 1)[0]
+    for number, raw_line in enumerate(text.splitlines(), start=1):
+        line = raw_line.split("#", 1)[0].strip()
+        where = f" (line {number} of {source})"
+        if len(line) > CLASS_LINE_MAX_CHARS:  # as typed, as a request's class_lines are bounded: refused
+            check_typed_text(line, "The class line", CLASS_LINE_MAX_CHARS, where)
         synonyms = split_class_line(line)
         if synonyms:
             class_lines.append(", ".join(synonyms))
+            check_class_line(class_lines[-1], where)
     return class_lines
 
 
 def read_class_file(path: str | Path) -> list[str]:
-    """The class lines of a user's class file (the --classes-file format)."""
+    """The class lines of a user's class file (the --classes-file format), checked as class lines given one by
+    one are; a file larger than a class list can be is refused before it is read."""
     path = check_regular_file(path, "class file")
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise InputError(f"The class file {path} is not UTF-8 text; save it as plain UTF-8 text.") from None
+        with path.open("rb") as stream:
+            data = stream.read(CLASS_FILE_MAX_BYTES + 1)
     except OSError as error:
         raise InputError(f"The class file {path} cannot be read: {error.strerror or error}.") from None
-    class_lines = parse_class_text(text)
+    if len(data) > CLASS_FILE_MAX_BYTES:
+        raise InputError(f"The class file {path} is larger than {CLASS_FILE_MAX_BYTES // 2**20} MiB; a class file "
+                         f"holds at most {CLASS_LINES_MAX} classes of at most {CLASS_LINE_MAX_CHARS} characters, "
+                         "one per line. Check that it is the class list you meant.")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise InputError(f"The class file {path} is not UTF-8 text; save it as plain UTF-8 text.") from None
+    class_lines = parse_class_text(text, f"the class file {path}")
     if not class_lines:
         raise InputError(
             f"The class file {path} holds no classes; write one class per line "
             "(commas separate synonyms, '#' starts a comment)."
         )
+    if len(class_lines) > CLASS_LINES_MAX:
+        raise InputError(f"The class file {path} holds {len(class_lines)} classes; one run tells at most "
+                         f"{CLASS_LINES_MAX} apart (class ids are one byte); split the list over several files.")
     return class_lines
 
 
@@ -76,8 +104,11 @@ def load_preset(name: str) -> list[str]:
 
 def collect_class_lines(class_lines: list[str] | None = None, classes_file: str | Path | None = None,
                         preset: str | None = None) -> list[str]:
-    """Class lines given one by one, then those of a class file, then a preset's, in that order."""
+    """Class lines given one by one (blank ones left out), then those of a class file, then a preset's, in that
+    order; each checked (check_class_line) before any model reads it."""
     lines = [line for line in (class_lines or []) if line.strip()]
+    for line in lines:
+        check_class_line(line)
     if classes_file is not None:
         lines += read_class_file(classes_file)
     if preset:

@@ -48,6 +48,7 @@ from .export import check_field_widths, check_format_crs, driver_for, report_jso
 from .files import check_output_files, input_paths, raster_file
 from .models import LoadedModel
 from .ground import crs_label
+from .options import SENTENCE_MAX_CHARS, check_typed_text
 from .raster import longitude_on, longitude_turn, parse_crs, pixel_envelope, unplaced
 from .search_index import (BuildStats, SearchIndex, bbox_region, check_bbox, check_point, describe,
                            footprint_envelopes, footprint_polygons, is_rotated, point_window)
@@ -113,7 +114,8 @@ def fit_to_context(text: str, loaded: LoadedModel, what: str = "sentence") -> tu
 
 def make_queries(sentences: list[str], keyword_texts: list[str] | None, use_keywords: bool = True
                  ) -> list[Query]:
-    """Check sentences and pair each with its keywords (given, or split by the rule)."""
+    """Check sentences and pair each with its keywords (given, or split by the rule). Sentences and keywords
+    follow the rules of class lines (options.check_typed_text): bounded, no control character, not invisible."""
     sentences = [s.strip() for s in sentences]
     if not sentences or any(not s for s in sentences):
         raise InputError("The search sentence is empty: type what to look for, e.g. "
@@ -122,6 +124,7 @@ def make_queries(sentences: list[str], keyword_texts: list[str] | None, use_keyw
         raise InputError(f"{len(sentences)} sentences were given; search at most {MAX_QUERIES} at once.")
     seen: set[str] = set()
     for sentence in sentences:
+        check_typed_text(sentence, "The search sentence", SENTENCE_MAX_CHARS)
         if sentence.casefold() in seen:
             raise InputError(f"The sentence {sentence!r} was given twice; give each sentence once (its hits "
                              "would be listed twice).")
@@ -136,7 +139,11 @@ def make_queries(sentences: list[str], keyword_texts: list[str] | None, use_keyw
         if not use_keywords:
             keywords = []
         elif keyword_texts:
+            check_typed_text(keyword_texts[i], "--keywords", SENTENCE_MAX_CHARS)
             keywords = parse_keyword_text(keyword_texts[i])
+            for keyword in keywords:
+                check_typed_text(keyword, "The keyword", SENTENCE_MAX_CHARS,
+                                 f" of --keywords {keyword_texts[i][:60]!r}")
             if not keywords:
                 raise InputError(f"--keywords {keyword_texts[i]!r} holds no keyword; separate phrases with ';', "
                                  "e.g. \"baseball field; parking lot\".")
@@ -230,6 +237,9 @@ def validate_search_options(options: SearchOptions) -> list[Query]:
         raise InputError(f"--top must be between 1 and 10000; got {options.top}.")
     if not 0 < options.max_overlap <= 1:
         raise InputError(f"--max-overlap must be in (0, 1]; got {options.max_overlap}.")
+    if options.like is None and options.like_crs:  # a forgotten --like would search by sentence without a word
+        raise InputError(f"--like-crs {options.like_crs} says which CRS the --like point is in, and no --like was "
+                         "given; add --like X Y, or leave --like-crs out.")
     if options.like is None:
         return make_queries(options.sentences, options.keywords, options.use_keywords)
     if options.sentences:

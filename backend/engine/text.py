@@ -28,7 +28,7 @@ from .languages import ENGLISH_TEMPLATES, query_language, templates_for
 from .models import LoadedModel
 from .options import CLASS_LINES_MAX
 from .paths import cache_dir
-from .presets import split_class_line
+from .presets import check_class_line, split_class_line
 
 if TYPE_CHECKING:
     from open_clip.model import CLIP
@@ -55,10 +55,7 @@ def parse_class_lines(lines: list[str]) -> list[ClassSpec]:
     seen: dict[str, str] = {}  # every name (lower case) -> the class it belongs to
     nameless: str | None = None  # the first line of separators only
     for line in lines:
-        control = [c for c in line if unicodedata.category(c) == "Cc"]
-        if control:
-            raise InputError(f"The class line {line[:60]!r} contains the control character {control[0]!r} (a line "
-                             "break, tab or NUL); give one class per line, in plain text.")
+        check_class_line(line)
         queries = split_class_line(line)
         if not queries:
             if line.strip() and nameless is None:

@@ -148,6 +148,13 @@ BAD_VALUES = [
     (["--bbox", "0", "0", "inf", "1"], "is not a valid box"),
     (["-c", "water\nroad"], "control character"),
     (["-c", ", ;"], "The class line ', ;' holds only separators and no class name"),
+    # A class line is bounded as a request's class_lines are, and one no one can see is no class.
+    (["-c", "w" * 1001], f"The class line {'w' * 60!r}... is 1001 characters long; give at most 1000 characters."),
+    (["-c", "\u200b"], "The class line '\\u200b' holds only invisible characters (U+200B ZERO WIDTH SPACE); type "
+                       "visible text, or leave it out."),
+    (["-c", "\u200e\ufeff"], "holds only invisible characters (U+200E LEFT-TO-RIGHT MARK)"),
+    (["-c", "\u00ad"], "holds only invisible characters (U+00AD SOFT HYPHEN)"),
+    (["-c", "road, \u200b"], "The class name '\\u200b' in the class line 'road, \\u200b' holds only invisible"),
     (["-c", "lake, water"], "'water' is a name of two classes ('water' and 'lake')"),
     (["-c", "road, Water"], "'Water' is a name of two classes ('water' and 'road')"),
     (["-c", "WATER"], "The class 'WATER' is given twice"),

@@ -59,6 +59,9 @@ def inputs(tmp_path_factory, naip) -> Path:
     torch.save({"state_dict": make_tiny_clip().state_dict(), "hook": _RunsCode()}, folder / "evil.pt")
     (folder / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
     (folder / "classes-nul.txt").write_text("water\nroad\x00way\n", encoding="utf-8")
+    (folder / "classes-huge.txt").write_text("w" * (2 * 2**20), encoding="utf-8")  # one line, no newline
+    (folder / "classes-long.txt").write_text("water\n" + "w" * 5000 + "\n", encoding="utf-8")
+    (folder / "classes-invisible.txt").write_text("water\n\u200b\n", encoding="utf-8")
     os.mkfifo(folder / "fifo.tif")
     os.mkfifo(folder / "fifo.txt")
     os.mkfifo(folder / "fifo.pt")
@@ -161,8 +164,19 @@ CASES = [
     # class names that the outputs cannot hold faithfully
     ("newline inside a class name", ["{in}/in.tif", "-c", "water\nlake"], 2, "control character"),
     ("NUL inside a class file line", "{in}/in.tif --classes-file {in}/classes-nul.txt", 2, "control character"),
-    ("10,000-character class name into a shapefile", ["{in}/in.tif", "-c", "w" * 10000, "--out", "{out}/r.shp"],
+    ("300-character class name into a shapefile", ["{in}/in.tif", "-c", "w" * 300, "--out", "{out}/r.shp"],
      2, "shapefile holds at most"),
+    # class lists larger than a run can use: refused as they are read, before the model loads (a 50 MB class
+    # file was sent to the text encoder whole; a class line of 5000 characters passed on the command line)
+    ("class file larger than any class list", "{in}/in.tif --classes-file {in}/classes-huge.txt", 2,
+     "classes-huge.txt is larger than 1 MiB"),
+    ("5000-character line in a class file", "{in}/in.tif --classes-file {in}/classes-long.txt", 2,
+     "classes-long.txt) is 5000 characters long; give at most 1000 characters"),
+    ("5000-character class name", ["{in}/in.tif", "-c", "w" * 5000], 2, "is 5000 characters long"),
+    ("class file line of a zero-width space", "{in}/in.tif --classes-file {in}/classes-invisible.txt", 2,
+     "(line 2 of the class file"),
+    ("class name of a zero-width space", ["{in}/in.tif", "-c", "water", "-c", "\u200b"], 2,
+     "holds only invisible characters (U+200B ZERO WIDTH SPACE)"),
 ]
 
 

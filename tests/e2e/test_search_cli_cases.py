@@ -150,6 +150,40 @@ def test_search_refuses_a_sentence_given_twice(crop, tiny_model, tmp_path):
     assert not (tmp_path / "h.gpkg").exists()
 
 
+# Text no model should read, refused with the sentence a class line gets, before the model loads.
+UNREADABLE_TEXT = [
+    (["search", "{crop}", "a\x00lake"], "The search sentence 'a\\x00lake' contains the control character '\\x00' "
+                                       "(a line break, tab or NUL); type it as plain text on one line."),
+    (["search", "{crop}", "\u200b"], "The search sentence '\\u200b' holds only invisible characters (U+200B ZERO "
+                                     "WIDTH SPACE); type visible text, or leave it out."),
+    (["search", "{crop}", "a lake", "\ufeff\u200e"], "holds only invisible characters (U+FEFF ZERO WIDTH NO-BREAK "
+                                                     "SPACE)"),
+    (["search", "{crop}", "a" * 2001], "is 2001 characters long; give at most 2000 characters."),
+    (["search", "{crop}", "a lake", "--keywords", "lake; \u00ad"], "The keyword '\\xad' of --keywords 'lake; "
+                                                                 "\\xad' holds only invisible characters"),
+    (["search", "{crop}", "a lake", "--like-crs", "EPSG:4326"], "--like-crs EPSG:4326 says which CRS the --like "
+     "point is in, and no --like was given; add --like X Y, or leave --like-crs out."),
+    (["classify", "{crop}", "-c", "water", "-c", "w" * 1001], "is 1001 characters long; give at most 1000"),
+    (["classify", "{crop}", "-c", "water", "-c", "\u00ad"], "holds only invisible characters (U+00AD SOFT HYPHEN)"),
+    (["classify", "{crop}", "--classes-file", "{huge}"], "huge.txt is larger than 1 MiB"),
+]
+
+
+@pytest.mark.parametrize("args, words", UNREADABLE_TEXT, ids=[str(i) for i in range(len(UNREADABLE_TEXT))])
+def test_search_and_classify_refuse_text_no_model_could_read_before_the_model_loads(crop, tmp_path, args, words):
+    """A NUL or only invisible characters in a sentence, a --like-crs without --like, over-long or invisible class
+    lines and a class file of megabytes: each was run (or sent to the text encoder) instead of refused."""
+    huge = tmp_path / "huge.txt"
+    huge.write_text("w" * (2 * 2**20), encoding="utf-8")
+    missing_model = tmp_path / "no-such-model.safetensors"  # these checks come first, so it is not looked for
+    out = tmp_path / "out.gpkg"
+    result = run(*[a.format(crop=crop, huge=huge) for a in args], "--model", missing_model, *MODEL_ARGS, "-o", out)
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("Error: ") and len(result.output.strip().splitlines()) == 1, result.output
+    assert words in result.output
+    assert not out.exists()
+
+
 # Runs the CLI in its own process with one function replaced by a signal sent to itself, mid-run.
 SIGNAL_MID_RUN = """
 import os, signal, sys

@@ -203,6 +203,47 @@ def test_a_synonym_in_two_class_lines_and_a_long_shapefile_class_name_are_refuse
     assert _job_count(backend) == before
 
 
+@pytest.fixture
+def class_files(tmp_path):
+    """Class files no run can use, by what is wrong with them."""
+    files = {"huge": "w" * (3 * 2**20), "long line": "water\n" + "w" * 5000 + "\n",
+             "251 classes": "".join(f"class {i}\n" for i in range(251)), "invisible line": "water\n\u200b\n"}
+    for name, text in files.items():
+        (tmp_path / f"{name}.txt").write_text(text, encoding="utf-8")
+    return {name: tmp_path / f"{name}.txt" for name in files}
+
+
+def test_a_class_file_is_bounded_and_checked_as_class_lines_are_before_the_job_is_queued(
+        backend, segment_body, class_files, out_dir):
+    """A 50 MB one-line class file was queued (202), its job sat at "Segmenting." while the server's memory grew,
+    and cancel and SIGTERM could not stop it; a 5000-character line in a class file passed where the same line in
+    class_lines is refused. Each is refused at submit, naming the file (and the line)."""
+    before = _job_count(backend)
+    refusals = {"huge": f"The class file {class_files['huge']} is larger than 1 MiB",
+                "long line": f"(line 2 of the class file {class_files['long line']}) is 5000 characters long; give "
+                             "at most 1000 characters.",
+                "251 classes": f"The class file {class_files['251 classes']} holds 251 classes; one run tells at "
+                               "most 250 apart",
+                "invisible line": f"The class line '\\u200b' (line 2 of the class file "
+                                  f"{class_files['invisible line']}) holds only invisible characters (U+200B ZERO "
+                                  "WIDTH SPACE)"}
+    for name, words in refusals.items():
+        detail = _refused(backend, "/v1/segment", segment_body(class_lines=[], classes_file=str(class_files[name])))
+        assert words in detail, (name, detail)
+    assert _job_count(backend) == before and list(out_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("line, character", [("\u200b", "U+200B ZERO WIDTH SPACE"),
+                                             ("\u200e\ufeff", "U+200E LEFT-TO-RIGHT MARK"),
+                                             ("\u00ad", "U+00AD SOFT HYPHEN"), ("road, \u2060", "U+2060 WORD JOINER")])
+def test_a_class_line_of_invisible_characters_is_refused_at_submit(backend, segment_body, line, character):
+    """It became a class no one could see in the legend or the output's class field."""
+    before = _job_count(backend)
+    detail = _refused(backend, "/v1/segment", segment_body(class_lines=["water", line]))
+    assert f"holds only invisible characters ({character}); type visible text, or leave it out." in detail
+    assert _job_count(backend) == before
+
+
 def test_an_option_without_the_option_it_works_with_is_refused_at_submit(backend, segment_body, out_dir):
     """sam_model without refine "sam", cache_mb without cache_features and bbox_crs without bbox did nothing:
     the job ran as if they were not there. Refused with the command line's sentence, and no job is queued."""
@@ -283,6 +324,31 @@ def test_a_body_not_sent_as_json_and_malformed_json_are_named(backend, segment_b
     response = backend.client.post("/v1/segment", content=b'{"raster": ', headers={"Content-Type": "application/json"})
     assert response.status_code == 422
     assert response.json()["detail"].startswith("The request body is not valid JSON (at character 11)")
+
+
+@pytest.mark.parametrize("body, words", [
+    (b"[" * 5000 + b"]" * 5000, "The request body nests lists or objects too deeply; send one JSON object"),
+    (b'{"raster": "\xff\xfe"}', "The request body is not UTF-8 text (byte 0xff at position 12); send the JSON as "
+                                "UTF-8."),
+    (b'{"top": ' + b"9" * 5000 + b"}", "The request body holds a number with too many digits"),
+], ids=["deeply nested", "not UTF-8", "5000-digit number"])
+def test_a_body_the_json_reader_cannot_read_is_named_in_a_sentence(backend, body, words):
+    """These got FastAPI's own "There was an error parsing the body" instead of a sentence saying what is wrong."""
+    for path in ("/v1/search", "/v1/segment"):
+        response = backend.client.post(path, content=body, headers={"Content-Type": "application/json"})
+        assert response.status_code == 400, response.text
+        assert response.json()["detail"].startswith(words), response.text
+
+
+def test_an_unknown_job_id_is_quoted_cut_as_an_unknown_path_is(backend):
+    """A 404 for a 5000-character job id echoed all of it (5 KB)."""
+    job_id = "x" * 5000
+    for method in ("GET", "DELETE"):
+        response = backend.client.request(method, f"/v1/jobs/{job_id}")
+        assert response.status_code == 404, response.text
+        assert response.json()["detail"] == (f"There is no job {'x' * 200!r}...; GET /v1/jobs lists the jobs.")
+    short = backend.client.get("/v1/jobs/nope")
+    assert short.json()["detail"] == "There is no job 'nope'; GET /v1/jobs lists the jobs."
 
 
 # --------------------------------------------------------------------------- connection file

@@ -56,6 +56,12 @@ def test_bad_search_requests_get_a_sentence_and_no_job(backend, search_body, out
         (search_body(bbox=[0, 0, 1, 1]), "does not overlap"),
         (search_body(keywords=["a; b"]), "once per sentence"),
         (search_body(raster=str((out_dir / "missing.tif").resolve())), "does not exist"),
+        # as the class lines refuse them (a NUL was searched for; like_crs without like ignored)
+        (search_body(sentences=["a\x00lake"]), "The search sentence 'a\\x00lake' contains the control character"),
+        (search_body(sentences=["a lake", "\u200b"]), "The search sentence '\\u200b' holds only invisible characters"),
+        (search_body(keywords=["lake; \ufeff", "field"]), "The keyword '\\ufeff' of --keywords 'lake; \\ufeff' holds"),
+        (search_body(like_crs="EPSG:4326"), "--like-crs EPSG:4326 says which CRS the --like point is in, and no "
+                                            "--like was given; add --like X Y, or leave --like-crs out."),
     ]
     before = len(backend.client.get("/v1/jobs").json()["jobs"])
     for body, words in cases:
@@ -64,6 +70,19 @@ def test_bad_search_requests_get_a_sentence_and_no_job(backend, search_body, out
         assert words in response.json()["detail"], response.text
     assert len(backend.client.get("/v1/jobs").json()["jobs"]) == before
     assert list(out_dir.iterdir()) == []
+
+
+def test_index_and_search_of_an_all_nodata_raster_say_there_is_nothing_to_index(backend, search_body, naip,
+                                                                                 tiny_model):
+    """/v1/index said "there is nothing to segment" (the raster check's words), where `farslip index` and
+    `farslip search` say what they do."""
+    raster = str(naip.parent / "all-nodata.tif")
+    for path, body in (("/v1/index", {"raster": raster, "model": str(tiny_model)}),
+                       ("/v1/search", search_body(raster=raster, bbox=None))):
+        response = backend.client.post(path, json=body)
+        assert response.status_code == 400, response.text
+        assert response.json()["detail"] == (f"Every pixel of {raster} is nodata or masked: there is nothing to index "
+                                             "or search. Check the raster's nodata value and alpha band.")
 
 
 def test_a_cancelled_search_writes_nothing(backend, search_body, tmp_path):

@@ -20,7 +20,7 @@ from backend.engine.errors import FarslipError
 from backend.service.jobs import JobManager, JobStore, default_runners
 
 from .routes import v1_router
-from .security import MAX_BODY_BYTES, GuardMiddleware
+from .security import MAX_BODY_BYTES, GuardMiddleware, quoted
 
 log = logging.getLogger("farslip.server")
 
@@ -69,8 +69,23 @@ def _validation_sentence(error: RequestValidationError, request: Request | None 
     return "The request is not valid: " + "; ".join(parts) + (f" (and {more} more)" if more > 0 else "") + "."
 
 
+def unreadable_body(cause: BaseException) -> str:
+    """The sentence for a body that is JSON to the parser's first look but cannot be read (FastAPI answers
+    "There was an error parsing the body" for these)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return (f"The request body is not UTF-8 text (byte 0x{cause.object[cause.start]:02x} at position "
+                f"{cause.start}); send the JSON as UTF-8.")
+    if isinstance(cause, RecursionError):
+        return "The request body nests lists or objects too deeply; send one JSON object with the request's fields."
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return ("The request body holds a number with too many digits; send numbers as the request's fields "
+                "take them (e.g. 8, 0.5, 487000.0).")
+    return (f"The request body cannot be read as JSON ({type(cause).__name__}); send one JSON object with the "
+            "request's fields.")
+
+
 def no_such_endpoint(path: str) -> str:
-    return (f"There is no endpoint {path[:200]!r}; the API's endpoints are under /v1/ (e.g. GET /v1/health), "
+    return (f"There is no endpoint {quoted(path)}; the API's endpoints are under /v1/ (e.g. GET /v1/health), "
             "and /docs lists them all.")
 
 
@@ -96,6 +111,8 @@ def _answer_errors_in_one_sentence(app: FastAPI) -> None:
                 headers["allow"] = ", ".join(methods)
         elif status == 404 and detail == "Not Found":
             detail = no_such_endpoint(request.url.path)
+        elif status == 400 and error.__cause__ is not None:  # FastAPI's "error parsing the body"
+            detail = unreadable_body(error.__cause__)
         return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
     @app.options("/{path:path}", include_in_schema=False)

@@ -24,6 +24,12 @@ MAX_BODY_BYTES = 1024 * 1024
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
+def quoted(text: str, limit: int = 200) -> str:
+    """A text from the request (a path, a job id) as a sentence quotes it: its first `limit` characters, so
+    an answer never echoes a hostile request back whole."""
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
+
+
 # --------------------------------------------------------------------------- request paths
 
 def _without_control_characters(text: str, what: str) -> None:

@@ -9,6 +9,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from backend.service.jobs import JobManager, is_job_id
 from backend.service.schemas import Job, JobCreated, JobList
 
+from ..security import quoted
+
 router = APIRouter()
 
 
@@ -24,7 +26,7 @@ def queue_job(request: Request, kind: str, body: BaseModel, outputs: list[str]) 
 
 def job_or_404(job: dict | None, job_id: str) -> dict:
     if job is None:
-        raise StarletteHTTPException(404, f"There is no job {job_id!r}; GET /v1/jobs lists the jobs.")
+        raise StarletteHTTPException(404, f"There is no job {quoted(job_id)}; GET /v1/jobs lists the jobs.")
     return job
 
 
