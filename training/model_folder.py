@@ -18,7 +18,7 @@ import torch
 from backend.engine.atomic import (StagedOutputs, atomic_output, backup_path, shared_file_mode,
                                    write_text_atomically)
 from backend.engine.errors import InputError
-from backend.engine.files import check_output_folder, check_output_name, is_inside
+from backend.engine.files import check_output_folder, check_output_name, is_inside, missing_folder
 from backend.engine.finetuned import FINETUNED_FORMAT, FINETUNED_META
 from backend.engine.models import LoadedModel
 from backend.engine.temporary import new_run_tag, process_is_alive
@@ -66,7 +66,7 @@ def is_model_folder(path: Path) -> bool:
 def check_out_folder(out: Path, overwrite: bool, resume: bool, inputs: dict[str, Path]) -> None:
     """--out may be replaced only when it is a model folder this project wrote, holding none of the inputs."""
     if not out.parent.is_dir():
-        raise InputError(f"The output folder {out.parent} does not exist; create it or choose another --out.")
+        raise InputError(missing_folder(out.parent, "--out"))
     check_output_name(out, "--out folder")
     check_output_folder(out)  # the folder that takes --out (and its working folder beside it)
     for what, path in inputs.items():

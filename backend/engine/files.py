@@ -312,11 +312,23 @@ def refuse_outputs_over_inputs(outputs: dict[str, Path], inputs: dict[str, Path]
                                  "each output its own path.")
 
 
+def missing_folder(directory: Path, option: str = "") -> str:
+    """The sentence for an output folder that is not a folder: missing, or a file (or a path through one)."""
+    another = f"another {option}" if option else "another"
+    for above in (directory, *directory.parents):
+        if above.exists() and not above.is_dir():
+            return (f"The output folder {directory} is not a folder: {above} is a file. Choose {another}, or "
+                    "remove the file.")
+        if above.exists():
+            break
+    return f"The output folder {directory} does not exist; create it or choose {another}."
+
+
 def check_output_folder(path: Path) -> None:
     """The folder of an output exists and takes new files."""
     directory = path.parent
     if not directory.is_dir():
-        raise InputError(f"The output folder {directory} does not exist; create it or choose another.")
+        raise InputError(missing_folder(directory))
     read_only = pseudo = False
     try:
         info = os.statvfs(directory)
