@@ -101,11 +101,8 @@ def classify_raster(raster: str | Path, options: ClassifyOptions, out: Path, loa
     scale = logit_scale(loaded)
     boxes, class_ids, probs = [], [], []
     with bounded_gdal_cache():
-        try:
-            source = open_source(raster, bands_for(raster, options.bands, loaded), None, None, options.value_range)
-        except EmptyResultError:
-            raise EmptyResultError(f"Every pixel of {raster} is nodata or masked: there is nothing to classify. "
-                                   "Check the raster's nodata value and alpha band.") from None
+        source = open_source(raster, bands_for(raster, options.bands, loaded), None, None, options.value_range,
+                             task="classify")
         with source:
             check_format_crs(out, source.crs)
             window = request_window(source, options.bbox, options.bbox_crs)

@@ -490,9 +490,11 @@ def native_ground_size(ds: rasterio.io.DatasetReader) -> tuple[float, float]:
 
 def open_source(path: str | Path, bands: list[int] | None = None, scale: float | None = None,
                 gsd_m: float | None = None,
-                value_range: tuple[float, float] | None = None, square: bool = True) -> RasterSource:
+                value_range: tuple[float, float] | None = None, square: bool = True,
+                task: str = "segment") -> RasterSource:
     """Open and prepare a raster for reading; raises InputError/EmptyResultError with sentences.
-    (`square`: how `gsd_m` resamples, processing_scale.)"""
+    (`square`: how `gsd_m` resamples, processing_scale; `task`: what the caller does with it, for the
+    sentence of an all-nodata raster: "there is nothing to {task}".)"""
     ds = open_dataset(path)
     try:
         band_list = select_bands(ds, bands)
@@ -502,7 +504,7 @@ def open_source(path: str | Path, bands: list[int] | None = None, scale: float |
         data, mask = _sample(ds, band_list, values=stretch)
         if not mask.any():
             raise EmptyResultError(f"Every pixel of {path} is nodata or masked: there is nothing to "
-                                   "segment. Check the raster's nodata value and alpha band.")
+                                   f"{task}. Check the raster's nodata value and alpha band.")
         ranges: list[tuple[float, float]] | None
         if value_range is not None:
             check_value_range(value_range)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from .atomic import atomic_output, write_text_atomically
 from .dense import image_and_patch_features, normalize_pixels
-from .errors import CancelledError, EmptyResultError, InputError
+from .errors import CancelledError, InputError
 from .feature_cache import identity_digest, model_identity, raster_identity
 from .files import absolute_raster_name, is_gdal_name, raster_label
 from .models import LoadedModel
@@ -56,6 +56,7 @@ from .sliding import crop_starts
 
 INDEX_FORMAT = "farslip-search-index/2"  # 2: keyed by the model's variant; staleness by every file GDAL reads
 LEVEL_FACTORS = (1, 2, 4)
+INDEX_TASK = "index or search"  # what an all-nodata raster leaves nothing to (raster.open_source's sentence)
 PERSPECTIVES = ("image", "top-left", "top-right", "bottom-left", "bottom-right", "centre")
 STATE_MISSING, STATE_EMBEDDED, STATE_EMPTY = 0, 1, 2
 CHUNK_WINDOWS = 16  # windows read side by side in one strip: bounds memory for very wide rasters
@@ -411,11 +412,7 @@ def open_index(raster: str | Path, loaded: LoadedModel, bands: list[int] | None 
                batch_size: int = 8) -> Iterator[SearchIndex]:
     """Open (creating, or rebuilding when the raster changed) the search index of `raster` for a model."""
     with bounded_gdal_cache():
-        try:
-            source = open_source(raster, bands_for(raster, bands, loaded), None, None, value_range)
-        except EmptyResultError:
-            raise EmptyResultError(f"Every pixel of {raster} is nodata or masked: there is nothing to index or "
-                                   "search. Check the raster's nodata value and alpha band.") from None
+        source = open_source(raster, bands_for(raster, bands, loaded), None, None, value_range, task=INDEX_TASK)
         with source:
             yield SearchIndex(raster, loaded, source, attention, batch_size)
 

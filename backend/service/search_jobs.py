@@ -28,10 +28,10 @@ def _check_raster(request: dict) -> None:
     """Open the raster as the engine will (cheap: header and a decimated sample), check bbox and point."""
     from backend.engine.files import raster_label
     from backend.engine.raster import open_source
-    from backend.engine.search_index import check_bbox_on
+    from backend.engine.search_index import INDEX_TASK, check_bbox_on
 
     raster = _raster(request)
-    with open_source(raster, request.get("bands")) as source:
+    with open_source(raster, request.get("bands"), task=INDEX_TASK) as source:
         # As the search checks it: on a rotated grid, against the raster's footprint (not its envelope).
         check_bbox_on(source, raster_label(raster), tuple(request["bbox"]) if request.get("bbox") else None,
                       request.get("bbox_crs"))
