@@ -97,7 +97,7 @@ def classify_raster(raster: str | Path, options: ClassifyOptions, out: Path, loa
     warnings = run_warnings(loaded, classes)
     queries, query_owner = query_index(classes)
     owner = np.asarray(query_owner)
-    text = TextEmbedder(loaded).embed(queries).numpy()
+    text = TextEmbedder(loaded, should_cancel=should_cancel).embed(queries).numpy()
     scale = logit_scale(loaded)
     boxes, class_ids, probs = [], [], []
     with bounded_gdal_cache():

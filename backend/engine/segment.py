@@ -371,7 +371,8 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
         t0 = time.perf_counter()
         segmenter = Segmenter(loaded, classes, options.attention, options.batch_size, options.threshold,
                               encoder=encoder,
-                              embedder=TextEmbedder(loaded, language=check_language(options.language)))
+                              embedder=TextEmbedder(loaded, language=check_language(options.language),
+                                                    should_cancel=should_cancel))
         timings["text_s"] = time.perf_counter() - t0
         # The quality estimate's region checks run the global image path (or a benchmark's stand-in).
         embed_regions = getattr(segmenter.encoder, "embed_images", None)

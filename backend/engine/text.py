@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .atomic import atomic_output
-from .errors import InputError
+from .errors import CancelledError, InputError
 from .hf_text import encode_hf_tokens, is_hf_text_model
 from .languages import ENGLISH_TEMPLATES, query_language, templates_for
 from .models import LoadedModel
@@ -151,8 +151,11 @@ class TextEmbedder:
     """
 
     def __init__(self, loaded: LoadedModel, cache: Path | None = None, templates: tuple[str, ...] | None = None,
-                 use_disk_cache: bool = True, language: str | None = None):
+                 use_disk_cache: bool = True, language: str | None = None,
+                 should_cancel: Callable[[], bool] | None = None):
         self.loaded = loaded
+        # Asked before each query `embed` encodes: 250 classes of synonyms encode for minutes on a CPU.
+        self.should_cancel = should_cancel
         self.fixed_templates = templates
         self.language = language
         self.multilingual = is_multilingual(loaded)
@@ -206,7 +209,12 @@ class TextEmbedder:
 
     def embed(self, queries: list[str]) -> torch.Tensor:
         """(Q, D) L2-normalised embeddings, one row per query."""
-        return torch.stack([self.embed_one(q) for q in queries])
+        rows = []
+        for query in queries:
+            if self.should_cancel is not None and query not in self._memory and self.should_cancel():
+                raise CancelledError("The run was cancelled; nothing was written.")
+            rows.append(self.embed_one(query))
+        return torch.stack(rows)
 
 
 def token_ids(loaded: LoadedModel, text: str) -> tuple[list[int], Callable[[list[int]], str]] | None:
