@@ -171,6 +171,9 @@ class IndexEntries:
 
 @dataclass
 class BuildStats:
+    """The windows a build covered, each counted once: embedded by this run, embedded before it (reused),
+    or holding no valid pixel (empty, whenever that was found)."""
+
     computed: int = 0
     reused: int = 0
     empty: int = 0
@@ -209,6 +212,8 @@ class SearchIndex:
         stem = safe_stem(self.absolute_name if is_gdal_name(self.raster) else self.raster)  # one per raster, too
         self.folder = index_root() / f"{stem}-{key}"
         self.rebuilt_reason: str | None = None
+        # Windows embedded for an example point (window_embedding) in this run: computed, not reused, in ensure.
+        self.embedded_now: set[tuple[int, int, int]] = set()
         self._open_manifest()
 
     # -- manifest / staleness
@@ -218,33 +223,36 @@ class SearchIndex:
         # A raster read through GDAL virtual paths has no version to compare: its index is never reused.
         version = identity_digest(raster) if raster is not None else None
         manifest_file = self.folder / "manifest.json"
-        try:
-            manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            manifest = None
+        manifest, problem = read_manifest(manifest_file)
         if manifest is not None and (version is None or manifest.get("raster_identity") != version):
             self.rebuilt_reason = (
                 f"The raster {self.label} (or a file GDAL reads with it: a mask, .aux.xml, overview or VRT "
                 "source) changed since its search index was built; the index was rebuilt." if version is not None
                 else f"The raster {self.label} is read through GDAL virtual paths, which cannot be checked "
                 "for changes; its search index was rebuilt.")
-            shutil.rmtree(self.folder, ignore_errors=True)
-            manifest = None
-        if manifest is None:
-            manifest = {
-                "format": INDEX_FORMAT, "raster": self.absolute_name,
-                "raster_sha256": raster["sha256"] if raster is not None else None,
-                "raster_identity": version, "raster_files": raster,
-                "model": self.loaded.name, "weights_sha256": self.loaded.weights_id,
-                "model_identity": model_identity(self.loaded),
-                "attention": self.attention, "perspectives": list(PERSPECTIVES),
-                "crs": self.crs.to_string(),
-                "levels": [{"factor": lv.factor, "width": lv.source.width, "height": lv.source.height,
-                            "rows": len(lv.row_starts), "cols": len(lv.col_starts), "crop": lv.crop}
-                           for lv in self.levels],
-            }
-            self.folder.mkdir(parents=True, exist_ok=True)
-            write_text_atomically(manifest_file, json.dumps(manifest, indent=1), durable=False)
+        elif manifest is None and any(self.folder.glob("L*")):
+            # Rows without a manifest to say which raster they were embedded from are never trusted.
+            self.rebuilt_reason = (f"The search index of {self.label} in {self.folder} {problem}, so its windows "
+                                   "could not be checked against the raster; the index was rebuilt.")
+        with cache_folder_errors(self.folder):
+            if self.rebuilt_reason is not None:
+                shutil.rmtree(self.folder)
+                manifest = None
+            if manifest is None:
+                manifest = {
+                    "format": INDEX_FORMAT, "raster": self.absolute_name,
+                    "raster_sha256": raster["sha256"] if raster is not None else None,
+                    "raster_identity": version, "raster_files": raster,
+                    "model": self.loaded.name, "weights_sha256": self.loaded.weights_id,
+                    "model_identity": model_identity(self.loaded),
+                    "attention": self.attention, "perspectives": list(PERSPECTIVES),
+                    "crs": self.crs.to_string(),
+                    "levels": [{"factor": lv.factor, "width": lv.source.width, "height": lv.source.height,
+                                "rows": len(lv.row_starts), "cols": len(lv.col_starts), "crop": lv.crop}
+                               for lv in self.levels],
+                }
+                self.folder.mkdir(parents=True, exist_ok=True)
+                write_text_atomically(manifest_file, json.dumps(manifest, indent=1), durable=False)
         self.manifest = manifest
 
     # -- rows on disk
@@ -271,9 +279,10 @@ class SearchIndex:
 
     def _write_row(self, level: Level, row: int, embeddings: np.ndarray, state: np.ndarray) -> None:
         path = self._row_file(level, row)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_output(path, durable=False) as staged:
-            np.savez(staged, embeddings=embeddings, state=state)
+        with cache_folder_errors(self.folder):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_output(path, durable=False) as staged:
+                np.savez(staged, embeddings=embeddings, state=state)
 
     # -- building
 
@@ -298,7 +307,7 @@ class SearchIndex:
         stats = BuildStats()
         total = self.missing(bbox, bbox_crs)
         done = 0
-        if progress is not None:
+        if progress is not None and total:  # nothing to embed is no progress to show
             progress(0, total)
         with bounded_gdal_cache():
             for level in self.levels:
@@ -306,7 +315,9 @@ class SearchIndex:
                 for row in rows:
                     embeddings, state = self._read_row(level, row)
                     todo = [j for j in cols if state[j] == STATE_MISSING]
-                    stats.reused += len(cols) - len(todo)
+                    stats.empty += sum(1 for j in cols if state[j] == STATE_EMPTY)
+                    stats.reused += sum(1 for j in cols if state[j] == STATE_EMBEDDED
+                                        and (level.factor, row, j) not in self.embedded_now)
                     if not todo:
                         continue
                     if embeddings is None:
@@ -360,6 +371,7 @@ class SearchIndex:
                 self._embed_chunk(level, row, [col], embeddings, state, stats, should_cancel)
             self._write_row(level, row, embeddings, state)
             computed = stats.computed
+            self.embedded_now.add((level.factor, row, col))
         if state[col] != STATE_EMBEDDED or embeddings is None:
             return None, computed
         return embeddings[col, 0].astype(np.float32), computed
@@ -400,6 +412,35 @@ class SearchIndex:
 
     def window_count(self) -> int:
         return sum(len(lv.row_starts) * len(lv.col_starts) for lv in self.levels)
+
+
+def read_manifest(path: Path) -> tuple[dict | None, str]:
+    """An index's manifest, or None and what is wrong with it (as the end of a sentence's subject)."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None, "has no manifest"
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        return None, "has a manifest that is not valid JSON"
+    except OSError as error:
+        return None, f"has a manifest that cannot be read ({error.strerror or error})"
+    if not isinstance(manifest, dict):
+        return None, "has a manifest that is not a JSON object"
+    return manifest, ""
+
+
+@contextlib.contextmanager
+def cache_folder_errors(folder: Path) -> Iterator[None]:
+    """A cache folder that cannot be made or written (FARSLIP_CACHE names a file, no permission, a full
+    disk) ends the run with a sentence naming it: the index is where index and search keep their work."""
+    try:
+        yield
+    except OSError as error:
+        reason = error.strerror or str(error)
+        where = f" ({error.filename})" if error.filename and str(error.filename) != str(folder) else ""
+        raise InputError(f"The search index cannot be written in {folder}: {reason}{where}. The cache folder "
+                         f"{cache_dir()} (FARSLIP_CACHE) must be a folder this user can write to, on a disk "
+                         "with free space; point FARSLIP_CACHE at another folder.") from error
 
 
 def safe_stem(path: str | Path) -> str:

@@ -143,8 +143,8 @@ def test_index_is_extent_invariant_and_completed_incrementally(loaded, naip_copy
         first = index.ensure(west)
         partial = index.entries(west)
         second = index.ensure()  # the whole raster: only the windows still missing are computed
-        assert second.reused == first.computed + first.empty
-        assert second.computed == index.window_count() - first.computed - first.empty - second.empty
+        assert second.reused == first.computed
+        assert second.computed + second.reused + second.empty == index.window_count()
         assert index.ensure().computed == 0
         whole = index.entries()
     shutil.rmtree(index.folder)
@@ -249,6 +249,70 @@ def test_index_is_rebuilt_when_the_raster_changes(loaded, naip_copy, tmp_path):
     assert not np.allclose(before.embeddings, after.embeddings, atol=1e-2)
     with open_index(naip_copy, loaded) as again:
         assert again.rebuilt_reason is None and again.missing() == 0
+
+
+def replace_raster(path: Path) -> None:
+    """Another image in the same file: every band inverted."""
+    with rasterio.open(path, "r+") as dst:
+        dst.write(255 - dst.read())
+
+
+@pytest.mark.parametrize("manifest", [None, "{ not json", "[]"], ids=["deleted", "invalid-json", "not-an-object"])
+def test_an_index_without_a_usable_manifest_is_rebuilt_not_reused(manifest, loaded, naip_copy, tmp_path):
+    """Without a manifest the rows cannot be matched to the raster: they were reused (the old raster's scores),
+    and a fresh manifest then vouched for them; a manifest of '[]' ended in a traceback."""
+    with open_index(naip_copy, loaded) as index:
+        index.ensure()
+        before = index.entries()
+    replace_raster(naip_copy)
+    manifest_file = index.folder / "manifest.json"
+    if manifest is None:
+        manifest_file.unlink()
+    else:
+        manifest_file.write_text(manifest)
+    with open_index(naip_copy, loaded) as index:
+        assert index.rebuilt_reason and "manifest" in index.rebuilt_reason
+        assert index.missing() == index.window_count()
+        result = search_raster(index, SearchOptions(["water"], top=2), tmp_path / "hits.gpkg")
+        after = index.entries()
+    assert result.notices[0] == index.rebuilt_reason and "rebuilt" in result.notices[0]
+    assert result.report["index"]["computed"] == index.window_count() and result.report["index"]["reused"] == 0
+    assert not np.allclose(before.embeddings, after.embeddings, atol=1e-2)
+    with open_index(naip_copy, loaded) as again:
+        assert again.rebuilt_reason is None and again.missing() == 0
+
+
+def test_a_cache_folder_that_is_a_file_is_refused_in_a_sentence(naip500, loaded, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from backend.service.cli import app
+
+    monkeypatch.setenv("FARSLIP_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").write_text("")
+    result = CliRunner().invoke(app, ["index", str(naip500), "--model", loaded.metadata["weights_path"],
+                                      "--device", "cpu", "-q"])
+    assert result.exit_code == 2, result.output
+    assert "cannot be written in" in result.output and "FARSLIP_CACHE" in result.output
+
+
+def test_index_counts_say_what_each_window_is_on_every_run(loaded, tmp_path):
+    raster = half_nodata_raster(tmp_path / "nodata460.tif", 460)  # 17 of the 29 windows hold no valid pixel
+    progress: list[tuple[int, int]] = []
+    with open_index(raster, loaded) as index:
+        first = index.ensure()
+        second = index.ensure(progress=lambda done, total: progress.append((done, total)))
+    assert (first.computed, first.reused, first.empty) == (12, 0, 17)
+    assert (second.computed, second.reused, second.empty) == (0, 12, 17)  # empty windows were 'reused', '0 empty'
+    assert progress == []  # nothing left to embed was shown as 'indexing: 0/0 tiles'
+
+
+def test_windows_embedded_for_an_example_are_not_counted_as_reused(loaded, naip_copy, tmp_path):
+    with rasterio.open(naip_copy) as ds:
+        point = ds.xy(50, 50)
+    with open_index(naip_copy, loaded) as index:
+        result = search_raster(index, SearchOptions(like=point, top=3), tmp_path / "like.gpkg")
+        windows = index.window_count()
+    assert (result.report["index"]["computed"], result.report["index"]["reused"]) == (windows, 0)
 
 
 def test_too_long_sentence_is_truncated_with_a_notice(loaded, naip500, tmp_path):
