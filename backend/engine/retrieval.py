@@ -2,7 +2,9 @@
 
 Layout: a folder with the dataset's caption JSON (`dataset_rsicd.json`, `dataset_RSITMD.json`: a
 top-level "images" list whose entries have "filename", "split" and "sentences" with "raw" text)
-and the images, in the folder itself or in a subfolder (RSICD_images/, images/, ...).
+and the images, in the folder itself or in a subfolder (RSICD_images/, images/, ...). The caption JSON
+itself may be given instead of its folder; in a folder with other .json files, the one whose entries have
+the release's layout (or is named dataset_*.json) is taken, and a choice left open is refused.
 
 Protocol (as the published tables): images resized so the short side is the model's input size
 (bicubic), centre-cropped, CLIP-normalised; each caption encoded as written; cosine similarity.
@@ -26,6 +28,7 @@ from .dense import normalize_pixels
 from .errors import CancelledError, InputError
 from .models import LoadedModel
 from .options import check_batch_size
+from .search import fit_to_context
 from .text import encode_tokens
 
 RECALL_KS = (1, 5, 10)
@@ -37,6 +40,7 @@ class CaptionSet:
     images: list[Path]
     captions: list[str]
     caption_image: np.ndarray  # (T,) index of each caption's image
+    caption_file: Path
 
 
 def _json_problem(path: Path, error: Exception) -> str:
@@ -51,22 +55,50 @@ def _json_problem(path: Path, error: Exception) -> str:
     return f"{path.name} cannot be read ({error})"
 
 
-def find_caption_file(folder: Path) -> Path:
-    candidates = sorted(p for p in folder.glob("*.json") if p.is_file())
+def _is_release_layout(data: dict) -> bool:
+    """Whether a caption JSON's image entries look like the release's: a "filename" and "sentences" each."""
+    return any(isinstance(entry, dict) and "filename" in entry and "sentences" in entry for entry in data["images"])
+
+
+def _caption_file_and_data(path: Path) -> tuple[Path, dict]:
+    """The caption JSON of a dataset and its content: `path` itself when it is a file; in a folder, the .json
+    file with an "images" list, or among several, the one whose entries have the release's layout, or among
+    several of those, the one named dataset_*.json. More than one left is refused naming them."""
+    if not path.exists():
+        raise InputError(f"The dataset folder or caption JSON {path} does not exist.")
+    readable: list[tuple[Path, dict]] = []
     problems: list[str] = []
-    for path in candidates:
+    for candidate in [path] if path.is_file() else sorted(p for p in path.glob("*.json") if p.is_file()):
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(candidate.read_text(encoding="utf-8"))
         except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            problems.append(_json_problem(path, error))
+            problems.append(_json_problem(candidate, error))
             continue
         if isinstance(data, dict) and isinstance(data.get("images"), list):
-            return path
-    if problems:
-        raise InputError(f"{folder} holds no readable caption JSON of the RSICD/RSITMD release: "
+            readable.append((candidate, data))
+    if path.is_file() and not readable:
+        raise InputError(f"{problems[0] if problems else f'{path.name} has no images list'}: it is not a caption "
+                         "JSON of the RSICD/RSITMD release (an 'images' list of entries with 'filename', 'split' "
+                         "and 'sentences'). Fix the file, or give the release's dataset_*.json.")
+    if not readable and problems:
+        raise InputError(f"{path} holds no readable caption JSON of the RSICD/RSITMD release: "
                          f"{'; '.join(problems)}. Fix the file, or put the release's dataset_*.json there.")
-    raise InputError(f"{folder} holds no caption JSON of the RSICD/RSITMD release (a .json file with an "
-                     "'images' list, e.g. dataset_rsicd.json).")
+    if not readable:
+        raise InputError(f"{path} holds no caption JSON of the RSICD/RSITMD release (a .json file with an "
+                         "'images' list, e.g. dataset_rsicd.json).")
+    release = [item for item in readable if _is_release_layout(item[1])] or readable
+    named = [item for item in release if item[0].name.lower().startswith("dataset_")]
+    chosen = named if len(release) > 1 and named else release
+    if len(chosen) > 1:
+        names = ", ".join(item[0].name for item in chosen)
+        raise InputError(f"{path} holds {len(chosen)} caption JSON files of the RSICD/RSITMD layout ({names}); "
+                         f"give the one to evaluate instead of the folder, e.g. {chosen[0][0]}.")
+    return chosen[0]
+
+
+def find_caption_file(path: Path) -> Path:
+    """The caption JSON a dataset folder (or the file itself) is evaluated with (_caption_file_and_data)."""
+    return _caption_file_and_data(Path(path))[0]
 
 
 def _image_path(folder: Path, filename: str) -> Path | None:
@@ -79,13 +111,12 @@ def _image_path(folder: Path, filename: str) -> Path | None:
     return None
 
 
-def load_caption_set(folder: str | Path, split: str = "test") -> CaptionSet:
-    """The images and captions of one split ('all' for every entry) of a dataset folder."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(f"The dataset folder {folder} does not exist.")
-    caption_file = find_caption_file(folder)
-    entries = json.loads(caption_file.read_text(encoding="utf-8"))["images"]
+def load_caption_set(dataset: str | Path, split: str = "test") -> CaptionSet:
+    """The images and captions of one split ('all' for every entry) of a dataset folder or its caption JSON;
+    the images lie beside the caption JSON or in a subfolder of its folder."""
+    caption_file, data = _caption_file_and_data(Path(dataset))
+    folder = caption_file.parent
+    entries = data["images"]
     images: list[Path] = []
     captions: list[str] = []
     owner: list[int] = []
@@ -127,10 +158,15 @@ def load_caption_set(folder: str | Path, split: str = "test") -> CaptionSet:
         raise InputError(f"{len(missing)} image(s) named in {caption_file.name} are not in {folder} or its "
                          f"subfolders, e.g. {missing[0]}.")
     if not images:
-        splits = sorted({str(e.get("split")) for e in entries if isinstance(e, dict)})
-        raise InputError(f"{caption_file.name} has no captioned image in the split {split!r}; its splits are "
-                         f"{', '.join(splits)} (or use --split all).")
-    return CaptionSet(images, captions, np.asarray(owner))
+        splits = sorted({e["split"] for e in entries if isinstance(e, dict) and isinstance(e.get("split"), str)})
+        if not entries:
+            raise InputError(f"{caption_file.name} lists no image: its 'images' list is empty.")
+        if split == "all":
+            raise InputError(f"{caption_file.name} has no image with a caption.")
+        raise InputError(f"{caption_file.name} has no captioned image in the split {split!r}; "
+                         + (f"its splits are {', '.join(splits)}" if splits else "its images name no split")
+                         + " (or use --split all).")
+    return CaptionSet(images, captions, np.asarray(owner), caption_file)
 
 
 def retrieval_recalls(similarity: np.ndarray, caption_image: np.ndarray) -> dict[str, float]:
@@ -193,12 +229,24 @@ def embed_captions(loaded: LoadedModel, captions: list[str], batch_size: int = 6
     return torch.cat(out).numpy()
 
 
-def evaluate_retrieval(folder: str | Path, loaded: LoadedModel, split: str = "test", batch_size: int = 32,
+def cut_captions_notices(loaded: LoadedModel, captions: list[str]) -> list[str]:
+    """Search's notice (search.fit_to_context) for the first caption longer than the model reads, and how
+    many more are: the tokenizer reads only their beginning, as the published protocol does."""
+    cut = [notice for notice in (fit_to_context(caption, loaded, "caption")[1] for caption in captions) if notice]
+    if len(cut) > 1:
+        cut[1:] = [f"{len(cut) - 1} more of the {len(captions)} captions are longer than model {loaded.name} "
+                   "reads; only their beginning was used."]
+    return cut
+
+
+def evaluate_retrieval(dataset: str | Path, loaded: LoadedModel, split: str = "test", batch_size: int = 32,
                        progress: Callable[[int, int], None] | None = None, should_cancel=None) -> dict:
+    """Recalls of `loaded` on a dataset folder (or its caption JSON); the caption file used and the notices."""
     batch_size = check_batch_size(batch_size)
-    captions = load_caption_set(folder, split)
+    captions = load_caption_set(dataset, split)
     image_vectors = embed_images(loaded, captions.images, batch_size, progress, should_cancel)
     caption_vectors = embed_captions(loaded, captions.captions)
     recalls = retrieval_recalls(image_vectors @ caption_vectors.T, captions.caption_image)
-    return {"dataset": str(Path(folder).resolve()), "split": split, "images": len(captions.images),
-            "captions": len(captions.captions), "model": loaded.name, "recalls": recalls}
+    return {"dataset": str(captions.caption_file.parent.resolve()), "caption_file": str(captions.caption_file),
+            "split": split, "images": len(captions.images), "captions": len(captions.captions),
+            "model": loaded.name, "recalls": recalls, "notices": cut_captions_notices(loaded, captions.captions)}

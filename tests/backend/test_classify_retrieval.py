@@ -113,6 +113,46 @@ def test_retrieval_folder_problems_are_sentences(tmp_path):
         load_caption_set(tmp_path / "d")
 
 
+def test_the_release_caption_json_is_chosen_among_other_json_files(tmp_path):
+    """The first .json with an 'images' list was taken: a COCO captions file beside the release's failed the run."""
+    make_dataset(tmp_path / "d")
+    (tmp_path / "d" / "captions_coco.json").write_text(
+        json.dumps({"images": [{"id": 1, "file_name": "img0.jpg"}], "annotations": []}))
+    (tmp_path / "d" / "aaa_notes.json").write_text(json.dumps({"images": []}))
+    chosen = load_caption_set(tmp_path / "d")
+    assert chosen.caption_file.name == "dataset_rsicd.json" and len(chosen.images) == 3
+    (tmp_path / "d" / "dataset_rsitmd.json").write_text((tmp_path / "d" / "dataset_rsicd.json").read_text())
+    with pytest.raises(InputError, match=r"2 caption JSON files .* \(dataset_rsicd\.json, dataset_rsitmd\.json\); "
+                                         "give the one to evaluate"):
+        load_caption_set(tmp_path / "d")
+    coco = tmp_path / "coco"
+    coco.mkdir()
+    (tmp_path / "d" / "captions_coco.json").rename(coco / "captions_coco.json")
+    with pytest.raises(InputError, match=r"has no captioned image in the split 'test'; its images name no split "
+                                         r"\(or use --split all\)"):  # 'its splits are None'
+        load_caption_set(coco)
+
+
+def test_the_caption_json_itself_can_be_given_for_its_folder(tmp_path):
+    make_dataset(tmp_path / "d")
+    from_folder = load_caption_set(tmp_path / "d")
+    from_file = load_caption_set(tmp_path / "d" / "dataset_rsicd.json")  # 'The dataset folder ... does not exist'
+    assert (from_file.images, from_file.captions) == (from_folder.images, from_folder.captions)
+    assert from_file.caption_file == from_folder.caption_file == tmp_path / "d" / "dataset_rsicd.json"
+
+
+def test_captions_longer_than_the_model_reads_are_named_in_a_notice(loaded, tmp_path):
+    long_caption = " ".join(["a blue lake beside green fields and a road"] * 12)
+    entries = [{"filename": f"scene_{i}.png", "split": "test",
+                "sentences": [{"raw": long_caption if i < 2 else "a road"}, {"raw": "water"}]} for i in range(3)]
+    folder = write_captions(tmp_path / "long", json.dumps({"images": entries}))
+    result = evaluate_retrieval(folder, loaded)
+    assert result["caption_file"] == str(folder / "dataset_rsicd.json")
+    assert len(result["notices"]) == 2
+    assert result["notices"][0].startswith("The caption 'a blue lake") and "reads at most 75" in result["notices"][0]
+    assert result["notices"][1].startswith("1 more of the 6 captions are longer than model")
+
+
 def test_classify_writes_one_tile_per_grid_cell_with_its_top_class(loaded, shared_data, tmp_path):
     out = tmp_path / "tiles.gpkg"
     result = classify_raster(shared_data / "naip_2020_5m.tif",
