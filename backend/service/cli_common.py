@@ -81,9 +81,10 @@ def interrupted(error: KeyboardInterrupt, message: str = "Interrupted; nothing w
 class ProgressReporter:
     """A progress bar with ETA on a terminal; occasional plain lines otherwise; nothing when quiet."""
 
-    def __init__(self, quiet: bool, label: str):
+    def __init__(self, quiet: bool, label: str, unit: str = "tiles"):
         self.quiet = quiet
         self.label = label
+        self.unit = unit
         self.bar = None
         self.task = None
         self.started = time.perf_counter()
@@ -95,7 +96,7 @@ class ProgressReporter:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("tiles"), TimeRemainingColumn(), console=Console(stderr=True))
+                                TextColumn(self.unit), TimeRemainingColumn(), console=Console(stderr=True))
             self.bar.__enter__()
         return self
 
@@ -112,7 +113,7 @@ class ProgressReporter:
             self.last_line = now
             elapsed = now - self.started
             eta = f", ETA {elapsed / done * (total - done):.0f} s" if done else ""
-            typer.echo(f"{self.label}: {done}/{total} tiles{eta}", err=True)
+            typer.echo(f"{self.label}: {done}/{total} {self.unit}{eta}", err=True)
 
     def __exit__(self, *exc):
         if self.bar is not None:

@@ -173,7 +173,7 @@ def classify_command(
 
 
 def evaluate_retrieval_command(
-    folder: Path = typer.Argument(..., help="RSICD/RSITMD folder: caption JSON + images."),
+    folder: Path = typer.Argument(..., help="RSICD/RSITMD folder (caption JSON + images), or its caption JSON."),
     split: str = typer.Option("test", help="Split to evaluate (train, val, test, or all)."),
     model: Optional[str] = typer.Option(None, help=MODEL_HELP),
     weights: Optional[Path] = typer.Option(None, help="Checkpoint to use for the registry model."),
@@ -200,13 +200,16 @@ def evaluate_retrieval_command(
                                   _inputs(None, model, weights, **{"caption JSON": find_caption_file(folder)}),
                                   overwrite=overwrite)
             loaded = _load(model, weights, device)
-            with ProgressReporter(quiet, f"embedding {folder.name}") as reporter:
+            with ProgressReporter(quiet, f"embedding {folder.name}", unit="images") as reporter:
                 result = evaluate(folder, loaded, split, batch_size, progress=reporter)
     except FarslipError as error:
         fail(error)
     except KeyboardInterrupt as error:
         interrupted(error)
+    for notice in result["notices"]:
+        typer.echo(f"Warning: {notice}", err=True)
     recalls = result["recalls"]
+    typer.echo(f"Captions from {result['caption_file']}")
     typer.echo(f"{result['images']} images, {result['captions']} captions ({split}), model {result['model']}")
     typer.echo("  image->text  R@1 {i2t_R@1:6.2f}  R@5 {i2t_R@5:6.2f}  R@10 {i2t_R@10:6.2f}".format(**recalls))
     typer.echo("  text->image  R@1 {t2i_R@1:6.2f}  R@5 {t2i_R@5:6.2f}  R@10 {t2i_R@10:6.2f}".format(**recalls))

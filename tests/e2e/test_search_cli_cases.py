@@ -306,3 +306,18 @@ def test_an_example_point_off_a_rotated_raster_is_refused_by_its_footprint(rotat
     assert result.exit_code == 2, result.output
     assert "is outside the footprint of the raster rot.tif, whose grid is rotated: its corners are" in result.output
     assert "covers" not in result.output and not (tmp_path / "like.gpkg").exists()
+
+
+def test_evaluate_retrieval_names_its_caption_file_and_warns_of_cut_captions(tmp_path, tiny_model):
+    data = rsicd(tmp_path / "rsicd")
+    document = json.loads((data / "dataset_rsicd.json").read_text())
+    document["images"][1]["sentences"].append({"raw": "a very long caption about fields " * 40})
+    (data / "dataset_rsicd.json").write_text(json.dumps(document))
+    (data / "notes.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "s0.png"}]}))  # not captions
+    result = CliRunner().invoke(app, ["evaluate-retrieval", str(data), "--model", str(tiny_model), "--device",
+                                      "cpu"])
+    assert result.exit_code == 0, result.output
+    assert f"Captions from {data / 'dataset_rsicd.json'}" in result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("Warning: ")]
+    assert len(warnings) == 1 and "a very long caption" in warnings[0], result.output
+    assert "tiles" not in result.output
