@@ -85,6 +85,12 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def all_finite(tensors) -> bool:
+    """Whether every tensor holds only finite numbers (no NaN, no infinity): one check, one device sync."""
+    tensors = list(tensors)
+    return not tensors or bool(torch.stack([torch.isfinite(t.detach()).all() for t in tensors]).all())
+
+
 def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     parameters = dict(model.named_parameters())
     with torch.no_grad():

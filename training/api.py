@@ -8,16 +8,19 @@ A trained model is written into a hidden `.NAME.partial` folder beside `out`
 and renamed into place at the end: a failed or cancelled run leaves no model
 directory. A run that fails after at least one epoch keeps its partial folder
 (and says so) so that `resume=True` continues from its last epoch; a cancelled
-run removes it.
+run removes it. A run whose loss or weights stop being finite numbers stops at that step
+(TrainingDiverged) and keeps only its last finished epoch, never to be trained on with the same --lr.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import shutil
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -34,6 +37,7 @@ from backend.engine.models import LoadedModel
 from backend.engine.weights import file_sha256
 from backend.engine.errors import CancelledError, InputError
 from backend.engine.atomic import StagedOutputs, atomic_output
+from backend.engine.devices import resolve_device
 from backend.engine.diskspace import writing_to
 from backend.engine.feature_cache import raster_reads
 from backend.engine.files import (
@@ -47,7 +51,7 @@ from backend.engine.files import (
     raster_name,
     refuse_outputs_over_inputs,
 )
-from backend.engine.options import ATTENTION_VARIANTS
+from backend.engine.options import ATTENTION_VARIANTS, Range
 from backend.engine.raster import PixelWindow, RasterSource, native_gsd_m, open_source, select_bands
 
 from . import adapters
@@ -63,6 +67,7 @@ from .evaluate import (
 from .finetune import (
     REGION_PROMPT,
     Trainer,
+    TrainingDiverged,
     TrainingData,
     TrainOptions,
     TrainState,
@@ -72,8 +77,8 @@ from .finetune import (
 )
 from .distill import BOX_AREA, BOX_ASPECT
 from .labels import (
-    LabelGrid, aoi_layer, build_label_grid, label_layer, raster_envelope, read_aoi, read_label_polygons, split_layer,
-    vector_file,
+    LabelGrid, aoi_layer, build_label_grid, check_background, check_class_names, label_layer, raster_envelope,
+    read_aoi, read_label_polygons, split_layer, vector_file,
 )
 from .model_folder import (
     CHECKPOINT_DIR,
@@ -88,7 +93,6 @@ from .model_folder import (
 from .sampling import split_labels
 
 TEACHERS = ("frozen", "active")
-MAX_SEED = 2**63 - 1  # torch.manual_seed takes at most 64 bits
 MAX_TRAINING_PIXELS = 64_000_000  # the labelled window is held in memory as float32 RGB (~770 MB)
 
 Progress = Callable[[int, int, dict], None]
@@ -188,6 +192,23 @@ def write_report(result: dict, out_json: str | Path | None, out_png: str | Path 
     return outputs
 
 
+def check_evaluation(model: str | None, weights: str | None, background: str | None,
+                     class_names: dict[str, str] | None, split: str) -> None:
+    """What an evaluation refuses before a model loads (and the server before it queues the job): an unknown
+    split, a blank background or class name, the validation split of a model that no training wrote."""
+    if split not in ("auto", "all", "validation"):
+        raise InputError(f"--split must be auto, all or validation; got {split!r}.")
+    check_background(background)
+    check_class_names(class_names)
+    if split == "validation":
+        from backend.engine.models import locate_model
+
+        if locate_model(model, weights)[0] != "finetuned":
+            raise InputError(f"--split validation scores the held-out strip that farslip train kept aside, and "
+                             f"{model or 'the default model'} is not a fine-tuned model folder; evaluate it with "
+                             "--split all (or auto).")
+
+
 def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, model: str | None = None,
                    weights: str | None = None, background: str | None = None, aoi: str | Path | None = None,
                    class_names: dict[str, str] | None = None, split: str = "auto",
@@ -203,8 +224,7 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
     `overwrite=False` refuses report files that exist (the CLI without --overwrite); a job's caller
     (QGIS) has asked before replacing its file.
     """
-    if split not in ("auto", "all", "validation"):
-        raise InputError(f"--split must be auto, all or validation; got {split!r}.")
+    check_evaluation(model, weights, background, class_names, split)
     check_attention(attention)
     raster = raster_name(raster)  # a GDAL name as typed (a pathlib.Path folds /vsizip//abs's '//')
     check_report_outputs({"--json file": out_json, "--png file": out_png},
@@ -296,29 +316,48 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
 
 
 def check_options(options: TrainOptions) -> None:
+    """Every option against the values it takes (TrainOptions' table), in one sentence naming it as the command
+    line spells it; checked before a model loads (the server's submission runs this too)."""
     if options.method not in adapters.METHODS:
         raise InputError(f"--method must be one of {', '.join(adapters.METHODS)}; got {options.method!r}.")
-    if options.epochs < 1:
-        raise InputError(f"--epochs must be at least 1; got {options.epochs}.")
-    if not (math.isfinite(options.learning_rate) and options.learning_rate > 0):
-        raise InputError(f"--lr must be a positive number; got {options.lr}.")
-    if not (math.isfinite(options.patch_loss_weight) and options.patch_loss_weight >= 0):
-        raise InputError(f"--patch-loss-weight must be a finite number ≥ 0 (0 turns it off); got "
-                         f"{options.patch_loss_weight}.")
-    if options.steps_per_epoch is not None and options.steps_per_epoch < 1:
-        raise InputError(f"--steps-per-epoch must be at least 1 (leave it out for a number from the "
-                         f"training area); got {options.steps_per_epoch}.")
-    if not 0 <= options.seed <= MAX_SEED:
-        raise InputError(f"--seed must be a whole number from 0 to {MAX_SEED}; got {options.seed}.")
     check_attention(options.attention)
     if options.teacher not in TEACHERS:
         raise InputError(f"--teacher must be frozen (the base model, the default for small data) or active "
                          f"(the network being trained, as FarSLIP's release); got {options.teacher!r}.")
-    if options.batch_size < 1:
-        raise InputError(f"The batch size must be at least 1; got {options.batch_size}.")
-    if not 0.05 <= options.validation_fraction <= 0.5:
-        raise InputError(f"The validation fraction must be between 0.05 and 0.5; got "
-                         f"{options.validation_fraction}.")
+    if not isinstance(options.augment, bool):
+        raise InputError(f"--augment must be true or false; got {str(options.augment)[:100]!r}.")
+    hints = typing.get_type_hints(TrainOptions)
+    for item in dataclasses.fields(TrainOptions):
+        value, allowed = getattr(options, item.name), item.metadata.get("range")
+        if allowed is None or value is None:  # None: the default (the method's rate, the model's input size)
+            continue
+        whole = int in (hints[item.name], *typing.get_args(hints[item.name]))
+        if not _within(value, allowed, whole):
+            sentence = item.metadata["error"] or (f"{item.metadata['flag']} must be {allowed.describe(whole)}"
+                                                  f"{item.metadata['why']}; got {{value}}.")
+            raise InputError(sentence.format(value=str(value)[:100]))
+    if options.region_min_px > options.region_max_px:
+        raise InputError(f"--region-min-px ({options.region_min_px:g}) must not exceed --region-max-px "
+                         f"({options.region_max_px:g}): region boxes are the labelled polygons whose sqrt(area) in "
+                         "native pixels lies between the two.")
+
+
+def _within(value, allowed: Range, whole: bool) -> bool:
+    """Whether `value` is a number (a whole one where `whole`) inside `allowed`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return value in allowed and not (whole and value != int(value))
+    except (OverflowError, ValueError):  # an int too large for a float
+        return False
+
+
+def check_model_options(loaded: LoadedModel, options: TrainOptions) -> None:
+    """The options that depend on the model, checked once it loads and before anything is written."""
+    blocks = len(loaded.model.visual.transformer.resblocks)
+    if options.method == "last-blocks" and options.last_blocks > blocks:
+        raise InputError(f"--last-blocks {options.last_blocks} is more than the {blocks} blocks of {loaded.name}'s "
+                         f"vision tower; give at most {blocks} (--method full trains them all).")
 
 
 def training_inputs(raster, labels, aoi=None, base_model=None, weights=None) -> dict[str, Path]:
@@ -358,12 +397,17 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
     gets the result as JSON, put in place with the model folder, all or nothing.
     """
     options = run_options(options, method, epochs, lr, patch_loss_weight)
+    check_background(background)
+    check_class_names(class_names)
+    if loaded is None:
+        resolve_device(device)
     # The raster as GDAL gets it: a pathlib.Path folds /vsizip//abs/a.zip/x.tif and HDF5:"a.h5"://var.
     raster, labels, out = raster_name(raster), Path(labels), Path(out)
     labels_file = vector_file(labels)
     check_out_folder(out, overwrite, resume, training_inputs(raster, labels, aoi, base_model, weights))
     started = time.perf_counter()
     loaded = _load(base_model, weights, device, loaded)
+    check_model_options(loaded, options)
     bands = bands_for(raster, bands, loaded)  # training on from a model fine-tuned on chosen bands keeps them
 
     with open_source(raster, bands, scale, gsd_m) as source:
@@ -393,6 +437,15 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
         except CancelledError:
             shutil.rmtree(work, ignore_errors=True)
             raise
+        except TrainingDiverged as diverged:
+            # Its checkpoint holds the last epoch that finished with finite weights (none: nothing is kept); a
+            # model trained on from its folder in place stays there as it was.
+            in_place = resuming and not earlier_partial
+            kept = diverged.finished_epochs if (work / CHECKPOINT_DIR / "state.pt").is_file() and not in_place else 0
+            if not kept:
+                shutil.rmtree(work, ignore_errors=True)
+            diverged.args = (diverged.args[0] + diverged_advice(options, work, out if in_place else None, kept),)
+            raise
         except InputError:
             if not earlier_partial:
                 shutil.rmtree(work, ignore_errors=True)
@@ -413,6 +466,20 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
     # The model folder, then the --json report of the run: all or nothing.
     move_into_place(work, out, (Path(out_json), json.dumps(result, indent=2) + "\n") if out_json else None)
     return result
+
+
+def diverged_advice(options: TrainOptions, work: Path, model_in_place: Path | None, kept: int) -> str:
+    """What to do after a training diverged: `model_in_place`, the finished model it trained on from (left as it
+    was); `kept`, the epochs of the checkpoint kept in `work` (0: none)."""
+    lower = f"a lower --lr (this run used {options.learning_rate:g})"
+    if model_in_place is not None:
+        return (f" The model in {model_in_place} is left as it was (a resumed run keeps its --lr, so training it on "
+                f"would diverge again); start over with --overwrite and {lower}.")
+    if not kept:
+        return f" Nothing was kept; start over with {lower}."
+    return (f" The last finished epoch ({kept}) is kept in {work}: run the same command with --resume --epochs "
+            f"{kept} to write the model from it (a resumed run keeps its --lr, so training on would diverge "
+            f"again), or start over with --overwrite and {lower}.")
 
 
 def split_warnings(split) -> list[str]:
@@ -601,7 +668,13 @@ def _train_in(work: Path, out: Path, loaded: LoadedModel, data: TrainingData, op
     trainer = Trainer(loaded, data, options, options.epochs * steps)
 
     if resuming:
-        adapters.load_trainable_state(trainer.model, load_tensors(checkpoint / "last.safetensors"))
+        last = load_tensors(checkpoint / "last.safetensors")
+        losses = [record["loss"] for record in state.history if record.get("loss") is not None]
+        if not adapters.all_finite(last.values()) or not all(math.isfinite(loss) for loss in losses):
+            raise InputError(f"The training in {where} diverged (its checkpoint holds weights or losses that are not "
+                             "finite numbers), so it cannot be resumed; start over with --overwrite instead of "
+                             f"--resume, and a lower --lr than {options.learning_rate:g}.")
+        adapters.load_trainable_state(trainer.model, last)
         trainer.optimisation.restore(saved)
     else:
         if progress is not None:
@@ -768,6 +841,10 @@ def check_request_options(request: dict) -> None:
 
     args, options = request_arguments(request)
     run_options(options, **{k: args[k] for k in ("method", "epochs", "lr", "patch_loss_weight") if k in args})
+    check_background(args.get("background"))
+    check_class_names(args.get("class_names"))
+    if args.get("device") is not None:
+        resolve_device(args["device"])  # segment's check: a device this machine has
     check_scale_or_gsd(args.get("scale"), args.get("gsd_m"))  # segment's ranges: the same raster reader
     check_option("bands", args.get("bands"))
     bands, scale, gsd_m = args.get("bands"), args.get("scale"), args.get("gsd_m")

@@ -429,6 +429,25 @@ def _class_name(value: str) -> str | None:
     return parse_class_lines([value])[0].name
 
 
+def check_background(background: str | None) -> None:
+    """--background names a class (checked before a model loads, and by the server before it queues a job)."""
+    if background is not None and _class_name(background) is None:
+        raise InputError(f"--background {background!r} names no class (it is blank or made only of separators); "
+                         "give the class name that unlabelled pixels should get, e.g. --background ground.")
+
+
+def check_class_names(class_names: dict[str, str] | None) -> None:
+    """Each rename of --class-name (a request's class_names) takes a label value to a class name."""
+    for value, name in (class_names or {}).items():
+        if not value.strip():
+            raise InputError(f"--class-name (class_names) renames the blank label value {value!r}; polygons "
+                             "without a class value are not labels, so rename a value the class field holds.")
+        if _class_name(name) is None:
+            raise InputError(f"--class-name (class_names) renames the label value {value!r} to {name!r}, which "
+                             "names no class (it is blank or made only of separators); give that value a class "
+                             f"name ({value}=NAME), or leave it out to keep its own.")
+
+
 def _class_lines_of(values: list[str], background: str | None, label_file: str) -> list[str]:
     """The sorted label values, then the background class unless a label value names it already."""
     seen: dict[str, str] = {}
@@ -486,9 +505,7 @@ def build_label_grid(source: RasterSource, polygons: LabelPolygons, background: 
         raise InputError(f"The label value {empty!r} in {label_file} is made only of separators (commas, "
                          f"semicolons), so it names no class; fix it in the labels or rename it with "
                          f"--class-name '{empty}=NAME'.")
-    if background is not None and _class_name(background) is None:
-        raise InputError(f"--background {background!r} names no class (it is made only of separators); give "
-                         "the class name that unlabelled pixels should get, e.g. --background ground.")
+    check_background(background)
     if class_lines is None:
         class_lines = _class_lines_of(values, background, label_file)
     names = [spec.name.lower() for spec in parse_class_lines(class_lines)]

@@ -23,11 +23,13 @@ def check_evaluate_request(request: dict) -> list[str]:
     from backend.engine.files import check_output_file, check_raster_name, input_paths, raster_file, raster_name
     from backend.engine.models import check_model
     from backend.service.server.security import looks_like_path
+    from training.api import check_evaluation
 
     raster = check_raster_name(raster_name(request["raster"]))  # a subdataset's file is there
     check_labels(request["labels"], request["class_field"])
     model = request.get("model")
     check_model(model, None)
+    check_evaluation(model, None, request.get("background"), None, request.get("split") or "auto")
     out_json = request.get("out_json")
     if not out_json:
         return []

@@ -186,8 +186,8 @@ def options_from_request(request: dict[str, Any]) -> SegmentOptions:
 
 
 class TrainRequest(Strict):
-    """The options of `farslip train`, as JSON; options beyond these are passed to the trainer (which
-    checks their types itself)."""
+    """The options of `farslip train`, as JSON; options beyond these are passed to the trainer, which checks
+    their types and ranges (training.finetune.TrainOptions) before the job is queued."""
 
     model_config = ConfigDict(extra="allow")
 

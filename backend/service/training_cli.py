@@ -111,8 +111,8 @@ def evaluate_command(
         from backend.engine.devices import resolve_device
         from backend.engine.models import check_half, load_model, to_half
 
-        from training.api import (check_attention, check_report_outputs, class_names_from_pairs,
-                                  evaluate_model, evaluation_inputs)
+        from training.api import (check_attention, check_evaluation, check_report_outputs,
+                                  class_names_from_pairs, evaluate_model, evaluation_inputs)
         from training.quality_calibration import calibrate_and_keep_the_better, calibration_target, check_quality_tile
 
         # Options that do nothing in this run are refused, not ignored.
@@ -133,6 +133,8 @@ def evaluate_command(
             return
         if raster is None or labels is None or not class_field:
             raise InputError("Give RASTER, LABELS and --class-field (or --benchmark FOLDER).")
+        class_names = class_names_from_pairs(class_name or [])
+        check_evaluation(model, str(weights) if weights else None, background, class_names, split)
         if half or calibrate_quality:
             loaded = load_model(model, str(weights) if weights else None, dev)
             loaded = to_half(loaded) if half else loaded
@@ -142,7 +144,7 @@ def evaluate_command(
                 check_output_file(target, "quality calibration", inputs, overwrite=True)
         result = evaluate_model(raster, labels, class_field, model=model,
                                 weights=str(weights) if weights else None, background=background, aoi=aoi,
-                                class_names=class_names_from_pairs(class_name or []), split=split,
+                                class_names=class_names, split=split,
                                 bands=_bands(bands), scale=scale, gsd_m=gsd, attention=attention,
                                 batch_size=batch_size, device=str(dev),
                                 # With --calibrate-quality, the report files land with the calibration, below.

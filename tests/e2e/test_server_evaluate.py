@@ -19,3 +19,21 @@ def test_a_relative_path_and_an_unknown_split_are_refused(backend):
     split = backend.client.post("/v1/evaluate", json={"raster": "/x.tif", "labels": "/l.gpkg",
                                                       "class_field": "cls", "split": "train"})
     assert split.status_code == 422 and "split" in split.json()["detail"]
+
+
+def test_a_blank_background_and_the_validation_split_of_a_base_model_are_refused_before_a_job(backend, tiny_model,
+                                                                                              naip):
+    body = {"raster": str(naip.parent / "solaris_sample_geotiff.tif"),
+            "labels": str(naip.parent / "solaris_geotiff_labels.geojson"), "class_field": "building",
+            "model": str(tiny_model)}
+    jobs = len(backend.client.get("/v1/jobs").json()["jobs"])
+    blank = backend.client.post("/v1/evaluate", json={**body, "background": "  "})
+    assert blank.status_code == 400, blank.text
+    assert blank.json()["detail"].startswith("--background '  ' names no class (it is blank or made only of "
+                                             "separators)")
+    base = backend.client.post("/v1/evaluate", json={**body, "split": "validation"})
+    assert base.status_code == 400, base.text
+    assert base.json()["detail"] == (f"--split validation scores the held-out strip that farslip train kept aside, "
+                                     f"and {tiny_model} is not a fine-tuned model folder; evaluate it with --split "
+                                     "all (or auto).")
+    assert len(backend.client.get("/v1/jobs").json()["jobs"]) == jobs

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+
+def train_body(naip, tiny_model, out, **changes) -> dict:
+    data = naip.parent
+    return {"raster": str(data / "solaris_sample_geotiff.tif"), "labels": str(data / "solaris_geotiff_labels.geojson"),
+            "class_field": "building", "out": str(out), "base_model": str(tiny_model), "epochs": 1,
+            "steps_per_epoch": 1, **changes}
+
 
 def test_a_train_job_writes_a_model_that_a_segment_job_then_uses(backend, tiny_model, naip, tmp_path):
     data = naip.parent
     model_dir = tmp_path / "buildings-model"
-    body = {"raster": str(data / "solaris_sample_geotiff.tif"), "labels": str(data / "solaris_geotiff_labels.geojson"),
-            "class_field": "building", "background": "other", "out": str(model_dir), "base_model": str(tiny_model),
-            "method": "lora", "epochs": 1, "batch_size": 2, "steps_per_epoch": 2, "distill_boxes": 1,
-            "regions_per_step": 4}
+    body = train_body(naip, tiny_model, model_dir, background="other", method="lora", batch_size=2, steps_per_epoch=2,
+                      distill_boxes=1, regions_per_step=4)
     response = backend.client.post("/v1/train", json=body)
     assert response.status_code == 202, response.text
     history: list[dict] = []
@@ -38,9 +45,65 @@ def test_a_train_job_writes_a_model_that_a_segment_job_then_uses(backend, tiny_m
 
 
 def test_a_train_request_with_an_unknown_option_is_refused(backend, tiny_model, naip, tmp_path):
-    data = naip.parent
-    body = {"raster": str(data / "solaris_sample_geotiff.tif"), "labels": str(data / "solaris_geotiff_labels.geojson"),
-            "class_field": "building", "out": str(tmp_path / "m"), "learning_speed": 3}
+    body = train_body(naip, tiny_model, tmp_path / "m", learning_speed=3)
     response = backend.client.post("/v1/train", json=body)
     assert response.status_code == 400
     assert "Unknown training option" in response.json()["detail"]
+
+
+# Each option of the trainer out of its range, refused in one sentence naming it before a job is queued (these
+# were accepted and then failed in the job, ran silently, or made the backend allocate ~22 GB and be killed).
+REFUSED_OPTIONS = [
+    ({"batch_size": 10**6}, "--batch-size must be a whole number from 1 to 256 (each step holds that many crops and "
+                            "their gradients in memory); got 1000000."),
+    ({"eval_batch_size": 10**6}, "--eval-batch-size must be a whole number from 1 to 1024"),
+    ({"eval_batch_size": 0}, "--eval-batch-size must be a whole number from 1 to 1024"),
+    ({"lora_rank": 0}, "--lora-rank must be a whole number from 1 to 256; got 0."),
+    ({"lora_rank": -1}, "--lora-rank must be a whole number from 1 to 256; got -1."),
+    ({"lora_alpha": 1e308}, "--lora-alpha must be a number above 0 and at most 1024"),
+    ({"weight_decay": -1}, "--weight-decay must be a number from 0 to 1; got -1.0."),
+    ({"lr": 1e300}, "--lr must be a number above 0 and at most 10"),
+    ({"last_blocks": 0}, "--last-blocks must be a whole number from 1 to 64"),
+    ({"last_blocks": -1}, "--last-blocks must be a whole number from 1 to 64"),
+    ({"last_blocks": 99}, "--last-blocks must be a whole number from 1 to 64"),
+    ({"distill_boxes": -1}, "--distill-boxes must be a whole number from 0 to 64"),
+    ({"regions_per_step": 0}, "--regions-per-step must be a whole number from 1 to 256"),
+    ({"region_min_px": 500, "region_max_px": 10}, "--region-min-px (500) must not exceed --region-max-px (10)"),
+    ({"region_min_px": -5}, "--region-min-px must be a number from 1"),
+    ({"warmup_steps": -5}, "--warmup-steps must be a whole number from 0"),
+    ({"buffer_px": -5}, "--buffer-px must be a whole number from 0 to 4096"),
+    ({"crop_px": 0}, "--crop-px must be a whole number from 32 to 1024"),
+    ({"crop_px": 7}, "--crop-px must be a whole number from 32 to 1024"),
+    ({"class_balance": -3}, "--class-balance must be a number from 0 to 1"),
+    ({"distill_weight": -1}, "--distill-weight must be a number from 0 to 100"),
+    ({"epochs": 50000}, "--epochs must be a whole number from 1 to 10000"),
+    ({"steps_per_epoch": 10**6}, "--steps-per-epoch must be at least 1 and at most 100000"),
+    ({"device": "tpu"}, "Unknown device 'tpu'. Use auto, cpu, cuda or mps."),
+    ({"device": "cuda:7"}, "cuda"),
+    ({"class_names": {"yes": ""}}, "--class-name (class_names) renames the label value 'yes' to '', which names no "
+                                   "class"),
+    ({"background": "  "}, "--background '  ' names no class"),
+]
+
+
+@pytest.mark.parametrize("changes, sentence", REFUSED_OPTIONS, ids=[str(case[0]) for case in REFUSED_OPTIONS])
+def test_a_training_option_out_of_range_is_refused_before_a_job_is_queued(backend, tiny_model, naip, tmp_path,
+                                                                          changes, sentence):
+    jobs = len(backend.client.get("/v1/jobs").json()["jobs"])
+    response = backend.client.post("/v1/train", json=train_body(naip, tiny_model, tmp_path / "m", **changes))
+    assert response.status_code == 400, response.text
+    assert sentence in response.json()["detail"]
+    assert len(backend.client.get("/v1/jobs").json()["jobs"]) == jobs
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_more_last_blocks_than_the_model_has_fail_the_job_in_a_sentence_before_training(backend, tiny_model, naip,
+                                                                                          tmp_path):
+    body = train_body(naip, tiny_model, tmp_path / "m", method="last-blocks", last_blocks=3)
+    response = backend.client.post("/v1/train", json=body)
+    assert response.status_code == 202, response.text
+    job = backend.wait(response.json()["job_id"], timeout=300)
+    assert job["state"] == "failed", job
+    assert job["error"] == (f"--last-blocks 3 is more than the 2 blocks of {tiny_model.stem}'s vision tower; give "
+                            "at most 2 (--method full trains them all).")
+    assert list(tmp_path.iterdir()) == []

@@ -174,7 +174,7 @@ def test_existing_output_is_not_overwritten(trained, synthetic, tiny_model):
 @pytest.mark.parametrize(("changes", "message"), [
     ({"class_field": "missing"}, "no field 'missing'"),
     ({"method": "adapter"}, "--method must be one of"),
-    ({"epochs": 0}, "--epochs must be at least 1"),
+    ({"epochs": 0}, "--epochs must be a whole number from 1 to 10000; got 0"),
 ])
 def test_bad_training_input_gives_a_message(synthetic, tiny_model, tmp_path, changes, message):
     raster, labels, _ = synthetic
