@@ -6,15 +6,19 @@ converts the torch module itself (its attention becomes one fused ScaledDotProdu
 which the ONNX route loses), ONNX Runtime reads a torch.onnx export. An export is kept only if it
 reproduces torch within EXPORT_TOLERANCE on a check batch. The tower's global (CLS) path, which the
 quality estimate's region checks run, is exported beside it on first use (global.xml / global.onnx).
-Anything that goes wrong
-(runtime not installed, export or compile failure, a result too far from torch) falls back to
-torch with a one-line notice: a run never fails because of its runtime.
+The verdict of that check names the sha256 of the exact files it judged: files changed since (a damaged
+or replaced export) are judged again, and an export that no longer loads or no longer passes is exported
+again, once, on that run. Anything else that goes wrong (runtime not installed, export or compile
+failure, a result too far from torch) falls back to the next runtime, torch last, with a one-line
+notice: a run never fails because of its runtime (but the engine refuses output that is not a number).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
+import shutil
 import sys
 import threading
 import warnings
@@ -31,6 +35,7 @@ from .options import RUNTIMES  # declared with the --runtime option (its choices
 from .encoders import DenseTower, Encoder, TorchEncoder, crop_size
 from .feature_cache import identity_digest, model_identity
 from .paths import cache_dir
+from .weights import files_sha256
 
 log = logging.getLogger("farslip.runtimes")
 
@@ -41,6 +46,9 @@ AUTO_MIN_CROPS = 32  # below this, a first export would cost more than it saves
 # How the exports are made; part of the cache folder's name, so a changed recipe never reuses the
 # files of an older one. 2: OpenVINO converted from torch directly instead of from the ONNX file.
 RECIPE = 2
+# The files each runtime reads, beside the export's stem (encoder, global).
+EXPORT_SUFFIXES = {"openvino": (".xml", ".bin"), "onnxruntime": (".onnx",)}
+OPENVINO_BLOBS = "openvino"  # OpenVINO's compiled-model cache, inside the export folder
 
 
 def runtime_installed(name: str) -> bool:
@@ -72,12 +80,17 @@ class CompiledEncoder:
     """A compiled encoder for full-size crops; other crop sizes (rasters smaller than a crop) use torch.
 
     `embed_images` runs the global (CLS) path under the same runtime, compiled when first asked for
-    (`build_global`); if that fails, torch runs it, with a line in the log.
+    (`build_global`); if that fails, torch runs it, with a line in the log. `remedy`: what a user can do
+    when its output is not a number (the engine refuses such a run).
     """
 
     def __init__(self, name: str, infer: Callable[[np.ndarray], np.ndarray], crop: int, fallback: TorchEncoder,
-                 build_global: Callable[[], Callable[[np.ndarray], np.ndarray]] | None = None):
+                 build_global: Callable[[], Callable[[np.ndarray], np.ndarray]] | None = None,
+                 folder: Path | None = None):
         self.name = name
+        self.remedy = (f"Its cached export may be damaged: delete {folder} (the next run exports and checks it "
+                       f"again), or run with --runtime torch." if folder is not None else
+                       "Run with --runtime torch.")
         self.infer = infer
         self.crop = crop
         self.fallback = fallback
@@ -96,8 +109,10 @@ class CompiledEncoder:
             if self._global is None and self._build_global is not None:
                 try:
                     self._global = self._build_global()
-                except Exception:  # an exporter or compiler failure must never fail the run
-                    log.warning("runtime %s: global image path unavailable, using torch", self.name, exc_info=True)
+                except Exception as error:  # an exporter or compiler failure must never fail the run
+                    log.debug("runtime %s: global image path", self.name, exc_info=True)
+                    log.warning("runtime %s: global image path unavailable (%s); using torch", self.name,
+                                error_reason(error))
                 self._build_global = None
         if self._global is None or tuple(pixels.shape[-2:]) != (self.crop, self.crop):
             return self.fallback.visual(pixels)
@@ -197,22 +212,108 @@ def _onnxruntime(tower: torch.nn.Module, example: torch.Tensor, folder: Path,
 
 BUILDERS = {"openvino": _openvino, "onnxruntime": _onnxruntime}
 
+# OpenVINO puts where an error was raised before its reason, a line per layer it passed through.
+_LOCATION_LINE = re.compile(r"^(Exception from \S+:\d+:|Check '.*' failed at \S+:\d+:?)$")
 
-def _checked(name: str, infer, tower: torch.nn.Module, example: torch.Tensor, folder: Path,
-             stem: str = "encoder") -> None:
-    """Compare with torch once per export; remember the verdict beside the exported files."""
-    verdict_path = folder / (f"check-{name}.json" if stem == "encoder" else f"check-{name}-{stem}.json")
-    if verdict_path.exists():
-        verdict = json.loads(verdict_path.read_text())
-    else:
-        with torch.inference_mode():
-            expected = tower(example).numpy()
-        difference = float(np.abs(infer(example.numpy()) - expected).max())
-        verdict = {"runtime": name, "max_abs_diff": difference, "ok": difference <= EXPORT_TOLERANCE}
-        write_text_atomically(verdict_path, json.dumps(verdict), durable=False)
+
+def error_reason(error: BaseException) -> str:
+    """An exporter's or runtime's error in one line: its first line that says what went wrong (not one of
+    OpenVINO's source locations), with the lines that one introduces when it ends in ':'."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    lines = [line for line in lines if line and not _LOCATION_LINE.match(line)]
+    if not lines:
+        return type(error).__name__
+    reason = lines.pop(0)
+    while reason.endswith(":") and lines:
+        reason += " " + lines.pop(0)
+    return reason[:200]
+
+
+def _export_files(name: str, folder: Path, stem: str) -> list[Path]:
+    return [folder / f"{stem}{suffix}" for suffix in EXPORT_SUFFIXES[name]]
+
+
+def _verdict_path(name: str, folder: Path, stem: str) -> Path:
+    return folder / (f"check-{name}.json" if stem == "encoder" else f"check-{name}-{stem}.json")
+
+
+def _files_identity(files: list[Path]) -> dict[str, str]:
+    """File name -> sha256 (remembered by the files' stat identity, so unchanged files are not read again)."""
+    return {path.name: sha for path, sha in zip(files, files_sha256([*files]))}
+
+
+def _verdict(name: str, folder: Path, stem: str) -> dict | None:
+    """The comparison with torch of the export files as they are now; None when these bytes were never
+    judged (no verdict, an unreadable one, one about other bytes or an older version's, a file missing)."""
+    files = _export_files(name, folder, stem)
+    try:
+        verdict = json.loads(_verdict_path(name, folder, stem).read_text())
+        if not isinstance(verdict, dict) or not isinstance(verdict.get("ok"), bool) or \
+                not isinstance(verdict.get("files"), dict) or not all(path.is_file() for path in files):
+            return None
+        return verdict if verdict["files"] == _files_identity(files) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _judge(name: str, infer, tower: torch.nn.Module, example: torch.Tensor, folder: Path, stem: str) -> dict:
+    """Compare the runtime with torch on the check batch; remember the verdict with the files it judged."""
+    with torch.inference_mode():
+        expected = tower(example).numpy()
+    difference = float(np.abs(infer(example.numpy()) - expected).max())
+    verdict = {"runtime": name, "max_abs_diff": difference,
+               "ok": difference <= EXPORT_TOLERANCE,  # False for NaN too
+               "files": _files_identity(_export_files(name, folder, stem))}
+    write_text_atomically(_verdict_path(name, folder, stem), json.dumps(verdict), durable=False)
+    return verdict
+
+
+def _differs(verdict: dict) -> str:
+    difference = verdict["max_abs_diff"]
+    if not np.isfinite(difference):
+        return "its features are not numbers (NaN or infinite) where torch's are"
+    return f"its features differ from torch by {difference:.1e} (more than {EXPORT_TOLERANCE:g})"
+
+
+def _remove_export(name: str, folder: Path, stem: str) -> None:
+    """The export's files and verdict gone, and OpenVINO's compiled blobs (made from such files)."""
+    for path in (*_export_files(name, folder, stem), _verdict_path(name, folder, stem)):
+        path.unlink(missing_ok=True)
+    if name == "openvino":
+        shutil.rmtree(folder / OPENVINO_BLOBS, ignore_errors=True)
+
+
+def _checked_runtime(name: str, tower: torch.nn.Module, example: torch.Tensor, folder: Path,
+                     stem: str = "encoder", notice: Callable[[str], None] | None = None
+                     ) -> Callable[[np.ndarray], np.ndarray]:
+    """Runtime `name` running the export of `tower` in `folder`, made when missing, compared with torch once
+    per version of its files. Files never judged as they are now are judged again; files that do not load,
+    or fail a judgement they had not passed as these bytes (a damaged export), are exported again on this
+    run, with a notice. Raises when the runtime cannot run the tower within EXPORT_TOLERANCE of torch."""
+    verdict = _verdict(name, folder, stem)
+    if verdict is not None and not verdict["ok"]:
+        raise RuntimeError(_differs(verdict))  # these very files were judged before
+    if all(path.is_file() for path in _export_files(name, folder, stem)):
+        if verdict is None and name == "openvino":
+            # Judge the files themselves: OpenVINO would run a blob compiled from the files as they were.
+            shutil.rmtree(folder / OPENVINO_BLOBS, ignore_errors=True)
+        try:
+            infer = BUILDERS[name](tower, example, folder, stem)
+            verdict = verdict or _judge(name, infer, tower, example, folder, stem)
+            if verdict["ok"]:
+                return infer
+            problem = _differs(verdict)
+        except Exception as error:  # a damaged export: made again below
+            log.debug("runtime %s: cached export %s in %s", name, stem, folder, exc_info=True)
+            problem = f"it did not load: {error_reason(error)}"
+        if notice is not None:
+            notice(f"The cached {name} export in {folder} could not be used ({problem}); exporting it again.")
+    _remove_export(name, folder, stem)
+    infer = BUILDERS[name](tower, example, folder, stem)
+    verdict = _judge(name, infer, tower, example, folder, stem)
     if not verdict["ok"]:
-        raise RuntimeError(f"its features differ from torch by {verdict['max_abs_diff']:.1e} "
-                           f"(more than {EXPORT_TOLERANCE:g})")
+        raise RuntimeError(_differs(verdict))
+    return infer
 
 
 def export_folder(loaded, attention: str, crop: int) -> Path:
@@ -222,33 +323,40 @@ def export_folder(loaded, attention: str, crop: int) -> Path:
     return exports_dir() / f"{identity_digest(model_identity(loaded))[:24]}-{attention}-{crop}-r{RECIPE}"
 
 
-def compiled_encoder(name: str, loaded, attention: str) -> CompiledEncoder:
-    """Export (or reuse) and compile the dense tower for `name`; raises on any failure."""
+def _log_notice(sentence: str) -> None:
+    log.warning("%s", sentence)
+
+
+def compiled_encoder(name: str, loaded, attention: str,
+                     notice: Callable[[str], None] | None = None) -> CompiledEncoder:
+    """Export (or reuse) and compile the dense tower for `name`; raises on any failure. `notice` hears
+    about a damaged export made again."""
     visual = loaded.model.visual
     crop = crop_size(visual)
     folder = export_folder(loaded, attention, crop)
     folder.mkdir(parents=True, exist_ok=True)
     tower = DenseTower(visual, attention).eval()
     example = torch.rand(2, 3, crop, crop, generator=torch.Generator().manual_seed(0)) * 4 - 2
-    infer = BUILDERS[name](tower, example, folder)
-    _checked(name, infer, tower, example, folder)
+    infer = _checked_runtime(name, tower, example, folder, notice=notice)
 
     def build_global() -> Callable[[np.ndarray], np.ndarray]:
         # open_clip's vision tower returns the projected CLS embedding: encode_image without normalising.
-        embed = BUILDERS[name](visual.eval(), example, folder, "global")
-        _checked(name, embed, visual, example, folder, "global")
-        return embed
+        # Built while a run estimates its quality, long after its notices were said: into the log.
+        return _checked_runtime(name, visual.eval(), example, folder, "global", notice=_log_notice)
 
-    return CompiledEncoder(name, infer, crop, TorchEncoder(visual, attention, torch.device("cpu")), build_global)
+    return CompiledEncoder(name, infer, crop, TorchEncoder(visual, attention, torch.device("cpu")), build_global,
+                           folder)
 
 
-def pick_runtime(runtime: str, device: torch.device, crops: int | None = None) -> list[str]:
+def pick_runtime(runtime: str, device: torch.device, crops: int | None = None, full_size: bool = True) -> list[str]:
     """Runtimes to try in order for `runtime` on `device` (torch always last).
 
     auto: on the CPU the installed compiled runtimes, fastest first, when the run is large enough
-    (AUTO_MIN_CROPS) to repay a first export; on a GPU torch with fp16 autocast.
+    (AUTO_MIN_CROPS) to repay a first export; on a GPU torch with fp16 autocast. Without `full_size`
+    crops (a raster smaller than the model input on a side has only smaller ones, which only torch
+    runs), torch.
     """
-    if device.type != "cpu":
+    if device.type != "cpu" or not full_size:
         return ["torch"]  # the compiled runtimes here are CPU builds
     if runtime == "auto":
         if crops is not None and crops < AUTO_MIN_CROPS:
@@ -257,40 +365,57 @@ def pick_runtime(runtime: str, device: torch.device, crops: int | None = None) -
     return [runtime, "torch"] if runtime in COMPILED else ["torch"]
 
 
-_ENCODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(runtimes, attention, half): encoder}
+# model -> {(runtimes, attention, half): (encoder, the sentences of the runtimes it fell back from)}
+_ENCODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def make_encoder(loaded, attention: str, runtime: str = "auto", half: bool | None = None,
-                 notice: Callable[[str], None] | None = None, crops: int | None = None) -> Encoder:
-    """The image encoder for `runtime` (auto, torch, openvino, onnxruntime), falling back to torch.
+                 notice: Callable[[str], None] | None = None, crops: int | None = None,
+                 raster_shape: tuple[int, int] | None = None) -> Encoder:
+    """The image encoder for `runtime` (auto, torch, openvino, onnxruntime), falling back to the next, torch last.
 
-    Kept per loaded model, so a server compiles once and later jobs start at once.
+    `crops`: how many crops the run encodes; `raster_shape`: (height, width) of the grid they are cut from.
+    Kept per loaded model, so a server compiles once and later jobs start at once; `notice` hears, on every
+    call, each runtime the encoder fell back from.
     """
     assert runtime in RUNTIMES, runtime
     device = loaded.device
-    if runtime in COMPILED and device.type != "cpu" and notice is not None:
-        notice(f"--runtime {runtime} runs on the CPU only; using torch on {device}.")
-    candidates = pick_runtime(runtime, device, crops)
+    crop = crop_size(loaded.model.visual)
+    full_size = raster_shape is None or min(raster_shape) >= crop
+    say = notice or (lambda sentence: None)
+    if runtime in COMPILED and device.type != "cpu":
+        say(f"--runtime {runtime} runs on the CPU only; using torch on {device}.")
+    elif runtime in COMPILED and not full_size:
+        say(f"--runtime {runtime} runs only crops of the model's input size ({crop}x{crop} pixels), and this "
+            "raster is smaller than that on a side, so all its crops are too; using torch.")
+    candidates = pick_runtime(runtime, device, crops, full_size)
     known = _ENCODERS.setdefault(loaded.model, {})
     key = (tuple(candidates), attention, half)
     if key not in known:
-        known[key] = _build_encoder(loaded, attention, candidates, half, notice)
-    return known[key]
+        known[key] = _build_encoder(loaded, attention, candidates, half, say)
+    encoder, fallbacks = known[key]
+    for sentence in fallbacks:
+        say(sentence)
+    return encoder
 
 
 def _build_encoder(loaded, attention: str, candidates: list[str], half: bool | None,
-                   notice: Callable[[str], None] | None) -> Encoder:
+                   notice: Callable[[str], None]) -> tuple[Encoder, list[str]]:
+    """The first candidate that works, and a sentence for each one before it that did not, naming the one used."""
+    failed: list[tuple[str, str]] = []  # (what went wrong, a hint): said once the runtime used is known
+    encoder: Encoder | None = None
     for name in candidates:
         if name == "torch":
             break
         if not runtime_installed(name):
-            if notice is not None:
-                notice(f"{name} is not installed; using torch ({EXTRA_HINT}).")
+            failed.append((f"{name} is not installed", f" ({EXTRA_HINT})"))
             continue
         try:
-            return compiled_encoder(name, loaded, attention)
+            encoder = compiled_encoder(name, loaded, attention, notice)
+            break
         except Exception as error:  # an exporter or compiler failure must never fail the run
-            log.warning("runtime %s unavailable", name, exc_info=True)
-            if notice is not None:
-                notice(f"{name} could not compile the model ({str(error).splitlines()[0][:160]}); using torch.")
-    return TorchEncoder(loaded.model.visual, attention, loaded.device, half)
+            log.debug("runtime %s unavailable", name, exc_info=True)
+            failed.append((f"{name} could not compile the model ({error_reason(error)})", ""))
+    if encoder is None:
+        encoder = TorchEncoder(loaded.model.visual, attention, loaded.device, half)
+    return encoder, [f"{what}; using {encoder.name}{hint}." for what, hint in failed]

@@ -366,7 +366,15 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
         crop = crop_size(loaded.model.visual)
         total = count_crops(source.height, source.width, computed, crop, crop // 2)
         t0 = time.perf_counter()
-        encoder = encoder or make_encoder(loaded, options.attention, options.runtime, notice=notice, crops=total)
+        heard: list[str] = []  # runtime notices, for the report's warnings too
+
+        def hear(sentence: str) -> None:
+            heard.append(sentence)
+            if notice is not None:
+                notice(sentence)
+
+        encoder = encoder or make_encoder(loaded, options.attention, options.runtime, notice=hear, crops=total,
+                                          raster_shape=(source.height, source.width))
         timings["encoder_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         segmenter = Segmenter(loaded, classes, options.attention, options.batch_size, options.threshold,
@@ -484,7 +492,8 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
                 "timings": {k: round(v, 3) for k, v in timings.items()},
                 # The polygon layer's name in its file (a GeoPackage may hold other layers, which are kept).
                 "layer": layer_name(Path(options.out).stem, driver_for(Path(options.out))),
-                "class_stats": stats, "outputs": paths, "warnings": warnings + (refined.warnings if refined else []),
+                "class_stats": stats, "outputs": paths,
+                "warnings": warnings + (refined.warnings if refined else []) + heard,
                 "quality": estimate.report, **(refined.report if refined else {}),
             }
             staged["report"].write_text(report_json(report), "utf-8")

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from .dense import normalized_image
 from .devices import intra_op_threads, set_intra_op_threads
 from .encoders import Encoder, TorchEncoder, crop_size
-from .errors import CancelledError
+from .errors import CancelledError, ModelError
 from .feature_cache import FeatureCache
 from .memory import reused_heap
 from .models import LoadedModel
@@ -336,6 +336,7 @@ class Segmenter:
         probs = class_probs.cpu().numpy() if self.keep_probs else None
         class_ids = best_ids.cpu().numpy()
         score = best.cpu().numpy()
+        require_finite(score, valid, self.encoder)
         if self.threshold > 0:
             class_ids[score < self.threshold] = UNCLASSIFIED
         if not valid.all():
@@ -348,11 +349,33 @@ class Segmenter:
         return Block(row0, col0, probs, class_ids, score, valid, logits, signals)
 
 
+# What to do when the model's output is not a number, unless its encoder knows better (a compiled runtime's
+# cached export may be damaged: runtimes.CompiledEncoder.remedy).
+NOT_FINITE_REMEDY = ("Run again with another --runtime; if torch fails the same way, the model's weights are "
+                     "unusable: download or train the model again.")
+
+
+def require_finite(score: np.ndarray, valid: np.ndarray, encoder: Encoder | None = None) -> None:
+    """Refuse the run when the chosen class's probability of a valid pixel is not a number: the model's
+    output was NaN or infinite there (top_two and the softmax carry NaN on), and no class can be chosen."""
+    if np.isfinite(score.sum()):  # the usual case, at the cost of one sum (invalid pixels may be anything)
+        return
+    broken = int((~np.isfinite(score) & valid).sum())
+    if not broken:
+        return
+    name = f"the image encoder ({encoder.name})" if encoder is not None else "the model"
+    raise ModelError(f"The output of {name} is not a number (NaN or infinite) at {broken} valid pixel"
+                     f"{'' if broken == 1 else 's'}, so no class can be chosen there; nothing was written. "
+                     f"{getattr(encoder, 'remedy', NOT_FINITE_REMEDY)}")
+
+
 def label_probabilities(probs: np.ndarray, valid: np.ndarray, threshold: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """(C, h, w) probabilities -> class ids (UNCLASSIFIED below `threshold`, NODATA_CLASS where invalid) and
-    the chosen class's probability (NaN where invalid)."""
-    class_ids = np.nan_to_num(probs, nan=0.0).argmax(axis=0).astype(np.uint8)
-    score = np.nanmax(np.where(valid[None], probs, 0.0), axis=0).astype(np.float32)
+    the chosen class's probability (NaN where invalid); a valid pixel's NaN refuses the run (require_finite)."""
+    known = np.where(valid[None], probs, 0.0)
+    score = known.max(axis=0).astype(np.float32)  # NaN where a class is NaN
+    require_finite(score, valid)
+    class_ids = known.argmax(axis=0).astype(np.uint8)
     if threshold > 0:
         class_ids[score < threshold] = UNCLASSIFIED
     class_ids[~valid] = NODATA_CLASS

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,14 +20,16 @@ from backend.engine import runtimes
 from backend.engine.dense import dense_patch_features, normalize_pixels
 from backend.engine.devices import resolve_device
 from backend.engine.encoders import NullEncoder, TorchEncoder, autocast_enabled
-from backend.engine.errors import InputError
+from backend.engine.errors import InputError, ModelError
 from backend.engine.models import load_model
 from backend.engine.options import SegmentOptions
 from backend.engine.segment import default_batch_size, segment_raster
+from backend.engine.sliding import NODATA_CLASS, label_probabilities
 from backend.service.cli import app
 
 CLASSES = ["water, lake", "cropland", "road"]
 EXPORTED = {"openvino": "encoder.xml", "onnxruntime": "encoder.onnx"}  # what each runtime reads from the cache
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_loaded(seed: int):
@@ -36,6 +39,34 @@ def tiny_loaded(seed: int):
 
 def crops(count: int = 3) -> torch.Tensor:
     return normalize_pixels(torch.rand(count, 3, 224, 224, generator=torch.Generator().manual_seed(5)) * 255)
+
+
+def write_rgb(path: Path, height: int, width: int, seed: int = 0) -> Path:
+    """A random uint8 RGB GeoTIFF (UTM, 2 m pixels)."""
+    rgb = np.random.default_rng(seed).integers(0, 255, (3, height, width), dtype=np.uint8)
+    with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500000, 5000000, 2.0, 2.0)) as ds:
+        ds.write(rgb)
+    return path
+
+
+def segment_args(raster: Path, model: Path, out: Path, runtime: str) -> list[str]:
+    """`farslip segment` of three classes (one with a synonym) with a probability raster, into folder `out`."""
+    out.mkdir(exist_ok=True)
+    return ["segment", str(raster), "--model", str(model), "-c", "water", "-c", "field, grass", "-c", "road",
+            "--runtime", runtime, "-o", str(out / "r.gpkg"), "--prob-raster", str(out / "p.tif"), "--quiet"]
+
+
+def report_of(out: Path) -> dict:
+    return json.loads((out / "r.report.json").read_text())
+
+
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch) -> Path:
+    """A cache folder of this test's own (exports, verdicts), so no other test's exports are seen."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FARSLIP_CACHE", str(cache))
+    return cache
 
 
 @pytest.mark.parametrize("name", ["openvino", "onnxruntime"])
@@ -119,7 +150,7 @@ def test_a_missing_runtime_falls_back_to_torch_with_one_line(monkeypatch):
 
 
 def test_a_runtime_that_cannot_compile_falls_back_to_torch(monkeypatch):
-    def broken(tower, example, folder):
+    def broken(tower, example, folder, stem="encoder"):
         raise RuntimeError("unsupported operator Foo\nlong details")
 
     monkeypatch.setitem(runtimes.BUILDERS, "onnxruntime", broken)
@@ -201,11 +232,7 @@ def test_null_encoder_has_the_encoder_output_shape():
 
 def test_segment_with_a_compiled_runtime_matches_torch(tmp_path):
     loaded = load_model(str(save_plain(make_tiny_clip(16, seed=6), tmp_path / "tiny.pt")))
-    raster = tmp_path / "image.tif"
-    rgb = np.random.default_rng(0).integers(0, 255, (3, 300, 300), dtype=np.uint8)
-    with rasterio.open(raster, "w", driver="GTiff", width=300, height=300, count=3, dtype="uint8",
-                       crs="EPSG:32633", transform=from_origin(500000, 5000000, 2.0, 2.0)) as ds:
-        ds.write(rgb)
+    raster = write_rgb(tmp_path / "image.tif", 300, 300)
     probs = {}
     for name in ("torch", "onnxruntime"):
         out = tmp_path / name
@@ -234,11 +261,7 @@ def test_openvino_runs_without_sending_usage_telemetry_or_forking(tmp_path):
     the run at exit). A `farslip segment --runtime openvino` run sends nothing, forks nothing and leaves
     no telemetry files in the user's home."""
     model = save_plain(make_tiny_clip(16, seed=23), tmp_path / "tiny.pt")
-    raster = tmp_path / "image.tif"
-    rgb = np.random.default_rng(1).integers(0, 255, (3, 240, 240), dtype=np.uint8)
-    with rasterio.open(raster, "w", driver="GTiff", width=240, height=240, count=3, dtype="uint8",
-                       crs="EPSG:32633", transform=from_origin(500000, 5000000, 2.0, 2.0)) as ds:
-        ds.write(rgb)
+    raster = write_rgb(tmp_path / "image.tif", 240, 240, seed=1)
     home = tmp_path / "home"
     home.mkdir()
     script = (
@@ -252,8 +275,166 @@ def test_openvino_runs_without_sending_usage_telemetry_or_forking(tmp_path):
     env = {**os.environ, "HOME": str(home)}
     env.pop("CI", None)  # OpenVINO skips its telemetry when it sees CI=true: test what a user gets
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
-                          cwd=str(Path(__file__).resolve().parents[2]))
+                          cwd=str(REPO))
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "out.gpkg").is_file()
     assert "AT EXIT NoneType 0 True" in done.stdout, done.stdout[-2000:]
     assert not (home / "intel").exists(), sorted(str(p) for p in home.rglob("*"))
+
+
+def test_under_auto_the_fallback_note_names_the_runtime_that_ran(monkeypatch):
+    """auto tries OpenVINO, then ONNX Runtime: when OpenVINO fails and ONNX Runtime runs, the note said
+    'using torch'. It names the runtime used, and the reason behind OpenVINO's source locations."""
+    def broken(tower, example, folder, stem="encoder"):
+        raise RuntimeError("Exception from src/inference/src/cpp/core.cpp:132:\nunsupported operator Foo\n")
+
+    monkeypatch.setitem(runtimes.BUILDERS, "openvino", broken)
+    notes = []
+    encoder = runtimes.make_encoder(tiny_loaded(41), "segearth", "auto", notice=notes.append, crops=100)
+    assert encoder.name == "onnxruntime"
+    assert notes == ["openvino could not compile the model (unsupported operator Foo); using onnxruntime."]
+
+
+def test_a_raster_smaller_than_the_model_input_runs_and_reports_torch_without_exporting(tmp_path, own_cache):
+    """Every crop of a raster under 224 pixels on a side is smaller than the model input, which only torch
+    runs: --runtime openvino exported the model for nothing and reported "encoder": "openvino". Now the run
+    says why torch ran, reports torch and exports nothing."""
+    model = save_plain(make_tiny_clip(16, seed=42), tmp_path / "tiny.pt")
+    raster = write_rgb(tmp_path / "small.tif", 150, 300)
+    result = CliRunner().invoke(app, segment_args(raster, model, tmp_path / "out", "openvino"))
+    assert result.exit_code == 0, result.output
+    report = report_of(tmp_path / "out")
+    assert report["encoder"] == "torch"
+    assert [w for w in report["warnings"] if "--runtime openvino" in w] == [
+        "--runtime openvino runs only crops of the model's input size (224x224 pixels), and this raster is smaller "
+        "than that on a side, so all its crops are too; using torch."]
+    assert not (own_cache / "encoders").exists()
+
+
+def test_every_run_reports_its_runtime_fallback_in_the_reports_warnings(tmp_path, monkeypatch):
+    """A fallback was said on stderr only, and only by the run that built the encoder: a server's later jobs,
+    which reuse it, ran torch without a word. Each run's report lists it among its warnings."""
+    monkeypatch.setattr(runtimes, "runtime_installed", lambda name: False)
+    loaded = load_model(str(save_plain(make_tiny_clip(16, seed=43), tmp_path / "tiny.pt")))
+    raster = write_rgb(tmp_path / "image.tif", 240, 240)
+    expected = "onnxruntime is not installed; using torch (pip install 'farslip-qgis[cpu-runtimes]')."
+    for job in ("first", "second"):
+        heard = []
+        options = SegmentOptions(raster=raster, class_lines=CLASSES, runtime="onnxruntime",
+                                 out=tmp_path / job / "r.gpkg")
+        (tmp_path / job).mkdir()
+        result = segment_raster(options, loaded, notice=heard.append)
+        assert heard == [expected]
+        assert result.report["encoder"] == "torch"
+        assert expected in report_of(tmp_path / job)["warnings"]
+
+
+def test_a_damaged_cached_export_is_judged_again_and_exported_anew(tmp_path, own_cache):
+    """4000 bytes of a cached ONNX export flipped after torch judged it: the old verdict was trusted, and the run
+    exited 0 with every probability NaN and every pixel class 0 (one 'water' polygon over everything). The
+    verdict names the sha256 of the files it judged: the changed file is judged again, fails, is exported
+    anew, and the run writes what the first one wrote."""
+    model = save_plain(make_tiny_clip(16, seed=44), tmp_path / "tiny.pt")
+    raster = write_rgb(tmp_path / "image.tif", 300, 300)
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert CliRunner().invoke(app, segment_args(raster, model, first, "onnxruntime")).exit_code == 0
+    [export] = (own_cache / "encoders").glob("*/encoder.onnx")
+    damaged = bytearray(export.read_bytes())
+    middle = len(damaged) // 2
+    damaged[middle:middle + 4000] = bytes(byte ^ 0x5A for byte in damaged[middle:middle + 4000])
+    export.write_bytes(damaged)
+    result = CliRunner().invoke(app, segment_args(raster, model, second, "onnxruntime"))
+    assert result.exit_code == 0, result.output
+    report = report_of(second)
+    assert report["encoder"] == "onnxruntime"
+    assert [w for w in report["warnings"] if "export" in w] == [
+        f"The cached onnxruntime export in {export.parent} could not be used (its features are not numbers (NaN or "
+        "infinite) where torch's are); exporting it again."]
+    with rasterio.open(first / "p.tif") as before, rasterio.open(second / "p.tif") as after:
+        probs = after.read()
+        assert np.isfinite(probs).all()
+        assert np.abs(probs - before.read()).max() < 1e-5
+    assert export.read_bytes() != bytes(damaged)
+
+
+@pytest.mark.parametrize("name, damage, reason", [
+    ("onnxruntime", "truncate encoder.onnx", "it did not load: [ONNXRuntimeError] : 7 : INVALID_PROTOBUF"),
+    ("openvino", "truncate encoder.bin", "it did not load: Incorrect weights in bin file!"),
+    ("onnxruntime", "empty verdict", None),
+])
+def test_a_cached_export_that_does_not_load_is_said_in_one_line_and_made_again(tmp_path, own_cache, name, damage,
+                                                                                 reason):
+    """A cached export that no longer loads printed a full traceback and a note holding OpenVINO's first line
+    ('Exception from src/inference/src/cpp/core.cpp:132:') instead of the reason, and every later run fell
+    back to torch; an empty verdict file did the same. Now the run says the reason in one line (no traceback),
+    exports the model again and runs the runtime asked for; an unreadable verdict is only judged again."""
+    model = save_plain(make_tiny_clip(16, seed=45), tmp_path / "tiny.pt")
+    raster = write_rgb(tmp_path / "image.tif", 240, 240)
+    runtimes.make_encoder(load_model(str(model)), "segearth", name)  # the export a first run leaves
+    [folder] = (own_cache / "encoders").iterdir()
+    if damage == "empty verdict":
+        (folder / f"check-{name}.json").write_text("")
+    else:
+        damaged = folder / damage.split()[-1]
+        damaged.write_bytes(damaged.read_bytes()[:1000])
+        shutil.rmtree(folder / "openvino", ignore_errors=True)  # OpenVINO's compiled blobs would hide the damage
+    out = tmp_path / "out"
+    args = segment_args(raster, model, out, name)
+    script = f"from backend.service.cli import app\napp({args!r}, prog_name='farslip')\n"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=str(REPO))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    said = [line for line in done.stderr.splitlines() if line.startswith("Note: ")]
+    if reason is None:
+        assert said == [], done.stderr
+    else:
+        assert len(said) == 1 and said[0].startswith(f"Note: The cached {name} export in {folder} could not be used "
+                                                     f"({reason}"), done.stderr
+        assert said[0].endswith("); exporting it again."), said
+    assert report_of(out)["encoder"] == name
+    assert json.loads((folder / f"check-{name}.json").read_text())["ok"]
+
+
+def test_a_runtime_whose_output_is_not_a_number_fails_the_run_and_writes_nothing(tmp_path, own_cache, monkeypatch):
+    """A runtime that passes its check but returns NaN for the raster's crops: the engine turned NaN into
+    class 0 on every pixel and exited 0. Now the run stops with one sentence naming the runtime and what to
+    do, exit code 3, and no file."""
+    exported = runtimes.BUILDERS["onnxruntime"]
+
+    def nan_on_the_rasters_crops(tower, example, folder, stem="encoder"):
+        infer = exported(tower, example, folder, stem)
+        checked = example.numpy()
+
+        def run(pixels: np.ndarray) -> np.ndarray:
+            features = infer(pixels)
+            judged = pixels.shape == checked.shape and np.array_equal(pixels, checked)
+            return features if judged else np.full_like(features, np.nan)
+
+        return run
+
+    monkeypatch.setitem(runtimes.BUILDERS, "onnxruntime", nan_on_the_rasters_crops)
+    model = save_plain(make_tiny_clip(16, seed=46), tmp_path / "tiny.pt")
+    raster = write_rgb(tmp_path / "image.tif", 240, 240)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, segment_args(raster, model, out, "onnxruntime"))
+    assert result.exit_code == 3, result.output
+    [folder] = (own_cache / "encoders").iterdir()
+    assert result.output.strip() == (
+        f"Error: The output of the image encoder (onnxruntime) is not a number (NaN or infinite) at {240 * 240} "
+        "valid pixels, so no class can be chosen there; nothing was written. Its cached export may be damaged: "
+        f"delete {folder} (the next run exports and checks it again), or run with --runtime torch.")
+    assert list(out.iterdir()) == []
+
+
+def test_probabilities_that_are_not_numbers_are_refused_not_labelled_class_0():
+    """label_probabilities (the outline refinement's labelling) made a valid pixel's NaN probabilities class 0."""
+    probs = np.full((3, 2, 2), 0.2, np.float32)
+    probs[1] = 0.6
+    probs[:, 0, 0] = np.nan
+    valid = np.ones((2, 2), bool)
+    with pytest.raises(ModelError, match=r"^The output of the model is not a number \(NaN or infinite\) at 1 valid"):
+        label_probabilities(probs, valid)
+    valid[0, 0] = False
+    class_ids, score = label_probabilities(probs, valid)
+    assert class_ids.tolist() == [[NODATA_CLASS, 1], [1, 1]]
+    assert np.isnan(score[0, 0]) and np.allclose(score[valid], 0.6)
