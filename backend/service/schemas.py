@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, model_validator
 
-from backend.engine.options import SegmentOptions, Spec, option_fields, path_fields, spec_of
+from backend.engine.options import SENTENCE_MAX_CHARS, SegmentOptions, Spec, option_fields, path_fields, spec_of
 
 JobState = Literal["queued", "running", "done", "failed", "cancelled", "interrupted"]
 JobKind = Literal["segment", "train", "index", "search", "download", "evaluate"]
@@ -223,15 +223,15 @@ class IndexRequest(Strict):
     bbox_crs: str | None = Field(default=None, max_length=10000)
     model: str | None = Field(default=None, max_length=4096)
     weights: str | None = Field(default=None, max_length=4096)
-    bands: list[int] | None = Field(default=None, min_length=1, max_length=3)
+    bands: list[whole_number(ge=1)] | None = Field(default=None, min_length=1, max_length=3)
     batch_size: int | None = Field(default=None, ge=1, le=1024)
 
 
 class SearchRequest(IndexRequest):
     """The options of `farslip search`, as JSON: sentences, or a `like` point, or both."""
 
-    sentences: list[Annotated[str, Field(max_length=2000)]] = Field(default_factory=list, max_length=32)
-    keywords: list[Annotated[str, Field(max_length=2000)]] | None = Field(
+    sentences: list[Annotated[str, Field(max_length=SENTENCE_MAX_CHARS)]] = Field(default_factory=list, max_length=32)
+    keywords: list[Annotated[str, Field(max_length=SENTENCE_MAX_CHARS)]] | None = Field(
         default=None, max_length=32, description="one 'a; b' string per sentence (default: split automatically)")
     use_keywords: bool = True
     top: int = Field(default=20, ge=1, le=10000)

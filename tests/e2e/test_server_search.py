@@ -103,3 +103,17 @@ def test_a_cancelled_search_writes_nothing(backend, search_body, tmp_path):
     job = backend.wait(job_id)
     assert job["state"] == "cancelled", job
     assert not out.exists() and not list(out.parent.glob(".*"))
+
+
+def test_band_zero_is_refused_by_index_and_search_as_segment_refuses_it(backend, search_body, naip, tiny_model):
+    """Bands count from 1: segment's request refused band 0 as a field (422); index and search took it to the
+    raster check, a 400 in other words."""
+    answers = {}
+    for path, body in [("/v1/segment", {"raster": str(naip), "class_lines": ["water"], "model": str(tiny_model),
+                                        "out": search_body()["out"].replace("hits", "seg"), "bands": [0, 1, 2]}),
+                       ("/v1/index", {"raster": str(naip), "model": str(tiny_model), "bands": [0, 1, 2]}),
+                       ("/v1/search", search_body(bands=[0, 1, 2]))]:
+        response = backend.client.post(path, json=body)
+        answers[path] = (response.status_code, response.json()["detail"])
+    assert {status for status, _ in answers.values()} == {422}, answers
+    assert all("bands" in detail and "greater than or equal to 1" in detail for _, detail in answers.values()), answers
