@@ -93,6 +93,7 @@ from .model_folder import (
 from .sampling import split_labels
 
 TEACHERS = ("frozen", "active")
+TRAIN_TASK = "train on"  # what an all-nodata raster leaves nothing to (raster.open_source's sentence)
 MAX_TRAINING_PIXELS = 64_000_000  # the labelled window is held in memory as float32 RGB (~770 MB)
 
 Progress = Callable[[int, int, dict], None]
@@ -270,7 +271,7 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
         gsd_m, square = trained_resolution(loaded.metadata)
 
     started = time.perf_counter()
-    with open_source(raster, bands, scale, gsd_m, square=square) as source:
+    with open_source(raster, bands, scale, gsd_m, square=square, task="evaluate") as source:
         polygons = read_label_polygons(labels, class_field, source.crs, class_names, raster_envelope(source))
         class_lines = model_class_lines(loaded, set(polygons.class_values), background)
         area = read_aoi(aoi, source.crs, raster_envelope(source)) if aoi else None
@@ -410,7 +411,7 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
     check_model_options(loaded, options)
     bands = bands_for(raster, bands, loaded)  # training on from a model fine-tuned on chosen bands keeps them
 
-    with open_source(raster, bands, scale, gsd_m) as source:
+    with open_source(raster, bands, scale, gsd_m, task=TRAIN_TASK) as source:
         raster_id = raster_record(source.path, source.dataset)
         grid = label_grid_for(source, labels, class_field, background, aoi, class_names)
         labels_sha = file_sha256(labels_file)
@@ -849,7 +850,7 @@ def check_request_options(request: dict) -> None:
     check_option("bands", args.get("bands"))
     bands, scale, gsd_m = args.get("bands"), args.get("scale"), args.get("gsd_m")
     if "raster" in args and any(value is not None for value in (bands, scale, gsd_m)):
-        with open_source(args["raster"], bands, scale, gsd_m):  # bands the raster has, a --gsd it can take
+        with open_source(args["raster"], bands, scale, gsd_m, task=TRAIN_TASK):  # its bands, a --gsd it can take
             pass
 
 

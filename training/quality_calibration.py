@@ -244,7 +244,7 @@ def calibrate_and_keep_the_better(raster: str | Path, labels: str | Path, class_
     The figures' `file_at_target` says what the target holds afterwards: "new", "existing" or "none"."""
     target = calibration_target(loaded, out)
     check_quality_tile(tile)
-    with open_source(raster, bands, scale, gsd_m, square=square) as source:
+    with open_source(raster, bands, scale, gsd_m, square=square, task="calibrate the quality estimate on") as source:
         polygons = read_label_polygons(labels, class_field, source.crs, class_names, raster_envelope(source))
         lines = model_class_lines(loaded, set(polygons.class_values), background)
         area = read_aoi(aoi, source.crs, raster_envelope(source)) if aoi else None

@@ -144,3 +144,15 @@ def test_a_checkpoint_with_weights_that_are_not_numbers_is_not_resumed(synthetic
         "that are not finite numbers), so it cannot be resumed; start over with --overwrite instead of --resume, "
         "and a lower --lr than 0.0002."], lines
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command, words", [("train", "there is nothing to train on"),
+                                             ("evaluate", "there is nothing to evaluate")])
+def test_an_all_nodata_raster_is_refused_in_the_words_of_the_command(command, words, shared_data, synthetic,
+                                                                     tiny_model, tmp_path):
+    """The raster check said "there is nothing to segment" to a training and an evaluation."""
+    _, labels, _ = synthetic
+    model = ["--base-model", tiny_model, "--out", tmp_path / "model"] if command == "train" else ["--model", tiny_model]
+    code, lines = farslip(command, shared_data / "all-nodata.tif", labels, "--class-field", "cls", *model)
+    assert code == 4 and words in " ".join(lines) and "segment" not in " ".join(lines), lines
+    assert list(tmp_path.iterdir()) == []
