@@ -100,12 +100,12 @@ class ChunkWorker:
             self._sources[raster] = open_source(raster, s.bands, s.scale, s.gsd_m, s.value_range, s.square_gsd)
         return self._sources[raster]
 
-    def _encoder_for(self, raster_crops: int) -> None:
-        """The encoder `segment` would pick for a raster of `raster_crops` crops."""
+    def _encoder_for(self, raster_crops: int, source: RasterSource) -> None:
+        """The encoder `segment` would pick for `source`, a raster of `raster_crops` crops."""
         from backend.engine.runtimes import make_encoder
 
         self.segmenter.encoder = make_encoder(self.loaded, self.settings.attention, self.settings.runtime,
-                                              crops=raster_crops)
+                                              crops=raster_crops, raster_shape=(source.height, source.width))
 
     def run_chunk(self, raster: str, unit: tuple[int, int, int, int], raster_crops: int,
                   with_probs: bool, clip: tuple[float, float, float, float] | None = None) -> dict[str, np.ndarray]:
@@ -118,7 +118,7 @@ class ChunkWorker:
         source = self._source(raster)
         source.clip = clip
         window = PixelWindow(*unit)
-        self._encoder_for(raster_crops)
+        self._encoder_for(raster_crops, source)
         n = len(self.segmenter.classes)
         class_ids = np.full((window.height, window.width), NODATA_CLASS, np.uint8)
         score = np.full((window.height, window.width), np.nan, np.float32)
@@ -151,7 +151,7 @@ class ChunkWorker:
         with the image embedder `segment` uses for it."""
         source = self._source(raster)
         pixel_window = PixelWindow(*window)
-        self._encoder_for(raster_crops)
+        self._encoder_for(raster_crops, source)
         return region_agreement(regions, source, pixel_window, source.window_transform(pixel_window), self.loaded,
                                 self.segmenter.text, self.segmenter.owner,
                                 embed=getattr(self.segmenter.encoder, "embed_images", None))

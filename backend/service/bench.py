@@ -26,7 +26,7 @@ from rasterio.transform import from_origin
 from backend.engine.dense import dense_patch_features, normalize_pixels
 from backend.engine.encoders import TorchEncoder, autocast_enabled
 from backend.engine.feature_cache import FeatureCache
-from backend.engine.runtimes import make_encoder
+from backend.engine.runtimes import error_reason, make_encoder
 from backend.engine.sliding import ArraySource, Segmenter, predict_window
 from backend.engine.memory import peak_rss_mb
 from backend.engine.models import LoadedModel, get_tokenizer
@@ -126,7 +126,7 @@ def bench_runtimes(loaded: LoadedModel, batch_size: int, batches: int, torch_rat
         try:
             encoder = compiled_encoder(name, loaded, "segearth")
         except Exception as error:  # report, never fail the benchmark
-            found[name] = {"error": str(error).splitlines()[0][:200]}
+            found[name] = {"error": error_reason(error)[:200]}
             continue
         rate = bench_encoder(loaded, batch_size, batches, encoder)
         diff = float((encoder(crops) - expected).abs().max())

@@ -73,9 +73,14 @@ def segment(**values: Any) -> None:
 
             ensure_sam_weights(options.sam_model)
         cache = feature_cache_for(options.cache_features, options.cache_mb)
+        noted: list[str] = []  # printed as they happen; the report's warnings repeat them
+
+        def note(sentence: str) -> None:
+            noted.append(sentence)
+            typer.echo(f"Note: {sentence}", err=True)
+
         with ProgressReporter(quiet, f"segmenting {raster_label(options.raster)}") as reporter:
-            result = segment_raster(options, loaded, progress=reporter, feature_cache=cache,
-                                    notice=lambda sentence: typer.echo(f"Note: {sentence}", err=True))
+            result = segment_raster(options, loaded, progress=reporter, feature_cache=cache, notice=note)
     except FarslipError as error:
         fail(error)
     except KeyboardInterrupt as error:
@@ -83,7 +88,7 @@ def segment(**values: Any) -> None:
     finally:
         stop_on_signals.__exit__(None, None, None)
     for warning in result.report.get("warnings", []):
-        if warning not in warned:
+        if warning not in warned and warning not in noted:
             typer.echo(f"Warning: {warning}", err=True)
     if not quiet:
         for entry in result.classes:

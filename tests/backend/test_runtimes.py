@@ -309,6 +309,9 @@ def test_a_raster_smaller_than_the_model_input_runs_and_reports_torch_without_ex
         "--runtime openvino runs only crops of the model's input size (224x224 pixels), and this raster is smaller "
         "than that on a side, so all its crops are too; using torch."]
     assert not (own_cache / "encoders").exists()
+    # Said once on the terminal: as a note while the run goes, not again as a warning from the report.
+    assert sum("--runtime openvino runs only crops" in line for line in result.output.splitlines()) == 1, \
+        result.output
 
 
 def test_every_run_reports_its_runtime_fallback_in_the_reports_warnings(tmp_path, monkeypatch):

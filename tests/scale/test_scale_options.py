@@ -4,10 +4,15 @@ sentence (exit 2) before Ray starts or a file is written."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import rasterio
+from rasterio.transform import from_origin
 from typer.testing import CliRunner
 
 from backend.engine.options import SegmentOptions
@@ -77,3 +82,22 @@ def test_ray_reports_no_usage_statistics_unless_the_user_turned_them_on(monkeypa
         monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", asked)
     import_ray()
     assert usage_lib.usage_stats_enabled() is reported
+
+
+def test_a_raster_smaller_than_the_model_input_exports_no_runtime_on_the_workers(tiny_model, tmp_path):
+    """As `segment` alone does: every crop of a raster under 224 px on a side runs under torch, so a worker has
+    nothing to export (it exported the model for --runtime openvino and then never used it). A process of its
+    own, so that its Ray workers take this test's cache folder."""
+    raster = tmp_path / "small.tif"
+    with rasterio.open(raster, "w", driver="GTiff", width=300, height=150, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500000, 5000000, 10, 10)) as dst:
+        dst.write(np.random.default_rng(0).integers(0, 255, (3, 150, 300), dtype=np.uint8))
+    cache = tmp_path / "cache"
+    command = [sys.executable, "-m", "backend.service.cli", "segment", str(raster), "-c", "water", "-c", "tree",
+               "--model", str(tiny_model), "--out", str(tmp_path / "o.gpkg"), "--workers", "1", "--runtime",
+               "openvino", "--quiet"]
+    done = subprocess.run(command, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
+                          timeout=300, env=os.environ | {"FARSLIP_CACHE": str(cache)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "o.gpkg").is_file() and cache.is_dir()
+    assert not (cache / "encoders").exists(), sorted(p.name for p in (cache / "encoders").iterdir())
