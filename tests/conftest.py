@@ -13,6 +13,8 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 BACKEND_PYTHON = REPO / ".venv" / "bin" / "python"
 sys.path.insert(0, str(TESTS))
 
+from isolated import isolated_environment  # noqa: E402 (tests/ on sys.path first)
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
@@ -40,7 +42,5 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def _isolated_state(tmp_path_factory, monkeypatch):
     """Keep caches, weights and job history of tests out of the user's home."""
-    root = tmp_path_factory.getbasetemp() / "farslip-home"
-    monkeypatch.setenv("FARSLIP_HOME", str(root / "state"))
-    monkeypatch.setenv("FARSLIP_CACHE", str(root / "cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name, value in isolated_environment(tmp_path_factory).items():
+        monkeypatch.setenv(name, value)

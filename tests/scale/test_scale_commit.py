@@ -38,13 +38,6 @@ def tree(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def first_run(local_ray, tiny_model, tmp_path_factory) -> Path:
     """Two rasters segmented into a folder of their own: the previous result."""
     folder = tmp_path_factory.mktemp("first") / "run"

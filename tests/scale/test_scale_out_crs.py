@@ -75,13 +75,6 @@ def footprint_area(crs, transform, width: int, height: int) -> float:
     return abs(GEOD.polygon_area_perimeter(lon, lat)[0])
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def test_polygons_over_the_antimeridian_and_a_pole_come_out_valid_continuous_and_closed_through_the_pole(
         local_ray, tiny_model, tmp_path):
     """A UTM raster over the antimeridian gives polygons at 179.8 .. 180.1 as the lon/lat raster beside it has

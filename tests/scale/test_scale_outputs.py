@@ -65,13 +65,6 @@ def test_a_rasters_folder_in_the_way_is_refused_before_anything_is_computed(case
     assert not any((tmp_path / name).exists() for name in ("h.gpkg", "c.vrt", "p.vrt", "h.gpkg.partial"))
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def test_outputs_in_the_input_folder_are_replaced_all_together_and_never_segmented(local_ray, tiny_model, tmp_path,
                                                                                    monkeypatch):
     """A re-run over the folder the last run wrote into segments its two rasters, not the class and probability

@@ -5,6 +5,7 @@ names the raster it came from as its class raster is named. Tiny rasters, one wo
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +27,6 @@ NORTH_UP_2M = Affine(2, 0, 500000, 0, -2, 5000000)
 SOUTH_UP_2M = Affine(2, 0, 500000, 0, 2, 5000000)
 SOUTH_UP_1M = Affine(1, 0, 500128, 0, 1, 5000000)  # east of SOUTH_UP_2M's 64 x 64 pixels
 ROTATED_2M = Affine.translation(500000, 5000000) @ Affine.rotation(30) @ Affine.scale(2, -2)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def write_image(path: Path, transform: Affine, seed: int, size: int = 64) -> Path:
@@ -158,3 +152,12 @@ def test_a_run_where_every_raster_fails_leaves_no_partial_folder_in_the_next_run
     assert "all-nodata.tif" in result.output and "corrupt.tif" in result.output
     assert "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]  # no output, no bad.gpkg.partial
+
+
+def test_the_tests_ray_workers_keep_their_caches_where_the_tests_do(local_ray):
+    """Workers started with the module's Ray read and wrote the user's own cache (~/.cache/farslip)."""
+    @ray.remote
+    def folders() -> tuple[str | None, str | None]:
+        return os.environ.get("FARSLIP_CACHE"), os.environ.get("FARSLIP_HOME")
+
+    assert ray.get(folders.remote()) == (os.environ["FARSLIP_CACHE"], os.environ["FARSLIP_HOME"])

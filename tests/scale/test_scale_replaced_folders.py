@@ -70,13 +70,6 @@ def test_overwrite_keeps_a_rasters_folder_whose_files_no_run_wrote(case, unexpec
     assert tree(tmp_path) == before  # nothing written, the folder and the VRT as they were
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def test_overwrite_replaces_the_previous_outputs_folder_with_its_sidecars(local_ray, tiny_model, tmp_path):
     """The previous run's folders, with statistics and pyramids QGIS or GDAL added beside their GeoTIFFs, are
     replaced; one file more in them, and nothing is."""

@@ -22,6 +22,7 @@ import pytest
 import rasterio
 import shapely
 from rasterio.windows import Window
+from isolated import start_local_ray
 from typer.testing import CliRunner
 
 from backend.engine import segment as segment_module
@@ -37,10 +38,8 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def local_ray(tmp_path_factory):
+    yield from start_local_ray(tmp_path_factory, 2)
 
 
 def run_segment(*args):
