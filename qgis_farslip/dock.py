@@ -29,7 +29,7 @@ from .client import Connection
 from .exporting import ExportDialog
 from .extent_choice import ExtentChoice, ExtentError, unusable_extent_text
 from .extent import (PixelWindow, crs_text, displayed_bands, export_size, gdal_dataset_name, has_pixel_size,
-                     local_raster_path, transform_extent, vrt_step, write_geotiff)
+                     local_raster_path, missing_layer_file, transform_extent, vrt_step, write_geotiff)
 from .job_runner import CANCELLED, DONE, JobRunner
 from .jobs import LOST, REFUSED, eta_text, features_cached
 from .model_picker import ModelPicker, finetuned_class_lines
@@ -260,6 +260,8 @@ class FarslipDock(QgsDockWidget):
         layer = self.form.layerCombo.currentLayer()
         if not isinstance(layer, QgsRasterLayer) or not layer.isValid():
             raise UserError(self.tr("Choose a raster layer to segment."))
+        if missing_layer_file(layer):
+            raise UserError(missing_layer_file(layer))
         class_lines = self.class_lines()
         if not class_lines:
             raise UserError(self.tr("Type at least one class name (one per line), or choose a preset."))

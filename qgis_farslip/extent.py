@@ -20,6 +20,7 @@ from qgis.core import (
     QgsMultiBandColorRenderer,
     QgsPalettedRasterRenderer,
     QgsProject,
+    QgsProviderRegistry,
     QgsRasterDataProvider,
     QgsRasterFileWriter,
     QgsRasterLayer,
@@ -77,6 +78,24 @@ def local_raster_path(layer: QgsRasterLayer) -> str | None:
     if name is None or not os.path.isfile(name) or crs_overridden(layer):
         return None
     return name
+
+
+def missing_file_text(dataset: str, layer_name: str) -> str:
+    """The sentence for a GDAL dataset whose local file (a GeoTIFF, the GeoPackage of a raster table, the zip of a
+    /vsizip/ member) is gone, deleted or moved since the layer was loaded; "" while it is there, and for a name
+    that is not a local file (a /vsicurl/ URL, a driver's NETCDF:"..." name: GDAL judges those)."""
+    path = QgsProviderRegistry.instance().decodeUri("gdal", dataset).get("path") or ""
+    if not os.path.isabs(path) or path.startswith("/vsi") or os.path.exists(path):
+        return ""
+    return (f"The file {path} of layer {layer_name} no longer exists; remove the layer or point it to the moved "
+            "file.")
+
+
+def missing_layer_file(layer: QgsRasterLayer) -> str:
+    """`missing_file_text` of a layer of the gdal provider ("" for any other): the check every entry point (the
+    Segment, Search and Train tabs, the Processing algorithms) makes before it hands the layer to the backend."""
+    name = gdal_dataset_name(layer)
+    return missing_file_text(name, layer.name()) if name is not None else ""
 
 
 def needs_vrt(layer: QgsRasterLayer) -> bool:
@@ -174,11 +193,14 @@ def write_vrt(source: str, srs: str | None, path: str, layer_name: str, window: 
                              f"written ({error.strerror}).") from None
     try:
         options = gdal.TranslateOptions(format="VRT", outputSRS=srs, srcWin=list(window) if window else None)
-        dataset = gdal.Translate(draft, source, options=options)
+        try:
+            dataset = gdal.Translate(draft, source, options=options)
+        except (RuntimeError, ValueError):  # a source GDAL cannot open: "Received a NULL pointer", or GDAL's own
+            dataset = None                  # error where gdal.UseExceptions() is on
         if dataset is None:
-            raise LocalCopyError(f"{layer_name} cannot be handed to the backend: GDAL cannot describe {source} "
-                                 f"({gdal.GetLastErrorMsg() or 'no reason given'}). Save the layer as a GeoTIFF "
-                                 "and use that.")
+            raise LocalCopyError(missing_file_text(source, layer_name) or (
+                f"{layer_name} cannot be handed to the backend: GDAL cannot describe {source} "
+                f"({gdal.GetLastErrorMsg() or 'no reason given'}). Save the layer as a GeoTIFF and use that."))
         dataset = None  # closing the dataset writes the VRT
         if same_bytes(draft, path):
             mark_used(path)

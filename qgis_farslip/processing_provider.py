@@ -32,8 +32,8 @@ from qgis.PyQt.QtGui import QIcon
 from .backend_manager import BackendManager
 from .classes import bundled_presets, parse_class_text, resources_dir, too_many_classes
 from .client import BackendClient, BackendError, BackendUnreachable
-from .extent import (crs_text, displayed_bands, export_size, gdal_dataset_name, local_raster_path, vrt_arguments,
-                     write_geotiff, write_vrt)
+from .extent import (crs_text, displayed_bands, export_size, gdal_dataset_name, local_raster_path,
+                     missing_layer_file, vrt_arguments, write_geotiff, write_vrt)
 from .jobs import JobCancelled, PreparationError, run_job
 from .parameters import REFINE_CHOICES, SegmentParameters
 from .results import categorized_renderer
@@ -92,6 +92,7 @@ class BackendAlgorithm(QgsProcessingAlgorithm):
         raster = self.parameterAsRasterLayer(parameters, self.INPUT, context)
         if raster is None or gdal_dataset_name(raster) is None:
             raise QgsProcessingException(tr("The backend reads the raster from a file: choose a GeoTIFF layer."))
+        refuse_missing_file(raster)
         return local_raster_path(raster) or layer_vrt(raster), raster
 
     def labelled_inputs(self, parameters, context, folder: str) -> dict:
@@ -100,6 +101,12 @@ class BackendAlgorithm(QgsProcessingAlgorithm):
         labels = self.parameterAsVectorLayer(parameters, self.LABELS, context)
         class_field = self.parameterAsString(parameters, self.CLASS_FIELD, context)
         return {"raster": path, "labels": labels_file(labels, class_field, lambda: folder), "class_field": class_field}
+
+
+def refuse_missing_file(layer: QgsRasterLayer) -> None:
+    """Stop the algorithm with a sentence when the layer's file is gone (deleted or moved since it was loaded)."""
+    if missing_layer_file(layer):
+        raise QgsProcessingException(missing_layer_file(layer))
 
 
 def layer_vrt(layer: QgsRasterLayer) -> str:
@@ -216,6 +223,7 @@ class SegmentByClassNames(BackendAlgorithm):
         layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
         if layer is None or not layer.isValid():
             raise QgsProcessingException(tr("The raster layer cannot be opened."))
+        refuse_missing_file(layer)
         class_lines = parse_class_text(self.parameterAsString(parameters, self.CLASSES, context))
         preset_index = self.parameterAsEnum(parameters, self.PRESET, context)
         preset = sorted(self.presets)[preset_index - 1] if preset_index > 0 else None

@@ -32,7 +32,8 @@ from qgis.PyQt.QtCore import QObject, Qt, QVariant
 from qgis.PyQt.QtGui import QColor
 from qgis.PyQt.QtWidgets import QTableWidgetItem, QWidget
 
-from .extent import gdal_dataset_name, is_kept_vrt, local_raster_path, read_kept_vrt, vrt_arguments
+from .extent import (gdal_dataset_name, is_kept_vrt, local_raster_path, missing_layer_file, read_kept_vrt,
+                     vrt_arguments)
 from .i18n import tr
 from .results import CLASS_FIELD, RASTER_PROPERTY, categorized_renderer, layer_classes
 
@@ -317,7 +318,12 @@ class ReviewTab(QObject):
                                 "through {}, a VRT the plugin keeps of it); the corrections are the Train tab's "
                                 "labels now: add that layer again, choose it there and press Train.").format(
                                     layer.name(), recorded)
-        elif not os.path.isfile(recorded):  # a temporary copy of a web layer removed after the run
+        elif not os.path.isfile(recorded):
+            gone = next((missing_layer_file(raster) for raster in self.project().mapLayers().values()
+                         if isinstance(raster, QgsRasterLayer) and gdal_dataset_name(raster) == recorded), "")
+            if gone:  # the project's layer of that file, deleted or moved since
+                return None, tr("{} The corrections are the Train tab's labels now.").format(gone)
+            # a temporary copy of a web layer removed after the run
             return None, tr("{} was segmented from {}, which is gone (a temporary copy of the layer for the backend); "
                             "the corrections are the Train tab's labels now: choose the segmented raster there and "
                             "press Train.").format(layer.name(), recorded)

@@ -22,8 +22,8 @@ from qgis.PyQt.QtCore import QObject, Qt, pyqtSignal
 from qgis.PyQt.QtWidgets import QListWidgetItem, QWidget
 
 from .backend_manager import log
-from .extent import (crs_text, displayed_bands, gdal_dataset_name, hit_window, local_raster_path, transform_extent,
-                     vrt_step)
+from .extent import (crs_text, displayed_bands, gdal_dataset_name, hit_window, local_raster_path, missing_layer_file,
+                     transform_extent, vrt_step)
 from .filenames import safe_file_stem, unused_stem
 from .jobs import JobTask, eta_text
 from .search_hits import load_hits
@@ -93,6 +93,8 @@ class SearchTab(QObject):
         layer = self.form.searchRasterCombo.currentLayer()
         if not isinstance(layer, QgsRasterLayer) or not layer.isValid():
             raise UserError("Choose a raster layer to search.")
+        if missing_layer_file(layer):
+            raise UserError(missing_layer_file(layer))
         path = local_raster_path(layer)
         prepare = None
         if path is None:

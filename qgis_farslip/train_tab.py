@@ -19,7 +19,7 @@ from qgis.PyQt.QtCore import QObject, Qt, pyqtSignal
 
 from .backend_manager import log
 from .filenames import safe_file_stem
-from .extent import crs_overridden, displayed_bands, local_raster_path, transform_extent
+from .extent import crs_overridden, displayed_bands, local_raster_path, missing_layer_file, transform_extent
 from .job_runner import JobRunner
 from .jobs import eta_text
 from .settings import PluginSettings, backend_home
@@ -145,6 +145,8 @@ class TrainTab(QObject):
         raster = form.trainRasterCombo.currentLayer()
         if not isinstance(raster, QgsRasterLayer) or not raster.isValid():
             raise UserError(tr("Choose the raster to train on."))
+        if missing_layer_file(raster):
+            raise UserError(missing_layer_file(raster))
         labels = form.labelsCombo.currentLayer()
         if not isinstance(labels, QgsVectorLayer) or not labels.isValid():
             raise UserError(tr("Choose a polygon layer with labelled areas."))

@@ -11,6 +11,7 @@ from qgis.core import QgsApplication
 
 REPO = Path(__file__).resolve().parents[2]
 NAIP = (REPO / ".." / "shared" / "data" / "naip_2020_5m.tif").resolve()
+TWO_CLASSES = (("water", 0.2), ("forest", 0.3))  # a result's (class, quality) pairs
 BACKEND_PYTHON = REPO / ".venv" / "bin" / "python"  # the backend's Python (QGIS's has no torch)
 
 
@@ -67,6 +68,29 @@ def write_result_file(path: str, crs: str, classes: tuple[tuple[str, float], ...
         feature.setAttributes([name, index, 2500.0, quality])
         provider.addFeature(feature)
     save_as_geopackage(memory, path)
+
+
+def review_loaded_result(dock, tmp_path, raster_path: str):
+    """Load a finished segment job's result as the dock does, mark its polygons, train on the corrections;
+    the request the Train tab would send, or None when training did not start."""
+    from qgis.core import QgsRasterLayer
+    from qgis_farslip.results import load_segment_result
+
+    vector = str(tmp_path / "result.gpkg")
+    write_result_file(vector, QgsRasterLayer(str(NAIP), "crs").crs().authid(), TWO_CLASSES)
+    job = {"id": "job-1", "state": "done", "request": {"raster": raster_path, "out": vector},
+           "result": {"outputs": {"vector": vector}, "run_id": "run-1",
+                      "classes": [{"class": "water", "class_id": 0}, {"class": "forest", "class_id": 1}]}}
+    result = load_segment_result(job, "water, forest 12:00:00")[0]
+    tab = dock.review_tab
+    tab.review(result)
+    for row in range(2):
+        tab.form.polygonsTable.selectRow(row)
+        tab.mark("correct")
+    started = []
+    dock.train_tab.train = lambda: started.append(dock.train_tab.build_request()[0])
+    tab.train_on_corrections()
+    return started[0] if started else None
 
 
 def translated(tmp_path: Path, name: str, **options) -> str:

@@ -6,14 +6,12 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from plugin_helpers import NAIP, write_result_file
+from plugin_helpers import NAIP, TWO_CLASSES, review_loaded_result, write_result_file
 from qgis.core import (
     QgsCoordinateReferenceSystem,
     QgsProject,
     QgsRasterLayer,
 )
-
-TWO_CLASSES = (("water", 0.2), ("forest", 0.3))
 
 
 @pytest.fixture
@@ -31,28 +29,6 @@ def earlier_raster(bare_dock):
     QgsProject.instance().addMapLayer(layer)
     bare_dock.form.trainRasterCombo.setLayer(layer)
     return layer
-
-
-def review_loaded_result(dock, tmp_path, raster_path: str):
-    """Load a finished segment job's result as the dock does, mark its polygons, train on the corrections;
-    the request the Train tab would send, or None when training did not start."""
-    from qgis_farslip.results import load_segment_result
-
-    vector = str(tmp_path / "result.gpkg")
-    write_result_file(vector, QgsRasterLayer(str(NAIP), "crs").crs().authid(), TWO_CLASSES)
-    job = {"id": "job-1", "state": "done", "request": {"raster": raster_path, "out": vector},
-           "result": {"outputs": {"vector": vector}, "run_id": "run-1",
-                      "classes": [{"class": "water", "class_id": 0}, {"class": "forest", "class_id": 1}]}}
-    result = load_segment_result(job, "water, forest 12:00:00")[0]
-    tab = dock.review_tab
-    tab.review(result)
-    for row in range(2):
-        tab.form.polygonsTable.selectRow(row)
-        tab.mark("correct")
-    started = []
-    dock.train_tab.train = lambda: started.append(dock.train_tab.build_request()[0])
-    tab.train_on_corrections()
-    return started[0] if started else None
 
 
 def test_corrections_train_on_the_segmented_raster_of_the_project(bare_dock, tmp_path, backend_home, segmented,
