@@ -61,6 +61,25 @@ def quality_renderer() -> QgsGraduatedSymbolRenderer:
     return renderer
 
 
+def field_text(value) -> str:
+    """A field's value as the tab shows and saves it: "" for NULL (a polygon the analyst digitised by hand has no
+    quality, maybe no class)."""
+    return "" if value is None or (isinstance(value, QVariant) and value.isNull()) else str(value)
+
+
+def field_number(value) -> float | None:
+    """A numeric field's value; None for NULL (or a value that is no number)."""
+    try:
+        return float(field_text(value)) if field_text(value) else None
+    except ValueError:
+        return None
+
+
+def number_text(value, decimals: int) -> str:
+    number = field_number(value)
+    return "" if number is None else f"{number:.{decimals}f}"
+
+
 def has_quality(layer) -> bool:
     """A FarSLIP result: its polygons have a class and a quality (a corrections layer has `cls`, not `class`)."""
     return (isinstance(layer, QgsVectorLayer) and layer.isValid() and layer.fields().indexOf(QUALITY_FIELD) >= 0
@@ -168,15 +187,16 @@ class ReviewTab(QObject):
         if layer is None:
             self.form.reviewStatusLabel.setText(tr("Choose a FarSLIP result (a layer with a quality field)."))
             return
-        classes = sorted({str(f[CLASS_FIELD]) for f in layer.getFeatures()})
+        classes = sorted({field_text(f[CLASS_FIELD]) for f in layer.getFeatures()} - {""})
         self.form.relabelCombo.clear()
         self.form.relabelCombo.addItems(classes)
         self.form.relabelCombo.setEditable(True)
-        request = QgsFeatureRequest().addOrderBy(QUALITY_FIELD, True, True)
+        # Least sure first; polygons without a quality (digitised by hand) last, with an empty quality.
+        request = QgsFeatureRequest().addOrderBy(QUALITY_FIELD, True, False)
         for row, feature in enumerate(layer.dataProvider().getFeatures(request)):
             table.insertRow(row)
-            values = [f"{float(feature[QUALITY_FIELD]):.2f}", str(feature[CLASS_FIELD]),
-                      f"{float(feature['area_m2']):.0f}" if layer.fields().indexOf("area_m2") >= 0 else "",
+            values = [number_text(feature[QUALITY_FIELD], 2), field_text(feature[CLASS_FIELD]),
+                      number_text(feature["area_m2"], 0) if layer.fields().indexOf("area_m2") >= 0 else "",
                       "", str(feature.id())]
             for column, text in enumerate(values):
                 item = QTableWidgetItem(text)
@@ -200,7 +220,9 @@ class ReviewTab(QObject):
         if layer is None:
             return
         threshold = float(self.form.qualitySpin.value())
-        layer.setSubsetString(f'"{QUALITY_FIELD}" >= {threshold:.4f}' if self.form.hideLowCheck.isChecked() else "")
+        # A polygon without a quality (digitised by hand) is not a doubtful one: it stays.
+        layer.setSubsetString(f'"{QUALITY_FIELD}" >= {threshold:.4f} OR "{QUALITY_FIELD}" IS NULL'
+                              if self.form.hideLowCheck.isChecked() else "")
         layer.triggerRepaint()
 
     # -- marking -------------------------------------------------------------------------------
@@ -227,7 +249,10 @@ class ReviewTab(QObject):
             self.form.reviewStatusLabel.setText(tr("Choose or type the right class first."))
             return
         feature = layer.dataProvider().getFeatures(QgsFeatureRequest(fid)).__next__()
-        self.marks[fid] = (status, cls.strip() if status == RELABELLED else str(feature[CLASS_FIELD]))
+        if status == CORRECT and not field_text(feature[CLASS_FIELD]):
+            self.form.reviewStatusLabel.setText(tr("This polygon has no class; relabel it with the right one."))
+            return
+        self.marks[fid] = (status, cls.strip() if status == RELABELLED else field_text(feature[CLASS_FIELD]))
         for row in range(self.form.polygonsTable.rowCount()):
             if int(self.form.polygonsTable.item(row, 0).data(FID_ROLE)) == fid:
                 text = status if status != RELABELLED else f"{status}: {cls.strip()}"
@@ -256,7 +281,7 @@ class ReviewTab(QObject):
             status, cls = self.marks[feature.id()]
             out = QgsFeature(memory.fields())
             out.setGeometry(feature.geometry())
-            out.setAttributes([cls if status != DELETED else None, status, float(feature[QUALITY_FIELD]),
+            out.setAttributes([cls if status != DELETED else None, status, field_number(feature[QUALITY_FIELD]),
                                int(feature.id())])
             provider.addFeature(out)
         path = self.corrections_path()

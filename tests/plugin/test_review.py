@@ -4,8 +4,9 @@ style by quality, hide low quality, and "Train on my corrections" handing the ma
 from __future__ import annotations
 
 import pytest
-from plugin_helpers import save_as_geopackage
+from plugin_helpers import save_as_geopackage, write_result_file
 from qgis.core import (
+    NULL,
     QgsFeature,
     QgsField,
     QgsGeometry,
@@ -107,3 +108,28 @@ def test_training_needs_at_least_one_kept_mark(dock, tmp_path, monkeypatch):
     monkeypatch.setattr(dock.train_tab, "train", lambda: started.append(True))
     tab.train_on_corrections()
     assert not started and "Mark some polygons" in tab.form.reviewStatusLabel.text()
+
+
+def test_polygons_without_quality_or_class_are_listed_last_kept_by_the_filter_and_saved(dock, tmp_path):
+    """An analyst's hand-digitised polygon has no quality (NULL), maybe no class: listed with empty cells, those
+    without a quality last; "Hide low quality" keeps them; marked correct it is saved with no quality."""
+    from qgis_farslip.review_tab import LABEL_FIELD
+
+    path = tmp_path / "result.gpkg"
+    write_result_file(str(path), "EPSG:32633", (("water", 0.2), ("by hand", None), (None, 0.1)))
+    layer = QgsVectorLayer(str(path), "FarSLIP result", "ogr")
+    QgsProject.instance().addMapLayer(layer)
+    tab = dock.review_tab
+    tab.review(layer)
+    assert table_column(tab, 0) == ["0.10", "0.20", ""]
+    assert table_column(tab, 1) == ["", "water", "by hand"]
+    tab.form.polygonsTable.selectRow(0)
+    tab.mark("correct")
+    assert tab.form.reviewStatusLabel.text() == "This polygon has no class; relabel it with the right one."
+    tab.form.polygonsTable.selectRow(2)
+    tab.mark("correct")
+    saved = QgsVectorLayer(f"{tmp_path / 'result_review.gpkg'}|layername=review", "r", "ogr")
+    assert [(f[LABEL_FIELD], f["quality"]) for f in saved.getFeatures()] == [("by hand", NULL)]
+    tab.form.qualitySpin.setValue(0.5)
+    tab.form.hideLowCheck.setChecked(True)
+    assert sorted(f["class"] for f in layer.getFeatures()) == ["by hand"]
