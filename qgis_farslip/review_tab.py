@@ -80,6 +80,11 @@ def number_text(value, decimals: int) -> str:
     return "" if number is None else f"{number:.{decimals}f}"
 
 
+def mark_text(status: str, cls: str) -> str:
+    """A mark as the list shows it: 'correct', 'relabelled: road', 'deleted'."""
+    return tr(status) if status != RELABELLED else f"{tr(status)}: {cls}"
+
+
 def has_quality(layer) -> bool:
     """A FarSLIP result: its polygons have a class and a quality (a corrections layer has `cls`, not `class`)."""
     return (isinstance(layer, QgsVectorLayer) and layer.isValid() and layer.fields().indexOf(QUALITY_FIELD) >= 0
@@ -179,29 +184,38 @@ class ReviewTab(QObject):
         self.marks = {}
         self.corrections_layer = None
         layer = self.layer()
-        table = self.form.polygonsTable
-        table.setRowCount(0)
         for widget in (self.form.correctButton, self.form.relabelButton, self.form.deleteButton,
                        self.form.trainCorrectionsButton, self.form.styleCombo, self.form.hideLowCheck):
             widget.setEnabled(layer is not None)
         if layer is None:
+            self.form.polygonsTable.setRowCount(0)
             self.form.reviewStatusLabel.setText(tr("Choose a FarSLIP result (a layer with a quality field)."))
             return
+        self.list_polygons()
+
+    def list_polygons(self) -> None:
+        """List the layer's polygons with the marks of those still there (a polygon deleted since loses its)."""
+        layer = self.layer()
+        table = self.form.polygonsTable
+        table.setRowCount(0)
         classes = sorted({field_text(f[CLASS_FIELD]) for f in layer.getFeatures()} - {""})
         self.form.relabelCombo.clear()
         self.form.relabelCombo.addItems(classes)
         self.form.relabelCombo.setEditable(True)
         # Least sure first; polygons without a quality (digitised by hand) last, with an empty quality.
         request = QgsFeatureRequest().addOrderBy(QUALITY_FIELD, True, False)
+        listed = set()
         for row, feature in enumerate(layer.dataProvider().getFeatures(request)):
             table.insertRow(row)
+            listed.add(feature.id())
             values = [number_text(feature[QUALITY_FIELD], 2), field_text(feature[CLASS_FIELD]),
                       number_text(feature["area_m2"], 0) if layer.fields().indexOf("area_m2") >= 0 else "",
-                      "", str(feature.id())]
+                      mark_text(*self.marks[feature.id()]) if feature.id() in self.marks else "", str(feature.id())]
             for column, text in enumerate(values):
                 item = QTableWidgetItem(text)
                 item.setData(FID_ROLE, feature.id())
                 table.setItem(row, column, item)
+        self.marks = {fid: mark for fid, mark in self.marks.items() if fid in listed}
         self.form.reviewStatusLabel.setText(tr("{} polygons, least sure first. Click one to zoom to it.").format(
             table.rowCount()))
 
@@ -230,33 +244,47 @@ class ReviewTab(QObject):
         items = self.form.polygonsTable.selectedItems()
         return int(items[0].data(FID_ROLE)) if items else None
 
-    def zoom_to_selected(self) -> None:
+    def selected_feature(self) -> QgsFeature | None:
+        """The polygon selected in the list; None when none is, and when it was deleted since it was listed (then
+        the tab says so and lists the polygons again)."""
         layer, fid = self.layer(), self.selected_fid()
         if layer is None or fid is None:
+            return None
+        feature = next(layer.dataProvider().getFeatures(QgsFeatureRequest(fid)), None)
+        if feature is None or not feature.isValid():
+            self.list_polygons()
+            self.form.reviewStatusLabel.setText(tr("That polygon no longer exists; the list shows the polygons "
+                                                   "there are now."))
+            return None
+        return feature
+
+    def zoom_to_selected(self) -> None:
+        feature, layer = self.selected_feature(), self.layer()
+        if feature is None:
             return
-        feature = layer.dataProvider().getFeatures(QgsFeatureRequest(fid)).__next__()
         box = self.canvas.mapSettings().layerExtentToOutputExtent(layer, feature.geometry().boundingBox())
         box.scale(1.5)
         self.canvas.setExtent(box)
         self.canvas.refresh()
 
     def mark(self, status: str, cls: str = "") -> None:
-        layer, fid = self.layer(), self.selected_fid()
-        if layer is None or fid is None:
+        if self.layer() is None or self.selected_fid() is None:
             self.form.reviewStatusLabel.setText(tr("Select a polygon in the list first."))
             return
         if status == RELABELLED and not cls.strip():
             self.form.reviewStatusLabel.setText(tr("Choose or type the right class first."))
             return
-        feature = layer.dataProvider().getFeatures(QgsFeatureRequest(fid)).__next__()
+        feature = self.selected_feature()
+        if feature is None:
+            return
+        fid = feature.id()
         if status == CORRECT and not field_text(feature[CLASS_FIELD]):
             self.form.reviewStatusLabel.setText(tr("This polygon has no class; relabel it with the right one."))
             return
         self.marks[fid] = (status, cls.strip() if status == RELABELLED else field_text(feature[CLASS_FIELD]))
         for row in range(self.form.polygonsTable.rowCount()):
             if int(self.form.polygonsTable.item(row, 0).data(FID_ROLE)) == fid:
-                text = status if status != RELABELLED else f"{status}: {cls.strip()}"
-                self.form.polygonsTable.item(row, 3).setText(tr(text))
+                self.form.polygonsTable.item(row, 3).setText(mark_text(*self.marks[fid]))
         path = self.save_corrections()
         labelled = sum(1 for s, _ in self.marks.values() if s != DELETED)
         self.form.reviewStatusLabel.setText(tr("{} marked ({} usable for training), saved to {}.").format(

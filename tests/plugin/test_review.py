@@ -133,3 +133,18 @@ def test_polygons_without_quality_or_class_are_listed_last_kept_by_the_filter_an
     tab.form.qualitySpin.setValue(0.5)
     tab.form.hideLowCheck.setChecked(True)
     assert sorted(f["class"] for f in layer.getFeatures()) == ["by hand"]
+
+
+def test_a_polygon_deleted_after_listing_is_said_gone_and_the_list_refreshed(dock, tmp_path):
+    layer = write_result(str(tmp_path / "result.gpkg"))
+    tab = dock.review_tab
+    tab.review(layer)
+    tab.form.polygonsTable.selectRow(4)
+    tab.mark("correct")
+    for act in (tab.zoom_to_selected, lambda: tab.mark("correct")):
+        tab.form.polygonsTable.selectRow(0)
+        layer.dataProvider().deleteFeatures([tab.selected_fid()])
+        act()
+        assert tab.form.reviewStatusLabel.text().startswith("That polygon no longer exists"), act
+    assert table_column(tab, 0) == ["0.55", "0.70", "0.90"]
+    assert table_column(tab, 3) == ["", "", "correct"]  # the marks of the polygons still there are kept
