@@ -364,6 +364,7 @@ class FarslipDock(QgsDockWidget):
             return
         self.choices().save()
         if self.manager.state != "ready" or self.manager.connection is None:
+            self.runner.remove_temporary_dirs()  # a web layer's copy folder: run() prepares again once connected
             self._pending_run = True
             self.runner.set_busy(True)
             self.show_status(self.tr("Connecting to the FarSLIP backend..."))

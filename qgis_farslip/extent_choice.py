@@ -24,6 +24,17 @@ def unusable_extent_text(layer_name: str) -> str:
               "view beyond that CRS's area of use); zoom to the raster or choose 'Whole layer'.").format(layer_name)
 
 
+def clipped_to_layer(rectangle: QgsRectangle, crs: QgsCoordinateReferenceSystem, layer: QgsRasterLayer
+                     ) -> QgsRectangle:
+    """`rectangle` (in `crs`) in the raster layer's CRS, clipped to the layer: an empty rectangle where it misses
+    the raster, ExtentError (`unusable_extent_text`) where it has no image in that CRS."""
+    try:
+        clipped = transform_extent(rectangle, crs, layer.crs()).intersect(layer.extent())
+    except QgsCsException:
+        raise ExtentError(unusable_extent_text(layer.name())) from None
+    return clipped if clipped.width() > 0 and clipped.height() > 0 else QgsRectangle()
+
+
 class ExtentChoice(QObject):
     def __init__(self, iface, combo, draw_button, parent=None):
         super().__init__(parent)
@@ -86,12 +97,8 @@ class ExtentChoice(QObject):
         chosen = self.chosen()
         if chosen is None:
             return layer.extent()
-        rectangle, crs = chosen
-        try:
-            clipped = transform_extent(rectangle, crs, layer.crs()).intersect(layer.extent())
-        except QgsCsException:
-            raise ExtentError(unusable_extent_text(layer.name())) from None
-        if clipped.isEmpty() or clipped.width() <= 0 or clipped.height() <= 0:
+        clipped = clipped_to_layer(*chosen, layer)
+        if clipped.isEmpty():
             raise ExtentError(tr("The chosen extent does not overlap the raster {}; pan the map to the raster "
                                  "or choose 'Whole layer'.").format(layer.name()))
         return clipped

@@ -43,6 +43,12 @@ class JobRunner(QObject):
         self._temporary_dirs.append(folder)
         return folder
 
+    def remove_temporary_dirs(self) -> None:
+        """Remove the folders `temporary_dir` gave: the job ended, or it was refused before it started."""
+        for folder in self._temporary_dirs:
+            shutil.rmtree(folder, ignore_errors=True)
+        self._temporary_dirs = []
+
     def set_busy(self, busy: bool) -> None:
         for button in self.run_buttons:
             button.setEnabled(not busy)
@@ -78,7 +84,5 @@ class JobRunner(QObject):
         self.set_busy(False)
         # A bar left at 100 % next to an error, or at 40 % after a cancel, would say the wrong thing.
         self.progress_bar.setValue(100 if state == DONE else 0)
-        for folder in self._temporary_dirs:
-            shutil.rmtree(folder, ignore_errors=True)
-        self._temporary_dirs = []
+        self.remove_temporary_dirs()
         self.finished.emit(state, dict(job or {}), error)

@@ -12,6 +12,7 @@ from qgis.core import (
     QgsMapLayerProxyModel,
     QgsProviderRegistry,
     QgsRasterLayer,
+    QgsRectangle,
     QgsVectorFileWriter,
     QgsVectorLayer,
 )
@@ -19,7 +20,8 @@ from qgis.PyQt.QtCore import QObject, Qt, pyqtSignal
 
 from .backend_manager import log
 from .filenames import safe_file_stem
-from .extent import crs_overridden, displayed_bands, local_raster_path, missing_layer_file, transform_extent
+from .extent import crs_overridden, displayed_bands, local_raster_path, missing_layer_file
+from .extent_choice import ExtentError, clipped_to_layer
 from .job_runner import JobRunner
 from .jobs import eta_text
 from .settings import PluginSettings, backend_home
@@ -153,14 +155,16 @@ class TrainTab(QObject):
         class_field = form.classFieldCombo.currentField()
         if not class_field:
             raise UserError(tr("Choose the field of {} that holds the class names.").format(labels.name()))
+        if labels.featureCount() == 0:
+            raise UserError(tr("The labels layer {} has no polygons.").format(labels.name()))
         name = model_folder_name(form.modelNameEdit.text(), raster.name())
         out = os.path.join(default_models_dir(), name)
         if os.path.exists(out):
             raise UserError(tr("A model called {} exists already ({}); choose another name.").format(name, out))
         os.makedirs(os.path.dirname(out), exist_ok=True)
         request: dict[str, Any] = {
-            "labels": labels_file(labels, class_field, self.runner.temporary_dir), "class_field": class_field,
-            "out": out, "base_model": self._base_model(), "method": form.methodCombo.currentData(),
+            "class_field": class_field, "out": out, "base_model": self._base_model(),
+            "method": form.methodCombo.currentData(),
             "epochs": int(form.epochsSpin.value()),
             "background": form.backgroundEdit.text().strip() or None}
         bands = displayed_bands(raster)  # trained on what the analyst sees, as segment runs read it
@@ -171,11 +175,16 @@ class TrainTab(QObject):
         if path is not None:
             request["raster"] = path
         else:
-            extent = transform_extent(labels.extent(), labels.crs(), raster.crs()).intersect(raster.extent())
+            try:
+                extent = clipped_to_layer(labels.extent(), labels.crs(), raster)
+            except ExtentError:  # labels with no image in the raster's CRS: far from it
+                extent = QgsRectangle()
             if extent.isEmpty():
                 raise UserError(tr("The labels of {} do not overlap the raster {}.").format(labels.name(),
                                                                                           raster.name()))
             prepare = self.dock._local_copy_step(raster, extent, self.runner)
+        # The labels' copy (where one is written) last: a refusal above leaves no folder behind.
+        request["labels"] = labels_file(labels, class_field, self.runner.temporary_dir)
         return request, prepare, out
 
     def _base_model(self) -> str | None:
@@ -189,10 +198,12 @@ class TrainTab(QObject):
         try:
             request, prepare, out = self.build_request()
         except UserError as error:
+            self.runner.remove_temporary_dirs()
             self._show(str(error), error=True)
             self.trainFinished.emit("failed")
             return
         if self.dock.manager.state != "ready" or self.dock.manager.connection is None:
+            self.runner.remove_temporary_dirs()  # the labels' copy: the next press writes it again
             self._show(tr("The FarSLIP backend is not connected; press Connect below."), error=True)
             self.dock.manager.ensure()
             self.trainFinished.emit("failed")

@@ -123,6 +123,12 @@ def subdataset(tmp_path: Path) -> str:
     return f"GPKG:{path}:naip"
 
 
+def xyz_source(tmp_path: Path) -> str:
+    """An XYZ layer whose tile folder is empty: it returns no imagery anywhere."""
+    (tmp_path / "tiles").mkdir(exist_ok=True)
+    return f"type=xyz&url=file://{tmp_path}/tiles/%7Bz%7D/%7Bx%7D/%7By%7D.png&zmax=19&zmin=0"
+
+
 def added(source: str, name: str, provider: str = "gdal"):
     """A valid raster layer of `source`, added to the project."""
     from qgis.core import QgsProject, QgsRasterLayer

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from osgeo import gdal
-from plugin_helpers import NAIP, added, run_dock_job, subdataset, translated, zipped
+from plugin_helpers import NAIP, added, run_dock_job, subdataset, translated, xyz_source, zipped
 from qgis.core import (
     QgsCoordinateReferenceSystem,
     QgsRectangle,
@@ -156,12 +156,6 @@ def test_an_empty_map_gives_a_sentence_and_whole_layer_needs_no_map(bare_dock, t
     bare_dock.form.extentCombo.setCurrentIndex(bare_dock.form.extentCombo.findData("canvas"))
     with pytest.raises(UserError, match="cannot be taken into the CRS of the raster zipped"):
         bare_dock.build_request()
-
-
-def xyz_source(tmp_path: Path) -> str:
-    """An XYZ layer whose tile folder is empty: it returns no imagery anywhere."""
-    (tmp_path / "tiles").mkdir(exist_ok=True)
-    return f"type=xyz&url=file://{tmp_path}/tiles/%7Bz%7D/%7Bx%7D/%7By%7D.png&zmax=19&zmin=0"
 
 
 def test_an_xyz_layer_without_tiles_says_so_without_naming_a_temporary_file(dock, tmp_path, qgis_iface):

@@ -1,0 +1,94 @@
+"""The Train tab refuses labels it cannot train on in a sentence, and a refused press (or a run waiting for the
+backend) leaves no temporary copy of the labels or of a web layer behind."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from plugin_helpers import NAIP, added, subdataset, xyz_source
+from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsFeature,
+    QgsField,
+    QgsGeometry,
+    QgsProject,
+    QgsRectangle,
+    QgsVectorLayer,
+)
+from qgis.PyQt.QtCore import QVariant
+
+
+def labels_layer(crs: str, rectangles: list[QgsRectangle]) -> QgsVectorLayer:
+    """A memory layer of polygons labelled 'water' (field `class`), in the project."""
+    layer = QgsVectorLayer(f"Polygon?crs={crs}", "labels", "memory")
+    layer.dataProvider().addAttributes([QgsField("class", QVariant.String)])
+    layer.updateFields()
+    for rectangle in rectangles:
+        feature = QgsFeature(layer.fields())
+        feature.setGeometry(QgsGeometry.fromRect(rectangle))
+        feature.setAttributes(["water"])
+        layer.dataProvider().addFeature(feature)
+    layer.updateExtents()
+    QgsProject.instance().addMapLayer(layer)
+    return layer
+
+
+def choose(dock, raster, labels) -> None:
+    form = dock.form
+    form.trainRasterCombo.setLayer(raster)
+    form.labelsCombo.setLayer(labels)
+    form.classFieldCombo.setField("class")
+    form.modelNameEdit.setText("never-trained")
+
+
+@pytest.fixture
+def made_folders(bare_dock, backend_home):
+    """The temporary folders the dock's job runners hand out in the test (for local copies)."""
+    made = []
+    for runner in (bare_dock.runner, bare_dock.train_tab.runner):
+        def recorded(prefix="farslip-", give=runner.temporary_dir):
+            made.append(give(prefix))
+            return made[-1]
+        runner.temporary_dir = recorded
+    bare_dock.manager.ensure = lambda: None  # no backend: a press is refused as 'not connected'
+    return made
+
+
+def test_an_empty_labels_layer_is_said_to_have_no_polygons(bare_dock, made_folders, tmp_path):
+    from qgis_farslip.train_tab import UserError
+
+    table = added(subdataset(tmp_path), "table")  # read through a VRT: the labels' extent is taken into its CRS
+    naip = added(str(NAIP), "naip")
+    for raster, crs in ((table, "EPSG:4326"), (naip, naip.crs().authid())):
+        choose(bare_dock, raster, labels_layer(crs, []))
+        with pytest.raises(UserError, match=r"^The labels layer labels has no polygons\.$"):
+            bare_dock.train_tab.build_request()
+
+
+def test_a_refused_training_leaves_no_copy_of_the_labels(bare_dock, made_folders, tmp_path):
+    naip = added(str(NAIP), "naip")
+    corner = naip.extent()
+    choose(bare_dock, naip, labels_layer(naip.crs().authid(), [QgsRectangle(
+        corner.xMinimum(), corner.yMinimum(), corner.xMinimum() + 400, corner.yMinimum() + 400)]))
+    bare_dock.train_tab.train()
+    assert bare_dock.train_tab.last_error == "The FarSLIP backend is not connected; press Connect below."
+    choose(bare_dock, added(subdataset(tmp_path), "table"), labels_layer("EPSG:4326", [QgsRectangle(10, 10, 11, 11)]))
+    bare_dock.train_tab.train()
+    assert bare_dock.train_tab.last_error == "The labels of labels do not overlap the raster table."
+    assert made_folders and not [folder for folder in made_folders if os.path.exists(folder)]
+
+
+def test_a_run_waiting_for_the_backend_leaves_no_copy_of_a_web_layer(bare_dock, made_folders, tmp_path, qgis_iface):
+    layer = added(xyz_source(tmp_path), "empty tiles", "wms")
+    canvas = qgis_iface.mapCanvas()
+    canvas.resize(800, 600)
+    canvas.setDestinationCrs(QgsCoordinateReferenceSystem("EPSG:3857"))
+    canvas.setExtent(QgsRectangle(-11044000, 5942000, -11034000, 5946000))
+    bare_dock.form.classesEdit.setPlainText("water")
+    bare_dock.form.layerCombo.setLayer(layer)
+    bare_dock.form.extentCombo.setCurrentIndex(bare_dock.form.extentCombo.findData("canvas"))
+    bare_dock.run()
+    assert bare_dock.form.statusLabel.text() == "Connecting to the FarSLIP backend..."
+    assert made_folders and not [folder for folder in made_folders if os.path.exists(folder)]
+    bare_dock.cancel()
