@@ -9,6 +9,7 @@ quality, and polygons under a quality value can be hidden.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Callable
 
@@ -22,6 +23,7 @@ from qgis.core import (
     QgsGraduatedSymbolRenderer,
     QgsMapLayerProxyModel,
     QgsProject,
+    QgsProviderRegistry,
     QgsRasterLayer,
     QgsRendererRange,
     QgsVectorFileWriter,
@@ -34,6 +36,7 @@ from qgis.PyQt.QtWidgets import QTableWidgetItem, QWidget
 
 from .extent import (gdal_dataset_name, is_kept_vrt, local_raster_path, missing_layer_file, read_kept_vrt,
                      vrt_arguments)
+from .filenames import safe_file_stem
 from .i18n import tr
 from .results import CLASS_FIELD, RASTER_PROPERTY, categorized_renderer, layer_classes
 
@@ -285,14 +288,26 @@ class ReviewTab(QObject):
         for row in range(self.form.polygonsTable.rowCount()):
             if int(self.form.polygonsTable.item(row, 0).data(FID_ROLE)) == fid:
                 self.form.polygonsTable.item(row, 3).setText(mark_text(*self.marks[fid]))
-        path = self.save_corrections()
+        try:
+            path = self.save_corrections()
+        except RuntimeError as error:
+            self.form.reviewStatusLabel.setText(str(error))
+            return
         labelled = sum(1 for s, _ in self.marks.values() if s != DELETED)
         self.form.reviewStatusLabel.setText(tr("{} marked ({} usable for training), saved to {}.").format(
             len(self.marks), labelled, path))
 
     def corrections_path(self) -> str:
-        source = self.layer().dataProvider().dataSourceUri().split("|")[0]
-        return os.path.splitext(source)[0] + "_review.gpkg"
+        """Beside the result's file (`<result>_review.gpkg`); for a result without a file of its own (a temporary
+        layer, a database table) in the plugin's output folder, named after the layer (its id tells two layers of
+        one name apart)."""
+        layer = self.layer()
+        path = QgsProviderRegistry.instance().decodeUri(layer.providerType(), layer.source()).get("path") or ""
+        if layer.providerType() == "ogr" and os.path.isfile(path):
+            return os.path.splitext(path)[0] + "_review.gpkg"
+        digest = hashlib.sha256(layer.id().encode("utf-8")).hexdigest()[:8]
+        return os.path.join(self.dock.settings_loader().output_dir(),
+                            f"{safe_file_stem(layer.name())}-{digest}_review.gpkg")
 
     def save_corrections(self) -> str:
         """Write the marks as a polygon layer: `cls` (the right class), `status`, `quality`, `source_fid`.
@@ -313,6 +328,11 @@ class ReviewTab(QObject):
                                int(feature.id())])
             provider.addFeature(out)
         path = self.corrections_path()
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        except OSError as error:
+            raise RuntimeError(tr("Saving the review to {} failed: its folder cannot be created ({}); choose another "
+                                  "output folder in the FarSLIP settings.").format(path, error.strerror)) from None
         options = QgsVectorFileWriter.SaveVectorOptions()
         options.driverName, options.fileEncoding = "GPKG", "UTF-8"
         options.layerName = "review"
@@ -332,7 +352,11 @@ class ReviewTab(QObject):
                                                    "the examples training learns from."))
             return
         raster, refusal = self.source_raster()
-        path = self.save_corrections()
+        try:
+            path = self.save_corrections()
+        except RuntimeError as error:
+            self.form.reviewStatusLabel.setText(str(error))
+            return
         corrections = QgsVectorLayer(f"{path}|layername=review", tr("FarSLIP review"), "ogr")
         corrections.setSubsetString("\"status\" != 'deleted'")
         self.project().addMapLayer(corrections)

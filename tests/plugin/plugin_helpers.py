@@ -51,9 +51,9 @@ def save_as_geopackage(layer, path: str) -> None:
     assert error == QgsVectorFileWriter.NoError, message
 
 
-def write_result_file(path: str, crs: str, classes: tuple[tuple[str, float], ...] = (("water", 0.2),)) -> None:
-    """A segment result's GeoPackage as the Review tab reads it: one 50 m square per (class, quality), 100 m
-    apart, with a result's fields."""
+def memory_result(crs: str, classes: tuple[tuple[str, float], ...] = (("water", 0.2),)):
+    """A segment result as the Review tab reads it, as a temporary (memory) layer: one 50 m square per (class,
+    quality), 100 m apart, with a result's fields."""
     from qgis.core import QgsFeature, QgsField, QgsGeometry, QgsRectangle, QgsVectorLayer
     from qgis.PyQt.QtCore import QVariant
 
@@ -67,7 +67,12 @@ def write_result_file(path: str, crs: str, classes: tuple[tuple[str, float], ...
         feature.setGeometry(QgsGeometry.fromRect(QgsRectangle(index * 100, 0, index * 100 + 50, 50)))
         feature.setAttributes([name, index, 2500.0, quality])
         provider.addFeature(feature)
-    save_as_geopackage(memory, path)
+    return memory
+
+
+def write_result_file(path: str, crs: str, classes: tuple[tuple[str, float], ...] = (("water", 0.2),)) -> None:
+    """A segment result's GeoPackage as the Review tab reads it (`memory_result` saved to `path`)."""
+    save_as_geopackage(memory_result(crs, classes), path)
 
 
 def review_loaded_result(dock, tmp_path, raster_path: str):

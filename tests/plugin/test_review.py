@@ -3,8 +3,10 @@ style by quality, hide low quality, and "Train on my corrections" handing the ma
 
 from __future__ import annotations
 
+import os
+
 import pytest
-from plugin_helpers import save_as_geopackage, write_result_file
+from plugin_helpers import memory_result, save_as_geopackage, write_result_file
 from qgis.core import (
     NULL,
     QgsFeature,
@@ -148,3 +150,26 @@ def test_a_polygon_deleted_after_listing_is_said_gone_and_the_list_refreshed(doc
         assert tab.form.reviewStatusLabel.text().startswith("That polygon no longer exists"), act
     assert table_column(tab, 0) == ["0.55", "0.70", "0.90"]
     assert table_column(tab, 3) == ["", "", "correct"]  # the marks of the polygons still there are kept
+
+
+def test_corrections_of_a_temporary_result_go_to_the_output_folder(dock, tmp_path, monkeypatch, plugin_settings):
+    """A memory layer has no file to write beside: its corrections go to the plugin's output folder, never to a
+    name made of its URI ('memory?geometry=...') in the working folder; a folder that cannot be made is said."""
+    monkeypatch.chdir(tmp_path)
+    layer = memory_result("EPSG:32633", (("water", 0.2), ("road", 0.4)))
+    QgsProject.instance().addMapLayer(layer)
+    tab = dock.review_tab
+    tab.review(layer)
+    tab.form.polygonsTable.selectRow(0)
+    tab.mark("correct")
+    saved = [name for name in os.listdir(tmp_path / "results") if name.endswith("_review.gpkg")]
+    assert len(saved) == 1 and saved[0].startswith("result-"), saved
+    assert tab.form.reviewStatusLabel.text().endswith(f"saved to {tmp_path / 'results' / saved[0]}.")
+    assert os.listdir(tmp_path) == ["results"]
+
+    (tmp_path / "a file").write_text("")
+    plugin_settings(output_folder=str(tmp_path / "a file" / "results"))
+    tab.form.polygonsTable.selectRow(1)
+    tab.mark("correct")
+    assert tab.form.reviewStatusLabel.text().startswith("Saving the review to "), tab.form.reviewStatusLabel.text()
+    assert "choose another output folder in the FarSLIP settings" in tab.form.reviewStatusLabel.text()
