@@ -7,8 +7,10 @@ import re
 
 from .i18n import tr
 
-# The backend's limit (backend/engine/options.py CLASS_LINES_MAX): class ids are one byte in the class raster.
+# The backend's limits (backend/engine/options.py CLASS_LINES_MAX, CLASS_LINE_MAX_CHARS): class ids are one byte
+# in the class raster; a class line is a few names, not a text.
 MAX_CLASSES = 250
+MAX_CLASS_LINE_CHARS = 1000
 
 
 # What separates synonyms: the backend's set (backend/engine/presets.py SYNONYM_SEPARATORS): commas and
@@ -36,11 +38,15 @@ def parse_class_text(text: str) -> list[str]:
     return class_lines
 
 
-def too_many_classes(class_lines: list[str]) -> str | None:
-    """The sentence for a class list the backend would refuse for its length, or None."""
-    if len(class_lines) <= MAX_CLASSES:
-        return None
-    return tr("At most {} classes per run; you typed {}.").format(MAX_CLASSES, len(class_lines))
+def class_list_refusal(class_lines: list[str]) -> str | None:
+    """The sentence for a class list the backend would refuse for its length or for a line's length, or None."""
+    if len(class_lines) > MAX_CLASSES:
+        return tr("At most {} classes per run; you typed {}.").format(MAX_CLASSES, len(class_lines))
+    for number, line in enumerate(class_lines, 1):
+        if len(line) > MAX_CLASS_LINE_CHARS:
+            return tr("Class {} ({}...) is {} characters long; a class line holds at most {}: name the class in a "
+                      "few words.").format(number, line[:40], len(line), MAX_CLASS_LINE_CHARS)
+    return None
 
 
 def class_name(class_line: str) -> str:

@@ -24,7 +24,7 @@ from . import messages
 from .backend_manager import BackendManager, log, plain_text
 from .backend_panel import BackendPanel
 from .class_box import ClassBox
-from .classes import bundled_presets, parse_class_text, too_many_classes
+from .classes import bundled_presets, class_list_refusal, parse_class_text
 from .client import Connection
 from .exporting import ExportDialog
 from .extent_choice import ExtentChoice, ExtentError, unusable_extent_text
@@ -265,8 +265,8 @@ class FarslipDock(QgsDockWidget):
         class_lines = self.class_lines()
         if not class_lines:
             raise UserError(self.tr("Type at least one class name (one per line), or choose a preset."))
-        if too_many_classes(class_lines):
-            raise UserError(too_many_classes(class_lines))
+        if class_list_refusal(class_lines):
+            raise UserError(class_list_refusal(class_lines))
         in_layer = self.extent_in_layer_crs(layer)
         folder = self.settings_loader().output_dir()
         try:

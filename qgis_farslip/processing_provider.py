@@ -30,7 +30,7 @@ from qgis.core import (
 from qgis.PyQt.QtGui import QIcon
 
 from .backend_manager import BackendManager
-from .classes import bundled_presets, parse_class_text, resources_dir, too_many_classes
+from .classes import bundled_presets, class_list_refusal, parse_class_text, resources_dir
 from .client import BackendClient, BackendError, BackendUnreachable
 from .extent import (crs_text, displayed_bands, export_size, gdal_dataset_name, local_raster_path,
                      missing_layer_file, vrt_arguments, write_geotiff, write_vrt)
@@ -231,8 +231,8 @@ class SegmentByClassNames(BackendAlgorithm):
             class_lines = list(self.presets[preset])
         if not class_lines:
             raise QgsProcessingException(tr("Give at least one class name (one per line), or choose a preset."))
-        if too_many_classes(class_lines):
-            raise QgsProcessingException(too_many_classes(class_lines))
+        if class_list_refusal(class_lines):
+            raise QgsProcessingException(class_list_refusal(class_lines))
         out = output_file(self.parameterAsOutputLayer(parameters, self.OUTPUT, context), context)
         # An empty model means the one chosen in the FarSLIP settings, as in the dock.
         model = self.parameterAsString(parameters, self.MODEL, context).strip() or PluginSettings.load().default_model

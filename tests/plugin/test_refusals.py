@@ -43,6 +43,28 @@ def test_processing_refuses_more_classes_than_the_backend_takes(farslip, qgis_ne
                                    QgsProcessingContext(), QgsProcessingFeedback())
 
 
+LONG_LINE_REFUSAL = (r"^Class 2 \(a{40}\.\.\.\) is 1001 characters long; a class line holds at most 1000: name the "
+                     r"class in a few words\.$")
+
+
+def test_a_class_line_longer_than_the_backend_takes_is_refused_in_a_sentence(bare_dock, naip_layer):
+    from qgis_farslip.dock import UserError
+    from qgis_farslip.processing_provider import SegmentByClassNames
+
+    bare_dock.form.layerCombo.setLayer(naip_layer)
+    bare_dock.form.extentCombo.setCurrentIndex(bare_dock.form.extentCombo.findData("layer"))
+    bare_dock.form.classesEdit.setPlainText("water\n" + "a" * 1001)
+    with pytest.raises(UserError, match=LONG_LINE_REFUSAL):
+        bare_dock.segment_parameters()
+    algorithm = SegmentByClassNames(lambda: None)
+    algorithm.initAlgorithm()
+    with pytest.raises(QgsProcessingException, match=LONG_LINE_REFUSAL):
+        algorithm.processAlgorithm({"INPUT": naip_layer, "CLASSES": "water\n" + "a" * 1001,
+                                    "OUTPUT": "TEMPORARY_OUTPUT"}, QgsProcessingContext(), QgsProcessingFeedback())
+    bare_dock.form.classesEdit.setPlainText("water\n" + "a" * 1000)
+    assert bare_dock.segment_parameters()[0].class_lines[1] == "a" * 1000
+
+
 def test_a_request_the_backend_refuses_offers_no_log(naip_dock, tmp_path):
     naip_dock.form.classesEdit.setPlainText("water\ngrass")
     naip_dock.form.modelCombo.setEditText(str(tmp_path / "no-such-model.pt"))
