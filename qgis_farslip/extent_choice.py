@@ -35,6 +35,16 @@ def clipped_to_layer(rectangle: QgsRectangle, crs: QgsCoordinateReferenceSystem,
     return clipped if clipped.width() > 0 and clipped.height() > 0 else QgsRectangle()
 
 
+def overlapping_part(rectangle: QgsRectangle, crs: QgsCoordinateReferenceSystem, layer: QgsRasterLayer
+                     ) -> QgsRectangle:
+    """The part of `rectangle` (in `crs`) on the raster, in the raster's CRS; ExtentError where there is none."""
+    clipped = clipped_to_layer(rectangle, crs, layer)
+    if clipped.isEmpty():
+        raise ExtentError(tr("The chosen extent does not overlap the raster {}; pan the map to the raster or choose "
+                             "'Whole layer'.").format(layer.name()))
+    return clipped
+
+
 class ExtentChoice(QObject):
     def __init__(self, iface, combo, draw_button, parent=None):
         super().__init__(parent)
@@ -97,11 +107,7 @@ class ExtentChoice(QObject):
         chosen = self.chosen()
         if chosen is None:
             return layer.extent()
-        clipped = clipped_to_layer(*chosen, layer)
-        if clipped.isEmpty():
-            raise ExtentError(tr("The chosen extent does not overlap the raster {}; pan the map to the raster "
-                                 "or choose 'Whole layer'.").format(layer.name()))
-        return clipped
+        return overlapping_part(*chosen, layer)
 
     def close_down(self) -> None:
         if self.canvas.mapTool() is self.map_tool:

@@ -24,6 +24,7 @@ from qgis.PyQt.QtWidgets import QListWidgetItem, QWidget
 from .backend_manager import log
 from .extent import (crs_text, displayed_bands, gdal_dataset_name, hit_window, local_raster_path, missing_layer_file,
                      transform_extent, vrt_step)
+from .extent_choice import ExtentError, overlapping_part
 from .filenames import safe_file_stem, unused_stem
 from .jobs import JobTask, eta_text
 from .search_hits import load_hits
@@ -128,9 +129,13 @@ class SearchTab(QObject):
         if bands:
             request["bands"] = bands
         if self.form.searchExtentCombo.currentData() == EXTENT_CANVAS:
-            extent = self.canvas.extent()
+            extent, crs = self.canvas.extent(), self.canvas.mapSettings().destinationCrs()
+            try:  # a view off the raster is refused as the Segment tab refuses it
+                overlapping_part(extent, crs, layer)
+            except ExtentError as error:
+                raise UserError(str(error)) from None
             request["bbox"] = [extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum()]
-            request["bbox_crs"] = crs_text(self.canvas.mapSettings().destinationCrs())
+            request["bbox_crs"] = crs_text(crs)
         if like is not None:
             x, y, crs = like
             request["like"] = [x, y]

@@ -309,6 +309,23 @@ def test_a_layer_gdal_does_not_read_is_refused_in_a_sentence(bare_dock, tmp_path
     assert "GeoTIFF" in tab.last_error and tab.task is None
 
 
+def test_a_map_view_off_the_raster_is_refused_as_the_segment_tab_refuses_it(bare_dock, naip_layer, qgis_iface):
+    canvas = qgis_iface.mapCanvas()
+    canvas.resize(800, 600)
+    canvas.setDestinationCrs(naip_layer.crs())
+    east = naip_layer.extent()
+    canvas.setExtent(QgsRectangle(east.xMaximum() + 100000, east.yMinimum(), east.xMaximum() + 110000,
+                                  east.yMaximum()))
+    bare_dock.manager.ensure = lambda: None  # no backend is started
+    tab = bare_dock.search_tab
+    tab.form.searchRasterCombo.setLayer(naip_layer)
+    tab.form.sentencesEdit.setPlainText("a lake")
+    tab.form.searchExtentCombo.setCurrentIndex(tab.form.searchExtentCombo.findData("canvas"))
+    assert run_search(tab, timeout=10) == "failed"
+    assert tab.last_error == ("The chosen extent does not overlap the raster naip; pan the map to the raster or "
+                              "choose 'Whole layer'.")
+
+
 def test_hits_still_zoom_after_the_hits_layer_is_removed_and_a_removed_raster_is_named(search_tab, naip_layer,
                                                                                        qgis_iface):
     """A user removes the hits layer, then clicks a hit: the map zooms to it (the hits' CRS was kept); with the
