@@ -118,6 +118,18 @@ def match_categories_to_values(renderer, written: QgsVectorLayer) -> None:
             renderer.updateCategoryValue(position, max(prefixes, key=len))
 
 
+def filter_note(layer: QgsVectorLayer, written: QgsVectorLayer) -> str:
+    """What the status says of a layer exported under a filter (the Review tab's "Hide low quality", or one the
+    user set): the file holds only the polygons the filter shows."""
+    if not layer.subsetString():
+        return ""
+    unfiltered = layer.clone()
+    unfiltered.setSubsetString("")
+    return tr(" It holds {} of the {} polygons: those the layer's filter shows ({}); turn 'Hide low quality' off "
+              "(Review tab) or clear the filter to export them all.").format(
+                  written.featureCount(), unfiltered.featureCount(), layer.subsetString())
+
+
 def shortened_classes(layer: QgsVectorLayer, written: QgsVectorLayer) -> list[str]:
     """The class names of `layer` that the written file holds shortened (see match_categories_to_values)."""
     before, after = layer.renderer(), written.renderer()
@@ -180,6 +192,7 @@ class ExportDialog(QDialog):
         names = ", ".join(repr(name[:40] + "...") for name in shortened)
         note = tr(" A shapefile keeps 254 bytes of text: the class {} is stored shortened (its style too); export to "
                   "a GeoPackage to keep the full names.").format(names) if shortened else ""
+        note += filter_note(layer, written)
         table = written.name()
         others = [sublayer.name() for sublayer in QgsProviderRegistry.instance().querySublayers(path)
                   if sublayer.name() != table]

@@ -6,6 +6,7 @@ import os
 import sqlite3
 
 from osgeo import ogr, osr
+from plugin_helpers import write_result_file
 from qgis.core import QgsProject, QgsVectorLayer
 
 
@@ -91,3 +92,21 @@ def test_export_to_a_new_geopackage_writes_the_result_alone(bare_dock, tmp_path)
     assert bare_dock.form.statusLabel.text() == f"Exported water 12:00:00 with its style to {path}."
     assert QgsProject.instance().mapLayersByName("lakes"), "a file of its own is shown under the file's name"
     assert QgsVectorLayer(path, "back", "ogr").renderer().type() == "categorizedSymbol"
+
+
+def test_an_export_under_the_low_quality_filter_says_it_holds_only_the_polygons_shown(bare_dock, tmp_path):
+    source = str(tmp_path / "result.gpkg")
+    write_result_file(source, "EPSG:26914", (("water", 0.2), ("grass", 0.9), ("road", 0.1)))
+    result = QgsVectorLayer(source, "result", "ogr")
+    result.setCustomProperty("farslip/run_id", "r1")
+    QgsProject.instance().addMapLayer(result)
+    review = bare_dock.review_tab
+    review.review(result)
+    review.form.qualitySpin.setValue(0.5)
+    review.form.hideLowCheck.setChecked(True)
+    path = str(tmp_path / "export.gpkg")
+    assert bare_dock.export_result(path, result) == path
+    assert QgsVectorLayer(path, "back", "ogr").featureCount() == 1
+    assert bare_dock.form.statusLabel.text() == (
+        f"Exported result with its style to {path}. It holds 1 of the 3 polygons: those the layer's filter shows "
+        f"({result.subsetString()}); turn 'Hide low quality' off (Review tab) or clear the filter to export them all.")
