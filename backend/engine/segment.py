@@ -407,7 +407,7 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
             t0 = time.perf_counter()
             try:
                 valid_pixels = _write_rasters(segmenter, source, computed, class_path, score_path, prob_path,
-                                              classes, progress, should_cancel, signals_path, streamed)
+                                              classes, progress, should_cancel, signals_path, streamed, window)
             except BaseException:
                 if streamed is not None:
                     streamed.abandon()
@@ -567,10 +567,22 @@ class RunRasters:
                 ds.close()
 
 
+def valid_inside(valid: np.ndarray, row0: int, col0: int, computed: PixelWindow, asked: PixelWindow) -> int:
+    """How many of a block's valid pixels lie in the window asked for: the block's `valid` at (row0, col0) of the
+    `computed` window, which a refinement widens by its halo around `asked` (the halo's pixels are read for the
+    refinement's context, not segmented for the user)."""
+    top, left = asked.row_off - computed.row_off - row0, asked.col_off - computed.col_off - col0
+    rows = slice(max(top, 0), max(min(top + asked.height, valid.shape[0]), 0))
+    cols = slice(max(left, 0), max(min(left + asked.width, valid.shape[1]), 0))
+    return int(valid[rows, cols].sum())
+
+
 def _write_rasters(segmenter: Segmenter, source: RasterSource, window, class_path: Path | None,
                    score_path: Path | None, prob_path: Path | None, classes, progress, should_cancel,
-                   signals_path: Path | None = None, streamed: StripPolygons | None = None) -> int:
-    """Run the engine over `window`, writing each finished block; returns the number of valid pixels."""
+                   signals_path: Path | None = None, streamed: StripPolygons | None = None,
+                   asked: PixelWindow | None = None) -> int:
+    """Run the engine over `window`, writing each finished block; returns the number of valid pixels (of those
+    in `asked`, the window asked for, when `window` is wider)."""
     rasters = RunRasters(source, window, classes, class_path, score_path, signals_path, prob_path)
     segmenter.keep_probs = prob_path is not None  # without a probability raster no block needs them
     valid_pixels = 0
@@ -580,7 +592,8 @@ def _write_rasters(segmenter: Segmenter, source: RasterSource, window, class_pat
             signals = block.signals
             assert signals is not None, "the engine's blocks carry their quality signals"
             rasters.write(block.row0, block.col0, block.class_ids, block.score, block.probs, signals)
-            valid_pixels += int(block.valid.sum())
+            valid_pixels += (int(block.valid.sum()) if asked is None or asked == window else
+                             valid_inside(block.valid, block.row0, block.col0, window, asked))
             if streamed is not None:
                 streamed.add(block, signals)
             segmenter.stage_s["write_blocks"] = segmenter.stage_s.get("write_blocks", 0.0) + \

@@ -25,8 +25,8 @@ from backend.engine.files import raster_label
 from backend.engine import outlines as refine_outlines
 from backend.engine.raster import PixelWindow, open_source, pixel_size
 from backend.engine.segment import (SKIPPED_CLASSES, RunRasters, StripPolygons, _class_stats, estimate_quality,
-                                    strip_rows_for)
-from backend.engine.sliding import Segmenter
+                                    strip_rows_for, valid_inside)
+from backend.engine.sliding import NODATA_CLASS, Segmenter
 from backend.engine.vectorize import finalize, vectorize_class_raster
 
 from .manifest import Manifest
@@ -111,7 +111,8 @@ def finish_raster(plan: RasterPlan, manifest: Manifest, engine: EngineSettings, 
                 row0, col0 = unit.row_off - computed.row_off, unit.col_off - computed.col_off
                 rasters.write(row0, col0, arrays["class_ids"], arrays["score"], arrays.get("probs"),
                               arrays["signals"])
-                valid += int(arrays["valid"])
+                valid += (int(arrays["valid"]) if computed == window else  # not the halo a refinement reads
+                          valid_inside(arrays["class_ids"] != NODATA_CLASS, row0, col0, computed, window))
                 if streamed is not None:  # the engine's own blocks, in its order: the same strips as segment
                     top = 0
                     for height in arrays["block_rows"]:

@@ -1,0 +1,54 @@
+"""A refinement reads a halo around the window asked for; only the window's own pixels count as segmented: a
+--bbox of nodata inside a raster with data around it is refused (exit 4) with --refine edges as without, and
+the report's valid_pixels are the window's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+from typer.testing import CliRunner
+
+from backend.service.cli import app
+
+
+@pytest.fixture
+def holed(tmp_path) -> Path:
+    """300 x 300 px at 5 m with nodata 0 and a 100 x 120 px hole of nodata at rows 100..200, cols 150..270."""
+    rng = np.random.default_rng(3)
+    pixels = np.kron(rng.integers(1, 255, (3, 10, 10), dtype=np.uint8), np.ones((30, 30), np.uint8))
+    pixels[:, 100:200, 150:270] = 0
+    path = tmp_path / "holed.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=300, height=300, count=3, dtype="uint8", nodata=0,
+                       crs="EPSG:32633", transform=from_origin(500000, 4000000, 5, 5)) as dst:
+        dst.write(pixels)
+    return path
+
+
+def segment(raster: Path, out: Path, model: Path, *extra):
+    return CliRunner().invoke(app, ["segment", str(raster), "-c", "water", "-c", "road", "--model", str(model),
+                                    "--out", str(out), "--quiet", *map(str, extra)])
+
+
+@pytest.mark.parametrize("refine", ["none", "edges"])
+def test_a_bbox_of_nodata_is_refused_with_or_without_refinement(refine, holed, tiny_model, tmp_path):
+    hole = (500000 + 150 * 5, 4000000 - 200 * 5, 500000 + 270 * 5, 4000000 - 100 * 5)  # the hole: data around
+    result = segment(holed, tmp_path / "o.gpkg", tiny_model, "--refine", refine, "--bbox", *hole)
+    assert result.exit_code == 4, result.output
+    assert "holds only nodata or masked pixels: there is nothing to segment" in " ".join(result.output.split())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["holed.tif"]
+
+
+@pytest.mark.parametrize("refine", ["none", "edges"])
+def test_valid_pixels_are_those_of_the_window_asked_for(refine, holed, tiny_model, tmp_path):
+    """A window of 60 x 50 px at the raster's left edge, none of it nodata: 3000 valid pixels, not the halo's."""
+    box = (500000, 4000000 - 50 * 5, 500000 + 60 * 5, 4000000)
+    result = segment(holed, tmp_path / "o.gpkg", tiny_model, "--refine", refine, "--bbox", *box)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "o.report.json").read_text(encoding="utf-8"))
+    assert (report["pixel_window"]["height"], report["pixel_window"]["width"]) == (50, 60)
+    assert report["valid_pixels"] == 3000
