@@ -140,6 +140,10 @@ def check_inputs(options: SegmentOptions, read_raster: bool = True, device: torc
         if not Path(options.quality_calibration).exists():
             raise InputError(f"The quality calibration file {options.quality_calibration} does not exist.")
         check_regular_file(options.quality_calibration, "quality calibration")  # a FIFO or device: say so
+        from .quality import QualityModel
+
+        # Its values and class list now, not after the whole run (the model's weights: once it is loaded).
+        QualityModel.load(Path(options.quality_calibration), None, lines or None)
     check_outputs(options)
     if read_raster:
         from .raster import open_source, request_window

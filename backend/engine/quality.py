@@ -151,13 +151,14 @@ class QualityModel:
     def load(cls, path: Path, weights_sha256: str | None = None,
              class_lines: Sequence[str] | None = None) -> QualityModel:
         """A stored calibration; refused when it was made for another model or class list."""
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        try:  # utf-8-sig: an editor's "UTF-8" may put a byte order mark first
+            data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
         except (OSError, ValueError) as exc:
             raise InputError(f"The quality calibration {path} is unreadable ({exc}).") from exc
         if (not isinstance(data, dict) or data.get("format") != CALIBRATION_FORMAT
                 or data.get("signals") != list(SIGNALS)):
             raise InputError(f"{path} is not a FarSLIP quality calibration (format {CALIBRATION_FORMAT}).")
+        _check_calibration_values(path, data)
         model = cls(**{k: data[k] for k in ("coef", "intercept", "fill", "source", "weights_sha256",
                                             "class_lines", "metrics") if k in data})
         if weights_sha256 and model.weights_sha256 and model.weights_sha256 != weights_sha256:
@@ -169,6 +170,33 @@ class QualityModel:
                              f"{'; '.join(model.class_lines)}, not {'; '.join(class_lines)}; calibrate again "
                              "with this class list.")
         return model
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_calibration_values(path: Path, data: dict) -> None:
+    """Each value a calibration holds has the type and size `predict` needs: a hand-edited or damaged file is
+    refused in one sentence, never a traceback halfway through a run, or NULL qualities without a word."""
+    def wrong(key: str, wanted: str) -> InputError:
+        return InputError(f"The quality calibration {path} is not usable: its {key!r} must be {wanted}; got "
+                          f"{json.dumps(data[key])[:100]}. Calibrate again (farslip evaluate --calibrate-quality).")
+
+    for key in ("coef", "fill"):
+        if key in data and not (isinstance(data[key], list) and len(data[key]) == len(SIGNALS)
+                                and all(_finite_number(v) for v in data[key])):
+            raise wrong(key, f"{len(SIGNALS)} finite numbers, one per signal ({', '.join(SIGNALS)})")
+    if "intercept" in data and not _finite_number(data["intercept"]):
+        raise wrong("intercept", "a finite number")
+    for key in ("weights_sha256", "source"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise wrong(key, "a text")
+    if data.get("class_lines") is not None and not (isinstance(data["class_lines"], list)
+                                                    and all(isinstance(v, str) for v in data["class_lines"])):
+        raise wrong("class_lines", "a list of class lines")
+    if data.get("metrics") is not None and not isinstance(data["metrics"], dict):
+        raise wrong("metrics", "an object")
 
 
 def calibration_path_for(model_dir: Path) -> Path:
@@ -376,7 +404,7 @@ def fit_quality_model(signals: np.ndarray, target: np.ndarray, weights_sha256: s
 
     if len(target) < MIN_CALIBRATION_TILES:
         raise InputError(f"Calibrating the quality estimate needs at least {MIN_CALIBRATION_TILES} labelled tiles; "
-                         f"the labels cover {len(target)}. Label a larger area or use smaller --tile.")
+                         f"the labels cover {len(target)}. Label a larger area or use a smaller --quality-tile.")
     default = QualityModel()
     fill = [float(np.nanmean(col)) if np.isfinite(col).any() else f
             for col, f in zip(signals.T, default.fill)]

@@ -343,6 +343,8 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
     # the model sets keeps the raster's pixel shape unless it was trained on square pixels (square_gsd).
     options = with_model_defaults(options, loaded)
     check_inputs(options, read_raster=False)  # the raster is read next, with its own checks
+    if options.quality_calibration:  # made for this model: told before the dense pass, not after it
+        QualityModel.load(Path(options.quality_calibration), loaded.weights_id, class_lines_of(options))
     assert options.batch_size is not None, "with_model_defaults chose the batch size"
     raster = options.raster
     classes = parse_class_lines(class_lines_of(options))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pyogrio.raw
@@ -337,3 +338,44 @@ def test_evaluate_calibrates_the_estimate_and_segment_uses_it(tiny_model, tmp_pa
                                 "--quality-calibration", str(calibration), "--out", str(tmp_path / "o.gpkg"),
                                 "--quiet"])
     assert other.exit_code == 2 and "class list" in other.output and not (tmp_path / "o.gpkg").exists()
+
+
+SAMPLE = Path(__file__).resolve().parents[2] / "resources" / "sample" / "naip_2020_5m_crop.tif"
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"coef": [1, 2]}, "'coef' must be 5 finite numbers"),
+    ({"coef": [float("nan")] * 5}, "'coef' must be 5 finite numbers"),
+    ({"coef": ["1"] * 5}, "'coef' must be 5 finite numbers"),
+    ({"coef": None}, "'coef' must be 5 finite numbers"),
+    ({"coef": [[1]] * 5}, "'coef' must be 5 finite numbers"),
+    ({"fill": [0.5]}, "'fill' must be 5 finite numbers"),
+    ({"intercept": "x"}, "'intercept' must be a finite number"),
+    ({"weights_sha256": 12}, "'weights_sha256' must be a text"),
+    ({"class_lines": "water"}, "'class_lines' must be a list of class lines"),
+    ({"weights_sha256": "0" * 64}, "was made for another model"),
+    ({"class_lines": ["road", "water"]}, "was made for the classes road; water, not water; road"),
+])
+def test_a_calibration_segment_cannot_use_is_refused_before_the_dense_pass(change, words, tiny_model, tmp_path,
+                                                                          monkeypatch):
+    """A damaged or hand-edited calibration failed after the whole run with a traceback (or gave NULL quality
+    everywhere without a word); one made for another model or class list was told only after the run."""
+    def no_dense_pass(*args, **kwargs):
+        raise AssertionError("the dense pass ran")
+
+    monkeypatch.setattr("backend.engine.segment.predict_blocks", no_dense_pass)
+    data = json.loads(QualityModel().save(tmp_path / "base.json").read_text(encoding="utf-8"))
+    (tmp_path / "q.json").write_text(json.dumps(data | change), encoding="utf-8")
+    out = tmp_path / "out"
+    out.mkdir()
+    result = CliRunner().invoke(app, ["segment", str(SAMPLE), "-c", "water", "-c", "road", "--model", str(tiny_model),
+                                      "--out", str(out / "r.gpkg"), "--quality-calibration", str(tmp_path / "q.json")])
+    assert result.exit_code == 2, result.output
+    assert words in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert list(out.iterdir()) == []
+
+
+def test_a_calibration_saved_with_a_byte_order_mark_is_read(tmp_path):
+    saved = QualityModel(coef=[1.0, 2.0, -1.0, 1.0, 2.0]).save(tmp_path / "q.json")
+    saved.write_bytes(b"\xef\xbb\xbf" + saved.read_bytes())
+    assert QualityModel.load(saved).coef == [1.0, 2.0, -1.0, 1.0, 2.0]
