@@ -3,7 +3,8 @@
 `none` passes the engine's rasters through. `edges` needs the class probabilities `halo_px()`
 around the request (so the engine computes that wider window) and rewrites class, score and
 probability rasters block by block. `sam` keeps the engine's window, loads the SAM model and
-rewrites the class raster window by window (backend/engine/sam.py), then rescores it.
+rewrites the class raster window by window (backend/engine/sam.py), then rescores it; its
+probability raster stays the engine's (SAM gives no probabilities).
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def _rescore(class_path: Path, prob_path: Path, score_path: Path) -> None:
             score_ds.write(np.where(known, picked, np.nan).astype(np.float32), 1, window=strip)
 
 
-def _sam(sam_model, device, source, window, workdir, class_path, score_path, prob_path, should_cancel):
+def _sam(sam_model, device, source, window, workdir, class_path, score_path, prob_path, threshold, should_cancel):
     from .sam import coarse_resolution_warning, refine_with_sam
     from .sam_models import load_sam
 
@@ -112,7 +113,8 @@ def _sam(sam_model, device, source, window, workdir, class_path, score_path, pro
     refined_path = workdir / "classes_sam.tif"
     shutil.copyfile(class_path, refined_path)
     shutil.copyfile(score_path, workdir / "score_coarse.tif")
-    stats = refine_with_sam(sam, source, window, class_path, prob_path, refined_path, should_cancel=should_cancel)
+    stats = refine_with_sam(sam, source, window, class_path, prob_path, refined_path, should_cancel=should_cancel,
+                            threshold=threshold)
     _rescore(refined_path, prob_path, score_path)
     warning = coarse_resolution_warning(native_gsd_m(source.dataset) / source.scale, sam.image_size)
     report = {"sam": {"model": sam.name, "weights": sam.weights_path, "window": sam.image_size, **stats.summary()}}
@@ -135,7 +137,7 @@ def run(refine: str, sam_model: str | None, device, source, window: PixelWindow,
                                           "settings": DEFAULT_EDGES.__dict__}})
     assert refine == "sam"
     refined_path, load_s, report, warnings = _sam(sam_model, device, source, window, workdir, class_path, score_path,
-                                                prob_path, should_cancel)
+                                                prob_path, threshold, should_cancel)
     report["refine"] = {"method": "sam"}
     return RefinedRasters(refined_path, score_path, prob_path, class_path, workdir / "score_coarse.tif",
                           signals_path, {"refine_s": time.perf_counter() - start - load_s, "sam_load_s": load_s},

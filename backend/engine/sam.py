@@ -10,11 +10,15 @@ what and roughly where; SAM, prompted by it, draws the boundary.
 - Prompts: every connected region of a class that reaches a window's core gives one prompt: its
   bounding box, positive points at the class-probability maximum and at the region's most
   interior pixel, negative points at the probability maxima of the other classes around it.
-- Fusion (SAM decides the boundary, CLIP decides the class): a SAM mask is kept when its IoU with
-  the region it was prompted by is at least `min_agreement`; otherwise it is dropped and the
-  region keeps its coarse outline. A kept mask gives its pixels the region's class; the region's
-  pixels outside the mask take their next most probable class. Where kept masks overlap, the
-  smaller one wins (objects over the ground around them).
+- Fusion (SAM decides the boundary where the class map hesitates, CLIP decides the class): a SAM
+  mask is kept when its IoU with the region it was prompted by is at least `min_agreement`;
+  otherwise it is dropped and the region keeps its coarse outline. SAM may give a pixel a class
+  only if that class's probability is at least the request's threshold and within `margin` of the
+  pixel's most probable class (`plausible`): a kept mask gives such pixels the region's class; the
+  region's pixels outside the mask take their next most probable class if it is plausible, else
+  keep the region's class. So a confident pixel never changes class, an unclassified pixel stays
+  unclassified, and the refined map obeys the threshold. Where kept masks overlap, the smaller one
+  wins (objects over the ground around them).
 - The result is a refined class raster on the request's grid, written window by window, whose
   regions are then vectorised as usual: an object cut by a window border is one region in the
   raster, so it comes out as one polygon.
@@ -47,6 +51,7 @@ COARSE_GSD_WARNING_M = 10.0
 @dataclass(frozen=True)
 class SamSettings:
     min_agreement: float = 0.5   # IoU of SAM mask vs prompting region below which the SAM mask is dropped
+    margin: float = 0.2          # how far below the most probable class a class SAM gives a pixel may be
     overlap: float = 0.25        # share of the window side shared with the next window
 
 
@@ -139,8 +144,19 @@ def mask_agreement(mask: np.ndarray, region: np.ndarray) -> float:
     return float(np.logical_and(mask, region).sum() / union) if union else 0.0
 
 
+def plausible(probs: np.ndarray, class_ids: np.ndarray, margin: float, threshold: float) -> np.ndarray:
+    """Where the class map could be that class: at least `threshold` and within `margin` of the top class.
+
+    `probs` (C, n) and `class_ids` (n,) are the probabilities and candidate classes of n pixels.
+    """
+    probs = np.nan_to_num(probs, nan=0.0)
+    own = np.take_along_axis(probs, class_ids[None].astype(np.intp), 0)[0]
+    return (own >= threshold) & (own >= probs.max(axis=0) - margin)
+
+
 def fuse(classes: np.ndarray, probs: np.ndarray, valid: np.ndarray, prompts: list[Prompt], masks: list[np.ndarray],
-         min_agreement: float) -> tuple[np.ndarray, list[bool]]:
+         min_agreement: float, margin: float = SamSettings.margin,
+         threshold: float = 0.0) -> tuple[np.ndarray, list[bool]]:
     """The refined class map of a window (see the module docstring) and which masks were kept."""
     refined = classes.copy()
     kept = [mask_agreement(mask & valid, prompt.region) >= min_agreement for prompt, mask in zip(prompts, masks)]
@@ -153,9 +169,14 @@ def fuse(classes: np.ndarray, probs: np.ndarray, valid: np.ndarray, prompts: lis
         if lost.any() and len(probs) > 1:
             others = np.nan_to_num(probs[:, lost], nan=0.0)
             others[prompt.class_id] = -1.0
-            refined[lost] = others.argmax(axis=0)
-        refined[mask] = prompt.class_id
-        claimed |= mask
+            runner_up = others.argmax(axis=0)
+            refined[lost] = np.where(plausible(probs[:, lost], runner_up, margin, threshold), runner_up,
+                                     prompt.class_id)
+        ours = np.full(int(mask.sum()), prompt.class_id)
+        taken = mask.copy()
+        taken[mask] = plausible(probs[:, mask], ours, margin, threshold)
+        refined[taken] = prompt.class_id
+        claimed |= taken
     return refined, kept
 
 
@@ -198,10 +219,11 @@ def predict_masks(sam, embedding: torch.Tensor, prompts: list[Prompt], shape: tu
 
 def refine_with_sam(sam, source, window: PixelWindow, class_path, prob_path, refined_path,
                     settings: SamSettings = SamSettings(), progress=None, should_cancel=None,
-                    mask_predictor=None) -> SamStats:
+                    mask_predictor=None, threshold: float = 0.0) -> SamStats:
     """Write `refined_path` (a copy of `class_path`, the request window's coarse classes) refined by SAM.
 
-    `prob_path` holds the class probabilities on the same grid. Memory: one SAM window at a time.
+    `prob_path` holds the class probabilities on the same grid (read, never changed); `threshold` is the
+    request's: no pixel gets a class whose probability is below it. Memory: one SAM window at a time.
     `mask_predictor(sam, embedding, prompts, shape) -> (masks, scores)` defaults to `predict_masks`.
     """
     side = sam.image_size
@@ -221,14 +243,15 @@ def refine_with_sam(sam, source, window: PixelWindow, class_path, prob_path, ref
                 sam_window = PixelWindow(row_start, col_start, min(side, source.height - row_start),
                                          min(side, source.width - col_start))
                 _refine_window(sam, source, window, sam_window, (core_r0, core_r1, core_c0, core_c1),
-                               class_ds, prob_ds, out_ds, settings, stats, mask_predictor or predict_masks)
+                               class_ds, prob_ds, out_ds, settings, stats, mask_predictor or predict_masks,
+                               threshold)
                 if progress is not None:
                     progress(stats.windows, total)
     return stats
 
 
 def _refine_window(sam, source, request: PixelWindow, sam_window: PixelWindow, core_bounds, class_ds, prob_ds,
-                   out_ds, settings: SamSettings, stats: SamStats, mask_predictor) -> None:
+                   out_ds, settings: SamSettings, stats: SamStats, mask_predictor, threshold: float) -> None:
     # The part of the SAM window inside the request, in request-grid coordinates.
     r0, r1 = max(sam_window.row_off, request.row_off), min(sam_window.row_off + sam_window.height,
                                                           request.row_off + request.height)
@@ -262,7 +285,7 @@ def _refine_window(sam, source, request: PixelWindow, sam_window: PixelWindow, c
     masks, scores = mask_predictor(sam, embedding, prompts, shape)
     decode_s = time.perf_counter() - start
     valid &= classes != NODATA_CLASS
-    refined, kept = fuse(classes, probs, valid, prompts, masks, settings.min_agreement)
+    refined, kept = fuse(classes, probs, valid, prompts, masks, settings.min_agreement, settings.margin, threshold)
     stats.sam_score_sum += float(sum(scores))
     stats.prompts += len(prompts)
     stats.kept += sum(kept)

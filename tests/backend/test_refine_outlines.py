@@ -10,21 +10,25 @@ import numpy as np
 import pyogrio
 import pytest
 import rasterio
+import shapely
+from rasterio.features import rasterize
 from rasterio.transform import from_origin
 from tinymodels import make_tiny_clip, save_plain, save_tiny_sam
 from typer.testing import CliRunner
 
 from backend.engine import refine
+from backend.engine import sam as sam_module
 from backend.engine.raster import PixelWindow
 from backend.engine.refine import refine_edges, refine_edges_blocks
 from backend.engine.sam import Prompt, SamSettings, coarse_resolution_warning, fuse, refine_with_sam, window_cores
 from backend.engine.sam_models import load_sam
-from backend.engine.sliding import ArraySource
+from backend.engine.sliding import UNCLASSIFIED, ArraySource
 from backend.engine.vectorize import vectorize_class_raster
 from backend.service.cli import app
 from backend.service.refine_bench import coarse_probabilities, fields_scene, measure_scene, measured_scenes
 
 runner = CliRunner()
+SAMPLE = Path(__file__).resolve().parents[2] / "resources" / "sample" / "naip_2020_5m_crop.tif"
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +115,9 @@ def test_refined_classes_do_not_depend_on_the_requested_extent_and_keep_nodata(t
 def test_fusion_keeps_agreeing_sam_masks_and_drops_disagreeing_ones():
     classes = np.zeros((20, 20), np.uint8)
     classes[:, 10:] = 1
-    probs = np.stack([np.where(classes == 0, 0.7, 0.3), np.where(classes == 1, 0.7, 0.3)]).astype(np.float32)
+    own = np.full((20, 20), 0.7)
+    own[:, 8:14] = 0.55                           # the patch grid hesitates near the boundary
+    probs = np.stack([np.where(classes == 0, own, 1 - own), np.where(classes == 1, own, 1 - own)]).astype(np.float32)
     valid = np.ones((20, 20), bool)
     right = Prompt(1, classes == 1, (10, 0, 20, 20), [(15, 10)], [1])
     agreeing = np.zeros((20, 20), bool)
@@ -130,6 +136,41 @@ def test_fusion_keeps_agreeing_sam_masks_and_drops_disagreeing_ones():
     masked[:, 15:] = False                        # SAM may not claim nodata pixels
     refined, _ = fuse(classes, probs, masked, [right], [agreeing], min_agreement=0.3)
     assert (refined[:, 15:] == classes[:, 15:]).all()
+
+
+def test_sam_moves_a_boundary_only_where_the_class_map_hesitates_and_never_below_the_threshold():
+    # Columns 0-9 "field" (0), 10-19 "road" (1); a third class is never likely. The class map is sure
+    # (0.8) except in columns 8-13, where the top two classes are within 0.1.
+    classes = np.zeros((20, 20), np.uint8)
+    classes[:, 10:] = 1
+    top = np.where((np.arange(20) >= 8) & (np.arange(20) < 14), 0.48, 0.8)[None].repeat(20, axis=0)
+    second = np.where(top == 0.8, 0.1, 0.42)
+    probs = np.stack([np.where(classes == 0, top, second), np.where(classes == 1, top, second),
+                      1 - top - second]).astype(np.float32)
+    valid = np.ones((20, 20), bool)
+    road = Prompt(1, classes == 1, (10, 0, 20, 20), [(15, 10)], [1])
+    shrunk = np.zeros((20, 20), bool)
+    shrunk[:, 16:] = True                         # SAM ends the road six columns further right
+    refined, kept = fuse(classes, probs, valid, [road], [shrunk], min_agreement=0.4)
+    assert kept == [True]
+    assert (refined[:, 10:14] == 0).all()         # hesitant road pixels: the runner-up, field
+    assert (refined[:, 14:] == 1).all()           # sure road pixels stay road, mask or not
+    assert (refined[:, :10] == 0).all()
+
+    field = Prompt(0, classes == 0, (0, 0, 10, 20), [(5, 10)], [1])
+    grown = np.zeros((20, 20), bool)
+    grown[:, :16] = True                          # SAM runs the field six columns into the road
+    refined, _ = fuse(classes, probs, valid, [field], [grown], min_agreement=0.5)
+    assert (refined[:, :14] == 0).all() and (refined[:, 14:] == 1).all()
+
+    # With a threshold of 0.45 the runner-up (0.42) may not be given, and an unclassified pixel
+    # (below the threshold for every class) is not given the mask's class.
+    refined, _ = fuse(classes, probs, valid, [road], [shrunk], min_agreement=0.4, threshold=0.45)
+    assert (refined[:, 10:] == 1).all()
+    unclassified = classes.copy()
+    unclassified[:, 8:14] = UNCLASSIFIED          # the threshold's class map: 0.48 is below 0.5
+    refined, _ = fuse(unclassified, probs, valid, [field], [grown], min_agreement=0.5, threshold=0.5)
+    np.testing.assert_array_equal(refined, unclassified)
 
 
 def test_window_cores_split_overlaps_once():
@@ -221,6 +262,41 @@ def test_refine_sam_writes_objects_with_ids_and_warns_on_coarse_pixels(tmp_path,
     report = json.loads(out.with_suffix(".report.json").read_text())
     assert report["sam"]["windows"] == 4 and report["sam"]["embed_s_per_window"] > 0
     assert report["sam"]["prompts"] == report["sam"]["kept"] + report["sam"]["dropped"]
+
+
+def test_refine_sam_rasters_and_polygons_obey_the_threshold_and_the_class_map(tmp_path, tiny_clip, tiny_sam,
+                                                                           monkeypatch):
+    monkeypatch.setattr(sam_module, "predict_masks", _box_masks)   # masks that grow over their neighbours
+    threshold = 0.4
+    out = tmp_path / "naip.gpkg"
+    result = segment(SAMPLE, "-c", "water", "-c", "crop field", "-c", "road", "--model", tiny_clip,
+                     "--refine", "sam", "--sam-model", tiny_sam, "--threshold", threshold, "--out", out,
+                     "--class-raster", tmp_path / "c.tif", "--prob-raster", tmp_path / "p.tif",
+                     "--runtime", "torch", "--device", "cpu", "-q")
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["sam"]["kept"] > 0
+    with rasterio.open(tmp_path / "c.tif") as class_ds, rasterio.open(tmp_path / "p.tif") as prob_ds:
+        classes, probs, transform = class_ds.read(1), prob_ds.read(), class_ds.transform
+    classified = classes < probs.shape[0]
+    own = np.take_along_axis(probs, np.minimum(classes, probs.shape[0] - 1)[None].astype(np.intp), 0)[0]
+    unclassified = classes == UNCLASSIFIED
+    # The probability raster is the class map's; SAM gives a pixel no class below the threshold, and
+    # none more than the margin below the pixel's most probable class.
+    assert (own[classified] >= threshold).all()
+    assert unclassified.any() and (probs.max(axis=0)[unclassified] < threshold).all()
+    assert ((probs.max(axis=0) < threshold) == unclassified).all()
+    assert (probs.max(axis=0) - own)[classified].max() <= SamSettings.margin + 1e-6
+    # Each polygon's scores are the probabilities of its own class.
+    meta, _, geometry, fields = pyogrio.raw.read(out)
+    names = list(meta["fields"])
+    polygons = shapely.from_wkb(geometry)
+    index = rasterize(((polygon, i) for i, polygon in enumerate(polygons)), out_shape=classes.shape,
+                      transform=transform, fill=-1, dtype="int32")
+    for i, class_id in enumerate(fields[names.index("class_id")]):
+        scores = own[(index == i) & (classes == class_id)]
+        assert fields[names.index("score_max")][i] == pytest.approx(scores.max(), abs=1e-5)
+        assert fields[names.index("score_mean")][i] == pytest.approx(scores.mean(), abs=1e-4)
 
 
 def test_refine_sam_without_sam_weights_names_the_file(tmp_path, shared_data, tiny_clip, monkeypatch):
