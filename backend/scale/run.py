@@ -40,6 +40,7 @@ from backend.engine.files import (absolute_raster_name, check_output_files, held
                                   is_inside, raster_file, same_file)
 from backend.engine.options import SegmentOptions
 from backend.engine.outlines import engine_window
+from backend.engine.quality import QualityModel
 from backend.engine.raster import open_dataset, open_source, parse_crs, pixel_size, request_window
 from backend.engine.sliding import CHUNK_COLUMNS, CHUNK_ROWS, count_crops, units
 from backend.engine.temporary import new_run_tag
@@ -141,6 +142,8 @@ def check_scale_options(options) -> None:
     calibration = options.quality_calibration
     if calibration is not None and not Path(calibration).is_file():
         raise InputError(f"The quality calibration file {calibration} does not exist.")
+    if calibration is not None:  # its values and class list now, as `segment` checks them; the model once loaded
+        QualityModel.load(Path(calibration), None, lines or None)
 
 
 def import_ray():
@@ -354,6 +357,8 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
     # The chunks' block files then hold the class probabilities too (--refine reads them).
     with_probs = request.prob_raster is not None or request.refine != "none"
     loaded, segmenter = load_segmenter(engine)  # the driver's copy: checks the model, scores the polygons
+    if request.quality_calibration:  # made for this model: told before any chunk runs
+        QualityModel.load(Path(request.quality_calibration), loaded.weights_id, engine.class_lines)
     plans, failed = plan_rasters(paths, engine, segmenter.crop, request.bbox, request.bbox_crs, request.refine)
     if not plans:
         first = failed[0]

@@ -4,6 +4,7 @@ sentence (exit 2) before Ray starts or a file is written."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -101,3 +102,29 @@ def test_a_raster_smaller_than_the_model_input_exports_no_runtime_on_the_workers
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "o.gpkg").is_file() and cache.is_dir()
     assert not (cache / "encoders").exists(), sorted(p.name for p in (cache / "encoders").iterdir())
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"coef": [1, 2]}, "'coef' must be 5 finite numbers"),
+    ({"class_lines": ["road", "water"]}, "was made for the classes road; water, not water; road"),
+    ({"weights_sha256": "0" * 64}, "was made for another model"),
+])
+def test_a_calibration_the_run_cannot_use_is_refused_before_any_chunk_runs(change, words, tiny_model, tmp_path):
+    """As `segment` alone refuses it: it was loaded after every chunk had run, and failed with a traceback."""
+    from backend.engine.quality import QualityModel
+
+    data = json.loads(QualityModel().save(tmp_path / "base.json").read_text(encoding="utf-8"))
+    (tmp_path / "q.json").write_text(json.dumps(data | change), encoding="utf-8")
+    raster = tmp_path / "in.tif"
+    with rasterio.open(raster, "w", driver="GTiff", width=300, height=300, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500000, 5000000, 10, 10)) as dst:
+        dst.write(np.random.default_rng(1).integers(0, 255, (3, 300, 300), dtype=np.uint8))
+    out = tmp_path / "out"
+    out.mkdir()
+    result = CliRunner().invoke(app, ["segment", str(raster), "-c", "water", "-c", "road", "--model", str(tiny_model),
+                                      "--out", str(out / "r.gpkg"), "--workers", "1",
+                                      "--quality-calibration", str(tmp_path / "q.json")])
+    assert result.exit_code == 2, result.output
+    assert words in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert "chunks" not in result.output  # the progress of chunks never began
+    assert list(out.iterdir()) == []
