@@ -312,6 +312,7 @@ def test_a_layer_gdal_does_not_read_is_refused_in_a_sentence(bare_dock, tmp_path
 def test_a_map_view_off_the_raster_is_refused_as_the_segment_tab_refuses_it(bare_dock, naip_layer, qgis_iface):
     canvas = qgis_iface.mapCanvas()
     canvas.resize(800, 600)
+    crs, view = canvas.mapSettings().destinationCrs(), canvas.extent()  # the next tests' map, given back below
     canvas.setDestinationCrs(naip_layer.crs())
     east = naip_layer.extent()
     canvas.setExtent(QgsRectangle(east.xMaximum() + 100000, east.yMinimum(), east.xMaximum() + 110000,
@@ -320,10 +321,17 @@ def test_a_map_view_off_the_raster_is_refused_as_the_segment_tab_refuses_it(bare
     tab = bare_dock.search_tab
     tab.form.searchRasterCombo.setLayer(naip_layer)
     tab.form.sentencesEdit.setPlainText("a lake")
-    tab.form.searchExtentCombo.setCurrentIndex(tab.form.searchExtentCombo.findData("canvas"))
-    assert run_search(tab, timeout=10) == "failed"
-    assert tab.last_error == ("The chosen extent does not overlap the raster naip; pan the map to the raster or "
-                              "choose 'Whole layer'.")
+    combo = tab.form.searchExtentCombo
+    chosen = combo.currentIndex()
+    combo.setCurrentIndex(combo.findData("canvas"))
+    try:
+        assert run_search(tab, timeout=10) == "failed"
+        assert tab.last_error == ("The chosen extent does not overlap the raster naip; pan the map to the raster or "
+                                  "choose 'Whole layer'.")
+    finally:
+        combo.setCurrentIndex(chosen)
+        canvas.setDestinationCrs(crs)
+        canvas.setExtent(view)
 
 
 def test_hits_still_zoom_after_the_hits_layer_is_removed_and_a_removed_raster_is_named(search_tab, naip_layer,
