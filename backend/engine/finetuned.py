@@ -6,6 +6,7 @@ Training writes it (training/api.py) and the engine reads it; both use the names
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -90,8 +91,8 @@ def is_finetuned_dir(path: str | os.PathLike) -> bool:
 
 def read_finetuned_meta(path: str | os.PathLike) -> dict:
     meta_file = Path(path) / FINETUNED_META
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    try:  # utf-8-sig: Notepad's "UTF-8" puts a byte order mark first
+        meta = json.loads(meta_file.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError) as exc:
         raise ModelError(f"{meta_file} is unreadable ({exc}).") from exc
     fmt = str(meta.get("format", "")) if isinstance(meta, dict) else ""
@@ -101,7 +102,44 @@ def read_finetuned_meta(path: str | os.PathLike) -> dict:
     lines = meta.get("class_lines")
     if lines is not None and not (isinstance(lines, list) and all(isinstance(s, str) for s in lines)):
         raise ModelError(f"{meta_file}: 'class_lines' must be a list of strings.")
+    _check_meta_values(meta_file, meta)
     return meta
+
+
+def _positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _check_meta_values(meta_file: Path, meta: dict) -> None:
+    """The values the engine reads from a model description have their types (a hand-edited file refused in one
+    sentence, never a traceback in `farslip models`, GET /v1/models or a run)."""
+    def wrong(key: str, wanted: str, value=None) -> ModelError:
+        value = meta.get(key) if value is None else value
+        return ModelError(f"{meta_file}: {key!r} must be {wanted}; got {json.dumps(value)[:100]}. Train the model "
+                          "again, or correct the file.")
+
+    for key in ("name", "activation", "arch", "description", "licence", "base_model"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise wrong(key, "a text")
+    context = meta.get("context_length")
+    if context is not None and not (isinstance(context, int) and not isinstance(context, bool) and context > 0):
+        raise wrong("context_length", "a whole number above 0")
+    languages = meta.get("languages")
+    if languages is not None and not (isinstance(languages, list) and all(isinstance(c, str) for c in languages)):
+        raise wrong("languages", "a list of language codes")
+    processing = meta.get("processing")
+    if processing is None:
+        return
+    if not isinstance(processing, dict):
+        raise wrong("processing", "an object")
+    for key in ("gsd_m", "scale", "scale_y"):
+        if processing.get(key) is not None and not _positive_number(processing[key]):
+            raise wrong(f"processing.{key}", "a number above 0", processing[key])
+    for key in ("bands", "bands_chosen"):
+        bands = processing.get(key)
+        if bands is not None and not (isinstance(bands, list) and all(
+                isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in bands)):
+            raise wrong(f"processing.{key}", "a list of band numbers from 1", bands)
 
 
 def finetuned_dirs() -> list[Path]:

@@ -184,9 +184,18 @@ def _load_finetuned(path: Path, device) -> LoadedModel:
                    metadata={"kind": "finetuned", "model_dir": str(path), "finetuned": meta})
 
 
+def _readable(folder: Path) -> bool:
+    """Whether a fine-tuned model folder's description can be read (a broken one is no model to offer)."""
+    try:
+        read_finetuned_meta(folder)
+    except ModelError:
+        return False
+    return True
+
+
 def unknown_model_error(name: str) -> ModelError:
     """The error for a name that is neither a registry model, a path nor a fine-tuned model."""
-    names = list(known_models()) + [p.name for p in finetuned_dirs()]
+    names = list(known_models()) + [p.name for p in finetuned_dirs() if _readable(p)]
     return ModelError(f"Unknown model '{name}'. Known models: {', '.join(names)}. "
                       "You can also give the path of a checkpoint file or of a fine-tuned model folder.")
 

@@ -262,3 +262,37 @@ def test_registry_is_complete():
         assert spec.arch in ("ViT-B-16", "ViT-B-32") or (spec.text_tower and spec.arch.endswith("-ViT-B-32"))
     local = [s.weights_filename for s in known.values()]
     assert len(local) == len(set(local)), "two models would share one file in the weights directory"
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"context_length": "abc"}, "'context_length' must be a whole number above 0; got \"abc\""),
+    ({"processing": "x"}, "'processing' must be an object"),
+    ({"processing": {"gsd_m": "abc"}}, "'processing.gsd_m' must be a number above 0"),
+    ({"processing": {"bands_chosen": [0, 1, 2]}}, "'processing.bands_chosen' must be a list of band numbers"),
+    ({"languages": "pt"}, "'languages' must be a list of language codes"),
+    ({"name": ["x"]}, "'name' must be a text"),
+])
+def test_a_broken_model_description_is_one_sentence_and_the_other_models_still_list(change, words, tmp_path,
+                                                                                    monkeypatch):
+    """One bad value in a fine-tuned model's farslip_model.json broke `farslip models` and GET /v1/models for
+    every model (a ValueError), and a run died in a traceback; the broken folder was still offered by name."""
+    monkeypatch.setenv("FARSLIP_MODELS", str(tmp_path / "models"))
+    _finetuned_dir(tmp_path / "models", "good")
+    broken, _ = _finetuned_dir(tmp_path / "models", "broken")
+    meta = json.loads((broken / finetuned.FINETUNED_META).read_text())
+    (broken / finetuned.FINETUNED_META).write_text(json.dumps(meta | change))
+    listed = {m["name"] for m in models.list_models()}
+    assert "good" in listed and "broken" not in listed
+    with pytest.raises(ModelError) as refused:
+        models.load_model("broken")
+    assert words in str(refused.value)
+    with pytest.raises(ModelError) as unknown:
+        models.load_model("no-such-model")
+    assert "good" in str(unknown.value) and "broken" not in str(unknown.value)
+
+
+def test_a_model_description_with_a_byte_order_mark_is_read(tmp_path):
+    folder, _ = _finetuned_dir(tmp_path)
+    meta_file = folder / finetuned.FINETUNED_META
+    meta_file.write_bytes(b"\xef\xbb\xbf" + meta_file.read_bytes())
+    assert models.load_model(str(folder)).class_lines == ["road, parking lot", "building", "tree"]
