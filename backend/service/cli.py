@@ -249,10 +249,11 @@ def version() -> None:
 
 @app.command()
 def serve(
-    host: str = typer.Option("127.0.0.1", help="Address to listen on; anything but 127.0.0.1 warns."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; one other machines can reach warns."),
     port: int = typer.Option(0, help="TCP port; 0 picks a free one."),
-    token: Optional[str] = typer.Option(None, help="Access token (default: a new random one per start, "
-                                                   "or $FARSLIP_TOKEN)."),
+    token: Optional[str] = typer.Option(None, help="Access token (default: $FARSLIP_TOKEN, else a new random "
+                                                   "one per start): at least 16 visible ASCII characters "
+                                                   "(letters, digits, punctuation; no spaces)."),
     connection_file: Optional[Path] = typer.Option(None, help="Where to write {url, port, token, pid, "
                                                               "version} (default: STATE_DIR/backend.json)."),
     state_dir: Optional[Path] = typer.Option(None, help="Job history and logs (default: $FARSLIP_HOME)."),

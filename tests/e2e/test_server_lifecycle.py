@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import socket
 import sqlite3
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -62,6 +67,7 @@ def test_sigterm_cancels_the_running_job_cleanly_and_removes_the_connection_file
     assert backend.stop(signal.SIGTERM, timeout=30) == 0
     assert not backend.connection_file.exists()
     assert list(out_dir.iterdir()) == []
+    assert "shutting down: cancelling the running job" in (tmp_path / "state-stderr.txt").read_text()
 
     restarted = start_backend(state_dir)
     assert restarted.job(long_id)["state"] == "interrupted"
@@ -84,3 +90,85 @@ def test_a_second_server_on_the_same_state_dir_is_refused(start_backend, tmp_pat
     assert first.client.get("/v1/health").status_code == 200
     log = (tmp_path / "state-stderr.txt").read_text()
     assert "Another farslip backend is already using the state directory" in log
+
+
+def _startup_refusal(start_cli, *args: str) -> tuple[int, str]:
+    """`farslip serve ARGS` that must refuse to start: its exit status and stderr (killed if it serves instead)."""
+    process = start_cli("serve", "--port", "0", *args)
+    try:
+        _, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        _, stderr = process.communicate()
+        pytest.fail(f"farslip serve {' '.join(args)} started instead of refusing: {stderr}")
+    return process.returncode, stderr
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "a-folder", "proc"])
+def test_an_unusable_connection_file_is_refused_before_the_server_starts(start_cli, tmp_path, where):
+    state_dir = tmp_path / "state"
+    (tmp_path / "file").write_text("a regular file")
+    (tmp_path / "folder").mkdir()
+    if where == "proc" and not Path("/proc/self").exists():
+        pytest.skip("no /proc here")
+    connection_file = {"under-a-file": tmp_path / "file" / "conn.json", "a-folder": tmp_path / "folder",
+                       "proc": Path("/proc/farslip/backend.json")}[where]
+    code, stderr = _startup_refusal(start_cli, "--state-dir", str(state_dir), "--connection-file",
+                                    str(connection_file))
+    assert code == 2, stderr
+    assert f"Cannot write the connection file {connection_file}" in stderr
+    assert "Traceback" not in stderr and "startup complete" not in stderr and "backend ready" not in stderr
+    assert (tmp_path / "file").read_text() == "a regular file"
+    assert list((tmp_path / "folder").iterdir()) == []
+    assert not Path("/proc/farslip").exists()
+
+
+def test_a_connection_file_whose_pid_is_another_process_and_whose_url_nothing_answers_on_is_replaced(
+        start_backend, tmp_path):
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        free_port = probe.getsockname()[1]
+    # The pid reused after a reboot or kill -9: this test's own process, alive and no backend.
+    stale = {"url": f"http://127.0.0.1:{free_port}", "port": free_port, "token": "x", "pid": os.getpid(),
+             "version": "0.1.0"}
+    (state_dir / "conn.json").write_text(json.dumps(stale))
+    backend = start_backend(state_dir)
+    assert backend.client.get("/v1/health").status_code == 200
+    assert "replacing the stale connection file" in (tmp_path / "state-stderr.txt").read_text()
+
+
+def test_a_connection_file_of_a_backend_that_answers_is_kept(start_backend, start_cli, tmp_path):
+    first = start_backend(tmp_path / "first")
+    code, stderr = _startup_refusal(start_cli, "--state-dir", str(tmp_path / "second"), "--connection-file",
+                                    str(first.connection_file))
+    assert code == 2, stderr
+    assert "belongs to a backend that is running" in stderr
+    assert first.client.get("/v1/health").status_code == 200
+
+
+def test_shutdown_logs_cancelling_a_job_only_when_one_runs(start_backend, tmp_path):
+    backend = start_backend(tmp_path / "state")
+    assert backend.client.get("/v1/health").status_code == 200
+    assert backend.stop(signal.SIGTERM, timeout=30) == 0
+    log = (tmp_path / "state-stderr.txt").read_text()
+    assert "shutting down" in log
+    assert "cancelling the running job" not in log
+
+
+@pytest.mark.parametrize("token", ["   ", "x", "pässwörd-pässwörd-pässwörd", "sixteen chars but spaces"])
+def test_an_unusable_token_is_refused_at_startup(start_cli, tmp_path, token):
+    code, stderr = _startup_refusal(start_cli, "--state-dir", str(tmp_path / "state"), "--token", token)
+    assert code == 2, stderr
+    assert "The access token" in stderr and "visible ASCII" in stderr
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("host", ["foo.invalid", "999.1.1.1"])
+def test_a_host_that_cannot_be_listened_on_asks_for_another_host_without_the_network_warning(
+        start_cli, tmp_path, host):
+    code, stderr = _startup_refusal(start_cli, "--state-dir", str(tmp_path / "state"), "--host", host)
+    assert code == 2, stderr
+    assert f"Cannot listen on {host}" in stderr and "--host" in stderr and "--port" not in stderr
+    assert "other machines on the network" not in stderr

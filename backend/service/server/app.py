@@ -165,7 +165,8 @@ def create_app(token: str, state_dir: Path, device: str | None = None,
         try:
             yield
         finally:
-            log.info("shutting down: cancelling the running job")
+            running = any(job["state"] == "running" for job in manager.list())
+            log.info("shutting down: cancelling the running job" if running else "shutting down")
             manager.shutdown()
             store.close()
             if on_shutdown is not None:

@@ -6,6 +6,9 @@ the process after SHUTDOWN_LIMIT_S regardless, and the connection file is remove
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import ipaddress
 import json
 import logging
 import logging.handlers
@@ -14,6 +17,7 @@ import secrets
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -24,7 +28,7 @@ from backend.engine.atomic import write_text_atomically
 from backend.engine.errors import FarslipError, InputError
 
 from .app import FEATURE_CACHE_MB, create_app
-from .security import LOCAL_HOSTS
+from .security import check_token
 
 log = logging.getLogger("farslip.server")
 
@@ -54,17 +58,69 @@ def write_connection_file(path: Path, info: dict) -> None:
     write_text_atomically(path, json.dumps(info, indent=2), mode=0o600)
 
 
+def check_connection_file_location(path: Path) -> None:
+    """Refuse, before anything binds, a connection file that cannot be written there (a folder, a path
+    under a regular file, /sys or /proc): found only after startup, it left a half-started server. Folders
+    made for it are removed again when the check fails; nothing else is written."""
+    made: list[Path] = []
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(21, "it is a folder")
+        missing = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
+        for folder in reversed(missing):
+            folder.mkdir()
+            made.append(folder)
+        with tempfile.TemporaryFile(dir=path.parent, prefix=f".{path.name}."):
+            pass
+    except OSError as error:
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise InputError(f"Cannot write the connection file {path} ({error.strerror or error}); give "
+                         "--connection-file a file path in a folder this user may write to.") from None
+
+
+def backend_answers(url: str, timeout: float = 2.0) -> bool:
+    """Whether an HTTP server answers on a connection file's URL (any HTTP answer counts: a backend answers
+    GET /v1/health with 200 for its token, 401 for another)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname or parts.port is None:
+            return False
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+        try:
+            connection.request("GET", "/v1/health")
+            connection.getresponse()
+        finally:
+            connection.close()
+    except (OSError, ValueError, http.client.HTTPException):
+        return False
+    return True
+
+
 def refuse_taken_connection_file(path: Path) -> None:
-    """Another running backend's connection file is not ours to replace (its clients would lose it)."""
+    """Another running backend's connection file is not ours to replace (its clients would lose it). A file
+    whose process is gone, or whose URL nothing answers on (the pid reused after a reboot or kill -9), is
+    stale and replaced."""
     from backend.engine.temporary import process_is_alive
 
     try:
-        pid = int(json.loads(path.read_text(encoding="utf-8")).get("pid"))
+        info = json.loads(path.read_text(encoding="utf-8"))
+        pid = int(info.get("pid"))
+        url = str(info.get("url", ""))
     except (OSError, ValueError, TypeError, AttributeError):
         return
-    if pid != os.getpid() and process_is_alive(pid):
-        raise InputError(f"The connection file {path} belongs to a backend that is running (process {pid}); stop "
-                         "that one first, or give this one its own --connection-file.")
+    if pid == os.getpid() or not process_is_alive(pid):
+        return
+    if not backend_answers(url):
+        log.info("replacing the stale connection file %s: process %d is running but nothing answers on %s",
+                 path, pid, url)
+        return
+    raise InputError(f"The connection file {path} belongs to a backend that is running (process {pid}, {url}); "
+                     "stop that one first, or give this one its own --connection-file.")
 
 
 def remove_connection_file(path: Path, pid: int) -> None:
@@ -78,6 +134,11 @@ def remove_connection_file(path: Path, pid: int) -> None:
 
 def bind_socket(host: str, port: int) -> socket.socket:
     """Bind ourselves so that port 0 gives a real, known port before the server starts."""
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as error:
+        raise InputError(f"Cannot listen on {host}: {getattr(error, 'strerror', None) or error}. Give --host an "
+                         "address of this machine (127.0.0.1, the default, or 0.0.0.0 for every one).") from None
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto must say TCP: asyncio only sets TCP_NODELAY on sockets that do, and without it every
     # keep-alive response waits ~40 ms for a delayed ACK.
@@ -88,11 +149,23 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as error:
         sock.close()
-        raise InputError(f"Cannot listen on {host}:{port}: {error.strerror or error}. "
-                         "Choose another --port (0 picks a free one).") from None
+        if error.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) or isinstance(error, socket.gaierror):
+            advice = ("Give --host an address of this machine (127.0.0.1, the default, or 0.0.0.0 for every "
+                      "one).")
+        else:
+            advice = "Choose another --port (0 picks a free one)."
+        raise InputError(f"Cannot listen on {host}:{port}: {error.strerror or error}. {advice}") from None
     sock.listen(128)
     sock.set_inheritable(True)
     return sock
+
+
+def listens_beyond_loopback(sock: socket.socket) -> bool:
+    """Whether the bound address is reachable from other machines (not 127.x or ::1)."""
+    try:
+        return not ipaddress.ip_address(sock.getsockname()[0].split("%")[0]).is_loopback
+    except ValueError:
+        return True
 
 
 def _lock_state_dir(state_dir: Path):
@@ -130,6 +203,8 @@ def serve(host: str = "127.0.0.1", port: int = 0, token: str | None = None,
 
     from backend.engine.paths import state_dir as default_state_dir
 
+    if token is not None:
+        check_token(token)
     state_dir = Path(state_dir or default_state_dir()).expanduser().resolve()
     if not state_dir.exists():
         state_dir.mkdir(parents=True, mode=0o700)  # job history names the user's files
@@ -138,14 +213,15 @@ def serve(host: str = "127.0.0.1", port: int = 0, token: str | None = None,
     lock = _lock_state_dir(state_dir)
     try:
         refuse_taken_connection_file(connection_file)
+        check_connection_file_location(connection_file)
+        sock = bind_socket(host, port)
     except InputError:
         lock.close()
         raise
-    if host not in LOCAL_HOSTS:
+    if listens_beyond_loopback(sock):
         log.warning("listening on %s: other machines on the network can reach this backend. Anyone with "
                     "the token can read and write files as this user; prefer 127.0.0.1.", host)
     token = token or secrets.token_urlsafe(32)
-    sock = bind_socket(host, port)
     port = sock.getsockname()[1]
     # A wildcard address is not one a client can connect to; local clients use loopback.
     url_host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(

@@ -120,6 +120,24 @@ class BodyTooLarge(HTTPException):
                               "and options, never pixels.")
 
 
+MIN_TOKEN_CHARACTERS = 16
+
+
+def check_token(token: str) -> None:
+    """A token given with --token or $FARSLIP_TOKEN: at least MIN_TOKEN_CHARACTERS visible ASCII characters
+    (letters, digits, punctuation; no spaces). Spaces are stripped from the header, so a token with them never
+    matches; other characters reach the server differently from client to client (HTTP headers are bytes);
+    a short one can be guessed."""
+    bad = next((c for c in token if not ("!" <= c <= "~")), None)
+    if bad is not None:
+        raise InputError(f"The access token holds the character {bad!r}; a token is made of visible ASCII "
+                         "characters only (letters, digits, punctuation; no spaces), at least "
+                         f"{MIN_TOKEN_CHARACTERS} of them.")
+    if len(token) < MIN_TOKEN_CHARACTERS:
+        raise InputError(f"The access token is {len(token)} characters long; give at least {MIN_TOKEN_CHARACTERS} "
+                         "(visible ASCII: letters, digits, punctuation), or no --token for a random one.")
+
+
 def bearer_matches(header: bytes, token: bytes) -> bool:
     """`Authorization: Bearer <token>`, the scheme in any letter case (RFC 7235)."""
     scheme, _, credentials = header.strip().partition(b" ")
