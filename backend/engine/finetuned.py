@@ -6,7 +6,6 @@ Training writes it (training/api.py) and the engine reads it; both use the names
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING
 from backend.engine import paths
 from backend.engine.errors import InputError, ModelError
 from backend.engine.files import raster_label
+from backend.engine.options import finite_number
 
 if TYPE_CHECKING:
     from backend.engine.options import SegmentOptions
@@ -106,10 +106,6 @@ def read_finetuned_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
-def _positive_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-
-
 def _check_meta_values(meta_file: Path, meta: dict) -> None:
     """The values the engine reads from a model description have their types (a hand-edited file refused in one
     sentence, never a traceback in `farslip models`, GET /v1/models or a run)."""
@@ -133,7 +129,7 @@ def _check_meta_values(meta_file: Path, meta: dict) -> None:
     if not isinstance(processing, dict):
         raise wrong("processing", "an object")
     for key in ("gsd_m", "scale", "scale_y"):
-        if processing.get(key) is not None and not _positive_number(processing[key]):
+        if processing.get(key) is not None and not (finite_number(processing[key]) and processing[key] > 0):
             raise wrong(f"processing.{key}", "a number above 0", processing[key])
     for key in ("bands", "bands_chosen"):
         bands = processing.get(key)

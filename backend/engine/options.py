@@ -384,6 +384,11 @@ def check_option(name: str, value: Any) -> Any:
     return value
 
 
+def finite_number(value: Any) -> bool:
+    """Whether `value` from JSON is a finite number (true and false are not numbers, though Python counts them)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_batch_size(value: Any) -> int:
     """--batch-size of index, search and retrieval: segment's option and its sentence (a whole number only)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

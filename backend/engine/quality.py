@@ -38,6 +38,7 @@ from .dense import normalize_pixels
 from .errors import CancelledError, InputError
 from .feature_cache import FeatureCache
 from .models import LoadedModel
+from .options import finite_number
 from .raster import PixelSource, PixelWindow, RasterSource
 from .text import class_probabilities, logit_scale
 
@@ -172,10 +173,6 @@ class QualityModel:
         return model
 
 
-def _finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _check_calibration_values(path: Path, data: dict) -> None:
     """Each value a calibration holds has the type and size `predict` needs: a hand-edited or damaged file is
     refused in one sentence, never a traceback halfway through a run, or NULL qualities without a word."""
@@ -185,9 +182,9 @@ def _check_calibration_values(path: Path, data: dict) -> None:
 
     for key in ("coef", "fill"):
         if key in data and not (isinstance(data[key], list) and len(data[key]) == len(SIGNALS)
-                                and all(_finite_number(v) for v in data[key])):
+                                and all(finite_number(v) for v in data[key])):
             raise wrong(key, f"{len(SIGNALS)} finite numbers, one per signal ({', '.join(SIGNALS)})")
-    if "intercept" in data and not _finite_number(data["intercept"]):
+    if "intercept" in data and not finite_number(data["intercept"]):
         raise wrong("intercept", "a finite number")
     for key in ("weights_sha256", "source"):
         if data.get(key) is not None and not isinstance(data[key], str):

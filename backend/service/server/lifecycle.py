@@ -132,13 +132,16 @@ def remove_connection_file(path: Path, pid: int) -> None:
         pass
 
 
+HOST_ADVICE = "Give --host an address of this machine (127.0.0.1, the default, or 0.0.0.0 for every one)."
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
     """Bind ourselves so that port 0 gives a real, known port before the server starts."""
     try:
         socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as error:
-        raise InputError(f"Cannot listen on {host}: {getattr(error, 'strerror', None) or error}. Give --host an "
-                         "address of this machine (127.0.0.1, the default, or 0.0.0.0 for every one).") from None
+        reason = getattr(error, "strerror", None) or error
+        raise InputError(f"Cannot listen on {host}: {reason}. {HOST_ADVICE}") from None
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto must say TCP: asyncio only sets TCP_NODELAY on sockets that do, and without it every
     # keep-alive response waits ~40 ms for a delayed ACK.
@@ -150,8 +153,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
     except OSError as error:
         sock.close()
         if error.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) or isinstance(error, socket.gaierror):
-            advice = ("Give --host an address of this machine (127.0.0.1, the default, or 0.0.0.0 for every "
-                      "one).")
+            advice = HOST_ADVICE
         else:
             advice = "Choose another --port (0 picks a free one)."
         raise InputError(f"Cannot listen on {host}:{port}: {error.strerror or error}. {advice}") from None

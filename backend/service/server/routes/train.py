@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 import typing
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from backend.engine.errors import FarslipError, InputError
+from backend.engine.options import finite_number
 from backend.service.schemas import EvaluateRequest, JobCreated, TrainRequest
 
 from ..security import absolute_path, looks_like_path, output_path, raster_path, request_checks
@@ -46,7 +46,7 @@ def _option_value(name: str, annotation: Any, value: Any) -> Any:
             return value
         wanted = "a whole number"
     elif kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        if finite_number(value):
             return float(value)
         wanted = "a number"
     elif kind is str:
