@@ -207,6 +207,13 @@ def locate_model(model: str | None = None, weights: str | None = None) -> tuple[
     raises ModelError with the same sentences as `load_model`.
     """
     registry = known_models()
+    if model is not None and not model.strip():
+        # `--model "$MODEL"` with MODEL unset: the default model would run without the user knowing.
+        raise ModelError(f"--model is empty: leave it out to use the default model ({DEFAULT_MODEL}), or name a "
+                         f"model ({', '.join(registry)}), a checkpoint file or a fine-tuned model folder.")
+    if weights is not None and not weights.strip():
+        raise ModelError("--weights is empty: leave it out, or give the path of a weights file or of a fine-tuned "
+                         "model folder.")
     if model is None and weights:
         model, weights = str(weights), None
     name = model or DEFAULT_MODEL

@@ -130,6 +130,9 @@ CASES = [
     ("model of an unknown user's home", "{in}/in.tif -c water --model ~nosuchuser/m.pt", 3, "no such user"),
     ("registry model with a folder that is no model as weights", "{in}/in.tif -c water --model clip-vit-b-16 "
      "--weights {in}/sub", 3, "is a folder but neither a weights file nor a fine-tuned model"),
+    ("empty model name (an unset shell variable)", ["{in}/in.tif", "-c", "water", "--model", ""], 3,
+     "--model is empty: leave it out to use the default model"),
+    ("blank weights path", ["{in}/in.tif", "-c", "water", "--weights", " "], 3, "--weights is empty"),
     ("weights of an unknown user's home", "{in}/in.tif -c water --model farslip2-vit-b-16 "
      "--weights ~nosuchuser/w.pt", 3, "no such user"),
     # rasters and checkpoints that used to end in a traceback or a library's words

@@ -151,6 +151,7 @@ def test_evaluate_never_writes_its_json_over_an_input_or_an_existing_file(backen
 def test_evaluate_checks_the_model_the_labels_folder_and_the_class_field_at_submit(backend, evaluate_body, out_dir):
     before = _job_count(backend)
     assert "Unknown model" in _refused(backend, "/v1/evaluate", evaluate_body(model="nope"), 422)
+    assert "--model is empty" in _refused(backend, "/v1/evaluate", evaluate_body(model=" "), 422)
     assert "is a folder" in _refused(backend, "/v1/evaluate", evaluate_body(labels=str(out_dir)))
     detail = _refused(backend, "/v1/evaluate", evaluate_body(class_field="no_such_field"))
     assert "has no field 'no_such_field'" in detail
