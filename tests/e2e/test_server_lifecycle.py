@@ -172,3 +172,39 @@ def test_a_host_that_cannot_be_listened_on_asks_for_another_host_without_the_net
     assert code == 2, stderr
     assert f"Cannot listen on {host}" in stderr and "--host" in stderr and "--port" not in stderr
     assert "other machines on the network" not in stderr
+
+
+def test_the_backend_log_is_private_even_in_a_state_folder_made_before_and_after_a_rollover(tmp_path):
+    """The log names the user's rasters and outputs: an earlier version left it (and its folder) readable by
+    everyone on the machine when the state folder already existed."""
+    import logging
+    import stat
+
+    from backend.service.server.lifecycle import setup_logging
+
+    state = tmp_path / "state"
+    (state / "logs").mkdir(parents=True, mode=0o755)
+    (state / "logs").chmod(0o755)
+    old_log = state / "logs" / "backend.log"
+    old_log.write_text("an earlier run's lines\n")
+    old_log.chmod(0o644)
+    log_file = setup_logging(state)
+    logger = logging.getLogger("farslip")
+    handler = next(h for h in logger.handlers if getattr(h, "baseFilename", None) == str(log_file))
+    try:
+        logger.info("job for /home/analyst/secret-site.tif")
+        assert stat.S_IMODE(os.stat(state / "logs").st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(log_file).st_mode) == 0o600
+        handler.doRollover()
+        logger.info("after the rollover")
+        assert stat.S_IMODE(os.stat(log_file).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(state / "logs" / "backend.log.1").st_mode) == 0o600
+        assert "after the rollover" in log_file.read_text()
+        assert "an earlier run's lines" in (state / "logs" / "backend.log.1").read_text()
+    finally:
+        for name in ("farslip", "uvicorn", "uvicorn.error"):
+            logging.getLogger(name).propagate = True
+            for h in list(logging.getLogger(name).handlers):
+                logging.getLogger(name).removeHandler(h)
+                if h is handler:
+                    h.close()

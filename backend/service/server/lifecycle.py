@@ -33,14 +33,25 @@ from .security import check_token
 log = logging.getLogger("farslip.server")
 
 
+class PrivateLogFile(logging.handlers.RotatingFileHandler):
+    """A rotating log readable by the user only: it names the user's files and places (as the job history
+    does), so each file it opens, a rolled-over one included, is made mode 0600, one written before too."""
+
+    def _open(self):
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+
+
 def setup_logging(state_dir: Path, level: str = "INFO") -> Path:
-    """Log to a rotating file in the state directory and to stderr; returns the file's path."""
+    """Log to a rotating file in the state directory (readable by the user only) and to stderr; returns
+    the file's path."""
     log_dir = state_dir / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
+    log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log_dir.chmod(0o700)  # made by an earlier version, or under a state folder that existed before
     log_file = log_dir / "backend.log"
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    file_handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=5 * 2**20, backupCount=3,
-                                                        encoding="utf-8")
+    file_handler = PrivateLogFile(log_file, maxBytes=5 * 2**20, backupCount=3, encoding="utf-8")
     stderr_handler = logging.StreamHandler(sys.stderr)
     for logger_name in ("farslip", "uvicorn", "uvicorn.error"):
         logger = logging.getLogger(logger_name)
