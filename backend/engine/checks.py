@@ -7,6 +7,7 @@ bad input gets the same sentence (and the same order of checks) wherever it come
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,6 +60,24 @@ def coarse_vector_path(out: Path) -> Path:
     """Where `--refine` puts the unrefined polygons: beside the refined ones, `_coarse` added to the name."""
     out = Path(out)
     return out.with_name(f"{out.stem}_coarse{out.suffix}")
+
+
+def earlier_coarse_warning(out: str | Path, refine: str) -> list[str]:
+    """A run without --refine that replaces a --refine run's result leaves that run's unrefined polygons
+    (`_coarse`) beside the new ones: said in one sentence (the file is the user's to keep or delete), when the
+    report being replaced names it as its own."""
+    coarse = coarse_vector_path(Path(out))
+    if refine != "none" or not coarse.exists():
+        return []
+    try:
+        earlier = json.loads(report_path_for(out).read_text("utf-8"))
+        listed = earlier["outputs"]["coarse_vector"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    if not isinstance(listed, str) or os.path.abspath(listed) != os.path.abspath(coarse):
+        return []
+    return [f"{coarse.name} beside the output holds the unrefined polygons of the earlier --refine run this run "
+            "replaces, not of this run: delete it, or run with --refine to replace it too."]
 
 
 def output_paths(options: SegmentOptions) -> dict[str, Path]:

@@ -24,7 +24,7 @@ import rasterio
 import torch
 
 from backend import __version__
-from .checks import check_inputs, class_lines_of, output_paths
+from .checks import check_inputs, class_lines_of, earlier_coarse_warning, output_paths
 from .files import absolute_raster_name
 from .sliding import CHUNK_COLUMNS, NODATA_CLASS, UNCLASSIFIED, Segmenter, count_crops, predict_blocks
 from .encoders import Encoder, crop_size
@@ -350,6 +350,7 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
     classes = parse_class_lines(class_lines_of(options))
     check_field_widths(options.out, [c.name for c in classes])
     warnings = run_warnings(loaded, classes, check_language(options.language))
+    warnings += earlier_coarse_warning(options.out, options.refine)  # read before this run's report replaces it
     run_id = uuid.uuid4().hex[:12]
     timings: dict[str, float] = {}
     targets = output_paths(options)

@@ -52,3 +52,23 @@ def test_valid_pixels_are_those_of_the_window_asked_for(refine, holed, tiny_mode
     report = json.loads((tmp_path / "o.report.json").read_text(encoding="utf-8"))
     assert (report["pixel_window"]["height"], report["pixel_window"]["width"]) == (50, 60)
     assert report["valid_pixels"] == 3000
+
+
+def test_a_plain_run_over_a_refined_result_names_the_earlier_unrefined_polygons_it_leaves(holed, tiny_model,
+                                                                                           tmp_path):
+    """`--refine edges` wrote o.gpkg and o_coarse.gpkg; `--refine none --overwrite` replaces o.gpkg and its
+    report, and o_coarse.gpkg (the user's file now) stays but is said to be the earlier run's."""
+    box = (500000, 4000000 - 50 * 5, 500000 + 60 * 5, 4000000)
+    refined = segment(holed, tmp_path / "o.gpkg", tiny_model, "--refine", "edges", "--bbox", *box)
+    assert refined.exit_code == 0, refined.output
+    coarse = tmp_path / "o_coarse.gpkg"
+    before = coarse.read_bytes()
+    plain = segment(holed, tmp_path / "o.gpkg", tiny_model, "--refine", "none", "--overwrite", "--bbox", *box)
+    assert plain.exit_code == 0, plain.output
+    assert "o_coarse.gpkg beside the output holds the unrefined polygons of the earlier --refine run" in plain.output
+    report = json.loads((tmp_path / "o.report.json").read_text(encoding="utf-8"))
+    assert any("o_coarse.gpkg" in warning for warning in report["warnings"])
+    assert "coarse_vector" not in report["outputs"]
+    assert coarse.read_bytes() == before
+    again = segment(holed, tmp_path / "o.gpkg", tiny_model, "--refine", "none", "--overwrite", "--bbox", *box)
+    assert again.exit_code == 0 and "o_coarse.gpkg" not in again.output  # the report it replaced no longer names it
