@@ -193,6 +193,17 @@ def _readable(folder: Path) -> bool:
     return True
 
 
+def unusable_finetuned() -> list[tuple[Path, str]]:
+    """Fine-tuned model folders that are not offered as models, with the sentence saying why."""
+    broken = []
+    for folder in finetuned_dirs():
+        try:
+            read_finetuned_meta(folder)
+        except ModelError as error:
+            broken.append((folder, str(error)))
+    return broken
+
+
 def unknown_model_error(name: str) -> ModelError:
     """The error for a name that is neither a registry model, a path nor a fine-tuned model."""
     names = list(known_models()) + [p.name for p in finetuned_dirs() if _readable(p)]

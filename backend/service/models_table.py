@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from backend.engine import paths
-from backend.engine.models import list_models
+from backend.engine.models import list_models, unusable_finetuned
 from backend.engine.registry import DEFAULT_MODEL
 from backend.engine.weights import hf_cache_dir
 
@@ -26,4 +26,6 @@ def format_models_table(models: list[dict] | None = None) -> str:
     lines.append("")
     lines.append(f"* default model. Weights directory: {paths.weights_dir()} (set FARSLIP_WEIGHTS to change); "
                  f"Hugging Face cache: {hf_cache_dir()}; fine-tuned models: {paths.models_dir()}.")
+    for folder, reason in unusable_finetuned():  # a folder that is there but offers no model: why, not silence
+        lines.append(f"Not offered: fine-tuned model folder {folder.name}: {reason}")
     return "\n".join(lines)

@@ -283,6 +283,9 @@ def test_a_broken_model_description_is_one_sentence_and_the_other_models_still_l
     (broken / finetuned.FINETUNED_META).write_text(json.dumps(meta | change))
     listed = {m["name"] for m in models.list_models()}
     assert "good" in listed and "broken" not in listed
+    table = models_table.format_models_table()  # `farslip models` says why the folder is not offered
+    assert "Not offered: fine-tuned model folder broken: " in table and words in table
+    assert "fine-tuned model folder good" not in table
     with pytest.raises(ModelError) as refused:
         models.load_model("broken")
     assert words in str(refused.value)
