@@ -177,6 +177,36 @@ def keep_layers(target: Path, staged: Path, layer: str) -> list[str]:
     return kept
 
 
+# What a GeoPackage's gpkg_contents calls its tables, in a sentence.
+TABLE_KINDS = {"tiles": "raster (tiles)", "2d-gridded-coverage": "gridded coverage (raster)",
+               "attributes": "attribute (non-spatial)"}
+
+
+def check_gpkg_layer_free(path: Path, what: str) -> None:
+    """Refuse, before a run, a GeoPackage output that holds a table of the result layer's name which is not a
+    vector layer (an orthophoto's tiles, an attribute table, a plain SQLite table): the layer could not be
+    written over it (the run ended in a traceback after all its work) and it is the user's data. A vector
+    layer of that name is the one --overwrite replaces; other tables are kept (keep_layers)."""
+    if path.suffix.lower() != ".gpkg" or not path.is_file():
+        return
+    layer = layer_name(path.stem, "GPKG")
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            named = db.execute("SELECT type, name FROM sqlite_master WHERE lower(name) = lower(?)", (layer,)).fetchone()
+            if named is None:
+                return
+            row = db.execute("SELECT data_type FROM gpkg_contents WHERE lower(table_name) = lower(?)",
+                             (layer,)).fetchone()
+    except sqlite3.Error:  # not a GeoPackage SQLite can read: replaced as a whole, as asked
+        return
+    if row is not None and str(row[0]).lower() == "features":
+        return
+    kind = TABLE_KINDS.get(str(row[0]).lower(), f"'{row[0]}'") if row is not None else (
+        "SQLite view" if named[0] == "view" else "SQLite table (not a GeoPackage layer)")
+    raise InputError(f"The {what} {path} already holds a {kind} table named '{named[1]}', the name the result's "
+                     f"layer takes from the file name; it is kept, not replaced: choose another output name.")
+
+
 def layer_name(name: str, driver: str) -> str:
     """The layer's name in the file: GeoPackage reserves names that begin with 'gpkg' (its own tables), so
     the layer of gpkg_ortho.gpkg is _gpkg_ortho (GDAL refused it and the run ended in a traceback)."""

@@ -386,6 +386,10 @@ def check_output_files(named: dict[str, Path], inputs: dict[str, Path] | None = 
         check_output_folder(path)
         check_not_special(path, what)
     if overwrite:
+        from .export import check_gpkg_layer_free  # export imports what files does not: no cycle
+
+        for what, path in named.items():
+            check_gpkg_layer_free(path, what)
         return
     checked = {Path(path) for path in replaced} if replaced is not None else set(named.values())
     for what, path in named.items():

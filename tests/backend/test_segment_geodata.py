@@ -715,6 +715,46 @@ def test_overwriting_a_geopackage_keeps_its_other_layers(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("command", ["segment", "classify"])
+@pytest.mark.parametrize("table", ["tiles", "attributes", "sqlite"])
+def test_a_geopackage_table_of_the_layers_name_that_is_no_vector_layer_is_refused_before_the_run(
+        tiny_model, tmp_path, command, table):
+    """ortho.gpkg holding the orthophoto's tiles as table 'ortho' (or an attribute table, or a plain SQLite
+    table of that name): --overwrite ran the whole segmentation, then ended in a traceback (GDAL: table
+    "ortho" already exists). Now one sentence before the run; the file is untouched."""
+    import sqlite3
+
+    import pyogrio.raw
+
+    raster = _blocks_raster(tmp_path / "utm.tif", "EPSG:32633", rasterio.Affine(2.0, 0, 300_000, 0, -2.0, 5_800_000))
+    store = tmp_path / "ortho.gpkg"
+    square = shapely.to_wkb(np.array([shapely.box(300_010, 5_799_700, 300_050, 5_799_750)], dtype=object))
+    pyogrio.raw.write(store, square, [np.array(["r"], dtype=object)], ["name"], layer="roads", driver="GPKG",
+                      geometry_type="Polygon", crs="EPSG:32633")
+    if table == "tiles":
+        with rasterio.open(store, "w", driver="GPKG", width=16, height=16, count=3, dtype="uint8", crs="EPSG:32633",
+                           transform=rasterio.Affine(2.0, 0, 300_000, 0, -2.0, 5_800_000), RASTER_TABLE="Ortho",
+                           APPEND_SUBDATASET="YES") as ds:
+            ds.write(np.full((3, 16, 16), 7, np.uint8))
+    elif table == "attributes":
+        pyogrio.raw.write(store, None, [np.array(["a"], dtype=object)], ["note"], layer="ortho", driver="GPKG",
+                          append=True)
+    else:
+        with sqlite3.connect(store) as db:
+            db.execute("CREATE TABLE ortho (note TEXT)")
+    before = store.read_bytes()
+    args = [command, str(raster), "-c", "water", "-c", "grass", "--model", str(tiny_model), "--out", str(store),
+            "--overwrite", "--quiet"] + (["--tile", "64"] if command == "classify" else [])
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    kind = {"tiles": "raster (tiles) table", "attributes": "attribute (non-spatial) table",
+            "sqlite": "SQLite table (not a GeoPackage layer)"}[table]
+    assert f"already holds a {kind}" in result.output and "choose another output name" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert store.read_bytes() == before
+    assert not store.with_suffix(".report.json").exists()
+
+
+@pytest.mark.parametrize("command", ["segment", "classify"])
 def test_a_shapefile_output_does_not_replace_another_shapefiles_parts_without_overwrite(tiny_model, tmp_path, command):
     """t.shp is several files: with t.dbf (another shapefile's table) and t.qmd beside it but no t.shp, a run
     to t.shp overwrote the .dbf and deleted the .qmd without --overwrite."""
