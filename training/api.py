@@ -41,6 +41,7 @@ from backend.engine.devices import resolve_device
 from backend.engine.diskspace import writing_to
 from backend.engine.feature_cache import raster_reads
 from backend.engine.files import (
+    absolute_outputs,
     absolute_raster_name,
     check_output_file,
     check_raster_name,
@@ -158,7 +159,7 @@ def check_report_outputs(outputs: dict[str, str | Path | None], inputs: dict[str
 
 def report_outputs(out_json: str | Path | None, out_png: str | Path | None) -> dict[str, str]:
     """The report's `outputs`: the --json and --png files given."""
-    return {name: str(path) for name, path in (("json", out_json), ("png", out_png)) if path}
+    return absolute_outputs({name: path for name, path in (("json", out_json), ("png", out_png)) if path})
 
 
 def report_title(result: dict) -> str:
@@ -886,6 +887,6 @@ def train_request(request: dict, progress: Callable[[int, int], None] | None = N
                          options=options, loaded=loaded, progress=report, should_cancel=should_cancel,
                          **args)
     out = Path(result["model_dir"])
-    result["outputs"] = {"model_dir": str(out), "report": str(out / "evaluation.txt"),
-                         "metadata": str(out / FINETUNED_META)}
+    result["outputs"] = absolute_outputs({"model_dir": out, "report": out / "evaluation.txt",
+                                          "metadata": out / FINETUNED_META})
     return result

@@ -25,7 +25,7 @@ from .atomic import StagedOutputs
 from .diskspace import writing_to
 from .errors import CancelledError, EmptyResultError, InputError
 from .export import check_field_widths, check_format_crs, report_json, report_path_for, write_layer
-from .files import absolute_raster_name, raster_file
+from .files import absolute_outputs, absolute_raster_name, raster_file
 from .models import LoadedModel
 from .finetuned import bands_for
 from .raster import PixelWindow, open_source, request_window
@@ -146,7 +146,7 @@ def classify_raster(raster: str | Path, options: ClassifyOptions, out: Path, loa
     out = Path(out)
     counts = np.bincount(class_ids, minlength=len(classes))
     stats = [{"class": name, "class_id": i, "tiles": int(counts[i])} for i, name in enumerate(names)]
-    outputs = {"vector": str(out), "report": str(report_path_for(out))}
+    outputs = absolute_outputs({"vector": out, "report": report_path_for(out)})
     report = {"farslip_version": __version__, "run_id": run_id, "raster": absolute_raster_name(raster),
               "model": loaded.name, "weights_sha256": loaded.weights_id, "crs": crs.to_string(),
               "bands": bands, "tile": options.tile, "logit_scale": scale, "tiles": len(boxes), "class_stats": stats,

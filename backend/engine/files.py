@@ -372,6 +372,12 @@ def check_output_name(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
+def absolute_outputs(outputs) -> dict[str, str]:
+    """A run's output paths by role, as its report lists them: absolute (a report is read from anywhere, and
+    a relative path meant the folder the command ran in), symbolic links and `..` kept as the user named them."""
+    return {role: os.path.abspath(path) for role, path in outputs.items()}
+
+
 def check_output_files(named: dict[str, Path], inputs: dict[str, Path] | None = None, overwrite: bool = False,
                        option: str = "--overwrite", replaced: Iterable[Path] | None = None) -> None:
     """Everything the files a run writes (`named`: {what it is called in a sentence: path}) must pass

@@ -45,7 +45,7 @@ from .atomic import StagedOutputs, is_shapefile, shapefile_parts
 from .diskspace import writing_to
 from .errors import InputError
 from .export import check_field_widths, check_format_crs, driver_for, report_json, report_path_for, write_layer
-from .files import check_output_files, input_paths, raster_file
+from .files import absolute_outputs, check_output_files, input_paths, raster_file
 from .models import LoadedModel
 from .ground import crs_label
 from .options import SENTENCE_MAX_CHARS, check_typed_text
@@ -484,7 +484,7 @@ def search_raster(index: SearchIndex, options: SearchOptions, out: Path, overwri
     run_id = uuid.uuid4().hex[:12]
     out = Path(out)
     report_path = report_path_for(out)
-    outputs = {"vector": str(out), "report": str(report_path)}
+    outputs = absolute_outputs({"vector": out, "report": report_path})
     report = {"farslip_version": __version__, "run_id": run_id, "raster": index.absolute_name,
               "model": index.loaded.name, "weights_sha256": index.loaded.weights_id, "crs": index.crs.to_string(),
               "bbox": list(options.bbox) if options.bbox else None, "bbox_crs": options.bbox_crs,

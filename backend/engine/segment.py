@@ -25,7 +25,7 @@ import torch
 
 from backend import __version__
 from .checks import check_inputs, class_lines_of, earlier_coarse_warning, output_paths
-from .files import absolute_raster_name
+from .files import absolute_outputs, absolute_raster_name
 from .sliding import CHUNK_COLUMNS, NODATA_CLASS, UNCLASSIFIED, Segmenter, count_crops, predict_blocks
 from .encoders import Encoder, crop_size
 from .feature_cache import FeatureCache, raster_scopes
@@ -475,7 +475,7 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
                 shutil.move(class_path, staged["class_raster"])
             timings["write_s"] = time.perf_counter() - t0
             timings["total_s"] = time.perf_counter() - started
-            paths = {k: str(v) for k, v in targets.items()}
+            paths = absolute_outputs(targets)
             report = {
                 "farslip_version": __version__, "run_id": run_id, "raster": absolute_raster_name(raster),
                 "model": loaded.name, "weights_sha256": loaded.weights_id,

@@ -36,8 +36,8 @@ from backend.engine.feature_cache import RasterReads, identity_digest, model_ide
 from backend.engine.weights import stat_identity
 from backend.engine.diskspace import writing_to
 from backend.engine.checks import coarse_vector_path, input_files, named_outputs, outputs_by_role
-from backend.engine.files import (absolute_raster_name, check_output_files, held_file, is_gdal_name, is_gdal_virtual,
-                                  is_inside, raster_file, same_file)
+from backend.engine.files import (absolute_outputs, absolute_raster_name, check_output_files, held_file,
+                                  is_gdal_name, is_gdal_virtual, is_inside, raster_file, same_file)
 from backend.engine.options import SegmentOptions
 from backend.engine.outlines import engine_window
 from backend.engine.quality import QualityModel
@@ -728,13 +728,13 @@ def _write_outputs(done: list[RasterPlan], manifest: Manifest, request: ScaleReq
         timings["total_s"] = time.perf_counter() - started
         report = {"farslip_version": __version__, "run_id": run_id, "model": model, "crs": out_crs.to_string(),
                   "rasters": [manifest.finished[p.index] for p in done], "failed": failed, "chunks": chunks,
-                  "polygons": count, "options": facts, "outputs": outputs,
+                  "polygons": count, "options": facts, "outputs": absolute_outputs(outputs),
                   "layer": out.stem if out.suffix.lower() == ".parquet" else layer_name(out.stem, driver_for(out)),
                   "timings": {k: round(v, 3) for k, v in timings.items()}}
         staged["report"].write_text(report_json(report), "utf-8")
         with writing_to(targets.values(), 1.0):  # a failed rename is a sentence, seen before staged files go
             staged.commit()
-    return outputs
+    return absolute_outputs(outputs)
 
 
 def _stage_raster_output(staged: StagedOutputs, role: str, target: Path, done: list[RasterPlan],

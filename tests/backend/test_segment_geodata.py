@@ -850,3 +850,20 @@ def test_pixels_nodata_in_the_chosen_band_get_no_class(tiny_model, tmp_path):
             assert int((ids == ds.nodata).sum()) == masked
             if masked:
                 assert (ids[:, :40] == ds.nodata).all()
+
+
+@pytest.mark.parametrize("command", ["segment", "classify"])
+def test_the_report_lists_its_outputs_as_absolute_paths_when_they_were_given_relative(tiny_model, tmp_path,
+                                                                                       monkeypatch, command):
+    """`--out o1/r.gpkg` run in the data folder: the report (o1/r.report.json) said "o1/r.gpkg", which read from
+    the report's own folder points at o1/o1/r.gpkg."""
+    raster = _blocks_raster(tmp_path / "utm.tif", "EPSG:32633", rasterio.Affine(2.0, 0, 300_000, 0, -2.0, 5_800_000))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "o1").mkdir()
+    extra = ["--tile", "64"] if command == "classify" else ["--class-raster", "o1/cls.tif"]
+    result = CliRunner().invoke(app, [command, "utm.tif", "-c", "water", "-c", "grass", "--model", str(tiny_model),
+                                      "--out", "o1/r.gpkg", "--quiet", *extra])
+    assert result.exit_code == 0, result.output
+    outputs = json.loads((tmp_path / "o1" / "r.report.json").read_text())["outputs"]
+    assert outputs["vector"] == str(tmp_path / "o1" / "r.gpkg")
+    assert all(Path(path).is_absolute() and Path(path).is_file() for path in outputs.values()), outputs
