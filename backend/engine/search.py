@@ -393,7 +393,8 @@ def search_index(index: SearchIndex, options: SearchOptions, progress=None, shou
         keywords = (keyword_embedder.embed([fit_to_context(k, index.loaded, "keyword")[0] for k in query.keywords])
                     .numpy() if query.keywords else None)
         scores = np.where(inside, sentence_scores(entries.embeddings, sentence, keywords), -np.inf)
-        _add_hits(hits, entries, scores, options, query.text)
+        if (few := _add_hits(hits, entries, scores, options, query.text)) is not None:
+            notices.append(few)
     if point is not None and options.like is not None:
         label = like_label(index, options.like, options.like_crs)
         notice = _add_like_hits(hits, entries, inside, point, examples, options, label, index.dataset.transform)
@@ -405,12 +406,21 @@ def search_index(index: SearchIndex, options: SearchOptions, progress=None, shou
     return hits, notices, facts
 
 
-def _add_hits(hits: Hits, entries, scores: np.ndarray, options: SearchOptions, label: str) -> None:
+def _add_hits(hits: Hits, entries, scores: np.ndarray, options: SearchOptions, label: str) -> str | None:
+    """The best windows of `scores` for one query as hits; a notice when fewer than --top are left (none
+    when no window was searched: that has its own)."""
     finite = np.isfinite(scores)
     candidates = np.flatnonzero(finite)
     kept = candidates[suppress_overlaps(entries.pixels[candidates], scores[candidates], options.top,
                                         options.max_overlap)]
     hits.extend(entries.footprints[kept], scores[kept], entries.scale_m[kept], label)
+    if not len(candidates) or len(kept) >= options.top:
+        return None
+    found = f"{label!r} has {len(kept)} hit{'' if len(kept) == 1 else 's'}, not --top {options.top}"
+    if len(kept) == len(candidates):
+        return f"{found}: the area searched holds only {len(candidates)} window{'' if len(candidates) == 1 else 's'}."
+    return (f"{found}: the area's other windows each overlap a better one by more than --max-overlap "
+            f"{options.max_overlap:g} (raise it, or search a larger area, for more).")
 
 
 def _add_like_hits(hits: Hits, entries, inside: np.ndarray, point, examples: dict[int, np.ndarray],
@@ -426,11 +436,11 @@ def _add_like_hits(hits: Hits, entries, inside: np.ndarray, point, examples: dic
     contains = ((entries.pixels[:, 0] <= col) & (entries.pixels[:, 2] >= col)
                 & (entries.pixels[:, 1] <= row) & (entries.pixels[:, 3] >= row))
     scores[contains | ~inside] = -np.inf
-    _add_hits(hits, entries, scores, options, label)
+    few = _add_hits(hits, entries, scores, options, label)
     if inside.any() and not (inside & ~contains).any():
         return ("Every window searched holds the example point, so no other place is left to compare with it "
                 f"and {label!r} has no hits; search a larger area (or raster) than one window around the point.")
-    return None
+    return few
 
 
 def write_footprints(path: str | Path, footprints: np.ndarray, fields: dict[str, np.ndarray], crs,

@@ -661,3 +661,24 @@ def test_a_bbox_of_the_largest_numbers_searches_every_window(raster, loaded, req
                              tmp_path / "huge.gpkg")
     assert huge.report["windows_searched"] == whole.report["windows_searched"] > 0
     assert hits_table(tmp_path / "huge.gpkg")[1] == hits_table(tmp_path / "whole.gpkg")[1]
+
+
+def test_fewer_hits_than_asked_are_explained(loaded, naip500, tmp_path):
+    """`--top 5` gave 4 hits with no word: the other windows overlapped those by more than --max-overlap (or the
+    area held fewer windows). Each query short of --top says which."""
+    with open_index(naip500, loaded) as index:
+        windows = index.window_count()
+        many = search_raster(index, SearchOptions(["a lake", "a road"], top=windows + 5, max_overlap=1.0),
+                             tmp_path / "all.gpkg")
+        tight = search_raster(index, SearchOptions(["a lake"], top=windows, max_overlap=0.01), tmp_path / "t.gpkg")
+        enough = search_raster(index, SearchOptions(["a lake"], top=1), tmp_path / "one.gpkg")
+    for query in ("a lake", "a road"):
+        hits = sum(1 for q in many.hits.query if q == query)
+        assert f"'{query}' has {hits} hits, not --top {windows + 5}: the area searched holds only {hits} windows." \
+            in many.notices
+    kept = len(tight.hits.query)
+    assert kept < windows
+    assert any(notice.startswith(f"'a lake' has {kept} hit") and "--max-overlap 0.01" in notice
+               for notice in tight.notices), tight.notices
+    assert not any("not --top" in notice for notice in enough.notices)
+    assert many.report["notices"] == many.notices

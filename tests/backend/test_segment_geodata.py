@@ -857,7 +857,7 @@ def test_the_report_lists_its_outputs_as_absolute_paths_when_they_were_given_rel
                                                                                        monkeypatch, command):
     """`--out o1/r.gpkg` run in the data folder: the report (o1/r.report.json) said "o1/r.gpkg", which read from
     the report's own folder points at o1/o1/r.gpkg."""
-    raster = _blocks_raster(tmp_path / "utm.tif", "EPSG:32633", rasterio.Affine(2.0, 0, 300_000, 0, -2.0, 5_800_000))
+    _blocks_raster(tmp_path / "utm.tif", "EPSG:32633", rasterio.Affine(2.0, 0, 300_000, 0, -2.0, 5_800_000))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "o1").mkdir()
     extra = ["--tile", "64"] if command == "classify" else ["--class-raster", "o1/cls.tif"]
