@@ -263,12 +263,38 @@ def open_dataset(path: str | Path) -> rasterio.io.DatasetReader:
         ds.close()
         raise InputError(f"The raster {path} has no coordinate reference system or georeferencing; "
                          "georeference it first (QGIS Georeferencer, or gdal_translate -a_srs/-a_ullr).")
+    try:
+        check_geographic_extent(ds, path)
+    except InputError:
+        ds.close()
+        raise
     complex_bands = [i + 1 for i, dtype in enumerate(ds.dtypes) if np.dtype(dtype).kind == "c"]
     if complex_bands:
         ds.close()
         raise InputError(f"The raster {path} holds complex numbers ({ds.dtypes[complex_bands[0] - 1]}), e.g. radar "
                          "phase data; segmenting needs real-valued bands. Convert it first (e.g. to amplitude).")
     return ds
+
+
+def check_geographic_extent(ds: rasterio.io.DatasetReader, path: str | Path) -> None:
+    """Refuse a raster in a geographic CRS whose coordinates cannot be longitudes and latitudes (a UTM raster
+    labelled EPSG:4326, latitude and longitude swapped): it ran, and its polygons came out empty or nowhere
+    while its class raster was full. Latitudes may pass the poles by one pixel (pixel-edge registration),
+    longitudes may run over one and a half turns (0..360 and across the antimeridian are the same places)."""
+    if ds.crs is None or not ds.crs.is_geographic:
+        return
+    turn = longitude_turn(ds.crs)
+    quarter = turn / 4
+    left, bottom, right, top = pixel_envelope(ds.transform, 0, 0, ds.width, ds.height)
+    pixel = max(abs(ds.transform.e), abs(ds.transform.d), abs(ds.transform.a), abs(ds.transform.b))
+    slack = min(pixel, quarter)
+    if -quarter - slack <= bottom and top <= quarter + slack and -1.5 * turn <= left and right <= 1.5 * turn:
+        return
+    raise InputError(f"The raster {path} is in {crs_label(ds.crs)}, a CRS of longitudes and latitudes, but it lies "
+                     f"at x {left:.6g}..{right:.6g}, y {bottom:.6g}..{top:.6g}, beyond latitudes "
+                     f"-{quarter:g}..{quarter:g} or a turn of longitudes: its CRS is probably wrong (coordinates "
+                     "in metres, or latitude and longitude swapped). Assign the right one (QGIS: Layer Properties "
+                     "> Source, or gdal_edit.py -a_srs EPSG:...) and run again.")
 
 
 def select_bands(ds: rasterio.io.DatasetReader, bands: list[int] | None) -> list[int]:
@@ -669,11 +695,40 @@ def bbox_in_raster_crs(bbox: tuple[float, float, float, float], bbox_crs: CRS, r
     parts within -180..180: GDAL's envelope of such a box missed most of the world."""
     if bbox_crs == raster_crs or not bbox_crs.is_geographic:
         return _box_over_raster(bbox, bbox_crs, raster_crs, raster_box)
+    if _holds_raster(bbox, bbox_crs, raster_crs, raster_box):  # the envelope of a box to a pole went astray
+        return raster_box
     found = [box for box in (_box_over_raster(part, bbox_crs, raster_crs, raster_box)
                              for part in _within_one_turn(bbox, longitude_turn(bbox_crs))) if box is not None]
     if not found:
         return None
     return (min(b[0] for b in found), min(b[1] for b in found), max(b[2] for b in found), max(b[3] for b in found))
+
+
+def _holds_raster(box: tuple[float, float, float, float], box_crs: CRS, raster_crs: CRS,
+                  raster_box: tuple[float, float, float, float]) -> bool:
+    """Whether a longitude/latitude box holds the whole raster: every point of a SAMPLES x SAMPLES grid over the
+    raster (its edges included) lands inside it. GDAL's envelope of a box reaching both poles (the world,
+    -180 -90 180 90) in a transverse Mercator CRS came out as the zone's western half, and a raster east of
+    its central meridian was said to lie outside the world."""
+    from pyproj import Transformer
+
+    t = np.linspace(0.0, 1.0, SAMPLES)
+    xs, ys = np.meshgrid(raster_box[0] + (raster_box[2] - raster_box[0]) * t,
+                         raster_box[1] + (raster_box[3] - raster_box[1]) * t)
+    try:
+        with np.errstate(all="ignore"):
+            to_box = Transformer.from_crs(as_pyproj(raster_crs), as_pyproj(box_crs), always_xy=True)
+            lons, lats = (np.asarray(v, float) for v in to_box.transform(xs.ravel(), ys.ravel()))
+    except Exception:  # pyproj raises several types for impossible transforms: the usual way decides
+        return False
+    if not (np.isfinite(lons).all() and np.isfinite(lats).all()):
+        return False
+    turn = longitude_turn(box_crs)
+    if not ((lats >= box[1]) & (lats <= box[3])).all():
+        return False
+    if box[2] - box[0] >= turn:
+        return True
+    return bool((box[0] + np.mod(lons - box[0], turn) <= box[2]).all())
 
 
 def _within_one_turn(box: tuple[float, float, float, float],

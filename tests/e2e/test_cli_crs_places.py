@@ -168,3 +168,42 @@ def test_geojson_of_a_compound_crs_names_its_parts(tiny_model, tmp_path):
                  "--out", tmp_path / "c.gpkg")
     assert result.exit_code == 0, result.output
     assert CRS.from_user_input(pyogrio.read_info(tmp_path / "c.gpkg")["crs"]) == CRS.from_user_input("EPSG:32633+5773")
+
+
+@pytest.mark.parametrize("command", ["segment", "classify", "index"])
+@pytest.mark.parametrize("origin, pixel", [
+    ((500_000.0, 5_200_000.0), 5.0),   # a UTM raster labelled EPSG:4326
+    ((47.0, -96.96), 0.0001),          # latitude and longitude swapped
+    ((10.0, 100.0), 0.0001),           # north of the pole
+], ids=["metres", "swapped", "beyond-the-pole"])
+def test_a_raster_in_degrees_whose_coordinates_cannot_be_degrees_is_refused(tiny_model, tmp_path, command, origin,
+                                                                           pixel):
+    """It ran: the class raster was full, the polygon layer empty (or nowhere), exit 0 and no warning."""
+    path = raster(tmp_path / "wrong.tif", "EPSG:4326", from_origin(*origin, pixel, pixel))
+    extra = ["-c", "water", "-c", "forest", "--out", tmp_path / "o.gpkg"] if command != "index" else []
+    result = run(command, path, *extra, "--model", tiny_model, *MODEL_ARGS)
+    assert result.exit_code == 2, result.output
+    assert "a CRS of longitudes and latitudes" in result.output and "its CRS is probably wrong" in result.output
+    assert not (tmp_path / "o.gpkg").exists()
+
+
+@pytest.mark.parametrize("origin", [(-180.0, 90.0), (0.0, 90.5)], ids=["-180..180", "0..360, half a pixel over"])
+def test_a_whole_world_raster_in_degrees_still_runs(tiny_model, tmp_path, origin):
+    path = raster(tmp_path / "world.tif", "EPSG:4326", from_origin(*origin, 1.0, 1.0), width=360, height=180)
+    result = run("segment", path, "-c", "water", "-c", "forest", "--out", tmp_path / "o.gpkg", "--model",
+                 tiny_model, *MODEL_ARGS)
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("easting", [500_000.0, 700_000.0], ids=["at the central meridian", "east of it"])
+def test_a_whole_world_bbox_in_degrees_covers_a_utm_raster(tiny_model, tmp_path, easting):
+    """-180 -90 180 90 in EPSG:4326: GDAL's envelope of a box reaching both poles in UTM zone 14 came out as
+    the zone's western half, so a raster at the central meridian was cut to one column and one east of it
+    was said to lie outside the bbox."""
+    path = raster(tmp_path / "utm.tif", "EPSG:32614", from_origin(easting, 5_200_000.0, 5.0, 5.0))
+    result = run("segment", path, "-c", "water", "-c", "forest", "--out", tmp_path / "o.gpkg", "--class-raster",
+                 tmp_path / "c.tif", "--bbox", -180, -90, 180, 90, "--bbox-crs", "EPSG:4326", "--model", tiny_model,
+                 *MODEL_ARGS)
+    assert result.exit_code == 0, result.output
+    with rasterio.open(tmp_path / "c.tif") as classes, rasterio.open(path) as source:
+        assert classes.shape == source.shape and classes.transform == source.transform
