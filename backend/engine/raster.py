@@ -140,7 +140,7 @@ class RasterSource:
                                      resampling=self._resampling())
             mask = None if self._all_valid else validity_mask(self.dataset, shape, src_window, unique)
         except RasterioError as exc:
-            raise unreadable_pixels(self.path) from exc
+            raise unreadable_pixels(self.path, exc) from exc
         if every > 1:  # before any conversion: what follows works pixel by pixel
             data = data[:, ::every, ::every]
             mask = mask[::every, ::every] if mask is not None else None
@@ -214,7 +214,15 @@ class RasterSource:
         self.close()
 
 
-def unreadable_pixels(path) -> InputError:
+def unreadable_pixels(path, error: Exception | None = None) -> InputError:
+    """The sentence for pixels GDAL could not read: a source file that is gone (a VRT's or mosaic's, named in
+    GDAL's message as 'NAME: No such file or directory') is named, not called damage."""
+    said = [str(e) for e in (error, getattr(error, "__cause__", None), getattr(error, "__context__", None)) if e]
+    found = [m for m in (re.fullmatch(r"\s*(.+?): No such file or directory\s*", text) for text in said) if m]
+    if found and Path(found[0].group(1)).name != Path(str(path)).name:
+        return InputError(f"Could not read the pixels of {path}: it refers to the file {found[0].group(1)}, "
+                          "which does not exist (moved or deleted since the mosaic or VRT was made). Put it back, or "
+                          "rebuild the mosaic (e.g. gdalbuildvrt), and try again.")
     return InputError(f"Could not read the pixels of {path}: the file is damaged or truncated. Re-export it "
                       "(e.g. gdal_translate) and try again.")
 
@@ -393,7 +401,7 @@ def _sample(ds: rasterio.io.DatasetReader, bands: list[int],
                 if values else None)
         mask = np.ones(shape, bool) if all_valid else validity_mask(ds, shape, bands=bands) > 0
     except RasterioError as exc:
-        raise unreadable_pixels(ds.name) from exc
+        raise unreadable_pixels(ds.name, exc) from exc
     return data, mask
 
 

@@ -373,3 +373,22 @@ def test_an_untagged_fill_value_is_named_instead_of_one_class_everywhere(tmp_pat
         ds.nodata = -3.4028235e38
     with open_source(path) as source:
         assert source.value_range is not None and all(hi <= 250 for _, hi in source.value_range)
+
+
+def test_a_vrt_whose_source_file_is_gone_names_that_file(tiny_model, tmp_path):
+    """It was called damaged or truncated, with the advice to re-export it."""
+    source = write(tmp_path / "tile_a.tif", np.full((3, 40, 50), 90, np.uint8),
+                   transform=from_origin(300_000, 5_000_000, 2, 2))
+    vrt = tmp_path / "mosaic.vrt"
+    bands = "".join(
+        f'<VRTRasterBand dataType="Byte" band="{b}"><SimpleSource><SourceFilename relativeToVRT="1">tile_a.tif'
+        f'</SourceFilename><SourceBand>{b}</SourceBand><SrcRect xOff="0" yOff="0" xSize="50" ySize="40"/>'
+        '<DstRect xOff="0" yOff="0" xSize="50" ySize="40"/></SimpleSource></VRTRasterBand>' for b in (1, 2, 3))
+    vrt.write_text(f'<VRTDataset rasterXSize="50" rasterYSize="40"><SRS>EPSG:32633</SRS>'
+                   f'<GeoTransform>300000, 2, 0, 5000000, 0, -2</GeoTransform>{bands}</VRTDataset>')
+    source.unlink()
+    result = CliRunner().invoke(app, ["segment", str(vrt), "-c", "water", "-c", "field", "--model", str(tiny_model),
+                                      "--out", str(tmp_path / "o.gpkg"), "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert f"it refers to the file {tmp_path / 'tile_a.tif'}, which does not exist" in result.output
+    assert "damaged" not in result.output and not (tmp_path / "o.gpkg").exists()
