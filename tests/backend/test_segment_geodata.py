@@ -867,3 +867,21 @@ def test_the_report_lists_its_outputs_as_absolute_paths_when_they_were_given_rel
     outputs = json.loads((tmp_path / "o1" / "r.report.json").read_text())["outputs"]
     assert outputs["vector"] == str(tmp_path / "o1" / "r.gpkg")
     assert all(Path(path).is_absolute() and Path(path).is_file() for path in outputs.values()), outputs
+
+
+@pytest.mark.parametrize("options, words", [
+    (["--threshold", "0.99"], "No polygon was drawn: no pixel's most likely class reached --threshold 0.99. Lower it"),
+    (["--min-area", "1e9"], "No polygon was drawn: every region was smaller than --min-area 1e+09 m². Lower it"),
+    (["--threshold", "0.99", "--min-area", "1e9"], "--threshold 0.99 or every region was smaller than --min-area"),
+])
+def test_a_run_that_draws_no_polygon_says_which_option_left_nothing(tiny_model, tmp_path, options, words):
+    """Every class showed 0 polygons, exit 0, and the report's warnings were empty."""
+    raster = _blocks_raster(tmp_path / "utm.tif", "EPSG:32633", rasterio.Affine(2.0, 0, 300_000, 0, -2.0, 5_800_000))
+    result = segment(raster, *CLASSES, "--model", tiny_model, "--out", tmp_path / "o.gpkg", *options)
+    assert result.exit_code == 0, result.output
+    assert words in result.output
+    report = json.loads((tmp_path / "o.report.json").read_text())
+    assert sum(entry["polygons"] for entry in report["class_stats"]) == 0
+    assert any(words in warning for warning in report["warnings"])
+    plain = segment(raster, *CLASSES, "--model", tiny_model, "--out", tmp_path / "p.gpkg", "--quiet")
+    assert plain.exit_code == 0 and "No polygon was drawn" not in plain.output
