@@ -24,7 +24,8 @@ from backend import __version__
 from .atomic import StagedOutputs
 from .diskspace import writing_to
 from .errors import CancelledError, EmptyResultError, InputError
-from .export import check_field_widths, check_format_crs, report_json, report_path_for, write_layer
+from .export import (check_field_widths, check_format_crs, format_crs_warnings, report_json, report_path_for,
+                     write_layer)
 from .files import absolute_outputs, absolute_raster_name, raster_file
 from .models import LoadedModel
 from .finetuned import bands_for
@@ -105,6 +106,7 @@ def classify_raster(raster: str | Path, options: ClassifyOptions, out: Path, loa
                              task="classify")
         with source:
             check_format_crs(out, source.crs)
+            warnings += format_crs_warnings(out, source.crs)
             window = request_window(source, options.bbox, options.bbox_crs)
             rows = tile_starts(window.row_off, window.row_off + window.height, options.tile)
             cols = tile_starts(window.col_off, window.col_off + window.width, options.tile)

@@ -823,10 +823,25 @@ def test_geojson_is_refused_for_a_crs_without_a_code_and_written_for_one_with_it
         if written:
             assert result.exit_code == 0, result.output
             assert rasterio.crs.CRS.from_user_input(pyogrio.read_info(out)["crs"]) == rasterio.crs.CRS.from_epsg(32633)
+            # Written in the raster's CRS, which RFC 7946 readers (web maps) do not read: said once, and reported.
+            assert result.output.count(f"{out.name} is in EPSG:32633") == 1 and "RFC 7946" in result.output
+            report = json.loads(out.with_suffix(".report.json").read_text())
+            assert any("RFC 7946" in warning for warning in report["warnings"])
         else:
             assert result.exit_code == 2, result.output
             assert "GeoJSON cannot record the CRS" in result.output and ".gpkg" in result.output
             assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["segment", "classify"])
+def test_geojson_in_wgs84_degrees_gets_no_crs_warning(tiny_model, tmp_path, command):
+    raster = _blocks_raster(tmp_path / "r.tif", "EPSG:4326", rasterio.Affine(0.0001, 0, 15.0, 0, -0.0001, 50.0))
+    out = tmp_path / f"{command}.geojson"
+    result = CliRunner().invoke(app, [command, str(raster), "-c", "water", "-c", "grass", "--model", str(tiny_model),
+                                      "--out", str(out), "--quiet", *(["--tile", "64"] if command == "classify" else [])])
+    assert result.exit_code == 0, result.output
+    assert "RFC 7946" not in result.output
+    assert out.exists()
 
 
 def test_pixels_nodata_in_the_chosen_band_get_no_class(tiny_model, tmp_path):
