@@ -26,6 +26,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from backend import __version__
@@ -246,8 +247,7 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
                          "and the class field must match the model's farslip_model.json).")
     use_validation = same_data and split in ("auto", "validation")
     processing = trained_on.get("processing") or {}
-    if use_validation:  # the training's own pixels: its grid, bands, background, AOI and class names
-        background = background if background is not None else trained_on.get("background")
+    if use_validation:  # the training's own pixels: its grid, bands and AOI (class names, background below)
         bands = bands or processing.get("bands")
         if scale is None and gsd_m is None:
             # A grid of two factors (a --gsd on pixels not square on the ground) comes back from its gsd.
@@ -262,8 +262,9 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
                                  "no longer there; give it with --aoi, or evaluate with --split all.")
             layer = trained_on["data"]["aoi"].get("layer")
             aoi = f"{recorded_aoi}|layername={layer}" if layer else recorded_aoi
-    if same_labels:  # the labels it was trained on: its class names, whatever the split and raster
+    if same_labels:  # the labels it was trained on: its class names and background, whatever the split and raster
         class_names = class_names or trained_on["data"].get("labels", {}).get("class_names") or None
+        background = background if background is not None else trained_on.get("background")
     # Elsewhere what segment does with the model: the bands its trainer chose, its ground resolution (the
     # raster's own pixel shape kept unless the model was trained on square ground pixels).
     bands = bands_for(raster, bands, loaded)
@@ -277,9 +278,7 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
         class_lines = model_class_lines(loaded, set(polygons.class_values), background)
         area = read_aoi(aoi, source.crs, raster_envelope(source)) if aoi else None
         grid = build_label_grid(source, polygons, background=background, aoi=area, class_lines=class_lines)
-        for warning in polygons.warnings:  # after the grid: it counts the polygons outside the raster
-            if progress is not None:
-                progress(0, 0, {"phase": "warning", "message": warning})
+        said = polygons.warnings  # after the grid: it counts the polygons outside the raster
         if use_validation:
             recorded = trained_on["split"]["validation_window"]
             window = PixelWindow(**recorded)
@@ -289,8 +288,14 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
             if truth.shape != (window.height, window.width):
                 raise InputError("The validation strip recorded in the model does not fit these labels; "
                                  "evaluate with --split all.")
+            counts = np.bincount(truth[truth >= 0].ravel(), minlength=len(grid.class_lines))
+            said = [*said, *validation_gaps(dict(zip(grid.class_lines, map(int, counts))), grid.pixel_counts(),
+                                            trained_on["split"].get("edge", "recorded"))]
         else:
             window, truth = grid.window, grid.labels
+        for warning in said:
+            if progress is not None:
+                progress(0, 0, {"phase": "warning", "message": warning})
         segmenter = segmenter_for(loaded, grid.class_lines, attention=attention, batch_size=batch_size)
         report = None if progress is None else (lambda done, total: progress(done, total, {"phase": "evaluate"}))
         predicted = predict_classes(segmenter, source, window, should_cancel, report)
@@ -309,7 +314,7 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
         "metrics": metrics, "text": format_metrics(metrics),
         "seconds": round(time.perf_counter() - started, 3), "outputs": {},
     }
-    result["warnings"] = polygons.warnings
+    result["warnings"] = said
     result["outputs"] = write_report(result, out_json, out_png, report_title(result))
     return result
 
@@ -501,7 +506,20 @@ def split_warnings(split) -> list[str]:
         warnings.append(f"The validation strip along the {split.edge} edge holds only classes the training part "
                         f"lacks ({', '.join(repr(name) for name in validated)}), so its mIoU says little about "
                         "the training; label those classes in the training part too.")
-    return warnings
+    return warnings + validation_gaps(split.validation_pixels, split.train_pixels, split.edge)
+
+
+def validation_gaps(validation_pixels: dict[str, int], labelled: dict[str, int], edge: str) -> list[str]:
+    """The classes labelled elsewhere (`labelled`: pixels of each class outside the strip, or in all the labels)
+    that the validation strip holds no pixel of, so that its mIoU leaves them out: a line."""
+    lacking = [name for name, count in validation_pixels.items() if count == 0 and labelled.get(name, 0) > 0]
+    if not lacking:
+        return []
+    listed = ", ".join(repr(name) for name in lacking)
+    many = len(lacking) > 1
+    return [f"The validation strip along the {edge} edge holds no labelled pixels of the class{'es' if many else ''} "
+            f"{listed}, so its mIoU does not score how well the model finds {'them' if many else 'it'}; label some "
+            f"of {'them' if many else 'it'} near that edge too."]
 
 
 def raster_record(raster: str | os.PathLike, dataset=None) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,9 @@ class LabelPolygons:
     no_geometry: int = 0  # of them, left out for a NULL or empty geometry
     no_area: int = 0  # of them, polygons left out for having no area once made valid
     outside: int = 0  # of them, polygons wholly outside the raster (set by build_label_grid)
+    labelled_pixels: int = 0  # pixels the polygons cover on the raster (set by build_label_grid)
+    on_nodata: int = 0  # of them, on the raster's nodata, so left out (set by build_label_grid)
+    contested: int = 0  # of them, under polygons of more than one class (set by build_label_grid)
 
     @property
     def warnings(self) -> list[str]:
@@ -70,6 +74,13 @@ class LabelPolygons:
             total = sum(count for count, _ in dropped)
             parts = ", ".join(f"{count} {what}" for count, what in dropped if count)
             said.append(f"{total} of the {self.features} features in {self.path.name} were left out: {parts}.")
+        if self.on_nodata:
+            said.append(f"{self.on_nodata} of the {self.labelled_pixels} labelled pixels of {self.path.name} lie on "
+                        "the raster's nodata, so they were left out.")
+        if self.contested:
+            said.append(f"{self.contested} labelled pixels of {self.path.name} lie under polygons of more than one "
+                        "class; each took the class of the smallest polygon over it (of polygons the same size, "
+                        "the later feature's).")
         codes = sorted(set(self.class_values), key=lambda v: (len(v), v))
         if codes and all(NUMBER.fullmatch(value) for value in codes):
             shown = ", ".join(codes[:5]) + (", ..." if len(codes) > 5 else "")
@@ -114,8 +125,22 @@ def _value_text(value) -> str:
 
 
 def _unreadable(path: Path, what: str, exc: Exception) -> InputError:
-    return InputError(f"The {what} file {path} cannot be read as a vector layer ({exc}). Give a "
-                      "GeoPackage, Shapefile or GeoJSON with polygons.")
+    """One sentence for a vector file GDAL cannot read (its own text, raw SQL or a driver's, is left out)."""
+    if path.suffix.lower() == ".gpkg":
+        return InputError(f"The {what} file {path} is not a readable GeoPackage (damaged or not a GeoPackage), "
+                          "so it cannot be read as a vector layer; give a GeoPackage, Shapefile or GeoJSON with "
+                          "polygons.")
+    return InputError(f"The {what} file {path} cannot be read as a vector layer (it is damaged, or in a format "
+                      "GDAL does not read); give a GeoPackage, Shapefile or GeoJSON with polygons.")
+
+
+@contextmanager
+def _quiet():
+    """GDAL's messages (M values dropped, as labels need none; a damaged file's 'bad application_id') are
+    Python warnings with a library path: kept off stderr, what matters comes as one sentence."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def split_layer(source: str | Path) -> tuple[Path, str | None]:
@@ -147,7 +172,9 @@ def _is_polygonal(kind: str | None) -> bool:
 def _choose_layer(path: Path, layer: str | None, what: str, class_field: str | None = None) -> str | None:
     """The layer to read: the one named, the only one, or the only polygon layer (with `class_field`)."""
     try:
-        layers = [(str(name), str(kind) if kind is not None else None) for name, kind in pyogrio.list_layers(path)]
+        with _quiet():
+            listed = pyogrio.list_layers(path)
+        layers = [(str(name), str(kind) if kind is not None else None) for name, kind in listed]
     except Exception as exc:  # pyogrio raises DataSourceError
         raise _unreadable(path, what, exc) from exc
     names = [name for name, _ in layers]
@@ -176,18 +203,26 @@ def _choose_layer(path: Path, layer: str | None, what: str, class_field: str | N
 
 def _fields(path: Path, layer: str | None, what: str) -> list[str]:
     try:
-        with warnings.catch_warnings():  # M values are dropped, as labels need none: no library lines on stderr
-            warnings.filterwarnings("ignore", message=r"Measured \(M\) geometry types are not supported")
+        with _quiet():
             return [str(name) for name in pyogrio.read_info(path, layer=layer)["fields"]]
     except Exception as exc:  # pyogrio raises DataSourceError / DataLayerError
         raise _unreadable(path, what, exc) from exc
 
 
+def _feature_count(path: Path, layer: str | None) -> int | None:
+    """The layer's feature count where the driver knows it cheaply (None where it does not)."""
+    try:
+        with _quiet():
+            count = pyogrio.read_info(path, layer=layer)["features"]
+    except Exception:  # pyogrio raises DataSourceError / DataLayerError; _fields has read it already
+        return None
+    return int(count) if count is not None and count >= 0 else None
+
+
 def _read_layer(path: Path, layer: str | None, columns: list[str] | None, what: str):
     check_vector_source(path, what)
     try:
-        with warnings.catch_warnings():  # M values are dropped, as labels need none: no library lines on stderr
-            warnings.filterwarnings("ignore", message=r"Measured \(M\) geometry types are not supported")
+        with _quiet():
             return pyogrio.raw.read(path, layer=layer, columns=columns)
     except Exception as exc:  # pyogrio raises DataSourceError / DataLayerError / FieldError
         raise _unreadable(path, what, exc) from exc
@@ -343,6 +378,8 @@ def label_layer(labels: str | Path, class_field: str, option: str = "--class-fie
                              "shapefiles); give the labels file (GeoPackage, Shapefile or GeoJSON).") from None
         raise
     available = _fields(path, layer, "labels")
+    if class_field not in available and _feature_count(path, layer) == 0:  # an empty GeoJSON has no fields
+        raise InputError(f"The labels file {path.name} holds no features.")
     if class_field not in available:
         hint = ", ".join(available[:30]) + (", ..." if len(available) > 30 else "") if available else "(none)"
         raise InputError(f"The labels file {path.name} has no field {class_field!r}; its fields are: {hint}. "
@@ -420,6 +457,25 @@ def rasterise(geometries: np.ndarray, class_ids: np.ndarray, window: PixelWindow
     order = np.argsort(-shapely.area(geometries), kind="stable")
     return rasterize(((geometries[i], int(class_ids[i])) for i in order), out_shape=shape,
                      transform=source.window_transform(window), fill=UNLABELLED, dtype="int16")
+
+
+def _contested(geometries: np.ndarray, class_ids: np.ndarray, window: PixelWindow, source: RasterSource,
+               counted: np.ndarray) -> int:
+    """The pixels of `counted` that polygons of more than one class cover (an overlap, a duplicate feature with
+    another class): only the polygons that overlap one of another class are burnt again, a mask per class."""
+    tree = shapely.STRtree(geometries)
+    left, right = tree.query(geometries, predicate="intersects")
+    pairs = (left < right) & (class_ids[left] != class_ids[right])
+    left, right = left[pairs], right[pairs]
+    pairs = shapely.area(shapely.intersection(geometries[left], geometries[right])) > 0  # not just touching
+    if not pairs.any():
+        return 0
+    involved = np.unique(np.concatenate([left[pairs], right[pairs]]))
+    covered = np.zeros(counted.shape, dtype=np.uint8)
+    for class_id in np.unique(class_ids[involved]):
+        mine = involved[class_ids[involved] == class_id]
+        covered += rasterise(geometries[mine], np.zeros(len(mine), dtype=np.int64), window, source) == 0
+    return int(((covered > 1) & counted).sum())
 
 
 def _class_name(value: str) -> str | None:
@@ -563,13 +619,17 @@ def build_label_grid(source: RasterSource, polygons: LabelPolygons, background: 
                          f"raster {source.path.name}); give an --aoi that holds labelled polygons.")
 
     labels = rasterise(polygons.geometries, class_ids, window, source)
+    region = None
     if background or aoi is not None:
         region = rasterise(np.array([extent]), np.array([1]), window, source) == 1
         if aoi is not None:  # the area of interest is its polygons, not their bounding box
             labels[~region] = UNLABELLED
-        if background:
-            labels[(labels == UNLABELLED) & region] = background_id
     _, valid = source.read(window)
+    polygons.labelled_pixels = int((labels >= 0).sum())
+    polygons.on_nodata = int(((labels >= 0) & ~valid).sum())
+    polygons.contested = _contested(polygons.geometries, class_ids, window, source, (labels >= 0) & valid)
+    if background and region is not None:
+        labels[(labels == UNLABELLED) & region] = background_id
     labels[~valid] = UNLABELLED
 
     labelled = int((labels >= 0).sum())
