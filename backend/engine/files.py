@@ -378,6 +378,24 @@ def absolute_outputs(outputs) -> dict[str, str]:
     return {role: os.path.abspath(path) for role, path in outputs.items()}
 
 
+def _report_of_another(path: Path, named: dict[str, Path]) -> str:
+    """For a run report in the way: whose report it is, when it belongs to another output of the same name
+    (r.shp's report is r.report.json, as r.geojson's would be), else nothing."""
+    if not path.name.endswith(".report.json"):
+        return ""
+    try:
+        import json
+
+        listed = json.loads(path.read_text("utf-8"))["outputs"]["vector"]
+        other = Path(listed)
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    if any(os.path.abspath(other) == os.path.abspath(mine) for mine in named.values()):
+        return ""
+    return (f" (the report of {other.name}, another result named {other.stem}: every format's report is "
+            "NAME.report.json)")
+
+
 def check_output_files(named: dict[str, Path], inputs: dict[str, Path] | None = None, overwrite: bool = False,
                        option: str = "--overwrite", replaced: Iterable[Path] | None = None) -> None:
     """Everything the files a run writes (`named`: {what it is called in a sentence: path}) must pass
@@ -406,8 +424,8 @@ def check_output_files(named: dict[str, Path], inputs: dict[str, Path] | None = 
         except OSError as error:
             raise InputError(f"The {what} {path} cannot be used ({error.strerror or error}).") from None
         if exists:
-            raise InputError(f"The {what} {path} already exists; choose another name or allow overwriting "
-                             f"({option}).")
+            raise InputError(f"The {what} {path} already exists{_report_of_another(path, named)}; choose another "
+                             f"name or allow overwriting ({option}).")
         if is_shapefile(path):  # a shapefile is several files: its parts replace theirs, in either case
             found: list[Path] = []
             for part in shapefile_parts(path, every_case=True):

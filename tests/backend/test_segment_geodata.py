@@ -900,3 +900,14 @@ def test_a_run_that_draws_no_polygon_says_which_option_left_nothing(tiny_model, 
     assert any(words in warning for warning in report["warnings"])
     plain = segment(raster, *CLASSES, "--model", tiny_model, "--out", tmp_path / "p.gpkg", "--quiet")
     assert plain.exit_code == 0 and "No polygon was drawn" not in plain.output
+
+
+def test_a_report_in_the_way_that_belongs_to_another_format_of_the_name_says_whose_it_is(tiny_model, tmp_path):
+    """r.shp, then r.geojson: 'The run report r.report.json already exists', a file the user never named."""
+    raster = _blocks_raster(tmp_path / "utm.tif", "EPSG:32633", rasterio.Affine(2.0, 0, 300_000, 0, -2.0, 5_800_000))
+    assert segment(raster, *CLASSES, "--model", tiny_model, "--out", tmp_path / "r.shp", "--quiet").exit_code == 0
+    second = segment(raster, *CLASSES, "--model", tiny_model, "--out", tmp_path / "r.geojson", "--quiet")
+    assert second.exit_code == 2
+    assert "r.report.json already exists (the report of r.shp, another result named r" in second.output
+    again = segment(raster, *CLASSES, "--model", tiny_model, "--out", tmp_path / "r.shp", "--quiet")
+    assert again.exit_code == 2 and "the report of" not in again.output  # its own report: the usual sentence
