@@ -837,8 +837,9 @@ def test_geojson_is_refused_for_a_crs_without_a_code_and_written_for_one_with_it
 def test_geojson_in_wgs84_degrees_gets_no_crs_warning(tiny_model, tmp_path, command):
     raster = _blocks_raster(tmp_path / "r.tif", "EPSG:4326", rasterio.Affine(0.0001, 0, 15.0, 0, -0.0001, 50.0))
     out = tmp_path / f"{command}.geojson"
+    extra = ["--tile", "64"] if command == "classify" else []
     result = CliRunner().invoke(app, [command, str(raster), "-c", "water", "-c", "grass", "--model", str(tiny_model),
-                                      "--out", str(out), "--quiet", *(["--tile", "64"] if command == "classify" else [])])
+                                      "--out", str(out), "--quiet", *extra])
     assert result.exit_code == 0, result.output
     assert "RFC 7946" not in result.output
     assert out.exists()
