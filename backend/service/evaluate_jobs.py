@@ -56,5 +56,8 @@ def run_evaluate(request: dict, control, models) -> dict:
         out_json=request.get("out_json"), loaded=loaded,
         progress=lambda done, total, _info=None: control.progress(done, total),
         should_cancel=control.should_cancel)
-    return {"outputs": dict(result.get("outputs") or {}), "classes": [],
+    warnings = [str(warning) for warning in result.get("warnings") or []]
+    for warning in warnings:  # as the CLI prints them: the labels' gaps, the pixels left out
+        control.message(f"Warning: {warning}")
+    return {"outputs": dict(result.get("outputs") or {}), "classes": [], "warnings": warnings,
             "metrics": {"split": result["split"], **result["metrics"]}}

@@ -37,3 +37,26 @@ def test_a_blank_background_and_the_validation_split_of_a_base_model_are_refused
                                      f"and {tiny_model} is not a fine-tuned model folder; evaluate it with --split "
                                      "all (or auto).")
     assert len(backend.client.get("/v1/jobs").json()["jobs"]) == jobs
+
+
+def test_an_evaluate_job_passes_the_labels_warnings_on(backend, tiny_model, naip, tmp_path):
+    """The labels' warnings (here: a feature far outside the raster) reached only the --json report; the job's
+    messages and result, which the plugin shows, had none."""
+    import json
+
+    data = naip.parent
+    labels = json.loads((data / "solaris_geotiff_labels.geojson").read_text())
+    far = {"type": "Feature", "properties": {"building": "yes"},
+           "geometry": {"type": "Polygon", "coordinates": [[[10.0, 10.0], [10.001, 10.0], [10.001, 10.001],
+                                                            [10.0, 10.0]]]}}
+    labels["features"].append(far)
+    moved = tmp_path / "labels_and_one_far_away.geojson"
+    moved.write_text(json.dumps(labels))
+    response = backend.client.post("/v1/evaluate", json={
+        "raster": str(data / "solaris_sample_geotiff.tif"), "labels": str(moved), "class_field": "building",
+        "model": str(tiny_model), "background": "ground"})
+    assert response.status_code == 202, response.text
+    job = backend.wait(response.json()["job_id"], timeout=300)
+    assert job["state"] == "done", job
+    warnings = job["result"]["warnings"]
+    assert any("outside" in warning for warning in warnings), warnings
