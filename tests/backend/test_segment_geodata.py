@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -912,3 +913,11 @@ def test_a_report_in_the_way_that_belongs_to_another_format_of_the_name_says_who
     assert "r.report.json already exists (the report of r.shp, another result named r" in second.output
     again = segment(raster, *CLASSES, "--model", tiny_model, "--out", tmp_path / "r.shp", "--quiet")
     assert again.exit_code == 2 and "the report of" not in again.output  # its own report: the usual sentence
+
+
+def test_the_closing_line_says_the_runs_time_and_the_models_loading_apart(tiny_model, tmp_path):
+    """'Wrote x.gpkg (48 tiles, 1.3 s)' for a command that took 11 s: the model's loading was in no figure."""
+    raster = _blocks_raster(tmp_path / "utm.tif", "EPSG:32633", rasterio.Affine(2.0, 0, 300_000, 0, -2.0, 5_800_000))
+    result = segment(raster, *CLASSES, "--model", tiny_model, "--out", tmp_path / "o.gpkg")
+    assert result.exit_code == 0, result.output
+    assert re.search(r"Wrote \S+o\.gpkg \(\d+ tiles, \d+\.\d s after \d+\.\d s of loading the model\)", result.output)
