@@ -16,6 +16,8 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import signal
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -261,10 +263,42 @@ def commit_outputs(staged: Mapping[Path, str | Path], tag: str, durable: bool = 
         if left:
             raise _not_restored(error, left) from error
         raise
-    if durable:
-        for folder in dict.fromkeys(Path(target).parent for target, _removed, _moves in plans):
-            _fsync_folder(folder)
-    renames.drop_backups()
+    # Every output is in place: the rest (making the renames durable, deleting the previous files kept as
+    # backups) runs to its end even when Ctrl+C or SIGTERM comes now, which is delivered afterwards; an interrupt
+    # here left the backups (hidden names no sweep removes) beside the new outputs for good.
+    with interrupts_deferred():
+        if durable:
+            for folder in dict.fromkeys(Path(target).parent for target, _removed, _moves in plans):
+                _fsync_folder(folder)
+        renames.drop_backups()
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then deliver the first one that came (through the handler
+    that was in place: KeyboardInterrupt, or the process's default action). Only the main thread can hold
+    them (Python runs signal handlers there); elsewhere the block simply runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    held: dict[int, object] = {}
+    for number in (int(signal.SIGINT), int(signal.SIGTERM)):
+        try:
+            held[number] = signal.signal(number, lambda signum, _frame: came.append(signum))
+        except (ValueError, OSError):  # not settable here: left as it was
+            continue
+    try:
+        yield
+    finally:
+        for kept, handler in held.items():
+            signal.signal(kept, handler)  # type: ignore[arg-type]
+    if came:
+        handler = held.get(came[0])
+        if callable(handler):
+            handler(came[0], None)
+        elif handler == signal.SIG_DFL:
+            os.kill(os.getpid(), came[0])
 
 
 def _not_restored(error: BaseException, left: list[str]) -> Exception:

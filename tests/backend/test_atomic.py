@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -106,3 +107,33 @@ def test_the_feature_cache_ignores_a_crop_still_being_written(tmp_path):
     reopened = FeatureCache(max_bytes=0, folder=tmp_path, disk_max_bytes=1 << 20)
     assert reopened.stats()["disk_bytes"] == entry.stat().st_size
     assert np.array_equal(reopened.get("scope", (0, 0, 4, 4)), np.ones((2, 2, 3), np.float32))
+
+
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_after_the_last_rename_still_removes_the_backups_then_is_delivered(tmp_path, monkeypatch,
+                                                                                        number):
+    """Ctrl+C while the previous outputs (kept as hidden backups) were being deleted left them for good beside
+    the new outputs, under names no sweep removes."""
+    from backend.engine import atomic
+
+    targets = [tmp_path / "r.gpkg", tmp_path / "r.report.json"]
+    for target in targets:
+        target.write_text("previous")
+    real = atomic._Renames.drop_backups
+
+    def interrupted_midway(self):
+        os.kill(os.getpid(), number)  # arrives while the backups are deleted
+        real(self)
+
+    monkeypatch.setattr(atomic._Renames, "drop_backups", interrupted_midway)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # as farslip's CLI turns SIGTERM
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with atomic.StagedOutputs({"vector": targets[0], "report": targets[1]}) as staged:
+                staged["vector"].write_text("new")
+                staged["report"].write_text("new")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert [t.read_text() for t in targets] == ["new", "new"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.gpkg", "r.report.json"]  # no backup left
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
