@@ -12,6 +12,10 @@ class InputError(FarslipError):
     """The raster, bbox, class list or an option is unusable."""
 
 
+class OutsideBboxError(InputError):
+    """The --bbox does not meet the raster (a run over many rasters skips such a raster instead)."""
+
+
 class ModelError(FarslipError):
     """The model name is unknown or its weights are not available."""
 

@@ -25,7 +25,7 @@ from rasterio.transform import Affine
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
-from .errors import EmptyResultError, InputError
+from .errors import EmptyResultError, InputError, OutsideBboxError
 from .ground import as_pyproj, crs_label, degrees_per_unit, ground_pixel_size, keeps_areas
 from .options import MAX_SCALE, MIN_SCALE, check_bbox, check_scale_or_gsd, check_value_range
 from .files import check_raster_name, is_gdal_virtual
@@ -803,9 +803,9 @@ def request_window(source: RasterSource, bbox: tuple[float, float, float, float]
     window = bounds_window(source, box) if box is not None else None
     if window is None:
         left, bottom, right, top = raster_box
-        raise InputError(f"The bbox does not overlap the raster {source.path.name}: the raster covers "
-                         f"x {coordinates(source.crs, left, right)}, y {coordinates(source.crs, bottom, top)} "
-                         f"in {crs_label(source.crs)}.")
+        raise OutsideBboxError(f"The bbox does not overlap the raster {source.path.name}: the raster covers "
+                               f"x {coordinates(source.crs, left, right)}, y {coordinates(source.crs, bottom, top)} "
+                               f"in {crs_label(source.crs)}.")
     if clip and (source.transform.b or source.transform.d):
         source.clip = box
     return window

@@ -107,6 +107,17 @@ def _in_rasters_folder(path: Path) -> bool:
     return any((mosaic := mosaic_of(folder)) is not None and mosaic.is_file() for folder in path.parents)
 
 
+def names_many(text: str) -> bool:
+    """Whether one input stands for a set of rasters (a folder, a glob, a .txt list, STAC JSON): such a run is
+    a run over many rasters, as several names are."""
+    if is_gdal_name(text):
+        return False
+    path = Path(text).expanduser()
+    if not path.exists():
+        return any(ch in text for ch in "*?[")
+    return path.is_dir() or path.suffix.lower() in (".txt", ".json")
+
+
 def _expand(text: str) -> list[str]:
     if is_gdal_name(text):  # as typed: a pathlib.Path would fold its '//' (/vsizip//abs/a.zip/x.tif)
         return [text]

@@ -29,7 +29,7 @@ from typing import Any
 from rasterio.crs import CRS
 
 from backend import __version__
-from backend.engine.errors import CancelledError, FarslipError, InputError
+from backend.engine.errors import CancelledError, FarslipError, InputError, OutsideBboxError
 from backend.engine.atomic import StagedOutputs, write_text_atomically
 from backend.engine.export import check_format_crs, driver_for, layer_name, report_json, report_path_for
 from backend.engine.feature_cache import RasterReads, identity_digest, model_identity, raster_reads
@@ -70,7 +70,7 @@ class ScaleRequest:
     min_area: float = 0.0
     simplify: float = 0.0
     quality_calibration: str | None = None
-    bbox: tuple[float, float, float, float] | None = None  # applied to every raster (one it misses fails)
+    bbox: tuple[float, float, float, float] | None = None  # applied to every raster (one it misses is skipped)
     bbox_crs: str | None = None
     prob_raster: Path | None = None  # as class_raster, the class probabilities
     refine: str = "none"  # run on the driver, where `segment` runs it, over each raster's finished rasters
@@ -114,6 +114,7 @@ class ScaleResult:
     chunks: dict
     timings: dict
     run_id: str = ""
+    outside: list[str] = field(default_factory=list)  # rasters the --bbox does not reach (skipped)
 
     @property
     def exit_code(self) -> int:
@@ -157,13 +158,15 @@ def import_ray():
     return ray
 
 
-def plan_rasters(paths: list[str], engine: EngineSettings, crop: int, bbox=None,
-                 bbox_crs: str | None = None, refine: str = "none") -> tuple[list[RasterPlan], list[dict]]:
-    """Open every raster (bands, scale, stretch as segment does); a bad one is reported, the rest planned.
+def plan_rasters(paths: list[str], engine: EngineSettings, crop: int, bbox=None, bbox_crs: str | None = None,
+                 refine: str = "none") -> tuple[list[RasterPlan], list[dict], list[str]]:
+    """Open every raster (bands, scale, stretch as segment does); a bad one is reported, the rest planned, and
+    those a --bbox does not reach are skipped (the third list: a folder of tiles cut to an area of interest
+    is no run of failures).
 
     The chunks cover the window the engine computes for `refine` (edges: the request plus its halo); each plan
     keeps the files GDAL read for its raster (its `reads`, for the resume facts: _input_facts)."""
-    plans, failed = [], []
+    plans, failed, outside = [], [], []
     rows, columns = engine.chunk_rows or CHUNK_ROWS, engine.chunk_columns or CHUNK_COLUMNS
     for index, path in enumerate(paths):
         try:
@@ -176,12 +179,15 @@ def plan_rasters(paths: list[str], engine: EngineSettings, crop: int, bbox=None,
                 crops = count_crops(source.height, source.width, computed, crop, crop // 2, columns, rows)
                 plan = RasterPlan(index, path, source.crs, window, chunks, crops, computed=computed,
                                   transform=source.window_transform(window), clip=source.clip, reads=reads)
+        except OutsideBboxError:
+            outside.append(path)
+            continue
         except FarslipError as error:
             failed.append({"raster": path, "error": str(error), "exit_code": error.exit_code})
             continue
         plan.keys = [f"r{index:06d}-{u.row_off}-{u.col_off}" for u in chunks]
         plans.append(plan)
-    return plans, failed
+    return plans, failed, outside
 
 
 def raster_grids(paths: list[str]) -> list[tuple[str, CRS, Any, int, int]]:
@@ -359,7 +365,10 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
     loaded, segmenter = load_segmenter(engine)  # the driver's copy: checks the model, scores the polygons
     if request.quality_calibration:  # made for this model: told before any chunk runs
         QualityModel.load(Path(request.quality_calibration), loaded.weights_id, engine.class_lines)
-    plans, failed = plan_rasters(paths, engine, segmenter.crop, request.bbox, request.bbox_crs, request.refine)
+    plans, failed, outside = plan_rasters(paths, engine, segmenter.crop, request.bbox, request.bbox_crs,
+                                          request.refine)
+    if not plans and not failed:
+        raise InputError(f"The bbox overlaps none of the {len(outside)} rasters; choose an area they cover.")
     if not plans:
         first = failed[0]
         error = FarslipError(" ".join(f"{f['raster']}: {f['error']}" for f in failed))
@@ -484,7 +493,9 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
         if not manifest.chunks and not manifest.finished:
             manifest.remove()  # stopped before a chunk was kept: nothing to resume, and no folder in the way
     done = [p for p in plans if p.index in manifest.finished]
-    failed = list(failures.values())
+    order = {path: number for number, path in enumerate(paths)}
+    # In the order given: the first failure's exit code is the first failing raster's on the command line.
+    failed = sorted(failures.values(), key=lambda f: order.get(f["raster"], len(order)))
     if not done:
         # Every raster failed (what they computed cannot make them succeed): the partial folder goes too.
         manifest.remove()
@@ -493,12 +504,13 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
         raise error
     t0 = time.perf_counter()
     outputs = _write_outputs(done, manifest, request, out_crs, run_id, loaded.name, facts, failed,
-                             {"total": total_chunks, "resumed": resumed, "computed": computed}, timings, started)
+                             {"total": total_chunks, "resumed": resumed, "computed": computed}, timings, started,
+                             outside)
     timings["merge_s"] = time.perf_counter() - t0
     manifest.remove()
     rasters = [manifest.finished[p.index] for p in done]
     return ScaleResult(outputs, rasters, failed, {"total": total_chunks, "resumed": resumed, "computed": computed},
-                       timings, run_id)
+                       timings, run_id, list(outside))
 
 
 def run_inputs(request: ScaleRequest, paths: list[str]) -> dict[str, Path]:
@@ -691,7 +703,7 @@ def check_raster_folder(target: Path, overwrite: bool, inputs: dict[str, Path]) 
 
 def _write_outputs(done: list[RasterPlan], manifest: Manifest, request: ScaleRequest, out_crs: CRS, run_id: str,
                    model: str, facts: dict, failed: list[dict], chunks: dict, timings: dict,
-                   started: float) -> dict[str, str]:
+                   started: float, outside: Sequence[str] = ()) -> dict[str, str]:
     """Merge the finished rasters' layers and write every output under a temporary name, then rename them all
     into place together (atomic.StagedOutputs): the raster outputs (each VRT's folder before it), the polygon
     layers, and the report last. A failure, the commit's included, leaves every output as it was."""
@@ -727,7 +739,8 @@ def _write_outputs(done: list[RasterPlan], manifest: Manifest, request: ScaleReq
             outputs.update(_stage_raster_output(staged, role, target, done, files, manifest))
         timings["total_s"] = time.perf_counter() - started
         report = {"farslip_version": __version__, "run_id": run_id, "model": model, "crs": out_crs.to_string(),
-                  "rasters": [manifest.finished[p.index] for p in done], "failed": failed, "chunks": chunks,
+                  "rasters": [manifest.finished[p.index] for p in done], "failed": failed,
+                  "outside_bbox": list(outside), "chunks": chunks,
                   "polygons": count, "options": facts, "outputs": absolute_outputs(outputs),
                   "layer": out.stem if out.suffix.lower() == ".parquet" else layer_name(out.stem, driver_for(out)),
                   "timings": {k: round(v, 3) for k, v in timings.items()}}

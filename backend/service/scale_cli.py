@@ -50,14 +50,17 @@ def with_many_inputs(command: Callable[..., None]) -> Callable[..., None]:
     return command
 
 
-INPUTS_HELP = ("GeoTIFF (or any GDAL raster) to segment. With --workers or --cluster: any number of rasters, "
-               "VRT mosaics, folders, globs, .txt lists and STAC item JSON files.")
+INPUTS_HELP = ("GeoTIFF (or any GDAL raster) to segment; several rasters, VRT mosaics, folders, globs, .txt lists "
+               "and STAC item JSON files run on a local Ray (--workers, --cluster).")
 
 
 def wants_ray(values: dict) -> bool:
     # --workers 0 too: the scaled run refuses it with a sentence (a single run ignored it).
+    from backend.scale.inputs import names_many
+
+    # A folder, glob, list or STAC file is several rasters too: it was refused as "a folder, not a file".
     return bool(values.get("workers") is not None or values.get("cluster") or os.environ.get("RAY_ADDRESS")
-                or len(values["raster"]) > 1)
+                or len(values["raster"]) > 1 or names_many(str(values["raster"][0])))
 
 
 def single_raster(values: dict) -> dict:
@@ -144,6 +147,9 @@ def segment_scaled(values: dict) -> None:
         stop_on_signals.__exit__(None, None, None)
     for failure in result.failed:
         typer.echo(f"Failed: {failure['raster']}: {failure['error']}", err=True)
+    if result.outside:
+        typer.echo(f"Skipped {len(result.outside)} raster(s) the --bbox does not reach (listed in the report's "
+                   "outside_bbox).", err=True)
     if not quiet:
         polygons = sum(sum(c["polygons"] for c in r["class_stats"]) for r in result.rasters)
         chunks = result.chunks

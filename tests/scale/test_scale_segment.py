@@ -335,3 +335,43 @@ def test_a_single_process_segment_never_imports_ray(shared_data, tiny_model, tmp
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "no ray" in done.stdout, done.stderr
     assert (tmp_path / "one.gpkg").exists()
+
+
+def test_a_bbox_over_a_folder_of_tiles_skips_the_tiles_it_misses(mosaic, tiny_model, tmp_path):
+    """A folder of tiles cut to an area of interest: each tile the --bbox missed was a failure ('Failed: ...
+    The bbox does not overlap the raster'), and the run exited 5. Now they are skipped, said once, and listed in
+    the report; a bbox that misses every tile is one sentence."""
+    folder = mosaic.parent
+    with rasterio.open(folder / "west.tif") as west:
+        left, bottom, right, top = west.bounds
+    box = (left + 100, bottom + 100, left + 600, bottom + 600)  # inside the west tile only
+    out = tmp_path / "aoi.gpkg"
+    result = scaled_run([folder / "west.tif", folder / "east.tif"], out, tiny_model, "--bbox", *box)
+    assert result.exit_code == 0, result.output
+    assert "Failed" not in result.output
+    assert "Skipped 1 raster(s) the --bbox does not reach" in result.output
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["failed"] == [] and report["outside_bbox"] == [str(folder / "east.tif")]
+    assert [Path(r["path"]).name for r in report["rasters"]] == ["west.tif"]
+    nowhere = scaled_run([folder / "west.tif", folder / "east.tif"], tmp_path / "none.gpkg", tiny_model,
+                         "--bbox", 0, 0, 10, 10)
+    assert nowhere.exit_code == 2, nowhere.output
+    assert "The bbox overlaps none of the 2 rasters" in nowhere.output
+    assert not (tmp_path / "none.gpkg").exists()
+
+
+@pytest.mark.parametrize("form", ["folder", "glob", "list"])
+def test_a_folder_glob_or_list_alone_runs_as_several_rasters_without_workers(mosaic, tiny_model, tmp_path, form):
+    """`farslip segment tiles/` was refused ('The raster tiles is a folder, not a file'), a glob 'does not exist'
+    and a .txt list 'is not a raster GDAL can read', while two raster names without --workers ran on Ray."""
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    for name in ("west.tif", "east.tif"):
+        (tiles / name).write_bytes((mosaic.parent / name).read_bytes())
+    (tmp_path / "list.txt").write_text("tiles/west.tif\ntiles/east.tif\n")
+    given = {"folder": tiles, "glob": tiles / "*.tif", "list": tmp_path / "list.txt"}[form]
+    out = tmp_path / "all.gpkg"
+    result = run_segment(given, *CLASSES, "--model", tiny_model, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert sorted(Path(r["path"]).name for r in report["rasters"]) == ["east.tif", "west.tif"]
