@@ -343,7 +343,7 @@ def test_a_bbox_over_a_folder_of_tiles_skips_the_tiles_it_misses(mosaic, tiny_mo
     the report; a bbox that misses every tile is one sentence."""
     folder = mosaic.parent
     with rasterio.open(folder / "west.tif") as west:
-        left, bottom, right, top = west.bounds
+        left, bottom = west.bounds.left, west.bounds.bottom
     box = (left + 100, bottom + 100, left + 600, bottom + 600)  # inside the west tile only
     out = tmp_path / "aoi.gpkg"
     result = scaled_run([folder / "west.tif", folder / "east.tif"], out, tiny_model, "--bbox", *box)
