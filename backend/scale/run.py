@@ -503,13 +503,15 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
         error.exit_code = failed[0]["exit_code"] if failed else 2
         raise error
     t0 = time.perf_counter()
-    outputs = _write_outputs(done, manifest, request, out_crs, run_id, loaded.name, facts, failed,
-                             {"total": total_chunks, "resumed": resumed, "computed": computed}, timings, started,
-                             outside)
+    # Chunks of rasters that failed and were not computed: total = resumed + computed + not_computed.
+    chunk_counts = {"total": total_chunks, "resumed": resumed, "computed": computed,
+                    "not_computed": max(0, total_chunks - resumed - computed)}
+    outputs = _write_outputs(done, manifest, request, out_crs, run_id, loaded.name, facts, failed, chunk_counts,
+                             timings, started, outside)
     timings["merge_s"] = time.perf_counter() - t0
     manifest.remove()
     rasters = [manifest.finished[p.index] for p in done]
-    return ScaleResult(outputs, rasters, failed, {"total": total_chunks, "resumed": resumed, "computed": computed},
+    return ScaleResult(outputs, rasters, failed, chunk_counts,
                        timings, run_id, list(outside))
 
 

@@ -314,7 +314,7 @@ def test_a_killed_driver_resumes_without_recomputing_finished_chunks(mosaic, mos
     assert result.exit_code == 0, result.output
     chunks = json.loads(out.with_suffix(".report.json").read_text())["chunks"]
     assert chunks["resumed"] == len(finished) >= 2
-    assert chunks["computed"] == chunks["total"] - len(finished)
+    assert chunks["computed"] == chunks["total"] - len(finished) and chunks["not_computed"] == 0
     _, expected_shapes, expected = read_layer(folder / "scaled.gpkg")
     _, shapes, fields = read_layer(out)
     assert all(shapely.equals_exact(a, b, 0) for a, b in zip(expected_shapes, shapes, strict=True))
@@ -375,3 +375,23 @@ def test_a_folder_glob_or_list_alone_runs_as_several_rasters_without_workers(mos
     assert result.exit_code == 0, result.output
     report = json.loads(out.with_suffix(".report.json").read_text())
     assert sorted(Path(r["path"]).name for r in report["rasters"]) == ["east.tif", "west.tif"]
+
+
+def test_chunks_of_a_raster_that_fails_while_its_pixels_are_read_are_counted(mosaic, tiny_model, tmp_path):
+    """A raster whose header and overview read well but whose blocks are cut off: its chunks were in the report's
+    total and in no other count."""
+    full = tmp_path / "full.tif"
+    pixels = np.random.default_rng(0).integers(0, 255, (3, 200, 200), dtype=np.uint8)
+    with rasterio.open(full, "w", driver="GTiff", width=200, height=200, count=3, dtype="uint8", crs="EPSG:32633",
+                       transform=rasterio.Affine(1.0, 0, 500_000, 0, -1.0, 4_000_000)) as dst:
+        dst.write(pixels)
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(full.read_bytes()[:3000])
+    out = tmp_path / "some.gpkg"
+    result = scaled_run([mosaic.parent / "east.tif", cut], out, tiny_model, "--quiet")
+    assert result.exit_code == 5, result.output
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert [Path(f["raster"]).name for f in report["failed"]] == ["cut.tif"]
+    chunks = report["chunks"]
+    assert chunks["total"] == chunks["resumed"] + chunks["computed"] + chunks["not_computed"]
+    assert chunks["not_computed"] >= 1
