@@ -240,7 +240,10 @@ class Segmenter:
                     return
                 event.synchronize()
             for key, features in zip(keys, host.numpy()):
-                cache.put(scope, key, features.copy())
+                # Never a crop whose features are not numbers (a damaged export, broken weights): the run fails
+                # on them, and kept they failed every later run of the extent, under any --runtime.
+                if np.isfinite(features).all():
+                    cache.put(scope, key, features.copy())
             self._to_cache.popleft()
 
     def flush_cache(self) -> None:

@@ -441,3 +441,34 @@ def test_probabilities_that_are_not_numbers_are_refused_not_labelled_class_0():
     class_ids, score = label_probabilities(probs, valid)
     assert class_ids.tolist() == [[NODATA_CLASS, 1], [1, 1]]
     assert np.isnan(score[0, 0]) and np.allclose(score[valid], 0.6)
+
+
+def test_features_that_are_not_numbers_are_not_cached_so_a_repaired_runtime_recovers(tmp_path, own_cache,
+                                                                                    monkeypatch):
+    """With --cache-features, the NaN features of a damaged export were kept: the run failed, and after the user
+    deleted the export as the failure advises, every later run of the raster failed again, from the cache."""
+    exported = runtimes.BUILDERS["onnxruntime"]
+
+    def nan_on_the_rasters_crops(tower, example, folder, stem="encoder"):
+        infer = exported(tower, example, folder, stem)
+        checked = example.numpy()
+
+        def run(pixels: np.ndarray) -> np.ndarray:
+            features = infer(pixels)
+            judged = pixels.shape == checked.shape and np.array_equal(pixels, checked)
+            return features if judged else np.full_like(features, np.nan)
+
+        return run
+
+    monkeypatch.setitem(runtimes.BUILDERS, "onnxruntime", nan_on_the_rasters_crops)
+    model = save_plain(make_tiny_clip(16, seed=46), tmp_path / "tiny.pt")
+    raster = write_rgb(tmp_path / "image.tif", 240, 240)
+    broken = CliRunner().invoke(app, [*segment_args(raster, model, tmp_path / "a", "onnxruntime"), "--cache-features"])
+    assert broken.exit_code == 3, broken.output
+    monkeypatch.setitem(runtimes.BUILDERS, "onnxruntime", exported)  # exported again, sound this time
+    for folder in (own_cache / "encoders").iterdir():
+        shutil.rmtree(folder)
+    recovered = CliRunner().invoke(app, [*segment_args(raster, model, tmp_path / "b", "onnxruntime"),
+                                         "--cache-features"])
+    assert recovered.exit_code == 0, recovered.output
+    assert report_of(tmp_path / "b")["features"]["cached"] == 0
