@@ -325,6 +325,39 @@ def _read_image(path: Path) -> np.ndarray:
     return data
 
 
+def _label_truth(label_path: Path) -> np.ndarray:
+    """(H, W) int64 label values of a one-band benchmark label (a colour label is refused)."""
+    label = _read_image(label_path)
+    if label.shape[0] > 1 and not (label == label[:1]).all():
+        raise InputError(f"The label {label_path} has {label.shape[0]} different bands (a colour image?): "
+                         "benchmark labels must hold class indices in one band, as mmsegmentation's dataset "
+                         "converters write them (e.g. tools/dataset_converters/isaid.py).")
+    return label[0].astype(np.int64)
+
+
+def check_label_values(truth: np.ndarray, label_path: Path, num_classes: int, reduce_zero_label: bool,
+                       ignore_index: int) -> None:
+    """Refuse label values that are neither a class nor ignored: mmsegmentation still counts their pixels'
+    predictions, so skipping them would report a higher mIoU than the reference; a right class list has none."""
+    first, last = (1, num_classes) if reduce_zero_label else (0, num_classes - 1)
+    bad = (truth != ignore_index) & ((truth < first) | (truth > last))
+    if reduce_zero_label:
+        bad &= truth != 0
+    if not bad.any():
+        return
+    values = np.unique(truth[bad])
+    shown = ", ".join(str(int(v)) for v in values[:8]) + (", ..." if len(values) > 8 else "")
+    plural = len(values) > 1
+    if reduce_zero_label:
+        what = (f"{'are not class values' if plural else 'is not a class value'} {first}..{last} "
+                "(--reduce-zero-label: value v is class v-1, 0 is ignored)")
+    else:
+        what = f"{'are not class indices' if plural else 'is not a class index'} {first}..{last}"
+    raise InputError(f"label value{'s' if plural else ''} {shown} in {label_path} {what} nor the ignore index "
+                     f"{ignore_index}: check the class list ({num_classes} classes, in label value order) or "
+                     "--ignore-index.")
+
+
 def resized_to_long_side(rgb: np.ndarray, long_side: int):
     """(3, H, W) 0..255 -> torch (1, 3, h, w) with max(h, w) = long_side, as mmcv's keep-ratio Resize:
     sides int(x * factor + 0.5), bilinear with half-pixel centres, rounded to 8-bit values."""
@@ -364,6 +397,9 @@ def benchmark_metrics(folder: str | Path, class_lines: list[str], loaded: Loaded
     names = [spec.name for spec in parse_class_lines(class_lines)]
     if not 0 <= background_index < len(names):
         raise InputError(f"The background index {background_index} is not a class index (0..{len(names) - 1}).")
+    # Every label is checked before the model runs: a refusal never comes after hours of inference.
+    for _image_path, label_path in pairs:
+        check_label_values(_label_truth(label_path), label_path, len(names), reduce_zero_label, ignore_index)
     segmenter = segmenter_for(loaded, class_lines, attention=attention, batch_size=batch_size)
     segmenter.keep_logits = True
     segmenter.resize_small_crops = True
@@ -371,12 +407,7 @@ def benchmark_metrics(folder: str | Path, class_lines: list[str], loaded: Loaded
     for done, (image_path, label_path) in enumerate(pairs):
         rgb = _read_image(image_path).astype(np.float32)
         rgb = np.repeat(rgb[:1], 3, axis=0) if rgb.shape[0] < 3 else rgb[:3]
-        label = _read_image(label_path)
-        if label.shape[0] > 1 and not (label == label[:1]).all():
-            raise InputError(f"The label {label_path} has {label.shape[0]} different bands (a colour image?): "
-                             "benchmark labels must hold class indices in one band, as mmsegmentation's dataset "
-                             "converters write them (e.g. tools/dataset_converters/isaid.py).")
-        truth = label[0].astype(np.int64)
+        truth = _label_truth(label_path)
         height, width = truth.shape
         tensor = resized_to_long_side(rgb, long_side) if long_side else torch.from_numpy(rgb)[None]
         source = ArraySource(tensor[0].numpy())

@@ -1,0 +1,64 @@
+"""`farslip evaluate --benchmark` refuses, in one sentence and before anything is written, what would make its
+mIoU differ from mmsegmentation's or silently ignore what the user asked for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from typer.testing import CliRunner
+
+from backend.service.cli import app
+
+runner = CliRunner()
+
+
+def _write(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def make_folder(root: Path, images: int = 2, size: tuple[int, int] = (64, 80), values=(0, 1)) -> Path:
+    """images/ + labels/: the left part of each label is values[0], the right part values[1]."""
+    rng = np.random.default_rng(0)
+    for index in range(images):
+        label = np.full(size, values[0], np.uint8)
+        label[:, size[1] // 2:] = values[1]
+        rgb = np.clip(np.where(label[..., None] == values[1], 200, 40) + rng.normal(0, 5, (*size, 3)), 0, 255)
+        _write(root / "images" / f"im{index}.png", rgb.astype(np.uint8))
+        _write(root / "labels" / f"im{index}.png", label)
+    return root
+
+
+def evaluate(tiny_model, root: Path, *extra: str, json_out: Path | None = None):
+    args = ["evaluate", "--benchmark", str(root), "--model", str(tiny_model), "--device", "cpu", *extra]
+    if json_out is not None:
+        args += ["--json", str(json_out)]
+    return runner.invoke(app, args)
+
+
+def refused(result, *pieces: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    for piece in pieces:
+        assert piece in result.output, result.output
+
+
+def test_label_values_outside_the_class_list_are_refused(tiny_model, tmp_path):
+    root = make_folder(tmp_path / "b3", values=(0, 4))
+    out = tmp_path / "m.json"
+    result = evaluate(tiny_model, root, "-c", "a", "-c", "b", "-c", "c", "-c", "d", json_out=out)
+    refused(result, "label value 4 in", "im0.png", "is not a class index 0..3 nor the ignore index 255",
+            "(4 classes, in label value order)")
+    assert not out.exists()
+    # 255 is a label value like another when the ignore index is something else.
+    root = make_folder(tmp_path / "b255", values=(0, 255))
+    result = evaluate(tiny_model, root, "-c", "a", "-c", "b", "--ignore-index", "7")
+    refused(result, "label value 255 in", "nor the ignore index 7")
+    # With --reduce-zero-label, 0 is ignored and 1..C are the classes.
+    root = make_folder(tmp_path / "bz", values=(0, 3))
+    refused(evaluate(tiny_model, root, "-c", "a", "-c", "b", "--reduce-zero-label"),
+            "label value 3 in", "is not a class value 1..2")
+    ok = evaluate(tiny_model, root, "-c", "a", "-c", "b", "-c", "c", "--reduce-zero-label", "--quiet")
+    assert ok.exit_code == 0, ok.output
