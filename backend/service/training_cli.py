@@ -238,6 +238,15 @@ def _benchmark(benchmark, classes, preset, protocol, reduce_zero_label, prob_thr
     from training.api import write_report
     from training.evaluate import benchmark_layout, benchmark_metrics, benchmark_protocol, format_metrics
 
+    # The class list is in label value order: a blank line dropped, or a preset's appended, would give every
+    # later class another label value's pixels.
+    if classes and preset:
+        raise InputError("Give --classes or --preset, not both: with --benchmark the class list is in label value "
+                         "order, and the two together would score a concatenation of both lists.")
+    for number, line in enumerate(classes or [], start=1):
+        if not line.strip():
+            raise InputError(f"class {number} is blank: with --benchmark the classes are in label value order, so "
+                             "each needs a name (a blank one would shift every later class's label value).")
     lines = collect_class_lines(classes, preset=preset)
     if not lines:
         raise InputError("--benchmark needs the class list, in label value order: --preset NAME or "

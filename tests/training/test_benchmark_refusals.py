@@ -62,3 +62,12 @@ def test_label_values_outside_the_class_list_are_refused(tiny_model, tmp_path):
             "label value 3 in", "is not a class value 1..2")
     ok = evaluate(tiny_model, root, "-c", "a", "-c", "b", "-c", "c", "--reduce-zero-label", "--quiet")
     assert ok.exit_code == 0, ok.output
+
+
+def test_a_blank_class_or_classes_with_a_preset_are_refused(tiny_model, tmp_path):
+    root = make_folder(tmp_path / "b", values=(0, 2))
+    out = tmp_path / "m.json"
+    refused(evaluate(tiny_model, root, "-c", "a", "-c", " ", "-c", "c", json_out=out), "class 2 is blank")
+    refused(evaluate(tiny_model, root, "-c", "a", "--preset", "potsdam", json_out=out),
+            "Give --classes or --preset, not both")
+    assert not out.exists()
