@@ -335,6 +335,29 @@ def _label_truth(label_path: Path) -> np.ndarray:
     return label[0].astype(np.int64)
 
 
+def _image_size(path: Path) -> tuple[int, int]:
+    """(height, width) of an image, from its header."""
+    import warnings
+
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(path) as ds:
+            return ds.height, ds.width
+
+
+def check_same_size(image_path: Path, label_path: Path, label_shape: tuple[int, ...]) -> None:
+    """Refuse an image and its label of different sizes (a transposed label too): the logits would be stretched
+    onto the label and scored against pixels they do not cover."""
+    height, width = _image_size(image_path)
+    if (height, width) != tuple(label_shape):
+        raise InputError(f"The image {image_path} is {width}x{height} pixels but its label {label_path} is "
+                         f"{label_shape[1]}x{label_shape[0]} (width x height): a benchmark label covers its image "
+                         "pixel for pixel.")
+
+
 def check_label_values(truth: np.ndarray, label_path: Path, num_classes: int, reduce_zero_label: bool,
                        ignore_index: int) -> None:
     """Refuse label values that are neither a class nor ignored: mmsegmentation still counts their pixels'
@@ -398,8 +421,10 @@ def benchmark_metrics(folder: str | Path, class_lines: list[str], loaded: Loaded
     if not 0 <= background_index < len(names):
         raise InputError(f"The background index {background_index} is not a class index (0..{len(names) - 1}).")
     # Every label is checked before the model runs: a refusal never comes after hours of inference.
-    for _image_path, label_path in pairs:
-        check_label_values(_label_truth(label_path), label_path, len(names), reduce_zero_label, ignore_index)
+    for image_path, label_path in pairs:
+        truth = _label_truth(label_path)
+        check_same_size(image_path, label_path, truth.shape)
+        check_label_values(truth, label_path, len(names), reduce_zero_label, ignore_index)
     segmenter = segmenter_for(loaded, class_lines, attention=attention, batch_size=batch_size)
     segmenter.keep_logits = True
     segmenter.resize_small_crops = True

@@ -71,3 +71,14 @@ def test_a_blank_class_or_classes_with_a_preset_are_refused(tiny_model, tmp_path
     refused(evaluate(tiny_model, root, "-c", "a", "--preset", "potsdam", json_out=out),
             "Give --classes or --preset, not both")
     assert not out.exists()
+
+
+def test_an_image_and_its_label_of_different_sizes_are_refused(tiny_model, tmp_path):
+    root = make_folder(tmp_path / "b", values=(0, 1))
+    out = tmp_path / "m.json"
+    _write(root / "labels" / "im1.png", np.zeros((80, 64), np.uint8))  # transposed
+    refused(evaluate(tiny_model, root, "-c", "a", "-c", "b", json_out=out),
+            "im1.png is 80x64 pixels but its label", "is 64x80")
+    _write(root / "labels" / "im1.png", np.zeros((32, 40), np.uint8))  # half the size
+    refused(evaluate(tiny_model, root, "-c", "a", "-c", "b", json_out=out), "is 40x32")
+    assert not out.exists()
