@@ -304,8 +304,13 @@ def benchmark_pairs(folder: str | Path, layout: BenchmarkLayout | None = None,
     for images, labels in candidates:
         if images.is_dir() and labels.is_dir():
             by_stem = {p.stem: p for p in labels.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
-            pairs = [(p, by_stem[p.stem]) for p in sorted(images.iterdir())
-                     if p.suffix.lower() in IMAGE_SUFFIXES and p.stem in by_stem]
+            found = [p for p in sorted(images.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+            pairs = [(p, by_stem[p.stem]) for p in found if p.stem in by_stem]
+            missing = [p.name for p in found if p.stem not in by_stem]
+            if pairs and missing:  # skipped, they would leave the score of a part of the dataset
+                shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+                raise InputError(f"{len(missing)} image(s) in {images} have no label in {labels}: {shown}. Labels "
+                                 "are named like their image (any image suffix); add them or remove those images.")
             if pairs:
                 return pairs
     raise InputError(f"No image/label pairs found in {folder}: expected img_dir/{split} + ann_dir/{split} "

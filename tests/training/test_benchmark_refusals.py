@@ -82,3 +82,12 @@ def test_an_image_and_its_label_of_different_sizes_are_refused(tiny_model, tmp_p
     _write(root / "labels" / "im1.png", np.zeros((32, 40), np.uint8))  # half the size
     refused(evaluate(tiny_model, root, "-c", "a", "-c", "b", json_out=out), "is 40x32")
     assert not out.exists()
+
+
+def test_images_without_a_label_are_refused_in_the_images_labels_layout(tiny_model, tmp_path):
+    root = make_folder(tmp_path / "b", images=3, values=(0, 1))
+    (root / "labels" / "im1.png").unlink()
+    out = tmp_path / "m.json"
+    refused(evaluate(tiny_model, root, "-c", "a", "-c", "b", json_out=out), "1 image(s) in", "have no label",
+            "im1.png")
+    assert not out.exists()
