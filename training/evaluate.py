@@ -402,6 +402,19 @@ def resized_to_long_side(rgb: np.ndarray, long_side: int):
     return resized.round_().clamp_(0, 255)
 
 
+def check_benchmark_options(limit: int | None, long_side: int | None, prob_threshold: float | None,
+                            ignore_index: int) -> None:
+    """The benchmark's numeric options, refused out of range before a model loads."""
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit must be 1 or more (the first N images); got {limit}.")
+    if long_side is not None and long_side < 0:
+        raise InputError(f"--long-side must be a number of pixels, or 0 for the native size; got {long_side}.")
+    if prob_threshold is not None and not 0.0 <= prob_threshold <= 1.0:
+        raise InputError(f"--prob-threshold is a probability, from 0 to 1; got {prob_threshold}.")
+    if not 0 <= ignore_index <= 255:
+        raise InputError(f"--ignore-index must be a label value from 0 to 255; got {ignore_index}.")
+
+
 def benchmark_metrics(folder: str | Path, class_lines: list[str], loaded: LoadedModel,
                       layout: BenchmarkLayout | None = None, split: str | None = None,
                       long_side: int | None = 448, reduce_zero_label: bool = False,
@@ -421,6 +434,7 @@ def benchmark_metrics(folder: str | Path, class_lines: list[str], loaded: Loaded
     import torch
     import torch.nn.functional as F
 
+    check_benchmark_options(limit, long_side, None, ignore_index)
     pairs = benchmark_pairs(folder, layout, split)[:limit]
     names = [spec.name for spec in parse_class_lines(class_lines)]
     if not 0 <= background_index < len(names):

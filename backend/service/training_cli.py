@@ -236,8 +236,10 @@ def _benchmark(benchmark, classes, preset, protocol, reduce_zero_label, prob_thr
     from backend.engine.presets import collect_class_lines
 
     from training.api import write_report
-    from training.evaluate import benchmark_layout, benchmark_metrics, benchmark_protocol, format_metrics
+    from training.evaluate import (benchmark_layout, benchmark_metrics, benchmark_protocol, check_benchmark_options,
+                                   format_metrics)
 
+    check_benchmark_options(limit, long_side, prob_threshold, ignore_index)
     # The class list is in label value order: a blank line dropped, or a preset's appended, would give every
     # later class another label value's pixels.
     if classes and preset:

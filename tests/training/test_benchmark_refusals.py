@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -90,4 +91,20 @@ def test_images_without_a_label_are_refused_in_the_images_labels_layout(tiny_mod
     out = tmp_path / "m.json"
     refused(evaluate(tiny_model, root, "-c", "a", "-c", "b", json_out=out), "1 image(s) in", "have no label",
             "im1.png")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, sentence", [
+    (["--limit", "0"], "--limit must be 1 or more"),
+    (["--limit", "-1"], "--limit must be 1 or more"),
+    (["--long-side", "-5"], "--long-side must be a number of pixels"),
+    (["--prob-threshold", "1.5"], "--prob-threshold is a probability, from 0 to 1"),
+    (["--prob-threshold", "-0.1"], "--prob-threshold is a probability, from 0 to 1"),
+    (["--ignore-index", "256"], "--ignore-index must be a label value from 0 to 255"),
+    (["--ignore-index", "-1"], "--ignore-index must be a label value from 0 to 255"),
+])
+def test_benchmark_numbers_out_of_range_are_refused(tiny_model, tmp_path, extra, sentence):
+    root = make_folder(tmp_path / "b", values=(0, 1))
+    out = tmp_path / "m.json"
+    refused(evaluate(tiny_model, root, "-c", "a", "-c", "b", *extra, json_out=out), sentence)
     assert not out.exists()
