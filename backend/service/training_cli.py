@@ -204,18 +204,32 @@ _CALIBRATION_ONLY = ("quality_out", "quality_tile", "force_calibration")
 _BENCHMARK_ONLY = ("classes", "preset", "protocol", "benchmark_split", "long_side", "reduce_zero_label",
                    "prob_threshold", "background_index", "ignore_index", "limit")
 
+_RASTER_ONLY = ("class_field", "class_name", "split", "bands", "scale", "gsd", "background", "aoi",
+                "calibrate_quality")
+
 
 def _check_used(ctx: typer.Context, calibrate_quality: bool, benchmark: Optional[Path]) -> None:
     """evaluate's options that only work with another: --quality-out, --quality-tile and --force-calibration with
     --calibrate-quality, the benchmark's with --benchmark. Given without it, each is refused with
-    options.unused_options' sentence. "Given" is what the command line (or the environment) set, whatever its
-    value: `--quality-tile 64`, the default typed out, is refused too, not silently ignored."""
+    options.unused_options' sentence; RASTER, LABELS and the raster mode's options are refused with --benchmark.
+    "Given" is what the command line (or the environment) set, whatever its value: `--quality-tile 64`, the
+    default typed out, is refused too, not silently ignored."""
     from backend.engine.options import unused_options
 
     if not calibrate_quality and (given := _given(ctx, _CALIBRATION_ONLY)):
         raise unused_options(given, "--calibrate-quality")
     if benchmark is None and (given := _given(ctx, _BENCHMARK_ONLY)):
         raise unused_options(given, "--benchmark FOLDER")
+    if benchmark is not None:
+        positional = [name for name in ("RASTER", "LABELS") if ctx.params.get(name.lower()) is not None]
+        if positional:
+            raise InputError(f"{' and '.join(positional)} {'is' if len(positional) == 1 else 'are'} not read with "
+                             "--benchmark FOLDER, which scores the folder's images and labels; give the one or the "
+                             "other.")
+        if given := _given(ctx, _RASTER_ONLY):
+            names = " and ".join(given)
+            raise InputError(f"{names} {'applies' if len(given) == 1 else 'apply'} only to RASTER and LABELS, not "
+                             f"with --benchmark FOLDER; leave {names} out.")
 
 
 def _given(ctx: typer.Context, names: tuple[str, ...]) -> list[str]:

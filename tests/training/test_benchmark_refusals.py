@@ -108,3 +108,19 @@ def test_benchmark_numbers_out_of_range_are_refused(tiny_model, tmp_path, extra,
     out = tmp_path / "m.json"
     refused(evaluate(tiny_model, root, "-c", "a", "-c", "b", *extra, json_out=out), sentence)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, sentence", [
+    (["--scale", "2"], "--scale applies only to RASTER and LABELS, not with --benchmark FOLDER"),
+    (["--bands", "1,2,3"], "--bands applies only to RASTER and LABELS"),
+    (["--split", "auto"], "--split applies only to RASTER and LABELS"),
+    (["--class-field", "kind"], "--class-field applies only to RASTER and LABELS"),
+    (["--class-name", "1=b"], "--class-name applies only to RASTER and LABELS"),
+    (["--scale", "2", "--bands", "1,2,3"], "--bands and --scale apply only to RASTER and LABELS"),
+    (["x.tif"], "RASTER is not read with --benchmark FOLDER"),
+])
+def test_raster_mode_options_are_refused_with_benchmark(tiny_model, tmp_path, extra, sentence):
+    root = make_folder(tmp_path / "b", values=(0, 1))
+    out = tmp_path / "m.json"
+    refused(evaluate(tiny_model, root, "-c", "a", "-c", "b", *extra, json_out=out), sentence)
+    assert not out.exists()
