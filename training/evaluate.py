@@ -471,6 +471,13 @@ def benchmark_metrics(folder: str | Path, class_lines: list[str], loaded: Loaded
             progress(done + 1, len(pairs), {"image": image_path.name})
     metrics = metrics_from_confusion(confusion, names)
     metrics["images"] = len(pairs)
+    root = Path(folder)
+    metrics["image_names"] = [image.relative_to(root).as_posix() for image, _ in pairs]
+    if layout is not None:
+        metrics["split"] = split or layout.split
+    else:  # the split is a folder of the mmsegmentation layout only
+        wanted = split or "val"
+        metrics["split"] = wanted if pairs and pairs[0][0].parent == root / "img_dir" / wanted else None
     return metrics
 
 

@@ -270,10 +270,16 @@ def _benchmark(benchmark, classes, preset, protocol, reduce_zero_label, prob_thr
     settings = benchmark_protocol(preset, protocol)
     if reduce_zero_label is not None:
         settings["reduce_zero_label"] = reduce_zero_label
-    if prob_threshold is not None:
-        settings["prob_threshold"] = prob_threshold
-    if background_index is not None:
-        settings["background_index"] = background_index
+    overrides = {}
+    for key, value in (("prob_threshold", prob_threshold), ("background_index", background_index)):
+        if value is not None:
+            if value != settings[key]:
+                overrides[key] = {"given": value, "protocol": settings[key]}
+            settings[key] = value
+    # The report names what overrode the protocol: its numbers are not the protocol's then.
+    protocol_used = protocol + "".join(
+        f", --{key.replace('_', '-')} {item['given']} instead of its {item['protocol']}"
+        for key, item in overrides.items())
     layout = benchmark_layout(preset)
     loaded = load_model(model, str(weights) if weights else None, dev)
     if half:
@@ -286,8 +292,17 @@ def _benchmark(benchmark, classes, preset, protocol, reduce_zero_label, prob_thr
                f"threshold {settings['prob_threshold']}, background index {settings['background_index']}"
                f"{', fp16' if half else ''})")
     typer.echo(format_metrics(metrics))
-    write_report({"model": loaded.name, "benchmark": str(benchmark), "preset": preset,
-                  "protocol": protocol, "settings": settings, "fp16": half, "metrics": metrics},
+    from backend.engine.text import parse_class_lines
+
+    write_report({"model": loaded.name, "benchmark": str(benchmark), "dataset": str(Path(benchmark).resolve()),
+                  "preset": preset, "protocol": protocol_used, "protocol_overrides": overrides,
+                  "settings": settings, "long_side": long_side or None, "ignore_index": ignore_index,
+                  "reduce_zero_label": settings["reduce_zero_label"], "split": metrics["split"], "limit": limit,
+                  "attention": attention, "batch_size": batch_size, "device": str(dev), "fp16": half,
+                  "class_lines": list(lines),
+                  "classes": [{"class": spec.name, "queries": list(spec.queries)}
+                              for spec in parse_class_lines(lines)],
+                  "images": metrics["images"], "image_names": metrics["image_names"], "metrics": metrics},
                  json_out, png, "")
 
 

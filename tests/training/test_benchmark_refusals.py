@@ -1,8 +1,10 @@
 """`farslip evaluate --benchmark` refuses, in one sentence and before anything is written, what would make its
-mIoU differ from mmsegmentation's or silently ignore what the user asked for."""
+mIoU differ from mmsegmentation's or silently ignore what the user asked for; its --json report records what
+changes the numbers."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -124,3 +126,22 @@ def test_raster_mode_options_are_refused_with_benchmark(tiny_model, tmp_path, ex
     out = tmp_path / "m.json"
     refused(evaluate(tiny_model, root, "-c", "a", "-c", "b", *extra, json_out=out), sentence)
     assert not out.exists()
+
+
+def test_the_json_report_records_what_changes_the_numbers(tiny_model, tmp_path):
+    root = make_folder(tmp_path / "b", images=3, values=(0, 1))
+    out = tmp_path / "m.json"
+    result = evaluate(tiny_model, root, "-c", "dark, black", "-c", "bright", "--long-side", "64", "--limit", "2",
+                      "--ignore-index", "9", "--prob-threshold", "0.5", "--batch-size", "3", "--quiet",
+                      json_out=out)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["dataset"] == str(root.resolve())
+    assert report["long_side"] == 64 and report["ignore_index"] == 9 and report["reduce_zero_label"] is False
+    assert report["limit"] == 2 and report["batch_size"] == 3 and report["attention"] == "segearth"
+    assert report["device"] == "cpu" and report["split"] is None
+    assert report["class_lines"] == ["dark, black", "bright"]
+    assert report["classes"][0] == {"class": "dark", "queries": ["dark", "black"]}
+    assert report["images"] == 2 and report["image_names"] == ["images/im0.png", "images/im1.png"]
+    assert report["protocol"] == "farslip, --prob-threshold 0.5 instead of its 0.0"
+    assert report["protocol_overrides"] == {"prob_threshold": {"given": 0.5, "protocol": 0.0}}
