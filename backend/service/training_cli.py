@@ -43,6 +43,10 @@ class _Lines:
                        f"{info.get('best_epoch')})", err=True)
         elif phase == "validate":
             typer.echo("validating the base model on the held-out strip ...", err=True)
+        elif phase is None and "image" in info:  # evaluate --benchmark, image by image; the last one always
+            if now - self.last > self.every_s or step == total:
+                self.last = now
+                typer.echo(f"image {step}/{total} ({info['image']})", err=True)
         elif now - self.last > self.every_s:
             self.last = now
             extra = f", loss {info['loss']:.4f}" if "loss" in info else ""

@@ -145,3 +145,11 @@ def test_the_json_report_records_what_changes_the_numbers(tiny_model, tmp_path):
     assert report["images"] == 2 and report["image_names"] == ["images/im0.png", "images/im1.png"]
     assert report["protocol"] == "farslip, --prob-threshold 0.5 instead of its 0.0"
     assert report["protocol_overrides"] == {"prob_threshold": {"given": 0.5, "protocol": 0.0}}
+
+
+def test_progress_lines_name_the_image(tiny_model, tmp_path):
+    root = make_folder(tmp_path / "b", images=2, values=(0, 1))
+    result = evaluate(tiny_model, root, "-c", "a", "-c", "b")
+    assert result.exit_code == 0, result.output
+    assert "image 1/2 (im0.png)" in result.output and "image 2/2 (im1.png)" in result.output
+    assert "None:" not in result.output
