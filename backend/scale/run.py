@@ -19,6 +19,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -297,13 +298,19 @@ class Workers:
 
             self.started_ray = True  # before ray.init: an interrupted one may have started processes already
             try:
-                with _own_signal_handlers():
+                # Ray's client warns (a library path and a URL) before it fails: the sentence below says it.
+                with _own_signal_handlers(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
                     if cluster:
                         ray.init(address=cluster, logging_level=logging.ERROR, log_to_driver=False)
                     else:
                         ray.init(address="local", num_cpus=workers or 1, include_dashboard=False,
                                  logging_level=logging.ERROR, log_to_driver=False)
             except Exception as error:  # not KeyboardInterrupt: that is the user's
+                if cluster and cluster.startswith("ray://") and "ray[client]" in str(error):
+                    raise FarslipError(f"Connecting to the Ray cluster at {cluster} needs Ray's client package, "
+                                       "which this backend lacks: pip install 'ray[client]' in the backend's "
+                                       "environment (make setup installs it), then run again.") from None
                 where = f"connect to the Ray cluster at {cluster}" if cluster else "start a local Ray"
                 said = (str(error).strip().splitlines() or [type(error).__name__])[0]
                 raise FarslipError(f"Could not {where} ({said}); "

@@ -107,3 +107,34 @@ def test_ray_that_cannot_start_is_one_sentence_and_leaves_nothing(tiny_model, tm
         "Error: Could not connect to the Ray cluster at ray://10.0.0.9:10001 (Failed to connect to GCS at "
         "10.0.0.9:6379.); check the address and that the cluster is up."]
     assert list(out.parent.iterdir()) == []
+
+
+def test_a_ray_client_address_without_rays_client_package_says_what_to_install(tiny_model, tmp_path, monkeypatch):
+    """The ray extra lacked ray[client]: every ray:// address failed with 'check the address', Ray's own advice
+    in brackets; and Ray's client printed a UserWarning with a library path before timing out."""
+    def without_client(*args, **kwargs):
+        import warnings
+
+        warnings.warn("Ray Client connection timed out. See https://docs.ray.io", UserWarning, stacklevel=1)
+        raise RuntimeError("Ray Client requires pip package `ray[client]`. If you installed the minimal Ray (e.g. "
+                           "`pip install ray`), please reinstall by executing `pip install ray[client]`.")
+
+    monkeypatch.setattr(ray, "init", without_client)
+    raster = write_image(tmp_path / "in" / "a.tif", Affine(2, 0, 500000, 0, -2, 5000000))
+    out = tmp_path / "out" / "a.gpkg"
+    out.parent.mkdir()
+    result = run_segment([raster], out, tiny_model, "--cluster", "ray://head:10001")
+    assert result.exit_code == 2, result.output
+    assert error_lines(result.output) == [
+        "Error: Connecting to the Ray cluster at ray://head:10001 needs Ray's client package, which this backend "
+        "lacks: pip install 'ray[client]' in the backend's environment (make setup installs it), then run again."]
+    assert "UserWarning" not in result.output
+    assert list(out.parent.iterdir()) == []
+
+
+def test_the_ray_extra_installs_rays_client():
+    """A ray:// address (--cluster, FARSLIP_RAY_ADDRESS, the plugin's Ray cluster setting) needs it."""
+    import importlib.util
+
+    assert importlib.util.find_spec("grpc") is not None
+    assert '"ray[client]' in (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
