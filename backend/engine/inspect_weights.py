@@ -85,7 +85,7 @@ def format_inspection(info: dict) -> str:
     if registry is not None:
         if info["agrees"]:
             lines.append(f"registry entry '{registry['name']}' ({registry['arch']}, {registry['context_length']} "
-                         "tokens) agrees with the file.")
+                         "tokens) agrees with the file's patch size and text context.")
         else:
             lines.append(f"registry entry '{registry['name']}' says {registry['arch']} with "
                          f"{registry['context_length']} tokens, but the file has patch {info['patch_size']} and "

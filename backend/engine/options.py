@@ -176,8 +176,9 @@ def check_typed_text(text: str, what: str, max_chars: int, where: str = "") -> N
         raise InputError(f"{what} {shown} is {len(text)} characters long; give at most {max_chars} characters.")
     control = next((c for c in text if unicodedata.category(c) == "Cc"), None)
     if control is not None:
-        raise InputError(f"{what} {shown} contains the control character {control!r} (a line break, tab or NUL); "
-                         "type it as plain text on one line.")
+        named = {"\n": "a line break", "\r": "a carriage return", "\t": "a tab", "\x00": "NUL"}
+        raise InputError(f"{what} {shown} contains the control character {control!r} "
+                         f"({named.get(control, f'U+{ord(control):04X}')}); type it as plain text on one line.")
     if text.strip() and all(unicodedata.category(c) in INVISIBLE_CATEGORIES for c in text):
         hidden = next(c for c in text if not c.isspace())
         raise InputError(f"{what} {shown} holds only invisible characters (U+{ord(hidden):04X} "

@@ -116,9 +116,12 @@ def models(
         from backend.engine.inspect_weights import format_inspection, inspect_model
 
         try:
-            typer.echo(format_inspection(inspect_model(inspect)))
+            info = inspect_model(inspect)
         except FarslipError as error:
             fail(error)
+        typer.echo(format_inspection(info))
+        if info["agrees"] is False:  # the file is refused under this name (segment exits 3): so does this
+            raise typer.Exit(3)
         return
     from backend.engine.models import list_models
     from backend.service.models_table import format_models_table

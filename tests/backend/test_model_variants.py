@@ -68,10 +68,11 @@ def test_inspect_prints_the_positional_embeddings_and_checks_the_registry(tmp_pa
     assert "LongCLIP text tower" in result.output and "248 tokens" in result.output
     assert "agrees with the file" in result.output
 
-    # A 77-token file under a FarSLIP2 name: the registry and the file disagree, and it says so.
+    # A 77-token file under a FarSLIP2 name: the registry and the file disagree, and it says so, with the exit
+    # code of segment, which refuses the file under that name (it exited 0).
     save_farslip1(make_tiny_clip(), tmp_path / "FarSLIP2_ViT-B-16.pt")
     result = runner.invoke(app, ["models", "--inspect", "farslip2-vit-b-16"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 3, result.output
     assert "positional_embedding         77 x 64" in result.output
     assert "stock CLIP text tower, 77 tokens" in result.output
     assert "the registry is wrong for this file" in result.output

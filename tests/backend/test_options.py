@@ -146,7 +146,8 @@ BAD_VALUES = [
     (["--bands", "red"], "--bands takes band numbers separated by commas"),
     (["--value-range", "nan", "5"], "--value-range takes MIN MAX with finite MIN < MAX"),
     (["--bbox", "0", "0", "inf", "1"], "is not a valid box"),
-    (["-c", "water\nroad"], "control character"),
+    (["-c", "water\nroad"], "control character '\\n' (a line break)"),
+    (["-c", "wa\x01ter"], "control character '\\x01' (U+0001); type it as plain text"),
     (["-c", ", ;"], "The class line ', ;' holds only separators and no class name"),
     # A class line is bounded as a request's class_lines are, and one no one can see is no class.
     (["-c", "w" * 1001], f"The class line {'w' * 60!r}... is 1001 characters long; give at most 1000 characters."),

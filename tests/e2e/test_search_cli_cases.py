@@ -153,7 +153,7 @@ def test_search_refuses_a_sentence_given_twice(crop, tiny_model, tmp_path):
 # Text no model should read, refused with the sentence a class line gets, before the model loads.
 UNREADABLE_TEXT = [
     (["search", "{crop}", "a\x00lake"], "The search sentence 'a\\x00lake' contains the control character '\\x00' "
-                                       "(a line break, tab or NUL); type it as plain text on one line."),
+                                       "(NUL); type it as plain text on one line."),
     (["search", "{crop}", "\u200b"], "The search sentence '\\u200b' holds only invisible characters (U+200B ZERO "
                                      "WIDTH SPACE); type visible text, or leave it out."),
     (["search", "{crop}", "a lake", "\ufeff\u200e"], "holds only invisible characters (U+FEFF ZERO WIDTH NO-BREAK "
