@@ -232,6 +232,7 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
     raster = raster_name(raster)  # a GDAL name as typed (a pathlib.Path folds /vsizip//abs's '//')
     check_report_outputs({"--json file": out_json, "--png file": out_png},
                          evaluation_inputs(raster, labels, aoi, model, weights), overwrite)
+    label_layer(labels, class_field)  # a missing field is said before the model loads (or asks for weights)
     loaded = _load(model, weights, device, loaded)
     trained_on = (getattr(loaded, "metadata", None) or {}).get("finetuned") or {}
     same_data = same_labels = False
@@ -412,6 +413,7 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
     raster, labels, out = raster_name(raster), Path(labels), Path(out)
     labels_file = vector_file(labels)
     check_out_folder(out, overwrite, resume, training_inputs(raster, labels, aoi, base_model, weights))
+    label_layer(labels, class_field)  # a missing field is said before the model loads (or asks for weights)
     started = time.perf_counter()
     loaded = _load(base_model, weights, device, loaded)
     check_model_options(loaded, options)
