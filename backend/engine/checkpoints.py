@@ -82,6 +82,16 @@ def _starts_like_pickle(path: Path) -> bool:
     return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
+def _starts_like_safetensors(path: Path) -> bool:
+    """A safetensors file begins with its header's length (8 bytes, little-endian) and the header's JSON '{'."""
+    with open(path, "rb") as stream:
+        head = stream.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    length = int.from_bytes(head[:8], "little")
+    return 0 < length <= path.stat().st_size - 8
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint file as an fp32 open_clip state dict (no pickled code ever runs).
 
@@ -97,10 +107,13 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = expand_user(path, "checkpoint", ModelError)
     if not path.is_file():
         raise ModelError(f"Checkpoint file {path} does not exist.")
-    if not zipfile.is_zipfile(path) and path.suffix.lower() != ".safetensors" and not _starts_like_pickle(path):
+    # What the file is, by its content (a safetensors file saved under the registry's .pt name is one).
+    safetensors = path.suffix.lower() == ".safetensors" or (not zipfile.is_zipfile(path)
+                                                            and _starts_like_safetensors(path))
+    if not zipfile.is_zipfile(path) and not safetensors and not _starts_like_pickle(path):
         raise ModelError(f"{path} is not a readable PyTorch checkpoint (neither a complete zip archive, a pickle nor "
                          "safetensors); is it the right file, and is the download complete?")
-    if path.suffix.lower() == ".safetensors":
+    if safetensors:
         try:
             from safetensors.torch import load_file
 

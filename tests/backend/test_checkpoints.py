@@ -299,3 +299,19 @@ def test_a_model_description_with_a_byte_order_mark_is_read(tmp_path):
     meta_file = folder / finetuned.FINETUNED_META
     meta_file.write_bytes(b"\xef\xbb\xbf" + meta_file.read_bytes())
     assert models.load_model(str(folder)).class_lines == ["road, parking lot", "building", "tree"]
+
+
+def test_a_safetensors_file_under_a_pt_name_is_read_by_its_content(tmp_path):
+    """Saved as the registry's FarSLIP2_ViT-B-16.pt, a safetensors file was called 'neither a complete zip archive,
+    a pickle nor safetensors'."""
+    model = make_tiny_clip()
+    save_safetensors(model, tmp_path / "w.safetensors")
+    renamed = tmp_path / "FarSLIP2_ViT-B-16.pt"
+    (tmp_path / "w.safetensors").rename(renamed)
+    loaded = checkpoints.read_state_dict(renamed)
+    expected = checkpoints.read_state_dict(save_safetensors(model, tmp_path / "again.safetensors"))
+    assert set(loaded) == set(expected) and all(torch.equal(loaded[k], expected[k]) for k in expected)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")  # looks like one, is not
+    with pytest.raises(ModelError, match="is not a readable safetensors file"):
+        checkpoints.read_state_dict(garbage)
