@@ -407,7 +407,8 @@ def search_index(index: SearchIndex, options: SearchOptions, progress=None, shou
     return hits, notices, facts
 
 
-def _add_hits(hits: Hits, entries, scores: np.ndarray, options: SearchOptions, label: str) -> str | None:
+def _add_hits(hits: Hits, entries, scores: np.ndarray, options: SearchOptions, label: str,
+              besides: str = "") -> str | None:
     """The best windows of `scores` for one query as hits; a notice when fewer than --top are left (none
     when no window was searched: that has its own)."""
     finite = np.isfinite(scores)
@@ -419,7 +420,8 @@ def _add_hits(hits: Hits, entries, scores: np.ndarray, options: SearchOptions, l
         return None
     found = f"{label!r} has {len(kept)} hit{'' if len(kept) == 1 else 's'}, not --top {options.top}"
     if len(kept) == len(candidates):
-        return f"{found}: the area searched holds only {len(candidates)} window{'' if len(candidates) == 1 else 's'}."
+        return (f"{found}: the area searched holds only {len(candidates)} window{'' if len(candidates) == 1 else 's'}"
+                f"{besides}.")
     return (f"{found}: the area's other windows each overlap a better one by more than --max-overlap "
             f"{options.max_overlap:g} (raise it, or search a larger area, for more).")
 
@@ -437,7 +439,7 @@ def _add_like_hits(hits: Hits, entries, inside: np.ndarray, point, examples: dic
     contains = ((entries.pixels[:, 0] <= col) & (entries.pixels[:, 2] >= col)
                 & (entries.pixels[:, 1] <= row) & (entries.pixels[:, 3] >= row))
     scores[contains | ~inside] = -np.inf
-    few = _add_hits(hits, entries, scores, options, label)
+    few = _add_hits(hits, entries, scores, options, label, besides=" besides those holding the example point")
     if inside.any() and not (inside & ~contains).any():
         return ("Every window searched holds the example point, so no other place is left to compare with it "
                 f"and {label!r} has no hits; search a larger area (or raster) than one window around the point.")

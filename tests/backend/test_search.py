@@ -682,3 +682,11 @@ def test_fewer_hits_than_asked_are_explained(loaded, naip500, tmp_path):
                for notice in tight.notices), tight.notices
     assert not any("not --top" in notice for notice in enough.notices)
     assert many.report["notices"] == many.notices
+    with rasterio.open(naip500) as ds:
+        point = ds.xy(50, 50)
+    with open_index(naip500, loaded) as index:
+        like = search_raster(index, SearchOptions(like=point, top=windows, max_overlap=1.0), tmp_path / "like.gpkg")
+    kept = len(like.hits.query)
+    assert kept < windows  # the windows holding the point are no hits, and the notice counts without them
+    assert any(notice.endswith(f"holds only {kept} windows besides those holding the example point.")
+               for notice in like.notices), like.notices
