@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from .errors import ModelError
+from .files import expand_user
 from .checkpoints import LONGCLIP_KEEP, infer_vision_cfg, read_tensors
 from .finetuned import FINETUNED_WEIGHTS, read_finetuned_meta
 from .models import checkpoint_activation, locate_model
@@ -21,16 +22,18 @@ SHAPE_KEYS = ("positional_embedding", "positional_embedding_res", "visual.positi
               "visual.conv1.weight", "token_embedding.weight", "text_projection", "visual.proj")
 
 
-def inspect_model(model: str) -> dict:
+def inspect_model(model: str, weights: str | None = None) -> dict:
     """Shapes that decide a model's text context and patch grid, and whether the registry agrees.
 
-    Never downloads: a registry model must already be on this computer.
+    Never downloads: a registry model must already be on this computer (or `weights`, --weights, names its file).
     """
-    kind, where, _ = locate_model(model)
+    kind, where, explicit = locate_model(model, weights)
     spec = where if kind == "registry" else None
     if kind == "registry":
         assert spec is not None
-        path = find_local_weights(spec)
+        path = expand_user(explicit, "weights", ModelError) if explicit else find_local_weights(spec)
+        if path is not None and not path.is_file():
+            raise ModelError(f"The weights file {path} does not exist.")
         if path is None:
             raise ModelError(missing_weights_message(spec, "--inspect only reads files already on this computer."))
         activation = spec.activation

@@ -11,7 +11,7 @@ import typer
 
 from backend import __version__
 from backend.engine.atomic import write_text_atomically
-from backend.engine.errors import FarslipError
+from backend.engine.errors import FarslipError, InputError
 from backend.service.cli_common import ProgressReporter, fail, interruptible, interrupted, signals_as_interrupt
 from backend.service.cli_options import options_from_cli, own_option, with_segment_options
 from backend.service.scale_cli import SCALE_OPTIONS, segment_scaled, single_raster, wants_ray, with_many_inputs
@@ -110,13 +110,17 @@ def models(
                                           help="Print the tensor shapes that decide a model's text context "
                                                "(77 or 248 tokens) and patch grid, checked against the "
                                                "registry (a registry name, checkpoint file or model folder)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="With --inspect and a registry name: the "
+                                                                   "weights file to inspect under that name."),
 ) -> None:
     """List known models, which are on disk, and where to put missing weights."""
+    if weights is not None and not inspect:
+        fail(InputError("--weights names the file --inspect reads under a registry name; add --inspect NAME."))
     if inspect:
         from backend.engine.inspect_weights import format_inspection, inspect_model
 
         try:
-            info = inspect_model(inspect)
+            info = inspect_model(inspect, str(weights) if weights else None)
         except FarslipError as error:
             fail(error)
         typer.echo(format_inspection(info))

@@ -81,6 +81,13 @@ def test_inspect_prints_the_positional_embeddings_and_checks_the_registry(tmp_pa
     assert by_path.exit_code == 0 and "77 tokens" in by_path.output and "registry entry" not in by_path.output
     missing = runner.invoke(app, ["models", "--inspect", "farslip1-vit-b-32"])
     assert missing.exit_code == 3 and "not on this computer" in missing.output
+    # Its advice (pass --weights PATH) works here too: the file is inspected under the registry name.
+    save_farslip2(make_tiny_clip(context_length=248), tmp_path / "elsewhere.pt")
+    elsewhere = str(tmp_path / "elsewhere.pt")
+    given = runner.invoke(app, ["models", "--inspect", "farslip2-vit-b-16", "--weights", elsewhere])
+    assert given.exit_code == 0 and "elsewhere.pt" in given.output and "agrees" in given.output, given.output
+    alone = runner.invoke(app, ["models", "--weights", str(tmp_path / "elsewhere.pt")])
+    assert alone.exit_code == 2 and "add --inspect NAME" in alone.output
 
     # A file that is not a CLIP at all is refused as the loader refuses it, not described as one.
     from safetensors.torch import save_file
