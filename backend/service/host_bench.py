@@ -119,6 +119,8 @@ def run_host_bench(arch: str = "ViT-B-16", batch_size: int = 8, size: int = 4096
         other = wall - sum(run["timings"].get(k, 0.0) for k in STAGE_NAMES if k not in BACKGROUND)
         echo(f"| everything else (text, setup, Python) | {other:.2f} | {other / wall:.1%} |")
         echo(f"| **total** | {wall:.2f} | **{run['host_mpx_per_s']:.1f} Mpx/s** |")
+        echo("\nThe rows marked background thread run beside the others, so the shares add up past 100 %; "
+             "'everything else' is the wall time the main thread's rows leave.")
         echo(f"\nCPU time of the run: {run['cpu_s']:.2f} s over its threads, {results['cores_busy']:.1f} of the "
              f"{cores} usable cores busy on average (with every core busy all the time it would take "
              f"{run['cpu_s'] / cores:.2f} s; torch's idle worker threads spin for a while, which counts too).")

@@ -39,6 +39,7 @@ def test_null_encoder_bench_writes_the_host_figure_each_stage_and_the_cpu_time(t
     assert all(0 <= share <= 1 for share in shares.values())
     assert sum(share for key, share in shares.items() if key not in ("read_s", "finish_s")) <= 1.0
     assert "**total**" in result.output and "Mpx/s" in result.output
+    assert "run beside the others, so the shares add up past 100 %" in result.output  # the overlap is said
     assert "CPU time of the run" in result.output
     assert "memory" not in figures  # --rss-sizes '' skips the peak-memory runs
 
