@@ -398,13 +398,10 @@ def test_a_cached_export_that_does_not_load_is_said_in_one_line_and_made_again(t
     assert json.loads((folder / f"check-{name}.json").read_text())["ok"]
 
 
-def test_a_runtime_whose_output_is_not_a_number_fails_the_run_and_writes_nothing(tmp_path, own_cache, monkeypatch):
-    """A runtime that passes its check but returns NaN for the raster's crops: the engine turned NaN into
-    class 0 on every pixel and exited 0. Now the run stops with one sentence naming the runtime and what to
-    do, exit code 3, and no file."""
-    exported = runtimes.BUILDERS["onnxruntime"]
-
-    def nan_on_the_rasters_crops(tower, example, folder, stem="encoder"):
+def nan_on_the_rasters_crops(exported):
+    """A runtime builder whose encoder passes its export check (the check's own crops come out right) and
+    returns NaN for every other crop: a damaged export that still loads."""
+    def build(tower, example, folder, stem="encoder"):
         infer = exported(tower, example, folder, stem)
         checked = example.numpy()
 
@@ -415,7 +412,15 @@ def test_a_runtime_whose_output_is_not_a_number_fails_the_run_and_writes_nothing
 
         return run
 
-    monkeypatch.setitem(runtimes.BUILDERS, "onnxruntime", nan_on_the_rasters_crops)
+    return build
+
+
+def test_a_runtime_whose_output_is_not_a_number_fails_the_run_and_writes_nothing(tmp_path, own_cache, monkeypatch):
+    """A runtime that passes its check but returns NaN for the raster's crops: the engine turned NaN into
+    class 0 on every pixel and exited 0. Now the run stops with one sentence naming the runtime and what to
+    do, exit code 3, and no file."""
+    exported = runtimes.BUILDERS["onnxruntime"]
+    monkeypatch.setitem(runtimes.BUILDERS, "onnxruntime", nan_on_the_rasters_crops(exported))
     model = save_plain(make_tiny_clip(16, seed=46), tmp_path / "tiny.pt")
     raster = write_rgb(tmp_path / "image.tif", 240, 240)
     out = tmp_path / "out"
@@ -448,19 +453,7 @@ def test_features_that_are_not_numbers_are_not_cached_so_a_repaired_runtime_reco
     """With --cache-features, the NaN features of a damaged export were kept: the run failed, and after the user
     deleted the export as the failure advises, every later run of the raster failed again, from the cache."""
     exported = runtimes.BUILDERS["onnxruntime"]
-
-    def nan_on_the_rasters_crops(tower, example, folder, stem="encoder"):
-        infer = exported(tower, example, folder, stem)
-        checked = example.numpy()
-
-        def run(pixels: np.ndarray) -> np.ndarray:
-            features = infer(pixels)
-            judged = pixels.shape == checked.shape and np.array_equal(pixels, checked)
-            return features if judged else np.full_like(features, np.nan)
-
-        return run
-
-    monkeypatch.setitem(runtimes.BUILDERS, "onnxruntime", nan_on_the_rasters_crops)
+    monkeypatch.setitem(runtimes.BUILDERS, "onnxruntime", nan_on_the_rasters_crops(exported))
     model = save_plain(make_tiny_clip(16, seed=46), tmp_path / "tiny.pt")
     raster = write_rgb(tmp_path / "image.tif", 240, 240)
     broken = CliRunner().invoke(app, [*segment_args(raster, model, tmp_path / "a", "onnxruntime"), "--cache-features"])

@@ -93,15 +93,20 @@ def test_ctrl_c_while_ray_starts_shuts_it_down_and_says_nothing_was_kept(tiny_mo
     assert list(out.parent.iterdir()) == []  # no a.gpkg.partial either
 
 
+def _cluster_run(tmp_path: Path, model: Path, address: str):
+    """`segment a.tif --cluster ADDRESS` into an empty folder: (the result, the output's path)."""
+    raster = write_image(tmp_path / "in" / "a.tif", Affine(2, 0, 500000, 0, -2, 5000000))
+    out = tmp_path / "out" / "a.gpkg"
+    out.parent.mkdir()
+    return run_segment([raster], out, model, "--cluster", address), out
+
+
 def test_ray_that_cannot_start_is_one_sentence_and_leaves_nothing(tiny_model, tmp_path, monkeypatch):
     def failing_init(*args, **kwargs):
         raise ConnectionError("Failed to connect to GCS at 10.0.0.9:6379.\nDetails: timed out")
 
     monkeypatch.setattr(ray, "init", failing_init)
-    raster = write_image(tmp_path / "in" / "a.tif", Affine(2, 0, 500000, 0, -2, 5000000))
-    out = tmp_path / "out" / "a.gpkg"
-    out.parent.mkdir()
-    result = run_segment([raster], out, tiny_model, "--cluster", "ray://10.0.0.9:10001")
+    result, out = _cluster_run(tmp_path, tiny_model, "ray://10.0.0.9:10001")
     assert result.exit_code == 2, result.output
     assert error_lines(result.output) == [
         "Error: Could not connect to the Ray cluster at ray://10.0.0.9:10001 (Failed to connect to GCS at "
@@ -120,10 +125,7 @@ def test_a_ray_client_address_without_rays_client_package_says_what_to_install(t
                            "`pip install ray`), please reinstall by executing `pip install ray[client]`.")
 
     monkeypatch.setattr(ray, "init", without_client)
-    raster = write_image(tmp_path / "in" / "a.tif", Affine(2, 0, 500000, 0, -2, 5000000))
-    out = tmp_path / "out" / "a.gpkg"
-    out.parent.mkdir()
-    result = run_segment([raster], out, tiny_model, "--cluster", "ray://head:10001")
+    result, out = _cluster_run(tmp_path, tiny_model, "ray://head:10001")
     assert result.exit_code == 2, result.output
     assert error_lines(result.output) == [
         "Error: Connecting to the Ray cluster at ray://head:10001 needs Ray's client package, which this backend "
