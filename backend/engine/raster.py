@@ -673,9 +673,10 @@ def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float,
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
-def _samples_inside(box: tuple[float, float, float, float], source_crs: CRS, target: tuple[float, float, float, float],
-                    target_crs: CRS) -> bool:
-    """Whether any point of a SAMPLES x SAMPLES grid over `box` lands inside `target` once transformed."""
+def _samples_in(box: tuple[float, float, float, float], source_crs: CRS, target: tuple[float, float, float, float],
+                target_crs: CRS) -> np.ndarray:
+    """Which points of a SAMPLES x SAMPLES grid over `box` (its edges included) land inside `target` once
+    transformed (a point that does not transform lands nowhere)."""
     from pyproj import Transformer
 
     t = np.linspace(0.0, 1.0, SAMPLES)
@@ -683,10 +684,15 @@ def _samples_inside(box: tuple[float, float, float, float], source_crs: CRS, tar
     with np.errstate(all="ignore"):
         to_target = Transformer.from_crs(as_pyproj(source_crs), as_pyproj(target_crs), always_xy=True)
         xs, ys = (np.asarray(v, float) for v in to_target.transform(xs.ravel(), ys.ravel()))
-    if target_crs.is_geographic:  # a longitude a whole turn away is the same place
-        xs = target[0] + np.mod(xs - target[0], longitude_turn(target_crs))
-    inside = (xs >= target[0]) & (xs <= target[2]) & (ys >= target[1]) & (ys <= target[3])
-    return bool(inside.any())
+        if target_crs.is_geographic:  # a longitude a whole turn away is the same place
+            xs = target[0] + np.mod(xs - target[0], longitude_turn(target_crs))
+        return (xs >= target[0]) & (xs <= target[2]) & (ys >= target[1]) & (ys <= target[3])
+
+
+def _samples_inside(box: tuple[float, float, float, float], source_crs: CRS, target: tuple[float, float, float, float],
+                    target_crs: CRS) -> bool:
+    """Whether any point of a SAMPLES x SAMPLES grid over `box` lands inside `target` once transformed."""
+    return bool(_samples_in(box, source_crs, target, target_crs).any())
 
 
 def bbox_in_raster_crs(bbox: tuple[float, float, float, float], bbox_crs: CRS, raster_crs: CRS,
@@ -718,25 +724,10 @@ def _holds_raster(box: tuple[float, float, float, float], box_crs: CRS, raster_c
     raster (its edges included) lands inside it. GDAL's envelope of a box reaching both poles (the world,
     -180 -90 180 90) in a transverse Mercator CRS came out as the zone's western half, and a raster east of
     its central meridian was said to lie outside the world."""
-    from pyproj import Transformer
-
-    t = np.linspace(0.0, 1.0, SAMPLES)
-    xs, ys = np.meshgrid(raster_box[0] + (raster_box[2] - raster_box[0]) * t,
-                         raster_box[1] + (raster_box[3] - raster_box[1]) * t)
     try:
-        with np.errstate(all="ignore"):
-            to_box = Transformer.from_crs(as_pyproj(raster_crs), as_pyproj(box_crs), always_xy=True)
-            lons, lats = (np.asarray(v, float) for v in to_box.transform(xs.ravel(), ys.ravel()))
+        return bool(_samples_in(raster_box, raster_crs, box, box_crs).all())
     except Exception:  # pyproj raises several types for impossible transforms: the usual way decides
         return False
-    if not (np.isfinite(lons).all() and np.isfinite(lats).all()):
-        return False
-    turn = longitude_turn(box_crs)
-    if not ((lats >= box[1]) & (lats <= box[3])).all():
-        return False
-    if box[2] - box[0] >= turn:
-        return True
-    return bool((box[0] + np.mod(lons - box[0], turn) <= box[2]).all())
 
 
 def _within_one_turn(box: tuple[float, float, float, float],
