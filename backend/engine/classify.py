@@ -24,8 +24,7 @@ from backend import __version__
 from .atomic import StagedOutputs
 from .diskspace import writing_to
 from .errors import CancelledError, EmptyResultError, InputError
-from .export import (check_field_widths, check_format_crs, format_crs_warnings, report_json, report_path_for,
-                     write_layer)
+from .export import check_field_widths, check_format_crs, report_json, report_path_for, write_layer
 from .files import absolute_outputs, absolute_raster_name, raster_file
 from .models import LoadedModel
 from .finetuned import bands_for
@@ -105,8 +104,7 @@ def classify_raster(raster: str | Path, options: ClassifyOptions, out: Path, loa
         source = open_source(raster, bands_for(raster, options.bands, loaded), None, None, options.value_range,
                              task="classify")
         with source:
-            check_format_crs(out, source.crs)
-            warnings += format_crs_warnings(out, source.crs)
+            warnings += check_format_crs(out, source.crs)
             window = request_window(source, options.bbox, options.bbox_crs)
             rows = tile_starts(window.row_off, window.row_off + window.height, options.tile)
             cols = tile_starts(window.col_off, window.col_off + window.width, options.tile)

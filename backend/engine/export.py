@@ -40,32 +40,17 @@ def driver_for(path: str | Path) -> str:
 SHAPEFILE_TEXT_BYTES = 254  # a dBase text field holds at most this many bytes
 
 
-def format_crs_warnings(path: str | Path, crs) -> list[str]:
-    """GeoJSON in a CRS other than WGS 84 longitude/latitude: GDAL and QGIS read the CRS it names, but RFC 7946
-    (web maps, geojson.io, GitHub's preview) says a GeoJSON's coordinates are WGS 84 degrees, and such readers put
-    the polygons elsewhere. Said in one sentence (the polygons stay in the raster's CRS, as every output's do)."""
-    if driver_for(path) != "GeoJSON" or crs is None:
-        return []
-    from pyproj import CRS as ProjCRS
-
-    try:
-        parsed = ProjCRS.from_user_input(crs.to_wkt() if hasattr(crs, "to_wkt") else crs)
-        wgs84 = parsed.is_geographic and parsed.equals(ProjCRS.from_epsg(4326), ignore_axis_order=True)
-    except Exception:  # pyproj raises several types for definitions it cannot read
-        wgs84 = False
-    if wgs84:
-        return []
-    return [f"{Path(path).name} is in {crs_label(crs)}, the raster's CRS, which it names; GDAL and QGIS read it, "
-            "but web maps and other readers that follow RFC 7946 take GeoJSON for WGS 84 degrees and will misplace "
-            "it. Write .gpkg for GIS use, or reproject the file for the web (ogr2ogr -t_srs EPSG:4326)."]
-
-
-def check_format_crs(path: str | Path, crs) -> None:
+def check_format_crs(path: str | Path, crs) -> list[str]:
     """GeoJSON records a CRS only by its code (EPSG, ESRI): a raster in a CRS without one (a PROJ string, a
     custom WKT) gave a file that every reader, farslip evaluate included, took for WGS 84 degrees while
-    its coordinates were metres. Refused before the run, naming the formats that keep any CRS."""
+    its coordinates were metres. Refused before the run, naming the formats that keep any CRS.
+
+    Returns the warning for GeoJSON written with a code other than WGS 84 longitude/latitude: GDAL and QGIS read
+    the CRS it names, but RFC 7946 (web maps, geojson.io, GitHub's preview) says a GeoJSON's coordinates are WGS 84
+    degrees, and such readers put the polygons elsewhere (the polygons stay in the raster's CRS, as every
+    output's do)."""
     if driver_for(path) != "GeoJSON" or crs is None:
-        return
+        return []
     from pyproj import CRS as ProjCRS
 
     # The code GDAL writes is the one the CRS's definition carries at its root, not one found by matching
@@ -75,9 +60,14 @@ def check_format_crs(path: str | Path, crs) -> None:
         root = parsed.to_json_dict().get("id")
     except Exception:  # pyproj raises several types for definitions it cannot read
         parsed, root = None, None
-    if isinstance(root, dict) and root.get("authority") in ("EPSG", "ESRI"):
-        return
     name = Path(path).name
+    if isinstance(root, dict) and root.get("authority") in ("EPSG", "ESRI"):
+        assert parsed is not None, "a CRS with a code at its root was parsed"
+        if parsed.is_geographic and parsed.equals(ProjCRS.from_epsg(4326), ignore_axis_order=True):
+            return []
+        return [f"{name} is in {crs_label(crs)}, the raster's CRS, which it names; GDAL and QGIS read it, but web "
+                "maps and other readers that follow RFC 7946 take GeoJSON for WGS 84 degrees and will misplace it. "
+                "Write .gpkg for GIS use, or reproject the file for the web (ogr2ogr -t_srs EPSG:4326)."]
     if parsed is not None and parsed.is_compound:
         raise InputError(f"GeoJSON can record only a CRS with one EPSG code, and this result's CRS is a compound "
                          f"CRS ({crs_label(parsed)}): GDAL would write no CRS, and readers would take {name} for "

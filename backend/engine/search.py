@@ -44,8 +44,7 @@ from backend import __version__
 from .atomic import StagedOutputs, is_shapefile, shapefile_parts
 from .diskspace import writing_to
 from .errors import InputError
-from .export import (check_field_widths, check_format_crs, driver_for, format_crs_warnings, report_json,
-                     report_path_for, write_layer)
+from .export import check_field_widths, check_format_crs, driver_for, report_json, report_path_for, write_layer
 from .files import absolute_outputs, check_output_files, input_paths, raster_file
 from .models import LoadedModel
 from .ground import crs_label
@@ -492,9 +491,9 @@ def search_raster(index: SearchIndex, options: SearchOptions, out: Path, overwri
     started = time.perf_counter()
     queries = validate_search_options(options)
     check_hits_output(out, overwrite, input_paths([("raster", raster_file(index.raster))]), [q.text for q in queries])
-    check_format_crs(out, index.crs)
+    format_notices = check_format_crs(out, index.crs)
     hits, notices, facts = search_index(index, options, progress, should_cancel)
-    notices += format_crs_warnings(out, index.crs)
+    notices += format_notices
     run_id = uuid.uuid4().hex[:12]
     out = Path(out)
     report_path = report_path_for(out)

@@ -34,8 +34,7 @@ from .runtimes import make_encoder
 from .errors import CancelledError, EmptyResultError
 from .colours import class_colormap
 from .atomic import StagedOutputs
-from .export import (check_field_widths, check_format_crs, driver_for, format_crs_warnings, layer_name, report_json,
-                     write_polygons)
+from .export import check_field_widths, check_format_crs, driver_for, layer_name, report_json, write_polygons
 from .diskspace import check_free_space, check_written, writing_to
 from .temporary import make_work_dir, new_run_tag, remove_owned, remove_stale, run_prefixes
 from .memory import reused_heap
@@ -358,8 +357,7 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
 
     with open_source(raster, options.bands, options.scale, options.gsd_m, options.value_range,
                      options.square_gsd) as source:
-        check_format_crs(options.out, source.crs)
-        warnings += format_crs_warnings(options.out, source.crs)
+        warnings += check_format_crs(options.out, source.crs)
         window = request_window(source, options.bbox, options.bbox_crs, clip=True)
         computed = refine_outlines.engine_window(options.refine, source, window)
         # Without refinement, the window is polygonised beside the engine, from its blocks: then no
