@@ -7,7 +7,6 @@ bad input gets the same sentence (and the same order of checks) wherever it come
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING
 from .errors import InputError
 from .atomic import is_shapefile, shapefile_parts
 from .export import driver_for, report_path_for
-from .files import check_output_files, check_regular_file, input_paths, raster_file
+from .files import check_output_files, check_regular_file, input_paths, listed_output, raster_file
 from .options import SegmentOptions, check_values
 from .presets import collect_class_lines
 
@@ -69,12 +68,8 @@ def earlier_coarse_warning(out: str | Path, refine: str) -> list[str]:
     coarse = coarse_vector_path(Path(out))
     if refine != "none" or not coarse.exists():
         return []
-    try:
-        earlier = json.loads(report_path_for(out).read_text("utf-8"))
-        listed = earlier["outputs"]["coarse_vector"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
-    if not isinstance(listed, str) or os.path.abspath(listed) != os.path.abspath(coarse):
+    listed = listed_output(report_path_for(out), "coarse_vector")
+    if listed is None or os.path.abspath(listed) != os.path.abspath(coarse):
         return []
     return [f"{coarse.name} beside the output holds the unrefined polygons of the earlier --refine run this run "
             "replaces, not of this run: delete it, or run with --refine to replace it too."]

@@ -6,6 +6,7 @@ hard links, or letter case on a case-insensitive filesystem.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -378,19 +379,20 @@ def absolute_outputs(outputs) -> dict[str, str]:
     return {role: os.path.abspath(path) for role, path in outputs.items()}
 
 
+def listed_output(report: Path, role: str) -> Path | None:
+    """The output of `role` an existing run report lists (None when the report is unreadable or lists none)."""
+    try:
+        listed = json.loads(report.read_text("utf-8"))["outputs"][role]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return Path(listed) if isinstance(listed, str) else None
+
+
 def _report_of_another(path: Path, named: dict[str, Path]) -> str:
     """For a run report in the way: whose report it is, when it belongs to another output of the same name
     (r.shp's report is r.report.json, as r.geojson's would be), else nothing."""
-    if not path.name.endswith(".report.json"):
-        return ""
-    try:
-        import json
-
-        listed = json.loads(path.read_text("utf-8"))["outputs"]["vector"]
-        other = Path(listed)
-    except (OSError, ValueError, KeyError, TypeError):
-        return ""
-    if any(os.path.abspath(other) == os.path.abspath(mine) for mine in named.values()):
+    other = listed_output(path, "vector") if path.name.endswith(".report.json") else None
+    if other is None or any(os.path.abspath(other) == os.path.abspath(mine) for mine in named.values()):
         return ""
     return (f" (the report of {other.name}, another result named {other.stem}: every format's report is "
             "NAME.report.json)")
