@@ -107,37 +107,45 @@ def _in_rasters_folder(path: Path) -> bool:
     return any((mosaic := mosaic_of(folder)) is not None and mosaic.is_file() for folder in path.parents)
 
 
+def _kind(text: str) -> str:
+    """What one input names: "gdal" (a GDAL name), "glob", "folder", "list" (.txt), "stac" (.json), "file", or
+    "missing"."""
+    if is_gdal_name(text):
+        return "gdal"
+    path = Path(text).expanduser()
+    if not path.exists():
+        return "glob" if any(ch in text for ch in "*?[") else "missing"
+    if path.is_dir():
+        return "folder"
+    return {".txt": "list", ".json": "stac"}.get(path.suffix.lower(), "file")
+
+
 def names_many(text: str) -> bool:
     """Whether one input stands for a set of rasters (a folder, a glob, a .txt list, STAC JSON): such a run is
     a run over many rasters, as several names are."""
-    if is_gdal_name(text):
-        return False
-    path = Path(text).expanduser()
-    if not path.exists():
-        return any(ch in text for ch in "*?[")
-    return path.is_dir() or path.suffix.lower() in (".txt", ".json")
+    return _kind(text) in ("glob", "folder", "list", "stac")
 
 
 def _expand(text: str) -> list[str]:
-    if is_gdal_name(text):  # as typed: a pathlib.Path would fold its '//' (/vsizip//abs/a.zip/x.tif)
+    kind = _kind(text)
+    if kind == "gdal":  # as typed: a pathlib.Path would fold its '//' (/vsizip//abs/a.zip/x.tif)
         return [text]
     path = Path(text).expanduser()
-    if not path.exists() and any(ch in text for ch in "*?["):
+    if kind == "glob":
         matches = _rasters_of([Path(p) for p in glob.glob(text, recursive=True)])
         if not matches:
             raise InputError(f"The pattern {text!r} matches no raster ({', '.join(RASTER_SUFFIXES)}).")
         return matches
-    if path.is_dir():
+    if kind == "folder":
         rasters = _rasters_of(list(path.iterdir()))
         if not rasters:
             raise InputError(f"The folder {path} holds no raster ({', '.join(RASTER_SUFFIXES)}).")
         return rasters
-    if not path.exists():
+    if kind == "missing":
         raise InputError(f"The input {path} does not exist.")
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
+    if kind == "list":
         return _listed(path)
-    if suffix == ".json":
+    if kind == "stac":
         return _stac(path)
     return [str(path)]
 
