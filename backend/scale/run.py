@@ -518,8 +518,7 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
     timings["merge_s"] = time.perf_counter() - t0
     manifest.remove()
     rasters = [manifest.finished[p.index] for p in done]
-    return ScaleResult(outputs, rasters, failed, chunk_counts,
-                       timings, run_id, list(outside))
+    return ScaleResult(outputs, rasters, failed, chunk_counts, timings, run_id, list(outside))
 
 
 def run_inputs(request: ScaleRequest, paths: list[str]) -> dict[str, Path]:
@@ -747,16 +746,17 @@ def _write_outputs(done: list[RasterPlan], manifest: Manifest, request: ScaleReq
         for role, target in request.rasters().items():
             outputs.update(_stage_raster_output(staged, role, target, done, files, manifest))
         timings["total_s"] = time.perf_counter() - started
+        outputs = absolute_outputs(outputs)
         report = {"farslip_version": __version__, "run_id": run_id, "model": model, "crs": out_crs.to_string(),
                   "rasters": [manifest.finished[p.index] for p in done], "failed": failed,
                   "outside_bbox": list(outside), "chunks": chunks,
-                  "polygons": count, "options": facts, "outputs": absolute_outputs(outputs),
+                  "polygons": count, "options": facts, "outputs": outputs,
                   "layer": out.stem if out.suffix.lower() == ".parquet" else layer_name(out.stem, driver_for(out)),
                   "timings": {k: round(v, 3) for k, v in timings.items()}}
         staged["report"].write_text(report_json(report), "utf-8")
         with writing_to(targets.values(), 1.0):  # a failed rename is a sentence, seen before staged files go
             staged.commit()
-    return absolute_outputs(outputs)
+    return outputs
 
 
 def _stage_raster_output(staged: StagedOutputs, role: str, target: Path, done: list[RasterPlan],

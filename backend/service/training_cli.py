@@ -139,10 +139,10 @@ def evaluate_command(
             raise InputError("Give RASTER, LABELS and --class-field (or --benchmark FOLDER).")
         class_names = class_names_from_pairs(class_name or [])
         check_evaluation(model, str(weights) if weights else None, background, class_names, split)
-        from training.labels import label_layer
+        if half or calibrate_quality:  # the model loads here, before evaluate_model checks the labels' field
+            from training.labels import label_layer
 
-        label_layer(labels, class_field)  # before the model loads (--half and --calibrate-quality load it here)
-        if half or calibrate_quality:
+            label_layer(labels, class_field)
             loaded = load_model(model, str(weights) if weights else None, dev)
             loaded = to_half(loaded) if half else loaded
         if calibrate_quality:  # where the calibration goes, checked before the evaluation runs
