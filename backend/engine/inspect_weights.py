@@ -15,7 +15,7 @@ from .errors import ModelError
 from .files import expand_user
 from .checkpoints import LONGCLIP_KEEP, infer_vision_cfg, read_tensors
 from .finetuned import FINETUNED_WEIGHTS, read_finetuned_meta
-from .models import checkpoint_activation, locate_model
+from .models import check_model, checkpoint_activation, locate_model
 from .weights import find_local_weights, missing_weights_message
 
 SHAPE_KEYS = ("positional_embedding", "positional_embedding_res", "visual.positional_embedding",
@@ -27,13 +27,12 @@ def inspect_model(model: str, weights: str | None = None) -> dict:
 
     Never downloads: a registry model must already be on this computer (or `weights`, --weights, names its file).
     """
+    check_model(model, weights)  # a --weights file that is not there: load_model's sentence
     kind, where, explicit = locate_model(model, weights)
     spec = where if kind == "registry" else None
     if kind == "registry":
         assert spec is not None
         path = expand_user(explicit, "weights", ModelError) if explicit else find_local_weights(spec)
-        if path is not None and not path.is_file():
-            raise ModelError(f"The weights file {path} does not exist.")
         if path is None:
             raise ModelError(missing_weights_message(spec, "--inspect only reads files already on this computer."))
         activation = spec.activation

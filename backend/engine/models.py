@@ -184,24 +184,23 @@ def _load_finetuned(path: Path, device) -> LoadedModel:
                    metadata={"kind": "finetuned", "model_dir": str(path), "finetuned": meta})
 
 
-def _readable(folder: Path) -> bool:
-    """Whether a fine-tuned model folder's description can be read (a broken one is no model to offer)."""
+def _unreadable_why(folder: Path) -> str | None:
+    """Why a fine-tuned model folder's description cannot be read (a broken one is no model to offer); None
+    when it can."""
     try:
         read_finetuned_meta(folder)
-    except ModelError:
-        return False
-    return True
+    except ModelError as error:
+        return str(error)
+    return None
+
+
+def _readable(folder: Path) -> bool:
+    return _unreadable_why(folder) is None
 
 
 def unusable_finetuned() -> list[tuple[Path, str]]:
     """Fine-tuned model folders that are not offered as models, with the sentence saying why."""
-    broken = []
-    for folder in finetuned_dirs():
-        try:
-            read_finetuned_meta(folder)
-        except ModelError as error:
-            broken.append((folder, str(error)))
-    return broken
+    return [(folder, why) for folder in finetuned_dirs() if (why := _unreadable_why(folder)) is not None]
 
 
 def unknown_model_error(name: str) -> ModelError:
