@@ -114,6 +114,18 @@ def _is_live(work: Path) -> bool:
     return pid is not None and pid != os.getpid() and process_is_alive(pid)
 
 
+def interrupted_training(out: Path) -> str | None:
+    """After a training that was stopped without cleaning up (its process killed): where its kept checkpoint
+    is, as a sentence, or None when it left none to resume (its working folder, no longer anyone's, removed)."""
+    work = partial_dir(out)
+    if kept_checkpoint(out):
+        return (f"{out} was not written, but its last checkpoint is kept in {work}: train again with resume "
+                "(--resume, \"resume\": true) to go on from it, or without to start over.")
+    if work.is_dir() and not _is_live(work):
+        shutil.rmtree(work, ignore_errors=True)
+    return None
+
+
 def refuse_if_live(work: Path) -> None:
     """Another training writing the same --out right now keeps its working folder."""
     pid = _owner(work)

@@ -1,5 +1,22 @@
 """Errors meant for users: each message says what was wrong and what to do."""
 
+import re
+
+LONG_WORD = re.compile(r"\S{301,}")
+
+
+def shown(text: str, limit: int = 200) -> str:
+    """A value the user gave, as a sentence quotes it: its first `limit` characters, so a message never
+    repeats a hostile or mistaken value (a 10,000-character CRS) back whole."""
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
+
+
+def shortened(sentence: str) -> str:
+    """A sentence whose runs of more than 300 characters without a space (a pasted value, a path thousands
+    of characters deep) keep their first 200 and last 60 characters, joined by "...": what an HTTP answer
+    carries whatever the engine quoted."""
+    return LONG_WORD.sub(lambda match: match.group()[:200] + "..." + match.group()[-60:], sentence)
+
 
 class FarslipError(Exception):
     """A problem the user can fix (bad input, missing weights, ...). Never a bug."""

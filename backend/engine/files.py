@@ -224,7 +224,7 @@ def check_regular_file(path: str | os.PathLike, what: str) -> Path:
     path = Path(path)
     mode = _mode(path, what)
     if not stat.S_ISREG(mode):
-        raise InputError(f"The {what} {path} is {kind_of(mode)}, not a file; give a {what} file.")
+        raise InputError(f"The {what} {path} is {kind_of(mode)}, not a file; give the path of a file.")
     return path
 
 
@@ -249,7 +249,8 @@ def check_vector_source(path: str | os.PathLike, what: str) -> Path:
     path = Path(path)
     mode = _mode(path, f"{what} file")
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-        raise InputError(f"The {what} file {path} is {kind_of(mode)}, not a file; give a {what} file.")
+        raise InputError(f"The {what} file {path} is {kind_of(mode)}, not a file; give the path of a vector file "
+                         "(or of a folder GDAL reads as one, such as a FileGDB).")
     return path
 
 

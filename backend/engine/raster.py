@@ -25,7 +25,7 @@ from rasterio.transform import Affine
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
-from .errors import EmptyResultError, InputError, OutsideBboxError
+from .errors import EmptyResultError, InputError, OutsideBboxError, shown
 from .ground import as_pyproj, crs_label, degrees_per_unit, ground_pixel_size, keeps_areas
 from .options import MAX_SCALE, MIN_SCALE, check_bbox, check_scale_or_gsd, check_value_range
 from .files import check_raster_name, is_gdal_virtual
@@ -567,7 +567,7 @@ def parse_crs(text: str | None, default: CRS, what: str = "bbox CRS") -> CRS:
         with rasterio.Env():
             return CRS.from_user_input(text)
     except CRSError as exc:
-        raise InputError(f"The {what} {text!r} is not a CRS I know; use e.g. EPSG:4326 or a WKT "
+        raise InputError(f"The {what} {shown(text)} is not a CRS I know; use e.g. EPSG:4326 or a WKT "
                          "string.") from exc
 
 

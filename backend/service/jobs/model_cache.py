@@ -4,11 +4,39 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from typing import Any
 
 from .cleanup import free_device_memory
 
 log = logging.getLogger("farslip.jobs")
+
+
+def _stat_identity(path: Path) -> tuple:
+    try:
+        info = path.stat()
+    except OSError:
+        return (str(path), None)
+    return (str(path), info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+def source_identity(model: str | None, weights: str | None) -> tuple:
+    """What the files a model is read from are now (path, inode, size, modification time of each): a checkpoint
+    copied over the one a job loaded, or a model folder trained again with overwrite, has another identity,
+    so the next job loads it instead of reusing the model read before. Nothing is read or downloaded."""
+    from backend.engine.models import locate_model
+    from backend.engine.weights import find_local_weights
+
+    try:
+        kind, where, explicit = locate_model(model, weights)
+    except Exception:  # the load itself raises the sentence
+        return ()
+    if kind == "finetuned":
+        return tuple(_stat_identity(child) for child in sorted(Path(where).iterdir()) if child.is_file())
+    if kind == "checkpoint":
+        return _stat_identity(Path(where))
+    local = Path(explicit).expanduser() if explicit else find_local_weights(where)
+    return _stat_identity(local) if local is not None else ()
 
 
 class ModelCache:
@@ -36,7 +64,7 @@ class ModelCache:
     def get(self, model: str | None, weights: str | None, half: bool = False) -> Any:
         from backend.engine.models import load_model
 
-        key = (model, weights, half)
+        key = (model, weights, half, source_identity(model, weights))
         with self._lock:
             if self._key == key and self._loaded is not None:
                 return self._loaded

@@ -135,9 +135,11 @@ class JobStore:
             except Exception:  # a name it cannot remove must not keep the backend from starting
                 log.exception("job %s: could not remove the temporary files it recorded", job["id"])
                 removed = []
+            kept = _kept_training(job) if was_running and job["kind"] == "train" else None
             job.update(
                 state="interrupted", eta_s=None, finished=now_iso(),
-                message=("The backend stopped while this job was running; nothing was written. Run it again."
+                message=(f"The backend stopped while this job was running; {kept}" if kept else
+                         "The backend stopped while this job was running; nothing was written. Run it again."
                          if was_running else "The backend stopped before this job started. Run it again."),
             )
             self.update(job)
@@ -146,6 +148,23 @@ class JobStore:
                         f"; removed {', '.join(removed)}" if removed else "")
             interrupted.append(job)
         return interrupted
+
+
+def _kept_training(job: dict) -> str | None:
+    """A train job the previous backend was running: the sentence on the checkpoint it kept for resume, or
+    None (then its working folder, with nothing to resume, is removed)."""
+    out = (job.get("request") or {}).get("out")
+    if not out:
+        return None
+    try:
+        from training.model_folder import interrupted_training
+    except ImportError:  # a backend installed without the training package
+        return None
+    try:
+        return interrupted_training(Path(out))
+    except OSError:
+        log.exception("job %s: could not look at the working folder of %s", job["id"], out)
+        return None
 
 
 def _dump(value: Any) -> str | None:

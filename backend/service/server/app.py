@@ -16,11 +16,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
 from backend import __version__
-from backend.engine.errors import FarslipError
+from backend.engine.errors import FarslipError, shortened
 from backend.service.jobs import JobManager, JobStore, default_runners
 
 from .routes import v1_router
-from .security import MAX_BODY_BYTES, GuardMiddleware, quoted
+from .security import MAX_BODY_BYTES, GuardMiddleware, backend_files, quoted
 
 log = logging.getLogger("farslip.server")
 
@@ -92,7 +92,7 @@ def no_such_endpoint(path: str) -> str:
 def _answer_errors_in_one_sentence(app: FastAPI) -> None:
     @app.exception_handler(FarslipError)
     async def farslip_error(_request: Request, error: FarslipError):
-        return JSONResponse({"detail": str(error)}, status_code=error.http_status)
+        return JSONResponse({"detail": shortened(str(error))}, status_code=error.http_status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError):
@@ -109,6 +109,9 @@ def _answer_errors_in_one_sentence(app: FastAPI) -> None:
                 status, detail = 404, no_such_endpoint(request.url.path)
             else:
                 headers["allow"] = ", ".join(methods)
+                named = [method for method in methods if method not in ("OPTIONS", "HEAD")]
+                detail = (f"{quoted(request.url.path)} does not take {request.method}; it takes "
+                          f"{' or '.join(named)}.")
         elif status == 404 and detail == "Not Found":
             detail = no_such_endpoint(request.url.path)
         elif status == 400 and error.__cause__ is not None:  # FastAPI's "error parsing the body"
@@ -132,7 +135,8 @@ def _answer_errors_in_one_sentence(app: FastAPI) -> None:
 def create_app(token: str, state_dir: Path, device: str | None = None,
                on_shutdown: Callable[[], None] | None = None, max_body_bytes: int = MAX_BODY_BYTES,
                runners: dict | None = None, feature_cache_mb: int = FEATURE_CACHE_MB,
-               feature_cache_disk_mb: int = 0, host: str = "127.0.0.1") -> FastAPI:
+               feature_cache_disk_mb: int = 0, host: str = "127.0.0.1",
+               connection_file: Path | None = None) -> FastAPI:
     """The FastAPI app; the job store opens and the worker starts when the app starts.
 
     Segment jobs share a feature cache of at most feature_cache_mb MiB in memory and, when
@@ -176,6 +180,7 @@ def create_app(token: str, state_dir: Path, device: str | None = None,
                   description="Open-vocabulary segmentation of GeoTIFFs. Every /v1 endpoint needs "
                               "`Authorization: Bearer <token>` (the token is in the connection file).")
     app.state.device = device
+    app.state.backend_files = backend_files(state_dir, connection_file)
     app.add_middleware(GuardMiddleware, token=token, max_body_bytes=max_body_bytes, host=host)
     _answer_errors_in_one_sentence(app)
     app.include_router(v1_router())

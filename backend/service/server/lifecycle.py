@@ -246,7 +246,7 @@ def serve(host: str = "127.0.0.1", port: int = 0, token: str | None = None,
         remove_connection_file(connection_file, pid)
 
     app = create_app(token, state_dir, device=device, on_shutdown=cleanup, feature_cache_mb=feature_cache_mb,
-                     feature_cache_disk_mb=feature_cache_disk_mb, host=host)
+                     feature_cache_disk_mb=feature_cache_disk_mb, host=host, connection_file=connection_file)
     config = uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=5,
                             lifespan="on", log_level=log_level.lower())
     server = uvicorn.Server(config)

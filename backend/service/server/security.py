@@ -10,6 +10,7 @@ import contextlib
 import hmac
 import ipaddress
 import json
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 from fastapi import HTTPException
 
 from backend.engine.checks import quick_network_reads
-from backend.engine.errors import InputError
+from backend.engine.errors import InputError, shown
 from backend.engine.files import expand_user, is_gdal_name, is_gdal_virtual, raster_file
 
 MAX_BODY_BYTES = 1024 * 1024
@@ -25,9 +26,9 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def quoted(text: str, limit: int = 200) -> str:
-    """A text from the request (a path, a job id) as a sentence quotes it: its first `limit` characters, so
-    an answer never echoes a hostile request back whole."""
-    return repr(text[:limit]) + ("..." if len(text) > limit else "")
+    """A text from the request (a path, a job id) as a sentence quotes it (errors.shown): an answer never
+    echoes a hostile request back whole."""
+    return shown(text, limit)
 
 
 # --------------------------------------------------------------------------- request paths
@@ -87,6 +88,29 @@ def output_path(text: str, what: str, example: str = "/data/result.gpkg") -> Pat
     if not path.name:
         raise InputError(f"The {what} path {text!r} has no name to write to; give a path such as {example}.")
     return path
+
+
+def backend_files(state_dir: Path, connection_file: Path | None = None) -> dict[str, Path]:
+    """The backend's own files, which no job may write over or inside: {what they are: path}."""
+    named = {"job history": state_dir / "jobs.sqlite", "job history's journal": state_dir / "jobs.sqlite-wal",
+             "job history's shared memory": state_dir / "jobs.sqlite-shm", "log folder": state_dir / "logs",
+             "feature cache": state_dir / "features", "lock file": state_dir / "backend.lock"}
+    if connection_file is not None:
+        named["connection file"] = connection_file
+    return named
+
+
+def refuse_backend_files(outputs: list[str], protected: dict[str, Path]) -> None:
+    """No output of a job may be one of the backend's own files, lie inside its folders, or be a folder
+    that holds them (a model folder written with overwrite replaces the folder): the job history, the
+    log or the connection file the plugin reads would be lost."""
+    for output in outputs:
+        out = os.path.realpath(output)
+        for what, path in protected.items():
+            own = os.path.realpath(path)
+            if out == own or out.startswith(own + os.sep) or own.startswith(out.rstrip(os.sep) + os.sep):
+                raise InputError(f"The output {quoted(str(output))} would write over the backend's {what} ({own}); "
+                                 "choose an output outside the backend's state folder.")
 
 
 def looks_like_path(text: str) -> bool:

@@ -9,7 +9,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from backend.service.jobs import JobManager, is_job_id
 from backend.service.schemas import Job, JobCreated, JobList
 
-from ..security import quoted
+from ..security import quoted, refuse_backend_files
 
 router = APIRouter()
 
@@ -19,7 +19,8 @@ def manager_of(request: Request) -> JobManager:
 
 
 def queue_job(request: Request, kind: str, body: BaseModel, outputs: list[str]) -> JobCreated:
-    """Queue a checked request as a job of `kind` that will write `outputs`."""
+    """Queue a checked request as a job of `kind` that will write `outputs` (none of the backend's own files)."""
+    refuse_backend_files(outputs, request.app.state.backend_files)
     job = manager_of(request).submit(kind, body.model_dump(), outputs)
     return JobCreated(job_id=job["id"], state=job["state"])
 
