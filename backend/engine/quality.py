@@ -5,7 +5,8 @@ Signals of a polygon, all in [0, 1] or close to it, computed during `segment`:
 - `margin`: mean difference between the top two class probabilities;
 - `entropy`: mean entropy of the class probabilities, divided by log(number of classes);
 - `sharpness`: mean gradient magnitude of the top-1 probability on the polygon's outline pixels
-  (a confident object has a steep edge; a blob cut out of a flat, uncertain field has none);
+  (a confident object has a steep edge; a blob cut out of a flat, uncertain field has none; a border with
+  nodata or the raster's edge is no edge: the gradient there is one-sided);
 - `region_agr` (region agreement): the polygon's bounding box with context, read from the raster and
   run through the image tower's global (CLS) path, scored against all class lines like `classify`;
   the probability of the polygon's own class. FarSLIP is trained for exactly this region-category

@@ -176,9 +176,9 @@ def _region_sums(runs: _Runs, values: np.ndarray | None) -> tuple[np.ndarray, np
 
 
 class _ScoresAround:
-    """A strip's scores with NaN and infinities read as 0, at strip positions that may lie one row above
-    or below it (the neighbouring strips' rows, where known) or one column to its left (the previous
-    column chunk's last column, with NaN as 0 already; 0 at its corners).
+    """A strip's scores at strip positions that may lie one row above or below it (the neighbouring strips'
+    rows, where known) or one column to its left (the previous column chunk's last column; NaN at its
+    corners). NaN marks no score (nodata): a gradient does not reach across it (see `gradient`).
 
     Looked up at the outline pixels' neighbours only: stacking the rows and column around the whole
     strip and replacing its NaN copied every pixel three times over, for gradients at a few of them.
@@ -196,7 +196,7 @@ class _ScoresAround:
 
     def __call__(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         height = self.scores.shape[0]
-        out = np.zeros(len(rows), np.float32)
+        out = np.full(len(rows), np.nan, np.float32)
         inside = (rows >= 0) & (rows < height) & (cols >= 0)
         out[inside] = self.scores[rows[inside], cols[inside]]
         for line, picked, along in ((self.above, (rows < 0) & (cols >= 0), cols),
@@ -204,19 +204,36 @@ class _ScoresAround:
                                     (self.left, (cols < 0) & (rows >= 0) & (rows < height), rows)):
             if line is not None:
                 out[picked] = line[along[picked]]
-        out[~np.isfinite(out)] = 0.0
+        out[np.isinf(out)] = np.nan
         return out
 
     def gradient(self, rows: np.ndarray, cols: np.ndarray, axis: int) -> np.ndarray:
-        """np.gradient along `axis` (0: rows) over all the values there are, only at (rows, cols):
-        central inside, one-sided at the ends."""
+        """np.gradient along `axis` (0: rows) over all the values there are, only at (rows, cols): central
+        inside, one-sided at the raster's ends and beside a pixel without a score (nodata: its border is
+        not an edge of the image), 0 where neither neighbour has one."""
         lo, hi = self.rows if axis == 0 else self.cols
         if hi - lo < 1:
             return np.zeros(len(rows), np.float32)
+        at = (rows, cols)[axis]
         before, after = [rows, cols], [rows, cols]
-        before[axis] = np.maximum((rows, cols)[axis] - 1, lo)
-        after[axis] = np.minimum((rows, cols)[axis] + 1, hi)
-        return (self(*after) - self(*before)) / (after[axis] - before[axis]).astype(np.float32)
+        before[axis] = np.maximum(at - 1, lo)
+        after[axis] = np.minimum(at + 1, hi)
+        return one_sided_where_missing(self(*before), self(rows, cols), self(*after),
+                                       at - before[axis], after[axis] - at)
+
+
+def one_sided_where_missing(before: np.ndarray, centre: np.ndarray, after: np.ndarray, back, ahead) -> np.ndarray:
+    """The difference quotient across a pixel from the neighbours `back` and `ahead` pixels away (0 or 1) that
+    have a value (finite), else from the pixel itself: central, one-sided, or 0 with neither."""
+    has_before, has_after = np.isfinite(before), np.isfinite(after)
+    back = np.where(has_before, back, 0)
+    ahead = np.where(has_after, ahead, 0)
+    span = (back + ahead).astype(np.float32)
+    low = np.where(has_before, before, centre)
+    high = np.where(has_after, after, centre)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        quotient = (high - low) / span
+    return np.where((span > 0) & np.isfinite(quotient), quotient, 0.0).astype(np.float32)
 
 
 def _outline_sums(region_ids: np.ndarray, classes: np.ndarray, scores: np.ndarray | None, above, below, left,
@@ -224,8 +241,8 @@ def _outline_sums(region_ids: np.ndarray, classes: np.ndarray, scores: np.ndarra
     """Per region: the sum of the score's gradient magnitude over its outline pixels, and their number.
 
     `above` / `below`: (classes, scores) of the row just outside the strip, None at the raster's edge;
-    `left`: (classes, scores with NaN as 0) of the column just left of it, None at the raster's edge.
-    The gradient is np.gradient's of the score with NaN read as 0, on the whole raster. With
+    `left`: (classes, scores) of the column just left of it, None at the raster's edge.
+    The gradient is np.gradient's of the score on the whole raster, one-sided beside nodata (NaN). With
     `defer_right` (a column chunk that is not the last) the last column's pixels are left out and
     returned instead, with what they need of their right neighbours (_edge_outline).
     """
@@ -259,7 +276,7 @@ def _outline_sums(region_ids: np.ndarray, classes: np.ndarray, scores: np.ndarra
         at_rows, last = np.arange(height), np.full(height, width - 1)
         has_left = width - 2 >= around.cols[0]
         pending = {"score": around(at_rows, last),
-                   "left": around(at_rows, last - 1) if has_left else np.zeros(height, np.float32),
+                   "left": around(at_rows, last - 1) if has_left else np.full(height, np.nan, np.float32),
                    "has_left": np.full(height, has_left),
                    "gy": around.gradient(at_rows, last, 0),
                    "other": other_last}
@@ -272,8 +289,9 @@ def _edge_outline(edge: dict, rows: slice, right_classes: np.ndarray, right_scor
     (their right neighbours) is known: (region index, gradient magnitude) of each."""
     ids = edge["ids"][rows]
     outline = (ids >= 0) & (edge["other"][rows] | (edge["classes"][rows] != right_classes))
-    right = np.where(np.isfinite(right_scores), right_scores, 0.0).astype(np.float32)
-    gx = np.where(edge["has_left"][rows], (right - edge["left"][rows]) / np.float32(2), right - edge["score"][rows])
+    right = np.asarray(right_scores, np.float32)
+    gx = one_sided_where_missing(edge["left"][rows], edge["score"][rows], right,
+                                 edge["has_left"][rows].astype(np.int64), np.ones(len(right), np.int64))
     return ids[outline], np.hypot(gx, edge["gy"][rows])[outline]
 
 

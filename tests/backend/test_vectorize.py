@@ -420,11 +420,28 @@ def test_strip_arrays_are_used_again_once_no_strip_refers_to_them(rasters, monke
     assert sorted(map(key, handed)) == sorted(map(key, whole))
 
 
+def gradient_beside_nodata(scores: np.ndarray, axis: int) -> np.ndarray:
+    """np.gradient of the whole raster along `axis`, with a pixel without a score (NaN) treated like the space
+    beyond the raster's edge: one-sided beside it, 0 between two of them."""
+    values = np.moveaxis(scores.astype(np.float64), axis, 0)
+    gradient = np.zeros_like(values)
+    for i in range(len(values)):
+        before = values[i - 1] if i > 0 else np.full(values.shape[1:], np.nan)
+        after = values[i + 1] if i + 1 < len(values) else np.full(values.shape[1:], np.nan)
+        for j in range(values.shape[1]):
+            ends = [(k, v) for k, v in ((i - 1, before[j]), (i + 1, after[j])) if np.isfinite(v)]
+            if len(ends) == 2:
+                gradient[i, j] = (ends[1][1] - ends[0][1]) / 2
+            elif ends and np.isfinite(values[i, j]):
+                k, v = ends[0]
+                gradient[i, j] = (v - values[i, j]) * (k - i)
+    return np.moveaxis(gradient, 0, axis)
+
+
 def whole_raster_signals(classes: np.ndarray, scores: np.ndarray, signals: np.ndarray, skip=(255,)):
     """The quality signals of every region by their definition, on the whole raster at once:
     {(class, pixel count, first pixel): (mean margin, mean entropy, mean outline score gradient)}."""
-    gy, gx = np.gradient(np.where(np.isfinite(scores), scores, 0.0))
-    magnitude = np.hypot(gx, gy)
+    magnitude = np.hypot(gradient_beside_nodata(scores, 1), gradient_beside_nodata(scores, 0))
     padded = np.pad(classes.astype(int), 1, constant_values=-1)
     centre = padded[1:-1, 1:-1]
     outline = ((padded[:-2, 1:-1] != centre) | (padded[2:, 1:-1] != centre)
@@ -511,7 +528,7 @@ def test_quality_signals_of_a_region_do_not_depend_on_the_strips(rasters, tmp_pa
     signals[:, 3, 4] = np.nan  # a pixel without signals counts in neither mean
     scores = scores.copy()
     assert (classes == 255).any()
-    scores[classes == 255] = np.nan  # nodata: read as 0 by the gradient of its neighbours
+    scores[classes == 255] = np.nan  # nodata: the gradient of its neighbours is one-sided there
     signals_path = tmp_path / "signals.tif"
     with rasterio.open(signals_path, "w", driver="GTiff", width=classes.shape[1], height=classes.shape[0], count=2,
                        dtype="float32", crs=UTM, transform=TRANSFORM) as ds:
@@ -636,3 +653,22 @@ def test_polygon_threads_follow_the_cores_the_process_may_use():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2])
     assert out.stdout.split() == ["1", "0", "1"]
+
+
+def test_a_border_with_nodata_is_no_edge_of_the_image(tmp_path):
+    """A region cut out of a flat score by nodata has the outline sharpness of the same region at the raster's
+    edge (none): nodata is not an object's edge, so the quality estimate does not rise beside it."""
+    classes = np.zeros((12, 16), np.uint8)
+    classes[:, 10:] = 255  # a nodata strip on the right
+    scores = np.where(classes == 255, np.nan, 0.8).astype(np.float32)
+    cut = vectorize_class_raster(write_raster(tmp_path / "cut.tif", classes, nodata=255),
+                                 write_raster(tmp_path / "cut_scores.tif", scores))
+    whole = vectorize_class_raster(write_raster(tmp_path / "whole.tif", classes[:, :10].copy(), nodata=255),
+                                   write_raster(tmp_path / "whole_scores.tif", scores[:, :10].copy()))
+    assert len(cut) == len(whole) == 1
+    assert cut[0].sharpness == whole[0].sharpness == 0.0
+    # A real step in the score beside the nodata still counts, one-sided.
+    scores[:, 9] = 0.2
+    [stepped] = vectorize_class_raster(write_raster(tmp_path / "cut.tif", classes, nodata=255),
+                                       write_raster(tmp_path / "stepped.tif", scores))
+    assert stepped.sharpness > 0.1
