@@ -318,9 +318,14 @@ class SegmentOptions:
         return cls(**converted)
 
     def processing(self) -> dict[str, Any]:
-        """The options that shape the result, as the run report records them (paths as text)."""
+        """The options that shape the result, as the run report records them (paths absolute, as the report's
+        outputs: a report read elsewhere still says which file was used)."""
         names = [item.name for item in option_fields() if spec_of(item).in_report]
-        return {name: getattr(self, name) for name in names[names.index("bbox"):]}
+        def recorded(name: str, value: Any) -> Any:
+            named_file = name == "sam_model" and isinstance(value, str) and os.path.exists(value)  # not a registry name
+            return Path(os.path.abspath(value)) if isinstance(value, Path) or named_file else value
+
+        return {name: recorded(name, getattr(self, name)) for name in names[names.index("bbox"):]}
 
 
 def _typed(kind: str, value: Any) -> Any:

@@ -345,6 +345,7 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
     check_inputs(options, read_raster=False)  # the raster is read next, with its own checks
     if options.quality_calibration:  # made for this model: told before the dense pass, not after it
         QualityModel.load(Path(options.quality_calibration), loaded.weights_id, class_lines_of(options))
+    refine_outlines.check(options.refine, options.sam_model)  # SAM's weights too: before the dense pass
     assert options.batch_size is not None, "with_model_defaults chose the batch size"
     raster = options.raster
     classes = parse_class_lines(class_lines_of(options))
@@ -650,7 +651,7 @@ def estimate_quality(regions, source: RasterSource, window: PixelWindow, segment
     model_dir = loaded.metadata.get("model_dir")
     calibration = calibration_path_for(Path(model_dir)) if model_dir else None
     if named_calibration:  # a file the user named: it must fit this model and this class list
-        calibration = Path(named_calibration)
+        calibration = Path(os.path.abspath(named_calibration))
         model = QualityModel.load(calibration, loaded.weights_id, class_lines)
         source_name = str(calibration)
     elif calibration is not None and calibration.is_file():

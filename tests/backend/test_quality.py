@@ -305,7 +305,7 @@ def test_a_calibration_that_ranks_the_tiles_worse_is_not_written_unless_forced(t
     assert refused.exit_code == 2 and "--force-calibration applies only with --calibrate-quality" in refused.output
 
 
-def test_evaluate_calibrates_the_estimate_and_segment_uses_it(tiny_model, tmp_path):
+def test_evaluate_calibrates_the_estimate_and_segment_uses_it(tiny_model, tmp_path, monkeypatch):
     from training_data import make_synthetic
 
     (tmp_path / "scene").mkdir()
@@ -328,12 +328,15 @@ def test_evaluate_calibrates_the_estimate_and_segment_uses_it(tiny_model, tmp_pa
                                   str(tiny_model), "--calibrate-quality", "--quiet"])
     assert nowhere.exit_code == 2 and "--quality-out" in nowhere.output
     # segment uses a named calibration when it fits the model and the class list, and refuses it otherwise.
+    # Named relative to the working folder, the report still says which file it was.
     out = tmp_path / "seg.gpkg"
+    monkeypatch.chdir(tmp_path)
     used = runner.invoke(app, ["segment", str(raster), "-c", "forest", "-c", "sand", "-c", "water", "--model",
-                               str(tiny_model), "--quality-calibration", str(calibration), "--out", str(out),
+                               str(tiny_model), "--quality-calibration", calibration.name, "--out", str(out),
                                "--quiet"])
     assert used.exit_code == 0, used.output
-    assert json.loads(out.with_suffix(".report.json").read_text())["quality"]["calibration"] == str(calibration)
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["quality"]["calibration"] == report["options"]["quality_calibration"] == str(calibration)
     other = runner.invoke(app, ["segment", str(raster), "-c", "forest", "--model", str(tiny_model),
                                 "--quality-calibration", str(calibration), "--out", str(tmp_path / "o.gpkg"),
                                 "--quiet"])
