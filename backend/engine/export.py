@@ -213,8 +213,9 @@ def check_gpkg_layer_free(path: Path, what: str) -> None:
         return
     kind = TABLE_KINDS.get(str(row[0]).lower(), f"'{row[0]}'") if row is not None else (
         "SQLite view" if named[0] == "view" else "SQLite table (not a GeoPackage layer)")
-    raise InputError(f"The {what} {path} already holds a {kind} table named '{named[1]}', the name the result's "
-                     f"layer takes from the file name; it is kept, not replaced: choose another output name.")
+    article = "an" if kind[:1].lower() in "aeiou" else "a"
+    raise InputError(f"The {what} {path} already holds {article} {kind} table named '{named[1]}', the name the "
+                     "result's layer takes from the file name; it is kept, not replaced: choose another output name.")
 
 
 def layer_name(name: str, driver: str) -> str:

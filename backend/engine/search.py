@@ -64,7 +64,8 @@ HIT_FIELDS = ("rank", "score", "scale_m", "query", "model", "run_id")
 
 _JOINERS = ("surrounded by", "next to", "and", "with", "near", "besides", "beside", "by", "along", "around",
             "between", "in", "on", "at", "of")
-_SPLIT = re.compile(r"[,;.]|\b(?:" + "|".join(j.replace(" ", r"\s+") for j in _JOINERS) + r")\b")
+# A joining word stands alone: never part of a hyphenated word ("built-in", "on-ramp", "stand-by").
+_SPLIT = re.compile(r"[,;.]|(?<![\w-])(?:" + "|".join(j.replace(" ", r"\s+") for j in _JOINERS) + r")(?![\w-])")
 _QUANTITY = re.compile(r"\b(?:a\s+lot|lots|a\s+number|a\s+couple|a\s+group|a\s+row|rows)\s+of\b")
 _FILLER = {"a", "an", "the", "some", "many", "several", "few", "there", "is", "are", "was",
            "were", "be", "been", "being", "located", "lies", "lie", "lying", "stands", "stand", "standing",

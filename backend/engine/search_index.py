@@ -563,9 +563,22 @@ def describe(index: SearchIndex, stats: BuildStats | None = None) -> dict:
     return info
 
 
+EDGE_TOLERANCE = 1e-6  # pixels: a point given as the raster's bounds, after the inverse affine's rounding
+
+
+def _onto_raster(position: float, size: int) -> float:
+    """A pixel position on the closed span [0, size] (within EDGE_TOLERANCE) moved inside the last pixel's
+    half-open span; one beyond it as it is."""
+    if -EDGE_TOLERANCE <= position <= size + EDGE_TOLERANCE:
+        return min(max(position, 0.0), math.nextafter(float(size), 0.0))
+    return position
+
+
 def point_window(index: SearchIndex, level: Level, x: float, y: float) -> tuple[int, int] | None:
-    """The grid (row, col) of `level` whose window contains (x, y) (raster CRS) with the nearest centre."""
+    """The grid (row, col) of `level` whose window contains (x, y) (raster CRS) with the nearest centre. A point on
+    the raster's outer edge (its right or bottom side too, as the raster's bounds give it) is on the raster."""
     col_f, row_f = ~level.source.transform @ (x, y)
+    col_f, row_f = _onto_raster(col_f, level.source.width), _onto_raster(row_f, level.source.height)
     height, width = level.window_shape
     best, best_distance = None, math.inf
     for i, rs in enumerate(level.row_starts):

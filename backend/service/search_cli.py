@@ -58,7 +58,7 @@ def index_command(
                 check_bbox(index, bbox, bbox_crs)
                 if index.rebuilt_reason and not quiet:
                     typer.echo(index.rebuilt_reason, err=True)
-                with ProgressReporter(quiet, f"indexing {raster_label(raster)}") as reporter:
+                with ProgressReporter(quiet, f"indexing {raster_label(raster)}", unit="windows") as reporter:
                     stats = index.ensure(bbox, bbox_crs, progress=reporter)
                 info = describe(index, stats)
     except FarslipError as error:
@@ -105,7 +105,7 @@ def search_command(
             check_hits_output(out, overwrite, _inputs(raster, model, weights), [q.text for q in queries])
             loaded = _load(model, weights, device)
             with open_index(raster, loaded, parse_bands(bands)) as index:
-                with ProgressReporter(quiet, f"indexing {raster_label(raster)}") as reporter:
+                with ProgressReporter(quiet, f"indexing {raster_label(raster)}", unit="windows") as reporter:
                     result = search_raster(index, options, out, overwrite, progress=reporter)
     except FarslipError as error:
         fail(error)

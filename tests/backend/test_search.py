@@ -84,6 +84,9 @@ def test_keyword_rule_splits_joined_phrases_and_drops_filler():
         "buildings", "green trees", "playground"]
     assert split_keywords("lots of cars in a parking lot") == ["cars", "parking lot"]
     assert make_queries(["x y"], ["baseball field; parking lot"])[0].keywords == ["baseball field", "parking lot"]
+    # A joining word inside a hyphenated word is part of it, not a split.
+    assert split_keywords("a house with a built-in pool") == ["house", "built-in pool"]
+    assert split_keywords("a stand-by generator near an on-ramp") == ["stand-by generator", "on-ramp"]
 
 
 def test_empty_sentence_and_mismatched_keywords_are_refused():
@@ -229,6 +232,14 @@ def test_query_by_example_point_in_another_crs_and_outside_the_raster(loaded, pl
             search_raster(index, SearchOptions(like=(0.0, 0.0), top=3), tmp_path / "none.gpkg")
         assert str(refused.value).startswith("The point 0.00, 0.00 is outside")
         assert "e+0" not in str(refused.value)  # fixed-point coordinates (5.2e+06 before)
+        # The raster's bounds are on it, its right and bottom sides as much as its left and top.
+        left, bottom, right, top = index.dataset.bounds
+        for corner in ((left, top), (right, top), (right, bottom), (left, bottom)):
+            result = search_raster(index, SearchOptions(like=corner, top=1), tmp_path / "corner.gpkg",
+                                   overwrite=True)
+            assert len(result.hits.query) == 1, corner
+        with pytest.raises(InputError, match="outside the raster"):
+            search_raster(index, SearchOptions(like=(right + 0.5, bottom), top=1), tmp_path / "none.gpkg")
     assert not (tmp_path / "none.gpkg").exists()
 
 
