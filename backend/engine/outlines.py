@@ -39,6 +39,15 @@ class RefinedRasters:
     warnings: list = field(default_factory=list)
 
 
+def check(refine: str, sam_model: str | None) -> None:
+    """Refuse now, before the engine computes a tile, what would fail once it has: for `sam`, weights that are
+    missing (downloaded if need be) or that do not fit their configuration (read from the file's header)."""
+    if refine == "sam":
+        from .sam_models import ensure_sam_weights
+
+        ensure_sam_weights(sam_model)
+
+
 def engine_window(refine: str, source, window: PixelWindow) -> PixelWindow:
     """The window the engine must compute for `refine` to be exact on `window`."""
     if refine == "edges":

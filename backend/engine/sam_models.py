@@ -7,8 +7,10 @@ text towers use. The registry (resources/sam_models.json) is data, like the CLIP
 are found the same way: the weights directory, the hub cache, a hub download; when none works,
 the same offline message as a missing CLIP model, naming the file.
 
-A SAM model is given as a registry name, a `.safetensors` file of the ViT-B layout, or a folder
-written by `SamModel.save_pretrained` (config.json + model.safetensors, any size).
+A SAM model is given as a registry name, a `.safetensors` file (read with the config.json beside it,
+else as ViT-B), or a folder written by `SamModel.save_pretrained` (config.json + model.safetensors, any
+size). Weights that do not fit their configuration (shapes, image size, tensors of another architecture)
+are refused in one sentence by `ensure_sam_weights`, which reads only the file's header, before any run.
 """
 
 from __future__ import annotations
@@ -54,42 +56,111 @@ def _sam_classes():
     return SamConfig, SamModel
 
 
-def _from_state_dict(path: Path, config) -> Any:
-    from safetensors.torch import load_file
-
-    _, SamModel = _sam_classes()
+def _sam_config(config_file: Path):
+    SamConfig, _ = _sam_classes()
     try:
-        state = load_file(str(path), device="cpu")
-    except Exception as exc:
-        raise ModelError(f"{path} is not a readable safetensors file ({exc}).") from exc
-    model = SamModel(config)
-    tied = dict(getattr(SamModel, "_tied_weights_keys", None) or {})
-    for copy, source in tied.items():  # checkpoints store a tied tensor once
-        if copy not in state and source in state:
-            state[copy] = state[source]
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys:
-        raise ModelError(f"{path} is not a SAM ViT-B checkpoint in the transformers layout: it lacks "
-                         f"{', '.join(result.missing_keys[:3])}{' ...' if len(result.missing_keys) > 3 else ''}. "
-                         "Give the folder holding its config.json and model.safetensors instead.")
-    return model
+        return SamConfig(**json.loads(config_file.read_text(encoding="utf-8")))
+    except (ValueError, TypeError) as exc:
+        raise ModelError(f"{config_file} is not a SAM configuration ({exc}).") from exc
 
 
-def _load_path(path: Path) -> Any:
+def _beside(path: Path) -> Path | None:
+    """The config.json in the folder of a lone .safetensors file, unless it describes another kind of model."""
+    config_file = path.parent / "config.json"
+    if not config_file.exists():
+        return None
+    check_regular_file(config_file, "SAM configuration")
+    try:
+        kind = json.loads(config_file.read_text(encoding="utf-8")).get("model_type", "sam")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return config_file  # read as a SAM configuration, which says what is wrong with it
+    return config_file if kind == "sam" else None
+
+
+def _sam_parts(path: Path) -> tuple[Path, Any, Path | None]:
+    """The weights file of a SAM model path, its configuration, and the config.json that gave it: a folder's,
+    the one beside a lone .safetensors file, or None for a lone file read with transformers' default (ViT-B)."""
     SamConfig, _ = _sam_classes()
     if path.is_dir():
         config_file, weights = path / "config.json", path / "model.safetensors"
         if not (config_file.is_file() and weights.is_file()):
             raise ModelError(f"{path} is a folder but not a SAM model: it needs config.json and model.safetensors.")
-        try:
-            config = SamConfig(**json.loads(config_file.read_text(encoding="utf-8")))
-        except (ValueError, TypeError) as exc:
-            raise ModelError(f"{config_file} is not a SAM configuration ({exc}).") from exc
-        return _from_state_dict(weights, config)
+        return weights, _sam_config(config_file), config_file
     if path.suffix.lower() != ".safetensors":
         raise ModelError(f"{path} is not a SAM model: give a .safetensors file, a folder with config.json and "
                          "model.safetensors, or a registry name (see `farslip models`).")
-    return _from_state_dict(path, SamConfig())  # transformers' default SamConfig is ViT-B
+    beside = _beside(path)
+    return path, _sam_config(beside) if beside else SamConfig(), beside
+
+
+def _check_fit(weights: Path, shapes: dict[str, tuple[int, ...]], config, config_file: Path | None) -> None:
+    """ModelError unless the tensors of `weights` (name -> shape) are exactly those a SamModel of `config` has:
+    none missing, none it has no place for, each of its shape. Checked on a model without memory (meta device)."""
+    _, SamModel = _sam_classes()
+    try:
+        with torch.device("meta"):
+            expected = {name: tuple(t.shape) for name, t in SamModel(config).state_dict().items()}
+    except Exception as exc:  # a configuration transformers cannot build a model of
+        raise ModelError(f"{config_file or 'The default SAM configuration'} is not a usable SAM configuration "
+                         f"({exc}).") from exc
+    shapes = dict(shapes)
+    for copy, source in dict(getattr(SamModel, "_tied_weights_keys", None) or {}).items():
+        if copy not in shapes and source in shapes:  # checkpoints store a tied tensor once
+            shapes[copy] = shapes[source]
+    wrong = [f"its {name} has shape {list(shapes[name])} where the configuration needs {list(size)}"
+             for name, size in expected.items() if name in shapes and tuple(shapes[name]) != size]
+    missing = [f"it lacks {name}" for name in expected if name not in shapes]
+    extra = [f"it holds {name}, which the configuration has no place for" for name in shapes if name not in expected]
+    misfits = wrong + missing + extra
+    if not misfits:
+        return
+    more = f" (and {len(misfits) - 1} more tensors that do not fit)" if len(misfits) > 1 else ""
+    if config_file is None:
+        raise ModelError(f"The weights in {weights} do not fit the SAM configuration a lone .safetensors file is "
+                         f"read with (ViT-B, in the transformers layout): {misfits[0]}{more}; for another SAM "
+                         "(a ViT-L or ViT-H checkpoint, a smaller one) put its config.json beside the file, or give "
+                         "the folder holding its config.json and model.safetensors.")
+    raise ModelError(f"The weights in {weights} do not fit the SAM configuration in {config_file}: {misfits[0]}"
+                     f"{more}; give the config.json these weights were saved with (SamModel.save_pretrained "
+                     "writes both into one folder).")
+
+
+def _header_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a safetensors file, from its header alone (no tensor is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except Exception as exc:
+        raise ModelError(f"{weights} is not a readable safetensors file ({exc}).") from exc
+
+
+def check_sam_fit(path: Path) -> None:
+    """ModelError (one sentence) unless the SAM model at `path` (a file or a folder) loads: its configuration
+    reads and its weights fit it. Reads the configuration and the weights' header only, so it is cheap
+    enough to run before a long run."""
+    weights, config, config_file = _sam_parts(path)
+    _check_fit(weights, _header_shapes(weights), config, config_file)
+
+
+def _load_path(path: Path) -> Any:
+    from safetensors.torch import load_file
+
+    _, SamModel = _sam_classes()
+    weights, config, config_file = _sam_parts(path)
+    try:
+        state = load_file(str(weights), device="cpu")
+    except Exception as exc:
+        raise ModelError(f"{weights} is not a readable safetensors file ({exc}).") from exc
+    _check_fit(weights, {name: tuple(t.shape) for name, t in state.items()}, config, config_file)
+    model = SamModel(config)
+    tied = dict(getattr(SamModel, "_tied_weights_keys", None) or {})
+    for copy, source in tied.items():  # checkpoints store a tied tensor once
+        if copy not in state and source in state:
+            state[copy] = state[source]
+    model.load_state_dict(state, strict=True)
+    return model
 
 
 def check_sam_path(path: Path) -> Path:
@@ -106,6 +177,8 @@ def check_sam_path(path: Path) -> Path:
     if path.suffix.lower() != ".safetensors":
         raise ModelError(f"{path} is not a SAM model: give a .safetensors file, a folder with config.json and "
                          "model.safetensors, or a registry name (see `farslip models`).")
+    if (path.parent / "config.json").exists():  # read with the file
+        check_regular_file(path.parent / "config.json", "SAM configuration")
     return path
 
 
@@ -123,16 +196,19 @@ def sam_location(name: str | None) -> tuple[ModelSpec | None, Path | None]:
 
 
 def ensure_sam_weights(name: str | None = None) -> Path:
-    """The SAM weights of `name`, downloaded if need be, before any long run; ModelError when unavailable."""
+    """The SAM weights of `name`, downloaded if need be, before any long run; ModelError when unavailable or
+    when they do not fit their configuration (checked from the file's header: nothing is loaded)."""
     spec, path = sam_location(name)
     _sam_classes()
     if spec is None:
         assert path is not None, "sam_location gives a path when the name is not a registry model"
-        return path
-    try:
-        return resolve_weights(spec)
-    except ModelError as error:
-        raise ModelError(str(error).replace("--weights PATH", "--sam-model PATH")) from error
+    else:
+        try:
+            path = resolve_weights(spec)
+        except ModelError as error:
+            raise ModelError(str(error).replace("--weights PATH", "--sam-model PATH")) from error
+    check_sam_fit(path)
+    return path
 
 
 def load_sam(name: str | None = None, device: str | torch.device = "cpu") -> LoadedSam:
