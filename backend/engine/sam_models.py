@@ -16,6 +16,7 @@ are refused in one sentence by `ensure_sam_weights`, which reads only the file's
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,9 +94,15 @@ def _sam_parts(path: Path) -> tuple[Path, Any, Path | None]:
     return path, _sam_config(beside) if beside else SamConfig(), beside
 
 
+def _any_block(name: str) -> str:
+    """A tensor name with every block number made 0: vision_encoder.layers.7.mlp... -> ...layers.0.mlp..."""
+    return re.sub(r"\.\d+\.", ".0.", name)
+
+
 def _check_fit(weights: Path, shapes: dict[str, tuple[int, ...]], config, config_file: Path | None) -> None:
-    """ModelError unless the tensors of `weights` (name -> shape) are exactly those a SamModel of `config` has:
-    none missing, none it has no place for, each of its shape. Checked on a model without memory (meta device)."""
+    """ModelError unless the tensors of `weights` (name -> shape) fit a SamModel of `config`: none missing, each
+    of its shape, no block beyond its blocks (other tensors it has no place for are left out). Checked on a
+    model without memory (meta device)."""
     _, SamModel = _sam_classes()
     try:
         with torch.device("meta"):
@@ -110,8 +117,13 @@ def _check_fit(weights: Path, shapes: dict[str, tuple[int, ...]], config, config
     wrong = [f"its {name} has shape {list(shapes[name])} where the configuration needs {list(size)}"
              for name, size in expected.items() if name in shapes and tuple(shapes[name]) != size]
     missing = [f"it lacks {name}" for name in expected if name not in shapes]
-    extra = [f"it holds {name}, which the configuration has no place for" for name in shapes if name not in expected]
-    misfits = wrong + missing + extra
+    extra = [name for name in shapes if name not in expected]
+    # A block beyond the configuration's (layers.1. where it has layers.0. only) is another architecture;
+    # another stray tensor (a buffer an older transformers saved) is left out when loading, as before.
+    blocks = {_any_block(name) for name in expected}
+    beyond = [f"it holds {name}, which the configuration has no place for" for name in extra
+              if _any_block(name) in blocks]
+    misfits = wrong + missing + beyond
     if not misfits:
         return
     more = f" (and {len(misfits) - 1} more tensors that do not fit)" if len(misfits) > 1 else ""
@@ -159,7 +171,7 @@ def _load_path(path: Path) -> Any:
     for copy, source in tied.items():  # checkpoints store a tied tensor once
         if copy not in state and source in state:
             state[copy] = state[source]
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict({name: tensor for name, tensor in state.items() if name in model.state_dict()}, strict=True)
     return model
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from tinymodels import save_tiny_sam
 
 from backend.engine.errors import ModelError
@@ -175,3 +176,20 @@ def test_a_server_job_fails_with_the_same_sentence_before_any_tile(tmp_path, tin
         server.wait(60)
     assert job["state"] == "failed" and job["error"] == sentence, job
     assert job["tiles_done"] == 0 and list(out.iterdir()) == []
+
+
+def test_a_stray_tensor_beside_the_models_own_is_left_out_not_refused(tmp_path, tiny_sam, tiny_model, shared_data):
+    """A checkpoint holding a tensor the model has no place for (a buffer an older transformers saved) but
+    every tensor it needs, each of its shape, loads as before: the stray tensor is left out."""
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(tiny_sam, tmp_path / "stray"))
+    state = load_file(str(folder / "model.safetensors"))
+    state["prompt_encoder.old_buffer"] = torch.zeros(3)
+    save_file(state, str(folder / "model.safetensors"))
+    out = tmp_path / "o.gpkg"
+    run = farslip("segment", shared_data / "naip_2020_5m.tif", "-c", "a", "-c", "b", "--model", tiny_model,
+                  "--device", "cpu", "--bbox", *SMALL_BBOX, "--refine", "sam", "--sam-model", folder, "--out", out,
+                  "--quiet")
+    assert run.returncode == 0, run.stderr
+    assert json.loads(out.with_suffix(".report.json").read_text(encoding="utf-8"))["sam"]["window"] == 256
