@@ -12,6 +12,7 @@ from qgis.core import (
     QgsProcessing,
     QgsProcessingAlgorithm,
     QgsProcessingException,
+    QgsRectangle,
     QgsProcessingLayerPostProcessorInterface,
     QgsProcessingOutputFolder,
     QgsProcessingOutputNumber,
@@ -51,6 +52,18 @@ def icon() -> QIcon:
     root = resources_dir()
     return QIcon(os.path.join(root, "icons", "farslip.svg")) if root else QIcon()
 
+
+
+def extent_on_raster(algorithm, parameters: dict, name: str, context, layer) -> QgsRectangle | None:
+    """The extent parameter `name` in the raster layer's CRS, clipped to the raster (None when none was given):
+    an extent reaching beyond the raster, or beyond its CRS's range, still means the part on the raster.
+    QgsProcessingException where it does not overlap the raster."""
+    if not parameters.get(name):
+        return None
+    extent = algorithm.parameterAsExtent(parameters, name, context, layer.crs()).intersect(layer.extent())
+    if extent.isEmpty() or extent.width() <= 0 or extent.height() <= 0:
+        raise QgsProcessingException(tr("The extent does not overlap the raster {}.").format(layer.name()))
+    return extent
 
 class StyleResult(QgsProcessingLayerPostProcessorInterface):
     def __init__(self, classes: list[tuple[str, int]]):
@@ -243,11 +256,7 @@ class SegmentByClassNames(BackendAlgorithm):
                                     region_checks=self.parameterAsBool(parameters, self.REGION_CHECKS, context),
                                     bands=displayed_bands(layer))
 
-        extent = None
-        if parameters.get(self.EXTENT):
-            extent = self.parameterAsExtent(parameters, self.EXTENT, context, layer.crs()).intersect(layer.extent())
-            if extent.isEmpty():
-                raise QgsProcessingException(tr("The extent does not overlap the raster {}.").format(layer.name()))
+        extent = extent_on_raster(self, parameters, self.EXTENT, context, layer)
         # A GeoTIFF copy of a WMS/XYZ layer lives as long as the job (a GDAL layer's VRT is kept: `layer_vrt`).
         with tempfile.TemporaryDirectory(prefix="farslip-") as folder:
             path = local_raster_path(layer)
@@ -436,8 +445,8 @@ class SearchBySentences(BackendAlgorithm):
                    "top": self.parameterAsInt(parameters, self.TOP, context),
                    "model": (self.parameterAsString(parameters, self.MODEL, context).strip()
                              or PluginSettings.load().default_model or None)}
-        if parameters.get(self.EXTENT):
-            extent = self.parameterAsExtent(parameters, self.EXTENT, context, raster.crs())
+        extent = extent_on_raster(self, parameters, self.EXTENT, context, raster)
+        if extent is not None:  # clipped to the raster, in its CRS, as Segment sends it
             request["bbox"] = [extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum()]
             request["bbox_crs"] = crs_text(raster.crs())
         run_backend_job(self.manager_getter(), "search", request, feedback, [out])

@@ -131,11 +131,13 @@ class SearchTab(QObject):
         if self.form.searchExtentCombo.currentData() == EXTENT_CANVAS:
             extent, crs = self.canvas.extent(), self.canvas.mapSettings().destinationCrs()
             try:  # a view off the raster is refused as the Segment tab refuses it
-                overlapping_part(extent, crs, layer)
+                on_raster = overlapping_part(extent, crs, layer)
             except ExtentError as error:
                 raise UserError(str(error)) from None
-            request["bbox"] = [extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum()]
-            request["bbox_crs"] = crs_text(crs)
+            # The part on the raster, in its CRS, as the Segment tab sends it: a map zoomed out beyond the CRS's
+            # range (an EPSG:4326 canvas from -315 to 315) still means this raster.
+            request["bbox"] = [on_raster.xMinimum(), on_raster.yMinimum(), on_raster.xMaximum(), on_raster.yMaximum()]
+            request["bbox_crs"] = crs_text(layer.crs())
         if like is not None:
             x, y, crs = like
             request["like"] = [x, y]

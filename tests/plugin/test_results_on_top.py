@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from plugin_helpers import run_dock_job
-from qgis.core import QgsProject, QgsRasterLayer, QgsSingleBandPseudoColorRenderer, QgsVectorLayer
+from qgis.core import QgsProject, QgsRasterLayer, QgsRectangle, QgsSingleBandPseudoColorRenderer, QgsVectorLayer
 
 
 @pytest.fixture
@@ -115,8 +117,6 @@ def test_processing_takes_a_preset_and_the_default_model_from_the_settings(runni
 
 def test_processing_evaluates_a_model_on_labelled_polygons(running_plugin, qgis_processing, naip_layer,
                                                            tiny_model, tmp_path):
-    import json
-
     import processing
     from qgis.core import QgsFeature, QgsField, QgsGeometry, QgsRectangle
     from qgis.PyQt.QtCore import QVariant
@@ -163,6 +163,16 @@ def test_processing_searches_a_raster_by_sentences(running_plugin, qgis_processi
     places = QgsVectorLayer(str(out), "places", "ogr")
     assert places.isValid() and 0 < places.featureCount() <= 2 * 5  # at most TOP places per sentence
     assert "score" in places.fields().names()
+    # An extent reaching far beyond the raster (here 3x its size) means the part on it, as Segment takes it.
+    wide = naip_layer.extent()
+    wide.scale(3.0)
+    everywhere = tmp_path / "everywhere.gpkg"
+    processing.run("farslip:search_by_sentences", {
+        "INPUT": naip_layer, "SENTENCES": "a lake", "TOP": 3, "MODEL": str(tiny_model), "EXTENT": wide,
+        "OUTPUT": str(everywhere)})
+    report = json.loads(everywhere.with_suffix(".report.json").read_text())
+    assert report["bbox_crs"] == naip_layer.crs().authid()
+    assert QgsRectangle(*report["bbox"]) == naip_layer.extent(), report["bbox"]
 
 def test_removing_the_raster_mid_run_still_loads_the_result(dock, naip_layer):
     from qgis.core import QgsRasterLayer as Raster

@@ -334,6 +334,32 @@ def test_a_map_view_off_the_raster_is_refused_as_the_segment_tab_refuses_it(bare
         canvas.setExtent(view)
 
 
+def test_a_world_view_beyond_the_crs_range_searches_the_raster_as_segment_does(search_tab, naip_layer, qgis_iface):
+    """A map in EPSG:4326 zoomed out beyond its range (-315..315 degrees) with the raster in view: the search covers
+    the raster, sent as the part of the view on it in the raster's CRS (the view itself is no valid bbox)."""
+    canvas = qgis_iface.mapCanvas()
+    canvas.resize(800, 600)
+    crs, view = canvas.mapSettings().destinationCrs(), canvas.extent()
+    canvas.setDestinationCrs(QgsCoordinateReferenceSystem("EPSG:4326"))
+    canvas.setExtent(QgsRectangle(-315, -150, 315, 150))
+    combo = search_tab.form.searchExtentCombo
+    chosen = combo.currentIndex()
+    combo.setCurrentIndex(combo.findData("canvas"))
+    try:
+        assert canvas.extent().xMinimum() < -180
+        search_tab.form.sentencesEdit.setPlainText("a lake")
+        request, _prepare, _out = search_tab.build_request()
+        assert request["bbox_crs"] == naip_layer.crs().authid()
+        sent = QgsRectangle(*request["bbox"])
+        assert sent == naip_layer.extent(), (sent.toString(), naip_layer.extent().toString())
+        assert run_search(search_tab) == "done", search_tab.last_error
+        assert naip_layer.extent().buffered(1.0).contains(search_tab.hits_layer.extent())
+    finally:
+        combo.setCurrentIndex(chosen)
+        canvas.setDestinationCrs(crs)
+        canvas.setExtent(view)
+
+
 def test_hits_still_zoom_after_the_hits_layer_is_removed_and_a_removed_raster_is_named(search_tab, naip_layer,
                                                                                        qgis_iface):
     """A user removes the hits layer, then clicks a hit: the map zooms to it (the hits' CRS was kept); with the
