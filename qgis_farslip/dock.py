@@ -190,7 +190,8 @@ class FarslipDock(QgsDockWidget):
             self.form.classesEdit.setPlainText("\n".join(trained))
         elif typed != parse_class_text("\n".join(trained)):
             self.show_status(self.tr("This model was trained on the classes {}; the classes typed here differ, "
-                                     "so their results are less reliable.").format(", ".join(trained)),
+                                     "so their results are less reliable.").format(
+                                         "; ".join(f"'{line}'" for line in trained)),
                              error=True)
 
     # -- remembered choices ---------------------------------------------------------------------

@@ -146,6 +146,9 @@ def check_scale_options(options) -> None:
         raise InputError(f"The quality calibration file {calibration} does not exist.")
     if calibration is not None:  # its values and class list now, as `segment` checks them; the model once loaded
         QualityModel.load(Path(calibration), None, lines or None)
+    from backend.engine import outlines
+
+    outlines.check(options.refine, options.sam_model)  # SAM weights that do not fit: before any chunk runs
 
 
 def import_ray():

@@ -128,3 +128,31 @@ def test_a_calibration_the_run_cannot_use_is_refused_before_any_chunk_runs(chang
     assert words in " ".join(result.output.split()) and "Traceback" not in result.output
     assert "chunks" not in result.output  # the progress of chunks never began
     assert list(out.iterdir()) == []
+
+
+def test_sam_weights_that_do_not_fit_are_refused_before_ray_starts(shared_data, tiny_model, tmp_path):
+    """As in a single run: the sentence (exit 3) before Ray starts or a chunk runs, not after the dense pass."""
+    from tinymodels import save_tiny_sam
+
+    sam = save_tiny_sam(tmp_path / "sam")
+    (tmp_path / "lone").mkdir()
+    lone = tmp_path / "lone" / "lone.safetensors"
+    lone.write_bytes((sam / "model.safetensors").read_bytes())  # read as ViT-B, which it is not
+    out = tmp_path / "out" / "out.gpkg"
+    out.parent.mkdir()
+    result = CliRunner().invoke(app, ["segment", str(shared_data / "naip_2020_5m.tif"),
+                                      str(shared_data / "naip_2020_5m.tif"), "-c", "water", "-c", "road", "--weights",
+                                      str(tiny_model), "--out", str(out), "--workers", "2", "--refine", "sam",
+                                      "--sam-model", str(lone)])
+    assert result.exit_code == 3, result.output
+    assert "do not fit the SAM configuration" in result.output and "Traceback" not in result.output
+    assert list(out.parent.iterdir()) == []
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    # The check every run on Ray passes (a server's jobs on FARSLIP_RAY_ADDRESS too), not only the CLI's.
+    from backend.engine.errors import ModelError
+    from backend.scale.run import check_scale_options
+
+    options = SegmentOptions(raster=shared_data / "naip_2020_5m.tif", out=out, class_lines=["water", "road"],
+                             refine="sam", sam_model=str(lone))
+    with pytest.raises(ModelError, match="do not fit the SAM configuration"):
+        check_scale_options(options)
