@@ -390,6 +390,12 @@ def make_encoder(loaded, attention: str, runtime: str = "auto", half: bool | Non
             "raster is smaller than that on a side, so all its crops are too; using torch.")
     candidates = pick_runtime(runtime, device, crops, full_size)
     known = _ENCODERS.setdefault(loaded.model, {})
+    if runtime == "auto" and candidates == ["torch"] and device.type == "cpu" and full_size:
+        # A small run: a runtime already built for this model (in this process, or exported and judged on
+        # disk) costs no export, and gives the features the larger runs before it cached, so a zoomed-in
+        # re-run finds them (the feature cache keeps each runtime's features apart).
+        ready = [name for name in COMPILED if runtime_installed(name) and _ready(loaded, attention, half, name, known)]
+        candidates = [*ready, "torch"] if ready else candidates
     key = (tuple(candidates), attention, half)
     if key not in known:
         known[key] = _build_encoder(loaded, attention, candidates, half, say)
@@ -397,6 +403,15 @@ def make_encoder(loaded, attention: str, runtime: str = "auto", half: bool | Non
     for sentence in fallbacks:
         say(sentence)
     return encoder
+
+
+def _ready(loaded, attention: str, half: bool | None, name: str, known: dict) -> bool:
+    """Whether runtime `name` runs this model's dense tower without a new export: built in this process, or
+    its export for `attention` on disk with a verdict that it matches torch."""
+    if any(key[1:] == (attention, half) and encoder.name == name for key, (encoder, _) in known.items()):
+        return True
+    verdict = _verdict(name, export_folder(loaded, attention, crop_size(loaded.model.visual)), "encoder")
+    return verdict is not None and verdict["ok"]
 
 
 def _build_encoder(loaded, attention: str, candidates: list[str], half: bool | None,

@@ -465,3 +465,38 @@ def test_features_that_are_not_numbers_are_not_cached_so_a_repaired_runtime_reco
                                          "--cache-features"])
     assert recovered.exit_code == 0, recovered.output
     assert report_of(tmp_path / "b")["features"]["cached"] == 0
+
+
+def test_a_zoomed_in_rerun_under_auto_finds_the_features_of_the_larger_run(tmp_path, own_cache):
+    """auto runs a small run (under AUTO_MIN_CROPS crops) on torch, which would not repay a first export; but once
+    a larger run has exported and judged a runtime, a zoomed-in re-run uses it too, so it finds every feature the
+    larger run cached (the cache keeps each runtime's features apart) and writes what an uncached run writes."""
+    from backend.engine.feature_cache import FeatureCache
+
+    loaded = load_model(str(save_plain(make_tiny_clip(16, seed=8), tmp_path / "tiny.pt")))
+    raster = write_rgb(tmp_path / "image.tif", 700, 700)
+    compiled = next(name for name in runtimes.COMPILED if runtimes.runtime_installed(name))
+    cache = FeatureCache(max_bytes=1 << 30)
+
+    def run(name: str, cache, **options):
+        out = tmp_path / name
+        out.mkdir()
+        result = segment_raster(SegmentOptions(raster=raster, class_lines=CLASSES, out=out / "r.gpkg",
+                                               class_raster=out / "c.tif", **options),
+                                loaded, feature_cache=cache)
+        with rasterio.open(out / "c.tif") as ds:
+            return result, ds.read()
+
+    whole, _ = run("whole", cache)
+    assert whole.tiles >= runtimes.AUTO_MIN_CROPS and whole.report["encoder"] == compiled
+    zoom = {"bbox": (500600.0, 4999200.0, 500800.0, 4999400.0)}
+    assert runtimes.pick_runtime("auto", torch.device("cpu"), crops=16) == ["torch"]
+    zoomed, classes = run("zoomed", cache, **zoom)
+    assert zoomed.tiles < runtimes.AUTO_MIN_CROPS
+    assert zoomed.report["encoder"] == compiled
+    assert zoomed.features["cached"] == zoomed.tiles and zoomed.features["encoded"] == 0
+    # A new process (no encoder built yet) finds the judged export on disk; uncached, it writes the same.
+    runtimes._ENCODERS.pop(loaded.model, None)
+    fresh, fresh_classes = run("fresh", FeatureCache(max_bytes=1 << 30), **zoom)
+    assert fresh.report["encoder"] == compiled and fresh.features["encoded"] == fresh.tiles
+    assert np.array_equal(classes, fresh_classes)
