@@ -248,15 +248,19 @@ def cut_names_warning(loaded: LoadedModel, classes: list[ClassSpec], language: s
 
 
 def language_warnings(loaded: LoadedModel, classes: list[ClassSpec]) -> list[str]:
-    """One sentence when an English-only model is given class names that are clearly not English."""
+    """One sentence when an English-only model is given class names that are clearly not English (names a
+    fine-tuned model was trained on excepted: it has learnt them)."""
     if is_multilingual(loaded):
         return []
     from .languages import non_english
 
-    foreign = non_english([q for spec in classes for q in spec.queries])
+    learnt = {_same_name_key(spec_query) for line in loaded.class_lines or [] if line.strip()
+              for spec_query in (q for spec in parse_class_lines([line]) for q in spec.queries)}
+    foreign = [q for q in non_english([q for spec in classes for q in spec.queries]) if _same_name_key(q) not in learnt]
     if not foreign:
         return []
-    shown = ", ".join(repr(q) for q in foreign[:3]) + (" ..." if len(foreign) > 3 else "")
+    shown = ", ".join(f"{q[:40]!r}" + ("..." if len(q) > 40 else "") for q in foreign[:3])
+    shown += " ..." if len(foreign) > 3 else ""
     return [f"Model '{loaded.name}' reads English only, but {shown} "
             f"{'is' if len(foreign) == 1 else 'are'} not English: the result may be poor. "
-            "Use a multilingual model (e.g. --model rs-m-clip) or English class names."]
+            "Use a multilingual model (e.g. rs-m-clip) or English class names."]

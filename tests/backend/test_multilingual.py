@@ -276,3 +276,22 @@ def test_a_class_name_too_long_for_the_text_tower_is_named_after_the_run(english
     short = runner.invoke(app, ["classify", str(small_raster), "-c", "building", "-c", "road", "--model",
                                 str(english_only), "--out", str(tmp_path / "short.gpkg"), "--quiet"])
     assert short.exit_code == 0 and "Warning" not in short.output
+
+
+def test_names_a_fine_tuned_model_learnt_are_not_warned_about_and_long_ones_are_shortened(english_only):
+    """A model fine-tuned on 'edifício, house' has learnt that name: no warning for it; another foreign name
+    is still named, cut to 40 characters as the token warning cuts it, and the model is named as every
+    interface names it."""
+    from backend.engine.models import load_model
+    from backend.engine.text import language_warnings, parse_class_lines
+
+    loaded = load_model(str(english_only))
+    loaded.class_lines = ["Edifício, house", "ground"]
+    long_name = "edifício " * 20
+    [said] = language_warnings(loaded, parse_class_lines(["edifício", "건물", long_name]))
+    assert "'edifício'" not in said and "'건물'" in said, said
+    assert repr(long_name[:40]) + "..." in said and long_name not in said
+    assert "(e.g. rs-m-clip)" in said and "--model" not in said
+    loaded.class_lines = None
+    [before] = language_warnings(loaded, parse_class_lines(["edifício"]))
+    assert "'edifício'" in before
