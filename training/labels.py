@@ -504,6 +504,40 @@ def check_class_names(class_names: dict[str, str] | None) -> None:
                              f"name ({value}=NAME), or leave it out to keep its own.")
 
 
+def _one_class(label_file: str, value: str, background: str | None) -> InputError:
+    if background:
+        return InputError(f"The labels in {label_file} hold only one class ({value!r}) and --background "
+                          f"{background!r} is that same class; a segmentation needs at least two. Give "
+                          "--background another class name, or label another class.")
+    return InputError(f"The labels in {label_file} hold only one class ({value!r}); a segmentation "
+                      "needs at least two. Label another class, or pass --background NAME to treat "
+                      "unlabelled pixels inside the labels' extent as a class.")
+
+
+def check_two_classes(labels: str | Path, class_field: str, background: str | None = None,
+                      class_names: dict[str, str] | None = None) -> None:
+    """Before a run reads the raster or loads a model: the labels' class field, renamed by `class_names`, with
+    the background class, names at least two classes (the sentence a run would stop on later). Reads that
+    one field, no geometry; a feature without a geometry still counts here (the run drops it)."""
+    path, layer = label_layer(labels, class_field)
+    try:
+        with _quiet():
+            _meta, _fids, _geometry, fields = pyogrio.raw.read(path, layer=layer, columns=[class_field],
+                                                                 read_geometry=False)
+    except Exception as exc:
+        raise _unreadable(path, "labels", exc) from exc
+    values = sorted({_value_text(v) for v in fields[0]} - {""})
+    if class_names:
+        values = sorted({class_names.get(v, v) for v in values})
+    if not values:
+        return  # "holds no labelled polygons": said by the run with its reasons
+    named = {str(_class_name(v)).lower() for v in values if _class_name(v) is not None}
+    if background and _class_name(background) is not None:
+        named.add(str(_class_name(background)).lower())
+    if len(named) < 2:
+        raise _one_class(path.name, values[0], background)
+
+
 def _class_lines_of(values: list[str], background: str | None, label_file: str) -> list[str]:
     """The sorted label values, then the background class unless a label value names it already."""
     seen: dict[str, str] = {}
@@ -581,13 +615,7 @@ def build_label_grid(source: RasterSource, polygons: LabelPolygons, background: 
         raise InputError(f"The --background class {background!r} is not among the model's classes "
                          f"{class_lines}; give one of them, or leave --background out.")
     if len(class_lines) < 2:
-        if background:
-            raise InputError(f"The labels in {label_file} hold only one class ({values[0]!r}) and --background "
-                             f"{background!r} is that same class; a segmentation needs at least two. Give "
-                             "--background another class name, or label another class.")
-        raise InputError(f"The labels in {label_file} hold only one class ({values[0]!r}); a segmentation "
-                         "needs at least two. Label another class, or pass --background NAME to treat "
-                         "unlabelled pixels inside the labels' extent as a class.")
+        raise _one_class(label_file, values[0], background)
     class_ids = np.array([index_of(v) for v in polygons.class_values], dtype=np.int64)
 
     # The labels' extent is their bounding box on the pixel grid (a rotated rectangle in map coordinates

@@ -20,20 +20,31 @@ def check_labels(labels: str, class_field: str) -> None:
 def check_evaluate_request(request: dict) -> list[str]:
     """Quick checks before queueing (the raster, the labels and their class field, the model, the output);
     returns the files the job will write."""
-    from backend.engine.files import check_output_file, check_raster_name, input_paths, raster_file, raster_name
-    from backend.engine.models import check_model
-    from backend.service.server.security import looks_like_path
+    from backend.engine.files import check_raster_name, raster_name
+    from backend.engine.models import check_model, locate_model
     from training.api import check_evaluation
+    from training.labels import check_two_classes
 
     raster = check_raster_name(raster_name(request["raster"]))  # a subdataset's file is there
     check_labels(request["labels"], request["class_field"])
     model = request.get("model")
     check_model(model, None)
     check_evaluation(model, None, request.get("background"), None, request.get("split") or "auto")
+    outputs = _check_out_json(request, raster, model)
+    if locate_model(model, None)[0] != "finetuned":  # a fine-tuned model brings its own classes
+        check_two_classes(request["labels"], request["class_field"], request.get("background"))
+    return outputs
+
+
+def _check_out_json(request: dict, raster: str, model: str | None) -> list[str]:
+    """The metrics file, if one is asked for: a file the run may write (not one of its inputs)."""
+    from backend.engine.files import check_output_file, input_paths, raster_file
+    from backend.service.server.security import looks_like_path
+    from training.labels import vector_file
+
     out_json = request.get("out_json")
     if not out_json:
         return []
-    from training.labels import vector_file
 
     model_file = model if model and looks_like_path(model) else None
     inputs = input_paths([("raster", raster_file(raster)), ("labels", str(vector_file(request["labels"]))),

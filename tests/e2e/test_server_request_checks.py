@@ -440,7 +440,7 @@ def test_a_model_fine_tuned_at_another_resolution_is_refused_at_submit_naming_it
 def test_a_whole_number_written_as_a_float_is_that_number_on_every_endpoint(backend, segment_body, train_body,
                                                                           search_body, out_dir, path, field):
     bodies = {"/v1/search": search_body, "/v1/index": lambda **c: {**search_body(**c), "out": None},
-              "/v1/segment": segment_body, "/v1/train": train_body}
+              "/v1/segment": segment_body, "/v1/train": lambda **c: train_body(background="other", **c)}
 
     def body(value):
         request = {key: value for key, value in bodies[path](**{field: value}).items() if value is not None}
@@ -458,3 +458,18 @@ def test_a_whole_number_written_as_a_float_is_that_number_on_every_endpoint(back
     backend.wait(job["id"], timeout=300)
     typo = backend.client.post(path, json={**body(8.0), "batch_sise": 8})  # unknown fields stay refused
     assert typo.status_code in (400, 422) and "batch_sise" in typo.json()["detail"], typo.text
+
+
+def test_labels_of_one_class_are_refused_before_queueing(backend, train_body, evaluate_body, tmp_path):
+    """The solaris labels hold one class ('yes'): without a background class neither training nor scoring can
+    tell two classes apart. Refused with a 400 naming it, no job queued; with the background, queued."""
+    count = _job_count(backend)
+    for path, body in (("/v1/train", train_body()), ("/v1/evaluate", evaluate_body()),
+                       ("/v1/train", train_body(background="yes")),
+                       ("/v1/train", train_body(class_names={"yes": "building"}, background="Building"))):
+        detail = _refused(backend, path, body)
+        assert "hold only one class" in detail, detail
+    assert _job_count(backend) == count
+    response = backend.client.post("/v1/evaluate", json=evaluate_body(background="other"))
+    assert response.status_code == 202, response.text
+    assert backend.wait(response.json()["job_id"], timeout=300)["state"] == "done"

@@ -99,7 +99,7 @@ def test_a_training_option_out_of_range_is_refused_before_a_job_is_queued(backen
 
 def test_more_last_blocks_than_the_model_has_fail_the_job_in_a_sentence_before_training(backend, tiny_model, naip,
                                                                                           tmp_path):
-    body = train_body(naip, tiny_model, tmp_path / "m", method="last-blocks", last_blocks=3)
+    body = train_body(naip, tiny_model, tmp_path / "m", background="other", method="last-blocks", last_blocks=3)
     response = backend.client.post("/v1/train", json=body)
     assert response.status_code == 202, response.text
     job = backend.wait(response.json()["job_id"], timeout=300)

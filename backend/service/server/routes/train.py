@@ -93,6 +93,9 @@ def check_train_request(request: TrainRequest) -> list[str]:
     outputs = list(api.check_request(body))
     check_labels(body["labels"], body["class_field"])
     check_train_options(body)
+    from training.labels import check_two_classes
+
+    check_two_classes(body["labels"], body["class_field"], body.get("background"), body.get("class_names"))
     return outputs
 
 
