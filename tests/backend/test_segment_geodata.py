@@ -749,7 +749,8 @@ def test_a_geopackage_table_of_the_layers_name_that_is_no_vector_layer_is_refuse
     assert result.exit_code == 2, result.output
     kind = {"tiles": "raster (tiles) table", "attributes": "attribute (non-spatial) table",
             "sqlite": "SQLite table (not a GeoPackage layer)"}[table]
-    assert f"already holds a {kind}" in result.output and "choose another output name" in result.output
+    article = "an" if table == "attributes" else "a"
+    assert f"already holds {article} {kind}" in result.output and "choose another output name" in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert store.read_bytes() == before
     assert not store.with_suffix(".report.json").exists()
