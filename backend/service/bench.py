@@ -56,6 +56,16 @@ def random_model(arch: str = "ViT-B-16", device: torch.device | str = "cpu",
                        context_length=ctx, weights_id=f"random-{arch}-{ctx}-untrained", device=dev)
 
 
+ZOOM_SIDE = 300  # pixels: the zoomed-in re-run's part of the bench raster (under AUTO_MIN_CROPS crops)
+
+
+def _central_part(size: int, side: int) -> tuple[float, float, float, float]:
+    """The bbox of the central `side` x `side` pixels (at most the raster) of write_test_raster's raster."""
+    side = min(side, size)
+    x0, top = 500000 + (size - side) // 2, 5_000_000 - (size - side) // 2
+    return float(x0), float(top - side), float(x0 + side), float(top)
+
+
 def write_test_raster(path: Path, size: int, block: int = 1024) -> Path:
     """A smooth synthetic RGB GeoTIFF (fields of colour), written block by block."""
     profile = {"driver": "GTiff", "width": size, "height": size, "count": 3, "dtype": "uint8",
@@ -263,10 +273,11 @@ def run_bench(arch: str = "ViT-B-16", batch_size: int = 8, size: int = 1024, dev
         raster = write_test_raster(work / f"bench_{size}.tif", size)
         TextEmbedder(loaded, cache=None).embed(["warm-up"])
 
-        def timed_segment(name: str, classes: list[str], runtime: str, cache=None, region_checks: bool = True):
+        def timed_segment(name: str, classes: list[str], runtime: str, cache=None, region_checks: bool = True,
+                          bbox: tuple[float, float, float, float] | None = None):
             options = SegmentOptions(raster=Path(raster), class_lines=classes, batch_size=batch_size, runtime=runtime,
                                      out=work / f"{name}.gpkg", class_raster=work / f"{name}.tif",
-                                     region_checks=region_checks)
+                                     region_checks=region_checks, bbox=bbox)
             start = time.perf_counter()
             result = segment_raster(options, loaded, feature_cache=cache)
             return result, time.perf_counter() - start
@@ -291,6 +302,15 @@ def run_bench(arch: str = "ViT-B-16", batch_size: int = 8, size: int = 1024, dev
         cold, cold_s = timed_segment("cold", NEW_CLASSES, "auto", cache)
         timed_segment("same", BENCH_CLASSES, "auto", cache)
         identical = _same_raster(work / "first.tif", work / "same.tif")
+        # Zoomed in: a 300 x 300 part of the first extent (fewer crops than auto exports a runtime for), with
+        # classes typed before; against the same part uncached on torch, which is what auto ran there before a
+        # zoomed-in run took the runtime the first run had exported (and so found none of its features).
+        part = _central_part(size, ZOOM_SIDE)
+        zoom, zoom_s = timed_segment("zoom", RERUN_CLASSES, "auto", cache, region_checks=False, bbox=part)
+        zoom_torch, zoom_torch_s = timed_segment("zoom_torch", RERUN_CLASSES, "torch", FeatureCache(max_bytes=2 << 30),
+                                                 region_checks=False, bbox=part)
+        results.update(zoom_rerun_s=zoom_s, zoom_rerun_fraction=zoom_s / first_s, zoom_features=zoom.features,
+                       zoom_encoder=zoom.report["encoder"], zoom_uncached_torch_s=zoom_torch_s)
         # The reference loop writes no quality estimate: the same output is a run without region checks.
         cache_plain = FeatureCache(max_bytes=2 << 30)
         plain, plain_s = timed_segment("plain", BENCH_CLASSES, "auto", cache_plain, region_checks=False)
@@ -368,6 +388,12 @@ def run_bench(arch: str = "ViT-B-16", batch_size: int = 8, size: int = 1024, dev
              f"{_split(rerun)} |")
         echo(f"| re-run, {len(NEW_CLASSES)} classes never typed (their text encoded in the run) | {cold_s:.2f} | "
              f"{cold_s / first_s:.3f} of the first run | {_split(cold)} |")
+        echo(f"| zoomed-in re-run, a {ZOOM_SIDE}x{ZOOM_SIDE} part, --no-region-checks, classes typed before "
+             f"({zoom.features['cached']} of {zoom.tiles} crops cached, {zoom.report['encoder']}) | {zoom_s:.2f} | "
+             f"{zoom_s / first_s:.3f} of the first run | {_split(zoom)} |")
+        echo(f"| the same part uncached on torch (what auto ran there before) | {zoom_torch_s:.2f} | "
+             f"{zoom_torch_s / first_s:.3f} of the first run; the cached re-run is {zoom_torch_s / zoom_s:.1f}x "
+             f"faster | {_split(zoom_torch)} |")
         echo(f"| first run, --no-region-checks | {plain_s:.2f} | 1.00 (baseline) | {_split(plain)} |")
         echo(f"| re-run, --no-region-checks, {len(RERUN_CLASSES)} classes typed before | {plain_rerun_s:.2f} | "
              f"{plain_rerun_s / plain_s:.3f} of its first run | {_split(plain_rerun)} |")

@@ -72,6 +72,10 @@ def test_the_whole_bench_runs_and_pairs_the_runtime_with_the_reference_loop(tmp_
                 "truncated to longest prompt"):
         assert row in result.output
     assert figures["cached_output_identical"] is True
+    # The zoomed-in re-run finds the first run's features under the runtime the first run exported.
+    assert "zoomed-in re-run, a 300x300 part" in result.output and "uncached on torch" in result.output
+    assert figures["zoom_features"]["encoded"] == 0 and figures["zoom_features"]["cached"] > 0
+    assert figures["zoom_encoder"] == figures["auto_runtime"]
 
 
 def test_the_compiled_runtimes_are_compared_on_the_cpu_only():
