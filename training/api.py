@@ -129,6 +129,38 @@ def model_class_lines(loaded: LoadedModel, polygons_values: set[str], background
     return list(lines) if wanted <= names else None
 
 
+def untrained_label_classes(loaded: LoadedModel, class_lines: list[str]) -> list[str]:
+    """The sentence when a fine-tuned model is scored on label classes it was not trained on (as `segment` says
+    of typed classes): its scores for them come from the base model's text alone."""
+    trained = getattr(loaded, "class_lines", None)
+    if not trained:
+        return []
+    from backend.engine.text import parse_class_lines
+
+    known = {spec.name.lower() for spec in parse_class_lines(trained)}
+    new = [line for line in class_lines if parse_class_lines([line])[0].name.lower() not in known]
+    if not new:
+        return []
+    return [f"Model '{loaded.name}' was fine-tuned on {', '.join(trained)}; the label class"
+            f"{'es' if len(new) > 1 else ''} {', '.join(repr(n) for n in new)} {'are' if len(new) > 1 else 'is'} "
+            "not among them, so the scores of those classes show what the model makes of names it was not "
+            "trained on."]
+
+
+def _same_grid(scale: float | None, gsd_m: float | None, processing: dict) -> bool:
+    """Whether --scale/--gsd as given (None: left out) put the raster on the grid the training recorded."""
+    if scale is None and gsd_m is None:
+        return True
+    if gsd_m is not None:
+        return processing.get("gsd_m") is not None and math.isclose(gsd_m, float(processing["gsd_m"]), rel_tol=1e-9)
+    return (scale is not None and processing.get("scale_y") is None
+            and math.isclose(scale, float(processing.get("scale") or 1.0), rel_tol=1e-9))
+
+
+def _resolution_given(scale: float | None, gsd_m: float | None) -> str:
+    return f"--gsd {gsd_m:g}" if gsd_m is not None else f"--scale {scale:g}"
+
+
 def check_attention(attention: str) -> None:
     if attention not in ATTENTION_VARIANTS:
         raise InputError(f"--attention must be one of {', '.join(ATTENTION_VARIANTS)}; got {attention!r}.")
@@ -248,6 +280,16 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
                          "and the class field must match the model's farslip_model.json).")
     use_validation = same_data and split in ("auto", "validation")
     processing = trained_on.get("processing") or {}
+    regridded = []  # the sentence when another resolution keeps the held-out strip from applying
+    if use_validation and not _same_grid(scale, gsd_m, processing):
+        if split == "validation":
+            raise InputError("--split validation scores the held-out strip on the pixel grid the model was trained "
+                             f"on, and {_resolution_given(scale, gsd_m)} resamples the raster to another grid; leave "
+                             "--scale/--gsd out (the training's resolution is used), or evaluate with --split all.")
+        use_validation = False
+        regridded = [f"{_resolution_given(scale, gsd_m)} resamples the raster to another grid than the one the model "
+                     "was trained on, where its held-out strip was kept: scored on all labelled pixels, those it was "
+                     "trained on included (leave --scale/--gsd out to score the held-out strip)."]
     if use_validation:  # the training's own pixels: its grid, bands and AOI (class names, background below)
         bands = bands or processing.get("bands")
         if scale is None and gsd_m is None:
@@ -279,7 +321,8 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
         class_lines = model_class_lines(loaded, set(polygons.class_values), background)
         area = read_aoi(aoi, source.crs, raster_envelope(source)) if aoi else None
         grid = build_label_grid(source, polygons, background=background, aoi=area, class_lines=class_lines)
-        said = polygons.warnings  # after the grid: it counts the polygons outside the raster
+        said = [*polygons.warnings, *regridded, *untrained_label_classes(loaded, grid.class_lines)]
+        # (after the grid: it counts the polygons outside the raster)
         if use_validation:
             recorded = trained_on["split"]["validation_window"]
             window = PixelWindow(**recorded)
@@ -471,6 +514,12 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
                 shutil.rmtree(work, ignore_errors=True)
             raise
     result["model_dir"] = str(out)
+    if result["best_epoch"] == 0:  # epoch 0 is the base model itself, kept when no epoch beat it
+        never = (f"No epoch of the {result['epochs']} scored above the base model on the validation strip, so "
+                 f"{out} holds the base model's weights; label more, train longer, or try another --method or --lr.")
+        warnings = [*warnings, never]
+        if progress is not None:
+            progress(0, 0, {"phase": "warning", "message": never})
     result["warnings"] = warnings
     # The model folder, then the --json report of the run: all or nothing.
     move_into_place(work, out, (Path(out_json), json.dumps(result, indent=2) + "\n") if out_json else None)
@@ -659,7 +708,7 @@ def _train_in(work: Path, out: Path, loaded: LoadedModel, data: TrainingData, op
             raise InputError(f"The training in {where} used other data files (their sha256 differ); resume it "
                              "with the same raster and labels, or start over with --overwrite instead of --resume.")
         if saved["options"]["method"] != options.method:
-            raise InputError(f"The training in {work} used --method {saved['options']['method']}; resume it "
+            raise InputError(f"The training in {where} used --method {saved['options']['method']}; resume it "
                              "with the same method.")
         differences = training_data_differences(saved["data"], saved["options"], recorded, options)
         if differences:
@@ -671,7 +720,7 @@ def _train_in(work: Path, out: Path, loaded: LoadedModel, data: TrainingData, op
             raise InputError(f"The training in {out} already ran {saved['epoch']} epochs; pass --epochs "
                              f"larger than {saved['epoch']} to continue it.")
         if options.epochs < saved["epoch"]:
-            raise InputError(f"The training in {work} already ran {saved['epoch']} epochs; pass --epochs "
+            raise InputError(f"The training in {where} already ran {saved['epoch']} epochs; pass --epochs "
                              f"{saved['epoch']} to finish it, or a larger number to continue it.")
         kept = {k: saved["options"][k] for k in RESUMED_OPTIONS if k in saved["options"]}
         changed = [f"{flag} {kept[key]} (now {getattr(options, key)})" for key, flag in RESUMED_OPTIONS.items()

@@ -415,10 +415,23 @@ def read_label_polygons(path: str | Path, class_field: str, raster_crs,
     no_area = int((~kept).sum())
     geometries, values = geometries[kept], [v for v, k in zip(values, kept) if k]
     if class_names:
+        _check_renamed_values(class_names, [_value_text(v) for v in fields[0]], path)
         values = [class_names.get(v, v) for v in values]
     geometries = _to_raster_crs(geometries, crs, raster_crs, path, raster_bounds)
     return LabelPolygons(geometries, values, path, crs.to_string(), class_field, features, without_class,
                          int((~polygonal).sum()), no_geometry, no_area)
+
+
+def _check_renamed_values(class_names: dict[str, str], values: list[str], path: Path) -> None:
+    """Each label value --class-name renames is one the labels hold (a typo or another letter case would
+    otherwise leave the class under its old name while the model's description records the rename)."""
+    held = set(values) - {""}
+    absent = [value for value in class_names if value not in held]
+    if absent:
+        shown = ", ".join(repr(v) for v in sorted(held)[:20]) + (", ..." if len(held) > 20 else "")
+        raise InputError(f"--class-name renames the label value{'s' if len(absent) > 1 else ''} "
+                         f"{', '.join(repr(v) for v in absent)}, which no feature of {path.name} holds (label values "
+                         f"are matched exactly, letter case included); its values are: {shown}.")
 
 
 def aoi_layer(source: str | Path) -> tuple[Path, str | None]:

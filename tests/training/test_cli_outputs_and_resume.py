@@ -202,11 +202,13 @@ def test_a_class_without_training_pixels_is_a_warning(tiny_model, tmp_path):
     report = tmp_path / "report.json"
     code, lines = train(raster, labels, tiny_model, tmp_path / "model", "--json", report)
     assert code == 0, lines
-    warning = [line for line in lines if line.startswith("Warning: ")]
+    # (A run this short may also not beat the base model: that has its own warning, left out here.)
+    warning = [line for line in lines if line.startswith("Warning: ") and "scored above the base model" not in line]
     assert warning == ["Warning: The class 'reed' has no labelled pixels in the training part, so the model cannot "
                        "learn it; label more of it away from the "
                        f"{json.loads(report.read_text())['split']['edge']} edge (the validation strip)."]
-    assert json.loads(report.read_text())["warnings"] == [warning[0][len("Warning: "):]]
+    recorded = json.loads(report.read_text())["warnings"]
+    assert [w for w in recorded if "scored above the base model" not in w] == [warning[0][len("Warning: "):]]
 
 
 def test_a_validation_strip_of_classes_training_never_sees_is_a_warning():

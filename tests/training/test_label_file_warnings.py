@@ -46,7 +46,12 @@ def evaluate(raster, labels, model, *extra) -> tuple[int, list[str]]:
 
 
 def said(lines: list[str]) -> list[str]:
-    return [line[len("Warning: "):] for line in lines if line.startswith("Warning: ")]
+    """The warnings of a run's output, but for the one of a run too short to beat the base model (its own test)."""
+    return without_base_model_note([line[len("Warning: "):] for line in lines if line.startswith("Warning: ")])
+
+
+def without_base_model_note(warnings: list[str]) -> list[str]:
+    return [warning for warning in warnings if "scored above the base model" not in warning]
 
 
 @pytest.fixture
@@ -131,7 +136,7 @@ def test_a_validation_strip_without_a_class_is_a_warning_in_train_and_evaluate(s
     expected = (f"The validation strip along the {edge} edge holds no labelled pixels of the class 'reed', so its "
                 "mIoU does not score how well the model finds it; label some of it near that edge too.")
     assert said(lines) == [expected], lines
-    assert json.loads(report.read_text())["warnings"] == [expected]
+    assert without_base_model_note(json.loads(report.read_text())["warnings"]) == [expected]
     evaluated = tmp_path / "evaluate.json"
     code, lines = evaluate(raster, labels, tmp_path / "model", "--json", evaluated)
     assert code == 0, lines

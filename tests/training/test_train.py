@@ -604,3 +604,56 @@ def test_resume_names_a_changed_area_of_interest_and_validation_strip():
     assert training_data_differences(then, saved_options, other_layer, TrainOptions(validation_fraction=0.3)) == (
         "the --aoi layer 'area' (now 'fields') and a validation fraction of 0.2 (now 0.3)")
     assert training_data_differences({"raster": "r", "labels": "l"}, {}, edited, TrainOptions(buffer_px=8)) == ""
+
+
+def test_another_resolution_scores_all_labelled_pixels_and_says_why(trained, synthetic):
+    """The held-out strip lies on the pixel grid the model was trained on: evaluated at another --scale/--gsd it
+    no longer marks those pixels, so auto scores every labelled pixel and says so (it cut the recorded window
+    out of the other grid and called training pixels the validation strip); --split validation is refused."""
+    _result, out, _ = trained
+    raster, labels, _ = synthetic
+    for resolution in ({"scale": 1.3}, {"gsd_m": 3.0}):
+        report = evaluate_model(raster, labels, "cls", model=str(out), **resolution)
+        assert report["split"] == "all", resolution
+        assert any("held-out strip" in w and "all labelled pixels" in w for w in report["warnings"]), report
+        with pytest.raises(InputError, match="--split validation scores the held-out strip on the pixel grid"):
+            evaluate_model(raster, labels, "cls", model=str(out), split="validation", **resolution)
+    same = evaluate_model(raster, labels, "cls", model=str(out), scale=1.0)  # the training's own grid
+    assert same["split"] == "validation" and not any("held-out strip" in w for w in same["warnings"])
+
+
+def test_a_rename_of_a_label_value_the_labels_do_not_hold_is_refused(trained, synthetic, tmp_path):
+    """--class-name Sand=x on labels holding 'sand': the class stayed 'sand' while the model recorded the rename."""
+    _result, out, _ = trained
+    raster, labels, _ = synthetic
+    with pytest.raises(InputError, match=r"renames the label value 'Sand', which no feature of .* holds .*'sand'"):
+        evaluate_model(raster, labels, "cls", model=str(out), class_names={"Sand": "x"}, split="all")
+    with pytest.raises(InputError, match="renames the label value 'Sand'"):
+        train_model(raster, labels, "cls", tmp_path / "m", base_model=str(out), epochs=1,
+                    class_names={"Sand": "x"}, options=fast_options(steps_per_epoch=1))
+    assert not (tmp_path / "m").exists()
+
+
+def test_label_classes_a_fine_tuned_model_was_not_trained_on_are_named(trained, synthetic, tmp_path):
+    """As segment names typed classes the model was not fine-tuned on, evaluate names such label classes."""
+    _result, out, _ = trained
+    raster, labels, _ = synthetic
+    report = evaluate_model(raster, labels, "cls", model=str(out), class_names={"forest": "tree"}, split="all")
+    [said] = [w for w in report["warnings"] if "was fine-tuned on" in w]
+    assert "'tree'" in said and "'sand'" not in said, said
+    plain = evaluate_model(raster, labels, "cls", model=str(out))
+    assert not any("was fine-tuned on" in w for w in plain["warnings"])
+
+
+def test_a_training_that_never_beat_the_base_model_says_the_folder_holds_the_base_weights(synthetic, tiny_model,
+                                                                                         tmp_path):
+    """"best epoch 0 of 1" was all it said: no epoch scored above the base model, so the folder holds its weights."""
+    raster, labels, _ = synthetic
+    events = []
+    result = train_model(raster, labels, "cls", tmp_path / "m", base_model=str(tiny_model), epochs=1, lr=1e-12,
+                         options=fast_options(steps_per_epoch=1),
+                         progress=lambda s, t, info: events.append(info))
+    assert result["best_epoch"] == 0
+    [said] = [w for w in result["warnings"] if "scored above the base model" in w]
+    assert "holds the base model's weights" in said and str(tmp_path / "m") in said
+    assert {"phase": "warning", "message": said} in events
