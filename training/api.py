@@ -440,8 +440,12 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
                 scale: float | None = None, gsd_m: float | None = None, resume: bool = False,
                 overwrite: bool = False, device: str = "cpu", options: TrainOptions | None = None,
                 loaded: LoadedModel | None = None, progress: Progress | None = None,
-                should_cancel: Callable[[], bool] | None = None, out_json: str | Path | None = None) -> dict:
+                should_cancel: Callable[[], bool] | None = None, out_json: str | Path | None = None,
+                typed: frozenset[str] | None = None) -> dict:
     """Fine-tune on labelled polygons; write a model folder that `load_model(out)` loads.
+
+    `typed`: the options (RESUMED_OPTIONS' names) the user gave, whatever their value; None: those that
+    differ from their defaults. A resumed run refuses a typed option that differs from the checkpoint's.
 
     `options` sets the finer knobs (batch size, steps, loss weights, split); the
     explicit arguments method/epochs/lr/patch_loss_weight override it. `out_json` (checked by the caller)
@@ -485,7 +489,7 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
         try:
             result = _train_in(work, out, loaded, data, options, resuming, raster, labels, raster_id,
                                labels_sha, class_field, aoi, class_names, started, progress, should_cancel,
-                               finished=resuming and not earlier_partial)
+                               finished=resuming and not earlier_partial, typed=typed)
         except CancelledError:
             shutil.rmtree(work, ignore_errors=True)
             raise
@@ -694,7 +698,8 @@ def _same_factor(a: float | None, b: float | None) -> bool:
 
 def _train_in(work: Path, out: Path, loaded: LoadedModel, data: TrainingData, options: TrainOptions, resuming: bool,
               raster: str, labels: Path, raster_id: dict, labels_sha, class_field: str, aoi, class_names,
-              started: float, progress: Progress | None, should_cancel, finished: bool = False) -> dict:
+              started: float, progress: Progress | None, should_cancel, finished: bool = False,
+              typed: frozenset[str] | None = None) -> dict:
     """Train in `work`. `finished`: resuming a model folder already in place (not an interrupted run)."""
     checkpoint = work / CHECKPOINT_DIR
     checkpoint.mkdir(exist_ok=True)
@@ -723,8 +728,15 @@ def _train_in(work: Path, out: Path, loaded: LoadedModel, data: TrainingData, op
             raise InputError(f"The training in {where} already ran {saved['epoch']} epochs; pass --epochs "
                              f"{saved['epoch']} to finish it, or a larger number to continue it.")
         kept = {k: saved["options"][k] for k in RESUMED_OPTIONS if k in saved["options"]}
+        def given_otherwise(key: str) -> bool:
+            """Typed with another value than the checkpoint's (left out, it takes the checkpoint's)."""
+            now = getattr(options, key)
+            if now == kept[key]:
+                return False
+            return key in typed if typed is not None else now != DEFAULT_OPTIONS[key]
+
         changed = [f"{flag} {kept[key]} (now {getattr(options, key)})" for key, flag in RESUMED_OPTIONS.items()
-                   if key in kept and getattr(options, key) not in (kept[key], DEFAULT_OPTIONS[key])]
+                   if key in kept and given_otherwise(key)]
         if changed:
             raise InputError(f"The training in {where} was made with {', '.join(changed)}; a resumed run continues "
                              "with its first run's values (its optimiser and schedule are restored), so leave them "
@@ -952,9 +964,10 @@ def train_request(request: dict, progress: Callable[[int, int], None] | None = N
         elif info.get("phase") == "final-validate":
             message("writing the model and validating it")
 
+    typed = frozenset(key for key, value in request.items() if key in RESUMED_OPTIONS and value is not None)
     result = train_model(args.pop("raster"), args.pop("labels"), args.pop("class_field"), args.pop("out"),
                          options=options, loaded=loaded, progress=report, should_cancel=should_cancel,
-                         **args)
+                         typed=typed, **args)
     out = Path(result["model_dir"])
     result["outputs"] = absolute_outputs({"model_dir": out, "report": out / "evaluation.txt",
                                           "metadata": out / FINETUNED_META})

@@ -243,9 +243,15 @@ def _given(ctx: typer.Context, names: tuple[str, ...]) -> list[str]:
     """The flags (as --help spells them) of the options among `names` that this run set, in `names`' order."""
     flags = {param.name: next(opt for opt in param.opts if opt.startswith("--")) for param in ctx.command.params
              if param.param_type_name == "option"}
+    return [flags[name] for name in _typed(ctx, names)]
+
+
+def _typed(ctx: typer.Context, names: tuple[str, ...]) -> list[str]:
+    """The options among `names` (parameter names) this command has and this run set, whatever their value."""
+    options = {param.name for param in ctx.command.params if param.param_type_name == "option"}
     # By the source's name: typer brings its own copy of click, whose ParameterSource is not click's.
-    return [flags[name] for name in names
-            if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")]
+    return [name for name in names if name in options
+            and getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")]
 
 
 # --------------------------------------------------------------------------- evaluate --calibrate-quality
@@ -314,6 +320,7 @@ def _benchmark(benchmark, classes, preset, protocol, reduce_zero_label, prob_thr
 
 
 def train_command(
+    ctx: typer.Context,
     raster: str = typer.Argument(..., help="GeoTIFF (or any GDAL raster) to train on."),
     labels: Path = typer.Argument(..., help="Polygon layer with a class field (any CRS)."),
     class_field: str = typer.Option(..., help="Field of LABELS holding each polygon's class."),
@@ -349,7 +356,7 @@ def train_command(
     """Fine-tune a model on labelled polygons; report validation mIoU before and after."""
     from backend.engine.devices import resolve_device
 
-    from training.api import class_names_from_pairs, train_model, training_inputs
+    from training.api import RESUMED_OPTIONS, class_names_from_pairs, train_model, training_inputs
     from training.finetune import TrainOptions
 
     try:
@@ -370,7 +377,8 @@ def train_command(
                                  patch_loss_weight=patch_loss_weight, background=background, aoi=aoi,
                                  class_names=class_names_from_pairs(class_name or []), bands=_bands(bands),
                                  scale=scale, gsd_m=gsd, resume=resume, overwrite=overwrite, device=str(dev),
-                                 options=options, progress=_Lines(quiet), out_json=json_out)
+                                 options=options, progress=_Lines(quiet), out_json=json_out,
+                                 typed=frozenset(_typed(ctx, tuple(RESUMED_OPTIONS))))
     except FarslipError as error:
         _fail(error)
     except KeyboardInterrupt as error:

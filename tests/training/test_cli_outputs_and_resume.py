@@ -247,3 +247,21 @@ def test_a_train_request_takes_labels_named_by_layer(synthetic, tmp_path):
     request = {"raster": str(raster), "labels": f"{labels}|layername=labels", "class_field": "cls",
                "out": str(tmp_path / "model")}
     assert check_request(request) == [str(tmp_path / "model")]
+
+
+def test_resume_refuses_an_option_typed_with_its_default_value_that_the_checkpoint_does_not_have(
+        synthetic, tiny_model, tmp_path):
+    """Trained with --batch-size 2, resumed with --batch-size 4 typed (the default): it went on with 2 without a
+    word, as if the option had been left out. Left out, the checkpoint's value is still taken."""
+    raster, labels, _ = synthetic
+    code, lines = train(raster, labels, tiny_model, tmp_path / "model")
+    assert code == 0, lines
+    code, lines = train(raster, labels, tiny_model, tmp_path / "model", "--epochs", "2", "--resume",
+                        "--batch-size", "4")
+    assert refused(code, lines, "was made with --batch-size 2 (now 4)"), lines
+    result = runner.invoke(app, ["train", str(raster), str(labels), "--class-field", "cls", "--out",
+                                 str(tmp_path / "model"), "--base-model", str(tiny_model), "--epochs", "2",
+                                 "--resume", "--device", "cpu", "-q"])
+    assert result.exit_code == 0, result.output
+    history = json.loads((tmp_path / "model" / "farslip_model.json").read_text())["training"]["history"]
+    assert history[-1]["crops"] == 2 * 2  # --steps-per-epoch 2 x --batch-size 2, the checkpoint's
