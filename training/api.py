@@ -129,24 +129,6 @@ def model_class_lines(loaded: LoadedModel, polygons_values: set[str], background
     return list(lines) if wanted <= names else None
 
 
-def untrained_label_classes(loaded: LoadedModel, class_lines: list[str]) -> list[str]:
-    """The sentence when a fine-tuned model is scored on label classes it was not trained on (as `segment` says
-    of typed classes): its scores for them come from the base model's text alone."""
-    trained = getattr(loaded, "class_lines", None)
-    if not trained:
-        return []
-    from backend.engine.text import parse_class_lines
-
-    known = {spec.name.lower() for spec in parse_class_lines(trained)}
-    new = [line for line in class_lines if parse_class_lines([line])[0].name.lower() not in known]
-    if not new:
-        return []
-    return [f"Model '{loaded.name}' was fine-tuned on {', '.join(trained)}; the label class"
-            f"{'es' if len(new) > 1 else ''} {', '.join(repr(n) for n in new)} {'are' if len(new) > 1 else 'is'} "
-            "not among them, so the scores of those classes show what the model makes of names it was not "
-            "trained on."]
-
-
 def _same_grid(scale: float | None, gsd_m: float | None, processing: dict) -> bool:
     """Whether --scale/--gsd as given (None: left out) put the raster on the grid the training recorded."""
     if scale is None and gsd_m is None:
@@ -321,7 +303,11 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
         class_lines = model_class_lines(loaded, set(polygons.class_values), background)
         area = read_aoi(aoi, source.crs, raster_envelope(source)) if aoi else None
         grid = build_label_grid(source, polygons, background=background, aoi=area, class_lines=class_lines)
-        said = [*polygons.warnings, *regridded, *untrained_label_classes(loaded, grid.class_lines)]
+        from backend.engine.segment import untrained_class_warning
+        from backend.engine.text import parse_class_lines
+
+        untrained = untrained_class_warning(loaded, parse_class_lines(grid.class_lines))  # as segment says it
+        said = [*polygons.warnings, *regridded, *([untrained] if untrained else [])]
         # (after the grid: it counts the polygons outside the raster)
         if use_validation:
             recorded = trained_on["split"]["validation_window"]

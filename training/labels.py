@@ -219,11 +219,11 @@ def _feature_count(path: Path, layer: str | None) -> int | None:
     return int(count) if count is not None and count >= 0 else None
 
 
-def _read_layer(path: Path, layer: str | None, columns: list[str] | None, what: str):
+def _read_layer(path: Path, layer: str | None, columns: list[str] | None, what: str, read_geometry: bool = True):
     check_vector_source(path, what)
     try:
         with _quiet():
-            return pyogrio.raw.read(path, layer=layer, columns=columns)
+            return pyogrio.raw.read(path, layer=layer, columns=columns, read_geometry=read_geometry)
     except Exception as exc:  # pyogrio raises DataSourceError / DataLayerError / FieldError
         raise _unreadable(path, what, exc) from exc
 
@@ -533,21 +533,15 @@ def check_two_classes(labels: str | Path, class_field: str, background: str | No
     the background class, names at least two classes (the sentence a run would stop on later). Reads that
     one field, no geometry; a feature without a geometry still counts here (the run drops it)."""
     path, layer = label_layer(labels, class_field)
-    try:
-        with _quiet():
-            _meta, _fids, _geometry, fields = pyogrio.raw.read(path, layer=layer, columns=[class_field],
-                                                                 read_geometry=False)
-    except Exception as exc:
-        raise _unreadable(path, "labels", exc) from exc
+    fields = _read_layer(path, layer, [class_field], "labels", read_geometry=False)[3]
     values = sorted({_value_text(v) for v in fields[0]} - {""})
     if class_names:
         values = sorted({class_names.get(v, v) for v in values})
+    values = [v for v in values if _class_name(v) is not None]  # separators only: refused by the run
     if not values:
         return  # "holds no labelled polygons": said by the run with its reasons
-    named = {str(_class_name(v)).lower() for v in values if _class_name(v) is not None}
-    if background and _class_name(background) is not None:
-        named.add(str(_class_name(background)).lower())
-    if len(named) < 2:
+    named = background if background and _class_name(background) is not None else None
+    if len(_class_lines_of(values, named, path.name)) < 2:  # the class lines the run would build
         raise _one_class(path.name, values[0], background)
 
 

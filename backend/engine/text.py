@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .atomic import atomic_output
-from .errors import CancelledError, InputError
+from .errors import CancelledError, InputError, shown
 from .hf_text import encode_hf_tokens, is_hf_text_model
 from .languages import ENGLISH_TEMPLATES, query_language, templates_for
 from .models import LoadedModel
@@ -241,10 +241,13 @@ def cut_names_warning(loaded: LoadedModel, classes: list[ClassSpec], language: s
             cut.append(query)
     if not cut:
         return []
-    shown = ", ".join(f"{q[:40]!r}" + ("..." if len(q) > 40 else "") for q in cut[:3])
-    shown += " ..." if len(cut) > 3 else ""
     return [f"Model {loaded.name} reads at most {limit} tokens of each prompt made of a class name, so only the "
-            f"beginning of {shown} counts; use shorter class names."]
+            f"beginning of {_some_names(cut)} counts; use shorter class names."]
+
+
+def _some_names(names: list[str]) -> str:
+    """The first three names a warning is about, each cut to 40 characters (errors.shown), " ..." for more."""
+    return ", ".join(shown(name, 40) for name in names[:3]) + (" ..." if len(names) > 3 else "")
 
 
 def language_warnings(loaded: LoadedModel, classes: list[ClassSpec]) -> list[str]:
@@ -254,13 +257,11 @@ def language_warnings(loaded: LoadedModel, classes: list[ClassSpec]) -> list[str
         return []
     from .languages import non_english
 
-    learnt = {_same_name_key(spec_query) for line in loaded.class_lines or [] if line.strip()
-              for spec_query in (q for spec in parse_class_lines([line]) for q in spec.queries)}
+    learnt = ({_same_name_key(q) for spec in parse_class_lines(loaded.class_lines) for q in spec.queries}
+              if loaded.class_lines else set())
     foreign = [q for q in non_english([q for spec in classes for q in spec.queries]) if _same_name_key(q) not in learnt]
     if not foreign:
         return []
-    shown = ", ".join(f"{q[:40]!r}" + ("..." if len(q) > 40 else "") for q in foreign[:3])
-    shown += " ..." if len(foreign) > 3 else ""
-    return [f"Model '{loaded.name}' reads English only, but {shown} "
+    return [f"Model '{loaded.name}' reads English only, but {_some_names(foreign)} "
             f"{'is' if len(foreign) == 1 else 'are'} not English: the result may be poor. "
             "Use a multilingual model (e.g. rs-m-clip) or English class names."]
