@@ -13,15 +13,17 @@ log = logging.getLogger("farslip.jobs")
 
 
 def _stat_identity(path: Path) -> tuple:
+    """The path and weights.stat_identity of the file there (size, mtime, ctime, inode), None when it is gone."""
+    from backend.engine.weights import stat_identity
+
     try:
-        info = path.stat()
+        return (str(path), tuple(stat_identity(path.stat()).values()))
     except OSError:
         return (str(path), None)
-    return (str(path), info.st_ino, info.st_size, info.st_mtime_ns)
 
 
 def source_identity(model: str | None, weights: str | None) -> tuple:
-    """What the files a model is read from are now (path, inode, size, modification time of each): a checkpoint
+    """What the files a model is read from are now (path and stat identity of each): a checkpoint
     copied over the one a job loaded, or a model folder trained again with overwrite, has another identity,
     so the next job loads it instead of reusing the model read before. Nothing is read or downloaded."""
     from backend.engine.models import locate_model
