@@ -28,7 +28,7 @@ from .export import check_field_widths, check_format_crs, report_json, report_pa
 from .files import absolute_outputs, absolute_raster_name, raster_file
 from .models import LoadedModel
 from .finetuned import bands_for
-from .raster import PixelWindow, open_source, request_window
+from .raster import PixelWindow, band_choice_warning, open_source, request_window
 from .search import check_hits_output
 from .search_index import bounded_gdal_cache, embed_windows
 from .text import TextEmbedder, class_probabilities, logit_scale, parse_class_lines, query_index
@@ -101,10 +101,11 @@ def classify_raster(raster: str | Path, options: ClassifyOptions, out: Path, loa
     scale = logit_scale(loaded)
     boxes, class_ids, probs = [], [], []
     with bounded_gdal_cache():
-        source = open_source(raster, bands_for(raster, options.bands, loaded), None, None, options.value_range,
-                             task="classify")
+        bands = bands_for(raster, options.bands, loaded)
+        source = open_source(raster, bands, None, None, options.value_range, task="classify")
         with source:
             warnings += check_format_crs(out, source.crs)
+            warnings += band_choice_warning(source.dataset, bands, source.bands)
             window = request_window(source, options.bbox, options.bbox_crs)
             rows = tile_starts(window.row_off, window.row_off + window.height, options.tile)
             cols = tile_starts(window.col_off, window.col_off + window.width, options.tile)

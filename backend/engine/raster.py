@@ -325,6 +325,29 @@ def select_bands(ds: rasterio.io.DatasetReader, bands: list[int] | None) -> list
     return [colour_bands[0] if colour_bands else 1] * 3
 
 
+def band_choice_warning(ds: rasterio.io.DatasetReader, bands: list[int] | None, chosen: list[int]) -> list[str]:
+    """A sentence when select_bands guessed the colours without the raster naming them: two bands read
+    as grey from the first, or more than three without red, green and blue read as 1, 2, 3 (the user
+    may have blue, green, red, near infrared). Nothing when the user named --bands or the raster its colours."""
+    if bands:
+        return []
+    interp = list(ds.colorinterp)
+    colour = [i + 1 for i, ci in enumerate(interp) if ci not in (ColorInterp.alpha, ColorInterp.palette)]
+    if all(role in interp for role in (ColorInterp.red, ColorInterp.green, ColorInterp.blue)):
+        return []
+    name = Path(ds.name).name
+    if len(colour) == 2:
+        return [f"{name} has 2 bands and names no colours: band {chosen[0]} is read as grey and band "
+                f"{colour[1]} is not used. Name the bands with --bands (3 numbers for red, green, blue, "
+                "or 1 for grey)."]
+    if len(colour) > 3:
+        unused = ", ".join(str(b) for b in colour if b not in chosen)
+        return [f"{name} has {len(colour)} bands and names no colours: bands {chosen[0]}, {chosen[1]}, {chosen[2]} "
+                f"are read as red, green, blue and band(s) {unused} are not used. If the order differs (e.g. blue, "
+                "green, red, near infrared), name the bands with --bands."]
+    return []
+
+
 def palette_lut(ds: rasterio.io.DatasetReader, bands: list[int]) -> np.ndarray | None:
     """RGB lookup table when the chosen band is a paletted (colour table) band."""
     band = bands[0]

@@ -361,7 +361,7 @@ def search_index(index: SearchIndex, options: SearchOptions, progress=None, shou
     """Complete the index over the searched extent, then rank its windows; (hits, notices, facts)."""
     queries = validate_search_options(options)
     check_bbox(index, options.bbox, options.bbox_crs)
-    notices = [index.rebuilt_reason] if index.rebuilt_reason else []
+    notices = ([index.rebuilt_reason] if index.rebuilt_reason else []) + index.band_notices
     point = like_point(index, options.like, options.like_crs) if options.like is not None else None
     timings: dict[str, float] = {}
     t0 = time.perf_counter()

@@ -50,8 +50,8 @@ from .options import check_batch_size
 from .paths import cache_dir
 from .finetuned import bands_for
 from .ground import crs_label
-from .raster import (PixelWindow, RasterSource, bbox_in_raster_crs, coordinates, native_gsd_m, open_source,
-                     parse_crs, pixel_envelope, request_window)
+from .raster import (PixelWindow, RasterSource, band_choice_warning, bbox_in_raster_crs, coordinates, native_gsd_m,
+                     open_source, parse_crs, pixel_envelope, request_window)
 from .sliding import crop_starts
 
 INDEX_FORMAT = "farslip-search-index/2"  # 2: keyed by the model's variant; staleness by every file GDAL reads
@@ -195,6 +195,7 @@ class SearchIndex:
         self.batch_size = check_batch_size(batch_size)
         self.dataset = source.dataset
         self.crs = source.crs
+        self.band_notices: list[str] = []  # open_index: how the colour bands were guessed (band_choice_warning)
         size = loaded.model.visual.image_size
         crop = int(size[0] if isinstance(size, (tuple, list)) else size)
         self.levels: list[Level] = []
@@ -453,9 +454,12 @@ def open_index(raster: str | Path, loaded: LoadedModel, bands: list[int] | None 
                batch_size: int = 8) -> Iterator[SearchIndex]:
     """Open (creating, or rebuilding when the raster changed) the search index of `raster` for a model."""
     with bounded_gdal_cache():
-        source = open_source(raster, bands_for(raster, bands, loaded), None, None, value_range, task=INDEX_TASK)
+        chosen = bands_for(raster, bands, loaded)
+        source = open_source(raster, chosen, None, None, value_range, task=INDEX_TASK)
         with source:
-            yield SearchIndex(raster, loaded, source, attention, batch_size)
+            index = SearchIndex(raster, loaded, source, attention, batch_size)
+            index.band_notices = band_choice_warning(source.dataset, chosen, source.bands)
+            yield index
 
 
 @contextlib.contextmanager

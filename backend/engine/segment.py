@@ -40,7 +40,7 @@ from .temporary import make_work_dir, new_run_tag, remove_owned, remove_stale, r
 from .memory import reused_heap
 from .models import LoadedModel
 from .options import SegmentOptions, check_language
-from .raster import PixelWindow, RasterSource, open_source, pixel_size, request_window
+from .raster import PixelWindow, RasterSource, band_choice_warning, open_source, pixel_size, request_window
 from . import outlines as refine_outlines
 from .quality import (
     FIELDS,
@@ -359,6 +359,7 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
     with open_source(raster, options.bands, options.scale, options.gsd_m, options.value_range,
                      options.square_gsd) as source:
         warnings += check_format_crs(options.out, source.crs)
+        warnings += band_choice_warning(source.dataset, options.bands, source.bands)
         window = request_window(source, options.bbox, options.bbox_crs, clip=True)
         computed = refine_outlines.engine_window(options.refine, source, window)
         # Without refinement, the window is polygonised beside the engine, from its blocks: then no

@@ -92,6 +92,31 @@ def test_two_band_raster_uses_its_first_band_as_grey(tmp_path):
     assert (rgb == 100).all()
 
 
+def test_a_guess_of_the_colour_bands_is_said_in_the_report_unless_named(tiny_model, tmp_path):
+    rng = np.random.default_rng(3)
+    two = write(tmp_path / "two.tif", rng.integers(0, 255, (2, 48, 48), dtype=np.uint8))
+    four = write(tmp_path / "four.tif", rng.integers(0, 255, (4, 48, 48), dtype=np.uint8), photometric="MINISBLACK")
+    named = write(tmp_path / "named.tif", rng.integers(0, 255, (4, 48, 48), dtype=np.uint8))
+    with rasterio.open(named, "r+") as ds:
+        ds.colorinterp = [ColorInterp.blue, ColorInterp.green, ColorInterp.red, ColorInterp.undefined]
+
+    def warnings_of(raster, *extra, command="segment"):
+        out = tmp_path / f"{raster.stem}-{command}-{len(extra)}.gpkg"
+        result = runner.invoke(app, [command, str(raster), "-c", "a", "-c", "b", "--model", str(tiny_model),
+                                     "--out", str(out), "--quiet", *extra])
+        assert result.exit_code == 0, result.output
+        return json.loads(out.with_suffix(".report.json").read_text())["warnings"]
+
+    said = [w for w in warnings_of(two) if "bands" in w]
+    assert said == ["two.tif has 2 bands and names no colours: band 1 is read as grey and band 2 is not used. "
+                    "Name the bands with --bands (3 numbers for red, green, blue, or 1 for grey)."]
+    said = [w for w in warnings_of(four) if "bands" in w]
+    assert len(said) == 1 and "bands 1, 2, 3 are read as red, green, blue and band(s) 4 are not used" in said[0]
+    assert [w for w in warnings_of(four, command="classify") if "bands" in w] == said
+    assert not [w for w in warnings_of(four, "--bands", "3,2,1") if "bands" in w]
+    assert not [w for w in warnings_of(named) if "bands" in w]  # its colours are named: blue, green, red
+
+
 def awkward_raster(tmp_path, kind: str, shape: tuple[int, int], rng):
     """A GeoTIFF of `shape` with masked pixels of one kind: a paletted band, NaN holes in float bands,
     a uint16 nodata value, or an alpha band."""
