@@ -276,7 +276,7 @@ def open_dataset(path: str | Path) -> rasterio.io.DatasetReader:
     except InputError:
         ds.close()
         raise
-    complex_bands = [i + 1 for i, dtype in enumerate(ds.dtypes) if np.dtype(dtype).kind == "c"]
+    complex_bands = [i + 1 for i, dtype in enumerate(ds.dtypes) if str(dtype).startswith("complex")]
     if complex_bands:
         ds.close()
         raise InputError(f"The raster {path} holds complex numbers ({ds.dtypes[complex_bands[0] - 1]}), e.g. radar "

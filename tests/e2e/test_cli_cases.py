@@ -67,6 +67,10 @@ def inputs(tmp_path_factory, naip) -> Path:
     os.mkfifo(folder / "fifo.pt")
     transform = from_origin(500000, 5200000, 5, 5)
     _write(folder / "complex.tif", np.ones((1, 64, 64), np.complex64), crs="EPSG:32614", transform=transform)
+    # Sentinel-1 SLC's CInt16, which numpy has no type for.
+    with rasterio.open(folder / "cint16.tif", "w", driver="GTiff", height=64, width=64, count=1, dtype="complex_int16",
+                       crs="EPSG:32614", transform=transform):
+        pass
     with rasterio.open(folder / "photo.jpg", "w", driver="JPEG", height=64, width=64, count=3,
                        dtype="uint8") as dst:
         dst.write(np.full((3, 64, 64), 100, np.uint8))
@@ -137,6 +141,7 @@ CASES = [
      "--weights ~nosuchuser/w.pt", 3, "no such user"),
     # rasters and checkpoints that used to end in a traceback or a library's words
     ("complex64 raster", "{in}/complex.tif -c water", 2, "complex numbers"),
+    ("complex 16-bit integer raster (SLC)", "{in}/cint16.tif -c water", 2, "holds complex numbers (complex_int16)"),
     ("JPEG renamed .tif", "{in}/photo.tif -c water", 2, "no coordinate reference system"),
     ("raster georeferenced by GCPs only", "{in}/gcps.tif -c water", 2, "ground control points"),
     ("satellite scene with RPCs only", "{in}/rpcs.tif -c water", 2, "gdalwarp -rpc"),
