@@ -10,6 +10,7 @@ import json
 import os
 import re
 import stat
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
@@ -299,12 +300,37 @@ def is_inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
     return real == root or root in real.parents
 
 
+def files_read_with(path: Path) -> list[Path]:
+    """The other files GDAL reads to give the pixels of the raster file `path`: a VRT's sources, external
+    overviews (.ovr), a mask (.msk), its metadata (.aux.xml); none when `path` is no raster GDAL opens (a
+    model, a class list, a vector file) or no regular file (a FIFO is not opened)."""
+    import rasterio  # here, not at the top: the rest of this module needs no GDAL
+
+    if not os.path.isfile(path):
+        return []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with rasterio.open(path) as ds:
+                names = list(ds.files)
+    except Exception:  # not a raster, or one GDAL cannot open: open_dataset says why when the run reads it
+        return []
+    return [Path(name) for name in names if not is_gdal_virtual(name) and not same_file(name, path)]
+
+
 def refuse_outputs_over_inputs(outputs: dict[str, Path], inputs: dict[str, Path]) -> None:
-    """No output may be an input, and no two outputs may be one file."""
+    """No output may be an input or a file GDAL reads for one (files_read_with), and no two outputs may be one file."""
     for out_name, out_path in outputs.items():
         for in_name, in_path in inputs.items():
             if in_path is not None and same_file(out_path, in_path):
                 raise InputError(f"The {out_name} {out_path} is the {in_name} {in_path}: writing it would destroy "
+                                 "the input. Choose another output name.")
+    for in_name, in_path in inputs.items():
+        read = files_read_with(in_path) if in_path is not None else []
+        for out_name, out_path in outputs.items():
+            if any(same_file(out_path, name) for name in read):
+                raise InputError(f"The {out_name} {out_path} is a file that the {in_name} {in_path.name} reads "
+                                 "(a source of a VRT, its overviews, mask or metadata): writing it would destroy "
                                  "the input. Choose another output name.")
     names = list(outputs.items())
     for i, (first_name, first) in enumerate(names):

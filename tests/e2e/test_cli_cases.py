@@ -51,6 +51,13 @@ def inputs(tmp_path_factory, naip) -> Path:
     shutil.copy(naip, folder / "in.tif")
     (folder / "sub").mkdir()
     (folder / "link.tif").symlink_to(folder / "in.tif")
+    with rasterio.open(folder / "in.tif") as src:  # a VRT mosaic of in.tif, as gdalbuildvrt writes one
+        bands = "".join(f'<VRTRasterBand dataType="Byte" band="{b}"><SimpleSource><SourceFilename relativeToVRT="1">'
+                        f"in.tif</SourceFilename><SourceBand>{b}</SourceBand></SimpleSource></VRTRasterBand>"
+                        for b in range(1, src.count + 1))
+        (folder / "mosaic.vrt").write_text(
+            f'<VRTDataset rasterXSize="{src.width}" rasterYSize="{src.height}"><SRS>{src.crs.to_wkt()}</SRS>'
+            f"<GeoTransform>{', '.join(map(str, src.transform.to_gdal()))}</GeoTransform>{bands}</VRTDataset>")
     save_plain(make_tiny_clip(), folder / "tiny.pt")
     model = make_tiny_clip()
     with torch.no_grad():
@@ -109,6 +116,10 @@ CASES = [
      2, "would destroy the input"),
     ("class raster is the input through ..", "{in}/in.tif -c water --class-raster {in}/sub/../in.tif --overwrite",
      2, "would destroy the input"),
+    ("class raster is a source of the input VRT", "{in}/mosaic.vrt -c water --class-raster {in}/in.tif --overwrite",
+     2, "is a file that the input raster mosaic.vrt reads (a source of a VRT"),
+    ("probability raster is a source of the input VRT, on workers", "{in}/mosaic.vrt -c water --prob-raster "
+     "{in}/in.tif --workers 1 --overwrite", 2, "is a file that the input raster mosaic.vrt reads (a source of a VRT"),
     ("input given through a symlink, output the real file", "{in}/link.tif -c water --class-raster {in}/in.tif "
      "--overwrite", 2, "would destroy the input"),
     ("probability raster is the class raster", "{in}/in.tif -c water --class-raster {out}/c.tif --prob-raster "
