@@ -55,6 +55,11 @@ def shapefile_parts(path: str | os.PathLike, every_case: bool = False) -> list[P
     return [p for name, p in found.items() if name != path.name]
 # SQLite's journal files beside a GeoPackage: left beside a replaced file, they would be replayed into it.
 SQLITE_SIDECARS = ("-wal", "-shm", "-journal")
+# What GDAL reads beside a raster X.tif: external overviews (X.tif.ovr, which QGIS's Build pyramids writes), a
+# mask (X.tif.msk) and metadata (X.tif.aux.xml: statistics, band names). Left beside a replaced raster, they
+# would describe the old one: QGIS draws a zoomed-out map from the old overviews.
+GDAL_SIDECARS = (".ovr", ".msk", ".aux.xml")
+RASTER_SUFFIXES = (".tif", ".tiff", ".vrt")
 
 
 def _fsync_file(path: Path) -> None:
@@ -113,7 +118,8 @@ def backup_path(path: str | Path, tag: str) -> Path:
 
 def _staged_moves(staged: Path, target: str | Path) -> tuple[list[Path], list[tuple[Path, Path]]]:
     """What renaming a staged file and its sidecars over `target` takes: the old files it removes (stale parts
-    of a replaced shapefile, a replaced GeoPackage's journal) and the renames, its main file last."""
+    of a replaced shapefile, a replaced GeoPackage's journal, a replaced raster's overviews, mask and metadata)
+    and the renames, its main file last."""
     path = Path(target)
     if _is_folder(staged):  # a folder output (a folder of rasters) is renamed whole, over the folder it replaces
         return [], [(staged, path)]
@@ -146,6 +152,10 @@ def _staged_moves(staged: Path, target: str | Path) -> tuple[list[Path], list[tu
             successor = next((new for new in targets.values() if new.name.lower() == old.name.lower()), None)
             if successor is None or (old.name != successor.name and not _same_existing(old, successor)):
                 removed.append(old)
+    if path.suffix.lower() in RASTER_SUFFIXES:
+        successors = {new.name for new in targets.values()}
+        removed += [path.parent / (path.name + sidecar) for sidecar in GDAL_SIDECARS
+                    if path.name + sidecar not in successors]
     if path.suffix.lower() == ".gpkg":
         # The old file's journal (another program had it open) describes the old file's pages.
         removed += [path.parent / (path.name + sidecar) for sidecar in SQLITE_SIDECARS

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .atomic import atomic_output
+from .atomic import GDAL_SIDECARS, atomic_output
 from .files import held_file, is_gdal_name
 from .weights import files_sha256, stat_identity
 
@@ -33,7 +33,7 @@ CropKey = tuple[int, int, int, int]  # (row, col, height, width) of the crop on 
 
 IDENTITY_VERSION = 2  # 2: every file GDAL reads for the raster, and the model's activation, architecture, precision
 COMPANION_HASH_MAX = 64 * 2**20  # companions up to this size are told apart by content, larger ones by stat
-SIDECAR_SUFFIXES = (".ovr", ".msk", ".aux.xml")  # what GDAL may read beside each source of a VRT
+SIDECAR_SUFFIXES = GDAL_SIDECARS  # what GDAL may read beside each source of a VRT
 # What SQLite reads beside a database (a GeoPackage, MBTiles): the write-ahead log holds the edits that QGIS
 # (which opens GeoPackages in WAL mode) made since the last checkpoint; a hot journal, an unfinished write.
 SQLITE_SIDECARS = ("-wal", "-journal")

@@ -238,6 +238,33 @@ def test_existing_output_is_kept_unless_overwrite(tiny_model, shared_data, tmp_p
     assert pyogrio.read_info(out)["features"] > 0
 
 
+def test_overwriting_a_raster_output_removes_the_old_ones_overviews_and_metadata(tiny_model, shared_data, tmp_path):
+    """QGIS's Build pyramids writes X.tif.ovr, its statistics X.tif.aux.xml: beside the new raster they
+    described the old one (QGIS drew the zoomed-out map from the old classes)."""
+    classes, probs = tmp_path / "c.tif", tmp_path / "p.tif"
+    args = ["--model", tiny_model, "--out", tmp_path / "r.gpkg", "--class-raster", classes, "--prob-raster", probs,
+            "--bbox", 486000, 5206000, 487000, 5207000, "--quiet"]
+    assert segment(shared_data / "naip_2020_5m.tif", "-c", "water", "-c", "forest", "-c", "field", *args).exit_code == 0
+    with rasterio.open(classes) as ds:
+        profile = ds.profile | {"width": ds.width // 2, "height": ds.height // 2, "tiled": False}
+        profile.pop("blockxsize", None), profile.pop("blockysize", None)
+    with rasterio.open(f"{classes}.ovr", "w", **profile) as ovr:
+        ovr.write(np.full((1, ovr.height, ovr.width), 2, np.uint8))
+    Path(f"{probs}.aux.xml").write_text('<PAMDataset><PAMRasterBand band="1"><Description>water</Description>'
+                                        "</PAMRasterBand></PAMDataset>")
+    with rasterio.open(classes) as ds, rasterio.open(probs) as p:
+        assert ds.overviews(1) == [2] and p.descriptions[0] == "water"  # GDAL reads them as the rasters' own
+
+    refused = segment(shared_data / "naip_2020_5m.tif", "-c", "road", "-c", "roof", *args)
+    assert refused.exit_code == 2 and Path(f"{classes}.ovr").exists() and Path(f"{probs}.aux.xml").exists()
+    result = segment(shared_data / "naip_2020_5m.tif", "-c", "road", "-c", "roof", *args, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert not Path(f"{classes}.ovr").exists() and not Path(f"{probs}.aux.xml").exists()
+    with rasterio.open(classes) as ds, rasterio.open(probs) as p:
+        assert ds.overviews(1) == [] and p.descriptions == ("road", "roof")
+        assert set(np.unique(ds.read(1, out_shape=(ds.height // 2, ds.width // 2)))) <= {0, 1, 254, 255}
+
+
 def test_threshold_leaves_low_confidence_pixels_unclassified(tiny_model, shared_data, tmp_path):
     classes = tmp_path / "c.tif"
     result = segment(shared_data / "naip_2020_5m.tif", *CLASSES, "--model", tiny_model, "--out",
