@@ -328,10 +328,17 @@ def select_bands(ds: rasterio.io.DatasetReader, bands: list[int] | None) -> list
 def band_choice_warning(ds: rasterio.io.DatasetReader, bands: list[int] | None, chosen: list[int]) -> list[str]:
     """A sentence when select_bands guessed the colours without the raster naming them: two bands read
     as grey from the first, or more than three without red, green and blue read as 1, 2, 3 (the user
-    may have blue, green, red, near infrared). Nothing when the user named --bands or the raster its colours."""
-    if bands:
-        return []
+    may have blue, green, red, near infrared). Bands the user named are taken as named, but an alpha
+    (transparency) band among them is said: it is read as a colour, not as the mask it is."""
     interp = list(ds.colorinterp)
+    if bands:
+        alpha = sorted({b for b in bands if interp[b - 1] == ColorInterp.alpha})
+        if not alpha:
+            return []
+        which = f"band {alpha[0]}" if len(alpha) == 1 else "bands " + ", ".join(map(str, alpha))
+        return [f"--bands names {which} of {Path(ds.name).name}, an alpha (transparency) band: it is read "
+                "as a colour here, and transparent pixels are still left out. If that band is not what you meant, "
+                "name others with --bands."]
     colour = [i + 1 for i, ci in enumerate(interp) if ci not in (ColorInterp.alpha, ColorInterp.palette)]
     if all(role in interp for role in (ColorInterp.red, ColorInterp.green, ColorInterp.blue)):
         return []

@@ -115,6 +115,13 @@ def test_a_guess_of_the_colour_bands_is_said_in_the_report_unless_named(tiny_mod
     assert [w for w in warnings_of(four, command="classify") if "bands" in w] == said
     assert not [w for w in warnings_of(four, "--bands", "3,2,1") if "bands" in w]
     assert not [w for w in warnings_of(named) if "bands" in w]  # its colours are named: blue, green, red
+    rgba = write(tmp_path / "rgba.tif", rng.integers(0, 255, (4, 48, 48), dtype=np.uint8), photometric="RGB",
+                 alpha="YES")
+    assert not [w for w in warnings_of(rgba) if "bands" in w]
+    said = [w for w in warnings_of(rgba, "--bands", "4,3,2") if "bands" in w]
+    assert said == ["--bands names band 4 of rgba.tif, an alpha (transparency) band: it is read as a colour here, "
+                    "and transparent pixels are still left out. If that band is not what you meant, name others "
+                    "with --bands."]
 
 
 def awkward_raster(tmp_path, kind: str, shape: tuple[int, int], rng):
