@@ -361,6 +361,7 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
         warnings += check_format_crs(options.out, source.crs)
         warnings += band_choice_warning(source.dataset, options.bands, source.bands)
         window = request_window(source, options.bbox, options.bbox_crs, clip=True)
+        warnings += simplify_warning(options.simplify, source, window)
         computed = refine_outlines.engine_window(options.refine, source, window)
         # Without refinement, the window is polygonised beside the engine, from its blocks: then no
         # score or signals raster is needed, and a class raster only when the user asked for one.
@@ -508,6 +509,23 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
                 raise CancelledError("The run was cancelled; nothing was written.")
             staged.commit()
     return SegmentResult(run_id, paths, stats, total, timings, report, warnings, features)
+
+
+SHORT_UNITS = {"metre": "m", "meter": "m", "foot": "ft", "us survey foot": "US survey ft"}
+
+
+def simplify_warning(tolerance: float, source: RasterSource, window: PixelWindow) -> list[str]:
+    """A sentence when --simplify (in the raster CRS's units) is more than a quarter of the area's shorter
+    side: metres typed for a raster in degrees, say; the polygons then lose most of their shape."""
+    width, height = pixel_size(source.window_transform(window))
+    side = min(window.width * width, window.height * height)
+    if tolerance <= side / 4:
+        return []
+    named = source.crs.linear_units or "units"
+    unit = "degrees" if source.crs.is_geographic else SHORT_UNITS.get(named.lower(), named)
+    return [f"--simplify {tolerance:g} is in the units of the raster's CRS ({unit}), and more than a quarter of "
+            f"the area's shorter side ({side:.4g} {unit}): the polygons lose most of their shape. Give a tolerance "
+            f"of about one pixel ({min(width, height):.4g} {unit}) or a few."]
 
 
 def nothing_drawn_warning(stats: list[dict], options: SegmentOptions) -> list[str]:

@@ -611,12 +611,31 @@ def polygon_areas_m2(geometries: Sequence[BaseGeometry], crs) -> np.ndarray:
     return np.array([abs(geod.geometry_area_perimeter(g)[0]) for g in shapes], dtype=np.float64)
 
 
+def _straight_frame_edges(polygon, bounds: tuple[float, float, float, float]):
+    """`polygon` (pixel coordinates) without the vertices that only mark pixel corners along the frame
+    `bounds`: those between two neighbours on the same side of the frame (simplify_boundary=False keeps
+    every vertex there, one per pixel after segmentize). Where two polygons meet on the frame, the ring
+    turns away from it, so the shared corner stays."""
+    if polygon.geom_type != "Polygon" or polygon.is_empty:
+        return polygon
+    ring = np.asarray(polygon.exterior.coords)[:-1]
+    x, y = ring[:, 0], ring[:, 1]
+    on_side = np.zeros(len(ring), bool)
+    for values, edge in ((x, bounds[0]), (x, bounds[2]), (y, bounds[1]), (y, bounds[3])):
+        here = values == edge
+        on_side |= here & np.roll(here, 1) & np.roll(here, -1)
+    if not on_side.any() or on_side.all():
+        return polygon
+    kept = ring[~on_side]
+    return shapely.Polygon(kept, [interior.coords for interior in polygon.interiors])
+
+
 def simplify_coverage(geometries: Sequence[BaseGeometry], tolerance: float, transform: Affine) -> list:
     """Simplify polygons together so neighbours keep sharing their edges (no gaps or overlaps).
 
     `tolerance` is in CRS units. The work happens on the pixel grid, where the polygons of one raster
-    form an exact coverage once every edge carries a vertex at each pixel corner. A polygon that would
-    come out invalid or empty is kept unsimplified.
+    form an exact coverage once every edge carries a vertex at each pixel corner; the rectangle around
+    them (the raster's edge) is kept. A polygon that would come out invalid or empty is kept unsimplified.
     """
     if tolerance <= 0 or len(geometries) == 0:
         return list(geometries)
@@ -631,7 +650,16 @@ def simplify_coverage(geometries: Sequence[BaseGeometry], tolerance: float, tran
     pixel_size = math.sqrt(abs(transform.determinant))
     originals = np.asarray(geometries, dtype=object)
     on_grid = shapely.segmentize(shapely.transform(originals, apply_inverse), 1.0)
-    simplified = shapely.coverage_simplify(on_grid, tolerance / pixel_size)
+    # The edge of the raster stays where it is (a large tolerance cut triangles off its corners, which then
+    # had no polygon): stand-ins fill the gaps (unclassified, nodata) inside the rectangle around the
+    # polygons, so that rectangle is the coverage's outer boundary, which simplify_boundary=False keeps;
+    # the edges beside the gaps are inner edges, simplified as before.
+    frame = shapely.box(*shapely.total_bounds(on_grid))
+    gaps = shapely.get_parts(shapely.difference(frame, shapely.coverage_union_all(on_grid)))
+    gaps = shapely.segmentize(gaps[~shapely.is_empty(gaps)], 1.0)
+    simplified = shapely.coverage_simplify(np.concatenate([on_grid, gaps]), tolerance / pixel_size,
+                                           simplify_boundary=False)[:len(on_grid)]
+    simplified = np.array([_straight_frame_edges(g, frame.bounds) for g in simplified], dtype=object)
     simplified = np.asarray(_to_crs_coordinates(list(simplified), transform), dtype=object)
     unusable = ~shapely.is_valid(simplified) | shapely.is_empty(simplified)
     simplified[unusable] = originals[unusable]

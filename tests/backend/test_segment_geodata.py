@@ -265,6 +265,30 @@ def test_overwriting_a_raster_output_removes_the_old_ones_overviews_and_metadata
         assert set(np.unique(ds.read(1, out_shape=(ds.height // 2, ds.width // 2)))) <= {0, 1, 254, 255}
 
 
+def test_a_simplify_tolerance_in_the_wrong_units_is_said_and_the_rasters_edge_stays_covered(tiny_model, tmp_path):
+    data = np.random.default_rng(2).integers(0, 255, (3, 300, 300), dtype=np.uint8)
+    raster = tmp_path / "degrees.tif"
+    with rasterio.open(raster, "w", driver="GTiff", width=300, height=300, count=3, dtype="uint8", crs="EPSG:4326",
+                       transform=rasterio.transform.from_origin(10, 50, 0.0001, 0.0001)) as ds:
+        ds.write(data)
+    runs = {}
+    for tolerance in ("30", "0.0003"):  # metres typed for degrees; three pixels
+        out = tmp_path / f"s{tolerance}.gpkg"
+        result = segment(raster, "-c", "a", "-c", "b", "--model", tiny_model, "--out", out, "--simplify", tolerance,
+                         "--no-region-checks", "--quiet")
+        assert result.exit_code == 0, result.output
+        runs[tolerance] = (json.loads(out.with_suffix(".report.json").read_text())["warnings"], read_layer(out))
+    said = [w for w in runs["30"][0] if "--simplify" in w]
+    assert said == ["--simplify 30 is in the units of the raster's CRS (degrees), and more than a quarter of the "
+                    "area's shorter side (0.03 degrees): the polygons lose most of their shape. Give a tolerance of "
+                    "about one pixel (0.0001 degrees) or a few."]
+    assert not [w for w in runs["0.0003"][0] if "--simplify" in w]
+    footprint = shapely.box(10, 49.97, 10.03, 50)
+    for _warnings, (_meta, geometries, _fields) in runs.values():
+        union = shapely.union_all(geometries)
+        assert union.symmetric_difference(footprint).area == pytest.approx(0, abs=1e-12)
+
+
 def test_threshold_leaves_low_confidence_pixels_unclassified(tiny_model, shared_data, tmp_path):
     classes = tmp_path / "c.tif"
     result = segment(shared_data / "naip_2020_5m.tif", *CLASSES, "--model", tiny_model, "--out",

@@ -249,6 +249,31 @@ def test_simplify_keeps_polygons_valid_non_empty_and_neighbours_edge_matched(tmp
     assert sum(r.area_m2 for r in simplified) == pytest.approx(classes.size * 4.0)
 
 
+@pytest.mark.parametrize("tolerance", [30.0, 200.0])
+def test_a_large_simplify_tolerance_keeps_the_rasters_edge_and_corners_covered(tmp_path, tolerance):
+    rng = np.random.default_rng(4)
+    classes = ndimage.zoom(rng.integers(0, 3, (5, 6)), 12, order=0).astype(np.uint8)  # 60 x 72 px, 2 m
+    classes[20:30, 30:45] = 254  # unclassified: a gap, not part of the frame
+    path = write_raster(tmp_path / "blocks.tif", classes)
+    regions = vectorize_class_raster(path, None, skip_values=(254,), strip_rows=16)
+    simplified = finalize(regions, UTM, TRANSFORM, simplify=tolerance)
+    geometries = np.array([r.geometry for r in simplified])
+    assert shapely.is_valid(geometries).all() and shapely.coverage_is_valid(geometries)
+    frame = shapely.box(500000, 4000000 - 120, 500000 + 144, 4000000)
+    union = shapely.union_all(geometries)
+    # Every corner and every side of the raster still lies on a polygon; nothing reaches beyond it.
+    for x, y in shapely.get_coordinates(frame.exterior):
+        assert union.distance(shapely.Point(x, y)) == 0
+    assert union.boundary.intersection(frame.exterior).length == pytest.approx(frame.exterior.length)
+    assert shapely.difference(union, frame).area == 0
+    # The sides are straight: no ring keeps a vertex between two others on the same side of the raster.
+    for geometry in geometries:
+        ring = np.asarray(geometry.exterior.coords)[:-1]
+        for axis, edge in ((0, 500000), (0, 500144), (1, 3999880), (1, 4000000)):
+            here = ring[:, axis] == edge
+            assert not (here & np.roll(here, 1) & np.roll(here, -1)).any()
+
+
 @pytest.mark.parametrize("strip_rows", [2, 5, 64])
 def test_noisy_raster_round_trips_through_polygons(tmp_path, strip_rows):
     classes = np.random.default_rng(2).integers(0, 3, (37, 41)).astype(np.uint8)
