@@ -23,8 +23,10 @@ from pathlib import Path
 
 from .temporary import new_run_tag, owned_entries, remove_owned, staged_path, staged_stem
 
-# A shapefile's files, and QGIS's metadata (.qmd) and style (.qml) beside it, which describe its fields.
-SHAPEFILE_PARTS = (".shp", ".shx", ".dbf", ".prj", ".cpg", ".qix", ".sbn", ".sbx", ".qmd", ".qml")
+# A shapefile's files, QGIS's metadata (.qmd), style (.qml) and old CRS file (.qpj), and ArcGIS's metadata
+# (.shp.xml) beside it, which describe its fields and data.
+SHAPEFILE_PARTS = (".shp", ".shx", ".dbf", ".prj", ".cpg", ".qix", ".sbn", ".sbx", ".qmd", ".qml", ".qpj",
+                   ".shp.xml")
 
 
 def is_shapefile(path: str | os.PathLike) -> bool:

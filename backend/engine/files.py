@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .atomic import is_shapefile, shapefile_parts
-from .errors import FarslipError, InputError
+from .errors import FarslipError, InputError, shortened
 
 
 def expand_user(text: str | os.PathLike, what: str, error: type[FarslipError] = InputError) -> Path:
@@ -378,6 +378,30 @@ def check_output_folder(path: Path) -> None:
 STAGED_NAME_EXTRA = len(".") + len(".farslip-") + 20 + 1 + 32 + len(".tmp") + len(".aux.xml")
 
 
+PATH_MAX_BYTES = 4095  # Linux's PATH_MAX (4096) less the closing NUL
+NAME_MAX_BYTES = 255  # one folder or file name, on every common file system
+
+
+def too_long(path: str | os.PathLike) -> str | None:
+    """Why `path` is longer than a file system takes (a name over NAME_MAX_BYTES, or over PATH_MAX_BYTES in
+    all), in words; None when it is not. Asking the file system about such a path raises OSError."""
+    text = os.fsencode(os.path.abspath(path))
+    if len(text) > PATH_MAX_BYTES:
+        return f"is {len(text)} bytes long, more than the {PATH_MAX_BYTES} a path may have"
+    longest = max(text.split(b"/"), key=len)
+    if len(longest) > NAME_MAX_BYTES:
+        return (f"holds a name of {len(longest)} bytes ({os.fsdecode(longest)[:40]}...), more than the "
+                f"{NAME_MAX_BYTES} a folder or file name may have")
+    return None
+
+
+def check_path_length(path: str | os.PathLike, what: str) -> None:
+    """InputError when `path` (the `what`) is too long for the file system (too_long)."""
+    why = too_long(path)
+    if why is not None:
+        raise InputError(shortened(f"The {what} path {os.fspath(path)} {why}; choose a shorter one."))
+
+
 def check_output_name(path: str | os.PathLike, what: str) -> Path:
     """An output's name is one the file system and our temporary names can hold: no control
     characters (a newline in a file name breaks every tool that lists the folder), and short enough
@@ -388,6 +412,7 @@ def check_output_name(path: str | os.PathLike, what: str) -> Path:
     if bad is not None:
         raise InputError(f"The {what} path {text!r} holds the control character {bad!r}; give a file name "
                          "without tabs, newlines or other control characters.")
+    check_path_length(path.parent, what)  # a folder's name or the whole path: asking about the folder would fail
     try:
         name_max = os.pathconf(path.parent if path.parent.is_dir() else ".", "PC_NAME_MAX")
     except (OSError, ValueError):
@@ -397,6 +422,7 @@ def check_output_name(path: str | os.PathLike, what: str) -> Path:
         size = len(path.name.encode("utf-8"))
         raise InputError(f"The name of the {what} ({path.name[:40]}...) is too long: {size} bytes, at most "
                          f"{longest} here; choose a shorter name.")
+    check_path_length(path, what)
     return path
 
 

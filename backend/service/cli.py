@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -11,7 +13,7 @@ import typer
 
 from backend import __version__
 from backend.engine.atomic import write_text_atomically
-from backend.engine.errors import FarslipError, InputError
+from backend.engine.errors import FarslipError, InputError, shortened
 from backend.service.cli_common import ProgressReporter, fail, interruptible, interrupted, signals_as_interrupt
 from backend.service.cli_options import options_from_cli, own_option, with_segment_options
 from backend.service.scale_cli import SCALE_OPTIONS, segment_scaled, single_raster, wants_ray, with_many_inputs
@@ -307,7 +309,17 @@ app.command("evaluate-retrieval")(interruptible(evaluate_retrieval_command))
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except OSError as error:
+        # A path longer than the file system takes, met wherever a command first asks about it (an input
+        # raster, a model, a folder): one sentence, as for every other unusable input.
+        if error.errno != errno.ENAMETOOLONG:
+            raise
+        named = f" {os.fsdecode(error.filename)}" if error.filename else ""
+        typer.echo(shortened(f"Error: The path{named} is too long for the file system (a folder or file name "
+                             "of more than 255 bytes, or more than 4096 in all); choose a shorter one."), err=True)
+        raise SystemExit(InputError.exit_code) from None
 
 
 if __name__ == "__main__":

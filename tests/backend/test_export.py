@@ -176,8 +176,11 @@ def test_failed_write_leaves_nothing_and_keeps_the_old_result(tmp_path, regions,
 def test_replacing_a_shapefile_removes_its_stale_sidecars(tmp_path, regions):
     path = write_polygons(tmp_path / "result.shp", regions, UTM, CLASS_NAMES, "m", "r")
     (tmp_path / "result.qix").write_bytes(b"old spatial index")
+    (tmp_path / "result.qpj").write_text("an old QGIS CRS file")
+    (tmp_path / "result.shp.xml").write_text("<metadata>ArcGIS's description of the old data</metadata>")
     write_polygons(path, regions[:1], UTM, CLASS_NAMES, "m", "r")
-    assert not (tmp_path / "result.qix").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"result{part}" for part in (".cpg", ".dbf", ".prj",
+                                                                                         ".shp", ".shx")]
     assert pyogrio.read_info(path)["features"] == 1
 
 

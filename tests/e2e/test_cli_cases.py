@@ -12,6 +12,8 @@ import hashlib
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -116,6 +118,10 @@ CASES = [
      2, "would destroy the input"),
     ("class raster is the input through ..", "{in}/in.tif -c water --class-raster {in}/sub/../in.tif --overwrite",
      2, "would destroy the input"),
+    ("output in a folder whose name is too long", f"{{in}}/in.tif -c water --out {{out}}/{'c' * 300}/x.gpkg", 2,
+     "holds a name of 300 bytes (cccc"),
+    ("class raster path too long in all", f"{{in}}/in.tif -c water --class-raster {{out}}/{'d/' * 2100}c.tif", 2,
+     "bytes long, more than the 4095 a path may have"),
     ("class raster is a source of the input VRT", "{in}/mosaic.vrt -c water --class-raster {in}/in.tif --overwrite",
      2, "is a file that the input raster mosaic.vrt reads (a source of a VRT"),
     ("probability raster is a source of the input VRT, on workers", "{in}/mosaic.vrt -c water --prob-raster "
@@ -339,6 +345,8 @@ EVALUATE_CASES = [
     ("json report is a folder", "--json {out}/d.gpkg --overwrite", 2, "is a folder"),
     ("quality calibration in a missing folder", "--calibrate-quality --quality-out {out}/no/q.json", 2,
      "does not exist"),
+    ("json report in a folder whose name is too long", f"--json {{out}}/{'c' * 300}/m.json", 2,
+     "holds a name of 300 bytes"),
 ]
 
 
@@ -348,3 +356,19 @@ def test_evaluate_refuses_with_one_line_and_touches_nothing(case, args, code, ph
                                   "--class-field", "building", "--background", "ground", "--model",
                                   str(inputs / "tiny.pt"), *_words(args, inputs, out_dir)], code, phrase, inputs,
                                  out_dir, shared_data)
+
+
+@pytest.mark.parametrize("what", ["raster", "model", "search raster"])
+def test_an_input_path_too_long_for_the_file_system_is_one_sentence_from_the_command(what, inputs, tmp_path):
+    """Whichever check meets such a path first (the raster's kind, the model's place), the command says it in
+    one sentence with exit 2, as for an output, instead of Python's OSError traceback."""
+    long_name = str(tmp_path / ("c" * 300 + ".tif"))
+    args = {"raster": ["segment", long_name, "-c", "water", "--model", inputs / "tiny.pt"],
+            "model": ["segment", inputs / "in.tif", "-c", "water", "--model", tmp_path / ("m" * 300 + ".pt")],
+            "search raster": ["search", long_name, "a lake", "--model", inputs / "tiny.pt"]}[what]
+    done = subprocess.run([str(Path(sys.executable).parent / "farslip"), *map(str, args), "--out",
+                           str(tmp_path / "x.gpkg")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("Error: The ") and (
+        "too long" in done.stderr.lower()), done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "x.gpkg").exists()
