@@ -474,6 +474,12 @@ def check_output_files(named: dict[str, Path], inputs: dict[str, Path] | None = 
     for what, path in named.items():
         if path not in checked:
             continue
+        # A symbolic link counts as there even when it leads nowhere (or in a loop): the run's rename would
+        # replace the link itself.
+        if os.path.islink(path) and not os.path.exists(path):
+            raise InputError(f"The {what} {path} already exists as a symbolic link to {os.readlink(path)}, which "
+                             f"cannot be followed; choose another name or allow overwriting ({option}), which "
+                             "replaces the link.")
         try:
             exists = path.exists()
         except OSError as error:
@@ -484,7 +490,7 @@ def check_output_files(named: dict[str, Path], inputs: dict[str, Path] | None = 
         if is_shapefile(path):  # a shapefile is several files: its parts replace theirs, in either case
             found: list[Path] = []
             for part in shapefile_parts(path, every_case=True):
-                if part.exists() and not any(same_file(part, other) for other in found):
+                if os.path.lexists(part) and not any(same_file(part, other) for other in found):
                     found.append(part)
             if found:
                 raise InputError(f"The {what} {path} would replace {', '.join(p.name for p in found)}, which "

@@ -238,6 +238,23 @@ def test_existing_output_is_kept_unless_overwrite(tiny_model, shared_data, tmp_p
     assert pyogrio.read_info(out)["features"] > 0
 
 
+def test_an_output_name_taken_by_a_symbolic_link_to_nowhere_is_kept_unless_overwrite(tiny_model, shared_data, tmp_path):
+    (tmp_path / "dangling.gpkg").symlink_to("nowhere.gpkg")
+    (tmp_path / "loop1.gpkg").symlink_to("loop2.gpkg")
+    (tmp_path / "loop2.gpkg").symlink_to("loop1.gpkg")
+    (tmp_path / "shape.dbf").symlink_to("gone.dbf")
+    args = [*CLASSES, "--model", tiny_model, "--bbox", 486000, 5206000, 487000, 5207000, "--quiet"]
+    for name, target in (("dangling.gpkg", "nowhere.gpkg"), ("loop1.gpkg", "loop2.gpkg")):
+        result = segment(shared_data / "naip_2020_5m.tif", *args, "--out", tmp_path / name)
+        assert result.exit_code == 2 and f"already exists as a symbolic link to {target}" in result.output
+        assert (tmp_path / name).is_symlink() and not (tmp_path / "nowhere.gpkg").exists()
+    result = segment(shared_data / "naip_2020_5m.tif", *args, "--out", tmp_path / "shape.shp")
+    assert result.exit_code == 2 and "would replace shape.dbf" in result.output
+    result = segment(shared_data / "naip_2020_5m.tif", *args, "--out", tmp_path / "dangling.gpkg", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "dangling.gpkg").is_symlink() and pyogrio.read_info(tmp_path / "dangling.gpkg")["features"]
+
+
 def test_overwriting_a_raster_output_removes_the_old_ones_overviews_and_metadata(tiny_model, shared_data, tmp_path):
     """QGIS's Build pyramids writes X.tif.ovr, its statistics X.tif.aux.xml: beside the new raster they
     described the old one (QGIS drew the zoomed-out map from the old classes)."""
