@@ -31,6 +31,7 @@ from rasterio.crs import CRS
 
 from backend import __version__
 from backend.engine.errors import CancelledError, FarslipError, InputError, OutsideBboxError
+from backend.engine.devices import usable_cores
 from backend.engine.atomic import StagedOutputs, write_text_atomically
 from backend.engine.export import check_format_crs, driver_for, layer_name, report_json, report_path_for
 from backend.engine.feature_cache import RasterReads, identity_digest, model_identity, raster_reads
@@ -127,6 +128,20 @@ Progress = Callable[[int, int, int, int], None]  # chunks done, chunks total, pi
 
 # What a run on Ray cannot do yet: option name -> (the value that asks for it, its command-line spelling).
 NOT_YET = {"cache_features": (True, "--cache-features"), "region_checks": (False, "--no-region-checks")}
+
+
+def check_workers(workers: int | None, cluster: str | None) -> None:
+    """--workers: at least 1, and on this computer's own Ray at most its usable cores (each local worker takes
+    one and holds a copy of the model; more only queue up memory). A cluster's size is told once connected."""
+    if workers is None:
+        return
+    if workers < 1:
+        raise InputError(f"--workers must be at least 1; got {workers}.")
+    cores = usable_cores()
+    if not cluster and workers > cores:
+        raise InputError(f"--workers {workers} is more than the {cores} CPU cores this computer lets the run use: "
+                         f"each local worker takes a core and a copy of the model. Use at most {cores}, or "
+                         "--cluster ADDRESS to run on more machines.")
 
 
 def check_scale_options(options) -> None:
@@ -320,6 +335,11 @@ class Workers:
                                    + ("check the address and that the cluster is up." if cluster else
                                       "check that this machine can run Ray, or segment without Ray.")) from None
         gpus = int(ray.cluster_resources().get("GPU", 0))
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+        if cluster and workers and workers > max(cpus, gpus):
+            raise InputError(f"--workers {workers} is more than the Ray cluster at {cluster} has room for ({cpus} "
+                             f"CPUs, {gpus} GPUs): the workers beyond would never start. Use at most "
+                             f"{max(cpus, gpus, 1)}.")
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         count = workers or gpus or max(1, len(nodes))
         options: dict = {"max_restarts": 3, "max_task_retries": 3, "num_cpus": 1}
@@ -361,6 +381,7 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
                     notice: Callable[[str], None] | None = None) -> ScaleResult:
     """Segment every raster of `paths` on Ray workers; write one layer (and a class VRT); see the module."""
     started = time.perf_counter()
+    check_workers(request.workers, request.cluster)
     check_merged_output(request.out)
     typed_crs = parse_crs(request.out_crs, CRS(), "--out-crs") if request.out_crs else None  # before the model loads
     # The output CRS must reach every raster: told from their headers before the model loads (a raster that

@@ -108,7 +108,7 @@ def segment_scaled(values: dict) -> None:
     try:
         from backend.engine.options import check_values
         from backend.scale.inputs import expand_inputs
-        from backend.scale.run import ScaleRequest, check_scale_options, segment_rasters
+        from backend.scale.run import ScaleRequest, check_scale_options, check_workers, segment_rasters
         from backend.scale.worker import engine_settings
 
         options = options_from_cli({k: v for k, v in values.items()
@@ -116,8 +116,7 @@ def segment_scaled(values: dict) -> None:
                                    | {"raster": values["raster"][0]})
         check_values(options)
         check_scale_options(options)
-        if values.get("workers") is not None and values["workers"] < 1:
-            raise InputError(f"--workers must be at least 1; got {values['workers']}.")
+        check_workers(values.get("workers"), values.get("cluster") or os.environ.get("RAY_ADDRESS"))
         rasters = {role: Path(values[role]) if values.get(role) else None for role in RASTER_OUTPUTS}
         chunk = values.get("chunk_size")
         if chunk is not None and chunk < 256:
