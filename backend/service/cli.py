@@ -151,12 +151,13 @@ def bench(
     arch: str = typer.Option("ViT-B-16", help="open_clip architecture (random weights: speed only)."),
     batch_size: Optional[int] = typer.Option(None, min=1, help="Crops per batch (default: as segment picks it, 8 on a "
                                                             "CPU, from the free memory on a GPU)."),
-    size: Optional[int] = typer.Option(None, help="Side of the generated raster for the pipeline run "
-                                                  "(default 1024; 4096 with --null-encoder)."),
+    size: Optional[int] = typer.Option(None, min=224, help="Side of the generated raster for the pipeline run "
+                                                           "(default 1024; 4096 with --null-encoder)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     rss_sizes: Optional[str] = typer.Option(None, help="Raster sides for the peak-memory runs ('' = skip; "
                                                        "default 2000,10000; 2048,8192 with --null-encoder)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --json file."),
     server: bool = typer.Option(False, "--server", help="Instead: HTTP latencies and server vs CLI overhead."),
     train: bool = typer.Option(False, "--train", help="Instead: training step time vs its bare passes."),
     null_encoder: bool = typer.Option(False, "--null-encoder",
@@ -183,10 +184,14 @@ def bench(
 
     from backend.engine.files import check_output_file
 
-    try:
+    try:  # everything checked before minutes of measuring, not after
         dev = resolve_device(device)
-        if json_out:  # before minutes of measuring, not after
-            check_output_file(json_out, "figures file (--json)", overwrite=True)
+        if json_out:
+            check_output_file(json_out, "figures file (--json)", overwrite=overwrite)
+        if open_clip_config(arch) is None:
+            raise InputError(f"Unknown open_clip architecture {arch!r}; e.g. ViT-B-16, ViT-B-32, ViT-L-14.")
+        sides = {"--rss-sizes": _sides(rss_sizes, "2048,8192" if null_encoder else "2000,10000", "--rss-sizes"),
+                 "--search-sides": _sides(search_sides, "", "--search-sides")}
     except FarslipError as error:
         fail(error)
     if batch_size is None:
@@ -210,12 +215,11 @@ def bench(
     elif search:
         from .search_bench import run_search_bench
 
-        sides = tuple(int(s) for s in search_sides.split(",") if s.strip())
-        results = run_search_bench(arch, sides, str(dev), echo=typer.echo)
+        results = run_search_bench(arch, sides["--search-sides"], str(dev), echo=typer.echo)
     elif null_encoder:
         from .host_bench import run_host_bench
 
-        results = run_host_bench(arch, batch_size, size or 4096, str(dev), _sides(rss_sizes, "2048,8192"),
+        results = run_host_bench(arch, batch_size, size or 4096, str(dev), sides["--rss-sizes"],
                                  echo=typer.echo, repeat=runs)
     elif train:
         from backend.service.training_bench import format_training, measure_training
@@ -227,14 +231,28 @@ def bench(
     else:
         from .bench import run_bench
 
-        results = run_bench(arch, batch_size, size or 1024, str(dev), _sides(rss_sizes, "2000,10000"),
-                            echo=typer.echo)
+        results = run_bench(arch, batch_size, size or 1024, str(dev), sides["--rss-sizes"], echo=typer.echo)
     if json_out:
         write_text_atomically(json_out, json.dumps(results, indent=2))
 
 
-def _sides(text: str | None, default: str) -> tuple[int, ...]:
-    return tuple(int(side) for side in (default if text is None else text).split(",") if side.strip())
+def _sides(text: str | None, default: str, option: str) -> tuple[int, ...]:
+    """Raster sides typed as 2000,10000 ('' for none; None: `default`), each at least one 224 px crop."""
+    typed = default if text is None else text
+    try:
+        sides = tuple(int(side) for side in typed.split(",") if side.strip())
+    except ValueError:
+        sides = ()
+    if any(side < 224 for side in sides) or (typed.strip() and not sides):
+        raise InputError(f"{option} takes raster sides in pixels, each at least 224, separated by commas (e.g. "
+                         f"2000,10000), or '' for none; got {typed!r}.")
+    return sides
+
+
+def open_clip_config(arch: str) -> dict | None:
+    import open_clip
+
+    return open_clip.get_model_config(arch)
 
 
 def _bench_server(device: str) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import pytest
 import torch
 from tinymodels import make_tiny_clip, save_plain
 from typer.testing import CliRunner
@@ -114,3 +115,29 @@ def test_a_figures_file_that_cannot_be_written_is_refused_before_measuring(tmp_p
     assert result.exit_code == 2, result.output
     assert result.output.strip() == f"Error: The output folder {tmp_path / 'nowhere'} does not exist; create it or " \
                                     "choose another."
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--rss-sizes", "abc"], "Error: --rss-sizes takes raster sides in pixels, each at least 224, separated by commas "
+                             "(e.g. 2000,10000), or '' for none; got 'abc'."),
+    (["--search", "--search-sides", "3000,x"], "Error: --search-sides takes raster sides in pixels"),
+    (["--rss-sizes", "100"], "Error: --rss-sizes takes raster sides in pixels, each at least 224"),
+    (["--arch", "nope"], "Error: Unknown open_clip architecture 'nope'; e.g. ViT-B-16, ViT-B-32, ViT-L-14."),
+    (["--size", "-5"], "Invalid value for '--size'"),
+    (["--size", "0"], "Invalid value for '--size'"),
+])
+def test_bad_benchmark_options_are_one_sentence_before_measuring(args, said):
+    """They were tracebacks (--rss-sizes abc, --size -5 after minutes of measuring), exit 1 (--arch), or a
+    silent default (--size 0)."""
+    result = CliRunner().invoke(app, ["bench", *args])
+    assert result.exit_code == 2 and said in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_an_existing_figures_file_is_kept_unless_overwrite(tmp_path):
+    kept = tmp_path / "bench.json"
+    kept.write_text("precious")
+    result = CliRunner().invoke(app, ["bench", "--train", "--json", str(kept)])
+    assert result.exit_code == 2 and "already exists; choose another name or allow overwriting (--overwrite)" in \
+        result.output
+    assert kept.read_text() == "precious"
