@@ -104,10 +104,14 @@ def load_preset(name: str) -> list[str]:
 
 def collect_class_lines(class_lines: list[str] | None = None, classes_file: str | Path | None = None,
                         preset: str | None = None) -> list[str]:
-    """Class lines given one by one (blank ones left out), then those of a class file, then a preset's, in that
-    order; each checked (check_class_line) before any model reads it."""
-    lines = [line for line in (class_lines or []) if line.strip()]
-    for line in lines:
+    """Class lines given one by one, then those of a class file (blank lines left out), then a preset's, in that
+    order; each checked (check_class_line) before any model reads it. A blank line given on its own is refused:
+    it is a mistake (an unset shell variable in -c "$NAME"), not a layout."""
+    lines = list(class_lines or [])
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            raise InputError(f"Class line {number} of {len(lines)} given one by one is blank; give a class name "
+                             "or leave it out (an unset shell variable in -c \"$NAME\"?).")
         check_class_line(line)
     if classes_file is not None:
         lines += read_class_file(classes_file)

@@ -320,9 +320,12 @@ def select_bands(ds: rasterio.io.DatasetReader, bands: list[int] | None) -> list
     if all(role in interp for role in roles):
         return [interp.index(role) + 1 for role in roles]
     colour_bands = [i + 1 for i, ci in enumerate(interp) if ci != ColorInterp.alpha]
+    if not colour_bands:
+        raise InputError(f"{Path(ds.name).name} has only alpha (transparency) bands and no colour band to read; "
+                         "if a band holds the image all the same, name it with --bands.")
     if len(colour_bands) >= 3:
         return colour_bands[:3]
-    return [colour_bands[0] if colour_bands else 1] * 3
+    return [colour_bands[0]] * 3
 
 
 def band_choice_warning(ds: rasterio.io.DatasetReader, bands: list[int] | None, chosen: list[int]) -> list[str]:

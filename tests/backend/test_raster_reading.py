@@ -12,6 +12,7 @@ from rasterio.transform import Affine, from_origin
 from typer.testing import CliRunner
 
 from backend.service.cli import app
+from backend.engine.errors import InputError
 from backend.engine.raster import PixelWindow, open_source
 
 runner = CliRunner()
@@ -122,6 +123,16 @@ def test_a_guess_of_the_colour_bands_is_said_in_the_report_unless_named(tiny_mod
     assert said == ["--bands names band 4 of rgba.tif, an alpha (transparency) band: it is read as a colour here, "
                     "and transparent pixels are still left out. If that band is not what you meant, name others "
                     "with --bands."]
+
+
+def test_a_raster_of_alpha_bands_only_is_refused_unless_a_band_is_named(tmp_path):
+    raster = write(tmp_path / "alpha-only.tif", np.full((1, 32, 32), 255, np.uint8))
+    with rasterio.open(raster, "r+") as ds:
+        ds.colorinterp = [ColorInterp.alpha]
+    with pytest.raises(InputError, match=r"alpha-only\.tif has only alpha \(transparency\) bands and no colour band"):
+        open_source(raster)
+    with open_source(raster, bands=[1]) as source:
+        assert source.bands == [1, 1, 1]
 
 
 def awkward_raster(tmp_path, kind: str, shape: tuple[int, int], rng):

@@ -172,6 +172,8 @@ CASES = [
     ("--out-crs on one raster", "{in}/in.tif -c water --out-crs EPSG:4326", 2, "--out-crs applies to runs on Ray"),
     ("--restart on one raster", "{in}/in.tif -c water --restart", 2, "--restart applies to runs on Ray"),
     ("--workers 0", "{in}/in.tif -c water --workers 0", 2, "--workers must be at least 1"),
+    ("blank class line (an unset shell variable)", ["{in}/in.tif", "-c", "", "-c", "water"], 2,
+     "Class line 1 of 2 given one by one is blank"),
     ("more local workers than cores", "{in}/in.tif -c water --workers 100000", 2,
      "--workers 100000 is more than the"),
     # numbers that are not finite or out of range
