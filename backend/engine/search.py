@@ -30,6 +30,7 @@ on a rotated one, never its envelope, which would reach off the window and off t
 
 from __future__ import annotations
 
+import math
 import re
 import time
 import uuid
@@ -243,6 +244,9 @@ def validate_search_options(options: SearchOptions) -> list[Query]:
                          "given; add --like X Y, or leave --like-crs out.")
     if options.like is None:
         return make_queries(options.sentences, options.keywords, options.use_keywords)
+    if not all(math.isfinite(value) for value in options.like):
+        raise InputError(f"--like takes the example point as two numbers, X Y; got "
+                         f"{' '.join(f'{value:g}' for value in options.like)}.")
     if options.sentences:
         return make_queries(options.sentences, options.keywords, options.use_keywords)
     return []

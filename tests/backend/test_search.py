@@ -722,3 +722,17 @@ def test_fewer_hits_than_asked_are_explained(loaded, naip500, tmp_path):
     assert kept < windows  # the windows holding the point are no hits, and the notice counts without them
     assert any(notice.endswith(f"holds only {kept} windows besides those holding the example point.")
                for notice in like.notices), like.notices
+
+
+@pytest.mark.parametrize("like", [["nan", "5206000"], ["486000", "inf"]])
+def test_an_example_point_that_is_not_a_number_is_said_so(naip500, loaded, tmp_path, like):
+    """It was "The point nan, 0.00 is outside the raster"."""
+    from typer.testing import CliRunner
+
+    from backend.service.cli import app
+
+    result = CliRunner().invoke(app, ["search", str(naip500), "--like", *like, "--model",
+                                      loaded.metadata["weights_path"], "--out", str(tmp_path / "x.gpkg")])
+    assert result.exit_code == 2 and result.output.startswith("Error: --like takes the example point as two "
+                                                              "numbers, X Y; got "), result.output
+    assert not (tmp_path / "x.gpkg").exists()
