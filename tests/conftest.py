@@ -44,3 +44,22 @@ def _isolated_state(tmp_path_factory, monkeypatch):
     """Keep caches, weights and job history of tests out of the user's home."""
     for name, value in isolated_environment(tmp_path_factory).items():
         monkeypatch.setenv(name, value)
+
+
+SYSTEM_PYTHON = Path("/usr/bin/python3")  # QGIS's Python, with the system's GDAL bindings (make setup installs them)
+
+
+@pytest.fixture(scope="session")
+def gdal_category_names():
+    """Band 1's category names as the system's GDAL (the one QGIS uses) reads them: an independent reader of
+    what the backend's rasterio cannot show."""
+    import json
+
+    def read(path: Path) -> list[str]:
+        # gdal.Info, as gdalinfo -json: Debian's Band.GetCategoryNames() answers None even for names GDAL wrote.
+        done = subprocess.run([str(SYSTEM_PYTHON), "-c", "import json, sys; from osgeo import gdal; print(json.dumps("
+                               "gdal.Info(sys.argv[1], format='json')['bands'][0].get('categories')))", str(path)],
+                              capture_output=True, text=True, timeout=60, check=True)
+        return json.loads(done.stdout)
+
+    return read

@@ -11,6 +11,7 @@ import json
 import zlib
 from collections.abc import Sequence
 from functools import lru_cache
+from pathlib import Path
 
 from backend.engine.paths import resources_dir
 
@@ -61,3 +62,48 @@ def class_colormap(class_names: Sequence[str],
     if unclassified_value is not None:
         colormap[unclassified_value] = (*_rgb(_palette_file()["unclassified"]), 255)
     return colormap
+
+
+def category_names(tags: dict[str, str]) -> list[str] | None:
+    """The class raster's category names, one per value from 0 (GDAL's list: value i is names[i]), from the
+    tags a class raster carries (CLASS_i, UNCLASSIFIED); None for a raster without them."""
+    classes = {int(key[6:]): name for key, name in tags.items() if key.startswith("CLASS_") and key[6:].isdigit()}
+    if not classes:
+        return None
+    unclassified = int(tags["UNCLASSIFIED"]) if tags.get("UNCLASSIFIED", "").isdigit() else None
+    names = [""] * (max(max(classes), unclassified or 0) + 1)
+    for value, name in classes.items():
+        names[value] = name
+    if unclassified is not None:
+        names[unclassified] = "unclassified"
+    return names
+
+
+def category_names_xml(names: Sequence[str]) -> str:
+    """GDAL's <CategoryNames> element for `names` (a PAM .aux.xml or a VRT band holds it)."""
+    from xml.sax.saxutils import escape
+
+    return "<CategoryNames>" + "".join(f"<Category>{escape(name)}</Category>" for name in names) + "</CategoryNames>"
+
+
+def write_category_names(raster) -> None:
+    """Give the class raster `raster` (a GeoTIFF) its classes' names as GDAL category names, in the .aux.xml
+    beside it, where GDAL keeps what a TIFF cannot hold: QGIS's legend and gdalinfo then show 'water' for 0
+    and 'unclassified' for 254, not bare numbers (the CLASS_i tags hold them too, for scripts)."""
+    import rasterio
+
+    with rasterio.open(raster) as ds:
+        names = category_names(ds.tags(1))
+    if names is None:
+        return
+    import xml.etree.ElementTree as ET
+
+    aux = Path(f"{raster}.aux.xml")
+    root = ET.parse(aux).getroot() if aux.exists() else ET.Element("PAMDataset")  # GDAL's own, if it wrote one
+    band = next((b for b in root.findall("PAMRasterBand") if b.get("band") == "1"), None)
+    if band is None:
+        band = ET.SubElement(root, "PAMRasterBand", band="1")
+    for old in band.findall("CategoryNames"):
+        band.remove(old)
+    band.append(ET.fromstring(category_names_xml(names)))
+    aux.write_text(ET.tostring(root, encoding="unicode", short_empty_elements=False) + "\n", encoding="utf-8")

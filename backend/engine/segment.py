@@ -32,7 +32,7 @@ from .feature_cache import FeatureCache, raster_scopes
 from .finetuned import bands_for, with_trained_resolution
 from .runtimes import make_encoder
 from .errors import CancelledError, EmptyResultError
-from .colours import class_colormap
+from .colours import class_colormap, write_category_names
 from .atomic import StagedOutputs
 from .export import check_field_widths, check_format_crs, driver_for, layer_name, report_json, write_polygons
 from .diskspace import check_free_space, check_written, writing_to
@@ -477,6 +477,7 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
             if options.class_raster:
                 assert class_path is not None, "a class raster is written when asked for"
                 shutil.move(class_path, staged["class_raster"])
+                write_category_names(staged["class_raster"])
             timings["write_s"] = time.perf_counter() - t0
             timings["total_s"] = time.perf_counter() - started
             paths = absolute_outputs(targets)

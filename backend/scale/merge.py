@@ -20,6 +20,7 @@ import rasterio
 import shapely
 from rasterio.crs import CRS
 
+from backend.engine.colours import category_names, category_names_xml
 from backend.engine.errors import InputError
 from backend.engine.export import write_layer, driver_for
 
@@ -119,6 +120,9 @@ def write_raster_vrt(path: Path, rasters: list[Path], crs: CRS, read_from: list[
             entries = "".join(f'<Entry c1="{r}" c2="{g}" c3="{b}" c4="{a}"/>'
                               for _, (r, g, b, a) in sorted(colormap.items()))
             colours = f"<ColorInterp>Palette</ColorInterp><ColorTable>{entries}</ColorTable>"
+        categories = category_names(tags[band - 1])
+        if categories is not None:  # a class raster: its classes' names, as write_category_names gives a GeoTIFF
+            colours += category_names_xml(categories)
         metadata = "".join(f'<MDI key="{html.escape(k)}">{html.escape(v)}</MDI>' for k, v in tags[band - 1].items())
         bands.append(f'<VRTRasterBand dataType="{kind}" band="{band}">'
                      + (f"<NoDataValue>{nodata_text}</NoDataValue>" if nodata_text else "")

@@ -31,6 +31,7 @@ from rasterio.crs import CRS
 
 from backend import __version__
 from backend.engine.errors import CancelledError, FarslipError, InputError, OutsideBboxError
+from backend.engine.colours import write_category_names
 from backend.engine.devices import usable_cores
 from backend.engine.atomic import StagedOutputs, write_text_atomically
 from backend.engine.export import check_format_crs, driver_for, layer_name, report_json, report_path_for
@@ -794,6 +795,8 @@ def _stage_raster_output(staged: StagedOutputs, role: str, target: Path, done: l
     if target.suffix.lower() != ".vrt":
         assert len(done) == 1, "check_raster_outputs allows a .tif for one raster only"
         shutil.copyfile(manifest.raster_folder(done[0].index) / own, staged[role])
+        if role == "class_raster":
+            write_category_names(staged[role])
         return {role: str(target)}
     key = role.replace("_raster", "_rasters")
     folder, staged_folder = raster_folder(target), staged[key]

@@ -306,6 +306,17 @@ def test_a_simplify_tolerance_in_the_wrong_units_is_said_and_the_rasters_edge_st
         assert union.symmetric_difference(footprint).area == pytest.approx(0, abs=1e-12)
 
 
+def test_the_class_raster_names_its_classes_for_gdal_and_qgis(tiny_model, shared_data, tmp_path, gdal_category_names):
+    """QGIS's legend of the class raster said 0, 1, 2 ... 254: the names were only in CLASS_i tags."""
+    classes = tmp_path / "c.tif"
+    result = segment(shared_data / "naip_2020_5m.tif", "-c", "water", "-c", "forest, woods", "-c", "field",
+                     "--model", tiny_model, "--out", tmp_path / "r.gpkg", "--class-raster", classes,
+                     "--bbox", 486000, 5206000, 487000, 5207000, "--quiet")
+    assert result.exit_code == 0, result.output
+    names = gdal_category_names(classes)
+    assert names[:4] == ["water", "forest", "field", ""] and names[254] == "unclassified" and len(names) == 255
+
+
 def test_threshold_leaves_low_confidence_pixels_unclassified(tiny_model, shared_data, tmp_path):
     classes = tmp_path / "c.tif"
     result = segment(shared_data / "naip_2020_5m.tif", *CLASSES, "--model", tiny_model, "--out",
@@ -855,7 +866,7 @@ def test_outputs_named_with_upper_case_extensions_are_written_under_those_names(
     result = segment(raster, "-c", "water", "-c", "grass", "--model", tiny_model, "--out", folder / out,
                      "--class-raster", folder / "C.TIF", "--quiet")
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in folder.iterdir()) == sorted([*parts, "C.TIF", "R.report.json"])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*parts, "C.TIF", "C.TIF.aux.xml", "R.report.json"])
     report = json.loads((folder / "R.report.json").read_text())
     assert report["outputs"]["vector"] == str(folder / out)
     _, geoms, fields = read_layer(folder / out)

@@ -76,6 +76,16 @@ def test_a_class_vrt_over_north_up_or_south_up_rasters_of_two_pixel_sizes_puts_e
     assert_vrt_holds_every_part(tmp_path / "classes.vrt", parts)
 
 
+def test_a_class_vrt_names_the_classes_of_its_rasters(tmp_path, gdal_category_names):
+    rng = np.random.default_rng(1)
+    parts = [write_classes(tmp_path / "a.tif", NORTH_UP_2M, rng.integers(0, 2, (40, 64), dtype=np.uint8))]
+    with rasterio.open(parts[0], "r+") as ds:
+        ds.update_tags(1, CLASS_0="water & sand", CLASS_1="<roof>", UNCLASSIFIED="254")
+    write_raster_vrt(tmp_path / "classes.vrt", parts, rasterio.crs.CRS.from_string(CRS))
+    names = gdal_category_names(tmp_path / "classes.vrt")
+    assert names[:3] == ["water & sand", "<roof>", ""] and names[254] == "unclassified"
+
+
 def run_segment(inputs, out: Path, model: Path, *extra):
     return CliRunner().invoke(app, ["segment", *map(str, inputs), *CLASSES, "--model", str(model), "--out", str(out),
                                     "--workers", "1", "--quiet", *map(str, extra)])
