@@ -329,10 +329,10 @@ def select_bands(ds: rasterio.io.DatasetReader, bands: list[int] | None) -> list
 
 
 def band_choice_warning(ds: rasterio.io.DatasetReader, bands: list[int] | None, chosen: list[int]) -> list[str]:
-    """A sentence when select_bands guessed the colours without the raster naming them: two bands read
-    as grey from the first, or more than three without red, green and blue read as 1, 2, 3 (the user
-    may have blue, green, red, near infrared). Bands the user named are taken as named, but an alpha
-    (transparency) band among them is said: it is read as a colour, not as the mask it is."""
+    """A sentence when select_bands left a band out without a word: of two bands that name no colours, the
+    second (more than three are read as 1, 2, 3, the rule QGIS's own first view of them follows too).
+    Bands the user named are taken as named, but an alpha (transparency) band among them is said: it is
+    read as a colour, not as the mask it is."""
     interp = list(ds.colorinterp)
     if bands:
         alpha = sorted({b for b in bands if interp[b - 1] == ColorInterp.alpha})
@@ -350,11 +350,6 @@ def band_choice_warning(ds: rasterio.io.DatasetReader, bands: list[int] | None, 
         return [f"{name} has 2 bands and names no colours: band {chosen[0]} is read as grey and band "
                 f"{colour[1]} is not used. Name the bands with --bands (3 numbers for red, green, blue, "
                 "or 1 for grey)."]
-    if len(colour) > 3:
-        unused = ", ".join(str(b) for b in colour if b not in chosen)
-        return [f"{name} has {len(colour)} bands and names no colours: bands {chosen[0]}, {chosen[1]}, {chosen[2]} "
-                f"are read as red, green, blue and band(s) {unused} are not used. If the order differs (e.g. blue, "
-                "green, red, near infrared), name the bands with --bands."]
     return []
 
 

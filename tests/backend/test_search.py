@@ -390,20 +390,20 @@ def test_a_guess_of_the_colour_bands_is_a_notice_unless_the_bands_are_named(shar
 
     from backend.service.cli import app
 
-    # naip_2020_5m.tif as it is (4 bands: grey and three undefined, red, green, blue, near infrared).
+    # Two bands of naip_2020_5m.tif, naming no colours: the second would be left out without a word.
     with rasterio.open(shared_data / "naip_2020_5m.tif") as src:
         window = rasterio.windows.Window(0, 0, 300, 300)
-        profile = src.profile | {"width": 300, "height": 300, "transform": src.window_transform(window),
+        profile = src.profile | {"width": 300, "height": 300, "count": 2, "transform": src.window_transform(window),
                                  "photometric": "MINISBLACK"}
-        with rasterio.open(tmp_path / "rgbn.tif", "w", **profile) as dst:
-            dst.write(src.read(window=window))
+        with rasterio.open(tmp_path / "two.tif", "w", **profile) as dst:
+            dst.write(src.read([1, 4], window=window))
     runner = CliRunner()
-    args = ["search", str(tmp_path / "rgbn.tif"), "farmland", "--model", loaded.metadata["weights_path"]]
+    args = ["search", str(tmp_path / "two.tif"), "farmland", "--model", loaded.metadata["weights_path"]]
     guessed = runner.invoke(app, [*args, "--out", str(tmp_path / "a.gpkg")])
     assert guessed.exit_code == 0, guessed.output
-    assert "bands 1, 2, 3 are read as red, green, blue and band(s) 4 are not used" in guessed.output
-    named = runner.invoke(app, [*args, "--bands", "1,2,3", "--out", str(tmp_path / "b.gpkg")])
-    assert named.exit_code == 0 and "are read as red" not in named.output, named.output
+    assert "two.tif has 2 bands and names no colours: band 1 is read as grey and band 2 is not used" in guessed.output
+    named = runner.invoke(app, [*args, "--bands", "2", "--out", str(tmp_path / "b.gpkg")])
+    assert named.exit_code == 0 and "is read as grey" not in named.output, named.output
 
 
 def test_all_nodata_raster_exits_4_from_the_command(shared_data, loaded, tmp_path):
