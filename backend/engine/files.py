@@ -301,21 +301,17 @@ def is_inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
 
 
 def files_read_with(path: Path) -> list[Path]:
-    """The other files GDAL reads to give the pixels of the raster file `path`: a VRT's sources, external
-    overviews (.ovr), a mask (.msk), its metadata (.aux.xml); none when `path` is no raster GDAL opens (a
-    model, a class list, a vector file) or no regular file (a FIFO is not opened)."""
-    import rasterio  # here, not at the top: the rest of this module needs no GDAL
+    """The other files GDAL reads to give the pixels of the raster file `path` (feature_cache.raster_reads: a
+    VRT's sources and nested VRTs, overviews, masks, metadata, a GeoPackage's journal); none when `path` is no
+    raster GDAL opens (a model, a class list, a vector file) or no regular file (a FIFO is not opened)."""
+    from .feature_cache import raster_reads  # feature_cache imports this module
 
     if not os.path.isfile(path):
         return []
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with rasterio.open(path) as ds:
-                names = list(ds.files)
-    except Exception:  # not a raster, or one GDAL cannot open: open_dataset says why when the run reads it
-        return []
-    return [Path(name) for name in names if not is_gdal_virtual(name) and not same_file(name, path)]
+    with warnings.catch_warnings():  # opening a model or a class list as a raster says nothing
+        warnings.simplefilter("ignore")
+        reads = raster_reads(path)
+    return [] if reads is None else [file for file in reads.files if not same_file(file, path)]
 
 
 def refuse_outputs_over_inputs(outputs: dict[str, Path], inputs: dict[str, Path]) -> None:

@@ -60,6 +60,7 @@ def inputs(tmp_path_factory, naip) -> Path:
         (folder / "mosaic.vrt").write_text(
             f'<VRTDataset rasterXSize="{src.width}" rasterYSize="{src.height}"><SRS>{src.crs.to_wkt()}</SRS>'
             f"<GeoTransform>{', '.join(map(str, src.transform.to_gdal()))}</GeoTransform>{bands}</VRTDataset>")
+        (folder / "outer.vrt").write_text((folder / "mosaic.vrt").read_text().replace(">in.tif<", ">mosaic.vrt<"))
     save_plain(make_tiny_clip(), folder / "tiny.pt")
     model = make_tiny_clip()
     with torch.no_grad():
@@ -124,6 +125,8 @@ CASES = [
      "bytes long, more than the 4095 a path may have"),
     ("class raster is a source of the input VRT", "{in}/mosaic.vrt -c water --class-raster {in}/in.tif --overwrite",
      2, "is a file that the input raster mosaic.vrt reads (a source of a VRT"),
+    ("class raster is a source of a VRT the input VRT reads", "{in}/outer.vrt -c water --class-raster {in}/in.tif "
+     "--overwrite", 2, "is a file that the input raster outer.vrt reads (a source of a VRT"),
     ("probability raster is a source of the input VRT, on workers", "{in}/mosaic.vrt -c water --prob-raster "
      "{in}/in.tif --workers 1 --overwrite", 2, "is a file that the input raster mosaic.vrt reads (a source of a VRT"),
     ("input given through a symlink, output the real file", "{in}/link.tif -c water --class-raster {in}/in.tif "
