@@ -105,7 +105,7 @@ def classify_raster(raster: str | Path, options: ClassifyOptions, out: Path, loa
         source = open_source(raster, bands, None, None, options.value_range, task="classify")
         with source:
             warnings += check_format_crs(out, source.crs)
-            warnings += band_choice_warning(source.dataset, bands, source.bands)
+            warnings += band_choice_warning(source.dataset, bands)
             window = request_window(source, options.bbox, options.bbox_crs)
             rows = tile_starts(window.row_off, window.row_off + window.height, options.tile)
             cols = tile_starts(window.col_off, window.col_off + window.width, options.tile)

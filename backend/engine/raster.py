@@ -319,7 +319,7 @@ def select_bands(ds: rasterio.io.DatasetReader, bands: list[int] | None) -> list
     roles = [ColorInterp.red, ColorInterp.green, ColorInterp.blue]
     if all(role in interp for role in roles):
         return [interp.index(role) + 1 for role in roles]
-    colour_bands = [i + 1 for i, ci in enumerate(interp) if ci != ColorInterp.alpha]
+    colour_bands = _colour_bands(ds)
     if not colour_bands:
         raise InputError(f"{Path(ds.name).name} has only alpha (transparency) bands and no colour band to read; "
                          "if a band holds the image all the same, name it with --bands.")
@@ -328,29 +328,31 @@ def select_bands(ds: rasterio.io.DatasetReader, bands: list[int] | None) -> list
     return [colour_bands[0]] * 3
 
 
-def band_choice_warning(ds: rasterio.io.DatasetReader, bands: list[int] | None, chosen: list[int]) -> list[str]:
+def _colour_bands(ds: rasterio.io.DatasetReader) -> list[int]:
+    """The 1-based bands that are not alpha (transparency) bands: those select_bands reads colours from."""
+    return [i + 1 for i, ci in enumerate(ds.colorinterp) if ci != ColorInterp.alpha]
+
+
+def band_choice_warning(ds: rasterio.io.DatasetReader, bands: list[int] | None) -> list[str]:
     """A sentence when select_bands left a band out without a word: of two bands that name no colours, the
     second (more than three are read as 1, 2, 3, the rule QGIS's own first view of them follows too).
-    Bands the user named are taken as named, but an alpha (transparency) band among them is said: it is
-    read as a colour, not as the mask it is."""
-    interp = list(ds.colorinterp)
+    Bands the user named (`bands`) are taken as named, but an alpha (transparency) band among them is
+    said: it is read as a colour, not as the mask it is."""
+    name = Path(ds.name).name
     if bands:
-        alpha = sorted({b for b in bands if interp[b - 1] == ColorInterp.alpha})
+        alpha = sorted(set(bands) - set(_colour_bands(ds)))
         if not alpha:
             return []
         which = f"band {alpha[0]}" if len(alpha) == 1 else "bands " + ", ".join(map(str, alpha))
-        return [f"--bands names {which} of {Path(ds.name).name}, an alpha (transparency) band: it is read "
+        return [f"--bands names {which} of {name}, an alpha (transparency) band: it is read "
                 "as a colour here, and transparent pixels are still left out. If that band is not what you meant, "
                 "name others with --bands."]
-    colour = [i + 1 for i, ci in enumerate(interp) if ci not in (ColorInterp.alpha, ColorInterp.palette)]
-    if all(role in interp for role in (ColorInterp.red, ColorInterp.green, ColorInterp.blue)):
+    colour = _colour_bands(ds)
+    if len(colour) != 2 or ColorInterp.palette in ds.colorinterp:  # a paletted band shows its own colours
         return []
-    name = Path(ds.name).name
-    if len(colour) == 2:
-        return [f"{name} has 2 bands and names no colours: band {chosen[0]} is read as grey and band "
-                f"{colour[1]} is not used. Name the bands with --bands (3 numbers for red, green, blue, "
-                "or 1 for grey)."]
-    return []
+    return [f"{name} has 2 bands and names no colours: band {colour[0]} is read as grey and band "
+            f"{colour[1]} is not used. Name the bands with --bands (3 numbers for red, green, blue, "
+            "or 1 for grey)."]
 
 
 def palette_lut(ds: rasterio.io.DatasetReader, bands: list[int]) -> np.ndarray | None:

@@ -458,7 +458,7 @@ def open_index(raster: str | Path, loaded: LoadedModel, bands: list[int] | None 
         source = open_source(raster, chosen, None, None, value_range, task=INDEX_TASK)
         with source:
             index = SearchIndex(raster, loaded, source, attention, batch_size)
-            index.band_notices = band_choice_warning(source.dataset, chosen, source.bands)
+            index.band_notices = band_choice_warning(source.dataset, chosen)
             yield index
 
 

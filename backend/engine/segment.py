@@ -359,7 +359,7 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
     with open_source(raster, options.bands, options.scale, options.gsd_m, options.value_range,
                      options.square_gsd) as source:
         warnings += check_format_crs(options.out, source.crs)
-        warnings += band_choice_warning(source.dataset, options.bands, source.bands)
+        warnings += band_choice_warning(source.dataset, options.bands)
         window = request_window(source, options.bbox, options.bbox_crs, clip=True)
         warnings += simplify_warning(options.simplify, source, window)
         computed = refine_outlines.engine_window(options.refine, source, window)

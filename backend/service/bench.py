@@ -28,6 +28,7 @@ from backend.engine.encoders import TorchEncoder, autocast_enabled
 from backend.engine.feature_cache import FeatureCache
 from backend.engine.runtimes import error_reason, make_encoder
 from backend.engine.sliding import ArraySource, Segmenter, predict_window
+from backend.engine.errors import InputError
 from backend.engine.memory import peak_rss_mb
 from backend.engine.models import LoadedModel, get_tokenizer
 from backend.engine.options import SegmentOptions
@@ -41,12 +42,18 @@ RERUN_CLASSES = ["forest, trees", "shed", "parking lot"]
 NEW_CLASSES = ["river", "greenhouse, barn"]
 
 
+def arch_config(arch: str) -> dict:
+    """open_clip's configuration of the architecture `arch`; InputError for a name it does not know."""
+    cfg = open_clip.get_model_config(arch)
+    if cfg is None:
+        raise InputError(f"Unknown open_clip architecture {arch!r}; e.g. ViT-B-16, ViT-B-32, ViT-L-14.")
+    return cfg
+
+
 def random_model(arch: str = "ViT-B-16", device: torch.device | str = "cpu",
                  context_length: int | None = None) -> LoadedModel:
     """A randomly initialised open_clip model of `arch` (QuickGELU) as a LoadedModel: speed and memory only."""
-    cfg = open_clip.get_model_config(arch)
-    if cfg is None:
-        raise SystemExit(f"Unknown open_clip architecture {arch!r}.")
+    cfg = arch_config(arch)
     text_cfg = dict(cfg["text_cfg"], context_length=context_length) if context_length else cfg["text_cfg"]
     model = open_clip.model.CLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"], text_cfg=text_cfg,
                                  quick_gelu=True)

@@ -14,6 +14,7 @@ import typer
 from backend import __version__
 from backend.engine.atomic import write_text_atomically
 from backend.engine.errors import FarslipError, InputError, shortened
+from backend.engine.files import NAME_MAX_BYTES, PATH_MAX_BYTES
 from backend.service.cli_common import ProgressReporter, fail, interruptible, interrupted, signals_as_interrupt
 from backend.service.cli_options import options_from_cli, own_option, with_segment_options
 from backend.service.scale_cli import SCALE_OPTIONS, segment_scaled, single_raster, wants_ray, with_many_inputs
@@ -188,8 +189,9 @@ def bench(
         dev = resolve_device(device)
         if json_out:
             check_output_file(json_out, "figures file (--json)", overwrite=overwrite)
-        if open_clip_config(arch) is None:
-            raise InputError(f"Unknown open_clip architecture {arch!r}; e.g. ViT-B-16, ViT-B-32, ViT-L-14.")
+        from .bench import arch_config
+
+        arch_config(arch)
         sides = {"--rss-sizes": _sides(rss_sizes, "2048,8192" if null_encoder else "2000,10000", "--rss-sizes"),
                  "--search-sides": _sides(search_sides, "", "--search-sides")}
     except FarslipError as error:
@@ -247,12 +249,6 @@ def _sides(text: str | None, default: str, option: str) -> tuple[int, ...]:
         raise InputError(f"{option} takes raster sides in pixels, each at least 224, separated by commas (e.g. "
                          f"2000,10000), or '' for none; got {typed!r}.")
     return sides
-
-
-def open_clip_config(arch: str) -> dict | None:
-    import open_clip
-
-    return open_clip.get_model_config(arch)
 
 
 def _bench_server(device: str) -> dict:
@@ -336,7 +332,8 @@ def main() -> None:
             raise
         named = f" {os.fsdecode(error.filename)}" if error.filename else ""
         typer.echo(shortened(f"Error: The path{named} is too long for the file system (a folder or file name "
-                             "of more than 255 bytes, or more than 4096 in all); choose a shorter one."), err=True)
+                             f"of more than {NAME_MAX_BYTES} bytes, or more than {PATH_MAX_BYTES} in all); choose "
+                             "a shorter one."), err=True)
         raise SystemExit(InputError.exit_code) from None
 
 
