@@ -64,6 +64,12 @@ GDAL_SIDECARS = (".ovr", ".msk", ".aux.xml")
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt")
 
 
+def raster_sidecars(path: str | os.PathLike) -> tuple[str, ...]:
+    """The endings of the files GDAL reads beside the raster output `path` (GDAL_SIDECARS), which replacing it
+    takes along; none for an output that is no raster."""
+    return GDAL_SIDECARS if Path(path).suffix.lower() in RASTER_SUFFIXES else ()
+
+
 def _fsync_file(path: Path) -> None:
     # Windows flushes only a handle open for writing; POSIX any.
     descriptor = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)
@@ -154,10 +160,9 @@ def _staged_moves(staged: Path, target: str | Path) -> tuple[list[Path], list[tu
             successor = next((new for new in targets.values() if new.name.lower() == old.name.lower()), None)
             if successor is None or (old.name != successor.name and not _same_existing(old, successor)):
                 removed.append(old)
-    if path.suffix.lower() in RASTER_SUFFIXES:
-        successors = {new.name for new in targets.values()}
-        removed += [path.parent / (path.name + sidecar) for sidecar in GDAL_SIDECARS
-                    if path.name + sidecar not in successors]
+    successors = {new.name for new in targets.values()}
+    removed += [path.parent / (path.name + sidecar) for sidecar in raster_sidecars(path)
+                if path.name + sidecar not in successors]
     if path.suffix.lower() == ".gpkg":
         # The old file's journal (another program had it open) describes the old file's pages.
         removed += [path.parent / (path.name + sidecar) for sidecar in SQLITE_SIDECARS

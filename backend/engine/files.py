@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
-from .atomic import is_shapefile, shapefile_parts
+from .atomic import is_shapefile, raster_sidecars, shapefile_parts
 from .errors import FarslipError, InputError, shortened
 
 
@@ -492,6 +492,15 @@ def check_output_files(named: dict[str, Path], inputs: dict[str, Path] | None = 
                 raise InputError(f"The {what} {path} would replace {', '.join(p.name for p in found)}, which "
                                  f"already exist{'s' if len(found) == 1 else ''} beside it (the parts of another "
                                  f"shapefile, or a QGIS style); choose another name or allow overwriting ({option}).")
+        # A raster's commit takes the overviews, mask and metadata of an earlier raster of its name with it
+        # (atomic._staged_moves): they are the user's files until --overwrite says otherwise.
+        old_sidecars = [path.name + ending for ending in raster_sidecars(path)
+                        if os.path.lexists(path.parent / (path.name + ending))]
+        if old_sidecars:
+            raise InputError(f"The {what} {path} would replace {', '.join(old_sidecars)}, which already "
+                             f"exist{'s' if len(old_sidecars) == 1 else ''} beside it (overviews, a mask or "
+                             "metadata of an earlier raster of that name); choose another name or allow overwriting "
+                             f"({option}).")
 
 
 def check_output_file(path: str | os.PathLike, what: str, inputs: dict[str, Path] | None = None,

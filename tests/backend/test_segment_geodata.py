@@ -317,6 +317,20 @@ def test_the_class_raster_names_its_classes_for_gdal_and_qgis(tiny_model, shared
     assert names[:4] == ["water", "forest", "field", ""] and names[254] == "unclassified" and len(names) == 255
 
 
+def test_old_overviews_beside_a_new_raster_output_are_kept_unless_overwrite(tiny_model, shared_data, tmp_path):
+    """The commit takes an earlier raster's X.tif.ovr with it: without --overwrite that is the user's file."""
+    ovr = tmp_path / "c.tif.ovr"
+    ovr.write_bytes(b"pyramids of a raster deleted since")
+    args = [*CLASSES, "--model", tiny_model, "--out", tmp_path / "r.gpkg", "--class-raster", tmp_path / "c.tif",
+            "--bbox", 486000, 5206000, 487000, 5207000, "--quiet"]
+    refused = segment(shared_data / "naip_2020_5m.tif", *args)
+    assert refused.exit_code == 2 and "would replace c.tif.ovr, which already exists beside it" in refused.output
+    assert ovr.read_bytes() == b"pyramids of a raster deleted since" and not (tmp_path / "c.tif").exists()
+    result = segment(shared_data / "naip_2020_5m.tif", *args, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert not ovr.exists() and (tmp_path / "c.tif").exists()
+
+
 def test_threshold_leaves_low_confidence_pixels_unclassified(tiny_model, shared_data, tmp_path):
     classes = tmp_path / "c.tif"
     result = segment(shared_data / "naip_2020_5m.tif", *CLASSES, "--model", tiny_model, "--out",
