@@ -463,7 +463,7 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
             timings["quality_s"] = time.perf_counter() - t0
             class_names = [c.name for c in classes]
             stats = _class_stats(regions, class_names)
-            warnings += nothing_drawn_warning(stats, options)
+            warnings += nothing_drawn_warning(stats, options.threshold, options.min_area)
             features = {"cached": segmenter.crops_cached, "encoded": segmenter.crops_encoded,
                         "cache": feature_cache.stats() if feature_cache is not None else None}
             t0 = time.perf_counter()
@@ -529,13 +529,13 @@ def simplify_warning(tolerance: float, source: RasterSource, window: PixelWindow
             f"of about one pixel ({min(width, height):.4g} {unit}) or a few."]
 
 
-def nothing_drawn_warning(stats: list[dict], options: SegmentOptions) -> list[str]:
-    """A run over valid pixels that drew no polygon says which of its options left nothing (it ended with 0
-    polygons per class and no word)."""
+def nothing_drawn_warning(stats: list[dict], threshold: float, min_area: float) -> list[str]:
+    """A run over valid pixels that drew no polygon says which of its options (--threshold, --min-area) left
+    nothing (it ended with 0 polygons per class and no word)."""
     if any(entry["polygons"] for entry in stats):
         return []
-    cut = [f"no pixel's most likely class reached --threshold {options.threshold:g}" if options.threshold else "",
-           f"every region was smaller than --min-area {options.min_area:g} m²" if options.min_area else ""]
+    cut = [f"no pixel's most likely class reached --threshold {threshold:g}" if threshold else "",
+           f"every region was smaller than --min-area {min_area:g} m²" if min_area else ""]
     said = " or ".join(part for part in cut if part)
     if not said:
         return []

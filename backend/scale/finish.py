@@ -23,9 +23,9 @@ from backend.engine.export import write_polygons
 from backend.engine.feature_cache import RasterReads
 from backend.engine.files import raster_label
 from backend.engine import outlines as refine_outlines
-from backend.engine.raster import PixelWindow, open_source, pixel_size
+from backend.engine.raster import PixelWindow, band_choice_warning, open_source, pixel_size
 from backend.engine.segment import (SKIPPED_CLASSES, RunRasters, StripPolygons, _class_stats, estimate_quality,
-                                    strip_rows_for, valid_inside)
+                                    nothing_drawn_warning, simplify_warning, strip_rows_for, valid_inside)
 from backend.engine.sliding import NODATA_CLASS, Segmenter
 from backend.engine.vectorize import finalize, vectorize_class_raster
 
@@ -155,11 +155,16 @@ def finish_raster(plan: RasterPlan, manifest: Manifest, engine: EngineSettings, 
                                     finish.class_lines, finish.class_names, plan.crops, None, agreement=remote_check)
         write_polygons(folder / "polygons.gpkg", regions, source.crs, finish.class_names, finish.model_name,
                        finish.run_id, extra=estimate.fields, layer="polygons")
+        stats = _class_stats(regions, finish.class_names)
+        # The sentences `segment` says of this raster on its own (the run's own, of its classes, are the driver's).
+        warnings = (band_choice_warning(source.dataset, engine.bands)
+                    + simplify_warning(finish.simplify, source, window) + refined.warnings
+                    + nothing_drawn_warning(stats, finish.threshold, finish.min_area))
         facts = {
             "path": plan.path, "crs": source.crs.to_string(), "bbox": list(source.window_bounds(window)),
             "pixel_size": pixel_size(source.transform), "processing_scale": source.scale_record,
             "bands": source.bands, "value_range": source.value_range, "tiles": plan.crops,
-            "valid_pixels": valid, "class_stats": _class_stats(regions, finish.class_names),
+            "valid_pixels": valid, "class_stats": stats, "warnings": warnings,
             "quality": estimate.report, "finish_s": round(time.perf_counter() - started, 3), **refined.report,
         }
         # The refined rasters of the request window are the raster's class and probability rasters.

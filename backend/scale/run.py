@@ -38,13 +38,15 @@ from backend.engine.export import check_format_crs, driver_for, layer_name, repo
 from backend.engine.feature_cache import RasterReads, identity_digest, model_identity, raster_reads
 from backend.engine.weights import stat_identity
 from backend.engine.diskspace import writing_to
-from backend.engine.checks import coarse_vector_path, input_files, named_outputs, outputs_by_role
+from backend.engine.checks import (coarse_vector_path, earlier_coarse_warning, input_files, named_outputs,
+                                   outputs_by_role)
 from backend.engine.files import (absolute_outputs, absolute_raster_name, check_output_files, held_file,
                                   is_gdal_name, is_gdal_virtual, is_inside, raster_file, same_file)
-from backend.engine.options import SegmentOptions
+from backend.engine.options import SegmentOptions, check_language
 from backend.engine.outlines import engine_window
 from backend.engine.quality import QualityModel
 from backend.engine.raster import open_dataset, open_source, parse_crs, pixel_size, request_window
+from backend.engine.segment import run_warnings
 from backend.engine.sliding import CHUNK_COLUMNS, CHUNK_ROWS, count_crops, units
 from backend.engine.temporary import new_run_tag
 
@@ -118,6 +120,7 @@ class ScaleResult:
     timings: dict
     run_id: str = ""
     outside: list[str] = field(default_factory=list)  # rasters the --bbox does not reach (skipped)
+    warnings: list[str] = field(default_factory=list)  # the run's, then each raster's (named) as `segment` says them
 
     @property
     def exit_code(self) -> int:
@@ -407,8 +410,12 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
         error.exit_code = first["exit_code"]
         raise error
     out_crs = typed_crs if typed_crs is not None else plans[0].crs
+    # What `segment` says of the run as a whole (each raster's own sentences come with its facts: finish_raster);
+    # the coarse-polygons sentence is read before this run's report replaces the one that names them.
+    said = (run_warnings(loaded, segmenter.classes, check_language(engine.language))
+                + earlier_coarse_warning(request.out, request.refine))
     if Path(request.out).suffix.lower() != ".parquet":
-        check_format_crs(request.out, out_crs)
+        said += check_format_crs(request.out, out_crs)
     check_reach([(p.path, p.crs, p.transform, p.window.width, p.window.height) for p in plans], out_crs,
                 typed_crs is not None)
     check_raster_outputs(request, paths, plans)
@@ -538,12 +545,15 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
     # Chunks of rasters that failed and were not computed: total = resumed + computed + not_computed.
     chunk_counts = {"total": total_chunks, "resumed": resumed, "computed": computed,
                     "not_computed": max(0, total_chunks - resumed - computed)}
+    rasters = [manifest.finished[p.index] for p in done]
+    # Each raster's sentences under the name its polygons carry in the `raster` field.
+    said += [f"{name}: {warning}" for name, raster in zip(raster_names([p.path for p in done]), rasters)
+                 for warning in raster.get("warnings", [])]
     outputs = _write_outputs(done, manifest, request, out_crs, run_id, loaded.name, facts, failed, chunk_counts,
-                             timings, started, outside)
+                             timings, started, outside, said)
     timings["merge_s"] = time.perf_counter() - t0
     manifest.remove()
-    rasters = [manifest.finished[p.index] for p in done]
-    return ScaleResult(outputs, rasters, failed, chunk_counts, timings, run_id, list(outside))
+    return ScaleResult(outputs, rasters, failed, chunk_counts, timings, run_id, list(outside), said)
 
 
 def run_inputs(request: ScaleRequest, paths: list[str]) -> dict[str, Path]:
@@ -736,7 +746,7 @@ def check_raster_folder(target: Path, overwrite: bool, inputs: dict[str, Path]) 
 
 def _write_outputs(done: list[RasterPlan], manifest: Manifest, request: ScaleRequest, out_crs: CRS, run_id: str,
                    model: str, facts: dict, failed: list[dict], chunks: dict, timings: dict,
-                   started: float, outside: Sequence[str] = ()) -> dict[str, str]:
+                   started: float, outside: Sequence[str] = (), said: Sequence[str] = ()) -> dict[str, str]:
     """Merge the finished rasters' layers and write every output under a temporary name, then rename them all
     into place together (atomic.StagedOutputs): the raster outputs (each VRT's folder before it), the polygon
     layers, and the report last. A failure, the commit's included, leaves every output as it was."""
@@ -775,7 +785,7 @@ def _write_outputs(done: list[RasterPlan], manifest: Manifest, request: ScaleReq
         report = {"farslip_version": __version__, "run_id": run_id, "model": model, "crs": out_crs.to_string(),
                   "rasters": [manifest.finished[p.index] for p in done], "failed": failed,
                   "outside_bbox": list(outside), "chunks": chunks,
-                  "polygons": count, "options": facts, "outputs": outputs,
+                  "polygons": count, "options": facts, "outputs": outputs, "warnings": list(said),
                   "layer": out.stem if out.suffix.lower() == ".parquet" else layer_name(out.stem, driver_for(out)),
                   "timings": {k: round(v, 3) for k, v in timings.items()}}
         staged["report"].write_text(report_json(report), "utf-8")

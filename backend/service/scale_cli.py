@@ -144,6 +144,8 @@ def segment_scaled(values: dict) -> None:
                            "resume." if kept.is_dir() else "Interrupted; nothing was finished, so nothing was kept.")
     finally:
         stop_on_signals.__exit__(None, None, None)
+    for warning in result.warnings:
+        typer.echo(f"Warning: {warning}", err=True)
     for failure in result.failed:
         typer.echo(f"Failed: {failure['raster']}: {failure['error']}", err=True)
     if result.outside:

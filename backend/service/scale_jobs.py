@@ -44,5 +44,5 @@ def run_segment_on_ray(options: SegmentOptions, control, address: str, device: s
                              should_cancel=control.should_cancel)
     raster = result.rasters[0]
     return {"outputs": dict(result.outputs), "classes": list(raster["class_stats"]), "run_id": result.run_id,
-            "tiles": raster["tiles"], "timings": dict(result.timings), "warnings": [],
+            "tiles": raster["tiles"], "timings": dict(result.timings), "warnings": list(result.warnings),
             "quality": dict(raster.get("quality") or {}), "features": {}, "encoder": f"ray: {result.chunks}"}

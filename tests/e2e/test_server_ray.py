@@ -64,6 +64,23 @@ def test_a_segment_job_on_ray_reports_progress_and_writes_what_the_cli_writes(ra
             assert np.array_equal(ray_ds.read(), cli_ds.read(), equal_nan=True)
 
 
+def test_a_segment_job_on_ray_returns_the_warnings_the_cli_writes(ray_backend, segment_body, out_dir, naip, tiny_model,
+                                                                   farslip_cli):
+    """A job on Ray answered "warnings": [] whatever the run had to say; the dock showed nothing."""
+    body = segment_body(class_lines=["water, lake"], simplify=1e6, out=str(out_dir / "ray-warned.gpkg"))
+    job = ray_backend.wait(ray_backend.submit(body), timeout=300)
+    assert job["state"] == "done", job
+    cli_out = out_dir / "cli-warned.gpkg"
+    run = farslip_cli("segment", str(naip), "-c", "water, lake", "--simplify", "1e6", "--model", str(tiny_model),
+                      "--bbox", *map(str, body["bbox"]), "--out", str(cli_out), "--device", "cpu", "--quiet")
+    assert run.returncode == 0, run.stderr
+    said = json.loads(cli_out.with_suffix(".report.json").read_text())["warnings"]
+    assert any("one class" in w.lower() for w in said) and any("--simplify" in w for w in said), said
+    # The run's sentences as they are; the raster's own under its name (a run on Ray may take many rasters).
+    assert sorted(w.removeprefix(f"{naip.name}: ") for w in job["result"]["warnings"]) == sorted(said)
+    assert any(w.startswith(f"{naip.name}: --simplify") for w in job["result"]["warnings"])
+
+
 def test_cancel_stops_the_ray_workers_and_writes_nothing(ray_backend, segment_body, out_dir):
     # 4x upsampled whole image: two work units of millions of pixels, so the cancel lands mid-chunk.
     body = segment_body(bbox=None, scale=4.0)
