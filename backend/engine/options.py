@@ -28,6 +28,7 @@ from .errors import InputError
 ATTENTION_VARIANTS = ("segearth", "clearclip", "sclip", "maskclip", "vanilla")
 REFINE_CHOICES = ("none", "edges", "sam")
 RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")
+PROB_DTYPES = ("float32", "uint8")
 LANGUAGES: dict[str, str] = {
     "en": "English", "pt": "Portuguese", "es": "Spanish", "fr": "French", "de": "German", "nl": "Dutch",
     "it": "Italian", "zh": "Chinese", "ko": "Korean", "ru": "Russian",
@@ -221,7 +222,13 @@ class SegmentOptions:
     class_raster: Path | None = field(default=None, metadata=spec(
         help="Also write a uint8 class GeoTIFF.", max_chars=PATH_MAX_CHARS))
     prob_raster: Path | None = field(default=None, metadata=spec(
-        help="Also write a float32 GeoTIFF, a band per class.", max_chars=PATH_MAX_CHARS))
+        help="Also write a GeoTIFF of the class probabilities, a band per class.", max_chars=PATH_MAX_CHARS))
+    prob_dtype: str = field(default="float32", metadata=spec(
+        help="Values of --prob-raster: float32 (0 to 1, NaN where nodata) or uint8 (0 to 254 for 0 to 1, the "
+             "scale 1/254 in the file for GDAL and QGIS, 255 where nodata; a quarter of the size).",
+        choices=PROB_DTYPES, label="--prob-dtype", needs=("prob_raster", GIVEN),
+        needs_error="--prob-dtype {value} says how the probability raster stores its values, and no --prob-raster "
+                    "was given; add --prob-raster FILE.tif, or leave --prob-dtype out."))
     overwrite: bool = field(default=False, metadata=spec(help="Replace existing output files."))
     model: str | None = field(default=None, metadata=spec(
         help="Registry name, checkpoint file or fine-tuned model folder.", max_chars=PATH_MAX_CHARS))

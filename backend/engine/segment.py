@@ -327,11 +327,12 @@ def segment_raster(options: SegmentOptions, loaded: LoadedModel,
 
 
 def estimated_output_mb(window, n_classes: int, probabilities: bool, class_raster: bool = True,
-                        scratch: bool = True) -> float:
+                        scratch: bool = True, prob_dtype: str = "float32") -> float:
     """Uncompressed size of the rasters a run writes: the class raster (uint8) when asked for or when
-    the polygons are made from files (`scratch`, with the score raster, float32), probabilities."""
+    the polygons are made from files (`scratch`, with the score raster, float32), probabilities (float32 as
+    computed, and then the --prob-dtype copy beside it while a uint8 one is written)."""
     bytes_per_pixel = ((1 if class_raster or scratch else 0) + (4 if scratch else 0)
-                       + (4 * n_classes if probabilities else 0))
+                       + ((4 + (1 if prob_dtype == "uint8" else 0)) * n_classes if probabilities else 0))
     return window.width * window.height * bytes_per_pixel / 2**20
 
 
@@ -367,7 +368,7 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
         # score or signals raster is needed, and a class raster only when the user asked for one.
         streams = options.refine == "none" and computed == window
         needed_mb = estimated_output_mb(window, len(classes), bool(options.prob_raster), bool(options.class_raster),
-                                        scratch=not streams)
+                                        scratch=not streams, prob_dtype=options.prob_dtype)
         check_free_space(targets.values(), needed_mb)
         crop = crop_size(loaded.model.visual)
         total = count_crops(source.height, source.width, computed, crop, crop // 2)
@@ -473,7 +474,7 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
                 write_polygons(staged["coarse_vector"], coarse, source.crs, class_names, loaded.name, run_id,
                                layer=targets["coarse_vector"].stem, keep_from=targets["coarse_vector"])
             if options.prob_raster and prob_path is not None:
-                shutil.move(prob_path, staged["prob_raster"])
+                deliver_prob_raster(prob_path, staged["prob_raster"], options.prob_dtype)
             if options.class_raster:
                 assert class_path is not None, "a class raster is written when asked for"
                 shutil.move(class_path, staged["class_raster"])
@@ -552,6 +553,35 @@ def _class_stats(regions, class_names: list[str]) -> list[dict]:
     for entry in stats:
         entry["area_m2"] = round(entry["area_m2"], 2)
     return stats
+
+
+PROB_STEPS = 254  # a uint8 probability raster: 0..254 for probabilities 0..1
+PROB_NODATA = 255
+
+
+def deliver_prob_raster(written: Path, target: Path, dtype: str, keep: bool = False) -> None:
+    """The run's float32 probability raster `written` at `target` in the --prob-dtype asked for: as it is (moved,
+    or copied when `keep`), or as uint8, value round(p * PROB_STEPS), PROB_NODATA where NaN, with the band scale
+    1/PROB_STEPS that GDAL and QGIS apply when they read it, the bands' names and tags kept."""
+    if dtype == "float32":
+        (shutil.copyfile if keep else shutil.move)(written, target)
+        return
+    assert dtype == "uint8", f"a --prob-dtype the option allows: {dtype}"
+    with rasterio.open(written) as src:
+        profile = dict(src.profile, dtype="uint8", nodata=PROB_NODATA, compress="deflate", predictor=2)
+        with rasterio.open(target, "w", **profile) as dst:
+            for _, window in src.block_windows(1):
+                probs = src.read(window=window)
+                scaled = np.rint(np.clip(probs, 0.0, 1.0) * PROB_STEPS)
+                dst.write(np.where(np.isnan(probs), PROB_NODATA, scaled).astype(np.uint8), window=window)
+            dst.scales = (1.0 / PROB_STEPS,) * src.count
+            dst.offsets = (0.0,) * src.count
+            dst.update_tags(**src.tags())
+            for band in range(1, src.count + 1):
+                dst.set_band_description(band, src.descriptions[band - 1] or "")
+                dst.update_tags(band, **src.tags(band))
+    if not keep:
+        os.remove(written)
 
 
 class RunRasters:

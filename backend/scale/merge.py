@@ -19,6 +19,7 @@ import pyproj
 import rasterio
 import shapely
 from rasterio.crs import CRS
+from rasterio.enums import ColorInterp
 
 from backend.engine.colours import category_names, category_names_xml
 from backend.engine.errors import InputError
@@ -87,8 +88,11 @@ def write_raster_vrt(path: Path, rasters: list[Path], crs: CRS, read_from: list[
     the rasters are now, when not yet at the names the VRT gives them (they are renamed into place after)."""
     read_from = read_from or rasters
     with rasterio.open(read_from[0]) as first:
-        colormap = first.colormap(1) if first.count == 1 and first.dtypes[0] == "uint8" else None
+        colormap = first.colormap(1) if first.colorinterp[0] == ColorInterp.palette else None
         tags = [first.tags(band) for band in range(1, first.count + 1)]
+        # A uint8 probability raster's scale to 0..1 (segment.deliver_prob_raster), band by band.
+        scaling = ["" if (scale, offset) == (1.0, 0.0) else f"<Offset>{offset!r}</Offset><Scale>{scale!r}</Scale>"
+                   for scale, offset in zip(first.scales, first.offsets)]
         descriptions, nodata = first.descriptions, first.nodata
         kind = {"uint8": "Byte", "float32": "Float32"}[first.dtypes[0]]
     grids = []
@@ -126,7 +130,7 @@ def write_raster_vrt(path: Path, rasters: list[Path], crs: CRS, read_from: list[
         metadata = "".join(f'<MDI key="{html.escape(k)}">{html.escape(v)}</MDI>' for k, v in tags[band - 1].items())
         bands.append(f'<VRTRasterBand dataType="{kind}" band="{band}">'
                      + (f"<NoDataValue>{nodata_text}</NoDataValue>" if nodata_text else "")
-                     + colours + (f"<Metadata>{metadata}</Metadata>" if metadata else "")
+                     + colours + scaling[band - 1] + (f"<Metadata>{metadata}</Metadata>" if metadata else "")
                      + (f"<Description>{html.escape(description)}</Description>" if description else "")
                      + "".join(sources) + "</VRTRasterBand>")
     text = (f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">'

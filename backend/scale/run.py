@@ -46,7 +46,7 @@ from backend.engine.options import SegmentOptions, check_language
 from backend.engine.outlines import engine_window
 from backend.engine.quality import QualityModel
 from backend.engine.raster import open_dataset, open_source, parse_crs, pixel_size, request_window
-from backend.engine.segment import run_warnings
+from backend.engine.segment import deliver_prob_raster, run_warnings
 from backend.engine.sliding import CHUNK_COLUMNS, CHUNK_ROWS, count_crops, units
 from backend.engine.temporary import new_run_tag
 
@@ -78,6 +78,7 @@ class ScaleRequest:
     bbox: tuple[float, float, float, float] | None = None  # applied to every raster (one it misses is skipped)
     bbox_crs: str | None = None
     prob_raster: Path | None = None  # as class_raster, the class probabilities
+    prob_dtype: str = "float32"  # how prob_raster stores them (segment.deliver_prob_raster)
     refine: str = "none"  # run on the driver, where `segment` runs it, over each raster's finished rasters
     sam_model: str | None = None
     # The files the run reads besides its rasters (model, weights, class list: checks.input_files), which no
@@ -779,7 +780,7 @@ def _write_outputs(done: list[RasterPlan], manifest: Manifest, request: ScaleReq
             outputs["coarse_vector"] = str(coarse)
         files = raster_files(paths, done, placed)
         for role, target in request.rasters().items():
-            outputs.update(_stage_raster_output(staged, role, target, done, files, manifest))
+            outputs.update(_stage_raster_output(staged, role, target, done, files, manifest, request.prob_dtype))
         timings["total_s"] = time.perf_counter() - started
         outputs = absolute_outputs(outputs)
         report = {"farslip_version": __version__, "run_id": run_id, "model": model, "crs": out_crs.to_string(),
@@ -795,16 +796,23 @@ def _write_outputs(done: list[RasterPlan], manifest: Manifest, request: ScaleReq
 
 
 def _stage_raster_output(staged: StagedOutputs, role: str, target: Path, done: list[RasterPlan],
-                         files: list[str], manifest: Manifest) -> dict[str, str]:
+                         files: list[str], manifest: Manifest, prob_dtype: str = "float32") -> dict[str, str]:
     """One raster output of the finished rasters' own files (`role`: class_raster or prob_raster), written at
     its staged name: the file itself for a .tif, or a VRT over copies of them in the folder `<name>_rasters`
     beside it (each at its raster's file name, see raster_files), staged as an output of its own (the folder is
     replaced whole by the commit). Both in the rasters' own CRS (one for all: check_raster_outputs), whatever
-    --out-crs says: that reprojects the polygons only."""
+    --out-crs says: that reprojects the polygons only. Probabilities in `prob_dtype`, as `segment` writes them."""
     own = RASTER_FILES[role]
+
+    def copy(source: Path, target: Path) -> None:
+        if role == "prob_raster":
+            deliver_prob_raster(source, target, prob_dtype, keep=True)
+        else:
+            shutil.copyfile(source, target)
+
     if target.suffix.lower() != ".vrt":
         assert len(done) == 1, "check_raster_outputs allows a .tif for one raster only"
-        shutil.copyfile(manifest.raster_folder(done[0].index) / own, staged[role])
+        copy(manifest.raster_folder(done[0].index) / own, staged[role])
         if role == "class_raster":
             write_category_names(staged[role])
         return {role: str(target)}
@@ -813,7 +821,7 @@ def _stage_raster_output(staged: StagedOutputs, role: str, target: Path, done: l
     staged_folder.mkdir()
     for plan, file in zip(done, files):
         (staged_folder / file).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(manifest.raster_folder(plan.index) / own, staged_folder / file)
+        copy(manifest.raster_folder(plan.index) / own, staged_folder / file)
     write_raster_vrt(staged[role], [folder / file for file in files], done[0].crs,
                      read_from=[staged_folder / file for file in files])
     return {role: str(target), key: str(folder)}

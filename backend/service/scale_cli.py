@@ -112,7 +112,7 @@ def segment_scaled(values: dict) -> None:
         from backend.scale.worker import engine_settings
 
         options = options_from_cli({k: v for k, v in values.items()
-                                    if k not in (*SCALE_ONLY, "device", "quiet", *RASTER_OUTPUTS)}
+                                    if k not in (*SCALE_ONLY, "device", "quiet")}
                                    | {"raster": values["raster"][0]})
         check_values(options)
         check_scale_options(options)

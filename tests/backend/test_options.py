@@ -32,7 +32,8 @@ NAIP = Path(__file__).resolve().parents[3] / "shared" / "data" / "naip_2020_5m.t
 REQUEST = {
     "raster": "/data/in.tif", "class_lines": ["water, lake", "road"], "classes_file": "/data/classes.txt",
     "preset": "urban", "out": "/data/out.fgb", "class_raster": "/data/classes.tif",
-    "prob_raster": "/data/probs.tif", "overwrite": True, "model": "farslip-vit-b-16", "weights": "/w/model.pt",
+    "prob_raster": "/data/probs.tif", "prob_dtype": "uint8", "overwrite": True, "model": "farslip-vit-b-16",
+    "weights": "/w/model.pt",
     "bbox": [1.0, 2.0, 3.0, 4.0], "bbox_crs": "EPSG:4326", "bands": [3, 2, 1], "threshold": 0.25,
     "attention": "clearclip", "batch_size": 5, "scale": 0.5, "gsd_m": 2.5, "min_area": 10.0, "simplify": 1.5,
     "value_range": [0.0, 3000.0], "refine": "sam", "sam_model": "/w/sam", "runtime": "torch",
@@ -196,7 +197,7 @@ def test_every_option_that_works_only_with_another_is_refused_without_it_and_pas
     """Spec.needs, checked by check_values for the command line and the server alike."""
     given = options_from_request(REQUEST)
     needing = [item for item in option_fields() if spec_of(item).needs]
-    assert {item.name for item in needing} == {"bbox_crs", "sam_model", "cache_mb"}
+    assert {item.name for item in needing} == {"bbox_crs", "sam_model", "cache_mb", "prob_dtype"}
     for item in needing:
         enabling, _ = spec_of(item).needs
         alone = SegmentOptions(raster="/x.tif", **{item.name: getattr(given, item.name)})

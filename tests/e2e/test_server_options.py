@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import rasterio
 from typer.testing import CliRunner
 
 from backend.engine.options import option_fields
@@ -30,7 +32,7 @@ def run_options(naip, tiny_model, bbox, folder) -> dict:
     return {
         "raster": str(naip), "class_lines": ["water, lake", "road"], "classes_file": str(folder / "classes.txt"),
         "out": str(folder / "run.gpkg"), "class_raster": str(folder / "classes.tif"),
-        "prob_raster": str(folder / "probs.tif"), "overwrite": True, "weights": str(tiny_model),
+        "prob_raster": str(folder / "probs.tif"), "prob_dtype": "uint8", "overwrite": True, "weights": str(tiny_model),
         "bbox": bbox, "bbox_crs": "EPSG:26914", "bands": [3, 2, 1], "threshold": 0.05,
         "attention": "clearclip", "batch_size": 3, "gsd_m": 5.0, "min_area": 25.0, "simplify": 1.0,
         "value_range": [0.0, 250.0], "refine": "edges", "runtime": "torch", "language": "en",
@@ -66,7 +68,8 @@ def test_every_option_reaches_the_engine_through_the_api_and_the_command_line(
     cli = {**run, "out": str(tmp_path / "cli.gpkg"), "class_raster": str(tmp_path / "c.tif"),
            "prob_raster": str(tmp_path / "p.tif")}
     args = [str(naip), "-c", "water, lake", "-c", "road", "--classes-file", cli["classes_file"], "--out", cli["out"],
-            "--class-raster", cli["class_raster"], "--prob-raster", cli["prob_raster"], "--overwrite",
+            "--class-raster", cli["class_raster"], "--prob-raster", cli["prob_raster"], "--prob-dtype", "uint8",
+            "--overwrite",
             "--weights", str(tiny_model), "--bbox", *map(str, small_bbox), "--bbox-crs", "EPSG:26914",
             "--bands", "3,2,1", "--threshold", "0.05", "--attention", "clearclip", "--batch-size", "3",
             "--gsd", "5", "--min-area", "25", "--simplify", "1", "--value-range", "0", "250", "--refine", "edges",
@@ -77,3 +80,6 @@ def test_every_option_reaches_the_engine_through_the_api_and_the_command_line(
     cli_report = json.loads((tmp_path / "cli.report.json").read_text())
     assert cli_report["options"] == report["options"] and cli_report["quality"]["region_checks"] == 0
     assert cli_report["classes"] == report["classes"] and cli_report["class_stats"] == report["class_stats"]
+    with rasterio.open(out_dir / "probs.tif") as served, rasterio.open(tmp_path / "p.tif") as typed:
+        assert served.dtypes == typed.dtypes == ("uint8",) * 3 and served.nodata == typed.nodata == 255
+        assert np.array_equal(served.read(), typed.read())
