@@ -307,7 +307,12 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
         from backend.engine.text import parse_class_lines
 
         untrained = untrained_class_warning(loaded, parse_class_lines(grid.class_lines))  # as segment says it
-        said = [*polygons.warnings, *regridded, *([untrained] if untrained else [])]
+        absent = grid.absent_sentence(polygons.path.name)
+        if absent:
+            many = len(grid.absent) > 1
+            absent += (f"; with no ground truth here, every pixel the model gives {'them' if many else 'it'} is an "
+                       f"error, and {'their' if many else 'its'} IoU of 0 (where predicted) lowers the mIoU.")
+        said = [*polygons.warnings, *regridded, *([untrained] if untrained else []), *([absent] if absent else [])]
         # (after the grid: it counts the polygons outside the raster)
         if use_validation:
             recorded = trained_on["split"]["validation_window"]
@@ -455,6 +460,12 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
     with open_source(raster, bands, scale, gsd_m, task=TRAIN_TASK) as source:
         raster_id = raster_record(source.path, source.dataset)
         grid = label_grid_for(source, labels, class_field, background, aoi, class_names)
+        absent = grid.absent_sentence(Path(labels_file).name)
+        if absent:  # a class the model would be taught by its name alone, competing with the others for every pixel
+            many = len(grid.absent) > 1
+            raise InputError(f"{absent}: a model cannot learn {'them' if many else 'it'}. Label "
+                             f"{'them' if many else 'it'} where the raster has data, or remove those polygons "
+                             "from the labels.")
         labels_sha = file_sha256(labels_file)
         window_pixels = grid.window.height * grid.window.width
         if window_pixels > MAX_TRAINING_PIXELS:

@@ -81,10 +81,13 @@ class LabelPolygons:
             said.append(f"{self.contested} labelled pixels of {self.path.name} lie under polygons of more than one "
                         "class; each took the class of the smallest polygon over it (of polygons the same size, "
                         "the later feature's).")
-        codes = sorted(set(self.class_values), key=lambda v: (len(v), v))
-        if codes and all(NUMBER.fullmatch(value) for value in codes):
+        values = set(self.class_values)
+        # Every code, or those left after --class-name renamed some of them.
+        codes = sorted((v for v in values if NUMBER.fullmatch(v)), key=lambda v: (len(v), v))
+        if codes:
             shown = ", ".join(codes[:5]) + (", ..." if len(codes) > 5 else "")
-            said.append(f"The classes in the field {self.class_field!r} of {self.path.name} are numbers ({shown}), "
+            which = "The classes" if len(codes) == len(values) else "Some classes"
+            said.append(f"{which} in the field {self.class_field!r} of {self.path.name} are numbers ({shown}), "
                         "which the model reads as class names that mean nothing to it; name them, e.g. "
                         f"--class-name {codes[0]}=water (one per code).")
         return said
@@ -100,6 +103,18 @@ class LabelGrid:
     background: str | None
     polygons: LabelPolygons
     class_of_polygon: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    # Classes the labels draw polygons of, none of whose pixels is a valid labelled pixel of the grid.
+    absent: list[str] = field(default_factory=list)
+
+    def absent_sentence(self, label_file: str) -> str | None:
+        """What `absent` means, in a sentence (None when every labelled class has pixels)."""
+        if not self.absent:
+            return None
+        many = len(self.absent) > 1
+        listed = ", ".join(repr(line) for line in self.absent)
+        return (f"The polygons of the class{'es' if many else ''} {listed} in {label_file} label no valid pixel of "
+                f"the raster: they lie outside it (or outside the --aoi), on nodata, under smaller polygons of other "
+                f"classes, or are too thin to hold a pixel's centre")
 
     @property
     def class_names(self) -> list[str]:
@@ -126,6 +141,14 @@ def _value_text(value) -> str:
 
 def _unreadable(path: Path, what: str, exc: Exception) -> InputError:
     """One sentence for a vector file GDAL cannot read (its own text, raw SQL or a driver's, is left out)."""
+    if isinstance(exc, UnicodeDecodeError):  # the file opens (QGIS shows it); its text is not in the encoding named
+        cpg = next((p for p in (path.with_suffix(".cpg"), path.with_suffix(".CPG")) if p.is_file()), None)
+        named = f"the encoding its {cpg.name} names ({exc.encoding})" if cpg is not None else exc.encoding
+        fix = (f"write the file's real encoding into {cpg.name} (e.g. ISO-8859-1 or CP1252)" if cpg is not None
+               else "save it again in UTF-8")
+        return InputError(f"The text of the {what} file {path} is not in {named}: it holds the bytes "
+                          f"{exc.object[exc.start:exc.end + 8]!r}. Fix it: {fix}, or save the layer again with "
+                          "the encoding UTF-8 (QGIS: Export > Save Features As).")
     if path.suffix.lower() == ".gpkg":
         return InputError(f"The {what} file {path} is not a readable GeoPackage (damaged or not a GeoPackage), "
                           "so it cannot be read as a vector layer; give a GeoPackage, Shapefile or GeoJSON with "
@@ -548,13 +571,19 @@ def check_two_classes(labels: str | Path, class_field: str, background: str | No
 def _class_lines_of(values: list[str], background: str | None, label_file: str) -> list[str]:
     """The sorted label values, then the background class unless a label value names it already."""
     seen: dict[str, str] = {}
+    clashes: list[tuple[str, str]] = []  # every pair, told at once: one run to learn each of them was a run each
     for value in values:
         key = str(_class_name(value)).lower()
         if key in seen:
-            raise InputError(f"The label values {seen[key]!r} and {value!r} in {label_file} name the same class "
-                             "(letter case and synonyms after a comma do not tell classes apart); spell them "
-                             f"the same way in the labels, or merge them with --class-name '{value}={seen[key]}'.")
-        seen[key] = value
+            clashes.append((seen[key], value))
+        else:
+            seen[key] = value
+    if clashes:
+        pairs = "; ".join(f"{first!r} and {other!r}" for first, other in clashes)
+        merge = " ".join(f"--class-name '{other}={first}'" for first, other in clashes)
+        raise InputError(f"The label values {pairs} in {label_file} name the same class "
+                         "(letter case and synonyms after a comma do not tell classes apart); spell them "
+                         f"the same way in the labels, or merge them with {merge}.")
     if background and str(_class_name(background)).lower() not in seen:
         return [*values, background]
     return list(values)
@@ -679,4 +708,5 @@ def build_label_grid(source: RasterSource, polygons: LabelPolygons, background: 
         raise InputError(f"The labels in {label_file} cover only one class ({class_lines[present[0]]!r}) "
                          f"on the raster's valid pixels; a segmentation needs at least two. Label another "
                          f"class{fix}.")
-    return LabelGrid(labels, window, list(class_lines), background, polygons, class_ids)
+    absent = [class_lines[i] for i in sorted(set(class_ids.tolist()) - set(present.tolist()))]
+    return LabelGrid(labels, window, list(class_lines), background, polygons, class_ids, absent)

@@ -81,14 +81,23 @@ def check_out_folder(out: Path, overwrite: bool, resume: bool, inputs: dict[str,
     if not out.is_dir() or out.is_symlink():
         raise InputError(f"{out} exists and is not a model folder; choose another --out (a fine-tuned model is "
                          "written as a new folder).")
-    if resume:
+    if resume or empty_folder(out):  # an empty folder (`mkdir my-model`) holds nothing to lose: the model goes in it
         return
+    if not is_model_folder(out):  # said first: --overwrite, which the next sentence offers, never replaces it
+        raise InputError(f"{out} is a folder that farslip train did not write (it has no {FINETUNED_META}) and "
+                         "it is not empty: training never replaces it, with or without --overwrite. Choose another "
+                         "--out (a new or empty folder).")
     if not overwrite:
         raise InputError(f"{out} already exists; choose another --out, continue it with --resume, or "
                          "replace it with --overwrite.")
-    if not is_model_folder(out):
-        raise InputError(f"{out} is a folder that farslip train did not write (it has no {FINETUNED_META}); "
-                         "--overwrite only replaces a fine-tuned model folder. Choose another --out.")
+
+
+def empty_folder(path: Path) -> bool:
+    """A real folder (not a link to one) with nothing in it."""
+    try:
+        return path.is_dir() and not path.is_symlink() and not any(os.scandir(path))
+    except OSError:
+        return False
 
 
 def claim(work: Path) -> None:
@@ -177,7 +186,9 @@ def move_into_place(work: Path, out: Path, report: tuple[Path, str] | None = Non
         try:
             if report is not None:
                 staged["report"].write_text(report[1], encoding="utf-8")
-            if os.path.lexists(out):
+            # An empty folder at --out is replaced by the rename itself, which fails (ENOTEMPTY) if files came
+            # into it meanwhile; any other folder there (a model, checked before training) is set aside first.
+            if os.path.lexists(out) and not empty_folder(out):
                 out.rename(old)
                 replaced = True
             work.rename(out)

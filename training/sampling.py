@@ -171,12 +171,13 @@ def random_crop_boxes(area: PixelBox, side_px: float, count: int, rng: np.random
 
 def region_boxes(grid: LabelGrid, area: PixelBox, transform: Affine, native_per_pixel: tuple[float, float] = (1, 1),
                  min_size_px: float = 64, max_size_px: float = 1024) -> tuple[list[GridBox], list[int]]:
-    """Boxes (label-grid pixels) of the labelled polygons inside `area`, with each one's class id.
+    """Boxes (label-grid pixels) of the labelled regions inside `area`, with each one's class id.
 
-    A polygon is taken to the label grid's pixels (`transform`) and clipped to `area`; its box is kept when
-    sqrt(box area) lies in [min_size_px, max_size_px] native raster pixels (`native_per_pixel`: native
-    pixels per label-grid pixel across and down), FarSLIP's rule for region-category alignment. Classes
-    left without boxes get `pure_boxes` instead.
+    A polygon is taken to the label grid's pixels (`transform`) and clipped to `area`; each of its parts (the
+    polygons of a MultiPolygon, as a layer dissolved by class holds them; the pieces clipping leaves) is one
+    region, whose box is kept when sqrt(box area) lies in [min_size_px, max_size_px] native raster pixels
+    (`native_per_pixel`: native pixels per label-grid pixel across and down), FarSLIP's rule for
+    region-category alignment. Classes left without boxes get `pure_boxes` instead.
     """
     inverse = ~transform
     frame = shapely.box(area.col0, area.row0, area.col1, area.row1)
@@ -186,14 +187,14 @@ def region_boxes(grid: LabelGrid, area: PixelBox, transform: Affine, native_per_
             continue
         in_pixels = shapely.affinity.affine_transform(geometry, [inverse.a, inverse.b, inverse.d, inverse.e,
                                                                  inverse.c, inverse.f])
-        part = shapely.intersection(in_pixels, frame)
-        if part.is_empty or part.area <= 0:
-            continue
-        c0, r0, c1, r1 = part.bounds
-        size_px = math.sqrt((c1 - c0) * native_per_pixel[0] * (r1 - r0) * native_per_pixel[1])
-        if min_size_px <= size_px <= max_size_px:
-            boxes.append((c0, r0, c1, r1))
-            class_ids.append(int(class_id))
+        for part in shapely.get_parts(shapely.intersection(in_pixels, frame)):
+            if part.is_empty or part.area <= 0:  # a clipped edge or corner: no region
+                continue
+            c0, r0, c1, r1 = part.bounds
+            size_px = math.sqrt((c1 - c0) * native_per_pixel[0] * (r1 - r0) * native_per_pixel[1])
+            if min_size_px <= size_px <= max_size_px:
+                boxes.append((c0, r0, c1, r1))
+                class_ids.append(int(class_id))
     return boxes, class_ids
 
 

@@ -192,23 +192,39 @@ def test_resume_after_the_last_epoch_finishes_the_model(synthetic, tiny_model, t
     assert not (tmp_path / ".model.partial").exists()
 
 
-def test_a_class_without_training_pixels_is_a_warning(tiny_model, tmp_path):
+def test_a_class_without_any_labelled_pixel_is_refused_and_one_without_training_pixels_is_a_warning(tiny_model,
+                                                                                                     tmp_path):
     (tmp_path / "scene").mkdir()
     raster, labels, _ = make_synthetic(tmp_path / "scene", labels_crs=RASTER_CRS)
-    # A sliver between pixel centres: the class "reed" exists, but not one pixel of it.
+    with_sliver = tmp_path / "scene" / "sliver.gpkg"
+    with_sliver.write_bytes(labels.read_bytes())
+    # A sliver between pixel centres: the class "reed" is named, but not one pixel of it is labelled. It was a
+    # warning that told the analyst to label more of it away from the validation strip.
     sliver = shapely.box(500000.1, 4999999.5, 500000.5, 4999999.9)
-    pyogrio.raw.write(labels, np.array([shapely.to_wkb(sliver)], dtype=object), [np.array(["reed"], dtype=object)],
+    pyogrio.raw.write(with_sliver, np.array([shapely.to_wkb(sliver)], dtype=object),
+                      [np.array(["reed"], dtype=object)], ["cls"], driver="GPKG", geometry_type="Polygon",
+                      crs=RASTER_CRS, append=True, layer="labels")
+    code, lines = train(raster, with_sliver, tiny_model, tmp_path / "refused")
+    assert code == 2 and lines[-1].startswith("Error: The polygons of the class 'reed' in sliver.gpkg label no valid "
+                                              "pixel of the raster:") and "too thin" in lines[-1], lines
+    assert not (tmp_path / "refused").exists()
+    # A class whose every pixel lies in the validation strip: the model cannot learn it, said in a warning.
+    _, _, wkb, _ = pyogrio.raw.read(labels)
+    shapes = shapely.from_wkb(wkb)
+    east = max(shapes, key=lambda g: g.bounds[2])  # a block at the right edge, where the strip is cut
+    pyogrio.raw.write(labels, np.array([shapely.to_wkb(east)], dtype=object), [np.array(["reed"], dtype=object)],
                       ["cls"], driver="GPKG", geometry_type="Polygon", crs=RASTER_CRS, append=True)
     report = tmp_path / "report.json"
     code, lines = train(raster, labels, tiny_model, tmp_path / "model", "--json", report)
     assert code == 0, lines
+    edge = json.loads(report.read_text())["split"]["edge"]
     # (A run this short may also not beat the base model: that has its own warning, left out here.)
-    warning = [line for line in lines if line.startswith("Warning: ") and "scored above the base model" not in line]
+    warning = [line for line in lines if line.startswith("Warning: ") and "scored above the base model" not in line
+               and "more than one class" not in line]
     assert warning == ["Warning: The class 'reed' has no labelled pixels in the training part, so the model cannot "
-                       "learn it; label more of it away from the "
-                       f"{json.loads(report.read_text())['split']['edge']} edge (the validation strip)."]
+                       f"learn it; label more of it away from the {edge} edge (the validation strip)."], lines
     recorded = json.loads(report.read_text())["warnings"]
-    assert [w for w in recorded if "scored above the base model" not in w] == [warning[0][len("Warning: "):]]
+    assert warning[0][len("Warning: "):] in recorded
 
 
 def test_a_validation_strip_of_classes_training_never_sees_is_a_warning():
@@ -265,3 +281,25 @@ def test_resume_refuses_an_option_typed_with_its_default_value_that_the_checkpoi
     assert result.exit_code == 0, result.output
     history = json.loads((tmp_path / "model" / "farslip_model.json").read_text())["training"]["history"]
     assert history[-1]["crops"] == 2 * 2  # --steps-per-epoch 2 x --batch-size 2, the checkpoint's
+
+
+def test_train_writes_into_an_empty_folder_and_says_plainly_that_it_never_replaces_a_foreign_one(
+        synthetic, tiny_model, tmp_path):
+    """`mkdir my-model` then `farslip train ... --out my-model/` (README's form) was refused with "replace it with
+    --overwrite", and --overwrite was then refused: the advice went in a circle."""
+    raster, labels, _ = synthetic
+    empty = tmp_path / "my-model"
+    empty.mkdir()
+    code, lines = train(raster, labels, tiny_model, f"{empty}/")
+    assert code == 0, lines
+    assert (empty / "model.safetensors").is_file() and (empty / "farslip_model.json").is_file()
+    assert not list(tmp_path.glob(".my-model*"))
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the analyst's notes")
+    for extra in ((), ("--overwrite",)):
+        code, lines = train(raster, labels, tiny_model, mine, *extra)
+        assert code == 2 and lines == [f"Error: {mine} is a folder that farslip train did not write (it has no "
+                                       "farslip_model.json) and it is not empty: training never replaces it, with "
+                                       "or without --overwrite. Choose another --out (a new or empty folder)."], lines
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]

@@ -190,6 +190,17 @@ def test_label_values_differing_in_letter_case_are_named(synthetic, tmp_path):
         grid_of(raster, labels)
     grid, _ = grid_of(raster, labels, class_names={"Water": "water"}, background="ground")
     assert grid.class_lines == ["water", "ground"]
+    # Every clash at once, each with its merge (it took one run per pair to learn them).
+    boxes += [shapely.box(500200, 4999700, 500300, 4999750), shapely.box(500600, 4999600, 500700, 4999700)]
+    labels = write_labels(tmp_path / "cases.gpkg", boxes, ["Water", "water", "Forest", "forest"], RASTER_CRS)
+    with pytest.raises(InputError) as refused:
+        grid_of(raster, labels)
+    assert str(refused.value) == (
+        "The label values 'Forest' and 'forest'; 'Water' and 'water' in cases.gpkg name the same class (letter case "
+        "and synonyms after a comma do not tell classes apart); spell them the same way in the labels, or merge them "
+        "with --class-name 'forest=Forest' --class-name 'water=Water'.")
+    grid, _ = grid_of(raster, labels, class_names={"forest": "Forest", "water": "Water"})
+    assert grid.class_lines == ["Forest", "Water"]
 
 
 def test_background_naming_the_only_label_class_says_so(synthetic, tmp_path):
@@ -327,6 +338,11 @@ def test_number_coded_classes_are_named_as_such(synthetic, tmp_path):
                         "code)."]
         renamed = read_label_polygons(coded, "cls", source.crs, {v: k for k, v in codes.items()})
         assert renamed.warnings == [] and read_label_polygons(labels, "cls", source.crs).warnings == []
+        # Only code 1 renamed: codes 2 and 3 still reach the model as the prompts "2" and "3" (it said nothing).
+        partly = read_label_polygons(coded, "cls", source.crs, {"1": "forest"})
+        assert partly.warnings == ["Some classes in the field 'cls' of coded.gpkg are numbers (2, 3), which the model "
+                                   "reads as class names that mean nothing to it; name them, e.g. --class-name "
+                                   "2=water (one per code)."]
 
 
 def test_a_geojson_without_crs_holding_projected_coordinates_is_named_as_such(synthetic, tmp_path):
@@ -342,3 +358,24 @@ def test_a_geojson_without_crs_holding_projected_coordinates_is_named_as_such(sy
                                              r"500[12]00\.00, 4999[78]00\.00, which are not degrees\. Set the layer's "
                                              r"real CRS in QGIS"):
             read_label_polygons(path, "cls", source.crs)
+
+
+def test_a_layer_dissolved_by_class_gives_one_region_box_per_part_as_its_polygons_do(synthetic, tmp_path):
+    """One MultiPolygon per class (a layer dissolved by class) gave each class one box over all its parts: every
+    class the same box of the whole area, three identical crops named three ways for region alignment."""
+    raster, labels, _ = synthetic
+    meta, _, wkb, (values,) = pyogrio.raw.read(labels)
+    shapes = shapely.from_wkb(wkb)
+    names = sorted(set(values))
+    dissolved = tmp_path / "dissolved.gpkg"
+    parts = [shapely.MultiPolygon([g for g, v in zip(shapes, values) if v == name]) for name in names]
+    pyogrio.raw.write(dissolved, shapely.to_wkb(np.array(parts, dtype=object)), [np.array(names, dtype=object)],
+                      ["cls"], driver="GPKG", geometry_type="MultiPolygon", crs=meta["crs"])
+    area = PixelBox(0, 0, 384, 384)
+    found = {}
+    for name, path in (("polygons", labels), ("dissolved", dissolved)):
+        grid, window_transform = grid_of(raster, path)
+        boxes, ids = region_boxes(grid, area, window_transform(grid.window), (2, 2))
+        found[name] = sorted((tuple(round(v, 6) for v in box), grid.class_lines[i]) for box, i in zip(boxes, ids))
+    assert len(found["polygons"]) > 3 * len(names)
+    assert found["dissolved"] == found["polygons"]

@@ -84,3 +84,49 @@ def test_features_without_geometry_area_or_place_on_the_raster_are_counted_in_on
     assert result.exit_code == 0, result.output
     assert said[0].removeprefix("Warning: ") in json.loads(report.read_text())["warnings"]
     assert said[0] in result.stderr.splitlines()
+
+
+def test_a_class_whose_polygons_label_no_valid_pixel_is_refused_by_train_and_said_by_evaluate(tmp_path,
+                                                                                              tiny_model):
+    """A 'glacier' polygon wholly outside the raster (or on nodata) became a class of the model with 0 labelled
+    pixels, its name competing for every pixel (validation mIoU fell from 99.9 to 26 %), told as pixels that
+    only missed the training part; evaluate scored its IoU of 0 into the mIoU without a word."""
+    raster, labels, _ = make_synthetic(tmp_path, labels_crs=RASTER_CRS)
+    geometries, values = polygons_of(labels)
+    xmin, _, _, ymax = shapely.total_bounds(geometries)
+    away = shapely.box(xmin - 5000, ymax + 1000, xmin - 4000, ymax + 2000)  # beyond the raster's corner
+    outside = write_any(tmp_path / "outside.gpkg", [*geometries, away], [*values, "glacier"])
+    out = tmp_path / "model"
+    code, _, err = train(raster, outside, tiny_model, out)
+    assert code == 2, err
+    assert err == ["Error: The polygons of the class 'glacier' in outside.gpkg label no valid pixel of the raster: "
+                   "they lie outside it (or outside the --aoi), on nodata, under smaller polygons of other "
+                   "classes, or are too thin to hold a pixel's centre: a model cannot learn it. Label it where the "
+                   "raster has data, or remove those polygons from the labels."], err
+    assert not out.exists() and not list(tmp_path.glob(".model*"))
+    result = runner.invoke(app, ["evaluate", str(raster), str(outside), "--class-field", "cls", "--model",
+                                 str(tiny_model), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    said = [line for line in result.stderr.splitlines() if "'glacier'" in line]
+    assert len(said) == 1 and said[0].startswith("Warning: ") and "IoU of 0" in said[0], result.stderr
+
+
+def test_a_shapefile_whose_cpg_names_the_wrong_encoding_is_said_so(tmp_path, tiny_model):
+    """A latin-1 shapefile whose .cpg says UTF-8 (QGIS and ogrinfo open it) was 'damaged, or in a format GDAL does
+    not read'."""
+    raster, labels, _ = make_synthetic(tmp_path, labels_crs=RASTER_CRS)
+    geometries, values = polygons_of(labels)
+    shp = tmp_path / "águas.shp"
+    pyogrio.raw.write(shp, shapely.to_wkb(np.array(geometries, dtype=object)),
+                      [np.array([f"{v} á" for v in values], dtype=object)], ["cls"], driver="ESRI Shapefile",
+                      geometry_type="Polygon", crs=RASTER_CRS, encoding="ISO-8859-1")
+    shp.with_suffix(".cpg").write_text("UTF-8")
+    code, _, err = train(raster, shp, tiny_model, tmp_path / "model")
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"Error: The text of the labels file {shp} is not in the encoding its águas.cpg names "
+                             "(utf-8): it holds the bytes b'\\xe1"), err
+    assert "write the file's real encoding into águas.cpg" in err[0]
+    shp.with_suffix(".cpg").write_text("ISO-8859-1")  # as the sentence says: then it trains, names intact
+    code, _, err = train(raster, shp, tiny_model, tmp_path / "model")
+    assert code == 0, err
+    assert all(name.endswith(" á") for name in label_pixels(tmp_path / "model"))
