@@ -56,6 +56,7 @@ class LabelPolygons:
     labelled_pixels: int = 0  # pixels the polygons cover on the raster (set by build_label_grid)
     on_nodata: int = 0  # of them, on the raster's nodata, so left out (set by build_label_grid)
     contested: int = 0  # of them, under polygons of more than one class (set by build_label_grid)
+    misread: list[tuple[str, str]] = field(default_factory=list)  # (value as read, as UTF-8 would read it)
 
     @property
     def warnings(self) -> list[str]:
@@ -83,6 +84,12 @@ class LabelPolygons:
                         "the later feature's).")
         values = set(self.class_values)
         # Every code, or those left after --class-name renamed some of them.
+        if self.misread:
+            read, meant = self.misread[0]
+            said.append(f"The class names in {self.path.name} look like UTF-8 text read as ISO-8859-1 ({read!r} would "
+                        f"be {meant!r}): the shapefile has no {self.path.with_suffix('.cpg').name} naming its "
+                        f"encoding. If they are wrong, write UTF-8 into {self.path.with_suffix('.cpg').name} and "
+                        "run again.")
         codes = sorted((v for v in values if NUMBER.fullmatch(v)), key=lambda v: (len(v), v))
         if codes:
             shown = ", ".join(codes[:5]) + (", ..." if len(codes) > 5 else "")
@@ -441,8 +448,25 @@ def read_label_polygons(path: str | Path, class_field: str, raster_crs,
         _check_renamed_values(class_names, [_value_text(v) for v in fields[0]], path)
         values = [class_names.get(v, v) for v in values]
     geometries = _to_raster_crs(geometries, crs, raster_crs, path, raster_bounds)
-    return LabelPolygons(geometries, values, path, crs.to_string(), class_field, features, without_class,
-                         int((~polygonal).sum()), no_geometry, no_area)
+    polygons = LabelPolygons(geometries, values, path, crs.to_string(), class_field, features, without_class,
+                             int((~polygonal).sum()), no_geometry, no_area)
+    if path.suffix.lower() == ".shp" and not any(path.with_suffix(s).is_file() for s in (".cpg", ".CPG")):
+        polygons.misread = _utf8_read_as_latin1({_value_text(v) for v in fields[0]})
+    return polygons
+
+
+def _utf8_read_as_latin1(values: set[str]) -> list[tuple[str, str]]:
+    """Values that are UTF-8 bytes read as ISO-8859-1 (GDAL's reading of a shapefile without a .cpg): 'forÃªt'
+    is 'forêt'. Text that really is ISO-8859-1 ('forêt') is never valid UTF-8 once encoded back, so is not listed."""
+    found = []
+    for value in sorted(values):
+        try:
+            meant = value.encode("latin-1").decode("utf-8")
+        except (UnicodeEncodeError, UnicodeDecodeError):
+            continue
+        if meant != value:
+            found.append((value, meant))
+    return found
 
 
 def _check_renamed_values(class_names: dict[str, str], values: list[str], path: Path) -> None:

@@ -379,3 +379,27 @@ def test_a_layer_dissolved_by_class_gives_one_region_box_per_part_as_its_polygon
         found[name] = sorted((tuple(round(v, 6) for v in box), grid.class_lines[i]) for box, i in zip(boxes, ids))
     assert len(found["polygons"]) > 3 * len(names)
     assert found["dissolved"] == found["polygons"]
+
+
+def test_a_utf8_shapefile_without_a_cpg_is_said_to_be_misread(synthetic, tmp_path):
+    """GDAL reads a shapefile without a .cpg as ISO-8859-1: UTF-8 class names became 'bÃ¢timent' without a word."""
+    raster, labels, _ = synthetic
+    _, _, wkb, fields = pyogrio.raw.read(labels)
+    names = {"forest": "forêt", "sand": "bâtiment", "water": "água"}
+    for encoding in ("UTF-8", "ISO-8859-1"):
+        shp = tmp_path / encoding / "labels.shp"
+        shp.parent.mkdir()
+        pyogrio.raw.write(shp, wkb, [np.array([names[v] for v in fields[0]], dtype=object)], ["cls"],
+                          driver="ESRI Shapefile", geometry_type="Polygon", crs=RASTER_CRS, encoding=encoding)
+        shp.with_suffix(".cpg").unlink(missing_ok=True)
+    with open_source(raster) as source:
+        misread = read_label_polygons(tmp_path / "UTF-8" / "labels.shp", "cls", source.crs)
+        assert sorted(set(misread.class_values)) == ["bÃ¢timent", "forÃªt", "Ã¡gua"]
+        assert misread.warnings == ["The class names in labels.shp look like UTF-8 text read as ISO-8859-1 "
+                                    "('bÃ¢timent' would be 'bâtiment'): the shapefile has no labels.cpg naming its "
+                                    "encoding. If they are wrong, write UTF-8 into labels.cpg and run again."]
+        latin = read_label_polygons(tmp_path / "ISO-8859-1" / "labels.shp", "cls", source.crs)
+        assert sorted(set(latin.class_values)) == sorted(names.values()) and latin.warnings == []
+        (tmp_path / "UTF-8" / "labels.cpg").write_text("UTF-8")  # as the sentence says
+        fixed = read_label_polygons(tmp_path / "UTF-8" / "labels.shp", "cls", source.crs)
+        assert sorted(set(fixed.class_values)) == sorted(names.values()) and fixed.warnings == []
