@@ -605,9 +605,14 @@ def _class_lines_of(values: list[str], background: str | None, label_file: str) 
     if clashes:
         pairs = "; ".join(f"{first!r} and {other!r}" for first, other in clashes)
         merge = " ".join(f"--class-name '{other}={first}'" for first, other in clashes)
+        # Values told apart only after a comma ('Forest, deciduous' and 'Forest, coniferous') are two classes to
+        # the analyst: they are renamed apart, not merged (the name is the text before the first comma).
+        commas = next(((first, other) for first, other in clashes if first.lower() != other.lower()), None)
+        apart = (f"; if they are different classes, give one a name of its own, e.g. --class-name "
+                 f"'{commas[1]}={commas[1].replace(',', '').replace(';', '')}'" if commas else "")
         raise InputError(f"The label values {pairs} in {label_file} name the same class "
                          "(letter case and synonyms after a comma do not tell classes apart); spell them "
-                         f"the same way in the labels, or merge them with {merge}.")
+                         f"the same way in the labels, or merge them with {merge}{apart}.")
     if background and str(_class_name(background)).lower() not in seen:
         return [*values, background]
     return list(values)

@@ -201,6 +201,15 @@ def test_label_values_differing_in_letter_case_are_named(synthetic, tmp_path):
         "with --class-name 'forest=Forest' --class-name 'water=Water'.")
     grid, _ = grid_of(raster, labels, class_names={"forest": "Forest", "water": "Water"})
     assert grid.class_lines == ["Forest", "Water"]
+    # Told apart only after a comma: two classes to the analyst, so renaming one apart is offered, not only a merge.
+    labels = write_labels(tmp_path / "kinds.gpkg", boxes[:2], ["Forest, deciduous", "Forest, coniferous"], RASTER_CRS)
+    with pytest.raises(InputError) as refused:
+        grid_of(raster, labels)
+    assert str(refused.value).endswith("merge them with --class-name 'Forest, deciduous=Forest, coniferous'; if they "
+                                       "are different classes, give one a name of its own, e.g. --class-name "
+                                       "'Forest, deciduous=Forest deciduous'.")
+    grid, _ = grid_of(raster, labels, class_names={"Forest, deciduous": "Forest deciduous"})
+    assert sorted(grid.class_names) == ["Forest", "Forest deciduous"]
 
 
 def test_background_naming_the_only_label_class_says_so(synthetic, tmp_path):
