@@ -765,7 +765,11 @@ def _write_outputs(done: list[RasterPlan], manifest: Manifest, request: ScaleReq
     if request.refine != "none":  # the unrefined polygons beside the refined ones, as `segment` writes them
         targets["coarse_vector"] = coarse_vector_path(out)
     targets.update(vector=out, report=report_path_for(out))
-    with StagedOutputs(targets, new_run_tag(run_id)) as staged:
+    # What staging copies or converts from the finished rasters' folders: a disk that fills up while the outputs
+    # are staged (not only when they are renamed) is a sentence, seen before the staged files go.
+    needed_mb = sum(f.stat().st_size for p in done for f in manifest.raster_folder(p.index).iterdir()
+                    if f.is_file()) / 2**20
+    with StagedOutputs(targets, new_run_tag(run_id)) as staged, writing_to(targets.values(), needed_mb):
         paths = [p.path for p in done]
         placed = _places(paths)
         names = raster_names(paths, placed)
@@ -790,8 +794,7 @@ def _write_outputs(done: list[RasterPlan], manifest: Manifest, request: ScaleReq
                   "layer": out.stem if out.suffix.lower() == ".parquet" else layer_name(out.stem, driver_for(out)),
                   "timings": {k: round(v, 3) for k, v in timings.items()}}
         staged["report"].write_text(report_json(report), "utf-8")
-        with writing_to(targets.values(), 1.0):  # a failed rename is a sentence, seen before staged files go
-            staged.commit()
+        staged.commit()
     return outputs
 
 
