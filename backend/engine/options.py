@@ -29,6 +29,9 @@ ATTENTION_VARIANTS = ("segearth", "clearclip", "sclip", "maskclip", "vanilla")
 REFINE_CHOICES = ("none", "edges", "sam")
 RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")
 PROB_DTYPES = ("float32", "uint8")
+# --weights wherever a command takes a model (models.locate_model): a registry name's weights, or a model alone.
+WEIGHTS_HELP = ("Checkpoint file (or fine-tuned model folder): the weights of the registry model --model names; "
+                "without --model, a model of its own.")
 LANGUAGES: dict[str, str] = {
     "en": "English", "pt": "Portuguese", "es": "Spanish", "fr": "French", "de": "German", "nl": "Dutch",
     "it": "Italian", "zh": "Chinese", "ko": "Korean", "ru": "Russian",
@@ -210,7 +213,7 @@ class SegmentOptions:
     raster: str = field(metadata=spec(
         argument=True, help="GeoTIFF (or any GDAL raster) to segment.", max_chars=PATH_MAX_CHARS, gdal_name=True))
     class_lines: list[str] = field(default_factory=list, metadata=spec(
-        flags=("--classes", "-c"), help="One class per option; commas separate synonyms.",
+        flags=("--classes", "-c"), help="One class per option; commas or semicolons separate synonyms.",
         max_items=CLASS_LINES_MAX, item_max_chars=CLASS_LINE_MAX_CHARS))
     classes_file: Path | None = field(default=None, metadata=spec(
         help="Text file, one class per line.", max_chars=PATH_MAX_CHARS))
@@ -233,7 +236,7 @@ class SegmentOptions:
     model: str | None = field(default=None, metadata=spec(
         help="Registry name, checkpoint file or fine-tuned model folder.", max_chars=PATH_MAX_CHARS))
     weights: Path | None = field(default=None, metadata=spec(
-        help="Checkpoint to use for the registry model.", max_chars=PATH_MAX_CHARS))
+        help=WEIGHTS_HELP, max_chars=PATH_MAX_CHARS))
     # From here to quality_calibration: the processing options, in the order the run report lists them.
     bbox: tuple[float, float, float, float] | None = field(default=None, metadata=spec(
         help="XMIN YMIN XMAX YMAX of the area to segment (default: whole raster).", check=check_bbox))

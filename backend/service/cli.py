@@ -164,11 +164,13 @@ def bench(
     null_encoder: bool = typer.Option(False, "--null-encoder",
                                       help="Instead: the host side alone (encoder replaced by a zero-cost "
                                            "stand-in); Mpx/s and each stage's share of the time."),
-    runs: int = typer.Option(3, "--runs", min=1, help="With --null-encoder: host-side runs, each in a fresh "
-                                                          "process; the median run's figures are reported."),
+    runs: Optional[int] = typer.Option(None, "--runs", min=1, help="With --null-encoder: host-side runs (default 3), "
+                                                                    "each in a fresh process; the median run's "
+                                                                    "figures are reported."),
     search: bool = typer.Option(False, "--search", help="Instead: search index build, size, memory and "
                                                         "query latency."),
-    search_sides: str = typer.Option("3000,10000", help="Raster sides for the --search index runs."),
+    search_sides: Optional[str] = typer.Option(None, help="Raster sides for the --search index runs (default "
+                                                          "3000,10000)."),
     refine: bool = typer.Option(False, "--refine", help="Instead: outline refinement quality (no weights) and cost "
                                                         "as a share of the segment run."),
     sam_model: Optional[str] = typer.Option(None, help="With --refine: SAM model to time (default: a random "
@@ -192,8 +194,15 @@ def bench(
         from .bench import arch_config
 
         arch_config(arch)
+        modes = {"--server": server, "--train": train, "--null-encoder": null_encoder, "--search": search,
+                 "--refine": refine, "--ray": ray}
+        _check_bench_options(modes, {"--runs": (runs, ("--null-encoder",)),
+                                     "--search-sides": (search_sides, ("--search",)),
+                                     "--sam-model": (sam_model, ("--refine",)),
+                                     "--data-dir": (data_dir, ("--refine",)),
+                                     "--rss-sizes": (rss_sizes, ("", "--null-encoder"))})
         sides = {"--rss-sizes": _sides(rss_sizes, "2048,8192" if null_encoder else "2000,10000", "--rss-sizes"),
-                 "--search-sides": _sides(search_sides, "", "--search-sides")}
+                 "--search-sides": _sides(search_sides, "3000,10000", "--search-sides")}
     except FarslipError as error:
         fail(error)
     if batch_size is None:
@@ -222,7 +231,7 @@ def bench(
         from .host_bench import run_host_bench
 
         results = run_host_bench(arch, batch_size, size or 4096, str(dev), sides["--rss-sizes"],
-                                 echo=typer.echo, repeat=runs)
+                                 echo=typer.echo, repeat=runs or 3)
     elif train:
         from backend.service.training_bench import format_training, measure_training
 
@@ -236,6 +245,21 @@ def bench(
         results = run_bench(arch, batch_size, size or 1024, str(dev), sides["--rss-sizes"], echo=typer.echo)
     if json_out:
         write_text_atomically(json_out, json.dumps(results, indent=2))
+
+
+def _check_bench_options(modes: dict[str, bool], options: dict[str, tuple[object, tuple[str, ...]]]) -> None:
+    """One benchmark per run, and no option its benchmark ignores (each option: its value, None when not given,
+    and the modes that read it, "" for the default benchmark): said, as segment says such options, not ignored."""
+    chosen = [flag for flag, on in modes.items() if on]
+    if len(chosen) > 1:
+        raise InputError(f"{' and '.join(chosen)} are different benchmarks; run them one at a time.")
+    mode = chosen[0] if chosen else ""
+    for flag, (value, readers) in options.items():
+        if value is not None and mode not in readers:
+            named = " or ".join(r for r in readers if r) + (" or without a benchmark flag" if "" in readers else "")
+            if mode:
+                raise InputError(f"{flag} applies only with {named}, not with {mode}; leave {flag} out.")
+            raise InputError(f"{flag} applies only with {named}; add {named}, or leave {flag} out.")
 
 
 def _sides(text: str | None, default: str, option: str) -> tuple[int, ...]:

@@ -10,6 +10,7 @@ import typer
 from backend.engine.atomic import write_text_atomically
 from backend.engine.errors import FarslipError
 from backend.engine.files import raster_label
+from backend.engine.options import WEIGHTS_HELP
 from backend.service.cli_common import ProgressReporter, fail, interrupted, parse_bands, signals_as_interrupt
 
 MODEL_HELP = "Registry name, checkpoint file or fine-tuned model folder."
@@ -40,7 +41,7 @@ def index_command(
         None, help="XMIN YMIN XMAX YMAX: index only the windows over this area (default: whole raster)."),
     bbox_crs: Optional[str] = typer.Option(None, help="CRS of --bbox (default: the raster's)."),
     model: Optional[str] = typer.Option(None, help=MODEL_HELP),
-    weights: Optional[Path] = typer.Option(None, help="Checkpoint to use for the registry model."),
+    weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
     bands: Optional[str] = typer.Option(None, help="Band numbers for red,green,blue, e.g. 3,2,1 (or one)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     batch_size: int = typer.Option(8, help="Windows per batch."),
@@ -85,9 +86,10 @@ def search_command(
     like_crs: Optional[str] = typer.Option(None, help="CRS of --like (default: the raster's)."),
     bbox: Optional[tuple[float, float, float, float]] = typer.Option(None, help="XMIN YMIN XMAX YMAX to search in."),
     bbox_crs: Optional[str] = typer.Option(None, help="CRS of --bbox (default: the raster's)."),
-    max_overlap: float = typer.Option(0.5, help="Drop a hit covering more than this share of a better one."),
+    max_overlap: float = typer.Option(0.5, help="Drop a hit whose overlap with a better one covers more than this "
+                                                "share of the smaller of the two."),
     model: Optional[str] = typer.Option(None, help=MODEL_HELP),
-    weights: Optional[Path] = typer.Option(None, help="Checkpoint to use for the registry model."),
+    weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
     bands: Optional[str] = typer.Option(None, help="Band numbers for red,green,blue, e.g. 3,2,1 (or one)."),
     overwrite: bool = typer.Option(False, help="Replace an existing output file."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
@@ -135,7 +137,7 @@ def classify_command(
     bbox: Optional[tuple[float, float, float, float]] = typer.Option(None, help="XMIN YMIN XMAX YMAX to classify."),
     bbox_crs: Optional[str] = typer.Option(None, help="CRS of --bbox (default: the raster's)."),
     model: Optional[str] = typer.Option(None, help=MODEL_HELP),
-    weights: Optional[Path] = typer.Option(None, help="Checkpoint to use for the registry model."),
+    weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
     bands: Optional[str] = typer.Option(None, help="Band numbers for red,green,blue, e.g. 3,2,1 (or one)."),
     overwrite: bool = typer.Option(False, help="Replace an existing output file."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
@@ -176,7 +178,7 @@ def evaluate_retrieval_command(
     folder: Path = typer.Argument(..., help="RSICD/RSITMD folder (caption JSON + images), or its caption JSON."),
     split: str = typer.Option("test", help="Split to evaluate (train, val, test, or all)."),
     model: Optional[str] = typer.Option(None, help=MODEL_HELP),
-    weights: Optional[Path] = typer.Option(None, help="Checkpoint to use for the registry model."),
+    weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     batch_size: int = typer.Option(32, help="Images per batch."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),

@@ -16,9 +16,13 @@ import typer
 
 from backend.engine.errors import FarslipError, InputError
 from backend.engine.files import check_output_file, is_inside, raster_file, raster_label
+from backend.engine.options import WEIGHTS_HELP
 from backend.service.cli_common import fail as _fail
 from backend.service.cli_common import interrupted, signals_as_interrupt
 from backend.service.cli_common import parse_bands as _bands
+
+AOI_HELP = ("Area-of-interest polygon layer: only the labels inside it count; with --background, its unlabelled "
+            "pixels are that class.")
 
 
 class _Lines:
@@ -59,10 +63,10 @@ def evaluate_command(
     labels: Optional[Path] = typer.Argument(None, help="Polygon layer (GeoPackage, Shapefile, GeoJSON)."),
     class_field: Optional[str] = typer.Option(None, help="Field of LABELS holding each polygon's class."),
     model: Optional[str] = typer.Option(None, help="Registry name, checkpoint file or fine-tuned model folder."),
-    weights: Optional[Path] = typer.Option(None, help="Checkpoint to use for the registry model."),
+    weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
     background: Optional[str] = typer.Option(None, help="Unlabelled pixels inside the labels' extent (or "
                                                         "--aoi) become this class."),
-    aoi: Optional[Path] = typer.Option(None, help="Area-of-interest polygon layer (with --background)."),
+    aoi: Optional[Path] = typer.Option(None, help=AOI_HELP),
     class_name: Optional[list[str]] = typer.Option(None, help="VALUE=NAME: rename a label value, e.g. "
                                                               "yes=building (repeatable)."),
     split: str = typer.Option("auto", help="auto, all or validation (the held-out strip of a model "
@@ -94,7 +98,7 @@ def evaluate_command(
     background_index: Optional[int] = typer.Option(None, help="Benchmark: class index for unsure pixels "
                                                               "(default: the protocol's)."),
     half: bool = typer.Option(False, "--half", help="fp16 weights and inputs on a CUDA GPU, as the RS-OVSS "
-                                                    "evaluation runs (parity runs); fp32 otherwise."),
+                                                    "evaluation runs (parity runs); refused without one."),
     ignore_index: int = typer.Option(255, help="Benchmark label value to ignore."),
     limit: Optional[int] = typer.Option(None, help="Benchmark: only the first N images."),
     calibrate_quality: bool = typer.Option(False, "--calibrate-quality", help="Also fit the label-free quality "
@@ -326,7 +330,7 @@ def train_command(
     class_field: str = typer.Option(..., help="Field of LABELS holding each polygon's class."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write the fine-tuned model into."),
     base_model: Optional[str] = typer.Option(None, help="Model to start from (default: the default model)."),
-    weights: Optional[Path] = typer.Option(None, help="Checkpoint to use for the base registry model."),
+    weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP.replace("--model", "--base-model")),
     method: str = typer.Option("lora", help="lora (default), last-blocks or full."),
     epochs: int = typer.Option(5, help="Epochs (each about two passes of crops over the training area, "
                                           "at least 20 steps)."),
@@ -335,7 +339,7 @@ def train_command(
     patch_loss_weight: float = typer.Option(1.0, help="Weight of the dense patch cross-entropy (0: off)."),
     background: Optional[str] = typer.Option(None, help="Unlabelled pixels inside the labels' extent (or "
                                                         "--aoi) become this class."),
-    aoi: Optional[Path] = typer.Option(None, help="Area-of-interest polygon layer (with --background)."),
+    aoi: Optional[Path] = typer.Option(None, help=AOI_HELP),
     class_name: Optional[list[str]] = typer.Option(None, help="VALUE=NAME: rename a label value, e.g. "
                                                               "yes=building (repeatable)."),
     bands: Optional[str] = typer.Option(None, help="Band numbers for red,green,blue, e.g. 3,2,1."),

@@ -125,6 +125,15 @@ def test_a_figures_file_that_cannot_be_written_is_refused_before_measuring(tmp_p
     (["--arch", "nope"], "Error: Unknown open_clip architecture 'nope'; e.g. ViT-B-16, ViT-B-32, ViT-L-14."),
     (["--size", "-5"], "Invalid value for '--size'"),
     (["--size", "0"], "Invalid value for '--size'"),
+    # Options a benchmark would ignore, and two benchmarks at once (one of them quietly ran).
+    (["--runs", "2"], "Error: --runs applies only with --null-encoder; add --null-encoder, or leave --runs out."),
+    (["--search", "--train"], "Error: --train and --search are different benchmarks; run them one at a time."),
+    (["--sam-model", "sam-vit-b"], "Error: --sam-model applies only with --refine; add --refine"),
+    (["--data-dir", "/tmp"], "Error: --data-dir applies only with --refine; add --refine"),
+    (["--null-encoder", "--search-sides", "3000"], "Error: --search-sides applies only with --search, not with "
+                                                   "--null-encoder; leave --search-sides out."),
+    (["--search", "--rss-sizes", ""], "Error: --rss-sizes applies only with --null-encoder or without a benchmark "
+                                      "flag, not with --search; leave --rss-sizes out."),
 ])
 def test_bad_benchmark_options_are_one_sentence_before_measuring(args, said):
     """They were tracebacks (--rss-sizes abc, --size -5 after minutes of measuring), exit 1 (--arch), or a
