@@ -26,6 +26,9 @@ def driver_for(path: str | Path) -> str:
     """The OGR driver for an output path, chosen by its extension."""
     given = Path(path).suffix
     suffix = given.lower()
+    if suffix == ".parquet":  # GeoParquet: the merged layer of a run on Ray (backend/scale/merge.py)
+        raise InputError(f"Cannot write polygons to {path}: GeoParquet is written by runs on Ray; add --workers 1 to "
+                         f"run this one on a local Ray, or use one of {', '.join(DRIVERS)}.")
     if suffix not in DRIVERS:
         raise InputError(
             f"Cannot write polygons to {path}: the extension {suffix or '(none)'!r} is not supported. "

@@ -220,7 +220,8 @@ class SegmentOptions:
     preset: str | None = field(default=None, metadata=spec(
         help="A named class list (see `farslip presets`).", max_chars=100))
     out: Path = field(default=Path("result.gpkg"), metadata=spec(
-        flags=("--out", "-o"), required_in_api=True, help="Polygons: .gpkg (default), .shp, .geojson or .fgb.",
+        flags=("--out", "-o"), required_in_api=True,
+        help="Polygons: .gpkg (default), .shp, .geojson or .fgb (.parquet with --workers).",
         max_chars=PATH_MAX_CHARS))
     class_raster: Path | None = field(default=None, metadata=spec(
         help="Also write a uint8 class GeoTIFF.", max_chars=PATH_MAX_CHARS))

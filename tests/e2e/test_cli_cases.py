@@ -112,6 +112,8 @@ def _tree(folder: Path) -> list[str]:
 # (case, arguments after `segment`, exit code, phrase of the message). {in} is the inputs folder,
 # {out} the output folder (which holds an existing folder `d.gpkg` with a file in it).
 CASES = [
+    ("GeoParquet from one raster in this process", "{in}/in.tif -c water --out {out}/r.parquet", 2,
+     "GeoParquet is written by runs on Ray; add --workers 1"),
     # an output that would destroy an input or a folder
     ("class raster is the input", "{in}/in.tif -c water --class-raster {in}/in.tif --overwrite", 2,
      "would destroy the input"),
