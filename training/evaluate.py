@@ -317,16 +317,26 @@ def benchmark_pairs(folder: str | Path, layout: BenchmarkLayout | None = None,
                      "(mmsegmentation layout) or images/ + labels/ with labels named like their images.")
 
 
-def _read_image(path: Path) -> np.ndarray:
+def _read_image(path: Path, image: bool = False) -> np.ndarray:
+    """The bands of a benchmark image or label; a file GDAL cannot read is a sentence, and so is an `image` that is
+    not 8-bit (the datasets ship 8-bit images, and the protocol reads them so; a 16-bit one was clipped to white)."""
     import warnings
 
     import rasterio
-    from rasterio.errors import NotGeoreferencedWarning
+    from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(path) as ds:
-            data = ds.read()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path) as ds:
+                if image and ds.dtypes[0] != "uint8":
+                    raise InputError(f"The image {path} is {ds.dtypes[0]}, not 8-bit: the benchmarks' images are "
+                                     "8-bit, as the protocol reads them. Convert it (e.g. gdal_translate -ot Byte "
+                                     "-scale) or leave it out.")
+                data = ds.read()
+    except RasterioError as error:
+        raise InputError(f"{path} cannot be read as an image (it is empty, damaged, or in a format GDAL does not "
+                         f"read: {str(error).strip()[:120]}).") from error
     return data
 
 
@@ -345,12 +355,16 @@ def _image_size(path: Path) -> tuple[int, int]:
     import warnings
 
     import rasterio
-    from rasterio.errors import NotGeoreferencedWarning
+    from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(path) as ds:
-            return ds.height, ds.width
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path) as ds:
+                return ds.height, ds.width
+    except RasterioError as error:
+        raise InputError(f"{path} cannot be read as an image (it is empty, damaged, or in a format GDAL does not "
+                         f"read: {str(error).strip()[:120]}).") from error
 
 
 def check_same_size(image_path: Path, label_path: Path, label_shape: tuple[int, ...]) -> None:
@@ -444,12 +458,13 @@ def benchmark_metrics(folder: str | Path, class_lines: list[str], loaded: Loaded
         truth = _label_truth(label_path)
         check_same_size(image_path, label_path, truth.shape)
         check_label_values(truth, label_path, len(names), reduce_zero_label, ignore_index)
+        _read_image(image_path, image=True)  # every pixel readable, 8-bit: before the model, not halfway
     segmenter = segmenter_for(loaded, class_lines, attention=attention, batch_size=batch_size)
     segmenter.keep_logits = True
     segmenter.resize_small_crops = True
     confusion = np.zeros((len(names), len(names)), np.int64)
     for done, (image_path, label_path) in enumerate(pairs):
-        rgb = _read_image(image_path).astype(np.float32)
+        rgb = _read_image(image_path, image=True).astype(np.float32)
         rgb = np.repeat(rgb[:1], 3, axis=0) if rgb.shape[0] < 3 else rgb[:3]
         truth = _label_truth(label_path)
         height, width = truth.shape

@@ -117,7 +117,9 @@ def named_outputs(paths: dict[str, Path]) -> dict[str, Path]:
 def input_files(options: SegmentOptions) -> dict[str, Path]:
     """The files a run reads, which no output may replace (a registry model name is not a file)."""
     return input_paths([("input raster", raster_file(options.raster)), ("model", options.model),
-                        ("weights", options.weights), ("class list", options.classes_file)])
+                        ("weights", options.weights), ("class list", options.classes_file),
+                        ("quality calibration", options.quality_calibration),
+                        ("SAM model", options.sam_model if options.refine == "sam" else None)])
 
 
 def _check_tif(path: Path, what: str) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,7 +42,7 @@ from .feature_cache import FeatureCache
 from .models import LoadedModel
 from .options import finite_number
 from .raster import PixelSource, PixelWindow, RasterSource
-from .text import class_probabilities, logit_scale
+from .text import class_probabilities, logit_scale, parse_class_lines
 
 SIGNALS = ("score_mean", "margin", "entropy", "sharpness", "region_agr")
 FIELDS = ("quality", "margin", "entropy", "sharpness", "region_agr")
@@ -167,11 +168,25 @@ class QualityModel:
             raise InputError(f"The quality calibration {path} was made for another model (weights "
                              f"{model.weights_sha256[:12]}, this model {weights_sha256[:12]}); calibrate "
                              "again with this model.")
-        if class_lines is not None and model.class_lines is not None and list(class_lines) != model.class_lines:
+        if class_lines is not None and model.class_lines is not None and not same_classes(class_lines,
+                                                                                          model.class_lines):
             raise InputError(f"The quality calibration {path} was made for the classes "
-                             f"{'; '.join(model.class_lines)}, not {'; '.join(class_lines)}; calibrate again "
-                             "with this class list.")
+                             f"{'; '.join(model.class_lines)}, not {'; '.join(class_lines) or 'none'}; calibrate "
+                             "again with this class list.")
         return model
+
+
+def same_classes(lines: Sequence[str], others: Sequence[str]) -> bool:
+    """Whether two class lists name the same classes: each class by its synonyms as the model reads them (letter
+    case, spaces around a comma and the order of the classes aside; the signals do not depend on them)."""
+    def classes(given: Sequence[str]) -> list[tuple[str, ...]]:
+        return sorted(tuple(unicodedata.normalize("NFKC", query).casefold() for query in spec.queries)
+                      for spec in parse_class_lines(list(given)))
+
+    try:
+        return classes(lines) == classes(others)
+    except InputError:  # a list that does not parse is no match
+        return False
 
 
 def _check_calibration_values(path: Path, data: dict) -> None:
@@ -181,6 +196,10 @@ def _check_calibration_values(path: Path, data: dict) -> None:
         return InputError(f"The quality calibration {path} is not usable: its {key!r} must be {wanted}; got "
                           f"{json.dumps(data[key])[:100]}. Calibrate again (farslip evaluate --calibrate-quality).")
 
+    missing = [key for key in ("coef", "intercept", "fill") if key not in data]
+    if missing:  # completed from the built-in values, it would be another estimate under this file's name
+        raise InputError(f"The quality calibration {path} is not usable: it has no {' or '.join(map(repr, missing))}. "
+                         "Calibrate again (farslip evaluate --calibrate-quality).")
     for key in ("coef", "fill"):
         if key in data and not (isinstance(data[key], list) and len(data[key]) == len(SIGNALS)
                                 and all(finite_number(v) for v in data[key])):

@@ -51,6 +51,7 @@ from .quality import (
     calibration_path_for,
     region_agreement,
     region_signals,
+    same_classes,
     regions_to_check,
     run_quality_estimate,
 )
@@ -464,7 +465,7 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
             timings["quality_s"] = time.perf_counter() - t0
             class_names = [c.name for c in classes]
             stats = _class_stats(regions, class_names)
-            warnings += nothing_drawn_warning(stats, options.threshold, options.min_area)
+            warnings += estimate.warnings + nothing_drawn_warning(stats, options.threshold, options.min_area)
             features = {"cached": segmenter.crops_cached, "encoded": segmenter.crops_encoded,
                         "cache": feature_cache.stats() if feature_cache is not None else None}
             t0 = time.perf_counter()
@@ -675,6 +676,7 @@ def _write_rasters(segmenter: Segmenter, source: RasterSource, window, class_pat
 class QualityEstimate:
     fields: dict  # polygon field -> values
     report: dict
+    warnings: list[str] = field(default_factory=list)
 
 
 def estimate_quality(regions, source: RasterSource, window: PixelWindow, segmenter: Segmenter,
@@ -706,16 +708,24 @@ def estimate_quality(regions, source: RasterSource, window: PixelWindow, segment
         source_name = str(calibration)
     elif calibration is not None and calibration.is_file():
         model = QualityModel.load(calibration, loaded.weights_id, None)
-        source_name = str(calibration)
+        source_name = os.path.abspath(calibration)
     else:
+        model, source_name = QualityModel(), "default"
+    said = []
+    if (not named_calibration and model.class_lines is not None
+            and not same_classes(class_lines, model.class_lines)):  # the model's own, fitted on other classes
+        said.append(f"The model's quality calibration {source_name} was fitted for the classes "
+                    f"{'; '.join(model.class_lines)}, not this run's, so the quality comes from the built-in "
+                    "estimate; calibrate for these classes with farslip evaluate --calibrate-quality.")
         model, source_name = QualityModel(), "default"
     quality = model.predict(PolygonSignals(values).matrix()) if regions else np.zeros(0)
     fields = {"quality": quality, **{name: values[name] for name in FIELDS[1:]}}
     report = {"estimated_miou": run_quality_estimate(regions, quality, len(class_names)),
               "calibration": source_name, "signals": list(SIGNALS),
+              "region_checks_on": region_checks,  # off (--no-region-checks) is not "no polygon large enough"
               "region_checks": len(checked), "region_cached": counts["cached"], "polygons": len(regions),
               "region_s": round(region_s, 3)}
-    return QualityEstimate(fields, report)
+    return QualityEstimate(fields, report, said)
 
 
 # Device memory one ViT-B/16 crop needs in a batch at fp16 (activations, attention, upsampled logits),

@@ -158,7 +158,7 @@ def finish_raster(plan: RasterPlan, manifest: Manifest, engine: EngineSettings, 
         stats = _class_stats(regions, finish.class_names)
         # The sentences `segment` says of this raster on its own (the run's own, of its classes, are the driver's).
         warnings = (band_choice_warning(source.dataset, engine.bands)
-                    + simplify_warning(finish.simplify, source, window) + refined.warnings
+                    + simplify_warning(finish.simplify, source, window) + refined.warnings + estimate.warnings
                     + nothing_drawn_warning(stats, finish.threshold, finish.min_area))
         facts = {
             "path": plan.path, "crs": source.crs.to_string(), "bbox": list(source.window_bounds(window)),

@@ -18,10 +18,12 @@ from backend.engine.quality import (
     MIN_CROP,
     QualityModel,
     RegionPixels,
+    calibration_path_for,
     fit_quality_model,
     pixel_signals,
     rank_agreement,
     region_crop_window,
+    same_classes,
     top_two,
 )
 from backend.engine.raster import PixelWindow, open_source
@@ -181,6 +183,8 @@ def test_no_region_checks_gives_the_same_polygons_with_quality_from_the_pixel_si
     assert np.isfinite(np.asarray(checked["region_agr"], float)).any()
     assert np.isnan(np.asarray(plain["region_agr"], float)).all()
     assert plain_report["quality"]["region_checks"] == 0 < checked_report["quality"]["region_checks"]
+    # Switched off is said as such: 0 checks also come from a run without a polygon large enough.
+    assert (plain_report["quality"]["region_checks_on"], checked_report["quality"]["region_checks_on"]) == (False, True)
     quality = np.asarray(plain["quality"], float)
     assert np.isfinite(quality).all() and ((quality > 0) & (quality < 1)).all()
 
@@ -357,7 +361,7 @@ SAMPLE = Path(__file__).resolve().parents[2] / "resources" / "sample" / "naip_20
     ({"weights_sha256": 12}, "'weights_sha256' must be a text"),
     ({"class_lines": "water"}, "'class_lines' must be a list of class lines"),
     ({"weights_sha256": "0" * 64}, "was made for another model"),
-    ({"class_lines": ["road", "water"]}, "was made for the classes road; water, not water; road"),
+    ({"class_lines": ["road", "forest"]}, "was made for the classes road; forest, not water; road"),
 ])
 def test_a_calibration_segment_cannot_use_is_refused_before_the_dense_pass(change, words, tiny_model, tmp_path,
                                                                           monkeypatch):
@@ -382,3 +386,54 @@ def test_a_calibration_saved_with_a_byte_order_mark_is_read(tmp_path):
     saved = QualityModel(coef=[1.0, 2.0, -1.0, 1.0, 2.0]).save(tmp_path / "q.json")
     saved.write_bytes(b"\xef\xbb\xbf" + saved.read_bytes())
     assert QualityModel.load(saved).coef == [1.0, 2.0, -1.0, 1.0, 2.0]
+
+
+def test_class_lists_match_whatever_their_order_letter_case_and_spacing_but_not_other_synonyms(tmp_path):
+    """'grass,lawn' against 'grass, lawn', 'Building' against 'building' and the same classes in another order
+    (evaluate writes them sorted) were refused, so "calibrate again with this class list" could not be followed."""
+    assert same_classes(["grass,lawn", "Building"], ["building", "grass, lawn"])
+    assert not same_classes(["grass, lawn", "building"], ["grass", "building"])
+    assert not same_classes(["water"], ["water", "road"])
+    path = QualityModel(class_lines=["road", "grass,lawn"]).save(tmp_path / "q.json")
+    assert QualityModel.load(path, None, ["Grass, Lawn", "road"]).class_lines == ["road", "grass,lawn"]
+    with pytest.raises(InputError, match="was made for the classes road; grass,lawn, not grass; road"):
+        QualityModel.load(path, None, ["grass", "road"])
+
+
+@pytest.mark.parametrize("key", ["coef", "intercept", "fill"])
+def test_a_calibration_missing_a_coefficient_is_refused_not_completed_from_the_built_in_ones(tmp_path, key):
+    data = json.loads(QualityModel().save(tmp_path / "q.json").read_text(encoding="utf-8"))
+    del data[key]
+    (tmp_path / "q.json").write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(InputError, match=f"is not usable: it has no '{key}'"):
+        QualityModel.load(tmp_path / "q.json")
+
+
+def test_a_models_own_calibration_for_other_classes_gives_the_built_in_estimate_and_says_so(tiny_model, tmp_path):
+    """A fine-tuned model's quality_calibration.json was applied to any class list without a word (and named by a
+    relative path), while the same file named with --quality-calibration was refused."""
+    from training_data import make_synthetic
+
+    (tmp_path / "scene").mkdir()
+    raster, labels, _ = make_synthetic(tmp_path / "scene", size=256, block=32)
+    model = tmp_path / "ft"
+    trained = runner.invoke(app, ["train", str(raster), str(labels), "--class-field", "cls", "--out", str(model),
+                                  "--base-model", str(tiny_model), "--epochs", "1", "--steps-per-epoch", "1",
+                                  "--batch-size", "2", "--device", "cpu", "-q"])
+    assert trained.exit_code == 0, trained.output
+    QualityModel(coef=[1.0, 1.0, -1.0, 1.0, 1.0], class_lines=["forest", "sand", "water"]).save(
+        calibration_path_for(model))
+    runs = {}
+    for name, classes in (("same", ["Water", "forest", "sand"]), ("other", ["water", "road"])):
+        out = tmp_path / f"{name}.gpkg"
+        result = runner.invoke(app, ["segment", str(raster), *[a for c in classes for a in ("-c", c)], "--model",
+                                     str(model), "--out", str(out), "--quiet"])
+        assert result.exit_code == 0, result.output
+        runs[name] = json.loads(out.with_suffix(".report.json").read_text())
+    assert runs["same"]["quality"]["calibration"] == str(calibration_path_for(model).resolve())
+    assert not any("quality calibration" in w for w in runs["same"]["warnings"])
+    assert runs["other"]["quality"]["calibration"] == "default"
+    said = [w for w in runs["other"]["warnings"] if "quality calibration" in w]
+    assert said == [f"The model's quality calibration {calibration_path_for(model).resolve()} was fitted for the "
+                    "classes forest; sand; water, not this run's, so the quality comes from the built-in estimate; "
+                    "calibrate for these classes with farslip evaluate --calibrate-quality."]

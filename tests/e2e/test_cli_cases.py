@@ -27,6 +27,7 @@ from rasterio.transform import from_origin
 from tinymodels import make_tiny_clip, save_plain
 from typer.testing import CliRunner
 
+from backend.engine.quality import QualityModel
 from backend.service.cli import app
 
 # 300 x 300 pixels of the NAIP image (EPSG:26914), as in the server tests.
@@ -68,6 +69,7 @@ def inputs(tmp_path_factory, naip) -> Path:
     save_plain(model, folder / "nan-weights.pt")
     torch.save({"state_dict": make_tiny_clip().state_dict(), "hook": _RunsCode()}, folder / "evil.pt")
     (folder / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    QualityModel().save(folder / "calibration.geojson")  # the built-in estimate's coefficients, as a file
     (folder / "classes-nul.txt").write_text("water\nroad\x00way\n", encoding="utf-8")
     (folder / "classes-huge.txt").write_text("w" * (2 * 2**20), encoding="utf-8")  # one line, no newline
     (folder / "classes-long.txt").write_text("water\n" + "w" * 5000 + "\n", encoding="utf-8")
@@ -112,6 +114,9 @@ def _tree(folder: Path) -> list[str]:
 # (case, arguments after `segment`, exit code, phrase of the message). {in} is the inputs folder,
 # {out} the output folder (which holds an existing folder `d.gpkg` with a file in it).
 CASES = [
+    ("polygons over the quality calibration read",
+     "{in}/in.tif -c water -c road --model {in}/tiny.pt --out {in}/calibration.geojson --quality-calibration "
+     "{in}/calibration.geojson --overwrite", 2, "is the quality calibration"),
     ("GeoParquet from one raster in this process", "{in}/in.tif -c water --out {out}/r.parquet", 2,
      "GeoParquet is written by runs on Ray; add --workers 1"),
     # an output that would destroy an input or a folder

@@ -153,3 +153,30 @@ def test_progress_lines_name_the_image(tiny_model, tmp_path):
     assert result.exit_code == 0, result.output
     assert "image 1/2 (im0.png)" in result.output and "image 2/2 (im1.png)" in result.output
     assert "None:" not in result.output
+
+
+def test_unreadable_or_16_bit_benchmark_images_are_refused_before_the_model_runs(tiny_model, tmp_path, monkeypatch):
+    """An empty or damaged PNG was a traceback (exit 1), the image's only after the model had run on the others;
+    a 16-bit image was clipped to white and scored without a word."""
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model ran")
+
+    monkeypatch.setattr("training.evaluate.predict_window", no_model)
+    out = tmp_path / "m.json"
+    for damaged, cut in (("labels/im1.png", 0), ("images/im1.png", 0), ("images/im1.png", 14)):
+        root = make_folder(tmp_path / f"{damaged.replace('/', '-')}-{cut}")
+        # Empty, or only its signature left (libpng: Read Error once the pixels are read).
+        (root / damaged).write_bytes((root / damaged).read_bytes()[:cut])
+        refused(evaluate(tiny_model, root, "-c", "a", "-c", "b", json_out=out),
+                f"{damaged} cannot be read as an image (it is empty, damaged")
+    root = make_folder(tmp_path / "deep")
+    (root / "images" / "im1.png").unlink()
+    rgb16 = (np.arange(64 * 80 * 3, dtype=np.uint16).reshape(64, 80, 3) * 13)
+    import rasterio
+
+    with rasterio.open(root / "images" / "im1.tif", "w", driver="GTiff", width=80, height=64, count=3,
+                       dtype="uint16") as ds:
+        ds.write(np.moveaxis(rgb16, -1, 0))
+    refused(evaluate(tiny_model, root, "-c", "a", "-c", "b", json_out=out),
+            "im1.tif is uint16, not 8-bit: the benchmarks' images are 8-bit")
+    assert not out.exists()
