@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import Counter
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -296,6 +297,9 @@ def benchmark_pairs(folder: str | Path, layout: BenchmarkLayout | None = None,
     labels named like their images.
     """
     folder = Path(folder)
+    if not folder.is_dir():  # not "no pairs found in" a folder that is not there
+        raise InputError(f"The benchmark folder {folder} {'is a file' if folder.exists() else 'does not exist'}; "
+                         "give the folder that holds the dataset's images and labels.")
     if layout is not None:
         return _layout_pairs(folder, layout, split)
     split = split or "val"
@@ -303,8 +307,17 @@ def benchmark_pairs(folder: str | Path, layout: BenchmarkLayout | None = None,
     candidates += [(folder / "images", folder / name) for name in ("labels", "masks", "annotations")]
     for images, labels in candidates:
         if images.is_dir() and labels.is_dir():
-            by_stem = {p.stem: p for p in labels.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
-            found = [p for p in sorted(images.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+            # Hidden files (macOS ._x.png beside x.png) are no images; two labels of one stem are ambiguous.
+            labelled = sorted(p for p in labels.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                              and not p.name.startswith("."))
+            by_stem = {p.stem: p for p in labelled}
+            stems = Counter(p.stem for p in labelled)
+            twice = sorted(stem for stem, count in stems.items() if count > 1)
+            if twice:
+                raise InputError(f"{labels} holds two labels named {twice[0]} ("
+                                 f"{', '.join(p.name for p in labelled if p.stem == twice[0])}); keep one per image.")
+            found = [p for p in sorted(images.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES
+                     and not p.name.startswith(".")]
             pairs = [(p, by_stem[p.stem]) for p in found if p.stem in by_stem]
             missing = [p.name for p in found if p.stem not in by_stem]
             if pairs and missing:  # skipped, they would leave the score of a part of the dataset

@@ -180,3 +180,17 @@ def test_unreadable_or_16_bit_benchmark_images_are_refused_before_the_model_runs
     refused(evaluate(tiny_model, root, "-c", "a", "-c", "b", json_out=out),
             "im1.tif is uint16, not 8-bit: the benchmarks' images are 8-bit")
     assert not out.exists()
+
+
+def test_a_missing_folder_two_labels_of_one_image_and_hidden_files_are_told_or_left_out(tiny_model, tmp_path):
+    """A missing folder was 'No image/label pairs found in' it; im0.png and im0.tif as labels were resolved by
+    directory order; a macOS ._im0.png counted as an image without a label."""
+    refused(evaluate(tiny_model, tmp_path / "nowhere", "-c", "a", "-c", "b"),
+            f"The benchmark folder {tmp_path / 'nowhere'} does not exist")
+    root = make_folder(tmp_path / "b")
+    (root / "labels" / "im0.tif").write_bytes((root / "labels" / "im0.png").read_bytes())
+    refused(evaluate(tiny_model, root, "-c", "a", "-c", "b"), "holds two labels named im0 (im0.png, im0.tif)")
+    (root / "labels" / "im0.tif").unlink()
+    (root / "images" / "._im0.png").write_bytes(b"\x00\x05\x16\x07")  # AppleDouble metadata, not an image
+    result = evaluate(tiny_model, root, "-c", "a", "-c", "b")
+    assert result.exit_code == 0, result.output
