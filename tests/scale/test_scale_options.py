@@ -106,7 +106,7 @@ def test_a_raster_smaller_than_the_model_input_exports_no_runtime_on_the_workers
 
 @pytest.mark.parametrize("change, words", [
     ({"coef": [1, 2]}, "'coef' must be 5 finite numbers"),
-    ({"class_lines": ["road", "water"]}, "was made for the classes road; water, not water; road"),
+    ({"class_lines": ["road", "forest"]}, "was made for the classes road; forest, not water; road"),
     ({"weights_sha256": "0" * 64}, "was made for another model"),
 ])
 def test_a_calibration_the_run_cannot_use_is_refused_before_any_chunk_runs(change, words, tiny_model, tmp_path):
