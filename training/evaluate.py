@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import copy
 import json
-from collections import Counter
 import math
+from collections import Counter
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -330,9 +331,10 @@ def benchmark_pairs(folder: str | Path, layout: BenchmarkLayout | None = None,
                      "(mmsegmentation layout) or images/ + labels/ with labels named like their images.")
 
 
-def _read_image(path: Path, image: bool = False) -> np.ndarray:
-    """The bands of a benchmark image or label; a file GDAL cannot read is a sentence, and so is an `image` that is
-    not 8-bit (the datasets ship 8-bit images, and the protocol reads them so; a 16-bit one was clipped to white)."""
+@contextmanager
+def _opened_image(path: Path):
+    """A benchmark image or label opened with rasterio (no georeferencing expected); a file GDAL cannot read is
+    one sentence."""
     import warnings
 
     import rasterio
@@ -342,15 +344,21 @@ def _read_image(path: Path, image: bool = False) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with rasterio.open(path) as ds:
-                if image and ds.dtypes[0] != "uint8":
-                    raise InputError(f"The image {path} is {ds.dtypes[0]}, not 8-bit: the benchmarks' images are "
-                                     "8-bit, as the protocol reads them. Convert it (e.g. gdal_translate -ot Byte "
-                                     "-scale) or leave it out.")
-                data = ds.read()
+                yield ds
     except RasterioError as error:
         raise InputError(f"{path} cannot be read as an image (it is empty, damaged, or in a format GDAL does not "
                          f"read: {str(error).strip()[:120]}).") from error
-    return data
+
+
+def _read_image(path: Path, image: bool = False) -> np.ndarray:
+    """The bands of a benchmark image or label; an `image` that is not 8-bit is a sentence (the datasets ship
+    8-bit images, and the protocol reads them so; a 16-bit one was clipped to white)."""
+    with _opened_image(path) as ds:
+        if image and ds.dtypes[0] != "uint8":
+            raise InputError(f"The image {path} is {ds.dtypes[0]}, not 8-bit: the benchmarks' images are "
+                             "8-bit, as the protocol reads them. Convert it (e.g. gdal_translate -ot Byte "
+                             "-scale) or leave it out.")
+        return ds.read()
 
 
 def _label_truth(label_path: Path) -> np.ndarray:
@@ -363,27 +371,11 @@ def _label_truth(label_path: Path) -> np.ndarray:
     return label[0].astype(np.int64)
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    """(height, width) of an image, from its header."""
-    import warnings
-
-    import rasterio
-    from rasterio.errors import NotGeoreferencedWarning, RasterioError
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.open(path) as ds:
-                return ds.height, ds.width
-    except RasterioError as error:
-        raise InputError(f"{path} cannot be read as an image (it is empty, damaged, or in a format GDAL does not "
-                         f"read: {str(error).strip()[:120]}).") from error
-
-
-def check_same_size(image_path: Path, label_path: Path, label_shape: tuple[int, ...]) -> None:
+def check_same_size(image_path: Path, image_shape: tuple[int, ...], label_path: Path,
+                    label_shape: tuple[int, ...]) -> None:
     """Refuse an image and its label of different sizes (a transposed label too): the logits would be stretched
-    onto the label and scored against pixels they do not cover."""
-    height, width = _image_size(image_path)
+    onto the label and scored against pixels they do not cover. Shapes are (height, width)."""
+    height, width = image_shape
     if (height, width) != tuple(label_shape):
         raise InputError(f"The image {image_path} is {width}x{height} pixels but its label {label_path} is "
                          f"{label_shape[1]}x{label_shape[0]} (width x height): a benchmark label covers its image "
@@ -469,9 +461,9 @@ def benchmark_metrics(folder: str | Path, class_lines: list[str], loaded: Loaded
     # Every label is checked before the model runs: a refusal never comes after hours of inference.
     for image_path, label_path in pairs:
         truth = _label_truth(label_path)
-        check_same_size(image_path, label_path, truth.shape)
+        # Every pixel of the image read, 8-bit: a damaged one is refused before the model runs, not halfway.
+        check_same_size(image_path, _read_image(image_path, image=True).shape[1:], label_path, truth.shape)
         check_label_values(truth, label_path, len(names), reduce_zero_label, ignore_index)
-        _read_image(image_path, image=True)  # every pixel readable, 8-bit: before the model, not halfway
     segmenter = segmenter_for(loaded, class_lines, attention=attention, batch_size=batch_size)
     segmenter.keep_logits = True
     segmenter.resize_small_crops = True

@@ -149,7 +149,7 @@ def _value_text(value) -> str:
 def _unreadable(path: Path, what: str, exc: Exception) -> InputError:
     """One sentence for a vector file GDAL cannot read (its own text, raw SQL or a driver's, is left out)."""
     if isinstance(exc, UnicodeDecodeError):  # the file opens (QGIS shows it); its text is not in the encoding named
-        cpg = next((p for p in (path.with_suffix(".cpg"), path.with_suffix(".CPG")) if p.is_file()), None)
+        cpg = _cpg_file(path)
         named = f"the encoding its {cpg.name} names ({exc.encoding})" if cpg is not None else exc.encoding
         fix = (f"write the file's real encoding into {cpg.name} (e.g. ISO-8859-1 or CP1252)" if cpg is not None
                else "save it again in UTF-8")
@@ -450,9 +450,14 @@ def read_label_polygons(path: str | Path, class_field: str, raster_crs,
     geometries = _to_raster_crs(geometries, crs, raster_crs, path, raster_bounds)
     polygons = LabelPolygons(geometries, values, path, crs.to_string(), class_field, features, without_class,
                              int((~polygonal).sum()), no_geometry, no_area)
-    if path.suffix.lower() == ".shp" and not any(path.with_suffix(s).is_file() for s in (".cpg", ".CPG")):
+    if path.suffix.lower() == ".shp" and _cpg_file(path) is None:
         polygons.misread = _utf8_read_as_latin1({_value_text(v) for v in fields[0]})
     return polygons
+
+
+def _cpg_file(path: Path) -> Path | None:
+    """The .cpg beside a shapefile, which names the encoding of its text (GDAL reads ISO-8859-1 without one)."""
+    return next((p for p in (path.with_suffix(".cpg"), path.with_suffix(".CPG")) if p.is_file()), None)
 
 
 def _utf8_read_as_latin1(values: set[str]) -> list[tuple[str, str]]:

@@ -95,7 +95,10 @@ def check_out_folder(out: Path, overwrite: bool, resume: bool, inputs: dict[str,
 def empty_folder(path: Path) -> bool:
     """A real folder (not a link to one) with nothing in it."""
     try:
-        return path.is_dir() and not path.is_symlink() and not any(os.scandir(path))
+        if not path.is_dir() or path.is_symlink():
+            return False
+        with os.scandir(path) as entries:
+            return not any(entries)
     except OSError:
         return False
 
