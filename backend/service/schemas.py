@@ -292,6 +292,9 @@ class JobResult(BaseModel):
     features: dict[str, int] | None = Field(default=None, description="segment jobs: tiles whose image features "
                                                                        "came from the cache / the encoder")
     encoder: str | None = Field(default=None, description="segment jobs: the runtime that ran the image encoder")
+    quality: dict[str, Any] | None = Field(default=None, description="segment jobs: the label-free quality "
+                                           "estimate (estimated_miou, calibration, region checks), as in the "
+                                           "run report")
 
 
 class Job(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -37,6 +38,9 @@ def test_a_segment_job_runs_to_done_and_writes_what_the_cli_writes(backend, segm
     assert Path(result["outputs"]["class_raster"]).is_file() and Path(result["outputs"]["report"]).is_file()
     assert {c["class"] for c in result["classes"]} == {"water", "cropland", "road"}
     assert backend.client.get("/v1/health").json()["loaded_model"] == tiny_model.stem
+    # The quality estimate reaches the client as the report has it (the plugin's Review tab shows it).
+    report = json.loads(Path(result["outputs"]["report"]).read_text())
+    assert result["quality"] == report["quality"] and 0 <= result["quality"]["estimated_miou"] <= 1
 
     cli_out = out_dir / "cli.gpkg"
     bbox = [str(v) for v in body["bbox"]]

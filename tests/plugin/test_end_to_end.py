@@ -77,6 +77,8 @@ def test_segmenting_from_the_dock_loads_a_styled_layer_above_the_raster(dock, na
     colours = {category.symbol().color().name() for category in renderer.categories()}
     assert len(colours) == len(CLASSES)
     assert dock.form.progressBar.value() == 100
+    # The run's estimated mIoU (no labels used) is on the Review tab.
+    assert dock.review_tab.form.estimateLabel.text().startswith("Estimated mIoU of this run (no labels used): ")
 
     class_raster = [layer for layer in dock.last_layers if isinstance(layer, QgsRasterLayer)]
     assert len(class_raster) == 1 and class_raster[0].isValid()
