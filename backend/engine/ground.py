@@ -126,6 +126,65 @@ def _to_geographic(crs: pyproj.CRS) -> tuple[pyproj.Transformer, pyproj.Geod] | 
     return found[1], geod
 
 
+# A polygon's edge is straight in its own CRS: for a pixel edge of a north-up raster in degrees, a
+# parallel, not the geodesic Geod would join its two ends by (over a long edge the two part; an edge
+# across all 360 degrees of longitude has no length at all). Areas are therefore integrated along the
+# edges as drawn (Green's theorem with the ellipsoid's authalic function q: exact for parallels and
+# meridians), projected polygons cut first into pieces this short on the ground.
+MAX_EDGE_METRES = 10_000.0
+
+
+def _authalic_q(latitude: np.ndarray, e2: float) -> np.ndarray:
+    """q(latitude) of the ellipsoid (eccentricity squared e2): the area between the equator and a parallel
+    over one radian of longitude is b^2 / 2 * q."""
+    s = np.sin(latitude)
+    if e2 == 0:
+        return 2 * s
+    e = math.sqrt(e2)
+    return s / (1 - e2 * s * s) + np.arctanh(e * s) / e
+
+
+def _ring_areas(lon: np.ndarray, lat: np.ndarray, e2: float, around_poles: bool) -> float:
+    """|integral of q dlon| along a closed ring (radians), Simpson's rule on each straight edge; a ring that
+    goes once around a pole (only a projected polygon can) encloses the pole's side."""
+    q0, q1 = _authalic_q(lat[:-1], e2), _authalic_q(lat[1:], e2)
+    middle = _authalic_q((lat[:-1] + lat[1:]) / 2, e2)
+    dlon = np.diff(lon)
+    integral = float(np.sum(dlon * (q0 + 4 * middle + q1) / 6))
+    turns = round(float(np.sum(dlon)) / (2 * math.pi)) if around_poles else 0
+    if turns:
+        pole = _authalic_q(np.array(math.copysign(math.pi / 2, float(np.mean(lat)))), e2)
+        integral -= turns * 2 * math.pi * float(pole)
+    return abs(integral)
+
+
+def ellipsoid_areas(shapes: np.ndarray, geod: pyproj.Geod, unwrap: bool = False) -> np.ndarray:
+    """Areas in m² on `geod`'s ellipsoid of polygons in degrees of longitude and latitude, each edge taken
+    as drawn (straight in longitude and latitude). Latitudes a hair past a pole (a grid's edge at
+    90.00000000000001, as reprojections write it) count as the pole. `unwrap`: longitudes of points
+    moved from a projected CRS, which jump by 360 degrees where a ring crosses the antimeridian."""
+    # Simpson's rule is exact to ~1e-9 on an edge of one degree (moved points are 10 km apart already, and
+    # one edge of theirs may be a jump of 360 degrees that unwrap() undoes).
+    pieces = shapes if unwrap else shapely.segmentize(shapes, 1.0)
+    b2_half = geod.b * geod.b / 2
+    areas = np.full(len(pieces), np.nan)
+    for i, shape in enumerate(pieces):
+        if shape is None or shape.is_empty:
+            areas[i] = 0.0
+            continue
+        total = 0.0
+        for polygon in getattr(shape, "geoms", [shape]):
+            for k, ring in enumerate([polygon.exterior, *polygon.interiors]):
+                xy = np.radians(np.asarray(ring.coords, dtype=np.float64))
+                lon, lat = xy[:, 0], np.clip(xy[:, 1], -math.pi / 2, math.pi / 2)
+                if unwrap:
+                    lon = np.unwrap(lon)
+                area = _ring_areas(lon, lat, geod.es, unwrap)
+                total += area if k == 0 else -area
+        areas[i] = b2_half * total
+    return areas
+
+
 def geodesic_areas(shapes: np.ndarray, crs) -> np.ndarray | None:
     """Ellipsoidal areas in m² of polygons in a projected `crs` (None when the CRS has no way back to
     latitude and longitude)."""
@@ -138,9 +197,10 @@ def geodesic_areas(shapes: np.ndarray, crs) -> np.ndarray | None:
     def lonlat(xy: np.ndarray) -> np.ndarray:
         return np.column_stack(to_geographic.transform(xy[:, 0], xy[:, 1], errcheck=False))
 
+    metres_per_unit = crs.axis_info[0].unit_conversion_factor if crs.axis_info else 1.0
     with np.errstate(all="ignore"):
-        moved = shapely.transform(shapes, lonlat)
-        return np.array([abs(geod.geometry_area_perimeter(g)[0]) for g in moved], dtype=np.float64)
+        moved = shapely.transform(shapely.segmentize(shapes, MAX_EDGE_METRES / metres_per_unit), lonlat)
+        return ellipsoid_areas(moved, geod, unwrap=True)
 
 
 def ground_pixel_size(crs, transform, col: float, row: float) -> float | None:

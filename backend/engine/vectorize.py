@@ -37,7 +37,7 @@ from shapely.geometry.base import BaseGeometry
 
 from backend.engine.devices import usable_cores
 from backend.engine.errors import CancelledError, InputError
-from backend.engine.ground import TRUE_SCALE_TOLERANCE, as_pyproj, geodesic_areas, keeps_areas
+from backend.engine.ground import TRUE_SCALE_TOLERANCE, as_pyproj, ellipsoid_areas, geodesic_areas, keeps_areas
 from backend.engine.polygonize import region_polygons
 
 
@@ -608,7 +608,7 @@ def polygon_areas_m2(geometries: Sequence[BaseGeometry], crs) -> np.ndarray:
     degrees_per_unit = math.degrees(crs.axis_info[0].unit_conversion_factor)
     if degrees_per_unit != 1.0:
         shapes = shapely.transform(shapes, lambda xy: xy * degrees_per_unit)
-    return np.array([abs(geod.geometry_area_perimeter(g)[0]) for g in shapes], dtype=np.float64)
+    return ellipsoid_areas(shapes, geod)
 
 
 def _straight_frame_edges(polygon, bounds: tuple[float, float, float, float]):
