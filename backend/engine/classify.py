@@ -23,7 +23,7 @@ import shapely
 from backend import __version__
 from .atomic import StagedOutputs
 from .diskspace import writing_to
-from .errors import CancelledError, EmptyResultError, InputError
+from .errors import CancelledError, InputError, nothing_valid
 from .export import check_field_widths, check_format_crs, report_json, report_path_for, write_layer
 from .files import absolute_outputs, absolute_raster_name, raster_file
 from .models import LoadedModel
@@ -140,8 +140,7 @@ def classify_raster(raster: str | Path, options: ClassifyOptions, out: Path, loa
                     progress(done, total)
             crs, bands = source.crs, list(source.bands)
     if not boxes:
-        raise EmptyResultError(f"The requested area of {raster} holds only nodata or masked pixels: there is "
-                               "nothing to classify. Choose another extent.")
+        raise nothing_valid(raster, window.covers(source.height, source.width), "classify")
     run_id = uuid.uuid4().hex[:12]
     names = [c.name for c in classes]
     out = Path(out)

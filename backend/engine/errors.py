@@ -46,6 +46,17 @@ class EmptyResultError(FarslipError):
     exit_code = 4
 
 
+def nothing_valid(raster, whole_raster: bool, task: str) -> EmptyResultError:
+    """No valid pixel where a run looked: in the extent it was given, or (no extent) in the whole raster,
+    where choosing another extent cannot help."""
+    if whole_raster:
+        return EmptyResultError(f"{raster} holds only nodata or masked pixels (or NaN): there is nothing to {task}. "
+                                "Check the raster's nodata value, alpha band or mask (gdalinfo shows them), or "
+                                "choose another raster.")
+    return EmptyResultError(f"The requested area of {raster} holds only nodata or masked pixels: there is nothing "
+                            f"to {task}. Choose another extent.")
+
+
 class CancelledError(FarslipError):
     """The run was cancelled; nothing was written."""
 

@@ -46,6 +46,10 @@ class PixelWindow:
     def rows(self) -> slice:
         return slice(self.row_off, self.row_off + self.height)
 
+    def covers(self, height: int, width: int) -> bool:
+        """Whether the window is the whole of a height x width grid."""
+        return (self.row_off, self.col_off, self.height, self.width) == (0, 0, height, width)
+
     @property
     def cols(self) -> slice:
         return slice(self.col_off, self.col_off + self.width)

@@ -31,7 +31,7 @@ from .encoders import Encoder, crop_size
 from .feature_cache import FeatureCache, raster_scopes
 from .finetuned import bands_for, with_trained_resolution
 from .runtimes import make_encoder
-from .errors import CancelledError, EmptyResultError
+from .errors import CancelledError, nothing_valid
 from .colours import class_colormap, write_category_names
 from .atomic import StagedOutputs
 from .export import check_field_widths, check_format_crs, driver_for, layer_name, report_json, write_polygons
@@ -436,8 +436,7 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
                 signals_path = refined.signals_path
                 timings.update(refined.timings)
             if valid_pixels == 0:
-                raise EmptyResultError(f"The requested area of {raster} holds only nodata or masked pixels: "
-                                       "there is nothing to segment. Choose another extent.")
+                raise nothing_valid(raster, window.covers(source.height, source.width), "segment")
             t0 = time.perf_counter()
 
             def polygons(classes_tif: Path | None, scores_tif: Path | None, found=None,

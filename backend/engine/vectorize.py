@@ -600,8 +600,8 @@ def polygon_areas_m2(geometries: Sequence[BaseGeometry], crs) -> np.ndarray:
         distorted = ~keeps_areas(crs, shapely.get_x(centres), shapely.get_y(centres))
         if distorted.any():
             ground = geodesic_areas(shapes[distorted], crs)
-            if ground is not None:
-                planar[distorted] = ground
+            if ground is not None:  # a polygon reaching where the projection has no inverse keeps its planar area
+                planar[distorted] = np.where(np.isfinite(ground), ground, planar[distorted])
         return planar
     geod = crs.get_geod()
     assert geod is not None, "a geographic CRS has an ellipsoid"
@@ -685,5 +685,5 @@ def finalize(
     return [
         replace(region, geometry=geometry, area_m2=float(area))
         for region, geometry, area in zip(regions, geometries, areas)
-        if area >= min_area_m2
+        if not area < min_area_m2  # an area that cannot be measured (NaN) never drops a region unsaid
     ]

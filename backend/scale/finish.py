@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from affine import Affine
 
-from backend.engine.errors import EmptyResultError
+from backend.engine.errors import nothing_valid
 from backend.engine.export import write_polygons
 from backend.engine.feature_cache import RasterReads
 from backend.engine.files import raster_label
@@ -130,8 +130,7 @@ def finish_raster(plan: RasterPlan, manifest: Manifest, engine: EngineSettings, 
                                       folder, paths["classes"], paths["score"], prob_path, paths["signals"],
                                       finish.threshold)
         if valid == 0:
-            raise EmptyResultError(f"The requested area of {plan.path} holds only nodata or masked pixels: "
-                                   "there is nothing to segment. Choose another extent.")
+            raise nothing_valid(plan.path, window.covers(source.height, source.width), "segment")
 
         def polygons(classes_tif: Path, scores_tif: Path, found=None, signals_tif: Path | None = None):
             if found is None:

@@ -72,3 +72,20 @@ def test_a_plain_run_over_a_refined_result_names_the_earlier_unrefined_polygons_
     assert coarse.read_bytes() == before
     again = segment(holed, tmp_path / "o.gpkg", tiny_model, "--refine", "none", "--overwrite", "--bbox", *box)
     assert again.exit_code == 0 and "o_coarse.gpkg" not in again.output  # the report it replaced no longer names it
+
+
+@pytest.mark.parametrize("command", ["segment", "classify"])
+def test_a_raster_of_nan_without_a_nodata_tag_is_said_so_not_sent_to_another_extent(command, tiny_model, tmp_path):
+    """No extent was asked for: the sentence points at the raster's values and nodata tag."""
+    raster = tmp_path / "allnan.tif"
+    with rasterio.open(raster, "w", driver="GTiff", width=100, height=100, count=1, dtype="float32",
+                       crs="EPSG:32633", transform=from_origin(500000, 4000000, 5, 5)) as dst:
+        dst.write(np.full((1, 100, 100), np.nan, np.float32))
+    out = tmp_path / ("o.gpkg" if command == "segment" else "t.gpkg")
+    result = CliRunner().invoke(app, [command, str(raster), "-c", "water", "-c", "road", "--model", str(tiny_model),
+                                      "--out", str(out), "--quiet"])
+    assert result.exit_code == 4, result.output
+    said = " ".join(result.output.split())
+    assert f"{raster} holds only nodata or masked pixels (or NaN): there is nothing to {command}." in said
+    assert "nodata value" in said and "another extent" not in said
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["allnan.tif"]
