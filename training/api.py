@@ -34,7 +34,7 @@ from backend.engine.memory import peak_rss_mb
 from backend.engine.finetuned import (
     FINETUNED_FORMAT, FINETUNED_META, FINETUNED_WEIGHTS, bands_for, trained_resolution,
 )
-from backend.engine.models import LoadedModel
+from backend.engine.models import LoadedModel, check_model
 from backend.engine.weights import file_sha256
 from backend.engine.errors import CancelledError, InputError
 from backend.engine.atomic import StagedOutputs, atomic_output
@@ -85,6 +85,7 @@ from .labels import (
 from .model_folder import (
     CHECKPOINT_DIR,
     check_out_folder,
+    check_resumable,
     copy_text_tower,
     load_tensors,
     move_into_place,
@@ -902,6 +903,9 @@ def check_request(request: dict) -> list[str]:
     check_out_folder(out, bool(request.get("overwrite")), bool(request.get("resume")),
                      training_inputs(request["raster"], request["labels"], request.get("aoi"),
                                      request.get("base_model"), request.get("weights")))
+    if request.get("resume"):
+        check_resumable(out)
+    check_model(request.get("base_model"), request.get("weights"))
     unknown = set(request) - set(_REQUEST_ARGS) - set(TrainOptions.__dataclass_fields__)
     if unknown:
         raise InputError(f"Unknown training option(s): {', '.join(sorted(unknown))}.")

@@ -554,7 +554,7 @@ def check_background(background: str | None) -> None:
     """--background names a class (checked before a model loads, and by the server before it queues a job)."""
     if background is not None and _class_name(background) is None:
         raise InputError(f"--background {background!r} names no class (it is blank or made only of separators); "
-                         "give the class name that unlabelled pixels should get, e.g. --background ground.")
+                         "give the class name that unlabelled pixels should get, e.g. --background 'ground'.")
 
 
 def check_class_names(class_names: dict[str, str] | None) -> None:
@@ -588,6 +588,7 @@ def check_two_classes(labels: str | Path, class_field: str, background: str | No
     fields = _read_layer(path, layer, [class_field], "labels", read_geometry=False)[3]
     values = sorted({_value_text(v) for v in fields[0]} - {""})
     if class_names:
+        _check_renamed_values(class_names, values, path)
         values = sorted({class_names.get(v, v) for v in values})
     values = [v for v in values if _class_name(v) is not None]  # separators only: refused by the run
     if not values:

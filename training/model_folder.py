@@ -148,22 +148,30 @@ def refuse_if_live(work: Path) -> None:
                          "wait for it to finish or choose another --out.")
 
 
+def check_resumable(out: Path) -> Path:
+    """The folder a resumed training continues from: the working folder of an interrupted run, else the
+    finished model's own checkpoint; InputError when neither holds one."""
+    work = partial_dir(out)
+    for folder in (work, out):
+        if (folder / CHECKPOINT_DIR / "state.pt").is_file():
+            return folder
+    raise InputError(f"There is no training to resume for {out}: neither {out} nor {work} holds a "
+                     f"{CHECKPOINT_DIR}/ folder. Run without --resume to start training.")
+
+
 def start_work_folder(out: Path, resume: bool, overwrite: bool) -> tuple[Path, bool]:
     """The working folder, and whether it holds a checkpoint to resume."""
     check_out_folder(out, overwrite, resume, {})
     work = partial_dir(out)
     refuse_if_live(work)
     if resume:
-        if (work / CHECKPOINT_DIR / "state.pt").is_file():
+        if check_resumable(out) == work:
             claim(work)
             return work, True
-        if (out / CHECKPOINT_DIR / "state.pt").is_file():
-            shutil.rmtree(work, ignore_errors=True)
-            shutil.copytree(out, work)
-            claim(work)
-            return work, True
-        raise InputError(f"There is no training to resume for {out}: neither {out} nor {work} holds a "
-                         f"{CHECKPOINT_DIR}/ folder. Run without --resume to start training.")
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(out, work)
+        claim(work)
+        return work, True
     # A working folder left by a training that is no longer running (ours by name, its owner gone).
     shutil.rmtree(work, ignore_errors=True)
     try:

@@ -16,6 +16,7 @@ are refused in one sentence by `ensure_sam_weights`, which reads only the file's
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,8 +204,19 @@ def sam_location(name: str | None) -> tuple[ModelSpec | None, Path | None]:
     path = Path(name).expanduser()
     if path.exists():
         return None, check_sam_path(path)
+    if "/" in name or os.sep in name or name.startswith("~") or name.endswith(".safetensors"):
+        raise ModelError(f"SAM model file or folder {path} does not exist.")
     raise ModelError(f"Unknown SAM model '{name}'. Known SAM models: {', '.join(registry)}; or give the path of "
                      "a SAM .safetensors file or of a folder with config.json and model.safetensors.")
+
+
+def resolve_sam_weights(spec: ModelSpec) -> Path:
+    """A registry SAM model's weights file (found, or downloaded); the offline sentence names --sam-model,
+    the option that takes a SAM file, not --weights."""
+    try:
+        return resolve_weights(spec)
+    except ModelError as error:
+        raise ModelError(str(error).replace("--weights PATH", "--sam-model PATH")) from error
 
 
 def ensure_sam_weights(name: str | None = None) -> Path:
@@ -215,10 +227,7 @@ def ensure_sam_weights(name: str | None = None) -> Path:
     if spec is None:
         assert path is not None, "sam_location gives a path when the name is not a registry model"
     else:
-        try:
-            path = resolve_weights(spec)
-        except ModelError as error:
-            raise ModelError(str(error).replace("--weights PATH", "--sam-model PATH")) from error
+        path = resolve_sam_weights(spec)
     check_sam_fit(path)
     return path
 

@@ -55,6 +55,7 @@ def _remote_size(spec) -> int:
 
 def run_download(request: dict, control, models) -> dict:
     """Worker side of a download job; reports megabytes as progress and stops waiting on cancel."""
+    from backend.engine.sam_models import known_sam_models, resolve_sam_weights
     from backend.engine.weights import find_local_weights, hf_cache_dir, resolve_weights
 
     spec = downloadable(request.get("model"))
@@ -66,7 +67,7 @@ def run_download(request: dict, control, models) -> dict:
 
     def fetch() -> None:
         try:
-            outcome["path"] = resolve_weights(spec)
+            outcome["path"] = resolve_sam_weights(spec) if spec.name in known_sam_models() else resolve_weights(spec)
         except ModelError as error:
             outcome["error"] = error
         except Exception as error:  # reported as the job's error, never lost with the thread

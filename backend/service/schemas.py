@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, model_validator
 
+from backend.service.http_words import for_http
 from backend.engine.options import SENTENCE_MAX_CHARS, SegmentOptions, Spec, option_fields, path_fields, spec_of
 
 JobState = Literal["queued", "running", "done", "failed", "cancelled", "interrupted"]
@@ -154,7 +155,7 @@ def _request_field(item: dataclasses.Field, annotation: Any) -> tuple[Any, Any]:
     kind, constraints = _json_type(declared, inner)
     if optional:
         kind = kind | None
-    description = declared.help + (" " + ABSOLUTE if inner is Path or declared.gdal_name else "")
+    description = for_http(declared.help, "segment") + (" " + ABSOLUTE if inner is Path or declared.gdal_name else "")
     if declared.argument or declared.required_in_api:
         default: dict[str, Any] = {}
     elif item.default_factory is not dataclasses.MISSING:

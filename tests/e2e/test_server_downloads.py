@@ -67,3 +67,11 @@ def test_the_model_list_says_where_missing_weights_come_from_and_go(backend):
     registry = {entry["name"]: entry for entry in listed["models"]}[MODEL]
     assert (registry["hf_repo"], registry["hf_file"]) == (known_models()[MODEL].hf_repo, known_models()[MODEL].hf_file)
     assert registry["expected_path"].endswith("/" + known_models()[MODEL].weights_filename)
+
+
+def test_an_offline_sam_download_names_the_segment_field_that_takes_a_sam_file(backend):
+    """Not "pass --weights PATH": a SAM file is given as a segment request's sam_model."""
+    job = backend.wait(submit_download(backend, "sam-vit-b").json()["job_id"])
+    assert job["state"] == "failed" and "offline" in job["error"]
+    assert '"sam_model": PATH' in job["error"] and "weights\": PATH" not in job["error"]
+    assert "--" not in job["error"]

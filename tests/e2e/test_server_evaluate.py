@@ -29,13 +29,13 @@ def test_a_blank_background_and_the_validation_split_of_a_base_model_are_refused
     jobs = len(backend.client.get("/v1/jobs").json()["jobs"])
     blank = backend.client.post("/v1/evaluate", json={**body, "background": "  "})
     assert blank.status_code == 400, blank.text
-    assert blank.json()["detail"].startswith("--background '  ' names no class (it is blank or made only of "
-                                             "separators)")
+    assert blank.json()["detail"].startswith('"background": "  " names no class (it is blank or made only of '
+                                             'separators)')
     base = backend.client.post("/v1/evaluate", json={**body, "split": "validation"})
     assert base.status_code == 400, base.text
-    assert base.json()["detail"] == (f"--split validation scores the held-out strip that farslip train kept aside, "
-                                     f"and {tiny_model} is not a fine-tuned model folder; evaluate it with --split "
-                                     "all (or auto).")
+    assert base.json()["detail"] == (f'"split": "validation" scores the held-out strip that farslip train kept '
+                                     f'aside, and {tiny_model} is not a fine-tuned model folder; evaluate it with '
+                                     '"split": "all" (or auto).')
     assert len(backend.client.get("/v1/jobs").json()["jobs"]) == jobs
 
 

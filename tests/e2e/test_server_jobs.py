@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -136,9 +137,11 @@ def _cli_args(body: dict) -> list[str]:
 
 
 def test_bad_inputs_get_the_same_sentence_as_the_cli(backend, segment_body, out_dir, naip):
+    """The same sentence, with the command line's flags said as the request's fields (http_words)."""
     from typer.testing import CliRunner
 
     from backend.service.cli import app
+    from backend.service.http_words import for_http
 
     bodies = {}
     for name, changes in BAD_INPUTS.items():
@@ -163,7 +166,8 @@ def test_bad_inputs_get_the_same_sentence_as_the_cli(backend, segment_body, out_
         run = runner.invoke(app, _cli_args(body))
         assert run.exit_code not in (0, 1), (name, run.output)
         assert run.stderr.strip().startswith("Error: "), (name, run.stderr)
-        assert server_messages[name] == run.stderr.strip()[len("Error: "):], name
+        assert server_messages[name] == for_http(run.stderr.strip()[len("Error: "):], "segment"), name
+        assert not re.search(r"(?<![\w/])--(?!workers|device)[a-z]", server_messages[name]), name
     assert sorted(p.name for p in out_dir.iterdir()) == []
 
 

@@ -17,10 +17,11 @@ from backend.service.cli import app
 # is refused with a sentence that shows the engine read the option.
 REFUSED = {
     "half": ({"half": True}, "needs a CUDA GPU"),
-    "scale": ({"scale": 1.0, "gsd_m": 5.0}, "either --scale or --gsd"),
+    "scale": ({"scale": 1.0, "gsd_m": 5.0}, 'either "scale" or "gsd_m"'),
     "preset": ({"preset": "no-such-preset"}, "no class preset called 'no-such-preset'"),
     "model": ({"model": "no-such-model"}, "no-such-model"),
-    "sam_model": ({"refine": "sam", "sam_model": "/nonexistent/sam"}, "Unknown SAM model '/nonexistent/sam'"),
+    "sam_model": ({"refine": "sam", "sam_model": "/nonexistent/sam"},
+                  "SAM model file or folder /nonexistent/sam does not exist"),
     "quality_calibration": ({"quality_calibration": "/nonexistent/q.json"},
                             "quality calibration file /nonexistent/q.json does not exist"),
 }

@@ -14,6 +14,8 @@ import rasterio
 
 from conftest import Backend
 
+from backend.service.http_words import for_http
+
 pytest.importorskip("ray")  # the ray extra: installed by `make setup`
 
 
@@ -77,8 +79,10 @@ def test_a_segment_job_on_ray_returns_the_warnings_the_cli_writes(ray_backend, s
     said = json.loads(cli_out.with_suffix(".report.json").read_text())["warnings"]
     assert any("one class" in w.lower() for w in said) and any("--simplify" in w for w in said), said
     # The run's sentences as they are; the raster's own under its name (a run on Ray may take many rasters).
-    assert sorted(w.removeprefix(f"{naip.name}: ") for w in job["result"]["warnings"]) == sorted(said)
-    assert any(w.startswith(f"{naip.name}: --simplify") for w in job["result"]["warnings"])
+    # (said with the request's fields for the command line's flags: http_words)
+    assert sorted(w.removeprefix(f"{naip.name}: ") for w in job["result"]["warnings"]) == sorted(
+        for_http(w, "segment") for w in said)
+    assert any(w.startswith(f'{naip.name}: "simplify": 1e+06') for w in job["result"]["warnings"])
 
 
 def test_cancel_stops_the_ray_workers_and_writes_nothing(ray_backend, segment_body, out_dir):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -151,7 +152,7 @@ def test_evaluate_never_writes_its_json_over_an_input_or_an_existing_file(backen
 def test_evaluate_checks_the_model_the_labels_folder_and_the_class_field_at_submit(backend, evaluate_body, out_dir):
     before = _job_count(backend)
     assert "Unknown model" in _refused(backend, "/v1/evaluate", evaluate_body(model="nope"), 422)
-    assert "--model is empty" in _refused(backend, "/v1/evaluate", evaluate_body(model=" "), 422)
+    assert '"model" is empty' in _refused(backend, "/v1/evaluate", evaluate_body(model=" "), 422)
     assert "is a folder" in _refused(backend, "/v1/evaluate", evaluate_body(labels=str(out_dir)))
     detail = _refused(backend, "/v1/evaluate", evaluate_body(class_field="no_such_field"))
     assert "has no field 'no_such_field'" in detail
@@ -164,7 +165,7 @@ def test_evaluate_checks_the_model_the_labels_folder_and_the_class_field_at_subm
     ({"lr": "abc"}, 422, "lr"), ({"lr": [1]}, 422, "lr"), ({"lr": 0}, 422, "lr"),
     ({"batch_size": "x"}, 400, "batch_size must be a whole number"),
     ({"augment": "yes"}, 400, "augment must be true or false"),
-    ({"method": "nope"}, 400, "method must be one of"),
+    ({"method": "nope"}, 400, '"method" must be one of'),
     ({"validation_fraction": 0.9}, 400, "validation fraction"),
     ({"class_field": "no_such_field"}, 400, "has no field 'no_such_field'"),
 ])
@@ -250,13 +251,13 @@ def test_an_option_without_the_option_it_works_with_is_refused_at_submit(backend
     the job ran as if they were not there. Refused with the command line's sentence, and no job is queued."""
     before = _job_count(backend)
     detail = _refused(backend, "/v1/segment", segment_body(sam_model="sam-vit-b"))
-    assert detail == ("--sam-model applies only with --refine sam (this run has --refine none); add --refine sam, "
-                      "or leave --sam-model out.")
-    assert "(this run has --refine edges)" in _refused(backend, "/v1/segment",
+    assert detail == ('"sam_model" applies only with "refine": "sam" (this run has "refine": "none"); add '
+                      '"refine": "sam", or leave "sam_model" out.')
+    assert '(this run has "refine": "edges")' in _refused(backend, "/v1/segment",
                                                        segment_body(refine="edges", sam_model="sam-vit-b"))
     assert _refused(backend, "/v1/segment", segment_body(cache_mb=64)) == (
-        "--cache-mb applies only with --cache-features; add --cache-features, or leave --cache-mb out.")
-    assert "no --bbox was given" in _refused(backend, "/v1/segment", segment_body(bbox=None, bbox_crs="EPSG:4326"))
+        '"cache_mb" applies only with "cache_features": true; add "cache_features": true, or leave "cache_mb" out.')
+    assert 'no "bbox" was given' in _refused(backend, "/v1/segment", segment_body(bbox=None, bbox_crs="EPSG:4326"))
     assert _job_count(backend) == before and list(out_dir.iterdir()) == []
 
 
@@ -407,9 +408,9 @@ def test_a_named_pipe_or_device_given_as_an_input_file_is_refused_at_submit(back
 
 
 @pytest.mark.parametrize("changes, words", [
-    ({"scale": 1e9}, "--scale must be between 0.05 and 8; got 1000000000.0."),
-    ({"scale": 2, "gsd_m": 1}, "Give either --scale or --gsd, not both."),
-    ({"gsd_m": 1e-6}, "--gsd 1e-06 would resample this raster's 0.5 m pixels"),
+    ({"scale": 1e9}, '"scale" must be between 0.05 and 8; got 1000000000.0.'),
+    ({"scale": 2, "gsd_m": 1}, 'Give either "scale" or "gsd_m", not both.'),
+    ({"gsd_m": 1e-6}, '"gsd_m": 1e-06 would resample this raster\'s 0.5 m pixels'),
     ({"bands": [1, 2, 9]}, "9"),
 ])
 def test_train_resolution_and_bands_are_checked_at_submit(backend, train_body, changes, words):
@@ -430,7 +431,7 @@ def test_a_model_fine_tuned_at_another_resolution_is_refused_at_submit_naming_it
     detail = _refused(backend, "/v1/segment", segment_body(model=str(model)))  # 5 m pixels, resampled by 10
     assert detail.startswith(f"The model {model} was fine-tuned on 0.5 m pixels, so it segments at that "
                              "resolution unless the request gives scale or gsd_m")
-    assert "--gsd 0.5 would resample this raster's 5 m pixels by 10" in detail
+    assert '"gsd_m": 0.5 would resample this raster\'s 5 m pixels by 10' in detail
     assert _job_count(backend) == before
 
 
@@ -473,3 +474,42 @@ def test_labels_of_one_class_are_refused_before_queueing(backend, train_body, ev
     response = backend.client.post("/v1/evaluate", json=evaluate_body(background="other"))
     assert response.status_code == 202, response.text
     assert backend.wait(response.json()["job_id"], timeout=300)["state"] == "done"
+
+
+def test_a_sam_model_is_a_registry_name_or_an_absolute_path_that_exists(backend, segment_body, tmp_path):
+    """A relative SAM path would be looked up in the server's working folder; a path that does not exist is
+    said to be missing, not an unknown registry name."""
+    before = _job_count(backend)
+    for relative in ("tiny.safetensors", "models/sam"):
+        detail = _refused(backend, "/v1/segment", segment_body(refine="sam", sam_model=relative))
+        assert detail.startswith(f"The SAM model path {relative!r} is relative;"), detail
+    missing = tmp_path / "no-sam" / "sam.safetensors"
+    detail = _refused(backend, "/v1/segment", segment_body(refine="sam", sam_model=str(missing)), 422)
+    assert detail == f"SAM model file or folder {missing} does not exist."
+    assert _job_count(backend) == before
+
+
+def test_train_refuses_an_unknown_base_model_a_resume_of_nothing_and_a_rename_of_an_absent_value_at_submit(
+        backend, train_body, out_dir):
+    before = _job_count(backend)
+    assert "Unknown model 'no-such-model'" in _refused(backend, "/v1/train", train_body(base_model="no-such-model"),
+                                                       422)
+    assert _refused(backend, "/v1/train", train_body(base_model=""), 422).startswith('"base_model" is empty')
+    missing = out_dir / "missing.pt"
+    assert _refused(backend, "/v1/train", train_body(base_model="clip-vit-b-16", weights=str(missing)), 422) == (
+        f"The weights file {missing} does not exist.")
+    detail = _refused(backend, "/v1/train", train_body(resume=True))
+    assert detail.startswith(f"There is no training to resume for {out_dir / 'model'}") and detail.endswith(
+        'Run without "resume": true to start training.')
+    detail = _refused(backend, "/v1/train", train_body(class_names={"zzz": "x"}))
+    assert detail.startswith("\"class_names\" renames the label value 'zzz', which no feature of "), detail
+    assert _job_count(backend) == before and list(out_dir.iterdir()) == []
+
+
+def test_the_segment_requests_schema_describes_its_fields_without_command_line_flags(backend):
+    fields = backend.client.get("/openapi.json").json()["components"]["schemas"]["SegmentRequest"]["properties"]
+    described = {name: field.get("description", "") for name, field in fields.items()}
+    flags = [name for name, text in described.items()  # a command to run (farslip segment --workers) aside
+             if re.search(r"(?<![\w/])--[a-z]", re.sub(r"farslip [a-z]+( --[a-z-]+)*", "", text))]
+    assert not flags, described
+    assert '"refine": "sam"' in described["sam_model"]

@@ -120,13 +120,28 @@ def test_loopback_host_headers_are_served(backend, host):
     assert backend.client.get("/v1/health", headers={"Host": host.format(port=port)}).status_code == 200
 
 
-@pytest.mark.parametrize("path, methods", [("/v1/jobs/0123456789abcdef0123456789abcdef", "DELETE, GET, OPTIONS"),
-                                           ("/v1/segment", "OPTIONS, POST"), ("/v1/health", "GET, OPTIONS")])
+@pytest.mark.parametrize("path, methods", [("/v1/jobs/0123456789abcdef0123456789abcdef", "DELETE, GET, HEAD, OPTIONS"),
+                                           ("/v1/segment", "OPTIONS, POST"), ("/v1/health", "GET, HEAD, OPTIONS")])
 def test_options_and_405_list_every_allowed_method(backend, path, methods):
     response = backend.client.options(path)
     assert response.status_code == 204 and response.headers["allow"] == methods
     response = backend.client.put(path, json={})
     assert response.status_code == 405 and response.headers["allow"] == methods
+
+
+@pytest.mark.parametrize("path", ["/v1/health", "/v1/jobs", "/v1/models", "/v1/presets"])
+def test_head_on_a_get_endpoint_answers_its_headers_without_a_body_and_needs_the_token(backend, path):
+    """Monitors and scripts probe with HEAD: the GET's status and headers, no body; still behind the token."""
+    got = backend.client.get(path)
+    head = backend.client.head(path)
+    assert head.status_code == got.status_code == 200
+    assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"]
+    assert httpx.head(backend.url + path).status_code == 401
+
+
+def test_head_on_an_endpoint_without_get_is_a_405(backend):
+    response = backend.client.head("/v1/segment")
+    assert response.status_code == 405 and response.headers["allow"] == "OPTIONS, POST"
 
 
 def test_the_schema_says_paths_are_absolute_and_integers_take_whole_floats(backend, segment_body):

@@ -59,9 +59,10 @@ def test_bad_search_requests_get_a_sentence_and_no_job(backend, search_body, out
         # as the class lines refuse them (a NUL was searched for; like_crs without like ignored)
         (search_body(sentences=["a\x00lake"]), "The search sentence 'a\\x00lake' contains the control character"),
         (search_body(sentences=["a lake", "\u200b"]), "The search sentence '\\u200b' holds only invisible characters"),
-        (search_body(keywords=["lake; \ufeff", "field"]), "The keyword '\\ufeff' of --keywords 'lake; \\ufeff' holds"),
-        (search_body(like_crs="EPSG:4326"), "--like-crs EPSG:4326 says which CRS the --like point is in, and no "
-                                            "--like was given; add --like X Y, or leave --like-crs out."),
+        (search_body(keywords=["lake; \ufeff", "field"]),
+         "The keyword '\\ufeff' of \"keywords\": \"lake; \\ufeff\" holds"),
+        (search_body(like_crs="EPSG:4326"), '"like_crs": "EPSG:4326" says which CRS the "like" point is in, and '
+                                            'no "like" was given; add "like": [X, Y], or leave "like_crs" out.'),
     ]
     before = len(backend.client.get("/v1/jobs").json()["jobs"])
     for body, words in cases:

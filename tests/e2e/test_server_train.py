@@ -58,35 +58,34 @@ def test_a_train_request_with_an_unknown_option_is_refused(backend, tiny_model, 
 # Each option of the trainer out of its range, refused in one sentence naming it before a job is queued (these
 # were accepted and then failed in the job, ran silently, or made the backend allocate ~22 GB and be killed).
 REFUSED_OPTIONS = [
-    ({"batch_size": 10**6}, "--batch-size must be a whole number from 1 to 256 (each step holds that many crops and "
+    ({"batch_size": 10**6}, "\"batch_size\" must be a whole number from 1 to 256 (each step holds that many crops and "
                             "their gradients in memory); got 1000000."),
-    ({"eval_batch_size": 10**6}, "--eval-batch-size must be a whole number from 1 to 1024"),
-    ({"eval_batch_size": 0}, "--eval-batch-size must be a whole number from 1 to 1024"),
-    ({"lora_rank": 0}, "--lora-rank must be a whole number from 1 to 256; got 0."),
-    ({"lora_rank": -1}, "--lora-rank must be a whole number from 1 to 256; got -1."),
-    ({"lora_alpha": 1e308}, "--lora-alpha must be a number above 0 and at most 1024"),
-    ({"weight_decay": -1}, "--weight-decay must be a number from 0 to 1; got -1.0."),
-    ({"lr": 1e300}, "--lr must be a number above 0 and at most 10"),
-    ({"last_blocks": 0}, "--last-blocks must be a whole number from 1 to 64"),
-    ({"last_blocks": -1}, "--last-blocks must be a whole number from 1 to 64"),
-    ({"last_blocks": 99}, "--last-blocks must be a whole number from 1 to 64"),
-    ({"distill_boxes": -1}, "--distill-boxes must be a whole number from 0 to 64"),
-    ({"regions_per_step": 0}, "--regions-per-step must be a whole number from 1 to 256"),
-    ({"region_min_px": 500, "region_max_px": 10}, "--region-min-px (500) must not exceed --region-max-px (10)"),
-    ({"region_min_px": -5}, "--region-min-px must be a number from 1"),
-    ({"warmup_steps": -5}, "--warmup-steps must be a whole number from 0"),
-    ({"buffer_px": -5}, "--buffer-px must be a whole number from 0 to 4096"),
-    ({"crop_px": 0}, "--crop-px must be a whole number from 32 to 1024"),
-    ({"crop_px": 7}, "--crop-px must be a whole number from 32 to 1024"),
-    ({"class_balance": -3}, "--class-balance must be a number from 0 to 1"),
-    ({"distill_weight": -1}, "--distill-weight must be a number from 0 to 100"),
-    ({"epochs": 50000}, "--epochs must be a whole number from 1 to 10000"),
-    ({"steps_per_epoch": 10**6}, "--steps-per-epoch must be at least 1 and at most 100000"),
+    ({"eval_batch_size": 10**6}, "\"eval_batch_size\" must be a whole number from 1 to 1024"),
+    ({"eval_batch_size": 0}, "\"eval_batch_size\" must be a whole number from 1 to 1024"),
+    ({"lora_rank": 0}, "\"lora_rank\" must be a whole number from 1 to 256; got 0."),
+    ({"lora_rank": -1}, "\"lora_rank\" must be a whole number from 1 to 256; got -1."),
+    ({"lora_alpha": 1e308}, "\"lora_alpha\" must be a number above 0 and at most 1024"),
+    ({"weight_decay": -1}, "\"weight_decay\" must be a number from 0 to 1; got -1.0."),
+    ({"lr": 1e300}, "\"lr\" must be a number above 0 and at most 10"),
+    ({"last_blocks": 0}, "\"last_blocks\" must be a whole number from 1 to 64"),
+    ({"last_blocks": -1}, "\"last_blocks\" must be a whole number from 1 to 64"),
+    ({"last_blocks": 99}, "\"last_blocks\" must be a whole number from 1 to 64"),
+    ({"distill_boxes": -1}, "\"distill_boxes\" must be a whole number from 0 to 64"),
+    ({"regions_per_step": 0}, "\"regions_per_step\" must be a whole number from 1 to 256"),
+    ({"region_min_px": 500, "region_max_px": 10}, "\"region_min_px\" (500) must not exceed \"region_max_px\" (10)"),
+    ({"region_min_px": -5}, "\"region_min_px\" must be a number from 1"),
+    ({"warmup_steps": -5}, "\"warmup_steps\" must be a whole number from 0"),
+    ({"buffer_px": -5}, "\"buffer_px\" must be a whole number from 0 to 4096"),
+    ({"crop_px": 0}, "\"crop_px\" must be a whole number from 32 to 1024"),
+    ({"crop_px": 7}, "\"crop_px\" must be a whole number from 32 to 1024"),
+    ({"class_balance": -3}, "\"class_balance\" must be a number from 0 to 1"),
+    ({"distill_weight": -1}, "\"distill_weight\" must be a number from 0 to 100"),
+    ({"epochs": 50000}, "\"epochs\" must be a whole number from 1 to 10000"),
+    ({"steps_per_epoch": 10**6}, "\"steps_per_epoch\" must be at least 1 and at most 100000"),
     ({"device": "tpu"}, "Unknown device 'tpu'. Use auto, cpu, cuda or mps."),
     ({"device": "cuda:7"}, "cuda"),
-    ({"class_names": {"yes": ""}}, "--class-name (class_names) renames the label value 'yes' to '', which names no "
-                                   "class"),
-    ({"background": "  "}, "--background '  ' names no class"),
+    ({"class_names": {"yes": ""}}, "\"class_names\" renames the label value 'yes' to '', which names no class"),
+    ({"background": "  "}, "\"background\": \"  \" names no class"),
 ]
 
 
@@ -108,6 +107,6 @@ def test_more_last_blocks_than_the_model_has_fail_the_job_in_a_sentence_before_t
     assert response.status_code == 202, response.text
     job = backend.wait(response.json()["job_id"], timeout=300)
     assert job["state"] == "failed", job
-    assert job["error"] == (f"--last-blocks 3 is more than the 2 blocks of {tiny_model.stem}'s vision tower; give "
-                            "at most 2 (--method full trains them all).")
+    assert job["error"] == (f"\"last_blocks\": 3 is more than the 2 blocks of {tiny_model.stem}'s vision tower; "
+                            "give at most 2 (\"method\": \"full\" trains them all).")
     assert list(tmp_path.iterdir()) == []

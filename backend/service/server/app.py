@@ -17,6 +17,7 @@ from starlette.routing import compile_path
 
 from backend import __version__
 from backend.engine.errors import FarslipError, shortened
+from backend.service.http_words import for_http, kind_of_path
 from backend.service.jobs import JobManager, JobStore, default_runners
 
 from .routes import v1_router
@@ -41,7 +42,31 @@ def allowed_methods(app: FastAPI, path: str) -> list[str]:
     for template, route_methods in templates:
         if compile_path(template)[0].match(path):
             methods |= route_methods
+    if "GET" in methods:
+        methods.add("HEAD")  # answered as GET without the body (HeadAsGet)
     return sorted(methods)
+
+
+class HeadAsGet:
+    """HEAD on an endpoint that takes GET is answered as GET without its body (monitors and scripts probe
+    /v1/health so); FastAPI's routes take only the methods they declare."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "HEAD":
+            return await self.app(scope, receive, send)
+        fastapi_app = scope.get("app")
+        if fastapi_app is None or "GET" not in allowed_methods(fastapi_app, scope.get("path", "")):
+            return await self.app(scope, receive, send)
+
+        async def without_body(message):
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        return await self.app({**scope, "method": "GET"}, receive, without_body)
 
 
 def _is_json(content_type: str) -> bool:
@@ -91,8 +116,10 @@ def no_such_endpoint(path: str) -> str:
 
 def _answer_errors_in_one_sentence(app: FastAPI) -> None:
     @app.exception_handler(FarslipError)
-    async def farslip_error(_request: Request, error: FarslipError):
-        return JSONResponse({"detail": shortened(str(error))}, status_code=error.http_status)
+    async def farslip_error(request: Request, error: FarslipError):
+        # The engine's sentence, with its command-line flags said as the request's fields.
+        detail = for_http(shortened(str(error)), kind_of_path(request.url.path))
+        return JSONResponse({"detail": detail}, status_code=error.http_status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError):
@@ -181,6 +208,7 @@ def create_app(token: str, state_dir: Path, device: str | None = None,
                               "`Authorization: Bearer <token>` (the token is in the connection file).")
     app.state.device = device
     app.state.backend_files = backend_files(state_dir, connection_file)
+    app.add_middleware(HeadAsGet)  # inside the guard: a HEAD needs the token as its GET does
     app.add_middleware(GuardMiddleware, token=token, max_body_bytes=max_body_bytes, host=host)
     _answer_errors_in_one_sentence(app)
     app.include_router(v1_router())

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from backend.service.http_words import job_for_http
 from backend.service.jobs import JobManager, is_job_id
 from backend.service.schemas import Job, JobCreated, JobList
 
@@ -26,14 +27,15 @@ def queue_job(request: Request, kind: str, body: BaseModel, outputs: list[str]) 
 
 
 def job_or_404(job: dict | None, job_id: str) -> dict:
+    """The job as a client reads it (http_words: the request's fields, not command-line flags), or a 404."""
     if job is None:
         raise StarletteHTTPException(404, f"There is no job {quoted(job_id)}; GET /v1/jobs lists the jobs.")
-    return job
+    return job_for_http(job)
 
 
 @router.get("/jobs", response_model=JobList)
 def jobs(request: Request, limit: int = Query(200, ge=1, le=10000)):
-    return {"jobs": manager_of(request).list(limit)}
+    return {"jobs": [job_for_http(job) for job in manager_of(request).list(limit)]}
 
 
 @router.get("/jobs/{job_id}", response_model=Job)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from backend.engine.options import path_fields
+from backend.engine.sam_models import known_sam_models
 from backend.service.jobs import check_segment_job
 from backend.service.schemas import JobCreated, SegmentRequest, options_from_request
 
@@ -26,8 +27,12 @@ def check_segment_request(request: SegmentRequest, device: str) -> list[str]:
         if value is not None:
             check = output_path if name in OUTPUT_FIELDS else raster_path if name == "raster" else absolute_path
             check(value, name.replace("_", " "))
+    # A model is a registry name (or, for `model`, a fine-tuned model's name) or an absolute path: the
+    # server has no working folder a relative path could mean.
     if request.model is not None and looks_like_path(request.model):
         absolute_path(request.model, "model")
+    if request.sam_model and request.sam_model not in known_sam_models():
+        absolute_path(request.sam_model, "SAM model")
     return check_segment_job(options_from_request(request.model_dump()), device)
 
 
