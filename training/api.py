@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import time
 import typing
@@ -36,7 +37,7 @@ from backend.engine.finetuned import (
 )
 from backend.engine.models import LoadedModel, check_model
 from backend.engine.weights import file_sha256
-from backend.engine.errors import CancelledError, InputError
+from backend.engine.errors import CancelledError, InputError, ModelError
 from backend.engine.atomic import StagedOutputs, atomic_output
 from backend.engine.devices import resolve_device
 from backend.engine.diskspace import writing_to
@@ -102,12 +103,20 @@ MAX_TRAINING_PIXELS = 64_000_000  # the labelled window is held in memory as flo
 Progress = Callable[[int, int, dict], None]
 
 
+def _as_base_model(error: ModelError) -> ModelError:
+    """The model sentence of `segment` with the option train takes the model by (--base-model)."""
+    return ModelError(re.sub(r"(?<![\w-])--model\b", "--base-model", str(error)))
+
+
 def _load(model: str | None, weights: str | None, device: str, loaded: LoadedModel | None = None):
     if loaded is not None:
         return loaded
     from backend.engine.models import load_model
 
-    return load_model(model, weights, device=device)
+    try:
+        return load_model(model, weights, device=device)
+    except ModelError as error:
+        raise _as_base_model(error) from error
 
 
 def label_grid_for(source: RasterSource, labels: str | Path, class_field: str, background: str | None,
@@ -905,7 +914,10 @@ def check_request(request: dict) -> list[str]:
                                      request.get("base_model"), request.get("weights")))
     if request.get("resume"):
         check_resumable(out)
-    check_model(request.get("base_model"), request.get("weights"))
+    try:
+        check_model(request.get("base_model"), request.get("weights"))
+    except ModelError as error:
+        raise _as_base_model(error) from error
     unknown = set(request) - set(_REQUEST_ARGS) - set(TrainOptions.__dataclass_fields__)
     if unknown:
         raise InputError(f"Unknown training option(s): {', '.join(sorted(unknown))}.")

@@ -50,6 +50,16 @@ def test_train_refuses_an_option_out_of_range_before_the_model_loads(synthetic, 
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("model, sentence", [("", "Error: --base-model is empty: leave it out to use the default "),
+                                              ("no-such-model", "Error: Unknown model 'no-such-model'.")])
+def test_train_names_its_own_base_model_option_when_refusing_the_model(synthetic, tmp_path, model, sentence):
+    """train takes the model by --base-model: the sentence says that, not segment's --model."""
+    raster, labels, _ = synthetic
+    code, lines = train_command(raster, labels, model, tmp_path / "model")
+    assert code == 3 and lines[0].startswith(sentence) and "--model" not in " ".join(lines), lines
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_evaluate_refuses_a_blank_background_and_the_validation_split_of_a_base_model(synthetic, tiny_model,
                                                                                        tmp_path):
     raster, labels, _ = synthetic
@@ -57,7 +67,7 @@ def test_evaluate_refuses_a_blank_background_and_the_validation_split_of_a_base_
                           tmp_path / "no-model.safetensors", "--background", " ")
     assert code == 2 and lines == ["Error: --background ' ' names no class (it is blank or made only of "
                                    "separators); give the class name that unlabelled pixels should get, e.g. "
-                                   "--background ground."], lines
+                                   "--background 'ground'."], lines
     code, lines = farslip("evaluate", raster, labels, "--class-field", "cls", "--model", tiny_model,
                           "--split", "validation")
     assert code == 2 and lines == [f"Error: --split validation scores the held-out strip that farslip train kept "
