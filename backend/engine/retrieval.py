@@ -70,7 +70,7 @@ def _caption_file_and_data(path: Path) -> tuple[Path, dict]:
     problems: list[str] = []
     for candidate in [path] if path.is_file() else sorted(p for p in path.glob("*.json") if p.is_file()):
         try:
-            data = json.loads(candidate.read_text(encoding="utf-8"))
+            data = json.loads(candidate.read_text(encoding="utf-8-sig"))  # a BOM, as Windows editors write
         except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             problems.append(_json_problem(candidate, error))
             continue
@@ -109,6 +109,15 @@ def _image_path(folder: Path, filename: str) -> Path | None:
         if (sub / filename).is_file():
             return sub / filename
     return None
+
+
+def dataset_files(dataset: str | Path) -> list[Path]:
+    """The caption JSON and every image it names (any split) that is there: the files a run's outputs must not
+    replace."""
+    caption_file, data = _caption_file_and_data(Path(dataset))
+    names = {entry.get("filename") for entry in data["images"] if isinstance(entry, dict)}
+    found = [_image_path(caption_file.parent, name) for name in sorted(n for n in names if isinstance(n, str) and n)]
+    return [caption_file, *(path for path in found if path is not None)]
 
 
 def load_caption_set(dataset: str | Path, split: str = "test") -> CaptionSet:
@@ -188,11 +197,18 @@ def retrieval_recalls(similarity: np.ndarray, caption_image: np.ndarray) -> dict
     return results
 
 
+EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+
+
 def _load_image(path: Path, side: int) -> torch.Tensor:
     from PIL import Image
 
     try:
         with Image.open(path) as image:
+            if image.mode not in EIGHT_BIT_MODES:  # 16-bit or float: convert("RGB") clips it to white
+                raise InputError(f"The image {path} is not 8-bit (PIL mode {image.mode}): the RSICD/RSITMD images "
+                                 "are 8-bit RGB, as the protocol reads them. Convert it (e.g. gdal_translate -ot "
+                                 "Byte -scale) or leave it out.")
             rgb = image.convert("RGB")
     except OSError as exc:
         raise InputError(f"The image {path} cannot be read ({exc}).") from exc

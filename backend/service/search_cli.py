@@ -190,7 +190,7 @@ def evaluate_retrieval_command(
 
     from backend.engine.files import check_output_file
     from backend.engine.options import check_batch_size
-    from backend.engine.retrieval import find_caption_file, load_caption_set
+    from backend.engine.retrieval import dataset_files, load_caption_set
     from backend.engine.retrieval import evaluate_retrieval as evaluate
 
     try:
@@ -198,8 +198,10 @@ def evaluate_retrieval_command(
             check_batch_size(batch_size)
             load_caption_set(folder, split)
             if json_out is not None:  # checked before the model loads: the figures are never lost at the end
+                caption_file, *images = dataset_files(folder)
                 check_output_file(json_out, "--json file",
-                                  _inputs(None, model, weights, **{"caption JSON": find_caption_file(folder)}),
+                                  _inputs(None, model, weights, **{"caption JSON": caption_file},
+                                          **{f"dataset image {path.name}": path for path in images}),
                                   overwrite=overwrite)
             loaded = _load(model, weights, device)
             with ProgressReporter(quiet, f"embedding {folder.name}", unit="images") as reporter:

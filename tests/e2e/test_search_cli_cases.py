@@ -124,6 +124,32 @@ def test_evaluate_retrieval_keeps_an_existing_json_file_unless_told_to_replace_i
     assert json.loads(figures.read_text())["images"] == 3
 
 
+def test_evaluate_retrieval_never_writes_its_json_over_an_image_of_the_dataset(tmp_path, tiny_model):
+    """--overwrite replaces an earlier figures file, never an image the caption JSON names (of any split)."""
+    data = rsicd(tmp_path / "rsicd")
+    captions = json.loads((data / "dataset_rsicd.json").read_text())
+    captions["images"][2]["split"] = "train"
+    (data / "dataset_rsicd.json").write_text(json.dumps(captions))
+    for image in ("s0.png", "s2.png"):
+        before = sha(data / "images" / image)
+        result = run("evaluate-retrieval", data, "--model", tiny_model, *MODEL_ARGS, "--json", data / "images" / image,
+                     "--overwrite")
+        assert result.exit_code == 2 and "would destroy the input" in result.output, result.output
+        assert sha(data / "images" / image) == before
+
+
+def test_evaluate_retrieval_refuses_a_16_bit_image_and_reads_a_caption_json_with_a_bom(tmp_path, tiny_model):
+    data = rsicd(tmp_path / "rsicd")
+    (data / "dataset_rsicd.json").write_bytes(b"\xef\xbb\xbf" + (data / "dataset_rsicd.json").read_bytes())
+    result = run("evaluate-retrieval", data, "--model", tiny_model, *MODEL_ARGS)
+    assert result.exit_code == 0, result.output
+    wide = np.random.default_rng(1).integers(0, 60000, (64, 64), dtype=np.uint16)
+    Image.fromarray(wide).save(data / "images" / "s1.png")  # 16-bit grey: convert("RGB") made it white
+    result = run("evaluate-retrieval", data, "--model", tiny_model, *MODEL_ARGS)
+    assert result.exit_code == 2, result.output
+    assert f"The image {data / 'images' / 's1.png'} is not 8-bit (PIL mode I;16)" in " ".join(result.output.split())
+
+
 def test_index_refuses_a_batch_size_below_one(crop, tiny_model):
     for size in ("0", "-5"):
         result = run("index", crop, "--model", tiny_model, *MODEL_ARGS, "--batch-size", size)
