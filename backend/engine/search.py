@@ -53,7 +53,7 @@ from .options import SENTENCE_MAX_CHARS, check_typed_text
 from .raster import longitude_on, longitude_turn, parse_crs, pixel_envelope, unplaced
 from .search_index import (BuildStats, SearchIndex, bbox_region, check_bbox, check_point, describe,
                            footprint_envelopes, footprint_polygons, is_rotated, point_window)
-from .text import TextEmbedder, token_ids
+from .text import TextEmbedder, same_name_key, token_ids
 
 KEYWORD_TEMPLATES = ("{}", "a satellite image of {}.", "an aerial photo of {}.", "a remote sensing image of {}.")
 SENTENCE_TEMPLATES = ("{}",)
@@ -127,10 +127,10 @@ def make_queries(sentences: list[str], keyword_texts: list[str] | None, use_keyw
     seen: set[str] = set()
     for sentence in sentences:
         check_typed_text(sentence, "The search sentence", SENTENCE_MAX_CHARS)
-        if sentence.casefold() in seen:
+        if same_name_key(sentence) in seen:  # the rule of class names: case, width, spacing, invisible marks
             raise InputError(f"The sentence {sentence!r} was given twice; give each sentence once (its hits "
                              "would be listed twice).")
-        seen.add(sentence.casefold())
+        seen.add(same_name_key(sentence))
     keyword_texts = [k for k in (keyword_texts or [])]
     if keyword_texts and len(keyword_texts) != len(sentences):
         raise InputError(f"--keywords was given {len(keyword_texts)} time(s) for {len(sentences)} sentence(s): give "

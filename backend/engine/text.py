@@ -44,9 +44,11 @@ class ClassSpec:
     queries: tuple[str, ...]
 
 
-def _same_name_key(name: str) -> str:
-    """Names that a reader cannot tell apart compare equal: letter case, full-width letters."""
-    return unicodedata.normalize("NFKC", name).casefold()
+def same_name_key(name: str) -> str:
+    """Names that a reader cannot tell apart compare equal: letter case, full-width letters, runs of spaces,
+    and invisible format characters (a zero-width space, a soft hyphen or a byte-order mark pasted along)."""
+    visible = "".join(c for c in unicodedata.normalize("NFKC", name) if unicodedata.category(c) != "Cf")
+    return " ".join(visible.casefold().split())
 
 
 def parse_class_lines(lines: list[str]) -> list[ClassSpec]:
@@ -62,14 +64,14 @@ def parse_class_lines(lines: list[str]) -> list[ClassSpec]:
                 nameless = line.strip()
             continue
         for query in queries:
-            owner = seen.get(_same_name_key(query))
-            if owner is not None and _same_name_key(owner) == _same_name_key(query) == _same_name_key(queries[0]):
+            owner = seen.get(same_name_key(query))
+            if owner is not None and same_name_key(owner) == same_name_key(query) == same_name_key(queries[0]):
                 raise InputError(f"The class {queries[0]!r} is given twice; give each class once "
                                  "(put synonyms on one line, separated by commas).")
             if owner is not None:
                 raise InputError(f"{query!r} is a name of two classes ({owner!r} and {queries[0]!r}), so a pixel "
                                  "of it could be either; give each name in one class line only.")
-        seen.update((_same_name_key(query), queries[0]) for query in queries)
+        seen.update((same_name_key(query), queries[0]) for query in queries)
         classes.append(ClassSpec(name=queries[0], queries=queries))
     if not classes:
         raise InputError("The class list is empty: give at least one class name "
@@ -257,9 +259,9 @@ def language_warnings(loaded: LoadedModel, classes: list[ClassSpec]) -> list[str
         return []
     from .languages import non_english
 
-    learnt = ({_same_name_key(q) for spec in parse_class_lines(loaded.class_lines) for q in spec.queries}
+    learnt = ({same_name_key(q) for spec in parse_class_lines(loaded.class_lines) for q in spec.queries}
               if loaded.class_lines else set())
-    foreign = [q for q in non_english([q for spec in classes for q in spec.queries]) if _same_name_key(q) not in learnt]
+    foreign = [q for q in non_english([q for spec in classes for q in spec.queries]) if same_name_key(q) not in learnt]
     if not foreign:
         return []
     return [f"Model '{loaded.name}' reads English only, but {_some_names(foreign)} "

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from backend.engine.feature_cache import FeatureCache, LayeredFeatureCache, feature_cache_for
 from backend.engine.errors import InputError
+from backend.service.http_words import for_http
 from backend.engine.options import (SegmentOptions, check_values, cli_name, option_field, option_fields, path_fields,
                                     spec_of)
 from backend.service.cli import app
@@ -98,7 +99,8 @@ def test_every_option_is_a_field_of_the_served_apps_segment_request_schema(tmp_p
     properties = schema["SegmentRequest"]["properties"]
     assert list(properties) == [item.name for item in option_fields()]
     for item in option_fields():
-        assert properties[item.name]["description"].startswith(spec_of(item).help), item.name
+        # The --help text, with its command-line flags said as the request's fields (http_words).
+        assert properties[item.name]["description"].startswith(for_http(spec_of(item).help, "segment")), item.name
     for name in path_fields():
         assert "absolute path" in properties[name]["description"], name
     assert set(schema["SegmentRequest"]["required"]) == {"raster", "out"}
@@ -163,6 +165,10 @@ BAD_VALUES = [
     # Names a reader cannot tell apart: full-width letters, a no-break space or two spaces for one.
     (["-c", "\uff57\uff41\uff54\uff45\uff52"], "The class '\uff57\uff41\uff54\uff45\uff52' is given twice"),
     (["-c", "deep\u00a0lake", "-c", "deep  lake"], "The class 'deep lake' is given twice"),
+    # ... or an invisible character pasted along (a zero-width space, a soft hyphen, a byte-order mark).
+    (["-c", "water\u200b"], "The class 'water\\u200b' is given twice"),
+    (["-c", "wa\u00adter"], "The class 'wa\\xadter' is given twice"),
+    (["-c", "\ufeffWater"], "The class '\\ufeffWater' is given twice"),
     # Full-width and ideographic commas separate synonyms as commas do.
     (["-c", "\u6e56\u6cca\uff0cwater"], "'water' is a name of two classes ('water' and '\u6e56\u6cca')"),
     (["-c", "\u6e56\u6cca\u3001Water"], "'Water' is a name of two classes ('water' and '\u6e56\u6cca')"),

@@ -486,9 +486,12 @@ def test_example_point_label_keeps_about_ten_centimetres(loaded, planted, tmp_pa
     assert hits_table(tmp_path / "b.gpkg")[0]["query"][0] == f"like {centres[0][0]:.2f} {centres[0][1]:.2f}"
 
 
-def test_a_sentence_given_twice_is_refused():
-    with pytest.raises(InputError, match="'A road' was given twice"):
-        make_queries(["a road", "farmland", "A road "], None)
+@pytest.mark.parametrize("again", ["A road ", "a  road", "\uff41 road", "a\u200b road"])
+def test_a_sentence_given_twice_is_refused(again):
+    """As class names: letter case, full-width letters, runs of spaces and invisible marks do not make
+    another sentence (its hits would be listed twice)."""
+    with pytest.raises(InputError, match="was given twice"):
+        make_queries(["a road", "farmland", again], None)
 
 
 def test_query_by_example_on_a_raster_of_one_window_says_why_it_has_no_hits(loaded, shared_data, tmp_path):
