@@ -242,6 +242,11 @@ def validate_search_options(options: SearchOptions) -> list[Query]:
     if options.like is None and options.like_crs:  # a forgotten --like would search by sentence without a word
         raise InputError(f"--like-crs {options.like_crs} says which CRS the --like point is in, and no --like was "
                          "given; add --like X Y, or leave --like-crs out.")
+    if options.keywords and not options.sentences:  # keywords belong to sentences: ignored, they did nothing
+        raise InputError("--keywords gives the keywords of the search sentences, and no sentence was given; type "
+                         "the sentences the keywords belong to, or leave --keywords out.")
+    if options.keywords and not options.use_keywords:
+        raise InputError("--keywords names keywords and --no-keywords says to use none; give one of them.")
     if options.like is None:
         return make_queries(options.sentences, options.keywords, options.use_keywords)
     if not all(math.isfinite(value) for value in options.like):

@@ -20,7 +20,7 @@ from tinymodels import make_tiny_clip, save_plain
 from backend.engine.dense import normalize_pixels
 from backend.engine.errors import EmptyResultError, InputError
 from backend.engine.models import load_model
-from backend.engine.search import SearchOptions, make_queries, search_raster, split_keywords
+from backend.engine.search import SearchOptions, make_queries, search_raster, split_keywords, validate_search_options
 from backend.engine.search_index import PERSPECTIVES, open_index
 from backend.engine.text import encode_tokens
 
@@ -739,3 +739,13 @@ def test_an_example_point_that_is_not_a_number_is_said_so(naip500, loaded, tmp_p
     assert result.exit_code == 2 and result.output.startswith("Error: --like takes the example point as two "
                                                               "numbers, X Y; got "), result.output
     assert not (tmp_path / "x.gpkg").exists()
+
+
+@pytest.mark.parametrize("options, words", [
+    (SearchOptions(like=(1.0, 2.0), keywords=["tennis court; houses"]), "no sentence was given"),
+    (SearchOptions(["a lake"], keywords=["tennis court"], use_keywords=False), "--no-keywords says to use none"),
+])
+def test_keywords_that_would_be_ignored_are_refused(options, words):
+    """Keywords without a sentence, or with --no-keywords, did nothing: the run must not look as if they had."""
+    with pytest.raises(InputError, match=words):
+        validate_search_options(options)
