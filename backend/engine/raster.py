@@ -18,6 +18,7 @@ from typing import Protocol
 
 import numpy as np
 import rasterio
+import shapely
 from rasterio.crs import CRS
 from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.errors import CRSError, NodataShadowWarning, NotGeoreferencedWarning, RasterioError, RasterioIOError
@@ -802,6 +803,36 @@ def _box_over_raster(bbox: tuple[float, float, float, float], bbox_crs: CRS, ras
     return box
 
 
+def is_rotated(transform) -> bool:
+    """Whether the grid is turned (or sheared) against the CRS's axes: its pixels are not axis-aligned boxes."""
+    return bool(transform.b or transform.d)
+
+
+def raster_corners(transform, width: int, height: int) -> list[tuple[float, float]]:
+    """The raster's four corners on the ground (top-left, top-right, bottom-right, bottom-left pixel corners)."""
+    return [tuple(transform @ corner) for corner in ((0, 0), (width, 0), (width, height), (0, height))]
+
+
+def raster_footprint(transform, width: int, height: int) -> shapely.Polygon:
+    """The raster's footprint on the ground: a rectangle north-up, a turned quadrilateral on a rotated grid."""
+    return shapely.orient_polygons(shapely.Polygon(raster_corners(transform, width, height)))
+
+
+def corner_text(crs, corners: list[tuple[float, float]]) -> str:
+    return ", ".join(f"({coordinates(crs, x, y, point=True)})" for x, y in corners)
+
+
+def outside_bbox_sentence(name: str, transform, width: int, height: int, crs) -> str:
+    """Where the raster is, for a bbox that misses it: its envelope, or on a rotated grid its footprint's
+    corners (a box inside the envelope can miss a turned footprint)."""
+    if is_rotated(transform):
+        return (f"The bbox does not overlap the raster {name}: its grid is rotated, and its footprint has the "
+                f"corners {corner_text(crs, raster_corners(transform, width, height))} in {crs_label(crs)}.")
+    left, bottom, right, top = pixel_envelope(transform, 0, 0, width, height)
+    return (f"The bbox does not overlap the raster {name}: the raster covers x {coordinates(crs, left, right)}, "
+            f"y {coordinates(crs, bottom, top)} in {crs_label(crs)}.")
+
+
 def request_window(source: RasterSource, bbox: tuple[float, float, float, float] | None,
                    bbox_crs: str | None = None, clip: bool = False) -> PixelWindow:
     """The processing-grid window covering bbox (in bbox_crs, default the raster's), clipped to the raster.
@@ -827,10 +858,8 @@ def request_window(source: RasterSource, bbox: tuple[float, float, float, float]
     box = bbox_in_raster_crs((xmin, ymin, xmax, ymax), crs, source.crs, raster_box)
     window = bounds_window(source, box) if box is not None else None
     if window is None:
-        left, bottom, right, top = raster_box
-        raise OutsideBboxError(f"The bbox does not overlap the raster {source.path.name}: the raster covers "
-                               f"x {coordinates(source.crs, left, right)}, y {coordinates(source.crs, bottom, top)} "
-                               f"in {crs_label(source.crs)}.")
+        raise OutsideBboxError(outside_bbox_sentence(source.path.name, source.transform, source.width, source.height,
+                                                     source.crs))
     if clip and (source.transform.b or source.transform.d):
         source.clip = box
     return window

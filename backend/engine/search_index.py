@@ -50,8 +50,9 @@ from .options import check_batch_size
 from .paths import cache_dir
 from .finetuned import bands_for
 from .ground import crs_label
-from .raster import (PixelWindow, RasterSource, band_choice_warning, bbox_in_raster_crs, coordinates, native_gsd_m,
-                     open_source, parse_crs, pixel_envelope, request_window)
+from .raster import (PixelWindow, RasterSource, band_choice_warning, bbox_in_raster_crs, coordinates, corner_text,
+                     is_rotated, native_gsd_m, open_source, outside_bbox_sentence, parse_crs, pixel_envelope,
+                     raster_corners, raster_footprint, request_window)
 from .sliding import crop_starts
 
 INDEX_FORMAT = "farslip-search-index/2"  # 2: keyed by the model's variant; staleness by every file GDAL reads
@@ -495,21 +496,6 @@ def check_bbox_on(source: RasterSource, name: str, bbox, bbox_crs: str | None) -
     bbox_region(source.transform, source.width, source.height, source.crs, name, bbox, bbox_crs)
 
 
-def is_rotated(transform) -> bool:
-    """Whether the grid is turned (or sheared) against the CRS's axes: its pixels are not axis-aligned boxes."""
-    return bool(transform.b or transform.d)
-
-
-def raster_corners(transform, width: int, height: int) -> list[tuple[float, float]]:
-    """The raster's four corners on the ground (top-left, top-right, bottom-right, bottom-left pixel corners)."""
-    return [tuple(transform @ corner) for corner in ((0, 0), (width, 0), (width, height), (0, height))]
-
-
-def raster_footprint(transform, width: int, height: int) -> shapely.Polygon:
-    """The raster's footprint on the ground: a rectangle north-up, a turned quadrilateral on a rotated grid."""
-    return shapely.orient_polygons(shapely.Polygon(raster_corners(transform, width, height)))
-
-
 def footprint_polygons(footprints: np.ndarray) -> np.ndarray:
     """(N,) counter-clockwise polygons (as shapely.box makes them) of (N, 4, 2) window corners."""
     footprints = np.asarray(footprints, dtype=np.float64).reshape(-1, 4, 2)
@@ -522,10 +508,6 @@ def footprint_envelopes(footprints: np.ndarray) -> np.ndarray:
     """(N, 4) xmin, ymin, xmax, ymax of (N, 4, 2) window corners."""
     footprints = np.asarray(footprints, dtype=np.float64).reshape(-1, 4, 2)
     return np.concatenate([footprints.min(axis=1), footprints.max(axis=1)], axis=1)
-
-
-def _corner_text(crs, corners: list[tuple[float, float]]) -> str:
-    return ", ".join(f"({coordinates(crs, x, y, point=True)})" for x, y in corners)
 
 
 def bbox_region(transform, width: int, height: int, crs, name: str, bbox, bbox_crs: str | None):
@@ -543,14 +525,7 @@ def bbox_region(transform, width: int, height: int, crs, name: str, bbox, bbox_c
         box = box if box[0] < box[2] and box[1] < box[3] else None
     region = footprint.intersection(shapely.box(*box)) if box is not None else shapely.Polygon()
     if region.is_empty or region.area <= 0:
-        if is_rotated(transform):
-            raise InputError(f"The bbox does not overlap the raster {name}: its grid is rotated, and its footprint "
-                             f"has the corners {_corner_text(crs, raster_corners(transform, width, height))} "
-                             f"in {crs_label(crs)}.")
-        left, bottom, right, top = envelope
-        raise InputError(f"The bbox does not overlap the raster {name}: the raster covers "
-                         f"x {coordinates(crs, left, right)}, y {coordinates(crs, bottom, top)} "
-                         f"in {crs_label(crs)}.")
+        raise InputError(outside_bbox_sentence(name, transform, width, height, crs))
     return region
 
 
@@ -603,7 +578,7 @@ def outside_raster(x: float, y: float, name: str, transform, width: int, height:
     point = coordinates(crs, x, y, point=True)
     if is_rotated(transform):
         return InputError(f"The point {point} is outside the footprint of the raster {name}, whose grid is rotated: "
-                          f"its corners are {_corner_text(crs, raster_corners(transform, width, height))} "
+                          f"its corners are {corner_text(crs, raster_corners(transform, width, height))} "
                           f"in {crs_label(crs)}.")
     left, bottom, right, top = pixel_envelope(transform, 0, 0, width, height)
     return InputError(f"The point {point} is outside the raster {name}, which covers "

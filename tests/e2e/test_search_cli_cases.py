@@ -347,3 +347,22 @@ def test_evaluate_retrieval_names_its_caption_file_and_warns_of_cut_captions(tmp
     warnings = [line for line in result.output.splitlines() if line.startswith("Warning: ")]
     assert len(warnings) == 1 and "a very long caption" in warnings[0], result.output
     assert "tiles" not in result.output
+
+
+@pytest.mark.parametrize("command", ["segment", "classify", "search"])
+def test_a_bbox_inside_a_rotated_rasters_envelope_but_off_its_footprint_names_the_footprint(command, rotated,
+                                                                                           tiny_model, tmp_path):
+    """Every command says where the turned raster lies (its corners), not an envelope the box lies in."""
+    with rasterio.open(rotated) as src:
+        t = src.transform
+    corners = np.array([t @ c for c in ((0, 0), (300, 0), (300, 300), (0, 300))])
+    left, top = corners[:, 0].min(), corners[:, 1].max()  # the envelope's top-left corner is off the footprint
+    bbox = [left + 1, top - 40, left + 40, top - 1]
+    assert not shapely.Polygon(corners).intersects(shapely.box(*bbox))
+    args = ["a lake"] if command == "search" else ["-c", "water", "-c", "road"]
+    result = run(command, rotated, *args, "--model", tiny_model, *MODEL_ARGS, "--bbox", *bbox,
+                 "--out", tmp_path / "out.gpkg")
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())
+    assert "does not overlap the raster rot.tif: its grid is rotated, and its footprint has the corners" in said
+    assert not (tmp_path / "out.gpkg").exists()
