@@ -27,6 +27,11 @@ def inspect_model(model: str, weights: str | None = None) -> dict:
 
     Never downloads: a registry model must already be on this computer (or `weights`, --weights, names its file).
     """
+    from .sam_models import known_sam_models
+
+    if model in known_sam_models():  # listed by `farslip models` beside the CLIP models
+        raise ModelError(f"{model} is a SAM model (for segment --refine sam); --inspect reads the CLIP models' "
+                         "files (text context, patch grid). `farslip models` says whether its weights are here.")
     check_model(model, weights)  # a --weights file that is not there: load_model's sentence
     kind, where, explicit = locate_model(model, weights)
     spec = where if kind == "registry" else None
@@ -85,13 +90,18 @@ def format_inspection(info: dict) -> str:
     lines.append(f"activation used: {info['activation']}")
     registry = info["registry"]
     if registry is not None:
-        if info["agrees"]:
+        if info["agrees"] and info["context_length"] is None:
+            lines.append(f"registry entry '{registry['name']}' ({registry['arch']}) agrees with the file's patch "
+                         "size.")
+        elif info["agrees"]:
             lines.append(f"registry entry '{registry['name']}' ({registry['arch']}, {registry['context_length']} "
                          "tokens) agrees with the file's patch size and text context.")
         else:
-            lines.append(f"registry entry '{registry['name']}' says {registry['arch']} with "
-                         f"{registry['context_length']} tokens, but the file has patch {info['patch_size']} and "
-                         f"{info['context_length']} tokens: the registry is wrong for this file (loading it "
-                         "under this name is refused; load it by path instead).")
+            says = f"{registry['arch']} with {registry['context_length']} tokens"
+            has = f"patch {info['patch_size']} and {info['context_length']} tokens"
+            if info["context_length"] is None:  # a Hugging Face text tower: its tokenizer sets the context
+                says, has = registry["arch"], f"patch {info['patch_size']}"
+            lines.append(f"registry entry '{registry['name']}' says {says}, but the file has {has}: the registry is "
+                         "wrong for this file (loading it under this name is refused; load it by path instead).")
     return "\n".join(lines)
 

@@ -96,9 +96,14 @@ def _refuse_special(path: Path, what: str) -> None:
         raise ModelError(f"The {what} {path} is {kind_of(mode)}, not a checkpoint file or model folder.")
 
 
-def _check_spec(spec: ModelSpec, cfg: dict, path: Path) -> None:
+def spec_patch(spec: ModelSpec) -> int | None:
+    """The patch size a registry model's architecture names (ViT-B-16: 16)."""
     m = re.search(r"-(\d+)$", spec.arch)
-    patch = int(m.group(1)) if m else None
+    return int(m.group(1)) if m else None
+
+
+def _check_spec(spec: ModelSpec, cfg: dict, path: Path) -> None:
+    patch = spec_patch(spec)
     got_patch = cfg["vision_cfg"]["patch_size"]
     got_ctx = cfg["text_cfg"]["context_length"]
     if (patch is not None and got_patch != patch) or got_ctx != spec.context_length:
@@ -124,6 +129,10 @@ def _finish_hf_text(sd: dict, *, name: str, weights_path: Path, dev: torch.devic
     found = hf_text.find_text_tower(tower_name, [folder], repos)
     tower = hf_text.tower_from_config(text_cfg, tower_name, found)
     vision_cfg = config["vision_cfg"] if config else infer_vision_cfg(sd)
+    if spec is not None and spec_patch(spec) not in (None, vision_cfg["patch_size"]):
+        # The image side of _check_spec (the text tower's context comes with the tower, not the file).
+        raise ModelError(f"{weights_path} is a patch-{vision_cfg['patch_size']} checkpoint, but model '{spec.name}' "
+                         f"is {spec.arch}. Use the matching --model, or give the file itself as the model.")
     if spec is None and not metadata.get("finetuned"):
         # A bare checkpoint: open_clip's Hugging Face-tower models (xlm-roberta-*-ViT-*) use plain GELU
         # unless their open_clip_config.json says quick_gelu.

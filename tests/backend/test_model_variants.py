@@ -126,3 +126,11 @@ def test_half_runs_fp16_weights_like_open_clip_fp16_precision(tmp_path):
     got = predict_window(segmenter, ArraySource(image)).probs
     expected = predict_window(Segmenter(full, classes), ArraySource(image)).probs
     assert 0 < np.abs(got - expected).max() < 0.02
+
+
+def test_inspect_of_a_sam_model_says_what_it_is_not_that_it_is_unknown():
+    """`farslip models` lists sam-vit-b: --inspect of that name is not an "Unknown model"."""
+    result = runner.invoke(app, ["models", "--inspect", "sam-vit-b"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 3 and "sam-vit-b is a SAM model (for segment --refine sam)" in said, said
+    assert "Unknown model" not in said

@@ -100,7 +100,9 @@ def test_truncated_text_encoding_equals_the_towers_full_forward(multilingual):
 def test_the_registry_model_finds_its_tower_in_the_weights_directory(multilingual, tmp_path, monkeypatch):
     weights = tmp_path / "weights"
     (weights / "xlm-roberta-base").mkdir(parents=True)
-    shutil.copy(multilingual, weights / "RS-M-CLIP.safetensors")
+    # RS-M-CLIP is a ViT-B-32: a patch-32 file under its name (a patch-16 one is refused, below).
+    save_checkpoint(make_tiny_multilingual_clip(multilingual.parent / "text_tower", patch_size=32),
+                    weights / "RS-M-CLIP.safetensors")
     monkeypatch.setenv("FARSLIP_WEIGHTS", str(weights))
     with pytest.raises(ModelError) as missing:
         load_model("rs-m-clip")
@@ -295,3 +297,19 @@ def test_names_a_fine_tuned_model_learnt_are_not_warned_about_and_long_ones_are_
     loaded.class_lines = None
     [before] = language_warnings(loaded, parse_class_lines(["edifício"]))
     assert "'edifício'" in before
+
+
+def test_a_file_of_another_patch_size_under_the_registry_name_is_refused_and_inspect_says_so(multilingual, tmp_path,
+                                                                                           monkeypatch):
+    """The check stock CLIP files get (patch size of the registry's architecture), for a Hugging Face text tower;
+    --inspect says the same, without a context length the file does not hold."""
+    weights = tmp_path / "weights"
+    shutil.copytree(multilingual.parent / "text_tower", weights / "xlm-roberta-base")
+    shutil.copy(multilingual, weights / "RS-M-CLIP.safetensors")  # patch 16
+    monkeypatch.setenv("FARSLIP_WEIGHTS", str(weights))
+    with pytest.raises(ModelError, match=r"is a patch-16 checkpoint, but model 'rs-m-clip' is .*-32\."):
+        load_model("rs-m-clip")
+    result = runner.invoke(app, ["models", "--inspect", "rs-m-clip"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 3 and "but the file has patch 16: the registry is wrong for this file" in said, said
+    assert "None" not in said
