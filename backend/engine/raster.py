@@ -89,7 +89,7 @@ class RasterSource:
     # A requested box (xmin, ymin, xmax, ymax in the raster's CRS) on a rotated grid, whose pixel window
     # (the box's envelope in pixels) reaches well beyond it: pixels whose centres lie outside are read as
     # they are (the model's context) but are not valid, so they get no class and no polygon.
-    clip: tuple[float, float, float, float] | None = None
+    clip: tuple[tuple[float, float, float, float], ...] | None = None  # boxes: pixels outside all are invalid
     width: int = field(init=False)
     height: int = field(init=False)
     transform: Affine = field(init=False)
@@ -189,8 +189,10 @@ class RasterSource:
         t = self.transform
         xs = t.a * cols[None, :] + t.b * rows[:, None] + t.c
         ys = t.d * cols[None, :] + t.e * rows[:, None] + t.f
-        xmin, ymin, xmax, ymax = self.clip
-        return (xs >= xmin) & (xs <= xmax) & (ys >= ymin) & (ys <= ymax)
+        inside = np.zeros(xs.shape, dtype=bool)
+        for xmin, ymin, xmax, ymax in self.clip:
+            inside |= (xs >= xmin) & (xs <= xmax) & (ys >= ymin) & (ys <= ymax)
+        return inside
 
     def _stretched(self, values: np.ndarray, band: int) -> np.ndarray:
         """`values` of the band-th colour mapped by its value range onto 0..255 (unclipped); as they are
@@ -686,22 +688,34 @@ def longitude_on(x: float, left: float, right: float, turn: float = 360.0) -> fl
     return moved if moved <= right else x
 
 
-def _longitudes_over(span: tuple[float, float], raster: tuple[float, float],
-                     turn: float = 360.0) -> tuple[float, float] | None:
+def _longitude_parts(span: tuple[float, float], raster: tuple[float, float],
+                     turn: float = 360.0) -> list[tuple[float, float]]:
     """Longitudes [west, east] (east may exceed 180, or lie west of `west` across the antimeridian) as the
-    envelope of the parts that fall on the raster's longitudes [left, right], counted in whole turns either
-    way (a raster in 0..360 and a box in -180..180, or back); None when no part does. `turn`: a whole turn in
-    the CRS's unit (longitude_turn)."""
+    parts that fall on the raster's longitudes [left, right], counted in whole turns either way (a raster in
+    0..360 and a box in -180..180, or back): two where the box crosses the raster's own edge (a world raster
+    and a box across 180), none when no part does. `turn`: a whole turn in the CRS's unit (longitude_turn)."""
     west, east = span
     if east < west:
         east += turn
     if east - west >= turn:
-        return raster
+        return [raster]
     parts = [(max(west + moved, raster[0]), min(east + moved, raster[1])) for moved in (-turn, 0.0, turn)]
-    parts = [(a, b) for a, b in parts if a < b]
+    return [(a, b) for a, b in parts if a < b]
+
+
+def _longitudes_over(span: tuple[float, float], raster: tuple[float, float],
+                     turn: float = 360.0) -> tuple[float, float] | None:
+    """The envelope of _longitude_parts (None when there is none)."""
+    parts = _longitude_parts(span, raster, turn)
     if not parts:
         return None
     return min(a for a, _ in parts), max(b for _, b in parts)
+
+
+def _envelope(boxes: Sequence[tuple[float, float, float, float]]) -> tuple[float, float, float, float] | None:
+    if not boxes:
+        return None
+    return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
 
 
 def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
@@ -742,15 +756,20 @@ def bbox_in_raster_crs(bbox: tuple[float, float, float, float], bbox_crs: CRS, r
     stereographic raster) must meet the raster in sampled points, one way or the other. A box in degrees
     that crosses 180 or is a whole turn wide (a QGIS canvas zoomed out to -315..315) is transformed in
     parts within -180..180: GDAL's envelope of such a box missed most of the world."""
+    return _envelope(bbox_parts_in_raster_crs(bbox, bbox_crs, raster_crs, raster_box))
+
+
+def bbox_parts_in_raster_crs(bbox: tuple[float, float, float, float], bbox_crs: CRS, raster_crs: CRS,
+                             raster_box: tuple[float, float, float, float]) -> list[tuple[float, float, float, float]]:
+    """bbox_in_raster_crs as the boxes whose envelope it is: more than one where a box in degrees crosses the
+    antimeridian of a raster in degrees that reaches it from both sides (a world raster: the box's two strips,
+    at its west and east edges)."""
     if bbox_crs == raster_crs or not bbox_crs.is_geographic:
-        return _box_over_raster(bbox, bbox_crs, raster_crs, raster_box)
+        return _boxes_over_raster(bbox, bbox_crs, raster_crs, raster_box)
     if _holds_raster(bbox, bbox_crs, raster_crs, raster_box):  # the envelope of a box to a pole went astray
-        return raster_box
-    found = [box for box in (_box_over_raster(part, bbox_crs, raster_crs, raster_box)
-                             for part in _within_one_turn(bbox, longitude_turn(bbox_crs))) if box is not None]
-    if not found:
-        return None
-    return (min(b[0] for b in found), min(b[1] for b in found), max(b[2] for b in found), max(b[3] for b in found))
+        return [raster_box]
+    return [box for part in _within_one_turn(bbox, longitude_turn(bbox_crs))
+            for box in _boxes_over_raster(part, bbox_crs, raster_crs, raster_box)]
 
 
 def _holds_raster(box: tuple[float, float, float, float], box_crs: CRS, raster_crs: CRS,
@@ -781,26 +800,27 @@ def _within_one_turn(box: tuple[float, float, float, float],
     return [(west, ymin, half, ymax), (-half, ymin, east - turn, ymax)]
 
 
-def _box_over_raster(bbox: tuple[float, float, float, float], bbox_crs: CRS, raster_crs: CRS,
-                     raster_box: tuple[float, float, float, float]) -> tuple[float, float, float, float] | None:
-    """bbox_in_raster_crs for one box (within one turn of longitudes when `bbox_crs` is geographic)."""
+def _boxes_over_raster(bbox: tuple[float, float, float, float], bbox_crs: CRS, raster_crs: CRS,
+                       raster_box: tuple[float, float, float, float]) -> list[tuple[float, float, float, float]]:
+    """bbox_parts_in_raster_crs for one box (within one turn of longitudes when `bbox_crs` is geographic)."""
     box = bbox if bbox_crs == raster_crs else _transformed_envelope(bbox, bbox_crs, raster_crs)
     xmin, ymin, xmax, ymax = box
+    spans = [(xmin, xmax)]
     if raster_crs.is_geographic:
-        span = _longitudes_over((xmin, xmax), (raster_box[0], raster_box[2]), longitude_turn(raster_crs))
-        if span is None:
-            return None
-        xmin, xmax = span
-    box = (xmin, ymin, xmax, ymax)
-    if not _overlap(box, raster_box):
-        return None
-    width, height = raster_box[2] - raster_box[0], raster_box[3] - raster_box[1]
-    enormous = (xmax - xmin) > HUGE * width or (ymax - ymin) > HUGE * height
-    if bbox_crs != raster_crs and enormous and not (
-            _samples_inside(bbox, bbox_crs, raster_box, raster_crs)
-            or _samples_inside(raster_box, raster_crs, bbox, bbox_crs)):
-        return None
-    return box
+        spans = _longitude_parts((xmin, xmax), (raster_box[0], raster_box[2]), longitude_turn(raster_crs))
+    found = []
+    for west, east in spans:
+        part = (west, ymin, east, ymax)
+        if not _overlap(part, raster_box):
+            continue
+        width, height = raster_box[2] - raster_box[0], raster_box[3] - raster_box[1]
+        enormous = (east - west) > HUGE * width or (ymax - ymin) > HUGE * height
+        if bbox_crs != raster_crs and enormous and not (
+                _samples_inside(bbox, bbox_crs, raster_box, raster_crs)
+                or _samples_inside(raster_box, raster_crs, bbox, bbox_crs)):
+            continue
+        found.append(part)
+    return found
 
 
 def is_rotated(transform) -> bool:
@@ -855,11 +875,14 @@ def request_window(source: RasterSource, bbox: tuple[float, float, float, float]
                          f"{-quarter:g} and {quarter:g}, longitudes between {-2 * quarter:g} and {2 * quarter:g}. "
                          "Check the order (XMIN YMIN XMAX YMAX) and --bbox-crs.")
     raster_box = pixel_envelope(source.transform, 0, 0, source.width, source.height)
-    box = bbox_in_raster_crs((xmin, ymin, xmax, ymax), crs, source.crs, raster_box)
+    parts = bbox_parts_in_raster_crs((xmin, ymin, xmax, ymax), crs, source.crs, raster_box)
+    box = _envelope(parts)
     window = bounds_window(source, box) if box is not None else None
     if window is None:
         raise OutsideBboxError(outside_bbox_sentence(source.path.name, source.transform, source.width, source.height,
                                                      source.crs))
-    if clip and (source.transform.b or source.transform.d):
-        source.clip = box
+    if clip and (source.transform.b or source.transform.d or len(parts) > 1):
+        # A rotated grid's window is the box's envelope in pixels; a box across the antimeridian of a world
+        # raster spans its whole width: what lies outside the box (its parts) gets no class.
+        source.clip = tuple(parts)
     return window

@@ -46,7 +46,7 @@ class RasterPlan:
     keys: list[str] = field(default_factory=list)
     computed: PixelWindow | None = None  # what the engine computes (window plus --refine edges' halo)
     transform: Affine = field(default_factory=Affine.identity)  # the window's grid (rotated, flipped or north-up)
-    clip: tuple[float, float, float, float] | None = None  # the requested box on a rotated grid (RasterSource.clip)
+    clip: tuple[tuple[float, float, float, float], ...] | None = None  # RasterSource.clip: rotated or antimeridian
     # What GDAL read for it when it was planned (feature_cache.raster_reads; None: a name over no file here).
     reads: RasterReads | None = None
 

@@ -108,12 +108,14 @@ class ChunkWorker:
                                               crops=raster_crops, raster_shape=(source.height, source.width))
 
     def run_chunk(self, raster: str, unit: tuple[int, int, int, int], raster_crops: int,
-                  with_probs: bool, clip: tuple[float, float, float, float] | None = None) -> dict[str, np.ndarray]:
+                  with_probs: bool, clip: tuple[tuple[float, float, float, float], ...] | None = None
+                  ) -> dict[str, np.ndarray]:
         """The arrays of one work unit (row_off, col_off, height, width) of `raster`'s processing grid.
 
         `raster_crops` is the whole raster's crop count, from which the runtime is chosen as
         `segment` chooses it (compiled CPU runtimes only for runs large enough to repay them).
-        `clip`: the requested box on a rotated grid (RasterSource.clip), outside which nothing is valid.
+        `clip`: the requested boxes (RasterSource.clip: on a rotated grid, across the antimeridian), outside
+        which nothing is valid.
         """
         source = self._source(raster)
         source.clip = clip

@@ -12,6 +12,7 @@ import numpy as np
 import pyogrio
 import pytest
 import rasterio
+import shapely
 from pyproj import Transformer
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
@@ -193,6 +194,31 @@ def test_a_whole_world_raster_in_degrees_still_runs(tiny_model, tmp_path, origin
     result = run("segment", path, "-c", "water", "-c", "forest", "--out", tmp_path / "o.gpkg", "--model",
                  tiny_model, *MODEL_ARGS)
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("bbox", [(170, -10, 190, 10), (-190, -10, -170, 10)], ids=["east past 180", "west past -180"])
+def test_a_bbox_across_the_antimeridian_of_a_world_raster_classifies_only_its_two_strips(tiny_model, tmp_path, bbox):
+    """The box's window spans the raster's width (its two strips lie at the west and east edges); the pixels
+    between them are outside the box and get no class, so no polygon lies there."""
+    path = raster(tmp_path / "world.tif", "EPSG:4326", from_origin(-180.0, 90.0, 0.5, 0.5), width=720, height=360)
+    out, classes = tmp_path / "o.gpkg", tmp_path / "classes.tif"
+    result = run("segment", path, "-c", "water", "-c", "forest", "--out", out, "--class-raster", classes,
+                 "--bbox", *bbox, "--model", tiny_model, *MODEL_ARGS)
+    assert result.exit_code == 0, result.output
+    with rasterio.open(classes) as src:
+        values = src.read(1)
+        lon = src.transform.c + (np.arange(src.width) + 0.5) * src.transform.a
+        lat = src.transform.f + (np.arange(src.height) + 0.5) * src.transform.e
+        nodata = src.nodata
+    inside = ((lon >= 170) | (lon <= -170))[None, :] & ((lat >= -10) & (lat <= 10))[:, None]
+    assert (values[inside] != nodata).all() and (values[~inside] == nodata).all()
+    _, _, geometries, _ = pyogrio.raw.read(out)
+    west, east = 0, 0
+    for geometry in shapely.from_wkb(geometries):
+        xmin, ymin, xmax, ymax = geometry.bounds
+        assert ymin >= -10 and ymax <= 10 and (xmin >= 170 or xmax <= -170), geometry.bounds
+        west, east = west + (xmax <= -170), east + (xmin >= 170)
+    assert west and east
 
 
 @pytest.mark.parametrize("easting", [500_000.0, 700_000.0], ids=["at the central meridian", "east of it"])
