@@ -144,44 +144,43 @@ def _authalic_q(latitude: np.ndarray, e2: float) -> np.ndarray:
     return s / (1 - e2 * s * s) + np.arctanh(e * s) / e
 
 
-def _ring_areas(lon: np.ndarray, lat: np.ndarray, e2: float, around_poles: bool) -> float:
-    """|integral of q dlon| along a closed ring (radians), Simpson's rule on each straight edge; a ring that
-    goes once around a pole (only a projected polygon can) encloses the pole's side."""
-    q0, q1 = _authalic_q(lat[:-1], e2), _authalic_q(lat[1:], e2)
-    middle = _authalic_q((lat[:-1] + lat[1:]) / 2, e2)
-    dlon = np.diff(lon)
-    integral = float(np.sum(dlon * (q0 + 4 * middle + q1) / 6))
-    turns = round(float(np.sum(dlon)) / (2 * math.pi)) if around_poles else 0
-    if turns:
-        pole = _authalic_q(np.array(math.copysign(math.pi / 2, float(np.mean(lat)))), e2)
-        integral -= turns * 2 * math.pi * float(pole)
-    return abs(integral)
-
-
 def ellipsoid_areas(shapes: np.ndarray, geod: pyproj.Geod, unwrap: bool = False) -> np.ndarray:
     """Areas in m² on `geod`'s ellipsoid of polygons in degrees of longitude and latitude, each edge taken
     as drawn (straight in longitude and latitude). Latitudes a hair past a pole (a grid's edge at
     90.00000000000001, as reprojections write it) count as the pole. `unwrap`: longitudes of points
-    moved from a projected CRS, which jump by 360 degrees where a ring crosses the antimeridian."""
-    # Simpson's rule is exact to ~1e-9 on an edge of one degree (moved points are 10 km apart already, and
-    # one edge of theirs may be a jump of 360 degrees that unwrap() undoes).
-    pieces = shapes if unwrap else shapely.segmentize(shapes, 1.0)
-    b2_half = geod.b * geod.b / 2
-    areas = np.full(len(pieces), np.nan)
-    for i, shape in enumerate(pieces):
-        if shape is None or shape.is_empty:
-            areas[i] = 0.0
-            continue
-        total = 0.0
-        for polygon in getattr(shape, "geoms", [shape]):
-            for k, ring in enumerate([polygon.exterior, *polygon.interiors]):
-                xy = np.radians(np.asarray(ring.coords, dtype=np.float64))
-                lon, lat = xy[:, 0], np.clip(xy[:, 1], -math.pi / 2, math.pi / 2)
-                if unwrap:
-                    lon = np.unwrap(lon)
-                area = _ring_areas(lon, lat, geod.es, unwrap)
-                total += area if k == 0 else -area
-        areas[i] = b2_half * total
+    moved from a projected CRS, which jump by 360 degrees where a ring crosses the antimeridian.
+
+    Per ring, |integral of q dlon| (Simpson's rule on each edge, exact to ~1e-9 on an edge of one degree:
+    longer edges are cut first); a ring that goes once around a pole (only a projected polygon can)
+    encloses the pole's side; holes are taken off. All rings at once, in arrays."""
+    shapes = np.asarray(shapes, dtype=object)
+    pieces = shapes if unwrap else shapely.segmentize(shapes, 1.0)  # moved points are 10 km apart already
+    areas = np.zeros(len(pieces), np.float64)
+    polygons, owner = shapely.get_parts(pieces, return_index=True)
+    if len(polygons) == 0:
+        return areas
+    rings, ring_polygon = shapely.get_rings(polygons, return_index=True)
+    exterior = np.r_[True, ring_polygon[1:] != ring_polygon[:-1]]  # get_rings gives the exterior first
+    xy, ring_of = shapely.get_coordinates(rings, return_index=True)
+    xy = np.radians(xy)
+    lon, lat = xy[:, 0], np.clip(xy[:, 1], -math.pi / 2, math.pi / 2)
+    if unwrap:  # across ring boundaries too: those steps are no edge, and a whole turn moves no area
+        lon = np.unwrap(lon)
+    same = ring_of[1:] == ring_of[:-1]  # an edge joins two points of one ring
+    dlon = np.where(same, np.diff(lon), 0.0)
+    q0, q1 = _authalic_q(lat[:-1], geod.es), _authalic_q(lat[1:], geod.es)
+    middle = _authalic_q((lat[:-1] + lat[1:]) / 2, geod.es)
+    edge_ring = ring_of[:-1]
+    integral = np.bincount(edge_ring, dlon * (q0 + 4 * middle + q1) / 6, minlength=len(rings))
+    if unwrap:
+        turns = np.rint(np.bincount(edge_ring, dlon, minlength=len(rings)) / (2 * math.pi))
+        mean_lat = np.bincount(ring_of, lat, minlength=len(rings)) / np.maximum(np.bincount(ring_of,
+                                                                                            minlength=len(rings)), 1)
+        pole = _authalic_q(np.copysign(math.pi / 2, mean_lat), geod.es)
+        integral -= turns * 2 * math.pi * pole
+    ring_area = np.abs(integral) * np.where(exterior, 1.0, -1.0)
+    per_polygon = np.bincount(ring_polygon, ring_area, minlength=len(polygons))
+    areas += np.bincount(owner, per_polygon, minlength=len(pieces)) * (geod.b * geod.b / 2)
     return areas
 
 
