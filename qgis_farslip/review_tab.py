@@ -169,7 +169,15 @@ class ReviewTab(QObject):
         form.relabelButton.clicked.connect(lambda: self.mark(RELABELLED, form.relabelCombo.currentText()))
         form.deleteButton.clicked.connect(lambda: self.mark(DELETED))
         form.trainCorrectionsButton.clicked.connect(self.train_on_corrections)
+        self.listed_layer_id: str | None = None  # the layer whose polygons the list shows (and marks refer to)
+        # QGIS 3.22's layer combo does not say layerChanged when its layer leaves the project: the list
+        # would go on showing the removed layer's polygons, and a mark would land on another layer.
+        self.project().layersRemoved.connect(self._layers_removed)
         self.show_layer(None)
+
+    def _layers_removed(self, layer_ids) -> None:
+        if self.listed_layer_id is not None and self.listed_layer_id in layer_ids:
+            self.show_layer()
 
     # -- the result layer ----------------------------------------------------------------------
     def layer(self) -> QgsVectorLayer | None:
@@ -187,6 +195,15 @@ class ReviewTab(QObject):
         self.marks = {}
         self.corrections_layer = None
         layer = self.layer()
+        self.listed_layer_id = layer.id() if layer is not None else None
+        # The style and filter controls say what this layer has (another layer's choices are its own).
+        by_quality = layer is not None and isinstance(layer.renderer(), QgsGraduatedSymbolRenderer)
+        hidden = layer is not None and f'"{QUALITY_FIELD}" >=' in layer.subsetString()
+        for widget, show in ((self.form.styleCombo, lambda: self.form.styleCombo.setCurrentIndex(int(by_quality))),
+                             (self.form.hideLowCheck, lambda: self.form.hideLowCheck.setChecked(hidden))):
+            widget.blockSignals(True)
+            show()
+            widget.blockSignals(False)
         for widget in (self.form.correctButton, self.form.relabelButton, self.form.deleteButton,
                        self.form.trainCorrectionsButton, self.form.styleCombo, self.form.hideLowCheck):
             widget.setEnabled(layer is not None)
@@ -252,6 +269,11 @@ class ReviewTab(QObject):
         the tab says so and lists the polygons again)."""
         layer, fid = self.layer(), self.selected_fid()
         if layer is None or fid is None:
+            return None
+        if layer.id() != self.listed_layer_id:  # the list is of another layer: never mark this one by its ids
+            self.show_layer()
+            self.form.reviewStatusLabel.setText(tr("The list showed another layer; it shows {} now. Select a "
+                                                   "polygon again.").format(layer.name()))
             return None
         feature = next(layer.dataProvider().getFeatures(QgsFeatureRequest(fid)), None)
         if feature is None or not feature.isValid():

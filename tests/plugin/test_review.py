@@ -16,6 +16,7 @@ from qgis.core import (
     QgsProject,
     QgsRectangle,
     QgsVectorLayer,
+    edit,
 )
 from qgis.PyQt.QtCore import QVariant
 
@@ -173,3 +174,51 @@ def test_corrections_of_a_temporary_result_go_to_the_output_folder(dock, tmp_pat
     tab.mark("correct")
     assert tab.form.reviewStatusLabel.text().startswith("Saving the review to "), tab.form.reviewStatusLabel.text()
     assert "choose another output folder in the FarSLIP settings" in tab.form.reviewStatusLabel.text()
+
+
+def test_removing_the_reviewed_layer_lists_the_one_shown_and_no_mark_lands_on_another_layer(dock, tmp_path):
+    """QGIS 3.22's layer combo does not say layerChanged when its layer is removed: the list went on showing
+    the removed layer's polygons, and a mark was saved against the layer the combo showed next, by its ids."""
+    first = write_result(str(tmp_path / "first.gpkg"))
+    second = write_result(str(tmp_path / "second.gpkg"))
+    with edit(second):  # the second result's classes differ from the first's
+        for feature in second.getFeatures():
+            second.changeAttributeValue(feature.id(), second.fields().indexOf("class"), "lake")
+    tab = dock.review_tab
+    tab.review(second)
+    assert set(table_column(tab, 1)) == {"lake"}
+    QgsProject.instance().removeMapLayer(second.id())
+    shown = tab.form.reviewLayerCombo.currentLayer()
+    if shown is not None:  # the combo shows another result: the list is that layer's
+        assert shown.id() == first.id() and set(table_column(tab, 1)) == set(CLASSES)
+    else:
+        assert tab.form.polygonsTable.rowCount() == 0
+    assert not os.path.exists(tmp_path / "first_review.gpkg")
+
+
+def test_a_mark_on_a_list_of_another_layer_is_not_saved(dock, tmp_path):
+    first = write_result(str(tmp_path / "first.gpkg"))
+    second = write_result(str(tmp_path / "second.gpkg"))
+    tab = dock.review_tab
+    tab.review(second)
+    tab.form.polygonsTable.selectRow(0)
+    tab.form.reviewLayerCombo.blockSignals(True)  # as when the combo moved without saying so
+    tab.form.reviewLayerCombo.setLayer(first)
+    tab.form.reviewLayerCombo.blockSignals(False)
+    tab.mark("correct")
+    assert tab.form.reviewStatusLabel.text().startswith("The list showed another layer; it shows")
+    assert not os.path.exists(tmp_path / "first_review.gpkg") and not os.path.exists(tmp_path / "second_review.gpkg")
+
+
+def test_the_style_and_filter_controls_say_what_the_shown_layer_has(dock, tmp_path):
+    first = write_result(str(tmp_path / "first.gpkg"))
+    second = write_result(str(tmp_path / "second.gpkg"))
+    tab = dock.review_tab
+    tab.review(first)
+    tab.form.styleCombo.setCurrentIndex(tab.form.styleCombo.findData("quality"))
+    tab.form.hideLowCheck.setChecked(True)
+    tab.review(second)  # a new run's result: its own classes' colours, nothing hidden
+    assert tab.form.styleCombo.currentData() == "class" and not tab.form.hideLowCheck.isChecked()
+    assert second.subsetString() == ""
+    tab.review(first)
+    assert tab.form.styleCombo.currentData() == "quality" and tab.form.hideLowCheck.isChecked()
