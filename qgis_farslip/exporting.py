@@ -62,15 +62,25 @@ def write_styled(layer: QgsVectorLayer, path: str) -> QgsVectorLayer:
     options = QgsVectorFileWriter.SaveVectorOptions()
     options.driverName = driver_for(path)
     options.fileEncoding = "UTF-8"
+    root, extension = os.path.splitext(path)
+    path = root + extension.lower()  # GDAL names a shapefile's parts in lower case (R.SHP is written as R.shp)
     source = path
     if options.driverName == "GPKG":
         options.layerName = gpkg_layer_name(layer)
         source = f"{path}|layername={options.layerName}"
         if os.path.isfile(path):
+            with open(path, "rb") as existing:
+                if existing.read(16) != b"SQLite format 3\x00":
+                    raise RuntimeError(tr("{} exists and is not a GeoPackage; choose another file name.").format(path))
             options.actionOnExistingFile = QgsVectorFileWriter.CreateOrOverwriteLayer
     else:
         options.layerName = os.path.splitext(os.path.basename(path))[0]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise RuntimeError(tr("Cannot create the folder {} ({}); choose another place to export to.").format(
+            folder, error.strerror or error)) from error
     error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(
         layer, path, QgsProject.instance().transformContext(), options)
     if error != QgsVectorFileWriter.NoError:
@@ -125,9 +135,10 @@ def filter_note(layer: QgsVectorLayer, written: QgsVectorLayer) -> str:
         return ""
     unfiltered = layer.clone()
     unfiltered.setSubsetString("")
+    shown = sum(1 for _feature in layer.getFeatures())  # featureCount() is -1 where the provider does not know
     return tr(" It holds {} of the {} polygons: those the layer's filter shows ({}); turn 'Hide low quality' off "
               "(Review tab) or clear the filter to export them all.").format(
-                  written.featureCount(), unfiltered.featureCount(), layer.subsetString())
+                  shown, sum(1 for _feature in unfiltered.getFeatures()), layer.subsetString())
 
 
 def shortened_classes(layer: QgsVectorLayer, written: QgsVectorLayer) -> list[str]:
@@ -188,6 +199,7 @@ class ExportDialog(QDialog):
             written = write_styled(layer, path)
         except (RuntimeError, ValueError) as error:
             return None, str(error)
+        path = written.source().split("|", 1)[0]  # as written (R.SHP is R.shp)
         shortened = shortened_classes(layer, written)
         names = ", ".join(repr(name[:40] + "...") for name in shortened)
         note = tr(" A shapefile keeps 254 bytes of text: the class {} is stored shortened (its style too); export to "

@@ -110,3 +110,34 @@ def test_an_export_under_the_low_quality_filter_says_it_holds_only_the_polygons_
     assert bare_dock.form.statusLabel.text() == (
         f"Exported result with its style to {path}. It holds 1 of the 3 polygons: those the layer's filter shows "
         f"({result.subsetString()}); turn 'Hide low quality' off (Review tab) or clear the filter to export them all.")
+
+
+def test_an_export_with_nothing_shown_by_the_filter_says_0_not_minus_1(bare_dock, tmp_path):
+    source = str(tmp_path / "result.gpkg")
+    write_result_file(source, "EPSG:26914", (("water", 0.2), ("grass", 0.9), ("road", 0.1)))
+    result = QgsVectorLayer(source, "result", "ogr")
+    QgsProject.instance().addMapLayer(result)
+    result.setSubsetString('"quality" >= 2')
+    path = str(tmp_path / "none.gpkg")
+    assert bare_dock.export_result(path, result) == path
+    assert " It holds 0 of the 3 polygons: those the layer's filter shows" in bare_dock.form.statusLabel.text()
+
+
+def test_export_refusals_are_sentences_and_an_upper_case_shapefile_is_styled(bare_dock, tmp_path):
+    source = str(tmp_path / "result.gpkg")
+    write_result_file(source, "EPSG:26914", (("water", 0.2), ("grass", 0.9)))
+    result = QgsVectorLayer(source, "result", "ogr")
+    QgsProject.instance().addMapLayer(result)
+    blocker = tmp_path / "afile"
+    blocker.write_text("a file, not a folder")
+    assert bare_dock.export_result(str(blocker / "sub" / "r.gpkg"), result) is None
+    assert bare_dock.form.statusLabel.text().startswith(f"Cannot create the folder {blocker / 'sub'} (")
+    impostor = tmp_path / "existing.gpkg"
+    impostor.write_bytes(b"not a gpkg")
+    assert bare_dock.export_result(str(impostor), result) is None
+    assert bare_dock.form.statusLabel.text() == f"{impostor} exists and is not a GeoPackage; choose another file name."
+    assert impostor.read_bytes() == b"not a gpkg"
+    written = bare_dock.export_result(str(tmp_path / "R.SHP"), result)
+    assert written == str(tmp_path / "R.shp"), bare_dock.form.statusLabel.text()
+    assert sorted(p.name for p in tmp_path.glob("R.*")) == ["R.cpg", "R.dbf", "R.prj", "R.qml", "R.shp", "R.shx"]
+    assert QgsVectorLayer(written, "back", "ogr").featureCount() == 2
