@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
-from qgis.core import QgsSettings
+from qgis.core import QgsProject, QgsSettings
 from qgis.PyQt.QtCore import QStandardPaths
 
 PREFIX = "farslip/"
@@ -66,4 +66,12 @@ class PluginSettings:
             store.setValue(PREFIX + field.name, getattr(self, field.name))
 
     def output_dir(self) -> str:
-        return self.output_folder or default_output_folder()
+        """The output folder as an absolute path: ~ expanded, a relative one taken from the project's folder (as
+        QGIS takes relative layer paths), or the home folder without a saved project. The backend has no
+        working folder a relative path could mean, and QGIS's own is wherever it was started."""
+        folder = os.path.expanduser(self.output_folder.strip()) if self.output_folder.strip() else ""
+        if not folder:
+            return default_output_folder()
+        if not os.path.isabs(folder):
+            folder = os.path.join(QgsProject.instance().homePath() or os.path.expanduser("~"), folder)
+        return os.path.normpath(folder)

@@ -195,3 +195,26 @@ def test_settings_dialog_round_trips_through_qgs_settings(farslip, plugin_settin
     dialog.settings().save()
     assert PluginSettings.load() == wanted
     dialog.deleteLater()
+
+
+@pytest.mark.parametrize("typed, where", [("~/farslip-out", "home"), ("relative-out", "project")])
+def test_an_output_folder_typed_with_a_tilde_or_relative_is_made_absolute(dock, plugin_settings, qgis_new_project,
+                                                                         tmp_path, monkeypatch, typed, where):
+    """~ is the home folder, a relative folder lies in the saved project's folder: never a folder named '~' or
+    one beside wherever QGIS was started, and never a relative path sent to the backend."""
+    home, project_dir, elsewhere = tmp_path / "home", tmp_path / "project", tmp_path / "elsewhere"
+    for folder in (home, project_dir, elsewhere):
+        folder.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(elsewhere)
+    QgsProject.instance().setFileName(str(project_dir / "analysis.qgz"))
+    plugin_settings(output_folder=typed)
+    layer = QgsRasterLayer(str(NAIP), "naip")
+    QgsProject.instance().addMapLayer(layer)
+    dock.form.layerCombo.setLayer(layer)
+    dock.form.extentCombo.setCurrentIndex(dock.form.extentCombo.findData("layer"))
+    dock.form.classesEdit.setPlainText("water\nroad")
+    out = dock.build_request()[0]["out"]
+    expected = (home / "farslip-out") if where == "home" else (project_dir / "relative-out")
+    assert out.startswith(str(expected) + "/") and expected.is_dir()
+    assert list(elsewhere.iterdir()) == []
