@@ -12,6 +12,7 @@ from qgis.core import (
     QgsCsException,
     QgsMapLayerProxyModel,
     QgsProject,
+    QgsRasterBlockFeedback,
     QgsRasterLayer,
     QgsRectangle,
 )
@@ -28,10 +29,10 @@ from .classes import bundled_presets, class_list_refusal, parse_class_text
 from .client import Connection
 from .exporting import ExportDialog
 from .extent_choice import ExtentChoice, ExtentError, unusable_extent_text
-from .extent import (PixelWindow, crs_text, displayed_bands, export_size, gdal_dataset_name, has_pixel_size,
-                     local_raster_path, missing_layer_file, transform_extent, vrt_step, write_geotiff)
+from .extent import (LocalCopyError, PixelWindow, crs_text, displayed_bands, export_size, gdal_dataset_name,
+                     has_pixel_size, local_raster_path, missing_layer_file, transform_extent, vrt_step, write_geotiff)
 from .job_runner import CANCELLED, DONE, JobRunner
-from .jobs import LOST, REFUSED, eta_text, features_cached
+from .jobs import LOST, REFUSED, JobCancelled, eta_text, features_cached
 from .model_picker import ModelPicker, finetuned_class_lines
 from .parameters import SegmentParameters, output_stem, safe_name
 from .remembered import LastChoices
@@ -337,7 +338,25 @@ class FarslipDock(QgsDockWidget):
 
         def write_local_copy(task, request):
             log(f"Writing {name} ({size[0]} x {size[1]} px) to {path} for the backend.")
-            request["raster"] = write_geotiff(provider, extent, size, crs, path, layer_name=name)
+            copying = self.tr("Copying {} ({} x {} px) for the backend").format(name, size[0], size[1])
+            task.jobUpdated.emit({"message": copying, "progress": 0.0})
+            # Cancel reaches the copy (tiles of a web layer may take minutes), which says how far it got.
+            feedback = QgsRasterBlockFeedback()
+
+            def copied(percent: float) -> None:
+                if task.isCanceled():
+                    feedback.cancel()
+                else:
+                    task.jobUpdated.emit({"message": f"{copying}: {percent:.0f} %", "progress": 0.0})
+
+            feedback.progressChanged.connect(copied)
+            try:
+                request["raster"] = write_geotiff(provider, extent, size, crs, path, feedback=feedback,
+                                                  layer_name=name)
+            except LocalCopyError:
+                if task.isCanceled():
+                    raise JobCancelled() from None
+                raise
 
         return write_local_copy
 

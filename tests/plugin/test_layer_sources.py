@@ -302,3 +302,36 @@ def test_a_layers_vrt_is_kept_and_rewritten_only_when_its_content_changes(bare_d
     assert prepared(zipped_layer) == other_crs
     left = sorted(file.name for file in folder.iterdir())
     assert left == sorted([Path(other_crs).name, Path(path).name, recent.name, "notes.vrt"]), left
+
+
+def test_the_copy_of_a_web_layer_says_so_and_stops_when_the_job_is_cancelled(dock, tmp_path, qgis_iface):
+    """Tiles of a web layer may take minutes to fetch: the status says the layer is being copied, and Cancel
+    reaches the copy (the job ends as cancelled, not as a failed copy)."""
+    from qgis_farslip.jobs import JobCancelled
+
+    layer = added(xyz_source(tmp_path), "web tiles", "wms")
+    canvas = qgis_iface.mapCanvas()
+    canvas.resize(800, 600)
+    canvas.setDestinationCrs(QgsCoordinateReferenceSystem("EPSG:3857"))
+    canvas.setExtent(QgsRectangle(-11044000, 5942000, -11034000, 5946000))
+    dock.form.layerCombo.setLayer(layer)
+    dock.form.extentCombo.setCurrentIndex(dock.form.extentCombo.findData("canvas"))
+    request, prepare, _outputs = dock.build_request()
+
+    class Said:
+        def __init__(self):
+            self.jobs = []
+
+        def emit(self, job):
+            self.jobs.append(job)
+
+    class CancelledTask:  # what prepare() sees of a JobTask the user cancelled
+        jobUpdated = Said()
+
+        @staticmethod
+        def isCanceled():
+            return True
+
+    with pytest.raises(JobCancelled):
+        prepare(CancelledTask, request)
+    assert CancelledTask.jobUpdated.jobs[0]["message"].startswith("Copying web tiles (")
