@@ -27,7 +27,7 @@ from .backend_panel import BackendPanel
 from .class_box import ClassBox
 from .classes import bundled_presets, class_list_refusal, parse_class_text
 from .client import Connection
-from .exporting import ExportDialog
+from .exporting import ExportDialog, result_layers
 from .extent_choice import ExtentChoice, ExtentError, unusable_extent_text
 from .extent import (LocalCopyError, PixelWindow, crs_text, displayed_bands, export_size, gdal_dataset_name,
                      has_pixel_size, local_raster_path, missing_layer_file, transform_extent, vrt_step, write_geotiff)
@@ -101,6 +101,7 @@ class FarslipDock(QgsDockWidget):
         manager.ready.connect(self._backend_ready)
         manager.failed.connect(self._backend_failed)
         QgsProject.instance().layersWillBeRemoved.connect(self._layers_removed)
+        QgsProject.instance().layersAdded.connect(self._layers_added)
         QgsProject.instance().readProject.connect(self.restore_choices)
         self.train_tab = TrainTab(self, settings_loader)
         self.train_tab.runner.backendLost.connect(manager.lost)
@@ -502,7 +503,12 @@ class FarslipDock(QgsDockWidget):
     def _layers_removed(self, layer_ids) -> None:
         self.last_layers = [layer for layer in self.last_layers
                             if not sip.isdeleted(layer) and layer.id() not in layer_ids]
-        self.form.exportButton.setEnabled(bool(self.last_layers))
+        # Export offers every FarSLIP result in the project, not only the last run's.
+        self.form.exportButton.setEnabled(any(layer.id() not in layer_ids for layer in result_layers()))
+
+    def _layers_added(self, _layers) -> None:
+        if result_layers():  # a result of an earlier session, in a project opened now
+            self.form.exportButton.setEnabled(True)
 
     def close_down(self) -> None:
         """Called by the plugin's unload: cancel a running job, release the map tool."""
@@ -512,6 +518,7 @@ class FarslipDock(QgsDockWidget):
         self.extent.close_down()
         project = QgsProject.instance()
         for signal, slot in ((project.layersWillBeRemoved, self._layers_removed),
+                             (project.layersAdded, self._layers_added),
                              (project.readProject, self.restore_choices)):
             try:
                 signal.disconnect(slot)

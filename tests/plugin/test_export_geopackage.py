@@ -141,3 +141,23 @@ def test_export_refusals_are_sentences_and_an_upper_case_shapefile_is_styled(bar
     assert written == str(tmp_path / "R.shp"), bare_dock.form.statusLabel.text()
     assert sorted(p.name for p in tmp_path.glob("R.*")) == ["R.cpg", "R.dbf", "R.prj", "R.qml", "R.shp", "R.shx"]
     assert QgsVectorLayer(written, "back", "ogr").featureCount() == 2
+
+
+def test_export_stays_offered_while_any_result_is_in_the_project(bare_dock, tmp_path):
+    """Export... offers every FarSLIP result; removing the latest one while an older one remains left the button
+    disabled (it followed the last run's layers only), and a project opened with results left it off."""
+    results = []
+    for name in ("older", "latest"):
+        source = str(tmp_path / f"{name}.gpkg")
+        write_result_file(source, "EPSG:26914", (("water", 0.2), ("grass", 0.9)))
+        layer = QgsVectorLayer(source, name, "ogr")
+        layer.setCustomProperty("farslip/run_id", name)
+        results.append(layer)
+    bare_dock.form.exportButton.setEnabled(False)
+    QgsProject.instance().addMapLayers(results)
+    assert bare_dock.form.exportButton.isEnabled()
+    bare_dock.last_layers = [results[1]]
+    QgsProject.instance().removeMapLayer(results[1].id())
+    assert bare_dock.form.exportButton.isEnabled()
+    QgsProject.instance().removeMapLayer(results[0].id())
+    assert not bare_dock.form.exportButton.isEnabled()
