@@ -12,6 +12,8 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
+from .messages import dock_words, job_in_dock_words
+
 FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
 
 
@@ -68,7 +70,7 @@ def _detail(body: bytes, status: int) -> str:
             "{}: {}".format(".".join(str(part) for part in item.get("loc", [])[1:]), item.get("msg", ""))
             for item in detail if isinstance(item, dict)
         )
-    return str(detail) if detail else f"The backend answered HTTP {status}."
+    return dock_words(str(detail)) if detail else f"The backend answered HTTP {status}."
 
 
 def plain_reason(reason: object) -> str:
@@ -131,7 +133,7 @@ class BackendClient:
         return self._request("POST", "/v1/models/download", {"model": model})["job_id"]
 
     def job(self, job_id: str) -> dict[str, Any]:
-        return self._request("GET", "/v1/jobs/" + urllib.parse.quote(job_id, safe=""))
+        return job_in_dock_words(self._request("GET", "/v1/jobs/" + urllib.parse.quote(job_id, safe="")))
 
     def jobs(self) -> list[dict[str, Any]]:
         return self._request("GET", "/v1/jobs").get("jobs", [])

@@ -7,6 +7,7 @@ The banner is rich text; its links are actions the dock carries out
 from __future__ import annotations
 
 import html
+import re
 
 from .i18n import tr
 
@@ -31,3 +32,34 @@ def with_actions(rich_text: str, *actions: str) -> str:
     """The message followed by its actions as links."""
     links = action_links(*actions)
     return f"{rich_text}<br>{links}" if links else rich_text
+
+
+# The backend says the request field an HTTP client sent ("threshold": 0.99); a QGIS user set the dock's
+# control of that name. Fields the dock's controls set, as the dock labels them.
+CONTROL_LABELS = {"threshold": "Threshold", "top": "Hits", "class_lines": "Classes", "model": "Model",
+                  "base_model": "Base model", "method": "Method", "epochs": "Epochs", "background": "Background",
+                  "class_field": "Class field", "refine": "Refine outlines", "labels": "Labels"}
+DOCK_REMEDIES = ((re.compile(r'pass "weights": PATH'), "choose the file with Browse... beside Model"),)
+FIELD_SAID = re.compile(r'"(' + "|".join(map(re.escape, CONTROL_LABELS)) + r')"(: )?')
+
+
+def dock_words(text: str) -> str:
+    """A backend sentence with the request fields the dock's controls set said by the controls' labels."""
+    for pattern, said in DOCK_REMEDIES:
+        text = pattern.sub(said, text)
+    return FIELD_SAID.sub(lambda found: tr(CONTROL_LABELS[found.group(1)]) + (" " if found.group(2) else ""), text)
+
+
+def job_in_dock_words(job: dict) -> dict:
+    """A job as GET /v1/jobs gave it, its error, message, warnings and notices in the dock's words."""
+    said = dict(job)
+    for key in ("error", "message"):
+        if isinstance(said.get(key), str):
+            said[key] = dock_words(said[key])
+    if isinstance(said.get("result"), dict):
+        result = dict(said["result"])
+        for key in ("warnings", "notices"):
+            if isinstance(result.get(key), list):
+                result[key] = [dock_words(line) if isinstance(line, str) else line for line in result[key]]
+        said["result"] = result
+    return said

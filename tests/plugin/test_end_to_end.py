@@ -360,3 +360,4 @@ def test_a_running_backend_is_reused_not_started_twice(running_plugin, qgis_ifac
     finally:
         other.stop()  # stops nothing: the backend belongs to the first manager
     assert running_plugin.manager.owns_process()
+
