@@ -42,9 +42,12 @@ def log(message: str, level=Qgis.Info) -> None:
 
 
 def plain_text(rich_text: str) -> str:
-    """The dock's rich-text messages as plain sentences (for Processing's log and exceptions)."""
-    text = re.sub(r"<br\s*/?>", "\n", rich_text)
-    return html.unescape(re.sub(r"<[^>]+>", "", text)).strip()
+    """The dock's rich-text messages as plain sentences (for Processing's log and exceptions): the dock's action
+    links ("Restart backend · Open log") are left out, where nothing can be clicked."""
+    text = re.sub(r"<a\b[^>]*>.*?</a>", "", rich_text, flags=re.S)
+    text = re.sub(r"<br\s*/?>", "\n", text)
+    lines = html.unescape(re.sub(r"<[^>]+>", "", text)).splitlines()
+    return "\n".join(line for line in lines if line.strip(" ·")).strip()
 
 
 def default_connection_file() -> str:

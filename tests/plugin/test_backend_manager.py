@@ -65,3 +65,14 @@ def test_a_started_backend_gets_the_ray_cluster_of_the_settings(farslip):
     assert on_ray.value("PYTHONUNBUFFERED") == "1" and not on_ray.contains("PYTHONHOME")
     here = backend_environment(PluginSettings())
     assert here.value("FARSLIP_RAY_ADDRESS", "") == os.environ.get("FARSLIP_RAY_ADDRESS", "")
+
+
+def test_plain_text_leaves_out_the_docks_action_links(farslip):
+    """Processing's log and exceptions have nothing to click: 'Restart backend · Open log · Settings' was
+    printed there as if it were part of the sentence."""
+    from qgis_farslip import messages
+    from qgis_farslip.backend_manager import plain_text
+
+    rich = messages.with_actions("<b>The FarSLIP backend could not be started</b> (it exited with code 1).",
+                                 messages.RESTART, messages.OPEN_LOG)
+    assert plain_text(rich) == "The FarSLIP backend could not be started (it exited with code 1)."
