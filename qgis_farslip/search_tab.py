@@ -10,6 +10,8 @@ from qgis.core import (
     Qgis,
     QgsApplication,
     QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
+    QgsCsException,
     QgsMapLayerProxyModel,
     QgsPointXY,
     QgsProject,
@@ -140,6 +142,9 @@ class SearchTab(QObject):
             request["bbox_crs"] = crs_text(layer.crs())
         if like is not None:
             x, y, crs = like
+            if not clicked_on_layer(QgsPointXY(x, y), crs, layer):  # said in the map's words, not the raster file's
+                raise UserError(f"The clicked place lies outside the raster {layer.name()}; click on the raster, "
+                                "or choose the layer to search there.")
             request["like"] = [x, y]
             request["like_crs"] = crs_text(crs)
         return request, prepare, out
@@ -286,6 +291,16 @@ class SearchTab(QObject):
             self.task.cancel()
         if self.canvas.mapTool() is self.point_tool:
             self.canvas.unsetMapTool(self.point_tool)
+
+
+def clicked_on_layer(point: QgsPointXY, crs: QgsCoordinateReferenceSystem, layer: QgsRasterLayer) -> bool:
+    """Whether a point clicked on the map (in the map's `crs`) lies within the layer's extent (the backend
+    then checks a rotated raster's footprint)."""
+    try:
+        on_layer = QgsCoordinateTransform(crs, layer.crs(), QgsProject.instance()).transform(point)
+    except QgsCsException:
+        return False
+    return layer.extent().contains(on_layer)
 
 
 def searched_layer_alive(layer: QgsRasterLayer | None) -> bool:

@@ -106,6 +106,21 @@ def test_query_by_example_from_a_map_click(search_tab, naip_layer, qgis_iface):
     assert all(f["query"].startswith("like ") for f in layer.getFeatures())
 
 
+def test_a_click_off_the_raster_is_said_in_the_maps_words_before_any_job(search_tab, naip_layer, qgis_iface):
+    """Not the backend's coordinates in the raster's CRS and its file name: the layer the user searches."""
+    from qgis.core import QgsCoordinateReferenceSystem
+
+    from qgis_farslip.search_tab import UserError
+
+    with pytest.raises(UserError) as refused:
+        search_tab.build_request(like=(10.0, 10.0, QgsCoordinateReferenceSystem("EPSG:4326")))
+    assert str(refused.value) == (f"The clicked place lies outside the raster {naip_layer.name()}; click on the "
+                                  "raster, or choose the layer to search there.")
+    centre = naip_layer.extent().center()
+    request, _prepare, _out = search_tab.build_request(like=(centre.x(), centre.y(), naip_layer.crs()))
+    assert request["like"] == [centre.x(), centre.y()]
+
+
 def test_empty_sentence_is_a_message_not_a_job(search_tab):
     search_tab.form.sentencesEdit.setPlainText("   ")
     assert run_search(search_tab, timeout=10) == "failed"
