@@ -158,14 +158,19 @@ def test_an_empty_map_gives_a_sentence_and_whole_layer_needs_no_map(bare_dock, t
         bare_dock.build_request()
 
 
-def test_an_xyz_layer_without_tiles_says_so_without_naming_a_temporary_file(dock, tmp_path, qgis_iface):
-    layer = added(xyz_source(tmp_path), "empty tiles", "wms")
+def on_web_tiles(dock, tmp_path, qgis_iface, name: str) -> None:
+    """The dock set to segment the map's view of an XYZ layer (whose tile folder is empty)."""
+    layer = added(xyz_source(tmp_path), name, "wms")
     canvas = qgis_iface.mapCanvas()
     canvas.resize(800, 600)
     canvas.setDestinationCrs(QgsCoordinateReferenceSystem("EPSG:3857"))
     canvas.setExtent(QgsRectangle(-11044000, 5942000, -11034000, 5946000))
     dock.form.layerCombo.setLayer(layer)
     dock.form.extentCombo.setCurrentIndex(dock.form.extentCombo.findData("canvas"))
+
+
+def test_an_xyz_layer_without_tiles_says_so_without_naming_a_temporary_file(dock, tmp_path, qgis_iface):
+    on_web_tiles(dock, tmp_path, qgis_iface, "empty tiles")
     assert run_dock_job(dock) == "failed"
     assert dock.last_error.startswith("The layer empty tiles returned no imagery for this extent"), dock.last_error
     assert tempfile.gettempdir() not in dock.last_error
@@ -309,13 +314,7 @@ def test_the_copy_of_a_web_layer_says_so_and_stops_when_the_job_is_cancelled(doc
     reaches the copy (the job ends as cancelled, not as a failed copy)."""
     from qgis_farslip.jobs import JobCancelled
 
-    layer = added(xyz_source(tmp_path), "web tiles", "wms")
-    canvas = qgis_iface.mapCanvas()
-    canvas.resize(800, 600)
-    canvas.setDestinationCrs(QgsCoordinateReferenceSystem("EPSG:3857"))
-    canvas.setExtent(QgsRectangle(-11044000, 5942000, -11034000, 5946000))
-    dock.form.layerCombo.setLayer(layer)
-    dock.form.extentCombo.setCurrentIndex(dock.form.extentCombo.findData("canvas"))
+    on_web_tiles(dock, tmp_path, qgis_iface, "web tiles")
     request, prepare, _outputs = dock.build_request()
 
     class Said:
