@@ -64,6 +64,7 @@ def write_styled(layer: QgsVectorLayer, path: str) -> QgsVectorLayer:
     options.fileEncoding = "UTF-8"
     root, extension = os.path.splitext(path)
     path = root + extension.lower()  # GDAL names a shapefile's parts in lower case (R.SHP is written as R.shp)
+    existed = os.path.isfile(path)
     source = path
     if options.driverName == "GPKG":
         options.layerName = gpkg_layer_name(layer)
@@ -95,10 +96,11 @@ def write_styled(layer: QgsVectorLayer, path: str) -> QgsVectorLayer:
     if options.driverName == "GPKG":
         # Stored in the GeoPackage's layer_styles table as the default: QGIS applies it on every open.
         # That layer's style of an earlier export is replaced (QGIS would otherwise ask in a message box).
-        related, ids, names, _descriptions, _error = written.listStylesInDatabase()
-        for style_id, name in list(zip(ids, names))[:related]:
-            if name == options.layerName:
-                written.deleteStyleFromDatabase(style_id)
+        if existed:  # a new file has no styles table yet: asking would log "No styles available on DB"
+            related, ids, names, _descriptions, _error = written.listStylesInDatabase()
+            for style_id, name in list(zip(ids, names))[:related]:
+                if name == options.layerName:
+                    written.deleteStyleFromDatabase(style_id)
         failure = written.saveStyleToDatabase(options.layerName, tr("FarSLIP classes"), True, "")
         if failure:
             raise RuntimeError(tr("The style could not be saved in {}: {}").format(path, failure))

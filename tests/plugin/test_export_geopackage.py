@@ -7,7 +7,7 @@ import sqlite3
 
 from osgeo import ogr, osr
 from plugin_helpers import write_result_file
-from qgis.core import QgsProject, QgsVectorLayer
+from qgis.core import QgsApplication, QgsProject, QgsVectorLayer
 
 
 def add_gpkg_layer(path: str, name: str, classes: tuple[str, ...]) -> None:
@@ -87,7 +87,17 @@ def test_export_to_a_new_geopackage_writes_the_result_alone(bare_dock, tmp_path)
     QgsProject.instance().addMapLayer(result)
     bare_dock.last_layers = [result]
     path = str(tmp_path / "export" / "lakes.gpkg")
-    assert bare_dock.export_result(path) == path
+    logged = []
+
+    def collect(message, _tag, _level):
+        logged.append(message)
+
+    QgsApplication.messageLog().messageReceived.connect(collect)
+    try:
+        assert bare_dock.export_result(path) == path
+    finally:
+        QgsApplication.messageLog().messageReceived.disconnect(collect)
+    assert not [m for m in logged if "No styles available" in m], logged  # nothing to warn of in a new file
     assert layers_of(path) == ["water_12_00_00"]
     assert bare_dock.form.statusLabel.text() == f"Exported water 12:00:00 with its style to {path}."
     assert QgsProject.instance().mapLayersByName("lakes"), "a file of its own is shown under the file's name"
