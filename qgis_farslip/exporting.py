@@ -69,7 +69,7 @@ def write_styled(layer: QgsVectorLayer, path: str) -> QgsVectorLayer:
     if options.driverName == "GPKG":
         options.layerName = gpkg_layer_name(layer)
         source = f"{path}|layername={options.layerName}"
-        if os.path.isfile(path):
+        if existed:
             with open(path, "rb") as existing:
                 if existing.read(16) != b"SQLite format 3\x00":
                     raise RuntimeError(tr("{} exists and is not a GeoPackage; choose another file name.").format(path))
@@ -130,7 +130,7 @@ def match_categories_to_values(renderer, written: QgsVectorLayer) -> None:
             renderer.updateCategoryValue(position, max(prefixes, key=len))
 
 
-def filter_note(layer: QgsVectorLayer, written: QgsVectorLayer) -> str:
+def filter_note(layer: QgsVectorLayer) -> str:
     """What the status says of a layer exported under a filter (the Review tab's "Hide low quality", or one the
     user set): the file holds only the polygons the filter shows."""
     if not layer.subsetString():
@@ -206,7 +206,7 @@ class ExportDialog(QDialog):
         names = ", ".join(repr(name[:40] + "...") for name in shortened)
         note = tr(" A shapefile keeps 254 bytes of text: the class {} is stored shortened (its style too); export to "
                   "a GeoPackage to keep the full names.").format(names) if shortened else ""
-        note += filter_note(layer, written)
+        note += filter_note(layer)
         table = written.name()
         others = [sublayer.name() for sublayer in QgsProviderRegistry.instance().querySublayers(path)
                   if sublayer.name() != table]

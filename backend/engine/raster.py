@@ -86,10 +86,12 @@ class RasterSource:
     # The factor down the rows where it differs from `scale` across the columns (a --gsd on pixels that
     # are not square on the ground: degrees away from the equator, 2 x 5 m pixels); None: the same.
     scale_y: float | None = None
-    # A requested box (xmin, ymin, xmax, ymax in the raster's CRS) on a rotated grid, whose pixel window
-    # (the box's envelope in pixels) reaches well beyond it: pixels whose centres lie outside are read as
-    # they are (the model's context) but are not valid, so they get no class and no polygon.
-    clip: tuple[tuple[float, float, float, float], ...] | None = None  # boxes: pixels outside all are invalid
+    # The requested box (boxes xmin, ymin, xmax, ymax in the raster's CRS) where the pixel window reaches well
+    # beyond it: on a rotated grid (the window is the box's envelope in pixels), and for a box across the
+    # antimeridian of a world raster (its two strips, at the raster's west and east edges). Pixels whose
+    # centres lie outside every box are read as they are (the model's context) but are not valid, so they
+    # get no class and no polygon.
+    clip: tuple[tuple[float, float, float, float], ...] | None = None
     width: int = field(init=False)
     height: int = field(init=False)
     transform: Affine = field(init=False)
@@ -683,7 +685,7 @@ def longitude_turn(crs: CRS) -> float:
 def longitude_on(x: float, left: float, right: float, turn: float = 360.0) -> float:
     """Longitude `x` moved by whole turns onto a raster's longitudes [left, right] where it falls there (-159.85
     on a raster over 200..200.4 is 200.15; -179.9 on one across the antimeridian, 179.8..180.2, is 180.1); else
-    `x` as it was. The bbox's longitudes are moved the same way (_longitudes_over)."""
+    `x` as it was. The bbox's longitudes are moved the same way (_longitude_parts)."""
     moved = left + (x - left) % turn
     return moved if moved <= right else x
 
@@ -701,15 +703,6 @@ def _longitude_parts(span: tuple[float, float], raster: tuple[float, float],
         return [raster]
     parts = [(max(west + moved, raster[0]), min(east + moved, raster[1])) for moved in (-turn, 0.0, turn)]
     return [(a, b) for a, b in parts if a < b]
-
-
-def _longitudes_over(span: tuple[float, float], raster: tuple[float, float],
-                     turn: float = 360.0) -> tuple[float, float] | None:
-    """The envelope of _longitude_parts (None when there is none)."""
-    parts = _longitude_parts(span, raster, turn)
-    if not parts:
-        return None
-    return min(a for a, _ in parts), max(b for _, b in parts)
 
 
 def _envelope(boxes: Sequence[tuple[float, float, float, float]]) -> tuple[float, float, float, float] | None:
@@ -808,12 +801,12 @@ def _boxes_over_raster(bbox: tuple[float, float, float, float], bbox_crs: CRS, r
     spans = [(xmin, xmax)]
     if raster_crs.is_geographic:
         spans = _longitude_parts((xmin, xmax), (raster_box[0], raster_box[2]), longitude_turn(raster_crs))
+    width, height = raster_box[2] - raster_box[0], raster_box[3] - raster_box[1]
     found = []
     for west, east in spans:
         part = (west, ymin, east, ymax)
         if not _overlap(part, raster_box):
             continue
-        width, height = raster_box[2] - raster_box[0], raster_box[3] - raster_box[1]
         enormous = (east - west) > HUGE * width or (ymax - ymin) > HUGE * height
         if bbox_crs != raster_crs and enormous and not (
                 _samples_inside(bbox, bbox_crs, raster_box, raster_crs)
@@ -881,7 +874,7 @@ def request_window(source: RasterSource, bbox: tuple[float, float, float, float]
     if window is None:
         raise OutsideBboxError(outside_bbox_sentence(source.path.name, source.transform, source.width, source.height,
                                                      source.crs))
-    if clip and (source.transform.b or source.transform.d or len(parts) > 1):
+    if clip and (is_rotated(source.transform) or len(parts) > 1):
         # A rotated grid's window is the box's envelope in pixels; a box across the antimeridian of a world
         # raster spans its whole width: what lies outside the box (its parts) gets no class.
         source.clip = tuple(parts)

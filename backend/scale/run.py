@@ -45,7 +45,7 @@ from backend.engine.files import (absolute_outputs, absolute_raster_name, check_
 from backend.engine.options import SegmentOptions, check_language
 from backend.engine.outlines import engine_window
 from backend.engine.quality import QualityModel
-from backend.engine.raster import open_dataset, open_source, parse_crs, pixel_size, request_window
+from backend.engine.raster import is_rotated, open_dataset, open_source, parse_crs, pixel_size, request_window
 from backend.engine.segment import deliver_prob_raster, run_warnings
 from backend.engine.sliding import CHUNK_COLUMNS, CHUNK_ROWS, count_crops, units
 from backend.engine.temporary import new_run_tag
@@ -582,7 +582,7 @@ def check_raster_outputs(request: ScaleRequest, paths: list[str], plans: list[Ra
     """A raster output is a .vrt mosaic (rasters in one CRS, north-up grids or all turned the same way), or a
     .tif when there is one input raster."""
     crss = {plan.crs.to_string() for plan in plans}
-    rotated = [plan.path for plan in plans if plan.transform.b or plan.transform.d]
+    rotated = [plan.path for plan in plans if is_rotated(plan.transform)]
     flips = {(plan.transform.a > 0, plan.transform.e > 0) for plan in plans}
     for role, target in request.rasters().items():
         flag = RASTER_NAMES[role]

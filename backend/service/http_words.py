@@ -62,11 +62,12 @@ def _segment_fields() -> dict[str, RequestField]:
         hint = str(hints[item.name])
         if hints[item.name] is bool:
             field = RequestField(item.name, "bool")
-        elif hint.startswith(("tuple", "typing.Tuple")) or "tuple[" in hint:
+        elif "tuple[" in hint:  # bbox, value_range: that many numbers
             field = RequestField(item.name, "list", items=hint.count("float"))
+        elif item.name == "bands":  # --bands 3,2,1 or three numbers
+            field = RequestField(item.name, "list", items=3)
         else:
-            field = RequestField(item.name, "list" if item.name == "bands" else "value", items=3,
-                          choices=declared.choices or ())
+            field = RequestField(item.name, "value", choices=declared.choices or ())
         for flag in {cli_name(item), *declared.flags}:
             fields[flag] = field
         if field.kind == "bool":
@@ -101,7 +102,7 @@ def fields_of(kind: str) -> dict[str, RequestField]:
     from backend.service.schemas import EvaluateRequest, SearchRequest, TrainRequest
 
     if kind in ("search", "index"):
-        return {**_request_fields(SearchRequest, {"--no-keywords": "use_keywords"}),
+        return {**_request_fields(SearchRequest, {}),
                 "--no-keywords": RequestField("use_keywords", "bool", negated=True)}
     if kind == "train":
         try:
