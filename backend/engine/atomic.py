@@ -269,30 +269,35 @@ def commit_outputs(staged: Mapping[Path, str | Path], tag: str, durable: bool = 
     for _target, removed, moves in plans:
         steps += [(old, None) for old in removed] + [(final, entry) for entry, final in moves]
     renames = _Renames(tag)
+    # Ctrl+C or SIGTERM is held while the outputs are put in place, and delivered once they all are: one that
+    # came between a rename and its record undid the others but left that new file, deleting the only copy of
+    # the file it had replaced (old and new outputs mixed, the run saying nothing was written).
     try:
-        for number, (name, source) in enumerate(steps, 1):
-            if source is None:
-                renames.remove(name)
-            else:
-                renames.replace(source, name, keep=number < len(steps))
-    except BaseException as error:
-        left = renames.roll_back()
-        if left:
-            raise _not_restored(error, left) from error
+        with interrupts_deferred():
+            try:
+                for number, (name, source) in enumerate(steps, 1):
+                    if source is None:
+                        renames.remove(name)
+                    else:
+                        renames.replace(source, name, keep=number < len(steps))
+            except BaseException as error:
+                left = renames.roll_back()
+                if left:
+                    raise _not_restored(error, left) from error
+                raise
+            # Every output is in place: make the renames durable, delete the previous files kept as backups.
+            if durable:
+                for folder in dict.fromkeys(Path(target).parent for target, _removed, _moves in plans):
+                    _fsync_folder(folder)
+            renames.drop_backups()
+    except KeyboardInterrupt as interrupt:  # delivered after the commit: the outputs are complete and in place
+        interrupt.outputs_written = [str(target) for target in staged.values()]  # type: ignore[attr-defined]
         raise
-    # Every output is in place: the rest (making the renames durable, deleting the previous files kept as
-    # backups) runs to its end even when Ctrl+C or SIGTERM comes now, which is delivered afterwards; an interrupt
-    # here left the backups (hidden names no sweep removes) beside the new outputs for good.
-    with interrupts_deferred():
-        if durable:
-            for folder in dict.fromkeys(Path(target).parent for target, _removed, _moves in plans):
-                _fsync_folder(folder)
-        renames.drop_backups()
 
 
 @contextlib.contextmanager
 def interrupts_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM until the block ends, then deliver the first one that came (through the handler
+    """Hold SIGINT, SIGTERM and SIGHUP until the block ends, then deliver the first one that came (through the handler
     that was in place: KeyboardInterrupt, or the process's default action). Only the main thread can hold
     them (Python runs signal handlers there); elsewhere the block simply runs."""
     if threading.current_thread() is not threading.main_thread():
@@ -300,7 +305,7 @@ def interrupts_deferred() -> Iterator[None]:
         return
     came: list[int] = []
     held: dict[int, object] = {}
-    for number in (int(signal.SIGINT), int(signal.SIGTERM)):
+    for number in [int(getattr(signal, name)) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]:
         try:
             held[number] = signal.signal(number, lambda signum, _frame: came.append(signum))
         except (ValueError, OSError):  # not settable here: left as it was

@@ -73,7 +73,12 @@ def interruptible(command: Callable) -> Callable:
 
 
 def interrupted(error: KeyboardInterrupt, message: str = "Interrupted; nothing was written.") -> None:
-    """Say so in one line and exit 130 for Ctrl+C, 128 + the signal's number for SIGTERM/SIGHUP."""
+    """Say so in one line and exit 130 for Ctrl+C, 128 + the signal's number for SIGTERM/SIGHUP. An interrupt
+    that came while the outputs were put in place is delivered once they all are (atomic.commit_outputs):
+    then they are complete, and the line says so instead."""
+    written = getattr(error, "outputs_written", None)
+    if written:
+        message = f"Interrupted once the outputs were in place; they are complete: {', '.join(written)}."
     typer.echo(message, err=True)
     raise typer.Exit(128 + getattr(error, "signum", received_signal or signal.SIGINT)) from None
 

@@ -137,3 +137,53 @@ def test_an_interrupt_after_the_last_rename_still_removes_the_backups_then_is_de
     assert [t.read_text() for t in targets] == ["new", "new"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.gpkg", "r.report.json"]  # no backup left
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("after", [1, 2, 3])
+def test_an_interrupt_between_the_renames_leaves_every_output_new_and_no_previous_file_lost(
+        tmp_path, monkeypatch, number, after):
+    """Ctrl+C right after a rename (before it was recorded) undid the others but left that new file and deleted
+    the only copy of the file it had replaced: old and new outputs mixed, a previous result gone, and the run
+    said nothing was written. The interrupt now waits for the commit and says the outputs are complete."""
+    from backend.engine import atomic
+
+    targets = [tmp_path / "c.tif", tmp_path / "r.gpkg", tmp_path / "r.report.json"]
+    for target in targets:
+        target.write_text("previous")
+    real_replace = os.replace
+    renames = []
+
+    def replace_then_interrupted(source, destination):
+        real_replace(source, destination)
+        renames.append(destination)
+        if len(renames) == after:
+            os.kill(os.getpid(), number)  # arrives right after the rename returns
+
+    monkeypatch.setattr(atomic.os, "replace", replace_then_interrupted)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # as farslip's CLI turns SIGTERM
+    try:
+        with pytest.raises(KeyboardInterrupt) as interrupt:
+            with atomic.StagedOutputs({"classes": targets[0], "vector": targets[1], "report": targets[2]}) as staged:
+                for key in ("classes", "vector", "report"):
+                    staged[key].write_text("new")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert [t.read_text() for t in targets] == ["new", "new", "new"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.tif", "r.gpkg", "r.report.json"]  # no backup left
+    assert interrupt.value.outputs_written == [str(t) for t in targets]
+
+
+def test_the_cli_says_an_interrupt_after_the_commit_left_complete_outputs(tmp_path, capsys):
+    """The line after such an interrupt names the outputs as complete, not 'nothing was written'."""
+    import typer
+
+    from backend.service.cli_common import interrupted
+
+    error = KeyboardInterrupt()
+    error.outputs_written = [str(tmp_path / "r.gpkg"), str(tmp_path / "r.report.json")]
+    with pytest.raises(typer.Exit) as stopped:
+        interrupted(error)
+    assert stopped.value.exit_code == 130
+    said = capsys.readouterr().err
+    assert "nothing was written" not in said and "complete" in said and "r.report.json" in said
