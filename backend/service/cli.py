@@ -314,14 +314,19 @@ def serve(
                                                     "classes on a seen extent skip the encoder (0 = off)."),
     feature_cache_disk_mb: int = typer.Option(0, help="Also keep up to this many MiB of features on disk in "
                                                       "STATE_DIR/features, across restarts (0 = off)."),
+    parent_pid: Optional[int] = typer.Option(None, help="Stop when the process of this id ends (the QGIS plugin "
+                                                        "passes its own, so a QGIS that crashed leaves no backend)."),
 ) -> None:
     """Run the local HTTP backend the QGIS plugin talks to (until Ctrl+C or SIGTERM)."""
     from .server import serve_command
+    from .server.lifecycle import exit_now
 
     code = serve_command(host, port, token, str(connection_file) if connection_file else None,
-                         str(state_dir) if state_dir else None, device, feature_cache_mb, feature_cache_disk_mb)
+                         str(state_dir) if state_dir else None, device, feature_cache_mb, feature_cache_disk_mb,
+                         parent_pid)
     if code:
         raise typer.Exit(code)
+    exit_now(0)  # the server ran and stopped
 
 
 # evaluate, train: the implementations live in training/

@@ -32,13 +32,13 @@ def backend_env(root: Path) -> dict[str, str]:
 class Backend:
     """A `farslip serve --port 0` process and an authenticated httpx client for it."""
 
-    def __init__(self, state_dir: Path, env: dict[str, str]):
+    def __init__(self, state_dir: Path, env: dict[str, str], *arguments: str):
         self.state_dir = state_dir
         self.connection_file = state_dir / "conn.json"
         self.log = open(state_dir.parent / f"{state_dir.name}-stderr.txt", "ab")
         self.process = subprocess.Popen(
             [str(FARSLIP), "serve", "--port", "0", "--state-dir", str(state_dir),
-             "--connection-file", str(self.connection_file)],
+             "--connection-file", str(self.connection_file), *arguments],
             stdout=subprocess.PIPE, stderr=self.log, env=env, cwd=REPO)
         deadline = time.monotonic() + 90
         while (info := self._read_connection_file()) is None:
@@ -113,8 +113,8 @@ def start_backend(env, tmp_path_factory):
     """Start a backend on a state directory (a fresh one by default); stopped at the end of the session."""
     started: list[Backend] = []
 
-    def start(state_dir: Path | None = None) -> Backend:
-        backend = Backend(state_dir or tmp_path_factory.mktemp("state"), env)
+    def start(state_dir: Path | None = None, *arguments: str) -> Backend:
+        backend = Backend(state_dir or tmp_path_factory.mktemp("state"), env, *arguments)
         started.append(backend)
         return backend
 

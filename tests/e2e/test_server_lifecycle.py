@@ -8,6 +8,7 @@ import signal
 import socket
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,31 @@ def test_sigint_on_an_idle_server_exits_and_removes_the_connection_file(start_ba
     assert backend.client.get("/v1/health").status_code == 200
     backend.stop(signal.SIGINT, timeout=30)
     assert not backend.connection_file.exists()
+
+
+def test_a_backend_started_with_parent_pid_stops_when_that_process_ends(start_backend, tmp_path):
+    """The QGIS plugin passes its own pid: a QGIS that crashed left its backend running, model in memory, for good."""
+    parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        backend = start_backend(tmp_path / "state", "--parent-pid", str(parent.pid))
+        assert backend.client.get("/v1/health").status_code == 200
+    finally:
+        parent.kill()
+        parent.wait()
+    assert backend.process.wait(90) == 0
+    backend.stop()
+    assert not backend.connection_file.exists()
+    assert f"the process that started this backend (pid {parent.pid}) has ended" in (
+        tmp_path / "state-stderr.txt").read_text()
+
+
+def test_a_parent_pid_of_no_running_process_is_refused(start_cli, tmp_path):
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    code, stderr = _startup_refusal(start_cli, "--state-dir", str(tmp_path / "state"), "--parent-pid",
+                                    str(ended.pid))
+    assert code == 2, stderr
+    assert f"--parent-pid {ended.pid}: no such process is running" in stderr and "Traceback" not in stderr
 
 
 def test_a_second_server_on_the_same_state_dir_is_refused(start_backend, tmp_path):

@@ -1,9 +1,8 @@
 """`python -m backend.service.server`: the same as `farslip serve`, without the CLI's dependencies."""
 
 import argparse
-import sys
 
-from .lifecycle import serve_command
+from .lifecycle import exit_now, serve_command
 
 parser = argparse.ArgumentParser(description="Run the FarSLIP backend (same as `farslip serve`).")
 parser.add_argument("--host", default="127.0.0.1")
@@ -12,6 +11,7 @@ parser.add_argument("--token")
 parser.add_argument("--connection-file")
 parser.add_argument("--state-dir")
 parser.add_argument("--device", default="auto")
+parser.add_argument("--parent-pid", type=int)
 arguments = parser.parse_args()
-sys.exit(serve_command(arguments.host, arguments.port, arguments.token, arguments.connection_file,
-                       arguments.state_dir, arguments.device))
+exit_now(serve_command(arguments.host, arguments.port, arguments.token, arguments.connection_file,
+                       arguments.state_dir, arguments.device, parent_pid=arguments.parent_pid))

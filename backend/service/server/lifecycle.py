@@ -199,6 +199,39 @@ def _lock_state_dir(state_dir: Path):
 
 
 SHUTDOWN_LIMIT_S = 60.0
+PARENT_POLL_S = 2.0
+
+
+def parent_process(pid: int):
+    """The process `--parent-pid` names (psutil; it tells a reused pid from the original), or InputError."""
+    import psutil
+
+    try:
+        return psutil.Process(pid)
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        raise InputError(f"--parent-pid {pid}: no such process is running; the backend would stop at once.") from None
+
+
+def _stop_with_parent(parent, stop: Callable[[], None]) -> None:
+    """Call `stop` once `parent` has ended (QGIS exited or crashed: the backend it started must not stay)."""
+    while parent.is_running() and parent.status() != "zombie":
+        time.sleep(PARENT_POLL_S)
+    log.info("the process that started this backend (pid %d) has ended; shutting down", parent.pid)
+    stop()
+
+
+def exit_now(code: int) -> None:
+    """End the process after a finished `serve`: exit handlers run, streams flushed, but no teardown of
+    every module (with torch and the engine imported that took 3-5 s after the server had stopped, which
+    the plugin waits for when it stops its backend)."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def _exit_after(seconds: float, cleanup: Callable[[], None]) -> None:
@@ -210,14 +243,17 @@ def _exit_after(seconds: float, cleanup: Callable[[], None]) -> None:
 
 def serve(host: str = "127.0.0.1", port: int = 0, token: str | None = None,
           connection_file: Path | None = None, state_dir: Path | None = None, device: str | None = None,
-          log_level: str = "INFO", feature_cache_mb: int = FEATURE_CACHE_MB, feature_cache_disk_mb: int = 0) -> None:
-    """Run the backend until SIGTERM/SIGINT: print the URL, write the connection file, serve /v1."""
+          log_level: str = "INFO", feature_cache_mb: int = FEATURE_CACHE_MB, feature_cache_disk_mb: int = 0,
+          parent_pid: int | None = None) -> None:
+    """Run the backend until SIGTERM/SIGINT (or until the process `parent_pid` ends): print the URL, write the
+    connection file, serve /v1."""
     import uvicorn
 
     from backend.engine.paths import state_dir as default_state_dir
 
     if token is not None:
         check_token(token)
+    parent = parent_process(parent_pid) if parent_pid is not None else None
     state_dir = Path(state_dir or default_state_dir()).expanduser().resolve()
     if not state_dir.exists():
         state_dir.mkdir(parents=True, mode=0o700)  # job history names the user's files
@@ -278,6 +314,9 @@ def serve(host: str = "127.0.0.1", port: int = 0, token: str | None = None,
         original_handle_exit(sig, frame)
 
     server.handle_exit = handle_exit
+    if parent is not None:
+        threading.Thread(target=_stop_with_parent, args=(parent, lambda: handle_exit(signal.SIGTERM, None)),
+                         daemon=True, name="farslip-parent-watch").start()
     # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into a normal exit so that
     # the finally below runs and the exit status is 0.
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -293,7 +332,7 @@ def serve(host: str = "127.0.0.1", port: int = 0, token: str | None = None,
 def serve_command(host: str = "127.0.0.1", port: int = 0, token: str | None = None,
                   connection_file: str | None = None, state_dir: str | None = None,
                   device: str = "auto", feature_cache_mb: int = FEATURE_CACHE_MB,
-                  feature_cache_disk_mb: int = 0) -> int:
+                  feature_cache_disk_mb: int = 0, parent_pid: int | None = None) -> int:
     """Entry point for the CLI's `serve` command; returns the exit code."""
     if feature_cache_mb < 0 or feature_cache_disk_mb < 0:
         print("Error: --feature-cache-mb and --feature-cache-disk-mb must not be negative (0 turns a cache off).",
@@ -302,10 +341,13 @@ def serve_command(host: str = "127.0.0.1", port: int = 0, token: str | None = No
     try:
         serve(host, port, token or os.environ.get("FARSLIP_TOKEN") or None,
               Path(connection_file) if connection_file else None, Path(state_dir) if state_dir else None,
-              device=device, feature_cache_mb=feature_cache_mb, feature_cache_disk_mb=feature_cache_disk_mb)
+              device=device, feature_cache_mb=feature_cache_mb, feature_cache_disk_mb=feature_cache_disk_mb,
+              parent_pid=parent_pid)
     except FarslipError as error:
         print(f"Error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         return 0
+    except SystemExit as stopped:  # SIGTERM, after the graceful shutdown (serve makes it sys.exit(0))
+        return stopped.code if isinstance(stopped.code, int) else 0
     return 0
