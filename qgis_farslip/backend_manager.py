@@ -20,11 +20,12 @@ from collections import deque
 from typing import Callable
 
 from qgis.core import Qgis, QgsApplication, QgsMessageLog
-from qgis.PyQt.QtCore import QObject, QProcess, QProcessEnvironment, Qt, QThread, QTimer, pyqtSignal
+from qgis.PyQt.QtCore import (QCoreApplication, QObject, QProcess, QProcessEnvironment, Qt, QThread, QTimer,
+                              pyqtSignal)
 
 from .client import BackendClient, BackendError, BackendTokenRefused, Connection
 from .i18n import tr
-from .messages import INSTALL, OPEN_LOG, RECONNECT, RESTART, SETTINGS, with_actions
+from .messages import INSTALL, OPEN_LOG, RECONNECT, RESTART, SETTINGS, action_labels, with_actions
 from .settings import PluginSettings, backend_home
 from .tasks import run_in_background
 
@@ -43,8 +44,12 @@ def log(message: str, level=Qgis.Info) -> None:
 
 def plain_text(rich_text: str) -> str:
     """The dock's rich-text messages as plain sentences (for Processing's log and exceptions): the dock's action
-    links ("Restart backend · Open log") are left out, where nothing can be clicked."""
+    links ("Restart backend · Open log") are left out, where nothing can be clicked, and the first button the
+    sentence names says where it is (Processing has no such button)."""
     text = re.sub(r"<a\b[^>]*>.*?</a>", "", rich_text, flags=re.S)
+    buttons = "|".join(re.escape(html.escape(label)) for label in action_labels().values())
+    text = re.sub(r"<i>(" + buttons + r")</i>", lambda found: found.group(0) + tr(" (in the FarSLIP panel)"), text,
+                  count=1)
     text = re.sub(r"<br\s*/?>", "\n", text)
     lines = html.unescape(re.sub(r"<[^>]+>", "", text)).splitlines()
     return "\n".join(line for line in lines if line.strip(" ·")).strip()
@@ -120,7 +125,10 @@ def backend_command(setting: str) -> list[str] | None:
 
 
 def serve_arguments(connection_file: str) -> list[str]:
-    return ["serve", "--host", "127.0.0.1", "--port", "0", "--connection-file", connection_file]
+    """`farslip serve` as the plugin starts it: loopback, a free port, its own connection file, and ended with
+    QGIS (a backend left behind by a QGIS that crashed would keep its model in memory)."""
+    return ["serve", "--host", "127.0.0.1", "--port", "0", "--connection-file", connection_file,
+            "--parent-pid", str(QCoreApplication.applicationPid())]
 
 
 def install_help(setting: str) -> str:
@@ -198,6 +206,8 @@ class BackendManager(QObject):
         self.attempts = 0
         self.lost_url = ""  # a backend the user started that stopped answering (until found again)
         self.connected_from = ""  # the connection file the connection was read from, if any
+        self.generation = 0  # stop() counts up: an answer to a look-up made before it is not acted on
+        self.closed = False  # the plugin was unloaded: nothing waits for this manager any more
         self._ensureRequested.connect(self.ensure, Qt.QueuedConnection)
         self._lostReported.connect(self.lost, Qt.QueuedConnection)
 
@@ -240,14 +250,19 @@ class BackendManager(QObject):
         if self.state == "ready" and self.connection:
             self._verify(self.connection)
             return
+        if self.closed:
+            return
         settings = self.settings_loader()
         self.attempts += 1
         self._set_state("starting")
         if settings.backend_url.strip() or settings.connection_file.strip():
             self._connect_configured(settings)
             return
+        generation = self.generation
 
         def on_found(found, error):
+            if generation != self.generation:
+                return  # stopped (or the plugin unloaded) while looking
             if found:
                 self._succeed(found[0], found[1], "already running, from " + found[2], found[2])
             elif self.lost_url:
@@ -322,12 +337,22 @@ class BackendManager(QObject):
         else:
             self._set_state("idle")
 
+    def restarts_own_backend(self) -> bool:
+        """Whether the backend in use is the plugin's own (started now or in an earlier session), which the next
+        ensure() starts again when it stops answering; a backend the user started is only looked for."""
+        return self.process is not None or self.connected_from == self.connection_file
+
+    def close(self) -> None:
+        """The plugin unloads: stop the backend it started; whatever waits for this manager gives up."""
+        self.closed = True
+        self.stop()
+
     def _forget(self, connection: Connection) -> bool:
         """Drop a connection that does not answer; True if it was a backend the user started."""
         self.connection, self.health = None, {}
         log(f"The FarSLIP backend at {connection.url} does not answer.", Qgis.Warning)
-        if self.process is not None or self.connected_from == self.connection_file:
-            return False  # started by the plugin (now or in an earlier session): ensure() starts it again
+        if self.restarts_own_backend():
+            return False  # ensure() starts it again
         self.lost_url = connection.url
         return True
 
@@ -336,6 +361,8 @@ class BackendManager(QObject):
         self._lostReported.emit(url)
 
     def _connect_configured(self, settings: PluginSettings) -> None:
+        generation = self.generation
+
         def connect():
             if settings.backend_url.strip():
                 connection = Connection(settings.backend_url.strip(), settings.backend_token.strip())
@@ -344,6 +371,8 @@ class BackendManager(QObject):
             return connection, check_connection(connection, timeout=5.0)
 
         def on_done(result, error):
+            if generation != self.generation:
+                return  # stopped (or the plugin unloaded) while connecting
             if error is None:
                 self._succeed(result[0], result[1], "from the settings")
             elif isinstance(error, BackendTokenRefused):
@@ -427,10 +456,11 @@ class BackendManager(QObject):
         if not os.path.isfile(self.connection_file):
             return
         self._checking = True
+        generation = self.generation
 
         def on_done(found, error):
             self._checking = False
-            if found and self.state == "starting":
+            if found and self.state == "starting" and generation == self.generation:
                 self._succeed(found[0], found[1], "started by the plugin", self.connection_file)
 
         run_in_background("Waiting for the FarSLIP backend", lambda: first_healthy([self.connection_file]), on_done)
@@ -438,6 +468,7 @@ class BackendManager(QObject):
     # -- stopping ------------------------------------------------------------------------------
     def stop(self) -> None:
         """Stop the backend this plugin started (a backend it only connected to keeps running)."""
+        self.generation += 1
         self._poll.stop()
         self._stop_process()
         self.connection = None
@@ -483,10 +514,16 @@ class BackendManager(QObject):
                 self._ensureRequested.emit()  # queued to the manager's (GUI) thread
         deadline = time.monotonic() + timeout
         while (self.state != "ready" and (self.attempts < attempt or self.state in ("idle", "starting"))
-               and time.monotonic() < deadline and not should_cancel()):
+               and time.monotonic() < deadline and not should_cancel() and not self.closed):
             if in_gui_thread:
                 QgsApplication.processEvents()
             time.sleep(0.05)
         if self.state == "ready" and self.connection:
             return self.connection
-        raise BackendError(plain_text(self.message) or "The FarSLIP backend is not ready.")
+        if self.closed:
+            raise BackendError(tr("The FarSLIP plugin was unloaded while this waited for its backend; nothing was "
+                                  "run. Run it again once the plugin is loaded."))
+        if self.state == "failed" and self.message:
+            raise BackendError(plain_text(self.message))
+        raise BackendError(tr("The FarSLIP backend is not ready (still starting after {:.0f} s); see the FarSLIP tab "
+                              "of the log messages panel.").format(timeout))

@@ -94,7 +94,14 @@ class BackendClient:
             request.add_header("Authorization", "Bearer " + self.connection.token)
         try:
             with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:
-                return json.loads(response.read().decode("utf-8") or "null")
+                body = response.read()
+            try:
+                return json.loads(body.decode("utf-8") or "null")
+            except ValueError:  # UnicodeDecodeError too
+                raise BackendError(
+                    f"What answers at {self.connection.url} is not a FarSLIP backend (its answer to {path} is not "
+                    "JSON): check the backend's URL and port."
+                ) from None
         except urllib.error.HTTPError as error:
             if error.code == 401:
                 raise BackendTokenRefused(

@@ -34,7 +34,7 @@ from .extent import (LocalCopyError, PixelWindow, crs_text, displayed_bands, exp
 from .job_runner import CANCELLED, DONE, JobRunner
 from .jobs import LOST, REFUSED, JobCancelled, eta_text, features_cached
 from .model_picker import ModelPicker, finetuned_class_lines
-from .parameters import SegmentParameters, output_stem, safe_name
+from .parameters import MAX_THRESHOLD, SegmentParameters, output_stem, safe_name
 from .remembered import LastChoices
 from .results import ProbabilityChoice, load_segment_result, result_classes, result_name
 from .review_tab import ReviewTab, has_quality
@@ -216,6 +216,7 @@ class FarslipDock(QgsDockWidget):
             self.classes.show_preset(last.preset)
         if last.model:
             self.models.select(last.model)
+        form.thresholdSpin.setMaximum(MAX_THRESHOLD)  # the backend refuses 1
         form.thresholdSpin.setValue(last.threshold)
         form.classRasterCheck.setChecked(last.class_raster)
         form.probRasterCheck.setChecked(last.prob_raster)

@@ -14,6 +14,11 @@ from .classes import class_name
 from .filenames import safe_file_stem, unused_stem
 
 
+# The backend takes a threshold below 1 (at 1 no pixel could be classified); the dock's spin box shows two
+# decimals, so 0.99 is the largest both offer.
+MAX_THRESHOLD = 0.99
+
+
 def safe_name(text: str) -> str:
     """A layer name as a file name stem (any script kept, safe on every system)."""
     return safe_file_stem(text, fallback="raster")

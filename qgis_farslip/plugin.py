@@ -108,6 +108,6 @@ class FarslipPlugin:
             QgsApplication.processingRegistry().removeProvider(self.provider)
             self.provider = None
         if self.manager is not None:
-            self.manager.stop()
+            self.manager.close()
             self.manager.deleteLater()
             self.manager = None

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 import tempfile
+import urllib.parse
 from typing import Callable
 
 from qgis.core import (
@@ -27,6 +30,7 @@ from qgis.core import (
     QgsProcessingParameterVectorDestination,
     QgsProcessingParameterVectorLayer,
     QgsProcessingProvider,
+    QgsProcessingUtils,
 )
 from qgis.PyQt.QtGui import QIcon
 
@@ -35,8 +39,8 @@ from .classes import bundled_presets, class_list_refusal, parse_class_text, reso
 from .client import BackendClient, BackendError, BackendUnreachable
 from .extent import (crs_text, displayed_bands, export_size, gdal_dataset_name, local_raster_path,
                      missing_layer_file, vrt_arguments, write_geotiff, write_vrt)
-from .jobs import JobCancelled, PreparationError, run_job
-from .parameters import REFINE_CHOICES, SegmentParameters
+from .jobs import BackendStopped, JobCancelled, PreparationError, run_job
+from .parameters import MAX_THRESHOLD, REFINE_CHOICES, SegmentParameters
 from .results import categorized_renderer
 from .search_hits import rank_labels, score_renderer
 from .settings import PluginSettings
@@ -131,26 +135,66 @@ def layer_vrt(layer: QgsRasterLayer) -> str:
         raise QgsProcessingException(str(error)) from None
 
 
-def output_file(out: str, context) -> str:
+def load_instead(context, given: str, source: str) -> str:
+    """`source` is what QGIS loads when the algorithm ends, in place of the output `given` (same details)."""
+    if context.willLoadLayerOnCompletion(given):
+        layers = context.layersToLoadOnCompletion()
+        layers[source] = layers.pop(given)
+        context.setLayersToLoadOnCompletion(layers)
+    return source
+
+
+def file_layer_name(path: str) -> str:
+    """The layer the backend writes a result to: named after the file (GeoPackage reserves names that begin
+    with 'gpkg': `_gpkg...`), beside any other layers of an existing GeoPackage, which it keeps."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return f"_{stem}" if path.lower().endswith(".gpkg") and stem.lower().startswith("gpkg") else stem
+
+
+def gpkg_tables(path: str) -> list[str]:
+    """The tables an existing GeoPackage lists (empty when it cannot be read as one)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro", uri=True)) as db:
+            return [str(row[0]) for row in db.execute("SELECT table_name FROM gpkg_contents")]
+    except sqlite3.Error:
+        return []
+
+
+def output_file(out: str, context, feedback=None) -> str:
     """The file an algorithm's vector output names. QGIS's "Save to GeoPackage..." gives an OGR URI
-    (ogr:dbname='/x/y.gpkg' table="name" (geom)); the backend writes files, so a new GeoPackage is written
-    whole (and loaded from there), and a table of an existing one is refused: the backend would replace the
-    file with its other layers."""
+    (ogr:dbname='/x/y.gpkg' table="name" (geom)); the backend writes a file, its layer named after the file
+    (an existing GeoPackage keeps its other layers), so the table named in the URI is said to be another
+    name, and refused where it would replace a layer of that other name the user did not choose."""
+    if out.startswith("memory:"):  # a script's memory layer: the backend writes files, so a temporary one
+        path = QgsProcessingUtils.generateTempFilename("farslip_result.gpkg")
+        return load_instead(context, out, path)
     if not out.startswith("ogr:"):
         return out
-    path = QgsDataSourceUri(out[len("ogr:"):]).database()
+    uri = QgsDataSourceUri(out[len("ogr:"):])
+    path = uri.database()
     if not path or not os.path.isabs(path):
         raise QgsProcessingException(tr("The output {} names no file; choose 'Save to File...' and give a .gpkg "
                                         "file.").format(out))
-    if os.path.exists(path):
-        raise QgsProcessingException(tr(
-            "Writing into a layer of the existing GeoPackage {} is not supported (the backend writes whole files "
-            "and would replace its other layers); choose 'Save to File...' and give a new .gpkg file.").format(path))
-    if context.willLoadLayerOnCompletion(out):
-        layers = context.layersToLoadOnCompletion()
-        layers[path] = layers.pop(out)
-        context.setLayersToLoadOnCompletion(layers)
-    return path
+    written = file_layer_name(path)
+    asked = uri.table() or uri.param("table")
+    if asked and asked.lower() != written.lower():
+        if os.path.exists(path) and written.lower() in (name.lower() for name in gpkg_tables(path)):
+            raise QgsProcessingException(tr(
+                "FarSLIP names its layer after the file, so writing into {} would replace its layer '{}', not "
+                "create '{}'; choose another GeoPackage or 'Save to File...'.").format(path, written, asked))
+        if feedback is not None:
+            feedback.pushWarning(tr("The layer in {} is named '{}' after the file (not '{}').").format(
+                path, written, asked))
+    return load_instead(context, out, path)
+
+
+def loaded_output(out: str, context, layer: str | None = None) -> str:
+    """What an algorithm returns, and QGIS loads, for the vector file `out` the backend wrote: in a GeoPackage,
+    which may hold other layers (the backend keeps them), the written layer (`path|layername=...`), not the
+    file's first table."""
+    if not out.lower().endswith(".gpkg"):
+        return out
+    return load_instead(context, out, f"{out}|layername={layer or file_layer_name(out)}")
 
 
 def run_backend_job(manager: BackendManager | None, kind: str, request: dict, feedback,
@@ -178,15 +222,22 @@ def run_backend_job(manager: BackendManager | None, kind: str, request: dict, fe
                 feedback.pushWarning(str(warning))
             return job
         except BackendUnreachable as error:
-            owned = manager.process is not None
+            own = manager.restarts_own_backend()
             manager.report_lost(connection.url)  # the next run looks for the backend again
-            if owned:
-                raise
-            raise BackendError(tr("{} Start `farslip serve` again, or let the plugin start its own backend (FarSLIP "
-                                  "settings), and run the algorithm again.").format(error)) from None
+            what = tr("The FarSLIP backend stopped while the job was running (it crashed, ran out of memory or was "
+                      "closed); nothing was written. Its log says why it stopped.") if isinstance(
+                error, BackendStopped) else str(error)
+            if own:
+                raise BackendError(what + " " + tr("Run the algorithm again: the plugin starts a new backend.")
+                                   ) from None
+            raise BackendError(what + " " + tr(
+                "Start 'farslip serve' again (or press Restart backend in the FarSLIP panel to let the plugin start "
+                "its own), then run the algorithm again.")) from None
     except JobCancelled:
         raise QgsProcessingException(tr("Cancelled; nothing was written.")) from None
     except BackendError as error:
+        if feedback.isCanceled():  # cancelled while the backend was being looked for or started
+            raise QgsProcessingException(tr("Cancelled; nothing was written.")) from None
         raise QgsProcessingException(str(error)) from None
 
 
@@ -222,7 +273,7 @@ class SegmentByClassNames(BackendAlgorithm):
             optional=True))
         self.addParameter(QgsProcessingParameterNumber(
             self.THRESHOLD, tr("Score threshold (pixels below it stay unclassified)"),
-            QgsProcessingParameterNumber.Double, 0.0, minValue=0.0, maxValue=1.0))
+            QgsProcessingParameterNumber.Double, 0.0, minValue=0.0, maxValue=MAX_THRESHOLD))
         self.addParameter(QgsProcessingParameterEnum(
             self.REFINE, tr("Refine outlines (none; image edges; SAM, needs SAM weights in the backend)"),
             [tr("None"), tr("Image edges"), tr("SAM (Segment Anything)")], defaultValue=0, optional=True))
@@ -246,7 +297,7 @@ class SegmentByClassNames(BackendAlgorithm):
             raise QgsProcessingException(tr("Give at least one class name (one per line), or choose a preset."))
         if class_list_refusal(class_lines):
             raise QgsProcessingException(class_list_refusal(class_lines))
-        out = output_file(self.parameterAsOutputLayer(parameters, self.OUTPUT, context), context)
+        out = output_file(self.parameterAsOutputLayer(parameters, self.OUTPUT, context), context, feedback)
         # An empty model means the one chosen in the FarSLIP settings, as in the dock.
         model = self.parameterAsString(parameters, self.MODEL, context).strip() or PluginSettings.load().default_model
         segment = SegmentParameters(class_lines=class_lines, out=out, model=model or None,
@@ -287,6 +338,7 @@ class SegmentByClassNames(BackendAlgorithm):
         classes = [(str(item["class"]), int(item["class_id"])) for item in (job.get("result") or {}).get("classes", [])]
         for item in (job.get("result") or {}).get("classes", []):
             feedback.pushInfo(f"{item['class']}: {item['polygons']} polygons, {item['area_m2']:.0f} m²")
+        out = loaded_output(out, context, (job.get("result") or {}).get("layer"))
         if context.willLoadLayerOnCompletion(out):
             post_processor = StyleResult(classes)
             _POST_PROCESSORS.append(post_processor)
@@ -439,7 +491,7 @@ class SearchBySentences(BackendAlgorithm):
                      .splitlines() if line.strip()]
         if not sentences:
             raise QgsProcessingException(tr("Give at least one sentence to search for."))
-        out = output_file(self.parameterAsOutputLayer(parameters, self.OUTPUT, context), context)
+        out = output_file(self.parameterAsOutputLayer(parameters, self.OUTPUT, context), context, feedback)
         path, raster = self.raster_file(parameters, context)
         request = {"raster": path, "sentences": sentences, "out": out, "overwrite": True,
                    "top": self.parameterAsInt(parameters, self.TOP, context),
@@ -450,6 +502,7 @@ class SearchBySentences(BackendAlgorithm):
             request["bbox"] = [extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum()]
             request["bbox_crs"] = crs_text(raster.crs())
         run_backend_job(self.manager_getter(), "search", request, feedback, [out])
+        out = loaded_output(out, context)
         if context.willLoadLayerOnCompletion(out):
             post_processor = StyleHits()
             _POST_PROCESSORS.append(post_processor)

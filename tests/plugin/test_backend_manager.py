@@ -76,3 +76,58 @@ def test_plain_text_leaves_out_the_docks_action_links(farslip):
     rich = messages.with_actions("<b>The FarSLIP backend could not be started</b> (it exited with code 1).",
                                  messages.RESTART, messages.OPEN_LOG)
     assert plain_text(rich) == "The FarSLIP backend could not be started (it exited with code 1)."
+
+
+def test_processing_is_told_where_the_buttons_a_message_names_are(farslip, plugin_settings):
+    """'press Reconnect, or press Restart backend' in Processing's log, which has no such buttons."""
+    from qgis_farslip.backend_manager import BackendManager, install_help, plain_text
+
+    plugin_settings(auto_start=True)
+    manager = BackendManager()
+    manager.lost_url = "http://127.0.0.1:5000"
+    text = plain_text(manager.not_running_message())
+    assert "press Reconnect (in the FarSLIP panel), or press Restart backend" in text
+    assert "Install backend... (in the FarSLIP panel) creates it" in plain_text(install_help(""))
+
+
+def test_what_answers_that_is_not_a_farslip_backend_is_said_so(farslip):
+    """A backend URL pointing at another web server showed Python's 'Expecting value: line 1 column 1 (char 0)'."""
+    import http.server
+    import threading
+
+    from qgis_farslip.client import BackendClient, BackendError, Connection
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"<html><body>a router's page</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(BackendError) as refused:
+            BackendClient(Connection(url, "t"), timeout=5).health()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert str(refused.value) == (f"What answers at {url} is not a FarSLIP backend (its answer to /v1/health is "
+                                  "not JSON): check the backend's URL and port.")
+
+
+def test_the_threshold_offered_stays_below_1_which_the_backend_refuses(bare_dock, qgis_processing):
+    """Threshold 1.0 was accepted by the dock and Processing, then refused by the backend in its API's words."""
+    from qgis_farslip.processing_provider import SegmentByClassNames
+
+    bare_dock.form.thresholdSpin.setValue(1.0)
+    assert bare_dock.form.thresholdSpin.value() == pytest.approx(0.99)
+    algorithm = SegmentByClassNames(lambda: None)
+    algorithm.initAlgorithm()
+    assert algorithm.parameterDefinition("THRESHOLD").maximum() == pytest.approx(0.99)
