@@ -61,6 +61,7 @@ from . import adapters
 from .evaluate import (
     draw_confusion,
     format_metrics,
+    json_text,
     plot_confusion,
     predict_classes,
     score,
@@ -200,7 +201,7 @@ def write_report_json(result: dict, outputs: dict[str, str], path: Path, extra: 
     """The metrics JSON: the result without its text, with its `outputs` (and `extra` keys)."""
     report = {k: v for k, v in {**result, "outputs": outputs}.items() if k != "text"}
     report.update(extra or {})
-    path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    path.write_text(json_text(report), encoding="utf-8")
 
 
 def write_report(result: dict, out_json: str | Path | None, out_png: str | Path | None,
@@ -533,7 +534,7 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
             progress(0, 0, {"phase": "warning", "message": never})
     result["warnings"] = warnings
     # The model folder, then the --json report of the run: all or nothing.
-    move_into_place(work, out, (Path(out_json), json.dumps(result, indent=2) + "\n") if out_json else None)
+    move_into_place(work, out, (Path(out_json), json_text(result)) if out_json else None)
     return result
 
 

@@ -157,8 +157,26 @@ def _draw(plt, normalised, names, metrics, title, side, path) -> None:
         plt.close(figure)
 
 
+def finite_json(value):
+    """`value` with each float that JSON cannot hold (NaN: a figure that could not be measured; infinity) as
+    null, in dicts, lists and tuples at any depth: json.dumps would write them as the bare NaN and Infinity that
+    no JSON reader takes."""
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def json_text(data, indent: int | None = 2) -> str:
+    """`data` as valid JSON text (finite_json's nulls for NaN), ending in a newline."""
+    return json.dumps(finite_json(data), indent=indent, allow_nan=False) + "\n"
+
+
 def write_json(data: dict, path: str | Path) -> Path:
-    return write_text_atomically(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
+    return write_text_atomically(path, json_text(data))
 
 
 def segmenter_for(loaded: LoadedModel, class_lines: list[str], model: CLIP | None = None,

@@ -33,7 +33,7 @@ from backend.engine.raster import PixelWindow, open_source
 from backend.engine.sliding import predict_window
 
 from .api import model_class_lines
-from .evaluate import segmenter_for
+from .evaluate import finite_json, segmenter_for
 from .labels import UNLABELLED, build_label_grid, raster_envelope, read_aoi, read_label_polygons
 
 MIN_LABELLED_SHARE = 0.5
@@ -157,12 +157,18 @@ def ranks_worse(a: dict, b: dict) -> bool:
     return False
 
 
+def scored(score: dict) -> bool:
+    """Whether an estimate's ranking of the tiles could be measured (SROCC and PLCC are numbers, not NaN)."""
+    return all(isinstance(score.get(key), (int, float)) and math.isfinite(score[key]) for key in ("srocc", "plcc"))
+
+
 def choose(scores: dict[str, dict]) -> str:
     """Which estimate to keep of `scores` ({"new": ..., "default": ..., "existing": ... when there is one}):
-    the new calibration unless another ranks the tiles better; else the best of the others (the existing
-    calibration before the built-in estimate when they tie)."""
+    the new calibration unless another ranks the tiles better, or its own ranking could not be measured (it is
+    then not known to rank them at least as well); else the best of the others (the existing calibration
+    before the built-in estimate when they tie)."""
     others = [name for name in ("existing", "default") if name in scores]
-    if not any(ranks_worse(scores["new"], scores[name]) for name in others):
+    if scored(scores["new"]) and not any(ranks_worse(scores["new"], scores[name]) for name in others):
         return "new"
     best = others[0]
     for name in others[1:]:
@@ -171,26 +177,58 @@ def choose(scores: dict[str, dict]) -> str:
     return best
 
 
-def _figures(score: dict) -> str:
-    return f"SROCC {score.get('srocc')}, PLCC {score.get('plcc')}"
+def _figure(value) -> str:
+    return f"{value}" if isinstance(value, (int, float)) and math.isfinite(value) else "not measurable"
 
 
-def verdict(kept: str, scores: dict[str, dict], target: Path, forced: bool) -> str:
-    """The one sentence that says which estimate was kept, and why."""
+def figures_text(score: dict) -> str:
+    """An estimate's SROCC and PLCC as a run prints them ("not measurable" for a figure that is NaN or null)."""
+    return f"SROCC {_figure(score.get('srocc'))}, PLCC {_figure(score.get('plcc'))}"
+
+
+def unscored_reason(truth: np.ndarray, held_out: np.ndarray) -> str:
+    """Why the new calibration's ranking of the tiles could not be measured, in plain words."""
+    known = np.isfinite(truth)
+    if known.sum() >= 3 and np.ptp(truth[known]) == 0:
+        return (f"all {int(known.sum())} labelled tiles have the same true IoU ({100 * float(truth[known][0]):.2f} %), "
+                "so there is no ranking of them to check")
+    ok = known & np.isfinite(held_out)
+    if ok.sum() < 3:
+        return (f"only {int(ok.sum())} of the {len(truth)} labelled tiles could be predicted by a calibration "
+                "fitted on the other tiles (3 are needed); label a larger area or use a smaller --quality-tile")
+    return "its predictions for the held-out tiles are all the same, so they rank nothing"
+
+
+def verdict(kept: str, scores: dict[str, dict], target: Path, forced: bool, unscored: str | None = None) -> str:
+    """The one sentence that says which estimate was kept, and why (`unscored`: why the new calibration's
+    ranking could not be measured, when it could not)."""
     new = scores["new"]
+    if unscored is not None:
+        reason = f"The new calibration could not be scored: {unscored}"
+        if forced:
+            return f"{reason}; written to {target} anyway, as {FORCE_FLAG} asks."
+        if kept == "existing":
+            return f"{reason}. {target} was kept as it was; add {FORCE_FLAG} to replace it anyway."
+        if "existing" in scores:
+            return (f"{reason}. Nothing was written; {target}, which ranks the tiles worse than the built-in "
+                    f"estimate ({figures_text(scores['existing'])} against {figures_text(scores['default'])}), was "
+                    f"left as it was: delete it to use the built-in estimate, or add {FORCE_FLAG} to replace it with "
+                    "the new one.")
+        return (f"{reason}. Nothing was written and segment keeps using the built-in estimate; add {FORCE_FLAG} to "
+                "write the new one anyway.")
     if forced:
         worse = next(name for name in ("existing", "default") if name in scores and ranks_worse(new, scores[name]))
-        return (f"The new calibration ranks the tiles worse than {NAMES[worse]} ({_figures(new)} against "
-                f"{_figures(scores[worse])}); written to {target} anyway, as {FORCE_FLAG} asks.")
+        return (f"The new calibration ranks the tiles worse than {NAMES[worse]} ({figures_text(new)} against "
+                f"{figures_text(scores[worse])}); written to {target} anyway, as {FORCE_FLAG} asks.")
     if kept == "new":
         return f"Calibration written to {target}."
-    reason = (f"The new calibration ranks the tiles worse ({_figures(new)} on held-out tiles) than {NAMES[kept]} "
-              f"({_figures(scores[kept])})")
+    reason = (f"The new calibration ranks the tiles worse ({figures_text(new)} on held-out tiles) than {NAMES[kept]} "
+              f"({figures_text(scores[kept])})")
     if kept == "existing":
         return f"{reason}, so {target} was kept as it was; add {FORCE_FLAG} to replace it anyway."
     if "existing" in scores:
         return (f"{reason}, so nothing was written; {target}, which ranks them worse too "
-                f"({_figures(scores['existing'])}), was left as it was: delete it to use the built-in estimate, or "
+                f"({figures_text(scores['existing'])}), was left as it was: delete it to use the built-in estimate, or "
                 f"add {FORCE_FLAG} to replace it with the new one.")
     return (f"{reason}, so nothing was written and segment keeps using the built-in estimate; add {FORCE_FLAG} "
             "to write it anyway.")
@@ -263,10 +301,11 @@ def calibrate_and_keep_the_better(raster: str | Path, labels: str | Path, class_
                               rank_agreement(existing.predict(signals), truth))
     best = choose(scores)
     kept = "new" if force else best
-    sentence = verdict(kept, scores, target, forced=force and best != "new")
+    unscored = None if scored(scores["new"]) else unscored_reason(truth, held_out)
+    sentence = verdict(kept, scores, target, forced=force and best != "new", unscored=unscored)
     if kept == "new" and target.exists() and not may_replace:  # a file there stays without --overwrite
         kept = "existing"
-        sentence = (f"The new calibration ({_figures(scores['new'])} on held-out tiles) would replace {target}, "
+        sentence = (f"The new calibration ({figures_text(scores['new'])} on held-out tiles) would replace {target}, "
                     "which exists and was left as it was: add --overwrite to replace it.")
     written = kept == "new"
     fit = {"calibration": str(target), "written": written, "kept": kept, "forced": force and best != "new",
@@ -284,8 +323,9 @@ def calibrate_and_keep_the_better(raster: str | Path, labels: str | Path, class_
     # The calibration first, the files along with it after it (the report last), renamed in together.
     with StagedOutputs(outputs) as staged, writing_to(outputs.values(), 1.0):
         if written:
-            model.metrics = {**fitted_on, "default": scores["default"], "out_of_fold": scores["new"],
-                             **({"replaced": scores["existing"]} if "existing" in scores else {})}
+            # A figure that could not be measured is null: the file stays JSON that any reader takes.
+            model.metrics = finite_json({**fitted_on, "default": scores["default"], "out_of_fold": scores["new"],
+                                         **({"replaced": scores["existing"]} if "existing" in scores else {})})
             model.save(staged["calibration"])
         for i, write in enumerate(writers):
             write(staged[f"along {i}"], fit)

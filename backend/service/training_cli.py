@@ -177,11 +177,11 @@ def evaluate_command(
     except FarslipError as error:
         _fail(error)
     if calibrate_quality:
-        default, calibrated, existing = fit["default"], fit["calibrated"], fit["existing"]
-        compared = (f"; existing SROCC {existing.get('srocc')}, PLCC {existing.get('plcc')}" if existing else "")
-        typer.echo(f"Quality estimate on {fit['tiles']} tiles: default SROCC {default.get('srocc')}, PLCC "
-                   f"{default.get('plcc')}; calibrated (spatially held out) SROCC {calibrated.get('srocc')}, "
-                   f"PLCC {calibrated.get('plcc')}{compared}. {fit['sentence']}")
+        from training.quality_calibration import figures_text
+
+        compared = f"; existing {figures_text(fit['existing'])}" if fit["existing"] else ""
+        typer.echo(f"Quality estimate on {fit['tiles']} tiles: default {figures_text(fit['default'])}; calibrated "
+                   f"(spatially held out) {figures_text(fit['calibrated'])}{compared}. {fit['sentence']}")
 
 
 def _report_files(result: dict, json_out: Optional[Path], png: Optional[Path]) -> dict:
