@@ -3,7 +3,8 @@
 Every input names one or more rasters; the result is one flat list in a stable order (inputs in
 the order given, a folder's or glob's files sorted by name), without repeats (one file named twice, by two
 spellings or through a link, is one raster). A folder or glob leaves out hidden files and farslip's own
-outputs (see own_outputs), so a run writing into its input folder does not segment its results next time.
+outputs (see own_outputs), so a run writing into its input folder does not segment its results next time;
+the outputs left out are told to the caller (expand_inputs' left_out), who says so.
 A name that exists is that file or folder, even with [ ] * ? in it; only other names are globs. A name GDAL resolves
 itself (GPKG:a.gpkg:table, NETCDF:"a.nc":var, /vsizip/a.zip/x.tif) is one raster, as typed. Remote hrefs of a
 STAC item (s3://, gs://, https://) are turned into GDAL's virtual paths (/vsis3/, /vsigs/,
@@ -29,16 +30,20 @@ REMOTE_PREFIXES = {"s3://": "/vsis3/", "gs://": "/vsigs/", "https://": "/vsicurl
                    "http://": "/vsicurl/http://"}
 
 
-def expand_inputs(inputs: Iterable[str | Path]) -> list[str]:
-    """The raster paths named by `inputs`, in order, each once."""
+def expand_inputs(inputs: Iterable[str | Path], left_out: list[str] | None = None) -> list[str]:
+    """The raster paths named by `inputs`, in order, each once. `left_out`, when given, gets the raster files a
+    folder or glob held that are farslip's outputs of earlier runs (each once), left out of the run."""
     found: list[str] = []
     seen: set[str] = set()
+    outputs: list[str] = []
     for given in inputs:
-        for path in _expand(str(given)):
+        for path in _expand(str(given), outputs):
             key = _file_key(path)
             if key not in seen:
                 seen.add(key)
                 found.append(path)
+    if left_out is not None:
+        left_out += [path for path in dict.fromkeys(outputs) if _file_key(path) not in seen]
     if not found:
         raise InputError("No rasters to segment: give raster files, a folder, a glob, a .txt list or STAC JSON.")
     return found
@@ -71,7 +76,8 @@ def mosaic_of(folder: Path) -> Path | None:
 def own_outputs(folder: Path) -> set[str]:
     """farslip's outputs in `folder` (real paths): each `x.vrt` beside its `x_rasters/` folder (a class or
     probability mosaic of a run on Ray; the GeoTIFFs in that folder, see _in_rasters_folder), and the files a
-    farslip report there (`*.report.json`) names as outputs."""
+    farslip report there (`*.report.json`) names as outputs at that very path: a report names outputs
+    anywhere, and a file of the same name in this folder is not one of them."""
     found = {os.path.realpath(vrt) for vrt in folder.glob("*.vrt") if raster_folder(vrt).is_dir()}
     for report in folder.glob("*.report.json"):
         try:
@@ -81,24 +87,50 @@ def own_outputs(folder: Path) -> set[str]:
         if not isinstance(document, dict) or "farslip_version" not in document:
             continue
         outputs = document.get("outputs")
-        for written in (outputs.values() if isinstance(outputs, dict) else []):
-            # Recorded as the run was given them (maybe relative to where it ran): matched by file name here.
-            found.add(os.path.realpath(folder / Path(str(written)).name))
+        if not isinstance(outputs, dict):
+            continue
+        ran_in = _ran_in(report, outputs)
+        for written in outputs.values():
+            path = Path(str(written))
+            if not path.is_absolute():
+                if ran_in is None:
+                    continue  # relative to a folder this report no longer tells
+                path = ran_in / path
+            found.add(os.path.realpath(path))
     return found
 
 
-def _rasters_of(paths: list[Path]) -> list[str]:
+def _ran_in(report: Path, outputs: dict) -> Path | None:
+    """The folder a report's relative output paths are relative to (where its run ran; reports of older versions
+    recorded them as given), told by its vector output, whose report it is (r.gpkg -> r.report.json); None when
+    that does not tell it."""
+    vector = outputs.get("vector")
+    if not isinstance(vector, str) or Path(vector).is_absolute():
+        return None
+    parts = Path(vector).with_suffix(".report.json").parts
+    if ".." in parts or tuple(report.absolute().parts[-len(parts):]) != parts:
+        return None
+    ran_in = report.absolute()
+    for _ in parts:
+        ran_in = ran_in.parent
+    return ran_in
+
+
+def _rasters_of(paths: list[Path], left_out: list[str]) -> list[str]:
     """The raster files among `paths` (a folder's entries or a glob's matches), sorted, without hidden files
-    (temporary files of a run writing there) and farslip's outputs."""
+    (temporary files of a run writing there) and farslip's outputs (added to `left_out`)."""
     own: dict[Path, set[str]] = {}
-    rasters = []
+    rasters, outputs = [], []
     for path in paths:
         if path.name.startswith(".") or not path.is_file() or path.suffix.lower() not in RASTER_SUFFIXES:
             continue
         if path.parent not in own:
             own[path.parent] = own_outputs(path.parent)
-        if os.path.realpath(path) not in own[path.parent] and not _in_rasters_folder(path):
+        if os.path.realpath(path) in own[path.parent] or _in_rasters_folder(path):
+            outputs.append(str(path))
+        else:
             rasters.append(str(path))
+    left_out += sorted(outputs)
     return sorted(rasters)
 
 
@@ -126,31 +158,31 @@ def names_many(text: str) -> bool:
     return _kind(text) in ("glob", "folder", "list", "stac")
 
 
-def _expand(text: str) -> list[str]:
+def _expand(text: str, left_out: list[str]) -> list[str]:
     kind = _kind(text)
     if kind == "gdal":  # as typed: a pathlib.Path would fold its '//' (/vsizip//abs/a.zip/x.tif)
         return [text]
     path = Path(text).expanduser()
     if kind == "glob":
-        matches = _rasters_of([Path(p) for p in glob.glob(text, recursive=True)])
+        matches = _rasters_of([Path(p) for p in glob.glob(text, recursive=True)], left_out)
         if not matches:
             raise InputError(f"The pattern {text!r} matches no raster ({', '.join(RASTER_SUFFIXES)}).")
         return matches
     if kind == "folder":
-        rasters = _rasters_of(list(path.iterdir()))
+        rasters = _rasters_of(list(path.iterdir()), left_out)
         if not rasters:
             raise InputError(f"The folder {path} holds no raster ({', '.join(RASTER_SUFFIXES)}).")
         return rasters
     if kind == "missing":
         raise InputError(f"The input {path} does not exist.")
     if kind == "list":
-        return _listed(path)
+        return _listed(path, left_out)
     if kind == "stac":
         return _stac(path)
     return [str(path)]
 
 
-def _listed(path: Path) -> list[str]:
+def _listed(path: Path, left_out: list[str]) -> list[str]:
     """A text file: one raster (or folder, glob, STAC file) per line; relative lines are beside the list."""
     rasters: list[str] = []
     # utf-8-sig: Notepad and Excel save "UTF-8" lists with a byte order mark before the first path.
@@ -164,7 +196,7 @@ def _listed(path: Path) -> list[str]:
             entry = _remote(line)
         else:
             entry = line if Path(line).is_absolute() else str(path.parent / line)
-        rasters += _expand(entry)
+        rasters += _expand(entry, left_out)
     if not rasters:
         raise InputError(f"The list {path} names no raster (one path per line; # starts a comment).")
     return rasters

@@ -100,6 +100,17 @@ class ChunkProgress:
                    err=True)
 
 
+def left_out_line(files: list[str], shown: int = 5) -> str:
+    """The line naming the raster files of the folders and patterns given that were left out as outputs of
+    earlier farslip runs (the first `shown`, then how many more)."""
+    one = len(files) == 1
+    names = ", ".join(files[:shown]) + (f" and {len(files) - shown} more" if len(files) > shown else "")
+    return (f"Left out {len(files)} raster file{'' if one else 's'} of the folders and patterns given that "
+            f"{'an earlier farslip run' if one else 'earlier farslip runs'} wrote "
+            f"({'an output' if one else 'outputs'}, not imagery): {names}; name {'it' if one else 'one'} on its "
+            "own to segment it.")
+
+
 def segment_scaled(values: dict) -> None:
     """Run `farslip segment` with these option values on Ray; exits with the run's code."""
     stop_on_signals = signals_as_interrupt()
@@ -126,8 +137,11 @@ def segment_scaled(values: dict) -> None:
                                             prob_raster=rasters["prob_raster"], out_crs=values.get("out_crs"),
                                             restart=bool(values.get("restart")), workers=values.get("workers"),
                                             cluster=values.get("cluster") or os.environ.get("RAY_ADDRESS"))
-        paths = expand_inputs(values["raster"])
+        left_out: list[str] = []
+        paths = expand_inputs(values["raster"], left_out)
         quiet = bool(values.get("quiet"))
+        if left_out:  # said even with --quiet: a file of the folder the user gave is not segmented
+            typer.echo(left_out_line(left_out), err=True)
         if not quiet:
             where = request.cluster or f"a local Ray with {request.workers or 1} worker(s)"
             typer.echo(f"segmenting {len(paths)} raster(s) on {where}", err=True)

@@ -88,9 +88,12 @@ def test_a_folder_leaves_out_farslips_own_outputs_and_hidden_files(rasters):
     (rasters / "c_rasters" / "west" / "a.tif").write_bytes(b"")
     (rasters / "classes.tif").write_bytes(b"")
     (rasters / ".a.tif.farslip-1-x.tmp.tif").write_bytes(b"")
-    (rasters / "run.report.json").write_text(json.dumps(
-        {"farslip_version": "1", "outputs": {"vector": "elsewhere/run.gpkg", "class_raster": "elsewhere/classes.tif"}}))
-    assert expand_inputs([rasters]) == [str(rasters / "a.tif"), str(rasters / "b.tif")]
+    (rasters / "run.report.json").write_text(json.dumps(  # outputs recorded at their full paths
+        {"farslip_version": "1", "outputs": {"vector": str(rasters / "run.gpkg"),
+                                             "class_raster": str(rasters / "classes.tif")}}))
+    left_out: list[str] = []
+    assert expand_inputs([rasters], left_out) == [str(rasters / "a.tif"), str(rasters / "b.tif")]
+    assert left_out == [str(rasters / "c.vrt"), str(rasters / "classes.tif")]
     assert expand_inputs([rasters / "*"]) == [str(rasters / "a.tif"), str(rasters / "b.tif")]
     assert expand_inputs([rasters / "**" / "*.tif"]) == [str(rasters / "a.tif"), str(rasters / "b.tif")]
     assert expand_inputs([rasters / "c.vrt"]) == [str(rasters / "c.vrt")]
