@@ -4,7 +4,8 @@ Every input names one or more rasters; the result is one flat list in a stable o
 the order given, a folder's or glob's files sorted by name), without repeats (one file named twice, by two
 spellings or through a link, is one raster). A folder or glob leaves out hidden files and farslip's own
 outputs (see own_outputs), so a run writing into its input folder does not segment its results next time;
-the outputs left out are told to the caller (expand_inputs' left_out), who says so.
+the outputs left out are told to the caller (expand_inputs' left_out), who says so. The working files of a run
+on Ray (`<out>.partial/`) are never inputs either: the same command resumes its unfinished run.
 A name that exists is that file or folder, even with [ ] * ? in it; only other names are globs. A name GDAL resolves
 itself (GPKG:a.gpkg:table, NETCDF:"a.nc":var, /vsizip/a.zip/x.tif) is one raster, as typed. Remote hrefs of a
 STAC item (s3://, gs://, https://) are turned into GDAL's virtual paths (/vsis3/, /vsigs/,
@@ -118,11 +119,14 @@ def _ran_in(report: Path, outputs: dict) -> Path | None:
 
 def _rasters_of(paths: list[Path], left_out: list[str]) -> list[str]:
     """The raster files among `paths` (a folder's entries or a glob's matches), sorted, without hidden files
-    (temporary files of a run writing there) and farslip's outputs (added to `left_out`)."""
+    (temporary files of a run writing there), the working files of a run on Ray (in `<out>.partial/`) and
+    farslip's outputs (added to `left_out`)."""
     own: dict[Path, set[str]] = {}
     rasters, outputs = [], []
     for path in paths:
         if path.name.startswith(".") or not path.is_file() or path.suffix.lower() not in RASTER_SUFFIXES:
+            continue
+        if _in_partial_folder(path):
             continue
         if path.parent not in own:
             own[path.parent] = own_outputs(path.parent)
@@ -137,6 +141,17 @@ def _rasters_of(paths: list[Path], left_out: list[str]) -> list[str]:
 def _in_rasters_folder(path: Path) -> bool:
     """Whether `path` lies in the `x_rasters/` folder of a VRT output `x.vrt` (what a recursive glob finds)."""
     return any((mosaic := mosaic_of(folder)) is not None and mosaic.is_file() for folder in path.parents)
+
+
+PARTIAL_FILES = ("run.json", "manifest.jsonl", "lock")  # what a run on Ray keeps in <out>.partial/ (manifest.py)
+
+
+def _in_partial_folder(path: Path) -> bool:
+    """Whether `path` lies in the partial folder of a run on Ray, `<out>.partial/` (its chunks' and finished
+    rasters' working files, which a recursive glob over the output's folder finds: never imagery, and taken as
+    inputs they made the same command an unfinished run 'with other inputs', which it could not resume)."""
+    return any(folder.name.endswith(".partial") and any((folder / name).is_file() for name in PARTIAL_FILES)
+               for folder in path.parents)
 
 
 def _kind(text: str) -> str:

@@ -67,3 +67,20 @@ def test_a_report_of_an_older_version_with_relative_paths_names_its_own_files(gi
     monkeypatch.chdir(tiles)
     segment("*.tif", "--model", tiny_model, "--workers", 1, "--out", tmp_path / "all.gpkg")
     assert given == [["a.tif", "d.tif"]]
+
+
+def test_a_recursive_glob_over_the_output_folder_leaves_out_the_unfinished_runs_working_folder(given, tiny_model,
+                                                                                                 tmp_path):
+    """Interrupted, a run keeps its finished rasters' files in <out>.partial/ inside the globbed folder: the same
+    command gets the same rasters (and resumes), never those files, and says nothing of them."""
+    from backend.scale.manifest import Manifest
+
+    tiles = tmp_path / "tiles"
+    rasters = [write_image(tiles / "a.tif", 500000, 1), write_image(tiles / "sub" / "b.tif", 500200, 2)]
+    manifest = Manifest.open(tiles / "res.gpkg", {"inputs": "as the first run read them"}, restart=False)
+    manifest.close()
+    for name in ("classes.tif", "score.tif", "signals.tif"):
+        write_image(manifest.raster_folder(1) / name, 500000, 3)
+    result = segment(tiles / "**" / "*.tif", "--model", tiny_model, "--workers", 1, "--out", tiles / "res.gpkg")
+    assert given == [[str(path) for path in rasters]]
+    assert "segmenting 2 raster(s)" in result.output and "Left out" not in result.output
