@@ -13,6 +13,7 @@ import numpy as np
 import pyogrio.raw
 import shapely
 
+from backend.engine.diskspace import NEARLY_FULL_BYTES, free_bytes, no_space_error
 from backend.engine.errors import InputError
 from backend.engine.atomic import atomic_output
 from backend.engine.ground import crs_label
@@ -149,12 +150,13 @@ def write_layer(path: Path, geometries: np.ndarray, fields: Mapping[str, np.ndar
     given: straight into `path`, which the caller staged and renames itself; `keep_from` is then the
     file it replaces). A GeoPackage written over one that holds other layers keeps them (keep_layers)."""
     driver = driver_for(path)
+    wkb = shapely.to_wkb(geometries) if len(geometries) else np.array([], dtype=object)
     options: dict[str, object] = {"encoding": "UTF-8"} if driver == "ESRI Shapefile" else {}
     if driver == "GPKG":
         options["dataset_options"] = {"VERSION": "1.2"}  # QGIS 3.22's GDAL reads 1.4 with a warning
         options["layer_options"] = {"OVERWRITE": "YES"}  # a kept file's layer of this name in any case (keep_layers)
-    write = functools.partial(pyogrio.raw.write,
-                              geometry=shapely.to_wkb(geometries) if len(geometries) else np.array([], dtype=object),
+    write = functools.partial(_write_or_say_why, payload=sum(map(len, wkb)) + 8 * len(wkb) * len(fields),
+                              geometry=wkb,
                               field_data=list(fields.values()), fields=list(fields), driver=driver,
                               geometry_type=geometry_type, crs=crs.to_wkt() if hasattr(crs, "to_wkt") else crs,
                               **options)
@@ -167,6 +169,30 @@ def write_layer(path: Path, geometries: np.ndarray, fields: Mapping[str, np.ndar
         keep_layers(path, temp_path, layer_name(path.stem, driver))
         write(temp_path, layer=layer_name(path.stem, driver))
     return path
+
+
+def _write_or_say_why(path: Path, payload: int, **arguments) -> None:
+    """pyogrio.raw.write; a failure in a folder left without room for the layer is said as a full disk: GDAL's
+    GeoPackage and FlatGeobuf writers report it as 'Failed to commit transaction' or 'Unexpected I/O failure'
+    (a traceback, exit 1), and SQLite's roll-back has freed the space by the time the error arrives, so the
+    layer's own size (`payload`, its geometries and fields in bytes; a GeoPackage needs it about twice, with
+    its journal) is what the free space is compared with."""
+    try:
+        pyogrio.raw.write(path, **arguments)
+    except Exception as error:
+        needed = 2 * payload + NEARLY_FULL_BYTES
+        free = free_bytes(Path(path).parent)
+        if free is not None and free < needed:
+            raise no_space_error(output_named_by(Path(path)), needed / 2**20) from error
+        raise
+
+
+def output_named_by(written: Path) -> Path:
+    """The output a staged file (`.NAME.farslip-TAG.tmp.gpkg`) becomes: the name a sentence gives the user."""
+    name = written.name
+    if name.startswith(".") and ".farslip-" in name:
+        return written.with_name(name[1:name.index(".farslip-")])
+    return written
 
 
 def keep_layers(target: Path, staged: Path, layer: str) -> list[str]:
@@ -221,10 +247,14 @@ def check_gpkg_layer_free(path: Path, what: str) -> None:
                      "result's layer takes from the file name; it is kept, not replaced: choose another output name.")
 
 
+RESERVED_TABLE_PREFIXES = ("gpkg", "rtree_", "sqlite_")
+
+
 def layer_name(name: str, driver: str) -> str:
-    """The layer's name in the file: GeoPackage reserves names that begin with 'gpkg' (its own tables), so
-    the layer of gpkg_ortho.gpkg is _gpkg_ortho (GDAL refused it and the run ended in a traceback)."""
-    return f"_{name}" if driver == "GPKG" and name.lower().startswith("gpkg") else name
+    """The layer's name in the file: a GeoPackage reserves names that begin with 'gpkg' (its own tables),
+    'rtree_' (its spatial indexes) and 'sqlite_' (SQLite's), so the layer of gpkg_ortho.gpkg is _gpkg_ortho
+    and that of sqlite_res.gpkg _sqlite_res (GDAL refused them and the run ended in a traceback)."""
+    return f"_{name}" if driver == "GPKG" and name.lower().startswith(RESERVED_TABLE_PREFIXES) else name
 
 
 def report_path_for(vector_path: str | Path) -> Path:

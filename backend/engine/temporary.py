@@ -37,13 +37,18 @@ def work_dir_path(folder: str | Path, tag: str) -> Path:
     return Path(folder) / f"{WORK_PREFIX}{tag}"
 
 
+URL_MARKS = re.compile(r"[;?#]")  # what urllib.parse takes as the end of a URL's path
+
+
 def staged_stem(path: str | Path, tag: str) -> Path:
     """`folder/.name.farslip-<tag>.tmp`: the staged copy of `path` is this + `path`'s suffix, sidecars likewise.
 
-    The whole file name is kept, so `a.gpkg` and `a.tif` of one run are staged apart.
+    The whole file name is kept, so `a.gpkg` and `a.tif` of one run are staged apart; but `;`, `?` and `#` are
+    written as `_`: pyogrio reads a path as a URL and cut it there (`a;b.gpkg` was written to a stray file `.a`,
+    and the run ended in a traceback). The rename into place gives the output the name asked for.
     """
     path = Path(path)
-    return path.parent / f".{path.name}.farslip-{tag}.tmp"
+    return path.parent / f".{URL_MARKS.sub('_', path.name)}.farslip-{tag}.tmp"
 
 
 def staged_path(path: str | Path, tag: str) -> Path:

@@ -230,3 +230,62 @@ def test_report_sits_beside_the_result_and_is_json(tmp_path):
     path = write_report(report_path_for(tmp_path / "result.gpkg"), {"model": "m", "out": tmp_path, "ü": 1})
     assert json.loads(path.read_text("utf-8")) == {"model": "m", "out": str(tmp_path), "ü": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["result.report.json"]
+
+
+def many_squares(count: int) -> list[RegionPolygon]:
+    """`count` separate 1-pixel squares (a noisy class raster's polygons): a layer of some size."""
+    cells = [shapely.box(500000 + 4 * (i % 500), 4000000 - 4 * (i // 500), 500002 + 4 * (i % 500),
+                         4000002 - 4 * (i // 500)) for i in range(count)]
+    return [RegionPolygon(geometry=cell, class_id=i % 3, pixel_count=1, score_sum=0.5, score_max=0.5,
+                          area_m2=4.0) for i, cell in enumerate(cells)]
+
+
+@pytest.mark.parametrize("suffix", [".gpkg", ".fgb"])
+def test_a_layer_the_disk_has_no_room_for_is_said_as_a_full_disk_and_the_old_result_kept(
+        tmp_path, monkeypatch, suffix):
+    """GDAL's GeoPackage and FlatGeobuf writers say 'Failed to commit transaction' / 'Unexpected I/O failure'
+    when the disk fills, and the run ended in that traceback (exit 1). Here the files may grow to 256 kB (as a
+    nearly full disk lets them) and the folder reports what such a disk would have free."""
+    import resource
+    import signal
+
+    target = tmp_path / f"result{suffix}"
+    target.write_text("previous result")
+    monkeypatch.setattr(export, "free_bytes", lambda folder: 300_000)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    ignored = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write beyond the limit fails (EFBIG)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256_000, hard))
+    try:
+        with pytest.raises(InputError) as refused:
+            write_polygons(target, many_squares(20_000), UTM, CLASS_NAMES, "m", "new")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, ignored)
+    assert str(refused.value).startswith(f"Not enough space on the disk for {target} (needs about ")
+    assert target.read_text() == "previous result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+
+
+@pytest.mark.parametrize("name", ["a;b.gpkg", "what?.fgb", "plot#3.shp", "x;y.geojson"])
+def test_a_name_with_a_url_mark_is_written_under_that_name(tmp_path, regions, name):
+    """pyogrio reads a path as a URL: `a;b.gpkg` was written to a stray hidden file `.a` and the run ended in a
+    traceback (the staged name now has no such mark; the rename gives the name asked for)."""
+    import sqlite3
+
+    path = write_polygons(tmp_path / name, regions, UTM, CLASS_NAMES, "m", "r")
+    assert path == tmp_path / name
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(path.stem + ".")) == []
+    if name.endswith(".gpkg"):
+        with sqlite3.connect(path) as db:
+            assert db.execute('SELECT count(*) FROM "a;b"').fetchone()[0] == len(regions)
+
+
+@pytest.mark.parametrize("stem, layer", [("sqlite_res", "_sqlite_res"), ("SQLITE_x", "_SQLITE_x"),
+                                         ("rtree_r", "_rtree_r"), ("gpkg_o", "_gpkg_o"), ("plain", "plain")])
+def test_a_geopackage_named_like_a_reserved_table_gets_a_layer_it_may_hold(tmp_path, regions, stem, layer):
+    """sqlite_res.gpkg ended, after the whole run, in 'object name reserved for internal use'."""
+    import sqlite3
+
+    path = write_polygons(tmp_path / f"{stem}.gpkg", regions, UTM, CLASS_NAMES, "m", "r")
+    with sqlite3.connect(path) as db:
+        assert [row[0] for row in db.execute("SELECT table_name FROM gpkg_contents")] == [layer]
