@@ -234,7 +234,7 @@ def locate_model(model: str | None = None, weights: str | None = None) -> tuple[
         raise ModelError("--weights is empty: leave it out, or give the path of a weights file or of a fine-tuned "
                          "model folder.")
     if model is None and weights:
-        model, weights = str(weights), None
+        return _locate_weights_alone(weights)
     name = model or DEFAULT_MODEL
     spec = registry.get(name)
     if spec is not None:
@@ -247,6 +247,8 @@ def locate_model(model: str | None = None, weights: str | None = None) -> tuple[
             return "finetuned", folder, None
         if weights:
             _refuse_special(expand_user(weights, "weights", ModelError), "weights")
+            if not os.path.lexists(expand_user(weights, "weights", ModelError)):
+                raise missing_weights(weights)
         return "registry", spec, weights
     if weights:
         raise ModelError(f"--weights can only be combined with a registry model name, not with '{name}'.")
@@ -267,6 +269,29 @@ def locate_model(model: str | None = None, weights: str | None = None) -> tuple[
     raise ModelError(f"Model file or folder {path} does not exist.")
 
 
+def missing_weights(weights: str | os.PathLike) -> ModelError:
+    """The sentence for a --weights file that is not there, naming it as resolved (relative to the folder the
+    command runs in)."""
+    path = os.path.abspath(expand_user(weights, "weights", ModelError))
+    given = "" if str(weights) == path else f" (--weights {weights})"
+    return ModelError(f"The weights file {path}{given} does not exist.")
+
+
+def _locate_weights_alone(weights: str) -> tuple[str, Any, str | None]:
+    """--weights without a model names a file or a fine-tuned model folder, always by its path: never a
+    registry model's name or a model kept in the models folder, however bare the name."""
+    path = expand_user(weights, "weights", ModelError)
+    _refuse_special(path, "weights")
+    if path.is_dir():
+        if not is_finetuned_dir(path):
+            raise ModelError(f"--weights {path} is a folder but neither a weights file nor a fine-tuned model "
+                             f"(which needs {FINETUNED_WEIGHTS} and {FINETUNED_META}).")
+        return "finetuned", path, None
+    if path.is_file():
+        return "checkpoint", path, None
+    raise missing_weights(weights)
+
+
 def check_model(model: str | None = None, weights: str | None = None) -> None:
     """Refuse what `load_model` would refuse for the model's name or files, without loading it.
 
@@ -276,7 +301,7 @@ def check_model(model: str | None = None, weights: str | None = None) -> None:
     if kind == "finetuned":
         read_finetuned_meta(where)
     elif kind == "registry" and explicit and not expand_user(explicit, "weights", ModelError).exists():
-        raise ModelError(f"The weights file {explicit} does not exist.")
+        raise missing_weights(explicit)
 
 
 def load_model(model: str | None = None, weights: str | None = None, device: str | torch.device = "cpu",
