@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import sqlite3
 from collections.abc import Mapping, Sequence
@@ -155,11 +154,13 @@ def write_layer(path: Path, geometries: np.ndarray, fields: Mapping[str, np.ndar
     if driver == "GPKG":
         options["dataset_options"] = {"VERSION": "1.2"}  # QGIS 3.22's GDAL reads 1.4 with a warning
         options["layer_options"] = {"OVERWRITE": "YES"}  # a kept file's layer of this name in any case (keep_layers)
-    write = functools.partial(_write_or_say_why, payload=sum(map(len, wkb)) + 8 * len(wkb) * len(fields),
-                              geometry=wkb,
-                              field_data=list(fields.values()), fields=list(fields), driver=driver,
-                              geometry_type=geometry_type, crs=crs.to_wkt() if hasattr(crs, "to_wkt") else crs,
-                              **options)
+    payload = sum(map(len, wkb)) + 8 * len(wkb) * len(fields)
+
+    def write(target: Path, layer: str) -> None:
+        _write_or_say_why(target, payload=payload, layer=layer, geometry=wkb, field_data=list(fields.values()),
+                          fields=list(fields), driver=driver, geometry_type=geometry_type,
+                          crs=crs.to_wkt() if hasattr(crs, "to_wkt") else crs, **options)
+
     if layer is not None:  # the caller writes into a name it staged itself
         if keep_from is not None:
             keep_layers(Path(keep_from), path, layer_name(layer, driver))
@@ -171,7 +172,7 @@ def write_layer(path: Path, geometries: np.ndarray, fields: Mapping[str, np.ndar
     return path
 
 
-def _write_or_say_why(path: Path, payload: int, **arguments) -> None:
+def _write_or_say_why(path: Path, *, payload: int, **arguments: object) -> None:
     """pyogrio.raw.write; a failure in a folder left without room for the layer is said as a full disk: GDAL's
     GeoPackage and FlatGeobuf writers report it as 'Failed to commit transaction' or 'Unexpected I/O failure'
     (a traceback, exit 1), and SQLite's roll-back has freed the space by the time the error arrives, so the

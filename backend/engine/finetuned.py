@@ -5,8 +5,10 @@ Training writes it (training/api.py) and the engine reads it; both use the names
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -59,6 +61,20 @@ def with_trained_resolution(options: SegmentOptions, metadata: dict | None) -> S
     if options.scale is None and options.gsd_m is None and trained_gsd:
         return replace(options, gsd_m=trained_gsd, square_gsd=square)
     return options
+
+
+@contextlib.contextmanager
+def trained_resolution_said(model: object, given: SegmentOptions, applied: SegmentOptions,
+                            unless: str = "unless --scale or --gsd says otherwise") -> Iterator[None]:
+    """A refusal of the resolution a fine-tuned model set (with_trained_resolution), not one the user gave,
+    said as the model's: '--gsd 0.5 would resample ...' named an option the user never typed."""
+    try:
+        yield
+    except InputError as error:
+        if applied.gsd_m == given.gsd_m or not str(error).startswith("--gsd "):
+            raise
+        raise InputError(f"The model {model} was fine-tuned on {applied.gsd_m:g} m pixels, so it segments at that "
+                         f"resolution {unless}: {error}") from None
 
 
 def model_bands_for(raster: str | os.PathLike, chosen: list[int], model: str) -> list[int]:

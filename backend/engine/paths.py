@@ -6,9 +6,22 @@ import os
 from pathlib import Path
 
 
+FOLDER_HINTS = {"FARSLIP_WEIGHTS": " (or leave it unset and pass the file itself with --weights)"}
+
+
 def _env_dir(var: str, default: Path) -> Path:
+    """The folder an environment variable names, else `default`; a variable that names a file is a sentence
+    (the weights were then looked for 'in' the file: put X at FILE/X, advice no one can follow)."""
     value = os.environ.get(var)
-    return Path(value).expanduser() if value else default
+    if not value:
+        return default
+    folder = Path(value).expanduser()
+    if folder.exists() and not folder.is_dir():
+        from .errors import InputError
+
+        raise InputError(f"{var} names the file {folder}; it must name a folder: set it to {folder.parent}"
+                         f"{FOLDER_HINTS.get(var, '')}.")
+    return folder
 
 
 def state_dir() -> Path:

@@ -7,6 +7,7 @@ files, every file written under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import shutil
@@ -29,7 +30,7 @@ from .files import absolute_outputs, absolute_raster_name
 from .sliding import CHUNK_COLUMNS, NODATA_CLASS, UNCLASSIFIED, Segmenter, count_crops, predict_blocks
 from .encoders import Encoder, crop_size
 from .feature_cache import FeatureCache, raster_scopes
-from .finetuned import bands_for, with_trained_resolution
+from .finetuned import bands_for, trained_resolution_said, with_trained_resolution
 from .runtimes import make_encoder
 from .errors import CancelledError, nothing_valid
 from .colours import class_colormap, write_category_names
@@ -343,7 +344,7 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
     started = time.perf_counter()
     # Idempotent: options the caller already gave the model's defaults are the same options. A resolution
     # the model sets keeps the raster's pixel shape unless it was trained on square pixels (square_gsd).
-    options = with_model_defaults(options, loaded)
+    given, options = options, with_model_defaults(options, loaded)
     check_inputs(options, read_raster=False)  # the raster is read next, with its own checks
     if options.quality_calibration:  # made for this model: told before the dense pass, not after it
         QualityModel.load(Path(options.quality_calibration), loaded.weights_id, class_lines_of(options))
@@ -358,8 +359,10 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
     timings: dict[str, float] = {}
     targets = output_paths(options)
 
-    with open_source(raster, options.bands, options.scale, options.gsd_m, options.value_range,
-                     options.square_gsd) as source:
+    with contextlib.ExitStack() as opened:
+        with trained_resolution_said(options.model or loaded.name, given, options):
+            source = opened.enter_context(open_source(raster, options.bands, options.scale, options.gsd_m,
+                                                      options.value_range, options.square_gsd))
         warnings += check_format_crs(options.out, source.crs)
         warnings += band_choice_warning(source.dataset, options.bands)
         window = request_window(source, options.bbox, options.bbox_crs, clip=True)

@@ -59,6 +59,7 @@ def segment(**values: Any) -> None:
         from backend.engine.devices import resolve_device
         from backend.engine.feature_cache import feature_cache_for
         from backend.engine.files import raster_label
+        from backend.engine.finetuned import trained_resolution_said
         from backend.engine.models import load_model
         from backend.engine.segment import segment_raster, segment_warnings, with_model_defaults
         from backend.engine.text import parse_class_lines
@@ -70,7 +71,7 @@ def segment(**values: Any) -> None:
         loaded = load_model(options.model, str(options.weights) if options.weights else None, dev,
                             half=options.half)
         load_s = time.perf_counter() - loading
-        options = with_model_defaults(options, loaded)  # segment_raster applies them again: the same options
+        given, options = options, with_model_defaults(options, loaded)  # segment_raster applies them again
         warned = segment_warnings(loaded, parse_class_lines(class_lines_of(options)))
         for warning in warned:
             typer.echo(f"Warning: {warning}", err=True)
@@ -85,7 +86,8 @@ def segment(**values: Any) -> None:
             noted.append(sentence)
             typer.echo(f"Note: {sentence}", err=True)
 
-        with ProgressReporter(quiet, f"segmenting {raster_label(options.raster)}") as reporter:
+        with ProgressReporter(quiet, f"segmenting {raster_label(options.raster)}") as reporter, \
+                trained_resolution_said(options.model or loaded.name, given, options):
             result = segment_raster(options, loaded, progress=reporter, feature_cache=cache, notice=note)
     except FarslipError as error:
         fail(error)
@@ -354,6 +356,9 @@ app.command("evaluate-retrieval")(interruptible(evaluate_retrieval_command))
 def main() -> None:
     try:
         app()
+    except FarslipError as error:  # one a command's own handling does not meet (a folder variable naming a file)
+        typer.echo(f"Error: {error}", err=True)
+        raise SystemExit(error.exit_code) from None
     except OSError as error:
         # A path longer than the file system takes, met wherever a command first asks about it (an input
         # raster, a model, a folder): one sentence, as for every other unusable input.

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import rasterio
 import typer.main
+import typer.testing
 
 from backend.engine import raster as raster_module
 from backend.engine.errors import InputError
@@ -162,3 +163,16 @@ def test_a_scaled_run_given_defaulted_options_keeps_how_the_resolution_resamples
     once = with_model_defaults(SegmentOptions(raster=northern, out=tmp_path / "a.gpkg"), loaded)
     settings = engine_settings(once)
     assert settings.gsd_m == once.gsd_m and settings.square_gsd is False
+
+
+def test_a_resolution_the_model_set_is_refused_as_the_models_on_the_command_line(northern, tiny_model, tmp_path):
+    """`segment --model my-model/` on a raster 10 times coarser than the training one said '--gsd 0.2 would
+    resample ...', an option the user never typed; the server already said it was the model's resolution."""
+    too_fine = fine_tuned(tmp_path / "too-fine", tiny_model, pixel_width_m(northern) / 10, own_grid=True)
+    result = typer.testing.CliRunner().invoke(app, ["segment", str(northern), "--model", str(too_fine), "--out",
+                                                    str(tmp_path / "run.gpkg"), "--no-region-checks"])
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())
+    assert said.startswith(f"Error: The model {too_fine} was fine-tuned on ")
+    assert "m pixels, so it segments at that resolution unless --scale or --gsd says otherwise: --gsd " in said
+    assert not (tmp_path / "run.gpkg").exists()

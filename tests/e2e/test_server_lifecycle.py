@@ -108,6 +108,14 @@ def test_a_parent_pid_of_no_running_process_is_refused(start_cli, tmp_path):
     assert f"--parent-pid {ended.pid}: no such process is running" in stderr and "Traceback" not in stderr
 
 
+@pytest.mark.parametrize("port", ["65536", "99999", "-1"])
+def test_a_port_no_socket_can_have_is_refused_in_one_sentence(start_cli, tmp_path, port):
+    """--port 99999 ended in bind()'s OverflowError traceback; --port -1 was blamed on --host."""
+    code, stderr = _startup_refusal(start_cli, "--state-dir", str(tmp_path / "state"), "--port", port)
+    assert code == 2, stderr
+    assert stderr.strip() == f"Error: --port must be a TCP port, 0 to 65535 (0 picks a free one); got {port}."
+
+
 def test_a_second_server_on_the_same_state_dir_is_refused(start_backend, tmp_path):
     state_dir = tmp_path / "state"
     first = start_backend(state_dir)

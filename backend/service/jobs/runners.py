@@ -52,9 +52,9 @@ def check_segment_job(options: SegmentOptions, device: str) -> list[str]:
     import torch
 
     from backend.engine.checks import check_inputs, class_lines_of, output_paths
-    from backend.engine.errors import InputError
     from backend.engine.export import check_field_widths
-    from backend.engine.finetuned import model_bands_for, trained_bands, with_trained_resolution
+    from backend.engine.finetuned import (model_bands_for, trained_bands, trained_resolution_said,
+                                          with_trained_resolution)
     from backend.engine.models import check_model
     from backend.engine.text import parse_class_lines
 
@@ -62,14 +62,9 @@ def check_segment_job(options: SegmentOptions, device: str) -> list[str]:
     meta = _finetuned_meta(options.model, weights)
     # The resolution the job runs at, as it applies it (segment.with_model_defaults), and how it resamples.
     checked = with_trained_resolution(options, {"finetuned": meta})
-    try:
+    with trained_resolution_said(options.model, options, checked,
+                                 "unless the request gives scale or gsd_m (--scale or --gsd)"):
         check_inputs(checked, device=torch.device(device))
-    except InputError as error:
-        if checked.gsd_m == options.gsd_m or not str(error).startswith("--gsd "):
-            raise
-        raise InputError(f"The model {options.model} was fine-tuned on {checked.gsd_m:g} m pixels, so it segments "
-                         "at that resolution unless the request gives scale or gsd_m (--scale or --gsd): "
-                         f"{error}") from None
     chosen_bands = trained_bands({"finetuned": meta}) if options.bands is None else None
     if chosen_bands:  # the raster has the bands the model was trained on
         model_bands_for(options.raster, chosen_bands, str(options.model))

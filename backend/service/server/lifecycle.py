@@ -334,6 +334,9 @@ def serve_command(host: str = "127.0.0.1", port: int = 0, token: str | None = No
                   device: str = "auto", feature_cache_mb: int = FEATURE_CACHE_MB,
                   feature_cache_disk_mb: int = 0, parent_pid: int | None = None) -> int:
     """Entry point for the CLI's `serve` command; returns the exit code."""
+    if not 0 <= port <= 65535:  # bind() raised OverflowError (a traceback), or -1 was blamed on --host
+        print(f"Error: --port must be a TCP port, 0 to 65535 (0 picks a free one); got {port}.", file=sys.stderr)
+        return 2
     if feature_cache_mb < 0 or feature_cache_disk_mb < 0:
         print("Error: --feature-cache-mb and --feature-cache-disk-mb must not be negative (0 turns a cache off).",
               file=sys.stderr)
