@@ -171,14 +171,25 @@ def check_scale_options(options) -> None:
     outlines.check(options.refine, options.sam_model)  # SAM weights that do not fit: before any chunk runs
 
 
+NO_CRASH_HANDLER = "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"  # Ray's switch for its C++ crash report handler
+
+
 def import_ray():
     """`import ray`, with Ray's usage statistics (reported to Anyscale by default from a cluster that
     ray.init starts) off unless the user turned them on (RAY_USAGE_STATS_ENABLED=1)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # inherited by the processes Ray starts
+    # Without Ray's C++ crash report handler (unless the user asks for it: RAY_DISABLE_FAILURE_SIGNAL_HANDLER=0):
+    # ray.shutdown removes it by setting SIGTERM to the default action, for every thread, before
+    # _own_signal_handlers can put this process's handler back, and a SIGTERM then killed the run without a word.
+    os.environ.setdefault(NO_CRASH_HANDLER, "1")
     try:
         import ray
     except ImportError:
         raise InputError(f"Running on Ray needs the ray extra: {RAY_HINT}.") from None
+    # Ray reads the variable when imported: one imported before (by a caller) is told it here.
+    constants = getattr(getattr(ray, "_private", None), "ray_constants", None)
+    if hasattr(constants, NO_CRASH_HANDLER):
+        setattr(constants, NO_CRASH_HANDLER, os.environ[NO_CRASH_HANDLER].lower() in ("1", "true"))
     return ray
 
 
@@ -289,6 +300,25 @@ def _own_signal_handlers(signals=(signal.SIGTERM,)):
 
 
 @contextlib.contextmanager
+def _holding_signals(signals=(signal.SIGTERM, signal.SIGHUP)):
+    """Within, in the main thread: SIGTERM and SIGHUP are held, and delivered to this process's own handlers on
+    leaving, so a shutdown that must finish does (a handler that raises would cut it short in Ray's Python code,
+    leaving its processes behind) and the run still stops as the signal asked."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: held.append(signum)) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        for signum in dict.fromkeys(held):
+            signal.raise_signal(signum)
+
+
+@contextlib.contextmanager
 def _ignoring_ctrl_c():
     """Within, in the main thread: Ctrl+C (SIGINT) is ignored, so a cleanup that must finish does."""
     if threading.current_thread() is not threading.main_thread():
@@ -377,7 +407,7 @@ class Workers:
                     self.ray.kill(actor, no_restart=True)
             if self.started_ray:
                 self.started_ray = False
-                with _own_signal_handlers():
+                with _holding_signals(), _own_signal_handlers():
                     self.ray.shutdown()
 
 
@@ -527,11 +557,13 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
         timings["finish_wait_s"] = time.perf_counter() - t0
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
-        if workers is not None:
-            workers.stop()
-        manifest.close()
-        if not manifest.chunks and not manifest.finished:
-            manifest.remove()  # stopped before a chunk was kept: nothing to resume, and no folder in the way
+        try:
+            if workers is not None:
+                workers.stop()  # a signal held while Ray shut down is delivered as it returns
+        finally:
+            manifest.close()
+            if not manifest.chunks and not manifest.finished:
+                manifest.remove()  # stopped before a chunk was kept: nothing to resume, and no folder in the way
     done = [p for p in plans if p.index in manifest.finished]
     order = {path: number for number, path in enumerate(paths)}
     # In the order given: the first failure's exit code is the first failing raster's on the command line.
