@@ -173,9 +173,11 @@ def check_report_outputs(outputs: dict[str, str | Path | None], inputs: dict[str
     """Report files ({"--json file": path, ...}) checked before a model loads: a name the disk takes, in a
     folder that exists and takes files, none of them an input or another output, none there yet unless
     `overwrite`; a confusion matrix is a PNG."""
+    for what, given in outputs.items():
+        if given:  # as given: a name ending in a separator (a folder's) is refused before Path drops it
+            check_output_file(given, what, inputs, overwrite=overwrite)
     chosen = {what: Path(path) for what, path in outputs.items() if path}
     for what, path in chosen.items():
-        check_output_file(path, what, inputs, overwrite=overwrite)
         if what.startswith("--png") and path.suffix.lower() not in ("", ".png"):
             raise InputError(f"The {what} {path} must end in .png: the confusion matrix is written as a PNG "
                              "image.")

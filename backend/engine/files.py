@@ -11,7 +11,7 @@ import os
 import re
 import stat
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -447,13 +447,35 @@ def _report_of_another(path: Path, named: dict[str, Path]) -> str:
             "NAME.report.json)")
 
 
-def check_output_files(named: dict[str, Path], inputs: dict[str, Path] | None = None, overwrite: bool = False,
-                       option: str = "--overwrite", replaced: Iterable[Path] | None = None) -> None:
-    """Everything the files a run writes (`named`: {what it is called in a sentence: path}) must pass
-    before it starts: names the disk can hold, folders that exist and take files, no folder or device
-    there, none of them one of the run's `inputs` or another of them, and (unless `overwrite`) none of
-    `replaced` (default: all of them) there yet. `option` is how the user allows overwriting."""
-    named = {what: Path(path) for what, path in named.items()}
+def refuse_folder_name(path: str | os.PathLike, what: str) -> None:
+    """An output file's name that ends in a path separator names a folder: refused, as an existing folder is.
+    (pathlib drops the separator: `Path("out/")` is `out`, which the run would write as a file.) Check the
+    name as given, before it becomes a Path."""
+    text = os.fspath(path)
+    separators = tuple(sep for sep in ("/", os.sep, os.altsep) if sep)
+    if isinstance(text, str) and text.endswith(separators) and text.strip("".join(separators)):
+        raise InputError(f"The {what} {text} names a folder (it ends in {text[-1]!r}); give a file name.")
+
+
+def output_file_option(value: str | os.PathLike | None, what: str) -> Path | None:
+    """A command's output file option as a Path (None when not given), refused by refuse_folder_name first."""
+    if value is None:
+        return None
+    refuse_folder_name(value, what)
+    return Path(value)
+
+
+def check_output_files(given: Mapping[str, str | os.PathLike], inputs: dict[str, Path] | None = None,
+                       overwrite: bool = False, option: str = "--overwrite",
+                       replaced: Iterable[Path] | None = None) -> None:
+    """Everything the files a run writes (`given`: {what it is called in a sentence: path}) must pass
+    before it starts: names the disk can hold (not a folder's: a name ending in a separator), folders that
+    exist and take files, no folder or device there, none of them one of the run's `inputs` or another of
+    them, and (unless `overwrite`) none of `replaced` (default: all of them) there yet. `option` is how the
+    user allows overwriting."""
+    for what, path in given.items():
+        refuse_folder_name(path, what)
+    named = {what: Path(path) for what, path in given.items()}
     for what, path in named.items():
         check_output_name(path, what)
     refuse_outputs_over_inputs(named, {what: Path(path) for what, path in (inputs or {}).items() if path})
@@ -506,7 +528,7 @@ def check_output_files(named: dict[str, Path], inputs: dict[str, Path] | None = 
 def check_output_file(path: str | os.PathLike, what: str, inputs: dict[str, Path] | None = None,
                       overwrite: bool = False, option: str = "--overwrite") -> Path:
     """check_output_files for a run that writes one file."""
-    check_output_files({what: Path(path)}, inputs, overwrite, option)
+    check_output_files({what: path}, inputs, overwrite, option)
     return Path(path)
 
 

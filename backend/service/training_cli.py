@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 
 from backend.engine.errors import FarslipError, InputError
-from backend.engine.files import check_output_file, is_inside, raster_file, raster_label
+from backend.engine.files import check_output_file, is_inside, output_file_option, raster_file, raster_label
 from backend.engine.options import WEIGHTS_HELP
 from backend.service.cli_common import fail as _fail
 from backend.service.cli_common import interrupted, signals_as_interrupt
@@ -77,8 +77,9 @@ def evaluate_command(
     attention: str = typer.Option("segearth", help="Last-block attention variant."),
     batch_size: int = typer.Option(8, help="Crops per batch."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics as JSON."),
-    png: Optional[Path] = typer.Option(None, help="Write the confusion matrix as a PNG."),
+    json_out_given: Optional[str] = typer.Option(None, "--json", metavar="PATH", help="Write the metrics as JSON."),
+    png_given: Optional[str] = typer.Option(None, "--png", metavar="PATH",
+                                            help="Write the confusion matrix as a PNG."),
     benchmark: Optional[Path] = typer.Option(None, help="A benchmark dataset folder (a preset's layout, e.g. "
                                                         "UDD5's val/src + val/gt; else img_dir/ann_dir or "
                                                         "images/labels) instead of RASTER and LABELS."),
@@ -104,8 +105,9 @@ def evaluate_command(
     calibrate_quality: bool = typer.Option(False, "--calibrate-quality", help="Also fit the label-free quality "
                                            "estimate on labelled tiles and store it (with a fine-tuned model, "
                                            "or in --quality-out); reports SROCC/PLCC with the true tile IoU."),
-    quality_out: Optional[Path] = typer.Option(None, help="Calibration file to write (default: inside the "
-                                                          "fine-tuned model folder)."),
+    quality_out_given: Optional[str] = typer.Option(None, "--quality-out", metavar="PATH",
+                                                    help="Calibration file to write (default: inside the "
+                                                         "fine-tuned model folder)."),
     quality_tile: int = typer.Option(64, help="Tile side in pixels for --calibrate-quality."),
     force_calibration: bool = typer.Option(False, "--force-calibration", help="Write the new calibration even "
                                            "when it ranks the tiles worse than the built-in estimate or the "
@@ -125,6 +127,10 @@ def evaluate_command(
 
         # Options that do nothing in this run are refused, not ignored.
         _check_used(ctx, calibrate_quality, benchmark)
+        # A name ending in "/" names a folder (Path would drop the "/" and write a file of the folder's name).
+        json_out = output_file_option(json_out_given, "--json file")
+        png = output_file_option(png_given, "--png file")
+        quality_out = output_file_option(quality_out_given, "--quality-out file")
         # Every output is checked before a model loads: a run never ends in a traceback over a missing folder.
         check_attention(attention)
         if calibrate_quality:
@@ -211,7 +217,7 @@ def _plain(value):
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-_CALIBRATION_ONLY = ("quality_out", "quality_tile", "force_calibration")
+_CALIBRATION_ONLY = ("quality_out_given", "quality_tile", "force_calibration")
 _BENCHMARK_ONLY = ("classes", "preset", "protocol", "benchmark_split", "long_side", "reduce_zero_label",
                    "prob_threshold", "background_index", "ignore_index", "limit")
 
@@ -354,7 +360,8 @@ def train_command(
     resume: bool = typer.Option(False, help="Continue an interrupted or finished training of --out."),
     overwrite: bool = typer.Option(False, help="Replace an existing --out folder (and --json file)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON."),
+    json_out_given: Optional[str] = typer.Option(None, "--json", metavar="PATH",
+                                                 help="Also write the result as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Fine-tune a model on labelled polygons; report validation mIoU before and after."""
@@ -365,6 +372,7 @@ def train_command(
 
     try:
         with signals_as_interrupt():
+            json_out = output_file_option(json_out_given, "--json file")
             if json_out is not None:
                 # Checked before the model loads: the training's report never fails after the model is written.
                 if is_inside(json_out, out):
