@@ -233,10 +233,21 @@ def check_evaluation(model: str | None, weights: str | None, background: str | N
     if split == "validation":
         from backend.engine.models import locate_model
 
-        if locate_model(model, weights)[0] != "finetuned":
+        kind, where, explicit = locate_model(model, weights)
+        if kind != "finetuned":
             raise InputError(f"--split validation scores the held-out strip that farslip train kept aside, and "
-                             f"{model or 'the default model'} is not a fine-tuned model folder; evaluate it with "
-                             "--split all (or auto).")
+                             f"{_model_used(kind, where, explicit, model)} is not a fine-tuned model folder; evaluate "
+                             "it with --split all (or auto).")
+
+
+def _model_used(kind: str, where, weights: str | None, model: str | None) -> str:
+    """The model an evaluation would load, as a sentence names it (locate_model's answer): --model as given,
+    the --weights file given alone, the registry model with the weights file given for it, or the default
+    model by its name."""
+    if kind == "checkpoint":
+        return model if model else f"the weights file {where}"
+    name = where.name if model else f"the default model ({where.name})"
+    return f"{name} with the weights file {weights}" if weights else name
 
 
 def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, model: str | None = None,
