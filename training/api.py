@@ -280,6 +280,16 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
                        and _same_labels_layer(recorded.get("labels", {}), labels, class_field))
         same_data = (split != "all" and same_labels
                      and same_raster(recorded.get("raster") or {}, raster_record(raster)))
+    unmatched = []  # the sentence when the model's own raster comes with labels it cannot tell are its own
+    if (split == "auto" and trained_on.get("data") and not same_labels
+            and same_raster(trained_on["data"].get("raster") or {}, raster_record(raster))):
+        trained_labels = (trained_on["data"].get("labels") or {}).get("path")
+        unmatched = ["The model was trained on this raster, but these labels cannot be matched to the ones it was "
+                     "trained on (the file's sha256, its layer or the class field differ from the model's "
+                     "farslip_model.json; a re-saved copy counts as another file), so its held-out strip is not "
+                     "known here: scored on all labelled pixels, which may include those it was trained on"
+                     + (f" (give its own labels, {trained_labels}, to score the held-out strip)." if trained_labels
+                        else ".")]
     if split == "validation" and not same_data:
         raise InputError("--split validation needs a fine-tuned model trained on this raster and these "
                          "labels (the files' sha256, the raster's name in its archive or container, the labels layer "
@@ -336,7 +346,8 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
             many = len(grid.absent) > 1
             absent += (f"; with no ground truth here, every pixel the model gives {'them' if many else 'it'} is an "
                        f"error, and {'their' if many else 'its'} IoU of 0 (where predicted) lowers the mIoU.")
-        said = [*polygons.warnings, *regridded, *([untrained] if untrained else []), *([absent] if absent else [])]
+        said = [*polygons.warnings, *unmatched, *regridded, *([untrained] if untrained else []),
+                *([absent] if absent else [])]
         # (after the grid: it counts the polygons outside the raster)
         if use_validation:
             recorded = trained_on["split"]["validation_window"]
