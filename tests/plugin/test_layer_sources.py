@@ -204,25 +204,50 @@ def test_processing_reads_a_zipped_layer_with_its_crs_and_leaves_no_temporary_co
         round((x_min - layer.extent().xMinimum()) / layer.rasterUnitsPerPixelX()), abs=1e-6)
 
 
-def test_processing_save_to_geopackage_writes_a_new_file_and_refuses_an_existing_one(
+def test_processing_save_to_geopackage_writes_the_layer_named_after_the_file_and_keeps_the_others(
         running_plugin, qgis_processing, naip_layer, tiny_model, tmp_path):
+    """The backend names its layer after the file: 'Save to GeoPackage...' with another table name writes that
+    layer (said in a warning) and returns it; into an existing GeoPackage it is added beside the others, and
+    refused where it would replace a layer of the file's name the user did not choose."""
+    import sqlite3
+
     import processing
-    from qgis.core import QgsProcessingException
+    from qgis.core import QgsProcessingException, QgsProcessingFeedback
+
+    class Feedback(QgsProcessingFeedback):
+        def __init__(self):
+            super().__init__()
+            self.warnings = []
+
+        def pushWarning(self, text):
+            self.warnings.append(text)
+            super().pushWarning(text)
 
     new = tmp_path / "dossier ü" / "new.gpkg"
     new.parent.mkdir()
+    feedback = Feedback()
     result = processing.run("farslip:segment_by_class_names", {
         "INPUT": naip_layer, "CLASSES": CLASS_TEXT, "MODEL": str(tiny_model), "REGION_CHECKS": False,
-        "OUTPUT": f"ogr:dbname='{new}' table=\"landcover\" (geom)"})
-    assert Path(result["OUTPUT"]) == new
-    assert QgsVectorLayer(str(new), "new", "ogr").featureCount() > 0
-    existing = tmp_path / "project.gpkg"
-    existing.write_bytes(new.read_bytes())
-    with pytest.raises(QgsProcessingException, match=r"existing GeoPackage .*project\.gpkg is not supported"):
+        "OUTPUT": f"ogr:dbname='{new}' table=\"landcover\" (geom)"}, feedback=feedback)
+    assert result["OUTPUT"] == f"{new}|layername=new"
+    assert QgsVectorLayer(result["OUTPUT"], "new", "ogr").featureCount() > 0
+    assert f"The layer in {new} is named 'new' after the file (not 'landcover')." in feedback.warnings
+    project = tmp_path / "project.gpkg"
+    project.write_bytes(new.read_bytes())  # holds a layer 'new'
+    result = processing.run("farslip:segment_by_class_names", {
+        "INPUT": naip_layer, "CLASSES": CLASS_TEXT, "MODEL": str(tiny_model), "REGION_CHECKS": False,
+        "OUTPUT": f"ogr:dbname='{project}' table=\"landcover\" (geom)"})
+    assert result["OUTPUT"] == f"{project}|layername=project"
+    with sqlite3.connect(project) as db:
+        assert sorted(row[0] for row in db.execute("SELECT table_name FROM gpkg_contents")) == ["new", "project"]
+    same_name = tmp_path / "elsewhere" / "new.gpkg"
+    same_name.parent.mkdir()
+    same_name.write_bytes(new.read_bytes())
+    with pytest.raises(QgsProcessingException, match=r"would replace its layer 'new', not create 'landcover'"):
         processing.run("farslip:segment_by_class_names", {
             "INPUT": naip_layer, "CLASSES": CLASS_TEXT, "MODEL": str(tiny_model), "REGION_CHECKS": False,
-            "OUTPUT": f"ogr:dbname='{existing}' table=\"landcover\" (geom)"})
-    assert existing.read_bytes() == new.read_bytes()
+            "OUTPUT": f"ogr:dbname='{same_name}' table=\"landcover\" (geom)"})
+    assert same_name.read_bytes() == new.read_bytes()
 
 
 def test_a_shapefile_export_of_a_long_class_name_keeps_that_class_styled(dock, tmp_path, qgis_new_project):
