@@ -976,11 +976,15 @@ def check_request_options(request: dict) -> None:
 
 def train_request(request: dict, progress: Callable[[int, int], None] | None = None,
                   should_cancel: Callable[[], bool] | None = None,
-                  message: Callable[[str], None] | None = None, loaded: LoadedModel | None = None) -> dict:
+                  message: Callable[[str], None] | None = None, loaded: LoadedModel | None = None,
+                  step_message: Callable[[str], None] | None = None) -> dict:
     """Run a POST /v1/train body (the `farslip train` options as JSON) as a job.
 
-    `progress(step, total)` and `message(text)` are the job's callbacks: steps for the
-    bar, one sentence per epoch (loss, validation mIoU) for the job's message.
+    `progress(step, total)` and `message(text)` are the job's callbacks: steps for the bar, and for the job's
+    message what the run is doing: validating, then the training steps as the CLI's lines give them
+    (`train: n/N, loss L (epoch e/E)`), one sentence per epoch (loss, validation mIoU), the warnings. The steps'
+    message goes to `step_message` when given (a job's, which keeps it with the progress reported right after
+    it), else to `message`.
     """
     check_request(request)
     args, options = request_arguments(request)
@@ -990,6 +994,9 @@ def train_request(request: dict, progress: Callable[[int, int], None] | None = N
             if message is not None:
                 message(f"Warning: {info['message']}")
             return
+        if info.get("phase") == "train" and (step_message or message) is not None:
+            (step_message or message)(f"train: {step}/{total}, loss {info['loss']:.4f} "  # type: ignore[misc]
+                                      f"(epoch {info['epoch']}/{info['epochs']})")
         if progress is not None:
             progress(step, total)
         if message is None:

@@ -154,6 +154,6 @@ def run_train(request: dict, control: JobControl, models: ModelCache) -> dict:
     request.setdefault("device", models.device)
     control.message("Preparing the training data.")
     result = api.train_request(request, progress=control.progress, should_cancel=control.should_cancel,
-                               message=control.message)
+                               message=control.message, step_message=control.live_message)
     return {"outputs": dict(result.get("outputs") or {"model_dir": result.get("model_dir")}), "classes": [],
             "metrics": result.get("metrics"), "warnings": list(result.get("warnings") or [])}

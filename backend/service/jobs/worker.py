@@ -61,6 +61,12 @@ class JobControl:
     def message(self, text: str) -> None:
         self.manager._update(self.job_id, message=text)
 
+    def live_message(self, text: str) -> None:
+        """A message that follows the progress (a training's steps): readers see it at once, and it is written
+        to the store with the next progress report (at most every PROGRESS_WRITE_INTERVAL_S), not each time.
+        Report the progress after it."""
+        self.manager._live_message(self.job_id, text)
+
     def restart_timing(self) -> None:
         """A new attempt (e.g. after an out-of-memory retry): measure the ETA afresh."""
         self._attempt_start = time.monotonic()
@@ -254,6 +260,12 @@ class JobManager:
                 return
             job.update(changes)
             self.store.update(job)
+
+    def _live_message(self, job_id: str, text: str) -> None:
+        with self._lock:
+            job = self._live.get(job_id)
+            if job is not None:
+                job["message"] = text
 
     def _record_temporary(self, job_id: str, names: list[str]) -> None:
         with self._lock:
