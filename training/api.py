@@ -88,6 +88,7 @@ from .model_folder import (
     CHECKPOINT_DIR,
     check_out_folder,
     check_resumable,
+    out_folder,
     copy_text_tower,
     load_tensors,
     move_into_place,
@@ -483,7 +484,7 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
     if loaded is None:
         resolve_device(device)
     # The raster as GDAL gets it: a pathlib.Path folds /vsizip//abs/a.zip/x.tif and HDF5:"a.h5"://var.
-    raster, labels, out = raster_name(raster), Path(labels), Path(out)
+    raster, labels, out = raster_name(raster), Path(labels), out_folder(out)
     labels_file = vector_file(labels)
     check_out_folder(out, overwrite, resume, training_inputs(raster, labels, aoi, base_model, weights))
     label_layer(labels, class_field)  # a missing field is said before the model loads (or asks for weights)
@@ -933,7 +934,7 @@ def check_request(request: dict) -> list[str]:
     check_vector_source(vector_file(request["labels"]), "labels")
     if request.get("aoi"):
         aoi_layer(request["aoi"])  # a FIFO or a file without the named layer is refused now, not in the job
-    out = Path(request["out"])
+    out = out_folder(request["out"], '"out"')
     check_out_folder(out, bool(request.get("overwrite")), bool(request.get("resume")),
                      training_inputs(request["raster"], request["labels"], request.get("aoi"),
                                      request.get("base_model"), request.get("weights")))

@@ -63,12 +63,25 @@ def is_model_folder(path: Path) -> bool:
         return False
 
 
+def out_folder(value: str | os.PathLike, option: str = "--out") -> Path:
+    """--out (`option`, as the user spells it) as a Path; an empty or blank one is refused: Path("") is the
+    current folder, which training would then be asked to replace."""
+    if isinstance(value, str) and not value.strip():
+        raise InputError(f"{option} is empty: give the folder to write the fine-tuned model into (a new or empty "
+                         "folder).")
+    return Path(value)
+
+
 def check_out_folder(out: Path, overwrite: bool, resume: bool, inputs: dict[str, Path]) -> None:
     """--out may be replaced only when it is a model folder this project wrote, holding none of the inputs."""
     if not out.parent.is_dir():
         raise InputError(missing_folder(out.parent, "--out"))
     check_output_name(out, "--out folder")
     check_output_folder(out)  # the folder that takes --out (and its working folder beside it)
+    # Said before whether an input lies inside it: an existing file (an input itself, say) is no folder at all.
+    if os.path.lexists(out) and (not out.is_dir() or out.is_symlink()):
+        raise InputError(f"{out} exists and is not a model folder; choose another --out (a fine-tuned model is "
+                         "written as a new folder).")
     for what, path in inputs.items():
         if is_inside(path, out):
             raise InputError(f"The {what} {path} lies inside {out}, which training writes; choose another --out.")

@@ -334,7 +334,8 @@ def train_command(
     raster: str = typer.Argument(..., help="GeoTIFF (or any GDAL raster) to train on."),
     labels: Path = typer.Argument(..., help="Polygon layer with a class field (any CRS)."),
     class_field: str = typer.Option(..., help="Field of LABELS holding each polygon's class."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the fine-tuned model into."),
+    out_given: str = typer.Option(..., "--out", "-o", metavar="PATH", help="Folder to write the fine-tuned model "
+                                                                            "into."),
     base_model: Optional[str] = typer.Option(None, help="Model to start from (default: the default model)."),
     weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP.replace("--model", "--base-model")),
     method: str = typer.Option("lora", help="lora (default), last-blocks or full."),
@@ -370,8 +371,12 @@ def train_command(
     from training.api import RESUMED_OPTIONS, class_names_from_pairs, train_model, training_inputs
     from training.finetune import TrainOptions
 
+    from training.model_folder import out_folder
+
+    out = Path(out_given)
     try:
         with signals_as_interrupt():
+            out = out_folder(out_given)  # Path("") would be the current folder
             json_out = output_file_option(json_out_given, "--json file")
             if json_out is not None:
                 # Checked before the model loads: the training's report never fails after the model is written.
