@@ -168,8 +168,7 @@ def evaluate_command(
                                 out_json=None if calibrate_quality else json_out,
                                 out_png=None if calibrate_quality else png,
                                 progress=_Lines(quiet), overwrite=overwrite, loaded=loaded)
-        where = "the held-out validation strip" if result["split"] == "validation" else "all labelled pixels"
-        typer.echo(f"{result['model']} on {where} of {raster_label(result['raster'])}")
+        typer.echo(f"{result['model']} on {_scored_pixels(result, aoi)}")
         typer.echo(result["text"])
         if calibrate_quality:
             # On the same classes, bands, grid and area as the evaluation above (the model's own defaults).
@@ -188,6 +187,17 @@ def evaluate_command(
         compared = f"; existing {figures_text(fit['existing'])}" if fit["existing"] else ""
         typer.echo(f"Quality estimate on {fit['tiles']} tiles: default {figures_text(fit['default'])}; calibrated "
                    f"(spatially held out) {figures_text(fit['calibrated'])}{compared}. {fit['sentence']}")
+
+
+def _scored_pixels(result: dict, aoi: Optional[Path]) -> str:
+    """Which pixels of the raster an evaluation scored, as its header line says it: the held-out strip, the
+    labelled pixels inside the area of --aoi, or all labelled pixels."""
+    raster = raster_label(result["raster"])
+    if result["split"] == "validation":
+        return f"the held-out validation strip of {raster}"
+    if aoi is not None:
+        return f"the labelled pixels of {raster} inside the area of --aoi {aoi}"
+    return f"all labelled pixels of {raster}"
 
 
 def _report_files(result: dict, json_out: Optional[Path], png: Optional[Path]) -> dict:
