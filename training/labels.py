@@ -25,7 +25,7 @@ from pyproj.exceptions import CRSError
 from rasterio.features import rasterize
 
 from backend.engine.errors import InputError
-from backend.engine.files import check_vector_source
+from backend.engine.files import check_vector_source, vector_readable
 from backend.engine.ground import crs_label, degrees_per_unit
 from backend.engine.raster import PixelWindow, RasterSource, coordinates, longitude_on, longitude_turn
 from backend.engine.presets import split_class_line
@@ -202,8 +202,8 @@ def _is_polygonal(kind: str | None) -> bool:
 def _choose_layer(path: Path, layer: str | None, what: str, class_field: str | None = None) -> str | None:
     """The layer to read: the one named, the only one, or the only polygon layer (with `class_field`)."""
     try:
-        with _quiet():
-            listed = pyogrio.list_layers(path)
+        with _quiet(), vector_readable(path) as readable:
+            listed = pyogrio.list_layers(readable)
         layers = [(str(name), str(kind) if kind is not None else None) for name, kind in listed]
     except Exception as exc:  # pyogrio raises DataSourceError
         raise _unreadable(path, what, exc) from exc
@@ -233,8 +233,8 @@ def _choose_layer(path: Path, layer: str | None, what: str, class_field: str | N
 
 def _fields(path: Path, layer: str | None, what: str) -> list[str]:
     try:
-        with _quiet():
-            return [str(name) for name in pyogrio.read_info(path, layer=layer)["fields"]]
+        with _quiet(), vector_readable(path) as readable:
+            return [str(name) for name in pyogrio.read_info(readable, layer=layer)["fields"]]
     except Exception as exc:  # pyogrio raises DataSourceError / DataLayerError
         raise _unreadable(path, what, exc) from exc
 
@@ -242,8 +242,8 @@ def _fields(path: Path, layer: str | None, what: str) -> list[str]:
 def _feature_count(path: Path, layer: str | None) -> int | None:
     """The layer's feature count where the driver knows it cheaply (None where it does not)."""
     try:
-        with _quiet():
-            count = pyogrio.read_info(path, layer=layer)["features"]
+        with _quiet(), vector_readable(path) as readable:
+            count = pyogrio.read_info(readable, layer=layer)["features"]
     except Exception:  # pyogrio raises DataSourceError / DataLayerError; _fields has read it already
         return None
     return int(count) if count is not None and count >= 0 else None
@@ -252,8 +252,8 @@ def _feature_count(path: Path, layer: str | None) -> int | None:
 def _read_layer(path: Path, layer: str | None, columns: list[str] | None, what: str, read_geometry: bool = True):
     check_vector_source(path, what)
     try:
-        with _quiet():
-            return pyogrio.raw.read(path, layer=layer, columns=columns, read_geometry=read_geometry)
+        with _quiet(), vector_readable(path) as readable:
+            return pyogrio.raw.read(readable, layer=layer, columns=columns, read_geometry=read_geometry)
     except Exception as exc:  # pyogrio raises DataSourceError / DataLayerError / FieldError
         raise _unreadable(path, what, exc) from exc
 

@@ -6,12 +6,15 @@ hard links, or letter case on a case-insensitive filesystem.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import stat
+import tempfile
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -535,3 +538,28 @@ def check_output_file(path: str | os.PathLike, what: str, inputs: dict[str, Path
 def input_paths(entries: Iterable[tuple[str, str | os.PathLike | None]]) -> dict[str, Path]:
     """{what: path} of the inputs that are files (registry model names and None are left out)."""
     return {what: Path(value) for what, value in entries if value is not None and os.path.exists(value)}
+
+
+URL_MARKS = re.compile(r"[;?#]")  # what urllib.parse takes as the end of a URL's path
+
+
+@contextlib.contextmanager
+def vector_readable(path: str | os.PathLike) -> Iterator[Path]:
+    """A name pyogrio opens `path` by: pyogrio reads a path as a URL, so `labels;2.gpkg` (or a folder `a#b`) was
+    opened as `labels` (another file, or 'No such file'). Such a path is given as a link under a plain name in a
+    temporary folder, with its sidecars (a shapefile's parts, a GeoPackage's journal); a copy where links
+    cannot be made."""
+    path = Path(path)
+    if not URL_MARKS.search(str(path)):
+        yield path
+        return
+    stem = path.name[: len(path.name) - len(path.suffix)]
+    with tempfile.TemporaryDirectory(prefix="farslip-read-") as folder:
+        for sibling in path.parent.iterdir():
+            if sibling.name == path.name or sibling.name.startswith(stem + "."):
+                alias = Path(folder) / ("layer" + sibling.name[len(stem):])
+                try:
+                    os.symlink(sibling.resolve(), alias)
+                except OSError:  # no links here (Windows without the privilege)
+                    shutil.copy2(sibling, alias)
+        yield Path(folder) / ("layer" + path.suffix)
