@@ -165,14 +165,14 @@ def scored(score: dict) -> bool:
 def choose(scores: dict[str, dict]) -> str:
     """Which estimate to keep of `scores` ({"new": ..., "default": ..., "existing": ... when there is one}):
     the new calibration unless another ranks the tiles better, or its own ranking could not be measured (it is
-    then not known to rank them at least as well); else the best of the others (the existing calibration
-    before the built-in estimate when they tie)."""
+    then not known to rank them at least as well); else the best of the others, one whose ranking was measured
+    before one whose ranking was not (the existing calibration before the built-in estimate when they tie)."""
     others = [name for name in ("existing", "default") if name in scores]
     if scored(scores["new"]) and not any(ranks_worse(scores["new"], scores[name]) for name in others):
         return "new"
     best = others[0]
     for name in others[1:]:
-        if ranks_worse(scores[best], scores[name]):
+        if ranks_worse(scores[best], scores[name]) or (not scored(scores[best]) and scored(scores[name])):
             best = name
     return best
 
@@ -210,10 +210,11 @@ def verdict(kept: str, scores: dict[str, dict], target: Path, forced: bool, unsc
         if kept == "existing":
             return f"{reason}. {target} was kept as it was; add {FORCE_FLAG} to replace it anyway."
         if "existing" in scores:
-            return (f"{reason}. Nothing was written; {target}, which ranks the tiles worse than the built-in "
-                    f"estimate ({figures_text(scores['existing'])} against {figures_text(scores['default'])}), was "
-                    f"left as it was: delete it to use the built-in estimate, or add {FORCE_FLAG} to replace it with "
-                    "the new one.")
+            existing = (f"which ranks the tiles worse than the built-in estimate ({figures_text(scores['existing'])} "
+                        f"against {figures_text(scores['default'])})" if scored(scores["existing"]) else
+                        "whose ranking of the tiles could not be measured either")
+            return (f"{reason}. Nothing was written; {target}, {existing}, was left as it was: delete it to use the "
+                    f"built-in estimate, or add {FORCE_FLAG} to replace it with the new one.")
         return (f"{reason}. Nothing was written and segment keeps using the built-in estimate; add {FORCE_FLAG} to "
                 "write the new one anyway.")
     if forced:
@@ -227,9 +228,10 @@ def verdict(kept: str, scores: dict[str, dict], target: Path, forced: bool, unsc
     if kept == "existing":
         return f"{reason}, so {target} was kept as it was; add {FORCE_FLAG} to replace it anyway."
     if "existing" in scores:
-        return (f"{reason}, so nothing was written; {target}, which ranks them worse too "
-                f"({figures_text(scores['existing'])}), was left as it was: delete it to use the built-in estimate, or "
-                f"add {FORCE_FLAG} to replace it with the new one.")
+        existing = (f"which ranks them worse too ({figures_text(scores['existing'])})" if scored(scores["existing"])
+                    else "whose ranking of them could not be measured")
+        return (f"{reason}, so nothing was written; {target}, {existing}, was left as it was: delete it to use the "
+                f"built-in estimate, or add {FORCE_FLAG} to replace it with the new one.")
     return (f"{reason}, so nothing was written and segment keeps using the built-in estimate; add {FORCE_FLAG} "
             "to write it anyway.")
 

@@ -20,9 +20,12 @@ from training_data import write_labels
 from typer.testing import CliRunner
 
 from backend.service.cli import app
-from training.quality_calibration import choose
+from training.quality_calibration import choose, scored, verdict
 
 runner = CliRunner()
+NAN = {"srocc": float("nan"), "plcc": float("nan"), "tiles": 16}
+MEASURED = {"srocc": 0.2, "plcc": 0.1, "tiles": 16}
+POOR = {"srocc": -0.5, "plcc": -0.5, "tiles": 16}
 COLOURS = {"water": (40, 70, 160), "forest": (40, 120, 50), "field": (200, 190, 90), "urban": (150, 150, 150)}
 
 
@@ -110,3 +113,21 @@ def test_an_unscored_calibration_never_wins():
     assert choose({"new": nan, "default": measured}) == "default"
     assert choose({"new": nan, "existing": nan, "default": nan}) == "existing"
     assert choose({"new": measured, "default": nan}) == "new"
+    # An existing calibration whose ranking could not be measured does not win over a built-in estimate's that was.
+    poor = {"srocc": -0.5, "plcc": -0.5, "tiles": 16}
+    assert choose({"new": poor, "existing": nan, "default": measured}) == "default"
+    assert choose({"new": nan, "existing": nan, "default": measured}) == "default"
+    assert choose({"new": poor, "existing": measured, "default": nan}) == "existing"
+
+
+@pytest.mark.parametrize("scores, kept", [
+    ({"new": NAN, "default": NAN}, "default"),
+    ({"new": NAN, "existing": NAN, "default": NAN}, "existing"),
+    ({"new": NAN, "existing": NAN, "default": MEASURED}, "default"),
+    ({"new": POOR, "existing": NAN, "default": MEASURED}, "default"),
+])
+def test_the_sentence_never_says_nan(scores, kept):
+    unscored = None if scored(scores["new"]) else "all 16 labelled tiles have the same true IoU (0.00 %)"
+    assert choose(scores) == kept
+    sentence = verdict(kept, scores, Path("q.json"), forced=False, unscored=unscored)
+    assert "nan" not in sentence.lower() and "ranks the tiles worse than the built-in" not in sentence, sentence
