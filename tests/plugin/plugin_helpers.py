@@ -7,7 +7,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from qgis.core import QgsApplication
+from qgis.core import QgsApplication, QgsProcessingFeedback
 
 REPO = Path(__file__).resolve().parents[2]
 NAIP = (REPO / ".." / "shared" / "data" / "naip_2020_5m.tif").resolve()
@@ -142,3 +142,20 @@ def added(source: str, name: str, provider: str = "gdal"):
     assert layer.isValid(), source
     QgsProject.instance().addMapLayer(layer)
     return layer
+
+
+class RecordingFeedback(QgsProcessingFeedback):
+    """A Processing feedback that keeps the warnings and errors an algorithm reports."""
+
+    def __init__(self):
+        super().__init__()
+        self.warnings: list[str] = []
+        self.errors: list[str] = []
+
+    def pushWarning(self, text):
+        self.warnings.append(text)
+        super().pushWarning(text)
+
+    def reportError(self, error, fatalError=False):
+        self.errors.append(error)
+        super().reportError(error, fatalError)

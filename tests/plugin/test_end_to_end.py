@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from plugin_helpers import REPO, empty_dir, run_dock_job, wait_until
+from plugin_helpers import REPO, RecordingFeedback, empty_dir, run_dock_job, wait_until
 from qgis.core import (
     NULL,
     QgsCategorizedSymbolRenderer,
@@ -224,18 +224,7 @@ def test_processing_algorithm_runs_through_processing_run(running_plugin, qgis_p
     assert json.loads(infrared.with_suffix(".report.json").read_text("utf-8"))["bands"] == [4, 1, 2]
     assert json.loads(quick.with_suffix(".report.json").read_text("utf-8"))["bands"] == [1, 2, 3]
     # The backend's warnings reach the Processing log as warnings.
-    from qgis.core import QgsProcessingFeedback
-
-    class Feedback(QgsProcessingFeedback):
-        def __init__(self):
-            super().__init__()
-            self.warnings = []
-
-        def pushWarning(self, text):
-            self.warnings.append(text)
-            super().pushWarning(text)
-
-    feedback = Feedback()
+    feedback = RecordingFeedback()
     processing.run("farslip:segment_by_class_names", {
         "INPUT": naip_layer, "EXTENT": extent, "CLASSES": "water", "MODEL": str(tiny_model),
         "REGION_CHECKS": False, "OUTPUT": str(tmp_path / "alone.gpkg")}, feedback=feedback)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from osgeo import gdal
-from plugin_helpers import NAIP, added, run_dock_job, subdataset, translated, xyz_source, zipped
+from plugin_helpers import NAIP, RecordingFeedback, added, run_dock_job, subdataset, translated, xyz_source, zipped
 from qgis.core import (
     QgsCoordinateReferenceSystem,
     QgsRectangle,
@@ -212,20 +212,11 @@ def test_processing_save_to_geopackage_writes_the_layer_named_after_the_file_and
     import sqlite3
 
     import processing
-    from qgis.core import QgsProcessingException, QgsProcessingFeedback
-
-    class Feedback(QgsProcessingFeedback):
-        def __init__(self):
-            super().__init__()
-            self.warnings = []
-
-        def pushWarning(self, text):
-            self.warnings.append(text)
-            super().pushWarning(text)
+    from qgis.core import QgsProcessingException
 
     new = tmp_path / "dossier ü" / "new.gpkg"
     new.parent.mkdir()
-    feedback = Feedback()
+    feedback = RecordingFeedback()
     result = processing.run("farslip:segment_by_class_names", {
         "INPUT": naip_layer, "CLASSES": CLASS_TEXT, "MODEL": str(tiny_model), "REGION_CHECKS": False,
         "OUTPUT": f"ogr:dbname='{new}' table=\"landcover\" (geom)"}, feedback=feedback)

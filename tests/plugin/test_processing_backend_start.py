@@ -8,22 +8,11 @@ import sqlite3
 import time
 
 import pytest
-from plugin_helpers import NAIP, REPO, wait_until
-from qgis.core import (QgsApplication, QgsProcessingAlgRunnerTask, QgsProcessingContext, QgsProcessingFeedback,
-                       QgsProject, QgsVectorLayer)
+from plugin_helpers import NAIP, REPO, RecordingFeedback, wait_until
+from qgis.core import QgsApplication, QgsProcessingAlgRunnerTask, QgsProcessingContext, QgsProject, QgsVectorLayer
 from qgis.PyQt.QtCore import QThreadPool
 
 BACKEND_COMMAND = os.environ.get("FARSLIP_TEST_BACKEND") or str(REPO / ".venv" / "bin" / "farslip")
-
-
-class RecordingFeedback(QgsProcessingFeedback):
-    def __init__(self):
-        super().__init__()
-        self.errors: list[str] = []
-
-    def reportError(self, error, fatalError=False):
-        self.errors.append(error)
-        super().reportError(error, fatalError)
 
 
 def start_algorithm(parameters: dict, name: str = "farslip:segment_by_class_names") -> dict:
