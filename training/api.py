@@ -281,8 +281,19 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
                        and _same_labels_layer(recorded.get("labels", {}), labels, class_field))
         same_data = (split != "all" and same_labels
                      and same_raster(recorded.get("raster") or {}, raster_record(raster)))
-    unmatched = []  # the sentence when the model's own raster comes with labels it cannot tell are its own
-    if (split == "auto" and trained_on.get("data") and not same_labels
+    # The sentence when the model's own raster comes with labels it cannot tell are its own, or its own labels
+    # with a raster it cannot tell is its own: either way the held-out strip is not known, and the pixels scored
+    # may be those it was trained on.
+    unmatched = []
+    if split == "auto" and same_labels and not same_data:
+        trained_raster = (trained_on["data"].get("raster") or {}).get("path")
+        unmatched = ["These are the labels the model was trained on, but this raster cannot be matched to the one it "
+                     "was trained on (the file's sha256, or the raster's name in its archive or container, differs "
+                     "from the model's farslip_model.json; a re-saved copy counts as another file), so its held-out "
+                     "strip is not known here: scored on all labelled pixels, the polygons it was trained on included"
+                     + (f" (give its own raster, {trained_raster}, to score the held-out strip)." if trained_raster
+                        else ".")]
+    elif (split == "auto" and trained_on.get("data") and not same_labels
             and same_raster(trained_on["data"].get("raster") or {}, raster_record(raster))):
         trained_labels = (trained_on["data"].get("labels") or {}).get("path")
         unmatched = ["The model was trained on this raster, but these labels cannot be matched to the ones it was "

@@ -18,6 +18,7 @@ from backend.service.cli import app
 runner = CliRunner()
 WARNING = ("Warning: The model was trained on this raster, but these labels cannot be matched to the ones it was "
            "trained on")
+OWN_LABELS = "Warning: These are the labels the model was trained on, but this raster cannot be matched"
 
 
 @pytest.fixture(scope="module")
@@ -71,4 +72,21 @@ def test_no_warning_for_its_own_labels_for_split_all_or_for_another_raster(synth
     with open(other, "ab") as extra:
         extra.write(b"\0")
     lines, report = evaluate(other, copy, trained, tmp_path / "other.json")
-    assert report["split"] == "all" and not any(line.startswith(WARNING) for line in lines)
+    assert report["split"] == "all" and not any(line.startswith(("Warning: The model", OWN_LABELS)) for line in lines)
+
+
+def test_its_own_labels_on_a_copy_of_its_raster_are_scored_with_a_warning(synthetic, trained, tmp_path):
+    """The other way round: the labels it was trained on, the raster re-saved (another file)."""
+    raster, labels, _ = synthetic
+    other = tmp_path / "copy.tif"
+    shutil.copy(raster, other)
+    with open(other, "ab") as extra:
+        extra.write(b"\0")
+    lines, report = evaluate(other, labels, trained, tmp_path / "copy.json")
+    assert report["split"] == "all"
+    said = [line for line in lines if line.startswith(OWN_LABELS)]
+    assert len(said) == 1 and not any(line.startswith(WARNING) for line in lines), lines
+    assert "scored on all labelled pixels, the polygons it was trained on included" in said[0]
+    assert said[0].endswith(f"(give its own raster, {raster}, to score the held-out strip).")
+    lines, report = evaluate(other, labels, trained, tmp_path / "all.json", "--split", "all")
+    assert not any(line.startswith(OWN_LABELS) for line in lines)
