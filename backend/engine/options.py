@@ -325,6 +325,10 @@ class SegmentOptions:
             kind = str(hints[name])
             if value is None and "None" not in kind and not kind.startswith("list["):
                 continue  # not given: the default
+            if name in OUTPUT_FILES and value is not None:  # before Path() drops a trailing separator
+                from .files import refuse_folder_name
+
+                refuse_folder_name(value, cli_name(option_field(name)))
             converted[name] = _typed(kind, value)
         return cls(**converted)
 
@@ -337,6 +341,10 @@ class SegmentOptions:
             return Path(os.path.abspath(value)) if isinstance(value, Path) or named_file else value
 
         return {name: recorded(name, getattr(self, name)) for name in names[names.index("bbox"):]}
+
+
+# The files a run writes: a name ending in a separator names a folder (Path("x.gpkg/") is x.gpkg, written as a file).
+OUTPUT_FILES = ("out", "class_raster", "prob_raster")
 
 
 def _typed(kind: str, value: Any) -> Any:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import types
 import typing
 from typing import Any, Callable, Optional
 
 import typer
 
-from backend.engine.options import SegmentOptions, option_fields, spec_of
+from backend.engine.options import OUTPUT_FILES, SegmentOptions, option_fields, spec_of
 
 
 def _optional_inner(annotation: Any) -> Any:
@@ -33,6 +34,10 @@ def _cli_parameter(item: dataclasses.Field, annotation: Any) -> inspect.Paramete
         return inspect.Parameter(item.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation,
                                  default=typer.Argument(..., help=declared.help))
     inner = _optional_inner(annotation)
+    if item.name in OUTPUT_FILES:  # the text as typed: typer's Path would drop a trailing separator
+        annotation, default = Optional[str], (os.fspath(item.default) if item.default is not None else None)
+        return inspect.Parameter(item.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                 default=typer.Option(default, *declared.flags, help=declared.help))
     if declared.parse is not None:  # a list typed as one text, e.g. --bands 3,2,1
         annotation, default = Optional[str], None
     elif typing.get_origin(annotation) is list:  # a repeatable option; none given -> []

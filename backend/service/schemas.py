@@ -177,9 +177,13 @@ SegmentRequest = create_model(  # type: ignore[call-overload]
 
 def options_from_request(request: dict[str, Any]) -> SegmentOptions:
     """A (validated) POST /v1/segment body -> SegmentOptions (the one API conversion): `~` expanded."""
-    from backend.engine.files import expand_user, is_gdal_name
+    from backend.engine.files import expand_user, is_gdal_name, refuse_folder_name
+    from backend.engine.options import OUTPUT_FILES
 
     values = dict(request)
+    for name in OUTPUT_FILES:
+        if values.get(name):  # before a Path drops a trailing separator
+            refuse_folder_name(values[name], f'"{name}"')
     for name in path_fields():
         if values.get(name) and not is_gdal_name(values[name]):  # a GDAL name goes to GDAL as it is
             values[name] = expand_user(values[name], name.replace("_", " "))

@@ -103,7 +103,7 @@ def run_segment(request: dict, control: JobControl, models: ModelCache) -> dict:
     if ray_address():  # the backend's settings name a Ray cluster (or a local Ray): the job runs there
         return run_segment_on_ray(options, control, ray_address(), models.device)
     notices: list[str] = []
-    control.message(f"Loading the model {options.model or 'default'}.")
+    control.message(f"Loading the model {options.model or options.weights or 'default'}.")
     loaded = models.get(options.model, str(options.weights) if options.weights else None, options.half)
     options = with_model_defaults(options, loaded)
     cache = feature_cache_for(options.cache_features, options.cache_mb, models.features)
