@@ -296,16 +296,16 @@ def commit_outputs(staged: Mapping[Path, str | Path], tag: str, durable: bool = 
 
 
 @contextlib.contextmanager
-def interrupts_deferred() -> Iterator[None]:
-    """Hold SIGINT, SIGTERM and SIGHUP until the block ends, then deliver the first one that came (through the handler
-    that was in place: KeyboardInterrupt, or the process's default action). Only the main thread can hold
-    them (Python runs signal handlers there); elsewhere the block simply runs."""
+def interrupts_deferred(names: tuple[str, ...] = ("SIGINT", "SIGTERM", "SIGHUP")) -> Iterator[None]:
+    """Hold these signals (Ctrl+C, SIGTERM and SIGHUP) until the block ends, then deliver the first one that came
+    (through the handler that was in place: KeyboardInterrupt, or the process's default action). Only the main
+    thread can hold them (Python runs signal handlers there); elsewhere the block simply runs."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     came: list[int] = []
     held: dict[int, object] = {}
-    for number in [int(getattr(signal, name)) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]:
+    for number in [int(getattr(signal, name)) for name in names if hasattr(signal, name)]:
         try:
             held[number] = signal.signal(number, lambda signum, _frame: came.append(signum))
         except (ValueError, OSError):  # not settable here: left as it was
@@ -314,12 +314,13 @@ def interrupts_deferred() -> Iterator[None]:
         yield
     finally:
         for kept, handler in held.items():
-            signal.signal(kept, handler)  # type: ignore[arg-type]
+            # None: a handler not set from Python (a library's C handler); the default action stands in for it.
+            signal.signal(kept, signal.SIG_DFL if handler is None else handler)  # type: ignore[arg-type]
     if came:
         handler = held.get(came[0])
         if callable(handler):
             handler(came[0], None)
-        elif handler == signal.SIG_DFL:
+        elif handler in (signal.SIG_DFL, None):
             os.kill(os.getpid(), came[0])
 
 

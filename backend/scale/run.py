@@ -33,7 +33,7 @@ from backend import __version__
 from backend.engine.errors import CancelledError, FarslipError, InputError, OutsideBboxError
 from backend.engine.colours import write_category_names
 from backend.engine.devices import usable_cores
-from backend.engine.atomic import StagedOutputs, write_text_atomically
+from backend.engine.atomic import StagedOutputs, interrupts_deferred, write_text_atomically
 from backend.engine.export import check_format_crs, driver_for, layer_name, report_json, report_path_for
 from backend.engine.feature_cache import RasterReads, identity_digest, model_identity, raster_reads
 from backend.engine.weights import stat_identity
@@ -300,25 +300,6 @@ def _own_signal_handlers(signals=(signal.SIGTERM,)):
 
 
 @contextlib.contextmanager
-def _holding_signals(signals=(signal.SIGTERM, signal.SIGHUP)):
-    """Within, in the main thread: SIGTERM and SIGHUP are held, and delivered to this process's own handlers on
-    leaving, so a shutdown that must finish does (a handler that raises would cut it short in Ray's Python code,
-    leaving its processes behind) and the run still stops as the signal asked."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, _frame: held.append(signum)) for sig in signals}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        for signum in dict.fromkeys(held):
-            signal.raise_signal(signum)
-
-
-@contextlib.contextmanager
 def _ignoring_ctrl_c():
     """Within, in the main thread: Ctrl+C (SIGINT) is ignored, so a cleanup that must finish does."""
     if threading.current_thread() is not threading.main_thread():
@@ -407,7 +388,9 @@ class Workers:
                     self.ray.kill(actor, no_restart=True)
             if self.started_ray:
                 self.started_ray = False
-                with _holding_signals(), _own_signal_handlers():
+                # SIGTERM and SIGHUP wait for the shutdown (a handler that raised cut it short in Ray's Python code,
+                # leaving its processes behind), then stop the run as they asked.
+                with interrupts_deferred(("SIGTERM", "SIGHUP")), _own_signal_handlers():
                     self.ray.shutdown()
 
 
