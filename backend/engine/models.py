@@ -253,14 +253,10 @@ def locate_model(model: str | None = None, weights: str | None = None) -> tuple[
     if weights:
         raise ModelError(f"--weights can only be combined with a registry model name, not with '{name}'.")
     path = expand_user(name, "model", ModelError)
-    _refuse_special(path, "model")
-    if path.is_dir():
-        if not is_finetuned_dir(path):
-            raise ModelError(f"{path} is a folder but not a fine-tuned model: it needs "
-                             f"{FINETUNED_WEIGHTS} and {FINETUNED_META}.")
-        return "finetuned", path, None
-    if path.is_file():
-        return "checkpoint", path, None
+    found = _model_at(path, "model", f"{path} is a folder but not a fine-tuned model: it needs "
+                                     f"{FINETUNED_WEIGHTS} and {FINETUNED_META}.")
+    if found is not None:
+        return found
     if "/" not in name and os.sep not in name:
         candidate = paths.models_dir() / name
         if is_finetuned_dir(candidate):
@@ -281,15 +277,24 @@ def _locate_weights_alone(weights: str) -> tuple[str, Any, str | None]:
     """--weights without a model names a file or a fine-tuned model folder, always by its path: never a
     registry model's name or a model kept in the models folder, however bare the name."""
     path = expand_user(weights, "weights", ModelError)
-    _refuse_special(path, "weights")
+    found = _model_at(path, "weights", f"--weights {path} is a folder but neither a weights file nor a fine-tuned "
+                                       f"model (which needs {FINETUNED_WEIGHTS} and {FINETUNED_META}).")
+    if found is None:
+        raise missing_weights(weights)
+    return found
+
+
+def _model_at(path: Path, what: str, not_a_model: str) -> tuple[str, Any, str | None] | None:
+    """The model file or fine-tuned model folder at `path` (named by the option `what`), None when nothing is
+    there; a folder that is not a fine-tuned model is refused with `not_a_model`."""
+    _refuse_special(path, what)
     if path.is_dir():
         if not is_finetuned_dir(path):
-            raise ModelError(f"--weights {path} is a folder but neither a weights file nor a fine-tuned model "
-                             f"(which needs {FINETUNED_WEIGHTS} and {FINETUNED_META}).")
+            raise ModelError(not_a_model)
         return "finetuned", path, None
     if path.is_file():
         return "checkpoint", path, None
-    raise missing_weights(weights)
+    return None
 
 
 def check_model(model: str | None = None, weights: str | None = None) -> None:
