@@ -21,7 +21,7 @@ from qgis.core import (
 from qgis.gui import QgsFileWidget
 from qgis.PyQt.QtWidgets import QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFormLayout
 
-from .filenames import MAX_STEM
+from .filenames import MAX_STEM, gpkg_table_name
 from .parameters import safe_name
 from .i18n import tr
 
@@ -48,9 +48,8 @@ def result_layers(preferred: Sequence[QgsMapLayer] = ()) -> list[QgsVectorLayer]
 def gpkg_layer_name(layer: QgsVectorLayer) -> str:
     """The table a result is written to in a GeoPackage: the result's name, letters of any script, digits
     and `_` (exporting the same result again replaces it); GeoPackage reserves names that begin with
-    'gpkg' (GDAL refused them), which get a leading `_`, as the backend's layers do."""
-    name = re.sub(r"\W+", "_", layer.name()).strip("_")[:MAX_STEM] or "farslip_result"
-    return f"_{name}" if name.lower().startswith("gpkg") else name
+    'gpkg', 'rtree_' or 'sqlite_' (GDAL refused them), which get a leading `_` (gpkg_table_name)."""
+    return gpkg_table_name(re.sub(r"\W+", "_", layer.name()).strip("_")[:MAX_STEM] or "farslip_result")
 
 
 def write_styled(layer: QgsVectorLayer, path: str) -> QgsVectorLayer:

@@ -46,3 +46,13 @@ def unused_stem(folder: str, stem: str) -> str:
         number += 1
         candidate = f"{stem}-{number}"
     return os.path.join(folder, candidate)
+
+
+# Table names a GeoPackage keeps for itself (its own tables, its spatial indexes, SQLite's): GDAL refuses a layer
+# so named, which gets a leading `_`, as the backend's layers do (backend/engine/export.py: layer_name).
+RESERVED_TABLE_PREFIXES = ("gpkg", "rtree_", "sqlite_")
+
+
+def gpkg_table_name(name: str) -> str:
+    """`name` as a GeoPackage layer may be called."""
+    return f"_{name}" if name.lower().startswith(RESERVED_TABLE_PREFIXES) else name

@@ -37,6 +37,7 @@ from qgis.PyQt.QtGui import QIcon
 from .backend_manager import BackendManager
 from .classes import bundled_presets, class_list_refusal, parse_class_text, resources_dir
 from .client import BackendClient, BackendError, BackendUnreachable
+from .filenames import gpkg_table_name
 from .extent import (crs_text, displayed_bands, export_size, gdal_dataset_name, local_raster_path,
                      missing_layer_file, vrt_arguments, write_geotiff, write_vrt)
 from .jobs import BackendStopped, JobCancelled, PreparationError, run_job
@@ -145,10 +146,10 @@ def load_instead(context, given: str, source: str) -> str:
 
 
 def file_layer_name(path: str) -> str:
-    """The layer the backend writes a result to: named after the file (GeoPackage reserves names that begin
-    with 'gpkg': `_gpkg...`), beside any other layers of an existing GeoPackage, which it keeps."""
+    """The layer the backend writes a result to: named after the file (in a GeoPackage, as it may hold it:
+    gpkg_table_name), beside any other layers of an existing GeoPackage, which it keeps."""
     stem = os.path.splitext(os.path.basename(path))[0]
-    return f"_{stem}" if path.lower().endswith(".gpkg") and stem.lower().startswith("gpkg") else stem
+    return gpkg_table_name(stem) if path.lower().endswith(".gpkg") else stem
 
 
 def gpkg_tables(path: str) -> list[str]:

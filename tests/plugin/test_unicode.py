@@ -101,14 +101,21 @@ def test_a_result_in_a_geopackage_with_other_layers_loads_its_own_layer(farslip,
     assert sorted(f["class"] for f in vector.getFeatures()) == sorted(NAMES)
 
 
-def test_a_result_named_gpkg_something_exports_to_a_geopackage(farslip, qgis_new_project, tmp_path):
-    """GeoPackage reserves table names that begin with 'gpkg': the export of a layer named "gpkg tiles" failed."""
+@pytest.mark.parametrize("name, table", [("gpkg tiles", "_gpkg_tiles"), ("sqlite stats", "_sqlite_stats"),
+                                         ("rtree_index", "_rtree_index")])
+def test_a_result_named_like_a_reserved_table_exports_to_a_geopackage(farslip, qgis_new_project, tmp_path, name,
+                                                                      table):
+    """GeoPackage reserves table names that begin with 'gpkg', 'rtree_' and 'sqlite_': the export of a layer named
+    "gpkg tiles" failed; Processing's search result sqlite_hits.gpkg is layer _sqlite_hits, as the backend names it."""
     from qgis_farslip.exporting import write_styled
+    from qgis_farslip.processing_provider import file_layer_name
 
-    source = QgsVectorLayer(write_result(str(tmp_path / "result.gpkg")), "gpkg tiles", "ogr")
+    source = QgsVectorLayer(write_result(str(tmp_path / "result.gpkg")), name, "ogr")
     written = write_styled(source, str(tmp_path / "export.gpkg"))
     assert written.isValid() and written.featureCount() == len(NAMES)
-    assert "layername=_gpkg_tiles" in written.source()
+    assert f"layername={table}" in written.source()
+    assert file_layer_name(str(tmp_path / "sqlite_hits.gpkg")) == "_sqlite_hits"
+    assert file_layer_name(str(tmp_path / "sqlite_hits.shp")) == "sqlite_hits"
 
 
 def test_the_model_list_says_which_models_are_multilingual(farslip, qgis_iface, plugin_settings):
