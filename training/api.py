@@ -241,6 +241,11 @@ def check_evaluation(model: str | None, weights: str | None, background: str | N
                              "it with --split all (or auto).")
 
 
+def _give_its_own(what: str, path: str | None) -> str:
+    """The end of a sentence that the model's own raster or labels were not given: which file to give, if known."""
+    return f" (give its own {what}, {path}, to score the held-out strip)." if path else "."
+
+
 def _model_used(kind: str, where, weights: str | None, model: str | None) -> str:
     """The model an evaluation would load, as a sentence names it (locate_model's answer): --model as given,
     the --weights file given alone, the registry model with the weights file given for it, or the default
@@ -291,8 +296,7 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
                      "was trained on (the file's sha256, or the raster's name in its archive or container, differs "
                      "from the model's farslip_model.json; a re-saved copy counts as another file), so its held-out "
                      "strip is not known here: scored on all labelled pixels, the polygons it was trained on included"
-                     + (f" (give its own raster, {trained_raster}, to score the held-out strip)." if trained_raster
-                        else ".")]
+                     + _give_its_own("raster", trained_raster)]
     elif (split == "auto" and trained_on.get("data") and not same_labels
             and same_raster(trained_on["data"].get("raster") or {}, raster_record(raster))):
         trained_labels = (trained_on["data"].get("labels") or {}).get("path")
@@ -300,8 +304,7 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
                      "trained on (the file's sha256, its layer or the class field differ from the model's "
                      "farslip_model.json; a re-saved copy counts as another file), so its held-out strip is not "
                      "known here: scored on all labelled pixels, which may include those it was trained on"
-                     + (f" (give its own labels, {trained_labels}, to score the held-out strip)." if trained_labels
-                        else ".")]
+                     + _give_its_own("labels", trained_labels)]
     if split == "validation" and not same_data:
         raise InputError("--split validation needs a fine-tuned model trained on this raster and these "
                          "labels (the files' sha256, the raster's name in its archive or container, the labels layer "

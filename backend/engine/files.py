@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 from .atomic import is_shapefile, raster_sidecars, shapefile_parts
 from .errors import FarslipError, InputError, shortened
+from .temporary import URL_MARKS
 
 
 def expand_user(text: str | os.PathLike, what: str, error: type[FarslipError] = InputError) -> Path:
@@ -538,9 +539,6 @@ def check_output_file(path: str | os.PathLike, what: str, inputs: dict[str, Path
 def input_paths(entries: Iterable[tuple[str, str | os.PathLike | None]]) -> dict[str, Path]:
     """{what: path} of the inputs that are files (registry model names and None are left out)."""
     return {what: Path(value) for what, value in entries if value is not None and os.path.exists(value)}
-
-
-URL_MARKS = re.compile(r"[;?#]")  # what urllib.parse takes as the end of a URL's path
 
 
 @contextlib.contextmanager
