@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from backend.engine.atomic import atomic_output, write_text_atomically
+from backend.engine.atomic import atomic_output, finite_json, write_text_atomically
 from backend.engine.sliding import ArraySource, Segmenter, predict_window
 from backend.engine.errors import InputError
 from backend.engine.models import LoadedModel
@@ -155,19 +155,6 @@ def _draw(plt, normalised, names, metrics, title, side, path) -> None:
         figure.savefig(path, dpi=100, format="png")
     finally:
         plt.close(figure)
-
-
-def finite_json(value):
-    """`value` with each float that JSON cannot hold (NaN: a figure that could not be measured; infinity) as
-    null, in dicts, lists and tuples at any depth: json.dumps would write them as the bare NaN and Infinity that
-    no JSON reader takes."""
-    if isinstance(value, dict):
-        return {key: finite_json(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_json(item) for item in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def json_text(data, indent: int | None = 2) -> str:

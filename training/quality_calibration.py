@@ -33,7 +33,7 @@ from backend.engine.raster import PixelWindow, open_source
 from backend.engine.sliding import predict_window
 
 from .api import model_class_lines
-from .evaluate import finite_json, segmenter_for
+from .evaluate import segmenter_for
 from .labels import UNLABELLED, build_label_grid, raster_envelope, read_aoi, read_label_polygons
 
 MIN_LABELLED_SHARE = 0.5
@@ -325,9 +325,8 @@ def calibrate_and_keep_the_better(raster: str | Path, labels: str | Path, class_
     # The calibration first, the files along with it after it (the report last), renamed in together.
     with StagedOutputs(outputs) as staged, writing_to(outputs.values(), 1.0):
         if written:
-            # A figure that could not be measured is null: the file stays JSON that any reader takes.
-            model.metrics = finite_json({**fitted_on, "default": scores["default"], "out_of_fold": scores["new"],
-                                         **({"replaced": scores["existing"]} if "existing" in scores else {})})
+            model.metrics = {**fitted_on, "default": scores["default"], "out_of_fold": scores["new"],
+                             **({"replaced": scores["existing"]} if "existing" in scores else {})}
             model.save(staged["calibration"])
         for i, write in enumerate(writers):
             write(staged[f"along {i}"], fit)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import shutil
 import signal
@@ -415,6 +416,19 @@ def write_bytes_atomically(path: str | Path, data: bytes, durable: bool = True, 
         with os.fdopen(descriptor, "wb") as stream:
             stream.write(data)
     return Path(path)
+
+
+def finite_json(value):
+    """`value` with each float that JSON cannot hold (NaN: a figure that could not be measured; infinity) as
+    null, in dicts, lists and tuples at any depth: json.dumps would write them as the bare NaN and Infinity that
+    no JSON reader takes."""
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def write_text_atomically(path: str | Path, text: str, durable: bool = True, mode: int | None = None) -> Path:

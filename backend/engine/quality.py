@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from rasterio.transform import Affine
 
-from .atomic import write_text_atomically
+from .atomic import finite_json, write_text_atomically
 from .dense import normalize_pixels
 from .errors import CancelledError, InputError
 from .feature_cache import FeatureCache
@@ -148,7 +148,9 @@ class QualityModel:
 
     def save(self, path: Path) -> Path:
         data = {"format": CALIBRATION_FORMAT, "signals": list(SIGNALS), **asdict(self)}
-        return write_text_atomically(path, json.dumps(data, indent=1, ensure_ascii=False))
+        # A figure of its metrics that could not be measured (NaN) is null: the file stays JSON any reader takes.
+        return write_text_atomically(path, json.dumps(finite_json(data), indent=1, ensure_ascii=False,
+                                                      allow_nan=False))
 
     @classmethod
     def load(cls, path: Path, weights_sha256: str | None = None,
