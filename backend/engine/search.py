@@ -46,7 +46,7 @@ from .atomic import StagedOutputs, is_shapefile, shapefile_parts
 from .diskspace import writing_to
 from .errors import InputError
 from .export import check_field_widths, check_format_crs, driver_for, report_json, report_path_for, write_layer
-from .files import absolute_outputs, check_output_files, input_paths, raster_file
+from .files import absolute_outputs, check_output_files, input_paths, raster_file, refuse_folder_name
 from .models import LoadedModel
 from .ground import crs_label
 from .options import SENTENCE_MAX_CHARS, check_typed_text
@@ -483,12 +483,15 @@ def hits_output_files(out: Path) -> dict[str, Path]:
     return named
 
 
-def check_hits_output(out: Path, overwrite: bool, inputs: dict[str, Path] | None = None,
-                      sentences: list[str] | None = None, option: str = "--overwrite") -> None:
+def check_hits_output(out: str | Path, overwrite: bool, inputs: dict[str, Path] | None = None,
+                      sentences: list[str] | None = None, option: str = "--overwrite",
+                      what: str = "--out file") -> None:
     """Before any work: the output layer and its report can be written (names, folder, not a folder or
     device, not one of `inputs`, the layer not there yet unless `overwrite`), and a shapefile can hold
-    every sentence. `option` is how the user allows overwriting."""
-    driver_for(out)
+    every sentence. `option` is how the user allows overwriting; `what` names the output in a sentence.
+    Give `out` as the user wrote it: a name ending in a separator names a folder, which a Path forgets."""
+    refuse_folder_name(out, what)
+    driver_for(Path(out))
     # The layer and its report: an existing report belongs to another run (e.g. -o h.gpkg before -o h.shp).
     check_output_files(hits_output_files(Path(out)), inputs, overwrite, option,
                        replaced=[Path(out), report_path_for(Path(out))])

@@ -159,7 +159,7 @@ def bench(
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     rss_sizes: Optional[str] = typer.Option(None, help="Raster sides for the peak-memory runs ('' = skip; "
                                                        "default 2000,10000; 2048,8192 with --null-encoder)."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
+    json_out_given: Optional[str] = typer.Option(None, "--json", help="Also write the figures as JSON."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --json file."),
     server: bool = typer.Option(False, "--server", help="Instead: HTTP latencies and server vs CLI overhead."),
     train: bool = typer.Option(False, "--train", help="Instead: training step time vs its bare passes."),
@@ -187,10 +187,11 @@ def bench(
 
     from backend.engine.devices import resolve_device
 
-    from backend.engine.files import check_output_file
+    from backend.engine.files import check_output_file, output_file_option
 
     try:  # everything checked before minutes of measuring, not after
         dev = resolve_device(device)
+        json_out = output_file_option(json_out_given, "figures file (--json)")
         if json_out:
             check_output_file(json_out, "figures file (--json)", overwrite=overwrite)
         from .bench import arch_config
@@ -308,7 +309,7 @@ def serve(
     token: Optional[str] = typer.Option(None, help="Access token (default: $FARSLIP_TOKEN, else a new random "
                                                    "one per start): at least 16 visible ASCII characters "
                                                    "(letters, digits, punctuation; no spaces)."),
-    connection_file: Optional[Path] = typer.Option(None, help="Where to write {url, port, token, pid, "
+    connection_file: Optional[str] = typer.Option(None, help="Where to write {url, port, token, pid, "
                                                               "version} (default: STATE_DIR/backend.json)."),
     state_dir: Optional[Path] = typer.Option(None, help="Job history and logs (default: $FARSLIP_HOME)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
@@ -323,7 +324,7 @@ def serve(
     from .server import serve_command
     from .server.lifecycle import exit_now
 
-    code = serve_command(host, port, token, str(connection_file) if connection_file else None,
+    code = serve_command(host, port, token, connection_file or None,
                          str(state_dir) if state_dir else None, device, feature_cache_mb, feature_cache_disk_mb,
                          parent_pid)
     if code:

@@ -76,7 +76,7 @@ def index_command(
 def search_command(
     raster: str = typer.Argument(..., help="GeoTIFF (or any GDAL raster) to search."),
     sentences: Optional[list[str]] = typer.Argument(None, help="What to look for; several sentences are allowed."),
-    out: Path = typer.Option(Path("hits.gpkg"), "--out", "-o", help="Hits: .gpkg (default), .shp, .geojson, .fgb."),
+    out_given: str = typer.Option("hits.gpkg", "--out", "-o", help="Hits: .gpkg (default), .shp, .geojson, .fgb."),
     top: int = typer.Option(20, help="Hits per sentence."),
     keywords: Optional[list[str]] = typer.Option(
         None, help="Keyword phrases separated by ';', once per sentence (default: split from the sentence)."),
@@ -101,10 +101,11 @@ def search_command(
 
     options = SearchOptions(list(sentences or []), list(keywords) if keywords else None, not no_keywords, top,
                             bbox, bbox_crs, like, like_crs, max_overlap)
+    out = Path(out_given)
     try:
         with signals_as_interrupt():
             queries = validate_search_options(options)
-            check_hits_output(out, overwrite, _inputs(raster, model, weights), [q.text for q in queries])
+            check_hits_output(out_given, overwrite, _inputs(raster, model, weights), [q.text for q in queries])
             loaded = _load(model, weights, device)
             with open_index(raster, loaded, parse_bands(bands)) as index:
                 with ProgressReporter(quiet, f"indexing {raster_label(raster)}", unit="windows") as reporter:
@@ -133,7 +134,7 @@ def classify_command(
     classes_file: Optional[Path] = typer.Option(None, help="Text file, one class per line."),
     preset: Optional[str] = typer.Option(None, help="A named class list (see `farslip presets`)."),
     tile: int = typer.Option(224, help="Tile side in raster pixels (tiles are resized to the model's input)."),
-    out: Path = typer.Option(Path("tiles.gpkg"), "--out", "-o", help="Tiles: .gpkg (default), .shp, .geojson, .fgb."),
+    out_given: str = typer.Option("tiles.gpkg", "--out", "-o", help="Tiles: .gpkg (default), .shp, .geojson, .fgb."),
     bbox: Optional[tuple[float, float, float, float]] = typer.Option(None, help="XMIN YMIN XMAX YMAX to classify."),
     bbox_crs: Optional[str] = typer.Option(None, help="CRS of --bbox (default: the raster's)."),
     model: Optional[str] = typer.Option(None, help=MODEL_HELP),
@@ -149,12 +150,13 @@ def classify_command(
     from backend.engine.presets import collect_class_lines
     from backend.engine.search import check_hits_output
 
+    out = Path(out_given)
     try:
         with signals_as_interrupt():
             lines = collect_class_lines(classes, classes_file, preset)
             options = ClassifyOptions(lines, tile, bbox, bbox_crs, parse_bands(bands))
             inputs = _inputs(raster, model, weights, **{"class list": classes_file})
-            check_hits_output(out, overwrite, inputs)
+            check_hits_output(out_given, overwrite, inputs)
             loaded = _load(model, weights, device)
             if not options.class_lines and loaded.class_lines:
                 options.class_lines = list(loaded.class_lines)
@@ -181,14 +183,14 @@ def evaluate_retrieval_command(
     weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     batch_size: int = typer.Option(32, help="Images per batch."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the figures as JSON."),
+    json_out_given: Optional[str] = typer.Option(None, "--json", help="Also write the figures as JSON."),
     overwrite: bool = typer.Option(False, help="Replace an existing --json file."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Image-text retrieval recalls (R@1/5/10 both ways, mR) on an RSICD/RSITMD-layout folder."""
     import json
 
-    from backend.engine.files import check_output_file
+    from backend.engine.files import check_output_file, output_file_option
     from backend.engine.options import check_batch_size
     from backend.engine.retrieval import dataset_files, load_caption_set
     from backend.engine.retrieval import evaluate_retrieval as evaluate
@@ -196,6 +198,7 @@ def evaluate_retrieval_command(
     try:
         with signals_as_interrupt():
             check_batch_size(batch_size)
+            json_out = output_file_option(json_out_given, "--json file")
             load_caption_set(folder, split)
             if json_out is not None:  # checked before the model loads: the figures are never lost at the end
                 caption_file, *images = dataset_files(folder)

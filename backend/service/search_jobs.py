@@ -63,11 +63,12 @@ def check_index_request(request: dict) -> list[str]:
 def check_search_request(request: dict) -> list[str]:
     """The checks of `farslip search`, same sentences; returns the files the job will write."""
     from backend.engine.export import report_path_for
-    from backend.engine.files import input_paths, raster_file
+    from backend.engine.files import input_paths, raster_file, refuse_folder_name
     from backend.engine.models import check_model
     from backend.engine.search import check_hits_output, validate_search_options
 
     validate_search_options(_search_options(request))
+    refuse_folder_name(request["out"], '"out" file')  # before a Path drops the separator
     out = Path(request["out"]).expanduser()
     check_hits_output(out, bool(request.get("overwrite")), input_paths([("raster", raster_file(_raster(request)))]),
                       option='"overwrite": true')

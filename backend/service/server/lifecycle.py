@@ -26,6 +26,7 @@ from pathlib import Path
 from backend import __version__
 from backend.engine.atomic import write_text_atomically
 from backend.engine.errors import FarslipError, InputError
+from backend.engine.files import refuse_folder_name
 
 from .app import FEATURE_CACHE_MB, create_app
 from .security import check_token
@@ -242,7 +243,7 @@ def _exit_after(seconds: float, cleanup: Callable[[], None]) -> None:
 
 
 def serve(host: str = "127.0.0.1", port: int = 0, token: str | None = None,
-          connection_file: Path | None = None, state_dir: Path | None = None, device: str | None = None,
+          connection_file: str | Path | None = None, state_dir: Path | None = None, device: str | None = None,
           log_level: str = "INFO", feature_cache_mb: int = FEATURE_CACHE_MB, feature_cache_disk_mb: int = 0,
           parent_pid: int | None = None) -> None:
     """Run the backend until SIGTERM/SIGINT (or until the process `parent_pid` ends): print the URL, write the
@@ -254,6 +255,8 @@ def serve(host: str = "127.0.0.1", port: int = 0, token: str | None = None,
     if token is not None:
         check_token(token)
     parent = parent_process(parent_pid) if parent_pid is not None else None
+    if connection_file is not None:  # given as typed: a Path drops a trailing separator
+        refuse_folder_name(connection_file, "--connection-file")
     state_dir = Path(state_dir or default_state_dir()).expanduser().resolve()
     if not state_dir.exists():
         state_dir.mkdir(parents=True, mode=0o700)  # job history names the user's files
@@ -343,7 +346,7 @@ def serve_command(host: str = "127.0.0.1", port: int = 0, token: str | None = No
         return 2
     try:
         serve(host, port, token or os.environ.get("FARSLIP_TOKEN") or None,
-              Path(connection_file) if connection_file else None, Path(state_dir) if state_dir else None,
+              connection_file or None, Path(state_dir) if state_dir else None,
               device=device, feature_cache_mb=feature_cache_mb, feature_cache_disk_mb=feature_cache_disk_mb,
               parent_pid=parent_pid)
     except FarslipError as error:
