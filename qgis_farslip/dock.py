@@ -19,7 +19,7 @@ from qgis.core import (
 from qgis.gui import QgsDockWidget
 from qgis.PyQt import sip, uic
 from qgis.PyQt.QtCore import pyqtSignal
-from qgis.PyQt.QtWidgets import QWidget
+from qgis.PyQt.QtWidgets import QMessageBox, QWidget
 
 from . import messages
 from .backend_manager import BackendManager, log, plain_text
@@ -27,7 +27,7 @@ from .backend_panel import BackendPanel
 from .class_box import ClassBox
 from .classes import bundled_presets, class_list_refusal, parse_class_text
 from .client import Connection
-from .exporting import ExportDialog, result_layers
+from .exporting import ExportDialog, export_path, replaces_a_file, result_layers
 from .extent_choice import ExtentChoice, ExtentError, unusable_extent_text
 from .extent import (LocalCopyError, PixelWindow, crs_text, displayed_bands, export_size, gdal_dataset_name,
                      has_pixel_size, local_raster_path, missing_layer_file, transform_extent, vrt_step, write_geotiff)
@@ -493,8 +493,21 @@ class FarslipDock(QgsDockWidget):
                 return None
             if not dialog.exec_():
                 return None
+            chosen = dialog.chosen_path()
+            # A typed name is not checked by the file picker: an existing shapefile is replaced only when asked.
+            if chosen and replaces_a_file(chosen) and not self.confirm_replace(export_path(chosen)):
+                self.show_status(self.tr("Not exported; {} is unchanged.").format(export_path(chosen)))
+                return None
             return self._exported(dialog.export())
         return self._exported(dialog.export(path, layer))
+
+    def confirm_replace(self, path: str) -> bool:
+        """Ask before an export replaces an existing shapefile (with its .dbf, .shx, .prj and style)."""
+        answer = QMessageBox.question(
+            self, self.tr("Replace the shapefile?"),
+            self.tr("{} exists. Replace it (with its .dbf, .shx, .prj and style) by the exported result?").format(
+                path), QMessageBox.Yes | QMessageBox.No, QMessageBox.No)
+        return answer == QMessageBox.Yes
 
     def _exported(self, outcome: tuple[str | None, str]) -> str | None:
         path, message = outcome

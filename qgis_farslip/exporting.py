@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
+import uuid
 from collections.abc import Sequence
 
 from qgis.core import (
@@ -27,6 +29,10 @@ from .i18n import tr
 
 DRIVERS = {".shp": "ESRI Shapefile", ".gpkg": "GPKG"}
 FILTERS = "GeoPackage (*.gpkg);;ESRI Shapefile (*.shp)"
+# The files of a shapefile an export writes (.qml: its style), and those of an earlier one that would describe
+# the new one wrongly (a spatial index, an ArcGIS or QGIS projection file) and go when it is replaced.
+SHAPEFILE_PARTS = (".shp", ".shx", ".dbf", ".prj", ".cpg", ".qml")
+STALE_SHAPEFILE_PARTS = (".sbn", ".sbx", ".qix", ".qpj", ".shp.xml", ".aux.xml")
 
 
 def driver_for(path: str) -> str:
@@ -37,9 +43,11 @@ def driver_for(path: str) -> str:
 
 
 def result_layers(preferred: Sequence[QgsMapLayer] = ()) -> list[QgsVectorLayer]:
-    """FarSLIP polygon results in the project, the given (latest) ones first, then newest first."""
+    """FarSLIP polygon results in the project that can be read (a layer whose file is gone is not offered),
+    the given (latest) ones first, then newest first."""
     found = [layer for layer in QgsProject.instance().mapLayers().values()
-             if isinstance(layer, QgsVectorLayer) and layer.customProperty("farslip/run_id") is not None]
+             if isinstance(layer, QgsVectorLayer) and layer.customProperty("farslip/run_id") is not None
+             and layer.isValid()]
     latest = [layer for layer in preferred if layer in found]
     rest = sorted((layer for layer in found if layer not in latest), key=lambda layer: layer.name(), reverse=True)
     return latest + rest
@@ -52,19 +60,96 @@ def gpkg_layer_name(layer: QgsVectorLayer) -> str:
     return gpkg_table_name(re.sub(r"\W+", "_", layer.name()).strip("_")[:MAX_STEM] or "farslip_result")
 
 
+def export_path(path: str) -> str:
+    """The file an export to `path` writes: `.gpkg` added to a name without an extension, the extension in
+    lower case (GDAL names a shapefile's parts in lower case: R.SHP is written as R.shp)."""
+    root, extension = os.path.splitext(path)
+    return root + (extension.lower() or ".gpkg")
+
+
+def replaces_a_file(path: str) -> bool:
+    """Whether an export to `path` would replace a whole file the user has: an existing shapefile (into an
+    existing GeoPackage, the result is a layer of its own and the file's other layers stay)."""
+    path = export_path(path)
+    return os.path.splitext(path)[1] == ".shp" and os.path.lexists(path)
+
+
+def _source_file(layer: QgsVectorLayer) -> tuple[str, str | None]:
+    """(the file a layer reads, its table in a GeoPackage or None), from the layer's source."""
+    parts = QgsProviderRegistry.instance().decodeUri(layer.providerType(), layer.source())
+    path, table = str(parts.get("path") or ""), parts.get("layerName") or None
+    if table is None and path.lower().endswith(".gpkg"):  # a GeoPackage opened without a table: its first
+        tables = [sublayer.name() for sublayer in QgsProviderRegistry.instance().querySublayers(path)]
+        table = tables[0] if tables else None
+    return path, table
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _has_styles_table(path: str) -> bool:
+    """Whether a GeoPackage has QGIS's layer_styles table (asking QGIS logs "No styles available on DB")."""
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as database:
+            return database.execute("SELECT 1 FROM sqlite_master WHERE name = 'layer_styles'").fetchone() is not None
+    except sqlite3.Error:
+        return False
+
+
+def _refuse_own_source(layer: QgsVectorLayer, path: str, table: str | None) -> None:
+    """An export may not replace what it reads: the result's own shapefile, or its own table of a GeoPackage
+    (the writer empties the table it then reads: the file held 0 polygons and the export said "Exported")."""
+    source, source_table = _source_file(layer)
+    if not source or not os.path.exists(path) or not _same_file(source, path):
+        return
+    if table is None or source_table == table:
+        raise RuntimeError(tr("{} is where {} is read from; export it to another file.").format(path, layer.name()))
+
+
+def _move_shapefile(staged: str, path: str) -> None:
+    """The staged shapefile's parts take the place of `path`'s; parts of an earlier one at `path` that would
+    now describe the new one wrongly (a spatial index, a projection file of another program) go."""
+    staged_root, root = os.path.splitext(staged)[0], os.path.splitext(path)[0]
+    for extension in STALE_SHAPEFILE_PARTS:
+        if os.path.lexists(root + extension):
+            os.remove(root + extension)
+    for extension in SHAPEFILE_PARTS:
+        if os.path.exists(staged_root + extension):
+            os.replace(staged_root + extension, root + extension)
+        elif os.path.lexists(root + extension):
+            os.remove(root + extension)
+
+
+def _remove_shapefile(path: str) -> None:
+    root = os.path.splitext(path)[0]
+    for extension in SHAPEFILE_PARTS:
+        if os.path.lexists(root + extension):
+            os.remove(root + extension)
+
+
 def write_styled(layer: QgsVectorLayer, path: str) -> QgsVectorLayer:
     """Write `layer` (in its own CRS) and its style; the written layer is returned, styled.
 
     Into an existing GeoPackage, the result is added as a layer of its own (one of the same name is
-    replaced); the file's other layers and their styles are kept.
+    replaced); the file's other layers and their styles are kept. A shapefile is written under a
+    temporary name beside `path` and renamed over it once it is complete with its style: an export that
+    fails leaves an existing shapefile as it was.
     """
+    if not layer.isValid():
+        source, _table = _source_file(layer)
+        raise RuntimeError(tr("{} cannot be read (its file {} is gone or damaged); nothing to export.").format(
+            layer.name(), source or layer.source()))
     options = QgsVectorFileWriter.SaveVectorOptions()
     options.driverName = driver_for(path)
     options.fileEncoding = "UTF-8"
-    root, extension = os.path.splitext(path)
-    path = root + extension.lower()  # GDAL names a shapefile's parts in lower case (R.SHP is written as R.shp)
+    path = export_path(path)
     existed = os.path.isfile(path)
     source = path
+    target = path  # where the writer writes: a shapefile goes to a staged name first
     if options.driverName == "GPKG":
         options.layerName = gpkg_layer_name(layer)
         source = f"{path}|layername={options.layerName}"
@@ -73,18 +158,45 @@ def write_styled(layer: QgsVectorLayer, path: str) -> QgsVectorLayer:
                 if existing.read(16) != b"SQLite format 3\x00":
                     raise RuntimeError(tr("{} exists and is not a GeoPackage; choose another file name.").format(path))
             options.actionOnExistingFile = QgsVectorFileWriter.CreateOrOverwriteLayer
+        _refuse_own_source(layer, path, options.layerName)
     else:
         options.layerName = os.path.splitext(os.path.basename(path))[0]
+        _refuse_own_source(layer, path, None)
+        target = os.path.join(os.path.dirname(path), f".farslip-export-{uuid.uuid4().hex[:8]}.shp")
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as error:
         raise RuntimeError(tr("Cannot create the folder {} ({}); choose another place to export to.").format(
             folder, error.strerror or error)) from error
+    try:
+        return _write_and_style(layer, path, target, source, options, existed)
+    finally:
+        if target != path:
+            _remove_shapefile(target)  # after a failure; renamed away after a success
+
+
+def _write_and_style(layer: QgsVectorLayer, path: str, target: str, source: str,
+                     options: QgsVectorFileWriter.SaveVectorOptions, existed: bool) -> QgsVectorLayer:
     error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(
-        layer, path, QgsProject.instance().transformContext(), options)
+        layer, target, QgsProject.instance().transformContext(), options)
     if error != QgsVectorFileWriter.NoError:
-        raise RuntimeError(tr("Export to {} failed: {}").format(path, message))
+        raise RuntimeError(tr("Export to {} failed: {}").format(
+            path, message or tr("QGIS gave no reason; check that the folder can be written to")))
+    staged = QgsVectorLayer(target, options.layerName, "ogr") if target != path else None
+    if staged is not None:
+        if not staged.isValid():
+            raise RuntimeError(tr("The exported file {} cannot be opened.").format(path))
+        renderer = layer.renderer().clone()
+        match_categories_to_values(renderer, staged)
+        staged.setRenderer(renderer)
+        qml = os.path.splitext(target)[0] + ".qml"  # QGIS loads a .qml of the same name with the shapefile
+        message, ok = staged.saveNamedStyle(qml)
+        if not ok:
+            raise RuntimeError(tr("The style could not be saved as {}: {}").format(
+                os.path.splitext(path)[0] + ".qml", message))
+        del staged  # the staged files are closed before they are renamed
+        _move_shapefile(target, path)
     written = QgsVectorLayer(source, options.layerName, "ogr")
     if not written.isValid():
         raise RuntimeError(tr("The exported file {} cannot be opened.").format(path))
@@ -95,7 +207,7 @@ def write_styled(layer: QgsVectorLayer, path: str) -> QgsVectorLayer:
     if options.driverName == "GPKG":
         # Stored in the GeoPackage's layer_styles table as the default: QGIS applies it on every open.
         # That layer's style of an earlier export is replaced (QGIS would otherwise ask in a message box).
-        if existed:  # a new file has no styles table yet: asking would log "No styles available on DB"
+        if existed and _has_styles_table(path):  # asking a file without one logs "No styles available on DB"
             related, ids, names, _descriptions, _error = written.listStylesInDatabase()
             for style_id, name in list(zip(ids, names))[:related]:
                 if name == options.layerName:
@@ -103,11 +215,6 @@ def write_styled(layer: QgsVectorLayer, path: str) -> QgsVectorLayer:
         failure = written.saveStyleToDatabase(options.layerName, tr("FarSLIP classes"), True, "")
         if failure:
             raise RuntimeError(tr("The style could not be saved in {}: {}").format(path, failure))
-    else:
-        qml = os.path.splitext(path)[0] + ".qml"  # QGIS loads a .qml of the same name with the shapefile
-        message, ok = written.saveNamedStyle(qml)
-        if not ok:
-            raise RuntimeError(tr("The style could not be saved as {}: {}").format(qml, message))
     return written
 
 
@@ -188,10 +295,15 @@ class ExportDialog(QDialog):
         if layer is not None:
             self.fileWidget.setFilePath(os.path.join(self.folder, safe_name(layer.name()) + ".gpkg"))
 
+    def chosen_path(self) -> str:
+        """The file typed or picked in the dialog (`.gpkg` added to a name without an extension)."""
+        path = self.fileWidget.filePath().strip()
+        return path + ".gpkg" if path and not os.path.splitext(path)[1] else path
+
     def export(self, path: str | None = None, layer: QgsVectorLayer | None = None) -> tuple[str | None, str]:
         """(the written file or None, a sentence for the status line)."""
         layer = layer or self.chosen_layer()
-        path = path or self.fileWidget.filePath().strip()
+        path = path or self.chosen_path()
         if path and not os.path.splitext(path)[1]:
             path += ".gpkg"
         if layer is None:
