@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from typing import Callable
 
+from osgeo import ogr
 from qgis.core import (
     QgsCoordinateReferenceSystem,
     QgsFeature,
     QgsFeatureRequest,
     QgsField,
     QgsFillSymbol,
+    QgsGeometry,
     QgsGradientColorRamp,
     QgsGraduatedSymbolRenderer,
     QgsMapLayerProxyModel,
@@ -139,6 +142,49 @@ def kept_vrt_layer(path: str) -> QgsRasterLayer | None:
     return None
 
 
+class SavedMarks:
+    """The marks in a review file: feature id -> (status, class), and each polygon's shape and quality as saved;
+    `error` says why the file cannot be read ("" when it can, or when there is none yet)."""
+
+    def __init__(self) -> None:
+        self.marks: dict[int, tuple[str, str]] = {}
+        self.shapes: dict[int, tuple[QgsGeometry, float | None]] = {}
+        self.error = ""
+
+
+def read_review_file(path: str) -> SavedMarks:
+    """Read the marks saved in `path` (GDAL directly: QGIS's connection pool could hold an older copy)."""
+    saved = SavedMarks()
+    if not os.path.exists(path):
+        return saved
+    try:
+        dataset = ogr.Open(path)
+    except RuntimeError:  # GDAL's exceptions on: a file it cannot open
+        dataset = None
+    table = dataset.GetLayerByName("review") if dataset is not None else None
+    names = set()
+    if table is not None:
+        definition = table.GetLayerDefn()
+        names = {definition.GetFieldDefn(i).GetName() for i in range(definition.GetFieldCount())}
+    if table is None or not {LABEL_FIELD, "status", "source_fid"} <= names:
+        saved.error = tr("The review file {} cannot be read (it is not a FarSLIP review GeoPackage, or it is "
+                         "damaged); your earlier marks may be in it, so it is left as it is and new marks are not "
+                         "saved: move it away or repair it, then choose the layer again.").format(path)
+        return saved
+    for row in table:
+        fid, status = row.GetField("source_fid"), row.GetField("status") or ""
+        if fid is None or status not in (CORRECT, RELABELLED, DELETED):
+            continue
+        saved.marks[int(fid)] = (status, row.GetField(LABEL_FIELD) or "")
+        shape = row.GetGeometryRef()
+        quality = row.GetField(QUALITY_FIELD) if QUALITY_FIELD in names else None
+        if shape is not None:
+            geometry = QgsGeometry()
+            geometry.fromWkb(bytes(shape.ExportToIsoWkb()))
+            saved.shapes[int(fid)] = (geometry, field_number(quality))
+    return saved
+
+
 class ReviewTab(QObject):
     def __init__(self, dock, train_tab, project_getter: Callable[[], QgsProject] = QgsProject.instance):
         super().__init__(dock)
@@ -151,6 +197,10 @@ class ReviewTab(QObject):
         self.form.setupUi(self.page)
         dock.form.tabs.addTab(self.page, tr("Review"))
         self.marks: dict[int, tuple[str, str]] = {}  # feature id -> (status, class)
+        # The shape and quality a mark was saved with, for a polygon the list does not show now (deleted since,
+        # hidden by the filter): its mark is kept, never dropped from the file.
+        self.mark_shapes: dict[int, tuple[QgsGeometry, float | None]] = {}
+        self.unreadable = ""  # why the layer's review file cannot be read: then nothing is written over it
         self.corrections_layer: QgsVectorLayer | None = None
         form = self.form
         form.reviewLayerCombo.setFilters(QgsMapLayerProxyModel.PolygonLayer)
@@ -192,7 +242,7 @@ class ReviewTab(QObject):
                 estimated_miou))
 
     def show_layer(self, _layer=None) -> None:
-        self.marks = {}
+        self.marks, self.mark_shapes, self.unreadable = {}, {}, ""
         self.corrections_layer = None
         layer = self.layer()
         self.listed_layer_id = layer.id() if layer is not None else None
@@ -211,10 +261,16 @@ class ReviewTab(QObject):
             self.form.polygonsTable.setRowCount(0)
             self.form.reviewStatusLabel.setText(tr("Choose a FarSLIP result (a layer with a quality field)."))
             return
+        # The marks saved earlier (another session, before another result was shown) are this layer's marks.
+        saved = read_review_file(self.corrections_path())
+        self.marks, self.mark_shapes, self.unreadable = saved.marks, saved.shapes, saved.error
         self.list_polygons()
+        if self.unreadable:
+            self.form.reviewStatusLabel.setText(self.unreadable)
 
     def list_polygons(self) -> None:
-        """List the layer's polygons with the marks of those still there (a polygon deleted since loses its)."""
+        """List the layer's polygons with their marks. The mark of a polygon not listed (deleted since, hidden by
+        the filter) is kept: it stays in the review file with the shape it was saved with."""
         layer = self.layer()
         table = self.form.polygonsTable
         table.setRowCount(0)
@@ -235,9 +291,11 @@ class ReviewTab(QObject):
                 item = QTableWidgetItem(text)
                 item.setData(FID_ROLE, feature.id())
                 table.setItem(row, column, item)
-        self.marks = {fid: mark for fid, mark in self.marks.items() if fid in listed}
-        self.form.reviewStatusLabel.setText(tr("{} polygons, least sure first. Click one to zoom to it.").format(
-            table.rowCount()))
+        earlier = sum(1 for fid in self.marks if fid in listed)
+        status = tr("{} polygons, least sure first. Click one to zoom to it.").format(table.rowCount())
+        if earlier:
+            status += " " + tr("{} marked earlier (saved in {}).").format(earlier, self.corrections_path())
+        self.form.reviewStatusLabel.setText(status)
 
     def apply_style(self) -> None:
         layer = self.layer()
@@ -306,6 +364,9 @@ class ReviewTab(QObject):
         if status == CORRECT and not field_text(feature[CLASS_FIELD]):
             self.form.reviewStatusLabel.setText(tr("This polygon has no class; relabel it with the right one."))
             return
+        if self.unreadable:  # never written over: the earlier marks may be in it
+            self.form.reviewStatusLabel.setText(self.unreadable)
+            return
         self.marks[fid] = (status, cls.strip() if status == RELABELLED else field_text(feature[CLASS_FIELD]))
         for row in range(self.form.polygonsTable.rowCount()):
             if int(self.form.polygonsTable.item(row, 0).data(FID_ROLE)) == fid:
@@ -342,12 +403,18 @@ class ReviewTab(QObject):
         memory.updateFields()
         if memory.crs() != layer.crs():
             memory.setCrs(layer.crs())
+        if self.unreadable:
+            raise RuntimeError(self.unreadable)
+        shapes = dict(self.mark_shapes)  # the polygons as saved; those the layer has now replace them
         for feature in layer.dataProvider().getFeatures(QgsFeatureRequest().setFilterFids(list(self.marks))):
-            status, cls = self.marks[feature.id()]
+            shapes[feature.id()] = (feature.geometry(), field_number(feature[QUALITY_FIELD]))
+        for fid, (status, cls) in sorted(self.marks.items()):
+            if fid not in shapes:
+                continue
+            geometry, quality = shapes[fid]
             out = QgsFeature(memory.fields())
-            out.setGeometry(feature.geometry())
-            out.setAttributes([cls if status != DELETED else None, status, field_number(feature[QUALITY_FIELD]),
-                               int(feature.id())])
+            out.setGeometry(geometry)
+            out.setAttributes([cls if status != DELETED else None, status, quality, int(fid)])
             provider.addFeature(out)
         path = self.corrections_path()
         try:
@@ -361,10 +428,22 @@ class ReviewTab(QObject):
         if self.corrections_layer is not None:
             self.project().removeMapLayer(self.corrections_layer.id())
             self.corrections_layer = None
-        error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(
-            memory, path, self.project().transformContext(), options)
-        if error != QgsVectorFileWriter.NoError:
-            raise RuntimeError(tr("Saving the review to {} failed: {}").format(path, message))
+        # Written beside it first: the review file is replaced only by a complete one.
+        handle, partial = tempfile.mkstemp(suffix=".gpkg", prefix=".review-", dir=os.path.dirname(path))
+        os.close(handle)
+        os.remove(partial)
+        try:
+            error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(
+                memory, partial, self.project().transformContext(), options)
+            if error != QgsVectorFileWriter.NoError:
+                raise RuntimeError(tr("Saving the review to {} failed: {}").format(path, message))
+            os.replace(partial, path)
+        except OSError as failure:
+            raise RuntimeError(tr("Saving the review to {} failed: {}").format(path, failure.strerror)) from None
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+        self.mark_shapes = shapes
         return path
 
     def train_on_corrections(self) -> None:

@@ -222,3 +222,61 @@ def test_the_style_and_filter_controls_say_what_the_shown_layer_has(dock, tmp_pa
     assert second.subsetString() == ""
     tab.review(first)
     assert tab.form.styleCombo.currentData() == "quality" and tab.form.hideLowCheck.isChecked()
+
+
+def saved_marks(path) -> list[tuple[int, str]]:
+    layer = QgsVectorLayer(f"{path}|layername=review", "review", "ogr")
+    return sorted((f["source_fid"], f["status"]) for f in layer.getFeatures())
+
+
+def test_marks_saved_earlier_are_shown_and_kept_after_another_result_and_a_reopened_project(dock, tmp_path):
+    """The review file was rewritten with the marks of this session only: coming back to a result (after
+    reviewing another, or reopening the project) erased the marks made before, and the Mark column was empty."""
+    first = write_result(str(tmp_path / "first.gpkg"))
+    other = write_result(str(tmp_path / "other.gpkg"))
+    tab = dock.review_tab
+    tab.review(first)
+    for row in range(2):
+        tab.form.polygonsTable.selectRow(row)
+        tab.mark("correct")
+    path = tab.corrections_path()
+    assert saved_marks(path) == [(2, "correct"), (4, "correct")]
+    tab.review(other)
+    tab.review(first)
+    assert table_column(tab, 3)[:3] == ["correct", "correct", ""]
+    assert "2 marked earlier" in tab.form.reviewStatusLabel.text()
+    tab.form.polygonsTable.selectRow(0)
+    tab.mark("deleted")
+    assert saved_marks(path) == [(2, "correct"), (4, "deleted")]
+
+    source = first.source()
+    project = QgsProject.instance()
+    project.write(str(tmp_path / "p.qgz"))
+    project.clear()
+    project.read(str(tmp_path / "p.qgz"))
+    reopened = next(layer for layer in project.mapLayers().values() if layer.source() == source)
+    tab.review(reopened)
+    assert table_column(tab, 3)[:3] == ["deleted", "correct", ""]
+    # A marked polygon hidden by "Hide low quality" keeps its mark when another is marked.
+    tab.form.qualitySpin.setValue(0.5)
+    tab.form.hideLowCheck.setChecked(True)
+    tab.show_layer()
+    tab.form.polygonsTable.selectRow(0)
+    tab.mark("correct")
+    assert table_column(tab, 0)[0] == "0.55"
+    assert saved_marks(path) == [(2, "correct"), (3, "correct"), (4, "deleted")]
+
+
+def test_an_unreadable_review_file_is_said_and_never_written_over(dock, tmp_path):
+    layer = write_result(str(tmp_path / "result.gpkg"))
+    damaged = tmp_path / "result_review.gpkg"
+    damaged.write_bytes(b"not a GeoPackage: the analyst's marks were in here")
+    tab = dock.review_tab
+    tab.review(layer)
+    said = tab.form.reviewStatusLabel.text()
+    assert said.startswith(f"The review file {damaged} cannot be read") and "left as it is" in said
+    tab.form.polygonsTable.selectRow(0)
+    tab.mark("correct")
+    assert tab.form.reviewStatusLabel.text() == said
+    assert damaged.read_bytes() == b"not a GeoPackage: the analyst's marks were in here"
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".review-")]
