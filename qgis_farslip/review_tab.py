@@ -10,6 +10,7 @@ quality, and polygons under a quality value can be hidden.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from typing import Callable
@@ -49,6 +50,7 @@ LABEL_FIELD = "cls"  # the class field of the corrections layer (what `farslip t
 CORRECT, RELABELLED, DELETED = "correct", "relabelled", "deleted"
 STYLE_CLASS, STYLE_QUALITY = "class", "quality"
 FID_ROLE = Qt.UserRole
+ESTIMATE_PROPERTY = "farslip/estimated_miou"  # the run's label-free estimate, kept with its layer (and project)
 # Five quality classes from red (doubtful) to green (likely right).
 QUALITY_BREAKS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
@@ -140,6 +142,35 @@ def kept_vrt_layer(path: str) -> QgsRasterLayer | None:
         if reads_raster(layer, path):
             return layer
     return None
+
+
+def layer_file(layer: QgsVectorLayer) -> str:
+    """The file of an OGR layer ("" for a layer without one: a temporary layer, a database table)."""
+    path = QgsProviderRegistry.instance().decodeUri(layer.providerType(), layer.source()).get("path") or ""
+    return path if layer.providerType() == "ogr" and os.path.isfile(path) else ""
+
+
+def reported_estimate(path: str) -> float | None:
+    """The label-free estimated mIoU in the run report beside the result file `path` (r.gpkg -> r.report.json),
+    when that report is the report of this very file; None otherwise."""
+    report_path = os.path.splitext(path)[0] + ".report.json"
+    try:
+        with open(report_path, encoding="utf-8") as handle:
+            report = json.load(handle)
+        vector = str((report.get("outputs") or {}).get("vector") or "")
+        if not vector or not same_file(vector, path):
+            return None
+        return field_number((report.get("quality") or {}).get("estimated_miou"))
+    except (OSError, ValueError, AttributeError):  # no report, not JSON, not a report
+        return None
+
+
+def layer_estimate(layer: QgsVectorLayer) -> float | None:
+    """The estimated mIoU of the run that made `layer`: its report's (the file's own run), else the one the
+    dock recorded on the layer when the run finished; None when neither is known."""
+    path = layer_file(layer)
+    estimate = reported_estimate(path) if path else None
+    return estimate if estimate is not None else field_number(layer.customProperty(ESTIMATE_PROPERTY))
 
 
 class SavedMarks:
@@ -235,17 +266,31 @@ class ReviewTab(QObject):
         return layer if has_quality(layer) else None
 
     def review(self, layer: QgsVectorLayer, estimated_miou: float | None = None) -> None:
-        """Show `layer` (a finished result) in the tab; the dock calls this after each run."""
-        self.form.reviewLayerCombo.setLayer(layer)
+        """Show `layer` (a finished result) in the tab; the dock calls this after each run, with the run's
+        estimate, which stays with the layer: choosing another result shows that one's own."""
         if estimated_miou is not None:
+            layer.setCustomProperty(ESTIMATE_PROPERTY, float(estimated_miou))
+        self.form.reviewLayerCombo.setLayer(layer)
+        self.show_estimate()
+
+    def show_estimate(self) -> None:
+        """The estimated mIoU of the run that made the layer shown (never another run's)."""
+        layer = self.layer()
+        estimate = layer_estimate(layer) if layer is not None else None
+        if layer is None:
+            self.form.estimateLabel.setText("")
+        elif estimate is None:
+            self.form.estimateLabel.setText(tr("No label-free estimate of mIoU is recorded for this layer."))
+        else:
             self.form.estimateLabel.setText(tr("Estimated mIoU of this run (no labels used): {:.0%}").format(
-                estimated_miou))
+                estimate))
 
     def show_layer(self, _layer=None) -> None:
         self.marks, self.mark_shapes, self.unreadable = {}, {}, ""
         self.corrections_layer = None
         layer = self.layer()
         self.listed_layer_id = layer.id() if layer is not None else None
+        self.show_estimate()
         # The style and filter controls say what this layer has (another layer's choices are its own).
         by_quality = layer is not None and isinstance(layer.renderer(), QgsGraduatedSymbolRenderer)
         hidden = layer is not None and f'"{QUALITY_FIELD}" >=' in layer.subsetString()
