@@ -67,6 +67,7 @@ class SearchTab(QObject):
         self.hits_crs = QgsCoordinateReferenceSystem()
         self.raster_layer: QgsRasterLayer | None = None  # the raster of the hits listed
         self.searching: QgsRasterLayer | None = None  # the raster of the search running (or last run)
+        self.searching_name = ""  # its name when the search was sent: the layer may be removed while it runs
         self.last_error = ""
         form = self.form
         form.searchRasterCombo.setFilters(QgsMapLayerProxyModel.RasterLayer)
@@ -166,7 +167,8 @@ class SearchTab(QObject):
             self.searchFinished.emit("failed")
             return
         self.searching = self.form.searchRasterCombo.currentLayer()
-        task = JobTask(f"FarSLIP: searching {self.searching.name()}", self.dock.manager.connection, "search",
+        self.searching_name = self.searching.name()
+        task = JobTask(f"FarSLIP: searching {self.searching_name}", self.dock.manager.connection, "search",
                        request, prepare, [out])
         task.jobUpdated.connect(self._job_updated)
         task.backendLost.connect(self.dock.manager.lost)
@@ -208,8 +210,12 @@ class SearchTab(QObject):
 
     def _job_done(self, job: dict) -> None:
         result = job.get("result") or {}
+        # The searched layer may have been removed from the project while the search ran: its hits file is
+        # written all the same, and is loaded under the name the layer had when the search was sent.
+        alive = searched_layer_alive(self.searching)
         try:
-            self.hits_layer = load_hits(job, self.searching, f"FarSLIP hits {self.searching.name()}")
+            self.hits_layer = load_hits(job, self.searching if alive else None,
+                                        f"FarSLIP hits {self.searching_name}")
             self.hits_crs = QgsCoordinateReferenceSystem(self.hits_layer.crs())
             # The hits listed next are this raster's; a later search that fails leaves them with theirs.
             self.raster_layer = self.searching
@@ -217,10 +223,14 @@ class SearchTab(QObject):
             self._show(str(error), error=True)
             self._finish("failed")
             return
-        self.show_hits(result.get("hits") or [])
+        hits = result.get("hits") or []
+        self.show_hits(hits)
         notices = result.get("notices") or []
+        if not alive:
+            notices = [f"The searched raster {self.searching_name} was removed from the project while the search "
+                       "ran; add it again to see the hits on it.", *notices]
         self.form.searchProgressBar.setValue(100)
-        self._show(" ".join([f"{len(result.get('hits') or [])} hits; click one to zoom to it.", *notices]))
+        self._show(" ".join([f"{len(hits)} hits; click one to zoom to it.", *notices]))
         self._finish("done")
 
     def _job_failed(self, message: str) -> None:

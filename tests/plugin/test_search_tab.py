@@ -421,3 +421,26 @@ def test_a_failed_search_on_another_raster_leaves_the_listed_hits_on_their_own_r
     rectangle, crs = dock.drawn_extent
     assert dock.form.layerCombo.currentLayer() == naip_layer
     assert crs == naip_layer.crs() and rectangle.toString(0) == hit_box.toString(0)
+
+
+def test_a_raster_removed_while_its_search_runs_still_gets_its_hits(search_tab, naip_layer):
+    """The searched layer removed from the project while the search ran: the finished search was thrown away
+    with "wrapped C/C++ object of type QgsRasterLayer has been deleted"; its hits file was written all the same."""
+    search_tab.form.sentencesEdit.setPlainText("a lake next to a road")
+    states = []
+    search_tab.searchFinished.connect(states.append)
+    search_tab.search()
+    assert search_tab.task is not None
+    QgsProject.instance().removeMapLayer(naip_layer.id())
+    wait_until(lambda: states, 240, "the search to finish")
+    assert states == ["done"], search_tab.last_error
+    layer = search_tab.hits_layer
+    assert layer.isValid() and layer.featureCount() == 5 and layer.name() == "FarSLIP hits naip"
+    assert QgsProject.instance().mapLayer(layer.id()) is not None
+    assert layer.crs() == UTM14 and search_tab.form.hitsList.count() == 5
+    said = search_tab.form.searchStatusLabel.text()
+    assert said.startswith("5 hits; click one to zoom to it. The searched raster naip was removed from the "
+                           "project while the search ran"), said
+    search_tab.form.hitsList.setCurrentItem(search_tab.form.hitsList.item(0))
+    search_tab.use_hit_as_extent()
+    assert "removed from the project" in search_tab.last_error
