@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import re
+from typing import Callable
 
 from .i18n import tr
 
@@ -39,7 +40,22 @@ def with_actions(rich_text: str, *actions: str) -> str:
 CONTROL_LABELS = {"threshold": "Threshold", "top": "Hits", "class_lines": "Classes", "model": "Model",
                   "base_model": "Base model", "method": "Method", "epochs": "Epochs", "background": "Background",
                   "class_field": "Class field", "refine": "Refine outlines", "labels": "Labels"}
-DOCK_REMEDIES = ((re.compile(r'pass "weights": PATH'), "choose the file with Browse... beside Model"),)
+
+
+def _overlap_said(found: re.Match[str]) -> str:
+    return tr("by more than {:.0%}; search a larger area for more").format(float(found.group(1)))
+
+
+# Sentences that name a request field the dock has no control for, or name it in a way its user cannot follow:
+# (the backend's words, what the dock's user can do).
+DOCK_REMEDIES: tuple[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]], ...] = (
+    (re.compile(r'pass "weights": PATH'), "choose the file with Browse... beside Model"),
+    # A search's hits: the Search tab has no overlap setting; a larger area has more places to find.
+    (re.compile(r'by more than "max_overlap": (\d+(?:\.\d+)?) \(raise it, or search a larger area, for more\)'),
+     _overlap_said),
+    (re.compile(r'not "top" (\d+)'), lambda found: tr("not the {} asked for in Hits").format(found.group(1))),
+    (re.compile(r'the "bbox" area'), "the area searched"),
+)
 FIELD_SAID = re.compile(r'"(' + "|".join(map(re.escape, CONTROL_LABELS)) + r')"(: )?')
 
 

@@ -230,7 +230,8 @@ class SearchTab(QObject):
             notices = [f"The searched raster {self.searching_name} was removed from the project while the search "
                        "ran; add it again to see the hits on it.", *notices]
         self.form.searchProgressBar.setValue(100)
-        self._show(" ".join([f"{len(hits)} hits; click one to zoom to it.", *notices]))
+        found = "1 hit" if len(hits) == 1 else f"{len(hits)} hits"
+        self._show(" ".join([f"{found}; click one to zoom to it." if hits else "No hits.", *notices]))
         self._finish("done")
 
     def _job_failed(self, message: str) -> None:

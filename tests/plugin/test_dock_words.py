@@ -14,7 +14,15 @@ import pytest
     ("The model is not here (or set FARSLIP_WEIGHTS to the folder holding it, or pass \"weights\": PATH).",
      "The model is not here (or set FARSLIP_WEIGHTS to the folder holding it, or choose the file with Browse... "
      "beside Model)."),
-    ("'a lake' has 4 hits, not \"top\" 20.", "'a lake' has 4 hits, not Hits 20."),
+    ("'a lake' has 4 hits, not \"top\" 20.", "'a lake' has 4 hits, not the 20 asked for in Hits."),
+    # A search's notice named "max_overlap", which the Search tab has no control for: what its user can do.
+    ("'a lake' has 1 hit, not \"top\" 20: the area's other windows each overlap a better one by more than "
+     "\"max_overlap\": 0.5 (raise it, or search a larger area, for more).",
+     "'a lake' has 1 hit, not the 20 asked for in Hits: the area's other windows each overlap a better one by more "
+     "than 50%; search a larger area for more."),
+    ("No window with valid pixels lies in the \"bbox\" area (it holds only nodata), so there are no hits; choose "
+     "another area.", "No window with valid pixels lies in the area searched (it holds only nodata), so there are "
+     "no hits; choose another area."),
     ("\"base_model\" is empty.", "Base model is empty."),
     # A field the dock has no control for stays the field's name.
     ("\"max_overlap\": 0.5 was too small.", "\"max_overlap\": 0.5 was too small."),

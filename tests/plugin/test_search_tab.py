@@ -444,3 +444,20 @@ def test_a_raster_removed_while_its_search_runs_still_gets_its_hits(search_tab, 
     search_tab.form.hitsList.setCurrentItem(search_tab.form.hitsList.item(0))
     search_tab.use_hit_as_extent()
     assert "removed from the project" in search_tab.last_error
+
+
+def test_a_search_notice_says_what_the_search_tab_user_can_do(search_tab, naip_layer, qgis_iface):
+    """A search of a small corner of the raster finds one place: the notice said '1 hits' and '"max_overlap": 0.5
+    (raise it, ...)', a setting the Search tab does not have."""
+    search_tab.form.topSpin.setValue(20)
+    canvas = qgis_iface.mapCanvas()
+    canvas.setDestinationCrs(naip_layer.crs())
+    e = naip_layer.extent()  # the map shows a small corner of the raster
+    canvas.setExtent(QgsRectangle(e.xMaximum() - 3, e.yMaximum() - 3, e.xMaximum() + 500, e.yMaximum() + 500))
+    search_tab.form.searchExtentCombo.setCurrentIndex(search_tab.form.searchExtentCombo.findData("canvas"))
+    search_tab.form.sentencesEdit.setPlainText("a lake")
+    assert run_search(search_tab) == "done", search_tab.last_error
+    said = search_tab.form.searchStatusLabel.text()
+    assert search_tab.form.hitsList.count() == 1
+    assert said.startswith("1 hit; click one to zoom to it. 'a lake' has 1 hit, not the 20 asked for in Hits"), said
+    assert "max_overlap" not in said and '"' not in said
