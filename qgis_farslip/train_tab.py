@@ -16,7 +16,9 @@ from qgis.core import (
     QgsVectorFileWriter,
     QgsVectorLayer,
 )
+from qgis.PyQt import sip
 from qgis.PyQt.QtCore import QObject, Qt, pyqtSignal
+from qgis.PyQt.QtWidgets import QCheckBox
 
 from .backend_manager import log
 from .filenames import safe_file_stem
@@ -51,12 +53,14 @@ def model_folder_name(typed: str, raster_name: str) -> str:
             or f"model-{stamp}")
 
 
-def labels_file(layer: QgsVectorLayer, class_field: str, folder_maker: Callable[[], str]) -> str:
-    """A file the backend can read the labels from: the layer's own file, or a GeoPackage copy of it.
+def labels_file(layer: QgsVectorLayer, class_field: str, folder_maker: Callable[[], str],
+                selected_only: bool = False) -> str:
+    """A file the backend can read the labels from: the layer's own file, or a GeoPackage copy of it (of its
+    selected features only, with `selected_only`).
 
     The copy is written in the layer's CRS, so a CRS the analyst set in QGIS (Layer > Set CRS) on a file
     without one, or with another, is the CRS the backend places the labels in."""
-    if layer.providerType() == "ogr" and not crs_overridden(layer):
+    if layer.providerType() == "ogr" and not crs_overridden(layer) and not selected_only:
         parts = QgsProviderRegistry.instance().decodeUri("ogr", layer.source())
         path = parts.get("path", "")
         plain = not parts.get("subset") and (not parts.get("layerName")
@@ -65,10 +69,11 @@ def labels_file(layer: QgsVectorLayer, class_field: str, folder_maker: Callable[
         if plain and os.path.isfile(path) and not layer.subsetString() and not unsaved:
             return path
     # Memory layers, database tables, filtered or unsaved layers, one layer of a multi-layer GeoPackage, a layer
-    # whose CRS QGIS overrides: a copy.
+    # whose CRS QGIS overrides, the selected features of a layer: a copy.
     path = os.path.join(folder_maker(), "labels.gpkg")
     options = QgsVectorFileWriter.SaveVectorOptions()
     options.driverName = "GPKG"
+    options.onlySelectedFeatures = selected_only
     options.attributes = [layer.fields().indexOf(class_field)]
     error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(
         layer, path, layer.transformContext(), options)
@@ -120,12 +125,64 @@ class TrainTab(QObject):
         self.form.trainRasterCombo.setFilters(QgsMapLayerProxyModel.RasterLayer)
         self.form.labelsCombo.layerChanged.connect(self.form.classFieldCombo.setLayer)
         self.form.classFieldCombo.setLayer(self.form.labelsCombo.currentLayer())
+        # As QGIS's own tools: with features selected in the labels layer, training uses those (ticked as soon
+        # as there is a selection; untick it to train on all of them).
+        self.selected_only_check = QCheckBox(tr("Selected features only"))
+        self.selected_only_check.setToolTip(tr("Train on the features selected in the labels layer only"))
+        self.form.trainForm.insertRow(2, "", self.selected_only_check)
+        self._watched_labels: QgsVectorLayer | None = None
+        self.form.labelsCombo.layerChanged.connect(self._labels_changed)
+        self._labels_changed(self.form.labelsCombo.currentLayer())
         self.form.trainButton.clicked.connect(self.train)
         self.form.trainCancelButton.clicked.connect(self.cancel)
 
     @property
     def task(self):
         return self.runner.task
+
+    # -- the labels' selection -----------------------------------------------------------------
+    def _labels_changed(self, layer) -> None:
+        if self._watched_labels is not None:
+            try:
+                self._watched_labels.selectionChanged.disconnect(self._selection_changed)
+            except (TypeError, RuntimeError):  # not connected, or the layer was deleted
+                pass
+        self._watched_labels = layer if isinstance(layer, QgsVectorLayer) else None
+        if self._watched_labels is not None:
+            self._watched_labels.selectionChanged.connect(self._selection_changed)
+        self.selected_only_check.setEnabled(False)  # a new layer: ticked when it has a selection
+        self._selection_changed()
+
+    def _selection_changed(self, *_args) -> None:
+        layer = self._watched_labels
+        selected = layer.selectedFeatureCount() if layer is not None and not sip.isdeleted(layer) else 0
+        check = self.selected_only_check
+        if not selected:
+            check.setChecked(False)
+            check.setEnabled(False)
+        elif not check.isEnabled():  # a selection made: train on it unless the user unticks this
+            check.setEnabled(True)
+            check.setChecked(True)
+        check.setText(tr("Selected features only ({})").format(selected) if selected
+                      else tr("Selected features only"))
+
+    def selected_only(self, labels: QgsVectorLayer) -> bool:
+        """Whether training uses only the features selected in `labels`."""
+        if labels is not self._watched_labels:  # the combo moved without saying so
+            self._labels_changed(labels)
+        return self.selected_only_check.isChecked() and labels.selectedFeatureCount() > 0
+
+    def labels_text(self, labels: QgsVectorLayer) -> str:
+        """Which of the labels' polygons training uses, when some are selected: never silently all or some."""
+        selected = labels.selectedFeatureCount()
+        if not selected:
+            return ""
+        if self.selected_only(labels):
+            if selected == 1:
+                return tr("Training on the selected polygon of {}.").format(labels.name())
+            return tr("Training on the {} selected polygons of {}.").format(selected, labels.name())
+        return tr("Training on all {} polygons of {} ({} selected; tick Selected features only to train on "
+                  "those).").format(labels.featureCount(), labels.name(), selected)
 
     def set_base_models(self, models_combo) -> None:
         """The Segment tab's model list, keeping the base model the user chose or typed."""
@@ -157,6 +214,7 @@ class TrainTab(QObject):
             raise UserError(tr("Choose the field of {} that holds the class names.").format(labels.name()))
         if labels.featureCount() == 0:
             raise UserError(tr("The labels layer {} has no polygons.").format(labels.name()))
+        selected_only = self.selected_only(labels)
         name = model_folder_name(form.modelNameEdit.text(), raster.name())
         out = os.path.join(default_models_dir(), name)
         if os.path.exists(out):
@@ -176,7 +234,8 @@ class TrainTab(QObject):
             request["raster"] = path
         else:
             try:
-                extent = clipped_to_layer(labels.extent(), labels.crs(), raster)
+                extent = clipped_to_layer(labels.boundingBoxOfSelected() if selected_only else labels.extent(),
+                                          labels.crs(), raster)
             except ExtentError:  # labels with no image in the raster's CRS: far from it
                 extent = QgsRectangle()
             if extent.isEmpty():
@@ -184,7 +243,7 @@ class TrainTab(QObject):
                                                                                           raster.name()))
             prepare = self.dock._local_copy_step(raster, extent, self.runner)
         # The labels' copy (where one is written) last: a refusal above leaves no folder behind.
-        request["labels"] = labels_file(labels, class_field, self.runner.temporary_dir)
+        request["labels"] = labels_file(labels, class_field, self.runner.temporary_dir, selected_only)
         return request, prepare, out
 
     def _base_model(self) -> str | None:
@@ -211,6 +270,9 @@ class TrainTab(QObject):
         self.form.trainLog.clear()
         self._last_message = ""
         self._shown_warnings = set()
+        labels = self.form.labelsCombo.currentLayer()
+        if self.labels_text(labels):
+            self._show(self.labels_text(labels))
         self._show(tr("Training {} from {} ({}, {} epochs)...").format(
             os.path.basename(out), request["base_model"] or tr("the default model"), request["method"],
             request["epochs"]))
