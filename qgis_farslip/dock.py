@@ -524,6 +524,24 @@ class FarslipDock(QgsDockWidget):
         if result_layers():  # a result of an earlier session, in a project opened now
             self.form.exportButton.setEnabled(True)
 
+    def running_jobs(self) -> list[str]:
+        """The dock's jobs running on the backend now, in words ("a segmentation", "a training run", "a search")."""
+        jobs = []
+        if self.runner.running:
+            jobs.append(self.tr("a segmentation"))
+        if self.train_tab.runner.running:
+            jobs.append(self.tr("a training run"))
+        if self.search_tab.task is not None:
+            jobs.append(self.tr("a search"))
+        return jobs
+
+    def cancel_jobs(self) -> None:
+        """Cancel the dock's running jobs (each ends as cancelled: nothing of it is written)."""
+        self.runner.cancel()
+        self.train_tab.runner.cancel()
+        if self.search_tab.task is not None:
+            self.search_tab.task.cancel()
+
     def close_down(self) -> None:
         """Called by the plugin's unload: cancel a running job, release the map tool."""
         self.runner.cancel()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 
 from qgis.core import QgsApplication
-from qgis.PyQt.QtCore import Qt
+from qgis.PyQt.QtCore import Qt, QTimer
 from qgis.PyQt.QtGui import QIcon
-from qgis.PyQt.QtWidgets import QAction
+from qgis.PyQt.QtWidgets import QAction, QMessageBox
 
 from .backend_manager import BackendManager
 from .classes import resources_dir
@@ -16,6 +16,7 @@ from .settings import PluginSettings
 from .i18n import tr
 
 MENU = "&FarSLIP"
+SWITCH_POLL_MS = 500
 
 
 class FarslipPlugin:
@@ -25,6 +26,10 @@ class FarslipPlugin:
         self.dock = None
         self.provider: FarslipProvider | None = None
         self.actions = []
+        # A backend switch (new settings, a new install) waits for the dock's running jobs to end.
+        self.switch_timer = QTimer()
+        self.switch_timer.setInterval(SWITCH_POLL_MS)
+        self.switch_timer.timeout.connect(self._switch_when_idle)
 
     def icon(self) -> QIcon:
         root = resources_dir()
@@ -79,9 +84,31 @@ class FarslipPlugin:
                                before.connection_file) != (after.backend_command, after.backend_url,
                                                            after.backend_token, after.connection_file)
             if backend_changed and self.manager is not None:
-                self.manager.stop()
-                if self.dock is not None and self.dock.isVisible():
-                    self.manager.ensure()
+                self.switch_backend()
+
+    def switch_backend(self) -> None:
+        """Stop the backend so that the new settings take effect (and start the new one while the dock is open).
+        A job of the dock running on it is not cut off as if the backend had crashed: the analyst chooses to
+        cancel it now, or the switch waits until it ends."""
+        busy = self.dock.running_jobs() if self.dock is not None else []
+        if busy:
+            answer = QMessageBox.question(
+                self.iface.mainWindow(), tr("Switch the FarSLIP backend?"),
+                tr("{} is running on the FarSLIP backend. Cancel it and switch to the new backend now? (No: the "
+                   "switch waits until it has ended.)").format(" and ".join(busy).capitalize()),
+                QMessageBox.Yes | QMessageBox.No, QMessageBox.No)
+            if answer == QMessageBox.Yes:
+                self.dock.cancel_jobs()
+        self.switch_timer.start()
+        self._switch_when_idle()
+
+    def _switch_when_idle(self) -> None:
+        if self.manager is None or (self.dock is not None and self.dock.running_jobs()):
+            return
+        self.switch_timer.stop()
+        self.manager.stop()
+        if self.dock is not None and self.dock.isVisible():
+            self.manager.ensure()
 
     def show_installer(self) -> None:
         from .installer_dialog import InstallerDialog
@@ -91,10 +118,10 @@ class FarslipPlugin:
             settings = PluginSettings.load()
             settings.backend_command = dialog.installed_command
             settings.save()
-            self.manager.stop()
-            self.manager.ensure()
+            self.switch_backend()
 
     def unload(self):
+        self.switch_timer.stop()
         if self.dock is not None:
             self.dock.close_down()
             self.iface.removeDockWidget(self.dock)
