@@ -30,7 +30,8 @@ from .client import Connection
 from .exporting import ExportDialog, export_path, replaces_a_file, result_layers
 from .extent_choice import ExtentChoice, ExtentError, unusable_extent_text
 from .extent import (LocalCopyError, PixelWindow, crs_text, displayed_bands, export_size, gdal_dataset_name,
-                     has_pixel_size, local_raster_path, missing_layer_file, transform_extent, vrt_step, write_geotiff)
+                     has_pixel_size, local_raster_path, missing_layer_file, transform_extent, vrt_step,
+                     whole_web_layer_text, write_geotiff)
 from .job_runner import CANCELLED, DONE, JobRunner
 from .jobs import LOST, REFUSED, JobCancelled, eta_text, features_cached
 from .model_picker import ModelPicker, finetuned_class_lines
@@ -324,8 +325,11 @@ class FarslipDock(QgsDockWidget):
         """
         if gdal_dataset_name(layer) is not None:
             return vrt_step(layer)
-        folder = (runner or self.runner).temporary_dir()
         canvas_in_layer = None
+        if not has_pixel_size(layer) and extent == layer.extent():  # 'Whole layer': often the whole world
+            raise UserError(whole_web_layer_text(layer.name(), self.tr(
+                "zoom the map to the area and choose 'Map canvas', or draw a rectangle.")))
+        folder = (runner or self.runner).temporary_dir()
         if not has_pixel_size(layer):  # a WMS/XYZ layer is fetched at the map's resolution
             try:
                 canvas_in_layer = transform_extent(self.canvas.extent(), self.canvas.mapSettings().destinationCrs(),

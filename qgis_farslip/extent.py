@@ -41,6 +41,13 @@ class LocalCopyError(PreparationError):
     """The layer cannot be handed to the backend as it is shown; the message says why and what to do."""
 
 
+def whole_web_layer_text(layer_name: str, instead: str) -> str:
+    """The refusal of a WMS/XYZ layer's whole extent (often the whole world): it is copied for the backend at the
+    map's resolution, so only an area of it can be; `instead` says how to give one."""
+    return (f"The layer {layer_name} is a web map (WMS/XYZ): its whole extent cannot be copied for the backend; "
+            f"{instead}")
+
+
 def crs_text(crs: QgsCoordinateReferenceSystem) -> str:
     """What the backend's bbox_crs takes: 'EPSG:xxxx', or WKT for a CRS without an authority id."""
     return crs.authid() or crs.toWkt(QgsCoordinateReferenceSystem.WKT_PREFERRED)
@@ -354,15 +361,18 @@ def export_size(layer: QgsRasterLayer, extent: QgsRectangle, canvas_extent: QgsR
     """Pixels of the local copy: the layer's own resolution, or the canvas's for WMS/XYZ layers.
 
     `extent` is in the layer's CRS; `canvas_extent` is the canvas's visible extent in the layer's CRS (only
-    read for a layer without a pixel size of its own).
+    read for a layer without a pixel size of its own). A WMS/XYZ copy has square pixels, the finer of the
+    canvas's two resolutions in the layer's CRS: a map in another CRS (EPSG:4326 at 47 N shows an EPSG:3857
+    layer 1.5 times taller than wide per pixel) would otherwise hand the model a stretched image.
     """
     if has_pixel_size(layer):
         width = extent.width() / layer.rasterUnitsPerPixelX()
         height = extent.height() / layer.rasterUnitsPerPixelY()
     else:
         assert canvas_extent is not None, "a WMS/XYZ layer is fetched at the canvas's resolution"
-        width = canvas_size[0] * extent.width() / max(canvas_extent.width(), 1e-12)
-        height = canvas_size[1] * extent.height() / max(canvas_extent.height(), 1e-12)
+        pixel = max(min(canvas_extent.width() / max(canvas_size[0], 1),
+                        canvas_extent.height() / max(canvas_size[1], 1)), 1e-12)
+        width, height = extent.width() / pixel, extent.height() / pixel
     scale = max(width, height) / MAX_EXPORT_SIDE_PX
     if scale > 1:
         width, height = width / scale, height / scale

@@ -39,7 +39,7 @@ from .classes import bundled_presets, class_list_refusal, parse_class_text, reso
 from .client import BackendClient, BackendError, BackendUnreachable
 from .filenames import gpkg_table_name
 from .extent import (crs_text, displayed_bands, export_size, gdal_dataset_name, local_raster_path,
-                     missing_layer_file, vrt_arguments, write_geotiff, write_vrt)
+                     missing_layer_file, vrt_arguments, whole_web_layer_text, write_geotiff, write_vrt)
 from .jobs import BackendStopped, JobCancelled, PreparationError, run_job
 from .parameters import MAX_THRESHOLD, REFINE_CHOICES, SegmentParameters
 from .results import categorized_renderer
@@ -317,7 +317,9 @@ class SegmentByClassNames(BackendAlgorithm):
                 path = layer_vrt(layer)
             elif path is None:
                 # A WMS/XYZ layer: the backend reads files, so write the extent to a GeoTIFF first.
-                extent = extent or layer.extent()
+                if extent is None:
+                    raise QgsProcessingException(whole_web_layer_text(
+                        layer.name(), "give the area to segment as Extent."))
                 size = export_size(layer, extent, extent, (2048, 2048))
                 path = os.path.join(folder, "raster.tif")
                 feedback.pushInfo(f"Writing {layer.name()} ({size[0]} x {size[1]} px) to {path}")

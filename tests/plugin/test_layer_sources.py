@@ -350,3 +350,47 @@ def test_the_copy_of_a_web_layer_says_so_and_stops_when_the_job_is_cancelled(doc
     with pytest.raises(JobCancelled):
         prepare(CancelledTask, request)
     assert CancelledTask.jobUpdated.jobs[0]["message"].startswith("Copying web tiles (")
+
+
+def test_a_web_layer_is_copied_with_square_pixels_whatever_the_maps_crs(bare_dock, tmp_path, qgis_iface):
+    """A map in EPSG:4326 at 47 N shows an EPSG:3857 XYZ layer with pixels 1.5 times taller than wide in the
+    layer's CRS: the copy was sized per axis, and the model saw a stretched image."""
+    from qgis_farslip.extent import export_size, transform_extent
+
+    layer = added(xyz_source(tmp_path), "tiles", "wms")
+    canvas = QgsRectangle(-99.2, 46.975, -99.1, 47.075)  # 0.1 x 0.1 degrees on a 600 x 600 px map
+    in_layer = transform_extent(canvas, QgsCoordinateReferenceSystem("EPSG:4326"), layer.crs())
+    width, height = export_size(layer, in_layer, in_layer, (600, 600))
+    assert in_layer.width() / width == pytest.approx(in_layer.height() / height, rel=0.01), (width, height)
+    assert max(width, height) >= 600, "at least the map's own detail"
+
+
+def test_whole_layer_of_a_web_map_is_refused_in_words(bare_dock, tmp_path, qgis_iface):
+    """'Whole layer' of an XYZ layer is the whole world, copied at up to 8192 px: 5 km pixels."""
+    from qgis_farslip.dock import UserError
+
+    layer = added(xyz_source(tmp_path), "web tiles", "wms")
+    bare_dock.form.layerCombo.setLayer(layer)
+    bare_dock.form.classesEdit.setPlainText(CLASS_TEXT)
+    bare_dock.form.extentCombo.setCurrentIndex(bare_dock.form.extentCombo.findData("layer"))
+    with pytest.raises(UserError) as refused:
+        bare_dock.build_request()
+    assert str(refused.value) == ("The layer web tiles is a web map (WMS/XYZ): its whole extent cannot be copied for "
+                                  "the backend; zoom the map to the area and choose 'Map canvas', or draw a "
+                                  "rectangle.")
+    assert bare_dock.runner._temporary_dirs == [], "no folder for a copy that is not made"
+
+
+def test_processing_refuses_a_web_layer_without_an_extent(running_plugin, qgis_processing, tiny_model, tmp_path,
+                                                          qgis_new_project):
+    import processing
+    from qgis.core import QgsProcessingException
+
+    layer = added(xyz_source(tmp_path), "web tiles", "wms")
+    with pytest.raises(QgsProcessingException, match="^The layer web tiles is a web map \\(WMS/XYZ\\): its whole "
+                                                     "extent cannot be copied for the backend; give the area to "
+                                                     "segment as Extent\\.$"):
+        processing.run("farslip:segment_by_class_names", {
+            "INPUT": layer, "CLASSES": CLASS_TEXT, "MODEL": str(tiny_model), "REGION_CHECKS": False,
+            "OUTPUT": str(tmp_path / "web.gpkg")})
+    assert not (tmp_path / "web.gpkg").exists()
