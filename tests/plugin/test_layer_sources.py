@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -387,9 +388,9 @@ def test_processing_refuses_a_web_layer_without_an_extent(running_plugin, qgis_p
     from qgis.core import QgsProcessingException
 
     layer = added(xyz_source(tmp_path), "web tiles", "wms")
-    with pytest.raises(QgsProcessingException, match="^The layer web tiles is a web map \\(WMS/XYZ\\): its whole "
-                                                     "extent cannot be copied for the backend; give the area to "
-                                                     "segment as Extent\\.$"):
+    said = ("The layer web tiles is a web map (WMS/XYZ): its whole extent cannot be copied for the backend; give "
+            "the area to segment as Extent.")
+    with pytest.raises(QgsProcessingException, match=f"^{re.escape(said)}$"):
         processing.run("farslip:segment_by_class_names", {
             "INPUT": layer, "CLASSES": CLASS_TEXT, "MODEL": str(tiny_model), "REGION_CHECKS": False,
             "OUTPUT": str(tmp_path / "web.gpkg")})
