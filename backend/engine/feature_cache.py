@@ -208,6 +208,22 @@ def raster_scopes(source, model, variants: list[tuple[str, str]]) -> list[str]:
             for attention, encoder_name in variants]
 
 
+def read_cached_array(path: str | os.PathLike, ndim: int | None = None) -> np.ndarray | None:
+    """The float32 array a cache file holds, or None where it cannot serve: missing, empty (np.load raises
+    EOFError, which the command line turned into a bare "Aborted." on every later run), truncated, not one
+    array, another dtype or number of dimensions (`ndim`), or not finite. A cache file is only ever a miss
+    (the entry is computed again), never the reason a run fails or a wrong value."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    if not isinstance(array, np.ndarray) or array.dtype != np.float32:
+        return None
+    if (ndim is not None and array.ndim != ndim) or not np.isfinite(array).all():
+        return None
+    return array
+
+
 class FeatureCache:
     """Crop features in memory (LRU, at most `max_bytes`) and optionally on disk (at most `disk_max_bytes`)."""
 
@@ -229,7 +245,9 @@ class FeatureCache:
 
     # -- public
 
-    def get(self, scope: str, crop: CropKey) -> np.ndarray | None:
+    def get(self, scope: str, crop: CropKey, ndim: int | None = None) -> np.ndarray | None:
+        """The features of `crop` kept before, or None; an entry on disk of another number of dimensions than
+        `ndim` (or damaged) is a miss."""
         key = (scope, crop)
         with self._lock:
             found = self._memory.get(key)
@@ -237,7 +255,7 @@ class FeatureCache:
                 self._memory.move_to_end(key)
                 self.hits += 1
                 return found
-        found = self._load(scope, crop)
+        found = self._load(scope, crop, ndim)
         with self._lock:
             if found is None:
                 self.misses += 1
@@ -300,15 +318,17 @@ class FeatureCache:
             self._disk_bytes += size
         self._trim_disk()
 
-    def _load(self, scope: str, crop: CropKey) -> np.ndarray | None:
+    def _load(self, scope: str, crop: CropKey, ndim: int | None = None) -> np.ndarray | None:
         if self.folder is None:
             return None
         path = self._path(scope, crop)
-        try:
-            features = np.load(path, allow_pickle=False)
-            os.utime(path)
-        except (OSError, ValueError):
+        features = read_cached_array(path, ndim)
+        if features is None:
             return None
+        try:
+            os.utime(path)
+        except OSError:
+            pass
         with self._lock:
             if path in self._disk:
                 self._disk.move_to_end(path)
@@ -348,10 +368,10 @@ class LayeredFeatureCache(FeatureCache):
         super().__init__(0)
         self.front, self.back = front, back
 
-    def get(self, scope: str, crop: CropKey) -> np.ndarray | None:
-        found = self.front.get(scope, crop)
+    def get(self, scope: str, crop: CropKey, ndim: int | None = None) -> np.ndarray | None:
+        found = self.front.get(scope, crop, ndim)
         if found is None:
-            found = self.back.get(scope, crop)
+            found = self.back.get(scope, crop, ndim)
             if found is not None:
                 self.front.put(scope, crop, found)
         return found

@@ -350,7 +350,7 @@ def crop_embeddings(loaded: LoadedModel, source: PixelSource, crops: Sequence[Pi
     size = visual.image_size
     side = int(size[0] if isinstance(size, (tuple, list)) else size)
     keys = [(crop.row_off, crop.col_off, crop.height, side) for crop in crops]
-    found = [cache.get(scope, key) if cache is not None and scope else None for key in keys]
+    found = [cache.get(scope, key, ndim=1) if cache is not None and scope else None for key in keys]
     missing = [i for i, known in enumerate(found) if known is None]
     if counts is not None:
         counts["cached"] = counts.get("cached", 0) + len(crops) - len(missing)

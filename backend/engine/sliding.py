@@ -172,7 +172,7 @@ class Segmenter:
         cached: list[np.ndarray | None] = [None] * len(crops)
         cache, scope = self.feature_cache, self.cache_scope
         if cache is not None and scope is not None and keys is not None:
-            cached = [cache.get(scope, key) for key in keys]
+            cached = [cache.get(scope, key, ndim=3) for key in keys]  # (gh, gw, D) each
         missing = [i for i, found in enumerate(cached) if found is None]
         self.crops_cached += len(crops) - len(missing)
         self.crops_encoded += len(missing)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .atomic import atomic_output
 from .errors import CancelledError, InputError, shown
+from .feature_cache import read_cached_array
 from .hf_text import encode_hf_tokens, is_hf_text_model
 from .languages import ENGLISH_TEMPLATES, query_language, templates_for
 from .models import LoadedModel
@@ -191,11 +192,9 @@ class TextEmbedder:
             return self._memory[query]
         path = self._cache_file(query)
         if path is not None and path.exists():
-            try:
-                embedding = torch.from_numpy(np.load(path, allow_pickle=False))
-            except (OSError, ValueError):
-                embedding = None
-            if embedding is not None:
+            stored = read_cached_array(path, ndim=1)  # a damaged file is computed again
+            if stored is not None:
+                embedding = torch.from_numpy(stored)
                 self._memory[query] = embedding
                 return embedding
         embedding = self._encode(query)

@@ -211,3 +211,47 @@ def test_crops_cut_from_strips_on_the_device_give_what_crops_stacked_on_the_host
     for name in ("classes.tif", "probs.tif"):
         np.testing.assert_array_equal(read(tmp_path / "device" / name), read(tmp_path / "host" / name))
     assert on_device.classes == on_host.classes
+
+
+def test_damaged_disk_entries_are_misses_never_wrong_features(tmp_path):
+    """An empty .npy (np.load: EOFError) ended every later run in a bare "Aborted."; an entry of another shape or
+    dtype in a traceback; a NaN entry in 'the model's weights are unusable'. Each is a miss now."""
+    entry = np.ones((14, 14, 64), np.float32)
+    cache = FeatureCache(max_bytes=0, folder=tmp_path, disk_max_bytes=2**24)
+    keys = [(0, i, 224, 224) for i in range(6)]
+    for key in keys:
+        cache.put("scope", key, entry)
+    files = sorted(tmp_path.glob("scope/*.npy"))
+    files[0].write_bytes(b"")
+    files[1].write_bytes(files[1].read_bytes()[:100])
+    np.save(files[2], np.zeros((3, 3), np.float32))
+    np.save(files[3], entry.astype(np.float64))
+    np.save(files[4], np.full_like(entry, np.nan))
+    by_file = {path: key for key, path in ((key, cache._path("scope", key)) for key in keys)}
+    found = {path.name: cache.get("scope", by_file[path], ndim=3) for path in files}
+    assert [name for name, features in found.items() if features is not None] == [files[5].name]
+    np.testing.assert_array_equal(found[files[5].name], entry)
+
+
+def test_runs_after_cache_files_were_emptied_recompute_and_write_the_same(loaded, tmp_path, monkeypatch):
+    import os
+
+    for name in ("FARSLIP_HOME", "FARSLIP_CACHE"):  # this run's entries only
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    model = tmp_path / "tiny.pt"
+    save_plain(make_tiny_clip(16), model)
+    raster = write_raster(tmp_path / "image.tif")
+    runner = CliRunner()
+    args = ["segment", str(raster), "--model", str(model), "--cache-features", "--overwrite", "--no-region-checks",
+            "-c", "water", "-c", "road", "-q"]
+    first = runner.invoke(app, [*args, "-o", str(tmp_path / "a.gpkg"), "--class-raster", str(tmp_path / "a.tif")])
+    assert first.exit_code == 0, first.output
+    emptied = [path for folder in (os.environ["FARSLIP_HOME"], os.environ["FARSLIP_CACHE"])
+               for path in Path(folder).rglob("*.npy")]
+    assert {path.parent.parent.name for path in emptied} >= {"features", "text"}, emptied
+    for path in emptied:
+        path.write_bytes(b"")  # as a power cut can leave them: cache writes are not fsynced
+    again = runner.invoke(app, [*args, "-o", str(tmp_path / "b.gpkg"), "--class-raster", str(tmp_path / "b.tif")])
+    assert again.exit_code == 0, again.output
+    assert np.array_equal(read(tmp_path / "a.tif"), read(tmp_path / "b.tif"))
+    assert all(path.stat().st_size > 0 for path in emptied), "the damaged entries were written again"
