@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from backend.engine.errors import InputError
 from backend.engine.temporary import remove_owned
 
 log = logging.getLogger("farslip.jobs")
@@ -25,6 +26,9 @@ FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
 # The history keeps the newest this many finished jobs (done, failed, cancelled, interrupted); older rows
 # go, never their output files, and never a queued or running job.
 KEEP_FINISHED_JOBS = 1000
+# The history's file and those SQLite keeps beside it (set aside together: a journal left behind would be
+# replayed into the new history).
+HISTORY_SIDECARS = ("", "-wal", "-shm", "-journal")
 JOB_FIELDS = ("id", "kind", "state", "progress", "tiles_done", "tiles_total", "eta_s", "message",
               "created", "started", "finished", "request", "result", "error")
 
@@ -41,6 +45,10 @@ def is_job_id(text: str) -> bool:
     return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
 
 
+class DamagedHistory(Exception):
+    """The file is an SQLite database, but not a readable job history."""
+
+
 class JobStore:
     """Job records in SQLite. Thread-safe: one connection behind a lock."""
 
@@ -48,13 +56,37 @@ class JobStore:
         self.path = Path(path)
         self.keep_finished = keep_finished
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_dir() or (self.path.exists() and not self.path.is_file()):
+            raise InputError(f"The job history {self.path} is {'a folder' if self.path.is_dir() else 'not a file'}; "
+                             "move it out of the state folder, or give the backend another --state-dir.")
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        os.chmod(self.path, 0o600)
-        self._db.row_factory = sqlite3.Row
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(
+        try:
+            self._db = self._open()
+        except sqlite3.OperationalError as error:  # cannot be opened (permissions, a full disk): not damage
+            raise InputError(f"Cannot open the job history {self.path} ({error}); make it readable and writable "
+                             "by this user, or give the backend another --state-dir.") from None
+        except (sqlite3.DatabaseError, DamagedHistory) as error:  # not a database, malformed, another schema
+            kept = self._set_aside()
+            log.warning("the job history %s could not be read (%s): it was set aside as %s and a new, empty "
+                        "history started", self.path, error, kept)
+            self._db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        """Connect and make sure the file is a whole job history (the table made or brought up to date)."""
+        db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        try:
+            os.chmod(self.path, 0o600)
+            db.row_factory = sqlite3.Row
+            # Read before anything is written: a file set aside is left as it was found.
+            problems = [row[0] for row in db.execute("PRAGMA quick_check")]
+            if problems != ["ok"]:
+                raise DamagedHistory("; ".join(str(problem) for problem in problems[:3]))
+            columns = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+            missing = sorted({"seq", *JOB_FIELDS, "outputs"} - columns) if columns else []
+            if missing:
+                raise DamagedHistory(f"its table of jobs has no {', '.join(missing)}")
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(
                 "CREATE TABLE IF NOT EXISTS jobs ("
                 " seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, kind TEXT NOT NULL,"
                 " state TEXT NOT NULL, progress REAL NOT NULL DEFAULT 0, tiles_done INTEGER NOT NULL DEFAULT 0,"
@@ -62,9 +94,33 @@ class JobStore:
                 " created TEXT NOT NULL, started TEXT, finished TEXT, request TEXT NOT NULL, result TEXT,"
                 " error TEXT, outputs TEXT NOT NULL DEFAULT '[]')"
             )
-            columns = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
-            if "temporary" not in columns:  # a history written by an earlier version
-                self._db.execute("ALTER TABLE jobs ADD COLUMN temporary TEXT NOT NULL DEFAULT '[]'")
+            if "temporary" not in {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}:
+                # a history written by an earlier version
+                db.execute("ALTER TABLE jobs ADD COLUMN temporary TEXT NOT NULL DEFAULT '[]'")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _set_aside(self) -> Path:
+        """Rename the damaged history (with its journal and shared memory) to `jobs.sqlite.damaged-<stamp>`, never
+        removing it: the jobs it held may still be read from it. Returns its new name."""
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        kept = self.path.with_name(f"{self.path.name}.damaged-{stamp}")
+        number = 1
+        while any(Path(f"{kept}{suffix}").exists() for suffix in HISTORY_SIDECARS):
+            number += 1
+            kept = self.path.with_name(f"{self.path.name}.damaged-{stamp}-{number}")
+        for suffix in HISTORY_SIDECARS:
+            try:
+                os.replace(f"{self.path}{suffix}", f"{kept}{suffix}")
+            except FileNotFoundError:
+                pass
+            except OSError as error:
+                raise InputError(f"The job history {self.path} is damaged and cannot be set aside "
+                                 f"({error.strerror or error}); move it out of the state folder, or give the "
+                                 "backend another --state-dir.") from None
+        return kept
 
     def close(self) -> None:
         with self._lock:

@@ -27,6 +27,7 @@ from backend import __version__
 from backend.engine.atomic import write_text_atomically
 from backend.engine.errors import FarslipError, InputError
 from backend.engine.files import refuse_folder_name
+from backend.service.jobs import JobStore
 
 from .app import FEATURE_CACHE_MB, create_app
 from .security import check_token
@@ -264,6 +265,9 @@ def serve(host: str = "127.0.0.1", port: int = 0, token: str | None = None,
     log_file = setup_logging(state_dir, log_level)
     lock = _lock_state_dir(state_dir)
     try:
+        # Opened once before anything binds: a folder in its place is a sentence, a damaged history is set aside
+        # (a failure in the app's startup ended in uvicorn's traceback, and the backend never started).
+        JobStore(state_dir / "jobs.sqlite").close()
         refuse_taken_connection_file(connection_file)
         check_connection_file_location(connection_file)
         sock = bind_socket(host, port)
