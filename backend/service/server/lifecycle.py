@@ -45,15 +45,46 @@ class PrivateLogFile(logging.handlers.RotatingFileHandler):
         return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
 
 
+def refuse_misplaced(path: Path, what: str, folder: bool) -> None:
+    """A file where the state folder keeps a folder (or the other way round) is refused in one sentence naming
+    it; it is never removed (it may be the user's)."""
+    if folder and path.exists() and not path.is_dir():
+        raise InputError(f"{path}, where the state folder keeps {what}, is a file, not a folder; move it away, or "
+                         "give the backend another --state-dir.")
+    if not folder and (path.is_dir() or (path.exists() and not path.is_file())):
+        kind = "a folder" if path.is_dir() else "not a plain file"
+        raise InputError(f"{path}, where the state folder keeps {what}, is {kind}; move it away, or give the "
+                         "backend another --state-dir.")
+
+
+def prepare_state_dir(state_dir: Path) -> None:
+    """The state folder exists (made readable by the user only: the job history names the user's files) and
+    is a folder; else one sentence."""
+    if state_dir.exists() and not state_dir.is_dir():
+        raise InputError(f"The state folder {state_dir} is a file, not a folder; give --state-dir a folder.")
+    if not state_dir.exists():
+        try:
+            state_dir.mkdir(parents=True, mode=0o700)
+        except OSError as error:
+            raise InputError(f"Cannot make the state folder {state_dir} ({error.strerror or error}); give "
+                             "--state-dir a folder this user may write to.") from None
+
+
 def setup_logging(state_dir: Path, level: str = "INFO") -> Path:
     """Log to a rotating file in the state directory (readable by the user only) and to stderr; returns
     the file's path."""
     log_dir = state_dir / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    log_dir.chmod(0o700)  # made by an earlier version, or under a state folder that existed before
     log_file = log_dir / "backend.log"
+    refuse_misplaced(log_dir, "the backend's log folder", folder=True)
+    refuse_misplaced(log_file, "the backend's log", folder=False)
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        log_dir.chmod(0o700)  # made by an earlier version, or under a state folder that existed before
+        file_handler = PrivateLogFile(log_file, maxBytes=5 * 2**20, backupCount=3, encoding="utf-8")
+    except OSError as error:
+        raise InputError(f"Cannot write the backend's log {log_file} ({error.strerror or error}); give --state-dir "
+                         "a folder this user may write to.") from None
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    file_handler = PrivateLogFile(log_file, maxBytes=5 * 2**20, backupCount=3, encoding="utf-8")
     stderr_handler = logging.StreamHandler(sys.stderr)
     for logger_name in ("farslip", "uvicorn", "uvicorn.error"):
         logger = logging.getLogger(logger_name)
@@ -186,7 +217,12 @@ def listens_beyond_loopback(sock: socket.socket) -> bool:
 def _lock_state_dir(state_dir: Path):
     """Only one backend per state directory: a second would mark the first one's jobs interrupted."""
     lock_path = state_dir / "backend.lock"
-    stream = open(lock_path, "a+")
+    refuse_misplaced(lock_path, "the lock that keeps a second backend out", folder=False)
+    try:
+        stream = open(lock_path, "a+")
+    except OSError as error:
+        raise InputError(f"Cannot open the state folder's lock {lock_path} ({error.strerror or error}); give "
+                         "--state-dir a folder this user may write to.") from None
     try:
         import fcntl
     except ImportError:  # Windows: no advisory locks here, rely on the user
@@ -259,8 +295,7 @@ def serve(host: str = "127.0.0.1", port: int = 0, token: str | None = None,
     if connection_file is not None:  # given as typed: a Path drops a trailing separator
         refuse_folder_name(connection_file, "--connection-file")
     state_dir = Path(state_dir or default_state_dir()).expanduser().resolve()
-    if not state_dir.exists():
-        state_dir.mkdir(parents=True, mode=0o700)  # job history names the user's files
+    prepare_state_dir(state_dir)
     connection_file = Path(connection_file or state_dir / "backend.json").expanduser().resolve()
     log_file = setup_logging(state_dir, log_level)
     lock = _lock_state_dir(state_dir)
