@@ -32,7 +32,7 @@ from .encoders import Encoder, crop_size
 from .feature_cache import FeatureCache, raster_scopes
 from .finetuned import bands_for, trained_resolution_said, with_trained_resolution
 from .runtimes import make_encoder
-from .errors import CancelledError, nothing_valid
+from .errors import CancelledError, InputError, nothing_valid
 from .colours import class_colormap, write_category_names
 from .atomic import StagedOutputs
 from .export import check_field_widths, check_format_crs, driver_for, layer_name, report_json, write_polygons
@@ -681,6 +681,20 @@ class QualityEstimate:
     warnings: list[str] = field(default_factory=list)
 
 
+def own_calibration(path: Path | None, weights_id: str | None) -> tuple[QualityModel, str, list[str]]:
+    """The quality calibration a fine-tuned model folder holds (model, its name, what to say of it). A damaged
+    one, or one made for other weights (a file copied in from another model), is set aside with a warning and
+    the built-in estimate is used: it only weighs the confidence figure, and the run (hours on a large
+    raster) is not lost for it."""
+    if path is None or not path.is_file():
+        return QualityModel(), "default", []
+    try:
+        return QualityModel.load(path, weights_id, None), os.path.abspath(path), []
+    except InputError as error:
+        return QualityModel(), "default", [f"{error} The quality comes from the built-in estimate; calibrate "
+                                           "again with farslip evaluate --calibrate-quality."]
+
+
 def estimate_quality(regions, source: RasterSource, window: PixelWindow, segmenter: Segmenter,
                      named_calibration: str | Path | None, class_lines: list[str],
                      class_names: list[str], dense_crops: int, should_cancel,
@@ -707,13 +721,9 @@ def estimate_quality(regions, source: RasterSource, window: PixelWindow, segment
     if named_calibration:  # a file the user named: it must fit this model and this class list
         calibration = Path(os.path.abspath(named_calibration))
         model = QualityModel.load(calibration, loaded.weights_id, class_lines)
-        source_name = str(calibration)
-    elif calibration is not None and calibration.is_file():
-        model = QualityModel.load(calibration, loaded.weights_id, None)
-        source_name = os.path.abspath(calibration)
+        source_name, said = str(calibration), []
     else:
-        model, source_name = QualityModel(), "default"
-    said = []
+        model, source_name, said = own_calibration(calibration, loaded.weights_id)
     if (not named_calibration and model.class_lines is not None
             and not same_classes(class_lines, model.class_lines)):  # the model's own, fitted on other classes
         said.append(f"The model's quality calibration {source_name} was fitted for the classes "
