@@ -4,7 +4,9 @@ Tiles of `tile` native pixels on a grid anchored at the raster's top-left corner
 cut by the raster), each resized to the model's input and embedded by CLIP's image path. A tile's
 class probabilities are the softmax over all class queries (80 prompt templates each) of the cosine
 times the model's own learned logit scale, then the maximum over each class's synonyms
-(FARSLIP_METHOD.md section 2). Tiles with no valid pixel are left out. Each tile is written as its
+(FARSLIP_METHOD.md section 2). Tiles with no valid pixel are left out; with a bbox, so are tiles with no
+pixel centre inside it (its parts: two strips for a box across the antimeridian of a world raster; the
+box itself, not its envelope, on a rotated grid), as segment classifies no pixel outside it. Each tile is written as its
 footprint on the ground, the affine applied to its four pixel corners: a rectangle on a north-up
 raster, the true (turned) quadrilateral on a rotated one.
 """
@@ -28,7 +30,7 @@ from .export import check_field_widths, check_format_crs, report_json, report_pa
 from .files import absolute_outputs, absolute_raster_name, raster_file
 from .models import LoadedModel
 from .finetuned import bands_for
-from .raster import PixelWindow, band_choice_warning, open_source, request_window
+from .raster import PixelWindow, band_choice_warning, open_source, request_window, request_windows
 from .search import check_hits_output
 from .search_index import bounded_gdal_cache, embed_windows
 from .text import TextEmbedder, class_probabilities, logit_scale, parse_class_lines, query_index
@@ -66,6 +68,18 @@ def validate_classify_options(options: ClassifyOptions) -> None:
 def tile_starts(start: int, stop: int, tile: int) -> list[int]:
     """Starts of the raster-anchored tiles (multiples of `tile`) that overlap [start, stop)."""
     return list(range((start // tile) * tile, stop, tile))
+
+
+def bbox_tiles(windows: list[PixelWindow], tile: int) -> dict[int, list[int]]:
+    """The raster-anchored tiles over any of `windows` (raster.request_windows: one per part of the bbox, two
+    strips for a box across the antimeridian of a world raster, not the width between them): their row starts,
+    in order, each with its column starts."""
+    grid: dict[int, set[int]] = {}
+    for window in windows:
+        cols = tile_starts(window.col_off, window.col_off + window.width, tile)
+        for row in tile_starts(window.row_off, window.row_off + window.height, tile):
+            grid.setdefault(row, set()).update(cols)
+    return {row: sorted(grid[row]) for row in sorted(grid)}
 
 
 def check_classify_output(out: Path, overwrite: bool, options: ClassifyOptions,
@@ -106,13 +120,14 @@ def classify_raster(raster: str | Path, options: ClassifyOptions, out: Path, loa
         with source:
             warnings += check_format_crs(out, source.crs)
             warnings += band_choice_warning(source.dataset, bands)
-            window = request_window(source, options.bbox, options.bbox_crs)
-            rows = tile_starts(window.row_off, window.row_off + window.height, options.tile)
-            cols = tile_starts(window.col_off, window.col_off + window.width, options.tile)
-            total, done = len(rows) * len(cols), 0
+            # With clip, a tile none of whose pixel centres lies in the box (on a rotated grid, where the window
+            # is the box's envelope in pixels) reads as invalid and is left out.
+            window = request_window(source, options.bbox, options.bbox_crs, clip=True)
+            grid = bbox_tiles(request_windows(source, options.bbox, options.bbox_crs), options.tile)
+            total, done = sum(len(cols) for cols in grid.values()), 0
             if progress is not None:
                 progress(0, total)
-            for row in rows:
+            for row, cols in grid.items():
                 pending: list[tuple[PixelWindow, np.ndarray]] = []
                 for col in cols:
                     tile = PixelWindow(row, col, min(options.tile, source.height - row),

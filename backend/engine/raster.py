@@ -852,12 +852,35 @@ def request_window(source: RasterSource, bbox: tuple[float, float, float, float]
 
     With `clip`, a rotated grid's source also takes the box as its `clip` (the window is the box's envelope
     in pixels, which reaches far beyond the box): what is outside the box gets no class."""
+    window, parts = _request(source, bbox, bbox_crs)
+    if clip and parts and (is_rotated(source.transform) or len(parts) > 1):
+        # A rotated grid's window is the box's envelope in pixels; a box across the antimeridian of a world
+        # raster spans its whole width: what lies outside the box (its parts) gets no class.
+        source.clip = tuple(parts)
+    return window
+
+
+def request_windows(source: RasterSource, bbox: tuple[float, float, float, float] | None,
+                    bbox_crs: str | None = None) -> list[PixelWindow]:
+    """The processing-grid windows under the bbox's parts (request_window's window without a bbox): two strips,
+    at the raster's west and east edges, for a box across the antimeridian of a world raster, where
+    request_window's one window is the whole width between them. The same refusals as request_window's."""
+    window, parts = _request(source, bbox, bbox_crs)
+    if not parts:
+        return [window]
+    found = [w for w in (bounds_window(source, part) for part in parts) if w is not None]
+    return found or [window]
+
+
+def _request(source: RasterSource, bbox: tuple[float, float, float, float] | None,
+             bbox_crs: str | None) -> tuple[PixelWindow, list[tuple[float, float, float, float]]]:
+    """request_window's window and the bbox's parts in the raster's CRS (none without a bbox)."""
     full = PixelWindow(0, 0, source.height, source.width)
     if bbox is None:
         if bbox_crs:  # a forgotten --bbox would otherwise run the whole raster without a word
             raise InputError(f"--bbox-crs {bbox_crs} says which CRS the --bbox is in, and no --bbox was given; "
                              "add --bbox XMIN YMIN XMAX YMAX, or leave --bbox-crs out.")
-        return full
+        return full, []
     check_bbox(bbox)
     xmin, ymin, xmax, ymax = (float(v) for v in bbox)
     crs = parse_crs(bbox_crs, source.crs)
@@ -874,8 +897,4 @@ def request_window(source: RasterSource, bbox: tuple[float, float, float, float]
     if window is None:
         raise OutsideBboxError(outside_bbox_sentence(source.path.name, source.transform, source.width, source.height,
                                                      source.crs))
-    if clip and (is_rotated(source.transform) or len(parts) > 1):
-        # A rotated grid's window is the box's envelope in pixels; a box across the antimeridian of a world
-        # raster spans its whole width: what lies outside the box (its parts) gets no class.
-        source.clip = tuple(parts)
-    return window
+    return window, parts
