@@ -14,7 +14,8 @@ quantities, "there is/are", "located", ...) are dropped from each part ("a lot o
 number of", "a group of", "a row of" first); empty and repeated parts are dropped.
 "a baseball field next to a parking lot" -> "baseball field", "parking lot".
 
-Extent (--bbox): the box (its envelope in the raster's CRS) is cut to the raster's footprint; a window is
+Extent (--bbox): the box (its envelope in the raster's CRS; a box across the antimeridian of a world raster
+is two boxes, at its west and east edges, each taken alone) is cut to the raster's footprint; a window is
 searched when the part of its footprint inside that region spans, along each axis of the CRS, at least
 half of the shorter of the window's and the region's extents; so a box smaller than one window is
 searched by the windows that hold most of it. On a north-up raster this is: at least half inside the box
@@ -271,9 +272,19 @@ def _in_bbox(entries, region, rotated: bool = True) -> np.ndarray:
     of the module docstring: the part of a window's footprint inside the region spans, along each axis, at
     least half of the shorter of the window's and the region's extents. On a grid that is not `rotated`
     windows and region are boxes, and that part is the overlap of the two along each axis."""
+    if region is None or not len(entries.level):
+        return np.ones(len(entries.level), bool)
+    # A box across the antimeridian of a world raster is two regions (bbox_region): a window is searched by
+    # the rule for one of them, never for their envelope, the whole width between them.
+    inside = np.zeros(len(entries.level), bool)
+    for part in shapely.get_parts(region):
+        inside |= _in_region(entries, part, rotated)
+    return inside
+
+
+def _in_region(entries, region, rotated: bool) -> np.ndarray:
+    """_in_bbox for one polygon of the region."""
     inside = np.ones(len(entries.level), bool)
-    if region is None or not len(inside):
-        return inside
     window_box, region_box = entries.bounds, shapely.bounds(region)
     if rotated:
         candidates = np.flatnonzero((window_box[:, 0] < region_box[2]) & (window_box[:, 2] > region_box[0])

@@ -50,9 +50,9 @@ from .options import check_batch_size
 from .paths import cache_dir
 from .finetuned import bands_for
 from .ground import crs_label
-from .raster import (PixelWindow, RasterSource, band_choice_warning, bbox_in_raster_crs, coordinates, corner_text,
+from .raster import (PixelWindow, RasterSource, band_choice_warning, bbox_parts_in_raster_crs, coordinates, corner_text,
                      is_rotated, native_gsd_m, open_source, outside_bbox_sentence, parse_crs, pixel_envelope,
-                     raster_corners, raster_footprint, request_window)
+                     raster_corners, raster_footprint, request_window, request_windows)
 from .sliding import crop_starts
 
 INDEX_FORMAT = "farslip-search-index/2"  # 2: keyed by the model's variant; staleness by every file GDAL reads
@@ -288,15 +288,36 @@ class SearchIndex:
 
     # -- building
 
-    def level_window(self, level: Level, bbox, bbox_crs: str | None) -> PixelWindow | None:
-        return None if bbox is None else request_window(level.source, bbox, bbox_crs)
+    def level_cells(self, level: Level, bbox, bbox_crs: str | None) -> list[tuple[int, list[int]]]:
+        """The grid rows of `level` whose windows meet the bbox, each with its columns that do: windows over the
+        pixels under one of the bbox's parts (its two strips, not the width between them, for a box across the
+        antimeridian of a world raster), and on a rotated grid (where those pixels are a part's envelope) only
+        the windows whose footprint meets the box itself. Without a bbox, every window."""
+        if bbox is None:
+            rows, cols = level.overlapping(None)
+            return [(row, cols) for row in rows]
+        found: dict[int, set[int]] = {}
+        for window in request_windows(level.source, bbox, bbox_crs):
+            rows, cols = level.overlapping(window)
+            for row in rows:
+                found.setdefault(row, set()).update(cols)
+        cells = [(row, sorted(found[row])) for row in sorted(found)]
+        if not is_rotated(self.dataset.transform):
+            return cells
+        region = bbox_region(self.dataset.transform, self.dataset.width, self.dataset.height, self.crs, self.label,
+                             bbox, bbox_crs)
+        kept = []
+        for row, cols in cells:
+            meets = shapely.intersects(footprint_polygons(level.footprints_of(row, np.asarray(cols))), region)
+            if meets.any():
+                kept.append((row, [col for col, yes in zip(cols, meets) if yes]))
+        return kept
 
     def missing(self, bbox=None, bbox_crs: str | None = None) -> int:
         """How many windows overlapping bbox are not in the index yet."""
         count = 0
         for level in self.levels:
-            rows, cols = level.overlapping(self.level_window(level, bbox, bbox_crs))
-            for row in rows:
+            for row, cols in self.level_cells(level, bbox, bbox_crs):
                 _, state = self._read_row(level, row)
                 count += int((state[cols] == STATE_MISSING).sum())
         return count
@@ -313,8 +334,7 @@ class SearchIndex:
             progress(0, total)
         with bounded_gdal_cache():
             for level in self.levels:
-                rows, cols = level.overlapping(self.level_window(level, bbox, bbox_crs))
-                for row in rows:
+                for row, cols in self.level_cells(level, bbox, bbox_crs):
                     embeddings, state = self._read_row(level, row)
                     todo = [j for j in cols if state[j] == STATE_MISSING]
                     stats.empty += sum(1 for j in cols if state[j] == STATE_EMPTY)
@@ -387,10 +407,9 @@ class SearchIndex:
         for level in self.levels:
             if factors is not None and level.factor not in factors:
                 continue
-            rows, cols = level.overlapping(self.level_window(level, bbox, bbox_crs))
-            cols_array = np.asarray(cols, dtype=np.intp)
             scale = level.scale_m(self.dataset)
-            for row in rows:
+            for row, cols in self.level_cells(level, bbox, bbox_crs):
+                cols_array = np.asarray(cols, dtype=np.intp)
                 embeddings, state = self._read_row(level, row)
                 if embeddings is None:
                     continue
@@ -511,22 +530,29 @@ def footprint_envelopes(footprints: np.ndarray) -> np.ndarray:
 
 
 def bbox_region(transform, width: int, height: int, crs, name: str, bbox, bbox_crs: str | None):
-    """The part of the raster's footprint under the bbox (in bbox_crs, default the raster's; its envelope in the
-    raster's CRS), a shapely geometry; None without a bbox. InputError when they do not meet: on a rotated grid
-    a box may meet the raster's envelope (which request_window checks) and miss the raster itself."""
+    """The part of the raster's footprint under the bbox (in bbox_crs, default the raster's), a shapely geometry;
+    None without a bbox. One polygon per part of the box in the raster's CRS (raster.bbox_parts_in_raster_crs),
+    never their envelope: a box across the antimeridian of a world raster is two strips at its west and east
+    edges, a GeometryCollection of both (shapely.get_parts gives them back). InputError when they do not meet:
+    on a rotated grid a box may meet the raster's envelope (which request_window checks) and miss the raster
+    itself."""
     if bbox is None:
         return None
     envelope = pixel_envelope(transform, 0, 0, width, height)
     xmin, ymin, xmax, ymax = (float(v) for v in bbox)
-    box = bbox_in_raster_crs((xmin, ymin, xmax, ymax), parse_crs(bbox_crs, crs), crs, envelope)
+    parts = bbox_parts_in_raster_crs((xmin, ymin, xmax, ymax), parse_crs(bbox_crs, crs), crs, envelope)
     footprint = raster_footprint(transform, width, height)
-    if box is not None:  # cut to the raster's envelope first: GEOS loses a box of +-1e308 in the intersection
-        box = (max(box[0], envelope[0]), max(box[1], envelope[1]), min(box[2], envelope[2]), min(box[3], envelope[3]))
-        box = box if box[0] < box[2] and box[1] < box[3] else None
-    region = footprint.intersection(shapely.box(*box)) if box is not None else shapely.Polygon()
-    if region.is_empty or region.area <= 0:
+    pieces = []
+    for part in parts:  # cut to the raster's envelope first: GEOS loses a box of +-1e308 in the intersection
+        box = (max(part[0], envelope[0]), max(part[1], envelope[1]), min(part[2], envelope[2]),
+               min(part[3], envelope[3]))
+        if box[0] < box[2] and box[1] < box[3]:
+            piece = footprint.intersection(shapely.box(*box))
+            if not piece.is_empty and piece.area > 0:
+                pieces.append(piece)
+    if not pieces:
         raise InputError(outside_bbox_sentence(name, transform, width, height, crs))
-    return region
+    return pieces[0] if len(pieces) == 1 else shapely.GeometryCollection(pieces)
 
 
 def describe(index: SearchIndex, stats: BuildStats | None = None) -> dict:
