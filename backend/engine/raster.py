@@ -8,6 +8,7 @@ resampling to a scale factor or ground sample distance.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import warnings
@@ -682,6 +683,49 @@ def longitude_turn(crs: CRS) -> float:
     return 360.0 / degrees_per_unit(crs)
 
 
+def x_turn(crs: CRS) -> float | None:
+    """The distance in x, in the CRS's unit, after which x comes back to the same places: a whole turn of
+    longitude in a geographic CRS (longitude_turn); in a cylindrical projection over the whole world (Web
+    Mercator, EPSG:3857: 40075016.69 m; plate carree, cylindrical equal area) the equator's length, x being the
+    longitude scaled; None for any other CRS (UTM, a rotated or local grid, Mollweide, whose x at the antimeridian
+    depends on the latitude). A raster past such a CRS's edge (EPSG:3857 x beyond 20037508.34) holds the places
+    of the other side."""
+    if crs.is_geographic:
+        return longitude_turn(crs)
+    try:
+        return _projected_x_turn(crs.to_wkt())
+    except Exception:  # a CRS pyproj cannot read has no turn
+        return None
+
+
+@functools.lru_cache(maxsize=32)
+def _projected_x_turn(wkt: str) -> float | None:
+    from pyproj import Transformer
+
+    crs = as_pyproj(wkt)
+    if crs is None or not crs.is_projected or crs.geodetic_crs is None:
+        return None
+    step = 0.5
+    lons = np.arange(-180.0, 180.0 + step / 2, step)
+    to_xy = Transformer.from_crs(crs.geodetic_crs, crs, always_xy=True)
+    turns = []
+    for lat in (0.0, 30.0, -30.0, 60.0):
+        with np.errstate(all="ignore"):
+            xs, ys = (np.asarray(v, float) for v in to_xy.transform(lons, np.full_like(lons, lat)))
+        if not (np.isfinite(xs).all() and np.isfinite(ys).all()):
+            return None
+        steps = np.diff(xs)
+        usual = float(np.median(steps))
+        turn = abs(usual) * 360.0 / step
+        # x proportional to the longitude (but for one jump back at the projection's own antimeridian), y the
+        # same all along the parallel: a cylindrical projection.
+        if turn <= 0 or np.count_nonzero(np.abs(steps - usual) > 1e-6 * abs(usual)) > 1 \
+                or np.ptp(ys) > 1e-9 * turn:
+            return None
+        turns.append(turn)
+    return turns[0] if max(turns) - min(turns) <= 1e-9 * turns[0] else None
+
+
 def longitude_on(x: float, left: float, right: float, turn: float = 360.0) -> float:
     """Longitude `x` moved by whole turns onto a raster's longitudes [left, right] where it falls there (-159.85
     on a raster over 200..200.4 is 200.15; -179.9 on one across the antimeridian, 179.8..180.2, is 180.1); else
@@ -726,8 +770,9 @@ def _samples_in(box: tuple[float, float, float, float], source_crs: CRS, target:
     with np.errstate(all="ignore"):
         to_target = Transformer.from_crs(as_pyproj(source_crs), as_pyproj(target_crs), always_xy=True)
         xs, ys = (np.asarray(v, float) for v in to_target.transform(xs.ravel(), ys.ravel()))
-        if target_crs.is_geographic:  # a longitude a whole turn away is the same place
-            xs = target[0] + np.mod(xs - target[0], longitude_turn(target_crs))
+        turn = x_turn(target_crs)
+        if turn:  # a longitude (or a cylindrical projection's x) a whole turn away is the same place
+            xs = target[0] + np.mod(xs - target[0], turn)
         return (xs >= target[0]) & (xs <= target[2]) & (ys >= target[1]) & (ys <= target[3])
 
 
@@ -799,8 +844,9 @@ def _boxes_over_raster(bbox: tuple[float, float, float, float], bbox_crs: CRS, r
     box = bbox if bbox_crs == raster_crs else _transformed_envelope(bbox, bbox_crs, raster_crs)
     xmin, ymin, xmax, ymax = box
     spans = [(xmin, xmax)]
-    if raster_crs.is_geographic:
-        spans = _longitude_parts((xmin, xmax), (raster_box[0], raster_box[2]), longitude_turn(raster_crs))
+    turn = x_turn(raster_crs)
+    if turn:  # a raster in degrees, or in Web Mercator past 180 degrees east, meets the box a turn away
+        spans = _longitude_parts((xmin, xmax), (raster_box[0], raster_box[2]), turn)
     width, height = raster_box[2] - raster_box[0], raster_box[3] - raster_box[1]
     found = []
     for west, east in spans:

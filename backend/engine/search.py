@@ -51,7 +51,7 @@ from .files import absolute_outputs, check_output_files, input_paths, raster_fil
 from .models import LoadedModel
 from .ground import crs_label
 from .options import SENTENCE_MAX_CHARS, check_typed_text
-from .raster import longitude_on, longitude_turn, parse_crs, pixel_envelope, unplaced
+from .raster import longitude_on, parse_crs, pixel_envelope, unplaced, x_turn
 from .search_index import (BuildStats, SearchIndex, bbox_region, check_bbox, check_point, describe,
                            footprint_envelopes, footprint_polygons, is_rotated, point_window)
 from .text import TextEmbedder, same_name_key, token_ids
@@ -311,7 +311,9 @@ def _bbox_in_raster_crs(index: SearchIndex, bbox, bbox_crs):
 def point_in_raster_crs(like, like_crs: str | None, raster_crs, envelope=None) -> tuple[float, float]:
     """The example point `like` (in `like_crs`, default the raster's) in the raster's CRS. In a geographic one,
     with the raster's `envelope` (left, bottom, right, top), a longitude a whole turn away is moved onto the
-    raster's longitudes, as a bbox's are: -159.85 is 200.15 on a raster over 200..200.4 (raster.longitude_on)."""
+    raster's longitudes, as a bbox's are: -159.85 is 200.15 on a raster over 200..200.4 (raster.longitude_on);
+    so is the x of a cylindrical projection over the world (raster.x_turn): -179.997 degrees is x 20037842.7 on
+    an EPSG:3857 raster past 20037508.34."""
     x, y = (float(v) for v in like)
     crs = parse_crs(like_crs, raster_crs, what="like CRS")
     if crs != raster_crs:
@@ -324,8 +326,9 @@ def point_in_raster_crs(like, like_crs: str | None, raster_crs, envelope=None) -
         if not (np.isfinite(x) and np.isfinite(y)):
             raise InputError(f"The point {like} could not be transformed from {crs_label(crs)} to the raster's CRS "
                              f"{crs_label(raster_crs)}.")
-    if envelope is not None and raster_crs.is_geographic:
-        x = longitude_on(x, envelope[0], envelope[2], longitude_turn(raster_crs))
+    turn = x_turn(raster_crs) if envelope is not None else None
+    if turn:  # in degrees, or in a cylindrical projection's x past its antimeridian (Web Mercator's 20037508.34)
+        x = longitude_on(x, envelope[0], envelope[2], turn)
     return x, y
 
 
