@@ -302,16 +302,21 @@ def _layer_crs(meta: dict, path: Path, what: str) -> ProjCRS:
 
 def _to_raster_crs(geometries: np.ndarray, source: ProjCRS, target, path: Path,
                    raster_bounds: tuple[float, float, float, float] | None = None) -> np.ndarray:
-    """Geometries in `source` -> in the raster's CRS `target`; in a geographic raster's CRS each one moved by
-    whole turns of longitude onto the raster's longitudes (`raster_bounds`) where it falls there (labels at
-    -159.85 on a raster over 200..200.4, or at -179.9 on one across the antimeridian)."""
+    """Geometries in `source` -> in the raster's CRS `target`; in a geographic raster's CRS each ring's
+    longitudes run on without a jump of a whole turn (`_unwrapped`: PROJ gives -180..180, and a polygon
+    across the antimeridian came out as a sliver around the world), and each polygon is moved by whole turns
+    onto the raster's longitudes (`raster_bounds`) where it falls there (labels at -159.85 on a raster over
+    200..200.4, or at -179.9 on one across the antimeridian)."""
     target_crs = ProjCRS.from_user_input(target.to_wkt())
     out = geometries
     if source.is_geographic:
         _check_lonlat(geometries, source, target_crs, path, raster_bounds)
     if source != target_crs:
         transformer = Transformer.from_crs(source, target_crs, always_xy=True)
-        out = shapely.transform(geometries, lambda xy: np.column_stack(transformer.transform(xy[:, 0], xy[:, 1])))
+        with np.errstate(all="ignore"):
+            out = shapely.transform(geometries, lambda xy: np.column_stack(transformer.transform(xy[:, 0], xy[:, 1])))
+            if target_crs.is_geographic and len(out):
+                out = _unwrapped(geometries, out, transformer, source, target_crs)
         coords = shapely.get_coordinates(out)
         if coords.size and not np.isfinite(coords).all():
             raise InputError(f"The polygons of {path} lie outside the area where {_named(source)} can be "
@@ -319,6 +324,67 @@ def _to_raster_crs(geometries: np.ndarray, source: ProjCRS, target, path: Path,
     if target_crs.is_geographic and raster_bounds is not None and len(out):
         out = _longitudes_onto(out, raster_bounds, longitude_turn(target_crs))
     return out
+
+
+def _unwrapped(geometries: np.ndarray, moved: np.ndarray, transformer: Transformer, source: ProjCRS,
+               target_crs: ProjCRS) -> np.ndarray:
+    """`moved` (`geometries` transformed vertex by vertex into the geographic `target_crs`) with each ring's
+    longitudes continuous: a step of more than half a turn between consecutive points that the layer does not
+    have (in a projected layer, none; in degrees, the layer's own step) is a wrap of PROJ's -180..180 and is
+    taken back. Projected polygons with such a step are cut into short edges first, so that each edge's
+    step is the short one (an edge across a whole world map, -180 to 180, is a turn, not nothing)."""
+    turn = longitude_turn(target_crs)
+    scale = degrees_per_unit(source) / degrees_per_unit(target_crs) if source.is_geographic else 0.0
+    source_xy, owner = shapely.get_coordinates(geometries, return_index=True)
+    moved_x = shapely.get_coordinates(moved)[:, 0]
+    same = owner[1:] == owner[:-1]
+    step = np.diff(moved_x) - scale * np.diff(source_xy[:, 0])
+    jumps = np.unique(owner[1:][same & (np.abs(step) > turn / 2)])
+    out = moved.copy()
+    for i in jumps:
+        parts = shapely.get_parts(geometries[i])
+        if not scale:  # edges of at most 1/256 of the part's width or height (1.4 degrees across the world)
+            x0, y0, x1, y1 = shapely.bounds(parts).T
+            parts = shapely.segmentize(parts, np.maximum(np.maximum(x1 - x0, y1 - y0) / 256, 1e-9))
+        parts = [_unwrapped_polygon(part, transformer, scale, turn) for part in parts]
+        out[i] = parts[0] if len(parts) == 1 else shapely.union_all(parts)
+    return out
+
+
+def _unwrapped_polygon(polygon: shapely.Polygon, transformer: Transformer, scale: float,
+                       turn: float) -> shapely.Geometry:
+    """One polygon of `_unwrapped`: each ring transformed with its steps taken back by whole turns, the holes
+    moved by whole turns into their exterior's longitudes. A ring around a pole (its longitudes end a turn
+    from where they began) encloses the pole: it is closed along the pole, and the polygon is cut to one turn
+    of longitude from the repeats of its rings a turn apart."""
+    rings, wound = [], []
+    for ring in [polygon.exterior, *polygon.interiors]:
+        xy = shapely.get_coordinates(ring)
+        x, y = (np.asarray(v, float) for v in transformer.transform(xy[:, 0], xy[:, 1]))
+        own = scale * np.diff(xy[:, 0])  # the layer's own steps in degrees (none in a projected layer)
+        x = x - turn * np.r_[0.0, np.cumsum(np.rint((np.diff(x) - own) / turn))]
+        wound.append(abs(x[-1] - x[0]) > turn / 2)
+        if wound[-1]:
+            pole = math.copysign(turn / 4, float(np.mean(y)))
+            x, y = np.r_[x, x[-1], x[0], x[0]], np.r_[y, pole, pole, y[0]]
+        rings.append(np.column_stack([x, y]))
+    west, east = rings[0][:, 0].min(), rings[0][:, 0].max()
+    holes = [hole if around else hole - [turn * np.rint((hole[:, 0].mean() - (west + east) / 2) / turn), 0.0]
+             for hole, around in zip(rings[1:], wound[1:])]
+    if not any(wound):
+        return shapely.Polygon(rings[0], holes)
+
+    def area(ring: np.ndarray, around: bool) -> shapely.Geometry:
+        shape = shapely.Polygon(ring)
+        if not around:
+            return shape
+        return shapely.union_all([shapely.transform(shape, lambda xy, k=k: xy + np.array([k * turn, 0.0]))
+                                  for k in (-1, 0, 1)])
+
+    shape = shapely.difference(area(rings[0], wound[0]), shapely.union_all([area(hole, around) for hole, around
+                                                                           in zip(holes, wound[1:])]))
+    west = west if wound[0] else (west + east - turn) / 2
+    return shapely.clip_by_rect(shape, west, -turn / 4, west + turn, turn / 4)
 
 
 def _named(crs: ProjCRS) -> str:
@@ -378,20 +444,38 @@ def _on_raster(coords: np.ndarray, source: ProjCRS, target_crs: ProjCRS,
 
 def _longitudes_onto(geometries: np.ndarray, raster_bounds: tuple[float, float, float, float],
                      turn: float) -> np.ndarray:
-    """Each geometry moved by the whole turns of longitude that put most of its longitudes on the raster's
-    [xmin, xmax] (none where it overlaps them already, or nowhere)."""
+    """Each polygon (each part of a multipolygon: one split at the antimeridian has a part at each end of
+    -180..180) moved by the whole turns of longitude that put it on the raster's [xmin, xmax]; on a raster
+    that reaches past the antimeridian on both sides (the world) a polygon across it lies at both ends. As
+    it was where it lies nowhere on them."""
     left, right = raster_bounds[0], raster_bounds[2]
-    moved = []
+
+    def shifts(part: shapely.Geometry) -> list[float]:
+        x0, _, x1, _ = part.bounds
+        found = [k * turn for k in range(math.floor((left - x1) / turn), math.ceil((right - x0) / turn) + 1)
+                 if min(x1 + k * turn, right) - max(x0 + k * turn, left) > 1e-12]
+        return found or [0.0]
+
+    def moved(geometry: shapely.Geometry, by: float) -> shapely.Geometry:
+        return shapely.transform(geometry, lambda xy: xy + np.array([by, 0.0])) if by else geometry
+
+    def strip(part: shapely.Geometry) -> shapely.Geometry:
+        _, y0, _, y1 = part.bounds
+        return shapely.box(left, y0 - 1, right, y1 + 1)
+
+    out = []
     for geometry in geometries:
-        x0, _, x1, _ = geometry.bounds
-        best, best_overlap = 0.0, min(x1, right) - max(x0, left)
-        for k in (-2, -1, 1, 2):
-            shift = k * turn
-            overlap = min(x1 + shift, right) - max(x0 + shift, left)
-            if overlap > max(best_overlap, 0.0) + 1e-12:
-                best, best_overlap = shift, overlap
-        moved.append(shapely.transform(geometry, lambda xy, s=best: xy + np.array([s, 0.0])) if best else geometry)
-    return np.array(moved, dtype=object)
+        parts = shapely.get_parts(geometry)
+        found = [shifts(part) for part in parts]
+        if not found:
+            out.append(geometry)
+        elif all(f == found[0] for f in found) and len(found[0]) == 1:
+            out.append(moved(geometry, found[0][0]))
+        else:  # parts moved apart, or repeated (each repeat cut to the raster's longitudes): one geometry of them
+            out.append(shapely.union_all([moved(part, by) if len(by_part) == 1 else
+                                          shapely.intersection(moved(part, by), strip(part))
+                                          for part, by_part in zip(parts, found) for by in by_part]))
+    return np.array(out, dtype=object)
 
 
 def label_layer(labels: str | Path, class_field: str, option: str = "--class-field") -> tuple[Path, str | None]:
