@@ -312,7 +312,7 @@ def _to_raster_crs(geometries: np.ndarray, source: ProjCRS, target, path: Path,
     if source.is_geographic:
         _check_lonlat(geometries, source, target_crs, path, raster_bounds)
     if source != target_crs:
-        transformer = Transformer.from_crs(source, target_crs, always_xy=True)
+        transformer = _transformer(source, target_crs, path)
         with np.errstate(all="ignore"):
             out = shapely.transform(geometries, lambda xy: np.column_stack(transformer.transform(xy[:, 0], xy[:, 1])))
             if target_crs.is_geographic and len(out):
@@ -324,6 +324,25 @@ def _to_raster_crs(geometries: np.ndarray, source: ProjCRS, target, path: Path,
     if target_crs.is_geographic and raster_bounds is not None and len(out):
         out = _longitudes_onto(out, raster_bounds, longitude_turn(target_crs))
     return out
+
+
+def _transformer(source: ProjCRS, target_crs: ProjCRS, path: Path) -> Transformer:
+    """PROJ's way from the layer's CRS to the raster's; InputError, a sentence, where it knows none (a local
+    (engineering) CRS is tied to no place on the earth: `unplaced`'s words for a --bbox-crs)."""
+    try:
+        return Transformer.from_crs(source, target_crs, always_xy=True)
+    except Exception as exc:  # pyproj raises ProjError / CRSError (and others) for CRSs it cannot join
+        start = f"The polygons of {path.name} cannot be placed on the raster: PROJ knows no way from their CRS"
+        if source.is_engineering and target_crs.is_engineering and source.name == target_crs.name:
+            raise InputError(f"{start} {_named(source)} to the raster's, a local (engineering) CRS of the same name "
+                             "defined otherwise (a GeoTIFF keeps less of a local CRS). If they are the same grid, "
+                             "set the layer's CRS to the raster's (in QGIS: Layer > Set CRS) and save it "
+                             "again.") from exc
+        local = ", a local (engineering) CRS that is not tied to the earth"
+        raise InputError(
+            f"{start} {_named(source)}{local + ',' if source.is_engineering else ''} to the raster's CRS "
+            f"{_named(target_crs)}{local if target_crs.is_engineering else ''}. Give polygons drawn in the raster's "
+            "own CRS, or in one that PROJ can transform to it.") from exc
 
 
 def _unwrapped(geometries: np.ndarray, moved: np.ndarray, transformer: Transformer, source: ProjCRS,
