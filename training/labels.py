@@ -27,7 +27,7 @@ from rasterio.features import rasterize
 from backend.engine.errors import InputError
 from backend.engine.files import check_vector_source, vector_readable
 from backend.engine.ground import crs_label, degrees_per_unit
-from backend.engine.raster import PixelWindow, RasterSource, coordinates, longitude_on, longitude_turn
+from backend.engine.raster import PixelWindow, RasterSource, coordinates, longitude_on, longitude_turn, x_turn
 from backend.engine.presets import split_class_line
 from backend.engine.text import parse_class_lines
 
@@ -302,12 +302,14 @@ def _layer_crs(meta: dict, path: Path, what: str) -> ProjCRS:
 
 def _to_raster_crs(geometries: np.ndarray, source: ProjCRS, target, path: Path,
                    raster_bounds: tuple[float, float, float, float] | None = None) -> np.ndarray:
-    """Geometries in `source` -> in the raster's CRS `target`; in a geographic raster's CRS each ring's
-    longitudes run on without a jump of a whole turn (`_unwrapped`: PROJ gives -180..180, and a polygon
-    across the antimeridian came out as a sliver around the world), and each polygon is moved by whole turns
-    onto the raster's longitudes (`raster_bounds`) where it falls there (labels at -159.85 on a raster over
-    200..200.4, or at -179.9 on one across the antimeridian)."""
+    """Geometries in `source` -> in the raster's CRS `target`; in a geographic raster's CRS (or a cylindrical
+    projection of the whole world, whose x comes back after a turn: `x_turn`, EPSG:3857) each ring's x runs on
+    without a jump of a whole turn (`_unwrapped`: PROJ gives -180..180, and a polygon across the antimeridian
+    came out as a sliver around the world), and each polygon is moved by whole turns onto the raster's x
+    (`raster_bounds`) where it falls there (labels at -159.85 on a raster over 200..200.4, or at -179.9 on one
+    across the antimeridian)."""
     target_crs = ProjCRS.from_user_input(target.to_wkt())
+    turn = x_turn(target_crs)
     out = geometries
     if source.is_geographic:
         _check_lonlat(geometries, source, target_crs, path, raster_bounds)
@@ -315,14 +317,14 @@ def _to_raster_crs(geometries: np.ndarray, source: ProjCRS, target, path: Path,
         transformer = _transformer(source, target_crs, path)
         with np.errstate(all="ignore"):
             out = shapely.transform(geometries, lambda xy: np.column_stack(transformer.transform(xy[:, 0], xy[:, 1])))
-            if target_crs.is_geographic and len(out):
-                out = _unwrapped(geometries, out, transformer, source, target_crs)
+            if turn and len(out):
+                out = _unwrapped(geometries, out, transformer, source, target_crs.is_geographic, turn)
         coords = shapely.get_coordinates(out)
         if coords.size and not np.isfinite(coords).all():
             raise InputError(f"The polygons of {path} lie outside the area where {_named(source)} can be "
                              f"transformed to the raster's CRS {_named(target_crs)}.")
-    if target_crs.is_geographic and raster_bounds is not None and len(out):
-        out = _longitudes_onto(out, raster_bounds, longitude_turn(target_crs))
+    if turn and raster_bounds is not None and len(out):
+        out = _longitudes_onto(out, raster_bounds, turn)
     return out
 
 
@@ -346,14 +348,14 @@ def _transformer(source: ProjCRS, target_crs: ProjCRS, path: Path) -> Transforme
 
 
 def _unwrapped(geometries: np.ndarray, moved: np.ndarray, transformer: Transformer, source: ProjCRS,
-               target_crs: ProjCRS) -> np.ndarray:
-    """`moved` (`geometries` transformed vertex by vertex into the geographic `target_crs`) with each ring's
-    longitudes continuous: a step of more than half a turn between consecutive points that the layer does not
-    have (in a projected layer, none; in degrees, the layer's own step) is a wrap of PROJ's -180..180 and is
-    taken back. Projected polygons with such a step are cut into short edges first, so that each edge's
-    step is the short one (an edge across a whole world map, -180 to 180, is a turn, not nothing)."""
-    turn = longitude_turn(target_crs)
-    scale = degrees_per_unit(source) / degrees_per_unit(target_crs) if source.is_geographic else 0.0
+               geographic: bool, turn: float) -> np.ndarray:
+    """`moved` (`geometries` transformed vertex by vertex into the raster's CRS, whose x comes back after
+    `turn`: longitudes, or a cylindrical projection's x) with each ring's x continuous: a step of more than half
+    a turn between consecutive points that the layer does not have (in a projected layer, none; in degrees,
+    the layer's own step) is a wrap of PROJ's -180..180 and is taken back. Projected polygons with such a step
+    are cut into short edges first, so that each edge's step is the short one (an edge across a whole world
+    map, -180 to 180, is a turn, not nothing)."""
+    scale = turn / longitude_turn(source) if source.is_geographic else 0.0
     source_xy, owner = shapely.get_coordinates(geometries, return_index=True)
     moved_x = shapely.get_coordinates(moved)[:, 0]
     same = owner[1:] == owner[:-1]
@@ -365,17 +367,20 @@ def _unwrapped(geometries: np.ndarray, moved: np.ndarray, transformer: Transform
         if not scale:  # edges of at most 1/256 of the part's width or height (1.4 degrees across the world)
             x0, y0, x1, y1 = shapely.bounds(parts).T
             parts = shapely.segmentize(parts, np.maximum(np.maximum(x1 - x0, y1 - y0) / 256, 1e-9))
-        parts = [_unwrapped_polygon(part, transformer, scale, turn) for part in parts]
+        parts = [_unwrapped_polygon(part, transformer, scale, turn, geographic) for part in parts]
+        if any(part is None for part in parts):  # around a pole, which a projection cannot reach: as it was
+            continue
         out[i] = parts[0] if len(parts) == 1 else shapely.union_all(parts)
     return out
 
 
-def _unwrapped_polygon(polygon: shapely.Polygon, transformer: Transformer, scale: float,
-                       turn: float) -> shapely.Geometry:
+def _unwrapped_polygon(polygon: shapely.Polygon, transformer: Transformer, scale: float, turn: float,
+                       geographic: bool) -> shapely.Geometry | None:
     """One polygon of `_unwrapped`: each ring transformed with its steps taken back by whole turns, the holes
     moved by whole turns into their exterior's longitudes. A ring around a pole (its longitudes end a turn
     from where they began) encloses the pole: it is closed along the pole, and the polygon is cut to one turn
-    of longitude from the repeats of its rings a turn apart."""
+    of longitude from the repeats of its rings a turn apart; None in a projection (`geographic` False), which
+    does not reach the pole."""
     rings, wound = [], []
     for ring in [polygon.exterior, *polygon.interiors]:
         xy = shapely.get_coordinates(ring)
@@ -383,6 +388,8 @@ def _unwrapped_polygon(polygon: shapely.Polygon, transformer: Transformer, scale
         own = scale * np.diff(xy[:, 0])  # the layer's own steps in degrees (none in a projected layer)
         x = x - turn * np.r_[0.0, np.cumsum(np.rint((np.diff(x) - own) / turn))]
         wound.append(abs(x[-1] - x[0]) > turn / 2)
+        if wound[-1] and not geographic:
+            return None
         if wound[-1]:
             pole = math.copysign(turn / 4, float(np.mean(y)))
             x, y = np.r_[x, x[-1], x[0], x[0]], np.r_[y, pole, pole, y[0]]

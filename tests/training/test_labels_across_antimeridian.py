@@ -36,13 +36,14 @@ def raster(tmp_path_factory) -> Path:
     return path
 
 
-def columns(c0: float, c1: float, crs: str) -> shapely.Polygon:
+def columns(c0: float, c1: float, crs: str, transform: Affine = TRANSFORM,
+            raster_crs: str = "EPSG:4326") -> shapely.Polygon:
     """The raster's columns c0..c1 (all rows) as a polygon in `crs`, 50 points a side (longitudes past 180
     transformed as PROJ does: into -180..180)."""
     along, down = np.linspace(c0, c1, 50), np.linspace(0, HEIGHT, 50)
-    ring = ([TRANSFORM @ (c, 0) for c in along] + [TRANSFORM @ (c1, r) for r in down]
-            + [TRANSFORM @ (c, HEIGHT) for c in along[::-1]] + [TRANSFORM @ (c0, r) for r in down[::-1]])
-    to = Transformer.from_crs("EPSG:4326", crs, always_xy=True)
+    ring = ([transform @ (c, 0) for c in along] + [transform @ (c1, r) for r in down]
+            + [transform @ (c, HEIGHT) for c in along[::-1]] + [transform @ (c0, r) for r in down[::-1]])
+    to = Transformer.from_crs(raster_crs, crs, always_xy=True)
     return shapely.transform(shapely.Polygon(ring), lambda xy: np.column_stack(to.transform(xy[:, 0], xy[:, 1])))
 
 
@@ -120,3 +121,25 @@ def test_on_a_world_raster_a_polygon_across_the_antimeridian_lies_at_both_edges(
 
     labels = write(tmp_path / "labels.gpkg", [box(100, 120), box(170, 190)], ["field", "roof"], "EPSG:3832")
     assert evaluate(world, labels, tiny_model, tmp_path / "m.json") == {"field": 40 * 40, "roof": 40 * 40}
+
+
+def test_on_a_web_mercator_raster_across_the_antimeridian_labels_keep_their_pixels(tiny_model, tmp_path):
+    """An EPSG:3857 raster that runs past x 20037508.34 (180 degrees east): its x comes back after a turn, so
+    labels across 180 (in UTM 1 south) and a part east of 180 (in degrees, at -179.99) are placed as there."""
+    edge = 20037508.342789244
+    transform = Affine(5, 0, edge - 600, 0, -5, -1900000)
+    mercator = tmp_path / "mercator.tif"
+    with rasterio.open(mercator, "w", driver="GTiff", width=WIDTH, height=HEIGHT, count=3, dtype="uint8",
+                       crs="EPSG:3857", transform=transform) as ds:
+        ds.write(np.random.default_rng(2).integers(1, 255, (3, HEIGHT, WIDTH), dtype=np.uint8))
+    crs = "EPSG:32701"
+    labels = write(tmp_path / "utm.gpkg", [columns(0, 100, crs, transform, "EPSG:3857"),
+                                           columns(100, 240, crs, transform, "EPSG:3857")], ["field", "roof"], crs)
+    assert evaluate(mercator, labels, tiny_model, tmp_path / "m.json") == {"field": 100 * HEIGHT, "roof": 140 * HEIGHT}
+    # In degrees: the field west of 180, the roof east of it (-179.99..), each whole.
+    labels = write(tmp_path / "lonlat.gpkg", [columns(0, 100, "EPSG:4326", transform, "EPSG:3857"),
+                                              columns(130, 240, "EPSG:4326", transform, "EPSG:3857")],
+                   ["field", "roof"], "EPSG:4326")
+    assert shapely.bounds(columns(130, 240, "EPSG:4326", transform, "EPSG:3857"))[2] < -179.99
+    assert evaluate(mercator, labels, tiny_model, tmp_path / "m2.json") == {"field": 100 * HEIGHT,
+                                                                            "roof": 110 * HEIGHT}
