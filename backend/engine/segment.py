@@ -721,7 +721,8 @@ def estimate_quality(regions, source: RasterSource, window: PixelWindow, segment
     if named_calibration:  # a file the user named: it must fit this model and this class list
         calibration = Path(os.path.abspath(named_calibration))
         model = QualityModel.load(calibration, loaded.weights_id, class_lines)
-        source_name, said = str(calibration), []
+        source_name = str(calibration)
+        said: list[str] = []
     else:
         model, source_name, said = own_calibration(calibration, loaded.weights_id)
     if (not named_calibration and model.class_lines is not None
