@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,41 @@ from backend.engine.atomic import atomic_output, write_text_atomically
 from backend.engine.errors import InputError
 
 FORMAT = "farslip-scale/1"
+
+
+class DamagedPartial(InputError):
+    """A file of the partial folder, kept by an earlier run, cannot be read: the run stops (it is not one
+    raster's failure), the partial folder stays."""
+
+
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _reason(error: BaseException) -> str:
+    return str(getattr(error, "strerror", None) or error) or type(error).__name__
+
+
+def _file_problem(folder: Path, names: Iterable[str]) -> str | None:
+    """Why one of the files `names` in a finished raster's folder cannot be opened, or None. Their headers only
+    (a layer's table of contents, a raster's header): the merge reads the rest, and names a file it cannot."""
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        try:
+            if path.suffix == ".gpkg":
+                import pyogrio
+
+                pyogrio.read_info(path, layer="polygons")
+            else:
+                import rasterio
+
+                with rasterio.open(path):
+                    pass
+        except Exception as error:  # GDAL's errors for a damaged file vary
+            return f"{path} cannot be opened: {_reason(error)}"
+    return None
 
 
 def partial_folder(out: str | Path) -> Path:
@@ -67,6 +103,11 @@ class Manifest:
                 write_text_atomically(run, json.dumps({"format": FORMAT, "fingerprint": fingerprint(facts),
                                                        "facts": facts}, indent=2, default=str))
             manifest._read()
+        except OSError as error:  # a file where it keeps a folder, or the other way round; a file it cannot read
+            manifest.close()
+            name = f" ({error.filename})" if error.filename else ""
+            raise InputError(f"The partial folder {folder} of an unfinished run cannot be used{name}: "
+                             f"{_reason(error)}; add --restart to start the run over, or delete that folder.") from None
         except BaseException:
             manifest.close()
             raise
@@ -75,7 +116,12 @@ class Manifest:
     def _take_lock(self) -> None:
         if self._lock is not None:
             return
-        self._lock = open(self.folder / "lock", "a+")
+        try:
+            self._lock = open(self.folder / "lock", "a+")
+        except OSError as error:
+            raise InputError(f"Cannot lock the partial folder {self.folder} of an unfinished run "
+                             f"({self.folder / 'lock'}: {_reason(error)}); delete that folder to start the run "
+                             "over.") from None
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -94,11 +140,15 @@ class Manifest:
         try:
             recorded = json.loads((self.folder / "run.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            self._clear()  # killed before its first line was written: nothing to keep
+            recorded = None
+        if not isinstance(recorded, dict):  # killed before its first line was written (or damaged): nothing to
+            self._clear()                   # keep, what it holds cannot be told to be of this run
             return
         if recorded.get("fingerprint") == fingerprint(facts):
             return
-        before = recorded.get("facts", {})
+        before = recorded.get("facts")
+        if not isinstance(before, dict):
+            before = {}
         changed = sorted(key for key in set(before) | set(facts)
                          if json.dumps(before.get(key), default=str) != json.dumps(facts.get(key), default=str))
         changes = ", ".join(changed) or "settings"
@@ -110,23 +160,76 @@ class Manifest:
                          "one over.")
 
     def _read(self) -> None:
+        """The finished chunks and rasters the manifest lists. A line that is not one this run writes (cut by a
+        kill, not UTF-8, not an object, a raster that is not a number) is skipped, and so is a chunk whose block
+        file is missing or is not a whole .npz: what it stood for is computed again."""
         path = self.folder / "manifest.jsonl"
         if not path.exists():
             return
-        text = path.read_text(encoding="utf-8")
-        if text and not text.endswith("\n"):  # a line cut by a kill: drop it, so the next line starts clean
-            text = text[:text.rfind("\n") + 1]
-            with open(path, "r+", encoding="utf-8") as handle:
-                handle.truncate(len(text.encode("utf-8")))
-        for line in text.splitlines():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):  # a line cut by a kill: drop it, so the next line starts clean
+            data = data[:data.rfind(b"\n") + 1]
+            with open(path, "r+b") as handle:
+                handle.truncate(len(data))
+        for line in data.splitlines():
             try:
                 entry = json.loads(line)
-            except ValueError:
-                continue  # the last line, cut by a kill
-            if "chunk" in entry and (self.blocks / entry["file"]).exists():
-                self.chunks[entry["chunk"]] = entry
-            elif "raster" in entry:
-                self.finished[int(entry["raster"])] = entry
+            except ValueError:  # the last line, cut by a kill; a damaged one (not JSON, not UTF-8)
+                continue
+            if not isinstance(entry, dict):
+                continue
+            if "chunk" in entry:  # a chunk's line never says its raster is finished
+                key, file = entry.get("chunk"), entry.get("file")
+                if (isinstance(key, str) and isinstance(file, str) and file and Path(file).name == file
+                        and self._block_problem(self.blocks / file) is None):
+                    self.chunks[key] = entry
+            elif _is_index(entry.get("raster")):
+                self.finished[entry["raster"]] = entry
+            elif _is_index(entry.get("unfinished")):  # found damaged by an earlier resume (drop_damaged)
+                self.finished.pop(entry["unfinished"], None)
+
+    def _block_problem(self, path: Path, arrays: Iterable[str] = ()) -> str | None:
+        """Why the block file `path` cannot be used (missing, not a whole .npz, without one of `arrays`), or None.
+        Only its table of contents is read here: a block whose data is damaged is found by load_chunk."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if not isinstance(data, np.lib.npyio.NpzFile):
+                    return "not an .npz file"
+                missing = sorted(set(arrays) - set(data.files))
+        except FileNotFoundError:
+            return "missing"
+        except Exception as error:  # whatever a damaged file raises (EOFError, BadZipFile, ...)
+            return _reason(error)
+        return f"without {', '.join(missing)}" if missing else None
+
+    def drop_damaged(self, chunk_arrays: Iterable[str], raster_files: Iterable[str],
+                     raster_facts: Iterable[str]) -> list[str]:
+        """Forget what the partial folder kept but cannot give back: a chunk whose block file lacks one of
+        `chunk_arrays`, a finished raster whose line lacks one of `raster_facts` or one of whose `raster_files`
+        (in its raster folder) cannot be opened. Each is computed again; a raster's folder is emptied and a line
+        says it is unfinished again. Returns a sentence for each."""
+        said = []
+        chunk_arrays, raster_files, raster_facts = list(chunk_arrays), list(raster_files), list(raster_facts)
+        for key, entry in list(self.chunks.items()):
+            block = self.blocks / entry["file"]
+            problem = self._block_problem(block, chunk_arrays)
+            if problem is not None:
+                del self.chunks[key]
+                said.append(f"{block}, kept by the unfinished run, is damaged ({problem}): that part is computed "
+                            "again.")
+        for index, entry in sorted(self.finished.items()):
+            folder = self.rasters / f"r{index:06d}"
+            missing = [name for name in raster_facts if name not in entry]
+            problem = (f"{self.folder / 'manifest.jsonl'} lacks its {', '.join(missing)}" if missing else
+                       _file_problem(folder, raster_files))
+            if problem is None:
+                continue
+            del self.finished[index]
+            shutil.rmtree(folder, ignore_errors=True)
+            self._append({"unfinished": index})
+            said.append(f"The finished raster {entry.get('path', index)} kept by the unfinished run is damaged "
+                        f"({problem}): it is computed again.")
+        return said
 
     def _append(self, entry: dict) -> None:
         with open(self.folder / "manifest.jsonl", "a", encoding="utf-8") as handle:
@@ -144,8 +247,18 @@ class Manifest:
         self.chunks[key] = entry
 
     def load_chunk(self, key: str) -> dict[str, np.ndarray]:
-        with np.load(self.blocks / self.chunks[key]["file"]) as data:
-            return {name: data[name] for name in data.files}
+        """A kept chunk's arrays; a block file that cannot be read (damaged after it was written) is removed, so
+        that the same command computes it again, and DamagedPartial says so."""
+        path = self.blocks / self.chunks[key]["file"]
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {name: data[name] for name in data.files}
+        except Exception as error:  # whatever a damaged file raises (EOFError, BadZipFile, ...)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise DamagedPartial(f"{path}, a finished chunk kept by the unfinished run in {self.folder}, cannot be "
+                                 f"read ({_reason(error)}); it was removed: run the same command again to compute "
+                                 "that part again (or add --restart to start the whole run over).") from None
 
     def raster_folder(self, index: int) -> Path:
         folder = self.rasters / f"r{index:06d}"

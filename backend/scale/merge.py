@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyogrio.errors
 import pyogrio.raw
 import pyproj
 import rasterio
@@ -41,7 +42,12 @@ def merge_layers(parts: list[tuple[Path, str, CRS, float]], out: Path, out_crs: 
     """Write the layers `parts` (gpkg, raster name, its CRS, its pixel size) as one layer at `out`."""
     geometries, columns, names = [], {}, None
     for path, raster, crs, pixel_size in parts:
-        meta, _, wkb, values = pyogrio.raw.read(path)
+        try:
+            meta, _, wkb, values = pyogrio.raw.read(path)
+        except (OSError, pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError,
+                pyogrio.errors.FeatureError, pyogrio.errors.GeometryError) as error:
+            raise InputError(f"{path}, a finished raster's polygons kept in the partial folder of this run, cannot "
+                             f"be read ({error}); add --restart to compute the run again.") from None
         names = list(meta["fields"])
         shapes = reprojected(shapely.from_wkb(wkb), crs, out_crs, pixel_size, raster)
         geometries.append(np.asarray(shapes, dtype=object))

@@ -52,7 +52,7 @@ from backend.engine.temporary import new_run_tag
 
 from .finish import FinishSettings, RasterPlan, finish_raster
 from .inputs import raster_folder
-from .manifest import Manifest
+from .manifest import DamagedPartial, Manifest
 from .merge import check_merged_output, merge_layers, write_raster_vrt
 from .reproject import check_reach
 from .worker import ChunkWorker, EngineSettings, engine_settings, load_segmenter
@@ -444,10 +444,13 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
              "--bbox-crs": request.bbox_crs, "--prob-raster": request.prob_raster is not None,
              "--refine": request.refine, "--sam-model": request.sam_model if request.refine == "sam" else None}
     manifest = Manifest.open(request.out, facts, request.restart)
-    run_id = (manifest.folder / "run_id").read_text() if (manifest.folder / "run_id").exists() else None
-    if run_id is None:
-        run_id = uuid.uuid4().hex[:12]
-        write_text_atomically(manifest.folder / "run_id", run_id)
+    try:
+        # What a damaged partial folder cannot give back is computed again, and said.
+        said += manifest.drop_damaged(CHUNK_ARRAYS, kept_raster_files(request), FINISHED_FACTS)
+        run_id = _kept_run_id(manifest.folder / "run_id")
+    except BaseException:
+        manifest.close()
+        raise
     finish = FinishSettings([c.name for c in segmenter.classes], list(engine.class_lines), loaded.name, run_id,
                             request.min_area, request.simplify, request.quality_calibration, with_probs,
                             engine.chunk_columns or CHUNK_COLUMNS, request.refine, request.sam_model,
@@ -535,6 +538,8 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
             plan = next(p for p in plans if p.index == index)
             try:
                 manifest.add_raster(index, future.result(), plan.keys)
+            except DamagedPartial:  # the partial folder's, not this raster's: the run stops, the folder stays
+                raise
             except FarslipError as error:
                 failures[plan.path] = {"raster": plan.path, "error": str(error), "exit_code": error.exit_code}
         timings["finish_wait_s"] = time.perf_counter() - t0
@@ -570,6 +575,34 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
     timings["merge_s"] = time.perf_counter() - t0
     manifest.remove()
     return ScaleResult(outputs, rasters, failed, chunk_counts, timings, run_id, list(outside), said)
+
+
+# The arrays of a chunk's block file (worker.run_chunk; "probs" only when asked), and the facts of a finished
+# raster's line (finish.finish_raster) that the run's outputs and its report read.
+CHUNK_ARRAYS = ("class_ids", "score", "signals", "valid", "block_rows")
+FINISHED_FACTS = ("path", "crs", "bbox", "valid_pixels", "class_stats", "warnings", "quality", "finish_s")
+
+
+def kept_raster_files(request: ScaleRequest) -> list[str]:
+    """The files of a finished raster's folder that the outputs are made of (_write_outputs)."""
+    files = ["polygons.gpkg", *(RASTER_FILES[role] for role in request.rasters())]
+    return [*files, "coarse.gpkg"] if request.refine != "none" else files
+
+
+def _kept_run_id(path: Path) -> str:
+    """The run id an interrupted run recorded in its partial folder, or a new one (recorded there) when there is
+    none or it is damaged."""
+    try:
+        run_id = path.read_text(encoding="utf-8")
+    except (OSError, ValueError):
+        run_id = ""
+    if re.fullmatch(r"[0-9a-f]{12}", run_id):
+        return run_id
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    run_id = uuid.uuid4().hex[:12]
+    write_text_atomically(path, run_id)
+    return run_id
 
 
 def run_inputs(request: ScaleRequest, paths: list[str]) -> dict[str, Path]:
