@@ -175,3 +175,24 @@ def test_a_block_damaged_in_its_data_stops_the_run_in_one_sentence_and_the_next_
     again = run_segment([inputs], folder, tiny_model)
     assert again.exit_code == 0, again.output
     assert polygons_by_raster(folder / "h.gpkg") == polygons
+
+
+@pytest.mark.parametrize("name, folder", [("blocks", False), ("manifest.jsonl", True)])
+def test_a_file_and_folder_swapped_in_the_partial_folder_is_one_sentence_and_restart_clears_it(tmp_path, name,
+                                                                                              folder):
+    """A file at blocks/ (FileExistsError) or a folder at manifest.jsonl (IsADirectoryError) was a traceback."""
+    out = tmp_path / "result.gpkg"
+    facts = {"inputs": [{"path": "/data/a.tif", "bytes": 10}], "classes": ["water"]}
+    Manifest.open(out, facts, restart=False).close()
+    swapped = partial_folder(out) / name
+    if swapped.is_dir():
+        shutil.rmtree(swapped)
+    swapped.mkdir() if folder else swapped.write_text("x")
+    with pytest.raises(InputError) as refused:
+        Manifest.open(out, facts, restart=False)
+    assert str(refused.value).startswith(f"The partial folder {partial_folder(out)} of an unfinished run cannot be "
+                                         f"used ({swapped}): ")
+    assert str(refused.value).endswith("add --restart to start the run over, or delete that folder.")
+    fresh = Manifest.open(out, facts, restart=True)
+    assert fresh.chunks == {} and fresh.blocks.is_dir()
+    fresh.close()
