@@ -52,9 +52,9 @@ class Recording(FeatureCache):
         super().__init__()
         self.scopes: set[str] = set()
 
-    def get(self, scope, crop):
+    def get(self, scope, crop, ndim=None):
         self.scopes.add(scope)
-        return super().get(scope, crop)
+        return super().get(scope, crop, ndim)
 
     def put(self, scope, crop, features):
         self.scopes.add(scope)
