@@ -55,7 +55,9 @@ from .raster import (PixelWindow, RasterSource, band_choice_warning, bbox_parts_
                      raster_corners, raster_footprint, request_window, request_windows)
 from .sliding import crop_starts
 
-INDEX_FORMAT = "farslip-search-index/2"  # 2: keyed by the model's variant; staleness by every file GDAL reads
+# 2: keyed by the model's variant; staleness by every file GDAL reads. Rows record the raster version they were
+# embedded from (rows without it, of an earlier version, are embedded again).
+INDEX_FORMAT = "farslip-search-index/2"
 LEVEL_FACTORS = (1, 2, 4)
 INDEX_TASK = "index or search"  # what an all-nodata raster leaves nothing to (raster.open_source's sentence)
 PERSPECTIVES = ("image", "top-left", "top-right", "bottom-left", "bottom-right", "centre")
@@ -226,7 +228,13 @@ class SearchIndex:
         version = identity_digest(raster) if raster is not None else None
         manifest_file = self.folder / "manifest.json"
         manifest, problem = read_manifest(manifest_file)
-        if manifest is not None and (version is None or manifest.get("raster_identity") != version):
+        # The model as the manifest holds it (JSON): one copied in from another model's index is not this one's.
+        model = json.loads(json.dumps(model_identity(self.loaded), default=str))
+        if manifest is not None and version is not None and manifest.get("raster_identity") == version \
+                and manifest.get("model_identity") != model:
+            self.rebuilt_reason = (f"The search index of {self.label} in {self.folder} was built with another model "
+                                   "than this one; the index was rebuilt.")
+        elif manifest is not None and (version is None or manifest.get("raster_identity") != version):
             self.rebuilt_reason = (
                 f"The raster {self.label} (or a file GDAL reads with it: a mask, .aux.xml, overview or VRT "
                 "source) changed since its search index was built; the index was rebuilt." if version is not None
@@ -262,15 +270,23 @@ class SearchIndex:
     def _row_file(self, level: Level, row: int) -> Path:
         return self.folder / f"L{level.factor}" / f"row{row:05d}.npz"
 
+    def _row_tag(self) -> str:
+        """What a row file records of the raster version it was embedded from (the manifest's identity)."""
+        return str(self.manifest.get("raster_identity"))
+
     def _read_row(self, level: Level, row: int) -> tuple[np.ndarray | None, np.ndarray]:
         """The embeddings and window states of a grid row; a row file that is missing, damaged (cut
-        short, empty, not a zip) or of another shape reads as a row not embedded yet, and is redone."""
+        short, empty, not a zip), of another shape, or embedded from another version of the raster (a
+        command still indexing the old file wrote it after another one rebuilt the index for the new file)
+        reads as a row not embedded yet, and is redone."""
         path = self._row_file(level, row)
         missing = None, np.zeros(len(level.col_starts), np.uint8)
         try:
             with np.load(path, allow_pickle=False) as data:
-                embeddings, state = data["embeddings"], data["state"]
+                embeddings, state, tag = data["embeddings"], data["state"], str(data["raster_identity"])
         except Exception:  # zipfile.BadZipFile, EOFError (an empty file), OSError, ValueError, KeyError, ...
+            return missing
+        if tag != self._row_tag():
             return missing
         shape = (len(level.col_starts), len(PERSPECTIVES), self.loaded.model.visual.output_dim)
         if (embeddings.shape != shape or state.shape != (len(level.col_starts),)
@@ -284,7 +300,7 @@ class SearchIndex:
         with cache_folder_errors(self.folder):
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_output(path, durable=False) as staged:
-                np.savez(staged, embeddings=embeddings, state=state)
+                np.savez(staged, embeddings=embeddings, state=state, raster_identity=np.array(self._row_tag()))
 
     # -- building
 

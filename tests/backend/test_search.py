@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -750,3 +751,39 @@ def test_keywords_that_would_be_ignored_are_refused(options, words):
     """Keywords without a sentence, or with --no-keywords, did nothing: the run must not look as if they had."""
     with pytest.raises(InputError, match=words):
         validate_search_options(options)
+
+
+def test_rows_written_for_the_old_raster_after_another_command_rebuilt_the_index_are_never_used(loaded, naip_copy):
+    """Two commands on one raster while it is re-exported: the first, still reading the old file, went on writing
+    rows into the folder the second had rebuilt for the new file, and every later search trusted them."""
+    with open_index(naip_copy, loaded) as stale:  # opened before the raster was replaced
+        new = naip_copy.with_name("new.tif")
+        shutil.copyfile(naip_copy, new)
+        replace_raster(new)
+        os.replace(new, naip_copy)  # as an export does: a new file; the open one still reads the old pixels
+        with open_index(naip_copy, loaded) as rebuilt:
+            assert rebuilt.rebuilt_reason and "changed" in rebuilt.rebuilt_reason
+        stale.ensure()  # the old pixels' rows, in the rebuilt folder
+    with open_index(naip_copy, loaded) as fresh:
+        assert fresh.missing() == fresh.window_count(), "rows of the old raster were taken for the new one's"
+        fresh.ensure()
+        again = fresh.entries()
+    with open_index(naip_copy, loaded) as reopened:
+        assert reopened.missing() == 0, "rows embedded from the current raster are kept"
+        np.testing.assert_array_equal(reopened.entries().embeddings, again.embeddings)
+
+
+def test_an_index_built_with_another_model_is_rebuilt(loaded, naip_copy, tmp_path):
+    other = load_model(str(save_plain(make_tiny_clip(seed=4, vision_width=64), tmp_path / "other.pt")), device="cpu")
+    with open_index(naip_copy, loaded) as index:
+        index.ensure()
+        folder = index.folder
+    with open_index(naip_copy, other) as foreign:
+        foreign.ensure()
+        foreign_folder = foreign.folder
+    shutil.rmtree(folder)
+    shutil.copytree(foreign_folder, folder)  # another model's index where this model's belongs
+    with open_index(naip_copy, loaded) as index:
+        assert index.rebuilt_reason == (f"The search index of naip.tif in {folder} was built with another model "
+                                        "than this one; the index was rebuilt.")
+        assert index.missing() == index.window_count()
