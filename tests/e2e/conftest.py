@@ -176,6 +176,24 @@ def start_cli(env):
 
 
 @pytest.fixture(scope="session")
+def serve_refusal(start_cli):
+    """`farslip serve --port 0 ARGS` that must refuse to start: its exit status and stderr (killed, and the test
+    failed, if it serves instead)."""
+
+    def refusal(*args: str) -> tuple[int, str]:
+        process = start_cli("serve", "--port", "0", *args)
+        try:
+            _, stderr = process.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, stderr = process.communicate()
+            pytest.fail(f"farslip serve {' '.join(args)} started instead of refusing: {stderr}")
+        return process.returncode, stderr
+
+    return refusal
+
+
+@pytest.fixture(scope="session")
 def small_bbox() -> list[float]:
     """SMALL_BBOX for test modules (`from conftest import` finds another folder's conftest in a full run)."""
     return list(SMALL_BBOX)

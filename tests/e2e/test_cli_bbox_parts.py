@@ -4,42 +4,14 @@ rotated grid is the box, not its envelope in pixels."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
-import pyogrio
 import pytest
-import rasterio
 import shapely
-from rasterio.transform import Affine, from_origin
-from typer.testing import CliRunner
+from rasterio.transform import Affine
 
-from backend.service.cli import app
+from cli_rasters import MODEL_ARGS, STRIPS, geometries, raster, run, world
 
-MODEL_ARGS = ["--device", "cpu", "-q"]
-STRIPS = shapely.union_all([shapely.box(170, -10, 180, 10), shapely.box(-180, -10, -170, 10)])
-
-
-def run(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert "Traceback" not in result.output, result.output
-    return result
-
-
-def raster(path: Path, crs, transform, width: int, height: int) -> Path:
-    pixels = np.random.default_rng(0).integers(0, 255, (3, height, width), dtype=np.uint8)
-    with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=3, dtype="uint8", crs=crs,
-                       transform=transform) as dst:
-        dst.write(pixels)
-    return path
-
-
-def geometries(path: Path) -> np.ndarray:
-    return shapely.from_wkb(pyogrio.raw.read(path)[2])
-
-
-def world(tmp_path: Path) -> Path:
-    return raster(tmp_path / "world.tif", "EPSG:4326", from_origin(-180.0, 90.0, 0.5, 0.5), 720, 360)
 
 
 @pytest.mark.parametrize("bbox", [(170, -10, 190, 10), (-190, -10, -170, 10)], ids=["east past 180", "west past -180"])

@@ -6,36 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyogrio
 import pytest
 import rasterio
 import shapely
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
-from typer.testing import CliRunner
 
-from backend.service.cli import app
+from cli_rasters import MODEL_ARGS, geometries, raster, run
 
-MODEL_ARGS = ["--device", "cpu", "-q"]
 MERCATOR_EDGE = 20037508.342789244  # x of 180 degrees east in EPSG:3857
-
-
-def run(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert "Traceback" not in result.output, result.output
-    return result
-
-
-def raster(path: Path, crs, transform, width: int, height: int) -> Path:
-    pixels = np.random.default_rng(0).integers(0, 255, (3, height, width), dtype=np.uint8)
-    with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=3, dtype="uint8", crs=crs,
-                       transform=transform) as dst:
-        dst.write(pixels)
-    return path
-
-
-def geometries(path: Path) -> np.ndarray:
-    return shapely.from_wkb(pyogrio.raw.read(path)[2])
 
 
 def mercator_past_180(tmp_path: Path) -> Path:

@@ -4,20 +4,8 @@ backend serves; a folder in its place is one sentence, exit 2."""
 from __future__ import annotations
 
 import sqlite3
-import subprocess
 
 import pytest
-
-
-def _refusal(start_cli, state_dir) -> tuple[int, str]:
-    process = start_cli("serve", "--port", "0", "--state-dir", str(state_dir))
-    try:
-        _, stderr = process.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        _, stderr = process.communicate()
-        pytest.fail(f"farslip serve started instead of refusing: {stderr}")
-    return process.returncode, stderr
 
 
 def _random_bytes(path):
@@ -57,12 +45,12 @@ def test_a_damaged_job_history_is_set_aside_and_the_backend_starts(start_backend
     db.close()
 
 
-def test_a_folder_in_place_of_the_job_history_is_one_sentence(start_cli, tmp_path):
+def test_a_folder_in_place_of_the_job_history_is_one_sentence(serve_refusal, tmp_path):
     """sqlite3's 'unable to open database file' ended the app's startup in a traceback (exit 3)."""
     history = tmp_path / "state" / "jobs.sqlite"
     history.mkdir(parents=True)
     (history / "keep.txt").write_text("mine")
-    code, stderr = _refusal(start_cli, tmp_path / "state")
+    code, stderr = serve_refusal("--state-dir", str(tmp_path / "state"))
     assert code == 2 and "Traceback" not in stderr, stderr
     assert stderr.strip() == (f"Error: The job history {history} is a folder; move it out of the state folder, or "
                               "give the backend another --state-dir.")

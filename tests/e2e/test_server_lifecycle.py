@@ -99,19 +99,19 @@ def test_a_backend_started_with_parent_pid_stops_when_that_process_ends(start_ba
         tmp_path / "state-stderr.txt").read_text()
 
 
-def test_a_parent_pid_of_no_running_process_is_refused(start_cli, tmp_path):
+def test_a_parent_pid_of_no_running_process_is_refused(serve_refusal, tmp_path):
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
     ended.wait()
-    code, stderr = _startup_refusal(start_cli, "--state-dir", str(tmp_path / "state"), "--parent-pid",
+    code, stderr = serve_refusal("--state-dir", str(tmp_path / "state"), "--parent-pid",
                                     str(ended.pid))
     assert code == 2, stderr
     assert f"--parent-pid {ended.pid}: no such process is running" in stderr and "Traceback" not in stderr
 
 
 @pytest.mark.parametrize("port", ["65536", "99999", "-1"])
-def test_a_port_no_socket_can_have_is_refused_in_one_sentence(start_cli, tmp_path, port):
+def test_a_port_no_socket_can_have_is_refused_in_one_sentence(serve_refusal, tmp_path, port):
     """--port 99999 ended in bind()'s OverflowError traceback; --port -1 was blamed on --host."""
-    code, stderr = _startup_refusal(start_cli, "--state-dir", str(tmp_path / "state"), "--port", port)
+    code, stderr = serve_refusal("--state-dir", str(tmp_path / "state"), "--port", port)
     assert code == 2, stderr
     assert stderr.strip() == f"Error: --port must be a TCP port, 0 to 65535 (0 picks a free one); got {port}."
 
@@ -126,20 +126,8 @@ def test_a_second_server_on_the_same_state_dir_is_refused(start_backend, tmp_pat
     assert "Another farslip backend is already using the state directory" in log
 
 
-def _startup_refusal(start_cli, *args: str) -> tuple[int, str]:
-    """`farslip serve ARGS` that must refuse to start: its exit status and stderr (killed if it serves instead)."""
-    process = start_cli("serve", "--port", "0", *args)
-    try:
-        _, stderr = process.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        _, stderr = process.communicate()
-        pytest.fail(f"farslip serve {' '.join(args)} started instead of refusing: {stderr}")
-    return process.returncode, stderr
-
-
 @pytest.mark.parametrize("where", ["under-a-file", "a-folder", "proc"])
-def test_an_unusable_connection_file_is_refused_before_the_server_starts(start_cli, tmp_path, where):
+def test_an_unusable_connection_file_is_refused_before_the_server_starts(serve_refusal, tmp_path, where):
     state_dir = tmp_path / "state"
     (tmp_path / "file").write_text("a regular file")
     (tmp_path / "folder").mkdir()
@@ -147,7 +135,7 @@ def test_an_unusable_connection_file_is_refused_before_the_server_starts(start_c
         pytest.skip("no /proc here")
     connection_file = {"under-a-file": tmp_path / "file" / "conn.json", "a-folder": tmp_path / "folder",
                        "proc": Path("/proc/farslip/backend.json")}[where]
-    code, stderr = _startup_refusal(start_cli, "--state-dir", str(state_dir), "--connection-file",
+    code, stderr = serve_refusal("--state-dir", str(state_dir), "--connection-file",
                                     str(connection_file))
     assert code == 2, stderr
     assert f"Cannot write the connection file {connection_file}" in stderr
@@ -173,9 +161,9 @@ def test_a_connection_file_whose_pid_is_another_process_and_whose_url_nothing_an
     assert "replacing the stale connection file" in (tmp_path / "state-stderr.txt").read_text()
 
 
-def test_a_connection_file_of_a_backend_that_answers_is_kept(start_backend, start_cli, tmp_path):
+def test_a_connection_file_of_a_backend_that_answers_is_kept(start_backend, serve_refusal, tmp_path):
     first = start_backend(tmp_path / "first")
-    code, stderr = _startup_refusal(start_cli, "--state-dir", str(tmp_path / "second"), "--connection-file",
+    code, stderr = serve_refusal("--state-dir", str(tmp_path / "second"), "--connection-file",
                                     str(first.connection_file))
     assert code == 2, stderr
     assert "belongs to a backend that is running" in stderr
@@ -192,8 +180,8 @@ def test_shutdown_logs_cancelling_a_job_only_when_one_runs(start_backend, tmp_pa
 
 
 @pytest.mark.parametrize("token", ["   ", "x", "pässwörd-pässwörd-pässwörd", "sixteen chars but spaces"])
-def test_an_unusable_token_is_refused_at_startup(start_cli, tmp_path, token):
-    code, stderr = _startup_refusal(start_cli, "--state-dir", str(tmp_path / "state"), "--token", token)
+def test_an_unusable_token_is_refused_at_startup(serve_refusal, tmp_path, token):
+    code, stderr = serve_refusal("--state-dir", str(tmp_path / "state"), "--token", token)
     assert code == 2, stderr
     assert "The access token" in stderr and "visible ASCII" in stderr
     assert "Traceback" not in stderr
@@ -201,8 +189,8 @@ def test_an_unusable_token_is_refused_at_startup(start_cli, tmp_path, token):
 
 @pytest.mark.parametrize("host", ["foo.invalid", "999.1.1.1"])
 def test_a_host_that_cannot_be_listened_on_asks_for_another_host_without_the_network_warning(
-        start_cli, tmp_path, host):
-    code, stderr = _startup_refusal(start_cli, "--state-dir", str(tmp_path / "state"), "--host", host)
+        serve_refusal, tmp_path, host):
+    code, stderr = serve_refusal("--state-dir", str(tmp_path / "state"), "--host", host)
     assert code == 2, stderr
     assert f"Cannot listen on {host}" in stderr and "--host" in stderr and "--port" not in stderr
     assert "other machines on the network" not in stderr

@@ -3,20 +3,8 @@ file itself: one sentence naming the path, exit 2, and nothing removed."""
 
 from __future__ import annotations
 
-import subprocess
 
 import pytest
-
-
-def _refusal(start_cli, state_dir) -> tuple[int, str]:
-    process = start_cli("serve", "--port", "0", "--state-dir", str(state_dir))
-    try:
-        _, stderr = process.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        _, stderr = process.communicate()
-        pytest.fail(f"farslip serve started instead of refusing: {stderr}")
-    return process.returncode, stderr
 
 
 @pytest.mark.parametrize("name, folder, what", [
@@ -24,7 +12,7 @@ def _refusal(start_cli, state_dir) -> tuple[int, str]:
     ("logs/backend.log", True, "log"),
     ("backend.lock", True, "lock"),
 ])
-def test_a_folder_or_file_in_place_of_a_state_file_is_one_sentence(start_cli, tmp_path, name, folder, what):
+def test_a_folder_or_file_in_place_of_a_state_file_is_one_sentence(serve_refusal, tmp_path, name, folder, what):
     """A folder at backend.lock or logs/backend.log, or a file at logs, ended in a traceback
     (FileExistsError, IsADirectoryError)."""
     state_dir = tmp_path / "state"
@@ -35,7 +23,7 @@ def test_a_folder_or_file_in_place_of_a_state_file_is_one_sentence(start_cli, tm
         (target / "keep.txt").write_text("mine")
     else:
         target.write_text("mine")
-    code, stderr = _refusal(start_cli, state_dir)
+    code, stderr = serve_refusal("--state-dir", str(state_dir))
     assert code == 2, stderr
     assert "Traceback" not in stderr
     assert len(stderr.strip().splitlines()) == 1, stderr
@@ -43,10 +31,10 @@ def test_a_folder_or_file_in_place_of_a_state_file_is_one_sentence(start_cli, tm
     assert (target / "keep.txt" if folder else target).read_text() == "mine"  # left as it was
 
 
-def test_a_state_dir_that_is_a_file_is_one_sentence(start_cli, tmp_path):
+def test_a_state_dir_that_is_a_file_is_one_sentence(serve_refusal, tmp_path):
     state_file = tmp_path / "state"
     state_file.write_text("mine")
-    code, stderr = _refusal(start_cli, state_file)
+    code, stderr = serve_refusal("--state-dir", str(state_file))
     assert code == 2 and "Traceback" not in stderr, stderr
     assert stderr.strip() == f"Error: The state folder {state_file} is a file, not a folder; give --state-dir a folder."
     assert state_file.read_text() == "mine"
