@@ -26,7 +26,8 @@ def test_search_and_classify_refuse_an_out_named_as_a_folder(env, naip, tiny_mod
 
 
 def test_search_still_writes_a_plain_out(env, naip, tiny_model, small_bbox, tmp_path):
-    run = _run(env, tmp_path, "search", str(naip), "a lake", "--weights", str(tiny_model), "--bbox",
+    own_cache = {**env, "FARSLIP_CACHE": str(tmp_path.parent / "own-cache")}  # the session's index stays unbuilt
+    run = _run(own_cache, tmp_path, "search", str(naip), "a lake", "--weights", str(tiny_model), "--bbox",
                *map(str, small_bbox), "--top", "2", "--out", "./hits.gpkg", "-q")
     assert run.returncode == 0, run.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hits.gpkg", "hits.report.json"]
