@@ -782,26 +782,18 @@ def _samples_inside(box: tuple[float, float, float, float], source_crs: CRS, tar
     return bool(_samples_in(box, source_crs, target, target_crs).any())
 
 
-def bbox_in_raster_crs(bbox: tuple[float, float, float, float], bbox_crs: CRS, raster_crs: CRS,
-                       raster_box: tuple[float, float, float, float]) -> tuple[float, float, float, float] | None:
-    """The envelope in the raster's CRS of the part of a box (given in `bbox_crs`) over the raster; None when
-    they do not meet.
-
-    GDAL transforms the box's densified outline and reaches a pole inside it. In a geographic raster the box
-    may cross the antimeridian, and longitudes in -180..180 and 0..360 are the same places (a box that
-    falls on both of the raster's edges takes the width between them). A box whose envelope comes out
-    enormous (around the pole a projection cannot place, e.g. the South Pole against a north polar
-    stereographic raster) must meet the raster in sampled points, one way or the other. A box in degrees
-    that crosses 180 or is a whole turn wide (a QGIS canvas zoomed out to -315..315) is transformed in
-    parts within -180..180: GDAL's envelope of such a box missed most of the world."""
-    return _envelope(bbox_parts_in_raster_crs(bbox, bbox_crs, raster_crs, raster_box))
-
-
 def bbox_parts_in_raster_crs(bbox: tuple[float, float, float, float], bbox_crs: CRS, raster_crs: CRS,
                              raster_box: tuple[float, float, float, float]) -> list[tuple[float, float, float, float]]:
-    """bbox_in_raster_crs as the boxes whose envelope it is: more than one where a box in degrees crosses the
-    antimeridian of a raster in degrees that reaches it from both sides (a world raster: the box's two strips,
-    at its west and east edges)."""
+    """The part of a box (given in `bbox_crs`) over the raster, in the raster's CRS, as boxes: more than one where
+    a box in degrees crosses the antimeridian of a raster in degrees that reaches it from both sides (a world
+    raster: the box's two strips, at its west and east edges); none when they do not meet.
+
+    GDAL transforms the box's densified outline and reaches a pole inside it. In a geographic raster the box
+    may cross the antimeridian, and longitudes in -180..180 and 0..360 are the same places. A box whose
+    envelope comes out enormous (around the pole a projection cannot place, e.g. the South Pole against a
+    north polar stereographic raster) must meet the raster in sampled points, one way or the other. A box in
+    degrees that crosses 180 or is a whole turn wide (a QGIS canvas zoomed out to -315..315) is transformed in
+    parts within -180..180: GDAL's envelope of such a box missed most of the world."""
     if bbox_crs == raster_crs or not bbox_crs.is_geographic:
         return _boxes_over_raster(bbox, bbox_crs, raster_crs, raster_box)
     if _holds_raster(bbox, bbox_crs, raster_crs, raster_box):  # the envelope of a box to a pole went astray
