@@ -681,18 +681,26 @@ class QualityEstimate:
     warnings: list[str] = field(default_factory=list)
 
 
-def own_calibration(path: Path | None, weights_id: str | None) -> tuple[QualityModel, str, list[str]]:
+def own_calibration(path: Path | None, weights_id: str | None,
+                    class_lines: list[str]) -> tuple[QualityModel, str, list[str]]:
     """The quality calibration a fine-tuned model folder holds (model, its name, what to say of it). A damaged
-    one, or one made for other weights (a file copied in from another model), is set aside with a warning and
-    the built-in estimate is used: it only weighs the confidence figure, and the run (hours on a large
-    raster) is not lost for it."""
+    one, one made for other weights (a file copied in from another model) or one fitted for other classes than
+    `class_lines` is set aside with a warning and the built-in estimate is used: it only weighs the confidence
+    figure, and the run (hours on a large raster) is not lost for it."""
     if path is None or not path.is_file():
         return QualityModel(), "default", []
     try:
-        return QualityModel.load(path, weights_id, None), os.path.abspath(path), []
+        model = QualityModel.load(path, weights_id, None)
     except InputError as error:
         return QualityModel(), "default", [f"{error} The quality comes from the built-in estimate; calibrate "
                                            "again with farslip evaluate --calibrate-quality."]
+    source_name = os.path.abspath(path)
+    if model.class_lines is not None and not same_classes(class_lines, model.class_lines):
+        return QualityModel(), "default", [
+            f"The model's quality calibration {source_name} was fitted for the classes "
+            f"{'; '.join(model.class_lines)}, not this run's, so the quality comes from the built-in "
+            "estimate; calibrate for these classes with farslip evaluate --calibrate-quality."]
+    return model, source_name, []
 
 
 def estimate_quality(regions, source: RasterSource, window: PixelWindow, segmenter: Segmenter,
@@ -723,14 +731,8 @@ def estimate_quality(regions, source: RasterSource, window: PixelWindow, segment
         model = QualityModel.load(calibration, loaded.weights_id, class_lines)
         source_name = str(calibration)
         said: list[str] = []
-    else:
-        model, source_name, said = own_calibration(calibration, loaded.weights_id)
-    if (not named_calibration and model.class_lines is not None
-            and not same_classes(class_lines, model.class_lines)):  # the model's own, fitted on other classes
-        said.append(f"The model's quality calibration {source_name} was fitted for the classes "
-                    f"{'; '.join(model.class_lines)}, not this run's, so the quality comes from the built-in "
-                    "estimate; calibrate for these classes with farslip evaluate --calibrate-quality.")
-        model, source_name = QualityModel(), "default"
+    else:  # the model's own: set aside with a warning where it does not fit this run
+        model, source_name, said = own_calibration(calibration, loaded.weights_id, class_lines)
     quality = model.predict(PolygonSignals(values).matrix()) if regions else np.zeros(0)
     fields = {"quality": quality, **{name: values[name] for name in FIELDS[1:]}}
     report = {"estimated_miou": run_quality_estimate(regions, quality, len(class_names)),
