@@ -23,7 +23,7 @@ from qgis.core import (
 from qgis.gui import QgsFileWidget
 from qgis.PyQt.QtWidgets import QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFormLayout
 
-from .filenames import MAX_STEM, gpkg_table_name
+from .filenames import MAX_STEM, gpkg_table_name, same_file
 from .parameters import safe_name
 from .i18n import tr
 
@@ -84,13 +84,6 @@ def _source_file(layer: QgsVectorLayer) -> tuple[str, str | None]:
     return path, table
 
 
-def _same_file(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def _has_styles_table(path: str) -> bool:
     """Whether a GeoPackage has QGIS's layer_styles table (asking QGIS logs "No styles available on DB")."""
     try:
@@ -104,7 +97,7 @@ def _refuse_own_source(layer: QgsVectorLayer, path: str, table: str | None) -> N
     """An export may not replace what it reads: the result's own shapefile, or its own table of a GeoPackage
     (the writer empties the table it then reads: the file held 0 polygons and the export said "Exported")."""
     source, source_table = _source_file(layer)
-    if not source or not os.path.exists(path) or not _same_file(source, path):
+    if not source or not os.path.exists(path) or not same_file(source, path):
         return
     if table is None or source_table == table:
         raise RuntimeError(tr("{} is where {} is read from; export it to another file.").format(path, layer.name()))

@@ -56,3 +56,8 @@ RESERVED_TABLE_PREFIXES = ("gpkg", "rtree_", "sqlite_")
 def gpkg_table_name(name: str) -> str:
     """`name` as a GeoPackage layer may be called."""
     return f"_{name}" if name.lower().startswith(RESERVED_TABLE_PREFIXES) else name
+
+
+def same_file(first: str, second: str) -> bool:
+    """Whether two paths name one file (links and letter case resolved as the system does)."""
+    return os.path.normcase(os.path.realpath(first)) == os.path.normcase(os.path.realpath(second))

@@ -40,7 +40,7 @@ from qgis.PyQt.QtWidgets import QTableWidgetItem, QWidget
 
 from .extent import (gdal_dataset_name, is_kept_vrt, local_raster_path, missing_layer_file, read_kept_vrt,
                      vrt_arguments)
-from .filenames import safe_file_stem
+from .filenames import safe_file_stem, same_file
 from .i18n import tr
 from .results import CLASS_FIELD, RASTER_PROPERTY, categorized_renderer, layer_classes
 
@@ -97,10 +97,6 @@ def has_quality(layer) -> bool:
     """A FarSLIP result: its polygons have a class and a quality (a corrections layer has `cls`, not `class`)."""
     return (isinstance(layer, QgsVectorLayer) and layer.isValid() and layer.fields().indexOf(QUALITY_FIELD) >= 0
             and layer.fields().indexOf(CLASS_FIELD) >= 0)
-
-
-def same_file(first: str, second: str) -> bool:
-    return os.path.normcase(os.path.realpath(first)) == os.path.normcase(os.path.realpath(second))
 
 
 def reads_raster(layer: QgsRasterLayer, path: str) -> bool:
@@ -430,8 +426,8 @@ class ReviewTab(QObject):
         layer, a database table) in the plugin's output folder, named after the layer (its id tells two layers of
         one name apart)."""
         layer = self.layer()
-        path = QgsProviderRegistry.instance().decodeUri(layer.providerType(), layer.source()).get("path") or ""
-        if layer.providerType() == "ogr" and os.path.isfile(path):
+        path = layer_file(layer)
+        if path:
             return os.path.splitext(path)[0] + "_review.gpkg"
         digest = hashlib.sha256(layer.id().encode("utf-8")).hexdigest()[:8]
         return os.path.join(self.dock.settings_loader().output_dir(),
