@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -63,15 +64,16 @@ def check_index_request(request: dict) -> list[str]:
 def check_search_request(request: dict) -> list[str]:
     """The checks of `farslip search`, same sentences; returns the files the job will write."""
     from backend.engine.export import report_path_for
-    from backend.engine.files import input_paths, raster_file, refuse_folder_name
+    from backend.engine.files import input_paths, raster_file
     from backend.engine.models import check_model
     from backend.engine.search import check_hits_output, validate_search_options
 
     validate_search_options(_search_options(request))
-    refuse_folder_name(request["out"], '"out" file')  # before a Path drops the separator
-    out = Path(request["out"]).expanduser()
-    check_hits_output(out, bool(request.get("overwrite")), input_paths([("raster", raster_file(_raster(request)))]),
-                      option='"overwrite": true')
+    out_text = os.path.expanduser(request["out"])  # as typed: a Path would drop a trailing separator
+    check_hits_output(out_text, bool(request.get("overwrite")),
+                      input_paths([("raster", raster_file(_raster(request)))]), option='"overwrite": true',
+                      what='"out" file')
+    out = Path(out_text)
     _check_raster(request)
     check_model(request.get("model"), request.get("weights"))
     return [str(out), str(report_path_for(out))]
