@@ -15,8 +15,11 @@ import re
 import shlex
 import shutil
 import sys
+import threading
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Callable
 
 from qgis.core import Qgis, QgsApplication, QgsMessageLog
@@ -208,6 +211,10 @@ class BackendManager(QObject):
         self.connected_from = ""  # the connection file the connection was read from, if any
         self.generation = 0  # stop() counts up: an answer to a look-up made before it is not acted on
         self.closed = False  # the plugin was unloaded: nothing waits for this manager any more
+        # Processing algorithms' jobs running on the backend (from QGIS's task threads): what each is, in words,
+        # and the flag that cancels it when the analyst switches the backend.
+        self._processing_jobs: dict[int, tuple[str, threading.Event]] = {}
+        self._processing_lock = threading.Lock()
         self._ensureRequested.connect(self.ensure, Qt.QueuedConnection)
         self._lostReported.connect(self.lost, Qt.QueuedConnection)
 
@@ -489,6 +496,31 @@ class BackendManager(QObject):
                 os.remove(self.connection_file)
 
     # -- for callers outside the GUI thread (Processing) ------------------------------------------
+    @contextmanager
+    def processing_job(self, what: str) -> Iterator[threading.Event]:
+        """Record a Processing algorithm's job on the backend while it runs (`what`: "a segmentation"); the
+        event is set when the analyst cancels it to switch the backend."""
+        cancelled = threading.Event()
+        with self._processing_lock:
+            key = id(cancelled)
+            self._processing_jobs[key] = (what, cancelled)
+        try:
+            yield cancelled
+        finally:
+            with self._processing_lock:
+                self._processing_jobs.pop(key, None)
+
+    def processing_jobs(self) -> list[str]:
+        """The Processing algorithms' jobs running on the backend now, in words."""
+        with self._processing_lock:
+            return [what for what, _cancelled in self._processing_jobs.values()]
+
+    def cancel_processing_jobs(self) -> None:
+        """Cancel the Processing algorithms' running jobs (each ends as cancelled: nothing of it is written)."""
+        with self._processing_lock:
+            for _what, cancelled in self._processing_jobs.values():
+                cancelled.set()
+
     def wait_ready(self, timeout: float = START_TIMEOUT_S + 10,
                    should_cancel: Callable[[], bool] = lambda: False) -> Connection:
         """Block until ready; from the GUI thread the event loop keeps running meanwhile."""

@@ -88,22 +88,33 @@ class FarslipPlugin:
 
     def switch_backend(self) -> None:
         """Stop the backend so that the new settings take effect (and start the new one while the dock is open).
-        A job of the dock running on it is not cut off as if the backend had crashed: the analyst chooses to
-        cancel it now, or the switch waits until it ends."""
-        busy = self.dock.running_jobs() if self.dock is not None else []
+        A job running on it (the dock's or a Processing algorithm's) is not cut off as if the backend had
+        crashed: the analyst chooses to cancel it now, or the switch waits until it ends."""
+        busy = self.running_jobs()
         if busy:
+            jobs = ", ".join(busy[:-1]) + (" and " if len(busy) > 1 else "") + busy[-1]
+            question = tr("{} is running on the FarSLIP backend. Cancel it and switch to the new backend now? (No: "
+                          "the switch waits until it has ended.)") if len(busy) == 1 else tr(
+                "{} are running on the FarSLIP backend. Cancel them and switch to the new backend now? (No: the "
+                "switch waits until they have ended.)")
             answer = QMessageBox.question(
                 self.iface.mainWindow(), tr("Switch the FarSLIP backend?"),
-                tr("{} is running on the FarSLIP backend. Cancel it and switch to the new backend now? (No: the "
-                   "switch waits until it has ended.)").format(" and ".join(busy).capitalize()),
-                QMessageBox.Yes | QMessageBox.No, QMessageBox.No)
+                question.format(jobs[:1].upper() + jobs[1:]), QMessageBox.Yes | QMessageBox.No, QMessageBox.No)
             if answer == QMessageBox.Yes:
-                self.dock.cancel_jobs()
+                if self.dock is not None:
+                    self.dock.cancel_jobs()
+                if self.manager is not None:
+                    self.manager.cancel_processing_jobs()
         self.switch_timer.start()
         self._switch_when_idle()
 
+    def running_jobs(self) -> list[str]:
+        """The jobs running on the backend now, in words: the dock's and the Processing algorithms'."""
+        return ((self.dock.running_jobs() if self.dock is not None else []) +
+                (self.manager.processing_jobs() if self.manager is not None else []))
+
     def _switch_when_idle(self) -> None:
-        if self.manager is None or (self.dock is not None and self.dock.running_jobs()):
+        if self.manager is None or self.running_jobs():
             return
         self.switch_timer.stop()
         self.manager.stop()

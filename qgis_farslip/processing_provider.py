@@ -203,8 +203,19 @@ def run_backend_job(manager: BackendManager | None, kind: str, request: dict, fe
     """Run one backend job for an algorithm: progress and messages to the feedback, cancel honoured."""
     if manager is None:
         raise QgsProcessingException(tr("The FarSLIP plugin is not loaded."))
+    with manager.processing_job(JOB_WORDS.get(kind, tr("a job"))) as switching:
+        return _run_tracked_job(manager, kind, request, feedback, output_paths, switching)
+
+
+def _run_tracked_job(manager: BackendManager, kind: str, request: dict, feedback, output_paths: list[str],
+                     switching) -> dict:
+    """run_backend_job's work; `switching` is set when the analyst cancels the job to switch the backend."""
+
+    def is_cancelled() -> bool:
+        return feedback.isCanceled() or switching.is_set()
+
     try:
-        connection = manager.wait_ready(should_cancel=feedback.isCanceled)
+        connection = manager.wait_ready(should_cancel=is_cancelled)
         feedback.pushInfo(f"FarSLIP backend at {connection.url}")
         last_message = []
 
@@ -218,7 +229,7 @@ def run_backend_job(manager: BackendManager | None, kind: str, request: dict, fe
                     feedback.pushInfo(message)
 
         try:
-            job = run_job(BackendClient(connection), kind, request, on_update, feedback.isCanceled, output_paths)
+            job = run_job(BackendClient(connection), kind, request, on_update, is_cancelled, output_paths)
             for warning in (job.get("result") or {}).get("warnings") or []:
                 feedback.pushWarning(str(warning))
             return job
@@ -235,11 +246,22 @@ def run_backend_job(manager: BackendManager | None, kind: str, request: dict, fe
                 "Start 'farslip serve' again (or press Restart backend in the FarSLIP panel to let the plugin start "
                 "its own), then run the algorithm again.")) from None
     except JobCancelled:
-        raise QgsProcessingException(tr("Cancelled; nothing was written.")) from None
+        raise QgsProcessingException(_cancelled_words(switching)) from None
     except BackendError as error:
-        if feedback.isCanceled():  # cancelled while the backend was being looked for or started
-            raise QgsProcessingException(tr("Cancelled; nothing was written.")) from None
+        if is_cancelled():  # cancelled while the backend was being looked for or started
+            raise QgsProcessingException(_cancelled_words(switching)) from None
         raise QgsProcessingException(str(error)) from None
+
+
+# A Processing algorithm's job, in the words of the question asked before the backend is switched under it.
+JOB_WORDS = {"segment": tr("a segmentation (Processing)"), "train": tr("a training run (Processing)"),
+             "evaluate": tr("an evaluation (Processing)"), "search": tr("a search (Processing)")}
+
+
+def _cancelled_words(switching) -> str:
+    if switching.is_set():
+        return tr("Cancelled to switch to the new FarSLIP backend; nothing was written. Run the algorithm again.")
+    return tr("Cancelled; nothing was written.")
 
 
 class SegmentByClassNames(BackendAlgorithm):

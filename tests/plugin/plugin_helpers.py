@@ -7,7 +7,8 @@ import time
 import zipfile
 from pathlib import Path
 
-from qgis.core import QgsApplication, QgsProcessingFeedback
+from qgis.core import (QgsApplication, QgsProcessingAlgRunnerTask, QgsProcessingContext, QgsProcessingFeedback,
+                       QgsProject)
 
 REPO = Path(__file__).resolve().parents[2]
 NAIP = (REPO / ".." / "shared" / "data" / "naip_2020_5m.tif").resolve()
@@ -159,3 +160,18 @@ class RecordingFeedback(QgsProcessingFeedback):
     def reportError(self, error, fatalError=False):
         self.errors.append(error)
         super().reportError(error, fatalError)
+
+
+def start_algorithm(parameters: dict, name: str = "farslip:segment_by_class_names") -> dict:
+    """The algorithm as a task in QGIS's task manager, as the Processing dialog runs it (its output to be loaded)."""
+    algorithm = QgsApplication.processingRegistry().createAlgorithmById(name)
+    context = QgsProcessingContext()
+    context.setProject(QgsProject.instance())
+    context.addLayerToLoadOnCompletion(parameters["OUTPUT"], QgsProcessingContext.LayerDetails(
+        "Segmented polygons", QgsProject.instance(), "OUTPUT"))
+    run = {"context": context, "feedback": RecordingFeedback(), "done": []}
+    task = QgsProcessingAlgRunnerTask(algorithm, parameters, context, run["feedback"])
+    task.executed.connect(lambda ok, results: run["done"].append((ok, results)))
+    run["task"] = task
+    QgsApplication.taskManager().addTask(task)
+    return run

@@ -6,8 +6,25 @@ from __future__ import annotations
 
 import pytest
 from osgeo import gdal
-from plugin_helpers import NAIP, added, wait_until
+from plugin_helpers import NAIP, added, start_algorithm, wait_until
+from qgis.core import QgsVectorLayer
 from qgis.PyQt.QtWidgets import QMessageBox
+
+
+def enlarged_naip(tmp_path) -> str:
+    """NAIP enlarged 3x: a segmentation of it runs tens of seconds with the tiny model."""
+    big = str(tmp_path / "big.tif")
+    source = gdal.Open(str(NAIP))
+    gdal.Translate(big, source, width=source.RasterXSize * 3, height=source.RasterYSize * 3)
+    return big
+
+
+def recording_stops(manager, monkeypatch) -> list[str]:
+    events: list[str] = []
+    stop = manager.stop
+    monkeypatch.setattr(manager, "stop", lambda *args, **kwargs: (events.append("backend stopped"),
+                                                                   stop(*args, **kwargs)))
+    return events
 
 
 @pytest.fixture
@@ -15,22 +32,16 @@ def running_segmentation(running_plugin, plugin_settings, tiny_model, qgis_new_p
     """The dock segmenting a 3x enlarged NAIP (tens of seconds), and a record of its end and of backend stops."""
     plugin_settings()
     dock = running_plugin.create_dock()
-    big = str(tmp_path / "big.tif")
-    source = gdal.Open(str(NAIP))
-    gdal.Translate(big, source, width=source.RasterXSize * 3, height=source.RasterYSize * 3)
-    dock.form.layerCombo.setLayer(added(big, "big"))
+    dock.form.layerCombo.setLayer(added(enlarged_naip(tmp_path), "big"))
     dock.form.extentCombo.setCurrentIndex(dock.form.extentCombo.findData("layer"))
     dock.form.modelCombo.setEditText(str(tiny_model))
     dock.form.classRasterCheck.setChecked(False)
     dock.form.probRasterCheck.setChecked(False)
     dock.form.regionChecksCheck.setChecked(False)
     dock.form.classesEdit.setPlainText("water\ngrass\nroad")
-    events: list[str] = []
-    dock.jobFinished.connect(events.append)
     manager = running_plugin.manager
-    stop = manager.stop
-    monkeypatch.setattr(manager, "stop", lambda *args, **kwargs: (events.append("backend stopped"),
-                                                                   stop(*args, **kwargs)))
+    events = recording_stops(manager, monkeypatch)
+    dock.jobFinished.connect(events.append)
     manager.ensure()  # a test before stopped it (a hidden dock starts none after a switch)
     wait_until(lambda: manager.state == "ready", 120, "the backend")
     dock.run()
@@ -91,3 +102,49 @@ def test_with_no_job_running_the_backend_switches_without_a_question(running_plu
     monkeypatch.setattr(running_plugin.manager, "stop", lambda *a, **k: (stopped.append(True), stop(*a, **k)))
     running_plugin.switch_backend()
     assert asked == [] and stopped == [True]
+
+
+@pytest.fixture
+def running_algorithm(running_plugin, plugin_settings, qgis_processing, tiny_model, tmp_path, monkeypatch):
+    """A Processing segmentation of the enlarged NAIP running on the plugin's backend (the dock idle)."""
+    plugin_settings()
+    running_plugin.create_dock()
+    manager = running_plugin.manager
+    manager.ensure()
+    wait_until(lambda: manager.state == "ready", 120, "the backend")
+    events = recording_stops(manager, monkeypatch)
+    out = tmp_path / "processing.gpkg"
+    run = start_algorithm({"INPUT": enlarged_naip(tmp_path), "CLASSES": "water\ngrass\nroad",
+                           "MODEL": str(tiny_model), "REGION_CHECKS": False, "OUTPUT": str(out)})
+    progress: list[float] = []
+    run["task"].progressChanged.connect(progress.append)
+    wait_until(lambda: progress and manager.processing_jobs(), 120, "the algorithm to run")
+    run["task"].executed.connect(lambda ok, _results: events.append("done" if ok else "failed"))
+    return run, events, out
+
+
+def test_a_processing_job_is_asked_about_and_cancelled_before_the_switch(running_plugin, running_algorithm,
+                                                                          monkeypatch):
+    """Settings OK while a Processing algorithm ran on the backend stopped it under the algorithm ('The FarSLIP
+    backend stopped while the job was running (it crashed ...)'): it is asked about as the dock's jobs are."""
+    run, events, out = running_algorithm
+    asked = answer(monkeypatch, QMessageBox.Yes)
+    running_plugin.switch_backend()
+    assert asked == ["A segmentation (Processing) is running on the FarSLIP backend. Cancel it and switch to the "
+                     "new backend now? (No: the switch waits until it has ended.)"]
+    wait_until(lambda: "backend stopped" in events, 120, "the switch")
+    assert events[:2] == ["failed", "backend stopped"], (events, run["feedback"].errors)
+    assert run["feedback"].errors == ["Cancelled to switch to the new FarSLIP backend; nothing was written. Run "
+                                      "the algorithm again."]
+    assert not out.exists()
+    assert running_plugin.manager.processing_jobs() == []
+
+
+def test_the_switch_waits_for_a_processing_job_to_end(running_plugin, running_algorithm, monkeypatch):
+    run, events, out = running_algorithm
+    answer(monkeypatch, QMessageBox.No)
+    running_plugin.switch_backend()
+    assert events == [], "the backend was stopped under the running algorithm"
+    wait_until(lambda: "backend stopped" in events, 300, "the switch")
+    assert events[:2] == ["done", "backend stopped"], (events, run["feedback"].errors)
+    assert QgsVectorLayer(str(out), "out", "ogr").featureCount() > 0

@@ -8,26 +8,11 @@ import sqlite3
 import time
 
 import pytest
-from plugin_helpers import NAIP, REPO, RecordingFeedback, wait_until
-from qgis.core import QgsApplication, QgsProcessingAlgRunnerTask, QgsProcessingContext, QgsProject, QgsVectorLayer
+from plugin_helpers import NAIP, REPO, start_algorithm, wait_until
+from qgis.core import QgsApplication, QgsProject, QgsVectorLayer
 from qgis.PyQt.QtCore import QThreadPool
 
 BACKEND_COMMAND = os.environ.get("FARSLIP_TEST_BACKEND") or str(REPO / ".venv" / "bin" / "farslip")
-
-
-def start_algorithm(parameters: dict, name: str = "farslip:segment_by_class_names") -> dict:
-    """The algorithm as a task in QGIS's task manager, as the Processing dialog runs it (its output to be loaded)."""
-    algorithm = QgsApplication.processingRegistry().createAlgorithmById(name)
-    context = QgsProcessingContext()
-    context.setProject(QgsProject.instance())
-    context.addLayerToLoadOnCompletion(parameters["OUTPUT"], QgsProcessingContext.LayerDetails(
-        "Segmented polygons", QgsProject.instance(), "OUTPUT"))
-    run = {"context": context, "feedback": RecordingFeedback(), "done": []}
-    task = QgsProcessingAlgRunnerTask(algorithm, parameters, context, run["feedback"])
-    task.executed.connect(lambda ok, results: run["done"].append((ok, results)))
-    run["task"] = task
-    QgsApplication.taskManager().addTask(task)
-    return run
 
 
 def backend_processes(connection_file: str) -> list[int]:
