@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import tempfile
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from osgeo import ogr
 from qgis.core import (
@@ -176,7 +176,33 @@ class SavedMarks:
     def __init__(self) -> None:
         self.marks: dict[int, tuple[str, str]] = {}
         self.shapes: dict[int, tuple[QgsGeometry, float | None]] = {}
+        self.others: list[StaleMark] = []  # a second row of one feature id (kept as it is, see ReviewTab.stale)
         self.error = ""
+
+
+class StaleMark(NamedTuple):
+    """A saved mark of a polygon the result no longer has under its feature id, kept in the review file as it
+    was saved (its shape, class and status) and shown on no polygon."""
+
+    fid: int
+    status: str
+    cls: str
+    geometry: QgsGeometry | None
+    quality: float | None
+
+
+def same_polygon(saved: QgsGeometry, now: QgsGeometry) -> bool:
+    """Whether a polygon saved with a mark is the one a feature of that id has now: most of their union is
+    shared (an analyst's vertex edits keep it; another result written to the same file, whose feature ids
+    start again at 1, does not)."""
+    if saved is None or saved.isEmpty():
+        return True  # saved without a shape: nothing to compare (as before)
+    if now is None or now.isEmpty():
+        return False
+    union = saved.combine(now).area()
+    if union <= 0:
+        return saved.equals(now)
+    return saved.intersection(now).area() >= 0.5 * union
 
 
 def read_review_file(path: str) -> SavedMarks:
@@ -202,13 +228,19 @@ def read_review_file(path: str) -> SavedMarks:
         fid, status = row.GetField("source_fid"), row.GetField("status") or ""
         if fid is None or status not in (CORRECT, RELABELLED, DELETED):
             continue
-        saved.marks[int(fid)] = (status, row.GetField(LABEL_FIELD) or "")
         shape = row.GetGeometryRef()
-        quality = row.GetField(QUALITY_FIELD) if QUALITY_FIELD in names else None
+        quality = field_number(row.GetField(QUALITY_FIELD)) if QUALITY_FIELD in names else None
+        geometry = None
         if shape is not None:
             geometry = QgsGeometry()
             geometry.fromWkb(bytes(shape.ExportToIsoWkb()))
-            saved.shapes[int(fid)] = (geometry, field_number(quality))
+        cls = row.GetField(LABEL_FIELD) or ""
+        if int(fid) in saved.marks:  # a polygon of this id marked before another one took the id
+            saved.others.append(StaleMark(int(fid), status, cls, geometry, quality))
+            continue
+        saved.marks[int(fid)] = (status, cls)
+        if geometry is not None:
+            saved.shapes[int(fid)] = (geometry, quality)
     return saved
 
 
@@ -227,6 +259,9 @@ class ReviewTab(QObject):
         # The shape and quality a mark was saved with, for a polygon the list does not show now (deleted since,
         # hidden by the filter): its mark is kept, never dropped from the file.
         self.mark_shapes: dict[int, tuple[QgsGeometry, float | None]] = {}
+        # Saved marks of polygons the layer no longer has under their feature id (another result written to the
+        # same file reuses the ids): kept in the file as saved, never shown on (or saved with) the new polygon.
+        self.stale: list[StaleMark] = []
         self.unreadable = ""  # why the layer's review file cannot be read: then nothing is written over it
         self.corrections_layer: QgsVectorLayer | None = None
         form = self.form
@@ -282,7 +317,7 @@ class ReviewTab(QObject):
                 estimate))
 
     def show_layer(self, _layer=None) -> None:
-        self.marks, self.mark_shapes, self.unreadable = {}, {}, ""
+        self.marks, self.mark_shapes, self.stale, self.unreadable = {}, {}, [], ""
         self.corrections_layer = None
         layer = self.layer()
         self.listed_layer_id = layer.id() if layer is not None else None
@@ -304,7 +339,7 @@ class ReviewTab(QObject):
             return
         # The marks saved earlier (another session, before another result was shown) are this layer's marks.
         saved = read_review_file(self.corrections_path())
-        self.marks, self.mark_shapes, self.unreadable = saved.marks, saved.shapes, saved.error
+        self.marks, self.mark_shapes, self.stale, self.unreadable = saved.marks, saved.shapes, saved.others, saved.error
         self.list_polygons()
         if self.unreadable:
             self.form.reviewStatusLabel.setText(self.unreadable)
@@ -325,6 +360,7 @@ class ReviewTab(QObject):
         for row, feature in enumerate(layer.dataProvider().getFeatures(request)):
             table.insertRow(row)
             listed.add(feature.id())
+            self._match_saved_mark(feature)
             values = [number_text(feature[QUALITY_FIELD], 2), field_text(feature[CLASS_FIELD]),
                       number_text(feature["area_m2"], 0) if layer.fields().indexOf("area_m2") >= 0 else "",
                       mark_text(*self.marks[feature.id()]) if feature.id() in self.marks else "", str(feature.id())]
@@ -336,7 +372,31 @@ class ReviewTab(QObject):
         status = tr("{} polygons, least sure first. Click one to zoom to it.").format(table.rowCount())
         if earlier:
             status += " " + tr("{} marked earlier (saved in {}).").format(earlier, self.corrections_path())
+        if self.stale:
+            status += " " + (tr("1 saved mark is of a polygon this layer no longer has (the file was written "
+                                "again since): it stays in the review file as it was and is shown on no polygon.")
+                             if len(self.stale) == 1 else
+                             tr("{} saved marks are of polygons this layer no longer has (the file was written "
+                                "again since): they stay in the review file as they were and are shown on no "
+                                "polygon.").format(len(self.stale)))
         self.form.reviewStatusLabel.setText(status)
+
+    def _match_saved_mark(self, feature: QgsFeature) -> None:
+        """The saved mark of this feature id is this polygon's only when it was saved with this polygon (or
+        without a shape); else it is set aside as stale, and a stale one saved with this polygon takes its place."""
+        fid = feature.id()
+        saved = self.mark_shapes.get(fid)
+        if fid in self.marks and saved is not None and not same_polygon(saved[0], feature.geometry()):
+            status, cls = self.marks.pop(fid)
+            self.mark_shapes.pop(fid)
+            self.stale.append(StaleMark(fid, status, cls, saved[0], saved[1]))
+        if fid not in self.marks:
+            for index, stale in enumerate(self.stale):
+                if stale.fid == fid and stale.geometry is not None and same_polygon(stale.geometry, feature.geometry()):
+                    del self.stale[index]
+                    self.marks[fid] = (stale.status, stale.cls)
+                    self.mark_shapes[fid] = (stale.geometry, stale.quality)
+                    break
 
     def apply_style(self) -> None:
         layer = self.layer()
@@ -449,13 +509,13 @@ class ReviewTab(QObject):
         shapes = dict(self.mark_shapes)  # the polygons as saved; those the layer has now replace them
         for feature in layer.dataProvider().getFeatures(QgsFeatureRequest().setFilterFids(list(self.marks))):
             shapes[feature.id()] = (feature.geometry(), field_number(feature[QUALITY_FIELD]))
-        for fid, (status, cls) in sorted(self.marks.items()):
-            if fid not in shapes:
-                continue
-            geometry, quality = shapes[fid]
+        rows = [StaleMark(fid, status, cls, *shapes[fid]) for fid, (status, cls) in sorted(self.marks.items())
+                if fid in shapes]
+        for mark in rows + self.stale:
             out = QgsFeature(memory.fields())
-            out.setGeometry(geometry)
-            out.setAttributes([cls if status != DELETED else None, status, quality, int(fid)])
+            if mark.geometry is not None:
+                out.setGeometry(mark.geometry)
+            out.setAttributes([mark.cls if mark.status != DELETED else None, mark.status, mark.quality, int(mark.fid)])
             provider.addFeature(out)
         path = self.corrections_path()
         try:

@@ -24,7 +24,7 @@ QUALITY = [0.9, 0.2, 0.55, 0.05, 0.7]
 CLASSES = ["building", "road", "building", "tree", "road"]
 
 
-def write_result(path: str) -> QgsVectorLayer:
+def write_result(path: str, west: float = 500000) -> QgsVectorLayer:
     memory = QgsVectorLayer("Polygon?crs=EPSG:32633", "result", "memory")
     provider = memory.dataProvider()
     provider.addAttributes([QgsField("class", QVariant.String), QgsField("area_m2", QVariant.Double),
@@ -32,7 +32,7 @@ def write_result(path: str) -> QgsVectorLayer:
     memory.updateFields()
     for i, (quality, cls) in enumerate(zip(QUALITY, CLASSES)):
         feature = QgsFeature(memory.fields())
-        feature.setGeometry(QgsGeometry.fromRect(QgsRectangle(500000 + i * 100, 5000000, 500000 + i * 100 + 50,
+        feature.setGeometry(QgsGeometry.fromRect(QgsRectangle(west + i * 100, 5000000, west + i * 100 + 50,
                                                               5000050)))
         feature.setAttributes([cls, 2500.0, quality])
         provider.addFeature(feature)
@@ -280,3 +280,43 @@ def test_an_unreadable_review_file_is_said_and_never_written_over(dock, tmp_path
     assert tab.form.reviewStatusLabel.text() == said
     assert damaged.read_bytes() == b"not a GeoPackage: the analyst's marks were in here"
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".review-")]
+
+
+def saved_rows(path) -> list[tuple[int, str, float]]:
+    layer = QgsVectorLayer(f"{path}|layername=review", "review", "ogr")
+    return sorted((f["source_fid"], f["status"], f.geometry().boundingBox().xMinimum()) for f in layer.getFeatures())
+
+
+def test_a_result_written_again_to_the_same_file_does_not_take_the_old_polygons_marks(dock, tmp_path):
+    """Another run written to the same file (Processing's fixed output, `segment --overwrite`) numbers its
+    polygons from 1 again: the old marks were shown on the new polygons and the next mark saved them with the
+    new polygons' shapes (a relabel of a road landing on a field, in the training labels)."""
+    path = str(tmp_path / "result.gpkg")
+    project = QgsProject.instance()
+    first = write_result(path)
+    tab = dock.review_tab
+    tab.review(first)
+    tab.form.polygonsTable.selectRow(0)
+    tab.mark("correct")
+    tab.form.polygonsTable.selectRow(1)
+    tab.mark("relabelled", "parking lot")
+    review = tab.corrections_path()
+    old = saved_rows(review)
+    assert [(fid, status) for fid, status, _ in old] == [(2, "relabelled"), (4, "correct")]
+    project.removeMapLayer(first.id())
+    os.remove(path)
+    again = write_result(path, west=600000)  # the same file name, other polygons, the same feature ids
+    tab.review(again)
+    assert table_column(tab, 3) == [""] * 5
+    said = tab.form.reviewStatusLabel.text()
+    assert "marked earlier" not in said and "2 saved marks are of polygons this layer no longer has" in said
+    tab.form.polygonsTable.selectRow(0)  # fid 4 again, now a polygon at x 600300
+    tab.mark("deleted")
+    assert saved_rows(review) == sorted([*old, (4, "deleted", 600300.0)])
+    # The first polygons back in the file: their marks are theirs again.
+    project.removeMapLayer(again.id())
+    os.remove(path)
+    tab.review(write_result(path))
+    assert table_column(tab, 3)[:2] == ["correct", "relabelled: parking lot"]
+    assert "2 marked earlier" in tab.form.reviewStatusLabel.text()
+    assert "1 saved mark is of a polygon this layer no longer has" in tab.form.reviewStatusLabel.text()
