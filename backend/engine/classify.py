@@ -4,9 +4,11 @@ Tiles of `tile` native pixels on a grid anchored at the raster's top-left corner
 cut by the raster), each resized to the model's input and embedded by CLIP's image path. A tile's
 class probabilities are the softmax over all class queries (80 prompt templates each) of the cosine
 times the model's own learned logit scale, then the maximum over each class's synonyms
-(FARSLIP_METHOD.md section 2). Tiles with no valid pixel are left out; with a bbox, so are tiles with no
-pixel centre inside it (its parts: two strips for a box across the antimeridian of a world raster; the
-box itself, not its envelope, on a rotated grid), as segment classifies no pixel outside it. Each tile is written as its
+(FARSLIP_METHOD.md section 2). Tiles with no valid pixel are left out; with a bbox, so are tiles holding
+no pixel of the request, the pixels segment classifies for that bbox: on a north-up grid every pixel the
+box reaches, one it covers in part included (raster.bounds_window rounds outward); on a rotated grid the
+pixels whose centre lies in the box itself, not its envelope; two strips for a box across the
+antimeridian of a world raster. Each tile is written as its
 footprint on the ground, the affine applied to its four pixel corners: a rectangle on a north-up
 raster, the true (turned) quadrilateral on a rotated one.
 """
