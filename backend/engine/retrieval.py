@@ -1,4 +1,5 @@
-"""Image-text retrieval evaluation on the RSICD / RSITMD release layout (the figures MPS-CLIP and FarSLIP publish).
+"""Image-text retrieval evaluation on the RSICD / RSITMD release layout, counted as FarSLIP's evaluation
+(protocol "farslip") or as MPS-CLIP's (protocol "mpsclip").
 
 Layout: a folder with the dataset's caption JSON (`dataset_rsicd.json`, `dataset_RSITMD.json`: a
 top-level "images" list whose entries have "filename", "split" and "sentences" with "raw" text)
@@ -6,18 +7,28 @@ and the images, in the folder itself or in a subfolder (RSICD_images/, images/, 
 itself may be given instead of its folder; in a folder with other .json files, the one whose entries have
 the release's layout (or is named dataset_*.json) is taken, and a choice left open is refused.
 
-Protocol (as the published tables): images resized so the short side is the model's input size
-(bicubic), centre-cropped, CLIP-normalised; each caption encoded as written; cosine similarity.
-Image -> text R@K: the share of images with at least one of their own captions among the K most
-similar captions. Text -> image R@K: the share of captions whose image is among the K most similar
-images. mR is the mean of the six recalls (K = 1, 5, 10 both ways), in percent.
+Both protocols: images preprocessed as open_clip's validation transform (the short side resized to the
+model's input size, bicubic, the long side truncated; centre crop with the offset rounded; RGB;
+CLIP-normalised); cosine similarity; mR the mean of the six recalls (K = 1, 5, 10 both ways), in percent.
+
+farslip (NJU-LHRS/FarSLIP tests/test_retrieval.py): "a satellite image. " before every caption; each
+distinct image file and each distinct caption text once. Text -> image R@K: the share of distinct texts
+with any image that has this text among the K most similar images; image -> text R@K: the share of
+images with any of their texts among the K most similar texts. Equal scores: the image whose path sorts
+first, the text that sorts first (code point order), ranks first.
+
+mpsclip (MPS-CLIP's itm_eval): every caption as written, scored on its own against the one image whose
+entry lists it (a caption repeated on several images is several captions). Image -> text R@K: the share of
+images with one of their own captions among the K most similar captions; text -> image R@K: the share of
+captions whose image is among the K most similar images. Equal scores: the one earlier in the caption
+JSON ranks first.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +43,14 @@ from .search import fit_to_context
 from .text import encode_tokens
 
 RECALL_KS = (1, 5, 10)
+PROTOCOLS = ("farslip", "mpsclip")
+DEFAULT_PROTOCOL = "farslip"
+FARSLIP_CAPTION_PREFIX = "a satellite image. "  # FarSLIP's evaluation writes it before RSICD/RSITMD/UCM captions
+PROTOCOL_SUMMARY = {
+    "farslip": "FarSLIP's evaluation: 'a satellite image. ' before each caption; each distinct image and caption "
+               "text once; a hit is any image with that text, or any of the image's texts",
+    "mpsclip": "MPS-CLIP's evaluation: each caption as written, scored on its own against its one image",
+}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 
 
@@ -41,6 +60,7 @@ class CaptionSet:
     captions: list[str]
     caption_image: np.ndarray  # (T,) index of each caption's image
     caption_file: Path
+    left_out: list[str] = field(default_factory=list)  # file names of the split's images with no caption text
 
 
 def _json_problem(path: Path, error: Exception) -> str:
@@ -130,6 +150,7 @@ def load_caption_set(dataset: str | Path, split: str = "test") -> CaptionSet:
     captions: list[str] = []
     owner: list[int] = []
     missing: list[str] = []
+    left_out: list[str] = []
     for entry in entries:
         if not isinstance(entry, dict) or (split != "all" and entry.get("split") != split):
             continue
@@ -158,6 +179,7 @@ def load_caption_set(dataset: str | Path, split: str = "test") -> CaptionSet:
             if raw.strip():
                 texts.append(raw.strip())
         if not texts:
+            left_out.append(filename)
             continue
         for text in texts:
             captions.append(text)
@@ -175,11 +197,70 @@ def load_caption_set(dataset: str | Path, split: str = "test") -> CaptionSet:
         raise InputError(f"{caption_file.name} has no captioned image in the split {split!r}; "
                          + (f"its splits are {', '.join(splits)}" if splits else "its images name no split")
                          + " (or use --split all).")
-    return CaptionSet(images, captions, np.asarray(owner), caption_file)
+    return CaptionSet(images, captions, np.asarray(owner), caption_file, left_out)
+
+
+def check_protocol(protocol: str) -> str:
+    """The protocol name, or a refusal naming the two."""
+    if protocol not in PROTOCOLS:
+        raise InputError(f"The retrieval protocol must be farslip (FarSLIP's evaluation) or mpsclip (MPS-CLIP's); "
+                         f"got {protocol!r}.")
+    return protocol
+
+
+def left_out_notice(captions: CaptionSet, split: str) -> str | None:
+    """A notice naming the images of the split left out because none of their captions has any text."""
+    if not captions.left_out:
+        return None
+    shown = ", ".join(captions.left_out[:5]) + (f" and {len(captions.left_out) - 5} more"
+                                                if len(captions.left_out) > 5 else "")
+    return (f"{len(captions.left_out)} image(s) of the {split!r} split in {captions.caption_file.name} have no "
+            f"caption text and are left out of the recalls: {shown}.")
+
+
+@dataclass
+class DistinctPairs:
+    """FarSLIP's ground truth: distinct image files, distinct caption texts, and which image has which text."""
+    images: list[Path]
+    texts: list[str]
+    pairs: np.ndarray  # (P, 2): (image index, text index), each pair once
+
+
+def distinct_pairs(captions: CaptionSet, prefix: str = FARSLIP_CAPTION_PREFIX) -> DistinctPairs:
+    """Distinct image files (sorted by path) and distinct caption texts (`prefix` + caption, sorted), as FarSLIP
+    groups its image-caption table by file path and by caption."""
+    texts = [prefix + caption for caption in captions.captions]
+    image_paths = [captions.images[i] for i in captions.caption_image]
+    images = sorted(set(image_paths), key=str)
+    distinct_texts = sorted(set(texts))
+    image_index = {path: i for i, path in enumerate(images)}
+    text_index = {text: i for i, text in enumerate(distinct_texts)}
+    pairs = sorted({(image_index[path], text_index[text]) for path, text in zip(image_paths, texts)})
+    return DistinctPairs(images, distinct_texts, np.asarray(pairs, dtype=np.int64).reshape(-1, 2))
+
+
+def farslip_recalls(similarity: np.ndarray, pairs: np.ndarray) -> dict[str, float]:
+    """R@1/5/10 both ways and mR, in percent, as FarSLIP counts them, from an (images x texts) similarity matrix
+    and the (image, text) pairs of the ground truth: a text's hit at K is any of its images in its top K, an
+    image's any of its texts. Equal scores: the lower index (earlier image, earlier text) ranks first."""
+    truth = np.zeros(similarity.shape, dtype=bool)
+    truth[pairs[:, 0], pairs[:, 1]] = True
+    text_order = np.argsort(-similarity, axis=1, kind="stable")
+    first_text = np.take_along_axis(truth, text_order, axis=1).argmax(axis=1)
+    image_order = np.argsort(-similarity.T, axis=1, kind="stable")
+    first_image = np.take_along_axis(truth.T, image_order, axis=1).argmax(axis=1)
+    results: dict[str, float] = {}
+    for k in RECALL_KS:
+        results[f"i2t_R@{k}"] = 100.0 * float((first_text < k).mean())
+    for k in RECALL_KS:
+        results[f"t2i_R@{k}"] = 100.0 * float((first_image < k).mean())
+    results["mR"] = float(np.mean(list(results.values())))
+    return results
 
 
 def retrieval_recalls(similarity: np.ndarray, caption_image: np.ndarray) -> dict[str, float]:
-    """R@1/5/10 both ways and mR, in percent, from an (images x captions) similarity matrix."""
+    """R@1/5/10 both ways and mR, in percent, as MPS-CLIP counts them, from an (images x captions) similarity
+    matrix: each caption against its one image. Equal scores: the lower index (earlier in the JSON) ranks first."""
     n_images = similarity.shape[0]
     results: dict[str, float] = {}
     # Rank of the best own caption for each image (0 = first).
@@ -201,7 +282,12 @@ EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YC
 
 
 def _load_image(path: Path, side: int) -> torch.Tensor:
+    """open_clip's validation preprocess, step by step (torchvision's Resize(side) bicubic: the short side to
+    `side`, the long side int(side * long / short); CenterCrop(side): offsets int(round((size - side) / 2));
+    then RGB), as 0..255 floats for normalize_pixels."""
     from PIL import Image
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
 
     try:
         with Image.open(path) as image:
@@ -209,14 +295,11 @@ def _load_image(path: Path, side: int) -> torch.Tensor:
                 raise InputError(f"The image {path} is not 8-bit (PIL mode {image.mode}): the RSICD/RSITMD images "
                                  "are 8-bit RGB, as the protocol reads them. Convert it (e.g. gdal_translate -ot "
                                  "Byte -scale) or leave it out.")
-            rgb = image.convert("RGB")
+            image.load()
+            resized = TF.resize(image, side, interpolation=InterpolationMode.BICUBIC)
+            rgb = TF.center_crop(resized, side).convert("RGB")
     except OSError as exc:
         raise InputError(f"The image {path} cannot be read ({exc}).") from exc
-    width, height = rgb.size
-    factor = side / min(width, height)
-    rgb = rgb.resize((max(side, round(width * factor)), max(side, round(height * factor))), Image.Resampling.BICUBIC)
-    left, top = (rgb.size[0] - side) // 2, (rgb.size[1] - side) // 2
-    rgb = rgb.crop((left, top, left + side, top + side))
     return torch.from_numpy(np.asarray(rgb, dtype=np.float32).copy()).permute(2, 0, 1)
 
 
@@ -256,13 +339,29 @@ def cut_captions_notices(loaded: LoadedModel, captions: list[str]) -> list[str]:
 
 
 def evaluate_retrieval(dataset: str | Path, loaded: LoadedModel, split: str = "test", batch_size: int = 32,
-                       progress: Callable[[int, int], None] | None = None, should_cancel=None) -> dict:
-    """Recalls of `loaded` on a dataset folder (or its caption JSON); the caption file used and the notices."""
+                       progress: Callable[[int, int], None] | None = None, should_cancel=None,
+                       protocol: str = DEFAULT_PROTOCOL) -> dict:
+    """Recalls of `loaded` on a dataset folder (or its caption JSON) counted by `protocol` (PROTOCOLS); the
+    caption file used, the images left out for want of a caption, and the notices."""
     batch_size = check_batch_size(batch_size)
+    check_protocol(protocol)
     captions = load_caption_set(dataset, split)
-    image_vectors = embed_images(loaded, captions.images, batch_size, progress, should_cancel)
-    caption_vectors = embed_captions(loaded, captions.captions)
-    recalls = retrieval_recalls(image_vectors @ caption_vectors.T, captions.caption_image)
+    if protocol == "farslip":
+        distinct = distinct_pairs(captions)
+        images, texts = distinct.images, distinct.texts
+    else:
+        images, texts = captions.images, captions.captions
+    image_vectors = embed_images(loaded, images, batch_size, progress, should_cancel)
+    caption_vectors = embed_captions(loaded, texts)
+    similarity = image_vectors @ caption_vectors.T
+    if protocol == "farslip":
+        recalls = farslip_recalls(similarity, distinct.pairs)
+    else:
+        recalls = retrieval_recalls(similarity, captions.caption_image)
+    notices = [notice for notice in [left_out_notice(captions, split)] if notice]
     return {"dataset": str(captions.caption_file.parent.resolve()), "caption_file": str(captions.caption_file),
-            "split": split, "images": len(captions.images), "captions": len(captions.captions),
-            "model": loaded.name, "recalls": recalls, "notices": cut_captions_notices(loaded, captions.captions)}
+            "split": split, "protocol": protocol, "protocol_summary": PROTOCOL_SUMMARY[protocol],
+            "caption_prefix": FARSLIP_CAPTION_PREFIX if protocol == "farslip" else "",
+            "images": len(images), "captions": len(captions.captions), "distinct_captions": len(set(texts)),
+            "texts_scored": len(texts), "left_out_images": list(captions.left_out), "model": loaded.name,
+            "recalls": recalls, "notices": notices + cut_captions_notices(loaded, texts)}

@@ -183,21 +183,27 @@ def evaluate_retrieval_command(
     weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     batch_size: int = typer.Option(32, help="Images per batch."),
+    protocol: str = typer.Option(
+        "farslip", help="How hits are counted: farslip (FarSLIP's evaluation and paper: 'a satellite image. ' "
+                        "before each caption, distinct images and caption texts, a hit is any image with that "
+                        "text) or mpsclip (MPS-CLIP's: each caption as written against its one image)."),
     json_out_given: Optional[str] = typer.Option(None, "--json", help="Also write the figures as JSON."),
     overwrite: bool = typer.Option(False, help="Replace an existing --json file."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
-    """Image-text retrieval recalls (R@1/5/10 both ways, mR) on an RSICD/RSITMD-layout folder."""
+    """Image-text retrieval recalls (R@1/5/10 both ways, mR) on an RSICD/RSITMD-layout folder, counted as
+    FarSLIP's evaluation (--protocol farslip, the default) or MPS-CLIP's (--protocol mpsclip)."""
     import json
 
     from backend.engine.files import check_output_file, output_file_option
     from backend.engine.options import check_batch_size
-    from backend.engine.retrieval import dataset_files, load_caption_set
+    from backend.engine.retrieval import check_protocol, dataset_files, load_caption_set
     from backend.engine.retrieval import evaluate_retrieval as evaluate
 
     try:
         with signals_as_interrupt():
             check_batch_size(batch_size)
+            check_protocol(protocol)
             json_out = output_file_option(json_out_given, "--json file")
             load_caption_set(folder, split)
             if json_out is not None:  # checked before the model loads: the figures are never lost at the end
@@ -208,7 +214,7 @@ def evaluate_retrieval_command(
                                   overwrite=overwrite)
             loaded = _load(model, weights, device)
             with ProgressReporter(quiet, f"embedding {folder.name}", unit="images") as reporter:
-                result = evaluate(folder, loaded, split, batch_size, progress=reporter)
+                result = evaluate(folder, loaded, split, batch_size, progress=reporter, protocol=protocol)
     except FarslipError as error:
         fail(error)
     except KeyboardInterrupt as error:
@@ -217,7 +223,11 @@ def evaluate_retrieval_command(
         typer.echo(f"Warning: {notice}", err=True)
     recalls = result["recalls"]
     typer.echo(f"Captions from {result['caption_file']}")
-    typer.echo(f"{result['images']} images, {result['captions']} captions ({split}), model {result['model']}")
+    typer.echo(f"Protocol {result['protocol']}: {result['protocol_summary']}.")
+    counted = (f" ({result['distinct_captions']} distinct texts scored)" if result["protocol"] == "farslip"
+               else "")
+    typer.echo(f"{result['images']} images, {result['captions']} captions{counted} ({split}), "
+               f"model {result['model']}")
     typer.echo("  image->text  R@1 {i2t_R@1:6.2f}  R@5 {i2t_R@5:6.2f}  R@10 {i2t_R@10:6.2f}".format(**recalls))
     typer.echo("  text->image  R@1 {t2i_R@1:6.2f}  R@5 {t2i_R@5:6.2f}  R@10 {t2i_R@10:6.2f}".format(**recalls))
     typer.echo(f"  mR {recalls['mR']:.2f}")

@@ -68,7 +68,7 @@ def make_dataset(folder: Path) -> list[tuple[str, list[str]]]:
 @torch.inference_mode()
 def test_evaluate_retrieval_matches_recalls_counted_by_the_test(loaded, model_path, tmp_path):
     test = make_dataset(tmp_path / "rsicd")
-    result = evaluate_retrieval(tmp_path / "rsicd", loaded)
+    result = evaluate_retrieval(tmp_path / "rsicd", loaded, protocol="mpsclip")  # farslip: test_retrieval_protocols
     assert (result["images"], result["captions"]) == (3, 6)
 
     images = torch.stack([torch.from_numpy(np.asarray(Image.open(tmp_path / "rsicd" / "RSICD_images" / name),
@@ -95,7 +95,8 @@ def test_evaluate_retrieval_matches_recalls_counted_by_the_test(loaded, model_pa
     assert result["recalls"] == pytest.approx(expected)
 
     out = CliRunner().invoke(app, ["evaluate-retrieval", str(tmp_path / "rsicd"), "--model", str(model_path),
-                                   "--device", "cpu", "--json", str(tmp_path / "r.json"), "-q"])
+                                   "--device", "cpu", "--protocol", "mpsclip", "--json", str(tmp_path / "r.json"),
+                                   "-q"])
     assert out.exit_code == 0, out.output
     assert f"mR {expected['mR']:.2f}" in out.output
     assert json.loads((tmp_path / "r.json").read_text())["recalls"] == pytest.approx(expected)
@@ -146,11 +147,14 @@ def test_captions_longer_than_the_model_reads_are_named_in_a_notice(loaded, tmp_
     entries = [{"filename": f"scene_{i}.png", "split": "test",
                 "sentences": [{"raw": long_caption if i < 2 else "a road"}, {"raw": "water"}]} for i in range(3)]
     folder = write_captions(tmp_path / "long", json.dumps({"images": entries}))
-    result = evaluate_retrieval(folder, loaded)
+    result = evaluate_retrieval(folder, loaded, protocol="mpsclip")  # each caption as written, repeats counted
     assert result["caption_file"] == str(folder / "dataset_rsicd.json")
     assert len(result["notices"]) == 2
     assert result["notices"][0].startswith("The caption 'a blue lake") and "reads at most 75" in result["notices"][0]
     assert result["notices"][1].startswith("1 more of the 6 captions are longer than model")
+    farslip = evaluate_retrieval(folder, loaded)  # the two images' long caption is one text, read with the prefix
+    assert len(farslip["notices"]) == 1
+    assert farslip["notices"][0].startswith("The caption 'a satellite image. a blue lake beside")
 
 
 def test_classify_writes_one_tile_per_grid_cell_with_its_top_class(loaded, shared_data, tmp_path):
