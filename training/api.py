@@ -565,6 +565,7 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
                 shutil.rmtree(work, ignore_errors=True)
             raise
     result["model_dir"] = str(out)
+    warnings = [*warnings, *result.pop("warnings")]  # the run's own (region-category alignment not run)
     if result["best_epoch"] == 0:  # epoch 0 is the base model itself, kept when no epoch beat it
         never = (f"No epoch of the {result['epochs']} scored above the base model on the validation strip, so "
                  f"{out} holds the base model's weights; label more, train longer, or try another --method or --lr.")
@@ -796,6 +797,7 @@ def _train_in(work: Path, out: Path, loaded: LoadedModel, data: TrainingData, op
     steps = default_steps(data, options, crop_size(loaded.model.visual, options, data.split))
     options.steps_per_epoch = steps
     trainer = Trainer(loaded, data, options, options.epochs * steps)
+    region_warning, region_record = trainer.batches.region_warning(), trainer.batches.region_record()
 
     if resuming:
         last = load_tensors(checkpoint / "last.safetensors")
@@ -813,6 +815,8 @@ def _train_in(work: Path, out: Path, loaded: LoadedModel, data: TrainingData, op
         state.best_miou, state.best_epoch = (before["miou"] or 0.0), 0
         save_tensors(adapters.trainable_state(trainer.model), checkpoint / "best.safetensors")
     assert before is not None, "the untrained model's figures come from the checkpoint or the first validation"
+    if region_warning is not None and progress is not None:  # said once the run is sure to train
+        progress(0, 0, {"phase": "warning", "message": region_warning})
 
     def save_checkpoint(current: TrainState, improved: bool) -> None:
         tensors = adapters.trainable_state(trainer.model)
@@ -888,7 +892,7 @@ def _train_in(work: Path, out: Path, loaded: LoadedModel, data: TrainingData, op
                          "native_px_per_view_px": round(distill_side / input_px, 3),
                          "box_area": list(BOX_AREA), "box_aspect": [round(a, 4) for a in BOX_ASPECT],
                          "boxes_per_view": options.distill_boxes},
-        "region_boxes": {"sqrt_area_native_px": [options.region_min_px, options.region_max_px]},
+        "region_boxes": {"sqrt_area_native_px": [options.region_min_px, options.region_max_px], **region_record},
         "metrics": {"before": before, "after": None},
     }
     write_json(meta, work / FINETUNED_META)
@@ -919,6 +923,7 @@ def _train_in(work: Path, out: Path, loaded: LoadedModel, data: TrainingData, op
         "split": meta["split"], "training": {k: meta["training"][k] for k in
                                              ("seconds", "crops_per_second", "peak_rss_mb", "peak_gpu_mb")},
         "seconds": round(time.perf_counter() - started, 3),
+        "warnings": [region_warning] if region_warning else [],
     }
 
 

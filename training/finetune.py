@@ -14,11 +14,13 @@ One step (FARSLIP_METHOD.md section 6, plus the dense patch loss):
   LoRA switched off or a frozen copy of the base vision tower) or `active` (the
   release's choice: the network being trained, gradients on both sides);
 - region-category alignment (weight 1.0): boxes of labelled polygons whose
-  sqrt(area) is 64-1024 native pixels (and pure boxes of classes without such
-  polygons, e.g. the background), read at native resolution and resized to the
-  model's input, CLS embeddings vs "a satellite image of {class}", multi-positive
-  contrastive.
+  sqrt(area) is 64-1024 native pixels (classes without any such polygon, e.g. the
+  background, get filler boxes: squares at least 80 % of the class whose sqrt(area)
+  obeys the same rule), read at native resolution and resized to the model's input,
+  CLS embeddings vs "a satellite image of {class}", multi-positive contrastive. It
+  needs boxes of two classes; without them it does not run, and the run says so.
 FarSLIP's global image-caption loss is left out: a user's labels have no captions.
+Total: 1.0 patch + 0.1 distillation + 1.0 region (the TrainOptions weights).
 Text embeddings are computed once with the frozen text tower.
 """
 
@@ -249,8 +251,9 @@ class Trainer:
 
         self.batches = BatchSampler(data, options, self.crop_px, self.input_px, self.num_classes, self.device)
         self.distill_side = self.batches.distill_side
-        self.optimisation = Optimisation(self.parameters, options.learning_rate, options.weight_decay,
-                                         options.warmup_steps, total_steps, self.device)
+        named = {id(parameter): name for name, parameter in self.model.named_parameters()}
+        self.optimisation = Optimisation([(named[id(p)], p) for p in self.parameters], options.learning_rate,
+                                         options.weight_decay, options.warmup_steps, total_steps, self.device)
         self.validation = Validation(loaded, data, self.embedder, options.attention, options.eval_batch_size)
 
     # --- model passes -----------------------------------------------------------------------

@@ -198,10 +198,12 @@ def region_boxes(grid: LabelGrid, area: PixelBox, transform: Affine, native_per_
     return boxes, class_ids
 
 
-def pure_boxes(grid: LabelGrid, area: PixelBox, class_id: int, side_px: int, count: int,
+def pure_boxes(grid: LabelGrid, area: PixelBox, class_id: int, side_px: float, count: int,
                rng: np.random.Generator, min_fraction: float = 0.8, tries: int = 20) -> list[GridBox]:
-    """Random boxes (label-grid pixels) inside `area` mostly covered by one class (for classes without
-    small polygons, such as the background)."""
+    """Random square boxes of `side_px` label-grid pixels inside `area` mostly covered by one class (for
+    classes without region boxes of their polygons, such as the background); none when `area` is narrower."""
+    if side_px > min(area.height, area.width):
+        return []
     boxes = []
     for box in random_crop_boxes(area, side_px, count * tries, rng):
         part = grid.labels[rounded(box).slices]

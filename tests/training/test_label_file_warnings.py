@@ -46,12 +46,14 @@ def evaluate(raster, labels, model, *extra) -> tuple[int, list[str]]:
 
 
 def said(lines: list[str]) -> list[str]:
-    """The warnings of a run's output, but for the one of a run too short to beat the base model (its own test)."""
+    """The warnings of a run's output, but for the one of a run too short to beat the base model and the one of
+    region-category alignment, which the synthetic blocks are too small for (their own tests)."""
     return without_base_model_note([line[len("Warning: "):] for line in lines if line.startswith("Warning: ")])
 
 
 def without_base_model_note(warnings: list[str]) -> list[str]:
-    return [warning for warning in warnings if "scored above the base model" not in warning]
+    return [warning for warning in warnings if "scored above the base model" not in warning
+            and not warning.startswith("Region-category alignment did not run")]
 
 
 @pytest.fixture

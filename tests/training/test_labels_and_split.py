@@ -295,8 +295,11 @@ def test_features_without_a_class_value_are_left_out_with_a_sentence(synthetic, 
                                   "--steps-per-epoch", "1", "--batch-size", "2", "--device", "cpu", "-q",
                                   "--json", str(tmp_path / "t.json")])
     assert trained.exit_code == 0, trained.output
-    assert trained.stderr.strip().splitlines() == [said]
-    assert json.loads((tmp_path / "t.json").read_text())["warnings"] == [said.removeprefix("Warning: ")]
+    # (The synthetic blocks are too small for region-category alignment: that has its own warning, left out here.)
+    region = "Region-category alignment did not run"
+    assert [line for line in trained.stderr.strip().splitlines() if region not in line] == [said]
+    assert [warning for warning in json.loads((tmp_path / "t.json").read_text())["warnings"]
+            if region not in warning] == [said.removeprefix("Warning: ")]
 
     # Labels with a class on every feature say nothing.
     clean = runner.invoke(app, ["evaluate", str(raster), str(labels), "--class-field", "cls", "--model",

@@ -95,7 +95,9 @@ def train_overflowing_at(step: int, raster, labels, model, out, *extra) -> tuple
                            "cls", "--out", str(out), "--base-model", str(model), "--steps-per-epoch", "1",
                            "--batch-size", "2", "--device", "cpu", "-q", *map(str, extra)],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OVERFLOW_AT": str(step)})
-    return done.returncode, done.stderr.strip().splitlines()
+    # (The synthetic blocks are too small for region-category alignment: that has its own warning, left out here.)
+    return done.returncode, [line for line in done.stderr.strip().splitlines()
+                             if not line.startswith("Warning: Region-category alignment did not run")]
 
 
 def test_a_diverging_training_stops_with_a_sentence_and_keeps_nothing(synthetic, tiny_model, tmp_path):
