@@ -29,9 +29,13 @@ def test_a_train_job_writes_a_model_that_a_segment_job_then_uses(backend, tiny_m
     assert [h["progress"] for h in history] == sorted(h["progress"] for h in history)
     assert job["result"]["outputs"]["model_dir"] == str(model_dir)
     assert job["result"]["metrics"]
-    # The training's warnings reach the job result (the plugin's Train tab shows them): this data has none, but
-    # for the note of a run too short to beat the base model (exactly when its best epoch is 0).
-    notes = ["scored above the base model" in warning for warning in job["result"]["warnings"]]
+    # The training's warnings reach the job result (the plugin's Train tab shows them): on this data, that its
+    # 10-50 px building polygons are too small for region-category alignment, and the note of a run too short
+    # to beat the base model (exactly when its best epoch is 0).
+    warnings = job["result"]["warnings"]
+    assert [w for w in warnings if w.startswith("Region-category alignment did not run")], warnings
+    notes = ["scored above the base model" in warning for warning in warnings
+             if not warning.startswith("Region-category alignment did not run")]
     assert all(notes) and len(notes) == (json.loads((model_dir / "farslip_model.json").read_text())
                                          ["training"]["best_epoch"] == 0), job["result"]["warnings"]
     assert (model_dir / "farslip_model.json").is_file()
