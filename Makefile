@@ -16,7 +16,7 @@ setup: $(BACKEND) $(QGIS)
 $(BACKEND): pyproject.toml backend/__init__.py
 	scripts/ensure_venv.sh $(PYTHON)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q -e '.[dev,sam,cpu-runtimes,ray]'
+	$(VENV)/bin/pip install -q -e '.[dev,sam,cpu-runtimes,ray,benchmarks]'
 	touch $@
 
 $(QGIS): scripts/setup_qgis.sh Makefile

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
 from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -356,14 +357,85 @@ def _opened_image(path: Path):
 
 
 def _read_image(path: Path, image: bool = False) -> np.ndarray:
-    """The bands of a benchmark image or label; an `image` that is not 8-bit is a sentence (the datasets ship
-    8-bit images, and the protocol reads them so; a 16-bit one was clipped to white)."""
+    """The bands of a benchmark label (or, without OpenCV, image) as GDAL reads them; an `image` that is not 8-bit
+    is a sentence (the datasets ship 8-bit images; a 16-bit one was clipped to white)."""
+    from rasterio.enums import ColorInterp
+
     with _opened_image(path) as ds:
         if image and ds.dtypes[0] != "uint8":
             raise InputError(f"The image {path} is {ds.dtypes[0]}, not 8-bit: the benchmarks' images are "
                              "8-bit, as the protocol reads them. Convert it (e.g. gdal_translate -ot Byte "
-                             "-scale) or leave it out.")
-        return ds.read()
+                             f"-scale) or leave it out (or install {BENCHMARKS_EXTRA} to read it as OpenCV, "
+                             "and so mmsegmentation, reads it).")
+        bands = ds.read()
+        if image and ds.count == 1 and ds.colorinterp[0] == ColorInterp.palette:
+            # A palette image is its colours, as OpenCV (and so mmsegmentation) reads it, not its indices.
+            table = np.zeros((256, 3), np.uint8)
+            for index, colour in ds.colormap(1).items():
+                if 0 <= index < 256:
+                    table[index] = colour[:3]
+            bands = np.moveaxis(table[bands[0]], -1, 0)
+        return bands
+
+
+BENCHMARKS_EXTRA = "the benchmarks extra (pip install 'farslip-qgis[benchmarks]', i.e. opencv-python-headless)"
+NO_OPENCV_NOTICE = ("OpenCV is not installed: images are decoded by GDAL and resized by torch instead of as "
+                    "mmcv/mmsegmentation do, so the figures may differ from mmsegmentation's in the last digits; "
+                    f"install {BENCHMARKS_EXTRA} for the reference's.")
+
+
+def opencv():
+    """The cv2 module (the `benchmarks` extra), or None where it is not installed."""
+    try:
+        import cv2
+    except ImportError:
+        return None
+    return cv2
+
+
+@contextmanager
+def _opencv_silent(cv2):
+    """OpenCV's own log lines ("[ERROR:0@0.2] ... readHeader") left out: a file it cannot read is our sentence."""
+    try:
+        from cv2.utils import logging as api  # OpenCV 5
+    except ImportError:
+        api = cv2  # OpenCV 4: cv2.getLogLevel / cv2.setLogLevel
+    get, put = getattr(api, "getLogLevel", None), getattr(api, "setLogLevel", None)
+    if get is None or put is None:
+        yield
+        return
+    previous = get()
+    put(0)  # LOG_LEVEL_SILENT
+    try:
+        yield
+    finally:
+        put(previous)
+
+
+def read_benchmark_image(path: Path) -> np.ndarray:
+    """(3, H, W) uint8 RGB of a benchmark image, as mmsegmentation reads it: mmcv's LoadImageFromFile decodes the
+    file's bytes with cv2.imdecode(IMREAD_COLOR) (a palette expanded, grey to three channels, alpha dropped,
+    16-bit scaled to 8-bit, EXIF orientation applied) and the data preprocessor turns BGR into RGB. Without
+    OpenCV, GDAL reads it (8-bit only; a palette expanded, grey repeated, a fourth band dropped)."""
+    cv2 = opencv()
+    if cv2 is None:
+        bands = _read_image(path, image=True)
+        return np.repeat(bands[:1], 3, axis=0) if bands.shape[0] < 3 else bands[:3]
+    try:
+        data = np.fromfile(path, np.uint8)
+    except OSError as error:
+        raise InputError(f"{path} cannot be read: {error.strerror or error}.") from error
+    bgr = None
+    if data.size:
+        with _opencv_silent(cv2):
+            try:
+                bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
+            except cv2.error:
+                bgr = None
+    if bgr is None:
+        raise InputError(f"{path} cannot be read as an image (it is empty, damaged, or in a format OpenCV does not "
+                         "read; the protocol reads benchmark images with OpenCV, as mmsegmentation does).")
+    return np.ascontiguousarray(bgr[..., ::-1].transpose(2, 0, 1))
 
 
 def _label_truth(label_path: Path) -> np.ndarray:
@@ -387,43 +459,68 @@ def check_same_size(image_path: Path, image_shape: tuple[int, ...], label_path: 
                          "pixel for pixel.")
 
 
+def reduced_labels(truth: np.ndarray, reduce_zero_label: bool) -> np.ndarray:
+    """Label values as mmsegmentation scores them: with reduce_zero_label (LoadAnnotations) 0 -> 255 and
+    v -> v-1, 255 staying 255; the ignore index applies to these reduced values."""
+    if not reduce_zero_label:
+        return truth
+    reduced = truth - 1
+    reduced[(truth == 0) | (truth == 255)] = 255
+    return reduced
+
+
 def check_label_values(truth: np.ndarray, label_path: Path, num_classes: int, reduce_zero_label: bool,
                        ignore_index: int) -> None:
     """Refuse label values that are neither a class nor ignored: mmsegmentation still counts their pixels'
     predictions, so skipping them would report a higher mIoU than the reference; a right class list has none."""
-    first, last = (1, num_classes) if reduce_zero_label else (0, num_classes - 1)
-    bad = (truth != ignore_index) & ((truth < first) | (truth > last))
-    if reduce_zero_label:
-        bad &= truth != 0
+    reduced = reduced_labels(truth, reduce_zero_label)
+    bad = (reduced != ignore_index) & ((reduced < 0) | (reduced >= num_classes))
     if not bad.any():
         return
     values = np.unique(truth[bad])
     shown = ", ".join(str(int(v)) for v in values[:8]) + (", ..." if len(values) > 8 else "")
     plural = len(values) > 1
     if reduce_zero_label:
-        what = (f"{'are not class values' if plural else 'is not a class value'} {first}..{last} "
-                "(--reduce-zero-label: value v is class v-1, 0 is ignored)")
+        what = (f"{'are not class values' if plural else 'is not a class value'} 1..{num_classes} "
+                "(--reduce-zero-label: value v is class v-1, 0 and 255 become 255)")
+        ignored = {255: "label values 0 and 255", 254: "no label value"}.get(ignore_index,
+                                                                           f"label value {ignore_index + 1}")
+        nor = (f"nor ignored (as in mmsegmentation, the ignore index {ignore_index} applies to the reduced values: "
+               f"it ignores {ignored})")
     else:
-        what = f"{'are not class indices' if plural else 'is not a class index'} {first}..{last}"
-    raise InputError(f"label value{'s' if plural else ''} {shown} in {label_path} {what} nor the ignore index "
-                     f"{ignore_index}: check the class list ({num_classes} classes, in label value order) or "
-                     "--ignore-index.")
+        what = f"{'are not class indices' if plural else 'is not a class index'} 0..{num_classes - 1}"
+        nor = f"nor the ignore index {ignore_index}"
+    raise InputError(f"label value{'s' if plural else ''} {shown} in {label_path} {what} {nor}: check the class "
+                     f"list ({num_classes} classes, in label value order) or --ignore-index.")
+
+
+def resized_size(height: int, width: int, long_side: int) -> tuple[int, int]:
+    """(h, w) of mmcv's keep-ratio Resize with scale (long_side, long_side) (mmcv.rescale_size): factor
+    min(long_side / long side, long_side / short side), sides int(x * factor + 0.5)."""
+    factor = min(long_side / max(height, width), long_side / min(height, width))
+    return max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
 
 
 def resized_to_long_side(rgb: np.ndarray, long_side: int):
-    """(3, H, W) 0..255 -> torch (1, 3, h, w) with max(h, w) = long_side, as mmcv's keep-ratio Resize:
-    sides int(x * factor + 0.5), bilinear with half-pixel centres, rounded to 8-bit values."""
+    """(3, H, W) 8-bit RGB -> torch float (1, 3, h, w) with max(h, w) = long_side, as mmcv's keep-ratio Resize
+    (mmcv.imrescale): cv2.resize INTER_LINEAR on the 8-bit values. Without OpenCV: torch bilinear with
+    half-pixel centres, rounded to 8-bit values (a value differs by 1 here and there)."""
     import torch
     import torch.nn.functional as F
 
     height, width = rgb.shape[1:]
-    factor = long_side / max(height, width)
-    size = (max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5)))
-    tensor = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32))[None]
+    size = resized_size(height, width, long_side)
     if size == (height, width):
-        return tensor
-    resized = F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)
-    return resized.round_().clamp_(0, 255)
+        return torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32))[None]
+    cv2 = opencv()
+    if cv2 is not None:
+        pixels = np.ascontiguousarray(np.moveaxis(np.asarray(rgb, dtype=np.uint8), 0, -1))
+        resized = cv2.resize(pixels, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+        if resized.ndim == 2:  # one band: cv2 drops the channel axis
+            resized = resized[..., None]
+        return torch.from_numpy(np.ascontiguousarray(np.moveaxis(resized, -1, 0), dtype=np.float32))[None]
+    tensor = torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32))[None]
+    return F.interpolate(tensor, size=size, mode="bilinear", align_corners=False).round_().clamp_(0, 255)
 
 
 def check_benchmark_options(limit: int | None, long_side: int | None, prob_threshold: float | None,
@@ -452,8 +549,9 @@ def benchmark_metrics(folder: str | Path, class_lines: list[str], loaded: Loaded
     engine, crops smaller than the model input resized to it as RS-OVSS does; the blended
     logits are bilinearly resized back to the label's size, then scaled, softmaxed and maxed
     over synonyms; pixels whose best probability is below `prob_threshold` get class
-    `background_index`. Label value `ignore_index` is skipped; `reduce_zero_label` maps
-    0 -> ignore and v -> v-1.
+    `background_index`. Images are read and resized as mmcv does (OpenCV; without it GDAL and
+    torch, which may differ in the last digits). `reduce_zero_label` maps 0 -> 255 and v -> v-1,
+    then label value `ignore_index` of the reduced labels is skipped, as mmsegmentation does.
     """
     import torch
     import torch.nn.functional as F
@@ -463,22 +561,27 @@ def benchmark_metrics(folder: str | Path, class_lines: list[str], loaded: Loaded
     names = [spec.name for spec in parse_class_lines(class_lines)]
     if not 0 <= background_index < len(names):
         raise InputError(f"The background index {background_index} is not a class index (0..{len(names) - 1}).")
+    if opencv() is None:
+        if progress is not None:
+            progress(0, len(pairs), {"phase": "warning", "message": NO_OPENCV_NOTICE})
+        else:
+            print(f"Warning: {NO_OPENCV_NOTICE}", file=sys.stderr)
     # Every label is checked before the model runs: a refusal never comes after hours of inference.
     for image_path, label_path in pairs:
         truth = _label_truth(label_path)
-        # Every pixel of the image read, 8-bit: a damaged one is refused before the model runs, not halfway.
-        check_same_size(image_path, _read_image(image_path, image=True).shape[1:], label_path, truth.shape)
+        # Every pixel of the image read: a damaged one is refused before the model runs, not halfway.
+        check_same_size(image_path, read_benchmark_image(image_path).shape[1:], label_path, truth.shape)
         check_label_values(truth, label_path, len(names), reduce_zero_label, ignore_index)
     segmenter = segmenter_for(loaded, class_lines, attention=attention, batch_size=batch_size)
     segmenter.keep_logits = True
     segmenter.resize_small_crops = True
     confusion = np.zeros((len(names), len(names)), np.int64)
     for done, (image_path, label_path) in enumerate(pairs):
-        rgb = _read_image(image_path, image=True).astype(np.float32)
-        rgb = np.repeat(rgb[:1], 3, axis=0) if rgb.shape[0] < 3 else rgb[:3]
+        rgb = read_benchmark_image(image_path)
         truth = _label_truth(label_path)
         height, width = truth.shape
-        tensor = resized_to_long_side(rgb, long_side) if long_side else torch.from_numpy(rgb)[None]
+        tensor = (resized_to_long_side(rgb, long_side) if long_side
+                  else torch.from_numpy(rgb.astype(np.float32))[None])
         source = ArraySource(tensor[0].numpy())
         block = predict_window(segmenter, source, should_cancel=should_cancel)
         logits = F.interpolate(torch.from_numpy(block.logits)[None], size=(height, width), mode="bilinear",
@@ -486,16 +589,17 @@ def benchmark_metrics(folder: str | Path, class_lines: list[str], loaded: Loaded
         probs = segmenter.class_probabilities(logits.numpy())
         predicted = probs.argmax(axis=0)
         predicted[probs.max(axis=0) < prob_threshold] = background_index
-        ignore = truth == ignore_index
-        if reduce_zero_label:
-            ignore |= truth == 0
-            truth = truth - 1
-        truth[ignore] = -1
+        # As mmsegmentation: reduce_zero_label first, then the ignore index on the reduced values.
+        truth = reduced_labels(truth, reduce_zero_label)
+        truth[truth == ignore_index] = -1
         confusion += confusion_matrix(truth, predicted, len(names))
         if progress is not None:
             progress(done + 1, len(pairs), {"image": image_path.name})
     metrics = metrics_from_confusion(confusion, names)
     metrics["images"] = len(pairs)
+    cv2 = opencv()
+    # What read the images: the figures are mmsegmentation's to the last digit with OpenCV only.
+    metrics["image_reader"] = f"opencv {cv2.__version__}" if cv2 is not None else "gdal (OpenCV not installed)"
     root = Path(folder)
     metrics["image_names"] = [image.relative_to(root).as_posix() for image, _ in pairs]
     if layout is not None:

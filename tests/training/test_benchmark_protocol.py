@@ -179,7 +179,7 @@ def test_benchmark_mode_pads_small_crops_centred_and_resizes_them_to_224(tiny_mo
 
 
 def test_benchmark_images_are_resized_like_mmcv_keep_ratio():
-    rgb = np.random.default_rng(5).uniform(0, 255, (3, 300, 500)).astype(np.float32)
+    rgb = np.random.default_rng(5).integers(0, 256, (3, 300, 500)).astype(np.uint8)
     resized = resized_to_long_side(rgb, 448)
     assert resized.shape == (1, 3, 269, 448)  # 300 * 0.896 = 268.8 -> int(x + 0.5)
     assert torch.equal(resized, resized.round())
