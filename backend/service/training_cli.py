@@ -100,7 +100,8 @@ def evaluate_command(
                                                               "(default: the protocol's)."),
     half: bool = typer.Option(False, "--half", help="fp16 weights and inputs on a CUDA GPU, as the RS-OVSS "
                                                     "evaluation runs (parity runs); refused without one."),
-    ignore_index: int = typer.Option(255, help="Benchmark label value to ignore."),
+    ignore_index: int = typer.Option(255, help="Benchmark label value to ignore (with --reduce-zero-label, a "
+                                     "value after the reduction, as mmsegmentation applies it: raw 0 becomes 255)."),
     limit: Optional[int] = typer.Option(None, help="Benchmark: only the first N images."),
     calibrate_quality: bool = typer.Option(False, "--calibrate-quality", help="Also fit the label-free quality "
                                            "estimate on labelled tiles and store it (with a fine-tuned model, "
