@@ -45,7 +45,8 @@ from .parameters import MAX_THRESHOLD, REFINE_CHOICES, SegmentParameters
 from .results import categorized_renderer
 from .search_hits import rank_labels, score_renderer
 from .settings import PluginSettings
-from .train_tab import METHODS, default_models_dir, labels_file, metrics_text, model_folder_name
+from .train_tab import (METHODS, UserError, class_field_name, default_models_dir, labels_file, metrics_text,
+                        model_folder_name)
 from .i18n import tr
 
 NO_PRESET = "(none: the classes typed below)"
@@ -117,8 +118,15 @@ class BackendAlgorithm(QgsProcessingAlgorithm):
         """raster, labels (files the backend can read, copies in `folder` where needed) and class_field."""
         path, _ = self.raster_file(parameters, context)
         labels = self.parameterAsVectorLayer(parameters, self.LABELS, context)
-        class_field = self.parameterAsString(parameters, self.CLASS_FIELD, context)
-        return {"raster": path, "labels": labels_file(labels, class_field, lambda: folder), "class_field": class_field}
+        if labels is None or not labels.isValid():
+            raise QgsProcessingException(tr("The labelled polygons layer cannot be opened."))
+        try:
+            # A field the layer lacks (misspelled in a script, of another layer in a model) is refused in words.
+            class_field = class_field_name(labels, self.parameterAsString(parameters, self.CLASS_FIELD, context))
+            return {"raster": path, "labels": labels_file(labels, class_field, lambda: folder),
+                    "class_field": class_field}
+        except UserError as error:
+            raise QgsProcessingException(str(error)) from None
 
 
 def refuse_missing_file(layer: QgsRasterLayer) -> None:

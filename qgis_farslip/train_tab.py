@@ -53,10 +53,24 @@ def model_folder_name(typed: str, raster_name: str) -> str:
             or f"model-{stamp}")
 
 
+def class_field_name(layer: QgsVectorLayer, class_field: str) -> str:
+    """The name of the labels' class field `class_field` as the layer spells it: the field itself, else the one
+    field whose name differs only in case (as QGIS looks fields up); UserError naming the layer's fields where
+    there is none (a misspelled field, or a field of another layer, in a script or a model)."""
+    names = layer.fields().names()
+    if class_field in names:
+        return class_field
+    same = [name for name in names if name.lower() == class_field.strip().lower()]
+    if len(same) == 1:
+        return same[0]
+    raise UserError(tr("The labels layer {} has no field '{}'; its fields are: {}.").format(
+        layer.name(), class_field, ", ".join(names) or tr("none")))
+
+
 def labels_file(layer: QgsVectorLayer, class_field: str, folder_maker: Callable[[], str],
                 selected_only: bool = False) -> str:
     """A file the backend can read the labels from: the layer's own file, or a GeoPackage copy of it (of its
-    selected features only, with `selected_only`).
+    selected features only, with `selected_only`). `class_field` is a field of the layer (class_field_name).
 
     The copy is written in the layer's CRS, so a CRS the analyst set in QGIS (Layer > Set CRS) on a file
     without one, or with another, is the CRS the backend places the labels in."""
@@ -74,7 +88,7 @@ def labels_file(layer: QgsVectorLayer, class_field: str, folder_maker: Callable[
     options = QgsVectorFileWriter.SaveVectorOptions()
     options.driverName = "GPKG"
     options.onlySelectedFeatures = selected_only
-    options.attributes = [layer.fields().indexOf(class_field)]
+    options.attributes = [layer.fields().indexOf(class_field_name(layer, class_field))]
     error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(
         layer, path, layer.transformContext(), options)
     if error != QgsVectorFileWriter.NoError:
@@ -212,6 +226,7 @@ class TrainTab(QObject):
         class_field = form.classFieldCombo.currentField()
         if not class_field:
             raise UserError(tr("Choose the field of {} that holds the class names.").format(labels.name()))
+        class_field = class_field_name(labels, class_field)  # the field may have been renamed or removed since
         if labels.featureCount() == 0:
             raise UserError(tr("The labels layer {} has no polygons.").format(labels.name()))
         selected_only = self.selected_only(labels)

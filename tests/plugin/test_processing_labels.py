@@ -1,0 +1,98 @@
+"""The labelled polygons Processing's Train and Evaluate send the backend: what the algorithm writes and asks for,
+with the backend's job replaced by one that records the request (and the labels file as it was sent)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from plugin_helpers import NAIP
+from qgis.core import (QgsApplication, QgsFeature, QgsField, QgsGeometry, QgsProcessingException, QgsRectangle,
+                       QgsVectorLayer)
+from qgis.PyQt.QtCore import QVariant
+
+RECTANGLES = (("water", (486000, 5206000, 486600, 5206600)), ("field", (487000, 5207000, 487800, 5207800)),
+              ("road", (488500, 5208000, 489500, 5208200)))
+
+
+def memory_labels(field: str = "cls") -> QgsVectorLayer:
+    """Three labelled squares on NAIP in a memory layer (the labels are copied before they are sent)."""
+    layer = QgsVectorLayer(f"Polygon?crs=EPSG:26914&field={field}:string&field=note:string", "labels", "memory")
+    features = []
+    for name, rectangle in RECTANGLES:
+        feature = QgsFeature(layer.fields())
+        feature.setGeometry(QgsGeometry.fromRect(QgsRectangle(*rectangle)))
+        feature.setAttributes([name, "n"])
+        features.append(feature)
+    layer.dataProvider().addFeatures(features)
+    layer.updateExtents()
+    return layer
+
+
+@pytest.fixture
+def sent(farslip, qgis_processing, backend_home, monkeypatch):
+    """The requests the algorithms send (each with 'sent_labels': the class values of the labels file, read
+    while the job runs), the FarSLIP provider registered with no backend behind it."""
+    from qgis_farslip import processing_provider
+
+    registry = QgsApplication.processingRegistry()
+    provider = None
+    if registry.providerById("farslip") is None:
+        provider = processing_provider.FarslipProvider(lambda: None)
+        registry.addProvider(provider)
+    requests: list[dict] = []
+
+    def recorded(manager, kind, request, feedback, output_paths):
+        labels = request.get("labels")
+        if labels and os.path.exists(labels):
+            layer = QgsVectorLayer(labels, "sent", "ogr")
+            request = {**request, "sent_fields": layer.fields().names(),
+                       "sent_labels": sorted(str(f[request["class_field"]]) for f in layer.getFeatures())}
+        requests.append({"kind": kind, **request})
+        if kind == "train":
+            return {"state": "done", "result": {"outputs": {"model_dir": request["out"]}}}
+        if kind == "evaluate":
+            return {"state": "done", "result": {"metrics": {"classes": [], "miou": 0.5, "split": "all"}}}
+        return {"state": "done", "result": {}}
+
+    monkeypatch.setattr(processing_provider, "run_backend_job", recorded)
+    yield requests
+    if provider is not None:
+        registry.removeProvider(provider)
+
+
+def evaluate(labels, class_field: str, tmp_path, **more) -> dict:
+    import processing
+
+    return processing.run("farslip:evaluate_on_labelled_polygons", {
+        "INPUT": str(NAIP), "LABELS": labels, "CLASS_FIELD": class_field, "OUTPUT": str(tmp_path / "report.json"),
+        **more})
+
+
+def test_a_class_field_the_labels_lack_is_refused_in_words_not_a_crash(sent, tmp_path):
+    """A misspelled CLASS_FIELD on labels that are copied (a memory layer) crashed QGIS: the copy was asked for
+    the field at index -1."""
+    with pytest.raises(QgsProcessingException, match=r"The labels layer labels has no field 'klass'; its fields "
+                                                     r"are: cls, note\."):
+        evaluate(memory_labels(), "klass", tmp_path)
+    assert not sent
+
+
+def test_a_class_field_that_differs_only_in_case_is_the_layers_field(sent, tmp_path):
+    evaluate(memory_labels(), "CLS", tmp_path)
+    assert sent[0]["class_field"] == "cls"
+    assert sent[0]["sent_labels"] == ["field", "road", "water"] and sent[0]["sent_fields"] == ["fid", "cls"]
+    two = memory_labels("cls")
+    two.dataProvider().addAttributes([QgsField("Cls", QVariant.String)])
+    two.updateFields()
+    with pytest.raises(QgsProcessingException, match="has no field 'CLS'"):  # which of two: not guessed
+        evaluate(two, "CLS", tmp_path)
+
+
+def test_the_train_tab_refuses_a_field_the_labels_lack(farslip, tmp_path):
+    from qgis_farslip.train_tab import UserError, labels_file
+
+    with pytest.raises(UserError, match="has no field 'klass'"):
+        labels_file(memory_labels(), "klass", lambda: str(tmp_path))
+    copy = labels_file(memory_labels(), "Cls", lambda: str(tmp_path))
+    assert QgsVectorLayer(copy, "copy", "ogr").fields().names() == ["fid", "cls"]
