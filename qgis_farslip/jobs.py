@@ -6,9 +6,7 @@ dictionaries through queued signals and the final outcome in finished().
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Sequence
 from typing import Any, Callable
 
 from qgis.core import QgsTask
@@ -22,18 +20,15 @@ LOST, REFUSED = "lost", "refused"  # JobTask.failure_kind: nothing answers at th
 CANCEL_WAIT_S = 60.0
 
 
-def remove_files(paths: list[str]) -> None:
-    for path in paths:
-        if path and os.path.exists(path):
-            os.remove(path)
-
-
 class PreparationError(Exception):
     """A job's preparation step (a local copy of the layer) failed; the message is a sentence for the user."""
 
 
 class JobCancelled(Exception):
     """The user cancelled; the backend has stopped the job and written nothing."""
+
+
+CANCEL_TOO_LATE = tr("The cancel came after the results were written; they are kept.")
 
 
 class BackendStopped(BackendUnreachable):
@@ -46,9 +41,12 @@ class BackendStopped(BackendUnreachable):
 
 
 def run_job(client: BackendClient, kind: str, request: dict[str, Any],
-            on_update: Callable[[dict[str, Any]], None], is_cancelled: Callable[[], bool],
-            output_paths: Sequence[str] = ()) -> dict[str, Any]:
-    """Submit a job and poll it until it ends (blocking): the finished job, JobCancelled or BackendError."""
+            on_update: Callable[[dict[str, Any]], None], is_cancelled: Callable[[], bool]) -> dict[str, Any]:
+    """Submit a job and poll it until it ends (blocking): the finished job, JobCancelled or BackendError.
+
+    A cancel that reaches a job as it finishes finds it done: its results are written (in a GeoPackage, beside
+    the user's other layers) and the backend keeps them, so the finished job is returned, with
+    `cancelled_too_late` set, not JobCancelled."""
     # Downloads are POST /v1/models/download; every other kind is POST /v1/<kind>.
     job_id = client.download_model(request["model"]) if kind == "download" else client.submit(kind, request)
     while True:
@@ -65,25 +63,24 @@ def run_job(client: BackendClient, kind: str, request: dict[str, Any],
                 raise JobCancelled()
             raise BackendError(job.get("error") or job.get("message") or f"The job ended {state}.")
         if is_cancelled():
-            cancel_job(client, job, output_paths)
-            raise JobCancelled()
+            job = cancel_job(client, job)
+            if job.get("state") != "done":
+                raise JobCancelled()
+            job = {**job, "cancelled_too_late": True}
+            on_update(job)
+            return job
         time.sleep(POLL_INTERVAL_S)
 
 
-def cancel_job(client: BackendClient, job: dict[str, Any], output_paths: Sequence[str] = ()) -> None:
-    """Ask the backend to cancel and wait until it has; outputs of a job that finished anyway are removed."""
+def cancel_job(client: BackendClient, job: dict[str, Any]) -> dict[str, Any]:
+    """Ask the backend to cancel and wait until it has: the job as it ended (done when the cancel came after its
+    results were written, which the backend keeps; the plugin deletes nothing either)."""
     client.cancel(job["id"])
     deadline = time.monotonic() + CANCEL_WAIT_S
     while job.get("state") not in FINAL_STATES and time.monotonic() < deadline:
         time.sleep(POLL_INTERVAL_S)
         job = client.job(job["id"])
-    if job.get("state") == "done":
-        remove_outputs(job, output_paths)
-
-
-def remove_outputs(job: dict[str, Any], output_paths: Sequence[str] = ()) -> None:
-    outputs = (job.get("result") or {}).get("outputs") or {}
-    remove_files([path for path in outputs.values() if path] + list(output_paths))
+    return job
 
 
 class JobTask(QgsTask):
@@ -103,7 +100,9 @@ class JobTask(QgsTask):
         self.kind = kind
         self.request = request
         self.prepare = prepare
-        self.output_paths = list(output_paths or [])  # removed if the user cancels after all
+        # The files the job writes. Never removed: a cancel that comes as the job finishes finds them written,
+        # perhaps into a GeoPackage with the user's other layers, and the job done (it is reported done).
+        self.output_paths = list(output_paths or [])
         self.job: dict[str, Any] = {}
         self.error = ""
         self.failure_kind = ""  # LOST, REFUSED, or "" for any other failure
@@ -120,8 +119,7 @@ class JobTask(QgsTask):
                 self.prepare(self, self.request)
             if self.isCanceled():
                 raise JobCancelled()
-            self.job = run_job(self.client, self.kind, self.request, self._update, self.isCanceled,
-                               self.output_paths)
+            self.job = run_job(self.client, self.kind, self.request, self._update, self.isCanceled)
             return True
         except JobCancelled:
             # Ends as a completed task: QGIS would otherwise report a cancel as "Task failed".
@@ -139,9 +137,8 @@ class JobTask(QgsTask):
         return False
 
     def finished(self, ok: bool) -> None:
-        if ok and self.isCanceled() and not self.cancelled_by_user:
-            remove_outputs(self.job, self.output_paths)  # cancelled in the moment the job finished
-        if self.cancelled_by_user or self.isCanceled():
+        # A task cancelled in the moment its job finished ends done: the job's results are written and kept.
+        if self.cancelled_by_user or (self.isCanceled() and not ok):
             self.cancelledJob.emit()
         elif ok:
             self.succeeded.emit(self.job)

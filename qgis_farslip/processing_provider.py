@@ -40,7 +40,7 @@ from .client import BackendClient, BackendError, BackendUnreachable
 from .filenames import gpkg_table_name
 from .extent import (crs_text, displayed_bands, export_size, gdal_dataset_name, local_raster_path,
                      missing_layer_file, vrt_arguments, whole_web_layer_text, write_geotiff, write_vrt)
-from .jobs import BackendStopped, JobCancelled, PreparationError, run_job
+from .jobs import CANCEL_TOO_LATE, BackendStopped, JobCancelled, PreparationError, run_job
 from .parameters import MAX_THRESHOLD, REFINE_CHOICES, SegmentParameters
 from .results import categorized_renderer
 from .search_hits import rank_labels, score_renderer
@@ -237,7 +237,9 @@ def _run_tracked_job(manager: BackendManager, kind: str, request: dict, feedback
                     feedback.pushInfo(message)
 
         try:
-            job = run_job(BackendClient(connection), kind, request, on_update, is_cancelled, output_paths)
+            job = run_job(BackendClient(connection), kind, request, on_update, is_cancelled)
+            if job.get("cancelled_too_late"):  # the job's results are written (and kept): the run ends done
+                feedback.pushWarning(CANCEL_TOO_LATE)
             for warning in (job.get("result") or {}).get("warnings") or []:
                 feedback.pushWarning(str(warning))
             return job

@@ -1,0 +1,95 @@
+"""A cancel that reaches a job in the moment it finishes: the backend has written the results (perhaps into a
+GeoPackage that holds the user's other layers) and keeps them; the plugin deleted the whole output file."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+from qgis.core import QgsFeature, QgsGeometry, QgsProject, QgsVectorFileWriter, QgsVectorLayer
+
+
+class FinishingBackend:
+    """A backend whose job is running at the first poll and done (its outputs written) when the cancel reaches
+    it, or cancelled when `in_time`."""
+
+    def __init__(self, out: str, in_time: bool = False, on_poll=lambda: None):
+        self.out = out
+        self.on_poll = on_poll  # the user's press of Cancel, while the job runs
+        self.in_time = in_time
+        self.cancelled = False
+        self.polls = 0
+
+    def submit(self, kind, request):
+        return "job-1"
+
+    def job(self, job_id):
+        self.polls += 1
+        self.on_poll()
+        state = "running" if not self.cancelled else "cancelled" if self.in_time else "done"
+        job = {"id": job_id, "state": state, "progress": 1.0 if state == "done" else 0.5}
+        if state == "done":
+            job["message"] = "Done in 1.0 s. The cancel came after the results were written."
+            job["result"] = {"outputs": {"vector": self.out, "report": self.out + ".report.json"}}
+        return job
+
+    def cancel(self, job_id):
+        self.cancelled = True
+        return self.job(job_id)
+
+
+def users_geopackage(path: str) -> None:
+    """A GeoPackage with the user's layer 'roads' (the job adds its own layer to it)."""
+    roads = QgsVectorLayer("LineString?crs=EPSG:26914&field=name:string", "roads", "memory")
+    feature = QgsFeature(roads.fields())
+    feature.setGeometry(QgsGeometry.fromWkt("LINESTRING(486000 5206000, 487000 5207000)"))
+    feature.setAttributes(["main street"])
+    roads.dataProvider().addFeatures([feature])
+    options = QgsVectorFileWriter.SaveVectorOptions()
+    options.driverName, options.layerName = "GPKG", "roads"
+    error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(
+        roads, path, QgsProject.instance().transformContext(), options)
+    assert error == QgsVectorFileWriter.NoError, message
+
+
+def tables(path: str) -> list[str]:
+    with sqlite3.connect(path) as db:
+        return sorted(row[0] for row in db.execute("SELECT table_name FROM gpkg_contents"))
+
+
+def test_a_cancel_after_the_job_finished_keeps_its_results_and_the_users_layers(farslip, tmp_path):
+    from qgis_farslip.jobs import run_job
+
+    out = str(tmp_path / "project.gpkg")
+    users_geopackage(out)
+    updates = []
+    job = run_job(FinishingBackend(out), "segment", {"out": out}, updates.append, lambda: True)
+    assert job["state"] == "done" and job["cancelled_too_late"]
+    assert updates[-1] is job
+    assert "roads" in tables(out)
+
+
+def test_the_dock_reports_a_job_that_finished_as_it_was_cancelled_done(farslip, tmp_path):
+    from qgis_farslip.client import Connection
+    from qgis_farslip.jobs import JobTask
+
+    out = str(tmp_path / "project.gpkg")
+    users_geopackage(out)
+    task = JobTask("segment", Connection("http://127.0.0.1:1", ""), "segment", {"out": out}, None, [out])
+    task.client = FinishingBackend(out, on_poll=task.cancel)
+    ended = []
+    task.succeeded.connect(lambda job: ended.append(("done", job)))
+    task.cancelledJob.connect(lambda: ended.append(("cancelled", None)))
+    task.finished(task.run())
+    assert [state for state, _ in ended] == ["done"] and ended[0][1]["cancelled_too_late"]
+    assert "roads" in tables(out)
+
+
+def test_a_cancel_in_time_ends_cancelled_and_leaves_the_file_alone(farslip, tmp_path):
+    from qgis_farslip.jobs import JobCancelled, run_job
+
+    out = str(tmp_path / "project.gpkg")
+    users_geopackage(out)
+    with pytest.raises(JobCancelled):
+        run_job(FinishingBackend(out, in_time=True), "segment", {"out": out}, lambda job: None, lambda: True)
+    assert tables(out) == ["roads"]
