@@ -66,6 +66,19 @@ def dock_words(text: str) -> str:
     return FIELD_SAID.sub(lambda found: tr(CONTROL_LABELS[found.group(1)]) + (" " if found.group(2) else ""), text)
 
 
+# The dock's controls as the Processing algorithms name their parameters (Search's Hits is its TOP parameter).
+PROCESSING_LABELS = {"Hits": "Number of places per sentence"}
+
+
+def processing_words(text: str) -> str:
+    """A sentence in the dock's words (dock_words) with the dock's controls said by the Processing algorithms'
+    parameter names: "not the 10 asked for in Number of places per sentence", not "... in Hits"."""
+    for dock_label, parameter in PROCESSING_LABELS.items():
+        text = re.sub(r"\b(asked for in )" + re.escape(tr(dock_label)) + r"\b",
+                      lambda found, said=tr(parameter): found.group(1) + said, text)
+    return text
+
+
 def job_in_dock_words(job: dict) -> dict:
     """A job as GET /v1/jobs gave it, its error, message, warnings and notices in the dock's words."""
     said = dict(job)

@@ -40,6 +40,7 @@ from .client import BackendClient, BackendError, BackendUnreachable
 from .filenames import gpkg_table_name
 from .extent import (crs_text, displayed_bands, export_size, gdal_dataset_name, local_raster_path,
                      missing_layer_file, vrt_arguments, whole_web_layer_text, write_geotiff, write_vrt)
+from .messages import processing_words
 from .jobs import CANCEL_TOO_LATE, BackendStopped, JobCancelled, PreparationError, run_job
 from .parameters import MAX_THRESHOLD, REFINE_CHOICES, SegmentParameters
 from .results import categorized_renderer
@@ -240,8 +241,12 @@ def _run_tracked_job(manager: BackendManager, kind: str, request: dict, feedback
             job = run_job(BackendClient(connection), kind, request, on_update, is_cancelled)
             if job.get("cancelled_too_late"):  # the job's results are written (and kept): the run ends done
                 feedback.pushWarning(CANCEL_TOO_LATE)
-            for warning in (job.get("result") or {}).get("warnings") or []:
-                feedback.pushWarning(str(warning))
+            # Warnings, and the notices a search gives ("'a lake' has 6 hits, not the 10 asked for ..."), in the
+            # algorithm's words; the dock shows both beside its result.
+            result = job.get("result") or {}
+            for line in [*(result.get("warnings") or []), *(result.get("notices") or [])]:
+                if line:
+                    feedback.pushWarning(processing_words(str(line)))
             return job
         except BackendUnreachable as error:
             own = manager.restarts_own_backend()
