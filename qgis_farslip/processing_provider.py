@@ -174,11 +174,14 @@ def output_file(out: str, context, feedback=None) -> str:
     """The file an algorithm's vector output names. QGIS's "Save to GeoPackage..." gives an OGR URI
     (ogr:dbname='/x/y.gpkg' table="name" (geom)); the backend writes a file, its layer named after the file
     (an existing GeoPackage keeps its other layers), so the table named in the URI is said to be another
-    name, and refused where it would replace a layer of that other name the user did not choose."""
+    name, and refused where it would replace a layer of that other name the user did not choose. A path without
+    an extension is a GeoPackage (.gpkg appended), as QGIS's own algorithms write it."""
     if out.startswith("memory:"):  # a script's memory layer: the backend writes files, so a temporary one
         path = QgsProcessingUtils.generateTempFilename("farslip_result.gpkg")
         return load_instead(context, out, path)
     if not out.startswith("ogr:"):
+        if not os.path.splitext(out)[1]:  # as QGIS's own algorithms write a path without an extension
+            return load_instead(context, out, out + ".gpkg")
         return out
     uri = QgsDataSourceUri(out[len("ogr:"):])
     path = uri.database()

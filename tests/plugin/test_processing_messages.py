@@ -1,5 +1,6 @@
-"""What the Processing algorithms tell the analyst from a finished job: its warnings and notices, in the
-algorithm's words. The backend is one that answers as the real one does over HTTP (job_for_http's words)."""
+"""What the Processing algorithms send the backend and tell the analyst from a finished job (its warnings and
+notices, in the algorithm's words). The backend is one that answers as the real one does over HTTP (job_for_http's
+words), at once."""
 
 from __future__ import annotations
 
@@ -34,11 +35,12 @@ def finished_jobs(farslip, qgis_processing, monkeypatch):
     from qgis_farslip import processing_provider
     from qgis_farslip.client import BackendClient
 
-    answer: dict = {"result": {}}
+    answer: dict = {"result": {}, "requests": []}
 
     class Backend(BackendClient):
         def _request(self, method, path, body=None, timeout=None):
             if method == "POST":
+                answer["requests"].append(body)
                 return {"job_id": "job-1"}
             return {"id": "job-1", "state": "done", "progress": 1.0, "kind": "search", "result": answer["result"]}
 
@@ -65,3 +67,14 @@ def test_a_searchs_notices_are_said_in_the_algorithms_words(finished_jobs, tmp_p
         "6 windows.",
         "'a boat' has 2 hits, not the 10 asked for in Number of places per sentence: the area's other windows each "
         "overlap a better one by more than 50%; search a larger area for more."]
+
+
+@pytest.mark.parametrize("algorithm", ["search_by_sentences", "segment_by_class_names"])
+def test_an_output_without_extension_is_a_geopackage_as_qgis_writes_it(finished_jobs, tmp_path, algorithm):
+    import processing
+
+    finished_jobs["result"] = {"outputs": {}, "classes": []}
+    results = processing.run(f"farslip:{algorithm}", {
+        "INPUT": str(NAIP), "SENTENCES": "a lake", "CLASSES": "water", "OUTPUT": str(tmp_path / "places")})
+    assert finished_jobs["requests"][0]["out"] == str(tmp_path / "places.gpkg")
+    assert results["OUTPUT"] == f"{tmp_path / 'places.gpkg'}|layername=places"
