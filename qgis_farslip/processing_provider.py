@@ -41,6 +41,7 @@ from .filenames import gpkg_table_name
 from .extent import (crs_text, displayed_bands, export_size, gdal_dataset_name, local_raster_path,
                      missing_layer_file, vrt_arguments, whole_web_layer_text, write_geotiff, write_vrt)
 from .messages import processing_words
+from .model_picker import finetuned_class_lines
 from .jobs import CANCEL_TOO_LATE, BackendStopped, JobCancelled, PreparationError, run_job
 from .parameters import MAX_THRESHOLD, REFINE_CHOICES, SegmentParameters
 from .results import categorized_renderer
@@ -128,6 +129,14 @@ class BackendAlgorithm(QgsProcessingAlgorithm):
                     "class_field": class_field}
         except UserError as error:
             raise QgsProcessingException(str(error)) from None
+
+
+def finetuned_folder(model: str | None) -> str | None:
+    """The folder of a fine-tuned model given as its folder or by its name (a folder of the models folder)."""
+    if not model or os.path.isdir(model):
+        return model or None
+    named = os.path.join(default_models_dir(), model)
+    return named if os.path.isdir(named) else None
 
 
 def refuse_missing_file(layer: QgsRasterLayer) -> None:
@@ -334,13 +343,22 @@ class SegmentByClassNames(BackendAlgorithm):
         preset = sorted(self.presets)[preset_index - 1] if preset_index > 0 else None
         if not class_lines and preset:
             class_lines = list(self.presets[preset])
+        # An empty model means the one chosen in the FarSLIP settings, as in the dock.
+        model = self.parameterAsString(parameters, self.MODEL, context).strip() or PluginSettings.load().default_model
+        # A fine-tuned model brings its own classes (the dock fills them in): used when none are given.
+        trained = finetuned_class_lines(finetuned_folder(model))
+        if not class_lines and trained:
+            class_lines = trained
+            feedback.pushInfo(tr("Classes of the fine-tuned model {}: {}").format(
+                model, "; ".join(f"'{line}'" for line in trained)))
+        elif trained and class_lines != parse_class_text("\n".join(trained)):
+            feedback.pushWarning(tr("This model was trained on the classes {}; the classes given differ, so their "
+                                    "results are less reliable.").format("; ".join(f"'{line}'" for line in trained)))
         if not class_lines:
             raise QgsProcessingException(tr("Give at least one class name (one per line), or choose a preset."))
         if class_list_refusal(class_lines):
             raise QgsProcessingException(class_list_refusal(class_lines))
         out = output_file(self.parameterAsOutputLayer(parameters, self.OUTPUT, context), context, feedback)
-        # An empty model means the one chosen in the FarSLIP settings, as in the dock.
-        model = self.parameterAsString(parameters, self.MODEL, context).strip() or PluginSettings.load().default_model
         segment = SegmentParameters(class_lines=class_lines, out=out, model=model or None,
                                     threshold=self.parameterAsDouble(parameters, self.THRESHOLD, context),
                                     overwrite=True,

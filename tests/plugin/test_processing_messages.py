@@ -78,3 +78,40 @@ def test_an_output_without_extension_is_a_geopackage_as_qgis_writes_it(finished_
         "INPUT": str(NAIP), "SENTENCES": "a lake", "CLASSES": "water", "OUTPUT": str(tmp_path / "places")})
     assert finished_jobs["requests"][0]["out"] == str(tmp_path / "places.gpkg")
     assert results["OUTPUT"] == f"{tmp_path / 'places.gpkg'}|layername=places"
+
+
+class InfoFeedback(RecordingFeedback):
+    def __init__(self):
+        super().__init__()
+        self.infos: list[str] = []
+
+    def pushInfo(self, text):
+        self.infos.append(text)
+        super().pushInfo(text)
+
+
+def test_a_fine_tuned_model_without_classes_segments_its_own_classes(finished_jobs, tmp_path, monkeypatch):
+    """As the dock fills them in: Segment with a fine-tuned model folder and no classes was refused ("Give at
+    least one class name")."""
+    import json
+
+    import processing
+
+    monkeypatch.setenv("FARSLIP_MODELS", str(tmp_path / "models"))
+    folder = tmp_path / "models" / "lakes"
+    folder.mkdir(parents=True)
+    (folder / "farslip_model.json").write_text(json.dumps({"class_lines": ["water, lake", "forest"]}))
+    finished_jobs["result"] = {"outputs": {}, "classes": []}
+    for model in (str(folder), "lakes"):  # its folder, or its name in the models folder
+        feedback = InfoFeedback()
+        processing.run("farslip:segment_by_class_names", {
+            "INPUT": str(NAIP), "MODEL": model, "OUTPUT": str(tmp_path / "lakes.gpkg")}, feedback=feedback)
+        assert finished_jobs["requests"][-1]["class_lines"] == ["water, lake", "forest"]
+        assert f"Classes of the fine-tuned model {model}: 'water, lake'; 'forest'" in feedback.infos
+    feedback = InfoFeedback()
+    processing.run("farslip:segment_by_class_names", {
+        "INPUT": str(NAIP), "MODEL": str(folder), "CLASSES": "water", "OUTPUT": str(tmp_path / "lakes.gpkg")},
+        feedback=feedback)
+    assert finished_jobs["requests"][-1]["class_lines"] == ["water"]
+    assert feedback.warnings == ["This model was trained on the classes 'water, lake'; 'forest'; the classes given "
+                                 "differ, so their results are less reliable."]
