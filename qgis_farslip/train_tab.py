@@ -13,6 +13,7 @@ from qgis.core import (
     QgsProviderRegistry,
     QgsRasterLayer,
     QgsRectangle,
+    QgsFields,
     QgsVectorFileWriter,
     QgsVectorLayer,
 )
@@ -74,7 +75,11 @@ def labels_file(layer: QgsVectorLayer, class_field: str, folder_maker: Callable[
 
     The copy is written in the layer's CRS, so a CRS the analyst set in QGIS (Layer > Set CRS) on a file
     without one, or with another, is the CRS the backend places the labels in."""
-    if layer.providerType() == "ogr" and not crs_overridden(layer) and not selected_only:
+    fields = layer.fields()
+    index = fields.indexOf(class_field_name(layer, class_field))
+    # A virtual (expression) or joined field is QGIS's, not the file's: the backend reading the file lacks it.
+    own_field = fields.fieldOrigin(index) == QgsFields.OriginProvider
+    if layer.providerType() == "ogr" and not crs_overridden(layer) and not selected_only and own_field:
         parts = QgsProviderRegistry.instance().decodeUri("ogr", layer.source())
         path = parts.get("path", "")
         plain = not parts.get("subset") and (not parts.get("layerName")
@@ -83,12 +88,12 @@ def labels_file(layer: QgsVectorLayer, class_field: str, folder_maker: Callable[
         if plain and os.path.isfile(path) and not layer.subsetString() and not unsaved:
             return path
     # Memory layers, database tables, filtered or unsaved layers, one layer of a multi-layer GeoPackage, a layer
-    # whose CRS QGIS overrides, the selected features of a layer: a copy.
+    # whose CRS QGIS overrides, the selected features of a layer, a class field QGIS adds: a copy.
     path = os.path.join(folder_maker(), "labels.gpkg")
     options = QgsVectorFileWriter.SaveVectorOptions()
     options.driverName = "GPKG"
     options.onlySelectedFeatures = selected_only
-    options.attributes = [layer.fields().indexOf(class_field_name(layer, class_field))]
+    options.attributes = [index]
     error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(
         layer, path, layer.transformContext(), options)
     if error != QgsVectorFileWriter.NoError:

@@ -46,8 +46,9 @@ def sent(farslip, qgis_processing, backend_home, monkeypatch):
         labels = request.get("labels")
         if labels and os.path.exists(labels):
             layer = QgsVectorLayer(labels, "sent", "ogr")
-            request = {**request, "sent_fields": layer.fields().names(),
-                       "sent_labels": sorted(str(f[request["class_field"]]) for f in layer.getFeatures())}
+            has_field = request["class_field"] in layer.fields().names()  # None: the backend would refuse
+            request = {**request, "sent_fields": layer.fields().names(), "sent_labels": sorted(
+                str(f[request["class_field"]]) for f in layer.getFeatures()) if has_field else None}
         requests.append({"kind": kind, **request})
         if kind == "train":
             return {"state": "done", "result": {"outputs": {"model_dir": request["out"]}}}
@@ -96,3 +97,38 @@ def test_the_train_tab_refuses_a_field_the_labels_lack(farslip, tmp_path):
         labels_file(memory_labels(), "klass", lambda: str(tmp_path))
     copy = labels_file(memory_labels(), "Cls", lambda: str(tmp_path))
     assert QgsVectorLayer(copy, "copy", "ogr").fields().names() == ["fid", "cls"]
+
+
+def test_a_virtual_or_joined_class_field_is_sent_in_a_copy(sent, tmp_path):
+    """An unedited GeoPackage was sent as its file, where the backend found no field 'klass' (an expression
+    field of the layer) or 'name' (joined from another layer)."""
+    from plugin_helpers import save_as_geopackage
+    from qgis.core import QgsProject, QgsVectorLayerJoinInfo
+
+    path = str(tmp_path / "plain.gpkg")
+    save_as_geopackage(memory_labels(), path)
+    layer = QgsVectorLayer(path, "plain", "ogr")
+    layer.addExpressionField("CASE WHEN \"cls\" = 'field' THEN 'vegetation' ELSE \"cls\" END",
+                             QgsField("klass", QVariant.String))
+    names = QgsVectorLayer("None?field=code:string&field=name:string", "names", "memory")
+    rows = []
+    for code, name in (("water", "open water"), ("field", "cropland"), ("road", "paved")):
+        row = QgsFeature(names.fields())
+        row.setAttributes([code, name])
+        rows.append(row)
+    names.dataProvider().addFeatures(rows)
+    QgsProject.instance().addMapLayers([layer, names])
+    join = QgsVectorLayerJoinInfo()
+    join.setJoinLayer(names)
+    join.setJoinFieldName("code")
+    join.setTargetFieldName("cls")
+    join.setPrefix("")
+    join.setJoinFieldNamesSubset(["name"])
+    assert layer.addJoin(join)
+    evaluate(layer, "cls", tmp_path)
+    evaluate(layer, "klass", tmp_path)
+    evaluate(layer, "name", tmp_path)
+    assert sent[0]["labels"] == path  # the file's own field: the file itself
+    assert sent[1]["labels"] != path and sent[1]["sent_labels"] == ["road", "vegetation", "water"]
+    assert sent[2]["labels"] != path and sent[2]["sent_labels"] == ["cropland", "open water", "paved"]
+    QgsProject.instance().removeMapLayers([layer.id(), names.id()])
