@@ -15,6 +15,7 @@ from qgis.core import (
     QgsProcessing,
     QgsProcessingAlgorithm,
     QgsProcessingException,
+    QgsProcessingFeatureSourceDefinition,
     QgsRectangle,
     QgsProcessingLayerPostProcessorInterface,
     QgsProcessingOutputFolder,
@@ -22,13 +23,13 @@ from qgis.core import (
     QgsProcessingParameterBoolean,
     QgsProcessingParameterEnum,
     QgsProcessingParameterExtent,
+    QgsProcessingParameterFeatureSource,
     QgsProcessingParameterField,
     QgsProcessingParameterFileDestination,
     QgsProcessingParameterNumber,
     QgsProcessingParameterRasterLayer,
     QgsProcessingParameterString,
     QgsProcessingParameterVectorDestination,
-    QgsProcessingParameterVectorLayer,
     QgsProcessingProvider,
     QgsProcessingUtils,
 )
@@ -102,8 +103,10 @@ class BackendAlgorithm(QgsProcessingAlgorithm):
     def add_labelled_inputs(self) -> None:
         """The raster and the polygon layer whose class field labels it (Train, Evaluate)."""
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, tr("Raster layer")))
-        self.addParameter(QgsProcessingParameterVectorLayer(self.LABELS, tr("Labelled polygons"),
-                                                            [QgsProcessing.TypeVectorPolygon]))
+        # A feature source, as QGIS's own algorithms take an input: its "Selected features only" box trains on
+        # (or scores against) the selected polygons, as the Train tab's does.
+        self.addParameter(QgsProcessingParameterFeatureSource(self.LABELS, tr("Labelled polygons"),
+                                                              [QgsProcessing.TypeVectorPolygon]))
         self.addParameter(QgsProcessingParameterField(self.CLASS_FIELD, tr("Class field"),
                                                       parentLayerParameterName=self.LABELS))
 
@@ -119,13 +122,21 @@ class BackendAlgorithm(QgsProcessingAlgorithm):
     def labelled_inputs(self, parameters, context, folder: str) -> dict:
         """raster, labels (files the backend can read, copies in `folder` where needed) and class_field."""
         path, _ = self.raster_file(parameters, context)
-        labels = self.parameterAsVectorLayer(parameters, self.LABELS, context)
+        given = parameters.get(self.LABELS)
+        selected_only = False
+        if isinstance(given, QgsProcessingFeatureSourceDefinition):  # the layer, with "Selected features only"
+            selected_only = given.selectedFeaturesOnly
+            given, _ok = given.source.valueAsString(context.expressionContext(), "")
+        labels = self.parameterAsVectorLayer({**parameters, self.LABELS: given}, self.LABELS, context)
         if labels is None or not labels.isValid():
             raise QgsProcessingException(tr("The labelled polygons layer cannot be opened."))
+        if selected_only and not labels.selectedFeatureCount():
+            raise QgsProcessingException(tr("No polygons of {} are selected; select the labelled polygons to use, "
+                                            "or untick Selected features only.").format(labels.name()))
         try:
             # A field the layer lacks (misspelled in a script, of another layer in a model) is refused in words.
             class_field = class_field_name(labels, self.parameterAsString(parameters, self.CLASS_FIELD, context))
-            return {"raster": path, "labels": labels_file(labels, class_field, lambda: folder),
+            return {"raster": path, "labels": labels_file(labels, class_field, lambda: folder, selected_only),
                     "class_field": class_field}
         except UserError as error:
             raise QgsProcessingException(str(error)) from None

@@ -132,3 +132,28 @@ def test_a_virtual_or_joined_class_field_is_sent_in_a_copy(sent, tmp_path):
     assert sent[1]["labels"] != path and sent[1]["sent_labels"] == ["road", "vegetation", "water"]
     assert sent[2]["labels"] != path and sent[2]["sent_labels"] == ["cropland", "open water", "paved"]
     QgsProject.instance().removeMapLayers([layer.id(), names.id()])
+
+
+def test_selected_features_only_scores_and_trains_on_the_selection(sent, tmp_path):
+    """LABELS could not be 'Selected features only' (a vector layer parameter): all polygons were sent."""
+    import processing
+    from plugin_helpers import save_as_geopackage
+    from qgis.core import QgsProcessingFeatureSourceDefinition, QgsProject
+
+    path = str(tmp_path / "labels.gpkg")
+    save_as_geopackage(memory_labels(), path)
+    layer = QgsVectorLayer(path, "labels", "ogr")
+    QgsProject.instance().addMapLayer(layer)
+    selected = QgsProcessingFeatureSourceDefinition(layer.id(), True)
+    with pytest.raises(QgsProcessingException, match="No polygons of labels are selected"):
+        evaluate(selected, "cls", tmp_path)
+    layer.selectByExpression("\"cls\" IN ('water', 'road')")
+    evaluate(selected, "cls", tmp_path)
+    processing.run("farslip:train_on_labelled_polygons", {
+        "INPUT": str(NAIP), "LABELS": selected, "CLASS_FIELD": "cls", "EPOCHS": 1, "NAME": "selected"})
+    evaluate(QgsProcessingFeatureSourceDefinition(layer.id(), False), "cls", tmp_path)
+    assert [request["kind"] for request in sent] == ["evaluate", "train", "evaluate"]
+    assert sent[0]["labels"] != path and sent[0]["sent_labels"] == ["road", "water"]
+    assert sent[1]["labels"] != path and sent[1]["sent_labels"] == ["road", "water"]
+    assert sent[2]["labels"] == path  # all of them: the file itself
+    QgsProject.instance().removeMapLayer(layer.id())
