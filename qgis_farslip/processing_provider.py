@@ -48,8 +48,8 @@ from .parameters import MAX_THRESHOLD, REFINE_CHOICES, SegmentParameters
 from .results import categorized_renderer
 from .search_hits import rank_labels, score_renderer
 from .settings import PluginSettings
-from .train_tab import (METHODS, UserError, class_field_name, default_models_dir, labels_file, metrics_text,
-                        model_folder_name)
+from .train_tab import (METHODS, UserError, class_field_name, default_models_dir, kept_labels_dir, labels_file,
+                        metrics_text, model_folder_name)
 from .i18n import tr
 
 NO_PRESET = "(none: the classes typed below)"
@@ -119,8 +119,8 @@ class BackendAlgorithm(QgsProcessingAlgorithm):
         refuse_missing_file(raster)
         return local_raster_path(raster) or layer_vrt(raster), raster
 
-    def labelled_inputs(self, parameters, context, folder: str) -> dict:
-        """raster, labels (files the backend can read, copies in `folder` where needed) and class_field."""
+    def labelled_inputs(self, parameters, context) -> dict:
+        """raster, labels (files the backend can read; a copy of the labels, kept, where needed) and class_field."""
         path, _ = self.raster_file(parameters, context)
         given = parameters.get(self.LABELS)
         selected_only = False
@@ -136,7 +136,10 @@ class BackendAlgorithm(QgsProcessingAlgorithm):
         try:
             # A field the layer lacks (misspelled in a script, of another layer in a model) is refused in words.
             class_field = class_field_name(labels, self.parameterAsString(parameters, self.CLASS_FIELD, context))
-            return {"raster": path, "labels": labels_file(labels, class_field, lambda: folder, selected_only),
+            # A copy is kept, named after its content: Train, then Evaluate on the same layer send the same file
+            # (its sha256 is the one the model records, so the held-out strip is scored).
+            return {"raster": path, "labels": labels_file(labels, class_field, kept_labels_dir, selected_only,
+                                                          kept=True),
                     "class_field": class_field}
         except UserError as error:
             raise QgsProcessingException(str(error)) from None
@@ -458,14 +461,13 @@ class TrainOnLabels(BackendAlgorithm):
             raise QgsProcessingException(
                 tr("A model called {} exists already ({}); choose another name.").format(name, out))
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="farslip-") as folder:  # copies of the inputs, for the job only
-            request = {**self.labelled_inputs(parameters, context, folder), "out": out,
-                       "base_model": (self.parameterAsString(parameters, self.BASE_MODEL, context).strip()
-                                      or PluginSettings.load().default_model or None),
-                       "method": METHODS[self.parameterAsEnum(parameters, self.METHOD, context)][0],
-                       "epochs": self.parameterAsInt(parameters, self.EPOCHS, context),
-                       "background": self.parameterAsString(parameters, self.BACKGROUND, context).strip() or None}
-            job = run_backend_job(self.manager_getter(), "train", request, feedback, [])
+        request = {**self.labelled_inputs(parameters, context), "out": out,
+                   "base_model": (self.parameterAsString(parameters, self.BASE_MODEL, context).strip()
+                                  or PluginSettings.load().default_model or None),
+                   "method": METHODS[self.parameterAsEnum(parameters, self.METHOD, context)][0],
+                   "epochs": self.parameterAsInt(parameters, self.EPOCHS, context),
+                   "background": self.parameterAsString(parameters, self.BACKGROUND, context).strip() or None}
+        job = run_backend_job(self.manager_getter(), "train", request, feedback, [])
         model_dir = ((job.get("result") or {}).get("outputs") or {}).get("model_dir") or out
         summary = metrics_text(job.get("result") or {})
         if summary:
@@ -503,12 +505,11 @@ class EvaluateOnLabels(BackendAlgorithm):
     def processAlgorithm(self, parameters, context, feedback):
         out_json = self.parameterAsFileOutput(parameters, self.OUTPUT, context)
         # QGIS's file dialog has asked before replacing an existing report.
-        with tempfile.TemporaryDirectory(prefix="farslip-") as folder:  # copies of the inputs, for the job only
-            request = {**self.labelled_inputs(parameters, context, folder), "out_json": out_json, "overwrite": True,
-                       "model": (self.parameterAsString(parameters, self.MODEL, context).strip()
-                                 or PluginSettings.load().default_model or None),
-                       "background": self.parameterAsString(parameters, self.BACKGROUND, context).strip() or None}
-            job = run_backend_job(self.manager_getter(), "evaluate", request, feedback, [out_json])
+        request = {**self.labelled_inputs(parameters, context), "out_json": out_json, "overwrite": True,
+                   "model": (self.parameterAsString(parameters, self.MODEL, context).strip()
+                             or PluginSettings.load().default_model or None),
+                   "background": self.parameterAsString(parameters, self.BACKGROUND, context).strip() or None}
+        job = run_backend_job(self.manager_getter(), "evaluate", request, feedback, [out_json])
         metrics = (job.get("result") or {}).get("metrics") or {}
         for item in metrics.get("classes", []):
             iou = item.get("iou")

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import html
 import os
+import shutil
+import tempfile
 import time
 from typing import Any, Callable
 
 from qgis.core import (
+    NULL,
     Qgis,
+    QgsFeatureRequest,
     QgsMapLayerProxyModel,
     QgsProviderRegistry,
     QgsRasterLayer,
@@ -27,7 +32,7 @@ from .extent import crs_overridden, displayed_bands, local_raster_path, missing_
 from .extent_choice import ExtentError, clipped_to_layer
 from .job_runner import JobRunner
 from .jobs import eta_text
-from .settings import PluginSettings, backend_home
+from .settings import PluginSettings, backend_home, plugin_cache_dir
 from .i18n import tr
 
 SINGLE_LAYER_FORMATS = (".shp", ".geojson", ".json", ".fgb", ".kml", ".gml")
@@ -68,10 +73,36 @@ def class_field_name(layer: QgsVectorLayer, class_field: str) -> str:
         layer.name(), class_field, ", ".join(names) or tr("none")))
 
 
+def kept_labels_dir() -> str:
+    """Where the copies of labels layers are kept between runs (`labels_file(..., kept=True)`)."""
+    return os.path.join(plugin_cache_dir(), "labels")
+
+
+def labels_digest(layer: QgsVectorLayer, index: int, selected_only: bool) -> str:
+    """A sha256 of what a copy of the labels holds: the CRS, the class field, each polygon and its class."""
+    digest = hashlib.sha256()
+
+    def add(data: bytes) -> None:
+        digest.update(b"%d:" % len(data) + data)
+
+    add(layer.crs().toWkt().encode("utf-8"))
+    add(layer.fields().at(index).name().encode("utf-8"))
+    request = QgsFeatureRequest().setSubsetOfAttributes([index])
+    for feature in layer.getSelectedFeatures(request) if selected_only else layer.getFeatures(request):
+        value = feature.attribute(index)
+        add(b"\0" if value is None or value == NULL else str(value).encode("utf-8"))
+        add(bytes(feature.geometry().asWkb()))
+    return digest.hexdigest()
+
+
 def labels_file(layer: QgsVectorLayer, class_field: str, folder_maker: Callable[[], str],
-                selected_only: bool = False) -> str:
+                selected_only: bool = False, kept: bool = False) -> str:
     """A file the backend can read the labels from: the layer's own file, or a GeoPackage copy of it (of its
     selected features only, with `selected_only`). `class_field` is a field of the layer (class_field_name).
+
+    With `kept`, the copy is named after what it holds (labels_digest) and kept: the same labels give the same
+    file, bytes and sha256 on every run, as a model fine-tuned on them records them (farslip_model.json), so
+    an evaluation of that model on the same labels knows them and scores its held-out strip.
 
     The copy is written in the layer's CRS, so a CRS the analyst set in QGIS (Layer > Set CRS) on a file
     without one, or with another, is the CRS the backend places the labels in."""
@@ -89,15 +120,34 @@ def labels_file(layer: QgsVectorLayer, class_field: str, folder_maker: Callable[
             return path
     # Memory layers, database tables, filtered or unsaved layers, one layer of a multi-layer GeoPackage, a layer
     # whose CRS QGIS overrides, the selected features of a layer, a class field QGIS adds: a copy.
-    path = os.path.join(folder_maker(), "labels.gpkg")
+    folder = folder_maker()
+    stem = "labels"
+    if kept:
+        digest = labels_digest(layer, index, selected_only)[:20]
+        stem = f"{safe_file_stem(layer.name(), fallback='labels')[:40]}-{digest}"
+        if os.path.isfile(os.path.join(folder, stem + ".gpkg")):
+            return os.path.join(folder, stem + ".gpkg")  # these labels, copied before
+    path = os.path.join(folder, stem + ".gpkg")
     options = QgsVectorFileWriter.SaveVectorOptions()
     options.driverName = "GPKG"
+    options.layerName = stem
     options.onlySelectedFeatures = selected_only
     options.attributes = [index]
-    error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(
-        layer, path, layer.transformContext(), options)
-    if error != QgsVectorFileWriter.NoError:
-        raise UserError(f"The labels of {layer.name()} could not be written for the backend: {message}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        draft = tempfile.mkdtemp(prefix=".draft-", dir=folder)  # a kept copy appears whole, or not at all
+    except OSError as error:
+        raise UserError(tr("The labels of {} could not be written for the backend: the folder {} cannot be written "
+                           "({}).").format(layer.name(), folder, error.strerror)) from None
+    try:
+        written = os.path.join(draft, stem + ".gpkg")
+        error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(
+            layer, written, layer.transformContext(), options)
+        if error != QgsVectorFileWriter.NoError:
+            raise UserError(f"The labels of {layer.name()} could not be written for the backend: {message}")
+        os.replace(written, path)
+    finally:
+        shutil.rmtree(draft, ignore_errors=True)
     return path
 
 

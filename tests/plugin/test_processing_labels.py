@@ -7,8 +7,8 @@ import os
 
 import pytest
 from plugin_helpers import NAIP
-from qgis.core import (QgsApplication, QgsFeature, QgsField, QgsGeometry, QgsProcessingException, QgsRectangle,
-                       QgsVectorLayer)
+from qgis.core import (QgsApplication, QgsFeature, QgsField, QgsGeometry, QgsProcessingException,
+                       QgsProcessingFeatureSourceDefinition, QgsRectangle, QgsVectorLayer)
 from qgis.PyQt.QtCore import QVariant
 
 RECTANGLES = (("water", (486000, 5206000, 486600, 5206600)), ("field", (487000, 5207000, 487800, 5207800)),
@@ -138,7 +138,7 @@ def test_selected_features_only_scores_and_trains_on_the_selection(sent, tmp_pat
     """LABELS could not be 'Selected features only' (a vector layer parameter): all polygons were sent."""
     import processing
     from plugin_helpers import save_as_geopackage
-    from qgis.core import QgsProcessingFeatureSourceDefinition, QgsProject
+    from qgis.core import QgsProject
 
     path = str(tmp_path / "labels.gpkg")
     save_as_geopackage(memory_labels(), path)
@@ -156,4 +156,38 @@ def test_selected_features_only_scores_and_trains_on_the_selection(sent, tmp_pat
     assert sent[0]["labels"] != path and sent[0]["sent_labels"] == ["road", "water"]
     assert sent[1]["labels"] != path and sent[1]["sent_labels"] == ["road", "water"]
     assert sent[2]["labels"] == path  # all of them: the file itself
+    QgsProject.instance().removeMapLayer(layer.id())
+
+
+def test_train_then_evaluate_on_a_copied_layer_send_the_same_kept_file(sent, tmp_path):
+    """Each run wrote a new temporary copy of a memory layer (another sha256, then deleted): an evaluation of the
+    model trained on it could not tell its labels were the training's and scored the training pixels."""
+    import hashlib
+
+    import processing
+    from qgis.core import QgsProject
+
+    layer = memory_labels()
+    QgsProject.instance().addMapLayer(layer)
+    processing.run("farslip:train_on_labelled_polygons", {
+        "INPUT": str(NAIP), "LABELS": layer.id(), "CLASS_FIELD": "cls", "EPOCHS": 1, "NAME": "kept"})
+    evaluate(layer.id(), "cls", tmp_path)
+    trained, evaluated = sent[0]["labels"], sent[1]["labels"]
+    assert trained == evaluated
+    from qgis_farslip.train_tab import kept_labels_dir
+
+    assert os.path.dirname(trained) == kept_labels_dir()
+    assert os.path.isfile(trained)  # still there: the path farslip_model.json records
+    digest = hashlib.sha256(open(trained, "rb").read()).hexdigest()
+    evaluate(memory_labels(), "cls", tmp_path)  # the same labels in another layer: the same file, unchanged
+    assert sent[2]["labels"] == trained and hashlib.sha256(open(trained, "rb").read()).hexdigest() == digest
+    assert sent[2]["sent_labels"] == ["field", "road", "water"]
+    # Other labels (a class changed, a selection) are another file.
+    layer.dataProvider().changeAttributeValues({next(layer.getFeatures()).id(): {0: "lake"}})
+    evaluate(layer.id(), "cls", tmp_path)
+    assert sent[3]["labels"] != trained and sent[3]["sent_labels"] == ["field", "lake", "road"]
+    layer.selectByIds([next(layer.getFeatures()).id()])
+    evaluate(QgsProcessingFeatureSourceDefinition(layer.id(), True), "cls", tmp_path)
+    assert sent[4]["labels"] not in (trained, sent[3]["labels"]) and sent[4]["sent_labels"] == ["lake"]
+    assert not [name for name in os.listdir(kept_labels_dir()) if name.startswith(".")]  # no draft left
     QgsProject.instance().removeMapLayer(layer.id())
