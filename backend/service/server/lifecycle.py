@@ -145,18 +145,46 @@ def backend_answers(url: str, timeout: float = 2.0) -> bool:
     return True
 
 
+CONNECTION_KEYS = ("url", "port", "token", "pid")
+
+
+def connection_file_info(path: Path) -> dict | None:
+    """A FarSLIP connection file's JSON (an object with url, port, token and a whole-number pid); None when there
+    is no file at `path`. Anything else there (not JSON, an empty file, other JSON) is not ours: refused in one
+    sentence and left as it is (the user's file; ours is written atomically, so never empty or cut short)."""
+    if not path.exists() or path.is_dir():  # a folder there: check_connection_file_location says so
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except UnicodeDecodeError:
+        text = ""
+    except OSError as error:
+        raise InputError(f"The connection file {path} exists and cannot be read ({error.strerror or error}), so it "
+                         "is left as it is; give --connection-file another path.") from None
+    try:
+        info = json.loads(text)
+    except ValueError:
+        info = None
+    if (isinstance(info, dict) and all(key in info for key in CONNECTION_KEYS)
+            and isinstance(info["pid"], int) and not isinstance(info["pid"], bool) and info["pid"] > 0):
+        return info
+    raise InputError(f"The connection file {path} exists and is not a FarSLIP connection file (a JSON object with "
+                     f"{', '.join(CONNECTION_KEYS)}), so it is left as it is; give --connection-file another path.")
+
+
 def refuse_taken_connection_file(path: Path) -> None:
     """Another running backend's connection file is not ours to replace (its clients would lose it). A file
     whose process is gone, or whose URL nothing answers on (the pid reused after a reboot or kill -9), is
-    stale and replaced."""
+    stale and replaced. A file that is not a connection file is refused (`connection_file_info`)."""
     from backend.engine.temporary import process_is_alive
 
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-        pid = int(info.get("pid"))
-        url = str(info.get("url", ""))
-    except (OSError, ValueError, TypeError, AttributeError):
+    info = connection_file_info(path)
+    if info is None:
         return
+    pid = int(info["pid"])
+    url = str(info.get("url", ""))
     if pid == os.getpid() or not process_is_alive(pid):
         return
     if not backend_answers(url):
@@ -294,20 +322,30 @@ def serve(host: str = "127.0.0.1", port: int = 0, token: str | None = None,
     parent = parent_process(parent_pid) if parent_pid is not None else None
     if connection_file is not None:  # given as typed: a Path drops a trailing separator
         refuse_folder_name(connection_file, "--connection-file")
+    from backend.engine.devices import resolve_device
+
     state_dir = Path(state_dir or default_state_dir()).expanduser().resolve()
-    prepare_state_dir(state_dir)
     connection_file = Path(connection_file or state_dir / "backend.json").expanduser().resolve()
-    log_file = setup_logging(state_dir, log_level)
-    lock = _lock_state_dir(state_dir)
+    # What needs no state folder is checked before one is made or written to: a bad --device, --host or a port in
+    # use (and a file at --connection-file that is not a connection file) left jobs.sqlite, backend.lock and
+    # logs/ in a fresh --state-dir.
+    device = str(resolve_device(device or os.environ.get("FARSLIP_DEVICE") or "auto"))
+    connection_file_info(connection_file)
+    sock = bind_socket(host, port)
+    lock = None
     try:
-        # Opened once before anything binds: a folder in its place is a sentence, a damaged history is set aside
-        # (a failure in the app's startup ended in uvicorn's traceback, and the backend never started).
+        prepare_state_dir(state_dir)
+        log_file = setup_logging(state_dir, log_level)
+        lock = _lock_state_dir(state_dir)
+        # Opened once before the server starts: a folder in its place is a sentence, a damaged history is set
+        # aside (a failure in the app's startup ended in uvicorn's traceback, and the backend never started).
         JobStore(state_dir / "jobs.sqlite").close()
         refuse_taken_connection_file(connection_file)
         check_connection_file_location(connection_file)
-        sock = bind_socket(host, port)
-    except InputError:
-        lock.close()
+    except BaseException:
+        sock.close()
+        if lock is not None:
+            lock.close()
         raise
     if listens_beyond_loopback(sock):
         log.warning("listening on %s: other machines on the network can reach this backend. Anyone with "
