@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .atomic import is_shapefile, raster_sidecars, shapefile_parts
-from .errors import FarslipError, InputError, shortened
+from .errors import FarslipError, InputError, shortened, shown
+from .options import not_utf8
 from .temporary import URL_MARKS
 
 
@@ -32,6 +33,33 @@ def expand_user(text: str | os.PathLike, what: str, error: type[FarslipError] = 
         user = str(text).split("/", 1)[0]
         raise error(f"The {what} path {str(text)!r} starts with {user}, but there is no such user's home "
                     "folder here; give the full path.") from None
+
+
+def check_utf8_name(path: str | os.PathLike, what: str, writes: bool = False) -> None:
+    """A file GDAL opens (a raster, a vector file, an output it writes; `what` names it) has a UTF-8 name, and so
+    has the working folder a relative name is in: GDAL takes names as UTF-8 text, and one Python read from
+    bytes that are not UTF-8 (a file really named in Latin-1, or a name typed in a Latin-1 terminal) holds lone
+    surrogates that no GDAL call accepts (UnicodeEncodeError). Python reads other files (a class file) by
+    such names, so only GDAL's are checked."""
+    text = os.fspath(path)
+    opens = "writes" if writes else "opens"
+    why = not_utf8(text)
+    if why is not None:
+        raise InputError(f"The {what} path {shown(text)} {why}: "
+                         + ("outputs are written only under UTF-8 names (GDAL takes no other). Choose a UTF-8 name"
+                            if writes else "GDAL opens only files named in UTF-8. Rename the file (or its folder) "
+                            "in UTF-8") + ", or, if the terminal that typed it is not set to UTF-8, set it to UTF-8.")
+    if os.path.isabs(text) or is_gdal_virtual(text):
+        return
+    try:
+        folder = os.getcwd()
+    except OSError:  # a deleted working folder: the run's own sentence says so
+        return
+    why = not_utf8(folder)
+    if why is not None:
+        raise InputError(f"The working folder {shown(folder)}, where the {what} {shown(text)} is, {why}: GDAL "
+                         f"{opens} only files named in UTF-8. Give a full path through folders named in UTF-8, or "
+                         "rename the folder.")
 
 
 # --------------------------------------------------------------------------- raster names GDAL resolves itself
@@ -235,8 +263,9 @@ def check_regular_file(path: str | os.PathLike, what: str) -> Path:
 
 def check_raster_name(name: str | os.PathLike, what: str = "raster") -> str:
     """A raster name a run can open, as the text GDAL gets: a virtual path as it is (GDAL reads it wherever it
-    reaches), a subdataset once its file is a regular file here, else a regular file."""
+    reaches), a subdataset once its file is a regular file here, else a regular file; named in UTF-8."""
     text = os.fspath(name)
+    check_utf8_name(text, what)
     if is_gdal_virtual(text):
         return text
     file = subdataset_file(text)
@@ -250,7 +279,9 @@ def check_raster_name(name: str | os.PathLike, what: str = "raster") -> str:
 
 
 def check_vector_source(path: str | os.PathLike, what: str) -> Path:
-    """A vector dataset: a regular file, or a folder (a FileGDB, a folder of shapefiles); never a FIFO."""
+    """A vector dataset: a regular file, or a folder (a FileGDB, a folder of shapefiles); never a FIFO; named in
+    UTF-8."""
+    check_utf8_name(path, f"{what} file")
     path = Path(path)
     mode = _mode(path, f"{what} file")
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
@@ -405,13 +436,14 @@ def check_path_length(path: str | os.PathLike, what: str) -> None:
 def check_output_name(path: str | os.PathLike, what: str) -> Path:
     """An output's name is one the file system and our temporary names can hold: no control
     characters (a newline in a file name breaks every tool that lists the folder), and short enough
-    that its staged copy (a longer hidden name beside it) still fits."""
+    that its staged copy (a longer hidden name beside it) still fits; a UTF-8 name (check_utf8_name)."""
     path = Path(path)
     text = str(path)
     bad = next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
     if bad is not None:
         raise InputError(f"The {what} path {text!r} holds the control character {bad!r}; give a file name "
                          "without tabs, newlines or other control characters.")
+    check_utf8_name(text, what, writes=True)
     check_path_length(path.parent, what)  # a folder's name or the whole path: asking about the folder would fail
     try:
         name_max = os.pathconf(path.parent if path.parent.is_dir() else ".", "PC_NAME_MAX")

@@ -169,15 +169,32 @@ def check_bbox(bbox: tuple[float, ...] | list[float]) -> None:
 MIN_SCALE, MAX_SCALE = 0.05, 8.0  # how far the engine resamples a raster (--scale, or --gsd's factor)
 
 
+def not_utf8(text: str) -> str | None:
+    """Why `text` is not UTF-8 text, as the end of a sentence ("is not valid UTF-8 text (the byte 0xe9 is not
+    UTF-8)"), or None when it is. Python hands on a command line's bytes that are not UTF-8 (é typed in a Latin-1
+    terminal, or in a Latin-1 file name, is the byte 0xe9) as lone surrogates (U+DCE9), and a JSON "\\ud800" is
+    one too; no model, file system call or GDAL takes such text (encoding it raises UnicodeEncodeError)."""
+    lone = next((c for c in text if unicodedata.category(c) == "Cs"), None)
+    if lone is None:
+        return None
+    if 0xDC80 <= ord(lone) <= 0xDCFF:  # a byte the UTF-8 decoder could not read, kept by surrogateescape
+        return f"is not valid UTF-8 text (the byte 0x{ord(lone) - 0xDC00:02x} is not UTF-8)"
+    return f"is not valid UTF-8 text (it holds the lone surrogate U+{ord(lone):04X}, which is no character)"
+
+
 def check_typed_text(text: str, what: str, max_chars: int, where: str = "") -> None:
     """The rules of a text typed for the model to read (a class line, a name in it, a search sentence, a
-    keyword), the same for all: at most `max_chars` characters; no control character (a line break, tab or NUL
-    splits or ends the text on its way into a file); and, unless it is blank, something a reader can see (a
-    zero-width space alone would be a class no one sees). `what` opens the sentence ("The class line"), `where`
-    follows the text (" (line 3 of the class file /d/c.txt)")."""
+    keyword), the same for all: at most `max_chars` characters; UTF-8 text (not_utf8); no control character (a
+    line break, tab or NUL splits or ends the text on its way into a file); and, unless it is blank, something a
+    reader can see (a zero-width space alone would be a class no one sees). `what` opens the sentence ("The class
+    line"), `where` follows the text (" (line 3 of the class file /d/c.txt)")."""
     shown = repr(text[:60]) + ("..." if len(text) > 60 else "") + where
     if len(text) > max_chars:
         raise InputError(f"{what} {shown} is {len(text)} characters long; give at most {max_chars} characters.")
+    why = not_utf8(text)
+    if why is not None:
+        raise InputError(f"{what} {shown} {why}: the terminal (or the program that sent it) does not write UTF-8; "
+                         "set it to UTF-8 and type the text again.")
     control = next((c for c in text if unicodedata.category(c) == "Cc"), None)
     if control is not None:
         named = {"\n": "a line break", "\r": "a carriage return", "\t": "a tab", "\x00": "NUL"}

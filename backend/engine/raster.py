@@ -27,7 +27,7 @@ from rasterio.transform import Affine
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
-from .errors import EmptyResultError, InputError, OutsideBboxError, shown
+from .errors import EmptyResultError, InputError, OutsideBboxError, nothing_valid, shown
 from .ground import as_pyproj, crs_label, degrees_per_unit, ground_pixel_size, keeps_areas
 from .options import MAX_SCALE, MIN_SCALE, check_bbox, check_scale_or_gsd, check_value_range
 from .files import check_raster_name, is_gdal_virtual
@@ -424,25 +424,31 @@ def all_pixels_valid(ds: rasterio.io.DatasetReader) -> bool:
 def _sample(ds: rasterio.io.DatasetReader, bands: list[int],
             values: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
     """A decimated read of the whole raster (uses overviews where present): the values of `bands`
-    (None unless `values`) and the dataset mask.
+    (None unless `values`) and the validity mask: the dataset mask, and in a float band NaN and +-inf are
+    never valid, whether or not a nodata value says so (as RasterSource.read masks them in every window).
 
     Without overviews GDAL decompresses every block for it, which on a large raster costs more than
     segmenting a small extent of it: when neither the values (an 8-bit raster, or a value range
-    given) nor the mask (no nodata, alpha or mask band) are needed, nothing is read. Damaged blocks
-    are then found by the run's own reads, with the same sentence and nothing written.
+    given) nor the mask (no nodata, alpha or mask band; not a float raster, which may hold NaN) are needed,
+    nothing is read. Damaged blocks are then found by the run's own reads, with the same sentence and nothing
+    written.
     """
     factor = max(1.0, max(ds.width, ds.height) / SAMPLE_SIDE)
     shape = (max(1, int(ds.height / factor)), max(1, int(ds.width / factor)))
     all_valid = all_pixels_valid(ds)
-    if all_valid and not values:
+    unique = sorted(set(bands))
+    floats = any(not np.issubdtype(np.dtype(ds.dtypes[band - 1]), np.integer) for band in unique)
+    if all_valid and not values and not floats:
         return None, np.ones(shape, bool)
     try:
-        data = (ds.read(sorted(set(bands)), out_shape=(len(set(bands)), *shape), resampling=Resampling.nearest)
-                if values else None)
+        data = (ds.read(unique, out_shape=(len(unique), *shape), resampling=Resampling.nearest)
+                if values or floats else None)
         mask = np.ones(shape, bool) if all_valid else validity_mask(ds, shape, bands=bands) > 0
     except RasterioError as exc:
         raise unreadable_pixels(ds.name, exc) from exc
-    return data, mask
+    if floats and data is not None:
+        mask &= np.isfinite(data).all(axis=0)
+    return (data if values else None), mask
 
 
 def needs_stretch(ds: rasterio.io.DatasetReader, bands: list[int]) -> bool:
@@ -577,6 +583,8 @@ def open_source(path: str | Path, bands: list[int] | None = None, scale: float |
         stretch = value_range is None and needs_stretch(ds, band_list)
         data, mask = _sample(ds, band_list, values=stretch)
         if not mask.any():
+            if any(not np.issubdtype(np.dtype(ds.dtypes[band - 1]), np.integer) for band in band_list):
+                raise nothing_valid(path, True, task)  # the sentence that names NaN, as segment's reads give it
             raise EmptyResultError(f"Every pixel of {path} is nodata or masked: there is nothing to "
                                    f"{task}. Check the raster's nodata value and alpha band.")
         ranges: list[tuple[float, float]] | None
@@ -600,13 +608,16 @@ def parse_crs(text: str | None, default: CRS, what: str = "bbox CRS") -> CRS:
 
     Parsed inside a rasterio environment, whose error handler turns GDAL's and PROJ's complaints into
     the exception: outside one, PROJ prints its own line ("ERROR 1: PROJ: ... crs not found") beside ours.
+    Every refusal is the same sentence: rasterio raises CRSError for most text, but a plain ValueError for
+    EPSG: followed by no whole number (EPSG:x, EPSG:4326.5) and UnicodeEncodeError for text that is not UTF-8
+    (a terminal's Latin-1 byte); both are ValueErrors, as CRSError is.
     """
     if not text:
         return default
     try:
         with rasterio.Env():
             return CRS.from_user_input(text)
-    except CRSError as exc:
+    except ValueError as exc:  # CRSError, and the ValueErrors above
         raise InputError(f"The {what} {shown(text)} is not a CRS I know; use e.g. EPSG:4326 or a WKT "
                          "string.") from exc
 

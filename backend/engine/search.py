@@ -217,6 +217,8 @@ def sentence_scores(embeddings: np.ndarray, sentence: np.ndarray, keywords: np.n
     if keywords is None or len(keywords) == 0:
         return global_score
     count, perspectives, dim = embeddings.shape
+    if count == 0:  # no window (an area of nodata only): reshape cannot infer the keywords' axis of nothing
+        return global_score
     # One BLAS matrix product over all perspectives, then the best perspective per keyword.
     per_keyword = (embeddings.reshape(-1, dim) @ keywords.T).reshape(count, perspectives, -1).max(axis=1)
     return GLOBAL_WEIGHT * global_score + (1 - GLOBAL_WEIGHT) * per_keyword.mean(axis=1)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from .atomic import atomic_output, write_text_atomically
 from .dense import image_and_patch_features, normalize_pixels
-from .errors import CancelledError, InputError
+from .errors import CancelledError, InputError, nothing_valid
 from .feature_cache import identity_digest, model_identity, raster_identity
 from .files import absolute_raster_name, is_gdal_name, raster_label
 from .models import LoadedModel
@@ -341,7 +341,11 @@ class SearchIndex:
     def ensure(self, bbox=None, bbox_crs: str | None = None,
                progress: Callable[[int, int], None] | None = None,
                should_cancel: Callable[[], bool] | None = None) -> BuildStats:
-        """Embed every window overlapping bbox (default: the whole raster) that is not in the index yet."""
+        """Embed every window overlapping bbox (default: the whole raster) that is not in the index yet.
+
+        A whole raster with no window holding a valid pixel is an EmptyResultError (errors.nothing_valid), as
+        open_source's decimated sample finds most such rasters: an index with no window to search is no index.
+        In a --bbox such an area is the search's notice."""
         started = time.perf_counter()
         stats = BuildStats()
         total = self.missing(bbox, bbox_crs)
@@ -368,6 +372,8 @@ class SearchIndex:
                         if progress is not None:
                             progress(done, total)
                     self._write_row(level, row, embeddings, state)
+        if bbox is None and not stats.computed and not stats.reused and not self.embedded_now:
+            raise nothing_valid(self.raster, True, INDEX_TASK)
         stats.seconds = time.perf_counter() - started
         return stats
 
