@@ -151,6 +151,7 @@ def presets() -> None:
 @app.command()
 @interruptible
 def bench(
+    ctx: typer.Context,
     arch: str = typer.Option("ViT-B-16", help="open_clip architecture (random weights: speed only)."),
     batch_size: Optional[int] = typer.Option(None, min=1, help="Crops per batch (default: as segment picks it, 8 on a "
                                                             "CPU, from the free memory on a GPU)."),
@@ -199,11 +200,19 @@ def bench(
         arch_config(arch)
         modes = {"--server": server, "--train": train, "--null-encoder": null_encoder, "--search": search,
                  "--refine": refine, "--ray": ray}
+        arch_given = arch if getattr(ctx.get_parameter_source("arch"), "name", "DEFAULT") not in (
+            "DEFAULT", "DEFAULT_MAP") else None  # by the source's name: typer brings its own copy of click
         _check_bench_options(modes, {"--runs": (runs, ("--null-encoder",)),
                                      "--search-sides": (search_sides, ("--search",)),
                                      "--sam-model": (sam_model, ("--refine",)),
                                      "--data-dir": (data_dir, ("--refine",)),
-                                     "--rss-sizes": (rss_sizes, ("", "--null-encoder"))})
+                                     "--rss-sizes": (rss_sizes, ("", "--null-encoder")),
+                                     "--size": (size, ("", "--null-encoder", "--refine", "--ray")),
+                                     "--batch-size": (batch_size, ("", "--null-encoder", "--refine", "--train")),
+                                     "--arch": (arch_given, ("", "--null-encoder", "--refine", "--ray", "--search",
+                                                             "--train"))})
+        if data_dir is not None:
+            _check_refine_data_dir(data_dir)
         sides = {"--rss-sizes": _sides(rss_sizes, "2048,8192" if null_encoder else "2000,10000", "--rss-sizes"),
                  "--search-sides": _sides(search_sides, "3000,10000", "--search-sides")}
     except FarslipError as error:
@@ -221,8 +230,8 @@ def bench(
 
         from .refine_bench import run_refine_bench
 
-        folder = data_dir or resources_dir().parent.parent / "shared" / "data"
-        results = run_refine_bench(arch, batch_size, size, str(dev), folder if folder.is_dir() else None,
+        folder = data_dir or resources_dir().parent.parent / "shared" / "data"  # the default: where it is
+        results = run_refine_bench(arch, batch_size, size or 1024, str(dev), folder if folder.is_dir() else None,
                                    sam_model, echo=typer.echo)
     elif server:
         results = _bench_server(str(dev))
@@ -263,6 +272,22 @@ def _check_bench_options(modes: dict[str, bool], options: dict[str, tuple[object
             if mode:
                 raise InputError(f"{flag} applies only with {named}, not with {mode}; leave {flag} out.")
             raise InputError(f"{flag} applies only with {named}; add {named}, or leave {flag} out.")
+
+
+REFINE_DATA_FILES = ("solaris_sample_geotiff.tif", "solaris_geotiff_labels.geojson")
+
+
+def _check_refine_data_dir(folder: Path) -> None:
+    """A --data-dir given is a folder holding the solaris raster and labels (one that is not was ignored: the
+    quality table lacked the solaris row without a word)."""
+    advice = f"give the folder holding {' and '.join(REFINE_DATA_FILES)}, or leave --data-dir out."
+    if not folder.exists():
+        raise InputError(f"--data-dir {folder} does not exist; {advice}")
+    if not folder.is_dir():
+        raise InputError(f"--data-dir {folder} is a file, not a folder; {advice}")
+    absent = [name for name in REFINE_DATA_FILES if not (folder / name).is_file()]
+    if absent:
+        raise InputError(f"--data-dir {folder} holds no {' and no '.join(absent)}; {advice}")
 
 
 def _sides(text: str | None, default: str, option: str) -> tuple[int, ...]:
