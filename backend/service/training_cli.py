@@ -16,7 +16,7 @@ import typer
 
 from backend.engine.errors import FarslipError, InputError
 from backend.engine.files import check_output_file, is_inside, output_file_option, raster_file, raster_label
-from backend.engine.options import WEIGHTS_HELP
+from backend.engine.options import WEIGHTS_HELP, check_batch_size
 from backend.service.cli_common import fail as _fail
 from backend.service.cli_common import interrupted, signals_as_interrupt
 from backend.service.cli_common import parse_bands as _bands
@@ -134,6 +134,7 @@ def evaluate_command(
         quality_out = output_file_option(quality_out_given, "--quality-out file")
         # Every output is checked before a model loads: a run never ends in a traceback over a missing folder.
         check_attention(attention)
+        check_batch_size(batch_size)  # segment's sentence (-5, 0 or 100000 crops per batch ran, or failed late)
         if calibrate_quality:
             check_quality_tile(quality_tile)
         inputs = evaluation_inputs(raster_file(raster) if raster else None, labels, aoi, model, weights)
