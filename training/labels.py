@@ -213,9 +213,9 @@ def _choose_layer(path: Path, layer: str | None, what: str, class_field: str | N
         if layer not in names:
             raise InputError(f"The {what} file {path.name} has no layer {layer!r}; its layers are: {listing}. "
                              f"Choose one with |layername=NAME after the file name.")
-        return layer
+        return _with_geometry(path, layer, dict(layers)[layer], what, named=len(layers) > 1)
     if len(layers) <= 1:
-        return names[0] if names else None
+        return _with_geometry(path, names[0], layers[0][1], what, named=False) if names else None
     polygonal = [name for name, kind in layers if _is_polygonal(kind)]
     candidates = polygonal
     if class_field is not None:
@@ -229,6 +229,16 @@ def _choose_layer(path: Path, layer: str | None, what: str, class_field: str | N
     raise InputError(f"The {what} file {path.name} holds {len(layers)} layers ({listing}) and "
                      f"{'several are a ' if candidates else 'none is a '}{wanted}; choose one by adding "
                      f"|layername=NAME to the path, e.g. \"{path}|layername={example}\".")
+
+
+def _with_geometry(path: Path, layer: str, kind: str | None, what: str, named: bool) -> str:
+    """`layer`, refused when it is a table without geometry (a CSV of class names and x, y columns): it holds no
+    polygons, which was said as a missing coordinate reference system, or by the server as a single class."""
+    if kind is None:
+        which = f"layer {layer!r} of the {what} file {path.name}" if named else f"{what} file {path.name}"
+        raise InputError(f"The {which} is a table without geometry, so it holds no polygons; give a polygon layer "
+                         "(GeoPackage, Shapefile or GeoJSON).")
+    return layer
 
 
 def _fields(path: Path, layer: str | None, what: str) -> list[str]:
