@@ -273,6 +273,16 @@ def _input_facts(paths: list[str], plans: Sequence[RasterPlan] = ()) -> list[dic
     return facts
 
 
+def _whole_sentences(text: str) -> str:
+    """The first line of an error's text, cut back to its last whole sentence where it ends in a colon that
+    introduces what came on the next lines (Ray: "Invalid Ray address: 'http://x'. ... To fix this, either:")."""
+    line = (text.strip().splitlines() or [""])[0].strip()
+    if line.endswith(":"):
+        end = line.rfind(". ")
+        line = line[:end + 1] if end > 0 else line[:-1].rstrip()
+    return line
+
+
 @contextlib.contextmanager
 def _own_signal_handlers(signals=(signal.SIGTERM,)):
     """Keep this process's SIGTERM handling across Ray's start and shutdown.
@@ -346,10 +356,15 @@ class Workers:
                                        "which this backend lacks: pip install 'ray[client]' in the backend's "
                                        "environment (make setup installs it), then run again.") from None
                 where = f"connect to the Ray cluster at {cluster}" if cluster else "start a local Ray"
-                said = (str(error).strip().splitlines() or [type(error).__name__])[0]
-                raise FarslipError(f"Could not {where} ({said}); "
-                                   + ("check the address and that the cluster is up." if cluster else
-                                      "check that this machine can run Ray, or segment without Ray.")) from None
+                said = _whole_sentences(str(error)) or type(error).__name__
+                if cluster and cluster.lower().startswith(("http://", "https://")):
+                    advice = ("give the cluster's GCS address (HOST:6379) or its client address "
+                              "(ray://HOST:10001), not the dashboard's http:// one.")
+                elif cluster:
+                    advice = "check the address and that the cluster is up."
+                else:
+                    advice = "check that this machine can run Ray, or segment without Ray."
+                raise FarslipError(f"Could not {where} ({said}); {advice}") from None
         gpus = int(ray.cluster_resources().get("GPU", 0))
         cpus = int(ray.cluster_resources().get("CPU", 0))
         if cluster and workers and workers > max(cpus, gpus):
