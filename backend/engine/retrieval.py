@@ -194,6 +194,10 @@ def load_caption_set(dataset: str | Path, split: str = "test") -> CaptionSet:
             raise InputError(f"{caption_file.name} lists no image: its 'images' list is empty.")
         if split == "all":
             raise InputError(f"{caption_file.name} has no image with a caption.")
+        if left_out:  # the split's images are there, each with an empty or blank 'sentences' list
+            raise InputError(f"The {len(left_out)} image(s) of {caption_file.name} in the split {split!r} have no "
+                             "caption: their 'sentences' lists are empty (or hold only blank text); give each "
+                             "image its captions as {\"raw\": \"caption text\"} entries.")
         raise InputError(f"{caption_file.name} has no captioned image in the split {split!r}; "
                          + (f"its splits are {', '.join(splits)}" if splits else "its images name no split")
                          + " (or use --split all).")

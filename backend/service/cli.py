@@ -119,9 +119,12 @@ def models(
                                                                    "weights file to inspect under that name."),
 ) -> None:
     """List known models, which are on disk, and where to put missing weights."""
-    if weights is not None and not inspect:
+    if weights is not None and inspect is None:
         fail(InputError("--weights names the file --inspect reads under a registry name; add --inspect NAME."))
-    if inspect:
+    if inspect is not None and not inspect.strip():  # "" listed every model, as if --inspect were not given
+        fail(InputError("--inspect needs a model: a registry name (see `farslip models`), a checkpoint file or a "
+                        "model folder."))
+    if inspect is not None:
         from backend.engine.inspect_weights import format_inspection, inspect_model
 
         try:
