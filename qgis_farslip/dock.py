@@ -309,10 +309,10 @@ class FarslipDock(QgsDockWidget):
             parameters.bbox_crs = crs_text(layer.crs())
         return parameters, prepare
 
-    def build_request(self) -> tuple[dict[str, Any], Callable | None, list[str]]:
-        """The POST /v1/segment body, a preparation step for non-file layers, and the output paths."""
+    def build_request(self) -> tuple[dict[str, Any], Callable | None]:
+        """The POST /v1/segment body and a preparation step for non-file layers."""
         parameters, prepare = self.segment_parameters()
-        return parameters.request(), prepare, parameters.output_paths()
+        return parameters.request(), prepare
 
     def _local_copy_step(self, layer: QgsRasterLayer, extent: QgsRectangle, runner: JobRunner | None = None
                          ) -> Callable:
@@ -401,7 +401,7 @@ class FarslipDock(QgsDockWidget):
         layer_name = self.form.layerCombo.currentLayer().name()
         self.show_status(self.tr("Submitting the job..."))
         self.runner.start(self.tr("FarSLIP: segmenting {}").format(layer_name), self.manager.connection,
-                          "segment", parameters.request(), prepare, parameters.output_paths())
+                          "segment", parameters.request(), prepare)
 
     def cancel(self) -> None:
         if self.runner.cancel():

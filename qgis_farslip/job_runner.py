@@ -55,8 +55,8 @@ class JobRunner(QObject):
         self.cancel_button.setEnabled(busy)
 
     def start(self, description: str, connection: Connection, kind: str, request: dict[str, Any],
-              prepare: Callable | None = None, output_paths: list[str] | None = None) -> JobTask:
-        task = JobTask(description, connection, kind, request, prepare, output_paths)
+              prepare: Callable | None = None) -> JobTask:
+        task = JobTask(description, connection, kind, request, prepare)
         task.jobUpdated.connect(self._updated)
         task.backendLost.connect(self.backendLost)
         task.succeeded.connect(lambda job: self._end(DONE, job, ""))

@@ -93,16 +93,12 @@ class JobTask(QgsTask):
     cancelledJob = pyqtSignal()
 
     def __init__(self, description: str, connection: Connection, kind: str, request: dict[str, Any],
-                 prepare: Callable[[JobTask, dict[str, Any]], None] | None = None,
-                 output_paths: list[str] | None = None):
+                 prepare: Callable[[JobTask, dict[str, Any]], None] | None = None):
         super().__init__(description, QgsTask.CanCancel)
         self.client = BackendClient(connection)
         self.kind = kind
         self.request = request
         self.prepare = prepare
-        # The files the job writes. Never removed: a cancel that comes as the job finishes finds them written,
-        # perhaps into a GeoPackage with the user's other layers, and the job done (it is reported done).
-        self.output_paths = list(output_paths or [])
         self.job: dict[str, Any] = {}
         self.error = ""
         self.failure_kind = ""  # LOST, REFUSED, or "" for any other failure

@@ -6,7 +6,6 @@ body, the files the job will write and the result layer's name come from here on
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,22 +61,11 @@ class SegmentParameters:
         body.update(self.extra)
         return body
 
-    def output_paths(self) -> list[str]:
-        """The files the job writes (removed if the user cancels in the moment it finishes)."""
-        coarse = coarse_vector_path(self.out) if self.refine != "none" else None
-        return [path for path in (self.out, coarse, self.class_raster, self.prob_raster) if path]
-
     def class_names(self) -> list[str]:
         return [class_name(line) for line in self.class_lines]
 
 
 REFINE_CHOICES = ("none", "edges", "sam")
-
-
-def coarse_vector_path(out: str) -> str:
-    """Where the backend writes the unrefined polygons of a refined run (as checks.coarse_vector_path)."""
-    stem, extension = os.path.splitext(out)
-    return f"{stem}_coarse{extension}"
 
 
 def output_stem(folder: str, layer_name: str, stamp: str) -> str:

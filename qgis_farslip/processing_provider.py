@@ -233,17 +233,15 @@ def loaded_output(out: str, context, layer: str | None = None) -> str:
     return load_instead(context, out, f"{out}|layername={layer or file_layer_name(out)}")
 
 
-def run_backend_job(manager: BackendManager | None, kind: str, request: dict, feedback,
-                    output_paths: list[str]) -> dict:
+def run_backend_job(manager: BackendManager | None, kind: str, request: dict, feedback) -> dict:
     """Run one backend job for an algorithm: progress and messages to the feedback, cancel honoured."""
     if manager is None:
         raise QgsProcessingException(tr("The FarSLIP plugin is not loaded."))
     with manager.processing_job(JOB_WORDS.get(kind, tr("a job"))) as switching:
-        return _run_tracked_job(manager, kind, request, feedback, output_paths, switching)
+        return _run_tracked_job(manager, kind, request, feedback, switching)
 
 
-def _run_tracked_job(manager: BackendManager, kind: str, request: dict, feedback, output_paths: list[str],
-                     switching) -> dict:
+def _run_tracked_job(manager: BackendManager, kind: str, request: dict, feedback, switching) -> dict:
     """run_backend_job's work; `switching` is set when the analyst cancels the job to switch the backend."""
 
     def is_cancelled() -> bool:
@@ -407,8 +405,7 @@ class SegmentByClassNames(BackendAlgorithm):
             segment.raster = path
             if segment.model:
                 feedback.pushInfo(f"Model: {segment.model}")
-            job = run_backend_job(self.manager_getter(), "segment", segment.request(), feedback,
-                                  segment.output_paths())
+            job = run_backend_job(self.manager_getter(), "segment", segment.request(), feedback)
 
         classes = [(str(item["class"]), int(item["class_id"])) for item in (job.get("result") or {}).get("classes", [])]
         for item in (job.get("result") or {}).get("classes", []):
@@ -467,7 +464,7 @@ class TrainOnLabels(BackendAlgorithm):
                    "method": METHODS[self.parameterAsEnum(parameters, self.METHOD, context)][0],
                    "epochs": self.parameterAsInt(parameters, self.EPOCHS, context),
                    "background": self.parameterAsString(parameters, self.BACKGROUND, context).strip() or None}
-        job = run_backend_job(self.manager_getter(), "train", request, feedback, [])
+        job = run_backend_job(self.manager_getter(), "train", request, feedback)
         model_dir = ((job.get("result") or {}).get("outputs") or {}).get("model_dir") or out
         summary = metrics_text(job.get("result") or {})
         if summary:
@@ -509,7 +506,7 @@ class EvaluateOnLabels(BackendAlgorithm):
                    "model": (self.parameterAsString(parameters, self.MODEL, context).strip()
                              or PluginSettings.load().default_model or None),
                    "background": self.parameterAsString(parameters, self.BACKGROUND, context).strip() or None}
-        job = run_backend_job(self.manager_getter(), "evaluate", request, feedback, [out_json])
+        job = run_backend_job(self.manager_getter(), "evaluate", request, feedback)
         metrics = (job.get("result") or {}).get("metrics") or {}
         for item in metrics.get("classes", []):
             iou = item.get("iou")
@@ -574,7 +571,7 @@ class SearchBySentences(BackendAlgorithm):
         if extent is not None:  # clipped to the raster, in its CRS, as Segment sends it
             request["bbox"] = [extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum()]
             request["bbox_crs"] = crs_text(raster.crs())
-        run_backend_job(self.manager_getter(), "search", request, feedback, [out])
+        run_backend_job(self.manager_getter(), "search", request, feedback)
         out = loaded_output(out, context)
         if context.willLoadLayerOnCompletion(out):
             post_processor = StyleHits()

@@ -156,7 +156,7 @@ class SearchTab(QObject):
             return
         self.last_error = ""
         try:
-            request, prepare, out = self.build_request(like)
+            request, prepare, _out = self.build_request(like)
         except UserError as error:
             self._show(str(error), error=True)
             self.searchFinished.emit("failed")
@@ -169,7 +169,7 @@ class SearchTab(QObject):
         self.searching = self.form.searchRasterCombo.currentLayer()
         self.searching_name = self.searching.name()
         task = JobTask(f"FarSLIP: searching {self.searching_name}", self.dock.manager.connection, "search",
-                       request, prepare, [out])
+                       request, prepare)
         task.jobUpdated.connect(self._job_updated)
         task.backendLost.connect(self.dock.manager.lost)
         task.succeeded.connect(self._job_done)

@@ -75,7 +75,7 @@ def test_the_dock_reports_a_job_that_finished_as_it_was_cancelled_done(farslip, 
 
     out = str(tmp_path / "project.gpkg")
     users_geopackage(out)
-    task = JobTask("segment", Connection("http://127.0.0.1:1", ""), "segment", {"out": out}, None, [out])
+    task = JobTask("segment", Connection("http://127.0.0.1:1", ""), "segment", {"out": out}, None)
     task.client = FinishingBackend(out, on_poll=task.cancel)
     ended = []
     task.succeeded.connect(lambda job: ended.append(("done", job)))

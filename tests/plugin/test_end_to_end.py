@@ -165,7 +165,7 @@ def test_a_layer_that_is_not_a_local_file_is_copied_to_a_geotiff_first(dock, nai
     assert virtual.isValid() and virtual.providerType() == "virtualraster"
     QgsProject.instance().addMapLayer(virtual)
     dock.form.layerCombo.setLayer(virtual)
-    _request, prepare, _outputs = dock.build_request()
+    _request, prepare = dock.build_request()
     assert prepare is not None, "a non-file layer must be written to a temporary GeoTIFF first"
 
     assert run_dock_job(dock) == "done", dock.last_error

@@ -113,7 +113,7 @@ def test_a_large_gdal_layer_reaches_the_backend_at_its_own_resolution(bare_dock,
     bare_dock.form.layerCombo.setLayer(layer)
     bare_dock.form.classesEdit.setPlainText(CLASS_TEXT)
     bare_dock.form.extentCombo.setCurrentIndex(bare_dock.form.extentCombo.findData("layer"))
-    request, prepare, _outputs = bare_dock.build_request()
+    request, prepare = bare_dock.build_request()
     prepare(None, request)
     copy = gdal.Open(request["raster"])
     assert (copy.RasterXSize, copy.RasterYSize) == (layer.width(), layer.height()) == (9340, 7230)
@@ -151,7 +151,7 @@ def test_an_empty_map_gives_a_sentence_and_whole_layer_needs_no_map(bare_dock, t
     bare_dock.form.layerCombo.setLayer(layer)
     bare_dock.form.classesEdit.setPlainText(CLASS_TEXT)
     bare_dock.form.extentCombo.setCurrentIndex(bare_dock.form.extentCombo.findData("layer"))
-    request, prepare, _outputs = bare_dock.build_request()
+    request, prepare = bare_dock.build_request()
     prepare(None, request)
     assert gdal.Open(request["raster"]).RasterXSize == layer.width()
     bare_dock.form.extentCombo.setCurrentIndex(bare_dock.form.extentCombo.findData("canvas"))
@@ -281,7 +281,7 @@ def test_a_layers_vrt_is_kept_and_rewritten_only_when_its_content_changes(bare_d
 
     def prepared(layer) -> str:
         bare_dock.form.layerCombo.setLayer(layer)
-        request, prepare, _outputs = bare_dock.build_request()
+        request, prepare = bare_dock.build_request()
         prepare(None, request)
         return request["raster"]
 
@@ -332,7 +332,7 @@ def test_the_copy_of_a_web_layer_says_so_and_stops_when_the_job_is_cancelled(doc
     from qgis_farslip.jobs import JobCancelled
 
     on_web_tiles(dock, tmp_path, qgis_iface, "web tiles")
-    request, prepare, _outputs = dock.build_request()
+    request, prepare = dock.build_request()
 
     class Said:
         def __init__(self):

@@ -42,7 +42,7 @@ def sent(farslip, qgis_processing, backend_home, monkeypatch):
         registry.addProvider(provider)
     requests: list[dict] = []
 
-    def recorded(manager, kind, request, feedback, output_paths):
+    def recorded(manager, kind, request, feedback):
         labels = request.get("labels")
         if labels and os.path.exists(labels):
             layer = QgsVectorLayer(labels, "sent", "ogr")
