@@ -429,20 +429,21 @@ def _sample(ds: rasterio.io.DatasetReader, bands: list[int],
 
     Without overviews GDAL decompresses every block for it, which on a large raster costs more than
     segmenting a small extent of it: when neither the values (an 8-bit raster, or a value range
-    given) nor the mask (no nodata, alpha or mask band; not a float raster, which may hold NaN) are needed,
-    nothing is read. Damaged blocks are then found by the run's own reads, with the same sentence and nothing
-    written.
+    given) nor the mask (no nodata, alpha or mask band) are needed, nothing is read: a float raster read with
+    a value range is then not sampled for NaN either, and one holding only NaN is refused by the run's own
+    reads (segment, classify, an index build). Damaged blocks are likewise found by the run's own reads,
+    with the same sentence and nothing written.
     """
     factor = max(1.0, max(ds.width, ds.height) / SAMPLE_SIDE)
     shape = (max(1, int(ds.height / factor)), max(1, int(ds.width / factor)))
     all_valid = all_pixels_valid(ds)
     unique = sorted(set(bands))
     floats = any(not np.issubdtype(np.dtype(ds.dtypes[band - 1]), np.integer) for band in unique)
-    if all_valid and not values and not floats:
+    if all_valid and not values:
         return None, np.ones(shape, bool)
     try:
         data = (ds.read(unique, out_shape=(len(unique), *shape), resampling=Resampling.nearest)
-                if values or floats else None)
+                if values else None)
         mask = np.ones(shape, bool) if all_valid else validity_mask(ds, shape, bands=bands) > 0
     except RasterioError as exc:
         raise unreadable_pixels(ds.name, exc) from exc
