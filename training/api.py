@@ -176,7 +176,7 @@ def check_report_outputs(outputs: dict[str, str | Path | None], inputs: dict[str
     `overwrite`; a confusion matrix is a PNG."""
     for what, given in outputs.items():
         if given:  # as given: a name ending in a separator (a folder's) is refused before Path drops it
-            check_output_file(given, what, inputs, overwrite=overwrite)
+            check_output_file(given, what, inputs, overwrite=overwrite, gdal=False)  # Python writes reports
     chosen = {what: Path(path) for what, path in outputs.items() if path}
     for what, path in chosen.items():
         if what.startswith("--png") and path.suffix.lower() not in ("", ".png"):

@@ -76,7 +76,7 @@ def check_out_folder(out: Path, overwrite: bool, resume: bool, inputs: dict[str,
     """--out may be replaced only when it is a model folder this project wrote, holding none of the inputs."""
     if not out.parent.is_dir():
         raise InputError(missing_folder(out.parent, "--out"))
-    check_output_name(out, "--out folder")
+    check_output_name(out, "--out folder", gdal=False)
     check_output_folder(out)  # the folder that takes --out (and its working folder beside it)
     # Said before whether an input lies inside it: an existing file (an input itself, say) is no folder at all.
     if os.path.lexists(out) and (not out.is_dir() or out.is_symlink()):

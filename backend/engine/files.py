@@ -433,25 +433,27 @@ def check_path_length(path: str | os.PathLike, what: str) -> None:
         raise InputError(shortened(f"The {what} path {os.fspath(path)} {why}; choose a shorter one."))
 
 
-def check_output_name(path: str | os.PathLike, what: str) -> Path:
+def check_output_name(path: str | os.PathLike, what: str, gdal: bool = True) -> Path:
     """An output's name is one the file system and our temporary names can hold: no control
     characters (a newline in a file name breaks every tool that lists the folder), and short enough
-    that its staged copy (a longer hidden name beside it) still fits; a UTF-8 name (check_utf8_name)."""
+    that its staged copy (a longer hidden name beside it) still fits; for a file GDAL writes (`gdal`), a UTF-8
+    name (check_utf8_name). Python writes the others (a --json report, a PNG, a model folder) by any name."""
     path = Path(path)
     text = str(path)
     bad = next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
     if bad is not None:
         raise InputError(f"The {what} path {text!r} holds the control character {bad!r}; give a file name "
                          "without tabs, newlines or other control characters.")
-    check_utf8_name(text, what, writes=True)
+    if gdal:
+        check_utf8_name(text, what, writes=True)
     check_path_length(path.parent, what)  # a folder's name or the whole path: asking about the folder would fail
     try:
         name_max = os.pathconf(path.parent if path.parent.is_dir() else ".", "PC_NAME_MAX")
     except (OSError, ValueError):
         name_max = 255
-    longest = max(name_max - STAGED_NAME_EXTRA - len(path.suffix.encode("utf-8")), 16)
-    if len(path.name.encode("utf-8")) > longest:
-        size = len(path.name.encode("utf-8"))
+    longest = max(name_max - STAGED_NAME_EXTRA - len(os.fsencode(path.suffix)), 16)
+    if len(os.fsencode(path.name)) > longest:
+        size = len(os.fsencode(path.name))
         raise InputError(f"The name of the {what} ({path.name[:40]}...) is too long: {size} bytes, at most "
                          f"{longest} here; choose a shorter name.")
     check_path_length(path, what)
@@ -503,17 +505,17 @@ def output_file_option(value: str | os.PathLike | None, what: str) -> Path | Non
 
 def check_output_files(given: Mapping[str, str | os.PathLike], inputs: dict[str, Path] | None = None,
                        overwrite: bool = False, option: str = "--overwrite",
-                       replaced: Iterable[Path] | None = None) -> None:
+                       replaced: Iterable[Path] | None = None, gdal: bool = True) -> None:
     """Everything the files a run writes (`given`: {what it is called in a sentence: path}) must pass
     before it starts: names the disk can hold (not a folder's: a name ending in a separator), folders that
     exist and take files, no folder or device there, none of them one of the run's `inputs` or another of
     them, and (unless `overwrite`) none of `replaced` (default: all of them) there yet. `option` is how the
-    user allows overwriting."""
+    user allows overwriting; `gdal`: whether GDAL writes them (check_output_name)."""
     for what, path in given.items():
         refuse_folder_name(path, what)
     named = {what: Path(path) for what, path in given.items()}
     for what, path in named.items():
-        check_output_name(path, what)
+        check_output_name(path, what, gdal)
     refuse_outputs_over_inputs(named, {what: Path(path) for what, path in (inputs or {}).items() if path})
     for what, path in named.items():
         check_output_folder(path)
@@ -562,9 +564,9 @@ def check_output_files(given: Mapping[str, str | os.PathLike], inputs: dict[str,
 
 
 def check_output_file(path: str | os.PathLike, what: str, inputs: dict[str, Path] | None = None,
-                      overwrite: bool = False, option: str = "--overwrite") -> Path:
+                      overwrite: bool = False, option: str = "--overwrite", gdal: bool = True) -> Path:
     """check_output_files for a run that writes one file."""
-    check_output_files({what: path}, inputs, overwrite, option)
+    check_output_files({what: path}, inputs, overwrite, option, gdal=gdal)
     return Path(path)
 
 

@@ -197,7 +197,7 @@ def bench(
         dev = resolve_device(device)
         json_out = output_file_option(json_out_given, "figures file (--json)")
         if json_out:
-            check_output_file(json_out, "figures file (--json)", overwrite=overwrite)
+            check_output_file(json_out, "figures file (--json)", overwrite=overwrite, gdal=False)
         from .bench import arch_config
 
         arch_config(arch)

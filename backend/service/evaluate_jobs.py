@@ -49,7 +49,8 @@ def _check_out_json(request: dict, raster: str, model: str | None) -> list[str]:
     model_file = model if model and looks_like_path(model) else None
     inputs = input_paths([("raster", raster_file(raster)), ("labels", str(vector_file(request["labels"]))),
                           ("model", model_file)])
-    check_output_file(out_json, "out_json", inputs, bool(request.get("overwrite")), option='"overwrite": true')
+    check_output_file(out_json, "out_json", inputs, bool(request.get("overwrite")), option='"overwrite": true',
+                      gdal=False)
     return [out_json]
 
 

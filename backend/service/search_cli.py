@@ -211,7 +211,7 @@ def evaluate_retrieval_command(
                 check_output_file(json_out, "--json file",
                                   _inputs(None, model, weights, **{"caption JSON": caption_file},
                                           **{f"dataset image {path.name}": path for path in images}),
-                                  overwrite=overwrite)
+                                  overwrite=overwrite, gdal=False)
             loaded = _load(model, weights, device)
             with ProgressReporter(quiet, f"embedding {folder.name}", unit="images") as reporter:
                 result = evaluate(folder, loaded, split, batch_size, progress=reporter, protocol=protocol)

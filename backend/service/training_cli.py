@@ -160,7 +160,7 @@ def evaluate_command(
         if calibrate_quality:  # where the calibration goes, checked before the evaluation runs
             target = calibration_target(loaded, quality_out)
             if quality_out is None:  # an existing one is compared, then replaced only with --overwrite
-                check_output_file(target, "quality calibration", inputs, overwrite=True)
+                check_output_file(target, "quality calibration", inputs, overwrite=True, gdal=False)
         result = evaluate_model(raster, labels, class_field, model=model,
                                 weights=str(weights) if weights else None, background=background, aoi=aoi,
                                 class_names=class_names, split=split,
@@ -406,7 +406,7 @@ def train_command(
                                      "choose another place for it.")
                 check_output_file(json_out, "--json file", training_inputs(raster_file(raster), labels, aoi, base_model,
                                                                            weights),
-                                  overwrite=overwrite)
+                                  overwrite=overwrite, gdal=False)
             dev = resolve_device(device)
             options = TrainOptions(batch_size=batch_size, steps_per_epoch=steps_per_epoch, seed=seed,
                                    teacher=teacher)
