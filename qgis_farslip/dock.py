@@ -33,7 +33,7 @@ from .extent import (LocalCopyError, PixelWindow, crs_text, displayed_bands, exp
                      has_pixel_size, local_raster_path, missing_layer_file, transform_extent, vrt_step,
                      whole_web_layer_text, write_geotiff)
 from .job_runner import CANCELLED, DONE, JobRunner
-from .jobs import LOST, REFUSED, JobCancelled, eta_text, features_cached
+from .jobs import CANCEL_TOO_LATE, LOST, REFUSED, JobCancelled, eta_text, features_cached
 from .model_picker import ModelPicker, finetuned_class_lines
 from .parameters import MAX_THRESHOLD, SegmentParameters, output_stem, safe_name
 from .remembered import LastChoices
@@ -478,7 +478,8 @@ class FarslipDock(QgsDockWidget):
         warnings = [str(w) for w in (job.get("result") or {}).get("warnings") or [] if w]
         for warning in warnings:
             log(warning, Qgis.Warning)
-        self.show_status("\n".join([status, *(self.tr("Warning: {}").format(w) for w in warnings)]))
+        late = [CANCEL_TOO_LATE] if job.get("cancelled_too_late") else []  # the analyst pressed Cancel
+        self.show_status("\n".join([*late, status, *(self.tr("Warning: {}").format(w) for w in warnings)]))
         self.form.exportButton.setEnabled(True)
         self.probability.offer(self.last_layers, result_classes(job))
         vectors = [layer for layer in self.last_layers if has_quality(layer)]

@@ -1,7 +1,7 @@
 """The parameters of one segmentation, shared by the dock and the Processing algorithm.
 
 Both fill a SegmentParameters from their own widgets or parameters; the request
-body, the files the job will write and the result layer's name come from here only.
+body and the result layer's name come from here only.
 """
 
 from __future__ import annotations

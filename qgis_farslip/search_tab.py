@@ -28,7 +28,7 @@ from .extent import (crs_text, displayed_bands, gdal_dataset_name, hit_window, l
                      transform_extent, vrt_step)
 from .extent_choice import ExtentError, overlapping_part
 from .filenames import safe_file_stem, unused_stem
-from .jobs import JobTask, eta_text
+from .jobs import CANCEL_TOO_LATE, JobTask, eta_text
 from .search_hits import load_hits
 from .settings import PluginSettings
 
@@ -226,6 +226,8 @@ class SearchTab(QObject):
         hits = result.get("hits") or []
         self.show_hits(hits)
         notices = result.get("notices") or []
+        if job.get("cancelled_too_late"):  # the analyst pressed Cancel as the search finished
+            notices = [CANCEL_TOO_LATE, *notices]
         if not alive:
             notices = [f"The searched raster {self.searching_name} was removed from the project while the search "
                        "ran; add it again to see the hits on it.", *notices]

@@ -31,7 +31,7 @@ from .filenames import safe_file_stem
 from .extent import crs_overridden, displayed_bands, local_raster_path, missing_layer_file
 from .extent_choice import ExtentError, clipped_to_layer
 from .job_runner import JobRunner
-from .jobs import eta_text
+from .jobs import CANCEL_TOO_LATE, eta_text
 from .settings import PluginSettings, backend_home, plugin_cache_dir
 from .i18n import tr
 
@@ -312,8 +312,10 @@ class TrainTab(QObject):
                 raise UserError(tr("The labels of {} do not overlap the raster {}.").format(labels.name(),
                                                                                           raster.name()))
             prepare = self.dock._local_copy_step(raster, extent, self.runner)
-        # The labels' copy (where one is written) last: a refusal above leaves no folder behind.
-        request["labels"] = labels_file(labels, class_field, self.runner.temporary_dir, selected_only)
+        # The labels' copy (where one is written) last: a refusal above leaves no copy behind. It is kept (named
+        # after what it holds, as Processing's): the model records it, and an evaluation on the same labels
+        # knows them and scores the model's held-out strip.
+        request["labels"] = labels_file(labels, class_field, kept_labels_dir, selected_only, kept=True)
         return request, prepare, out
 
     def _base_model(self) -> str | None:
@@ -382,6 +384,8 @@ class TrainTab(QObject):
 
     def _job_done(self, job: dict) -> None:
         result = job.get("result") or {}
+        if job.get("cancelled_too_late"):  # the analyst pressed Cancel as the training finished
+            self._show(CANCEL_TOO_LATE)
         self.last_model_dir = (result.get("outputs") or {}).get("model_dir") or job["request"].get("out", "")
         # A warning is the job's message until the next one replaces it, maybe before a poll saw it: the
         # result holds them all, and those the log does not show yet are shown now.

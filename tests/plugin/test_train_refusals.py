@@ -15,6 +15,7 @@ from qgis.core import (
     QgsProject,
     QgsRectangle,
     QgsVectorLayer,
+    edit,
 )
 from qgis.PyQt.QtCore import QVariant
 
@@ -76,7 +77,26 @@ def test_a_refused_training_leaves_no_copy_of_the_labels(bare_dock, made_folders
     choose(bare_dock, added(subdataset(tmp_path), "table"), labels_layer("EPSG:4326", [QgsRectangle(10, 10, 11, 11)]))
     bare_dock.train_tab.train()
     assert bare_dock.train_tab.last_error == "The labels of labels do not overlap the raster table."
-    assert made_folders and not [folder for folder in made_folders if os.path.exists(folder)]
+    assert not [folder for folder in made_folders if os.path.exists(folder)]
+
+
+def test_the_labels_copy_is_kept_and_the_same_labels_give_the_same_file(bare_dock, made_folders):
+    """A memory layer's labels are copied for the backend; the copy is kept (the model records it) and named
+    after what it holds, so training again, or an evaluation, on the same labels finds the same file."""
+    from qgis_farslip.train_tab import kept_labels_dir
+
+    naip = added(str(NAIP), "naip")
+    corner = naip.extent()
+    labels = labels_layer(naip.crs().authid(), [QgsRectangle(corner.xMinimum(), corner.yMinimum(),
+                                                             corner.xMinimum() + 400, corner.yMinimum() + 400)])
+    choose(bare_dock, naip, labels)
+    first = bare_dock.train_tab.build_request()[0]["labels"]
+    assert os.path.dirname(first) == kept_labels_dir() and os.path.isfile(first)
+    written = os.path.getmtime(first)
+    assert bare_dock.train_tab.build_request()[0]["labels"] == first and os.path.getmtime(first) == written
+    with edit(labels):
+        labels.changeAttributeValue(next(labels.getFeatures()).id(), labels.fields().indexOf("class"), "other")
+    assert bare_dock.train_tab.build_request()[0]["labels"] != first
 
 
 def test_a_run_waiting_for_the_backend_leaves_no_copy_of_a_web_layer(bare_dock, made_folders, tmp_path, qgis_iface):
