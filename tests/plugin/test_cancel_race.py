@@ -93,3 +93,20 @@ def test_a_cancel_in_time_ends_cancelled_and_leaves_the_file_alone(farslip, tmp_
     with pytest.raises(JobCancelled):
         run_job(FinishingBackend(out, in_time=True), "segment", {"out": out}, lambda job: None, lambda: True)
     assert tables(out) == ["roads"]
+
+
+def test_the_train_tab_says_the_cancel_came_too_late(bare_dock, tmp_path):
+    """The dock's tabs load a job that finished as it was cancelled: the analyst pressed Cancel, so the log says
+    why the model is there all the same."""
+    from qgis_farslip.jobs import CANCEL_TOO_LATE
+
+    tab = bare_dock.train_tab
+    model = str(tmp_path / "my-model")
+    tab._job_finished("done", {"state": "done", "cancelled_too_late": True, "request": {"out": model},
+                               "result": {"outputs": {"model_dir": model}}}, "")
+    said = tab.form.trainLog.toPlainText()
+    assert CANCEL_TOO_LATE in said and "Saved the model my-model" in said
+    tab.form.trainLog.clear()
+    tab._job_finished("done", {"state": "done", "request": {"out": model}, "result": {"outputs": {"model_dir": model}}},
+                      "")
+    assert CANCEL_TOO_LATE not in tab.form.trainLog.toPlainText()
