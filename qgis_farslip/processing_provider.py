@@ -126,6 +126,10 @@ class BackendAlgorithm(QgsProcessingAlgorithm):
         selected_only = False
         if isinstance(given, QgsProcessingFeatureSourceDefinition):  # the layer, with "Selected features only"
             selected_only = given.selectedFeaturesOnly
+            if given.featureLimit > 0:  # the dialog's Advanced options: a sample of the polygons would train
+                raise QgsProcessingException(tr(
+                    "A feature limit ({}) is set on the labelled polygons; FarSLIP uses all of them (or the "
+                    "selected ones): remove the limit, or select the polygons to use.").format(given.featureLimit))
             given, _ok = given.source.valueAsString(context.expressionContext(), "")
         labels = self.parameterAsVectorLayer({**parameters, self.LABELS: given}, self.LABELS, context)
         if labels is None or not labels.isValid():
@@ -360,7 +364,7 @@ class SegmentByClassNames(BackendAlgorithm):
         # A fine-tuned model brings its own classes (the dock fills them in): used when none are given.
         trained = finetuned_class_lines(finetuned_folder(model))
         if not class_lines and trained:
-            class_lines = trained
+            class_lines = parse_class_text("\n".join(trained))  # as the dock's class box reads them
             feedback.pushInfo(tr("Classes of the fine-tuned model {}: {}").format(
                 model, "; ".join(f"'{line}'" for line in trained)))
         elif trained and class_lines != parse_class_text("\n".join(trained)):

@@ -191,3 +191,21 @@ def test_train_then_evaluate_on_a_copied_layer_send_the_same_kept_file(sent, tmp
     assert sent[4]["labels"] not in (trained, sent[3]["labels"]) and sent[4]["sent_labels"] == ["lake"]
     assert not [name for name in os.listdir(kept_labels_dir()) if name.startswith(".")]  # no draft left
     QgsProject.instance().removeMapLayer(layer.id())
+
+
+def test_a_feature_limit_on_the_labels_is_refused_not_ignored(sent, tmp_path):
+    """The dialog's Advanced options can limit a feature source to its first N features: the algorithm sent all
+    of them without a word. It refuses the limit (a sample of the labels is not what the analyst drew)."""
+    from plugin_helpers import save_as_geopackage
+    from qgis.core import QgsFeatureRequest, QgsProject
+
+    path = str(tmp_path / "labels.gpkg")
+    save_as_geopackage(memory_labels(), path)
+    layer = QgsVectorLayer(path, "labels", "ogr")
+    QgsProject.instance().addMapLayer(layer)
+    limited = QgsProcessingFeatureSourceDefinition(layer.id(), False, 2, QgsProcessingFeatureSourceDefinition.Flags(),
+                                                   QgsFeatureRequest.GeometryAbortOnInvalid)
+    with pytest.raises(QgsProcessingException, match=r"A feature limit \(2\) is set on the labelled polygons"):
+        evaluate(limited, "cls", tmp_path)
+    assert sent == []
+    QgsProject.instance().removeMapLayer(layer.id())
