@@ -177,6 +177,17 @@ def test_a_layer_that_is_not_a_local_file_is_copied_to_a_geotiff_first(dock, nai
 
 
 def test_cancel_leaves_no_layer_and_no_file(dock, tmp_path):
+    """A cancel while the job runs: nothing is loaded or written. (On NAIP itself the tiny model could finish
+    before the cancel reached it; a finished job's results are kept, so the raster is enlarged 3x, tens of
+    seconds of work.)"""
+    from osgeo import gdal
+    from plugin_helpers import NAIP, added
+
+    big = str(tmp_path / "big.tif")
+    source = gdal.Open(str(NAIP))
+    assert gdal.Translate(big, source, width=source.RasterXSize * 3, height=source.RasterYSize * 3) is not None
+    layer = added(big, "big")
+    dock.form.layerCombo.setLayer(layer)
     dock.form.probRasterCheck.setChecked(True)
     layers_before = set(QgsProject.instance().mapLayers())
     states, updates = [], []
@@ -190,6 +201,7 @@ def test_cancel_leaves_no_layer_and_no_file(dock, tmp_path):
     assert set(QgsProject.instance().mapLayers()) == layers_before
     assert empty_dir(tmp_path / "results"), list((tmp_path / "results").iterdir())
     assert dock.form.runButton.isEnabled() and not dock.form.cancelButton.isEnabled()
+    QgsProject.instance().removeMapLayer(layer.id())
 
 
 def test_processing_algorithm_runs_through_processing_run(running_plugin, qgis_processing, naip_layer,
