@@ -34,10 +34,10 @@ demo: $(BACKEND)
 test: lint test-backend test-plugin
 
 test-backend: $(BACKEND)
-	$(VENV)/bin/python -m pytest tests/architecture tests/backend tests/training tests/scale tests/e2e
+	$(VENV)/bin/python -m pytest --durations=25 tests/architecture tests/backend tests/training tests/scale tests/e2e
 
 test-plugin: $(BACKEND) $(QGIS)
-	QT_QPA_PLATFORM=offscreen $(QVENV)/bin/python -m pytest tests/plugin
+	QT_QPA_PLATFORM=offscreen $(QVENV)/bin/python -m pytest --durations=15 tests/plugin
 
 # The README picture: the plugin test renders it into build/ (test runs never touch docs/); this copies it.
 screenshot: $(BACKEND) $(QGIS)
