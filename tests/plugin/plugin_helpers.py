@@ -52,6 +52,22 @@ def save_as_geopackage(layer, path: str) -> None:
     assert error == QgsVectorFileWriter.NoError, message
 
 
+def users_roads_geopackage(path: str, crs: str, wkt: str) -> None:
+    """A GeoPackage holding a user's own layer 'roads' (one line), which a job writing into the same file must keep."""
+    from qgis.core import QgsFeature, QgsGeometry, QgsProject, QgsVectorFileWriter, QgsVectorLayer
+
+    roads = QgsVectorLayer(f"LineString?crs={crs}&field=name:string", "roads", "memory")
+    feature = QgsFeature(roads.fields())
+    feature.setGeometry(QgsGeometry.fromWkt(wkt))
+    feature.setAttributes(["main street"])
+    roads.dataProvider().addFeatures([feature])
+    options = QgsVectorFileWriter.SaveVectorOptions()
+    options.driverName, options.layerName = "GPKG", "roads"
+    error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(
+        roads, path, QgsProject.instance().transformContext(), options)
+    assert error == QgsVectorFileWriter.NoError, message
+
+
 def memory_result(crs: str, classes: tuple[tuple[str, float], ...] = (("water", 0.2),)):
     """A segment result as the Review tab reads it, as a temporary (memory) layer: one 50 m square per (class,
     quality), 100 m apart, with a result's fields."""

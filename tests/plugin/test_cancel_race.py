@@ -6,7 +6,7 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
-from qgis.core import QgsFeature, QgsGeometry, QgsProject, QgsVectorFileWriter, QgsVectorLayer
+from plugin_helpers import users_roads_geopackage
 
 
 class FinishingBackend:
@@ -40,16 +40,7 @@ class FinishingBackend:
 
 def users_geopackage(path: str) -> None:
     """A GeoPackage with the user's layer 'roads' (the job adds its own layer to it)."""
-    roads = QgsVectorLayer("LineString?crs=EPSG:26914&field=name:string", "roads", "memory")
-    feature = QgsFeature(roads.fields())
-    feature.setGeometry(QgsGeometry.fromWkt("LINESTRING(486000 5206000, 487000 5207000)"))
-    feature.setAttributes(["main street"])
-    roads.dataProvider().addFeatures([feature])
-    options = QgsVectorFileWriter.SaveVectorOptions()
-    options.driverName, options.layerName = "GPKG", "roads"
-    error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(
-        roads, path, QgsProject.instance().transformContext(), options)
-    assert error == QgsVectorFileWriter.NoError, message
+    users_roads_geopackage(path, "EPSG:26914", "LINESTRING(486000 5206000, 487000 5207000)")
 
 
 def tables(path: str) -> list[str]:

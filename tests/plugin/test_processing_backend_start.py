@@ -8,7 +8,7 @@ import sqlite3
 import time
 
 import pytest
-from plugin_helpers import NAIP, REPO, start_algorithm, wait_until
+from plugin_helpers import NAIP, REPO, start_algorithm, users_roads_geopackage, wait_until
 from qgis.core import QgsApplication, QgsProject, QgsVectorLayer
 from qgis.PyQt.QtCore import QThreadPool
 
@@ -66,16 +66,7 @@ def test_into_an_existing_geopackage_the_written_layer_is_what_loads(idle_plugin
     """The backend adds its layer beside the file's others; QGIS loaded the file's first table (the user's roads)
     as 'Segmented polygons' and styled it by class."""
     target = tmp_path / "project.gpkg"
-    roads = QgsVectorLayer("LineString?crs=EPSG:4326&field=name:string", "roads", "memory")
-    from qgis.core import QgsFeature, QgsGeometry, QgsVectorFileWriter
-
-    feature = QgsFeature(roads.fields())
-    feature.setGeometry(QgsGeometry.fromWkt("LINESTRING(1 2, 3 4)"))
-    feature.setAttributes(["main street"])
-    roads.dataProvider().addFeatures([feature])
-    options = QgsVectorFileWriter.SaveVectorOptions()
-    options.driverName, options.layerName = "GPKG", "roads"
-    QgsVectorFileWriter.writeAsVectorFormatV3(roads, str(target), QgsProject.instance().transformContext(), options)
+    users_roads_geopackage(str(target), "EPSG:4326", "LINESTRING(1 2, 3 4)")
     import processing
 
     before = set(QgsProject.instance().mapLayers())
