@@ -95,6 +95,29 @@ def labels_digest(layer: QgsVectorLayer, index: int, selected_only: bool) -> str
     return digest.hexdigest()
 
 
+KEPT_LABELS_DAYS = 90
+
+
+def prune_kept_labels(folder: str, days: float = KEPT_LABELS_DAYS) -> None:
+    """Remove the kept labels copies (and drafts a crash left) that no run used for `days` days. Nothing is lost:
+    a copy is remade, byte for byte, from the same labels (labels_file), so an evaluation still knows them."""
+    cutoff = time.time() - days * 86400
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if entry.stat(follow_symlinks=False).st_mtime >= cutoff:
+                continue
+            if entry.is_dir(follow_symlinks=False) and entry.name.startswith(".draft-"):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            elif entry.is_file(follow_symlinks=False) and entry.name.endswith((".gpkg", ".gpkg-wal", ".gpkg-shm")):
+                os.remove(entry.path)
+        except OSError:
+            pass  # in use elsewhere, or removed meanwhile: left for the next time
+
+
 def labels_file(layer: QgsVectorLayer, class_field: str, folder_maker: Callable[[], str],
                 selected_only: bool = False, kept: bool = False) -> str:
     """A file the backend can read the labels from: the layer's own file, or a GeoPackage copy of it (of its
@@ -125,8 +148,14 @@ def labels_file(layer: QgsVectorLayer, class_field: str, folder_maker: Callable[
     if kept:
         digest = labels_digest(layer, index, selected_only)[:20]
         stem = f"{safe_file_stem(layer.name(), fallback='labels')[:40]}-{digest}"
-        if os.path.isfile(os.path.join(folder, stem + ".gpkg")):
-            return os.path.join(folder, stem + ".gpkg")  # these labels, copied before
+        copied = os.path.join(folder, stem + ".gpkg")
+        try:
+            os.utime(copied)  # these labels, copied before and in use again: kept for another while
+        except OSError:
+            pass  # not copied before
+        prune_kept_labels(folder)
+        if os.path.isfile(copied):
+            return copied
     path = os.path.join(folder, stem + ".gpkg")
     options = QgsVectorFileWriter.SaveVectorOptions()
     options.driverName = "GPKG"

@@ -4,6 +4,7 @@ backend) leaves no temporary copy of the labels or of a web layer behind."""
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 from plugin_helpers import NAIP, added, subdataset, xyz_source
@@ -92,11 +93,38 @@ def test_the_labels_copy_is_kept_and_the_same_labels_give_the_same_file(bare_doc
     choose(bare_dock, naip, labels)
     first = bare_dock.train_tab.build_request()[0]["labels"]
     assert os.path.dirname(first) == kept_labels_dir() and os.path.isfile(first)
-    written = os.path.getmtime(first)
-    assert bare_dock.train_tab.build_request()[0]["labels"] == first and os.path.getmtime(first) == written
+    written = os.stat(first).st_ino
+    assert bare_dock.train_tab.build_request()[0]["labels"] == first and os.stat(first).st_ino == written
     with edit(labels):
         labels.changeAttributeValue(next(labels.getFeatures()).id(), labels.fields().indexOf("class"), "other")
     assert bare_dock.train_tab.build_request()[0]["labels"] != first
+
+
+def test_labels_copies_no_run_used_for_months_are_removed(bare_dock, made_folders):
+    """The kept copies do not pile up in the cache for ever: those no run used for 90 days go (with drafts a
+    crash left), a copy used again is kept another 90 days, and recent ones stay."""
+    from qgis_farslip.train_tab import kept_labels_dir
+
+    naip = added(str(NAIP), "naip")
+    corner = naip.extent()
+    labels = labels_layer(naip.crs().authid(), [QgsRectangle(corner.xMinimum(), corner.yMinimum(),
+                                                             corner.xMinimum() + 400, corner.yMinimum() + 400)])
+    choose(bare_dock, naip, labels)
+    current = bare_dock.train_tab.build_request()[0]["labels"]
+    made = os.stat(current).st_ino
+    folder = kept_labels_dir()
+    old, recent, draft = (os.path.join(folder, name) for name in ("old-0123.gpkg", "recent-4567.gpkg", ".draft-x"))
+    for path in (old, recent):
+        with open(path, "wb") as file:
+            file.write(b"a labels copy")
+    os.makedirs(draft)
+    days = 86400
+    for path, age in ((old, 100 * days), (draft, 100 * days), (recent, 10 * days), (current, 100 * days)):
+        os.utime(path, (time.time() - age, time.time() - age))
+    assert bare_dock.train_tab.build_request()[0]["labels"] == current
+    assert not os.path.exists(old) and not os.path.exists(draft)
+    assert os.path.isfile(recent) and os.stat(current).st_ino == made  # used again: kept, not remade
+    assert time.time() - os.path.getmtime(current) < days
 
 
 def test_a_run_waiting_for_the_backend_leaves_no_copy_of_a_web_layer(bare_dock, made_folders, tmp_path, qgis_iface):
