@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from qgis.core import (
@@ -49,6 +50,17 @@ class UserError(ValueError):
     """Something the user can fix in the dock; the message says what."""
 
 
+@dataclass
+class SegmentRun:
+    """A run as the form held it when Run was pressed: what is submitted, also once a starting backend is ready
+    (the form may have changed meanwhile: another layer, a panned map, other classes)."""
+
+    parameters: SegmentParameters
+    prepare: Callable | None
+    layer_id: str
+    layer_name: str
+
+
 class FarslipDock(QgsDockWidget):
     jobFinished = pyqtSignal(str)  # "done", "failed" or "cancelled"; for scripts and tests
     settingsRequested = pyqtSignal()
@@ -69,7 +81,7 @@ class FarslipDock(QgsDockWidget):
 
         self.last_layers: list[Any] = []
         self.last_error = ""
-        self._pending_run = False
+        self._pending_run: SegmentRun | None = None  # pressed while the backend starts: submitted once it is ready
         self._downloading = ""  # the model a running download job fetches
         self._select_after_refresh = ""
         self._run_name = ""
@@ -121,13 +133,27 @@ class FarslipDock(QgsDockWidget):
         self.backend.refresh_lists()
 
     def _backend_ready(self, _connection: Connection, _health: dict) -> None:
-        if self._pending_run:
-            self._pending_run = False
-            self.run()
+        pending, self._pending_run = self._pending_run, None
+        if pending is None:
+            return
+        if QgsProject.instance().mapLayer(pending.layer_id) is None:
+            self._pending_refused(self.tr("Not run: the layer {} was removed from the project while the FarSLIP "
+                                          "backend started; add it again and press Run.").format(pending.layer_name))
+            return
+        self._submit(pending)
+
+    def _pending_refused(self, text: str) -> None:
+        """A run waiting for the backend ends before it was sent: `text` says why."""
+        self.runner.remove_temporary_dirs()  # a web layer's copy folder: nothing was written in it
+        self.runner.set_busy(False)
+        self.form.progressBar.setValue(0)
+        self.show_status(text, error=True)
+        self.jobFinished.emit("failed")
 
     def _backend_failed(self, _message: str) -> None:
         if self._pending_run:
-            self._pending_run = False
+            self._pending_run = None
+            self.runner.remove_temporary_dirs()
             self.runner.set_busy(False)
             if self.manager.lost_url:  # the user's `farslip serve` stopped: say so here too, with its actions
                 text, actions = self.manager.not_running_text()
@@ -378,36 +404,43 @@ class FarslipDock(QgsDockWidget):
             log(text, Qgis.Warning)
 
     def run(self) -> None:
-        if self.runner.running:
+        if self.runner.running or self._pending_run is not None:
             return
         self.last_error = ""
         try:
             parameters, prepare = self.segment_parameters()
         except UserError as error:
+            self.runner.remove_temporary_dirs()  # a web layer's copy folder, made before the refusal
             self.show_status(str(error), error=True)
             self.form.progressBar.setValue(0)
             self.jobFinished.emit("failed")
             return
         self.choices().save()
+        layer = self.form.layerCombo.currentLayer()
+        pressed = SegmentRun(parameters, prepare, layer.id(), layer.name())
         if self.manager.state != "ready" or self.manager.connection is None:
-            self.runner.remove_temporary_dirs()  # a web layer's copy folder: run() prepares again once connected
-            self._pending_run = True
+            # What was pressed is sent once the backend is ready, whatever the form holds by then.
+            self._pending_run = pressed
             self.runner.set_busy(True)
             self.show_status(self.tr("Connecting to the FarSLIP backend..."))
             self.manager.ensure()
             return
+        self._submit(pressed)
+
+    def _submit(self, run: SegmentRun) -> None:
         self._downloading = ""
+        parameters = run.parameters
         self._run_name = result_name(parameters.preset, parameters.class_names(), time.strftime("%H:%M:%S"))
-        layer_name = self.form.layerCombo.currentLayer().name()
         self.show_status(self.tr("Submitting the job..."))
-        self.runner.start(self.tr("FarSLIP: segmenting {}").format(layer_name), self.manager.connection,
-                          "segment", parameters.request(), prepare)
+        self.runner.start(self.tr("FarSLIP: segmenting {}").format(run.layer_name), self.manager.connection,
+                          "segment", parameters.request(), run.prepare)
 
     def cancel(self) -> None:
         if self.runner.cancel():
             self.show_status(self.tr("Cancelling..."))
         elif self._pending_run:
-            self._pending_run = False
+            self._pending_run = None
+            self.runner.remove_temporary_dirs()
             self.runner.set_busy(False)
             self.show_status(self.tr("Cancelled."))
             self.jobFinished.emit("cancelled")

@@ -127,7 +127,11 @@ def test_labels_copies_no_run_used_for_months_are_removed(bare_dock, made_folder
     assert time.time() - os.path.getmtime(current) < days
 
 
-def test_a_run_waiting_for_the_backend_leaves_no_copy_of_a_web_layer(bare_dock, made_folders, tmp_path, qgis_iface):
+@pytest.mark.parametrize("ending", ["cancel", "backend failed"])
+def test_a_run_waiting_for_the_backend_leaves_no_copy_of_a_web_layer(bare_dock, made_folders, tmp_path, qgis_iface,
+                                                                     ending):
+    """The copy folder of the run pressed (its step is what runs once the backend is ready) goes when the
+    wait ends without a job."""
     layer = added(xyz_source(tmp_path), "empty tiles", "wms")
     canvas = qgis_iface.mapCanvas()
     canvas.resize(800, 600)
@@ -138,5 +142,10 @@ def test_a_run_waiting_for_the_backend_leaves_no_copy_of_a_web_layer(bare_dock, 
     bare_dock.form.extentCombo.setCurrentIndex(bare_dock.form.extentCombo.findData("canvas"))
     bare_dock.run()
     assert bare_dock.form.statusLabel.text() == "Connecting to the FarSLIP backend..."
-    assert made_folders and not [folder for folder in made_folders if os.path.exists(folder)]
-    bare_dock.cancel()
+    assert made_folders
+    if ending == "cancel":
+        bare_dock.cancel()
+    else:
+        bare_dock.manager.failed.emit("the backend did not start")
+    assert not [folder for folder in made_folders if os.path.exists(folder)]
+    assert bare_dock.form.runButton.isEnabled()
