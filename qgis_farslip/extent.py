@@ -78,11 +78,64 @@ def crs_overridden(layer: QgsMapLayer) -> bool:
     return layer.crs() != layer.dataProvider().crs()
 
 
+# A band's nodata in a copy for the backend: a value, or None for none (every pixel of the band is data).
+BandNodata = float | None
+
+
+def same_nodata(first: BandNodata, second: BandNodata) -> bool:
+    if first is None or second is None:
+        return first is second
+    return first == second or (math.isnan(first) and math.isnan(second))
+
+
+def nodata_overridden(layer: QgsRasterLayer) -> tuple[BandNodata, ...] | None:
+    """Per band, the nodata of what QGIS shows, where it is not the file's own: an 'Additional no data value'
+    set in QGIS (Layer Properties > Transparency), or the file's own switched off ('No data value' unticked).
+    None where QGIS uses the file's nodata as it is.
+
+    LocalCopyError where QGIS's nodata is not one value per band (a range, or a value beside the file's own),
+    which a raster file cannot carry: the backend would classify pixels that QGIS shows as transparent."""
+    provider = layer.dataProvider()
+    if provider is None or layer.providerType() != "gdal":
+        return None
+    values: list[BandNodata] = []
+    overridden = False
+    for band in range(1, provider.bandCount() + 1):
+        own = float(provider.sourceNoDataValue(band)) if provider.sourceHasNoDataValue(band) else None
+        shown: list[float] = [own] if own is not None and provider.useSourceNoDataValue(band) else []
+        for value_range in provider.userNoDataValues(band):
+            low, high = float(value_range.min()), float(value_range.max())
+            if not same_nodata(low, high):
+                raise LocalCopyError(
+                    f"Layer {layer.name()} has a range of no data values set in QGIS (band {band}: {low:g} to "
+                    f"{high:g}); the backend reads one no data value per band. Set a single value in Layer "
+                    "Properties > Transparency, or save the layer with its no data (Export > Save As...) and "
+                    "use that.")
+            if not any(same_nodata(low, value) for value in shown):
+                shown.append(low)
+        if len(shown) > 1:
+            raise LocalCopyError(
+                f"Layer {layer.name()} has more than one no data value in band {band} "
+                f"({', '.join(f'{value:g}' for value in shown)}: the file's own and one set in QGIS); the backend "
+                "reads one per band. Keep one in Layer Properties > Transparency, or save the layer with its no "
+                "data (Export > Save As...) and use that.")
+        value = shown[0] if shown else None
+        overridden = overridden or not same_nodata(value, own)
+        values.append(value)
+    return tuple(values) if overridden else None
+
+
 def local_raster_path(layer: QgsRasterLayer) -> str | None:
     """The GDAL file behind the layer when the backend sees in it what QGIS shows: a plain local file whose own
-    CRS is the layer's. None otherwise (see `needs_vrt` and `write_vrt` for a copy the backend can read)."""
+    CRS and nodata are the layer's. None otherwise (see `needs_vrt` and `write_vrt` for a copy the backend can
+    read; a nodata QGIS cannot hand over is refused there)."""
     name = gdal_dataset_name(layer)
     if name is None or not os.path.isfile(name) or crs_overridden(layer):
+        return None
+    try:
+        if nodata_overridden(layer) is not None:
+            return None
+    except LocalCopyError:
         return None
     return name
 
@@ -128,15 +181,18 @@ def vrt_cache_dir() -> str:
     return os.path.join(plugin_cache_dir(), "layer-vrt")
 
 
-def vrt_path(source: str, srs: str | None, window: PixelWindow | None = None) -> str:
+def vrt_path(source: str, srs: str | None, window: PixelWindow | None = None,
+             nodata: tuple[BandNodata, ...] | None = None) -> str:
     """Where the VRT of the GDAL dataset `source` (with the CRS `srs` assigned, cut to `window`) lives: one file
     per (source, srs, window) in the plugin's cache folder, the same on every run and in every QGIS session.
 
     The backend knows a raster by its path and bytes (its feature cache and search index are keyed on them): a
     VRT written to a new folder for each run would be a new raster each time, and a re-run with other classes
     would pay for the image encoder again."""
-    key = json.dumps({"source": source, "srs": srs, "window": list(window) if window else None}, sort_keys=True)
-    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:20]
+    key = {"source": source, "srs": srs, "window": list(window) if window else None}
+    if nodata is not None:  # only then: the VRTs kept before nodata was part of the key keep their names
+        key["nodata"] = [None if value is None else repr(value) for value in nodata]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()[:20]
     name = os.path.basename(source.rstrip("/\\")) or "raster"
     stem = safe_file_stem(name, fallback="raster")[:40]  # a.tif, g.gpkg_two: what the backend's messages name
     return os.path.join(vrt_cache_dir(), f"{stem}-{digest}.vrt")
@@ -181,9 +237,11 @@ def read_kept_vrt(path: str) -> KeptVrt | None:
     return KeptVrt(name, srs.text if srs is not None and srs.text else None, (x, y, width, height))
 
 
-def write_vrt(source: str, srs: str | None, path: str, layer_name: str, window: PixelWindow | None = None) -> str:
+def write_vrt(source: str, srs: str | None, path: str, layer_name: str, window: PixelWindow | None = None,
+              nodata: tuple[BandNodata, ...] | None = None) -> str:
     """A VRT of the GDAL dataset `source` at `path`, with the CRS `srs` assigned when given, of the pixels in
-    `window` when given (else of all of them).
+    `window` when given (else of all of them), with each band's nodata `nodata` when given (a value, or None
+    for none) in place of the dataset's own.
 
     A VRT refers to the pixels, so the layer's own grid, bands, colour interpretation, alpha and mask bands
     reach the backend unchanged and nothing is resampled, however large the layer. A VRT already at `path`
@@ -208,6 +266,13 @@ def write_vrt(source: str, srs: str | None, path: str, layer_name: str, window: 
             raise LocalCopyError(missing_file_text(source, layer_name) or (
                 f"{layer_name} cannot be handed to the backend: GDAL cannot describe {source} "
                 f"({gdal.GetLastErrorMsg() or 'no reason given'}). Save the layer as a GeoTIFF and use that."))
+        for number, value in enumerate(nodata or (), start=1):
+            if number <= dataset.RasterCount:
+                band = dataset.GetRasterBand(number)
+                if value is None:
+                    band.DeleteNoDataValue()
+                else:
+                    band.SetNoDataValue(value)
         dataset = None  # closing the dataset writes the VRT
         if same_bytes(draft, path):
             mark_used(path)
@@ -279,9 +344,17 @@ def prune_vrt_cache(folder: str, keep: str = "", now: float | None = None) -> li
 
 def vrt_step(layer: QgsRasterLayer, window: PixelWindow | None = None) -> Callable[[Any, dict], None]:
     """A step for a job's worker thread: write the layer's VRT (with the layer's CRS where QGIS overrides the
-    file's, of `window`'s pixels when given) and name it as the request's raster. Everything it needs is taken
-    from the layer now."""
-    arguments = vrt_arguments(layer, window)
+    file's, its nodata where QGIS shows another, of `window`'s pixels when given) and name it as the request's
+    raster. Everything it needs is taken from the layer now; a layer it cannot describe fails the job there."""
+    try:
+        arguments = vrt_arguments(layer, window)
+    except LocalCopyError as error:
+        refusal = error
+
+        def refuse(task, request):
+            raise refusal
+
+        return refuse
 
     def write_layer_vrt(task, request):
         request["raster"] = write_vrt(*arguments)
@@ -290,13 +363,15 @@ def vrt_step(layer: QgsRasterLayer, window: PixelWindow | None = None) -> Callab
 
 
 def vrt_arguments(layer: QgsRasterLayer, window: PixelWindow | None = None
-                  ) -> tuple[str, str | None, str, str, PixelWindow | None]:
+                  ) -> tuple[str, str | None, str, str, PixelWindow | None, tuple[BandNodata, ...] | None]:
     """write_vrt's arguments for a layer of the gdal provider: its dataset, the layer's CRS where QGIS overrides
-    the file's, the VRT's kept path (`vrt_path`), the layer's name and the window."""
+    the file's, the VRT's kept path (`vrt_path`), the layer's name, the window and the nodata where QGIS
+    overrides the file's (LocalCopyError where it cannot: `nodata_overridden`)."""
     source = gdal_dataset_name(layer)
     assert source is not None, "a VRT describes a layer of the gdal provider"
     srs = crs_text(layer.crs()) if crs_overridden(layer) else None
-    return source, srs, vrt_path(source, srs, window), layer.name(), window
+    nodata = nodata_overridden(layer)
+    return source, srs, vrt_path(source, srs, window, nodata), layer.name(), window, nodata
 
 
 def hit_window(path: str, footprint: list) -> PixelWindow | None:

@@ -38,8 +38,8 @@ from qgis.PyQt.QtCore import QObject, Qt, QVariant
 from qgis.PyQt.QtGui import QColor
 from qgis.PyQt.QtWidgets import QTableWidgetItem, QWidget
 
-from .extent import (gdal_dataset_name, is_kept_vrt, local_raster_path, missing_layer_file, read_kept_vrt,
-                     vrt_arguments)
+from .extent import (LocalCopyError, gdal_dataset_name, is_kept_vrt, local_raster_path, missing_layer_file,
+                     read_kept_vrt, vrt_arguments)
 from .filenames import safe_file_stem, same_file
 from .i18n import tr
 from .results import CLASS_FIELD, RASTER_PROPERTY, categorized_renderer, layer_classes
@@ -113,7 +113,10 @@ def reads_raster(layer: QgsRasterLayer, path: str) -> bool:
     # A VRT pruned since is still known by the first.
     kept = read_kept_vrt(path)
     windows = [None] if kept is None else [None, kept.window]
-    return any(same_file(vrt_arguments(layer, window)[2], path) for window in windows)
+    try:
+        return any(same_file(vrt_arguments(layer, window)[2], path) for window in windows)
+    except LocalCopyError:  # a nodata QGIS cannot hand over: no run reads this layer
+        return False
 
 
 def project_raster_of(path: str, project: QgsProject) -> QgsRasterLayer | None:
