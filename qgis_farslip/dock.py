@@ -59,6 +59,7 @@ class SegmentRun:
     prepare: Callable | None
     layer_id: str
     layer_name: str
+    project: int  # FarslipDock.project_generation when Run was pressed: its result belongs to that project
 
 
 class FarslipDock(QgsDockWidget):
@@ -85,6 +86,10 @@ class FarslipDock(QgsDockWidget):
         self._downloading = ""  # the model a running download job fetches
         self._select_after_refresh = ""
         self._run_name = ""
+        # Counts the projects the analyst opened or cleared (File > New, Open): a result is loaded into the
+        # project its run was pressed in, never into another one opened while it ran.
+        self.project_generation = 0
+        self._job_project = 0
 
         form = self.form
         self.runner = JobRunner(form.progressBar, [form.runButton], form.cancelButton, self)
@@ -116,6 +121,7 @@ class FarslipDock(QgsDockWidget):
         QgsProject.instance().layersWillBeRemoved.connect(self._layers_removed)
         QgsProject.instance().layersAdded.connect(self._layers_added)
         QgsProject.instance().readProject.connect(self.restore_choices)
+        QgsProject.instance().cleared.connect(self._project_cleared)
         self.train_tab = TrainTab(self, settings_loader)
         self.train_tab.runner.backendLost.connect(manager.lost)
         self.search_tab = SearchTab(self, settings_loader)
@@ -135,6 +141,10 @@ class FarslipDock(QgsDockWidget):
     def _backend_ready(self, _connection: Connection, _health: dict) -> None:
         pending, self._pending_run = self._pending_run, None
         if pending is None:
+            return
+        if pending.project != self.project_generation:
+            self._pending_refused(self.tr("Not run: the project was closed while the FarSLIP backend started; "
+                                          "choose the layer and press Run again."))
             return
         if QgsProject.instance().mapLayer(pending.layer_id) is None:
             self._pending_refused(self.tr("Not run: the layer {} was removed from the project while the FarSLIP "
@@ -417,7 +427,7 @@ class FarslipDock(QgsDockWidget):
             return
         self.choices().save()
         layer = self.form.layerCombo.currentLayer()
-        pressed = SegmentRun(parameters, prepare, layer.id(), layer.name())
+        pressed = SegmentRun(parameters, prepare, layer.id(), layer.name(), self.project_generation)
         if self.manager.state != "ready" or self.manager.connection is None:
             # What was pressed is sent once the backend is ready, whatever the form holds by then.
             self._pending_run = pressed
@@ -429,6 +439,7 @@ class FarslipDock(QgsDockWidget):
 
     def _submit(self, run: SegmentRun) -> None:
         self._downloading = ""
+        self._job_project = run.project
         parameters = run.parameters
         self._run_name = result_name(parameters.preset, parameters.class_names(), time.strftime("%H:%M:%S"))
         self.show_status(self.tr("Submitting the job..."))
@@ -453,7 +464,9 @@ class FarslipDock(QgsDockWidget):
         if self._downloading:
             self._download_finished(state, error)
             return
-        if state == DONE:
+        if state == DONE and self._job_project != self.project_generation:
+            self._result_of_closed_project(job)
+        elif state == DONE:
             state = self._load_result(job)
         elif state == CANCELLED:
             self.show_status(self.tr("Cancelled; nothing was written."))
@@ -489,6 +502,25 @@ class FarslipDock(QgsDockWidget):
         else:
             self._show_job_error(error, self.runner.failure_kind)
         self.jobFinished.emit(state)
+
+    def _project_cleared(self) -> None:
+        self.project_generation += 1
+
+    def _result_of_closed_project(self, job: dict) -> None:
+        """A run that ended after the project it was pressed in was closed: its result is not added to the
+        project open now (it is not that project's); its files are kept and said, here and in the message bar."""
+        outputs = (job.get("result") or {}).get("outputs") or {}
+        files = [str(outputs[key]) for key in ("vector", "coarse_vector", "class_raster", "prob_raster")
+                 if outputs.get(key)]
+        text = self.tr("Done, but the project this run was started in was closed meanwhile: its result was not "
+                       "added to the project open now. Its files are kept: {}. Add them with Layer > Add Layer, "
+                       "or run again in this project.").format(", ".join(files) or self.tr("none reported"))
+        self.show_status(text)
+        log(text, Qgis.Info)
+        try:
+            self.iface.messageBar().pushMessage("FarSLIP", text, Qgis.Info, 0)
+        except (AttributeError, TypeError):  # an interface without a message bar (scripts)
+            pass
 
     def _load_result(self, job: dict) -> str:
         try:
@@ -589,7 +621,8 @@ class FarslipDock(QgsDockWidget):
         project = QgsProject.instance()
         for signal, slot in ((project.layersWillBeRemoved, self._layers_removed),
                              (project.layersAdded, self._layers_added),
-                             (project.readProject, self.restore_choices)):
+                             (project.readProject, self.restore_choices),
+                             (project.cleared, self._project_cleared)):
             try:
                 signal.disconnect(slot)
             except TypeError:
