@@ -55,9 +55,39 @@ def result_layers(preferred: Sequence[QgsMapLayer] = ()) -> list[QgsVectorLayer]
 
 def gpkg_layer_name(layer: QgsVectorLayer) -> str:
     """The table a result is written to in a GeoPackage: the result's name, letters of any script, digits
-    and `_` (exporting the same result again replaces it); GeoPackage reserves names that begin with
+    and `_` (exporting the same result again replaces it; another table of that name gets the result beside it,
+    free_table_name); GeoPackage reserves names that begin with
     'gpkg', 'rtree_' or 'sqlite_' (GDAL refused them), which get a leading `_` (gpkg_table_name)."""
     return gpkg_table_name(re.sub(r"\W+", "_", layer.name()).strip("_")[:MAX_STEM] or "farslip_result")
+
+
+def result_key(layer: QgsVectorLayer) -> str:
+    """What a result's GeoPackage table is marked with (gpkg_contents.description): its run, so that the same
+    result exported again replaces its own table and never another's."""
+    run_id = str(layer.customProperty("farslip/run_id") or "")
+    return f"FarSLIP result, run {run_id}" if run_id else f"FarSLIP result, layer {layer.id()}"
+
+
+def _table_descriptions(path: str) -> dict[str, str]:
+    """The tables of a GeoPackage (lower case: SQLite's names ignore case) and their descriptions."""
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as database:
+            rows = database.execute("SELECT table_name, description FROM gpkg_contents").fetchall()
+    except sqlite3.Error:
+        return {}
+    return {str(table).lower(): str(description or "") for table, description in rows}
+
+
+def free_table_name(path: str, table: str, key: str) -> str:
+    """`table`, where the GeoPackage at `path` has no table of that name or has this result's own there (an
+    export of the same result again replaces it); else `table_2`, `table_3`...: a table of another result, or
+    the user's own, is never replaced."""
+    tables = _table_descriptions(path) if os.path.isfile(path) else {}
+    candidate, number = table, 1
+    while candidate.lower() in tables and tables[candidate.lower()] != key:
+        number += 1
+        candidate = gpkg_table_name(f"{table[:MAX_STEM - 1 - len(str(number))]}_{number}")
+    return candidate
 
 
 def export_path(path: str) -> str:
@@ -127,8 +157,9 @@ def _remove_shapefile(path: str) -> None:
 def write_styled(layer: QgsVectorLayer, path: str) -> QgsVectorLayer:
     """Write `layer` (in its own CRS) and its style; the written layer is returned, styled.
 
-    Into an existing GeoPackage, the result is added as a layer of its own (one of the same name is
-    replaced); the file's other layers and their styles are kept. A shapefile is written under a
+    Into an existing GeoPackage, the result is added as a layer of its own (its own table of an earlier export
+    of it is replaced; a table of that name holding anything else is kept, and the result gets a numbered name);
+    the file's other layers and their styles are kept. A shapefile is written under a
     temporary name beside `path` and renamed over it once it is complete with its style: an export that
     fails leaves an existing shapefile as it was.
     """
@@ -145,13 +176,16 @@ def write_styled(layer: QgsVectorLayer, path: str) -> QgsVectorLayer:
     target = path  # where the writer writes: a shapefile goes to a staged name first
     if options.driverName == "GPKG":
         options.layerName = gpkg_layer_name(layer)
-        source = f"{path}|layername={options.layerName}"
         if existed:
             with open(path, "rb") as existing:
                 if existing.read(16) != b"SQLite format 3\x00":
                     raise RuntimeError(tr("{} exists and is not a GeoPackage; choose another file name.").format(path))
             options.actionOnExistingFile = QgsVectorFileWriter.CreateOrOverwriteLayer
         _refuse_own_source(layer, path, options.layerName)
+        key = result_key(layer)
+        options.layerName = free_table_name(path, options.layerName, key)
+        options.layerOptions = [f"DESCRIPTION={key}"]
+        source = f"{path}|layername={options.layerName}"
     else:
         options.layerName = os.path.splitext(os.path.basename(path))[0]
         _refuse_own_source(layer, path, None)
@@ -312,6 +346,9 @@ class ExportDialog(QDialog):
                   "a GeoPackage to keep the full names.").format(names) if shortened else ""
         note += filter_note(layer)
         table = written.name()
+        if os.path.splitext(path)[1].lower() == ".gpkg" and table != gpkg_layer_name(layer):
+            note = tr(" The GeoPackage already had a layer {} (another result, or one of yours); it is kept.").format(
+                gpkg_layer_name(layer)) + note
         others = [sublayer.name() for sublayer in QgsProviderRegistry.instance().querySublayers(path)
                   if sublayer.name() != table]
         if self.loadCheck.isChecked():

@@ -126,6 +126,18 @@ def result_name(preset: str | None, class_names: Sequence[str], when: str) -> st
     return f"{label or 'FarSLIP'} {when}"
 
 
+def unique_result_name(name: str, project: QgsProject) -> str:
+    """`name`, or `name (2)`, `name (3)`...: a name no layer of the project has (two runs in the same second,
+    or results of one preset at the same time of day on two days, are told apart in the layer tree, the Export
+    dialog and the tables an export writes)."""
+    taken = {layer.name() for layer in project.mapLayers().values()}
+    candidate, number = name, 1
+    while candidate in taken:
+        number += 1
+        candidate = f"{name} ({number})"
+    return candidate
+
+
 def probability_renderer(layer: QgsRasterLayer, band: int, colour: QColor) -> QgsSingleBandPseudoColorRenderer:
     """One class's probability (0-1) as a pseudocolour ramp, transparent at 0, the class colour at 1."""
     clear = QColor(colour)
@@ -184,6 +196,7 @@ def add_on_top(layer: QgsMapLayer, project: QgsProject) -> None:
 def load_segment_result(job: dict, name: str, project: QgsProject | None = None) -> list[QgsMapLayer]:
     """Add the vector (and the optional rasters) of a finished job on top; return them, top first."""
     project = project or QgsProject.instance()
+    name = unique_result_name(name, project)
     outputs = (job.get("result") or {}).get("outputs") or {}
     classes = result_classes(job)
     vector_path = outputs.get("vector")
