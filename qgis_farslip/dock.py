@@ -587,10 +587,12 @@ class FarslipDock(QgsDockWidget):
     def _layers_removed(self, layer_ids) -> None:
         self.last_layers = [layer for layer in self.last_layers
                             if not sip.isdeleted(layer) and layer.id() not in layer_ids]
+        self.probability.forget(layer_ids)
         # Export offers every FarSLIP result in the project, not only the last run's.
         self.form.exportButton.setEnabled(any(layer.id() not in layer_ids for layer in result_layers()))
 
-    def _layers_added(self, _layers) -> None:
+    def _layers_added(self, layers) -> None:
+        self.probability.adopt(layers)
         if result_layers():  # a result of an earlier session, in a project opened now
             self.form.exportButton.setEnabled(True)
 

@@ -232,6 +232,7 @@ def load_segment_result(job: dict, name: str, project: QgsProject | None = None)
                     raster.setRenderer(paletted_renderer(raster, classes))
                 elif classes:
                     style_probability_layer(raster, classes[0][0], classes)
+                    raster.setCustomProperty(CLASSES_PROPERTY, json.dumps(classes))  # its bands, for a reopening
                 raster.setCustomProperty("farslip/kind", key)
                 add_on_top(raster, project)
                 added.insert(0, raster)
@@ -265,8 +266,32 @@ class ProbabilityChoice(QObject):
         self.combo.clear()
         if self.layer is not None:
             self.combo.addItems([name for name, _ in self.classes])
+            shown = self.combo.findText(str(self.layer.customProperty("farslip/probability_class") or ""))
+            self.combo.setCurrentIndex(max(shown, 0))
         self.combo.blockSignals(False)
         self.combo.setEnabled(self.combo.count() > 0)
+
+    def forget(self, layer_ids: Sequence[str]) -> None:
+        """The probability raster is being removed (or the project closed): the combo offers nothing."""
+        if self.layer is not None and (sip.isdeleted(self.layer) or self.layer.id() in layer_ids):
+            self.offer([], [])
+
+    def adopt(self, layers: Sequence[QgsMapLayer]) -> None:
+        """Layers added (a project opened): with no probability raster offered, that of a FarSLIP run among
+        them is, its classes from the run, the one it shows chosen."""
+        if self.layer is not None and not sip.isdeleted(self.layer):
+            return
+        for layer in layers:
+            if not isinstance(layer, QgsRasterLayer) or layer.customProperty("farslip/kind") != "prob_raster":
+                continue
+            try:
+                classes = [(str(name), int(class_id))
+                           for name, class_id in json.loads(layer.customProperty(CLASSES_PROPERTY) or "[]")]
+            except (TypeError, ValueError):
+                continue
+            if classes and layer.isValid():
+                self.offer([layer], classes)
+                return
 
     def _chosen(self, name: str) -> None:
         if self.layer is not None and not sip.isdeleted(self.layer) and name:
