@@ -303,6 +303,12 @@ class FarslipDock(QgsDockWidget):
             raise UserError(self.tr("Choose a raster layer to segment."))
         if missing_layer_file(layer):
             raise UserError(missing_layer_file(layer))
+        if not layer.crs().isValid():  # the backend would ask for georeferencing, which a file with a world file has
+            raise UserError(self.tr(
+                "The layer {} has no coordinate reference system (CRS) in QGIS. If the file is georeferenced (a "
+                "world file, or coordinates without a CRS), choosing its CRS with Layer > Set CRS is enough: then "
+                "press Run again. An image without coordinates must be georeferenced first (Raster > "
+                "Georeferencer).").format(layer.name()))
         class_lines = self.class_lines()
         if not class_lines:
             raise UserError(self.tr("Type at least one class name (one per line), or choose a preset."))
