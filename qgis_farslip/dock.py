@@ -31,7 +31,7 @@ from .client import Connection
 from .exporting import ExportDialog, export_path, replaces_a_file, result_layers
 from .extent_choice import ExtentChoice, ExtentError, unusable_extent_text
 from .extent import (LocalCopyError, PixelWindow, crs_text, displayed_bands, export_size, gdal_dataset_name,
-                     has_pixel_size, local_raster_path, missing_layer_file, transform_extent, vrt_step,
+                     has_pixel_size, local_raster_path, transform_extent, unusable_layer_text, vrt_step,
                      whole_web_layer_text, write_geotiff)
 from .job_runner import CANCELLED, DONE, JobRunner
 from .jobs import CANCEL_TOO_LATE, LOST, REFUSED, JobCancelled, eta_text, features_cached
@@ -301,14 +301,8 @@ class FarslipDock(QgsDockWidget):
         layer = self.form.layerCombo.currentLayer()
         if not isinstance(layer, QgsRasterLayer) or not layer.isValid():
             raise UserError(self.tr("Choose a raster layer to segment."))
-        if missing_layer_file(layer):
-            raise UserError(missing_layer_file(layer))
-        if not layer.crs().isValid():  # the backend would ask for georeferencing, which a file with a world file has
-            raise UserError(self.tr(
-                "The layer {} has no coordinate reference system (CRS) in QGIS. If the file is georeferenced (a "
-                "world file, or coordinates without a CRS), choosing its CRS with Layer > Set CRS is enough: then "
-                "press Run again. An image without coordinates must be georeferenced first (Raster > "
-                "Georeferencer).").format(layer.name()))
+        if unusable_layer_text(layer):
+            raise UserError(unusable_layer_text(layer))
         class_lines = self.class_lines()
         if not class_lines:
             raise UserError(self.tr("Type at least one class name (one per line), or choose a preset."))
@@ -511,6 +505,7 @@ class FarslipDock(QgsDockWidget):
 
     def _project_cleared(self) -> None:
         self.project_generation += 1
+        self.search_tab.forget_hits()  # hits on a raster of the project closed
 
     def _result_of_closed_project(self, job: dict) -> None:
         """A run that ended after the project it was pressed in was closed: its result is not added to the

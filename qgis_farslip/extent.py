@@ -152,10 +152,24 @@ def missing_file_text(dataset: str, layer_name: str) -> str:
 
 
 def missing_layer_file(layer: QgsRasterLayer) -> str:
-    """`missing_file_text` of a layer of the gdal provider ("" for any other): the check every entry point (the
-    Segment, Search and Train tabs, the Processing algorithms) makes before it hands the layer to the backend."""
+    """`missing_file_text` of a layer of the gdal provider ("" for any other)."""
     name = gdal_dataset_name(layer)
     return missing_file_text(name, layer.name()) if name is not None else ""
+
+
+def unusable_layer_text(layer: QgsRasterLayer) -> str:
+    """Why the backend cannot be handed the layer as QGIS has it, "" when it can: its file is gone
+    (`missing_layer_file`), or it has no CRS in QGIS. The check every entry point (the Segment, Search and Train
+    tabs, the Processing algorithms) makes before it hands the layer to the backend."""
+    missing = missing_layer_file(layer)
+    if missing:
+        return missing
+    if not layer.crs().isValid():  # the backend would ask for georeferencing, which a file with a world file has
+        return (f"The layer {layer.name()} has no coordinate reference system (CRS) in QGIS. If the file is "
+                "georeferenced (a world file, or coordinates without a CRS), choosing its CRS with Layer > Set CRS "
+                "is enough: then run again. An image without coordinates must be georeferenced first (Raster > "
+                "Georeferencer).")
+    return ""
 
 
 def needs_vrt(layer: QgsRasterLayer) -> bool:

@@ -40,7 +40,7 @@ from .classes import bundled_presets, class_list_refusal, parse_class_text, reso
 from .client import BackendClient, BackendError, BackendUnreachable
 from .filenames import gpkg_table_name
 from .extent import (crs_text, displayed_bands, export_size, gdal_dataset_name, local_raster_path,
-                     missing_layer_file, vrt_arguments, whole_web_layer_text, write_geotiff, write_vrt)
+                     unusable_layer_text, vrt_arguments, whole_web_layer_text, write_geotiff, write_vrt)
 from .messages import processing_words
 from .model_picker import finetuned_class_lines
 from .jobs import CANCEL_TOO_LATE, BackendStopped, JobCancelled, PreparationError, run_job
@@ -159,8 +159,8 @@ def finetuned_folder(model: str | None) -> str | None:
 
 def refuse_missing_file(layer: QgsRasterLayer) -> None:
     """Stop the algorithm with a sentence when the layer's file is gone (deleted or moved since it was loaded)."""
-    if missing_layer_file(layer):
-        raise QgsProcessingException(missing_layer_file(layer))
+    if unusable_layer_text(layer):
+        raise QgsProcessingException(unusable_layer_text(layer))
 
 
 def layer_vrt(layer: QgsRasterLayer) -> str:

@@ -24,7 +24,7 @@ from qgis.PyQt.QtCore import QObject, Qt, pyqtSignal
 from qgis.PyQt.QtWidgets import QListWidgetItem, QWidget
 
 from .backend_manager import log
-from .extent import (crs_text, displayed_bands, gdal_dataset_name, hit_window, local_raster_path, missing_layer_file,
+from .extent import (crs_text, displayed_bands, gdal_dataset_name, hit_window, local_raster_path, unusable_layer_text,
                      transform_extent, vrt_step)
 from .extent_choice import ExtentError, overlapping_part
 from .filenames import safe_file_stem, unused_stem
@@ -68,6 +68,7 @@ class SearchTab(QObject):
         self.raster_layer: QgsRasterLayer | None = None  # the raster of the hits listed
         self.searching: QgsRasterLayer | None = None  # the raster of the search running (or last run)
         self.searching_name = ""  # its name when the search was sent: the layer may be removed while it runs
+        self.searching_project = 0  # the dock's project_generation when the search was sent
         self.last_error = ""
         form = self.form
         form.searchRasterCombo.setFilters(QgsMapLayerProxyModel.RasterLayer)
@@ -97,8 +98,8 @@ class SearchTab(QObject):
         layer = self.form.searchRasterCombo.currentLayer()
         if not isinstance(layer, QgsRasterLayer) or not layer.isValid():
             raise UserError("Choose a raster layer to search.")
-        if missing_layer_file(layer):
-            raise UserError(missing_layer_file(layer))
+        if unusable_layer_text(layer):
+            raise UserError(unusable_layer_text(layer))
         path = local_raster_path(layer)
         prepare = None
         if path is None:
@@ -168,6 +169,7 @@ class SearchTab(QObject):
             return
         self.searching = self.form.searchRasterCombo.currentLayer()
         self.searching_name = self.searching.name()
+        self.searching_project = self.dock.project_generation  # its hits belong to this project
         task = JobTask(f"FarSLIP: searching {self.searching_name}", self.dock.manager.connection, "search",
                        request, prepare)
         task.jobUpdated.connect(self._job_updated)
@@ -210,6 +212,16 @@ class SearchTab(QObject):
 
     def _job_done(self, job: dict) -> None:
         result = job.get("result") or {}
+        if self.searching_project != self.dock.project_generation:
+            # The project the search was sent in was closed (File > New, another project opened): its hits
+            # are not that project's; the file is kept and said.
+            path = (result.get("outputs") or {}).get("vector")
+            self.form.searchProgressBar.setValue(100)
+            self._show(f"Done, but the project this search was started in was closed meanwhile: its hits were not "
+                       f"added to the project open now. The hits file is kept: {path or 'none reported'}. Add it "
+                       "with Layer > Add Layer, or search again in this project.")
+            self._finish("done")
+            return
         # The searched layer may have been removed from the project while the search ran: its hits file is
         # written all the same, and is loaded under the name the layer had when the search was sent.
         alive = searched_layer_alive(self.searching)
@@ -298,6 +310,15 @@ class SearchTab(QObject):
     def _example_clicked(self, point: QgsPointXY, _button=None) -> None:
         self.form.likeButton.setChecked(False)
         self.search(like=(point.x(), point.y(), self.canvas.mapSettings().destinationCrs()))
+
+    def forget_hits(self) -> None:
+        """The project was closed (File > New, another project opened): the hits listed lie on a raster of it,
+        so the list is emptied (a search still running is not shown in the next project either: `_job_done`)."""
+        self.form.hitsList.clear()
+        self.form.useHitButton.setEnabled(False)
+        self.hits_layer = None
+        self.raster_layer = None
+        self.hits_crs = QgsCoordinateReferenceSystem()
 
     def close_down(self) -> None:
         if self.task is not None:

@@ -28,7 +28,7 @@ from qgis.PyQt.QtWidgets import QCheckBox
 
 from .backend_manager import log
 from .filenames import safe_file_stem
-from .extent import crs_overridden, displayed_bands, local_raster_path, missing_layer_file
+from .extent import crs_overridden, displayed_bands, local_raster_path, unusable_layer_text
 from .extent_choice import ExtentError, clipped_to_layer
 from .job_runner import JobRunner
 from .jobs import CANCEL_TOO_LATE, eta_text
@@ -302,8 +302,8 @@ class TrainTab(QObject):
         raster = form.trainRasterCombo.currentLayer()
         if not isinstance(raster, QgsRasterLayer) or not raster.isValid():
             raise UserError(tr("Choose the raster to train on."))
-        if missing_layer_file(raster):
-            raise UserError(missing_layer_file(raster))
+        if unusable_layer_text(raster):
+            raise UserError(unusable_layer_text(raster))
         labels = form.labelsCombo.currentLayer()
         if not isinstance(labels, QgsVectorLayer) or not labels.isValid():
             raise UserError(tr("Choose a polygon layer with labelled areas."))

@@ -446,6 +446,24 @@ def test_a_raster_removed_while_its_search_runs_still_gets_its_hits(search_tab, 
     assert "removed from the project" in search_tab.last_error
 
 
+def test_a_search_whose_project_was_closed_adds_no_hits_to_the_next_project(search_tab, naip_layer):
+    """File > New (or another project opened) while a search runs: its hits layer was added to the new project,
+    which has no such raster; the hits file is kept and said instead."""
+    search_tab.form.sentencesEdit.setPlainText("a lake next to a road")
+    states = []
+    search_tab.searchFinished.connect(states.append)
+    search_tab.search()
+    assert search_tab.task is not None
+    QgsProject.instance().clear()
+    wait_until(lambda: states, 240, "the search to finish")
+    assert states == ["done"], search_tab.last_error
+    assert QgsProject.instance().mapLayers() == {} and search_tab.form.hitsList.count() == 0
+    said = search_tab.form.searchStatusLabel.text()
+    assert said.startswith("Done, but the project this search was started in was closed meanwhile"), said
+    kept = said.split("The hits file is kept: ", 1)[1].split(". Add it", 1)[0]
+    assert QgsVectorLayer(kept, "hits", "ogr").featureCount() == 5
+
+
 def test_a_search_notice_says_what_the_search_tab_user_can_do(search_tab, naip_layer, qgis_iface):
     """A search of a small corner of the raster finds one place: the notice said '1 hits' and '"max_overlap": 0.5
     (raise it, ...)', a setting the Search tab does not have."""
