@@ -105,6 +105,14 @@ def is_finetuned_dir(path: str | os.PathLike) -> bool:
     return p.is_dir() and (p / FINETUNED_WEIGHTS).is_file() and (p / FINETUNED_META).is_file()
 
 
+def finetuned_dir_of(path: str | os.PathLike) -> Path | None:
+    """The fine-tuned model folder whose weights `path` is: its model.safetensors, beside the farslip_model.json
+    that describes it (the layout `farslip train --out` writes). Given as a model, that file is the folder's model
+    (its activation, classes, bands, resolution and name), never a bare checkpoint. None for any other file."""
+    p = Path(path)
+    return p.parent if p.name == FINETUNED_WEIGHTS and is_finetuned_dir(p.parent) else None
+
+
 def read_finetuned_meta(path: str | os.PathLike) -> dict:
     meta_file = Path(path) / FINETUNED_META
     try:  # utf-8-sig: Notepad's "UTF-8" puts a byte order mark first

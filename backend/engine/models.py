@@ -19,6 +19,8 @@ activation cannot be read from the tensors: it is a registry field
 and RemoteCLIP, as RS-OVSS runs them), recorded in a fine-tuned model's
 farslip_model.json, taken from the registry entry whose file name a checkpoint
 file has, and QuickGELU (the OpenAI CLIP lineage) for any other checkpoint.
+A fine-tuned folder's own model.safetensors, given as a file, is that folder's model
+(finetuned.finetuned_dir_of), never a bare checkpoint that would drop its description.
 Loading never unpickles code: ``torch.load(..., weights_only=True)``.
 """
 
@@ -47,6 +49,7 @@ from backend.engine.errors import InputError, ModelError
 from backend.engine.finetuned import (
     FINETUNED_META,
     FINETUNED_WEIGHTS,
+    finetuned_dir_of,
     finetuned_dirs,
     is_finetuned_dir,
     read_finetuned_meta,
@@ -249,6 +252,9 @@ def locate_model(model: str | None = None, weights: str | None = None) -> tuple[
             _refuse_special(expand_user(weights, "weights", ModelError), "weights")
             if not os.path.lexists(expand_user(weights, "weights", ModelError)):
                 raise missing_weights(weights)
+            own = finetuned_dir_of(expand_user(weights, "weights", ModelError))
+            if own is not None:  # a fine-tuned model's own weights file: that model, as its folder loads
+                return "finetuned", own, None
         return "registry", spec, weights
     if weights:
         raise ModelError(f"--weights can only be combined with a registry model name, not with '{name}'.")
@@ -293,7 +299,8 @@ def _model_at(path: Path, what: str, not_a_model: str) -> tuple[str, Any, str | 
             raise ModelError(not_a_model)
         return "finetuned", path, None
     if path.is_file():
-        return "checkpoint", path, None
+        folder = finetuned_dir_of(path)  # a fine-tuned model's model.safetensors: the model its folder is
+        return ("finetuned", folder, None) if folder is not None else ("checkpoint", path, None)
     return None
 
 

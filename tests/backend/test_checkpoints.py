@@ -315,3 +315,31 @@ def test_a_safetensors_file_under_a_pt_name_is_read_by_its_content(tmp_path):
     garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")  # looks like one, is not
     with pytest.raises(ModelError, match="is not a readable safetensors file"):
         checkpoints.read_state_dict(garbage)
+
+
+def test_a_finetuned_models_own_weights_file_loads_as_its_folder(tmp_path):
+    """`--model gelu-model/model.safetensors` (the file `farslip train --out gelu-model` wrote beside its
+    farslip_model.json) loaded as a bare checkpoint: QuickGELU instead of the recorded GELU, no classes, the
+    name 'model'. It is the folder's model wherever a model path is taken; any other file stays a checkpoint."""
+    from backend.engine.inspect_weights import inspect_model
+
+    folder, _ = _finetuned_dir(tmp_path, "gelu-model")
+    meta = json.loads((folder / finetuned.FINETUNED_META).read_text())
+    (folder / finetuned.FINETUNED_META).write_text(json.dumps(meta | {"activation": "gelu", "name": "gelu-model"}))
+    file = folder / finetuned.FINETUNED_WEIGHTS
+    by_folder = models.load_model(str(folder))
+    for loaded in (models.load_model(str(file)), models.load_model(None, weights=str(file)),
+                   models.load_model("farslip1-vit-b-16", weights=str(file))):
+        assert (loaded.name, loaded.class_lines) == ("gelu-model", ["road, parking lot", "building", "tree"])
+        assert loaded.metadata["activation"] == "gelu" and loaded.metadata["kind"] == "finetuned"
+        assert loaded.metadata["finetuned"] == by_folder.metadata["finetuned"]
+        assert loaded.weights_id == by_folder.weights_id
+    assert models.locate_model(str(file)) == ("finetuned", folder, None)
+    assert inspect_model(str(file))["activation"] == "gelu"
+    copy = folder / "copy.safetensors"  # not the file the description is of: a checkpoint like any other
+    copy.write_bytes(file.read_bytes())
+    assert models.locate_model(str(copy))[0] == "checkpoint"
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / finetuned.FINETUNED_WEIGHTS).write_bytes(file.read_bytes())  # no farslip_model.json beside it
+    assert models.load_model(str(alone / finetuned.FINETUNED_WEIGHTS)).metadata["kind"] == "checkpoint"
