@@ -28,7 +28,7 @@ from .errors import InputError
 ATTENTION_VARIANTS = ("segearth", "clearclip", "sclip", "maskclip", "vanilla")
 REFINE_CHOICES = ("none", "edges", "sam")
 RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")
-PROB_DTYPES = ("float32", "uint8")
+PROB_DTYPES = ("float32", "float16", "uint8")
 # --weights wherever a command takes a model (models.locate_model): a registry name's weights, or a model alone.
 WEIGHTS_HELP = ("Checkpoint file (or fine-tuned model folder): the weights of the registry model --model names; "
                 "without --model, a model of its own.")
@@ -245,8 +245,9 @@ class SegmentOptions:
     prob_raster: Path | None = field(default=None, metadata=spec(
         help="Also write a GeoTIFF of the class probabilities, a band per class.", max_chars=PATH_MAX_CHARS))
     prob_dtype: str = field(default="float32", metadata=spec(
-        help="Values of --prob-raster: float32 (0 to 1, NaN where nodata) or uint8 (0 to 254 for 0 to 1, the "
-             "scale 1/254 in the file for GDAL and QGIS, 255 where nodata; a quarter of the size).",
+        help="Values of --prob-raster: float32 (0 to 1, NaN where nodata), float16 (the same as 16-bit floats, "
+             "about 3 significant digits; half the size) or uint8 (0 to 254 for 0 to 1, the scale 1/254 in the "
+             "file for GDAL and QGIS, 255 where nodata; a quarter of the size).",
         choices=PROB_DTYPES, label="--prob-dtype", needs=("prob_raster", GIVEN),
         needs_error="--prob-dtype {value} says how the probability raster stores its values, and no --prob-raster "
                     "was given; add --prob-raster FILE.tif, or leave --prob-dtype out."))

@@ -332,9 +332,10 @@ def estimated_output_mb(window, n_classes: int, probabilities: bool, class_raste
                         scratch: bool = True, prob_dtype: str = "float32") -> float:
     """Uncompressed size of the rasters a run writes: the class raster (uint8) when asked for or when
     the polygons are made from files (`scratch`, with the score raster, float32), probabilities (float32 as
-    computed, and then the --prob-dtype copy beside it while a uint8 one is written)."""
+    computed, and then the --prob-dtype copy beside it while a uint8 or float16 one is written)."""
+    copy = {"uint8": 1, "float16": 2}.get(prob_dtype, 0)
     bytes_per_pixel = ((1 if class_raster or scratch else 0) + (4 if scratch else 0)
-                       + ((4 + (1 if prob_dtype == "uint8" else 0)) * n_classes if probabilities else 0))
+                       + ((4 + copy) * n_classes if probabilities else 0))
     return window.width * window.height * bytes_per_pixel / 2**20
 
 
@@ -564,21 +565,31 @@ PROB_NODATA = 255
 
 def deliver_prob_raster(written: Path, target: Path, dtype: str, keep: bool = False) -> None:
     """The run's float32 probability raster `written` at `target` in the --prob-dtype asked for: as it is (moved,
-    or copied when `keep`), or as uint8, value round(p * PROB_STEPS), PROB_NODATA where NaN, with the band scale
-    1/PROB_STEPS that GDAL and QGIS apply when they read it, the bands' names and tags kept."""
+    or copied when `keep`); as float16, IEEE half floats (a Float32 band with NBITS=16, which GDAL stores as 16-bit
+    floats and every GDAL, QGIS's too, reads back as Float32), NaN where nodata; or as uint8, value
+    round(p * PROB_STEPS), PROB_NODATA where NaN, with the band scale 1/PROB_STEPS that GDAL and QGIS apply when they
+    read it. The bands' names and tags are kept."""
     if dtype == "float32":
         (shutil.copyfile if keep else shutil.move)(written, target)
         return
-    assert dtype == "uint8", f"a --prob-dtype the option allows: {dtype}"
+    assert dtype in ("uint8", "float16"), f"a --prob-dtype the option allows: {dtype}"
     with rasterio.open(written) as src:
-        profile = dict(src.profile, dtype="uint8", nodata=PROB_NODATA, compress="deflate", predictor=2)
+        if dtype == "float16":
+            # Rounded to the nearest half float here: GDAL's own conversion truncates.
+            profile = dict(src.profile, dtype="float32", nodata=float("nan"), compress="deflate", nbits=16)
+        else:
+            profile = dict(src.profile, dtype="uint8", nodata=PROB_NODATA, compress="deflate", predictor=2)
         with rasterio.open(target, "w", **profile) as dst:
             for _, window in src.block_windows(1):
                 probs = src.read(window=window)
+                if dtype == "float16":
+                    dst.write(probs.astype(np.float16).astype(np.float32), window=window)
+                    continue
                 scaled = np.rint(np.clip(probs, 0.0, 1.0) * PROB_STEPS)
                 dst.write(np.where(np.isnan(probs), PROB_NODATA, scaled).astype(np.uint8), window=window)
-            dst.scales = (1.0 / PROB_STEPS,) * src.count
-            dst.offsets = (0.0,) * src.count
+            if dtype == "uint8":
+                dst.scales = (1.0 / PROB_STEPS,) * src.count
+                dst.offsets = (0.0,) * src.count
             dst.update_tags(**src.tags())
             for band in range(1, src.count + 1):
                 dst.set_band_description(band, src.descriptions[band - 1] or "")
