@@ -93,7 +93,8 @@ class Spec:
     for that ({value} is replaced), instead of the generic one; gdal_name: a raster, kept as the text given
     (a file path, or a name GDAL resolves: /vsizip//d/a.zip/x.tif, NETCDF:"a.nc":var, HDF5:"a.h5"://var);
     internal: what the engine decides, never the user: no CLI option, no request field, not in the report
-    (option_fields leaves it out).
+    (option_fields leaves it out); text_lines: a request body may give this list as one text, an item per line
+    (blank lines dropped).
     """
 
     help: str
@@ -114,6 +115,7 @@ class Spec:
     needs_error: str | None = None
     gdal_name: bool = False
     internal: bool = False
+    text_lines: bool = False
 
 
 # `Spec.needs` value: the enabling option just has to be given (not None).
@@ -231,7 +233,7 @@ class SegmentOptions:
         argument=True, help="GeoTIFF (or any GDAL raster) to segment.", max_chars=PATH_MAX_CHARS, gdal_name=True))
     class_lines: list[str] = field(default_factory=list, metadata=spec(
         flags=("--classes", "-c"), help="One class per option; commas or semicolons separate synonyms.",
-        max_items=CLASS_LINES_MAX, item_max_chars=CLASS_LINE_MAX_CHARS))
+        max_items=CLASS_LINES_MAX, item_max_chars=CLASS_LINE_MAX_CHARS, text_lines=True))
     classes_file: Path | None = field(default=None, metadata=spec(
         help="Text file, one class per line.", max_chars=PATH_MAX_CHARS))
     preset: str | None = field(default=None, metadata=spec(

@@ -123,6 +123,14 @@ def _bounds(declared: Spec) -> dict[str, float]:
     return bounds
 
 
+def _text_lines(value: Any) -> Any:
+    """A list field given as one text: one item per line (the plugin's class box as it holds them), blank lines
+    dropped. A list stays a list: a line break inside one of its items is refused (check_typed_text)."""
+    if isinstance(value, str):
+        return [line for line in value.splitlines() if line.strip()]
+    return value
+
+
 def _json_type(declared: Spec, kind: Any) -> tuple[Any, dict[str, Any]]:
     """(JSON-side type, Field arguments) of an option's non-None type."""
     if kind is Path or declared.gdal_name:
@@ -136,6 +144,9 @@ def _json_type(declared: Spec, kind: Any) -> tuple[Any, dict[str, Any]]:
             element = whole_number(**_bounds(declared))
         elif declared.item_max_chars:
             element = Annotated[element, Field(max_length=declared.item_max_chars)]
+        if declared.text_lines:
+            return (Annotated[list[element], BeforeValidator(_text_lines, json_schema_input_type=list[element] | str)],
+                    {"max_length": declared.max_items})
         return list[element], {"min_length": 1 if declared.parse else None, "max_length": declared.max_items}
     if declared.choices is not None:
         return Literal[declared.choices], {}
@@ -156,6 +167,8 @@ def _request_field(item: dataclasses.Field, annotation: Any) -> tuple[Any, Any]:
     if optional:
         kind = kind | None
     description = for_http(declared.help, "segment") + (" " + ABSOLUTE if inner is Path or declared.gdal_name else "")
+    if declared.text_lines:
+        description += " A list, or one text with an item per line (blank lines dropped)."
     if declared.argument or declared.required_in_api:
         default: dict[str, Any] = {}
     elif item.default_factory is not dataclasses.MISSING:

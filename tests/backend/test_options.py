@@ -119,6 +119,24 @@ def test_the_command_line_and_the_request_give_the_same_options():
     assert all(dataclasses.asdict(from_cli)[name] is not None for name in REQUEST)
 
 
+def test_class_lines_given_as_one_text_are_a_class_per_line_and_a_line_break_in_a_list_item_stays_refused():
+    """The plugin's class box holds a class per line; a client sending that text as it is gets those classes
+    (blank lines dropped), not a 422 asking for a list."""
+    from backend.engine.text import parse_class_lines
+
+    body = {"raster": "/data/in.tif", "out": "/data/out.gpkg",
+            "class_lines": "water, lake\r\ncropland\n\n  \ngrassland\n"}
+    options = options_from_request(SegmentRequest.model_validate(body).model_dump())
+    assert options.class_lines == ["water, lake", "cropland", "grassland"]
+    schema = SegmentRequest.model_json_schema()["properties"]["class_lines"]
+    assert {"type": "string"} in schema["anyOf"] and "an item per line" in schema["description"]
+    with pytest.raises(ValueError, match="at most 250 items"):  # the bound on the number of classes holds too
+        SegmentRequest.model_validate({**body, "class_lines": "\n".join(f"class {i}" for i in range(251))})
+    listed = options_from_request(SegmentRequest.model_validate({**body, "class_lines": ["water\nlake"]}).model_dump())
+    with pytest.raises(InputError, match="control character"):
+        parse_class_lines(listed.class_lines)
+
+
 def test_defaults_agree_between_the_command_line_and_the_request():
     context = segment_command().make_context("segment", ["/data/in.tif", "--out", "/data/out.gpkg"])
     values = {name: value for name, value in context.params.items() if name not in CLI_OWN}
