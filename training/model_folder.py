@@ -8,9 +8,12 @@ checkpoint that `--resume` continues from. Only a finished model replaces --out,
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -70,6 +73,48 @@ def out_folder(value: str | os.PathLike, option: str = "--out") -> Path:
         raise InputError(f"{option} is empty: give the folder to write the fine-tuned model into (a new or empty "
                          "folder).")
     return Path(value)
+
+
+def default_model_name(raster: str | os.PathLike, labels: str | os.PathLike) -> str:
+    """The name a training without --out gives its model: the raster's and the labels' file names (no
+    extensions, no layer), in letters, digits, '.', '_' and '-' only, so it is typed as --model NAME as is."""
+    from backend.engine.files import raster_file
+
+    from training.labels import vector_file
+
+    def stem(path: Path | None) -> str:
+        text = re.sub(r"[^\w.-]+", "-", path.stem if path is not None else "").strip(".-_")
+        return text[:60].rstrip(".-_")
+
+    parts = [part for part in (stem(raster_file(raster)), stem(vector_file(os.fspath(labels)))) if part]
+    return "-".join(dict.fromkeys(parts)) or "model"
+
+
+def default_out_folder(raster: str | os.PathLike, labels: str | os.PathLike, taken: Iterable[str] = ()) -> Path:
+    """Where a training without --out writes its model: a new folder in the models folder
+    ($FARSLIP_HOME/models, which `farslip models` and GET /v1/models list, so the model is then used by its
+    name), named by default_model_name with -2, -3 ... after it where that name is in use: an existing
+    file or folder, an interrupted training's working folder, a registry model's name, or a path in `taken`
+    (what queued trainings will write). Nothing existing is ever replaced. The models folder is made here."""
+    from backend.engine import paths
+    from backend.engine.registry import known_models
+    from backend.engine.sam_models import known_sam_models
+
+    root = paths.models_dir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"The models folder {root} cannot be made ({error.strerror or error}); give --out, the "
+                         "folder to write the fine-tuned model into.") from None
+    reserved = {name.lower() for name in (*known_models(), *known_sam_models())}
+    busy = {os.path.realpath(path) for path in taken}
+    base = default_model_name(raster, labels)
+    for number in itertools.count(1):
+        out = root / (base if number == 1 else f"{base}-{number}")
+        if (out.name.lower() not in reserved and not os.path.lexists(out) and not os.path.lexists(partial_dir(out))
+                and os.path.realpath(out) not in busy):
+            return out
+    raise AssertionError("unreachable")
 
 
 def check_out_folder(out: Path, overwrite: bool, resume: bool, inputs: dict[str, Path]) -> None:

@@ -346,8 +346,10 @@ def train_command(
     raster: str = typer.Argument(..., help="GeoTIFF (or any GDAL raster) to train on."),
     labels: Path = typer.Argument(..., help="Polygon layer with a class field (any CRS)."),
     class_field: str = typer.Option(..., help="Field of LABELS holding each polygon's class."),
-    out_given: str = typer.Option(..., "--out", "-o", metavar="PATH", help="Folder to write the fine-tuned model "
-                                                                            "into."),
+    out_given: Optional[str] = typer.Option(None, "--out", "-o", metavar="PATH",
+                                            help="Folder to write the fine-tuned model into (default: a new folder "
+                                                 "in the models folder, named after the raster and labels, "
+                                                 "which `farslip models` lists and --model NAME loads)."),
     base_model: Optional[str] = typer.Option(None, help="Model to start from (default: the default model)."),
     weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP.replace("--model", "--base-model")),
     method: str = typer.Option("lora", help="lora (default), last-blocks or full."),
@@ -394,10 +396,19 @@ def train_command(
 
     from training.model_folder import out_folder
 
-    out = Path(out_given)
+    from training.model_folder import default_out_folder
+
+    out = Path(out_given or ".")
     try:
         with signals_as_interrupt():
-            out = out_folder(out_given)  # Path("") would be the current folder
+            if out_given is None:
+                if resume:
+                    raise InputError("--resume continues the training of the folder --out names: give it (an "
+                                     "interrupted training's message says which).")
+                out = default_out_folder(raster, labels)  # a new folder: nothing existing is replaced
+                typer.echo(f"No --out given: the model goes to {out} (--model {out.name} loads it).", err=True)
+            else:
+                out = out_folder(out_given)  # Path("") would be the current folder
             json_out = output_file_option(json_out_given, "--json file")
             if json_out is not None:
                 # Checked before the model loads: the training's report never fails after the model is written.
@@ -423,11 +434,13 @@ def train_command(
         from training.model_folder import kept_checkpoint, partial_dir
 
         if kept_checkpoint(out):
+            again = "the same command with --resume" if out_given else f"it again with --out {out} --resume"
             interrupted(error, f"Interrupted; no model was written. The last finished epoch is kept in "
-                               f"{partial_dir(out)}: run the same command with --resume to continue from it.")
+                               f"{partial_dir(out)}: run {again} to continue from it.")
         interrupted(error, "Interrupted before an epoch finished; no model was written and nothing was kept "
                            "(run the command again to start over).")
     before, after = result["metrics"]["before"]["miou"] or 0, result["metrics"]["after"]["miou"] or 0
     typer.echo(f"Validation mIoU: {100 * before:.2f} % before, {100 * after:.2f} % after "
                f"(best epoch {result['best_epoch']} of {result['epochs']}).")
-    typer.echo(f"Wrote {result['model_dir']}; use it with --model {result['model_dir']}.")
+    use = result["model_dir"] if out_given is not None else Path(result["model_dir"]).name  # in the models folder
+    typer.echo(f"Wrote {result['model_dir']}; use it with --model {use}.")
