@@ -94,7 +94,8 @@ class Spec:
     (a file path, or a name GDAL resolves: /vsizip//d/a.zip/x.tif, NETCDF:"a.nc":var, HDF5:"a.h5"://var);
     internal: what the engine decides, never the user: no CLI option, no request field, not in the report
     (option_fields leaves it out); text_lines: a request body may give this list as one text, an item per line
-    (blank lines dropped).
+    (blank lines dropped); crs: a CRS as the user types it, which a request body may also give as an EPSG code
+    (a whole number).
     """
 
     help: str
@@ -116,6 +117,7 @@ class Spec:
     gdal_name: bool = False
     internal: bool = False
     text_lines: bool = False
+    crs: bool = False
 
 
 # `Spec.needs` value: the enabling option just has to be given (not None).
@@ -262,7 +264,8 @@ class SegmentOptions:
     bbox: tuple[float, float, float, float] | None = field(default=None, metadata=spec(
         help="XMIN YMIN XMAX YMAX of the area to segment (default: whole raster).", check=check_bbox))
     bbox_crs: str | None = field(default=None, metadata=spec(
-        help="CRS of --bbox, e.g. EPSG:4326 (default: raster's).", max_chars=10000, needs=("bbox", GIVEN),
+        help="CRS of --bbox, e.g. EPSG:4326, 4326, CRS84 or a WKT string (default: raster's).", max_chars=10000,
+        crs=True, needs=("bbox", GIVEN),
         needs_error="--bbox-crs {value} says which CRS the --bbox is in, and no --bbox was given; add --bbox XMIN "
                     "YMIN XMAX YMAX, or leave --bbox-crs out."))
     bands: list[int] | None = field(default=None, metadata=spec(

@@ -604,8 +604,27 @@ def open_source(path: str | Path, bands: list[int] | None = None, scale: float |
                         factor_y)
 
 
-def parse_crs(text: str | None, default: CRS, what: str = "bbox CRS") -> CRS:
-    """A CRS the user typed (EPSG:n, WKT, PROJ string), or `default` when none; InputError naming `what`.
+# What a user may type for the longitude/latitude CRS of GeoJSON and web maps, besides OGC:CRS84 itself.
+CRS84_NAMES = ("crs84", "crs:84", "ogc:crs84")
+
+
+def crs_text(value: str | int) -> str:
+    """A CRS as typed, with the short forms spelt out: an EPSG code alone (26914, as a number or text) is
+    EPSG:26914, CRS84 is OGC:CRS84 (longitude, latitude on WGS 84). Anything else is returned as it is."""
+    if not isinstance(value, str):
+        return f"EPSG:{int(value)}"
+    text = value.strip()
+    if text.isascii() and text.isdigit():
+        return f"EPSG:{int(text)}"
+    if text.lower() in CRS84_NAMES:
+        return "OGC:CRS84"
+    return value
+
+
+def parse_crs(text: str | int | None, default: CRS, what: str = "bbox CRS") -> CRS:
+    """A CRS the user typed (EPSG:n, an EPSG code alone, CRS84, WKT, PROJ string), or `default` when none;
+    InputError naming `what`. A CRS with no horizontal x and y (a vertical CRS such as EPSG:5703, a geocentric
+    one such as EPSG:4978) is refused: no box or point on the ground is given in it.
 
     Parsed inside a rasterio environment, whose error handler turns GDAL's and PROJ's complaints into
     the exception: outside one, PROJ prints its own line ("ERROR 1: PROJ: ... crs not found") beside ours.
@@ -613,14 +632,37 @@ def parse_crs(text: str | None, default: CRS, what: str = "bbox CRS") -> CRS:
     EPSG: followed by no whole number (EPSG:x, EPSG:4326.5) and UnicodeEncodeError for text that is not UTF-8
     (a terminal's Latin-1 byte); both are ValueErrors, as CRSError is.
     """
-    if not text:
+    if text is None or text == "":
         return default
+    typed = crs_text(text)
     try:
         with rasterio.Env():
-            return CRS.from_user_input(text)
+            crs = CRS.from_user_input(typed)
     except ValueError as exc:  # CRSError, and the ValueErrors above
-        raise InputError(f"The {what} {shown(text)} is not a CRS I know; use e.g. EPSG:4326 or a WKT "
+        raise InputError(f"The {what} {shown(str(text))} is not a CRS I know; use e.g. EPSG:4326 or a WKT "
                          "string.") from exc
+    kind = _not_horizontal(crs)
+    if kind is not None:
+        raise InputError(f"The {what} {shown(str(text))} is {kind}, not a horizontal 2-D CRS: its "
+                         "coordinates are no x and y on the ground. Use a geographic or projected CRS, e.g. "
+                         "EPSG:4326 or the raster's own.")
+    return crs
+
+
+def _not_horizontal(crs: CRS) -> str | None:
+    """What a CRS without horizontal coordinates is ("a vertical CRS", "a geocentric CRS"), or None for a
+    geographic, projected, compound (its horizontal part) or other CRS."""
+    try:
+        parsed = as_pyproj(crs)
+    except Exception:  # pyproj raises several types for definitions it cannot read; rasterio read this one
+        return None
+    if parsed is None:
+        return None
+    for kind, found in (("vertical", parsed.is_vertical), ("geocentric", parsed.is_geocentric),
+                        ("temporal", "temporal" in parsed.type_name.lower())):
+        if found:
+            return f"a {kind} CRS ({parsed.name})"
+    return None
 
 
 def pixel_envelope(transform: Affine, col0: float, row0: float, col1: float, row1: float

@@ -123,6 +123,18 @@ def _bounds(declared: Spec) -> dict[str, float]:
     return bounds
 
 
+def _epsg_number(value: Any) -> Any:
+    """A CRS given as a number is its EPSG code (26914 is EPSG:26914); true and false stay refused."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"EPSG:{value}"
+    return value
+
+
+def crs_field() -> Any:
+    """A CRS as the user types it (EPSG:26914, 26914, CRS84, WKT, PROJ) or an EPSG code as a whole number."""
+    return Annotated[str, Field(max_length=10000), BeforeValidator(_epsg_number, json_schema_input_type=str | int)]
+
+
 def _text_lines(value: Any) -> Any:
     """A list field given as one text: one item per line (the plugin's class box as it holds them), blank lines
     dropped. A list stays a list: a line break inside one of its items is refused (check_typed_text)."""
@@ -148,6 +160,8 @@ def _json_type(declared: Spec, kind: Any) -> tuple[Any, dict[str, Any]]:
             return (Annotated[list[element], BeforeValidator(_text_lines, json_schema_input_type=list[element] | str)],
                     {"max_length": declared.max_items})
         return list[element], {"min_length": 1 if declared.parse else None, "max_length": declared.max_items}
+    if declared.crs:
+        return crs_field(), {}
     if declared.choices is not None:
         return Literal[declared.choices], {}
     if kind is int:
@@ -238,7 +252,8 @@ class IndexRequest(Strict):
     raster: str = PathText
     bbox: list[float] | None = Field(default=None, min_length=4, max_length=4,
                                      description="xmin, ymin, xmax, ymax in bbox_crs (default: the whole raster)")
-    bbox_crs: str | None = Field(default=None, max_length=10000)
+    bbox_crs: crs_field() | None = Field(default=None, description="CRS of bbox, e.g. EPSG:4326, 4326 or CRS84 "
+                                                                   "(default: the raster's)")
     model: str | None = Field(default=None, max_length=4096)
     weights: str | None = Field(default=None, max_length=4096)
     bands: list[whole_number(ge=1)] | None = Field(default=None, min_length=1, max_length=3)
@@ -254,7 +269,8 @@ class SearchRequest(IndexRequest):
     use_keywords: bool = True
     top: int = Field(default=20, ge=1, le=10000)
     like: list[float] | None = Field(default=None, min_length=2, max_length=2, description="x, y in like_crs")
-    like_crs: str | None = Field(default=None, max_length=10000)
+    like_crs: crs_field() | None = Field(default=None, description="CRS of like, e.g. EPSG:4326, 4326 or CRS84 "
+                                                                   "(default: the raster's)")
     max_overlap: float = Field(default=0.5, gt=0, le=1)
     out: str = PathText
     overwrite: bool = False

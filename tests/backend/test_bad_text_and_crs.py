@@ -60,6 +60,27 @@ def test_a_crs_that_is_one_is_still_read():
     assert parse_crs(None, CRS.from_epsg(32633)) == CRS.from_epsg(32633)
 
 
+@pytest.mark.parametrize(("typed", "meant"), [(26914, "EPSG:26914"), ("26914", "EPSG:26914"), (" 4326 ", "EPSG:4326"),
+                                              ("CRS84", "OGC:CRS84"), ("crs84", "OGC:CRS84"),
+                                              ("OGC:CRS84", "OGC:CRS84"), ("EPSG:7405", "EPSG:7405")])
+def test_an_epsg_code_alone_and_crs84_are_crss(typed, meant):
+    """An EPSG code alone (as a number from JSON, or digits) and CRS84 were 'not a CRS I know'; a compound CRS
+    (British National Grid + ODN height) has a horizontal part and stays one."""
+    assert parse_crs(typed, CRS()) == CRS.from_user_input(meant)
+
+
+@pytest.mark.parametrize(("text", "kind"), [("EPSG:5703", "a vertical CRS"), ("EPSG:4978", "a geocentric CRS"),
+                                            (5703, "a vertical CRS")])
+@pytest.mark.parametrize("what", ["bbox CRS", "like CRS", "--out-crs"])
+def test_a_crs_without_horizontal_coordinates_is_refused_as_such(text, kind, what):
+    """A vertical or geocentric CRS was read, and the bbox then 'did not overlap the raster'."""
+    with pytest.raises(InputError) as refused:
+        parse_crs(text, CRS.from_epsg(26914), what)
+    said = str(refused.value)
+    assert said.startswith(f"The {what} {str(text)!r} is {kind} (") and "not a horizontal 2-D CRS" in said
+    assert "overlap" not in said
+
+
 # --------------------------------------------------------------------------- text that is not UTF-8
 
 @pytest.mark.parametrize("text, byte", [(os.fsdecode(b"eau\xe9"), "the byte 0xe9 is not UTF-8"),

@@ -192,6 +192,27 @@ def test_search_checks_the_like_crs_and_point_at_submit(backend, search_body):
     assert _job_count(backend) == before
 
 
+def test_a_crs_is_an_epsg_code_alone_or_crs84_and_never_a_vertical_one_in_every_crs_field(backend, segment_body,
+                                                                                          search_body):
+    """bbox_crs 26914 (a number) was a 422, "26914" and "CRS84" were 'not a CRS I know'; a vertical CRS gave
+    'does not overlap'. Read as CRSs, boxes and points far from the raster are refused as outside it."""
+    before = _job_count(backend)
+    for crs in (26914, "26914", 26914.0):
+        assert "does not overlap" in _refused(backend, "/v1/segment", segment_body(bbox=[0, 0, 1, 1], bbox_crs=crs))
+        assert "outside the raster" in _refused(backend, "/v1/search", search_body(like=[0, 0], like_crs=crs))
+    for crs in ("CRS84", "OGC:CRS84"):
+        assert "does not overlap" in _refused(backend, "/v1/segment",
+                                              segment_body(bbox=[10.0, 50.0, 10.1, 50.1], bbox_crs=crs))
+    for crs, kind in (("EPSG:5703", "vertical"), (4978, "geocentric")):
+        for path, body in (("/v1/segment", segment_body(bbox=[0, 0, 1, 1], bbox_crs=crs)),
+                           ("/v1/search", search_body(like=[0, 0], like_crs=crs)),
+                           ("/v1/search", search_body(bbox=[0, 0, 1, 1], bbox_crs=crs))):
+            detail = _refused(backend, path, body)
+            assert f"is a {kind} CRS" in detail and "not a horizontal 2-D CRS" in detail, (path, detail)
+    _refused(backend, "/v1/segment", segment_body(bbox=[0, 0, 1, 1], bbox_crs=True), status=422)
+    assert _job_count(backend) == before
+
+
 # --------------------------------------------------------------------------- segment class lines
 
 def test_a_synonym_in_two_class_lines_and_a_long_shapefile_class_name_are_refused_at_submit(
