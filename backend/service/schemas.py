@@ -226,7 +226,10 @@ class TrainRequest(Strict):
     raster: str = PathText
     labels: str = PathText
     class_field: str = Field(min_length=1, max_length=200)
-    out: str = PathText
+    out: str | None = Field(default=None, min_length=1, max_length=4096,
+                            description="The folder to write the model into (default: a new folder in the backend's "
+                                        "models folder, named after the raster and labels, that GET /v1/models "
+                                        "lists). " + ABSOLUTE)
     base_model: str | None = Field(default=None, max_length=4096)
     method: str | None = Field(default=None, max_length=100)
     epochs: whole_number(ge=1, le=100000) | None = None

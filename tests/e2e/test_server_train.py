@@ -114,3 +114,29 @@ def test_more_last_blocks_than_the_model_has_fail_the_job_in_a_sentence_before_t
     assert job["error"] == (f"\"last_blocks\": 3 is more than the 2 blocks of {tiny_model.stem}'s vision tower; "
                             "give at most 2 (\"method\": \"full\" trains them all).")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_train_request_without_out_writes_a_new_model_in_the_models_folder(backend, env, tiny_model, naip):
+    """"out" was required (422) while `farslip train` as DESIGN.md writes it gives none: the model goes to a new
+    folder in the backend's models folder, listed by GET /v1/models; a second request queued meanwhile gets -2."""
+    import shutil
+
+    body = train_body(naip, tiny_model, "unused", background="other", batch_size=2, distill_boxes=1,
+                      regions_per_step=4)
+    del body["out"]
+    root = Path(env["FARSLIP_HOME"]) / "models"
+    name = "solaris_sample_geotiff-solaris_geotiff_labels"
+    try:
+        jobs = [backend.client.post("/v1/train", json=body) for _ in range(2)]
+        assert [job.status_code for job in jobs] == [202, 202], [job.text for job in jobs]
+        done = [backend.wait(job.json()["job_id"], timeout=300) for job in jobs]
+        assert [job["state"] for job in done] == ["done", "done"], done
+        assert [job["result"]["outputs"]["model_dir"] for job in done] == [str(root / name), str(root / f"{name}-2")]
+        assert [job["request"]["out"] for job in done] == [str(root / name), str(root / f"{name}-2")]
+        listed = {entry["name"]: entry for entry in backend.client.get("/v1/models").json()["models"]}
+        assert listed[name]["kind"] == listed[f"{name}-2"]["kind"] == "finetuned"
+        refused = backend.client.post("/v1/train", json=body | {"resume": True})
+        assert refused.status_code == 400 and '"resume" continues the training' in refused.json()["detail"]
+    finally:
+        for folder in (root / name, root / f"{name}-2"):
+            shutil.rmtree(folder, ignore_errors=True)

@@ -14,12 +14,13 @@ from backend.engine.options import finite_number
 from backend.service.schemas import EvaluateRequest, JobCreated, TrainRequest
 
 from ..security import absolute_path, looks_like_path, output_path, raster_path, request_checks
-from .jobs import queue_job
+from .jobs import manager_of, queue_job
 
 router = APIRouter()
 
 # Options of TrainRequest that name files (base_model only when it is a path, not a registry name).
 TRAIN_PATHS = ("raster", "labels", "out", "weights", "aoi")
+ACTIVE = ("queued", "running")
 
 
 def _plain_type(annotation: Any) -> tuple[Any, bool]:
@@ -99,9 +100,23 @@ def check_train_request(request: TrainRequest) -> list[str]:
     return outputs
 
 
+def default_out(body: TrainRequest, request: Request) -> str:
+    """A train request without "out": a new folder in this backend's models folder, as `farslip train` without
+    --out, past the folders that queued and running trainings will write."""
+    from training.model_folder import default_out_folder
+
+    if body.resume:
+        raise InputError('"resume" continues the training of the folder "out" names: give it.')
+    waiting = [job for job in manager_of(request).list() if job["kind"] == "train" and job["state"] in ACTIVE]
+    taken = [str(job["request"]["out"]) for job in waiting if (job.get("request") or {}).get("out")]
+    return str(default_out_folder(body.raster, body.labels, taken))
+
+
 @router.post("/train", response_model=JobCreated, status_code=202)
 def submit_train(body: TrainRequest, request: Request):
     with request_checks():
+        if body.out is None:
+            body.out = default_out(body, request)  # recorded in the job's request: its history says where
         outputs = check_train_request(body)
     return queue_job(request, "train", body, outputs)
 
