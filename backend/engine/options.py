@@ -29,6 +29,11 @@ ATTENTION_VARIANTS = ("segearth", "clearclip", "sclip", "maskclip", "vanilla")
 REFINE_CHOICES = ("none", "edges", "sam")
 RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")
 PROB_DTYPES = ("float32", "float16", "uint8")
+# The polygon formats (GDAL driver names) a run writes, with the extension --out has in each; the first is the default.
+VECTOR_FORMATS = {"GPKG": ".gpkg", "ESRI Shapefile": ".shp", "GeoJSON": ".geojson", "FlatGeobuf": ".fgb"}
+# What a user may call each (any case): the driver name, the format's name, its extension.
+FORMAT_NAMES = {"gpkg": "GPKG", "geopackage": "GPKG", "esri shapefile": "ESRI Shapefile", "shapefile": "ESRI Shapefile",
+                "shp": "ESRI Shapefile", "geojson": "GeoJSON", "flatgeobuf": "FlatGeobuf", "fgb": "FlatGeobuf"}
 # --weights wherever a command takes a model (models.locate_model): a registry name's weights, or a model alone.
 WEIGHTS_HELP = ("Checkpoint file (or fine-tuned model folder): the weights of the registry model --model names; "
                 "without --model, a model of its own.")
@@ -210,6 +215,39 @@ def check_typed_text(text: str, what: str, max_chars: int, where: str = "") -> N
                          f"{unicodedata.name(hidden, 'a format character')}); type visible text, or leave it out.")
 
 
+def vector_format(name: str) -> str:
+    """The GDAL driver of a --format name (GPKG, GeoPackage, ESRI Shapefile, shp, GeoJSON, FlatGeobuf, fgb, any
+    case, a leading dot allowed); InputError naming the choices otherwise."""
+    driver = FORMAT_NAMES.get(name.strip().lstrip(".").lower()) if isinstance(name, str) else None
+    if driver is None:
+        raise InputError(f"Unknown --format {name!r}; use one of GPKG (GeoPackage), ESRI Shapefile (shp), GeoJSON "
+                         "or FlatGeobuf (fgb).")
+    return driver
+
+
+def with_format_extension(out: Path, name: str | None) -> Path:
+    """`out` with the extension of the --format `name` (GeoPackage when None) when it has none; `out` as it is
+    otherwise, and when the name is no format (check_out_format says so)."""
+    if out.suffix or out.name in ("", ".", ".."):
+        return out
+    try:
+        driver = vector_format(name) if name is not None else "GPKG"
+    except InputError:
+        return out
+    return out.with_name(out.name + VECTOR_FORMATS[driver])
+
+
+def check_out_format(out: Path, name: str | None) -> None:
+    """An --out whose extension is not the one of the --format given is refused: one of them is a mistake."""
+    if name is None:
+        return
+    driver = vector_format(name)
+    wanted = VECTOR_FORMATS[driver]
+    if out.suffix.lower() != wanted:
+        raise InputError(f"--out {out} ends in {out.suffix!r}, but --format {name} writes {driver} ({wanted}): end "
+                         f"--out in {wanted}, or leave its extension out (it is added), or leave --format out.")
+
+
 def check_scale_or_gsd(scale: float | None, gsd_m: float | None) -> None:
     """--scale and --gsd both set the processing resolution: one of them, each in its range."""
     if scale is not None and gsd_m is not None:
@@ -242,8 +280,14 @@ class SegmentOptions:
         help="A named class list (see `farslip presets`).", max_chars=100))
     out: Path = field(default=Path("result.gpkg"), metadata=spec(
         flags=("--out", "-o"), required_in_api=True,
-        help="Polygons: .gpkg (default), .shp, .geojson or .fgb (.parquet with --workers).",
+        help="Polygons: .gpkg (default), .shp, .geojson or .fgb (.parquet with --workers); without an extension, "
+             "that of --format (.gpkg without it).",
         max_chars=PATH_MAX_CHARS))
+    format: str | None = field(default=None, metadata=spec(
+        help="Format of --out: GPKG (GeoPackage), ESRI Shapefile (shp), GeoJSON or FlatGeobuf (fgb), any case "
+             "(default: --out's extension). An --out without an extension gets the format's; one with another "
+             "extension is refused.",
+        max_chars=100, check=vector_format))
     class_raster: Path | None = field(default=None, metadata=spec(
         help="Also write a uint8 class GeoTIFF.", max_chars=PATH_MAX_CHARS))
     prob_raster: Path | None = field(default=None, metadata=spec(
@@ -333,6 +377,8 @@ class SegmentOptions:
 
     def __post_init__(self) -> None:
         self.raster = os.fspath(self.raster)  # a caller's Path (a plain file) as the text it is
+        # An --out without an extension is written in --format (GeoPackage by default), with its extension.
+        self.out = with_format_extension(Path(self.out), self.format)
 
     @classmethod
     def from_values(cls, values: dict[str, Any]) -> SegmentOptions:
@@ -453,6 +499,7 @@ def check_values(options: SegmentOptions) -> None:
     for item in option_fields():
         if item.name not in ("scale", "gsd_m"):
             check_option(item.name, getattr(options, item.name))
+    check_out_format(Path(options.out), options.format)
     check_needs(options)
 
 

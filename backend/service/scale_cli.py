@@ -125,6 +125,7 @@ def segment_scaled(values: dict) -> None:
         options = options_from_cli({k: v for k, v in values.items()
                                     if k not in (*SCALE_ONLY, "device", "quiet")}
                                    | {"raster": values["raster"][0]})
+        out = Path(options.out)  # with the extension of --format (or .gpkg) when it was given without one
         check_values(options)
         check_scale_options(options)
         check_workers(values.get("workers"), values.get("cluster") or os.environ.get("RAY_ADDRESS"))

@@ -6,6 +6,7 @@ and one check refuses bad values with the CLI's sentence before any model is loo
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ NAIP = Path(__file__).resolve().parents[3] / "shared" / "data" / "naip_2020_5m.t
 # model without a value here fails test_every_option_has_a_test_value_that_is_not_its_default: add one.
 REQUEST = {
     "raster": "/data/in.tif", "class_lines": ["water, lake", "road"], "classes_file": "/data/classes.txt",
-    "preset": "urban", "out": "/data/out.fgb", "class_raster": "/data/classes.tif",
+    "preset": "urban", "out": "/data/out.fgb", "format": "FlatGeobuf", "class_raster": "/data/classes.tif",
     "prob_raster": "/data/probs.tif", "prob_dtype": "uint8", "overwrite": True, "model": "farslip-vit-b-16",
     "weights": "/w/model.pt",
     "bbox": [1.0, 2.0, 3.0, 4.0], "bbox_crs": "EPSG:4326", "bands": [3, 2, 1], "threshold": 0.25,
@@ -135,6 +136,34 @@ def test_class_lines_given_as_one_text_are_a_class_per_line_and_a_line_break_in_
     listed = options_from_request(SegmentRequest.model_validate({**body, "class_lines": ["water\nlake"]}).model_dump())
     with pytest.raises(InputError, match="control character"):
         parse_class_lines(listed.class_lines)
+
+
+@pytest.mark.parametrize(("out", "name", "written"), [
+    ("/data/r", None, "/data/r.gpkg"), ("/data/r", "GeoJSON", "/data/r.geojson"),
+    ("/data/r", "esri shapefile", "/data/r.shp"), ("/data/r", "SHP", "/data/r.shp"),
+    ("/data/r", "fgb", "/data/r.fgb"), ("/data/r", "GeoPackage", "/data/r.gpkg"),
+    ("/data/r.GPKG", "gpkg", "/data/r.GPKG"), ("/data/r.fgb", None, "/data/r.fgb")])
+def test_format_gives_an_out_without_an_extension_its_own_on_the_command_line_and_in_a_request(out, name, written):
+    """DESIGN's POST /v1/segment takes an "output path + format": an out without an extension was refused."""
+    format_args = ["--format", name] if name else []
+    context = segment_command().make_context("segment", ["/data/in.tif", "--out", out, *format_args])
+    values = {key: value for key, value in context.params.items() if key not in CLI_OWN}
+    from_cli = options_from_cli(single_raster(values))
+    body = {"raster": "/data/in.tif", "out": out, **({"format": name} if name else {})}
+    from_api = options_from_request(SegmentRequest.model_validate(body).model_dump())
+    assert from_cli == from_api and from_api.out == Path(written)
+    check_values(from_api)
+
+
+@pytest.mark.parametrize(("out", "name", "words"), [
+    ("/data/r.shp", "GPKG", "--out /data/r.shp ends in '.shp', but --format GPKG writes GPKG (.gpkg)"),
+    ("/data/r.geojson", "FlatGeobuf", "--format FlatGeobuf writes FlatGeobuf (.fgb)"),
+    ("/data/r", "kml", "Unknown --format 'kml'")])
+def test_a_format_its_out_contradicts_or_no_format_is_one_sentence(out, name, words):
+    options = options_from_request(SegmentRequest.model_validate({"raster": "/data/in.tif", "out": out,
+                                                                   "format": name}).model_dump())
+    with pytest.raises(InputError, match=re.escape(words)):
+        check_values(options)
 
 
 def test_defaults_agree_between_the_command_line_and_the_request():

@@ -88,7 +88,7 @@ def _malformed_requests(valid: dict) -> list[tuple[str, str, dict]]:
         cases.append(("POST", "/v1/segment", {"content": content, "headers": {"Content-Type": "application/json"}}))
         cases.append(("POST", "/v1/train", {"content": content, "headers": {"Content-Type": "application/json"}}))
     wrong_types = {
-        "raster": [1, None, [], {}, True, ""], "class_lines": ["water", 5, [1], [None], {"a": 1}, ["x" * 5000]],
+        "raster": [1, None, [], {}, True, ""], "class_lines": [True, 5, [1], [None], {"a": 1}, ["x" * 5000]],
         "bbox": [[1, 2, 3], [1, 2, 3, 4, 5], "1 2 3 4", ["a", "b", "c", "d"], {"xmin": 1}, [None] * 4],
         "bbox_crs": [5, ["EPSG:4326"]], "model": [5, ["a"]], "weights": [5], "bands": [[], [1, 2, 3, 4], "1,2,3",
                                                                                         [1.5, 2, 3], ["r"]],
@@ -96,6 +96,7 @@ def _malformed_requests(valid: dict) -> list[tuple[str, str, dict]]:
         "scale": [0, -2, "x"], "gsd_m": [0, -1, "5m"], "min_area": [-1, "big"], "simplify": [-0.5, "x"],
         "value_range": [[1], [1, 2, 3], "0-255"], "out": [None, 7, "", []], "class_raster": ["", 3],
         "prob_raster": ["", 3], "overwrite": ["maybe", [], {}], "preset": [3, ["urban"]],
+        "format": [3, "kml", ["GPKG"]],
     }
     for name, values in wrong_types.items():
         for value in values:
@@ -126,9 +127,11 @@ def _malformed_requests(valid: dict) -> list[tuple[str, str, dict]]:
     for raster in ("../../../../etc/passwd", "relative.tif", "/etc/passwd", "/nonexistent/a.tif", "/",
                    "/proc/self/environ", "~/../../etc/shadow", "/tmp/\x00.tif", "/dev/null", "C:\\x.tif"):
         cases.append(("POST", "/v1/segment", {"json": {**valid, "raster": raster}}))
-    for out in ("../../etc/x.gpkg", "/nonexistent/dir/x.gpkg", "/tmp/x.exe", "/tmp/no-extension", "/",
-                "relative.gpkg", "/tmp/\x00.gpkg"):
+    for out in ("../../etc/x.gpkg", "/nonexistent/dir/x.gpkg", "/tmp/x.exe", "/", "relative.gpkg", "/tmp/\x00.gpkg"):
         cases.append(("POST", "/v1/segment", {"json": {**valid, "out": out}}))
+    # An out without an extension is written in its format (GeoPackage by default): one its format contradicts.
+    cases.append(("POST", "/v1/segment", {"json": {**valid, "out": "/tmp/x.shp", "format": "GPKG"}}))
+    cases.append(("POST", "/v1/segment", {"json": {**valid, "out": "/tmp/no-extension", "format": "kml"}}))
     for model in ("no-such-model", "/nonexistent/model.pt", "../model.pt"):
         cases.append(("POST", "/v1/segment", {"json": {**valid, "model": model}}))
     cases.append(("POST", "/v1/segment", {"json": {**valid, "preset": "../../etc/passwd"}}))

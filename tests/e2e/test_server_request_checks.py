@@ -213,6 +213,24 @@ def test_a_crs_is_an_epsg_code_alone_or_crs84_and_never_a_vertical_one_in_every_
     assert _job_count(backend) == before
 
 
+def test_segment_takes_an_output_path_and_a_format_as_design_says(backend, segment_body, out_dir):
+    """An out without an extension gets its format's (GeoPackage without one); an out the format contradicts is a
+    400 in the request's words; class_lines may be the plugin's box text, a class per line."""
+    before = _job_count(backend)
+    detail = _refused(backend, "/v1/segment", segment_body(out=str(out_dir / "r.shp"), format="GeoJSON"))
+    assert "ends in '.shp', but \"format\" GeoJSON writes GeoJSON (.geojson)" in detail, detail
+    assert 'Unknown "format": "kml"' in _refused(backend, "/v1/segment", segment_body(format="kml"))
+    assert _job_count(backend) == before
+    job = backend.wait(backend.submit(segment_body(out=str(out_dir / "hits"), format="geojson",
+                                                   class_lines="water, lake\ncropland\n\nroad\n")))
+    assert job["state"] == "done", job
+    assert job["result"]["outputs"]["vector"] == str(out_dir / "hits.geojson")
+    assert [entry["class"] for entry in job["result"]["classes"]] == ["water", "cropland", "road"]
+    assert (out_dir / "hits.geojson").is_file() and not (out_dir / "hits").exists()
+    job = backend.wait(backend.submit(segment_body(out=str(out_dir / "plain"))))
+    assert job["state"] == "done" and job["result"]["outputs"]["vector"] == str(out_dir / "plain.gpkg"), job
+
+
 # --------------------------------------------------------------------------- segment class lines
 
 def test_a_synonym_in_two_class_lines_and_a_long_shapefile_class_name_are_refused_at_submit(
