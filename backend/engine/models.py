@@ -330,13 +330,62 @@ def load_model(model: str | None = None, weights: str | None = None, device: str
     if kind == "finetuned":
         return _load_finetuned(where, device)
     if kind == "checkpoint":
-        return _finish(read_state_dict(where), name=where.stem, weights_path=where, device=device,
-                       class_lines=None, activation=checkpoint_activation(where),
-                       metadata={"kind": "checkpoint"})
+        loaded = _finish(read_state_dict(where), name=where.stem, weights_path=where, device=device,
+                         class_lines=None, activation=checkpoint_activation(where),
+                         metadata={"kind": "checkpoint"})
+        loaded.name = checkpoint_name(where, loaded.weights_id)
+        return loaded
     path = resolve_weights(where, explicit)
     return _finish(read_state_dict(path), name=where.name, weights_path=path, device=device,
                    class_lines=None, spec=where, activation=where.activation,
                    metadata={"kind": "registry", "spec": asdict(where)})
+
+
+def checkpoint_name(path: Path, sha256: str) -> str:
+    """The name of a checkpoint file given by path (the polygons' `model` field, GET /v1/health's loaded_model):
+    its file name without the extension, unless that is a registry model's name and the file holds other weights
+    than that model's on this computer (a different file and another sha256): then its whole file name
+    (clip-vit-b-16.safetensors), which no registry model has, so results never name a model they were not
+    made with."""
+    spec = {name.lower(): spec for name, spec in known_models().items()}.get(path.stem.lower())
+    if spec is None:
+        return path.stem
+    local = find_local_weights(spec)
+    if local is not None and (_same_file(local, path) or file_sha256(local) == sha256):
+        return spec.name
+    return path.name
+
+
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def loaded_identity(loaded: LoadedModel) -> dict:
+    """What a loaded model is, as GET /v1/models says it: its name, kind (registry, finetuned, checkpoint), the
+    path it was read from (a fine-tuned model's folder, else its weights file) and the weights' sha256."""
+    meta = loaded.metadata
+    kind = str(meta.get("kind") or "checkpoint")
+    path = meta.get("model_dir") if kind == "finetuned" else meta.get("weights_path")
+    return {"name": loaded.name, "kind": kind, "path": str(path) if path else None,
+            "weights_sha256": loaded.weights_id}
+
+
+def is_loaded(entry: dict, identity: dict | None) -> bool:
+    """Whether a list_models entry is the loaded model (`identity`, loaded_identity's answer), by what it is, not
+    by name: a fine-tuned model by its folder; a registry model when it was loaded by its name, or when its
+    weights file on this computer is the file loaded. A checkpoint whose file name is a model's name is none of
+    them; nor is a fine-tuned folder elsewhere named like one in the models folder."""
+    if identity is None or not identity.get("path"):
+        return False
+    if entry.get("kind") == "finetuned":
+        return identity["kind"] == "finetuned" and bool(entry.get("path")) and _same_file(entry["path"],
+                                                                                           identity["path"])
+    if entry.get("kind") != "registry":
+        return False
+    if identity["kind"] == "registry" and identity["name"] == entry.get("name"):
+        return True
+    return identity["kind"] == "checkpoint" and bool(entry.get("path")) and _same_file(entry["path"],
+                                                                                      identity["path"])
 
 
 def checkpoint_activation(path: Path) -> str:

@@ -343,3 +343,38 @@ def test_a_finetuned_models_own_weights_file_loads_as_its_folder(tmp_path):
     alone.mkdir()
     (alone / finetuned.FINETUNED_WEIGHTS).write_bytes(file.read_bytes())  # no farslip_model.json beside it
     assert models.load_model(str(alone / finetuned.FINETUNED_WEIGHTS)).metadata["kind"] == "checkpoint"
+
+
+def test_the_loaded_model_is_told_by_what_it_is_not_by_its_name(tmp_path, monkeypatch):
+    """GET /v1/models marked the entry whose name was the loaded model's: a local file clip-vit-b-16.safetensors
+    marked the registry's clip-vit-b-16 (not on this computer) and its polygons said clip-vit-b-16, and a
+    fine-tuned folder outside the models folder marked the one of its name inside it, or nothing."""
+    monkeypatch.setenv("FARSLIP_MODELS", str(tmp_path / "models"))
+    monkeypatch.setenv("FARSLIP_WEIGHTS", str(tmp_path / "weights"))
+    model = make_tiny_clip(16, seed=3)
+    local = save_safetensors(model, tmp_path / "clip-vit-b-16.safetensors")
+
+    def marked(loaded) -> list[str]:
+        identity = models.loaded_identity(loaded)
+        return [entry["name"] for entry in models.list_models() if models.is_loaded(entry, identity)]
+
+    loaded = models.load_model(str(local))
+    assert loaded.name == "clip-vit-b-16.safetensors" and marked(loaded) == []
+    assert models.loaded_identity(loaded) == {"name": "clip-vit-b-16.safetensors", "kind": "checkpoint",
+                                              "path": str(local), "weights_sha256": loaded.weights_id}
+    other = save_safetensors(model, tmp_path / "tiny.safetensors")
+    assert models.load_model(str(other)).name == "tiny"  # a name no model has: the file's stem, as before
+
+    spec = registry.known_models()["clip-vit-b-16"]
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / spec.weights_filename).write_bytes(local.read_bytes())  # now it is that model's file
+    assert models.load_model(str(local)).name == "clip-vit-b-16"
+    by_path = models.load_model(str(tmp_path / "weights" / spec.weights_filename))
+    assert marked(by_path) == ["clip-vit-b-16"]
+    assert marked(models.load_model("clip-vit-b-16")) == ["clip-vit-b-16"]
+
+    inside, _ = _finetuned_dir(tmp_path / "models", "roads")
+    outside, _ = _finetuned_dir(tmp_path / "elsewhere", "roads")
+    assert marked(models.load_model(str(outside))) == []
+    assert models.loaded_identity(models.load_model(str(outside)))["path"] == str(outside)
+    assert marked(models.load_model("roads")) == ["roads"] == marked(models.load_model(str(inside)))

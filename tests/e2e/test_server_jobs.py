@@ -57,6 +57,24 @@ def test_a_segment_job_runs_to_done_and_writes_what_the_cli_writes(backend, segm
     assert sum(c["polygons"] for c in result["classes"]) == len(server_geometries)
 
 
+def test_models_say_which_is_loaded_by_what_it_is_not_by_its_name(backend, segment_body, tiny_model, tmp_path):
+    """A local file named clip-vit-b-16.safetensors marked the registry's clip-vit-b-16 (not on this computer)
+    loaded and named the polygons after it; a file of any other name was loaded with no entry saying so."""
+    import shutil
+
+    clip = tmp_path / "clip-vit-b-16.safetensors"
+    shutil.copyfile(tiny_model, clip)
+    for model, name in ((clip, "clip-vit-b-16.safetensors"), (tiny_model, tiny_model.stem)):
+        body = segment_body(model=str(model), out=str(tmp_path / f"{model.stem}.gpkg"))
+        assert backend.wait(backend.submit(body))["state"] == "done"
+        answer = backend.client.get("/v1/models").json()
+        assert [entry["name"] for entry in answer["models"] if entry["loaded"]] == []
+        assert {key: answer["loaded"][key] for key in ("name", "kind", "path")} == \
+            {"name": name, "kind": "checkpoint", "path": str(model)}
+        assert backend.client.get("/v1/health").json()["loaded_model"] == name
+        assert set(read_layer(body["out"])[1]["model"]) == {name}
+
+
 def test_jobs_submitted_together_both_finish_in_fifo_order(backend, segment_body, out_dir):
     first = backend.submit(segment_body(out=str(out_dir / "first.gpkg")))
     second = backend.submit(segment_body(out=str(out_dir / "second.gpkg"), attention="clearclip"))

@@ -52,6 +52,11 @@ class ModelCache:
         self._lock = threading.RLock()
 
     @property
+    def loaded(self) -> Any:
+        """The model held now (a LoadedModel), None before the first job or after unloading."""
+        return self._loaded
+
+    @property
     def loaded_name(self) -> str | None:
         loaded = self._loaded
         return getattr(loaded, "name", None) if loaded is not None else None

@@ -46,13 +46,16 @@ async def health(request: Request):
 
 @router.get("/models", response_model=ModelList)
 def models(request: Request):
-    from backend.engine.models import list_models
+    from backend.engine.models import is_loaded, list_models, loaded_identity
     from backend.engine.registry import DEFAULT_MODEL
     from backend.engine.sam_models import list_sam_models
 
-    loaded = manager_of(request).loaded_model
-    entries = [dict(entry, loaded=bool(loaded) and entry.get("name") == loaded) for entry in list_models()]
-    return {"default": DEFAULT_MODEL, "models": entries, "sam_models": list_sam_models()}
+    held = manager_of(request).models.loaded
+    identity = loaded_identity(held) if held is not None else None
+    # Marked by what the entry is (folder, weights file), never by name alone; "loaded" says which it is whether
+    # or not an entry is (a checkpoint file, a fine-tuned folder outside the models folder).
+    entries = [dict(entry, loaded=is_loaded(entry, identity)) for entry in list_models()]
+    return {"default": DEFAULT_MODEL, "models": entries, "sam_models": list_sam_models(), "loaded": identity}
 
 
 @router.post("/models/download", response_model=JobCreated, status_code=202)
