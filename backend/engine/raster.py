@@ -144,8 +144,19 @@ class RasterSource:
         src_window = self._source_window(window)
         unique = sorted(set(self.bands))
         try:
+            resampling = self._resampling()
             data = self.dataset.read(unique, window=src_window, out_shape=(len(unique), *shape),
-                                     resampling=self._resampling())
+                                     resampling=resampling)
+            if resampling != Resampling.nearest and not np.issubdtype(data.dtype, np.integer):
+                # Bilinear spreads a NaN (or inf) to every output pixel it touches (GDAL leaves out nodata
+                # values, not NaN): a hole would grow by a ring of pixels whose source pixels hold data. Those
+                # take the value of their nearest source pixel; a pixel whose nearest is NaN stays masked, as
+                # the validity mask (read nearest) masks a nodata hole.
+                spread = ~np.isfinite(data)
+                if spread.any():
+                    nearest = self.dataset.read(unique, window=src_window, out_shape=(len(unique), *shape),
+                                                resampling=Resampling.nearest)
+                    data = np.where(spread, nearest, data)
             mask = None if self._all_valid else validity_mask(self.dataset, shape, src_window, unique)
         except RasterioError as exc:
             raise unreadable_pixels(self.path, exc) from exc

@@ -53,6 +53,23 @@ def test_float_raster_with_nan_holes_masks_them(tmp_path):
     assert np.isfinite(rgb).all() and rgb.min() >= 0 and rgb.max() <= 255
 
 
+@pytest.mark.parametrize("scale", [0.5, 0.37, 2.0])
+def test_resampled_nan_holes_are_masked_like_nodata_holes_and_grow_by_no_pixel(tmp_path, scale):
+    """Resampled (--scale, --gsd) a NaN hole grew by a ring of pixels (bilinear spreads NaN to the pixels next to
+    it), which got no class and no polygon although their source pixels are all valid."""
+    data = np.random.default_rng(0).uniform(0, 1, (3, 200, 200)).astype(np.float32)
+    holes = {}
+    for name, fill in (("nan", np.nan), ("nodata", -9999.0)):
+        holed = data.copy()
+        holed[:, 60:100, 60:100] = fill
+        with open_source(write(tmp_path / f"{name}.tif", holed, nodata=-9999.0), scale=scale) as source:
+            rgb, valid = source.read(PixelWindow(0, 0, source.height, source.width))
+        assert np.isfinite(rgb).all()
+        holes[name] = ~valid
+    assert holes["nan"].sum() == holes["nodata"].sum() > 0
+    assert (holes["nan"] == holes["nodata"]).all()
+
+
 @pytest.mark.parametrize("kind", ["none", "nodata", "alpha", "internal mask", "sidecar mask"])
 def test_validity_follows_every_kind_of_mask_and_a_raster_without_one_is_all_valid(tmp_path, kind):
     """Only a raster with no nodata, alpha or mask band skips reading its mask: every other kind
