@@ -18,7 +18,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 from backend.service.http_words import for_http
 from backend.engine.options import SENTENCE_MAX_CHARS, SegmentOptions, Spec, option_fields, path_fields, spec_of
 
-JobState = Literal["queued", "running", "done", "failed", "cancelled", "interrupted"]
+# DESIGN's five states. A job whose backend stopped under it is "failed" with `interrupted` true (the job
+# history's own state for it, "interrupted", is served so: routes/jobs.job_as_served).
+JobState = Literal["queued", "running", "done", "failed", "cancelled"]
 JobKind = Literal["segment", "train", "index", "search", "download", "evaluate"]
 
 # Paths, names and class lines are short; these bounds keep a hostile body from
@@ -359,6 +361,9 @@ class Job(BaseModel):
     request: dict[str, Any]
     result: JobResult | None = None
     error: str | None = None
+    interrupted: bool = Field(default=False, description="the backend stopped (its process died, or it was shut "
+                                                         "down) while this job was queued or running: the job is "
+                                                         "failed and can be run again")
 
 
 class JobList(BaseModel):

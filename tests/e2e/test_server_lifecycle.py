@@ -45,13 +45,16 @@ def test_kill_9_mid_job_then_restart_shows_it_interrupted_and_removes_its_partia
 
     restarted = start_backend(state_dir)
     job = restarted.job(long_id)
-    assert job["state"] == "interrupted"
-    assert job["finished"] and "stopped" in job["message"]
+    # DESIGN's five states: a client polling until done/failed/cancelled stops; nothing is lost (interrupted).
+    assert job["state"] == "failed" and job["interrupted"] is True, job
+    assert job["message"] == job["error"] == ("Interrupted: the backend stopped while this job was running; nothing "
+                                              "was written. Run it again.")
+    assert job["finished"]
     assert sorted(p.name for p in out_dir.iterdir()) == before
     listed = {j["id"]: j for j in restarted.client.get("/v1/jobs").json()["jobs"]}
-    assert listed[earlier]["state"] == "done"
+    assert listed[earlier]["state"] == "done" and listed[earlier]["interrupted"] is False
     assert listed[earlier]["result"]["outputs"]["vector"] == str(out_dir / "earlier.gpkg")
-    assert listed[long_id]["state"] == "interrupted"
+    assert (listed[long_id]["state"], listed[long_id]["interrupted"]) == ("failed", True)
     # The restarted backend works.
     again = restarted.submit(segment_body(out=str(out_dir / "again.gpkg")))
     assert restarted.wait(again)["state"] == "done"
@@ -71,8 +74,10 @@ def test_sigterm_cancels_the_running_job_cleanly_and_removes_the_connection_file
     assert "shutting down: cancelling the running job" in (tmp_path / "state-stderr.txt").read_text()
 
     restarted = start_backend(state_dir)
-    assert restarted.job(long_id)["state"] == "interrupted"
-    assert restarted.job(queued_id)["state"] == "interrupted"
+    for job_id in (long_id, queued_id):
+        job = restarted.job(job_id)
+        assert (job["state"], job["interrupted"]) == ("failed", True) and job["error"].startswith("Interrupted: "), job
+    assert "before this job started" in restarted.job(queued_id)["error"]
     assert restarted.job(queued_id)["started"] is None
 
 

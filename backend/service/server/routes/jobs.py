@@ -26,16 +26,29 @@ def queue_job(request: Request, kind: str, body: BaseModel, outputs: list[str]) 
     return JobCreated(job_id=job["id"], state=job["state"])
 
 
+def job_as_served(job: dict) -> dict:
+    """The job as a client reads it: http_words (the request's fields, not command-line flags), and one of
+    DESIGN's five states. A job whose backend stopped under it (the history's `interrupted`: the process died, or
+    was shut down, while it was queued or running) is `failed`, its sentence as message and error, opening with
+    "Interrupted:", and `interrupted` true: a client that knows the five states stops polling it."""
+    said = job_for_http(job)
+    if said.get("state") != "interrupted":
+        return {**said, "interrupted": False}
+    sentence = said.get("message") or "The backend stopped while this job ran. Run it again."
+    sentence = f"Interrupted: {sentence[:1].lower()}{sentence[1:]}"
+    return {**said, "state": "failed", "interrupted": True, "message": sentence, "error": said.get("error") or sentence}
+
+
 def job_or_404(job: dict | None, job_id: str) -> dict:
-    """The job as a client reads it (http_words: the request's fields, not command-line flags), or a 404."""
+    """The job as a client reads it (job_as_served), or a 404."""
     if job is None:
         raise StarletteHTTPException(404, f"There is no job {quoted(job_id)}; GET /v1/jobs lists the jobs.")
-    return job_for_http(job)
+    return job_as_served(job)
 
 
 @router.get("/jobs", response_model=JobList)
 def jobs(request: Request, limit: int = Query(200, ge=1, le=10000)):
-    return {"jobs": [job_for_http(job) for job in manager_of(request).list(limit)]}
+    return {"jobs": [job_as_served(job) for job in manager_of(request).list(limit)]}
 
 
 @router.get("/jobs/{job_id}", response_model=Job)
