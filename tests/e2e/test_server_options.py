@@ -32,7 +32,7 @@ def run_options(naip, tiny_model, bbox, folder) -> dict:
     (folder / "classes.txt").write_text("cropland\n")
     return {
         "raster": str(naip), "class_lines": ["water, lake", "road"], "classes_file": str(folder / "classes.txt"),
-        "out": str(folder / "run.gpkg"), "class_raster": str(folder / "classes.tif"),
+        "out": str(folder / "run.gpkg"), "format": "GeoPackage", "class_raster": str(folder / "classes.tif"),
         "prob_raster": str(folder / "probs.tif"), "prob_dtype": "uint8", "overwrite": True, "weights": str(tiny_model),
         "bbox": bbox, "bbox_crs": "EPSG:26914", "bands": [3, 2, 1], "threshold": 0.05,
         "attention": "clearclip", "batch_size": 3, "gsd_m": 5.0, "min_area": 25.0, "simplify": 1.0,
@@ -69,6 +69,7 @@ def test_every_option_reaches_the_engine_through_the_api_and_the_command_line(
     cli = {**run, "out": str(tmp_path / "cli.gpkg"), "class_raster": str(tmp_path / "c.tif"),
            "prob_raster": str(tmp_path / "p.tif")}
     args = [str(naip), "-c", "water, lake", "-c", "road", "--classes-file", cli["classes_file"], "--out", cli["out"],
+            "--format", "geopackage",
             "--class-raster", cli["class_raster"], "--prob-raster", cli["prob_raster"], "--prob-dtype", "uint8",
             "--overwrite",
             "--weights", str(tiny_model), "--bbox", *map(str, small_bbox), "--bbox-crs", "EPSG:26914",
