@@ -235,7 +235,11 @@ class TrainRequest(Strict):
 
     model_config = ConfigDict(extra="allow")
 
-    raster: str = PathText
+    raster: str | list[Annotated[str, PathText]] = Field(
+        min_length=1, max_length=4096,
+        description="The raster to train on, or a list of rasters on one pixel grid (the tiles of one survey), "
+                    "trained on as one mosaic (a VRT the backend keeps in its state folder, which the model "
+                    "records). " + ABSOLUTE)
     labels: str = PathText
     class_field: str = Field(min_length=1, max_length=200)
     out: str | None = Field(default=None, min_length=1, max_length=4096,

@@ -343,7 +343,9 @@ def _benchmark(benchmark, classes, preset, protocol, reduce_zero_label, prob_thr
 
 def train_command(
     ctx: typer.Context,
-    raster: str = typer.Argument(..., help="GeoTIFF (or any GDAL raster) to train on."),
+    rasters: list[str] = typer.Argument(..., metavar="RASTER...",
+                                        help="GeoTIFF (or any GDAL raster) to train on; several rasters on one "
+                                             "pixel grid (the tiles of one survey) are trained on as one mosaic."),
     labels: Path = typer.Argument(..., help="Polygon layer with a class field (any CRS)."),
     class_field: str = typer.Option(..., help="Field of LABELS holding each polygon's class."),
     out_given: Optional[str] = typer.Option(None, "--out", "-o", metavar="PATH",
@@ -398,14 +400,21 @@ def train_command(
 
     from training.model_folder import default_out_folder
 
+    from backend.engine.mosaic import mosaic_of
+
     out = Path(out_given or ".")
+    raster = rasters[0]
     try:
         with signals_as_interrupt():
+            raster = mosaic_of(rasters)  # several tiles: a VRT of them, kept (the model records it)
+            if len(rasters) > 1:
+                typer.echo(f"The {len(rasters)} rasters are trained on as one mosaic: {raster} (give it as "
+                           "RASTER to farslip evaluate).", err=True)
             if out_given is None:
                 if resume:
                     raise InputError("--resume continues the training of the folder --out names: give it (an "
                                      "interrupted training's message says which).")
-                out = default_out_folder(raster, labels)  # a new folder: nothing existing is replaced
+                out = default_out_folder(rasters[0], labels)  # a new folder: nothing existing is replaced
                 typer.echo(f"No --out given: the model goes to {out} (--model {out.name} loads it).", err=True)
             else:
                 out = out_folder(out_given)  # Path("") would be the current folder

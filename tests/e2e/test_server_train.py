@@ -140,3 +140,51 @@ def test_a_train_request_without_out_writes_a_new_model_in_the_models_folder(bac
     finally:
         for folder in (root / name, root / f"{name}-2"):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _halves(raster: Path, folder: Path, **changes) -> list[str]:
+    """The left and right halves of `raster` as files of their own (the right one with profile `changes`)."""
+    import rasterio
+    from rasterio.windows import Window
+
+    paths = []
+    with rasterio.open(raster) as ds:
+        half = ds.width // 2
+        for name, window, extra in (("left", Window(0, 0, half, ds.height), {}),
+                                    ("right", Window(half, 0, ds.width - half, ds.height), changes)):
+            profile = ds.profile | {"width": window.width, "height": window.height,
+                                    "transform": ds.window_transform(window)} | extra
+            with rasterio.open(folder / f"{name}.tif", "w", **profile) as out:
+                out.write(ds.read(window=window))
+            paths.append(str(folder / f"{name}.tif"))
+    return paths
+
+
+def test_a_train_job_on_a_list_of_tiles_trains_on_their_mosaic(backend, tiny_model, naip, tmp_path):
+    """DESIGN.md's POST /v1/train takes "raster(s)": tiles on one pixel grid are one mosaic (a VRT the backend
+    keeps, recorded in the job's request and the model); tiles in two CRSs are a 400 saying so."""
+    tiles = _halves(naip.parent / "solaris_sample_geotiff.tif", tmp_path)
+    model_dir = tmp_path / "tiles-model"
+    response = backend.client.post("/v1/train", json=train_body(naip, tiny_model, model_dir, raster=tiles,
+                                                                background="other", batch_size=2))
+    assert response.status_code == 202, response.text
+    job = backend.wait(response.json()["job_id"], timeout=300)
+    assert job["state"] == "done", job
+    mosaic = job["request"]["raster"]
+    assert mosaic.endswith(".vrt") and Path(mosaic).parent.name == "mosaics"
+    recorded = json.loads((model_dir / "farslip_model.json").read_text("utf-8"))
+    assert recorded["data"]["raster"]["path"] == mosaic
+    import rasterio
+
+    with rasterio.open(mosaic) as mosaic_ds, rasterio.open(naip.parent / "solaris_sample_geotiff.tif") as whole:
+        assert (mosaic_ds.width, mosaic_ds.height, mosaic_ds.transform) == (whole.width, whole.height,
+                                                                              whole.transform)
+        assert (mosaic_ds.read() == whole.read()).all()
+
+    (tmp_path / "other").mkdir()
+    other = _halves(naip.parent / "solaris_sample_geotiff.tif", tmp_path / "other", crs="EPSG:32634")
+    refused = backend.client.post("/v1/train", json=train_body(naip, tiny_model, tmp_path / "m2", raster=other,
+                                                               background="other"))
+    assert refused.status_code == 400
+    assert refused.json()["detail"].startswith(f"The rasters {other[1]} and {other[0]} are in different CRSs")
+    assert not (tmp_path / "m2").exists()

@@ -100,7 +100,7 @@ def check_train_request(request: TrainRequest) -> list[str]:
     return outputs
 
 
-def default_out(body: TrainRequest, request: Request) -> str:
+def default_out(body: TrainRequest, request: Request, raster: str) -> str:
     """A train request without "out": a new folder in this backend's models folder, as `farslip train` without
     --out, past the folders that queued and running trainings will write."""
     from training.model_folder import default_out_folder
@@ -109,14 +109,21 @@ def default_out(body: TrainRequest, request: Request) -> str:
         raise InputError('"resume" continues the training of the folder "out" names: give it.')
     waiting = [job for job in manager_of(request).list() if job["kind"] == "train" and job["state"] in ACTIVE]
     taken = [str(job["request"]["out"]) for job in waiting if (job.get("request") or {}).get("out")]
-    return str(default_out_folder(body.raster, body.labels, taken))
+    return str(default_out_folder(raster, body.labels, taken))
 
 
 @router.post("/train", response_model=JobCreated, status_code=202)
 def submit_train(body: TrainRequest, request: Request):
+    from backend.engine.mosaic import mosaic_of
+
     with request_checks():
+        rasters = body.raster if isinstance(body.raster, list) else [body.raster]
+        for raster in rasters:
+            raster_path(raster)  # a GDAL name as segment takes it
         if body.out is None:
-            body.out = default_out(body, request)  # recorded in the job's request: its history says where
+            body.out = default_out(body, request, rasters[0])  # recorded in the job's request: its history says where
+        # Several tiles: their kept VRT mosaic is the raster trained on (and recorded in the job's request).
+        body.raster = mosaic_of(rasters)
         outputs = check_train_request(body)
     return queue_job(request, "train", body, outputs)
 

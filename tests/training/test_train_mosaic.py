@@ -1,0 +1,101 @@
+"""`farslip train TILE1 TILE2 ... LABELS` (DESIGN.md: a training job takes "raster(s)"): the tiles of one survey,
+on one pixel grid, are trained on as one mosaic (a VRT kept in the state folder, which the model records and an
+evaluation finds again); tiles that are not on one grid are refused in a sentence saying how to align them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.windows import Window
+from typer.testing import CliRunner
+
+from backend.engine.mosaic import mosaic_of
+from backend.engine.raster import PixelWindow, open_source
+from backend.service.cli import app
+
+runner = CliRunner()
+
+
+def tile(raster, path, window: Window, **changes) -> str:
+    """A part of `raster` as a file of its own (its pixels, placed where they lie), with profile `changes`."""
+    with rasterio.open(raster) as ds:
+        profile = ds.profile | {"width": window.width, "height": window.height,
+                                "transform": ds.window_transform(window)} | changes
+        pixels = ds.read(window=window)
+    with rasterio.open(path, "w", **profile) as out:
+        out.write(pixels)
+    return str(path)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("FARSLIP_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def test_tiles_on_one_grid_read_as_the_raster_they_were_cut_from_with_the_gap_masked(synthetic, tmp_path, home):
+    raster, _, _ = synthetic
+    left = tile(raster, tmp_path / "left.tif", Window(0, 0, 180, 384))
+    right = tile(raster, tmp_path / "right.tif", Window(200, 40, 184, 344))  # a gap, and a corner missing
+    mosaic = mosaic_of([left, right])
+    assert mosaic.startswith(str(home / "mosaics")) and mosaic_of([left, right]) == mosaic  # kept: the same file
+    with rasterio.open(raster) as ds:
+        whole = ds.read()
+    with open_source(mosaic) as source:
+        assert (source.height, source.width) == (384, 384)
+        rgb, valid = source.read(PixelWindow(0, 0, 384, 384))
+    expected = np.zeros((384, 384), bool)
+    expected[:, :180] = True
+    expected[40:, 200:] = True
+    assert (valid == expected).all()
+    assert (rgb[:, valid] == whole[:, valid].astype(np.float32)).all()
+
+
+def test_training_on_two_tiles_records_their_mosaic_and_evaluates_on_it(synthetic, tiny_model, tmp_path, home):
+    raster, labels, _ = synthetic
+    left = tile(raster, tmp_path / "left.tif", Window(0, 0, 192, 384))
+    right = tile(raster, tmp_path / "right.tif", Window(192, 0, 192, 384))
+    out = tmp_path / "model"
+    result = runner.invoke(app, ["train", left, right, str(labels), "--class-field", "cls", "--out", str(out),
+                                 "--base-model", str(tiny_model), "--epochs", "1", "--steps-per-epoch", "1",
+                                 "--batch-size", "2", "--device", "cpu", "-q"])
+    assert result.exit_code == 0, result.output
+    recorded = json.loads((out / "farslip_model.json").read_text("utf-8"))
+    assert recorded["data"]["raster"]["path"] == mosaic_of([left, right])
+    mosaic = mosaic_of([left, right])
+    assert f"The {2} rasters are trained on as one mosaic: {mosaic}" in result.output
+    evaluated = runner.invoke(app, ["evaluate", mosaic, str(labels), "--class-field", "cls", "--model", str(out),
+                                    "--split", "validation", "--device", "cpu", "-q",
+                                    "--json", str(tmp_path / "evaluation.json")])
+    assert evaluated.exit_code == 0, evaluated.output  # its held-out strip: the model knows the mosaic
+    report = json.loads((tmp_path / "evaluation.json").read_text("utf-8"))
+    assert report["raster"] == mosaic and report["split"] == "validation"
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"crs": "EPSG:32634"}, "are in different CRSs"),
+    ({"transform": rasterio.transform.from_origin(500384, 5000000, 4.0, 4.0)}, "have different pixel sizes"),
+    ({"transform": rasterio.transform.from_origin(500384.5, 5000000, 2.0, 2.0)}, "are not on one pixel grid"),
+    ({"count": 1}, "differ in bands"),
+])
+def test_tiles_not_on_one_grid_are_refused_before_anything_is_written(synthetic, tiny_model, tmp_path, home,
+                                                                      changes, words):
+    raster, labels, _ = synthetic
+    left = tile(raster, tmp_path / "left.tif", Window(0, 0, 192, 384))
+    if changes.get("count") == 1:
+        with rasterio.open(left) as ds:
+            profile, band = ds.profile | {"count": 1}, ds.read(1)
+        with rasterio.open(tmp_path / "right.tif", "w", **profile) as out:
+            out.write(band, 1)
+        right = str(tmp_path / "right.tif")
+    else:
+        right = tile(raster, tmp_path / "right.tif", Window(192, 0, 192, 384), **changes)
+    out = tmp_path / "model"
+    result = runner.invoke(app, ["train", left, right, str(labels), "--class-field", "cls", "--out", str(out),
+                                 "--base-model", str(tiny_model), "--epochs", "1", "--device", "cpu", "-q"])
+    assert result.exit_code == 2, result.output
+    assert f"The rasters {right} and {left} {words}" in result.output
+    assert not out.exists() and not (home / "mosaics").exists()
