@@ -50,6 +50,10 @@ def test_health_reports_version_device_and_loaded_model(backend):
     assert health["status"] == "ok"
     assert health["version"] == backend.info["version"]
     assert health["device"]["type"] == "cpu"
+    # DESIGN's "free memory" on the CPU too: the system's available memory, what a job can still take.
+    import psutil
+
+    assert 0 < health["device"]["free_memory_mb"] <= psutil.virtual_memory().total // 2**20
     assert "loaded_model" in health
 
 

@@ -22,11 +22,15 @@ def device_info(device: str) -> DeviceInfo:
         index = torch.device(device).index or 0
         free, _total = torch.cuda.mem_get_info(index)
         return DeviceInfo(type="cuda", name=torch.cuda.get_device_name(index), free_memory_mb=free // 2**20)
+    import psutil
+
+    # On the CPU (and Apple's GPU, which shares it) the memory a job can still take is the system's available.
+    available = psutil.virtual_memory().available // 2**20
     if kind == "mps":
-        return DeviceInfo(type="mps", name="Apple GPU (MPS)")
+        return DeviceInfo(type="mps", name="Apple GPU (MPS)", free_memory_mb=available)
     import platform
 
-    return DeviceInfo(type="cpu", name=platform.processor() or platform.machine() or "CPU")
+    return DeviceInfo(type="cpu", name=platform.processor() or platform.machine() or "CPU", free_memory_mb=available)
 
 
 def health_now(request: Request) -> Health:
