@@ -29,6 +29,9 @@ def driver_for(path: str | Path) -> str:
     if suffix == ".parquet":  # GeoParquet: the merged layer of a run on Ray (backend/scale/merge.py)
         raise InputError(f"Cannot write polygons to {path}: GeoParquet is written by runs on Ray; add --workers 1 to "
                          f"run this one on a local Ray, or use one of {', '.join(DRIVERS)}.")
+    if not suffix and Path(path).is_dir():
+        raise InputError(f"Cannot write polygons to {path}: it is a folder; name a file in it, e.g. "
+                         f"{Path(path) / 'result.gpkg'}.")
     if suffix not in DRIVERS:
         raise InputError(
             f"Cannot write polygons to {path}: the extension {suffix or '(none)'!r} is not supported. "

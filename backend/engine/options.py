@@ -228,8 +228,8 @@ def vector_format(name: str) -> str:
 def with_format_extension(out: Path, name: str | None) -> Path:
     """`out` with the extension of the --format `name` (GeoPackage when None) when it has none; `out` as it is
     otherwise, and when the name is no format (check_out_format says so)."""
-    if out.suffix or out.name in ("", ".", ".."):
-        return out
+    if out.suffix or out.name in ("", ".", "..") or out.is_dir():
+        return out  # a folder stays what it is, and is refused as an output (not a file beside it written)
     try:
         driver = vector_format(name) if name is not None else "GPKG"
     except InputError:
@@ -278,7 +278,8 @@ class SegmentOptions:
         help="Text file, one class per line.", max_chars=PATH_MAX_CHARS))
     preset: str | None = field(default=None, metadata=spec(
         help="A named class list (see `farslip presets`).", max_chars=100))
-    out: Path = field(default=Path("result.gpkg"), metadata=spec(
+    # No extension: --format's is added (result.gpkg without --format, result.shp with --format shp).
+    out: Path = field(default=Path("result"), metadata=spec(
         flags=("--out", "-o"), required_in_api=True,
         help="Polygons: .gpkg (default), .shp, .geojson or .fgb (.parquet with --workers); without an extension, "
              "that of --format (.gpkg without it).",

@@ -155,6 +155,18 @@ def test_format_gives_an_out_without_an_extension_its_own_on_the_command_line_an
     check_values(from_api)
 
 
+@pytest.mark.parametrize(("name", "written"), [(None, "result.gpkg"), ("shp", "result.shp"),
+                                              ("GeoJSON", "result.geojson")])
+def test_without_out_the_default_result_takes_the_formats_extension(name, written):
+    """`segment R -c a --format shp` without --out was refused: the default result.gpkg contradicted --format."""
+    format_args = ["--format", name] if name else []
+    context = segment_command().make_context("segment", ["/data/in.tif", *format_args])
+    values = {key: value for key, value in context.params.items() if key not in CLI_OWN}
+    options = options_from_cli(single_raster(values))
+    assert options.out == Path(written)
+    check_values(options)
+
+
 @pytest.mark.parametrize(("out", "name", "words"), [
     ("/data/r.shp", "GPKG", "--out /data/r.shp ends in '.shp', but --format GPKG writes GPKG (.gpkg)"),
     ("/data/r.geojson", "FlatGeobuf", "--format FlatGeobuf writes FlatGeobuf (.fgb)"),

@@ -30,3 +30,15 @@ def test_a_request_refuses_an_out_named_as_a_folder(backend, segment_body, out_d
     detail = response.json()["detail"]
     assert "names a folder (it ends in '/'); give a file name." in detail and "--out" not in detail, detail
     assert list(out_dir.iterdir()) == []
+
+
+def test_an_out_that_is_an_existing_folder_is_refused_not_written_beside_it(backend, segment_body, out_dir):
+    """An out without an extension gets .gpkg (DESIGN's output path + format); an existing folder of that name
+    got a file beside it (folder.gpkg) instead of the refusal."""
+    (out_dir / "results").mkdir()
+    response = backend.client.post("/v1/segment", json=segment_body(out=str(out_dir / "results")))
+    assert response.status_code == 400, response.text
+    assert response.json()["detail"].startswith(f"Cannot write polygons to {out_dir / 'results'}: it is a folder; "
+                                                "name a file in it")
+    assert [path.name for path in out_dir.iterdir()] == ["results"]
+    assert list((out_dir / "results").iterdir()) == []
