@@ -94,8 +94,9 @@ def default_out_folder(raster: str | os.PathLike, labels: str | os.PathLike, tak
     """Where a training without --out writes its model: a new folder in the models folder
     ($FARSLIP_HOME/models, which `farslip models` and GET /v1/models list, so the model is then used by its
     name), named by default_model_name with -2, -3 ... after it where that name is in use: an existing
-    file or folder, an interrupted training's working folder, a registry model's name, or a path in `taken`
-    (what queued trainings will write). Nothing existing is ever replaced. The models folder is made here."""
+    file or folder, an interrupted training's working folder, a registry model's name, a path in `taken`
+    (what queued trainings will write), or a file or folder of that name in the current folder (which
+    `--model NAME` would load first). Nothing existing is ever replaced. The models folder is made here."""
     from backend.engine import paths
     from backend.engine.registry import known_models
     from backend.engine.sam_models import known_sam_models
@@ -112,7 +113,7 @@ def default_out_folder(raster: str | os.PathLike, labels: str | os.PathLike, tak
     for number in itertools.count(1):
         out = root / (base if number == 1 else f"{base}-{number}")
         if (out.name.lower() not in reserved and not os.path.lexists(out) and not os.path.lexists(partial_dir(out))
-                and os.path.realpath(out) not in busy):
+                and os.path.realpath(out) not in busy and not os.path.lexists(out.name)):
             return out
     raise AssertionError("unreachable")
 

@@ -4,9 +4,12 @@ An analyst's labels often span the tiles of one survey (a NAIP quarter-quad per 
 a pixel size and a grid; a VRT places each tile's pixels where they lie, nothing is resampled or copied, and
 the gaps between tiles (and each tile's own nodata, alpha or mask) are masked through the VRT's mask band.
 
-The VRT is written once per list of rasters into the state folder (`mosaics/`), under a name made of the
-rasters' paths: the same list gives the same file, whose identity (its bytes and every file it reads) a
-fine-tuned model records, so an evaluation of the model finds its own raster again.
+Where tiles overlap, each pixel comes from the last tile (in the order given) that holds data there.
+
+The VRT is written once per list of rasters into the state folder (`$FARSLIP_HOME/mosaics/`), under a name
+made of the rasters' paths: the same list gives the same file, which a fine-tuned model records as its raster
+(the VRT's sha256: tiles rewritten in place under the same paths are not told apart), so an evaluation of the
+model finds its own raster again.
 """
 
 from __future__ import annotations
@@ -103,10 +106,14 @@ def mosaic_of(rasters: list[str]) -> str:
 
 
 def _source(tile: dict, band: str, column: int, row: int) -> str:
+    """A tile's band placed in the mosaic. Where tiles overlap, a later tile's masked pixels (its nodata, alpha,
+    mask) leave the earlier tile's pixels as they are: a data band composites through the tile's mask
+    (UseMaskBand, GDAL 3.3+), the mask band skips its zeros (NODATA 0)."""
     w, h = tile["width"], tile["height"]
+    through = "<NODATA>0</NODATA>" if band.startswith("mask") else "<UseMaskBand>true</UseMaskBand>"
     # A ComplexSource: GDAL 3.10 reads a SimpleSource of a mask band ("mask,1") wrongly in a whole-raster read.
     return (f"<ComplexSource><SourceFilename relativeToVRT=\"0\">{escape(tile['path'])}</SourceFilename>"
-            f"<SourceBand>{band}</SourceBand>"
+            f"<SourceBand>{band}</SourceBand>{through}"
             f"<SrcRect xOff=\"0\" yOff=\"0\" xSize=\"{w}\" ySize=\"{h}\"/>"
             f"<DstRect xOff=\"{column}\" yOff=\"{row}\" xSize=\"{w}\" ySize=\"{h}\"/></ComplexSource>")
 

@@ -238,8 +238,8 @@ class TrainRequest(Strict):
     raster: str | list[Annotated[str, PathText]] = Field(
         min_length=1, max_length=4096,
         description="The raster to train on, or a list of rasters on one pixel grid (the tiles of one survey), "
-                    "trained on as one mosaic (a VRT the backend keeps in its state folder, which the model "
-                    "records). " + ABSOLUTE)
+                    "trained on as one mosaic (a VRT the backend keeps in $FARSLIP_HOME/mosaics, which the "
+                    "model records). " + ABSOLUTE)
     labels: str = PathText
     class_field: str = Field(min_length=1, max_length=200)
     out: str | None = Field(default=None, min_length=1, max_length=4096,

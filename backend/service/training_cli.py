@@ -343,7 +343,7 @@ def _benchmark(benchmark, classes, preset, protocol, reduce_zero_label, prob_thr
 
 def train_command(
     ctx: typer.Context,
-    rasters: list[str] = typer.Argument(..., metavar="RASTER...",
+    rasters: Optional[list[str]] = typer.Argument(None, metavar="RASTER",
                                         help="GeoTIFF (or any GDAL raster) to train on; several rasters on one "
                                              "pixel grid (the tiles of one survey) are trained on as one mosaic."),
     labels: Path = typer.Argument(..., help="Polygon layer with a class field (any CRS)."),
@@ -402,6 +402,10 @@ def train_command(
 
     from backend.engine.mosaic import mosaic_of
 
+    if not rasters:  # one file given: click took it for LABELS, the last argument
+        typer.echo(ctx.get_usage() + "\nTry 'farslip train --help' for help.\n\nError: Missing argument "
+                   "'RASTER... LABELS': give the raster(s) to train on, then the labels file.", err=True)
+        raise typer.Exit(2)
     out = Path(out_given or ".")
     raster = rasters[0]
     try:

@@ -127,18 +127,22 @@ def test_a_train_request_without_out_writes_a_new_model_in_the_models_folder(bac
     root = Path(env["FARSLIP_HOME"]) / "models"
     name = "solaris_sample_geotiff-solaris_geotiff_labels"
     try:
-        jobs = [backend.client.post("/v1/train", json=body) for _ in range(2)]
-        assert [job.status_code for job in jobs] == [202, 202], [job.text for job in jobs]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(3) as pool:  # sent at once: each gets a folder of its own, none is refused
+            jobs = list(pool.map(lambda _: backend.client.post("/v1/train", json=body), range(3)))
+        assert [job.status_code for job in jobs] == [202, 202, 202], [job.text for job in jobs]
         done = [backend.wait(job.json()["job_id"], timeout=300) for job in jobs]
-        assert [job["state"] for job in done] == ["done", "done"], done
-        assert [job["result"]["outputs"]["model_dir"] for job in done] == [str(root / name), str(root / f"{name}-2")]
-        assert [job["request"]["out"] for job in done] == [str(root / name), str(root / f"{name}-2")]
+        assert [job["state"] for job in done] == ["done", "done", "done"], done
+        folders = [str(root / name), str(root / f"{name}-2"), str(root / f"{name}-3")]
+        assert sorted(job["result"]["outputs"]["model_dir"] for job in done) == folders
+        assert sorted(job["request"]["out"] for job in done) == folders
         listed = {entry["name"]: entry for entry in backend.client.get("/v1/models").json()["models"]}
         assert listed[name]["kind"] == listed[f"{name}-2"]["kind"] == "finetuned"
         refused = backend.client.post("/v1/train", json=body | {"resume": True})
         assert refused.status_code == 400 and '"resume" continues the training' in refused.json()["detail"]
     finally:
-        for folder in (root / name, root / f"{name}-2"):
+        for folder in (root / name, root / f"{name}-2", root / f"{name}-3"):
             shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -39,6 +39,10 @@ def test_train_without_out_writes_a_new_model_in_the_models_folder(synthetic, ti
     (root / f"{name}-3").write_text("someone's file")  # neither a file, a working folder nor a taken path is used
     partial_dir(root / f"{name}-4").mkdir()
     assert default_out_folder(raster, labels, taken=[str(root / f"{name}-5")]) == root / f"{name}-6"
+    # --model NAME looks in the current folder first: a folder there of the next free name is skipped too.
+    (tmp_path / "here" / f"{name}-6").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "here")
+    assert default_out_folder(raster, labels, taken=[str(root / f"{name}-5")]) == root / f"{name}-7"
 
     refused = _train(raster, labels, tiny_model, "--resume")
     assert refused.exit_code == 2 and "--resume continues the training of the folder --out names" in refused.output

@@ -99,3 +99,30 @@ def test_tiles_not_on_one_grid_are_refused_before_anything_is_written(synthetic,
     assert result.exit_code == 2, result.output
     assert f"The rasters {right} and {left} {words}" in result.output
     assert not out.exists() and not (home / "mosaics").exists()
+
+
+def test_where_tiles_overlap_a_tiles_nodata_leaves_the_other_tiles_pixels(synthetic, tmp_path, home):
+    """Overlapping tiles (NAIP's quarter quads overlap): the right tile's nodata over the overlap masked the
+    left tile's valid pixels there, and its hidden values replaced theirs."""
+    raster, _, _ = synthetic
+    left = tile(raster, tmp_path / "left.tif", Window(0, 0, 250, 384))
+    right = tile(raster, tmp_path / "right.tif", Window(150, 0, 234, 384), nodata=0)
+    with rasterio.open(right, "r+") as ds:
+        pixels = np.maximum(ds.read(), 1)  # its own data never the nodata value
+        pixels[:, :, :60] = 0  # nodata over most of the overlap (its columns 150..210)
+        ds.write(pixels)
+    with rasterio.open(raster) as ds:
+        whole = ds.read()
+    with open_source(mosaic_of([left, right])) as source:
+        rgb, valid = source.read(PixelWindow(0, 0, 384, 384))
+    assert valid.all()
+    assert (rgb[:, :, :210] == whole[:, :, :210].astype(np.float32)).all()  # the left tile's, under the nodata
+    assert (rgb[:, :, 210:] == np.maximum(whole[:, :, 210:], 1)).all()  # the right tile's, where it holds data
+
+
+def test_the_labels_forgotten_is_said_as_the_labels_missing(synthetic):
+    raster, _, _ = synthetic
+    result = runner.invoke(app, ["train", str(raster), "--class-field", "cls"])
+    assert result.exit_code == 2
+    assert "Missing argument 'RASTER... LABELS': give the raster(s) to train on, then the labels file." in \
+        result.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 import types
 import typing
 from typing import Any
@@ -112,11 +113,16 @@ def default_out(body: TrainRequest, request: Request, raster: str) -> str:
     return str(default_out_folder(raster, body.labels, taken))
 
 
+# A default "out" is chosen past the folders queued trainings will write, and its job queued, as one step: two
+# requests at once would both choose the same folder, and the second be refused as writing what the first does.
+_CHOOSING_OUT = threading.Lock()
+
+
 @router.post("/train", response_model=JobCreated, status_code=202)
 def submit_train(body: TrainRequest, request: Request):
     from backend.engine.mosaic import mosaic_of
 
-    with request_checks():
+    with _CHOOSING_OUT, request_checks():
         rasters = body.raster if isinstance(body.raster, list) else [body.raster]
         for raster in rasters:
             raster_path(raster)  # a GDAL name as segment takes it
@@ -125,7 +131,7 @@ def submit_train(body: TrainRequest, request: Request):
         # Several tiles: their kept VRT mosaic is the raster trained on (and recorded in the job's request).
         body.raster = mosaic_of(rasters)
         outputs = check_train_request(body)
-    return queue_job(request, "train", body, outputs)
+        return queue_job(request, "train", body, outputs)
 
 
 @router.post("/evaluate", response_model=JobCreated, status_code=202)
