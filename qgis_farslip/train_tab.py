@@ -22,6 +22,7 @@ from qgis.core import (
     QgsVectorFileWriter,
     QgsVectorLayer,
 )
+from osgeo import gdal
 from qgis.PyQt import sip
 from qgis.PyQt.QtCore import QObject, Qt, pyqtSignal
 from qgis.PyQt.QtWidgets import QCheckBox
@@ -96,11 +97,13 @@ def labels_digest(layer: QgsVectorLayer, index: int, selected_only: bool) -> str
 
 
 KEPT_LABELS_DAYS = 90
+KEPT_COPY_DATE = "2000-01-01T00:00:00.000Z"
 
 
 def prune_kept_labels(folder: str, days: float = KEPT_LABELS_DAYS) -> None:
     """Remove the kept labels copies (and drafts a crash left) that no run used for `days` days. Nothing is lost:
-    a copy is remade, byte for byte, from the same labels (labels_file), so an evaluation still knows them."""
+    a copy is remade, byte for byte, from the same labels (labels_file writes it with a fixed timestamp), so an
+    evaluation still knows them."""
     cutoff = time.time() - days * 86400
     try:
         entries = list(os.scandir(folder))
@@ -170,8 +173,16 @@ def labels_file(layer: QgsVectorLayer, class_field: str, folder_maker: Callable[
                            "({}).").format(layer.name(), folder, error.strerror)) from None
     try:
         written = os.path.join(draft, stem + ".gpkg")
-        error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(
-            layer, written, layer.transformContext(), options)
+        # The GeoPackage's one timestamp (gpkg_contents.last_change) fixed for a kept copy: the same labels
+        # written again (the copy pruned meanwhile) are the same bytes, which a model records by sha256.
+        date = gdal.GetThreadLocalConfigOption("OGR_CURRENT_DATE", None)
+        if kept:
+            gdal.SetThreadLocalConfigOption("OGR_CURRENT_DATE", KEPT_COPY_DATE)
+        try:
+            error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(
+                layer, written, layer.transformContext(), options)
+        finally:
+            gdal.SetThreadLocalConfigOption("OGR_CURRENT_DATE", date)
         if error != QgsVectorFileWriter.NoError:
             raise UserError(f"The labels of {layer.name()} could not be written for the backend: {message}")
         os.replace(written, path)
