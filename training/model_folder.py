@@ -84,7 +84,9 @@ def default_model_name(raster: str | os.PathLike, labels: str | os.PathLike) -> 
 
     def stem(path: Path | None) -> str:
         text = re.sub(r"[^\w.-]+", "-", path.stem if path is not None else "").strip(".-_")
-        return text[:60].rstrip(".-_")
+        # At most 60 bytes (not characters): two of them, the joining '-' and a '-2' stay within a folder
+        # name's limit in any script (Cyrillic takes 2 bytes a letter, CJK 3).
+        return text.encode("utf-8")[:60].decode("utf-8", "ignore").rstrip(".-_")
 
     parts = [part for part in (stem(raster_file(raster)), stem(vector_file(os.fspath(labels)))) if part]
     return "-".join(dict.fromkeys(parts)) or "model"
@@ -190,8 +192,8 @@ def interrupted_training(out: Path) -> str | None:
     is, as a sentence, or None when it left none to resume (its working folder, no longer anyone's, removed)."""
     work = partial_dir(out)
     if kept_checkpoint(out):
-        return (f"{out} was not written, but its last checkpoint is kept in {work}: train again with resume "
-                "(--resume, \"resume\": true) to go on from it, or without to start over.")
+        return (f"{out} was not written, but its last checkpoint is kept in {work}: train again with --resume "
+                "and this --out to go on from it, or without to start over.")
     if work.is_dir() and not _is_live(work):
         shutil.rmtree(work, ignore_errors=True)
     return None

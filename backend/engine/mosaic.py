@@ -26,6 +26,7 @@ import rasterio
 from rasterio.errors import RasterioError
 
 from .errors import InputError
+from .files import absolute_raster_name
 from .paths import state_dir
 
 # Tiles whose grids are offset by less than this fraction of a pixel are one grid (floating-point rounding).
@@ -44,9 +45,10 @@ def _describe(path: str) -> dict:
                 raise InputError(f"The raster {path} has no coordinate reference system; a mosaic places each "
                                  "raster by its CRS and georeferencing.")
             transform = ds.transform
-            if transform.b or transform.d:
-                raise InputError(f"The raster {path} is on a rotated grid; a mosaic of several rasters takes "
-                                 "north-up rasters only (warp it with gdalwarp first, or train on it alone).")
+            if transform.b or transform.d or transform.e > 0:
+                raise InputError(f"The raster {path} is not north up (a rotated grid, or rows from south to "
+                                 "north); a mosaic of several rasters takes north-up rasters only (warp it with "
+                                 "gdalwarp first, or train on it alone).")
             return {"path": path, "crs": ds.crs, "transform": transform, "width": ds.width, "height": ds.height,
                     "count": ds.count, "dtypes": list(ds.dtypes), "colorinterp": [c.name for c in ds.colorinterp]}
     except RasterioError as error:
@@ -68,7 +70,9 @@ def mosaic_of(rasters: list[str]) -> str:
         return rasters[0]
     if len(rasters) > MAX_RASTERS:
         raise InputError(f"{len(rasters)} rasters were given; a mosaic takes at most {MAX_RASTERS}.")
-    names = [os.path.abspath(name) if os.path.exists(name) else name for name in rasters]
+    # Each file absolute and resolved (also inside /vsizip/a.zip/x.tif, GPKG:a.gpkg:t): the VRT reads the same
+    # files from any folder, and one file named twice (through a link, say) is found.
+    names = [absolute_raster_name(name) for name in rasters]
     if len(set(names)) != len(names):
         twice = next(name for name in names if names.count(name) > 1)
         raise InputError(f"The raster {twice} is given twice; give each raster once.")
@@ -83,6 +87,10 @@ def mosaic_of(rasters: list[str]) -> str:
         if tile["count"] != first["count"] or tile["dtypes"] != first["dtypes"]:
             raise InputError(f"The rasters {where} differ in bands ({tile['count']} {tile['dtypes'][0]}, "
                              f"{first['count']} {first['dtypes'][0]}); a mosaic needs the same bands in each.")
+        alpha = [i for i, role in enumerate(tile["colorinterp"]) if role == "alpha"]
+        if alpha != [i for i, role in enumerate(first["colorinterp"]) if role == "alpha"]:
+            raise InputError(f"The rasters {where} differ in their alpha band (a band is alpha in one and data in "
+                             "the other); a mosaic needs the same band roles in each.")
         t = tile["transform"]
         if not (math.isclose(t.a, t0.a, rel_tol=1e-6) and math.isclose(t.e, t0.e, rel_tol=1e-6)):
             raise InputError(f"The rasters {where} have different pixel sizes ({_grid_text(tile)}, "
@@ -125,7 +133,9 @@ GDAL_TYPES = {"uint8": "Byte", "int8": "Int8", "uint16": "UInt16", "int16": "Int
 def _vrt_text(first: dict, placed: list[tuple[dict, int, int]], width: int, height: int,
               geotransform: tuple[float, ...]) -> str:
     lines = [f"<VRTDataset rasterXSize=\"{width}\" rasterYSize=\"{height}\">",
-             f"  <SRS dataAxisToSRSAxisMapping=\"1,2\">{escape(first['crs'].to_wkt())}</SRS>",
+             # No axis mapping given: GDAL then takes x, y as east, north (as in the tiles' geotransform) for
+             # any CRS, also those whose first axis is latitude or northing (EPSG:4326, EPSG:3035).
+             f"  <SRS>{escape(first['crs'].to_wkt())}</SRS>",
              f"  <GeoTransform>{', '.join(repr(float(v)) for v in geotransform)}</GeoTransform>"]
     for index in range(first["count"]):
         kind = GDAL_TYPES.get(first["dtypes"][index])

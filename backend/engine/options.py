@@ -243,6 +243,8 @@ def check_out_format(out: Path, name: str | None) -> None:
         return
     driver = vector_format(name)
     wanted = VECTOR_FORMATS[driver]
+    if not out.suffix and out.is_dir():  # a folder: the polygon writer's sentence says so (export.driver_for)
+        return
     if out.suffix.lower() != wanted:
         raise InputError(f"--out {out} ends in {out.suffix!r}, but --format {name} writes {driver} ({wanted}): end "
                          f"--out in {wanted}, or leave its extension out (it is added), or leave --format out.")

@@ -8,6 +8,7 @@ is an error, not a silently ignored setting).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -151,7 +152,10 @@ def _text_lines(value: Any) -> Any:
     """A list field given as one text: one item per line (the plugin's class box as it holds them), blank lines
     dropped. A list stays a list: a line break inside one of its items is refused (check_typed_text)."""
     if isinstance(value, str):
-        return [line for line in value.splitlines() if line.strip()]
+        # Lines end at \n, \r\n or \r only (str.splitlines also splits at \x1c, \x85, U+2028 ...: control and
+        # separator characters inside a line stay in it and are refused there); a leading BOM is no text.
+        text = value.removeprefix("\ufeff")
+        return [line for line in re.split(r"\r\n|\r|\n", text) if line.strip()]
     return value
 
 

@@ -131,6 +131,15 @@ def test_class_lines_given_as_one_text_are_a_class_per_line_and_a_line_break_in_
     assert options.class_lines == ["water, lake", "cropland", "grassland"]
     schema = SegmentRequest.model_json_schema()["properties"]["class_lines"]
     assert {"type": "string"} in schema["anyOf"] and "an item per line" in schema["description"]
+    # A BOM (a text saved by Notepad) is no part of the first class; a line ends only at a line break: a
+    # control or separator character inside it stays there, and is refused as in a list item.
+    bom = options_from_request(
+        SegmentRequest.model_validate({**body, "class_lines": "\ufeffwater\rfield"}).model_dump())
+    assert bom.class_lines == ["water", "field"]
+    for inside in ("\x1c", "\x85", "\u2028"):
+        parsed = options_from_request(SegmentRequest.model_validate(
+            {**body, "class_lines": f"water{inside}field\nroad"}).model_dump())
+        assert parsed.class_lines == [f"water{inside}field", "road"]
     with pytest.raises(ValueError, match="at most 250 items"):  # the bound on the number of classes holds too
         SegmentRequest.model_validate({**body, "class_lines": "\n".join(f"class {i}" for i in range(251))})
     listed = options_from_request(SegmentRequest.model_validate({**body, "class_lines": ["water\nlake"]}).model_dump())

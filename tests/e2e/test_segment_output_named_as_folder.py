@@ -36,9 +36,10 @@ def test_an_out_that_is_an_existing_folder_is_refused_not_written_beside_it(back
     """An out without an extension gets .gpkg (DESIGN's output path + format); an existing folder of that name
     got a file beside it (folder.gpkg) instead of the refusal."""
     (out_dir / "results").mkdir()
-    response = backend.client.post("/v1/segment", json=segment_body(out=str(out_dir / "results")))
-    assert response.status_code == 400, response.text
-    assert response.json()["detail"].startswith(f"Cannot write polygons to {out_dir / 'results'}: it is a folder; "
-                                                "name a file in it")
+    for given in ({}, {"format": "shp"}):  # with a format, too (it said: "ends in '', ... leave its extension out")
+        response = backend.client.post("/v1/segment", json=segment_body(out=str(out_dir / "results"), **given))
+        assert response.status_code == 400, response.text
+        assert response.json()["detail"].startswith(f"Cannot write polygons to {out_dir / 'results'}: it is a "
+                                                    "folder; name a file in it"), response.text
     assert [path.name for path in out_dir.iterdir()] == ["results"]
     assert list((out_dir / "results").iterdir()) == []

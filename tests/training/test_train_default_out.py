@@ -53,4 +53,24 @@ def test_a_default_name_is_typed_as_it_is_and_never_a_registry_models(tmp_path, 
     assert default_model_name("/d/my raster (2020).tif", "/d/roofs & roads.gpkg|layername=x") == \
         "my-raster-2020-roofs-roads"
     assert default_model_name('NETCDF:"/d/scene.nc":rgb', "/d/scene.gpkg") == "scene"
+    # Long names in other scripts fit a folder name's bytes (the training was refused as "too long").
+    russian = default_model_name("/d/" + "Ортофотоплан_северного_участка_лесничества_2024" * 2 + ".tif",
+                                 "/d/" + "разметка_водных_объектов" * 4 + ".geojson")
+    assert russian.startswith("Ортофотоплан") and len(russian.encode("utf-8")) <= 121
+    assert len(default_model_name("/d/" + "東京" * 80 + ".tif", "/d/" + "道路" * 80 + ".gpkg").encode()) <= 121
     assert default_out_folder("/d/farslip2-vit-b-16.tif", "/d/farslip2-vit-b-16.gpkg").name == "farslip2-vit-b-16-2"
+
+
+def test_an_interrupted_trainings_sentence_names_resume_once_in_each_form(tmp_path):
+    """Over HTTP '--resume' becomes '"resume": true': the sentence said '(--resume, "resume": true)', served as
+    '("resume": true, "resume": true)'."""
+    from backend.service.http_words import for_http
+    from training.model_folder import CHECKPOINT_DIR, interrupted_training
+
+    out = tmp_path / "model"
+    (partial_dir(out) / CHECKPOINT_DIR).mkdir(parents=True)
+    (partial_dir(out) / CHECKPOINT_DIR / "state.pt").write_bytes(b"kept")
+    said = interrupted_training(out)
+    assert said is not None and said.count("--resume") == 1 and "--out" in said
+    served = for_http(said, "train")
+    assert served.count('"resume": true') == 1 and '"out"' in served, served

@@ -5,6 +5,7 @@ evaluation finds again); tiles that are not on one grid are refused in a sentenc
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import rasterio
 from rasterio.windows import Window
 from typer.testing import CliRunner
 
+from backend.engine.errors import InputError
 from backend.engine.mosaic import mosaic_of
 from backend.engine.raster import PixelWindow, open_source
 from backend.service.cli import app
@@ -126,3 +128,51 @@ def test_the_labels_forgotten_is_said_as_the_labels_missing(synthetic):
     assert result.exit_code == 2
     assert "Missing argument 'RASTER... LABELS': give the raster(s) to train on, then the labels file." in \
         result.output
+
+
+def test_a_mosaic_in_a_latitude_first_crs_lies_where_its_tiles_do_for_gdal_and_qgis(tmp_path, home):
+    """EPSG:4326's axes are latitude, longitude: the VRT said x, y were its axes 1, 2, and GDAL (QGIS) put the
+    mosaic at 99 deg S, 47 deg E for tiles in North Dakota."""
+    import subprocess
+
+    tiles = []
+    for number, west in enumerate((-99.02, -99.01)):
+        path = tmp_path / f"g{number}.tif"
+        with rasterio.open(path, "w", driver="GTiff", width=200, height=100, count=3, dtype="uint8",
+                           crs="EPSG:4326", transform=rasterio.transform.from_origin(west, 47.05, 5e-5, 5e-5)) as ds:
+            ds.write(np.full((3, 100, 200), 100, np.uint8))
+        tiles.append(str(path))
+    mosaic = mosaic_of(tiles)
+    script = ("import sys; from osgeo import gdal, osr; ds = gdal.Open(sys.argv[1]); x0, a, _, y0, _, e = "
+              "ds.GetGeoTransform(); wgs = osr.SpatialReference(); wgs.ImportFromEPSG(4326); "
+              "wgs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER); "
+              "t = osr.CoordinateTransformation(ds.GetSpatialRef(), wgs); print(*t.TransformPoint(x0, y0)[:2])")
+    done = subprocess.run([str(Path("/usr/bin/python3")), "-c", script, mosaic], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    lon, lat = map(float, done.stdout.split())
+    assert abs(lon + 99.02) < 1e-9 and abs(lat - 47.05) < 1e-9
+
+
+def test_tiles_named_relatively_in_gdals_syntax_are_kept_absolute(synthetic, tmp_path, home, monkeypatch):
+    """A relative /vsizip/ name went into the kept VRT as typed: the mosaic read other files (or none) from
+    any other folder."""
+    import zipfile
+
+    raster, _, _ = synthetic
+    left = tile(raster, tmp_path / "left.tif", Window(0, 0, 192, 384))
+    right = tile(raster, tmp_path / "right.tif", Window(192, 0, 192, 384))
+    with zipfile.ZipFile(tmp_path / "tiles.zip", "w") as archive:
+        archive.write(left, "left.tif")
+        archive.write(right, "right.tif")
+    monkeypatch.chdir(tmp_path)
+    mosaic = mosaic_of(["/vsizip/tiles.zip/left.tif", "/vsizip/tiles.zip/right.tif"])
+    assert f"/vsizip/{tmp_path / 'tiles.zip'}/left.tif" in Path(mosaic).read_text("utf-8")
+    monkeypatch.chdir(home.parent)
+    with open_source(mosaic) as source:
+        rgb, valid = source.read(PixelWindow(0, 0, 384, 384))
+    with rasterio.open(raster) as ds:
+        assert valid.all() and (rgb == ds.read().astype(np.float32)).all()
+    with pytest.raises(InputError, match="is given twice"):  # one file, named through a link too
+        (tmp_path / "link.tif").symlink_to(left)
+        mosaic_of([left, str(tmp_path / "link.tif")])
