@@ -301,8 +301,9 @@ class FarslipDock(QgsDockWidget):
         layer = self.form.layerCombo.currentLayer()
         if not isinstance(layer, QgsRasterLayer) or not layer.isValid():
             raise UserError(self.tr("Choose a raster layer to segment."))
-        if unusable_layer_text(layer):
-            raise UserError(unusable_layer_text(layer))
+        unusable = unusable_layer_text(layer)
+        if unusable:
+            raise UserError(unusable)
         class_lines = self.class_lines()
         if not class_lines:
             raise UserError(self.tr("Type at least one class name (one per line), or choose a preset."))

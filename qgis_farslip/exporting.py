@@ -23,7 +23,7 @@ from qgis.core import (
 from qgis.gui import QgsFileWidget
 from qgis.PyQt.QtWidgets import QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFormLayout
 
-from .filenames import MAX_STEM, gpkg_table_name, same_file
+from .filenames import MAX_STEM, first_free, gpkg_table_name, same_file
 from .parameters import safe_name
 from .i18n import tr
 
@@ -83,11 +83,8 @@ def free_table_name(path: str, table: str, key: str) -> str:
     export of the same result again replaces it); else `table_2`, `table_3`...: a table of another result, or
     the user's own, is never replaced."""
     tables = _table_descriptions(path) if os.path.isfile(path) else {}
-    candidate, number = table, 1
-    while candidate.lower() in tables and tables[candidate.lower()] != key:
-        number += 1
-        candidate = gpkg_table_name(f"{table[:MAX_STEM - 1 - len(str(number))]}_{number}")
-    return candidate
+    return first_free(table, lambda candidate: tables.get(candidate.lower(), key) != key,
+                      lambda number: gpkg_table_name(f"{table[:MAX_STEM - 1 - len(str(number))]}_{number}"))
 
 
 def export_path(path: str) -> str:

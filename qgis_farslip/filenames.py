@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import unicodedata
+from typing import Callable
 
 # Characters Windows refuses in file names, control characters, and path separators.
 _FORBIDDEN = re.compile(r'[<>:"/\\|?*\x00-\x1f\x7f]+')
@@ -28,6 +29,15 @@ def safe_file_stem(text: str, fallback: str = "result") -> str:
     return stem
 
 
+def first_free(name: str, taken: Callable[[str], bool], numbered: Callable[[int], str]) -> str:
+    """`name`, or the first of `numbered(2)`, `numbered(3)`, ... that is not `taken`."""
+    candidate, number = name, 1
+    while taken(candidate):
+        number += 1
+        candidate = numbered(number)
+    return candidate
+
+
 def unused_stem(folder: str, stem: str) -> str:
     """`folder/stem`, or `folder/stem-2`, `-3`, ... when a file of that run already exists there.
 
@@ -41,11 +51,7 @@ def unused_stem(folder: str, stem: str) -> str:
     def used(candidate: str) -> bool:
         return any(name.lstrip(".").startswith((candidate + ".", candidate + "_")) for name in taken)
 
-    candidate, number = stem, 1
-    while used(candidate):
-        number += 1
-        candidate = f"{stem}-{number}"
-    return os.path.join(folder, candidate)
+    return os.path.join(folder, first_free(stem, used, lambda number: f"{stem}-{number}"))
 
 
 # Table names a GeoPackage keeps for itself (its own tables, its spatial indexes, SQLite's): GDAL refuses a layer

@@ -159,8 +159,9 @@ def finetuned_folder(model: str | None) -> str | None:
 
 def refuse_missing_file(layer: QgsRasterLayer) -> None:
     """Stop the algorithm with a sentence when the layer's file is gone (deleted or moved since it was loaded)."""
-    if unusable_layer_text(layer):
-        raise QgsProcessingException(unusable_layer_text(layer))
+    unusable = unusable_layer_text(layer)
+    if unusable:
+        raise QgsProcessingException(unusable)
 
 
 def layer_vrt(layer: QgsRasterLayer) -> str:

@@ -27,6 +27,7 @@ from qgis.PyQt import sip
 from qgis.PyQt.QtCore import QObject
 from qgis.PyQt.QtGui import QColor
 from .classes import resources_dir
+from .filenames import first_free
 from .i18n import tr
 
 CLASS_FIELD = "class"
@@ -131,11 +132,7 @@ def unique_result_name(name: str, project: QgsProject) -> str:
     or results of one preset at the same time of day on two days, are told apart in the layer tree, the Export
     dialog and the tables an export writes)."""
     taken = {layer.name() for layer in project.mapLayers().values()}
-    candidate, number = name, 1
-    while candidate in taken:
-        number += 1
-        candidate = f"{name} ({number})"
-    return candidate
+    return first_free(name, taken.__contains__, lambda number: f"{name} ({number})")
 
 
 def probability_renderer(layer: QgsRasterLayer, band: int, colour: QColor) -> QgsSingleBandPseudoColorRenderer:

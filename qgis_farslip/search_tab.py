@@ -98,8 +98,9 @@ class SearchTab(QObject):
         layer = self.form.searchRasterCombo.currentLayer()
         if not isinstance(layer, QgsRasterLayer) or not layer.isValid():
             raise UserError("Choose a raster layer to search.")
-        if unusable_layer_text(layer):
-            raise UserError(unusable_layer_text(layer))
+        unusable = unusable_layer_text(layer)
+        if unusable:
+            raise UserError(unusable)
         path = local_raster_path(layer)
         prepare = None
         if path is None:

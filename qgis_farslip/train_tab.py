@@ -313,8 +313,9 @@ class TrainTab(QObject):
         raster = form.trainRasterCombo.currentLayer()
         if not isinstance(raster, QgsRasterLayer) or not raster.isValid():
             raise UserError(tr("Choose the raster to train on."))
-        if unusable_layer_text(raster):
-            raise UserError(unusable_layer_text(raster))
+        unusable = unusable_layer_text(raster)
+        if unusable:
+            raise UserError(unusable)
         labels = form.labelsCombo.currentLayer()
         if not isinstance(labels, QgsVectorLayer) or not labels.isValid():
             raise UserError(tr("Choose a polygon layer with labelled areas."))

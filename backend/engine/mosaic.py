@@ -17,14 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
 import rasterio
 from rasterio.errors import RasterioError
 
+from .atomic import write_text_atomically
 from .errors import InputError
 from .files import absolute_raster_name
 from .paths import state_dir
@@ -160,7 +159,7 @@ def _vrt_text(first: dict, placed: list[tuple[dict, int, int]], width: int, heig
 
 def _kept(text: str, path: Path) -> str:
     """`text` at `path`: left as it is where it is there already (its bytes and identity unchanged), else
-    written whole (a draft renamed)."""
+    written whole."""
     try:
         if path.read_text("utf-8") == text:
             return str(path)
@@ -168,10 +167,7 @@ def _kept(text: str, path: Path) -> str:
         pass
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, draft = tempfile.mkstemp(prefix=".draft-", suffix=".vrt", dir=path.parent)
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(draft, path)
+        write_text_atomically(path, text)
     except OSError as error:
         raise InputError(f"The mosaic of the rasters cannot be written to {path.parent} ({error.strerror}).") from None
     return str(path)

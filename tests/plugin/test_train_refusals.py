@@ -81,16 +81,22 @@ def test_a_refused_training_leaves_no_copy_of_the_labels(bare_dock, made_folders
     assert not [folder for folder in made_folders if os.path.exists(folder)]
 
 
-def test_the_labels_copy_is_kept_and_the_same_labels_give_the_same_file(bare_dock, made_folders):
-    """A memory layer's labels are copied for the backend; the copy is kept (the model records it) and named
-    after what it holds, so training again, or an evaluation, on the same labels finds the same file."""
-    from qgis_farslip.train_tab import kept_labels_dir
-
+def choose_naip_and_a_corners_labels(bare_dock):
+    """NAIP and a memory layer labelling a 400 m square in its corner, chosen in the Train tab; the labels."""
     naip = added(str(NAIP), "naip")
     corner = naip.extent()
     labels = labels_layer(naip.crs().authid(), [QgsRectangle(corner.xMinimum(), corner.yMinimum(),
                                                              corner.xMinimum() + 400, corner.yMinimum() + 400)])
     choose(bare_dock, naip, labels)
+    return labels
+
+
+def test_the_labels_copy_is_kept_and_the_same_labels_give_the_same_file(bare_dock, made_folders):
+    """A memory layer's labels are copied for the backend; the copy is kept (the model records it) and named
+    after what it holds, so training again, or an evaluation, on the same labels finds the same file."""
+    from qgis_farslip.train_tab import kept_labels_dir
+
+    labels = choose_naip_and_a_corners_labels(bare_dock)
     first = bare_dock.train_tab.build_request()[0]["labels"]
     assert os.path.dirname(first) == kept_labels_dir() and os.path.isfile(first)
     written = os.stat(first).st_ino
@@ -113,11 +119,7 @@ def test_labels_copies_no_run_used_for_months_are_removed(bare_dock, made_folder
     crash left), a copy used again is kept another 90 days, and recent ones stay."""
     from qgis_farslip.train_tab import kept_labels_dir
 
-    naip = added(str(NAIP), "naip")
-    corner = naip.extent()
-    labels = labels_layer(naip.crs().authid(), [QgsRectangle(corner.xMinimum(), corner.yMinimum(),
-                                                             corner.xMinimum() + 400, corner.yMinimum() + 400)])
-    choose(bare_dock, naip, labels)
+    choose_naip_and_a_corners_labels(bare_dock)
     current = bare_dock.train_tab.build_request()[0]["labels"]
     made = os.stat(current).st_ino
     folder = kept_labels_dir()
