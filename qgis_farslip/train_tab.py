@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import html
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -98,6 +99,8 @@ def labels_digest(layer: QgsVectorLayer, index: int, selected_only: bool) -> str
 
 KEPT_LABELS_DAYS = 90
 KEPT_COPY_DATE = "2000-01-01T00:00:00.000Z"
+# labels_file's kept names: a stem, '-', 20 hex digits of labels_digest (and SQLite's -wal/-shm beside them).
+KEPT_LABELS_NAME = re.compile(r".+-[0-9a-f]{20}\.gpkg(-wal|-shm)?")
 
 
 def prune_kept_labels(folder: str, days: float = KEPT_LABELS_DAYS) -> None:
@@ -115,7 +118,7 @@ def prune_kept_labels(folder: str, days: float = KEPT_LABELS_DAYS) -> None:
                 continue
             if entry.is_dir(follow_symlinks=False) and entry.name.startswith(".draft-"):
                 shutil.rmtree(entry.path, ignore_errors=True)
-            elif entry.is_file(follow_symlinks=False) and entry.name.endswith((".gpkg", ".gpkg-wal", ".gpkg-shm")):
+            elif entry.is_file(follow_symlinks=False) and KEPT_LABELS_NAME.fullmatch(entry.name):
                 os.remove(entry.path)
         except OSError:
             pass  # in use elsewhere, or removed meanwhile: left for the next time

@@ -123,16 +123,19 @@ def test_labels_copies_no_run_used_for_months_are_removed(bare_dock, made_folder
     current = bare_dock.train_tab.build_request()[0]["labels"]
     made = os.stat(current).st_ino
     folder = kept_labels_dir()
-    old, recent, draft = (os.path.join(folder, name) for name in ("old-0123.gpkg", "recent-4567.gpkg", ".draft-x"))
-    for path in (old, recent):
+    old, recent, draft, mine = (os.path.join(folder, name) for name in (
+        f"old-{'0' * 20}.gpkg", f"recent-{'4' * 20}.gpkg", ".draft-x", "mine.gpkg"))
+    for path in (old, recent, mine):
         with open(path, "wb") as file:
             file.write(b"a labels copy")
     os.makedirs(draft)
     days = 86400
-    for path, age in ((old, 100 * days), (draft, 100 * days), (recent, 10 * days), (current, 100 * days)):
+    for path, age in ((old, 100 * days), (draft, 100 * days), (recent, 10 * days), (current, 100 * days),
+                      (mine, 100 * days)):
         os.utime(path, (time.time() - age, time.time() - age))
     assert bare_dock.train_tab.build_request()[0]["labels"] == current
     assert not os.path.exists(old) and not os.path.exists(draft)
+    assert os.path.isfile(mine)  # not a name the plugin gives: never removed
     assert os.path.isfile(recent) and os.stat(current).st_ino == made  # used again: kept, not remade
     assert time.time() - os.path.getmtime(current) < days
 
