@@ -4,8 +4,9 @@ Each class line is one class; commas separate synonyms, each a query. A
 query's embedding is the normalised mean of the 80 OpenAI prompt templates.
 The text tower is causal, so running it only up to the longest real token
 sequence of a batch gives the same end-of-text features as the full 77/248
-context, several times faster on CPU. Embeddings are cached on disk per
-(weights, templates, query).
+context, several times faster on CPU, and the templates' shared beginnings
+need running only once per model (text_prefix.py). Embeddings are cached on
+disk per (weights, templates, query).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from .models import LoadedModel
 from .options import CLASS_LINES_MAX
 from .paths import cache_dir
 from .presets import check_class_line, split_class_line
+from .text_prefix import eligible as prefixes_eligible
+from .text_prefix import encode_with_prefixes
 
 if TYPE_CHECKING:
     from open_clip.model import CLIP
@@ -162,6 +165,8 @@ class TextEmbedder:
         self.fixed_templates = templates
         self.language = language
         self.multilingual = is_multilingual(loaded)
+        # The templates' shared beginnings run once per model (text_prefix.py); other towers run whole prompts.
+        self.prefixes = prefixes_eligible(loaded.model)
         root = cache if cache is not None else cache_dir() / "text"
         self.cache_base = root if use_disk_cache else None
         self._memory: dict[str, torch.Tensor] = {}
@@ -182,9 +187,13 @@ class TextEmbedder:
 
     @torch.inference_mode()
     def _encode(self, query: str) -> torch.Tensor:
-        prompts = [template.format(query) for template in self.templates_for(query)]
-        tokens = self.loaded.tokenizer(prompts).to(self.loaded.device)
-        features = F.normalize(encode_tokens(self.loaded.model, tokens).float(), dim=-1)
+        templates = self.templates_for(query)
+        if self.prefixes:
+            raw = encode_with_prefixes(self.loaded.model, self.loaded.tokenizer, templates, query)
+        else:
+            tokens = self.loaded.tokenizer([template.format(query) for template in templates])
+            raw = encode_tokens(self.loaded.model, tokens.to(self.loaded.device))
+        features = F.normalize(raw.float(), dim=-1)
         return F.normalize(features.mean(dim=0), dim=0).cpu()
 
     def embed_one(self, query: str) -> torch.Tensor:
