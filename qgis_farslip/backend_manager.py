@@ -28,6 +28,7 @@ from qgis.PyQt.QtCore import (QCoreApplication, QObject, QProcess, QProcessEnvir
 
 from .client import BackendClient, BackendError, BackendTokenRefused, Connection
 from .i18n import tr
+from .installer import FOREIGN_ENV
 from .messages import INSTALL, OPEN_LOG, RECONNECT, RESTART, SETTINGS, action_labels, with_actions
 from .settings import PluginSettings, backend_home
 from .tasks import run_in_background
@@ -35,9 +36,6 @@ from .tasks import run_in_background
 LOG_TAG = "FarSLIP"
 START_TIMEOUT_S = 120.0
 HEALTH_TIMEOUT_S = 2.0  # the check that a connected backend still answers, before it is reported ready
-# Variables QGIS sets for its own Python, GDAL and PROJ; the backend's venv brings its own.
-FOREIGN_ENV = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PROJ_LIB", "PROJ_DATA", "GDAL_DATA",
-               "GDAL_DRIVER_PATH", "QGIS_PREFIX_PATH")
 CLI_ENTRY = "from backend.service.cli import main; main()"
 
 
@@ -107,6 +105,28 @@ def _is_python(path: str) -> bool:
     return os.path.basename(path).lower().startswith("python")
 
 
+def unquoted(text: str) -> str:
+    """A path as typed or pasted, without the quotes around it (Windows' "Copy as path" adds them)."""
+    text = text.strip()
+    while len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1].strip()
+    return text
+
+
+def setting_command_line(setting: str) -> list[str]:
+    """The backend command setting as a program and its arguments. A setting that names an existing file is that
+    file whole (a folder with a space, a Windows drive letter: what Browse and "Install backend..." store);
+    only otherwise is it split as a command line, each part without its quotes."""
+    path = os.path.expanduser(unquoted(setting))
+    if os.path.isfile(path):
+        return [path]
+    try:
+        parts = shlex.split(setting, posix=sys.platform != "win32")
+    except ValueError:  # an unbalanced quote
+        return []
+    return [unquoted(part) for part in parts] if sys.platform == "win32" else parts
+
+
 def backend_command(setting: str) -> list[str] | None:
     """The command line that runs the `farslip` CLI: from the settings, else the first one found.
 
@@ -114,7 +134,9 @@ def backend_command(setting: str) -> list[str] | None:
     environment the backend is installed in (then `backend.service.cli` is run with it).
     """
     if setting.strip():
-        parts = shlex.split(setting, posix=sys.platform != "win32")
+        parts = setting_command_line(setting)
+        if not parts:
+            return None
         program = shutil.which(parts[0]) or parts[0]
         if not (os.path.isfile(program) and os.access(program, os.X_OK)):
             return None
@@ -374,7 +396,7 @@ class BackendManager(QObject):
             if settings.backend_url.strip():
                 connection = Connection(settings.backend_url.strip(), settings.backend_token.strip())
             else:
-                connection = Connection.from_file(os.path.expanduser(settings.connection_file.strip()))
+                connection = Connection.from_file(os.path.expanduser(unquoted(settings.connection_file)))
             return connection, check_connection(connection, timeout=5.0)
 
         def on_done(result, error):

@@ -6,6 +6,7 @@ QgsTask or a Processing algorithm, never from the GUI thread.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import urllib.error
 import urllib.parse
@@ -15,6 +16,21 @@ from typing import Any
 from .messages import dock_words, job_in_dock_words
 
 FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
+# The backend on this computer is asked directly, never through the proxy the system names (http_proxy, Windows'
+# Internet Options, macOS's System Settings): a proxy cannot reach this computer's 127.0.0.1. A backend on another
+# machine is asked as the system says (its proxy, or none for the addresses it exempts).
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def is_loopback(url: str) -> bool:
+    """Whether the URL names this computer (localhost, 127.0.0.0/8, ::1)."""
+    host = (urllib.parse.urlsplit(url).hostname or "").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class BackendError(Exception):
@@ -93,7 +109,8 @@ class BackendClient:
         if self.connection.token:
             request.add_header("Authorization", "Bearer " + self.connection.token)
         try:
-            with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:
+            open_url = DIRECT.open if is_loopback(self.connection.url) else urllib.request.urlopen
+            with open_url(request, timeout=timeout or self.timeout) as response:
                 body = response.read()
             try:
                 return json.loads(body.decode("utf-8") or "null")

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 MIN_PYTHON = (3, 10)
@@ -20,6 +21,25 @@ PYTHON_NAMES = ("python3.13", "python3.12", "python3.11", "python3.10", "python3
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 TORCH_CUDA_INDEX = "https://download.pytorch.org/whl/cu124"  # Linux's PyPI torch has CUDA already
 CPU, CUDA = "cpu", "cuda"
+# Variables QGIS sets for its own Python, GDAL and PROJ; the backend's venv brings its own.
+FOREIGN_ENV = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PROJ_LIB", "PROJ_DATA", "GDAL_DATA",
+               "GDAL_DRIVER_PATH", "QGIS_PREFIX_PATH")
+# ... and those that would make venv or pip act on another environment than the one being made.
+INSTALL_FOREIGN_ENV = (*FOREIGN_ENV, "VIRTUAL_ENV", "PIP_REQUIRE_VIRTUALENV")
+# A console program started from QGIS (a GUI program) on Windows opens a console window unless told not to.
+CREATE_NO_WINDOW = 0x08000000  # subprocess.CREATE_NO_WINDOW, which exists on Windows only
+
+
+def install_environment(environment: Mapping[str, str]) -> dict[str, str]:
+    """The environment of every program the installer runs (the Python probe and the install steps): QGIS's
+    own Python, GDAL and PROJ variables and any active venv's removed (Windows spells names in any case)."""
+    def key(name: str) -> str:
+        return name.upper() if sys.platform == "win32" else name
+
+    foreign = {key(name) for name in INSTALL_FOREIGN_ENV}
+    cleaned = {name: value for name, value in environment.items() if key(name) not in foreign}
+    cleaned["PYTHONUNBUFFERED"] = "1"
+    return cleaned
 
 
 def default_venv() -> str:
@@ -48,7 +68,8 @@ def python_version(path: str) -> tuple[int, int] | None:
     try:
         output = subprocess.run(
             [path, "-c", "import sys, venv, ensurepip; print('%d.%d' % sys.version_info[:2])"],
-            capture_output=True, text=True, timeout=20, check=True).stdout.strip()
+            capture_output=True, text=True, timeout=20, check=True, env=install_environment(os.environ),
+            creationflags=CREATE_NO_WINDOW if sys.platform == "win32" else 0).stdout.strip()
         major, minor = output.split(".")
         return int(major), int(minor)
     except (OSError, subprocess.SubprocessError, ValueError):

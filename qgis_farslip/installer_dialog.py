@@ -19,11 +19,10 @@ from qgis.PyQt.QtWidgets import (
     QVBoxLayout,
 )
 
-from .backend_manager import FOREIGN_ENV
-from .installer import CPU, CUDA, InstallPlan, bundled_wheel, default_venv, find_pythons, has_nvidia_gpu
+from .backend_manager import unquoted
 from .i18n import tr
-
-
+from .installer import (CPU, CUDA, InstallPlan, bundled_wheel, default_venv, find_pythons, has_nvidia_gpu,
+                        install_environment)
 
 
 class InstallerDialog(QDialog):
@@ -87,8 +86,8 @@ class InstallerDialog(QDialog):
             self.installButton.setEnabled(False)
 
     def plan(self) -> InstallPlan:
-        python = self.pythonCombo.currentData() or self.pythonCombo.currentText().strip()
-        return InstallPlan(python=python, venv=os.path.expanduser(self.folderWidget.filePath().strip()),
+        python = self.pythonCombo.currentData() or unquoted(self.pythonCombo.currentText())
+        return InstallPlan(python=python, venv=os.path.expanduser(unquoted(self.folderWidget.filePath())),
                            wheel=self.wheel or "", torch_build=self.torchCombo.currentData(),
                            pip_args=list(self.pip_args))
 
@@ -126,10 +125,11 @@ class InstallerDialog(QDialog):
         description, program, arguments = self._steps.pop(0)
         self._set_status(description + "...")
         process = QProcess(self)
-        environment = QProcessEnvironment.systemEnvironment()
-        for name in (*FOREIGN_ENV, "VIRTUAL_ENV", "PIP_REQUIRE_VIRTUALENV"):
-            environment.remove(name)  # QGIS's Python settings must not leak into the new environment
-        environment.insert("PYTHONUNBUFFERED", "1")
+        # QGIS's Python settings must not leak into the new environment: the same cleaning as the Python probe's
+        system = QProcessEnvironment.systemEnvironment()
+        environment = QProcessEnvironment()
+        for name, value in install_environment({name: system.value(name) for name in system.keys()}).items():
+            environment.insert(name, value)
         process.setProcessEnvironment(environment)
         process.setProcessChannelMode(QProcess.MergedChannels)
         process.readyReadStandardOutput.connect(self._read_output)
