@@ -25,6 +25,7 @@ class FarslipPlugin:
         self.manager: BackendManager | None = None
         self.dock = None
         self.provider: FarslipProvider | None = None
+        self.provider_added = False  # tried once (initProcessing, then initGui again in the desktop)
         self.actions = []
         # A backend switch (new settings, a new install) waits for the dock's running jobs to end.
         self.switch_timer = QTimer()
@@ -35,12 +36,20 @@ class FarslipPlugin:
         root = resources_dir()
         return QIcon(os.path.join(root, "icons", "farslip.svg")) if root else QIcon()
 
-    def initGui(self):
-        self.manager = BackendManager()
-        self.provider = FarslipProvider(lambda: self.manager)
-        if not QgsApplication.processingRegistry().addProvider(self.provider):
-            self.provider = None  # another copy of the plugin registered "farslip"; the registry deleted ours
+    def initProcessing(self):
+        """The Processing provider and the backend manager its algorithms use. QGIS calls this alone where there
+        is no GUI (qgis_process) and may call it before initGui in the desktop: the provider is registered once."""
+        if self.manager is None:
+            self.manager = BackendManager()
+        if not self.provider_added:
+            self.provider_added = True
+            provider = FarslipProvider(lambda: self.manager)
+            if QgsApplication.processingRegistry().addProvider(provider):
+                self.provider = provider
+            # else another copy of the plugin registered "farslip"; the registry deleted ours
 
+    def initGui(self):
+        self.initProcessing()
         self.dock_action = QAction(self.icon(), tr("FarSLIP segmentation"), self.iface.mainWindow())
         self.dock_action.setCheckable(True)
         self.dock_action.setToolTip(tr("Segment a raster by typing class names (FarSLIP)"))
@@ -145,6 +154,7 @@ class FarslipPlugin:
         if self.provider is not None:
             QgsApplication.processingRegistry().removeProvider(self.provider)
             self.provider = None
+        self.provider_added = False
         if self.manager is not None:
             self.manager.close()
             self.manager.deleteLater()
