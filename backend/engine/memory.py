@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import resource
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,5 +64,19 @@ def peak_rss_mb() -> float:
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return _windows_peak_mb()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # macOS reports bytes, Linux KiB
+
+
+def _windows_peak_mb() -> float:
+    """Peak working set (psutil's `peak_wset` on Windows); 0 where no figure is to be had."""
+    try:
+        import psutil
+
+        return float(getattr(psutil.Process().memory_info(), "peak_wset", 0)) / 2**20
+    except Exception:  # noqa: BLE001 - a figure for reports only
+        return 0.0

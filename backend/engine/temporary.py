@@ -109,9 +109,17 @@ def run_prefixes(output_paths: list[str | Path], tag: str) -> list[Path]:
     return prefixes
 
 
+PROBE_BY_SIGNAL = os.name != "nt"
+
+
 def process_is_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
+    if not PROBE_BY_SIGNAL:
+        # os.kill(pid, 0) on Windows is not a probe: signal 0 is CTRL_C_EVENT, sent to a process group.
+        import psutil
+
+        return bool(psutil.pid_exists(pid))
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -11,7 +11,6 @@ dead processes' temporary files (backend.engine.temporary) leaves it for the nex
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -122,6 +121,10 @@ class Manifest:
             raise InputError(f"Cannot lock the partial folder {self.folder} of an unfinished run "
                              f"({self.folder / 'lock'}: {_reason(error)}); delete that folder to start the run "
                              "over.") from None
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks; the manifest's own checks remain
+            return
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
