@@ -78,5 +78,5 @@ def _windows_peak_mb() -> float:
         import psutil
 
         return float(getattr(psutil.Process().memory_info(), "peak_wset", 0)) / 2**20
-    except Exception:  # noqa: BLE001 - a figure for reports only
+    except Exception:  # a figure for reports only
         return 0.0
