@@ -35,6 +35,8 @@ from .tasks import run_in_background
 
 LOG_TAG = "FarSLIP"
 START_TIMEOUT_S = 120.0
+STOP_ASK_S = 2.0  # POST /v1/shutdown: the backend answers at once, or it is not listening any more
+STOP_WAIT_MS = 8000  # then its graceful end (the running job is cancelled within one batch)
 HEALTH_TIMEOUT_S = 2.0  # the check that a connected backend still answers, before it is reported ready
 CLI_ENTRY = "from backend.service.cli import main; main()"
 
@@ -510,12 +512,28 @@ class BackendManager(QObject):
             process.finished.disconnect(self._process_finished)
             if process.state() != QProcess.NotRunning:
                 log("Stopping the FarSLIP backend.")
-                process.terminate()
-                if not process.waitForFinished(5000):
-                    process.kill()
-                    process.waitForFinished(2000)
+                # Asked first: on Windows terminate() posts a window message no console program reads, so the
+                # backend never shut down cleanly (QGIS froze 5 s, then the process was killed).
+                asked = self._ask_to_stop()
+                if not (asked and process.waitForFinished(STOP_WAIT_MS)):
+                    if sys.platform != "win32":
+                        process.terminate()
+                    if not process.waitForFinished(5000 if sys.platform != "win32" else 0):
+                        process.kill()
+                        process.waitForFinished(2000)
             if os.path.exists(self.connection_file):
                 os.remove(self.connection_file)
+
+    def _ask_to_stop(self) -> bool:
+        """POST /v1/shutdown to the backend this plugin started (a short wait: it may not answer any more); never
+        to one the user started, which this manager may be connected to instead."""
+        if self.connection is None or self.connected_from != self.connection_file:
+            return False
+        try:
+            BackendClient(self.connection).shutdown(timeout=STOP_ASK_S)
+        except BackendError:
+            return False
+        return True
 
     # -- for callers outside the GUI thread (Processing) ------------------------------------------
     @contextmanager

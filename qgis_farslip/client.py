@@ -165,6 +165,10 @@ class BackendClient:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._request("DELETE", "/v1/jobs/" + urllib.parse.quote(job_id, safe=""))
 
+    def shutdown(self, timeout: float | None = None) -> dict[str, Any]:
+        """Ask the backend to stop (POST /v1/shutdown): as SIGTERM, which Windows does not have."""
+        return self._request("POST", "/v1/shutdown", timeout=timeout)
+
 
 def device_text(health: dict[str, Any]) -> str:
     """'NVIDIA RTX 4090 (cuda, 20480 MB free)' or 'CPU'."""

@@ -78,6 +78,10 @@ class FeatureCacheInfo(BaseModel):
     misses: int
 
 
+class Stopping(BaseModel):
+    status: Literal["stopping"]
+
+
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
     version: str

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 
@@ -79,6 +80,23 @@ def test_sigterm_cancels_the_running_job_cleanly_and_removes_the_connection_file
         assert (job["state"], job["interrupted"]) == ("failed", True) and job["error"].startswith("Interrupted: "), job
     assert "before this job started" in restarted.job(queued_id)["error"]
     assert restarted.job(queued_id)["started"] is None
+
+
+def test_post_shutdown_stops_the_backend_as_sigterm_does_and_only_with_the_token(
+        start_backend, segment_body, out_dir, tmp_path):
+    """What the plugin asks before it ends the process: on Windows QProcess.terminate() reaches no console
+    program, so without it every stop was a kill after a 5 s freeze of QGIS."""
+    backend = start_backend(tmp_path / "state")
+    long_id = backend.submit(_long_job(segment_body, out_dir))
+    _wait_mid_run(backend, long_id)
+    refused = httpx.post(backend.url + "/v1/shutdown", timeout=10)
+    assert refused.status_code == 401 and backend.process.poll() is None
+    answer = backend.client.post("/v1/shutdown")
+    assert (answer.status_code, answer.json()) == (202, {"status": "stopping"})
+    assert backend.process.wait(60) == 0
+    assert not backend.connection_file.exists()
+    assert list(out_dir.iterdir()) == []
+    assert "shutting down: cancelling the running job" in (tmp_path / "state-stderr.txt").read_text()
 
 
 def test_sigint_on_an_idle_server_exits_and_removes_the_connection_file(start_backend, tmp_path):

@@ -20,9 +20,14 @@ from plugin_helpers import wait_until
 DEAD_PROXY = "http://127.0.0.1:9"  # a proxy that is not there: a request sent through it fails
 
 STAND_IN = '''#!{python}
-"""A stand-in for `farslip serve`: writes its connection file, answers /v1/health with the token."""
-import json, os, sys
+"""A stand-in for `farslip serve`: writes its connection file, answers /v1/health with the token; POST
+/v1/shutdown ends it (a record of that is left beside it); with STAND_IN_DEAF_TO_SIGTERM set it ignores
+SIGTERM, as a console program on Windows does not see QProcess.terminate()."""
+import json, os, signal, sys, threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
+
+if os.environ.get("STAND_IN_DEAF_TO_SIGTERM"):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 arguments = sys.argv[1:]
 with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "arguments.json"), "w") as record:
@@ -33,6 +38,11 @@ connection_file = arguments[arguments.index("--connection-file") + 1]
 class Handler(BaseHTTPRequestHandler):
     def answer(self):
         authorised = self.headers.get("Authorization") == "Bearer stand-in-token"
+        if authorised and self.command == "POST" and self.path == "/v1/shutdown":
+            with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "asked-to-stop"), "w"):
+                pass
+            threading.Thread(target=server.shutdown).start()
+            self.path = "/v1/health"  # answered like health: 2xx and JSON
         status, body = ((200, {{"status": "ok", "version": "stand-in"}}) if authorised and self.path == "/v1/health"
                         else (404, {{"detail": "no such route"}}) if authorised else (401, {{"detail": "token"}}))
         data = json.dumps(body).encode()
@@ -191,3 +201,17 @@ def test_the_probe_runs_with_the_install_steps_environment_and_no_console_on_win
     assert runs[0]["creationflags"] == 0x08000000  # CREATE_NO_WINDOW: no console flashes up per candidate
     assert runs[0]["env"] == installer.install_environment(os.environ)
     assert not {"PYTHONHOME", "VIRTUAL_ENV"} & set(runs[0]["env"])
+
+
+def test_the_plugin_asks_its_backend_to_stop_before_it_ends_the_process(
+        manager, stand_in, plugin_settings, monkeypatch):
+    """On Windows QProcess.terminate() posts a window message a console program never reads: the plugin froze
+    QGIS 5 s at each stop and then killed the backend, whose own shutdown (jobs marked, files cleaned) never ran."""
+    monkeypatch.setenv("STAND_IN_DEAF_TO_SIGTERM", "1")
+    plugin_settings(backend_command=str(stand_in), auto_start=True)
+    start(manager)
+    assert manager.state == "ready", manager.message
+    process = manager.process
+    manager.stop()
+    assert (stand_in.parent / "asked-to-stop").exists()
+    assert process.exitStatus() == process.NormalExit and process.exitCode() == 0  # not killed

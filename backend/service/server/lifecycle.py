@@ -395,6 +395,7 @@ def serve(host: str = "127.0.0.1", port: int = 0, token: str | None = None,
         original_handle_exit(sig, frame)
 
     server.handle_exit = handle_exit
+    app.state.request_exit = lambda: handle_exit(signal.SIGTERM, None)  # POST /v1/shutdown
     if parent is not None:
         threading.Thread(target=_stop_with_parent, args=(parent, lambda: handle_exit(signal.SIGTERM, None)),
                          daemon=True, name="farslip-parent-watch").start()

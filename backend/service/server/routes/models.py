@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import anyio.to_thread
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, HTTPException, Request
 
 from backend import __version__
-from backend.service.schemas import DeviceInfo, DownloadRequest, Health, JobCreated, ModelList, PresetList
+from backend.service.schemas import DeviceInfo, DownloadRequest, Health, JobCreated, ModelList, PresetList, Stopping
 
 from ..security import request_checks
 from .jobs import manager_of, queue_job
@@ -76,3 +76,14 @@ def presets():
     from backend.engine.presets import list_presets
 
     return {"presets": list_presets()}
+
+
+@router.post("/shutdown", response_model=Stopping, status_code=202)
+def shutdown(request: Request):
+    """Stop this backend as SIGTERM does (jobs still running are marked interrupted). The plugin asks this
+    first: on Windows a process has no SIGTERM, and QProcess.terminate() does not reach a console program."""
+    stop = getattr(request.app.state, "request_exit", None)
+    if stop is None:
+        raise HTTPException(409, "This backend was not started by `farslip serve`; stop the program that runs it.")
+    stop()
+    return {"status": "stopping"}
