@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import gc
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 
-from backend.engine.errors import InputError
+from backend.engine.errors import FarslipError, InputError
+
+T = TypeVar("T")
 
 
 def usable_cores() -> int:
@@ -67,3 +71,76 @@ def intra_op_threads(threads: int) -> Iterator[None]:
         yield
     finally:
         set_intra_op_threads(before)
+
+
+# --------------------------------------------------------------------------- running out of device memory
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is a device running out of memory (CUDA's own type, or a RuntimeError that says so)."""
+    out_of_memory = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
+    if out_of_memory is not None and isinstance(error, out_of_memory):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+class BatchOutOfMemory(RuntimeError):
+    """The device ran out of memory on one batch of the dense pass: a smaller batch size may fit
+    (`retry_smaller_batches`). Raised by the engine's batch loop only, so an out-of-memory error anywhere
+    else (the region checks, refinement) is never answered with a second dense pass."""
+
+    def __init__(self, batch_size: int, error: BaseException):
+        super().__init__(f"out of memory on a batch of {batch_size} crops ({error})")
+        self.batch_size = batch_size
+
+
+class DeviceMemoryError(FarslipError):
+    """The device has too little free memory for the run, even with the smallest batch."""
+
+    http_status = 507
+
+
+def release_device_memory() -> None:
+    """Give the memory of dropped tensors back to the device (an out-of-memory error's attempt): collect
+    them, then empty torch's CUDA cache. Call it outside the `except` block, whose traceback keeps them."""
+    gc.collect()
+    try:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except RuntimeError:  # freeing a cache must never fail a run
+        pass
+
+
+def retry_smaller_batches(run: Callable[[int], T], batch_size: int, notice: Callable[[str], None] | None = None
+                          ) -> T:
+    """run(batch_size), and on an out-of-memory error of the dense pass's batches (BatchOutOfMemory) again
+    with half the batch, down to 1, the memory of the failed attempt freed first; `notice` hears one
+    sentence per retry. Out of memory with a batch of 1, or elsewhere in the run, ends in DeviceMemoryError
+    (one sentence); any other error passes through."""
+    while True:
+        try:
+            return run(batch_size)
+        except BatchOutOfMemory:
+            failed: int | None = batch_size
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            failed, said = None, _first_line(error)  # not the batches: a smaller batch would not help
+        # Here, not in the except block: its traceback held the failed attempt's tensors.
+        release_device_memory()
+        if failed is None:
+            raise DeviceMemoryError(
+                f"The GPU ran out of memory in a step that --batch-size does not change ({said}). Free GPU memory "
+                "(other programs or jobs using it), or run with --device cpu.") from None
+        if failed <= 1:
+            raise DeviceMemoryError(
+                "The GPU ran out of memory even with --batch-size 1: the model does not fit in the GPU memory "
+                "that is free. Free GPU memory (other programs or jobs using it), try --half, or run with "
+                "--device cpu.") from None
+        batch_size = max(1, failed // 2)
+        if notice is not None:
+            notice(f"The GPU ran out of memory with batch size {failed}; retrying with batch size {batch_size}.")
+
+
+def _first_line(error: BaseException) -> str:
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return line if len(line) <= 200 else line[:200] + "..."

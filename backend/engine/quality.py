@@ -37,6 +37,7 @@ from rasterio.transform import Affine
 
 from .atomic import finite_json, write_text_atomically
 from .dense import normalize_pixels
+from .encoders import autocast_enabled
 from .errors import CancelledError, InputError
 from .feature_cache import FeatureCache
 from .models import LoadedModel
@@ -337,6 +338,20 @@ class RegionPixels:
 ImageEmbedder = Callable[[torch.Tensor], torch.Tensor]  # normalised (B, 3, S, S) -> (B, D) image embeddings
 
 
+def global_embedder(loaded: LoadedModel) -> tuple[ImageEmbedder, str]:
+    """CLIP's global image path (encode_image) at the precision of the dense pass (encoders.TorchEncoder), and
+    that precision's name: fp16 autocast on CUDA; a model converted with `models.to_half` (--half) fp16 end to
+    end, its inputs cast to its weights' type; fp32 on the CPU."""
+    weights = loaded.model.visual.conv1.weight.dtype
+    autocast = autocast_enabled(loaded.device, None) and weights == torch.float32
+
+    def embed(pixels: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.float16, enabled=autocast):
+            return loaded.model.encode_image(pixels.to(weights))
+
+    return embed, "fp16" if autocast or weights == torch.float16 else "fp32"
+
+
 @torch.inference_mode()
 def crop_embeddings(loaded: LoadedModel, source: PixelSource, crops: Sequence[PixelWindow],
                     should_cancel: Callable[[], bool] | None = None, embed: ImageEmbedder | None = None,
@@ -345,7 +360,10 @@ def crop_embeddings(loaded: LoadedModel, source: PixelSource, crops: Sequence[Pi
     """(len(crops), D) unit image embeddings (CLIP's global path) of windows of `source` resized to the
     model's input, in batches of REGION_BATCH. `embed` replaces the model's image tower (benchmarks);
     with a `cache` and `scope`, windows embedded before are not run again (`counts["cached"]` adds them)."""
-    embed = embed or loaded.model.encode_image
+    if embed is None:
+        embed, precision = global_embedder(loaded)
+        if scope and precision != "fp32":  # fp16 embeddings never stand in for fp32 ones in the cache
+            scope = f"{scope}/{precision}"
     visual = loaded.model.visual
     size = visual.image_size
     side = int(size[0] if isinstance(size, (tuple, list)) else size)

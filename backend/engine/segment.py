@@ -759,9 +759,12 @@ def estimate_quality(regions, source: RasterSource, window: PixelWindow, segment
 GPU_BYTES_PER_CROP = 24 * 2**20
 
 
-def default_batch_size(device: torch.device) -> int:
-    """8 on the CPU (larger batches do not run faster there); on a GPU as many crops as half its free memory holds."""
+def default_batch_size(device: torch.device, share: float = 1.0) -> int:
+    """8 on the CPU (larger batches do not run faster there); on a GPU as many crops as half its free memory
+    holds (half of `share` of it: a Ray worker that shares its GPU with others). Free memory includes what
+    torch's caching allocator holds without using (an earlier job's), which the driver counts as used."""
     if device.type != "cuda":
         return 8
     free, _ = torch.cuda.mem_get_info(device)
-    return int(min(256, max(8, free // 2 // GPU_BYTES_PER_CROP)))
+    free += max(0, torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    return int(min(256, max(8, free * share // 2 // GPU_BYTES_PER_CROP)))

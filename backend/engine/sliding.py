@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .dense import normalized_image
-from .devices import intra_op_threads, set_intra_op_threads
+from .devices import BatchOutOfMemory, intra_op_threads, is_out_of_memory, set_intra_op_threads
 from .encoders import Encoder, TorchEncoder, crop_size
 from .errors import CancelledError, ModelError
 from .feature_cache import FeatureCache
@@ -218,7 +218,9 @@ class Segmenter:
             host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
             host.copy_(features, non_blocking=True)
             event = torch.cuda.Event()
-            event.record()
+            # On the stream the copy was queued on: the current stream of the features' GPU (a bare record()
+            # marks the current device's, GPU 0's, and reported a copy on cuda:1 done before it was).
+            event.record(torch.cuda.current_stream(features.device))
             self._to_cache.append((keys, host, event))
         else:
             self._to_cache.append((keys, features, None))
@@ -604,9 +606,14 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
         if should_cancel is not None and should_cancel():
             raise CancelledError("The run was cancelled; nothing was written.")
         keys = [(row.top, xs, crop_h, crop_w) for row, xs, _ in batch]
-        logits = segmenter.patch_logits([p for _, _, p in batch], keys)
-        started = time.perf_counter()
-        logits = logits @ across                                # (B, Q, gh, crop_w)
+        try:  # the memory these two steps take grows with the batch: a smaller one may fit (retry_smaller_batches)
+            logits = segmenter.patch_logits([p for _, _, p in batch], keys)
+            started = time.perf_counter()
+            logits = logits @ across                            # (B, Q, gh, crop_w)
+        except Exception as error:
+            if is_out_of_memory(error):
+                raise BatchOutOfMemory(segmenter.batch_size, error) from error
+            raise
         for (row, xs, _), crop_logits in zip(batch, logits):
             assert row.band is not None, "a crop row with crops to run has a band"
             a0, a1 = max(xs, c0), min(xs + crop_w, c1)

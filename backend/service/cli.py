@@ -55,8 +55,10 @@ def segment(**values: Any) -> None:
     stop_on_signals = signals_as_interrupt()
     stop_on_signals.__enter__()
     try:
+        from dataclasses import replace
+
         from backend.engine.checks import check_inputs, class_lines_of
-        from backend.engine.devices import resolve_device
+        from backend.engine.devices import resolve_device, retry_smaller_batches
         from backend.engine.feature_cache import feature_cache_for
         from backend.engine.files import raster_label
         from backend.engine.finetuned import trained_resolution_said
@@ -86,9 +88,15 @@ def segment(**values: Any) -> None:
             noted.append(sentence)
             typer.echo(f"Note: {sentence}", err=True)
 
-        with ProgressReporter(quiet, f"segmenting {raster_label(options.raster)}") as reporter, \
-                trained_resolution_said(options.model or loaded.name, given, options):
-            result = segment_raster(options, loaded, progress=reporter, feature_cache=cache, notice=note)
+        def attempt(batch_size: int):
+            with ProgressReporter(quiet, f"segmenting {raster_label(options.raster)}") as reporter, \
+                    trained_resolution_said(options.model or loaded.name, given, options):
+                return segment_raster(replace(options, batch_size=batch_size), loaded, progress=reporter,
+                                      feature_cache=cache, notice=note)
+
+        assert options.batch_size is not None, "with_model_defaults chose the batch size"
+        # On a GPU that runs out of memory in the dense pass: again with half the batch (backend.engine.devices).
+        result = retry_smaller_batches(attempt, options.batch_size, note)
     except FarslipError as error:
         fail(error)
     except KeyboardInterrupt as error:

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import torch
 
+from backend.engine.devices import BatchOutOfMemory
 from backend.service import jobs
 from backend.engine.errors import CancelledError, InputError
 from backend.engine.temporary import make_work_dir, run_prefixes, staged_path, staged_stem
@@ -32,8 +33,9 @@ def test_cuda_out_of_memory_retries_with_half_the_batch(monkeypatch, tmp_path, t
 
     def segment_raster(options, loaded, progress=None, should_cancel=None, **_engine):
         tried.append(options.batch_size)
-        if options.batch_size > 8:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if options.batch_size > 8:  # as the engine's batch loop raises it (backend.engine.sliding)
+            raise BatchOutOfMemory(options.batch_size,
+                                   torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
         progress(1, 1)
         return SimpleNamespace(outputs={"vector": str(options.out)}, classes=[], run_id="r", tiles=1,
                                timings={}, warnings=[], report={}, features={})

@@ -10,12 +10,13 @@ import logging
 from dataclasses import replace
 from typing import Callable
 
+from backend.engine.devices import is_out_of_memory  # noqa: F401 (backend.service.jobs exports it)
+from backend.engine.devices import release_device_memory, retry_smaller_batches
 from backend.engine.errors import CancelledError
 from backend.engine.options import SegmentOptions
 from backend.engine.temporary import run_prefixes
 from backend.service.schemas import options_from_request
 
-from .cleanup import free_device_memory
 from .model_cache import ModelCache
 from .worker import JobControl, Runner
 
@@ -30,17 +31,6 @@ def default_runners() -> dict[str, Runner]:
 
     return {"segment": run_segment, "train": run_train, "index": run_index, "search": run_search,
             "download": run_download, "evaluate": run_evaluate}
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    try:
-        import torch
-
-        if isinstance(error, torch.cuda.OutOfMemoryError):
-            return True
-    except (ImportError, AttributeError):
-        pass
-    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
 
 
 def check_segment_job(options: SegmentOptions, device: str) -> list[str]:
@@ -108,25 +98,27 @@ def run_segment(request: dict, control: JobControl, models: ModelCache) -> dict:
     options = with_model_defaults(options, loaded)
     cache = feature_cache_for(options.cache_features, options.cache_mb, models.features)
     control.will_create(run_prefixes([str(path) for path in output_paths(options).values()], control.run_tag))
-    while True:
+
+    def attempt(batch_size: int):
         if control.should_cancel():
             raise CancelledError("The run was cancelled; nothing was written.")
         control.message("Segmenting.")
-        try:
-            result = segment_raster(options, loaded, progress=control.progress, should_cancel=control.should_cancel,
-                                    feature_cache=cache, notice=_notice(control, notices), run_tag=control.run_tag)
-            break
-        except Exception as error:
-            if not is_out_of_memory(error) or options.batch_size is None or options.batch_size <= 1:
-                raise
-            free_device_memory()
-            options = replace(options, batch_size=max(1, options.batch_size // 2))
-            log.warning("GPU out of memory: retrying with batch size %d", options.batch_size)
-            control.message(f"The GPU ran out of memory; retrying with batch size {options.batch_size}.")
-            control.restart_timing()
+        return segment_raster(replace(options, batch_size=batch_size), loaded, progress=control.progress,
+                              should_cancel=control.should_cancel, feature_cache=cache,
+                              notice=_notice(control, notices), run_tag=control.run_tag)
+
+    def retrying(sentence: str) -> None:  # in the log, the job's message and its result's warnings
+        log.warning("%s", sentence)
+        notices.append(sentence)
+        control.message(sentence)
+        control.restart_timing()
+
+    assert options.batch_size is not None, "with_model_defaults chose the batch size"
+    result = retry_smaller_batches(attempt, options.batch_size, retrying)
     features = {key: value for key, value in result.features.items() if key != "cache"}
+    warnings = list(dict.fromkeys(list(result.warnings) + notices))  # a notice every attempt gave, once
     return {"outputs": dict(result.outputs), "classes": list(result.classes), "run_id": result.run_id,
-            "tiles": result.tiles, "timings": dict(result.timings), "warnings": list(result.warnings) + notices,
+            "tiles": result.tiles, "timings": dict(result.timings), "warnings": warnings,
             "quality": dict(result.report.get("quality") or {}),
             "features": features, "encoder": result.report.get("encoder")}
 
@@ -153,7 +145,10 @@ def run_train(request: dict, control: JobControl, models: ModelCache) -> dict:
     request = {key: value for key, value in request.items() if value is not None}
     request.setdefault("device", models.device)
     control.message("Preparing the training data.")
-    result = api.train_request(request, progress=control.progress, should_cancel=control.should_cancel,
-                               message=control.message, step_message=control.live_message)
+    try:
+        result = api.train_request(request, progress=control.progress, should_cancel=control.should_cancel,
+                                   message=control.message, step_message=control.live_message)
+    finally:  # the GPU memory torch's cache kept from training goes back: the next job sizes its batch from it
+        release_device_memory()
     return {"outputs": dict(result.get("outputs") or {"model_dir": result.get("model_dir")}), "classes": [],
             "metrics": result.get("metrics"), "warnings": list(result.get("warnings") or [])}
