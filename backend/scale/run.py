@@ -322,6 +322,52 @@ def _ignoring_ctrl_c():
         signal.signal(signal.SIGINT, previous)
 
 
+def uses_gpu(device: str) -> bool:
+    """Whether a run on `device` takes the GPUs Ray has (auto, cuda, cuda:N), not only CPU cores."""
+    name = (device or "auto").strip().lower()
+    return name in ("auto", "cuda") or name.startswith("cuda:")
+
+
+def gpus_per_worker(workers: int, gpus: int) -> float:
+    """Each worker's num_gpus: a whole GPU while there are enough; else an equal share of one (0.5 for two
+    workers per GPU), rounded down to Ray's 1e-4 so that that many fit on one GPU, and none waits for one."""
+    if workers <= gpus:
+        return 1
+    per_gpu = -(-workers // gpus)
+    return (10_000 // per_gpu) / 10_000
+
+
+def local_gpu(device: str) -> str | None:
+    """The GPU a local Ray is limited to for --device cuda:N (its id as CUDA_VISIBLE_DEVICES lists it), or
+    None (every GPU, as Ray finds them)."""
+    name = (device or "").strip().lower()
+    if not name.startswith("cuda:") or not name[5:].isdigit():
+        return None
+    index = int(name[5:])
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return str(index)
+    ids = [part.strip() for part in visible.split(",") if part.strip()]
+    return ids[index] if index < len(ids) else None
+
+
+@contextlib.contextmanager
+def _visible_gpus(ids: str | None):
+    """Within (while a local Ray starts, whose processes inherit it): CUDA_VISIBLE_DEVICES is `ids`."""
+    if ids is None:
+        yield
+        return
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ids
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
+
+
 class Workers:
     """The Ray actors of a run, created on a local Ray or a cluster."""
 
@@ -347,9 +393,10 @@ class Workers:
                     warnings.simplefilter("ignore")
                     if cluster:
                         ray.init(address=cluster, logging_level=logging.ERROR, log_to_driver=False)
-                    else:
-                        ray.init(address="local", num_cpus=workers or 1, include_dashboard=False,
-                                 logging_level=logging.ERROR, log_to_driver=False)
+                    else:  # --device cuda:N: the local Ray has that GPU only, so its workers run on it
+                        with _visible_gpus(local_gpu(engine.device)):
+                            ray.init(address="local", num_cpus=workers or 1, include_dashboard=False,
+                                     logging_level=logging.ERROR, log_to_driver=False)
             except Exception as error:  # not KeyboardInterrupt: that is the user's
                 if cluster and cluster.startswith("ray://") and "ray[client]" in str(error):
                     raise FarslipError(f"Connecting to the Ray cluster at {cluster} needs Ray's client package, "
@@ -365,7 +412,8 @@ class Workers:
                 else:
                     advice = "check that this machine can run Ray, or segment without Ray."
                 raise FarslipError(f"Could not {where} ({said}); {advice}") from None
-        gpus = int(ray.cluster_resources().get("GPU", 0))
+        # --device cpu leaves the GPUs to others.
+        gpus = int(ray.cluster_resources().get("GPU", 0)) if uses_gpu(engine.device) else 0
         cpus = int(ray.cluster_resources().get("CPU", 0))
         if cluster and workers and workers > max(cpus, gpus):
             raise InputError(f"--workers {workers} is more than the Ray cluster at {cluster} has room for ({cpus} "
@@ -374,8 +422,10 @@ class Workers:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         count = workers or gpus or max(1, len(nodes))
         options: dict = {"max_restarts": 3, "max_task_retries": 3, "num_cpus": 1}
-        if gpus and (not workers or workers <= gpus):
-            options["num_gpus"] = 1  # one worker per GPU
+        if gpus:
+            # One worker per GPU, or as many per GPU as it takes: Ray shows each worker its GPU alone, and
+            # workers sharing one size their batches from their share of its memory (worker.load_segmenter).
+            options["num_gpus"] = gpus_per_worker(count, gpus)
         elif cluster and not workers:
             # A cluster without GPUs: one worker per node, with the cores of the smallest node.
             cores = int(min(n.get("Resources", {}).get("CPU", 1) for n in nodes)) if nodes else 1

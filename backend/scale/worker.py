@@ -9,6 +9,7 @@ the run writes a probability raster, the class probabilities.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -18,6 +19,8 @@ import torch
 from backend.engine.quality import region_agreement
 from backend.engine.raster import PixelWindow, RasterSource, open_source
 from backend.engine.sliding import NODATA_CLASS, Segmenter, predict_blocks
+
+log = logging.getLogger("farslip.scale")
 
 
 @dataclass
@@ -58,8 +61,34 @@ def engine_settings(options, device: str = "auto", chunk: int | None = None) -> 
         chunk_columns=chunk)
 
 
-def load_segmenter(settings: EngineSettings):
-    """The loaded model and its Segmenter (class lines embedded), as `farslip segment` builds them."""
+def ray_gpu() -> float | None:
+    """The share of a GPU Ray gave this process (a worker's num_gpus: 1, or 0.5 for two workers on one GPU);
+    None outside a Ray worker or without a GPU. Ray lets the worker see only that GPU (CUDA_VISIBLE_DEVICES)."""
+    try:
+        import ray
+
+        if not ray.is_initialized() or not ray.get_gpu_ids():
+            return None
+        share = ray.get_runtime_context().get_assigned_resources().get("GPU")
+    except Exception:  # not a Ray worker (the driver), or no Ray installed
+        return None
+    return float(share) if share else None
+
+
+def worker_device(device: str, gpu_share: float | None) -> str:
+    """The device a worker runs on for the run's `device`: on a GPU Ray gave it, a CUDA device (auto, cuda or
+    cuda:N, whose N is the driver's numbering) is that GPU, the only one the worker sees, cuda:0 there."""
+    name = (device or "").strip().lower()
+    if gpu_share is not None and (name in ("auto", "cuda") or name.startswith("cuda:")):
+        return "cuda:0"
+    return device
+
+
+def load_segmenter(settings: EngineSettings, gpu_share: float | None = None):
+    """The loaded model and its Segmenter (class lines embedded), as `farslip segment` builds them.
+
+    `gpu_share`: a Ray worker's share of its GPU (ray_gpu): its device is that GPU, and its default batch
+    size is sized from that share of the GPU's free memory (the workers on one GPU start together)."""
     from backend.engine.devices import resolve_device
     from backend.engine.finetuned import trained_resolution
     from backend.engine.models import load_model
@@ -67,7 +96,7 @@ def load_segmenter(settings: EngineSettings):
     from backend.engine.segment import default_batch_size
     from backend.engine.text import TextEmbedder, parse_class_lines
 
-    device = resolve_device(settings.device)
+    device = resolve_device(worker_device(settings.device, gpu_share))
     loaded = load_model(settings.model, settings.weights, device, half=settings.half)
     # As `segment`: a model's own class lines when none are given, its training resolution by default.
     if not settings.class_lines and loaded.class_lines:
@@ -75,7 +104,7 @@ def load_segmenter(settings: EngineSettings):
     trained_gsd, square = trained_resolution(loaded.metadata)
     if settings.scale is None and settings.gsd_m is None and trained_gsd:
         settings.gsd_m, settings.square_gsd = trained_gsd, square
-    batch = settings.batch_size or default_batch_size(device)
+    batch = settings.batch_size or default_batch_size(device, gpu_share or 1.0)
     segmenter = Segmenter(loaded, parse_class_lines(settings.class_lines), settings.attention, batch,
                           settings.threshold, embedder=TextEmbedder(loaded, language=check_language(settings.language)))
     return loaded, segmenter
@@ -86,7 +115,7 @@ class ChunkWorker:
         if settings.threads:
             torch.set_num_threads(settings.threads)
         self.settings = settings
-        self.loaded, self.segmenter = load_segmenter(settings)
+        self.loaded, self.segmenter = load_segmenter(settings, ray_gpu())
         self._sources: dict[str, RasterSource] = {}
 
     def pid(self) -> int:
@@ -117,10 +146,22 @@ class ChunkWorker:
         `clip`: the requested boxes (RasterSource.clip: on a rotated grid, across the antimeridian), outside
         which nothing is valid.
         """
+        from backend.engine.devices import retry_smaller_batches
+
         source = self._source(raster)
         source.clip = clip
         window = PixelWindow(*unit)
         self._encoder_for(raster_crops, source)
+
+        def attempt(batch_size: int) -> dict[str, np.ndarray]:
+            # A smaller batch that fits is kept for the worker's next chunks.
+            self.segmenter.batch_size = batch_size
+            return self._chunk_arrays(source, window, with_probs)
+
+        # On a GPU that runs out of memory in the dense pass: again with half the batch, as `segment` does.
+        return retry_smaller_batches(attempt, self.segmenter.batch_size, log.warning)
+
+    def _chunk_arrays(self, source: RasterSource, window: PixelWindow, with_probs: bool) -> dict[str, np.ndarray]:
         n = len(self.segmenter.classes)
         class_ids = np.full((window.height, window.width), NODATA_CLASS, np.uint8)
         score = np.full((window.height, window.width), np.nan, np.float32)
