@@ -796,6 +796,8 @@ def _train_in(work: Path, out: Path, loaded: LoadedModel, data: TrainingData, op
 
     steps = default_steps(data, options, crop_size(loaded.model.visual, options, data.split))
     options.steps_per_epoch = steps
+    if loaded.device.type == "cuda":  # the record's peak GPU memory is this training's, not an earlier job's
+        torch.cuda.reset_peak_memory_stats(loaded.device)
     trainer = Trainer(loaded, data, options, options.epochs * steps)
     region_warning, region_record = trainer.batches.region_warning(), trainer.batches.region_record()
 
@@ -886,7 +888,7 @@ def _train_in(work: Path, out: Path, loaded: LoadedModel, data: TrainingData, op
                      "device": str(loaded.device), "seconds": round(train_seconds, 3),
                      "crops_per_second": round(crops / train_seconds, 3) if crops and train_seconds > 0 else None,
                      "peak_rss_mb": round(peak_rss_mb(), 1),
-                     "peak_gpu_mb": (round(torch.cuda.max_memory_allocated() / 2**20, 1)
+                     "peak_gpu_mb": (round(torch.cuda.max_memory_allocated(loaded.device) / 2**20, 1)
                                      if loaded.device.type == "cuda" else None)},
         "distillation": {"teacher": options.teacher, "global_view_native_px": distill_side,
                          "native_px_per_view_px": round(distill_side / input_px, 3),

@@ -20,6 +20,17 @@ def decays(name: str, parameter: torch.nn.Parameter) -> bool:
     return not (parameter.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name)
 
 
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """The mixed precision of training on `device`: bf16 on a GPU that computes it in hardware (compute capability
+    8 and later: Ampere, Hopper), fp16 with a gradient scaler on older ones (a T4 or V100 only emulates bf16, many
+    times slower); None (fp32) off CUDA. Asked of `device` itself, not of the current GPU."""
+    if device.type != "cuda":
+        return None
+    if torch.version.hip:  # ROCm GPUs compute bf16
+        return torch.bfloat16
+    return torch.bfloat16 if torch.cuda.get_device_properties(device).major >= 8 else torch.float16
+
+
 class Optimisation:
     """One optimiser step per `apply(loss)`; `state()` / `restore()` carry it across a resumed run."""
 
@@ -40,9 +51,7 @@ class Optimisation:
             return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
-        self.amp_dtype = None
-        if device.type == "cuda":
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.amp_dtype = amp_dtype(device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
     def autocast(self):

@@ -113,7 +113,7 @@ def bench_encoder(loaded: LoadedModel, batch_size: int, batches: int, encoder=No
     def step():
         encoder(normalize_pixels(crops))
         if loaded.device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(loaded.device)
 
     step()  # warm-up
     return batch_size * batches / _time(lambda: [step() for _ in range(batches)])

@@ -101,11 +101,17 @@ def perspective_cost(arch: str, batch: int = 4, device: str = "cpu") -> dict:
             resized = F.interpolate(piece, size=(224, 224), mode="bilinear", align_corners=False)
             loaded.model.encode_image(normalize_pixels(resized))
 
+    def synchronize():  # a GPU's time: until the work queued there is done
+        if loaded.device.type == "cuda":
+            torch.cuda.synchronize(loaded.device)
+
     cls_only()  # warm-up
     figures = {}
     for name, fn in (("cls_s", cls_only), ("pooled_s", pooled), ("subcrops_s", sub_crops)):
+        synchronize()
         start = time.perf_counter()
         fn()
+        synchronize()
         figures[name] = time.perf_counter() - start
     return figures
 

@@ -32,6 +32,7 @@ from backend.engine.models import LoadedModel
 
 from training.api import label_grid_for
 from training.finetune import Trainer, TrainingData, TrainOptions
+from training.optimisation import amp_dtype
 from training.sampling import split_labels
 
 
@@ -88,7 +89,9 @@ def bare_passes(loaded: LoadedModel, method: str, options: TrainOptions, crop_px
     model = copy.deepcopy(loaded.model).float().to(loaded.device)
     adapters.prepare(model, method)
     device = loaded.device
-    use_amp = device.type == "cuda"
+    # The precision training runs in (training.optimisation.amp_dtype): bf16 only where the GPU computes it.
+    precision = amp_dtype(device)
+    use_amp, dtype = precision is not None, precision or torch.bfloat16
     generator = torch.Generator(device=device).manual_seed(0)
 
     def pixels(count: int, side: int) -> torch.Tensor:
@@ -101,22 +104,22 @@ def bare_passes(loaded: LoadedModel, method: str, options: TrainOptions, crop_px
     views = pixels(options.batch_size, input_px) if options.distill_boxes else None
 
     def student() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+        with torch.autocast("cuda", dtype=dtype, enabled=use_amp):
             dense = dense_patch_features(model.visual, batch, options.attention)
         dense.float().sum().backward()
 
     @torch.no_grad()
     def teacher() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+        with torch.autocast("cuda", dtype=dtype, enabled=use_amp):
             dense_patch_features(model.visual, boxes, options.attention)
 
     def global_views() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+        with torch.autocast("cuda", dtype=dtype, enabled=use_amp):
             tokens = dense_patch_features(model.visual, views, options.attention, normalize=False)
         tokens.float().sum().backward()
 
     def region() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+        with torch.autocast("cuda", dtype=dtype, enabled=use_amp):
             embeddings = model.encode_image(regions)
         embeddings.float().sum().backward()
 
