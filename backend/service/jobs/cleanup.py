@@ -43,13 +43,7 @@ class JobTemporaries:
 
 
 def free_device_memory() -> None:
-    import gc
+    """devices.release_device_memory, imported when needed (torch is not loaded with the job store)."""
+    from backend.engine.devices import release_device_memory
 
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except (ImportError, RuntimeError) as error:  # freeing a cache must never fail a job
-        log.debug("could not empty the CUDA cache: %s", error)
+    release_device_memory()
