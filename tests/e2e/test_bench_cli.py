@@ -70,8 +70,9 @@ def test_the_whole_bench_runs_and_pairs_the_runtime_with_the_reference_loop(tmp_
     assert f"{REFERENCE_PAIRS} pairs back to back" in result.output
     assert f"median {pairs['median']:.2f}x the reference loop" in result.output
     for row in ("bare dense image encoder", "reference loop (section 4", "re-run, 3 new classes",
-                "truncated to longest prompt"):
+                "truncated to longest prompt", "the templates' shared beginnings run once"):
         assert row in result.output
+    assert figures["text"]["shared_beginnings_max_abs_diff"] < 1e-4
     assert figures["cached_output_identical"] is True
     # The zoomed-in re-run finds the first run's features under the runtime the first run exported.
     assert "zoomed-in re-run, a 300x300 part" in result.output and "uncached on torch" in result.output
