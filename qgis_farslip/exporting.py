@@ -6,6 +6,7 @@ another) and can load the exported file, styled, into the project.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sqlite3
@@ -23,7 +24,7 @@ from qgis.core import (
 from qgis.gui import QgsFileWidget
 from qgis.PyQt.QtWidgets import QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFormLayout
 
-from .filenames import MAX_STEM, first_free, gpkg_table_name, same_file
+from .filenames import MAX_STEM, first_free, gpkg_table_name, same_file, sqlite_uri
 from .parameters import safe_name
 from .i18n import tr
 
@@ -69,12 +70,14 @@ def result_key(layer: QgsVectorLayer) -> str:
 
 
 def _table_descriptions(path: str) -> dict[str, str]:
-    """The tables of a GeoPackage (lower case: SQLite's names ignore case) and their descriptions."""
+    """The tables of a GeoPackage (lower case: SQLite's names ignore case) and their descriptions. A GeoPackage
+    whose tables cannot be listed is refused: the export could replace one of them."""
     try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as database:
+        with contextlib.closing(sqlite3.connect(sqlite_uri(path), uri=True)) as database:
             rows = database.execute("SELECT table_name, description FROM gpkg_contents").fetchall()
-    except sqlite3.Error:
-        return {}
+    except sqlite3.Error as error:
+        raise RuntimeError(tr("The layers of {} cannot be read ({}); it is left as it is: export to another "
+                              "file.").format(path, error)) from None
     return {str(table).lower(): str(description or "") for table, description in rows}
 
 
@@ -114,7 +117,7 @@ def _source_file(layer: QgsVectorLayer) -> tuple[str, str | None]:
 def _has_styles_table(path: str) -> bool:
     """Whether a GeoPackage has QGIS's layer_styles table (asking QGIS logs "No styles available on DB")."""
     try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as database:
+        with contextlib.closing(sqlite3.connect(sqlite_uri(path), uri=True)) as database:
             return database.execute("SELECT 1 FROM sqlite_master WHERE name = 'layer_styles'").fetchone() is not None
     except sqlite3.Error:
         return False

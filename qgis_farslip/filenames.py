@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import unicodedata
+import urllib.parse
 from typing import Callable
 
 # Characters Windows refuses in file names, control characters, and path separators.
@@ -67,3 +68,13 @@ def gpkg_table_name(name: str) -> str:
 def same_file(first: str, second: str) -> bool:
     """Whether two paths name one file (links and letter case resolved as the system does)."""
     return os.path.normcase(os.path.realpath(first)) == os.path.normcase(os.path.realpath(second))
+
+
+def sqlite_uri(path: str, mode: str = "ro") -> str:
+    """A SQLite URI (sqlite3.connect(..., uri=True)) of the file `path`, opened in `mode`: the path
+    percent-quoted, so that a '#', '?', '%', a space or any script in a folder or file name is read as part of
+    the name (unquoted, '#' ends the path and '?' begins the options: another file, or none, was read)."""
+    absolute = os.path.abspath(path).replace(os.sep, "/")
+    if not absolute.startswith("/"):  # C:/x on Windows: file:///C:/x
+        absolute = "/" + absolute
+    return f"file://{urllib.parse.quote_from_bytes(os.fsencode(absolute), safe='/:')}?mode={mode}"
