@@ -135,23 +135,64 @@ def _refuse_own_source(layer: QgsVectorLayer, path: str, table: str | None) -> N
 
 def _move_shapefile(staged: str, path: str) -> None:
     """The staged shapefile's parts take the place of `path`'s; parts of an earlier one at `path` that would
-    now describe the new one wrongly (a spatial index, a projection file of another program) go."""
+    now describe the new one wrongly (a spatial index, a projection file of another program) go.
+
+    The earlier parts are first moved aside, and removed only once every new part is in place: a part the system
+    will not let go (Windows refuses to replace a file a program holds open, as QGIS does a loaded layer's) puts
+    every part back as it was, and the export says so."""
     staged_root, root = os.path.splitext(staged)[0], os.path.splitext(path)[0]
-    for extension in STALE_SHAPEFILE_PARTS:
-        if os.path.lexists(root + extension):
-            os.remove(root + extension)
-    for extension in SHAPEFILE_PARTS:
-        if os.path.exists(staged_root + extension):
-            os.replace(staged_root + extension, root + extension)
-        elif os.path.lexists(root + extension):
-            os.remove(root + extension)
+    aside_root = os.path.join(os.path.dirname(path), f".farslip-replaced-{uuid.uuid4().hex[:8]}")
+    aside: list[str] = []  # the extensions of the earlier parts moved aside
+    placed: list[str] = []  # and of the new parts put in their place
+    try:
+        for extension in SHAPEFILE_PARTS + STALE_SHAPEFILE_PARTS:
+            if os.path.lexists(root + extension):
+                os.replace(root + extension, aside_root + extension)
+                aside.append(extension)
+        for extension in SHAPEFILE_PARTS:
+            if os.path.exists(staged_root + extension):
+                os.replace(staged_root + extension, root + extension)
+                placed.append(extension)
+    except OSError as error:
+        kept = _put_back(staged_root, root, aside_root, aside, placed)
+        loaded = [layer.name() for layer in QgsProject.instance().mapLayers().values()
+                  if isinstance(layer, QgsVectorLayer) and _source_file(layer)[0]
+                  and same_file(_source_file(layer)[0], path)]
+        why = tr("it is open in QGIS as the layer {}: remove that layer from the project, or export to another "
+                 "file name.").format(", ".join(loaded)) if loaded else tr(
+                 "it may be open in another program, or the folder may not let it be replaced: close it there, or "
+                 "export to another file name.")
+        raise RuntimeError(tr("{} cannot be replaced ({}), so it is left as it was; {}").format(
+            path, error.strerror or error, why) + kept) from None
+    for extension in aside:
+        with contextlib.suppress(OSError):  # let go of since it was moved: removed as soon as it can be
+            os.remove(aside_root + extension)
+
+
+def _put_back(staged_root: str, root: str, aside_root: str, aside: list[str], placed: list[str]) -> str:
+    """Undo a replacement that failed half way; "" when the earlier shapefile is back as it was, else a sentence
+    naming where its parts are."""
+    for extension in placed:
+        with contextlib.suppress(OSError):
+            os.replace(root + extension, staged_root + extension)
+    left = []
+    for extension in aside:
+        try:
+            os.replace(aside_root + extension, root + extension)
+        except OSError:
+            left.append(aside_root + extension)
+    return tr(" Parts of the earlier shapefile could not be put back: they are {}.").format(", ".join(left)) \
+        if left else ""
 
 
 def _remove_shapefile(path: str) -> None:
+    """Remove a staged shapefile's parts (after a failure; renamed away after a success), as far as the system
+    lets go of them."""
     root = os.path.splitext(path)[0]
     for extension in SHAPEFILE_PARTS:
         if os.path.lexists(root + extension):
-            os.remove(root + extension)
+            with contextlib.suppress(OSError):
+                os.remove(root + extension)
 
 
 def write_styled(layer: QgsVectorLayer, path: str) -> QgsVectorLayer:
@@ -220,6 +261,7 @@ def _write_and_style(layer: QgsVectorLayer, path: str, target: str, source: str,
         qml = os.path.splitext(target)[0] + ".qml"  # QGIS loads a .qml of the same name with the shapefile
         message, ok = staged.saveNamedStyle(qml)
         if not ok:
+            del staged  # closed, so that its files can be removed
             raise RuntimeError(tr("The style could not be saved as {}: {}").format(
                 os.path.splitext(path)[0] + ".qml", message))
         del staged  # the staged files are closed before they are renamed
@@ -339,6 +381,9 @@ class ExportDialog(QDialog):
             written = write_styled(layer, path)
         except (RuntimeError, ValueError) as error:
             return None, str(error)
+        except OSError as error:  # a file the system would not let the export read, write or replace
+            return None, tr("Export to {} failed: {}").format(path, f"{error.strerror}: {error.filename}"
+                                                              if error.strerror and error.filename else error)
         path = written.source().split("|", 1)[0]  # as written (R.SHP is R.shp)
         shortened = shortened_classes(layer, written)
         names = ", ".join(repr(name[:40] + "...") for name in shortened)
