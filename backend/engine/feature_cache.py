@@ -208,18 +208,36 @@ def raster_scopes(source, model, variants: list[tuple[str, str]]) -> list[str]:
             for attention, encoder_name in variants]
 
 
-def read_cached_array(path: str | os.PathLike, ndim: int | None = None) -> np.ndarray | None:
+Shape = tuple[int | None, ...]  # an expected array shape; None: any length on that axis
+
+
+def fits(array: np.ndarray, ndim: int | None = None, shape: Shape | None = None) -> bool:
+    """Whether `array` has `ndim` dimensions and, axis by axis, the lengths `shape` fixes."""
+    if ndim is not None and array.ndim != ndim:
+        return False
+    return shape is None or (array.ndim == len(shape) and all(
+        want is None or int(want) == got for want, got in zip(shape, array.shape)))
+
+
+def read_cached_array(path: str | os.PathLike, ndim: int | None = None, shape: Shape | None = None,
+                      unit: bool = False) -> np.ndarray | None:
     """The float32 array a cache file holds, or None where it cannot serve: missing, empty (np.load raises
     EOFError, which the command line turned into a bare "Aborted." on every later run), truncated, not one
-    array, another dtype or number of dimensions (`ndim`), or not finite. A cache file is only ever a miss
-    (the entry is computed again), never the reason a run fails or a wrong value."""
+    array, another dtype, number of dimensions (`ndim`) or shape (`shape`: a file of another model's width
+    stopped every later run with a traceback), not finite, or (`unit`) not of length 1. The header is read
+    first, so a header claiming a huge array costs nothing. A cache file is only ever a miss (the entry is
+    computed again), never the reason a run fails or a wrong value."""
     try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError):
+        mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+        if not isinstance(mapped, np.ndarray) or mapped.dtype != np.float32 or not fits(mapped, ndim, shape):
+            return None
+        array = np.array(mapped)  # read, and the file let go (Windows keeps a mapped file from being replaced)
+        del mapped
+    except (OSError, ValueError, EOFError, MemoryError):
         return None
-    if not isinstance(array, np.ndarray) or array.dtype != np.float32:
+    if not np.isfinite(array).all():
         return None
-    if (ndim is not None and array.ndim != ndim) or not np.isfinite(array).all():
+    if unit and abs(float(np.linalg.norm(array)) - 1.0) > 1e-3:
         return None
     return array
 
@@ -245,17 +263,18 @@ class FeatureCache:
 
     # -- public
 
-    def get(self, scope: str, crop: CropKey, ndim: int | None = None) -> np.ndarray | None:
-        """The features of `crop` kept before, or None; an entry on disk of another number of dimensions than
-        `ndim` (or damaged) is a miss."""
+    def get(self, scope: str, crop: CropKey, ndim: int | None = None, shape: Shape | None = None,
+            unit: bool = False) -> np.ndarray | None:
+        """The features of `crop` kept before, or None; an entry of another number of dimensions than `ndim`
+        or another shape than `shape` (or a damaged file; see read_cached_array) is a miss."""
         key = (scope, crop)
         with self._lock:
             found = self._memory.get(key)
-            if found is not None:
+            if found is not None and fits(found, ndim, shape):
                 self._memory.move_to_end(key)
                 self.hits += 1
                 return found
-        found = self._load(scope, crop, ndim)
+        found = self._load(scope, crop, ndim, shape, unit)
         with self._lock:
             if found is None:
                 self.misses += 1
@@ -318,11 +337,12 @@ class FeatureCache:
             self._disk_bytes += size
         self._trim_disk()
 
-    def _load(self, scope: str, crop: CropKey, ndim: int | None = None) -> np.ndarray | None:
+    def _load(self, scope: str, crop: CropKey, ndim: int | None = None, shape: Shape | None = None,
+              unit: bool = False) -> np.ndarray | None:
         if self.folder is None:
             return None
         path = self._path(scope, crop)
-        features = read_cached_array(path, ndim)
+        features = read_cached_array(path, ndim, shape, unit)
         if features is None:
             return None
         try:
@@ -368,10 +388,11 @@ class LayeredFeatureCache(FeatureCache):
         super().__init__(0)
         self.front, self.back = front, back
 
-    def get(self, scope: str, crop: CropKey, ndim: int | None = None) -> np.ndarray | None:
-        found = self.front.get(scope, crop, ndim)
+    def get(self, scope: str, crop: CropKey, ndim: int | None = None, shape: Shape | None = None,
+            unit: bool = False) -> np.ndarray | None:
+        found = self.front.get(scope, crop, ndim, shape, unit)
         if found is None:
-            found = self.back.get(scope, crop, ndim)
+            found = self.back.get(scope, crop, ndim, shape, unit)
             if found is not None:
                 self.front.put(scope, crop, found)
         return found

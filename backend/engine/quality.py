@@ -43,7 +43,7 @@ from .feature_cache import FeatureCache
 from .models import LoadedModel
 from .options import finite_number
 from .raster import PixelSource, PixelWindow, RasterSource
-from .text import class_probabilities, logit_scale, parse_class_lines
+from .text import class_probabilities, embedding_width, logit_scale, parse_class_lines
 
 SIGNALS = ("score_mean", "margin", "entropy", "sharpness", "region_agr")
 FIELDS = ("quality", "margin", "entropy", "sharpness", "region_agr")
@@ -368,7 +368,8 @@ def crop_embeddings(loaded: LoadedModel, source: PixelSource, crops: Sequence[Pi
     size = visual.image_size
     side = int(size[0] if isinstance(size, (tuple, list)) else size)
     keys = [(crop.row_off, crop.col_off, crop.height, side) for crop in crops]
-    found = [cache.get(scope, key, ndim=1) if cache is not None and scope else None for key in keys]
+    width = (embedding_width(loaded),)
+    found = [cache.get(scope, key, shape=width, unit=True) if cache is not None and scope else None for key in keys]
     missing = [i for i, known in enumerate(found) if known is None]
     if counts is not None:
         counts["cached"] = counts.get("cached", 0) + len(crops) - len(missing)

@@ -172,7 +172,7 @@ class Segmenter:
         cached: list[np.ndarray | None] = [None] * len(crops)
         cache, scope = self.feature_cache, self.cache_scope
         if cache is not None and scope is not None and keys is not None:
-            cached = [cache.get(scope, key, ndim=3) for key in keys]  # (gh, gw, D) each
+            cached = [cache.get(scope, key, shape=self.feature_shape(crop)) for key, crop in zip(keys, crops)]
         missing = [i for i, found in enumerate(cached) if found is None]
         self.crops_cached += len(crops) - len(missing)
         self.crops_encoded += len(missing)
@@ -196,6 +196,15 @@ class Segmenter:
             else:
                 parts.append(torch.from_numpy(found).to(self.device, non_blocking=True))
         return torch.stack(parts)
+
+    def feature_shape(self, crop: np.ndarray | torch.Tensor) -> tuple[int | None, ...]:
+        """(gh, gw, D) of the patch features of a crop (3, h, w): what a cached entry for it must be."""
+        height, width = crop.shape[-2:]
+        if self.resizes_crop(height, width):
+            rows = cols = self.crop // self.patch
+        else:
+            rows, cols = -(-height // self.patch), -(-width // self.patch)
+        return rows, cols, int(self.text.shape[1])  # the features meet the text embeddings: the same width
 
     def resizes_crop(self, height: int, width: int) -> bool:
         return self.resize_small_crops and (height < self.crop or width < self.crop)

@@ -135,6 +135,12 @@ def encode_tokens(model: CLIP, tokens: torch.Tensor) -> torch.Tensor:
     return x @ model.text_projection
 
 
+def embedding_width(loaded: LoadedModel) -> int | None:
+    """The length of the model's image and text embeddings (None where the model does not say)."""
+    width = getattr(getattr(loaded.model, "visual", None), "output_dim", None)
+    return int(width) if isinstance(width, int) else None
+
+
 def is_multilingual(loaded: LoadedModel) -> bool:
     """Whether the model reads other languages than English (registry `languages`, or its text tower)."""
     metadata = getattr(loaded, "metadata", None) or {}
@@ -201,7 +207,8 @@ class TextEmbedder:
             return self._memory[query]
         path = self._cache_file(query)
         if path is not None and path.exists():
-            stored = read_cached_array(path, ndim=1)  # a damaged file is computed again
+            # A damaged file, or one of another width or not of unit length, is computed again.
+            stored = read_cached_array(path, shape=(embedding_width(self.loaded),), unit=True)
             if stored is not None:
                 embedding = torch.from_numpy(stored)
                 self._memory[query] = embedding

@@ -255,3 +255,43 @@ def test_runs_after_cache_files_were_emptied_recompute_and_write_the_same(loaded
     assert again.exit_code == 0, again.output
     assert np.array_equal(read(tmp_path / "a.tif"), read(tmp_path / "b.tif"))
     assert all(path.stat().st_size > 0 for path in emptied), "the damaged entries were written again"
+
+
+def test_cache_entries_of_another_shape_or_length_are_recomputed_not_a_traceback(loaded, tmp_path, monkeypatch):
+    """A feature, region or text entry of the right dtype and number of dimensions but another shape (another
+    model's width, a hand-made file) stopped this run and every later one with a traceback ("stack expects each
+    tensor to be equal size"); a header claiming a huge array with a MemoryError; a text entry not of unit length
+    was used as is. Each is a miss now: the run recomputes it and writes what the first run wrote."""
+    import os
+
+    for name in ("FARSLIP_HOME", "FARSLIP_CACHE"):  # this run's entries only
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    model = tmp_path / "tiny.pt"
+    save_plain(make_tiny_clip(16), model)
+    raster = write_raster(tmp_path / "image.tif", size=300)
+    runner = CliRunner()
+    args = ["segment", str(raster), "--model", str(model), "--cache-features", "--overwrite",
+            "-c", "water", "-c", "road", "-q"]
+    first = runner.invoke(app, [*args, "-o", str(tmp_path / "a.gpkg"), "--class-raster", str(tmp_path / "a.tif")])
+    assert first.exit_code == 0, first.output
+    entries = [path for folder in (os.environ["FARSLIP_HOME"], os.environ["FARSLIP_CACHE"])
+               for path in sorted(Path(folder).rglob("*.npy"))]
+    kinds = {np.load(path).ndim for path in entries}
+    assert kinds == {1, 3} and any("text" in path.parts for path in entries)
+    for number, path in enumerate(entries):
+        stored = np.load(path)
+        if number % 3 == 0:  # a header that claims 75 GB, then a few bytes
+            with open(path, "wb") as handle:
+                np.lib.format.write_array_header_1_0(
+                    handle, {"descr": "<f4", "fortran_order": False, "shape": (*stored.shape[:-1], 99_999_999)})
+                handle.write(b"\0" * 64)
+        elif stored.ndim == 1 and number % 3 == 1:  # the right width, not of unit length
+            np.save(path, stored * 3)
+        else:  # another model's width
+            np.save(path, np.ones((*stored.shape[:-1], stored.shape[-1] // 2), np.float32))
+    again = runner.invoke(app, [*args, "-o", str(tmp_path / "b.gpkg"), "--class-raster", str(tmp_path / "b.tif")])
+    assert again.exit_code == 0, again.output
+    assert "Traceback" not in again.output
+    assert np.array_equal(read(tmp_path / "a.tif"), read(tmp_path / "b.tif"))
+    np.testing.assert_allclose(region_agreement_field(tmp_path / "b.gpkg"), region_agreement_field(tmp_path / "a.gpkg"),
+                               atol=1e-6)

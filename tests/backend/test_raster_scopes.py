@@ -52,9 +52,9 @@ class Recording(FeatureCache):
         super().__init__()
         self.scopes: set[str] = set()
 
-    def get(self, scope, crop, ndim=None):
+    def get(self, scope, crop, ndim=None, shape=None, unit=False):
         self.scopes.add(scope)
-        return super().get(scope, crop, ndim)
+        return super().get(scope, crop, ndim, shape, unit)
 
     def put(self, scope, crop, features):
         self.scopes.add(scope)
