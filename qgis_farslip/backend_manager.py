@@ -38,7 +38,7 @@ START_TIMEOUT_S = 120.0
 STOP_ASK_S = 2.0  # POST /v1/shutdown: the backend answers at once, or it is not listening any more
 STOP_WAIT_MS = 8000  # then its graceful end (the running job is cancelled within one batch)
 HEALTH_TIMEOUT_S = 2.0  # the check that a connected backend still answers, before it is reported ready
-CLI_ENTRY = "from backend.service.cli import main; main()"
+CLI_ENTRY = "from backend.service.launch import main; main()"
 
 
 def log(message: str, level=Qgis.Info) -> None:
