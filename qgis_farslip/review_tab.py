@@ -247,6 +247,50 @@ def read_review_file(path: str) -> SavedMarks:
     return saved
 
 
+def write_marks_into(partial: str, path: str) -> bool:
+    """Put the rows of the review table of the GeoPackage `partial` in place of those of `path`'s, in one
+    transaction through GDAL (SQLite lets it write while other connections, QGIS's, hold the file open); False
+    when `path`'s table is not of the same fields and CRS (then the whole file is replaced). A write that fails
+    leaves `path` as it was and raises OSError."""
+    try:
+        source, target = ogr.Open(partial), ogr.Open(path, 1)
+    except RuntimeError as error:  # GDAL's exceptions on
+        raise OSError(str(error)) from None
+    if source is None or target is None:
+        raise OSError(tr("GDAL cannot open it for writing"))
+    new, old = source.GetLayerByName("review"), target.GetLayerByName("review")
+    if new is None or old is None:
+        return False
+    new_fields, old_fields = new.GetLayerDefn(), old.GetLayerDefn()
+    names = [new_fields.GetFieldDefn(i).GetName() for i in range(new_fields.GetFieldCount())]
+    if names != [old_fields.GetFieldDefn(i).GetName() for i in range(old_fields.GetFieldCount())]:
+        return False
+    new_crs, old_crs = new.GetSpatialRef(), old.GetSpatialRef()
+    if (new_crs is None) != (old_crs is None) or (new_crs is not None and not new_crs.IsSame(old_crs)):
+        return False
+    try:
+        if target.StartTransaction() != ogr.OGRERR_NONE:
+            raise OSError(tr("it is busy (another program is writing to it)"))
+        try:
+            target.ExecuteSQL('DELETE FROM "review"')
+            for row in new:
+                out = ogr.Feature(old_fields)
+                out.SetFrom(row)
+                if old.CreateFeature(out) != ogr.OGRERR_NONE:
+                    raise OSError(tr("a mark could not be written"))
+            if target.CommitTransaction() != ogr.OGRERR_NONE:
+                raise OSError(tr("it is busy (another program is reading or writing it)"))
+        except BaseException:
+            target.RollbackTransaction()
+            raise
+    except RuntimeError as error:  # GDAL's exceptions on
+        raise OSError(str(error)) from None
+    finally:
+        new = old = None
+        source = target = None  # closed
+    return True
+
+
 class ReviewTab(QObject):
     def __init__(self, dock, train_tab, project_getter: Callable[[], QgsProject] = QgsProject.instance):
         super().__init__(dock)
@@ -541,9 +585,15 @@ class ReviewTab(QObject):
                 memory, partial, self.project().transformContext(), options)
             if error != QgsVectorFileWriter.NoError:
                 raise RuntimeError(tr("Saving the review to {} failed: {}").format(path, message))
-            os.replace(partial, path)
+            # An existing review file gets the marks written into it (one transaction: all of them or none), never
+            # replaced: QGIS keeps a GeoPackage it read open (its connection pool, after the layer is removed), and
+            # Windows refuses to replace an open file.
+            if not (os.path.exists(path) and write_marks_into(partial, path)):
+                os.replace(partial, path)
         except OSError as failure:
-            raise RuntimeError(tr("Saving the review to {} failed: {}").format(path, failure.strerror)) from None
+            raise RuntimeError(tr("Saving the review to {} failed: {}; the marks are kept here and saved with the "
+                                  "next one (close any other program that has the file open).").format(
+                                      path, failure.strerror or failure)) from None
         finally:
             if os.path.exists(partial):
                 os.remove(partial)
