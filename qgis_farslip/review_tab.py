@@ -9,6 +9,7 @@ quality, and polygons under a quality value can be hidden.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -272,7 +273,9 @@ def write_marks_into(partial: str, path: str) -> bool:
         if target.StartTransaction() != ogr.OGRERR_NONE:
             raise OSError(tr("it is busy (another program is writing to it)"))
         try:
-            target.ExecuteSQL('DELETE FROM "review"')
+            for fid in [row.GetFID() for row in old]:
+                if old.DeleteFeature(fid) != ogr.OGRERR_NONE:
+                    raise OSError(tr("an earlier mark could not be replaced"))
             for row in new:
                 out = ogr.Feature(old_fields)
                 out.SetFrom(row)
@@ -596,7 +599,8 @@ class ReviewTab(QObject):
                                       path, failure.strerror or failure)) from None
         finally:
             if os.path.exists(partial):
-                os.remove(partial)
+                with contextlib.suppress(OSError):  # a hidden draft left behind, never a failed save
+                    os.remove(partial)
         self.mark_shapes = shapes
         return path
 

@@ -72,3 +72,30 @@ def test_a_second_training_on_corrections_saves_into_the_open_review_file(bare_d
     assert [layer.name() for layer in QgsProject.instance().mapLayers().values()].count("FarSLIP review") == 1
     assert sorted(name for name in os.listdir(tmp_path) if not name.endswith(("-wal", "-shm"))) == [
         "result.gpkg", "result_review.gpkg"]
+
+
+def test_a_save_into_the_review_file_that_fails_half_way_leaves_the_earlier_marks(bare_dock, tmp_path, monkeypatch):
+    tab = bare_dock.review_tab
+    tab.review(write_result(str(tmp_path / "result.gpkg")))
+    review = str(tmp_path / "result_review.gpkg")
+    for row in (0, 1):
+        tab.form.polygonsTable.selectRow(row)
+        tab.mark("correct")
+    written = []
+    real_create = ogr.Layer.CreateFeature
+
+    def disk_full_at_the_second(layer, feature):
+        written.append(feature)
+        return ogr.OGRERR_FAILURE if len(written) == 2 else real_create(layer, feature)
+
+    monkeypatch.setattr(ogr.Layer, "CreateFeature", disk_full_at_the_second)
+    tab.form.polygonsTable.selectRow(2)
+    tab.mark("deleted")
+    assert tab.form.reviewStatusLabel.text() == (
+        f"Saving the review to {review} failed: a mark could not be written; the marks are kept here and saved with "
+        "the next one (close any other program that has the file open).")
+    monkeypatch.undo()
+    assert saved_marks(review) == [("correct", "road"), ("correct", "tree")]  # as before, not half of the new ones
+    tab.form.polygonsTable.selectRow(3)
+    tab.mark("correct")
+    assert saved_marks(review) == [("correct", "building"), ("correct", "road"), ("correct", "tree"), ("deleted", "")]
