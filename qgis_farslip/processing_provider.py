@@ -6,7 +6,6 @@ import contextlib
 import os
 import sqlite3
 import tempfile
-import urllib.parse
 from typing import Callable
 
 from qgis.core import (
@@ -38,7 +37,7 @@ from qgis.PyQt.QtGui import QIcon
 from .backend_manager import BackendManager
 from .classes import bundled_presets, class_list_refusal, parse_class_text, resources_dir
 from .client import BackendClient, BackendError, BackendUnreachable
-from .filenames import gpkg_table_name
+from .filenames import gpkg_table_name, sqlite_uri
 from .extent import (crs_text, displayed_bands, export_size, gdal_dataset_name, local_raster_path,
                      unusable_layer_text, vrt_arguments, whole_web_layer_text, write_geotiff, write_vrt)
 from .messages import processing_words
@@ -190,12 +189,15 @@ def file_layer_name(path: str) -> str:
 
 
 def gpkg_tables(path: str) -> list[str]:
-    """The tables an existing GeoPackage lists (empty when it cannot be read as one)."""
+    """The tables an existing GeoPackage lists; QgsProcessingException when it cannot be read as one (the check
+    that writing into it replaces no other layer cannot be made: the write is not risked)."""
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro", uri=True)) as db:
+        with contextlib.closing(sqlite3.connect(sqlite_uri(path), uri=True)) as db:
             return [str(row[0]) for row in db.execute("SELECT table_name FROM gpkg_contents")]
-    except sqlite3.Error:
-        return []
+    except sqlite3.Error as error:
+        raise QgsProcessingException(tr(
+            "The GeoPackage {} cannot be read ({}), so FarSLIP cannot check which of its layers writing into it "
+            "would replace; close it in other programs, or choose another file.").format(path, error)) from None
 
 
 def output_file(out: str, context, feedback=None) -> str:

@@ -240,6 +240,16 @@ def test_processing_save_to_geopackage_writes_the_layer_named_after_the_file_and
             "INPUT": naip_layer, "CLASSES": CLASS_TEXT, "MODEL": str(tiny_model), "REGION_CHECKS": False,
             "OUTPUT": f"ogr:dbname='{same_name}' table=\"landcover\" (geom)"})
     assert same_name.read_bytes() == new.read_bytes()
+    # A file that cannot be read as a GeoPackage (locked, damaged): the check cannot be made, so no write is risked
+    # (it was taken for one without layers, and the write went ahead).
+    unreadable = tmp_path / "Job #3" / "new.gpkg"
+    unreadable.parent.mkdir()
+    unreadable.write_bytes(b"not a GeoPackage " * 64)
+    with pytest.raises(QgsProcessingException, match=r"cannot be read .*, so FarSLIP cannot check"):
+        processing.run("farslip:segment_by_class_names", {
+            "INPUT": naip_layer, "CLASSES": CLASS_TEXT, "MODEL": str(tiny_model), "REGION_CHECKS": False,
+            "OUTPUT": f"ogr:dbname='{unreadable}' table=\"landcover\" (geom)"})
+    assert unreadable.read_bytes() == b"not a GeoPackage " * 64
 
 
 def test_a_shapefile_export_of_a_long_class_name_keeps_that_class_styled(dock, tmp_path, qgis_new_project):
