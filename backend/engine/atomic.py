@@ -7,13 +7,17 @@ a full disk or a cancelled run (Ctrl-C, SIGTERM, a cancelled job) never leaves a
 under the final name, and a file being replaced stays readable until its successor is complete.
 A run's several outputs (polygons, rasters, a folder of rasters, the run report) are renamed in together, the
 report last, all or nothing: a rename failing midway undoes the ones before it and restores the files (or
-folder) they replaced (StagedOutputs, commit_outputs).
+folder) they replaced (StagedOutputs, commit_outputs). A commit of several renames first writes its journal (what
+goes where, and which file each target holds once renamed): a process killed in the middle of it (SIGKILL, a power
+cut) leaves the journal, and the next sweep of that folder (backend.engine.temporary.remove_stale, or the server's
+restart for its jobs) rolls the commit back from it (recover_commit): old and new outputs are never left mixed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -22,7 +26,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from .temporary import new_run_tag, owned_entries, remove_owned, staged_path, staged_stem
+from .temporary import journal_path, new_run_tag, owned_entries, remove_owned, staged_path, staged_stem
 
 # A shapefile's files, QGIS's metadata (.qmd), style (.qml) and old CRS file (.qpj), and ArcGIS's metadata
 # (.shp.xml) beside it, which describe its fields and data.
@@ -275,25 +279,144 @@ def commit_outputs(staged: Mapping[Path, str | Path], tag: str, durable: bool = 
     # the file it had replaced (old and new outputs mixed, the run saying nothing was written).
     try:
         with interrupts_deferred():
+            # More than one rename: the journal first, so a process killed midway is rolled back later.
+            journals = _write_journals(steps, list(staged.values()), tag, durable) if len(steps) > 1 else []
             try:
-                for number, (name, source) in enumerate(steps, 1):
-                    if source is None:
-                        renames.remove(name)
-                    else:
-                        renames.replace(source, name, keep=number < len(steps))
-            except BaseException as error:
-                left = renames.roll_back()
-                if left:
-                    raise _not_restored(error, left) from error
-                raise
-            # Every output is in place: make the renames durable, delete the previous files kept as backups.
-            if durable:
-                for folder in dict.fromkeys(Path(target).parent for target, _removed, _moves in plans):
-                    _fsync_folder(folder)
-            renames.drop_backups()
+                try:
+                    for number, (name, source) in enumerate(steps, 1):
+                        if source is None:
+                            renames.remove(name)
+                        else:
+                            renames.replace(source, name, keep=number < len(steps))
+                except BaseException as error:
+                    left = renames.roll_back()
+                    if left:
+                        raise _not_restored(error, left) from error
+                    raise
+                # Every output is in place: make the renames durable, delete the previous files kept as backups.
+                if durable:
+                    for folder in dict.fromkeys(Path(target).parent for target, _removed, _moves in plans):
+                        _fsync_folder(folder)
+                renames.drop_backups()
+            finally:
+                _remove_journals(journals)
     except KeyboardInterrupt as interrupt:  # delivered after the commit: the outputs are complete and in place
         interrupt.outputs_written = [str(target) for target in staged.values()]  # type: ignore[attr-defined]
         raise
+
+
+def _identity(path: Path) -> list[int]:
+    """What tells a file (or folder) apart after a rename: its device and inode."""
+    info = os.lstat(path)
+    return [info.st_dev, info.st_ino]
+
+
+def _write_journals(steps: list[tuple[Path, Path | None]], outputs: list, tag: str, durable: bool) -> list[Path]:
+    """Before the first rename of a commit: its journal in each folder it changes (whichever folder a later sweep
+    looks at finds it), and, when `durable`, on disk before any rename. It lists the renames in order: each
+    target, whether something was there before, and the identity of the staged file renamed to it (the target
+    holds that file once renamed; None for an old file removed). A journal cut short (the process killed while
+    writing it) is no JSON: recover_commit takes it as a commit that never began, which it is."""
+    folders = list(dict.fromkeys(Path(name).parent for name, _source in steps))
+    journals = [journal_path(folder, tag) for folder in folders]
+    text = json.dumps({
+        "tag": tag, "journals": [str(journal) for journal in journals], "outputs": [str(out) for out in outputs],
+        "steps": [{"target": str(name), "previous": os.path.lexists(name),
+                   "identity": None if source is None else _identity(source)} for name, source in steps]})
+    written: list[Path] = []
+    try:
+        for journal in journals:
+            descriptor = os.open(journal, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            written.append(journal)
+            with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
+                stream.write(text)
+                if durable:
+                    stream.flush()
+                    os.fsync(stream.fileno())
+            if durable:
+                _fsync_folder(journal.parent)
+    except BaseException:
+        _remove_journals(written)
+        raise
+    return journals
+
+
+def _remove_journals(journals: list[Path]) -> None:
+    for journal in journals:
+        with contextlib.suppress(OSError):
+            os.unlink(journal)
+
+
+@dataclasses.dataclass
+class Recovery:
+    """What recover_commit did with a dead run's commit."""
+
+    outputs: list[str]  # the outputs the commit was putting in place
+    finished: bool  # every rename was done: the outputs are the run's (only its leftover backups went)
+    restored: list[str] = dataclasses.field(default_factory=list)  # outputs whose previous file is back
+    removed: list[str] = dataclasses.field(default_factory=list)  # new outputs that had no previous file
+    left: list[str] = dataclasses.field(default_factory=list)  # what could not be undone, in words
+
+
+def recover_commit(journal: str | Path) -> Recovery | None:
+    """Finish or roll back the commit a dead process left with `journal` (see commit_outputs), then remove its
+    journals. A commit whose last rename was done is finished: the backups it kept go. Any other is rolled back,
+    newest rename first: each previous file (or folder) kept as a backup goes back over its target, a new output
+    that had no previous version is removed, a removed old file comes back. Which renames were done is read from
+    the targets themselves (each holds the staged file the journal identifies once renamed), not from the staged
+    files, which a cleanup may have removed. None when the journal is gone (another sweep took it)."""
+    journal = Path(journal)
+    try:
+        record = json.loads(journal.read_text(encoding="utf-8"))
+        tag = record["tag"]
+        steps = [(Path(step["target"]), step["identity"], bool(step["previous"])) for step in record["steps"]]
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError):  # cut short before the first rename (or another version's)
+        with contextlib.suppress(OSError):
+            os.unlink(journal)
+        return None
+
+    def renamed(target: Path, identity: list[int] | None) -> bool:
+        try:
+            return identity is not None and _identity(target) == list(identity)
+        except OSError:
+            return False
+
+    result = Recovery([str(out) for out in record.get("outputs") or []], renamed(*steps[-1][:2]) if steps else True)
+    for target, identity, previous in (steps if result.finished else reversed(steps)):
+        backup = backup_path(target, tag)
+        kept = os.path.lexists(backup)
+        try:
+            if result.finished:
+                if kept:
+                    _remove(backup)
+            elif identity is not None and renamed(target, identity):
+                if kept:  # the previous file or folder back over the new one
+                    if _is_folder(target):
+                        shutil.rmtree(target)
+                    os.replace(backup, target)
+                    result.restored.append(str(target))
+                elif not previous:  # a new output, where there was none
+                    _remove(target)
+                    result.removed.append(str(target))
+                else:
+                    result.left.append(f"{target} is from the interrupted run")
+            elif kept:  # not renamed (or an old file the commit removed): the previous file is where it was
+                if not os.path.lexists(target):
+                    os.replace(backup, target)
+                    result.restored.append(str(target))
+                elif _same_existing(target, backup):
+                    os.unlink(backup)  # a hard link: the file never left its name
+                else:
+                    result.left.append(f"the previous {target.name} is kept as {backup}")
+        except OSError:
+            result.left.append(f"the previous {target.name} is kept as {backup}" if kept and os.path.lexists(backup)
+                               else f"{target} is from the interrupted run")
+    for folder in dict.fromkeys(target.parent for target, _identity, _previous in steps):
+        _fsync_folder(folder)
+    _remove_journals([Path(path) for path in record.get("journals") or [journal]])
+    return result
 
 
 @contextlib.contextmanager

@@ -6,6 +6,10 @@ Every temporary name carries the run's tag, `<pid>-<run id>`: the work folder is
 what it created, and a later run may remove what a dead process left behind, while
 the temporary files of a live process (another `farslip segment`, the server) are
 never touched. Nothing here ever removes a name without a tag.
+
+A commit that renames several files into place (backend.engine.atomic) first writes its journal,
+`.farslip-<tag>.commit.json`, in each folder it changes; a dead run's journal is not removed but
+rolled back (its outputs taken back, the previous ones restored) before its other leftovers go.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ WORK_PREFIX = ".farslip-"
 OWNER_FILE = "owner.json"
 # `.farslip-<pid>-<id>` (a work folder) or `.<name>.farslip-<pid>-<id>.tmp[.<ext>...]` (a staged file).
 _TAGGED = re.compile(r"^\.(?:.+\.)?farslip-(?P<pid>\d+)-(?P<run>[0-9a-f]{8,32})(?P<tmp>\.tmp(?:\..*)?)?$", re.DOTALL)
+JOURNAL_SUFFIX = ".commit.json"
+# `.farslip-<pid>-<id>.commit.json`: the journal of a commit.
+_JOURNAL = re.compile(r"^\.farslip-(?P<pid>\d+)-(?P<run>[0-9a-f]{8,32})\.commit\.json$")
 
 
 def new_run_tag(run_id: str | None = None) -> str:
@@ -30,6 +37,24 @@ def new_run_tag(run_id: str | None = None) -> str:
     run_id = run_id or uuid.uuid4().hex[:12]
     assert re.fullmatch(r"[0-9a-f]{8,32}", run_id), run_id
     return f"{os.getpid()}-{run_id}"
+
+
+def journal_path(folder: str | Path, tag: str) -> Path:
+    """The journal of run `tag`'s commit in `folder` (see backend.engine.atomic.commit_outputs)."""
+    return Path(folder) / f"{WORK_PREFIX}{tag}{JOURNAL_SUFFIX}"
+
+
+def run_journals(prefixes: Sequence[str | Path]) -> list[Path]:
+    """The commit journals found beside the tagged temporary names `prefixes` (a job's record), of their runs."""
+    found: dict[Path, None] = {}
+    for prefix in prefixes:
+        prefix = Path(prefix)
+        match = _TAGGED.match(prefix.name)
+        if match:
+            journal = journal_path(prefix.parent, f"{match['pid']}-{match['run']}")
+            if journal.is_file():
+                found[journal] = None
+    return list(found)
 
 
 def work_dir_path(folder: str | Path, tag: str) -> Path:
@@ -148,6 +173,23 @@ def remove_stale(folder: str | Path) -> list[str]:
     except OSError:
         return []
     removed = []
+    # A dead run's commit first: rolled back (or finished) while its staged files, which tell how far it got,
+    # are still there.
+    for name in names:
+        match = _JOURNAL.match(name)
+        if not match or process_is_alive(int(match["pid"])):
+            continue
+        from .atomic import recover_commit
+
+        try:
+            recover_commit(folder / name)
+        except OSError:
+            continue  # left for the next sweep
+        removed.append(str(folder / name))
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
     host = socket.gethostname()
     for name in names:
         match = _TAGGED.match(name)

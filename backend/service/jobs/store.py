@@ -1,7 +1,8 @@
 """The job history: every job's request, state, progress and result in a SQLite file in the state folder.
 
 The history survives a restart: a job a previous process left queued or running is marked
-`interrupted` at the next start, and the temporary names it recorded are removed.
+`interrupted` at the next start, a commit of its outputs it was killed in the middle of is rolled back
+(backend.engine.atomic.recover_commit), and the temporary names it recorded are removed.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from backend.engine.errors import InputError
-from backend.engine.temporary import remove_owned
+from backend.engine.temporary import remove_owned, run_journals
 
 log = logging.getLogger("farslip.jobs")
 
@@ -186,8 +187,11 @@ class JobStore:
         for row in rows:
             job = _job_from_row(row)
             was_running = job["state"] == "running"
+            recorded = json.loads(row["temporary"])
+            # Before its staged files go: a commit it was killed in the middle of is rolled back (or finished).
+            recoveries = _recover_commits(job["id"], recorded)
             try:
-                removed = remove_owned(json.loads(row["temporary"]))
+                removed = remove_owned(recorded)
             except Exception:  # a name it cannot remove must not keep the backend from starting
                 log.exception("job %s: could not remove the temporary files it recorded", job["id"])
                 removed = []
@@ -195,8 +199,8 @@ class JobStore:
             job.update(
                 state="interrupted", eta_s=None, finished=now_iso(),
                 message=(f"The backend stopped while this job was running; {kept}" if kept else
-                         "The backend stopped while this job was running; nothing was written. Run it again."
-                         if was_running else "The backend stopped before this job started. Run it again."),
+                         _stopped_running(job, recoveries, json.loads(row["outputs"])) if was_running else
+                         "The backend stopped before this job started. Run it again."),
             )
             self.update(job)
             log.warning("job %s was %s when the previous backend stopped: now interrupted%s", job["id"],
@@ -204,6 +208,55 @@ class JobStore:
                         f"; removed {', '.join(removed)}" if removed else "")
             interrupted.append(job)
         return interrupted
+
+
+def _recover_commits(job_id: str, recorded: list[str]) -> list:
+    """Roll back (or finish) the commits job `job_id` left journals of beside its recorded temporary names."""
+    from backend.engine.atomic import recover_commit
+
+    recoveries = []
+    for journal in run_journals(recorded):
+        try:
+            recovery = recover_commit(journal)
+        except Exception:  # must not keep the backend from starting: the journal stays for the next start
+            log.exception("job %s: could not roll back the commit of %s", job_id, journal)
+            continue
+        if recovery is not None:
+            log.warning("job %s: its commit was %s", job_id, "finished" if recovery.finished else
+                        f"rolled back (restored {recovery.restored}, removed {recovery.removed}"
+                        f"{', left: ' + '; '.join(recovery.left) if recovery.left else ''})")
+            recoveries.append(recovery)
+    return recoveries
+
+
+def _stopped_running(job: dict, recoveries: list, outputs: list[str]) -> str:
+    """The message of a job the backend stopped in: what became of its outputs."""
+    stopped = "The backend stopped while this job was running"
+    left = [item for recovery in recoveries for item in recovery.left]
+    if left:
+        return (f"{stopped}, in the middle of putting its outputs in place, and taking them back failed: "
+                f"{'; '.join(left)}. Rename the previous files back, or delete them if they are not needed; then "
+                "run it again.")
+    if any(not recovery.finished for recovery in recoveries):
+        return (f"{stopped}, in the middle of putting its outputs in place: they were taken back and the previous "
+                "files restored, so nothing was written. Run it again.")
+    written = [out for recovery in recoveries for out in recovery.outputs] or _written_since(job["started"],
+                                                                                               outputs)
+    if written:
+        return f"{stopped}, just after it had written its outputs ({', '.join(written)}); they are complete."
+    return f"{stopped}; nothing was written. Run it again."
+
+
+def _written_since(started: str | None, outputs: list[str]) -> list[str]:
+    """`outputs` when every one of them was written after `started` (the job had put them all in place before it
+    stopped: they are committed together), else []."""
+    if not started or not outputs:
+        return []
+    try:
+        since = datetime.fromisoformat(started).timestamp()
+        return outputs if all(os.path.getmtime(out) >= since for out in outputs) else []
+    except (OSError, ValueError):
+        return []
 
 
 def _kept_training(job: dict) -> str | None:
