@@ -192,8 +192,9 @@ def interrupted_training(out: Path) -> str | None:
     is, as a sentence, or None when it left none to resume (its working folder, no longer anyone's, removed)."""
     work = partial_dir(out)
     if kept_checkpoint(out):
+        # Each way on offers what check_out_folder then accepts: a plain run is refused while a checkpoint is kept.
         return (f"{out} was not written, but its last checkpoint is kept in {work}: train again with --resume "
-                "and this --out to go on from it, or without to start over.")
+                "and this --out to go on from it, or start over with --overwrite (which discards it).")
     if work.is_dir() and not _is_live(work):
         shutil.rmtree(work, ignore_errors=True)
     return None
