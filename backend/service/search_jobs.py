@@ -79,10 +79,16 @@ def check_search_request(request: dict) -> list[str]:
     return [str(out), str(report_path_for(out))]
 
 
+def _loading(request: dict) -> str:
+    """The job's message while its model loads, naming the model it loads as a segment job's does: the
+    weights' file when the request gives one (the model the request names, if any, first)."""
+    return f"Loading the model {request.get('model') or request.get('weights') or 'default'}."
+
+
 def run_index(request: dict, control, models) -> dict:
     from backend.engine.search_index import describe, open_index
 
-    control.message(f"Loading the model {request.get('model') or 'default'}.")
+    control.message(_loading(request))
     loaded = models.get(request.get("model"), request.get("weights"))
     bbox = tuple(request["bbox"]) if request.get("bbox") else None
     with open_index(_raster(request), loaded, request.get("bands"),
@@ -97,7 +103,7 @@ def run_search(request: dict, control, models) -> dict:
     from backend.engine.search import search_raster
     from backend.engine.search_index import open_index
 
-    control.message(f"Loading the model {request.get('model') or 'default'}.")
+    control.message(_loading(request))
     loaded = models.get(request.get("model"), request.get("weights"))
     options = _search_options(request)
     out = Path(request["out"]).expanduser()
