@@ -302,12 +302,14 @@ def segment_raster(options: SegmentOptions, loaded: LoadedModel,
                    progress: Callable[[int, int], None] | None = None,
                    should_cancel: Callable[[], bool] | None = None,
                    feature_cache: FeatureCache | None = None, encoder: Encoder | None = None,
-                   notice: Callable[[str], None] | None = None, run_tag: str | None = None) -> SegmentResult:
+                   notice: Callable[[str], None] | None = None, run_tag: str | None = None,
+                   stage: Callable[[str], None] | None = None) -> SegmentResult:
     """Segment `options.raster` into the classes of `options`; write its outputs; return what was written.
 
     With a `feature_cache`, crops whose features are known (same file, grid, weights, attention and
     encoder) skip the image encoder; `encoder` replaces the one options.runtime picks (benchmarks).
-    notice(sentence) hears about runtime fallbacks. Temporary files carry `run_tag` (default: a new
+    notice(sentence) hears about runtime fallbacks; stage(sentence) what the run does after its last tile
+    ("Making polygons.", "Checking regions.", "Writing the outputs."). Temporary files carry `run_tag` (default: a new
     one for this process, see backend.engine.temporary). Outputs appear only at the end, each by one
     rename. (The model is the caller's: options.model, weights and half say which one it loaded.)
     """
@@ -323,7 +325,7 @@ def segment_raster(options: SegmentOptions, loaded: LoadedModel,
     try:
         with rasterio.Env(**settings), reused_heap():
             return _segment_raster(options, loaded, progress, should_cancel, feature_cache, encoder, notice,
-                                   run_tag)
+                                   run_tag, stage or (lambda _sentence: None))
     finally:
         remove_owned(run_prefixes(list(targets.values()), run_tag))
 
@@ -341,7 +343,8 @@ def estimated_output_mb(window, n_classes: int, probabilities: bool, class_raste
 
 def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Callable[[int, int], None] | None,
                     should_cancel: Callable[[], bool] | None, feature_cache: FeatureCache | None,
-                    encoder: Encoder | None, notice: Callable[[str], None] | None, run_tag: str) -> SegmentResult:
+                    encoder: Encoder | None, notice: Callable[[str], None] | None, run_tag: str,
+                    stage: Callable[[str], None]) -> SegmentResult:
     started = time.perf_counter()
     # Idempotent: options the caller already gave the model's defaults are the same options. A resolution
     # the model sets keeps the raster's pixel shape unless it was trained on square pixels (square_gsd).
@@ -425,13 +428,17 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
                     streamed.abandon()
                 raise
             timings["inference_s"] = time.perf_counter() - t0
-            timings.update({f"{stage}_s": seconds for stage, seconds in segmenter.stage_s.items()})
+            timings.update({f"{name}_s": seconds for name, seconds in segmenter.stage_s.items()})
             t0 = time.perf_counter()
+            if streamed is not None:
+                stage("Making polygons.")
             streamed_regions = streamed.finish() if streamed is not None else None
             timings["polygon_wait_s"] = time.perf_counter() - t0
             refined = None  # streamed: nothing to refine
             if scratch:
                 assert class_path is not None and score_path is not None and signals_path is not None
+                if options.refine != "none":
+                    stage("Refining outlines.")
                 refined = refine_outlines.run(options.refine, options.sam_model, loaded.device, source, window,
                                               computed, workdir, class_path, score_path, prob_path, signals_path,
                                               options.threshold, should_cancel)
@@ -442,6 +449,8 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
             if valid_pixels == 0:
                 raise nothing_valid(raster, window.covers(source.height, source.width), "segment")
             t0 = time.perf_counter()
+            if streamed is None:
+                stage("Making polygons.")
 
             def polygons(classes_tif: Path | None, scores_tif: Path | None, found=None,
                          signals_tif: Path | None = None):
@@ -461,6 +470,7 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
                 coarse = polygons(refined.coarse_class_path, refined.coarse_score_path)
             timings["vectorize_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
+            stage("Checking regions." if options.region_checks else "Estimating the quality.")
             estimate = estimate_quality(regions, source, window, segmenter, options.quality_calibration,
                                         class_lines_of(options), [c.name for c in classes], total, should_cancel,
                                         region_checks=options.region_checks, embed=embed_regions,
@@ -472,6 +482,7 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
             features = {"cached": segmenter.crops_cached, "encoded": segmenter.crops_encoded,
                         "cache": feature_cache.stats() if feature_cache is not None else None}
             t0 = time.perf_counter()
+            stage("Writing the outputs.")
             write_polygons(staged["vector"], regions, source.crs, class_names, loaded.name, run_id,
                            extra=estimate.fields, layer=Path(options.out).stem, keep_from=targets["vector"])
             if coarse is not None:
