@@ -14,6 +14,7 @@ oldest files removed first) survives restarts and serves the command line.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -31,7 +32,9 @@ from .weights import files_sha256, stat_identity
 CropKey = tuple[int, int, int, int]  # (row, col, height, width) of the crop on the processing grid
 
 
-IDENTITY_VERSION = 2  # 2: every file GDAL reads for the raster, and the model's activation, architecture, precision
+# 2: every file GDAL reads for the raster, and the model's activation, architecture, precision;
+# 3: the engine's source (engine_digest) is part of each raster scope.
+IDENTITY_VERSION = 3
 COMPANION_HASH_MAX = 64 * 2**20  # companions up to this size are told apart by content, larger ones by stat
 SIDECAR_SUFFIXES = GDAL_SIDECARS  # what GDAL may read beside each source of a VRT
 # What SQLite reads beside a database (a GeoPackage, MBTiles): the write-ahead log holds the edits that QGIS
@@ -169,6 +172,27 @@ def identity_digest(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
 
+# The engine code between a raster's bytes and a crop's features: how pixels are read, resampled, stretched and
+# cut into crops, and what the tower computes of them. Its source is part of every cached entry's key, so an
+# upgrade that changes any of it (a fix to how a float raster's NaN holes are resampled changed 110 class pixels
+# of a test raster) does not serve features the earlier code computed.
+PIXEL_PIPELINE = ("raster.py", "dense.py", "encoders.py", "sliding.py", "quality.py", "models.py", "runtimes.py")
+
+
+@functools.lru_cache(maxsize=8)
+def engine_digest(names: tuple[str, ...] = PIXEL_PIPELINE) -> str:
+    """sha256 of the engine's source files `names` (the package version where a file cannot be read)."""
+    from backend import __version__
+
+    digest = hashlib.sha256()
+    for name in names:
+        try:
+            digest.update((Path(__file__).parent / name).read_bytes())
+        except OSError:
+            digest.update(f"{name} of {__version__}".encode())
+    return digest.hexdigest()[:16]
+
+
 def model_identity(loaded) -> dict:
     """What besides the pixels changes a model's image embeddings: the weights' sha256, the MLP activation
     (the same bytes load as QuickGELU or GELU), the architecture and the precision (fp16 after --half)."""
@@ -203,6 +227,7 @@ def raster_scopes(source, model, variants: list[tuple[str, str]]) -> list[str]:
         "value_range": [list(r) for r in source.value_range] if source.value_range else None,
         "palette": getattr(source, "palette", None) is not None,
         "model": model_identity(model),
+        "engine": engine_digest(),
     }
     return [identity_digest({**shared, "attention": attention, "encoder": encoder_name})[:32]
             for attention, encoder_name in variants]

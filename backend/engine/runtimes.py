@@ -33,7 +33,7 @@ import torch
 from .atomic import atomic_output, write_text_atomically
 from .options import RUNTIMES  # declared with the --runtime option (its choices)
 from .encoders import DenseTower, Encoder, TorchEncoder, crop_size
-from .feature_cache import identity_digest, model_identity
+from .feature_cache import engine_digest, identity_digest, model_identity
 from .paths import cache_dir
 from .weights import files_sha256
 
@@ -283,13 +283,24 @@ def _remove_export(name: str, folder: Path, stem: str) -> None:
         shutil.rmtree(folder / OPENVINO_BLOBS, ignore_errors=True)
 
 
+def load_runtime(name: str) -> None:
+    """Import runtime `name`'s package. Raises when it does not load (a broken install): then the runtime is
+    what fails, not the export on disk, which is kept for when the runtime works again."""
+    if name == "openvino":
+        import_openvino()
+    else:
+        import onnxruntime  # noqa: F401
+
+
 def _checked_runtime(name: str, tower: torch.nn.Module, example: torch.Tensor, folder: Path,
                      stem: str = "encoder", notice: Callable[[str], None] | None = None
                      ) -> Callable[[np.ndarray], np.ndarray]:
     """Runtime `name` running the export of `tower` in `folder`, made when missing, compared with torch once
     per version of its files. Files never judged as they are now are judged again; files that do not load,
     or fail a judgement they had not passed as these bytes (a damaged export), are exported again on this
-    run, with a notice. Raises when the runtime cannot run the tower within EXPORT_TOLERANCE of torch."""
+    run, with a notice. Raises when the runtime cannot run the tower within EXPORT_TOLERANCE of torch, or
+    does not load at all (the export is then left as it is)."""
+    load_runtime(name)
     verdict = _verdict(name, folder, stem)
     if verdict is not None and not verdict["ok"]:
         raise RuntimeError(_differs(verdict))  # these very files were judged before
@@ -319,8 +330,10 @@ def _checked_runtime(name: str, tower: torch.nn.Module, example: torch.Tensor, f
 def export_folder(loaded, attention: str, crop: int) -> Path:
     """Where the exported tower of `loaded` lives: keyed by everything that changes its features (the same
     weight bytes load as QuickGELU or GELU, in fp32 or fp16: feature_cache.model_identity; not the weights'
-    sha256 alone), the attention variant, the crop size and the export recipe."""
-    return exports_dir() / f"{identity_digest(model_identity(loaded))[:24]}-{attention}-{crop}-r{RECIPE}"
+    sha256 alone), the attention variant, the crop size, the export recipe and the code of the tower exported
+    (an upgrade that changes it exports again instead of running the earlier tower)."""
+    tower = engine_digest(("encoders.py", "dense.py", "runtimes.py"))[:8]
+    return exports_dir() / f"{identity_digest(model_identity(loaded))[:24]}-{attention}-{crop}-r{RECIPE}-{tower}"
 
 
 def _log_notice(sentence: str) -> None:

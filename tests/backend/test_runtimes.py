@@ -500,3 +500,59 @@ def test_a_zoomed_in_rerun_under_auto_finds_the_features_of_the_larger_run(tmp_p
     fresh, fresh_classes = run("fresh", FeatureCache(max_bytes=1 << 30), **zoom)
     assert fresh.report["encoder"] == compiled and fresh.features["encoded"] == fresh.tiles
     assert np.array_equal(classes, fresh_classes)
+
+
+def test_a_runtime_that_does_not_load_keeps_the_cached_export_and_says_one_line(tmp_path, own_cache):
+    """A broken OpenVINO install (its import fails) was blamed on the checked export on disk: "the cached export
+    could not be used; exporting it again", the export deleted, then a second line that openvino failed."""
+    loaded = tiny_loaded(43)
+    assert runtimes.make_encoder(loaded, "segearth", "openvino").name == "openvino"
+    folder = runtimes.export_folder(loaded, "segearth", 224)
+    kept = {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
+    assert "encoder.xml" in kept and "check-openvino.json" in kept
+    broken = tmp_path / "broken"
+    (broken / "openvino").mkdir(parents=True)
+    (broken / "openvino" / "__init__.py").write_text("raise ImportError('simulated broken OpenVINO build')\n")
+    child = (
+        "import sys; sys.modules.pop('openvino', None)\n"
+        "from backend.engine import runtimes\n"
+        "from tests.backend.test_runtimes import tiny_loaded\n"
+        "notes = []\n"
+        "encoder = runtimes.make_encoder(tiny_loaded(43), 'segearth', 'openvino', notice=notes.append)\n"
+        "print(encoder.name); print(notes)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(broken), str(Path(__file__).resolve().parents[2]),
+                                                         str(Path(__file__).resolve().parents[1])])}
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    name, notes = out.stdout.strip().splitlines()[-2:]
+    assert name == "torch"
+    assert notes == str(["openvino could not compile the model (simulated broken OpenVINO build); using torch."])
+    assert {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()} == kept
+
+
+def test_exports_and_cached_features_of_an_earlier_engine_are_not_reused(tmp_path, monkeypatch):
+    """The keys hold the engine's own source: after an upgrade that changed how pixels are read (a fix to the
+    resampling of NaN holes changed 110 class pixels), a disk cache filled by the earlier version served its
+    features, and the earlier version's exported tower would run."""
+    from backend.engine import feature_cache
+
+    loaded = load_model(str(save_plain(make_tiny_clip(16, seed=44), tmp_path / "tiny.pt")))
+    raster = write_rgb(tmp_path / "image.tif", 300, 300)
+    folder = tmp_path / "features"
+
+    def run(name: str):
+        options = SegmentOptions(raster=raster, class_lines=["water", "road"], runtime="torch", region_checks=False,
+                                 out=tmp_path / f"{name}.gpkg")
+        cache = feature_cache.FeatureCache(max_bytes=0, folder=folder, disk_max_bytes=2**26)
+        return segment_raster(options, loaded, feature_cache=cache).features
+
+    first, same = run("first"), run("same")
+    assert first["cached"] == 0 and same["encoded"] == 0 and same["cached"] == first["encoded"] > 0
+    export = runtimes.export_folder(loaded, "segearth", 224)
+    assert feature_cache.engine_digest() == feature_cache.engine_digest()  # stable within a version
+    upgraded = "0" * 16  # what another version of the engine's source hashes to
+    monkeypatch.setattr(feature_cache, "engine_digest", lambda names=feature_cache.PIXEL_PIPELINE: upgraded)
+    monkeypatch.setattr(runtimes, "engine_digest", lambda names=feature_cache.PIXEL_PIPELINE: upgraded)
+    after = run("after")
+    assert after["cached"] == 0 and after["encoded"] == first["encoded"]
+    assert runtimes.export_folder(loaded, "segearth", 224) != export
