@@ -191,3 +191,21 @@ def start_algorithm(parameters: dict, name: str = "farslip:segment_by_class_name
     run["task"] = task
     QgsApplication.taskManager().addTask(task)
     return run
+
+
+def run_result_layer(name: str, run_id: str, cls: str):
+    """A one-polygon memory layer marked as the result of run `run_id` (class `cls`, styled by class), added to
+    the project."""
+    from qgis.core import QgsFeature, QgsGeometry, QgsProject, QgsVectorLayer
+
+    from qgis_farslip.results import categorized_renderer
+
+    layer = QgsVectorLayer("Polygon?crs=EPSG:26914&field=class:string&field=class_id:integer", name, "memory")
+    feature = QgsFeature(layer.fields())
+    feature.setGeometry(QgsGeometry.fromWkt("POLYGON((0 0,10 0,10 10,0 10,0 0))"))
+    feature.setAttributes([cls, 0])
+    layer.dataProvider().addFeature(feature)
+    layer.setRenderer(categorized_renderer([(cls, 0)]))
+    layer.setCustomProperty("farslip/run_id", run_id)
+    QgsProject.instance().addMapLayer(layer)
+    return layer

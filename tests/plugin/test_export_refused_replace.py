@@ -8,21 +8,12 @@ import os
 
 import pytest
 from osgeo import ogr
-from qgis.core import QgsFeature, QgsGeometry, QgsProject, QgsVectorLayer
+from plugin_helpers import run_result_layer
+from qgis.core import QgsVectorLayer
 
 
 def memory_result(run_id: str, cls: str) -> QgsVectorLayer:
-    from qgis_farslip.results import categorized_renderer
-
-    layer = QgsVectorLayer("Polygon?crs=EPSG:26914&field=class:string&field=class_id:integer", "result", "memory")
-    feature = QgsFeature(layer.fields())
-    feature.setGeometry(QgsGeometry.fromWkt("POLYGON((0 0,10 0,10 10,0 10,0 0))"))
-    feature.setAttributes([cls, 0])
-    layer.dataProvider().addFeature(feature)
-    layer.setRenderer(categorized_renderer([(cls, 0)]))
-    layer.setCustomProperty("farslip/run_id", run_id)
-    QgsProject.instance().addMapLayer(layer)
-    return layer
+    return run_result_layer("result", run_id, cls)
 
 
 def files_of(folder) -> dict[str, bytes]:
