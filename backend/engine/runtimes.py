@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import sys
 import threading
+import time
 import warnings
 import weakref
 from collections.abc import Callable
@@ -403,12 +405,16 @@ def make_encoder(loaded, attention: str, runtime: str = "auto", half: bool | Non
             "raster is smaller than that on a side, so all its crops are too; using torch.")
     candidates = pick_runtime(runtime, device, crops, full_size)
     known = _ENCODERS.setdefault(loaded.model, {})
-    if runtime == "auto" and candidates == ["torch"] and device.type == "cpu" and full_size:
-        # A small run: a runtime already built for this model (in this process, or exported and judged on
-        # disk) costs no export, and gives the features the larger runs before it cached, so a zoomed-in
-        # re-run finds them (the feature cache keeps each runtime's features apart).
-        ready = [name for name in COMPILED if runtime_installed(name) and _ready(loaded, attention, half, name, known)]
-        candidates = [*ready, "torch"] if ready else candidates
+    if runtime == "auto" and device.type == "cpu" and full_size:
+        if candidates == ["torch"]:
+            # A small run: a runtime already built for this model (in this process, or exported and judged on
+            # disk) costs no export, and gives the features the larger runs before it cached, so a zoomed-in
+            # re-run finds them (the feature cache keeps each runtime's features apart).
+            ready = [name for name in COMPILED
+                     if runtime_installed(name) and _ready(loaded, attention, half, name, known)]
+            candidates = _fastest_first(loaded, attention, [*ready, "torch"], timed_only=True)
+        else:
+            candidates = _fastest_first(loaded, attention, candidates, known=known, half=half, notice=say)
     key = (tuple(candidates), attention, half)
     if key not in known:
         known[key] = _build_encoder(loaded, attention, candidates, half, say)
@@ -416,6 +422,132 @@ def make_encoder(loaded, attention: str, runtime: str = "auto", half: bool | Non
     for sentence in fallbacks:
         say(sentence)
     return encoder
+
+
+SPEEDS_FILE = "runtime-speeds.json"  # in exports_dir(): crops per second of each runtime, per computer and tower
+TIMING_BATCH = 4  # crops per timed call; each runtime gets a warm-up call of one crop and the best of two
+
+
+def host_identity() -> str:
+    """What a runtime's speed depends on besides the model: the processor, the cores torch uses, and the
+    versions of the runtimes (a cache folder shared by two computers, or an upgrade, is timed again)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    processor = platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            processor = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
+                             processor)
+    except OSError:
+        pass
+    versions = []
+    for package in ("torch", *COMPILED):
+        try:
+            versions.append(f"{package}={version(package)}")
+        except PackageNotFoundError:
+            versions.append(f"{package}=none")
+    return "|".join([platform.machine(), processor, f"cores={os.cpu_count()}",
+                     f"threads={torch.get_num_threads()}", *versions])
+
+
+def tower_structure(loaded, attention: str) -> str:
+    """The shape of the dense tower (not its weight values: a fine-tuned model runs as fast as its base)."""
+    visual = loaded.model.visual
+    shapes = [(name, tuple(value.shape), str(value.dtype)) for name, value in visual.state_dict().items()]
+    identity = model_identity(loaded)
+    return identity_digest({"shapes": shapes, "activation": identity["activation"], "attention": attention,
+                            "crop": crop_size(visual), "precision": identity["precision"]})[:24]
+
+
+def _speeds_key(loaded, attention: str) -> str:
+    return f"{tower_structure(loaded, attention)}@{identity_digest({'host': host_identity()})[:16]}"
+
+
+def measured_speeds(loaded, attention: str) -> dict[str, float | None]:
+    """Runtime name -> crops per second on this computer for this tower, as timed before (None: it did not
+    build then); {} when never timed here, or the record is unreadable."""
+    try:
+        record = json.loads((exports_dir() / SPEEDS_FILE).read_text()).get(_speeds_key(loaded, attention))
+        speeds = record["crops_per_s"]
+        if isinstance(speeds, dict) and all(isinstance(name, str) and (value is None or (
+                isinstance(value, (int, float)) and np.isfinite(value) and value > 0))
+                for name, value in speeds.items()):
+            return speeds
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        pass
+    return {}
+
+
+def _remember_speeds(loaded, attention: str, speeds: dict[str, float | None]) -> None:
+    path = exports_dir() / SPEEDS_FILE
+    try:
+        records = json.loads(path.read_text())
+        records = records if isinstance(records, dict) else {}
+    except (OSError, ValueError):
+        records = {}
+    records[_speeds_key(loaded, attention)] = {"host": host_identity(), "batch": TIMING_BATCH,
+                                               "crops_per_s": speeds}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(path, json.dumps(records, indent=1), durable=False)
+    except OSError as error:  # a read-only cache: timed again next time, the run goes on
+        log.warning("could not keep the runtimes' timings in %s: %s", path, error)
+
+
+def crops_per_second(encoder: Encoder, crop: int) -> float:
+    """How many crops per second `encoder` embeds: the best of two calls on TIMING_BATCH crops, after a
+    warm-up call on one."""
+    pixels = torch.rand(TIMING_BATCH, 3, crop, crop, generator=torch.Generator().manual_seed(1)) * 4 - 2
+    with torch.inference_mode():
+        encoder(pixels[:1])
+        best = float("inf")
+        for _ in range(2):
+            start = time.perf_counter()
+            encoder(pixels)
+            best = min(best, time.perf_counter() - start)
+    return TIMING_BATCH / max(best, 1e-9)
+
+
+def _fastest_first(loaded, attention: str, candidates: list[str], timed_only: bool = False,
+                   known: dict | None = None, half: bool | None = None,
+                   notice: Callable[[str], None] | None = None) -> list[str]:
+    """`candidates` (compiled runtimes, torch last) in the order auto tries them: fastest first, as timed on
+    this computer for this tower, down to torch (which always runs: runtimes slower than torch are not
+    tried); a runtime that did not build when timed is tried first, so a run still says why it is not used.
+    Never timed here: each candidate is built and timed now, once, the figures kept (SPEEDS_FILE) and said,
+    and the encoder for the order found is kept in `known`; unless `timed_only` (a small run, which keeps
+    the given order)."""
+    if len(candidates) < 2:
+        return candidates
+    speeds = measured_speeds(loaded, attention)
+    timing = any(name not in speeds for name in candidates)
+    if timing and timed_only:
+        return candidates
+    built: dict[str, tuple[Encoder | None, tuple[str, str] | None]] = {}
+    if timing:
+        speeds = {}
+        for name in candidates:
+            encoder, failure = _try_build(loaded, attention, name, half, notice)
+            built[name] = (encoder, failure)
+            speeds[name] = None if encoder is None else crops_per_second(encoder, crop_size(loaded.model.visual))
+        _remember_speeds(loaded, attention, speeds)
+    failed = [name for name in candidates if not speeds.get(name) and name != "torch"]
+    fastest = sorted((name for name in candidates if speeds.get(name)), key=lambda name: -float(speeds[name] or 0))
+    ordered = [*failed, *(fastest[:fastest.index("torch") + 1] if "torch" in fastest else [*fastest, "torch"])]
+    if timing:
+        figures = ", ".join(f"{name} {value:.3g}" for name, value in speeds.items() if value)
+        chosen = next(name for name in ordered if name not in failed)
+        (notice or (lambda sentence: None))(
+            f"--runtime auto timed the encoder runtimes once for this model on this computer ({figures} crops per "
+            f"second) and uses the fastest, {chosen}.")
+        if known is not None:
+            encoder = built[chosen][0]
+            assert encoder is not None
+            failures = [failure for failure in (built[name][1] for name in failed) if failure is not None]
+            known[(tuple(ordered), attention, half)] = (
+                encoder, [f"{what}; using {encoder.name}{hint}." for what, hint in failures])
+    return ordered
 
 
 def _ready(loaded, attention: str, half: bool | None, name: str, known: dict) -> bool:
@@ -427,23 +559,28 @@ def _ready(loaded, attention: str, half: bool | None, name: str, known: dict) ->
     return verdict is not None and verdict["ok"]
 
 
+def _try_build(loaded, attention: str, name: str, half: bool | None,
+               notice: Callable[[str], None] | None = None) -> tuple[Encoder | None, tuple[str, str] | None]:
+    """Runtime `name`'s encoder, or None and (what went wrong, a hint) when it cannot run here."""
+    if name == "torch":
+        return TorchEncoder(loaded.model.visual, attention, loaded.device, half), None
+    if not runtime_installed(name):
+        return None, (f"{name} is not installed", f" ({EXTRA_HINT})")
+    try:
+        return compiled_encoder(name, loaded, attention, notice), None
+    except Exception as error:  # an exporter or compiler failure must never fail the run
+        log.debug("runtime %s unavailable", name, exc_info=True)
+        return None, (f"{name} could not compile the model ({error_reason(error)})", "")
+
+
 def _build_encoder(loaded, attention: str, candidates: list[str], half: bool | None,
                    notice: Callable[[str], None]) -> tuple[Encoder, list[str]]:
     """The first candidate that works, and a sentence for each one before it that did not, naming the one used."""
     failed: list[tuple[str, str]] = []  # (what went wrong, a hint): said once the runtime used is known
-    encoder: Encoder | None = None
-    for name in candidates:
-        if name == "torch":
-            break
-        if not runtime_installed(name):
-            failed.append((f"{name} is not installed", f" ({EXTRA_HINT})"))
-            continue
-        try:
-            encoder = compiled_encoder(name, loaded, attention, notice)
-            break
-        except Exception as error:  # an exporter or compiler failure must never fail the run
-            log.debug("runtime %s unavailable", name, exc_info=True)
-            failed.append((f"{name} could not compile the model ({error_reason(error)})", ""))
-    if encoder is None:
-        encoder = TorchEncoder(loaded.model.visual, attention, loaded.device, half)
-    return encoder, [f"{what}; using {encoder.name}{hint}." for what, hint in failed]
+    for name in [*candidates[:candidates.index("torch") if "torch" in candidates else None], "torch"]:
+        encoder, failure = _try_build(loaded, attention, name, half, notice)
+        if encoder is not None:
+            return encoder, [f"{what}; using {encoder.name}{hint}." for what, hint in failed]
+        assert failure is not None
+        failed.append(failure)
+    raise AssertionError("torch always builds")

@@ -26,7 +26,7 @@ from rasterio.transform import from_origin
 from backend.engine.dense import dense_patch_features, normalize_pixels
 from backend.engine.encoders import TorchEncoder, autocast_enabled
 from backend.engine.feature_cache import FeatureCache
-from backend.engine.runtimes import error_reason, make_encoder
+from backend.engine.runtimes import TIMING_BATCH, error_reason, make_encoder, measured_speeds
 from backend.engine.sliding import ArraySource, Segmenter, predict_window
 from backend.engine.errors import InputError
 from backend.engine.memory import peak_rss_mb
@@ -309,6 +309,7 @@ def run_bench(arch: str = "ViT-B-16", batch_size: int = 8, size: int = 1024, dev
             with torch.inference_mode():
                 built.embed_images(normalize_pixels(torch.rand(1, 3, 224, 224) * 255))
         results["auto_encoder_build_s"] = time.perf_counter() - started
+        results["auto_timed_crops_s"] = measured_speeds(loaded, "segearth")  # what auto's choice rests on
         cache = FeatureCache(max_bytes=2 << 30)
         first, first_s = timed_segment("first", BENCH_CLASSES, "auto", cache)
         auto_name = first.report["encoder"]
@@ -382,6 +383,11 @@ def run_bench(arch: str = "ViT-B-16", batch_size: int = 8, size: int = 1024, dev
             else:
                 echo(f"| bare encoder, {name} | {figures['crops_s']:.2f} | {figures['vs_torch']:.2f}x torch "
                      f"(max diff {figures['max_abs_diff']:.1e}) |")
+        timed = results["auto_timed_crops_s"]
+        if timed:
+            echo(f"| `--runtime auto`'s own timing on this computer (batch {TIMING_BATCH}, kept in the cache) | "
+                 f"{', '.join(f'{name} {value:.2f}' if value else f'{name} -' for name, value in timed.items())} | "
+                 f"auto runs {auto_name} |")
         echo(f"| `segment --runtime torch`, {size}x{size} GeoTIFF -> GPKG ({torch_run.tiles} crops) | "
              f"{pipeline:.2f} | {pipeline / encoder:.2f} of encoder |")
         echo(f"| `segment --runtime auto` ({auto_name}), same raster | {auto_rate:.2f} | "

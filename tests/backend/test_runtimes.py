@@ -69,6 +69,18 @@ def own_cache(tmp_path, monkeypatch) -> Path:
     return cache
 
 
+def timed_as(monkeypatch, **speeds: float) -> list[str]:
+    """auto's timing of the runtimes gives `speeds` (crops per second by runtime): the names it timed, in order."""
+    timed: list[str] = []
+
+    def crops_per_second(encoder, crop):
+        timed.append(encoder.name)
+        return speeds[encoder.name]
+
+    monkeypatch.setattr(runtimes, "crops_per_second", crops_per_second)
+    return timed
+
+
 @pytest.mark.parametrize("name", ["openvino", "onnxruntime"])
 def test_compiled_runtime_matches_torch_within_1e_4(name):
     loaded = tiny_loaded(1)
@@ -289,10 +301,77 @@ def test_under_auto_the_fallback_note_names_the_runtime_that_ran(monkeypatch):
         raise RuntimeError("Exception from src/inference/src/cpp/core.cpp:132:\nunsupported operator Foo\n")
 
     monkeypatch.setitem(runtimes.BUILDERS, "openvino", broken)
+    timed_as(monkeypatch, onnxruntime=9.0, torch=3.0)
     notes = []
     encoder = runtimes.make_encoder(tiny_loaded(41), "segearth", "auto", notice=notes.append, crops=100)
     assert encoder.name == "onnxruntime"
-    assert notes == ["openvino could not compile the model (unsupported operator Foo); using onnxruntime."]
+    assert notes[1:] == ["openvino could not compile the model (unsupported operator Foo); using onnxruntime."]
+    # Every later run still says why its fastest runtime is not used.
+    runtimes._ENCODERS.clear()
+    later = []
+    assert runtimes.make_encoder(tiny_loaded(41), "segearth", "auto", notice=later.append, crops=100).name == \
+        "onnxruntime"
+    assert later == notes[1:]
+
+
+def test_auto_times_the_runtimes_once_on_this_computer_and_runs_the_fastest(monkeypatch, own_cache):
+    """auto tried OpenVINO first on every computer, though ONNX Runtime measured faster on some (1.34x against
+    1.13x torch on a busy 2-core host). It now times each runtime once per computer and model shape, keeps the
+    figures in the cache, says them, and runs the fastest; later runs (other processes) read the figures."""
+    timed = timed_as(monkeypatch, openvino=5.0, onnxruntime=9.0, torch=3.0)
+    notes = []
+    encoder = runtimes.make_encoder(tiny_loaded(44), "segearth", "auto", notice=notes.append, crops=100)
+    assert encoder.name == "onnxruntime"
+    assert sorted(timed) == ["onnxruntime", "openvino", "torch"]
+    assert notes == ["--runtime auto timed the encoder runtimes once for this model on this computer (openvino 5, "
+                     "onnxruntime 9, torch 3 crops per second) and uses the fastest, onnxruntime."]
+    record = json.loads((own_cache / "encoders" / runtimes.SPEEDS_FILE).read_text())
+    assert [entry["crops_per_s"] for entry in record.values()] == [{"openvino": 5.0, "onnxruntime": 9.0,
+                                                                     "torch": 3.0}]
+    # Another process: no encoder built yet. The figures on disk decide; nothing is timed again, and a model of
+    # the same shape with other weights (a fine-tuned one) runs as fast, so it is not timed either.
+    runtimes._ENCODERS.clear()
+    timed.clear()
+    again = []
+    assert runtimes.make_encoder(tiny_loaded(45), "segearth", "auto", notice=again.append, crops=100).name == \
+        "onnxruntime"
+    assert timed == [] and again == []
+    # A small run with the faster runtime exported runs it too (the larger run's features are then found).
+    assert runtimes.make_encoder(tiny_loaded(44), "segearth", "auto", crops=4).name == "onnxruntime"
+
+
+def test_auto_runs_torch_when_torch_timed_fastest(monkeypatch, own_cache):
+    """On a computer where torch beats both compiled runtimes, auto runs torch, for large and small runs,
+    though the exports made for the timing are on disk and judged."""
+    timed_as(monkeypatch, openvino=2.0, onnxruntime=1.5, torch=4.0)
+    notes = []
+    assert runtimes.make_encoder(tiny_loaded(46), "segearth", "auto", notice=notes.append, crops=100).name == "torch"
+    assert notes and notes[0].endswith("and uses the fastest, torch.")
+    runtimes._ENCODERS.clear()
+    assert runtimes.make_encoder(tiny_loaded(46), "segearth", "auto", crops=100).name == "torch"
+    assert runtimes.make_encoder(tiny_loaded(46), "segearth", "auto", crops=4).name == "torch"
+
+
+@pytest.mark.parametrize("damage", ["another computer", "unreadable", "not figures"])
+def test_auto_times_again_on_another_computer_or_when_its_figures_are_damaged(monkeypatch, own_cache, damage):
+    """Figures timed on another computer (a cache folder on a shared drive, or runtimes upgraded since) or a
+    damaged figures file are not trusted: the runtimes are timed again, without a traceback."""
+    timed = timed_as(monkeypatch, openvino=5.0, onnxruntime=9.0, torch=3.0)
+    runtimes.make_encoder(tiny_loaded(47), "segearth", "auto", crops=100)
+    path = own_cache / "encoders" / runtimes.SPEEDS_FILE
+    if damage == "another computer":
+        monkeypatch.setattr(runtimes, "host_identity", lambda: "x86_64|another processor|cores=64")
+    elif damage == "unreadable":
+        path.write_text("{not json")
+    else:
+        path.write_text(json.dumps({key: {"crops_per_s": {"openvino": "fast", "onnxruntime": -1}}
+                                    for key in json.loads(path.read_text())}))
+    runtimes._ENCODERS.clear()
+    timed.clear()
+    monkeypatch.setattr(runtimes, "crops_per_second", lambda encoder, crop: timed.append(encoder.name) or
+                        {"openvino": 9.0, "onnxruntime": 5.0, "torch": 3.0}[encoder.name])
+    assert runtimes.make_encoder(tiny_loaded(47), "segearth", "auto", crops=100).name == "openvino"
+    assert sorted(timed) == ["onnxruntime", "openvino", "torch"]
 
 
 def test_a_raster_smaller_than_the_model_input_runs_and_reports_torch_without_exporting(tmp_path, own_cache):
@@ -467,7 +546,7 @@ def test_features_that_are_not_numbers_are_not_cached_so_a_repaired_runtime_reco
     assert report_of(tmp_path / "b")["features"]["cached"] == 0
 
 
-def test_a_zoomed_in_rerun_under_auto_finds_the_features_of_the_larger_run(tmp_path, own_cache):
+def test_a_zoomed_in_rerun_under_auto_finds_the_features_of_the_larger_run(tmp_path, own_cache, monkeypatch):
     """auto runs a small run (under AUTO_MIN_CROPS crops) on torch, which would not repay a first export; but once
     a larger run has exported and judged a runtime, a zoomed-in re-run uses it too, so it finds every feature the
     larger run cached (the cache keeps each runtime's features apart) and writes what an uncached run writes."""
@@ -476,6 +555,7 @@ def test_a_zoomed_in_rerun_under_auto_finds_the_features_of_the_larger_run(tmp_p
     loaded = load_model(str(save_plain(make_tiny_clip(16, seed=8), tmp_path / "tiny.pt")))
     raster = write_rgb(tmp_path / "image.tif", 700, 700)
     compiled = next(name for name in runtimes.COMPILED if runtimes.runtime_installed(name))
+    timed_as(monkeypatch, **{**{name: 1.0 for name in runtimes.COMPILED}, compiled: 9.0, "torch": 0.5})
     cache = FeatureCache(max_bytes=1 << 30)
 
     def run(name: str, cache, **options):
