@@ -386,12 +386,13 @@ _ENCODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def make_encoder(loaded, attention: str, runtime: str = "auto", half: bool | None = None,
                  notice: Callable[[str], None] | None = None, crops: int | None = None,
-                 raster_shape: tuple[int, int] | None = None) -> Encoder:
+                 raster_shape: tuple[int, int] | None = None, timing: bool = True) -> Encoder:
     """The image encoder for `runtime` (auto, torch, openvino, onnxruntime), falling back to the next, torch last.
 
     `crops`: how many crops the run encodes; `raster_shape`: (height, width) of the grid they are cut from.
     Kept per loaded model, so a server compiles once and later jobs start at once; `notice` hears, on every
-    call, each runtime the encoder fell back from.
+    call, each runtime the encoder fell back from. Without `timing`, auto never times the runtimes itself (a
+    Ray worker, whose siblings share the cores): it follows earlier figures, else the fixed order.
     """
     assert runtime in RUNTIMES, runtime
     device = loaded.device
@@ -414,7 +415,8 @@ def make_encoder(loaded, attention: str, runtime: str = "auto", half: bool | Non
                      if runtime_installed(name) and _ready(loaded, attention, half, name, known)]
             candidates = _fastest_first(loaded, attention, [*ready, "torch"], timed_only=True)
         else:
-            candidates = _fastest_first(loaded, attention, candidates, known=known, half=half, notice=say)
+            candidates = _fastest_first(loaded, attention, candidates, timed_only=not timing, known=known,
+                                        half=half, notice=say)
     key = (tuple(candidates), attention, half)
     if key not in known:
         known[key] = _build_encoder(loaded, attention, candidates, half, say)
@@ -548,6 +550,13 @@ def _fastest_first(loaded, attention: str, candidates: list[str], timed_only: bo
             known[(tuple(ordered), attention, half)] = (
                 encoder, [f"{what}; using {encoder.name}{hint}." for what, hint in failures])
     return ordered
+
+
+def time_auto_runtimes(loaded, attention: str, notice: Callable[[str], None] | None = None) -> None:
+    """Time auto's runtimes for this model now if they were never timed on this computer (a scaled run's driver,
+    before its workers start: they follow the figures, and find the exports made for the timing). Keeps none
+    of the encoders it builds."""
+    _fastest_first(loaded, attention, pick_runtime("auto", torch.device("cpu")), notice=notice)
 
 
 def _ready(loaded, attention: str, half: bool | None, name: str, known: dict) -> bool:

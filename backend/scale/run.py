@@ -45,6 +45,7 @@ from backend.engine.files import (absolute_outputs, absolute_raster_name, check_
 from backend.engine.options import SegmentOptions, check_language
 from backend.engine.outlines import engine_window
 from backend.engine.quality import QualityModel
+from backend.engine.runtimes import AUTO_MIN_CROPS, time_auto_runtimes
 from backend.engine.raster import is_rotated, open_dataset, open_source, parse_crs, pixel_size, request_window
 from backend.engine.segment import deliver_prob_raster, run_warnings
 from backend.engine.sliding import CHUNK_COLUMNS, CHUNK_ROWS, count_crops, units
@@ -531,6 +532,11 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
             progress(counters["done"], total_chunks, counters["pixels"], total_pixels)
 
     timings = {"plan_s": time.perf_counter() - started}
+    if engine.runtime == "auto" and request.cluster is None and loaded.device.type == "cpu" and \
+            any(plan.crops >= AUTO_MIN_CROPS for plan in plans):
+        # Timed here, once per computer and model shape, not by the workers, which share the cores.
+        time_auto_runtimes(loaded, engine.attention, said.append)
+        timings["runtimes_timed_s"] = time.perf_counter() - started - timings["plan_s"]
     workers = None
     computed = 0
     failures = {f["raster"]: f for f in failed}

@@ -133,8 +133,11 @@ class ChunkWorker:
         """The encoder `segment` would pick for `source`, a raster of `raster_crops` crops."""
         from backend.engine.runtimes import make_encoder
 
+        # No timing of the runtimes here: workers sharing the cores would time each other, and could pick
+        # different runtimes for one output.
         self.segmenter.encoder = make_encoder(self.loaded, self.settings.attention, self.settings.runtime,
-                                              crops=raster_crops, raster_shape=(source.height, source.width))
+                                              crops=raster_crops, raster_shape=(source.height, source.width),
+                                              timing=False)
 
     def run_chunk(self, raster: str, unit: tuple[int, int, int, int], raster_crops: int,
                   with_probs: bool, clip: tuple[tuple[float, float, float, float], ...] | None = None

@@ -340,6 +340,20 @@ def test_auto_times_the_runtimes_once_on_this_computer_and_runs_the_fastest(monk
     assert runtimes.make_encoder(tiny_loaded(44), "segearth", "auto", crops=4).name == "onnxruntime"
 
 
+def test_a_ray_worker_never_times_the_runtimes_but_follows_earlier_figures(monkeypatch, own_cache):
+    """Ray workers share the cores: timing there would time the siblings too, and could give one output's chunks
+    different runtimes. A worker (timing=False) follows the figures timed before, else the fixed order."""
+    timed = timed_as(monkeypatch, openvino=5.0, onnxruntime=9.0, torch=3.0)
+    first = runtimes.make_encoder(tiny_loaded(48), "segearth", "auto", crops=100, timing=False)
+    assert timed == [] and first.name == runtimes.COMPILED[0]
+    runtimes.make_encoder(tiny_loaded(49), "segearth", "auto", crops=100)  # the driver, or a run before
+    assert sorted(timed) == ["onnxruntime", "openvino", "torch"]
+    runtimes._ENCODERS.clear()
+    timed.clear()
+    assert runtimes.make_encoder(tiny_loaded(48), "segearth", "auto", crops=100, timing=False).name == "onnxruntime"
+    assert timed == []
+
+
 def test_auto_runs_torch_when_torch_timed_fastest(monkeypatch, own_cache):
     """On a computer where torch beats both compiled runtimes, auto runs torch, for large and small runs,
     though the exports made for the timing are on disk and judged."""
