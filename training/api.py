@@ -93,6 +93,7 @@ from .model_folder import (
     load_tensors,
     move_into_place,
     partial_dir,
+    recover_model_folder,
     save_tensors,
     start_work_folder,
 )
@@ -500,6 +501,11 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
     # The raster as GDAL gets it: a pathlib.Path folds /vsizip//abs/a.zip/x.tif and HDF5:"a.h5"://var.
     raster, labels, out = raster_name(raster), Path(labels), out_folder(out)
     labels_file = vector_file(labels)
+    # A training of `out` killed while it put its model in place: the previous model back first (or its commit
+    # finished), said as a warning.
+    recovered = recover_model_folder(out)
+    if recovered is not None and progress is not None:
+        progress(0, 0, {"phase": "warning", "message": recovered})
     check_out_folder(out, overwrite, resume, training_inputs(raster, labels, aoi, base_model, weights))
     label_layer(labels, class_field)  # a missing field is said before the model loads (or asks for weights)
     started = time.perf_counter()
@@ -525,8 +531,8 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
                              "(--scale 0.5 or --gsd).")
         split = split_labels(grid, source.window_transform(grid.window), options.validation_fraction,
                              options.buffer_px)
-        warnings = [*grid.polygons.warnings, *split_warnings(split)]
-        for warning in warnings:
+        warnings = [*([recovered] if recovered else []), *grid.polygons.warnings, *split_warnings(split)]
+        for warning in warnings[1 if recovered else 0:]:
             if progress is not None:
                 progress(0, 0, {"phase": "warning", "message": warning})
         rgb, _ = source.read(grid.window)

@@ -8,6 +8,7 @@ checkpoint that `--resume` continues from. Only a finished model replaces --out,
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import json
 import os
@@ -18,11 +19,10 @@ from pathlib import Path
 
 import torch
 
-from backend.engine.atomic import (StagedOutputs, atomic_output, backup_path, shared_file_mode,
-                                   write_text_atomically)
+from backend.engine.atomic import StagedOutputs, atomic_output, commit_outputs, shared_file_mode, write_text_atomically
 from backend.engine.errors import InputError
 from backend.engine.files import check_output_folder, check_output_name, is_inside, missing_folder
-from backend.engine.finetuned import FINETUNED_FORMAT, FINETUNED_META
+from backend.engine.finetuned import FINETUNED_FORMAT, FINETUNED_META, recover_model_folder
 from backend.engine.models import LoadedModel
 from backend.engine.temporary import new_run_tag, process_is_alive
 
@@ -98,7 +98,10 @@ def default_out_folder(raster: str | os.PathLike, labels: str | os.PathLike, tak
     name), named by default_model_name with -2, -3 ... after it where that name is in use: an existing
     file or folder, an interrupted training's working folder, a registry model's name, a path in `taken`
     (what queued trainings will write), or a file or folder of that name in the current folder (which
-    `--model NAME` would load first). Nothing existing is ever replaced. The models folder is made here."""
+    `--model NAME` would load first). Nothing existing is ever replaced. The models folder is made here, and
+    the chosen name's working folder is made and claimed for this process (reserve): two trainings without
+    --out started at once never choose the same folder (the second was refused once it had loaded its model,
+    or with --overwrite replaced the first one's model)."""
     from backend.engine import paths
     from backend.engine.registry import known_models
     from backend.engine.sam_models import known_sam_models
@@ -114,10 +117,45 @@ def default_out_folder(raster: str | os.PathLike, labels: str | os.PathLike, tak
     base = default_model_name(raster, labels)
     for number in itertools.count(1):
         out = root / (base if number == 1 else f"{base}-{number}")
-        if (out.name.lower() not in reserved and not os.path.lexists(out) and not os.path.lexists(partial_dir(out))
-                and os.path.realpath(out) not in busy and not os.path.lexists(out.name)):
+        if (out.name.lower() not in reserved and not os.path.lexists(out) and os.path.realpath(out) not in busy
+                and not os.path.lexists(out.name) and (_own_reservation(partial_dir(out)) or reserve(out))):
             return out
     raise AssertionError("unreachable")
+
+
+def reserve(out: Path) -> bool:
+    """Make the working folder of `out` and claim it for this process, all at once or not at all: False when it
+    exists (another training has it). Until this process's training takes it over (start_work_folder), it holds
+    nothing but its owner; it is removed when the process ends without having used it."""
+    work = partial_dir(out)
+    try:
+        work.mkdir()
+    except FileExistsError:
+        return False
+    except OSError:
+        return True  # not made here: start_work_folder says why, in its own words
+    try:
+        claim(work)
+    except OSError:
+        shutil.rmtree(work, ignore_errors=True)
+        return True
+    atexit.register(_release, work)
+    return True
+
+
+def _own_reservation(work: Path) -> bool:
+    """A working folder this process reserved and has not used (a server's request refused after its folder was
+    chosen): nothing in it but its owner, this process."""
+    try:
+        return (work.is_dir() and not work.is_symlink() and _owner(work) == os.getpid()
+                and os.listdir(work) == [OWNER_FILE])
+    except OSError:
+        return False
+
+
+def _release(work: Path) -> None:
+    if _own_reservation(work):
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def check_out_folder(out: Path, overwrite: bool, resume: bool, inputs: dict[str, Path]) -> None:
@@ -189,7 +227,11 @@ def _is_live(work: Path) -> bool:
 
 def interrupted_training(out: Path) -> str | None:
     """After a training that was stopped without cleaning up (its process killed): where its kept checkpoint
-    is, as a sentence, or None when it left none to resume (its working folder, no longer anyone's, removed)."""
+    is, as a sentence, or None when it left none to resume (its working folder, no longer anyone's, removed).
+    One killed while it put its model in place is rolled back (or finished) first, and says so."""
+    recovered = recover_model_folder(out)
+    if recovered is not None:
+        return recovered
     work = partial_dir(out)
     if kept_checkpoint(out):
         # Each way on offers what check_out_folder then accepts: a plain run is refused while a checkpoint is kept.
@@ -234,6 +276,18 @@ def start_work_folder(out: Path, resume: bool, overwrite: bool) -> tuple[Path, b
         shutil.copytree(out, work)
         claim(work)
         return work, True
+    if _owner(work) == os.getpid() and work.is_dir() and not work.is_symlink():
+        # This process's own (reserved by default_out_folder): emptied, but never let go of, so no other training
+        # can take the name meanwhile.
+        for entry in list(work.iterdir()):
+            if entry.name == OWNER_FILE:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        claim(work)
+        return work, False
     # A working folder left by a training that is no longer running (ours by name, its owner gone).
     shutil.rmtree(work, ignore_errors=True)
     try:
@@ -250,46 +304,27 @@ def move_into_place(work: Path, out: Path, report: tuple[Path, str] | None = Non
     """Replace `out` (a model folder, checked before training) by the finished `work` folder, then write
     `report` ((path, text): the --json file, the marker of a finished run), all or nothing: when a step fails,
     the previous `out` is back in place, the trained model is back in `work` (--resume puts it in place) and
-    no report is written."""
-    (work / OWNER_FILE).unlink(missing_ok=True)
+    no report is written. A commit like segment's outputs' (backend.engine.atomic.commit_outputs): its journal
+    is written first, so a process killed between the renames (the previous model set aside, the new one not
+    yet in) is rolled back by the next training of `out`, a load of the model there or the server's restart
+    (backend.engine.finetuned.recover_model_folder), which say so."""
+    out, work = Path(os.path.abspath(out)), Path(os.path.abspath(work))
     tag = new_run_tag()
-    old = backup_path(out, tag)  # not a swept temporary name: a crash midway leaves the previous model findable
-    replaced = moved = False
-    with StagedOutputs({"report": report[0]} if report else {}, tag) as staged:
+    target = Path(os.path.abspath(report[0])) if report else None
+    with StagedOutputs({"report": target} if target else {}, tag) as staged:
+        moves: dict[Path, Path] = {work: out}
+        if report is not None and target is not None:
+            staged["report"].write_text(report[1], encoding="utf-8")
+            moves[staged["report"]] = target
         try:
-            if report is not None:
-                staged["report"].write_text(report[1], encoding="utf-8")
-            # An empty folder at --out is replaced by the rename itself, which fails (ENOTEMPTY) if files came
-            # into it meanwhile; any other folder there (a model, checked before training) is set aside first.
-            if os.path.lexists(out) and not empty_folder(out):
-                out.rename(old)
-                replaced = True
-            work.rename(out)
-            moved = True
-            staged.commit()
-        except BaseException as error:
-            _undo_move(work, out, old, moved, replaced, error)
-            if isinstance(error, OSError):
-                reason = error.strerror or str(error)
-                where = f" for {error.filename}" if error.filename else ""
-                raise InputError(f"Cannot put the trained model in place ({reason}{where}); {out} is as it was and "
-                                 f"the trained model is kept in {work}: free the place, then run the same command "
-                                 "with --resume to put it in place.") from error
-            raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _undo_move(work: Path, out: Path, old: Path, moved: bool, replaced: bool, error: BaseException) -> None:
-    """After a failed move_into_place: the trained model back in `work`, the previous one back at `out`."""
-    trained = out if moved else work
-    try:
-        if moved:
-            out.rename(work)
-            trained = work
-        if replaced:
-            old.rename(out)
-    except OSError as undo_error:
-        previous = f"; the previous model is in {old}" if replaced else ""
-        raise InputError(f"Putting the trained model in place at {out} failed ({error}), and undoing it failed too "
-                         f"({undo_error.strerror or undo_error}): the trained model is in {trained}{previous}. Move "
-                         "them where they belong by hand.") from error
+            # A folder at --out (a model, checked before training, or an empty folder) is set aside first.
+            commit_outputs(moves, tag, keep={work})
+        except OSError as error:
+            reason = error.strerror or str(error)
+            where = f" for {error.filename}" if error.filename else ""
+            raise InputError(f"Cannot put the trained model in place ({reason}{where}); {out} is as it was and "
+                             f"the trained model is kept in {work}: free the place, then run the same command "
+                             "with --resume to put it in place.") from error
+        staged.committed = True
+    # Kept until the model is in place: another training for this --out is refused until then.
+    (out / OWNER_FILE).unlink(missing_ok=True)

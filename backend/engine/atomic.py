@@ -11,6 +11,9 @@ folder) they replaced (StagedOutputs, commit_outputs). A commit of several renam
 goes where, and which file each target holds once renamed): a process killed in the middle of it (SIGKILL, a power
 cut) leaves the journal, and the next sweep of that folder (backend.engine.temporary.remove_stale, or the server's
 restart for its jobs) rolls the commit back from it (recover_commit): old and new outputs are never left mixed.
+A folder replacing a folder takes two renames (the old one aside, the new one in), so it is journaled too, even
+alone; a staged folder the caller keeps (a training's working folder: `keep`) goes back to its own name on a
+rollback instead of being deleted (recover_dead_commits rolls back the dead commits of one folder).
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ import os
 import shutil
 import signal
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 
-from .temporary import journal_path, new_run_tag, owned_entries, remove_owned, staged_path, staged_stem
+from .temporary import (dead_journals, journal_path, new_run_tag, owned_entries, remove_owned, staged_path,
+                        staged_stem)
 
 # A shapefile's files, QGIS's metadata (.qmd), style (.qml) and old CRS file (.qpj), and ArcGIS's metadata
 # (.shp.xml) beside it, which describe its fields and data.
@@ -185,6 +189,7 @@ class _Undo:
     backup: Path | None
     linked: bool = False
     renamed: bool = False
+    source: Path | None = None  # a kept staged folder: renamed back there on a rollback, never deleted
 
 
 class _Renames:
@@ -205,11 +210,12 @@ class _Renames:
             os.replace(old, backup)
             self.done.append(_Undo(old, backup))
 
-    def replace(self, new: Path, target: Path, keep: bool) -> None:
+    def replace(self, new: Path, target: Path, keep: bool, kept_source: bool = False) -> None:
         # A folder replacing a folder: the old one is renamed aside first (no rename goes over a folder that
         # holds files), even in the last rename; its backup goes once all is in place.
         folders = _is_folder(new) and _is_folder(target)
         step = self._keep(target, aside=folders) if keep or folders else _Undo(target, None)
+        step.source = new if kept_source else None
         self.done.append(step)
         os.replace(new, target)
         step.renamed = True
@@ -235,15 +241,17 @@ class _Renames:
             try:
                 if step.backup is None:
                     if step.renamed:
-                        _remove(step.target)
+                        _take_back(step.target, step.source)
                 elif step.linked and not step.renamed:
                     os.unlink(step.backup)  # the old file never left its name (renaming a link over it does nothing)
                 else:
                     if step.renamed and _is_folder(step.target):
-                        shutil.rmtree(step.target)  # the new folder: no rename goes over it
+                        _take_back(step.target, step.source)  # the new folder: no rename goes over it
                     os.replace(step.backup, step.target)
             except OSError:
-                if step.backup is None:
+                if step.source is not None and step.renamed and not os.path.lexists(step.source):
+                    left.append(f"{step.target} holds what was to go there (kept as {step.source} before)")
+                elif step.backup is None:
                     left.append(f"{step.target} is from the failed run")
                 elif not (step.linked and not step.renamed):
                     left.append(f"the previous {step.target.name} is kept as {step.backup}")
@@ -258,13 +266,25 @@ class _Renames:
         self.done.clear()
 
 
-def commit_outputs(staged: Mapping[Path, str | Path], tag: str, durable: bool = True) -> None:
+def _take_back(target: Path, source: Path | None) -> None:
+    """Undo the rename of a new output at `target`: back to `source` (a staged folder the caller keeps), else
+    deleted."""
+    if source is not None:
+        os.rename(target, source)
+    else:
+        _remove(target)
+
+
+def commit_outputs(staged: Mapping[Path, str | Path], tag: str, durable: bool = True,
+                   keep: Collection[Path] = ()) -> None:
     """Rename complete staged files (and their sidecars) or folders over their targets, in the order given, all
     or nothing: the only way outputs are replaced. A staged folder replaces the folder at its target whole.
     When a rename fails midway (a name taken by a folder, a folder that stopped taking files, a full disk),
     the outputs already renamed are removed again and the files (or folders) they replaced restored, and the
     error is raised; so a run's report, committed last, only ever lies beside the data it describes, and a
-    user's previous result survives a failed commit."""
+    user's previous result survives a failed commit. The staged folders in `keep` (a trained model, which took
+    hours) are renamed back to their staged names by a rollback, here or after a kill (recover_commit), never
+    deleted."""
     plans = [(target, *_staged_moves(Path(file), target)) for file, target in staged.items()]
     if durable:
         for _target, _removed, moves in plans:
@@ -273,21 +293,25 @@ def commit_outputs(staged: Mapping[Path, str | Path], tag: str, durable: bool = 
     steps: list[tuple[Path, Path | None]] = []  # (final name, the staged file renamed to it; None: removed)
     for _target, removed, moves in plans:
         steps += [(old, None) for old in removed] + [(final, entry) for entry, final in moves]
+    # More than one rename: a journal, so a process killed midway is rolled back later; a folder replacing a
+    # folder is two renames (the old one aside, then the new one in).
+    journaled = len(steps) > 1 or any(source is not None and _is_folder(source) and _is_folder(name)
+                                      for name, source in steps)
+    kept = {Path(path) for path in keep}
     renames = _Renames(tag)
     # Ctrl+C or SIGTERM is held while the outputs are put in place, and delivered once they all are: one that
     # came between a rename and its record undid the others but left that new file, deleting the only copy of
     # the file it had replaced (old and new outputs mixed, the run saying nothing was written).
     try:
         with interrupts_deferred():
-            # More than one rename: the journal first, so a process killed midway is rolled back later.
-            journals = _write_journals(steps, list(staged.values()), tag, durable) if len(steps) > 1 else []
+            journals = _write_journals(steps, list(staged.values()), tag, durable, kept) if journaled else []
             try:
                 try:
                     for number, (name, source) in enumerate(steps, 1):
                         if source is None:
                             renames.remove(name)
                         else:
-                            renames.replace(source, name, keep=number < len(steps))
+                            renames.replace(source, name, keep=number < len(steps), kept_source=source in kept)
                 except BaseException as error:
                     left = renames.roll_back()
                     if left:
@@ -311,18 +335,22 @@ def _identity(path: Path) -> list[int]:
     return [info.st_dev, info.st_ino]
 
 
-def _write_journals(steps: list[tuple[Path, Path | None]], outputs: list, tag: str, durable: bool) -> list[Path]:
+def _write_journals(steps: list[tuple[Path, Path | None]], outputs: list, tag: str, durable: bool,
+                    kept: Collection[Path] = ()) -> list[Path]:
     """Before the first rename of a commit: its journal in each folder it changes (whichever folder a later sweep
     looks at finds it), and, when `durable`, on disk before any rename. It lists the renames in order: each
     target, whether something was there before, and the identity of the staged file renamed to it (the target
     holds that file once renamed; None for an old file removed). A journal cut short (the process killed while
-    writing it) is no JSON: recover_commit takes it as a commit that never began, which it is."""
+    writing it) is no JSON: recover_commit takes it as a commit that never began, which it is. A staged folder
+    in `kept` is named too ("keep"): a rollback renames it back there."""
     folders = list(dict.fromkeys(Path(name).parent for name, _source in steps))
     journals = [journal_path(folder, tag) for folder in folders]
     text = json.dumps({
         "tag": tag, "journals": [str(journal) for journal in journals], "outputs": [str(out) for out in outputs],
         "steps": [{"target": str(name), "previous": os.path.lexists(name),
-                   "identity": None if source is None else _identity(source)} for name, source in steps]})
+                   "identity": None if source is None else _identity(source),
+                   **({"keep": os.path.abspath(source)} if source is not None and source in kept else {})}
+                  for name, source in steps]})
     written: list[Path] = []
     try:
         for journal in journals:
@@ -356,6 +384,9 @@ class Recovery:
     restored: list[str] = dataclasses.field(default_factory=list)  # outputs whose previous file is back
     removed: list[str] = dataclasses.field(default_factory=list)  # new outputs that had no previous file
     left: list[str] = dataclasses.field(default_factory=list)  # what could not be undone, in words
+    # the staged folders the commit kept (commit_outputs' `keep`) under their own names again: rolled back
+    kept: list[str] = dataclasses.field(default_factory=list)
+    tag: str = ""  # the run's, whose staged files (backend.engine.temporary.staged_stem) may be left
 
 
 def recover_commit(journal: str | Path) -> Recovery | None:
@@ -370,6 +401,7 @@ def recover_commit(journal: str | Path) -> Recovery | None:
         record = json.loads(journal.read_text(encoding="utf-8"))
         tag = record["tag"]
         steps = [(Path(step["target"]), step["identity"], bool(step["previous"])) for step in record["steps"]]
+        sources = [Path(step["keep"]) if step.get("keep") else None for step in record["steps"]]
     except FileNotFoundError:
         return None
     except (ValueError, KeyError, TypeError):  # cut short before the first rename (or another version's)
@@ -383,8 +415,10 @@ def recover_commit(journal: str | Path) -> Recovery | None:
         except OSError:
             return False
 
-    result = Recovery([str(out) for out in record.get("outputs") or []], renamed(*steps[-1][:2]) if steps else True)
-    for target, identity, previous in (steps if result.finished else reversed(steps)):
+    result = Recovery([str(out) for out in record.get("outputs") or []], renamed(*steps[-1][:2]) if steps else True,
+                      tag=str(tag))
+    ordered = list(zip(steps, sources))
+    for (target, identity, previous), source in (ordered if result.finished else reversed(ordered)):
         backup = backup_path(target, tag)
         kept = os.path.lexists(backup)
         try:
@@ -392,13 +426,16 @@ def recover_commit(journal: str | Path) -> Recovery | None:
                 if kept:
                     _remove(backup)
             elif identity is not None and renamed(target, identity):
+                if source is not None and not os.path.lexists(source):  # a kept folder: back under its own name
+                    os.rename(target, source)
                 if kept:  # the previous file or folder back over the new one
                     if _is_folder(target):
                         shutil.rmtree(target)
                     os.replace(backup, target)
                     result.restored.append(str(target))
                 elif not previous:  # a new output, where there was none
-                    _remove(target)
+                    if os.path.lexists(target):
+                        _remove(target)
                     result.removed.append(str(target))
                 else:
                     result.left.append(f"{target} is from the interrupted run")
@@ -413,10 +450,35 @@ def recover_commit(journal: str | Path) -> Recovery | None:
         except OSError:
             result.left.append(f"the previous {target.name} is kept as {backup}" if kept and os.path.lexists(backup)
                                else f"{target} is from the interrupted run")
+    if not result.finished:
+        result.kept = [str(source) for source in sources if source is not None and _is_folder(source)]
     for folder in dict.fromkeys(target.parent for target, _identity, _previous in steps):
         _fsync_folder(folder)
     _remove_journals([Path(path) for path in record.get("journals") or [journal]])
     return result
+
+
+def recover_dead_commits(folder: str | Path, output: str | Path | None = None) -> list[Recovery]:
+    """Roll back (or finish: recover_commit) the commits that processes no longer running were killed in the
+    middle of, from their journals in `folder`; with `output`, only those putting it in place. A journal that
+    cannot be read or undone now stays for the next sweep."""
+    wanted = None if output is None else os.path.abspath(output)
+    recoveries = []
+    for journal in dead_journals(folder):
+        if wanted is not None:
+            try:
+                outputs = json.loads(journal.read_text(encoding="utf-8")).get("outputs") or []
+            except (OSError, ValueError, AttributeError):
+                continue
+            if wanted not in {os.path.abspath(out) for out in outputs if isinstance(out, str)}:
+                continue
+        try:
+            recovery = recover_commit(journal)
+        except OSError:
+            continue
+        if recovery is not None:
+            recoveries.append(recovery)
+    return recoveries
 
 
 @contextlib.contextmanager

@@ -168,3 +168,43 @@ def finetuned_dirs() -> list[Path]:
         return sorted(p for p in root.iterdir() if is_finetuned_dir(p))
     except OSError:
         return []
+
+
+def recover_model_folder(path: str | os.PathLike) -> str | None:
+    """A training killed (SIGKILL, a power cut) while it put its model in place at `path` (training/model_folder.py's
+    move_into_place: the previous model renamed aside, then the new one in) is rolled back from its commit journal:
+    the previous model back at `path`, the trained one back in the training's working folder (whose --resume puts
+    it in place); or, when the new model was all in place, the commit is finished. Returns what happened, in one
+    sentence, or None when no such training was left. The next training of `path`, a load of the model at `path`
+    and the server's restart call it."""
+    from backend.engine.atomic import recover_dead_commits
+
+    from backend.engine.temporary import OWNER_FILE, remove_owned, staged_stem
+
+    path = Path(os.path.abspath(path))
+    recoveries = recover_dead_commits(path.parent, path)
+    for recovery in recoveries:  # the dead training's staged --json report, say
+        with contextlib.suppress(OSError, AssertionError):
+            remove_owned([staged_stem(out, recovery.tag) for out in recovery.outputs])
+    if any(recovery.finished for recovery in recoveries):
+        # The working folder's owner (the dead training), which it removes once its model is in place.
+        with contextlib.suppress(OSError):
+            (path / OWNER_FILE).unlink()
+    return " ".join(_recovered(path, recovery) for recovery in recoveries) or None
+
+
+def _recovered(path: Path, recovery) -> str:
+    """The sentence for a training's commit of `path` that recover_commit rolled back or finished; it begins with
+    the path (it follows "...; " in a server job's message)."""
+    kept = [folder for folder in recovery.kept if Path(folder).is_dir()]
+    trained = (f"; the trained model is kept in {kept[0]}: run that training again with --resume to put it in "
+               "place") if kept else ""
+    if recovery.left:
+        return (f"{path}: a training was stopped while it put its model there, and undoing that failed: "
+                f"{'; '.join(recovery.left)}. Move them where they belong by hand.")
+    if recovery.finished:
+        return (f"{path} holds the new model of a training that was stopped just after it put the model there; "
+                "it is complete (the previous model's copy was removed).")
+    if str(path) in recovery.restored:
+        return f"{path} holds the previous model again: a training that was replacing it was stopped midway{trained}."
+    return f"{path} was not written: a training was stopped while it put its model there{trained}."

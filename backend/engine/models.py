@@ -27,6 +27,7 @@ Loading never unpickles code: ``torch.load(..., weights_only=True)``.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 import stat
@@ -53,6 +54,7 @@ from backend.engine.finetuned import (
     finetuned_dirs,
     is_finetuned_dir,
     read_finetuned_meta,
+    recover_model_folder,
 )
 from backend.engine.registry import (
     ACTIVATIONS,
@@ -79,6 +81,9 @@ class LoadedModel:
     class_lines: list[str] | None = None
     metadata: dict = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+log = logging.getLogger("farslip.models")
 
 
 @functools.lru_cache(maxsize=4)
@@ -265,6 +270,7 @@ def locate_model(model: str | None = None, weights: str | None = None) -> tuple[
         return found
     if "/" not in name and os.sep not in name:
         candidate = paths.models_dir() / name
+        _recover(candidate)
         if is_finetuned_dir(candidate):
             return "finetuned", candidate, None
         raise unknown_model_error(name)
@@ -294,6 +300,7 @@ def _model_at(path: Path, what: str, not_a_model: str) -> tuple[str, Any, str | 
     """The model file or fine-tuned model folder at `path` (named by the option `what`), None when nothing is
     there; a folder that is not a fine-tuned model is refused with `not_a_model`."""
     _refuse_special(path, what)
+    _recover(path)
     if path.is_dir():
         if not is_finetuned_dir(path):
             raise ModelError(not_a_model)
@@ -302,6 +309,17 @@ def _model_at(path: Path, what: str, not_a_model: str) -> tuple[str, Any, str | 
         folder = finetuned_dir_of(path)  # a fine-tuned model's model.safetensors: the model its folder is
         return ("finetuned", folder, None) if folder is not None else ("checkpoint", path, None)
     return None
+
+
+def _recover(path: Path) -> None:
+    """A training killed while it put its model in place at `path` is rolled back (its previous model back) or
+    finished before the model there is read, and the user told in one sentence (the log: stderr for the CLI)."""
+    try:
+        said = recover_model_folder(path)
+    except OSError:
+        return
+    if said is not None:
+        log.warning("%s", said)
 
 
 def check_model(model: str | None = None, weights: str | None = None) -> None:

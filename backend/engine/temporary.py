@@ -161,6 +161,19 @@ def _owner_host(entry: Path) -> str | None:
         return None
 
 
+def dead_journals(folder: str | Path, names: Sequence[str] | None = None) -> list[Path]:
+    """The commit journals in `folder` (whose entries are `names`, when listed already) of processes of this
+    machine that no longer run: commits killed midway, for backend.engine.atomic.recover_commit."""
+    folder = Path(folder)
+    if names is None:
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            return []
+    return [folder / name for name in names
+            if (match := _JOURNAL.match(name)) and not process_is_alive(int(match["pid"]))]
+
+
 def remove_stale(folder: str | Path) -> list[str]:
     """Remove temporary entries in `folder` left by processes of this machine that no longer run.
 
@@ -175,17 +188,14 @@ def remove_stale(folder: str | Path) -> list[str]:
     removed = []
     # A dead run's commit first: rolled back (or finished) while its staged files, which tell how far it got,
     # are still there.
-    for name in names:
-        match = _JOURNAL.match(name)
-        if not match or process_is_alive(int(match["pid"])):
-            continue
+    for journal in dead_journals(folder, names):
         from .atomic import recover_commit
 
         try:
-            recover_commit(folder / name)
+            recover_commit(journal)
         except OSError:
             continue  # left for the next sweep
-        removed.append(str(folder / name))
+        removed.append(str(journal))
     try:
         names = os.listdir(folder)
     except OSError:
