@@ -45,7 +45,7 @@ from backend.engine.files import (absolute_outputs, absolute_raster_name, check_
 from backend.engine.options import SegmentOptions, check_language
 from backend.engine.outlines import engine_window
 from backend.engine.quality import QualityModel
-from backend.engine.runtimes import AUTO_MIN_CROPS, time_auto_runtimes
+from backend.engine.runtimes import AUTO_MIN_CROPS, measured_speeds, time_auto_runtimes
 from backend.engine.raster import is_rotated, open_dataset, open_source, parse_crs, pixel_size, request_window
 from backend.engine.segment import deliver_prob_raster, run_warnings
 from backend.engine.sliding import CHUNK_COLUMNS, CHUNK_ROWS, count_crops, units
@@ -462,8 +462,11 @@ class Workers:
 
 def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequest, progress: Progress | None = None,
                     should_cancel: Callable[[], bool] | None = None,
-                    notice: Callable[[str], None] | None = None) -> ScaleResult:
-    """Segment every raster of `paths` on Ray workers; write one layer (and a class VRT); see the module."""
+                    notice: Callable[[str], None] | None = None,
+                    stage: Callable[[str], None] | None = None) -> ScaleResult:
+    """Segment every raster of `paths` on Ray workers; write one layer (and a class VRT); see the module.
+    `stage` hears what the run does besides its chunks (timing the runtimes, the polygons, the outputs)."""
+    stage = stage or (lambda _sentence: None)
     started = time.perf_counter()
     check_workers(request.workers, request.cluster)
     check_merged_output(request.out)
@@ -535,6 +538,8 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
     if engine.runtime == "auto" and request.cluster is None and loaded.device.type == "cpu" and \
             any(plan.crops >= AUTO_MIN_CROPS for plan in plans):
         # Timed here, once per computer and model shape, not by the workers, which share the cores.
+        if not measured_speeds(loaded, engine.attention):
+            stage("Timing the encoder runtimes (once for this model on this computer).")
         time_auto_runtimes(loaded, engine.attention, said.append)
         timings["runtimes_timed_s"] = time.perf_counter() - started - timings["plan_s"]
     workers = None
@@ -605,6 +610,9 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
                     start_finish(plan)
         timings["chunks_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
+        if finishing:
+            refining = ", refining outlines" if request.refine != "none" else ""
+            stage(f"Making polygons{refining} and checking regions.")
         for index, future in finishing.items():
             plan = next(p for p in plans if p.index == index)
             try:
@@ -641,6 +649,7 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
     # Each raster's sentences under the name its polygons carry in the `raster` field.
     said += [f"{name}: {warning}" for name, raster in zip(raster_names([p.path for p in done]), rasters)
                  for warning in raster.get("warnings", [])]
+    stage("Writing the outputs.")
     outputs = _write_outputs(done, manifest, request, out_crs, run_id, loaded.name, facts, failed, chunk_counts,
                              timings, started, outside, said)
     timings["merge_s"] = time.perf_counter() - t0

@@ -41,7 +41,7 @@ def run_segment_on_ray(options: SegmentOptions, control, address: str, device: s
     control.message(f"Segmenting on Ray ({cluster or f'{workers} local workers'}).")
     result = segment_rasters([str(options.raster)], engine_settings(options, device), request,
                              progress=lambda done, total, _pixels, _all: control.progress(done, total),
-                             should_cancel=control.should_cancel)
+                             should_cancel=control.should_cancel, stage=control.message)
     raster = result.rasters[0]
     return {"outputs": dict(result.outputs), "classes": list(raster["class_stats"]), "run_id": result.run_id,
             "tiles": raster["tiles"], "timings": dict(result.timings), "warnings": list(result.warnings),

@@ -258,9 +258,12 @@ def test_a_killed_worker_is_restarted_and_sam_refined_output_equals_single_proce
 
     engine = EngineSettings(class_lines=["water, lake", "cropland, bare field", "grassland"],
                             model=str(tiny_model), chunk_rows=CHUNK, chunk_columns=CHUNK)
+    stages: list[str] = []
     result = segment_rasters([str(mosaic)], engine, ScaleRequest(out, workers=2, refine="sam", sam_model=str(sam)),
-                             progress=kill_a_worker_once)
+                             progress=kill_a_worker_once, stage=stages.append)
     assert killed and result.exit_code == 0
+    # What a job's status says after its last chunk, as `segment` says it (the status stayed at the last chunk).
+    assert stages[-2:] == ["Making polygons, refining outlines and checking regions.", "Writing the outputs."]
     meta, expected_shapes, expected = read_layer(tmp_path / "single.gpkg")
     assert result.rasters[0]["sam"]["model"] and result.rasters[0]["refine"]["method"] == "sam"
     assert Path(result.outputs["coarse_vector"]).name == "killed_coarse.parquet"
