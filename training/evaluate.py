@@ -16,12 +16,14 @@ from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
 from backend.engine.atomic import atomic_output, finite_json, write_text_atomically
+from backend.engine.devices import retry_smaller_batches
 from backend.engine.sliding import ArraySource, Segmenter, predict_window
 from backend.engine.errors import InputError
 from backend.engine.models import LoadedModel
@@ -30,6 +32,8 @@ from backend.engine.text import TextEmbedder, parse_class_lines
 
 if TYPE_CHECKING:
     from open_clip.model import CLIP
+
+T = TypeVar("T")
 
 
 def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
@@ -168,27 +172,51 @@ def write_json(data: dict, path: str | Path) -> Path:
 
 
 def segmenter_for(loaded: LoadedModel, class_lines: list[str], model: CLIP | None = None,
-                  embedder: TextEmbedder | None = None, attention: str = "segearth", batch_size: int = 8) -> Segmenter:
-    """The engine's Segmenter for `loaded`, optionally with another vision model (one being trained)."""
+                  embedder: TextEmbedder | None = None, attention: str = "segearth",
+                  batch_size: int | None = None) -> Segmenter:
+    """The engine's Segmenter for `loaded`, optionally with another vision model (one being trained); batches of
+    `batch_size` crops (default: as segment picks it, 8 on the CPU and from the free memory on a GPU)."""
     if model is not None:
         loaded = copy.copy(loaded)
         loaded.model = model
+    if batch_size is None:
+        from backend.engine.segment import default_batch_size
+
+        batch_size = default_batch_size(loaded.device)
     return Segmenter(loaded, parse_class_lines(class_lines), attention=attention, batch_size=batch_size,
                      embedder=embedder)
 
 
 def predict_classes(segmenter: Segmenter, source: PixelSource, window: PixelWindow,
                     should_cancel: Callable[[], bool] | None = None,
-                    progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-    """(h, w) class ids (254/255 = unclassified/nodata) of `window`, exactly as `segment` computes them."""
+                    progress: Callable[[int, int], None] | None = None,
+                    notice: Callable[[str], None] | None = None) -> np.ndarray:
+    """(h, w) class ids (254/255 = unclassified/nodata) of `window`, exactly as `segment` computes them; on a GPU
+    that runs out of memory in a batch, again with half the batch (predict_with_retries; `notice`)."""
     model = segmenter.loaded.model
     was_training = model.training
     model.eval()
     try:
-        return predict_window(segmenter, source, window, should_cancel=should_cancel,
-                              progress=progress).class_ids
+        return predict_with_retries(segmenter, lambda: predict_window(
+            segmenter, source, window, should_cancel=should_cancel, progress=progress), notice).class_ids
     finally:
         model.train(was_training)
+
+
+def note_on_stderr(sentence: str) -> None:
+    print(f"Note: {sentence}", file=sys.stderr)
+
+
+def predict_with_retries(segmenter: Segmenter, predict: Callable[[], T], notice: Callable[[str], None] | None = None
+                         ) -> T:
+    """predict(), and when a batch of the dense pass runs out of GPU memory, again with half the segmenter's batch
+    (which the later calls keep), as `segment` does (devices.retry_smaller_batches): `notice` hears one sentence
+    per retry (default: a note on stderr); nothing fitting, even one crop, is a DeviceMemoryError."""
+    def attempt(batch_size: int) -> T:
+        segmenter.batch_size = batch_size
+        return predict()
+
+    return retry_smaller_batches(attempt, segmenter.batch_size, notice or note_on_stderr)
 
 
 def score(truth: np.ndarray, predicted: np.ndarray, class_names: list[str]) -> dict:
@@ -539,7 +567,7 @@ def check_benchmark_options(limit: int | None, long_side: int | None, prob_thres
 def benchmark_metrics(folder: str | Path, class_lines: list[str], loaded: LoadedModel,
                       layout: BenchmarkLayout | None = None, split: str | None = None,
                       long_side: int | None = 448, reduce_zero_label: bool = False,
-                      ignore_index: int = 255, attention: str = "segearth", batch_size: int = 8,
+                      ignore_index: int = 255, attention: str = "segearth", batch_size: int | None = None,
                       limit: int | None = None, progress: Callable[[int, int, dict], None] | None = None,
                       should_cancel: Callable[[], bool] | None = None, prob_threshold: float = 0.0,
                       background_index: int = 0) -> dict:
@@ -549,7 +577,9 @@ def benchmark_metrics(folder: str | Path, class_lines: list[str], loaded: Loaded
     engine, crops smaller than the model input resized to it as RS-OVSS does; the blended
     logits are bilinearly resized back to the label's size, then scaled, softmaxed and maxed
     over synonyms; pixels whose best probability is below `prob_threshold` get class
-    `background_index`. Images are read and resized as mmcv does (OpenCV; without it GDAL and
+    `background_index`. Crops run in batches of `batch_size` (default: as segment picks it); a batch that runs out
+    of GPU memory is run again at half the size (predict_with_retries), said as a warning through `progress`
+    (else on stderr, as the missing OpenCV is). Images are read and resized as mmcv does (OpenCV; without it GDAL and
     torch, which may differ in the last digits). `reduce_zero_label` maps 0 -> 255 and v -> v-1,
     then label value `ignore_index` of the reduced labels is skipped, as mmsegmentation does.
     """
@@ -575,6 +605,12 @@ def benchmark_metrics(folder: str | Path, class_lines: list[str], loaded: Loaded
     segmenter = segmenter_for(loaded, class_lines, attention=attention, batch_size=batch_size)
     segmenter.keep_logits = True
     segmenter.resize_small_crops = True
+
+    def retrying(sentence: str) -> None:  # said as the missing OpenCV is, above
+        if progress is not None:
+            progress(0, len(pairs), {"phase": "warning", "message": sentence})
+        else:
+            print(f"Warning: {sentence}", file=sys.stderr)
     confusion = np.zeros((len(names), len(names)), np.int64)
     for done, (image_path, label_path) in enumerate(pairs):
         rgb = read_benchmark_image(image_path)
@@ -583,7 +619,8 @@ def benchmark_metrics(folder: str | Path, class_lines: list[str], loaded: Loaded
         tensor = (resized_to_long_side(rgb, long_side) if long_side
                   else torch.from_numpy(rgb.astype(np.float32))[None])
         source = ArraySource(tensor[0].numpy())
-        block = predict_window(segmenter, source, should_cancel=should_cancel)
+        block = predict_with_retries(segmenter, partial(predict_window, segmenter, source,
+                                                        should_cancel=should_cancel), retrying)
         logits = F.interpolate(torch.from_numpy(block.logits)[None], size=(height, width), mode="bilinear",
                                align_corners=False)[0]
         probs = segmenter.class_probabilities(logits.numpy())

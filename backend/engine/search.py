@@ -381,12 +381,19 @@ def example_queries(index: SearchIndex, point: tuple[float, float], like: tuple[
     return queries, notices, computed
 
 
+def _said_among_notices(sentence: str) -> None:
+    """A SearchIndex's `notice` that leaves its sentence to the notices search_index returns (index.notices)."""
+
+
 def search_index(index: SearchIndex, options: SearchOptions, progress=None, should_cancel=None
                  ) -> tuple[Hits, list[str], dict]:
     """Complete the index over the searched extent, then rank its windows; (hits, notices, facts)."""
     queries = validate_search_options(options)
     check_bbox(index, options.bbox, options.bbox_crs)
     notices = ([index.rebuilt_reason] if index.rebuilt_reason else []) + index.band_notices
+    if index.notice is None:  # a retry after the GPU ran out of memory is said among the notices, not on stderr too
+        index.notice = _said_among_notices
+    retries = len(index.notices)
     point = like_point(index, options.like, options.like_crs) if options.like is not None else None
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -398,6 +405,7 @@ def search_index(index: SearchIndex, options: SearchOptions, progress=None, shou
         notices += example_notices
     stats = index.ensure(options.bbox, options.bbox_crs, progress, should_cancel)
     stats.computed += example_stats.computed
+    notices += index.notices[retries:]
     timings["index_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     entries = index.entries(options.bbox, options.bbox_crs)

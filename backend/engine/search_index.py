@@ -15,10 +15,16 @@ CLS embeddings of sub-crops would; the finer levels of the grid already hold rea
 of windows a quarter the size of the coarser ones.
 
 Storage: one folder per (raster path, model identity: weights sha256, activation, architecture,
-precision; reading options) in the cache folder, with a manifest naming the raster's identity (every
-file GDAL reads for it, feature_cache.raster_identity); one .npz per grid row (float16 embeddings +
-a state byte per window), written atomically. Memory while building is one strip of windows,
-whatever the raster size. A raster whose files changed since the index was built gets a fresh index.
+precision; the windows' precision, fp16 autocast on a GPU; reading options) in the cache folder, with a
+manifest naming the raster's identity (every file GDAL reads for it, feature_cache.raster_identity); one .npz
+per grid row (float16 embeddings + a state byte per window), written atomically. Memory while building is one
+strip of windows, whatever the raster size. A raster whose files changed since the index was built gets a
+fresh index.
+
+On a GPU the windows run as segment's dense pass does: fp16 autocast (encoders.autocast_enabled), a batch sized
+from the GPU's free memory unless one is given, crops uploaded through page-locked memory, each chunk's embeddings
+copied back while the next chunk runs, and a batch that runs out of memory retried at half the size
+(devices.retry_smaller_batches). On the CPU everything runs in fp32, as before.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -42,6 +49,8 @@ import torch.nn.functional as F
 
 from .atomic import atomic_output, write_text_atomically
 from .dense import image_and_patch_features, normalize_pixels
+from .devices import BatchOutOfMemory, is_out_of_memory, retry_smaller_batches
+from .encoders import autocast_enabled
 from .errors import CancelledError, InputError, nothing_valid
 from .feature_cache import identity_digest, model_identity, raster_identity
 from .files import absolute_raster_name, is_gdal_name, raster_label
@@ -77,19 +86,69 @@ def sub_regions(grid: int) -> list[tuple[int, int, int, int]]:
             (quarter, grid - quarter, quarter, grid - quarter)]
 
 
+def window_precision(loaded: LoadedModel, half: bool | None = None) -> str:
+    """The precision windows are embedded in: fp16 for a model converted with `models.to_half`, fp16 autocast on
+    CUDA unless `half` is False (encoders.autocast_enabled, as the dense pass), else fp32 (always on the CPU)."""
+    if loaded.model.visual.conv1.weight.dtype == torch.float16:
+        return "fp16"
+    return "fp16" if autocast_enabled(loaded.device, half) else "fp32"
+
+
+def upload(crops: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(B, 3, h, w) crops as float32 on `device`; to a GPU through page-locked memory, without waiting (torch's
+    caching host allocator hands the block out again only once its copy is done)."""
+    host = torch.from_numpy(np.ascontiguousarray(crops, dtype=np.float32))
+    if device.type != "cuda":
+        return host.to(device)
+    staging = torch.empty(host.shape, dtype=torch.float32, pin_memory=True)
+    staging.copy_(host)
+    return staging.to(device, non_blocking=True)
+
+
 @torch.inference_mode()
-def embed_windows(loaded: LoadedModel, crops: np.ndarray, attention: str = "segearth") -> np.ndarray:
-    """(B, 3, h, w) RGB 0..255 -> (B, PERSPECTIVES, D) L2-normalised float32 embeddings."""
+def window_embeddings(loaded: LoadedModel, crops: np.ndarray, attention: str = "segearth",
+                      half: bool | None = None) -> torch.Tensor:
+    """(B, 3, h, w) RGB 0..255 -> (B, PERSPECTIVES, D) L2-normalised float32 embeddings, on the model's device
+    (nothing waits for it there); in window_precision's precision."""
     visual = loaded.model.visual
+    weights = visual.conv1.weight.dtype
+    autocast = window_precision(loaded, half) == "fp16" and weights == torch.float32
     size = visual.image_size
     side = int(size[0] if isinstance(size, (tuple, list)) else size)
-    pixels = torch.from_numpy(np.ascontiguousarray(crops, dtype=np.float32)).to(loaded.device)
+    pixels = upload(crops, loaded.device)
     if pixels.shape[-2:] != (side, side):  # windows of a raster smaller than one window
         pixels = F.interpolate(pixels, size=(side, side), mode="bilinear", align_corners=False)
-    image, dense = image_and_patch_features(visual, normalize_pixels(pixels), attention)
+    with torch.autocast("cuda", dtype=torch.float16, enabled=autocast):  # a --half model: fp16 end to end
+        image, dense = image_and_patch_features(visual, normalize_pixels(pixels), attention)
+    image, dense = image.float(), dense.float()
     subs = [F.normalize(dense[:, r0:r1, c0:c1].mean(dim=(1, 2)), dim=-1)
             for r0, r1, c0, c1 in sub_regions(dense.shape[1])]
-    return torch.stack([image, *subs], dim=1).float().cpu().numpy()
+    return torch.stack([image, *subs], dim=1)
+
+
+def embed_windows(loaded: LoadedModel, crops: np.ndarray, attention: str = "segearth",
+                  half: bool | None = None) -> np.ndarray:
+    """(B, 3, h, w) RGB 0..255 -> (B, PERSPECTIVES, D) L2-normalised float32 embeddings (window_embeddings), on the
+    host."""
+    return window_embeddings(loaded, crops, attention, half).cpu().numpy()
+
+
+def host_copy(vectors: torch.Tensor) -> Callable[[], np.ndarray]:
+    """`vectors` on the host, when called: from a GPU copied into page-locked memory without waiting, the wait
+    left to the call (the work queued after it runs meanwhile)."""
+    if vectors.device.type != "cuda":
+        array = vectors.numpy()
+        return lambda: array
+    host = torch.empty(vectors.shape, dtype=vectors.dtype, pin_memory=True)
+    host.copy_(vectors, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record(torch.cuda.current_stream(vectors.device))
+
+    def wait() -> np.ndarray:
+        copied.synchronize()
+        return host.numpy()
+
+    return wait
 
 
 @dataclass
@@ -187,7 +246,8 @@ class SearchIndex:
     """The index of one raster for one model; open with `open_index` (a context manager)."""
 
     def __init__(self, raster: str | Path, loaded: LoadedModel, source: RasterSource, attention: str = "segearth",
-                 batch_size: int = 8, factors: tuple[int, ...] = LEVEL_FACTORS):
+                 batch_size: int | None = None, factors: tuple[int, ...] = LEVEL_FACTORS, half: bool | None = None,
+                 notice: Callable[[str], None] | None = None):
         self.raster = os.fspath(raster)  # as given: a GDAL name reaches GDAL as typed (files.is_gdal_name)
         # What names this raster wherever it is read: its file absolute and resolved, the rest as typed (a
         # subdataset's or an archive's file too: GPKG:a.gpkg:t1 from any folder, /vsizip//abs/a.zip/x.tif).
@@ -195,7 +255,17 @@ class SearchIndex:
         self.label = raster_label(self.raster)  # as a sentence names it
         self.loaded = loaded
         self.attention = attention
+        if batch_size is None:  # as segment picks it: 8 on the CPU, from the free memory on a GPU
+            from .segment import default_batch_size
+
+            batch_size = default_batch_size(loaded.device)
         self.batch_size = check_batch_size(batch_size)
+        self.half = half
+        self.precision = window_precision(loaded, half)
+        # One sentence per batch size that ran out of GPU memory (retry_smaller_batches); printed as a note on
+        # stderr unless `notice` takes it. `notices` keeps them all.
+        self.notice = notice
+        self.notices: list[str] = []
         self.dataset = source.dataset
         self.crs = source.crs
         self.band_notices: list[str] = []  # open_index: how the colour bands were guessed (band_choice_warning)
@@ -211,7 +281,12 @@ class SearchIndex:
         identity = json.dumps({"format": INDEX_FORMAT, "raster": self.absolute_name,
                                "model": model_identity(loaded), "bands": source.bands,
                                "value_range": source.value_range, "attention": attention,
-                               "factors": [lv.factor for lv in self.levels]}, sort_keys=True, default=str)
+                               "factors": [lv.factor for lv in self.levels],
+                               # fp16 windows (autocast on a GPU) never stand in for fp32 ones, nor the reverse;
+                               # an fp32 index is keyed as before this entry was added.
+                               **({"precision": self.precision}
+                                  if self.precision != model_identity(loaded)["precision"] else {})},
+                              sort_keys=True, default=str)
         key = hashlib.sha256(identity.encode()).hexdigest()[:24]
         stem = safe_stem(self.absolute_name if is_gdal_name(self.raster) else self.raster)  # one per raster, too
         self.folder = index_root() / f"{stem}-{key}"
@@ -255,7 +330,7 @@ class SearchIndex:
                     "raster_identity": version, "raster_files": raster,
                     "model": self.loaded.name, "weights_sha256": self.loaded.weights_id,
                     "model_identity": model_identity(self.loaded),
-                    "attention": self.attention, "perspectives": list(PERSPECTIVES),
+                    "attention": self.attention, "perspectives": list(PERSPECTIVES), "precision": self.precision,
                     "crs": self.crs.to_string(),
                     "levels": [{"factor": lv.factor, "width": lv.source.width, "height": lv.source.height,
                                 "rows": len(lv.row_starts), "cols": len(lv.col_starts), "crop": lv.crop}
@@ -365,12 +440,17 @@ class SearchIndex:
                     if embeddings is None:
                         embeddings = np.zeros((len(level.col_starts), len(PERSPECTIVES),
                                                self.loaded.model.visual.output_dim), np.float16)
-                    for start in range(0, len(todo), CHUNK_WINDOWS):
-                        chunk = todo[start:start + CHUNK_WINDOWS]
-                        self._embed_chunk(level, row, chunk, embeddings, state, stats, should_cancel)
-                        done += len(chunk)
-                        if progress is not None:
-                            progress(done, total)
+                    # A chunk's embeddings reach the host while the next chunk runs: no wait per batch.
+                    pending: list[Callable[[], int]] = []
+                    start = 0
+                    while start < len(todo):
+                        chunk = todo[start:start + max(CHUNK_WINDOWS, self.batch_size)]
+                        start += len(chunk)
+                        pending.append(self._embed_chunk(level, row, chunk, embeddings, state, stats, should_cancel))
+                        while len(pending) > 1 or (pending and start >= len(todo)):
+                            done += pending.pop(0)()
+                            if progress is not None:
+                                progress(done, total)
                     self._write_row(level, row, embeddings, state)
         if bbox is None and not stats.computed and not stats.reused and not self.embedded_now:
             raise nothing_valid(self.raster, True, INDEX_TASK)
@@ -378,7 +458,10 @@ class SearchIndex:
         return stats
 
     def _embed_chunk(self, level: Level, row: int, cols: list[int], embeddings: np.ndarray,
-                     state: np.ndarray, stats: BuildStats, should_cancel) -> None:
+                     state: np.ndarray, stats: BuildStats, should_cancel) -> Callable[[], int]:
+        """Read the windows `cols` of a grid row and queue the valid ones on the device (the empty ones are marked
+        at once); the call returned stores their embeddings once they reach the host, and says how many windows
+        the chunk had."""
         height, width = level.window_shape
         first = level.col_starts[cols[0]]
         strip_width = level.col_starts[cols[-1]] + width - first
@@ -391,15 +474,45 @@ class SearchIndex:
             else:
                 state[j] = STATE_EMPTY
                 stats.empty += 1
-        for start in range(0, len(queued), self.batch_size):
-            if should_cancel is not None and should_cancel():
-                raise CancelledError("The indexing was cancelled; the windows indexed so far are kept.")
-            batch = queued[start:start + self.batch_size]
-            vectors = embed_windows(self.loaded, np.stack([crop for _, crop in batch]), self.attention)
-            for (j, _), vector in zip(batch, vectors):
-                embeddings[j] = vector.astype(np.float16)
-                state[j] = STATE_EMBEDDED
-            stats.computed += len(batch)
+        copied = self._embed_crops([crop for _, crop in queued], should_cancel) if queued else None
+
+        def store() -> int:
+            if copied is not None:
+                for (j, _), vector in zip(queued, copied()):
+                    embeddings[j] = vector.astype(np.float16)
+                    state[j] = STATE_EMBEDDED
+                stats.computed += len(queued)
+            return len(cols)
+
+        return store
+
+    def _embed_crops(self, crops: list[np.ndarray], should_cancel) -> Callable[[], np.ndarray]:
+        """The embeddings of `crops` (embed_windows), in batches of batch_size, on their way to the host: a batch
+        that runs out of GPU memory is run again at half the size, as are the batches after it (one sentence
+        each time, `notice`)."""
+        def attempt(batch_size: int) -> Callable[[], np.ndarray]:
+            self.batch_size = batch_size
+            parts = []
+            for start in range(0, len(crops), batch_size):
+                if should_cancel is not None and should_cancel():
+                    raise CancelledError("The indexing was cancelled; the windows indexed so far are kept.")
+                try:  # the memory a batch takes grows with it: a smaller one may fit (retry_smaller_batches)
+                    parts.append(window_embeddings(self.loaded, np.stack(crops[start:start + batch_size]),
+                                                   self.attention, self.half))
+                except Exception as error:
+                    if is_out_of_memory(error):
+                        raise BatchOutOfMemory(batch_size, error) from error
+                    raise
+            return host_copy(parts[0] if len(parts) == 1 else torch.cat(parts))
+
+        return retry_smaller_batches(attempt, self.batch_size, self._retrying)
+
+    def _retrying(self, sentence: str) -> None:
+        self.notices.append(sentence)
+        if self.notice is not None:
+            self.notice(sentence)
+        else:
+            print(f"Note: {sentence}", file=sys.stderr)
 
     def window_embedding(self, level: Level, row: int, col: int, should_cancel=None) -> tuple[np.ndarray | None, int]:
         """The image embedding of one window (embedded now if it is not in the index yet), or None when
@@ -412,7 +525,7 @@ class SearchIndex:
                                        self.loaded.model.visual.output_dim), np.float16)
             stats = BuildStats()
             with bounded_gdal_cache():
-                self._embed_chunk(level, row, [col], embeddings, state, stats, should_cancel)
+                self._embed_chunk(level, row, [col], embeddings, state, stats, should_cancel)()
             self._write_row(level, row, embeddings, state)
             computed = stats.computed
             self.embedded_now.add((level.factor, row, col))
@@ -493,13 +606,16 @@ def safe_stem(path: str | Path) -> str:
 @contextlib.contextmanager
 def open_index(raster: str | Path, loaded: LoadedModel, bands: list[int] | None = None,
                value_range: tuple[float, float] | None = None, attention: str = "segearth",
-               batch_size: int = 8) -> Iterator[SearchIndex]:
-    """Open (creating, or rebuilding when the raster changed) the search index of `raster` for a model."""
+               batch_size: int | None = None, half: bool | None = None,
+               notice: Callable[[str], None] | None = None) -> Iterator[SearchIndex]:
+    """Open (creating, or rebuilding when the raster changed) the search index of `raster` for a model. Batches of
+    `batch_size` windows (default: as segment picks it); `half` False keeps a GPU in fp32 (window_precision);
+    `notice` hears each retry after the GPU ran out of memory (default: a note on stderr)."""
     with bounded_gdal_cache():
         chosen = bands_for(raster, bands, loaded)
         source = open_source(raster, chosen, None, None, value_range, task=INDEX_TASK)
         with source:
-            index = SearchIndex(raster, loaded, source, attention, batch_size)
+            index = SearchIndex(raster, loaded, source, attention, batch_size, half=half, notice=notice)
             index.band_notices = band_choice_warning(source.dataset, chosen)
             yield index
 
@@ -582,7 +698,8 @@ def describe(index: SearchIndex, stats: BuildStats | None = None) -> dict:
     info = {"folder": str(index.folder), "windows": index.window_count(), "size_bytes": index.size_bytes(),
             "levels": [{"factor": lv.factor, "windows": len(lv.row_starts) * len(lv.col_starts),
                         "scale_m": round(lv.scale_m(index.dataset), 3)} for lv in index.levels],
-            "perspectives": list(PERSPECTIVES), "rebuilt": index.rebuilt_reason}
+            "perspectives": list(PERSPECTIVES), "precision": index.precision, "batch_size": index.batch_size,
+            "rebuilt": index.rebuilt_reason}
     if stats is not None:
         info.update(computed=stats.computed, reused=stats.reused, empty=stats.empty,
                     seconds=round(stats.seconds, 3),

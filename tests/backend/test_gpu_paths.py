@@ -1,11 +1,15 @@
 """The CUDA paths, their control flow checked on the CPU (this machine has no GPU): a --half model through the
 quality estimate's region checks; the out-of-memory retry of the server's segment jobs and of `farslip segment`
 (only for the dense pass's batches, the failed attempt's memory freed first, one sentence when nothing fits);
-the feature cache's copy from a GPU other than GPU 0; a GPU's default batch size."""
+the feature cache's copy from a GPU other than GPU 0; a GPU's default batch size; the search index's and the
+evaluation's batches on a GPU (fp16 autocast kept apart from fp32 in the index's cache, the batch from the free
+memory, the out-of-memory retry, one wait for the device per chunk)."""
 
 from __future__ import annotations
 
+import json
 import weakref
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +19,7 @@ import rasterio
 import torch
 from typer.testing import CliRunner
 
-from backend.engine import quality, sliding
+from backend.engine import quality, search_index, sliding
 from backend.engine.devices import DeviceMemoryError
 from backend.engine.models import load_model, to_half
 from backend.engine.raster import PixelWindow
@@ -227,3 +231,199 @@ def test_a_gpus_default_batch_counts_torchs_cached_memory_as_free_and_a_ray_work
     assert default_batch_size(cuda) == 6 * gib // 2 // GPU_BYTES_PER_CROP
     assert default_batch_size(cuda, 0.5) == 3 * gib // 2 // GPU_BYTES_PER_CROP
     assert default_batch_size(torch.device("cpu")) == 8
+
+
+# --------------------------------------------------------------------------- the search index on a GPU
+
+def windows_out_of_memory_above(monkeypatch, crops: int) -> list[int]:
+    """The search index's model step raises CUDA's out-of-memory error for batches of more than `crops` windows;
+    the sizes of the batches that ran."""
+    ran: list[int] = []
+    real = search_index.image_and_patch_features
+
+    def image_and_patch_features(visual, pixels, attention="segearth"):
+        if len(pixels) > crops:
+            raise torch.cuda.OutOfMemoryError(GPU_OOM)
+        ran.append(len(pixels))
+        return real(visual, pixels, attention)
+
+    monkeypatch.setattr(search_index, "image_and_patch_features", image_and_patch_features)
+    return ran
+
+
+def fake_cuda_autocast(monkeypatch) -> list[bool]:
+    """The model's device taken for a GPU where the precision is chosen (encoders.autocast_enabled), and
+    torch.autocast recorded (whether it was asked to run fp16) instead of run: this machine has no GPU."""
+    entered: list[bool] = []
+
+    @contextmanager
+    def autocast(device_type, dtype=None, enabled=True, **more):
+        entered.append(enabled and device_type == "cuda" and dtype == torch.float16)
+        yield
+
+    monkeypatch.setattr(search_index, "autocast_enabled", lambda device, half: half is not False)
+    monkeypatch.setattr(torch, "autocast", autocast)
+    return entered
+
+
+def test_index_retries_with_half_the_batch_when_the_gpu_runs_out_of_memory_and_embeds_the_same(
+        small_raster, tiny_model, tmp_path, monkeypatch):
+    """`farslip index` (and search) ran a fixed batch with no retry: a batch too big for the GPU ended the run."""
+    monkeypatch.setenv("FARSLIP_CACHE", str(tmp_path / "clean"))
+    loaded = load_model(str(tiny_model))
+    with search_index.open_index(small_raster, loaded) as index:
+        index.ensure()
+        clean = index.entries()
+    monkeypatch.setenv("FARSLIP_CACHE", str(tmp_path / "retried"))
+    ran = windows_out_of_memory_above(monkeypatch, 2)
+    result = CliRunner().invoke(app, ["index", str(small_raster), "--weights", str(tiny_model), "--batch-size", "8",
+                                      "--device", "cpu", "--quiet"])
+    assert result.exit_code == 0, result.output
+    said = [line for line in result.output.splitlines() if "out of memory" in line]
+    assert said == ["Note: The GPU ran out of memory with batch size 8; retrying with batch size 4.",
+                    "Note: The GPU ran out of memory with batch size 4; retrying with batch size 2."]
+    assert ran and max(ran) == 2  # the later batches kept the size that fitted
+    with search_index.open_index(small_raster, loaded) as index:
+        assert index.missing() == 0
+        retried = index.entries()
+    assert np.array_equal(retried.embeddings, clean.embeddings) and np.array_equal(retried.pixels, clean.pixels)
+
+
+def test_search_says_a_retry_once_among_its_notices_and_one_sentence_when_not_even_one_window_fits(
+        small_raster, tiny_model, tmp_path, monkeypatch):
+    windows_out_of_memory_above(monkeypatch, 2)
+    args = ["search", str(small_raster), "farmland", "--weights", str(tiny_model), "--device", "cpu", "--quiet",
+            "--out", str(tmp_path / "hits.gpkg")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("The GPU ran out of memory with batch size 8; retrying with batch size 4.") == 1
+    monkeypatch.setenv("FARSLIP_CACHE", str(tmp_path / "none-fits"))
+    windows_out_of_memory_above(monkeypatch, 0)
+    failed = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "none.gpkg")])
+    assert failed.exit_code == DeviceMemoryError.exit_code, failed.output
+    errors = [line for line in failed.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "even with --batch-size 1" in errors[0] and "Traceback" not in failed.output
+
+
+def test_an_index_embedded_in_fp16_on_a_gpu_is_never_served_for_fp32_nor_the_reverse(small_raster, tiny_model,
+                                                                                       tmp_path, monkeypatch):
+    """On a GPU the index ran fp32 while segment's dense pass ran fp16 autocast; with autocast, an fp16 index
+    kept in the same folder as the fp32 one would answer fp32 searches with fp16 embeddings."""
+    monkeypatch.setenv("FARSLIP_CACHE", str(tmp_path / "cache"))
+    loaded = load_model(str(tiny_model))
+    entered = fake_cuda_autocast(monkeypatch)
+    with search_index.open_index(small_raster, loaded, batch_size=4) as fp16:
+        fp16.ensure()
+        assert fp16.precision == "fp16" and fp16.manifest["precision"] == "fp16"
+    assert entered and all(entered)  # every batch asked for fp16 autocast, as the dense pass does on a GPU
+    entered.clear()
+    with search_index.open_index(small_raster, loaded, batch_size=4, half=False) as fp32:
+        assert fp32.precision == "fp32" and fp32.folder != fp16.folder
+        assert fp32.missing() == fp32.window_count()  # none of the fp16 windows stands in for fp32 ones
+        fp32.ensure()
+    assert entered and not any(entered)
+    with search_index.open_index(small_raster, loaded, batch_size=4) as again:
+        assert again.folder == fp16.folder and again.missing() == 0  # each precision keeps its own windows
+
+
+def test_an_index_on_a_gpu_sizes_its_batch_from_free_memory_unless_given(small_raster, tiny_model, monkeypatch):
+    from backend.engine.segment import GPU_BYTES_PER_CROP
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (6 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    loaded = load_model(str(tiny_model))
+    loaded.device = torch.device("cuda", 0)  # only sized here: nothing runs on it
+    with search_index.open_index(small_raster, loaded) as index:
+        assert index.batch_size == 6 * gib // 2 // GPU_BYTES_PER_CROP
+    with search_index.open_index(small_raster, loaded, batch_size=5) as index:
+        assert index.batch_size == 5
+    loaded.device = torch.device("cpu")
+    with search_index.open_index(small_raster, loaded) as index:
+        assert index.batch_size == 8 and index.precision == "fp32"  # the CPU as before
+
+
+def test_an_index_copies_each_chunk_back_while_the_next_one_runs(small_raster, tiny_model, tmp_path, monkeypatch):
+    """One wait for the device per chunk of windows, after the next chunk is queued: not one per batch."""
+    monkeypatch.setenv("FARSLIP_CACHE", str(tmp_path / "cache"))
+    events: list[str] = []
+    real_embeddings, real_copy = search_index.window_embeddings, search_index.host_copy
+
+    def window_embeddings(*args, **kwargs):
+        events.append("run")
+        return real_embeddings(*args, **kwargs)
+
+    def host_copy(vectors):
+        wait = real_copy(vectors)
+
+        def waited():
+            events.append("wait")
+            return wait()
+        return waited
+
+    monkeypatch.setattr(search_index, "window_embeddings", window_embeddings)
+    monkeypatch.setattr(search_index, "host_copy", host_copy)
+    monkeypatch.setattr(search_index, "CHUNK_WINDOWS", 1)
+    with search_index.open_index(small_raster, load_model(str(tiny_model)), batch_size=1, half=False) as index:
+        index.ensure()
+    # A 400-px raster: one level of 3 x 3 windows (224 px, stride 112, the last shifted to the edge), row by row;
+    # each window a chunk, whose copy is waited for once the next one of its row runs.
+    assert events == ["run", "run", "wait", "run", "wait", "wait"] * 3
+
+
+# --------------------------------------------------------------------------- out of memory: farslip evaluate
+
+@pytest.fixture
+def benchmark_folder(tmp_path) -> Path:
+    """An img_dir/ann_dir benchmark of two 128 x 96 images, dark left and bright right."""
+    rng = np.random.default_rng(0)
+    for folder in ("img_dir/val", "ann_dir/val"):
+        (tmp_path / "bench" / folder).mkdir(parents=True)
+    for index in range(2):
+        label = np.zeros((96, 128), np.uint8)
+        label[:, 64:] = 1
+        image = np.where(label[None] == 1, 200, 40).astype(np.uint8) * np.ones((3, 1, 1), np.uint8)
+        image = np.clip(image + rng.normal(0, 5, image.shape), 0, 255).astype(np.uint8)
+        for path, data in ((tmp_path / "bench/img_dir/val" / f"{index}.png", image),
+                           (tmp_path / "bench/ann_dir/val" / f"{index}.png", label[None])):
+            with rasterio.open(path, "w", driver="PNG", width=128, height=96, count=data.shape[0],
+                               dtype="uint8") as ds:
+                ds.write(data)
+    return tmp_path / "bench"
+
+
+def test_evaluate_benchmark_retries_with_half_the_batch_when_the_gpu_runs_out_of_memory(
+        benchmark_folder, tiny_model, tmp_path, monkeypatch, segmenters):
+    """The benchmark evaluation ran the engine's dense pass with no retry: BatchOutOfMemory ended it."""
+    args = ["evaluate", "--benchmark", str(benchmark_folder), "-c", "dark", "-c", "bright", "--weights",
+            str(tiny_model), "--device", "cpu", "--batch-size", "8", "--quiet"]
+    clean = CliRunner().invoke(app, [*args, "--json", str(tmp_path / "clean.json")])
+    assert clean.exit_code == 0, clean.output
+    encoder_out_of_memory_above(monkeypatch, 2)
+    result = CliRunner().invoke(app, [*args, "--json", str(tmp_path / "retried.json")])
+    assert result.exit_code == 0, result.output
+    said = [line for line in result.output.splitlines() if "out of memory" in line]
+    assert said == ["Warning: The GPU ran out of memory with batch size 8; retrying with batch size 4.",
+                    "Warning: The GPU ran out of memory with batch size 4; retrying with batch size 2."]
+    figures = [json.loads((tmp_path / f"{name}.json").read_text())["metrics"] for name in ("clean", "retried")]
+    assert figures[0]["confusion"] == figures[1]["confusion"]
+
+
+def test_evaluate_on_labels_retries_the_dense_pass_with_half_the_batch(tiny_model, monkeypatch, segmenters):
+    from training.evaluate import predict_classes, segmenter_for
+
+    image = np.random.default_rng(0).uniform(0, 255, (3, 300, 300)).astype(np.float32)
+    loaded = load_model(str(tiny_model))
+    window = PixelWindow(0, 0, 300, 300)
+    clean = predict_classes(segmenter_for(loaded, ["water", "road"]), sliding.ArraySource(image), window)
+    encoder_out_of_memory_above(monkeypatch, 1)
+    notes: list[str] = []
+    segmenter = segmenter_for(loaded, ["water", "road"], batch_size=4)
+    retried = predict_classes(segmenter, sliding.ArraySource(image), window, notice=notes.append)
+    assert notes == ["The GPU ran out of memory with batch size 4; retrying with batch size 2.",
+                     "The GPU ran out of memory with batch size 2; retrying with batch size 1."]
+    assert segmenter.batch_size == 1 and np.array_equal(retried, clean)
+    encoder_out_of_memory_above(monkeypatch, 0)
+    with pytest.raises(DeviceMemoryError, match="even with --batch-size 1"):
+        predict_classes(segmenter, sliding.ArraySource(image), window, notice=notes.append)
