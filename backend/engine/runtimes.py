@@ -342,6 +342,10 @@ def _log_notice(sentence: str) -> None:
     log.warning("%s", sentence)
 
 
+def _log_info(sentence: str) -> None:
+    log.info("%s", sentence)
+
+
 def compiled_encoder(name: str, loaded, attention: str,
                      notice: Callable[[str], None] | None = None) -> CompiledEncoder:
     """Export (or reuse) and compile the dense tower for `name`; raises on any failure. `notice` hears
@@ -386,13 +390,15 @@ _ENCODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def make_encoder(loaded, attention: str, runtime: str = "auto", half: bool | None = None,
                  notice: Callable[[str], None] | None = None, crops: int | None = None,
-                 raster_shape: tuple[int, int] | None = None, timing: bool = True) -> Encoder:
+                 raster_shape: tuple[int, int] | None = None, timing: bool = True,
+                 inform: Callable[[str], None] | None = None) -> Encoder:
     """The image encoder for `runtime` (auto, torch, openvino, onnxruntime), falling back to the next, torch last.
 
     `crops`: how many crops the run encodes; `raster_shape`: (height, width) of the grid they are cut from.
     Kept per loaded model, so a server compiles once and later jobs start at once; `notice` hears, on every
-    call, each runtime the encoder fell back from. Without `timing`, auto never times the runtimes itself (a
-    Ray worker, whose siblings share the cores): it follows earlier figures, else the fixed order.
+    call, each runtime the encoder fell back from; `inform` (default: the log) the one-time timing of the
+    runtimes under auto, with its figures, which is no warning. Without `timing`, auto never times the runtimes
+    itself (a Ray worker, whose siblings share the cores): it follows earlier figures, else the fixed order.
     """
     assert runtime in RUNTIMES, runtime
     device = loaded.device
@@ -416,7 +422,7 @@ def make_encoder(loaded, attention: str, runtime: str = "auto", half: bool | Non
             candidates = _fastest_first(loaded, attention, [*ready, "torch"], timed_only=True)
         else:
             candidates = _fastest_first(loaded, attention, candidates, timed_only=not timing, known=known,
-                                        half=half, notice=say)
+                                        half=half, notice=say, inform=inform or _log_info)
     key = (tuple(candidates), attention, half)
     if key not in known:
         known[key] = _build_encoder(loaded, attention, candidates, half, say)
@@ -513,13 +519,14 @@ def crops_per_second(encoder: Encoder, crop: int) -> float:
 
 def _fastest_first(loaded, attention: str, candidates: list[str], timed_only: bool = False,
                    known: dict | None = None, half: bool | None = None,
-                   notice: Callable[[str], None] | None = None) -> list[str]:
+                   notice: Callable[[str], None] | None = None,
+                   inform: Callable[[str], None] | None = None) -> list[str]:
     """`candidates` (compiled runtimes, torch last) in the order auto tries them: fastest first, as timed on
     this computer for this tower, down to torch (which always runs: runtimes slower than torch are not
     tried); a runtime that did not build when timed is tried first, so a run still says why it is not used.
     Never timed here: each candidate is built and timed now, once, the figures kept (SPEEDS_FILE) and said,
     and the encoder for the order found is kept in `known`; unless `timed_only` (a small run, which keeps
-    the given order)."""
+    the given order). `notice` hears of a damaged export made again; `inform` the timing's figures."""
     if len(candidates) < 2:
         return candidates
     speeds = measured_speeds(loaded, attention)
@@ -540,7 +547,7 @@ def _fastest_first(loaded, attention: str, candidates: list[str], timed_only: bo
     if timing:
         figures = ", ".join(f"{name} {value:.3g}" for name, value in speeds.items() if value)
         chosen = next(name for name in ordered if name not in failed)
-        (notice or (lambda sentence: None))(
+        (inform or _log_info)(
             f"--runtime auto timed the encoder runtimes once for this model on this computer ({figures} crops per "
             f"second) and uses the fastest, {chosen}.")
         if known is not None:
@@ -552,11 +559,11 @@ def _fastest_first(loaded, attention: str, candidates: list[str], timed_only: bo
     return ordered
 
 
-def time_auto_runtimes(loaded, attention: str, notice: Callable[[str], None] | None = None) -> None:
+def time_auto_runtimes(loaded, attention: str, inform: Callable[[str], None] | None = None) -> None:
     """Time auto's runtimes for this model now if they were never timed on this computer (a scaled run's driver,
     before its workers start: they follow the figures, and find the exports made for the timing). Keeps none
     of the encoders it builds."""
-    _fastest_first(loaded, attention, pick_runtime("auto", torch.device("cpu")), notice=notice)
+    _fastest_first(loaded, attention, pick_runtime("auto", torch.device("cpu")), notice=_log_notice, inform=inform)
 
 
 def _ready(loaded, attention: str, half: bool | None, name: str, known: dict) -> bool:

@@ -303,14 +303,16 @@ def segment_raster(options: SegmentOptions, loaded: LoadedModel,
                    should_cancel: Callable[[], bool] | None = None,
                    feature_cache: FeatureCache | None = None, encoder: Encoder | None = None,
                    notice: Callable[[str], None] | None = None, run_tag: str | None = None,
-                   stage: Callable[[str], None] | None = None) -> SegmentResult:
+                   stage: Callable[[str], None] | None = None,
+                   inform: Callable[[str], None] | None = None) -> SegmentResult:
     """Segment `options.raster` into the classes of `options`; write its outputs; return what was written.
 
     With a `feature_cache`, crops whose features are known (same file, grid, weights, attention and
     encoder) skip the image encoder; `encoder` replaces the one options.runtime picks (benchmarks).
     notice(sentence) hears about runtime fallbacks; stage(sentence) what the run does after its last tile
-    ("Making polygons.", "Checking regions.", "Writing the outputs."). Temporary files carry `run_tag` (default: a new
-    one for this process, see backend.engine.temporary). Outputs appear only at the end, each by one
+    ("Making polygons.", "Checking regions.", "Writing the outputs."); inform(sentence) what is worth a line but
+    is no warning (auto's one-time timing of the runtimes, with its figures). Temporary files carry `run_tag`
+    (default: a new one for this process, see backend.engine.temporary). Outputs appear only at the end, each by one
     rename. (The model is the caller's: options.model, weights and half say which one it loaded.)
     """
     # GDAL's block cache defaults to 5 % of RAM and would grow with the raster; a fixed cache keeps
@@ -325,7 +327,7 @@ def segment_raster(options: SegmentOptions, loaded: LoadedModel,
     try:
         with rasterio.Env(**settings), reused_heap():
             return _segment_raster(options, loaded, progress, should_cancel, feature_cache, encoder, notice,
-                                   run_tag, stage or (lambda _sentence: None))
+                                   run_tag, stage or (lambda _sentence: None), inform)
     finally:
         remove_owned(run_prefixes(list(targets.values()), run_tag))
 
@@ -344,7 +346,7 @@ def estimated_output_mb(window, n_classes: int, probabilities: bool, class_raste
 def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Callable[[int, int], None] | None,
                     should_cancel: Callable[[], bool] | None, feature_cache: FeatureCache | None,
                     encoder: Encoder | None, notice: Callable[[str], None] | None, run_tag: str,
-                    stage: Callable[[str], None]) -> SegmentResult:
+                    stage: Callable[[str], None], inform: Callable[[str], None] | None = None) -> SegmentResult:
     started = time.perf_counter()
     # Idempotent: options the caller already gave the model's defaults are the same options. A resolution
     # the model sets keeps the raster's pixel shape unless it was trained on square pixels (square_gsd).
@@ -388,7 +390,8 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
             if notice is not None:
                 notice(sentence)
 
-        encoder = encoder or make_encoder(loaded, options.attention, options.runtime, notice=hear, crops=total,
+        encoder = encoder or make_encoder(loaded, options.attention, options.runtime, notice=hear, inform=inform,
+                                          crops=total,
                                           raster_shape=(source.height, source.width))
         timings["encoder_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()

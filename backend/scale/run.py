@@ -540,7 +540,7 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
         # Timed here, once per computer and model shape, not by the workers, which share the cores.
         if not measured_speeds(loaded, engine.attention):
             stage("Timing the encoder runtimes (once for this model on this computer).")
-        time_auto_runtimes(loaded, engine.attention, said.append)
+        time_auto_runtimes(loaded, engine.attention, stage)
         timings["runtimes_timed_s"] = time.perf_counter() - started - timings["plan_s"]
     workers = None
     computed = 0

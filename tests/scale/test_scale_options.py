@@ -161,7 +161,7 @@ def test_sam_weights_that_do_not_fit_are_refused_before_ray_starts(shared_data, 
 def test_the_driver_times_autos_runtimes_once_before_the_workers_start(tiny_model, tmp_path):
     """A scaled run under --runtime auto: the driver times the runtimes (once per computer and model shape) before
     its workers start, and they follow its figures; the workers, which share the cores, never time (they would
-    time each other). The timing's sentence is in the run's report. A process of its own, for the cache folder."""
+    time each other). The timing is no warning: not in the report's. A process of its own, for the cache folder."""
     raster = tmp_path / "large.tif"
     with rasterio.open(raster, "w", driver="GTiff", width=700, height=700, count=3, dtype="uint8",
                        crs="EPSG:32633", transform=from_origin(500000, 5000000, 10, 10)) as dst:
@@ -177,7 +177,5 @@ def test_the_driver_times_autos_runtimes_once_before_the_workers_start(tiny_mode
     speeds = next(iter(records.values()))["crops_per_s"]
     assert set(speeds) == {"openvino", "onnxruntime", "torch"} and all(value > 0 for value in speeds.values())
     report = json.loads((tmp_path / "o.report.json").read_text())
-    timed = [line for line in report["warnings"] if "--runtime auto timed the encoder runtimes" in line]
-    fastest = max(speeds, key=speeds.get)
-    assert len(timed) == 1 and timed[0].endswith(f"uses the fastest, {fastest}."), report["warnings"]
+    assert not [line for line in report["warnings"] if "timed" in line], report["warnings"]
     assert report["timings"]["runtimes_timed_s"] > 0

@@ -105,7 +105,8 @@ def run_segment(request: dict, control: JobControl, models: ModelCache) -> dict:
         control.message("Segmenting.")
         return segment_raster(replace(options, batch_size=batch_size), loaded, progress=control.progress,
                               should_cancel=control.should_cancel, feature_cache=cache,
-                              notice=_notice(control, notices), run_tag=control.run_tag, stage=control.message)
+                              notice=_notice(control, notices), run_tag=control.run_tag, stage=control.message,
+                              inform=control.message)
 
     def retrying(sentence: str) -> None:  # in the log, the job's message and its result's warnings
         log.warning("%s", sentence)
