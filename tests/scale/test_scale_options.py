@@ -21,6 +21,22 @@ from backend.scale.run import TEXT_OPTIONS, ScaleRequest
 from backend.service.cli import app
 
 
+def random_rgb(path: Path, width: int, height: int, seed: int = 0) -> Path:
+    """A random uint8 RGB GeoTIFF (UTM, 10 m pixels)."""
+    with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500000, 5000000, 10, 10)) as dst:
+        dst.write(np.random.default_rng(seed).integers(0, 255, (3, height, width), dtype=np.uint8))
+    return path
+
+
+def scaled_cli_run(raster: Path, model: Path, out: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`farslip segment RASTER --workers 1` in a process of its own, so that its Ray workers take `cache`."""
+    command = [sys.executable, "-m", "backend.service.cli", "segment", str(raster), "-c", "water", "-c", "tree",
+               "--model", str(model), "--out", str(out), "--workers", "1", *extra, "--quiet"]
+    return subprocess.run(command, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
+                          timeout=600, env=os.environ | {"FARSLIP_CACHE": str(cache)})
+
+
 def test_every_segment_option_a_scaled_run_shares_comes_from_the_options():
     options = SegmentOptions(raster=Path("/d/in.tif"), out=Path("/d/out.gpkg"), class_raster=Path("/d/c.vrt"),
                              prob_raster=Path("/d/p.vrt"), overwrite=True, min_area=12.0, simplify=0.5,
@@ -89,16 +105,9 @@ def test_a_raster_smaller_than_the_model_input_exports_no_runtime_on_the_workers
     """As `segment` alone does: every crop of a raster under 224 px on a side runs under torch, so a worker has
     nothing to export (it exported the model for --runtime openvino and then never used it). A process of its
     own, so that its Ray workers take this test's cache folder."""
-    raster = tmp_path / "small.tif"
-    with rasterio.open(raster, "w", driver="GTiff", width=300, height=150, count=3, dtype="uint8",
-                       crs="EPSG:32633", transform=from_origin(500000, 5000000, 10, 10)) as dst:
-        dst.write(np.random.default_rng(0).integers(0, 255, (3, 150, 300), dtype=np.uint8))
     cache = tmp_path / "cache"
-    command = [sys.executable, "-m", "backend.service.cli", "segment", str(raster), "-c", "water", "-c", "tree",
-               "--model", str(tiny_model), "--out", str(tmp_path / "o.gpkg"), "--workers", "1", "--runtime",
-               "openvino", "--quiet"]
-    done = subprocess.run(command, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
-                          timeout=300, env=os.environ | {"FARSLIP_CACHE": str(cache)})
+    done = scaled_cli_run(random_rgb(tmp_path / "small.tif", 300, 150), tiny_model, tmp_path / "o.gpkg", cache,
+                          "--runtime", "openvino")
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "o.gpkg").is_file() and cache.is_dir()
     assert not (cache / "encoders").exists(), sorted(p.name for p in (cache / "encoders").iterdir())
@@ -115,10 +124,7 @@ def test_a_calibration_the_run_cannot_use_is_refused_before_any_chunk_runs(chang
 
     data = json.loads(QualityModel().save(tmp_path / "base.json").read_text(encoding="utf-8"))
     (tmp_path / "q.json").write_text(json.dumps(data | change), encoding="utf-8")
-    raster = tmp_path / "in.tif"
-    with rasterio.open(raster, "w", driver="GTiff", width=300, height=300, count=3, dtype="uint8",
-                       crs="EPSG:32633", transform=from_origin(500000, 5000000, 10, 10)) as dst:
-        dst.write(np.random.default_rng(1).integers(0, 255, (3, 300, 300), dtype=np.uint8))
+    raster = random_rgb(tmp_path / "in.tif", 300, 300, seed=1)
     out = tmp_path / "out"
     out.mkdir()
     result = CliRunner().invoke(app, ["segment", str(raster), "-c", "water", "-c", "road", "--model", str(tiny_model),
@@ -162,15 +168,8 @@ def test_the_driver_times_autos_runtimes_once_before_the_workers_start(tiny_mode
     """A scaled run under --runtime auto: the driver times the runtimes (once per computer and model shape) before
     its workers start, and they follow its figures; the workers, which share the cores, never time (they would
     time each other). The timing is no warning: not in the report's. A process of its own, for the cache folder."""
-    raster = tmp_path / "large.tif"
-    with rasterio.open(raster, "w", driver="GTiff", width=700, height=700, count=3, dtype="uint8",
-                       crs="EPSG:32633", transform=from_origin(500000, 5000000, 10, 10)) as dst:
-        dst.write(np.random.default_rng(0).integers(0, 255, (3, 700, 700), dtype=np.uint8))
     cache = tmp_path / "cache"
-    command = [sys.executable, "-m", "backend.service.cli", "segment", str(raster), "-c", "water", "-c", "tree",
-               "--model", str(tiny_model), "--out", str(tmp_path / "o.gpkg"), "--workers", "1", "--quiet"]
-    done = subprocess.run(command, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
-                          timeout=600, env=os.environ | {"FARSLIP_CACHE": str(cache)})
+    done = scaled_cli_run(random_rgb(tmp_path / "large.tif", 700, 700), tiny_model, tmp_path / "o.gpkg", cache)
     assert done.returncode == 0, done.stderr[-2000:]
     records = json.loads((cache / "encoders" / "runtime-speeds.json").read_text())
     assert len(records) == 1
