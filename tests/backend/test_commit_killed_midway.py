@@ -27,18 +27,9 @@ import errno, os, signal, sys
 from pathlib import Path
 from backend.engine.atomic import StagedOutputs
 from backend.engine.temporary import new_run_tag
+from tests.killing import die_after
 
 folder, kill_after, links = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "links"
-calls = [0]
-
-def counted(real):
-    def call(*args, **kwargs):
-        result = real(*args, **kwargs)
-        calls[0] += 1
-        if calls[0] == kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return result
-    return call
 
 def no_link(*args, **kwargs):
     raise OSError(errno.EPERM, "no hard links on this file system")
@@ -53,7 +44,9 @@ with StagedOutputs(outputs, tag) as staged:
     Path(str(staged["class_raster"]) + ".aux.xml").write_text("NEW")  # a sidecar of the raster
     if kill_after == 0:
         os.kill(os.getpid(), signal.SIGKILL)  # killed before the commit
-    os.replace, os.link = counted(os.replace), counted(os.link) if links else no_link
+    calls = die_after(kill_after, "replace", *(["link"] if links else []))
+    if not links:
+        os.link = no_link
 print("operations", calls[0], flush=True)
 """
 # The previous run's files: a.tif's overviews (.ovr) are removed by the commit (the new raster has none), b.txt

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from killing import die_after
 from training_data import fast_options
 
 from backend.engine import models
@@ -61,18 +62,7 @@ def killed_move(folder: Path, kill_after: int, report: bool) -> int:
         try:
             os.close(reader)
             claim(partial_dir(out))
-            calls = [0]
-
-            def counted(real):
-                def call(*args, **kwargs):
-                    result = real(*args, **kwargs)
-                    calls[0] += 1
-                    if calls[0] == kill_after:
-                        os.kill(os.getpid(), signal.SIGKILL)
-                    return result
-                return call
-
-            os.replace, os.rename, os.link = counted(os.replace), counted(os.rename), counted(os.link)
+            calls = die_after(kill_after, "replace", "rename", "link")
             move_into_place(partial_dir(out), out, (folder / "run.json", "NEW report") if report else None)
             os.write(writer, str(calls[0]).encode())
         finally:
