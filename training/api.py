@@ -22,7 +22,7 @@ import re
 import shutil
 import time
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,7 +39,7 @@ from backend.engine.models import LoadedModel, check_model
 from backend.engine.weights import file_sha256
 from backend.engine.errors import CancelledError, InputError, ModelError
 from backend.engine.atomic import StagedOutputs, atomic_output
-from backend.engine.devices import resolve_device
+from backend.engine.devices import SEGMENT_FLAGS, resolve_device
 from backend.engine.diskspace import writing_to
 from backend.engine.feature_cache import raster_reads
 from backend.engine.files import (
@@ -62,6 +62,7 @@ from .evaluate import (
     draw_confusion,
     format_metrics,
     json_text,
+    note_on_stderr,
     plot_confusion,
     predict_classes,
     score,
@@ -261,11 +262,18 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
                    weights: str | None = None, background: str | None = None, aoi: str | Path | None = None,
                    class_names: dict[str, str] | None = None, split: str = "auto",
                    bands: list[int] | None = None, scale: float | None = None, gsd_m: float | None = None,
-                   attention: str = "segearth", batch_size: int = 8, device: str = "cpu",
+                   attention: str = "segearth", batch_size: int | None = None, device: str = "cpu",
                    out_json: str | Path | None = None, out_png: str | Path | None = None,
                    loaded: LoadedModel | None = None, progress: Progress | None = None,
-                   should_cancel: Callable[[], bool] | None = None, overwrite: bool = True) -> dict:
+                   should_cancel: Callable[[], bool] | None = None, overwrite: bool = True,
+                   notice: Callable[[str], None] | None = None, flags: Collection[str] = SEGMENT_FLAGS) -> dict:
     """Per-class IoU, mIoU, accuracy and confusion of the engine's classes against labelled polygons.
+
+    Crops run in batches of `batch_size` (default: as segment picks it, 8 on the CPU and from the free memory on
+    a GPU); a batch that runs out of GPU memory runs again at half the size (predict_classes), one sentence per
+    retry among the result's warnings, said as it happens to `notice` (a job's message; default: a warning through
+    `progress`, else a note on stderr); the result's `batch_size` is the one that ran. The sentence when not even
+    one crop fits names only the options among `flags` (the caller's: a job has none of the command's).
 
     split: "all" (every labelled pixel), "validation" (the held-out strip recorded in a
     fine-tuned model trained on these same files) or "auto" (validation when it applies).
@@ -384,7 +392,18 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
                 progress(0, 0, {"phase": "warning", "message": warning})
         segmenter = segmenter_for(loaded, grid.class_lines, attention=attention, batch_size=batch_size)
         report = None if progress is None else (lambda done, total: progress(done, total, {"phase": "evaluate"}))
-        predicted = predict_classes(segmenter, source, window, should_cancel, report)
+        retries: list[str] = []
+
+        def retrying(sentence: str) -> None:
+            retries.append(sentence)
+            if notice is not None:
+                notice(sentence)
+            elif progress is not None:  # as the warnings above
+                progress(0, 0, {"phase": "warning", "message": sentence})
+            else:
+                note_on_stderr(sentence)
+
+        predicted = predict_classes(segmenter, source, window, should_cancel, report, retrying, flags)
         metrics = score(truth, predicted, grid.class_names)
         bounds = source.window_bounds(window)
         crs = source.crs.to_string()
@@ -398,9 +417,10 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
                        "bands": list(bands) if bands else None, "scale": scale, "gsd_m": gsd_m,
                        "square": square},
         "metrics": metrics, "text": format_metrics(metrics),
+        "batch_size": segmenter.batch_size,  # the one that ran: a retry on a GPU halves it
         "seconds": round(time.perf_counter() - started, 3), "outputs": {},
     }
-    result["warnings"] = said
+    result["warnings"] = [*said, *retries]
     result["outputs"] = write_report(result, out_json, out_png, report_title(result))
     return result
 

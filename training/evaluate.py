@@ -13,7 +13,7 @@ import json
 import math
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 
 from backend.engine.atomic import atomic_output, finite_json, write_text_atomically
-from backend.engine.devices import retry_smaller_batches
+from backend.engine.devices import SEGMENT_FLAGS, retry_smaller_batches
 from backend.engine.sliding import ArraySource, Segmenter, predict_window
 from backend.engine.errors import InputError
 from backend.engine.models import LoadedModel
@@ -190,15 +190,16 @@ def segmenter_for(loaded: LoadedModel, class_lines: list[str], model: CLIP | Non
 def predict_classes(segmenter: Segmenter, source: PixelSource, window: PixelWindow,
                     should_cancel: Callable[[], bool] | None = None,
                     progress: Callable[[int, int], None] | None = None,
-                    notice: Callable[[str], None] | None = None) -> np.ndarray:
+                    notice: Callable[[str], None] | None = None,
+                    flags: Collection[str] = SEGMENT_FLAGS) -> np.ndarray:
     """(h, w) class ids (254/255 = unclassified/nodata) of `window`, exactly as `segment` computes them; on a GPU
-    that runs out of memory in a batch, again with half the batch (predict_with_retries; `notice`)."""
+    that runs out of memory in a batch, again with half the batch (predict_with_retries; `notice`, `flags`)."""
     model = segmenter.loaded.model
     was_training = model.training
     model.eval()
     try:
         return predict_with_retries(segmenter, lambda: predict_window(
-            segmenter, source, window, should_cancel=should_cancel, progress=progress), notice).class_ids
+            segmenter, source, window, should_cancel=should_cancel, progress=progress), notice, flags).class_ids
     finally:
         model.train(was_training)
 
@@ -207,16 +208,17 @@ def note_on_stderr(sentence: str) -> None:
     print(f"Note: {sentence}", file=sys.stderr)
 
 
-def predict_with_retries(segmenter: Segmenter, predict: Callable[[], T], notice: Callable[[str], None] | None = None
-                         ) -> T:
+def predict_with_retries(segmenter: Segmenter, predict: Callable[[], T], notice: Callable[[str], None] | None = None,
+                         flags: Collection[str] = SEGMENT_FLAGS) -> T:
     """predict(), and when a batch of the dense pass runs out of GPU memory, again with half the segmenter's batch
     (which the later calls keep), as `segment` does (devices.retry_smaller_batches): `notice` hears one sentence
-    per retry (default: a note on stderr); nothing fitting, even one crop, is a DeviceMemoryError."""
+    per retry (default: a note on stderr); nothing fitting, even one crop, is a DeviceMemoryError whose advice names
+    only the options among `flags` (those of the command at hand; default: `farslip evaluate`'s)."""
     def attempt(batch_size: int) -> T:
         segmenter.batch_size = batch_size
         return predict()
 
-    return retry_smaller_batches(attempt, segmenter.batch_size, notice or note_on_stderr)
+    return retry_smaller_batches(attempt, segmenter.batch_size, notice or note_on_stderr, flags)
 
 
 def score(truth: np.ndarray, predicted: np.ndarray, class_names: list[str]) -> dict:
@@ -634,6 +636,7 @@ def benchmark_metrics(folder: str | Path, class_lines: list[str], loaded: Loaded
             progress(done + 1, len(pairs), {"image": image_path.name})
     metrics = metrics_from_confusion(confusion, names)
     metrics["images"] = len(pairs)
+    metrics["batch_size"] = segmenter.batch_size  # the one that ran: a retry on a GPU halves it
     cv2 = opencv()
     # What read the images: the figures are mmsegmentation's to the last digit with OpenCV only.
     metrics["image_reader"] = f"opencv {cv2.__version__}" if cv2 is not None else "gdal (OpenCV not installed)"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +26,7 @@ import shapely
 
 from backend import __version__
 from .atomic import StagedOutputs
+from .devices import BatchOutOfMemory, is_out_of_memory, retry_smaller_batches
 from .diskspace import writing_to
 from .errors import CancelledError, InputError, nothing_valid
 from .export import check_field_widths, check_format_crs, report_json, report_path_for, write_layer
@@ -48,7 +49,7 @@ class ClassifyOptions:
     bbox_crs: str | None = None
     bands: list[int] | None = None
     value_range: tuple[float, float] | None = None
-    batch_size: int = 8
+    batch_size: int | None = None  # as segment picks it: 8 on the CPU, from the free memory on a GPU
 
 
 @dataclass
@@ -102,13 +103,19 @@ def tile_footprint(transform, tile: PixelWindow) -> list[tuple[float, float]]:
 def classify_raster(raster: str | Path, options: ClassifyOptions, out: Path, loaded: LoadedModel,
                     overwrite: bool = False,
                     progress: Callable[[int, int], None] | None = None,
-                    should_cancel: Callable[[], bool] | None = None) -> ClassifyResult:
+                    should_cancel: Callable[[], bool] | None = None,
+                    notice: Callable[[str], None] | None = None,
+                    flags: Collection[str] = ("--device",)) -> ClassifyResult:
+    """Classify `raster`'s tiles (module doc). On a GPU a batch of tiles that runs out of memory runs again at
+    half the size, as do the batches after it (devices.retry_smaller_batches): one sentence per retry among the
+    warnings, said as it happens to `notice`; the sentence when not even one tile fits names only the options
+    among `flags` (`farslip classify` has --device, not --batch-size nor --half)."""
     started = time.perf_counter()
     validate_classify_options(options)
     file = raster_file(raster)  # a subdataset's file or an archive; none for a virtual path over no file here
     check_classify_output(out, overwrite, options, {"raster": file} if file else {})
     classes = parse_class_lines(options.class_lines)
-    from .segment import run_warnings  # the same sentences as segment's
+    from .segment import default_batch_size, run_warnings  # the same sentences and batch as segment's
 
     warnings = run_warnings(loaded, classes)
     queries, query_owner = query_index(classes)
@@ -116,6 +123,31 @@ def classify_raster(raster: str | Path, options: ClassifyOptions, out: Path, loa
     text = TextEmbedder(loaded, should_cancel=should_cancel).embed(queries).numpy()
     scale = logit_scale(loaded)
     boxes, class_ids, probs = [], [], []
+    batch_size = options.batch_size if options.batch_size is not None else default_batch_size(loaded.device)
+
+    def retrying(sentence: str) -> None:
+        warnings.append(sentence)
+        if notice is not None:
+            notice(sentence)
+
+    def embed(crops: list[np.ndarray]) -> np.ndarray:
+        """The image embeddings of same-shaped `crops`; a batch too big for the GPU's memory run again in halves
+        (whose size the later batches keep)."""
+        def attempt(size: int) -> np.ndarray:
+            nonlocal batch_size
+            batch_size = size
+            parts = []
+            for start in range(0, len(crops), size):
+                try:  # only the batch's model step: an out-of-memory error elsewhere is no batch's
+                    parts.append(embed_windows(loaded, np.stack(crops[start:start + size]))[:, 0])
+                except Exception as error:
+                    if is_out_of_memory(error):
+                        raise BatchOutOfMemory(size, error) from error
+                    raise
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+        return retry_smaller_batches(attempt, batch_size, retrying, flags)
+
     with bounded_gdal_cache():
         bands = bands_for(raster, options.bands, loaded)
         source = open_source(raster, bands, None, None, options.value_range, task="classify")
@@ -137,16 +169,18 @@ def classify_raster(raster: str | Path, options: ClassifyOptions, out: Path, loa
                     rgb, valid = source.read(tile)
                     if valid.any():
                         pending.append((tile, rgb))
-                for start in range(0, len(pending), options.batch_size):
+                start = 0
+                while start < len(pending):  # in batches of batch_size, which a retry on a GPU halves
                     if should_cancel is not None and should_cancel():
                         raise CancelledError("The classification was cancelled; nothing was written.")
-                    batch = pending[start:start + options.batch_size]
+                    batch = pending[start:start + batch_size]
+                    start += len(batch)
                     # Edge tiles have their own shapes: embed them one by one, full tiles together.
                     groups: dict[tuple[int, int], list[int]] = {}
                     for i, (_, rgb) in enumerate(batch):
                         groups.setdefault(rgb.shape[1:], []).append(i)
                     for members in groups.values():
-                        image = embed_windows(loaded, np.stack([batch[i][1] for i in members]))[:, 0]
+                        image = embed([batch[i][1] for i in members])
                         per_class = class_probabilities(image, text, owner, len(classes), scale)
                         for i, row_probs in zip(members, per_class):
                             boxes.append(tile_footprint(source.transform, batch[i][0]))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -84,9 +84,10 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 class BatchOutOfMemory(RuntimeError):
-    """The device ran out of memory on one batch of the dense pass: a smaller batch size may fit
-    (`retry_smaller_batches`). Raised by the engine's batch loop only, so an out-of-memory error anywhere
-    else (the region checks, refinement) is never answered with a second dense pass."""
+    """The device ran out of memory on one batch of crops (segment's and evaluate's dense pass, the search
+    index's windows, classify's tiles): a smaller batch size may fit (`retry_smaller_batches`). Raised only
+    around a batch's model step, so an out-of-memory error anywhere else (the region checks, refinement, the
+    text embeddings) is never answered with the batches run again."""
 
     def __init__(self, batch_size: int, error: BaseException):
         super().__init__(f"out of memory on a batch of {batch_size} crops ({error})")
@@ -110,12 +111,17 @@ def release_device_memory() -> None:
         pass
 
 
-def retry_smaller_batches(run: Callable[[int], T], batch_size: int, notice: Callable[[str], None] | None = None
-                          ) -> T:
-    """run(batch_size), and on an out-of-memory error of the dense pass's batches (BatchOutOfMemory) again
+# The options of `farslip segment` (and `evaluate`) that a sentence on running out of GPU memory may name.
+SEGMENT_FLAGS = ("--batch-size", "--half", "--device")
+
+
+def retry_smaller_batches(run: Callable[[int], T], batch_size: int, notice: Callable[[str], None] | None = None,
+                          flags: Collection[str] = SEGMENT_FLAGS) -> T:
+    """run(batch_size), and on an out-of-memory error of the batches of crops (BatchOutOfMemory) again
     with half the batch, down to 1, the memory of the failed attempt freed first; `notice` hears one
     sentence per retry. Out of memory with a batch of 1, or elsewhere in the run, ends in DeviceMemoryError
-    (one sentence); any other error passes through."""
+    (one sentence, whose advice names only the options among `flags` that the command at hand has:
+    out_of_memory_advice)."""
     while True:
         try:
             return run(batch_size)
@@ -128,17 +134,31 @@ def retry_smaller_batches(run: Callable[[int], T], batch_size: int, notice: Call
         # Here, not in the except block: its traceback held the failed attempt's tensors.
         release_device_memory()
         if failed is None:
-            raise DeviceMemoryError(
-                f"The GPU ran out of memory in a step that --batch-size does not change ({said}). Free GPU memory "
-                "(other programs or jobs using it), or run with --device cpu.") from None
+            step = "--batch-size" if "--batch-size" in flags else "the batch size"
+            raise DeviceMemoryError(f"The GPU ran out of memory in a step that {step} does not change ({said}). "
+                                    f"{out_of_memory_advice(flags, half=False)}") from None
         if failed <= 1:
+            smallest = "--batch-size 1" if "--batch-size" in flags else "a batch of one"
             raise DeviceMemoryError(
-                "The GPU ran out of memory even with --batch-size 1: the model does not fit in the GPU memory "
-                "that is free. Free GPU memory (other programs or jobs using it), try --half, or run with "
-                "--device cpu.") from None
+                # "1," not "1:": a server job's sentence reads '"batch_size": 1, so' (http_words).
+                f"The GPU ran out of memory even with {smallest}, so the model does not fit in the GPU memory that "
+                f"is free. {out_of_memory_advice(flags)}") from None
         batch_size = max(1, failed // 2)
         if notice is not None:
             notice(f"The GPU ran out of memory with batch size {failed}; retrying with batch size {batch_size}.")
+
+
+def out_of_memory_advice(flags: Collection[str], half: bool = True) -> str:
+    """What to do when the GPU's memory does not suffice, naming only the options among `flags` (the command's
+    own: --half where `half`, --device): `search` has neither --batch-size nor --half, a server job no flag."""
+    remedies = ["Free GPU memory (other programs or jobs using it)"]
+    if half and "--half" in flags:
+        remedies.append("try --half")
+    if "--device" in flags:
+        remedies.append("run with --device cpu")
+    if len(remedies) == 1:
+        return remedies[0] + "."
+    return ", ".join(remedies[:-1]) + ", or " + remedies[-1] + "."
 
 
 def _first_line(error: BaseException) -> str:

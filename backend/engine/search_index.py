@@ -37,7 +37,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -247,7 +247,7 @@ class SearchIndex:
 
     def __init__(self, raster: str | Path, loaded: LoadedModel, source: RasterSource, attention: str = "segearth",
                  batch_size: int | None = None, factors: tuple[int, ...] = LEVEL_FACTORS, half: bool | None = None,
-                 notice: Callable[[str], None] | None = None):
+                 notice: Callable[[str], None] | None = None, flags: Collection[str] = ()):
         self.raster = os.fspath(raster)  # as given: a GDAL name reaches GDAL as typed (files.is_gdal_name)
         # What names this raster wherever it is read: its file absolute and resolved, the rest as typed (a
         # subdataset's or an archive's file too: GPKG:a.gpkg:t1 from any folder, /vsizip//abs/a.zip/x.tif).
@@ -266,6 +266,9 @@ class SearchIndex:
         # stderr unless `notice` takes it. `notices` keeps them all.
         self.notice = notice
         self.notices: list[str] = []
+        # The command's options that the sentence when not even one window fits may name (`search` has neither
+        # --batch-size nor --half): devices.out_of_memory_advice.
+        self.flags = tuple(flags)
         self.dataset = source.dataset
         self.crs = source.crs
         self.band_notices: list[str] = []  # open_index: how the colour bands were guessed (band_choice_warning)
@@ -505,7 +508,7 @@ class SearchIndex:
                     raise
             return host_copy(parts[0] if len(parts) == 1 else torch.cat(parts))
 
-        return retry_smaller_batches(attempt, self.batch_size, self._retrying)
+        return retry_smaller_batches(attempt, self.batch_size, self._retrying, self.flags)
 
     def _retrying(self, sentence: str) -> None:
         self.notices.append(sentence)
@@ -607,15 +610,16 @@ def safe_stem(path: str | Path) -> str:
 def open_index(raster: str | Path, loaded: LoadedModel, bands: list[int] | None = None,
                value_range: tuple[float, float] | None = None, attention: str = "segearth",
                batch_size: int | None = None, half: bool | None = None,
-               notice: Callable[[str], None] | None = None) -> Iterator[SearchIndex]:
+               notice: Callable[[str], None] | None = None, flags: Collection[str] = ()) -> Iterator[SearchIndex]:
     """Open (creating, or rebuilding when the raster changed) the search index of `raster` for a model. Batches of
     `batch_size` windows (default: as segment picks it); `half` False keeps a GPU in fp32 (window_precision);
-    `notice` hears each retry after the GPU ran out of memory (default: a note on stderr)."""
+    `notice` hears each retry after the GPU ran out of memory (default: a note on stderr); the sentence when not even
+    one window fits names only the options among `flags` (the command's own, e.g. ("--batch-size", "--device"))."""
     with bounded_gdal_cache():
         chosen = bands_for(raster, bands, loaded)
         source = open_source(raster, chosen, None, None, value_range, task=INDEX_TASK)
         with source:
-            index = SearchIndex(raster, loaded, source, attention, batch_size, half=half, notice=notice)
+            index = SearchIndex(raster, loaded, source, attention, batch_size, half=half, notice=notice, flags=flags)
             index.band_notices = band_choice_warning(source.dataset, chosen)
             yield index
 

@@ -67,7 +67,10 @@ def run_evaluate(request: dict, control, models) -> dict:
         background=request.get("background"), split=request.get("split") or "auto", device=models.device,
         out_json=request.get("out_json"), loaded=loaded,
         progress=lambda done, total, _info=None: control.progress(done, total),
-        should_cancel=control.should_cancel)
+        should_cancel=control.should_cancel,
+        # A batch that ran out of GPU memory, retried at half the size: the job's message as it happens (and
+        # among the result's warnings); an evaluate request has no option the last sentence could name.
+        notice=control.message, flags=())
     warnings = [str(warning) for warning in result.get("warnings") or []]
     for warning in warnings:  # as the CLI prints them: the labels' gaps, the pixels left out
         control.message(f"Warning: {warning}")

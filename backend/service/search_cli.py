@@ -35,6 +35,10 @@ def _inputs(raster: Optional[str | Path], model: Optional[str], weights: Optiona
                         ("weights", weights), *more.items()])
 
 
+def _note(sentence: str) -> None:
+    typer.echo(f"Note: {sentence}", err=True)
+
+
 def index_command(
     raster: str = typer.Argument(..., help="GeoTIFF (or any GDAL raster) to index."),
     bbox: Optional[tuple[float, float, float, float]] = typer.Option(
@@ -44,7 +48,8 @@ def index_command(
     weights: Optional[Path] = typer.Option(None, help=WEIGHTS_HELP),
     bands: Optional[str] = typer.Option(None, help="Band numbers for red,green,blue, e.g. 3,2,1 (or one)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
-    batch_size: int = typer.Option(8, help="Windows per batch."),
+    batch_size: Optional[int] = typer.Option(None, help="Windows per batch (default: 8 on the CPU; on a GPU, "
+                                                        "from its free memory, as segment picks it)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Build (or complete) RASTER's search index: CLIP embeddings of windows at three ground scales."""
@@ -53,9 +58,12 @@ def index_command(
 
     try:
         with signals_as_interrupt():
-            check_batch_size(batch_size)
+            if batch_size is not None:
+                check_batch_size(batch_size)
             loaded = _load(model, weights, device)
-            with open_index(raster, loaded, parse_bands(bands), batch_size=batch_size) as index:
+            # A batch that ran out of GPU memory, retried at half the size: said as it happens, as segment says it.
+            with open_index(raster, loaded, parse_bands(bands), batch_size=batch_size, notice=_note,
+                            flags=("--batch-size", "--device")) as index:
                 check_bbox(index, bbox, bbox_crs)
                 if index.rebuilt_reason and not quiet:
                     typer.echo(index.rebuilt_reason, err=True)
@@ -107,7 +115,7 @@ def search_command(
             queries = validate_search_options(options)
             check_hits_output(out_given, overwrite, _inputs(raster, model, weights), [q.text for q in queries])
             loaded = _load(model, weights, device)
-            with open_index(raster, loaded, parse_bands(bands)) as index:
+            with open_index(raster, loaded, parse_bands(bands), flags=("--device",)) as index:
                 with ProgressReporter(quiet, f"indexing {raster_label(raster)}", unit="windows") as reporter:
                     result = search_raster(index, options, out, overwrite, progress=reporter)
     except FarslipError as error:
@@ -151,6 +159,12 @@ def classify_command(
     from backend.engine.search import check_hits_output
 
     out = Path(out_given)
+    noted: list[str] = []  # a batch retried after the GPU ran out of memory: said as it happens, not again below
+
+    def note(sentence: str) -> None:
+        noted.append(sentence)
+        _note(sentence)
+
     try:
         with signals_as_interrupt():
             lines = collect_class_lines(classes, classes_file, preset)
@@ -163,13 +177,15 @@ def classify_command(
             validate_classify_options(options)
             check_classify_output(out, overwrite, options, inputs)
             with ProgressReporter(quiet, f"classifying {raster_label(raster)}") as reporter:
-                result = classify_raster(raster, options, out, loaded, overwrite, progress=reporter)
+                result = classify_raster(raster, options, out, loaded, overwrite, progress=reporter,
+                                         notice=note, flags=("--device",))
     except FarslipError as error:
         fail(error)
     except KeyboardInterrupt as error:
         interrupted(error)
     for warning in result.warnings:
-        typer.echo(f"Warning: {warning}", err=True)
+        if warning not in noted:
+            typer.echo(f"Warning: {warning}", err=True)
     if not quiet:
         for entry in result.classes:
             typer.echo(f"  {entry['class']:<24} {entry['tiles']:>6} tiles")

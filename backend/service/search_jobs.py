@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+
+log = logging.getLogger("farslip.jobs")
 
 
 def _search_options(request: dict):
@@ -85,18 +88,38 @@ def _loading(request: dict) -> str:
     return f"Loading the model {request.get('model') or request.get('weights') or 'default'}."
 
 
+def _batch_size(request: dict) -> int | None:
+    """The request's batch size; none given: as segment picks it (8 on the CPU, from the free memory on a GPU)."""
+    return int(request["batch_size"]) if request.get("batch_size") else None
+
+
+def _retry_notice(control):
+    """A batch that ran out of GPU memory, retried at half the size: in the log and the job's message as it
+    happens (the index keeps the sentence, which the job's notices repeat)."""
+    def notice(sentence: str) -> None:
+        log.warning("%s", sentence)
+        control.message(sentence)
+
+    return notice
+
+
+# The request fields the sentence when not even one window fits may name (as http_words writes the flags).
+JOB_FLAGS = ("--batch-size",)
+
+
 def run_index(request: dict, control, models) -> dict:
     from backend.engine.search_index import describe, open_index
 
     control.message(_loading(request))
     loaded = models.get(request.get("model"), request.get("weights"))
     bbox = tuple(request["bbox"]) if request.get("bbox") else None
-    with open_index(_raster(request), loaded, request.get("bands"),
-                    batch_size=int(request.get("batch_size") or 8)) as index:
+    with open_index(_raster(request), loaded, request.get("bands"), batch_size=_batch_size(request),
+                    notice=_retry_notice(control), flags=JOB_FLAGS) as index:
         control.message("Indexing.")
         stats = index.ensure(bbox, request.get("bbox_crs"), control.progress, control.should_cancel)
-        info = describe(index, stats)
-    return {"outputs": {}, "index": info, "notices": [info["rebuilt"]] if info["rebuilt"] else []}
+        info = describe(index, stats)  # its batch_size: the one that ran, after any retry
+    notices = ([info["rebuilt"]] if info["rebuilt"] else []) + list(index.notices)
+    return {"outputs": {}, "index": info, "notices": notices}  # as a search job returns its retries
 
 
 def run_search(request: dict, control, models) -> dict:
@@ -107,7 +130,8 @@ def run_search(request: dict, control, models) -> dict:
     loaded = models.get(request.get("model"), request.get("weights"))
     options = _search_options(request)
     out = Path(request["out"]).expanduser()
-    with open_index(_raster(request), loaded, request.get("bands")) as index:
+    with open_index(_raster(request), loaded, request.get("bands"), batch_size=_batch_size(request),
+                    notice=_retry_notice(control), flags=JOB_FLAGS) as index:
         control.message("Indexing the windows not in the index yet, then ranking.")
         result = search_raster(index, options, out, bool(request.get("overwrite")), control.progress,
                                control.should_cancel)

@@ -75,7 +75,8 @@ def evaluate_command(
     scale: Optional[float] = typer.Option(None, help="Resample by this factor."),
     gsd: Optional[float] = typer.Option(None, help="Resample to this ground sample distance in metres."),
     attention: str = typer.Option("segearth", help="Last-block attention variant."),
-    batch_size: int = typer.Option(8, help="Crops per batch."),
+    batch_size: Optional[int] = typer.Option(None, help="Crops per batch (default: 8 on the CPU; on a GPU, from its "
+                                                        "free memory, as segment picks it)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     json_out_given: Optional[str] = typer.Option(None, "--json", metavar="PATH", help="Write the metrics as JSON."),
     png_given: Optional[str] = typer.Option(None, "--png", metavar="PATH",
@@ -134,7 +135,8 @@ def evaluate_command(
         quality_out = output_file_option(quality_out_given, "--quality-out file")
         # Every output is checked before a model loads: a run never ends in a traceback over a missing folder.
         check_attention(attention)
-        check_batch_size(batch_size)  # segment's sentence (-5, 0 or 100000 crops per batch ran, or failed late)
+        if batch_size is not None:  # segment's sentence (-5, 0 or 100000 crops per batch ran, or failed late)
+            check_batch_size(batch_size)
         if calibrate_quality:
             check_quality_tile(quality_tile)
         inputs = evaluation_inputs(raster_file(raster) if raster else None, labels, aoi, model, weights)
@@ -179,7 +181,7 @@ def evaluate_command(
                 raster, labels, class_field, loaded, target, force=force_calibration,
                 background=result["background"], aoi=used["aoi"], class_names=used["class_names"],
                 bands=used["bands"], scale=used["scale"], gsd_m=used["gsd_m"], tile=quality_tile,
-                attention=attention, batch_size=batch_size, square=used.get("square", True),
+                attention=attention, batch_size=result["batch_size"], square=used.get("square", True),
                 along=_report_files(result, json_out, png), may_replace=overwrite or quality_out is not None)
     except FarslipError as error:
         _fail(error)
@@ -333,7 +335,7 @@ def _benchmark(benchmark, classes, preset, protocol, reduce_zero_label, prob_thr
                   "preset": preset, "protocol": protocol_used, "protocol_overrides": overrides,
                   "settings": settings, "long_side": long_side or None, "ignore_index": ignore_index,
                   "reduce_zero_label": settings["reduce_zero_label"], "split": metrics["split"], "limit": limit,
-                  "attention": attention, "batch_size": batch_size, "device": str(dev), "fp16": half,
+                  "attention": attention, "batch_size": metrics.pop("batch_size"), "device": str(dev), "fp16": half,
                   "class_lines": list(lines),
                   "classes": [{"class": spec.name, "queries": list(spec.queries)}
                               for spec in parse_class_lines(lines)],

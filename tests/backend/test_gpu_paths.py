@@ -3,7 +3,9 @@ quality estimate's region checks; the out-of-memory retry of the server's segmen
 (only for the dense pass's batches, the failed attempt's memory freed first, one sentence when nothing fits);
 the feature cache's copy from a GPU other than GPU 0; a GPU's default batch size; the search index's and the
 evaluation's batches on a GPU (fp16 autocast kept apart from fp32 in the index's cache, the batch from the free
-memory, the out-of-memory retry, one wait for the device per chunk)."""
+memory, the out-of-memory retry, one wait for the device per chunk); index, evaluate and classify sizing their batch
+as segment does, recording the one that ran and saying their retries in a job's message and result; the sentence
+when not even one crop fits naming only the command's own options."""
 
 from __future__ import annotations
 
@@ -302,7 +304,7 @@ def test_search_says_a_retry_once_among_its_notices_and_one_sentence_when_not_ev
     failed = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "none.gpkg")])
     assert failed.exit_code == DeviceMemoryError.exit_code, failed.output
     errors = [line for line in failed.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and "even with --batch-size 1" in errors[0] and "Traceback" not in failed.output
+    assert len(errors) == 1 and "even with a batch of one" in errors[0] and "Traceback" not in failed.output
 
 
 def test_an_index_embedded_in_fp16_on_a_gpu_is_never_served_for_fp32_nor_the_reverse(small_raster, tiny_model,
@@ -427,3 +429,153 @@ def test_evaluate_on_labels_retries_the_dense_pass_with_half_the_batch(tiny_mode
     encoder_out_of_memory_above(monkeypatch, 0)
     with pytest.raises(DeviceMemoryError, match="even with --batch-size 1"):
         predict_classes(segmenter, sliding.ArraySource(image), window, notice=notes.append)
+
+
+# --------------------------------------------------------------------------- batch sizes as segment picks them
+
+def default_batch_of(monkeypatch, crops: int) -> None:
+    """segment's default batch (from the free memory on a GPU) taken as `crops`, whatever the device: on this
+    machine's CPU it is 8, so a command that sized its batch elsewhere (a fixed 8) shows."""
+    from backend.engine import segment
+
+    monkeypatch.setattr(segment, "default_batch_size", lambda device, share=1.0: crops)
+
+
+def test_index_without_batch_size_sizes_its_batch_as_segment_does(small_raster, tiny_model, tmp_path, monkeypatch):
+    """`farslip index` and the server's index job defaulted to a fixed 8 windows: on a GPU never sized from its
+    free memory."""
+    from backend.service.search_jobs import run_index
+
+    monkeypatch.setenv("FARSLIP_CACHE", str(tmp_path / "cli"))
+    default_batch_of(monkeypatch, 2)
+    ran = windows_out_of_memory_above(monkeypatch, 100)  # records the batches, all fit
+    result = CliRunner().invoke(app, ["index", str(small_raster), "--weights", str(tiny_model), "--device", "cpu",
+                                      "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert ran and max(ran) == 2  # rows of 3 windows: a batch of 8 would have run 3 at once
+    monkeypatch.setenv("FARSLIP_CACHE", str(tmp_path / "job"))
+    job = run_index({"raster": str(small_raster), "weights": str(tiny_model)}, Control(), ModelCache("cpu"))
+    assert job["index"]["batch_size"] == 2
+
+
+def test_an_index_job_returns_its_retries_among_its_notices_and_records_the_batch_that_ran(
+        small_raster, tiny_model, tmp_path, monkeypatch):
+    """The index job's retries went to the worker's stderr only: neither its message nor its result said them."""
+    from backend.service.search_jobs import run_index
+
+    monkeypatch.setenv("FARSLIP_CACHE", str(tmp_path / "cache"))
+    windows_out_of_memory_above(monkeypatch, 2)
+    control = Control()
+    job = run_index({"raster": str(small_raster), "weights": str(tiny_model), "batch_size": 8}, control,
+                    ModelCache("cpu"))
+    said = ["The GPU ran out of memory with batch size 8; retrying with batch size 4.",
+            "The GPU ran out of memory with batch size 4; retrying with batch size 2."]
+    assert job["notices"] == said
+    assert [m for m in control.messages if "out of memory" in m] == said
+    assert job["index"]["batch_size"] == 2  # the one that ran
+
+
+def test_evaluate_records_the_batch_it_ran_and_sizes_it_as_segment_does(
+        benchmark_folder, tiny_model, tmp_path, monkeypatch, segmenters):
+    """`farslip evaluate --batch-size` defaulted to a fixed 8, and the report recorded the size asked for, not the
+    one a retry after running out of GPU memory left."""
+    args = ["evaluate", "--benchmark", str(benchmark_folder), "-c", "dark", "-c", "bright", "--weights",
+            str(tiny_model), "--device", "cpu", "--quiet"]
+    default_batch_of(monkeypatch, 3)
+    result = CliRunner().invoke(app, [*args, "--json", str(tmp_path / "default.json")])
+    assert result.exit_code == 0, result.output
+    assert segmenters.built == [3]
+    assert json.loads((tmp_path / "default.json").read_text())["batch_size"] == 3
+    encoder_out_of_memory_above(monkeypatch, 1)
+    result = CliRunner().invoke(app, [*args, "--batch-size", "4", "--json", str(tmp_path / "retried.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "retried.json").read_text())
+    assert report["batch_size"] == 1 and "batch_size" not in report["metrics"]
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> tuple[Path, Path]:
+    from training_data import make_synthetic
+
+    raster, labels, _ = make_synthetic(tmp_path_factory.mktemp("labelled"))
+    return raster, labels
+
+
+def test_an_evaluate_job_says_its_retries_in_its_message_and_warnings(labelled, tiny_model, tmp_path, monkeypatch):
+    """evaluate_model took no notice: a server evaluate job's retries went to the worker's stderr only."""
+    from backend.service.evaluate_jobs import run_evaluate
+
+    raster, labels = labelled
+    request = {"raster": str(raster), "labels": str(labels), "class_field": "cls", "model": str(tiny_model),
+               "out_json": str(tmp_path / "job.json")}
+    clean = run_evaluate(request, Control(), ModelCache("cpu"))
+    default_batch_of(monkeypatch, 4)
+    encoder_out_of_memory_above(monkeypatch, 1)
+    control = Control()
+    job = run_evaluate({**request, "out_json": str(tmp_path / "retried.json")}, control, ModelCache("cpu"))
+    said = ["The GPU ran out of memory with batch size 4; retrying with batch size 2.",
+            "The GPU ran out of memory with batch size 2; retrying with batch size 1."]
+    assert [m for m in control.messages if "out of memory" in m][:2] == said  # as it happens (then as warnings)
+    assert [w for w in job["warnings"] if "out of memory" in w] == said
+    assert job["metrics"]["confusion"] == clean["metrics"]["confusion"]
+    assert json.loads((tmp_path / "retried.json").read_text())["batch_size"] == 1
+    encoder_out_of_memory_above(monkeypatch, 0)
+    with pytest.raises(DeviceMemoryError) as failed:
+        run_evaluate({**request, "out_json": str(tmp_path / "none.json")}, Control(), ModelCache("cpu"))
+    assert "--" not in str(failed.value)  # an evaluate request has no --batch-size, --half nor --device
+
+
+# --------------------------------------------------------------------------- out of memory: farslip classify
+
+def test_classify_retries_with_half_the_batch_when_the_gpu_runs_out_of_memory(small_raster, tiny_model, tmp_path,
+                                                                             monkeypatch):
+    """classify ran its tiles in a fixed batch with no retry: a batch too big for the GPU ended the run in a
+    traceback."""
+    import pyogrio.raw
+
+    from backend.engine.export import report_path_for
+
+    args = ["classify", str(small_raster), "-c", "water", "-c", "field", "--tile", "100", "--weights",
+            str(tiny_model), "--device", "cpu", "--quiet"]
+    clean = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "clean.gpkg")])
+    assert clean.exit_code == 0, clean.output
+    ran = windows_out_of_memory_above(monkeypatch, 2)
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "retried.gpkg")])
+    assert result.exit_code == 0, result.output
+    said = [line for line in result.output.splitlines() if "out of memory" in line]
+    assert said == ["Note: The GPU ran out of memory with batch size 8; retrying with batch size 4.",
+                    "Note: The GPU ran out of memory with batch size 4; retrying with batch size 2."]
+    assert max(ran) == 2
+    tiles = []
+    for name in ("clean", "retried"):
+        meta, _, geometry, fields = pyogrio.raw.read(tmp_path / f"{name}.gpkg")
+        tiles.append((list(geometry), dict(zip(meta["fields"], fields))))
+    (clean_boxes, clean_fields), (boxes, fields) = tiles
+    assert boxes == clean_boxes and list(fields["class"]) == list(clean_fields["class"])
+    assert np.allclose(fields["prob"], clean_fields["prob"], atol=1e-6)  # the same tiles, the same classes
+    report = json.loads(report_path_for(tmp_path / "retried.gpkg").read_text())
+    assert [w for w in report["warnings"] if "out of memory" in w] == [line[len("Note: "):] for line in said]
+    windows_out_of_memory_above(monkeypatch, 0)
+    failed = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "none.gpkg")])
+    assert failed.exit_code == DeviceMemoryError.exit_code, failed.output
+    errors = [line for line in failed.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "Traceback" not in failed.output
+    assert "--batch-size" not in errors[0] and "--half" not in errors[0] and "--device cpu" in errors[0]
+
+
+# --------------------------------------------------------------------------- the last sentence names what exists
+
+def test_when_not_even_one_window_fits_the_sentence_names_only_the_commands_own_options(
+        small_raster, tiny_model, tmp_path, monkeypatch):
+    """The sentence told `farslip search` (and the index) to try --batch-size 1 and --half, which they lack."""
+    monkeypatch.setenv("FARSLIP_CACHE", str(tmp_path / "cache"))
+    windows_out_of_memory_above(monkeypatch, 0)
+    search = CliRunner().invoke(app, ["search", str(small_raster), "farmland", "--weights", str(tiny_model),
+                                      "--device", "cpu", "--quiet", "--out", str(tmp_path / "hits.gpkg")])
+    index = CliRunner().invoke(app, ["index", str(small_raster), "--weights", str(tiny_model), "--device", "cpu",
+                                     "--batch-size", "2", "--quiet"])
+    for result, named in ((search, ["--device cpu"]), (index, ["--batch-size 1", "--device cpu"])):
+        assert result.exit_code == DeviceMemoryError.exit_code, result.output
+        error = next(line for line in result.output.splitlines() if line.startswith("Error:"))
+        assert all(flag in error for flag in named), error
+        assert "--half" not in error and error.count("--") == len(named), error
