@@ -20,6 +20,7 @@ import pytest
 import rasterio
 import torch
 from typer.testing import CliRunner
+from sample_rasters import naip_corner
 
 from backend.engine import quality, search_index, sliding
 from backend.engine.devices import DeviceMemoryError
@@ -37,14 +38,7 @@ GPU_OOM = "CUDA out of memory. Tried to allocate 2.00 GiB (simulated)"
 @pytest.fixture(scope="module")
 def small_raster(tmp_path_factory, shared_data) -> Path:
     """A 400x400 corner of the NAIP sample: 9 crops, each run short."""
-    path = tmp_path_factory.mktemp("raster") / "naip_small.tif"
-    with rasterio.open(shared_data / "naip_2020_5m.tif") as src:
-        window = rasterio.windows.Window(100, 100, 400, 400)
-        profile = {**src.profile, "width": 400, "height": 400, "transform": src.window_transform(window)}
-        profile.pop("blockxsize", None), profile.pop("blockysize", None), profile.update(tiled=False)
-        with rasterio.open(path, "w", **profile) as dst:
-            dst.write(src.read(window=window))
-    return path
+    return naip_corner(shared_data, tmp_path_factory.mktemp("raster") / "naip_small.tif", 400)
 
 
 # --------------------------------------------------------------------------- --half and the region checks

@@ -22,6 +22,7 @@ from tinymodels import (
     save_plain,
 )
 from typer.testing import CliRunner
+from sample_rasters import naip_corner
 
 from backend.engine import languages
 from backend.engine.errors import ModelError
@@ -51,14 +52,7 @@ def multilingual(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def small_raster(tmp_path_factory, shared_data) -> Path:
     """A 192x192 corner of the NAIP sample (same CRS, bands and nodata): keeps each run short."""
-    path = tmp_path_factory.mktemp("raster") / "naip_small.tif"
-    with rasterio.open(shared_data / "naip_2020_5m.tif") as src:
-        window = rasterio.windows.Window(100, 100, 192, 192)
-        profile = {**src.profile, "width": 192, "height": 192, "transform": src.window_transform(window)}
-        profile.pop("blockxsize", None), profile.pop("blockysize", None), profile.update(tiled=False)
-        with rasterio.open(path, "w", **profile) as dst:
-            dst.write(src.read(window=window))
-    return path
+    return naip_corner(shared_data, tmp_path_factory.mktemp("raster") / "naip_small.tif", 192)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from rasterio.crs import CRS
 from rasterio.transform import Affine, from_origin
 from rasterio.warp import transform as warp_transform
 from tinymodels import make_tiny_clip, save_plain
+from sample_rasters import naip_corner
 
 from backend.engine.dense import normalize_pixels
 from backend.engine.errors import EmptyResultError, InputError
@@ -34,14 +35,7 @@ def loaded(tmp_path_factory):
 
 def naip_crop(shared_data: Path, out: Path, size: int) -> Path:
     """A size x size px crop of the NAIP raster (EPSG:26914, 5 m), written by the test."""
-    with rasterio.open(shared_data / "naip_2020_5m.tif") as src:
-        window = rasterio.windows.Window(100, 100, size, size)
-        profile = src.profile | {"width": size, "height": size, "transform": src.window_transform(window),
-                                 "tiled": False}
-        profile.pop("blockxsize", None), profile.pop("blockysize", None)
-        with rasterio.open(out, "w", **profile) as dst:
-            dst.write(src.read(window=window))
-    return out
+    return naip_corner(shared_data, out, size)
 
 
 @pytest.fixture

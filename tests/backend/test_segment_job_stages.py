@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import rasterio
+from sample_rasters import naip_corner
 
 from backend.engine.temporary import new_run_tag
 from backend.service.jobs import runners
@@ -17,14 +17,7 @@ from backend.service.jobs.model_cache import ModelCache
 @pytest.fixture(scope="module")
 def small_raster(tmp_path_factory, shared_data) -> Path:
     """A 300x300 corner of the NAIP sample: a few crops."""
-    path = tmp_path_factory.mktemp("raster") / "naip_small.tif"
-    with rasterio.open(shared_data / "naip_2020_5m.tif") as src:
-        window = rasterio.windows.Window(100, 100, 300, 300)
-        profile = {**src.profile, "width": 300, "height": 300, "transform": src.window_transform(window)}
-        profile.pop("blockxsize", None), profile.pop("blockysize", None), profile.update(tiled=False)
-        with rasterio.open(path, "w", **profile) as dst:
-            dst.write(src.read(window=window))
-    return path
+    return naip_corner(shared_data, tmp_path_factory.mktemp("raster") / "naip_small.tif", 300)
 
 
 class Control:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+from sample_rasters import naip_corner
 
 from backend.scale import run
 from backend.scale.worker import EngineSettings, worker_device
@@ -103,20 +104,12 @@ def test_inside_a_worker_a_cuda_device_is_the_gpu_ray_gave_it():
 def test_a_worker_whose_gpu_runs_out_of_memory_runs_the_chunk_again_with_half_the_batch(tiny_model, shared_data,
                                                                                         tmp_path, monkeypatch):
     """Ray's max_task_retries ran the chunk again with the same batch, which failed the same way."""
-    import rasterio
     import torch
 
     from backend.engine import sliding
     from backend.scale.worker import ChunkWorker
 
-    raster = tmp_path / "corner.tif"
-    with rasterio.open(shared_data / "naip_2020_5m.tif") as src:
-        window = rasterio.windows.Window(100, 100, 400, 400)
-        profile = {**src.profile, "width": 400, "height": 400, "transform": src.window_transform(window),
-                   "tiled": False}
-        profile.pop("blockxsize", None), profile.pop("blockysize", None)
-        with rasterio.open(raster, "w", **profile) as dst:
-            dst.write(src.read(window=window))
+    raster = naip_corner(shared_data, tmp_path / "corner.tif", 400)
     real = sliding.Segmenter.crop_features
     tried: list[int] = []
 
