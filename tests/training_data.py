@@ -77,3 +77,23 @@ def copy_as_gpkg_table(raster: Path, gpkg: Path, table: str = "t1") -> Path:
         with rasterio.open(gpkg, "w", driver="GPKG", RASTER_TABLE=table, **profile) as written:
             written.write(source.read())
     return gpkg
+
+
+def write_two_image_benchmark(folder: Path, ignored_rows: int = 0) -> Path:
+    """An img_dir/val + ann_dir/val benchmark (RS-OVSS layout) of two 128 x 96 PNGs, dark left (class 0) and
+    bright right (class 1); the top `ignored_rows` rows labelled 255 (ignored)."""
+    rng = np.random.default_rng(0)
+    for part in ("img_dir/val", "ann_dir/val"):
+        (folder / part).mkdir(parents=True)
+    for index in range(2):
+        label = np.zeros((96, 128), np.uint8)
+        label[:, 64:] = 1
+        label[:ignored_rows] = 255
+        image = np.where(label[None] == 1, 200, 40).astype(np.uint8) * np.ones((3, 1, 1), np.uint8)
+        image = np.clip(image + rng.normal(0, 5, image.shape), 0, 255).astype(np.uint8)
+        for path, data in ((folder / "img_dir/val" / f"{index}.png", image),
+                           (folder / "ann_dir/val" / f"{index}.png", label[None])):
+            with rasterio.open(path, "w", driver="PNG", width=128, height=96, count=data.shape[0],
+                               dtype="uint8") as ds:
+                ds.write(data)
+    return folder

@@ -17,10 +17,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import rasterio
 import torch
 from typer.testing import CliRunner
 from sample_rasters import naip_corner
+from training_data import write_two_image_benchmark
 
 from backend.engine import quality, search_index, sliding
 from backend.engine.devices import DeviceMemoryError
@@ -373,20 +373,7 @@ def test_an_index_copies_each_chunk_back_while_the_next_one_runs(small_raster, t
 @pytest.fixture
 def benchmark_folder(tmp_path) -> Path:
     """An img_dir/ann_dir benchmark of two 128 x 96 images, dark left and bright right."""
-    rng = np.random.default_rng(0)
-    for folder in ("img_dir/val", "ann_dir/val"):
-        (tmp_path / "bench" / folder).mkdir(parents=True)
-    for index in range(2):
-        label = np.zeros((96, 128), np.uint8)
-        label[:, 64:] = 1
-        image = np.where(label[None] == 1, 200, 40).astype(np.uint8) * np.ones((3, 1, 1), np.uint8)
-        image = np.clip(image + rng.normal(0, 5, image.shape), 0, 255).astype(np.uint8)
-        for path, data in ((tmp_path / "bench/img_dir/val" / f"{index}.png", image),
-                           (tmp_path / "bench/ann_dir/val" / f"{index}.png", label[None])):
-            with rasterio.open(path, "w", driver="PNG", width=128, height=96, count=data.shape[0],
-                               dtype="uint8") as ds:
-                ds.write(data)
-    return tmp_path / "bench"
+    return write_two_image_benchmark(tmp_path / "bench")
 
 
 def test_evaluate_benchmark_retries_with_half_the_batch_when_the_gpu_runs_out_of_memory(

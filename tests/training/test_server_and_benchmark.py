@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-import rasterio
 import shapely
-from training_data import RASTER_CRS, write_labels
+from training_data import RASTER_CRS, write_labels, write_two_image_benchmark
 
 from backend.engine.errors import InputError
 from backend.engine.models import load_model
@@ -34,20 +32,7 @@ def test_train_request_runs_a_job_with_two_argument_progress(synthetic, tiny_mod
 
 
 def test_benchmark_folder_mode_scores_image_label_pairs(tiny_model, tmp_path):
-    rng = np.random.default_rng(0)
-    for folder in ("img_dir/val", "ann_dir/val"):
-        (tmp_path / folder).mkdir(parents=True)
-    for index in range(2):
-        label = np.zeros((96, 128), np.uint8)
-        label[:, 64:] = 1
-        label[:8] = 255
-        image = np.where(label[None] == 1, 200, 40).astype(np.uint8) * np.ones((3, 1, 1), np.uint8)
-        image = np.clip(image + rng.normal(0, 5, image.shape), 0, 255).astype(np.uint8)
-        for path, data in ((tmp_path / "img_dir/val" / f"{index}.png", image),
-                           (tmp_path / "ann_dir/val" / f"{index}.png", label[None])):
-            with rasterio.open(path, "w", driver="PNG", width=128, height=96, count=data.shape[0],
-                               dtype="uint8") as ds:
-                ds.write(data)
+    write_two_image_benchmark(tmp_path, ignored_rows=8)
     loaded = load_model(str(tiny_model))
     metrics = benchmark_metrics(tmp_path, ["dark", "bright"], loaded)
     assert metrics["images"] == 2
