@@ -156,6 +156,20 @@ def test_out_of_memory_after_the_dense_pass_fails_the_job_in_one_sentence_withou
                             Control(), ModelCache("cpu"))
     assert segmenters.built == [8]
     assert "\n" not in str(failed.value) and "--batch-size does not change" in str(failed.value)
+    # A job cannot choose its device (the backend's): its advice does not offer one.
+    assert "--device" not in str(failed.value)
+
+
+def test_a_job_whose_batch_of_one_does_not_fit_offers_only_what_a_request_can_change(
+        small_raster, tiny_model, tmp_path, monkeypatch, segmenters):
+    encoder_out_of_memory_above(monkeypatch, 0)
+    fake_cuda_cache(monkeypatch, segmenters.alive)
+    with pytest.raises(DeviceMemoryError) as failed:
+        runners.run_segment(segment_request(small_raster, tiny_model, tmp_path / "x.gpkg", 2, region_checks=False),
+                            Control(), ModelCache("cpu"))
+    assert segmenters.built == [2, 1]
+    said = str(failed.value)
+    assert "--batch-size 1" in said and "try --half" in said and "--device" not in said, said
 
 
 # --------------------------------------------------------------------------- out of memory: farslip segment

@@ -115,7 +115,8 @@ def run_segment(request: dict, control: JobControl, models: ModelCache) -> dict:
         control.restart_timing()
 
     assert options.batch_size is not None, "with_model_defaults chose the batch size"
-    result = retry_smaller_batches(attempt, options.batch_size, retrying)
+    # A job's request sets batch_size and half; its device is the backend's (farslip serve --device), not the job's.
+    result = retry_smaller_batches(attempt, options.batch_size, retrying, ("--batch-size", "--half"))
     features = {key: value for key, value in result.features.items() if key != "cache"}
     warnings = list(dict.fromkeys(list(result.warnings) + notices))  # a notice every attempt gave, once
     return {"outputs": dict(result.outputs), "classes": list(result.classes), "run_id": result.run_id,
