@@ -33,7 +33,7 @@ from backend.engine.raster import PixelWindow, open_source
 from backend.engine.sliding import predict_window
 
 from .api import model_class_lines
-from .evaluate import segmenter_for
+from .evaluate import predict_with_retries, segmenter_for
 from .labels import UNLABELLED, build_label_grid, raster_envelope, read_aoi, read_label_polygons
 
 MIN_LABELLED_SHARE = 0.5
@@ -73,11 +73,15 @@ def _region_agreement(loaded, segmenter, source, tiles: list[PixelWindow], major
 
 
 def tile_table(loaded, source, window: PixelWindow, truth: np.ndarray, class_lines: list[str], tile: int,
-               attention: str = "segearth", batch_size: int = 8,
-               should_cancel: Callable[[], bool] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(signals (T, 5), true IoU (T,), tile (row, col) index (T, 2)) over the labelled `window`."""
+               attention: str = "segearth", batch_size: int | None = None,
+               should_cancel: Callable[[], bool] | None = None,
+               notice: Callable[[str], None] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(signals (T, 5), true IoU (T,), tile (row, col) index (T, 2)) over the labelled `window`. Batches of
+    `batch_size` crops (default: as segment picks it); on a GPU that runs out of memory in a batch, again with half
+    the batch, `notice` hearing one sentence per retry (evaluate.predict_with_retries)."""
     segmenter = segmenter_for(loaded, class_lines, attention=attention, batch_size=batch_size)
-    block = predict_window(segmenter, source, window, should_cancel=should_cancel)
+    block = predict_with_retries(segmenter, lambda: predict_window(segmenter, source, window,
+                                                                   should_cancel=should_cancel), notice)
     assert block.probs is not None, "a new Segmenter keeps its class probabilities"
     margin, entropy = pixel_signals(block.probs)
     rows, signals, ious, tiles, majority = [], [], [], [], []
@@ -265,7 +269,7 @@ def calibrate_and_keep_the_better(raster: str | Path, labels: str | Path, class_
                                   aoi: str | Path | None = None, class_names: dict[str, str] | None = None,
                                   bands: list[int] | None = None, scale: float | None = None,
                                   gsd_m: float | None = None, tile: int = 64, attention: str = "segearth",
-                                  batch_size: int = 8, should_cancel: Callable[[], bool] | None = None,
+                                  batch_size: int | None = None, should_cancel: Callable[[], bool] | None = None,
                                   square: bool = True,
                                   along: Mapping[str | Path, Callable[[Path, dict], object]] | None = None,
                                   may_replace: bool = True) -> dict:

@@ -520,6 +520,30 @@ def test_an_evaluate_job_says_its_retries_in_its_message_and_warnings(labelled, 
     assert "--" not in str(failed.value)  # an evaluate request has no --batch-size, --half nor --device
 
 
+def test_the_quality_calibration_retries_with_half_the_batch_and_fits_the_same(labelled, tiny_model, tmp_path,
+                                                                               monkeypatch, capsys):
+    """`farslip evaluate --calibrate-quality` ran its tiles' dense pass with no retry: a batch too big for the GPU
+    ended the calibration after the evaluation had run."""
+    from training.quality_calibration import calibrate_and_keep_the_better
+
+    raster, labels = labelled
+    loaded = load_model(str(tiny_model))
+
+    def fit(name: str) -> dict:
+        return calibrate_and_keep_the_better(raster, labels, "cls", loaded, tmp_path / f"{name}.json", force=True,
+                                             tile=64)
+
+    clean = fit("clean")
+    default_batch_of(monkeypatch, 4)
+    encoder_out_of_memory_above(monkeypatch, 1)
+    capsys.readouterr()
+    retried = fit("retried")
+    assert [line for line in capsys.readouterr().err.splitlines() if "out of memory" in line] == [
+        "Note: The GPU ran out of memory with batch size 4; retrying with batch size 2.",
+        "Note: The GPU ran out of memory with batch size 2; retrying with batch size 1."]
+    assert retried["tiles"] == clean["tiles"] and retried["calibrated"] == clean["calibrated"]
+
+
 # --------------------------------------------------------------------------- out of memory: farslip classify
 
 def test_classify_retries_with_half_the_batch_when_the_gpu_runs_out_of_memory(small_raster, tiny_model, tmp_path,
