@@ -826,6 +826,16 @@ def _train_in(work: Path, out: Path, loaded: LoadedModel, data: TrainingData, op
         torch.cuda.reset_peak_memory_stats(loaded.device)
     trainer = Trainer(loaded, data, options, options.epochs * steps)
     region_warning, region_record = trainer.batches.region_warning(), trainer.batches.region_record()
+    retries: list[str] = []  # a validation batch that ran out of GPU memory, run again at half the size
+
+    def retrying(sentence: str) -> None:
+        retries.append(sentence)
+        if progress is not None:
+            progress(0, 0, {"phase": "warning", "message": sentence})
+        else:
+            note_on_stderr(sentence)
+
+    trainer.validation.notice = retrying
 
     if resuming:
         last = load_tensors(checkpoint / "last.safetensors")
@@ -933,8 +943,8 @@ def _train_in(work: Path, out: Path, loaded: LoadedModel, data: TrainingData, op
         progress(options.epochs * steps, options.epochs * steps, {"phase": "final-validate"})
     reloaded = load_model(str(work), device=str(loaded.device))
     segmenter = segmenter_for(reloaded, grid.class_lines, attention=options.attention,
-                              batch_size=options.eval_batch_size)
-    predicted = predict_classes(segmenter, data.source, validation_window, should_cancel)
+                              batch_size=trainer.validation.batch_size)  # --eval-batch-size, or what fitted
+    predicted = predict_classes(segmenter, data.source, validation_window, should_cancel, notice=retrying)
     after = score(data.validation_labels, predicted, grid.class_names)
     meta["metrics"]["after"] = after
     write_json(meta, work / FINETUNED_META)
@@ -951,7 +961,7 @@ def _train_in(work: Path, out: Path, loaded: LoadedModel, data: TrainingData, op
         "split": meta["split"], "training": {k: meta["training"][k] for k in
                                              ("seconds", "crops_per_second", "peak_rss_mb", "peak_gpu_mb")},
         "seconds": round(time.perf_counter() - started, 3),
-        "warnings": [region_warning] if region_warning else [],
+        "warnings": [*([region_warning] if region_warning else []), *dict.fromkeys(retries)],
     }
 
 

@@ -544,6 +544,31 @@ def test_the_quality_calibration_retries_with_half_the_batch_and_fits_the_same(l
     assert retried["tiles"] == clean["tiles"] and retried["calibrated"] == clean["calibrated"]
 
 
+def test_a_training_whose_validation_runs_out_of_gpu_memory_retries_once_and_says_so(labelled, tiny_model,
+                                                                                     tmp_path, monkeypatch):
+    """The validation strip's dense pass (before training, after each epoch, and on the written model) went to
+    stderr with its retries, which a server train job does not show, and retried again at every epoch. Now the
+    retries are the run's warnings (said as they happen), and the batch that fitted is kept for the later ones."""
+    from training.api import train_model
+    from training_data import fast_options
+
+    raster, labels = labelled
+    encoder_out_of_memory_above(monkeypatch, 2)
+    heard: list[str] = []
+
+    def progress(step, total, info):
+        if info.get("phase") == "warning":
+            heard.append(info["message"])
+
+    result = train_model(raster, labels, "cls", tmp_path / "model", base_model=str(tiny_model), epochs=2,
+                         options=fast_options(eval_batch_size=8), progress=progress)
+    said = ["The GPU ran out of memory with batch size 8; retrying with batch size 4.",
+            "The GPU ran out of memory with batch size 4; retrying with batch size 2."]
+    assert [line for line in heard if "out of memory" in line] == said  # once, not at every validation
+    assert [line for line in result["warnings"] if "out of memory" in line] == said
+    assert result["metrics"]["after"]["miou"] is not None
+
+
 # --------------------------------------------------------------------------- out of memory: farslip classify
 
 def test_classify_retries_with_half_the_batch_when_the_gpu_runs_out_of_memory(small_raster, tiny_model, tmp_path,
