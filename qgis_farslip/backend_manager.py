@@ -41,7 +41,7 @@ HEALTH_TIMEOUT_S = 2.0  # the check that a connected backend still answers, befo
 CLI_ENTRY = "from backend.service.launch import main; main()"
 
 
-def log(message: str, level=Qgis.Info) -> None:
+def log(message: str, level=Qgis.MessageLevel.Info) -> None:
     QgsMessageLog.logMessage(message, LOG_TAG, level)
 
 
@@ -239,8 +239,8 @@ class BackendManager(QObject):
         # and the flag that cancels it when the analyst switches the backend.
         self._processing_jobs: dict[int, tuple[str, threading.Event]] = {}
         self._processing_lock = threading.Lock()
-        self._ensureRequested.connect(self.ensure, Qt.QueuedConnection)
-        self._lostReported.connect(self.lost, Qt.QueuedConnection)
+        self._ensureRequested.connect(self.ensure, Qt.ConnectionType.QueuedConnection)
+        self._lostReported.connect(self.lost, Qt.ConnectionType.QueuedConnection)
 
     # -- state -------------------------------------------------------------------------------
     def _set_state(self, state: str) -> None:
@@ -259,7 +259,7 @@ class BackendManager(QObject):
     def _fail(self, message: str) -> None:
         self._poll.stop()
         self.message = message
-        log(plain_text(message), Qgis.Warning)
+        log(plain_text(message), Qgis.MessageLevel.Warning)
         self._set_state("failed")
         self.failed.emit(message)
 
@@ -267,7 +267,7 @@ class BackendManager(QObject):
         return BackendClient(self.connection) if self.connection else None
 
     def owns_process(self) -> bool:
-        return self.process is not None and self.process.state() != QProcess.NotRunning
+        return self.process is not None and self.process.state() != QProcess.ProcessState.NotRunning
 
     # -- connecting ----------------------------------------------------------------------------
     def ensure(self) -> None:
@@ -381,7 +381,7 @@ class BackendManager(QObject):
     def _forget(self, connection: Connection) -> bool:
         """Drop a connection that does not answer; True if it was a backend the user started."""
         self.connection, self.health = None, {}
-        log(f"The FarSLIP backend at {connection.url} does not answer.", Qgis.Warning)
+        log(f"The FarSLIP backend at {connection.url} does not answer.", Qgis.MessageLevel.Warning)
         if self.restarts_own_backend():
             return False  # ensure() starts it again
         self.lost_url = connection.url
@@ -432,7 +432,7 @@ class BackendManager(QObject):
             os.remove(self.connection_file)  # a stale file from a backend that no longer answers
         process = QProcess(self)
         process.setProcessEnvironment(backend_environment(settings))
-        process.setProcessChannelMode(QProcess.MergedChannels)
+        process.setProcessChannelMode(QProcess.ProcessChannelMode.MergedChannels)
         process.readyReadStandardOutput.connect(self._forward_output)
         process.errorOccurred.connect(self._process_error)
         process.finished.connect(self._process_finished)
@@ -461,7 +461,7 @@ class BackendManager(QObject):
                                 RESTART, OPEN_LOG, SETTINGS))
 
     def _process_error(self, error) -> None:
-        if self.state == "starting" and error == QProcess.FailedToStart:
+        if self.state == "starting" and error == QProcess.ProcessError.FailedToStart:
             self._startup_failure(tr("{} could not be run").format(self.process.program()))
 
     def _process_finished(self, exit_code: int, exit_status) -> None:
@@ -471,7 +471,7 @@ class BackendManager(QObject):
         if self.state == "starting" and self._poll.isActive():
             self._startup_failure(tr("it exited with code {}").format(exit_code))
             return
-        log(f"The FarSLIP backend stopped (exit code {exit_code}).", Qgis.Warning)
+        log(f"The FarSLIP backend stopped (exit code {exit_code}).", Qgis.MessageLevel.Warning)
         self.process = None
         if self.state == "ready":
             self.connection = None
@@ -510,7 +510,7 @@ class BackendManager(QObject):
         process, self.process = self.process, None
         if process is not None:
             process.finished.disconnect(self._process_finished)
-            if process.state() != QProcess.NotRunning:
+            if process.state() != QProcess.ProcessState.NotRunning:
                 log("Stopping the FarSLIP backend.")
                 # Asked first: on Windows terminate() posts a window message no console program reads, so the
                 # backend never shut down cleanly (QGIS froze 5 s, then the process was killed).

@@ -85,7 +85,7 @@ class BackendPanel(QObject):
 
     def _lists_arrived(self, result, error) -> None:
         if error is not None:
-            log(f"Could not read models and presets: {error}", Qgis.Warning)
+            log(f"Could not read models and presets: {error}", Qgis.MessageLevel.Warning)
             return
         models, presets = result
         self.listsArrived.emit(models, presets or {})

@@ -103,7 +103,7 @@ class FarslipDock(QgsDockWidget):
         self.extent = ExtentChoice(iface, form.extentCombo, form.drawButton, self)
         self.classes = ClassBox(form.presetCombo, form.classesEdit, self)
         self.classes.set_presets(bundled_presets())
-        form.layerCombo.setFilters(QgsMapLayerProxyModel.RasterLayer)
+        form.layerCombo.setFilters(QgsMapLayerProxyModel.Filter.RasterLayer)
         self.probability = ProbabilityChoice(form.probClassCombo, self)
         for label, value in ((self.tr("None"), "none"), (self.tr("Image edges"), "edges"),
                              (self.tr("SAM (Segment Anything)"), "sam")):
@@ -412,7 +412,7 @@ class FarslipDock(QgsDockWidget):
         self.form.statusMessage.setVisible(bool(actions))
         if error:
             self.last_error = text
-            log(text, Qgis.Warning)
+            log(text, Qgis.MessageLevel.Warning)
 
     def run(self) -> None:
         if self.runner.running or self._pending_run is not None:
@@ -518,9 +518,9 @@ class FarslipDock(QgsDockWidget):
                        "added to the project open now. Its files are kept: {}. Add them with Layer > Add Layer, "
                        "or run again in this project.").format(", ".join(files) or self.tr("none reported"))
         self.show_status(text)
-        log(text, Qgis.Info)
+        log(text, Qgis.MessageLevel.Info)
         try:
-            self.iface.messageBar().pushMessage("FarSLIP", text, Qgis.Info, 0)
+            self.iface.messageBar().pushMessage("FarSLIP", text, Qgis.MessageLevel.Info, 0)
         except (AttributeError, TypeError):  # an interface without a message bar (scripts)
             pass
 
@@ -544,7 +544,7 @@ class FarslipDock(QgsDockWidget):
         # under the result, and logged.
         warnings = [str(w) for w in (job.get("result") or {}).get("warnings") or [] if w]
         for warning in warnings:
-            log(warning, Qgis.Warning)
+            log(warning, Qgis.MessageLevel.Warning)
         late = [CANCEL_TOO_LATE] if job.get("cancelled_too_late") else []  # the analyst pressed Cancel
         self.show_status("\n".join([*late, status, *(self.tr("Warning: {}").format(w) for w in warnings)]))
         self.form.exportButton.setEnabled(True)
@@ -563,7 +563,7 @@ class FarslipDock(QgsDockWidget):
                 self.show_status(self.tr("There is no FarSLIP result to export yet; run a segmentation first."),
                                  error=True)
                 return None
-            if not dialog.exec_():
+            if not dialog.exec():
                 return None
             chosen = dialog.chosen_path()
             # A typed name is not checked by the file picker: an existing shapefile is replaced only when asked.
@@ -578,8 +578,9 @@ class FarslipDock(QgsDockWidget):
         answer = QMessageBox.question(
             self, self.tr("Replace the shapefile?"),
             self.tr("{} exists. Replace it (with its .dbf, .shx, .prj and style) by the exported result?").format(
-                path), QMessageBox.Yes | QMessageBox.No, QMessageBox.No)
-        return answer == QMessageBox.Yes
+                path), QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+            QMessageBox.StandardButton.No)
+        return answer == QMessageBox.StandardButton.Yes
 
     def _exported(self, outcome: tuple[str | None, str]) -> str | None:
         path, message = outcome

@@ -221,7 +221,7 @@ def write_styled(layer: QgsVectorLayer, path: str) -> QgsVectorLayer:
             with open(path, "rb") as existing:
                 if existing.read(16) != b"SQLite format 3\x00":
                     raise RuntimeError(tr("{} exists and is not a GeoPackage; choose another file name.").format(path))
-            options.actionOnExistingFile = QgsVectorFileWriter.CreateOrOverwriteLayer
+            options.actionOnExistingFile = QgsVectorFileWriter.ActionOnExistingFile.CreateOrOverwriteLayer
         _refuse_own_source(layer, path, options.layerName)
         key = result_key(layer)
         options.layerName = free_table_name(path, options.layerName, key)
@@ -248,7 +248,7 @@ def _write_and_style(layer: QgsVectorLayer, path: str, target: str, source: str,
                      options: QgsVectorFileWriter.SaveVectorOptions, existed: bool) -> QgsVectorLayer:
     error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(
         layer, target, QgsProject.instance().transformContext(), options)
-    if error != QgsVectorFileWriter.NoError:
+    if error != QgsVectorFileWriter.WriterError.NoError:
         raise RuntimeError(tr("Export to {} failed: {}").format(
             path, message or tr("QGIS gave no reason; check that the folder can be written to")))
     staged = QgsVectorLayer(target, options.layerName, "ogr") if target != path else None
@@ -337,12 +337,12 @@ class ExportDialog(QDialog):
         for layer in self.layers:
             self.layerCombo.addItem(layer.name(), layer.id())
         self.fileWidget = QgsFileWidget(self)
-        self.fileWidget.setStorageMode(QgsFileWidget.SaveFile)
+        self.fileWidget.setStorageMode(QgsFileWidget.StorageMode.SaveFile)
         self.fileWidget.setFilter(FILTERS)
         self.fileWidget.setDialogTitle(tr("Export the FarSLIP result"))
         self.loadCheck = QCheckBox(tr("Add the exported layer to the project"), self)
         self.loadCheck.setChecked(True)
-        buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel, self)
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel, self)
         buttons.accepted.connect(self.accept)
         buttons.rejected.connect(self.reject)
         form = QFormLayout(self)

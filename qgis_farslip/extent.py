@@ -14,6 +14,7 @@ from typing import Any, Callable, NamedTuple
 
 from osgeo import gdal
 from qgis.core import (
+    Qgis,
     QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
     QgsMapLayer,
@@ -50,7 +51,7 @@ def whole_web_layer_text(layer_name: str, instead: str) -> str:
 
 def crs_text(crs: QgsCoordinateReferenceSystem) -> str:
     """What the backend's bbox_crs takes: 'EPSG:xxxx', or WKT for a CRS without an authority id."""
-    return crs.authid() or crs.toWkt(QgsCoordinateReferenceSystem.WKT_PREFERRED)
+    return crs.authid() or crs.toWkt(QgsCoordinateReferenceSystem.WktVariant.WKT_PREFERRED)
 
 
 def transform_extent(extent: QgsRectangle, source_crs: QgsCoordinateReferenceSystem,
@@ -439,10 +440,15 @@ def displayed_bands(layer: QgsRasterLayer) -> list[int] | None:
     return [band] if band > 1 or layer.bandCount() >= 3 else None
 
 
+# QGIS 3.38 moved the raster capabilities to Qgis.RasterInterfaceCapability (the only place on QGIS 4).
+_SIZE_CAPABILITY = (Qgis.RasterInterfaceCapability.Size if hasattr(Qgis, "RasterInterfaceCapability")
+                    else QgsRasterDataProvider.Capability.Size)
+
+
 def has_pixel_size(layer: QgsRasterLayer) -> bool:
     """Whether the layer has pixels of its own (a WMS/XYZ layer is drawn at any resolution asked for)."""
     provider = layer.dataProvider()
-    return bool(provider.capabilities() & QgsRasterDataProvider.Size) and provider.xSize() > 0
+    return bool(provider.capabilities() & _SIZE_CAPABILITY) and provider.xSize() > 0
 
 
 def export_size(layer: QgsRasterLayer, extent: QgsRectangle, canvas_extent: QgsRectangle | None,
@@ -484,8 +490,9 @@ def write_geotiff(provider: QgsRasterDataProvider, extent: QgsRectangle, size: t
     writer.setCreateOptions(["COMPRESS=DEFLATE", "TILED=YES"])
     error = writer.writeRaster(pipe, size[0], size[1], extent, crs, QgsProject.instance().transformContext(),
                                feedback)
-    if error != QgsRasterFileWriter.NoError or not os.path.isfile(path):
-        raise LocalCopyError(f"The layer could not be written to {path} for the backend (error {int(error)}).")
+    if error != QgsRasterFileWriter.WriterError.NoError or not os.path.isfile(path):
+        code = int(getattr(error, "value", error))  # a Python enum on Qt6 (QGIS 4), an int on QGIS 3
+        raise LocalCopyError(f"The layer could not be written to {path} for the backend (error {code}).")
     if not has_imagery(path):
         raise LocalCopyError(f"The layer {layer_name} returned no imagery for this extent (no tiles, or only "
                              "empty ones); pan to where the layer shows imagery, or check its source.")

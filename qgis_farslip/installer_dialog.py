@@ -41,7 +41,7 @@ class InstallerDialog(QDialog):
         self._created_venv = False
 
         self.folderWidget = QgsFileWidget(self)
-        self.folderWidget.setStorageMode(QgsFileWidget.GetDirectory)
+        self.folderWidget.setStorageMode(QgsFileWidget.StorageMode.GetDirectory)
         self.folderWidget.setDialogTitle(tr("Folder for the backend's environment (a new or empty one)"))
         self.folderWidget.setFilePath(default_venv())
         self.pythonCombo = QComboBox(self)
@@ -54,7 +54,7 @@ class InstallerDialog(QDialog):
         self.torchCombo.setCurrentIndex(1 if has_nvidia_gpu() else 0)
         self.progressBar = QProgressBar(self)
         self.statusLabel = QLabel(self)
-        self.statusLabel.setTextFormat(Qt.PlainText)  # paths and pip's sentences, shown as they are
+        self.statusLabel.setTextFormat(Qt.TextFormat.PlainText)  # paths and pip's sentences, shown as they are
         self.statusLabel.setWordWrap(True)
         self.logView = QPlainTextEdit(self)
         self.logView.setReadOnly(True)
@@ -131,7 +131,7 @@ class InstallerDialog(QDialog):
         for name, value in install_environment({name: system.value(name) for name in system.keys()}).items():
             environment.insert(name, value)
         process.setProcessEnvironment(environment)
-        process.setProcessChannelMode(QProcess.MergedChannels)
+        process.setProcessChannelMode(QProcess.ProcessChannelMode.MergedChannels)
         process.readyReadStandardOutput.connect(self._read_output)
         process.finished.connect(self._step_finished)
         process.errorOccurred.connect(self._process_error)
@@ -145,7 +145,7 @@ class InstallerDialog(QDialog):
                 self.logView.appendPlainText(text)
 
     def _process_error(self, error) -> None:
-        if error == QProcess.FailedToStart and self.state == "running":
+        if error == QProcess.ProcessError.FailedToStart and self.state == "running":
             self._end("failed", tr("{} could not be run.").format(self.process.program()))
 
     def _step_finished(self, exit_code: int, _status) -> None:
@@ -163,7 +163,7 @@ class InstallerDialog(QDialog):
         if self.state != "running":
             return
         self.state = "cancelling"
-        if self.process is not None and self.process.state() != QProcess.NotRunning:
+        if self.process is not None and self.process.state() != QProcess.ProcessState.NotRunning:
             self.process.kill()
             self.process.waitForFinished(10000)
         self._end("cancelled", tr("Cancelled; the half-made environment was removed."))

@@ -94,7 +94,7 @@ class JobTask(QgsTask):
 
     def __init__(self, description: str, connection: Connection, kind: str, request: dict[str, Any],
                  prepare: Callable[[JobTask, dict[str, Any]], None] | None = None):
-        super().__init__(description, QgsTask.CanCancel)
+        super().__init__(description, QgsTask.Flag.CanCancel)
         self.client = BackendClient(connection)
         self.kind = kind
         self.request = request

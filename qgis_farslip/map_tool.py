@@ -16,11 +16,11 @@ class RectangleMapTool(QgsMapTool):
     def __init__(self, canvas):
         super().__init__(canvas)
         self.start = None
-        self.rubber_band = QgsRubberBand(canvas, QgsWkbTypes.PolygonGeometry)
+        self.rubber_band = QgsRubberBand(canvas, QgsWkbTypes.GeometryType.PolygonGeometry)
         self.rubber_band.setColor(QColor(255, 120, 0, 200))
         self.rubber_band.setFillColor(QColor(255, 120, 0, 40))
         self.rubber_band.setWidth(2)
-        self.setCursor(Qt.CrossCursor)
+        self.setCursor(Qt.CursorShape.CrossCursor)
 
     def canvasPressEvent(self, event):
         self.start = self.toMapCoordinates(event.pos())
@@ -40,7 +40,7 @@ class RectangleMapTool(QgsMapTool):
             self.extentDrawn.emit(rectangle)
 
     def show_rectangle(self, rectangle: QgsRectangle) -> None:
-        self.rubber_band.reset(QgsWkbTypes.PolygonGeometry)
+        self.rubber_band.reset(QgsWkbTypes.GeometryType.PolygonGeometry)
         corners = [QgsPointXY(rectangle.xMinimum(), rectangle.yMinimum()),
                    QgsPointXY(rectangle.xMaximum(), rectangle.yMinimum()),
                    QgsPointXY(rectangle.xMaximum(), rectangle.yMaximum()),
@@ -50,4 +50,4 @@ class RectangleMapTool(QgsMapTool):
         self.rubber_band.show()
 
     def clear(self) -> None:
-        self.rubber_band.reset(QgsWkbTypes.PolygonGeometry)
+        self.rubber_band.reset(QgsWkbTypes.GeometryType.PolygonGeometry)

@@ -12,7 +12,12 @@ import json
 import os
 
 from qgis.PyQt.QtCore import QObject, Qt, pyqtSignal
-from qgis.PyQt.QtWidgets import QAction, QFileDialog, QMenu
+from qgis.PyQt.QtWidgets import QFileDialog, QMenu, QToolButton
+
+try:  # Qt6 (QGIS 4): QAction is in QtGui
+    from qgis.PyQt.QtGui import QAction
+except ImportError:  # Qt5 (QGIS 3): in QtWidgets
+    from qgis.PyQt.QtWidgets import QAction  # type: ignore[no-redef]
 from .i18n import tr
 
 FINETUNED_META = "farslip_model.json"  # written by `farslip train` into a fine-tuned model folder
@@ -47,10 +52,10 @@ class ModelPicker(QObject):
         browse_menu.addAction(tr("Checkpoint file..."), self.browse_checkpoint)
         browse_menu.addAction(tr("Fine-tuned model folder..."), self.browse_folder)
         browse_button.setMenu(browse_menu)
-        browse_button.setPopupMode(browse_button.InstantPopup)
+        browse_button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
         self.download_menu = QMenu(download_button)
         download_button.setMenu(self.download_menu)
-        download_button.setPopupMode(download_button.InstantPopup)
+        download_button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
         download_button.setEnabled(False)
         combo.activated.connect(lambda _index: self.modelChosen.emit(self.chosen() or ""))
 
@@ -75,7 +80,7 @@ class ModelPicker(QObject):
             item.setToolTip(tr("{} Class names in: {}.").format(entry.get("description") or name, languages))
             if not present:
                 # Listed so the user sees it exists, but not choosable until downloaded.
-                item.setFlags(item.flags() & ~Qt.ItemIsEnabled & ~Qt.ItemIsSelectable)
+                item.setFlags(item.flags() & ~Qt.ItemFlag.ItemIsEnabled & ~Qt.ItemFlag.ItemIsSelectable)
                 action = QAction(name, self.download_menu)
                 action.setToolTip(entry.get("description") or "")
                 action.triggered.connect(lambda _checked=False, model=name: self.downloadRequested.emit(model))
@@ -92,7 +97,7 @@ class ModelPicker(QObject):
 
     def present(self, name: str) -> bool:
         index = self.combo.findData(name)
-        return index >= 0 and bool(self.combo.model().item(index).flags() & Qt.ItemIsEnabled)
+        return index >= 0 and bool(self.combo.model().item(index).flags() & Qt.ItemFlag.ItemIsEnabled)
 
     def select(self, model: str) -> bool:
         """Choose a listed (downloaded) model, or put a path in the box; False for a missing model."""

@@ -7,7 +7,12 @@ import os
 from qgis.core import QgsApplication
 from qgis.PyQt.QtCore import Qt, QTimer
 from qgis.PyQt.QtGui import QIcon
-from qgis.PyQt.QtWidgets import QAction, QMessageBox
+from qgis.PyQt.QtWidgets import QMessageBox
+
+try:  # Qt6 (QGIS 4): QAction is in QtGui
+    from qgis.PyQt.QtGui import QAction
+except ImportError:  # Qt5 (QGIS 3): in QtWidgets
+    from qgis.PyQt.QtWidgets import QAction  # type: ignore[no-redef]
 
 from .backend_manager import BackendManager
 from .classes import resources_dir
@@ -70,7 +75,7 @@ class FarslipPlugin:
             self.dock.settingsRequested.connect(self.show_settings)
             self.dock.installRequested.connect(self.show_installer)
             self.dock.visibilityChanged.connect(self.dock_action.setChecked)
-            self.iface.addDockWidget(Qt.RightDockWidgetArea, self.dock)
+            self.iface.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.dock)
         return self.dock
 
     def show_dock(self, visible: bool = True) -> None:
@@ -85,7 +90,7 @@ class FarslipPlugin:
         from .settings_dialog import SettingsDialog
 
         dialog = SettingsDialog(PluginSettings.load(), self.iface.mainWindow())
-        if dialog.exec_():
+        if dialog.exec():
             before = PluginSettings.load()
             after = dialog.settings()
             after.save()
@@ -108,8 +113,9 @@ class FarslipPlugin:
                 "switch waits until they have ended.)")
             answer = QMessageBox.question(
                 self.iface.mainWindow(), tr("Switch the FarSLIP backend?"),
-                question.format(jobs[:1].upper() + jobs[1:]), QMessageBox.Yes | QMessageBox.No, QMessageBox.No)
-            if answer == QMessageBox.Yes:
+                question.format(jobs[:1].upper() + jobs[1:]),
+                QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, QMessageBox.StandardButton.No)
+            if answer == QMessageBox.StandardButton.Yes:
                 if self.dock is not None:
                     self.dock.cancel_jobs()
                 if self.manager is not None:
@@ -134,7 +140,7 @@ class FarslipPlugin:
         from .installer_dialog import InstallerDialog
 
         dialog = InstallerDialog(self.iface.mainWindow())
-        if dialog.exec_() and dialog.installed_command:
+        if dialog.exec() and dialog.installed_command:
             settings = PluginSettings.load()
             settings.backend_command = dialog.installed_command
             settings.save()

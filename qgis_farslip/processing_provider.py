@@ -105,7 +105,7 @@ class BackendAlgorithm(QgsProcessingAlgorithm):
         # A feature source, as QGIS's own algorithms take an input: its "Selected features only" box trains on
         # (or scores against) the selected polygons, as the Train tab's does.
         self.addParameter(QgsProcessingParameterFeatureSource(self.LABELS, tr("Labelled polygons"),
-                                                              [QgsProcessing.TypeVectorPolygon]))
+                                                              [QgsProcessing.SourceType.TypeVectorPolygon]))
         self.addParameter(QgsProcessingParameterField(self.CLASS_FIELD, tr("Class field"),
                                                       parentLayerParameterName=self.LABELS))
 
@@ -342,7 +342,7 @@ class SegmentByClassNames(BackendAlgorithm):
             optional=True))
         self.addParameter(QgsProcessingParameterNumber(
             self.THRESHOLD, tr("Score threshold (pixels below it stay unclassified)"),
-            QgsProcessingParameterNumber.Double, 0.0, minValue=0.0, maxValue=MAX_THRESHOLD))
+            QgsProcessingParameterNumber.Type.Double, 0.0, minValue=0.0, maxValue=MAX_THRESHOLD))
         self.addParameter(QgsProcessingParameterEnum(
             self.REFINE, tr("Refine outlines (none; image edges; SAM, needs SAM weights in the backend)"),
             [tr("None"), tr("Image edges"), tr("SAM (Segment Anything)")], defaultValue=0, optional=True))
@@ -350,7 +350,7 @@ class SegmentByClassNames(BackendAlgorithm):
             self.REGION_CHECKS, tr("Check the largest polygons with the whole-image model (a more reliable quality "
                                    "estimate; off: faster re-runs with other classes)"), defaultValue=True))
         self.addParameter(QgsProcessingParameterVectorDestination(
-            self.OUTPUT, tr("Segmented polygons"), QgsProcessing.TypeVectorPolygon))
+            self.OUTPUT, tr("Segmented polygons"), QgsProcessing.SourceType.TypeVectorPolygon))
 
     def processAlgorithm(self, parameters, context, feedback):
         layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
@@ -451,7 +451,8 @@ class TrainOnLabels(BackendAlgorithm):
             self.BASE_MODEL, tr("Base model (empty: Settings -> Default model)"), optional=True))
         self.addParameter(QgsProcessingParameterEnum(self.METHOD, tr("Method"), [name for name, _ in METHODS],
                                                      defaultValue=0))
-        self.addParameter(QgsProcessingParameterNumber(self.EPOCHS, tr("Epochs"), QgsProcessingParameterNumber.Integer,
+        self.addParameter(QgsProcessingParameterNumber(self.EPOCHS, tr("Epochs"),
+                                                       QgsProcessingParameterNumber.Type.Integer,
                                                        10, minValue=1, maxValue=1000))
         self.addParameter(QgsProcessingParameterString(self.NAME, tr("Name of the new model")))
         self.addOutput(QgsProcessingOutputFolder(self.OUTPUT, tr("Fine-tuned model folder")))
@@ -554,14 +555,14 @@ class SearchBySentences(BackendAlgorithm):
         self.addParameter(QgsProcessingParameterString(self.SENTENCES, tr("Sentences, one per line"),
                                                        multiLine=True))
         self.addParameter(QgsProcessingParameterNumber(self.TOP, tr("Number of places per sentence"),
-                                                       QgsProcessingParameterNumber.Integer, 20, minValue=1,
+                                                       QgsProcessingParameterNumber.Type.Integer, 20, minValue=1,
                                                        maxValue=10000))
         self.addParameter(QgsProcessingParameterString(
             self.MODEL, tr("Model (empty: Settings -> Default model)"), optional=True))
         self.addParameter(QgsProcessingParameterExtent(self.EXTENT, tr("Extent (default: the whole raster)"),
                                                        optional=True))
         self.addParameter(QgsProcessingParameterVectorDestination(
-            self.OUTPUT, tr("Places found"), QgsProcessing.TypeVectorPolygon))
+            self.OUTPUT, tr("Places found"), QgsProcessing.SourceType.TypeVectorPolygon))
 
     def processAlgorithm(self, parameters, context, feedback):
         sentences = [line.strip() for line in self.parameterAsString(parameters, self.SENTENCES, context)

@@ -18,6 +18,7 @@ from typing import Callable, NamedTuple
 
 from osgeo import ogr
 from qgis.core import (
+    Qgis,
     QgsCoordinateReferenceSystem,
     QgsFeature,
     QgsFeatureRequest,
@@ -35,7 +36,7 @@ from qgis.core import (
     QgsVectorLayer,
 )
 from qgis.PyQt import uic
-from qgis.PyQt.QtCore import QObject, Qt, QVariant
+from qgis.PyQt.QtCore import QMetaType, QObject, Qt, QVariant
 from qgis.PyQt.QtGui import QColor
 from qgis.PyQt.QtWidgets import QTableWidgetItem, QWidget
 
@@ -50,7 +51,7 @@ QUALITY_FIELD = "quality"
 LABEL_FIELD = "cls"  # the class field of the corrections layer (what `farslip train --class-field` reads)
 CORRECT, RELABELLED, DELETED = "correct", "relabelled", "deleted"
 STYLE_CLASS, STYLE_QUALITY = "class", "quality"
-FID_ROLE = Qt.UserRole
+FID_ROLE = Qt.ItemDataRole.UserRole
 ESTIMATE_PROPERTY = "farslip/estimated_miou"  # the run's label-free estimate, kept with its layer (and project)
 # Five quality classes from red (doubtful) to green (likely right).
 QUALITY_BREAKS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -62,12 +63,20 @@ def quality_renderer() -> QgsGraduatedSymbolRenderer:
     ranges = []
     for index, (low, high) in enumerate(zip(QUALITY_BREAKS, QUALITY_BREAKS[1:])):
         colour = ramp.color(index / (len(QUALITY_BREAKS) - 2))
-        symbol = QgsFillSymbol.createSimple({"color": colour.name(QColor.HexArgb), "outline_color": "35,35,35,200",
-                                             "outline_width": "0.2"})
+        symbol = QgsFillSymbol.createSimple({"color": colour.name(QColor.NameFormat.HexArgb),
+                                             "outline_color": "35,35,35,200", "outline_width": "0.2"})
         ranges.append(QgsRendererRange(low, high, symbol, f"{low:.1f} - {high:.1f}"))
     renderer = QgsGraduatedSymbolRenderer(QUALITY_FIELD, ranges)
     renderer.setSourceColorRamp(ramp)
     return renderer
+
+
+def field_type(name: str):
+    """A QgsField type by its QMetaType.Type name ("QString", "Double", "Int"): QMetaType from QGIS 3.38 on (QGIS 4
+    has no QVariant.Type), QVariant.Type before (QGIS 3.22's QgsField refuses QMetaType)."""
+    if Qgis.QGIS_VERSION_INT >= 33800:
+        return getattr(QMetaType.Type, name)
+    return getattr(QVariant, "String" if name == "QString" else name)
 
 
 def field_text(value) -> str:
@@ -315,7 +324,7 @@ class ReviewTab(QObject):
         self.unreadable = ""  # why the layer's review file cannot be read: then nothing is written over it
         self.corrections_layer: QgsVectorLayer | None = None
         form = self.form
-        form.reviewLayerCombo.setFilters(QgsMapLayerProxyModel.PolygonLayer)
+        form.reviewLayerCombo.setFilters(QgsMapLayerProxyModel.Filter.PolygonLayer)
         form.reviewLayerCombo.setAllowEmptyLayer(True)
         form.styleCombo.addItem(tr("Colour by class"), STYLE_CLASS)
         form.styleCombo.addItem(tr("Colour by quality"), STYLE_QUALITY)
@@ -549,8 +558,10 @@ class ReviewTab(QObject):
         layer = self.layer()
         memory = QgsVectorLayer(f"Polygon?crs={layer.crs().authid() or layer.crs().toWkt()}", "review", "memory")
         provider = memory.dataProvider()
-        provider.addAttributes([QgsField(LABEL_FIELD, QVariant.String), QgsField("status", QVariant.String),
-                                QgsField(QUALITY_FIELD, QVariant.Double), QgsField("source_fid", QVariant.Int)])
+        provider.addAttributes([QgsField(LABEL_FIELD, field_type("QString")),
+                                QgsField("status", field_type("QString")),
+                                QgsField(QUALITY_FIELD, field_type("Double")),
+                                QgsField("source_fid", field_type("Int"))])
         memory.updateFields()
         if memory.crs() != layer.crs():
             memory.setCrs(layer.crs())
@@ -586,7 +597,7 @@ class ReviewTab(QObject):
         try:
             error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(
                 memory, partial, self.project().transformContext(), options)
-            if error != QgsVectorFileWriter.NoError:
+            if error != QgsVectorFileWriter.WriterError.NoError:
                 raise RuntimeError(tr("Saving the review to {} failed: {}").format(path, message))
             # An existing review file gets the marks written into it (one transaction: all of them or none), never
             # replaced: QGIS keeps a GeoPackage it read open (its connection pool, after the layer is removed), and

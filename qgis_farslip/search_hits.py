@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from qgis.core import (
+    QgsClassificationEqualInterval,
     QgsFillSymbol,
     QgsGradientColorRamp,
     QgsGraduatedSymbolRenderer,
@@ -28,7 +29,9 @@ def score_renderer(layer: QgsVectorLayer) -> QgsGraduatedSymbolRenderer:
     renderer = QgsGraduatedSymbolRenderer("score")
     renderer.setSourceSymbol(QgsFillSymbol.createSimple({"style": "no", "outline_width": "0.8"}))
     classes = min(SCORE_CLASSES, max(1, layer.featureCount()))
-    renderer.updateClasses(layer, QgsGraduatedSymbolRenderer.EqualInterval, classes)
+    # Not updateClasses(layer, mode, classes): deprecated since QGIS 3.10 (its Mode enum with it).
+    renderer.setClassificationMethod(QgsClassificationEqualInterval())
+    renderer.updateClasses(layer, classes)
     renderer.updateColorRamp(QgsGradientColorRamp(QColor("#ffffb2"), QColor("#bd0026")))
     for index, score_range in enumerate(renderer.ranges()):
         symbol = score_range.symbol().clone()

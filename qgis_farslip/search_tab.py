@@ -34,8 +34,8 @@ from .settings import PluginSettings
 
 FORM, _ = uic.loadUiType(os.path.join(os.path.dirname(__file__), "ui", "search_tab.ui"))
 EXTENT_LAYER, EXTENT_CANVAS = "layer", "canvas"
-HIT_BOUNDS = Qt.UserRole
-HIT_FOOTPRINT = Qt.UserRole + 1  # the hit's window on the ground: its corners in the raster's CRS
+HIT_BOUNDS = Qt.ItemDataRole.UserRole
+HIT_FOOTPRINT = Qt.ItemDataRole.UserRole + 1  # the hit's window on the ground: its corners in the raster's CRS
 
 
 class UserError(ValueError):
@@ -71,7 +71,7 @@ class SearchTab(QObject):
         self.searching_project = 0  # the dock's project_generation when the search was sent
         self.last_error = ""
         form = self.form
-        form.searchRasterCombo.setFilters(QgsMapLayerProxyModel.RasterLayer)
+        form.searchRasterCombo.setFilters(QgsMapLayerProxyModel.Filter.RasterLayer)
         form.searchExtentCombo.addItem("Whole layer", EXTENT_LAYER)
         form.searchExtentCombo.addItem("Map canvas", EXTENT_CANVAS)
         self.point_tool = QgsMapToolEmitPoint(self.canvas)
@@ -200,7 +200,7 @@ class SearchTab(QObject):
         label.setText(text)  # a plain-text label: quotes and < > of the backend's sentences shown as they are
         if error:
             self.last_error = text
-            log(text, Qgis.Warning)
+            log(text, Qgis.MessageLevel.Warning)
 
     def _job_updated(self, job: dict) -> None:
         self.form.searchProgressBar.setValue(round(100 * float(job.get("progress") or 0.0)))

@@ -12,7 +12,8 @@ PREFIX = "farslip/"
 
 
 def default_output_folder() -> str:
-    documents = QStandardPaths.writableLocation(QStandardPaths.DocumentsLocation) or os.path.expanduser("~")
+    documents = (QStandardPaths.writableLocation(QStandardPaths.StandardLocation.DocumentsLocation)
+                 or os.path.expanduser("~"))
     return os.path.join(documents, "FarSLIP")
 
 

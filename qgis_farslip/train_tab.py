@@ -138,7 +138,7 @@ def labels_file(layer: QgsVectorLayer, class_field: str, folder_maker: Callable[
     fields = layer.fields()
     index = fields.indexOf(class_field_name(layer, class_field))
     # A virtual (expression) or joined field is QGIS's, not the file's: the backend reading the file lacks it.
-    own_field = fields.fieldOrigin(index) == QgsFields.OriginProvider
+    own_field = fields.fieldOrigin(index) == QgsFields.FieldOrigin.OriginProvider
     if layer.providerType() == "ogr" and not crs_overridden(layer) and not selected_only and own_field:
         parts = QgsProviderRegistry.instance().decodeUri("ogr", layer.source())
         path = parts.get("path", "")
@@ -186,7 +186,7 @@ def labels_file(layer: QgsVectorLayer, class_field: str, folder_maker: Callable[
                 layer, written, layer.transformContext(), options)
         finally:
             gdal.SetThreadLocalConfigOption("OGR_CURRENT_DATE", date)
-        if error != QgsVectorFileWriter.NoError:
+        if error != QgsVectorFileWriter.WriterError.NoError:
             raise UserError(f"The labels of {layer.name()} could not be written for the backend: {message}")
         os.replace(written, path)
     finally:
@@ -232,9 +232,10 @@ class TrainTab(QObject):
         self._shown_warnings: set[str] = set()
         for method, help_text in METHODS:
             self.form.methodCombo.addItem(method, method)
-            self.form.methodCombo.setItemData(self.form.methodCombo.count() - 1, tr(help_text), Qt.ToolTipRole)
-        self.form.labelsCombo.setFilters(QgsMapLayerProxyModel.PolygonLayer)
-        self.form.trainRasterCombo.setFilters(QgsMapLayerProxyModel.RasterLayer)
+            self.form.methodCombo.setItemData(self.form.methodCombo.count() - 1, tr(help_text),
+                                              Qt.ItemDataRole.ToolTipRole)
+        self.form.labelsCombo.setFilters(QgsMapLayerProxyModel.Filter.PolygonLayer)
+        self.form.trainRasterCombo.setFilters(QgsMapLayerProxyModel.Filter.RasterLayer)
         self.form.labelsCombo.layerChanged.connect(self.form.classFieldCombo.setLayer)
         self.form.classFieldCombo.setLayer(self.form.labelsCombo.currentLayer())
         # As QGIS's own tools: with features selected in the labels layer, training uses those (ticked as soon
@@ -402,7 +403,7 @@ class TrainTab(QObject):
     def _show(self, text: str, error: bool = False) -> None:
         if error:
             self.last_error = text
-            log(text, Qgis.Warning)
+            log(text, Qgis.MessageLevel.Warning)
         self.form.trainLog.appendHtml(f"<span style='color:#b00020'>{html.escape(text)}</span>" if error
                                       else html.escape(text))
 
@@ -434,7 +435,7 @@ class TrainTab(QObject):
         # A warning is the job's message until the next one replaces it, maybe before a poll saw it: the
         # result holds them all, and those the log does not show yet are shown now.
         for warning in [str(w) for w in result.get("warnings") or [] if w]:
-            log(warning, Qgis.Warning)
+            log(warning, Qgis.MessageLevel.Warning)
             if warning not in self._shown_warnings:
                 self._shown_warnings.add(warning)
                 self._show(tr("Warning: {}").format(warning))

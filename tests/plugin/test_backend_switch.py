@@ -74,7 +74,7 @@ def test_the_switch_waits_for_the_running_segmentation_to_end(running_plugin, ru
         settings.connection_file = str(tmp_path / "other.json")
         return settings
 
-    monkeypatch.setattr(settings_dialog.SettingsDialog, "exec_", lambda _dialog: True)
+    monkeypatch.setattr(settings_dialog.SettingsDialog, "exec", lambda _dialog: True)
     monkeypatch.setattr(settings_dialog.SettingsDialog, "settings", edited)
     running_plugin.show_settings()
     assert asked == ["A segmentation is running on the FarSLIP backend. Cancel it and switch to the new backend "

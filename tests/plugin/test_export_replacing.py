@@ -59,7 +59,7 @@ def type_in_dialog(monkeypatch, path: str, answers: list) -> list:
         asked.append(text)
         return answers.pop(0)
 
-    monkeypatch.setattr(exporting.ExportDialog, "exec_", typed_and_ok)
+    monkeypatch.setattr(exporting.ExportDialog, "exec", typed_and_ok)
     monkeypatch.setattr(QMessageBox, "question", question)
     return asked
 
