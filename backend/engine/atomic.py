@@ -29,8 +29,8 @@ import threading
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 
-from .temporary import (dead_journals, journal_path, new_run_tag, owned_entries, remove_owned, staged_path,
-                        staged_stem)
+from .temporary import (dead_journals, journal_path, new_run_tag, owned_entries, process_is_alive, remove_owned,
+                        staged_path, staged_stem)
 
 # A shapefile's files, QGIS's metadata (.qmd), style (.qml) and old CRS file (.qpj), and ArcGIS's metadata
 # (.shp.xml) beside it, which describe its fields and data.
@@ -395,8 +395,59 @@ def recover_commit(journal: str | Path) -> Recovery | None:
     newest rename first: each previous file (or folder) kept as a backup goes back over its target, a new output
     that had no previous version is removed, a removed old file comes back. Which renames were done is read from
     the targets themselves (each holds the staged file the journal identifies once renamed), not from the staged
-    files, which a cleanup may have removed. None when the journal is gone (another sweep took it)."""
+    files, which a cleanup may have removed. None when the journal is gone (another sweep took it) or another
+    process is recovering it right now (two sweeps at once: the second would undo the first's work midway)."""
     journal = Path(journal)
+    try:
+        copies = json.loads(journal.read_text(encoding="utf-8")).get("journals") or [str(journal)]
+        lock = _recovery_lock(Path(sorted(map(str, copies))[0]))  # the same lock whichever copy a sweep found
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+        lock = _recovery_lock(journal)
+    if not _take(lock):
+        return None
+    try:
+        return _recover_commit(journal)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+
+
+def _recovery_lock(journal: Path) -> Path:
+    """Held by the process recovering the commit of `journal` (named so that no temporary sweep removes it)."""
+    return journal.with_name(journal.name[: -len(".json")] + ".lock")
+
+
+def _take(lock: Path) -> bool:
+    """Create `lock` naming this process; False while another live process holds it. A lock whose holder died
+    is taken over; one that cannot be made (a folder this process may not write) lets the recovery try, and
+    say what it could not undo."""
+    for _attempt in range(2):
+        try:
+            descriptor = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                holder = int(lock.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return False  # being written by its holder this instant (or gone: the next sweep sees)
+            if holder == os.getpid() or process_is_alive(holder):
+                return False
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
+            continue
+        except OSError:
+            return True
+        try:
+            os.write(descriptor, str(os.getpid()).encode())
+        finally:
+            os.close(descriptor)
+        return True
+    return False
+
+
+def _recover_commit(journal: Path) -> Recovery | None:
+    """recover_commit, under its lock: the journal read again (the holder before may have finished it)."""
     try:
         record = json.loads(journal.read_text(encoding="utf-8"))
         tag = record["tag"]

@@ -129,6 +129,30 @@ def test_loading_the_model_puts_the_previous_one_back_and_says_so(tmp_path, capl
     assert left(tmp_path) == [".model.partial", "model"]
 
 
+def test_a_recovery_another_process_is_making_is_left_to_it(tmp_path):
+    """Two sweeps at once (a model load and the server's restart, say) recovered the same dead commit together:
+    one put the previous model back while the other, a step behind, deleted it as the new one. A sweep now holds
+    the commit's lock while it works; another sweep leaves that commit alone, and takes over a lock whose
+    holder died."""
+    from backend.engine.atomic import recover_dead_commits
+
+    killed_move(tmp_path, 2, report=True)  # the new model in, the --json report not: to be rolled back
+    out = tmp_path / "model"
+    [journal] = [path for path in tmp_path.iterdir() if path.name.endswith(".commit.json")]
+    lock = journal.with_name(journal.name.replace(".commit.json", ".commit.lock"))
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(str(holder.pid))  # another process recovering it right now
+        assert recover_dead_commits(tmp_path, out) == []
+        assert model_of(out)[FINETUNED_WEIGHTS] == "NEW" and journal.is_file()  # untouched
+    finally:
+        holder.kill()
+        holder.wait()
+    [recovery] = recover_dead_commits(tmp_path, out)  # its holder died: taken over
+    assert str(out) in recovery.restored and model_of(out) == OLD
+    assert not lock.exists() and not journal.exists()
+
+
 def test_the_next_training_puts_the_previous_model_back_before_it_replaces_it(synthetic, tiny_model, tmp_path):
     raster, labels, _ = synthetic
     killed_move(tmp_path, 2, report=True)  # the new model in, the --json report not: rolled back
