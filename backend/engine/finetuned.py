@@ -199,12 +199,14 @@ def _recovered(path: Path, recovery) -> str:
     kept = [folder for folder in recovery.kept if Path(folder).is_dir()]
     trained = (f"; the trained model is kept in {kept[0]}: run that training again with --resume to put it in "
                "place") if kept else ""
+    if recovery.finished:  # only leftover copies of the previous model to remove; `left`: those that stay
+        leftover = (f"; the previous model's copy could not be removed ({'; '.join(recovery.left)}): delete it "
+                    "when you no longer need it" if recovery.left else " (the previous model's copy was removed)")
+        return (f"{path} holds the new model of a training that was stopped just after it put the model there; "
+                f"it is complete{leftover}.")
     if recovery.left:
         return (f"{path}: a training was stopped while it put its model there, and undoing that failed: "
                 f"{'; '.join(recovery.left)}. Move them where they belong by hand.")
-    if recovery.finished:
-        return (f"{path} holds the new model of a training that was stopped just after it put the model there; "
-                "it is complete (the previous model's copy was removed).")
     if str(path) in recovery.restored:
         return f"{path} holds the previous model again: a training that was replacing it was stopped midway{trained}."
     return f"{path} was not written: a training was stopped while it put its model there{trained}."

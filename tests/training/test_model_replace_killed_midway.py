@@ -153,6 +153,30 @@ def test_a_recovery_another_process_is_making_is_left_to_it(tmp_path):
     assert not lock.exists() and not journal.exists()
 
 
+def test_a_finished_replace_whose_old_copy_cannot_go_says_the_new_model_is_complete(tmp_path, monkeypatch):
+    """A reader who may not write the models folder loaded a model whose training was killed just after its last
+    rename: every load warned that undoing the replace had failed, though the complete new model was in place
+    and only the previous model's copy was left."""
+    from backend.engine import atomic
+    from backend.engine.finetuned import recover_model_folder
+
+    total = killed_move(tmp_path / "whole", 10**6, report=False)
+    folder = tmp_path / "done"
+    assert killed_move(folder, total, report=False) == -1
+    out = folder / "model"
+
+    def refused(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(atomic, "_remove", refused)
+    said = recover_model_folder(out)
+    assert model_of(out)[FINETUNED_WEIGHTS] == "NEW"
+    assert said.startswith(f"{out} holds the new model of a training that was stopped just after it put the model "
+                           "there; it is complete; the previous model's copy could not be removed (the previous "
+                           "model is kept as "), said
+    assert said.endswith("): delete it when you no longer need it."), said
+
+
 def test_the_next_training_puts_the_previous_model_back_before_it_replaces_it(synthetic, tiny_model, tmp_path):
     raster, labels, _ = synthetic
     killed_move(tmp_path, 2, report=True)  # the new model in, the --json report not: rolled back
