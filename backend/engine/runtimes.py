@@ -220,7 +220,10 @@ _LOCATION_LINE = re.compile(r"^(Exception from \S+:\d+:|Check '.*' failed at \S+
 
 def error_reason(error: BaseException) -> str:
     """An exporter's or runtime's error in one line: its first line that says what went wrong (not one of
-    OpenVINO's source locations), with the lines that one introduces when it ends in ':'."""
+    OpenVINO's source locations), with the lines that one introduces when it ends in ':'. A system error in its
+    words ("No space left on device: /path"), without Python's "[Errno 28]"."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
     lines = [line.strip() for line in str(error).splitlines()]
     lines = [line for line in lines if line and not _LOCATION_LINE.match(line)]
     if not lines:
@@ -487,7 +490,8 @@ def measured_speeds(loaded, attention: str) -> dict[str, float | None]:
     return {}
 
 
-def _remember_speeds(loaded, attention: str, speeds: dict[str, float | None]) -> None:
+def _remember_speeds(loaded, attention: str, speeds: dict[str, float | None]) -> str | None:
+    """Keep `speeds` for this tower and computer; None when kept, else why not (in words)."""
     path = exports_dir() / SPEEDS_FILE
     try:
         records = json.loads(path.read_text())
@@ -500,7 +504,8 @@ def _remember_speeds(loaded, attention: str, speeds: dict[str, float | None]) ->
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomically(path, json.dumps(records, indent=1), durable=False)
     except OSError as error:  # a read-only cache: timed again next time, the run goes on
-        log.warning("could not keep the runtimes' timings in %s: %s", path, error)
+        return f"{path}: {error.strerror or error}"
+    return None
 
 
 def crops_per_second(encoder: Encoder, crop: int) -> float:
@@ -522,40 +527,56 @@ def _fastest_first(loaded, attention: str, candidates: list[str], timed_only: bo
                    notice: Callable[[str], None] | None = None,
                    inform: Callable[[str], None] | None = None) -> list[str]:
     """`candidates` (compiled runtimes, torch last) in the order auto tries them: fastest first, as timed on
-    this computer for this tower, down to torch (which always runs: runtimes slower than torch are not
-    tried); a runtime that did not build when timed is tried first, so a run still says why it is not used.
-    Never timed here: each candidate is built and timed now, once, the figures kept (SPEEDS_FILE) and said,
-    and the encoder for the order found is kept in `known`; unless `timed_only` (a small run, which keeps
-    the given order). `notice` hears of a damaged export made again; `inform` the timing's figures."""
+    this computer for this tower, down to torch (which always runs: runtimes slower than torch are not tried).
+
+    A candidate never timed here, or that did not build when it was (an export that failed, or differed from
+    torch: it may work for other weights of the same shape, or once the disk has room), is built and timed now,
+    the figures kept (SPEEDS_FILE) and said to `inform`; one that does not build is left out, said as a fallback
+    (`known` keeps the encoder this run uses with that sentence). With `timed_only` (a small run, a Ray worker)
+    nothing is built or timed: the figures there are, or the given order when there are none. `notice` hears of
+    a damaged export made again."""
     if len(candidates) < 2:
         return candidates
-    speeds = measured_speeds(loaded, attention)
-    timing = any(name not in speeds for name in candidates)
-    if timing and timed_only:
-        return candidates
-    built: dict[str, tuple[Encoder | None, tuple[str, str] | None]] = {}
-    if timing:
-        speeds = {}
-        for name in candidates:
-            encoder, failure = _try_build(loaded, attention, name, half, notice)
-            built[name] = (encoder, failure)
-            speeds[name] = None if encoder is None else crops_per_second(encoder, crop_size(loaded.model.visual))
-        _remember_speeds(loaded, attention, speeds)
-    failed = [name for name in candidates if not speeds.get(name) and name != "torch"]
-    fastest = sorted((name for name in candidates if speeds.get(name)), key=lambda name: -float(speeds[name] or 0))
-    ordered = [*failed, *(fastest[:fastest.index("torch") + 1] if "torch" in fastest else [*fastest, "torch"])]
-    if timing:
-        figures = ", ".join(f"{name} {value:.3g}" for name, value in speeds.items() if value)
-        chosen = next(name for name in ordered if name not in failed)
-        (inform or _log_info)(
-            f"--runtime auto timed the encoder runtimes once for this model on this computer ({figures} crops per "
-            f"second) and uses the fastest, {chosen}.")
-        if known is not None:
-            encoder = built[chosen][0]
-            assert encoder is not None
-            failures = [failure for failure in (built[name][1] for name in failed) if failure is not None]
-            known[(tuple(ordered), attention, half)] = (
-                encoder, [f"{what}; using {encoder.name}{hint}." for what, hint in failures])
+    speeds = dict(measured_speeds(loaded, attention))
+    todo = [name for name in candidates if not speeds.get(name)]
+    if timed_only and todo:
+        if not any(speeds.get(name) for name in candidates):
+            return candidates
+        todo = []
+    failures: list[tuple[str, str]] = []
+    best: tuple[float, Encoder] | None = None  # only the fastest encoder built here is kept (memory)
+    for name in todo:
+        if name == "torch" and not any(speeds.get(other) for other in candidates if other != "torch"):
+            break  # nothing to compare torch with: it runs untimed
+        encoder, failure = _try_build(loaded, attention, name, half, notice)
+        if encoder is None:
+            assert failure is not None
+            speeds[name] = None
+            failures.append(failure)
+            continue
+        speed = speeds[name] = crops_per_second(encoder, crop_size(loaded.model.visual))
+        if best is None or speed > best[0]:
+            best = (speed, encoder)
+        del encoder
+    measured = sorted((name for name in candidates if speeds.get(name)), key=lambda name: -float(speeds[name] or 0))
+    ordered = measured[:measured.index("torch") + 1] if "torch" in measured else [*measured, "torch"]
+    if any(speeds.get(name) for name in todo):
+        where = _remember_speeds(loaded, attention, {name: speeds.get(name) for name in candidates})
+        figures = ", ".join(f"{name} {speeds[name]:.3g}" for name in candidates if speeds.get(name))
+        if len(measured) > 1:
+            (inform or _log_info)(
+                f"--runtime auto timed the encoder runtimes for this model on this computer ({figures} crops per "
+                f"second) and uses the fastest, {ordered[0]}" + (
+                    "; the figures are kept for the next runs." if where is None else
+                    f"; the figures could not be kept ({where}), so the next run times them again."))
+    if known is not None and (failures or best is not None):
+        fallbacks: list[str] = []
+        if best is not None and best[1].name == ordered[0]:
+            encoder = best[1]
+        else:
+            encoder, fallbacks = _build_encoder(loaded, attention, ordered, half, notice or (lambda sentence: None))
+        known[(tuple(ordered), attention, half)] = (
+            encoder, [f"{what}; using {encoder.name}{hint}." for what, hint in failures] + fallbacks)
     return ordered
 
 

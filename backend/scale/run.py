@@ -32,7 +32,7 @@ from rasterio.crs import CRS
 from backend import __version__
 from backend.engine.errors import CancelledError, FarslipError, InputError, OutsideBboxError
 from backend.engine.colours import write_category_names
-from backend.engine.devices import usable_cores
+from backend.engine.devices import intra_op_threads, usable_cores
 from backend.engine.atomic import StagedOutputs, interrupts_deferred, write_text_atomically
 from backend.engine.export import check_format_crs, driver_for, layer_name, report_json, report_path_for
 from backend.engine.feature_cache import RasterReads, identity_digest, model_identity, raster_reads
@@ -540,7 +540,12 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
         # Timed here, once per computer and model shape, not by the workers, which share the cores.
         if not measured_speeds(loaded, engine.attention):
             stage("Timing the encoder runtimes (once for this model on this computer).")
-        time_auto_runtimes(loaded, engine.attention, stage)
+        # At the workers' thread count (FARSLIP_WORKER_THREADS), which the figures are kept for.
+        threads = os.environ.get("FARSLIP_WORKER_THREADS", "")
+        with contextlib.ExitStack() as threads_set:
+            if threads.isdigit() and int(threads) > 0:
+                threads_set.enter_context(intra_op_threads(int(threads)))
+            time_auto_runtimes(loaded, engine.attention, stage)
         timings["runtimes_timed_s"] = time.perf_counter() - started - timings["plan_s"]
     workers = None
     computed = 0

@@ -325,8 +325,9 @@ def test_auto_times_the_runtimes_once_on_this_computer_and_runs_the_fastest(monk
     assert encoder.name == "onnxruntime"
     assert sorted(timed) == ["onnxruntime", "openvino", "torch"]
     assert notes == []  # no warning: a line for the user, not for the report's warnings
-    assert told == ["--runtime auto timed the encoder runtimes once for this model on this computer (openvino 5, "
-                     "onnxruntime 9, torch 3 crops per second) and uses the fastest, onnxruntime."]
+    assert told == ["--runtime auto timed the encoder runtimes for this model on this computer (openvino 5, "
+                     "onnxruntime 9, torch 3 crops per second) and uses the fastest, onnxruntime; the figures are "
+                     "kept for the next runs."]
     record = json.loads((own_cache / "encoders" / runtimes.SPEEDS_FILE).read_text())
     assert [entry["crops_per_s"] for entry in record.values()] == [{"openvino": 5.0, "onnxruntime": 9.0,
                                                                      "torch": 3.0}]
@@ -356,13 +357,57 @@ def test_a_ray_worker_never_times_the_runtimes_but_follows_earlier_figures(monke
     assert timed == []
 
 
+def test_a_runtime_that_did_not_build_when_timed_is_tried_and_timed_again_later(monkeypatch, own_cache):
+    """A runtime whose export failed while auto timed the others (a full disk, or an export of other weights of
+    the same shape that differed from torch) went first in every later run, untimed, even when slower than torch.
+    Now later large runs try it again: while it fails it is left out, with its sentence; once it builds it is
+    timed, and runs only if it is the fastest."""
+    real = runtimes.BUILDERS["openvino"]
+
+    def full_disk(tower, example, folder, stem="encoder"):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setitem(runtimes.BUILDERS, "openvino", full_disk)
+    timed = timed_as(monkeypatch, openvino=2.0, onnxruntime=1.0, torch=5.0)
+    notes = []
+    assert runtimes.make_encoder(tiny_loaded(52), "segearth", "auto", notice=notes.append, crops=100).name == "torch"
+    assert notes == ["openvino could not compile the model (No space left on device); using torch."]
+    assert sorted(timed) == ["onnxruntime", "torch"]
+    for attempt in ("still failing", "disk freed"):
+        if attempt == "disk freed":
+            monkeypatch.setitem(runtimes.BUILDERS, "openvino", real)
+        runtimes._ENCODERS.clear()
+        timed.clear()
+        later = []
+        encoder = runtimes.make_encoder(tiny_loaded(52), "segearth", "auto", notice=later.append, crops=100)
+        assert encoder.name == "torch"  # never openvino, untimed
+        assert later == (notes if attempt == "still failing" else [])
+        assert timed == ([] if attempt == "still failing" else ["openvino"])
+    speeds = runtimes.measured_speeds(tiny_loaded(52), "segearth")
+    assert speeds == {"openvino": 2.0, "onnxruntime": 1.0, "torch": 5.0}
+
+
+def test_figures_that_cannot_be_kept_are_said_so(monkeypatch, tmp_path):
+    """A cache folder that cannot be written: each run timed the runtimes again and said it timed them 'once'."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("FARSLIP_CACHE", str(blocker / "cache"))
+    timed_as(monkeypatch, torch=3.0, onnxruntime=4.0, openvino=5.0)
+    monkeypatch.setattr(runtimes, "_try_build", lambda loaded, attention, name, half, notice=None: (
+        (SimpleNamespace(name=name), None)))
+    told = []
+    runtimes.make_encoder(tiny_loaded(53), "segearth", "auto", crops=100, inform=told.append)
+    assert len(told) == 1 and told[0].startswith("--runtime auto timed the encoder runtimes for this model"), told
+    assert "; the figures could not be kept (" in told[0] and told[0].endswith("so the next run times them again.")
+
+
 def test_auto_runs_torch_when_torch_timed_fastest(monkeypatch, own_cache):
     """On a computer where torch beats both compiled runtimes, auto runs torch, for large and small runs,
     though the exports made for the timing are on disk and judged."""
     timed_as(monkeypatch, openvino=2.0, onnxruntime=1.5, torch=4.0)
     told = []
     assert runtimes.make_encoder(tiny_loaded(46), "segearth", "auto", inform=told.append, crops=100).name == "torch"
-    assert len(told) == 1 and told[0].endswith("and uses the fastest, torch.")
+    assert len(told) == 1 and "and uses the fastest, torch;" in told[0]
     runtimes._ENCODERS.clear()
     assert runtimes.make_encoder(tiny_loaded(46), "segearth", "auto", crops=100).name == "torch"
     assert runtimes.make_encoder(tiny_loaded(46), "segearth", "auto", crops=4).name == "torch"
@@ -439,8 +484,9 @@ def test_the_cli_says_autos_timing_once_and_no_report_lists_it_as_a_warning(tmp_
         assert result.exit_code == 0, result.output
         said = [line for line in result.output.splitlines() if "timed the encoder runtimes" in line]
         assert said == ([] if run == "second" else [
-            "Note: --runtime auto timed the encoder runtimes once for this model on this computer (openvino 5, "
-            "onnxruntime 9, torch 3 crops per second) and uses the fastest, onnxruntime."]), result.output
+            "Note: --runtime auto timed the encoder runtimes for this model on this computer (openvino 5, "
+            "onnxruntime 9, torch 3 crops per second) and uses the fastest, onnxruntime; the figures are kept for "
+            "the next runs."]), result.output
         report = report_of(tmp_path / run)
         assert report["encoder"] == "onnxruntime" and report["warnings"] == []
     assert sorted(timed) == ["onnxruntime", "openvino", "torch"]
