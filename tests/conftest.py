@@ -39,6 +39,16 @@ def tiny_model(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_session(tmp_path_factory):
+    """The same folders for fixtures wider than a test (a module's runs), which are made before a test's own
+    setup: they wrote into the user's cache, while the Ray workers they start used the tests' one."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in isolated_environment(tmp_path_factory).items():
+            patch.setenv(name, value)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _isolated_state(tmp_path_factory, monkeypatch):
     """Keep caches, weights and job history of tests out of the user's home."""

@@ -92,8 +92,8 @@ def segment(**values: Any) -> None:
             with ProgressReporter(quiet, f"segmenting {raster_label(options.raster)}") as reporter, \
                     trained_resolution_said(options.model or loaded.name, given, options):
                 return segment_raster(replace(options, batch_size=batch_size), loaded, progress=reporter,
-                                      feature_cache=cache, notice=note,
-                                      inform=lambda sentence: typer.echo(f"Note: {sentence}", err=True))
+                                      feature_cache=cache, notice=note, inform=None if quiet else
+                                      lambda sentence: typer.echo(f"Note: {sentence}", err=True))
 
         assert options.batch_size is not None, "with_model_defaults chose the batch size"
         # On a GPU that runs out of memory in the dense pass: again with half the batch (backend.engine.devices).
