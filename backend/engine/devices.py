@@ -8,6 +8,7 @@ from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
+import numpy as np
 import torch
 
 from backend.engine.errors import FarslipError, InputError
@@ -61,6 +62,25 @@ def set_intra_op_threads(threads: int) -> int:
     if threads != before:
         torch.set_num_threads(threads)
     return before
+
+
+def pinned_upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """`array` as float32 on the GPU `device`, through page-locked memory and without waiting: torch's caching
+    host allocator hands the block out again only once its upload is done."""
+    staging = torch.empty(array.shape, dtype=torch.float32, pin_memory=True)
+    np.copyto(staging.numpy(), array)
+    return staging.to(device, non_blocking=True)
+
+
+def start_host_copy(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+    """A copy of the GPU `tensor` into page-locked host memory, queued without waiting, and the event that marks
+    its end: recorded on the current stream of the tensor's own GPU (a bare record() marks the current device's,
+    GPU 0's, and reported a copy on cuda:1 done before it was)."""
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(tensor.device))
+    return host, done
 
 
 @contextmanager

@@ -575,8 +575,7 @@ def _fastest_first(loaded, attention: str, candidates: list[str], timed_only: bo
             encoder = best[1]
         else:
             encoder, fallbacks = _build_encoder(loaded, attention, ordered, half, notice or (lambda sentence: None))
-        known[(tuple(ordered), attention, half)] = (
-            encoder, [f"{what}; using {encoder.name}{hint}." for what, hint in failures] + fallbacks)
+        known[(tuple(ordered), attention, half)] = (encoder, _fell_back(failures, encoder) + fallbacks)
     return ordered
 
 
@@ -610,6 +609,11 @@ def _try_build(loaded, attention: str, name: str, half: bool | None,
         return None, (f"{name} could not compile the model ({error_reason(error)})", "")
 
 
+def _fell_back(failures: list[tuple[str, str]], encoder: Encoder) -> list[str]:
+    """A sentence for each runtime that could not run ((what went wrong, a hint)), naming the one used."""
+    return [f"{what}; using {encoder.name}{hint}." for what, hint in failures]
+
+
 def _build_encoder(loaded, attention: str, candidates: list[str], half: bool | None,
                    notice: Callable[[str], None]) -> tuple[Encoder, list[str]]:
     """The first candidate that works, and a sentence for each one before it that did not, naming the one used."""
@@ -617,7 +621,7 @@ def _build_encoder(loaded, attention: str, candidates: list[str], half: bool | N
     for name in [*candidates[:candidates.index("torch") if "torch" in candidates else None], "torch"]:
         encoder, failure = _try_build(loaded, attention, name, half, notice)
         if encoder is not None:
-            return encoder, [f"{what}; using {encoder.name}{hint}." for what, hint in failed]
+            return encoder, _fell_back(failed, encoder)
         assert failure is not None
         failed.append(failure)
     raise AssertionError("torch always builds")

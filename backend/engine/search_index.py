@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from .atomic import atomic_output, write_text_atomically
 from .dense import image_and_patch_features, normalize_pixels
-from .devices import BatchOutOfMemory, is_out_of_memory, retry_smaller_batches
+from .devices import BatchOutOfMemory, is_out_of_memory, pinned_upload, retry_smaller_batches, start_host_copy
 from .encoders import autocast_enabled
 from .errors import CancelledError, InputError, nothing_valid
 from .feature_cache import identity_digest, model_identity, raster_identity
@@ -97,12 +97,9 @@ def window_precision(loaded: LoadedModel, half: bool | None = None) -> str:
 def upload(crops: np.ndarray, device: torch.device) -> torch.Tensor:
     """(B, 3, h, w) crops as float32 on `device`; to a GPU through page-locked memory, without waiting (torch's
     caching host allocator hands the block out again only once its copy is done)."""
-    host = torch.from_numpy(np.ascontiguousarray(crops, dtype=np.float32))
     if device.type != "cuda":
-        return host.to(device)
-    staging = torch.empty(host.shape, dtype=torch.float32, pin_memory=True)
-    staging.copy_(host)
-    return staging.to(device, non_blocking=True)
+        return torch.from_numpy(np.ascontiguousarray(crops, dtype=np.float32)).to(device)
+    return pinned_upload(crops, device)
 
 
 @torch.inference_mode()
@@ -139,10 +136,7 @@ def host_copy(vectors: torch.Tensor) -> Callable[[], np.ndarray]:
     if vectors.device.type != "cuda":
         array = vectors.numpy()
         return lambda: array
-    host = torch.empty(vectors.shape, dtype=vectors.dtype, pin_memory=True)
-    host.copy_(vectors, non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record(torch.cuda.current_stream(vectors.device))
+    host, copied = start_host_copy(vectors)
 
     def wait() -> np.ndarray:
         copied.synchronize()

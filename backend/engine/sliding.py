@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from .dense import normalized_image
-from .devices import BatchOutOfMemory, intra_op_threads, is_out_of_memory, set_intra_op_threads
+from .devices import (BatchOutOfMemory, intra_op_threads, is_out_of_memory, pinned_upload, set_intra_op_threads,
+                      start_host_copy)
 from .encoders import Encoder, TorchEncoder, crop_size
 from .errors import CancelledError, ModelError
 from .feature_cache import FeatureCache
@@ -152,9 +153,7 @@ class Segmenter:
         queued on the device before the engine's thread queues any work on the strip's crops."""
         if not self._pin:  # the strip is the reader's new array, never written again
             return torch.from_numpy(rgb).to(self.device)
-        staging = torch.empty(rgb.shape, dtype=torch.float32, pin_memory=True)
-        np.copyto(staging.numpy(), rgb)
-        return staging.to(self.device, non_blocking=True)
+        return pinned_upload(rgb, self.device)
 
     def _batch(self, crops: Sequence[np.ndarray] | Sequence[torch.Tensor]) -> torch.Tensor:
         """CLIP-normalised crops (3, h, w) -> one batch on the device. Crops cut from strips already on
@@ -224,12 +223,7 @@ class Segmenter:
     def _queue_for_cache(self, keys: list, features: torch.Tensor) -> None:
         """Copy features to the host without waiting: they are stored at the next batch (or at the end)."""
         if self.device.type == "cuda":
-            host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
-            host.copy_(features, non_blocking=True)
-            event = torch.cuda.Event()
-            # On the stream the copy was queued on: the current stream of the features' GPU (a bare record()
-            # marks the current device's, GPU 0's, and reported a copy on cuda:1 done before it was).
-            event.record(torch.cuda.current_stream(features.device))
+            host, event = start_host_copy(features)
             self._to_cache.append((keys, host, event))
         else:
             self._to_cache.append((keys, features, None))
