@@ -323,6 +323,12 @@ def _ignoring_ctrl_c():
         signal.signal(signal.SIGINT, previous)
 
 
+def worker_threads() -> int | None:
+    """The torch threads of each worker as FARSLIP_WORKER_THREADS sets them (docs/SCALE.md); None when unset."""
+    threads = os.environ.get("FARSLIP_WORKER_THREADS")
+    return int(threads) if threads else None
+
+
 def uses_gpu(device: str) -> bool:
     """Whether a run on `device` takes the GPUs Ray has (auto, cuda, cuda:N), not only CPU cores."""
     name = (device or "auto").strip().lower()
@@ -435,11 +441,11 @@ class Workers:
         # Workers keep torch's thread count unless told: some CPU kernels round differently with fewer
         # threads, and the output must equal a single process's bit for bit (docs/SCALE.md).
         # (Ray itself would pin a one-CPU worker to one thread.)
-        threads = os.environ.get("FARSLIP_WORKER_THREADS")
-        if threads or not cluster:
+        threads = worker_threads()
+        if threads is not None or not cluster:
             import torch
 
-            engine.threads = int(threads) if threads else torch.get_num_threads()
+            engine.threads = threads if threads is not None else torch.get_num_threads()
         remote = ray.remote(ChunkWorker).options(**options)
         self.actors = [remote.remote(engine) for _ in range(count)]
 
@@ -537,14 +543,14 @@ def segment_rasters(paths: list[str], engine: EngineSettings, request: ScaleRequ
     timings = {"plan_s": time.perf_counter() - started}
     if engine.runtime == "auto" and request.cluster is None and loaded.device.type == "cpu" and \
             any(plan.crops >= AUTO_MIN_CROPS for plan in plans):
-        # Timed here, once per computer and model shape, not by the workers, which share the cores.
-        if not measured_speeds(loaded, engine.attention):
-            stage("Timing the encoder runtimes (once for this model on this computer).")
-        # At the workers' thread count (FARSLIP_WORKER_THREADS), which the figures are kept for.
-        threads = os.environ.get("FARSLIP_WORKER_THREADS", "")
+        # Timed here, once per computer and model shape, not by the workers, which share the cores; at the
+        # workers' thread count (FARSLIP_WORKER_THREADS), which the figures are kept (and looked up) for.
+        threads = worker_threads()
         with contextlib.ExitStack() as threads_set:
-            if threads.isdigit() and int(threads) > 0:
-                threads_set.enter_context(intra_op_threads(int(threads)))
+            if threads is not None and threads > 0:
+                threads_set.enter_context(intra_op_threads(threads))
+            if not measured_speeds(loaded, engine.attention):
+                stage("Timing the encoder runtimes (once for this model on this computer).")
             time_auto_runtimes(loaded, engine.attention, stage)
         timings["runtimes_timed_s"] = time.perf_counter() - started - timings["plan_s"]
     workers = None
