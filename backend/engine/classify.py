@@ -26,7 +26,7 @@ import shapely
 
 from backend import __version__
 from .atomic import StagedOutputs
-from .devices import BatchOutOfMemory, is_out_of_memory, retry_smaller_batches
+from .devices import batch_step, retry_smaller_batches
 from .diskspace import writing_to
 from .errors import CancelledError, InputError, nothing_valid
 from .export import check_field_widths, check_format_crs, report_json, report_path_for, write_layer
@@ -138,12 +138,8 @@ def classify_raster(raster: str | Path, options: ClassifyOptions, out: Path, loa
             batch_size = size
             parts = []
             for start in range(0, len(crops), size):
-                try:  # only the batch's model step: an out-of-memory error elsewhere is no batch's
+                with batch_step(size):  # only the batch's model step: an out-of-memory error elsewhere is no batch's
                     parts.append(embed_windows(loaded, np.stack(crops[start:start + size]))[:, 0])
-                except Exception as error:
-                    if is_out_of_memory(error):
-                        raise BatchOutOfMemory(size, error) from error
-                    raise
             return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
         return retry_smaller_batches(attempt, batch_size, retrying, flags)

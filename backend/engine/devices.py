@@ -135,6 +135,18 @@ def release_device_memory() -> None:
 SEGMENT_FLAGS = ("--batch-size", "--half", "--device")
 
 
+@contextmanager
+def batch_step(batch_size: int) -> Iterator[None]:
+    """Around one batch's model step, whose memory grows with the batch: a device that runs out of memory in it
+    raises BatchOutOfMemory (a smaller batch may fit: retry_smaller_batches); any other error passes as it is."""
+    try:
+        yield
+    except Exception as error:
+        if is_out_of_memory(error):
+            raise BatchOutOfMemory(batch_size, error) from error
+        raise
+
+
 def retry_smaller_batches(run: Callable[[int], T], batch_size: int, notice: Callable[[str], None] | None = None,
                           flags: Collection[str] = SEGMENT_FLAGS) -> T:
     """run(batch_size), and on an out-of-memory error of the batches of crops (BatchOutOfMemory) again

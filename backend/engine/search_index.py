@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from .atomic import atomic_output, write_text_atomically
 from .dense import image_and_patch_features, normalize_pixels
-from .devices import BatchOutOfMemory, is_out_of_memory, pinned_upload, retry_smaller_batches, start_host_copy
+from .devices import batch_step, pinned_upload, retry_smaller_batches, start_host_copy
 from .encoders import autocast_enabled
 from .errors import CancelledError, InputError, nothing_valid
 from .feature_cache import identity_digest, model_identity, raster_identity
@@ -493,13 +493,9 @@ class SearchIndex:
             for start in range(0, len(crops), batch_size):
                 if should_cancel is not None and should_cancel():
                     raise CancelledError("The indexing was cancelled; the windows indexed so far are kept.")
-                try:  # the memory a batch takes grows with it: a smaller one may fit (retry_smaller_batches)
+                with batch_step(batch_size):
                     parts.append(window_embeddings(self.loaded, np.stack(crops[start:start + batch_size]),
                                                    self.attention, self.half))
-                except Exception as error:
-                    if is_out_of_memory(error):
-                        raise BatchOutOfMemory(batch_size, error) from error
-                    raise
             return host_copy(parts[0] if len(parts) == 1 else torch.cat(parts))
 
         return retry_smaller_batches(attempt, self.batch_size, self._retrying, self.flags)

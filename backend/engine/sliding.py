@@ -31,8 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .dense import normalized_image
-from .devices import (BatchOutOfMemory, intra_op_threads, is_out_of_memory, pinned_upload, set_intra_op_threads,
-                      start_host_copy)
+from .devices import batch_step, intra_op_threads, pinned_upload, set_intra_op_threads, start_host_copy
 from .encoders import Encoder, TorchEncoder, crop_size
 from .errors import CancelledError, ModelError
 from .feature_cache import FeatureCache
@@ -609,14 +608,10 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
         if should_cancel is not None and should_cancel():
             raise CancelledError("The run was cancelled; nothing was written.")
         keys = [(row.top, xs, crop_h, crop_w) for row, xs, _ in batch]
-        try:  # the memory these two steps take grows with the batch: a smaller one may fit (retry_smaller_batches)
+        with batch_step(segmenter.batch_size):  # these two steps' memory grows with the batch
             logits = segmenter.patch_logits([p for _, _, p in batch], keys)
             started = time.perf_counter()
             logits = logits @ across                            # (B, Q, gh, crop_w)
-        except Exception as error:
-            if is_out_of_memory(error):
-                raise BatchOutOfMemory(segmenter.batch_size, error) from error
-            raise
         for (row, xs, _), crop_logits in zip(batch, logits):
             assert row.band is not None, "a crop row with crops to run has a band"
             a0, a1 = max(xs, c0), min(xs + crop_w, c1)
