@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from backend.engine.atomic import StagedOutputs, atomic_output, commit_outputs, shared_file_mode, write_text_atomically
+from backend.engine.atomic import StagedOutputs, atomic_output, shared_file_mode, write_text_atomically
 from backend.engine.errors import InputError
 from backend.engine.files import check_output_folder, check_output_name, is_inside, missing_folder
 from backend.engine.finetuned import FINETUNED_FORMAT, FINETUNED_META, recover_model_folder
@@ -312,19 +312,16 @@ def move_into_place(work: Path, out: Path, report: tuple[Path, str] | None = Non
     tag = new_run_tag()
     target = Path(os.path.abspath(report[0])) if report else None
     with StagedOutputs({"report": target} if target else {}, tag) as staged:
-        moves: dict[Path, Path] = {work: out}
-        if report is not None and target is not None:
+        if report is not None:
             staged["report"].write_text(report[1], encoding="utf-8")
-            moves[staged["report"]] = target
         try:
             # A folder at --out (a model, checked before training, or an empty folder) is set aside first.
-            commit_outputs(moves, tag, keep={work})
+            staged.commit(first={work: out}, keep={work})
         except OSError as error:
             reason = error.strerror or str(error)
             where = f" for {error.filename}" if error.filename else ""
             raise InputError(f"Cannot put the trained model in place ({reason}{where}); {out} is as it was and "
                              f"the trained model is kept in {work}: free the place, then run the same command "
                              "with --resume to put it in place.") from error
-        staged.committed = True
     # Kept until the model is in place: another training for this --out is refused until then.
     (out / OWNER_FILE).unlink(missing_ok=True)

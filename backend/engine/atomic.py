@@ -602,10 +602,12 @@ class StagedOutputs:
     def __contains__(self, key: object) -> bool:
         return key in self.staged
 
-    def commit(self) -> None:
+    def commit(self, first: Mapping[Path, Path] | None = None, keep: Collection[Path] = ()) -> None:
+        """Rename the staged files into place (commit_outputs); `first`: other complete files or folders renamed
+        over their targets before them, in the same commit (a finished model folder), `keep` as commit_outputs'."""
         assert not self.committed, "committed once"
-        commit_outputs({self.staged[key]: target for key, target in self.targets.items()}, self.tag,
-                       self.durable)
+        commit_outputs({**(first or {}), **{self.staged[key]: target for key, target in self.targets.items()}},
+                       self.tag, self.durable, keep)
         self.committed = True
 
     def discard(self) -> None:

@@ -256,10 +256,10 @@ def test_segment_to_a_shapefile_leaves_nothing_when_an_output_cannot_be_put_in_p
     folder.mkdir()
     real_commit = atomic.commit_outputs
 
-    def folder_in_the_way(staged, tag, durable=True):
+    def folder_in_the_way(staged, tag, durable=True, keep=()):
         if any(Path(target).parent == folder for target in staged.values()) and not (folder / fails).exists():
             (folder / fails).mkdir()
-        return real_commit(staged, tag, durable)
+        return real_commit(staged, tag, durable, keep)
 
     monkeypatch.setattr(atomic, "commit_outputs", folder_in_the_way)
     result = segment(shared_data / "RGBA.uint16.tif", *CLASSES, "--model", tiny_model, "--out", folder / "r.shp",
