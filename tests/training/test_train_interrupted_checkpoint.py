@@ -63,3 +63,46 @@ def test_ctrl_c_says_what_was_kept_and_a_plain_rerun_keeps_the_checkpoint(synthe
     assert resumed.exit_code == 0, resumed.output
     assert json.loads((out / "farslip_model.json").read_text())["training"]["epochs_run"] == 2
     assert not partial.exists()
+
+
+INTERRUPT_IN_THE_REPLACE = """
+import os, signal, sys
+real = {name: getattr(os, name) for name in ("replace", "rename")}
+def renamed(name):
+    def call(source, target, *args, **kwargs):
+        result = real[name](source, target, *args, **kwargs)
+        if os.path.abspath(target) == os.environ["OUT"]:  # the trained model just put in place
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+    return call
+for name in real:
+    setattr(os, name, renamed(name))
+from backend.service.cli import app
+app(sys.argv[1:], prog_name="farslip")
+"""
+
+
+def test_ctrl_c_while_the_model_is_put_in_place_says_it_is_in_place_and_leaves_it_whole(synthetic, tiny_model,
+                                                                                        tmp_path):
+    """Ctrl+C between the renames of --overwrite is held until the new model and its --json report are both in
+    place, then delivered: the sentence says the model is complete, and the training's lock file (owner.json,
+    removed right after the renames) no longer stays in the model folder."""
+    raster, labels, _ = synthetic
+    out, report = tmp_path / "model", tmp_path / "run.json"
+    args = ["train", str(raster), str(labels), "--class-field", "cls", "--out", str(out), "--base-model",
+            str(tiny_model), "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--device", "cpu",
+            "-q", "--json", str(report)]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    before = json.loads((out / "farslip_model.json").read_text())
+
+    done = subprocess.run([sys.executable, "-c", INTERRUPT_IN_THE_REPLACE, *args, "--overwrite", "--seed", "7"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "OUT": str(out)})
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"Interrupted once the outputs were in place; they are complete: {out}, {report}.")
+    after = json.loads((out / "farslip_model.json").read_text())
+    assert after != before and json.loads(report.read_text())["model_dir"] == str(out)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model", "run.json"]
+    assert "owner.json" not in {path.name for path in out.iterdir()}
