@@ -323,11 +323,8 @@ def move_into_place(work: Path, out: Path, report: tuple[Path, str] | None = Non
             raise InputError(f"Cannot put the trained model in place ({reason}{where}); {out} is as it was and "
                              f"the trained model is kept in {work}: free the place, then run the same command "
                              "with --resume to put it in place.") from error
-        except KeyboardInterrupt as interrupt:
-            # Ctrl+C is held until the model and its report are all in place (commit_outputs), then delivered:
-            # the model is complete, and the training's lock file must not stay in it.
-            if getattr(interrupt, "outputs_written", None):
+        finally:
+            # Kept until the model is in place (also when a Ctrl+C held by the commit comes once it is): another
+            # training for this --out is refused until then.
+            if staged.committed:
                 (out / OWNER_FILE).unlink(missing_ok=True)
-            raise
-    # Kept until the model is in place: another training for this --out is refused until then.
-    (out / OWNER_FILE).unlink(missing_ok=True)

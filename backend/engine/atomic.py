@@ -606,8 +606,12 @@ class StagedOutputs:
         """Rename the staged files into place (commit_outputs); `first`: other complete files or folders renamed
         over their targets before them, in the same commit (a finished model folder), `keep` as commit_outputs'."""
         assert not self.committed, "committed once"
-        commit_outputs({**(first or {}), **{self.staged[key]: target for key, target in self.targets.items()}},
-                       self.tag, self.durable, keep)
+        try:
+            commit_outputs({**(first or {}), **{self.staged[key]: target for key, target in self.targets.items()}},
+                           self.tag, self.durable, keep)
+        except KeyboardInterrupt as interrupt:  # one held until every output was in place: committed all the same
+            self.committed = bool(getattr(interrupt, "outputs_written", None))
+            raise
         self.committed = True
 
     def discard(self) -> None:
