@@ -8,7 +8,7 @@ QGIS := $(QVENV)/.installed
 DEMO_OUT := demo-output
 DEMO_MODEL ?= farslip2-vit-b-16
 
-.PHONY: setup demo test test-backend test-plugin screenshot bench plugin install-backend lint clean
+.PHONY: setup demo test test-backend test-backend-1 test-backend-2 test-plugin screenshot bench plugin install-backend lint clean
 
 setup: $(BACKEND) $(QGIS)
 
@@ -30,11 +30,26 @@ demo: $(BACKEND)
 	$(VENV)/bin/farslip segment resources/sample/naip_2020_5m_crop.tif --preset landcover --model $(DEMO_MODEL) \
 		--out $(DEMO_OUT)/landcover.gpkg --class-raster $(DEMO_OUT)/landcover.tif --overwrite
 
-# lint first, so CI (.ci/run -> make test) fails on a type or style error too.
-test: lint test-backend test-plugin
+# lint first, so CI (.ci/run -> make test) fails on a type or style error too. Then the backend suite in two
+# halves and the plugin suite side by side: each mostly waits on the programs, servers and Ray it starts (one
+# pytest keeps 0.6 of two cores busy). Each suite's output is printed whole when it ends (-O).
+test: lint
+	$(MAKE) --no-print-directory -j3 -O test-backend-1 test-backend-2 test-plugin
 
-test-backend: $(BACKEND)
-	$(VENV)/bin/python -m pytest --durations=25 tests/architecture tests/backend tests/training tests/scale tests/e2e
+# The halves, of about equal time side by side (2 cores): the engine, training, command-line and HTTP server
+# tests; the runs on Ray (which slow most when they share the cores) and the server's start and stop.
+E2E_TESTS := $(sort $(wildcard tests/e2e/test_*.py))
+E2E_TESTS_2 := $(filter tests/e2e/test_ray% tests/e2e/test_server_ray.py tests/e2e/test_server_lifecycle.py,$(E2E_TESTS))
+BACKEND_TESTS_1 := tests/architecture tests/backend tests/training $(filter-out $(E2E_TESTS_2),$(E2E_TESTS))
+BACKEND_TESTS_2 := tests/scale $(E2E_TESTS_2)
+
+test-backend: test-backend-1 test-backend-2
+
+test-backend-1: $(BACKEND)
+	$(VENV)/bin/python -m pytest --durations=15 $(BACKEND_TESTS_1)
+
+test-backend-2: $(BACKEND)
+	$(VENV)/bin/python -m pytest --durations=15 $(BACKEND_TESTS_2)
 
 test-plugin: $(BACKEND) $(QGIS)
 	QT_QPA_PLATFORM=offscreen $(QVENV)/bin/python -m pytest --durations=15 tests/plugin

@@ -1,6 +1,7 @@
 """Shared test setup: tests/ on sys.path (tinymodels), paths to the sample data, the tiny model."""
 
 import importlib.util
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,12 @@ BACKEND_PYTHON = REPO / ".venv" / "bin" / "python"
 sys.path.insert(0, str(TESTS))
 
 from isolated import isolated_environment  # noqa: E402 (tests/ on sys.path first)
+
+# A suite started in the background of a shell (`make -j` runs the suites side by side, `cmd &`) may begin with
+# SIGINT ignored. The Ctrl+C tests need Python's own handler, as a terminal gives it, in this process and in the
+# programs it starts (an ignored signal stays ignored across exec; a handled one is the default there).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

@@ -136,7 +136,7 @@ def model_class_lines(loaded: LoadedModel, polygons_values: set[str], background
     lines = getattr(loaded, "class_lines", None)
     if not lines:
         return None
-    from backend.engine.text import parse_class_lines
+    from backend.engine.presets import parse_class_lines
 
     names = {spec.name.lower() for spec in parse_class_lines(lines)} | {line.lower() for line in lines}
     wanted = {v.lower() for v in polygons_values} | ({background.lower()} if background else set())
@@ -362,7 +362,7 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
         area = read_aoi(aoi, source.crs, raster_envelope(source)) if aoi else None
         grid = build_label_grid(source, polygons, background=background, aoi=area, class_lines=class_lines)
         from backend.engine.segment import untrained_class_warning
-        from backend.engine.text import parse_class_lines
+        from backend.engine.presets import parse_class_lines
 
         untrained = untrained_class_warning(loaded, parse_class_lines(grid.class_lines))  # as segment says it
         absent = grid.absent_sentence(polygons.path.name)

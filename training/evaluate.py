@@ -28,7 +28,8 @@ from backend.engine.sliding import ArraySource, Segmenter, predict_window
 from backend.engine.errors import InputError
 from backend.engine.models import LoadedModel
 from backend.engine.raster import PixelSource, PixelWindow
-from backend.engine.text import TextEmbedder, parse_class_lines
+from backend.engine.text import TextEmbedder
+from backend.engine.presets import parse_class_lines
 
 if TYPE_CHECKING:
     from open_clip.model import CLIP

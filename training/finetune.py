@@ -44,7 +44,8 @@ from backend.engine.errors import CancelledError, InputError
 from backend.engine.models import LoadedModel
 from backend.engine.options import BATCH_MAX, Range
 from backend.engine.raster import PixelWindow, RasterSource
-from backend.engine.text import LOGIT_SCALE, TextEmbedder, parse_class_lines, query_index
+from backend.engine.text import LOGIT_SCALE, TextEmbedder, query_index
+from backend.engine.presets import parse_class_lines
 
 from . import adapters
 from .batches import BatchSampler

@@ -28,8 +28,7 @@ from backend.engine.errors import InputError
 from backend.engine.files import check_vector_source, vector_readable
 from backend.engine.ground import crs_label, degrees_per_unit
 from backend.engine.raster import PixelWindow, RasterSource, coordinates, longitude_on, longitude_turn, x_turn
-from backend.engine.presets import split_class_line
-from backend.engine.text import parse_class_lines
+from backend.engine.presets import parse_class_lines, split_class_line
 
 UNLABELLED = -1
 MIN_LABELLED_PIXELS = 256
@@ -865,3 +864,4 @@ def build_label_grid(source: RasterSource, polygons: LabelPolygons, background: 
                          f"class{fix}.")
     absent = [class_lines[i] for i in sorted(set(class_ids.tolist()) - set(present.tolist()))]
     return LabelGrid(labels, window, list(class_lines), background, polygons, class_ids, absent)
+

@@ -146,7 +146,7 @@ def check_inputs(options: SegmentOptions, read_raster: bool = True, device: torc
     model brings its own classes (the engine refuses an empty list once the model is known).
     Opening the raster reads only its decimated sample, never the model.
     """
-    from .text import parse_class_lines
+    from .presets import parse_class_lines
 
     lines = class_lines_of(options)
     check_values(options)

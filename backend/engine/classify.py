@@ -36,7 +36,8 @@ from .finetuned import bands_for
 from .raster import PixelWindow, band_choice_warning, open_source, request_window, request_windows
 from .search import check_hits_output
 from .search_index import bounded_gdal_cache, embed_windows
-from .text import TextEmbedder, class_probabilities, logit_scale, parse_class_lines, query_index
+from .text import TextEmbedder, class_probabilities, logit_scale, query_index
+from .presets import parse_class_lines
 
 TILE_FIELDS = ("class", "class_id", "prob", "model", "run_id")
 

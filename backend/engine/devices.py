@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import os
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -11,15 +10,10 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from backend.engine.cores import usable_cores as usable_cores  # its home before
 from backend.engine.errors import FarslipError, InputError
 
 T = TypeVar("T")
-
-
-def usable_cores() -> int:
-    """The CPU cores this process may run on: its CPU affinity where the system has one (a container or
-    `taskset` can allow fewer than the machine has), else the machine's count."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def resolve_device(device: str | torch.device | None = "cpu") -> torch.device:

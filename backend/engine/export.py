@@ -7,6 +7,7 @@ import json
 import sqlite3
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyogrio.raw
@@ -16,7 +17,9 @@ from backend.engine.diskspace import NEARLY_FULL_BYTES, free_bytes, no_space_err
 from backend.engine.errors import InputError
 from backend.engine.atomic import atomic_output
 from backend.engine.ground import crs_label
-from backend.engine.vectorize import RegionPolygon
+
+if TYPE_CHECKING:  # vectorize imports scipy: a check of the output's name does not need it
+    from backend.engine.vectorize import RegionPolygon
 
 DRIVERS = {".gpkg": "GPKG", ".shp": "ESRI Shapefile", ".geojson": "GeoJSON", ".fgb": "FlatGeobuf"}
 FIELDS = ("class", "class_id", "score_mean", "score_max", "area_m2", "model", "run_id", "object_id")

@@ -1,4 +1,4 @@
-"""Class presets: named class lists stored as text files in resources/presets/.
+"""Class presets: named class lists stored as text files in resources/presets/; class lines parsed into classes.
 
 A class file holds one class per line; commas separate synonyms of the same class
 ("road, parking lot"), '#' starts a comment, blank lines are ignored. Its lines follow the rules of
@@ -8,6 +8,8 @@ class lines given one by one (check_class_line), and the file is at most CLASS_F
 from __future__ import annotations
 
 import re
+import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
 
 from backend.engine.errors import InputError
@@ -118,3 +120,50 @@ def collect_class_lines(class_lines: list[str] | None = None, classes_file: str 
     if preset:
         lines += load_preset(preset)
     return lines
+
+
+@dataclass(frozen=True)
+class ClassSpec:
+    name: str
+    queries: tuple[str, ...]
+
+
+def same_name_key(name: str) -> str:
+    """Names that a reader cannot tell apart compare equal: letter case, full-width letters, runs of spaces,
+    and invisible format characters (a zero-width space, a soft hyphen or a byte-order mark pasted along)."""
+    visible = "".join(c for c in unicodedata.normalize("NFKC", name) if unicodedata.category(c) != "Cf")
+    return " ".join(visible.casefold().split())
+
+
+def parse_class_lines(lines: list[str]) -> list[ClassSpec]:
+    """Turn user class lines ("road, parking lot") into classes with synonym queries."""
+    classes: list[ClassSpec] = []
+    seen: dict[str, str] = {}  # every name (lower case) -> the class it belongs to
+    nameless: str | None = None  # the first line of separators only
+    for line in lines:
+        check_class_line(line)
+        queries = split_class_line(line)
+        if not queries:
+            if line.strip() and nameless is None:
+                nameless = line.strip()
+            continue
+        for query in queries:
+            owner = seen.get(same_name_key(query))
+            if owner is not None and same_name_key(owner) == same_name_key(query) == same_name_key(queries[0]):
+                raise InputError(f"The class {queries[0]!r} is given twice; give each class once "
+                                 "(put synonyms on one line, separated by commas).")
+            if owner is not None:
+                raise InputError(f"{query!r} is a name of two classes ({owner!r} and {queries[0]!r}), so a pixel "
+                                 "of it could be either; give each name in one class line only.")
+        seen.update((same_name_key(query), queries[0]) for query in queries)
+        classes.append(ClassSpec(name=queries[0], queries=queries))
+    if not classes:
+        raise InputError("The class list is empty: give at least one class name "
+                         "(e.g. --classes \"building\" --classes \"road, parking lot\").")
+    if nameless is not None:
+        raise InputError(f"The class line {nameless[:60]!r} holds only separators and no class name; give a name "
+                         "(commas separate synonyms of one class) or leave the line out.")
+    if len(classes) > CLASS_LINES_MAX:
+        raise InputError(f"{len(classes)} classes were given; one run tells at most {CLASS_LINES_MAX} apart (class "
+                         "ids are one byte); split the list over several runs.")
+    return classes

@@ -43,7 +43,8 @@ from .feature_cache import FeatureCache
 from .models import LoadedModel
 from .options import finite_number
 from .raster import PixelSource, PixelWindow, RasterSource
-from .text import class_probabilities, embedding_width, logit_scale, parse_class_lines
+from .text import class_probabilities, embedding_width, logit_scale
+from .presets import parse_class_lines
 
 SIGNALS = ("score_mean", "margin", "entropy", "sharpness", "region_agr")
 FIELDS = ("quality", "margin", "entropy", "sharpness", "region_agr")

@@ -54,7 +54,8 @@ from .options import SENTENCE_MAX_CHARS, check_typed_text
 from .raster import longitude_on, parse_crs, pixel_envelope, unplaced, x_turn
 from .search_index import (BuildStats, SearchIndex, bbox_region, check_bbox, check_point, describe,
                            footprint_envelopes, footprint_polygons, is_rotated, point_window)
-from .text import TextEmbedder, same_name_key, token_ids
+from .text import TextEmbedder, token_ids
+from .presets import same_name_key
 
 KEYWORD_TEMPLATES = ("{}", "a satellite image of {}.", "an aerial photo of {}.", "a remote sensing image of {}.")
 SENTENCE_TEMPLATES = ("{}",)

@@ -56,7 +56,8 @@ from .quality import (
     regions_to_check,
     run_quality_estimate,
 )
-from .text import TextEmbedder, cut_names_warning, language_warnings, parse_class_lines
+from .text import TextEmbedder, cut_names_warning, language_warnings
+from .presets import parse_class_lines
 from .vectorize import finalize, vectorize_class_raster, vectorize_strips
 
 

@@ -39,7 +39,8 @@ from .memory import reused_heap
 from .models import LoadedModel
 from .quality import signal_planes, top_two
 from .raster import PixelSource, PixelWindow
-from .text import LOGIT_SCALE, ClassSpec, TextEmbedder, query_index
+from .text import LOGIT_SCALE, TextEmbedder, query_index
+from .presets import ClassSpec
 
 NODATA_CLASS = 255
 UNCLASSIFIED = 254

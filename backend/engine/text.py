@@ -12,9 +12,7 @@ disk per (weights, templates, query).
 from __future__ import annotations
 
 import hashlib
-import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,14 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from .atomic import atomic_output
-from .errors import CancelledError, InputError, shown
+from .errors import CancelledError, shown
 from .feature_cache import read_cached_array
 from .hf_text import encode_hf_tokens, is_hf_text_model
 from .languages import ENGLISH_TEMPLATES, query_language, templates_for
 from .models import LoadedModel
-from .options import CLASS_LINES_MAX
 from .paths import cache_dir
-from .presets import check_class_line, split_class_line
+# The class lines are parsed without torch (presets.py): the CLI refuses a bad list before the model's imports.
+from .presets import ClassSpec, parse_class_lines, same_name_key
 from .text_prefix import eligible as prefixes_eligible
 from .text_prefix import encode_with_prefixes
 
@@ -40,53 +38,6 @@ if TYPE_CHECKING:
 LOGIT_SCALE = 50.0
 MAX_LOGIT_SCALE = 100.0  # image-level scoring: the model's learned scale, at most this
 PROMPT_TEMPLATES: tuple[str, ...] = ENGLISH_TEMPLATES
-
-
-@dataclass(frozen=True)
-class ClassSpec:
-    name: str
-    queries: tuple[str, ...]
-
-
-def same_name_key(name: str) -> str:
-    """Names that a reader cannot tell apart compare equal: letter case, full-width letters, runs of spaces,
-    and invisible format characters (a zero-width space, a soft hyphen or a byte-order mark pasted along)."""
-    visible = "".join(c for c in unicodedata.normalize("NFKC", name) if unicodedata.category(c) != "Cf")
-    return " ".join(visible.casefold().split())
-
-
-def parse_class_lines(lines: list[str]) -> list[ClassSpec]:
-    """Turn user class lines ("road, parking lot") into classes with synonym queries."""
-    classes: list[ClassSpec] = []
-    seen: dict[str, str] = {}  # every name (lower case) -> the class it belongs to
-    nameless: str | None = None  # the first line of separators only
-    for line in lines:
-        check_class_line(line)
-        queries = split_class_line(line)
-        if not queries:
-            if line.strip() and nameless is None:
-                nameless = line.strip()
-            continue
-        for query in queries:
-            owner = seen.get(same_name_key(query))
-            if owner is not None and same_name_key(owner) == same_name_key(query) == same_name_key(queries[0]):
-                raise InputError(f"The class {queries[0]!r} is given twice; give each class once "
-                                 "(put synonyms on one line, separated by commas).")
-            if owner is not None:
-                raise InputError(f"{query!r} is a name of two classes ({owner!r} and {queries[0]!r}), so a pixel "
-                                 "of it could be either; give each name in one class line only.")
-        seen.update((same_name_key(query), queries[0]) for query in queries)
-        classes.append(ClassSpec(name=queries[0], queries=queries))
-    if not classes:
-        raise InputError("The class list is empty: give at least one class name "
-                         "(e.g. --classes \"building\" --classes \"road, parking lot\").")
-    if nameless is not None:
-        raise InputError(f"The class line {nameless[:60]!r} holds only separators and no class name; give a name "
-                         "(commas separate synonyms of one class) or leave the line out.")
-    if len(classes) > CLASS_LINES_MAX:
-        raise InputError(f"{len(classes)} classes were given; one run tells at most {CLASS_LINES_MAX} apart (class "
-                         "ids are one byte); split the list over several runs.")
-    return classes
 
 
 def logit_scale(loaded: LoadedModel) -> float:

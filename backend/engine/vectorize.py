@@ -35,7 +35,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from shapely.geometry.base import BaseGeometry
 
-from backend.engine.devices import usable_cores
+from backend.engine.cores import usable_cores
 from backend.engine.errors import CancelledError, InputError
 from backend.engine.ground import TRUE_SCALE_TOLERANCE, as_pyproj, ellipsoid_areas, geodesic_areas, keeps_areas
 from backend.engine.polygonize import region_polygons

@@ -152,7 +152,7 @@ def check_workers(workers: int | None, cluster: str | None) -> None:
 
 def check_scale_options(options) -> None:
     """Refuse, in one sentence each, what a run on Ray cannot do yet; check the class lines and files."""
-    from backend.engine.text import parse_class_lines
+    from backend.engine.presets import parse_class_lines
 
     for name, (asked, flag) in NOT_YET.items():
         if getattr(options, name) == asked:

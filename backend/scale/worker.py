@@ -94,7 +94,8 @@ def load_segmenter(settings: EngineSettings, gpu_share: float | None = None):
     from backend.engine.models import load_model
     from backend.engine.options import check_language
     from backend.engine.segment import default_batch_size
-    from backend.engine.text import TextEmbedder, parse_class_lines
+    from backend.engine.text import TextEmbedder
+    from backend.engine.presets import parse_class_lines
 
     device = resolve_device(worker_device(settings.device, gpu_share))
     loaded = load_model(settings.model, settings.weights, device, half=settings.half)

@@ -33,7 +33,8 @@ from backend.engine.memory import peak_rss_mb
 from backend.engine.models import LoadedModel, get_tokenizer
 from backend.engine.options import SegmentOptions
 from backend.engine.segment import SegmentResult, segment_raster
-from backend.engine.text import PROMPT_TEMPLATES, TextEmbedder, encode_tokens, parse_class_lines, query_index
+from backend.engine.text import PROMPT_TEMPLATES, TextEmbedder, encode_tokens, query_index
+from backend.engine.presets import parse_class_lines
 from backend.engine.text_prefix import eligible as prefixes_eligible
 from backend.engine.text_prefix import encode_with_prefixes
 

@@ -58,17 +58,21 @@ def segment(**values: Any) -> None:
         from dataclasses import replace
 
         from backend.engine.checks import check_inputs, class_lines_of
+        from backend.engine.presets import parse_class_lines
+
+        options = options_from_cli(values)
+        # The inputs first: checking them needs no torch or open_clip, whose imports take seconds, so a wrong
+        # file name or class list is said at once; the device is checked once torch is there.
+        check_inputs(options)
         from backend.engine.devices import resolve_device, retry_smaller_batches
         from backend.engine.feature_cache import feature_cache_for
         from backend.engine.files import raster_label
         from backend.engine.finetuned import trained_resolution_said
-        from backend.engine.models import load_model
+        from backend.engine.models import check_half, load_model
         from backend.engine.segment import segment_raster, segment_warnings, with_model_defaults
-        from backend.engine.text import parse_class_lines
 
-        options = options_from_cli(values)
         dev = resolve_device(device)
-        check_inputs(options, device=dev)
+        check_half(options.half, dev)
         loading = time.perf_counter()
         loaded = load_model(options.model, str(options.weights) if options.weights else None, dev,
                             half=options.half)

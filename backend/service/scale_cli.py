@@ -117,16 +117,25 @@ def segment_scaled(values: dict) -> None:
     stop_on_signals.__enter__()
     out = Path(values["out"])
     try:
+        from backend.engine.checks import class_lines_of
         from backend.engine.options import check_values
+        from backend.engine.presets import parse_class_lines
         from backend.scale.inputs import expand_inputs
-        from backend.scale.run import ScaleRequest, check_scale_options, check_workers, segment_rasters
-        from backend.scale.worker import engine_settings
 
         options = options_from_cli({k: v for k, v in values.items()
                                     if k not in (*SCALE_ONLY, "device", "quiet")}
                                    | {"raster": values["raster"][0]})
         out = Path(options.out)  # with the extension of --format (or .gpkg) when it was given without one
         check_values(options)
+        lines = class_lines_of(options)
+        if lines:  # a fine-tuned model may bring its own classes: an empty list waits for the model
+            parse_class_lines(lines)
+        left_out: list[str] = []
+        # The inputs and class list first: Ray's and the engine's imports take seconds.
+        paths = expand_inputs(values["raster"], left_out)
+        from backend.scale.run import ScaleRequest, check_scale_options, check_workers, segment_rasters
+        from backend.scale.worker import engine_settings
+
         check_scale_options(options)
         check_workers(values.get("workers"), values.get("cluster") or os.environ.get("RAY_ADDRESS"))
         rasters = {role: Path(values[role]) if values.get(role) else None for role in RASTER_OUTPUTS}
@@ -138,8 +147,6 @@ def segment_scaled(values: dict) -> None:
                                             prob_raster=rasters["prob_raster"], out_crs=values.get("out_crs"),
                                             restart=bool(values.get("restart")), workers=values.get("workers"),
                                             cluster=values.get("cluster") or os.environ.get("RAY_ADDRESS"))
-        left_out: list[str] = []
-        paths = expand_inputs(values["raster"], left_out)
         quiet = bool(values.get("quiet"))
         if left_out:  # said even with --quiet: a file of the folder the user gave is not segmented
             typer.echo(left_out_line(left_out), err=True)

@@ -35,6 +35,13 @@ def _inputs(raster: Optional[str | Path], model: Optional[str], weights: Optiona
                         ("weights", weights), *more.items()])
 
 
+def _check_raster(raster: str) -> None:
+    """The raster opens and is georeferenced: said before the model's imports and loading (seconds) do."""
+    from backend.engine.raster import open_dataset
+
+    open_dataset(raster).close()
+
+
 def _note(sentence: str) -> None:
     typer.echo(f"Note: {sentence}", err=True)
 
@@ -54,12 +61,14 @@ def index_command(
 ) -> None:
     """Build (or complete) RASTER's search index: CLIP embeddings of windows at three ground scales."""
     from backend.engine.options import check_batch_size
-    from backend.engine.search_index import check_bbox, describe, open_index
 
     try:
         with signals_as_interrupt():
             if batch_size is not None:
                 check_batch_size(batch_size)
+            _check_raster(raster)
+            from backend.engine.search_index import check_bbox, describe, open_index
+
             loaded = _load(model, weights, device)
             # A batch that ran out of GPU memory, retried at half the size: said as it happens, as segment says it.
             with open_index(raster, loaded, parse_bands(bands), batch_size=batch_size, notice=_note,
@@ -104,14 +113,15 @@ def search_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Rank RASTER's windows by a sentence (or by an example place) and write the best as rectangles."""
-    from backend.engine.search import SearchOptions, check_hits_output, search_raster, validate_search_options
-    from backend.engine.search_index import open_index
-
-    options = SearchOptions(list(sentences or []), list(keywords) if keywords else None, not no_keywords, top,
-                            bbox, bbox_crs, like, like_crs, max_overlap)
     out = Path(out_given)
     try:
         with signals_as_interrupt():
+            _check_raster(raster)
+            from backend.engine.search import SearchOptions, check_hits_output, search_raster, validate_search_options
+            from backend.engine.search_index import open_index
+
+            options = SearchOptions(list(sentences or []), list(keywords) if keywords else None, not no_keywords,
+                                    top, bbox, bbox_crs, like, like_crs, max_overlap)
             queries = validate_search_options(options)
             check_hits_output(out_given, overwrite, _inputs(raster, model, weights), [q.text for q in queries])
             loaded = _load(model, weights, device)
@@ -153,10 +163,7 @@ def classify_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Zero-shot scene classification: the most likely class of every tile, with its probability."""
-    from backend.engine.classify import (ClassifyOptions, check_classify_output, classify_raster,
-                                         validate_classify_options)
-    from backend.engine.presets import collect_class_lines
-    from backend.engine.search import check_hits_output
+    from backend.engine.presets import collect_class_lines, parse_class_lines
 
     out = Path(out_given)
     noted: list[str] = []  # a batch retried after the GPU ran out of memory: said as it happens, not again below
@@ -168,6 +175,13 @@ def classify_command(
     try:
         with signals_as_interrupt():
             lines = collect_class_lines(classes, classes_file, preset)
+            if lines:  # a fine-tuned model may bring its own classes: an empty list waits for the model
+                parse_class_lines(lines)
+            _check_raster(raster)
+            from backend.engine.classify import (ClassifyOptions, check_classify_output, classify_raster,
+                                                 validate_classify_options)
+            from backend.engine.search import check_hits_output
+
             options = ClassifyOptions(lines, tile, bbox, bbox_crs, parse_bands(bands))
             inputs = _inputs(raster, model, weights, **{"class list": classes_file})
             check_hits_output(out_given, overwrite, inputs)

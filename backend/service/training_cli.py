@@ -329,7 +329,7 @@ def _benchmark(benchmark, classes, preset, protocol, reduce_zero_label, prob_thr
                f"threshold {settings['prob_threshold']}, background index {settings['background_index']}"
                f"{', fp16' if half else ''})")
     typer.echo(format_metrics(metrics))
-    from backend.engine.text import parse_class_lines
+    from backend.engine.presets import parse_class_lines
 
     write_report({"model": loaded.name, "benchmark": str(benchmark), "dataset": str(Path(benchmark).resolve()),
                   "preset": preset, "protocol": protocol_used, "protocol_overrides": overrides,

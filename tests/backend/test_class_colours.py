@@ -2,7 +2,7 @@
 
 from backend.engine.colours import class_colormap, class_colors, class_colour_codes
 from backend.engine.presets import list_presets
-from backend.engine.text import parse_class_lines
+from backend.engine.presets import parse_class_lines
 
 
 def test_common_land_cover_words_get_their_expected_colours_in_any_position():

@@ -13,7 +13,7 @@ from tinymodels import make_tiny_clip
 from backend.engine.dense import dense_patch_features, normalize_pixels
 from backend.engine.sliding import ArraySource, Segmenter, _blended_rows, _CropRow, crop_starts, predict_window
 from backend.engine.raster import PixelWindow
-from backend.engine.text import parse_class_lines
+from backend.engine.presets import parse_class_lines
 
 CLASS_LINES = ["water, lake", "cropland, bare field", "grassland"]
 

@@ -159,7 +159,7 @@ def test_gpu_features_go_into_the_cache_without_waiting_for_the_device_between_b
     import torch
 
     from backend.engine.sliding import Segmenter
-    from backend.engine.text import parse_class_lines
+    from backend.engine.presets import parse_class_lines
 
     cache = FeatureCache(max_bytes=1 << 20)
     segmenter = Segmenter(loaded, parse_class_lines(FIRST))

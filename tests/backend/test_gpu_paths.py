@@ -27,7 +27,7 @@ from backend.engine.devices import DeviceMemoryError
 from backend.engine.models import load_model, to_half
 from backend.engine.raster import PixelWindow
 from backend.engine.temporary import new_run_tag
-from backend.engine.text import parse_class_lines
+from backend.engine.presets import parse_class_lines
 from backend.service.cli import app
 from backend.service.jobs import runners
 from backend.service.jobs.model_cache import ModelCache

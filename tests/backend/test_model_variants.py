@@ -16,7 +16,7 @@ from backend.engine.errors import InputError
 from backend.engine.models import check_half, get_tokenizer, load_model, to_half
 from backend.engine.registry import known_models
 from backend.engine.sliding import ArraySource, Segmenter, predict_window
-from backend.engine.text import parse_class_lines
+from backend.engine.presets import parse_class_lines
 from backend.service.cli import app
 
 runner = CliRunner()

@@ -279,7 +279,8 @@ def test_names_a_fine_tuned_model_learnt_are_not_warned_about_and_long_ones_are_
     is still named, cut to 40 characters as the token warning cuts it, and the model is named as every
     interface names it."""
     from backend.engine.models import load_model
-    from backend.engine.text import language_warnings, parse_class_lines
+    from backend.engine.text import language_warnings
+    from backend.engine.presets import parse_class_lines
 
     loaded = load_model(str(english_only))
     loaded.class_lines = ["Edifício, house", "ground"]

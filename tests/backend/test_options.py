@@ -123,7 +123,7 @@ def test_the_command_line_and_the_request_give_the_same_options():
 def test_class_lines_given_as_one_text_are_a_class_per_line_and_a_line_break_in_a_list_item_stays_refused():
     """The plugin's class box holds a class per line; a client sending that text as it is gets those classes
     (blank lines dropped), not a 422 asking for a list."""
-    from backend.engine.text import parse_class_lines
+    from backend.engine.presets import parse_class_lines
 
     body = {"raster": "/data/in.tif", "out": "/data/out.gpkg",
             "class_lines": "water, lake\r\ncropland\n\n  \ngrassland\n"}

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from backend.engine.models import load_model
 from backend.engine.options import check_language
 from backend.engine.sliding import Segmenter
-from backend.engine.text import TextEmbedder, parse_class_lines
+from backend.engine.text import TextEmbedder
+from backend.engine.presets import parse_class_lines
 from backend.service.bench import bench_runtimes, type_classes
 from backend.service.cli import app
 from backend.service.host_bench import median_run

@@ -44,7 +44,7 @@ def test_plugin_and_backend_read_class_lines_alike(farslip):
     text = ("water;lake\n\u6e56\u6cca\uff0c\u6c34\u4f53\n\u5efa\u7269\u3001\u623f\u5c4b # buildings\n"
             "deep\u00a0 forest ,  woods\n\u0645\u0627\u0621\u060c \u0628\u062d\u064a\u0631\u0629\n")
     lines = parse_class_text(text)
-    code = ("import json, sys; from backend.engine.text import parse_class_lines; "
+    code = ("import json, sys; from backend.engine.presets import parse_class_lines; "
             "print(json.dumps([[c.name, *c.queries] for c in parse_class_lines(json.load(sys.stdin))]))")
     run = subprocess.run([str(BACKEND_PYTHON), "-c", code], input=json.dumps(lines), capture_output=True,
                          text=True, cwd=REPO, timeout=120)

@@ -17,7 +17,7 @@ from backend.engine.dense import dense_patch_features, normalize_pixels
 from backend.engine.errors import InputError
 from backend.engine.models import load_model
 from backend.engine.sliding import ArraySource, Segmenter, predict_window
-from backend.engine.text import parse_class_lines
+from backend.engine.presets import parse_class_lines
 from backend.service.cli import app
 from training.evaluate import (
     benchmark_layout,

@@ -46,7 +46,7 @@ def check_segment_job(options: SegmentOptions, device: str) -> list[str]:
     from backend.engine.finetuned import (model_bands_for, trained_bands, trained_resolution_said,
                                           with_trained_resolution)
     from backend.engine.models import check_model
-    from backend.engine.text import parse_class_lines
+    from backend.engine.presets import parse_class_lines
 
     weights = str(options.weights) if options.weights else None
     meta = _finetuned_meta(options.model, weights)

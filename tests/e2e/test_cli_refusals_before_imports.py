@@ -1,0 +1,80 @@
+"""A mistyped file name or class list is said before the model's libraries load. `farslip segment nosuch.tif`
+took 7 s to say the file does not exist (torch and open_clip were imported first, for the device and the class
+list), `farslip index|search|classify nosuch.tif` loaded the model before they looked at the raster (8-9 s, or
+"the weights are not on this computer" instead of the missing file), and a run on Ray imported Ray first.
+Each of these commands now checks its raster and class list with rasterio and pyogrio alone, then imports the
+rest. (`train` and `evaluate` check their options and outputs with the training code first, torch included.)
+
+The program runs as `farslip` does, and says at its exit whether torch, open_clip or Ray were imported: a
+refusal that imports none of them cannot have waited for them (no wall-clock figure is asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO.parent / "shared" / "data"
+NAIP = DATA / "naip_2020_5m.tif"
+HEAVY = ("torch", "open_clip", "ray")
+
+# The console script's own entry point, then which of HEAVY are imported at exit (printed after a marker).
+RUN = """
+import atexit, json, sys
+atexit.register(lambda: print("IMPORTED " + json.dumps([m for m in {heavy!r} if m in sys.modules]), file=sys.stderr))
+sys.argv = ["farslip", *sys.argv[1:]]
+from backend.service.launch import main
+main()
+"""
+
+
+def farslip(tmp_path: Path, *args: str) -> tuple[int, str, list[str]]:
+    env_home = tmp_path / "home"
+    done = subprocess.run([sys.executable, "-c", RUN.format(heavy=HEAVY), *args], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "FARSLIP_HOME": str(env_home),
+                               "FARSLIP_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"})
+    said, _, imported = done.stderr.rpartition("IMPORTED ")
+    assert "Traceback" not in said, said
+    return done.returncode, " ".join(said.split()), json.loads(imported)
+
+
+CASES = {
+    "segment, a missing raster": (["segment", "nosuch.tif", "--classes", "building"],
+                                  "The raster nosuch.tif does not exist."),
+    "segment, a class given twice": (["segment", str(NAIP), "--classes", "road", "--classes", "Road"],
+                                     "The class 'Road' is given twice"),
+    "segment on Ray, a missing raster": (["segment", "nosuch.tif", "--classes", "building", "--workers", "2"],
+                                         "The input nosuch.tif does not exist."),
+    "segment on Ray, a class given twice": (["segment", str(NAIP), "--classes", "road", "--classes", "ROAD",
+                                             "--workers", "2"], "The class 'ROAD' is given twice"),
+    "index, a missing raster": (["index", "nosuch.tif"], "The raster nosuch.tif does not exist."),
+    "search, a missing raster": (["search", "nosuch.tif", "a red roof"], "The raster nosuch.tif does not exist."),
+    "classify, a missing raster": (["classify", "nosuch.tif", "--classes", "field"],
+                                   "The raster nosuch.tif does not exist."),
+    "classify, a class given twice": (["classify", str(NAIP), "--classes", "field", "--classes", "Field"],
+                                      "The class 'Field' is given twice"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_mistyped_input_is_refused_before_torch_open_clip_or_ray_is_imported(tmp_path, case):
+    args, sentence = CASES[case]
+    code, said, imported = farslip(tmp_path, *args)
+    assert code == 2, said
+    assert said.startswith(f"Error: {sentence}"), said
+    assert imported == [], f"{case}: refused only after importing {imported}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "a refused run writes nothing"
+
+
+def test_a_run_that_passes_the_checks_goes_on_to_the_model(tmp_path):
+    """The same program with good inputs and a model that is not there: the checks pass, torch and open_clip
+    load and the model is looked for, so the probe above does see the imports a run makes."""
+    code, said, imported = farslip(tmp_path, "segment", str(NAIP), "--classes", "road", "--model", "nosuch-model",
+                                   "--out", "out.gpkg")
+    assert code != 0 and "Unknown model 'nosuch-model'" in said, said
+    assert {"torch", "open_clip"} <= set(imported), imported
