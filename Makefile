@@ -30,16 +30,18 @@ demo: $(BACKEND)
 	$(VENV)/bin/farslip segment resources/sample/naip_2020_5m_crop.tif --preset landcover --model $(DEMO_MODEL) \
 		--out $(DEMO_OUT)/landcover.gpkg --class-raster $(DEMO_OUT)/landcover.tif --overwrite
 
-# lint first, so CI (.ci/run -> make test) fails on a type or style error too. Then the backend suite in two
-# halves and the plugin suite side by side: each mostly waits on the programs, servers and Ray it starts (one
-# pytest keeps 0.6 of two cores busy). Each suite's output is printed whole when it ends (-O).
-test: lint
-	$(MAKE) --no-print-directory -j3 -O test-backend-1 test-backend-2 test-plugin
+# The lint (so CI, .ci/run -> make test, fails on a type or style error too), the backend suite in two halves
+# and the plugin suite, side by side: each suite mostly waits on the programs, servers and Ray it starts (one
+# pytest keeps 0.6 of two cores busy). Each one's output is printed whole when it ends (-O); any failure fails
+# make test, after the others have ended.
+test: $(BACKEND)
+	$(MAKE) --no-print-directory -j3 -O lint test-backend-1 test-backend-2 test-plugin
 
 # The halves, of about equal time side by side (2 cores): the engine, training, command-line and HTTP server
 # tests; the runs on Ray (which slow most when they share the cores) and the server's start and stop.
 E2E_TESTS := $(sort $(wildcard tests/e2e/test_*.py))
-E2E_TESTS_2 := $(filter tests/e2e/test_ray% tests/e2e/test_server_ray.py tests/e2e/test_server_lifecycle.py,$(E2E_TESTS))
+E2E_TESTS_2 := $(filter tests/e2e/test_ray% tests/e2e/test_server_ray.py tests/e2e/test_server_lifecycle.py \
+	tests/e2e/test_cli_bad_text_and_crs.py,$(E2E_TESTS))
 BACKEND_TESTS_1 := tests/architecture tests/backend tests/training $(filter-out $(E2E_TESTS_2),$(E2E_TESTS))
 BACKEND_TESTS_2 := tests/scale $(E2E_TESTS_2)
 
