@@ -6,6 +6,7 @@ the file, so a second "Train on my corrections" trains on all of them."""
 from __future__ import annotations
 
 import os
+import sys
 
 from osgeo import ogr
 from plugin_helpers import save_as_geopackage
@@ -27,6 +28,42 @@ def write_result(path: str) -> QgsVectorLayer:
     layer = QgsVectorLayer(path, "FarSLIP result", "ogr")
     QgsProject.instance().addMapLayer(layer)
     return layer
+
+
+class _Forward:
+    """Everything of the wrapped GDAL object, except what a subclass defines."""
+
+    def __init__(self, wrapped, marks: list):
+        self.wrapped, self.marks = wrapped, marks
+
+    def __getattr__(self, name):
+        return getattr(self.wrapped, name)
+
+
+class _Layer(_Forward):
+    def __iter__(self):
+        return iter(self.wrapped)
+
+    def CreateFeature(self, feature):
+        self.marks.append(feature)
+        return ogr.OGRERR_FAILURE if len(self.marks) == 2 else self.wrapped.CreateFeature(feature)
+
+
+class _Dataset(_Forward):
+    def GetLayerByName(self, name):
+        layer = self.wrapped.GetLayerByName(name)
+        return _Layer(layer, self.marks) if layer is not None else None
+
+
+class DiskFullAtTheSecondMark(_Forward):
+    """GDAL's ogr module whose datasets opened for writing fail the second feature written into them."""
+
+    def __init__(self, module):
+        super().__init__(module, [])
+
+    def Open(self, path, update=0):
+        dataset = self.wrapped.Open(path, update)
+        return _Dataset(dataset, self.marks) if dataset is not None and update else dataset
 
 
 def saved_marks(path: str) -> list[tuple[str, str]]:
@@ -81,14 +118,10 @@ def test_a_save_into_the_review_file_that_fails_half_way_leaves_the_earlier_mark
     for row in (0, 1):
         tab.form.polygonsTable.selectRow(row)
         tab.mark("correct")
-    written = []
-    real_create = ogr.Layer.CreateFeature
-
-    def disk_full_at_the_second(layer, feature):
-        written.append(feature)
-        return ogr.OGRERR_FAILURE if len(written) == 2 else real_create(layer, feature)
-
-    monkeypatch.setattr(ogr.Layer, "CreateFeature", disk_full_at_the_second)
+    # The tab's GDAL sees a full disk at the second mark it writes into the review file. (Patching the class,
+    # ogr.Layer.CreateFeature, at times did not take: read back, it was still GDAL's own, and the save succeeded.)
+    tab_module = sys.modules[type(tab).__module__]
+    monkeypatch.setattr(tab_module, "ogr", DiskFullAtTheSecondMark(tab_module.ogr))
     tab.form.polygonsTable.selectRow(2)
     tab.mark("deleted")
     assert tab.form.reviewStatusLabel.text() == (
