@@ -21,11 +21,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .train_options import METHODS  # torch-free: the command line checks --method before torch loads
+
 if TYPE_CHECKING:
     from open_clip.model import CLIP
     from open_clip.transformer import VisionTransformer
-
-METHODS = ("lora", "last-blocks", "full")
 
 
 class LoraDelta(nn.Module):

@@ -14,14 +14,12 @@ run removes it. A run whose loss or weights stop being finite numbers stops at t
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import re
 import shutil
 import time
-import typing
 from collections.abc import Callable, Collection
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -31,33 +29,33 @@ import numpy as np
 import torch
 
 from backend import __version__
-from backend.engine.memory import peak_rss_mb
-from backend.engine.finetuned import (
-    FINETUNED_FORMAT, FINETUNED_META, FINETUNED_WEIGHTS, bands_for, trained_resolution,
-)
-from backend.engine.models import LoadedModel, check_model
-from backend.engine.weights import file_sha256
-from backend.engine.errors import CancelledError, InputError, ModelError
 from backend.engine.atomic import StagedOutputs, atomic_output
 from backend.engine.devices import SEGMENT_FLAGS, resolve_device
 from backend.engine.diskspace import writing_to
+from backend.engine.errors import CancelledError, InputError, ModelError
 from backend.engine.feature_cache import raster_reads
 from backend.engine.files import (
     absolute_outputs,
     absolute_raster_name,
-    check_output_file,
     check_raster_name,
     check_vector_source,
-    input_paths,
-    raster_file,
     raster_label,
     raster_name,
-    refuse_outputs_over_inputs,
 )
-from backend.engine.options import ATTENTION_VARIANTS, Range
+from backend.engine.finetuned import (
+    FINETUNED_FORMAT,
+    FINETUNED_META,
+    FINETUNED_WEIGHTS,
+    bands_for,
+    trained_resolution,
+)
+from backend.engine.memory import peak_rss_mb
+from backend.engine.models import LoadedModel, check_model
 from backend.engine.raster import PixelWindow, RasterSource, native_gsd_m, open_source, select_bands
+from backend.engine.weights import file_sha256
 
 from . import adapters
+from .distill import BOX_AREA, BOX_ASPECT
 from .evaluate import (
     draw_confusion,
     format_metrics,
@@ -72,39 +70,55 @@ from .evaluate import (
 from .finetune import (
     REGION_PROMPT,
     Trainer,
-    TrainingDiverged,
     TrainingData,
+    TrainingDiverged,
     TrainOptions,
     TrainState,
     crop_size,
     default_steps,
     run_epochs,
 )
-from .distill import BOX_AREA, BOX_ASPECT
 from .labels import (
-    LabelGrid, aoi_layer, build_label_grid, check_background, check_class_names, label_layer, raster_envelope,
-    read_aoi, read_label_polygons, split_layer, vector_file,
+    LabelGrid,
+    aoi_layer,
+    build_label_grid,
+    check_background,
+    check_class_names,
+    label_layer,
+    raster_envelope,
+    read_aoi,
+    read_label_polygons,
+    split_layer,
+    vector_file,
 )
 from .model_folder import (
     CHECKPOINT_DIR,
     check_out_folder,
     check_resumable,
-    out_folder,
     copy_text_tower,
     load_tensors,
     move_into_place,
+    out_folder,
     partial_dir,
-    recover_model_folder,
     save_tensors,
     start_work_folder,
 )
+from .run_checks import (  # torch-free; their names stay importable from here
+    RESUMED_OPTIONS,
+    CheckedTraining,
+    Progress,
+    check_attention,
+    check_evaluation,
+    check_report_outputs,
+    evaluation_inputs,
+    prepare_training,
+    run_options,
+    training_inputs,
+)
 from .sampling import split_labels
 
-TEACHERS = ("frozen", "active")
 TRAIN_TASK = "train on"  # what an all-nodata raster leaves nothing to (raster.open_source's sentence)
 MAX_TRAINING_PIXELS = 64_000_000  # the labelled window is held in memory as float32 RGB (~770 MB)
-
-Progress = Callable[[int, int, dict], None]
 
 
 def _as_base_model(error: ModelError) -> ModelError:
@@ -157,37 +171,6 @@ def _resolution_given(scale: float | None, gsd_m: float | None) -> str:
     return f"--gsd {gsd_m:g}" if gsd_m is not None else f"--scale {scale:g}"
 
 
-def check_attention(attention: str) -> None:
-    if attention not in ATTENTION_VARIANTS:
-        raise InputError(f"--attention must be one of {', '.join(ATTENTION_VARIANTS)}; got {attention!r}.")
-
-
-def evaluation_inputs(raster=None, labels=None, aoi=None, model=None, weights=None) -> dict[str, Path]:
-    """The files an evaluation reads (which no output may replace): a raster named in GDAL's syntax by the file
-    that holds it (a subdataset's container, an archive)."""
-    return input_paths([("raster", raster_file(raster) if raster else None),
-                        ("labels", vector_file(labels) if labels else None),
-                        ("area of interest", vector_file(aoi) if aoi else None), ("model", model),
-                        ("weights", weights)])
-
-
-def check_report_outputs(outputs: dict[str, str | Path | None], inputs: dict[str, Path],
-                         overwrite: bool) -> dict[str, Path]:
-    """Report files ({"--json file": path, ...}) checked before a model loads: a name the disk takes, in a
-    folder that exists and takes files, none of them an input or another output, none there yet unless
-    `overwrite`; a confusion matrix is a PNG."""
-    for what, given in outputs.items():
-        if given:  # as given: a name ending in a separator (a folder's) is refused before Path drops it
-            check_output_file(given, what, inputs, overwrite=overwrite, gdal=False)  # Python writes reports
-    chosen = {what: Path(path) for what, path in outputs.items() if path}
-    for what, path in chosen.items():
-        if what.startswith("--png") and path.suffix.lower() not in ("", ".png"):
-            raise InputError(f"The {what} {path} must end in .png: the confusion matrix is written as a PNG "
-                             "image.")
-    refuse_outputs_over_inputs(chosen, {})
-    return chosen
-
-
 def report_outputs(out_json: str | Path | None, out_png: str | Path | None) -> dict[str, str]:
     """The report's `outputs`: the --json and --png files given."""
     return absolute_outputs({name: path for name, path in (("json", out_json), ("png", out_png)) if path})
@@ -225,37 +208,9 @@ def write_report(result: dict, out_json: str | Path | None, out_png: str | Path 
     return outputs
 
 
-def check_evaluation(model: str | None, weights: str | None, background: str | None,
-                     class_names: dict[str, str] | None, split: str) -> None:
-    """What an evaluation refuses before a model loads (and the server before it queues the job): an unknown
-    split, a blank background or class name, the validation split of a model that no training wrote."""
-    if split not in ("auto", "all", "validation"):
-        raise InputError(f"--split must be auto, all or validation; got {split!r}.")
-    check_background(background)
-    check_class_names(class_names)
-    if split == "validation":
-        from backend.engine.models import locate_model
-
-        kind, where, explicit = locate_model(model, weights)
-        if kind != "finetuned":
-            raise InputError(f"--split validation scores the held-out strip that farslip train kept aside, and "
-                             f"{_model_used(kind, where, explicit, model)} is not a fine-tuned model folder; evaluate "
-                             "it with --split all (or auto).")
-
-
 def _give_its_own(what: str, path: str | None) -> str:
     """The end of a sentence that the model's own raster or labels were not given: which file to give, if known."""
     return f" (give its own {what}, {path}, to score the held-out strip)." if path else "."
-
-
-def _model_used(kind: str, where, weights: str | None, model: str | None) -> str:
-    """The model an evaluation would load, as a sentence names it (locate_model's answer): --model as given,
-    the --weights file given alone, the registry model with the weights file given for it, or the default
-    model by its name."""
-    if kind == "checkpoint":
-        return model if model else f"the weights file {where}"
-    name = where.name if model else f"the default model ({where.name})"
-    return f"{name} with the weights file {weights}" if weights else name
 
 
 def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, model: str | None = None,
@@ -361,8 +316,8 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
         class_lines = model_class_lines(loaded, set(polygons.class_values), background)
         area = read_aoi(aoi, source.crs, raster_envelope(source)) if aoi else None
         grid = build_label_grid(source, polygons, background=background, aoi=area, class_lines=class_lines)
-        from backend.engine.segment import untrained_class_warning
         from backend.engine.presets import parse_class_lines
+        from backend.engine.segment import untrained_class_warning
 
         untrained = untrained_class_warning(loaded, parse_class_lines(grid.class_lines))  # as segment says it
         absent = grid.absent_sentence(polygons.path.name)
@@ -428,70 +383,12 @@ def evaluate_model(raster: str | Path, labels: str | Path, class_field: str, mod
 # --- training -----------------------------------------------------------------------------------
 
 
-def check_options(options: TrainOptions) -> None:
-    """Every option against the values it takes (TrainOptions' table), in one sentence naming it as the command
-    line spells it; checked before a model loads (the server's submission runs this too)."""
-    if options.method not in adapters.METHODS:
-        raise InputError(f"--method must be one of {', '.join(adapters.METHODS)}; got {options.method!r}.")
-    check_attention(options.attention)
-    if options.teacher not in TEACHERS:
-        raise InputError(f"--teacher must be frozen (the base model, the default for small data) or active "
-                         f"(the network being trained, as FarSLIP's release); got {options.teacher!r}.")
-    if not isinstance(options.augment, bool):
-        raise InputError(f"--augment must be true or false; got {str(options.augment)[:100]!r}.")
-    hints = typing.get_type_hints(TrainOptions)
-    for item in dataclasses.fields(TrainOptions):
-        value, allowed = getattr(options, item.name), item.metadata.get("range")
-        if allowed is None or value is None:  # None: the default (the method's rate, the model's input size)
-            continue
-        whole = int in (hints[item.name], *typing.get_args(hints[item.name]))
-        if not _within(value, allowed, whole):
-            sentence = item.metadata["error"] or (f"{item.metadata['flag']} must be {allowed.describe(whole)}"
-                                                  f"{item.metadata['why']}; got {{value}}.")
-            raise InputError(sentence.format(value=str(value)[:100]))
-    if options.region_min_px > options.region_max_px:
-        raise InputError(f"--region-min-px ({options.region_min_px:g}) must not exceed --region-max-px "
-                         f"({options.region_max_px:g}): region boxes are the labelled polygons whose sqrt(area) in "
-                         "native pixels lies between the two.")
-
-
-def _within(value, allowed: Range, whole: bool) -> bool:
-    """Whether `value` is a number (a whole one where `whole`) inside `allowed`."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return value in allowed and not (whole and value != int(value))
-    except (OverflowError, ValueError):  # an int too large for a float
-        return False
-
-
 def check_model_options(loaded: LoadedModel, options: TrainOptions) -> None:
     """The options that depend on the model, checked once it loads and before anything is written."""
     blocks = len(loaded.model.visual.transformer.resblocks)
     if options.method == "last-blocks" and options.last_blocks > blocks:
         raise InputError(f"--last-blocks {options.last_blocks} is more than the {blocks} blocks of {loaded.name}'s "
                          f"vision tower; give at most {blocks} (--method full trains them all).")
-
-
-def training_inputs(raster, labels, aoi=None, base_model=None, weights=None) -> dict[str, Path]:
-    """The files a training reads (which --out must not hold): a raster named in GDAL's syntax by the file that
-    holds it (a subdataset's container, an archive)."""
-    return input_paths([("raster", raster_file(raster) if raster else None),
-                        ("labels", vector_file(labels) if labels else None),
-                        ("area of interest", vector_file(aoi) if aoi else None),
-                        ("base model", base_model), ("weights", weights)])
-
-
-def run_options(options: TrainOptions | None, method: str = "lora", epochs: int = 5, lr: float | None = None,
-                patch_loss_weight: float = 1.0) -> TrainOptions:
-    """The options a training runs with: `options` (the finer knobs) with the explicit method, epochs, lr
-    and patch-loss weight over them, checked."""
-    options = TrainOptions(**asdict(options)) if options else TrainOptions()
-    options.method, options.epochs, options.patch_loss_weight = method, int(epochs), float(patch_loss_weight)
-    if lr is not None:
-        options.lr = float(lr)
-    check_options(options)
-    return options
 
 
 def train_model(raster: str | Path, labels: str | Path, class_field: str, out: str | Path,
@@ -503,7 +400,7 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
                 overwrite: bool = False, device: str = "cpu", options: TrainOptions | None = None,
                 loaded: LoadedModel | None = None, progress: Progress | None = None,
                 should_cancel: Callable[[], bool] | None = None, out_json: str | Path | None = None,
-                typed: frozenset[str] | None = None) -> dict:
+                typed: frozenset[str] | None = None, checked: CheckedTraining | None = None) -> dict:
     """Fine-tune on labelled polygons; write a model folder that `load_model(out)` loads.
 
     `typed`: the options (RESUMED_OPTIONS' names) the user gave, whatever their value; None: those that
@@ -511,23 +408,18 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
 
     `options` sets the finer knobs (batch size, steps, loss weights, split); the
     explicit arguments method/epochs/lr/patch_loss_weight override it. `out_json` (checked by the caller)
-    gets the result as JSON, put in place with the model folder, all or nothing.
+    gets the result as JSON, put in place with the model folder, all or nothing. `checked`: prepare_training's
+    answer for these same arguments, when the caller ran it before importing this module (farslip train).
     """
-    options = run_options(options, method, epochs, lr, patch_loss_weight)
-    check_background(background)
-    check_class_names(class_names)
+    if checked is None:
+        checked = prepare_training(raster, labels, class_field, out, base_model, weights, method, epochs, lr,
+                                   patch_loss_weight, background, aoi, class_names, resume, overwrite, options,
+                                   progress)
+    options, raster, labels, out, recovered = (checked.options, checked.raster, checked.labels, checked.out,
+                                               checked.recovered)
+    labels_file = vector_file(labels)
     if loaded is None:
         resolve_device(device)
-    # The raster as GDAL gets it: a pathlib.Path folds /vsizip//abs/a.zip/x.tif and HDF5:"a.h5"://var.
-    raster, labels, out = raster_name(raster), Path(labels), out_folder(out)
-    labels_file = vector_file(labels)
-    # A training of `out` killed while it put its model in place: the previous model back first (or its commit
-    # finished), said as a warning.
-    recovered = recover_model_folder(out)
-    if recovered is not None and progress is not None:
-        progress(0, 0, {"phase": "warning", "message": recovered})
-    check_out_folder(out, overwrite, resume, training_inputs(raster, labels, aoi, base_model, weights))
-    label_layer(labels, class_field)  # a missing field is said before the model loads (or asks for weights)
     started = time.perf_counter()
     loaded = _load(base_model, weights, device, loaded)
     check_model_options(loaded, options)
@@ -700,11 +592,6 @@ def _aoi_text(aoi: dict | None) -> str:
     return f"--aoi {Path(aoi['path']).name}" if aoi else "no --aoi"
 
 
-# What a resumed run takes from its checkpoint (the restored optimiser keeps the first run's learning rate),
-# with the flag that sets each: a value given now that differs from the checkpoint's is refused.
-RESUMED_OPTIONS = {"lr": "--lr", "batch_size": "--batch-size", "steps_per_epoch": "--steps-per-epoch",
-                   "seed": "--seed", "lora_rank": "--lora-rank", "last_blocks": "--last-blocks",
-                   "crop_px": "--crop-px", "teacher": "--teacher"}
 DEFAULT_OPTIONS = asdict(TrainOptions())
 
 
@@ -963,19 +850,6 @@ def _train_in(work: Path, out: Path, loaded: LoadedModel, data: TrainingData, op
         "seconds": round(time.perf_counter() - started, 3),
         "warnings": [*([region_warning] if region_warning else []), *dict.fromkeys(retries)],
     }
-
-
-def class_names_from_pairs(pairs: list[str]) -> dict[str, str]:
-    """["yes=building", "1=water"] -> {"yes": "building", "1": "water"} (CLI --class-name)."""
-    mapping = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise InputError(f"--class-name takes VALUE=NAME (e.g. yes=building); got {pair!r}.")
-        value, name = (part.strip() for part in pair.split("=", 1))
-        if not value or not name:
-            raise InputError(f"--class-name takes VALUE=NAME with both parts; got {pair!r}.")
-        mapping[value] = name
-    return mapping
 
 
 # --- the server's job runner ----------------------------------------------------------------------

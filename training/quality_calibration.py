@@ -23,8 +23,8 @@ from backend.engine.errors import InputError
 from backend.engine.files import absolute_raster_name
 from backend.engine.quality import (
     QualityModel,
-    crop_class_probabilities,
     calibration_path_for,
+    crop_class_probabilities,
     fit_quality_model,
     pixel_signals,
     rank_agreement,
@@ -35,6 +35,7 @@ from backend.engine.sliding import predict_window
 from .api import model_class_lines
 from .evaluate import predict_with_retries, segmenter_for
 from .labels import UNLABELLED, build_label_grid, raster_envelope, read_aoi, read_label_polygons
+from .run_checks import check_quality_tile
 
 MIN_LABELLED_SHARE = 0.5
 FOLD_BLOCK = 3  # tiles per side of a spatial fold
@@ -121,11 +122,6 @@ def out_of_fold(signals: np.ndarray, truth: np.ndarray, index: np.ndarray, weigh
             continue  # too few training tiles outside this fold
         predicted[held] = model.predict(signals[held])
     return predicted
-
-
-def check_quality_tile(tile: int) -> None:
-    if not 16 <= tile <= 1024:
-        raise InputError(f"--quality-tile must be between 16 and 1024 pixels; got {tile}.")
 
 
 def calibration_target(loaded, out: str | Path | None) -> Path:

@@ -17,7 +17,7 @@ from .atomic import is_shapefile, shapefile_parts
 from .export import driver_for, report_path_for
 from .files import check_output_files, check_regular_file, input_paths, listed_output, raster_file
 from .options import SegmentOptions, check_values
-from .presets import collect_class_lines
+from .presets import check_class_lines, collect_class_lines
 
 if TYPE_CHECKING:
     import torch
@@ -146,12 +146,9 @@ def check_inputs(options: SegmentOptions, read_raster: bool = True, device: torc
     model brings its own classes (the engine refuses an empty list once the model is known).
     Opening the raster reads only its decimated sample, never the model.
     """
-    from .presets import parse_class_lines
-
     lines = class_lines_of(options)
     check_values(options)
-    if lines:
-        parse_class_lines(lines)
+    check_class_lines(lines)
     if options.quality_calibration is not None:
         if not Path(options.quality_calibration).exists():
             raise InputError(f"The quality calibration file {options.quality_calibration} does not exist.")

@@ -135,6 +135,13 @@ def same_name_key(name: str) -> str:
     return " ".join(visible.casefold().split())
 
 
+def check_class_lines(lines: list[str]) -> None:
+    """The class list, checked as parse_class_lines reads it (each class once, names within their limits) before
+    the model's imports; an empty list passes: a fine-tuned model may bring its own classes."""
+    if lines:
+        parse_class_lines(lines)
+
+
 def parse_class_lines(lines: list[str]) -> list[ClassSpec]:
     """Turn user class lines ("road, parking lot") into classes with synonym queries."""
     classes: list[ClassSpec] = []

@@ -123,3 +123,11 @@ class ProgressReporter:
     def __exit__(self, *exc):
         if self.bar is not None:
             self.bar.__exit__(*exc)
+
+
+def check_raster_opens(raster: str) -> None:
+    """The raster opens and is georeferenced (raster.open_dataset): said before the model's imports and loading,
+    which take seconds."""
+    from backend.engine.raster import open_dataset
+
+    open_dataset(raster).close()

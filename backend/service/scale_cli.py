@@ -119,7 +119,7 @@ def segment_scaled(values: dict) -> None:
     try:
         from backend.engine.checks import class_lines_of
         from backend.engine.options import check_values
-        from backend.engine.presets import parse_class_lines
+        from backend.engine.presets import check_class_lines
         from backend.scale.inputs import expand_inputs
 
         options = options_from_cli({k: v for k, v in values.items()
@@ -128,8 +128,7 @@ def segment_scaled(values: dict) -> None:
         out = Path(options.out)  # with the extension of --format (or .gpkg) when it was given without one
         check_values(options)
         lines = class_lines_of(options)
-        if lines:  # a fine-tuned model may bring its own classes: an empty list waits for the model
-            parse_class_lines(lines)
+        check_class_lines(lines)
         left_out: list[str] = []
         # The inputs and class list first: Ray's and the engine's imports take seconds.
         paths = expand_inputs(values["raster"], left_out)

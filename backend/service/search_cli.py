@@ -11,7 +11,8 @@ from backend.engine.atomic import write_text_atomically
 from backend.engine.errors import FarslipError
 from backend.engine.files import raster_label
 from backend.engine.options import WEIGHTS_HELP
-from backend.service.cli_common import ProgressReporter, fail, interrupted, parse_bands, signals_as_interrupt
+from backend.service.cli_common import (ProgressReporter, check_raster_opens, fail, interrupted, parse_bands,
+                                        signals_as_interrupt)
 
 MODEL_HELP = "Registry name, checkpoint file or fine-tuned model folder."
 INDEX_KEPT = ("Interrupted; the windows indexed so far are kept, and the next index or search of this raster "
@@ -33,13 +34,6 @@ def _inputs(raster: Optional[str | Path], model: Optional[str], weights: Optiona
 
     return input_paths([("input raster", raster_file(raster) if raster is not None else None), ("model", model),
                         ("weights", weights), *more.items()])
-
-
-def _check_raster(raster: str) -> None:
-    """The raster opens and is georeferenced: said before the model's imports and loading (seconds) do."""
-    from backend.engine.raster import open_dataset
-
-    open_dataset(raster).close()
 
 
 def _note(sentence: str) -> None:
@@ -66,7 +60,7 @@ def index_command(
         with signals_as_interrupt():
             if batch_size is not None:
                 check_batch_size(batch_size)
-            _check_raster(raster)
+            check_raster_opens(raster)
             from backend.engine.search_index import check_bbox, describe, open_index
 
             loaded = _load(model, weights, device)
@@ -116,7 +110,7 @@ def search_command(
     out = Path(out_given)
     try:
         with signals_as_interrupt():
-            _check_raster(raster)
+            check_raster_opens(raster)
             from backend.engine.search import SearchOptions, check_hits_output, search_raster, validate_search_options
             from backend.engine.search_index import open_index
 
@@ -163,7 +157,7 @@ def classify_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Zero-shot scene classification: the most likely class of every tile, with its probability."""
-    from backend.engine.presets import collect_class_lines, parse_class_lines
+    from backend.engine.presets import check_class_lines, collect_class_lines
 
     out = Path(out_given)
     noted: list[str] = []  # a batch retried after the GPU ran out of memory: said as it happens, not again below
@@ -175,9 +169,8 @@ def classify_command(
     try:
         with signals_as_interrupt():
             lines = collect_class_lines(classes, classes_file, preset)
-            if lines:  # a fine-tuned model may bring its own classes: an empty list waits for the model
-                parse_class_lines(lines)
-            _check_raster(raster)
+            check_class_lines(lines)
+            check_raster_opens(raster)
             from backend.engine.classify import (ClassifyOptions, check_classify_output, classify_raster,
                                                  validate_classify_options)
             from backend.engine.search import check_hits_output

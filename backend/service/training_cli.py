@@ -18,7 +18,7 @@ from backend.engine.errors import FarslipError, InputError
 from backend.engine.files import check_output_file, is_inside, output_file_option, raster_file, raster_label
 from backend.engine.options import WEIGHTS_HELP, check_batch_size
 from backend.service.cli_common import fail as _fail
-from backend.service.cli_common import interrupted, signals_as_interrupt
+from backend.service.cli_common import check_raster_opens, interrupted, signals_as_interrupt
 from backend.service.cli_common import parse_bands as _bands
 
 AOI_HELP = ("Area-of-interest polygon layer: only the labels inside it count; with --background, its unlabelled "
@@ -120,12 +120,10 @@ def evaluate_command(
     """Report per-class IoU, mIoU, accuracy and the confusion matrix of a model against labelled polygons."""
     loaded = None
     try:  # a signal or Ctrl+C: "Interrupted." from cli_common.interruptible, which wraps every command
-        from backend.engine.devices import resolve_device
-        from backend.engine.models import check_half, load_model, to_half
-
-        from training.api import (check_attention, check_evaluation, check_report_outputs,
-                                  class_names_from_pairs, evaluate_model, evaluation_inputs)
-        from training.quality_calibration import calibrate_and_keep_the_better, calibration_target, check_quality_tile
+        # Without torch: every check below is said in about a second, before the model's imports.
+        from training.labels import label_layer
+        from training.run_checks import (check_attention, check_evaluation, check_quality_tile, check_report_outputs,
+                                         class_names_from_pairs, evaluation_inputs)
 
         # Options that do nothing in this run are refused, not ignored.
         _check_used(ctx, calibrate_quality, benchmark)
@@ -142,6 +140,20 @@ def evaluate_command(
         inputs = evaluation_inputs(raster_file(raster) if raster else None, labels, aoi, model, weights)
         check_report_outputs({"--json file": json_out, "--png file": png,
                               "--quality-out file": quality_out if calibrate_quality else None}, inputs, overwrite)
+        class_names: dict[str, str] = {}
+        if benchmark is None:
+            if raster is None or labels is None or not class_field:
+                raise InputError("Give RASTER, LABELS and --class-field (or --benchmark FOLDER).")
+            class_names = class_names_from_pairs(class_name or [])
+            check_evaluation(model, str(weights) if weights else None, background, class_names, split)
+            label_layer(labels, class_field)  # the labels file and its field, then the raster
+            check_raster_opens(raster)
+        from backend.engine.devices import resolve_device
+        from backend.engine.models import check_half, load_model, to_half
+
+        from training.api import evaluate_model
+        from training.quality_calibration import calibrate_and_keep_the_better, calibration_target
+
         dev = resolve_device(device)
         check_half(half, dev)
         if benchmark is not None:
@@ -149,14 +161,8 @@ def evaluate_command(
                        background_index, model, weights, dev, half, benchmark_split, long_side, ignore_index,
                        attention, batch_size, limit, quiet, json_out, png)
             return
-        if raster is None or labels is None or not class_field:
-            raise InputError("Give RASTER, LABELS and --class-field (or --benchmark FOLDER).")
-        class_names = class_names_from_pairs(class_name or [])
-        check_evaluation(model, str(weights) if weights else None, background, class_names, split)
-        if half or calibrate_quality:  # the model loads here, before evaluate_model checks the labels' field
-            from training.labels import label_layer
-
-            label_layer(labels, class_field)
+        assert raster is not None and labels is not None and class_field  # said above
+        if half or calibrate_quality:  # the model loads here, before evaluate_model reads the labels
             loaded = load_model(model, str(weights) if weights else None, dev)
             loaded = to_half(loaded) if half else loaded
         if calibrate_quality:  # where the calibration goes, checked before the evaluation runs
@@ -393,16 +399,12 @@ def train_command(
 
     AdamW, weight decay 0.01 on weight matrices only (not on biases, norms or other 1-D parameters).
     """
-    from backend.engine.devices import resolve_device
-
-    from training.api import RESUMED_OPTIONS, class_names_from_pairs, train_model, training_inputs
-    from training.finetune import TrainOptions
-
-    from training.model_folder import out_folder
-
-    from training.model_folder import default_out_folder
-
+    # Without torch: the options, --out, --json, the labels and the raster are said in about a second.
     from backend.engine.mosaic import mosaic_of
+
+    from training.model_folder import default_out_folder, out_folder
+    from training.run_checks import RESUMED_OPTIONS, class_names_from_pairs, prepare_training, training_inputs
+    from training.train_options import TrainOptions
 
     if not rasters:  # one file given: click took it for LABELS, the last argument
         typer.echo(ctx.get_usage() + "\nTry 'farslip train --help' for help.\n\nError: Missing argument "
@@ -433,16 +435,25 @@ def train_command(
                 check_output_file(json_out, "--json file", training_inputs(raster_file(raster), labels, aoi, base_model,
                                                                            weights),
                                   overwrite=overwrite, gdal=False)
-            dev = resolve_device(device)
             options = TrainOptions(batch_size=batch_size, steps_per_epoch=steps_per_epoch, seed=seed,
                                    teacher=teacher)
+            progress, class_names = _Lines(quiet), class_names_from_pairs(class_name or [])
+            checked = prepare_training(raster, labels, class_field, out, base_model,
+                                       str(weights) if weights else None, method, epochs, lr, patch_loss_weight,
+                                       background, aoi, class_names, resume, overwrite, options, progress)
+            check_raster_opens(checked.raster)
+            from backend.engine.devices import resolve_device
+
+            from training.api import train_model
+
+            dev = resolve_device(device)
             result = train_model(raster, labels, class_field, out, base_model=base_model,
                                  weights=str(weights) if weights else None, method=method, epochs=epochs, lr=lr,
                                  patch_loss_weight=patch_loss_weight, background=background, aoi=aoi,
-                                 class_names=class_names_from_pairs(class_name or []), bands=_bands(bands),
+                                 class_names=class_names, bands=_bands(bands),
                                  scale=scale, gsd_m=gsd, resume=resume, overwrite=overwrite, device=str(dev),
-                                 options=options, progress=_Lines(quiet), out_json=json_out,
-                                 typed=frozenset(_typed(ctx, tuple(RESUMED_OPTIONS))))
+                                 options=options, progress=progress, out_json=json_out,
+                                 typed=frozenset(_typed(ctx, tuple(RESUMED_OPTIONS))), checked=checked)
     except FarslipError as error:
         _fail(error)
     except KeyboardInterrupt as error:

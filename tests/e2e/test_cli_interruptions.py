@@ -145,16 +145,19 @@ app(sys.argv[3:], prog_name="farslip")
      "Interrupted; nothing was written."),
     ("backend.engine.retrieval", signal.SIGTERM, 143, ["evaluate-retrieval", "OUT", "--model", "MODEL"],
      "Interrupted."),
+    # train imports them once its options, --out, labels and raster are checked, inside its own handling.
     ("training.api", signal.SIGHUP, 129,
-     ["train", "RASTER", "RASTER", "--class-field", "cls", "--base-model", "MODEL", "--out", "OUT/m"],
-     "Interrupted."),
+     ["train", "RASTER", "LABELS", "--class-field", "building", "--base-model", "MODEL", "--out", "OUT/m"],
+     "Interrupted before an epoch finished; no model was written and nothing was kept (run the command again to "
+     "start over)."),
 ], ids=["Ctrl+C in classify", "SIGTERM in evaluate-retrieval", "SIGHUP in train"])
 def test_a_signal_while_a_command_still_imports_is_one_line(module, sig, code, command, said, naip, tiny_model,
-                                                            out_dir):
+                                                            out_dir, shared_data):
     """The first seconds of a run import torch and the engine: a signal there was a silent exit 130
     (Ctrl+C) or a process killed with no line (SIGTERM, SIGHUP). classify imports them once its raster is
     checked, inside its own handling of a signal, which says nothing was written."""
-    values = {"RASTER": str(naip), "MODEL": str(tiny_model), "OUT": str(out_dir)}
+    values = {"RASTER": str(naip), "MODEL": str(tiny_model), "OUT": str(out_dir),
+              "LABELS": str(shared_data / "solaris_geotiff_labels.geojson")}
     args = [values.get(a.split("/")[0], a.split("/")[0]) + a[len(a.split("/")[0]):] for a in command]
     done = subprocess.run([sys.executable, "-c", STOP_AT_IMPORT, module, str(int(sig)), *args], capture_output=True,
                           text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])

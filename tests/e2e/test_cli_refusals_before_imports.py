@@ -2,8 +2,10 @@
 took 7 s to say the file does not exist (torch and open_clip were imported first, for the device and the class
 list), `farslip index|search|classify nosuch.tif` loaded the model before they looked at the raster (8-9 s, or
 "the weights are not on this computer" instead of the missing file), and a run on Ray imported Ray first.
-Each of these commands now checks its raster and class list with rasterio and pyogrio alone, then imports the
-rest. (`train` and `evaluate` check their options and outputs with the training code first, torch included.)
+`train` and `evaluate` took 8-11 s to say a labels file was missing (their checks of the options and outputs lived
+in modules that import torch), and said a missing raster only once the model had loaded. Each of these commands
+now checks its options, outputs, labels, raster and class list with rasterio and pyogrio alone, then imports the
+rest.
 
 The program runs as `farslip` does, and says at its exit whether torch, open_clip or Ray were imported: a
 refusal that imports none of them cannot have waited for them (no wall-clock figure is asserted)."""
@@ -20,6 +22,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data"
 NAIP = DATA / "naip_2020_5m.tif"
+LABELS = DATA / "solaris_geotiff_labels.geojson"  # its class field: building
 HEAVY = ("torch", "open_clip", "ray")
 
 # The console script's own entry point, then which of HEAVY are imported at exit (printed after a marker).
@@ -58,6 +61,25 @@ CASES = {
                                    "The raster nosuch.tif does not exist."),
     "classify, a class given twice": (["classify", str(NAIP), "--classes", "field", "--classes", "Field"],
                                       "The class 'Field' is given twice"),
+    "train, a missing labels file": (["train", str(NAIP), "nosuch.gpkg", "--class-field", "building", "--out", "m"],
+                                     "The labels file nosuch.gpkg does not exist."),
+    "train, a missing raster": (["train", "nosuch.tif", str(LABELS), "--class-field", "building", "--out", "m"],
+                                "The raster nosuch.tif does not exist."),
+    "train, a class field the labels lack": (["train", str(NAIP), str(LABELS), "--class-field", "kind", "--out", "m"],
+                                             f"The labels file {LABELS.name} has no field 'kind'"),
+    "train, an option out of range": (["train", str(NAIP), str(LABELS), "--class-field", "building", "--out", "m",
+                                       "--epochs", "0"], "--epochs must be a whole number from 1 to 10000; got 0."),
+    "train, a --json folder that is not there": (["train", str(NAIP), str(LABELS), "--class-field", "building",
+                                                  "--out", "m", "--json", "nosuch/r.json"],
+                                                 "The output folder nosuch does not exist"),
+    "evaluate, a missing labels file": (["evaluate", str(NAIP), "nosuch.gpkg", "--class-field", "building"],
+                                        "The labels file nosuch.gpkg does not exist."),
+    "evaluate, a missing raster": (["evaluate", "nosuch.tif", str(LABELS), "--class-field", "building"],
+                                   "The raster nosuch.tif does not exist."),
+    "evaluate, a class field the labels lack": (["evaluate", str(NAIP), str(LABELS), "--class-field", "kind"],
+                                                f"The labels file {LABELS.name} has no field 'kind'"),
+    "evaluate, a blank --class-name": (["evaluate", str(NAIP), str(LABELS), "--class-field", "building",
+                                        "--class-name", "yes="], "--class-name takes VALUE=NAME with both parts"),
 }
 
 
