@@ -14,17 +14,21 @@ import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterable
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from backend.engine.atomic import StagedOutputs, atomic_output, shared_file_mode, write_text_atomically
 from backend.engine.errors import InputError
 from backend.engine.files import check_output_folder, check_output_name, is_inside, missing_folder
 from backend.engine.finetuned import FINETUNED_FORMAT, FINETUNED_META, recover_model_folder
-from backend.engine.models import LoadedModel
 from backend.engine.temporary import new_run_tag, process_is_alive
+
+if TYPE_CHECKING:  # torch-free at import: the command line checks --out before torch loads
+    import torch
+
+    from backend.engine.models import LoadedModel
 
 CHECKPOINT_DIR = "checkpoint"
 OWNER_FILE = "owner.json"  # in the working folder: the pid of the training writing it
@@ -79,7 +83,6 @@ def default_model_name(raster: str | os.PathLike, labels: str | os.PathLike) -> 
     """The name a training without --out gives its model: the raster's and the labels' file names (no
     extensions, no layer), in letters, digits, '.', '_' and '-' only, so it is typed as --model NAME as is."""
     from backend.engine.files import raster_file
-
     from training.labels import vector_file
 
     def stem(path: Path | None) -> str:
@@ -131,7 +134,12 @@ def reserve(out: Path) -> bool:
     try:
         work.mkdir()
     except FileExistsError:
-        return False
+        if not _take_over_abandoned(work):
+            return False
+        try:
+            work.mkdir()
+        except OSError:  # another training took it over first: the next name
+            return False
     except OSError:
         return True  # not made here: start_work_folder says why, in its own words
     try:
@@ -141,6 +149,47 @@ def reserve(out: Path) -> bool:
         return True
     atexit.register(_release, work)
     return True
+
+
+# A working folder with no owner file is taken for abandoned only this long after it was made: a training that
+# reserves a name writes its owner file right after making the folder.
+UNCLAIMED_GRACE_S = 60.0
+
+
+def _take_over_abandoned(work: Path) -> bool:
+    """Remove `work` when it is a reservation whose training died before it used it (SIGKILL, a power cut, a
+    closed terminal: the exit handler that removes it never ran): nothing in it but its owner file, naming a
+    process that no longer runs, or nothing at all for over UNCLAIMED_GRACE_S. Such a folder made every later
+    training without --out skip to the next name (NAME-2) for good. A working folder with anything else in it
+    (an interrupted training's checkpoint, a trained model kept after a failed replace) is never touched.
+    True when it was removed here; of two trainings at once, only one removes it (a rename aside first)."""
+    try:
+        if not work.is_dir() or work.is_symlink():
+            return False
+        seen = _abandoned(work)
+        if seen is None:
+            return False
+        aside = work.with_name(f"{work.name}.abandoned-{new_run_tag()}")
+        os.rename(work, aside)  # whole: another training removing it too finds nothing to rename
+        if _abandoned(aside, grace=False) != seen:  # another training took it over in between: its own again
+            os.rename(aside, work)
+            return False
+    except OSError:
+        return False
+    shutil.rmtree(aside, ignore_errors=True)
+    return True
+
+
+def _abandoned(work: Path, grace: bool = True) -> str | None:
+    """What shows the reservation `work` abandoned ("owner PID", a process no longer running, or "unclaimed"
+    past the grace time), else None."""
+    entries = os.listdir(work)
+    if entries == [OWNER_FILE]:
+        pid = _owner(work)
+        return None if pid is None or pid == os.getpid() or process_is_alive(pid) else f"owner {pid}"
+    if entries or (grace and time.time() - work.stat().st_mtime < UNCLAIMED_GRACE_S):
+        return None
+    return "unclaimed"
 
 
 def _own_reservation(work: Path) -> bool:

@@ -4,11 +4,25 @@ that is there."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
 from typer.testing import CliRunner
 
 from backend.engine import models
+from backend.engine.finetuned import FINETUNED_META
 from backend.service.cli import app
-from training.model_folder import default_model_name, default_out_folder, partial_dir
+from training.model_folder import (CHECKPOINT_DIR, OWNER_FILE, UNCLAIMED_GRACE_S, default_model_name,
+                                   default_out_folder, partial_dir)
+
+REPO = Path(__file__).resolve().parents[2]
+NAIP = REPO.parent / "shared" / "data" / "naip_2020_5m.tif"
+LABELS = REPO.parent / "shared" / "data" / "solaris_geotiff_labels.geojson"  # class field: building
 
 runner = CliRunner()
 
@@ -74,3 +88,71 @@ def test_an_interrupted_trainings_sentence_names_resume_once_in_each_form(tmp_pa
     assert said is not None and said.count("--resume") == 1 and "--out" in said
     served = for_http(said, "train")
     assert served.count('"resume": true') == 1 and '"out"' in served, served
+
+
+def test_a_training_killed_after_choosing_its_default_folder_leaves_the_name_free(tmp_path, monkeypatch):
+    """`farslip train` without --out, killed (SIGKILL, a closed terminal) once it has said where the model goes:
+    its reservation of that name (a working folder holding only its owner file) stayed, and every later training
+    of the same files went to NAME-2, the name the user had been told never coming back. Now the next training
+    takes the abandoned name over; a working folder that holds anything more is kept."""
+    root, home = tmp_path / "models", tmp_path / "home"
+    env = {**os.environ, "FARSLIP_MODELS": str(root), "FARSLIP_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    monkeypatch.setenv("FARSLIP_MODELS", str(root))
+    monkeypatch.chdir(tmp_path)
+    name = default_model_name(NAIP, LABELS)
+    run = subprocess.Popen([sys.executable, "-m", "backend.service.launch", "train", str(NAIP), str(LABELS),
+                            "--class-field", "building"], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    assert run.stderr is not None
+    said = run.stderr.readline()
+    run.kill()
+    run.wait(timeout=60)
+    assert f"the model goes to {root / name} " in said, said
+    left = partial_dir(root / name)
+    assert sorted(os.listdir(left)) == [OWNER_FILE], "the kill left the reservation"
+
+    # The next training is told the same name, and takes it.
+    again = subprocess.run([sys.executable, "-m", "backend.service.launch", "train", str(NAIP), str(LABELS),
+                            "--class-field", "building", "--epochs", "0"], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert f"the model goes to {root / name} (--model {name} loads it)" in again.stderr, again.stderr
+    assert again.returncode == 2 and "--epochs must be" in again.stderr
+    assert sorted(os.listdir(root)) == [], "the refused run let its reservation go, and nothing else is left"
+
+    # An unclaimed working folder (the kill came between making it and writing its owner) is free once it is old.
+    left.mkdir()
+    assert default_out_folder(NAIP, LABELS) == root / f"{name}-2", "a fresh one may still be claimed"
+    old = time.time() - 2 * UNCLAIMED_GRACE_S
+    os.utime(left, (old, old))
+    assert default_out_folder(NAIP, LABELS) == root / name
+
+
+@pytest.mark.parametrize("holds", ["a checkpoint to resume", "a trained model kept", "a live training"])
+def test_a_working_folder_with_more_than_an_abandoned_reservation_is_never_taken_over(tmp_path, monkeypatch, holds):
+    root = tmp_path / "models"
+    monkeypatch.setenv("FARSLIP_MODELS", str(root))
+    monkeypatch.chdir(tmp_path)
+    name = default_model_name(NAIP, LABELS)
+    work = partial_dir(root / name)
+    work.mkdir(parents=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        if holds == "a live training":
+            (work / OWNER_FILE).write_text(json.dumps({"pid": other.pid}))
+        else:
+            (work / OWNER_FILE).write_text(json.dumps({"pid": _dead_pid()}))
+            kept = work / (f"{CHECKPOINT_DIR}/state.pt" if holds == "a checkpoint to resume" else FINETUNED_META)
+            kept.parent.mkdir(exist_ok=True)
+            kept.write_text("kept")
+        before = sorted(str(path.relative_to(work)) for path in work.rglob("*"))
+        assert default_out_folder(NAIP, LABELS) == root / f"{name}-2"
+        assert sorted(str(path.relative_to(work)) for path in work.rglob("*")) == before
+    finally:
+        other.kill()
+        other.wait()
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has ended (and been reaped)."""
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    assert ended.wait(timeout=60) == 0
+    return ended.pid
