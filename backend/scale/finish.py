@@ -104,10 +104,12 @@ def finish_raster(plan: RasterPlan, manifest: Manifest, engine: EngineSettings, 
         streamed = StripPolygons(transform, window.width, strip_rows, None) if finish.refine == "none" else None
         rasters = RunRasters(source, computed, segmenter.classes, paths["classes"], paths["score"], paths["signals"],
                              prob_path)
-        valid = 0
+        valid, encoders = 0, set()
         try:
             for key, unit in zip(plan.keys, plan.units):
                 arrays = manifest.load_chunk(key)
+                if "encoder" in arrays:  # not in a chunk kept by an unfinished run of an earlier version
+                    encoders.add(str(arrays["encoder"]))
                 row0, col0 = unit.row_off - computed.row_off, unit.col_off - computed.col_off
                 rasters.write(row0, col0, arrays["class_ids"], arrays["score"], arrays.get("probs"),
                               arrays["signals"])
@@ -163,7 +165,7 @@ def finish_raster(plan: RasterPlan, manifest: Manifest, engine: EngineSettings, 
             "path": plan.path, "crs": source.crs.to_string(), "bbox": list(source.window_bounds(window)),
             "pixel_size": pixel_size(source.transform), "processing_scale": source.scale_record,
             "bands": source.bands, "value_range": source.value_range, "tiles": plan.crops,
-            "valid_pixels": valid, "class_stats": stats, "warnings": warnings,
+            "valid_pixels": valid, "class_stats": stats, "warnings": warnings, "encoders": sorted(encoders),
             "quality": estimate.report, "finish_s": round(time.perf_counter() - started, 3), **refined.report,
         }
         # The refined rasters of the request window are the raster's class and probability rasters.

@@ -674,6 +674,12 @@ CHUNK_ARRAYS = ("class_ids", "score", "signals", "valid", "block_rows")
 FINISHED_FACTS = ("path", "crs", "bbox", "valid_pixels", "class_stats", "warnings", "quality", "finish_s")
 
 
+def run_encoders(done: list[RasterPlan], manifest: Manifest) -> list[str]:
+    """The encoders (runtimes) the run's chunks ran under, as `segment`'s report names its one: more than one
+    when a worker fell back to torch (its notice is among the warnings)."""
+    return sorted({name for plan in done for name in manifest.finished[plan.index].get("encoders", [])})
+
+
 def kept_raster_files(request: ScaleRequest) -> list[str]:
     """The files of a finished raster's folder that the outputs are made of (_write_outputs)."""
     files = ["polygons.gpkg", *(RASTER_FILES[role] for role in request.rasters())]
@@ -928,7 +934,7 @@ def _write_outputs(done: list[RasterPlan], manifest: Manifest, request: ScaleReq
         outputs = absolute_outputs(outputs)
         report = {"farslip_version": __version__, "run_id": run_id, "model": model, "crs": out_crs.to_string(),
                   "rasters": [manifest.finished[p.index] for p in done], "failed": failed,
-                  "outside_bbox": list(outside), "chunks": chunks,
+                  "outside_bbox": list(outside), "chunks": chunks, "encoders": run_encoders(done, manifest),
                   "polygons": count, "options": facts, "outputs": outputs, "warnings": list(said),
                   "layer": out.stem if out.suffix.lower() == ".parquet" else layer_name(out.stem, driver_for(out)),
                   "timings": {k: round(v, 3) for k, v in timings.items()}}

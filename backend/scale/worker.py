@@ -186,8 +186,9 @@ class ChunkWorker:
             valid += int(block.valid.sum())
             block_rows.append(h)
         # The blocks' heights, in order: the driver polygonises them in the strips `segment` forms from them.
+        # The encoder that ran them (its runtime), which the run's report names, as `segment`'s does.
         arrays = {"class_ids": class_ids, "score": score, "signals": signals, "valid": np.array(valid),
-                  "block_rows": np.array(block_rows, np.int64)}
+                  "block_rows": np.array(block_rows, np.int64), "encoder": np.array(self.segmenter.encoder.name)}
         if probs is not None:
             arrays["probs"] = probs
         return arrays

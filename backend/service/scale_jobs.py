@@ -45,4 +45,12 @@ def run_segment_on_ray(options: SegmentOptions, control, address: str, device: s
     raster = result.rasters[0]
     return {"outputs": dict(result.outputs), "classes": list(raster["class_stats"]), "run_id": result.run_id,
             "tiles": raster["tiles"], "timings": dict(result.timings), "warnings": list(result.warnings),
-            "quality": dict(raster.get("quality") or {}), "features": {}, "encoder": f"ray: {result.chunks}"}
+            "quality": dict(raster.get("quality") or {}), "features": {},
+            "encoder": _ray_encoder(raster, result.chunks)}
+
+
+def _ray_encoder(raster: dict, chunks) -> str:
+    """A job's `encoder` on Ray: the runtimes its chunks ran under (none named when all were kept by an unfinished
+    run of an earlier version), and its chunk counts."""
+    names = ", ".join(raster.get("encoders") or [])
+    return f"ray ({names}): {chunks}" if names else f"ray: {chunks}"

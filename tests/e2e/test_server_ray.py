@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -43,6 +44,8 @@ def test_a_segment_job_on_ray_reports_progress_and_writes_what_the_cli_writes(ra
     progress = [h["progress"] for h in history]
     assert progress == sorted(progress) and progress[-1] == 1.0
     assert job["result"]["outputs"]["vector"] == body["out"]
+    # Which runtime the chunks ran under, as a job in one process names its encoder.
+    assert re.fullmatch(r"ray \((torch|openvino|onnxruntime)\): \{.*\}", job["result"]["encoder"]), job["result"]
 
     cli_out = out_dir / "cli.gpkg"
     classes = [arg for line in body["class_lines"] for arg in ("-c", line)]

@@ -112,6 +112,8 @@ def test_a_raster_smaller_than_the_model_input_exports_no_runtime_on_the_workers
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "o.gpkg").is_file() and cache.is_dir()
     assert not (cache / "encoders").exists(), sorted(p.name for p in (cache / "encoders").iterdir())
+    report = json.loads((tmp_path / "o.report.json").read_text())
+    assert report["encoders"] == report["rasters"][0]["encoders"] == ["torch"], report
 
 
 @pytest.mark.parametrize("change, words", [
@@ -183,3 +185,6 @@ def test_the_driver_times_autos_runtimes_once_before_the_workers_start(tiny_mode
     report = json.loads((tmp_path / "o.report.json").read_text())
     assert not [line for line in report["warnings"] if "timed" in line], report["warnings"]
     assert report["timings"]["runtimes_timed_s"] > 0
+    # The chunks ran under the runtime the figures name fastest, and the report says so, as `segment`'s does.
+    fastest = max(speeds, key=speeds.get)
+    assert report["encoders"] == [fastest] and report["rasters"][0]["encoders"] == [fastest], (report, speeds)
