@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable, Collection
@@ -107,6 +106,7 @@ from .run_checks import (  # torch-free; their names stay importable from here
     RESUMED_OPTIONS,
     CheckedTraining,
     Progress,
+    as_base_model,
     check_attention,
     check_evaluation,
     check_report_outputs,
@@ -121,11 +121,6 @@ TRAIN_TASK = "train on"  # what an all-nodata raster leaves nothing to (raster.o
 MAX_TRAINING_PIXELS = 64_000_000  # the labelled window is held in memory as float32 RGB (~770 MB)
 
 
-def _as_base_model(error: ModelError) -> ModelError:
-    """The model sentence of `segment` with the option train takes the model by (--base-model)."""
-    return ModelError(re.sub(r"(?<![\w-])--model\b", "--base-model", str(error)))
-
-
 def _load(model: str | None, weights: str | None, device: str, loaded: LoadedModel | None = None):
     if loaded is not None:
         return loaded
@@ -134,7 +129,7 @@ def _load(model: str | None, weights: str | None, device: str, loaded: LoadedMod
     try:
         return load_model(model, weights, device=device)
     except ModelError as error:
-        raise _as_base_model(error) from error
+        raise as_base_model(error) from error
 
 
 def label_grid_for(source: RasterSource, labels: str | Path, class_field: str, background: str | None,
@@ -874,7 +869,7 @@ def check_request(request: dict) -> list[str]:
     try:
         check_model(request.get("base_model"), request.get("weights"))
     except ModelError as error:
-        raise _as_base_model(error) from error
+        raise as_base_model(error) from error
     unknown = set(request) - set(_REQUEST_ARGS) - set(TrainOptions.__dataclass_fields__)
     if unknown:
         raise InputError(f"Unknown training option(s): {', '.join(sorted(unknown))}.")

@@ -6,12 +6,13 @@ functions."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from backend.engine.errors import InputError
+from backend.engine.errors import InputError, ModelError
 from backend.engine.files import check_output_file, input_paths, raster_file, raster_name, refuse_outputs_over_inputs
 from backend.engine.finetuned import recover_model_folder
 from backend.engine.options import ATTENTION_VARIANTS, Range
@@ -40,6 +41,21 @@ def class_names_from_pairs(pairs: list[str]) -> dict[str, str]:
             raise InputError(f"--class-name takes VALUE=NAME with both parts; got {pair!r}.")
         mapping[value] = name
     return mapping
+
+
+def as_base_model(error: ModelError) -> ModelError:
+    """The model sentence of `segment` with the option train takes the model by (--base-model)."""
+    return ModelError(re.sub(r"(?<![\w-])--model\b", "--base-model", str(error)))
+
+
+def check_base_model(base_model: str | None, weights: str | None) -> None:
+    """--base-model and --weights name a model that is there (load_model's sentences, said as train names them)."""
+    from backend.engine.model_location import check_model
+
+    try:
+        check_model(base_model, weights)
+    except ModelError as error:
+        raise as_base_model(error) from error
 
 
 def check_attention(attention: str) -> None:

@@ -15,7 +15,8 @@ from backend import __version__
 from backend.engine.atomic import write_text_atomically
 from backend.engine.errors import FarslipError, InputError, shortened
 from backend.engine.files import NAME_MAX_BYTES, PATH_MAX_BYTES
-from backend.service.cli_common import ProgressReporter, fail, interruptible, interrupted, signals_as_interrupt
+from backend.service.cli_common import (ProgressReporter, check_model_given, fail, interruptible, interrupted,
+                                        signals_as_interrupt)
 from backend.service.cli_options import options_from_cli, own_option, with_segment_options
 from backend.service.scale_cli import SCALE_OPTIONS, segment_scaled, single_raster, wants_ray, with_many_inputs
 
@@ -64,6 +65,7 @@ def segment(**values: Any) -> None:
         # The inputs first: checking them needs no torch or open_clip, whose imports take seconds, so a wrong
         # file name or class list is said at once; the device is checked once torch is there.
         check_inputs(options)
+        check_model_given(options.model, options.weights)
         from backend.engine.devices import resolve_device, retry_smaller_batches
         from backend.engine.feature_cache import feature_cache_for
         from backend.engine.files import raster_label

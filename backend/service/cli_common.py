@@ -131,3 +131,11 @@ def check_raster_opens(raster: str) -> None:
     from backend.engine.raster import open_dataset
 
     open_dataset(raster).close()
+
+
+def check_model_given(model, weights) -> None:
+    """--model and --weights name a model that is there (model_location.check_model, load_model's sentences):
+    said before the model's imports and loading, which take seconds."""
+    from backend.engine.model_location import check_model
+
+    check_model(model, str(weights) if weights else None)

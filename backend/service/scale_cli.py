@@ -19,7 +19,7 @@ from typing import Optional
 import typer
 
 from backend.engine.errors import FarslipError, InputError
-from backend.service.cli_common import fail, interrupted, signals_as_interrupt
+from backend.service.cli_common import check_model_given, fail, interrupted, signals_as_interrupt
 from backend.service.cli_options import options_from_cli, own_option
 
 # Checked by the scaled run itself: a .vrt mosaic over one GeoTIFF per raster (or a .tif for one raster).
@@ -132,6 +132,7 @@ def segment_scaled(values: dict) -> None:
         left_out: list[str] = []
         # The inputs and class list first: Ray's and the engine's imports take seconds.
         paths = expand_inputs(values["raster"], left_out)
+        check_model_given(options.model, options.weights)
         from backend.scale.run import ScaleRequest, check_scale_options, check_workers, segment_rasters
         from backend.scale.worker import engine_settings
 

@@ -11,8 +11,8 @@ from backend.engine.atomic import write_text_atomically
 from backend.engine.errors import FarslipError
 from backend.engine.files import raster_label
 from backend.engine.options import WEIGHTS_HELP
-from backend.service.cli_common import (ProgressReporter, check_raster_opens, fail, interrupted, parse_bands,
-                                        signals_as_interrupt)
+from backend.service.cli_common import (ProgressReporter, check_model_given, check_raster_opens, fail, interrupted,
+                                        parse_bands, signals_as_interrupt)
 
 MODEL_HELP = "Registry name, checkpoint file or fine-tuned model folder."
 INDEX_KEPT = ("Interrupted; the windows indexed so far are kept, and the next index or search of this raster "
@@ -61,6 +61,7 @@ def index_command(
             if batch_size is not None:
                 check_batch_size(batch_size)
             check_raster_opens(raster)
+            check_model_given(model, weights)
             from backend.engine.search_index import check_bbox, describe, open_index
 
             loaded = _load(model, weights, device)
@@ -110,7 +111,7 @@ def search_command(
     out = Path(out_given)
     try:
         with signals_as_interrupt():
-            check_raster_opens(raster)
+            check_raster_opens(raster)  # the sentences and the model: once the engine is imported (its text checks)
             from backend.engine.search import SearchOptions, check_hits_output, search_raster, validate_search_options
             from backend.engine.search_index import open_index
 
@@ -171,6 +172,7 @@ def classify_command(
             lines = collect_class_lines(classes, classes_file, preset)
             check_class_lines(lines)
             check_raster_opens(raster)
+            check_model_given(model, weights)
             from backend.engine.classify import (ClassifyOptions, check_classify_output, classify_raster,
                                                  validate_classify_options)
             from backend.engine.search import check_hits_output

@@ -18,7 +18,7 @@ from backend.engine.errors import FarslipError, InputError
 from backend.engine.files import check_output_file, is_inside, output_file_option, raster_file, raster_label
 from backend.engine.options import WEIGHTS_HELP, check_batch_size
 from backend.service.cli_common import fail as _fail
-from backend.service.cli_common import check_raster_opens, interrupted, signals_as_interrupt
+from backend.service.cli_common import check_model_given, check_raster_opens, interrupted, signals_as_interrupt
 from backend.service.cli_common import parse_bands as _bands
 
 AOI_HELP = ("Area-of-interest polygon layer: only the labels inside it count; with --background, its unlabelled "
@@ -148,6 +148,7 @@ def evaluate_command(
             check_evaluation(model, str(weights) if weights else None, background, class_names, split)
             label_layer(labels, class_field)  # the labels file and its field, then the raster
             check_raster_opens(raster)
+        check_model_given(model, weights)
         from backend.engine.devices import resolve_device
         from backend.engine.models import check_half, load_model, to_half
 
@@ -403,7 +404,8 @@ def train_command(
     from backend.engine.mosaic import mosaic_of
 
     from training.model_folder import default_out_folder, out_folder
-    from training.run_checks import RESUMED_OPTIONS, class_names_from_pairs, prepare_training, training_inputs
+    from training.run_checks import (RESUMED_OPTIONS, check_base_model, class_names_from_pairs, prepare_training,
+                                     training_inputs)
     from training.train_options import TrainOptions
 
     if not rasters:  # one file given: click took it for LABELS, the last argument
@@ -442,6 +444,7 @@ def train_command(
                                        str(weights) if weights else None, method, epochs, lr, patch_loss_weight,
                                        background, aoi, class_names, resume, overwrite, options, progress)
             check_raster_opens(checked.raster)
+            check_base_model(base_model, str(weights) if weights else None)
             from backend.engine.devices import resolve_device
 
             from training.api import train_model

@@ -300,9 +300,12 @@ def test_evaluate_refuses_options_that_do_nothing_in_its_run(tmp_path, args, wor
     assert list(tmp_path.iterdir()) == []
 
 
-def test_half_on_a_cpu_is_refused_by_the_command_line_before_loading(tmp_path):
+def test_half_on_a_cpu_is_refused_by_the_command_line_before_loading(tmp_path, monkeypatch):
+    # A registry model whose weights are not on this computer (offline): --half is said before they are looked for.
+    monkeypatch.setenv("FARSLIP_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = CliRunner().invoke(app, ["segment", str(NAIP), "-c", "water", "--out", str(tmp_path / "x.gpkg"),
-                                      "--model", "no-such-model", "--device", "cpu", "--half"])
+                                      "--model", "clip-vit-b-16", "--device", "cpu", "--half"])
     assert result.exit_code == 2 and "needs a CUDA GPU" in result.output, result.output
 
 

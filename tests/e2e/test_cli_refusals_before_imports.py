@@ -2,6 +2,7 @@
 took 7 s to say the file does not exist (torch and open_clip were imported first, for the device and the class
 list), `farslip index|search|classify nosuch.tif` loaded the model before they looked at the raster (8-9 s, or
 "the weights are not on this computer" instead of the missing file), and a run on Ray imported Ray first.
+A mistyped --model took 8-10 s in every command, as long as a run needs to import torch and open_clip.
 `train` and `evaluate` took 8-11 s to say a labels file was missing (their checks of the options and outputs lived
 in modules that import torch), and said a missing raster only once the model had loaded. Each of these commands
 now checks its options, outputs, labels, raster and class list with rasterio and pyogrio alone, then imports the
@@ -81,22 +82,38 @@ CASES = {
     "evaluate, a blank --class-name": (["evaluate", str(NAIP), str(LABELS), "--class-field", "building",
                                         "--class-name", "yes="], "--class-name takes VALUE=NAME with both parts"),
 }
+# A mistyped model name or weights file (exit 3, a model error) took 8-10 s to be said by every command.
+MODEL_CASES = {
+    "segment, a mistyped model name": (["segment", str(NAIP), "-c", "road", "--model", "farslip2-vit-b16"],
+                                       "Unknown model 'farslip2-vit-b16'. Known models: farslip2-vit-b-16"),
+    "segment on Ray, a mistyped model name": (["segment", str(NAIP), "-c", "road", "--model", "farslip2-vit-b16",
+                                               "--workers", "2"], "Unknown model 'farslip2-vit-b16'."),
+    "segment, a missing weights file": (["segment", str(NAIP), "-c", "road", "--weights", "/nosuch/w.pt"],
+                                        "The weights file /nosuch/w.pt does not exist."),
+    "index, a mistyped model name": (["index", str(NAIP), "--model", "clip-vit-b16"], "Unknown model 'clip-vit-b16'."),
+    "classify, a mistyped model name": (["classify", str(NAIP), "-c", "field", "--model", "x"], "Unknown model 'x'."),
+    "train, a base model that is not there": (["train", str(NAIP), str(LABELS), "--class-field", "building", "--out",
+                                               "m", "--base-model", ""], "--base-model is empty"),
+    "evaluate, a mistyped model name": (["evaluate", str(NAIP), str(LABELS), "--class-field", "building", "--model",
+                                         "x"], "Unknown model 'x'."),
+}
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [*CASES, *MODEL_CASES])
 def test_a_mistyped_input_is_refused_before_torch_open_clip_or_ray_is_imported(tmp_path, case):
-    args, sentence = CASES[case]
+    args, sentence = CASES[case] if case in CASES else MODEL_CASES[case]
     code, said, imported = farslip(tmp_path, *args)
-    assert code == 2, said
+    assert code == (2 if case in CASES else 3), said
     assert said.startswith(f"Error: {sentence}"), said
     assert imported == [], f"{case}: refused only after importing {imported}"
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "a refused run writes nothing"
 
 
 def test_a_run_that_passes_the_checks_goes_on_to_the_model(tmp_path):
-    """The same program with good inputs and a model that is not there: the checks pass, torch and open_clip
-    load and the model is looked for, so the probe above does see the imports a run makes."""
-    code, said, imported = farslip(tmp_path, "segment", str(NAIP), "--classes", "road", "--model", "nosuch-model",
+    """The same program with good inputs and a registry model whose weights are not on this computer (and no
+    network): the checks pass, torch and open_clip load and the weights are looked for, so the probe above does
+    see the imports a run makes."""
+    code, said, imported = farslip(tmp_path, "segment", str(NAIP), "--classes", "road", "--model", "clip-vit-b-16",
                                    "--out", "out.gpkg")
-    assert code != 0 and "Unknown model 'nosuch-model'" in said, said
+    assert code == 3 and "clip-vit-b-16" in said and "weights" in said, said
     assert {"torch", "open_clip"} <= set(imported), imported
