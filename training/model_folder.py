@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -31,7 +32,8 @@ if TYPE_CHECKING:  # torch-free at import: the command line checks --out before 
     from backend.engine.models import LoadedModel
 
 CHECKPOINT_DIR = "checkpoint"
-OWNER_FILE = "owner.json"  # in the working folder: the pid of the training writing it
+OWNER_FILE = "owner.json"  # in the working folder: the pid (and machine) of the training writing it
+OTHER_MACHINE = -1  # _owner's answer for a training of another machine
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
@@ -186,7 +188,7 @@ def _abandoned(work: Path, grace: bool = True) -> str | None:
     entries = os.listdir(work)
     if entries == [OWNER_FILE]:
         pid = _owner(work)
-        return None if pid is None or pid == os.getpid() or process_is_alive(pid) else f"owner {pid}"
+        return None if pid is None or pid == os.getpid() or _running(pid) else f"owner {pid}"
     if entries or (grace and time.time() - work.stat().st_mtime < UNCLAIMED_GRACE_S):
         return None
     return "unclaimed"
@@ -252,8 +254,9 @@ def empty_folder(path: Path) -> bool:
 
 
 def claim(work: Path) -> None:
-    # Whole or not at all: another training reading an empty owner file would take the folder as free.
-    write_text_atomically(work / OWNER_FILE, json.dumps({"pid": os.getpid()}))
+    # Whole or not at all: another training reading an empty owner file would take the folder as free. The
+    # machine too: on a folder shared over the network, another machine cannot tell whether the pid runs.
+    write_text_atomically(work / OWNER_FILE, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
 
 
 def kept_checkpoint(out: Path) -> bool:
@@ -262,16 +265,26 @@ def kept_checkpoint(out: Path) -> bool:
 
 
 def _owner(work: Path) -> int | None:
+    """The pid of the training that owns `work`, None when none is recorded. One recorded on another machine
+    (a folder shared over the network) is OTHER_MACHINE: a pid that runs nowhere here, always taken as live."""
     try:
-        return int(json.loads((work / OWNER_FILE).read_text(encoding="utf-8"))["pid"])
+        owner = json.loads((work / OWNER_FILE).read_text(encoding="utf-8"))
+        pid = int(owner["pid"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    host = owner.get("host")
+    return OTHER_MACHINE if isinstance(host, str) and host != socket.gethostname() else pid
+
+
+def _running(pid: int) -> bool:
+    """Whether the owner `pid` (as _owner gives it) runs: another machine's always counts as running."""
+    return pid == OTHER_MACHINE or process_is_alive(pid)
 
 
 def _is_live(work: Path) -> bool:
     """Whether another process that is still running owns the working folder."""
     pid = _owner(work)
-    return pid is not None and pid != os.getpid() and process_is_alive(pid)
+    return pid is not None and pid != os.getpid() and _running(pid)
 
 
 def interrupted_training(out: Path) -> str | None:
@@ -296,6 +309,9 @@ def refuse_if_live(work: Path) -> None:
     pid = _owner(work)
     if pid is None:
         return
+    if pid == OTHER_MACHINE:
+        raise InputError(f"A training on another computer is writing {work} for the same --out (its owner file "
+                         "names that computer); wait for it to finish or choose another --out.")
     if pid != os.getpid() and process_is_alive(pid):
         raise InputError(f"Another training (process {pid}) is writing {work} for the same --out right now; "
                          "wait for it to finish or choose another --out.")

@@ -25,6 +25,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import threading
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
@@ -346,7 +347,8 @@ def _write_journals(steps: list[tuple[Path, Path | None]], outputs: list, tag: s
     folders = list(dict.fromkeys(Path(name).parent for name, _source in steps))
     journals = [journal_path(folder, tag) for folder in folders]
     text = json.dumps({
-        "tag": tag, "journals": [str(journal) for journal in journals], "outputs": [str(out) for out in outputs],
+        "tag": tag, "host": socket.gethostname(),  # a sweep on another machine sharing the folder leaves it alone
+        "journals": [str(journal) for journal in journals], "outputs": [str(out) for out in outputs],
         "steps": [{"target": str(name), "previous": os.path.lexists(name),
                    "identity": None if source is None else _identity(source),
                    **({"keep": os.path.abspath(source)} if source is not None and source in kept else {})}
@@ -420,7 +422,8 @@ def _recovery_lock(journal: Path) -> Path:
 
 
 def _take(lock: Path) -> bool:
-    """Create `lock` naming this process; False while another live process holds it. A lock whose holder died
+    """Create `lock` naming this process and machine; False while another live process holds it, or one of
+    another machine sharing the folder (whether it runs cannot be told from here). A lock whose holder died
     is taken over; one that cannot be made (a folder this process may not write) lets the recovery try, and
     say what it could not undo."""
     for _attempt in range(2):
@@ -428,10 +431,11 @@ def _take(lock: Path) -> bool:
             descriptor = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             try:
-                holder = int(lock.read_text(encoding="utf-8"))
+                pid, _, host = lock.read_text(encoding="utf-8").partition(" ")
+                holder = int(pid)
             except (OSError, ValueError):
                 return False  # being written by its holder this instant (or gone: the next sweep sees)
-            if holder == os.getpid() or process_is_alive(holder):
+            if holder == os.getpid() or process_is_alive(holder) or host.strip() not in ("", socket.gethostname()):
                 return False
             with contextlib.suppress(OSError):
                 os.unlink(lock)
@@ -439,7 +443,7 @@ def _take(lock: Path) -> bool:
         except OSError:
             return True
         try:
-            os.write(descriptor, str(os.getpid()).encode())
+            os.write(descriptor, f"{os.getpid()} {socket.gethostname()}".encode())  # pid, then machine
         finally:
             os.close(descriptor)
         return True

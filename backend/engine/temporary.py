@@ -163,7 +163,8 @@ def _owner_host(entry: Path) -> str | None:
 
 def dead_journals(folder: str | Path, names: Sequence[str] | None = None) -> list[Path]:
     """The commit journals in `folder` (whose entries are `names`, when listed already) of processes of this
-    machine that no longer run: commits killed midway, for backend.engine.atomic.recover_commit."""
+    machine that no longer run (a journal records its machine: written_elsewhere): commits killed midway, for
+    backend.engine.atomic.recover_commit."""
     folder = Path(folder)
     if names is None:
         try:
@@ -171,14 +172,27 @@ def dead_journals(folder: str | Path, names: Sequence[str] | None = None) -> lis
         except OSError:
             return []
     return [folder / name for name in names
-            if (match := _JOURNAL.match(name)) and not process_is_alive(int(match["pid"]))]
+            if (match := _JOURNAL.match(name)) and not process_is_alive(int(match["pid"]))
+            and not written_elsewhere(folder / name)]
+
+
+def written_elsewhere(journal: Path) -> bool:
+    """Whether a commit journal records another machine as its writer (a folder shared over the network): whether
+    that process still runs cannot be told from here, so its commit is never rolled back from here. A journal
+    without a host (an earlier version's, or one cut short) is this machine's."""
+    try:
+        host = json.loads(journal.read_text(encoding="utf-8")).get("host")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(host, str) and host != socket.gethostname()
 
 
 def remove_stale(folder: str | Path) -> list[str]:
     """Remove temporary entries in `folder` left by processes of this machine that no longer run.
 
-    Only tagged names are considered; those of live processes, of this process, and work folders
-    recorded as belonging to another machine (a shared network folder) are left alone.
+    Only tagged names are considered; those of live processes, of this process, work folders recorded as
+    belonging to another machine and the entries of a commit another machine journaled here (a shared network
+    folder) are left alone.
     """
     folder = Path(folder)
     try:
@@ -201,9 +215,13 @@ def remove_stale(folder: str | Path) -> list[str]:
     except OSError:
         return removed
     host = socket.gethostname()
+    # The runs whose commit another machine is making here (a shared folder): their staged files and the
+    # previous outputs they set aside are that commit's, whatever their pid means on this machine.
+    elsewhere = {f"{match['pid']}-{match['run']}" for name in names
+                 if (match := _JOURNAL.match(name)) and written_elsewhere(folder / name)}
     for name in names:
         match = _TAGGED.match(name)
-        if not match or process_is_alive(int(match["pid"])):
+        if not match or process_is_alive(int(match["pid"])) or f"{match['pid']}-{match['run']}" in elsewhere:
             continue
         entry = folder / name
         if entry.is_dir() and _owner_host(entry) not in (None, host):

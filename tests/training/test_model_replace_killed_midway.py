@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from killing import die_after
 from training_data import fast_options
 
 from backend.engine import models
+from backend.engine.errors import InputError
 from backend.engine.finetuned import FINETUNED_FORMAT, FINETUNED_META, FINETUNED_WEIGHTS
 from backend.service.jobs.store import JobStore, now_iso
 from training.model_folder import (CHECKPOINT_DIR, OWNER_FILE, claim, default_out_folder, move_into_place,
@@ -151,6 +153,42 @@ def test_a_recovery_another_process_is_making_is_left_to_it(tmp_path):
     [recovery] = recover_dead_commits(tmp_path, out)  # its holder died: taken over
     assert str(out) in recovery.restored and model_of(out) == OLD
     assert not lock.exists() and not journal.exists()
+
+
+def test_a_replace_another_computer_is_making_in_a_shared_folder_is_left_to_it(tmp_path):
+    """A models folder on a network drive, shared by two computers: a load of the model, the server's restart or a
+    sweep of the folder on one computer found the journal of a training putting its model in place on the other,
+    took its pid for a process of its own that had died, and rolled the replace back under it (the sweep then
+    deleted the previous model set aside). A journal, a recovery lock and a training's owner file name their
+    computer now; another computer's are left alone, as whether its process runs cannot be told from here."""
+    from backend.engine.atomic import recover_dead_commits
+    from backend.engine.errors import ModelError
+    from backend.engine.temporary import remove_stale
+
+    killed_move(tmp_path, 1, report=True)  # the previous model set aside, the new one not in yet
+    out = tmp_path / "model"
+    [journal] = [path for path in tmp_path.iterdir() if path.name.endswith(".commit.json")]
+    written = json.loads(journal.read_text())
+    assert written["host"] == socket.gethostname()
+    journal.write_text(json.dumps({**written, "host": "the-other-computer"}))  # as the other computer wrote it
+    (partial_dir(out) / OWNER_FILE).write_text(json.dumps({"pid": 1 << 22, "host": "the-other-computer"}))
+    def everything() -> dict[str, str]:
+        return {str(path.relative_to(tmp_path)): path.read_text() for path in sorted(tmp_path.rglob("*"))
+                if path.is_file()}
+
+    before = everything()  # the previous model set aside, the working folder, the journal, the staged report
+    assert len(left(tmp_path)) == 4 and not out.exists()
+
+    with pytest.raises(ModelError, match="does not exist"):  # not there yet: the other computer is putting it there
+        models.locate_model(str(out))
+    assert recover_dead_commits(tmp_path, out) == []
+    remove_stale(tmp_path)
+    with pytest.raises(InputError, match="A training on another computer is writing"):
+        start_work_folder(out, resume=True, overwrite=False)
+    assert everything() == before, left(tmp_path)
+
+    journal.write_text(json.dumps(written))  # this computer's: its process is dead, so the replace is undone
+    assert models.locate_model(str(out)) == ("finetuned", out, None) and model_of(out) == OLD
 
 
 def test_a_finished_replace_whose_old_copy_cannot_go_says_the_new_model_is_complete(tmp_path, monkeypatch):
