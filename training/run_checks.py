@@ -103,7 +103,7 @@ def check_evaluation(model: str | None, weights: str | None, background: str | N
     check_background(background)
     check_class_names(class_names)
     if split == "validation":
-        from backend.engine.models import locate_model
+        from backend.engine.model_location import locate_model
 
         kind, where, explicit = locate_model(model, weights)
         if kind != "finetuned":

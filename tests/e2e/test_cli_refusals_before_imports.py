@@ -81,6 +81,9 @@ CASES = {
                                                 f"The labels file {LABELS.name} has no field 'kind'"),
     "evaluate, a blank --class-name": (["evaluate", str(NAIP), str(LABELS), "--class-field", "building",
                                         "--class-name", "yes="], "--class-name takes VALUE=NAME with both parts"),
+    "evaluate, --split validation of a model no training wrote": (
+        ["evaluate", str(NAIP), str(LABELS), "--class-field", "building", "--split", "validation", "--model",
+         "clip-vit-b-16"], "--split validation scores the held-out strip that farslip train kept aside"),
 }
 # A mistyped model name or weights file (exit 3, a model error) took 8-10 s to be said by every command.
 MODEL_CASES = {
