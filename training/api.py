@@ -49,7 +49,7 @@ from backend.engine.finetuned import (
     trained_resolution,
 )
 from backend.engine.memory import peak_rss_mb
-from backend.engine.models import LoadedModel, check_model
+from backend.engine.models import LoadedModel
 from backend.engine.raster import PixelWindow, RasterSource, native_gsd_m, open_source, select_bands
 from backend.engine.weights import file_sha256
 
@@ -107,6 +107,7 @@ from .run_checks import (  # torch-free; their names stay importable from here
     CheckedTraining,
     Progress,
     as_base_model,
+    check_base_model,
     check_attention,
     check_evaluation,
     check_report_outputs,
@@ -866,10 +867,7 @@ def check_request(request: dict) -> list[str]:
                                      request.get("base_model"), request.get("weights")))
     if request.get("resume"):
         check_resumable(out)
-    try:
-        check_model(request.get("base_model"), request.get("weights"))
-    except ModelError as error:
-        raise as_base_model(error) from error
+    check_base_model(request.get("base_model"), request.get("weights"))
     unknown = set(request) - set(_REQUEST_ARGS) - set(TrainOptions.__dataclass_fields__)
     if unknown:
         raise InputError(f"Unknown training option(s): {', '.join(sorted(unknown))}.")

@@ -15,6 +15,7 @@ from pathlib import Path
 from backend.engine.errors import InputError, ModelError
 from backend.engine.files import check_output_file, input_paths, raster_file, raster_name, refuse_outputs_over_inputs
 from backend.engine.finetuned import recover_model_folder
+from backend.engine.model_location import check_model, locate_model
 from backend.engine.options import ATTENTION_VARIANTS, Range
 
 from .labels import check_background, check_class_names, label_layer, vector_file
@@ -50,8 +51,6 @@ def as_base_model(error: ModelError) -> ModelError:
 
 def check_base_model(base_model: str | None, weights: str | None) -> None:
     """--base-model and --weights name a model that is there (load_model's sentences, said as train names them)."""
-    from backend.engine.model_location import check_model
-
     try:
         check_model(base_model, weights)
     except ModelError as error:
@@ -103,8 +102,6 @@ def check_evaluation(model: str | None, weights: str | None, background: str | N
     check_background(background)
     check_class_names(class_names)
     if split == "validation":
-        from backend.engine.model_location import locate_model
-
         kind, where, explicit = locate_model(model, weights)
         if kind != "finetuned":
             raise InputError(f"--split validation scores the held-out strip that farslip train kept aside, and "
