@@ -111,13 +111,16 @@ def search_command(
     out = Path(out_given)
     try:
         with signals_as_interrupt():
-            check_raster_opens(raster)  # the sentences and the model: once the engine is imported (its text checks)
-            from backend.engine.search import SearchOptions, check_hits_output, search_raster, validate_search_options
-            from backend.engine.search_index import open_index
+            check_raster_opens(raster)
+            from backend.engine.search_queries import SearchOptions, validate_search_options
 
             options = SearchOptions(list(sentences or []), list(keywords) if keywords else None, not no_keywords,
                                     top, bbox, bbox_crs, like, like_crs, max_overlap)
             queries = validate_search_options(options)
+            check_model_given(model, weights)
+            from backend.engine.search import check_hits_output, search_raster
+            from backend.engine.search_index import open_index
+
             check_hits_output(out_given, overwrite, _inputs(raster, model, weights), [q.text for q in queries])
             loaded = _load(model, weights, device)
             with open_index(raster, loaded, parse_bands(bands), flags=("--device",)) as index:

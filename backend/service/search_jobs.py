@@ -10,7 +10,7 @@ log = logging.getLogger("farslip.jobs")
 
 
 def _search_options(request: dict):
-    from backend.engine.search import SearchOptions
+    from backend.engine.search_queries import SearchOptions
 
     return SearchOptions(
         sentences=list(request.get("sentences") or []), keywords=request.get("keywords") or None,
@@ -69,7 +69,8 @@ def check_search_request(request: dict) -> list[str]:
     from backend.engine.export import report_path_for
     from backend.engine.files import input_paths, raster_file
     from backend.engine.models import check_model
-    from backend.engine.search import check_hits_output, validate_search_options
+    from backend.engine.search import check_hits_output
+    from backend.engine.search_queries import validate_search_options
 
     validate_search_options(_search_options(request))
     out_text = os.path.expanduser(request["out"])  # as typed: a Path would drop a trailing separator
