@@ -411,8 +411,8 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
         checked = prepare_training(raster, labels, class_field, out, base_model, weights, method, epochs, lr,
                                    patch_loss_weight, background, aoi, class_names, resume, overwrite, options,
                                    progress)
-    options, raster, labels, out, recovered = (checked.options, checked.raster, checked.labels, checked.out,
-                                               checked.recovered)
+    options, raster, labels, recovered = checked.options, checked.raster, checked.labels, checked.recovered
+    out = checked.out if checked.out is not None else out_folder(out)  # the default folder, chosen since
     labels_file = vector_file(labels)
     if loaded is None:
         resolve_device(device)

@@ -186,11 +186,11 @@ class CheckedTraining:
     options: TrainOptions
     raster: str
     labels: Path
-    out: Path
+    out: Path | None  # None: no --out given, the default folder is chosen once these checks pass
     recovered: str | None
 
 
-def prepare_training(raster: str | Path, labels: str | Path, class_field: str, out: str | Path,
+def prepare_training(raster: str | Path, labels: str | Path, class_field: str, out: str | Path | None,
                      base_model: str | None = None, weights: str | None = None, method: str = "lora",
                      epochs: int = 5, lr: float | None = None, patch_loss_weight: float = 1.0,
                      background: str | None = None, aoi: str | Path | None = None,
@@ -198,17 +198,21 @@ def prepare_training(raster: str | Path, labels: str | Path, class_field: str, o
                      options: TrainOptions | None = None, progress: Progress | None = None) -> CheckedTraining:
     """Everything a training checks before its model loads, in this order: the options, the background and
     class names, --out (after a killed training's model replace there is undone or finished, said as a warning
-    through `progress`), the labels file and its class field."""
+    through `progress`), the labels file and its class field. `out` None (no --out given): the folder is
+    chosen after these checks (model_folder.default_out_folder, a new one), so --out is not checked here."""
     options = run_options(options, method, epochs, lr, patch_loss_weight)
     check_background(background)
     check_class_names(class_names)
     # The raster as GDAL gets it: a pathlib.Path folds /vsizip//abs/a.zip/x.tif and HDF5:"a.h5"://var.
-    raster, labels, out = raster_name(raster), Path(labels), out_folder(out)
-    # A training of `out` killed while it put its model in place: the previous model back first (or its commit
-    # finished), said as a warning.
-    recovered = recover_model_folder(out)
-    if recovered is not None and progress is not None:
-        progress(0, 0, {"phase": "warning", "message": recovered})
-    check_out_folder(out, overwrite, resume, training_inputs(raster, labels, aoi, base_model, weights))
+    raster, labels = raster_name(raster), Path(labels)
+    folder, recovered = None, None
+    if out is not None:
+        folder = out_folder(out)
+        # A training of `out` killed while it put its model in place: the previous model back first (or its
+        # commit finished), said as a warning.
+        recovered = recover_model_folder(folder)
+        if recovered is not None and progress is not None:
+            progress(0, 0, {"phase": "warning", "message": recovered})
+        check_out_folder(folder, overwrite, resume, training_inputs(raster, labels, aoi, base_model, weights))
     label_layer(labels, class_field)  # a missing field is said before the model loads (or asks for weights)
-    return CheckedTraining(options, raster, labels, out, recovered)
+    return CheckedTraining(options, raster, labels, folder, recovered)

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -198,6 +199,12 @@ def evaluate_command(
         compared = f"; existing {figures_text(fit['existing'])}" if fit["existing"] else ""
         typer.echo(f"Quality estimate on {fit['tiles']} tiles: default {figures_text(fit['default'])}; calibrated "
                    f"(spatially held out) {figures_text(fit['calibrated'])}{compared}. {fit['sentence']}")
+
+
+def _check_json_outside(json_out: Path, out: Path) -> None:
+    if is_inside(json_out, out):
+        raise InputError(f"The --json file {json_out} lies inside --out {out}, which training writes; choose another "
+                         "place for it.")
 
 
 def _scored_pixels(result: dict, aoi: Optional[Path]) -> str:
@@ -420,31 +427,36 @@ def train_command(
             if len(rasters) > 1:
                 typer.echo(f"The {len(rasters)} rasters are trained on as one mosaic: {raster} (give it as "
                            "RASTER to farslip evaluate).", err=True)
-            if out_given is None:
-                if resume:
-                    raise InputError("--resume continues the training of the folder --out names: give it (an "
-                                     "interrupted training's message says which).")
-                out = default_out_folder(rasters[0], labels)  # a new folder: nothing existing is replaced
-                typer.echo(f"No --out given: the model goes to {out} (--model {out.name} loads it).", err=True)
-            else:
+            if out_given is None and resume:
+                raise InputError("--resume continues the training of the folder --out names: give it (an "
+                                 "interrupted training's message says which).")
+            if out_given is not None:
                 out = out_folder(out_given)  # Path("") would be the current folder
             json_out = output_file_option(json_out_given, "--json file")
             if json_out is not None:
                 # Checked before the model loads: the training's report never fails after the model is written.
-                if is_inside(json_out, out):
-                    raise InputError(f"The --json file {json_out} lies inside --out {out}, which training writes; "
-                                     "choose another place for it.")
+                if out_given is not None:
+                    _check_json_outside(json_out, out)
                 check_output_file(json_out, "--json file", training_inputs(raster_file(raster), labels, aoi, base_model,
                                                                            weights),
                                   overwrite=overwrite, gdal=False)
             options = TrainOptions(batch_size=batch_size, steps_per_epoch=steps_per_epoch, seed=seed,
                                    teacher=teacher)
             progress, class_names = _Lines(quiet), class_names_from_pairs(class_name or [])
-            checked = prepare_training(raster, labels, class_field, out, base_model,
-                                       str(weights) if weights else None, method, epochs, lr, patch_loss_weight,
-                                       background, aoi, class_names, resume, overwrite, options, progress)
+            checked = prepare_training(raster, labels, class_field, out if out_given is not None else None,
+                                       base_model, str(weights) if weights else None, method, epochs, lr,
+                                       patch_loss_weight, background, aoi, class_names, resume, overwrite, options,
+                                       progress)
             check_raster_opens(checked.raster)
             check_base_model(base_model, str(weights) if weights else None)
+            if out_given is None:
+                # Chosen (and reserved) once the inputs passed: a refused run neither makes the models folder nor
+                # says where a model it will not make would have gone.
+                out = default_out_folder(rasters[0], labels)  # a new folder: nothing existing is replaced
+                if json_out is not None:
+                    _check_json_outside(json_out, out)
+                checked = dataclasses.replace(checked, out=out)
+                typer.echo(f"No --out given: the model goes to {out} (--model {out.name} loads it).", err=True)
             from backend.engine.devices import resolve_device
 
             from training.api import train_model

@@ -67,6 +67,8 @@ CASES = {
                                       "The class 'Field' is given twice"),
     "train, a missing labels file": (["train", str(NAIP), "nosuch.gpkg", "--class-field", "building", "--out", "m"],
                                      "The labels file nosuch.gpkg does not exist."),
+    "train without --out, a missing labels file": (["train", str(NAIP), "nosuch.gpkg", "--class-field", "building"],
+                                                   "The labels file nosuch.gpkg does not exist."),
     "train, a missing raster": (["train", "nosuch.tif", str(LABELS), "--class-field", "building", "--out", "m"],
                                 "The raster nosuch.tif does not exist."),
     "train, a class field the labels lack": (["train", str(NAIP), str(LABELS), "--class-field", "kind", "--out", "m"],

@@ -100,26 +100,37 @@ def test_a_training_killed_after_choosing_its_default_folder_leaves_the_name_fre
     monkeypatch.setenv("FARSLIP_MODELS", str(root))
     monkeypatch.chdir(tmp_path)
     name = default_model_name(NAIP, LABELS)
-    run = subprocess.Popen([sys.executable, "-m", "backend.service.launch", "train", str(NAIP), str(LABELS),
-                            "--class-field", "building"], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
-    assert run.stderr is not None
-    said = run.stderr.readline()
-    run.kill()
-    run.wait(timeout=60)
+    command = [sys.executable, "-m", "backend.service.launch", "train", str(NAIP), str(LABELS), "--class-field",
+               "building"]
+
+    def killed_once_it_says_where() -> str:
+        run = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+        assert run.stderr is not None
+        said = run.stderr.readline()
+        run.kill()
+        run.wait(timeout=60)
+        return said
+
+    said = killed_once_it_says_where()
     assert f"the model goes to {root / name} " in said, said
     left = partial_dir(root / name)
     assert sorted(os.listdir(left)) == [OWNER_FILE], "the kill left the reservation"
 
-    # The next training is told the same name, and takes it.
-    again = subprocess.run([sys.executable, "-m", "backend.service.launch", "train", str(NAIP), str(LABELS),
-                            "--class-field", "building", "--epochs", "0"], cwd=REPO, env=env, capture_output=True,
-                           text=True, timeout=300)
-    assert f"the model goes to {root / name} (--model {name} loads it)" in again.stderr, again.stderr
-    assert again.returncode == 2 and "--epochs must be" in again.stderr
-    assert sorted(os.listdir(root)) == [], "the refused run let its reservation go, and nothing else is left"
+    # The next training is told the same name, and takes it (killed again, it leaves the reservation again).
+    said = killed_once_it_says_where()
+    assert f"the model goes to {root / name} (--model {name} loads it)" in said, said
+    assert sorted(os.listdir(root)) == [left.name] and sorted(os.listdir(left)) == [OWNER_FILE]
+
+    # A training refused for its options chooses no folder: it neither takes the name nor says where a model it
+    # will not make would have gone (that sentence comes once the inputs are checked).
+    again = subprocess.run([*command, "--epochs", "0"], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 2 and again.stderr.startswith("Error: --epochs must be"), again.stderr
+    assert "the model goes to" not in again.stderr, again.stderr
+    assert sorted(os.listdir(root)) == [left.name] and sorted(os.listdir(left)) == [OWNER_FILE]
 
     # An unclaimed working folder (the kill came between making it and writing its owner) is free once it is old.
-    left.mkdir()
+    (left / OWNER_FILE).unlink()
     assert default_out_folder(NAIP, LABELS) == root / f"{name}-2", "a fresh one may still be claimed"
     old = time.time() - 2 * UNCLAIMED_GRACE_S
     os.utime(left, (old, old))
