@@ -404,9 +404,9 @@ def check_output_folder(path: Path) -> None:
         raise InputError(f"The output folder {directory} is not writable; choose another.")
 
 
-# The longest run tag (`<pid>-<32 hex>`) and the text a staged name adds around an output's name:
-# `.` + name + `.farslip-<tag>.tmp` + the output's suffix (and a sidecar's, e.g. `.aux.xml`).
-STAGED_NAME_EXTRA = len(".") + len(".farslip-") + 20 + 1 + 32 + len(".tmp") + len(".aux.xml")
+# The longest run tag (`<pid>h<8 hex>-<32 hex>`, temporary.new_run_tag) and the text a staged name adds around an
+# output's name: `.` + name + `.farslip-<tag>.tmp` + the output's suffix (and a sidecar's, e.g. `.aux.xml`).
+STAGED_NAME_EXTRA = len(".") + len(".farslip-") + 20 + 1 + 8 + 1 + 32 + len(".tmp") + len(".aux.xml")
 
 
 PATH_MAX_BYTES = 4095  # Linux's PATH_MAX (4096) less the closing NUL

@@ -1,11 +1,13 @@
 """Temporary files and folders a run writes beside its outputs, and who may remove them.
 
-Every temporary name carries the run's tag, `<pid>-<run id>`: the work folder is
-`.farslip-<tag>` and a file staged for `result.gpkg` is `.result.gpkg.farslip-<tag>.tmp.gpkg`
-(plus sidecars). So a run (or the server job that owns the run id) removes exactly
-what it created, and a later run may remove what a dead process left behind, while
-the temporary files of a live process (another `farslip segment`, the server) are
-never touched. Nothing here ever removes a name without a tag.
+Every temporary name carries the run's tag, `<pid>h<host>-<run id>` (`<host>`: 8 hex digits of the
+computer's name, host_mark): the work folder is `.farslip-<tag>` and a file staged for `result.gpkg` is
+`.result.gpkg.farslip-<tag>.tmp.gpkg` (plus sidecars). So a run (or the server job that owns the run id)
+removes exactly what it created, and a later run may remove what a dead process of this computer left
+behind, while the temporary files of a live process (another `farslip segment`, the server) and those of
+another computer writing to the same network folder (whose pid means nothing here) are never touched.
+Nothing here ever removes a name without a tag. A tag without a host (`<pid>-<run id>`, an earlier
+version's) is this computer's.
 
 A commit that renames several files into place (backend.engine.atomic) first writes its journal,
 `.farslip-<tag>.commit.json`, in each folder it changes; a dead run's journal is not removed but
@@ -14,6 +16,7 @@ rolled back (its outputs taken back, the previous ones restored) before its othe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -25,18 +28,31 @@ from pathlib import Path
 
 WORK_PREFIX = ".farslip-"
 OWNER_FILE = "owner.json"
-# `.farslip-<pid>-<id>` (a work folder) or `.<name>.farslip-<pid>-<id>.tmp[.<ext>...]` (a staged file).
-_TAGGED = re.compile(r"^\.(?:.+\.)?farslip-(?P<pid>\d+)-(?P<run>[0-9a-f]{8,32})(?P<tmp>\.tmp(?:\..*)?)?$", re.DOTALL)
+# A run's tag: `<pid>h<host>-<id>`, or `<pid>-<id>` (an earlier version's, this computer's).
+_TAG = r"(?P<tag>(?P<pid>\d+)(?:h(?P<host>[0-9a-f]{8}))?-(?P<run>[0-9a-f]{8,32}))"
+# `.farslip-<tag>` (a work folder) or `.<name>.farslip-<tag>.tmp[.<ext>...]` (a staged file).
+_TAGGED = re.compile(r"^\.(?:.+\.)?farslip-" + _TAG + r"(?P<tmp>\.tmp(?:\..*)?)?$", re.DOTALL)
 JOURNAL_SUFFIX = ".commit.json"
-# `.farslip-<pid>-<id>.commit.json`: the journal of a commit.
-_JOURNAL = re.compile(r"^\.farslip-(?P<pid>\d+)-(?P<run>[0-9a-f]{8,32})\.commit\.json$")
+# `.farslip-<tag>.commit.json`: the journal of a commit.
+_JOURNAL = re.compile(r"^\.farslip-" + _TAG + r"\.commit\.json$")
+
+
+def host_mark(host: str | None = None) -> str:
+    """The computer in a run's tag: the first 8 hex digits of the SHA-256 of its name (socket.gethostname), so
+    that two computers writing to one network folder tell their temporary files apart."""
+    return hashlib.sha256((host if host is not None else socket.gethostname()).encode("utf-8")).hexdigest()[:8]
 
 
 def new_run_tag(run_id: str | None = None) -> str:
-    """The tag of a run in this process: `<pid>-<run id>` (a fresh random id unless given)."""
+    """The tag of a run in this process: `<pid>h<host>-<run id>` (a fresh random id unless given)."""
     run_id = run_id or uuid.uuid4().hex[:12]
     assert re.fullmatch(r"[0-9a-f]{8,32}", run_id), run_id
-    return f"{os.getpid()}-{run_id}"
+    return f"{os.getpid()}h{host_mark()}-{run_id}"
+
+
+def _of_another_computer(match: re.Match) -> bool:
+    """Whether a tagged name's tag names another computer (a tag without a host is this computer's)."""
+    return match["host"] is not None and match["host"] != host_mark()
 
 
 def journal_path(folder: str | Path, tag: str) -> Path:
@@ -51,7 +67,7 @@ def run_journals(prefixes: Sequence[str | Path]) -> list[Path]:
         prefix = Path(prefix)
         match = _TAGGED.match(prefix.name)
         if match:
-            journal = journal_path(prefix.parent, f"{match['pid']}-{match['run']}")
+            journal = journal_path(prefix.parent, match["tag"])
             if journal.is_file():
                 found[journal] = None
     return list(found)
@@ -172,8 +188,8 @@ def dead_journals(folder: str | Path, names: Sequence[str] | None = None) -> lis
         except OSError:
             return []
     return [folder / name for name in names
-            if (match := _JOURNAL.match(name)) and not process_is_alive(int(match["pid"]))
-            and not written_elsewhere(folder / name)]
+            if (match := _JOURNAL.match(name)) and not _of_another_computer(match)
+            and not process_is_alive(int(match["pid"])) and not written_elsewhere(folder / name)]
 
 
 def written_elsewhere(journal: Path) -> bool:
@@ -190,9 +206,9 @@ def written_elsewhere(journal: Path) -> bool:
 def remove_stale(folder: str | Path) -> list[str]:
     """Remove temporary entries in `folder` left by processes of this machine that no longer run.
 
-    Only tagged names are considered; those of live processes, of this process, work folders recorded as
-    belonging to another machine and the entries of a commit another machine journaled here (a shared network
-    folder) are left alone.
+    Only tagged names are considered; those of live processes, of this process, those whose tag names another
+    machine, work folders recorded as belonging to another machine and the entries of a commit another machine
+    journaled here (a shared network folder) are left alone.
     """
     folder = Path(folder)
     try:
@@ -217,11 +233,12 @@ def remove_stale(folder: str | Path) -> list[str]:
     host = socket.gethostname()
     # The runs whose commit another machine is making here (a shared folder): their staged files and the
     # previous outputs they set aside are that commit's, whatever their pid means on this machine.
-    elsewhere = {f"{match['pid']}-{match['run']}" for name in names
-                 if (match := _JOURNAL.match(name)) and written_elsewhere(folder / name)}
+    elsewhere = {match["tag"] for name in names if (match := _JOURNAL.match(name)) and written_elsewhere(folder / name)}
     for name in names:
         match = _TAGGED.match(name)
-        if not match or process_is_alive(int(match["pid"])) or f"{match['pid']}-{match['run']}" in elsewhere:
+        # Another computer's run (its tag says so): whether its process runs cannot be told from here.
+        if (not match or _of_another_computer(match) or process_is_alive(int(match["pid"]))
+                or match["tag"] in elsewhere):
             continue
         entry = folder / name
         if entry.is_dir() and _owner_host(entry) not in (None, host):

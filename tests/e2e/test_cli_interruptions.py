@@ -20,6 +20,7 @@ import rasterio
 import rasterio.crs
 from typer.testing import CliRunner
 
+from backend.engine.temporary import host_mark
 from backend.service.cli import app
 
 FARSLIP = Path(sys.executable).parent / "farslip"
@@ -49,7 +50,8 @@ def test_a_signal_mid_run_is_an_interruption_that_leaves_nothing(sig, code, star
     assert list(out_dir.iterdir()) == []
 
 
-def test_stale_temporary_files_of_dead_processes_go_those_of_live_ones_stay(naip, tiny_model, out_dir):
+def test_stale_temporary_files_of_dead_processes_go_those_of_live_ones_and_other_computers_stay(naip, tiny_model,
+                                                                                                   out_dir):
     dead = subprocess.Popen(["true"])
     dead.wait()
     live = subprocess.Popen(["sleep", "120"])
@@ -67,16 +69,28 @@ def test_stale_temporary_files_of_dead_processes_go_those_of_live_ones_stay(naip
         users = [out_dir / ".farslip-notes", out_dir / ".farslip-1-x"]
         for path in users:
             path.write_text("not a temporary name of ours")
+        # Tags name their computer now: this one's dead run goes; another computer's run in the same (network)
+        # folder stays, whatever its pid means here (no owner file or journal content needed to tell).
+        mine = out_dir / f".new.gpkg.farslip-{dead.pid}h{host_mark()}-0123456789ab.tmp.gpkg"
+        mine.write_text("half")
+        other = f"{dead.pid}h{host_mark('the-other-computer')}-00112233aabb"
+        theirs = [out_dir / f".a.gpkg.farslip-{other}.tmp.gpkg", out_dir / f".farslip-{other}",
+                  out_dir / f".farslip-{other}.commit.json"]
+        theirs[0].write_text("being written there")
+        theirs[1].mkdir()
+        theirs[2].write_text("{}")
 
         result = CliRunner().invoke(app, ["segment", str(naip), "-c", "water", "--model", str(tiny_model),
                                           "--device", "cpu", "--bbox", *BBOX, "--out", str(out_dir / "r.gpkg"),
                                           "--quiet"])
         assert result.exit_code == 0, result.output
-        assert not dead_dir.exists() and not dead_file.exists()
+        assert not dead_dir.exists() and not dead_file.exists() and not mine.exists()
         assert live_dir.is_dir() and live_file.read_text() == "being written"
         assert all(path.exists() for path in users)
+        assert theirs[0].read_text() == "being written there" and theirs[1].is_dir() and theirs[2].read_text() == "{}"
         assert sorted(p.name for p in out_dir.iterdir()) == sorted(
-            [live_dir.name, live_file.name, *(p.name for p in users), "r.gpkg", "r.report.json"])
+            [live_dir.name, live_file.name, *(p.name for p in users), *(p.name for p in theirs), "r.gpkg",
+             "r.report.json"])
     finally:
         live.kill()
         live.wait()
@@ -134,6 +148,7 @@ class StopHere(importlib.abc.MetaPathFinder):
             os.kill(os.getpid(), int(sys.argv[2]))
         return None
 sys.meta_path.insert(0, StopHere())
+from backend.engine.temporary import host_mark
 from backend.service.cli import app
 app(sys.argv[3:], prog_name="farslip")
 """
