@@ -412,7 +412,8 @@ def train_model(raster: str | Path, labels: str | Path, class_field: str, out: s
                                    patch_loss_weight, background, aoi, class_names, resume, overwrite, options,
                                    progress)
     options, raster, labels, recovered = checked.options, checked.raster, checked.labels, checked.recovered
-    out = checked.out if checked.out is not None else out_folder(out)  # the default folder, chosen since
+    # None: the caller chose the folder after the checks (farslip train without --out: the default folder).
+    out = checked.out if checked.out is not None else out_folder(out)
     labels_file = vector_file(labels)
     if loaded is None:
         resolve_device(device)

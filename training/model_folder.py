@@ -209,6 +209,12 @@ def _release(work: Path) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def release_reservation(out: Path) -> None:
+    """Let the name `out` go when this process reserved it (default_out_folder) and has not used it: a server's
+    train request refused after its folder was chosen (the server lives on, so its exit handler would not)."""
+    _release(partial_dir(out))
+
+
 def check_out_folder(out: Path, overwrite: bool, resume: bool, inputs: dict[str, Path]) -> None:
     """--out may be replaced only when it is a model folder this project wrote, holding none of the inputs."""
     if not out.parent.is_dir():

@@ -126,6 +126,11 @@ def test_a_train_request_without_out_writes_a_new_model_in_the_models_folder(bac
     del body["out"]
     root = Path(env["FARSLIP_HOME"]) / "models"
     name = "solaris_sample_geotiff-solaris_geotiff_labels"
+    # A request refused once its folder was chosen lets the name go: its claim stayed for the server's life, and
+    # every `farslip train` of the same files on this computer went to NAME-2 meanwhile.
+    refused = backend.client.post("/v1/train", json=body | {"class_field": "no_such_field"})
+    assert refused.status_code == 400 and "no_such_field" in refused.json()["detail"], refused.text
+    assert not [entry.name for entry in root.iterdir() if entry.name.startswith(f".{name}")], "no claim is left"
     try:
         from concurrent.futures import ThreadPoolExecutor
 

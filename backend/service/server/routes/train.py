@@ -6,6 +6,7 @@ import dataclasses
 import threading
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -126,12 +127,20 @@ def submit_train(body: TrainRequest, request: Request):
         rasters = body.raster if isinstance(body.raster, list) else [body.raster]
         for raster in rasters:
             raster_path(raster)  # a GDAL name as segment takes it
-        if body.out is None:
+        chosen = body.out is None
+        if chosen:
             body.out = default_out(body, request, rasters[0])  # recorded in the job's request: its history says where
-        # Several tiles: their kept VRT mosaic is the raster trained on (and recorded in the job's request).
-        body.raster = mosaic_of(rasters)
-        outputs = check_train_request(body)
-        return queue_job(request, "train", body, outputs)
+        try:
+            # Several tiles: their kept VRT mosaic is the raster trained on (and recorded in the job's request).
+            body.raster = mosaic_of(rasters)
+            outputs = check_train_request(body)
+            return queue_job(request, "train", body, outputs)
+        except BaseException:
+            if chosen:  # a refused request keeps no claim on the name (other trainings would skip to NAME-2)
+                from training.model_folder import release_reservation
+
+                release_reservation(Path(body.out))
+            raise
 
 
 @router.post("/evaluate", response_model=JobCreated, status_code=202)
