@@ -47,9 +47,7 @@ from .raster import longitude_on, parse_crs, pixel_envelope, unplaced, x_turn
 from .search_index import (BuildStats, SearchIndex, bbox_region, check_bbox, check_point, describe,
                            footprint_envelopes, footprint_polygons, is_rotated, point_window)
 from .text import TextEmbedder, token_ids
-# The queries and options are checked without the model (search_queries); re-exported for the engine's users.
-from .search_queries import (DEFAULT_MAX_OVERLAP, DEFAULT_TOP, MAX_QUERIES, Query, SearchOptions,  # noqa: F401
-                             make_queries, parse_keyword_text, split_keywords, validate_search_options)
+from .search_queries import DEFAULT_MAX_OVERLAP, SearchOptions, validate_search_options
 
 KEYWORD_TEMPLATES = ("{}", "a satellite image of {}.", "an aerial photo of {}.", "a remote sensing image of {}.")
 SENTENCE_TEMPLATES = ("{}",)

@@ -50,9 +50,10 @@ def new_run_tag(run_id: str | None = None) -> str:
     return f"{os.getpid()}h{host_mark()}-{run_id}"
 
 
-def _of_another_computer(match: re.Match) -> bool:
-    """Whether a tagged name's tag names another computer (a tag without a host is this computer's)."""
-    return match["host"] is not None and match["host"] != host_mark()
+def _of_another_computer(match: re.Match, mine: str) -> bool:
+    """Whether a tagged name's tag names another computer than `mine` (host_mark; a tag without a host is this
+    computer's)."""
+    return match["host"] is not None and match["host"] != mine
 
 
 def journal_path(folder: str | Path, tag: str) -> Path:
@@ -187,8 +188,9 @@ def dead_journals(folder: str | Path, names: Sequence[str] | None = None) -> lis
             names = os.listdir(folder)
         except OSError:
             return []
+    mine = host_mark()
     return [folder / name for name in names
-            if (match := _JOURNAL.match(name)) and not _of_another_computer(match)
+            if (match := _JOURNAL.match(name)) and not _of_another_computer(match, mine)
             and not process_is_alive(int(match["pid"])) and not written_elsewhere(folder / name)]
 
 
@@ -231,13 +233,14 @@ def remove_stale(folder: str | Path) -> list[str]:
     except OSError:
         return removed
     host = socket.gethostname()
+    mine = host_mark(host)
     # The runs whose commit another machine is making here (a shared folder): their staged files and the
     # previous outputs they set aside are that commit's, whatever their pid means on this machine.
     elsewhere = {match["tag"] for name in names if (match := _JOURNAL.match(name)) and written_elsewhere(folder / name)}
     for name in names:
         match = _TAGGED.match(name)
         # Another computer's run (its tag says so): whether its process runs cannot be told from here.
-        if (not match or _of_another_computer(match) or process_is_alive(int(match["pid"]))
+        if (not match or _of_another_computer(match, mine) or process_is_alive(int(match["pid"]))
                 or match["tag"] in elsewhere):
             continue
         entry = folder / name

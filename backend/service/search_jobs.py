@@ -10,14 +10,14 @@ log = logging.getLogger("farslip.jobs")
 
 
 def _search_options(request: dict):
-    from backend.engine.search_queries import SearchOptions
+    from backend.engine.search_queries import DEFAULT_MAX_OVERLAP, DEFAULT_TOP, SearchOptions
 
     return SearchOptions(
         sentences=list(request.get("sentences") or []), keywords=request.get("keywords") or None,
-        use_keywords=bool(request.get("use_keywords", True)), top=int(request.get("top") or 20),
+        use_keywords=bool(request.get("use_keywords", True)), top=int(request.get("top") or DEFAULT_TOP),
         bbox=tuple(request["bbox"]) if request.get("bbox") else None, bbox_crs=request.get("bbox_crs"),
         like=tuple(request["like"]) if request.get("like") else None, like_crs=request.get("like_crs"),
-        max_overlap=float(request.get("max_overlap") or 0.5))
+        max_overlap=float(request.get("max_overlap") or DEFAULT_MAX_OVERLAP))
 
 
 def _raster(request: dict) -> str:

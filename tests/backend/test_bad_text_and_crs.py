@@ -21,7 +21,8 @@ from backend.engine.models import load_model
 from backend.engine.options import check_typed_text
 from backend.engine.presets import check_class_line
 from backend.engine.raster import open_source, parse_crs
-from backend.engine.search import SearchOptions, search_raster, sentence_scores, validate_search_options
+from backend.engine.search import search_raster, sentence_scores
+from backend.engine.search_queries import SearchOptions, validate_search_options
 from backend.engine.search_index import open_index
 
 LATIN1 = os.fsdecode(b"r\xe9")  # 'r\udce9': the name Python reads from the bytes of a Latin-1 'ré'

@@ -29,7 +29,8 @@ from backend.engine.atomic import StagedOutputs, backup_path
 from backend.engine.classify import ClassifyOptions, classify_raster
 from backend.engine.errors import InputError
 from backend.engine.models import load_model
-from backend.engine.search import SearchOptions, search_raster
+from backend.engine.search import search_raster
+from backend.engine.search_queries import SearchOptions
 from backend.engine.search_index import open_index
 from backend.service.cli import app
 

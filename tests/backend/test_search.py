@@ -22,7 +22,8 @@ from sample_rasters import naip_corner
 from backend.engine.dense import normalize_pixels
 from backend.engine.errors import EmptyResultError, InputError
 from backend.engine.models import load_model
-from backend.engine.search import SearchOptions, make_queries, search_raster, split_keywords, validate_search_options
+from backend.engine.search import search_raster
+from backend.engine.search_queries import SearchOptions, make_queries, split_keywords, validate_search_options
 from backend.engine.search_index import PERSPECTIVES, open_index
 from backend.engine.text import encode_tokens
 
