@@ -58,6 +58,13 @@ def set_intra_op_threads(threads: int) -> int:
     return before
 
 
+def copies_async(device: torch.device) -> bool:
+    """Whether a host-to-device copy to `device` may return before it is done (non_blocking): on CUDA, which
+    stages pageable memory first. Not on a Mac's GPU (MPS), whose non-blocking copies can read a temporary host
+    array after Python freed it (pytorch/pytorch#139550): the input would be silently corrupted."""
+    return device.type == "cuda"
+
+
 def pinned_upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """`array` as float32 on the GPU `device`, through page-locked memory and without waiting: torch's caching
     host allocator hands the block out again only once its upload is done."""

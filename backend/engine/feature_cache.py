@@ -27,14 +27,20 @@ import numpy as np
 
 from .atomic import GDAL_SIDECARS, atomic_output
 from .files import held_file, is_gdal_name
+from .temporary import remove_stale
 from .weights import files_sha256, stat_identity
 
-CropKey = tuple[int, int, int, int]  # (row, col, height, width) of the crop on the processing grid
+# (row, col, height, width) of the crop on the processing grid; for a resampled raster also the columns of the
+# strip it was cut from (sliding.py), on which its pixels depend.
+CropKey = tuple[int, ...]
 
 
 # 2: every file GDAL reads for the raster, and the model's activation, architecture, precision;
-# 3: the engine's source (engine_digest) is part of each raster scope.
-IDENTITY_VERSION = 3
+# 3: the engine's source (engine_digest) is part of each raster scope;
+# 4: the versions of the libraries between the bytes and the features, and the device, too.
+IDENTITY_VERSION = 4
+# The disk tier lists its folder again each time this process has written this share of the budget since.
+RESCAN_SHARE = 8
 COMPANION_HASH_MAX = 64 * 2**20  # companions up to this size are told apart by content, larger ones by stat
 SIDECAR_SUFFIXES = GDAL_SIDECARS  # what GDAL may read beside each source of a VRT
 # What SQLite reads beside a database (a GeoPackage, MBTiles): the write-ahead log holds the edits that QGIS
@@ -168,6 +174,31 @@ def raster_identity(path: str | os.PathLike, dataset=None) -> dict | None:
     return identity
 
 
+def held_stamp(name: str | os.PathLike) -> dict | None:
+    """The stat identity of the file on this machine that holds the raster `name` (None: none, or unreadable)."""
+    held = _held(os.fspath(name))
+    if held is None:
+        return None
+    try:
+        return stat_identity(held[0].stat())
+    except OSError:
+        return None
+
+
+def opened_raster_identity(name: str | os.PathLike, opener):
+    """(opener(), the raster's identity) for the raster `name`, the identity None unless it is surely that of
+    the file GDAL opened: the file's stat before the open and after the hashing must agree. A file renamed over
+    the raster in between (a re-export, rsync) would otherwise key the old pixels' features by the new file's
+    sha256, and every later run of the new file would be served them. `opener` returns the opened source (its
+    .path and .dataset are hashed); an exception of it propagates."""
+    before = held_stamp(name)
+    source = opener()
+    identity = raster_identity(source.path, source.dataset)
+    if identity is not None and (before is None or held_stamp(name) != before):
+        identity = None
+    return source, identity
+
+
 def identity_digest(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -176,7 +207,11 @@ def identity_digest(identity: dict) -> str:
 # cut into crops, and what the tower computes of them. Its source is part of every cached entry's key, so an
 # upgrade that changes any of it (a fix to how a float raster's NaN holes are resampled changed 110 class pixels
 # of a test raster) does not serve features the earlier code computed.
-PIXEL_PIPELINE = ("raster.py", "dense.py", "encoders.py", "sliding.py", "quality.py", "models.py", "runtimes.py")
+PIXEL_PIPELINE = ("raster.py", "dense.py", "encoders.py", "sliding.py", "quality.py", "models.py", "runtimes.py",
+                  "checkpoints.py", "hf_text.py")
+# The libraries between them: GDAL resamples and decodes, torch (or a compiled runtime) computes. An upgrade of
+# any of them may change features in their last bits, so it is part of the key too.
+PIXEL_LIBRARIES = ("torch", "open_clip_torch", "numpy", "rasterio", "openvino", "onnxruntime")
 
 
 @functools.lru_cache(maxsize=8)
@@ -191,6 +226,45 @@ def engine_digest(names: tuple[str, ...] = PIXEL_PIPELINE) -> str:
         except OSError:
             digest.update(f"{name} of {__version__}".encode())
     return digest.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def library_versions() -> dict[str, str | None]:
+    """The installed versions of PIXEL_LIBRARIES (None: not installed) and GDAL's, read without importing them."""
+    from importlib import metadata
+
+    versions: dict[str, str | None] = {}
+    for name in PIXEL_LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    try:
+        import rasterio
+
+        versions["gdal"] = rasterio.__gdal_version__
+    except ImportError:
+        versions["gdal"] = None
+    return versions
+
+
+def code_identity() -> dict:
+    """The engine's source and its libraries, as this process loaded them: taken once (the server takes it as
+    it starts, see segment.py), so an upgrade on disk under a running server does not key the features its
+    loaded code computes as the new code's."""
+    return {"engine": engine_digest(), "libraries": library_versions()}
+
+
+def device_identity(loaded) -> str:
+    """The device a model's features are computed on: its type, and a GPU's name (fp16 kernels differ by
+    generation); a CPU and a Mac's GPU (both fp32, both "torch") never share entries."""
+    device = getattr(loaded, "device", None)
+    kind = str(getattr(device, "type", device or "cpu"))
+    if kind == "cuda":
+        import torch
+
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return kind
 
 
 def model_identity(loaded) -> dict:
@@ -215,10 +289,15 @@ def raster_scope(source, model, attention: str, encoder_name: str) -> str:
     return raster_scopes(source, model, [(attention, encoder_name)])[0]
 
 
-def raster_scopes(source, model, variants: list[tuple[str, str]]) -> list[str]:
+_UNKNOWN = object()
+
+
+def raster_scopes(source, model, variants: list[tuple[str, str]], raster=_UNKNOWN) -> list[str]:
     """raster_scope of each (attention, encoder_name) in `variants`, the raster identified (its files
-    hashed) once for all of them: a run's dense features and its region checks."""
-    raster = raster_identity(source.path, source.dataset)
+    hashed) once for all of them: a run's dense features and its region checks. `raster`: its identity
+    when the caller took it (opened_raster_identity; None: not one to cache)."""
+    if raster is _UNKNOWN:
+        raster = raster_identity(source.path, source.dataset)
     if raster is None:
         return [""] * len(variants)
     shared = {
@@ -227,7 +306,8 @@ def raster_scopes(source, model, variants: list[tuple[str, str]]) -> list[str]:
         "value_range": [list(r) for r in source.value_range] if source.value_range else None,
         "palette": getattr(source, "palette", None) is not None,
         "model": model_identity(model),
-        "engine": engine_digest(),
+        "device": device_identity(model),
+        **code_identity(),
     }
     return [identity_digest({**shared, "attention": attention, "encoder": encoder_name})[:32]
             for attention, encoder_name in variants]
@@ -280,6 +360,7 @@ class FeatureCache:
         self._bytes = 0
         self._disk: OrderedDict[Path, int] = OrderedDict()  # oldest first
         self._disk_bytes = 0
+        self._written_since_scan = 0
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -315,6 +396,12 @@ class FeatureCache:
         if self.folder is not None:
             self._store(scope, crop, features)
 
+    def count_served_elsewhere(self) -> None:
+        """A miss of this cache that a cache behind it served (LayeredFeatureCache): a hit of the whole."""
+        with self._lock:
+            self.misses -= 1
+            self.hits += 1
+
     def stats(self) -> dict:
         with self._lock:
             return {"entries": len(self._memory), "memory_bytes": self._bytes, "memory_max_bytes": self.max_bytes,
@@ -344,23 +431,39 @@ class FeatureCache:
     # -- disk tier: one .npy per crop under folder/scope/
 
     def _path(self, scope: str, crop: CropKey) -> Path:
+        """folder/scope/r_c_h_w.npy, the scope always one folder (a separator in it would put the entry where
+        the scan of the folder, one level deep, never finds it again, nor counts or trims it)."""
         assert self.folder is not None, "only the disk tier has paths"
-        return self.folder / scope / ("_".join(str(v) for v in crop) + ".npy")
+        folder = scope.replace("/", "-").replace("\\", "-")
+        return self.folder / folder / ("_".join(str(v) for v in crop) + ".npy")
 
     def _scan_disk(self, folder: Path) -> None:
-        files = []
+        """Count every entry in `folder` (other processes' too: a server and command-line runs share one
+        folder, which is to stay within the budget of each), oldest first, and trim to the budget. Staged
+        files that a killed process left are removed (those of running processes are theirs)."""
+        files, staged = [], set()
         for path in folder.glob("*/*.npy"):
             if path.name.startswith("."):
-                continue  # a crop being written right now (backend.engine.atomic), not yet a cache entry
+                staged.add(path.parent)  # a crop being written (backend.engine.atomic), not yet a cache entry
+                continue
             try:
                 stat = path.stat()
             except OSError:
                 continue
             files.append((stat.st_mtime_ns, path, stat.st_size))
-        for _, path, size in sorted(files):
-            self._disk[path] = size
-            self._disk_bytes += size
-        self._trim_disk()
+        for parent in staged:
+            remove_stale(parent)
+        with self._lock:
+            known = self._disk
+            self._disk = OrderedDict()
+            for _, path, size in sorted(files):
+                self._disk[path] = size
+            for path in known:  # this process's still there, in its order of use: the newest
+                if path in self._disk:
+                    self._disk.move_to_end(path)
+            self._disk_bytes = sum(self._disk.values())
+            self._written_since_scan = 0
+            self._trim_disk()
 
     def _load(self, scope: str, crop: CropKey, ndim: int | None = None, shape: Shape | None = None,
               unit: bool = False) -> np.ndarray | None:
@@ -391,7 +494,12 @@ class FeatureCache:
         with self._lock:
             self._disk_bytes += size - self._disk.pop(path, 0)
             self._disk[path] = size
-            self._trim_disk()
+            self._written_since_scan += size
+            rescan = self._written_since_scan > self.disk_max_bytes // RESCAN_SHARE
+            if not rescan:
+                self._trim_disk()
+        if rescan:  # what other processes wrote meanwhile counts too
+            self._scan_disk(path.parents[1])
 
     def _trim_disk(self) -> None:
         while self._disk_bytes > self.disk_max_bytes and self._disk:
@@ -419,6 +527,7 @@ class LayeredFeatureCache(FeatureCache):
         if found is None:
             found = self.back.get(scope, crop, ndim, shape, unit)
             if found is not None:
+                self.front.count_served_elsewhere()  # the front's counters are what a server reports
                 self.front.put(scope, crop, found)
         return found
 

@@ -364,7 +364,7 @@ def crop_embeddings(loaded: LoadedModel, source: PixelSource, crops: Sequence[Pi
     if embed is None:
         embed, precision = global_embedder(loaded)
         if scope and precision != "fp32":  # fp16 embeddings never stand in for fp32 ones in the cache
-            scope = f"{scope}/{precision}"
+            scope = f"{scope}-{precision}"
     visual = loaded.model.visual
     size = visual.image_size
     side = int(size[0] if isinstance(size, (tuple, list)) else size)
@@ -390,7 +390,7 @@ def crop_embeddings(loaded: LoadedModel, source: PixelSource, crops: Sequence[Pi
         for i, row in zip(picked, image):
             found[i] = row
             if cache is not None and scope:
-                cache.put(scope, keys[i], row)
+                cache.put(scope, keys[i], row.copy())  # not a view keeping the batch's array alive
     rows = [row for row in found if row is not None]
     assert len(rows) == len(crops), "every window embedded or cached"
     return np.stack(rows).astype(np.float32) if rows else np.zeros((0, int(visual.output_dim)), np.float32)

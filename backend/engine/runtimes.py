@@ -35,7 +35,7 @@ import torch
 from .atomic import atomic_output, write_text_atomically
 from .options import RUNTIMES  # declared with the --runtime option (its choices)
 from .encoders import DenseTower, Encoder, TorchEncoder, crop_size
-from .feature_cache import engine_digest, identity_digest, model_identity
+from .feature_cache import engine_digest, identity_digest, library_versions, model_identity
 from .paths import cache_dir
 from .weights import files_sha256
 
@@ -168,7 +168,9 @@ def _openvino(tower: torch.nn.Module, example: torch.Tensor, folder: Path,
     ov = import_openvino()
 
     core = ov.Core()
-    core.set_property({"CACHE_DIR": str(folder / "openvino")})  # compiled blobs: later starts are quick
+    # Compiled blobs, one folder per exported tower: later starts are quick, and each tower's verdict covers
+    # the blob that runs it (_judged_files).
+    core.set_property({"CACHE_DIR": str(_blob_folder(folder, stem))})
     # One request, all cores. Throughput streams with a slice of the batch per request were as fast and
     # less slowed down by other programs, but with more requests than streams (and another compiled model
     # in the process) some requests intermittently returned wrong features (0.01-0.1 off) until the
@@ -238,6 +240,20 @@ def _export_files(name: str, folder: Path, stem: str) -> list[Path]:
     return [folder / f"{stem}{suffix}" for suffix in EXPORT_SUFFIXES[name]]
 
 
+def _blob_folder(folder: Path, stem: str) -> Path:
+    return folder / OPENVINO_BLOBS / stem
+
+
+def _judged_files(name: str, folder: Path, stem: str) -> list[Path]:
+    """What a verdict vouches for: the export's files, and OpenVINO's compiled blob of them, which is what later
+    starts run (imported instead of compiling the files; damaged, it would give wrong features unjudged)."""
+    files = _export_files(name, folder, stem)
+    if name == "openvino":
+        blobs = _blob_folder(folder, stem)
+        files += sorted(path for path in blobs.iterdir() if path.is_file()) if blobs.is_dir() else []
+    return files
+
+
 def _verdict_path(name: str, folder: Path, stem: str) -> Path:
     return folder / (f"check-{name}.json" if stem == "encoder" else f"check-{name}-{stem}.json")
 
@@ -256,7 +272,7 @@ def _verdict(name: str, folder: Path, stem: str) -> dict | None:
         if not isinstance(verdict, dict) or not isinstance(verdict.get("ok"), bool) or \
                 not isinstance(verdict.get("files"), dict) or not all(path.is_file() for path in files):
             return None
-        return verdict if verdict["files"] == _files_identity(files) else None
+        return verdict if verdict["files"] == _files_identity(_judged_files(name, folder, stem)) else None
     except (OSError, ValueError):
         return None
 
@@ -268,7 +284,7 @@ def _judge(name: str, infer, tower: torch.nn.Module, example: torch.Tensor, fold
     difference = float(np.abs(infer(example.numpy()) - expected).max())
     verdict = {"runtime": name, "max_abs_diff": difference,
                "ok": difference <= EXPORT_TOLERANCE,  # False for NaN too
-               "files": _files_identity(_export_files(name, folder, stem))}
+               "files": _files_identity(_judged_files(name, folder, stem))}
     write_text_atomically(_verdict_path(name, folder, stem), json.dumps(verdict), durable=False)
     return verdict
 
@@ -285,7 +301,7 @@ def _remove_export(name: str, folder: Path, stem: str) -> None:
     for path in (*_export_files(name, folder, stem), _verdict_path(name, folder, stem)):
         path.unlink(missing_ok=True)
     if name == "openvino":
-        shutil.rmtree(folder / OPENVINO_BLOBS, ignore_errors=True)
+        shutil.rmtree(_blob_folder(folder, stem), ignore_errors=True)
 
 
 def load_runtime(name: str) -> None:
@@ -311,8 +327,9 @@ def _checked_runtime(name: str, tower: torch.nn.Module, example: torch.Tensor, f
         raise RuntimeError(_differs(verdict))  # these very files were judged before
     if all(path.is_file() for path in _export_files(name, folder, stem)):
         if verdict is None and name == "openvino":
-            # Judge the files themselves: OpenVINO would run a blob compiled from the files as they were.
-            shutil.rmtree(folder / OPENVINO_BLOBS, ignore_errors=True)
+            # Judge the files themselves, and the blob compiled from them now: OpenVINO would run a blob compiled
+            # from the files as they were, or one damaged since.
+            shutil.rmtree(_blob_folder(folder, stem), ignore_errors=True)
         try:
             infer = BUILDERS[name](tower, example, folder, stem)
             verdict = verdict or _judge(name, infer, tower, example, folder, stem)
@@ -332,12 +349,16 @@ def _checked_runtime(name: str, tower: torch.nn.Module, example: torch.Tensor, f
     return infer
 
 
+# The code of the tower an export holds: how it is built from the weights and what it computes.
+TOWER_CODE = ("encoders.py", "dense.py", "runtimes.py", "models.py", "checkpoints.py", "hf_text.py")
+
+
 def export_folder(loaded, attention: str, crop: int) -> Path:
     """Where the exported tower of `loaded` lives: keyed by everything that changes its features (the same
     weight bytes load as QuickGELU or GELU, in fp32 or fp16: feature_cache.model_identity; not the weights'
     sha256 alone), the attention variant, the crop size, the export recipe and the code of the tower exported
     (an upgrade that changes it exports again instead of running the earlier tower)."""
-    tower = engine_digest(("encoders.py", "dense.py", "runtimes.py"))[:8]
+    tower = identity_digest({"code": engine_digest(TOWER_CODE), "libraries": library_versions()})[:8]
     return exports_dir() / f"{identity_digest(model_identity(loaded))[:24]}-{attention}-{crop}-r{RECIPE}-{tower}"
 
 
@@ -427,16 +448,18 @@ def make_encoder(loaded, attention: str, runtime: str = "auto", half: bool | Non
             candidates = _fastest_first(loaded, attention, candidates, timed_only=not timing, known=known,
                                         half=half, notice=say, inform=inform or _log_info)
     key = (tuple(candidates), attention, half)
-    if key not in known:
-        known[key] = _build_encoder(loaded, attention, candidates, half, say)
-    encoder, fallbacks = known[key]
+    built = known.pop(key, None) or _build_encoder(loaded, attention, candidates, half, say)
+    if _lasting(built[1]):  # else this run's only: the next one tries the runtime again
+        known[key] = built
+    encoder, fallbacks = built
     for sentence in fallbacks:
         say(sentence)
     return encoder
 
 
 SPEEDS_FILE = "runtime-speeds.json"  # in exports_dir(): crops per second of each runtime, per computer and tower
-TIMING_BATCH = 4  # crops per timed call; each runtime gets a warm-up call of one crop and the best of two
+TIMING_BATCH = 4  # crops per timed call at least; each runtime gets a warm-up call of one crop and the best of two
+CPU_BATCH = 8  # crops per batch of a CPU run (segment.default_batch_size)
 
 
 def host_identity() -> str:
@@ -498,7 +521,7 @@ def _remember_speeds(loaded, attention: str, speeds: dict[str, float | None]) ->
         records = records if isinstance(records, dict) else {}
     except (OSError, ValueError):
         records = {}
-    records[_speeds_key(loaded, attention)] = {"host": host_identity(), "batch": TIMING_BATCH,
+    records[_speeds_key(loaded, attention)] = {"host": host_identity(), "batch": timing_batch(),
                                                "crops_per_s": speeds}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -508,10 +531,18 @@ def _remember_speeds(loaded, attention: str, speeds: dict[str, float | None]) ->
     return None
 
 
+def timing_batch() -> int:
+    """Crops per timed call: as many as the cores torch uses, between TIMING_BATCH and a CPU run's batch. ONNX
+    Runtime spreads a batch over the cores crop by crop, so fewer crops than cores would time it on fewer
+    cores than a run gives it."""
+    return max(TIMING_BATCH, min(CPU_BATCH, torch.get_num_threads()))
+
+
 def crops_per_second(encoder: Encoder, crop: int) -> float:
-    """How many crops per second `encoder` embeds: the best of two calls on TIMING_BATCH crops, after a
+    """How many crops per second `encoder` embeds: the best of two calls on timing_batch() crops, after a
     warm-up call on one."""
-    pixels = torch.rand(TIMING_BATCH, 3, crop, crop, generator=torch.Generator().manual_seed(1)) * 4 - 2
+    count = timing_batch()
+    pixels = torch.rand(count, 3, crop, crop, generator=torch.Generator().manual_seed(1)) * 4 - 2
     with torch.inference_mode():
         encoder(pixels[:1])
         best = float("inf")
@@ -519,7 +550,7 @@ def crops_per_second(encoder: Encoder, crop: int) -> float:
             start = time.perf_counter()
             encoder(pixels)
             best = min(best, time.perf_counter() - start)
-    return TIMING_BATCH / max(best, 1e-9)
+    return count / max(best, 1e-9)
 
 
 def _fastest_first(loaded, attention: str, candidates: list[str], timed_only: bool = False,
@@ -606,12 +637,24 @@ def _try_build(loaded, attention: str, name: str, half: bool | None,
         return compiled_encoder(name, loaded, attention, notice), None
     except Exception as error:  # an exporter or compiler failure must never fail the run
         log.debug("runtime %s unavailable", name, exc_info=True)
-        return None, (f"{name} could not compile the model ({error_reason(error)})", "")
+        # A system error (a full disk, a folder not writable) may be gone by the next run: never remembered.
+        hint = TRANSIENT if isinstance(error, OSError) else ""
+        return None, (f"{name} could not compile the model ({error_reason(error)})", hint)
+
+
+# The hint of a failure that the next run tries again (one of this computer's, not of the runtime).
+TRANSIENT = "; the next run tries it again"
 
 
 def _fell_back(failures: list[tuple[str, str]], encoder: Encoder) -> list[str]:
     """A sentence for each runtime that could not run ((what went wrong, a hint)), naming the one used."""
     return [f"{what}; using {encoder.name}{hint}." for what, hint in failures]
+
+
+def _lasting(fallbacks: list[str]) -> bool:
+    """Whether an encoder built with these fallback sentences may serve later runs of the process: none of
+    them failed for a reason of the moment (TRANSIENT)."""
+    return not any(sentence.endswith(TRANSIENT + ".") for sentence in fallbacks)
 
 
 def _build_encoder(loaded, attention: str, candidates: list[str], half: bool | None,

@@ -29,9 +29,9 @@ from .checks import check_inputs, class_lines_of, earlier_coarse_warning, output
 from .files import absolute_outputs, absolute_raster_name
 from .sliding import CHUNK_COLUMNS, NODATA_CLASS, UNCLASSIFIED, Segmenter, count_crops, predict_blocks
 from .encoders import Encoder, crop_size
-from .feature_cache import FeatureCache, raster_scopes
+from .feature_cache import FeatureCache, code_identity, opened_raster_identity, raster_scopes
 from .finetuned import bands_for, trained_resolution_said, with_trained_resolution
-from .runtimes import make_encoder
+from .runtimes import CPU_BATCH, make_encoder
 from .errors import CancelledError, InputError, nothing_valid
 from .colours import class_colormap, write_category_names
 from .atomic import StagedOutputs
@@ -153,6 +153,9 @@ def strip_rows_for(window, chunk_columns: int | None = None) -> int:
 
 
 GDAL_CACHE_MB = 64
+# The engine's code and libraries as this process loaded them key its cached features (a server's, taken as it
+# starts: an upgrade on disk under it does not key what the loaded code computes as the new code's).
+code_identity()
 SKIPPED_CLASSES = (NODATA_CLASS, UNCLASSIFIED)
 
 
@@ -367,9 +370,13 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
     targets = output_paths(options)
 
     with contextlib.ExitStack() as opened:
-        with trained_resolution_said(options.model or loaded.name, given, options):
-            source = opened.enter_context(open_source(raster, options.bands, options.scale, options.gsd_m,
-                                                      options.value_range, options.square_gsd))
+        def opener() -> RasterSource:
+            with trained_resolution_said(options.model or loaded.name, given, options):
+                return opened.enter_context(open_source(raster, options.bands, options.scale, options.gsd_m,
+                                                        options.value_range, options.square_gsd))
+
+        # With a cache, the raster's files are hashed as it is opened (the key of its features).
+        source, identity = opened_raster_identity(raster, opener) if feature_cache is not None else (opener(), None)
         warnings += check_format_crs(options.out, source.crs)
         warnings += band_choice_warning(source.dataset, options.bands)
         window = request_window(source, options.bbox, options.bbox_crs, clip=True)
@@ -407,7 +414,7 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
         if feature_cache is not None:  # the raster's files hashed once for both scopes
             dense_scope, region_scope = raster_scopes(source, loaded, [
                 (options.attention, segmenter.encoder.name),
-                (REGION_SCOPE, segmenter.encoder.name if embed_regions else "torch")])
+                (REGION_SCOPE, segmenter.encoder.name if embed_regions else "torch")], identity)
             segmenter.use_cache(feature_cache, dense_scope)
         # The data first, the report (the marker of a finished run) last, all or nothing. The write check sits
         # inside the staged outputs, so it sees the full disk (or a failed rename) before staged files go.
@@ -779,7 +786,7 @@ def default_batch_size(device: torch.device, share: float = 1.0) -> int:
     holds (half of `share` of it: a Ray worker that shares its GPU with others). Free memory includes what
     torch's caching allocator holds without using (an earlier job's), which the driver counts as used."""
     if device.type != "cuda":
-        return 8
+        return CPU_BATCH
     free, _ = torch.cuda.mem_get_info(device)
     free += max(0, torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     return int(min(256, max(8, free * share // 2 // GPU_BYTES_PER_CROP)))

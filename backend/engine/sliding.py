@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from .dense import normalized_image
-from .devices import batch_step, intra_op_threads, pinned_upload, set_intra_op_threads, start_host_copy
+from .devices import (batch_step, copies_async, intra_op_threads, pinned_upload, set_intra_op_threads,
+                      start_host_copy)
 from .encoders import Encoder, TorchEncoder, crop_size
 from .errors import CancelledError, ModelError
 from .feature_cache import FeatureCache
@@ -161,7 +162,7 @@ class Segmenter:
         if isinstance(crops[0], torch.Tensor):
             return torch.stack(list(crops))  # type: ignore[arg-type]
         tensor = torch.from_numpy(np.stack(crops))
-        return tensor if self.device.type == "cpu" else tensor.to(self.device, non_blocking=True)
+        return tensor if self.device.type == "cpu" else tensor.to(self.device, non_blocking=copies_async(self.device))
 
     @torch.inference_mode()
     def crop_features(self, crops: Sequence[np.ndarray], keys: list | None = None) -> torch.Tensor:
@@ -193,7 +194,7 @@ class Segmenter:
                 assert computed is not None, "every crop the cache lacks was encoded above"
                 parts.append(computed[computed_at[i]])
             else:
-                parts.append(torch.from_numpy(found).to(self.device, non_blocking=True))
+                parts.append(torch.from_numpy(found).to(self.device, non_blocking=copies_async(self.device)))
         return torch.stack(parts)
 
     def feature_shape(self, crop: np.ndarray | torch.Tensor) -> tuple[int | None, ...]:
@@ -509,7 +510,8 @@ def _blended_rows(crop_rows: Sequence[_CropRow], down: torch.Tensor, first: int,
         # non_blocking: a blocking upload would wait for the device's queue (CUDA stages pageable memory
         # before returning, so the array may go at once).
         divisor = torch.from_numpy(np.maximum(count, 1).astype(np.float32) / np.float32(scale))
-        bands = bands / divisor.to(bands.device, non_blocking=True)  # small bands: the scale costs nothing here
+        # Small bands: the scale costs nothing here.
+        bands = bands / divisor.to(bands.device, non_blocking=copies_async(bands.device))
         if r1 - r0 == len(valid):  # the usual case, one piece: a batched product straight into `out`
             torch.matmul(weights, bands, out=out)
         else:
@@ -604,11 +606,16 @@ def _predict_chunk(segmenter: Segmenter, source: PixelSource, window: PixelWindo
     across = segmenter.upsampling(crop_w, resized)
     down = segmenter.upsampling(crop_h, resized).T.contiguous()  # (crop_h, patch rows)
 
+    # A resampled raster's pixels depend on where the strip read around them starts and ends (GDAL's
+    # resampling of a window), and the strips of a chunk span its crops: a crop's cached features serve
+    # only runs that read it in the same strip, so a cached run writes what an uncached one writes.
+    strip = () if getattr(source, "same_in_any_window", False) else (read_c0, read_c1)
+
     def run(batch):
         nonlocal ran
         if should_cancel is not None and should_cancel():
             raise CancelledError("The run was cancelled; nothing was written.")
-        keys = [(row.top, xs, crop_h, crop_w) for row, xs, _ in batch]
+        keys = [(row.top, xs, crop_h, crop_w, *strip) for row, xs, _ in batch]
         with batch_step(segmenter.batch_size):  # these two steps' memory grows with the batch
             logits = segmenter.patch_logits([p for _, _, p in batch], keys)
             started = time.perf_counter()

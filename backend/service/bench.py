@@ -26,7 +26,7 @@ from rasterio.transform import from_origin
 from backend.engine.dense import dense_patch_features, normalize_pixels
 from backend.engine.encoders import TorchEncoder, autocast_enabled
 from backend.engine.feature_cache import FeatureCache
-from backend.engine.runtimes import TIMING_BATCH, error_reason, make_encoder, measured_speeds
+from backend.engine.runtimes import error_reason, make_encoder, measured_speeds, timing_batch
 from backend.engine.sliding import ArraySource, Segmenter, predict_window
 from backend.engine.errors import InputError
 from backend.engine.memory import peak_rss_mb
@@ -386,7 +386,7 @@ def run_bench(arch: str = "ViT-B-16", batch_size: int = 8, size: int = 1024, dev
                      f"(max diff {figures['max_abs_diff']:.1e}) |")
         timed = results["auto_timed_crops_s"]
         if timed:
-            echo(f"| `--runtime auto`'s own timing on this computer (batch {TIMING_BATCH}, kept in the cache) | "
+            echo(f"| `--runtime auto`'s own timing on this computer (batch {timing_batch()}, kept in the cache) | "
                  f"{', '.join(f'{name} {value:.2f}' if value else f'{name} -' for name, value in timed.items())} | "
                  f"auto runs {auto_name} |")
         echo(f"| `segment --runtime torch`, {size}x{size} GeoTIFF -> GPKG ({torch_run.tiles} crops) | "

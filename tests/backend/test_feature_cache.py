@@ -77,6 +77,78 @@ def test_a_rewritten_raster_is_not_served_stale_features(loaded, tmp_path):
     assert after.features["cached"] == 0
 
 
+def test_a_raster_renamed_over_during_a_run_keys_the_pixels_the_run_read(loaded, tmp_path, monkeypatch):
+    """A re-export renamed over the raster while a run prepared its model: the run read the old file, and its
+    features were kept under the new file's sha256, so every later run of the new file got the old pixels'."""
+    import os
+
+    from backend.engine import segment
+
+    raster = write_raster(tmp_path / "image.tif", seed=0)
+    newer = write_raster(tmp_path / "newer.tif", seed=1)
+    real = segment.make_encoder
+
+    def swapping(*args, **kwargs):
+        os.replace(newer, raster)
+        return real(*args, **kwargs)
+
+    cache = FeatureCache()
+    monkeypatch.setattr(segment, "make_encoder", swapping)
+    run(raster, loaded, FIRST, tmp_path / "during", cache)
+    monkeypatch.setattr(segment, "make_encoder", real)
+    after = run(raster, loaded, SECOND, tmp_path / "after", cache)
+    assert after.features["cached"] == 0
+    run(raster, loaded, SECOND, tmp_path / "uncached")
+    np.testing.assert_array_equal(read(tmp_path / "after" / "probs.tif"), read(tmp_path / "uncached" / "probs.tif"))
+
+
+def test_a_raster_renamed_over_as_it_is_opened_gets_no_key(tmp_path):
+    import contextlib
+    import os
+
+    from backend.engine.feature_cache import opened_raster_identity, raster_identity
+    from backend.engine.raster import open_source
+
+    raster = write_raster(tmp_path / "image.tif", seed=0)
+    newer = write_raster(tmp_path / "newer.tif", seed=1)
+    with contextlib.ExitStack() as stack:
+        source, identity = opened_raster_identity(raster, lambda: stack.enter_context(open_source(raster)))
+        assert identity == raster_identity(raster) is not None
+
+        def swapped_after_opening():
+            opened = stack.enter_context(open_source(raster))
+            os.replace(newer, raster)
+            return opened
+
+        source, identity = opened_raster_identity(raster, swapped_after_opening)
+        assert identity is None and source.dataset is not None
+
+
+def test_a_resampled_float_raster_cached_over_another_extent_writes_what_an_uncached_run_writes(loaded, tmp_path):
+    """Resampled, a crop's pixels depend on the strip read around it, whose columns follow the extent: crops a run
+    over another extent cached gave float32 rasters features that an uncached run does not compute."""
+    raster = tmp_path / "f32.tif"
+    data = (np.random.default_rng(3).random((3, 300, 700)) * 3000).astype("float32")
+    with rasterio.open(raster, "w", driver="GTiff", width=700, height=300, count=3, dtype="float32",
+                       crs="EPSG:32633", transform=from_origin(500000, 5000000, 2.0, 2.0)) as ds:
+        ds.write(data)
+    left, right = (500000, 4999400, 500600, 5000000), (500400, 4999400, 501400, 5000000)
+
+    def run_scaled(name: str, bbox, cache=None):
+        (tmp_path / name).mkdir()
+        options = SegmentOptions(raster=raster, class_lines=SECOND, runtime="torch", scale=1.3, bbox=bbox,
+                                 region_checks=False, out=tmp_path / name / "r.gpkg",
+                                 prob_raster=tmp_path / name / "p.tif")
+        return segment_raster(options, loaded, feature_cache=cache)
+
+    cache = FeatureCache()
+    run_scaled("left", left, cache)
+    run_scaled("right", right, cache)
+    run_scaled("uncached", right)
+    np.testing.assert_array_equal(read(tmp_path / "right" / "p.tif"), read(tmp_path / "uncached" / "p.tif"))
+    assert run_scaled("again", right, cache).features["encoded"] == 0  # the same extent again: all cached
+
+
 def test_memory_is_bounded_and_the_least_recently_used_crop_goes_first():
     cache = FeatureCache(max_bytes=3 * 14 * 14 * 64 * 4)
     crops = [(0, i * 112, 224, 224) for i in range(4)]
@@ -102,6 +174,72 @@ def test_disk_tier_survives_a_new_cache_and_stays_within_its_budget(tmp_path):
     assert reopened.get("scope", (0, 0, 224, 224)) is None
     np.testing.assert_array_equal(reopened.get("scope", (0, 4, 224, 224)), entry * 4)
     assert reopened.stats()["disk_bytes"] <= budget
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*.npy") if not path.name.startswith("."))
+
+
+def test_entries_of_a_scope_with_a_separator_are_counted_and_trimmed_by_later_caches(tmp_path):
+    """A GPU run's fp16 region checks were kept one folder deeper than the scan looks: never counted, never trimmed,
+    so the folder grew past its budget run after run."""
+    entry = np.ones(512, np.float32)
+    budget = 3 * (entry.nbytes + 200)
+    for run_number in range(4):  # four later runs, each a new cache over the folder
+        cache = FeatureCache(max_bytes=0, folder=tmp_path, disk_max_bytes=budget)
+        for i in range(3):
+            cache.put("digest/fp16", (run_number, i, 224, 224), entry * i)
+    assert folder_bytes(tmp_path) <= budget
+    reopened = FeatureCache(max_bytes=0, folder=tmp_path, disk_max_bytes=budget)
+    assert reopened.stats()["disk_bytes"] == folder_bytes(tmp_path) > 0
+    np.testing.assert_array_equal(reopened.get("digest/fp16", (3, 2, 224, 224)), entry * 2)
+
+
+def test_a_folder_that_a_server_and_command_line_runs_share_stays_within_the_budget(tmp_path):
+    entry = np.ones(1000, np.float32)
+    budget = 20 * (entry.nbytes + 200)
+    server = FeatureCache(max_bytes=0, folder=tmp_path, disk_max_bytes=budget)  # listed the folder empty
+    for i in range(30):
+        FeatureCache(max_bytes=0, folder=tmp_path, disk_max_bytes=budget).put("s", (0, i, 224, 224), entry)
+    for i in range(30):
+        server.put("s", (1, i, 224, 224), entry)
+    assert folder_bytes(tmp_path) <= budget * 1.2
+    assert server.stats()["disk_bytes"] == folder_bytes(tmp_path)
+    assert server.get("s", (1, 29, 224, 224)) is not None  # its own newest entries stay
+
+
+def test_staged_entries_of_a_killed_process_are_swept_and_a_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    from backend.engine.temporary import host_mark, new_run_tag, staged_path
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    scope = tmp_path / "scope"
+    scope.mkdir()
+    np.save(scope / "0_0_224_224.npy", np.ones(4, np.float32))
+    dead = staged_path(scope / "0_112_224_224.npy", f"{dead_pid}h{host_mark()}-0123456789ab")
+    live = staged_path(scope / "0_224_224_224.npy", new_run_tag())
+    for path in (dead, live):
+        path.write_bytes(b"half a crop")
+    cache = FeatureCache(max_bytes=0, folder=tmp_path, disk_max_bytes=2**20)
+    assert not dead.exists() and live.exists()
+    assert cache.stats()["disk_bytes"] == (scope / "0_0_224_224.npy").stat().st_size
+
+
+def test_a_server_reports_crops_its_disk_tier_served_as_hits(tmp_path):
+    from backend.engine.feature_cache import feature_cache_for
+
+    shared = FeatureCache(max_bytes=2**20)  # a server's memory cache, no disk tier of its own
+    FeatureCache(max_bytes=0, folder=tmp_path, disk_max_bytes=2**20).put("s", (0, 0, 224, 224),
+                                                                         np.ones(8, np.float32))
+    shared.home = tmp_path
+    job = feature_cache_for(True, 1, shared)
+    assert job is not None and job.get("s", (0, 0, 224, 224)) is not None
+    assert job.get("s", (0, 112, 224, 224)) is None
+    assert (job.stats()["hits"], job.stats()["misses"]) == (1, 1)
+    assert (shared.stats()["hits"], shared.stats()["misses"]) == (1, 1)
 
 
 def test_cli_cache_features_makes_the_second_run_skip_the_encoder(loaded, tmp_path):

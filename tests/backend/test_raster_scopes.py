@@ -12,8 +12,8 @@ from rasterio.transform import from_origin
 from tinymodels import make_tiny_clip, save_plain
 
 from backend.engine import feature_cache
-from backend.engine.feature_cache import (FeatureCache, engine_digest, identity_digest, model_identity,
-                                          raster_identity, raster_scope, raster_scopes)
+from backend.engine.feature_cache import (FeatureCache, engine_digest, identity_digest, library_versions,
+                                          model_identity, raster_identity, raster_scope, raster_scopes)
 from backend.engine.models import load_model
 from backend.engine.options import SegmentOptions
 from backend.engine.quality import REGION_SCOPE
@@ -35,9 +35,9 @@ def write_raster(path: Path, size: int = 300) -> Path:
 
 
 def keyed_as_ever(source, model, attention: str, encoder: str) -> str:
-    """A scope as feature_cache writes it since IDENTITY_VERSION 3 (the engine's source is part of it): a change
-    here orphans every cache on disk."""
-    return identity_digest({"engine": engine_digest(),
+    """A scope as feature_cache writes it since IDENTITY_VERSION 4 (the engine's source, its libraries' versions
+    and the device are part of it): a change here orphans every cache on disk."""
+    return identity_digest({"engine": engine_digest(), "libraries": library_versions(), "device": "cpu",
         "raster": raster_identity(source.path, source.dataset),
         "grid": [source.height, source.width], "scale": source.scale_record, "bands": list(source.bands),
         "value_range": [list(r) for r in source.value_range] if source.value_range else None,

@@ -173,6 +173,39 @@ def test_a_runtime_that_cannot_compile_falls_back_to_torch(monkeypatch):
     assert notes == ["onnxruntime could not compile the model (unsupported operator Foo); using torch."]
 
 
+def test_a_runtime_that_failed_for_want_of_disk_space_is_tried_again_by_the_next_run(monkeypatch, own_cache):
+    """A server kept a one-off failure (a full disk) for the model's life: every later job of the runtime ran
+    torch and said the full disk again. A system error is now tried again; a compile error is remembered."""
+    import errno
+
+    real, calls = runtimes.BUILDERS["onnxruntime"], []
+
+    def full_disk_once(tower, example, folder, stem="encoder"):
+        calls.append(stem)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device", str(folder / "encoder.onnx"))
+        return real(tower, example, folder, stem)
+
+    monkeypatch.setitem(runtimes.BUILDERS, "onnxruntime", full_disk_once)
+    loaded, notes = tiny_loaded(52), []
+    assert runtimes.make_encoder(loaded, "segearth", "onnxruntime", notice=notes.append).name == "torch"
+    assert len(notes) == 1 and notes[0].startswith("onnxruntime could not compile the model (No space left on device")
+    assert notes[0].endswith("; using torch; the next run tries it again.")
+    later: list[str] = []
+    assert runtimes.make_encoder(loaded, "segearth", "onnxruntime", notice=later.append).name == "onnxruntime"
+    assert later == []
+
+    def broken(tower, example, folder, stem="encoder"):
+        calls.append(stem)
+        raise RuntimeError("unsupported operator Foo")
+
+    monkeypatch.setitem(runtimes.BUILDERS, "openvino", broken)
+    calls.clear()
+    for _ in range(2):
+        assert runtimes.make_encoder(loaded, "segearth", "openvino").name == "torch"
+    assert calls == ["encoder"]  # built (and failed) once for the process
+
+
 def test_auto_uses_torch_for_small_runs_and_on_a_gpu():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert runtimes.pick_runtime("auto", cpu, crops=4) == ["torch"]
@@ -372,7 +405,8 @@ def test_a_runtime_that_did_not_build_when_timed_is_tried_and_timed_again_later(
     timed = timed_as(monkeypatch, openvino=2.0, onnxruntime=1.0, torch=5.0)
     notes = []
     assert runtimes.make_encoder(tiny_loaded(52), "segearth", "auto", notice=notes.append, crops=100).name == "torch"
-    assert notes == ["openvino could not compile the model (No space left on device); using torch."]
+    assert notes == ["openvino could not compile the model (No space left on device); using torch; the next run "
+                     "tries it again."]
     assert sorted(timed) == ["onnxruntime", "torch"]
     for attempt in ("still failing", "disk freed"):
         if attempt == "disk freed":
@@ -566,6 +600,38 @@ def test_a_cached_export_that_does_not_load_is_said_in_one_line_and_made_again(t
     assert json.loads((folder / f"check-{name}.json").read_text())["ok"]
 
 
+def test_a_damaged_openvino_blob_is_judged_again_and_compiled_anew(tmp_path, own_cache):
+    """Later starts of OpenVINO import the blob it compiled from the judged export instead of compiling the
+    export, and the verdict covered only the export's files: a blob damaged since ran unjudged. The verdict now
+    names the blob too; a changed blob is compiled anew from the export and judged."""
+    model = save_plain(make_tiny_clip(16, seed=46), tmp_path / "tiny.pt")
+    raster = write_rgb(tmp_path / "image.tif", 240, 240)
+    runtimes.make_encoder(load_model(str(model)), "segearth", "openvino")  # the export a first run leaves
+    [folder] = (own_cache / "encoders").iterdir()
+    blobs = [path for path in (folder / "openvino" / "encoder").iterdir() if path.is_file()]
+    judged = json.loads((folder / "check-openvino.json").read_text())["files"]
+    assert blobs and {blob.name for blob in blobs} <= set(judged)
+    blob = max(blobs, key=lambda path: path.stat().st_size)
+    damaged = bytearray(blob.read_bytes())
+    at = len(damaged) * 3 // 4
+    damaged[at:at + 4000] = bytes(byte ^ 0x5A for byte in damaged[at:at + 4000])
+    blob.write_bytes(damaged)
+    out, reference = tmp_path / "out", tmp_path / "torch"
+    for folder_out, runtime in ((out, "openvino"), (reference, "torch")):
+        script = f"from backend.service.cli import app\napp({segment_args(raster, model, folder_out, runtime)!r}, " \
+                 "prog_name='farslip')\n"
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                              cwd=str(REPO))
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert report_of(out)["encoder"] == "openvino"
+    with rasterio.open(out / "p.tif") as ran, rasterio.open(reference / "p.tif") as expected:
+        assert np.abs(ran.read() - expected.read()).max() < 1e-4
+    now = [path for path in (folder / "openvino" / "encoder").iterdir() if path.is_file()]
+    assert all(path.read_bytes() != bytes(damaged) for path in now)
+    verdict = json.loads((folder / "check-openvino.json").read_text())
+    assert verdict["ok"] and {path.name for path in now} <= set(verdict["files"])
+
+
 def nan_on_the_rasters_crops(exported):
     """A runtime builder whose encoder passes its export check (the check's own crops come out right) and
     returns NaN for every other crop: a damaged export that still loads."""
@@ -724,4 +790,12 @@ def test_exports_and_cached_features_of_an_earlier_engine_are_not_reused(tmp_pat
     monkeypatch.setattr(runtimes, "engine_digest", lambda names=feature_cache.PIXEL_PIPELINE: upgraded)
     after = run("after")
     assert after["cached"] == 0 and after["encoded"] == first["encoded"]
+    assert runtimes.export_folder(loaded, "segearth", 224) != export
+    # An upgrade of a library between the bytes and the features (GDAL resamples, torch computes) too.
+    monkeypatch.undo()
+    assert run("same again")["encoded"] == 0
+    versions = {**feature_cache.library_versions(), "torch": "99.0"}
+    monkeypatch.setattr(feature_cache, "library_versions", lambda: versions)
+    monkeypatch.setattr(runtimes, "library_versions", lambda: versions)
+    assert run("upgraded")["encoded"] == first["encoded"]
     assert runtimes.export_folder(loaded, "segearth", 224) != export
