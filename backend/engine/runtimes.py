@@ -105,8 +105,9 @@ class CompiledEncoder:
             return self.fallback(pixels)
         return torch.from_numpy(self.infer(np.ascontiguousarray(pixels.cpu().numpy(), dtype=np.float32)))
 
-    def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, crop, crop) normalised crops -> (B, D) image embeddings of CLIP's global path (unnormalised)."""
+    def global_runtime(self) -> str:
+        """The runtime that runs the global path of full-size crops: this one once it is built (now, if it was
+        not yet), torch when it could not be."""
         with self._global_lock:
             if self._global is None and self._build_global is not None:
                 try:
@@ -116,6 +117,11 @@ class CompiledEncoder:
                     log.warning("runtime %s: global image path unavailable (%s); using torch", self.name,
                                 error_reason(error))
                 self._build_global = None
+        return self.name if self._global is not None else "torch"
+
+    def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, crop, crop) normalised crops -> (B, D) image embeddings of CLIP's global path (unnormalised)."""
+        self.global_runtime()
         if self._global is None or tuple(pixels.shape[-2:]) != (self.crop, self.crop):
             return self.fallback.visual(pixels)
         return torch.from_numpy(self._global(np.ascontiguousarray(pixels.cpu().numpy(), dtype=np.float32)))

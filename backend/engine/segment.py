@@ -411,10 +411,14 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
         # The quality estimate's region checks run the global image path (or a benchmark's stand-in).
         embed_regions = getattr(segmenter.encoder, "embed_images", None)
         region_scope = None
-        if feature_cache is not None:  # the raster's files hashed once for both scopes
+        if feature_cache is not None:  # the raster's files hashed once, as it was opened, for both scopes
+            # The runtime that runs the global path: a compiled one's may have fallen back to torch, whose
+            # embeddings must not be kept as that runtime's.
+            global_runtime = getattr(segmenter.encoder, "global_runtime", None)
+            regions_by = (global_runtime() if global_runtime is not None and options.region_checks else
+                          segmenter.encoder.name if embed_regions else "torch")
             dense_scope, region_scope = raster_scopes(source, loaded, [
-                (options.attention, segmenter.encoder.name),
-                (REGION_SCOPE, segmenter.encoder.name if embed_regions else "torch")], identity)
+                (options.attention, segmenter.encoder.name), (REGION_SCOPE, regions_by)], identity)
             segmenter.use_cache(feature_cache, dense_scope)
         # The data first, the report (the marker of a finished run) last, all or nothing. The write check sits
         # inside the staged outputs, so it sees the full disk (or a failed rename) before staged files go.

@@ -94,3 +94,31 @@ def test_a_run_hashes_its_raster_once_and_uses_the_scopes_raster_scope_gives(loa
         region = raster_scope(source, loaded, REGION_SCOPE, "torch")
     assert dense in cache.scopes and cache.scopes <= {dense, region}
     assert result.features["encoded"] == result.tiles
+
+
+def test_region_embeddings_that_torch_computed_for_a_compiled_runtime_are_kept_as_torchs(loaded, tmp_path,
+                                                                                          monkeypatch):
+    """A compiled runtime whose global path could not be exported runs the region checks on torch; their
+    embeddings were kept under that runtime's scope, where a later run whose global path did export found them
+    (up to 1e-4 off what it computes itself)."""
+    from backend.engine import runtimes
+
+    real = runtimes.BUILDERS["onnxruntime"]
+
+    def dense_only(tower, example, folder, stem="encoder"):
+        if stem != "encoder":
+            raise RuntimeError("unsupported operator Foo")
+        return real(tower, example, folder, stem)
+
+    monkeypatch.setenv("FARSLIP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(runtimes.BUILDERS, "onnxruntime", dense_only)
+    raster = write_raster(tmp_path / "t.tif")
+    cache = Recording()
+    options = SegmentOptions(raster=raster, class_lines=["water", "road"], runtime="onnxruntime",
+                             out=tmp_path / "r.gpkg")
+    result = segment_raster(options, loaded, feature_cache=cache)
+    assert result.report["encoder"] == "onnxruntime" and result.report["quality"]["region_checks"] > 0
+    with open_source(raster) as source:
+        dense = raster_scope(source, loaded, "segearth", "onnxruntime")
+        regions = {name: raster_scope(source, loaded, REGION_SCOPE, name) for name in ("torch", "onnxruntime")}
+    assert cache.scopes == {dense, regions["torch"]}
