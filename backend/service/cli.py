@@ -166,15 +166,23 @@ def presets() -> None:
         typer.echo(f"{name}: {' | '.join(lines)}")
 
 
+# Bounds of the benchmark's sizes: a raster side of 32768 is a 1 Gpx raster (3 GB before compression) to generate.
+BENCH_MAX_SIDE = 32768
+BENCH_MAX_BATCH = 4096
+TRAIN_BENCH_BATCH = 4  # crops per step of `bench --train` unless --batch-size says otherwise
+
+
 @app.command()
 @interruptible
 def bench(
     ctx: typer.Context,
     arch: str = typer.Option("ViT-B-16", help="open_clip architecture (random weights: speed only)."),
-    batch_size: Optional[int] = typer.Option(None, min=1, help="Crops per batch (default: as segment picks it, 8 on a "
-                                                            "CPU, from the free memory on a GPU)."),
-    size: Optional[int] = typer.Option(None, min=224, help="Side of the generated raster for the pipeline run "
-                                                           "(default 1024; 4096 with --null-encoder)."),
+    batch_size: Optional[int] = typer.Option(None, min=1, max=BENCH_MAX_BATCH,
+                                             help="Crops per batch (default: as segment picks it, 8 on a CPU, from "
+                                                  "the free memory on a GPU; 4 with --train)."),
+    size: Optional[int] = typer.Option(None, min=224, max=BENCH_MAX_SIDE,
+                                       help="Side of the generated raster for the pipeline run (default 1024; 4096 "
+                                            "with --null-encoder)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     rss_sizes: Optional[str] = typer.Option(None, help="Raster sides for the peak-memory runs ('' = skip; "
                                                        "default 2000,10000; 2048,8192 with --null-encoder)."),
@@ -210,6 +218,12 @@ def bench(
 
     try:  # everything checked before minutes of measuring, not after
         dev = resolve_device(device)
+        if json_out_given is not None and not json_out_given.strip():
+            raise InputError("--json takes the name of the file to write the figures to; give one, or leave "
+                             "--json out.")
+        if overwrite and json_out_given is None:
+            raise InputError("--overwrite applies only with --json (it lets the figures replace that file); add "
+                             "--json FILE, or leave --overwrite out.")
         json_out = output_file_option(json_out_given, "figures file (--json)")
         if json_out:
             check_output_file(json_out, "figures file (--json)", overwrite=overwrite, gdal=False)
@@ -232,9 +246,10 @@ def bench(
         if data_dir is not None:
             _check_refine_data_dir(data_dir)
         sides = {"--rss-sizes": _sides(rss_sizes, "2048,8192" if null_encoder else "2000,10000", "--rss-sizes"),
-                 "--search-sides": _sides(search_sides, "3000,10000", "--search-sides")}
+                 "--search-sides": _sides(search_sides, "3000,10000", "--search-sides", none_allowed=False)}
     except FarslipError as error:
         fail(error)
+    train_batch = batch_size or TRAIN_BENCH_BATCH
     if batch_size is None:
         from backend.engine.segment import default_batch_size
 
@@ -267,14 +282,31 @@ def bench(
 
         from .bench import random_model
 
-        results = measure_training(random_model(arch, dev), batch_size=min(batch_size, 4), steps=3)
+        results = {"arch": arch, **measure_training(random_model(arch, dev), batch_size=train_batch, steps=3)}
+        typer.echo(f"# farslip bench --train: {arch} (random weights; speed only), {dev}")
         typer.echo(format_training(results))
     else:
         from .bench import run_bench
 
         results = run_bench(arch, batch_size, size or 1024, str(dev), sides["--rss-sizes"], echo=typer.echo)
     if json_out:
-        write_text_atomically(json_out, json.dumps(results, indent=2))
+        _write_figures(json_out, json.dumps(results, indent=2), overwrite)
+
+
+def _write_figures(path: Path, text: str, overwrite: bool) -> None:
+    """The --json figures at the end of a benchmark: never over a file that appeared meanwhile (unless --overwrite),
+    and a file that cannot be written is a sentence (the figures are printed above), not a traceback."""
+    from backend.engine.files import check_output_file
+
+    try:
+        check_output_file(path, "figures file (--json)", overwrite=overwrite, gdal=False)
+        write_text_atomically(path, text)
+    except FarslipError as error:
+        fail(InputError(f"{error} The figures were not written; they are printed above."))
+    except OSError as error:
+        reason = error.strerror or str(error)
+        fail(InputError(f"The figures file (--json) {path} could not be written ({reason}); the figures are printed "
+                        "above."))
 
 
 def _check_bench_options(modes: dict[str, bool], options: dict[str, tuple[object, tuple[str, ...]]]) -> None:
@@ -308,16 +340,22 @@ def _check_refine_data_dir(folder: Path) -> None:
         raise InputError(f"--data-dir {folder} holds no {' and no '.join(absent)}; {advice}")
 
 
-def _sides(text: str | None, default: str, option: str) -> tuple[int, ...]:
-    """Raster sides typed as 2000,10000 ('' for none; None: `default`), each at least one 224 px crop."""
+def _sides(text: str | None, default: str, option: str, none_allowed: bool = True) -> tuple[int, ...]:
+    """Raster sides typed as 2000,10000 ('' for none where `none_allowed`; None: `default`), each at least one
+    224 px crop and at most BENCH_MAX_SIDE, each once."""
     typed = default if text is None else text
     try:
         sides = tuple(int(side) for side in typed.split(",") if side.strip())
     except ValueError:
         sides = ()
-    if any(side < 224 for side in sides) or (typed.strip() and not sides):
-        raise InputError(f"{option} takes raster sides in pixels, each at least 224, separated by commas (e.g. "
-                         f"2000,10000), or '' for none; got {typed!r}.")
+    empty = not sides and (bool(typed.strip()) or not none_allowed)
+    if empty or any(not 224 <= side <= BENCH_MAX_SIDE for side in sides):
+        none = ", or '' for none" if none_allowed else ""
+        raise InputError(f"{option} takes raster sides in pixels, each from 224 to {BENCH_MAX_SIDE}, separated by "
+                         f"commas (e.g. 2000,10000){none}; got {typed!r}.")
+    twice = next((side for side in sides if sides.count(side) > 1), None)
+    if twice is not None:
+        raise InputError(f"{option} names the side {twice} twice; give each side once.")
     return sides
 
 

@@ -39,11 +39,13 @@ def test_null_encoder_bench_writes_the_host_figure_each_stage_and_the_cpu_time(t
     shares = figures["stage_share"]
     assert {"encode_s", "blend_s", "finish_s", "finish_wait_s", "polygon_wait_s", "quality_s"} <= set(shares)
     assert all(0 <= share <= 1 for share in shares.values())
-    assert sum(share for key, share in shares.items() if key not in ("read_s", "finish_s")) <= 1.0
+    # The main thread's rows and "everything else" make up the wall time; the background threads' rows run beside.
+    assert sum(share for key, share in shares.items() if key not in ("read_s", "finish_s")) == pytest.approx(1.0)
     assert "**total**" in result.output and "Mpx/s" in result.output
     assert "run beside the others, so the shares add up past 100 %" in result.output  # the overlap is said
     assert "CPU time of the run" in result.output
     assert "memory" not in figures  # --rss-sizes '' skips the peak-memory runs
+    assert shares["other_s"] > 0 and "everything else (text, setup, Python)" in result.output  # the table's row too
 
 
 def test_the_whole_bench_runs_and_pairs_the_runtime_with_the_reference_loop(tmp_path, monkeypatch):
@@ -120,10 +122,30 @@ def test_a_figures_file_that_cannot_be_written_is_refused_before_measuring(tmp_p
 
 
 @pytest.mark.parametrize("args, said", [
-    (["--rss-sizes", "abc"], "Error: --rss-sizes takes raster sides in pixels, each at least 224, separated by commas "
-                             "(e.g. 2000,10000), or '' for none; got 'abc'."),
+    (["--rss-sizes", "abc"], "Error: --rss-sizes takes raster sides in pixels, each from 224 to 32768, separated by "
+                             "commas (e.g. 2000,10000), or '' for none; got 'abc'."),
     (["--search", "--search-sides", "3000,x"], "Error: --search-sides takes raster sides in pixels"),
-    (["--rss-sizes", "100"], "Error: --rss-sizes takes raster sides in pixels, each at least 224"),
+    (["--rss-sizes", "100"], "Error: --rss-sizes takes raster sides in pixels, each from 224 to 32768"),
+    # Sizes past any raster a benchmark can write (an overflow traceback, or a 120 GB raster), and sides twice.
+    (["--rss-sizes", "99999999999999999999"], "Error: --rss-sizes takes raster sides in pixels, each from 224 to "
+                                              "32768"),
+    (["--null-encoder", "--size", "99999999999999999999"], "Invalid value for '--size'"),
+    (["--null-encoder", "--batch-size", "1000000"], "Invalid value for '--batch-size'"),
+    (["--rss-sizes", "300,300"], "Error: --rss-sizes names the side 300 twice; give each side once."),
+    (["--search", "--search-sides", ""], "Error: --search-sides takes raster sides in pixels, each from 224 to 32768, "
+                                         "separated by commas (e.g. 2000,10000); got ''."),
+    # Architectures open_clip knows whose towers the benchmarks cannot run (tracebacks after the check).
+    (["--arch", "RN50"], "Error: The image tower of RN50 is a ResNet, not open_clip's Vision Transformer, which the "
+                         "dense pass runs; benchmark a ViT architecture (e.g. ViT-B-16, ViT-B-32, ViT-L-14)."),
+    (["--null-encoder", "--arch", "ViT-B-16-SigLIP"], "Error: The image tower of ViT-B-16-SigLIP is a timm model "
+                                                      "(vit_base_patch16_siglip_224), not open_clip's Vision"),
+    (["--train", "--arch", "xlm-roberta-base-ViT-B-32"], "Error: The text tower of xlm-roberta-base-ViT-B-32 comes "
+                                                         "from Hugging Face (xlm-roberta-base)"),
+    # --overwrite with nothing to overwrite was ignored; an empty --json name was "." is a folder.
+    (["--overwrite"], "Error: --overwrite applies only with --json (it lets the figures replace that file); add "
+                      "--json FILE, or leave --overwrite out."),
+    (["--json", ""], "Error: --json takes the name of the file to write the figures to; give one, or leave --json "
+                     "out."),
     (["--arch", "nope"], "Error: Unknown open_clip architecture 'nope'; e.g. ViT-B-16, ViT-B-32, ViT-L-14."),
     (["--size", "-5"], "Invalid value for '--size'"),
     (["--size", "0"], "Invalid value for '--size'"),
@@ -143,6 +165,68 @@ def test_bad_benchmark_options_are_one_sentence_before_measuring(args, said):
     result = CliRunner().invoke(app, ["bench", *args])
     assert result.exit_code == 2 and said in result.output, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def fake_host_bench(then):
+    """A run_host_bench that measures nothing and calls `then()` (what happens while a benchmark runs)."""
+    def run(*args, **kwargs):
+        then()
+        return {"host_mpx_per_s": 1.0}
+
+    return run
+
+
+def test_a_figures_file_made_while_measuring_is_kept_and_the_figures_said(tmp_path, monkeypatch):
+    """The file was checked only before minutes of measuring, then replaced without --overwrite."""
+    from backend.service import host_bench
+
+    made = tmp_path / "bench.json"
+    monkeypatch.setattr(host_bench, "run_host_bench", fake_host_bench(lambda: made.write_text("precious")))
+    result = CliRunner().invoke(app, ["bench", "--null-encoder", "--json", str(made)])
+    assert result.exit_code == 2, result.output
+    assert "already exists; choose another name or allow overwriting (--overwrite). The figures were not written; " \
+           "they are printed above." in result.output
+    assert made.read_text() == "precious"
+    result = CliRunner().invoke(app, ["bench", "--null-encoder", "--json", str(made), "--overwrite"])
+    assert result.exit_code == 0 and json.loads(made.read_text()) == {"host_mpx_per_s": 1.0}
+
+
+def test_a_figures_file_whose_folder_went_while_measuring_is_one_sentence(tmp_path, monkeypatch):
+    """It was a traceback (FileNotFoundError, or No space left on device) after the whole run."""
+    import shutil
+
+    from backend.service import host_bench
+
+    folder = tmp_path / "figures"
+    folder.mkdir()
+    monkeypatch.setattr(host_bench, "run_host_bench", fake_host_bench(lambda: shutil.rmtree(folder)))
+    result = CliRunner().invoke(app, ["bench", "--null-encoder", "--json", str(folder / "bench.json")])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().startswith(f"Error: The output folder {folder} does not exist")
+    assert result.output.strip().endswith("The figures were not written; they are printed above.")
+    assert not folder.exists()
+
+
+def test_the_training_bench_runs_the_batch_asked_for_and_names_its_architecture(tmp_path, monkeypatch):
+    """--train quietly ran batch 4 whatever --batch-size said, and its figures never named the architecture."""
+    from backend.service import training_bench
+
+    asked: list[int] = []
+
+    def measure(loaded, batch_size, steps):
+        asked.append(batch_size)
+        return {"batch_size": batch_size}
+
+    monkeypatch.setattr(training_bench, "measure_training", measure)
+    monkeypatch.setattr(training_bench, "format_training", lambda results: "table")
+    out = tmp_path / "train.json"
+    for args in ([], ["--batch-size", "8"]):
+        result = CliRunner().invoke(app, ["bench", "--train", "--arch", "ViT-S-32", *args, "--json", str(out),
+                                          "--overwrite"])
+        assert result.exit_code == 0, result.output
+        assert "# farslip bench --train: ViT-S-32" in result.output
+        assert json.loads(out.read_text())["arch"] == "ViT-S-32"
+    assert asked == [4, 8]
 
 
 def test_an_existing_figures_file_is_kept_unless_overwrite(tmp_path):
