@@ -18,6 +18,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -36,9 +37,10 @@ CropKey = tuple[int, ...]
 
 
 # 2: every file GDAL reads for the raster, and the model's activation, architecture, precision;
-# 3: the engine's source (engine_digest) is part of each raster scope;
-# 4: the versions of the libraries between the bytes and the features, and the device, too.
-IDENTITY_VERSION = 4
+# 3: the engine's source (engine_digest) is part of each raster scope. (The scope's other parts, such as the
+# libraries' versions and the device, change every scope without this version, which a raster's search index
+# keeps too: a new version here rebuilds every index on disk.)
+IDENTITY_VERSION = 3
 # The disk tier lists its folder again each time this process has written this share of the budget since.
 RESCAN_SHARE = 8
 COMPANION_HASH_MAX = 64 * 2**20  # companions up to this size are told apart by content, larger ones by stat
@@ -193,7 +195,10 @@ def opened_raster_identity(name: str | os.PathLike, opener):
     .path and .dataset are hashed); an exception of it propagates."""
     before = held_stamp(name)
     source = opener()
-    identity = raster_identity(source.path, source.dataset)
+    try:
+        identity = raster_identity(source.path, source.dataset)
+    except OSError:  # deleted since it was opened (GDAL still reads it): a run to make, not to cache
+        return source, None
     if identity is not None and (before is None or held_stamp(name) != before):
         identity = None
     return source, identity
@@ -207,11 +212,15 @@ def identity_digest(identity: dict) -> str:
 # cut into crops, and what the tower computes of them. Its source is part of every cached entry's key, so an
 # upgrade that changes any of it (a fix to how a float raster's NaN holes are resampled changed 110 class pixels
 # of a test raster) does not serve features the earlier code computed.
-PIXEL_PIPELINE = ("raster.py", "dense.py", "encoders.py", "sliding.py", "quality.py", "models.py", "runtimes.py",
-                  "checkpoints.py", "hf_text.py")
+# TOWER_CODE, the part an exported encoder holds (runtimes.export_folder): how the tower is built from the
+# weights and what it computes.
+TOWER_CODE = ("encoders.py", "dense.py", "runtimes.py", "models.py", "checkpoints.py", "hf_text.py")
+PIXEL_PIPELINE = ("raster.py", "sliding.py", "quality.py", *TOWER_CODE)
 # The libraries between them: GDAL resamples and decodes, torch (or a compiled runtime) computes. An upgrade of
-# any of them may change features in their last bits, so it is part of the key too.
-PIXEL_LIBRARIES = ("torch", "open_clip_torch", "numpy", "rasterio", "openvino", "onnxruntime")
+# any of them may change features in their last bits, so it is part of the key too. TOWER_LIBRARIES: those an
+# exported encoder depends on.
+TOWER_LIBRARIES = ("torch", "open_clip_torch", "openvino", "onnxruntime")
+PIXEL_LIBRARIES = (*TOWER_LIBRARIES, "numpy", "rasterio")
 
 
 @functools.lru_cache(maxsize=8)
@@ -251,7 +260,8 @@ def library_versions() -> dict[str, str | None]:
 def code_identity() -> dict:
     """The engine's source and its libraries, as this process loaded them: taken once (the server takes it as
     it starts, see segment.py), so an upgrade on disk under a running server does not key the features its
-    loaded code computes as the new code's."""
+    loaded code computes as the new code's. The exported tower's code is taken with it (runtimes.export_folder)."""
+    engine_digest(TOWER_CODE)
     return {"engine": engine_digest(), "libraries": library_versions()}
 
 
@@ -442,26 +452,31 @@ class FeatureCache:
         folder, which is to stay within the budget of each), oldest first, and trim to the budget. Staged
         files that a killed process left are removed (those of running processes are theirs)."""
         files, staged = [], set()
-        for path in folder.glob("*/*.npy"):
-            if path.name.startswith("."):
-                staged.add(path.parent)  # a crop being written (backend.engine.atomic), not yet a cache entry
-                continue
-            try:
-                stat = path.stat()
-            except OSError:
-                continue
-            files.append((stat.st_mtime_ns, path, stat.st_size))
-        for parent in staged:
-            remove_stale(parent)
+        try:
+            for path in folder.glob("*/*.npy"):
+                if path.name.startswith("."):
+                    staged.add(path.parent)  # a crop being written (backend.engine.atomic), not yet an entry
+                    continue
+                try:
+                    stat = path.stat()
+                except OSError:
+                    continue
+                files.append((stat.st_mtime_ns, path, stat.st_size))
+            for parent in staged:
+                remove_stale(parent)
+            # Earlier versions kept a GPU's fp16 region checks one folder deeper, where no scan counted them.
+            for nested in folder.glob("*/fp16"):
+                shutil.rmtree(nested, ignore_errors=True)
+        except OSError:  # a folder another process trimmed away meanwhile: the next scan counts again
+            return
         with self._lock:
-            known = self._disk
-            self._disk = OrderedDict()
-            for _, path, size in sorted(files):
-                self._disk[path] = size
-            for path in known:  # this process's still there, in its order of use: the newest
-                if path in self._disk:
-                    self._disk.move_to_end(path)
-            self._disk_bytes = sum(self._disk.values())
+            # Oldest first by modification time, which is each process's order of use (a hit touches its file).
+            listed = OrderedDict((path, size) for _, path, size in sorted(files))
+            for path, size in self._disk.items():  # stored while the folder was listed
+                if path not in listed and path.exists():
+                    listed[path] = size
+            self._disk = listed
+            self._disk_bytes = sum(listed.values())
             self._written_since_scan = 0
             self._trim_disk()
 

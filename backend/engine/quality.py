@@ -291,7 +291,7 @@ class RegionPixels:
         self._lattice: np.ndarray | None = None
         self._origin = (0, 0)  # lattice indices of self._lattice[:, 0, 0]
 
-    def _from_lattice(self, crop: PixelWindow) -> bool:
+    def from_lattice(self, crop: PixelWindow) -> bool:
         return self.decimates and crop.height > 2 * self.side and crop.height >= self.side * self.step
 
     def _indices(self, crop: PixelWindow) -> tuple[np.ndarray, np.ndarray]:
@@ -305,7 +305,7 @@ class RegionPixels:
 
     def prepare(self, crops: Sequence[PixelWindow]) -> None:
         """Read the lattice under every crop that is sampled from it (nothing if none is)."""
-        spans = [self._indices(crop) for crop in crops if self._from_lattice(crop)]
+        spans = [self._indices(crop) for crop in crops if self.from_lattice(crop)]
         self._lattice = None
         if not spans:
             return
@@ -326,7 +326,7 @@ class RegionPixels:
 
     def read(self, crop: PixelWindow) -> np.ndarray:
         """(3, h, w) RGB 0..255 of `crop`, 0 where invalid."""
-        if self._from_lattice(crop):
+        if self.from_lattice(crop):
             assert self._lattice is not None, "prepare() read the lattice under every crop sampled from it"
             rows, cols = self._indices(crop)
             return self._lattice[:, rows[:, None] - self._origin[0], cols[None, :] - self._origin[1]]
@@ -370,11 +370,16 @@ def crop_embeddings(loaded: LoadedModel, source: PixelSource, crops: Sequence[Pi
     side = int(size[0] if isinstance(size, (tuple, list)) else size)
     keys = [(crop.row_off, crop.col_off, crop.height, side) for crop in crops]
     width = (embedding_width(loaded),)
-    found = [cache.get(scope, key, shape=width, unit=True) if cache is not None and scope else None for key in keys]
+    reader = RegionPixels(source, side)
+    # A resampled raster's lattice is read over the span of the crops a run checks, and its pixels depend on
+    # where that read starts: such crops are not kept (a run checking others would read them otherwise).
+    resampled = not getattr(source, "same_in_any_window", False)
+    kept = [bool(cache is not None and scope) and not (resampled and reader.from_lattice(crop)) for crop in crops]
+    found = [cache.get(scope, key, shape=width, unit=True) if keep and cache is not None and scope else None
+             for key, keep in zip(keys, kept)]
     missing = [i for i, known in enumerate(found) if known is None]
     if counts is not None:
         counts["cached"] = counts.get("cached", 0) + len(crops) - len(missing)
-    reader = RegionPixels(source, side)
     reader.prepare([crops[i] for i in missing])
     for start in range(0, len(missing), REGION_BATCH):
         if should_cancel is not None and should_cancel():
@@ -389,7 +394,7 @@ def crop_embeddings(loaded: LoadedModel, source: PixelSource, crops: Sequence[Pi
         image = F.normalize(embed(pixels).float(), dim=-1).cpu().numpy()
         for i, row in zip(picked, image):
             found[i] = row
-            if cache is not None and scope:
+            if kept[i] and cache is not None and scope:
                 cache.put(scope, keys[i], row.copy())  # not a view keeping the batch's array alive
     rows = [row for row in found if row is not None]
     assert len(rows) == len(crops), "every window embedded or cached"

@@ -35,7 +35,8 @@ import torch
 from .atomic import atomic_output, write_text_atomically
 from .options import RUNTIMES  # declared with the --runtime option (its choices)
 from .encoders import DenseTower, Encoder, TorchEncoder, crop_size
-from .feature_cache import engine_digest, identity_digest, library_versions, model_identity
+from .feature_cache import (TOWER_CODE, TOWER_LIBRARIES, engine_digest, identity_digest, library_versions,
+                            model_identity)
 from .paths import cache_dir
 from .weights import files_sha256
 
@@ -98,7 +99,14 @@ class CompiledEncoder:
         self.fallback = fallback
         self._build_global = build_global
         self._global: Callable[[np.ndarray], np.ndarray] | None = None
+        self._retry_global: Callable[[], Callable[[np.ndarray], np.ndarray]] | None = None
         self._global_lock = threading.Lock()
+
+    def retry_failed(self) -> None:
+        """Try the global path's build again at its next use, if it failed for a reason of the moment."""
+        with self._global_lock:
+            if self._retry_global is not None:
+                self._build_global, self._retry_global = self._retry_global, None
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         if tuple(pixels.shape[-2:]) != (self.crop, self.crop):
@@ -116,6 +124,8 @@ class CompiledEncoder:
                     log.debug("runtime %s: global image path", self.name, exc_info=True)
                     log.warning("runtime %s: global image path unavailable (%s); using torch", self.name,
                                 error_reason(error))
+                    if _of_the_moment(error):  # a full disk: the next run tries again (make_encoder)
+                        self._retry_global = self._build_global
                 self._build_global = None
         return self.name if self._global is not None else "torch"
 
@@ -247,7 +257,9 @@ def _export_files(name: str, folder: Path, stem: str) -> list[Path]:
 
 
 def _blob_folder(folder: Path, stem: str) -> Path:
-    return folder / OPENVINO_BLOBS / stem
+    """OpenVINO's compiled blobs of one exported tower on this computer (a blob is compiled for its processor:
+    two computers sharing the cache would otherwise take each other's blobs for damage, at every start)."""
+    return folder / OPENVINO_BLOBS / f"{stem}-{identity_digest({'host': host_identity()})[:8]}"
 
 
 def _judged_files(name: str, folder: Path, stem: str) -> list[Path]:
@@ -355,16 +367,14 @@ def _checked_runtime(name: str, tower: torch.nn.Module, example: torch.Tensor, f
     return infer
 
 
-# The code of the tower an export holds: how it is built from the weights and what it computes.
-TOWER_CODE = ("encoders.py", "dense.py", "runtimes.py", "models.py", "checkpoints.py", "hf_text.py")
-
-
 def export_folder(loaded, attention: str, crop: int) -> Path:
     """Where the exported tower of `loaded` lives: keyed by everything that changes its features (the same
     weight bytes load as QuickGELU or GELU, in fp32 or fp16: feature_cache.model_identity; not the weights'
     sha256 alone), the attention variant, the crop size, the export recipe and the code of the tower exported
     (an upgrade that changes it exports again instead of running the earlier tower)."""
-    tower = identity_digest({"code": engine_digest(TOWER_CODE), "libraries": library_versions()})[:8]
+    versions = library_versions()
+    tower = identity_digest({"code": engine_digest(TOWER_CODE),
+                             "libraries": {name: versions[name] for name in TOWER_LIBRARIES}})[:8]
     return exports_dir() / f"{identity_digest(model_identity(loaded))[:24]}-{attention}-{crop}-r{RECIPE}-{tower}"
 
 
@@ -458,6 +468,8 @@ def make_encoder(loaded, attention: str, runtime: str = "auto", half: bool | Non
     if _lasting(built[1]):  # else this run's only: the next one tries the runtime again
         known[key] = built
     encoder, fallbacks = built
+    if isinstance(encoder, CompiledEncoder):
+        encoder.retry_failed()
     for sentence in fallbacks:
         say(sentence)
     return encoder
@@ -472,7 +484,6 @@ def host_identity() -> str:
     """What a runtime's speed depends on besides the model: the processor, the cores torch uses, and the
     versions of the runtimes (a cache folder shared by two computers, or an upgrade, is timed again)."""
     import platform
-    from importlib.metadata import PackageNotFoundError, version
 
     processor = platform.processor()
     try:
@@ -481,12 +492,8 @@ def host_identity() -> str:
                              processor)
     except OSError:
         pass
-    versions = []
-    for package in ("torch", *COMPILED):
-        try:
-            versions.append(f"{package}={version(package)}")
-        except PackageNotFoundError:
-            versions.append(f"{package}=none")
+    installed = library_versions()
+    versions = [f"{package}={installed[package] or 'none'}" for package in ("torch", *COMPILED)]
     return "|".join([platform.machine(), processor, f"cores={os.cpu_count()}",
                      f"threads={torch.get_num_threads()}", *versions])
 
@@ -509,6 +516,8 @@ def measured_speeds(loaded, attention: str) -> dict[str, float | None]:
     build then); {} when never timed here, or the record is unreadable."""
     try:
         record = json.loads((exports_dir() / SPEEDS_FILE).read_text()).get(_speeds_key(loaded, attention))
+        if record.get("batch") != timing_batch():  # timed on fewer crops than cores (an earlier version)
+            return {}
         speeds = record["crops_per_s"]
         if isinstance(speeds, dict) and all(isinstance(name, str) and (value is None or (
                 isinstance(value, (int, float)) and np.isfinite(value) and value > 0))
@@ -644,12 +653,20 @@ def _try_build(loaded, attention: str, name: str, half: bool | None,
     except Exception as error:  # an exporter or compiler failure must never fail the run
         log.debug("runtime %s unavailable", name, exc_info=True)
         # A system error (a full disk, a folder not writable) may be gone by the next run: never remembered.
-        hint = TRANSIENT if isinstance(error, OSError) else ""
+        hint = TRANSIENT if _of_the_moment(error) else ""
         return None, (f"{name} could not compile the model ({error_reason(error)})", hint)
 
 
 # The hint of a failure that the next run tries again (one of this computer's, not of the runtime).
 TRANSIENT = "; the next run tries it again"
+
+
+def _of_the_moment(error: BaseException) -> bool:
+    """Whether a runtime failed for a reason of this computer that may be gone by the next run: a system error
+    (a folder not writable), or a full disk, which OpenVINO's C++ reports as a RuntimeError."""
+    from .diskspace import _looks_like_no_space
+
+    return isinstance(error, OSError) or _looks_like_no_space(error)
 
 
 def _fell_back(failures: list[tuple[str, str]], encoder: Encoder) -> list[str]:

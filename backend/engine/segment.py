@@ -410,15 +410,8 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
         timings["text_s"] = time.perf_counter() - t0
         # The quality estimate's region checks run the global image path (or a benchmark's stand-in).
         embed_regions = getattr(segmenter.encoder, "embed_images", None)
-        region_scope = None
-        if feature_cache is not None:  # the raster's files hashed once, as it was opened, for both scopes
-            # The runtime that runs the global path: a compiled one's may have fallen back to torch, whose
-            # embeddings must not be kept as that runtime's.
-            global_runtime = getattr(segmenter.encoder, "global_runtime", None)
-            regions_by = (global_runtime() if global_runtime is not None and options.region_checks else
-                          segmenter.encoder.name if embed_regions else "torch")
-            dense_scope, region_scope = raster_scopes(source, loaded, [
-                (options.attention, segmenter.encoder.name), (REGION_SCOPE, regions_by)], identity)
+        if feature_cache is not None:  # the raster's files were hashed once, as it was opened
+            [dense_scope] = raster_scopes(source, loaded, [(options.attention, segmenter.encoder.name)], identity)
             segmenter.use_cache(feature_cache, dense_scope)
         # The data first, the report (the marker of a finished run) last, all or nothing. The write check sits
         # inside the staged outputs, so it sees the full disk (or a failed rename) before staged files go.
@@ -486,6 +479,14 @@ def _segment_raster(options: SegmentOptions, loaded: LoadedModel, progress: Call
             timings["vectorize_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             stage("Checking regions." if options.region_checks else "Estimating the quality.")
+            region_scope = None
+            if feature_cache is not None and options.region_checks:
+                # The runtime that runs the global path (built now, at the first region check): a compiled one's
+                # may have fallen back to torch, whose embeddings must not be kept as that runtime's.
+                global_runtime = getattr(segmenter.encoder, "global_runtime", None)
+                regions_by = (global_runtime() if global_runtime is not None else
+                              segmenter.encoder.name if embed_regions else "torch")
+                [region_scope] = raster_scopes(source, loaded, [(REGION_SCOPE, regions_by)], identity)
             estimate = estimate_quality(regions, source, window, segmenter, options.quality_calibration,
                                         class_lines_of(options), [c.name for c in classes], total, should_cancel,
                                         region_checks=options.region_checks, embed=embed_regions,

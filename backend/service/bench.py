@@ -46,6 +46,7 @@ NEW_CLASSES = ["river", "greenhouse, barn"]
 
 
 ARCH_EXAMPLES = "e.g. ViT-B-16, ViT-B-32, ViT-L-14"
+CLIP_VOCABULARY = 49408  # the BPE tokenizer's, which the benchmarks' random models use
 
 
 def arch_config(arch: str) -> dict:
@@ -60,9 +61,14 @@ def arch_config(arch: str) -> dict:
         tower = f"a timm model ({vision['timm_model_name']})" if vision.get("timm_model_name") else "a ResNet"
         raise InputError(f"The image tower of {arch} is {tower}, not open_clip's Vision Transformer, which the dense "
                          f"pass runs; benchmark a ViT architecture ({ARCH_EXAMPLES}).")
-    if text.get("hf_model_name"):
-        raise InputError(f"The text tower of {arch} comes from Hugging Face ({text['hf_model_name']}), which a "
-                         f"benchmark with random weights does not download; benchmark {ARCH_EXAMPLES}.")
+    hf_part = text.get("hf_model_name") or text.get("hf_tokenizer_name")
+    if hf_part:
+        raise InputError(f"The text tower of {arch} comes from Hugging Face ({hf_part}), which a benchmark with "
+                         f"random weights does not download; benchmark {ARCH_EXAMPLES}.")
+    if vision.get("output_tokens") or vision.get("attentional_pool") or "multimodal_cfg" in cfg or \
+            text.get("vocab_size", CLIP_VOCABULARY) != CLIP_VOCABULARY:
+        raise InputError(f"{arch} is not a CLIP model as FarSLIP's (a captioning tower, or another tokenizer's "
+                         f"vocabulary), which the benchmarks build; benchmark {ARCH_EXAMPLES}.")
     return cfg
 
 

@@ -208,6 +208,31 @@ def test_a_folder_that_a_server_and_command_line_runs_share_stays_within_the_bud
     assert server.get("s", (1, 29, 224, 224)) is not None  # its own newest entries stay
 
 
+def test_a_shared_folder_gives_up_its_least_recently_used_entries_whoever_wrote_them(tmp_path):
+    """The server's own earlier listing went to the back of the queue at each listing, so the entries command-line
+    runs had just written were the first to go."""
+    import os
+    import time
+
+    entry = np.ones(1000, np.float32)
+    budget = 20 * (entry.nbytes + 200)
+    old = FeatureCache(max_bytes=0, folder=tmp_path, disk_max_bytes=budget)
+    for i in range(10):
+        old.put("s", (0, i, 224, 224), entry)
+    week_ago = time.time() - 7 * 86400
+    for path in tmp_path.glob("*/*.npy"):
+        os.utime(path, (week_ago, week_ago))
+    server = FeatureCache(max_bytes=0, folder=tmp_path, disk_max_bytes=budget)  # lists the week-old entries
+    cli = FeatureCache(max_bytes=0, folder=tmp_path, disk_max_bytes=budget)
+    for i in range(10):
+        cli.put("s", (1, i, 224, 224), entry)
+    for i in range(8):  # 28 entries for a budget of 20: 8 go, the week-old ones
+        server.put("s", (2, i, 224, 224), entry)
+    assert all(cli.get("s", (1, i, 224, 224)) is not None for i in range(10))
+    assert sum(old.get("s", (0, i, 224, 224)) is not None for i in range(10)) <= 2
+    assert folder_bytes(tmp_path) <= budget * 1.2
+
+
 def test_staged_entries_of_a_killed_process_are_swept_and_a_live_ones_kept(tmp_path):
     import subprocess
     import sys

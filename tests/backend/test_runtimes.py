@@ -206,6 +206,35 @@ def test_a_runtime_that_failed_for_want_of_disk_space_is_tried_again_by_the_next
     assert calls == ["encoder"]  # built (and failed) once for the process
 
 
+def test_a_global_path_that_failed_for_want_of_disk_space_is_tried_again_by_the_next_run():
+    """The region checks' global path gave up for the process at any failure, a full disk too."""
+    import errno
+
+    attempts = []
+
+    def build_global():
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return lambda pixels: np.zeros((len(pixels), 8), np.float32)
+
+    fallback = TorchEncoder(make_tiny_clip(16, seed=53).visual, "segearth", torch.device("cpu"))
+    encoder = runtimes.CompiledEncoder("onnxruntime", lambda pixels: pixels, 224, fallback, build_global)
+    assert encoder.global_runtime() == "torch" and encoder.global_runtime() == "torch"  # not again in this run
+    encoder.retry_failed()  # what make_encoder does for the next run
+    assert encoder.global_runtime() == "onnxruntime" and len(attempts) == 2
+
+
+def test_figures_auto_timed_on_fewer_crops_than_it_times_now_are_timed_again(monkeypatch, own_cache):
+    """Figures of an earlier version, timed on 4 crops, stood for ONNX Runtime on a machine of more cores."""
+    loaded = tiny_loaded(54)
+    monkeypatch.setattr(runtimes, "timing_batch", lambda: 4)
+    assert runtimes._remember_speeds(loaded, "segearth", {"openvino": 5.0, "onnxruntime": 4.0, "torch": 3.0}) is None
+    assert runtimes.measured_speeds(loaded, "segearth") == {"openvino": 5.0, "onnxruntime": 4.0, "torch": 3.0}
+    monkeypatch.setattr(runtimes, "timing_batch", lambda: 8)
+    assert runtimes.measured_speeds(loaded, "segearth") == {}
+
+
 def test_auto_uses_torch_for_small_runs_and_on_a_gpu():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert runtimes.pick_runtime("auto", cpu, crops=4) == ["torch"]
@@ -608,7 +637,8 @@ def test_a_damaged_openvino_blob_is_judged_again_and_compiled_anew(tmp_path, own
     raster = write_rgb(tmp_path / "image.tif", 240, 240)
     runtimes.make_encoder(load_model(str(model)), "segearth", "openvino")  # the export a first run leaves
     [folder] = (own_cache / "encoders").iterdir()
-    blobs = [path for path in (folder / "openvino" / "encoder").iterdir() if path.is_file()]
+    [blob_folder] = (folder / "openvino").glob("encoder-*")  # this computer's blobs of the dense tower
+    blobs = [path for path in blob_folder.iterdir() if path.is_file()]
     judged = json.loads((folder / "check-openvino.json").read_text())["files"]
     assert blobs and {blob.name for blob in blobs} <= set(judged)
     blob = max(blobs, key=lambda path: path.stat().st_size)
@@ -626,7 +656,7 @@ def test_a_damaged_openvino_blob_is_judged_again_and_compiled_anew(tmp_path, own
     assert report_of(out)["encoder"] == "openvino"
     with rasterio.open(out / "p.tif") as ran, rasterio.open(reference / "p.tif") as expected:
         assert np.abs(ran.read() - expected.read()).max() < 1e-4
-    now = [path for path in (folder / "openvino" / "encoder").iterdir() if path.is_file()]
+    now = [path for path in blob_folder.iterdir() if path.is_file()]
     assert all(path.read_bytes() != bytes(damaged) for path in now)
     verdict = json.loads((folder / "check-openvino.json").read_text())
     assert verdict["ok"] and {path.name for path in now} <= set(verdict["files"])

@@ -141,6 +141,9 @@ def test_a_figures_file_that_cannot_be_written_is_refused_before_measuring(tmp_p
                                                       "(vit_base_patch16_siglip_224), not open_clip's Vision"),
     (["--train", "--arch", "xlm-roberta-base-ViT-B-32"], "Error: The text tower of xlm-roberta-base-ViT-B-32 comes "
                                                          "from Hugging Face (xlm-roberta-base)"),
+    (["--arch", "ViT-L-14-CLIPA"], "Error: The text tower of ViT-L-14-CLIPA comes from Hugging Face"),
+    (["--arch", "coca_ViT-B-32"], "Error: coca_ViT-B-32 is not a CLIP model as FarSLIP's (a captioning tower, or "
+                                  "another tokenizer's vocabulary), which the benchmarks build"),
     # --overwrite with nothing to overwrite was ignored; an empty --json name was "." is a folder.
     (["--overwrite"], "Error: --overwrite applies only with --json (it lets the figures replace that file); add "
                       "--json FILE, or leave --overwrite out."),
