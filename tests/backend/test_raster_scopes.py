@@ -35,8 +35,8 @@ def write_raster(path: Path, size: int = 300) -> Path:
 
 
 def keyed_as_ever(source, model, attention: str, encoder: str) -> str:
-    """A scope as feature_cache writes it since IDENTITY_VERSION 4 (the engine's source, its libraries' versions
-    and the device are part of it): a change here orphans every cache on disk."""
+    """A scope as feature_cache writes it (the engine's source since IDENTITY_VERSION 3; its libraries' versions
+    and the device since 8 Dec 2026): a change here orphans every cache on disk."""
     return identity_digest({"engine": engine_digest(), "libraries": library_versions(), "device": "cpu",
         "raster": raster_identity(source.path, source.dataset),
         "grid": [source.height, source.width], "scale": source.scale_record, "bands": list(source.bands),
