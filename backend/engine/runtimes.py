@@ -256,10 +256,15 @@ def _export_files(name: str, folder: Path, stem: str) -> list[Path]:
     return [folder / f"{stem}{suffix}" for suffix in EXPORT_SUFFIXES[name]]
 
 
+def _host_key() -> str:
+    """8 hex digits of host_identity: this computer as OpenVINO compiles for it (its processor, the threads)."""
+    return identity_digest({"host": host_identity()})[:8]
+
+
 def _blob_folder(folder: Path, stem: str) -> Path:
-    """OpenVINO's compiled blobs of one exported tower on this computer (a blob is compiled for its processor:
-    two computers sharing the cache would otherwise take each other's blobs for damage, at every start)."""
-    return folder / OPENVINO_BLOBS / f"{stem}-{identity_digest({'host': host_identity()})[:8]}"
+    """OpenVINO's compiled blobs of one exported tower on this computer (a blob is compiled for its processor
+    and thread count), which this computer's verdict covers (_verdict_path)."""
+    return folder / OPENVINO_BLOBS / f"{stem}-{_host_key()}"
 
 
 def _judged_files(name: str, folder: Path, stem: str) -> list[Path]:
@@ -273,7 +278,11 @@ def _judged_files(name: str, folder: Path, stem: str) -> list[Path]:
 
 
 def _verdict_path(name: str, folder: Path, stem: str) -> Path:
-    return folder / (f"check-{name}.json" if stem == "encoder" else f"check-{name}-{stem}.json")
+    """check-<runtime>[-<stem>].json; OpenVINO's per computer (-<host key>), as it vouches for this computer's
+    compiled blob too: one verdict shared by two computers, or by a run and Ray workers of other thread counts,
+    named one blob at a time, and each start of the other judged and compiled again."""
+    parts = [f"check-{name}", *([] if stem == "encoder" else [stem]), *([_host_key()] if name == "openvino" else [])]
+    return folder / ("-".join(parts) + ".json")
 
 
 def _files_identity(files: list[Path]) -> dict[str, str]:

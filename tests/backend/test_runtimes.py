@@ -122,7 +122,7 @@ def test_the_region_checks_global_path_runs_under_the_same_runtime_and_matches_t
     assert got.shape == expected.shape
     assert float((got - expected).abs().max()) < 1e-4
     assert (folder / {"openvino": "global.xml", "onnxruntime": "global.onnx"}[name]).is_file()
-    assert json.loads((folder / f"check-{name}-global.json").read_text())["ok"]
+    assert json.loads(runtimes._verdict_path(name, folder, "global").read_text())["ok"]
 
 
 def test_an_export_is_not_shared_by_the_same_weights_loaded_another_way():
@@ -607,7 +607,7 @@ def test_a_cached_export_that_does_not_load_is_said_in_one_line_and_made_again(t
     runtimes.make_encoder(load_model(str(model)), "segearth", name)  # the export a first run leaves
     [folder] = (own_cache / "encoders").iterdir()
     if damage == "empty verdict":
-        (folder / f"check-{name}.json").write_text("")
+        runtimes._verdict_path(name, folder, "encoder").write_text("")
     else:
         damaged = folder / damage.split()[-1]
         damaged.write_bytes(damaged.read_bytes()[:1000])
@@ -626,7 +626,7 @@ def test_a_cached_export_that_does_not_load_is_said_in_one_line_and_made_again(t
                                                      f"({reason}"), done.stderr
         assert said[0].endswith("); exporting it again."), said
     assert report_of(out)["encoder"] == name
-    assert json.loads((folder / f"check-{name}.json").read_text())["ok"]
+    assert json.loads(runtimes._verdict_path(name, folder, "encoder").read_text())["ok"]
 
 
 def test_a_damaged_openvino_blob_is_judged_again_and_compiled_anew(tmp_path, own_cache):
@@ -639,7 +639,7 @@ def test_a_damaged_openvino_blob_is_judged_again_and_compiled_anew(tmp_path, own
     [folder] = (own_cache / "encoders").iterdir()
     [blob_folder] = (folder / "openvino").glob("encoder-*")  # this computer's blobs of the dense tower
     blobs = [path for path in blob_folder.iterdir() if path.is_file()]
-    judged = json.loads((folder / "check-openvino.json").read_text())["files"]
+    judged = json.loads(runtimes._verdict_path("openvino", folder, "encoder").read_text())["files"]
     assert blobs and {blob.name for blob in blobs} <= set(judged)
     blob = max(blobs, key=lambda path: path.stat().st_size)
     damaged = bytearray(blob.read_bytes())
@@ -658,8 +658,28 @@ def test_a_damaged_openvino_blob_is_judged_again_and_compiled_anew(tmp_path, own
         assert np.abs(ran.read() - expected.read()).max() < 1e-4
     now = [path for path in blob_folder.iterdir() if path.is_file()]
     assert all(path.read_bytes() != bytes(damaged) for path in now)
-    verdict = json.loads((folder / "check-openvino.json").read_text())
+    verdict = json.loads(runtimes._verdict_path("openvino", folder, "encoder").read_text())
     assert verdict["ok"] and {path.name for path in now} <= set(verdict["files"])
+
+
+def test_two_computers_sharing_an_openvino_export_judge_their_own_blobs_once(monkeypatch, own_cache):
+    """One verdict for the export named one computer's compiled blob at a time: a start on the other computer
+    (or a run of another thread count, such as Ray workers') found it unjudged and compiled and judged again, and
+    so on at every alternation. Each computer's verdict now covers its own blob."""
+    loaded = tiny_loaded(55)
+    judged: list[str] = []
+    real_judge = runtimes._judge
+
+    def judge(name, infer, tower, example, folder, stem):
+        judged.append(runtimes.host_identity())
+        return real_judge(name, infer, tower, example, folder, stem)
+
+    monkeypatch.setattr(runtimes, "_judge", judge)
+    for host in ("computer A", "computer B", "computer A", "computer B"):
+        monkeypatch.setattr(runtimes, "host_identity", lambda host=host: host)
+        runtimes._ENCODERS.clear()
+        assert runtimes.make_encoder(loaded, "segearth", "openvino").name == "openvino"
+    assert judged == ["computer A", "computer B"]
 
 
 def nan_on_the_rasters_crops(exported):
@@ -774,7 +794,7 @@ def test_a_runtime_that_does_not_load_keeps_the_cached_export_and_says_one_line(
     assert runtimes.make_encoder(loaded, "segearth", "openvino").name == "openvino"
     folder = runtimes.export_folder(loaded, "segearth", 224)
     kept = {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
-    assert "encoder.xml" in kept and "check-openvino.json" in kept
+    assert "encoder.xml" in kept and runtimes._verdict_path("openvino", folder, "encoder").name in kept
     broken = tmp_path / "broken"
     (broken / "openvino").mkdir(parents=True)
     (broken / "openvino" / "__init__.py").write_text("raise ImportError('simulated broken OpenVINO build')\n")
