@@ -226,8 +226,8 @@ class Segmenter:
         if self.device.type == "cuda":
             host, event = start_host_copy(features)
             self._to_cache.append((keys, host, event))
-        else:  # a Mac's GPU (MPS) copies to the host here: its tensors have no numpy view
-            self._to_cache.append((keys, features if self.device.type == "cpu" else features.cpu(), None))
+        else:  # the CPU's own tensor; a Mac's GPU (MPS) copies to the host here: its tensors have no numpy view
+            self._to_cache.append((keys, features.cpu(), None))
         if self.device.type != "cuda":
             self._store_finished()
 
